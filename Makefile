@@ -1,0 +1,25 @@
+# Every target sets itself up on a fresh clone: .venv is created and the project
+# installed into it (pip install -e .[dev]) the first time, and again only when
+# setup.py changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test demo setup clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+clean-demo:
+	rm -rf output/shapes_r18 data/shapes

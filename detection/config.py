@@ -1,0 +1,365 @@
+"""Typed configuration: dataclasses <- YAML (with `_base_` inheritance) <- `key=value` overrides.
+
+The field names below are the contract between configs, tools and tests (DESIGN.md,
+"The configuration schema"). Only `build_*` functions read a Config; every module takes
+explicit keyword arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names file and key."""
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 101
+    norm: str = "frozen_bn"
+    freeze_at: int = 2
+    stride_in_1x1: bool = False
+    shortcut: str = "B"
+    residual: bool = True
+    weights: Union[str, None] = "torchvision:IMAGENET1K_V1"
+
+
+@dataclass
+class AnchorConfig:
+    sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    stride: int = 16
+
+
+@dataclass
+class RPNConfig:
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_topk_train: int = 12000
+    post_nms_topk_train: int = 2000
+    pre_nms_topk_test: int = 6000
+    post_nms_topk_test: int = 300
+    nms_thresh: float = 0.7
+    min_size: float = 0.0
+
+
+@dataclass
+class ROIHeadsConfig:
+    pooler: str = "roi_align"
+    pooler_resolution: int = 14
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    iou_threshold: float = 0.5
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    score_thresh_test: float = 0.05
+    nms_thresh_test: float = 0.5
+    detections_per_image: int = 100
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 80
+    weights: Union[str, None] = None
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    input_format: str = "RGB"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
+
+
+@dataclass
+class InputConfig:
+    min_size_train: list[int] = field(default_factory=lambda: [600])
+    max_size_train: int = 1000
+    min_size_test: int = 600
+    max_size_test: int = 1000
+    hflip_prob: float = 0.5
+    jitter: bool = False
+
+
+@dataclass
+class DatasetsConfig:
+    root: str = "datasets"
+    train: list[Union[str, dict]] = field(
+        default_factory=lambda: ["voc_2007_trainval", "voc_2012_trainval"])
+    test: list[Union[str, dict]] = field(default_factory=lambda: ["voc_2007_test"])
+
+
+@dataclass
+class DataLoaderConfig:
+    num_workers: int = 4
+    aspect_ratio_grouping: bool = True
+    filter_empty: bool = True
+    skip_bad_images: bool = False
+    use_difficult: bool = True
+
+
+@dataclass
+class SolverConfig:
+    ims_per_batch: int = 16
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])
+    gamma: float = 0.1
+    max_iter: int = 90000
+    checkpoint_period: int = 5000
+    clip_grad_norm: Union[float, None] = None
+    amp: bool = False
+
+
+@dataclass
+class TestConfig:
+    eval_period: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
+    dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    output_dir: str = "output/voc_r101"
+    seed: int = 0
+    device: str = "auto"
+    log_period: int = 20
+
+
+# ----------------------------------------------------------------------------- YAML reading
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read one YAML file and merge it over its `_base_` files (paths relative to it)."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: `_base_` inheritance loops back to this file")
+    if not path.is_file():
+        where = f" (a `_base_` of {chain[-1]})" if chain else ""
+        raise ConfigError(f"{path}: config file not found{where}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    merged: dict = {}
+    for base in bases:
+        merged = _merge(merged, _read_yaml(path.parent / base, chain + (path,)))
+    return _merge(merged, data)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    """`a.b.c=value` with the value parsed as YAML (so `[1, 2]`, `null`, `0.5` work)."""
+    if "=" not in item:
+        raise ConfigError(f"command line: override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"command line: override {key}: cannot parse {raw!r}: {err}") from None
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"command line: {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------- typed building
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is dict and isinstance(value, dict):
+        return value
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown key {dotted}{hint}")
+        kwargs[key] = _coerce(value, hints[key], dotted, source)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- value checks
+
+_CHOICES = {
+    "model.input_format": ("RGB", "BGR"),
+    "model.backbone.depth": (18, 34, 50, 101, 152),
+    "model.backbone.norm": ("frozen_bn", "bn", "gn"),
+    "model.backbone.shortcut": ("A", "B", "C"),
+    "model.roi_heads.pooler": ("roi_align", "roi_pool"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
+    """(dotted key, is it valid, what a valid value looks like)."""
+    m, s = cfg.model, cfg.solver
+    frac = lambda x: 0.0 <= x <= 1.0  # noqa: E731
+    lo, hi = (m.rpn.iou_thresholds + [0, 0])[:2]
+    return [
+        ("model.num_classes", m.num_classes >= 1, "at least 1"),
+        ("model.pixel_mean", len(m.pixel_mean) == 3, "3 values"),
+        ("model.pixel_std", len(m.pixel_std) == 3 and min(m.pixel_std) > 0, "3 positive values"),
+        ("model.backbone.freeze_at", 0 <= m.backbone.freeze_at <= 5, "0..5"),
+        ("model.anchors.sizes", len(m.anchors.sizes) > 0 and min(m.anchors.sizes) > 0, "positive sizes"),
+        ("model.anchors.aspect_ratios", len(m.anchors.aspect_ratios) > 0
+         and min(m.anchors.aspect_ratios) > 0, "positive ratios"),
+        ("model.anchors.stride", m.anchors.stride == 16, "16 (the C4 map's stride)"),
+        ("model.rpn.iou_thresholds", len(m.rpn.iou_thresholds) == 2 and 0 <= lo <= hi <= 1,
+         "[low, high] with 0 <= low <= high <= 1"),
+        ("model.rpn.positive_fraction", frac(m.rpn.positive_fraction), "in [0, 1]"),
+        ("model.rpn.nms_thresh", frac(m.rpn.nms_thresh), "in [0, 1]"),
+        ("model.rpn.batch_size_per_image", m.rpn.batch_size_per_image > 0, "positive"),
+        ("model.rpn.post_nms_topk_train", m.rpn.post_nms_topk_train > 0, "positive"),
+        ("model.rpn.post_nms_topk_test", m.rpn.post_nms_topk_test > 0, "positive"),
+        ("model.roi_heads.positive_fraction", frac(m.roi_heads.positive_fraction), "in [0, 1]"),
+        ("model.roi_heads.iou_threshold", frac(m.roi_heads.iou_threshold), "in [0, 1]"),
+        ("model.roi_heads.batch_size_per_image", m.roi_heads.batch_size_per_image > 0, "positive"),
+        ("model.roi_heads.pooler_resolution", m.roi_heads.pooler_resolution > 0, "positive"),
+        ("model.roi_heads.bbox_reg_weights", len(m.roi_heads.bbox_reg_weights) == 4, "4 values"),
+        ("model.roi_heads.score_thresh_test", frac(m.roi_heads.score_thresh_test), "in [0, 1]"),
+        ("model.roi_heads.nms_thresh_test", frac(m.roi_heads.nms_thresh_test), "in [0, 1]"),
+        ("model.roi_heads.detections_per_image", m.roi_heads.detections_per_image > 0, "positive"),
+        ("input.min_size_train", len(cfg.input.min_size_train) > 0
+         and min(cfg.input.min_size_train) > 0, "positive sizes"),
+        ("input.max_size_train", cfg.input.max_size_train > 0, "positive"),
+        ("input.min_size_test", cfg.input.min_size_test > 0, "positive"),
+        ("input.max_size_test", cfg.input.max_size_test > 0, "positive"),
+        ("input.hflip_prob", frac(cfg.input.hflip_prob), "in [0, 1]"),
+        ("dataloader.num_workers", cfg.dataloader.num_workers >= 0, "0 or more"),
+        ("solver.ims_per_batch", s.ims_per_batch > 0, "positive"),
+        ("solver.base_lr", s.base_lr > 0, "positive"),
+        ("solver.momentum", 0 <= s.momentum < 1, "in [0, 1)"),
+        ("solver.weight_decay", s.weight_decay >= 0, "0 or more"),
+        ("solver.warmup_iters", s.warmup_iters >= 0, "0 or more"),
+        ("solver.warmup_factor", 0 < s.warmup_factor <= 1, "in (0, 1]"),
+        ("solver.steps", s.steps == sorted(s.steps) and all(x > 0 for x in s.steps),
+         "increasing positive iterations"),
+        ("solver.gamma", 0 < s.gamma <= 1, "in (0, 1]"),
+        ("solver.max_iter", s.max_iter > 0, "positive"),
+        ("solver.checkpoint_period", s.checkpoint_period > 0, "positive"),
+        ("solver.clip_grad_norm", s.clip_grad_norm is None or s.clip_grad_norm > 0, "null or positive"),
+        ("test.eval_period", cfg.test.eval_period >= 0, "0 (off) or positive"),
+        ("log_period", cfg.log_period > 0, "positive"),
+    ]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "config") -> Config:
+    """Raise ConfigError for the first impossible value, naming its key."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{source}: {key}: {_get(cfg, key)!r} is not one of "
+                              f"{', '.join(map(str, choices))}")
+    for key, ok, expected in _checks(cfg):
+        if not ok:
+            raise ConfigError(f"{source}: {key}: {_get(cfg, key)!r} is invalid, expected {expected}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- public API
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    """Build and validate a Config from a plain (merged) dict."""
+    return validate(_build(Config, data, "", source), source)
+
+
+def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = ()) -> Config:
+    """Read `path` (None = all defaults), merge its `_base_` chain, apply `key=value` overrides."""
+    tree = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        _apply_override(tree, item)
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        source += " (with command-line overrides)"
+    return config_from_dict(tree, source)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    """Write the fully resolved config; `load_config(path)` gives back an equal object."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)

@@ -1,0 +1,121 @@
+"""Config loading: inheritance, overrides, clear errors, round trip, shipped configs."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from detection.config import Config, ConfigError, config_to_dict, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_base_inheritance_nested_and_relative(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "a.yaml", "model: {num_classes: 5, rpn: {nms_thresh: 0.6}}\nseed: 3\n")
+    write(tmp_path / "sub" / "b.yaml", "_base_: ../a.yaml\nmodel: {rpn: {post_nms_topk_test: 50}}\n")
+    child = write(tmp_path / "c.yaml", "_base_: sub/b.yaml\nseed: 7\n")
+    cfg = load_config(child)
+    assert cfg.model.num_classes == 5          # from the grand-parent
+    assert cfg.model.rpn.nms_thresh == 0.6     # merged key by key, not replaced
+    assert cfg.model.rpn.post_nms_topk_test == 50
+    assert cfg.model.rpn.pre_nms_topk_test == 6000  # untouched default
+    assert cfg.seed == 7                       # child wins
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(None, ["model.rpn.nms_thresh=0.6", "input.min_size_train=[480, 512]",
+                             "solver.clip_grad_norm=null", "model.backbone.weights=/x/y.pth"])
+    assert cfg.model.rpn.nms_thresh == 0.6
+    assert cfg.input.min_size_train == [480, 512]
+    assert cfg.solver.clip_grad_norm is None
+    assert cfg.model.backbone.weights == "/x/y.pth"
+
+
+def test_int_accepted_for_float_but_not_string_for_int():
+    assert load_config(None, ["solver.base_lr=1"]).solver.base_lr == 1.0
+    with pytest.raises(ConfigError, match="solver.max_iter: expected int"):
+        load_config(None, ["solver.max_iter=lots"])
+
+
+def test_misspelled_key_names_file_key_and_suggestion(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "model:\n  rpn:\n    nms_tresh: 0.6\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    msg = str(info.value)
+    assert str(bad) in msg and "model.rpn.nms_tresh" in msg and "nms_thresh" in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("solver.base_lr=-0.1", "solver.base_lr"),
+    ("model.roi_heads.positive_fraction=1.5", "model.roi_heads.positive_fraction"),
+    ("model.backbone.depth=42", "model.backbone.depth"),
+    ("model.backbone.norm=batchnorm", "model.backbone.norm"),
+    ("model.rpn.iou_thresholds=[0.8, 0.3]", "model.rpn.iou_thresholds"),
+    ("solver.steps=[800, 400]", "solver.steps"),
+])
+def test_impossible_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_missing_file_and_base_loop(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    write(tmp_path / "x.yaml", "_base_: y.yaml\n")
+    write(tmp_path / "y.yaml", "_base_: x.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "x.yaml")
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(ROOT / "configs" / "coco_r101.yaml", ["model.rpn.nms_thresh=0.65",
+                      "datasets.test=[{type: coco, ann_file: a.json, image_root: imgs}]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert isinstance(again, Config)
+
+
+def test_base_yaml_lists_every_default():
+    assert config_to_dict(load_config(ROOT / "configs" / "base.yaml")) == config_to_dict(Config())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.model.num_classes >= 1
+
+
+def test_paper_configs_follow_the_defaults_table():
+    coco = load_config(ROOT / "configs" / "coco_r101.yaml")
+    voc = load_config(ROOT / "configs" / "voc_r50.yaml")
+    assert (coco.model.backbone.depth, coco.model.num_classes) == (101, 80)
+    assert coco.model.anchors.sizes == [64, 128, 256, 512]
+    assert voc.model.anchors.sizes == [128, 256, 512] and voc.model.backbone.depth == 50
+    assert (coco.input.min_size_test, coco.input.max_size_test) == (600, 1000)
+    assert coco.model.rpn.post_nms_topk_test == 300 and coco.model.roi_heads.pooler_resolution == 14
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "train_det.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_print_config_applies_override():
+    out = run_tool("--config", "configs/coco_r101.yaml", "--print-config", "model.rpn.nms_thresh=0.6")
+    assert out.returncode == 0, out.stderr
+    assert "nms_thresh: 0.6" in out.stdout and "depth: 101" in out.stdout
+
+
+def test_cli_bad_key_exits_2_with_suggestion_and_no_traceback():
+    out = run_tool("--config", "configs/coco_r101.yaml", "model.rpn.nms_tresh=0.6")
+    assert out.returncode == 2
+    assert "model.rpn.nms_tresh" in out.stderr and "nms_thresh" in out.stderr
+    assert "Traceback" not in out.stderr
