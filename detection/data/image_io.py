@@ -1,0 +1,51 @@
+"""Image reading with OpenCV: any file OpenCV decodes -> 8-bit RGB (H, W, 3).
+
+`IMREAD_UNCHANGED` keeps the stored depth and channel count so that 16-bit,
+grayscale and RGBA files are recognised and converted explicitly instead of
+being coerced by OpenCV's defaults. It also ignores the EXIF orientation tag:
+pixels are returned as stored, which is what pycocotools-style annotations of
+the stored bitmap refer to; the loaders check the decoded size against the
+annotation so that a rotated file is reported, never silently mislabelled.
+"""
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+
+from detection.data import DataError
+
+# BGR(A) / gray layouts OpenCV returns -> the conversion to RGB
+_TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read `path` as np.uint8[H, W, 3] RGB; DataError naming the path on failure."""
+    if not os.path.isfile(path):
+        raise DataError(f"image file not found: {path}")
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DataError(f"could not read image {path}: unreadable, corrupt or not an image format OpenCV decodes")
+    img = _to_uint8(img, path)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    channels = img.shape[2]
+    if channels not in _TO_RGB:
+        raise DataError(f"image {path} has {channels} channels; expected 1 (gray), 3 (color) or 4 (with alpha)")
+    # cvtColor drops the alpha channel of RGBA (as PIL's convert("RGB") does)
+    return np.ascontiguousarray(cv2.cvtColor(img, _TO_RGB[channels]))
+
+
+def _to_uint8(img: np.ndarray, path: str) -> np.ndarray:
+    """Map the stored depth to 0..255 by its full range (16-bit: /257, float: [0,1] -> [0,255])."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        # 65535 / 257 == 255 exactly: full-range scaling, independent of the image content
+        return (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    if img.dtype in (np.float32, np.float64):
+        img = np.nan_to_num(img.astype(np.float32))
+        scale = 255.0 if float(img.max(initial=0.0)) <= 1.0 else 1.0
+        return np.clip(img * scale + 0.5, 0, 255).astype(np.uint8)
+    raise DataError(f"image {path} has unsupported pixel type {img.dtype}; expected 8-bit, 16-bit or float")

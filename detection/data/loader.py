@@ -1,0 +1,281 @@
+"""Train / test loaders: torch DataLoader over data set records, batches as lists.
+
+Training is an infinite stream: each epoch is a permutation drawn from a
+torch.Generator seeded with seed + epoch, sharded by rank like DistributedSampler
+when torch.distributed is initialised, then grouped into batches whose images all
+have w >= h or all w < h (padding a batch then wastes little). Batches are formed
+in the sampler from the record sizes, so they do not depend on worker timing.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import itertools
+import pickle
+import random
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from detection.data import DataError
+from detection.data.catalog import DatasetInfo, concat_datasets
+from detection.data.image_io import read_image
+
+logger = logging.getLogger(__name__)
+
+_MAX_REPLACEMENTS = 20  # consecutive unreadable images tolerated before giving up
+
+
+def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, images_per_batch: int,
+                       num_workers: int, aspect_ratio_grouping: bool, filter_empty: bool, seed: int,
+                       use_difficult: bool = True, start_iter: int = 0) -> DataLoader:
+    """Infinite iterable of (images: list[uint8 Tensor[3,H,W]], targets: list[{"boxes", "labels"}]).
+
+    images_per_batch is per process. use_difficult=False drops VOC difficult boxes;
+    filter_empty drops images left without boxes (they stay in evaluation).
+    start_iter (resuming): the first start_iter batches are skipped at the index level, and
+    every sample's augmentation is seeded from (seed, rank, batch number, position in batch),
+    so a resumed run sees exactly the batches of an uninterrupted one, whatever num_workers.
+    """
+    if images_per_batch < 1:
+        raise DataError(f"images per batch must be >= 1, got {images_per_batch}")
+    info = concat_datasets([datasets] if isinstance(datasets, DatasetInfo) else list(datasets))
+    records = training_records(info.records, filter_empty=filter_empty, use_difficult=use_difficult)
+    if not records:
+        raise DataError(f"no training images in {info.name}: every image is without boxes "
+                        "(set dataloader.filter_empty: false to train on them anyway)")
+    rank, world_size = _dist_info()
+    groups = [0 if r["width"] >= r["height"] else 1 for r in records]
+    sampler = TrainingSampler(len(records), seed=seed, rank=rank, world_size=world_size)
+    base_seed = _process_seed(seed, rank)
+    batch_sampler = GroupedBatchSampler(sampler, groups if aspect_ratio_grouping else [0] * len(groups),
+                                        images_per_batch, start=start_iter, seed=base_seed)
+    dataset = TrainDataset(records, transform, skip_bad_images=info.skip_bad_images, groups=groups)
+    # an explicit generator: creating the iterator must not draw from (and shift) the global torch RNG
+    generator = torch.Generator()
+    generator.manual_seed(base_seed)
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                      collate_fn=collate_lists, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=partial(seed_worker, base_seed=base_seed), generator=generator)
+
+
+def build_test_loader(dataset: DatasetInfo, *, num_workers: int, batch_size: int = 1) -> "TestLoader":
+    """Iterable of (images: list[uint8 Tensor[3,H,W]] at original size, records: list[dict]), in dataset order."""
+    if batch_size < 1:
+        raise DataError(f"test batch size must be >= 1, got {batch_size}")
+    data = TestDataset(dataset.records, skip_bad_images=dataset.skip_bad_images)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_lists, pin_memory=torch.cuda.is_available())
+    return TestLoader(loader)
+
+
+def training_records(records: Sequence[dict], *, filter_empty: bool, use_difficult: bool) -> list[dict]:
+    """Records as training sees them: difficult boxes removed unless use_difficult, empty ones filtered."""
+    out = []
+    for r in records:
+        if not use_difficult and r["difficult"].any():
+            keep = ~r["difficult"]
+            r = {**r, "boxes": r["boxes"][keep], "labels": r["labels"][keep], "difficult": r["difficult"][keep]}
+        if filter_empty and len(r["boxes"]) == 0:
+            continue
+        out.append(r)
+    return out
+
+
+def collate_lists(batch: list[tuple]) -> tuple[list, list]:
+    """[(image, target), ...] -> ([images], [targets]); None (a skipped bad image) is left out."""
+    batch = [b for b in batch if b is not None]
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+class TrainingSampler(Sampler[int]):
+    """Endless indices: epoch e is randperm(size) from torch.Generator(seed + e), this rank's shard.
+
+    Shards follow DistributedSampler: the permutation is padded by wrapping around to a
+    multiple of world_size and rank r takes positions r, r + world_size, ...
+    """
+
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world_size = size, int(seed), rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = 0
+        per_rank = math.ceil(self.size / self.world_size)
+        while True:
+            gen = torch.Generator()
+            gen.manual_seed((self.seed + epoch) % 2**63)
+            perm = torch.randperm(self.size, generator=gen)
+            total = per_rank * self.world_size
+            perm = perm.repeat(math.ceil(total / self.size))[:total]  # pad by wrapping around
+            yield from perm[self.rank:total:self.world_size].tolist()
+            epoch += 1
+
+
+class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of `batch_size` (index, sample seed) pairs whose indices share a group id
+    (aspect-ratio grouping).
+
+    The first `start` batches are dropped (resuming); only indices are drawn for them. The
+    sample seed is a function of (seed, batch number, position), so augmentation does not
+    depend on which worker loads a sample or on where a run was resumed.
+    """
+
+    def __init__(self, sampler: Sampler[int], groups: Sequence[int], batch_size: int, start: int = 0,
+                 seed: int = 0) -> None:
+        self.sampler, self.groups, self.batch_size, self.start = sampler, list(groups), batch_size, start
+        self.seed = int(seed)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = itertools.islice(enumerate(self._batches()), self.start, None)
+        for number, batch in batches:
+            seeds = np.random.SeedSequence([self.seed, number]).generate_state(len(batch))
+            yield list(zip(batch, (int(s) for s in seeds)))
+
+    def _batches(self) -> Iterator[list[int]]:
+        buckets: dict[int, list[int]] = {}
+        for index in self.sampler:
+            bucket = buckets.setdefault(self.groups[index], [])
+            bucket.append(index)
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                bucket.clear()
+
+
+class SerializedRecords:
+    """Records pickled into one numpy buffer.
+
+    A list of dicts read by forked workers gets copied page by page as reference
+    counts change (copy-on-read); one flat byte buffer is shared for real.
+    """
+
+    def __init__(self, records: Sequence[dict]) -> None:
+        blobs = [np.frombuffer(pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8) for r in records]
+        self._offsets = np.cumsum([len(b) for b in blobs], dtype=np.int64)
+        self._buffer = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int) -> dict:
+        start = int(self._offsets[index - 1]) if index > 0 else 0
+        return pickle.loads(memoryview(self._buffer[start:int(self._offsets[index])]))
+
+
+class TrainDataset(Dataset):
+    """index -> (uint8 Tensor[3,H,W] transformed, {"boxes": float32[N,4], "labels": int64[N]})."""
+
+    def __init__(self, records: Sequence[dict], transform: Callable, *, skip_bad_images: bool,
+                 groups: Sequence[int]) -> None:
+        self.records = SerializedRecords(records)
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+        self.groups = np.asarray(groups)
+        self.num_skipped = 0
+        self._rng = np.random.default_rng(0)
+
+    def reseed(self, seed: int) -> None:
+        """Seeds replacement picks and the transform (before every sample, from its sample seed)."""
+        self._rng = np.random.default_rng(seed)
+        if hasattr(self.transform, "set_seed"):
+            self.transform.set_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        index, sample_seed = item
+        self.reseed(sample_seed)
+        for _ in range(_MAX_REPLACEMENTS):
+            record = self.records[index]
+            img = _read_checked(record, self.skip_bad_images, self)
+            if img is not None:
+                break
+            # keep the batch full and in one aspect-ratio group: substitute an image of the same group
+            index = int(self._rng.choice(np.flatnonzero(self.groups == self.groups[index])))
+        else:
+            raise DataError(f"{_MAX_REPLACEMENTS} unreadable images in a row; last: {record['file_name']}")
+        img, boxes, labels = self.transform(img, record["boxes"], record["labels"])
+        target = {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                  "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1)}
+        return _to_chw_tensor(img), target
+
+
+class TestDataset(Dataset):
+    """index -> (uint8 Tensor[3,H,W] original size, record), or None for a skipped bad image."""
+
+    def __init__(self, records: Sequence[dict], *, skip_bad_images: bool) -> None:
+        self.records = SerializedRecords(records)
+        self.skip_bad_images = skip_bad_images
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
+        record = self.records[index]
+        img = _read_checked(record, self.skip_bad_images, self)
+        return None if img is None else (_to_chw_tensor(img), record)
+
+
+class TestLoader:
+    """The test DataLoader without the batches that lost all their images to skip_bad_images."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict]]]:
+        for images, records in self.loader:
+            if images:
+                yield images, records
+
+
+def seed_worker(worker_id: int, *, base_seed: int) -> None:
+    """worker_init_fn: seed numpy, random, torch and the data set's transform per worker, deterministically."""
+    seed = int(np.random.SeedSequence([base_seed, worker_id + 1]).generate_state(1)[0])
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    cv2.setNumThreads(1)  # workers already run in parallel; OpenCV threads would oversubscribe the cores
+    info = get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(seed)
+
+
+def _read_checked(record: dict, skip: bool, owner: TrainDataset | TestDataset) -> np.ndarray | None:
+    """read_image + size check against the annotation; None (warned, counted) when skipping bad images."""
+    try:
+        img = read_image(record["file_name"])
+        if img.shape[:2] != (record["height"], record["width"]):
+            raise DataError(f"image {record['file_name']} is {img.shape[1]}x{img.shape[0]} (WxH) but its annotation "
+                            f"says {record['width']}x{record['height']}; boxes would be wrong (EXIF rotation?)")
+        return img
+    except DataError as e:
+        if not skip:
+            raise
+        owner.num_skipped += 1
+        logger.warning("skipping bad image (%d skipped so far in this process): %s", owner.num_skipped, e)
+        return None
+
+
+def _to_chw_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # (H, W, 3) -> (3, H, W)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _process_seed(seed: int, rank: int) -> int:
+    """Distinct, reproducible augmentation seed per rank."""
+    return int(np.random.SeedSequence([int(seed) % 2**64, rank]).generate_state(1)[0])

@@ -1,0 +1,113 @@
+"""Training transforms: shorter-side resize (OpenCV) + flip / photometric jitter (albumentations).
+
+The resize is written here because no albumentations transform does exactly
+"shorter side = min_size, longer side <= max_size" (SmallestMaxSize ignores the
+cap, LongestMaxSize upscales small images to the cap). Boxes follow the image
+exactly: x *= new_w / w, y *= new_h / h with the rounded output size.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+# The import-time update check is a network call: off on offline machines and in every worker.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from detection.data import DataError  # noqa: E402
+
+
+def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """(new_h, new_w): scale = min(min_size / short, max_size / long), rounded to pixels.
+
+    Rounding cannot break the cap: long * scale <= max_size (an integer) rounds to <= max_size.
+    """
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def resize_shorter_side(img: np.ndarray, boxes: np.ndarray, min_size: int,
+                        max_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize img (H, W, C) and boxes float[N, 4] XYXY by the shorter-side rule above."""
+    height, width = img.shape[:2]
+    new_h, new_w = resized_shape(height, width, min_size, max_size)
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if (new_h, new_w) == (height, width):
+        return img, boxes.copy()
+    # INTER_AREA when shrinking avoids aliasing; bilinear when enlarging
+    interp = cv2.INTER_AREA if new_h < height else cv2.INTER_LINEAR
+    out = cv2.resize(img, (new_w, new_h), interpolation=interp)
+    scale = np.array([new_w / width, new_h / height, new_w / width, new_h / height], dtype=np.float32)
+    return out, boxes * scale
+
+
+class TrainTransform:
+    """Callable (img uint8[H,W,3], boxes float32[N,4], labels int64[N]) -> the same, transformed.
+
+    One of `min_sizes` is picked per image (multi-scale training). Random state is
+    owned by the transform; `set_seed` makes it reproducible (the loader calls it
+    once per worker with a worker-specific seed).
+    """
+
+    def __init__(self, min_sizes: Sequence[int], max_size: int, hflip_prob: float, jitter: bool,
+                 seed: int | None = None) -> None:
+        self.min_sizes = [int(s) for s in min_sizes]
+        self.max_size = int(max_size)
+        self.hflip_prob = float(hflip_prob)
+        self.jitter = bool(jitter)
+        self._albu = A.Compose(
+            _albu_ops(self.hflip_prob, self.jitter),
+            # min_area / min_visibility 0: a box is only ever removed when it becomes degenerate
+            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], min_area=0.0,
+                                     min_visibility=0.0, clip=True),
+        )
+        self.set_seed(seed)
+
+    def set_seed(self, seed: int | None) -> None:
+        """Reseed the scale choice and the albumentations pipeline (independent streams)."""
+        seq = np.random.SeedSequence(seed)
+        scale_seed, albu_seed = (int(s) for s in seq.generate_state(2))
+        self._rng = np.random.default_rng(scale_seed)
+        self._albu.set_random_seed(albu_seed)
+
+    def __call__(self, img: np.ndarray, boxes: np.ndarray,
+                 labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        # albumentations rejects degenerate boxes, so they are removed first (the readers never emit any)
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, labels = boxes[valid], labels[valid]
+        min_size = self.min_sizes[int(self._rng.integers(len(self.min_sizes)))]
+        img, boxes = resize_shorter_side(img, boxes, min_size, self.max_size)
+        out = self._albu(image=img, bboxes=boxes, labels=labels)
+        out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        out_labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+        return np.ascontiguousarray(out["image"]), out_boxes, out_labels
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(min_sizes={self.min_sizes}, max_size={self.max_size}, "
+                f"hflip_prob={self.hflip_prob}, jitter={self.jitter})")
+
+
+def build_transforms(*, min_sizes: Sequence[int] | int, max_size: int, hflip_prob: float,
+                     jitter: bool = False, seed: int | None = None) -> TrainTransform:
+    """The training transform from the input.* settings (min_size_train, max_size_train, hflip_prob, jitter)."""
+    sizes = [min_sizes] if isinstance(min_sizes, int) else list(min_sizes)
+    if not sizes or any(int(s) <= 0 for s in sizes):
+        raise DataError(f"input.min_size_train must be a non-empty list of positive sizes, got {min_sizes!r}")
+    if int(max_size) <= 0:
+        raise DataError(f"input.max_size_train must be positive, got {max_size!r}")
+    if not 0.0 <= float(hflip_prob) <= 1.0:
+        raise DataError(f"input.hflip_prob must be in [0, 1], got {hflip_prob!r}")
+    return TrainTransform(sizes, max_size, hflip_prob, jitter, seed=seed)
+
+
+def _albu_ops(hflip_prob: float, jitter: bool) -> list:
+    ops: list = [A.HorizontalFlip(p=hflip_prob)]
+    if jitter:
+        # mild: colour is informative for some classes, and boxes are unaffected
+        ops.append(A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8))
+    return ops

@@ -1,0 +1,166 @@
+"""PASCAL VOC layout (VOCdevkit/VOC20xx or any folder laid out the same way) -> DatasetInfo.
+
+Layout: <root>/ImageSets/Main/<split>.txt (one image id per line),
+<root>/Annotations/<id>.xml, <root>/JPEGImages/<id>.jpg.
+VOC boxes are 1-based inclusive pixel indices; like Detectron2 we subtract 1
+from xmin/ymin only, giving 0-based continuous coordinates (a box covering
+pixels 1..10 becomes [0, 10], width 10).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from detection.data import DataError
+from detection.data.catalog import DatasetInfo
+
+logger = logging.getLogger(__name__)
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+_LAYOUT_HINT = ("expected the VOC layout <root>/ImageSets/Main/<split>.txt, <root>/Annotations/<id>.xml, "
+                "<root>/JPEGImages/<id>.jpg (the known names use <datasets.root>/VOCdevkit/VOC2007 and VOC2012)")
+
+
+def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use_07_metric: bool | None = None,
+             name: str | None = None, skip_bad_files: bool = False) -> DatasetInfo:
+    """Read split `split` of the VOC-layout folder `root`.
+
+    classes: defaults to the 20 VOC classes (label i+1 = classes[i]).
+    use_07_metric: defaults to True for a folder named VOC2007 (11-point AP), else False.
+    skip_bad_files: a missing or unparsable XML is skipped with a warning instead of raising.
+    """
+    class_names = list(VOC_CLASSES if classes is None else classes)
+    if not class_names or len(set(class_names)) != len(class_names):
+        raise DataError(f"VOC data set {root}: 'classes' must be a non-empty list of distinct names, got {class_names}")
+    class_to_label = {c: i + 1 for i, c in enumerate(class_names)}
+    records, num_degenerate, skipped = [], 0, 0
+    for image_id in read_split(root, split):
+        try:
+            record, dropped = _load_xml_record(root, image_id, class_to_label)
+        except _UnreadableXML as e:
+            if not skip_bad_files:
+                raise DataError(str(e)) from e
+            skipped += 1
+            logger.warning("skipping %s (%d skipped so far)", e, skipped)
+            continue
+        records.append(record)
+        num_degenerate += dropped
+    if num_degenerate:
+        logger.warning("%s split %s: dropped %d boxes of zero area", root, split, num_degenerate)
+    if skipped:
+        logger.warning("%s split %s: skipped %d images with missing or unreadable annotation files",
+                       root, split, skipped)
+    folder = os.path.basename(os.path.normpath(root))
+    return DatasetInfo(
+        name=name or f"voc:{folder}_{split}",
+        kind="voc",
+        class_names=class_names,
+        records=records,
+        label_to_category_id={i + 1: i + 1 for i in range(len(class_names))},
+        root=os.path.abspath(root),
+        split=split,
+        use_07_metric=(folder == "VOC2007") if use_07_metric is None else bool(use_07_metric),
+    )
+
+
+def read_split(root: str, split: str) -> list[str]:
+    """Image ids listed in <root>/ImageSets/Main/<split>.txt (first token of each non-empty line)."""
+    if not os.path.isdir(root):
+        raise DataError(f"VOC folder not found: {root}; {_LAYOUT_HINT}")
+    path = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
+    if not os.path.isfile(path):
+        raise DataError(f"VOC split file not found: {path}; {_LAYOUT_HINT}")
+    with open(path, encoding="utf-8") as f:
+        return [line.split()[0] for line in f if line.strip()]
+
+
+class _UnreadableXML(Exception):
+    """A missing or unparsable annotation file (skippable with skip_bad_images)."""
+
+
+def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int]) -> tuple[dict, int]:
+    """-> (record, number of zero-area boxes dropped)."""
+    xml_path = os.path.join(root, "Annotations", f"{image_id}.xml")
+    if not os.path.isfile(xml_path):
+        raise _UnreadableXML(f"VOC annotation file not found: {xml_path}; {_LAYOUT_HINT}")
+    try:
+        tree = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError, UnicodeDecodeError) as e:
+        raise _UnreadableXML(f"malformed XML in VOC annotation file {xml_path}: {e}") from e
+    file_name = _image_path(root, image_id, tree)
+    height, width = _image_size(tree, xml_path, file_name)
+    boxes, labels, difficult = [], [], []
+    for index, obj in enumerate(tree.findall("object")):
+        box, label, is_difficult = _parse_object(obj, index, xml_path, class_to_label, width, height)
+        boxes.append(box)
+        labels.append(label)
+        difficult.append(is_difficult)
+    keep = [i for i, b in enumerate(boxes) if b[2] > b[0] and b[3] > b[1]]
+    record = {
+        "file_name": file_name,
+        "image_id": image_id,
+        "height": height,
+        "width": width,
+        "boxes": np.array([boxes[i] for i in keep], dtype=np.float32).reshape(-1, 4),
+        "labels": np.array([labels[i] for i in keep], dtype=np.int64),
+        "difficult": np.array([difficult[i] for i in keep], dtype=np.bool_),
+    }
+    return record, len(boxes) - len(keep)
+
+
+def _parse_object(obj: ET.Element, index: int, xml_path: str, class_to_label: dict[str, int],
+                  width: int, height: int) -> tuple[list[float], int, bool]:
+    """One <object> -> (0-based XYXY box clipped to the image, label, difficult)."""
+    name = (obj.findtext("name") or "").strip()
+    where = f"{xml_path}: object #{index} ({name or 'no <name>'})"
+    if name not in class_to_label:
+        raise DataError(f"{where} has unknown class name {name!r}; classes are {list(class_to_label)}")
+    bndbox = obj.find("bndbox")
+    if bndbox is None:
+        raise DataError(f"{where} has no <bndbox>")
+    try:
+        x1, y1, x2, y2 = (float(bndbox.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        difficult = bool(int(float(obj.findtext("difficult") or 0)))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where} has a missing or non-numeric <bndbox>/<difficult> value: {e}") from e
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise DataError(f"{where} has a non-finite box {[x1, y1, x2, y2]}")
+    # 1-based inclusive pixels -> 0-based continuous coordinates (Detectron2's convention)
+    box = [x1 - 1.0, y1 - 1.0, x2, y2]
+    box = [min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
+           min(max(box[2], 0.0), width), min(max(box[3], 0.0), height)]
+    return box, class_to_label[name], difficult
+
+
+def _image_path(root: str, image_id: str, tree: ET.Element) -> str:
+    """JPEGImages/<id>.jpg; a custom set may store another extension, named in <filename>."""
+    path = os.path.join(root, "JPEGImages", f"{image_id}.jpg")
+    stored = (tree.findtext("filename") or "").strip()
+    if not os.path.exists(path) and stored and os.path.splitext(stored)[0] == image_id:
+        return os.path.join(root, "JPEGImages", stored)
+    return path  # a missing image is reported when it is read
+
+
+def _image_size(tree: ET.Element, xml_path: str, file_name: str) -> tuple[int, int]:
+    """(height, width) from <size>, or from the image header when the XML lacks it."""
+    try:
+        height = int(float(tree.findtext("size/height") or 0))
+        width = int(float(tree.findtext("size/width") or 0))
+    except ValueError as e:
+        raise DataError(f"{xml_path}: non-numeric <size>: {e}") from e
+    if height > 0 and width > 0:
+        return height, width
+    img = cv2.imread(file_name, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise _UnreadableXML(f"{xml_path} has no <size> and its image {file_name} cannot be read")
+    return int(img.shape[0]), int(img.shape[1])

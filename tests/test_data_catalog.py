@@ -1,0 +1,71 @@
+"""Catalog: known names, explicit entries, relative paths, concatenation checks."""
+import json
+
+import numpy as np
+import pytest
+
+from detection.data import KNOWN_DATASETS, DataError, DatasetInfo, concat_datasets, get_dataset, get_datasets
+
+
+def tiny_coco(root, ann="a/ann.json", images="a/img"):
+    (root / ann).parent.mkdir(parents=True, exist_ok=True)
+    (root / images).mkdir(parents=True, exist_ok=True)
+    data = {"images": [{"id": 1, "file_name": "x.jpg", "height": 10, "width": 10}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (root / ann).write_text(json.dumps(data))
+
+
+def test_unknown_name_lists_the_known_names(tmp_path):
+    with pytest.raises(DataError) as err:
+        get_dataset("voc_2099_trainval", str(tmp_path))
+    message = str(err.value)
+    assert "voc_2099_trainval" in message
+    for name in ("coco_2017_train", "coco_2017_val", "voc_2007_trainval", "voc_2007_test", "voc_2012_trainval",
+                 "shapes_train", "shapes_val"):
+        assert name in message and name in KNOWN_DATASETS
+
+
+def test_explicit_entry_keys_are_checked(tmp_path):
+    with pytest.raises(DataError, match="unknown keys \\['annfile'\\]"):
+        get_dataset({"type": "coco", "annfile": "x.json", "ann_file": "x", "image_root": "y"}, str(tmp_path))
+    with pytest.raises(DataError, match="missing keys \\['split'\\]"):
+        get_dataset({"type": "voc", "root": "VOC2007"}, str(tmp_path))
+    with pytest.raises(DataError, match="'type' must be 'coco' or 'voc'"):
+        get_dataset({"type": "yolo"}, str(tmp_path))
+    with pytest.raises(DataError, match="name or a mapping"):
+        get_dataset(42, str(tmp_path))
+
+
+def test_relative_paths_under_root_absolute_kept(tmp_path):
+    tiny_coco(tmp_path / "root")
+    rel = get_dataset({"type": "coco", "ann_file": "a/ann.json", "image_root": "a/img"}, str(tmp_path / "root"))
+    assert rel.records[0]["file_name"] == str(tmp_path / "root" / "a" / "img" / "x.jpg")
+    assert rel.name == "coco:ann"
+    absolute = get_dataset({"type": "coco", "ann_file": str(tmp_path / "root" / "a" / "ann.json"),
+                            "image_root": str(tmp_path / "root" / "a" / "img")}, "/elsewhere")
+    assert absolute.records[0]["file_name"] == rel.records[0]["file_name"]
+
+
+def test_known_shapes_name_and_skip_flag(tmp_path):
+    tiny_coco(tmp_path, ann="shapes/annotations/instances_val.json", images="shapes/val")
+    (info,) = get_datasets(["shapes_val"], str(tmp_path), skip_bad_images=True)
+    assert info.name == "shapes_val" and info.skip_bad_images
+    assert info.records[0]["file_name"] == str(tmp_path / "shapes" / "val" / "x.jpg")
+    with pytest.raises(DataError, match="make_shapes"):  # a missing shapes set says how to create it
+        get_dataset("shapes_train", str(tmp_path))
+
+
+def _info(name, classes, n):
+    recs = [{"file_name": f"{name}{i}", "image_id": i, "height": 1, "width": 1, "boxes": np.zeros((0, 4), np.float32),
+             "labels": np.zeros(0, np.int64), "difficult": np.zeros(0, bool)} for i in range(n)]
+    return DatasetInfo(name=name, kind="voc", class_names=classes, records=recs)
+
+
+def test_concat_checks_classes_and_keeps_order():
+    both = concat_datasets([_info("a", ["x", "y"], 2), _info("b", ["x", "y"], 1)])
+    assert both.name == "a+b" and [r["file_name"] for r in both.records] == ["a0", "a1", "b0"]
+    with pytest.raises(DataError, match="different classes"):
+        concat_datasets([_info("a", ["x", "y"], 1), _info("b", ["y", "x"], 1)])
+    with pytest.raises(DataError, match="at least one"):
+        concat_datasets([])

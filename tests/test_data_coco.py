@@ -1,0 +1,130 @@
+"""COCO reader: id mapping, crowd / out-of-bounds / zero-area boxes, empty images, bad input."""
+import json
+import logging
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from detection.data import DataError, get_dataset
+from detection.data.coco import load_coco_json
+from detection.data.loader import build_test_loader, training_records
+
+CATEGORIES = [  # non-contiguous ids, names deliberately not in id order
+    {"id": 42, "name": "mug"},
+    {"id": 3, "name": "zebra"},
+    {"id": 7, "name": "apple"},
+]
+IMAGES = [
+    {"id": 9, "file_name": "b.png", "height": 30, "width": 40},  # only a crowd box
+    {"id": 1, "file_name": "a.png", "height": 80, "width": 100},
+    {"id": 4, "file_name": "c.png", "height": 50, "width": 20},  # no annotations at all
+]
+ANNOTATIONS = [
+    {"id": 100, "image_id": 1, "category_id": 42, "bbox": [10, 20, 30, 40], "iscrowd": 0},
+    {"id": 101, "image_id": 1, "category_id": 3, "bbox": [0, 0, 50, 50], "iscrowd": 1},
+    {"id": 102, "image_id": 1, "category_id": 7, "bbox": [90, 70, 30, 30], "iscrowd": 0},  # out of bounds
+    {"id": 103, "image_id": 1, "category_id": 3, "bbox": [50, 50, 0, 10], "iscrowd": 0},  # zero width
+    {"id": 104, "image_id": 1, "category_id": 3, "bbox": [-5, 10.5, 20, 10], "iscrowd": 0},  # left of image
+    {"id": 105, "image_id": 1, "category_id": 7, "bbox": [120, 10, 5, 5], "iscrowd": 0},  # fully outside
+    {"id": 106, "image_id": 9, "category_id": 7, "bbox": [1, 1, 5, 5], "iscrowd": 1},
+]
+
+
+def write_coco(tmp_path, annotations=None, images=None, with_images=False):
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    data = {"images": images or IMAGES, "annotations": ANNOTATIONS if annotations is None else annotations,
+            "categories": CATEGORIES}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    if with_images:
+        for img in data["images"]:
+            image = np.full((img["height"], img["width"], 3), 90, np.uint8)
+            cv2.imwrite(str(tmp_path / "imgs" / img["file_name"]), image)
+    return str(path), str(tmp_path / "imgs")
+
+
+def test_tiny_coco_loads_to_exact_targets(tmp_path, caplog):
+    ann_file, image_root = write_coco(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="detection.data.coco"):
+        info = load_coco_json(ann_file, image_root)
+    assert info.kind == "coco"
+    assert info.class_names == ["zebra", "apple", "mug"]  # sorted by category id 3, 7, 42
+    assert info.label_to_category_id == {1: 3, 2: 7, 3: 42}
+    assert info.ann_file == os.path.abspath(ann_file)
+    assert [r["image_id"] for r in info.records] == [1, 4, 9]  # all images kept, sorted by id
+    r1, r4, r9 = info.records
+    assert r1["file_name"] == os.path.join(image_root, "a.png")
+    assert (r1["height"], r1["width"]) == (80, 100)
+    np.testing.assert_array_equal(r1["boxes"], np.array([
+        [10, 20, 40, 60],        # XYWH -> XYXY
+        [90, 70, 100, 80],       # clipped to the 100x80 image
+        [0, 10.5, 15, 20.5],     # clipped at x = 0
+    ], dtype=np.float32))
+    assert r1["boxes"].dtype == np.float32
+    np.testing.assert_array_equal(r1["labels"], np.array([3, 2, 1], dtype=np.int64))
+    assert r1["labels"].dtype == np.int64
+    np.testing.assert_array_equal(r1["difficult"], np.zeros(3, dtype=np.bool_))
+    for empty in (r4, r9):  # no boxes / crowd only: kept for evaluation, with empty arrays
+        assert empty["boxes"].shape == (0, 4) and empty["boxes"].dtype == np.float32
+        assert empty["labels"].shape == (0,) and empty["labels"].dtype == np.int64
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 boxes of zero area" in warnings[0] and ann_file in warnings[0]
+
+
+def test_images_without_boxes_leave_training_but_stay_in_evaluation(tmp_path):
+    ann_file, image_root = write_coco(tmp_path, with_images=True)
+    info = load_coco_json(ann_file, image_root)
+    assert [r["image_id"] for r in training_records(info.records, filter_empty=True, use_difficult=True)] == [1]
+    assert len(training_records(info.records, filter_empty=False, use_difficult=True)) == 3
+    seen = [rec["image_id"] for _, recs in build_test_loader(info, num_workers=0) for rec in recs]
+    assert seen == [1, 4, 9]
+
+
+def test_unknown_category_id_names_file_and_annotation(tmp_path):
+    bad = ANNOTATIONS + [{"id": 777, "image_id": 1, "category_id": 5, "bbox": [1, 1, 2, 2], "iscrowd": 0}]
+    ann_file, image_root = write_coco(tmp_path, annotations=bad)
+    with pytest.raises(DataError, match="annotation id 777") as err:
+        load_coco_json(ann_file, image_root)
+    assert ann_file in str(err.value) and "category_id 5" in str(err.value)
+
+
+def test_nan_box_names_file_and_annotation(tmp_path):
+    bad = ANNOTATIONS + [{"id": 555, "image_id": 1, "category_id": 3, "bbox": [1, float("nan"), 2, 2], "iscrowd": 0}]
+    ann_file, image_root = write_coco(tmp_path, annotations=bad)
+    with pytest.raises(DataError, match="annotation id 555") as err:
+        load_coco_json(ann_file, image_root)
+    assert ann_file in str(err.value) and "non-finite" in str(err.value)
+
+
+def test_missing_or_malformed_json_and_missing_image_folder(tmp_path):
+    with pytest.raises(DataError, match="annotation file not found: .*nope.json"):
+        load_coco_json(str(tmp_path / "nope.json"), str(tmp_path))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ not json")
+    with pytest.raises(DataError, match="broken.json"):
+        load_coco_json(str(broken), str(tmp_path))
+    ann_file, _ = write_coco(tmp_path)
+    with pytest.raises(DataError, match="image folder not found: .*missing_dir"):
+        load_coco_json(ann_file, str(tmp_path / "missing_dir"))
+
+
+def test_known_coco_name_resolves_standard_layout(tmp_path):
+    root = tmp_path / "datasets"
+    (root / "coco" / "annotations").mkdir(parents=True)
+    (root / "coco" / "val2017").mkdir()
+    data = {"images": IMAGES, "annotations": ANNOTATIONS, "categories": CATEGORIES}
+    (root / "coco" / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    info = get_dataset("coco_2017_val", str(root))
+    assert info.name == "coco_2017_val"
+    assert info.records[0]["file_name"] == str(root / "coco" / "val2017" / "a.png")
+    with pytest.raises(DataError, match="instances_train2017.json"):  # train json absent: names the path
+        get_dataset("coco_2017_train", str(root))
+
+
+def test_custom_coco_entry_with_relative_paths(tmp_path):
+    write_coco(tmp_path)
+    info = get_dataset({"type": "coco", "ann_file": "ann.json", "image_root": "imgs", "name": "mine"}, str(tmp_path))
+    assert info.name == "mine" and info.class_names == ["zebra", "apple", "mug"]
+    assert info.records[0]["file_name"] == str(tmp_path / "imgs" / "a.png")

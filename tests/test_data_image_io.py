@@ -1,0 +1,56 @@
+"""read_image: everything becomes uint8 RGB (H, W, 3); bad files name their path."""
+import cv2
+import numpy as np
+import pytest
+
+from detection.data import DataError, read_image
+
+
+def test_color_png_is_returned_as_rgb(tmp_path):
+    bgr = np.zeros((4, 5, 3), np.uint8)
+    bgr[..., 0], bgr[..., 1], bgr[..., 2] = 10, 20, 30  # B, G, R
+    cv2.imwrite(str(tmp_path / "c.png"), bgr)
+    img = read_image(str(tmp_path / "c.png"))
+    assert img.dtype == np.uint8 and img.shape == (4, 5, 3) and img.flags.c_contiguous
+    np.testing.assert_array_equal(img[0, 0], [30, 20, 10])
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path):
+    gray = np.arange(20, dtype=np.uint8).reshape(4, 5) * 10
+    cv2.imwrite(str(tmp_path / "g.png"), gray)
+    img = read_image(str(tmp_path / "g.png"))
+    assert img.shape == (4, 5, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(img[..., c], gray)
+
+
+def test_rgba_drops_alpha(tmp_path):
+    bgra = np.zeros((3, 3, 4), np.uint8)
+    bgra[...] = (1, 2, 3, 0)  # fully transparent alpha must not change the colour
+    cv2.imwrite(str(tmp_path / "a.png"), bgra)
+    img = read_image(str(tmp_path / "a.png"))
+    assert img.shape == (3, 3, 3)
+    np.testing.assert_array_equal(img[1, 1], [3, 2, 1])
+
+
+def test_16bit_color_and_gray_scale_by_full_range(tmp_path):
+    bgr16 = np.zeros((2, 2, 3), np.uint16)
+    bgr16[0, 0] = (65535, 257 * 100, 0)
+    cv2.imwrite(str(tmp_path / "c16.png"), bgr16)
+    img = read_image(str(tmp_path / "c16.png"))
+    assert img.dtype == np.uint8 and img.shape == (2, 2, 3)
+    np.testing.assert_array_equal(img[0, 0], [0, 100, 255])
+    gray16 = np.array([[0, 257 * 7], [65535, 257 * 128]], np.uint16)
+    cv2.imwrite(str(tmp_path / "g16.png"), gray16)
+    img = read_image(str(tmp_path / "g16.png"))
+    np.testing.assert_array_equal(img[..., 0], [[0, 7], [255, 128]])
+    np.testing.assert_array_equal(img[..., 2], img[..., 0])
+
+
+def test_missing_and_corrupt_files_name_the_path(tmp_path):
+    with pytest.raises(DataError, match=r"image file not found: .*nothere\.jpg"):
+        read_image(str(tmp_path / "nothere.jpg"))
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    with pytest.raises(DataError, match=r"could not read image .*broken\.jpg"):
+        read_image(str(bad))

@@ -1,0 +1,199 @@
+"""Loaders: aspect-ratio groups, seeding, sharding, test order, bad images."""
+import json
+import logging
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from detection.data import DataError, build_test_loader, build_train_loader, build_transforms, get_dataset
+from detection.data import loader as loader_module
+from detection.data.loader import TrainingSampler, seed_worker
+
+# (width, height): ids 1..4 landscape or square (w >= h), ids 5..8 portrait (w < h)
+SIZES = [(40, 30), (44, 30), (48, 30), (36, 36), (30, 40), (30, 44), (30, 48), (30, 52)]
+
+
+def make_set(root, sizes=SIZES, empty_ids=()):
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i, (w, h) in enumerate(sizes, start=1):
+        cv2.imwrite(str(root / "img" / f"{i}.png"), np.full((h, w, 3), 10 * i, np.uint8))
+        images.append({"id": i, "file_name": f"{i}.png", "height": h, "width": w})
+        if i not in empty_ids:  # box x1 = image id: tells which image a target came from
+            anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [i, 2, 10, 20], "iscrowd": 0})
+    (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                               "categories": [{"id": 1, "name": "thing"}]}))
+    return {"type": "coco", "ann_file": "ann.json", "image_root": "img"}
+
+
+def train_loader(info, *, grouping=True, seed=0, workers=0, batch=3, flip=0.5, filter_empty=True):
+    transform = build_transforms(min_sizes=[30], max_size=200, hflip_prob=flip)
+    return build_train_loader([info], transform=transform, images_per_batch=batch, num_workers=workers,
+                              aspect_ratio_grouping=grouping, filter_empty=filter_empty, seed=seed)
+
+
+def take(loader, n):
+    out = []
+    for i, batch in enumerate(loader):
+        out.append(batch)
+        if i + 1 == n:
+            return out
+
+
+def image_id(img):
+    return int(img[0, 0, 0]) // 10  # images are flat, 10 * id (a resize keeps that)
+
+
+def is_landscape(img):
+    return img.shape[2] >= img.shape[1]
+
+
+def test_batches_share_an_aspect_ratio_group(tmp_path):
+    info = get_dataset(make_set(tmp_path), str(tmp_path))
+    batches = take(train_loader(info), 12)  # 36 images from an 8-image set: the stream is endless
+    for images, targets in batches:
+        assert len(images) == len(targets) == 3
+        assert len({is_landscape(img) for img in images}) == 1
+    groups_seen = {is_landscape(images[0]) for images, _ in batches}
+    assert groups_seen == {True, False}
+    # control: without grouping the same stream does mix the groups
+    mixed = take(train_loader(info, grouping=False), 12)
+    assert any(len({is_landscape(img) for img in images}) == 2 for images, _ in mixed)
+
+
+def test_batch_contents_types_and_box_transform(tmp_path):
+    info = get_dataset(make_set(tmp_path), str(tmp_path))
+    images, targets = take(train_loader(info, flip=0.0, batch=2), 1)[0]
+    for img, target in zip(images, targets):
+        assert img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3
+        assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
+        image_id = int(target["boxes"][0, 0])  # min side is already 30: no resize, no flip
+        w, h = SIZES[image_id - 1]
+        assert tuple(img.shape[1:]) == (h, w)
+        assert torch.equal(target["boxes"], torch.tensor([[image_id, 2, image_id + 10, 22]], dtype=torch.float32))
+        assert int(img[0, 0, 0]) == 10 * image_id
+    assert train_loader(info).pin_memory == torch.cuda.is_available()
+
+
+def stream_signature(loader, n):
+    return [(tuple(tuple(img.shape) for img in imgs), tuple(tuple(t["boxes"].flatten().tolist()) for t in tgts))
+            for imgs, tgts in take(loader, n)]
+
+
+def test_same_seed_same_stream_other_seed_differs(tmp_path):
+    info = get_dataset(make_set(tmp_path), str(tmp_path))
+    a = stream_signature(train_loader(info, seed=7), 8)
+    b = stream_signature(train_loader(info, seed=7), 8)
+    c = stream_signature(train_loader(info, seed=8), 8)
+    assert a == b and a != c
+
+
+def test_two_workers_group_and_reproduce(tmp_path):
+    info = get_dataset(make_set(tmp_path), str(tmp_path))
+    a = stream_signature(train_loader(info, seed=3, workers=2), 6)
+    b = stream_signature(train_loader(info, seed=3, workers=2), 6)
+    assert a == b
+    for shapes, _ in a:
+        assert len({w >= h for _, h, w in shapes}) == 1
+
+
+def test_start_iter_resumes_the_image_order(tmp_path):
+    info = get_dataset(make_set(tmp_path), str(tmp_path))
+
+    def order(loader, n):
+        return [[image_id(img) for img in imgs] for imgs, _ in take(loader, n)]
+
+    transform = build_transforms(min_sizes=[30], max_size=200, hflip_prob=0.5)
+    resumed = build_train_loader([info], transform=transform, images_per_batch=3, num_workers=0,
+                                 aspect_ratio_grouping=True, filter_empty=True, seed=4, start_iter=5)
+    assert order(resumed, 4) == order(train_loader(info, seed=4), 9)[5:]
+
+
+def test_start_iter_and_workers_give_the_same_augmented_batches(tmp_path):
+    """Exact resume: flips (seen in the boxes) match the uninterrupted stream, with any num_workers."""
+    info = get_dataset(make_set(tmp_path), str(tmp_path))
+    transform = build_transforms(min_sizes=[30], max_size=200, hflip_prob=0.5)
+    resumed = build_train_loader([info], transform=transform, images_per_batch=3, num_workers=2,
+                                 aspect_ratio_grouping=True, filter_empty=True, seed=4, start_iter=5)
+    straight = stream_signature(train_loader(info, seed=4), 9)
+    assert stream_signature(resumed, 4) == straight[5:]
+    flipped = [b for _, boxes in straight for b in boxes if b[0] != int(b[0]) or b[1] != 2 or b[0] > 8]
+    assert flipped, "hflip_prob 0.5 over 27 images should flip some boxes"
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_training_sampler_matches_distributed_sampler(world_size):
+    size, seed = 7, 11
+    for rank in range(world_size):
+        stream = iter(TrainingSampler(size, seed=seed, rank=rank, world_size=world_size))
+        for epoch in range(3):
+            reference = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+            reference.set_epoch(epoch)
+            assert [next(stream) for _ in range(len(reference))] == list(reference)
+
+
+def test_loader_shards_by_rank_when_distributed(tmp_path, monkeypatch):
+    info = get_dataset(make_set(tmp_path), str(tmp_path))
+    monkeypatch.setattr(loader_module, "_dist_info", lambda: (1, 2))
+    sampler = train_loader(info).batch_sampler.sampler
+    assert (sampler.rank, sampler.world_size) == (1, 2)
+
+
+def test_filter_empty_in_the_train_loader(tmp_path):
+    info = get_dataset(make_set(tmp_path, empty_ids=(1, 2, 3, 5)), str(tmp_path))
+    seen = {image_id(img) for imgs, _ in take(train_loader(info, grouping=False, flip=0.0), 8) for img in imgs}
+    assert seen == {4, 6, 7, 8}
+    kept = take(train_loader(info, grouping=False, flip=0.0, filter_empty=False), 8)
+    assert any(len(t["boxes"]) == 0 for _, tgts in kept for t in tgts)
+    everything_empty = get_dataset(make_set(tmp_path / "e", sizes=SIZES[:2], empty_ids=(1, 2)), str(tmp_path / "e"))
+    with pytest.raises(DataError, match="filter_empty"):
+        train_loader(everything_empty)
+
+
+def test_test_loader_in_order_original_size(tmp_path):
+    info = get_dataset(make_set(tmp_path), str(tmp_path))
+    loader = build_test_loader(info, num_workers=0, batch_size=3)
+    batches = list(loader)
+    assert len(loader) == 3 and [len(images) for images, _ in batches] == [3, 3, 2]
+    records = [r for _, recs in batches for r in recs]
+    assert [r["image_id"] for r in records] == list(range(1, 9))
+    for img, (w, h) in zip([img for images, _ in batches for img in images], SIZES):
+        assert img.dtype == torch.uint8 and tuple(img.shape) == (3, h, w)
+
+
+def test_missing_image_errors_or_is_skipped(tmp_path, caplog):
+    entry = make_set(tmp_path)
+    (tmp_path / "img" / "5.png").unlink()
+    info = get_dataset(entry, str(tmp_path))
+    with pytest.raises(DataError, match=r"image file not found: .*5\.png"):
+        list(build_test_loader(info, num_workers=0))
+    with pytest.raises(DataError, match=r"5\.png"):
+        take(train_loader(info, grouping=False, batch=8), 2)
+    info = get_dataset(entry, str(tmp_path), skip_bad_images=True)
+    with caplog.at_level(logging.WARNING, logger="detection.data.loader"):
+        ids = [r["image_id"] for _, recs in build_test_loader(info, num_workers=0) for r in recs]
+    assert ids == [1, 2, 3, 4, 6, 7, 8]
+    assert "5.png" in caplog.text and "1 skipped" in caplog.text
+    for images, targets in take(train_loader(info), 10):  # batches stay full and grouped
+        assert len(images) == 3 and len({is_landscape(img) for img in images}) == 1
+        assert 5 not in {image_id(img) for img in images}
+
+
+def test_image_size_disagreeing_with_annotation_is_an_error(tmp_path):
+    entry = make_set(tmp_path)
+    cv2.imwrite(str(tmp_path / "img" / "2.png"), np.zeros((44, 30, 3), np.uint8))  # stored rotated
+    info = get_dataset(entry, str(tmp_path))
+    with pytest.raises(DataError, match=r"2\.png is 30x44 .* annotation says 44x30"):
+        list(build_test_loader(info, num_workers=0))
+
+
+def test_seed_worker_is_deterministic_per_worker():
+    draws = []
+    for worker_id in (0, 0, 1):
+        seed_worker(worker_id, base_seed=5)
+        draws.append((np.random.rand(), random.random(), torch.rand(1).item()))
+    assert draws[0] == draws[1] and draws[0] != draws[2]

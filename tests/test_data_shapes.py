@@ -1,0 +1,104 @@
+"""Synthetic shapes: deterministic per seed, COCO and VOC outputs agree, boxes tight and visible."""
+import filecmp
+import json
+import os
+
+import cv2
+import numpy as np
+
+from detection.data import SHAPE_CLASSES, get_dataset
+from detection.data import shapes
+from detection.data.shapes import _keeps_others_visible, generate_shapes, render_image, visible_boxes
+from tools.make_shapes import main as make_shapes_main
+
+
+def tree_files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+
+
+def test_same_seed_same_files_different_seed_different(tmp_path):
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert make_shapes_main(["--output", str(tmp_path / name), "--num-train", "4", "--num-val", "2",
+                                 "--seed", str(seed)]) == 0
+    files = tree_files(tmp_path / "a")
+    assert files == tree_files(tmp_path / "b") and len(files) == 4 + 2 + 2 + 6 + 6 + 2
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", files, shallow=False)
+    assert mismatch == [] and errors == []
+    _, mismatch, _ = filecmp.cmpfiles(tmp_path / "a", tmp_path / "c", files, shallow=False)
+    assert "train/train_000000.jpg" in mismatch
+
+
+def test_coco_and_voc_outputs_agree(tmp_path):
+    generate_shapes(str(tmp_path / "shapes"), num_train=6, num_val=3, seed=1)
+    for split in ("train", "val"):
+        coco = get_dataset(f"shapes_{split}", str(tmp_path))
+        voc = get_dataset({"type": "voc", "root": "shapes/VOC", "split": split, "classes": list(SHAPE_CLASSES)},
+                          str(tmp_path))
+        assert coco.class_names == voc.class_names == ["circle", "square", "triangle"]
+        assert coco.label_to_category_id == {1: 1, 2: 2, 3: 3}
+        assert len(coco.records) == len(voc.records) == (6 if split == "train" else 3)
+        for c, v in zip(coco.records, voc.records):
+            assert os.path.basename(c["file_name"]) == os.path.basename(v["file_name"]) == v["image_id"] + ".jpg"
+            assert (c["height"], c["width"]) == (v["height"], v["width"])
+            np.testing.assert_array_equal(c["boxes"], v["boxes"])
+            np.testing.assert_array_equal(c["labels"], v["labels"])
+            assert len(c["boxes"]) >= 1
+            img = cv2.imread(v["file_name"])  # the VOC view resolves to the same JPEG
+            assert img.shape == (c["height"], c["width"], 3)
+
+
+def test_default_sizes_counts_and_object_sizes(tmp_path):
+    paths = generate_shapes(str(tmp_path), num_train=12, num_val=0, seed=0)
+    data = json.loads(open(paths["train"]).read())
+    assert all(128 <= im["height"] <= 192 and 128 <= im["width"] <= 192 for im in data["images"])
+    per_image = np.bincount([a["image_id"] for a in data["annotations"]], minlength=13)[1:]
+    assert per_image.min() >= 1 and per_image.max() <= 6
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        im = data["images"][a["image_id"] - 1]
+        assert w >= 12 and h >= 12 and x >= 0 and y >= 0 and x + w <= im["width"] and y + h <= im["height"]
+        assert a["category_id"] in (1, 2, 3) and a["iscrowd"] == 0 and 0 < a["area"] <= w * h
+
+
+def test_cli_single_image_size_gives_square_images(tmp_path):
+    assert make_shapes_main(["--output", str(tmp_path), "--num-train", "2", "--num-val", "1", "--seed", "0",
+                             "--image-size", "96"]) == 0
+    data = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())
+    assert [(im["height"], im["width"]) for im in data["images"]] == [(96, 96)]
+
+
+def test_visible_boxes_are_tight_around_the_unoccluded_pixels():
+    back = np.zeros((50, 60), bool)
+    back[10:30, 5:25] = True  # a 20x20 square at x 5..24, y 10..29
+    front = np.zeros((50, 60), bool)
+    front[0:50, 15:40] = True  # covers its right half
+    assert visible_boxes([back, front]) == [((5, 10, 15, 30), 200), ((15, 0, 40, 50), 25 * 50)]
+
+
+def test_heavy_occlusion_is_rejected():
+    back = np.zeros((50, 60), bool)
+    back[10:30, 5:25] = True
+    hides_30_percent = np.zeros_like(back)
+    hides_30_percent[10:30, 19:25] = True
+    hides_60_percent = np.zeros_like(back)
+    hides_60_percent[10:30, 13:25] = True
+    assert _keeps_others_visible(hides_30_percent, [back], min_size=8)
+    assert not _keeps_others_visible(hides_60_percent, [back], min_size=8)
+
+
+def test_rendered_boxes_are_tight_around_the_drawn_pixels(monkeypatch):
+    # on a black background the drawn pixels are exactly those far from black (the noise is a few levels)
+    monkeypatch.setattr(shapes, "_background", lambda rng, h, w: np.zeros((h, w, 3), np.float32))
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        img, objects = render_image(rng, 120, 140, max_objects=6, min_object_size=16)
+        drawn = np.linalg.norm(img.astype(np.float32), axis=2) > 45
+        covered = np.zeros_like(drawn)
+        for obj in objects:
+            x1, y1, x2, y2 = obj.box
+            covered[y1:y2, x1:x2] = True
+            inside = drawn[y1:y2, x1:x2]
+            # tight: the first and last row and column of every box hold drawn pixels
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            assert obj.area <= inside.sum()
+        assert not (drawn & ~covered).any()  # nothing drawn outside the boxes

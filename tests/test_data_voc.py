@@ -1,0 +1,132 @@
+"""VOC reader: 1-based -> 0-based boxes, difficult flags, splits, concatenation, bad input."""
+import logging
+
+import cv2
+import numpy as np
+import pytest
+
+from detection.data import DataError, concat_datasets, get_dataset, get_datasets
+from detection.data.loader import build_train_loader, training_records
+from detection.data.transforms import build_transforms
+from detection.data.voc import VOC_CLASSES, load_voc
+
+
+def voc_xml(width, height, objects):
+    parts = [f"<annotation><filename>x.jpg</filename><size><width>{width}</width><height>{height}</height>"
+             "<depth>3</depth></size>"]
+    for name, box, difficult in objects:
+        parts.append(f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox>"
+                     f"<xmin>{box[0]}</xmin><ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax>"
+                     "</bndbox></object>")
+    return "".join(parts) + "</annotation>"
+
+
+def make_voc(root, splits, annotations, with_images=False):
+    """splits: {split: [ids]}; annotations: {id: (width, height, objects) or raw xml str}."""
+    for sub in ("ImageSets/Main", "Annotations", "JPEGImages"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for split, ids in splits.items():
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(i + "\n" for i in ids))
+    for image_id, ann in annotations.items():
+        text = ann if isinstance(ann, str) else voc_xml(*ann)
+        (root / "Annotations" / f"{image_id}.xml").write_text(text)
+        if with_images and not isinstance(ann, str):
+            cv2.imwrite(str(root / "JPEGImages" / f"{image_id}.jpg"), np.zeros((ann[1], ann[0], 3), np.uint8))
+    return root
+
+
+ANNS = {
+    "000001": (60, 40, [("dog", (1, 1, 10, 20), 0), ("person", (48, 30, 60, 40), 1)]),
+    "000002": (50, 70, [("tvmonitor", (5, 6, 7, 8), 0)]),
+    "000003": (30, 30, [("aeroplane", (2, 3, 20, 25), 1)]),
+}
+
+
+def test_voc_boxes_are_zero_based_and_difficult_is_kept(tmp_path):
+    root = make_voc(tmp_path / "VOC2007", {"trainval": ["000001", "000002"]}, ANNS)
+    info = load_voc(str(root), "trainval")
+    assert info.kind == "voc" and info.class_names == list(VOC_CLASSES) and info.use_07_metric is True
+    assert info.label_to_category_id == {i: i for i in range(1, 21)}
+    r1, r2 = info.records
+    assert r1["image_id"] == "000001" and (r1["height"], r1["width"]) == (40, 60)
+    assert r1["file_name"] == str(root / "JPEGImages" / "000001.jpg")
+    # x1 -= 1, y1 -= 1; x2, y2 unchanged (1-based inclusive -> 0-based continuous)
+    np.testing.assert_array_equal(r1["boxes"], np.array([[0, 0, 10, 20], [47, 29, 60, 40]], np.float32))
+    np.testing.assert_array_equal(r1["labels"], np.array([12, 15], np.int64))  # dog, person
+    np.testing.assert_array_equal(r1["difficult"], np.array([False, True]))
+    np.testing.assert_array_equal(r2["boxes"], np.array([[4, 5, 7, 8]], np.float32))
+    np.testing.assert_array_equal(r2["labels"], np.array([20], np.int64))
+    kept = training_records(info.records, filter_empty=True, use_difficult=False)
+    np.testing.assert_array_equal(kept[0]["boxes"], np.array([[0, 0, 10, 20]], np.float32))
+    assert training_records(info.records, filter_empty=True, use_difficult=True)[0]["boxes"].shape == (2, 4)
+
+
+def test_only_difficult_image_leaves_training_without_use_difficult(tmp_path):
+    root = make_voc(tmp_path / "VOC2007", {"test": ["000003", "000002"]}, ANNS)
+    records = load_voc(str(root), "test").records
+    assert [r["image_id"] for r in training_records(records, filter_empty=True, use_difficult=False)] == ["000002"]
+    assert len(training_records(records, filter_empty=True, use_difficult=True)) == 2
+
+
+def test_two_splits_and_two_years_concatenate(tmp_path):
+    devkit = tmp_path / "VOCdevkit"
+    make_voc(devkit / "VOC2007", {"trainval": ["000001"], "test": ["000002"]}, ANNS, with_images=True)
+    make_voc(devkit / "VOC2012", {"trainval": ["000003"]}, ANNS, with_images=True)
+    train = get_datasets(["voc_2007_trainval", "voc_2012_trainval"], str(tmp_path))
+    assert [d.use_07_metric for d in train] == [True, False]
+    both = concat_datasets(train)
+    assert both.name == "voc_2007_trainval+voc_2012_trainval"
+    assert [r["image_id"] for r in both.records] == ["000001", "000003"]
+    test = get_dataset("voc_2007_test", str(tmp_path))
+    assert [r["image_id"] for r in test.records] == ["000002"] and test.split == "test"
+    # the loader reads the concatenation: one epoch of a 2-image batch holds both years
+    loader = build_train_loader(train, transform=build_transforms(min_sizes=[30], max_size=100, hflip_prob=0.0),
+                                images_per_batch=2, num_workers=0, aspect_ratio_grouping=False,
+                                filter_empty=True, seed=0)
+    _, targets = next(iter(loader))
+    assert sorted(tuple(t["labels"].tolist()) for t in targets) == [(1,), (12, 15)]
+
+
+def test_custom_classes_and_explicit_entry(tmp_path):
+    anns = {"a": (20, 20, [("cat", (1, 1, 5, 5), 0), ("hat", (2, 2, 6, 6), 0)])}
+    make_voc(tmp_path / "mine", {"train": ["a"]}, anns)
+    entry = {"type": "voc", "root": "mine", "split": "train", "classes": ["hat", "cat"], "use_07_metric": True}
+    info = get_dataset(entry, str(tmp_path))
+    assert info.class_names == ["hat", "cat"] and info.use_07_metric is True
+    np.testing.assert_array_equal(info.records[0]["labels"], [2, 1])
+    assert load_voc(str(tmp_path / "mine"), "train", classes=["hat", "cat"]).use_07_metric is False
+
+
+def test_unknown_class_names_file_and_object(tmp_path):
+    anns = {"a": (20, 20, [("dog", (1, 1, 5, 5), 0), ("unicorn", (2, 2, 6, 6), 0)])}
+    root = make_voc(tmp_path / "VOC2007", {"train": ["a"]}, anns)
+    with pytest.raises(DataError, match=r"a\.xml: object #1 \(unicorn\).*unknown class name"):
+        load_voc(str(root), "train")
+
+
+def test_malformed_xml_errors_or_is_skipped_and_counted(tmp_path, caplog):
+    anns = {**ANNS, "bad": "<annotation><object><name>dog</name>"}
+    root = make_voc(tmp_path / "VOC2007", {"train": ["000001", "bad", "missing"]}, anns)
+    with pytest.raises(DataError, match=r"malformed XML .*bad\.xml"):
+        load_voc(str(root), "train")
+    with caplog.at_level(logging.WARNING, logger="detection.data.voc"):
+        info = get_dataset({"type": "voc", "root": "VOC2007", "split": "train"}, str(tmp_path), skip_bad_images=True)
+    assert [r["image_id"] for r in info.records] == ["000001"] and info.skip_bad_images
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "bad.xml" in messages and "missing.xml" in messages and "skipped 2 images" in messages
+
+
+def test_bad_box_values_name_the_object(tmp_path):
+    anns = {"a": "<annotation><size><width>9</width><height>9</height></size><object><name>dog</name>"
+                 "<bndbox><xmin>1</xmin><ymin>x</ymin><xmax>3</xmax><ymax>4</ymax></bndbox></object></annotation>"}
+    root = make_voc(tmp_path / "VOC2007", {"train": ["a"]}, anns)
+    with pytest.raises(DataError, match=r"a\.xml: object #0 \(dog\).*non-numeric"):
+        load_voc(str(root), "train")
+
+
+def test_missing_layout_names_path(tmp_path):
+    with pytest.raises(DataError, match=r"VOC folder not found: .*VOCdevkit/VOC2012.*ImageSets/Main"):
+        get_dataset("voc_2012_trainval", str(tmp_path))
+    make_voc(tmp_path / "VOCdevkit" / "VOC2007", {"trainval": []}, {})
+    with pytest.raises(DataError, match=r"split file not found: .*ImageSets/Main/test\.txt"):
+        get_dataset("voc_2007_test", str(tmp_path))

@@ -1,0 +1,55 @@
+"""Write the synthetic shapes data set (COCO json + VOC XML), deterministic per seed.
+
+    python tools/make_shapes.py --output datasets/shapes --num-train 800 --num-val 200 --seed 0
+
+The result is what the known names shapes_train / shapes_val expect under
+<datasets.root>/shapes, and a VOC-layout folder in <output>/VOC.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detection.data.shapes import generate_shapes  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="output folder (e.g. datasets/shapes)")
+    parser.add_argument("--num-train", type=int, default=800, help="number of training images")
+    parser.add_argument("--num-val", type=int, default=200, help="number of validation images")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
+    parser.add_argument("--image-size", type=int, nargs="+", default=[128, 192], metavar="PX",
+                        help="one size (square images) or MIN MAX for each of height and width")
+    parser.add_argument("--max-objects", type=int, default=6, help="objects per image are 1..this")
+    args = parser.parse_args(argv)
+    if len(args.image_size) not in (1, 2):
+        parser.error("--image-size takes one value or two (MIN MAX)")
+    if args.num_train < 0 or args.num_val < 0:
+        parser.error("--num-train and --num-val must be >= 0")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    try:
+        paths = generate_shapes(args.output, args.num_train, args.num_val, args.seed,
+                                image_size=size, max_objects=args.max_objects)
+    except ValueError as e:
+        print(f"make_shapes: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.num_train} train / {args.num_val} val images to {args.output}")
+    print(f"  COCO: {paths['train']}, {paths['val']}")
+    print(f"  VOC:  {paths['voc']} (classes circle, square, triangle)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
