@@ -1,0 +1,158 @@
+"""Run a model over a test loader and report: the inference loop, gathering, metric tables.
+
+An evaluator (`VOCEvaluator`, `COCOEvaluator`) keeps one picklable entry per image in
+`evaluator.predictions`; with torch.distributed, `inference_on_dataset` gathers those
+entries on rank 0, which alone evaluates.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from detection.engine import distributed as du
+
+logger = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    predictions: list[dict[str, Any]]  # one entry per processed image, with its "image_id"
+    pr_curves: dict[str, tuple[np.ndarray, np.ndarray]]  # class name -> (recall, precision), after evaluate
+
+    def reset(self) -> None: ...
+
+    def process(self, records: Sequence[dict], outputs: Sequence[dict]) -> None: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def load_results(self, path: str) -> None: ...  # saved results on the whole data set instead
+
+
+def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Evaluator, *,
+                         device: torch.device | str) -> dict[str, float]:
+    """Run `model` in eval mode over `loader` ((images, records) batches) and evaluate.
+
+    Returns the evaluator's metrics on rank 0 and {} on other ranks. The model's
+    train/eval mode is restored afterwards, so the trainer can call this mid-training.
+    """
+    evaluator.reset()
+    was_training = model.training
+    model.eval()
+    start, num_images = time.perf_counter(), 0
+    try:
+        with torch.inference_mode():
+            bar = tqdm(loader, total=_length(loader), desc="inference", unit="batch",
+                       disable=not du.is_main_process(), dynamic_ncols=True)
+            for images, records in bar:
+                outputs = model([image.to(device, non_blocking=True) for image in images])
+                evaluator.process(records, [_to_cpu(output) for output in outputs])
+                num_images += len(images)
+    finally:
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+    logger.info("inference: %d images in %.1f s (%.3f s / image)", num_images, elapsed,
+                elapsed / max(num_images, 1))
+    if not _gather_on_main(evaluator):
+        return {}
+    return evaluator.evaluate()
+
+
+def _length(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _to_cpu(output: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.to("cpu") if isinstance(v, torch.Tensor) else v for k, v in output.items()}
+
+
+def _gather_on_main(evaluator: Evaluator) -> bool:
+    """Concatenate every rank's entries on rank 0; True where evaluation should run."""
+    if du.get_world_size() == 1:
+        return True
+    parts = du.all_gather_object(evaluator.predictions)  # collective: every rank calls it
+    if not du.is_main_process():
+        evaluator.predictions = []
+        return False
+    evaluator.predictions = [entry for part in parts for entry in part]
+    return True
+
+
+def order_by_dataset(predictions: Sequence[dict], records: Sequence[dict]) -> list[dict]:
+    """Entries in data set order, one per image id (the first seen), whatever the number of
+    processes they were gathered from: score ties then break the same way every time."""
+    position = {r["image_id"]: i for i, r in enumerate(records)}
+    seen, out = set(), []
+    for entry in sorted(predictions, key=lambda e: position.get(e["image_id"], len(position))):
+        if entry["image_id"] not in seen:
+            seen.add(entry["image_id"])
+            out.append(entry)
+    return out
+
+
+def to_numpy(x: Any, dtype: Any) -> np.ndarray:
+    """A tensor, array or list -> numpy array of `dtype`."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _is_per_class(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith("AP-")
+
+
+def _fmt(value: Any) -> str:
+    value = float(value)
+    return "-" if not math.isfinite(value) else f"{value:.2f}"
+
+
+def format_metrics_table(metrics: Mapping[str, float], per_class_columns: int = 3) -> str:
+    """The metrics as a text table: summary numbers first, then per-class AP in columns.
+
+    When "use_07_metric" is present (VOC), the first line says which VOC metric was used.
+    Values are percent; "-" stands for "not defined" (nan, e.g. a class without ground truth).
+    """
+    lines = []
+    voc_metric = metrics.get("use_07_metric")
+    if voc_metric is not None:
+        lines.append("VOC metric: " + ("VOC2007 11-point interpolated AP" if voc_metric
+                                       else "VOC2010+ area under the interpolated precision-recall curve"))
+    summary = [(k, _fmt(v)) for k, v in metrics.items() if not _is_per_class(k) and k != "use_07_metric"]
+    if summary:
+        width = max(len("metric"), *(len(k) for k, _ in summary))
+        value_width = max(len("value"), *(len(v) for _, v in summary))
+        lines += [f"{'metric':<{width}}  {'value':>{value_width}}", f"{'-' * width}  {'-' * value_width}"]
+        lines += [f"{k:<{width}}  {v:>{value_width}}" for k, v in summary]
+    per_class = [(k.split("AP-", 1)[1], _fmt(v)) for k, v in metrics.items() if _is_per_class(k)]
+    if per_class:
+        iou = "IoU 0.5" if voc_metric is not None else "IoU 0.50:0.95"
+        lines += ["", f"per-class AP ({iou}):"]
+        width = max(len("class"), *(len(name) for name, _ in per_class))
+        cols = max(1, min(per_class_columns, len(per_class)))
+        lines.append(" | ".join([f"{'class':<{width}}  {'AP':>6}"] * cols))
+        for row in range(0, len(per_class), cols):
+            cells = per_class[row:row + cols]
+            lines.append(" | ".join(f"{name:<{width}}  {value:>6}" for name, value in cells))
+    return "\n".join(lines)
+
+
+def save_metrics_json(metrics: Mapping[str, float], path: str | os.PathLike) -> None:
+    """Write the flat metrics dict as strict JSON (nan / inf become null)."""
+    data = {}
+    for key, value in metrics.items():
+        value = float(value)
+        data[str(key)] = value if math.isfinite(value) else None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, allow_nan=False)
+        f.write("\n")

@@ -1,0 +1,149 @@
+"""Draw boxes, class names and scores on RGB images with OpenCV.
+
+Each class has a fixed colour (the same in every image and run); a label is drawn on a
+filled box of its class colour with black or white text, whichever contrasts more, so it
+reads on any background, and it is kept inside the image.
+"""
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+# 20 well-separated colours (RGB) for labels 1..20; later labels get golden-ratio hues
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def color_for_label(label: int) -> tuple[int, int, int]:
+    """The fixed RGB colour of a class label (1..K); every label gets its own colour."""
+    label = int(label)
+    if 1 <= label <= len(PALETTE):
+        return PALETTE[label - 1]
+    hue = (label * 0.618033988749895) % 1.0  # golden-ratio steps never repeat a hue
+    value = 0.95 if label % 2 else 0.75
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, value)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def text_color_for(background: Sequence[int]) -> tuple[int, int, int]:
+    """Black or white, whichever has the higher WCAG contrast ratio on `background` (RGB)."""
+    luminance = _relative_luminance(background)
+    contrast_black = (luminance + 0.05) / 0.05
+    contrast_white = 1.05 / (luminance + 0.05)
+    return (0, 0, 0) if contrast_black >= contrast_white else (255, 255, 255)
+
+
+def _relative_luminance(rgb: Sequence[int]) -> float:
+    channels = [c / 255.0 for c in rgb]
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any | None,
+                    class_names: Sequence[str], score_thresh: float = 0.5) -> np.ndarray:
+    """A copy of `image_rgb` (uint8[H,W,3]) with the boxes and their labels drawn.
+
+    boxes: [N,4] XYXY 0-based pixels (tensor or array); labels: [N] in 1..K; scores: [N]
+    or None (ground truth: names only, nothing filtered). Boxes scoring below
+    `score_thresh` are skipped; higher scores are drawn last, i.e. on top.
+    """
+    image = _check_image(image_rgb).copy()
+    boxes = _as_array(boxes, np.float64).reshape(-1, 4)
+    labels = _as_array(labels, np.int64).reshape(-1)
+    if len(labels) != len(boxes):
+        raise ValueError(f"draw_detections: {len(boxes)} boxes but {len(labels)} labels")
+    if scores is None:
+        order = np.arange(len(boxes))
+    else:
+        scores = _as_array(scores, np.float64).reshape(-1)
+        if len(scores) != len(boxes):
+            raise ValueError(f"draw_detections: {len(boxes)} boxes but {len(scores)} scores")
+        order = [i for i in np.argsort(scores, kind="stable") if scores[i] >= score_thresh]
+    order = [i for i in order if np.isfinite(boxes[i]).all()]
+    height, width = image.shape[:2]
+    font_scale = float(np.clip(min(height, width) / 900.0, 0.35, 0.9))
+    thickness = max(1, round(min(height, width) / 320))
+    corners = {i: _pixel_corners(boxes[i], width, height) for i in order}
+    for i in order:  # all boxes first, so that no box line crosses a label
+        p1, p2 = corners[i]
+        cv2.rectangle(image, p1, p2, color_for_label(labels[i]), thickness)  # axis-aligned: crisp, no AA
+    for i in order:
+        name = _class_name(int(labels[i]), class_names)
+        text = name if scores is None else f"{name} {scores[i]:.2f}"
+        _draw_label(image, text, corners[i], color_for_label(labels[i]), font_scale)
+    return image
+
+
+def _pixel_corners(box: np.ndarray, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Continuous [x1, x2) -> the first and last pixel it covers, clipped to the image."""
+    x1, y1 = int(np.floor(box[0])), int(np.floor(box[1]))
+    x2, y2 = int(np.ceil(box[2])) - 1, int(np.ceil(box[3])) - 1
+    x1, x2 = np.clip([x1, max(x1, x2)], 0, width - 1)
+    y1, y2 = np.clip([y1, max(y1, y2)], 0, height - 1)
+    return (int(x1), int(y1)), (int(x2), int(y2))
+
+
+def _draw_label(image: np.ndarray, text: str, corners: tuple[tuple[int, int], tuple[int, int]],
+                color: tuple[int, int, int], font_scale: float) -> None:
+    """Filled label box above the box's top-left corner, inside the box when there is no
+    room above, shifted left / up as needed to stay inside the image."""
+    height, width = image.shape[:2]
+    (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, font_scale, 1)
+    pad = 2
+    box_w, box_h = text_w + 2 * pad, text_h + baseline + 2 * pad
+    (x1, y1), _ = corners
+    top = y1 - box_h if y1 - box_h >= 0 else y1
+    top = max(0, min(top, height - box_h))
+    left = max(0, min(x1, width - box_w))
+    cv2.rectangle(image, (left, top), (left + box_w - 1, top + box_h - 1), color, thickness=cv2.FILLED)
+    cv2.putText(image, text, (left + pad, top + pad + text_h), _FONT, font_scale, text_color_for(color),
+                1, lineType=cv2.LINE_AA)
+
+
+def _class_name(label: int, class_names: Sequence[str]) -> str:
+    return class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label}"
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, titles: Sequence[str] | None = None,
+                 gap: int = 8) -> np.ndarray:
+    """Two RGB images next to each other (top-aligned, on a white canvas), each with its title
+    on a dark bar above it, e.g. titles=("ground truth", "predictions")."""
+    left, right = _check_image(left), _check_image(right)
+    bar = 0
+    if titles is not None:
+        if len(titles) != 2:
+            raise ValueError(f"side_by_side: need 2 titles, got {len(titles)}")
+        font_scale = float(np.clip(max(left.shape[0], right.shape[0]) / 900.0, 0.4, 0.9))
+        (_, text_h), baseline = cv2.getTextSize("Ag", _FONT, font_scale, 1)
+        bar = text_h + baseline + 8
+    height = bar + max(left.shape[0], right.shape[0])
+    canvas = np.full((height, left.shape[1] + gap + right.shape[1], 3), 255, dtype=np.uint8)
+    for image, x0, k in ((left, 0, 0), (right, left.shape[1] + gap, 1)):
+        canvas[bar:bar + image.shape[0], x0:x0 + image.shape[1]] = image
+        if titles is not None:
+            canvas[:bar, x0:x0 + image.shape[1]] = (40, 40, 40)
+            cv2.putText(canvas, str(titles[k]), (x0 + 4, bar - baseline - 4), _FONT, font_scale,
+                        (255, 255, 255), 1, lineType=cv2.LINE_AA)
+    return canvas
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"expected an RGB image as uint8 array [H,W,3], got {desc}")
+    return np.ascontiguousarray(image)
+
+
+def _as_array(x: Any, dtype: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)

@@ -1,0 +1,148 @@
+"""COCO evaluation through pycocotools on a tiny json with non-contiguous category ids."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detection.data.catalog import DatasetInfo
+from detection.evaluation import COCOEvaluator, build_evaluator, evaluate_results_file, format_metrics_table
+from detection.evaluation.coco import SUMMARY_KEYS
+
+CATEGORIES = [(3, "circle"), (7, "square"), (42, "triangle")]
+# image id -> [(category id, x, y, w, h)]; small (< 32^2), medium and large objects in each image
+OBJECTS = {
+    10: [(3, 10, 10, 20, 20), (7, 60, 40, 50, 50), (42, 20, 90, 120, 100)],
+    20: [(7, 5, 5, 25, 25), (42, 100, 20, 60, 60), (3, 30, 70, 110, 110)],
+    30: [(42, 150, 150, 20, 20), (3, 10, 10, 60, 40), (7, 40, 60, 150, 120)],
+}
+
+
+@pytest.fixture
+def dataset(tmp_path) -> DatasetInfo:
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 200, "height": 200} for i in OBJECTS]
+    anns = [{"id": n, "image_id": i, "category_id": c, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+            for n, (i, (c, x, y, w, h)) in enumerate(((i, o) for i in OBJECTS for o in OBJECTS[i]), start=1)]
+    # a crowd region: not a target; detections on it are ignored by COCOeval
+    anns.append({"id": 99, "image_id": 10, "category_id": 3, "bbox": [150, 150, 40, 40], "area": 1600,
+                 "iscrowd": 1, "segmentation": {"counts": [0, 40000], "size": [200, 200]}})
+    ann_file = tmp_path / "instances_tiny.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns,
+                                    "categories": [{"id": c, "name": n} for c, n in CATEGORIES]}))
+    label_of = {c: k + 1 for k, (c, _) in enumerate(CATEGORIES)}
+    records = [{"file_name": f"/nonexistent/{i}.jpg", "image_id": i, "height": 200, "width": 200,
+                "boxes": np.array([[x, y, x + w, y + h] for _, x, y, w, h in objs], dtype=np.float32),
+                "labels": np.array([label_of[c] for c, *_ in objs], dtype=np.int64),
+                "difficult": np.zeros(len(objs), bool)} for i, objs in OBJECTS.items()]
+    return DatasetInfo(name="tiny", kind="coco", class_names=[n for _, n in CATEGORIES], records=records,
+                       ann_file=str(ann_file), label_to_category_id={label_of[c]: c for c, _ in CATEGORIES})
+
+
+def _outputs_equal_to_gt(records):
+    return [{"boxes": torch.from_numpy(r["boxes"]), "scores": torch.ones(len(r["boxes"])),
+             "labels": torch.from_numpy(r["labels"])} for r in records]
+
+
+def _noisy_outputs(records, seed=0):
+    """Jittered ground truth, some with the wrong class, plus spurious boxes."""
+    rng = np.random.default_rng(seed)
+    outputs = []
+    for r in records:
+        boxes = r["boxes"] + rng.normal(0, 6, r["boxes"].shape).astype(np.float32)
+        boxes = np.concatenate([boxes, rng.uniform(0, 100, (2, 2)).repeat(2, axis=1) + [[0, 0, 30, 30]]])
+        labels = np.concatenate([r["labels"], rng.integers(1, 4, 2)])
+        labels[0] = labels[0] % 3 + 1
+        outputs.append({"boxes": torch.tensor(boxes, dtype=torch.float32),
+                        "scores": torch.tensor(rng.random(len(boxes)), dtype=torch.float32),
+                        "labels": torch.tensor(labels)})
+    return outputs
+
+
+def _evaluate(dataset, outputs, output_dir=None, records=None):
+    evaluator = build_evaluator(dataset, output_dir)
+    assert isinstance(evaluator, COCOEvaluator)
+    evaluator.process(records or dataset.records, outputs)
+    return evaluator.evaluate(), evaluator
+
+
+def _cocoeval_directly(ann_file, results_file, image_ids):
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+        ev = COCOeval(gt, gt.loadRes(str(results_file)), iouType="bbox")
+        ev.params.imgIds = image_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def test_predictions_equal_to_ground_truth_give_100(dataset, tmp_path):
+    metrics, evaluator = _evaluate(dataset, _outputs_equal_to_gt(dataset.records), str(tmp_path))
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR10", "AR100", "AP-circle", "AP-square", "AP-triangle"):
+        assert metrics[key] == pytest.approx(100.0), key
+    assert set(evaluator.pr_curves) == {"circle", "square", "triangle"}
+    recall, precision = evaluator.pr_curves["square"]
+    assert len(recall) == 101 and precision.min() == pytest.approx(1.0)
+
+
+def test_results_file_uses_the_datasets_category_ids_and_xywh(dataset, tmp_path):
+    _evaluate(dataset, _outputs_equal_to_gt(dataset.records), str(tmp_path))
+    results = json.loads((tmp_path / "coco_results.json").read_text())
+    assert len(results) == 9 and {r["category_id"] for r in results} == {3, 7, 42}
+    first = results[0]
+    assert first["image_id"] == 10 and first["category_id"] == 3
+    assert first["bbox"] == pytest.approx([10, 10, 20, 20]) and first["score"] == pytest.approx(1.0)
+
+
+def test_no_predictions_give_zero_without_crashing(dataset, tmp_path):
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    metrics, _ = _evaluate(dataset, [empty] * 3, str(tmp_path))
+    assert {k: metrics[k] for k in SUMMARY_KEYS} == dict.fromkeys(SUMMARY_KEYS, 0.0)
+    assert metrics["AP-circle"] == 0.0
+    assert json.loads((tmp_path / "coco_results.json").read_text()) == []
+
+
+def test_printed_ap_equals_cocoeval_on_the_written_results(dataset, tmp_path):
+    metrics, _ = _evaluate(dataset, _noisy_outputs(dataset.records), str(tmp_path))
+    direct = _cocoeval_directly(dataset.ann_file, tmp_path / "coco_results.json", [10, 20, 30])
+    assert 0 < metrics["AP"] < 100
+    for i, key in enumerate(SUMMARY_KEYS):
+        assert metrics[key] == direct.stats[i] * 100, key
+    table = format_metrics_table(metrics)
+    assert f"{direct.stats[0] * 100:.2f}" in table and "triangle" in table and "0.50:0.95" in table
+    # per-class AP: COCOeval's precision of that category (area all, 100 detections)
+    k = direct.params.catIds.index(42)
+    precision = direct.eval["precision"][:, :, k, 0, -1]
+    assert metrics["AP-triangle"] == pytest.approx(precision[precision > -1].mean() * 100)
+
+
+def test_only_processed_images_are_evaluated(dataset):
+    # perfect on images 10 and 20; image 30 was not run, so its objects are not misses
+    metrics, _ = _evaluate(dataset, _outputs_equal_to_gt(dataset.records[:2]), records=dataset.records[:2])
+    assert metrics["AP"] == pytest.approx(100.0)
+
+
+def test_evaluate_results_file_matches_and_checks_the_file(dataset, tmp_path):
+    metrics, _ = _evaluate(dataset, _noisy_outputs(dataset.records, seed=1), str(tmp_path))
+    again = evaluate_results_file(dataset, str(tmp_path / "coco_results.json"))
+    assert all(again[k] == metrics[k] or (math.isnan(again[k]) and math.isnan(metrics[k])) for k in metrics)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": 10, "bbox": [1, 2, 3, 4], "score": 0.5}]))
+    with pytest.raises(ValueError, match="bad.json: result 0"):
+        evaluate_results_file(dataset, str(bad))
+    bad.write_text(json.dumps([{"image_id": 11, "category_id": 3, "bbox": [1, 2, 3, 4], "score": 0.5}]))
+    with pytest.raises(ValueError, match="image_id 11"):
+        evaluate_results_file(dataset, str(bad))
+
+
+def test_build_evaluator_rejects_unknown_kinds(dataset):
+    dataset.kind = "kitti"
+    with pytest.raises(ValueError, match="kitti"):
+        build_evaluator(dataset, None)
