@@ -224,6 +224,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return _build(tp, value, key, source)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string; users mean the number
+            return float(value)
+        except ValueError:
+            pass
     if tp is dict and isinstance(value, dict):
         return value
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):

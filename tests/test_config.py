@@ -40,6 +40,10 @@ def test_overrides_parse_yaml_values(tmp_path):
 
 def test_int_accepted_for_float_but_not_string_for_int():
     assert load_config(None, ["solver.base_lr=1"]).solver.base_lr == 1.0
+    # YAML 1.1 reads 1e-4 as a string; it is a float here
+    assert load_config(None, ["solver.base_lr=1e-4"]).solver.base_lr == 1e-4
+    with pytest.raises(ConfigError, match="solver.base_lr: expected float"):
+        load_config(None, ["solver.base_lr=fast"])
     with pytest.raises(ConfigError, match="solver.max_iter: expected int"):
         load_config(None, ["solver.max_iter=lots"])
 
