@@ -1,0 +1,218 @@
+"""Faster R-CNN with a ResNet C4 trunk (He et al., Appendix A): normalize + pad -> trunk
+(stem..res4, stride 16) -> RPN -> Res5 RoI heads -> boxes in each input image's frame.
+
+Shapes: N images, 3 x H x W pixels, C4 channels of the trunk map, K foreground classes.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detection.anchors import AnchorGenerator
+from detection.roi_heads import Res5ROIHeads
+from detection.rpn import RPN
+from detection.structures import ImageList
+
+LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
+
+
+class TargetError(ValueError):
+    """A training target that the detector cannot use; names the image and the box."""
+
+
+def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_classes: int) -> None:
+    """Raise TargetError unless each target is {"boxes": float (N, 4) finite with x2 > x1 and
+    y2 > y1, "labels": integer (N,) in 1..num_classes}. An empty target (N = 0) is valid."""
+    if len(targets) != num_images:
+        raise TargetError(f"got {num_images} images but {len(targets)} targets")
+    for i, target in enumerate(targets):
+        if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
+            raise TargetError(f"target of image {i}: must be a dict with 'boxes' and 'labels'")
+        boxes, labels = target["boxes"], target["labels"]
+        if not isinstance(boxes, Tensor) or not boxes.is_floating_point():
+            raise TargetError(f"image {i}: boxes must be a float Tensor [N, 4], got "
+                              f"{getattr(boxes, 'dtype', type(boxes).__name__)}")
+        if not (boxes.dim() == 2 and boxes.shape[1] == 4) and not (boxes.numel() == 0):
+            raise TargetError(f"image {i}: boxes must have shape [N, 4], got {list(boxes.shape)}")
+        boxes = boxes.reshape(-1, 4)
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool \
+                or labels.is_complex() or labels.shape != (boxes.shape[0],):
+            raise TargetError(f"image {i}: labels must be an integer Tensor [{boxes.shape[0]}], got "
+                              f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                              f"{list(getattr(labels, 'shape', []))}")
+        bad = ~torch.isfinite(boxes).all(dim=1)
+        _raise_first(bad, i, boxes, "is not finite")
+        _raise_first((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]), i, boxes,
+                     "is degenerate (needs x2 > x1 and y2 > y1)")
+        bad = (labels < 1) | (labels > num_classes)
+        if bad.any():
+            j = int(bad.nonzero()[0])
+            raise TargetError(f"image {i}, box {j}: label {int(labels[j])} is outside 1..{num_classes}")
+
+
+def _raise_first(bad: Tensor, image: int, boxes: Tensor, what: str) -> None:
+    if bad.any():
+        j = int(bad.nonzero()[0])
+        raise TargetError(f"image {image}, box {j}: {boxes[j].tolist()} {what}")
+
+
+def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """(h, w) with the shorter side min_size unless that makes the longer side exceed max_size."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+class FasterRCNN(nn.Module):
+    """The C4 detector. `trunk` maps (N, 3, H, W) normalized images to the stride-16 map."""
+
+    def __init__(self, *, trunk: nn.Module, rpn: RPN, roi_heads: Res5ROIHeads,
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                 input_format: str = "RGB", min_size_test: int = 600, max_size_test: int = 1000,
+                 size_divisibility: int = 32, class_names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"FasterRCNN: input_format must be RGB or BGR, got {input_format!r}")
+        self.trunk, self.rpn, self.roi_heads = trunk, rpn, roi_heads
+        self.num_classes = roi_heads.num_classes
+        self.input_format = input_format
+        self.min_size_test, self.max_size_test = min_size_test, max_size_test
+        self.size_divisibility = size_divisibility
+        self.class_names = list(class_names) if class_names is not None else None
+        # Buffers so they follow .to(device); not persistent: they come from the config.
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1),
+                             persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
+                ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Train mode: images as given (already resized) + targets -> the four losses.
+        Eval mode: per image {"boxes", "scores", "labels"} in that input image's pixels."""
+        _check_images(images)
+        if self.training:
+            if targets is None:
+                raise TargetError("FasterRCNN: targets are required in training mode")
+            validate_targets(targets, len(images), self.num_classes)
+            targets = [{"boxes": t["boxes"].to(self.device, torch.float32).reshape(-1, 4),
+                        "labels": t["labels"].to(self.device, torch.int64)} for t in targets]
+            batch = self.preprocess(images, resize=False)
+            features = self.trunk(batch.tensor)
+            proposals, rpn_losses = self.rpn(features, batch.image_sizes,
+                                             [t["boxes"] for t in targets])
+            _, head_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+            return {**rpn_losses, **head_losses}
+        return self.inference(images)
+
+    def inference(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        batch = self.preprocess(images, resize=True)
+        features = self.trunk(batch.tensor)
+        proposals, _ = self.rpn(features, batch.image_sizes)
+        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+        return [_rescale(det, resized, (int(img.shape[-2]), int(img.shape[-1])))
+                for det, resized, img in zip(detections, batch.image_sizes, images)]
+
+    def preprocess(self, images: Sequence[Tensor], resize: bool) -> ImageList:
+        """RGB 0..255 -> (BGR if the weights want it) -> normalized -> (resized) -> padded."""
+        out = []
+        for img in images:
+            x = img.to(self.device, torch.float32)
+            if self.input_format == "BGR":
+                x = x.flip(0)
+            x = (x - self.pixel_mean) / self.pixel_std
+            if resize:
+                size = resized_size(x.shape[-2], x.shape[-1], self.min_size_test, self.max_size_test)
+                if size != tuple(x.shape[-2:]):
+                    x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+            out.append(x)
+        return ImageList.from_tensors(out, self.size_divisibility)
+
+
+def _check_images(images: Sequence[Tensor]) -> None:
+    if isinstance(images, Tensor) or len(images) == 0:
+        raise ValueError("FasterRCNN: images must be a non-empty list of Tensor[3, H, W]")
+    for i, img in enumerate(images):
+        if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
+            raise ValueError(f"FasterRCNN: image {i} must be a Tensor[3, H, W], got "
+                             f"{list(getattr(img, 'shape', [])) or type(img).__name__}")
+
+
+def _rescale(det: dict[str, Tensor], resized: tuple[int, int], original: tuple[int, int]
+             ) -> dict[str, Tensor]:
+    """Map boxes from the resized image back to the original one (separate x / y factors,
+    since rounding makes them differ slightly), clipped to the original image."""
+    if resized == original:
+        return det
+    sy, sx = original[0] / resized[0], original[1] / resized[1]
+    boxes = det["boxes"] * det["boxes"].new_tensor([sx, sy, sx, sy])
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, original[1])
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, original[0])
+    return {**det, "boxes": boxes}
+
+
+def build_trunk(resnet: nn.Module) -> nn.Sequential:
+    """stem..res4 of a backbones.ResNet as one module returning the stride-16 map
+    (names kept, so checkpoint keys read trunk.res4.0.conv1.weight etc.)."""
+    return nn.Sequential(OrderedDict((name, getattr(resnet, name))
+                                     for name in ("stem", "res2", "res3", "res4")))
+
+
+def build_model(cfg: Any) -> FasterRCNN:
+    """The detector described by a detection.config.Config (the only place that reads it).
+
+    The backbone weights (cfg.model.backbone.weights) are loaded into the whole ResNet first,
+    then res5 moves to the RoI head, so the head starts from the pretrained conv5_x."""
+    from backbones import build_resnet  # backbones is a lower layer; imported where used
+
+    m = cfg.model
+    bb = m.backbone
+    resnet = build_resnet(bb.depth, out_features=("res4",), weights=bb.weights, norm=bb.norm,
+                          freeze_at=bb.freeze_at, stride_in_1x1=bb.stride_in_1x1,
+                          shortcut=bb.shortcut, residual=bb.residual)
+    _warn_on_preprocessing_mismatch(getattr(resnet, "weights_info", None), m)
+    anchors = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios, m.anchors.stride,
+                              offset=getattr(m.anchors, "offset", 0.0))
+    r = m.rpn
+    rpn = RPN(in_channels=resnet.out_channels["res4"], anchor_generator=anchors,
+              iou_thresholds=r.iou_thresholds, batch_size_per_image=r.batch_size_per_image,
+              positive_fraction=r.positive_fraction, pre_nms_topk_train=r.pre_nms_topk_train,
+              post_nms_topk_train=r.post_nms_topk_train, pre_nms_topk_test=r.pre_nms_topk_test,
+              post_nms_topk_test=r.post_nms_topk_test, nms_thresh=r.nms_thresh,
+              min_size=r.min_size, smooth_l1_beta=getattr(r, "smooth_l1_beta", 0.0))
+    h = m.roi_heads
+    roi_heads = Res5ROIHeads(
+        res5=resnet.res5, res5_out_channels=resnet.out_channels["res5"], num_classes=m.num_classes,
+        pooler=h.pooler, pooler_resolution=h.pooler_resolution,
+        spatial_scale=1.0 / m.anchors.stride, batch_size_per_image=h.batch_size_per_image,
+        positive_fraction=h.positive_fraction, iou_threshold=h.iou_threshold,
+        bbox_reg_weights=h.bbox_reg_weights, score_thresh_test=h.score_thresh_test,
+        nms_thresh_test=h.nms_thresh_test, detections_per_image=h.detections_per_image,
+        smooth_l1_beta=getattr(h, "smooth_l1_beta", 0.0))
+    return FasterRCNN(trunk=build_trunk(resnet), rpn=rpn, roi_heads=roi_heads,
+                      pixel_mean=m.pixel_mean, pixel_std=m.pixel_std, input_format=m.input_format,
+                      min_size_test=cfg.input.min_size_test, max_size_test=cfg.input.max_size_test)
+
+
+def _warn_on_preprocessing_mismatch(info: Any, model_cfg: Any) -> None:
+    """The mean/std/format belong to the weights; a config that disagrees silently costs
+    accuracy, so say so (the config still wins: it is the explicit contract)."""
+    if info is None:
+        return
+    theirs = (list(getattr(info, "pixel_mean", model_cfg.pixel_mean)),
+              list(getattr(info, "pixel_std", model_cfg.pixel_std)),
+              getattr(info, "input_format", model_cfg.input_format))
+    ours = (list(model_cfg.pixel_mean), list(model_cfg.pixel_std), model_cfg.input_format)
+    close = all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip(theirs[0] + theirs[1], ours[0] + ours[1]))
+    if not close or theirs[2] != ours[2]:
+        warnings.warn(f"model.pixel_mean/pixel_std/input_format {ours} differ from what the backbone "
+                      f"weights expect {theirs}; set them in the config to match the weights",
+                      stacklevel=2)

@@ -1,0 +1,147 @@
+"""Region proposal network on the C4 map (Ren et al., Faster R-CNN).
+
+Shapes: N images, C channels, H x W feature cells, A anchors per cell,
+M = H*W*A anchors per image, k proposals kept per image.
+
+Losses (Detectron2's normalization): binary cross-entropy over the sampled anchors and a
+smooth-L1 box loss over the sampled positives, both summed and divided by
+batch_size_per_image * N (the number of anchors that *would* be sampled), so an image with
+few positives does not get its box loss inflated. `smooth_l1_beta=0` (default, Detectron2's
+C4 setting) makes the box loss plain L1; 1/9 is the value of the original Faster R-CNN code.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
+
+from detection.anchors import AnchorGenerator
+from detection.box_coder import BoxCoder
+from detection.matcher import Matcher
+from detection.sampling import subsample_labels
+
+
+class RPNHead(nn.Module):
+    """3x3 conv + ReLU, then 1x1 convs for A objectness logits and 4A anchor deltas."""
+
+    def __init__(self, in_channels: int, num_anchors: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+        self.objectness_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
+        self.anchor_deltas = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
+        for layer in (self.conv, self.objectness_logits, self.anchor_deltas):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.constant_(layer.bias, 0.0)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, C, H, W) -> objectness logits (N, M) and deltas (N, M, 4), anchor order of
+        AnchorGenerator (location-major)."""
+        x = F.relu(self.conv(features))
+        logits = self.objectness_logits(x)  # (N, A, H, W)
+        deltas = self.anchor_deltas(x)  # (N, A*4, H, W)
+        n, a, h, w = logits.shape
+        logits = logits.permute(0, 2, 3, 1).reshape(n, h * w * a)  # (N, A, H, W) -> (N, H*W*A)
+        deltas = deltas.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * a, 4)
+        # (N, A*4, H, W) -> (N, A, 4, H, W) -> (N, H, W, A, 4) -> (N, H*W*A, 4)
+        return logits, deltas
+
+
+class RPN(nn.Module):
+    """Anchors + head + training targets/losses + proposal selection."""
+
+    def __init__(self, *, in_channels: int, anchor_generator: AnchorGenerator,
+                 iou_thresholds: Sequence[float] = (0.3, 0.7), batch_size_per_image: int = 256,
+                 positive_fraction: float = 0.5, pre_nms_topk_train: int = 12000,
+                 post_nms_topk_train: int = 2000, pre_nms_topk_test: int = 6000,
+                 post_nms_topk_test: int = 300, nms_thresh: float = 0.7, min_size: float = 0.0,
+                 smooth_l1_beta: float = 0.0, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.anchor_generator = anchor_generator
+        self.head = RPNHead(in_channels, anchor_generator.num_anchors)
+        self.matcher = Matcher(iou_thresholds, allow_low_quality_matches=True)
+        self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.pre_nms_topk = {True: pre_nms_topk_train, False: pre_nms_topk_test}
+        self.post_nms_topk = {True: post_nms_topk_train, False: post_nms_topk_test}
+        self.nms_thresh = nms_thresh
+        self.min_size = min_size
+        self.smooth_l1_beta = smooth_l1_beta
+        self.generator = generator
+
+    def forward(self, features: Tensor, image_sizes: Sequence[tuple[int, int]],
+                gt_boxes: Sequence[Tensor] | None = None
+                ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """features (N, C, H, W) of the padded batch; image_sizes (h, w) per image;
+        gt_boxes (Gi, 4) per image, required in training.
+
+        Returns per-image proposals (ki, 4) (detached, sorted by objectness) and, in
+        training, {"loss_rpn_cls", "loss_rpn_box"} (else {})."""
+        anchors = self.anchor_generator(features)  # (M, 4)
+        logits, deltas = self.head(features)  # (N, M), (N, M, 4)
+        proposals = self.select_proposals(anchors, logits.detach(), deltas.detach(), image_sizes)
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            if gt_boxes is None:
+                raise ValueError("RPN: gt_boxes are required in training mode")
+            labels, matched_gt = self.label_anchors(anchors, gt_boxes)
+            losses = self.losses(anchors, logits, deltas, labels, matched_gt)
+        return proposals, losses
+
+    @torch.no_grad()
+    def label_anchors(self, anchors: Tensor, gt_boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Sampled labels (N, M) in {-1 unused, 0 bg, 1 fg} and matched gt boxes (N, M, 4)."""
+        all_labels, all_matched = [], []
+        for gt in gt_boxes:  # matching is per image; everything inside is batched over anchors
+            matched_idx, match_labels = self.matcher(box_iou(gt, anchors))  # (M,), (M,)
+            pos, neg = subsample_labels(match_labels, self.batch_size_per_image,
+                                        self.positive_fraction, 0, self.generator)
+            labels = torch.full_like(match_labels, -1, dtype=torch.int64)
+            labels[pos] = 1
+            labels[neg] = 0
+            all_labels.append(labels)
+            # Without gt there are no positives, so any finite placeholder target works.
+            all_matched.append(gt[matched_idx] if gt.numel() else torch.zeros_like(anchors))
+        return torch.stack(all_labels), torch.stack(all_matched)
+
+    def losses(self, anchors: Tensor, logits: Tensor, deltas: Tensor, labels: Tensor,
+               matched_gt: Tensor) -> dict[str, Tensor]:
+        """Objectness BCE over sampled anchors, box loss over sampled positives; both
+        divided by batch_size_per_image * N."""
+        normalizer = float(self.batch_size_per_image * labels.shape[0])
+        valid = labels >= 0  # (N, M)
+        loss_cls = F.binary_cross_entropy_with_logits(
+            logits[valid], labels[valid].to(logits.dtype), reduction="sum")
+        positive = labels == 1  # (N, M)
+        anchors_per_pos = anchors.unsqueeze(0).expand_as(matched_gt)[positive]  # (P, 4)
+        target = self.box_coder.encode(matched_gt[positive], anchors_per_pos)
+        loss_box = F.smooth_l1_loss(deltas[positive], target, beta=self.smooth_l1_beta,
+                                    reduction="sum")
+        return {"loss_rpn_cls": loss_cls / normalizer, "loss_rpn_box": loss_box / normalizer}
+
+    @torch.no_grad()
+    def select_proposals(self, anchors: Tensor, logits: Tensor, deltas: Tensor,
+                         image_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+        """Per image: top pre-NMS-k anchors by objectness, decode, clip, drop small and
+        non-finite boxes, NMS, keep the post-NMS top k."""
+        num_images, num_anchors = logits.shape
+        k = min(self.pre_nms_topk[self.training], num_anchors)
+        top_logits, top_idx = logits.topk(k, dim=1)  # (N, k), sorted
+        batch_idx = torch.arange(num_images, device=logits.device).unsqueeze(1)  # (N, 1)
+        boxes = self.box_coder.decode(deltas[batch_idx, top_idx], anchors[top_idx])  # (N, k, 4)
+        post_k = self.post_nms_topk[self.training]
+        proposals = []
+        for boxes_i, scores_i, size in zip(boxes, top_logits, image_sizes):
+            boxes_i = clip_boxes_to_image(boxes_i, size)
+            keep = remove_small_boxes(boxes_i, self.min_size)
+            boxes_i, scores_i = boxes_i[keep], scores_i[keep]
+            # Anchors entirely outside the image clip to zero-area boxes; they are not regions.
+            keep = ((boxes_i[:, 2] > boxes_i[:, 0]) & (boxes_i[:, 3] > boxes_i[:, 1])
+                    & torch.isfinite(boxes_i).all(dim=1) & torch.isfinite(scores_i))
+            boxes_i, scores_i = boxes_i[keep], scores_i[keep]
+            keep = nms(boxes_i, scores_i, self.nms_thresh)[:post_k]
+            proposals.append(boxes_i[keep])
+        return proposals

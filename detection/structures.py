@@ -1,0 +1,47 @@
+"""Small typed records shared by the detector's parts.
+
+Shapes: N images, C channels, H x W (padded) pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ImageList:
+    """A padded batch of images plus the size of each image before padding.
+
+    `tensor` is (N, C, H, W); `image_sizes[i]` is (height, width) of image i inside it
+    (top-left aligned). Boxes for image i live in that unpadded frame.
+    """
+
+    tensor: Tensor
+    image_sizes: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.image_sizes)
+
+    def to(self, device: torch.device | str) -> "ImageList":
+        return ImageList(self.tensor.to(device), list(self.image_sizes))
+
+    @staticmethod
+    def from_tensors(tensors: Sequence[Tensor], size_divisibility: int = 32,
+                     pad_value: float = 0.0) -> "ImageList":
+        """Pad (C, Hi, Wi) tensors at the bottom/right to a common size divisible by
+        `size_divisibility`, so that stride-16/32 feature maps line up with pixels."""
+        if len(tensors) == 0:
+            raise ValueError("ImageList.from_tensors: need at least one image")
+        image_sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
+        max_h = max(h for h, _ in image_sizes)
+        max_w = max(w for _, w in image_sizes)
+        if size_divisibility > 1:
+            max_h = -(-max_h // size_divisibility) * size_divisibility
+            max_w = -(-max_w // size_divisibility) * size_divisibility
+        padded = [F.pad(t, (0, max_w - t.shape[-1], 0, max_h - t.shape[-2]), value=pad_value)
+                  for t in tensors]
+        return ImageList(torch.stack(padded), image_sizes)

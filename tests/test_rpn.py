@@ -1,0 +1,107 @@
+"""RPN: head layout, losses, proposals."""
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou
+
+from detection.anchors import AnchorGenerator
+from detection.rpn import RPN
+
+IMAGE_SIZES = [(128, 160), (100, 120)]  # inside a padded 128 x 160 batch -> 8 x 10 map
+
+
+def _rpn(**kwargs) -> RPN:
+    defaults = dict(in_channels=16, anchor_generator=AnchorGenerator([16, 32, 64], [0.5, 1.0, 2.0]),
+                    pre_nms_topk_train=500, post_nms_topk_train=50,
+                    pre_nms_topk_test=300, post_nms_topk_test=20)
+    return RPN(**{**defaults, **kwargs})
+
+
+def _gt() -> list:
+    return [torch.tensor([[10.0, 20.0, 60.0, 70.0], [80.0, 30.0, 150.0, 120.0]]),
+            torch.tensor([[5.0, 5.0, 40.0, 90.0]])]
+
+
+def test_head_order_matches_anchor_order():
+    rpn = _rpn()
+    features = torch.randn(2, 16, 8, 10)
+    logits, deltas = rpn.head(features)
+    assert logits.shape == (2, 8 * 10 * 9) and deltas.shape == (2, 8 * 10 * 9, 4)
+    x = F.relu(rpn.head.conv(features))
+    raw_logits = rpn.head.objectness_logits(x)  # (N, A, H, W)
+    raw_deltas = rpn.head.anchor_deltas(x).view(2, 9, 4, 8, 10)
+    n, y, xx, a = 1, 3, 7, 5
+    idx = (y * 10 + xx) * 9 + a
+    torch.testing.assert_close(logits[n, idx], raw_logits[n, a, y, xx])
+    torch.testing.assert_close(deltas[n, idx], raw_deltas[n, a, :, y, xx])
+
+
+def test_training_losses_are_finite_and_give_gradients():
+    rpn = _rpn().train()
+    features = torch.randn(2, 16, 8, 10, requires_grad=True)
+    proposals, losses = rpn(features, IMAGE_SIZES, _gt())
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_box"}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    assert losses["loss_rpn_box"] > 0
+    (losses["loss_rpn_cls"] + losses["loss_rpn_box"]).backward()
+    for p in rpn.head.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in proposals)  # detached
+
+
+def test_loss_normalization_is_by_sampled_anchor_budget():
+    rpn = _rpn(batch_size_per_image=64).train()
+    features = torch.randn(2, 16, 8, 10)
+    anchors = rpn.anchor_generator(features)
+    rpn.generator = torch.Generator().manual_seed(1)
+    labels, matched = rpn.label_anchors(anchors, _gt())
+    assert ((labels >= 0).sum(dim=1) == 64).all()  # plenty of negatives: exactly the budget
+    assert (labels == 1).sum(dim=1).le(32).all() and (labels == 1).any(dim=1).all()
+    logits, deltas = rpn.head(features)
+    losses = rpn.losses(anchors, logits, deltas, labels, matched)
+    valid = labels >= 0
+    expected = F.binary_cross_entropy_with_logits(logits[valid], labels[valid].float(),
+                                                  reduction="sum") / (64 * 2)
+    torch.testing.assert_close(losses["loss_rpn_cls"], expected)
+
+
+def test_an_exactly_matching_anchor_is_positive_with_zero_target():
+    rpn = _rpn()
+    anchors = rpn.anchor_generator.grid_anchors((8, 10))
+    gt = anchors[123:124].clone()
+    labels, matched = rpn.label_anchors(anchors, [gt])
+    assert labels[0, 123] == 1
+    torch.testing.assert_close(matched[0, 123], gt[0])
+
+
+def test_proposals_are_capped_and_inside_each_image():
+    for training in (True, False):
+        rpn = _rpn().train(training)
+        features = torch.randn(2, 16, 8, 10) * 5
+        with torch.no_grad():
+            rpn.head.anchor_deltas.bias.normal_(std=1.0)  # make boxes wander off the image
+        proposals, _ = rpn(features, IMAGE_SIZES, _gt() if training else None)
+        cap = 50 if training else 20
+        for boxes, (h, w) in zip(proposals, IMAGE_SIZES):
+            assert 0 < len(boxes) <= cap
+            assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+            assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+            assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+            overlap = box_iou(boxes, boxes).fill_diagonal_(0)
+            assert overlap.max() <= 0.7 + 1e-6  # NMS applied
+
+
+def test_min_size_removes_small_proposals():
+    rpn = _rpn(min_size=20.0).eval()
+    proposals, _ = rpn(torch.randn(2, 16, 8, 10), IMAGE_SIZES)
+    for boxes in proposals:
+        assert ((boxes[:, 2] - boxes[:, 0]) >= 20).all() and ((boxes[:, 3] - boxes[:, 1]) >= 20).all()
+
+
+def test_image_without_ground_truth_has_zero_box_loss():
+    rpn = _rpn().train()
+    features = torch.randn(1, 16, 8, 10, requires_grad=True)
+    _, losses = rpn(features, IMAGE_SIZES[:1], [torch.zeros(0, 4)])
+    assert losses["loss_rpn_box"] == 0
+    assert torch.isfinite(losses["loss_rpn_cls"]) and losses["loss_rpn_cls"] > 0
+    (losses["loss_rpn_cls"] + losses["loss_rpn_box"]).backward()
+    assert torch.isfinite(features.grad).all()
