@@ -1,0 +1,276 @@
+"""The training loop: a plain loop, no hooks. Read `train` top to bottom.
+
+Resume is exact: the checkpoint holds model, optimizer, lr schedule, AMP scaler, iteration
+and every random state, and the data loader restarts at the same position of its seeded
+sample order, so k iterations + resume to 2k equals 2k straight.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from detection.config import Config, config_to_dict, save_config
+from detection.engine import distributed as du
+from detection.engine.checkpoint import get_rng_states, load_checkpoint, save_checkpoint, set_rng_states
+from detection.engine.optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger(__name__)
+LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    iteration: int = 0
+    class_names: tuple[str, ...] = ()  # stored in checkpoints for tools/visualize.py
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config, *, resume: bool = False) -> nn.Module:
+    """Train the config's model on its training sets (outputs in cfg.output_dir); returns the
+    trained model (unwrapped from DistributedDataParallel)."""
+    device = du.select_device(cfg.device)
+    distributed = du.init_distributed(device)
+    out_dir = Path(cfg.output_dir)
+    seed_everything(cfg.seed)  # same on every rank: identical initial weights
+    state = _build_state(cfg, device)
+    last = out_dir / "last.pth"
+    if resume and last.is_file():
+        _restore(state, load_checkpoint(last), device)
+    elif resume:
+        logger.warning("--resume: %s does not exist, starting from iteration 0", last)
+    if state.iteration == 0 and cfg.model.weights:
+        load_initial_weights(state.model, cfg.model.weights, cfg.model.backbone)
+    if du.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    data, state.class_names = _build_train_data(cfg, state.iteration)
+    model = state.model
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
+    _loop(cfg, state, model, data, device, out_dir)
+    return state.model
+
+
+def _build_state(cfg: Config, device: torch.device) -> TrainState:
+    from detection.model import build_model
+
+    model = build_model(cfg).to(device)
+    model.train()
+    s = cfg.solver
+    optimizer = build_optimizer(model, base_lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor,
+                                   steps=s.steps, gamma=s.gamma)
+    scaler = torch.amp.GradScaler("cuda", enabled=_use_amp(cfg, device))
+    return TrainState(model, optimizer, scheduler, scaler)
+
+
+def _use_amp(cfg: Config, device: torch.device) -> bool:
+    """Mixed precision only where it exists and pays: on CUDA."""
+    return bool(cfg.solver.amp) and device.type == "cuda"
+
+
+def _restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.scaler.load_state_dict(ckpt["scaler"])
+    state.iteration = int(ckpt["iteration"])
+    set_rng_states(ckpt["rng"])
+    logger.info("resumed at iteration %d", state.iteration)
+
+
+def _checkpoint(state: TrainState, cfg: Config, path: Path) -> None:
+    if not du.is_main_process():
+        return
+    save_checkpoint({
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "iteration": state.iteration,
+        "rng": get_rng_states(),
+        "config": config_to_dict(cfg),
+        "class_names": list(state.class_names),
+    }, path)
+
+
+def load_initial_weights(model: nn.Module, path: str, backbone_cfg) -> None:
+    """Start a new run from a detector checkpoint (or a bare detector state dict), or from
+    backbone weights (torchvision `.pth`, MSRA `.pkl`, `torchvision:NAME`) for trunk and res5."""
+    if str(path).endswith((".pth", ".pt")) and Path(path).is_file():
+        ckpt = load_checkpoint(path)
+        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+        own = model.state_dict()
+        if isinstance(state, dict) and any(k in own for k in state):
+            bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+            if bad:
+                raise ValueError(f"{path}: shape mismatch for {bad[0]}: checkpoint "
+                                 f"{tuple(state[bad[0]].shape)}, model {tuple(own[bad[0]].shape)}")
+            result = model.load_state_dict(state, strict=False)
+            logger.info("loaded %s: %d missing, %d unexpected keys", path,
+                        len(result.missing_keys), len(result.unexpected_keys))
+            return
+    _load_backbone_into_detector(model, path, backbone_cfg)
+
+
+def _load_backbone_into_detector(model: nn.Module, source: str, bb) -> None:
+    """ImageNet backbone weights into the detector: stem..res4 -> trunk, res5 -> roi_heads.res5."""
+    from backbones import build_resnet
+
+    resnet = build_resnet(bb.depth, out_features=("res5",), weights=source, norm=bb.norm,
+                          freeze_at=bb.freeze_at, stride_in_1x1=bb.stride_in_1x1,
+                          shortcut=bb.shortcut, residual=bb.residual)
+    mapped = {(f"roi_heads.{k}" if k.startswith("res5.") else f"trunk.{k}"): v
+              for k, v in resnet.state_dict().items()}
+    own = model.state_dict()
+    missing = [k for k in mapped if k not in own]
+    if missing:
+        raise ValueError(f"{source}: backbone key {missing[0]} has no place in the detector")
+    model.load_state_dict(mapped, strict=False)
+    logger.info("loaded backbone weights %s into trunk and res5", source)
+
+
+def _build_train_data(cfg: Config, start_iter: int) -> tuple[Iterator, tuple[str, ...]]:
+    """The training batches (from iteration start_iter on) and the class names."""
+    from detection.data.catalog import get_dataset
+    from detection.data.loader import build_train_loader
+    from detection.data.transforms import build_transforms
+
+    datasets = [get_dataset(e, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
+                for e in cfg.datasets.train]
+    world = du.get_world_size()
+    if cfg.solver.ims_per_batch % world:
+        raise ValueError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
+                         f"{world} processes")
+    transform = build_transforms(min_sizes=cfg.input.min_size_train, max_size=cfg.input.max_size_train,
+                                 hflip_prob=cfg.input.hflip_prob, jitter=cfg.input.jitter)
+    loader = build_train_loader(
+        datasets, transform=transform, images_per_batch=cfg.solver.ims_per_batch // world,
+        num_workers=cfg.dataloader.num_workers, aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
+        filter_empty=cfg.dataloader.filter_empty, seed=cfg.seed, use_difficult=cfg.dataloader.use_difficult,
+        start_iter=start_iter)
+    return iter(loader), tuple(datasets[0].class_names)
+
+
+def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
+          device: torch.device, out_dir: Path) -> None:
+    s = cfg.solver
+    main = du.is_main_process()
+    bar = tqdm(total=s.max_iter, initial=state.iteration, disable=not main, dynamic_ncols=True, desc="train")
+    timer = time.perf_counter()
+    while state.iteration < s.max_iter:
+        images, targets = next(data)
+        data_time = time.perf_counter() - timer
+        losses = _step(cfg, state, model, images, targets, device)
+        state.iteration += 1
+        it_time = time.perf_counter() - timer
+        timer = time.perf_counter()
+        lr = state.optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{sum(losses.values()):.3f}", lr=f"{lr:.2e}")
+        bar.update(1)
+        if main and (state.iteration % cfg.log_period == 0 or state.iteration == s.max_iter):
+            _log(out_dir, {"iteration": state.iteration, **losses, "total_loss": sum(losses.values()),
+                           "lr": lr, "time": it_time, "data_time": data_time, **_peak_memory(device)})
+        if state.iteration % s.checkpoint_period == 0 or state.iteration == s.max_iter:
+            _checkpoint(state, cfg, out_dir / "last.pth")
+        if cfg.test.eval_period and state.iteration % cfg.test.eval_period == 0:
+            metrics = evaluate(cfg, state.model, device)
+            if main:
+                _log(out_dir, {"iteration": state.iteration, **metrics})
+            state.model.train()
+    bar.close()
+    if main:
+        save_checkpoint({"model": state.model.state_dict(), "iteration": state.iteration,
+                         "config": config_to_dict(cfg), "class_names": list(state.class_names)},
+                        out_dir / "model_final.pth")
+    du.synchronize()
+
+
+def _step(cfg: Config, state: TrainState, model: nn.Module, images: list, targets: list,
+          device: torch.device) -> dict[str, float]:
+    """One SGD step; returns the losses averaged over processes (as Python floats)."""
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    with torch.autocast(device.type, enabled=_use_amp(cfg, device)):
+        loss_dict = model(images, targets)
+    total = sum(loss_dict.values())
+    reduced = _reduce_losses(loss_dict)
+    if not all(np.isfinite(v) for v in reduced.values()):
+        values = ", ".join(f"{k}={v:.4g}" for k, v in reduced.items())
+        raise TrainingError(f"iteration {state.iteration + 1}: loss is not finite ({values}); training "
+                            f"stopped, the last good checkpoint (last.pth) is kept. Try a lower "
+                            f"solver.base_lr or solver.clip_grad_norm.")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(total).backward()
+    if cfg.solver.clip_grad_norm:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), cfg.solver.clip_grad_norm)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    return reduced
+
+
+def _reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean of each loss over processes, so every rank sees the same (finite or not) values."""
+    keys = sorted(loss_dict)
+    values = torch.stack([loss_dict[k].detach().float() for k in keys])
+    if du.get_world_size() > 1:
+        torch.distributed.all_reduce(values)
+        values /= du.get_world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"max_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+
+
+def _log(out_dir: Path, record: dict) -> None:
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evaluate(cfg: Config, model: nn.Module, device: torch.device,
+             output_dir: Optional[Path] = None) -> dict[str, float]:
+    """Evaluate on every test set; keys are prefixed by the data set's name when there are several."""
+    from detection.data.catalog import get_dataset
+    from detection.evaluation import build_evaluator, inference_on_dataset
+    from detection.data.loader import build_test_loader
+
+    results: dict[str, float] = {}
+    for entry in cfg.datasets.test:
+        dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
+        shard = du.shard_dataset(dataset)
+        loader = build_test_loader(shard, num_workers=cfg.dataloader.num_workers)
+        evaluator = build_evaluator(dataset, str(output_dir) if output_dir else None)
+        metrics = inference_on_dataset(model, loader, evaluator, device=device)
+        prefix = f"{dataset.name}/" if len(cfg.datasets.test) > 1 else ""
+        results.update({f"{prefix}{k}": v for k, v in metrics.items()})
+    return results

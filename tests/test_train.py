@@ -1,0 +1,166 @@
+"""Training end to end on tiny shapes images: outputs, loss decrease, exact resume, NaN stop, DDP."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from detection.config import load_config, save_config
+from detection.data.shapes import generate_shapes
+from detection.engine.checkpoint import load_checkpoint
+from detection.engine.trainer import TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes(root / "shapes", num_train=12, num_val=4, seed=0, image_size=(64, 80))
+    return root
+
+
+def tiny_overrides(data_root, out_dir, **extra):
+    """ResNet-18 with trainable GroupNorm (random init; see DESIGN.md), 64 px images, few RoIs."""
+    items = {
+        "model.num_classes": 3, "model.backbone.depth": 18, "model.backbone.norm": "gn",
+        "model.backbone.freeze_at": 0, "model.backbone.weights": None,
+        "model.anchors.sizes": [16, 32, 64], "model.rpn.pre_nms_topk_train": 200,
+        "model.rpn.post_nms_topk_train": 50, "model.rpn.pre_nms_topk_test": 100,
+        "model.rpn.post_nms_topk_test": 20, "model.rpn.batch_size_per_image": 64,
+        "model.roi_heads.batch_size_per_image": 16, "model.roi_heads.pooler_resolution": 6,
+        "input.min_size_train": [64], "input.max_size_train": 96, "input.min_size_test": 64,
+        "input.max_size_test": 96, "datasets.root": str(data_root), "datasets.train": ["shapes_train"],
+        "datasets.test": ["shapes_val"], "dataloader.num_workers": 0, "solver.ims_per_batch": 2,
+        "solver.base_lr": 0.01, "solver.warmup_iters": 2, "solver.steps": [1000], "solver.max_iter": 6,
+        "solver.checkpoint_period": 3, "log_period": 1, "output_dir": str(out_dir), "device": "cpu",
+    }
+    items.update(extra)
+    return [f"{k}={json.dumps(v)}" for k, v in items.items()]
+
+
+def tiny_cfg(data_root, out_dir, **extra):
+    return load_config(None, tiny_overrides(data_root, out_dir, **extra))
+
+
+def test_short_run_writes_outputs_and_loss_goes_down(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 40, "solver.checkpoint_period": 20}))
+    for name in ("last.pth", "model_final.pth", "metrics.jsonl", "config.yaml"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == list(range(1, 41))
+    assert {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "lr", "time", "data_time"} <= set(lines[0])
+    first = sum(x["total_loss"] for x in lines[:8]) / 8
+    last = sum(x["total_loss"] for x in lines[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+    assert load_checkpoint(out / "last.pth")["iteration"] == 40
+    assert load_config(out / "config.yaml").solver.max_iter == 40
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(data_root, tmp_path):
+    extra = {"input.hflip_prob": 0.5, "solver.max_iter": 6, "solver.checkpoint_period": 3,
+             "solver.steps": [4]}
+    straight = train(tiny_cfg(data_root, tmp_path / "straight", **extra))
+    # stop after 3 iterations (a checkpoint), then resume to 6 in a fresh model
+    train(tiny_cfg(data_root, tmp_path / "resumed", **{**extra, "solver.max_iter": 3}))
+    midway = load_checkpoint(tmp_path / "resumed" / "last.pth")
+    resumed = train(tiny_cfg(data_root, tmp_path / "resumed", **extra), resume=True)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=0), key
+    # not trivial: iterations 4..6 moved the weights away from the iteration-3 checkpoint
+    assert midway["iteration"] == 3
+    assert any(not torch.equal(midway["model"][k], v) for k, v in a.items())
+
+
+def test_weights_option_starts_a_new_run_at_iteration_zero(data_root, tmp_path):
+    train(tiny_cfg(data_root, tmp_path / "a", **{"solver.max_iter": 2}))
+    ckpt = tmp_path / "a" / "model_final.pth"
+    model = train(tiny_cfg(data_root, tmp_path / "b", **{"solver.max_iter": 1, "model.weights": str(ckpt),
+                                                        "solver.base_lr": 1e-12, "solver.momentum": 0.0}))
+    start = load_checkpoint(ckpt)["model"]
+    # lr ~0: one step from the loaded weights leaves them (numerically) where they were
+    assert all(torch.allclose(start[k].float(), v.float(), atol=1e-6) for k, v in model.state_dict().items())
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["iteration"] == 1
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):
+    from detection.model import FasterRCNN
+
+    calls = {"n": 0}
+    real_forward = FasterRCNN.forward
+
+    def forward(self, images, targets=None):
+        out = real_forward(self, images, targets)
+        calls["n"] += 1
+        if self.training and calls["n"] == 5:
+            out["loss_cls"] = out["loss_cls"] * float("nan")
+        return out
+
+    monkeypatch.setattr(FasterRCNN, "forward", forward)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match=r"iteration 5: .*loss_cls=nan"):
+        train(tiny_cfg(data_root, out, **{"solver.max_iter": 8, "solver.checkpoint_period": 2}))
+    assert load_checkpoint(out / "last.pth")["iteration"] == 4
+    assert not (out / "model_final.pth").exists()
+
+
+def test_cli_exits_1_on_a_diverging_loss(data_root, tmp_path):
+    out = tmp_path / "diverge"
+    args = tiny_overrides(data_root, out, **{"solver.base_lr": 1e12, "solver.warmup_iters": 0,
+                                              "solver.max_iter": 6, "solver.checkpoint_period": 1})
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "train_det.py"), "--config",
+                          str(ROOT / "configs" / "base.yaml"), *args], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "loss is not finite" in run.stderr and "Traceback" not in run.stderr
+    assert load_checkpoint(out / "last.pth")["iteration"] >= 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, out: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    model = train(load_config(cfg_path))
+    torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_training_ends_with_identical_weights(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, tmp_path / "ddp", **{"solver.max_iter": 3, "solver.ims_per_batch": 4})
+    save_config(cfg, tmp_path / "cfg.yaml")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "cfg.yaml"), str(tmp_path)), nprocs=2)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "ddp" / "model_final.pth").is_file()
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3   # only rank 0 logs
+
+
+def test_weights_option_accepts_backbone_weights(data_root, tmp_path):
+    """model.weights=<torchvision resnet .pth>: stem..res4 go to the trunk, res5 to the RoI head."""
+    import torchvision
+
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")
+    model = train(tiny_cfg(data_root, tmp_path / "bb", **{
+        "solver.max_iter": 1, "model.weights": str(tmp_path / "r18.pth"), "model.backbone.norm": "frozen_bn",
+        "model.backbone.freeze_at": 5, "solver.base_lr": 1e-12, "solver.momentum": 0.0}))
+    state = model.state_dict()
+    assert torch.equal(state["trunk.stem.conv1.weight"], tv.conv1.weight)
+    assert torch.equal(state["roi_heads.res5.0.conv1.weight"], tv.layer4[0].conv1.weight)
