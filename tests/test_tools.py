@@ -1,0 +1,91 @@
+"""tools/eval.py and tools/visualize.py through their command lines, on a tiny trained model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detection.config import load_config
+from detection.data.shapes import generate_shapes
+from detection.engine.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_train import tiny_overrides  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for a few iterations on shapes, and its overrides."""
+    root = tmp_path_factory.mktemp("tools")
+    generate_shapes(root / "data" / "shapes", num_train=8, num_val=3, seed=1, image_size=(64, 80))
+    overrides = tiny_overrides(root / "data", root / "out", **{"solver.max_iter": 3,
+                               "model.roi_heads.score_thresh_test": 0.0})
+    train(load_config(None, overrides))
+    return root, overrides
+
+
+def run(tool, *args):
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--config",
+                          str(ROOT / "configs" / "base.yaml"), *args], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained):
+    root, overrides = trained
+    out = run("eval.py", "--weights", str(root / "out" / "model_final.pth"),
+              "--output-dir", str(root / "eval"), *overrides)
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"} <= set(metrics)
+    assert "AP-circle" in metrics and "AP50" in out.stdout
+    # the printed AP is what pycocotools gives directly on the written results file
+    gt = COCO(str(root / "data" / "shapes" / "annotations" / "instances_val.json"))
+    results = json.loads((root / "eval" / "coco_results.json").read_text())
+    assert results, "score_thresh_test 0 on a trained model gives detections"
+    ev = COCOeval(gt, gt.loadRes(results), "bbox")
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert metrics["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-6)
+    # --results scores the saved file without a model and gives the same numbers
+    run("eval.py", "--results", str(root / "eval" / "coco_results.json"),
+        "--output-dir", str(root / "eval2"), *overrides)
+    again = json.loads((root / "eval2" / "metrics.json").read_text())
+    assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+
+
+def test_eval_bad_checkpoint_is_one_clear_line(trained, tmp_path):
+    root, overrides = trained
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"garbage")
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--config",
+                          str(ROOT / "configs" / "base.yaml"), "--weights", str(bad), *overrides],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 2 and "bad.pth" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_visualize_predictions_gt_and_compare(trained, tmp_path):
+    root, overrides = trained
+    weights = str(root / "out" / "model_final.pth")
+    image = root / "data" / "shapes" / "val" / sorted(p.name for p in (root / "data" / "shapes" / "val").iterdir())[0]
+    run("visualize.py", "--weights", weights, "--input", str(image), "--output", str(tmp_path / "pred"),
+        "--score-thresh", "0.0", *overrides)
+    drawn = cv2.imread(str(tmp_path / "pred" / f"{image.stem}.jpg"))
+    original = cv2.imread(str(image))
+    assert drawn.shape == original.shape
+    assert np.abs(drawn.astype(int) - original.astype(int)).max() > 100   # boxes were drawn
+    run("visualize.py", "--gt", "--output", str(tmp_path / "gt"), "--limit", "2", *overrides)
+    assert len(list((tmp_path / "gt").glob("*.jpg"))) == 2
+    run("visualize.py", "--weights", weights, "--compare", "--output", str(tmp_path / "cmp"), "--limit", "1",
+        *overrides)
+    (cmp_file,) = (tmp_path / "cmp").glob("*.jpg")
+    assert cv2.imread(str(cmp_file)).shape[1] > 2 * original.shape[1]   # two panels side by side
+    # a folder as input: one output per image
+    run("visualize.py", "--weights", weights, "--input", str(root / "data" / "shapes" / "val"),
+        "--output", str(tmp_path / "folder"), *overrides)
+    assert len(list((tmp_path / "folder").glob("*.jpg"))) == 3
