@@ -12,16 +12,6 @@ import torchvision
 from backbones import build_resnet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On the shared 2-core machines, under load, two OpenMP threads stall each other
-    # (a 64x64 ResNet-50 forward took 1.3 s on 2 threads, 0.03 s on 1); these small
-    # tests gain nothing from a second thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_torchvision_resnet(depth: int) -> torch.nn.Module:
     """torchvision's resnet{depth} with random BN statistics and affine parameters,

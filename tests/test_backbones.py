@@ -13,16 +13,6 @@ from torchvision.ops import FrozenBatchNorm2d
 from backbones import STAGE_NAMES, BackboneError, ResNet, ZeroPadShortcut, build_resnet, make_norm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On the shared 2-core machines, under load, two OpenMP threads stall each other
-    # (a 64x64 ResNet-50 forward took 1.3 s on 2 threads, 0.03 s on 1); these small
-    # tests gain nothing from a second thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 DEPTHS = (18, 34, 50, 101, 152)
 # Table 1, "FLOPs" row (multiply-adds), x 10^9 at 224x224.
 TABLE1_GMACS = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}

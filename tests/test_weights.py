@@ -15,16 +15,6 @@ from torchvision.ops import FrozenBatchNorm2d
 from backbones import WeightsError, build_resnet, load_weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On the shared 2-core machines, under load, two OpenMP threads stall each other
-    # (a 64x64 ResNet-50 forward took 1.3 s on 2 threads, 0.03 s on 1); these small
-    # tests gain nothing from a second thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 MSRA_MEAN, MSRA_STD = (103.53, 116.28, 123.675), (1.0, 1.0, 1.0)
 
