@@ -65,7 +65,8 @@ def _raise_first(bad: Tensor, image: int, boxes: Tensor, what: str) -> None:
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
     """(h, w) with the shorter side min_size unless that makes the longer side exceed max_size."""
     scale = min(min_size / min(height, width), max_size / max(height, width))
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+    # Rounded half up, exactly like detection.data.transforms.resized_shape (the training resize).
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 class FasterRCNN(nn.Module):

@@ -1,0 +1,226 @@
+"""detection.fast: the optimized paths give the plain path's numbers (seeded, random but
+sane weights, tiny models)."""
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d, roi_align
+
+from backbones import build_resnet
+from backbones.resnet import Stem, make_stage
+from detection.anchors import AnchorGenerator
+from detection.fast import (AppliedFrozenBN, Res5Runner, ScaledConv2d, fold_frozen_bn, optimize_for_inference,
+                            optimize_for_training, pool, pool_plan, to_rois)
+from detection.model import FasterRCNN
+from detection.roi_heads import Res5ROIHeads
+from detection.rpn import RPN
+from tools.benchmark_models import make_sane
+
+IMAGE = (96, 128)
+
+
+def _stage(blocks: int, c_in: int, width: int, stride_in_1x1: bool = False) -> nn.Sequential:
+    return make_stage("bottleneck", blocks, c_in, width, stride=2, norm="frozen_bn",
+                      stride_in_1x1=stride_in_1x1, shortcut="B", residual=True)
+
+
+def _randomize_frozen_bn(module: nn.Module) -> None:
+    # Non-trivial statistics, so folding has something to fold.
+    for m in module.modules():
+        if type(m) is FrozenBatchNorm2d:
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+
+
+def tiny_c4(stride_in_1x1: bool = False, num_classes: int = 3) -> FasterRCNN:
+    """A C4 detector with small bottleneck stages (stride 16 trunk, 64 -> 128 channels res5)."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(OrderedDict(stem=Stem("frozen_bn"), res3=_stage(1, 64, 8, stride_in_1x1),
+                                      res4=_stage(1, 32, 16, stride_in_1x1)))
+    trunk.stem.requires_grad_(False)
+    rpn = RPN(in_channels=64, anchor_generator=AnchorGenerator((16, 32, 64), (0.5, 1.0, 2.0)),
+              pre_nms_topk_train=400, post_nms_topk_train=60, pre_nms_topk_test=300, post_nms_topk_test=40,
+              batch_size_per_image=64)
+    heads = Res5ROIHeads(res5=_stage(2, 64, 32, stride_in_1x1), res5_out_channels=128, num_classes=num_classes,
+                         batch_size_per_image=32, score_thresh_test=0.0, detections_per_image=30)
+    model = FasterRCNN(trunk=trunk, rpn=rpn, roi_heads=heads, pixel_mean=[120.0] * 3, pixel_std=[60.0] * 3,
+                       min_size_test=IMAGE[0], max_size_test=IMAGE[1])
+    with torch.no_grad():
+        _randomize_frozen_bn(model)
+        make_sane(model)
+        # Spread scores and objectness far apart, so float noise cannot reorder NMS.
+        nn.init.normal_(rpn.head.objectness_logits.weight, std=1.0)
+        nn.init.normal_(heads.predictor.cls_score.weight, std=0.5)
+        nn.init.normal_(heads.predictor.bbox_pred.weight, std=0.05)
+    return model.eval()
+
+
+def _images(n: int = 2) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (3, *IMAGE), generator=g).float() for _ in range(n)]
+
+
+def _targets() -> list:
+    return [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [64.0, 20.0, 120.0, 90.0]]),
+             "labels": torch.tensor([1, 3])},
+            {"boxes": torch.tensor([[30.0, 5.0, 90.0, 50.0]]), "labels": torch.tensor([2])}]
+
+
+def _boxes() -> list:
+    # inside the 96 x 128 image, one reaching past every edge, a tiny one, one wider than a cell
+    return [torch.tensor([[4.0, 6.0, 60.0, 50.0], [-40.0, -30.0, 170.0, 140.0], [50.0, 40.0, 51.0, 42.0]]),
+            torch.tensor([[0.0, 0.0, 128.0, 96.0], [70.0, 10.0, 127.0, 95.0]])]
+
+
+@pytest.mark.parametrize("resolution", [14, 7])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gather_pooling_equals_torchvision_roi_align(resolution, stride):
+    features = torch.randn(2, 8, 6, 8, requires_grad=True)
+    rois = to_rois(_boxes())
+    expected = roi_align(features, rois, resolution, 1 / 16, sampling_ratio=0, aligned=True)
+    expected = expected[:, :, ::stride, ::stride]
+    got = pool(features, pool_plan(rois, (6, 8), resolution, 1 / 16, stride))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(expected)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), features)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), features)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-5, atol=1e-6)
+
+
+def test_folding_frozen_bn_gives_the_same_outputs():
+    resnet = make_sane(build_resnet(18, out_features=("res4",)))
+    with torch.no_grad():
+        _randomize_frozen_bn(resnet)
+    x = torch.randn(1, 3, 64, 80)
+    expected = resnet(x)["res4"]
+    folded = fold_frozen_bn(copy.deepcopy(resnet))
+    assert not any(type(m) is FrozenBatchNorm2d for m in folded.modules())
+    torch.testing.assert_close(folded(x)["res4"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_training_fold_keeps_parameters_keys_and_outputs():
+    model = tiny_c4()
+    keys, params = list(model.state_dict()), dict(model.named_parameters())
+    images = _images()
+    with torch.no_grad():
+        expected = model.trunk(model.preprocess(images, resize=False).tensor)
+    optimize_for_training(model)
+    assert list(model.state_dict()) == keys
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert any(isinstance(m, ScaledConv2d) for m in model.modules())
+    assert any(isinstance(m, AppliedFrozenBN) for m in model.modules())
+    with torch.no_grad():
+        got = model.trunk(model.preprocess(images, resize=False).tensor)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _res5_plain(res5: nn.Module, features: torch.Tensor, boxes: list, resolution: int = 14) -> torch.Tensor:
+    pooled = roi_align(features, boxes, resolution, 1 / 16, sampling_ratio=0, aligned=True)
+    return res5(pooled).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("stride_in_1x1", [False, True])
+def test_hoisting_is_exact_for_every_box(stride_in_1x1):
+    res5 = tiny_c4(stride_in_1x1).roi_heads.res5
+    features = torch.randn(2, 64, 6, 8)
+    with torch.no_grad():
+        expected = _res5_plain(res5, features, _boxes())
+        for fold in (False, True):
+            module = fold_frozen_bn(copy.deepcopy(res5)) if fold else res5
+            runner = Res5Runner(module, pooler="roi_align", resolution=14, spatial_scale=1 / 16, hoist=True)
+            assert runner.hoist
+            torch.testing.assert_close(runner(features, _boxes()), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hoisting_a_bias_is_exact_only_inside_the_map():
+    """The boundary case of the module docstring: a bias commutes with RoIAlign only where its
+    bilinear weights sum to 1; the fast path therefore adds biases after pooling."""
+    conv = nn.Conv2d(8, 4, 1, bias=True)
+    features = torch.randn(1, 8, 6, 8)
+    inside = [torch.tensor([[2.0, 3.0, 100.0, 90.0]])]  # within the 96 x 128 map area
+    outside = [torch.tensor([[-60.0, -50.0, 60.0, 40.0]])]  # starts > 1 cell (16 px) past the map
+    with torch.no_grad():
+        for boxes, exact in ((inside, True), (outside, False)):
+            pooled_first = conv(roi_align(features, boxes, 7, 1 / 16, 0, True))
+            conv_first = roi_align(conv(features), boxes, 7, 1 / 16, 0, True)
+            bias_after = roi_align(F.conv2d(features, conv.weight), boxes, 7, 1 / 16, 0, True) \
+                + conv.bias.view(1, -1, 1, 1)
+            assert torch.allclose(conv_first, pooled_first, atol=1e-5) == exact
+            torch.testing.assert_close(bias_after, pooled_first, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_res5_equals_unchunked():
+    res5 = tiny_c4().roi_heads.res5
+    features = torch.randn(2, 64, 6, 8)
+    boxes = [torch.rand(13, 4).sort(dim=1).values * 90 for _ in range(2)]
+    boxes = [torch.stack([b[:, 0], b[:, 1], b[:, 2] + 4, b[:, 3] + 4], 1) for b in boxes]
+    with torch.no_grad():
+        whole = Res5Runner(res5, pooler="roi_align", resolution=14, spatial_scale=1 / 16, chunk_size=None)
+        chunked = Res5Runner(res5, pooler="roi_align", resolution=14, spatial_scale=1 / 16, chunk_size=5)
+        assert len(chunked.chunks(to_rois(boxes))) == 6
+        torch.testing.assert_close(chunked(features, boxes), whole(features, boxes), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(whole(features, boxes), _res5_plain(res5, features, boxes),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def _assert_same_detections(got: list, expected: list) -> None:
+    for g, e in zip(got, expected):
+        assert len(e["boxes"]) > 0 and len(g["boxes"]) == len(e["boxes"])
+        assert torch.equal(g["labels"], e["labels"])
+        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(g["scores"], e["scores"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride_in_1x1", [False, True])
+def test_fast_inference_gives_the_plain_detections(stride_in_1x1):
+    model = tiny_c4(stride_in_1x1)
+    images = _images()
+    with torch.inference_mode():
+        expected = model(images)
+        fast = optimize_for_inference(model, chunk_size=7)
+        assert model.roi_heads.res5_runner is None  # the original keeps the plain path
+        assert fast.roi_heads.res5_runner.hoist
+        _assert_same_detections(fast(images), expected)
+
+
+def test_fast_inference_without_hoisting_resnet18():
+    from detection.config import load_config
+    from detection.model import build_model
+
+    cfg = load_config(None, ["model.backbone.depth=18", "model.backbone.weights=null", "model.num_classes=3",
+                             "input.min_size_test=64", "input.max_size_test=96",
+                             "model.rpn.post_nms_topk_test=30", "model.roi_heads.score_thresh_test=0.0"])
+    torch.manual_seed(0)
+    model = make_sane(build_model(cfg)).eval()
+    nn.init.normal_(model.roi_heads.predictor.cls_score.weight, std=0.5)
+    images = [torch.randint(0, 256, (3, 64, 80)).float()]
+    with torch.inference_mode():
+        expected = model(images)
+        fast = optimize_for_inference(model)
+        assert not fast.roi_heads.res5_runner.hoist  # basic blocks: 3x3 conv first
+        _assert_same_detections(fast(images), expected)
+
+
+def _losses_and_grads(model: FasterRCNN) -> tuple[dict, dict]:
+    torch.manual_seed(3)
+    losses = model(_images(), _targets())
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+def test_training_step_gradients_match_the_plain_path():
+    plain = tiny_c4().train()
+    fast = optimize_for_training(copy.deepcopy(plain))
+    assert fast.roi_heads.res5_runner.hoist
+    expected_losses, expected_grads = _losses_and_grads(plain)
+    losses, grads = _losses_and_grads(fast)
+    for key, value in expected_losses.items():
+        torch.testing.assert_close(losses[key], value, rtol=1e-4, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 10
+    for name, expected in expected_grads.items():
+        tolerance = 1e-4 * float(expected.abs().max()) + 1e-7
+        assert float((grads[name] - expected).abs().max()) <= tolerance, name

@@ -1,0 +1,424 @@
+#!/usr/bin/env python
+"""Speed and memory of the detector on this machine, optionally against torchvision's
+generic Faster R-CNN assembled as C4 with the same weights and the same work.
+
+    python tools/benchmark.py --config configs/coco_r50.yaml --compare-torchvision \\
+        [--image-size 600 800] [--runs 3] [--json out.json] [KEY=VALUE ...]
+
+Measures (medians over --runs after warm-up; baseline and ours interleaved, since the
+machine is shared and noisy; the load average is reported with the numbers):
+  hardware   fp32 matmul and 3x3 convolution throughput (NCHW and channels_last)
+  inference  per stage (preprocess, trunk, rpn, roi_pool, res5_head, postprocess) and end
+             to end, for the plain path, the fast path (detection.fast) and torchvision;
+             FLOPs per stage (torch.utils.flop_counter: convs and matmuls; pooling is not
+             counted) and each stage's GFLOP/s as a fraction of the matmul throughput
+  training   one SGD iteration (forward, backward, step) on --train-images images
+  memory     peak RSS of one inference at --memory-proposals proposals, each model in its
+             own child process (ru_maxrss is a process-wide high-water mark)
+  data       data-loader throughput (decode + augmentation + batching) and evaluation time,
+             on a synthetic shapes set written to a temp dir (or --dataset NAME)
+The weights are random (pretrained ones cannot be downloaded here), made sane as DESIGN.md
+asks; speed does not depend on their values. "Equal work" is checked as total FLOPs of
+our plain path against torchvision's, within 10%; the hoisted path's FLOPs are reported apart.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import io
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_models import (STAGES, build_ours, build_torchvision_c4, staged_ours,  # noqa: E402
+                              staged_torchvision, synthetic_batch, train_step)
+from benchmark_report import print_report, summarize  # noqa: E402
+
+from detection.cli import add_config_args, config_from_args  # noqa: E402
+from detection.fast import (fold_frozen_bn, install_runner, optimize_for_inference,  # noqa: E402
+                            optimize_for_training, to_channels_last)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input image size; both models process it unresized (default: min_size_test x 4/3)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed runs after the first pass, which counts FLOPs and warms up")
+    p.add_argument("--compare-torchvision", action="store_true", help="also run torchvision's FasterRCNN as C4")
+    p.add_argument("--ablation", action="store_true", help="time each inference optimization on its own")
+    p.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
+    p.add_argument("--chunk-size", type=int, default=256, help="RoIs per res5 call on the fast path")
+    p.add_argument("--train-images", type=int, default=1, help="images per training iteration")
+    p.add_argument("--memory-proposals", type=int, default=1000, help="proposals for the peak-memory run")
+    p.add_argument("--dataset", help="data set name or path for the loader/eval timing (default: synthetic shapes)")
+    p.add_argument("--loader-batches", type=int, default=5, help="batches timed through the data loader")
+    p.add_argument("--eval-images", type=int, default=4, help="images in the evaluation timing")
+    p.add_argument("--quick", action="store_true", help="small hardware probes (smoke tests)")
+    p.add_argument("--pretrained", action="store_true", help="load model.backbone.weights (default: random)")
+    for part in ("train", "memory", "data"):
+        p.add_argument(f"--no-{part}", action="store_true", help=f"skip the {part} measurement")
+    p.add_argument("--child", choices=("plain", "fast", "torchvision"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        p.error("--runs must be >= 1 and --warmup >= 0")
+    return args
+
+
+def bench_config(args: argparse.Namespace, extra: list[str] = ()) -> Any:
+    """The config with random weights (unless --pretrained) and test size = the image size."""
+    weights = [] if args.pretrained else ["model.backbone.weights=null"]
+    if args.image_size is None:
+        cfg = config_from_args(args, weights)
+        side = cfg.input.min_size_test
+        args.image_size = [side, min(cfg.input.max_size_test, round(side * 4 / 3))]
+    h, w = args.image_size
+    return config_from_args(args, [*weights, f"input.min_size_test={min(h, w)}",
+                                   f"input.max_size_test={max(h, w)}", *extra])
+
+
+# ---- measuring ----------------------------------------------------------------------
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class TimeMeter:
+    """meter(stage) adds the stage's wall time (a stage may be entered several times)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        _sync()
+        start = time.perf_counter()
+        yield
+        _sync()
+        self.values[name] += time.perf_counter() - start
+
+
+class FlopMeter:
+    """meter(stage) adds the FLOPs torch.utils.flop_counter sees inside the stage."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        with FlopCounterMode(display=False) as counter:
+            yield
+        self.values[name] += counter.get_total_flops()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    return timed_cpu(fn)[0]
+
+
+def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn(); CPU time (all threads) is less sensitive to other load."""
+    _sync()
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    _sync()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def median_time(fn: Callable[[], Any], runs: int = 5) -> float:
+    fn()
+    return statistics.median(timed(fn) for _ in range(runs))
+
+
+def hardware_throughput(quick: bool = False) -> dict[str, float]:
+    """GFLOP/s of an n^3 fp32 matmul (n = 2048) and of a res5-like 3x3 conv (16 x 512 x 14 x 14
+    -> 512); `quick` shrinks both 8x (smoke tests)."""
+    n, batch = (1024, 2) if quick else (2048, 16)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = {"matmul_gflops": 2 * n**3 / median_time(lambda: a @ b) / 1e9}
+    x, w = torch.randn(batch, 512, 14, 14), torch.randn(512, 512, 3, 3)
+    flops = 2 * batch * 14 * 14 * 512 * 512 * 9
+    out["conv3x3_gflops"] = flops / median_time(lambda: torch.conv2d(x, w, padding=1)) / 1e9
+    x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+    out["conv3x3_channels_last_gflops"] = flops / median_time(lambda: torch.conv2d(x, w, padding=1)) / 1e9
+    return out
+
+
+# ---- inference ------------------------------------------------------------------------
+
+
+def inference_variants(plain: torch.nn.Module, tv: torch.nn.Module | None, args: argparse.Namespace
+                       ) -> dict[str, tuple[torch.nn.Module, Callable]]:
+    """name -> (model, staged runner). With --ablation, each optimization added one by one."""
+    variants = {"plain": (plain, staged_ours)}
+    if args.ablation:
+        folded = fold_frozen_bn(copy.deepcopy(plain))
+        variants["+fold_bn"] = (folded, staged_ours)
+        variants["+channels_last"] = (to_channels_last(copy.deepcopy(folded)), staged_ours)
+        variants["+gather_pool"] = (install_runner(copy.deepcopy(variants["+channels_last"][0]),
+                                                   hoist=False, chunk_size=None), staged_ours)
+        variants["+hoist"] = (install_runner(copy.deepcopy(variants["+channels_last"][0]),
+                                             hoist=True, chunk_size=None), staged_ours)
+    variants["fast"] = (optimize_for_inference(plain, chunk_size=args.chunk_size), staged_ours)
+    if tv is not None:
+        variants["torchvision"] = (tv, staged_torchvision)
+    return variants
+
+
+def bench_inference(variants: dict, images: list[torch.Tensor], args: argparse.Namespace) -> dict:
+    """End-to-end and per-stage times (all timed runs), FLOPs per stage and RoI counts per
+    variant. The FLOP-counting pass comes first and doubles as a warm-up."""
+    inputs = {name: [img / 255 for img in images] if name == "torchvision" else images for name in variants}
+    result = {name: {"end_to_end_s": [], "end_to_end_cpu_s": [], "stages_s": defaultdict(list)}
+              for name in variants}
+    for name, (model, staged) in variants.items():
+        meter = FlopMeter()
+        with torch.inference_mode():
+            _, result[name]["num_rois"] = staged(model, inputs[name], meter)
+        result[name]["flops"] = dict(meter.values)
+    order = list(variants)
+    for run in range(args.warmup + args.runs):
+        for name in (order if run % 2 == 0 else order[::-1]):  # interleaved, alternating order
+            model, staged = variants[name]
+            meter = TimeMeter()
+            with torch.inference_mode():
+                e2e, cpu = timed_cpu(lambda: model(inputs[name]))
+                staged(model, inputs[name], meter)
+            if run >= args.warmup:
+                result[name]["end_to_end_s"].append(e2e)
+                result[name]["end_to_end_cpu_s"].append(cpu)
+                for stage in STAGES:
+                    result[name]["stages_s"][stage].append(meter.values.get(stage, 0.0))
+            print(f"  inference run {run}: {name} {e2e:.3f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+    return result
+
+
+# ---- training --------------------------------------------------------------------------
+
+
+def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
+                   args: argparse.Namespace) -> dict:
+    """One iteration per model and run. lr = 0: the same arithmetic as training, but the
+    weights stay put, so every run does the same work."""
+    models = {"plain": copy.deepcopy(plain).train(), "fast": optimize_for_training(copy.deepcopy(plain)).train()}
+    if tv is not None:
+        models["torchvision"] = copy.deepcopy(tv).train()
+    timed_names = [n for n in models if n != "plain" or args.ablation or tv is None]
+    images, targets = synthetic_batch(args.train_images, tuple(args.image_size), cfg.model.num_classes)
+    s = cfg.solver
+    result = {name: {"flops": 0.0, "iteration_s": [], "iteration_cpu_s": [], "parts_s": defaultdict(list)}
+              for name in models}
+    optimizers = {n: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0,
+                                     momentum=s.momentum, weight_decay=s.weight_decay)
+                  for n, m in models.items()}
+    for name, model in models.items():  # FLOPs, and a warm-up
+        torch.manual_seed(0)
+        meter = FlopMeter()
+        train_step(model, optimizers[name], _train_inputs(name, images), targets, meter)
+        result[name]["flops"] = sum(meter.values.values())
+    for run in range(args.warmup + args.runs):
+        for name in (timed_names if run % 2 == 0 else timed_names[::-1]):
+            torch.manual_seed(run)  # the same RPN / RoI samples for every model
+            meter = TimeMeter()
+            cpu = time.process_time()
+            train_step(models[name], optimizers[name], _train_inputs(name, images), targets, meter)
+            cpu = time.process_time() - cpu
+            if run >= args.warmup:
+                result[name]["iteration_s"].append(sum(meter.values.values()))
+                result[name]["iteration_cpu_s"].append(cpu)
+                for part, value in meter.values.items():
+                    result[name]["parts_s"][part].append(value)
+            print(f"  training run {run}: {name} {sum(meter.values.values()):.3f} s "
+                  f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+    return result
+
+
+def _train_inputs(name: str, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [img / 255 for img in images] if name == "torchvision" else images
+
+
+# ---- peak memory (child processes) ---------------------------------------------------------
+
+
+def max_rss_mb() -> float:
+    """Peak RSS of this process image. Linux's VmHWM, not ru_maxrss: after fork + exec,
+    ru_maxrss keeps the parent's size at the fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """One inference at --memory-proposals proposals; prints {"max_rss_mb", ...} as JSON."""
+    cfg = bench_config(args, [f"model.rpn.post_nms_topk_test={args.memory_proposals}"])
+    model = build_ours(cfg)
+    if args.child == "fast":
+        model = optimize_for_inference(model, chunk_size=args.chunk_size)
+    elif args.child == "torchvision":
+        model = build_torchvision_c4(model, cfg)
+    gc.collect()
+    before = max_rss_mb()
+    images, _ = synthetic_batch(1, tuple(args.image_size), cfg.model.num_classes)
+    if args.child == "torchvision":
+        images = [img / 255 for img in images]
+    with torch.inference_mode():
+        model(images)
+    print(json.dumps({"max_rss_mb": max_rss_mb(), "max_rss_before_inference_mb": before}))
+    return 0
+
+
+def bench_memory(args: argparse.Namespace, argv: list[str], kinds: list[str]) -> dict:
+    result = {}
+    for kind in kinds:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", kind,
+               "--image-size", *map(str, args.image_size)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        result[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  memory: {kind} {result[kind]['max_rss_mb']:.0f} MB", file=sys.stderr)
+    return result
+
+
+# ---- data loader and evaluation --------------------------------------------------------------
+
+
+def _datasets(cfg: Any, args: argparse.Namespace, tmp: str) -> tuple[Any, Any]:
+    from detection.data.catalog import get_dataset
+    from detection.data.shapes import generate_shapes
+
+    if args.dataset:
+        ds = get_dataset(args.dataset, cfg.datasets.root)
+        return ds, ds
+    h, w = args.image_size
+    # In a spawned process: OpenCV's thread pool, once started here, would deadlock the
+    # loader's forked workers.
+    process = multiprocessing.get_context("spawn").Process(
+        target=generate_shapes, args=(os.path.join(tmp, "shapes"),),
+        kwargs=dict(num_train=cfg.solver.ims_per_batch * (args.loader_batches + 1), num_val=args.eval_images,
+                    seed=0, image_size=(min(h, w), max(h, w))))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"generating the synthetic shapes data set failed (exit code {process.exitcode})")
+    return get_dataset("shapes_train", tmp), get_dataset("shapes_val", tmp)
+
+
+def bench_loader(cfg: Any, train_ds: Any, args: argparse.Namespace) -> dict:
+    """Images/s through the training loader (decode + augmentation + batching), after the
+    first batch (worker start-up, timed apart)."""
+    from detection.data.loader import build_train_loader
+    from detection.data.transforms import build_transforms
+
+    transform = build_transforms(min_sizes=cfg.input.min_size_train, max_size=cfg.input.max_size_train,
+                                 hflip_prob=cfg.input.hflip_prob, jitter=cfg.input.jitter)
+    loader = build_train_loader([train_ds], transform=transform, images_per_batch=cfg.solver.ims_per_batch,
+                                num_workers=cfg.dataloader.num_workers,
+                                aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
+                                filter_empty=cfg.dataloader.filter_empty, seed=cfg.seed)
+    batches = iter(loader)
+    first = timed(lambda: next(batches))
+    start, images = time.perf_counter(), 0
+    for _ in range(args.loader_batches):
+        images += len(next(batches)[0])
+    elapsed = time.perf_counter() - start
+    del batches
+    return {"first_batch_s": first, "images": images, "images_per_s": images / elapsed,
+            "num_workers": cfg.dataloader.num_workers, "images_per_batch": cfg.solver.ims_per_batch}
+
+
+def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict:
+    """inference_on_dataset (fast path) + the evaluator's metrics on the validation images."""
+    from detection.data.loader import build_test_loader
+    from detection.evaluation import build_evaluator, inference_on_dataset
+
+    cfg = bench_config(args, [f"model.num_classes={len(val_ds.class_names)}"])
+    model = optimize_for_inference(build_ours(cfg), chunk_size=args.chunk_size)
+    evaluator = build_evaluator(val_ds, None)
+    loader = build_test_loader(val_ds, num_workers=0)
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+        total = timed(lambda: inference_on_dataset(model, loader, evaluator, device="cpu"))
+    metrics = timed(evaluator.evaluate)
+    n = len(val_ds.records)
+    return {"images": n, "total_s": total, "per_image_s": total / max(n, 1), "metrics_s": metrics}
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    cfg = bench_config(args)
+    report: dict[str, Any] = {"command": " ".join(["python", "tools/benchmark.py", *argv]),
+                              "image_size": args.image_size, "threads": torch.get_num_threads(),
+                              "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                              "loadavg_start": os.getloadavg()}
+    report["hardware"] = hardware_throughput(args.quick)
+    plain = build_ours(cfg)
+    tv = build_torchvision_c4(plain, cfg) if args.compare_torchvision else None
+    images, _ = synthetic_batch(1, tuple(args.image_size), cfg.model.num_classes)
+    report["inference"] = bench_inference(inference_variants(plain, tv, args), images, args)
+    if not args.no_train:
+        report["training"] = bench_training(cfg, plain, tv, args)
+    if not args.no_memory:
+        kinds = ["plain", "fast"] + (["torchvision"] if tv is not None else [])
+        report["memory"] = bench_memory(args, _child_argv(argv), kinds)
+        report["memory_proposals"] = args.memory_proposals
+    if not args.no_data:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_ds, val_ds = _datasets(cfg, args, tmp)
+            report["data_loader"] = bench_loader(cfg, train_ds, args)
+            report["evaluation"] = bench_eval(args, val_ds)
+    report["loadavg_end"] = os.getloadavg()
+    return report
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """The command line minus the options a memory child must not see again."""
+    out, skip = [], 0
+    for item in argv:
+        if skip:
+            skip -= 1
+        elif item in ("--image-size", "--json"):
+            skip = 2 if item == "--image-size" else 1
+        elif not item.startswith("--json="):
+            out.append(item)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    torch.set_flush_denormal(True)
+    if args.child:
+        return child_main(args)
+    report = summarize(run(args, argv))
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

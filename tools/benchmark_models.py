@@ -1,0 +1,235 @@
+"""The models tools/benchmark.py compares, and how it runs them stage by stage.
+
+- ours: detection.model.build_model(cfg) with random but sane weights (DESIGN.md: each
+  residual branch's last norm scaled down, so activations stay O(1));
+- torchvision's generic FasterRCNN assembled as C4, holding the same weights:
+  ResNet conv1..layer3 (FrozenBatchNorm2d) as the trunk, MultiScaleRoIAlign(["0"], 14,
+  sampling_ratio=0), layer4 + average pool as the box head, the same anchors, proposal
+  counts, thresholds and image size.
+
+A stage runner takes `meter(name)`, a context-manager factory (a timer or a FLOP counter),
+and wraps each stage of one inference in it: preprocess, trunk, rpn, roi_pool, res5_head
+(res5 + average pool + predictor; on the fast path also the hoisted convs), postprocess.
+`train_step` does the same for one SGD iteration: forward, backward, step.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import Tensor, nn
+
+from detection.fast import to_rois
+from detection.model import FasterRCNN, _rescale, build_model
+
+Meter = Callable[[str], ContextManager]
+STAGES = ("preprocess", "trunk", "rpn", "roi_pool", "res5_head", "postprocess")
+SANE_BRANCH_SCALE = 0.25
+
+
+def make_sane(model: nn.Module, factor: float = SANE_BRANCH_SCALE) -> nn.Module:
+    """Scale the last norm of every residual branch (norm3 / norm2) by `factor`: with random
+    weights and frozen BN (identity statistics) activations otherwise grow block by block."""
+    with torch.no_grad():
+        for module in model.modules():
+            if not hasattr(module, "shortcut"):  # not a residual block
+                continue
+            last = module.norm3 if hasattr(module, "norm3") else module.norm2
+            if getattr(last, "weight", None) is not None:
+                last.weight.mul_(factor)
+    return model
+
+
+def build_ours(cfg: Any, seed: int = 0) -> FasterRCNN:
+    """Our detector from the config, seeded random weights made sane, in eval mode."""
+    torch.manual_seed(seed)
+    return make_sane(build_model(cfg)).eval()
+
+
+# ---- torchvision's generic Faster R-CNN as C4 ------------------------------------------
+
+
+def _backbone_state(ours: FasterRCNN) -> dict[str, Tensor]:
+    """Our trunk + res5 tensors under backbones.ResNet names (stem.conv1.weight, res5.0...)."""
+    state = dict(ours.trunk.state_dict())
+    state.update({f"res5.{k}": v for k, v in ours.roi_heads.res5.state_dict().items()})
+    return {k.replace("to_channels_last.", ""): v for k, v in state.items()}
+
+
+def _torchvision_resnet(ours: FasterRCNN, depth: int) -> nn.Module:
+    import torchvision
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from backbones.keymap import TORCHVISION_RULES, map_keys
+
+    resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=FrozenBatchNorm2d)
+    mapped, _, unknown = map_keys(list(resnet.state_dict()), TORCHVISION_RULES)  # ours -> theirs
+    ours_state = _backbone_state(ours)
+    missing = sorted(set(mapped) - set(ours_state))
+    if unknown or missing:
+        raise ValueError(f"cannot copy weights into torchvision's resnet{depth}: unknown {unknown[:3]}, "
+                         f"missing {missing[:3]}")
+    resnet.load_state_dict({theirs: ours_state[name] for name, theirs in mapped.items()}, strict=False)
+    trainable = {name: p.requires_grad for name, p in list(ours.trunk.named_parameters())
+                 + [(f"res5.{n}", p) for n, p in ours.roi_heads.res5.named_parameters()]}
+    params = dict(resnet.named_parameters())
+    for name, theirs in mapped.items():  # the same stages frozen (freeze_at)
+        if name in trainable:
+            params[theirs].requires_grad_(trainable[name])
+    return resnet
+
+
+def _anchor_permutation(num_sizes: int, num_ratios: int) -> list[int]:
+    """torchvision orders a cell's anchors ratio-major, ours size-major: theirs[i] = ours[perm[i]]."""
+    return [s * num_ratios + r for r in range(num_ratios) for s in range(num_sizes)]
+
+
+def _copy_rpn_head(ours: FasterRCNN, head: nn.Module, num_sizes: int, num_ratios: int) -> None:
+    perm = torch.tensor(_anchor_permutation(num_sizes, num_ratios))
+    box_perm = (perm[:, None] * 4 + torch.arange(4)).reshape(-1)  # (A, 4) channel blocks
+    src = ours.rpn.head
+    with torch.no_grad():
+        head.conv[0][0].weight.copy_(src.conv.weight)
+        head.conv[0][0].bias.copy_(src.conv.bias)
+        head.cls_logits.weight.copy_(src.objectness_logits.weight[perm])
+        head.cls_logits.bias.copy_(src.objectness_logits.bias[perm])
+        head.bbox_pred.weight.copy_(src.anchor_deltas.weight[box_perm])
+        head.bbox_pred.bias.copy_(src.anchor_deltas.bias[box_perm])
+
+
+def _check_c4_compatible(cfg: Any) -> None:
+    bb = cfg.model.backbone
+    if bb.stride_in_1x1 or bb.shortcut != "B" or not bb.residual or cfg.model.roi_heads.pooler != "roi_align":
+        raise ValueError("--compare-torchvision needs torchvision's ResNet layout: model.backbone."
+                         "stride_in_1x1=false, shortcut=B, residual=true, roi_heads.pooler=roi_align")
+
+
+def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
+    """torchvision.models.detection.FasterRCNN assembled as C4 with `ours`' weights. It expects
+    images in 0..1, so its mean/std are ours / 255; its min/max size are ours."""
+    from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    _check_c4_compatible(cfg)
+    m = cfg.model
+    resnet = _torchvision_resnet(ours, m.backbone.depth)
+    trunk = nn.Sequential(OrderedDict((k, getattr(resnet, k)) for k in
+                                      ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
+    trunk.out_channels = ours.rpn.head.conv.in_channels
+    box_head = nn.Sequential(resnet.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    sizes, ratios = tuple(m.anchors.sizes), tuple(m.anchors.aspect_ratios)
+    rpn_head = RPNHead(trunk.out_channels, len(sizes) * len(ratios))
+    _copy_rpn_head(ours, rpn_head, len(sizes), len(ratios))
+    c5 = ours.roi_heads.predictor.cls_score.in_features
+    predictor = FastRCNNPredictor(c5, m.num_classes + 1)
+    with torch.no_grad():  # same classifier; class 0 (background) gets zero box deltas
+        predictor.cls_score.load_state_dict(ours.roi_heads.predictor.cls_score.state_dict())
+        predictor.bbox_pred.weight.zero_()[4:].copy_(ours.roi_heads.predictor.bbox_pred.weight)
+        predictor.bbox_pred.bias.zero_()[4:].copy_(ours.roi_heads.predictor.bbox_pred.bias)
+    r, h = m.rpn, m.roi_heads
+    model = TVFasterRCNN(
+        trunk, num_classes=None, min_size=ours.min_size_test, max_size=ours.max_size_test,
+        image_mean=[v / 255 for v in m.pixel_mean], image_std=[v / 255 for v in m.pixel_std],
+        rpn_anchor_generator=AnchorGenerator((sizes,), (ratios,)), rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=r.pre_nms_topk_train, rpn_pre_nms_top_n_test=r.pre_nms_topk_test,
+        rpn_post_nms_top_n_train=r.post_nms_topk_train, rpn_post_nms_top_n_test=r.post_nms_topk_test,
+        rpn_nms_thresh=r.nms_thresh, rpn_fg_iou_thresh=r.iou_thresholds[1],
+        rpn_bg_iou_thresh=r.iou_thresholds[0], rpn_batch_size_per_image=r.batch_size_per_image,
+        rpn_positive_fraction=r.positive_fraction,
+        box_roi_pool=MultiScaleRoIAlign(["0"], h.pooler_resolution, sampling_ratio=0),
+        box_head=box_head, box_predictor=predictor, box_score_thresh=h.score_thresh_test,
+        box_nms_thresh=h.nms_thresh_test, box_detections_per_img=h.detections_per_image,
+        box_fg_iou_thresh=h.iou_threshold, box_bg_iou_thresh=h.iou_threshold,
+        box_batch_size_per_image=h.batch_size_per_image, box_positive_fraction=h.positive_fraction,
+        bbox_reg_weights=tuple(h.bbox_reg_weights))
+    return model.eval()
+
+
+# ---- one inference, stage by stage ------------------------------------------------------
+
+
+def staged_ours(model: FasterRCNN, images: list[Tensor], meter: Meter) -> tuple[list[dict], int]:
+    """Our model's inference (plain or fast path) with each stage inside meter(stage);
+    returns the detections and the number of RoIs."""
+    heads = model.roi_heads
+    with meter("preprocess"):
+        batch = model.preprocess(images, resize=True)
+    with meter("trunk"):
+        features = model.trunk(batch.tensor)
+    with meter("rpn"):
+        proposals, _ = model.rpn(features, batch.image_sizes)
+    runner = getattr(heads, "res5_runner", None)
+    if runner is None:
+        with meter("roi_pool"):
+            pooled = heads._pool(features, list(proposals))
+        with meter("res5_head"):
+            logits, deltas = heads.predictor(heads._res5(pooled))
+    else:
+        outs = []
+        with meter("res5_head"):
+            maps = runner.prepare(features)
+        for chunk in runner.chunks(to_rois(list(proposals))):
+            with meter("roi_pool"):
+                pooled = runner.pool(maps, chunk)
+            with meter("res5_head"):
+                outs.append(runner.head(pooled))
+        with meter("res5_head"):
+            logits, deltas = heads.predictor(torch.cat(outs))
+    with meter("postprocess"):
+        dets = heads.inference(logits, deltas, proposals, batch.image_sizes)
+        dets = [_rescale(d, s, tuple(img.shape[-2:])) for d, s, img in zip(dets, batch.image_sizes, images)]
+    return dets, sum(len(p) for p in proposals)
+
+
+def staged_torchvision(model: nn.Module, images: list[Tensor], meter: Meter) -> tuple[list[dict], int]:
+    """torchvision's GeneralizedRCNN.forward (eval) split into the same stages."""
+    heads = model.roi_heads
+    original_sizes = [tuple(img.shape[-2:]) for img in images]
+    with meter("preprocess"):
+        batch, _ = model.transform(images)
+    with meter("trunk"):
+        features = OrderedDict([("0", model.backbone(batch.tensors))])
+    with meter("rpn"):
+        proposals, _ = model.rpn(batch, features)
+    with meter("roi_pool"):
+        pooled = heads.box_roi_pool(features, proposals, batch.image_sizes)
+    with meter("res5_head"):
+        logits, deltas = heads.box_predictor(heads.box_head(pooled))
+    with meter("postprocess"):
+        boxes, scores, labels = heads.postprocess_detections(logits, deltas, proposals, batch.image_sizes)
+        dets = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
+        dets = model.transform.postprocess(dets, batch.image_sizes, original_sizes)
+    return dets, sum(len(p) for p in proposals)
+
+
+# ---- training -----------------------------------------------------------------------------
+
+
+def synthetic_batch(num_images: int, size: tuple[int, int], num_classes: int, seed: int = 0
+                    ) -> tuple[list[torch.Tensor], list[dict]]:
+    """Noise images (0..255 float) with 5 random boxes each."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    images = [torch.randint(0, 256, (3, h, w), generator=g).float() for _ in range(num_images)]
+    targets = []
+    for _ in range(num_images):
+        xy = torch.rand(5, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = (torch.rand(5, 2, generator=g) * 0.5 + 0.1) * torch.tensor([w * 0.3, h * 0.3]) + 8
+        boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([w, h]).float())], 1)
+        targets.append({"boxes": boxes, "labels": torch.randint(1, num_classes + 1, (5,), generator=g)})
+    return images, targets
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list, targets: list,
+               meter: Callable) -> None:
+    with meter("forward"):
+        losses = model(images, targets)
+        total = sum(losses.values())
+    with meter("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+    with meter("step"):
+        optimizer.step()

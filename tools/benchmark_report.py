@@ -1,0 +1,158 @@
+"""Medians, ratios against the targets, and the printed table of tools/benchmark.py."""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from benchmark_models import STAGES
+
+TARGETS = {"inference_speedup": (">=", 1.5), "training_speedup": (">=", 1.3), "memory_ratio": ("<=", 0.7)}
+EQUAL_WORK_TOLERANCE = 0.10
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _summarize_inference(inference: dict[str, Any], matmul_gflops: float) -> None:
+    for entry in inference.values():
+        entry["end_to_end_median_s"] = _median(entry["end_to_end_s"])
+        entry["end_to_end_cpu_median_s"] = _median(entry["end_to_end_cpu_s"])
+        entry["stages_median_s"] = {s: _median(entry["stages_s"].get(s, [])) for s in STAGES}
+        entry["total_gflop"] = sum(entry["flops"].values()) / 1e9
+        rates = {s: entry["flops"].get(s, 0.0) / 1e9 / t if t > 0 else 0.0
+                 for s, t in entry["stages_median_s"].items()}
+        entry["stages_gflops_per_s"] = rates
+        entry["stages_fraction_of_matmul"] = {s: r / matmul_gflops for s, r in rates.items()}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _paired(slow: list[float] | None, fast: list[float] | None) -> float | None:
+    """Median over runs of slow[i] / fast[i]: the two ran back to back in run i, so a change
+    of the machine's load between runs cancels out."""
+    if not slow or not fast:
+        return None
+    return statistics.median(a / b for a, b in zip(slow, fast))
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """Adds medians, FLOP rates, the equal-work check and the ratios (with their targets)."""
+    inference = report["inference"]
+    _summarize_inference(inference, report["hardware"]["matmul_gflops"])
+    e2e = {name: e["end_to_end_median_s"] for name, e in inference.items()}
+    ratios: dict[str, Any] = {"inference_speedup_fast_vs_plain": _paired(inference["plain"]["end_to_end_s"],
+                                                                         inference["fast"]["end_to_end_s"])}
+    for entry in report.get("training", {}).values():
+        entry["iteration_median_s"] = _median(entry["iteration_s"])
+        entry["iteration_cpu_median_s"] = _median(entry["iteration_cpu_s"])
+        entry["parts_median_s"] = {k: _median(v) for k, v in entry["parts_s"].items()}
+    train = {n: e["iteration_median_s"] for n, e in report.get("training", {}).items()}
+    memory = {n: e["max_rss_mb"] for n, e in report.get("memory", {}).items()}
+    ratios["training_speedup_fast_vs_plain"] = _paired(report.get("training", {}).get("plain", {}).get("iteration_s"),
+                                                       report.get("training", {}).get("fast", {}).get("iteration_s"))
+    ratios["memory_ratio_fast_vs_plain"] = _ratio(memory.get("fast"), memory.get("plain"))
+    if "torchvision" in inference:
+        runs = {n: e["end_to_end_s"] for n, e in inference.items()}
+        train_runs = {n: e["iteration_s"] for n, e in report.get("training", {}).items()}
+        ratios["inference_speedup"] = _paired(runs["torchvision"], runs["fast"])
+        ratios["inference_speedup_of_medians"] = _ratio(e2e["torchvision"], e2e["fast"])
+        ratios["training_speedup"] = _paired(train_runs.get("torchvision"), train_runs.get("fast"))
+        ratios["training_speedup_of_medians"] = _ratio(train.get("torchvision"), train.get("fast"))
+        ratios["memory_ratio"] = _ratio(memory.get("fast"), memory.get("torchvision"))
+        cpu = {n: e["end_to_end_cpu_median_s"] for n, e in inference.items()}
+        ratios["inference_speedup_cpu_time"] = _ratio(cpu["torchvision"], cpu["fast"])
+        cpu = {n: e["iteration_cpu_median_s"] for n, e in report.get("training", {}).items()}
+        ratios["training_speedup_cpu_time"] = _ratio(cpu.get("torchvision"), cpu.get("fast"))
+        report["equal_work"] = _equal_work(report)
+        report["targets_met"] = {k: _meets(ratios.get(k), *TARGETS[k]) for k in TARGETS}
+    report["ratios"] = ratios
+    return report
+
+
+def _meets(value: float | None, op: str, target: float) -> bool | None:
+    if value is None:
+        return None
+    return value >= target if op == ">=" else value <= target
+
+
+def _equal_work(report: dict[str, Any]) -> dict[str, Any]:
+    """Our plain path and torchvision: total FLOPs within 10% (inference, and training if run)
+    and the same number of RoIs. The fast path's hoisting does less work on purpose."""
+    inf = report["inference"]
+    out = {"inference_flops_ratio": inf["plain"]["total_gflop"] / inf["torchvision"]["total_gflop"],
+           "num_rois": {"plain": inf["plain"]["num_rois"], "torchvision": inf["torchvision"]["num_rois"]},
+           "fast_gflop": inf["fast"]["total_gflop"]}
+    if "training" in report:
+        t = report["training"]
+        out["training_flops_ratio"] = t["plain"]["flops"] / t["torchvision"]["flops"]
+        out["fast_training_gflop"] = t["fast"]["flops"] / 1e9
+    ratios = [v for k, v in out.items() if k.endswith("flops_ratio")]
+    out["ok"] = all(abs(r - 1) <= EQUAL_WORK_TOLERANCE for r in ratios) \
+        and out["num_rois"]["plain"] == out["num_rois"]["torchvision"]
+    return out
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    hw = report["hardware"]
+    print(f"command: {report['command']}")
+    print(f"image {report['image_size'][0]}x{report['image_size'][1]}, {report['threads']} threads, "
+          f"load average {tuple(round(v, 2) for v in report['loadavg_start'])} at start, "
+          f"{tuple(round(v, 2) for v in report['loadavg_end'])} at end")
+    busy = report["loadavg_start"][0] > 0.5 * report["cpu_count"] or report["loadavg_end"][0] > 0.5 * report["cpu_count"]
+    if busy:
+        print(f"warning: the machine was busy (load average above half of its {report['cpu_count']} cores): "
+              "expect noise; baseline and ours were interleaved, so the ratios suffer less than the times")
+    print(f"hardware: matmul {hw['matmul_gflops']:.1f} GFLOP/s, 3x3 conv {hw['conv3x3_gflops']:.1f} "
+          f"(channels_last {hw['conv3x3_channels_last_gflops']:.1f})")
+    _print_inference(report["inference"])
+    if "training" in report:
+        print("\ntraining iteration (median s): " + ", ".join(
+            f"{n} {e['iteration_median_s']:.3f} (CPU {e['iteration_cpu_median_s']:.1f}, GFLOP {e['flops'] / 1e9:.0f})"
+            for n, e in report["training"].items() if e["iteration_s"]))
+    if "memory" in report:
+        print(f"peak RSS at {report['memory_proposals']} proposals (MB): " + ", ".join(
+            f"{n} {e['max_rss_mb']:.0f}" for n, e in report["memory"].items()))
+    if "data_loader" in report:
+        d, ev = report["data_loader"], report["evaluation"]
+        print(f"data loader: {d['images_per_s']:.1f} images/s ({d['num_workers']} workers, "
+              f"batch {d['images_per_batch']}); evaluation: {ev['per_image_s']:.3f} s/image "
+              f"over {ev['images']} images, metrics {ev['metrics_s']:.3f} s")
+    _print_ratios(report)
+
+
+def _print_inference(inference: dict[str, Any]) -> None:
+    names = list(inference)
+    print("\ninference (median s per image; GFLOP; GFLOP/s; fraction of matmul throughput)")
+    print(f"{'stage':<12}" + "".join(f"{n:>30}" for n in names))
+    for stage in STAGES:
+        cells = []
+        for n in names:
+            e = inference[n]
+            cells.append(f"{e['stages_median_s'][stage]:8.3f} {e['flops'].get(stage, 0) / 1e9:7.1f} "
+                         f"{e['stages_gflops_per_s'][stage]:6.1f} {e['stages_fraction_of_matmul'][stage]:5.2f}")
+        print(f"{stage:<12}" + "".join(f"{c:>30}" for c in cells))
+    print(f"{'end to end':<12}" + "".join(f"{inference[n]['end_to_end_median_s']:>8.3f} "
+                                        f"{inference[n]['total_gflop']:7.1f}{'':>13}" for n in names))
+    print(f"{'(CPU time)':<12}" + "".join(f"{inference[n]['end_to_end_cpu_median_s']:>8.3f}{'':>22}" for n in names))
+    print(f"{'RoIs':<12}" + "".join(f"{inference[n]['num_rois']:>8d}{'':>22}" for n in names))
+
+
+def _print_ratios(report: dict[str, Any]) -> None:
+    r = report["ratios"]
+    print("\n" + ", ".join(f"{k} {_fmt(v)}" for k, v in r.items()))
+    if "equal_work" in report:
+        w = report["equal_work"]
+        print(f"equal work: {'yes' if w['ok'] else 'NO'} (plain/torchvision FLOPs: inference "
+              f"{w['inference_flops_ratio']:.3f}, training {_fmt(w.get('training_flops_ratio'), '.3f')}; "
+              f"RoIs {w['num_rois']}); fast path (hoisted) {w['fast_gflop']:.1f} GFLOP")
+        for key, (op, target) in TARGETS.items():
+            met = report["targets_met"][key]
+            print(f"  {key}: {_fmt(r.get(key))} (target {op} {target}): "
+                  f"{'-' if met is None else 'met' if met else 'NOT met'}")
