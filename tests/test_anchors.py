@@ -27,10 +27,12 @@ def test_anchor_count_is_h_w_a_and_order_is_location_major():
     assert gen.num_anchors == 12
     anchors = gen(torch.zeros(2, 4, 3, 5))
     assert anchors.shape == (3 * 5 * 12, 4)
-    centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # (H*W*A, 2)
+    centres = ((anchors[:, :2] + anchors[:, 2:]) / 2).view(3, 5, 12, 2)  # (H*W*A, 2) -> (H, W, A, 2)
     # anchor index (y*W + x)*A + a is centred at (16x, 16y)
-    idx = (2 * 5 + 4) * 12 + 7
-    torch.testing.assert_close(centres[idx], torch.tensor([64.0, 32.0]))
+    ys, xs = torch.meshgrid(torch.arange(3.0), torch.arange(5.0), indexing="ij")
+    expected = torch.stack([xs, ys], dim=-1)[:, :, None, :].expand(3, 5, 12, 2) * 16
+    torch.testing.assert_close(centres, expected)
+    torch.testing.assert_close(centres.reshape(-1, 2)[(1 * 5 + 3) * 12 + 7], torch.tensor([48.0, 16.0]))
 
 
 def test_cell_anchor_area_and_ratio():

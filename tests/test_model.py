@@ -125,7 +125,7 @@ def test_bad_targets_raise_value_error_naming_image_and_box(bad, message):
     assert issubclass(TargetError, ValueError)
 
 
-def test_build_model_from_config(tmp_path):
+def test_build_model_from_config():
     from detection.config import load_config
 
     cfg = load_config(None, ["model.num_classes=2", "model.backbone.depth=18", "model.backbone.norm=gn",
