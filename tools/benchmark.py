@@ -208,6 +208,7 @@ def bench_inference(variants: dict, images: list[torch.Tensor], args: argparse.N
                 result[name]["end_to_end_cpu_s"].append(cpu)
                 for stage in STAGES:
                     result[name]["stages_s"][stage].append(meter.values.get(stage, 0.0))
+            result[name].setdefault("loadavg", []).append(os.getloadavg()[0])
             print(f"  inference run {run}: {name} {e2e:.3f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     return result
 
@@ -247,6 +248,7 @@ def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
                 result[name]["iteration_cpu_s"].append(cpu)
                 for part, value in meter.values.items():
                     result[name]["parts_s"][part].append(value)
+            result[name].setdefault("loadavg", []).append(os.getloadavg()[0])
             print(f"  training run {run}: {name} {sum(meter.values.values()):.3f} s "
                   f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     return result

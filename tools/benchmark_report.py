@@ -69,6 +69,11 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         report["equal_work"] = _equal_work(report)
         report["targets_met"] = {k: _meets(ratios.get(k), *TARGETS[k]) for k in TARGETS}
     report["ratios"] = ratios
+    loads = [v for part in ("inference", "training") for e in report.get(part, {}).values()
+             for v in e.get("loadavg", [])]
+    report["max_loadavg_during_runs"] = max(loads, default=0.0)
+    half = 0.5 * report["cpu_count"]
+    report["busy"] = report["loadavg_start"][0] > half or report["max_loadavg_during_runs"] > report["threads"] + half
     return report
 
 
@@ -105,10 +110,10 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"image {report['image_size'][0]}x{report['image_size'][1]}, {report['threads']} threads, "
           f"load average {tuple(round(v, 2) for v in report['loadavg_start'])} at start, "
           f"{tuple(round(v, 2) for v in report['loadavg_end'])} at end")
-    busy = report["loadavg_start"][0] > 0.5 * report["cpu_count"] or report["loadavg_end"][0] > 0.5 * report["cpu_count"]
-    if busy:
-        print(f"warning: the machine was busy (load average above half of its {report['cpu_count']} cores): "
-              "expect noise; baseline and ours were interleaved, so the ratios suffer less than the times")
+    if report["busy"]:
+        print(f"warning: other processes were running (1-min load {report['loadavg_start'][0]:.1f} at start, "
+              f"up to {report['max_loadavg_during_runs']:.1f} during runs, which includes this benchmark's "
+              f"{report['threads']} threads): expect noise; ratios are medians of back-to-back pairs")
     print(f"hardware: matmul {hw['matmul_gflops']:.1f} GFLOP/s, 3x3 conv {hw['conv3x3_gflops']:.1f} "
           f"(channels_last {hw['conv3x3_channels_last_gflops']:.1f})")
     _print_inference(report["inference"])
