@@ -13,24 +13,11 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from backbones import WeightsError, build_resnet, load_weights
+from test_backbone_torchvision import random_torchvision_resnet
 
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 MSRA_MEAN, MSRA_STD = (103.53, 116.28, 123.675), (1.0, 1.0, 1.0)
-
-
-def random_torchvision_resnet(depth: int) -> torch.nn.Module:
-    """A torchvision ResNet with random BN statistics and affine parameters, so that a
-    mix-up of norms (bn1 vs bn2, stats vs affine) changes the outputs."""
-    model = getattr(torchvision.models, f"resnet{depth}")().eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.2, 0.6)
-                module.bias.normal_(0, 0.1)
-    return model
 
 
 @pytest.fixture
