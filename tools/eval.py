@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg, args: argparse.Namespace) -> int:
-    import torch
-
     from detection.data.catalog import get_dataset
     from detection.evaluation import build_evaluator, format_metrics_table
     from detection.evaluation import inference_on_dataset, save_metrics_json
@@ -54,7 +52,6 @@ def run(cfg, args: argparse.Namespace) -> int:
     out_root = Path(args.output_dir or Path(cfg.output_dir) / "inference")
     device = select_device(cfg.device)
     model = None if args.results else load_model(cfg, args.weights, device)
-    all_metrics = {}
     for entry in cfg.datasets.test:
         dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
         out_dir = out_root / dataset.name if len(cfg.datasets.test) > 1 else out_root
@@ -71,7 +68,6 @@ def run(cfg, args: argparse.Namespace) -> int:
         print(format_metrics_table(metrics))
         save_metrics_json(metrics, out_dir / "metrics.json")
         _plot_pr(evaluator, out_dir)
-        all_metrics[dataset.name] = metrics
         print(f"metrics written to {out_dir / 'metrics.json'}")
     return 0
 
