@@ -1,7 +1,11 @@
 """Loaders: aspect-ratio groups, seeding, sharding, test order, bad images."""
 import json
 import logging
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -197,3 +201,33 @@ def test_seed_worker_is_deterministic_per_worker():
         seed_worker(worker_id, base_seed=5)
         draws.append((np.random.rand(), random.random(), torch.rand(1).item()))
     assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+FORK_AFTER_OPENCV = """
+import sys, cv2, numpy as np
+from detection.data import build_test_loader, build_train_loader, build_transforms, get_dataset
+cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (3000, 3000))  # starts OpenCV's thread pool
+info = get_dataset({"type": "coco", "ann_file": "ann.json", "image_root": "img"}, sys.argv[1])
+transform = build_transforms(min_sizes=[600], max_size=1000, hflip_prob=0.5)
+train = build_train_loader([info], transform=transform, images_per_batch=2, num_workers=2,
+                           aspect_ratio_grouping=True, filter_empty=True, seed=0)
+batches = iter(train)
+next(batches), next(batches)
+assert len(list(build_test_loader(info, num_workers=2))) == 8
+print("loaded")
+"""
+
+
+def test_workers_forked_after_opencv_ran_in_the_parent_do_not_hang(tmp_path):
+    """A parallel OpenCV call before the workers fork (generate_shapes, a large resize) used
+    to leave every worker blocked in its first OpenCV call."""
+    make_set(tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    try:
+        result = subprocess.run([sys.executable, "-c", FORK_AFTER_OPENCV, str(tmp_path)], env=env,
+                                capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the data-loader workers hung after OpenCV ran in the parent process")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "loaded"

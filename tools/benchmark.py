@@ -29,7 +29,6 @@ import copy
 import gc
 import io
 import json
-import multiprocessing
 import os
 import resource
 import statistics
@@ -315,16 +314,8 @@ def _datasets(cfg: Any, args: argparse.Namespace, tmp: str) -> tuple[Any, Any]:
         ds = get_dataset(args.dataset, cfg.datasets.root)
         return ds, ds
     h, w = args.image_size
-    # In a spawned process: OpenCV's thread pool, once started here, would deadlock the
-    # loader's forked workers.
-    process = multiprocessing.get_context("spawn").Process(
-        target=generate_shapes, args=(os.path.join(tmp, "shapes"),),
-        kwargs=dict(num_train=cfg.solver.ims_per_batch * (args.loader_batches + 1), num_val=args.eval_images,
-                    seed=0, image_size=(min(h, w), max(h, w))))
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"generating the synthetic shapes data set failed (exit code {process.exitcode})")
+    generate_shapes(os.path.join(tmp, "shapes"), num_train=cfg.solver.ims_per_batch * (args.loader_batches + 1),
+                    num_val=args.eval_images, seed=0, image_size=(min(h, w), max(h, w)))
     return get_dataset("shapes_train", tmp), get_dataset("shapes_val", tmp)
 
 

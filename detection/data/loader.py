@@ -59,9 +59,9 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
     # an explicit generator: creating the iterator must not draw from (and shift) the global torch RNG
     generator = torch.Generator()
     generator.manual_seed(base_seed)
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                      collate_fn=collate_lists, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=partial(seed_worker, base_seed=base_seed), generator=generator)
+    return ForkSafeDataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                              collate_fn=collate_lists, pin_memory=torch.cuda.is_available(),
+                              worker_init_fn=partial(seed_worker, base_seed=base_seed), generator=generator)
 
 
 def build_test_loader(dataset: DatasetInfo, *, num_workers: int, batch_size: int = 1) -> "TestLoader":
@@ -69,9 +69,27 @@ def build_test_loader(dataset: DatasetInfo, *, num_workers: int, batch_size: int
     if batch_size < 1:
         raise DataError(f"test batch size must be >= 1, got {batch_size}")
     data = TestDataset(dataset.records, skip_bad_images=dataset.skip_bad_images)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_lists, pin_memory=torch.cuda.is_available())
+    loader = ForkSafeDataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                collate_fn=collate_lists, pin_memory=torch.cuda.is_available())
     return TestLoader(loader)
+
+
+class ForkSafeDataLoader(DataLoader):
+    """A DataLoader whose worker processes are forked with OpenCV's thread pool off.
+
+    A process that has run a parallel OpenCV call (a large resize, generate_shapes) holds a
+    thread pool that fork() does not copy; a forked worker's first OpenCV call (even
+    cv2.setNumThreads) then waits on it forever. So before forking, OpenCV is set to run
+    serially (cv2.setNumThreads(0)) in this process, and the workers inherit that: they run
+    in parallel with each other already. The setting is not restored (as in mmcv): the pool
+    would be back for the next fork, and the training process does its OpenCV work in the
+    workers.
+    """
+
+    def __iter__(self):
+        if self.num_workers > 0:
+            cv2.setNumThreads(0)
+        return super().__iter__()
 
 
 def training_records(records: Sequence[dict], *, filter_empty: bool, use_difficult: bool) -> list[dict]:
@@ -244,7 +262,6 @@ def seed_worker(worker_id: int, *, base_seed: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
     torch.manual_seed(seed)
-    cv2.setNumThreads(1)  # workers already run in parallel; OpenCV threads would oversubscribe the cores
     info = get_worker_info()
     if info is not None and hasattr(info.dataset, "reseed"):
         info.dataset.reseed(seed)
