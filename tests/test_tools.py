@@ -69,6 +69,20 @@ def test_eval_bad_checkpoint_is_one_clear_line(trained, tmp_path):
     assert out.returncode == 2 and "bad.pth" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_checkpoint_of_another_model_is_one_clear_line(trained):
+    """A checkpoint trained with another config (here ResNet-18 loaded as ResNet-34) names the file."""
+    root, overrides = trained
+    weights = str(root / "out" / "model_final.pth")
+    for tool in ("eval.py", "visualize.py"):
+        extra = ["--compare", "--output", str(root / "vis_bad")] if tool == "visualize.py" else []
+        out = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--config",
+                              str(ROOT / "configs" / "base.yaml"), "--weights", weights, *extra, *overrides,
+                              "model.backbone.depth=34"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "model_final.pth: does not match the config's model" in out.stderr
+        assert "Traceback" not in out.stderr
+
+
 def test_visualize_predictions_gt_and_compare(trained, tmp_path):
     root, overrides = trained
     weights = str(root / "out" / "model_final.pth")

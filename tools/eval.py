@@ -12,7 +12,6 @@ Writes metrics.json (and the results files) to OUTPUT_DIR/inference/<data set>.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -47,6 +46,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     from detection.evaluation import build_evaluator, format_metrics_table
     from detection.evaluation import inference_on_dataset, save_metrics_json
     from detection.data.loader import build_test_loader
+    from detection.engine.checkpoint import load_model
     from detection.engine.distributed import select_device
 
     out_root = Path(args.output_dir or Path(cfg.output_dir) / "inference")
@@ -70,24 +70,6 @@ def run(cfg, args: argparse.Namespace) -> int:
         _plot_pr(evaluator, out_dir)
         print(f"metrics written to {out_dir / 'metrics.json'}")
     return 0
-
-
-def load_model(cfg, weights: str, device):
-    """Build the config's model and load a detector checkpoint into it."""
-    from detection.engine.checkpoint import load_checkpoint
-    from detection.model import build_model
-
-    cfg = copy.deepcopy(cfg)
-    cfg.model.backbone.weights = None  # the checkpoint holds every weight; no ImageNet file needed
-    model = build_model(cfg)
-    state = load_checkpoint(weights)
-    state = state.get("model", state)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise ValueError(f"{weights}: does not match the config's model ({first[0]} {' '.join(first[1:2])[:300]})") from None
-    return model.to(device).eval()
 
 
 def _plot_pr(evaluator, out_dir: Path) -> None:

@@ -75,8 +75,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     device = select_device(cfg.device)
     model = None
     if args.weights:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from eval import load_model  # tools/eval.py: the same checkpoint loading
+        from detection.engine.checkpoint import load_model
 
         model = load_model(cfg, args.weights, device)
     items, class_names = _inputs(cfg, args)

@@ -1,6 +1,7 @@
 """Checkpoints written atomically, and the random states that make a resume exact."""
 from __future__ import annotations
 
+import copy
 import os
 import random
 import tempfile
@@ -46,6 +47,24 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def load_model(cfg: Any, weights: Union[str, Path], device: torch.device) -> torch.nn.Module:
+    """The config's detector with a detector checkpoint loaded, on device, in eval mode."""
+    from detection.model import build_model
+
+    cfg = copy.deepcopy(cfg)
+    cfg.model.backbone.weights = None  # the checkpoint holds every weight; no ImageNet file needed
+    model = build_model(cfg)
+    state = load_checkpoint(weights)
+    state = state.get("model", state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ValueError(f"{weights}: does not match the config's model "
+                         f"({first[0]} {' '.join(first[1:2])[:300]})") from None
+    return model.to(device).eval()
 
 
 def get_rng_states() -> dict[str, Any]:
