@@ -212,9 +212,10 @@ def _losses_and_grads(model: FasterRCNN) -> tuple[dict, dict]:
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
-def test_training_step_gradients_match_the_plain_path():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_step_gradients_match_the_plain_path(channels_last):
     plain = tiny_c4().train()
-    fast = optimize_for_training(copy.deepcopy(plain))
+    fast = optimize_for_training(copy.deepcopy(plain), channels_last=channels_last)
     assert fast.roi_heads.res5_runner.hoist
     expected_losses, expected_grads = _losses_and_grads(plain)
     losses, grads = _losses_and_grads(fast)

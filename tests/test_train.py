@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 
 from detection.config import load_config, save_config
 from detection.data.shapes import generate_shapes
-from detection.engine.checkpoint import load_checkpoint
+from detection.engine.checkpoint import load_checkpoint, load_model
 from detection.engine.trainer import TrainingError, train
+from detection.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,33 @@ def test_resume_gives_the_same_weights_as_a_straight_run(data_root, tmp_path):
     # not trivial: iterations 4..6 moved the weights away from the iteration-3 checkpoint
     assert midway["iteration"] == 3
     assert any(not torch.equal(midway["model"][k], v) for k, v in a.items())
+
+
+def test_fast_path_is_a_speed_switch_only(data_root, tmp_path):
+    """model.fast_path=true trains the same model faster (tests/test_fast.py checks its
+    gradients; a randomly initialised detector's are too chaotic to compare after steps):
+    the same first loss, the same checkpoint keys, and checkpoints move both ways."""
+    extra = {"model.backbone.norm": "bn", "solver.max_iter": 2, "solver.checkpoint_period": 1}
+    train(tiny_cfg(data_root, tmp_path / "plain", **extra))
+    fast_cfg = tiny_cfg(data_root, tmp_path / "fast", **extra, **{"model.fast_path": True})
+    fast = train(fast_cfg)
+    assert fast.roi_heads.res5_runner is not None  # the gather pooling is in use
+    assert fast.trunk.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    first = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])["total_loss"]
+             for run in ("plain", "fast")]
+    assert first[1] == pytest.approx(first[0], rel=1e-4)
+    saved = load_checkpoint(tmp_path / "fast" / "model_final.pth")["model"]
+    assert saved.keys() == load_checkpoint(tmp_path / "plain" / "model_final.pth")["model"].keys()
+    build_model(tiny_cfg(data_root, tmp_path / "x", **extra)).load_state_dict(saved)  # strict
+    # eval.py and visualize.py load it as the fast inference copy
+    loaded = load_model(fast_cfg, tmp_path / "fast" / "model_final.pth", torch.device("cpu"))
+    assert loaded.roi_heads.res5_runner is not None and not loaded.training
+    # a plain run's last.pth resumes on the fast path
+    fast_cfg.solver.max_iter = 3
+    (tmp_path / "fast" / "last.pth").unlink()
+    (tmp_path / "fast" / "last.pth").write_bytes((tmp_path / "plain" / "last.pth").read_bytes())
+    train(fast_cfg, resume=True)
+    assert load_checkpoint(tmp_path / "fast" / "last.pth")["iteration"] == 3
 
 
 def test_weights_option_starts_a_new_run_at_iteration_zero(data_root, tmp_path):

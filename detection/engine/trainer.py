@@ -67,6 +67,10 @@ def train(cfg: Config, *, resume: bool = False) -> nn.Module:
     if du.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+    if cfg.model.fast_path:  # same parameters and state_dict keys: checkpoints are unchanged
+        from detection.fast import optimize_for_training
+
+        optimize_for_training(state.model, channels_last=True)
     data, state.class_names = _build_train_data(cfg, state.iteration)
     model = state.model
     if distributed:
