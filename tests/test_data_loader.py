@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -224,10 +225,13 @@ def test_workers_forked_after_opencv_ran_in_the_parent_do_not_hang(tmp_path):
     make_set(tmp_path)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen([sys.executable, "-c", FORK_AFTER_OPENCV, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        result = subprocess.run([sys.executable, "-c", FORK_AFTER_OPENCV, str(tmp_path)], env=env,
-                                capture_output=True, text=True, timeout=120)
+        stdout, stderr = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung workers too
+        proc.communicate()
         pytest.fail("the data-loader workers hung after OpenCV ran in the parent process")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "loaded"
+    assert proc.returncode == 0, stderr
+    assert stdout.strip() == "loaded"
