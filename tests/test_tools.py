@@ -1,4 +1,5 @@
 """tools/eval.py and tools/visualize.py through their command lines, on a tiny trained model."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -103,3 +104,16 @@ def test_visualize_predictions_gt_and_compare(trained, tmp_path):
     run("visualize.py", "--weights", weights, "--input", str(root / "data" / "shapes" / "val"),
         "--output", str(tmp_path / "folder"), *overrides)
     assert len(list((tmp_path / "folder").glob("*.jpg"))) == 3
+
+
+def test_visualize_class_names_come_from_the_checkpoint_then_the_data_then_numbers(tmp_path):
+    spec = importlib.util.spec_from_file_location("visualize_tool", ROOT / "tools" / "visualize.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    data = tmp_path / "data"
+    generate_shapes(data / "shapes", num_train=2, num_val=1, seed=0, image_size=(64, 80))
+    cfg = load_config(None, tiny_overrides(data, tmp_path / "out"))
+    assert tool._class_names(cfg, {"class_names": ["cat", "dog", "cow"]}) == ["cat", "dog", "cow"]
+    assert tool._class_names(cfg, {}) == ["circle", "square", "triangle"]  # shapes_val's names
+    cfg.datasets.root = str(tmp_path / "nowhere")
+    assert tool._class_names(cfg, {}) == ["class 1", "class 2", "class 3"]

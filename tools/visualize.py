@@ -73,12 +73,13 @@ def run(cfg, args: argparse.Namespace) -> int:
     from detection.visualize import draw_detections, side_by_side
 
     device = select_device(cfg.device)
-    model = None
-    if args.weights:
-        from detection.engine.checkpoint import load_model
+    model, checkpoint = None, {}
+    if args.weights:  # read once: the weights and the class names training saved with them
+        from detection.engine.checkpoint import load_checkpoint, model_from_checkpoint
 
-        model = load_model(cfg, args.weights, device)
-    items, class_names = _inputs(cfg, args)
+        checkpoint = load_checkpoint(args.weights)
+        model = model_from_checkpoint(cfg, checkpoint, device, source=args.weights)
+    items, class_names = _inputs(cfg, args, checkpoint)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for i, (path, record) in enumerate(items):
@@ -98,7 +99,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     return len(items)
 
 
-def _inputs(cfg, args: argparse.Namespace):
+def _inputs(cfg, args: argparse.Namespace, checkpoint: dict):
     """(image path, record or None) pairs and the class names to print."""
     from detection.data.catalog import get_dataset
 
@@ -108,16 +109,15 @@ def _inputs(cfg, args: argparse.Namespace):
         records = dataset.records[: args.limit or None]
         return [(r["file_name"], r) for r in records], dataset.class_names
     files = find_images(args.input)[: args.limit or None]
-    return [(str(f), None) for f in files], _class_names(cfg, args.weights)
+    return [(str(f), None) for f in files], _class_names(cfg, checkpoint)
 
 
-def _class_names(cfg, weights: str) -> list[str]:
+def _class_names(cfg, checkpoint: dict) -> list[str]:
     """Names saved in the checkpoint by training, else those of the first test data set when it
     can be read, else "class 1".."class K"."""
     from detection.data.catalog import get_dataset
-    from detection.engine.checkpoint import load_checkpoint
 
-    names = load_checkpoint(weights).get("class_names")
+    names = checkpoint.get("class_names")
     if names:
         return list(names)
     try:

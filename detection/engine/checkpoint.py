@@ -52,18 +52,22 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
 def load_model(cfg: Any, weights: Union[str, Path], device: torch.device) -> torch.nn.Module:
     """The config's detector with a detector checkpoint loaded, on device, in eval mode
     (with model.fast_path, its detection.fast copy: the same detections, faster)."""
+    return model_from_checkpoint(cfg, load_checkpoint(weights), device, source=weights)
+
+
+def model_from_checkpoint(cfg: Any, checkpoint: dict, device: torch.device,
+                          source: Union[str, Path]) -> torch.nn.Module:
+    """load_model on a checkpoint already read (source names it in errors)."""
     from detection.model import build_model
 
     cfg = copy.deepcopy(cfg)
     cfg.model.backbone.weights = None  # the checkpoint holds every weight; no ImageNet file needed
     model = build_model(cfg)
-    state = load_checkpoint(weights)
-    state = state.get("model", state)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(checkpoint.get("model", checkpoint))
     except RuntimeError as err:
         first = str(err).strip().splitlines()
-        raise ValueError(f"{weights}: does not match the config's model "
+        raise ValueError(f"{source}: does not match the config's model "
                          f"({first[0]} {' '.join(first[1:2])[:300]})") from None
     model = model.to(device).eval()
     if cfg.model.fast_path:
