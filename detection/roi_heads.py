@@ -38,7 +38,7 @@ class BoxPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(R, C5) -> class logits (R, K+1), deltas (R, 4K)."""
-        return self.cls_score(x), self.bbox_pred(x)
+        return self.cls_score(x).float(), self.bbox_pred(x).float()  # float32 under autocast
 
 
 class Res5ROIHeads(nn.Module):

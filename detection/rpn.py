@@ -46,7 +46,7 @@ class RPNHead(nn.Module):
         logits = logits.permute(0, 2, 3, 1).reshape(n, h * w * a)  # (N, A, H, W) -> (N, H*W*A)
         deltas = deltas.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * a, 4)
         # (N, A*4, H, W) -> (N, A, 4, H, W) -> (N, H, W, A, 4) -> (N, H*W*A, 4)
-        return logits, deltas
+        return logits.float(), deltas.float()  # float32 under autocast: decoding and losses
 
 
 class RPN(nn.Module):

@@ -89,13 +89,15 @@ def _build_state(cfg: Config, device: torch.device) -> TrainState:
     optimizer = build_optimizer(model, base_lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
     scheduler = build_lr_scheduler(optimizer, warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor,
                                    steps=s.steps, gamma=s.gamma)
-    scaler = torch.amp.GradScaler("cuda", enabled=_use_amp(cfg, device))
+    # float16 needs loss scaling; bfloat16 (the CPU's autocast type) has float32's range.
+    scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.solver.amp) and device.type == "cuda")
     return TrainState(model, optimizer, scheduler, scaler)
 
 
-def _use_amp(cfg: Config, device: torch.device) -> bool:
-    """Mixed precision only where it exists and pays: on CUDA."""
-    return bool(cfg.solver.amp) and device.type == "cuda"
+def _autocast(cfg: Config, device: torch.device) -> torch.autocast:
+    """solver.amp: float16 on CUDA, bfloat16 on the CPU."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=bool(cfg.solver.amp))
 
 
 def _restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
@@ -220,7 +222,7 @@ def _step(cfg: Config, state: TrainState, model: nn.Module, images: list, target
     """One SGD step; returns the losses averaged over processes (as Python floats)."""
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-    with torch.autocast(device.type, enabled=_use_amp(cfg, device)):
+    with _autocast(cfg, device):
         loss_dict = model(images, targets)
     total = sum(loss_dict.values())
     reduced = _reduce_losses(loss_dict)
