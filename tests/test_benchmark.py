@@ -26,8 +26,9 @@ def test_benchmark_smoke(tmp_path):
         assert set(entry["stages_median_s"]) == stages
         assert entry["end_to_end_median_s"] > 0 and entry["num_rois"] > 0
     assert report["equal_work"]["inference_flops_ratio"] > 0
-    assert set(report["training"]) == {"plain", "fast", "torchvision"}
+    assert set(report["training"]) == {"plain", "fast", "fast_amp", "torchvision"}
     assert report["training"]["fast"]["iteration_median_s"] > 0
+    assert report["ratios"]["training_speedup_amp_vs_fast"] > 0
     assert report["data_loader"]["images_per_s"] > 0 and report["evaluation"]["images"] == 1
     assert report["hardware"]["matmul_gflops"] > 0
     for key in ("inference_speedup", "training_speedup", "memory_ratio"):

@@ -12,7 +12,8 @@ machine is shared and noisy; the load average is reported with the numbers):
              to end, for the plain path, the fast path (detection.fast) and torchvision;
              FLOPs per stage (torch.utils.flop_counter: convs and matmuls; pooling is not
              counted) and each stage's GFLOP/s as a fraction of the matmul throughput
-  training   one SGD iteration (forward, backward, step) on --train-images images
+  training   one SGD iteration (forward, backward, step) on --train-images images; also
+             the fast path under solver.amp's autocast (bfloat16 on the CPU, float16 on CUDA)
   memory     peak RSS of one inference at --memory-proposals proposals, each model in its
              own child process (ru_maxrss is a process-wide high-water mark)
   data       data-loader throughput (decode + augmentation + batching) and evaluation time,
@@ -219,7 +220,8 @@ def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
                    args: argparse.Namespace) -> dict:
     """One iteration per model and run. lr = 0: the same arithmetic as training, but the
     weights stay put, so every run does the same work."""
-    models = {"plain": copy.deepcopy(plain).train(), "fast": optimize_for_training(copy.deepcopy(plain)).train()}
+    models = {"plain": copy.deepcopy(plain).train(), "fast": optimize_for_training(copy.deepcopy(plain)).train(),
+              "fast_amp": optimize_for_training(copy.deepcopy(plain)).train()}
     if tv is not None:
         models["torchvision"] = copy.deepcopy(tv).train()
     timed_names = [n for n in models if n != "plain" or args.ablation or tv is None]
@@ -233,14 +235,15 @@ def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
     for name, model in models.items():  # FLOPs, and a warm-up
         torch.manual_seed(0)
         meter = FlopMeter()
-        train_step(model, optimizers[name], _train_inputs(name, images), targets, meter)
+        train_step(model, optimizers[name], _train_inputs(name, images), targets, meter, amp=name == "fast_amp")
         result[name]["flops"] = sum(meter.values.values())
     for run in range(args.warmup + args.runs):
         for name in (timed_names if run % 2 == 0 else timed_names[::-1]):
             torch.manual_seed(run)  # the same RPN / RoI samples for every model
             meter = TimeMeter()
             cpu = time.process_time()
-            train_step(models[name], optimizers[name], _train_inputs(name, images), targets, meter)
+            train_step(models[name], optimizers[name], _train_inputs(name, images), targets, meter,
+                       amp=name == "fast_amp")
             cpu = time.process_time() - cpu
             if run >= args.warmup:
                 result[name]["iteration_s"].append(sum(meter.values.values()))

@@ -224,8 +224,12 @@ def synthetic_batch(num_images: int, size: tuple[int, int], num_classes: int, se
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list, targets: list,
-               meter: Callable) -> None:
-    with meter("forward"):
+               meter: Callable, amp: bool = False) -> None:
+    """The trainer's step; amp: its solver.amp autocast (float16 on CUDA, bfloat16 on the CPU;
+    the CUDA GradScaler is left out: at lr 0 it changes nothing but a multiply)."""
+    device = images[0].device.type
+    with meter("forward"), torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16,
+                                          enabled=amp):
         losses = model(images, targets)
         total = sum(losses.values())
     with meter("backward"):

@@ -53,6 +53,8 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     memory = {n: e["max_rss_mb"] for n, e in report.get("memory", {}).items()}
     ratios["training_speedup_fast_vs_plain"] = _paired(report.get("training", {}).get("plain", {}).get("iteration_s"),
                                                        report.get("training", {}).get("fast", {}).get("iteration_s"))
+    ratios["training_speedup_amp_vs_fast"] = _paired(report.get("training", {}).get("fast", {}).get("iteration_s"),
+                                                      report.get("training", {}).get("fast_amp", {}).get("iteration_s"))
     ratios["memory_ratio_fast_vs_plain"] = _ratio(memory.get("fast"), memory.get("plain"))
     if "torchvision" in inference:
         runs = {n: e["end_to_end_s"] for n, e in inference.items()}
