@@ -20,6 +20,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import Tensor, nn
 
+from detection.engine.trainer import amp_autocast
 from detection.fast import to_rois
 from detection.model import FasterRCNN, _rescale, build_model
 
@@ -225,11 +226,9 @@ def synthetic_batch(num_images: int, size: tuple[int, int], num_classes: int, se
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list, targets: list,
                meter: Callable, amp: bool = False) -> None:
-    """The trainer's step; amp: its solver.amp autocast (float16 on CUDA, bfloat16 on the CPU;
-    the CUDA GradScaler is left out: at lr 0 it changes nothing but a multiply)."""
-    device = images[0].device.type
-    with meter("forward"), torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16,
-                                          enabled=amp):
+    """The trainer's step; amp: its solver.amp autocast (the CUDA GradScaler is left out: at
+    lr 0 it changes nothing but a multiply)."""
+    with meter("forward"), amp_autocast(amp, images[0].device):
         losses = model(images, targets)
         total = sum(losses.values())
     with meter("backward"):

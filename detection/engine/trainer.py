@@ -94,10 +94,10 @@ def _build_state(cfg: Config, device: torch.device) -> TrainState:
     return TrainState(model, optimizer, scheduler, scaler)
 
 
-def _autocast(cfg: Config, device: torch.device) -> torch.autocast:
-    """solver.amp: float16 on CUDA, bfloat16 on the CPU."""
+def amp_autocast(enabled: bool, device: torch.device) -> torch.autocast:
+    """solver.amp's autocast: float16 on CUDA, bfloat16 on the CPU."""
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=bool(cfg.solver.amp))
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
 def _restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
@@ -222,7 +222,7 @@ def _step(cfg: Config, state: TrainState, model: nn.Module, images: list, target
     """One SGD step; returns the losses averaged over processes (as Python floats)."""
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-    with _autocast(cfg, device):
+    with amp_autocast(bool(cfg.solver.amp), device):
         loss_dict = model(images, targets)
     total = sum(loss_dict.values())
     reduced = _reduce_losses(loss_dict)
