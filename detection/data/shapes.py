@@ -139,7 +139,12 @@ def _keeps_others_visible(new: np.ndarray, masks: list[np.ndarray], min_size: in
 
 
 def _shape_mask(rng: np.random.Generator, label: int, height: int, width: int, min_size: int) -> np.ndarray:
-    """bool[H, W] of one shape lying fully inside the image; its extent is in [min_size, min(H, W) / 2]."""
+    """bool[H, W] of one shape lying fully inside the image, of size in [min_size, min(H, W) / 2].
+
+    A circle or square spans `size` pixels. A triangle's vertices lie on the circle of diameter
+    `size`, so its box spans 0.75-0.87 of that on each side (depending on its rotation) and it
+    covers about half its box: triangles are the smallest objects of the set.
+    """
     size = int(rng.integers(min_size, max(min_size, min(height, width) // 2) + 1))
     half = size / 2.0
     cx = rng.uniform(half, width - half)
