@@ -50,6 +50,7 @@ class RPNConfig:
     post_nms_topk_test: int = 300
     nms_thresh: float = 0.7
     min_size: float = 0.0
+    smooth_l1_beta: float = 0.0
 
 
 @dataclass
@@ -63,6 +64,8 @@ class ROIHeadsConfig:
     score_thresh_test: float = 0.05
     nms_thresh_test: float = 0.5
     detections_per_image: int = 100
+    smooth_l1_beta: float = 0.0
+    box_loss_weight: float = 1.0
 
 
 @dataclass
@@ -294,6 +297,9 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.roi_heads.score_thresh_test", frac(m.roi_heads.score_thresh_test), "in [0, 1]"),
         ("model.roi_heads.nms_thresh_test", frac(m.roi_heads.nms_thresh_test), "in [0, 1]"),
         ("model.roi_heads.detections_per_image", m.roi_heads.detections_per_image > 0, "positive"),
+        ("model.rpn.smooth_l1_beta", m.rpn.smooth_l1_beta >= 0, "0 or more"),
+        ("model.roi_heads.smooth_l1_beta", m.roi_heads.smooth_l1_beta >= 0, "0 or more"),
+        ("model.roi_heads.box_loss_weight", m.roi_heads.box_loss_weight >= 0, "0 or more"),
         ("input.min_size_train", len(cfg.input.min_size_train) > 0
          and min(cfg.input.min_size_train) > 0, "positive sizes"),
         ("input.max_size_train", cfg.input.max_size_train > 0, "positive"),

@@ -188,7 +188,7 @@ def build_model(cfg: Any) -> FasterRCNN:
               positive_fraction=r.positive_fraction, pre_nms_topk_train=r.pre_nms_topk_train,
               post_nms_topk_train=r.post_nms_topk_train, pre_nms_topk_test=r.pre_nms_topk_test,
               post_nms_topk_test=r.post_nms_topk_test, nms_thresh=r.nms_thresh,
-              min_size=r.min_size, smooth_l1_beta=getattr(r, "smooth_l1_beta", 0.0))
+              min_size=r.min_size, smooth_l1_beta=r.smooth_l1_beta)
     h = m.roi_heads
     roi_heads = Res5ROIHeads(
         res5=resnet.res5, res5_out_channels=resnet.out_channels["res5"], num_classes=m.num_classes,
@@ -197,7 +197,7 @@ def build_model(cfg: Any) -> FasterRCNN:
         positive_fraction=h.positive_fraction, iou_threshold=h.iou_threshold,
         bbox_reg_weights=h.bbox_reg_weights, score_thresh_test=h.score_thresh_test,
         nms_thresh_test=h.nms_thresh_test, detections_per_image=h.detections_per_image,
-        smooth_l1_beta=getattr(h, "smooth_l1_beta", 0.0))
+        smooth_l1_beta=h.smooth_l1_beta, box_loss_weight=h.box_loss_weight)
     return FasterRCNN(trunk=build_trunk(resnet), rpn=rpn, roi_heads=roi_heads,
                       pixel_mean=m.pixel_mean, pixel_std=m.pixel_std, input_format=m.input_format,
                       min_size_test=cfg.input.min_size_test, max_size_test=cfg.input.max_size_test)

@@ -7,6 +7,7 @@ Losses (Detectron2's normalization): cross-entropy averaged over the sampled RoI
 loss is summed over foreground RoIs (on the deltas of their gt class only) and divided by
 the number of sampled RoIs, so it shrinks when there is little foreground.
 `smooth_l1_beta=0` (default, Detectron2) is plain L1; Fast R-CNN used beta = 1.
+`box_loss_weight` multiplies the box loss (Detectron2's BBOX_REG_LOSS_WEIGHT).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class Res5ROIHeads(nn.Module):
                  bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
                  score_thresh_test: float = 0.05, nms_thresh_test: float = 0.5,
                  detections_per_image: int = 100, smooth_l1_beta: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
+                 box_loss_weight: float = 1.0, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if pooler not in POOLERS:
             raise ValueError(f"Res5ROIHeads: pooler must be one of {', '.join(POOLERS)}, got {pooler!r}")
@@ -69,6 +70,7 @@ class Res5ROIHeads(nn.Module):
         self.nms_thresh_test = nms_thresh_test
         self.detections_per_image = detections_per_image
         self.smooth_l1_beta = smooth_l1_beta
+        self.box_loss_weight = box_loss_weight
         self.generator = generator
         # detection.fast sets this to compute box_features faster (hoisted convs, chunks). It
         # runs self.res5's own weights and is no submodule: no new parameters or state keys.
@@ -145,7 +147,7 @@ class Res5ROIHeads(nn.Module):
         fg_deltas = deltas.view(num_rois, self.num_classes, 4)[fg, gt_classes[fg] - 1]  # (F, 4)
         target = self.box_coder.encode(gt_boxes[fg], boxes[fg])
         loss_box = F.smooth_l1_loss(fg_deltas, target, beta=self.smooth_l1_beta, reduction="sum")
-        return {"loss_cls": loss_cls, "loss_box": loss_box / num_rois}
+        return {"loss_cls": loss_cls, "loss_box": self.box_loss_weight * loss_box / num_rois}
 
     @torch.no_grad()
     def inference(self, logits: Tensor, deltas: Tensor, proposals: Sequence[Tensor],

@@ -99,6 +99,29 @@ def test_training_losses_normalization_and_gradients():
     torch.testing.assert_close(losses["loss_box"].detach(), expected)
 
 
+def test_box_loss_weight_and_smooth_l1_beta():
+    # Same sample, same weights: Fast R-CNN's smooth L1 (beta 1) at half weight, by hand:
+    # 0.5 * x^2 where |x| < 1, |x| - 0.5 elsewhere, summed over fg and divided by the RoI count.
+    torch.manual_seed(0)
+    targets = _targets()
+    features = torch.randn(2, 16, 8, 8)
+    proposals = [torch.cat([_jittered(t["boxes"][0], 30), _random_proposals(100, s)])
+                 for t, s in zip(targets, IMAGE_SIZES)]
+    heads = _heads(smooth_l1_beta=1.0, box_loss_weight=0.5).train()
+    heads.generator = torch.Generator().manual_seed(0)
+    _, losses = heads(features, proposals, IMAGE_SIZES, targets)
+    heads.generator = torch.Generator().manual_seed(0)
+    boxes, classes, gt_boxes = heads.sample_proposals(proposals, targets)
+    with torch.no_grad():
+        _, deltas = heads.predictor(heads._res5(heads._pool(features, boxes)))
+    fg = (classes > 0).nonzero().squeeze(1)
+    err = (deltas.view(-1, K, 4)[fg, classes[fg] - 1]
+           - BoxCoder((10, 10, 5, 5)).encode(gt_boxes[fg], torch.cat(boxes)[fg])).abs()
+    assert (err < 1).any() and (err >= 1).any()  # both branches of the smooth L1 are exercised
+    expected = 0.5 * torch.where(err < 1, 0.5 * err ** 2, err - 0.5).sum() / classes.numel()
+    torch.testing.assert_close(losses["loss_box"].detach(), expected)
+
+
 def test_image_without_ground_truth_trains_background_only():
     heads = _heads().train()
     features = torch.randn(1, 16, 8, 8)
