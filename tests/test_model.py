@@ -133,8 +133,12 @@ def test_build_model_from_config():
                              "model.anchors.sizes=[16,32,64]", "model.roi_heads.pooler=roi_pool",
                              "model.roi_heads.pooler_resolution=6", "model.roi_heads.batch_size_per_image=16",
                              "model.rpn.post_nms_topk_train=40", "model.rpn.post_nms_topk_test=7",
-                             "input.min_size_test=80", "input.max_size_test=200"])
+                             "input.min_size_test=80", "input.max_size_test=200",
+                             "model.rpn.smooth_l1_beta=0.5", "model.roi_heads.smooth_l1_beta=1.0",
+                             "model.roi_heads.box_loss_weight=0.5"])
     model = build_model(cfg)
+    assert model.rpn.smooth_l1_beta == 0.5
+    assert (model.roi_heads.smooth_l1_beta, model.roi_heads.box_loss_weight) == (1.0, 0.5)
     assert model.num_classes == 2 and model.roi_heads.pooler == "roi_pool"
     assert model.rpn.anchor_generator.num_anchors == 9 and model.rpn.post_nms_topk[False] == 7
     assert model.roi_heads.predictor.cls_score.out_features == 3

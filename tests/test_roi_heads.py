@@ -88,6 +88,13 @@ def test_training_losses_normalization_and_gradients():
     assert heads.predictor.bbox_pred.weight.grad.abs().sum() > 0
 
     # box loss = sum over fg of L1 on the gt class's deltas / number of sampled RoIs
+    err, num_rois = _box_errors(heads, features, proposals, targets)
+    torch.testing.assert_close(losses["loss_box"].detach(), err.sum() / num_rois)
+
+
+def _box_errors(heads, features, proposals, targets) -> tuple:
+    """|predicted - target| deltas of the foreground RoIs (gt class only) that the heads, reseeded
+    with 0 as before their forward pass, sampled; and the number of sampled RoIs."""
     heads.generator = torch.Generator().manual_seed(0)
     boxes, classes, gt_boxes = heads.sample_proposals(proposals, targets)
     with torch.no_grad():
@@ -95,8 +102,7 @@ def test_training_losses_normalization_and_gradients():
     fg = (classes > 0).nonzero().squeeze(1)
     pred = deltas.view(-1, K, 4)[fg, classes[fg] - 1]
     target = BoxCoder((10, 10, 5, 5)).encode(gt_boxes[fg], torch.cat(boxes)[fg])
-    expected = (pred - target).abs().sum() / classes.numel()
-    torch.testing.assert_close(losses["loss_box"].detach(), expected)
+    return (pred - target).abs(), classes.numel()
 
 
 def test_box_loss_weight_and_smooth_l1_beta():
@@ -110,15 +116,9 @@ def test_box_loss_weight_and_smooth_l1_beta():
     heads = _heads(smooth_l1_beta=1.0, box_loss_weight=0.5).train()
     heads.generator = torch.Generator().manual_seed(0)
     _, losses = heads(features, proposals, IMAGE_SIZES, targets)
-    heads.generator = torch.Generator().manual_seed(0)
-    boxes, classes, gt_boxes = heads.sample_proposals(proposals, targets)
-    with torch.no_grad():
-        _, deltas = heads.predictor(heads._res5(heads._pool(features, boxes)))
-    fg = (classes > 0).nonzero().squeeze(1)
-    err = (deltas.view(-1, K, 4)[fg, classes[fg] - 1]
-           - BoxCoder((10, 10, 5, 5)).encode(gt_boxes[fg], torch.cat(boxes)[fg])).abs()
+    err, num_rois = _box_errors(heads, features, proposals, targets)
     assert (err < 1).any() and (err >= 1).any()  # both branches of the smooth L1 are exercised
-    expected = 0.5 * torch.where(err < 1, 0.5 * err ** 2, err - 0.5).sum() / classes.numel()
+    expected = 0.5 * torch.where(err < 1, 0.5 * err ** 2, err - 0.5).sum() / num_rois
     torch.testing.assert_close(losses["loss_box"].detach(), expected)
 
 
