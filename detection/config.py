@@ -126,8 +126,17 @@ class SolverConfig:
 
 
 @dataclass
+class TestAugConfig:
+    enabled: bool = False
+    min_sizes: list[int] = field(default_factory=lambda: [400, 500, 600, 700, 800, 900, 1000, 1100, 1200])
+    max_size: int = 4000
+    flip: bool = True
+
+
+@dataclass
 class TestConfig:
     eval_period: int = 0
+    aug: TestAugConfig = field(default_factory=TestAugConfig)
 
 
 @dataclass
@@ -320,6 +329,9 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("solver.checkpoint_period", s.checkpoint_period > 0, "positive"),
         ("solver.clip_grad_norm", s.clip_grad_norm is None or s.clip_grad_norm > 0, "null or positive"),
         ("test.eval_period", cfg.test.eval_period >= 0, "0 (off) or positive"),
+        ("test.aug.min_sizes", len(cfg.test.aug.min_sizes) > 0 and min(cfg.test.aug.min_sizes) > 0,
+         "positive sizes"),
+        ("test.aug.max_size", cfg.test.aug.max_size > 0, "positive"),
         ("log_period", cfg.log_period > 0, "positive"),
     ]
 

@@ -114,16 +114,22 @@ class FasterRCNN(nn.Module):
             return {**rpn_losses, **head_losses}
         return self.inference(images)
 
-    def inference(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-        batch = self.preprocess(images, resize=True)
+    def inference(self, images: Sequence[Tensor], min_size: int | None = None,
+                  max_size: int | None = None) -> list[dict[str, Tensor]]:
+        """Detections in each input image's pixels; the images are resized to min_size /
+        max_size (default: min_size_test / max_size_test) on the way in."""
+        batch = self.preprocess(images, resize=True, min_size=min_size, max_size=max_size)
         features = self.trunk(batch.tensor)
         proposals, _ = self.rpn(features, batch.image_sizes)
         detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
         return [_rescale(det, resized, (int(img.shape[-2]), int(img.shape[-1])))
                 for det, resized, img in zip(detections, batch.image_sizes, images)]
 
-    def preprocess(self, images: Sequence[Tensor], resize: bool) -> ImageList:
+    def preprocess(self, images: Sequence[Tensor], resize: bool, min_size: int | None = None,
+                   max_size: int | None = None) -> ImageList:
         """RGB 0..255 -> (BGR if the weights want it) -> normalized -> (resized) -> padded."""
+        min_size = self.min_size_test if min_size is None else min_size
+        max_size = self.max_size_test if max_size is None else max_size
         out = []
         for img in images:
             x = img.to(self.device, torch.float32)
@@ -131,7 +137,7 @@ class FasterRCNN(nn.Module):
                 x = x.flip(0)
             x = (x - self.pixel_mean) / self.pixel_std
             if resize:
-                size = resized_size(x.shape[-2], x.shape[-1], self.min_size_test, self.max_size_test)
+                size = resized_size(x.shape[-2], x.shape[-1], min_size, max_size)
                 if size != tuple(x.shape[-2:]):
                     x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
             out.append(x)

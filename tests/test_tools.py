@@ -117,3 +117,24 @@ def test_visualize_class_names_come_from_the_checkpoint_then_the_data_then_numbe
     assert tool._class_names(cfg, {}) == ["circle", "square", "triangle"]  # shapes_val's names
     cfg.datasets.root = str(tmp_path / "nowhere")
     assert tool._class_names(cfg, {}) == ["class 1", "class 2", "class 3"]
+
+
+def test_eval_and_visualize_with_test_time_augmentation(trained, tmp_path):
+    root, overrides = trained
+    weights = str(root / "out" / "model_final.pth")
+
+    def results(name, *aug):
+        run("eval.py", "--weights", weights, "--output-dir", str(tmp_path / name), *overrides, *aug)
+        return json.loads((tmp_path / name / "coco_results.json").read_text())
+
+    plain = results("plain")
+    # one pass at the test size, unmirrored: exactly the plain model's detections
+    assert results("one", "test.aug.enabled=true", "test.aug.min_sizes=[64]", "test.aug.max_size=96",
+                   "test.aug.flip=false") == plain
+    tta = results("tta", "test.aug.enabled=true", "test.aug.min_sizes=[64,80]", "test.aug.max_size=120")
+    assert tta != plain and json.loads((tmp_path / "tta" / "metrics.json").read_text())["AP50"] >= 0
+    per_image = [sum(r["image_id"] == i for r in tta) for i in {r["image_id"] for r in tta}]
+    assert max(per_image) <= 100   # merged down to detections_per_image
+    run("visualize.py", "--weights", weights, "--compare", "--output", str(tmp_path / "vis"), "--limit", "1",
+        *overrides, "test.aug.enabled=true", "test.aug.min_sizes=[64,80]")
+    assert len(list((tmp_path / "vis").glob("*.jpg"))) == 1

@@ -51,7 +51,8 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
 
 def load_model(cfg: Any, weights: Union[str, Path], device: torch.device) -> torch.nn.Module:
     """The config's detector with a detector checkpoint loaded, on device, in eval mode
-    (with model.fast_path, its detection.fast copy: the same detections, faster)."""
+    (with model.fast_path, its detection.fast copy: the same detections, faster; with
+    test.aug.enabled, wrapped in detection.tta.DetectorWithTTA)."""
     return model_from_checkpoint(cfg, load_checkpoint(weights), device, source=weights)
 
 
@@ -59,6 +60,7 @@ def model_from_checkpoint(cfg: Any, checkpoint: dict, device: torch.device,
                           source: Union[str, Path]) -> torch.nn.Module:
     """load_model on a checkpoint already read (source names it in errors)."""
     from detection.model import build_model
+    from detection.tta import with_test_aug
 
     cfg = copy.deepcopy(cfg)
     cfg.model.backbone.weights = None  # the checkpoint holds every weight; no ImageNet file needed
@@ -74,7 +76,7 @@ def model_from_checkpoint(cfg: Any, checkpoint: dict, device: torch.device,
         from detection.fast import optimize_for_inference
 
         model = optimize_for_inference(model)
-    return model
+    return with_test_aug(cfg, model)
 
 
 def get_rng_states() -> dict[str, Any]:

@@ -1,0 +1,71 @@
+"""Test-time augmentation for box detection (config `test.aug`; Detectron2's TEST.AUG).
+
+The detector runs on each image at several shorter-side sizes, each also mirrored
+left-right when `flip` is set. Every pass's detections are mapped back to the input
+image's pixels, pooled, and merged by the model's own per-class NMS
+(model.roi_heads.nms_thresh_test), keeping its detections_per_image best. This is what
+Detectron2's GeneralizedRCNNWithTTA does for boxes. It costs one forward pass per
+(size, flip) pair.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+
+class DetectorWithTTA(nn.Module):
+    """Wraps a FasterRCNN (or its detection.fast copy) for inference only."""
+
+    def __init__(self, model: nn.Module, min_sizes: Sequence[int], max_size: int, flip: bool = True
+                 ) -> None:
+        super().__init__()
+        if len(min_sizes) == 0:
+            raise ValueError("DetectorWithTTA: min_sizes must name at least one size")
+        self.model = model
+        self.min_sizes = [int(s) for s in min_sizes]
+        self.max_size = int(max_size)
+        self.flip = bool(flip)
+        self.train(model.training)  # in the wrapped model's mode (load_model gives eval mode)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        if self.training:
+            raise RuntimeError("DetectorWithTTA is for inference; train the wrapped model")
+        passes: list[list[dict[str, Tensor]]] = [[] for _ in images]
+        for size in self.min_sizes:
+            for flipped in ((False, True) if self.flip else (False,)):
+                inputs = [image.flip(-1) for image in images] if flipped else list(images)
+                detections = self.model.inference(inputs, min_size=size, max_size=self.max_size)
+                for found, det, image in zip(passes, detections, images):
+                    found.append(hflip_detections(det, int(image.shape[-1])) if flipped else det)
+        return [self.merge(found) for found in passes]
+
+    def merge(self, found: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Pool one image's detections from all passes; per-class NMS; the best
+        detections_per_image."""
+        heads = self.model.roi_heads
+        merged = {key: torch.cat([det[key] for det in found]) for key in ("boxes", "scores", "labels")}
+        keep = batched_nms(merged["boxes"], merged["scores"], merged["labels"], heads.nms_thresh_test)
+        keep = keep[:heads.detections_per_image]
+        return {key: value[keep] for key, value in merged.items()}
+
+
+def hflip_detections(det: dict[str, Tensor], width: int) -> dict[str, Tensor]:
+    """Boxes found in the mirrored image, in the original's pixels: x -> width - x."""
+    boxes = det["boxes"]
+    return {**det, "boxes": torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0],
+                                         boxes[:, 3]], dim=1)}
+
+
+def with_test_aug(cfg: Any, model: nn.Module) -> nn.Module:
+    """The model wrapped in DetectorWithTTA when the config's test.aug.enabled, else as is."""
+    aug = cfg.test.aug
+    if not aug.enabled:
+        return model
+    return DetectorWithTTA(model, aug.min_sizes, aug.max_size, aug.flip)
