@@ -30,10 +30,6 @@ class DetectorWithTTA(nn.Module):
         self.flip = bool(flip)
         self.train(model.training)  # in the wrapped model's mode (load_model gives eval mode)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
     def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         if self.training:
             raise RuntimeError("DetectorWithTTA is for inference; train the wrapped model")
@@ -63,7 +59,7 @@ def hflip_detections(det: dict[str, Tensor], width: int) -> dict[str, Tensor]:
                                          boxes[:, 3]], dim=1)}
 
 
-def with_test_aug(cfg: Any, model: nn.Module) -> nn.Module:
+def build_tta(cfg: Any, model: nn.Module) -> nn.Module:
     """The model wrapped in DetectorWithTTA when the config's test.aug.enabled, else as is."""
     aug = cfg.test.aug
     if not aug.enabled:

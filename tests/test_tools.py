@@ -124,7 +124,8 @@ def test_eval_and_visualize_with_test_time_augmentation(trained, tmp_path):
     weights = str(root / "out" / "model_final.pth")
 
     def results(name, *aug):
-        run("eval.py", "--weights", weights, "--output-dir", str(tmp_path / name), *overrides, *aug)
+        out = run("eval.py", "--weights", weights, "--output-dir", str(tmp_path / name), *overrides, *aug)
+        assert ("test-time augmentation" in out.stdout) == bool(aug)   # the table says how it was made
         return json.loads((tmp_path / name / "coco_results.json").read_text())
 
     plain = results("plain")

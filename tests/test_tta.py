@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from detection.config import load_config
-from detection.tta import DetectorWithTTA, hflip_detections, with_test_aug
+from detection.tta import DetectorWithTTA, hflip_detections, build_tta
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_model import IMAGES, make_model  # noqa: E402
@@ -81,10 +81,10 @@ def test_one_size_without_flip_is_the_plain_model_and_mirroring_the_input_mirror
 
 def test_config_turns_it_on_and_checks_its_sizes(tmp_path):
     model = make_model()
-    assert with_test_aug(load_config(None), model) is model  # off by default
+    assert build_tta(load_config(None), model) is model  # off by default
     cfg = load_config(None, ["test.aug.enabled=true", "test.aug.min_sizes=[320,384]",
                              "test.aug.max_size=640", "test.aug.flip=false"])
-    tta = with_test_aug(cfg, model)
+    tta = build_tta(cfg, model)
     assert isinstance(tta, DetectorWithTTA) and tta.model is model
     assert (tta.min_sizes, tta.max_size, tta.flip) == ([320, 384], 640, False)
     with pytest.raises(ValueError, match=r"test\.aug\.min_sizes"):

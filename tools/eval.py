@@ -52,6 +52,10 @@ def run(cfg, args: argparse.Namespace) -> int:
     out_root = Path(args.output_dir or Path(cfg.output_dir) / "inference")
     device = select_device(cfg.device)
     model = None if args.results else load_model(cfg, args.weights, device)
+    if model is not None and cfg.test.aug.enabled:
+        aug = cfg.test.aug
+        print(f"test-time augmentation (test.aug): sizes {aug.min_sizes}, max {aug.max_size}"
+              f"{', each also mirrored' if aug.flip else ''}")
     for entry in cfg.datasets.test:
         dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
         out_dir = out_root / dataset.name if len(cfg.datasets.test) > 1 else out_root

@@ -60,7 +60,7 @@ def model_from_checkpoint(cfg: Any, checkpoint: dict, device: torch.device,
                           source: Union[str, Path]) -> torch.nn.Module:
     """load_model on a checkpoint already read (source names it in errors)."""
     from detection.model import build_model
-    from detection.tta import with_test_aug
+    from detection.tta import build_tta
 
     cfg = copy.deepcopy(cfg)
     cfg.model.backbone.weights = None  # the checkpoint holds every weight; no ImageNet file needed
@@ -76,7 +76,7 @@ def model_from_checkpoint(cfg: Any, checkpoint: dict, device: torch.device,
         from detection.fast import optimize_for_inference
 
         model = optimize_for_inference(model)
-    return with_test_aug(cfg, model)
+    return build_tta(cfg, model)
 
 
 def get_rng_states() -> dict[str, Any]:
