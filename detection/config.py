@@ -80,6 +80,8 @@ class ModelConfig:
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
     fast_path: bool = False
+    size_divisibility: int = 32
+    class_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class InputConfig:
     max_size_test: int = 1000
     hflip_prob: float = 0.5
     jitter: bool = False
+    resize_mode: str = "default"
 
 
 @dataclass
@@ -273,6 +276,7 @@ _CHOICES = {
     "model.backbone.norm": ("frozen_bn", "bn", "gn"),
     "model.backbone.shortcut": ("A", "B", "C"),
     "model.roi_heads.pooler": ("roi_align", "roi_pool"),
+    "input.resize_mode": ("default", "detectron2"),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -284,6 +288,9 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
     lo, hi = (m.rpn.iou_thresholds + [0, 0])[:2]
     return [
         ("model.num_classes", m.num_classes >= 1, "at least 1"),
+        ("model.class_names", not m.class_names or len(m.class_names) == m.num_classes,
+         f"empty or model.num_classes ({m.num_classes}) names"),
+        ("model.size_divisibility", m.size_divisibility >= 0, "0 (no padding) or positive"),
         ("model.pixel_mean", len(m.pixel_mean) == 3, "3 values"),
         ("model.pixel_std", len(m.pixel_std) == 3 and min(m.pixel_std) > 0, "3 positive values"),
         ("model.backbone.freeze_at", 0 <= m.backbone.freeze_at <= 5, "0..5"),

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from detection.config import load_config, save_config
 from detection.data.shapes import generate_shapes
-from detection.engine.checkpoint import load_checkpoint, load_model
+from detection.engine.checkpoint import load_checkpoint
+from detection.engine.loading import build_inference_model
 from detection.engine.trainer import TrainingError, train
 from detection.model import build_model
 
@@ -98,7 +99,7 @@ def test_fast_path_is_a_speed_switch_only(data_root, tmp_path):
     assert saved.keys() == load_checkpoint(tmp_path / "plain" / "model_final.pth")["model"].keys()
     build_model(tiny_cfg(data_root, tmp_path / "x", **extra)).load_state_dict(saved)  # strict
     # eval.py and visualize.py load it as the fast inference copy
-    loaded = load_model(fast_cfg, tmp_path / "fast" / "model_final.pth", torch.device("cpu"))
+    loaded = build_inference_model(fast_cfg, tmp_path / "fast" / "model_final.pth", torch.device("cpu"))[0]
     assert loaded.roi_heads.res5_runner is not None and not loaded.training
     # a plain run's last.pth resumes on the fast path
     fast_cfg.solver.max_iter = 3

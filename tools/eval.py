@@ -46,12 +46,12 @@ def run(cfg, args: argparse.Namespace) -> int:
     from detection.evaluation import build_evaluator, format_metrics_table
     from detection.evaluation import inference_on_dataset, save_metrics_json
     from detection.data.loader import build_test_loader
-    from detection.engine.checkpoint import load_model
+    from detection.engine.loading import build_inference_model
     from detection.engine.distributed import select_device
 
     out_root = Path(args.output_dir or Path(cfg.output_dir) / "inference")
     device = select_device(cfg.device)
-    model = None if args.results else load_model(cfg, args.weights, device)
+    model = None if args.results else build_inference_model(cfg, args.weights, device)[0]
     if model is not None and cfg.test.aug.enabled:
         aug = cfg.test.aug
         print(f"test-time augmentation (test.aug): sizes {aug.min_sizes}, max {aug.max_size}"

@@ -73,13 +73,12 @@ def run(cfg, args: argparse.Namespace) -> int:
     from detection.visualize import draw_detections, side_by_side
 
     device = select_device(cfg.device)
-    model, checkpoint = None, {}
+    model, weights = None, None
     if args.weights:  # read once: the weights and the class names training saved with them
-        from detection.engine.checkpoint import load_checkpoint, model_from_checkpoint
+        from detection.engine.loading import build_inference_model
 
-        checkpoint = load_checkpoint(args.weights)
-        model = model_from_checkpoint(cfg, checkpoint, device, source=args.weights)
-    items, class_names = _inputs(cfg, args, checkpoint)
+        model, weights = build_inference_model(cfg, args.weights, device)
+    items, class_names = _inputs(cfg, args, weights)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for i, (path, record) in enumerate(items):
@@ -99,7 +98,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     return len(items)
 
 
-def _inputs(cfg, args: argparse.Namespace, checkpoint: dict):
+def _inputs(cfg, args: argparse.Namespace, weights):
     """(image path, record or None) pairs and the class names to print."""
     from detection.data.catalog import get_dataset
 
@@ -109,15 +108,15 @@ def _inputs(cfg, args: argparse.Namespace, checkpoint: dict):
         records = dataset.records[: args.limit or None]
         return [(r["file_name"], r) for r in records], dataset.class_names
     files = find_images(args.input)[: args.limit or None]
-    return [(str(f), None) for f in files], _class_names(cfg, checkpoint)
+    return [(str(f), None) for f in files], _class_names(cfg, weights)
 
 
-def _class_names(cfg, checkpoint: dict) -> list[str]:
-    """Names saved in the checkpoint by training, else those of the first test data set when it
-    can be read, else "class 1".."class K"."""
+def _class_names(cfg, weights) -> list[str]:
+    """Names saved in the checkpoint by training, else the config's model.class_names, else
+    those of the first test data set when it can be read, else "class 1".."class K"."""
     from detection.data.catalog import get_dataset
 
-    names = checkpoint.get("class_names")
+    names = (weights.class_names if weights is not None else None) or cfg.model.class_names
     if names:
         return list(names)
     try:

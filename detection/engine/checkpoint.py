@@ -1,7 +1,6 @@
 """Checkpoints written atomically, and the random states that make a resume exact."""
 from __future__ import annotations
 
-import copy
 import os
 import random
 import tempfile
@@ -47,36 +46,6 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
-
-
-def load_model(cfg: Any, weights: Union[str, Path], device: torch.device) -> torch.nn.Module:
-    """The config's detector with a detector checkpoint loaded, on device, in eval mode
-    (with model.fast_path, its detection.fast copy: the same detections, faster; with
-    test.aug.enabled, wrapped in detection.tta.DetectorWithTTA)."""
-    return model_from_checkpoint(cfg, load_checkpoint(weights), device, source=weights)
-
-
-def model_from_checkpoint(cfg: Any, checkpoint: dict, device: torch.device,
-                          source: Union[str, Path]) -> torch.nn.Module:
-    """load_model on a checkpoint already read (source names it in errors)."""
-    from detection.model import build_model
-    from detection.tta import build_tta
-
-    cfg = copy.deepcopy(cfg)
-    cfg.model.backbone.weights = None  # the checkpoint holds every weight; no ImageNet file needed
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(checkpoint.get("model", checkpoint))
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise ValueError(f"{source}: does not match the config's model "
-                         f"({first[0]} {' '.join(first[1:2])[:300]})") from None
-    model = model.to(device).eval()
-    if cfg.model.fast_path:
-        from detection.fast import optimize_for_inference
-
-        model = optimize_for_inference(model)
-    return build_tta(cfg, model)
 
 
 def get_rng_states() -> dict[str, Any]:

@@ -6,6 +6,7 @@ sample order, so k iterations + resume to 2k equals 2k straight.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from detection.config import Config, config_to_dict, save_config
 from detection.engine import distributed as du
 from detection.engine.checkpoint import get_rng_states, load_checkpoint, save_checkpoint, set_rng_states
+from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -56,14 +58,19 @@ def train(cfg: Config, *, resume: bool = False) -> nn.Module:
     distributed = du.init_distributed(device)
     out_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
-    state = _build_state(cfg, device)
     last = out_dir / "last.pth"
-    if resume and last.is_file():
-        _restore(state, load_checkpoint(last), device)
-    elif resume:
+    resuming = resume and last.is_file()
+    if resume and not resuming:
         logger.warning("--resume: %s does not exist, starting from iteration 0", last)
-    if state.iteration == 0 and cfg.model.weights:
-        load_initial_weights(state.model, cfg.model.weights, cfg.model.backbone)
+    # The run's own last.pth, or model.weights (a detector or backbone weights), replaces the
+    # model.backbone.weights file: it is then neither read nor required.
+    initial = read_detector_file(cfg.model.weights) if cfg.model.weights and not resuming \
+        and not cfg.model.weights.startswith("torchvision:") else None
+    state = _build_state(cfg, device, backbone_needed=not resuming and not cfg.model.weights)
+    if resuming:
+        _restore(state, load_checkpoint(last), device)
+    elif cfg.model.weights:
+        load_initial_weights(state.model, cfg.model.weights, cfg.model.backbone, initial)
     if du.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -80,9 +87,12 @@ def train(cfg: Config, *, resume: bool = False) -> nn.Module:
     return state.model
 
 
-def _build_state(cfg: Config, device: torch.device) -> TrainState:
+def _build_state(cfg: Config, device: torch.device, backbone_needed: bool = True) -> TrainState:
     from detection.model import build_model
 
+    if not backbone_needed:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.backbone.weights = None
     model = build_model(cfg).to(device)
     model.train()
     s = cfg.solver
@@ -123,42 +133,6 @@ def _checkpoint(state: TrainState, cfg: Config, path: Path) -> None:
         "config": config_to_dict(cfg),
         "class_names": list(state.class_names),
     }, path)
-
-
-def load_initial_weights(model: nn.Module, path: str, backbone_cfg) -> None:
-    """Start a new run from a detector checkpoint (or a bare detector state dict), or from
-    backbone weights (torchvision `.pth`, MSRA `.pkl`, `torchvision:NAME`) for trunk and res5."""
-    if str(path).endswith((".pth", ".pt")) and Path(path).is_file():
-        ckpt = load_checkpoint(path)
-        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-        own = model.state_dict()
-        if isinstance(state, dict) and any(k in own for k in state):
-            bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-            if bad:
-                raise ValueError(f"{path}: shape mismatch for {bad[0]}: checkpoint "
-                                 f"{tuple(state[bad[0]].shape)}, model {tuple(own[bad[0]].shape)}")
-            result = model.load_state_dict(state, strict=False)
-            logger.info("loaded %s: %d missing, %d unexpected keys", path,
-                        len(result.missing_keys), len(result.unexpected_keys))
-            return
-    _load_backbone_into_detector(model, path, backbone_cfg)
-
-
-def _load_backbone_into_detector(model: nn.Module, source: str, bb) -> None:
-    """ImageNet backbone weights into the detector: stem..res4 -> trunk, res5 -> roi_heads.res5."""
-    from backbones import build_resnet
-
-    resnet = build_resnet(bb.depth, out_features=("res5",), weights=source, norm=bb.norm,
-                          freeze_at=bb.freeze_at, stride_in_1x1=bb.stride_in_1x1,
-                          shortcut=bb.shortcut, residual=bb.residual)
-    mapped = {(f"roi_heads.{k}" if k.startswith("res5.") else f"trunk.{k}"): v
-              for k, v in resnet.state_dict().items()}
-    own = model.state_dict()
-    missing = [k for k in mapped if k not in own]
-    if missing:
-        raise ValueError(f"{source}: backbone key {missing[0]} has no place in the detector")
-    model.load_state_dict(mapped, strict=False)
-    logger.info("loaded backbone weights %s into trunk and res5", source)
 
 
 def _build_train_data(cfg: Config, start_iter: int) -> tuple[Iterator, tuple[str, ...]]:

@@ -1,0 +1,242 @@
+"""Detector weights from any file a user has: this project's checkpoints, Detectron2's
+trainer `.pth` and model-zoo `.pkl` files; and the one way to get a ready model from them.
+
+    weights = read_detector_file("model_final_721ade.pkl")     # DetectorWeights, our names
+    load_detector_weights(model, weights)                        # strict: every tensor placed
+    model, weights = build_inference_model(cfg, "model_final.pth", device)
+
+The format is recognised from the content, not the suffix: a zip archive is read with
+torch.load(weights_only=True); any other pickle first with the restricted numpy-only
+unpickler (model-zoo files), then with torch.load(weights_only=True) (older torch files).
+No file can run code while it is read.
+
+Loading is strict. A tensor of the file with no place in the model, a model tensor the file
+lacks, or a shape that differs is an error listing them: silently dropped weights give a
+detector that runs and is wrong. The one exception is deliberate: fine-tuning on another
+label set (`allow_new_classes`) re-initialises the class-specific layers, and says so.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from detection.engine.checkpoint import CheckpointError
+from detection.engine.detectron2 import convert_detectron2_state, is_detectron2_state
+
+logger = logging.getLogger(__name__)
+
+OUR_PREFIXES = ("trunk.", "rpn.", "roi_heads.")
+# The layers whose shape follows the number of classes: re-initialised when fine-tuning on new labels.
+CLASS_SPECIFIC = ("roi_heads.predictor.cls_score.weight", "roi_heads.predictor.cls_score.bias",
+                  "roi_heads.predictor.bbox_pred.weight", "roi_heads.predictor.bbox_pred.bias")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass
+class DetectorWeights:
+    """A detector's tensors under this project's names, and what the file says about them."""
+
+    path: str
+    format: str  # "c4det" (this project) | "detectron2"
+    state: dict[str, Tensor]
+    class_names: list[str] | None = None  # saved by this project's training
+    config: dict | None = None  # the training config saved by this project's training
+    extra: dict[str, Tensor] = field(default_factory=dict)  # Detectron2's pixel_mean/std, cell anchors
+    unknown: list[str] = field(default_factory=list)  # file names with no counterpart here
+
+    @property
+    def num_classes(self) -> int:
+        """K, from the classifier's K+1 rows."""
+        return int(self.state["roi_heads.predictor.cls_score.weight"].shape[0]) - 1
+
+
+def read_detector_file(path: Union[str, Path]) -> DetectorWeights | None:
+    """The detector in `path`, or None when the file holds weights but not a detector's (for
+    example ImageNet backbone weights). CheckpointError for a missing or unreadable file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    loaded = _read_any(path)
+    state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a checkpoint "
+                              "(expected a dict with a 'model' state dict)")
+    state = {str(k).removeprefix("module."): _tensor(v) for k, v in state.items()
+             if isinstance(v, (Tensor, np.ndarray))}
+    if is_detectron2_state(state):
+        ours, extra, unknown = convert_detectron2_state(state)
+        return _checked(DetectorWeights(str(path), "detectron2", ours, extra=extra, unknown=unknown))
+    if any(k.startswith(OUR_PREFIXES) for k in state):
+        names = loaded.get("class_names") if isinstance(loaded, dict) else None
+        config = loaded.get("config") if isinstance(loaded, dict) else None
+        return _checked(DetectorWeights(str(path), "c4det", state, class_names=list(names) if names else None,
+                                        config=config if isinstance(config, dict) else None))
+    return None
+
+
+def _read_any(path: Path) -> Any:
+    """Unpickle without running code: torch's weights_only loader or the numpy-only one."""
+    from backbones.pickle_io import load_numpy_pickle
+    from backbones.errors import WeightsError
+
+    with open(path, "rb") as f:
+        zipped = f.read(4) == _ZIP_MAGIC
+    errors = []
+    if not zipped:
+        try:
+            return load_numpy_pickle(path)
+        except WeightsError as err:
+            errors.append(str(err))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
+        errors.append(f"torch.load: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    raise CheckpointError(f"{path}: not a readable checkpoint: neither a PyTorch file nor a Detectron2 "
+                          f"model-zoo pickle ({'; '.join(errors)[:400]})")
+
+
+def _tensor(value: Tensor | np.ndarray) -> Tensor:
+    return value if isinstance(value, Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+
+
+def _checked(weights: DetectorWeights) -> DetectorWeights:
+    if "roi_heads.predictor.cls_score.weight" not in weights.state:
+        raise CheckpointError(f"{weights.path}: a {weights.format} detector without its classifier "
+                              "(roi_heads cls_score): the file is incomplete")
+    return weights
+
+
+def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_new_classes: bool = False
+                          ) -> list[str]:
+    """Load every tensor of `weights` into `model` (a FasterRCNN), or raise CheckpointError
+    listing what does not fit. With allow_new_classes, a class count that differs from the
+    model's leaves the class-specific layers at their initial values; returns their names."""
+    _check_extra(model, weights)
+    own = model.state_dict()
+    unexpected = sorted(set(weights.state) - set(own)) + weights.unknown
+    missing = sorted(k for k in own if k not in weights.state and not k.endswith("num_batches_tracked"))
+    mismatched = [k for k in weights.state if k in own and own[k].shape != weights.state[k].shape]
+    skipped = []
+    if allow_new_classes and weights.num_classes != model.num_classes:
+        skipped = [k for k in CLASS_SPECIFIC if k in mismatched]
+        mismatched = [k for k in mismatched if k not in skipped]
+    problems = _problems(unexpected, missing, mismatched, own, weights)
+    if problems:
+        raise CheckpointError(f"{weights.path}: does not fit the config's model: {'; '.join(problems)}")
+    if weights.num_classes != model.num_classes and not skipped:
+        raise CheckpointError(f"{weights.path}: a detector of {weights.num_classes} classes, but "
+                              f"model.num_classes is {model.num_classes}")
+    model.load_state_dict({k: v for k, v in weights.state.items() if k not in skipped}, strict=False)
+    return skipped
+
+
+def _problems(unexpected: list[str], missing: list[str], mismatched: list[str], own: dict,
+              weights: DetectorWeights) -> list[str]:
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors of the file have no place in the model ({_list(unexpected)})")
+    if missing:
+        problems.append(f"{len(missing)} model tensors are not in the file ({_list(missing)})")
+    if mismatched:
+        shapes = [f"{k} {tuple(weights.state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+                  for k in mismatched]
+        problems.append(f"{len(mismatched)} shapes differ ({_list(shapes, 4)})")
+    if problems and weights.num_classes != own["roi_heads.predictor.cls_score.weight"].shape[0] - 1:
+        problems.append(f"the file has {weights.num_classes} classes, model.num_classes is "
+                        f"{own['roi_heads.predictor.cls_score.weight'].shape[0] - 1}")
+    return problems
+
+
+def _list(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f", ... {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_extra(model: nn.Module, weights: DetectorWeights) -> None:
+    """Detectron2's pixel mean/std and anchors, where the file has them, must be the config's."""
+    checks = {"pixel_mean": ("model.pixel_mean", model.pixel_mean),
+              "pixel_std": ("model.pixel_std", model.pixel_std),
+              "proposal_generator.anchor_generator.cell_anchors.0":
+                  ("model.anchors (sizes, aspect_ratios)", model.rpn.anchor_generator.cell_anchors)}
+    for name, (key, ours) in checks.items():
+        theirs = weights.extra.get(name)
+        if theirs is None:
+            continue
+        if theirs.numel() != ours.numel() or not torch.allclose(theirs.float().reshape(ours.shape), ours.cpu(),
+                                                                rtol=1e-4, atol=1e-3):
+            raise CheckpointError(f"{weights.path}: the file's {name} {_values(theirs)} differs from the "
+                                  f"config's {key} {_values(ours)}: use the config made for these weights")
+
+
+def _values(t: Tensor) -> str:
+    values = [round(v, 3) for v in t.flatten().tolist()]
+    return str(values if len(values) <= 8 else values[:8] + ["..."])
+
+
+def load_initial_weights(model: nn.Module, path: str, backbone_cfg: Any,
+                         weights: DetectorWeights | None = None) -> None:
+    """Start a new run from a detector (ours or Detectron2's; on another label set the class-
+    specific layers start fresh) or from backbone weights (torchvision `.pth`, MSRA `.pkl`,
+    `torchvision:NAME`) for trunk and res5. `weights`: the detector, when already read."""
+    if weights is None and not str(path).startswith("torchvision:"):
+        weights = read_detector_file(path)
+    if weights is None:
+        _load_backbone_into_detector(model, path, backbone_cfg)
+        return
+    skipped = load_detector_weights(model, weights, allow_new_classes=True)
+    logger.info("loaded the %s detector %s", weights.format, path)
+    if skipped:
+        logger.warning("%s has %d classes, the config %d: %s start from fresh initial values",
+                       path, weights.num_classes, model.num_classes, ", ".join(skipped))
+
+
+def _load_backbone_into_detector(model: nn.Module, source: str, bb: Any) -> None:
+    """ImageNet backbone weights into the detector: stem..res4 -> trunk, res5 -> roi_heads.res5."""
+    from backbones import build_resnet
+
+    resnet = build_resnet(bb.depth, out_features=("res5",), weights=source, norm=bb.norm,
+                          freeze_at=bb.freeze_at, stride_in_1x1=bb.stride_in_1x1,
+                          shortcut=bb.shortcut, residual=bb.residual)
+    mapped = {(f"roi_heads.{k}" if k.startswith("res5.") else f"trunk.{k}"): v
+              for k, v in resnet.state_dict().items()}
+    own = model.state_dict()
+    missing = [k for k in mapped if k not in own]
+    if missing:
+        raise ValueError(f"{source}: backbone key {missing[0]} has no place in the detector")
+    model.load_state_dict(mapped, strict=False)
+    logger.info("loaded backbone weights %s into trunk and res5", source)
+
+
+def build_inference_model(cfg: Any, weights: Union[str, Path, DetectorWeights], device: torch.device
+                          ) -> tuple[nn.Module, DetectorWeights]:
+    """The config's detector with `weights` loaded, on device, in eval mode: with
+    model.fast_path its detection.fast copy (same detections, faster); with test.aug.enabled
+    wrapped in detection.tta.DetectorWithTTA. The one way tools and the Predictor get a model."""
+    from detection.model import build_model
+    from detection.tta import build_tta
+
+    if not isinstance(weights, DetectorWeights):
+        read = read_detector_file(weights)
+        if read is None:
+            raise CheckpointError(f"{weights}: holds no detector (backbone weights?); evaluation needs a "
+                                  "trained detector: a model_final.pth of tools/train_det.py or a "
+                                  "Detectron2 model-zoo file")
+        weights = read
+    cfg = copy.deepcopy(cfg)
+    cfg.model.backbone.weights = None  # the checkpoint holds every weight; no ImageNet file needed
+    model = build_model(cfg)
+    load_detector_weights(model, weights)
+    if weights.class_names:
+        model.class_names = list(weights.class_names)
+    model = model.to(device).eval()
+    if cfg.model.fast_path:
+        from detection.fast import optimize_for_inference
+
+        model = optimize_for_inference(model)
+    return build_tta(cfg, model), weights
