@@ -306,13 +306,14 @@ class ResNet(nn.Module):
 def build_resnet(
     depth: int, *, out_features: Sequence[str] = ("res4",), weights: str | None = None,
     norm: str = "frozen_bn", freeze_at: int = 2, stride_in_1x1: bool = False, shortcut: str = "B",
-    residual: bool = True,
+    residual: bool = True, allow_partial_weights: bool = False,
 ) -> ResNet:
     """Build a ResNet and, if `weights` is given ("torchvision:IMAGENET1K_V1", a local
     torchvision-format .pth or a Caffe2 .pkl), load it; the loader's WeightsInfo
-    (preprocessing, missing/unexpected keys) is kept as `model.weights_info`."""
+    (preprocessing, missing/unexpected keys) is kept as `model.weights_info`. Weights that
+    cover the model only in part are a WeightsError unless `allow_partial_weights`."""
     model = ResNet(depth, out_features=out_features, norm=norm, freeze_at=freeze_at,
                    stride_in_1x1=stride_in_1x1, shortcut=shortcut, residual=residual)
     if weights is not None:
-        model.weights_info = load_weights(model, weights)
+        model.weights_info = load_weights(model, weights, allow_partial=allow_partial_weights)
     return model

@@ -67,10 +67,13 @@ class WeightsInfo:
     ignored_keys: list[str] = field(default_factory=list)  # file names dropped on purpose (fc, ...)
 
 
-def load_weights(model: nn.Module, source: str | os.PathLike[str]) -> WeightsInfo:
+def load_weights(model: nn.Module, source: str | os.PathLike[str], *, allow_partial: bool = False,
+                 ) -> WeightsInfo:
     """Load `source` into `model` (a backbones ResNet; `model.depth` picks torchvision's
-    file, `model.norm` is checked against the file's norm). Missing and unexpected keys
-    are reported (WeightsInfo, log); a shape mismatch raises WeightsError naming the key."""
+    file, `model.norm` is checked against the file's norm). A shape mismatch raises
+    WeightsError naming the key. So does a partial load (model tensors the file lacks, or
+    file tensors with no place in the model, e.g. R-50 weights into a ResNet-101), unless
+    `allow_partial`: then the model keeps its initial values there, with a warning."""
     info, tensors, non_arrays = _read_source(model, os.fspath(source))
     caffe2 = info.format == "caffe2"
     _check_norm(model, "gn" if caffe2 and any("_gn_" in name for name in tensors) else "bn", info.path)
@@ -78,7 +81,7 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str]) -> WeightsInf
     if caffe2:
         info.ignored_keys += non_arrays  # e.g. a Detectron "cfg" string
         state.update(_caffe2_statistics(model, state))
-    _finish(model, state, info)
+    _finish(model, state, info, allow_partial)
     return info
 
 
@@ -213,10 +216,13 @@ def _caffe2_statistics(model: nn.Module, state: dict[str, Tensor]) -> dict[str, 
     return extra
 
 
-def _finish(model: nn.Module, state: dict[str, Tensor], info: WeightsInfo) -> None:
+def _finish(model: nn.Module, state: dict[str, Tensor], info: WeightsInfo, allow_partial: bool) -> None:
     own = model.state_dict()
     info.loaded_keys = sorted(state)
     info.missing_keys = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if not allow_partial and (info.missing_keys or info.unexpected_keys):
+        # Checked before loading: a refused file leaves the model untouched.
+        raise WeightsError(_partial_message(model, info))
     model.load_state_dict(state, strict=False)
     logger.info("loaded %d tensors from %s (%s weights)", len(state), info.path, info.format)
     if info.missing_keys:
@@ -229,6 +235,22 @@ def _finish(model: nn.Module, state: dict[str, Tensor], info: WeightsInfo) -> No
     if getattr(model, "depth", 0) >= 50 and model_stride != info.stride_in_1x1:
         logger.warning("%s was trained with stride_in_1x1=%s but the model uses %s",
                        info.path, info.stride_in_1x1, model_stride)
+
+
+def _partial_message(model: nn.Module, info: WeightsInfo) -> str:
+    """One line: what does not fit, and the switch that accepts it."""
+    depth = getattr(model, "depth", None)
+    target = f"the ResNet-{depth}" if depth else "the model"
+    parts = []
+    if info.missing_keys:
+        parts.append(f"{len(info.missing_keys)} tensors of {target} are not in the file "
+                     f"({_shorten(info.missing_keys, 4)})")
+    if info.unexpected_keys:
+        parts.append(f"{len(info.unexpected_keys)} tensors of the file have no place in {target} "
+                     f"({_shorten(info.unexpected_keys, 4)})")
+    return (f"{info.path} does not fit {target}: {'; '.join(parts)}. Weights of another depth or "
+            "shortcut option? To load the matching part anyway, leaving the rest at its initial "
+            "values, pass allow_partial_weights=True (config: model.backbone.allow_partial_weights: true)")
 
 
 def _shorten(names: list[str], limit: int = 8) -> str:

@@ -30,6 +30,7 @@ class BackboneConfig:
     shortcut: str = "B"
     residual: bool = True
     weights: Union[str, None] = "torchvision:IMAGENET1K_V1"
+    allow_partial_weights: bool = False  # weights covering the backbone in part are an error without it
 
 
 @dataclass

@@ -184,7 +184,7 @@ def build_model(cfg: Any) -> FasterRCNN:
     bb = m.backbone
     resnet = build_resnet(bb.depth, out_features=("res4",), weights=bb.weights, norm=bb.norm,
                           freeze_at=bb.freeze_at, stride_in_1x1=bb.stride_in_1x1,
-                          shortcut=bb.shortcut, residual=bb.residual)
+                          shortcut=bb.shortcut, residual=bb.residual, allow_partial_weights=bb.allow_partial_weights)
     _warn_on_preprocessing_mismatch(getattr(resnet, "weights_info", None), m)
     anchors = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios, m.anchors.stride,
                               offset=getattr(m.anchors, "offset", 0.0))

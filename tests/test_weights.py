@@ -80,19 +80,61 @@ def test_local_torchvision_pth_loads_and_records_preprocessing(r18_pth):
     assert torch.equal(model.res5[1].norm2.running_var, state["layer4.1.bn2.running_var"])
 
 
-def test_missing_and_unexpected_keys_are_reported(tmp_path):
+def test_missing_and_unexpected_keys_are_an_error_naming_both(tmp_path):
     state = random_torchvision_resnet(18).state_dict()
     del state["layer4.1.bn2.running_var"]
     state["layer9.0.conv1.weight"] = torch.zeros(1)
     path = tmp_path / "partial.pth"
     torch.save(state, path)
-    info = load_weights(build_resnet(18), path)
+    with pytest.raises(WeightsError, match=r"partial\.pth does not fit the ResNet-18: 1 tensors of the ResNet-18 "
+                       r"are not in the file \(res5\.1\.norm2\.running_var\); 1 tensors of the file have no "
+                       r"place in the ResNet-18 \(layer9\.0\.conv1\.weight\).*allow_partial_weights"):
+        load_weights(build_resnet(18), path)
+    info = load_weights(build_resnet(18), path, allow_partial=True)
     assert info.missing_keys == ["res5.1.norm2.running_var"]
     assert info.unexpected_keys == ["layer9.0.conv1.weight"]
 
 
+def test_weights_of_a_shallower_net_are_refused_unless_allowed(tmp_path, r18_pth, caplog):
+    """The user's mistake: R-50 weights into ResNet-101 (same shapes, fewer res4 blocks);
+    here R-18 into ResNet-34, which differ the same way at a fraction of the cost."""
+    model = build_resnet(34)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsError) as err:
+        load_weights(model, r18_pth)
+    message = str(err.value)
+    assert str(r18_pth) in message and "\n" not in message
+    # res2..res5 of ResNet-34 have 3, 4, 6, 3 blocks; ResNet-18's file covers 2 of each
+    missing = len([k for k in before if k.split(".")[0] in ("res2", "res3", "res4", "res5")
+                   and int(k.split(".")[1]) >= 2 and not k.endswith("num_batches_tracked")])
+    assert f"{missing} tensors of the ResNet-34 are not in the file (res2.2.conv1.weight," in message
+    assert "model.backbone.allow_partial_weights: true" in message
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused: untouched
+    with caplog.at_level("WARNING", logger="backbones.weights"):
+        allowed = build_resnet(34, weights=str(r18_pth), allow_partial_weights=True)
+    assert len(allowed.weights_info.missing_keys) == missing
+    assert f"{missing} model tensors not in {r18_pth}" in caplog.text
+
+
+def test_weights_of_a_deeper_net_list_the_unused_tensors(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(random_torchvision_resnet(34).state_dict(), path)
+    with pytest.raises(WeightsError, match=r"resnet34\.pth does not fit the ResNet-18: \d+ tensors of the file have "
+                                           r"no place in the ResNet-18 \(layer1\.2\.conv1\.weight, "):
+        build_resnet(18, weights=str(path))
+
+
+def test_caffe2_weights_of_a_shallower_net_are_refused(tmp_path):
+    path = tmp_path / "R-18.pkl"
+    write_pickle(path, caffe2_blobs(18))
+    with pytest.raises(WeightsError, match=r"R-18\.pkl does not fit the ResNet-34: .* \(res2\.2\.conv1\.weight"):
+        build_resnet(34, weights=str(path))
+
+
 def test_option_a_reports_torchvision_projections_as_unexpected(r18_pth):
-    info = load_weights(build_resnet(18, shortcut="A"), r18_pth)
+    with pytest.raises(WeightsError, match=r"have no place in the ResNet-18 \(layer2\.0\.downsample"):
+        load_weights(build_resnet(18, shortcut="A"), r18_pth)
+    info = load_weights(build_resnet(18, shortcut="A"), r18_pth, allow_partial=True)
     assert sorted(info.unexpected_keys) == sorted(
         f"layer{i}.0.downsample.{j}.{p}" for i in (2, 3, 4) for j, params in
         ((0, ["weight"]), (1, ["weight", "bias", "running_mean", "running_var"])) for p in params)
@@ -321,3 +363,31 @@ def test_broken_pickle_names_the_file(tmp_path):
     path.write_bytes(pickle.dumps(caffe2_blobs(18), protocol=2)[:1000])
     with pytest.raises(WeightsError, match=re.escape(str(path))):
         build_resnet(18, weights=str(path))
+
+
+# ---------------------------------------------------------------- through the config
+
+def _detector_config(*overrides):
+    from detection.config import load_config
+
+    return load_config(None, ["model.num_classes=2", "model.backbone.depth=34", "model.backbone.norm=bn",
+                              "model.backbone.freeze_at=0", *overrides])
+
+
+def test_config_switch_reaches_build_model_and_model_weights(r18_pth):
+    """R-18 weights for a ResNet-34 detector: refused by model.backbone.weights and by
+    model.weights (both load paths), accepted with model.backbone.allow_partial_weights."""
+    from detection.engine.loading import load_initial_weights
+    from detection.model import build_model
+
+    with pytest.raises(WeightsError, match="does not fit the ResNet-34"):
+        build_model(_detector_config(f"model.backbone.weights={r18_pth}"))
+    cfg = _detector_config(f"model.backbone.weights={r18_pth}", "model.backbone.allow_partial_weights=true")
+    assert cfg.model.backbone.allow_partial_weights is True
+    build_model(cfg)
+    cfg = _detector_config("model.backbone.weights=null")
+    model = build_model(cfg)
+    with pytest.raises(WeightsError, match="allow_partial_weights"):
+        load_initial_weights(model, str(r18_pth), cfg.model.backbone)
+    cfg.model.backbone.allow_partial_weights = True
+    load_initial_weights(model, str(r18_pth), cfg.model.backbone)

@@ -202,7 +202,7 @@ def _load_backbone_into_detector(model: nn.Module, source: str, bb: Any) -> None
 
     resnet = build_resnet(bb.depth, out_features=("res5",), weights=source, norm=bb.norm,
                           freeze_at=bb.freeze_at, stride_in_1x1=bb.stride_in_1x1,
-                          shortcut=bb.shortcut, residual=bb.residual)
+                          shortcut=bb.shortcut, residual=bb.residual, allow_partial_weights=bb.allow_partial_weights)
     mapped = {(f"roi_heads.{k}" if k.startswith("res5.") else f"trunk.{k}"): v
               for k, v in resnet.state_dict().items()}
     own = model.state_dict()
