@@ -359,7 +359,20 @@ def validate(cfg: Config, source: str = "config") -> Config:
     for key, ok, expected in _checks(cfg):
         if not ok:
             raise ConfigError(f"{source}: {key}: {_get(cfg, key)!r} is invalid, expected {expected}")
+    _check_dataset_entries(cfg, source)
     return cfg
+
+
+def _check_dataset_entries(cfg: Config, source: str) -> None:
+    """Data-set entries are free-form in the dataclass (a name or a mapping), so their fields
+    are checked here, against the data layer's one table of them (no file is read)."""
+    from detection.data.catalog import entry_problem  # the data layer's table; imported where used
+
+    for split in ("train", "test"):
+        for index, entry in enumerate(getattr(cfg.datasets, split)):
+            problem = entry_problem(entry)
+            if problem:
+                raise ConfigError(f"{source}: datasets.{split}[{index}]{problem[0]}: {problem[1]}")
 
 
 # ----------------------------------------------------------------------------- public API

@@ -124,3 +124,42 @@ def test_cli_bad_key_exits_2_with_suggestion_and_no_traceback():
     assert out.returncode == 2
     assert "model.rpn.nms_tresh" in out.stderr and "nms_thresh" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------- data-set entries (issue 25, item 9)
+
+VOC_ENTRY = "{type: voc, root: my/VOC, split: test, classes: [cat, dog], use_07_metric: false}"
+
+
+@pytest.mark.parametrize("entry, key, hint", [
+    ("{type: voc, root: my/VOC, split: test, clases: [cat, dog]}", "datasets.test[0].clases", "did you mean classes?"),
+    ("{type: voc, root: my/VOC, split: test, use_07_metrc: false}", "datasets.test[0].use_07_metrc",
+     "did you mean use_07_metric?"),
+    ("{type: pascal, root: my/VOC, split: test}", "datasets.test[0].type", "valid types: coco (a COCO json"),
+    ("{type: coco, image_root: my/images}", "datasets.test[0].ann_file", "missing; a coco entry takes type, ann_file"),
+    ("{type: coco, annfile: my/a.json, image_root: my/images}", "datasets.test[0].annfile",
+     "did you mean ann_file?"),
+    ("{type: voc, root: my/VOC, split: test, classes: cat}", "datasets.test[0].classes",
+     "expected a list of distinct class names"),
+    ("voc_2007_tset", "datasets.test[0]", "unknown data set name 'voc_2007_tset' (did you mean voc_2007_test"),
+])
+def test_dataset_entry_typos_are_config_errors_with_the_closest_names(tmp_path, entry, key, hint):
+    config = write(tmp_path / "mine.yaml", f"datasets:\n  train: [shapes_train]\n  test: [{entry}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    message = str(info.value)
+    assert message.startswith(f"{config}: {key}: ") and hint in message and "\n" not in message
+
+
+def test_valid_dataset_entries_load():
+    cfg = load_config(None, [f"datasets.train=[voc_2007_trainval, {VOC_ENTRY}]",
+                             "datasets.test=[{type: coco, ann_file: a.json, image_root: imgs, name: mine}]"])
+    assert cfg.datasets.train[1]["classes"] == ["cat", "dog"]
+
+
+def test_cli_print_config_rejects_a_dataset_entry_typo_with_exit_2():
+    out = run_tool("--config", "configs/shapes_r18.yaml", "--print-config",
+                   "datasets.test=[{type: voc, root: my/VOC, split: test, clases: [cat, dog]}]")
+    assert out.returncode == 2, out.stdout
+    assert "datasets.test[0].clases" in out.stderr and "did you mean classes?" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

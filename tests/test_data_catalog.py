@@ -27,14 +27,29 @@ def test_unknown_name_lists_the_known_names(tmp_path):
 
 
 def test_explicit_entry_keys_are_checked(tmp_path):
-    with pytest.raises(DataError, match="unknown keys \\['annfile'\\]"):
+    with pytest.raises(DataError, match=r"field annfile: unknown key \(did you mean ann_file\?\)"):
         get_dataset({"type": "coco", "annfile": "x.json", "ann_file": "x", "image_root": "y"}, str(tmp_path))
-    with pytest.raises(DataError, match="missing keys \\['split'\\]"):
+    with pytest.raises(DataError, match="field split: missing; a voc entry takes type, root, split"):
         get_dataset({"type": "voc", "root": "VOC2007"}, str(tmp_path))
-    with pytest.raises(DataError, match="'type' must be 'coco' or 'voc'"):
+    with pytest.raises(DataError, match="'yolo' is not a data set type; valid types: coco .* or voc"):
         get_dataset({"type": "yolo"}, str(tmp_path))
     with pytest.raises(DataError, match="name or a mapping"):
         get_dataset(42, str(tmp_path))
+    with pytest.raises(DataError, match="use_07_metric: expected true or false, got 'no'"):
+        get_dataset({"type": "voc", "root": "VOC2007", "split": "test", "use_07_metric": "no"}, str(tmp_path))
+
+
+def test_entry_fields_are_one_table_used_by_catalog_and_config():
+    from detection.config import load_config
+    from detection.data.catalog import ENTRY_FIELDS, entry_problem
+
+    for kind, (required, optional) in ENTRY_FIELDS.items():
+        assert "type" in required and not set(required) & set(optional)
+    for name, spec in KNOWN_DATASETS.items():  # the known names are valid explicit entries too
+        assert entry_problem(name) is None and entry_problem(spec) is None
+    cfg = load_config(None, ["datasets.test=[{type: voc, root: r, split: s, " + ", ".join(
+        f"{k}: {v}" for k, v in {"name": "n", "classes": "[a]", "use_07_metric": "true"}.items()) + "}]"])
+    assert entry_problem(cfg.datasets.test[0]) is None
 
 
 def test_relative_paths_under_root_absolute_kept(tmp_path):

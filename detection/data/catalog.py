@@ -6,6 +6,7 @@ with its own class list, so custom data needs no code change.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +33,14 @@ KNOWN_DATASETS: dict[str, dict[str, str]] = {
                    "image_root": "shapes/val"},
 }
 
-_ENTRY_KEYS = {
-    "coco": ({"type", "ann_file", "image_root"}, {"name"}),
-    "voc": ({"type", "root", "split"}, {"name", "classes", "use_07_metric"}),
+# type -> (required fields, optional fields): the one table of what an explicit data-set
+# entry holds. detection/config.py checks config entries against it (entry_problem) when
+# the config is loaded, so a typo exits at startup, not at the first data access.
+ENTRY_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "coco": (("type", "ann_file", "image_root"), ("name",)),
+    "voc": (("type", "root", "split"), ("name", "classes", "use_07_metric")),
 }
+_TYPE_HELP = "coco (a COCO json + image folder) or voc (a VOC-layout folder)"
 
 
 @dataclass
@@ -111,25 +116,76 @@ def concat_datasets(datasets: Sequence[DatasetInfo]) -> DatasetInfo:
     )
 
 
-def _resolve_entry(entry: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """-> (display name, explicit spec) with the keys checked."""
+def entry_problem(entry: Any) -> tuple[str, str] | None:
+    """What is wrong with a data-set entry, as (".field" or "", one-line problem), or None.
+
+    Checks names, fields and value types only (no file access), with the closest valid
+    names for a misspelling, so the config loader can run it for every entry at startup.
+    """
     if isinstance(entry, str):
-        if entry not in KNOWN_DATASETS:
-            raise DataError(f"unknown data set name {entry!r}; known names: {', '.join(KNOWN_DATASETS)}; "
-                            "or give a mapping {type: coco, ann_file, image_root} / {type: voc, root, split, classes}")
-        return entry, dict(KNOWN_DATASETS[entry])
+        return None if entry in KNOWN_DATASETS else ("", _unknown_name(entry))
     if not isinstance(entry, Mapping):
-        raise DataError(f"data set entry must be a name or a mapping, got {type(entry).__name__}: {entry!r}")
+        return "", (f"expected a known data set name or a mapping {{type: coco|voc, ...}}, "
+                    f"got {type(entry).__name__} {entry!r}")
+    kind = entry.get("type")
+    if kind not in ENTRY_FIELDS:
+        close = [t for t in ENTRY_FIELDS if str(kind).lower() == t] or _close(str(kind), ENTRY_FIELDS)
+        what = "missing" if kind is None else f"{kind!r} is not a data set type"
+        return ".type", f"{what}{_did_you_mean(close)}; valid types: {_TYPE_HELP}"
+    required, optional = ENTRY_FIELDS[kind]
+    takes = f"a {kind} entry takes {', '.join(required)} and optionally {', '.join(optional)}"
+    for key in entry:
+        if key not in required + optional:
+            return f".{key}", f"unknown key{_did_you_mean(_close(str(key), required + optional))}; {takes}"
+    for key in required:
+        if key not in entry:
+            return f".{key}", f"missing; {takes}"
+    for key, value in entry.items():
+        problem = _value_problem(key, value)
+        if problem:
+            return f".{key}", f"{problem}, got {value!r}"
+    return None
+
+
+def _value_problem(key: str, value: Any) -> str | None:
+    """What a field's value should be, when it is not that."""
+    if key in ("ann_file", "image_root", "root", "name"):
+        return None if isinstance(value, str) and value else "expected a non-empty string"
+    if key == "split":  # a custom split may be a number in YAML (split: 1)
+        return None if isinstance(value, (str, int)) and not isinstance(value, bool) else "expected a split name"
+    if key == "classes":
+        ok = (isinstance(value, list) and value and all(isinstance(c, str) for c in value)
+              and len(set(value)) == len(value))
+        return None if ok else "expected a list of distinct class names, e.g. [cat, dog]"
+    if key == "use_07_metric":
+        return None if isinstance(value, bool) else "expected true or false"
+    return None
+
+
+def _unknown_name(name: str) -> str:
+    return (f"unknown data set name {name!r}{_did_you_mean(_close(name, KNOWN_DATASETS))}; known names: "
+            f"{', '.join(KNOWN_DATASETS)}; or give a mapping "
+            "{type: coco, ann_file, image_root} / {type: voc, root, split, classes}")
+
+
+def _close(word: str, choices: Sequence[str] | Mapping[str, Any]) -> list[str]:
+    return difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+
+
+def _did_you_mean(close: list[str]) -> str:
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _resolve_entry(entry: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """-> (display name, explicit spec) with the entry checked (entry_problem)."""
+    problem = entry_problem(entry)
+    if problem:
+        field_name, text = problem
+        where = f"data set entry {entry!r}" + (f", field {field_name[1:]}" if field_name else "")
+        raise DataError(f"{where}: {text}")
+    if isinstance(entry, str):
+        return entry, dict(KNOWN_DATASETS[entry])
     spec = dict(entry)
-    kind = spec.get("type")
-    if kind not in _ENTRY_KEYS:
-        raise DataError(f"data set entry {spec!r}: 'type' must be 'coco' or 'voc'")
-    required, optional = _ENTRY_KEYS[kind]
-    missing = sorted(required - spec.keys())
-    unknown = sorted(spec.keys() - required - optional)
-    if missing or unknown:
-        raise DataError(f"data set entry {spec!r}: missing keys {missing}, unknown keys {unknown}; "
-                        f"a {kind} entry takes {sorted(required)} and optionally {sorted(optional)}")
     name = spec.get("name") or _default_name(spec)
     return str(name), spec
 
