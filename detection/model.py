@@ -11,10 +11,10 @@ from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detection.anchors import AnchorGenerator
+from detection.resize import RESIZE_MODES, resize_tensor_bilinear, resize_tensor_pil, resized_shape
 from detection.roi_heads import Res5ROIHeads
 from detection.rpn import RPN
 from detection.structures import ImageList
@@ -62,23 +62,20 @@ def _raise_first(bad: Tensor, image: int, boxes: Tensor, what: str) -> None:
         raise TargetError(f"image {image}, box {j}: {boxes[j].tolist()} {what}")
 
 
-def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """(h, w) with the shorter side min_size unless that makes the longer side exceed max_size."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    # Rounded half up, exactly like detection.data.transforms.resized_shape (the training resize).
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
-
-
 class FasterRCNN(nn.Module):
     """The C4 detector. `trunk` maps (N, 3, H, W) normalized images to the stride-16 map."""
 
     def __init__(self, *, trunk: nn.Module, rpn: RPN, roi_heads: Res5ROIHeads,
                  pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  input_format: str = "RGB", min_size_test: int = 600, max_size_test: int = 1000,
-                 size_divisibility: int = 32, class_names: Sequence[str] | None = None) -> None:
+                 size_divisibility: int = 32, resize_mode: str = "default",
+                 class_names: Sequence[str] | None = None) -> None:
         super().__init__()
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"FasterRCNN: input_format must be RGB or BGR, got {input_format!r}")
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"FasterRCNN: resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        self.resize_mode = resize_mode
         self.trunk, self.rpn, self.roi_heads = trunk, rpn, roi_heads
         self.num_classes = roi_heads.num_classes
         self.input_format = input_format
@@ -127,20 +124,22 @@ class FasterRCNN(nn.Module):
 
     def preprocess(self, images: Sequence[Tensor], resize: bool, min_size: int | None = None,
                    max_size: int | None = None) -> ImageList:
-        """RGB 0..255 -> (BGR if the weights want it) -> normalized -> (resized) -> padded."""
+        """RGB 0..255 -> (resized, uint8, resize_mode "detectron2") -> (BGR if the weights want
+        it) -> normalized -> (resized, float, resize_mode "default") -> padded."""
         min_size = self.min_size_test if min_size is None else min_size
         max_size = self.max_size_test if max_size is None else max_size
         out = []
         for img in images:
+            size = resized_shape(int(img.shape[-2]), int(img.shape[-1]), min_size, max_size) if resize \
+                else tuple(img.shape[-2:])
+            scale = size != tuple(img.shape[-2:])
+            if scale and self.resize_mode == "detectron2":
+                img, scale = resize_tensor_pil(img, size), False
             x = img.to(self.device, torch.float32)
             if self.input_format == "BGR":
                 x = x.flip(0)
             x = (x - self.pixel_mean) / self.pixel_std
-            if resize:
-                size = resized_size(x.shape[-2], x.shape[-1], min_size, max_size)
-                if size != tuple(x.shape[-2:]):
-                    x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
-            out.append(x)
+            out.append(resize_tensor_bilinear(x, size) if scale else x)
         return ImageList.from_tensors(out, self.size_divisibility)
 
 
@@ -156,14 +155,18 @@ def _check_images(images: Sequence[Tensor]) -> None:
 def _rescale(det: dict[str, Tensor], resized: tuple[int, int], original: tuple[int, int]
              ) -> dict[str, Tensor]:
     """Map boxes from the resized image back to the original one (separate x / y factors,
-    since rounding makes them differ slightly), clipped to the original image."""
-    if resized == original:
-        return det
-    sy, sx = original[0] / resized[0], original[1] / resized[1]
-    boxes = det["boxes"] * det["boxes"].new_tensor([sx, sy, sx, sy])
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, original[1])
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, original[0])
-    return {**det, "boxes": boxes}
+    since rounding makes them differ slightly), clipped to the original image; boxes left
+    with no area are dropped (as Detectron2's detector_postprocess does)."""
+    boxes = det["boxes"]
+    if resized != original:
+        sy, sx = original[0] / resized[0], original[1] / resized[1]
+        boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, original[1])
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, original[0])
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if bool(keep.all()):
+        return {**det, "boxes": boxes}
+    return {**{k: v[keep] for k, v in det.items()}, "boxes": boxes[keep]}
 
 
 def build_trunk(resnet: nn.Module) -> nn.Sequential:
@@ -206,7 +209,9 @@ def build_model(cfg: Any) -> FasterRCNN:
         smooth_l1_beta=h.smooth_l1_beta, box_loss_weight=h.box_loss_weight)
     return FasterRCNN(trunk=build_trunk(resnet), rpn=rpn, roi_heads=roi_heads,
                       pixel_mean=m.pixel_mean, pixel_std=m.pixel_std, input_format=m.input_format,
-                      min_size_test=cfg.input.min_size_test, max_size_test=cfg.input.max_size_test)
+                      min_size_test=cfg.input.min_size_test, max_size_test=cfg.input.max_size_test,
+                      size_divisibility=m.size_divisibility, resize_mode=cfg.input.resize_mode,
+                      class_names=m.class_names or None)
 
 
 def _warn_on_preprocessing_mismatch(info: Any, model_cfg: Any) -> None:

@@ -1,8 +1,10 @@
-"""Training transforms: shorter-side resize (OpenCV) + flip / photometric jitter (albumentations).
+"""Training transforms: shorter-side resize (OpenCV, or PIL for input.resize_mode detectron2)
++ flip / photometric jitter (albumentations).
 
 The resize is written here because no albumentations transform does exactly
 "shorter side = min_size, longer side <= max_size" (SmallestMaxSize ignores the
-cap, LongestMaxSize upscales small images to the cap). Boxes follow the image
+cap, LongestMaxSize upscales small images to the cap); the size rule is detection.resize's.
+Boxes follow the image
 exactly: x *= new_w / w, y *= new_h / h with the rounded output size.
 """
 from __future__ import annotations
@@ -18,28 +20,23 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from detection.data import DataError  # noqa: E402
+from detection.resize import RESIZE_MODES, resize_uint8_pil, resized_shape  # noqa: E402,F401 (re-exported)
 
 
-def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """(new_h, new_w): scale = min(min_size / short, max_size / long), rounded to pixels.
-
-    Rounding cannot break the cap: long * scale <= max_size (an integer) rounds to <= max_size.
-    """
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
-
-
-def resize_shorter_side(img: np.ndarray, boxes: np.ndarray, min_size: int,
-                        max_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize img (H, W, C) and boxes float[N, 4] XYXY by the shorter-side rule above."""
+def resize_shorter_side(img: np.ndarray, boxes: np.ndarray, min_size: int, max_size: int,
+                        mode: str = "default") -> tuple[np.ndarray, np.ndarray]:
+    """Resize img (H, W, C) and boxes float[N, 4] XYXY by the shorter-side rule of
+    detection.resize; `mode` is input.resize_mode (default: OpenCV; detectron2: PIL bilinear)."""
     height, width = img.shape[:2]
     new_h, new_w = resized_shape(height, width, min_size, max_size)
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if (new_h, new_w) == (height, width):
         return img, boxes.copy()
-    # INTER_AREA when shrinking avoids aliasing; bilinear when enlarging
-    interp = cv2.INTER_AREA if new_h < height else cv2.INTER_LINEAR
-    out = cv2.resize(img, (new_w, new_h), interpolation=interp)
+    if mode == "detectron2":
+        out = resize_uint8_pil(img, (new_h, new_w))
+    else:  # INTER_AREA when shrinking avoids aliasing; bilinear when enlarging
+        interp = cv2.INTER_AREA if new_h < height else cv2.INTER_LINEAR
+        out = cv2.resize(img, (new_w, new_h), interpolation=interp)
     scale = np.array([new_w / width, new_h / height, new_w / width, new_h / height], dtype=np.float32)
     return out, boxes * scale
 
@@ -53,8 +50,9 @@ class TrainTransform:
     """
 
     def __init__(self, min_sizes: Sequence[int], max_size: int, hflip_prob: float, jitter: bool,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, resize_mode: str = "default") -> None:
         self.min_sizes = [int(s) for s in min_sizes]
+        self.resize_mode = resize_mode
         self.max_size = int(max_size)
         self.hflip_prob = float(hflip_prob)
         self.jitter = bool(jitter)
@@ -81,7 +79,7 @@ class TrainTransform:
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes, labels = boxes[valid], labels[valid]
         min_size = self.min_sizes[int(self._rng.integers(len(self.min_sizes)))]
-        img, boxes = resize_shorter_side(img, boxes, min_size, self.max_size)
+        img, boxes = resize_shorter_side(img, boxes, min_size, self.max_size, self.resize_mode)
         out = self._albu(image=img, bboxes=boxes, labels=labels)
         out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
         out_labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
@@ -89,11 +87,12 @@ class TrainTransform:
 
     def __repr__(self) -> str:
         return (f"TrainTransform(min_sizes={self.min_sizes}, max_size={self.max_size}, "
-                f"hflip_prob={self.hflip_prob}, jitter={self.jitter})")
+                f"hflip_prob={self.hflip_prob}, jitter={self.jitter}, resize_mode={self.resize_mode!r})")
 
 
 def build_transforms(*, min_sizes: Sequence[int] | int, max_size: int, hflip_prob: float,
-                     jitter: bool = False, seed: int | None = None) -> TrainTransform:
+                     jitter: bool = False, seed: int | None = None, resize_mode: str = "default"
+                     ) -> TrainTransform:
     """The training transform from the input.* settings (min_size_train, max_size_train, hflip_prob, jitter)."""
     sizes = [min_sizes] if isinstance(min_sizes, int) else list(min_sizes)
     if not sizes or any(int(s) <= 0 for s in sizes):
@@ -102,7 +101,9 @@ def build_transforms(*, min_sizes: Sequence[int] | int, max_size: int, hflip_pro
         raise DataError(f"input.max_size_train must be positive, got {max_size!r}")
     if not 0.0 <= float(hflip_prob) <= 1.0:
         raise DataError(f"input.hflip_prob must be in [0, 1], got {hflip_prob!r}")
-    return TrainTransform(sizes, max_size, hflip_prob, jitter, seed=seed)
+    if resize_mode not in RESIZE_MODES:
+        raise DataError(f"input.resize_mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
+    return TrainTransform(sizes, max_size, hflip_prob, jitter, seed=seed, resize_mode=resize_mode)
 
 
 def _albu_ops(hflip_prob: float, jitter: bool) -> list:

@@ -1,0 +1,241 @@
+"""Detectron2 model-zoo C4 checkpoints: they load (both file formats, strictly) and reproduce the
+detections that real Detectron2 computed with the same file (tests/fixtures/detectron2_c4)."""
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from detection.config import load_config
+from detection.data.image_io import read_image
+from detection.engine.checkpoint import CheckpointError
+from detection.engine.detectron2 import background_first, detectron2_name
+from detection.engine.loading import load_detector_weights, read_detector_file
+from detection.model import build_model
+from detection.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "detectron2_c4"
+CASE = FIXTURE / "R_50_C4_coco_seed11"
+CONFIGS = ROOT / "configs" / "detectron2"
+R50 = CONFIGS / "faster_rcnn_R_50_C4_1x.yaml"
+
+
+@pytest.fixture(scope="session")
+def d2_files(tmp_path_factory):
+    """The fixture's Detectron2 checkpoint (135 MB), written once: model-zoo .pkl and trainer .pth."""
+    out = tmp_path_factory.mktemp("detectron2")
+    subprocess.run([sys.executable, str(FIXTURE / "make_checkpoint.py"), str(FIXTURE / "keys_R_50_C4_coco.json"),
+                    "11", str(out / "model_final.pkl"), "--pth", str(out / "model_final.pth")], check=True)
+    return out / "model_final.pkl", out / "model_final.pth"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """ResNet-50 at 800 px with 1000 RoIs is the one heavy computation of the suite, and nothing
+    runs beside it: both cores (conftest sets one thread for the small tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def predictor(d2_files):
+    return Predictor.from_config(R50, weights=d2_files[0], device="cpu")
+
+
+@pytest.fixture(scope="session")
+def reference():
+    return json.loads((CASE / "d2_outputs.json").read_text())
+
+
+def assert_same_detections(ours: dict, theirs: dict, max_unmatched: int = 1) -> None:
+    """Same labels (Detectron2's class + 1), boxes within 0.01 px, scores within 1e-3; the order
+    may differ only among near-equal scores, and at most `max_unmatched` detections (an NMS tie
+    decided the other way) may be missing on each side."""
+    boxes, scores, labels = (torch.tensor(theirs[k]) for k in ("boxes", "scores", "classes"))
+    labels = labels + 1
+    assert abs(len(ours["boxes"]) - len(boxes)) <= max_unmatched
+    unmatched = 0
+    for box, score, label in zip(boxes, scores, labels):
+        close = ((ours["boxes"] - box).abs().max(dim=1).values <= 0.01) & \
+                ((ours["scores"] - score).abs() <= 1e-3) & (ours["labels"] == label)
+        unmatched += int(not close.any())
+    assert unmatched <= max_unmatched, f"{unmatched} of {len(boxes)} Detectron2 detections not reproduced"
+    assert torch.all(ours["scores"][:-1] >= ours["scores"][1:] - 1e-6)  # best first
+
+
+@pytest.mark.parametrize("name", ["exact_0", "exact_1", "resize_0", "resize_1"])
+def test_predictor_reproduces_detectron2_detections(predictor, reference, name):
+    """exact_*: no resize; resize_*: 480x640 up and 1000x750 down to Detectron2's 800 px with
+    its uint8 PIL resize (input.resize_mode detectron2)."""
+    ours = predictor(str(CASE / "images" / f"{name}.png"))
+    assert_same_detections(ours, reference[name])
+    assert len(ours["boxes"]) == 100 and ours["labels"].min() >= 1 and ours["labels"].max() <= 80
+
+
+@pytest.mark.parametrize("name", ["exact_0", "exact_1"])
+def test_rpn_proposals_equal_detectron2s(predictor, reference, name):
+    model = predictor.model
+    image = torch.from_numpy(read_image(str(CASE / "images" / f"{name}.png"))).permute(2, 0, 1)
+    with torch.inference_mode():
+        batch = model.preprocess([image], resize=True)
+        assert batch.image_sizes[0] == (reference[name]["height"], reference[name]["width"])
+        assert tuple(batch.tensor.shape[-2:]) == batch.image_sizes[0]  # size_divisibility 0: no padding
+        proposals, _ = model.rpn(model.trunk(batch.tensor), batch.image_sizes)
+    theirs = torch.tensor(reference[name]["proposals"])
+    ours = proposals[0]
+    assert len(ours) == len(theirs) == 1000
+    differ = ((ours - theirs).abs().max(dim=1).values > 0.01).nonzero().flatten()
+    # an NMS tie may swap two neighbours or change the last kept box, nothing more
+    assert len(differ) <= 2, differ[:10].tolist()
+
+
+def test_both_file_formats_give_the_same_weights(d2_files):
+    pkl, pth = (read_detector_file(p) for p in d2_files)
+    assert pkl.format == pth.format == "detectron2"
+    assert pkl.state.keys() == pth.state.keys() and not pkl.unknown
+    assert all(torch.equal(pkl.state[k], pth.state[k]) for k in pkl.state)
+    raw = pickle.load(open(d2_files[0], "rb"))["model"]
+    # background row moved from last (Detectron2) to first (ours); bbox_pred untouched
+    cls = raw["roi_heads.box_predictor.cls_score.weight"]
+    assert torch.equal(pkl.state["roi_heads.predictor.cls_score.weight"][0], torch.from_numpy(cls[80]))
+    assert torch.equal(pkl.state["roi_heads.predictor.cls_score.weight"][1:], torch.from_numpy(cls[:80]))
+    assert torch.equal(pkl.state["roi_heads.predictor.bbox_pred.weight"],
+                       torch.from_numpy(raw["roi_heads.box_predictor.bbox_pred.weight"]))
+
+
+def test_name_mapping_and_background_row():
+    assert detectron2_name("backbone.stem.conv1.norm.running_var") == "trunk.stem.norm1.running_var"
+    assert detectron2_name("backbone.res4.5.conv2.norm.bias") == "trunk.res4.5.norm2.bias"
+    assert detectron2_name("backbone.res2.0.shortcut.weight") == "trunk.res2.0.shortcut.0.weight"
+    assert detectron2_name("roi_heads.res5.0.shortcut.norm.weight") == "roi_heads.res5.0.shortcut.1.weight"
+    assert detectron2_name("proposal_generator.rpn_head.anchor_deltas.bias") == "rpn.head.anchor_deltas.bias"
+    assert detectron2_name("roi_heads.box_predictor.bbox_pred.weight") == "roi_heads.predictor.bbox_pred.weight"
+    assert detectron2_name("roi_heads.mask_head.deconv.weight") is None
+    assert background_first(torch.tensor([1.0, 2.0, 3.0, 0.0])).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.fixture(scope="module")
+def r50_model_and_weights(d2_files):
+    cfg = load_config(R50)
+    return build_model(cfg), read_detector_file(d2_files[0])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: w.unknown.append("roi_heads.box_predictor.extra.weight"),
+     "1 tensors of the file have no place in the model (roi_heads.box_predictor.extra.weight)"),
+    (lambda w: w.state.pop("trunk.res3.1.norm2.running_var"),
+     "1 model tensors are not in the file (trunk.res3.1.norm2.running_var)"),
+    (lambda w: w.state.update({"rpn.head.conv.bias": torch.zeros(5)}),
+     "1 shapes differ (rpn.head.conv.bias (5,) in the file, (1024,) in the model)"),
+])
+def test_a_checkpoint_that_does_not_fit_is_one_error_naming_the_tensors(r50_model_and_weights, change, message):
+    model, weights = r50_model_and_weights
+    bad = type(weights)(weights.path, weights.format, dict(weights.state), unknown=list(weights.unknown))
+    change(bad)
+    with pytest.raises(CheckpointError) as err:
+        load_detector_weights(model, bad)
+    assert message in str(err.value) and str(weights.path) in str(err.value)
+
+
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "model_final.pkl"
+    bad.write_bytes(b"\x80\x04 this is not a pickle at all")
+    with pytest.raises(CheckpointError, match=r"model_final.pkl: not a readable checkpoint"):
+        read_detector_file(bad)
+    zoo = tmp_path / "other.pkl"
+    zoo.write_bytes(pickle.dumps({"model": {"fc.weight": np.zeros((2, 2), np.float32)}}))
+    assert read_detector_file(zoo) is None  # weights, but no detector's: the caller says what it needed
+
+
+def test_old_zoo_buffers_are_checked_against_the_config(r50_model_and_weights):
+    """Older model-zoo files carry pixel_mean/std and cell anchors: they must agree with the config."""
+    model, weights = r50_model_and_weights
+    ok = type(weights)(weights.path, weights.format, weights.state, extra={
+        "pixel_mean": torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1),
+        "proposal_generator.anchor_generator.cell_anchors.0": model.rpn.anchor_generator.cell_anchors.clone()})
+    load_detector_weights(model, ok)
+    bad = type(weights)(weights.path, weights.format, weights.state,
+                        extra={"pixel_mean": torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)})
+    with pytest.raises(CheckpointError, match="differs from the config's model.pixel_mean"):
+        load_detector_weights(model, bad)
+
+
+def _d2_keys(depth: int, num_classes: int) -> list[tuple[str, list[int]]]:
+    """Detectron2's C4 parameter names and shapes for another depth / class count, derived from
+    the R50 COCO list: ResNet-101 has 23 res4 blocks instead of 6; the predictor has K+1 / 4K rows."""
+    keys = json.loads((FIXTURE / "keys_R_50_C4_coco.json").read_text())
+    blocks = {50: 6, 101: 23}[depth]
+    out = []
+    for name, shape in keys:
+        if name.startswith("backbone.res4.5."):
+            out += [(name.replace("res4.5.", f"res4.{i}."), shape) for i in range(5, blocks)]
+            continue
+        if name.startswith("roi_heads.box_predictor.cls_score"):
+            shape = [num_classes + 1] + shape[1:]
+        if name.startswith("roi_heads.box_predictor.bbox_pred"):
+            shape = [4 * num_classes] + shape[1:]
+        out.append((name, shape))
+    return out
+
+
+@pytest.mark.parametrize("config, depth, classes", [
+    ("faster_rcnn_R_50_C4_1x.yaml", 50, 80), ("faster_rcnn_R_50_C4_3x.yaml", 50, 80),
+    ("faster_rcnn_R_101_C4_3x.yaml", 101, 80), ("faster_rcnn_R_50_C4_voc.yaml", 50, 20)])
+def test_every_detectron2_config_takes_its_zoo_checkpoint_exactly(tmp_path, config, depth, classes):
+    """No fixture of their own: a checkpoint with Detectron2's names and shapes for that model
+    must fill the config's model with nothing missing, nothing left over."""
+    state = {name: np.zeros(shape, np.float32) for name, shape in _d2_keys(depth, classes)}
+    path = tmp_path / "model_final.pkl"
+    path.write_bytes(pickle.dumps({"model": state, "__author__": "Detectron2 Model Zoo"}))
+    cfg = load_config(CONFIGS / config)
+    model = build_model(cfg)
+    load_detector_weights(model, read_detector_file(path))
+    assert len(cfg.model.class_names) == cfg.model.num_classes == classes
+
+
+def test_configs_use_detectron2s_model_and_test_settings():
+    """Each setting that decides Detectron2's detections, against its resolved config."""
+    d2 = yaml.safe_load((CASE / "d2_config.yaml").read_text())
+    m, i, rpn, heads = d2["MODEL"], d2["INPUT"], d2["MODEL"]["RPN"], d2["MODEL"]["ROI_HEADS"]
+    for config in sorted(CONFIGS.glob("faster_rcnn_*.yaml")):
+        c = load_config(config)
+        assert (c.input.min_size_test, c.input.max_size_test) == (i["MIN_SIZE_TEST"], i["MAX_SIZE_TEST"])
+        assert c.input.resize_mode == "detectron2" and c.model.size_divisibility == 0
+        assert (c.model.input_format, c.model.pixel_mean, c.model.pixel_std) == \
+            (i["FORMAT"], m["PIXEL_MEAN"], m["PIXEL_STD"])
+        assert c.model.backbone.stride_in_1x1 is m["RESNETS"]["STRIDE_IN_1X1"]
+        assert c.model.backbone.freeze_at == m["BACKBONE"]["FREEZE_AT"]
+        assert c.model.anchors.sizes == m["ANCHOR_GENERATOR"]["SIZES"][0]
+        assert c.model.anchors.aspect_ratios == m["ANCHOR_GENERATOR"]["ASPECT_RATIOS"][0]
+        assert (c.model.rpn.pre_nms_topk_test, c.model.rpn.post_nms_topk_test, c.model.rpn.nms_thresh) == \
+            (rpn["PRE_NMS_TOPK_TEST"], rpn["POST_NMS_TOPK_TEST"], rpn["NMS_THRESH"])
+        assert (c.model.rpn.pre_nms_topk_train, c.model.rpn.post_nms_topk_train) == \
+            (rpn["PRE_NMS_TOPK_TRAIN"], rpn["POST_NMS_TOPK_TRAIN"])
+        assert (c.model.roi_heads.score_thresh_test, c.model.roi_heads.nms_thresh_test,
+                c.model.roi_heads.detections_per_image) == \
+            (heads["SCORE_THRESH_TEST"], heads["NMS_THRESH_TEST"], d2["TEST"]["DETECTIONS_PER_IMAGE"])
+        assert c.model.roi_heads.pooler_resolution == m["ROI_BOX_HEAD"]["POOLER_RESOLUTION"]
+        assert c.model.roi_heads.bbox_reg_weights == m["ROI_BOX_HEAD"]["BBOX_REG_WEIGHTS"]
+        assert c.model.roi_heads.batch_size_per_image == heads["BATCH_SIZE_PER_IMAGE"]
+        assert c.input.max_size_train == i["MAX_SIZE_TRAIN"]
+        assert (c.solver.base_lr, c.solver.ims_per_batch) == (d2["SOLVER"]["BASE_LR"], d2["SOLVER"]["IMS_PER_BATCH"])
+    coco = load_config(R50)
+    assert coco.input.min_size_train == i["MIN_SIZE_TRAIN"]
+    assert (coco.solver.steps, coco.solver.max_iter) == (d2["SOLVER"]["STEPS"], d2["SOLVER"]["MAX_ITER"])
+
+
+def test_predictor_input_convention(predictor):
+    image = read_image(str(CASE / "images" / "resize_0.png"))
+    with pytest.raises(ValueError, match="RGB uint8 0..255, got dtype float32"):
+        predictor(image.astype(np.float32) / 255)
+    with pytest.raises(ValueError, match=r"shape \(H, W, 3\)"):
+        predictor(image[:, :, 0])
+    assert predictor.class_names[:3] == ["person", "bicycle", "car"] and len(predictor.class_names) == 80
