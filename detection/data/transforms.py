@@ -4,8 +4,7 @@
 The resize is written here because no albumentations transform does exactly
 "shorter side = min_size, longer side <= max_size" (SmallestMaxSize ignores the
 cap, LongestMaxSize upscales small images to the cap); the size rule is detection.resize's.
-Boxes follow the image
-exactly: x *= new_w / w, y *= new_h / h with the rounded output size.
+Boxes follow the image exactly: x *= new_w / w, y *= new_h / h with the rounded output size.
 """
 from __future__ import annotations
 
