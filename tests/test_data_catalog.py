@@ -14,6 +14,7 @@ def tiny_coco(root, ann="a/ann.json", images="a/img"):
             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], "iscrowd": 0}],
             "categories": [{"id": 1, "name": "thing"}]}
     (root / ann).write_text(json.dumps(data))
+    (root / images / "x.jpg").write_bytes(b"not decoded here")  # get_dataset checks it exists, non-empty
 
 
 def test_unknown_name_lists_the_known_names(tmp_path):

@@ -89,7 +89,7 @@ def test_two_splits_and_two_years_concatenate(tmp_path):
 
 def test_custom_classes_and_explicit_entry(tmp_path):
     anns = {"a": (20, 20, [("cat", (1, 1, 5, 5), 0), ("hat", (2, 2, 6, 6), 0)])}
-    make_voc(tmp_path / "mine", {"train": ["a"]}, anns)
+    make_voc(tmp_path / "mine", {"train": ["a"]}, anns, with_images=True)
     entry = {"type": "voc", "root": "mine", "split": "train", "classes": ["hat", "cat"], "use_07_metric": True}
     info = get_dataset(entry, str(tmp_path))
     assert info.class_names == ["hat", "cat"] and info.use_07_metric is True
@@ -106,7 +106,7 @@ def test_unknown_class_names_file_and_object(tmp_path):
 
 def test_malformed_xml_errors_or_is_skipped_and_counted(tmp_path, caplog):
     anns = {**ANNS, "bad": "<annotation><object><name>dog</name>"}
-    root = make_voc(tmp_path / "VOC2007", {"train": ["000001", "bad", "missing"]}, anns)
+    root = make_voc(tmp_path / "VOC2007", {"train": ["000001", "bad", "missing"]}, anns, with_images=True)
     with pytest.raises(DataError, match=r"malformed XML .*bad\.xml"):
         load_voc(str(root), "train")
     with caplog.at_level(logging.WARNING, logger="detection.data.voc"):

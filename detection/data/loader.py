@@ -193,7 +193,7 @@ class TrainDataset(Dataset):
         self.transform = transform
         self.skip_bad_images = skip_bad_images
         self.groups = np.asarray(groups)
-        self.num_skipped = 0
+        self.bad = _shared_flags(len(records))
         self._rng = np.random.default_rng(0)
 
     def reseed(self, seed: int) -> None:
@@ -210,7 +210,7 @@ class TrainDataset(Dataset):
         self.reseed(sample_seed)
         for _ in range(_MAX_REPLACEMENTS):
             record = self.records[index]
-            img = _read_checked(record, self.skip_bad_images, self)
+            img = _read_checked(record, index, self.skip_bad_images, self.bad)
             if img is not None:
                 break
             # keep the batch full and in one aspect-ratio group: substitute an image of the same group
@@ -229,14 +229,14 @@ class TestDataset(Dataset):
     def __init__(self, records: Sequence[dict], *, skip_bad_images: bool) -> None:
         self.records = SerializedRecords(records)
         self.skip_bad_images = skip_bad_images
-        self.num_skipped = 0
+        self.bad = _shared_flags(len(records))
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
         record = self.records[index]
-        img = _read_checked(record, self.skip_bad_images, self)
+        img = _read_checked(record, index, self.skip_bad_images, self.bad)
         return None if img is None else (_to_chw_tensor(img), record)
 
 
@@ -267,8 +267,18 @@ def seed_worker(worker_id: int, *, base_seed: int) -> None:
         info.dataset.reseed(seed)
 
 
-def _read_checked(record: dict, skip: bool, owner: TrainDataset | TestDataset) -> np.ndarray | None:
-    """read_image + size check against the annotation; None (warned, counted) when skipping bad images."""
+def _shared_flags(size: int) -> torch.Tensor:
+    """One byte per record, in shared memory: worker processes (forked or spawned) all see a
+    bad image flagged by any of them, so each bad file is reported once, not once per epoch
+    and worker."""
+    return torch.zeros(size, dtype=torch.uint8).share_memory_()
+
+
+def _read_checked(record: dict, index: int, skip: bool, bad: torch.Tensor) -> np.ndarray | None:
+    """read_image + size check against the annotation; None when skipping bad images (a
+    warning the first time a file fails, then not even a read)."""
+    if skip and bad[index]:
+        return None
     try:
         img = read_image(record["file_name"])
         if img.shape[:2] != (record["height"], record["width"]):
@@ -278,8 +288,8 @@ def _read_checked(record: dict, skip: bool, owner: TrainDataset | TestDataset) -
     except DataError as e:
         if not skip:
             raise
-        owner.num_skipped += 1
-        logger.warning("skipping bad image (%d skipped so far in this process): %s", owner.num_skipped, e)
+        bad[index] = 1
+        logger.warning("skipping a bad image (dataloader.skip_bad_images; reported once per file): %s", e)
         return None
 
 

@@ -43,23 +43,23 @@ def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use
     if not class_names or len(set(class_names)) != len(class_names):
         raise DataError(f"VOC data set {root}: 'classes' must be a non-empty list of distinct names, got {class_names}")
     class_to_label = {c: i + 1 for i, c in enumerate(class_names)}
-    records, num_degenerate, skipped = [], 0, 0
+    records, num_degenerate, skipped = [], 0, []
     for image_id in read_split(root, split):
         try:
             record, dropped = _load_xml_record(root, image_id, class_to_label)
         except _UnreadableXML as e:
             if not skip_bad_files:
                 raise DataError(str(e)) from e
-            skipped += 1
-            logger.warning("skipping %s (%d skipped so far)", e, skipped)
+            skipped.append(e.path)
             continue
         records.append(record)
         num_degenerate += dropped
     if num_degenerate:
         logger.warning("%s split %s: dropped %d boxes of zero area", root, split, num_degenerate)
-    if skipped:
-        logger.warning("%s split %s: skipped %d images with missing or unreadable annotation files",
-                       root, split, skipped)
+    if skipped:  # one warning for all of them, not a line per file
+        more = f", ... ({len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        logger.warning("%s split %s: skipped %d images with missing or unreadable annotation files: %s%s",
+                       root, split, len(skipped), ", ".join(skipped[:3]), more)
     folder = os.path.basename(os.path.normpath(root))
     return DatasetInfo(
         name=name or f"voc:{folder}_{split}",
@@ -87,16 +87,20 @@ def read_split(root: str, split: str) -> list[str]:
 class _UnreadableXML(Exception):
     """A missing or unparsable annotation file (skippable with skip_bad_images)."""
 
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path  # the file to name in the one summary warning
+
 
 def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int]) -> tuple[dict, int]:
     """-> (record, number of zero-area boxes dropped)."""
     xml_path = os.path.join(root, "Annotations", f"{image_id}.xml")
     if not os.path.isfile(xml_path):
-        raise _UnreadableXML(f"VOC annotation file not found: {xml_path}; {_LAYOUT_HINT}")
+        raise _UnreadableXML(f"VOC annotation file not found: {xml_path}; {_LAYOUT_HINT}", xml_path)
     try:
         tree = ET.parse(xml_path).getroot()
     except (ET.ParseError, OSError, UnicodeDecodeError) as e:
-        raise _UnreadableXML(f"malformed XML in VOC annotation file {xml_path}: {e}") from e
+        raise _UnreadableXML(f"malformed XML in VOC annotation file {xml_path}: {e}", xml_path) from e
     file_name = _image_path(root, image_id, tree)
     height, width = _image_size(tree, xml_path, file_name)
     boxes, labels, difficult = [], [], []
@@ -162,5 +166,5 @@ def _image_size(tree: ET.Element, xml_path: str, file_name: str) -> tuple[int, i
         return height, width
     img = cv2.imread(file_name, cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise _UnreadableXML(f"{xml_path} has no <size> and its image {file_name} cannot be read")
+        raise _UnreadableXML(f"{xml_path} has no <size> and its image {file_name} cannot be read", xml_path)
     return int(img.shape[0]), int(img.shape[1])
