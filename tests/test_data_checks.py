@@ -50,6 +50,12 @@ def test_skip_bad_images_leaves_them_out_with_one_warning(tmp_path, caplog):
     assert "2 of 8 images" in warning and "2.png" in warning and "5.png" in warning
 
 
+def test_no_image_found_is_an_error_even_when_skipping(tmp_path):
+    entry = {**make_coco(tmp_path), "image_root": "."}  # the json's folder, not the images'
+    with pytest.raises(DataError, match=r"8 of 8 images .* is the image folder right"):
+        get_dataset(entry, str(tmp_path), skip_bad_images=True)
+
+
 def test_missing_voc_image_names_the_split_file(tmp_path):
     root = tmp_path / "VOC2007"
     for sub in ("ImageSets/Main", "Annotations", "JPEGImages"):

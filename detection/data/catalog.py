@@ -107,14 +107,17 @@ def get_datasets(entries: Sequence[str | Mapping[str, Any]], root: str, *,
 
 
 def check_image_files(info: DatasetInfo, *, skip: bool) -> None:
-    """One stat per image (about 0.2 s for 120k files on a local disk): a missing or empty file
-    is a DataError listing them all (count + the first few), naming the annotation file; with
-    `skip` their records are dropped instead, with one warning."""
+    """One stat per image (0.2-0.7 s for 120k files, measured on a local disk with a warm cache
+    on 2 busy cores): missing or empty files are one DataError listing them all (count + the
+    first few), naming the annotation file; with `skip` their records are dropped instead, with
+    one warning. None found at all is an error either way: the image folder is wrong."""
     bad = [r["file_name"] for r in info.records if not _is_nonempty_file(r["file_name"])]
     if not bad:
         return
     listing = (f"{info.name}: {len(bad)} of {len(info.records)} images listed in {_listing_file(info)} "
                f"are missing or empty: {_first(bad)}")
+    if len(bad) == len(info.records):
+        raise DataError(f"{listing}; is the image folder right (image_root, or <root>/JPEGImages for VOC)?")
     if not skip:
         raise DataError(f"{listing}; set dataloader.skip_bad_images: true to leave them out")
     logger.warning("%s; left out (dataloader.skip_bad_images)", listing)
