@@ -130,3 +130,15 @@ def test_training_with_a_missing_image_stops_before_the_first_iteration(tmp_path
                                         rf"empty: .*{missing.name}"):
         train(cfg)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path):
+    """Not torch's "Caught DataError in DataLoader worker process 0. Original Traceback ..."."""
+    entry = make_coco(tmp_path)
+    (tmp_path / "img" / "4.png").write_bytes(b"not a png")
+    info = get_dataset(entry, str(tmp_path))
+    with pytest.raises(DataError) as err:
+        list(build_test_loader(info, num_workers=1))
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(f"could not read image {tmp_path / 'img' / '4.png'}: ")

@@ -89,7 +89,32 @@ class ForkSafeDataLoader(DataLoader):
     def __iter__(self):
         if self.num_workers > 0:
             cv2.setNumThreads(0)
-        return super().__iter__()
+        return _OneLineDataErrors(super().__iter__())
+
+
+class _OneLineDataErrors:
+    """Iterator wrapper: torch re-raises a worker's DataError with its message replaced by
+    "Caught DataError in DataLoader worker process 0. Original Traceback ..." (many lines);
+    give the user the one line the data layer wrote instead."""
+
+    def __init__(self, iterator: Iterator) -> None:
+        self.iterator = iterator
+
+    def __iter__(self) -> "_OneLineDataErrors":
+        return self
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    def __next__(self):
+        try:
+            return next(self.iterator)
+        except DataError as error:
+            text = str(error).rstrip()
+            if "Original Traceback" not in text:
+                raise
+            # the traceback's last line is "detection.data.DataError: <the message>"
+            raise DataError(text.rsplit("DataError: ", 1)[-1] + " (in a data loader worker)") from None
 
 
 def training_records(records: Sequence[dict], *, filter_empty: bool, use_difficult: bool) -> list[dict]:
