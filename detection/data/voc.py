@@ -152,7 +152,7 @@ def _image_path(root: str, image_id: str, tree: ET.Element) -> str:
     stored = (tree.findtext("filename") or "").strip()
     if not os.path.exists(path) and stored and os.path.splitext(stored)[0] == image_id:
         return os.path.join(root, "JPEGImages", stored)
-    return path  # a missing image is reported when it is read
+    return path  # a missing image is reported with all the others by catalog.check_image_files
 
 
 def _image_size(tree: ET.Element, xml_path: str, file_name: str) -> tuple[int, int]:
