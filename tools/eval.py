@@ -2,12 +2,26 @@
 """Evaluate a trained detector on the config's test data sets.
 
     python tools/eval.py --config configs/voc_r101.yaml --weights output/voc_r101/model_final.pth
-    python tools/eval.py --config configs/coco_r101.yaml --results coco_results.json
+    python tools/eval.py --config configs/coco_r101.yaml --results output/coco_r101/inference
 
 COCO-type data sets (COCO, custom COCO json, shapes) are scored with pycocotools'
 COCOeval; VOC-type data sets exactly as the official devkit (11-point metric for
 VOC2007, area under the curve for VOC2010+), plus COCO-style AP@[.5:.95].
-Writes metrics.json (and the results files) to OUTPUT_DIR/inference/<data set>.
+
+Where results go (printed at the start): with --weights, <folder of the checkpoint>/inference;
+with --results, <output_dir>/inference; --output-dir DIR replaces either. The layout is the
+same for one test set or several:
+
+    DIR/source.json          the checkpoint (or results) evaluated: absolute path, size, mtime
+    DIR/<test set>/          one folder per test set, named after the data set with every
+                             character other than letters, digits and ._- replaced by "_"
+                             (shapes_val, voc_MyVOC_val for voc:MyVOC_val):
+        metrics.json, pr_curves.png, coco_results.json (COCO-type) or comp4_det_test_*.txt (VOC-type)
+
+A folder holding the results of another checkpoint is not overwritten: the run stops and
+says so; pass --output-dir for a new folder or --overwrite to replace them. The test sets'
+class names must be the model's, in the same order (the checkpoint's names, else
+model.class_names; else only their number is checked against model.num_classes).
 """
 from __future__ import annotations
 
@@ -23,13 +37,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_args(parser)
     parser.add_argument("--weights", metavar="CKPT", help="detector checkpoint (model_final.pth or last.pth)")
     parser.add_argument("--results", metavar="PATH",
-                        help="evaluate saved results instead of running a model: a coco_results.json "
-                             "(COCO-type) or a folder of comp4_det_test_*.txt files (VOC-type)")
-    parser.add_argument("--output-dir", help="default: <output_dir>/inference")
+                        help="evaluate saved results instead of running a model: a results folder as eval.py "
+                             "writes it (one subfolder per test set), a coco_results.json (COCO-type) or a "
+                             "folder of comp4_det_test_*.txt files (VOC-type)")
+    parser.add_argument("--output-dir", metavar="DIR",
+                        help="results folder (default: <folder of --weights>/inference; with --results, "
+                             "<output_dir>/inference)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of another checkpoint in the results folder")
     args = parser.parse_args(argv)
     if not args.weights and not args.results:
         parser.error("one of --weights or --results is required")
     return args
+
+
+def results_folder(cfg, args: argparse.Namespace) -> Path:
+    """--output-dir; else beside the checkpoint evaluated (the config's output_dir may be
+    another run's folder); else, for saved results, <output_dir>/inference."""
+    if args.output_dir:
+        return Path(args.output_dir)
+    if args.results:
+        return Path(cfg.output_dir) / "inference"
+    return Path(args.weights).expanduser().parent / "inference"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,43 +66,73 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         return run(cfg, args)
-    except ValueError as err:  # bad data, weights or results file: one clear line
+    except ValueError as err:  # bad data, weights, classes or results folder: one clear line
         fail(str(err))
 
 
 def run(cfg, args: argparse.Namespace) -> int:
     from detection.data.catalog import get_dataset
-    from detection.evaluation import build_evaluator, format_metrics_table
-    from detection.evaluation import inference_on_dataset, save_metrics_json
-    from detection.data.loader import build_test_loader
-    from detection.engine.loading import build_inference_model
     from detection.engine.distributed import select_device
+    from detection.evaluation.outputs import ResultsSource, check_results_folder, claim_results_folder
 
-    out_root = Path(args.output_dir or Path(cfg.output_dir) / "inference")
+    out_root = results_folder(cfg, args)
+    source = ResultsSource.of("results" if args.results else "weights", args.results or args.weights)
+    print(f"results go to {out_root}")
+    check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work
     device = select_device(cfg.device)
-    model = None if args.results else build_inference_model(cfg, args.weights, device)[0]
-    if model is not None and cfg.test.aug.enabled:
+    model, weights = (None, None) if args.results else _model(cfg, args.weights, device)
+    datasets = [get_dataset(e, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
+                for e in cfg.datasets.test]
+    folders = _checked_folders(cfg, datasets, model, weights)
+    claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
+    for dataset, folder in zip(datasets, folders):
+        _evaluate(cfg, args, dataset, out_root / folder, model, device)
+    return 0
+
+
+def _model(cfg, weights_path: str, device):
+    from detection.engine.loading import build_inference_model
+
+    model, weights = build_inference_model(cfg, weights_path, device)
+    if cfg.test.aug.enabled:
         aug = cfg.test.aug
         print(f"test-time augmentation (test.aug): sizes {aug.min_sizes}, max {aug.max_size}"
               f"{', each also mirrored' if aug.flip else ''}")
-    for entry in cfg.datasets.test:
-        dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
-        out_dir = out_root / dataset.name if len(cfg.datasets.test) > 1 else out_root
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if args.results:
-            evaluator = build_evaluator(dataset, None)
-            evaluator.load_results(args.results)
-            metrics = evaluator.evaluate()
-        else:
-            evaluator = build_evaluator(dataset, str(out_dir))
-            loader = build_test_loader(dataset, num_workers=cfg.dataloader.num_workers)
-            metrics = inference_on_dataset(model, loader, evaluator, device=device)
-        print(f"\n{dataset.name} ({len(dataset.records)} images)")
-        print(format_metrics_table(metrics))
-        save_metrics_json(metrics, out_dir / "metrics.json")
-        _plot_pr(evaluator, out_dir)
-        print(f"metrics written to {out_dir / 'metrics.json'}")
-    return 0
+    return model, weights
+
+
+def _checked_folders(cfg, datasets: list, model, weights) -> list[str]:
+    """Each test set's results folder name, after checking its classes are the model's."""
+    from detection.evaluation.classes import check_class_names, model_class_names
+    from detection.evaluation.outputs import results_subfolders
+
+    if model is not None:
+        names, source = model_class_names(weights, cfg.model.class_names)
+        for dataset in datasets:
+            check_class_names(dataset.name, dataset.class_names, names, cfg.model.num_classes, source)
+    return results_subfolders([d.name for d in datasets])
+
+
+def _evaluate(cfg, args: argparse.Namespace, dataset, out_dir: Path, model, device) -> None:
+    from detection.data.loader import build_test_loader
+    from detection.evaluation import build_evaluator, format_metrics_table
+    from detection.evaluation import inference_on_dataset, save_metrics_json
+    from detection.evaluation.outputs import results_for_test_set
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.results:
+        evaluator = build_evaluator(dataset, None)
+        evaluator.load_results(results_for_test_set(args.results, out_dir.name, dataset.kind))
+        metrics = evaluator.evaluate()
+    else:
+        evaluator = build_evaluator(dataset, str(out_dir))
+        loader = build_test_loader(dataset, num_workers=cfg.dataloader.num_workers)
+        metrics = inference_on_dataset(model, loader, evaluator, device=device)
+    print(f"\n{dataset.name} ({len(dataset.records)} images)")
+    print(format_metrics_table(metrics))
+    save_metrics_json(metrics, out_dir / "metrics.json")
+    _plot_pr(evaluator, out_dir)
+    print(f"metrics written to {out_dir / 'metrics.json'}")
 
 
 def _plot_pr(evaluator, out_dir: Path) -> None:

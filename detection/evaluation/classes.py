@@ -1,0 +1,44 @@
+"""The model's classes against a data set's, before anything is scored or drawn.
+
+Label k of a detector means its k-th training class. A test set that lists the same names in
+another order (VOC `classes: [box, disc, cross]` for a model trained on [disc, box, cross])
+still loads and evaluates, but scores each class against another class's ground truth: a
+wrong mAP and no error. So evaluation and visualisation compare the names first.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def model_class_names(weights: Any, config_names: Sequence[str] | None) -> tuple[list[str] | None, str]:
+    """(the model's class names, where they come from as the start of a phrase): those
+    training saved in the checkpoint (`DetectorWeights.class_names`; Detectron2 files have
+    none), else the config's model.class_names when set, else (None, "")."""
+    saved = getattr(weights, "class_names", None)
+    if saved:
+        return list(saved), f"the checkpoint {weights.path} was trained on"
+    if config_names:
+        return list(config_names), "model.class_names is"
+    return None, ""
+
+
+def check_class_names(dataset_name: str, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
+                      num_classes: int, model_source: str = "the model detects") -> None:
+    """ValueError (one line with both lists) unless the data set's classes are the model's,
+    in the same order. With no model names known, only the count is checked against
+    model.num_classes."""
+    data, model = list(dataset_classes), list(model_classes) if model_classes else None
+    if model is None:
+        if len(data) != num_classes:
+            raise ValueError(f"data set {dataset_name} has {len(data)} classes {data}, but the model detects "
+                             f"{num_classes} (model.num_classes; its class names are not known)")
+        return
+    if data == model:
+        return
+    if sorted(data) == sorted(model):
+        raise ValueError(f"data set {dataset_name} lists the classes {data}, but {model_source} {model}: the same "
+                         "names in another order, so each label would be scored as another class; give the "
+                         f"data set's classes in the model's order ([{', '.join(model)}])")
+    raise ValueError(f"data set {dataset_name} has the classes {data}, but {model_source} {model}: the model does "
+                     "not detect this data set's classes")

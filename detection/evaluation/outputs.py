@@ -1,0 +1,152 @@
+"""Where evaluation writes, and whose results a results folder holds.
+
+    <results folder>/source.json             which checkpoint (or results file) the results come from
+    <results folder>/<test set folder>/       one per test set, also when there is only one:
+        metrics.json, pr_curves.png, coco_results.json (COCO-type) | comp4_det_test_*.txt (VOC-type)
+
+The layout does not depend on the number of test sets, so a script reading
+`<folder>/shapes_val/metrics.json` keeps working when a second test set is added. Test-set
+folder names are file-system safe (`results_subfolder`). source.json exists so that a run for
+another checkpoint cannot overwrite a folder's results unnoticed (`check_results_folder`).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Union
+
+from detection.evaluation.coco import RESULTS_FILE
+from detection.evaluation.voc import COMP4_TEMPLATE
+
+SOURCE_FILE = "source.json"
+# Everything evaluation writes into a test set's folder: what --overwrite removes, and how a
+# folder written before source.json existed is recognised.
+RESULT_PATTERNS = ("metrics.json", "pr_curves.png", RESULTS_FILE, COMP4_TEMPLATE.format("*"))
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+PathLike = Union[str, Path]
+
+
+def results_subfolder(name: str) -> str:
+    """The data set name as a folder name: letters, digits and `._-` kept, every other run of
+    characters one "_" ("voc:MyVOC_val" -> "voc_MyVOC_val"); no leading dot (no "..")."""
+    return _UNSAFE.sub("_", name).lstrip(".") or "test_set"
+
+
+def results_subfolders(names: Sequence[str]) -> list[str]:
+    """`results_subfolder` of each name; ValueError when two test sets would share a folder."""
+    folders = [results_subfolder(n) for n in names]
+    for i, folder in enumerate(folders):
+        if folder in folders[:i]:
+            other = names[folders.index(folder)]
+            raise ValueError(f"datasets.test: the test sets {other!r} and {names[i]!r} would share the results "
+                             f"folder {folder!r}; give one of them another name (the entry's name: field)")
+    return folders
+
+
+def results_for_test_set(path: PathLike, folder: str, kind: str) -> str:
+    """`--results PATH` for one test set: PATH itself (a coco_results.json or a folder of
+    comp4 files), or, when PATH is a results folder as evaluation writes it, the test set's
+    results in it (PATH/<folder>/coco_results.json or PATH/<folder>)."""
+    resolved = Path(path)
+    if resolved.is_dir() and (resolved / folder).is_dir():
+        resolved = resolved / folder
+    if kind == "coco" and resolved.is_dir() and (resolved / RESULTS_FILE).is_file():
+        resolved = resolved / RESULTS_FILE
+    return str(resolved)
+
+
+@dataclass(frozen=True)
+class ResultsSource:
+    """What a results folder's results were computed from: one file version, by path, size, mtime."""
+
+    kind: str  # "weights" (a checkpoint) | "results" (a saved results file or folder)
+    path: str  # absolute
+    size: int | None = None
+    mtime: float | None = None
+
+    @classmethod
+    def of(cls, kind: str, path: PathLike) -> ResultsSource:
+        resolved = Path(path).expanduser().resolve()
+        if not resolved.is_file():  # a folder of comp4 files, or missing: the path alone
+            return cls(kind, str(resolved))
+        stat = resolved.stat()
+        return cls(kind, str(resolved), stat.st_size, stat.st_mtime)
+
+    def describe(self) -> str:
+        what = "the checkpoint" if self.kind == "weights" else "the results"
+        if self.size is None or self.mtime is None:
+            return f"{what} {self.path}"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.mtime))
+        return f"{what} {self.path} ({self.size} bytes, modified {when})"
+
+
+def read_source(folder: PathLike) -> ResultsSource | None:
+    """The source recorded in `folder`, None when there is none; ValueError when unreadable."""
+    path = Path(folder) / SOURCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return ResultsSource(str(data["kind"]), str(data["path"]), data.get("size"), data.get("mtime"))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err}); pass --overwrite to replace "
+                         "the folder's results or --output-dir DIR to write elsewhere") from err
+
+
+def check_results_folder(folder: PathLike, source: ResultsSource, *, overwrite: bool = False) -> None:
+    """ValueError (one line naming both sources and the ways out) when `folder` holds results
+    of another source: another checkpoint, another version of the same file, or results
+    written before source.json existed. Re-scoring the folder's own results is allowed."""
+    if overwrite or _inside(source.path, folder):
+        return
+    recorded = read_source(folder)
+    if recorded == source:
+        return
+    if recorded is None:
+        if not _result_files(Path(folder)):
+            return
+        holds = "results with no source.json saying which checkpoint made them"
+    elif recorded.path == source.path and recorded.kind == source.kind:
+        holds = f"the results of an earlier version of {recorded.describe()}"
+    else:
+        holds = f"the results of {recorded.describe()}"
+    raise ValueError(f"{folder} holds {holds}, not of {source.describe()}: pass --output-dir DIR to "
+                     "write elsewhere, or --overwrite to replace them")
+
+
+def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Sequence[str], *,
+                         overwrite: bool = False) -> None:
+    """Create `folder` and record `source` in its source.json. With overwrite, first remove
+    the results evaluation wrote there before (so no file of the old checkpoint stays next to
+    the new ones). Re-scoring the folder's own results keeps its source.json."""
+    folder = Path(folder)
+    check_results_folder(folder, source, overwrite=overwrite)
+    if overwrite and not _inside(source.path, folder):
+        for path in _result_files(folder):
+            path.unlink()
+        for sub in folder.iterdir() if folder.is_dir() else ():
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+    folder.mkdir(parents=True, exist_ok=True)
+    if _inside(source.path, folder) and (folder / SOURCE_FILE).is_file():
+        return
+    record = {**asdict(source), "test_sets": list(test_sets)}
+    tmp = folder / f".{SOURCE_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(folder / SOURCE_FILE)  # atomic: never a half-written source.json
+
+
+def _result_files(folder: Path) -> list[Path]:
+    """Files evaluation writes, in `folder` and in its immediate subfolders."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for pattern in RESULT_PATTERNS for where in (pattern, f"*/{pattern}")
+                  for p in folder.glob(where) if p.is_file())
+
+
+def _inside(path: PathLike, folder: PathLike) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
