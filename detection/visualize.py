@@ -2,12 +2,16 @@
 
 Each class has a fixed colour (the same in every image and run); a label is drawn on a
 filled box of its class colour with black or white text, whichever contrasts more, so it
-reads on any background, and it is kept inside the image.
+reads on any background, and it is kept inside the image. Ground truth that the metrics
+ignore (VOC `difficult` objects, COCO crowd regions) is drawn dashed, its label tagged
+"difficult" / "crowd", so it is not mistaken for an object a detector must find.
 """
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -49,18 +53,22 @@ def _relative_luminance(rgb: Sequence[int]) -> float:
 
 
 def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any | None,
-                    class_names: Sequence[str], score_thresh: float = 0.5) -> np.ndarray:
+                    class_names: Sequence[str], score_thresh: float = 0.5,
+                    tags: Sequence[str] | None = None) -> np.ndarray:
     """A copy of `image_rgb` (uint8[H,W,3]) with the boxes and their labels drawn.
 
     boxes: [N,4] XYXY 0-based pixels (tensor or array); labels: [N] in 1..K; scores: [N]
     or None (ground truth: names only, nothing filtered). Boxes scoring below
-    `score_thresh` are skipped; higher scores are drawn last, i.e. on top.
+    `score_thresh` are skipped; higher scores are drawn last, i.e. on top. tags: [N]
+    strings or None; a box with a non-empty tag ("difficult", "crowd") is drawn dashed and
+    its label ends with the tag.
     """
     image = _check_image(image_rgb).copy()
     boxes = _as_array(boxes, np.float64).reshape(-1, 4)
     labels = _as_array(labels, np.int64).reshape(-1)
-    if len(labels) != len(boxes):
-        raise ValueError(f"draw_detections: {len(boxes)} boxes but {len(labels)} labels")
+    tags = [""] * len(boxes) if tags is None else [str(t or "") for t in tags]
+    if len(labels) != len(boxes) or len(tags) != len(boxes):
+        raise ValueError(f"draw_detections: {len(boxes)} boxes but {len(labels)} labels and {len(tags)} tags")
     if scores is None:
         order = np.arange(len(boxes))
     else:
@@ -74,13 +82,29 @@ def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any 
     thickness = max(1, round(min(height, width) / 320))
     corners = {i: _pixel_corners(boxes[i], width, height) for i in order}
     for i in order:  # all boxes first, so that no box line crosses a label
-        p1, p2 = corners[i]
-        cv2.rectangle(image, p1, p2, color_for_label(labels[i]), thickness)  # axis-aligned: crisp, no AA
+        draw = _dashed_rectangle if tags[i] else cv2.rectangle
+        draw(image, *corners[i], color_for_label(labels[i]), thickness)  # axis-aligned: crisp, no AA
     for i in order:
-        name = _class_name(int(labels[i]), class_names)
-        text = name if scores is None else f"{name} {scores[i]:.2f}"
+        text = " ".join(t for t in (_class_name(int(labels[i]), class_names),
+                                    None if scores is None else f"{scores[i]:.2f}", tags[i]) if t)
         _draw_label(image, text, corners[i], color_for_label(labels[i]), font_scale)
     return image
+
+
+def _dashed_rectangle(image: np.ndarray, p1: tuple[int, int], p2: tuple[int, int],
+                      color: tuple[int, int, int], thickness: int) -> None:
+    """cv2.rectangle's outline in dashes (OpenCV has no dashed lines): segments of `dash`
+    pixels with gaps of the same length along each edge, starting at each corner."""
+    dash = 3 * thickness + 2
+    (x1, y1), (x2, y2) = p1, p2
+    for (ax, ay), (bx, by) in (((x1, y1), (x2, y1)), ((x1, y2), (x2, y2)), ((x1, y1), (x1, y2)),
+                               ((x2, y1), (x2, y2))):
+        length = max(bx - ax, by - ay)
+        for start in range(0, length + 1, 2 * dash):
+            end = min(start + dash - 1, length)
+            horizontal = by == ay
+            cv2.line(image, (ax + start, ay) if horizontal else (ax, ay + start),
+                     (ax + end, ay) if horizontal else (ax, ay + end), color, thickness)
 
 
 def _pixel_corners(box: np.ndarray, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -147,3 +171,37 @@ def _as_array(x: Any, dtype: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor, without importing torch here
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=dtype)
+
+
+def ground_truth_boxes(record: Mapping[str, Any], extra: tuple[np.ndarray, np.ndarray, list[str]] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A data-set record's (boxes, labels, tags) for draw_detections: its objects, tagged
+    "difficult" where the record says so (VOC), then `extra` regions such as the image's
+    crowd regions from `read_crowd_regions` (COCO records leave those out)."""
+    boxes = np.asarray(record["boxes"], np.float64).reshape(-1, 4)
+    labels = np.asarray(record["labels"], np.int64).reshape(-1)
+    difficult = np.asarray(record.get("difficult", np.zeros(len(boxes))), bool).reshape(-1)
+    tags = ["difficult" if d else "" for d in difficult]
+    if extra is not None and len(extra[0]):
+        boxes = np.concatenate([boxes, np.asarray(extra[0], np.float64).reshape(-1, 4)])
+        labels = np.concatenate([labels, np.asarray(extra[1], np.int64).reshape(-1)])
+        tags = tags + list(extra[2])
+    return boxes, labels, tags
+
+
+def read_crowd_regions(ann_file: str | Path, label_to_category_id: Mapping[int, int]
+                       ) -> dict[Any, tuple[np.ndarray, np.ndarray, list[str]]]:
+    """image id -> (XYXY boxes, labels, tags) of a COCO json's regions that are not objects:
+    `iscrowd` (tagged "crowd") and `ignore` ("ignore") annotations, which pycocotools does
+    not count as misses or false positives."""
+    with open(ann_file) as f:
+        annotations = json.load(f).get("annotations", [])
+    label_of = {int(c): int(label) for label, c in label_to_category_id.items()}
+    found: dict[Any, list[tuple[list[float], int, str]]] = {}
+    for ann in annotations:
+        tag = "crowd" if ann.get("iscrowd") else "ignore" if ann.get("ignore") else ""
+        if tag and ann.get("category_id") in label_of:
+            x, y, w, h = (float(v) for v in ann["bbox"])  # XYWH -> XYXY, already 0-based
+            found.setdefault(ann["image_id"], []).append(([x, y, x + w, y + h], label_of[ann["category_id"]], tag))
+    return {image_id: (np.array([r[0] for r in regions], np.float64), np.array([r[1] for r in regions], np.int64),
+                       [r[2] for r in regions]) for image_id, regions in found.items()}

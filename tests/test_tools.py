@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -43,20 +44,20 @@ def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained):
     root, overrides = trained
     out = run("eval.py", "--weights", str(root / "out" / "model_final.pth"),
               "--output-dir", str(root / "eval"), *overrides)
-    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    metrics = json.loads((root / "eval" / "shapes_val" / "metrics.json").read_text())
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"} <= set(metrics)
     assert "AP-circle" in metrics and "AP50" in out.stdout
     # the printed AP is what pycocotools gives directly on the written results file
     gt = COCO(str(root / "data" / "shapes" / "annotations" / "instances_val.json"))
-    results = json.loads((root / "eval" / "coco_results.json").read_text())
+    results = json.loads((root / "eval" / "shapes_val" / "coco_results.json").read_text())
     assert results, "score_thresh_test 0 on a trained model gives detections"
     ev = COCOeval(gt, gt.loadRes(results), "bbox")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert metrics["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-6)
     # --results scores the saved file without a model and gives the same numbers
-    run("eval.py", "--results", str(root / "eval" / "coco_results.json"),
+    run("eval.py", "--results", str(root / "eval" / "shapes_val" / "coco_results.json"),
         "--output-dir", str(root / "eval2"), *overrides)
-    again = json.loads((root / "eval2" / "metrics.json").read_text())
+    again = json.loads((root / "eval2" / "shapes_val" / "metrics.json").read_text())
     assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
 
 
@@ -80,7 +81,7 @@ def test_checkpoint_of_another_model_is_one_clear_line(trained):
                               str(ROOT / "configs" / "base.yaml"), "--weights", weights, *extra, *overrides,
                               "model.backbone.depth=34"], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert out.returncode == 2, out.stderr[-2000:]
-        assert "model_final.pth: does not match the config's model" in out.stderr
+        assert "model_final.pth: does not fit the config's model" in out.stderr
         assert "Traceback" not in out.stderr
 
 
@@ -90,7 +91,7 @@ def test_visualize_predictions_gt_and_compare(trained, tmp_path):
     image = root / "data" / "shapes" / "val" / sorted(p.name for p in (root / "data" / "shapes" / "val").iterdir())[0]
     run("visualize.py", "--weights", weights, "--input", str(image), "--output", str(tmp_path / "pred"),
         "--score-thresh", "0.0", *overrides)
-    drawn = cv2.imread(str(tmp_path / "pred" / f"{image.stem}.jpg"))
+    drawn = cv2.imread(str(tmp_path / "pred" / f"00000_{image.stem}.jpg"))
     original = cv2.imread(str(image))
     assert drawn.shape == original.shape
     assert np.abs(drawn.astype(int) - original.astype(int)).max() > 100   # boxes were drawn
@@ -113,10 +114,14 @@ def test_visualize_class_names_come_from_the_checkpoint_then_the_data_then_numbe
     data = tmp_path / "data"
     generate_shapes(data / "shapes", num_train=2, num_val=1, seed=0, image_size=(64, 80))
     cfg = load_config(None, tiny_overrides(data, tmp_path / "out"))
-    assert tool._class_names(cfg, {"class_names": ["cat", "dog", "cow"]}) == ["cat", "dog", "cow"]
-    assert tool._class_names(cfg, {}) == ["circle", "square", "triangle"]  # shapes_val's names
+    saved = SimpleNamespace(class_names=["cat", "dog", "cow"], path="ckpt.pth")
+    assert tool._class_names(cfg, saved) == ["cat", "dog", "cow"]
+    detectron2 = SimpleNamespace(class_names=None, path="model_final_721ade.pkl")  # names not saved
+    assert tool._class_names(cfg, detectron2) == ["circle", "square", "triangle"]  # shapes_val's names
     cfg.datasets.root = str(tmp_path / "nowhere")
-    assert tool._class_names(cfg, {}) == ["class 1", "class 2", "class 3"]
+    assert tool._class_names(cfg, detectron2) == ["class 1", "class 2", "class 3"]
+    cfg.model.class_names = ["a", "b", "c"]
+    assert tool._class_names(cfg, detectron2) == ["a", "b", "c"]
 
 
 def test_eval_and_visualize_with_test_time_augmentation(trained, tmp_path):
@@ -126,14 +131,15 @@ def test_eval_and_visualize_with_test_time_augmentation(trained, tmp_path):
     def results(name, *aug):
         out = run("eval.py", "--weights", weights, "--output-dir", str(tmp_path / name), *overrides, *aug)
         assert ("test-time augmentation" in out.stdout) == bool(aug)   # the table says how it was made
-        return json.loads((tmp_path / name / "coco_results.json").read_text())
+        return json.loads((tmp_path / name / "shapes_val" / "coco_results.json").read_text())
 
     plain = results("plain")
     # one pass at the test size, unmirrored: exactly the plain model's detections
     assert results("one", "test.aug.enabled=true", "test.aug.min_sizes=[64]", "test.aug.max_size=96",
                    "test.aug.flip=false") == plain
     tta = results("tta", "test.aug.enabled=true", "test.aug.min_sizes=[64,80]", "test.aug.max_size=120")
-    assert tta != plain and json.loads((tmp_path / "tta" / "metrics.json").read_text())["AP50"] >= 0
+    assert tta != plain
+    assert json.loads((tmp_path / "tta" / "shapes_val" / "metrics.json").read_text())["AP50"] >= 0
     per_image = [sum(r["image_id"] == i for r in tta) for i in {r["image_id"] for r in tta}]
     assert max(per_image) <= 100   # merged down to detections_per_image
     run("visualize.py", "--weights", weights, "--compare", "--output", str(tmp_path / "vis"), "--limit", "1",

@@ -75,3 +75,24 @@ def test_side_by_side_puts_both_images_under_their_titles():
 def test_rejects_non_rgb_uint8_images():
     with pytest.raises(ValueError, match="uint8"):
         draw_detections(np.zeros((10, 10), np.uint8), [], [], None, NAMES)
+
+
+def test_tagged_boxes_are_dashed_and_their_label_names_the_tag():
+    """VOC difficult objects and COCO crowd regions must not look like ordinary ground truth."""
+    image = np.zeros((100, 200, 3), np.uint8)
+    box = [[10, 40, 150, 90]]
+    solid = draw_detections(image, box, [1], None, NAMES)
+    dashed = draw_detections(image, box, [1], None, NAMES, tags=["difficult"])
+
+    def on_colour(row):  # fraction of a box edge's pixels in the class colour
+        return (row == color_for_label(1)).all(axis=-1).mean()
+
+    assert on_colour(solid[89, 10:150]) == 1.0 and on_colour(solid[40:90, 149]) == 1.0
+    assert 0.3 < on_colour(dashed[89, 10:150]) < 0.7 and 0.3 < on_colour(dashed[40:90, 149]) < 0.7
+    # the label bar above the box is wider: "circle difficult" instead of "circle"
+    def label_end(image):
+        return np.flatnonzero((image[30] == color_for_label(1)).all(axis=-1)).max()
+
+    assert label_end(dashed) > label_end(solid) + 20
+    with pytest.raises(ValueError, match="1 tags"):
+        draw_detections(image, box + box, [1, 1], None, NAMES, tags=["crowd"])

@@ -7,6 +7,15 @@
 
 PATH is an image, a folder of images or a glob ("imgs/*.jpg"). With --gt / --compare the
 images come from the config's first test data set (or --dataset NAME).
+
+Output files, in every mode: DIR/NNNNN_STEM.jpg, NNNNN the image's position from 00000 in
+the input list (a folder's images sorted by name, a glob's matches sorted, or the data set's
+order) and STEM its file name without the extension: two inputs of the same name in
+different folders never overwrite each other.
+
+In the ground truth, what the metrics ignore is drawn dashed and tagged: VOC `difficult`
+objects ("difficult") and COCO crowd regions ("crowd"). With --weights, the data set's class
+names must be the model's, in the same order (the checkpoint's, else model.class_names).
 """
 from __future__ import annotations
 
@@ -66,11 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, args: argparse.Namespace) -> int:
     import cv2
-    import torch
 
-    from detection.data.image_io import read_image
     from detection.engine.distributed import select_device
-    from detection.visualize import draw_detections, side_by_side
 
     device = select_device(cfg.device)
     model, weights = None, None
@@ -78,37 +84,60 @@ def run(cfg, args: argparse.Namespace) -> int:
         from detection.engine.loading import build_inference_model
 
         model, weights = build_inference_model(cfg, args.weights, device)
-    items, class_names = _inputs(cfg, args, weights)
+    items, class_names, crowd = _inputs(cfg, args, weights)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for i, (path, record) in enumerate(items):
-        image = read_image(path)
-        panels = []
-        if record is not None and (args.gt or args.compare):
-            panels.append(draw_detections(image, record["boxes"], record["labels"], None, class_names, 0.0))
-        if model is not None and not args.gt:
-            with torch.inference_mode():
-                pred = model([torch.from_numpy(image).permute(2, 0, 1).to(device)])[0]
-            panels.append(draw_detections(image, pred["boxes"].cpu().numpy(), pred["labels"].cpu().numpy(),
-                                          pred["scores"].cpu().numpy(), class_names, args.score_thresh))
-        canvas = panels[0] if len(panels) == 1 else side_by_side(panels[0], panels[1],
-                                                                  ("ground truth", "predictions"))
-        name = f"{i:05d}_{Path(path).stem}.jpg" if args.gt or args.compare else f"{Path(path).stem}.jpg"
-        cv2.imwrite(str(out / name), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+        canvas = _draw(path, record, crowd, None if args.gt else model, class_names, args, device)
+        cv2.imwrite(str(out / output_name(i, path)), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     return len(items)
 
 
+def output_name(index: int, path: str) -> str:
+    """NNNNN_STEM.jpg in every mode: the position makes it unique, the stem recognisable."""
+    return f"{index:05d}_{Path(path).stem}.jpg"
+
+
+def _draw(path: str, record: dict | None, crowd: dict, model, class_names: list[str], args: argparse.Namespace,
+          device):
+    """The image with its ground truth, its predictions, or both side by side."""
+    import torch
+
+    from detection.data.image_io import read_image
+    from detection.visualize import draw_detections, ground_truth_boxes, side_by_side
+
+    image = read_image(path)
+    panels = []
+    if record is not None:
+        boxes, labels, tags = ground_truth_boxes(record, crowd.get(record["image_id"]))
+        panels.append(draw_detections(image, boxes, labels, None, class_names, 0.0, tags=tags))
+    if model is not None:
+        with torch.inference_mode():
+            pred = model([torch.from_numpy(image).permute(2, 0, 1).to(device)])[0]
+        panels.append(draw_detections(image, pred["boxes"].cpu().numpy(), pred["labels"].cpu().numpy(),
+                                      pred["scores"].cpu().numpy(), class_names, args.score_thresh))
+    return panels[0] if len(panels) == 1 else side_by_side(panels[0], panels[1], ("ground truth", "predictions"))
+
+
 def _inputs(cfg, args: argparse.Namespace, weights):
-    """(image path, record or None) pairs and the class names to print."""
+    """(image path, record or None) pairs, the class names to print and the crowd regions
+    (image id -> boxes, labels, tags) of a COCO-type data set."""
     from detection.data.catalog import get_dataset
+    from detection.evaluation.classes import check_class_names, model_class_names
+    from detection.visualize import read_crowd_regions
 
     if args.gt or args.compare:
         entry = args.dataset or cfg.datasets.test[0]
         dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
+        if args.weights:  # predictions drawn with the data set's names must mean those classes
+            names, source = model_class_names(weights, cfg.model.class_names)
+            check_class_names(dataset.name, dataset.class_names, names, cfg.model.num_classes, source)
         records = dataset.records[: args.limit or None]
-        return [(r["file_name"], r) for r in records], dataset.class_names
+        crowd = read_crowd_regions(dataset.ann_file, dataset.label_to_category_id) \
+            if dataset.kind == "coco" and dataset.ann_file else {}
+        return [(r["file_name"], r) for r in records], dataset.class_names, crowd
     files = find_images(args.input)[: args.limit or None]
-    return [(str(f), None) for f in files], _class_names(cfg, weights)
+    return [(str(f), None) for f in files], _class_names(cfg, weights), {}
 
 
 def _class_names(cfg, weights) -> list[str]:
@@ -116,9 +145,11 @@ def _class_names(cfg, weights) -> list[str]:
     those of the first test data set when it can be read, else "class 1".."class K"."""
     from detection.data.catalog import get_dataset
 
-    names = (weights.class_names if weights is not None else None) or cfg.model.class_names
+    from detection.evaluation.classes import model_class_names
+
+    names, _ = model_class_names(weights, cfg.model.class_names)
     if names:
-        return list(names)
+        return names
     try:
         return get_dataset(cfg.datasets.test[0], cfg.datasets.root).class_names
     except (ValueError, IndexError, OSError):

@@ -1,0 +1,292 @@
+"""Where tools/eval.py writes, and what eval.py / visualize.py refuse, as users ran into it
+(issue 25 items 2, 3, 14, 15): results beside the checkpoint and never silently replaced,
+one folder per test set, class lists checked against the checkpoint, one output-name scheme."""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import detection.visualize
+from detection.config import load_config
+from detection.data.shapes import generate_shapes
+from detection.engine.trainer import train
+from detection.evaluation.classes import check_class_names, model_class_names
+from detection.evaluation.outputs import ResultsSource, check_results_folder, results_subfolder, results_subfolders
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_train import tiny_overrides  # noqa: E402
+
+SHAPES = ["circle", "square", "triangle"]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EVAL, VISUALIZE = _tool("eval"), _tool("visualize")
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    """A run folder with a tiny model trained for 1 iteration on shapes, and its overrides."""
+    root = tmp_path_factory.mktemp("eval_outputs")
+    generate_shapes(root / "data" / "shapes", num_train=4, num_val=2, seed=1, image_size=(64, 80))
+    overrides = tiny_overrides(root / "data", root / "run_a", **{
+        "solver.max_iter": 1, "solver.checkpoint_period": 1, "model.roi_heads.score_thresh_test": 0.0})
+    train(load_config(None, overrides))
+    return root, overrides
+
+
+def call(tool, capsys, *args) -> tuple[int, str, str]:
+    """Run a tool's main in this process: (exit code, stdout, stderr)."""
+    try:
+        code = tool.main(["--config", str(ROOT / "configs" / "base.yaml"), *args])
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _voc_entry(classes):
+    return {"type": "voc", "root": "shapes/VOC", "split": "val", "classes": classes}
+
+
+# --- item 2: results beside the checkpoint, never silently replaced ---------------------------
+
+def test_eval_writes_beside_the_weights_not_into_the_configs_output_dir(run_a, capsys):
+    """The config's output_dir is another run's folder (a shared config): its results stay."""
+    root, overrides = run_a
+    weights = root / "run_a" / "model_final.pth"
+    other = root / "other_run"
+    code, out, err = call(EVAL, capsys, "--weights", str(weights), *overrides, f"output_dir={json.dumps(str(other))}")
+    assert code == 0, err
+    results = root / "run_a" / "inference"
+    assert out.startswith(f"results go to {results}\n")  # said before anything runs
+    assert (results / "shapes_val" / "metrics.json").is_file() and not other.exists()
+    source = json.loads((results / "source.json").read_text())
+    stat = weights.resolve().stat()
+    assert (source["path"], source["size"], source["mtime"]) == (str(weights.resolve()), stat.st_size, stat.st_mtime)
+    # the issue's `eval.py --results <run>/inference` re-scores the folder's own results: the same AP
+    code, out, err = call(EVAL, capsys, "--results", str(results), *overrides,
+                          f"output_dir={json.dumps(str(root / 'run_a'))}")
+    assert code == 0, err
+    first = json.loads((results / "shapes_val" / "metrics.json").read_text())
+    assert json.loads((results / "source.json").read_text()) == source  # still names the checkpoint
+    assert first["AP"] >= 0
+
+
+def test_eval_refuses_a_folder_holding_another_checkpoints_results(run_a, tmp_path, capsys):
+    root, overrides = run_a
+    weights_a = root / "run_a" / "model_final.pth"
+    weights_b = tmp_path / "run_b" / "model_final.pth"  # another run's checkpoint
+    weights_b.parent.mkdir()
+    shutil.copy(weights_a, weights_b)
+    shared = tmp_path / "shared"
+    assert call(EVAL, capsys, "--weights", str(weights_a), "--output-dir", str(shared), *overrides)[0] == 0
+    metrics = (shared / "shapes_val" / "metrics.json").read_bytes()
+
+    code, out, err = call(EVAL, capsys, "--weights", str(weights_b), "--output-dir", str(shared), *overrides)
+    line = _error_line(err)
+    assert code == 2 and str(weights_a.resolve()) in line and str(weights_b.resolve()) in line
+    assert "--output-dir" in line and "--overwrite" in line
+    assert (shared / "shapes_val" / "metrics.json").read_bytes() == metrics  # untouched
+    # the same checkpoint again is no question; the same path rewritten (a new training) is another checkpoint
+    assert call(EVAL, capsys, "--weights", str(weights_a), "--output-dir", str(shared), *overrides)[0] == 0
+    stat = weights_a.stat()
+    os.utime(weights_a, (stat.st_atime, stat.st_mtime + 60))
+    try:
+        code, _, err = call(EVAL, capsys, "--weights", str(weights_a), "--output-dir", str(shared), *overrides)
+        assert code == 2 and "an earlier version of the checkpoint" in _error_line(err)
+    finally:
+        os.utime(weights_a, (stat.st_atime, stat.st_mtime))
+    # --overwrite replaces them and records the new checkpoint
+    code, _, err = call(EVAL, capsys, "--weights", str(weights_b), "--output-dir", str(shared), "--overwrite",
+                        *overrides)
+    assert code == 0, err
+    assert json.loads((shared / "source.json").read_text())["path"] == str(weights_b.resolve())
+
+
+def test_results_folder_of_an_older_version_without_source_json_is_not_overwritten(tmp_path):
+    legacy = tmp_path / "inference"
+    legacy.mkdir()
+    (legacy / "metrics.json").write_text("{}")  # the one-test-set layout before source.json
+    ckpt = tmp_path / "model_final.pth"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(ValueError, match="no source.json"):
+        check_results_folder(legacy, ResultsSource.of("weights", ckpt))
+    check_results_folder(legacy, ResultsSource.of("weights", ckpt), overwrite=True)
+    check_results_folder(tmp_path / "new", ResultsSource.of("weights", ckpt))  # nothing there: fine
+
+
+# --- item 3: a test set's classes against the checkpoint's ---------------------------------
+
+def test_test_set_with_the_checkpoints_classes_in_another_order_is_refused(run_a, tmp_path, capsys):
+    """The issue's case: checkpoint [disc, box, cross], VOC test set classes [box, disc, cross]."""
+    root, overrides = run_a
+    weights = str(root / "run_a" / "model_final.pth")
+    swapped = f"datasets.test={json.dumps([_voc_entry(['square', 'circle', 'triangle'])])}"
+    for tool, extra in ((EVAL, ["--output-dir", str(tmp_path / "eval")]),
+                        (VISUALIZE, ["--compare", "--output", str(tmp_path / "vis")])):
+        code, _, err = call(tool, capsys, "--weights", weights, *extra, *overrides, swapped)
+        line = _error_line(err)
+        assert code == 2 and "['square', 'circle', 'triangle']" in line and str(SHAPES) in line
+        assert "another order" in line
+    assert not (tmp_path / "eval" / "voc_VOC_val").exists() and not list((tmp_path / "vis").glob("*.jpg"))
+
+
+def test_test_set_with_other_class_names_is_refused(run_a, tmp_path, capsys):
+    root, overrides = run_a
+    data = json.loads((root / "data" / "shapes" / "annotations" / "instances_val.json").read_text())
+    for cat, name in zip(data["categories"], ["disc", "box", "cross"]):
+        cat["name"] = name
+    ann = tmp_path / "renamed.json"
+    ann.write_text(json.dumps(data))
+    entry = {"type": "coco", "ann_file": str(ann), "image_root": str(root / "data" / "shapes" / "val")}
+    code, _, err = call(EVAL, capsys, "--weights", str(root / "run_a" / "model_final.pth"), "--output-dir",
+                        str(tmp_path / "eval"), *overrides, f"datasets.test={json.dumps([entry])}")
+    line = _error_line(err)
+    assert code == 2 and "['disc', 'box', 'cross']" in line and str(SHAPES) in line
+
+
+def test_class_check_without_saved_names_uses_the_config_then_the_count():
+    detectron2 = type("W", (), {"class_names": None, "path": "model_final_721ade.pkl"})()
+    saved = type("W", (), {"class_names": SHAPES, "path": "ckpt.pth"})()
+    assert model_class_names(saved, ["a", "b", "c"]) == (SHAPES, "the checkpoint ckpt.pth was trained on")
+    assert model_class_names(detectron2, ["a", "b", "c"]) == (["a", "b", "c"], "model.class_names is")
+    assert model_class_names(detectron2, []) == (None, "")
+    check_class_names("d", SHAPES, None, 3)  # names unknown: the count matches
+    with pytest.raises(ValueError, match=r"has 3 classes .* detects 2 \(model.num_classes"):
+        check_class_names("d", SHAPES, None, 2)
+    with pytest.raises(ValueError, match="another order"):
+        check_class_names("d", ["b", "a", "c"], *model_class_names(detectron2, ["a", "b", "c"])[:1], 3)
+
+
+# --- item 14: one folder per test set, safe names -------------------------------------------
+
+def test_one_folder_per_test_set_whatever_their_number(run_a, tmp_path, capsys):
+    root, overrides = run_a
+    weights = str(root / "run_a" / "model_final.pth")
+    assert call(EVAL, capsys, "--weights", weights, "--output-dir", str(tmp_path / "one"), *overrides)[0] == 0
+    assert (tmp_path / "one" / "shapes_val" / "metrics.json").is_file()
+    assert not (tmp_path / "one" / "metrics.json").exists()
+    two = f"datasets.test={json.dumps(['shapes_val', _voc_entry(SHAPES)])}"
+    code, _, err = call(EVAL, capsys, "--weights", weights, "--output-dir", str(tmp_path / "two"), *overrides, two)
+    assert code == 0, err
+    folders = sorted(p.name for p in (tmp_path / "two").iterdir() if p.is_dir())
+    assert folders == ["shapes_val", "voc_VOC_val"]  # "voc:VOC_val" without the colon
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in folders)
+    for folder in folders:
+        assert (tmp_path / "two" / folder / "metrics.json").is_file()
+    # the results folder reads back as --results: each test set finds its own results
+    code, _, err = call(EVAL, capsys, "--results", str(tmp_path / "two"), "--output-dir", str(tmp_path / "again"),
+                        *overrides, two)
+    assert code == 0, err
+    for folder in folders:
+        assert (json.loads((tmp_path / "again" / folder / "metrics.json").read_text())
+                == json.loads((tmp_path / "two" / folder / "metrics.json").read_text()))
+
+
+def test_folder_names_are_file_system_safe_and_distinct():
+    assert results_subfolder("voc:MyVOC_val") == "voc_MyVOC_val"
+    assert results_subfolder("coco:instances val/2017") == "coco_instances_val_2017"
+    assert results_subfolder("..") == "test_set" and results_subfolder(".hidden") == "hidden"
+    with pytest.raises(ValueError, match="'voc:a' and 'voc/a' would share the results folder 'voc_a'"):
+        results_subfolders(["voc:a", "voc/a"])
+
+
+def test_eval_help_describes_the_layout(capsys):
+    with pytest.raises(SystemExit):
+        EVAL.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "one folder per test set" in text and "source.json" in text and "voc_MyVOC_val" in text
+    assert "<folder of the checkpoint>/inference" in text and "--overwrite" in text
+
+
+# --- item 15: pictures ----------------------------------------------------------------------
+
+def _spy_tags(monkeypatch) -> list:
+    calls = []
+    real = detection.visualize.draw_detections
+
+    def spy(image, boxes, labels, scores, names, thresh=0.5, tags=None):
+        calls.append((scores is None, list(tags or [])))
+        return real(image, boxes, labels, scores, names, thresh, tags=tags)
+
+    monkeypatch.setattr(detection.visualize, "draw_detections", spy)
+    return calls
+
+
+def test_gt_marks_difficult_objects_and_crowd_regions(run_a, tmp_path, capsys, monkeypatch):
+    root, overrides = run_a
+    voc = tmp_path / "VOC"  # the shapes VOC view with its first object difficult
+    shutil.copytree(root / "data" / "shapes" / "VOC", voc)  # follows the image links
+    xml = voc / "Annotations" / "val_000000.xml"
+    xml.write_text(xml.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
+    calls = _spy_tags(monkeypatch)
+    entry = {"type": "voc", "root": str(voc), "split": "val", "classes": SHAPES}
+    code, _, err = call(VISUALIZE, capsys, "--gt", "--output", str(tmp_path / "voc_gt"), "--limit", "1", *overrides,
+                        f"datasets.test={json.dumps([entry])}")
+    assert code == 0, err
+    assert calls[0][1][0] == "difficult" and calls[0][1].count("difficult") == 1
+    # a COCO crowd region: not in the records, still drawn (from the json), tagged "crowd"
+    data = json.loads((root / "data" / "shapes" / "annotations" / "instances_val.json").read_text())
+    first = data["images"][0]["id"]
+    data["annotations"].append({"id": 999, "image_id": first, "category_id": 2, "bbox": [2, 2, 20, 20],
+                                "area": 400, "iscrowd": 1})
+    ann = tmp_path / "crowd.json"
+    ann.write_text(json.dumps(data))
+    calls.clear()
+    entry = {"type": "coco", "ann_file": str(ann), "image_root": str(root / "data" / "shapes" / "val")}
+    code, _, err = call(VISUALIZE, capsys, "--weights", str(root / "run_a" / "model_final.pth"), "--compare",
+                        "--output", str(tmp_path / "coco_cmp"), "--limit", "1", *overrides,
+                        f"datasets.test={json.dumps([entry])}")
+    assert code == 0, err
+    gt_tags = [tags for is_gt, tags in calls if is_gt]
+    assert gt_tags[0][-1] == "crowd" and gt_tags[0].count("crowd") == 1
+
+
+def test_output_names_are_one_scheme_and_never_collide(run_a, tmp_path, capsys):
+    """Two inputs named img.jpg in different folders; --gt writes under the same scheme."""
+    root, overrides = run_a
+    image = sorted((root / "data" / "shapes" / "val").glob("*.jpg"))[0]
+    for sub in ("a", "b"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        shutil.copy(image, tmp_path / "in" / sub / "img.jpg")
+    code, _, err = call(VISUALIZE, capsys, "--weights", str(root / "run_a" / "model_final.pth"), "--input",
+                        str(tmp_path / "in" / "*" / "img.jpg"), "--output", str(tmp_path / "pred"), *overrides)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["00000_img.jpg", "00001_img.jpg"]
+    assert call(VISUALIZE, capsys, "--gt", "--output", str(tmp_path / "gt"), "--limit", "1", *overrides)[0] == 0
+    assert [p.name for p in (tmp_path / "gt").iterdir()] == [f"00000_{image.stem}.jpg"]
+    assert "NNNNN_STEM.jpg" in " ".join(VISUALIZE.__doc__.split())
+
+
+def test_ground_truth_boxes_and_crowd_regions(tmp_path):
+    record = {"boxes": np.array([[0, 0, 5, 5], [1, 1, 4, 4]], np.float32), "labels": np.array([1, 2]),
+              "difficult": np.array([False, True])}
+    boxes, labels, tags = detection.visualize.ground_truth_boxes(record)
+    assert tags == ["", "difficult"] and labels.tolist() == [1, 2]
+    ann = tmp_path / "a.json"
+    ann.write_text(json.dumps({"annotations": [
+        {"image_id": 7, "category_id": 40, "bbox": [1, 2, 3, 4], "iscrowd": 1},
+        {"image_id": 7, "category_id": 40, "bbox": [0, 0, 1, 1], "iscrowd": 0}]}))
+    crowd = detection.visualize.read_crowd_regions(ann, {1: 10, 2: 40})  # label 2 is category 40
+    assert list(crowd) == [7] and crowd[7][0].tolist() == [[1, 2, 4, 6]] and crowd[7][1].tolist() == [2]
+    boxes, labels, tags = detection.visualize.ground_truth_boxes(record, crowd[7])
+    assert tags == ["", "difficult", "crowd"] and labels.tolist() == [1, 2, 2] and boxes.shape == (3, 4)
