@@ -34,6 +34,7 @@ def test_benchmark_smoke(tmp_path):
     for key in ("inference_speedup", "training_speedup", "memory_ratio"):
         assert key in report["ratios"]
     assert "inference_speedup" in result.stdout
+    assert report["inference"]["fast"]["vs_plain"]["equal"] and "fast vs plain:" in result.stdout
 
 
 def test_benchmark_peak_memory_child():

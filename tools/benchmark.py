@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, default=4, help="images in the evaluation timing")
     p.add_argument("--quick", action="store_true", help="small hardware probes (smoke tests)")
     p.add_argument("--pretrained", action="store_true", help="load model.backbone.weights (default: random)")
+    p.add_argument("--weights", metavar="CKPT", help="a detector to time (this project's or a Detectron2 "
+                   "model-zoo file) instead of random weights")
     for part in ("train", "memory", "data"):
         p.add_argument(f"--no-{part}", action="store_true", help=f"skip the {part} measurement")
     p.add_argument("--child", choices=("plain", "fast", "torchvision"), help=argparse.SUPPRESS)
@@ -190,11 +192,15 @@ def bench_inference(variants: dict, images: list[torch.Tensor], args: argparse.N
     inputs = {name: [img / 255 for img in images] if name == "torchvision" else images for name in variants}
     result = {name: {"end_to_end_s": [], "end_to_end_cpu_s": [], "stages_s": defaultdict(list)}
               for name in variants}
+    detections = {}
     for name, (model, staged) in variants.items():
         meter = FlopMeter()
         with torch.inference_mode():
-            _, result[name]["num_rois"] = staged(model, inputs[name], meter)
+            detections[name], result[name]["num_rois"] = staged(model, inputs[name], meter)
         result[name]["flops"] = dict(meter.values)
+    for name in variants:  # our faster variants must give the plain path's detections
+        if name not in ("plain", "torchvision"):
+            result[name]["vs_plain"] = compare_detections(detections["plain"][0], detections[name][0])
     order = list(variants)
     for run in range(args.warmup + args.runs):
         for name in (order if run % 2 == 0 else order[::-1]):  # interleaved, alternating order
@@ -211,6 +217,28 @@ def bench_inference(variants: dict, images: list[torch.Tensor], args: argparse.N
             result[name].setdefault("loadavg", []).append(os.getloadavg()[0])
             print(f"  inference run {run}: {name} {e2e:.3f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     return result
+
+
+def compare_detections(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Largest box and score differences of two detection lists; `equal` within 0.01 px, 1e-3."""
+    same = len(ref["boxes"]) == len(other["boxes"]) and torch.equal(ref["labels"], other["labels"])
+    box = float((ref["boxes"] - other["boxes"]).abs().max()) if same and len(ref["boxes"]) else 0.0
+    score = float((ref["scores"] - other["scores"]).abs().max()) if same and len(ref["scores"]) else 0.0
+    return {"detections": len(ref["boxes"]), "same_labels": same, "max_box_diff_px": box,
+            "max_score_diff": score, "equal": same and box <= 0.01 and score <= 1e-3}
+
+
+def build_bench_model(cfg: Any, args: argparse.Namespace) -> torch.nn.Module:
+    """Seeded random sane weights, or the detector in --weights."""
+    model = build_ours(cfg)
+    if args.weights:
+        from detection.engine.loading import load_detector_weights, read_detector_file
+
+        weights = read_detector_file(args.weights)
+        if weights is None:
+            raise SystemExit(f"error: {args.weights}: holds no detector")
+        load_detector_weights(model, weights)
+    return model
 
 
 # ---- training --------------------------------------------------------------------------
@@ -279,7 +307,7 @@ def max_rss_mb() -> float:
 def child_main(args: argparse.Namespace) -> int:
     """One inference at --memory-proposals proposals; prints {"max_rss_mb", ...} as JSON."""
     cfg = bench_config(args, [f"model.rpn.post_nms_topk_test={args.memory_proposals}"])
-    model = build_ours(cfg)
+    model = build_bench_model(cfg, args)
     if args.child == "fast":
         model = optimize_for_inference(model, chunk_size=args.chunk_size)
     elif args.child == "torchvision":
@@ -367,11 +395,12 @@ def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict:
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     cfg = bench_config(args)
     report: dict[str, Any] = {"command": " ".join(["python", "tools/benchmark.py", *argv]),
-                              "image_size": args.image_size, "threads": torch.get_num_threads(),
+                              "image_size": args.image_size, "proposals": cfg.model.rpn.post_nms_topk_test,
+                              "weights": args.weights or "random (sane)", "threads": torch.get_num_threads(),
                               "cpu_count": os.cpu_count(), "torch": torch.__version__,
                               "loadavg_start": os.getloadavg()}
     report["hardware"] = hardware_throughput(args.quick)
-    plain = build_ours(cfg)
+    plain = build_bench_model(cfg, args)
     tv = build_torchvision_c4(plain, cfg) if args.compare_torchvision else None
     images, _ = synthetic_batch(1, tuple(args.image_size), cfg.model.num_classes)
     report["inference"] = bench_inference(inference_variants(plain, tv, args), images, args)

@@ -109,7 +109,8 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 def print_report(report: dict[str, Any]) -> None:
     hw = report["hardware"]
     print(f"command: {report['command']}")
-    print(f"image {report['image_size'][0]}x{report['image_size'][1]}, {report['threads']} threads, "
+    print(f"image {report['image_size'][0]}x{report['image_size'][1]}, {report['proposals']} proposals, "
+          f"weights {report['weights']}, {report['threads']} threads, "
           f"load average {tuple(round(v, 2) for v in report['loadavg_start'])} at start, "
           f"{tuple(round(v, 2) for v in report['loadavg_end'])} at end")
     if report["busy"]:
@@ -149,6 +150,12 @@ def _print_inference(inference: dict[str, Any]) -> None:
                                         f"{inference[n]['total_gflop']:7.1f}{'':>13}" for n in names))
     print(f"{'(CPU time)':<12}" + "".join(f"{inference[n]['end_to_end_cpu_median_s']:>8.3f}{'':>22}" for n in names))
     print(f"{'RoIs':<12}" + "".join(f"{inference[n]['num_rois']:>8d}{'':>22}" for n in names))
+    for n in names:
+        same = inference[n].get("vs_plain")
+        if same:
+            print(f"{n} vs plain: {same['detections']} detections, "
+                  f"{'equal' if same['equal'] else 'NOT equal'} (labels {'same' if same['same_labels'] else 'differ'}, "
+                  f"max box diff {same['max_box_diff_px']:.2g} px, max score diff {same['max_score_diff']:.2g})")
 
 
 def _print_ratios(report: dict[str, Any]) -> None:
