@@ -76,7 +76,10 @@ def run(cfg, args: argparse.Namespace) -> int:
     from detection.evaluation.outputs import ResultsSource, check_results_folder, claim_results_folder
 
     out_root = results_folder(cfg, args)
-    source = ResultsSource.of("results" if args.results else "weights", args.results or args.weights)
+    given = args.results or args.weights
+    if not Path(given).expanduser().exists():  # before the results folder is judged by it
+        raise ValueError(f"{given}: {'--results' if args.results else '--weights'} file not found")
+    source = ResultsSource.of("results" if args.results else "weights", given)
     print(f"results go to {out_root}")
     check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work
     device = select_device(cfg.device)
