@@ -18,8 +18,10 @@ same for one test set or several:
                              (shapes_val, voc_MyVOC_val for voc:MyVOC_val):
         metrics.json, pr_curves.png, coco_results.json (COCO-type) or comp4_det_test_*.txt (VOC-type)
 
-A folder holding the results of another checkpoint is not overwritten: the run stops and
-says so; pass --output-dir for a new folder or --overwrite to replace them. The test sets'
+A folder holding the results of another checkpoint (or of an earlier version of the same
+file, e.g. before more training) is not overwritten: the run stops and says so; pass
+--output-dir for a new folder or --overwrite to replace them (their files are removed
+first). Re-scoring a folder's own results (--results DIR into DIR) is allowed. The test sets'
 class names must be the model's, in the same order (the checkpoint's names, else
 model.class_names; else only their number is checked against model.num_classes).
 """
