@@ -17,7 +17,8 @@ from detection.config import load_config
 from detection.data.shapes import generate_shapes
 from detection.engine.trainer import train
 from detection.evaluation.classes import check_class_names, model_class_names
-from detection.evaluation.outputs import ResultsSource, check_results_folder, results_subfolder, results_subfolders
+from detection.evaluation.outputs import (ResultsSource, check_results_folder, claim_results_folder, results_subfolder,
+                                         results_subfolders)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -136,6 +137,12 @@ def test_results_folder_of_an_older_version_without_source_json_is_not_overwritt
         check_results_folder(legacy, ResultsSource.of("weights", ckpt))
     check_results_folder(legacy, ResultsSource.of("weights", ckpt), overwrite=True)
     check_results_folder(tmp_path / "new", ResultsSource.of("weights", ckpt))  # nothing there: fine
+    # --overwrite leaves no file of the old results next to the new ones (a test set since removed too)
+    (legacy / "voc_old").mkdir()
+    (legacy / "voc_old" / "comp4_det_test_cat.txt").write_text("")
+    (legacy / "notes.txt").write_text("mine")
+    claim_results_folder(legacy, ResultsSource.of("weights", ckpt), ["shapes_val"], overwrite=True)
+    assert sorted(p.name for p in legacy.iterdir()) == ["notes.txt", "source.json"]
 
 
 # --- item 3: a test set's classes against the checkpoint's ---------------------------------
