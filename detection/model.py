@@ -150,6 +150,11 @@ def _check_images(images: Sequence[Tensor]) -> None:
         if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
             raise ValueError(f"FasterRCNN: image {i} must be a Tensor[3, H, W], got "
                              f"{list(getattr(img, 'shape', [])) or type(img).__name__}")
+        # torchvision's detectors take float 0..1; this one 0..255. Such an image runs and gives
+        # wrong detections in silence, so say so (once per process: warnings' default filter).
+        if img.is_floating_point() and img.numel() and 0 < float(img.max()) <= 1.0:
+            warnings.warn(f"FasterRCNN: image {i} is float with values in 0..1, but the model takes RGB "
+                          "0..255 (torchvision's detectors take 0..1): multiply by 255", stacklevel=3)
 
 
 def _rescale(det: dict[str, Tensor], resized: tuple[int, int], original: tuple[int, int]

@@ -184,3 +184,16 @@ def test_overfits_two_synthetic_images_and_then_finds_their_boxes():
             assert iou.numel() and iou.max() > 0.7, (
                 f"image {i}: no top-5 detection of class {int(label)} at IoU > 0.7 with {box.tolist()}; "
                 f"got {top}")
+
+
+def test_float_images_in_0_1_are_warned_about():
+    """torchvision's convention (float 0..1) runs and gives wrong detections: say so."""
+    import warnings
+
+    from detection.model import _check_images
+
+    with pytest.warns(UserWarning, match="values in 0..1, but the model takes RGB 0..255"):
+        _check_images([torch.rand(3, 8, 8)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_images([torch.rand(3, 8, 8) * 255, torch.zeros(3, 8, 8), torch.randint(0, 2, (3, 8, 8), dtype=torch.uint8)])
