@@ -35,13 +35,15 @@ class Predictor:
     """A detector ready for single images: fast path and test-time augmentation as the config says."""
 
     def __init__(self, cfg: Config, weights: Union[str, Path, DetectorWeights, None] = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", explicit: Sequence[str] = ()) -> None:
+        """explicit: config keys the caller set deliberately (they may differ from the
+        settings a checkpoint of this project was trained with)."""
         weights = weights if weights is not None else cfg.model.weights
         if weights is None:
             raise ValueError("Predictor: no weights: pass weights=PATH or set model.weights in the config")
         self.cfg = cfg
         self.device = select_device(device)
-        self.model, self.weights = build_inference_model(cfg, weights, self.device)
+        self.model, self.weights = build_inference_model(cfg, weights, self.device, explicit)
         names = self.weights.class_names or cfg.model.class_names
         self.class_names = list(names) if names else [f"class {i}" for i in range(1, cfg.model.num_classes + 1)]
 
@@ -49,7 +51,8 @@ class Predictor:
     def from_config(cls, config_path: Union[str, Path], weights: Union[str, Path, None] = None,
                     overrides: Sequence[str] = (), device: str = "auto") -> "Predictor":
         """Load the YAML config (with `key=value` overrides, as on the command line) and the weights."""
-        return cls(load_config(config_path, list(overrides)), weights, device)
+        keys = [item.split("=", 1)[0].strip() for item in overrides]
+        return cls(load_config(config_path, list(overrides)), weights, device, explicit=keys)
 
     @torch.inference_mode()
     def __call__(self, image: ImageInput) -> dict[str, Tensor]:

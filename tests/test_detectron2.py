@@ -239,3 +239,68 @@ def test_predictor_input_convention(predictor):
     with pytest.raises(ValueError, match=r"shape \(H, W, 3\)"):
         predictor(image[:, :, 0])
     assert predictor.class_names[:3] == ["person", "bicycle", "car"] and len(predictor.class_names) == 80
+
+
+def test_fine_tuning_from_a_zoo_checkpoint_on_other_classes(d2_files, tmp_path, caplog):
+    """The paper's COCO-then-VOC recipe: model.weights is an 80-class Detectron2 detector, the
+    config has 3 classes. Everything but cls_score / bbox_pred starts from the file, those two
+    start fresh, and the run says so. No ImageNet backbone file is asked for."""
+    from detection.data.shapes import generate_shapes
+    from detection.engine.trainer import train
+
+    generate_shapes(tmp_path / "data" / "shapes", num_train=2, num_val=1, seed=0, image_size=(64, 80))
+    overrides = {
+        "model.weights": str(d2_files[0]), "model.num_classes": 3, "model.class_names": [],
+        # not in this machine's torch hub cache: it must not be asked for when model.weights is a detector
+        "model.backbone.weights": "torchvision:IMAGENET1K_V1",
+        "model.rpn.pre_nms_topk_train": 100, "model.rpn.post_nms_topk_train": 20,
+        "model.roi_heads.batch_size_per_image": 8, "input.min_size_train": [64], "input.max_size_train": 96,
+        "datasets.root": str(tmp_path / "data"), "datasets.train": ["shapes_train"], "datasets.test": ["shapes_val"],
+        "dataloader.num_workers": 0, "solver.ims_per_batch": 1, "solver.base_lr": 1e-12, "solver.momentum": 0.0,
+        "solver.max_iter": 1, "output_dir": str(tmp_path / "out"), "device": "cpu"}
+    cfg = load_config(R50, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    with caplog.at_level("INFO"):
+        model = train(cfg)
+    start = read_detector_file(d2_files[0]).state
+    state = model.state_dict()
+    assert state["roi_heads.predictor.cls_score.weight"].shape == (4, 2048)
+    assert state["roi_heads.predictor.bbox_pred.weight"].shape == (12, 2048)
+    for key in ("trunk.stem.conv1.weight", "trunk.res4.5.conv3.weight", "rpn.head.objectness_logits.bias",
+                "roi_heads.res5.2.norm3.weight"):
+        assert torch.allclose(state[key], start[key], atol=1e-6), key
+    assert "80 classes, the config 3" in caplog.text and "roi_heads.predictor.cls_score.weight" in caplog.text
+
+
+COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
+
+
+def test_readme_commands_with_a_zoo_file(d2_files, predictor, tmp_path):
+    """The README's "Use a published detector" commands, with the fixture file standing in for the
+    download: draw detections on your own image, evaluate on a COCO-format set (real COCO ids,
+    non-contiguous: results must carry them). Smaller test size here, for speed."""
+    names = predictor.class_names
+    image = CASE / "images" / "resize_0.png"
+    ann = {"images": [{"id": 7, "file_name": image.name, "height": 480, "width": 640}],
+           "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [100, 100, 50, 80], "area": 4000,
+                            "iscrowd": 0}],
+           "categories": [{"id": i, "name": n} for i, n in zip(COCO_IDS, names)]}
+    (tmp_path / "val.json").write_text(json.dumps(ann))
+    small = ["input.min_size_test=320", "input.max_size_test=480", "model.rpn.post_nms_topk_test=100",
+             "dataloader.num_workers=0", "device=cpu"]
+    config = str(R50.relative_to(ROOT))
+    run = lambda *args: subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,  # noqa: E731
+                                       timeout=600)
+    vis = run("tools/visualize.py", "--config", config, "--weights", str(d2_files[0]), "--input", str(image),
+              "--output", str(tmp_path / "vis"), *small)
+    assert vis.returncode == 0, vis.stderr[-2000:]
+    assert len(list((tmp_path / "vis").glob("*.jpg"))) == 1
+    test_set = json.dumps([{"type": "coco", "ann_file": str(tmp_path / "val.json"), "image_root": str(image.parent)}])
+    ev = run("tools/eval.py", "--config", config, "--weights", str(d2_files[1]), "--output-dir",
+             str(tmp_path / "eval"), f"datasets.test={test_set}", *small)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert "AP50" in ev.stdout
+    results = json.loads(next((tmp_path / "eval").rglob("coco_results.json")).read_text())
+    same = Predictor.from_config(R50, weights=d2_files[0], overrides=small[:3], device="cpu")(str(image))
+    assert {r["image_id"] for r in results} == {7} and len(results) == len(same["labels"]) > 0
+    # label k (1..80) is written as the k-th COCO id: 24 is "zebra", 62 "chair" (ids 12, 26, ... unused)
+    assert sorted(r["category_id"] for r in results) == sorted(COCO_IDS[k - 1] for k in same["labels"].tolist())

@@ -21,7 +21,7 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -213,11 +213,53 @@ def _load_backbone_into_detector(model: nn.Module, source: str, bb: Any) -> None
     logger.info("loaded backbone weights %s into trunk and res5", source)
 
 
-def build_inference_model(cfg: Any, weights: Union[str, Path, DetectorWeights], device: torch.device
-                          ) -> tuple[nn.Module, DetectorWeights]:
+# The settings that make a trained model what it is (not test-time settings): a checkpoint
+# of this project saves its training config, and evaluating it with other values of these
+# runs and gives wrong numbers (e.g. RGB ImageNet normalisation on a BGR MSRA-trained model).
+MODEL_KEYS = ("model.num_classes", "model.input_format", "model.pixel_mean", "model.pixel_std",
+              "model.backbone.depth", "model.backbone.norm", "model.backbone.stride_in_1x1",
+              "model.backbone.shortcut", "model.backbone.residual", "model.anchors.sizes",
+              "model.anchors.aspect_ratios", "model.anchors.stride", "model.roi_heads.pooler",
+              "model.roi_heads.pooler_resolution", "model.roi_heads.bbox_reg_weights")
+
+
+def check_model_settings(cfg: Any, weights: DetectorWeights, explicit: Sequence[str] = ()) -> None:
+    """CheckpointError when the config's model settings differ from those the checkpoint was
+    trained with, except for keys in `explicit` (set on the command line: deliberate)."""
+    if not weights.config:
+        return
+    for key in MODEL_KEYS:
+        saved, ours = _lookup(weights.config, key), _lookup(cfg, key)
+        if key in explicit or saved is None or _same(saved, ours):
+            continue
+        raise CheckpointError(f"{weights.path} was trained with {key}={saved!r} but the config has {ours!r}: "
+                              f"use the config it was trained with (config.yaml beside it), or give "
+                              f"{key}=... on the command line to change it deliberately")
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else getattr(tree, part, None)
+        if tree is None:
+            return None
+    return tree
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(a)))
+    return a == b
+
+
+def build_inference_model(cfg: Any, weights: Union[str, Path, DetectorWeights], device: torch.device,
+                          explicit: Sequence[str] = ()) -> tuple[nn.Module, DetectorWeights]:
     """The config's detector with `weights` loaded, on device, in eval mode: with
     model.fast_path its detection.fast copy (same detections, faster); with test.aug.enabled
-    wrapped in detection.tta.DetectorWithTTA. The one way tools and the Predictor get a model."""
+    wrapped in detection.tta.DetectorWithTTA. The one way tools and the Predictor get a model.
+    The config's model settings must be those the checkpoint was trained with, except the keys
+    in `explicit` (given on the command line, so changed deliberately)."""
     from detection.model import build_model
     from detection.tta import build_tta
 
@@ -228,6 +270,7 @@ def build_inference_model(cfg: Any, weights: Union[str, Path, DetectorWeights], 
                                   "trained detector: a model_final.pth of tools/train_det.py or a "
                                   "Detectron2 model-zoo file")
         weights = read
+    check_model_settings(cfg, weights, explicit)
     cfg = copy.deepcopy(cfg)
     cfg.model.backbone.weights = None  # the checkpoint holds every weight; no ImageNet file needed
     model = build_model(cfg)

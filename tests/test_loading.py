@@ -1,0 +1,91 @@
+"""Detector weights of this project: recognised by content, loaded strictly, checked against the
+settings they were trained with, and re-used across label sets for fine-tuning."""
+import pytest
+import torch
+
+from detection.config import config_to_dict, load_config
+from detection.engine.checkpoint import CheckpointError, save_checkpoint
+from detection.engine.loading import (DetectorWeights, build_inference_model, check_model_settings,
+                                      load_initial_weights, read_detector_file)
+from detection.model import build_model
+
+TINY = ["model.num_classes=3", "model.backbone.depth=18", "model.backbone.norm=gn", "model.backbone.weights=null",
+        "model.anchors.sizes=[16,32]", "model.roi_heads.pooler_resolution=6", "device=cpu"]
+
+
+def tiny_cfg(*extra):
+    return load_config(None, [*TINY, *extra])
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A checkpoint as training writes it: model, config, class names (a .pth under another suffix)."""
+    cfg = tiny_cfg("model.input_format=BGR", "model.pixel_std=[1,1,1]")
+    model = build_model(cfg)
+    path = tmp_path / "detector.weights"
+    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg),
+                     "class_names": ["disc", "box", "cross"]}, path)
+    return path, model
+
+
+def test_our_checkpoint_is_recognised_by_content(trained):
+    path, model = trained
+    weights = read_detector_file(path)
+    assert weights.format == "c4det" and weights.num_classes == 3
+    assert weights.class_names == ["disc", "box", "cross"] and weights.config["model"]["input_format"] == "BGR"
+    assert weights.state.keys() == model.state_dict().keys()
+
+
+def test_a_config_that_changes_a_model_setting_is_an_error(trained):
+    """Evaluating an MSRA-style (BGR, std 1) checkpoint with an RGB config ran and scored 0.02 mAP."""
+    path, _ = trained
+    cfg = tiny_cfg()  # RGB, ImageNet std
+    with pytest.raises(CheckpointError, match=r"trained with model.input_format='BGR' but the config has 'RGB'"):
+        build_inference_model(cfg, path, torch.device("cpu"))
+    model, weights = build_inference_model(cfg, path, torch.device("cpu"),
+                                           explicit=["model.input_format", "model.pixel_std"])
+    assert model.input_format == "RGB" and weights.class_names == ["disc", "box", "cross"]
+    model, _ = build_inference_model(tiny_cfg("model.input_format=BGR", "model.pixel_std=[1,1,1]",
+                                              "model.roi_heads.score_thresh_test=0.5"), path, torch.device("cpu"))
+    assert model.roi_heads.score_thresh_test == 0.5  # test-time settings come from the config
+
+
+def test_model_settings_compare_by_value():
+    weights = DetectorWeights("x.pth", "c4det", {}, config={"model": {"pixel_mean": [1, 2, 3.0000001],
+                                                                      "anchors": {"sizes": [16, 32]}}})
+    check_model_settings(tiny_cfg("model.pixel_mean=[1.0,2.0,3.0]"), weights)
+    with pytest.raises(CheckpointError, match=r"model.anchors.sizes=\[16, 32\] but the config has \[32, 64\]"):
+        check_model_settings(tiny_cfg("model.anchors.sizes=[32,64]", "model.pixel_mean=[1,2,3]"), weights)
+
+
+def test_fine_tuning_from_our_detector_on_another_label_set(trained, caplog):
+    path, source = trained
+    model = build_model(tiny_cfg("model.num_classes=5", "model.input_format=BGR", "model.pixel_std=[1,1,1]"))
+    fresh = model.roi_heads.predictor.cls_score.weight.clone()
+    with caplog.at_level("INFO"):
+        load_initial_weights(model, str(path), None)
+    state = model.state_dict()
+    assert torch.equal(state["trunk.res4.1.conv2.weight"], source.state_dict()["trunk.res4.1.conv2.weight"])
+    assert torch.equal(model.roi_heads.predictor.cls_score.weight, fresh)  # (6, C) left as initialised
+    assert "3 classes, the config 5" in caplog.text
+
+
+def test_evaluation_needs_the_class_count_of_the_checkpoint(trained):
+    path, _ = trained
+    cfg = tiny_cfg("model.num_classes=4", "model.input_format=BGR", "model.pixel_std=[1,1,1]")
+    with pytest.raises(CheckpointError, match="model.num_classes=3 but the config has 4"):
+        build_inference_model(cfg, path, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="the file has 3 classes, model.num_classes is 4"):
+        build_inference_model(cfg, path, torch.device("cpu"), explicit=["model.num_classes"])
+
+
+def test_backbone_weights_are_no_detector(tmp_path):
+    import torchvision
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    assert read_detector_file(path) is None
+    with pytest.raises(CheckpointError, match="holds no detector"):
+        build_inference_model(tiny_cfg(), path, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="weights file not found"):
+        read_detector_file(tmp_path / "missing.pth")
