@@ -31,7 +31,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from detection.cli import add_config_args, config_from_args, fail
+from detection.cli import add_config_args, config_from_args, fail, override_keys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,7 +85,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     print(f"results go to {out_root}")
     check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work
     device = select_device(cfg.device)
-    model, weights = (None, None) if args.results else _model(cfg, args.weights, device)
+    model, weights = (None, None) if args.results else _model(cfg, args.weights, device, override_keys(args))
     datasets = [get_dataset(e, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
                 for e in cfg.datasets.test]
     folders = _checked_folders(cfg, datasets, model, weights)
@@ -95,10 +95,10 @@ def run(cfg, args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(cfg, weights_path: str, device):
+def _model(cfg, weights_path: str, device, explicit: list[str]):
     from detection.engine.loading import build_inference_model
 
-    model, weights = build_inference_model(cfg, weights_path, device)
+    model, weights = build_inference_model(cfg, weights_path, device, explicit)
     if cfg.test.aug.enabled:
         aug = cfg.test.aug
         print(f"test-time augmentation (test.aug): sizes {aug.min_sizes}, max {aug.max_size}"

@@ -24,7 +24,7 @@ import glob
 import sys
 from pathlib import Path
 
-from detection.cli import add_config_args, config_from_args, fail
+from detection.cli import add_config_args, config_from_args, fail, override_keys
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -83,7 +83,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     if args.weights:  # read once: the weights and the class names training saved with them
         from detection.engine.loading import build_inference_model
 
-        model, weights = build_inference_model(cfg, args.weights, device)
+        model, weights = build_inference_model(cfg, args.weights, device, override_keys(args))
     items, class_names, crowd = _inputs(cfg, args, weights)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
