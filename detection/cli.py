@@ -1,14 +1,17 @@
-"""The command-line plumbing every tool shares: `--config CFG` plus `KEY=VALUE` overrides."""
+"""The command-line plumbing every tool shares: `--config CFG` plus `KEY=VALUE` overrides,
+the data-set root's order of precedence, and logging set up so library messages show."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import NoReturn, Sequence
 
-from detection.config import Config, ConfigError, load_config
+from detection.config import Config, ConfigError, DatasetsConfig, load_config
 
 DATASETS_ENV = "DETECTION_DATASETS"
+logger = logging.getLogger(__name__)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -20,20 +23,63 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     """Load the config; a bad one exits with status 2 and the ConfigError message, no traceback.
 
-    The environment variable DETECTION_DATASETS sets `datasets.root` unless an explicit
-    `datasets.root=...` override is given on the command line.
+    `datasets.root`, first found: a `datasets.root=...` on the command line; a root the config
+    file (or its `_base_` chain) sets to other than the default `datasets`; the environment
+    variable DETECTION_DATASETS; the default `datasets`. (configs/base.yaml restates the
+    default, so the environment variable still applies to the configs built on it.)
     """
     overrides = list(args.overrides) + list(extra)
-    explicit_root = any(o.split("=", 1)[0].strip() == "datasets.root" for o in overrides)
-    if os.environ.get(DATASETS_ENV) and not explicit_root:
-        overrides.insert(0, f"datasets.root={os.environ[DATASETS_ENV]}")
     try:
-        return load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides)
     except ConfigError as err:
         fail(str(err))
+    on_command_line = any(o.split("=", 1)[0].strip() == "datasets.root" for o in overrides)
+    env_root = os.environ.get(DATASETS_ENV)
+    if env_root and not on_command_line and cfg.datasets.root == DatasetsConfig().root:
+        cfg.datasets.root = env_root
+        logger.info("datasets.root: %s (from the environment variable %s)", env_root, DATASETS_ENV)
+    elif env_root and cfg.datasets.root != env_root:
+        where = "the command line" if on_command_line else "the config file"
+        logger.info("datasets.root: %s (from %s; %s=%s is not used)", cfg.datasets.root, where,
+                    DATASETS_ENV, env_root)
+    return cfg
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear line to stderr and exit (2: bad input, 1: failure at run time)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+class _LineFormatter(logging.Formatter):
+    """Info as the bare message; warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def override_keys(args: argparse.Namespace) -> list[str]:
+    """The config keys given on the command line (`KEY=VALUE`): changed deliberately."""
+    return [item.split("=", 1)[0].strip() for item in args.overrides]
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment (a test's capture, or a redirected one)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Show this project's messages ("loaded ...", "resumed at iteration N", the training
+    summary) on stderr, one line each; other libraries' only from warnings up. Under
+    torchrun only rank 0 shows info. Calling it again adds no second handler."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler(sys.stderr)
+        handler.setFormatter(_LineFormatter())
+        root.addHandler(handler)
+    for name in ("detection", "backbones"):
+        logging.getLogger(name).setLevel(level if os.environ.get("RANK", "0") == "0" else logging.WARNING)
