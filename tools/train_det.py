@@ -1,20 +1,25 @@
 #!/usr/bin/env python
 """Train the Faster R-CNN C4 detector described by a config.
 
-    python tools/train_det.py --config configs/coco_r101.yaml [--output-dir DIR] [--resume] [KEY=VALUE ...]
+    python tools/train_det.py --config configs/coco_r101.yaml [--output-dir DIR] [--resume | --overwrite] [KEY=VALUE ...]
     torchrun --nproc_per_node=8 tools/train_det.py --config configs/coco_r101.yaml
 
---resume continues the run in the output directory from its last.pth with everything
-restored (weights, optimizer, lr schedule, iteration, random states): the same result as
-an uninterrupted run. model.weights=PATH instead starts a NEW run at iteration 0 from a
-detector checkpoint's or a backbone's weights.
+An output folder that already holds a run (last.pth, model_final.pth or metrics.jsonl) is
+refused unless --resume continues it or --overwrite replaces it. --resume continues from
+its last.pth with everything restored (weights, optimizer, lr schedule, iteration, random
+states): the same result as an uninterrupted run; a finished run says so and exits 0.
+model.weights=PATH instead starts a NEW run at iteration 0 from a detector checkpoint's or
+a backbone's weights.
+
+Exit codes: 0 done, 1 training failed (e.g. a non-finite loss), 2 bad config, data or
+output folder (found before anything is written), 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from detection.cli import add_config_args, config_from_args, fail
+from detection.cli import add_config_args, config_from_args, fail, setup_logging
 from detection.config import dump_config
 
 
@@ -22,27 +27,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--output-dir", help="where checkpoints and logs go (default: the config's output_dir)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUTPUT_DIR/last.pth with optimizer, schedule, iteration and RNG "
-                             "restored (unlike model.weights=PATH, which starts a new run at iteration 0)")
+    run = parser.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true",
+                     help="continue from OUTPUT_DIR/last.pth with optimizer, schedule, iteration and RNG "
+                          "restored (unlike model.weights=PATH, which starts a new run at iteration 0)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run in OUTPUT_DIR: its last.pth, model_final.pth, metrics.jsonl, "
+                          "config.yaml and inference/ are removed once the data have been checked")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging()
     extra = [f"output_dir={args.output_dir}"] if args.output_dir else []
     cfg = config_from_args(args, extra)
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
-    from detection.engine.trainer import TrainingError, train  # heavy imports only when training
+    from detection.engine.trainer import TrainingError, TrainingInterrupted, train  # heavy imports
 
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as err:  # Ctrl-C in the loop: where it stopped, what is kept
+        print(err, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before training started", file=sys.stderr)
+        return 130
     except TrainingError as err:
         fail(str(err), code=1)
-    except ValueError as err:  # bad data / weights / config found at run time: one clear line
+    except ValueError as err:  # bad data / weights / config / output folder found at run time
         fail(str(err), code=2)
     return 0
 

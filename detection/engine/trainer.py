@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detection.config import Config, config_to_dict, save_config
+from detection.data.catalog import DatasetInfo
 from detection.engine import distributed as du
 from detection.engine.checkpoint import get_rng_states, load_checkpoint, save_checkpoint, set_rng_states
 from detection.engine.loading import load_initial_weights, read_detector_file
@@ -35,6 +38,16 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the iteration and the last checkpoint.
+    A KeyboardInterrupt still, so code that catches those keeps working."""
+
+
+# The files that make a folder "hold a run", and what --overwrite removes.
+RUN_FILES = ("last.pth", "model_final.pth", "metrics.jsonl")
+OVERWRITTEN = (*RUN_FILES, "config.yaml", "inference")
+
+
 @dataclass
 class TrainState:
     model: nn.Module
@@ -43,6 +56,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     iteration: int = 0
     class_names: tuple[str, ...] = ()  # stored in checkpoints for tools/visualize.py
+    checkpoint_iteration: Optional[int] = None  # the iteration last.pth holds, if any
 
 
 def seed_everything(seed: int) -> None:
@@ -51,12 +65,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Config, *, resume: bool = False) -> nn.Module:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> nn.Module:
     """Train the config's model on its training sets (outputs in cfg.output_dir); returns the
-    trained model (unwrapped from DistributedDataParallel)."""
+    trained model (unwrapped from DistributedDataParallel).
+
+    An output folder that holds a run is refused unless `resume` continues it or `overwrite`
+    replaces it. Nothing is written (and with `overwrite` nothing removed) before the model
+    and the training sets are built and checked, so a run that fails on its data leaves the
+    folder as it was. Ctrl-C raises TrainingInterrupted, naming the last checkpoint.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: "
+                         "give one of them")
     device = du.select_device(cfg.device)
     distributed = du.init_distributed(device)
     out_dir = Path(cfg.output_dir)
+    old_run = check_output_dir(out_dir, resume=resume, overwrite=overwrite)
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
     last = out_dir / "last.pth"
     resuming = resume and last.is_file()
@@ -71,20 +95,37 @@ def train(cfg: Config, *, resume: bool = False) -> nn.Module:
         _restore(state, load_checkpoint(last), device)
     elif cfg.model.weights:
         load_initial_weights(state.model, cfg.model.weights, cfg.model.backbone, initial)
+    if resuming and _is_finished(cfg, state, out_dir):
+        return state.model
+    datasets = build_train_datasets(cfg)
     if du.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
+        for line in summary_lines(cfg, datasets, device):
+            logger.info("%s", line)
+        _prepare_output_dir(cfg, out_dir, remove=old_run if overwrite else [],
+                            resumed_at=state.iteration if resuming else None)
     if cfg.model.fast_path:  # same parameters and state_dict keys: checkpoints are unchanged
         from detection.fast import optimize_for_training
 
         optimize_for_training(state.model, channels_last=True)
-    data, state.class_names = _build_train_data(cfg, state.iteration)
+    data, state.class_names = _build_train_data(cfg, datasets, state.iteration)
     model = state.model
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
     _loop(cfg, state, model, data, device, out_dir)
     return state.model
+
+
+def _is_finished(cfg: Config, state: TrainState, out_dir: Path) -> bool:
+    """A resumed run at solver.max_iter has nothing to train: say so (and write a missing
+    model_final.pth: the process was killed between the last checkpoint and that file)."""
+    if state.iteration < cfg.solver.max_iter:
+        return False
+    logger.info("%s: the run is finished (iteration %d, solver.max_iter %d): nothing to train",
+                out_dir, state.iteration, cfg.solver.max_iter)
+    if du.is_main_process() and not (out_dir / "model_final.pth").is_file():
+        _save_final(state, cfg, out_dir)
+    return True
 
 
 def _build_state(cfg: Config, device: torch.device, backbone_needed: bool = True) -> TrainState:
@@ -117,36 +158,129 @@ def _restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
     state.scaler.load_state_dict(ckpt["scaler"])
     state.iteration = int(ckpt["iteration"])
     set_rng_states(ckpt["rng"])
+    state.checkpoint_iteration = state.iteration
+    state.class_names = tuple(ckpt.get("class_names") or ())
     logger.info("resumed at iteration %d", state.iteration)
 
 
 def _checkpoint(state: TrainState, cfg: Config, path: Path) -> None:
-    if not du.is_main_process():
+    if du.is_main_process():
+        save_checkpoint({
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "scaler": state.scaler.state_dict(),
+            "iteration": state.iteration,
+            "rng": get_rng_states(),
+            "config": config_to_dict(cfg),
+            "class_names": list(state.class_names),
+        }, path)
+    state.checkpoint_iteration = state.iteration  # after the save: a Ctrl-C inside it keeps the old one
+
+
+def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """The run files in out_dir; a ValueError when they are there and neither flag says what
+    to do with them (a new run would replace the checkpoints and append to the old metrics)."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found or overwrite or (resume and "last.pth" in found):
+        return found
+    if resume:
+        raise ValueError(f"{out_dir} holds a run ({', '.join(found)}) but no last.pth to resume from: "
+                         "--overwrite replaces it, or choose another --output-dir")
+    raise ValueError(f"{out_dir} already holds a run ({', '.join(found)}): --resume continues it, "
+                     "--overwrite replaces it, or choose another --output-dir")
+
+
+def _prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed_at: Optional[int]) -> None:
+    """Create out_dir and write config.yaml; with --overwrite first remove the old run's
+    files; on a resume drop the metrics lines the checkpoint does not cover."""
+    if remove:
+        removed = [name for name in OVERWRITTEN if (out_dir / name).exists()]
+        for name in removed:
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    if resumed_at is not None:
+        truncate_metrics(out_dir / "metrics.jsonl", resumed_at)
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Keep the metrics lines up to `iteration` (the resumed checkpoint's): lines logged after
+    it are logged again by the resumed run, and a line cut short by a kill is dropped."""
+    if not path.is_file():
         return
-    save_checkpoint({
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
-        "scaler": state.scaler.state_dict(),
-        "iteration": state.iteration,
-        "rng": get_rng_states(),
-        "config": config_to_dict(cfg),
-        "class_names": list(state.class_names),
-    }, path)
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
-def _build_train_data(cfg: Config, start_iter: int) -> tuple[Iterator, tuple[str, ...]]:
-    """The training batches (from iteration start_iter on) and the class names."""
-    from detection.data.catalog import get_dataset
-    from detection.data.loader import build_train_loader
-    from detection.data.transforms import build_transforms
+def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
+    """The training sets, checked against each other, the model's classes and the number of
+    processes: before anything is written, so a run that fails here leaves no folder."""
+    from detection.data.catalog import concat_datasets, get_dataset
 
-    datasets = [get_dataset(e, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
-                for e in cfg.datasets.train]
     world = du.get_world_size()
     if cfg.solver.ims_per_batch % world:
         raise ValueError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
                          f"{world} processes")
+    datasets = [get_dataset(e, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
+                for e in cfg.datasets.train]
+    names = concat_datasets(datasets).class_names  # the same classes in every set, or a DataError
+    which = (f"the training sets {', '.join(d.name for d in datasets)} have" if len(datasets) > 1
+             else f"the training set {datasets[0].name} has")
+    if cfg.model.num_classes != len(names):
+        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {which} {len(names)} classes "
+                         f"({', '.join(names)}): set model.num_classes={len(names)}")
+    if cfg.model.class_names and list(cfg.model.class_names) != list(names):
+        raise ValueError(f"model.class_names is {list(cfg.model.class_names)} but {which} the classes "
+                         f"{list(names)}")
+    return datasets
+
+
+def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device) -> list[str]:
+    """What the run trains on, where, and how: printed at its start."""
+    from detection.data.loader import training_records
+
+    lines = []
+    for d in datasets:
+        kept = training_records(d.records, filter_empty=cfg.dataloader.filter_empty,
+                                use_difficult=cfg.dataloader.use_difficult)
+        counts = np.bincount(np.concatenate([r["labels"] for r in kept] + [np.zeros(0, np.int64)]),
+                             minlength=d.num_classes + 1)
+        dropped = f" ({len(d.records) - len(kept)} without boxes dropped: dataloader.filter_empty)" \
+            if cfg.dataloader.filter_empty else ""
+        lines.append(f"training set {d.name}: {len(kept)} images{dropped}, {d.num_classes} classes, objects "
+                     "per class: " + ", ".join(f"{n} {c}" for n, c in zip(d.class_names, counts[1:])))
+    tests = [e if isinstance(e, str) else e.get("name") or e.get("ann_file") or e.get("root")
+             for e in cfg.datasets.test]
+    lines.append(f"test sets: {', '.join(map(str, tests)) or 'none'}"
+                 + (f" (evaluated every {cfg.test.eval_period} iterations)" if cfg.test.eval_period else ""))
+    amp = ("float16" if device.type == "cuda" else "bfloat16") if cfg.solver.amp else "off"
+    lines.append(f"device: {device}, torch threads: {torch.get_num_threads()}, AMP: {amp}, "
+                 f"fast path: {'on' if cfg.model.fast_path else 'off'}, processes: {du.get_world_size()}")
+    lines.append(f"output folder: {Path(cfg.output_dir).resolve()}")
+    return lines
+
+
+def _build_train_data(cfg: Config, datasets: list[DatasetInfo], start_iter: int
+                      ) -> tuple[Iterator, tuple[str, ...]]:
+    """The training batches (from iteration start_iter on) and the class names."""
+    from detection.data.loader import build_train_loader
+    from detection.data.transforms import build_transforms
+
+    world = du.get_world_size()
     transform = build_transforms(min_sizes=cfg.input.min_size_train, max_size=cfg.input.max_size_train,
                                  hflip_prob=cfg.input.hflip_prob, jitter=cfg.input.jitter)
     loader = build_train_loader(
@@ -159,9 +293,26 @@ def _build_train_data(cfg: Config, start_iter: int) -> tuple[Iterator, tuple[str
 
 def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
           device: torch.device, out_dir: Path) -> None:
+    """The iterations, under a progress bar that is closed before any error or Ctrl-C is
+    reported, so the message gets a line of its own."""
+    main = du.is_main_process()
+    try:
+        with tqdm(total=cfg.solver.max_iter, initial=state.iteration, disable=not main, dynamic_ncols=True,
+                  desc="train") as bar, logging_redirect_tqdm():
+            _iterations(cfg, state, model, data, device, out_dir, bar)
+    except KeyboardInterrupt:
+        saved = "no checkpoint written yet" if state.checkpoint_iteration is None else \
+            f"last checkpoint: {out_dir / 'last.pth'} (iteration {state.checkpoint_iteration})"
+        raise TrainingInterrupted(f"interrupted at iteration {state.iteration}; {saved}") from None
+    if main:
+        _save_final(state, cfg, out_dir)
+    du.synchronize()
+
+
+def _iterations(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
+                device: torch.device, out_dir: Path, bar: tqdm) -> None:
     s = cfg.solver
     main = du.is_main_process()
-    bar = tqdm(total=s.max_iter, initial=state.iteration, disable=not main, dynamic_ncols=True, desc="train")
     timer = time.perf_counter()
     while state.iteration < s.max_iter:
         images, targets = next(data)
@@ -183,12 +334,12 @@ def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
             if main:
                 _log(out_dir, {"iteration": state.iteration, **metrics})
             state.model.train()
-    bar.close()
-    if main:
-        save_checkpoint({"model": state.model.state_dict(), "iteration": state.iteration,
-                         "config": config_to_dict(cfg), "class_names": list(state.class_names)},
-                        out_dir / "model_final.pth")
-    du.synchronize()
+
+
+def _save_final(state: TrainState, cfg: Config, out_dir: Path) -> None:
+    save_checkpoint({"model": state.model.state_dict(), "iteration": state.iteration,
+                     "config": config_to_dict(cfg), "class_names": list(state.class_names)},
+                    out_dir / "model_final.pth")
 
 
 def _step(cfg: Config, state: TrainState, model: nn.Module, images: list, targets: list,
