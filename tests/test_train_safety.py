@@ -89,10 +89,10 @@ def test_overwrite_replaces_the_old_run_and_says_so(data_root, tmp_path, capsys)
     assert not (out / "inference").exists()
 
 
-def test_resume_and_overwrite_exclude_each_other(data_root, tmp_path):
+def test_resume_and_overwrite_exclude_each_other(capsys):
     with pytest.raises(SystemExit) as err:
         train_det.main(["--config", str(ROOT / "configs" / "base.yaml"), "--resume", "--overwrite"])
-    assert err.value.code == 2
+    assert err.value.code == 2 and "not allowed with argument --resume" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- items 4 and 16: data checked first
@@ -184,7 +184,7 @@ def test_the_run_starts_with_a_summary_of_data_device_and_output(data_root, tmp_
     assert len(ann["images"]) - with_boxes >= 1
     assert "test sets: shapes_val" in err
     assert any(x.startswith("device: cpu, torch threads: ") and "AMP: off, fast path: off" in x for x in err)
-    assert f"output folder: {out.resolve()}" in err
+    assert f"datasets.root: {data_root.resolve()}" in err and f"output folder: {out.resolve()}" in err
 
 
 def test_resume_shows_where_it_resumed_and_never_repeats_a_metrics_iteration(data_root, tmp_path, capsys,

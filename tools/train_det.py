@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the Faster R-CNN C4 detector described by a config.
 
-    python tools/train_det.py --config configs/coco_r101.yaml [--output-dir DIR] [--resume | --overwrite] [KEY=VALUE ...]
+    python tools/train_det.py --config CFG [--output-dir DIR] [--resume | --overwrite] [KEY=VALUE ...]
     torchrun --nproc_per_node=8 tools/train_det.py --config configs/coco_r101.yaml
 
 An output folder that already holds a run (last.pth, model_final.pth or metrics.jsonl) is
@@ -11,8 +11,14 @@ states): the same result as an uninterrupted run; a finished run says so and exi
 model.weights=PATH instead starts a NEW run at iteration 0 from a detector checkpoint's or
 a backbone's weights.
 
-Exit codes: 0 done, 1 training failed (e.g. a non-finite loss), 2 bad config, data or
-output folder (found before anything is written), 130 interrupted (Ctrl-C).
+datasets.root, first found: datasets.root=... on the command line, the config file (or its
+_base_ chain) when it sets a root other than the default, the environment variable
+DETECTION_DATASETS, the default `datasets`. Relative datasets.root and output_dir are taken
+from the working directory; `_base_` paths from the folder of the config file naming them.
+
+Exit codes: 0 done (or the run was already finished), 1 training failed (e.g. a non-finite
+loss), 2 bad config, output folder or data (the config, the folder and the training sets are
+checked before anything is written), 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 

@@ -270,6 +270,7 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
     amp = ("float16" if device.type == "cuda" else "bfloat16") if cfg.solver.amp else "off"
     lines.append(f"device: {device}, torch threads: {torch.get_num_threads()}, AMP: {amp}, "
                  f"fast path: {'on' if cfg.model.fast_path else 'off'}, processes: {du.get_world_size()}")
+    lines.append(f"datasets.root: {Path(cfg.datasets.root).resolve()}")
     lines.append(f"output folder: {Path(cfg.output_dir).resolve()}")
     return lines
 
