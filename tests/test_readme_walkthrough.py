@@ -44,7 +44,7 @@ def test_own_data_walkthrough_runs_as_written(tmp_path, monkeypatch):
     run_dir = tmp_path / "output" / "my_run"
     assert (run_dir / "model_final.pth").is_file() and (run_dir / "config.yaml").is_file()
     assert "AP50" in outputs[1].stdout and list((run_dir / "inference").rglob("metrics.json"))
-    assert len(list((run_dir / "vis").glob("*.jpg"))) == 10
+    assert len(list((run_dir / "vis").glob("*.jpg"))) == 4
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(blocks[3][1], "README walkthrough", "exec"), namespace)  # noqa: S102 - the README's own lines
