@@ -116,3 +116,23 @@ def test_bad_settings_raise():
         build_transforms(min_sizes=[600], max_size=1000, hflip_prob=1.5)
     with pytest.raises(DataError, match="min_size_train"):
         build_transforms(min_sizes=[], max_size=1000, hflip_prob=0.5)
+
+
+def test_detectron2_resize_mode_resizes_like_detectron2_in_training():
+    """input.resize_mode detectron2 reaches the training transform: PIL bilinear on the uint8
+    image to Detectron2's rounded size (as its ResizeShortestEdge), boxes scaled alike."""
+    from PIL import Image
+
+    from detection.config import load_config
+    from detection.data.transforms import build_train_transform
+
+    img = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    boxes = np.array([[8, 8, 40, 30]], np.float32)
+    cfg = load_config(None, ["input.resize_mode=detectron2", "input.min_size_train=[30]",
+                             "input.max_size_train=1000", "input.hflip_prob=0"])
+    out, out_boxes, _ = build_train_transform(cfg)(img, boxes, np.array([1]))
+    expected = np.asarray(Image.fromarray(img).resize((40, 30), Image.BILINEAR))  # 48x64 -> 30x40
+    assert np.array_equal(out, expected)
+    np.testing.assert_allclose(out_boxes, boxes * 30 / 48)
+    default = build_train_transform(load_config(None, ["input.min_size_train=[30]", "input.hflip_prob=0"]))
+    assert not np.array_equal(default(img, boxes, np.array([1]))[0], expected)  # OpenCV's INTER_AREA

@@ -354,11 +354,10 @@ def bench_loader(cfg: Any, train_ds: Any, args: argparse.Namespace) -> dict:
     """Images/s through the training loader (decode + augmentation + batching), after the
     first batch (worker start-up, timed apart)."""
     from detection.data.loader import build_train_loader
-    from detection.data.transforms import build_transforms
+    from detection.data.transforms import build_train_transform
 
-    transform = build_transforms(min_sizes=cfg.input.min_size_train, max_size=cfg.input.max_size_train,
-                                 hflip_prob=cfg.input.hflip_prob, jitter=cfg.input.jitter)
-    loader = build_train_loader([train_ds], transform=transform, images_per_batch=cfg.solver.ims_per_batch,
+    loader = build_train_loader([train_ds], transform=build_train_transform(cfg),
+                                images_per_batch=cfg.solver.ims_per_batch,
                                 num_workers=cfg.dataloader.num_workers,
                                 aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
                                 filter_empty=cfg.dataloader.filter_empty, seed=cfg.seed)

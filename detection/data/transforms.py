@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 # The import-time update check is a network call: off on offline machines and in every worker.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -103,6 +104,13 @@ def build_transforms(*, min_sizes: Sequence[int] | int, max_size: int, hflip_pro
     if resize_mode not in RESIZE_MODES:
         raise DataError(f"input.resize_mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
     return TrainTransform(sizes, max_size, hflip_prob, jitter, seed=seed, resize_mode=resize_mode)
+
+
+def build_train_transform(cfg: Any) -> TrainTransform:
+    """The training transform of a detection.config.Config (its input.* settings)."""
+    i = cfg.input
+    return build_transforms(min_sizes=i.min_size_train, max_size=i.max_size_train, hflip_prob=i.hflip_prob,
+                            jitter=i.jitter, resize_mode=i.resize_mode)
 
 
 def _albu_ops(hflip_prob: float, jitter: bool) -> list:

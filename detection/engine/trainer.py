@@ -279,13 +279,11 @@ def _build_train_data(cfg: Config, datasets: list[DatasetInfo], start_iter: int
                       ) -> tuple[Iterator, tuple[str, ...]]:
     """The training batches (from iteration start_iter on) and the class names."""
     from detection.data.loader import build_train_loader
-    from detection.data.transforms import build_transforms
+    from detection.data.transforms import build_train_transform
 
     world = du.get_world_size()
-    transform = build_transforms(min_sizes=cfg.input.min_size_train, max_size=cfg.input.max_size_train,
-                                 hflip_prob=cfg.input.hflip_prob, jitter=cfg.input.jitter)
     loader = build_train_loader(
-        datasets, transform=transform, images_per_batch=cfg.solver.ims_per_batch // world,
+        datasets, transform=build_train_transform(cfg), images_per_batch=cfg.solver.ims_per_batch // world,
         num_workers=cfg.dataloader.num_workers, aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
         filter_empty=cfg.dataloader.filter_empty, seed=cfg.seed, use_difficult=cfg.dataloader.use_difficult,
         start_iter=start_iter)
