@@ -86,8 +86,9 @@ def run(cfg, args: argparse.Namespace) -> int:
     check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work
     device = select_device(cfg.device)
     model, weights = (None, None) if args.results else _model(cfg, args.weights, device, override_keys(args))
-    datasets = [get_dataset(e, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
-                for e in cfg.datasets.test]
+    # scoring saved results reads the annotations only, not the images
+    datasets = [get_dataset(e, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
+                            check_images=not args.results) for e in cfg.datasets.test]
     folders = _checked_folders(cfg, datasets, model, weights)
     claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
     for dataset, folder in zip(datasets, folders):

@@ -144,14 +144,13 @@ def _class_names(cfg, weights) -> list[str]:
     """Names saved in the checkpoint by training, else the config's model.class_names, else
     those of the first test data set when it can be read, else "class 1".."class K"."""
     from detection.data.catalog import get_dataset
-
     from detection.evaluation.classes import model_class_names
 
     names, _ = model_class_names(weights, cfg.model.class_names)
     if names:
         return names
     try:
-        return get_dataset(cfg.datasets.test[0], cfg.datasets.root).class_names
+        return get_dataset(cfg.datasets.test[0], cfg.datasets.root, check_images=False).class_names
     except (ValueError, IndexError, OSError):
         return [f"class {i}" for i in range(1, cfg.model.num_classes + 1)]
 
