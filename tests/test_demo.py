@@ -18,11 +18,11 @@ def test_demo_generates_trains_evaluates_draws_and_reuses(tmp_path):
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert (data / "shapes" / "annotations" / "instances_val.json").is_file()
-    for name in ("model_final.pth", "metrics.jsonl", "config.yaml", "inference/metrics.json",
-                 "inference/coco_results.json"):
+    for name in ("model_final.pth", "metrics.jsonl", "config.yaml", "inference/shapes_val/metrics.json",
+                 "inference/shapes_val/coco_results.json"):
         assert (out / name).is_file(), name
     assert len(list((out / "vis").glob("*.jpg"))) == 2
-    metrics = json.loads((out / "inference" / "metrics.json").read_text())
+    metrics = json.loads((out / "inference" / "shapes_val" / "metrics.json").read_text())
     assert "AP50" in metrics and "AP50" in first.stdout and "target" in first.stdout
     # re-running reuses the data and the finished training (no new iterations logged)
     lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -68,13 +68,15 @@ def _plot(out: Path) -> None:
 
 
 def _report(out: Path, minutes: float) -> int:
-    metrics = json.loads((out / "inference" / "metrics.json").read_text())
+    # eval.py writes one folder per test set: the demo's one test set, shapes_val
+    (metrics_file,) = sorted((out / "inference").glob("*/metrics.json"))
+    metrics = json.loads(metrics_file.read_text())
     checks = [("AP50", metrics.get("AP50", 0.0), ">=", TARGETS["AP50"]),
               ("AP", metrics.get("AP", 0.0), ">=", TARGETS["AP"]),
               ("minutes", minutes, "<", TARGETS["minutes"])]
     print("\n==> demo finished")
     print(f"    checkpoints, metrics.jsonl:  {out}")
-    print(f"    evaluation (metrics.json):   {out / 'inference'}")
+    print(f"    evaluation (metrics.json):   {metrics_file.parent}")
     print(f"    drawn validation images:     {out / 'vis'}")
     print(f"    training curves:             {out / 'training_curves.png'}")
     for name, value, op, target in checks:
