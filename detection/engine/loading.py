@@ -129,7 +129,10 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
         mismatched = [k for k in mismatched if k not in skipped]
     problems = _problems(unexpected, missing, mismatched, own, weights)
     if problems:
-        raise CheckpointError(f"{weights.path}: does not fit the config's model: {'; '.join(problems)}")
+        hint = "configs/detectron2/ has the configs of Detectron2's models" if weights.format == "detectron2" \
+            else "a checkpoint of this project keeps its config.yaml beside it"
+        raise CheckpointError(f"{weights.path}: does not fit the config's model: {'; '.join(problems)}. "
+                              f"Is the config the one made for these weights? ({hint})")
     if weights.num_classes != model.num_classes and not skipped:
         raise CheckpointError(f"{weights.path}: a detector of {weights.num_classes} classes, but "
                               f"model.num_classes is {model.num_classes}")
