@@ -186,13 +186,8 @@ def build_model(cfg: Any) -> FasterRCNN:
 
     The backbone weights (cfg.model.backbone.weights) are loaded into the whole ResNet first,
     then res5 moves to the RoI head, so the head starts from the pretrained conv5_x."""
-    from backbones import build_resnet  # backbones is a lower layer; imported where used
-
     m = cfg.model
-    bb = m.backbone
-    resnet = build_resnet(bb.depth, out_features=("res4",), weights=bb.weights, norm=bb.norm,
-                          freeze_at=bb.freeze_at, stride_in_1x1=bb.stride_in_1x1,
-                          shortcut=bb.shortcut, residual=bb.residual, allow_partial_weights=bb.allow_partial_weights)
+    resnet = build_backbone(m.backbone, ("res4",), m.backbone.weights)
     _warn_on_preprocessing_mismatch(getattr(resnet, "weights_info", None), m)
     anchors = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios, m.anchors.stride,
                               offset=getattr(m.anchors, "offset", 0.0))
@@ -217,6 +212,15 @@ def build_model(cfg: Any) -> FasterRCNN:
                       min_size_test=cfg.input.min_size_test, max_size_test=cfg.input.max_size_test,
                       size_divisibility=m.size_divisibility, resize_mode=cfg.input.resize_mode,
                       class_names=m.class_names or None)
+
+
+def build_backbone(bb: Any, out_features: tuple[str, ...], weights: str | None) -> nn.Module:
+    """The ResNet of a config's model.backbone section, with `weights` loaded (or none)."""
+    from backbones import build_resnet  # backbones is a lower layer; imported where used
+
+    return build_resnet(bb.depth, out_features=out_features, weights=weights, norm=bb.norm,
+                        freeze_at=bb.freeze_at, stride_in_1x1=bb.stride_in_1x1, shortcut=bb.shortcut,
+                        residual=bb.residual, allow_partial_weights=bb.allow_partial_weights)
 
 
 def _warn_on_preprocessing_mismatch(info: Any, model_cfg: Any) -> None:

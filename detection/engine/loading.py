@@ -201,11 +201,9 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: Any,
 
 def _load_backbone_into_detector(model: nn.Module, source: str, bb: Any) -> None:
     """ImageNet backbone weights into the detector: stem..res4 -> trunk, res5 -> roi_heads.res5."""
-    from backbones import build_resnet
+    from detection.model import build_backbone
 
-    resnet = build_resnet(bb.depth, out_features=("res5",), weights=source, norm=bb.norm,
-                          freeze_at=bb.freeze_at, stride_in_1x1=bb.stride_in_1x1,
-                          shortcut=bb.shortcut, residual=bb.residual, allow_partial_weights=bb.allow_partial_weights)
+    resnet = build_backbone(bb, ("res5",), source)
     mapped = {(f"roi_heads.{k}" if k.startswith("res5.") else f"trunk.{k}"): v
               for k, v in resnet.state_dict().items()}
     own = model.state_dict()
