@@ -11,7 +11,6 @@ import json
 import logging
 import random
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,13 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from detection.config import Config, config_to_dict, save_config
+from detection.config import Config, config_to_dict
 from detection.data.catalog import DatasetInfo
 from detection.engine import distributed as du
 from detection.engine.checkpoint import get_rng_states, load_checkpoint, save_checkpoint, set_rng_states
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.optim import build_lr_scheduler, build_optimizer
+from detection.engine.run_folder import check_output_dir, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
@@ -41,11 +41,6 @@ class TrainingError(RuntimeError):
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message names the iteration and the last checkpoint.
     A KeyboardInterrupt still, so code that catches those keeps working."""
-
-
-# The files that make a folder "hold a run", and what --overwrite removes.
-RUN_FILES = ("last.pth", "model_final.pth", "metrics.jsonl")
-OVERWRITTEN = (*RUN_FILES, "config.yaml", "inference")
 
 
 @dataclass
@@ -101,7 +96,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> nn.M
     if du.is_main_process():
         for line in summary_lines(cfg, datasets, device):
             logger.info("%s", line)
-        _prepare_output_dir(cfg, out_dir, remove=old_run if overwrite else [],
+        prepare_output_dir(cfg, out_dir, remove=old_run if overwrite else [],
                             resumed_at=state.iteration if resuming else None)
     if cfg.model.fast_path:  # same parameters and state_dict keys: checkpoints are unchanged
         from detection.fast import optimize_for_training
@@ -176,54 +171,6 @@ def _checkpoint(state: TrainState, cfg: Config, path: Path) -> None:
             "class_names": list(state.class_names),
         }, path)
     state.checkpoint_iteration = state.iteration  # after the save: a Ctrl-C inside it keeps the old one
-
-
-def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:
-    """The run files in out_dir; a ValueError when they are there and neither flag says what
-    to do with them (a new run would replace the checkpoints and append to the old metrics)."""
-    found = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if not found or overwrite or (resume and "last.pth" in found):
-        return found
-    if resume:
-        raise ValueError(f"{out_dir} holds a run ({', '.join(found)}) but no last.pth to resume from: "
-                         "--overwrite replaces it, or choose another --output-dir")
-    raise ValueError(f"{out_dir} already holds a run ({', '.join(found)}): --resume continues it, "
-                     "--overwrite replaces it, or choose another --output-dir")
-
-
-def _prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed_at: Optional[int]) -> None:
-    """Create out_dir and write config.yaml; with --overwrite first remove the old run's
-    files; on a resume drop the metrics lines the checkpoint does not cover."""
-    if remove:
-        removed = [name for name in OVERWRITTEN if (out_dir / name).exists()]
-        for name in removed:
-            path = out_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    if resumed_at is not None:
-        truncate_metrics(out_dir / "metrics.jsonl", resumed_at)
-
-
-def truncate_metrics(path: Path, iteration: int) -> None:
-    """Keep the metrics lines up to `iteration` (the resumed checkpoint's): lines logged after
-    it are logged again by the resumed run, and a line cut short by a kill is dropped."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["iteration"] <= iteration:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
 
 
 def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
