@@ -20,6 +20,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "numpy>=1.24",
+        "pillow>=9",  # Detectron2's resize (input.resize_mode: detectron2); torchvision requires it too
     ],
     extras_require={
         "dev": ["pytest>=7", "matplotlib>=3.7"],
