@@ -143,7 +143,8 @@ def test_training_sampler_matches_distributed_sampler(world_size):
 
 def test_loader_shards_by_rank_when_distributed(tmp_path, monkeypatch):
     info = get_dataset(make_set(tmp_path), str(tmp_path))
-    monkeypatch.setattr(loader_module, "_dist_info", lambda: (1, 2))
+    monkeypatch.setattr(loader_module.comm, "get_rank", lambda: 1)
+    monkeypatch.setattr(loader_module.comm, "get_world_size", lambda: 2)
     sampler = train_loader(info).batch_sampler.sampler
     assert (sampler.rank, sampler.world_size) == (1, 2)
 

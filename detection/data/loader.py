@@ -19,12 +19,12 @@ from functools import partial
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from detection.data import DataError
 from detection.data.catalog import DatasetInfo, concat_datasets
 from detection.data.image_io import read_image
+from detection.utils import comm
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
     if not records:
         raise DataError(f"no training images in {info.name}: every image is without boxes "
                         "(set dataloader.filter_empty: false to train on them anyway)")
-    rank, world_size = _dist_info()
+    rank, world_size = comm.get_rank(), comm.get_world_size()
     groups = [0 if r["width"] >= r["height"] else 1 for r in records]
     sampler = TrainingSampler(len(records), seed=seed, rank=rank, world_size=world_size)
     base_seed = _process_seed(seed, rank)
@@ -320,12 +320,6 @@ def _read_checked(record: dict, index: int, skip: bool, bad: torch.Tensor) -> np
 
 def _to_chw_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # (H, W, 3) -> (3, H, W)
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _process_seed(seed: int, rank: int) -> int:

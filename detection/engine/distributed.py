@@ -1,11 +1,21 @@
-"""torch.distributed set-up: NCCL on GPUs, gloo on the CPU; helpers that work without it."""
+"""torch.distributed set-up: NCCL on GPUs, gloo on the CPU.
+
+The helpers that work with or without a process group (rank, world size, gather, sharding,
+device choice) live in detection.utils.comm, where data loading and evaluation import them
+from; they are re-exported here for the engine and the tools.
+"""
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from detection.utils.comm import (all_gather_object, get_rank, get_world_size, is_main_process, select_device,
+                                  shard_dataset, synchronize)
+
+__all__ = ["all_gather_object", "get_rank", "get_world_size", "init_distributed", "is_main_process",
+           "select_device", "shard_dataset", "synchronize"]
 
 
 def init_distributed(device: torch.device) -> bool:
@@ -20,49 +30,3 @@ def init_distributed(device: torch.device) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
-
-
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def synchronize() -> None:
-    if get_world_size() > 1:
-        dist.barrier()
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (a one-element list when not distributed)."""
-    if get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def select_device(name: str) -> torch.device:
-    """`auto` = CUDA when available (this process's local GPU under torchrun), else CPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("config device: 'cuda' was asked for but torch.cuda.is_available() is False; "
-                         "use device=cpu or device=auto")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def shard_dataset(dataset: Any) -> Any:
-    """This rank's share of a data set's records (every world_size-th, starting at rank),
-    for evaluation whose results are then gathered on rank 0."""
-    import dataclasses
-
-    if get_world_size() == 1:
-        return dataset
-    return dataclasses.replace(dataset, records=dataset.records[get_rank()::get_world_size()])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from detection.engine import distributed as du
+from detection.utils import comm
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
     try:
         with torch.inference_mode():
             bar = tqdm(loader, total=_length(loader), desc="inference", unit="batch",
-                       disable=not du.is_main_process(), dynamic_ncols=True)
+                       disable=not comm.is_main_process(), dynamic_ncols=True)
             for images, records in bar:
                 outputs = model([image.to(device, non_blocking=True) for image in images])
                 evaluator.process(records, [_to_cpu(output) for output in outputs])
@@ -78,10 +78,10 @@ def _to_cpu(output: Mapping[str, Any]) -> dict[str, Any]:
 
 def _gather_on_main(evaluator: Evaluator) -> bool:
     """Concatenate every rank's entries on rank 0; True where evaluation should run."""
-    if du.get_world_size() == 1:
+    if comm.get_world_size() == 1:
         return True
-    parts = du.all_gather_object(evaluator.predictions)  # collective: every rank calls it
-    if not du.is_main_process():
+    parts = comm.all_gather_object(evaluator.predictions)  # collective: every rank calls it
+    if not comm.is_main_process():
         evaluator.predictions = []
         return False
     evaluator.predictions = [entry for part in parts for entry in part]

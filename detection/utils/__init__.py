@@ -1,0 +1,1 @@
+"""Small helpers that every layer may import (they import nothing of detection)."""

@@ -1,0 +1,61 @@
+"""Process-group helpers that work with or without torch.distributed.
+
+A low module on purpose: data loading (per-rank sampling) and evaluation (sharding and
+gathering) need the rank, and importing detection.engine from them would point the layers
+the wrong way. detection.engine.distributed joins the process group and re-exports these.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def synchronize() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (a one-element list when not distributed)."""
+    if get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard_dataset(dataset: T) -> T:
+    """This rank's share of a data set's records (every world_size-th, starting at rank),
+    for evaluation whose results are then gathered on rank 0. `dataset` is a dataclass with
+    a `records` list (detection.data.DatasetInfo)."""
+    if get_world_size() == 1:
+        return dataset
+    return dataclasses.replace(dataset, records=dataset.records[get_rank()::get_world_size()])
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` = CUDA when available (this process's local GPU under torchrun), else CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("config device: 'cuda' was asked for but torch.cuda.is_available() is False; "
+                         "use device=cpu or device=auto")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
