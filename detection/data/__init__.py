@@ -1,7 +1,7 @@
 """Data: COCO / PASCAL VOC readers, synthetic shapes, transforms and loaders.
 
 Every reader produces a `DatasetInfo` whose records share one format (see
-`catalog.DatasetInfo`): boxes float32 XYXY in 0-based continuous pixel
+`dataset_info.DatasetInfo`): boxes float32 XYXY in 0-based continuous pixel
 coordinates, labels 1..K. File-format conventions (COCO XYWH, VOC 1-based
 pixels) exist only inside `coco.py` / `voc.py`.
 """
@@ -18,7 +18,7 @@ class DataError(ValueError):
 # `from detection.data import DataError` or tools/make_shapes.py do not pay
 # for importing torch and albumentations.
 _EXPORTS = {
-    "DatasetInfo": "catalog",
+    "DatasetInfo": "dataset_info",
     "KNOWN_DATASETS": "catalog",
     "concat_datasets": "catalog",
     "get_dataset": "catalog",

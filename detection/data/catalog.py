@@ -11,10 +11,10 @@ import logging
 import os
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from detection.data import DataError
+from detection.data.dataset_info import DatasetInfo  # re-exported: its old home
 
 logger = logging.getLogger(__name__)
 
@@ -47,32 +47,6 @@ ENTRY_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _TYPE_HELP = "coco (a COCO json + image folder) or voc (a VOC-layout folder)"
 
 
-@dataclass
-class DatasetInfo:
-    """One data set: class names, per-image records and what evaluation needs.
-
-    Record: {"file_name": abs path, "image_id": int (coco json id) | str (voc stem),
-    "height": int, "width": int, "boxes": float32[N,4] XYXY 0-based, "labels": int64[N] in 1..K,
-    "difficult": bool[N]}. COCO crowd boxes are not in "boxes" (pycocotools sees them
-    through `ann_file`). Images without boxes are kept here; training drops them.
-    """
-
-    name: str
-    kind: str  # "coco" | "voc"
-    class_names: list[str]
-    records: list[dict]
-    ann_file: str | None = None
-    label_to_category_id: dict[int, int] = field(default_factory=dict)
-    root: str | None = None
-    split: str | None = None
-    use_07_metric: bool = False
-    skip_bad_images: bool = False  # the loaders skip unreadable images (each reported once)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
 def get_dataset(entry: str | Mapping[str, Any], root: str, *, skip_bad_images: bool = False,
                 check_images: bool = True) -> DatasetInfo:
     """Resolve a config entry (known name or {type: coco|voc, ...}) under `root` and load it.
@@ -82,16 +56,7 @@ def get_dataset(entry: str | Mapping[str, Any], root: str, *, skip_bad_images: b
     Callers that need only the annotations (scoring a results file, class names) pass False.
     """
     name, spec = _resolve_entry(entry)
-    kind = spec["type"]
-    if kind == "coco":
-        from detection.data.coco import load_coco_json
-
-        info = load_coco_json(_under(root, spec["ann_file"]), _under(root, spec["image_root"]), name=name)
-    else:
-        from detection.data.voc import load_voc
-
-        info = load_voc(_under(root, spec["root"]), str(spec["split"]), classes=spec.get("classes"),
-                        use_07_metric=spec.get("use_07_metric"), name=name, skip_bad_files=skip_bad_images)
+    info = LOADERS[spec["type"]](spec, root, name, skip_bad_images)
     info.skip_bad_images = skip_bad_images
     if check_images:
         check_image_files(info, skip=skip_bad_images)
@@ -104,6 +69,27 @@ def get_datasets(entries: Sequence[str | Mapping[str, Any]], root: str, *,
     if isinstance(entries, (str, Mapping)):
         entries = [entries]
     return [get_dataset(e, root, skip_bad_images=skip_bad_images, check_images=check_images) for e in entries]
+
+
+def _load_coco(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool) -> DatasetInfo:
+    from detection.data.coco import load_coco_json  # imported where used: pycocotools is slow to import
+
+    return load_coco_json(_under(root, spec["ann_file"]), _under(root, spec["image_root"]), name=name)
+
+
+def _load_voc(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool) -> DatasetInfo:
+    from detection.data.voc import load_voc  # imported where used: OpenCV is slow to import
+
+    return load_voc(_under(root, spec["root"]), str(spec["split"]), classes=spec.get("classes"),
+                    use_07_metric=spec.get("use_07_metric"), name=name, skip_bad_files=skip_bad_images)
+
+
+# type -> reader of a checked entry (spec, datasets.root, display name, skip_bad_images): the one
+# table of data-set types; ENTRY_FIELDS above says what each type's entry holds.
+LOADERS: dict[str, Callable[[dict[str, Any], str, str, bool], DatasetInfo]] = {
+    "coco": _load_coco,
+    "voc": _load_voc,
+}
 
 
 def check_image_files(info: DatasetInfo, *, skip: bool) -> None:

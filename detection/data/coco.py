@@ -19,7 +19,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from detection.data import DataError
-from detection.data.catalog import DatasetInfo
+from detection.data.dataset_info import DatasetInfo
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from detection.data import DataError
-from detection.data.catalog import DatasetInfo
+from detection.data.dataset_info import DatasetInfo
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,34 @@
+"""DatasetInfo: what every reader (coco.py, voc.py) produces and the catalog hands out.
+
+Its own module so that the readers and the catalog both import it without importing
+each other (the catalog dispatches to the readers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DatasetInfo:
+    """One data set: class names, per-image records and what evaluation needs.
+
+    Record: {"file_name": abs path, "image_id": int (coco json id) | str (voc stem),
+    "height": int, "width": int, "boxes": float32[N,4] XYXY 0-based, "labels": int64[N] in 1..K,
+    "difficult": bool[N]}. COCO crowd boxes are not in "boxes" (pycocotools sees them
+    through `ann_file`). Images without boxes are kept here; training drops them.
+    """
+
+    name: str
+    kind: str  # "coco" | "voc"
+    class_names: list[str]
+    records: list[dict]
+    ann_file: str | None = None
+    label_to_category_id: dict[int, int] = field(default_factory=dict)
+    root: str | None = None
+    split: str | None = None
+    use_07_metric: bool = False
+    skip_bad_images: bool = False  # the loaders skip unreadable images (each reported once)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
