@@ -17,7 +17,7 @@ from detection.fast import (AppliedFrozenBN, Res5Runner, ScaledConv2d, fold_froz
 from detection.model import FasterRCNN
 from detection.roi_heads import Res5ROIHeads
 from detection.rpn import RPN
-from tools.benchmark_models import make_sane
+from detection.testing import make_sane
 
 IMAGE = (96, 128)
 

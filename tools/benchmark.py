@@ -18,9 +18,9 @@ machine is shared and noisy; the load average is reported with the numbers):
              own child process (ru_maxrss is a process-wide high-water mark)
   data       data-loader throughput (decode + augmentation + batching) and evaluation time,
              on a synthetic shapes set written to a temp dir (or --dataset NAME)
-The weights are random (pretrained ones cannot be downloaded here), made sane as DESIGN.md
-asks; speed does not depend on their values. "Equal work" is checked as total FLOPs of
-our plain path against torchvision's, within 10%; the hoisted path's FLOPs are reported apart.
+The weights are random (pretrained ones cannot be downloaded here), made sane by
+detection.testing.make_sane (see docs/ARCHITECTURE.md); speed does not depend on their
+values. "Equal work" is checked as total FLOPs of our plain path against torchvision's, within 10%; the hoisted path's FLOPs are reported apart.
 """
 from __future__ import annotations
 
@@ -45,14 +45,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_models import (STAGES, build_ours, build_torchvision_c4, staged_ours,  # noqa: E402
-                              staged_torchvision, synthetic_batch, train_step)
-from benchmark_report import print_report, summarize  # noqa: E402
-
-from detection.cli import add_config_args, config_from_args  # noqa: E402
-from detection.fast import (fold_frozen_bn, install_runner, optimize_for_inference,  # noqa: E402
-                            optimize_for_training, to_channels_last)
+from detection.benchmarking.models import (STAGES, build_ours, build_torchvision_c4, staged_ours,
+                                          staged_torchvision, synthetic_batch, train_step)
+from detection.benchmarking.report import print_report, summarize
+from detection.cli import add_config_args, config_from_args
+from detection.fast import (fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
+                            to_channels_last)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

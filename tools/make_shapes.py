@@ -8,13 +8,9 @@ The result is what the known names shapes_train / shapes_val expect under
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from detection.data.shapes import generate_shapes  # noqa: E402
+from detection.data.shapes import generate_shapes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

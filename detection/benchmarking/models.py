@@ -1,7 +1,8 @@
 """The models tools/benchmark.py compares, and how it runs them stage by stage.
 
-- ours: detection.model.build_model(cfg) with random but sane weights (DESIGN.md: each
-  residual branch's last norm scaled down, so activations stay O(1));
+- ours: detection.model.build_model(cfg) with random but sane weights
+  (detection.testing.make_sane: each residual branch's last norm scaled down, so
+  activations stay O(1); see docs/ARCHITECTURE.md);
 - torchvision's generic FasterRCNN assembled as C4, holding the same weights:
   ResNet conv1..layer3 (FrozenBatchNorm2d) as the trunk, MultiScaleRoIAlign(["0"], 14,
   sampling_ratio=0), layer4 + average pool as the box head, the same anchors, proposal
@@ -23,23 +24,10 @@ from torch import Tensor, nn
 from detection.engine.trainer import amp_autocast
 from detection.fast import to_rois
 from detection.model import FasterRCNN, _rescale, build_model
+from detection.testing import make_sane
 
 Meter = Callable[[str], ContextManager]
 STAGES = ("preprocess", "trunk", "rpn", "roi_pool", "res5_head", "postprocess")
-SANE_BRANCH_SCALE = 0.25
-
-
-def make_sane(model: nn.Module, factor: float = SANE_BRANCH_SCALE) -> nn.Module:
-    """Scale the last norm of every residual branch (norm3 / norm2) by `factor`: with random
-    weights and frozen BN (identity statistics) activations otherwise grow block by block."""
-    with torch.no_grad():
-        for module in model.modules():
-            if not hasattr(module, "shortcut"):  # not a residual block
-                continue
-            last = module.norm3 if hasattr(module, "norm3") else module.norm2
-            if getattr(last, "weight", None) is not None:
-                last.weight.mul_(factor)
-    return model
 
 
 def build_ours(cfg: Any, seed: int = 0) -> FasterRCNN:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from benchmark_models import STAGES
+from detection.benchmarking.models import STAGES
 
 TARGETS = {"inference_speedup": (">=", 1.5), "training_speedup": (">=", 1.3), "memory_ratio": ("<=", 0.7)}
 EQUAL_WORK_TOLERANCE = 0.10
