@@ -20,7 +20,8 @@ machine is shared and noisy; the load average is reported with the numbers):
              on a synthetic shapes set written to a temp dir (or --dataset NAME)
 The weights are random (pretrained ones cannot be downloaded here), made sane by
 detection.testing.make_sane (see docs/ARCHITECTURE.md); speed does not depend on their
-values. "Equal work" is checked as total FLOPs of our plain path against torchvision's, within 10%; the hoisted path's FLOPs are reported apart.
+values. "Equal work" is checked as total FLOPs of our plain path against torchvision's,
+within 10%; the hoisted path's FLOPs are reported apart.
 """
 from __future__ import annotations
 
