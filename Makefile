@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo setup clean-demo
+.PHONY: test test-fast demo setup clean-demo
 
 setup: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+
+# The edit-test loop: everything but the end-to-end runs marked `slow` (tests/conftest.py).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow"
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

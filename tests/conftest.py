@@ -1,18 +1,17 @@
-"""Shared test set-up: small, seeded, single-machine CPU runs."""
-import sys
-from pathlib import Path
-
+"""Shared test set-up: small, seeded, single-machine CPU runs. Helpers several files use are
+in tests/helpers.py; the `slow` marker (end-to-end runs) is registered here."""
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # lets tests import tools/*.py helpers
-    sys.path.insert(0, str(ROOT))
 
 # One intra-op thread: on a 2-core machine where data-loader workers, spawned DDP ranks or
 # another job compete for the cores, OpenMP's spinning threads make 2 threads many times
 # slower than 1 (measured here), and the tests are small enough not to gain from 2.
 torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: an end-to-end run (training, a tool's command line, "
+                                       "a subprocess); `make test-fast` leaves these out")
 
 
 @pytest.fixture(autouse=True)

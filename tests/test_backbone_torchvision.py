@@ -7,24 +7,9 @@ keep the file fast on a shared 2-core machine (every weight still takes part: re
 """
 import pytest
 import torch
-import torchvision
 
 from backbones import build_resnet
-
-
-
-def random_torchvision_resnet(depth: int) -> torch.nn.Module:
-    """torchvision's resnet{depth} with random BN statistics and affine parameters,
-    so that any mix-up of norms (bn1 vs bn2, statistics vs affine) shows."""
-    model = getattr(torchvision.models, f"resnet{depth}")().eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.2, 0.6)
-                module.bias.normal_(0, 0.1)
-    return model
+from tests.helpers import random_torchvision_resnet
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])

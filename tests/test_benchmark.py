@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark in subprocesses
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20",
         "model.rpn.pre_nms_topk_train=100", "model.rpn.post_nms_topk_train=30",

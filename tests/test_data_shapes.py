@@ -9,7 +9,9 @@ import numpy as np
 from detection.data import SHAPE_CLASSES, get_dataset
 from detection.data import shapes
 from detection.data.shapes import _keeps_others_visible, generate_shapes, render_image, visible_boxes
-from tools.make_shapes import main as make_shapes_main
+from tests.helpers import load_tool
+
+make_shapes_main = load_tool("make_shapes").main
 
 
 def tree_files(root):

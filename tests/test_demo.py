@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.helpers import tiny_overrides
+
+pytestmark = pytest.mark.slow  # the demo pipeline through its command lines
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_train import tiny_overrides  # noqa: E402
 
 
 def test_demo_generates_trains_evaluates_draws_and_reuses(tmp_path):

@@ -71,6 +71,7 @@ def assert_same_detections(ours: dict, theirs: dict, max_unmatched: int = 1) -> 
     assert torch.all(ours["scores"][:-1] >= ours["scores"][1:] - 1e-6)  # best first
 
 
+@pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 @pytest.mark.parametrize("name", ["exact_0", "exact_1", "resize_0", "resize_1"])
 def test_predictor_reproduces_detectron2_detections(predictor, reference, name):
     """exact_*: no resize; resize_*: 480x640 up and 1000x750 down to Detectron2's 800 px with
@@ -80,6 +81,7 @@ def test_predictor_reproduces_detectron2_detections(predictor, reference, name):
     assert len(ours["boxes"]) == 100 and ours["labels"].min() >= 1 and ours["labels"].max() <= 80
 
 
+@pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 @pytest.mark.parametrize("name", ["exact_0", "exact_1"])
 def test_rpn_proposals_equal_detectron2s(predictor, reference, name):
     model = predictor.model
@@ -97,6 +99,7 @@ def test_rpn_proposals_equal_detectron2s(predictor, reference, name):
     assert len(differ) <= 2, differ[:10].tolist()
 
 
+@pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 def test_both_file_formats_give_the_same_weights(d2_files):
     pkl, pth = (read_detector_file(p) for p in d2_files)
     assert pkl.format == pth.format == "detectron2"
@@ -128,6 +131,7 @@ def r50_model_and_weights(d2_files):
     return build_model(cfg), read_detector_file(d2_files[0])
 
 
+@pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 @pytest.mark.parametrize("change, message", [
     (lambda w: w.unknown.append("roi_heads.box_predictor.extra.weight"),
      "1 tensors of the file have no place in the model (roi_heads.box_predictor.extra.weight)"),
@@ -155,6 +159,7 @@ def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
     assert read_detector_file(zoo) is None  # weights, but no detector's: the caller says what it needed
 
 
+@pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 def test_old_zoo_buffers_are_checked_against_the_config(r50_model_and_weights):
     """Older model-zoo files carry pixel_mean/std and cell anchors: they must agree with the config."""
     model, weights = r50_model_and_weights
@@ -232,6 +237,7 @@ def test_configs_use_detectron2s_model_and_test_settings():
     assert (coco.solver.steps, coco.solver.max_iter) == (d2["SOLVER"]["STEPS"], d2["SOLVER"]["MAX_ITER"])
 
 
+@pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 def test_predictor_input_convention(predictor):
     image = read_image(str(CASE / "images" / "resize_0.png"))
     with pytest.raises(ValueError, match="RGB uint8 0..255, got dtype float32"):
@@ -241,6 +247,7 @@ def test_predictor_input_convention(predictor):
     assert predictor.class_names[:3] == ["person", "bicycle", "car"] and len(predictor.class_names) == 80
 
 
+@pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 def test_fine_tuning_from_a_zoo_checkpoint_on_other_classes(d2_files, tmp_path, caplog):
     """The paper's COCO-then-VOC recipe: model.weights is an 80-class Detectron2 detector, the
     config has 3 classes. Everything but cls_score / bbox_pred starts from the file, those two
@@ -274,6 +281,7 @@ def test_fine_tuning_from_a_zoo_checkpoint_on_other_classes(d2_files, tmp_path, 
 COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
 
 
+@pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 def test_readme_commands_with_a_zoo_file(d2_files, predictor, tmp_path):
     """The README's "Use a published detector" commands, with the fixture file standing in for the
     download: draw detections on your own image, evaluate on a COCO-format set (real COCO ids,

@@ -1,12 +1,10 @@
 """Where tools/eval.py writes, and what eval.py / visualize.py refuse, as users ran into it
 (issue 25 items 2, 3, 14, 15): results beside the checkpoint and never silently replaced,
 one folder per test set, class lists checked against the checkpoint, one output-name scheme."""
-import importlib.util
 import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +18,14 @@ from detection.evaluation.classes import check_class_names, model_class_names
 from detection.evaluation.outputs import (ResultsSource, check_results_folder, claim_results_folder, results_subfolder,
                                          results_subfolders)
 
+from tests.helpers import load_tool, tiny_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_train import tiny_overrides  # noqa: E402
 
 SHAPES = ["circle", "square", "triangle"]
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EVAL, VISUALIZE = _tool("eval"), _tool("visualize")
+EVAL, VISUALIZE = load_tool("eval"), load_tool("visualize")
 
 
 @pytest.fixture(scope="module")

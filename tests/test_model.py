@@ -3,47 +3,9 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from backbones import build_resnet
-from detection.anchors import AnchorGenerator
-from detection.model import LOSS_KEYS, FasterRCNN, TargetError, build_model, build_trunk
-from detection.roi_heads import Res5ROIHeads
-from detection.rpn import RPN
+from detection.model import LOSS_KEYS, TargetError, build_model
 from detection.structures import ImageList
-
-K = 2
-
-
-def make_model(*, pooler_resolution: int = 6, roi_batch: int = 16, positive_fraction: float = 0.25,
-               min_size_test: int = 96, max_size_test: int = 256, **head_kwargs) -> FasterRCNN:
-    # Random init: GroupNorm keeps activations sane (DESIGN.md); small sizes keep it fast.
-    resnet = build_resnet(18, norm="gn", freeze_at=0)
-    rpn = RPN(in_channels=resnet.out_channels["res4"],
-              anchor_generator=AnchorGenerator([16, 32, 64], [0.5, 1.0, 2.0]),
-              batch_size_per_image=64, pre_nms_topk_train=300, post_nms_topk_train=50,
-              pre_nms_topk_test=300, post_nms_topk_test=50)
-    heads = Res5ROIHeads(res5=resnet.res5, res5_out_channels=resnet.out_channels["res5"],
-                         num_classes=K, pooler_resolution=pooler_resolution,
-                         batch_size_per_image=roi_batch, positive_fraction=positive_fraction,
-                         detections_per_image=20, **head_kwargs)
-    return FasterRCNN(trunk=build_trunk(resnet), rpn=rpn, roi_heads=heads,
-                      pixel_mean=[128.0] * 3, pixel_std=[64.0] * 3,
-                      min_size_test=min_size_test, max_size_test=max_size_test)
-
-
-def paint(height: int, width: int, rects: list, background: int) -> torch.Tensor:
-    image = torch.full((3, height, width), background, dtype=torch.uint8)
-    for (x1, y1, x2, y2), colour in rects:
-        image[:, y1:y2, x1:x2] = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)
-    return image
-
-
-RED, BLUE = (230, 40, 40), (40, 40, 230)  # label 1 = red, 2 = blue
-BOXES = [[(10, 12, 50, 60), (70, 40, 118, 84)], [(20, 50, 76, 100), (8, 8, 40, 36)]]
-IMAGES = [paint(96, 128, [(BOXES[0][0], RED), (BOXES[0][1], BLUE)], 100),
-          paint(112, 96, [(BOXES[1][0], BLUE), (BOXES[1][1], RED)], 150)]
-TARGETS = [{"boxes": torch.tensor(BOXES[0], dtype=torch.float32), "labels": torch.tensor([1, 2])},
-           {"boxes": torch.tensor(BOXES[1], dtype=torch.float32), "labels": torch.tensor([2, 1])}]
-
+from tests.helpers import IMAGES, TARGETS, make_model
 
 def test_image_list_pads_to_multiple_of_32_and_keeps_sizes():
     batch = ImageList.from_tensors([torch.ones(3, 100, 70), torch.ones(3, 64, 97)], 32)

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains, evaluates and draws through the command lines
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["solver.max_iter=2", "solver.checkpoint_period=2", "solver.warmup_iters=1", "solver.steps=[100]"]
 

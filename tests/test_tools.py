@@ -1,5 +1,4 @@
 """tools/eval.py and tools/visualize.py through their command lines, on a tiny trained model."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,9 +15,9 @@ from detection.config import load_config
 from detection.data.shapes import generate_shapes
 from detection.engine.trainer import train
 
+from tests.helpers import load_tool, tiny_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_train import tiny_overrides  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +39,7 @@ def run(tool, *args):
     return out
 
 
+@pytest.mark.slow
 def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained):
     root, overrides = trained
     out = run("eval.py", "--weights", str(root / "out" / "model_final.pth"),
@@ -61,6 +61,7 @@ def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained):
     assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_eval_bad_checkpoint_is_one_clear_line(trained, tmp_path):
     root, overrides = trained
     bad = tmp_path / "bad.pth"
@@ -71,6 +72,7 @@ def test_eval_bad_checkpoint_is_one_clear_line(trained, tmp_path):
     assert out.returncode == 2 and "bad.pth" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_clear_line(trained):
     """A checkpoint trained with another config (here ResNet-18 loaded as ResNet-34) names the file."""
     root, overrides = trained
@@ -85,6 +87,7 @@ def test_checkpoint_of_another_model_is_one_clear_line(trained):
         assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_visualize_predictions_gt_and_compare(trained, tmp_path):
     root, overrides = trained
     weights = str(root / "out" / "model_final.pth")
@@ -108,9 +111,7 @@ def test_visualize_predictions_gt_and_compare(trained, tmp_path):
 
 
 def test_visualize_class_names_come_from_the_checkpoint_then_the_data_then_numbers(tmp_path):
-    spec = importlib.util.spec_from_file_location("visualize_tool", ROOT / "tools" / "visualize.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("visualize")
     data = tmp_path / "data"
     generate_shapes(data / "shapes", num_train=2, num_val=1, seed=0, image_size=(64, 80))
     cfg = load_config(None, tiny_overrides(data, tmp_path / "out"))
@@ -124,6 +125,7 @@ def test_visualize_class_names_come_from_the_checkpoint_then_the_data_then_numbe
     assert tool._class_names(cfg, detectron2) == ["a", "b", "c"]
 
 
+@pytest.mark.slow
 def test_eval_and_visualize_with_test_time_augmentation(trained, tmp_path):
     root, overrides = trained
     weights = str(root / "out" / "model_final.pth")

@@ -16,6 +16,7 @@ from detection.engine.checkpoint import load_checkpoint
 from detection.engine.loading import build_inference_model
 from detection.engine.trainer import TrainingError, train
 from detection.model import build_model
+from tests.helpers import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,25 +26,6 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     generate_shapes(root / "shapes", num_train=12, num_val=4, seed=0, image_size=(64, 80))
     return root
-
-
-def tiny_overrides(data_root, out_dir, **extra):
-    """ResNet-18 with trainable GroupNorm (random init; see DESIGN.md), 64 px images, few RoIs."""
-    items = {
-        "model.num_classes": 3, "model.backbone.depth": 18, "model.backbone.norm": "gn",
-        "model.backbone.freeze_at": 0, "model.backbone.weights": None,
-        "model.anchors.sizes": [16, 32, 64], "model.rpn.pre_nms_topk_train": 200,
-        "model.rpn.post_nms_topk_train": 50, "model.rpn.pre_nms_topk_test": 100,
-        "model.rpn.post_nms_topk_test": 20, "model.rpn.batch_size_per_image": 64,
-        "model.roi_heads.batch_size_per_image": 16, "model.roi_heads.pooler_resolution": 6,
-        "input.min_size_train": [64], "input.max_size_train": 96, "input.min_size_test": 64,
-        "input.max_size_test": 96, "datasets.root": str(data_root), "datasets.train": ["shapes_train"],
-        "datasets.test": ["shapes_val"], "dataloader.num_workers": 0, "solver.ims_per_batch": 2,
-        "solver.base_lr": 0.01, "solver.warmup_iters": 2, "solver.steps": [1000], "solver.max_iter": 6,
-        "solver.checkpoint_period": 3, "log_period": 1, "output_dir": str(out_dir), "device": "cpu",
-    }
-    items.update(extra)
-    return [f"{k}={json.dumps(v)}" for k, v in items.items()]
 
 
 def tiny_cfg(data_root, out_dir, **extra):
@@ -175,6 +157,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_pa
     assert not (out / "model_final.pth").exists()
 
 
+@pytest.mark.slow
 def test_cli_exits_1_on_a_diverging_loss(data_root, tmp_path):
     out = tmp_path / "diverge"
     args = tiny_overrides(data_root, out, **{"solver.base_lr": 1e12, "solver.warmup_iters": 0,
@@ -202,6 +185,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, out: str) -> No
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_training_ends_with_identical_weights(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path / "ddp", **{"solver.max_iter": 3, "solver.ims_per_batch": 4})
     save_config(cfg, tmp_path / "cfg.yaml")

@@ -2,10 +2,8 @@
 unless asked, the data are checked before anything is written, Ctrl-C and errors end in one
 line of their own, the run says what it trains on, and the data-set root has a fixed order."""
 import argparse
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +12,10 @@ from detection.cli import DATASETS_ENV, config_from_args
 from detection.data.shapes import generate_shapes
 from detection.engine.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_train import tiny_overrides  # noqa: E402
+from tests.helpers import load_tool, tiny_overrides
 
-_spec = importlib.util.spec_from_file_location("train_det_tool", ROOT / "tools" / "train_det.py")
-train_det = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_det)
+ROOT = Path(__file__).resolve().parents[1]
+train_det = load_tool("train_det")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,4 @@
 """Test-time augmentation (detection/tta.py, config test.aug): passes, mirroring, merging."""
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,8 +7,7 @@ import torch
 from detection.config import load_config
 from detection.tta import DetectorWithTTA, hflip_detections, build_tta
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_model import IMAGES, make_model  # noqa: E402
+from tests.helpers import IMAGES, make_model
 
 
 def test_hflip_maps_boxes_back_to_the_original_image():

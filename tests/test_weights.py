@@ -13,7 +13,7 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from backbones import WeightsError, build_resnet, load_weights
-from test_backbone_torchvision import random_torchvision_resnet
+from tests.helpers import random_torchvision_resnet
 
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)

@@ -1,0 +1,109 @@
+"""Helpers shared by several test files: tiny configs and models, a fixed batch, loading a tool.
+
+Import them as `from tests.helpers import ...`: tests/ is a package, so pytest puts the
+repository root on the import path for it and no test edits the path itself.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torchvision
+
+from backbones import build_resnet
+from detection.anchors import AnchorGenerator
+from detection.model import FasterRCNN, build_trunk
+from detection.roi_heads import Res5ROIHeads
+from detection.rpn import RPN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- configs ----------------------------------------------------------------------------
+
+
+def tiny_overrides(data_root, out_dir, **extra) -> list[str]:
+    """ResNet-18 with trainable GroupNorm (random init: frozen BN would not keep activations
+    sane, see docs/ARCHITECTURE.md), 64 px images, few RoIs; as KEY=VALUE overrides."""
+    items = {
+        "model.num_classes": 3, "model.backbone.depth": 18, "model.backbone.norm": "gn",
+        "model.backbone.freeze_at": 0, "model.backbone.weights": None,
+        "model.anchors.sizes": [16, 32, 64], "model.rpn.pre_nms_topk_train": 200,
+        "model.rpn.post_nms_topk_train": 50, "model.rpn.pre_nms_topk_test": 100,
+        "model.rpn.post_nms_topk_test": 20, "model.rpn.batch_size_per_image": 64,
+        "model.roi_heads.batch_size_per_image": 16, "model.roi_heads.pooler_resolution": 6,
+        "input.min_size_train": [64], "input.max_size_train": 96, "input.min_size_test": 64,
+        "input.max_size_test": 96, "datasets.root": str(data_root), "datasets.train": ["shapes_train"],
+        "datasets.test": ["shapes_val"], "dataloader.num_workers": 0, "solver.ims_per_batch": 2,
+        "solver.base_lr": 0.01, "solver.warmup_iters": 2, "solver.steps": [1000], "solver.max_iter": 6,
+        "solver.checkpoint_period": 3, "log_period": 1, "output_dir": str(out_dir), "device": "cpu",
+    }
+    items.update(extra)
+    return [f"{k}={json.dumps(v)}" for k, v in items.items()]
+
+
+# ---- a tiny detector and a fixed batch of two painted images -----------------------------
+
+K = 2  # classes of the painted batch: 1 = red, 2 = blue
+
+
+def make_model(*, pooler_resolution: int = 6, roi_batch: int = 16, positive_fraction: float = 0.25,
+               min_size_test: int = 96, max_size_test: int = 256, **head_kwargs) -> FasterRCNN:
+    """ResNet-18 detector built without a config. Random init: GroupNorm keeps activations
+    sane (docs/ARCHITECTURE.md); small sizes keep it fast."""
+    resnet = build_resnet(18, norm="gn", freeze_at=0)
+    rpn = RPN(in_channels=resnet.out_channels["res4"],
+              anchor_generator=AnchorGenerator([16, 32, 64], [0.5, 1.0, 2.0]),
+              batch_size_per_image=64, pre_nms_topk_train=300, post_nms_topk_train=50,
+              pre_nms_topk_test=300, post_nms_topk_test=50)
+    heads = Res5ROIHeads(res5=resnet.res5, res5_out_channels=resnet.out_channels["res5"],
+                         num_classes=K, pooler_resolution=pooler_resolution,
+                         batch_size_per_image=roi_batch, positive_fraction=positive_fraction,
+                         detections_per_image=20, **head_kwargs)
+    return FasterRCNN(trunk=build_trunk(resnet), rpn=rpn, roi_heads=heads,
+                      pixel_mean=[128.0] * 3, pixel_std=[64.0] * 3,
+                      min_size_test=min_size_test, max_size_test=max_size_test)
+
+
+def paint(height: int, width: int, rects: list, background: int) -> torch.Tensor:
+    """A uint8 (3, H, W) image of one grey level with solid coloured rectangles."""
+    image = torch.full((3, height, width), background, dtype=torch.uint8)
+    for (x1, y1, x2, y2), colour in rects:
+        image[:, y1:y2, x1:x2] = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)
+    return image
+
+
+RED, BLUE = (230, 40, 40), (40, 40, 230)  # label 1 = red, 2 = blue
+BOXES = [[(10, 12, 50, 60), (70, 40, 118, 84)], [(20, 50, 76, 100), (8, 8, 40, 36)]]
+IMAGES = [paint(96, 128, [(BOXES[0][0], RED), (BOXES[0][1], BLUE)], 100),
+          paint(112, 96, [(BOXES[1][0], BLUE), (BOXES[1][1], RED)], 150)]
+TARGETS = [{"boxes": torch.tensor(BOXES[0], dtype=torch.float32), "labels": torch.tensor([1, 2])},
+           {"boxes": torch.tensor(BOXES[1], dtype=torch.float32), "labels": torch.tensor([2, 1])}]
+
+
+# ---- torchvision reference models -----------------------------------------------------------
+
+
+def random_torchvision_resnet(depth: int) -> torch.nn.Module:
+    """torchvision's resnet{depth} with random BN statistics and affine parameters,
+    so that any mix-up of norms (bn1 vs bn2, statistics vs affine) shows."""
+    model = getattr(torchvision.models, f"resnet{depth}")().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.2, 0.6)
+                module.bias.normal_(0, 0.1)
+    return model
