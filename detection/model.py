@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,9 @@ from detection.resize import RESIZE_MODES, resize_tensor_bilinear, resize_tensor
 from detection.roi_heads import Res5ROIHeads
 from detection.rpn import RPN
 from detection.structures import ImageList
+
+if TYPE_CHECKING:  # annotations only: the model needs no config at run time
+    from detection.config import BackboneConfig, Config, ModelConfig
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
 
@@ -181,7 +184,7 @@ def build_trunk(resnet: nn.Module) -> nn.Sequential:
                                      for name in ("stem", "res2", "res3", "res4")))
 
 
-def build_model(cfg: Any) -> FasterRCNN:
+def build_model(cfg: Config) -> FasterRCNN:
     """The detector described by a detection.config.Config (the only place that reads it).
 
     The backbone weights (cfg.model.backbone.weights) are loaded into the whole ResNet first,
@@ -189,8 +192,7 @@ def build_model(cfg: Any) -> FasterRCNN:
     m = cfg.model
     resnet = build_backbone(m.backbone, ("res4",), m.backbone.weights)
     _warn_on_preprocessing_mismatch(getattr(resnet, "weights_info", None), m)
-    anchors = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios, m.anchors.stride,
-                              offset=getattr(m.anchors, "offset", 0.0))
+    anchors = AnchorGenerator(m.anchors.sizes, m.anchors.aspect_ratios, m.anchors.stride)
     r = m.rpn
     rpn = RPN(in_channels=resnet.out_channels["res4"], anchor_generator=anchors,
               iou_thresholds=r.iou_thresholds, batch_size_per_image=r.batch_size_per_image,
@@ -214,7 +216,7 @@ def build_model(cfg: Any) -> FasterRCNN:
                       class_names=m.class_names or None)
 
 
-def build_backbone(bb: Any, out_features: tuple[str, ...], weights: str | None) -> nn.Module:
+def build_backbone(bb: BackboneConfig, out_features: tuple[str, ...], weights: str | None) -> nn.Module:
     """The ResNet of a config's model.backbone section, with `weights` loaded (or none)."""
     from backbones import build_resnet  # backbones is a lower layer; imported where used
 
@@ -223,7 +225,7 @@ def build_backbone(bb: Any, out_features: tuple[str, ...], weights: str | None) 
                         residual=bb.residual, allow_partial_weights=bb.allow_partial_weights)
 
 
-def _warn_on_preprocessing_mismatch(info: Any, model_cfg: Any) -> None:
+def _warn_on_preprocessing_mismatch(info: Any, model_cfg: ModelConfig) -> None:
     """The mean/std/format belong to the weights; a config that disagrees silently costs
     accuracy, so say so (the config still wins: it is the explicit contract)."""
     if info is None:

@@ -9,11 +9,14 @@ Detectron2's GeneralizedRCNNWithTTA does for boxes. It costs one forward pass pe
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
+
+if TYPE_CHECKING:
+    from detection.config import Config
 
 
 class DetectorWithTTA(nn.Module):
@@ -29,6 +32,11 @@ class DetectorWithTTA(nn.Module):
         self.max_size = int(max_size)
         self.flip = bool(flip)
         self.train(model.training)  # in the wrapped model's mode (load_model gives eval mode)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The wrapped model's (what its labels mean), so a wrapped model reads like a bare one."""
+        return self.model.class_names
 
     def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         if self.training:
@@ -59,7 +67,7 @@ def hflip_detections(det: dict[str, Tensor], width: int) -> dict[str, Tensor]:
                                          boxes[:, 3]], dim=1)}
 
 
-def build_tta(cfg: Any, model: nn.Module) -> nn.Module:
+def build_tta(cfg: Config, model: nn.Module) -> nn.Module:
     """The model wrapped in DetectorWithTTA when the config's test.aug.enabled, else as is."""
     aug = cfg.test.aug
     if not aug.enabled:

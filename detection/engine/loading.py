@@ -21,7 +21,7 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from torch import Tensor, nn
 
 from detection.engine.checkpoint import CheckpointError
 from detection.engine.detectron2 import convert_detectron2_state, is_detectron2_state
+
+if TYPE_CHECKING:
+    from detection.config import BackboneConfig, Config
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +185,7 @@ def _values(t: Tensor) -> str:
     return str(values if len(values) <= 8 else values[:8] + ["..."])
 
 
-def load_initial_weights(model: nn.Module, path: str, backbone_cfg: Any,
+def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConfig,
                          weights: DetectorWeights | None = None) -> None:
     """Start a new run from a detector (ours or Detectron2's; on another label set the class-
     specific layers start fresh) or from backbone weights (torchvision `.pth`, MSRA `.pkl`,
@@ -199,7 +202,7 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: Any,
                        path, weights.num_classes, model.num_classes, ", ".join(skipped))
 
 
-def _load_backbone_into_detector(model: nn.Module, source: str, bb: Any) -> None:
+def _load_backbone_into_detector(model: nn.Module, source: str, bb: BackboneConfig) -> None:
     """ImageNet backbone weights into the detector: stem..res4 -> trunk, res5 -> roi_heads.res5."""
     from detection.model import build_backbone
 
@@ -224,7 +227,7 @@ MODEL_KEYS = ("model.num_classes", "model.input_format", "model.pixel_mean", "mo
               "model.roi_heads.pooler_resolution", "model.roi_heads.bbox_reg_weights")
 
 
-def check_model_settings(cfg: Any, weights: DetectorWeights, explicit: Sequence[str] = ()) -> None:
+def check_model_settings(cfg: Config, weights: DetectorWeights, explicit: Sequence[str] = ()) -> None:
     """CheckpointError when the config's model settings differ from those the checkpoint was
     trained with, except for keys in `explicit` (set on the command line: deliberate)."""
     if not weights.config:
@@ -254,7 +257,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def build_inference_model(cfg: Any, weights: Union[str, Path, DetectorWeights], device: torch.device,
+def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights], device: torch.device,
                           explicit: Sequence[str] = ()) -> tuple[nn.Module, DetectorWeights]:
     """The config's detector with `weights` loaded, on device, in eval mode: with
     model.fast_path its detection.fast copy (same detections, faster); with test.aug.enabled
