@@ -30,8 +30,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from detection.cli import add_config_args, config_from_args, fail, override_keys
+
+if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
+    import torch
+
+    from detection.config import Config
+    from detection.data.dataset_info import DatasetInfo
+    from detection.engine.loading import DetectorWeights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def results_folder(cfg, args: argparse.Namespace) -> Path:
+def results_folder(cfg: Config, args: argparse.Namespace) -> Path:
     """--output-dir; else beside the checkpoint evaluated (the config's output_dir may be
     another run's folder); else, for saved results, <output_dir>/inference."""
     if args.output_dir:
@@ -72,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(err))
 
 
-def run(cfg, args: argparse.Namespace) -> int:
-    from detection.data.catalog import get_dataset
-    from detection.engine.distributed import select_device
+def run(cfg: Config, args: argparse.Namespace) -> int:
+    from detection.data.catalog import get_datasets
+    from detection.evaluation import evaluate_test_sets
     from detection.evaluation.outputs import ResultsSource, check_results_folder, claim_results_folder
+    from detection.utils.comm import select_device
 
     out_root = results_folder(cfg, args)
     given = args.results or args.weights
@@ -87,16 +96,17 @@ def run(cfg, args: argparse.Namespace) -> int:
     device = select_device(cfg.device)
     model, weights = (None, None) if args.results else _model(cfg, args.weights, device, override_keys(args))
     # scoring saved results reads the annotations only, not the images
-    datasets = [get_dataset(e, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
-                            check_images=not args.results) for e in cfg.datasets.test]
+    datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
+                            check_images=not args.results)
     folders = _checked_folders(cfg, datasets, model, weights)
     claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
-    for dataset, folder in zip(datasets, folders):
-        _evaluate(cfg, args, dataset, out_root / folder, model, device)
+    evaluate_test_sets(datasets, model=model, device=device, num_workers=cfg.dataloader.num_workers,
+                       results=args.results, output_dir=out_root, echo=print)
     return 0
 
 
-def _model(cfg, weights_path: str, device, explicit: list[str]):
+def _model(cfg: Config, weights_path: str, device: torch.device, explicit: list[str]
+           ) -> tuple[torch.nn.Module, DetectorWeights]:
     from detection.engine.loading import build_inference_model
 
     model, weights = build_inference_model(cfg, weights_path, device, explicit)
@@ -107,7 +117,8 @@ def _model(cfg, weights_path: str, device, explicit: list[str]):
     return model, weights
 
 
-def _checked_folders(cfg, datasets: list, model, weights) -> list[str]:
+def _checked_folders(cfg: Config, datasets: list[DatasetInfo], model: torch.nn.Module | None,
+                     weights: DetectorWeights | None) -> list[str]:
     """Each test set's results folder name, after checking its classes are the model's."""
     from detection.evaluation.classes import check_class_names, model_class_names
     from detection.evaluation.outputs import results_subfolders
@@ -117,41 +128,6 @@ def _checked_folders(cfg, datasets: list, model, weights) -> list[str]:
         for dataset in datasets:
             check_class_names(dataset.name, dataset.class_names, names, cfg.model.num_classes, source)
     return results_subfolders([d.name for d in datasets])
-
-
-def _evaluate(cfg, args: argparse.Namespace, dataset, out_dir: Path, model, device) -> None:
-    from detection.data.loader import build_test_loader
-    from detection.evaluation import build_evaluator, format_metrics_table
-    from detection.evaluation import inference_on_dataset, save_metrics_json
-    from detection.evaluation.outputs import results_for_test_set
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.results:
-        evaluator = build_evaluator(dataset, None)
-        evaluator.load_results(results_for_test_set(args.results, out_dir.name, dataset.kind))
-        metrics = evaluator.evaluate()
-    else:
-        evaluator = build_evaluator(dataset, str(out_dir))
-        loader = build_test_loader(dataset, num_workers=cfg.dataloader.num_workers)
-        metrics = inference_on_dataset(model, loader, evaluator, device=device)
-    print(f"\n{dataset.name} ({len(dataset.records)} images)")
-    print(format_metrics_table(metrics))
-    save_metrics_json(metrics, out_dir / "metrics.json")
-    _plot_pr(evaluator, out_dir)
-    print(f"metrics written to {out_dir / 'metrics.json'}")
-
-
-def _plot_pr(evaluator, out_dir: Path) -> None:
-    """Per-class precision-recall curves, when matplotlib (the `plots` extra) is installed."""
-    curves = getattr(evaluator, "pr_curves", None)
-    if not curves:
-        return
-    try:
-        from detection.plots import plot_pr_curves
-
-        plot_pr_curves(curves, out_dir / "pr_curves.png")
-    except ImportError as err:
-        print(f"note: no PR plot ({err})")
 
 
 if __name__ == "__main__":

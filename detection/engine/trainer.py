@@ -23,7 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detection.config import Config, config_to_dict
-from detection.data.catalog import DatasetInfo
+from detection.data.dataset_info import DatasetInfo
 from detection.engine import distributed as du
 from detection.engine.checkpoint import get_rng_states, load_checkpoint, save_checkpoint, set_rng_states
 from detection.engine.loading import load_initial_weights, read_detector_file
@@ -31,7 +31,6 @@ from detection.engine.optim import build_lr_scheduler, build_optimizer
 from detection.engine.run_folder import check_output_dir, prepare_output_dir
 
 logger = logging.getLogger(__name__)
-LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
 
 
 class TrainingError(RuntimeError):
@@ -103,6 +102,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> nn.M
 
         optimize_for_training(state.model, channels_last=True)
     data, state.class_names = _build_train_data(cfg, datasets, state.iteration)
+    state.model.class_names = list(state.class_names)  # what its labels mean, for whoever uses the model
     model = state.model
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
@@ -176,14 +176,13 @@ def _checkpoint(state: TrainState, cfg: Config, path: Path) -> None:
 def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
     """The training sets, checked against each other, the model's classes and the number of
     processes: before anything is written, so a run that fails here leaves no folder."""
-    from detection.data.catalog import concat_datasets, get_dataset
+    from detection.data.catalog import concat_datasets, get_datasets
 
     world = du.get_world_size()
     if cfg.solver.ims_per_batch % world:
         raise ValueError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
                          f"{world} processes")
-    datasets = [get_dataset(e, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
-                for e in cfg.datasets.train]
+    datasets = get_datasets(cfg.datasets.train, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
     names = concat_datasets(datasets).class_names  # the same classes in every set, or a DataError
     which = (f"the training sets {', '.join(d.name for d in datasets)} have" if len(datasets) > 1
              else f"the training set {datasets[0].name} has")
@@ -336,18 +335,13 @@ def _log(out_dir: Path, record: dict) -> None:
 
 def evaluate(cfg: Config, model: nn.Module, device: torch.device,
              output_dir: Optional[Path] = None) -> dict[str, float]:
-    """Evaluate on every test set; keys are prefixed by the data set's name when there are several."""
-    from detection.data.catalog import get_dataset
-    from detection.evaluation import build_evaluator, inference_on_dataset
-    from detection.data.loader import build_test_loader
+    """Evaluate on every test set (each process its share of the images; rank 0 scores them,
+    other ranks get {}); keys are prefixed by the data set's name when there are several.
+    With output_dir, each test set's results go to output_dir/<test set>/ as tools/eval.py
+    writes them."""
+    from detection.data.catalog import get_datasets
+    from detection.evaluation import evaluate_test_sets, flatten_metrics
 
-    results: dict[str, float] = {}
-    for entry in cfg.datasets.test:
-        dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
-        shard = du.shard_dataset(dataset)
-        loader = build_test_loader(shard, num_workers=cfg.dataloader.num_workers)
-        evaluator = build_evaluator(dataset, str(output_dir) if output_dir else None)
-        metrics = inference_on_dataset(model, loader, evaluator, device=device)
-        prefix = f"{dataset.name}/" if len(cfg.datasets.test) > 1 else ""
-        results.update({f"{prefix}{k}": v for k, v in metrics.items()})
-    return results
+    datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
+    return flatten_metrics(evaluate_test_sets(datasets, model=model, device=device,
+                                              num_workers=cfg.dataloader.num_workers, output_dir=output_dir))

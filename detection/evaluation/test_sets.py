@@ -1,0 +1,117 @@
+"""The one loop over the test sets: tools/eval.py and evaluation during training both call it.
+
+    metrics = evaluate_test_sets(datasets, model=model, device=device)          # name -> metrics
+    metrics = evaluate_test_sets(datasets, results="out/inference")             # saved results
+    flat = flatten_metrics(metrics)                                              # metrics.jsonl keys
+
+With a model, each process runs its share of every test set (torch.distributed: every
+world_size-th image) and rank 0 gathers and scores them; the other ranks get {} per set.
+With `results`, saved detections are scored instead (no model, no images read).
+With `output_dir`, each test set's files go to output_dir/<test set folder>/
+(detection/evaluation/outputs.py): the evaluator's results files, metrics.json and, when
+matplotlib is installed, pr_curves.png.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from detection.evaluation.coco import COCOEvaluator
+from detection.evaluation.inference import Evaluator, format_metrics_table, inference_on_dataset, save_metrics_json
+from detection.evaluation.outputs import results_for_test_set, results_subfolder, results_subfolders
+from detection.evaluation.voc import VOCEvaluator
+from detection.utils import comm
+
+if TYPE_CHECKING:
+    from detection.data.dataset_info import DatasetInfo
+
+logger = logging.getLogger(__name__)
+
+# DatasetInfo.kind -> evaluator class
+EVALUATORS = {"coco": COCOEvaluator, "voc": VOCEvaluator}
+
+
+def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Module | None = None,
+                       device: torch.device | str = "cpu", num_workers: int = 0, results: str | None = None,
+                       output_dir: str | Path | None = None, echo: Callable[[str], None] | None = None
+                       ) -> dict[str, dict[str, float]]:
+    """Each test set's metrics, by data set name, from `model` or from saved `results` (a
+    results folder as this function writes it, a coco_results.json or a folder of comp4
+    files). `echo` (e.g. print) receives each set's metrics table and where it was written."""
+    if (model is None) == (results is None):
+        raise ValueError("evaluate_test_sets: give a model or saved results, not both or neither")
+    names = [d.name for d in datasets]
+    # two test sets sharing a folder would overwrite each other's files: checked when writing
+    folders = results_subfolders(names) if output_dir is not None else [results_subfolder(n) for n in names]
+    out: dict[str, dict[str, float]] = {}
+    for dataset, folder in zip(datasets, folders):
+        where = Path(output_dir) / folder if output_dir is not None else None
+        if where is not None and comm.is_main_process():
+            where.mkdir(parents=True, exist_ok=True)
+        if results is not None:
+            evaluator = build_evaluator(dataset, None)
+            evaluator.load_results(results_for_test_set(results, folder, dataset.kind))
+            metrics = evaluator.evaluate()
+        else:
+            evaluator = build_evaluator(dataset, str(where) if where is not None else None)
+            metrics = _run_model(model, dataset, evaluator, device, num_workers)
+        out[dataset.name] = metrics
+        if comm.is_main_process():
+            _report(dataset, metrics, evaluator, where, echo)
+    return out
+
+
+def flatten_metrics(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """One flat dict: a single test set's keys as they are, several prefixed "<name>/"."""
+    if len(per_set) == 1:
+        return dict(next(iter(per_set.values())))
+    return {f"{name}/{key}": value for name, metrics in per_set.items() for key, value in metrics.items()}
+
+
+def build_evaluator(dataset: DatasetInfo, output_dir: str | None = None) -> Evaluator:
+    """The evaluator for `dataset.kind`; results files go to `output_dir` (None: not written)."""
+    if dataset.kind not in EVALUATORS:
+        raise ValueError(f"data set {dataset.name}: unknown kind {dataset.kind!r}, "
+                         f"expected one of {sorted(EVALUATORS)}")
+    return EVALUATORS[dataset.kind](dataset, output_dir)
+
+
+def _run_model(model: torch.nn.Module, dataset: DatasetInfo, evaluator: Evaluator, device: torch.device | str,
+               num_workers: int) -> dict[str, float]:
+    """This process's share of the images through the model; the evaluator keeps the whole
+    data set, since rank 0 scores everyone's detections against all of it."""
+    from detection.data.loader import build_test_loader
+
+    loader = build_test_loader(comm.shard_dataset(dataset), num_workers=num_workers)
+    return inference_on_dataset(model, loader, evaluator, device=device)
+
+
+def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluator, where: Path | None,
+            echo: Callable[[str], None] | None) -> None:
+    """The table to `echo`; metrics.json and the PR plot into `where` (when given)."""
+    if echo is not None:
+        echo(f"\n{dataset.name} ({len(dataset.records)} images)")
+        echo(format_metrics_table(metrics))
+    if where is None:
+        return
+    save_metrics_json(metrics, where / "metrics.json")
+    _plot_pr(evaluator, where, echo)
+    if echo is not None:
+        echo(f"metrics written to {where / 'metrics.json'}")
+
+
+def _plot_pr(evaluator: Evaluator, where: Path, echo: Callable[[str], None] | None) -> None:
+    """Per-class precision-recall curves, when matplotlib (the `plots` extra) is installed."""
+    curves = getattr(evaluator, "pr_curves", None)
+    if not curves:
+        return
+    try:
+        from detection.plots import plot_pr_curves
+
+        plot_pr_curves(curves, where / "pr_curves.png")
+    except ImportError as err:
+        (echo or logger.warning)(f"note: no PR plot ({err})")

@@ -1,0 +1,55 @@
+"""The one test-set loop (detection.evaluation.evaluate_test_sets): during training
+(test.eval_period) and from saved results, as tools/eval.py calls it."""
+import json
+from pathlib import Path
+
+import pytest
+
+from detection.config import load_config
+from detection.data.catalog import get_datasets
+from detection.data.shapes import generate_shapes
+from detection.engine.trainer import evaluate, train
+from detection.evaluation import evaluate_test_sets, flatten_metrics
+from tests.helpers import tiny_overrides
+
+VAL_COPY = {"type": "coco", "name": "val_copy", "ann_file": "shapes/annotations/instances_val.json",
+            "image_root": "shapes/val"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three iterations with an evaluation on two test sets at iteration 3."""
+    root = tmp_path_factory.mktemp("sets")
+    generate_shapes(root / "shapes", num_train=6, num_val=3, seed=0, image_size=(64, 80))
+    cfg = load_config(None, tiny_overrides(root, root / "out", **{
+        "solver.max_iter": 3, "test.eval_period": 3, "datasets.test": ["shapes_val", VAL_COPY]}))
+    return cfg, train(cfg)
+
+
+def test_evaluation_during_training_logs_each_test_set(trained):
+    cfg, model = trained
+    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "shapes_val/AP" in r]
+    assert len(evaluated) == 1 and evaluated[0]["iteration"] == 3
+    assert evaluated[0]["shapes_val/AP"] == evaluated[0]["val_copy/AP"]  # the same images and boxes
+    assert model.class_names == ["circle", "square", "triangle"]  # set from the training data
+
+
+def test_trainer_evaluate_is_the_test_set_loop(trained, tmp_path):
+    cfg, model = trained
+    datasets = get_datasets(cfg.datasets.test, cfg.datasets.root)
+    per_set = evaluate_test_sets(datasets, model=model, device="cpu", output_dir=tmp_path)
+    assert flatten_metrics(per_set) == evaluate(cfg, model, "cpu")
+    for folder in ("shapes_val", "val_copy"):  # one folder per test set, as tools/eval.py writes it
+        assert json.loads((tmp_path / folder / "metrics.json").read_text())["AP"] == pytest.approx(
+            per_set[folder]["AP"], nan_ok=True)
+    rescored = evaluate_test_sets(datasets, results=str(tmp_path))  # its own results, no model
+    assert rescored["val_copy"]["AP"] == pytest.approx(per_set["val_copy"]["AP"], nan_ok=True)
+
+
+def test_flatten_and_arguments():
+    assert flatten_metrics({"a": {"AP": 1.0}}) == {"AP": 1.0}
+    assert flatten_metrics({"a": {"AP": 1.0}, "b": {"AP": 2.0}}) == {"a/AP": 1.0, "b/AP": 2.0}
+    assert flatten_metrics({}) == {}
+    with pytest.raises(ValueError, match="a model or saved results"):
+        evaluate_test_sets([])
