@@ -1,15 +1,17 @@
 """The one test-set loop (detection.evaluation.evaluate_test_sets): during training
 (test.eval_period) and from saved results, as tools/eval.py calls it."""
 import json
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from detection.config import load_config
 from detection.data.catalog import get_datasets
 from detection.data.shapes import generate_shapes
 from detection.engine.trainer import evaluate, train
-from detection.evaluation import evaluate_test_sets, flatten_metrics
+from detection.evaluation import evaluate_test_sets, flatten_metrics, inference_on_dataset, test_sets
 from tests.helpers import tiny_overrides
 
 VAL_COPY = {"type": "coco", "name": "val_copy", "ann_file": "shapes/annotations/instances_val.json",
@@ -53,3 +55,47 @@ def test_flatten_and_arguments():
     assert flatten_metrics({}) == {}
     with pytest.raises(ValueError, match="a model or saved results"):
         evaluate_test_sets([])
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, datasets: list, model) -> None:
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's thread pool
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    seen = []
+
+    def counting(model, loader, evaluator, *, device):  # how many images ran here, and were scored here
+        metrics = inference_on_dataset(model, loader, evaluator, device=device)
+        seen.append((len(loader), len(evaluator.predictions)))
+        return metrics
+
+    test_sets.inference_on_dataset = counting  # this forked process only
+    try:
+        per_set = evaluate_test_sets(datasets, model=model, device="cpu")
+        with open(f"{out_file}.{rank}", "w") as f:
+            json.dump({"metrics": per_set, "seen": seen}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_share_the_images_and_rank_0_scores_them_all(trained, tmp_path):
+    import torch.multiprocessing as mp
+
+    cfg, model = trained
+    datasets = get_datasets(cfg.datasets.test[:1], cfg.datasets.root)
+    out = str(tmp_path / "metrics")
+    # fork: the children need no fresh interpreter (spawn would re-import torch: seconds)
+    context = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out, datasets, model), nprocs=2,
+                                 join=False, start_method="fork")
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("distributed workers did not finish within 60 s")
+    with open(f"{out}.1") as f:
+        assert json.load(f) == {"metrics": {"shapes_val": {}}, "seen": [[1, 0]]}  # ran 1 of 3 images
+    with open(f"{out}.0") as f:
+        rank0 = json.load(f)
+    assert rank0["seen"] == [[2, 3]]  # ran 2 images, scored all 3
+    alone = evaluate_test_sets(datasets, model=model, device="cpu")
+    assert rank0["metrics"]["shapes_val"].keys() == alone["shapes_val"].keys()
+    assert rank0["metrics"]["shapes_val"]["AP50"] == pytest.approx(alone["shapes_val"]["AP50"], nan_ok=True)

@@ -37,7 +37,7 @@ import numpy as np
 from detection.evaluation.inference import order_by_dataset, to_numpy
 
 if TYPE_CHECKING:
-    from detection.data.catalog import DatasetInfo
+    from detection.data.dataset_info import DatasetInfo
 
 logger = logging.getLogger(__name__)
 
