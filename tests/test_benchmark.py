@@ -28,15 +28,23 @@ def test_benchmark_smoke(tmp_path):
         entry = report["inference"][name]
         assert set(entry["stages_median_s"]) == stages
         assert entry["end_to_end_median_s"] > 0 and entry["num_rois"] > 0
-    assert report["equal_work"]["inference_flops_ratio"] > 0
+    # the comparison with torchvision is fair: the same work (FLOPs within 10%, same RoIs)
+    work = report["equal_work"]
+    assert work["ok"], work
+    assert abs(work["inference_flops_ratio"] - 1) <= 0.10 and abs(work["training_flops_ratio"] - 1) <= 0.10
+    assert work["num_rois"]["plain"] == work["num_rois"]["torchvision"] > 0
     assert set(report["training"]) == {"plain", "fast", "fast_amp", "torchvision"}
     assert report["training"]["fast"]["iteration_median_s"] > 0
-    assert report["ratios"]["training_speedup_amp_vs_fast"] > 0
     assert report["data_loader"]["images_per_s"] > 0 and report["evaluation"]["images"] == 1
     assert report["hardware"]["matmul_gflops"] > 0
-    for key in ("inference_speedup", "training_speedup", "memory_ratio"):
-        assert key in report["ratios"]
-    assert "inference_speedup" in result.stdout
+    # each ratio the table prints is a measured number (memory was skipped: no memory ratio)
+    ratios = report["ratios"]
+    for key in ("inference_speedup", "training_speedup", "training_speedup_amp_vs_fast",
+                "inference_speedup_fast_vs_plain"):
+        assert isinstance(ratios[key], float) and 0 < ratios[key] < float("inf"), (key, ratios[key])
+    assert ratios["memory_ratio"] is None and report["targets_met"]["memory_ratio"] is None
+    assert isinstance(report["targets_met"]["inference_speedup"], bool)
+    assert f"inference_speedup {ratios['inference_speedup']:.2f}" in result.stdout
     assert report["inference"]["fast"]["vs_plain"]["equal"] and "fast vs plain:" in result.stdout
 
 

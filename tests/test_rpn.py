@@ -91,10 +91,22 @@ def test_proposals_are_capped_and_inside_each_image():
 
 
 def test_min_size_removes_small_proposals():
-    rpn = _rpn(min_size=20.0).eval()
-    proposals, _ = rpn(torch.randn(2, 16, 8, 10), IMAGE_SIZES)
-    for boxes in proposals:
-        assert ((boxes[:, 2] - boxes[:, 0]) >= 20).all() and ((boxes[:, 3] - boxes[:, 1]) >= 20).all()
+    rpn = _rpn().eval()
+    features = torch.randn(2, 16, 8, 10)
+    with torch.no_grad():
+        unfiltered, _ = rpn(features, IMAGE_SIZES)
+        rpn.min_size = 20.0  # the same weights, now with a minimum size
+        filtered, _ = rpn(features, IMAGE_SIZES)
+
+    def small(boxes):
+        return ((boxes[:, 2] - boxes[:, 0]) < 20) | ((boxes[:, 3] - boxes[:, 1]) < 20)
+
+    for before, after in zip(unfiltered, filtered):
+        assert small(before).any()        # without min_size there are small proposals to remove
+        assert len(after) > 0 and not small(after).any()  # all of them removed, the large ones kept
+        # each large proposal ranked above the first small one is kept, in the same order
+        large_first = before[:int(small(before).nonzero()[0])]
+        torch.testing.assert_close(after[:len(large_first)], large_first)
 
 
 def test_image_without_ground_truth_has_zero_box_loss():
