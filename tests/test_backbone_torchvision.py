@@ -12,7 +12,9 @@ from backbones import build_resnet
 from tests.helpers import random_torchvision_resnet
 
 
-@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+# 101 and 152 only add blocks of the bottleneck kind 50 checks: slow, for `make test`
+@pytest.mark.parametrize("depth", [18, 34, 50, pytest.param(101, marks=pytest.mark.slow),
+                                   pytest.param(152, marks=pytest.mark.slow)])
 def test_res4_res5_equal_torchvision_layer3_layer4(depth, tmp_path):
     reference = random_torchvision_resnet(depth)
     path = tmp_path / f"resnet{depth}.pth"

@@ -221,6 +221,7 @@ print("loaded")
 """
 
 
+@pytest.mark.slow  # starts worker processes
 def test_workers_forked_after_opencv_ran_in_the_parent_do_not_hang(tmp_path):
     """A parallel OpenCV call before the workers fork (generate_shapes, a large resize) used
     to leave every worker blocked in its first OpenCV call."""

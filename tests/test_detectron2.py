@@ -191,6 +191,7 @@ def _d2_keys(depth: int, num_classes: int) -> list[tuple[str, list[int]]]:
     return out
 
 
+@pytest.mark.slow  # builds ResNet-50 and ResNet-101 detectors at full size
 @pytest.mark.parametrize("config, depth, classes", [
     ("faster_rcnn_R_50_C4_1x.yaml", 50, 80), ("faster_rcnn_R_50_C4_3x.yaml", 50, 80),
     ("faster_rcnn_R_101_C4_3x.yaml", 101, 80), ("faster_rcnn_R_50_C4_voc.yaml", 50, 20)])

@@ -61,6 +61,7 @@ def _voc_entry(classes):
 
 # --- item 2: results beside the checkpoint, never silently replaced ---------------------------
 
+@pytest.mark.slow  # evaluates through eval.main
 def test_eval_writes_beside_the_weights_not_into_the_configs_output_dir(run_a, capsys):
     """The config's output_dir is another run's folder (a shared config): its results stay."""
     root, overrides = run_a
@@ -87,6 +88,7 @@ def test_eval_writes_beside_the_weights_not_into_the_configs_output_dir(run_a, c
     assert code == 2 and "nothing.pth: --weights file not found" in _error_line(err)
 
 
+@pytest.mark.slow  # evaluates through eval.main
 def test_eval_refuses_a_folder_holding_another_checkpoints_results(run_a, tmp_path, capsys):
     root, overrides = run_a
     weights_a = root / "run_a" / "model_final.pth"
@@ -181,6 +183,7 @@ def test_class_check_without_saved_names_uses_the_config_then_the_count():
 
 # --- item 14: one folder per test set, safe names -------------------------------------------
 
+@pytest.mark.slow  # evaluates through eval.main
 def test_one_folder_per_test_set_whatever_their_number(run_a, tmp_path, capsys):
     root, overrides = run_a
     weights = str(root / "run_a" / "model_final.pth")

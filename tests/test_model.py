@@ -115,6 +115,7 @@ def test_build_model_from_config():
     assert len(dets) == 2 and all(set(d) == {"boxes", "scores", "labels"} for d in dets)
 
 
+@pytest.mark.slow  # trains for about a minute
 def test_overfits_two_synthetic_images_and_then_finds_their_boxes():
     # Trained from scratch (GN, nothing frozen). A cheap head (4x4 RoIs) buys steps; half of the
     # 32 RoIs per image are foreground so the box regressor sees enough examples per step.

@@ -18,6 +18,7 @@ from detection.engine.trainer import TrainingError, train
 from detection.model import build_model
 from tests.helpers import tiny_overrides
 
+pytestmark = pytest.mark.slow  # every test here trains (and one spawns two DDP processes)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -157,7 +158,6 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_pa
     assert not (out / "model_final.pth").exists()
 
 
-@pytest.mark.slow
 def test_cli_exits_1_on_a_diverging_loss(data_root, tmp_path):
     out = tmp_path / "diverge"
     args = tiny_overrides(data_root, out, **{"solver.base_lr": 1e12, "solver.warmup_iters": 0,
@@ -185,7 +185,6 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, out: str) -> No
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_two_process_gloo_training_ends_with_identical_weights(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path / "ddp", **{"solver.max_iter": 3, "solver.ims_per_batch": 4})
     save_config(cfg, tmp_path / "cfg.yaml")

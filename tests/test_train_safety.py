@@ -58,6 +58,7 @@ def iterations(out: Path) -> list[int]:
 
 # ----------------------------------------------------------------------------- item 1: the output folder
 
+@pytest.mark.slow  # trains through train_det.main
 def test_a_new_run_in_a_folder_that_holds_a_run_is_refused(data_root, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(data_root, out, **{"solver.max_iter": 3}) == 0
@@ -70,6 +71,7 @@ def test_a_new_run_in_a_folder_that_holds_a_run_is_refused(data_root, tmp_path, 
     assert {n: (out / n).read_bytes() for n in before} == before  # the old run is untouched
 
 
+@pytest.mark.slow  # trains through train_det.main
 def test_overwrite_replaces_the_old_run_and_says_so(data_root, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(data_root, out, **{"solver.max_iter": 3}) == 0
@@ -103,6 +105,7 @@ def test_num_classes_that_disagrees_with_the_data_stops_before_any_step(data_roo
     assert not out.exists()  # no half-made output folder
 
 
+@pytest.mark.slow  # trains through train_det.main
 def test_a_run_that_fails_on_its_data_leaves_no_folder_and_keeps_the_old_run(data_root, tmp_path, capsys):
     missing = {"type": "coco", "ann_file": str(tmp_path / "nowhere.json"), "image_root": str(tmp_path)}
     out = tmp_path / "new"
@@ -133,6 +136,7 @@ def _fail_at_forward(monkeypatch, call: int, exc: BaseException) -> None:
     monkeypatch.setattr(FasterRCNN, "forward", forward)
 
 
+@pytest.mark.slow  # trains through train_det.main
 def test_ctrl_c_ends_with_one_line_naming_the_last_checkpoint(data_root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     _fail_at_forward(monkeypatch, 4, KeyboardInterrupt())
@@ -182,6 +186,7 @@ def test_the_run_starts_with_a_summary_of_data_device_and_output(data_root, tmp_
     assert f"datasets.root: {data_root.resolve()}" in err and f"output folder: {out.resolve()}" in err
 
 
+@pytest.mark.slow  # trains through train_det.main
 def test_resume_shows_where_it_resumed_and_never_repeats_a_metrics_iteration(data_root, tmp_path, capsys,
                                                                                monkeypatch):
     out = tmp_path / "run"
