@@ -1,0 +1,97 @@
+"""The layers of docs/ARCHITECTURE.md ("Layers and what each may import"), checked on the
+source: each module imports only from its own layer and the layers below it, and no tool or
+test edits the import path. Reads the files (ast); imports nothing it checks."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The detector's parts: built from keyword arguments, below data, evaluation and the engine.
+CORE = {"anchors", "box_coder", "matcher", "sampling", "structures", "resize", "model", "rpn", "roi_heads",
+        "fast", "tta", "testing", "visualize", "plots"}
+# layer -> the detection (sub)modules it must not import
+FORBIDDEN = {
+    "detection.utils": {"detection"},  # nothing of detection but itself
+    "detection.data": {"detection.model", "detection.engine", "detection.evaluation", "detection.config",
+                       "detection.predictor", "detection.benchmarking", "detection.fast"},
+    "detection.evaluation": {"detection.engine", "detection.model", "detection.predictor",
+                             "detection.benchmarking", "detection.config"},
+    "core": {"detection.data", "detection.evaluation", "detection.engine", "detection.predictor",
+             "detection.benchmarking", "detection.cli"},
+    "detection.engine": {"detection.predictor", "detection.benchmarking", "detection.cli"},
+}
+
+
+def python_files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def imported_modules(path: Path, type_checking_too: bool = False) -> set[str]:
+    """Absolute module names imported anywhere in the file (also inside functions), except
+    under `if TYPE_CHECKING:` (annotations only) unless asked."""
+    tree = ast.parse(path.read_text())
+    skipped = set()
+    if not type_checking_too:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                skipped |= {id(n) for child in node.body for n in ast.walk(child)}
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "detection" or len(parts) < 2:
+        return None
+    if parts[1] in CORE:
+        return "core"
+    return ".".join(parts[:2]) if ".".join(parts[:2]) in FORBIDDEN else None
+
+
+def violations(module: str, imports: set[str], forbidden: set[str]) -> list[str]:
+    own = ".".join(module.split(".")[:2])
+    return sorted(name for name in imports for bad in forbidden
+                  if (name == bad or name.startswith(bad + ".")) and not name.startswith(own))
+
+
+def test_backbones_know_nothing_of_detection():
+    bad = {module_name(p): sorted(n for n in imported_modules(p, True) if n.split(".")[0] == "detection")
+           for p in python_files("backbones")}
+    assert not {m: names for m, names in bad.items() if names}
+
+
+@pytest.mark.parametrize("path", python_files("detection"), ids=lambda p: module_name(p))
+def test_each_detection_module_imports_only_from_its_layer_and_below(path):
+    module = module_name(path)
+    layer = layer_of(module)
+    if layer is None:
+        return  # config, cli, predictor, benchmarking: the top of the library
+    assert violations(module, imported_modules(path), FORBIDDEN[layer]) == [], \
+        f"{module} ({layer}) imports from a layer above it; see docs/ARCHITECTURE.md"
+
+
+def test_tools_and_tests_import_neither_each_other_nor_edit_the_import_path():
+    for path in python_files("tools") + python_files("tests"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            edits_path = (isinstance(node, ast.Attribute) and node.attr == "path"
+                          and getattr(node.value, "id", None) == "sys")
+            assert not edits_path, f"{path.relative_to(ROOT)}:{node.lineno}: uses the sys module's path"
+        for name in imported_modules(path, True):
+            top = name.split(".")[0]
+            assert top != "tools" and not top.startswith(("test_", "benchmark_")), \
+                f"{path.relative_to(ROOT)} imports {name}: library code goes in the library, " \
+                "test helpers in tests/helpers.py, tools are loaded by path"
