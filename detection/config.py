@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses <- YAML (with `_base_` inheritance) <- `key=value` overrides.
 
-The field names below are the contract between configs, tools and tests (DESIGN.md,
-"The configuration schema"). Only `build_*` functions read a Config; every module takes
+The field names below are the contract between configs, tools and tests (docs/ARCHITECTURE.md,
+"Conventions"). Only `build_*` functions read a Config; every module takes
 explicit keyword arguments.
 """
 from __future__ import annotations
