@@ -372,17 +372,16 @@ def bench_loader(cfg: Any, train_ds: Any, args: argparse.Namespace) -> dict:
 
 
 def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict:
-    """inference_on_dataset (fast path) + the evaluator's metrics on the validation images."""
-    from detection.data.loader import build_test_loader
-    from detection.evaluation import build_evaluator, inference_on_dataset
+    """The library's one test-set loop (evaluate_test_sets, as tools/eval.py runs it) with the
+    fast path on the validation images: images to metrics and files; then the saved results
+    scored again without the model, which is the metrics' share."""
+    from detection.evaluation import evaluate_test_sets
 
     cfg = bench_config(args, [f"model.num_classes={len(val_ds.class_names)}"])
     model = optimize_for_inference(build_ours(cfg), chunk_size=args.chunk_size)
-    evaluator = build_evaluator(val_ds, None)
-    loader = build_test_loader(val_ds, num_workers=0)
-    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
-        total = timed(lambda: inference_on_dataset(model, loader, evaluator, device="cpu"))
-    metrics = timed(evaluator.evaluate)
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()):  # progress bar
+        total = timed(lambda: evaluate_test_sets([val_ds], model=model, device="cpu", output_dir=out))
+        metrics = timed(lambda: evaluate_test_sets([val_ds], results=out))
     n = len(val_ds.records)
     return {"images": n, "total_s": total, "per_image_s": total / max(n, 1), "metrics_s": metrics}
 
