@@ -352,15 +352,9 @@ def _datasets(cfg: Any, args: argparse.Namespace, tmp: str) -> tuple[Any, Any]:
 def bench_loader(cfg: Any, train_ds: Any, args: argparse.Namespace) -> dict:
     """Images/s through the training loader (decode + augmentation + batching), after the
     first batch (worker start-up, timed apart)."""
-    from detection.data.loader import build_train_loader
-    from detection.data.transforms import build_train_transform
+    from detection.engine.trainer import build_train_data_loader
 
-    loader = build_train_loader([train_ds], transform=build_train_transform(cfg),
-                                images_per_batch=cfg.solver.ims_per_batch,
-                                num_workers=cfg.dataloader.num_workers,
-                                aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
-                                filter_empty=cfg.dataloader.filter_empty, seed=cfg.seed)
-    batches = iter(loader)
+    batches = iter(build_train_data_loader(cfg, [train_ds]))
     first = timed(lambda: next(batches))
     start, images = time.perf_counter(), 0
     for _ in range(args.loader_batches):

@@ -14,7 +14,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -221,19 +221,24 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
     return lines
 
 
-def _build_train_data(cfg: Config, datasets: list[DatasetInfo], start_iter: int
-                      ) -> tuple[Iterator, tuple[str, ...]]:
-    """The training batches (from iteration start_iter on) and the class names."""
+def build_train_data_loader(cfg: Config, datasets: list[DatasetInfo], start_iter: int = 0) -> Iterable:
+    """The config's training loader over `datasets` (this process's share of each batch), from
+    iteration start_iter on: what training iterates and tools/benchmark.py times."""
     from detection.data.loader import build_train_loader
     from detection.data.transforms import build_train_transform
 
     world = du.get_world_size()
-    loader = build_train_loader(
+    return build_train_loader(
         datasets, transform=build_train_transform(cfg), images_per_batch=cfg.solver.ims_per_batch // world,
         num_workers=cfg.dataloader.num_workers, aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
         filter_empty=cfg.dataloader.filter_empty, seed=cfg.seed, use_difficult=cfg.dataloader.use_difficult,
         start_iter=start_iter)
-    return iter(loader), tuple(datasets[0].class_names)
+
+
+def _build_train_data(cfg: Config, datasets: list[DatasetInfo], start_iter: int
+                      ) -> tuple[Iterator, tuple[str, ...]]:
+    """The training batches (from iteration start_iter on) and the class names."""
+    return iter(build_train_data_loader(cfg, datasets, start_iter)), tuple(datasets[0].class_names)
 
 
 def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
