@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from detection.anchors import AnchorGenerator
-from detection.resize import RESIZE_MODES, resize_tensor_bilinear, resize_tensor_pil, resized_shape
+from detection.resize import RESIZE_MODES, resize_tensor, resized_shape
 from detection.roi_heads import Res5ROIHeads
 from detection.rpn import RPN
 from detection.structures import ImageList
@@ -127,22 +127,20 @@ class FasterRCNN(nn.Module):
 
     def preprocess(self, images: Sequence[Tensor], resize: bool, min_size: int | None = None,
                    max_size: int | None = None) -> ImageList:
-        """RGB 0..255 -> (resized, uint8, resize_mode "detectron2") -> (BGR if the weights want
-        it) -> normalized -> (resized, float, resize_mode "default") -> padded."""
+        """RGB 0..255 -> (resized, as uint8, by detection.resize) -> (BGR if the weights want
+        it) -> normalized -> padded."""
         min_size = self.min_size_test if min_size is None else min_size
         max_size = self.max_size_test if max_size is None else max_size
         out = []
         for img in images:
-            size = resized_shape(int(img.shape[-2]), int(img.shape[-1]), min_size, max_size) if resize \
-                else tuple(img.shape[-2:])
-            scale = size != tuple(img.shape[-2:])
-            if scale and self.resize_mode == "detectron2":
-                img, scale = resize_tensor_pil(img, size), False
+            if resize:
+                size = resized_shape(int(img.shape[-2]), int(img.shape[-1]), min_size, max_size)
+                if size != tuple(img.shape[-2:]):
+                    img = resize_tensor(img, size, self.resize_mode)
             x = img.to(self.device, torch.float32)
             if self.input_format == "BGR":
                 x = x.flip(0)
-            x = (x - self.pixel_mean) / self.pixel_std
-            out.append(resize_tensor_bilinear(x, size) if scale else x)
+            out.append((x - self.pixel_mean) / self.pixel_std)
         return ImageList.from_tensors(out, self.size_divisibility)
 
 

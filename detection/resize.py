@@ -1,24 +1,22 @@
-"""Shorter-side resizing: one rule for the size, and the resampling of each `input.resize_mode`.
+"""Shorter-side resizing: one rule for the size and one resampling function, used alike in
+training (detection.data.transforms) and at test time (FasterRCNN.preprocess).
 
 Size: the shorter side becomes min_size unless the longer side would then exceed max_size,
 in which case the longer side becomes max_size; each side rounded as int(x + 0.5). This is
 Detectron2's ResizeShortestEdge arithmetic, step for step, so that every rounding tie falls
-the same way as there. Training and test use it alike.
+the same way as there.
 
-Resampling:
-- "default": training resizes the uint8 image with OpenCV (INTER_AREA when shrinking, against
-  aliasing; bilinear when enlarging, detection.data.transforms); test time interpolates the
-  normalised float image bilinearly (torch, on the model's device).
-- "detectron2": PIL's bilinear filter on the uint8 image before normalisation, in training and
-  at test time, as Detectron2's ResizeShortestEdge does. Loading a Detectron2 model needs it
-  to reproduce Detectron2's detections: PIL's filter widens with the scale factor when
-  shrinking, and rounds to uint8, unlike the float interpolation.
+Resampling, always of the uint8 image before normalisation (`input.resize_mode`):
+- "default": OpenCV, INTER_AREA when shrinking (it averages the source pixels each output
+  pixel covers: no aliasing) and bilinear (INTER_LINEAR) when enlarging.
+- "detectron2": PIL's bilinear filter, as Detectron2's ResizeShortestEdge. Loading a Detectron2
+  model needs it to reproduce Detectron2's detections exactly.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -35,23 +33,21 @@ def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tupl
     return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
-def resize_uint8_pil(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8 with PIL's bilinear filter; size is (h, w)."""
+def resize_uint8(image: np.ndarray, size: tuple[int, int], mode: str = "default") -> np.ndarray:
+    """(H, W, C) uint8 -> (h, w, C) uint8 by `mode`'s resampling (above); size is (h, w)."""
     if image.dtype != np.uint8:
-        raise ValueError(f"resize_uint8_pil: needs a uint8 image, got {image.dtype}")
-    return np.array(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))  # writable copy
+        raise ValueError(f"resize_uint8: needs a uint8 image, got {image.dtype}")
+    if mode == "detectron2":
+        return np.array(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))  # writable copy
+    shrink = size[0] < image.shape[0]
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def resize_tensor_pil(image: Tensor, size: tuple[int, int]) -> Tensor:
+def resize_tensor(image: Tensor, size: tuple[int, int], mode: str = "default") -> Tensor:
     """(3, H, W) tensor of 0..255 values -> (3, h, w) float32 on the same device, resized as
-    Detectron2 does (uint8, PIL bilinear). Float input is rounded to uint8 first."""
+    resize_uint8 does (on the CPU). Float input is rounded to uint8 first."""
     pixels = image.detach().cpu()
     if pixels.dtype != torch.uint8:
         pixels = pixels.round().clamp(0, 255).to(torch.uint8)
-    out = resize_uint8_pil(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()), size)
+    out = resize_uint8(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()), size, mode)
     return torch.from_numpy(out).permute(2, 0, 1).to(image.device, torch.float32)  # (h, w, 3) -> (3, h, w)
-
-
-def resize_tensor_bilinear(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """(C, H, W) float -> (C, h, w): bilinear, half-pixel centres, no antialiasing."""
-    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]

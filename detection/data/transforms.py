@@ -1,9 +1,9 @@
-"""Training transforms: shorter-side resize (OpenCV, or PIL for input.resize_mode detectron2)
-+ flip / photometric jitter (albumentations).
+"""Training transforms: shorter-side resize (detection.resize: the size rule and the
+resampling that test time uses too) + flip / photometric jitter (albumentations).
 
-The resize is written here because no albumentations transform does exactly
+The resize is not albumentations' because no albumentations transform does exactly
 "shorter side = min_size, longer side <= max_size" (SmallestMaxSize ignores the
-cap, LongestMaxSize upscales small images to the cap); the size rule is detection.resize's.
+cap, LongestMaxSize upscales small images to the cap).
 Boxes follow the image exactly: x *= new_w / w, y *= new_h / h with the rounded output size.
 """
 from __future__ import annotations
@@ -16,27 +16,22 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from detection.data import DataError  # noqa: E402
-from detection.resize import RESIZE_MODES, resize_uint8_pil, resized_shape  # noqa: E402,F401 (re-exported)
+from detection.resize import RESIZE_MODES, resize_uint8, resized_shape  # noqa: E402,F401 (re-exported)
 
 
 def resize_shorter_side(img: np.ndarray, boxes: np.ndarray, min_size: int, max_size: int,
                         mode: str = "default") -> tuple[np.ndarray, np.ndarray]:
     """Resize img (H, W, C) and boxes float[N, 4] XYXY by the shorter-side rule of
-    detection.resize; `mode` is input.resize_mode (default: OpenCV; detectron2: PIL bilinear)."""
+    detection.resize, resampled by its resize_uint8; `mode` is input.resize_mode."""
     height, width = img.shape[:2]
     new_h, new_w = resized_shape(height, width, min_size, max_size)
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if (new_h, new_w) == (height, width):
         return img, boxes.copy()
-    if mode == "detectron2":
-        out = resize_uint8_pil(img, (new_h, new_w))
-    else:  # INTER_AREA when shrinking avoids aliasing; bilinear when enlarging
-        interp = cv2.INTER_AREA if new_h < height else cv2.INTER_LINEAR
-        out = cv2.resize(img, (new_w, new_h), interpolation=interp)
+    out = resize_uint8(img, (new_h, new_w), mode)
     scale = np.array([new_w / width, new_h / height, new_w / width, new_h / height], dtype=np.float32)
     return out, boxes * scale
 
