@@ -46,8 +46,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from detection.benchmarking.models import (STAGES, build_ours, build_torchvision_c4, staged_ours,
-                                          staged_torchvision, synthetic_batch, train_step)
+from detection.benchmarking.models import (STAGES, bench_state, build_ours, build_torchvision_c4,
+                                          staged_ours, staged_torchvision, synthetic_batch, train_step)
 from detection.benchmarking.report import print_report, summarize
 from detection.cli import add_config_args, config_from_args
 from detection.fast import (fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
@@ -256,21 +256,18 @@ def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
     s = cfg.solver
     result = {name: {"flops": 0.0, "iteration_s": [], "iteration_cpu_s": [], "parts_s": defaultdict(list)}
               for name in models}
-    optimizers = {n: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0,
-                                     momentum=s.momentum, weight_decay=s.weight_decay)
-                  for n, m in models.items()}
-    for name, model in models.items():  # FLOPs, and a warm-up
+    states = {n: bench_state(m, s.momentum, s.weight_decay) for n, m in models.items()}
+    for name in models:  # FLOPs, and a warm-up
         torch.manual_seed(0)
         meter = FlopMeter()
-        train_step(model, optimizers[name], _train_inputs(name, images), targets, meter, amp=name == "fast_amp")
+        train_step(states[name], _train_inputs(name, images), targets, meter, amp=name == "fast_amp")
         result[name]["flops"] = sum(meter.values.values())
     for run in range(args.warmup + args.runs):
         for name in (timed_names if run % 2 == 0 else timed_names[::-1]):
             torch.manual_seed(run)  # the same RPN / RoI samples for every model
             meter = TimeMeter()
             cpu = time.process_time()
-            train_step(models[name], optimizers[name], _train_inputs(name, images), targets, meter,
-                       amp=name == "fast_amp")
+            train_step(states[name], _train_inputs(name, images), targets, meter, amp=name == "fast_amp")
             cpu = time.process_time() - cpu
             if run >= args.warmup:
                 result[name]["iteration_s"].append(sum(meter.values.values()))

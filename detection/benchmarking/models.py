@@ -11,7 +11,8 @@
 A stage runner takes `meter(name)`, a context-manager factory (a timer or a FLOP counter),
 and wraps each stage of one inference in it: preprocess, trunk, rpn, roi_pool, res5_head
 (res5 + average pool + predictor; on the fast path also the hoisted convs), postprocess.
-`train_step` does the same for one SGD iteration: forward, backward, step.
+`train_step` does the same for one SGD iteration, through the trainer's own forward_losses
+and optimizer_step.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import Tensor, nn
 
-from detection.engine.trainer import amp_autocast
+from detection.engine.trainer import TrainState, forward_losses, optimizer_step
 from detection.fast import to_rois
 from detection.model import FasterRCNN, _rescale, build_model
 from detection.testing import make_sane
@@ -212,15 +213,21 @@ def synthetic_batch(num_images: int, size: tuple[int, int], num_classes: int, se
     return images, targets
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: list, targets: list,
-               meter: Callable, amp: bool = False) -> None:
-    """The trainer's step; amp: its solver.amp autocast (the CUDA GradScaler is left out: at
-    lr 0 it changes nothing but a multiply)."""
-    with meter("forward"), amp_autocast(amp, images[0].device):
-        losses = model(images, targets)
+def bench_state(model: torch.nn.Module, momentum: float, weight_decay: float) -> TrainState:
+    """The trainer's state for `model` at lr 0 (the same arithmetic as training, but the weights
+    stay put, so every timed run does the same work): SGD, a constant schedule, no loss scaling."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
+                                momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return TrainState(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False))
+
+
+def train_step(state: TrainState, images: list, targets: list, meter: Callable,
+               amp: bool = False) -> None:
+    """The trainer's step, through its own functions, timed in two parts; amp: solver.amp's
+    autocast (no CUDA GradScaler: at lr 0 it changes nothing but a multiply)."""
+    with meter("forward"):
+        losses = forward_losses(state.model, images, targets, amp=amp, device=images[0].device)
         total = sum(losses.values())
-    with meter("backward"):
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-    with meter("step"):
-        optimizer.step()
+    with meter("backward_step"):
+        optimizer_step(state, total)

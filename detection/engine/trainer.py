@@ -297,8 +297,7 @@ def _step(cfg: Config, state: TrainState, model: nn.Module, images: list, target
     """One SGD step; returns the losses averaged over processes (as Python floats)."""
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-    with amp_autocast(bool(cfg.solver.amp), device):
-        loss_dict = model(images, targets)
+    loss_dict = forward_losses(model, images, targets, amp=bool(cfg.solver.amp), device=device)
     total = sum(loss_dict.values())
     reduced = _reduce_losses(loss_dict)
     if not all(np.isfinite(v) for v in reduced.values()):
@@ -306,15 +305,28 @@ def _step(cfg: Config, state: TrainState, model: nn.Module, images: list, target
         raise TrainingError(f"iteration {state.iteration + 1}: loss is not finite ({values}); training "
                             f"stopped, the last good checkpoint (last.pth) is kept. Try a lower "
                             f"solver.base_lr or solver.clip_grad_norm.")
+    optimizer_step(state, total, cfg.solver.clip_grad_norm)
+    return reduced
+
+
+def forward_losses(model: nn.Module, images: list, targets: list, *, amp: bool, device: torch.device
+                   ) -> dict[str, torch.Tensor]:
+    """The training forward pass, under solver.amp's autocast: the four losses."""
+    with amp_autocast(amp, device):
+        return model(images, targets)
+
+
+def optimizer_step(state: TrainState, total: torch.Tensor, clip_grad_norm: Optional[float] = None) -> None:
+    """Backward through the (scaled) total loss, clip, then step the optimizer, the scaler and
+    the lr schedule. tools/benchmark.py times this very function."""
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(total).backward()
-    if cfg.solver.clip_grad_norm:
+    if clip_grad_norm:
         state.scaler.unscale_(state.optimizer)
-        nn.utils.clip_grad_norm_(state.model.parameters(), cfg.solver.clip_grad_norm)
+        nn.utils.clip_grad_norm_(state.model.parameters(), clip_grad_norm)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
-    return reduced
 
 
 def _reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
