@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -107,3 +108,18 @@ def random_torchvision_resnet(depth: int) -> torch.nn.Module:
                 module.weight.uniform_(0.2, 0.6)
                 module.bias.normal_(0, 0.1)
     return model
+
+
+def run_forked_processes(worker, args: tuple, nprocs: int = 2, timeout: float = 60.0) -> None:
+    """Run worker(rank, *args) in `nprocs` forked processes (fork: no fresh interpreter, which
+    would re-import torch for seconds); kill them and fail the test past `timeout` seconds."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish within {timeout:.0f} s")

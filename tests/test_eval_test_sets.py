@@ -1,7 +1,6 @@
 """The one test-set loop (detection.evaluation.evaluate_test_sets): during training
 (test.eval_period) and from saved results, as tools/eval.py calls it."""
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from detection.data.catalog import get_datasets
 from detection.data.shapes import generate_shapes
 from detection.engine.trainer import evaluate, train
 from detection.evaluation import evaluate_test_sets, flatten_metrics, inference_on_dataset, test_sets
-from tests.helpers import tiny_overrides
+from tests.helpers import run_forked_processes, tiny_overrides
 
 VAL_COPY = {"type": "coco", "name": "val_copy", "ann_file": "shapes/annotations/instances_val.json",
             "image_root": "shapes/val"}
@@ -77,20 +76,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, datasets: 
 
 
 def test_two_processes_share_the_images_and_rank_0_scores_them_all(trained, tmp_path):
-    import torch.multiprocessing as mp
-
     cfg, model = trained
     datasets = get_datasets(cfg.datasets.test[:1], cfg.datasets.root)
     out = str(tmp_path / "metrics")
-    # fork: the children need no fresh interpreter (spawn would re-import torch: seconds)
-    context = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out, datasets, model), nprocs=2,
-                                 join=False, start_method="fork")
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("distributed workers did not finish within 60 s")
+    run_forked_processes(_ddp_worker, (2, str(tmp_path / "init"), out, datasets, model))
     with open(f"{out}.1") as f:
         assert json.load(f) == {"metrics": {"shapes_val": {}}, "seen": [[1, 0]]}  # ran 1 of 3 images
     with open(f"{out}.0") as f:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 from detection.data.catalog import DatasetInfo
 from detection.evaluation import (VOCEvaluator, build_evaluator, eval_class, evaluate_test_sets,
                                   format_metrics_table, inference_on_dataset, save_metrics_json, voc_ap)
+from tests.helpers import run_forked_processes
 
 CLASSES = ["cat", "dog"]
 
@@ -324,18 +324,8 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_file: str) ->
 
 
 def test_distributed_inference_gathers_on_rank_0(tmp_path):
-    import torch.multiprocessing as mp
-
     out = str(tmp_path / "metrics")
-    # fork: the children need no fresh interpreter (spawn would re-import torch: seconds)
-    context = mp.start_processes(_distributed_worker, args=(2, str(tmp_path / "init"), out), nprocs=2,
-                                 join=False, start_method="fork")
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("distributed workers did not finish within 60 s")
+    run_forked_processes(_distributed_worker, (2, str(tmp_path / "init"), out))
     with open(f"{out}.1") as f:
         assert json.load(f) == {}
     with open(f"{out}.0") as f:
