@@ -123,3 +123,10 @@ def run_forked_processes(worker, args: tuple, nprocs: int = 2, timeout: float = 
             for process in context.processes:
                 process.kill()
             pytest.fail(f"distributed workers did not finish within {timeout:.0f} s")
+
+
+def evaluate_results_file(dataset, path: str) -> dict:
+    """Saved results scored through the test-set loop that tools/eval.py --results uses."""
+    from detection.evaluation import evaluate_test_sets
+
+    return evaluate_test_sets([dataset], results=path)[dataset.name]

@@ -13,8 +13,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detection.data.catalog import DatasetInfo
-from detection.evaluation import COCOEvaluator, build_evaluator, evaluate_test_sets, format_metrics_table
+from detection.evaluation import COCOEvaluator, build_evaluator, format_metrics_table
 from detection.evaluation.coco import SUMMARY_KEYS
+from tests.helpers import evaluate_results_file
 
 CATEGORIES = [(3, "circle"), (7, "square"), (42, "triangle")]
 # image id -> [(category id, x, y, w, h)]; small (< 32^2), medium and large objects in each image
@@ -43,11 +44,6 @@ def dataset(tmp_path) -> DatasetInfo:
                 "difficult": np.zeros(len(objs), bool)} for i, objs in OBJECTS.items()]
     return DatasetInfo(name="tiny", kind="coco", class_names=[n for _, n in CATEGORIES], records=records,
                        ann_file=str(ann_file), label_to_category_id={label_of[c]: c for c, _ in CATEGORIES})
-
-
-def evaluate_results_file(dataset: DatasetInfo, path: str) -> dict:
-    """Saved results scored through the test-set loop that tools/eval.py --results uses."""
-    return evaluate_test_sets([dataset], results=path)[dataset.name]
 
 
 def _outputs_equal_to_gt(records):

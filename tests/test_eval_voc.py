@@ -9,16 +9,11 @@ import pytest
 import torch
 
 from detection.data.catalog import DatasetInfo
-from detection.evaluation import (VOCEvaluator, build_evaluator, eval_class, evaluate_test_sets,
+from detection.evaluation import (VOCEvaluator, build_evaluator, eval_class,
                                   format_metrics_table, inference_on_dataset, save_metrics_json, voc_ap)
-from tests.helpers import run_forked_processes
+from tests.helpers import evaluate_results_file, run_forked_processes
 
 CLASSES = ["cat", "dog"]
-
-
-def evaluate_results_file(dataset: DatasetInfo, path: str) -> dict:
-    """Saved results scored through the test-set loop that tools/eval.py --results uses."""
-    return evaluate_test_sets([dataset], results=path)[dataset.name]
 
 
 def _record(image_id: str, boxes, labels, difficult=None) -> dict:
