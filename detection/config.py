@@ -67,6 +67,7 @@ class ROIHeadsConfig:
     detections_per_image: int = 100
     smooth_l1_beta: float = 0.0
     box_loss_weight: float = 1.0
+    global_context: bool = False  # the paper's Appendix B: whole-image res5 feature beside each RoI's
 
 
 @dataclass
@@ -138,9 +139,26 @@ class TestAugConfig:
 
 
 @dataclass
+class BoxRefinementConfig:
+    enabled: bool = False
+    nms_thresh: float = 0.3
+    voting: bool = True
+    voting_iou: float = 0.5
+
+
+@dataclass
+class MultiScaleConfig:
+    enabled: bool = False
+    sizes: list[int] = field(default_factory=lambda: [200, 400, 600, 800, 1000])
+    max_size: int = 2000
+
+
+@dataclass
 class TestConfig:
     eval_period: int = 0
     aug: TestAugConfig = field(default_factory=TestAugConfig)
+    box_refinement: BoxRefinementConfig = field(default_factory=BoxRefinementConfig)
+    multi_scale: MultiScaleConfig = field(default_factory=MultiScaleConfig)
 
 
 @dataclass
@@ -340,6 +358,12 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("test.aug.min_sizes", len(cfg.test.aug.min_sizes) > 0 and min(cfg.test.aug.min_sizes) > 0,
          "positive sizes"),
         ("test.aug.max_size", cfg.test.aug.max_size > 0, "positive"),
+        ("test.box_refinement.nms_thresh", frac(cfg.test.box_refinement.nms_thresh), "in [0, 1]"),
+        ("test.box_refinement.voting_iou", frac(cfg.test.box_refinement.voting_iou), "in [0, 1]"),
+        ("test.multi_scale.sizes", len(cfg.test.multi_scale.sizes) > 0 and min(cfg.test.multi_scale.sizes) > 0
+         and cfg.test.multi_scale.sizes == sorted(set(cfg.test.multi_scale.sizes)),
+         "increasing positive sizes, at least one"),
+        ("test.multi_scale.max_size", cfg.test.multi_scale.max_size > 0, "positive"),
         ("log_period", cfg.log_period > 0, "positive"),
     ]
 

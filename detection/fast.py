@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torchvision.ops import FrozenBatchNorm2d, roi_pool
 
 
@@ -266,8 +267,15 @@ class Res5Runner:
         rois = to_rois(list(boxes))  # (R, 5)
         if len(rois) == 0:
             return features.new_zeros((0, self.out_channels))
-        maps = self.prepare(features)
-        return torch.cat([self.head(self.pool(maps, chunk)) for chunk in self.chunks(rois)])
+        with record_function("c4det.hoisted_convs"):
+            maps = self.prepare(features)
+        out = []
+        for chunk in self.chunks(rois):
+            with record_function("c4det.pool"):
+                pooled = self.pool(maps, chunk)
+            with record_function("c4det.res5"):
+                out.append(self.head(pooled))
+        return torch.cat(out)
 
     def chunks(self, rois: Tensor) -> list[Tensor]:
         """RoIs in equal chunks of at most chunk_size in eval mode; all at once in training."""

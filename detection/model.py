@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from detection.anchors import AnchorGenerator
 from detection.resize import RESIZE_MODES, resize_tensor, resized_shape
@@ -118,12 +119,17 @@ class FasterRCNN(nn.Module):
                   max_size: int | None = None) -> list[dict[str, Tensor]]:
         """Detections in each input image's pixels; the images are resized to min_size /
         max_size (default: min_size_test / max_size_test) on the way in."""
-        batch = self.preprocess(images, resize=True, min_size=min_size, max_size=max_size)
-        features = self.trunk(batch.tensor)
-        proposals, _ = self.rpn(features, batch.image_sizes)
-        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
-        return [_rescale(det, resized, (int(img.shape[-2]), int(img.shape[-1])))
-                for det, resized, img in zip(detections, batch.image_sizes, images)]
+        with record_function("c4det.preprocess"):
+            batch = self.preprocess(images, resize=True, min_size=min_size, max_size=max_size)
+        with record_function("c4det.trunk"):
+            features = self.trunk(batch.tensor)
+        with record_function("c4det.rpn"):
+            proposals, _ = self.rpn(features, batch.image_sizes)
+        with record_function("c4det.roi_heads"):
+            detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+        with record_function("c4det.postprocess"):
+            return [_rescale(det, resized, (int(img.shape[-2]), int(img.shape[-1])))
+                    for det, resized, img in zip(detections, batch.image_sizes, images)]
 
     def preprocess(self, images: Sequence[Tensor], resize: bool, min_size: int | None = None,
                    max_size: int | None = None) -> ImageList:

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align, roi_pool
 
 from detection.box_coder import BoxCoder
@@ -90,13 +91,17 @@ class Res5ROIHeads(nn.Module):
             logits, deltas = self.predictor(self.box_features(features, boxes))
             return [], self.losses(logits, deltas, torch.cat(boxes), gt_classes, gt_boxes)
         logits, deltas = self.predictor(self.box_features(features, list(proposals)))
-        return self.inference(logits, deltas, proposals, image_sizes), {}
+        with record_function("c4det.box_postprocess"):
+            return self.inference(logits, deltas, proposals, image_sizes), {}
 
     def box_features(self, features: Tensor, boxes: list[Tensor]) -> Tensor:
         """(N, C4, H, W) map + per-image boxes -> (R, C5): pool, res5, average pool."""
         if self.res5_runner is not None:
             return self.res5_runner(features, boxes)
-        return self._res5(self._pool(features, boxes))
+        with record_function("c4det.pool"):
+            pooled = self._pool(features, boxes)
+        with record_function("c4det.res5"):
+            return self._res5(pooled)
 
     def _pool(self, features: Tensor, boxes: list[Tensor]) -> Tensor:
         """(N, C4, H, W) map + per-image boxes -> (R, C4, S, S)."""
