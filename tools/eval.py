@@ -18,6 +18,11 @@ same for one test set or several:
                              (shapes_val, voc_MyVOC_val for voc:MyVOC_val):
         metrics.json, pr_curves.png, coco_results.json (COCO-type) or comp4_det_test_*.txt (VOC-type)
 
+A test set without published annotations (voc_2012_test) cannot be scored: its folder gets
+results/VOC2012/Main/comp4_det_test_<class>.txt instead (the devkit's 1-based lines, the PASCAL
+evaluation server's layout, ready to zip and upload), no metrics.json, and the run prints where
+they are.
+
 A folder holding the results of another checkpoint (or of an earlier version of the same
 file, e.g. before more training) is not overwritten: the run stops and says so; pass
 --output-dir for a new folder or --overwrite to replace them (their files are removed

@@ -18,8 +18,18 @@ from detection.data.dataset_info import DatasetInfo  # re-exported: its old home
 
 logger = logging.getLogger(__name__)
 
-# name -> explicit entry; paths are relative to datasets.root
-KNOWN_DATASETS: dict[str, dict[str, str]] = {
+# name -> explicit entry; paths are relative to datasets.root. The COCO 2014 names and files are
+# Detectron's and Detectron2's (minival / valminusminival: Detectron's split of val2014, the
+# images stay in val2014). voc_2012_test has no published annotations (evaluation server only).
+KNOWN_DATASETS: dict[str, dict[str, Any]] = {
+    "coco_2014_train": {"type": "coco", "ann_file": "coco/annotations/instances_train2014.json",
+                        "image_root": "coco/train2014"},
+    "coco_2014_val": {"type": "coco", "ann_file": "coco/annotations/instances_val2014.json",
+                      "image_root": "coco/val2014"},
+    "coco_2014_minival": {"type": "coco", "ann_file": "coco/annotations/instances_minival2014.json",
+                          "image_root": "coco/val2014"},
+    "coco_2014_valminusminival": {"type": "coco", "ann_file": "coco/annotations/instances_valminusminival2014.json",
+                                  "image_root": "coco/val2014"},
     "coco_2017_train": {"type": "coco", "ann_file": "coco/annotations/instances_train2017.json",
                         "image_root": "coco/train2017"},
     "coco_2017_val": {"type": "coco", "ann_file": "coco/annotations/instances_val2017.json",
@@ -31,6 +41,7 @@ KNOWN_DATASETS: dict[str, dict[str, str]] = {
     "voc_2012_trainval": {"type": "voc", "root": "VOCdevkit/VOC2012", "split": "trainval"},
     "voc_2012_train": {"type": "voc", "root": "VOCdevkit/VOC2012", "split": "train"},
     "voc_2012_val": {"type": "voc", "root": "VOCdevkit/VOC2012", "split": "val"},
+    "voc_2012_test": {"type": "voc", "root": "VOCdevkit/VOC2012", "split": "test", "annotations": False},
     "shapes_train": {"type": "coco", "ann_file": "shapes/annotations/instances_train.json",
                      "image_root": "shapes/train"},
     "shapes_val": {"type": "coco", "ann_file": "shapes/annotations/instances_val.json",
@@ -42,7 +53,7 @@ KNOWN_DATASETS: dict[str, dict[str, str]] = {
 # the config is loaded, so a typo exits at startup, not at the first data access.
 ENTRY_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "coco": (("type", "ann_file", "image_root"), ("name",)),
-    "voc": (("type", "root", "split"), ("name", "classes", "use_07_metric")),
+    "voc": (("type", "root", "split"), ("name", "classes", "use_07_metric", "annotations")),
 }
 _TYPE_HELP = "coco (a COCO json + image folder) or voc (a VOC-layout folder)"
 
@@ -81,7 +92,8 @@ def _load_voc(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool)
     from detection.data.voc import load_voc  # imported where used: OpenCV is slow to import
 
     return load_voc(_under(root, spec["root"]), str(spec["split"]), classes=spec.get("classes"),
-                    use_07_metric=spec.get("use_07_metric"), name=name, skip_bad_files=skip_bad_images)
+                    use_07_metric=spec.get("use_07_metric"), name=name, skip_bad_files=skip_bad_images,
+                    annotations=spec.get("annotations", True))
 
 
 # type -> reader of a checked entry (spec, datasets.root, display name, skip_bad_images): the one
@@ -139,6 +151,10 @@ def concat_datasets(datasets: Sequence[DatasetInfo]) -> DatasetInfo:
         if other.class_names != first.class_names:
             raise DataError(f"cannot concatenate data sets with different classes: {first.name} has "
                             f"{first.class_names}, {other.name} has {other.class_names}")
+    for dataset in datasets:
+        if not dataset.has_annotations:
+            raise DataError(f"cannot train on {dataset.name}: it has no annotations (a test set scored by an "
+                            "evaluation server); list it under datasets.test, not datasets.train")
     if len(datasets) == 1:
         return first
     kinds = {d.kind for d in datasets}
@@ -193,7 +209,7 @@ def _value_problem(key: str, value: Any) -> str | None:
         ok = (isinstance(value, list) and value and all(isinstance(c, str) for c in value)
               and len(set(value)) == len(value))
         return None if ok else "expected a list of distinct class names, e.g. [cat, dog]"
-    if key == "use_07_metric":
+    if key in ("use_07_metric", "annotations"):
         return None if isinstance(value, bool) else "expected true or false"
     return None
 

@@ -16,6 +16,10 @@ class DatasetInfo:
     "height": int, "width": int, "boxes": float32[N,4] XYXY 0-based, "labels": int64[N] in 1..K,
     "difficult": bool[N]}. COCO crowd boxes are not in "boxes" (pycocotools sees them
     through `ann_file`). Images without boxes are kept here; training drops them.
+
+    has_annotations is False for a test set whose ground truth is not published (voc_2012_test):
+    its records have no boxes, it cannot be trained on or scored, and evaluation writes the
+    files an evaluation server takes instead.
     """
 
     name: str
@@ -28,6 +32,7 @@ class DatasetInfo:
     split: str | None = None
     use_07_metric: bool = False
     skip_bad_images: bool = False  # the loaders skip unreadable images (each reported once)
+    has_annotations: bool = True  # False: no ground truth (a benchmark's hidden test set)
 
     @property
     def num_classes(self) -> int:

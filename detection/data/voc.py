@@ -5,6 +5,10 @@ Layout: <root>/ImageSets/Main/<split>.txt (one image id per line),
 VOC boxes are 1-based inclusive pixel indices; like Detectron2 we subtract 1
 from xmin/ymin only, giving 0-based continuous coordinates (a box covering
 pixels 1..10 becomes [0, 10], width 10).
+
+A test split without published annotations (VOC2012 test: ImageSets/Main/test.txt and
+JPEGImages, no Annotations folder) is read with `annotations=False`: records without
+boxes, image sizes from the image files' headers, `DatasetInfo.has_annotations` False.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from detection.data import DataError
 from detection.data.dataset_info import DatasetInfo
@@ -32,19 +37,48 @@ _LAYOUT_HINT = ("expected the VOC layout <root>/ImageSets/Main/<split>.txt, <roo
 
 
 def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use_07_metric: bool | None = None,
-             name: str | None = None, skip_bad_files: bool = False) -> DatasetInfo:
+             name: str | None = None, skip_bad_files: bool = False, annotations: bool = True) -> DatasetInfo:
     """Read split `split` of the VOC-layout folder `root`.
 
     classes: defaults to the 20 VOC classes (label i+1 = classes[i]).
     use_07_metric: defaults to True for a folder named VOC2007 (11-point AP), else False.
     skip_bad_files: a missing or unparsable XML is skipped with a warning instead of raising.
+    annotations: False for a split without ground truth (VOC2012 test): no XML is read.
     """
     class_names = list(VOC_CLASSES if classes is None else classes)
     if not class_names or len(set(class_names)) != len(class_names):
         raise DataError(f"VOC data set {root}: 'classes' must be a non-empty list of distinct names, got {class_names}")
-    class_to_label = {c: i + 1 for i, c in enumerate(class_names)}
+    folder = os.path.basename(os.path.normpath(root))
+    info = DatasetInfo(
+        name=name or f"voc:{folder}_{split}",
+        kind="voc",
+        class_names=class_names,
+        records=[],
+        label_to_category_id={i + 1: i + 1 for i in range(len(class_names))},
+        root=os.path.abspath(root),
+        split=split,
+        use_07_metric=(folder == "VOC2007") if use_07_metric is None else bool(use_07_metric),
+        has_annotations=annotations,
+    )
+    image_ids = read_split(root, split)
+    if not annotations:
+        info.records = [_unannotated_record(root, image_id) for image_id in image_ids]
+        return info
+    annotation_folder = os.path.join(root, "Annotations")
+    if image_ids and not os.path.isdir(annotation_folder):
+        raise DataError(f"VOC annotations folder not found: {annotation_folder} (split {split} of {info.name} needs "
+                        f"<id>.xml files there); only a test set without published annotations, such as "
+                        f"voc_2012_test, goes without: give its entry annotations: false")
+    info.records = _load_records(root, split, image_ids, {c: i + 1 for i, c in enumerate(class_names)},
+                                 skip_bad_files)
+    return info
+
+
+def _load_records(root: str, split: str, image_ids: list[str], class_to_label: dict[str, int],
+                  skip_bad_files: bool) -> list[dict]:
+    """One record per image id from its XML; bad files skipped (one warning) or raised."""
     records, num_degenerate, skipped = [], 0, []
-    for image_id in read_split(root, split):
+    for image_id in image_ids:
         try:
             record, dropped = _load_xml_record(root, image_id, class_to_label)
         except _UnreadableXML as e:
@@ -60,17 +94,28 @@ def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use
         more = f", ... ({len(skipped) - 3} more)" if len(skipped) > 3 else ""
         logger.warning("%s split %s: skipped %d images with missing or unreadable annotation files: %s%s",
                        root, split, len(skipped), ", ".join(skipped[:3]), more)
-    folder = os.path.basename(os.path.normpath(root))
-    return DatasetInfo(
-        name=name or f"voc:{folder}_{split}",
-        kind="voc",
-        class_names=class_names,
-        records=records,
-        label_to_category_id={i + 1: i + 1 for i in range(len(class_names))},
-        root=os.path.abspath(root),
-        split=split,
-        use_07_metric=(folder == "VOC2007") if use_07_metric is None else bool(use_07_metric),
-    )
+    return records
+
+
+def _unannotated_record(root: str, image_id: str) -> dict:
+    """A record without boxes; the size from the image header (PIL reads no pixels). A missing
+    or unreadable image gets size 0x0 and is reported with all the others by
+    catalog.check_image_files (or by the loader, which checks every decoded size)."""
+    file_name = os.path.join(root, "JPEGImages", f"{image_id}.jpg")
+    try:
+        with Image.open(file_name) as image:
+            width, height = image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        width = height = 0
+    return {
+        "file_name": file_name,
+        "image_id": image_id,
+        "height": int(height),
+        "width": int(width),
+        "boxes": np.zeros((0, 4), dtype=np.float32),
+        "labels": np.zeros(0, dtype=np.int64),
+        "difficult": np.zeros(0, dtype=np.bool_),
+    }
 
 
 def read_split(root: str, split: str) -> list[str]:

@@ -3,6 +3,8 @@
     <results folder>/source.json             which checkpoint (or results file) the results come from
     <results folder>/<test set folder>/       one per test set, also when there is only one:
         metrics.json, pr_curves.png, coco_results.json (COCO-type) | comp4_det_test_*.txt (VOC-type)
+        results/VOC2012/Main/comp4_det_test_*.txt   instead, for a test set without annotations
+                                                    (voc_2012_test): the evaluation server's layout
 
 The layout does not depend on the number of test sets, so a script reading
 `<folder>/shapes_val/metrics.json` keeps working when a second test set is added. Test-set
@@ -20,12 +22,13 @@ from pathlib import Path
 from typing import Union
 
 from detection.evaluation.coco import RESULTS_FILE
-from detection.evaluation.voc import COMP4_TEMPLATE
+from detection.evaluation.voc import COMP4_TEMPLATE, SUBMISSION_FOLDER
 
 SOURCE_FILE = "source.json"
 # Everything evaluation writes into a test set's folder: what --overwrite removes, and how a
 # folder written before source.json existed is recognised.
-RESULT_PATTERNS = ("metrics.json", "pr_curves.png", RESULTS_FILE, COMP4_TEMPLATE.format("*"))
+RESULT_PATTERNS = ("metrics.json", "pr_curves.png", RESULTS_FILE, COMP4_TEMPLATE.format("*"),
+                   str(Path(SUBMISSION_FOLDER.format("*")) / COMP4_TEMPLATE.format("*")))
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 PathLike = Union[str, Path]
 
@@ -126,9 +129,13 @@ def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Seq
     folder = Path(folder)
     check_results_folder(folder, source, overwrite=overwrite)
     if overwrite and not _inside(source.path, folder):
+        emptied = set()
         for path in _result_files(folder):
             path.unlink()
-        for sub in folder.iterdir() if folder.is_dir() else ():
+            emptied |= {p for p in path.parents if p != folder and p.is_relative_to(folder)}
+        emptied |= {sub for sub in (folder.iterdir() if folder.is_dir() else ()) if sub.is_dir()}
+        # folders left empty, deepest first (a test set's results/VOC2012/Main, then the set's own)
+        for sub in sorted(emptied, key=lambda p: -len(p.parts)):
             if sub.is_dir() and not any(sub.iterdir()):
                 sub.rmdir()
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,10 @@ world_size-th image) and rank 0 gathers and scores them; the other ranks get {} 
 With `results`, saved detections are scored instead (no model, no images read).
 With `output_dir`, each test set's files go to output_dir/<test set folder>/
 (detection/evaluation/outputs.py): the evaluator's results files, metrics.json and, when
-matplotlib is installed, pr_curves.png.
+matplotlib is installed, pr_curves.png. A test set without annotations (voc_2012_test) has
+no metrics: its folder gets the evaluation server's files instead (results/VOC2012/Main/
+comp4_det_test_{class}.txt, `VOCSubmissionWriter`), its metrics are {}, and `echo` is told
+where they are.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 from detection.evaluation.coco import COCOEvaluator
 from detection.evaluation.inference import Evaluator, format_metrics_table, inference_on_dataset, save_metrics_json
 from detection.evaluation.outputs import results_for_test_set, results_subfolder, results_subfolders
-from detection.evaluation.voc import VOCEvaluator
+from detection.evaluation.voc import VOCEvaluator, VOCSubmissionWriter
 from detection.utils import comm
 
 if TYPE_CHECKING:
@@ -31,8 +34,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# DatasetInfo.kind -> evaluator class
+# DatasetInfo.kind -> evaluator class (for a data set with annotations)
 EVALUATORS = {"coco": COCOEvaluator, "voc": VOCEvaluator}
+# DatasetInfo.kind -> what writes a set without annotations for its evaluation server
+SUBMISSION_WRITERS = {"voc": VOCSubmissionWriter}
 
 
 def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Module | None = None,
@@ -52,8 +57,8 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
         where = Path(output_dir) / folder if output_dir is not None else None
         if where is not None and comm.is_main_process():
             where.mkdir(parents=True, exist_ok=True)
-        if results is not None:
-            evaluator = build_evaluator(dataset, None)
+        if results is not None:  # saved results are re-scored, not rewritten; a submission has only its files
+            evaluator = build_evaluator(dataset, None if dataset.has_annotations or where is None else str(where))
             evaluator.load_results(results_for_test_set(results, folder, dataset.kind))
             metrics = evaluator.evaluate()
         else:
@@ -73,7 +78,13 @@ def flatten_metrics(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, flo
 
 
 def build_evaluator(dataset: DatasetInfo, output_dir: str | None = None) -> Evaluator:
-    """The evaluator for `dataset.kind`; results files go to `output_dir` (None: not written)."""
+    """The evaluator for `dataset.kind`; results files go to `output_dir` (None: not written).
+    A data set without annotations gets its kind's submission writer (no metrics)."""
+    if not dataset.has_annotations:
+        if dataset.kind not in SUBMISSION_WRITERS:
+            raise ValueError(f"data set {dataset.name}: has no annotations and a {dataset.kind} set cannot be "
+                             f"written for an evaluation server (only {', '.join(sorted(SUBMISSION_WRITERS))})")
+        return SUBMISSION_WRITERS[dataset.kind](dataset, output_dir)
     if dataset.kind not in EVALUATORS:
         raise ValueError(f"data set {dataset.name}: unknown kind {dataset.kind!r}, "
                          f"expected one of {sorted(EVALUATORS)}")
@@ -93,6 +104,9 @@ def _run_model(model: torch.nn.Module, dataset: DatasetInfo, evaluator: Evaluato
 def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluator, where: Path | None,
             echo: Callable[[str], None] | None) -> None:
     """The table to `echo`; metrics.json and the PR plot into `where` (when given)."""
+    if not dataset.has_annotations:
+        _report_submission(dataset, evaluator, echo)
+        return
     if echo is not None:
         echo(f"\n{dataset.name} ({len(dataset.records)} images)")
         echo(format_metrics_table(metrics))
@@ -102,6 +116,20 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
     _plot_pr(evaluator, where, echo)
     if echo is not None:
         echo(f"metrics written to {where / 'metrics.json'}")
+
+
+def _report_submission(dataset: DatasetInfo, evaluator: Evaluator, echo: Callable[[str], None] | None) -> None:
+    """No table and no metrics.json for a set without annotations: where its files are."""
+    where = getattr(evaluator, "submission_dir", None)
+    head = f"{dataset.name} ({len(dataset.records)} images): no annotations, so no AP is computed here"
+    if where is None:
+        logger.warning("%s; tools/eval.py writes the files for its evaluation server", head)
+        return
+    base = Path(where).parents[2]  # the test set's folder, holding results/<VOC2012>/Main
+    message = (f"{head}; detections for the evaluation server written to {where} "
+               f"({len(dataset.class_names)} files comp4_det_test_<class>.txt): in {base}, "
+               f"zip them with their path ({Path(where).relative_to(base)}/...) and upload the archive")
+    (echo or logger.info)(("\n" if echo else "") + message)
 
 
 def _plot_pr(evaluator: Evaluator, where: Path, echo: Callable[[str], None] | None) -> None:

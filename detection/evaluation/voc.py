@@ -21,6 +21,10 @@ The reference is the devkit's MATLAB code (VOCevaldet.m, VOCap.m), matched rule 
 
 `VOCEvaluator` evaluates exactly the numbers it writes to the comp4 result files (coords
 with one decimal, as Detectron2 writes them), so re-evaluating the files gives the same AP.
+
+A test set without published annotations (voc_2012_test) cannot be scored here:
+`VOCSubmissionWriter` writes the same comp4 lines in the layout the evaluation server takes,
+`results/<VOC2012>/Main/comp4_det_test_{class}.txt`, and reports no metric.
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 ImageId = Union[int, str]
 COMP4_TEMPLATE = "comp4_det_test_{}.txt"
+# the devkit's results folder (VOCopts.detrespath): what the evaluation server expects in the upload
+SUBMISSION_FOLDER = os.path.join("results", "{}", "Main")
 # COCO-style AP on VOC: thresholds 0.50, 0.55, ..., 0.95 (exact decimals, as Detectron2's loop)
 COCO_IOU_THRESHOLDS = tuple(t / 100 for t in range(50, 100, 5))
 
@@ -253,6 +259,65 @@ class VOCEvaluator:
                 if t == 0 and result.num_pos > 0:
                     self.pr_curves[name] = (result.recall, result.precision)
         return _summarize(aps, self.class_names, self.use_07_metric)
+
+
+class VOCSubmissionWriter:
+    """A VOC-type test set without annotations: detections -> the evaluation server's files.
+
+    `evaluate()` writes `<output_dir>/results/<folder>/Main/comp4_det_test_{class}.txt` (one
+    file per class, also when empty; <folder> is the data set's folder name, VOC2012 for
+    voc_2012_test), lines `image_id score x1 y1 x2 y2` in the devkit's 1-based pixels, exactly
+    as `VOCEvaluator` writes them, and returns no metrics ({}): there is no ground truth to
+    score against. Zip `results/` and upload it to the PASCAL VOC evaluation server.
+    """
+
+    def __init__(self, dataset: DatasetInfo, output_dir: str | None = None) -> None:
+        self.dataset = dataset
+        self.output_dir = output_dir
+        self.class_names = list(dataset.class_names)
+        folder = os.path.basename(os.path.normpath(dataset.root)) if dataset.root else "VOC2012"
+        self.submission_folder = SUBMISSION_FOLDER.format(folder)  # relative to output_dir
+        self.reset()
+
+    def reset(self) -> None:
+        self.predictions: list[dict[str, Any]] = []
+        self.pr_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # none: nothing to score
+
+    @property
+    def submission_dir(self) -> str | None:
+        """Where evaluate() writes the class files (None without an output_dir)."""
+        return os.path.join(self.output_dir, self.submission_folder) if self.output_dir else None
+
+    def process(self, records: Sequence[dict], outputs: Sequence[dict]) -> None:
+        if len(records) != len(outputs):
+            raise ValueError(f"process: {len(records)} records but {len(outputs)} outputs")
+        for record, output in zip(records, outputs):
+            self.predictions.append({
+                "image_id": record["image_id"],
+                "boxes": to_numpy(output["boxes"], np.float64).reshape(-1, 4),
+                "scores": to_numpy(output["scores"], np.float64).reshape(-1),
+                "labels": to_numpy(output["labels"], np.int64).reshape(-1),
+            })
+
+    def load_results(self, path: str) -> None:
+        """Saved class files: a folder of them, or a folder holding results/<folder>/Main/."""
+        self.reset()
+        nested = os.path.join(path, self.submission_folder)
+        folder = nested if os.path.isdir(nested) else path
+        detections = read_comp4_dir(folder, self.class_names, [r["image_id"] for r in self.dataset.records])
+        empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0)}
+        for record in self.dataset.records:
+            self.process([record], [detections.get(record["image_id"], empty)])
+
+    def evaluate(self) -> dict[str, float]:
+        predictions = order_by_dataset(self.predictions, self.dataset.records)
+        lines = format_comp4_lines(predictions, len(self.class_names))
+        if self.submission_dir:
+            write_comp4_files(lines, self.class_names, self.submission_dir)
+        logger.info("%s: %d images, %d detections, no annotations: no AP computed%s", self.dataset.name,
+                    len(predictions), sum(len(v) for v in lines.values()),
+                    f"; submission files in {self.submission_dir}" if self.submission_dir else "")
+        return {}
 
 
 def format_comp4_lines(predictions: Sequence[dict], num_classes: int) -> dict[int, list[str]]:
