@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from detection.anchors import AnchorGenerator
+from detection.multiscale import MultiScaleTest, PyramidFeatures
+from detection.refinement import BoxRefinement
 from detection.resize import RESIZE_MODES, resize_tensor, resized_shape
 from detection.roi_heads import Res5ROIHeads
 from detection.rpn import RPN
@@ -73,7 +75,8 @@ class FasterRCNN(nn.Module):
                  pixel_mean: Sequence[float], pixel_std: Sequence[float],
                  input_format: str = "RGB", min_size_test: int = 600, max_size_test: int = 1000,
                  size_divisibility: int = 32, resize_mode: str = "default",
-                 class_names: Sequence[str] | None = None) -> None:
+                 class_names: Sequence[str] | None = None,
+                 multi_scale: MultiScaleTest | None = None) -> None:
         super().__init__()
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"FasterRCNN: input_format must be RGB or BGR, got {input_format!r}")
@@ -85,6 +88,7 @@ class FasterRCNN(nn.Module):
         self.input_format = input_format
         self.min_size_test, self.max_size_test = min_size_test, max_size_test
         self.size_divisibility = size_divisibility
+        self.multi_scale = multi_scale  # the paper's multi-scale testing (detection/multiscale.py)
         self.class_names = list(class_names) if class_names is not None else None
         # Buffers so they follow .to(device); not persistent: they come from the config.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1),
@@ -125,11 +129,36 @@ class FasterRCNN(nn.Module):
             features = self.trunk(batch.tensor)
         with record_function("c4det.rpn"):
             proposals, _ = self.rpn(features, batch.image_sizes)
+        roi_features = None
+        if self.multi_scale is not None:
+            roi_features = self.pyramid_features(images, batch, features)
         with record_function("c4det.roi_heads"):
-            detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+            detections, _ = self.roi_heads(features, proposals, batch.image_sizes, roi_features=roi_features)
         with record_function("c4det.postprocess"):
             return [_rescale(det, resized, (int(img.shape[-2]), int(img.shape[-1])))
                     for det, resized, img in zip(detections, batch.image_sizes, images)]
+
+    def pyramid_features(self, images: Sequence[Tensor], batch: ImageList, features: Tensor
+                         ) -> PyramidFeatures:
+        """The multi-scale RoI features: one trunk map per pyramid size (computed when a RoI
+        needs it; the test scale's own map reused where the sizes agree)."""
+        ms, heads = self.multi_scale, self.roi_heads
+        levels = []
+        for size in ms.sizes:
+            shapes = [resized_shape(int(img.shape[-2]), int(img.shape[-1]), size, ms.max_size) for img in images]
+            factors = [(w / w0, h / h0) for (h, w), (h0, w0) in zip(shapes, batch.image_sizes)]
+            if shapes == [tuple(s) for s in batch.image_sizes]:
+                levels.append((lambda: features, factors))
+            else:
+                levels.append((self._trunk_at(images, size, ms.max_size), factors))
+        canonical = (heads.pooler_resolution / heads.spatial_scale) ** 2
+        return PyramidFeatures(levels, heads.box_features, canonical)
+
+    def _trunk_at(self, images: Sequence[Tensor], size: int, max_size: int):
+        def compute() -> Tensor:
+            with record_function("c4det.pyramid_trunk"):
+                return self.trunk(self.preprocess(images, resize=True, min_size=size, max_size=max_size).tensor)
+        return compute
 
     def preprocess(self, images: Sequence[Tensor], resize: bool, min_size: int | None = None,
                    max_size: int | None = None) -> ImageList:
@@ -212,12 +241,20 @@ def build_model(cfg: Config) -> FasterRCNN:
         positive_fraction=h.positive_fraction, iou_threshold=h.iou_threshold,
         bbox_reg_weights=h.bbox_reg_weights, score_thresh_test=h.score_thresh_test,
         nms_thresh_test=h.nms_thresh_test, detections_per_image=h.detections_per_image,
-        smooth_l1_beta=h.smooth_l1_beta, box_loss_weight=h.box_loss_weight)
+        smooth_l1_beta=h.smooth_l1_beta, box_loss_weight=h.box_loss_weight,
+        global_context=h.global_context, box_refinement=_box_refinement(cfg))
+    ms = cfg.test.multi_scale
     return FasterRCNN(trunk=build_trunk(resnet), rpn=rpn, roi_heads=roi_heads,
                       pixel_mean=m.pixel_mean, pixel_std=m.pixel_std, input_format=m.input_format,
                       min_size_test=cfg.input.min_size_test, max_size_test=cfg.input.max_size_test,
                       size_divisibility=m.size_divisibility, resize_mode=cfg.input.resize_mode,
-                      class_names=m.class_names or None)
+                      class_names=m.class_names or None,
+                      multi_scale=MultiScaleTest(tuple(ms.sizes), ms.max_size) if ms.enabled else None)
+
+
+def _box_refinement(cfg: Config) -> BoxRefinement | None:
+    r = cfg.test.box_refinement
+    return BoxRefinement(r.nms_thresh, r.voting, r.voting_iou) if r.enabled else None
 
 
 def build_backbone(bb: BackboneConfig, out_features: tuple[str, ...], weights: str | None) -> nn.Module:

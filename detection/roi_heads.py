@@ -8,6 +8,13 @@ loss is summed over foreground RoIs (on the deltas of their gt class only) and d
 the number of sampled RoIs, so it shrinks when there is little foreground.
 `smooth_l1_beta=0` (default, Detectron2) is plain L1; Fast R-CNN used beta = 1.
 `box_loss_weight` multiplies the box loss (Detectron2's BBOX_REG_LOSS_WEIGHT).
+
+The paper's Appendix B, both off by default:
+- `global_context`: the whole image (its own valid region, not the padding) is pooled from
+  the C4 map like a RoI and run through res5; that (N, C5) vector is concatenated to each of
+  the image's RoI vectors, so the predictor reads 2 x C5 (trained end to end).
+- `box_refinement` (inference; detection/refinement.py): a second classification and
+  regression from each RoI's regressed box, NMS over the union, box voting.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 
 from detection.box_coder import BoxCoder
 from detection.matcher import FOREGROUND, IGNORE, Matcher
+from detection.refinement import BoxRefinement, box_voting
 from detection.sampling import subsample_labels
 
 POOLERS = ("roi_align", "roi_pool")
@@ -53,12 +61,16 @@ class Res5ROIHeads(nn.Module):
                  bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
                  score_thresh_test: float = 0.05, nms_thresh_test: float = 0.5,
                  detections_per_image: int = 100, smooth_l1_beta: float = 0.0,
-                 box_loss_weight: float = 1.0, generator: torch.Generator | None = None) -> None:
+                 box_loss_weight: float = 1.0, global_context: bool = False,
+                 box_refinement: BoxRefinement | None = None,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         if pooler not in POOLERS:
             raise ValueError(f"Res5ROIHeads: pooler must be one of {', '.join(POOLERS)}, got {pooler!r}")
         self.res5 = res5
-        self.predictor = BoxPredictor(res5_out_channels, num_classes)
+        self.global_context = global_context
+        self.box_refinement = box_refinement
+        self.predictor = BoxPredictor(res5_out_channels * (2 if global_context else 1), num_classes)
         self.num_classes = num_classes
         self.pooler = pooler
         self.pooler_resolution = pooler_resolution
@@ -79,7 +91,8 @@ class Res5ROIHeads(nn.Module):
 
     def forward(self, features: Tensor, proposals: Sequence[Tensor],
                 image_sizes: Sequence[tuple[int, int]],
-                targets: Sequence[dict[str, Tensor]] | None = None
+                targets: Sequence[dict[str, Tensor]] | None = None,
+                roi_features: Callable[[list[Tensor]], Tensor] | None = None
                 ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """features (N, C4, H, W); proposals (ki, 4) per image; targets {"boxes", "labels"}
         per image (training). Training returns ([], losses {"loss_cls", "loss_box"});
@@ -88,11 +101,75 @@ class Res5ROIHeads(nn.Module):
             if targets is None:
                 raise ValueError("Res5ROIHeads: targets are required in training mode")
             boxes, gt_classes, gt_boxes = self.sample_proposals(proposals, targets)
-            logits, deltas = self.predictor(self.box_features(features, boxes))
+            logits, deltas = self.predictor(self.training_features(features, boxes, image_sizes))
             return [], self.losses(logits, deltas, torch.cat(boxes), gt_classes, gt_boxes)
-        logits, deltas = self.predictor(self.box_features(features, list(proposals)))
+        return self.detect(features, proposals, image_sizes, roi_features), {}
+
+    def detect(self, features: Tensor, proposals: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
+               roi_features: Callable[[list[Tensor]], Tensor] | None = None) -> list[dict[str, Tensor]]:
+        """Eval: per-image detections. roi_features(per-image boxes) -> (R, C5) gives the RoI
+        vectors (default: box_features on `features`; multi-scale testing passes its own)."""
+        if roi_features is None:
+            roi_features = lambda boxes: self.box_features(features, boxes)  # noqa: E731
+        context = self.context_features(features, image_sizes) if self.global_context else None
+        scores, boxes = self.predict(roi_features, list(proposals), image_sizes, context)
+        nms_thresh = self.nms_thresh_test
+        if self.box_refinement is not None:
+            with record_function("c4det.box_refinement"):
+                scores, boxes = self.refine(roi_features, scores, boxes, image_sizes, context)
+            nms_thresh = self.box_refinement.nms_thresh
         with record_function("c4det.box_postprocess"):
-            return self.inference(logits, deltas, proposals, image_sizes), {}
+            return [self._detect_image(b, s, nms_thresh) for b, s in zip(boxes, scores)]
+
+    def predict(self, roi_features: Callable[[list[Tensor]], Tensor], boxes: list[Tensor],
+                image_sizes: Sequence[tuple[int, int]], context: Tensor | None
+                ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: class scores (Ri, K) and clipped class-specific boxes (Ri, K, 4) of the
+        RoIs `boxes` (Ri, 4)."""
+        counts = [len(b) for b in boxes]
+        features = roi_features(boxes)
+        if context is not None:
+            features = self.with_context(features, context, counts)
+        logits, deltas = self.predictor(features)
+        with record_function("c4det.box_postprocess"):
+            scores = F.softmax(logits, dim=-1)[:, 1:]  # (R, K+1) -> (R, K), background dropped
+            decoded = self.box_coder.decode(deltas, torch.cat(boxes)).view(-1, self.num_classes, 4)  # (R, 4K) -> (R, K, 4)
+            return list(scores.split(counts)), [clip_boxes_to_image(b, size) for b, size
+                                                 in zip(decoded.split(counts), image_sizes)]
+
+    def refine(self, roi_features: Callable[[list[Tensor]], Tensor], scores: list[Tensor],
+               boxes: list[Tensor], image_sizes: Sequence[tuple[int, int]], context: Tensor | None
+               ) -> tuple[list[Tensor], list[Tensor]]:
+        """Box refinement: each RoI's regressed box of its top-scoring class is classified and
+        regressed again; per image the union (2 Ri, K) / (2 Ri, K, 4) of both rounds."""
+        refined = [b[torch.arange(len(b), device=b.device), s.argmax(dim=1)] if len(b) else b[:, 0]
+                   for b, s in zip(boxes, scores)]  # (Ri, K, 4) -> (Ri, 4)
+        new_scores, new_boxes = self.predict(roi_features, refined, image_sizes, context)
+        return ([torch.cat(pair) for pair in zip(scores, new_scores)],
+                [torch.cat(pair) for pair in zip(boxes, new_boxes)])
+
+    def context_features(self, features: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
+        """(N, C5): each image's whole valid region (not the padding) pooled like a RoI, res5."""
+        return self.box_features(features, _whole_image_boxes(features, image_sizes))
+
+    @staticmethod
+    def with_context(roi_features: Tensor, context: Tensor, counts: Sequence[int]) -> Tensor:
+        """(R, C5) RoI vectors + (N, C5) image vectors -> (R, 2 C5), each RoI with its image's."""
+        per_roi = context.repeat_interleave(torch.tensor(counts, device=context.device), dim=0)  # (N, C5) -> (R, C5)
+        return torch.cat([roi_features, per_roi.to(roi_features.dtype)], dim=1)
+
+    def training_features(self, features: Tensor, boxes: list[Tensor],
+                          image_sizes: Sequence[tuple[int, int]]) -> Tensor:
+        """The predictor's input for the sampled RoIs. With global context the image boxes go
+        through res5 in the same call as the RoIs, so trainable norms see one batch."""
+        if not self.global_context:
+            return self.box_features(features, boxes)
+        whole = _whole_image_boxes(features, image_sizes)
+        joint = self.box_features(features, [torch.cat([b, w]) for b, w in zip(boxes, whole)])
+        counts = [len(b) for b in boxes]
+        parts = joint.split([c + 1 for c in counts])  # per image: its RoIs, then its whole box
+        rois = torch.cat([p[:-1] for p in parts])
+        return self.with_context(rois, torch.cat([p[-1:] for p in parts]), counts)
 
     def box_features(self, features: Tensor, boxes: list[Tensor]) -> Tensor:
         """(N, C4, H, W) map + per-image boxes -> (R, C5): pool, res5, average pool."""
@@ -154,24 +231,21 @@ class Res5ROIHeads(nn.Module):
         loss_box = F.smooth_l1_loss(fg_deltas, target, beta=self.smooth_l1_beta, reduction="sum")
         return {"loss_cls": loss_cls, "loss_box": self.box_loss_weight * loss_box / num_rois}
 
-    @torch.no_grad()
-    def inference(self, logits: Tensor, deltas: Tensor, proposals: Sequence[Tensor],
-                  image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """Softmax, per-class decoding, clipping, score threshold, per-class NMS, top-k."""
-        scores = F.softmax(logits, dim=-1)[:, 1:]  # (R, K+1) -> (R, K), background dropped
-        boxes = self.box_coder.decode(deltas, torch.cat(list(proposals)))  # (R, 4K)
-        boxes = boxes.view(-1, self.num_classes, 4)  # (R, 4K) -> (R, K, 4)
-        counts = [len(p) for p in proposals]
-        return [self._detect_image(b, s, size)
-                for b, s, size in zip(boxes.split(counts), scores.split(counts), image_sizes)]
-
-    def _detect_image(self, boxes: Tensor, scores: Tensor, image_size: tuple[int, int]
-                      ) -> dict[str, Tensor]:
-        """boxes (Ri, K, 4), scores (Ri, K) of one image -> its detections."""
-        boxes = clip_boxes_to_image(boxes, image_size)
+    def _detect_image(self, boxes: Tensor, scores: Tensor, nms_thresh: float) -> dict[str, Tensor]:
+        """Clipped boxes (Ri, K, 4), scores (Ri, K) of one image -> its detections: score
+        threshold, per-class NMS, top-k (and box voting when refining)."""
         keep = (scores > self.score_thresh_test) & torch.isfinite(boxes).all(dim=-1)  # (Ri, K)
         roi_idx, class_idx = keep.nonzero(as_tuple=True)
         boxes, scores = boxes[roi_idx, class_idx], scores[roi_idx, class_idx]
         labels = class_idx + 1
-        keep = batched_nms(boxes, scores, labels, self.nms_thresh_test)[:self.detections_per_image]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        keep = batched_nms(boxes, scores, labels, nms_thresh)[:self.detections_per_image]
+        kept = boxes[keep]
+        if self.box_refinement is not None and self.box_refinement.voting:
+            kept = box_voting(kept, labels[keep], boxes, scores, labels, self.box_refinement.voting_iou)
+        return {"boxes": kept, "scores": scores[keep], "labels": labels[keep]}
+
+
+def _whole_image_boxes(features: Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Per image a (1, 4) box (0, 0, w, h): its valid region of the padded batch."""
+    return [features.new_tensor([[0.0, 0.0, float(w), float(h)]], dtype=torch.float32)
+            for h, w in image_sizes]

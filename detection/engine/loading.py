@@ -123,6 +123,7 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
     model's leaves the class-specific layers at their initial values; returns their names."""
     _check_extra(model, weights)
     own = model.state_dict()
+    _check_global_context(own, weights)
     unexpected = sorted(set(weights.state) - set(own)) + weights.unknown
     missing = sorted(k for k in own if k not in weights.state and not k.endswith("num_batches_tracked"))
     mismatched = [k for k in weights.state if k in own and own[k].shape != weights.state[k].shape]
@@ -141,6 +142,22 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
                               f"model.num_classes is {model.num_classes}")
     model.load_state_dict({k: v for k, v in weights.state.items() if k not in skipped}, strict=False)
     return skipped
+
+
+def _check_global_context(own: dict, weights: DetectorWeights) -> None:
+    """A predictor reading 2 x C5 (global context) against one reading C5: never a partial load,
+    not even when fine-tuning re-initialises the class-specific layers."""
+    key = "roi_heads.predictor.cls_score.weight"
+    theirs, ours = int(weights.state[key].shape[1]), int(own[key].shape[1])
+    if theirs == ours:
+        return
+    res5_fits = all(k in own and own[k].shape == v.shape for k, v in weights.state.items()
+                    if k.startswith("roi_heads.res5."))
+    if res5_fits and (theirs == 2 * ours or ours == 2 * theirs):  # else: another backbone, listed below
+        with_context = theirs > ours
+        raise CheckpointError(f"{weights.path}: was trained {'with' if with_context else 'without'} global "
+                              f"context (its box predictor reads {theirs} features, the config's model "
+                              f"{ours}): set model.roi_heads.global_context={str(with_context).lower()}")
 
 
 def _problems(unexpected: list[str], missing: list[str], mismatched: list[str], own: dict,
@@ -224,7 +241,8 @@ MODEL_KEYS = ("model.num_classes", "model.input_format", "model.pixel_mean", "mo
               "model.backbone.depth", "model.backbone.norm", "model.backbone.stride_in_1x1",
               "model.backbone.shortcut", "model.backbone.residual", "model.anchors.sizes",
               "model.anchors.aspect_ratios", "model.anchors.stride", "model.roi_heads.pooler",
-              "model.roi_heads.pooler_resolution", "model.roi_heads.bbox_reg_weights")
+              "model.roi_heads.pooler_resolution", "model.roi_heads.bbox_reg_weights",
+              "model.roi_heads.global_context")
 
 
 def check_model_settings(cfg: Config, weights: DetectorWeights, explicit: Sequence[str] = ()) -> None:
