@@ -1,13 +1,27 @@
-"""Smoke test of tools/benchmark.py: a tiny model and image, every section, one run; the
-speed targets live in the benchmark itself, not here."""
+"""tools/benchmark.py and detection/benchmarking: the torchvision baseline gives our detections
+(so its speed ratio compares equal work), unequal work is reported as not comparable, the
+stages are read from our model's profiler labels, and the benchmark code touches no private
+member of the library; then a smoke test of the tool (a tiny model and image, every section,
+one run; slow). The speed targets live in the benchmark itself, not here: no timing is asserted."""
+import ast
+import io
 import json
 import subprocess
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-pytestmark = pytest.mark.slow  # the benchmark in subprocesses
+from detection.benchmarking.models import (STAGES, RoICounter, build_ours, build_torchvision_c4,
+                                          compare_detections, staged_torchvision, synthetic_batch)
+from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
+from detection.benchmarking.report import print_ratios, summarize
+from detection.config import load_config
+from detection.fast import optimize_for_inference
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20",
         "model.rpn.pre_nms_topk_train=100", "model.rpn.post_nms_topk_train=30",
@@ -16,6 +30,7 @@ TINY = ["model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn
 BENCHMARK = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--config", str(ROOT / "configs" / "base.yaml")]
 
 
+@pytest.mark.slow  # the benchmark in a subprocess
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [*BENCHMARK, *TINY, "--image-size", "64", "96", "--runs", "1", "--compare-torchvision", "--quick",
@@ -43,11 +58,15 @@ def test_benchmark_smoke(tmp_path):
                 "inference_speedup_fast_vs_plain"):
         assert isinstance(ratios[key], float) and 0 < ratios[key] < float("inf"), (key, ratios[key])
     assert ratios["memory_ratio"] is None and report["targets_met"]["memory_ratio"] is None
-    assert isinstance(report["targets_met"]["inference_speedup"], bool)
+    assert isinstance(report["targets_met"]["inference_speedup"], bool)  # equal work: a verdict
+    assert report["inference"]["torchvision"]["vs_plain"]["equal"] and "torchvision vs plain:" in result.stdout
+    assert report["equal_work"]["num_detections"]["plain"] == report["equal_work"]["num_detections"]["torchvision"]
+    assert "not comparable" not in result.stdout
     assert f"inference_speedup {ratios['inference_speedup']:.2f}" in result.stdout
     assert report["inference"]["fast"]["vs_plain"]["equal"] and "fast vs plain:" in result.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_peak_memory_child():
     """The child process that measures one model's peak RSS (the parent runs one per model)."""
     cmd = [*BENCHMARK, *TINY, "--image-size", "64", "96", "--memory-proposals", "10", "--child", "fast"]
@@ -55,3 +74,161 @@ def test_benchmark_peak_memory_child():
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["max_rss_mb"] >= figures["max_rss_before_inference_mb"] > 0
+
+
+# ---- the torchvision baseline does our work ------------------------------------------------
+
+
+def tiny_config(height: int, width: int, **extra):
+    """TINY with 3 classes (random weights then give detections above the score threshold) and
+    the test size = the image size, as tools/benchmark.py sets it."""
+    items = TINY + ["model.num_classes=3", "model.backbone.weights=null", f"input.min_size_test={min(height, width)}",
+                    f"input.max_size_test={max(height, width)}"] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(ROOT / "configs" / "base.yaml", items)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (72, 100)])  # 72 x 100 is padded to 96 x 128
+def test_torchvision_c4_gives_our_detections(size):
+    """Equal FLOPs do not prove equal work: the same weights must give the same proposals and
+    detections. (Before: torchvision's rounded anchors and aligned=False RoIAlign moved boxes by
+    up to half a pixel and changed the RoI count, e.g. 96 against 95.)"""
+    cfg = tiny_config(*size)
+    ours = build_ours(cfg)
+    tv = build_torchvision_c4(ours, cfg)
+    images, _ = synthetic_batch(1, size, cfg.model.num_classes)
+    with torch.inference_mode(), RoICounter(ours) as rois:
+        mine = ours(images)[0]
+        theirs, tv_rois = staged_torchvision(tv, [img / 255 for img in images], lambda stage: torch.no_grad())
+        theirs_forward = tv([img / 255 for img in images])[0]
+    assert rois.count == tv_rois == 20
+    assert len(mine["boxes"]) > 10
+    for other in (theirs[0], theirs_forward):
+        assert torch.equal(mine["labels"], other["labels"])
+        torch.testing.assert_close(other["boxes"], mine["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(other["scores"], mine["scores"], atol=1e-5, rtol=0)
+    assert compare_detections(mine, theirs_forward)["equal"]
+
+
+def test_torchvision_c4_refuses_what_it_cannot_do():
+    for key in ("model.roi_heads.global_context", "test.box_refinement.enabled", "model.backbone.stride_in_1x1"):
+        cfg = tiny_config(64, 96, **{key: "true"})
+        with pytest.raises(ValueError, match=key.split(".")[-1]):
+            build_torchvision_c4(build_ours(cfg), cfg)
+
+
+# ---- unequal work: no target is met -------------------------------------------------------
+
+
+def fake_report(torchvision_rois: int, torchvision_detections: int = 7) -> dict:
+    """A report as tools/benchmark.py collects it (no timing): torchvision 1.91 s, fast 1.0 s."""
+    def entry(seconds: float, rois: int, gflop: float, detections: int | None = None) -> dict:
+        out = {"end_to_end_s": [seconds] * 3, "end_to_end_cpu_s": [seconds] * 3, "num_rois": rois,
+               "stages_s": {s: [seconds / len(STAGES)] * 3 for s in STAGES},
+               "flops": {"trunk": gflop * 0.4e9, "res5_head": gflop * 0.6e9}, "loadavg": [0.5]}
+        if detections is not None:
+            out["vs_plain"] = {"detections": 7, "other_detections": detections, "equal": detections == 7}
+        return out
+
+    return {"inference": {"plain": entry(2.0, 96, 10.0), "fast": entry(1.0, 96, 9.0, 7),
+                          "torchvision": entry(1.91, torchvision_rois, 10.0, torchvision_detections)},
+            "hardware": {"matmul_gflops": 100.0, "conv3x3_gflops": 40.0, "conv3x3_channels_last_gflops": 50.0},
+            "loadavg_start": (0.1, 0.1, 0.1), "cpu_count": 2, "threads": 2}
+
+
+def printed_ratios(report: dict) -> str:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        print_ratios(report)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("rois, detections", [(95, 7), (96, 6)])
+def test_unequal_work_meets_no_target(rois, detections):
+    report = summarize(fake_report(rois, detections))
+    assert report["ratios"]["inference_speedup"] == pytest.approx(1.91)
+    assert not report["equal_work"]["ok"]
+    assert report["targets_met"] == {"inference_speedup": None, "training_speedup": None, "memory_ratio": None}
+    text = printed_ratios(report)
+    assert "equal work: NO" in text and "inference_speedup: 1.91 (target >= 1.5): not comparable" in text
+    assert text.count("not comparable") == 4  # the explanation and each of the three targets
+    assert ": met" not in text and "NOT met" not in text
+
+
+def test_equal_work_gives_a_verdict_and_rates_against_the_conv_peak():
+    report = summarize(fake_report(96))
+    assert report["equal_work"]["ok"] and report["targets_met"]["inference_speedup"] is True
+    text = printed_ratios(report)
+    assert "inference_speedup: 1.91 (target >= 1.5): met" in text and "not comparable" not in text
+    assert "training_speedup: - (target >= 1.3): -" in text
+    fast = report["inference"]["fast"]  # res5_head: 5.4 GFLOP in 1/6 s = 32.4 GFLOP/s; peak 50 (channels_last)
+    assert fast["stages_gflops_per_s"]["res5_head"] == pytest.approx(32.4)
+    assert fast["stages_fraction_of_conv_peak"]["res5_head"] == pytest.approx(32.4 / 50)
+
+
+# ---- our stages come from the profiler labels of the real forward ------------------------
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_profiled_stages_of_the_real_forward(fast):
+    """Every stage is seen; the FLOPs the labels split equal FlopCounterMode's total of the same
+    call (nothing unlabelled, nothing twice); the detections are those of model(images)."""
+    cfg = tiny_config(64, 96)
+    model = build_ours(cfg)
+    if fast:
+        model = optimize_for_inference(model, chunk_size=7)  # 20 RoIs: 3 chunks
+    images, _ = synthetic_batch(2, (64, 96), cfg.model.num_classes)
+    with torch.inference_mode():
+        expected = model(images)
+        with FlopCounterMode(display=False) as counter:
+            model(images)
+        dets, seconds, flops = profile_stages(lambda: model(images), OURS_LABELS, len(images), with_flops=True)
+    assert set(seconds) == set(STAGES) and all(v > 0 for v in seconds.values()), seconds
+    assert set(flops) == {"trunk", "rpn", "res5_head"}, flops
+    assert sum(flops.values()) * len(images) == counter.get_total_flops()
+    for a, b in zip(expected, dets):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_profiled_stages_of_torchvision_match_ours_in_flops():
+    cfg = tiny_config(64, 96)
+    ours = build_ours(cfg)
+    tv = build_torchvision_c4(ours, cfg)
+    images, _ = synthetic_batch(1, (64, 96), cfg.model.num_classes)
+    with torch.inference_mode():
+        _, _, mine = profile_stages(lambda: ours(images), OURS_LABELS, with_flops=True)
+        _, seconds, theirs = profile_stages(lambda: staged_torchvision(tv, [images[0] / 255], stage_label),
+                                            TORCHVISION_LABELS, with_flops=True)
+    assert set(seconds) == set(STAGES)
+    assert mine["trunk"] == theirs["trunk"] and mine["rpn"] == theirs["rpn"]
+    # torchvision's predictor also has 4 box outputs for the background class
+    assert theirs["res5_head"] - mine["res5_head"] == 2 * 20 * 4 * ours.roi_heads.predictor.cls_score.in_features
+
+
+# ---- the benchmark times the library, not a copy of it -------------------------------------
+
+
+def benchmark_sources() -> list[Path]:
+    return sorted((ROOT / "detection" / "benchmarking").glob("*.py")) + [ROOT / "tools" / "benchmark.py"]
+
+
+def test_benchmark_code_uses_no_private_member_of_the_library():
+    """`heads._pool`, `detection.model._rescale`, ...: a copy of private steps drifts from the
+    code it claims to time. Only public entry points and profiler labels."""
+    found = []
+    for path in benchmark_sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{path.name}:{node.lineno}: .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("detection", "backbones"):
+                found += [f"{path.name}:{node.lineno}: import {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found
+
+
+def test_make_sane_is_the_librarys_only():
+    """tools/ and tests/ use detection.testing.make_sane, not a copy."""
+    for path in sorted((ROOT / "tools").glob("*.py")) + sorted((ROOT / "tests").glob("*.py")) + benchmark_sources():
+        tree = ast.parse(path.read_text())
+        assert not any(isinstance(n, ast.FunctionDef) and n.name == "make_sane" for n in ast.walk(tree)), path
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and any(a.name == "make_sane" for a in node.names):
+                assert node.module == "detection.testing", f"{path}: make_sane from {node.module}"

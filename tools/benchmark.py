@@ -8,10 +8,13 @@ generic Faster R-CNN assembled as C4 with the same weights and the same work.
 Measures (medians over --runs after warm-up; baseline and ours interleaved, since the
 machine is shared and noisy; the load average is reported with the numbers):
   hardware   fp32 matmul and 3x3 convolution throughput (NCHW and channels_last)
-  inference  per stage (preprocess, trunk, rpn, roi_pool, res5_head, postprocess) and end
-             to end, for the plain path, the fast path (detection.fast) and torchvision;
-             FLOPs per stage (torch.utils.flop_counter: convs and matmuls; pooling is not
-             counted) and each stage's GFLOP/s as a fraction of the matmul throughput
+  inference  end to end (the public model(images), no profiler) and per stage (preprocess,
+             trunk, rpn, roi_pool, res5_head, postprocess), for the plain path, the fast path
+             (detection.fast) and torchvision. Our stages are read with torch.profiler from
+             the c4det.* record_function labels of the real forward (detection/benchmarking/
+             profiling.py), torchvision's from labels around its staged forward; FLOPs per
+             stage (the profiler's, convs and matmuls as torch.utils.flop_counter; pooling is
+             not counted) and each stage's GFLOP/s as a fraction of the measured conv peak
   training   one SGD iteration (forward, backward, step) on --train-images images; also
              the fast path under solver.amp's autocast (bfloat16 on the CPU, float16 on CUDA)
   memory     peak RSS of one inference at --memory-proposals proposals, each model in its
@@ -21,7 +24,9 @@ machine is shared and noisy; the load average is reported with the numbers):
 The weights are random (pretrained ones cannot be downloaded here), made sane by
 detection.testing.make_sane (see docs/ARCHITECTURE.md); speed does not depend on their
 values. "Equal work" is checked as total FLOPs of our plain path against torchvision's,
-within 10%; the hoisted path's FLOPs are reported apart.
+within 10%, and the same numbers of RoIs and detections (its detections are compared with
+ours too); the hoisted path's FLOPs are reported apart. Unequal work: the targets are
+reported "not comparable", none as met.
 """
 from __future__ import annotations
 
@@ -46,8 +51,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from detection.benchmarking.models import (STAGES, bench_state, build_ours, build_torchvision_c4,
-                                          staged_ours, staged_torchvision, synthetic_batch, train_step)
+from detection.benchmarking.models import (STAGES, RoICounter, bench_state, build_ours, build_torchvision_c4,
+                                          compare_detections, staged_torchvision, synthetic_batch, train_step)
+from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.benchmarking.report import print_report, summarize
 from detection.cli import add_config_args, config_from_args
 from detection.fast import (fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
@@ -168,63 +174,66 @@ def hardware_throughput(quick: bool = False) -> dict[str, float]:
 
 
 def inference_variants(plain: torch.nn.Module, tv: torch.nn.Module | None, args: argparse.Namespace
-                       ) -> dict[str, tuple[torch.nn.Module, Callable]]:
-    """name -> (model, staged runner). With --ablation, each optimization added one by one."""
-    variants = {"plain": (plain, staged_ours)}
+                       ) -> dict[str, torch.nn.Module]:
+    """name -> model. With --ablation, each optimization added one by one."""
+    variants = {"plain": plain}
     if args.ablation:
         folded = fold_frozen_bn(copy.deepcopy(plain))
-        variants["+fold_bn"] = (folded, staged_ours)
-        variants["+channels_last"] = (to_channels_last(copy.deepcopy(folded)), staged_ours)
-        variants["+gather_pool"] = (install_runner(copy.deepcopy(variants["+channels_last"][0]),
-                                                   hoist=False, chunk_size=None), staged_ours)
-        variants["+hoist"] = (install_runner(copy.deepcopy(variants["+channels_last"][0]),
-                                             hoist=True, chunk_size=None), staged_ours)
-    variants["fast"] = (optimize_for_inference(plain, chunk_size=args.chunk_size), staged_ours)
+        variants["+fold_bn"] = folded
+        variants["+channels_last"] = to_channels_last(copy.deepcopy(folded))
+        variants["+gather_pool"] = install_runner(copy.deepcopy(variants["+channels_last"]),
+                                                  hoist=False, chunk_size=None)
+        variants["+hoist"] = install_runner(copy.deepcopy(variants["+channels_last"]), hoist=True, chunk_size=None)
+    variants["fast"] = optimize_for_inference(plain, chunk_size=args.chunk_size)
     if tv is not None:
-        variants["torchvision"] = (tv, staged_torchvision)
+        variants["torchvision"] = tv
     return variants
 
 
+def profiled_inference(name: str, model: torch.nn.Module, images: list[torch.Tensor], with_flops: bool = False
+                       ) -> tuple[list[dict], dict[str, float], dict[str, float], int]:
+    """One inference under torch.profiler: (detections, seconds and FLOPs per stage per image,
+    RoIs). Ours runs its real forward (model(images)) and is read through its c4det.* labels;
+    torchvision runs staged, each stage in a label of its own."""
+    if name == "torchvision":
+        (dets, rois), seconds, flops = profile_stages(lambda: staged_torchvision(model, images, stage_label),
+                                                      TORCHVISION_LABELS, len(images), with_flops)
+        return dets, seconds, flops, rois
+    with RoICounter(model) as counter:
+        dets, seconds, flops = profile_stages(lambda: model(images), OURS_LABELS, len(images), with_flops)
+    return dets, seconds, flops, counter.count
+
+
 def bench_inference(variants: dict, images: list[torch.Tensor], args: argparse.Namespace) -> dict:
-    """End-to-end and per-stage times (all timed runs), FLOPs per stage and RoI counts per
-    variant. The FLOP-counting pass comes first and doubles as a warm-up."""
+    """End-to-end times (the public forward, no profiler) and per-stage times (the same forward
+    under torch.profiler, read from the labels) of all timed runs, FLOPs per stage and RoI counts
+    per variant. The FLOP-counting pass comes first and doubles as a warm-up."""
     inputs = {name: [img / 255 for img in images] if name == "torchvision" else images for name in variants}
     result = {name: {"end_to_end_s": [], "end_to_end_cpu_s": [], "stages_s": defaultdict(list)}
               for name in variants}
     detections = {}
-    for name, (model, staged) in variants.items():
-        meter = FlopMeter()
+    for name, model in variants.items():
         with torch.inference_mode():
-            detections[name], result[name]["num_rois"] = staged(model, inputs[name], meter)
-        result[name]["flops"] = dict(meter.values)
-    for name in variants:  # our faster variants must give the plain path's detections
-        if name not in ("plain", "torchvision"):
+            detections[name], _, flops, rois = profiled_inference(name, model, inputs[name], with_flops=True)
+        result[name]["flops"], result[name]["num_rois"] = flops, rois
+    for name in variants:  # our faster variants must give the plain path's detections; so must torchvision
+        if name != "plain":
             result[name]["vs_plain"] = compare_detections(detections["plain"][0], detections[name][0])
     order = list(variants)
     for run in range(args.warmup + args.runs):
         for name in (order if run % 2 == 0 else order[::-1]):  # interleaved, alternating order
-            model, staged = variants[name]
-            meter = TimeMeter()
+            model = variants[name]
             with torch.inference_mode():
                 e2e, cpu = timed_cpu(lambda: model(inputs[name]))
-                staged(model, inputs[name], meter)
+                _, seconds, _, _ = profiled_inference(name, model, inputs[name])
             if run >= args.warmup:
-                result[name]["end_to_end_s"].append(e2e)
-                result[name]["end_to_end_cpu_s"].append(cpu)
+                result[name]["end_to_end_s"].append(e2e / len(images))
+                result[name]["end_to_end_cpu_s"].append(cpu / len(images))
                 for stage in STAGES:
-                    result[name]["stages_s"][stage].append(meter.values.get(stage, 0.0))
+                    result[name]["stages_s"][stage].append(seconds.get(stage, 0.0))
             result[name].setdefault("loadavg", []).append(os.getloadavg()[0])
             print(f"  inference run {run}: {name} {e2e:.3f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     return result
-
-
-def compare_detections(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Largest box and score differences of two detection lists; `equal` within 0.01 px, 1e-3."""
-    same = len(ref["boxes"]) == len(other["boxes"]) and torch.equal(ref["labels"], other["labels"])
-    box = float((ref["boxes"] - other["boxes"]).abs().max()) if same and len(ref["boxes"]) else 0.0
-    score = float((ref["scores"] - other["scores"]).abs().max()) if same and len(ref["scores"]) else 0.0
-    return {"detections": len(ref["boxes"]), "same_labels": same, "max_box_diff_px": box,
-            "max_score_diff": score, "equal": same and box <= 0.01 and score <= 1e-3}
 
 
 def build_bench_model(cfg: Any, args: argparse.Namespace) -> torch.nn.Module:

@@ -1,0 +1,112 @@
+"""Per-stage seconds and FLOPs of one inference, read from torch.profiler.
+
+Our detector carries torch.profiler.record_function labels on its inference stages
+(`c4det.*`: detection/model.py, detection/roi_heads.py, detection/fast.py), so the benchmark
+runs the real `model(images)` under the profiler and reads the labels back: nothing is
+re-staged by hand, and the benchmark cannot drift from the code it times. torchvision's model
+is staged by detection.benchmarking.models.staged_torchvision inside labels of its own
+(`stage.<name>`), read the same way.
+
+Each op and each label belongs to its innermost enclosing label; a label's seconds are its
+CPU time (the profiler's cpu_time_total: wall time on the calling thread, intra-op threads
+included) minus that of the labels nested in it, summed over its occurrences (the fast path
+enters `c4det.pool` and `c4det.res5` once per chunk). So the stages add up to the labelled
+part of the call, nothing is counted twice, and `c4det.roi_heads` keeps only what is neither
+pooling, res5 nor postprocessing (the box predictor and the glue between them).
+
+FLOPs are the profiler's own (`with_flops=True`) for convolutions and matrix products only,
+the ops torch.utils.flop_counter counts (its totals equal FlopCounterMode's; pooling, NMS and
+elementwise ops are not counted).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections import defaultdict
+from typing import Any, Callable, Iterator, Mapping
+
+from torch.profiler import ProfilerActivity, profile
+
+from detection.benchmarking.models import STAGES
+
+# our labels -> the benchmark's stages (the same six as torchvision's staging)
+OURS_LABELS: dict[str, str] = {
+    "c4det.preprocess": "preprocess",
+    "c4det.trunk": "trunk",
+    "c4det.rpn": "rpn",
+    "c4det.pool": "roi_pool",
+    "c4det.hoisted_convs": "res5_head",  # fast path: res5's first 1x1 convs on the whole map
+    "c4det.res5": "res5_head",
+    "c4det.roi_heads": "res5_head",  # what is left of it: the box predictor and glue
+    "c4det.box_postprocess": "postprocess",
+    "c4det.postprocess": "postprocess",
+}
+# the labels staged_torchvision is run in (see stage_label)
+TORCHVISION_LABELS: dict[str, str] = {f"stage.{s}": s for s in STAGES}
+# ops whose FLOPs count: those of torch.utils.flop_counter (the profiler also reports add / mul)
+FLOP_OPS = frozenset({"aten::conv2d", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def stage_label(stage: str) -> Any:
+    """A meter for staged_torchvision: each stage inside record_function("stage.<name>")."""
+    from torch.profiler import record_function
+
+    return record_function(f"stage.{stage}")
+
+
+def _innermost_label(event: Any, labels: Mapping[str, str]) -> Any:
+    parent = event.cpu_parent
+    while parent is not None and parent.name not in labels:
+        parent = parent.cpu_parent
+    return parent
+
+
+def stages_from_events(events: Any, labels: Mapping[str, str]) -> tuple[dict[str, float], dict[str, float]]:
+    """(seconds per stage, FLOPs per stage) from a profile's events (prof.events()); FLOPs of
+    ops outside every label go to "unlabelled"."""
+    seconds: dict[str, float] = defaultdict(float)
+    flops: dict[str, float] = defaultdict(float)
+    for event in events:
+        if event.name in labels:
+            own = event.cpu_time_total / 1e6  # microseconds
+            seconds[labels[event.name]] += own
+            outer = _innermost_label(event, labels)
+            if outer is not None:  # nested: its time is not the enclosing label's
+                seconds[labels[outer.name]] -= own
+        elif event.name in FLOP_OPS and event.flops:
+            outer = _innermost_label(event, labels)
+            flops[labels[outer.name] if outer is not None else "unlabelled"] += event.flops
+    return dict(seconds), dict(flops)
+
+
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """Kineto prints start/stop lines (and a GPU probe error) on file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def profile_stages(fn: Callable[[], Any], labels: Mapping[str, str], num_images: int = 1,
+                   with_flops: bool = False) -> tuple[Any, dict[str, float], dict[str, float]]:
+    """Runs fn() once under torch.profiler (CPU activity); returns (fn's result, seconds per
+    stage per image, FLOPs per stage per image; FLOPs only with `with_flops`, which records
+    shapes and costs time, so the timed runs go without)."""
+    prof = profile(activities=[ProfilerActivity.CPU], with_flops=with_flops, record_shapes=with_flops)
+    with _quiet_fd2():
+        prof.__enter__()
+    try:
+        result = fn()
+    finally:
+        with _quiet_fd2():
+            prof.__exit__(None, None, None)
+    seconds, flops = stages_from_events(prof.events(), labels)
+    return (result, {s: v / num_images for s, v in seconds.items()},
+            {s: v / num_images for s, v in flops.items()})
