@@ -24,7 +24,9 @@ from detection.data.dataset_info import DatasetInfo
 logger = logging.getLogger(__name__)
 
 _LAYOUT_HINT = ("expected a COCO-format json; the known names use <root>/coco/annotations/"
-                "instances_{train,val}2017.json with images in <root>/coco/{train,val}2017/, and "
+                "instances_{train,val}2017.json with images in <root>/coco/{train,val}2017/, "
+                "instances_{train,val,minival,valminusminival}2014.json with images in <root>/coco/train2014/ "
+                "and <root>/coco/val2014/ (minival and valminusminival: val2014), and "
                 "<root>/shapes/annotations/instances_{train,val}.json with images in <root>/shapes/{train,val}/ "
                 "(create those with: python tools/make_shapes.py --output <root>/shapes)")
 
