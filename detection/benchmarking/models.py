@@ -147,7 +147,10 @@ def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
       mapping back to the input image, ours clips and drops boxes without area (with the
       benchmark's image at the test size the scale is 1, and nothing changes);
     - resizing: torchvision interpolates the float image, ours resamples the uint8 one
-      (detection.resize); at the test size both are the identity.
+      (detection.resize); at the test size both are the identity;
+    - anchor stride: ours is 16, torchvision's (padded size // feature size): the same when
+      the padded size is a multiple of 16 (size_divisibility 16 or 32; base.yaml pads to 32).
+    The benchmark compares the detections on every run and reports unequal work.
     """
     from torchvision.models.detection import FasterRCNN as TVFasterRCNN
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
