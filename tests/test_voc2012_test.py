@@ -56,7 +56,8 @@ def test_known_name_reads_images_without_annotations(tmp_path):
     assert [r["image_id"] for r in info.records] == list(SIZES)
     for record, (width, height) in zip(info.records, SIZES.values()):
         assert (record["width"], record["height"]) == (width, height)  # from the JPEG header
-        assert record["file_name"] == str(tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{record['image_id']}.jpg")
+        images = tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages"
+        assert record["file_name"] == str(images / f"{record['image_id']}.jpg")
         assert record["boxes"].shape == (0, 4) and record["labels"].shape == (0,)
     with pytest.raises(DataError, match="cannot train on voc_2012_test: it has no annotations"):
         concat_datasets([info])
