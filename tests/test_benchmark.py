@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from detection.benchmarking.models import (STAGES, RoICounter, build_ours, build_torchvision_c4,
-                                          compare_detections, staged_torchvision, synthetic_batch)
+from detection.benchmarking.models import (STAGES, ProposalRecorder, build_ours, build_torchvision_c4,
+                                          compare_detections, compare_proposals, staged_torchvision,
+                                          synthetic_batch)
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.benchmarking.report import print_ratios, summarize
 from detection.config import load_config
@@ -61,7 +62,7 @@ def test_benchmark_smoke(tmp_path):
     assert isinstance(report["targets_met"]["inference_speedup"], bool)  # equal work: a verdict
     assert report["inference"]["torchvision"]["vs_plain"]["equal"] and "torchvision vs plain:" in result.stdout
     assert report["equal_work"]["num_detections"]["plain"] == report["equal_work"]["num_detections"]["torchvision"]
-    assert "not comparable" not in result.stdout
+    assert "not comparable" not in result.stdout and work["same_proposals"] is True
     assert f"inference_speedup {ratios['inference_speedup']:.2f}" in result.stdout
     assert report["inference"]["fast"]["vs_plain"]["equal"] and "fast vs plain:" in result.stdout
 
@@ -96,11 +97,13 @@ def test_torchvision_c4_gives_our_detections(size):
     ours = build_ours(cfg)
     tv = build_torchvision_c4(ours, cfg)
     images, _ = synthetic_batch(1, size, cfg.model.num_classes)
-    with torch.inference_mode(), RoICounter(ours) as rois:
+    with torch.inference_mode(), ProposalRecorder(ours) as recorder:
         mine = ours(images)[0]
-        theirs, tv_rois = staged_torchvision(tv, [img / 255 for img in images], lambda stage: torch.no_grad())
+        theirs, tv_proposals = staged_torchvision(tv, [img / 255 for img in images], lambda stage: torch.no_grad())
         theirs_forward = tv([img / 255 for img in images])[0]
-    assert rois.count == tv_rois == 20
+    assert recorder.count == sum(len(p) for p in tv_proposals) == 20
+    torch.testing.assert_close(tv_proposals[0], recorder.proposals[0], atol=1e-3, rtol=0)  # also the order
+    assert compare_proposals(recorder.proposals, tv_proposals)["equal"]
     assert len(mine["boxes"]) > 10
     for other in (theirs[0], theirs_forward):
         assert torch.equal(mine["labels"], other["labels"])
@@ -116,17 +119,27 @@ def test_torchvision_c4_refuses_what_it_cannot_do():
             build_torchvision_c4(build_ours(cfg), cfg)
 
 
+def test_compare_proposals_as_sets():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 30.0], [1.0, 2.0, 3.0, 4.0]])
+    assert compare_proposals([boxes], [boxes.flip(0)])["equal"]  # order does not matter
+    assert not compare_proposals([boxes], [boxes[:2]])["equal"]  # one fewer
+    shifted = boxes + torch.tensor([0.5, 0.0, 0.5, 0.0])  # half a pixel: torchvision's rounded anchors
+    result = compare_proposals([boxes], [shifted])
+    assert not result["equal"] and result["min_best_iou"] < 0.999
+
+
 # ---- unequal work: no target is met -------------------------------------------------------
 
 
-def fake_report(torchvision_rois: int, torchvision_detections: int = 7) -> dict:
+def fake_report(torchvision_rois: int, torchvision_detections: int = 7, same_proposals: bool | None = None) -> dict:
     """A report as tools/benchmark.py collects it (no timing): torchvision 1.91 s, fast 1.0 s."""
     def entry(seconds: float, rois: int, gflop: float, detections: int | None = None) -> dict:
         out = {"end_to_end_s": [seconds] * 3, "end_to_end_cpu_s": [seconds] * 3, "num_rois": rois,
                "stages_s": {s: [seconds / len(STAGES)] * 3 for s in STAGES},
                "flops": {"trunk": gflop * 0.4e9, "res5_head": gflop * 0.6e9}, "loadavg": [0.5]}
         if detections is not None:
-            out["vs_plain"] = {"detections": 7, "other_detections": detections, "equal": detections == 7}
+            out["vs_plain"] = {"detections": 7, "other_detections": detections, "equal": detections == 7,
+                               "proposals": {"equal": rois == 96 if same_proposals is None else same_proposals}}
         return out
 
     return {"inference": {"plain": entry(2.0, 96, 10.0), "fast": entry(1.0, 96, 9.0, 7),
@@ -142,9 +155,10 @@ def printed_ratios(report: dict) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("rois, detections", [(95, 7), (96, 6)])
-def test_unequal_work_meets_no_target(rois, detections):
-    report = summarize(fake_report(rois, detections))
+@pytest.mark.parametrize("rois, detections, same_proposals", [(95, 7, None), (96, 6, None), (96, 7, False)])
+def test_unequal_work_meets_no_target(rois, detections, same_proposals):
+    """The RoI count, the detection count or the proposals themselves differ (equal FLOPs)."""
+    report = summarize(fake_report(rois, detections, same_proposals))
     assert report["ratios"]["inference_speedup"] == pytest.approx(1.91)
     assert not report["equal_work"]["ok"]
     assert report["targets_met"] == {"inference_speedup": None, "training_speedup": None, "memory_ratio": None}

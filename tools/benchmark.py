@@ -24,8 +24,8 @@ machine is shared and noisy; the load average is reported with the numbers):
 The weights are random (pretrained ones cannot be downloaded here), made sane by
 detection.testing.make_sane (see docs/ARCHITECTURE.md); speed does not depend on their
 values. "Equal work" is checked as total FLOPs of our plain path against torchvision's,
-within 10%, and the same numbers of RoIs and detections (its detections are compared with
-ours too); the hoisted path's FLOPs are reported apart. Unequal work: the targets are
+within 10%, the same proposals (matched as sets) and the same number of detections (its
+detections are compared with ours too); the hoisted path's FLOPs are reported apart. Unequal work: the targets are
 reported "not comparable", none as met.
 """
 from __future__ import annotations
@@ -51,8 +51,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from detection.benchmarking.models import (STAGES, RoICounter, bench_state, build_ours, build_torchvision_c4,
-                                          compare_detections, staged_torchvision, synthetic_batch, train_step)
+from detection.benchmarking.models import (STAGES, ProposalRecorder, bench_state, build_ours, build_torchvision_c4,
+                                          compare_detections, compare_proposals, staged_torchvision,
+                                          synthetic_batch, train_step)
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.benchmarking.report import print_report, summarize
 from detection.cli import add_config_args, config_from_args
@@ -191,17 +192,17 @@ def inference_variants(plain: torch.nn.Module, tv: torch.nn.Module | None, args:
 
 
 def profiled_inference(name: str, model: torch.nn.Module, images: list[torch.Tensor], with_flops: bool = False
-                       ) -> tuple[list[dict], dict[str, float], dict[str, float], int]:
+                       ) -> tuple[list[dict], dict[str, float], dict[str, float], list[torch.Tensor]]:
     """One inference under torch.profiler: (detections, seconds and FLOPs per stage per image,
-    RoIs). Ours runs its real forward (model(images)) and is read through its c4det.* labels;
-    torchvision runs staged, each stage in a label of its own."""
+    proposals per image). Ours runs its real forward (model(images)) and is read through its
+    c4det.* labels; torchvision runs staged, each stage in a label of its own."""
     if name == "torchvision":
-        (dets, rois), seconds, flops = profile_stages(lambda: staged_torchvision(model, images, stage_label),
-                                                      TORCHVISION_LABELS, len(images), with_flops)
-        return dets, seconds, flops, rois
-    with RoICounter(model) as counter:
+        (dets, proposals), seconds, flops = profile_stages(lambda: staged_torchvision(model, images, stage_label),
+                                                           TORCHVISION_LABELS, len(images), with_flops)
+        return dets, seconds, flops, proposals
+    with ProposalRecorder(model) as recorder:
         dets, seconds, flops = profile_stages(lambda: model(images), OURS_LABELS, len(images), with_flops)
-    return dets, seconds, flops, counter.count
+    return dets, seconds, flops, recorder.proposals
 
 
 def bench_inference(variants: dict, images: list[torch.Tensor], args: argparse.Namespace) -> dict:
@@ -211,14 +212,16 @@ def bench_inference(variants: dict, images: list[torch.Tensor], args: argparse.N
     inputs = {name: [img / 255 for img in images] if name == "torchvision" else images for name in variants}
     result = {name: {"end_to_end_s": [], "end_to_end_cpu_s": [], "stages_s": defaultdict(list)}
               for name in variants}
-    detections = {}
+    detections, proposals = {}, {}
     for name, model in variants.items():
         with torch.inference_mode():
-            detections[name], _, flops, rois = profiled_inference(name, model, inputs[name], with_flops=True)
-        result[name]["flops"], result[name]["num_rois"] = flops, rois
-    for name in variants:  # our faster variants must give the plain path's detections; so must torchvision
+            detections[name], _, flops, proposals[name] = profiled_inference(name, model, inputs[name],
+                                                                             with_flops=True)
+        result[name]["flops"], result[name]["num_rois"] = flops, sum(len(p) for p in proposals[name])
+    for name in variants:  # our faster variants must give the plain path's proposals and detections; so must torchvision
         if name != "plain":
-            result[name]["vs_plain"] = compare_detections(detections["plain"][0], detections[name][0])
+            result[name]["vs_plain"] = {**compare_detections(detections["plain"][0], detections[name][0]),
+                                        "proposals": compare_proposals(proposals["plain"], proposals[name])}
     order = list(variants)
     for run in range(args.warmup + args.runs):
         for name in (order if run % 2 == 0 else order[::-1]):  # interleaved, alternating order

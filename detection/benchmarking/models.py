@@ -199,17 +199,22 @@ def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
 # ---- one inference, stage by stage ------------------------------------------------------
 
 
-class RoICounter:
-    """Counts the proposals that reach our box head, through a public forward pre-hook on
-    model.roi_heads: `with RoICounter(model) as rois: model(images)`, then `rois.count`."""
+class ProposalRecorder:
+    """Records the proposals that reach our box head, through a public forward pre-hook on
+    model.roi_heads: `with ProposalRecorder(model) as rec: model(images)`, then `rec.proposals`
+    (one (Ri, 4) tensor per image of the last call) and `rec.count`."""
 
     def __init__(self, model: FasterRCNN) -> None:
-        self.model, self.count, self.handle = model, 0, None
+        self.model, self.proposals, self.handle = model, [], None
+
+    @property
+    def count(self) -> int:
+        return sum(len(p) for p in self.proposals)
 
     def hook(self, module: nn.Module, args: tuple) -> None:
-        self.count += sum(len(p) for p in args[1])  # args = (features, proposals, image_sizes)
+        self.proposals = list(args[1])  # args = (features, proposals, image_sizes)
 
-    def __enter__(self) -> "RoICounter":
+    def __enter__(self) -> "ProposalRecorder":
         self.handle = self.model.roi_heads.register_forward_pre_hook(self.hook)
         return self
 
@@ -217,8 +222,9 @@ class RoICounter:
         self.handle.remove()
 
 
-def staged_torchvision(model: nn.Module, images: list[Tensor], meter: Meter) -> tuple[list[dict], int]:
-    """torchvision's GeneralizedRCNN.forward (eval) split into the same stages."""
+def staged_torchvision(model: nn.Module, images: list[Tensor], meter: Meter) -> tuple[list[dict], list[Tensor]]:
+    """torchvision's GeneralizedRCNN.forward (eval) split into the same stages; returns the
+    detections and the proposals, one (Ri, 4) tensor per image."""
     heads = model.roi_heads
     original_sizes = [tuple(img.shape[-2:]) for img in images]
     with meter("preprocess"):
@@ -235,7 +241,7 @@ def staged_torchvision(model: nn.Module, images: list[Tensor], meter: Meter) -> 
         boxes, scores, labels = heads.postprocess_detections(logits, deltas, proposals, batch.image_sizes)
         dets = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
         dets = model.transform.postprocess(dets, batch.image_sizes, original_sizes)
-    return dets, sum(len(p) for p in proposals)
+    return dets, list(proposals)
 
 
 def compare_detections(ref: dict[str, Tensor], other: dict[str, Tensor]) -> dict[str, Any]:
@@ -246,6 +252,19 @@ def compare_detections(ref: dict[str, Tensor], other: dict[str, Tensor]) -> dict
     score = float((ref["scores"] - other["scores"]).abs().max()) if same and len(ref["scores"]) else 0.0
     return {"detections": len(ref["boxes"]), "other_detections": len(other["boxes"]), "same_labels": same,
             "max_box_diff_px": box, "max_score_diff": score, "equal": same and box <= 0.01 and score <= 1e-3}
+
+
+def compare_proposals(ref: list[Tensor], other: list[Tensor]) -> dict[str, Any]:
+    """Two models' proposals for the same images, as sets (near-equal objectness may order them
+    differently): the counts, and the lowest IoU of a reference proposal with its best match;
+    `equal`: the same counts and every proposal matched at IoU >= 0.999."""
+    from torchvision.ops import box_iou
+
+    same = [len(a) == len(b) for a, b in zip(ref, other)]
+    worst = min((float(box_iou(a, b).max(dim=1).values.min()) for a, b in zip(ref, other) if len(a) and len(b)),
+                default=1.0)
+    return {"proposals": sum(len(a) for a in ref), "other_proposals": sum(len(b) for b in other),
+            "min_best_iou": worst, "equal": all(same) and len(ref) == len(other) and worst >= 0.999}
 
 
 # ---- training -----------------------------------------------------------------------------

@@ -108,14 +108,16 @@ def target_verdict(report: dict[str, Any], key: str) -> str:
 
 def _equal_work(report: dict[str, Any]) -> dict[str, Any]:
     """Our plain path and torchvision: total FLOPs within 10% (inference, and training if run),
-    the same number of RoIs and the same number of detections (postprocessing work). The fast
-    path's hoisting does less work on purpose."""
+    the same proposals (the RoIs the box head runs on; FLOPs could hide different ones) and the
+    same number of detections (postprocessing work). The fast path's hoisting does less work
+    on purpose."""
     inf = report["inference"]
     tv = inf["torchvision"].get("vs_plain", {})
     out = {"inference_flops_ratio": inf["plain"]["total_gflop"] / inf["torchvision"]["total_gflop"],
            "num_rois": {"plain": inf["plain"]["num_rois"], "torchvision": inf["torchvision"]["num_rois"]},
            "num_detections": {"plain": tv.get("detections"), "torchvision": tv.get("other_detections")},
            "same_detections": tv.get("equal"),
+           "same_proposals": tv.get("proposals", {}).get("equal"),
            "fast_gflop": inf["fast"]["total_gflop"]}
     if "training" in report:
         t = report["training"]
@@ -124,7 +126,8 @@ def _equal_work(report: dict[str, Any]) -> dict[str, Any]:
     ratios = [v for k, v in out.items() if k.endswith("flops_ratio")]
     out["ok"] = (all(abs(r - 1) <= EQUAL_WORK_TOLERANCE for r in ratios)
                  and out["num_rois"]["plain"] == out["num_rois"]["torchvision"]
-                 and out["num_detections"]["plain"] == out["num_detections"]["torchvision"])
+                 and out["num_detections"]["plain"] == out["num_detections"]["torchvision"]
+                 and out["same_proposals"] is True)
     return out
 
 
@@ -184,7 +187,9 @@ def _print_inference(inference: dict[str, Any]) -> None:
             print(f"{n} vs plain: {same.get('other_detections', same['detections'])} detections against "
                   f"{same['detections']}, "
                   f"{'equal' if same['equal'] else 'NOT equal'} (labels {'same' if same['same_labels'] else 'differ'}, "
-                  f"max box diff {same['max_box_diff_px']:.2g} px, max score diff {same['max_score_diff']:.2g})")
+                  f"max box diff {same['max_box_diff_px']:.2g} px, max score diff {same['max_score_diff']:.2g})"
+                  + (f"; proposals {'the same' if same['proposals']['equal'] else 'NOT the same'} (lowest best "
+                     f"IoU {same['proposals']['min_best_iou']:.4f})" if "proposals" in same else ""))
 
 
 def print_ratios(report: dict[str, Any]) -> None:
@@ -196,7 +201,8 @@ def print_ratios(report: dict[str, Any]) -> None:
         w = report["equal_work"]
         print(f"equal work: {'yes' if w['ok'] else 'NO'} (plain/torchvision FLOPs: inference "
               f"{w['inference_flops_ratio']:.3f}, training {_fmt(w.get('training_flops_ratio'), '.3f')}; "
-              f"RoIs {w['num_rois']}; detections {w['num_detections']}); "
+              f"RoIs {w['num_rois']}, {'the same' if w['same_proposals'] else 'NOT the same'}; "
+              f"detections {w['num_detections']}); "
               f"fast path (hoisted) {w['fast_gflop']:.1f} GFLOP")
         if not w["ok"]:
             print("  the models did different work: their speed ratios are not comparable")
