@@ -1,2 +1,4 @@
-"""What tools/benchmark.py measures: the models it compares and how it runs them stage by stage
-(models.py), and the medians, ratios and printed table of its report (report.py)."""
+"""What tools/benchmark.py measures: the models it compares (models.py), their per-stage
+seconds and FLOPs read from torch.profiler and our model's record_function labels
+(profiling.py), and the medians, ratios, equal-work check and printed table of its report
+(report.py)."""
