@@ -218,7 +218,7 @@ def bench_inference(variants: dict, images: list[torch.Tensor], args: argparse.N
             detections[name], _, flops, proposals[name] = profiled_inference(name, model, inputs[name],
                                                                              with_flops=True)
         result[name]["flops"], result[name]["num_rois"] = flops, sum(len(p) for p in proposals[name])
-    for name in variants:  # our faster variants must give the plain path's proposals and detections; so must torchvision
+    for name in variants:  # the fast variants and torchvision must give the plain path's proposals and detections
         if name != "plain":
             result[name]["vs_plain"] = {**compare_detections(detections["plain"][0], detections[name][0]),
                                         "proposals": compare_proposals(proposals["plain"], proposals[name])}

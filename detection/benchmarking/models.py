@@ -192,7 +192,8 @@ def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
         box_batch_size_per_image=h.batch_size_per_image, box_positive_fraction=h.positive_fraction,
         bbox_reg_weights=tuple(h.bbox_reg_weights))
     model.rpn.min_size = max(r.min_size, 1e-3)  # torchvision's floor: it keeps zero-area boxes at 0
-    model.roi_heads.box_roi_pool = AlignedRoIPool(h.pooler_resolution, 1 / m.anchors.stride)  # the constructor insists on a MultiScaleRoIAlign
+    # the constructor accepts only a MultiScaleRoIAlign (aligned=False); swapped afterwards
+    model.roi_heads.box_roi_pool = AlignedRoIPool(h.pooler_resolution, 1 / m.anchors.stride)
     return model.eval()
 
 
