@@ -18,7 +18,12 @@ from the working directory; `_base_` paths from the folder of the config file na
 
 Exit codes: 0 done (or the run was already finished), 1 training failed (e.g. a non-finite
 loss), 2 bad config, output folder or data (the config, the folder and the training sets are
-checked before anything is written), 130 interrupted (Ctrl-C).
+checked before anything is written), 130 interrupted (Ctrl-C, SIGINT), 143 stopped by SIGTERM.
+
+SIGTERM or SIGINT (a scheduler's pre-emption, Ctrl-C) lets the current iteration finish, saves
+last.pth there and exits with one line saying so; --resume continues exactly. A second signal
+during that save does not interrupt it; at any other moment it stops at once. One trainer per
+output folder: a second run on a folder a live run uses is refused, naming its pid (train.lock).
 """
 from __future__ import annotations
 
@@ -56,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except TrainingInterrupted as err:  # Ctrl-C in the loop: where it stopped, what is kept
+    except TrainingInterrupted as err:  # Ctrl-C / SIGTERM in the loop: where it stopped, what is kept
         print(err, file=sys.stderr)
-        return 130
+        return 128 + int(err.signum)  # 130 for SIGINT, 143 for SIGTERM
     except KeyboardInterrupt:
         print("interrupted before training started", file=sys.stderr)
         return 130

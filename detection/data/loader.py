@@ -13,6 +13,7 @@ import math
 import itertools
 import pickle
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
@@ -283,6 +284,9 @@ class TestLoader:
 
 def seed_worker(worker_id: int, *, base_seed: int) -> None:
     """worker_init_fn: seed numpy, random, torch and the data set's transform per worker, deterministically."""
+    # Ctrl-C reaches the whole terminal process group: the trainer finishes its iteration and
+    # saves (GracefulStop), so the workers must keep serving it instead of dying on SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = int(np.random.SeedSequence([base_seed, worker_id + 1]).generate_state(1)[0])
     np.random.seed(seed)
     random.seed(seed)

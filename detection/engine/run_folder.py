@@ -1,11 +1,15 @@
 """A training run's output folder: refused when it holds another run (unless resumed or
-replaced), created only once the run's inputs are checked, and its metrics.jsonl kept free of
-repeated iterations on resume."""
+replaced) or when a live trainer uses it (train.lock), created only once the run's inputs are
+checked, and its metrics.jsonl kept free of repeated iterations on resume."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +20,80 @@ logger = logging.getLogger(__name__)
 # The files that make a folder "hold a run", and what --overwrite removes.
 RUN_FILES = ("last.pth", "model_final.pth", "metrics.jsonl")
 OVERWRITTEN = (*RUN_FILES, "config.yaml", "inference")
+LOCK_FILE = "train.lock"
+
+
+class RunLock:
+    """One trainer per output folder: `out_dir/train.lock` holds the pid and host of the run
+    using the folder, under an exclusive flock(2) held for the run's life.
+
+    The flock, not the pid, decides: the kernel drops it when its process ends, however it
+    ends (SIGKILL included), so a lock file left by a killed run is recognised as stale and
+    taken over (with a warning naming the old pid), and a reused pid cannot fake a live run.
+    The pid and host are there to name the other process in the refusal. Only rank 0 of a
+    DDP run takes it: the ranks of one run are one trainer.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / LOCK_FILE
+        self._fd: Optional[int] = None
+        self._created_dir = False
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, or ValueError naming the live process that holds it."""
+        folder = self.path.parent
+        self._created_dir = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise ValueError(f"{folder} is in use by another training run ({holder}, lock file "
+                                 f"{self.path}): wait for it to end, or choose another --output-dir") from None
+            # the file may have been removed (by its releasing owner) between our open and flock:
+            # then the lock is on an orphan inode; start again on the path's current file
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        stale = _read_holder(fd)
+        if stale:
+            logger.warning("%s: took over a stale lock of %s (that process is gone)", self.path, stale)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self, *, remove_empty_dir: bool = False) -> None:
+        """Remove the lock file and drop the lock; with remove_empty_dir, also the folder when
+        acquire() created it and nothing else was written there (a run that failed its checks)."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # before unlocking: a waiting opener then retries (acquire)
+        os.close(self._fd)
+        self._fd = None
+        if remove_empty_dir and self._created_dir:
+            try:
+                self.path.parent.rmdir()  # only when empty
+            except OSError:
+                pass
+
+
+def _read_holder(fd: int) -> str:
+    """The 'pid N on HOST' a lock file holds ('' when empty)."""
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+    return text if text.startswith("pid ") else ("an unknown process" if text else "")
 
 
 def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:

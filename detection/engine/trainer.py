@@ -11,6 +11,8 @@ import json
 import logging
 import random
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from detection.config import Config, config_to_dict
 from detection.data.dataset_info import DatasetInfo
 from detection.engine import distributed as du
-from detection.engine.checkpoint import get_rng_states, load_checkpoint, save_checkpoint, set_rng_states
+from detection.engine.checkpoint import gather_rng_states, load_resume_checkpoint, restore_rng_states, save_checkpoint
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.optim import build_lr_scheduler, build_optimizer
-from detection.engine.run_folder import check_output_dir, prepare_output_dir
+from detection.engine.run_folder import RunLock, check_output_dir, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,19 @@ class TrainingError(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; the message names the iteration and the last checkpoint.
-    A KeyboardInterrupt still, so code that catches those keeps working."""
+    A KeyboardInterrupt still, so code that catches those keeps working. `signum` is the
+    signal that stopped the run (SIGINT unless a SIGTERM did): tools exit with 128 + signum."""
+
+    signum: int = signal.SIGINT
+
+
+class TrainingStopped(TrainingInterrupted):
+    """SIGTERM or SIGINT during training (a scheduler's pre-emption, Ctrl-C): the current
+    iteration was finished and last.pth saved there; the message says so."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -66,13 +80,41 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> nn.M
     An output folder that holds a run is refused unless `resume` continues it or `overwrite`
     replaces it. Nothing is written (and with `overwrite` nothing removed) before the model
     and the training sets are built and checked, so a run that fails on its data leaves the
-    folder as it was. Ctrl-C raises TrainingInterrupted, naming the last checkpoint.
+    folder as it was. Ctrl-C raises TrainingInterrupted, naming the last checkpoint; SIGTERM or
+    SIGINT (GracefulStop) finish the iteration, save last.pth and raise TrainingStopped. The
+    folder is locked for the run (run_folder.RunLock): a second trainer there is refused.
     """
     if resume and overwrite:
         raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: "
                          "give one of them")
     device = du.select_device(cfg.device)
     distributed = du.init_distributed(device)
+    lock = _lock_output_dir(Path(cfg.output_dir))
+    try:
+        return _train(cfg, device, distributed, resume=resume, overwrite=overwrite)
+    finally:
+        if lock is not None:  # a run that failed its checks leaves no (empty) folder it created
+            lock.release(remove_empty_dir=True)
+
+
+def _lock_output_dir(out_dir: Path) -> Optional[RunLock]:
+    """Rank 0 takes the output folder's lock (RunLock); every rank raises its refusal."""
+    lock, problem = None, None
+    if du.is_main_process():
+        try:
+            lock = RunLock(out_dir).acquire()
+        except ValueError as err:
+            problem = str(err)
+    problems = [p for p in du.all_gather_object(problem) if p]
+    if problems:
+        if lock is not None:
+            lock.release(remove_empty_dir=True)
+        raise ValueError(problems[0])
+    return lock
+
+
+def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool, overwrite: bool) -> nn.Module:
+    """train() once the output folder is locked."""
     out_dir = Path(cfg.output_dir)
     old_run = check_output_dir(out_dir, resume=resume, overwrite=overwrite)
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
@@ -86,7 +128,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> nn.M
         and not cfg.model.weights.startswith("torchvision:") else None
     state = _build_state(cfg, device, backbone_needed=not resuming and not cfg.model.weights)
     if resuming:
-        _restore(state, load_checkpoint(last), device)
+        _restore(state, load_resume_checkpoint(last), device, last)
     elif cfg.model.weights:
         load_initial_weights(state.model, cfg.model.weights, cfg.model.backbone, initial)
     if resuming and _is_finished(cfg, state, out_dir):
@@ -146,31 +188,52 @@ def amp_autocast(enabled: bool, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
-def _restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
+def _restore(state: TrainState, ckpt: dict, device: torch.device, path: Path = Path("last.pth")) -> None:
     state.model.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.scaler.load_state_dict(ckpt["scaler"])
     state.iteration = int(ckpt["iteration"])
-    set_rng_states(ckpt["rng"])
+    not_exact = restore_rng_states(ckpt, path)  # each rank its own
+    if not_exact and du.is_main_process():
+        logger.warning("%s", not_exact)
     state.checkpoint_iteration = state.iteration
     state.class_names = tuple(ckpt.get("class_names") or ())
     logger.info("resumed at iteration %d", state.iteration)
 
 
 def _checkpoint(state: TrainState, cfg: Config, path: Path) -> None:
+    """last.pth with every rank's random states (gathered: a collective). A failed write (a
+    full disk) leaves the previous last.pth as it was and stops every rank with one error."""
+    rng = gather_rng_states()
+    problem = None
     if du.is_main_process():
-        save_checkpoint({
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "scaler": state.scaler.state_dict(),
-            "iteration": state.iteration,
-            "rng": get_rng_states(),
-            "config": config_to_dict(cfg),
-            "class_names": list(state.class_names),
-        }, path)
+        try:
+            save_checkpoint({
+                "model": state.model.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "scaler": state.scaler.state_dict(),
+                "iteration": state.iteration,
+                "rng": rng[0],
+                "rng_per_rank": rng,
+                "config": config_to_dict(cfg),
+                "class_names": list(state.class_names),
+            }, path)
+        except OSError as err:
+            problem = (f"could not write {path} at iteration {state.iteration} "
+                       f"({err.strerror or err}); training stopped, {_what_is_kept(state, path)}")
+    problems = [p for p in du.all_gather_object(problem) if p]  # every rank stops, not rank 0 alone
+    if problems:
+        raise TrainingError(problems[0])
     state.checkpoint_iteration = state.iteration  # after the save: a Ctrl-C inside it keeps the old one
+
+
+def _what_is_kept(state: TrainState, path: Path) -> str:
+    """What a stopped run leaves to resume from, as it really is."""
+    if state.checkpoint_iteration is None:
+        return f"and no checkpoint was written yet ({path} does not exist): a new run starts from iteration 0"
+    return f"the last good checkpoint {path} (iteration {state.checkpoint_iteration}) is kept: --resume continues it"
 
 
 def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
@@ -248,8 +311,10 @@ def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
     main = du.is_main_process()
     try:
         with tqdm(total=cfg.solver.max_iter, initial=state.iteration, disable=not main, dynamic_ncols=True,
-                  desc="train") as bar, logging_redirect_tqdm():
-            _iterations(cfg, state, model, data, device, out_dir, bar)
+                  desc="train") as bar, logging_redirect_tqdm(), GracefulStop() as stop:
+            _iterations(cfg, state, model, data, device, out_dir, bar, stop)
+    except TrainingStopped:
+        raise
     except KeyboardInterrupt:
         saved = "no checkpoint written yet" if state.checkpoint_iteration is None else \
             f"last checkpoint: {out_dir / 'last.pth'} (iteration {state.checkpoint_iteration})"
@@ -260,7 +325,7 @@ def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
 
 
 def _iterations(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
-                device: torch.device, out_dir: Path, bar: tqdm) -> None:
+                device: torch.device, out_dir: Path, bar: tqdm, stop: Optional["GracefulStop"] = None) -> None:
     s = cfg.solver
     main = du.is_main_process()
     timer = time.perf_counter()
@@ -284,12 +349,75 @@ def _iterations(cfg: Config, state: TrainState, model: nn.Module, data: Iterator
             if main:
                 _log(out_dir, {"iteration": state.iteration, **metrics})
             state.model.train()
+        if stop is not None and state.iteration < s.max_iter and stop.agreed():
+            _stop_gracefully(state, cfg, out_dir / "last.pth", stop)
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT while training: note the signal, let the current iteration finish,
+    then save last.pth there and stop (`_stop_gracefully`). A second signal during that save
+    is noted and does not interrupt it (the save is atomic anyway); a second one at any other
+    moment stops at once, as Ctrl-C always did. Handlers are installed only in the main thread
+    and the previous ones put back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.saving = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.signum:
+            self.signum = signum
+            logger.warning("%s received: stopping after this iteration, once last.pth is saved "
+                           "(a second signal stops at once)", name)
+        elif self.saving:
+            logger.warning("%s received again while last.pth is being saved: finishing the save first", name)
+        else:
+            raise KeyboardInterrupt
+
+    def agreed(self) -> bool:
+        """Whether any rank got a signal (every rank calls this once per iteration)."""
+        if du.get_world_size() > 1:
+            flag = torch.tensor([self.signum], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.signum = int(flag.item())
+        return bool(self.signum)
+
+
+def _stop_gracefully(state: TrainState, cfg: Config, path: Path, stop: GracefulStop) -> None:
+    """Save last.pth at this iteration (unless it holds it already) and raise TrainingStopped."""
+    stop.saving = True
+    try:
+        if state.checkpoint_iteration != state.iteration:
+            _checkpoint(state, cfg, path)
+    finally:
+        stop.saving = False
+    name = signal.Signals(stop.signum).name
+    raise TrainingStopped(f"stopped by {name} at iteration {state.iteration}; saved {path} (iteration "
+                          f"{state.iteration}): --resume continues from there", stop.signum)
 
 
 def _save_final(state: TrainState, cfg: Config, out_dir: Path) -> None:
-    save_checkpoint({"model": state.model.state_dict(), "iteration": state.iteration,
-                     "config": config_to_dict(cfg), "class_names": list(state.class_names)},
-                    out_dir / "model_final.pth")
+    path = out_dir / "model_final.pth"
+    try:
+        save_checkpoint({"model": state.model.state_dict(), "iteration": state.iteration,
+                         "config": config_to_dict(cfg), "class_names": list(state.class_names)}, path)
+    except OSError as err:
+        raise TrainingError(f"could not write {path} ({err.strerror or err}); "
+                            f"{_what_is_kept(state, out_dir / 'last.pth')}") from None
 
 
 def _step(cfg: Config, state: TrainState, model: nn.Module, images: list, targets: list,
@@ -302,9 +430,9 @@ def _step(cfg: Config, state: TrainState, model: nn.Module, images: list, target
     reduced = _reduce_losses(loss_dict)
     if not all(np.isfinite(v) for v in reduced.values()):
         values = ", ".join(f"{k}={v:.4g}" for k, v in reduced.items())
+        kept = _what_is_kept(state, Path(cfg.output_dir) / "last.pth")
         raise TrainingError(f"iteration {state.iteration + 1}: loss is not finite ({values}); training "
-                            f"stopped, the last good checkpoint (last.pth) is kept. Try a lower "
-                            f"solver.base_lr or solver.clip_grad_norm.")
+                            f"stopped, {kept}. Try a lower solver.base_lr or solver.clip_grad_norm.")
     optimizer_step(state, total, cfg.solver.clip_grad_norm)
     return reduced
 
@@ -346,8 +474,15 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def _log(out_dir: Path, record: dict) -> None:
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one line to metrics.jsonl; a failed write (a full disk) stops training with one
+    error. A line cut short is dropped when the run is resumed (run_folder.truncate_metrics)."""
+    path = out_dir / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise TrainingError(f"could not append to {path} at iteration {record.get('iteration')} "
+                            f"({err.strerror or err}); training stopped") from None
 
 
 def evaluate(cfg: Config, model: nn.Module, device: torch.device,

@@ -1,0 +1,316 @@
+"""Faults during training and evaluation (issue 24): SIGTERM / SIGINT stop gracefully and
+resume exactly, a resume with two processes equals a straight run bit for bit, messages say
+what really exists, a failing disk never corrupts a checkpoint or a results file, one trainer
+per output folder, and evaluation memory that grows no faster than the results."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detection.config import load_config
+from detection.data.shapes import generate_shapes
+from detection.engine import checkpoint as ckpt_mod
+from detection.engine.checkpoint import CheckpointError, load_checkpoint, load_resume_checkpoint, save_checkpoint
+from detection.engine.run_folder import LOCK_FILE, RunLock
+from detection.engine.trainer import TrainingError, train
+from detection.utils.files import atomic_write
+from tests.helpers import load_tool, run_forked_processes, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+train_det = load_tool("train_det")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes(root / "shapes", num_train=8, num_val=2, seed=0, image_size=(64, 80))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """train_det.main adds a stderr handler to the root logger; take it away after each test."""
+    root = logging.getLogger()
+    handlers, levels = list(root.handlers), {n: logging.getLogger(n).level for n in ("detection", "backbones")}
+    yield
+    root.handlers[:] = handlers
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def tiny_cfg(data_root, out_dir, **extra):
+    return load_config(None, tiny_overrides(data_root, out_dir, **extra))
+
+
+def run_tool(data_root, out, *flags, **extra) -> int:
+    argv = ["--config", str(ROOT / "configs" / "base.yaml"), *flags, *tiny_overrides(data_root, out, **extra)]
+    try:
+        return train_det.main(argv)
+    except SystemExit as err:
+        return err.code
+
+
+def at_forward(monkeypatch, call: int, action) -> None:
+    """Run `action()` at the start of the call-th training forward pass."""
+    from detection.model import FasterRCNN
+
+    calls = {"n": 0}
+    real_forward = FasterRCNN.forward
+
+    def forward(self, images, targets=None):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == call:
+                action()
+        return real_forward(self, images, targets)
+
+    monkeypatch.setattr(FasterRCNN, "forward", forward)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def enospc_save(after_bytes: int = 100):
+    """A torch.save that writes part of the file, then fails as a full disk does."""
+    def save(obj, f):
+        f.write(b"\0" * after_bytes)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save
+
+
+# ----------------------------------------------------------------------------- graceful stop
+
+@pytest.mark.slow  # trains through train_det.main
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_iteration_saves_last_pth_and_resume_is_exact(data_root, tmp_path, capsys,
+                                                                           monkeypatch, signum):
+    extra = {"solver.max_iter": 5, "solver.checkpoint_period": 100, "input.hflip_prob": 0.5}
+    assert run_tool(data_root, tmp_path / "straight", **extra) == 0
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        at_forward(patch, 3, lambda: os.kill(os.getpid(), signum))
+        assert run_tool(data_root, out, **extra) == 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+    err = capsys.readouterr().err.split("\n")
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} at iteration 3; saved {out / 'last.pth'} (iteration 3): --resume continues " \
+           "from there" in err
+    assert not any("Traceback" in line for line in err)
+    assert load_resume_checkpoint(out / "last.pth")["iteration"] == 3  # the 3rd iteration was finished
+    assert not (out / "model_final.pth").exists() and not (out / LOCK_FILE).exists()
+    assert run_tool(data_root, out, "--resume", **extra) == 0
+    straight = load_checkpoint(tmp_path / "straight" / "model_final.pth")["model"]
+    assert same_weights(load_checkpoint(out / "model_final.pth")["model"], straight)  # bit for bit
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were put back
+
+
+@pytest.mark.slow  # trains
+def test_a_second_signal_during_the_save_does_not_corrupt_it(data_root, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "run"
+    real_save = ckpt_mod.torch.save
+
+    def save_hit_by_a_signal(obj, f):
+        os.kill(os.getpid(), signal.SIGTERM)  # the second signal, in the middle of the save
+        f.write(b"")  # (the handler runs here, between bytecodes)
+        real_save(obj, f)
+
+    def first_signal():
+        os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(ckpt_mod.torch, "save", save_hit_by_a_signal)
+
+    at_forward(monkeypatch, 2, first_signal)
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGTERM at iteration 2"):
+        train(tiny_cfg(data_root, out, **{"solver.max_iter": 6, "solver.checkpoint_period": 100}))
+    assert "received again while last.pth is being saved: finishing the save first" in caplog.text
+    assert load_resume_checkpoint(out / "last.pth")["iteration"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pth", "metrics.jsonl"]
+
+
+# ----------------------------------------------------------------------------- exact resume, two processes
+
+def _ddp_train(rank: int, world: int, init_file: str, overrides: list, out_file: str, resume: bool) -> None:
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's thread pool
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = train(load_config(None, overrides), resume=resume)
+        torch.save(model.state_dict(), f"{out_file}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two DDP processes train three times
+def test_two_process_resume_equals_a_straight_run_bit_for_bit(data_root, tmp_path):
+    extra = {"solver.ims_per_batch": 4, "solver.max_iter": 6, "solver.checkpoint_period": 3, "log_period": 1,
+             "input.hflip_prob": 0.5}
+
+    def ddp(name: str, resume: bool = False, **more) -> None:
+        overrides = tiny_overrides(data_root, tmp_path / name, **{**extra, **more})
+        init = tmp_path / f"init_{name}_{resume}"
+        run_forked_processes(_ddp_train, (2, str(init), overrides, str(tmp_path / f"{name}.pt"), resume),
+                             timeout=240)
+
+    ddp("straight")
+    ddp("resumed", **{"solver.max_iter": 3})
+    midway = load_resume_checkpoint(tmp_path / "resumed" / "last.pth")
+    # every rank's states are saved, and they differ (each rank sampled for its own images)
+    assert len(midway["rng_per_rank"]) == 2
+    assert not torch.equal(midway["rng_per_rank"][0]["torch"], midway["rng_per_rank"][1]["torch"])
+    ddp("resumed", resume=True)
+    for rank in (0, 1):
+        straight = torch.load(tmp_path / f"straight.pt.{rank}", weights_only=True)
+        resumed = torch.load(tmp_path / f"resumed.pt.{rank}", weights_only=True)
+        assert same_weights(straight, resumed), rank
+    lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
+    assert [[x[k] for k in keys] for x in again] == [[x[k] for k in keys] for x in lines]
+
+
+@pytest.mark.slow  # trains
+def test_resuming_with_another_number_of_processes_says_what_is_not_exact(data_root, tmp_path, caplog):
+    out = tmp_path / "run"
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 2, "solver.checkpoint_period": 2}))
+    ckpt = load_checkpoint(out / "last.pth")
+    ckpt["rng_per_rank"] = [ckpt["rng"], ckpt["rng"]]  # as if two processes had written it
+    save_checkpoint(ckpt, out / "last.pth")
+    caplog.set_level(logging.WARNING)
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 3}), resume=True)
+    lines = [r.getMessage() for r in caplog.records if "is resumed with 1" in r.getMessage()]
+    assert lines == [f"{out / 'last.pth'} was written by 2 processes and is resumed with 1: the data order and the "
+                     "random sampling of anchors and RoIs differ from an uninterrupted run's from here on, so the "
+                     "result is a valid continuation but not bit-identical"]
+
+
+# ----------------------------------------------------------------------------- true messages
+
+def _nan_at(monkeypatch, call: int) -> None:
+    from detection.model import FasterRCNN
+
+    calls = {"n": 0}
+    real_forward = FasterRCNN.forward
+
+    def forward(self, images, targets=None):
+        out = real_forward(self, images, targets)
+        calls["n"] += 1
+        if self.training and calls["n"] == call:
+            out["loss_cls"] = out["loss_cls"] * float("nan")
+        return out
+
+    monkeypatch.setattr(FasterRCNN, "forward", forward)
+
+
+def test_a_non_finite_loss_before_any_checkpoint_does_not_claim_one(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _nan_at(monkeypatch, 2)
+    with pytest.raises(TrainingError) as err:
+        train(tiny_cfg(data_root, out, **{"solver.max_iter": 4, "solver.checkpoint_period": 3}))
+    assert "iteration 2: loss is not finite" in str(err.value)
+    assert f"no checkpoint was written yet ({out / 'last.pth'} does not exist)" in str(err.value)
+    assert "last good checkpoint" not in str(err.value) and not (out / "last.pth").exists()
+
+
+@pytest.mark.slow  # trains 3 iterations
+def test_a_non_finite_loss_names_the_checkpoint_that_is_kept(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _nan_at(monkeypatch, 3)
+    with pytest.raises(TrainingError) as err:
+        train(tiny_cfg(data_root, out, **{"solver.max_iter": 4, "solver.checkpoint_period": 2}))
+    assert f"the last good checkpoint {out / 'last.pth'} (iteration 2) is kept: --resume continues it" \
+        in str(err.value)
+
+
+# ----------------------------------------------------------------------------- failing disks
+
+def test_a_checkpoint_write_failing_part_way_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    save_checkpoint({"iteration": 1, "w": torch.ones(3)}, path)
+    monkeypatch.setattr(ckpt_mod.torch, "save", enospc_save())
+    with pytest.raises(OSError) as err:
+        save_checkpoint({"iteration": 2, "w": torch.zeros(3)}, path)
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary left behind
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text('{"AP": 1.0}\n')
+    with pytest.raises(OSError):
+        with atomic_write(path) as f:
+            f.write('{"AP": 2.')
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert path.read_text() == '{"AP": 1.0}\n' and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.slow  # trains 4 iterations
+def test_training_stops_with_one_error_when_the_disk_is_full(data_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save = ckpt_mod.torch.save
+    calls = {"n": 0}
+
+    def save(obj, f):  # the first save (iteration 2) works, the second (iteration 4) hits a full disk
+        calls["n"] += 1
+        (enospc_save() if calls["n"] == 2 else real_save)(obj, f)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", save)
+    assert run_tool(data_root, out, **{"solver.max_iter": 6, "solver.checkpoint_period": 2}) == 1
+    errors = [x for x in capsys.readouterr().err.split("\n") if x.startswith("error:")]
+    assert errors == [f"error: could not write {out / 'last.pth'} at iteration 4 (No space left on device); "
+                      f"training stopped, the last good checkpoint {out / 'last.pth'} (iteration 2) is kept: "
+                      "--resume continues it"]
+    assert load_resume_checkpoint(out / "last.pth")["iteration"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pth", "metrics.jsonl"]
+
+
+def test_resume_refuses_a_file_that_is_not_a_training_checkpoint(tmp_path):
+    save_checkpoint({"model": {}, "iteration": 3}, tmp_path / "model_final.pth")
+    with pytest.raises(CheckpointError, match=r"model_final.pth: cannot resume from it, it lacks optimizer, "
+                                              r"scheduler, scaler, rng"):
+        load_resume_checkpoint(tmp_path / "model_final.pth")
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+
+
+# ----------------------------------------------------------------------------- one trainer per folder
+
+def test_a_second_trainer_on_a_live_runs_folder_is_refused_naming_it(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    live = RunLock(out).acquire()  # held by this (live) process, as a running trainer holds it
+    try:
+        assert run_tool(data_root, out, "--resume") == 2
+        errors = [x for x in capsys.readouterr().err.split("\n") if x.startswith("error:")]
+        assert len(errors) == 1
+        assert f"{out} is in use by another training run (pid {os.getpid()} on " in errors[0]
+        assert "choose another --output-dir" in errors[0]
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
+    finally:
+        live.release()
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(gone.stdout)  # a process that has ended: its lock (if any) went with it
+    (tmp_path / LOCK_FILE).write_text(f"pid {pid} on somehost\n")
+    lock = RunLock(tmp_path).acquire()
+    assert f"took over a stale lock of pid {pid} on somehost (that process is gone)" in caplog.text
+    assert (tmp_path / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_failed_start_leaves_no_folder_and_no_lock(data_root, tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(ValueError, match="model.num_classes is 5"):
+        train(tiny_cfg(data_root, out, **{"model.num_classes": 5}))
+    assert not out.exists()
