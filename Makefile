@@ -1,22 +1,32 @@
 # Every target sets itself up on a fresh clone: .venv is created and the project
-# installed into it (pip install -e .[dev]) the first time, and again only when
-# setup.py changes.
+# installed into it (pip install -e .[dev,export,report]: the tests, ONNX export and the
+# HTML report) the first time, and again only when setup.py changes.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test test-fast demo setup clean-demo
+.PHONY: test test-fast demo setup clean-demo chromium
 
 setup: $(STAMP)
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,export,report]'
 	@touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest tests -q
+
+# The HTML report's browser test (tests/test_report.py) loads it in headless Chromium (Debian's
+# `chromium`). Installed here only when missing, with apt-get (as root, else sudo -n); when that
+# fails, make goes on and that one test skips, saying why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  echo "installing chromium (apt-get) for the HTML report's browser test"; \
+	  ($$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "note: chromium could not be installed; the HTML report's browser test will be skipped"; }
 
 # The edit-test loop: everything but the end-to-end runs marked `slow` (tests/conftest.py).
 test-fast: $(STAMP)

@@ -1,0 +1,270 @@
+"""ONNX export of the detector's inference, and ONNX Runtime to run it.
+
+Shapes: H x W the resized image, M anchors, k proposals, R = k RoIs, K foreground classes,
+D detections.
+
+The graph (`export_onnx`) is the plain path of `FasterRCNN.inference` for one image:
+
+    image    uint8 (1, 3, H, W): RGB, already resized by `prepare_image` (below)
+    original_size  int64 (2,): (height, width) of the image before resizing
+ -> boxes  float32 (D, 4) XYXY in the original image's pixels, scores float32 (D,),
+    labels int64 (D,) in 1..K
+
+Inside: BGR flip if the weights want it, normalisation, padding to size_divisibility, trunk,
+RPN (top-k, decode, clip, drop small / empty / non-finite boxes, NMS), RoI pooling, res5,
+predictor, softmax, decode, clip, score threshold, per-class NMS, top detections, scaling back
+to the original pixels. Height and width are dynamic. Resizing stays outside, as the one
+pre-processing step: OpenCV's area filter (and PIL's bilinear, `input.resize_mode: detectron2`)
+have no exact ONNX op, so `prepare_image` runs `detection.resize.resize_uint8` as the model does.
+
+Ops, as torchvision exports its Faster R-CNN (torchvision/ops/_register_onnx_ops.py):
+`torchvision.ops.nms` becomes ONNX NonMaxSuppression; per-class NMS is torchvision's
+`batched_nms` coordinate trick (boxes of each class shifted apart, one NMS), which torchvision
+uses whenever it is traced; `roi_align` (aligned, sampling ratio 0) becomes RoiAlign with
+coordinate_transformation_mode half_pixel (opset 16+); `roi_pool` MaxRoiPool. The fast path
+(detection/fast.py: folded BN, gather pooling, hoisted res5 convolutions) is not exported:
+its gather pooling is not an ONNX op, so the export takes the plain path's layers, which give
+the same detections; ONNX Runtime does its own fusions.
+
+Not exported (refused with an ExportError): test-time augmentation, the paper's multi-scale
+testing and box refinement (tools run these in Python around the model).
+
+The tracing rules torchvision follows are kept here: every size comes from a tensor's shape,
+never a Python int (which the tracer would freeze at the export size), and `min(top-k, M)` is
+a tensor op.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, nms
+
+from detection.model import FasterRCNN
+from detection.resize import resize_uint8, resized_shape
+
+OPSET = 17  # RoiAlign's half_pixel mode (torchvision's aligned=True) needs 16
+INPUT_NAMES = ("image", "original_size")
+OUTPUT_NAMES = ("boxes", "scores", "labels")
+
+
+class ExportError(ValueError):
+    """A model or setting the ONNX export cannot represent; says which and what to do."""
+
+
+class ExportableDetector(nn.Module):
+    """FasterRCNN.inference for one resized uint8 image, written for the tracer: the same
+    submodules and arithmetic, with every size taken from tensors."""
+
+    def __init__(self, model: FasterRCNN) -> None:
+        super().__init__()
+        _check_exportable(model)
+        self.model = model
+
+    def forward(self, image: Tensor, original_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """image uint8 (1, 3, H, W), original_size int64 (2,) -> boxes (D, 4), scores (D,),
+        labels (D,)."""
+        m = self.model
+        x = image[0].to(torch.float32)  # (1, 3, H, W) -> (3, H, W)
+        if m.input_format == "BGR":
+            x = x.flip(0)
+        x = (x - m.pixel_mean) / m.pixel_std
+        size = torch._shape_as_tensor(x)[1:]  # (2,) int64: H, W of the image before padding
+        features = m.trunk(_pad(x, m.size_divisibility).unsqueeze(0))  # (1, C4, H'/16, W'/16)
+        proposals = self.proposals(features, size.to(torch.float32))
+        boxes, scores, labels = self.detections(features, proposals, size.to(torch.float32))
+        return _rescale(boxes, scores, labels, size, original_size)
+
+    def proposals(self, features: Tensor, size: Tensor) -> Tensor:
+        """RPN.select_proposals for one image -> (k, 4)."""
+        rpn = self.model.rpn
+        anchors = rpn.anchor_generator(features)  # (M, 4)
+        logits, deltas = rpn.head(features)  # (1, M), (1, M, 4)
+        k = _min_with_size(rpn.pre_nms_topk[False], logits, 1)
+        scores, idx = logits[0].topk(k)  # (k,), sorted
+        boxes = _clip(rpn.box_coder.decode(deltas[0, idx], anchors[idx]), size)  # (k, 4)
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        keep = ((widths >= rpn.min_size) & (heights >= rpn.min_size) & (widths > 0) & (heights > 0)
+                & _finite(boxes).all(dim=1) & _finite(scores))
+        idx = keep.nonzero().squeeze(1)
+        boxes, scores = boxes[idx], scores[idx]
+        return boxes[nms(boxes, scores, rpn.nms_thresh)[:rpn.post_nms_topk[False]]]
+
+    def detections(self, features: Tensor, proposals: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Res5ROIHeads.detect for one image -> boxes (D, 4), scores (D,), labels (D,)."""
+        heads = self.model.roi_heads
+        pooled = heads._pool(features, [proposals])  # (R, C4, S, S)
+        roi_features = heads._res5(pooled)  # (R, C5)
+        if heads.global_context:  # the whole image (0, 0, W, H) pooled like a RoI
+            whole = torch.cat([torch.zeros(2), size.flip(0)]).unsqueeze(0)  # (1, 4) x1 y1 x2 y2
+            context = heads._res5(heads._pool(features, [whole]))  # (1, C5)
+            roi_features = torch.cat([roi_features, context.expand_as(roi_features)], dim=1)  # (R, 2 C5)
+        logits, deltas = heads.predictor(roi_features)  # (R, K+1), (R, 4K)
+        scores = F.softmax(logits, dim=-1)[:, 1:]  # (R, K+1) -> (R, K), background dropped
+        boxes = heads.box_coder.decode(deltas, proposals).view(-1, heads.num_classes, 4)  # (R, 4K) -> (R, K, 4)
+        boxes = _clip(boxes, size)
+        keep = (scores > heads.score_thresh_test) & _finite(boxes).all(dim=-1)  # (R, K)
+        roi_idx, class_idx = keep.nonzero(as_tuple=True)
+        boxes, scores, labels = boxes[roi_idx, class_idx], scores[roi_idx, class_idx], class_idx + 1
+        keep = batched_nms(boxes, scores, labels, heads.nms_thresh_test)[:heads.detections_per_image]
+        return boxes[keep], scores[keep], labels[keep]
+
+
+def export_onnx(model: FasterRCNN, path: str | Path, example_size: tuple[int, int] | None = None,
+                opset: int = OPSET) -> Path:
+    """Write `model`'s inference (the plain path, eval mode, on the CPU) to an ONNX file with
+    dynamic height and width, by the TorchScript-based exporter (`torch.onnx.export(...,
+    dynamo=False)`), which traces the torchvision ops to their ONNX symbolics as torchvision's
+    own detection models do. `example_size` is the traced image's (H, W) (default: the test
+    size of a 4:3 image); the file works at any size."""
+    model = model.cpu().eval()
+    wrapper = ExportableDetector(model).eval()
+    if example_size is None:
+        example_size = resized_shape(3 * model.min_size_test, 4 * model.min_size_test,
+                                     model.min_size_test, model.max_size_test)
+    image = torch.randint(0, 256, (1, 3, *example_size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = {"image": {2: "height", 3: "width"}, **{name: {0: "detections"} for name in OUTPUT_NAMES}}
+    with warnings.catch_warnings(), torch.no_grad():
+        # the legacy exporter's deprecation notice and the tracer's notes on values it treats as
+        # constants (the config's thresholds and counts: constants indeed)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (image, torch.tensor(example_size, dtype=torch.int64)), str(path),
+                          dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
+                          output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, do_constant_folding=True)
+    return path
+
+
+def prepare_image(image: Tensor | np.ndarray, min_size: int, max_size: int, resize_mode: str = "default"
+                  ) -> dict[str, np.ndarray]:
+    """The ONNX model's inputs for one RGB image (uint8 (3, H, W) tensor or (H, W, 3) array,
+    values 0..255): resized as FasterRCNN.preprocess does (detection.resize, shorter side
+    min_size, longer at most max_size; the model's min_size_test / max_size_test /
+    resize_mode), as uint8 (1, 3, h, w), and the original (H, W)."""
+    if isinstance(image, Tensor):
+        image = image.detach().cpu().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"prepare_image: needs an RGB uint8 image, got {image.dtype} {list(image.shape)}")
+    height, width = image.shape[:2]
+    size = resized_shape(height, width, min_size, max_size)
+    if size != (height, width):
+        image = resize_uint8(np.ascontiguousarray(image), size, resize_mode)
+    return {"image": np.ascontiguousarray(image.transpose(2, 0, 1)[None]),  # (h, w, 3) -> (1, 3, h, w)
+            "original_size": np.array([height, width], dtype=np.int64)}
+
+
+class OnnxDetector:
+    """An exported file run by ONNX Runtime: `detector(image)` -> {"boxes", "scores",
+    "labels"} as tensors, like the model's output for that image. The resize settings must be
+    the exported model's (`input.min_size_test`, `input.max_size_test`, `input.resize_mode`)."""
+
+    def __init__(self, path: str | Path, min_size: int, max_size: int, resize_mode: str = "default",
+                 threads: int | None = None) -> None:
+        import onnxruntime  # the `export` extra
+
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.min_size, self.max_size, self.resize_mode = min_size, max_size, resize_mode
+
+    def __call__(self, image: Tensor | np.ndarray) -> dict[str, Tensor]:
+        inputs = prepare_image(image, self.min_size, self.max_size, self.resize_mode)
+        return self.run(inputs)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, Tensor]:
+        """The session on prepared inputs (prepare_image)."""
+        outputs = self.session.run(list(OUTPUT_NAMES), inputs)
+        return {name: torch.from_numpy(value) for name, value in zip(OUTPUT_NAMES, outputs)}
+
+
+BOX_TOLERANCE, SCORE_TOLERANCE = 1e-2, 1e-4  # pixels; probability
+
+
+def compare_detections(ref: dict[str, Tensor], other: dict[str, Tensor]) -> dict[str, Any]:
+    """Are `other`'s detections `ref`'s? The same count and labels, in the same order, boxes
+    within BOX_TOLERANCE px and scores within SCORE_TOLERANCE."""
+    out: dict[str, Any] = {"count": len(ref["scores"]), "other_count": len(other["scores"])}
+    same_count = out["count"] == out["other_count"]
+    out["labels_equal"] = same_count and bool((ref["labels"].cpu() == other["labels"]).all())
+    both = same_count and out["count"] > 0
+    out["max_box_diff"] = float((ref["boxes"].cpu() - other["boxes"]).abs().max()) if both else 0.0
+    out["max_score_diff"] = float((ref["scores"].cpu() - other["scores"]).abs().max()) if both else 0.0
+    out["equal"] = (out["labels_equal"] and out["max_box_diff"] <= BOX_TOLERANCE
+                    and out["max_score_diff"] <= SCORE_TOLERANCE)
+    return out
+
+
+def check_with_onnxruntime(model: FasterRCNN, path: str | Path, images: list[Tensor]) -> list[dict[str, Any]]:
+    """ONNX Runtime's detections of the file against the model's own (eval mode, CPU), one
+    compare_detections() per image (uint8 RGB (3, H, W))."""
+    model = model.cpu().eval()
+    detector = OnnxDetector(path, model.min_size_test, model.max_size_test, model.resize_mode)
+    results = []
+    for image in images:
+        with torch.no_grad():
+            ref = model([image])[0]
+        inputs = prepare_image(image, model.min_size_test, model.max_size_test, model.resize_mode)
+        results.append({"input_size": list(image.shape[-2:]), "model_size": list(inputs["image"].shape[-2:]),
+                        **compare_detections(ref, detector.run(inputs))})
+    return results
+
+
+def _check_exportable(model: nn.Module) -> None:
+    if not isinstance(model, FasterRCNN):
+        raise ExportError(f"ONNX export takes the plain FasterRCNN (detection.model), got {type(model).__name__}: "
+                          "export the model before wrapping it for test-time augmentation")
+    if model.roi_heads.res5_runner is not None:
+        raise ExportError("ONNX export takes the plain path: build the model without model.fast_path "
+                          "(its gather pooling has no ONNX op; the plain path gives the same detections)")
+    if model.multi_scale is not None:
+        raise ExportError("ONNX export: the paper's multi-scale testing (test.multi_scale.enabled) is not "
+                          "exported; set test.multi_scale.enabled=false")
+    if model.roi_heads.box_refinement is not None:
+        raise ExportError("ONNX export: box refinement (test.box_refinement.enabled) is not exported; "
+                          "set test.box_refinement.enabled=false")
+
+
+def _pad(x: Tensor, divisibility: int) -> Tensor:
+    """(3, H, W) -> zero-padded at the bottom and right to multiples of `divisibility`
+    (ImageList.from_tensors). While tracing, shape entries are tensors: the padding stays
+    dynamic."""
+    if divisibility <= 1:
+        return x
+    height, width = x.shape[-2], x.shape[-1]
+    return F.pad(x, (0, (divisibility - width % divisibility) % divisibility,
+                     0, (divisibility - height % divisibility) % divisibility))
+
+
+def _min_with_size(k: int, x: Tensor, dim: int) -> Any:
+    """min(k, x.shape[dim]) as a tensor op when tracing (torchvision's _topk_min)."""
+    if not torch.jit.is_tracing():
+        return min(k, x.shape[dim])
+    size = torch._shape_as_tensor(x)[dim].unsqueeze(0)
+    return torch.min(torch.cat([torch.tensor([k], dtype=size.dtype), size]))
+
+
+def _clip(boxes: Tensor, size: Tensor) -> Tensor:
+    """clip_boxes_to_image with (H, W) as a float tensor: x in [0, W], y in [0, H]."""
+    limits = size.flip(0).repeat(2)  # (4,): W, H, W, H
+    return torch.minimum(boxes.clamp(min=0), limits)
+
+
+def _finite(x: Tensor) -> Tensor:
+    return ~(torch.isinf(x) | torch.isnan(x))
+
+
+def _rescale(boxes: Tensor, scores: Tensor, labels: Tensor, size: Tensor, original_size: Tensor
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """model._rescale: scale (separate x / y factors), clip, drop boxes without area."""
+    factors = (original_size.to(torch.float32) / size.to(torch.float32)).flip(0).repeat(2)  # (4,): sx, sy, sx, sy
+    boxes = _clip(boxes * factors, original_size.to(torch.float32))
+    keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)
+    return boxes[keep], scores[keep], labels[keep]
