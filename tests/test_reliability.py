@@ -314,3 +314,125 @@ def test_a_failed_start_leaves_no_folder_and_no_lock(data_root, tmp_path):
     with pytest.raises(ValueError, match="model.num_classes is 5"):
         train(tiny_cfg(data_root, out, **{"model.num_classes": 5}))
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- evaluation: files and memory
+
+def _coco_dataset(tmp_path, num_images: int):
+    """A COCO-type DatasetInfo of num_images 640x480 images (3 classes) and its annotation json."""
+    import numpy as np
+
+    from detection.data.dataset_info import DatasetInfo
+
+    images = [{"id": i + 1, "file_name": f"{i}.jpg", "height": 480, "width": 640} for i in range(num_images)]
+    anns = [{"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 3, "bbox": [10.0, 20.0, 50.0, 60.0],
+             "area": 3000.0, "iscrowd": 0} for i in range(num_images)]
+    ann_file = tmp_path / f"gt{num_images}.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns,
+                                    "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]}))
+    records = [{"image_id": i + 1, "file_name": "", "height": 480, "width": 640,
+                "boxes": np.array([[10, 20, 60, 80]], np.float32), "labels": np.array([1 + i % 3]),
+                "difficult": np.zeros(1, bool)} for i in range(num_images)]
+    return DatasetInfo("syn", "coco", ["c1", "c2", "c3"], records, ann_file=str(ann_file),
+                       label_to_category_id={1: 1, 2: 2, 3: 3})
+
+
+class _HundredDetections(torch.nn.Module):
+    """100 random detections per image, as a detector's float32 outputs."""
+
+    def forward(self, images):
+        out = []
+        for _ in images:
+            xy = torch.rand(100, 2) * 500
+            out.append({"boxes": torch.cat([xy, xy + 20 + torch.rand(100, 2) * 100], 1),
+                        "scores": torch.rand(100), "labels": torch.randint(1, 4, (100,))})
+        return out
+
+
+class _Written(Exception):
+    """Raised instead of scoring, once coco_results.json is written (COCOeval is not measured)."""
+
+
+def _held_and_results_bytes(tmp_path, monkeypatch, num_images: int) -> tuple[int, int]:
+    """Bytes the evaluator holds after inference over num_images (tracemalloc: numpy arrays
+    and Python objects), and the size of the coco_results.json it then writes."""
+    import tracemalloc
+
+    from detection.evaluation import COCOEvaluator, coco, inference_on_dataset
+    from detection.evaluation.coco import RESULTS_FILE
+
+    def no_scoring(*args):
+        raise _Written
+
+    monkeypatch.setattr(coco, "run_cocoeval", no_scoring)
+
+    dataset = _coco_dataset(tmp_path, num_images)
+    evaluator = COCOEvaluator(dataset, str(tmp_path / f"out{num_images}"))
+    image = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    loader = [([image], [r]) for r in dataset.records]
+    held = {}
+    score = evaluator.evaluate
+
+    def evaluate():  # measured when inference is over, before the results are written
+        held["bytes"] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        return score()
+
+    evaluator.evaluate = evaluate
+    tracemalloc.start()
+    try:
+        inference_on_dataset(_HundredDetections(), loader, evaluator, device="cpu")
+    except _Written:
+        pass
+    finally:
+        tracemalloc.stop()
+    return held["bytes"], (tmp_path / f"out{num_images}" / RESULTS_FILE).stat().st_size
+
+
+def test_evaluation_memory_grows_less_than_the_results_file(tmp_path, monkeypatch, capsys):
+    held_small, file_small = _held_and_results_bytes(tmp_path, monkeypatch, 100)
+    held_large, file_large = _held_and_results_bytes(tmp_path, monkeypatch, 2000)
+    with capsys.disabled():
+        print(f"\nevaluation at 100 detections per image: held after inference {held_small / 2**20:.2f} MB "
+              f"(100 images), {held_large / 2**20:.2f} MB (2000); results file {file_small / 2**20:.2f} MB, "
+              f"{file_large / 2**20:.2f} MB")
+    assert held_large - held_small <= file_large - file_small
+    assert held_large < 0.5 * file_large  # compact arrays, not Python result dicts (about 4x the file)
+
+
+@pytest.mark.parametrize("writer", ["coco_results", "metrics_json", "comp4"])
+def test_results_files_survive_a_full_disk(tmp_path, monkeypatch, writer):
+    import numpy as np
+
+    import detection.utils.files as files
+    from detection.data.dataset_info import DatasetInfo
+    from detection.evaluation import COCOEvaluator, VOCEvaluator, save_metrics_json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    if writer == "coco_results":
+        target = out / "coco_results.json"
+        evaluator = COCOEvaluator(_coco_dataset(tmp_path, 3), str(out))
+        evaluator.process(evaluator.dataset.records, [_HundredDetections()([0])[0]] * 3)
+        write = evaluator.evaluate
+    elif writer == "metrics_json":
+        target = out / "metrics.json"
+        write = lambda: save_metrics_json({"AP": 2.0}, target)  # noqa: E731
+    else:
+        target = out / "comp4_det_test_cat.txt"
+        record = {"image_id": "a", "file_name": "", "height": 9, "width": 9, "boxes": np.zeros((0, 4), np.float32),
+                  "labels": np.zeros(0, np.int64), "difficult": np.zeros(0, bool)}
+        evaluator = VOCEvaluator(DatasetInfo("v", "voc", ["cat"], [record]), str(out))
+        evaluator.process([record], [{"boxes": torch.tensor([[1.0, 1, 5, 5]]), "scores": torch.tensor([0.5]),
+                                      "labels": torch.tensor([1])}])
+        write = evaluator.evaluate
+    target.write_text("the previous results\n")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        write()
+    assert target.read_text() == "the previous results\n"
+    assert sorted(p.name for p in out.iterdir()) == [target.name]  # no temporary file left

@@ -3,6 +3,12 @@
 Detections are written in the standard results format, `[{image_id, category_id, bbox:
 [x, y, w, h], score}]` with the data set's own category ids, to `coco_results.json`;
 COCOeval then scores exactly that list, restricted to the images that were processed.
+
+Memory: while the model runs, each image's detections are kept as three small numpy arrays
+(about 26 bytes a detection, against about 150 in the results file and about 600 as Python
+result dicts), so holding a large test set's detections costs less than the results file
+itself; the result dicts exist only while the file is written and COCOeval scores them
+(pycocotools keeps its own per-detection records then).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detection.evaluation.inference import order_by_dataset, to_numpy
+from detection.utils.files import atomic_write
 
 if TYPE_CHECKING:
     from detection.data.dataset_info import DatasetInfo
@@ -52,26 +59,27 @@ class COCOEvaluator:
         self.reset()
 
     def reset(self) -> None:
-        self.predictions: list[dict[str, Any]] = []  # {"image_id", "instances": [result dicts]} per image
+        # per image {"image_id", "boxes" (D,4) XYXY, "scores" (D,), "labels" (D,)} as compact numpy
+        # arrays, or {"image_id", "instances": [result dicts]} for results read from a file
+        self.predictions: list[dict[str, Any]] = []
         self.pr_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def process(self, records: Sequence[dict], outputs: Sequence[dict]) -> None:
-        """Convert each image's XYXY detections to COCO results with the json's category ids."""
+        """Keep each image's XYXY detections as numpy arrays in the model's precision (they
+        become COCO results, with the json's category ids, when evaluate writes them)."""
         if len(records) != len(outputs):
             raise ValueError(f"process: {len(records)} records but {len(outputs)} outputs")
         to_category = self.dataset.label_to_category_id
         for record, output in zip(records, outputs):
-            boxes = to_numpy(output["boxes"], np.float64).reshape(-1, 4)
-            scores = to_numpy(output["scores"], np.float64).reshape(-1).tolist()
-            labels = to_numpy(output["labels"], np.int64).reshape(-1).tolist()
-            instances = []
-            for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), scores, labels):
-                if label not in to_category:
-                    raise ValueError(f"image {record['image_id']}: predicted label {label} has no category id "
-                                     f"(data set {self.dataset.name} has labels 1..{len(to_category)})")
-                instances.append({"image_id": record["image_id"], "category_id": int(to_category[label]),
-                                  "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
-            self.predictions.append({"image_id": record["image_id"], "instances": instances})
+            labels = to_numpy(output["labels"], np.int64).reshape(-1)
+            unknown = sorted(set(labels.tolist()) - set(to_category))
+            if unknown:
+                raise ValueError(f"image {record['image_id']}: predicted label {unknown[0]} has no category id "
+                                 f"(data set {self.dataset.name} has labels 1..{len(to_category)})")
+            self.predictions.append({"image_id": record["image_id"],
+                                     "boxes": _floats(output["boxes"]).reshape(-1, 4),
+                                     "scores": _floats(output["scores"]).reshape(-1),
+                                     "labels": labels.astype(np.int32)})
 
     def load_results(self, path: str) -> None:
         """Use a COCO results json (a list of {image_id, category_id, bbox, score}) as the
@@ -91,10 +99,10 @@ class COCOEvaluator:
     def evaluate(self) -> dict[str, float]:
         """Write coco_results.json (when there is an output_dir) and run COCOeval on it."""
         predictions = order_by_dataset(self.predictions, self.dataset.records)
-        results = [inst for p in predictions for inst in p["instances"]]
-        if self.output_dir:
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, RESULTS_FILE), "w") as f:
+        to_category = self.dataset.label_to_category_id
+        results = [inst for p in predictions for inst in _instances(p, to_category)]
+        if self.output_dir:  # written whole or not at all: a full disk leaves the old file
+            with atomic_write(os.path.join(self.output_dir, RESULTS_FILE)) as f:
                 json.dump(results, f)
         image_ids = sorted({p["image_id"] for p in predictions})
         if not image_ids:
@@ -145,7 +153,7 @@ def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[Any]) -
 
 def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
     if results:
-        return coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts it gets
+        return coco_gt.loadRes(results)  # adds keys to the dicts: _instances made them for this call
     # loadRes fails on an empty list; an empty results set scores 0 wherever there is ground truth
     coco_dt = COCO()
     coco_dt.dataset = {"images": list(coco_gt.dataset.get("images", [])), "annotations": [],
@@ -170,6 +178,26 @@ def read_results_json(path: str) -> list[dict]:
         if not ok or not (isinstance(result["bbox"], list) and len(result["bbox"]) == 4):
             raise ValueError(f"{path}: result {index} is not {{image_id, category_id, bbox: [x, y, w, h], score}}")
     return results
+
+
+def _floats(x: Any) -> np.ndarray:
+    """Boxes or scores as numpy in their own float precision (float32 from the model; float64
+    when given so): widened to float64 only when written, which gives the same numbers."""
+    array = to_numpy(x, None)
+    # a copy of its own: a view would keep the model output's whole storage alive
+    return np.array(array, dtype=array.dtype if array.dtype in (np.float32, np.float64) else np.float64)
+
+
+def _instances(prediction: dict, to_category: dict[int, int]) -> list[dict]:
+    """One image's COCO result dicts, new ones on every call (COCO.loadRes adds keys to them)."""
+    if "instances" in prediction:
+        return [dict(r) for r in prediction["instances"]]
+    image_id = prediction["image_id"]
+    boxes = prediction["boxes"].astype(np.float64)
+    return [{"image_id": image_id, "category_id": int(to_category[label]), "bbox": [x1, y1, x2 - x1, y2 - y1],
+             "score": score}
+            for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), prediction["scores"].astype(np.float64).tolist(),
+                                                       prediction["labels"].tolist())]
 
 
 def _percent(stat: float) -> float:

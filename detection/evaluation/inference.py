@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from detection.utils import comm
+from detection.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -147,12 +148,12 @@ def format_metrics_table(metrics: Mapping[str, float], per_class_columns: int = 
 
 
 def save_metrics_json(metrics: Mapping[str, float], path: str | os.PathLike) -> None:
-    """Write the flat metrics dict as strict JSON (nan / inf become null)."""
+    """Write the flat metrics dict as strict JSON (nan / inf become null), whole or not at all:
+    a failing disk leaves the previous metrics.json and no temporary file."""
     data = {}
     for key, value in metrics.items():
         value = float(value)
         data[str(key)] = value if math.isfinite(value) else None
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         json.dump(data, f, indent=2, allow_nan=False)
         f.write("\n")

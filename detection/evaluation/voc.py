@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from detection.evaluation.inference import order_by_dataset, to_numpy
+from detection.utils.files import atomic_write
 
 if TYPE_CHECKING:
     from detection.data.dataset_info import DatasetInfo
@@ -352,9 +353,9 @@ def parse_comp4_lines(lines: Sequence[str], source: str) -> tuple[list[str], np.
 
 
 def write_comp4_files(lines: Mapping[int, Sequence[str]], class_names: Sequence[str], output_dir: str) -> None:
-    os.makedirs(output_dir, exist_ok=True)
+    """One file per class, each written whole or not at all (a full disk leaves the old file)."""
     for label, name in enumerate(class_names, start=1):
-        with open(os.path.join(output_dir, COMP4_TEMPLATE.format(name)), "w") as f:
+        with atomic_write(os.path.join(output_dir, COMP4_TEMPLATE.format(name))) as f:
             f.writelines(line + "\n" for line in lines[label])
 
 
