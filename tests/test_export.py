@@ -1,6 +1,7 @@
 """ONNX export (detection/export.py, tools/export.py): ONNX Runtime's detections equal
 PyTorch's (boxes within 0.01 px, scores within 1e-4, the same labels) on image sizes other
 than the traced one, for a tiny model, the demo's shapes model and a random-weight R50-C4."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,21 @@ def test_prepare_image_resizes_as_the_model():
     assert inputs["original_size"].tolist() == [50, 80]
     with pytest.raises(ValueError, match="uint8"):
         prepare_image(image.astype(np.float32), 100, 150)
+
+
+@pytest.mark.slow  # the benchmark in a subprocess
+def test_benchmark_times_onnxruntime_against_the_fast_path(tmp_path):
+    pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime: pip install -e '.[export]'")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--config", str(ROOT / "configs" / "base.yaml"),
+           "model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20",
+           "model.anchors.sizes=[32,64]", "model.roi_heads.pooler_resolution=7", "model.num_classes=2",
+           "--image-size", "64", "96", "--runs", "1", "--quick", "--no-train", "--no-memory", "--no-data",
+           "--onnx", "--json", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    onnx = json.loads(out.read_text())["onnx"]
+    for name in ("fast", "onnxruntime"):
+        assert onnx[name]["end_to_end_median_s"] > 0 and onnx[name]["vs_plain"]["equal"], onnx
+    assert onnx["onnxruntime"]["vs_plain"]["count"] > 0
+    assert "ONNX Runtime vs the fast path" in result.stdout

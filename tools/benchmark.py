@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "model-zoo file) instead of random weights")
     for part in ("train", "memory", "data"):
         p.add_argument(f"--no-{part}", action="store_true", help=f"skip the {part} measurement")
+    p.add_argument("--onnx", action="store_true",
+                   help="also time ONNX Runtime on the exported plain path (detection/export.py; the export "
+                        "extra) against the fast path")
     p.add_argument("--child", choices=("plain", "fast", "torchvision"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
@@ -252,6 +255,48 @@ def build_bench_model(cfg: Any, args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
+# ---- ONNX Runtime (--onnx) -------------------------------------------------------------
+
+
+def bench_onnx(plain: torch.nn.Module, images: list[torch.Tensor], args: argparse.Namespace) -> dict:
+    """ONNX Runtime running the exported plain path (detection/export.py) against the fast path
+    (PyTorch), interleaved, on the same image with the same number of threads; per image, end
+    to end (ONNX: prepare_image + session.run; PyTorch: model(images)). Also whether each gives
+    the plain path's detections."""
+    from detection.export import OnnxDetector, compare_detections, export_onnx
+
+    fast = optimize_for_inference(plain, chunk_size=args.chunk_size)
+    uint8 = [img.round().clamp(0, 255).to(torch.uint8) for img in images]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(plain, Path(tmp) / "model.onnx")  # traced at another size than the image's
+        ort = OnnxDetector(path, plain.min_size_test, plain.max_size_test, plain.resize_mode,
+                           threads=torch.get_num_threads())
+    runners = {"fast": lambda: fast(images), "onnxruntime": lambda: [ort(img) for img in uint8]}
+    with torch.inference_mode():
+        ref = plain(images)[0]
+        out: dict[str, Any] = {name: {"end_to_end_s": [], "vs_plain": compare_detections(ref, fn()[0])}
+                               for name, fn in runners.items()}
+        for run in range(args.warmup + args.runs):
+            for name in (list(runners) if run % 2 == 0 else list(runners)[::-1]):
+                seconds = timed(runners[name]) / len(images)
+                if run >= args.warmup:
+                    out[name]["end_to_end_s"].append(seconds)
+                print(f"  onnx run {run}: {name} {seconds:.3f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+    for entry in out.values():
+        entry["end_to_end_median_s"] = statistics.median(entry["end_to_end_s"])
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def print_onnx(onnx: dict) -> None:
+    fast, ort = onnx["fast"], onnx["onnxruntime"]
+    print(f"\nONNX Runtime vs the fast path ({onnx['threads']} threads, per image, median):")
+    for name, entry in (("fast path (PyTorch)", fast), ("onnxruntime (plain path exported)", ort)):
+        same = "equal" if entry["vs_plain"]["equal"] else "NOT EQUAL"
+        print(f"  {name:36s} {entry['end_to_end_median_s']:.3f} s   detections vs plain: {same}")
+    print(f"  onnxruntime / fast: {ort['end_to_end_median_s'] / fast['end_to_end_median_s']:.2f}x the time")
+
+
 # ---- training --------------------------------------------------------------------------
 
 
@@ -404,6 +449,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     tv = build_torchvision_c4(plain, cfg) if args.compare_torchvision else None
     images, _ = synthetic_batch(1, tuple(args.image_size), cfg.model.num_classes)
     report["inference"] = bench_inference(inference_variants(plain, tv, args), images, args)
+    if args.onnx:
+        report["onnx"] = bench_onnx(plain, images, args)
     if not args.no_train:
         report["training"] = bench_training(cfg, plain, tv, args)
     if not args.no_memory:
@@ -440,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args)
     report = summarize(run(args, argv))
     print_report(report)
+    if "onnx" in report:
+        print_onnx(report["onnx"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=float))
     return 0
