@@ -58,30 +58,113 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None) -
 
 
 def open_coco(ann_file: str) -> COCO:
-    """pycocotools.COCO for `ann_file`, with a DataError naming the file instead of a traceback."""
+    """pycocotools.COCO for `ann_file`, with a DataError naming the file instead of a traceback.
+
+    The json is checked before pycocotools indexes it (check_coco_json): a wrong type, a
+    missing field or a duplicate id is one error naming the file, the record and the field,
+    never a TypeError from inside pycocotools or, worse, a duplicate silently shadowing
+    another record (pycocotools keys its indexes by id)."""
+    if os.path.isdir(ann_file):
+        raise DataError(f"annotation file {ann_file} is a folder, not a COCO json file; {_LAYOUT_HINT}")
     if not os.path.isfile(ann_file):
         raise DataError(f"annotation file not found: {ann_file}; {_LAYOUT_HINT}")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            coco = COCO(ann_file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"could not read annotation file {ann_file}: {e}") from e
-    except (AssertionError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{ann_file} is not a COCO-format json (needs 'images', 'annotations', "
-                        f"'categories' with ids): {type(e).__name__} {e}") from e
-    if not coco.cats:
-        raise DataError(f"{ann_file} defines no categories ('categories' is missing or empty)")
+        with open(ann_file, "rb") as f:
+            raw = f.read()
+        data = json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise DataError(f"could not read annotation file {ann_file}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"annotation file {ann_file} is not UTF-8 text (byte {e.start}: "
+                        f"{raw[e.start:e.start + 1]!r}); a COCO json is UTF-8") from None
+    except json.JSONDecodeError as e:
+        what = "is empty" if not raw.strip() else f"is not valid json ({e})"
+        raise DataError(f"annotation file {ann_file} {what}") from None
+    check_coco_json(data, ann_file)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco.createIndex()
     return coco
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_id(value: Any) -> bool:
+    """COCO ids are integers; some converted sets use strings. Never bool, float or null."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_size(value: Any) -> bool:
+    """A positive whole number of pixels (480 or 480.0)."""
+    return _is_number(value) and math.isfinite(value) and value >= 1 and float(value).is_integer()
+
+
+def check_coco_json(data: Any, ann_file: str) -> None:
+    """DataError for the first thing in a parsed COCO json that readers or COCOeval would
+    trip over or misread: wrong types, missing fields, non-finite numbers, duplicate ids.
+    Extra fields are allowed (and ignored); box values are judged later (_parse_annotation)."""
+    expect = "a COCO json object {\"images\": [...], \"annotations\": [...], \"categories\": [...]}"
+    if not isinstance(data, dict):
+        raise DataError(f"{ann_file}: expected {expect}, got a json {type(data).__name__}")
+    for key in ("images", "categories"):
+        if key not in data:
+            raise DataError(f"{ann_file}: no {key!r} list; expected {expect}")
+    for key in ("images", "annotations", "categories"):
+        if key in data and not isinstance(data[key], list):
+            raise DataError(f"{ann_file}: {key!r} must be a list, got {type(data[key]).__name__}")
+    if not data["categories"]:
+        raise DataError(f"{ann_file} defines no categories ('categories' is empty)")
+    _check_records(data["categories"], "category", {"id": (_is_int, "an integer id"),
+                                                    "name": (lambda v: isinstance(v, str), "a string")},
+                   ann_file)
+    _check_records(data["images"], "image", {
+        "id": (_is_id, "an id"), "file_name": (lambda v: isinstance(v, str) and v != "", "a file name"),
+        "height": (_is_size, "a positive whole number"), "width": (_is_size, "a positive whole number")}, ann_file)
+    _check_records(data.get("annotations", []), "annotation", {
+        "id": (_is_id, "an id"), "image_id": (_is_id, "an image id"), "category_id": (_is_int, "an integer category id"),
+        "bbox": (lambda v: isinstance(v, list) and len(v) == 4 and all(_is_number(x) for x in v),
+                 "[x, y, width, height] (4 numbers)")}, ann_file)
+    if len({type(img["id"]) for img in data["images"]}) > 1:
+        raise DataError(f"{ann_file}: image ids mix numbers and strings; use one kind")
+    for index, ann in enumerate(data.get("annotations", [])):
+        where = f"{ann_file}: annotation #{index} (id {ann['id']!r})"
+        for key in ("iscrowd", "ignore"):
+            if key in ann and ann[key] not in (0, 1):  # (False and True are 0 and 1)
+                raise DataError(f"{where}: {key!r} must be 0 or 1, got {ann[key]!r}")
+        if "area" in ann and not (_is_number(ann["area"]) and math.isfinite(ann["area"]) and ann["area"] >= 0):
+            raise DataError(f"{where}: 'area' must be a finite number >= 0, got {ann['area']!r}")
+
+
+def _check_records(items: list, kind: str, fields: dict, ann_file: str) -> None:
+    """Each item a dict holding every field of `fields` (name -> (test, what it must be)),
+    ids unique."""
+    seen: dict[Any, int] = {}
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DataError(f"{ann_file}: {kind} #{index} must be a json object, got {item!r:.80}")
+        where = f"{ann_file}: {kind} #{index}" + (f" (id {item['id']!r})" if _is_id(item.get("id")) else "")
+        for key, (test, what) in fields.items():
+            if key not in item:
+                raise DataError(f"{where} has no {key!r} field")
+            if not test(item[key]):
+                raise DataError(f"{where}: {key!r} must be {what}, got {item[key]!r:.80}")
+        if item["id"] in seen:
+            raise DataError(f"{where} repeats the id of {kind} #{seen[item['id']]}; ids must be unique")
+        seen[item["id"]] = index
 
 
 def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[int, int],
                   ann_file: str) -> tuple[dict, int]:
     """-> (record, number of zero-area boxes dropped)."""
     img = coco.imgs[img_id]
-    missing = [k for k in ("file_name", "height", "width") if k not in img]
-    if missing:
-        raise DataError(f"{ann_file}: image id {img_id} lacks {missing}")
-    height, width = int(img["height"]), int(img["width"])
+    height, width = int(img["height"]), int(img["width"])  # whole numbers (check_coco_json)
     boxes, labels = [], []
     for ann in coco.imgToAnns.get(img_id, []):
         box, label = _parse_annotation(ann, width, height, cat_to_label, ann_file)

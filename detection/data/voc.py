@@ -123,10 +123,18 @@ def read_split(root: str, split: str) -> list[str]:
     if not os.path.isdir(root):
         raise DataError(f"VOC folder not found: {root}; {_LAYOUT_HINT}")
     path = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
+    if os.path.isdir(path):
+        raise DataError(f"VOC split file {path} is a folder, not a text file; {_LAYOUT_HINT}")
     if not os.path.isfile(path):
         raise DataError(f"VOC split file not found: {path}; {_LAYOUT_HINT}")
-    with open(path, encoding="utf-8") as f:
-        return [line.split()[0] for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.split()[0] for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"VOC split file {path} is not UTF-8 text (byte {e.start}); it lists one image id "
+                        "per line") from None
+    except OSError as e:
+        raise DataError(f"could not read VOC split file {path}: {e.strerror or e}") from None
 
 
 class _UnreadableXML(Exception):
@@ -202,13 +210,19 @@ def _image_path(root: str, image_id: str, tree: ET.Element) -> str:
 
 def _image_size(tree: ET.Element, xml_path: str, file_name: str) -> tuple[int, int]:
     """(height, width) from <size>, or from the image header when the XML lacks it."""
-    try:
-        height = int(float(tree.findtext("size/height") or 0))
-        width = int(float(tree.findtext("size/width") or 0))
-    except ValueError as e:
-        raise DataError(f"{xml_path}: non-numeric <size>: {e}") from e
+    sizes = []
+    for key in ("height", "width"):
+        text = (tree.findtext(f"size/{key}") or "0").strip() or "0"
+        try:
+            value = float(text)
+        except ValueError:
+            raise DataError(f"{xml_path}: <size>/<{key}> is {text!r}, not a number of pixels") from None
+        if not math.isfinite(value) or not value.is_integer():
+            raise DataError(f"{xml_path}: <size>/<{key}> is {text!r}, not a whole number of pixels")
+        sizes.append(int(value))
+    height, width = sizes
     if height > 0 and width > 0:
-        return height, width
+        return height, width  # 0 or less: unknown (some tools write 0), read from the image instead
     img = cv2.imread(file_name, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise _UnreadableXML(f"{xml_path} has no <size> and its image {file_name} cannot be read", xml_path)

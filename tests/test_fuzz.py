@@ -1,0 +1,494 @@
+"""Fuzzing every reader (issue 24): many corrupted inputs, generated (seeded) from small valid
+ones, fed to the real entry points: the COCO and VOC readers, the data loader, the config
+loader, the checkpoint and weight loaders, `tools/eval.py --results` and `tools/train_det.py`.
+
+Each case must end in exactly one of:
+- accepted, with the documented handling (degenerate boxes dropped with a warning and a
+  count, orphan annotations ignored with a warning, ...) and the output checked for sanity
+  (finite boxes of positive area inside the image, labels 1..K, unique ids);
+- one clear error: the layer's error type, one line, naming the file and the record or field;
+- skipped with a warning, when `dataloader.skip_bad_images` is on.
+
+Anything else fails the case: a traceback from deep inside (TypeError, KeyError, a numpy
+error), a message on several lines or one that does not say where, a result that breaks
+the invariants. Each family prints its number of cases. Cases that expose a bug in a file
+this suite's author could not change are listed in KNOWN_BUGS and run as strict xfails.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backbones.errors import WeightsError
+from detection.config import ConfigError
+from detection.data import DataError
+from detection.engine.checkpoint import CheckpointError
+
+SEED = 24
+CLEAR_ERRORS = (DataError, ConfigError, CheckpointError, WeightsError, ValueError)
+ROOT = Path(__file__).resolve().parents[1]
+COUNTS: Counter = Counter()  # family -> cases run (printed per family)
+
+
+@dataclass
+class Case:
+    name: str
+    run: Callable[[], Any]  # the entry point on the corrupted input; its return value is checked
+    where: tuple[str, ...] = ()  # what an error must name (the file; the record or field)
+    check: Optional[Callable[[Any], None]] = None  # invariants of an accepted result
+    outcomes: frozenset = frozenset({"accepted", "error"})  # what is allowed
+    warns: tuple[str, ...] = ()  # warnings an accepted (or skipped) case must give
+    tags: dict = field(default_factory=dict)
+
+
+def outcome(case: Case, caplog) -> tuple[str, str]:
+    """-> (outcome, problem); problem is "" when the case ended as it may."""
+    caplog.clear()
+    start = time.perf_counter()
+    try:
+        result = case.run()
+    except CLEAR_ERRORS as err:
+        message = str(err)
+        if "\n" in message.strip():
+            return "error", f"a message on several lines: {message[:300]!r}"
+        missing = [w for w in case.where if w not in message]
+        if missing:
+            return "error", f"the message does not name {missing}: {message[:300]!r}"
+        kind = "error"
+    except Exception as err:  # noqa: BLE001 - exactly what the fuzzing looks for
+        return "crash", f"{type(err).__name__} from deep inside: {str(err)[:300]!r}"
+    else:
+        kind = "skipped" if any("skip" in r.getMessage() for r in caplog.records) else "accepted"
+        try:
+            if case.check is not None:
+                case.check(result)
+        except AssertionError as err:
+            return kind, f"accepted but wrong: {err}"
+        text = "\n".join(r.getMessage() for r in caplog.records)
+        missing = [w for w in case.warns if w not in text]
+        if missing:
+            return kind, f"no warning {missing} (got {text[:300]!r})"
+    if time.perf_counter() - start > 20:
+        return kind, "took over 20 s (a hang?)"
+    if kind not in case.outcomes:
+        return kind, f"ended as {kind}, expected {sorted(case.outcomes)}"
+    return kind, ""
+
+
+def run_family(family: str, cases: list[Case], caplog) -> None:
+    """Every case of a family but the known bugs; all problems reported at once."""
+    caplog.set_level(logging.WARNING)
+    problems, seen = [], Counter()
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names)), "case names must be unique"
+    for case in cases:
+        if case.name in KNOWN_BUGS:
+            continue
+        kind, problem = outcome(case, caplog)
+        seen[kind] += 1
+        if problem:
+            problems.append(f"{case.name}: {problem}")
+    COUNTS[family] = sum(seen.values())
+    print(f"\nfuzz {family}: {sum(seen.values())} cases ({', '.join(f'{v} {k}' for k, v in sorted(seen.items()))})"
+          f"{f'; {len(problems)} FAILED' if problems else ''}")
+    assert not problems, "\n".join(problems)
+
+
+# ============================================================================ invariants
+
+def check_dataset(info, *, num_classes: int, min_records: int = 1) -> None:
+    """What every accepted data set must satisfy: the records' boxes are finite, inside their
+    image, of positive area, labels in 1..K, ids unique, sizes positive."""
+    assert info.num_classes == num_classes, f"{info.num_classes} classes, expected {num_classes}"
+    assert len(info.records) >= min_records, f"{len(info.records)} records"
+    ids = [r["image_id"] for r in info.records]
+    assert len(ids) == len(set(ids)), f"duplicate image ids {ids}"
+    for r in info.records:
+        boxes, labels = r["boxes"], r["labels"]
+        assert boxes.dtype == np.float32 and boxes.ndim == 2 and boxes.shape[1] == 4, boxes
+        assert len(labels) == len(boxes) == len(r["difficult"])
+        assert np.isfinite(boxes).all(), boxes
+        assert isinstance(r["height"], int) and isinstance(r["width"], int) and r["height"] > 0 and r["width"] > 0
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all(), boxes
+        assert (boxes[:, 2] <= r["width"]).all() and (boxes[:, 3] <= r["height"]).all(), (boxes, r["width"])
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all(), boxes
+        assert ((labels >= 1) & (labels <= num_classes)).all(), labels
+
+
+# ============================================================================ COCO reader
+
+WRONG_VALUES = [None, "x", "3", 1.5, True, [], {}, [1, 2], -1, 0, 10**20, float("nan"), float("inf")]
+COCO_CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 5, "name": "dog"}]
+COCO_IMAGES = [{"id": i + 1, "file_name": f"{name}.jpg", "height": 30, "width": 40}
+               for i, name in enumerate("abc")]
+COCO_ANNOTATIONS = [
+    {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 12], "area": 120, "iscrowd": 0},
+    {"id": 2, "image_id": 1, "category_id": 5, "bbox": [20, 5, 15, 20], "area": 300, "iscrowd": 0},
+    {"id": 3, "image_id": 2, "category_id": 5, "bbox": [1, 1, 30, 25], "area": 750, "iscrowd": 0},
+    {"id": 4, "image_id": 3, "category_id": 1, "bbox": [5, 5, 8, 8], "area": 64, "iscrowd": 0},
+]
+
+
+def coco_base() -> dict:
+    return {"images": copy.deepcopy(COCO_IMAGES), "annotations": copy.deepcopy(COCO_ANNOTATIONS),
+            "categories": copy.deepcopy(COCO_CATEGORIES)}
+
+
+@pytest.fixture(scope="module")
+def coco_images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("coco_images")
+    for img in COCO_IMAGES:
+        cv2.imwrite(str(root / img["file_name"]), np.full((img["height"], img["width"], 3), 120, np.uint8))
+    return root
+
+
+def coco_case(name: str, tmp: Path, images: Path, content: Any, *, where: tuple = (), raw: bool = False,
+              outcomes=frozenset({"accepted", "error"}), warns: tuple = (), num_classes: int = 2,
+              min_records: int = 1) -> Case:
+    """The COCO reader through the catalog (as training and evaluation call it) on `content`
+    (a dict dumped as json, or raw bytes)."""
+    from detection.data.catalog import get_dataset
+
+    path = tmp / f"{name}.json"
+
+    def run():
+        if raw:
+            path.write_bytes(content)
+        else:
+            path.write_text(json.dumps(content))
+        return get_dataset({"type": "coco", "ann_file": str(path), "image_root": str(images)}, str(tmp))
+
+    return Case(name, run, where=(str(path), *where), outcomes=frozenset(outcomes), warns=warns,
+                check=lambda info: check_dataset(info, num_classes=num_classes, min_records=min_records))
+
+
+def coco_cases(tmp: Path, images: Path) -> list[Case]:
+    rng = random.Random(SEED)
+    cases = [coco_case("valid", tmp, images, coco_base(), outcomes={"accepted"})]
+    text = json.dumps(coco_base()).encode()
+    # ---- the file: empty, truncated, invalid, not UTF-8, not an object
+    cases.append(coco_case("empty_file", tmp, images, b"", raw=True, where=("empty",), outcomes={"error"}))
+    cases.append(coco_case("blank_file", tmp, images, b"  \n", raw=True, where=("empty",), outcomes={"error"}))
+    for cut in sorted(rng.sample(range(1, len(text) - 1), 12)):
+        cases.append(coco_case(f"truncated_at_{cut}", tmp, images, text[:cut], raw=True,
+                               where=("not valid json",), outcomes={"error"}))
+    for i in range(6):
+        garbage = bytes(rng.randrange(32, 127) for _ in range(rng.randrange(1, 60)))
+        cases.append(coco_case(f"garbage_{i}", tmp, images, b"{" + garbage, raw=True, outcomes={"error"}))
+    cases.append(coco_case("latin1_bytes", tmp, images, text.replace(b'"cat"', b'"c\xe4t"'), raw=True,
+                           where=("not UTF-8",), outcomes={"error"}))
+    cases.append(coco_case("utf16", tmp, images, json.dumps(coco_base()).encode("utf-16"), raw=True,
+                           outcomes={"error"}))
+    for value in ([], 3, "x", None, [coco_base()]):
+        cases.append(coco_case(f"top_level_{type(value).__name__}_{len(cases)}", tmp, images, value,
+                               where=("expected a COCO json object",), outcomes={"error"}))
+    # ---- the three lists: missing, wrong type, extra fields
+    for key in ("images", "categories"):
+        data = coco_base()
+        del data[key]
+        cases.append(coco_case(f"no_{key}", tmp, images, data, where=(key,), outcomes={"error"}))
+    data = coco_base()
+    del data["annotations"]  # an image-info json (COCO test-dev): images without boxes
+    cases.append(coco_case("no_annotations", tmp, images, data, outcomes={"accepted"}))
+    for key in ("images", "annotations", "categories"):
+        for value in ({}, "x", 3, None):
+            data = coco_base()
+            data[key] = value
+            cases.append(coco_case(f"{key}_is_{type(value).__name__}", tmp, images, data, where=(key,),
+                                   outcomes={"error"}))
+    data = coco_base()
+    data["categories"] = []
+    cases.append(coco_case("empty_categories", tmp, images, data, where=("no categories",), outcomes={"error"}))
+    data = coco_base()
+    data.update(info={"year": 2024}, licenses=[{"id": 1}], extra=[1, 2])
+    cases.append(coco_case("extra_top_level_fields", tmp, images, data, outcomes={"accepted"}))
+    # ---- every field of each kind of record: wrong types, missing, extra
+    fields = {"annotations": ("id", "image_id", "category_id", "bbox", "area", "iscrowd"),
+              "images": ("id", "file_name", "height", "width"), "categories": ("id", "name")}
+    singular = {"annotations": "annotation", "images": "image", "categories": "category"}
+    for key, names in fields.items():
+        for name in names:
+            for value in WRONG_VALUES:
+                data = coco_base()
+                index = rng.randrange(len(data[key]))
+                data[key][index][name] = value
+                cases.append(coco_case(f"{key}[{index}].{name}={value!r}", tmp, images, data,
+                                       where=(f"{singular[key]} #{index}", repr(name))
+                                       if _must_refuse(key, name, value) else (),
+                                       outcomes={"error"} if _must_refuse(key, name, value)
+                                       else {"accepted", "error"}, min_records=0))
+            data = coco_base()
+            index = rng.randrange(len(data[key]))
+            del data[key][index][name]
+            optional = name in ("area", "iscrowd")
+            cases.append(coco_case(f"{key}[{index}].{name}_missing", tmp, images, data,
+                                   where=() if optional else (f"{singular[key]} #{index}", repr(name)),
+                                   outcomes={"accepted"} if optional else {"error"}))
+        data = coco_base()
+        for record in data[key]:
+            record["extra_field"] = {"anything": [1, 2]}
+        cases.append(coco_case(f"{key}_extra_fields", tmp, images, data, outcomes={"accepted"}))
+        data = coco_base()
+        data[key][0] = "not a record"
+        cases.append(coco_case(f"{key}[0]_not_an_object", tmp, images, data, where=(f"{singular[key]} #0",),
+                               outcomes={"error"}))
+    # ---- box values: non-finite, negative, zero-area, outside the image
+    for coord in range(4):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            data = coco_base()
+            data["annotations"][1]["bbox"][coord] = value
+            cases.append(coco_case(f"bbox[{coord}]={value}", tmp, images, data,
+                                   where=("annotation id 2", "bbox"), outcomes={"error"}))
+    degenerate = {"zero_width": [5, 5, 0, 10], "zero_height": [5, 5, 10, 0], "negative_width": [20, 5, -10, 10],
+                  "negative_height": [5, 20, 10, -10], "outside_right": [50, 5, 10, 10],
+                  "outside_below": [5, 40, 10, 10], "outside_left": [-30, 5, 10, 10], "outside_above": [5, -30, 10, 10]}
+    for name, box in degenerate.items():
+        data = coco_base()
+        data["annotations"][1]["bbox"] = box
+        cases.append(coco_case(f"box_{name}", tmp, images, data, outcomes={"accepted"},
+                               warns=("dropped 1 boxes of zero area",)))
+    for name, box in {"partly_outside": [30, 20, 50, 50], "whole_image": [0, 0, 40, 30],
+                      "huge": [-1e9, -1e9, 2e9, 2e9], "tiny": [3, 3, 1e-3, 1e-3]}.items():
+        data = coco_base()
+        data["annotations"][1]["bbox"] = box
+        cases.append(coco_case(f"box_{name}", tmp, images, data, outcomes={"accepted"}))
+    for length in (0, 3, 5):
+        data = coco_base()
+        data["annotations"][2]["bbox"] = [1.0] * length
+        cases.append(coco_case(f"bbox_length_{length}", tmp, images, data, where=("annotation #2", "bbox"),
+                               outcomes={"error"}))
+    # ---- references: unknown categories, duplicates, orphans
+    data = coco_base()
+    data["annotations"][3]["category_id"] = 99
+    cases.append(coco_case("unknown_category", tmp, images, data, where=("annotation id 4", "99"), outcomes={"error"}))
+    for key in ("images", "annotations", "categories"):
+        data = coco_base()
+        data[key][1]["id"] = data[key][0]["id"]
+        cases.append(coco_case(f"duplicate_{key}_id", tmp, images, data, where=(f"{singular[key]} #1", "id"),
+                               outcomes={"error"}))
+    data = coco_base()
+    data["annotations"][2]["image_id"] = 77
+    cases.append(coco_case("annotation_of_a_missing_image", tmp, images, data, outcomes={"accepted"},
+                           warns=("1 annotations refer to image ids not listed",)))
+    data = coco_base()
+    data["images"][1]["id"] = "2"
+    cases.append(coco_case("mixed_image_id_types", tmp, images, data, where=("image ids mix",), outcomes={"error"}))
+    data = coco_base()
+    data["images"][2]["file_name"] = "missing.jpg"
+    cases.append(coco_case("image_file_missing", tmp, images, data, where=("missing.jpg",), outcomes={"error"}))
+    data = coco_base()
+    data["annotations"][0]["iscrowd"] = 1
+    cases.append(coco_case("crowd_box_not_a_target", tmp, images, data, outcomes={"accepted"}))
+    # ---- the path itself
+    cases.append(Case("ann_file_is_a_folder", lambda: _coco_at(tmp, images), where=(str(tmp), "folder"),
+                      outcomes=frozenset({"error"})))
+    cases.append(Case("image_root_is_a_file", lambda: _coco_at(tmp / "valid.json", tmp / "valid.json"),
+                      where=(str(tmp / "valid.json"),), outcomes=frozenset({"error"})))
+    return cases
+
+
+def _coco_at(ann_file: Path, image_root: Path):
+    from detection.data.catalog import get_dataset
+
+    return get_dataset({"type": "coco", "ann_file": str(ann_file), "image_root": str(image_root)}, "/")
+
+
+def _must_refuse(key: str, name: str, value: Any) -> bool:
+    """Values of a COCO field that can only be refused (the others may be valid there)."""
+    if key == "annotations" and name == "area":
+        return not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value >= 0)
+    if key == "annotations" and name == "iscrowd":
+        return value not in (0, 1)
+    if name in ("height", "width"):
+        return not (type(value) in (int, float) and math.isfinite(value) and value >= 1)
+    if name == "bbox":
+        return True  # none of WRONG_VALUES is 4 numbers
+    if name == "file_name":
+        return not isinstance(value, str) or value == ""
+    if name == "name":
+        return not isinstance(value, str)
+    # ids: an int (any: refs then break) or a non-empty string may be accepted or refused
+    return not (type(value) is int or (isinstance(value, str) and value))
+
+
+def test_fuzz_coco_reader(tmp_path, coco_images, caplog):
+    run_family("COCO reader", coco_cases(tmp_path, coco_images), caplog)
+
+
+# ============================================================================ VOC reader
+
+VOC_XML = """<annotation>
+  <folder>VOC</folder><filename>{id}.jpg</filename>
+  <size><width>40</width><height>30</height><depth>3</depth></size>
+  <object><name>cat</name><difficult>0</difficult>
+    <bndbox><xmin>3</xmin><ymin>4</ymin><xmax>12</xmax><ymax>15</ymax></bndbox></object>
+  <object><name>dog</name><difficult>1</difficult>
+    <bndbox><xmin>20</xmin><ymin>5</ymin><xmax>38</xmax><ymax>28</ymax></bndbox></object>
+</annotation>
+"""
+VOC_IDS = ("000001", "000002")
+
+
+def make_voc(root: Path) -> Path:
+    for sub in ("ImageSets/Main", "Annotations", "JPEGImages"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets/Main/train.txt").write_text("\n".join(VOC_IDS) + "\n")
+    for image_id in VOC_IDS:
+        (root / "Annotations" / f"{image_id}.xml").write_text(VOC_XML.format(id=image_id))
+        cv2.imwrite(str(root / "JPEGImages" / f"{image_id}.jpg"), np.full((30, 40, 3), 100, np.uint8))
+    return root
+
+
+def voc_case(name: str, tmp: Path, change: Callable[[Path], Any], *, where: tuple = (), skip: bool = False,
+             outcomes=frozenset({"accepted", "error"}), warns: tuple = (), min_records: int = 1) -> Case:
+    """The VOC reader through the catalog on a fresh copy of the valid folder, changed by `change`."""
+    from detection.data.catalog import get_dataset
+
+    root = tmp / name
+
+    def run():
+        shutil.rmtree(root, ignore_errors=True)
+        make_voc(root)
+        change(root)
+        return get_dataset({"type": "voc", "root": str(root), "split": "train", "classes": ["cat", "dog"]},
+                           str(tmp), skip_bad_images=skip)
+
+    return Case(name, run, where=where, outcomes=frozenset(outcomes), warns=warns,
+                check=lambda info: check_dataset(info, num_classes=2, min_records=min_records))
+
+
+def xml_of(root: Path, image_id: str = "000001") -> Path:
+    return root / "Annotations" / f"{image_id}.xml"
+
+
+def edit_xml(edit: Callable[[ET.Element], None]) -> Callable[[Path], None]:
+    def change(root: Path) -> None:
+        tree = ET.parse(xml_of(root))
+        edit(tree.getroot())
+        tree.write(xml_of(root))
+    return change
+
+
+def set_text(path: str, value: str, index: int = 0) -> Callable[[ET.Element], None]:
+    def edit(tree: ET.Element) -> None:
+        tree.findall(path)[index].text = value
+    return edit
+
+
+def remove(path: str, index: int = 0) -> Callable[[ET.Element], None]:
+    def edit(tree: ET.Element) -> None:
+        element = tree.findall(path)[index]
+        for parent in tree.iter():
+            if element in list(parent):
+                parent.remove(element)
+                return
+    return edit
+
+
+def voc_cases(tmp: Path) -> list[Case]:
+    rng = random.Random(SEED + 1)
+    xml = "Annotations/000001.xml"
+    cases = [voc_case("valid", tmp, lambda root: None, outcomes={"accepted"})]
+    text = VOC_XML.format(id="000001").encode()
+    cases.append(voc_case("xml_empty", tmp, lambda r: xml_of(r).write_bytes(b""), where=(xml,), outcomes={"error"}))
+    for cut in sorted(rng.sample(range(1, len(text) - 15), 10)):
+        cases.append(voc_case(f"xml_truncated_at_{cut}", tmp, lambda r, c=cut: xml_of(r).write_bytes(text[:c]),
+                              where=(xml,), outcomes={"error"}))
+        cases.append(voc_case(f"xml_truncated_at_{cut}_skipped", tmp,
+                              lambda r, c=cut: xml_of(r).write_bytes(text[:c]), skip=True, outcomes={"skipped"},
+                              warns=("skipped 1 images with missing or unreadable annotation files",)))
+    cases.append(voc_case("xml_latin1", tmp, lambda r: xml_of(r).write_bytes(text.replace(b"cat", b"c\xe4t")),
+                          where=(xml,), outcomes={"error"}))
+    cases.append(voc_case("xml_missing", tmp, lambda r: xml_of(r).unlink(), where=(xml,), outcomes={"error"}))
+    cases.append(voc_case("xml_is_a_folder", tmp, lambda r: (xml_of(r).unlink(), xml_of(r).mkdir()),
+                          where=(xml,), outcomes={"error"}))
+    cases.append(voc_case("xml_not_voc", tmp, lambda r: xml_of(r).write_text("<html><body/></html>"),
+                          min_records=2, outcomes={"accepted"}))  # no <size>, no objects: an empty image
+    # ---- <size>
+    cases.append(voc_case("size_missing", tmp, edit_xml(remove("size")), outcomes={"accepted"}))
+    for value in ("abc", "", "nan", "inf", "-inf", "1e400", "-5", "0", "12.5", "0x20"):
+        for dim in ("width", "height"):
+            cases.append(voc_case(f"size_{dim}={value!r}", tmp, edit_xml(set_text(f"size/{dim}", value)),
+                                  where=(xml, "size") if value in ("abc", "nan", "inf", "-inf", "1e400", "0x20", "12.5")
+                                  else (), outcomes={"accepted"} if value in ("", "-5", "0") else {"error"}))
+    # ---- <bndbox> and its coordinates
+    for index in (0, 1):
+        cases.append(voc_case(f"bndbox_missing_{index}", tmp, edit_xml(remove("object/bndbox", index)),
+                              where=(xml, f"object #{index}", "bndbox"), outcomes={"error"}))
+        cases.append(voc_case(f"name_missing_{index}", tmp, edit_xml(remove("object/name", index)),
+                              where=(xml, f"object #{index}"), outcomes={"error"}))
+    for coord in ("xmin", "ymin", "xmax", "ymax"):
+        cases.append(voc_case(f"{coord}_missing", tmp, edit_xml(remove(f"object/bndbox/{coord}")),
+                              where=(xml, "object #0"), outcomes={"error"}))
+        for value in ("abc", "", "1,5", "nan", "inf", "-inf", "1e400", "[3]"):
+            cases.append(voc_case(f"{coord}={value!r}", tmp, edit_xml(set_text(f"object/bndbox/{coord}", value)),
+                                  where=(xml, "object #0"), outcomes={"error"}))
+    degenerate = {"zero_width": ("xmax", "2"), "negative_width": ("xmax", "1"), "zero_height": ("ymax", "3"),
+                  "outside_right": ("xmin", "45"), "outside_below": ("ymin", "35"), "negative_corner": ("xmax", "-4")}
+    for name, (coord, value) in degenerate.items():
+        cases.append(voc_case(f"box_{name}", tmp, edit_xml(set_text(f"object/bndbox/{coord}", value)),
+                              outcomes={"accepted"}, warns=("dropped 1 boxes of zero area",)))
+    for name, (coord, value) in {"partly_outside": ("xmax", "90"), "float_coords": ("xmin", "3.7"),
+                                 "negative_start": ("xmin", "-20")}.items():
+        cases.append(voc_case(f"box_{name}", tmp, edit_xml(set_text(f"object/bndbox/{coord}", value)),
+                              outcomes={"accepted"}))
+    # ---- names, difficult, extra elements
+    cases.append(voc_case("unknown_class", tmp, edit_xml(set_text("object/name", "zebra")),
+                          where=(xml, "object #0", "zebra"), outcomes={"error"}))
+    for value in ("yes", "nan", "", "2", "1.0"):
+        cases.append(voc_case(f"difficult={value!r}", tmp, edit_xml(set_text("object/difficult", value)),
+                              where=(xml, "object #0") if value in ("yes", "nan") else (),
+                              outcomes={"error"} if value in ("yes", "nan") else {"accepted"}))
+
+    def extra(tree: ET.Element) -> None:
+        ET.SubElement(tree, "segmented").text = "0"
+        ET.SubElement(tree.find("object"), "pose").text = "Left"
+        ET.SubElement(tree.find("object/bndbox"), "zmin").text = "x"
+    cases.append(voc_case("extra_elements", tmp, edit_xml(extra), outcomes={"accepted"}))
+    # ---- the split file and the layout
+    split = "ImageSets/Main/train.txt"
+    cases.append(voc_case("split_empty", tmp, lambda r: (r / split).write_text(""), min_records=0,
+                          outcomes={"accepted"}))
+    cases.append(voc_case("split_latin1", tmp, lambda r: (r / split).write_bytes(b"00000\xe4\n"),
+                          where=(split, "UTF-8"), outcomes={"error"}))
+    cases.append(voc_case("split_is_a_folder", tmp, lambda r: ((r / split).unlink(), (r / split).mkdir()),
+                          where=(split,), outcomes={"error"}))
+    cases.append(voc_case("split_lists_a_missing_id", tmp, lambda r: (r / split).write_text("000001\n424242\n"),
+                          where=("424242.xml",), outcomes={"error"}))
+    cases.append(voc_case("split_with_windows_newlines", tmp, lambda r: (r / split).write_text("000001\r\n000002\r\n"),
+                          min_records=2, outcomes={"accepted"}))
+    cases.append(voc_case("no_annotations_folder", tmp, lambda r: shutil.rmtree(r / "Annotations"),
+                          where=("Annotations",), outcomes={"error"}))
+    cases.append(voc_case("image_is_a_folder", tmp, lambda r: ((r / "JPEGImages/000002.jpg").unlink(),
+                                                               (r / "JPEGImages/000002.jpg").mkdir()),
+                          where=("000002.jpg",), outcomes={"error"}))
+    cases.append(voc_case("image_missing_skipped", tmp, lambda r: (r / "JPEGImages/000002.jpg").unlink(),
+                          skip=True, outcomes={"skipped"}, warns=("000002.jpg",)))
+    return cases
+
+
+def test_fuzz_voc_reader(tmp_path, caplog):
+    run_family("VOC reader", voc_cases(tmp_path), caplog)
+
+
+# ============================================================================ known bugs elsewhere
+
+KNOWN_BUGS: dict[str, str] = {}
