@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn, Sequence
 
 from detection.config import Config, ConfigError, DatasetsConfig, load_config
@@ -14,10 +15,33 @@ DATASETS_ENV = "DETECTION_DATASETS"
 logger = logging.getLogger(__name__)
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="CFG", help="YAML config file (configs/*.yaml)")
+SAVED_CONFIG = "config.yaml"  # the resolved config training writes into its output folder
+
+
+def add_config_args(parser: argparse.ArgumentParser, beside_weights: bool = False) -> None:
+    """--config CFG and KEY=VALUE overrides. --config is required, unless `beside_weights`
+    (tools that take a trained --weights): then resolve_config_beside_weights() fills it in."""
+    help_text = "YAML config file (configs/*.yaml)"
+    if beside_weights:
+        help_text += f"; default: the {SAVED_CONFIG} training saved beside --weights"
+    parser.add_argument("--config", required=not beside_weights, metavar="CFG", help=help_text)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. solver.base_lr=0.01 model.rpn.nms_thresh=0.6")
+
+
+def resolve_config_beside_weights(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Without --config, take the config.yaml that tools/train_det.py saved beside the
+    checkpoint in --weights (overrides still apply); with neither, a usage error (exit 2)."""
+    if args.config:
+        return
+    weights = getattr(args, "weights", None)
+    saved = Path(weights).expanduser().parent / SAVED_CONFIG if weights else None
+    if saved is None or not saved.is_file():
+        where = f": there is no {saved}" if saved else ""
+        parser.error(f"--config is required unless --weights has the {SAVED_CONFIG} of its training "
+                     f"beside it{where}")
+    args.config = str(saved)
+    print(f"config: {saved} (saved beside the checkpoint)")
 
 
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:

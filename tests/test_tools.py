@@ -153,3 +153,49 @@ def test_eval_and_visualize_with_test_time_augmentation(trained, tmp_path):
     run("visualize.py", "--weights", weights, "--compare", "--output", str(tmp_path / "vis"), "--limit", "1",
         *overrides, "test.aug.enabled=true", "test.aug.min_sizes=[64,80]")
     assert len(list((tmp_path / "vis").glob("*.jpg"))) == 1
+
+
+@pytest.mark.slow
+def test_eval_and_visualize_take_the_config_saved_beside_the_checkpoint(trained, tmp_path):
+    """--weights output/x/model_final.pth without --config: training's config.yaml there, with
+    the command line's overrides applied on top."""
+    root, _ = trained
+    weights = str(root / "out" / "model_final.pth")
+    assert (root / "out" / "config.yaml").is_file()
+
+    def tool(name, *args):
+        out = subprocess.run([sys.executable, str(ROOT / "tools" / name), "--weights", weights, *args],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"config: {root / 'out' / 'config.yaml'} (saved beside the checkpoint)" in out.stdout
+        return out
+
+    tool("eval.py", "--output-dir", str(tmp_path / "all"))
+    tool("eval.py", "--output-dir", str(tmp_path / "one"), "model.roi_heads.detections_per_image=1")
+    every = json.loads((tmp_path / "all" / "shapes_val" / "coco_results.json").read_text())
+    one = json.loads((tmp_path / "one" / "shapes_val" / "coco_results.json").read_text())
+    per_image = {r["image_id"] for r in every}
+    assert len(every) > len(per_image) and len(one) == len(per_image)  # the override applied
+    tool("visualize.py", "--compare", "--output", str(tmp_path / "cmp"), "--limit", "1")
+    assert len(list((tmp_path / "cmp").glob("*.jpg"))) == 1
+
+
+def test_config_is_required_without_one_beside_the_checkpoint(tmp_path, capsys):
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    for name, extra in (("eval", []), ("visualize", ["--output", str(tmp_path / "vis"), "--compare"])):
+        with pytest.raises(SystemExit) as exit_info:
+            load_tool(name).parse_args(["--weights", str(tmp_path / "model_final.pth"), *extra])
+        assert exit_info.value.code == 2
+        assert f"--config is required unless --weights has the config.yaml of its training beside it: there is " \
+               f"no {tmp_path / 'config.yaml'}" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("model: {num_classes: 3}\n")
+    args = load_tool("eval").parse_args(["--weights", str(tmp_path / "model_final.pth"), "input.min_size_test=64"])
+    assert args.config == str(tmp_path / "config.yaml") and args.overrides == ["input.min_size_test=64"]
+    with pytest.raises(SystemExit):  # --results has no checkpoint to look beside
+        load_tool("eval").parse_args(["--results", str(tmp_path)])
+    # every other tool still requires --config
+    for name, extra in (("train_det", []), ("export", ["--output", "m.onnx"]), ("ablate", []),
+                        ("benchmark", [])):
+        with pytest.raises(SystemExit) as exit_info:
+            load_tool(name).parse_args(["--weights", str(tmp_path / "model_final.pth"), *extra])
+        assert exit_info.value.code == 2 and "--config" in capsys.readouterr().err

@@ -37,7 +37,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from detection.cli import add_config_args, config_from_args, fail, override_keys
+from detection.cli import (add_config_args, config_from_args, fail, override_keys,
+                           resolve_config_beside_weights)
 
 if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
     import torch
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    add_config_args(parser, beside_weights=True)
     parser.add_argument("--weights", metavar="CKPT", help="detector checkpoint (model_final.pth or last.pth)")
     parser.add_argument("--results", metavar="PATH",
                         help="evaluate saved results instead of running a model: a results folder as eval.py "
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.weights and not args.results:
         parser.error("one of --weights or --results is required")
+    resolve_config_beside_weights(parser, args)
     return args
 
 

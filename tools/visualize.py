@@ -24,14 +24,15 @@ import glob
 import sys
 from pathlib import Path
 
-from detection.cli import add_config_args, config_from_args, fail, override_keys
+from detection.cli import (add_config_args, config_from_args, fail, override_keys,
+                           resolve_config_beside_weights)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
+    add_config_args(parser, beside_weights=True)
     parser.add_argument("--weights", metavar="CKPT", help="detector checkpoint")
     parser.add_argument("--input", metavar="PATH", help="image, folder or glob")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the drawn images")
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--weights is required unless --gt is given")
     if not (args.gt or args.compare) and not args.input:
         parser.error("--input is required unless --gt or --compare is given")
+    resolve_config_beside_weights(parser, args)
     return args
 
 
