@@ -17,6 +17,7 @@ this suite's author could not change are listed in KNOWN_BUGS and run as strict 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -487,6 +488,145 @@ def voc_cases(tmp: Path) -> list[Case]:
 
 def test_fuzz_voc_reader(tmp_path, caplog):
     run_family("VOC reader", voc_cases(tmp_path), caplog)
+
+
+# ============================================================================ images and the data loader
+
+def _rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+
+
+def _jpeg_bytes(array: np.ndarray, mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _png_bytes(array: np.ndarray, mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _encoded(array: np.ndarray, ext: str) -> bytes:
+    ok, buf = cv2.imencode(ext, array)
+    assert ok
+    return buf.tobytes()
+
+
+def image_variants(rng: random.Random) -> dict[str, tuple[bytes, str, tuple[int, int], frozenset]]:
+    """name -> (file bytes, extension, (height, width) the annotation states, allowed outcomes)."""
+    a = _rgb(30, 40)
+    jpeg, png = _jpeg_bytes(a), _png_bytes(a)
+    ok, bad = frozenset({"accepted"}), frozenset({"error", "skipped"})
+    out = {
+        "rgb_jpeg": (jpeg, ".jpg", (30, 40), ok),
+        "grayscale_jpeg": (_jpeg_bytes(a, "L"), ".jpg", (30, 40), ok),
+        "grayscale_png": (_png_bytes(a, "L"), ".png", (30, 40), ok),
+        "cmyk_jpeg": (_jpeg_bytes(a, "CMYK"), ".jpg", (30, 40), ok),
+        "rgba_png": (_png_bytes(a, "RGBA"), ".png", (30, 40), ok),
+        "gray_alpha_png": (_png_bytes(a, "LA"), ".png", (30, 40), ok),
+        "palette_png": (_png_bytes(a, "P"), ".png", (30, 40), ok),
+        "16bit_gray_png": (_encoded(a[:, :, 0].astype(np.uint16) * 257, ".png"), ".png", (30, 40), ok),
+        "16bit_color_png": (_encoded(a.astype(np.uint16) * 257, ".png"), ".png", (30, 40), ok),
+        "float_tiff": (_encoded(a.astype(np.float32) / 255, ".tiff"), ".tiff", (30, 40), ok),
+        "1x1_pixel": (_png_bytes(_rgb(1, 1)), ".png", (1, 1), ok),
+        "1x1_pixel_jpeg": (_jpeg_bytes(_rgb(1, 1)), ".jpg", (1, 1), ok),
+        "tall_1px_wide": (_png_bytes(_rgb(30, 1)), ".png", (30, 1), ok),
+        "zero_bytes": (b"", ".jpg", (30, 40), bad),
+        "text_file": (b"this is not an image\n", ".jpg", (30, 40), bad),
+        "size_differs_from_annotation": (jpeg, ".jpg", (40, 30), bad),
+        "jpeg_with_png_extension": (jpeg, ".png", (30, 40), ok),
+    }
+    for i, cut in enumerate(sorted(rng.sample(range(2, len(jpeg) - 2), 6))):
+        out[f"truncated_jpeg_{i}_at_{cut}"] = (jpeg[:cut], ".jpg", (30, 40), bad)
+    for i, cut in enumerate(sorted(rng.sample(range(2, len(png) - 12), 4))):
+        out[f"truncated_png_{i}_at_{cut}"] = (png[:cut], ".png", (30, 40), bad)
+    for i in range(4):
+        flipped = bytearray(png)
+        for _ in range(8):
+            flipped[rng.randrange(40, len(flipped))] ^= 0xFF  # corrupt the compressed data (CRC errors)
+        out[f"corrupt_png_{i}"] = (bytes(flipped), ".png", (30, 40), bad)
+    return out
+
+
+def loader_case(name: str, tmp: Path, data: Optional[bytes], ext: str, size: tuple[int, int], outcomes,
+                *, skip: bool, workers: int = 0, folder: bool = False) -> Case:
+    """A COCO set of three images, the second replaced by `data` (or a folder), read by the
+    catalog, the test loader and three training batches (transform included)."""
+    from detection.data.catalog import get_dataset
+    from detection.data.loader import build_test_loader, build_train_loader
+    from detection.data.transforms import build_transforms
+
+    root = tmp / name
+    bad_file = root / f"bad{ext}"
+
+    def run():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        images = [{"id": 1, "file_name": "ok1.jpg", "height": 30, "width": 40},
+                  {"id": 2, "file_name": bad_file.name, "height": size[0], "width": size[1]},
+                  {"id": 3, "file_name": "ok3.jpg", "height": 30, "width": 40}]
+        for img in (images[0], images[2]):
+            cv2.imwrite(str(root / img["file_name"]), _rgb(30, 40, img["id"]))
+        if folder:
+            bad_file.mkdir()
+        else:
+            bad_file.write_bytes(data)
+        h, w = size
+        anns = [{"id": i + 1, "image_id": i + 1, "category_id": 1,
+                 "bbox": [0, 0, min(w, 10), min(h, 10)] if i == 1 else [2, 3, 20, 15]} for i in range(3)]
+        (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                   "categories": [{"id": 1, "name": "thing"}]}))
+        info = get_dataset({"type": "coco", "ann_file": str(root / "ann.json"), "image_root": str(root)}, str(root),
+                           skip_bad_images=skip)
+        tests = list(build_test_loader(info, num_workers=workers))
+        transform = build_transforms(min_sizes=[24, 32], max_size=64, hflip_prob=0.5)
+        train = iter(build_train_loader([info], transform=transform, images_per_batch=2, num_workers=workers,
+                                        aspect_ratio_grouping=True, filter_empty=True, seed=0))
+        return info, tests, [next(train) for _ in range(3)]
+
+    return Case(name, run, where=(bad_file.name,), outcomes=frozenset(outcomes), check=_check_batches,
+                tags={"skip": skip})
+
+
+def _check_batches(result) -> None:
+    """Images uint8 (3, H, W) of the annotated size (test) or resized (train), boxes inside."""
+    info, tests, trains = result
+    check_dataset(info, num_classes=1, min_records=2)
+    for images, records in tests:
+        for image, record in zip(images, records):
+            assert image.dtype == torch.uint8 and image.shape == (3, record["height"], record["width"]), image.shape
+    for images, targets in trains:
+        assert len(images) == 2, f"a training batch of {len(images)} images"
+        for image, target in zip(images, targets):
+            assert image.dtype == torch.uint8 and image.shape[0] == 3
+            boxes = target["boxes"]
+            assert torch.isfinite(boxes).all() and (boxes[:, 2] > boxes[:, 0]).all() and \
+                (boxes[:, 3] > boxes[:, 1]).all(), boxes
+            assert (boxes[:, 2] <= image.shape[2] + 1e-3).all() and (boxes[:, 3] <= image.shape[1] + 1e-3).all()
+
+
+def loader_cases(tmp: Path) -> list[Case]:
+    rng = random.Random(SEED + 2)
+    cases = []
+    for name, (data, ext, size, outcomes) in image_variants(rng).items():
+        if outcomes == {"accepted"}:
+            cases.append(loader_case(name, tmp, data, ext, size, {"accepted"}, skip=False))
+        else:  # refused without skip_bad_images, skipped (with a warning) with it
+            cases.append(loader_case(name, tmp, data, ext, size, {"error"}, skip=False))
+            cases.append(loader_case(f"{name}_skipped", tmp, data, ext, size, {"skipped"}, skip=True))
+    cases.append(loader_case("image_is_a_folder", tmp, None, ".jpg", (30, 40), {"error"}, skip=False, folder=True))
+    cases.append(loader_case("image_is_a_folder_skipped", tmp, None, ".jpg", (30, 40), {"skipped"}, skip=True,
+                             folder=True))
+    a = _jpeg_bytes(_rgb(30, 40))
+    cases.append(loader_case("truncated_jpeg_in_a_worker", tmp, a[: len(a) // 2], ".jpg", (30, 40), {"error"},
+                             skip=False, workers=1))
+    return cases
+
+
+def test_fuzz_images_and_data_loader(tmp_path, caplog):
+    run_family("images and data loader", loader_cases(tmp_path), caplog)
 
 
 # ============================================================================ known bugs elsewhere

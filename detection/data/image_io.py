@@ -22,9 +22,20 @@ _TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
 
 def read_image(path: str) -> np.ndarray:
     """Read `path` as np.uint8[H, W, 3] RGB; DataError naming the path on failure."""
+    if os.path.isdir(path):
+        raise DataError(f"image {path} is a folder, not an image file")
     if not os.path.isfile(path):
         raise DataError(f"image file not found: {path}")
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise DataError(f"could not read image {path}: {e.strerror or e}") from None
+    if data.size == 0:
+        raise DataError(f"image {path} is an empty file")
+    if _is_truncated_jpeg(data):
+        # libjpeg decodes what is there and fills the rest with grey, with only a note on stderr
+        raise DataError(f"image {path} is a truncated JPEG (no end-of-image marker): the file was cut short")
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(f"could not read image {path}: unreadable, corrupt or not an image format OpenCV decodes")
     img = _to_uint8(img, path)
@@ -35,6 +46,15 @@ def read_image(path: str) -> np.ndarray:
         raise DataError(f"image {path} has {channels} channels; expected 1 (gray), 3 (color) or 4 (with alpha)")
     # cvtColor drops the alpha channel of RGBA (as PIL's convert("RGB") does)
     return np.ascontiguousarray(cv2.cvtColor(img, _TO_RGB[channels]))
+
+
+def _is_truncated_jpeg(data: np.ndarray) -> bool:
+    """A JPEG (starts with SOI, FF D8) whose end-of-image marker (FF D9) is not among its last
+    4 KiB: cut short. (Some writers append a few bytes after the marker; 4 KiB allows for them.)"""
+    if data.size < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return False
+    tail = data[-4096:].tobytes()
+    return b"\xff\xd9" not in tail
 
 
 def _to_uint8(img: np.ndarray, path: str) -> np.ndarray:

@@ -239,14 +239,24 @@ class TrainDataset(Dataset):
             img = _read_checked(record, index, self.skip_bad_images, self.bad)
             if img is not None:
                 break
-            # keep the batch full and in one aspect-ratio group: substitute an image of the same group
-            index = int(self._rng.choice(np.flatnonzero(self.groups == self.groups[index])))
+            index = self._replacement(index, record["file_name"])
         else:
             raise DataError(f"{_MAX_REPLACEMENTS} unreadable images in a row; last: {record['file_name']}")
         img, boxes, labels = self.transform(img, record["boxes"], record["labels"])
         target = {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1)}
         return _to_chw_tensor(img), target
+
+
+    def _replacement(self, index: int, file_name: str) -> int:
+        """An image to stand in for a bad one: of the same aspect-ratio group (the batch then
+        pads little), not known to be bad; another group's when that group has none left."""
+        good = self.bad.numpy() == 0
+        for candidates in (np.flatnonzero((self.groups == self.groups[index]) & good), np.flatnonzero(good)):
+            if len(candidates):
+                return int(self._rng.choice(candidates))
+        raise DataError(f"no readable training image is left (dataloader.skip_bad_images skipped every one); "
+                        f"the last: {file_name}")
 
 
 class TestDataset(Dataset):
