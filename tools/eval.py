@@ -17,6 +17,10 @@ same for one test set or several:
                              character other than letters, digits and ._- replaced by "_"
                              (shapes_val, voc_MyVOC_val for voc:MyVOC_val):
         metrics.json, pr_curves.png, coco_results.json (COCO-type) or comp4_det_test_*.txt (VOC-type)
+    DIR/report.html          one self-contained page (the `report` extra: jinja2, matplotlib): per test
+                             set the metrics and per-class tables, PR curves, the images with the most
+                             false positives and missed objects (ground truth | predictions); the
+                             training curves when metrics.jsonl is beside --weights; config, command
 
 A test set without published annotations (voc_2012_test) cannot be scored: its folder gets
 results/VOC2012/Main/comp4_det_test_<class>.txt instead (the devkit's 1-based lines, the PASCAL
@@ -33,6 +37,7 @@ model.class_names; else only their number is checked against model.num_classes).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.weights and not args.results:
         parser.error("one of --weights or --results is required")
     resolve_config_beside_weights(parser, args)
+    args.command = shlex.join(["python", "tools/eval.py", *(sys.argv[1:] if argv is None else argv)])
     return args
 
 
@@ -107,9 +113,46 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                             check_images=not args.results)
     folders = _checked_folders(cfg, datasets, model, weights)
     claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
-    evaluate_test_sets(datasets, model=model, device=device, num_workers=cfg.dataloader.num_workers,
-                       results=args.results, output_dir=out_root, echo=print)
+    (out_root / "report.html").unlink(missing_ok=True)  # written again at the end: never a stale page
+    per_set = evaluate_test_sets(datasets, model=model, device=device, num_workers=cfg.dataloader.num_workers,
+                                 results=args.results, output_dir=out_root, echo=print)
+    _write_report(cfg, args, datasets, folders, out_root, per_set)
     return 0
+
+
+def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetInfo], folders: list[str],
+                  out_root: Path, per_set: dict[str, dict[str, float]]) -> None:
+    """out_root/report.html (detection/evaluation/report.py, the `report` extra): read back
+    from the files evaluation just wrote; evaluation stands without it."""
+    from detection.utils.comm import is_main_process
+
+    if not is_main_process():
+        return
+    try:
+        import jinja2  # noqa: F401
+        import matplotlib  # noqa: F401
+
+        from detection.evaluation.report import REPORT_FILE, read_detections, section_for_test_set, write_report
+    except ImportError as err:
+        print(f"note: no report.html ({err.name} is not installed: pip install -e '.[report]')")
+        return
+    from detection.config import dump_config
+    from detection.evaluation.outputs import results_for_test_set
+    from detection.visualize import read_crowd_regions
+
+    sections = []
+    for dataset, folder in zip(datasets, folders):
+        detections, crowd = {}, {}
+        if dataset.has_annotations:
+            detections = read_detections(dataset, results_for_test_set(args.results or out_root, folder, dataset.kind))
+            if dataset.kind == "coco" and dataset.ann_file:
+                crowd = read_crowd_regions(dataset.ann_file, dataset.label_to_category_id)
+        sections.append(section_for_test_set(dataset, per_set.get(dataset.name, {}), detections,
+                                             out_root / folder / "pr_curves.png", crowd))
+    metrics_jsonl = Path(args.weights).expanduser().parent / "metrics.jsonl" if args.weights else None
+    path = write_report(out_root / REPORT_FILE, sections, source=str(Path(args.results or args.weights).resolve()),
+                        command=args.command, config_text=dump_config(cfg), metrics_jsonl=metrics_jsonl)
+    print(f"report written to {path}")
 
 
 def _model(cfg: Config, weights_path: str, device: torch.device, explicit: list[str]

@@ -1,0 +1,309 @@
+"""The evaluation report: one self-contained HTML page (inference/report.html) a person can
+look at instead of reading metrics.json.
+
+    sets = [section_for_test_set(dataset, metrics, detections, pr_png) for each test set]
+    write_report("out/inference/report.html", sets, source=..., command=..., config_text=...,
+                 metrics_jsonl="out/metrics.jsonl")
+
+The page holds, per test set, the metrics table, the per-class AP table (with each class's
+false positives and missed objects at the gallery's score threshold), the PR curves and a
+gallery of the images with the most false positives and the most missed objects (ground truth
+and predictions side by side); then the training curves (when training's metrics.jsonl is
+given), the config and the command. Images are embedded (base64 PNG / JPEG): the file can be
+mailed or moved alone. The page is a Jinja2 template (autoescaped); jinja2 and matplotlib are
+the `report` extra.
+
+The evaluation layer: everything comes in as data (no config, no model, no engine).
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from detection.evaluation.coco import read_results_json
+from detection.evaluation.voc import read_comp4_dir
+
+if TYPE_CHECKING:
+    from detection.data.dataset_info import DatasetInfo
+
+REPORT_FILE = "report.html"
+SCORE_THRESH = 0.5  # a prediction counts (drawn, false positive) from this score, as visualize.py draws
+IOU_THRESH = 0.5  # a prediction matches a ground-truth box of its class from this IoU
+GALLERY_SIZE = 4  # images per gallery (most false positives; most missed objects)
+PANEL_WIDTH, MIN_PANEL_WIDTH = 480, 320  # px: each side of a gallery image is scaled into this range
+
+
+@dataclass
+class GalleryImage:
+    title: str
+    jpeg: str  # base64
+    false_positives: int
+    missed: int
+
+
+@dataclass
+class TestSetSection:
+    name: str
+    num_images: int
+    metrics: dict[str, float]
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    pr_curves: str | None = None  # base64 PNG
+    most_false_positives: list[GalleryImage] = field(default_factory=list)
+    most_missed: list[GalleryImage] = field(default_factory=list)
+
+
+def read_detections(dataset: DatasetInfo, results: str) -> dict[Any, dict[str, np.ndarray]]:
+    """image id -> {"boxes" XYXY 0-based, "scores", "labels" 1..K} from a results file as
+    evaluation writes it: a coco_results.json (COCO-type) or a folder of comp4 files (VOC-type)."""
+    if dataset.kind == "voc":
+        return read_comp4_dir(results, dataset.class_names, [r["image_id"] for r in dataset.records])
+    label_of = {int(c): int(label) for label, c in dataset.label_to_category_id.items()}
+    rows: dict[Any, list] = {}
+    for r in read_results_json(results):
+        x, y, w, h = (float(v) for v in r["bbox"])  # COCO's XYWH -> XYXY
+        rows.setdefault(r["image_id"], []).append((float(r["score"]), x, y, x + w, y + h,
+                                                   label_of.get(int(r["category_id"]), 0)))
+    out = {}
+    for image_id, items in rows.items():
+        array = np.asarray(items, np.float64).reshape(-1, 6)
+        out[image_id] = {"boxes": array[:, 1:5], "scores": array[:, 0], "labels": array[:, 5].astype(np.int64)}
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(A, 4) x (B, 4) XYXY -> (A, B) IoU, continuous coordinates."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np.ndarray,
+                 detections: Mapping[str, np.ndarray], score_thresh: float = SCORE_THRESH,
+                 iou_thresh: float = IOU_THRESH) -> tuple[dict[int, int], dict[int, int]]:
+    """Per class, one image's false positives and missed objects among the predictions
+    scoring >= score_thresh: greedy matching by score, each ground-truth box matched once
+    (duplicates are false positives), a prediction on an ignored box (difficult, crowd)
+    neither, an ignored box never missed."""
+    keep = detections["scores"] >= score_thresh
+    boxes, scores, labels = (np.asarray(detections[k])[keep] for k in ("boxes", "scores", "labels"))
+    false_pos: dict[int, int] = {}
+    missed: dict[int, int] = {}
+    for label in set(labels.tolist()) | set(gt_labels.tolist()):
+        gt = gt_labels == label
+        g_boxes, g_ignored = gt_boxes[gt].reshape(-1, 4), gt_ignored[gt]
+        mine = np.flatnonzero(labels == label)
+        mine = mine[np.argsort(-scores[mine], kind="stable")]
+        iou = _iou(boxes[mine].reshape(-1, 4), g_boxes) if len(g_boxes) else np.zeros((len(mine), 0))
+        used = np.zeros(len(g_boxes), bool)
+        fp = 0
+        for row in iou:
+            best = int(np.argmax(row)) if row.size else -1
+            if best < 0 or row[best] < iou_thresh:
+                fp += 1
+            elif g_ignored[best]:
+                continue
+            elif used[best]:
+                fp += 1
+            else:
+                used[best] = True
+        false_pos[label], missed[label] = fp, int((~used & ~g_ignored).sum())
+    return false_pos, missed
+
+
+def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], detections: Mapping[Any, Mapping],
+                     pr_curves_png: str | Path | None = None, crowd: Mapping[Any, tuple] | None = None,
+                     score_thresh: float = SCORE_THRESH, gallery_size: int = GALLERY_SIZE) -> TestSetSection:
+    """One test set's part of the report. `detections`: read_detections(); `crowd`: COCO
+    crowd regions (detection.visualize.read_crowd_regions), ignored like VOC's difficult."""
+    from detection.visualize import ground_truth_boxes
+
+    names = list(dataset.class_names)
+    totals = {k: {"gt": 0, "fp": 0, "missed": 0} for k in range(1, len(names) + 1)}
+    scored = []  # (false positives, missed, record)
+    empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
+    for record in dataset.records:
+        boxes, labels, tags = ground_truth_boxes(record, (crowd or {}).get(record["image_id"]))
+        ignored = np.array([bool(t) for t in tags], bool)
+        fp, missed = image_errors(boxes, labels, ignored, detections.get(record["image_id"], empty), score_thresh)
+        for label in labels[~ignored].tolist():
+            totals.setdefault(label, {"gt": 0, "fp": 0, "missed": 0})["gt"] += 1
+        for label, count in fp.items():
+            totals.setdefault(label, {"gt": 0, "fp": 0, "missed": 0})["fp"] += count
+        for label, count in missed.items():
+            totals[label]["missed"] += count
+        scored.append((sum(fp.values()), sum(missed.values()), record))
+    per_class = [{"name": names[k - 1] if 0 < k <= len(names) else f"class {k}",
+                  "ap": _number(metrics.get(f"AP-{names[k - 1]}")) if 0 < k <= len(names) else None, **totals[k]}
+                 for k in sorted(totals)]
+    section = TestSetSection(dataset.name, len(dataset.records),
+                             {k: v for k, v in metrics.items() if not k.startswith("AP-")}, per_class)
+    if pr_curves_png is not None and Path(pr_curves_png).is_file():
+        section.pr_curves = base64.b64encode(Path(pr_curves_png).read_bytes()).decode()
+    scored = [s for s in scored if Path(s[2]["file_name"]).is_file()]  # re-scoring saved results needs no images
+    by_fp = sorted((s for s in scored if s[0] > 0), key=lambda s: -s[0])[:gallery_size]
+    by_missed = sorted((s for s in scored if s[1] > 0), key=lambda s: -s[1])[:gallery_size]
+    draw = lambda s: _gallery_image(s[2], s[0], s[1], detections.get(s[2]["image_id"], empty),  # noqa: E731
+                                    names, crowd, score_thresh)
+    section.most_false_positives = [draw(s) for s in by_fp]
+    section.most_missed = [draw(s) for s in by_missed]
+    return section
+
+
+def _gallery_image(record: Mapping, false_positives: int, missed: int, detections: Mapping, names: Sequence[str],
+                   crowd: Mapping | None, score_thresh: float) -> GalleryImage:
+    """Ground truth | predictions (score >= score_thresh) of one image, as a JPEG."""
+    from detection.data.image_io import read_image
+    from detection.visualize import draw_detections, ground_truth_boxes, side_by_side
+
+    image = read_image(record["file_name"])
+    # each panel MIN_PANEL_WIDTH..PANEL_WIDTH wide (a light page, legible labels), drawn at that scale
+    scale = min(max(image.shape[1], MIN_PANEL_WIDTH), PANEL_WIDTH) / image.shape[1]
+    if scale != 1:
+        size = (round(image.shape[1] * scale), max(1, round(image.shape[0] * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    boxes, labels, tags = ground_truth_boxes(record, (crowd or {}).get(record["image_id"]))
+    left = draw_detections(image, boxes * scale, labels, None, names, 0.0, tags=tags)
+    right = draw_detections(image, np.asarray(detections["boxes"], np.float64) * scale, detections["labels"],
+                            detections["scores"], names, score_thresh)
+    canvas = side_by_side(left, right, ("ground truth", f"predictions (score >= {score_thresh:g})"))
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    title = f"{Path(record['file_name']).name}: {false_positives} false positives, {missed} missed"
+    return GalleryImage(title, base64.b64encode(jpeg.tobytes()).decode(), false_positives, missed)
+
+
+def training_curves_png(metrics_jsonl: str | Path) -> str | None:
+    """Base64 PNG of detection.plots.plot_training_curves, or None when there is nothing to plot."""
+    from detection.plots import plot_training_curves
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "curves.png"
+        try:
+            plot_training_curves(metrics_jsonl, out)
+        except ValueError:  # no file, or no loss / lr / AP in it
+            return None
+        return base64.b64encode(out.read_bytes()).decode()
+
+
+def render_report(sections: Sequence[TestSetSection], *, source: str, command: str, config_text: str,
+                  training_curves: str | None = None, notes: Sequence[str] = ()) -> str:
+    import jinja2  # the `report` extra
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _format_number
+    return env.from_string(TEMPLATE).render(
+        sections=sections, source=source, command=command, config_text=config_text, notes=list(notes),
+        training_curves=training_curves, score_thresh=SCORE_THRESH, iou_thresh=IOU_THRESH,
+        created=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+
+
+def write_report(path: str | Path, sections: Sequence[TestSetSection], *, source: str, command: str,
+                 config_text: str, metrics_jsonl: str | Path | None = None) -> Path:
+    """Render and write the page (atomically); the training curves when metrics_jsonl exists."""
+    notes = []
+    curves = None
+    if metrics_jsonl is not None and Path(metrics_jsonl).is_file():
+        curves = training_curves_png(metrics_jsonl)
+    else:
+        notes.append("No training curves: no metrics.jsonl beside the checkpoint.")
+    html = render_report(sections, source=source, command=command, config_text=config_text,
+                         training_curves=curves, notes=notes)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _format_number(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Evaluation report: {{ sections | map(attribute="name") | join(", ") }}</title>
+<style>
+  body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+  h1 { font-size: 1.6em; } h2 { border-bottom: 2px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+  table { border-collapse: collapse; margin: .5em 0 1.5em; }
+  th, td { border: 1px solid #ccc; padding: .25em .7em; text-align: right; }
+  th:first-child, td:first-child { text-align: left; }
+  thead th { background: #f0f0f0; }
+  .muted { color: #777; }
+  figure { margin: 1em 0; } figcaption { font-size: .9em; color: #555; }
+  img { max-width: 100%; border: 1px solid #ddd; }
+  pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: .85em; }
+</style>
+</head>
+<body>
+<h1>Evaluation report</h1>
+<p>Evaluated: <code>{{ source }}</code><br><span class="muted">written {{ created }}</span></p>
+{% for note in notes %}<p class="muted">{{ note }}</p>{% endfor %}
+{% for s in sections %}
+<h2 id="set-{{ loop.index }}">{{ s.name }} <span class="muted">({{ s.num_images }} images)</span></h2>
+{% if not s.metrics %}
+<p>No annotations: no metrics (the files for the evaluation server are in this folder).</p>
+{% else %}
+<h3>Metrics</h3>
+<table class="metrics">
+<thead><tr><th>metric</th><th>value</th></tr></thead>
+<tbody>
+{% for key, value in s.metrics.items() %}<tr><td>{{ key }}</td><td>{{ value | num }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+<h3>Per class</h3>
+<table class="per-class">
+<thead><tr><th>class</th><th>AP</th><th>objects</th><th>false positives</th><th>missed</th></tr></thead>
+<tbody>
+{% for c in s.per_class %}<tr><td>{{ c.name }}</td><td>{{ c.ap | num }}</td><td>{{ c.gt }}</td><td>{{ c.fp }}</td><td>{{ c.missed }}</td></tr>
+{% endfor %}
+</tbody>
+</table>
+<p class="muted">False positives and missed objects count the predictions scoring at least {{ score_thresh }},
+matched greedily by score to ground truth of their class at IoU &ge; {{ iou_thresh }}; difficult and crowd
+regions are neither.</p>
+{% if s.pr_curves %}
+<h3>Precision-recall curves</h3>
+<figure><img alt="precision-recall curves of {{ s.name }}" src="data:image/png;base64,{{ s.pr_curves }}"></figure>
+{% endif %}
+{% for title, images in [("Most false positives", s.most_false_positives), ("Most missed objects", s.most_missed)] %}
+<h3>{{ title }}</h3>
+{% if not images %}<p class="muted">None at score &ge; {{ score_thresh }}.</p>{% endif %}
+{% for g in images %}
+<figure><img alt="{{ g.title }}" src="data:image/jpeg;base64,{{ g.jpeg }}"><figcaption>{{ g.title }}</figcaption></figure>
+{% endfor %}
+{% endfor %}
+{% endif %}
+{% endfor %}
+{% if training_curves %}
+<h2>Training curves</h2>
+<figure><img alt="training curves" src="data:image/png;base64,{{ training_curves }}"></figure>
+{% endif %}
+<h2>Command</h2>
+<pre>{{ command }}</pre>
+<h2>Config</h2>
+<pre>{{ config_text }}</pre>
+</body>
+</html>
+"""

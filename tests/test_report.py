@@ -1,0 +1,148 @@
+"""The HTML evaluation report (detection/evaluation/report.py, tools/eval.py's
+inference/report.html): what it counts, what it holds, and that a real browser (headless
+Chromium) renders it."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detection.data.catalog import get_dataset
+from detection.data.shapes import generate_shapes
+from detection.evaluation.report import image_errors, section_for_test_set, write_report
+
+pytest.importorskip("jinja2", reason="the HTML report needs the report extra: pip install -e '.[report]'")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_false_positives_and_missed_objects_of_an_image():
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], float)
+    labels = np.array([1, 1, 2])
+    ignored = np.array([False, False, True])  # a difficult / crowd region
+    dets = {"boxes": np.array([[0, 0, 10, 10], [0, 0, 10, 11], [60, 60, 70, 70], [40, 40, 50, 50],
+                               [20, 20, 30, 30]], float),
+            "scores": np.array([0.9, 0.8, 0.7, 0.95, 0.3]), "labels": np.array([1, 1, 1, 2, 1])}
+    fp, missed = image_errors(gt, labels, ignored, dets, score_thresh=0.5)
+    # class 1: a match, a duplicate and a box on nothing (2 false positives); [20,20,30,30] is
+    # found only at 0.3, below the threshold: missed. Class 2: on the ignored region, neither.
+    assert fp == {1: 2, 2: 0} and missed == {1: 1, 2: 0}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    generate_shapes(str(root / "shapes"), num_train=1, num_val=5, seed=3, image_size=(64, 80))
+    return get_dataset("shapes_val", str(root))
+
+
+def predictions(dataset):
+    """The ground truth shifted by 2 px, one spurious box on the first image, the last image's
+    objects missed."""
+    out = {}
+    for i, record in enumerate(dataset.records):
+        boxes = np.asarray(record["boxes"], float) + 2
+        labels = np.asarray(record["labels"])
+        if i == 0:
+            boxes, labels = np.vstack([boxes, [[1, 1, 20, 20]]]), np.append(labels, 1)
+        if i == len(dataset.records) - 1:
+            boxes, labels = boxes[:0], labels[:0]
+        out[record["image_id"]] = {"boxes": boxes, "scores": np.linspace(0.9, 0.6, len(boxes)), "labels": labels}
+    return out
+
+
+def write(tmp_path, dataset, with_curves=True):
+    metrics = {"AP": 61.25, "AP50": 88.5, **{f"AP-{name}": 50.0 + i for i, name in enumerate(dataset.class_names)}}
+    section = section_for_test_set(dataset, metrics, predictions(dataset))
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("".join(json.dumps({"iteration": i, "loss_cls": 1.0 / i, "lr": 0.01}) + "\n"
+                             for i in range(1, 6)))
+    return write_report(tmp_path / "report.html", [section], source="/runs/x/model_final.pth",
+                        command="python tools/eval.py --weights /runs/x/model_final.pth",
+                        config_text="model:\n  num_classes: 3  # <not a tag>\n",
+                        metrics_jsonl=jsonl if with_curves else None)
+
+
+@pytest.mark.slow  # matplotlib plots the training curves
+def test_report_holds_the_tables_curves_gallery_config_and_command(tmp_path, shapes):
+    html = write(tmp_path, shapes).read_text()
+    assert "<td>AP</td><td>61.25</td>" in html and "<td>AP50</td><td>88.50</td>" in html
+    for i, name in enumerate(shapes.class_names):  # the per-class table
+        assert re.search(rf"<td>{name}</td><td>{50 + i:.2f}</td>", html)
+    assert "Most false positives" in html and ": 1 false positives, 0 missed" in html
+    last = Path(shapes.records[-1]["file_name"]).name
+    assert f"{last}: 0 false positives, {len(shapes.records[-1]['boxes'])} missed" in html
+    assert "Training curves" in html and "python tools/eval.py --weights /runs/x/model_final.pth" in html
+    assert "# &lt;not a tag&gt;" in html  # autoescaped
+    # self-contained: every image is embedded, nothing is fetched
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert len(sources) >= 3 and all(s.startswith("data:image/") for s in sources)
+    assert "href=" not in html and "http" not in html
+
+
+def test_report_without_metrics_jsonl_says_so(tmp_path, shapes):
+    html = write(tmp_path, shapes, with_curves=False).read_text()
+    assert "Training curves" not in html and "no metrics.jsonl beside the checkpoint" in html
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("headless Chromium is not installed (make test installs Debian's chromium with apt-get "
+                    "when it can): the browser test of the HTML report is skipped")
+    return found
+
+
+@pytest.mark.slow  # starts a browser
+def test_chromium_renders_the_report(tmp_path, shapes):
+    browser = chromium()
+    page = write(tmp_path, shapes).resolve()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "shot.png"
+    out = subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), out.stderr[-2000:]
+    import cv2
+
+    image = cv2.imread(str(shot))
+    assert image is not None and image.shape[:2] == (1600, 1200)
+    assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # not blank: text, tables, plots
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "<td>AP</td><td>61.25</td>" in dom and "Per class" in dom
+    assert all(f"<td>{name}</td>" in dom for name in shapes.class_names)
+
+
+@pytest.mark.slow  # trains a tiny model and runs tools/eval.py
+def test_eval_writes_the_report_beside_the_results(tmp_path):
+    from detection.config import load_config
+    from detection.engine.trainer import train
+    from tests.helpers import tiny_overrides
+
+    generate_shapes(tmp_path / "data" / "shapes", num_train=4, num_val=3, seed=1, image_size=(64, 80))
+    overrides = tiny_overrides(tmp_path / "data", tmp_path / "out", **{"solver.max_iter": 2,
+                               "model.roi_heads.score_thresh_test": 0.0})
+    train(load_config(None, overrides))
+    weights = tmp_path / "out" / "model_final.pth"
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--weights", str(weights), *overrides],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = tmp_path / "out" / "inference" / "report.html"
+    assert f"report written to {report}" in out.stdout
+    html = report.read_text()
+    metrics = json.loads((tmp_path / "out" / "inference" / "shapes_val" / "metrics.json").read_text())
+    assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in html
+    assert "Precision-recall curves" in html and "Training curves" in html and "Most missed objects" in html
+    assert "solver.max_iter" in html and str(weights) in html  # the config and the command
+    # re-scoring the saved results writes the page too (no training curves: no checkpoint)
+    again = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--config",
+                            str(tmp_path / "out" / "config.yaml"), "--results", str(tmp_path / "out" / "inference"),
+                            "--output-dir", str(tmp_path / "rescored")], capture_output=True, text=True,
+                           cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in (tmp_path / "rescored" / "report.html").read_text()
