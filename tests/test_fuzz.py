@@ -43,6 +43,7 @@ from detection.data import DataError
 from detection.engine.checkpoint import CheckpointError
 
 SEED = 24
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the fuzzed pickles
 CLEAR_ERRORS = (DataError, ConfigError, CheckpointError, WeightsError, ValueError)
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS: Counter = Counter()  # family -> cases run (printed per family)
@@ -714,6 +715,206 @@ def test_fuzz_config_loader(tmp_path, caplog):
     run_family("config loader", config_cases(tmp_path), caplog)
 
 
+# ============================================================================ checkpoints (--resume) and weights
+
+class _Evil:
+    """Unpickling this runs a command: no reader may do it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/c4det_fuzz_pwned",))
+
+
+def _small_train_state():
+    """A TrainState of the trainer's own optimizer, schedule and scaler over a small model,
+    after one step (so the optimizer holds momentum buffers)."""
+    from detection.engine.optim import build_lr_scheduler, build_optimizer
+    from detection.engine.trainer import TrainState, optimizer_step
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv2d(8, 4, 1))
+    optimizer = build_optimizer(model, base_lr=0.01, momentum=0.9, weight_decay=1e-4)
+    scheduler = build_lr_scheduler(optimizer, warmup_iters=2, warmup_factor=0.1, steps=[10], gamma=0.1)
+    state = TrainState(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False))
+    optimizer_step(state, model(torch.ones(1, 3, 5, 5)).sum())
+    state.iteration = 1
+    return state
+
+
+def _resume_dict(state) -> dict:
+    from detection.engine.checkpoint import get_rng_states
+
+    rng = get_rng_states()
+    return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(), "iteration": 1,
+            "rng": rng, "rng_per_rank": [rng], "config": {}, "class_names": ["a"]}
+
+
+def _file_corruptions(valid: bytes, rng: random.Random) -> dict[str, bytes]:
+    out = {"empty": b"", "text": b"not a checkpoint\n", "json": b'{"model": {}}',
+           "random_bytes": bytes(rng.randrange(256) for _ in range(300)),
+           "zip_magic_then_garbage": b"PK\x03\x04" + bytes(rng.randrange(256) for _ in range(200))}
+    for cut in sorted(rng.sample(range(10, len(valid) - 10), 5)):
+        out[f"truncated_at_{cut}"] = valid[:cut]
+    for i in range(3):
+        flipped = bytearray(valid)
+        for _ in range(20):
+            flipped[rng.randrange(len(flipped))] ^= 0xFF
+        out[f"bytes_flipped_{i}"] = bytes(flipped)
+    import pickle
+
+    out["pickle_running_code"] = pickle.dumps({"model": _Evil()})
+    out["pickle_of_a_list"] = pickle.dumps([1, 2])
+    return out
+
+
+def resume_cases(tmp: Path) -> list[Case]:
+    """--resume's reader: load_resume_checkpoint + the trainer's _restore, on broken last.pth files."""
+    from detection.engine.checkpoint import load_resume_checkpoint
+    from detection.engine.trainer import _restore
+
+    rng = random.Random(SEED + 3)
+    base = _small_train_state()
+    valid = _resume_dict(base)
+    buffer = io.BytesIO()
+    torch.save(valid, buffer)
+
+    def case(name: str, content: Any, outcomes=frozenset({"error"}), where: tuple = (), raw: bool = False) -> Case:
+        path = tmp / f"{name}.pth"
+
+        def run():
+            if raw:
+                path.write_bytes(content)
+            else:
+                torch.save(content, path)
+            state = copy.deepcopy(base)
+            _restore(state, load_resume_checkpoint(path), torch.device("cpu"), path)
+            return state
+
+        def check(state) -> None:
+            assert state.iteration == 1 and same_state(state.model.state_dict(), valid["model"])
+
+        return Case(f"resume {name}", run, where=(path.name, *where), outcomes=frozenset(outcomes), check=check)
+
+    cases = [case("valid", valid, {"accepted"})]
+    cases += [case(name, data, raw=True) for name, data in _file_corruptions(buffer.getvalue(), rng).items()]
+    for value in (None, [1], torch.zeros(2), "x"):
+        cases.append(case(f"top_level_{type(value).__name__}", value))
+    for key in ("model", "optimizer", "scheduler", "scaler", "iteration", "rng"):
+        broken = dict(valid)
+        del broken[key]
+        cases.append(case(f"no_{key}", broken, where=(key,)))
+        for value in (None, "x", [1], {"a": 1}, 3.5, -1):
+            broken = dict(valid)
+            broken[key] = value
+            # the scaler is off on the CPU (its state is not read); "rng" is rank 0's copy of rng_per_rank[0]
+            cases.append(case(f"{key}={value!r}", broken,
+                              outcomes={"accepted", "error"} if key in ("scaler", "rng") else {"error"}))
+    model = valid["model"]
+    first = next(iter(model))
+    variants = {
+        "model_missing_a_tensor": {k: v for k, v in model.items() if k != first},
+        "model_extra_tensor": {**model, "extra.weight": torch.zeros(3)},
+        "model_wrong_shape": {**model, first: torch.zeros(2, 2)},
+        "model_integer_tensor": {**model, first: model[first].long()},
+        "model_nan": {**model, first: torch.full_like(model[first], float("nan"))},
+        "model_not_tensors": {**model, first: [1, 2]},
+    }
+    for name, weights in variants.items():
+        cases.append(case(name, {**valid, "model": weights}, where=(first,) if name != "model_extra_tensor" else ()))
+    opt = valid["optimizer"]
+    momentum = {i: {"momentum_buffer": torch.zeros(7)} for i in opt["state"]}
+    for name, value in {"optimizer_no_state": {"param_groups": opt["param_groups"]},
+                        "optimizer_one_group": {**opt, "param_groups": opt["param_groups"][:1]},
+                        "optimizer_buffer_shape": {**opt, "state": momentum},
+                        "optimizer_lr_string": {**opt, "param_groups": [{**g, "lr": "x"} for g in opt["param_groups"]]},
+                        "optimizer_lr_nan": {**opt, "param_groups": [{**g, "lr": float("nan")}
+                                                                     for g in opt["param_groups"]]}}.items():
+        cases.append(case(name, {**valid, "optimizer": value}, where=("optimizer",)))
+    for name, value in {"schedule_epoch_string": {**valid["scheduler"], "last_epoch": "x"},
+                        "schedule_negative": {**valid["scheduler"], "last_epoch": -5},
+                        "schedule_no_base_lrs": {"last_epoch": 1}}.items():
+        cases.append(case(name, {**valid, "scheduler": value}, where=("schedule",)))
+    for name, value in {"rng_python_missing": {k: v for k, v in valid["rng"].items() if k != "python"},
+                        "rng_torch_garbage": {**valid["rng"], "torch": torch.zeros(3)},
+                        "rng_numpy_short": {**valid["rng"], "numpy": (1, 2)}}.items():
+        cases.append(case(name, {**valid, "rng": value, "rng_per_rank": [value]}, where=("random states",)))
+    cases.append(case("rng_per_rank_not_a_list", {**valid, "rng_per_rank": 3}, where=("random states",)))
+    cases.append(Case("resume last.pth is a folder", lambda: load_resume_checkpoint(tmp),
+                      where=(str(tmp), "folder"), outcomes=frozenset({"error"})))
+    return cases
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def weights_cases(tmp: Path) -> list[Case]:
+    """model.weights / --weights: read_detector_file + load_detector_weights into a detector."""
+    from detection.engine.loading import load_detector_weights, read_detector_file
+    from tests.helpers import make_model
+
+    rng = random.Random(SEED + 4)
+    model = make_model().eval()
+    own = model.state_dict()
+    valid = {"model": own, "iteration": 5, "class_names": ["red", "blue"], "config": {}}
+    buffer = io.BytesIO()
+    torch.save(valid, buffer)
+
+    def case(name: str, content: Any, outcomes=frozenset({"error"}), where: tuple = (), raw: bool = False) -> Case:
+        path = tmp / f"{name}.pth"
+
+        def run():
+            if raw:
+                path.write_bytes(content)
+            else:
+                torch.save(content, path)
+            weights = read_detector_file(path)
+            target = copy.deepcopy(model)
+            if weights is not None:
+                load_detector_weights(target, weights)
+            return weights, target
+
+        def check(result) -> None:
+            weights, target = result
+            if weights is not None:  # a detector was loaded: exactly the valid file's tensors
+                loaded = target.state_dict()
+                assert all(torch.equal(loaded[k], own[k].to(loaded[k].dtype)) for k in own), "other weights loaded"
+
+        return Case(f"weights {name}", run, where=(path.name, *where), outcomes=frozenset(outcomes), check=check)
+
+    cases = [case("valid", valid, {"accepted"})]
+    cases += [case(name, data, raw=True) for name, data in _file_corruptions(buffer.getvalue(), rng).items()]
+    key = "roi_heads.predictor.bbox_pred.weight"
+    variants = {
+        "missing_a_tensor": ({k: v for k, v in own.items() if k != key}, (key,)),
+        "extra_tensor": ({**own, "rpn.extra.weight": torch.zeros(3)}, ("rpn.extra.weight",)),
+        "wrong_shape": ({**own, key: torch.zeros(2, 2)}, (key,)),
+        "more_classes": ({**own, "roi_heads.predictor.cls_score.weight": torch.zeros(7, own[
+            "roi_heads.predictor.cls_score.weight"].shape[1])}, ("cls_score",)),
+    }
+    for name, (state, where) in variants.items():
+        cases.append(case(name, {**valid, "model": state}, where=where))
+    cases.append(case("integer_tensor", {**valid, "model": {**own, key: own[key].long()}}, where=(key,)))
+    cases.append(case("nan_weights", {**valid, "model": {**own, key: torch.full_like(own[key], float("nan"))}},
+                      {"error"}, where=(key,)))
+    cases.append(case("model_is_a_list", {**valid, "model": [1, 2]}))
+    cases.append(case("backbone_only", {"conv1.weight": torch.zeros(64, 3, 7, 7)}, {"accepted"}))
+    cases.append(Case("weights path is a folder", lambda: read_detector_file(tmp), where=(str(tmp),),
+                      outcomes=frozenset({"error"})))
+    cases.append(Case("weights file missing", lambda: read_detector_file(tmp / "none.pth"), where=("none.pth",),
+                      outcomes=frozenset({"error"})))
+    return cases
+
+
+def test_fuzz_resume_checkpoints(tmp_path, caplog):
+    run_family("checkpoints (--resume)", resume_cases(tmp_path), caplog)
+    assert not os.path.exists("/tmp/c4det_fuzz_pwned")
+
+
+def test_fuzz_weight_files(tmp_path, caplog):
+    run_family("weight files", weights_cases(tmp_path), caplog)
+    assert not os.path.exists("/tmp/c4det_fuzz_pwned")
+
+
 # ============================================================================ known bugs elsewhere
 
 _NON_FINITE = ("detection/config.py accepts a non-finite value here: _checks has no test for this key, or one "
@@ -744,6 +945,15 @@ KNOWN_BUGS: dict[str, tuple[str, str]] = {
         "model.roi_heads.box_loss_weight": [".inf"], "solver.base_lr": [".inf"], "solver.weight_decay": [".inf"],
         "solver.clip_grad_norm": [".inf"]}.items() for value in values},
     **{f"config file {name}": ("config_cases", reason) for name, reason in _CONFIG_FILE.items()},
+    **{f"weights bytes_flipped_{i}": ("weights_cases", "detection/engine/loading.py _read_any: torch.load does not "
+                                      "check the CRC-32 the zip stores per record, so flipped bits in tensor data load "
+                                      "as wrong weights (checkpoint.load_checkpoint now checks them with zipfile)")
+       for i in range(3)},
+    "weights integer_tensor": ("weights_cases", "detection/engine/loading.py load_detector_weights: an integer tensor "
+                                                "for a float parameter is cast by load_state_dict (weights truncated "
+                                                "to whole numbers), not refused"),
+    "weights nan_weights": ("weights_cases", "detection/engine/loading.py load_detector_weights: non-finite tensors are "
+                                             "loaded without a word; detections then come out NaN or empty"),
     "override bad yaml": ("config_cases", "detection/config.py _apply_override: PyYAML's multi-line error text is "
                                           "put into the message as it is"),
 }

@@ -7,7 +7,9 @@ generators differ after the first step (each samples anchors and RoIs for its ow
 """
 from __future__ import annotations
 
+import math
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -41,11 +43,28 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    _verify_checksums(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
         text = " ".join(str(err).split())[:300]  # one line: torch's messages span many
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {text})") from None
+
+
+def _verify_checksums(path: Path) -> None:
+    """torch.load does not check the CRC-32 its zip format stores for each record, so a bit
+    flipped on a disk or in a copy loads as a wrong weight. zipfile checks them (about 1 GB/s)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return  # not a zip (an old or foreign file): torch.load judges it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: a damaged checkpoint (cut short or corrupt: {err})") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path}: a damaged checkpoint: the bytes of its record {damaged} do not match their "
+                              "stored checksum (a disk or copy error)")
 
 
 def load_resume_checkpoint(path: Union[str, Path]) -> dict:
@@ -86,6 +105,78 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+_STATE_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError)
+
+
+def restore_training_state(ckpt: dict, path: Union[str, Path], *, model: torch.nn.Module,
+                           optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> None:
+    """Load a resume checkpoint (load_resume_checkpoint) into the run's objects; anything that
+    does not fit is one CheckpointError naming the file and the part, never a torch traceback
+    now or a shape error at the next step."""
+    load_model_state(model, ckpt["model"], path)
+    _load_optimizer_state(optimizer, ckpt["optimizer"], path)
+    state = ckpt["scheduler"]
+    if not (isinstance(state, dict) and isinstance(state.get("last_epoch"), int)
+            and not isinstance(state.get("last_epoch"), bool) and state["last_epoch"] >= 0
+            and isinstance(state.get("base_lrs"), list) and len(state["base_lrs"]) == len(optimizer.param_groups)):
+        raise CheckpointError(f"{path}: its lr schedule state is not one this run can continue "
+                              f"(expected last_epoch >= 0 and {len(optimizer.param_groups)} base_lrs)")
+    _load_part(scheduler, state, path, "lr schedule")
+    _load_part(scaler, ckpt["scaler"], path, "AMP scaler")
+
+
+def load_model_state(model: torch.nn.Module, state: Any, path: Union[str, Path]) -> None:
+    """Strict load with one error listing what does not fit: missing and unexpected tensors,
+    shapes, a float tensor stored as an integer one, non-finite values."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: its 'model' is a {type(state).__name__}, not a state dict of tensors")
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"{path}: its 'model' holds {odd[0]}, a {type(state[odd[0]]).__name__}, not a tensor")
+    own = model.state_dict()
+    problems = []
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (the model's: {tuple(own[k].shape)})"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    kinds = [f"{k} ({state[k].dtype})" for k in own if k in state
+             and state[k].is_floating_point() != own[k].is_floating_point()]
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes),
+                         ("other kind of number", kinds)):
+        if names:
+            problems.append(f"{len(names)} {label}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    if problems:
+        raise CheckpointError(f"{path}: does not fit this run's model ({'; '.join(problems)})")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: holds non-finite values in {len(bad)} tensors ({', '.join(bad[:3])}): "
+                              "the weights are broken; resume from an earlier checkpoint")
+    model.load_state_dict(state)
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, path: Union[str, Path]) -> None:
+    _load_part(optimizer, state, path, "optimizer")
+    for group in optimizer.param_groups:
+        for key in ("lr", "momentum", "weight_decay"):
+            value = group.get(key, 0.0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise CheckpointError(f"{path}: its optimizer state has {key}={value!r}")
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise CheckpointError(f"{path}: its optimizer state {key} has shape {tuple(value.shape)}, its "
+                                          f"parameter {tuple(param.shape)}")
+
+
+def _load_part(target: Any, state: Any, path: Union[str, Path], what: str) -> None:
+    try:
+        target.load_state_dict(state)
+    except _STATE_ERRORS as err:
+        text = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"{path}: its {what} state does not fit this run ({type(err).__name__}: {text})") \
+            from None
+
+
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's random states in rank order (a collective: every rank calls it)."""
     return comm.all_gather_object(get_rng_states())
@@ -96,11 +187,15 @@ def restore_rng_states(ckpt: dict, path: Union[str, Path] = "the checkpoint") ->
     else the one line saying what is not (the number of processes changed)."""
     per_rank = ckpt.get("rng_per_rank")
     rank, world = comm.get_rank(), comm.get_world_size()
+    if per_rank is not None and not isinstance(per_rank, list):
+        raise CheckpointError(f"{path}: its per-process random states are a {type(per_rank).__name__}, not a list")
     saved_world = len(per_rank) if per_rank else 1
-    if per_rank and rank < len(per_rank):
-        set_rng_states(per_rank[rank])
-    else:
-        set_rng_states(ckpt["rng"])
+    try:
+        set_rng_states(per_rank[rank] if per_rank and rank < len(per_rank) else ckpt["rng"])
+    except _STATE_ERRORS as err:
+        text = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"{path}: its random states cannot be restored ({type(err).__name__}: {text})") \
+            from None
     if saved_world == world:
         return None
     return (f"{path} was written by {saved_world} process{'es' if saved_world > 1 else ''} and is resumed with "

@@ -27,7 +27,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from detection.config import Config, config_to_dict
 from detection.data.dataset_info import DatasetInfo
 from detection.engine import distributed as du
-from detection.engine.checkpoint import gather_rng_states, load_resume_checkpoint, restore_rng_states, save_checkpoint
+from detection.engine.checkpoint import (gather_rng_states, load_resume_checkpoint, restore_rng_states,
+                                         restore_training_state, save_checkpoint)
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.optim import build_lr_scheduler, build_optimizer
 from detection.engine.run_folder import RunLock, check_output_dir, prepare_output_dir
@@ -189,10 +190,8 @@ def amp_autocast(enabled: bool, device: torch.device) -> torch.autocast:
 
 
 def _restore(state: TrainState, ckpt: dict, device: torch.device, path: Path = Path("last.pth")) -> None:
-    state.model.load_state_dict(ckpt["model"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
-    state.scaler.load_state_dict(ckpt["scaler"])
+    restore_training_state(ckpt, path, model=state.model, optimizer=state.optimizer, scheduler=state.scheduler,
+                           scaler=state.scaler)  # what does not fit is one CheckpointError
     state.iteration = int(ckpt["iteration"])
     not_exact = restore_rng_states(ckpt, path)  # each rank its own
     if not_exact and du.is_main_process():
