@@ -274,16 +274,18 @@ def bench_onnx(plain: torch.nn.Module, images: list[torch.Tensor], args: argpars
     runners = {"fast": lambda: fast(images), "onnxruntime": lambda: [ort(img) for img in uint8]}
     with torch.inference_mode():
         ref = plain(images)[0]
-        out: dict[str, Any] = {name: {"end_to_end_s": [], "vs_plain": compare_detections(ref, fn()[0])}
-                               for name, fn in runners.items()}
+        out: dict[str, Any] = {name: {"end_to_end_s": [], "end_to_end_cpu_s": [],
+                                      "vs_plain": compare_detections(ref, fn()[0])} for name, fn in runners.items()}
         for run in range(args.warmup + args.runs):
             for name in (list(runners) if run % 2 == 0 else list(runners)[::-1]):
-                seconds = timed(runners[name]) / len(images)
+                seconds, cpu = (t / len(images) for t in timed_cpu(runners[name]))
                 if run >= args.warmup:
                     out[name]["end_to_end_s"].append(seconds)
+                    out[name]["end_to_end_cpu_s"].append(cpu)
                 print(f"  onnx run {run}: {name} {seconds:.3f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     for entry in out.values():
         entry["end_to_end_median_s"] = statistics.median(entry["end_to_end_s"])
+        entry["end_to_end_cpu_median_s"] = statistics.median(entry["end_to_end_cpu_s"])
     out["threads"] = torch.get_num_threads()
     return out
 
@@ -293,7 +295,8 @@ def print_onnx(onnx: dict) -> None:
     print(f"\nONNX Runtime vs the fast path ({onnx['threads']} threads, per image, median):")
     for name, entry in (("fast path (PyTorch)", fast), ("onnxruntime (plain path exported)", ort)):
         same = "equal" if entry["vs_plain"]["equal"] else "NOT EQUAL"
-        print(f"  {name:36s} {entry['end_to_end_median_s']:.3f} s   detections vs plain: {same}")
+        print(f"  {name:36s} {entry['end_to_end_median_s']:.3f} s (CPU {entry['end_to_end_cpu_median_s']:.3f} s)"
+              f"   detections vs plain: {same} ({entry['vs_plain']['count']} detections)")
     print(f"  onnxruntime / fast: {ort['end_to_end_median_s'] / fast['end_to_end_median_s']:.2f}x the time")
 
 
