@@ -19,6 +19,11 @@ from tests.helpers import make_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def needs_onnx():
+    for name in ("onnx", "onnxruntime"):
+        pytest.importorskip(name, reason=f"ONNX export needs {name}, the export extra: pip install -e '.[export]'")
+
+
 def images(*sizes, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
@@ -72,7 +77,7 @@ def assert_onnxruntime_equals_pytorch(model, path, sizes):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [{}, {"pooler": "roi_pool"}, {"global_context": True}])
 def test_onnxruntime_equals_pytorch_on_a_tiny_model(tmp_path, variant):
-    pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime: pip install -e '.[export]'")
+    needs_onnx()
     model = make_model(score_thresh_test=0.0, **variant).eval()
     model.input_format = "BGR"
     assert_onnxruntime_equals_pytorch(model, tmp_path / "tiny.onnx", [(70, 90), (200, 96)])
@@ -88,7 +93,7 @@ def test_onnxruntime_equals_pytorch_on_a_tiny_model(tmp_path, variant):
                        "model.roi_heads.score_thresh_test=0.01", "model.rpn.post_nms_topk_test=100"]),
 ])
 def test_onnxruntime_equals_pytorch(tmp_path, config, overrides):
-    pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime: pip install -e '.[export]'")
+    needs_onnx()
     cfg = load_config(ROOT / "configs" / config, ["model.backbone.weights=null", *overrides])
     model = make_sane(build_model(cfg)).eval()
     side = cfg.input.min_size_test
@@ -97,7 +102,7 @@ def test_onnxruntime_equals_pytorch(tmp_path, config, overrides):
 
 @pytest.mark.slow
 def test_export_tool_writes_and_checks_the_file(tmp_path):
-    pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime: pip install -e '.[export]'")
+    needs_onnx()
     from detection.data.shapes import generate_shapes
     from detection.engine.trainer import train
     from tests.helpers import tiny_overrides
@@ -133,7 +138,7 @@ def test_prepare_image_resizes_as_the_model():
 
 @pytest.mark.slow  # the benchmark in a subprocess
 def test_benchmark_times_onnxruntime_against_the_fast_path(tmp_path):
-    pytest.importorskip("onnxruntime", reason="ONNX export is checked with onnxruntime: pip install -e '.[export]'")
+    needs_onnx()
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--config", str(ROOT / "configs" / "base.yaml"),
            "model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20",
