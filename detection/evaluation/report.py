@@ -268,7 +268,8 @@ TEMPLATE = """<!DOCTYPE html>
 <table class="metrics">
 <thead><tr><th>metric</th><th>value</th></tr></thead>
 <tbody>
-{% for key, value in s.metrics.items() %}<tr><td>{{ key }}</td><td>{{ value | num }}</td></tr>
+{% for key, value in s.metrics.items() %}
+<tr><td>{{ key }}</td><td>{{ value | num }}</td></tr>
 {% endfor %}
 </tbody>
 </table>
@@ -276,7 +277,8 @@ TEMPLATE = """<!DOCTYPE html>
 <table class="per-class">
 <thead><tr><th>class</th><th>AP</th><th>objects</th><th>false positives</th><th>missed</th></tr></thead>
 <tbody>
-{% for c in s.per_class %}<tr><td>{{ c.name }}</td><td>{{ c.ap | num }}</td><td>{{ c.gt }}</td><td>{{ c.fp }}</td><td>{{ c.missed }}</td></tr>
+{% for c in s.per_class %}
+<tr><td>{{ c.name }}</td><td>{{ c.ap | num }}</td><td>{{ c.gt }}</td><td>{{ c.fp }}</td><td>{{ c.missed }}</td></tr>
 {% endfor %}
 </tbody>
 </table>
@@ -291,7 +293,8 @@ regions are neither.</p>
 <h3>{{ title }}</h3>
 {% if not images %}<p class="muted">None at score &ge; {{ score_thresh }}.</p>{% endif %}
 {% for g in images %}
-<figure><img alt="{{ g.title }}" src="data:image/jpeg;base64,{{ g.jpeg }}"><figcaption>{{ g.title }}</figcaption></figure>
+<figure><img alt="{{ g.title }}" src="data:image/jpeg;base64,{{ g.jpeg }}">
+<figcaption>{{ g.title }}</figcaption></figure>
 {% endfor %}
 {% endfor %}
 {% endif %}
