@@ -915,6 +915,196 @@ def test_fuzz_weight_files(tmp_path, caplog):
     assert not os.path.exists("/tmp/c4det_fuzz_pwned")
 
 
+# ============================================================================ tools/eval.py --results
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    from detection.data.shapes import generate_shapes
+
+    root = tmp_path_factory.mktemp("shapes_data")
+    generate_shapes(root / "shapes", num_train=2, num_val=3, seed=3, image_size=(64, 80))
+    return root
+
+
+_TOOLS: dict = {}  # tool name -> its module, loaded once
+
+
+def run_tool_main(tool: str, argv: list[str]) -> int:
+    """A tool's main() in this process; exit 2 becomes the ValueError its one `error:` line states
+    (so `outcome` judges the message), a non-zero exit without such a line is a crash."""
+    import contextlib
+
+    from tests.helpers import load_tool
+
+    if tool not in _TOOLS:
+        _TOOLS[tool] = load_tool(tool)
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = _TOOLS[tool].main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    lines = [x for x in err.getvalue().split("\n") if x.startswith("error:")]
+    if code == 0:
+        return 0
+    if "Traceback" in err.getvalue() or len(lines) != 1:
+        raise RuntimeError(f"exit {code} without one error line: {err.getvalue()[-500:]!r}")
+    raise ValueError(lines[0].removeprefix("error: ") + ("" if code == 2 else f" [exit {code}]"))
+
+
+def _metrics_ok(folder: Path) -> Callable[[Any], None]:
+    def check(code) -> None:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        for key, value in metrics.items():
+            assert value is None or 0.0 <= value <= 100.0 + 1e-9, f"{key} = {value}"
+    return check
+
+
+def _defaults_config(tmp: Path) -> Path:
+    """A config file of the defaults only (configs/base.yaml restates them, in 200 lines of YAML
+    that take longer to parse than a case takes to run)."""
+    path = tmp / "defaults.yaml"
+    path.write_text("seed: 0\n")
+    return path
+
+
+def eval_results_cases(tmp: Path, shapes_root: Path) -> list[Case]:
+    rng = random.Random(SEED + 5)
+    gt = json.loads((shapes_root / "shapes" / "annotations" / "instances_val.json").read_text())
+    valid = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+             for a in gt["annotations"]]
+    base = ["--config", str(_defaults_config(tmp)), f"datasets.root={shapes_root}",
+            "datasets.test=[shapes_val]", "model.num_classes=3", f"output_dir={tmp / 'unused'}"]
+
+    def case(name: str, content: Any, outcomes=frozenset({"error"}), where: tuple = (), raw: bool = False) -> Case:
+        path = tmp / f"{name}.json"
+        out = tmp / f"out_{name}"
+
+        def run():
+            if raw:
+                path.write_bytes(content)
+            else:
+                path.write_text(json.dumps(content))
+            return run_tool_main("eval", [*base, "--results", str(path), "--output-dir", str(out)])
+
+        return Case(f"eval --results {name}", run, where=(path.name, *where), outcomes=frozenset(outcomes),
+                    check=_metrics_ok(out / "shapes_val"))
+
+    cases = [case("valid", valid, {"accepted"}), case("no_detections", [], {"accepted"}),
+             case("duplicated", valid + valid, {"accepted"})]
+    text = json.dumps(valid).encode()
+    files = {"empty": b"", "garbage": b"[{]]", "latin1": text.replace(b'"score"', b'"sc\xf6re"'),
+             "utf16": json.dumps(valid).encode("utf-16")}
+    for cut in sorted(rng.sample(range(1, len(text) - 1), 5)):
+        files[f"truncated_at_{cut}"] = text[:cut]
+    cases += [case(name, data, raw=True) for name, data in files.items()]
+    for value in ({}, 3, None, "x", [[1]]):
+        cases.append(case(f"top_level_{type(value).__name__}_{len(cases)}", value))
+    for key in ("image_id", "category_id", "bbox", "score"):
+        for value in WRONG_VALUES:
+            broken = copy.deepcopy(valid)
+            index = rng.randrange(len(broken))
+            broken[index][key] = value
+            cases.append(case(f"[{index}].{key}={value!r}", broken, {"accepted", "error"} if (
+                key == "score" and type(value) in (int, float) and math.isfinite(value)) else {"error"},
+                where=(f"result {index}",)))
+        broken = copy.deepcopy(valid)
+        del broken[1][key]
+        cases.append(case(f"[1].{key}_missing", broken, where=("result 1",)))
+    broken = copy.deepcopy(valid)
+    for r in broken:
+        r["segmentation"], r["extra"] = [], {"x": 1}
+    cases.append(case("extra_fields", broken, {"accepted"}))
+    for name, change in {"unknown_image": ("image_id", 999), "unknown_category": ("category_id", 42)}.items():
+        broken = copy.deepcopy(valid)
+        broken[2][change[0]] = change[1]
+        cases.append(case(name, broken, where=("result 2", str(change[1]))))
+    for name, bbox in {"nan_box": [float("nan"), 1, 2, 3], "inf_box": [1, 1, float("inf"), 3],
+                       "negative_width": [10, 10, -5, 5], "negative_height": [10, 10, 5, -5]}.items():
+        broken = copy.deepcopy(valid)
+        broken[0]["bbox"] = bbox
+        cases.append(case(name, broken, where=("result 0", "bbox")))
+    for name, bbox in {"zero_area_box": [10, 10, 0, 0], "box_outside_image": [500, 500, 10, 10]}.items():
+        broken = copy.deepcopy(valid)
+        broken[0]["bbox"] = bbox
+        cases.append(case(name, broken, {"accepted"}))
+    folder = tmp / "a_folder"
+    folder.mkdir(exist_ok=True)
+    cases.append(Case("eval --results a folder without results", lambda: run_tool_main(
+        "eval", [*base, "--results", str(folder), "--output-dir", str(tmp / "out_folder")]), where=("a_folder",),
+        outcomes=frozenset({"error"})))
+    cases.append(Case("eval --results missing", lambda: run_tool_main(
+        "eval", [*base, "--results", str(tmp / "none.json"), "--output-dir", str(tmp / "out_none")]),
+        where=("none.json",), outcomes=frozenset({"error"})))
+    return cases + voc_results_cases(tmp, shapes_root)
+
+
+def voc_results_cases(tmp: Path, shapes_root: Path) -> list[Case]:
+    """--results of a VOC-type test set: a folder of comp4_det_test_<class>.txt files."""
+    voc = shapes_root / "shapes" / "VOC"
+    entry = json.dumps({"type": "voc", "root": str(voc), "split": "val", "classes": ["circle", "square", "triangle"],
+                        "name": "voc_val"})
+    base = ["--config", str(_defaults_config(tmp)), f"datasets.test=[{entry}]", "model.num_classes=3",
+            f"output_dir={tmp / 'unused'}"]
+    ids = (voc / "ImageSets" / "Main" / "val.txt").read_text().split()
+    valid = {"circle": f"{ids[0]} 0.9 10.0 10.0 30.0 30.0\n{ids[1]} 0.5 5.0 5.0 20.0 25.0\n",
+             "square": f"{ids[2]} 0.8 1.0 1.0 40.0 40.0\n", "triangle": ""}
+
+    def case(name: str, files: dict, outcomes=frozenset({"error"}), where: tuple = ()) -> Case:
+        folder = tmp / f"comp4_{name}"
+        out = tmp / f"out_comp4_{name}"
+
+        def run():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            for cls, content in files.items():
+                target = folder / f"comp4_det_test_{cls}.txt"
+                if content is None:
+                    target.mkdir()
+                else:
+                    target.write_bytes(content.encode() if isinstance(content, str) else content)
+            return run_tool_main("eval", [*base, "--results", str(folder), "--output-dir", str(out)])
+
+        return Case(f"eval --results comp4 {name}", run, where=where, outcomes=frozenset(outcomes),
+                    check=_metrics_ok(out / "voc_val"))
+
+    cases = [case("valid", valid, {"accepted"}), case("one_class_file_missing", {"circle": valid["circle"]},
+                                                      {"accepted"})]
+    lines = {"nan_score": f"{ids[0]} nan 10 10 30 30", "inf_coord": f"{ids[0]} 0.9 10 10 inf 30",
+             "text_score": f"{ids[0]} high 10 10 30 30", "five_fields": f"{ids[0]} 0.9 10 10 30",
+             "seven_fields": f"{ids[0]} 0.9 10 10 30 30 1", "unknown_image": "nosuch 0.9 10 10 30 30",
+             "negative_size": f"{ids[0]} 0.9 30 30 10 10", "score_above_1": f"{ids[0]} 7.5 10 10 30 30"}
+    for name, line in lines.items():
+        ok = name in ("score_above_1",)  # any score orders the detections; the devkit takes it
+        cases.append(case(name, {**valid, "circle": valid["circle"] + line + "\n"},
+                          {"accepted"} if ok else {"error"}, where=() if ok else ("comp4_det_test_circle.txt",)))
+    cases.append(case("latin1_file", {**valid, "circle": b"\xe4\xf6 0.9 1 1 2 2\n"}, where=("comp4_det_test_circle",)))
+    cases.append(case("empty_files", {"circle": "", "square": "", "triangle": ""}, {"accepted"}))
+    cases.append(case("class_file_is_a_folder", {**valid, "square": None}, where=("comp4_det_test_square",)))
+    cases.append(case("no_class_file", {}, where=("comp4_det_test_<class>.txt",)))
+    return cases
+
+
+def _checked_curves_instead_of_a_plot(curves, path) -> None:
+    """Stands in for detection.plots.plot_pr_curves (matplotlib takes a second per plot):
+    the curves it would draw must be finite fractions."""
+    for name, (recall, precision) in curves.items():
+        for values in (recall, precision):
+            values = np.asarray(values, dtype=float)
+            assert np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all(), (name, values)
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    import detection.plots
+
+    monkeypatch.setattr(detection.plots, "plot_pr_curves", _checked_curves_instead_of_a_plot)
+
+
+def test_fuzz_eval_results(tmp_path, shapes_root, caplog, no_plots):
+    run_family("tools/eval.py --results", eval_results_cases(tmp_path, shapes_root), caplog)
+
+
 # ============================================================================ known bugs elsewhere
 
 _NON_FINITE = ("detection/config.py accepts a non-finite value here: _checks has no test for this key, or one "
@@ -960,11 +1150,16 @@ KNOWN_BUGS: dict[str, tuple[str, str]] = {
 
 
 @pytest.mark.parametrize("name", sorted(KNOWN_BUGS))
-def test_known_bugs(name, tmp_path, coco_images, caplog, request):
+def test_known_bugs(name, tmp_path, coco_images, caplog, request, no_plots):
     family, reason = KNOWN_BUGS[name]
     request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     make = globals()[family]
-    cases = make(tmp_path, coco_images) if family == "coco_cases" else make(tmp_path)
+    if family == "coco_cases":
+        cases = make(tmp_path, coco_images)
+    elif family == "eval_results_cases":
+        cases = make(tmp_path, request.getfixturevalue("shapes_root"))
+    else:
+        cases = make(tmp_path)
     (case,) = [c for c in cases if c.name == name]
     kind, problem = outcome(case, caplog)
     assert not problem, problem

@@ -87,10 +87,14 @@ class COCOEvaluator:
         results = read_results_json(path)
         by_image: dict[Any, list] = defaultdict(list)
         known = {r["image_id"] for r in self.dataset.records}
+        categories = set(self.dataset.label_to_category_id.values())
         for index, result in enumerate(results):
             if result["image_id"] not in known:
                 raise ValueError(f"{path}: result {index} has image_id {result['image_id']!r}, "
                                  f"which is not an image of data set {self.dataset.name}")
+            if result["category_id"] not in categories:  # COCOeval would drop it without a word
+                raise ValueError(f"{path}: result {index} has category_id {result['category_id']!r}, which is not "
+                                 f"a category of data set {self.dataset.name} ({sorted(categories)})")
             by_image[result["image_id"]].append(result)
         self.reset()
         self.predictions = [{"image_id": r["image_id"], "instances": by_image.get(r["image_id"], [])}
@@ -165,19 +169,43 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
 def read_results_json(path: str) -> list[dict]:
     """A COCO results file, checked enough that errors name the file and the entry."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             results = json.load(f)
     except OSError as err:
         raise ValueError(f"{path}: cannot read the results file ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); a results json is UTF-8") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid json ({err})") from None
     if not isinstance(results, list):
         raise ValueError(f"{path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
     for index, result in enumerate(results):
-        ok = isinstance(result, dict) and {"image_id", "category_id", "bbox", "score"} <= result.keys()
-        if not ok or not (isinstance(result["bbox"], list) and len(result["bbox"]) == 4):
-            raise ValueError(f"{path}: result {index} is not {{image_id, category_id, bbox: [x, y, w, h], score}}")
+        problem = _result_problem(result)
+        if problem:
+            raise ValueError(f"{path}: result {index} {problem}")
     return results
+
+
+def _result_problem(result: Any) -> str | None:
+    """What is wrong with one entry of a results list, or None."""
+    if not isinstance(result, dict) or not {"image_id", "category_id", "bbox", "score"} <= result.keys():
+        return "is not {image_id, category_id, bbox: [x, y, w, h], score}"
+    image_id, category_id, bbox, score = (result[k] for k in ("image_id", "category_id", "bbox", "score"))
+    if isinstance(image_id, bool) or not (isinstance(image_id, int) or (isinstance(image_id, str) and image_id)):
+        return f"has image_id {image_id!r}, not an image id"
+    if isinstance(category_id, bool) or not isinstance(category_id, int):
+        return f"has category_id {category_id!r}, not an integer category id"
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_finite_number(v) for v in bbox)):
+        return f"has bbox {bbox!r}, not [x, y, width, height] of 4 finite numbers"
+    if bbox[2] < 0 or bbox[3] < 0:
+        return f"has bbox {bbox!r} of negative width or height"
+    if not _finite_number(score):
+        return f"has score {score!r}, not a finite number"
+    return None
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _floats(x: Any) -> np.ndarray:

@@ -343,10 +343,15 @@ def parse_comp4_lines(lines: Sequence[str], source: str) -> tuple[list[str], np.
         try:
             if len(fields) != 6:
                 raise ValueError("wrong number of fields")
-            values.append([float(v) for v in fields[1:]])
+            row = [float(v) for v in fields[1:]]
         except ValueError:
             raise ValueError(f"{source}:{number}: expected 'image_id score x1 y1 x2 y2', "
                              f"got {line.strip()!r}") from None
+        if not all(math.isfinite(v) for v in row):
+            raise ValueError(f"{source}:{number}: a score or coordinate that is not a finite number: {line.strip()!r}")
+        if row[3] + 1 < row[1] or row[4] + 1 < row[2]:  # the devkit's inclusive pixels: width x2 - x1 + 1
+            raise ValueError(f"{source}:{number}: a box of negative width or height: {line.strip()!r}")
+        values.append(row)
         ids.append(fields[0])
     array = np.asarray(values, dtype=np.float64).reshape(-1, 5)
     return ids, array[:, 0], array[:, 1:]
@@ -369,12 +374,19 @@ def read_comp4_dir(path: str, class_names: Sequence[str], image_ids: Sequence[Im
     found = 0
     for label, name in enumerate(class_names, start=1):
         file = os.path.join(path, COMP4_TEMPLATE.format(name))
+        if os.path.isdir(file):
+            raise ValueError(f"{file}: is a folder, not a results file")
         if not os.path.isfile(file):
             logger.warning("%s: missing, no detections of class %s", file, name)
             continue
         found += 1
-        with open(file) as f:
-            ids, scores, boxes = parse_comp4_lines(f.readlines(), file)
+        try:
+            with open(file, encoding="utf-8") as f:
+                lines = f.readlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file}: not UTF-8 text (byte {err.start}); results files hold "
+                             "'image_id score x1 y1 x2 y2' lines") from None
+        ids, scores, boxes = parse_comp4_lines(lines, file)
         for image_id, score, (x1, y1, x2, y2) in zip(ids, scores.tolist(), boxes.tolist()):
             if image_id not in id_of:
                 raise ValueError(f"{file}: image {image_id!r} is not in the data set")
