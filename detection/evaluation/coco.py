@@ -197,8 +197,6 @@ def _result_problem(result: Any) -> str | None:
         return f"has category_id {category_id!r}, not an integer category id"
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(_finite_number(v) for v in bbox)):
         return f"has bbox {bbox!r}, not [x, y, width, height] of 4 finite numbers"
-    if bbox[2] < 0 or bbox[3] < 0:
-        return f"has bbox {bbox!r} of negative width or height"
     if not _finite_number(score):
         return f"has score {score!r}, not a finite number"
     return None

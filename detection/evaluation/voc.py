@@ -349,8 +349,6 @@ def parse_comp4_lines(lines: Sequence[str], source: str) -> tuple[list[str], np.
                              f"got {line.strip()!r}") from None
         if not all(math.isfinite(v) for v in row):
             raise ValueError(f"{source}:{number}: a score or coordinate that is not a finite number: {line.strip()!r}")
-        if row[3] + 1 < row[1] or row[4] + 1 < row[2]:  # the devkit's inclusive pixels: width x2 - x1 + 1
-            raise ValueError(f"{source}:{number}: a box of negative width or height: {line.strip()!r}")
         values.append(row)
         ids.append(fields[0])
     array = np.asarray(values, dtype=np.float64).reshape(-1, 5)
