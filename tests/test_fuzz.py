@@ -1106,6 +1106,110 @@ def test_fuzz_eval_results(tmp_path, shapes_root, caplog, no_plots):
     run_family("tools/eval.py --results", eval_results_cases(tmp_path, shapes_root), caplog)
 
 
+# ============================================================================ tools/train_det.py, one iteration
+
+def train_cases(tmp: Path, shapes_root: Path) -> list[Case]:
+    """tools/train_det.py for one iteration on broken training data, config values and files."""
+    from detection.engine.checkpoint import load_checkpoint
+    from tests.helpers import tiny_overrides
+
+    train_json = shapes_root / "shapes" / "annotations" / "instances_train.json"
+    images = shapes_root / "shapes" / "train"
+    gt = json.loads(train_json.read_text())
+
+    def case(name: str, outcomes, *, flags: tuple = (), where: tuple = (), prepare: Callable[[Path], dict] = None,
+             **extra) -> Case:
+        out = tmp / f"run_{name}"
+
+        def run():
+            folder = tmp / f"data_{name}"
+            folder.mkdir(exist_ok=True)
+            settings = {"solver.max_iter": 1, "solver.checkpoint_period": 1, "datasets.test": [],
+                        "dataloader.aspect_ratio_grouping": False, **extra,  # one batch holds both images
+                        **(prepare(folder) if prepare else {})}
+            argv = ["--config", str(_defaults_config(tmp)), *flags, *tiny_overrides(shapes_root, out, **settings)]
+            return run_tool_main("train_det", argv)
+
+        def check(code) -> None:
+            assert load_checkpoint(out / "last.pth")["iteration"] == 1
+            lines = (out / "metrics.jsonl").read_text().splitlines()
+            assert all(math.isfinite(v) for v in json.loads(lines[0]).values() if isinstance(v, float))
+
+        return Case(f"train_det {name}", run, where=where, outcomes=frozenset(outcomes), check=check)
+
+    def coco_set(data: Any = None, raw: Optional[bytes] = None, image: Optional[bytes] = None,
+                 size: tuple[int, int] = (64, 72)) -> Callable[[Path], dict]:
+        """A training set of the shapes json (changed) whose first image may be replaced."""
+        def prepare(folder: Path) -> dict:
+            content = copy.deepcopy(gt if data is None else data)
+            shutil.copytree(images, folder / "images", dirs_exist_ok=True)
+            if image is not None:
+                first = content["images"][0]
+                first["file_name"] = "replaced.png"
+                first["height"], first["width"] = size
+                for a in content["annotations"]:
+                    if a["image_id"] == first["id"]:
+                        a["bbox"] = [0, 0, size[1], size[0]]
+                (folder / "images" / "replaced.png").write_bytes(image)
+            path = folder / "train.json"
+            path.write_bytes(raw if raw is not None else json.dumps(content).encode())
+            return {"datasets.train": [{"type": "coco", "ann_file": str(path), "image_root": str(folder / "images")}]}
+        return prepare
+
+    nan_box = copy.deepcopy(gt)
+    nan_box["annotations"][0]["bbox"][2] = float("nan")
+    a = _rgb(64, 72)
+    truncated = _jpeg_bytes(a)[:700]
+    cases = [
+        case("valid", {"accepted"}),
+        case("truncated_json", {"error"}, where=("train.json", "not valid json"),
+             prepare=coco_set(raw=json.dumps(gt).encode()[:300])),
+        case("nan_box", {"error"}, where=("train.json", "bbox"), prepare=coco_set(nan_box)),
+        case("truncated_jpeg", {"error"}, where=("replaced.png", "truncated"), prepare=coco_set(image=truncated)),
+        case("truncated_jpeg_skipped", {"skipped"}, prepare=coco_set(image=truncated),
+             **{"dataloader.skip_bad_images": True}),
+        case("16bit_png", {"accepted"}, prepare=coco_set(image=_encoded(a.astype(np.uint16) * 257, ".png"))),
+        case("cmyk_jpeg", {"accepted"}, prepare=coco_set(image=_jpeg_bytes(a, "CMYK"))),
+        case("rgba_png", {"accepted"}, prepare=coco_set(image=_png_bytes(a, "RGBA"))),
+        case("1x1_image", {"accepted"}, prepare=coco_set(image=_png_bytes(_rgb(1, 1)), size=(1, 1))),
+        case("base_lr_string", {"error"}, where=("solver.base_lr",), **{"solver.base_lr": "fast"}),
+        case("max_iter_zero", {"error"}, where=("solver.max_iter",), **{"solver.max_iter": 0}),
+        case("weights_truncated", {"error"}, where=("broken.pth",),
+             prepare=lambda f: ((f / "broken.pth").write_bytes(b"PK\x03\x04" + b"\0" * 50),
+                                {"model.weights": str(f / "broken.pth")})[1]),
+    ]
+
+    def output_is_a_file(folder: Path) -> dict:
+        (tmp / "run_output_is_a_file").write_text("a file")
+        return {}
+    cases.append(case("output_is_a_file", {"error"}, where=("is a file",), prepare=output_is_a_file))
+
+    def broken_last(folder: Path) -> dict:
+        out = tmp / "run_resume_broken_last"
+        out.mkdir(exist_ok=True)
+        (out / "last.pth").write_bytes(b"PK\x03\x04" + bytes(range(200)))
+        return {}
+    cases.append(case("resume_broken_last", {"error"}, flags=("--resume",), where=("last.pth",),
+                      prepare=broken_last))
+    return cases
+
+
+@pytest.mark.slow  # trains: a dozen runs of tools/train_det.py for one iteration
+def test_fuzz_train_det_one_iteration(tmp_path, shapes_root, caplog, restore_logging):
+    run_family("tools/train_det.py", train_cases(tmp_path, shapes_root), caplog)
+
+
+@pytest.fixture
+def restore_logging():
+    """train_det.main adds a stderr handler to the root logger; take it away again."""
+    root = logging.getLogger()
+    handlers, levels = list(root.handlers), {n: logging.getLogger(n).level for n in ("detection", "backbones")}
+    yield
+    root.handlers[:] = handlers
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 # ============================================================================ known bugs elsewhere
 
 _NON_FINITE = ("detection/config.py accepts a non-finite value here: _checks has no test for this key, or one "

@@ -42,8 +42,13 @@ class RunLock:
     def acquire(self) -> "RunLock":
         """Take the lock, or ValueError naming the live process that holds it."""
         folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"output folder {folder} is a file, not a folder: choose another --output-dir")
         self._created_dir = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
