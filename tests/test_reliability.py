@@ -436,3 +436,39 @@ def test_results_files_survive_a_full_disk(tmp_path, monkeypatch, writer):
         write()
     assert target.read_text() == "the previous results\n"
     assert sorted(p.name for p in out.iterdir()) == [target.name]  # no temporary file left
+
+
+def test_eval_on_a_full_disk_ends_in_one_line_and_keeps_the_old_metrics(data_root, tmp_path, monkeypatch, capsys):
+    """tools/eval.py --results when writing metrics.json fails: one `error:` line naming the
+    file, exit 2, the previous metrics.json as it was, no temporary file."""
+    import detection.plots
+    import detection.utils.files as files
+
+    gt = json.loads((data_root / "shapes" / "annotations" / "instances_val.json").read_text())
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+                                    "score": 0.9} for a in gt["annotations"]]))
+    out = tmp_path / "inference"
+    argv = ["--config", str(ROOT / "configs" / "base.yaml"), "--results", str(results), "--output-dir", str(out),
+            f"datasets.root={data_root}", "datasets.test=[shapes_val]", "model.num_classes=3"]
+    monkeypatch.setattr(detection.plots, "plot_pr_curves", lambda curves, path: None)  # matplotlib is slow
+    eval_tool = load_tool("eval")
+    assert eval_tool.main(argv) == 0
+    metrics = out / "shapes_val" / "metrics.json"
+    before = metrics.read_text()
+    real_replace = files.os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("metrics.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        eval_tool.main(argv)
+    assert exit_.value.code == 2
+    errors = [x for x in capsys.readouterr().err.split("\n") if x.startswith("error:")]
+    assert errors == [f"error: could not write {metrics} (No space left on device); the previous file is kept"]
+    assert metrics.read_text() == before
+    assert not [p for p in out.rglob("*.tmp")]

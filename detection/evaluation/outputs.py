@@ -23,6 +23,7 @@ from typing import Union
 
 from detection.evaluation.coco import RESULTS_FILE
 from detection.evaluation.voc import COMP4_TEMPLATE, SUBMISSION_FOLDER
+from detection.utils.files import atomic_write
 
 SOURCE_FILE = "source.json"
 # Everything evaluation writes into a test set's folder: what --overwrite removes, and how a
@@ -142,9 +143,8 @@ def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Seq
     if _inside(source.path, folder) and (folder / SOURCE_FILE).is_file():
         return
     record = {**asdict(source), "test_sets": list(test_sets)}
-    tmp = folder / f".{SOURCE_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(folder / SOURCE_FILE)  # atomic: never a half-written source.json
+    with atomic_write(folder / SOURCE_FILE) as f:  # never a half-written source.json, even on a full disk
+        f.write(json.dumps(record, indent=1) + "\n")
 
 
 def _result_files(folder: Path) -> list[Path]:

@@ -15,6 +15,20 @@ from pathlib import Path
 from typing import IO, Any, Union
 
 
+class WriteError(OSError, ValueError):
+    """A file could not be written (a full disk, no permission): one line naming it and saying
+    that the previous version is kept. An OSError (errno, strerror are the original's) and a
+    ValueError, so that the tools report it as one `error:` line, as other bad-run errors."""
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno, self.strerror = errno, strerror
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @contextlib.contextmanager
 def atomic_write(path: Union[str, os.PathLike], mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
     """`with atomic_write(path) as f: f.write(...)`: `path` gets the new content only when the
@@ -23,18 +37,29 @@ def atomic_write(path: Union[str, os.PathLike], mode: str = "w", **open_kwargs: 
     if "w" not in mode:
         raise ValueError(f"atomic_write: mode must write a new file ('w' or 'wb'), got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(err, path, existed) from None
     try:
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise _write_error(err, path, existed) from None
         raise
     _fsync_folder(path.parent)
+
+
+def _write_error(err: OSError, path: Path, existed: bool) -> WriteError:
+    kept = "the previous file is kept" if existed else "nothing was written"
+    return WriteError(f"could not write {path} ({err.strerror or err}); {kept}", err.errno, err.strerror)
 
 
 def _fsync_folder(folder: Path) -> None:
