@@ -23,7 +23,7 @@ def test_unknown_name_lists_the_known_names(tmp_path):
     message = str(err.value)
     assert "voc_2099_trainval" in message
     for name in ("coco_2017_train", "coco_2017_val", "voc_2007_trainval", "voc_2007_test", "voc_2012_trainval",
-                 "shapes_train", "shapes_val"):
+                 "shapes_train", "shapes_val", "shapes_test"):
         assert name in message and name in KNOWN_DATASETS
 
 

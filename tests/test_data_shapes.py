@@ -5,6 +5,7 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 
 from detection.data import SHAPE_CLASSES, get_dataset
 from detection.data import shapes
@@ -21,9 +22,10 @@ def tree_files(root):
 def test_same_seed_same_files_different_seed_different(tmp_path):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         assert make_shapes_main(["--output", str(tmp_path / name), "--num-train", "4", "--num-val", "2",
-                                 "--seed", str(seed)]) == 0
+                                 "--num-test", "3", "--seed", str(seed)]) == 0
     files = tree_files(tmp_path / "a")
-    assert files == tree_files(tmp_path / "b") and len(files) == 4 + 2 + 2 + 6 + 6 + 2
+    # images 4 + 2 + 3, three COCO jsons, VOC: 9 XML files, 9 image links, three split files
+    assert files == tree_files(tmp_path / "b") and len(files) == 9 + 3 + 9 + 9 + 3
     _, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", files, shallow=False)
     assert mismatch == [] and errors == []
     _, mismatch, _ = filecmp.cmpfiles(tmp_path / "a", tmp_path / "c", files, shallow=False)
@@ -104,3 +106,41 @@ def test_rendered_boxes_are_tight_around_the_drawn_pixels(monkeypatch):
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
             assert obj.area <= inside.sum()
         assert not (drawn & ~covered).any()  # nothing drawn outside the boxes
+
+
+def test_test_split_leaves_train_and_val_byte_identical(tmp_path):
+    """The test split has its own seed stream: train and val files are the same with it or without
+    it (the published numbers were measured on them), and it can be added to an older data set."""
+    generate_shapes(str(tmp_path / "without"), num_train=3, num_val=2, seed=4, image_size=(64, 80))
+    paths = generate_shapes(str(tmp_path / "with"), num_train=3, num_val=2, seed=4, image_size=(64, 80), num_test=3)
+    assert sorted(paths) == ["test", "train", "val", "voc"]
+    without, with_test = tree_files(tmp_path / "without"), tree_files(tmp_path / "with")
+    assert set(without) < set(with_test) and all("test" not in f for f in without)
+    assert sorted(set(with_test) - set(without)) == sorted(
+        ["annotations/instances_test.json", "VOC/ImageSets/Main/test.txt"]
+        + [f"{d}/test_{i:06d}.{e}" for i in range(3) for d, e in
+           (("test", "jpg"), ("VOC/Annotations", "xml"), ("VOC/JPEGImages", "jpg"))])
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "without", tmp_path / "with", without, shallow=False)
+    assert mismatch == [] and errors == []
+    # a different stream: the test images are not the train or val images
+    test_image = (tmp_path / "with" / "test" / "test_000000.jpg").read_bytes()
+    assert test_image not in {(tmp_path / "with" / d / f"{d}_000000.jpg").read_bytes() for d in ("train", "val")}
+    # added later to the data set without it (as tools/demo.py does): only the test files are written
+    assert make_shapes_main(["--output", str(tmp_path / "without"), "--splits", "test", "--num-test", "3",
+                             "--image-size", "64", "80", "--seed", "4"]) == 0
+    assert tree_files(tmp_path / "without") == with_test
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "without", tmp_path / "with", with_test, shallow=False)
+    assert mismatch == [] and errors == []
+
+
+def test_shapes_test_is_a_known_name_in_coco_and_voc_layouts(tmp_path):
+    generate_shapes(str(tmp_path / "shapes"), num_train=1, num_val=1, seed=2, image_size=(64, 80), num_test=2)
+    coco = get_dataset("shapes_test", str(tmp_path))
+    voc = get_dataset({"type": "voc", "root": "shapes/VOC", "split": "test", "classes": list(SHAPE_CLASSES)},
+                      str(tmp_path))
+    assert coco.name == "shapes_test" and coco.class_names == list(SHAPE_CLASSES)
+    assert [os.path.basename(r["file_name"]) for r in coco.records] == ["test_000000.jpg", "test_000001.jpg"]
+    for c, v in zip(coco.records, voc.records, strict=True):
+        np.testing.assert_array_equal(c["boxes"], v["boxes"])
+    with pytest.raises(ValueError, match="unknown split"):
+        generate_shapes(str(tmp_path / "x"), 1, 1, 0, splits=("tset",))

@@ -1,9 +1,12 @@
 """Write the synthetic shapes data set (COCO json + VOC XML), deterministic per seed.
 
     python tools/make_shapes.py --output datasets/shapes --num-train 800 --num-val 200 --seed 0
+    python tools/make_shapes.py --output datasets/shapes --splits test --seed 0   # add a test split only
 
-The result is what the known names shapes_train / shapes_val expect under
-<datasets.root>/shapes, and a VOC-layout folder in <output>/VOC.
+The result is what the known names shapes_train / shapes_val / shapes_test expect under
+<datasets.root>/shapes, and a VOC-layout folder in <output>/VOC (split files train, val, test).
+Each split has its own random stream: the test split (--num-test, 200 by default) does not
+change the train and val files of the same seed, and --splits writes only the splits named.
 """
 from __future__ import annotations
 
@@ -12,12 +15,17 @@ import sys
 
 from detection.data.shapes import generate_shapes
 
+SPLITS = ("train", "val", "test")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="output folder (e.g. datasets/shapes)")
     parser.add_argument("--num-train", type=int, default=800, help="number of training images")
     parser.add_argument("--num-val", type=int, default=200, help="number of validation images")
+    parser.add_argument("--num-test", type=int, default=200, help="number of test images (0: no test split)")
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, metavar="SPLIT",
+                        help="write only these splits (train val test), leaving the others' files alone")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
     parser.add_argument("--image-size", type=int, nargs="+", default=[128, 192], metavar="PX",
                         help="one size (square images) or MIN MAX for each of height and width")
@@ -25,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if len(args.image_size) not in (1, 2):
         parser.error("--image-size takes one value or two (MIN MAX)")
-    if args.num_train < 0 or args.num_val < 0:
-        parser.error("--num-train and --num-val must be >= 0")
+    if args.num_train < 0 or args.num_val < 0 or args.num_test < 0:
+        parser.error("--num-train, --num-val and --num-test must be >= 0")
     if args.seed < 0:
         parser.error("--seed must be >= 0")
     return args
@@ -36,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     try:
-        paths = generate_shapes(args.output, args.num_train, args.num_val, args.seed,
-                                image_size=size, max_objects=args.max_objects)
+        paths = generate_shapes(args.output, args.num_train, args.num_val, args.seed, image_size=size,
+                                max_objects=args.max_objects, num_test=args.num_test, splits=args.splits)
     except ValueError as e:
         print(f"make_shapes: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.num_train} train / {args.num_val} val images to {args.output}")
-    print(f"  COCO: {paths['train']}, {paths['val']}")
+    counts = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
+    written = [s for s in SPLITS if s in paths]
+    print(f"wrote {' / '.join(f'{counts[s]} {s}' for s in written)} images to {args.output}")
+    print(f"  COCO: {', '.join(paths[s] for s in written)}")
     print(f"  VOC:  {paths['voc']} (classes circle, square, triangle)")
     return 0
 

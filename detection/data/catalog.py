@@ -46,6 +46,9 @@ KNOWN_DATASETS: dict[str, dict[str, Any]] = {
                      "image_root": "shapes/train"},
     "shapes_val": {"type": "coco", "ann_file": "shapes/annotations/instances_val.json",
                    "image_root": "shapes/val"},
+    # held out: the demo reports on it; tune on shapes_val (tools/make_shapes.py --num-test)
+    "shapes_test": {"type": "coco", "ann_file": "shapes/annotations/instances_test.json",
+                    "image_root": "shapes/test"},
 }
 
 # type -> (required fields, optional fields): the one table of what an explicit data-set

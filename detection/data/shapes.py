@@ -2,13 +2,14 @@
 
 The CPU demo and test data set. Everything is drawn from numpy Generators seeded
 by (seed, split, image index), so a seed fixes every byte written, and adding
-images keeps the earlier ones unchanged. Boxes are the tight boxes of each
-object's *visible* pixels (0-based, x2 = last column + 1); a placement that
-would hide more than 40% of an earlier object is rejected, so every annotated
-object is clearly visible. Output (also readable as a VOC-layout folder):
+images keeps the earlier ones unchanged; each split (train, val, test) has its
+own stream, so writing a test split changes no train or val file. Boxes are the
+tight boxes of each object's *visible* pixels (0-based, x2 = last column + 1); a
+placement that would hide more than 40% of an earlier object is rejected, so
+every annotated object is clearly visible. Output (also readable as a VOC-layout folder):
 
-  DIR/{train,val}/<split>_NNNNNN.jpg
-  DIR/annotations/instances_{train,val}.json            (COCO, category ids 1..3)
+  DIR/{train,val,test}/<split>_NNNNNN.jpg
+  DIR/annotations/instances_{train,val,test}.json       (COCO, category ids 1..3)
   DIR/VOC/{Annotations,JPEGImages,ImageSets/Main}       (VOC XML, 1-based pixels)
 """
 from __future__ import annotations
@@ -17,13 +18,14 @@ import json
 import os
 import shutil
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
-_SPLIT_CODES = {"train": 0, "val": 1}
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}  # the seed streams: never renumber
 _MAX_OCCLUDED = 0.4  # an earlier object may lose at most this fraction of its pixels
 _PLACEMENT_TRIES = 25
 
@@ -37,25 +39,38 @@ class ShapeObject:
 
 def generate_shapes(output_dir: str, num_train: int, num_val: int, seed: int,
                     image_size: int | tuple[int, int] = (128, 192), max_objects: int = 6,
-                    min_object_size: int = 16) -> dict[str, str]:
-    """Write the data set; returns {"train": json path, "val": json path, "voc": VOC root}.
+                    min_object_size: int = 16, num_test: int = 0,
+                    splits: Sequence[str] | None = None) -> dict[str, str]:
+    """Write the data set; returns {"voc": VOC root, <split>: json path} for each split written.
 
     image_size: an int (square images) or (min, max) range for each of height and width.
+    splits: the splits to write, from train, val, test (default: train and val, and test when
+    num_test > 0); ("test",) adds a test split to an existing data set, leaving the rest alone.
     """
     size_range = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size_range) != 2 or not 2 * min_object_size <= size_range[0] <= size_range[1]:
         raise ValueError(f"image_size {image_size!r} must be >= 2 * min_object_size ({2 * min_object_size})"
                          " and given as an int or (min, max)")
-    if seed < 0 or num_train < 0 or num_val < 0:
-        raise ValueError(f"seed, num_train and num_val must be >= 0, got {seed}, {num_train}, {num_val}")
+    if seed < 0 or num_train < 0 or num_val < 0 or num_test < 0:
+        raise ValueError(f"seed, num_train, num_val and num_test must be >= 0, got {seed}, {num_train}, "
+                         f"{num_val}, {num_test}")
+    if splits is None:
+        splits = ("train", "val", "test") if num_test > 0 else ("train", "val")
+    elif isinstance(splits, str):
+        splits = (splits,)
+    unknown = [s for s in splits if s not in _SPLIT_CODES]
+    if unknown:
+        raise ValueError(f"unknown split(s) {', '.join(map(str, unknown))}; the splits are {', '.join(_SPLIT_CODES)}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
     voc_root = os.path.join(output_dir, "VOC")
-    for sub in ("annotations", "train", "val", "VOC/Annotations", "VOC/JPEGImages", "VOC/ImageSets/Main"):
+    for sub in ("annotations", *splits, "VOC/Annotations", "VOC/JPEGImages", "VOC/ImageSets/Main"):
         os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
     paths = {"voc": voc_root}
-    for split, count in (("train", num_train), ("val", num_val)):
-        paths[split] = _write_split(output_dir, split, count, seed, size_range, max_objects, min_object_size)
+    counts = {"train": num_train, "val": num_val, "test": num_test}
+    for split in (s for s in _SPLIT_CODES if s in splits):  # a fixed order, whatever the order of `splits`
+        paths[split] = _write_split(output_dir, split, counts[split], seed, size_range, max_objects,
+                                    min_object_size)
     return paths
 
 
