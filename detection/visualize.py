@@ -2,7 +2,9 @@
 
 Each class has a fixed colour (the same in every image and run); a label is drawn on a
 filled box of its class colour with black or white text, whichever contrasts more, so it
-reads on any background, and it is kept inside the image. Ground truth that the metrics
+reads on any background. Labels are kept inside the image and placed so as not to cover
+one another where there is room (`place_label`: above the box, inside its top, below it,
+...); the highest-scoring box is drawn last and its label placed first. Ground truth that the metrics
 ignore (VOC `difficult` objects, COCO crowd regions) is drawn dashed, its label tagged
 "difficult" / "crowd", so it is not mistaken for an object a detector must find.
 """
@@ -59,9 +61,9 @@ def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any 
 
     boxes: [N,4] XYXY 0-based pixels (tensor or array); labels: [N] in 1..K; scores: [N]
     or None (ground truth: names only, nothing filtered). Boxes scoring below
-    `score_thresh` are skipped; higher scores are drawn last, i.e. on top. tags: [N]
-    strings or None; a box with a non-empty tag ("difficult", "crowd") is drawn dashed and
-    its label ends with the tag.
+    `score_thresh` are skipped; higher scores are drawn last, i.e. on top, and choose their
+    label's place first (ground truth: in the given order). tags: [N] strings or None; a box
+    with a non-empty tag ("difficult", "crowd") is drawn dashed and its label ends with the tag.
     """
     image = _check_image(image_rgb).copy()
     boxes = _as_array(boxes, np.float64).reshape(-1, 4)
@@ -84,10 +86,14 @@ def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any 
     for i in order:  # all boxes first, so that no box line crosses a label
         draw = _dashed_rectangle if tags[i] else cv2.rectangle
         draw(image, *corners[i], color_for_label(labels[i]), thickness)  # axis-aligned: crisp, no AA
-    for i in order:
-        text = " ".join(t for t in (_class_name(int(labels[i]), class_names),
-                                    None if scores is None else f"{scores[i]:.2f}", tags[i]) if t)
-        _draw_label(image, text, corners[i], color_for_label(labels[i]), font_scale)
+    texts = {i: " ".join(t for t in (_class_name(int(labels[i]), class_names),
+                                     None if scores is None else f"{scores[i]:.2f}", tags[i]) if t)
+             for i in order}
+    spots: dict[int, tuple[int, int, int, int]] = {}
+    for i in (order if scores is None else order[::-1]):  # the highest score picks its place first
+        spots[i] = place_label(label_size(texts[i], font_scale), corners[i], (height, width), list(spots.values()))
+    for i in order:  # and is drawn last, on top of any label it could not avoid
+        _draw_label(image, texts[i], spots[i], color_for_label(labels[i]), font_scale)
     return image
 
 
@@ -116,21 +122,55 @@ def _pixel_corners(box: np.ndarray, width: int, height: int) -> tuple[tuple[int,
     return (int(x1), int(y1)), (int(x2), int(y2))
 
 
-def _draw_label(image: np.ndarray, text: str, corners: tuple[tuple[int, int], tuple[int, int]],
-                color: tuple[int, int, int], font_scale: float) -> None:
-    """Filled label box above the box's top-left corner, inside the box when there is no
-    room above, shifted left / up as needed to stay inside the image."""
-    height, width = image.shape[:2]
+_LABEL_PAD = 2  # pixels between the label's text and the edge of its filled box
+
+
+def label_size(text: str, font_scale: float) -> tuple[int, int]:
+    """(width, height) in pixels of the filled box `_draw_label` draws for `text`."""
     (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, font_scale, 1)
-    pad = 2
-    box_w, box_h = text_w + 2 * pad, text_h + baseline + 2 * pad
-    (x1, y1), _ = corners
-    top = y1 - box_h if y1 - box_h >= 0 else y1
-    top = max(0, min(top, height - box_h))
-    left = max(0, min(x1, width - box_w))
-    cv2.rectangle(image, (left, top), (left + box_w - 1, top + box_h - 1), color, thickness=cv2.FILLED)
-    cv2.putText(image, text, (left + pad, top + pad + text_h), _FONT, font_scale, text_color_for(color),
-                1, lineType=cv2.LINE_AA)
+    return text_w + 2 * _LABEL_PAD, text_h + baseline + 2 * _LABEL_PAD
+
+
+def place_label(size: tuple[int, int], corners: tuple[tuple[int, int], tuple[int, int]],
+                image_size: tuple[int, int], placed: Sequence[tuple[int, int, int, int]]
+                ) -> tuple[int, int, int, int]:
+    """Where a label of `size` (w, h) goes for the box with pixel `corners` ((x1, y1), (x2, y2),
+    last pixels included) in an image of `image_size` (H, W), as (left, top, right, bottom),
+    right and bottom exclusive. Places inside the image are tried in this order: above the box,
+    inside its top, below it, inside its bottom, then rows further out (above, inside, below),
+    each at the box's left edge, then the same at its right edge. The first that overlaps no
+    `placed` label wins; else the one overlapping them least (the earliest of equals)."""
+    (w, h), (height, width) = size, image_size
+    (x1, y1), (x2, y2) = corners
+    tops = [y1 - h, y1, y2 + 1, y2 + 1 - h]
+    for k in range(1, max(1, height // max(h, 1)) + 1):  # rows further from the box's edges
+        tops += [y1 - (k + 1) * h] + ([y1 + k * h] if y1 + (k + 1) * h <= y2 + 1 else []) + [y2 + 1 + k * h]
+    tops = list(dict.fromkeys(t for t in tops if 0 <= t and t + h <= height))
+    if not tops:  # a label taller than the image: at its top
+        tops = [0]
+    lefts = list(dict.fromkeys(max(0, min(x, width - w)) for x in (x1, x2 + 1 - w)))
+    candidates = np.array([(left, top, left + w, top + h) for left in lefts for top in tops], np.int64)
+    overlap = _overlaps(candidates, np.asarray(placed, np.int64).reshape(-1, 4)).sum(axis=1)
+    # argmin takes the first of equals: the first place without overlap if there is one
+    left, top, right, bottom = (int(v) for v in candidates[int(np.argmin(overlap))])
+    return left, top, right, bottom
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[len(a), len(b)] pixels shared by (left, top, right, bottom) rectangles, right and bottom exclusive."""
+    width = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    height = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    return np.clip(width, 0, None) * np.clip(height, 0, None)
+
+
+def _draw_label(image: np.ndarray, text: str, rect: tuple[int, int, int, int], color: tuple[int, int, int],
+                font_scale: float) -> None:
+    """The filled label box `rect` (from place_label) in the class colour, with its text."""
+    left, top, right, bottom = rect
+    (_, text_h), _ = cv2.getTextSize(text, _FONT, font_scale, 1)
+    cv2.rectangle(image, (left, top), (right - 1, bottom - 1), color, thickness=cv2.FILLED)
+    cv2.putText(image, text, (left + _LABEL_PAD, top + _LABEL_PAD + text_h), _FONT, font_scale,
+                text_color_for(color), 1, lineType=cv2.LINE_AA)
 
 
 def _class_name(label: int, class_names: Sequence[str]) -> str:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from detection.visualize import PALETTE, color_for_label, draw_detections, side_by_side, text_color_for
+from detection.visualize import (PALETTE, color_for_label, draw_detections, label_size, place_label, side_by_side,
+                                 text_color_for)
 
 NAMES = ["circle", "square", "triangle"]
 
@@ -96,3 +97,59 @@ def test_tagged_boxes_are_dashed_and_their_label_names_the_tag():
     assert label_end(dashed) > label_end(solid) + 20
     with pytest.raises(ValueError, match="1 tags"):
         draw_detections(image, box + box, [1, 1], None, NAMES, tags=["crowd"])
+
+
+def test_place_label_tries_above_inside_top_below_inside_bottom():
+    box, image_size, size = ((20, 40), (79, 89)), (100, 200), (40, 12)
+    above = place_label(size, box, image_size, [])
+    assert above == (20, 28, 60, 40)
+    inside_top = place_label(size, box, image_size, [above])
+    assert inside_top == (20, 40, 60, 52)
+    # below (rows 90..101) does not fit in the 100-row image: inside the bottom of the box
+    assert place_label(size, box, image_size, [above, inside_top]) == (20, 78, 60, 90)
+    assert place_label(size, ((20, 10), (79, 49)), image_size, [(20, 0, 60, 22)]) == (20, 50, 60, 62)  # below
+    # a placed label elsewhere in the image changes nothing
+    assert place_label(size, box, image_size, [(100, 0, 140, 12)]) == above
+
+
+def test_place_label_keeps_labels_inside_the_image():
+    size, image_size = (40, 12), (100, 200)
+    assert place_label(size, ((20, 0), (79, 49)), image_size, []) == (20, 0, 60, 12)  # top edge: inside the box
+    assert place_label(size, ((180, 50), (199, 80)), image_size, []) == (160, 38, 200, 50)  # right edge: shifted
+    assert place_label(size, ((0, 95), (10, 99)), image_size, []) == (0, 83, 40, 95)
+    assert place_label((40, 120), ((0, 0), (10, 10)), image_size, []) == (0, 0, 40, 120)  # taller than the image
+
+
+def test_place_label_takes_the_least_overlap_when_every_place_is_taken():
+    box, image_size, size = ((0, 0), (59, 29)), (30, 60), (40, 12)
+    # places: rows 0, 18 and 12 at x 0, then the same at x 20 (the box's right edge)
+    assert place_label(size, box, image_size, [(0, 0, 60, 30)]) == (0, 0, 40, 12)  # all equal: the first
+    assert place_label(size, box, image_size, [(0, 0, 60, 25)]) == (0, 18, 40, 30)  # 7 rows shared, not 12
+    assert place_label(size, box, image_size, [(0, 0, 30, 30)]) == (20, 0, 60, 12)  # right-aligned overlaps less
+
+
+def _rows_of(image, colour, x):
+    """Rows whose pixel in column `x` has `colour`."""
+    return set(np.flatnonzero((image[:, x] == colour).all(axis=1)).tolist())
+
+
+def test_labels_of_boxes_at_the_same_place_go_to_different_rows():
+    image = np.zeros((120, 160, 3), np.uint8)
+    box = [40.0, 50.0, 120.0, 110.0]  # pixels x 40..119, y 50..109
+    out = draw_detections(image, [box, box], [3, 1], [0.7, 0.9], NAMES, score_thresh=0.5)
+    font_scale = float(np.clip(120 / 900.0, 0.35, 0.9))  # draw_detections' for a 120 px image
+    (_, h1), (_, h3) = label_size("circle 0.90", font_scale), label_size("triangle 0.70", font_scale)
+    # column 41: the labels' left padding (the box's left edge is column 40), the bottom edge at row 109
+    first = _rows_of(out, color_for_label(1), 41) - {109}
+    second = _rows_of(out, color_for_label(3), 41)
+    assert first == set(range(50 - h1, 50))  # the higher score: above the box
+    assert second == set(range(50, 50 + h3))  # the other: inside its top, not over the first
+
+
+def test_the_highest_scoring_box_is_drawn_last():
+    image = np.zeros((120, 160, 3), np.uint8)
+    box = [40.0, 50.0, 120.0, 110.0]
+    for scores, on_top in (([0.6, 0.9], 3), ([0.9, 0.6], 1)):
+        out = draw_detections(image, [box, box], [1, 3], scores, NAMES, score_thresh=0.5)
+        assert tuple(out[80, 40]) == color_for_label(on_top)  # the shared left edge
+        assert tuple(out[109, 80]) == color_for_label(on_top)  # and bottom edge
