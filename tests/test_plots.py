@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from detection.plots import plot_pr_curves, plot_training_curves, read_metrics_jsonl
+from detection.plots import (curve_ap, moving_average, plot_pr_curves, plot_training_curves, pr_curves_figure,
+                             read_metrics_jsonl, smoothing_window, training_curves_figure)
 
 pytest.importorskip("matplotlib")
 
@@ -64,3 +65,39 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
     with pytest.raises(ImportError, match=r"pip install -e \.\[plots\]"):
         plot_pr_curves({"cat": ([0.5], [1.0])}, tmp_path / "pr.png")
+
+
+def test_moving_average_is_the_trailing_mean():
+    np.testing.assert_array_equal(moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 3), [1.0, 1.5, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(moving_average([4.0, 0.0, 8.0], 1), [4.0, 0.0, 8.0])
+    np.testing.assert_array_equal(moving_average([2.0, 4.0], 5), [2.0, 3.0])
+    # a non-finite value is left out of its windows, not spread over the rest of the curve
+    np.testing.assert_array_equal(moving_average([2.0, float("nan"), 4.0, 6.0], 2), [2.0, 2.0, 4.0, 5.0])
+    np.testing.assert_array_equal(moving_average([float("inf"), 1.0], 1), [np.nan, 1.0])
+    with pytest.raises(ValueError, match="window"):
+        moving_average([1.0], 0)
+    assert [smoothing_window(n) for n in (5, 39, 40, 220, 5000)] == [1, 1, 2, 11, 50]
+
+
+def test_training_curves_draw_raw_losses_faintly_under_their_moving_average():
+    its = list(range(10, 410, 10))  # 40 points: a window of 2
+    losses = [float(i % 3) for i in range(40)]
+    figure = training_curves_figure({"loss_cls": (its, losses), "lr": (its, [0.01] * 40)})
+    loss_ax, lr_ax = figure.axes[:2]
+    raw, smooth = loss_ax.get_lines()
+    np.testing.assert_array_equal(raw.get_ydata(), losses)
+    np.testing.assert_array_equal(smooth.get_ydata(), moving_average(losses, 2))
+    assert raw.get_alpha() < 0.5 and smooth.get_alpha() is None and raw.get_color() == smooth.get_color()
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["loss_cls (mean of 2)"]
+    assert len(lr_ax.get_lines()) == 1  # the learning rate is not smoothed
+
+
+def test_pr_panels_are_titled_with_each_class_ap():
+    coco_like = (np.linspace(0, 1, 101), np.r_[np.ones(51), np.zeros(50)])  # precision 1 up to recall 0.5
+    voc_like = (np.array([0.25, 0.5, 0.75]), np.array([1.0, 0.5, 0.6]))
+    figure = pr_curves_figure({"cat": coco_like, "dog": voc_like})
+    # cat: 51 of COCO's 101 thresholds at precision 1; dog: envelope 1, 0.6, 0.6 on recall steps of 0.25 to 0.75
+    assert [ax.get_title() for ax in figure.axes if ax.get_visible()] == ["cat (AP50 50.5)", "dog (AP50 55.0)"]
+    figure = pr_curves_figure({"cat": coco_like, "dog": voc_like}, metrics={"AP-cat": 34.56, "AP-dog": float("nan")})
+    assert [ax.get_title() for ax in figure.axes if ax.get_visible()] == ["cat (AP 34.6)", "dog (AP50 55.0)"]
+    assert curve_ap(np.linspace(0, 1, 101), -np.ones(101)) != curve_ap(np.linspace(0, 1, 101), -np.ones(101))  # nan
