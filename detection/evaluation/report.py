@@ -282,7 +282,8 @@ TEMPLATE = """<!DOCTYPE html>
 {% endfor %}
 </tbody>
 </table>
-<p class="muted">False positives and missed objects count the predictions scoring at least {{ score_thresh }},
+<p class="muted">AP: each class's AP-&lt;class&gt; of metrics.json (COCO-type sets: IoU 0.50:0.95; VOC-type: IoU 0.5).
+False positives and missed objects count the predictions scoring at least {{ score_thresh }},
 matched greedily by score to ground truth of their class at IoU &ge; {{ iou_thresh }}; difficult and crowd
 regions are neither.</p>
 {% if s.pr_curves %}
