@@ -1,35 +1,96 @@
-"""The demo pipeline end to end through the real commands, at a tiny scale."""
+"""The demo pipeline end to end through the real commands, at a tiny scale; its target report."""
+import filecmp
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import tiny_overrides
+from detection.data.shapes import generate_shapes
+from tests.helpers import load_tool, tiny_overrides
 
-pytestmark = pytest.mark.slow  # the demo pipeline through its command lines
 ROOT = Path(__file__).resolve().parents[1]
+demo = load_tool("demo")
 
 
-def test_demo_generates_trains_evaluates_draws_and_reuses(tmp_path):
+@pytest.mark.slow  # the demo pipeline through its command lines
+def test_demo_generates_trains_evaluates_draws_reuses_and_strict_exits_3(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
+    # a data set as an older version wrote it (train and val, no test split), at the demo's seed
+    generate_shapes(str(data / "shapes"), num_train=6, num_val=2, seed=0)
+    old_files = sorted(os.path.relpath(os.path.join(d, f), data) for d, _, fs in os.walk(data) for f in fs)
+    (tmp_path / "before").mkdir()
+    for name in old_files:
+        (tmp_path / "before" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "before" / name).write_bytes((data / name).read_bytes())
+    # tiny_overrides' datasets.test (shapes_val) stays: the demo evaluates shapes_test whatever it says
     overrides = [o for o in tiny_overrides(data, out, **{"solver.max_iter": 2})
                  if not o.startswith(("datasets.root=", "output_dir="))]
     cmd = [sys.executable, str(ROOT / "tools" / "demo.py"), "--data", str(data), "--output-dir", str(out),
-           "--num-train", "6", "--num-val", "2", "--num-vis", "2", *overrides]
+           "--num-train", "6", "--num-val", "2", "--num-test", "3", "--num-vis", "2", *overrides]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    assert (data / "shapes" / "annotations" / "instances_val.json").is_file()
-    for name in ("model_final.pth", "metrics.jsonl", "config.yaml", "inference/shapes_val/metrics.json",
-                 "inference/shapes_val/coco_results.json"):
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]  # targets missed, still 0
+    assert "generate the shapes test split" in first.stdout
+    assert len(json.loads((data / "shapes" / "annotations" / "instances_test.json").read_text())["images"]) == 3
+    _, mismatch, errors = filecmp.cmpfiles(data, tmp_path / "before", old_files, shallow=False)
+    assert mismatch == [] and errors == []  # train and val untouched
+    for name in ("model_final.pth", "metrics.jsonl", "config.yaml", "training_curves.png",
+                 "inference/shapes_test/metrics.json", "inference/shapes_test/coco_results.json"):
         assert (out / name).is_file(), name
-    assert len(list((out / "vis").glob("*.jpg"))) == 2
-    metrics = json.loads((out / "inference" / "shapes_val" / "metrics.json").read_text())
+    assert not (out / "inference" / "shapes_val").exists()
+    assert sorted(p.name for p in (out / "vis").glob("*.jpg")) == ["00000_test_000000.jpg", "00001_test_000001.jpg"]
+    metrics = json.loads((out / "inference" / "shapes_test" / "metrics.json").read_text())
     assert "AP50" in metrics and "AP50" in first.stdout and "target" in first.stdout
-    # re-running reuses the data and the finished training (no new iterations logged)
+    last = first.stdout.strip().splitlines()[-1]
+    assert last.startswith("targets: NOT met: AP50 >= 92 (") and "AP >= 68 (" in last, last
+    # re-running reuses the data and the finished training (no new iterations logged); --strict: exit 3
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "generate the shapes data set" not in again.stdout
+    again = subprocess.run([*cmd, "--strict"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 3, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "generate the shapes" not in again.stdout
+    assert again.stdout.strip().splitlines()[-1].startswith("targets: NOT met: AP50 >= 92")
     assert (out / "metrics.jsonl").read_text().splitlines() == lines
+
+
+def test_target_report_says_which_targets_were_met():
+    checks = demo.target_checks({"AP50": 92.0, "AP": 67.99, "AP75": 70.0}, minutes=7.5)
+    assert [(c.name, c.value, c.met) for c in checks] == [("AP50", 92.0, True), ("AP", 67.99, False),
+                                                           ("wall time", 7.5, True)]
+    assert demo.target_summary(checks) == ("targets: NOT met: AP >= 68 (67.99); "
+                                           "met: AP50 >= 92 (92.00), wall time < 8 min (7.50 min)")
+    checks = demo.target_checks({"AP50": 95.5, "AP": 70.25}, minutes=7.999)
+    assert demo.target_summary(checks) == ("targets: all met: AP50 >= 92 (95.50), AP >= 68 (70.25), "
+                                           "wall time < 8 min (8.00 min)")
+    checks = demo.target_checks({}, minutes=8.0)  # no metrics, and exactly 8 minutes: nothing met
+    assert [c.met for c in checks] == [False, False, False] and math.isnan(checks[0].value)
+    assert demo.target_summary(checks) == ("targets: NOT met: AP50 >= 92 (nan), AP >= 68 (nan), "
+                                           "wall time < 8 min (8.00 min); met: none")
+
+
+def test_demo_adds_only_what_the_data_folder_lacks(tmp_path):
+    shapes = tmp_path / "shapes"
+    (title, cmd), = demo.data_commands(shapes, 6, 2, 3)
+    assert title == "generate the shapes data set"
+    assert cmd[cmd.index("--num-test") + 1] == "3" and "--splits" not in cmd and cmd[cmd.index("--seed") + 1] == "0"
+    (shapes / "annotations").mkdir(parents=True)
+    (shapes / "annotations" / "instances_val.json").write_text("{}")  # an older version's data set
+    (title, cmd), = demo.data_commands(shapes, 6, 2, 3)
+    assert cmd[cmd.index("--splits") + 1:cmd.index("--splits") + 2] == ["test"] and "--num-train" not in cmd
+    (shapes / "annotations" / "instances_test.json").write_text("{}")
+    assert demo.data_commands(shapes, 6, 2, 3) == []
+
+
+def test_strict_exit_status(monkeypatch, tmp_path):
+    """--strict turns a missed target into exit status 3; without it the demo exits 0."""
+    monkeypatch.setattr(demo, "step", lambda title, *cmd: 0.0)
+    monkeypatch.setattr(demo, "_plot", lambda out: None)
+    (tmp_path / "inference" / "shapes_test").mkdir(parents=True)
+    metrics = tmp_path / "inference" / "shapes_test" / "metrics.json"
+    base = ["--data", str(tmp_path), "--output-dir", str(tmp_path)]
+    metrics.write_text(json.dumps({"AP50": 50.0, "AP": 30.0, "APl": None, "AP-circle": None}))  # null: undefined
+    assert demo.main(base) == 0 and demo.main([*base, "--strict"]) == 3
+    metrics.write_text(json.dumps({"AP50": 93.0, "AP": 69.0}))
+    assert demo.main(base) == 0 and demo.main([*base, "--strict"]) == 0
