@@ -95,7 +95,6 @@ def enospc_save(after_bytes: int = 100):
 def test_a_signal_finishes_the_iteration_saves_last_pth_and_resume_is_exact(data_root, tmp_path, capsys,
                                                                            monkeypatch, signum):
     extra = {"solver.max_iter": 5, "solver.checkpoint_period": 100, "input.hflip_prob": 0.5}
-    assert run_tool(data_root, tmp_path / "straight", **extra) == 0
     out = tmp_path / "stopped"
     with monkeypatch.context() as patch:
         at_forward(patch, 3, lambda: os.kill(os.getpid(), signum))
@@ -107,10 +106,13 @@ def test_a_signal_finishes_the_iteration_saves_last_pth_and_resume_is_exact(data
     assert not any("Traceback" in line for line in err)
     assert load_resume_checkpoint(out / "last.pth")["iteration"] == 3  # the 3rd iteration was finished
     assert not (out / "model_final.pth").exists() and not (out / LOCK_FILE).exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were put back
+    if signum == signal.SIGINT:
+        return  # the same stop; the resume is checked once, after SIGTERM
     assert run_tool(data_root, out, "--resume", **extra) == 0
+    assert run_tool(data_root, tmp_path / "straight", **extra) == 0
     straight = load_checkpoint(tmp_path / "straight" / "model_final.pth")["model"]
     assert same_weights(load_checkpoint(out / "model_final.pth")["model"], straight)  # bit for bit
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were put back
 
 
 @pytest.mark.slow  # trains
@@ -149,7 +151,7 @@ def _ddp_train(rank: int, world: int, init_file: str, overrides: list, out_file:
 
 @pytest.mark.slow  # two DDP processes train three times
 def test_two_process_resume_equals_a_straight_run_bit_for_bit(data_root, tmp_path):
-    extra = {"solver.ims_per_batch": 4, "solver.max_iter": 6, "solver.checkpoint_period": 3, "log_period": 1,
+    extra = {"solver.ims_per_batch": 4, "solver.max_iter": 4, "solver.checkpoint_period": 2, "log_period": 1,
              "input.hflip_prob": 0.5}
 
     def ddp(name: str, resume: bool = False, **more) -> None:
@@ -159,7 +161,7 @@ def test_two_process_resume_equals_a_straight_run_bit_for_bit(data_root, tmp_pat
                              timeout=240)
 
     ddp("straight")
-    ddp("resumed", **{"solver.max_iter": 3})
+    ddp("resumed", **{"solver.max_iter": 2})
     midway = load_resume_checkpoint(tmp_path / "resumed" / "last.pth")
     # every rank's states are saved, and they differ (each rank sampled for its own images)
     assert len(midway["rng_per_rank"]) == 2
