@@ -703,15 +703,18 @@ def config_cases(tmp: Path) -> list[Case]:
     # ---- the file itself
     base = (ROOT / "configs" / "base.yaml").resolve()
     files = {
-        "empty": b"", "only_a_comment": b"# nothing\n", "latin1": "model:\n  num_classes: 3 # caf\xe9\n".encode("latin-1"),
+        "empty": b"", "only_a_comment": b"# nothing\n",
+        "latin1": "model:\n  num_classes: 3 # caf\xe9\n".encode("latin-1"),
         "truncated_yaml": b"model:\n  backbone: {depth: 50,\n", "tabs": b"model:\n\tnum_classes: 3\n",
         "top_level_list": b"- 1\n- 2\n", "top_level_string": b"hello\n", "section_is_a_number": b"model: 3\n",
         "unknown_section": b"modle:\n  num_classes: 3\n", "unknown_key": b"model:\n  num_clases: 3\n",
-        "base_missing": b"_base_: nowhere.yaml\n", "base_is_a_number": b"_base_: 3\n", "base_is_null_in_a_list": b"_base_: [null]\n",
+        "base_missing": b"_base_: nowhere.yaml\n", "base_is_a_number": b"_base_: 3\n",
+        "base_is_null_in_a_list": b"_base_: [null]\n",
         "base_loops": b"_base_: base_loops.yaml\n", "duplicate_key": b"seed: 1\nseed: 2\n",
         "binary": bytes(range(256)), "python_tag": b"seed: !!python/object/apply:os.system ['true']\n",
         "anchor_bomb": b"a: &a [1, 1]\nb: &b [*a, *a]\nc: &c [*b, *b]\nseed: *c\n",
-        "dataset_entry_typo": f"_base_: {base}\ndatasets:\n  train: [{{type: coco, ann_file: a.json, image_rot: x}}]\n".encode(),
+        "dataset_entry_typo":
+            f"_base_: {base}\ndatasets:\n  train: [{{type: coco, ann_file: a.json, image_rot: x}}]\n".encode(),
         "dataset_type_typo": f"_base_: {base}\ndatasets:\n  train: [{{type: cocco, ann_file: a.json}}]\n".encode(),
         "dataset_unknown_name": f"_base_: {base}\ndatasets:\n  test: [coco_2017_vall]\n".encode(),
     }
@@ -1267,8 +1270,9 @@ KNOWN_BUGS: dict[str, tuple[str, str]] = {
     "weights integer_tensor": ("weights_cases", "detection/engine/loading.py load_detector_weights: an integer tensor "
                                                 "for a float parameter is cast by load_state_dict (weights truncated "
                                                 "to whole numbers), not refused"),
-    "weights nan_weights": ("weights_cases", "detection/engine/loading.py load_detector_weights: non-finite tensors are "
-                                             "loaded without a word; detections then come out NaN or empty"),
+    "weights nan_weights": ("weights_cases", "detection/engine/loading.py load_detector_weights: non-finite "
+                                             "tensors are loaded without a word; detections then come out NaN "
+                                             "or empty"),
     "override bad yaml": ("config_cases", "detection/config.py _apply_override: PyYAML's multi-line error text is "
                                           "put into the message as it is"),
 }

@@ -128,7 +128,8 @@ def check_coco_json(data: Any, ann_file: str) -> None:
         "id": (_is_id, "an id"), "file_name": (lambda v: isinstance(v, str) and v != "", "a file name"),
         "height": (_is_size, "a positive whole number"), "width": (_is_size, "a positive whole number")}, ann_file)
     _check_records(data.get("annotations", []), "annotation", {
-        "id": (_is_id, "an id"), "image_id": (_is_id, "an image id"), "category_id": (_is_int, "an integer category id"),
+        "id": (_is_id, "an id"), "image_id": (_is_id, "an image id"),
+        "category_id": (_is_int, "an integer category id"),
         "bbox": (lambda v: isinstance(v, list) and len(v) == 4 and all(_is_number(x) for x in v),
                  "[x, y, width, height] (4 numbers)")}, ann_file)
     if len({type(img["id"]) for img in data["images"]}) > 1:
