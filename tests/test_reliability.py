@@ -474,3 +474,26 @@ def test_eval_on_a_full_disk_ends_in_one_line_and_keeps_the_old_metrics(data_roo
     assert errors == [f"error: could not write {metrics} (No space left on device); the previous file is kept"]
     assert metrics.read_text() == before
     assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_data_loader_workers_keep_serving_through_ctrl_c(data_root):
+    """Ctrl-C reaches the whole terminal process group: the trainer finishes its iteration
+    (GracefulStop), so the loader's workers must not die of it (torch's would, and the next
+    batch would then fail with "DataLoader worker exited unexpectedly")."""
+    from detection.data.catalog import get_dataset
+    from detection.data.loader import build_train_loader
+    from detection.data.transforms import build_transforms
+
+    info = get_dataset("shapes_train", str(data_root))
+    loader = build_train_loader([info], transform=build_transforms(min_sizes=[32], max_size=64, hflip_prob=0.5),
+                                images_per_batch=2, num_workers=1, aspect_ratio_grouping=False, filter_empty=True,
+                                seed=0)
+    batches = iter(loader)
+    next(batches)
+    (worker,) = batches.iterator._workers
+    os.kill(worker.pid, signal.SIGINT)
+    for _ in range(3):
+        images, targets = next(batches)
+        assert len(images) == 2
+    assert worker.is_alive()
+    del batches
