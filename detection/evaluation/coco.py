@@ -27,7 +27,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detection.evaluation.inference import order_by_dataset, to_numpy
+from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
 from detection.utils.files import atomic_write
 
 if TYPE_CHECKING:
@@ -77,8 +77,8 @@ class COCOEvaluator:
                 raise ValueError(f"image {record['image_id']}: predicted label {unknown[0]} has no category id "
                                  f"(data set {self.dataset.name} has labels 1..{len(to_category)})")
             self.predictions.append({"image_id": record["image_id"],
-                                     "boxes": _floats(output["boxes"]).reshape(-1, 4),
-                                     "scores": _floats(output["scores"]).reshape(-1),
+                                     "boxes": compact_floats(output["boxes"]).reshape(-1, 4),
+                                     "scores": compact_floats(output["scores"]).reshape(-1),
                                      "labels": labels.astype(np.int32)})
 
     def load_results(self, path: str) -> None:
@@ -209,14 +209,6 @@ def _result_problem(result: Any) -> str | None:
 
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _floats(x: Any) -> np.ndarray:
-    """Boxes or scores as numpy in their own float precision (float32 from the model; float64
-    when given so): widened to float64 only when written, which gives the same numbers."""
-    array = to_numpy(x, None)
-    # a copy of its own: a view would keep the model output's whole storage alive
-    return np.array(array, dtype=array.dtype if array.dtype in (np.float32, np.float64) else np.float64)
 
 
 def _instances(prediction: dict, to_category: dict[int, int]) -> list[dict]:

@@ -108,6 +108,15 @@ def to_numpy(x: Any, dtype: Any) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
+def compact_floats(x: Any) -> np.ndarray:
+    """Detections' boxes or scores as a numpy array of their own in their own float precision
+    (float32 from a model; float64 when given so), to keep per image until they are written:
+    widening to float64 then gives the same numbers. A copy, since a view would keep the
+    model output's whole storage alive."""
+    array = to_numpy(x, None)
+    return np.array(array, dtype=array.dtype if array.dtype in (np.float32, np.float64) else np.float64)
+
+
 def _is_per_class(key: str) -> bool:
     return key.rsplit("/", 1)[-1].startswith("AP-")
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from detection.evaluation.inference import order_by_dataset, to_numpy
+from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
 from detection.utils.files import atomic_write
 
 if TYPE_CHECKING:
@@ -223,9 +223,9 @@ class VOCEvaluator:
                 "gt_labels": np.asarray(record["labels"], dtype=np.int64).reshape(-1),
                 "gt_difficult": (np.zeros(len(gt_boxes), bool) if difficult is None
                                  else np.asarray(difficult, dtype=bool).reshape(-1)),
-                "boxes": to_numpy(output["boxes"], np.float64).reshape(-1, 4),
-                "scores": to_numpy(output["scores"], np.float64).reshape(-1),
-                "labels": to_numpy(output["labels"], np.int64).reshape(-1),
+                "boxes": compact_floats(output["boxes"]).reshape(-1, 4),  # the model's precision: written
+                "scores": compact_floats(output["scores"]).reshape(-1),  # as float64, the same numbers
+                "labels": to_numpy(output["labels"], np.int64).reshape(-1).astype(np.int32),
             })
 
     def load_results(self, path: str) -> None:
@@ -295,9 +295,9 @@ class VOCSubmissionWriter:
         for record, output in zip(records, outputs):
             self.predictions.append({
                 "image_id": record["image_id"],
-                "boxes": to_numpy(output["boxes"], np.float64).reshape(-1, 4),
-                "scores": to_numpy(output["scores"], np.float64).reshape(-1),
-                "labels": to_numpy(output["labels"], np.int64).reshape(-1),
+                "boxes": compact_floats(output["boxes"]).reshape(-1, 4),  # the model's precision: written
+                "scores": compact_floats(output["scores"]).reshape(-1),  # as float64, the same numbers
+                "labels": to_numpy(output["labels"], np.int64).reshape(-1).astype(np.int32),
             })
 
     def load_results(self, path: str) -> None:
