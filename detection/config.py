@@ -81,7 +81,7 @@ class ModelConfig:
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
-    fast_path: bool = False
+    fast_path: bool = True
     size_divisibility: int = 32
     class_names: list[str] = field(default_factory=list)
 
@@ -159,6 +159,7 @@ class TestConfig:
     aug: TestAugConfig = field(default_factory=TestAugConfig)
     box_refinement: BoxRefinementConfig = field(default_factory=BoxRefinementConfig)
     multi_scale: MultiScaleConfig = field(default_factory=MultiScaleConfig)
+    amp: bool = False
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch.profiler import record_function
 
 from detection.anchors import AnchorGenerator
 from detection.multiscale import MultiScaleTest, PyramidFeatures
+from detection.precision import autocast
 from detection.refinement import BoxRefinement
 from detection.resize import RESIZE_MODES, resize_tensor, resized_shape
 from detection.roi_heads import Res5ROIHeads
@@ -89,6 +90,7 @@ class FasterRCNN(nn.Module):
         self.min_size_test, self.max_size_test = min_size_test, max_size_test
         self.size_divisibility = size_divisibility
         self.multi_scale = multi_scale  # the paper's multi-scale testing (detection/multiscale.py)
+        self.amp = False  # test.amp: inference under autocast (detection/precision.py, set by the engine)
         self.class_names = list(class_names) if class_names is not None else None
         # Buffers so they follow .to(device); not persistent: they come from the config.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1),
@@ -125,15 +127,16 @@ class FasterRCNN(nn.Module):
         max_size (default: min_size_test / max_size_test) on the way in."""
         with record_function("c4det.preprocess"):
             batch = self.preprocess(images, resize=True, min_size=min_size, max_size=max_size)
-        with record_function("c4det.trunk"):
-            features = self.trunk(batch.tensor)
-        with record_function("c4det.rpn"):
-            proposals, _ = self.rpn(features, batch.image_sizes)
-        roi_features = None
-        if self.multi_scale is not None:
-            roi_features = self.pyramid_features(images, batch, features)
-        with record_function("c4det.roi_heads"):
-            detections, _ = self.roi_heads(features, proposals, batch.image_sizes, roi_features=roi_features)
+        with autocast(self.amp, self.device):  # outputs of the RPN and box heads come back in float32
+            with record_function("c4det.trunk"):
+                features = self.trunk(batch.tensor)
+            with record_function("c4det.rpn"):
+                proposals, _ = self.rpn(features, batch.image_sizes)
+            roi_features = None
+            if self.multi_scale is not None:
+                roi_features = self.pyramid_features(images, batch, features)
+            with record_function("c4det.roi_heads"):
+                detections, _ = self.roi_heads(features, proposals, batch.image_sizes, roi_features=roi_features)
         with record_function("c4det.postprocess"):
             return [_rescale(det, resized, (int(img.shape[-2]), int(img.shape[-1])))
                     for det, resized, img in zip(detections, batch.image_sizes, images)]

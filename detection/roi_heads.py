@@ -28,6 +28,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
 
 from detection.box_coder import BoxCoder
 from detection.matcher import FOREGROUND, IGNORE, Matcher
+from detection.precision import float32
 from detection.refinement import BoxRefinement, box_voting
 from detection.sampling import subsample_labels
 
@@ -47,8 +48,11 @@ class BoxPredictor(nn.Module):
         nn.init.constant_(self.bbox_pred.bias, 0.0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(R, C5) -> class logits (R, K+1), deltas (R, 4K)."""
-        return self.cls_score(x).float(), self.bbox_pred(x).float()  # float32 under autocast
+        """(R, C5) -> class logits (R, K+1), deltas (R, 4K), in float32 also under autocast
+        (bfloat16 would reorder close scores; these layers cost little)."""
+        with float32(x):
+            x = x.float()
+            return self.cls_score(x), self.bbox_pred(x)
 
 
 class Res5ROIHeads(nn.Module):

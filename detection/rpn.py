@@ -20,6 +20,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxe
 
 from detection.anchors import AnchorGenerator
 from detection.box_coder import BoxCoder
+from detection.precision import float32
 from detection.matcher import Matcher
 from detection.sampling import subsample_labels
 
@@ -40,8 +41,10 @@ class RPNHead(nn.Module):
         """(N, C, H, W) -> objectness logits (N, M) and deltas (N, M, 4), anchor order of
         AnchorGenerator (location-major)."""
         x = F.relu(self.conv(features))
-        logits = self.objectness_logits(x)  # (N, A, H, W)
-        deltas = self.anchor_deltas(x)  # (N, A*4, H, W)
+        with float32(x):  # the output layers in float32 under autocast (detection/precision.py)
+            x = x.float()
+            logits = self.objectness_logits(x)  # (N, A, H, W)
+            deltas = self.anchor_deltas(x)  # (N, A*4, H, W)
         n, a, h, w = logits.shape
         logits = logits.permute(0, 2, 3, 1).reshape(n, h * w * a)  # (N, A, H, W) -> (N, H*W*A)
         deltas = deltas.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, h * w * a, 4)

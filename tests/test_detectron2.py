@@ -313,3 +313,31 @@ def test_readme_commands_with_a_zoo_file(d2_files, predictor, tmp_path):
     assert {r["image_id"] for r in results} == {7} and len(results) == len(same["labels"]) > 0
     # label k (1..80) is written as the k-th COCO id: 24 is "zebra", 62 "chair" (ids 12, 26, ... unused)
     assert sorted(r["category_id"] for r in results) == sorted(COCO_IDS[k - 1] for k in same["labels"].tolist())
+
+
+@pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
+def test_bfloat16_inference_on_detectron2_weights(d2_files, reference, monkeypatch):
+    """test.amp on Detectron2's weights: the share of (real Detectron2's, float32) detections
+    found again (IoU >= 0.9, same label). The fixture's weights are random, so its scores are
+    close together (the best three 0.664 / 0.655 / 0.649) and bfloat16's rounding reorders them:
+    measured 78-94% per image, below the 95% that would make test.amp a default (it is off).
+    This guards that figure. bfloat16 numerics are forced, also on a CPU without bfloat16
+    instructions (where test.amp would fall back to float32)."""
+    from torchvision.ops import box_iou
+
+    from detection import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("avx512_bf16",))
+    amp = Predictor.from_config(R50, weights=d2_files[0], overrides=["test.amp=true"], device="cpu")
+    assert amp.model.amp
+    shares = []
+    for name in ("exact_0", "exact_1", "resize_0", "resize_1"):
+        ours = amp(str(CASE / "images" / f"{name}.png"))
+        theirs = reference[name]
+        boxes, labels = torch.tensor(theirs["boxes"]), torch.tensor(theirs["classes"]) + 1
+        iou = box_iou(boxes, ours["boxes"])  # (D2, ours)
+        matched = ((iou >= 0.9) & (labels[:, None] == ours["labels"][None, :])).any(dim=1)
+        shares.append(float(matched.float().mean()))
+        assert ours["scores"].dtype == torch.float32
+    print(f"bfloat16: share of float32 detections matched per image: {shares}")
+    assert min(shares) >= 0.75 and sum(shares) / len(shares) >= 0.85, shares

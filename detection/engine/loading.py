@@ -283,6 +283,7 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
     The config's model settings must be those the checkpoint was trained with, except the keys
     in `explicit` (given on the command line, so changed deliberately)."""
     from detection.model import build_model
+    from detection.precision import inference_amp
     from detection.tta import build_tta
 
     if not isinstance(weights, DetectorWeights):
@@ -300,6 +301,7 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
     if weights.class_names:
         model.class_names = list(weights.class_names)
     model = model.to(device).eval()
+    model.amp = inference_amp(cfg.test.amp, device)
     if cfg.model.fast_path:
         from detection.fast import optimize_for_inference
 

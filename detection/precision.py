@@ -1,0 +1,62 @@
+"""Reduced-precision inference (config `test.amp`): bfloat16 autocast on the CPU, float16 on CUDA.
+
+Under autocast the convolutions and matrix products run in the low-precision type; the RPN's
+and the box head's outputs come back in float32 (`RPN` head and `BoxPredictor` cast them), so
+decoding, clipping, NMS and box voting run in float32, as in training with `solver.amp`.
+
+bfloat16 is fast only on CPUs with bfloat16 instructions (AVX512-BF16 or AMX; Linux lists
+`avx512_bf16` / `amx_bf16` among the CPU flags). Elsewhere PyTorch emulates it, slower than
+float32, so `inference_amp` then falls back to float32 with one warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """The CPU's bfloat16 instruction sets (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return tuple(flag for flag in BF16_FLAGS if flag in flags)
+
+
+def inference_amp(requested: bool, device: torch.device | str) -> bool:
+    """Whether to run inference under autocast: on CUDA when requested; on the CPU only with
+    bfloat16 instructions (else float32, with a warning saying why)."""
+    if not requested:
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    if cpu_bf16_flags():
+        return True
+    warnings.warn("test.amp: this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), where "
+                  "bfloat16 is slower than float32: running inference in float32", stacklevel=2)
+    return False
+
+
+def autocast(enabled: bool, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on the CPU, float16 on CUDA; a no-op context when not enabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+
+
+def float32(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off for the small output layers that read `x` (the RPN's 1x1 convs, the box
+    predictor): their rounding to bfloat16 reorders close scores, and they cost little."""
+    return torch.autocast(x.device.type, enabled=False)
