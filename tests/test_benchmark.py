@@ -19,7 +19,7 @@ from detection.benchmarking.models import (STAGES, ProposalRecorder, build_ours,
                                           compare_detections, compare_proposals, staged_torchvision,
                                           synthetic_batch)
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
-from detection.benchmarking.report import print_ratios, summarize
+from detection.benchmarking.report import TARGETS, print_ratios, summarize
 from detection.config import load_config
 from detection.fast import optimize_for_inference
 
@@ -131,8 +131,10 @@ def test_compare_proposals_as_sets():
 # ---- unequal work: no target is met -------------------------------------------------------
 
 
-def fake_report(torchvision_rois: int, torchvision_detections: int = 7, same_proposals: bool | None = None) -> dict:
-    """A report as tools/benchmark.py collects it (no timing): torchvision 1.91 s, fast 1.0 s."""
+def fake_report(torchvision_rois: int, torchvision_detections: int = 7, same_proposals: bool | None = None,
+                speedup: float = 1.91) -> dict:
+    """A report as tools/benchmark.py collects it (no timing): torchvision 1.91 s, fast 1.0 s;
+    the bfloat16 fast path 0.5 s."""
     def entry(seconds: float, rois: int, gflop: float, detections: int | None = None) -> dict:
         out = {"end_to_end_s": [seconds] * 3, "end_to_end_cpu_s": [seconds] * 3, "num_rois": rois,
                "stages_s": {s: [seconds / len(STAGES)] * 3 for s in STAGES},
@@ -143,7 +145,8 @@ def fake_report(torchvision_rois: int, torchvision_detections: int = 7, same_pro
         return out
 
     return {"inference": {"plain": entry(2.0, 96, 10.0), "fast": entry(1.0, 96, 9.0, 7),
-                          "torchvision": entry(1.91, torchvision_rois, 10.0, torchvision_detections)},
+                          "fast_bf16": entry(0.5, 96, 9.0, 7),
+                          "torchvision": entry(speedup, torchvision_rois, 10.0, torchvision_detections)},
             "hardware": {"matmul_gflops": 100.0, "conv3x3_gflops": 40.0, "conv3x3_channels_last_gflops": 50.0},
             "loadavg_start": (0.1, 0.1, 0.1), "cpu_count": 2, "threads": 2}
 
@@ -161,19 +164,25 @@ def test_unequal_work_meets_no_target(rois, detections, same_proposals):
     report = summarize(fake_report(rois, detections, same_proposals))
     assert report["ratios"]["inference_speedup"] == pytest.approx(1.91)
     assert not report["equal_work"]["ok"]
-    assert report["targets_met"] == {"inference_speedup": None, "training_speedup": None, "memory_ratio": None}
+    assert report["targets_met"] == {key: None for key in TARGETS}
     text = printed_ratios(report)
-    assert "equal work: NO" in text and "inference_speedup: 1.91 (target >= 1.5): not comparable" in text
-    assert text.count("not comparable") == 4  # the explanation and each of the three targets
+    assert "equal work: NO" in text and "inference_speedup: 1.91 (target >= 2.0): not comparable" in text
+    assert text.count("not comparable") == 1 + len(TARGETS)  # the explanation and each target
     assert ": met" not in text and "NOT met" not in text
 
 
 def test_equal_work_gives_a_verdict_and_rates_against_the_conv_peak():
     report = summarize(fake_report(96))
-    assert report["equal_work"]["ok"] and report["targets_met"]["inference_speedup"] is True
+    assert report["equal_work"]["ok"] and report["targets_met"]["inference_speedup"] is False
     text = printed_ratios(report)
-    assert "inference_speedup: 1.91 (target >= 1.5): met" in text and "not comparable" not in text
-    assert "training_speedup: - (target >= 1.3): -" in text
+    assert "inference_speedup: 1.91 (target >= 2.0): NOT met" in text and "not comparable" not in text
+    assert "training_speedup: - (target >= 2.0): -" in text
+    assert report["ratios"]["bf16_vs_fp32_fast"] == pytest.approx(2.0)  # fast 1.0 s, bfloat16 0.5 s
+    assert report["ratios"]["inference_speedup_bf16"] == pytest.approx(3.82)
+    assert report["targets_met"]["bf16_vs_fp32_fast"] is True and report["targets_met"]["inference_speedup_bf16"] is True
+    faster = summarize(fake_report(96, speedup=2.1))
+    assert faster["targets_met"]["inference_speedup"] is True
+    assert "inference_speedup: 2.10 (target >= 2.0): met" in printed_ratios(faster)
     fast = report["inference"]["fast"]  # res5_head: 5.4 GFLOP in 1/6 s = 32.4 GFLOP/s; peak 50 (channels_last)
     assert fast["stages_gflops_per_s"]["res5_head"] == pytest.approx(32.4)
     assert fast["stages_fraction_of_conv_peak"]["res5_head"] == pytest.approx(32.4 / 50)

@@ -57,6 +57,7 @@ from detection.benchmarking.models import (STAGES, ProposalRecorder, bench_state
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.benchmarking.report import print_report, summarize
 from detection.cli import add_config_args, config_from_args
+from detection.precision import inference_amp
 from detection.fast import (fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
                             to_channels_last)
 
@@ -189,6 +190,9 @@ def inference_variants(plain: torch.nn.Module, tv: torch.nn.Module | None, args:
                                                   hoist=False, chunk_size=None)
         variants["+hoist"] = install_runner(copy.deepcopy(variants["+channels_last"]), hoist=True, chunk_size=None)
     variants["fast"] = optimize_for_inference(plain, chunk_size=args.chunk_size)
+    if inference_amp(True, next(plain.parameters()).device):  # test.amp: bfloat16 where the CPU has it
+        variants["fast_bf16"] = copy.deepcopy(variants["fast"])
+        variants["fast_bf16"].amp = True
     if tv is not None:
         variants["torchvision"] = tv
     return variants
