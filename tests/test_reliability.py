@@ -139,11 +139,23 @@ def test_a_second_signal_during_the_save_does_not_corrupt_it(data_root, tmp_path
 
 # ----------------------------------------------------------------------------- exact resume, two processes
 
-def _ddp_train(rank: int, world: int, init_file: str, overrides: list, out_file: str, resume: bool) -> None:
+def _ddp_train(rank: int, world: int, init_file: str, overrides: list, out_file: str, resume: bool,
+               sigterm_rank_1_at: int = 0) -> None:
+    """train() in one of `world` forked gloo processes; the trained weights, or the stop message,
+    go to out_file.<rank>. With sigterm_rank_1_at, rank 1 alone gets a SIGTERM in that
+    iteration (as when a scheduler signals one process): every rank must stop there."""
+    from detection.engine.trainer import TrainingStopped
+
     torch.set_num_threads(1)  # a forked child must not reuse the parent's thread pool
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = train(load_config(None, overrides), resume=resume)
+        if sigterm_rank_1_at and rank == 1:
+            at_forward(pytest.MonkeyPatch(), sigterm_rank_1_at, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        try:
+            model = train(load_config(None, overrides), resume=resume)
+        except TrainingStopped as stop:
+            Path(f"{out_file}.{rank}.stopped").write_text(str(stop))
+            return
         torch.save(model.state_dict(), f"{out_file}.{rank}")
     finally:
         torch.distributed.destroy_process_group()
@@ -151,18 +163,25 @@ def _ddp_train(rank: int, world: int, init_file: str, overrides: list, out_file:
 
 @pytest.mark.slow  # two DDP processes train three times
 def test_two_process_resume_equals_a_straight_run_bit_for_bit(data_root, tmp_path):
-    extra = {"solver.ims_per_batch": 4, "solver.max_iter": 4, "solver.checkpoint_period": 2, "log_period": 1,
+    """A 2-process run stopped by a SIGTERM (to rank 1 only) at iteration 2 and resumed to 4
+    equals a straight 4-iteration run, bit for bit, on both ranks."""
+    extra = {"solver.ims_per_batch": 4, "solver.max_iter": 4, "solver.checkpoint_period": 100, "log_period": 1,
              "input.hflip_prob": 0.5}
 
-    def ddp(name: str, resume: bool = False, **more) -> None:
-        overrides = tiny_overrides(data_root, tmp_path / name, **{**extra, **more})
+    def ddp(name: str, resume: bool = False, sigterm_at: int = 0) -> None:
+        overrides = tiny_overrides(data_root, tmp_path / name, **extra)
         init = tmp_path / f"init_{name}_{resume}"
-        run_forked_processes(_ddp_train, (2, str(init), overrides, str(tmp_path / f"{name}.pt"), resume),
-                             timeout=240)
+        run_forked_processes(_ddp_train, (2, str(init), overrides, str(tmp_path / f"{name}.pt"), resume,
+                                          sigterm_at), timeout=240)
 
     ddp("straight")
-    ddp("resumed", **{"solver.max_iter": 2})
-    midway = load_resume_checkpoint(tmp_path / "resumed" / "last.pth")
+    ddp("resumed", sigterm_at=2)
+    last = tmp_path / "resumed" / "last.pth"
+    for rank in (0, 1):  # both ranks stopped there, though only rank 1 got the signal
+        assert (tmp_path / f"resumed.pt.{rank}.stopped").read_text() == \
+            f"stopped by SIGTERM at iteration 2; saved {last} (iteration 2): --resume continues from there"
+    midway = load_resume_checkpoint(last)
+    assert midway["iteration"] == 2
     # every rank's states are saved, and they differ (each rank sampled for its own images)
     assert len(midway["rng_per_rank"]) == 2
     assert not torch.equal(midway["rng_per_rank"][0]["torch"], midway["rng_per_rank"][1]["torch"])
