@@ -97,6 +97,10 @@ def _is_id(value: Any) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
 
 
+def _is_box(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(type(x) in (int, float) for x in value)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -130,35 +134,37 @@ def check_coco_json(data: Any, ann_file: str) -> None:
     _check_records(data.get("annotations", []), "annotation", {
         "id": (_is_id, "an id"), "image_id": (_is_id, "an image id"),
         "category_id": (_is_int, "an integer category id"),
-        "bbox": (lambda v: isinstance(v, list) and len(v) == 4 and all(_is_number(x) for x in v),
-                 "[x, y, width, height] (4 numbers)")}, ann_file)
+        "bbox": (_is_box, "[x, y, width, height] (4 numbers)")}, ann_file)
     if len({type(img["id"]) for img in data["images"]}) > 1:
         raise DataError(f"{ann_file}: image ids mix numbers and strings; use one kind")
     for index, ann in enumerate(data.get("annotations", [])):
-        where = f"{ann_file}: annotation #{index} (id {ann['id']!r})"
         for key in ("iscrowd", "ignore"):
             if key in ann and ann[key] not in (0, 1):  # (False and True are 0 and 1)
-                raise DataError(f"{where}: {key!r} must be 0 or 1, got {ann[key]!r}")
+                raise DataError(f"{ann_file}: annotation #{index} (id {ann['id']!r}): {key!r} must be 0 or 1, "
+                                f"got {ann[key]!r}")
         if "area" in ann and not (_is_number(ann["area"]) and math.isfinite(ann["area"]) and ann["area"] >= 0):
-            raise DataError(f"{where}: 'area' must be a finite number >= 0, got {ann['area']!r}")
+            raise DataError(f"{ann_file}: annotation #{index} (id {ann['id']!r}): 'area' must be a finite number "
+                            f">= 0, got {ann['area']!r}")
 
 
 def _check_records(items: list, kind: str, fields: dict, ann_file: str) -> None:
     """Each item a dict holding every field of `fields` (name -> (test, what it must be)),
     ids unique."""
+    def where(index: int, item: dict) -> str:  # built only for the message (COCO has ~1M records)
+        return f"{ann_file}: {kind} #{index}" + (f" (id {item['id']!r})" if _is_id(item.get("id")) else "")
+
+    checks = list(fields.items())
     seen: dict[Any, int] = {}
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise DataError(f"{ann_file}: {kind} #{index} must be a json object, got {item!r:.80}")
-        where = f"{ann_file}: {kind} #{index}" + (f" (id {item['id']!r})" if _is_id(item.get("id")) else "")
-        for key, (test, what) in fields.items():
+        for key, (test, what) in checks:
             if key not in item:
-                raise DataError(f"{where} has no {key!r} field")
+                raise DataError(f"{where(index, item)} has no {key!r} field")
             if not test(item[key]):
-                raise DataError(f"{where}: {key!r} must be {what}, got {item[key]!r:.80}")
-        if item["id"] in seen:
-            raise DataError(f"{where} repeats the id of {kind} #{seen[item['id']]}; ids must be unique")
-        seen[item["id"]] = index
+                raise DataError(f"{where(index, item)}: {key!r} must be {what}, got {item[key]!r:.80}")
+        if seen.setdefault(item["id"], index) != index:
+            raise DataError(f"{where(index, item)} repeats the id of {kind} #{seen[item['id']]}; ids must be unique")
 
 
 def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[int, int],
