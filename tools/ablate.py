@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,45 +131,17 @@ def _row_config(cfg: Config, refine: bool, context: bool, multi: bool, tta: bool
 
 def _evaluate(cfg: Config, weights: str, datasets: list, device: torch.device, where: Path,
               explicit: list[str]) -> dict:
+    from detection.benchmarking.models import TimedModel
     from detection.engine.loading import build_inference_model
     from detection.evaluation import evaluate_test_sets
 
     model, _ = build_inference_model(cfg, weights, device, explicit)
-    timed = _Timed(model)
+    timed = TimedModel(model)
     metrics = evaluate_test_sets(datasets, model=timed, device=device, num_workers=cfg.dataloader.num_workers,
                                  output_dir=where)
     first = metrics[datasets[0].name]
     return {"AP": first.get("AP", float("nan")), "AP50": first.get("AP50", float("nan")),
             "AP75": first.get("AP75", float("nan")), "seconds_per_image": timed.median_seconds_per_image()}
-
-
-class _Timed:
-    """The model, with the wall time of each forward pass recorded (per image)."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.per_image: list[float] = []
-        self.class_names = getattr(model, "class_names", None)
-
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def train(self, mode: bool = True):
-        self.model.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def __call__(self, images):
-        start = time.perf_counter()
-        outputs = self.model(images)
-        self.per_image.append((time.perf_counter() - start) / max(1, len(images)))
-        return outputs
-
-    def median_seconds_per_image(self) -> float:
-        return statistics.median(self.per_image) if self.per_image else float("nan")
 
 
 def _slug(name: str) -> str:

@@ -20,6 +20,8 @@ optimizer_step.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from collections import OrderedDict
 from typing import Any, Callable, ContextManager
 
@@ -304,3 +306,40 @@ def train_step(state: TrainState, images: list, targets: list, meter: Callable,
         total = sum(losses.values())
     with meter("backward_step"):
         optimizer_step(state, total)
+
+
+class TimedModel:
+    """A detector with the wall time of each forward pass recorded: what evaluation spends in
+    the model, apart from reading images and scoring. Passes train()/eval() and class_names
+    through, so the evaluation loop takes it as the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.seconds: list[float] = []  # per forward call
+        self.images: list[int] = []
+        self.class_names = getattr(model, "class_names", None)
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True) -> "TimedModel":
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> "TimedModel":
+        return self.train(False)
+
+    def __call__(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        start = time.perf_counter()
+        outputs = self.model(images)
+        self.seconds.append(time.perf_counter() - start)
+        self.images.append(len(images))
+        return outputs
+
+    def total_seconds(self) -> float:
+        return sum(self.seconds)
+
+    def median_seconds_per_image(self) -> float:
+        per_image = [s / max(1, n) for s, n in zip(self.seconds, self.images)]
+        return statistics.median(per_image) if per_image else float("nan")

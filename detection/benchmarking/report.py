@@ -170,6 +170,10 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"data loader: {d['images_per_s']:.1f} images/s ({d['num_workers']} workers, "
               f"batch {d['images_per_batch']}); evaluation: {ev['per_image_s']:.3f} s/image "
               f"over {ev['images']} images, metrics {ev['metrics_s']:.3f} s")
+        if "model_s" in ev:
+            print(f"evaluation time: {ev['images_per_s']:.2f} images/s; model {ev['model_s']:.2f} s, scoring "
+                  f"and files {ev['metrics_s']:.2f} s, reading images and the loop {ev['other_s']:.2f} s "
+                  f"({100 * ev['outside_model_share']:.0f}% outside the model)")
     print_ratios(report)
 
 
