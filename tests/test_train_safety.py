@@ -182,7 +182,7 @@ def test_the_run_starts_with_a_summary_of_data_device_and_output(data_root, tmp_
             f"dropped: dataloader.filter_empty), 3 classes, objects per class: {per_class}") in err
     assert len(ann["images"]) - with_boxes >= 1
     assert "test sets: shapes_val" in err
-    assert any(x.startswith("device: cpu, torch threads: ") and "AMP: off, fast path: off" in x for x in err)
+    assert any(x.startswith("device: cpu, torch threads: ") and "AMP: off, fast path: on" in x for x in err)  # on by default
     assert f"datasets.root: {data_root.resolve()}" in err and f"output folder: {out.resolve()}" in err
 
 
