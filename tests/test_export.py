@@ -1,10 +1,10 @@
 """ONNX export (detection/export.py, tools/export.py): ONNX Runtime's detections equal
 PyTorch's (boxes within 0.01 px, scores within 1e-4, the same labels) on image sizes other
 than the traced one, for a tiny model, the demo's shapes model and a random-weight R50-C4."""
-import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from detection.config import load_config
 from detection.export import ExportableDetector, ExportError, check_with_onnxruntime, export_onnx, prepare_image
 from detection.model import build_model
 from detection.testing import make_sane
-from tests.helpers import make_model
+from tests.helpers import load_tool, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def assert_onnxruntime_equals_pytorch(model, path, sizes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [{}, {"pooler": "roi_pool"}, {"global_context": True}])
+@pytest.mark.parametrize("variant", [{}, {"pooler": "roi_pool", "global_context": True}])
 def test_onnxruntime_equals_pytorch_on_a_tiny_model(tmp_path, variant):
     needs_onnx()
     model = make_model(score_thresh_test=0.0, **variant).eval()
@@ -136,19 +136,16 @@ def test_prepare_image_resizes_as_the_model():
         prepare_image(image.astype(np.float32), 100, 150)
 
 
-@pytest.mark.slow  # the benchmark in a subprocess
-def test_benchmark_times_onnxruntime_against_the_fast_path(tmp_path):
+@pytest.mark.slow  # exports and times a model
+def test_benchmark_times_onnxruntime_against_the_fast_path(capsys):
     needs_onnx()
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--config", str(ROOT / "configs" / "base.yaml"),
-           "model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20",
-           "model.anchors.sizes=[32,64]", "model.roi_heads.pooler_resolution=7", "model.num_classes=2",
-           "--image-size", "64", "96", "--runs", "1", "--quick", "--no-train", "--no-memory", "--no-data",
-           "--onnx", "--json", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    onnx = json.loads(out.read_text())["onnx"]
+    benchmark = load_tool("benchmark")
+    assert benchmark.parse_args(["--config", "c.yaml", "--onnx"]).onnx
+    model = make_model(score_thresh_test=0.0).eval()
+    options = SimpleNamespace(chunk_size=256, warmup=0, runs=1)
+    onnx = benchmark.bench_onnx(model, [img.float() for img in images((96, 128))], options)
     for name in ("fast", "onnxruntime"):
         assert onnx[name]["end_to_end_median_s"] > 0 and onnx[name]["vs_plain"]["equal"], onnx
     assert onnx["onnxruntime"]["vs_plain"]["count"] > 0
-    assert "ONNX Runtime vs the fast path" in result.stdout
+    benchmark.print_onnx(onnx)
+    assert "ONNX Runtime vs the fast path" in capsys.readouterr().out
