@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,17 +188,26 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         where = f" (a `_base_` of {chain[-1]})" if chain else ""
         raise ConfigError(f"{path}: config file not found{where}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file in UTF-8 (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("_base_", [])
     bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a config file's path or a list of them, got {bases!r}")
     merged: dict = {}
     for base in bases:
         merged = _merge(merged, _read_yaml(path.parent / base, chain + (path,)))
     return _merge(merged, data)
+
+
+def _one_line(err: Exception) -> str:
+    """PyYAML's error text spans lines (with a caret under the place): one line of it."""
+    return " ".join(str(err).split())
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -219,7 +229,7 @@ def _apply_override(tree: dict, item: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"command line: override {key}: cannot parse {raw!r}: {err}") from None
+        raise ConfigError(f"command line: override {key}: cannot parse {raw!r}: {_one_line(err)}") from None
     node = tree
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -259,17 +269,26 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, source)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value), key, source)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads `1e-4` (no dot) as a string; users mean the number
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            return _finite(number, key, source)
     if tp is dict and isinstance(value, dict):
         return value
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _finite(value: float, key: str, source: str) -> float:
+    """No setting means anything as NaN or infinity (they surface as NaN losses or boxes)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: {key}: expected a finite number, got {value!r}")
+    return value
 
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:

@@ -1254,15 +1254,6 @@ _CONFIG_FILE = {
 # case name -> (the function that generates its family's cases, why it fails). Each runs as a
 # strict xfail (test_known_bugs): when the owner fixes it, that test says so.
 KNOWN_BUGS: dict[str, tuple[str, str]] = {
-    **{f"config {key}={value}": ("config_cases", _NON_FINITE) for key, values in {
-        "model.pixel_mean": ["[.nan, .nan, .nan]", "[.inf, .inf, .inf]"],
-        "model.pixel_std": ["[.inf, .inf, .inf]"],
-        "model.anchors.aspect_ratios": ["[.inf, .inf, .inf]"],
-        "model.rpn.min_size": [".nan", ".inf", "-.inf"],
-        "model.rpn.smooth_l1_beta": [".inf"], "model.roi_heads.smooth_l1_beta": [".inf"],
-        "model.roi_heads.box_loss_weight": [".inf"], "solver.base_lr": [".inf"], "solver.weight_decay": [".inf"],
-        "solver.clip_grad_norm": [".inf"]}.items() for value in values},
-    **{f"config file {name}": ("config_cases", reason) for name, reason in _CONFIG_FILE.items()},
     **{f"weights bytes_flipped_{i}": ("weights_cases", "detection/engine/loading.py _read_any: torch.load does not "
                                       "check the CRC-32 the zip stores per record, so flipped bits in tensor data load "
                                       "as wrong weights (checkpoint.load_checkpoint now checks them with zipfile)")
@@ -1273,8 +1264,6 @@ KNOWN_BUGS: dict[str, tuple[str, str]] = {
     "weights nan_weights": ("weights_cases", "detection/engine/loading.py load_detector_weights: non-finite "
                                              "tensors are loaded without a word; detections then come out NaN "
                                              "or empty"),
-    "override bad yaml": ("config_cases", "detection/config.py _apply_override: PyYAML's multi-line error text is "
-                                          "put into the message as it is"),
 }
 
 
