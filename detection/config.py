@@ -127,6 +127,7 @@ class SolverConfig:
     gamma: float = 0.1
     max_iter: int = 90000
     checkpoint_period: int = 5000
+    keep_checkpoints: int = 0  # the last N periodic checkpoints kept as model_{iter:07d}.pth (0: none)
     clip_grad_norm: Union[float, None] = None
     amp: bool = False
 
@@ -164,6 +165,11 @@ class TestConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: Union[bool, str] = "auto"  # true | false | auto (on when the tensorboard package is installed)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
@@ -175,6 +181,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     log_period: int = 20
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # ----------------------------------------------------------------------------- YAML reading
@@ -373,6 +380,7 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("solver.gamma", 0 < s.gamma <= 1, "in (0, 1]"),
         ("solver.max_iter", s.max_iter > 0, "positive"),
         ("solver.checkpoint_period", s.checkpoint_period > 0, "positive"),
+        ("solver.keep_checkpoints", s.keep_checkpoints >= 0, "0 (none) or positive"),
         ("solver.clip_grad_norm", s.clip_grad_norm is None or s.clip_grad_norm > 0, "null or positive"),
         ("test.eval_period", cfg.test.eval_period >= 0, "0 (off) or positive"),
         ("test.aug.min_sizes", len(cfg.test.aug.min_sizes) > 0 and min(cfg.test.aug.min_sizes) > 0,
@@ -385,6 +393,7 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
          "increasing positive sizes, at least one"),
         ("test.multi_scale.max_size", cfg.test.multi_scale.max_size > 0, "positive"),
         ("log_period", cfg.log_period > 0, "positive"),
+        ("log.tensorboard", cfg.log.tensorboard in (True, False, "auto"), "true, false or auto"),
     ]
 
 
