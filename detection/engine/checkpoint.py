@@ -7,8 +7,10 @@ generators differ after the first step (each samples anchors and RoIs for its ow
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -21,6 +23,11 @@ from detection.utils.files import atomic_write
 
 # what --resume needs from last.pth (model_final.pth holds only model, iteration, config, classes)
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "rng")
+# solver.keep_checkpoints: the periodic checkpoints kept besides last.pth, as Detectron2 names them
+PERIODIC_NAME = "model_{:07d}.pth"
+_PERIODIC = re.compile(r"model_(\d{7})\.pth")
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -34,6 +41,36 @@ def save_checkpoint(state: dict, path: Union[str, Path]) -> None:
     (detection.utils.files.atomic_write)."""
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
+
+
+def periodic_checkpoint_path(out_dir: Union[str, Path], iteration: int) -> Path:
+    return Path(out_dir) / PERIODIC_NAME.format(iteration)
+
+
+def periodic_checkpoints(out_dir: Union[str, Path], up_to: int) -> list[int]:
+    """The iterations of the model_{iter:07d}.pth files in out_dir up to iteration `up_to`,
+    ascending: on a resume, the run's own (a later one is rewritten when the run gets there)."""
+    try:
+        names = [p.name for p in Path(out_dir).iterdir()]
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_PERIODIC.fullmatch, names) if m and int(m.group(1)) <= up_to)
+
+
+def prune_checkpoints(out_dir: Union[str, Path], iterations: list[int], keep: int) -> list[int]:
+    """Delete the periodic checkpoints of all but the last `keep` of `iterations` (call it once
+    the newest is written, so a failed save never costs an old one); returns the kept ones.
+    A file that cannot be deleted is a warning, not a reason to stop training."""
+    iterations = sorted(set(iterations))
+    cut = max(len(iterations) - keep, 0)
+    old, kept = iterations[:cut], iterations[cut:]
+    for iteration in old:
+        path = periodic_checkpoint_path(out_dir, iteration)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            logger.warning("could not delete the old checkpoint %s (%s); it stays", path, err.strerror or err)
+    return kept
 
 
 def load_checkpoint(path: Union[str, Path]) -> dict:

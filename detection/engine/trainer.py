@@ -7,6 +7,7 @@ sample order, so k iterations + resume to 2k equals 2k straight.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import random
@@ -14,7 +15,7 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -27,7 +28,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from detection.config import Config, config_to_dict
 from detection.data.dataset_info import DatasetInfo
 from detection.engine import distributed as du
-from detection.engine.checkpoint import (gather_rng_states, load_resume_checkpoint, restore_rng_states,
+from detection.engine.checkpoint import (gather_rng_states, load_resume_checkpoint, periodic_checkpoint_path,
+                                         periodic_checkpoints, prune_checkpoints, restore_rng_states,
                                          restore_training_state, save_checkpoint)
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.optim import build_lr_scheduler, build_optimizer
@@ -66,6 +68,7 @@ class TrainState:
     iteration: int = 0
     class_names: tuple[str, ...] = ()  # stored in checkpoints for tools/visualize.py
     checkpoint_iteration: Optional[int] = None  # the iteration last.pth holds, if any
+    periodic: list[int] = field(default_factory=list)  # the iterations of this run's model_{iter:07d}.pth
 
 
 def seed_everything(seed: int) -> None:
@@ -118,6 +121,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     """train() once the output folder is locked."""
     out_dir = Path(cfg.output_dir)
     old_run = check_output_dir(out_dir, resume=resume, overwrite=overwrite)
+    tensorboard = use_tensorboard(cfg.log.tensorboard)  # before anything is written
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
     last = out_dir / "last.pth"
     resuming = resume and last.is_file()
@@ -130,6 +134,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     state = _build_state(cfg, device, backbone_needed=not resuming and not cfg.model.weights)
     if resuming:
         _restore(state, load_resume_checkpoint(last), device, last)
+        state.periodic = periodic_checkpoints(out_dir, up_to=state.iteration) if du.is_main_process() else []
     elif cfg.model.weights:
         load_initial_weights(state.model, cfg.model.weights, cfg.model.backbone, initial)
     if resuming and _is_finished(cfg, state, out_dir):
@@ -150,7 +155,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
-    _loop(cfg, state, model, data, device, out_dir)
+    _loop(cfg, state, model, data, device, out_dir, tensorboard)
     return state.model
 
 
@@ -201,14 +206,19 @@ def _restore(state: TrainState, ckpt: dict, device: torch.device, path: Path = P
     logger.info("resumed at iteration %d", state.iteration)
 
 
-def _checkpoint(state: TrainState, cfg: Config, path: Path) -> None:
+def _checkpoint(state: TrainState, cfg: Config, path: Path, periodic: bool = False) -> None:
     """last.pth with every rank's random states (gathered: a collective). A failed write (a
-    full disk) leaves the previous last.pth as it was and stops every rank with one error."""
+    full disk) leaves the previous last.pth as it was and stops every rank with one error.
+    A periodic one with solver.keep_checkpoints N is first written as model_{iter:07d}.pth
+    too (the same training checkpoint); the oldest beyond N are deleted only once both files
+    are written, so a failed save deletes none."""
     rng = gather_rng_states()
     problem = None
     if du.is_main_process():
+        keep = cfg.solver.keep_checkpoints if periodic else 0
+        target = path
         try:
-            save_checkpoint({
+            ckpt = {
                 "model": state.model.state_dict(),
                 "optimizer": state.optimizer.state_dict(),
                 "scheduler": state.scheduler.state_dict(),
@@ -218,10 +228,15 @@ def _checkpoint(state: TrainState, cfg: Config, path: Path) -> None:
                 "rng_per_rank": rng,
                 "config": config_to_dict(cfg),
                 "class_names": list(state.class_names),
-            }, path)
+            }
+            for target in ([periodic_checkpoint_path(path.parent, state.iteration)] if keep else []) + [path]:
+                save_checkpoint(ckpt, target)
         except OSError as err:
-            problem = (f"could not write {path} at iteration {state.iteration} "
+            problem = (f"could not write {target} at iteration {state.iteration} "
                        f"({err.strerror or err}); training stopped, {_what_is_kept(state, path)}")
+        else:
+            if keep:
+                state.periodic = prune_checkpoints(path.parent, state.periodic + [state.iteration], keep)
     problems = [p for p in du.all_gather_object(problem) if p]  # every rank stops, not rank 0 alone
     if problems:
         raise TrainingError(problems[0])
@@ -304,14 +319,15 @@ def _build_train_data(cfg: Config, datasets: list[DatasetInfo], start_iter: int
 
 
 def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
-          device: torch.device, out_dir: Path) -> None:
+          device: torch.device, out_dir: Path, tensorboard: bool = False) -> None:
     """The iterations, under a progress bar that is closed before any error or Ctrl-C is
     reported, so the message gets a line of its own."""
     main = du.is_main_process()
     try:
         with tqdm(total=cfg.solver.max_iter, initial=state.iteration, disable=not main, dynamic_ncols=True,
-                  desc="train") as bar, logging_redirect_tqdm(), GracefulStop() as stop:
-            _iterations(cfg, state, model, data, device, out_dir, bar, stop)
+                  desc="train") as bar, logging_redirect_tqdm(), GracefulStop() as stop, \
+                MetricsLog(out_dir, tensorboard=tensorboard and main, start_iter=state.iteration) as log:
+            _iterations(cfg, state, model, data, device, out_dir, bar, stop, log)
     except TrainingStopped:
         raise
     except KeyboardInterrupt:
@@ -323,8 +339,10 @@ def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
     du.synchronize()
 
 
-def _iterations(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
-                device: torch.device, out_dir: Path, bar: tqdm, stop: Optional["GracefulStop"] = None) -> None:
+def _iterations(cfg: Config, state: TrainState, model: nn.Module, data: Iterator, device: torch.device,
+                out_dir: Path, bar: tqdm, stop: Optional["GracefulStop"] = None,
+                log: Optional["MetricsLog"] = None) -> None:
+    log = log or MetricsLog(out_dir)
     s = cfg.solver
     main = du.is_main_process()
     timer = time.perf_counter()
@@ -339,14 +357,15 @@ def _iterations(cfg: Config, state: TrainState, model: nn.Module, data: Iterator
         bar.set_postfix(loss=f"{sum(losses.values()):.3f}", lr=f"{lr:.2e}")
         bar.update(1)
         if main and (state.iteration % cfg.log_period == 0 or state.iteration == s.max_iter):
-            _log(out_dir, {"iteration": state.iteration, **losses, "total_loss": sum(losses.values()),
-                           "lr": lr, "time": it_time, "data_time": data_time, **_peak_memory(device)})
-        if state.iteration % s.checkpoint_period == 0 or state.iteration == s.max_iter:
-            _checkpoint(state, cfg, out_dir / "last.pth")
+            log.write({"iteration": state.iteration, **losses, "total_loss": sum(losses.values()),
+                       "lr": lr, "time": it_time, "data_time": data_time, **_peak_memory(device)})
+        periodic = state.iteration % s.checkpoint_period == 0
+        if periodic or state.iteration == s.max_iter:
+            _checkpoint(state, cfg, out_dir / "last.pth", periodic=periodic)
         if cfg.test.eval_period and state.iteration % cfg.test.eval_period == 0:
             metrics = evaluate(cfg, state.model, device)
             if main:
-                _log(out_dir, {"iteration": state.iteration, **metrics})
+                log.write({"iteration": state.iteration, **metrics})
             state.model.train()
         if stop is not None and state.iteration < s.max_iter and stop.agreed():
             _stop_gracefully(state, cfg, out_dir / "last.pth", stop)
@@ -472,16 +491,52 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
 
 
-def _log(out_dir: Path, record: dict) -> None:
-    """Append one line to metrics.jsonl; a failed write (a full disk) stops training with one
-    error. A line cut short is dropped when the run is resumed (run_folder.truncate_metrics)."""
-    path = out_dir / "metrics.jsonl"
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as err:
-        raise TrainingError(f"could not append to {path} at iteration {record.get('iteration')} "
-                            f"({err.strerror or err}); training stopped") from None
+def use_tensorboard(setting: "bool | str") -> bool:
+    """log.tensorboard: true, false, or auto (true when the tensorboard package is installed);
+    true without the package is one error, raised before anything is written."""
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if setting is True and not installed:
+        raise ValueError("log.tensorboard is true but the tensorboard package is not installed: "
+                         "pip install -e '.[tensorboard]', or set log.tensorboard=false")
+    return installed if setting == "auto" else bool(setting)
+
+
+class MetricsLog:
+    """metrics.jsonl, the run's record (a line every log_period iterations and one per
+    evaluation), and with `tensorboard` the same numbers as TensorBoard scalars: event files in
+    the output folder (torch.utils.tensorboard.SummaryWriter), tag = the key, step = the
+    iteration. Rank 0 only. The writer is closed (flushed) when the loop ends, however it ends."""
+
+    def __init__(self, out_dir: Path, *, tensorboard: bool = False, start_iter: int = 0) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides what earlier writers in this folder logged after the
+            # iteration the run starts from, as run_folder.truncate_metrics drops those lines
+            self.writer = SummaryWriter(str(out_dir), purge_step=start_iter + 1)
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def write(self, record: dict) -> None:
+        """Append one line to metrics.jsonl; a failed write (a full disk) stops training with one
+        error. A line cut short is dropped when the run is resumed (run_folder.truncate_metrics)."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise TrainingError(f"could not append to {self.path} at iteration {record.get('iteration')} "
+                                f"({err.strerror or err}); training stopped") from None
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, record["iteration"])
 
 
 def evaluate(cfg: Config, model: nn.Module, device: torch.device,

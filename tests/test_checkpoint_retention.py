@@ -1,0 +1,94 @@
+"""solver.keep_checkpoints N: the last N periodic checkpoints kept as model_{iter:07d}.pth
+beside last.pth and model_final.pth (Detectron2's PeriodicCheckpointer); old ones deleted only
+once the new one is written; a resumed run keeps counting its own."""
+import errno
+from pathlib import Path
+
+import pytest
+import torch
+
+from detection.config import load_config
+from detection.data.shapes import generate_shapes
+from detection.engine import trainer
+from detection.engine.checkpoint import load_checkpoint, load_resume_checkpoint
+from detection.engine.trainer import TrainingError, train
+from tests.helpers import tiny_overrides
+
+pytestmark = pytest.mark.slow  # every test here trains (a few tiny iterations)
+KEEP_TWO = {"solver.checkpoint_period": 1, "solver.keep_checkpoints": 2, "solver.max_iter": 4}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes(root / "shapes", num_train=4, num_val=2, seed=0, image_size=(64, 80))
+    return root
+
+
+def tiny_cfg(data_root, out_dir, **extra):
+    return load_config(None, tiny_overrides(data_root, out_dir, **extra))
+
+
+def periodic(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("model_*.pth") if p.name != "model_final.pth")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight(data_root, tmp_path_factory):
+    """A run of 4 iterations with a checkpoint at each, keeping 2: (its folder, its model)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    return out, train(tiny_cfg(data_root, out, **KEEP_TWO))
+
+
+def test_keeps_exactly_the_last_n_as_full_training_checkpoints(straight):
+    out, _ = straight
+    assert periodic(out) == ["model_0000003.pth", "model_0000004.pth"]
+    assert (out / "last.pth").is_file() and (out / "model_final.pth").is_file()
+    assert not list(out.glob("*.tmp*"))
+    assert load_resume_checkpoint(out / "model_0000003.pth")["iteration"] == 3  # one can resume from it
+    newest = load_resume_checkpoint(out / "model_0000004.pth")
+    assert newest["iteration"] == 4
+    assert same_weights(newest["model"], load_checkpoint(out / "last.pth")["model"])
+
+
+def test_zero_keeps_none(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(data_root, out, **{"solver.checkpoint_period": 1, "solver.max_iter": 2}))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pth", "metrics.jsonl", "model_final.pth"]
+
+
+def test_a_failed_save_deletes_no_old_checkpoint_and_the_resume_goes_on(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = trainer.save_checkpoint
+
+    def save(state, path):  # the disk fills up while model_0000003.pth is written
+        if Path(path).name == "model_0000003.pth":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, path)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    with pytest.raises(TrainingError, match=r"could not write \S*model_0000003.pth at iteration 3 \(No space left "
+                                            r"on device\); training stopped, the last good checkpoint \S*last.pth "
+                                            r"\(iteration 2\) is kept"):
+        train(tiny_cfg(data_root, out, **KEEP_TWO))
+    assert periodic(out) == ["model_0000001.pth", "model_0000002.pth"]  # none deleted
+    assert load_resume_checkpoint(out / "last.pth")["iteration"] == 2
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)  # the disk has room again
+    train(tiny_cfg(data_root, out, **KEEP_TWO), resume=True)
+    assert periodic(out) == ["model_0000003.pth", "model_0000004.pth"]  # the run's older ones pruned
+
+
+def test_resume_with_kept_checkpoints_equals_a_straight_run(data_root, tmp_path, straight):
+    straight_out, straight_model = straight
+    out = tmp_path / "resumed"
+    train(tiny_cfg(data_root, out, **{**KEEP_TWO, "solver.keep_checkpoints": 1, "solver.max_iter": 2}))
+    assert periodic(out) == ["model_0000002.pth"]
+    resumed = train(tiny_cfg(data_root, out, **KEEP_TWO), resume=True)  # now keeping 2
+    assert periodic(out) == ["model_0000003.pth", "model_0000004.pth"]
+    assert same_weights(straight_model.state_dict(), resumed.state_dict())
+    assert same_weights(load_checkpoint(out / "model_0000004.pth")["model"],
+                        load_checkpoint(straight_out / "model_0000004.pth")["model"])

@@ -1,0 +1,109 @@
+"""log.tensorboard: the trainer's TensorBoard event files hold exactly metrics.jsonl's numbers
+(losses, lr, time, evaluation metrics; step = iteration), read back with TensorBoard's own
+EventAccumulator, also across an interrupted and resumed run."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detection.config import load_config
+from detection.data.shapes import generate_shapes
+from detection.engine import trainer
+from detection.engine.trainer import train
+from tests.helpers import tiny_overrides
+
+pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install -e '.[tensorboard]')")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+pytestmark = pytest.mark.slow  # trains
+TB = {"log.tensorboard": True, "solver.max_iter": 4, "solver.checkpoint_period": 2, "test.eval_period": 2}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes(root / "shapes", num_train=4, num_val=2, seed=0, image_size=(64, 80))
+    return root
+
+
+def tiny_cfg(data_root, out_dir, **extra):
+    return load_config(None, tiny_overrides(data_root, out_dir, **extra))
+
+
+def jsonl_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl as tag -> [(iteration, value)], every number but the iteration."""
+    scalars: dict = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                scalars.setdefault(key, []).append((record["iteration"], value))
+    return scalars
+
+
+def event_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0})  # 0: keep every value
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def assert_same(events: dict, jsonl: dict) -> None:
+    assert sorted(events) == sorted(jsonl)
+    for tag, expected in jsonl.items():
+        assert [step for step, _ in events[tag]] == [step for step, _ in expected], tag
+        for (_, got), (_, want) in zip(events[tag], expected):
+            # TensorBoard stores float32
+            assert (math.isnan(got) and math.isnan(want)) or got == float(np.float32(want)), (tag, got, want)
+
+
+def test_event_files_hold_the_metrics_jsonl_values(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(data_root, out, **TB))
+    assert list(out.glob("events.out.tfevents.*"))
+    jsonl = jsonl_scalars(out)
+    assert {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "total_loss", "lr", "time", "data_time"} \
+        <= set(jsonl)
+    assert any("AP" in tag for tag in jsonl)  # the evaluation's metrics (test.eval_period)
+    assert [step for step, _ in jsonl["loss_cls"]] == [1, 2, 3, 4]  # log_period 1
+    assert_same(event_scalars(out), jsonl)
+
+
+def test_a_resumed_run_replaces_what_was_logged_after_its_checkpoint(data_root, tmp_path, monkeypatch):
+    from detection.model import FasterRCNN
+
+    out = tmp_path / "run"
+    real_forward, calls = FasterRCNN.forward, {"n": 0}
+
+    def forward(self, images, targets=None):  # Ctrl-C in iteration 4: 3 logged, last.pth at 2
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+        return real_forward(self, images, targets)
+
+    monkeypatch.setattr(FasterRCNN, "forward", forward)
+    with pytest.raises(trainer.TrainingInterrupted):
+        train(tiny_cfg(data_root, out, **TB))
+    assert [step for step, _ in event_scalars(out)["time"]] == [1, 2, 3]  # the writer was closed (flushed)
+    monkeypatch.setattr(FasterRCNN, "forward", real_forward)
+    train(tiny_cfg(data_root, out, **TB), resume=True)  # iterations 3 and 4 again, their times differ
+    jsonl = jsonl_scalars(out)
+    assert [step for step, _ in jsonl["time"]] == [1, 2, 3, 4]
+    assert_same(event_scalars(out), jsonl)
+
+
+def test_off_writes_no_event_file(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(data_root, out, **{**TB, "log.tensorboard": False, "solver.max_iter": 1, "test.eval_period": 0}))
+    assert not list(out.glob("events.out.tfevents.*"))
+
+
+def test_true_without_the_package_is_one_error_before_anything_is_written(data_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer.importlib.util, "find_spec", lambda name: None)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"log.tensorboard is true but the tensorboard package is not installed"):
+        train(tiny_cfg(data_root, out, **TB))
+    assert not out.exists()
+    assert trainer.use_tensorboard("auto") is False and trainer.use_tensorboard(False) is False
