@@ -1,6 +1,6 @@
 # Every target sets itself up on a fresh clone: .venv is created and the project
-# installed into it (pip install -e .[dev,export,report]: the tests, ONNX export and the
-# HTML report) the first time, and again only when setup.py changes.
+# installed into it (pip install -e .[dev,export,report,tensorboard]: the tests, ONNX export,
+# the HTML report and TensorBoard logging) the first time, and again only when setup.py changes.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,7 @@ setup: $(STAMP)
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,export,report]'
+	$(PY) -m pip install -q -e '.[dev,export,report,tensorboard]'
 	@touch $(STAMP)
 
 test: $(STAMP) chromium

@@ -27,5 +27,6 @@ setup(
         "plots": ["matplotlib>=3.7"],
         "export": ["onnx>=1.14", "onnxruntime>=1.16"],  # tools/export.py (ONNX export, checked with ONNX Runtime)
         "report": ["jinja2>=3.0", "matplotlib>=3.7"],  # tools/eval.py's inference/report.html
+        "tensorboard": ["tensorboard>=2.10"],  # the trainer's event files (log.tensorboard)
     },
 )
