@@ -3,6 +3,7 @@
 EventAccumulator, also across an interrupted and resumed run."""
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +102,12 @@ def test_off_writes_no_event_file(data_root, tmp_path):
 
 
 def test_true_without_the_package_is_one_error_before_anything_is_written(data_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import now fails
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"log.tensorboard is true but the tensorboard package is not installed"):
+    with pytest.raises(ValueError, match=r"log.tensorboard is true but TensorBoard cannot be used \(.*\): "
+                                         r"pip install -e '.\[tensorboard\]', or set log.tensorboard=false"):
         train(tiny_cfg(data_root, out, **TB))
     assert not out.exists()
     assert trainer.use_tensorboard("auto") is False and trainer.use_tensorboard(False) is False
+    monkeypatch.undo()
+    assert trainer.use_tensorboard("auto") is True and trainer.use_tensorboard(True) is True

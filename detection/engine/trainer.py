@@ -492,13 +492,21 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def use_tensorboard(setting: "bool | str") -> bool:
-    """log.tensorboard: true, false, or auto (true when the tensorboard package is installed);
-    true without the package is one error, raised before anything is written."""
-    installed = importlib.util.find_spec("tensorboard") is not None
-    if setting is True and not installed:
-        raise ValueError("log.tensorboard is true but the tensorboard package is not installed: "
-                         "pip install -e '.[tensorboard]', or set log.tensorboard=false")
-    return installed if setting == "auto" else bool(setting)
+    """log.tensorboard: true, false, or auto (true when TensorBoard can be used). Tried here,
+    before anything is written: true without a working tensorboard package is one error; auto
+    without it is off (with a warning when the package is there but does not import)."""
+    if setting is False:
+        return False
+    try:
+        import torch.utils.tensorboard  # noqa: F401 - imports the tensorboard package
+    except ImportError as err:
+        if setting is True:
+            raise ValueError(f"log.tensorboard is true but TensorBoard cannot be used ({err}): "
+                             "pip install -e '.[tensorboard]', or set log.tensorboard=false") from None
+        if importlib.util.find_spec("tensorboard") is not None:
+            logger.warning("log.tensorboard auto: the tensorboard package does not import (%s); no event files", err)
+        return False
+    return True
 
 
 class MetricsLog:
