@@ -111,3 +111,16 @@ def test_true_without_the_package_is_one_error_before_anything_is_written(data_r
     assert trainer.use_tensorboard("auto") is False and trainer.use_tensorboard(False) is False
     monkeypatch.undo()
     assert trainer.use_tensorboard("auto") is True and trainer.use_tensorboard(True) is True
+
+
+def test_an_event_file_that_cannot_be_written_is_a_warning_not_a_stop(tmp_path, caplog):
+    with trainer.MetricsLog(tmp_path, tensorboard=True) as log:
+        def full_disk(*args):
+            raise OSError(28, "No space left on device")
+
+        log.writer.add_scalar = full_disk
+        log.write({"iteration": 1, "loss_cls": 0.5})
+        log.write({"iteration": 2, "loss_cls": 0.25})
+        assert log.writer is None
+    assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert caplog.text.count("could not be written (No space left on device)") == 1

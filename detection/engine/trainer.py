@@ -530,7 +530,7 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self._tensorboard(self.writer.close)
 
     def write(self, record: dict) -> None:
         """Append one line to metrics.jsonl; a failed write (a full disk) stops training with one
@@ -544,7 +544,17 @@ class MetricsLog:
         if self.writer is not None:
             for key, value in record.items():
                 if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, record["iteration"])
+                    self._tensorboard(self.writer.add_scalar, key, value, record["iteration"])
+
+    def _tensorboard(self, call, *args) -> None:
+        """The event files are a view of metrics.jsonl: one that cannot be written (its writer
+        thread reports a full disk late) is a warning and no more event files, never a stop."""
+        try:
+            call(*args)
+        except OSError as err:
+            logger.warning("TensorBoard event files in %s could not be written (%s); metrics.jsonl goes on, "
+                           "the event files stop here", self.path.parent, err.strerror or err)
+            self.writer = None
 
 
 def evaluate(cfg: Config, model: nn.Module, device: torch.device,
