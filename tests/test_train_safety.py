@@ -77,10 +77,14 @@ def test_overwrite_replaces_the_old_run_and_says_so(data_root, tmp_path, capsys)
     assert run(data_root, out, **{"solver.max_iter": 3}) == 0
     (out / "inference").mkdir()
     (out / "inference" / "metrics.json").write_text("{}")
+    for leftover in ("model_0000002.pth", "events.out.tfevents.1.host"):  # keep_checkpoints, TensorBoard
+        (out / leftover).write_bytes(b"old")
     capsys.readouterr()
     assert run(data_root, out, "--overwrite", **{"solver.max_iter": 1}) == 0
     removed = [x for x in stderr_lines(capsys) if "--overwrite: removed" in x]
     assert len(removed) == 1 and "last.pth" in removed[0] and "inference" in removed[0]
+    assert "model_0000002.pth" in removed[0] and not (out / "model_0000002.pth").exists()
+    assert not (out / "events.out.tfevents.1.host").exists()
     assert iterations(out) == [1]  # not appended to the old 1..3
     assert load_checkpoint(out / "model_final.pth")["iteration"] == 1
     assert not (out / "inference").exists()

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 # The files that make a folder "hold a run", and what --overwrite removes.
 RUN_FILES = ("last.pth", "model_final.pth", "metrics.jsonl")
 OVERWRITTEN = (*RUN_FILES, "config.yaml", "inference")
+OVERWRITTEN_PATTERNS = ("model_[0-9]*.pth", "events.out.tfevents.*")
 LOCK_FILE = "train.lock"
 
 
@@ -119,6 +120,8 @@ def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed
     files; on a resume drop the metrics lines the checkpoint does not cover."""
     if remove:
         removed = [name for name in OVERWRITTEN if (out_dir / name).exists()]
+        # solver.keep_checkpoints' model_{iter}.pth and log.tensorboard's event files
+        removed += sorted(p.name for pattern in OVERWRITTEN_PATTERNS for p in out_dir.glob(pattern))
         for name in removed:
             path = out_dir / name
             if path.is_dir():
