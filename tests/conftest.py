@@ -1,5 +1,7 @@
 """Shared test set-up: small, seeded, single-machine CPU runs. Helpers several files use are
 in tests/helpers.py; the `slow` marker (end-to-end runs) is registered here."""
+import logging
+
 import pytest
 import torch
 
@@ -17,3 +19,15 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def restore_logging():
+    """The tools' main() adds a stderr handler to the root logger (detection.cli.setup_logging)
+    and sets the project's log levels: take them away again after the test."""
+    root = logging.getLogger()
+    handlers, levels = list(root.handlers), {n: logging.getLogger(n).level for n in ("detection", "backbones")}
+    yield
+    root.handlers[:] = handlers
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)

@@ -1222,15 +1222,6 @@ def test_fuzz_train_det_one_iteration(tmp_path, shapes_root, caplog, restore_log
     run_family("tools/train_det.py", train_cases(tmp_path, shapes_root), caplog)
 
 
-@pytest.fixture
-def restore_logging():
-    """train_det.main adds a stderr handler to the root logger; take it away again."""
-    root = logging.getLogger()
-    handlers, levels = list(root.handlers), {n: logging.getLogger(n).level for n in ("detection", "backbones")}
-    yield
-    root.handlers[:] = handlers
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
 
 
 # ============================================================================ known bugs elsewhere

@@ -27,6 +27,7 @@ from tests.helpers import load_tool, run_forked_processes, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 train_det = load_tool("train_det")
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +37,6 @@ def data_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """train_det.main adds a stderr handler to the root logger; take it away after each test."""
-    root = logging.getLogger()
-    handlers, levels = list(root.handlers), {n: logging.getLogger(n).level for n in ("detection", "backbones")}
-    yield
-    root.handlers[:] = handlers
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
 
 
 def tiny_cfg(data_root, out_dir, **extra):

@@ -3,7 +3,6 @@ unless asked, the data are checked before anything is written, Ctrl-C and errors
 line of their own, the run says what it trains on, and the data-set root has a fixed order."""
 import argparse
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from tests.helpers import load_tool, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 train_det = load_tool("train_det")
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,6 @@ def data_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """main() adds a stderr handler to the root logger; take it away again after each test."""
-    root = logging.getLogger()
-    handlers, levels = list(root.handlers), {n: logging.getLogger(n).level for n in ("detection", "backbones")}
-    yield
-    root.handlers[:] = handlers
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
 
 
 def run(data_root, out, *flags, **extra):
