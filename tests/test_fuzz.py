@@ -1244,18 +1244,7 @@ _CONFIG_FILE = {
 }
 # case name -> (the function that generates its family's cases, why it fails). Each runs as a
 # strict xfail (test_known_bugs): when the owner fixes it, that test says so.
-KNOWN_BUGS: dict[str, tuple[str, str]] = {
-    **{f"weights bytes_flipped_{i}": ("weights_cases", "detection/engine/loading.py _read_any: torch.load does not "
-                                      "check the CRC-32 the zip stores per record, so flipped bits in tensor data load "
-                                      "as wrong weights (checkpoint.load_checkpoint now checks them with zipfile)")
-       for i in range(3)},
-    "weights integer_tensor": ("weights_cases", "detection/engine/loading.py load_detector_weights: an integer tensor "
-                                                "for a float parameter is cast by load_state_dict (weights truncated "
-                                                "to whole numbers), not refused"),
-    "weights nan_weights": ("weights_cases", "detection/engine/loading.py load_detector_weights: non-finite "
-                                             "tensors are loaded without a word; detections then come out NaN "
-                                             "or empty"),
-}
+KNOWN_BUGS: dict[str, tuple[str, str]] = {}  # none left: each found bug was fixed
 
 
 @pytest.mark.parametrize("name", sorted(KNOWN_BUGS))

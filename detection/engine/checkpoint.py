@@ -80,7 +80,7 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
-    _verify_checksums(path)
+    verify_checksums(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -88,7 +88,7 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {text})") from None
 
 
-def _verify_checksums(path: Path) -> None:
+def verify_checksums(path: Path) -> None:
     """torch.load does not check the CRC-32 its zip format stores for each record, so a bit
     flipped on a disk or in a copy loads as a wrong weight. zipfile checks them (about 1 GB/s)."""
     with open(path, "rb") as f:

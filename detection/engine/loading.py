@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detection.engine.checkpoint import CheckpointError
+from detection.engine.checkpoint import CheckpointError, verify_checksums
 from detection.engine.detectron2 import convert_detectron2_state, is_detectron2_state
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ def _read_any(path: Path) -> Any:
     with open(path, "rb") as f:
         zipped = f.read(4) == _ZIP_MAGIC
     errors = []
+    if zipped:
+        verify_checksums(path)  # torch.load does not check the zip's CRCs: flipped bits would load
     if not zipped:
         try:
             return load_numpy_pickle(path)
@@ -131,7 +133,7 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
     if allow_new_classes and weights.num_classes != model.num_classes:
         skipped = [k for k in CLASS_SPECIFIC if k in mismatched]
         mismatched = [k for k in mismatched if k not in skipped]
-    problems = _problems(unexpected, missing, mismatched, own, weights)
+    problems = _problems(unexpected, missing, mismatched, own, weights) + _bad_values(own, weights)
     if problems:
         hint = "configs/detectron2/ has the configs of Detectron2's models" if weights.format == "detectron2" \
             else "a checkpoint of this project keeps its config.yaml beside it"
@@ -175,6 +177,20 @@ def _problems(unexpected: list[str], missing: list[str], mismatched: list[str], 
         problems.append(f"the file has {weights.num_classes} classes, model.num_classes is "
                         f"{own['roi_heads.predictor.cls_score.weight'].shape[0] - 1}")
     return problems
+
+
+def _bad_values(own: dict, weights: DetectorWeights) -> list[str]:
+    """Tensors that would load as wrong numbers: non-finite values, or integers where the model
+    holds floats (load_state_dict would cast them)."""
+    not_finite = [k for k, v in weights.state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    integers = [k for k, v in weights.state.items()
+                if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    out = []
+    if not_finite:
+        out.append(f"{len(not_finite)} tensors hold NaN or infinite values ({_list(not_finite)})")
+    if integers:
+        out.append(f"{len(integers)} tensors are integers where the model has floats ({_list(integers)})")
+    return out
 
 
 def _list(names: list[str], limit: int = 6) -> str:
