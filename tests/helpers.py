@@ -55,6 +55,13 @@ def tiny_overrides(data_root, out_dir, **extra) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in items.items()]
 
 
+def tiny_cfg(data_root, out_dir, **extra):
+    """tiny_overrides as a loaded Config."""
+    from detection.config import load_config
+
+    return load_config(None, tiny_overrides(data_root, out_dir, **extra))
+
+
 # ---- a tiny detector and a fixed batch of two painted images -----------------------------
 
 K = 2  # classes of the painted batch: 1 = red, 2 = blue

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from detection.config import load_config
 from detection.data.shapes import generate_shapes
 from detection.engine import trainer
 from detection.engine.checkpoint import load_checkpoint, load_resume_checkpoint
 from detection.engine.trainer import TrainingError, train
-from tests.helpers import tiny_overrides
+from tests.helpers import tiny_cfg
 
 pytestmark = pytest.mark.slow  # every test here trains (a few tiny iterations)
 KEEP_TWO = {"solver.checkpoint_period": 1, "solver.keep_checkpoints": 2, "solver.max_iter": 4}
@@ -23,10 +22,6 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     generate_shapes(root / "shapes", num_train=4, num_val=2, seed=0, image_size=(64, 80))
     return root
-
-
-def tiny_cfg(data_root, out_dir, **extra):
-    return load_config(None, tiny_overrides(data_root, out_dir, **extra))
 
 
 def periodic(out: Path) -> list[str]:

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detection.config import load_config
 from detection.data.shapes import generate_shapes
 from detection.engine import trainer
 from detection.engine.trainer import train
-from tests.helpers import tiny_overrides
+from tests.helpers import tiny_cfg
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install -e '.[tensorboard]')")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -27,10 +26,6 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     generate_shapes(root / "shapes", num_train=4, num_val=2, seed=0, image_size=(64, 80))
     return root
-
-
-def tiny_cfg(data_root, out_dir, **extra):
-    return load_config(None, tiny_overrides(data_root, out_dir, **extra))
 
 
 def jsonl_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:

@@ -16,7 +16,7 @@ from detection.engine.checkpoint import load_checkpoint
 from detection.engine.loading import build_inference_model
 from detection.engine.trainer import TrainingError, train
 from detection.model import build_model
-from tests.helpers import tiny_overrides
+from tests.helpers import tiny_cfg, tiny_overrides
 
 pytestmark = pytest.mark.slow  # every test here trains (and one spawns two DDP processes)
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +27,6 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     generate_shapes(root / "shapes", num_train=12, num_val=4, seed=0, image_size=(64, 80))
     return root
-
-
-def tiny_cfg(data_root, out_dir, **extra):
-    return load_config(None, tiny_overrides(data_root, out_dir, **extra))
 
 
 def test_short_run_writes_outputs_and_loss_goes_down(data_root, tmp_path):

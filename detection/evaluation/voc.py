@@ -232,11 +232,7 @@ class VOCEvaluator:
         """Use a folder of comp4_det_test_{class}.txt files (the devkit's 1-based lines, as
         `evaluate` writes them) as the detections on every image of the data set; a missing
         class file means no detections of that class."""
-        self.reset()
-        detections = read_comp4_dir(path, self.class_names, [r["image_id"] for r in self.dataset.records])
-        empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0)}
-        for record in self.dataset.records:
-            self.process([record], [detections.get(record["image_id"], empty)])
+        _process_comp4_dir(self, path)
 
     def evaluate(self) -> dict[str, float]:
         """Write the comp4 files (when there is an output_dir) and score exactly their numbers."""
@@ -302,13 +298,8 @@ class VOCSubmissionWriter:
 
     def load_results(self, path: str) -> None:
         """Saved class files: a folder of them, or a folder holding results/<folder>/Main/."""
-        self.reset()
         nested = os.path.join(path, self.submission_folder)
-        folder = nested if os.path.isdir(nested) else path
-        detections = read_comp4_dir(folder, self.class_names, [r["image_id"] for r in self.dataset.records])
-        empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0)}
-        for record in self.dataset.records:
-            self.process([record], [detections.get(record["image_id"], empty)])
+        _process_comp4_dir(self, nested if os.path.isdir(nested) else path)
 
     def evaluate(self) -> dict[str, float]:
         predictions = order_by_dataset(self.predictions, self.dataset.records)
@@ -422,3 +413,14 @@ def _summarize(aps: np.ndarray, class_names: Sequence[str], use_07_metric: bool)
     }
     metrics.update({f"AP-{name}": float(aps[k, 0]) for k, name in enumerate(class_names)})
     return metrics
+
+
+def _process_comp4_dir(evaluator, folder: str) -> None:
+    """Reset `evaluator` and feed it a folder of comp4 files as the detections of every image
+    of its data set (an image without lines has none)."""
+    evaluator.reset()
+    records = evaluator.dataset.records
+    detections = read_comp4_dir(folder, evaluator.class_names, [r["image_id"] for r in records])
+    empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0)}
+    for record in records:
+        evaluator.process([record], [detections.get(record["image_id"], empty)])
