@@ -27,8 +27,9 @@ _LAYOUT_HINT = ("expected a COCO-format json; the known names use <root>/coco/an
                 "instances_{train,val}2017.json with images in <root>/coco/{train,val}2017/, "
                 "instances_{train,val,minival,valminusminival}2014.json with images in <root>/coco/train2014/ "
                 "and <root>/coco/val2014/ (minival and valminusminival: val2014), and "
-                "<root>/shapes/annotations/instances_{train,val}.json with images in <root>/shapes/{train,val}/ "
-                "(create those with: python tools/make_shapes.py --output <root>/shapes)")
+                "<root>/shapes/annotations/instances_{train,val,test}.json with images in "
+                "<root>/shapes/{train,val,test}/ (create those with: python tools/make_shapes.py --output "
+                "<root>/shapes; add --splits test to give an older one its test split)")
 
 
 def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None) -> DatasetInfo:
