@@ -191,16 +191,18 @@ def test_equal_work_gives_a_verdict_and_rates_against_the_conv_peak():
 # ---- our stages come from the profiler labels of the real forward ------------------------
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_profiled_stages_of_the_real_forward(fast):
+@pytest.mark.parametrize("fast,amp", [(False, False), (True, False), (True, True)])
+def test_profiled_stages_of_the_real_forward(fast, amp):
     """Every stage is seen; the FLOPs the labels split equal FlopCounterMode's total of the same
-    call (nothing unlabelled, nothing twice); the detections are those of model(images)."""
+    call (nothing unlabelled, nothing twice: under bfloat16 autocast the profiler records each
+    convolution twice, nested); the detections are those of model(images)."""
     cfg = tiny_config(64, 96)
     model = build_ours(cfg)
     if fast:
         model = optimize_for_inference(model, chunk_size=7)  # 20 RoIs: 3 chunks
     images, _ = synthetic_batch(2, (64, 96), cfg.model.num_classes)
-    with torch.inference_mode():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+    with torch.inference_mode(), autocast:
         expected = model(images)
         with FlopCounterMode(display=False) as counter:
             model(images)

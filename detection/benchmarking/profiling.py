@@ -62,6 +62,17 @@ def _innermost_label(event: Any, labels: Mapping[str, str]) -> Any:
     return parent
 
 
+def _inside_flop_op(event: Any, labels: Mapping[str, str]) -> bool:
+    """True for an op called by another counted op below the same label: under autocast the
+    profiler records aten::conv2d twice (the autocast wrapper's call and the cast call inside)."""
+    parent = event.cpu_parent
+    while parent is not None and parent.name not in labels:
+        if parent.name in FLOP_OPS:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def stages_from_events(events: Any, labels: Mapping[str, str]) -> tuple[dict[str, float], dict[str, float]]:
     """(seconds per stage, FLOPs per stage) from a profile's events (prof.events()); FLOPs of
     ops outside every label go to "unlabelled"."""
@@ -74,7 +85,7 @@ def stages_from_events(events: Any, labels: Mapping[str, str]) -> tuple[dict[str
             outer = _innermost_label(event, labels)
             if outer is not None:  # nested: its time is not the enclosing label's
                 seconds[labels[outer.name]] -= own
-        elif event.name in FLOP_OPS and event.flops:
+        elif event.name in FLOP_OPS and event.flops and not _inside_flop_op(event, labels):
             outer = _innermost_label(event, labels)
             flops[labels[outer.name] if outer is not None else "unlabelled"] += event.flops
     return dict(seconds), dict(flops)
