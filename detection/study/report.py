@@ -1,0 +1,99 @@
+"""A study's outputs from what study.json holds: the markdown table (the paper's Table 3 style)
+and the plot (the paper's Figure 4 style: training loss against iterations, plain nets on the
+left, residual nets on the right, the deeper net drawn bold). Plots use the Agg canvas of
+detection/plots.py (no pyplot, no GUI backend)."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from detection.plots import moving_average
+
+SMOOTH_FRACTION = 0.04  # the curves are drawn as a trailing mean over this fraction of their logged points
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)  # the Agg canvas, without pyplot's global state
+    return figure
+
+
+def _number(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(study: dict) -> str:
+    """One row per variant: backbone options, parameters, multiply-adds, and, when trained, the
+    final training loss, AP and AP50 on the test sets, and the training time."""
+    trained = study.get("trained", True)
+    header = ["variant", "depth", "shortcuts", "params (M)", "GMACs"]
+    if trained:
+        header += ["final train loss", "AP", "AP50", "iterations", "train min"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for v in study["variants"]:
+        shortcuts = "none (plain)" if not v["residual"] else \
+            {"A": "A: identity, zero-padding", "B": "B: projection where shape changes",
+             "C": "C: projection in every block"}[v["shortcut"]]
+        row = [v["name"], str(v["depth"]), shortcuts, f"{v['params'] / 1e6:.2f}", f"{v['macs'] / 1e9:.2f}"]
+        if trained:
+            minutes = v.get("train_seconds")
+            row += [_number(v.get("final_train_loss"), 3), _number(v.get("AP"), 1), _number(v.get("AP50"), 1),
+                    str(v.get("iterations", "-")), _number(minutes / 60 if minutes else None, 1)]
+        lines.append("| " + " | ".join(row) + " |")
+    notes = [f"Params and GMACs: {study['flops_note']}."]
+    if trained:
+        sets = sorted({s for v in study["variants"] for s in v.get("test_sets", [])})
+        notes.append(f"Final train loss: {study['final_loss_note']}. AP, AP50: COCO metrics on "
+                     f"{', '.join(sets) or 'the test sets'}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def study_figure(study: dict) -> Any:
+    """One panel per variant family (plain | residual, or one for the shortcut options); in each,
+    every variant's training loss, raw and faint, and its trailing mean on top."""
+    panels: list[str] = []
+    for v in study["variants"]:
+        if v["panel"] not in panels:
+            panels.append(v["panel"])
+    figure = _figure(5.0 * len(panels), 4.0)
+    top = 0.0  # the y range: what the smoothed curves reach after their first 5% (the start is off the scale)
+    axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    colours = ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange"]
+    for ax, panel in zip(axes, panels):
+        members = [v for v in study["variants"] if v["panel"] == panel and v.get("loss_curve")]
+        deepest = max((v["depth"] for v in members), default=0)
+        for index, v in enumerate(members):
+            iterations = [point[0] for point in v["loss_curve"]]
+            losses = [point[1] for point in v["loss_curve"]]
+            colour = colours[index % len(colours)]
+            window = max(1, round(len(losses) * SMOOTH_FRACTION))
+            ax.plot(iterations, losses, color=colour, alpha=0.2, linewidth=0.6)
+            bold = v["depth"] == deepest and len({m["depth"] for m in members}) > 1
+            smooth = moving_average(losses, window)
+            top = max(top, float(np.nanmax(smooth[len(smooth) // 20:])))
+            ax.plot(iterations, smooth, color=colour,
+                    linewidth=2.2 if bold else 1.2,
+                    label=f"{v['name']} (final {v.get('final_train_loss', math.nan):.3f})")
+        ax.set_title(panel)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    if top > 0:
+        axes[0].set_ylim(0.0, 1.1 * top)
+    axes[0].set_ylabel(f"training loss (total; trailing mean over {SMOOTH_FRACTION:.0%} of the run)")
+    figure.suptitle(f"study: {study['study']}", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def plot_study(study: dict, out_png: str | os.PathLike) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    study_figure(study).savefig(out_png, format="png")

@@ -1,0 +1,222 @@
+"""The ResNet paper's central experiment as a detection study: plain against residual nets
+(the degradation problem, the paper's Figures 1 and 4) and shortcut options A/B/C (Table 3).
+
+A study is a list of variants of one config that differ only in `model.backbone.*` (depth,
+`residual`, `shortcut`); everything else (seed, data, schedule, trainable BN) is the config's.
+Each variant is trained by the project's trainer (`detection.engine.trainer.train`) into
+`<output dir>/<variant>/` and evaluated on the config's test sets by the project's evaluation
+(`detection.engine.trainer.evaluate`); its result goes to `<variant>/result.json`. A variant
+whose result.json exists is not trained again; one with a `last.pth` and no result resumes
+(`train(resume=True)`: exactly where it stopped). The study then writes `study.json`,
+`study.md` (a table in the style of the paper's Table 3) and `study.png` (Figure 4's style:
+training-loss curves, plain nets on the left, residual nets on the right).
+
+Parameters and FLOPs are the backbone's (stem..res5, the paper's conv1..conv5_x) and need no
+training (`backbone_cost`): FLOPs are counted by `torch.utils.flop_counter` on one
+3x224x224 image, as the paper's Table 1, and reported as multiply-adds (FLOPs / 2) like the
+paper's "3.6 x 10^9" for ResNet-34.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from backbones.resnet import build_resnet
+from detection.plots import read_metrics_jsonl
+from detection.utils.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+STUDIES = ("degradation", "shortcuts")
+FLOPS_IMAGE_SIZE = 224  # the paper's Table 1 counts FLOPs at 224x224
+FINAL_LOSS_FRACTION = 0.1  # "final training loss": mean total_loss over the last 10% of the logged iterations
+RESULT_FILE = "result.json"
+
+
+class StudyError(ValueError):
+    """A study that cannot run as asked (names the option or the folder and what is wrong)."""
+
+
+@dataclass
+class Variant:
+    """One network of a study: its folder name, the panel of the plot it is drawn in, and the
+    backbone options that make it (the only settings that differ between variants)."""
+
+    name: str
+    panel: str
+    depth: int
+    residual: bool
+    shortcut: str
+
+    def overrides(self) -> list[str]:
+        return [f"model.backbone.depth={self.depth}", f"model.backbone.residual={str(self.residual).lower()}",
+                f"model.backbone.shortcut={self.shortcut}"]
+
+
+def study_variants(study: str, depths: Sequence[int] = (18, 34)) -> list[Variant]:
+    """degradation: plain-d and residual-d for each depth; the residual nets use option A (identity
+    shortcuts, zero-padding where the shape changes) so that they have exactly the plain nets'
+    parameters, as in the paper's Figure 4. shortcuts: options A, B, C at the deepest depth."""
+    if study not in STUDIES:
+        raise StudyError(f"--study must be one of {list(STUDIES)}, got {study!r}")
+    if not depths or len(set(depths)) != len(depths):
+        raise StudyError(f"--depths must be distinct depths, got {list(depths)}")
+    depths = sorted(depths)
+    if study == "degradation":
+        return [Variant(f"plain-{d}", "plain", d, False, "A") for d in depths] + \
+               [Variant(f"residual-{d}", "residual", d, True, "A") for d in depths]
+    return [Variant(f"{option}-{depths[-1]}", f"ResNet-{depths[-1]}", depths[-1], True, option)
+            for option in ("A", "B", "C")]
+
+
+# ---- what needs no training -----------------------------------------------------------------
+
+
+def backbone_cost(variant: Variant, norm: str = "bn", image_size: int = FLOPS_IMAGE_SIZE) -> dict[str, float]:
+    """Parameters of the variant's whole backbone (stem..res5) and its multiply-adds on one
+    3 x image_size x image_size image (torch.utils.flop_counter; a multiply-add is 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = build_resnet(variant.depth, out_features=("res5",), norm=norm, freeze_at=0,
+                       residual=variant.residual, shortcut=variant.shortcut).eval()
+    params = sum(p.numel() for p in net.parameters())
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net(torch.zeros(1, 3, image_size, image_size))
+    return {"params": params, "macs": counter.get_total_flops() / 2, "flops_image_size": image_size}
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_write(path) as f:  # a kill during the write leaves the previous file
+        f.write(text)
+
+
+# ---- one variant's run ----------------------------------------------------------------------
+
+
+def read_loss_curve(metrics_path: Path) -> list[list[float]]:
+    """[[iteration, total_loss], ...] from a run's metrics.jsonl (evaluation lines have none)."""
+    iterations, losses = read_metrics_jsonl(metrics_path).get("total_loss", ([], []))
+    return [[it, loss] for it, loss in zip(iterations, losses)]
+
+
+def final_loss(curve: Sequence[Sequence[float]], fraction: float = FINAL_LOSS_FRACTION) -> float:
+    """Mean training loss over the last `fraction` of the logged points (at least one): a
+    single batch-of-2 loss is too noisy to compare nets by."""
+    if not curve:
+        return math.nan
+    tail = curve[-max(1, round(len(curve) * fraction)):]
+    return sum(loss for _, loss in tail) / len(tail)
+
+
+def _train_and_evaluate(cfg: Any, run_dir: Path) -> tuple[dict[str, float], float, float]:
+    """Train (or resume) the variant's run and evaluate the final model: (metrics, train s, eval s)."""
+    from detection.engine.trainer import evaluate, train
+
+    resume = any((run_dir / name).exists() for name in ("last.pth", "metrics.jsonl"))
+    if resume:
+        logger.info("%s: resuming the unfinished run", run_dir)
+    start = time.perf_counter()
+    model = train(cfg, resume=resume)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = evaluate(cfg, model.eval(), torch.device(cfg.device))
+    return metrics, train_seconds, time.perf_counter() - start
+
+
+def run_variant(variant: Variant, config_path: Optional[str], overrides: Sequence[str], out_dir: Path) -> dict:
+    """The variant's result (from its result.json when it was already finished)."""
+    from detection.config import load_config
+
+    run_dir = out_dir / variant.name
+    variant_overrides = [*overrides, *variant.overrides(), f"output_dir={run_dir}"]
+    result_path = run_dir / RESULT_FILE
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+        if result.get("overrides") != variant_overrides:
+            raise StudyError(f"{result_path} was made with other settings ({result.get('overrides')}); "
+                             f"choose another --output-dir or remove {run_dir}")
+        logger.info("%s: finished earlier (%s), not trained again", variant.name, result_path)
+        return result
+    cfg = load_config(config_path, variant_overrides)
+    metrics, train_seconds, eval_seconds = _train_and_evaluate(cfg, run_dir)
+    curve = read_loss_curve(run_dir / "metrics.jsonl")
+    result = {**asdict(variant), "overrides": variant_overrides, "loss_curve": curve,
+              "final_train_loss": final_loss(curve), "iterations": cfg.solver.max_iter,
+              "test_sets": list(cfg.datasets.test), "AP": metrics.get("AP", math.nan),
+              "AP50": metrics.get("AP50", math.nan), "metrics": metrics,
+              "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+              "torch_threads": torch.get_num_threads()}
+    _write_text(result_path, json.dumps(result, indent=1))
+    return result
+
+
+# ---- the whole study ------------------------------------------------------------------------
+
+
+@dataclass
+class StudyOptions:
+    study: str
+    config: Optional[str]
+    output_dir: Path
+    depths: list[int] = field(default_factory=lambda: [18, 34])
+    overrides: list[str] = field(default_factory=list)
+    max_iter: Optional[int] = None
+    train: bool = True
+
+
+def schedule_overrides(config_path: Optional[str], overrides: Sequence[str], max_iter: Optional[int]) -> list[str]:
+    """--max-iter N as overrides: solver.max_iter=N and the lr steps scaled to the same fractions."""
+    if max_iter is None:
+        return []
+    if max_iter < 1:
+        raise StudyError(f"--max-iter must be >= 1, got {max_iter}")
+    from detection.config import load_config
+
+    solver = load_config(config_path, overrides).solver
+    steps = [max(1, round(step * max_iter / solver.max_iter)) for step in solver.steps]
+    warmup = min(solver.warmup_iters, max_iter)
+    return [f"solver.max_iter={max_iter}", f"solver.steps={json.dumps(steps)}", f"solver.warmup_iters={warmup}"]
+
+
+def run_study(options: StudyOptions) -> dict:
+    """Train and evaluate every variant (skipping finished ones), then write study.json,
+    study.md and study.png into options.output_dir; returns what study.json holds."""
+    from detection.config import load_config
+
+    variants = study_variants(options.study, options.depths)
+    overrides = [*options.overrides, *schedule_overrides(options.config, options.overrides, options.max_iter)]
+    norm = load_config(options.config, overrides).model.backbone.norm
+    out_dir = Path(options.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for variant in variants:
+        entry = {**asdict(variant), **backbone_cost(variant, norm)}
+        if options.train:
+            logger.info("study %s: variant %s (%s)", options.study, variant.name, " ".join(variant.overrides()))
+            entry.update(run_variant(variant, options.config, overrides, out_dir))
+        results.append(entry)
+        write_outputs(options, overrides, results, out_dir)  # after each variant: progress is visible
+    return json.loads((out_dir / "study.json").read_text())
+
+
+def write_outputs(options: StudyOptions, overrides: Sequence[str], results: list[dict], out_dir: Path) -> None:
+    from detection.study.report import markdown_table, plot_study
+
+    study = {"study": options.study, "config": options.config, "overrides": list(overrides),
+             "depths": list(options.depths), "trained": options.train,
+             "flops_note": f"multiply-adds of the backbone (stem..res5) on one 3x{FLOPS_IMAGE_SIZE}x"
+                           f"{FLOPS_IMAGE_SIZE} image (torch.utils.flop_counter FLOPs / 2)",
+             "final_loss_note": f"mean total_loss over the last {FINAL_LOSS_FRACTION:.0%} of the logged iterations",
+             "variants": results}
+    _write_text(out_dir / "study.json", json.dumps(study, indent=1))
+    _write_text(out_dir / "study.md", markdown_table(study))
+    if options.train and any(r.get("loss_curve") for r in results):
+        plot_study(study, out_dir / "study.png")

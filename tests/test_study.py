@@ -1,0 +1,142 @@
+"""tools/study.py and detection/study: the variants differ as named (checked on the modules,
+parameter counts and behaviour, not on names), and a tiny study runs end to end and resumes."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from backbones.resnet import ZeroPadShortcut, build_resnet
+from detection.data.shapes import generate_shapes
+from detection.study import StudyError, backbone_cost, final_loss, study_variants
+from tests.helpers import load_tool, tiny_overrides
+
+
+def _net(variant) -> nn.Module:
+    return build_resnet(variant.depth, out_features=("res5",), norm="bn", freeze_at=0,
+                        residual=variant.residual, shortcut=variant.shortcut)
+
+
+def _blocks(net: nn.Module) -> list[nn.Module]:
+    return [block for stage in (net.res2, net.res3, net.res4, net.res5) for block in stage]
+
+
+def _projections(block: nn.Module) -> list[nn.Conv2d]:
+    """1x1 convs outside the block's own branch (conv1/conv2): projection shortcuts."""
+    branch = {id(block.conv1), id(block.conv2)}
+    return [m for m in block.modules() if isinstance(m, nn.Conv2d) and id(m) not in branch]
+
+
+def test_degradation_and_shortcut_variants():
+    names = [v.name for v in study_variants("degradation", [34, 18])]
+    assert names == ["plain-18", "plain-34", "residual-18", "residual-34"]
+    shortcuts = study_variants("shortcuts", [18, 34])
+    assert [(v.depth, v.residual, v.shortcut) for v in shortcuts] == [(34, True, "A"), (34, True, "B"), (34, True, "C")]
+    with pytest.raises(StudyError, match="--study"):
+        study_variants("deeper", [18])
+
+
+def _zero_branch_outputs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's output when its residual branch F(x) is zero (last norm's scale and shift 0)."""
+    with torch.no_grad():
+        block.norm2.weight.zero_()
+        block.norm2.bias.zero_()
+        return block.eval()(x.clone())
+
+
+def test_plain_net_adds_no_shortcut_and_residual_net_does():
+    plain, residual = study_variants("degradation", [18])
+    x = torch.rand(2, 64, 16, 16)  # non-negative, like the output of the ReLU before a block
+    plain_block, residual_block = _net(plain).res2[0], _net(residual).res2[0]
+    assert torch.equal(_zero_branch_outputs(plain_block, x), torch.zeros_like(x))  # relu(F(x)) only
+    assert torch.equal(_zero_branch_outputs(residual_block, x), x)  # relu(0 + x) = x
+    # and throughout the net: no block of the plain net has a shortcut module, and a forward hook
+    # sees each plain block's output equal relu(branch) exactly
+    plain_net = _net(plain).eval()
+    assert all(block.shortcut is None and not block.residual for block in _blocks(plain_net))
+    seen = []
+
+    def hook(block, inputs, output):
+        branch = block.norm2(block.conv2(torch.relu(block.norm1(block.conv1(inputs[0])))))
+        seen.append(torch.allclose(output, torch.relu(branch)))
+
+    for block in _blocks(plain_net):
+        block.register_forward_hook(hook)
+    with torch.no_grad():
+        plain_net(torch.rand(1, 3, 64, 64))
+    assert seen and all(seen)
+
+
+def test_option_a_has_no_projection_and_c_one_in_every_block():
+    a, b, c = study_variants("shortcuts", [34])
+    plain = study_variants("degradation", [34])[0]
+    nets = {v.shortcut: _net(v) for v in (a, b, c)}
+    # A: zero-padding where the shape changes, no projection anywhere, plain's parameter count
+    assert not any(_projections(block) for block in _blocks(nets["A"]))
+    assert sum(isinstance(block.shortcut, ZeroPadShortcut) for block in _blocks(nets["A"])) == 3
+    params = {k: sum(p.numel() for p in net.parameters()) for k, net in nets.items()}
+    assert params["A"] == sum(p.numel() for p in _net(plain).parameters())
+    # B: a projection exactly in the three blocks that change shape; C: in all 16 blocks
+    assert sum(bool(_projections(block)) for block in _blocks(nets["B"])) == 3
+    assert all(len(_projections(block)) == 1 for block in _blocks(nets["C"]))
+    projection_params = {k: sum(p.numel() for block in _blocks(net) for p in (block.shortcut.parameters()
+                         if block.shortcut is not None else [])) for k, net in nets.items()}
+    assert projection_params["A"] == 0 < projection_params["B"] < projection_params["C"]
+    assert params["C"] - params["A"] == projection_params["C"]
+    # behaviour: C's shortcut in an identity-shaped block is not the identity
+    block = _blocks(nets["C"])[1]
+    x = torch.rand(1, 64, 8, 8)
+    assert not torch.allclose(block.shortcut.eval()(x), x)
+
+
+def test_backbone_cost_matches_the_paper_and_orders_the_options():
+    # the paper's Table 1: ResNet-18 1.8 and ResNet-34 3.6 x 10^9 multiply-adds at 224x224
+    r18, r34 = (backbone_cost(v) for v in study_variants("degradation", [18, 34])[2:])
+    assert r18["macs"] / 1e9 == pytest.approx(1.8, abs=0.05)
+    assert r34["macs"] / 1e9 == pytest.approx(3.6, abs=0.1)
+    costs = [backbone_cost(v) for v in study_variants("shortcuts", [34])]
+    assert costs[0]["params"] < costs[1]["params"] < costs[2]["params"]
+    assert costs[0]["macs"] < costs[1]["macs"] < costs[2]["macs"]
+    assert costs[0]["params"] == r34["params"]  # option A adds nothing to the plain/residual net
+
+
+def test_final_loss_is_the_mean_of_the_tail():
+    curve = [[i, float(v)] for i, v in enumerate([9, 9, 9, 9, 9, 9, 9, 9, 2, 4])]
+    assert final_loss(curve, 0.2) == 3.0
+    assert final_loss(curve[:1]) == 9.0
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    generate_shapes(data / "shapes", num_train=6, num_val=3, seed=0, image_size=(64, 80))
+    overrides = [o for o in tiny_overrides(data, tmp_path / "unused", **{"solver.max_iter": 4})
+                 if not o.startswith(("output_dir=", "model.backbone.norm="))] + ['model.backbone.norm="bn"']
+    out = tmp_path / "study"
+    tool = load_tool("study")
+    args = ["--config", "configs/base.yaml", "--study", "degradation", "--depths", "18", "--output-dir", str(out),
+            *overrides]
+    assert tool.main(args) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert [v["name"] for v in study["variants"]] == ["plain-18", "residual-18"]
+    for v in study["variants"]:
+        assert [point[0] for point in v["loss_curve"]] == [1, 2, 3, 4]
+        assert v["final_train_loss"] > 0 and "AP" in v and "AP50" in v and v["params"] > 0 and v["macs"] > 0
+        assert (out / v["name"] / "model_final.pth").is_file()
+    assert (out / "study.png").stat().st_size > 1000 and "| plain-18 |" in (out / "study.md").read_text()
+    # the two runs really trained different nets from the same start: different losses
+    assert study["variants"][0]["loss_curve"] != study["variants"][1]["loss_curve"]
+
+    # resume: a finished variant is not trained again; an unfinished one continues its run
+    (out / "residual-18" / "result.json").unlink()
+    (out / "residual-18" / "model_final.pth").unlink()
+    trained = []
+    import detection.engine.trainer as trainer
+
+    real_train = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: trained.append((cfg.output_dir, kw)) or real_train(cfg, **kw))
+    assert tool.main(args) == 0
+    assert trained == [(str(out / "residual-18"), {"resume": True})]
+    again = json.loads((out / "study.json").read_text())
+    assert again["variants"][0]["loss_curve"] == study["variants"][0]["loss_curve"]
+    assert again["variants"][1]["loss_curve"] == study["variants"][1]["loss_curve"]  # exact resume

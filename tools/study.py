@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""The ResNet paper's central experiment on the detector: plain against residual nets (the
+degradation problem, Figures 1 and 4) or shortcut options A/B/C (Table 3).
+
+    python tools/study.py --config configs/study/shapes.yaml --study degradation --output-dir output/study_degradation
+    python tools/study.py --config configs/study/shapes.yaml --study shortcuts --output-dir output/study_shortcuts
+    python tools/study.py --config configs/study/shapes.yaml --study shortcuts --no-train --output-dir DIR
+
+Variants (trained one after another; everything but model.backbone.{depth,residual,shortcut} is
+the config's: seed, data, schedule, trainable BN):
+  degradation: plain-d and residual-d for each of --depths (default 18 34); the residual nets use
+               option A (identity shortcuts, zero-padding where the shape changes) so that they
+               have exactly the plain nets' parameters, as in the paper's Figure 4
+  shortcuts:   A-d, B-d, C-d at the deepest of --depths
+
+Outputs in --output-dir: <variant>/ (the training run: checkpoints, metrics.jsonl; result.json
+with the evaluation on the config's test sets), study.json (per variant: the training-loss
+curve, the final training loss, AP / AP50, backbone parameters and multiply-adds, times),
+study.md (the table) and study.png (the training-loss curves). Run it again to resume: a
+finished variant (result.json) is not trained again, an unfinished one continues from its
+last.pth. --no-train writes only the parameters / multiply-adds table.
+
+Exit codes: 0 done, 1 training failed, 2 bad options, config or output folder, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from detection.cli import add_config_args, fail, setup_logging
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--study", required=True, choices=["degradation", "shortcuts"])
+    parser.add_argument("--depths", type=int, nargs="+", default=[18, 34],
+                        help="backbone depths (default 18 34; shortcuts uses the deepest)")
+    parser.add_argument("--max-iter", type=int, help="iterations per variant (the lr steps are scaled with it)")
+    parser.add_argument("--output-dir", required=True, help="the study's folder (one sub-folder per variant)")
+    parser.add_argument("--no-train", action="store_true", help="only the parameters / multiply-adds table")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    from detection.config import ConfigError
+    from detection.engine.trainer import TrainingError, TrainingInterrupted
+    from detection.study import StudyOptions, run_study
+
+    options = StudyOptions(study=args.study, config=args.config, output_dir=Path(args.output_dir),
+                           depths=args.depths, overrides=list(args.overrides), max_iter=args.max_iter,
+                           train=not args.no_train)
+    try:
+        run_study(options)
+    except TrainingInterrupted as err:
+        print(f"{err}; run the same command again to resume the study", file=sys.stderr)
+        return 128 + int(getattr(err, "signum", 2))
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume the study", file=sys.stderr)
+        return 130
+    except TrainingError as err:
+        fail(str(err), code=1)
+    except (ConfigError, ValueError) as err:  # StudyError, bad config, data or output folder
+        fail(str(err), code=2)
+    out = Path(args.output_dir)
+    print(f"study written: {out / 'study.json'}, {out / 'study.md'}"
+          + ("" if args.no_train else f", {out / 'study.png'}"))
+    print((out / "study.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
