@@ -32,6 +32,9 @@ def test_degradation_and_shortcut_variants():
     assert names == ["plain-18", "plain-34", "residual-18", "residual-34"]
     shortcuts = study_variants("shortcuts", [18, 34])
     assert [(v.depth, v.residual, v.shortcut) for v in shortcuts] == [(34, True, "A"), (34, True, "B"), (34, True, "C")]
+    # degradation's residual-34 (option A) is the shortcut study's A-34: one run folder for both
+    assert study_variants("degradation", [34])[1].folder == shortcuts[0].folder == "residual-34-A"
+    assert len({v.folder for v in study_variants("degradation", [18, 34]) + shortcuts}) == 6
     with pytest.raises(StudyError, match="--study"):
         study_variants("deeper", [18])
 
@@ -122,21 +125,22 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     for v in study["variants"]:
         assert [point[0] for point in v["loss_curve"]] == [1, 2, 3, 4]
         assert v["final_train_loss"] > 0 and "AP" in v and "AP50" in v and v["params"] > 0 and v["macs"] > 0
-        assert (out / v["name"] / "model_final.pth").is_file()
+        assert (out / v["folder"] / "model_final.pth").is_file()
+        assert set(v["final_losses"]) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
     assert (out / "study.png").stat().st_size > 1000 and "| plain-18 |" in (out / "study.md").read_text()
     # the two runs really trained different nets from the same start: different losses
     assert study["variants"][0]["loss_curve"] != study["variants"][1]["loss_curve"]
 
     # resume: a finished variant is not trained again; an unfinished one continues its run
-    (out / "residual-18" / "result.json").unlink()
-    (out / "residual-18" / "model_final.pth").unlink()
+    (out / "residual-18-A" / "result.json").unlink()
+    (out / "residual-18-A" / "model_final.pth").unlink()
     trained = []
     import detection.engine.trainer as trainer
 
     real_train = trainer.train
     monkeypatch.setattr(trainer, "train", lambda cfg, **kw: trained.append((cfg.output_dir, kw)) or real_train(cfg, **kw))
     assert tool.main(args) == 0
-    assert trained == [(str(out / "residual-18"), {"resume": True})]
+    assert trained == [(str(out / "residual-18-A"), {"resume": True})]
     again = json.loads((out / "study.json").read_text())
     assert again["variants"][0]["loss_curve"] == study["variants"][0]["loss_curve"]
     assert again["variants"][1]["loss_curve"] == study["variants"][1]["loss_curve"]  # exact resume

@@ -13,8 +13,9 @@ the config's: seed, data, schedule, trainable BN):
                have exactly the plain nets' parameters, as in the paper's Figure 4
   shortcuts:   A-d, B-d, C-d at the deepest of --depths
 
-Outputs in --output-dir: <variant>/ (the training run: checkpoints, metrics.jsonl; result.json
-with the evaluation on the config's test sets), study.json (per variant: the training-loss
+Outputs in --output-dir: one training run per variant (checkpoints, metrics.jsonl; result.json
+with the evaluation on the config's test sets) in a folder named by its settings (plain-34,
+residual-34-A, ...; under --runs-dir when given, so that two studies share residual-34-A), study.json (per variant: the training-loss
 curve, the final training loss, AP / AP50, backbone parameters and multiply-adds, times),
 study.md (the table) and study.png (the training-loss curves). Run it again to resume: a
 finished variant (result.json) is not trained again, an unfinished one continues from its
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="backbone depths (default 18 34; shortcuts uses the deepest)")
     parser.add_argument("--max-iter", type=int, help="iterations per variant (the lr steps are scaled with it)")
     parser.add_argument("--output-dir", required=True, help="the study's folder (one sub-folder per variant)")
+    parser.add_argument("--runs-dir", help="where the variants' training runs go (default: --output-dir); "
+                        "studies sharing it train a net they share once (residual-34 = A-34)")
     parser.add_argument("--no-train", action="store_true", help="only the parameters / multiply-adds table")
     return parser.parse_args(argv)
 
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     options = StudyOptions(study=args.study, config=args.config, output_dir=Path(args.output_dir),
                            depths=args.depths, overrides=list(args.overrides), max_iter=args.max_iter,
-                           train=not args.no_train)
+                           train=not args.no_train, runs_dir=Path(args.runs_dir) if args.runs_dir else None)
     try:
         run_study(options)
     except TrainingInterrupted as err:

@@ -55,6 +55,12 @@ class Variant:
     residual: bool
     shortcut: str
 
+    @property
+    def folder(self) -> str:
+        """The run's folder, named by its settings: a net two studies share (degradation's
+        residual-34 is the shortcut study's A-34) is trained once when they share --runs-dir."""
+        return f"residual-{self.depth}-{self.shortcut}" if self.residual else f"plain-{self.depth}"
+
     def overrides(self) -> list[str]:
         return [f"model.backbone.depth={self.depth}", f"model.backbone.residual={str(self.residual).lower()}",
                 f"model.backbone.shortcut={self.shortcut}"]
@@ -101,10 +107,14 @@ def _write_text(path: Path, text: str) -> None:
 # ---- one variant's run ----------------------------------------------------------------------
 
 
-def read_loss_curve(metrics_path: Path) -> list[list[float]]:
-    """[[iteration, total_loss], ...] from a run's metrics.jsonl (evaluation lines have none)."""
-    iterations, losses = read_metrics_jsonl(metrics_path).get("total_loss", ([], []))
-    return [[it, loss] for it, loss in zip(iterations, losses)]
+LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
+
+
+def read_loss_curves(metrics_path: Path) -> dict[str, list[list[float]]]:
+    """{"total_loss" and each of LOSS_KEYS: [[iteration, loss], ...]} from a run's metrics.jsonl
+    (evaluation lines have no losses)."""
+    series = read_metrics_jsonl(metrics_path)
+    return {key: [[it, loss] for it, loss in zip(*series.get(key, ([], [])))] for key in ("total_loss", *LOSS_KEYS)}
 
 
 def final_loss(curve: Sequence[Sequence[float]], fraction: float = FINAL_LOSS_FRACTION) -> float:
@@ -131,25 +141,31 @@ def _train_and_evaluate(cfg: Any, run_dir: Path) -> tuple[dict[str, float], floa
     return metrics, train_seconds, time.perf_counter() - start
 
 
-def run_variant(variant: Variant, config_path: Optional[str], overrides: Sequence[str], out_dir: Path) -> dict:
+def run_variant(variant: Variant, config_path: Optional[str], overrides: Sequence[str], runs_dir: Path) -> dict:
     """The variant's result (from its result.json when it was already finished)."""
     from detection.config import load_config
 
-    run_dir = out_dir / variant.name
-    variant_overrides = [*overrides, *variant.overrides(), f"output_dir={run_dir}"]
+    run_dir = runs_dir / variant.folder
+    settings = [*overrides, *variant.overrides()]
+    variant_overrides = [*settings, f"output_dir={run_dir}"]
     result_path = run_dir / RESULT_FILE
     if result_path.is_file():
         result = json.loads(result_path.read_text())
-        if result.get("overrides") != variant_overrides:
-            raise StudyError(f"{result_path} was made with other settings ({result.get('overrides')}); "
-                             f"choose another --output-dir or remove {run_dir}")
+        if result.get("settings") != settings:
+            raise StudyError(f"{result_path} was made with other settings ({' '.join(result.get('settings') or [])}); "
+                             f"choose another --output-dir (or --runs-dir) or remove {run_dir}")
         logger.info("%s: finished earlier (%s), not trained again", variant.name, result_path)
-        return result
+        return {**result, **asdict(variant)}  # the name and panel are this study's
     cfg = load_config(config_path, variant_overrides)
     metrics, train_seconds, eval_seconds = _train_and_evaluate(cfg, run_dir)
-    curve = read_loss_curve(run_dir / "metrics.jsonl")
-    result = {**asdict(variant), "overrides": variant_overrides, "loss_curve": curve,
-              "final_train_loss": final_loss(curve), "iterations": cfg.solver.max_iter,
+    curves = read_loss_curves(run_dir / "metrics.jsonl")
+    curve = curves["total_loss"]
+    # the RPN's targets (anchors against ground truth) do not depend on the net, the head's do
+    # (its RoIs are the net's own proposals): the RPN loss is the cleaner "training error"
+    rpn = [[it, cls + box] for (it, cls), (_, box) in zip(curves["loss_rpn_cls"], curves["loss_rpn_box"])]
+    result = {**asdict(variant), "folder": variant.folder, "settings": settings, "loss_curve": curve,
+              "final_train_loss": final_loss(curve), "final_rpn_loss": final_loss(rpn),
+              "final_losses": {key: final_loss(curves[key]) for key in LOSS_KEYS}, "iterations": cfg.solver.max_iter,
               "test_sets": list(cfg.datasets.test), "AP": metrics.get("AP", math.nan),
               "AP50": metrics.get("AP50", math.nan), "metrics": metrics,
               "train_seconds": train_seconds, "eval_seconds": eval_seconds,
@@ -170,6 +186,7 @@ class StudyOptions:
     overrides: list[str] = field(default_factory=list)
     max_iter: Optional[int] = None
     train: bool = True
+    runs_dir: Optional[Path] = None  # where the variants' runs go (default: output_dir)
 
 
 def schedule_overrides(config_path: Optional[str], overrides: Sequence[str], max_iter: Optional[int]) -> list[str]:
@@ -201,7 +218,7 @@ def run_study(options: StudyOptions) -> dict:
         entry = {**asdict(variant), **backbone_cost(variant, norm)}
         if options.train:
             logger.info("study %s: variant %s (%s)", options.study, variant.name, " ".join(variant.overrides()))
-            entry.update(run_variant(variant, options.config, overrides, out_dir))
+            entry.update(run_variant(variant, options.config, overrides, Path(options.runs_dir or out_dir)))
         results.append(entry)
         write_outputs(options, overrides, results, out_dir)  # after each variant: progress is visible
     return json.loads((out_dir / "study.json").read_text())
@@ -212,9 +229,11 @@ def write_outputs(options: StudyOptions, overrides: Sequence[str], results: list
 
     study = {"study": options.study, "config": options.config, "overrides": list(overrides),
              "depths": list(options.depths), "trained": options.train,
+             "runs_dir": str(options.runs_dir or out_dir), "torch_threads": torch.get_num_threads(),
              "flops_note": f"multiply-adds of the backbone (stem..res5) on one 3x{FLOPS_IMAGE_SIZE}x"
                            f"{FLOPS_IMAGE_SIZE} image (torch.utils.flop_counter FLOPs / 2)",
-             "final_loss_note": f"mean total_loss over the last {FINAL_LOSS_FRACTION:.0%} of the logged iterations",
+             "final_loss_note": f"mean total_loss (RPN loss: loss_rpn_cls + loss_rpn_box) over the last "
+                                f"{FINAL_LOSS_FRACTION:.0%} of the logged iterations",
              "variants": results}
     _write_text(out_dir / "study.json", json.dumps(study, indent=1))
     _write_text(out_dir / "study.md", markdown_table(study))
