@@ -124,6 +124,7 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert [v["name"] for v in study["variants"]] == ["plain-18", "residual-18"]
     for v in study["variants"]:
         assert [point[0] for point in v["loss_curve"]] == [1, 2, 3, 4]
+        assert [point[0] for point in v["rpn_loss_curve"]] == [1, 2, 3, 4]
         assert v["final_train_loss"] > 0 and "AP" in v and "AP50" in v and v["params"] > 0 and v["macs"] > 0
         assert (out / v["folder"] / "model_final.pth").is_file()
         assert set(v["final_losses"]) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}

@@ -56,39 +56,46 @@ def markdown_table(study: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
+ROWS = (("loss_curve", "final_train_loss", "total training loss"),
+        ("rpn_loss_curve", "final_rpn_loss", "RPN training loss"))
+
+
 def study_figure(study: dict) -> Any:
-    """One panel per variant family (plain | residual, or one for the shortcut options); in each,
-    every variant's training loss, raw and faint, and its trailing mean on top."""
+    """One column per variant family (plain | residual, or one for the shortcut options), one row
+    per loss (total; RPN, when recorded); in each panel every variant's loss, raw and faint, and its
+    trailing mean on top, the deeper net bold (as the paper's Figure 4)."""
     panels: list[str] = []
     for v in study["variants"]:
         if v["panel"] not in panels:
             panels.append(v["panel"])
-    figure = _figure(5.0 * len(panels), 4.0)
-    top = 0.0  # the y range: what the smoothed curves reach after their first 5% (the start is off the scale)
-    axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    rows = [row for row in ROWS if any(v.get(row[0]) for v in study["variants"])]
+    figure = _figure(5.0 * len(panels), 3.6 * len(rows))
+    grid = figure.subplots(len(rows), len(panels), sharex=True, sharey="row", squeeze=False)
     colours = ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange"]
-    for ax, panel in zip(axes, panels):
-        members = [v for v in study["variants"] if v["panel"] == panel and v.get("loss_curve")]
-        deepest = max((v["depth"] for v in members), default=0)
-        for index, v in enumerate(members):
-            iterations = [point[0] for point in v["loss_curve"]]
-            losses = [point[1] for point in v["loss_curve"]]
-            colour = colours[index % len(colours)]
-            window = max(1, round(len(losses) * SMOOTH_FRACTION))
-            ax.plot(iterations, losses, color=colour, alpha=0.2, linewidth=0.6)
-            bold = v["depth"] == deepest and len({m["depth"] for m in members}) > 1
-            smooth = moving_average(losses, window)
-            top = max(top, float(np.nanmax(smooth[len(smooth) // 20:])))
-            ax.plot(iterations, smooth, color=colour,
-                    linewidth=2.2 if bold else 1.2,
-                    label=f"{v['name']} (final {v.get('final_train_loss', math.nan):.3f})")
-        ax.set_title(panel)
+    for axes, (curve_key, final_key, label) in zip(grid, rows):
+        top = 0.0  # the y range: what the smoothed curves reach after their first 5% (the start is off the scale)
+        for ax, panel in zip(axes, panels):
+            members = [v for v in study["variants"] if v["panel"] == panel and v.get(curve_key)]
+            deepest = max((v["depth"] for v in members), default=0)
+            for index, v in enumerate(members):
+                iterations = [point[0] for point in v[curve_key]]
+                losses = [point[1] for point in v[curve_key]]
+                colour = colours[index % len(colours)]
+                ax.plot(iterations, losses, color=colour, alpha=0.15, linewidth=0.5)
+                smooth = moving_average(losses, max(1, round(len(losses) * SMOOTH_FRACTION)))
+                top = max(top, float(np.nanmax(smooth[len(smooth) // 20:])))
+                bold = v["depth"] == deepest and len({m["depth"] for m in members}) > 1
+                ax.plot(iterations, smooth, color=colour, linewidth=2.2 if bold else 1.2,
+                        label=f"{v['name']} (final {v.get(final_key, math.nan):.3f})")
+            ax.set_title(f"{panel}: {label}", fontsize=10)
+            ax.grid(alpha=0.3)
+            if members:
+                ax.legend(loc="upper right", fontsize=8)
+        if top > 0:
+            axes[0].set_ylim(0.0, 1.1 * top)
+        axes[0].set_ylabel(f"{label}\n(trailing mean over {SMOOTH_FRACTION:.0%} of the run)", fontsize=9)
+    for ax in grid[-1]:
         ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
-    if top > 0:
-        axes[0].set_ylim(0.0, 1.1 * top)
-    axes[0].set_ylabel(f"training loss (total; trailing mean over {SMOOTH_FRACTION:.0%} of the run)")
     figure.suptitle(f"study: {study['study']}", fontsize=10)
     figure.tight_layout()
     return figure

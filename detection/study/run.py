@@ -126,11 +126,23 @@ def final_loss(curve: Sequence[Sequence[float]], fraction: float = FINAL_LOSS_FR
     return sum(loss for _, loss in tail) / len(tail)
 
 
-def _train_and_evaluate(cfg: Any, run_dir: Path) -> tuple[dict[str, float], float, float]:
+def loss_summary(metrics_path: Path) -> dict[str, Any]:
+    """The run's training-loss curves (total and RPN) and their final values.
+
+    The RPN's targets (anchors against the ground truth) do not depend on the net; the head's do
+    (its RoIs are the net's own proposals, so its loss rises while the RPN learns to propose
+    objects): the RPN loss is the cleaner "training error" to compare nets by."""
+    curves = read_loss_curves(metrics_path)
+    rpn = [[it, cls + box] for (it, cls), (_, box) in zip(curves["loss_rpn_cls"], curves["loss_rpn_box"])]
+    return {"loss_curve": curves["total_loss"], "rpn_loss_curve": rpn,
+            "final_train_loss": final_loss(curves["total_loss"]), "final_rpn_loss": final_loss(rpn),
+            "final_losses": {key: final_loss(curves[key]) for key in LOSS_KEYS}}
+
+
+def _train_and_evaluate(cfg: Any, run_dir: Path, resume: bool) -> tuple[dict[str, float], float, float]:
     """Train (or resume) the variant's run and evaluate the final model: (metrics, train s, eval s)."""
     from detection.engine.trainer import evaluate, train
 
-    resume = any((run_dir / name).exists() for name in ("last.pth", "metrics.jsonl"))
     if resume:
         logger.info("%s: resuming the unfinished run", run_dir)
     start = time.perf_counter()
@@ -155,20 +167,17 @@ def run_variant(variant: Variant, config_path: Optional[str], overrides: Sequenc
             raise StudyError(f"{result_path} was made with other settings ({' '.join(result.get('settings') or [])}); "
                              f"choose another --output-dir (or --runs-dir) or remove {run_dir}")
         logger.info("%s: finished earlier (%s), not trained again", variant.name, result_path)
-        return {**result, **asdict(variant)}  # the name and panel are this study's
+        # the name and panel are this study's; the curves are read again from the run's record
+        return {**result, **loss_summary(run_dir / "metrics.jsonl"), **asdict(variant)}
     cfg = load_config(config_path, variant_overrides)
-    metrics, train_seconds, eval_seconds = _train_and_evaluate(cfg, run_dir)
-    curves = read_loss_curves(run_dir / "metrics.jsonl")
-    curve = curves["total_loss"]
-    # the RPN's targets (anchors against ground truth) do not depend on the net, the head's do
-    # (its RoIs are the net's own proposals): the RPN loss is the cleaner "training error"
-    rpn = [[it, cls + box] for (it, cls), (_, box) in zip(curves["loss_rpn_cls"], curves["loss_rpn_box"])]
-    result = {**asdict(variant), "folder": variant.folder, "settings": settings, "loss_curve": curve,
-              "final_train_loss": final_loss(curve), "final_rpn_loss": final_loss(rpn),
-              "final_losses": {key: final_loss(curves[key]) for key in LOSS_KEYS}, "iterations": cfg.solver.max_iter,
+    resumed = any((run_dir / name).exists() for name in ("last.pth", "metrics.jsonl"))
+    metrics, train_seconds, eval_seconds = _train_and_evaluate(cfg, run_dir, resumed)
+    result = {**asdict(variant), "folder": variant.folder, "settings": settings,
+              **loss_summary(run_dir / "metrics.jsonl"), "iterations": cfg.solver.max_iter,
               "test_sets": list(cfg.datasets.test), "AP": metrics.get("AP", math.nan),
               "AP50": metrics.get("AP50", math.nan), "metrics": metrics,
               "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+              "resumed": resumed,  # then train_seconds is the resumed part's only
               "torch_threads": torch.get_num_threads()}
     _write_text(result_path, json.dumps(result, indent=1))
     return result
