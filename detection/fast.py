@@ -11,6 +11,8 @@ What each step does, and why it gives the same numbers (tools/benchmark.py measu
   w * scale and bias shift. Inference folds once (the copy's norms become Identity);
   training computes w * scale at every call, so gradients reach w through the product
   and the parameters, norms' buffers and state_dict keys stay as they were.
+  Trainable BN (BatchNorm2d) is the same affine in eval mode, from its running statistics:
+  inference folds it too (`freeze_batchnorm`), training leaves it alone.
 - channels_last: oneDNN's convolutions and the gather pooling below prefer NHWC.
 - Hoisting (roi_align only; max pooling is not linear): RoIAlign is linear in its input
   map and a 1x1 conv is linear and pointwise, so conv1x1(RoIAlign(x)) == RoIAlign(conv1x1(x)),
@@ -54,6 +56,8 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 from torchvision.ops import FrozenBatchNorm2d, roi_pool
 
+from backbones.resnet import frozen_batchnorm
+
 
 def frozen_affine(norm: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
     """(scale, shift) with norm(x) == x * scale + shift, as FrozenBatchNorm2d computes them."""
@@ -87,6 +91,19 @@ def _folded_conv(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> nn.Conv2d:
         folded.bias.copy_(bias)
     folded.requires_grad_(False)
     return folded
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """In place, for inference: every BatchNorm2d (trainable BN, e.g. `norm: bn` from scratch)
+    becomes the FrozenBatchNorm2d of its running statistics, which is what it computes in eval
+    mode, so fold_frozen_bn folds it too. Only for an eval-mode copy: training would no
+    longer update the statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and child.affine and child.running_mean is not None:
+            setattr(module, name, frozen_batchnorm(child))
+        else:
+            freeze_batchnorm(child)
+    return module
 
 
 def fold_frozen_bn(module: nn.Module) -> nn.Module:
@@ -355,7 +372,7 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     differs (folded norms); save checkpoints from the original model."""
     fast = copy.deepcopy(model).eval().requires_grad_(False)
     if fold_bn:
-        fold_frozen_bn(fast)
+        fold_frozen_bn(freeze_batchnorm(fast))
     if channels_last:
         to_channels_last(fast)
     return install_runner(fast, hoist=hoist, chunk_size=chunk_size)

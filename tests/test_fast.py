@@ -12,8 +12,8 @@ from torchvision.ops import FrozenBatchNorm2d, roi_align
 from backbones import build_resnet
 from backbones.resnet import Stem, make_stage
 from detection.anchors import AnchorGenerator
-from detection.fast import (AppliedFrozenBN, Res5Runner, ScaledConv2d, fold_frozen_bn, optimize_for_inference,
-                            optimize_for_training, pool, pool_plan, to_rois)
+from detection.fast import (AppliedFrozenBN, Res5Runner, ScaledConv2d, fold_frozen_bn, fold_frozen_bn_for_training,
+                            freeze_batchnorm, optimize_for_inference, optimize_for_training, pool, pool_plan, to_rois)
 from detection.model import FasterRCNN
 from detection.roi_heads import Res5ROIHeads
 from detection.rpn import RPN
@@ -99,6 +99,26 @@ def test_folding_frozen_bn_gives_the_same_outputs():
     folded = fold_frozen_bn(copy.deepcopy(resnet))
     assert not any(type(m) is FrozenBatchNorm2d for m in folded.modules())
     torch.testing.assert_close(folded(x)["res4"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_folds_trainable_bn_and_training_keeps_it():
+    """A from-scratch model (norm: bn) in eval mode: its BatchNorm2d is folded into the convs
+    with the running statistics (the same outputs); the training path keeps BatchNorm2d."""
+    resnet = make_sane(build_resnet(18, norm="bn", freeze_at=0, out_features=("res4",)))
+    with torch.no_grad():
+        for m in resnet.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    resnet.eval()
+    x = torch.randn(1, 3, 64, 80)
+    expected = resnet(x)["res4"]
+    folded = fold_frozen_bn(freeze_batchnorm(copy.deepcopy(resnet)))
+    assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in folded.modules())
+    torch.testing.assert_close(folded(x)["res4"], expected, rtol=1e-4, atol=1e-5)
+    trained = fold_frozen_bn_for_training(copy.deepcopy(resnet).train())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in trained.modules()) == \
+        sum(isinstance(m, nn.BatchNorm2d) for m in resnet.modules()) > 0
 
 
 def test_training_fold_keeps_parameters_keys_and_outputs():
