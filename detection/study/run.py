@@ -4,10 +4,11 @@
 A study is a list of variants of one config that differ only in `model.backbone.*` (depth,
 `residual`, `shortcut`); everything else (seed, data, schedule, trainable BN) is the config's.
 Each variant is trained by the project's trainer (`detection.engine.trainer.train`) into
-`<output dir>/<variant>/` and evaluated on the config's test sets by the project's evaluation
-(`detection.engine.trainer.evaluate`); its result goes to `<variant>/result.json`. A variant
-whose result.json exists is not trained again; one with a `last.pth` and no result resumes
-(`train(resume=True)`: exactly where it stopped). The study then writes `study.json`,
+`<runs dir>/<folder>/` (the folder named by its settings: plain-34, residual-34-A; the runs dir
+is the output dir unless given) and evaluated on the config's test sets by the project's
+evaluation (`detection.engine.trainer.evaluate`); its result goes to `<folder>/result.json`. A
+variant whose result.json exists (made with the same settings) is not trained again; one with a
+`last.pth` and no result resumes (`train(resume=True)`: exactly where it stopped). The study then writes `study.json`,
 `study.md` (a table in the style of the paper's Table 3) and `study.png` (Figure 4's style:
 training-loss curves, plain nets on the left, residual nets on the right).
 
