@@ -145,3 +145,23 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     again = json.loads((out / "study.json").read_text())
     assert again["variants"][0]["loss_curve"] == study["variants"][0]["loss_curve"]
     assert again["variants"][1]["loss_curve"] == study["variants"][1]["loss_curve"]  # exact resume
+
+
+def test_no_train_writes_the_cost_table_only(tmp_path):
+    out = tmp_path / "cost"
+    assert load_tool("study").main(["--config", "configs/study/shapes.yaml", "--study", "shortcuts", "--depths", "18",
+                                    "--no-train", "--output-dir", str(out)]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert [v["name"] for v in study["variants"]] == ["A-18", "B-18", "C-18"] and not study["trained"]
+    assert "| B-18 | 18 |" in (out / "study.md").read_text() and not (out / "study.png").exists()
+    assert not [p for p in out.iterdir() if p.is_dir()]  # nothing trained
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
+    from detection.study.run import run_variant
+
+    variant = study_variants("degradation", [18])[0]
+    (tmp_path / variant.folder).mkdir()
+    (tmp_path / variant.folder / "result.json").write_text(json.dumps({"settings": ["solver.max_iter=5"]}))
+    with pytest.raises(StudyError, match="other settings"):
+        run_variant(variant, "configs/study/shapes.yaml", ["solver.max_iter=6"], tmp_path)
