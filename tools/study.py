@@ -2,8 +2,10 @@
 """The ResNet paper's central experiment on the detector: plain against residual nets (the
 degradation problem, Figures 1 and 4) or shortcut options A/B/C (Table 3).
 
-    python tools/study.py --config configs/study/shapes.yaml --study degradation --output-dir output/study_degradation
-    python tools/study.py --config configs/study/shapes.yaml --study shortcuts --output-dir output/study_shortcuts
+    python tools/study.py --config configs/study/shapes.yaml --study degradation \
+        --runs-dir output/study/runs --output-dir output/study/degradation
+    python tools/study.py --config configs/study/shapes.yaml --study shortcuts \
+        --runs-dir output/study/runs --output-dir output/study/shortcuts
     python tools/study.py --config configs/study/shapes.yaml --study shortcuts --no-train --output-dir DIR
 
 Variants (trained one after another; everything but model.backbone.{depth,residual,shortcut} is
@@ -13,15 +15,17 @@ the config's: seed, data, schedule, trainable BN):
                have exactly the plain nets' parameters, as in the paper's Figure 4
   shortcuts:   A-d, B-d, C-d at the deepest of --depths
 
-Outputs in --output-dir: one training run per variant (checkpoints, metrics.jsonl; result.json
-with the evaluation on the config's test sets) in a folder named by its settings (plain-34,
-residual-34-A, ...; under --runs-dir when given, so that two studies share residual-34-A), study.json (per variant: the training-loss
-curve, the final training loss, AP / AP50, backbone parameters and multiply-adds, times),
-study.md (the table) and study.png (the training-loss curves). Run it again to resume: a
-finished variant (result.json) is not trained again, an unfinished one continues from its
-last.pth. --no-train writes only the parameters / multiply-adds table.
+Outputs: one training run per variant (checkpoints, metrics.jsonl, and result.json with the
+evaluation on the config's test sets) in a folder named by its settings (plain-34,
+residual-34-A, ...) under --runs-dir (default: --output-dir), so that two studies sharing it
+train residual-34-A once; in --output-dir, study.json (per variant: the training-loss curves,
+the final losses, AP / AP50, backbone parameters and multiply-adds, times), study.md (the
+table) and study.png (the training-loss curves). Run it again to resume: a finished variant
+(result.json) is not trained again, an unfinished one continues from its last.pth. --no-train
+writes only the parameters / multiply-adds table.
 
-Exit codes: 0 done, 1 training failed, 2 bad options, config or output folder, 130 interrupted.
+Exit codes: 0 done, 1 training failed, 2 bad options, config or output folder, 130 interrupted
+(Ctrl-C), 143 stopped by SIGTERM (the variant's last.pth is saved: run again to resume).
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depths", type=int, nargs="+", default=[18, 34],
                         help="backbone depths (default 18 34; shortcuts uses the deepest)")
     parser.add_argument("--max-iter", type=int, help="iterations per variant (the lr steps are scaled with it)")
-    parser.add_argument("--output-dir", required=True, help="the study's folder (one sub-folder per variant)")
+    parser.add_argument("--output-dir", required=True, help="the study's folder: study.json, study.md, study.png (and the runs, unless --runs-dir)")
     parser.add_argument("--runs-dir", help="where the variants' training runs go (default: --output-dir); "
                         "studies sharing it train a net they share once (residual-34 = A-34)")
     parser.add_argument("--no-train", action="store_true", help="only the parameters / multiply-adds table")
