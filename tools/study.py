@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depths", type=int, nargs="+", default=[18, 34],
                         help="backbone depths (default 18 34; shortcuts uses the deepest)")
     parser.add_argument("--max-iter", type=int, help="iterations per variant (the lr steps are scaled with it)")
-    parser.add_argument("--output-dir", required=True, help="the study's folder: study.json, study.md, study.png (and the runs, unless --runs-dir)")
+    parser.add_argument("--output-dir", required=True,
+                        help="the study's folder: study.json, study.md, study.png (and the runs, unless --runs-dir)")
     parser.add_argument("--runs-dir", help="where the variants' training runs go (default: --output-dir); "
                         "studies sharing it train a net they share once (residual-34 = A-34)")
     parser.add_argument("--no-train", action="store_true", help="only the parameters / multiply-adds table")
