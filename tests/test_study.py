@@ -139,7 +139,8 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     import detection.engine.trainer as trainer
 
     real_train = trainer.train
-    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: trained.append((cfg.output_dir, kw)) or real_train(cfg, **kw))
+    monkeypatch.setattr(trainer, "train",
+                        lambda cfg, **kw: trained.append((cfg.output_dir, kw)) or real_train(cfg, **kw))
     assert tool.main(args) == 0
     assert trained == [(str(out / "residual-18-A"), {"resume": True})]
     again = json.loads((out / "study.json").read_text())

@@ -45,8 +45,9 @@ def markdown_table(study: dict) -> str:
         row = [v["name"], str(v["depth"]), shortcuts, f"{v['params'] / 1e6:.2f}", f"{v['macs'] / 1e9:.2f}"]
         if trained:
             minutes = v.get("train_seconds")
-            row += [_number(v.get("final_train_loss"), 3), _number(v.get("final_rpn_loss"), 3), _number(v.get("AP"), 1), _number(v.get("AP50"), 1),
-                    str(v.get("iterations", "-")), _number(minutes / 60 if minutes else None, 1)]
+            row += [_number(v.get("final_train_loss"), 3), _number(v.get("final_rpn_loss"), 3),
+                    _number(v.get("AP"), 1), _number(v.get("AP50"), 1), str(v.get("iterations", "-")),
+                    _number(minutes / 60 if minutes else None, 1)]
         lines.append("| " + " | ".join(row) + " |")
     notes = [f"Params and GMACs: {study['flops_note']}."]
     if trained:
