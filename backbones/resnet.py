@@ -109,8 +109,8 @@ class _Block(nn.Module):
         self.shortcut: nn.Module | None = None
 
     def _merge(self, branch: Tensor, x: Tensor) -> Tensor:
-        if self.residual:
-            branch = branch + (x if self.shortcut is None else self.shortcut(x))
+        if self.residual:  # in place: the branch is a fresh tensor, and no backward needs it
+            branch += x if self.shortcut is None else self.shortcut(x)
         return F.relu_(branch)
 
 

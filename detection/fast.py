@@ -342,7 +342,7 @@ class Res5Runner:
         out = F.relu_(first.norm2(first.conv2(out)))
         out = first.norm3(first.conv3(out))
         if first.shortcut is not None:
-            out = out + first.shortcut[1:](_add_bias(pooled["shortcut"], first.shortcut[0]))
+            out += first.shortcut[1:](_add_bias(pooled["shortcut"], first.shortcut[0]))
         out = F.relu_(out)
         for block in self.res5[1:]:
             out = block(out)
@@ -350,9 +350,10 @@ class Res5Runner:
 
 
 def _add_bias(pooled: Tensor, conv: nn.Conv2d) -> Tensor:
-    """The hoisted conv's bias (e.g. a folded BN shift), added after pooling (see above)."""
+    """The hoisted conv's bias (e.g. a folded BN shift), added after pooling (see above), in
+    place: the pooled tensor is fresh (a new 60 MB tensor per add cost 8% of R50 inference)."""
     bias = effective_conv(conv)[1]
-    return pooled if bias is None else pooled + bias.view(1, -1, 1, 1)
+    return pooled if bias is None else pooled.add_(bias.view(1, -1, 1, 1))
 
 
 # ---- entry points -----------------------------------------------------------------------
