@@ -34,7 +34,8 @@ BENCHMARK = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--config", s
 @pytest.mark.slow  # the benchmark in a subprocess
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [*BENCHMARK, *TINY, "--image-size", "64", "96", "--runs", "1", "--compare-torchvision", "--quick",
+    tta = ["test.aug.enabled=true", "test.aug.min_sizes=[64]", "test.aug.max_size=96", "test.aug.flip=true"]
+    cmd = [*BENCHMARK, *TINY, *tta, "--image-size", "64", "96", "--runs", "1", "--compare-torchvision", "--quick",
            "--no-memory", "--loader-batches", "1", "--eval-images", "1", "--json", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -52,6 +53,8 @@ def test_benchmark_smoke(tmp_path):
     assert set(report["training"]) == {"plain", "fast", "fast_amp", "torchvision"}
     assert report["training"]["fast"]["iteration_median_s"] > 0
     assert report["data_loader"]["images_per_s"] > 0 and report["evaluation"]["images"] == 1
+    # evaluation runs the model as tools/eval.py does: the config's test-time augmentation
+    assert report["evaluation"]["passes_per_image"] == 2 and report["evaluation"]["model_s"] > 0
     assert report["hardware"]["matmul_gflops"] > 0
     # each ratio the table prints is a measured number (memory was skipped: no memory ratio)
     ratios = report["ratios"]

@@ -428,14 +428,28 @@ def bench_loader(cfg: Any, train_ds: Any, args: argparse.Namespace) -> dict:
 
 def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict:
     """The library's one test-set loop (evaluate_test_sets, as tools/eval.py runs it) with the
-    fast path on the validation images: images to metrics and files; then the saved results
-    scored again without the model, which is the metrics' share."""
+    fast path on the validation images, with the config's loader workers (decoding overlaps the
+    model): images to metrics and files; then the saved results scored again without the
+    model, which is the metrics' share."""
     from detection.evaluation import evaluate_test_sets
 
+    from detection.tta import build_tta
+
     cfg = bench_config(args, [f"model.num_classes={len(val_ds.class_names)}"])
-    model = TimedModel(optimize_for_inference(build_ours(cfg), chunk_size=args.chunk_size))
+    fast = optimize_for_inference(build_ours(cfg), chunk_size=args.chunk_size)
+    fast.amp = inference_amp(cfg.test.amp, torch.device("cpu"))  # as build_inference_model sets it
+    model = TimedModel(build_tta(cfg, fast))  # test-time augmentation when the config has it
+    passes: list[int] = []  # images through the detector's inference, one entry per call
+    inference = fast.inference
+
+    def counted_inference(images: list, *a: Any, **k: Any) -> list:
+        passes.append(len(images))
+        return inference(images, *a, **k)
+
+    fast.inference = counted_inference
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()):  # progress bar
-        total = timed(lambda: evaluate_test_sets([val_ds], model=model, device="cpu", output_dir=out))
+        total = timed(lambda: evaluate_test_sets([val_ds], model=model, device="cpu", output_dir=out,
+                                                 num_workers=cfg.dataloader.num_workers))
         metrics = timed(lambda: evaluate_test_sets([val_ds], results=out))
     n = len(val_ds.records)
     in_model = model.total_seconds()
@@ -443,7 +457,9 @@ def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict:
     # (the re-scoring of the saved results); the rest: reading and decoding images, the loop
     return {"images": n, "total_s": total, "per_image_s": total / max(n, 1), "images_per_s": n / total,
             "model_s": in_model, "metrics_s": metrics, "other_s": max(0.0, total - in_model - metrics),
-            "outside_model_share": 1 - in_model / total}
+            "outside_model_share": 1 - in_model / total, "num_workers": cfg.dataloader.num_workers,
+            "amp": bool(fast.amp),
+            "passes_per_image": sum(passes) / max(n, 1)}
 
 
 # ---- main ---------------------------------------------------------------------------------------

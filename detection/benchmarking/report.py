@@ -173,7 +173,8 @@ def print_report(report: dict[str, Any]) -> None:
         if "model_s" in ev:
             print(f"evaluation time: {ev['images_per_s']:.2f} images/s; model {ev['model_s']:.2f} s, scoring "
                   f"and files {ev['metrics_s']:.2f} s, reading images and the loop {ev['other_s']:.2f} s "
-                  f"({100 * ev['outside_model_share']:.0f}% outside the model)")
+                  f"({100 * ev['outside_model_share']:.0f}% outside the model; {ev.get('num_workers', 0)} loader "
+                  f"workers, {ev.get('passes_per_image', 1)} passes per image, {'test.amp' if ev.get('amp') else 'float32'})")
     print_ratios(report)
 
 
