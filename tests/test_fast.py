@@ -224,6 +224,27 @@ def test_fast_inference_without_hoisting_resnet18():
         _assert_same_detections(fast(images), expected)
 
 
+@pytest.mark.parametrize("resolution,res5_nhwc", [(6, False), (14, True)])
+def test_res5_layout_follows_the_roi_map_size(resolution, res5_nhwc):
+    # NHWC everywhere but res5 on small RoI maps (below 7x7), where NCHW was faster; the
+    # detections stay the plain path's either way.
+    model = tiny_c4()
+    model.roi_heads.pooler_resolution = resolution
+    seen = []
+    images = _images()
+    with torch.inference_mode():
+        expected = model(images)
+        fast = optimize_for_inference(model, chunk_size=7)
+        conv = fast.roi_heads.res5[1].conv2  # a 3x3 conv on the RoI maps (1x1 weights fit both layouts)
+        conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+        detections = fast(images)
+    nhwc = torch.channels_last
+    assert fast.trunk.res4[0].conv2.weight.is_contiguous(memory_format=nhwc)
+    assert conv.weight.is_contiguous(memory_format=nhwc) == res5_nhwc
+    assert seen and all(contiguous == (not res5_nhwc) for contiguous in seen)
+    _assert_same_detections(detections, expected)
+
+
 def _losses_and_grads(model: FasterRCNN) -> tuple[dict, dict]:
     torch.manual_seed(3)
     losses = model(_images(), _targets())
