@@ -260,3 +260,15 @@ def test_make_sane_is_the_librarys_only():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and any(a.name == "make_sane" for a in node.names):
                 assert node.module == "detection.testing", f"{path}: make_sane from {node.module}"
+
+
+def test_compare_detections_does_not_report_zero_differences_for_unpaired_lists():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0]])
+    ref = {"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2])}
+    near = {"boxes": boxes + 0.005, "scores": torch.tensor([0.9, 0.8005]), "labels": torch.tensor([1, 2])}
+    swapped = {"boxes": boxes.flip(0), "scores": torch.tensor([0.8, 0.9]), "labels": torch.tensor([2, 1])}
+    paired = compare_detections(ref, near)
+    assert paired["equal"] and paired["max_box_diff_px"] == pytest.approx(0.005, abs=1e-6)
+    unpaired = compare_detections(ref, swapped)
+    assert not unpaired["equal"] and not unpaired["same_labels"]
+    assert unpaired["max_box_diff_px"] is None and unpaired["max_score_diff"] is None
