@@ -427,26 +427,27 @@ def bench_loader(cfg: Any, train_ds: Any, args: argparse.Namespace) -> dict:
 
 
 def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict:
-    """The library's one test-set loop (evaluate_test_sets, as tools/eval.py runs it) with the
-    fast path on the validation images, with the config's loader workers (decoding overlaps the
-    model): images to metrics and files; then the saved results scored again without the
-    model, which is the metrics' share."""
+    """The library's one test-set loop (evaluate_test_sets) on the validation images, with the
+    model prepared as tools/eval.py prepares it (detection.engine.loading.prepare_for_inference:
+    the fast path, test.amp and test-time augmentation as configured) and the config's loader
+    workers (decoding overlaps the model): images to metrics and files; then the saved results
+    scored again without the model, which is the metrics' share."""
+    from detection.engine.loading import prepare_for_inference
     from detection.evaluation import evaluate_test_sets
-
-    from detection.tta import build_tta
+    from detection.tta import DetectorWithTTA
 
     cfg = bench_config(args, [f"model.num_classes={len(val_ds.class_names)}"])
-    fast = optimize_for_inference(build_ours(cfg), chunk_size=args.chunk_size)
-    fast.amp = inference_amp(cfg.test.amp, torch.device("cpu"))  # as build_inference_model sets it
-    model = TimedModel(build_tta(cfg, fast))  # test-time augmentation when the config has it
+    prepared = prepare_for_inference(cfg, build_ours(cfg), torch.device("cpu"), chunk_size=args.chunk_size)
+    model = TimedModel(prepared)
+    detector = prepared.model if isinstance(prepared, DetectorWithTTA) else prepared
     passes: list[int] = []  # images through the detector's inference, one entry per call
-    inference = fast.inference
+    inference = detector.inference
 
     def counted_inference(images: list, *a: Any, **k: Any) -> list:
         passes.append(len(images))
         return inference(images, *a, **k)
 
-    fast.inference = counted_inference
+    detector.inference = counted_inference
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()):  # progress bar
         total = timed(lambda: evaluate_test_sets([val_ds], model=model, device="cpu", output_dir=out,
                                                  num_workers=cfg.dataloader.num_workers))
@@ -458,7 +459,7 @@ def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict:
     return {"images": n, "total_s": total, "per_image_s": total / max(n, 1), "images_per_s": n / total,
             "model_s": in_model, "metrics_s": metrics, "other_s": max(0.0, total - in_model - metrics),
             "outside_model_share": 1 - in_model / total, "num_workers": cfg.dataloader.num_workers,
-            "amp": bool(fast.amp),
+            "amp": bool(detector.amp),
             "passes_per_image": sum(passes) / max(n, 1)}
 
 

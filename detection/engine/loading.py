@@ -299,8 +299,6 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
     The config's model settings must be those the checkpoint was trained with, except the keys
     in `explicit` (given on the command line, so changed deliberately)."""
     from detection.model import build_model
-    from detection.precision import inference_amp
-    from detection.tta import build_tta
 
     if not isinstance(weights, DetectorWeights):
         read = read_detector_file(weights)
@@ -316,10 +314,22 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
     load_detector_weights(model, weights)
     if weights.class_names:
         model.class_names = list(weights.class_names)
+    return prepare_for_inference(cfg, model, device), weights
+
+
+def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
+                          chunk_size: int | None = 256) -> nn.Module:
+    """A built detector as the tools run it: on device, in eval mode, `test.amp` set, the
+    fast copy with model.fast_path (`chunk_size` RoIs per res5 call), wrapped for test-time
+    augmentation with test.aug.enabled. build_inference_model ends here; so does
+    tools/benchmark.py's evaluation timing, so it times what tools/eval.py runs."""
+    from detection.precision import inference_amp
+    from detection.tta import build_tta
+
     model = model.to(device).eval()
     model.amp = inference_amp(cfg.test.amp, device)
     if cfg.model.fast_path:
         from detection.fast import optimize_for_inference
 
-        model = optimize_for_inference(model)
-    return build_tta(cfg, model), weights
+        model = optimize_for_inference(model, chunk_size=chunk_size)
+    return build_tta(cfg, model)
