@@ -272,3 +272,13 @@ def test_compare_detections_does_not_report_zero_differences_for_unpaired_lists(
     unpaired = compare_detections(ref, swapped)
     assert not unpaired["equal"] and not unpaired["same_labels"]
     assert unpaired["max_box_diff_px"] is None and unpaired["max_score_diff"] is None
+
+
+def test_a_missing_weights_file_is_one_line_not_a_traceback(tmp_path):
+    missing = tmp_path / "nope.pth"
+    cmd = [*BENCHMARK, *TINY, "--quick", "--runs", "1", "--no-train", "--no-memory", "--no-data",
+           "--weights", str(missing)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: weights file not found"
+    assert "Traceback" not in result.stderr

@@ -56,7 +56,11 @@ from detection.benchmarking.models import (STAGES, ProposalRecorder, TimedModel,
                                           synthetic_batch, train_step)
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.benchmarking.report import print_report, summarize
-from detection.cli import add_config_args, config_from_args
+from backbones.errors import WeightsError
+from detection.cli import add_config_args, config_from_args, fail
+from detection.config import ConfigError
+from detection.data import DataError
+from detection.engine.checkpoint import CheckpointError
 from detection.precision import inference_amp
 from detection.fast import (fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
                             to_channels_last)
@@ -508,13 +512,20 @@ def _child_argv(argv: list[str]) -> list[str]:
     return out
 
 
+# the project's own errors about what the user gave; anything else is a bug and keeps its traceback
+INPUT_ERRORS = (ConfigError, DataError, CheckpointError, WeightsError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_flush_denormal(True)
     if args.child:
         return child_main(args)
-    report = summarize(run(args, argv))
+    try:
+        report = summarize(run(args, argv))
+    except INPUT_ERRORS as err:  # a wrong data set, weights file or setting: one clear line
+        fail(str(err))
     print_report(report)
     if "onnx" in report:
         print_onnx(report["onnx"])
