@@ -14,10 +14,19 @@ What each step does, and why it gives the same numbers (tools/benchmark.py measu
   Trainable BN (BatchNorm2d) is the same affine in eval mode, from its running statistics:
   inference folds it too (`freeze_batchnorm`), training leaves it alone.
 - channels_last: oneDNN's convolutions and the gather pooling below prefer NHWC, except
-  res5 at inference on small RoI maps (pooler resolution below 14, so res5 runs below 7x7):
-  there float32 NCHW was faster (ResNet-18 C4 with 6x6 pooling, 200 RoIs: 0.37 -> 0.26 s per
-  image; ResNet-50 at 6x6: 1.46 -> 1.37 s; at 14x14, NHWC: 2.65 against 3.01 s; under
-  bfloat16 alike), so that res5 keeps NCHW weights and gets NCHW inputs.
+  res5 at float32 inference on small RoI maps (pooler resolution below 14, so res5 runs
+  below 7x7): there NCHW was faster (ResNet-18 C4 with 6x6 pooling, 200 RoIs: 0.37 -> 0.26 s
+  per image; ResNet-50 at 6x6: 1.46 -> 1.37 s; at 14x14, NHWC: 2.65 against 3.01 s), so that
+  res5 keeps NCHW weights and gets NCHW inputs. Under bfloat16 (test.amp) it stays NHWC and
+  uses the matmul below.
+- 3x3 convs with small outputs as one matmul (taps_conv2d: each output position's 9 taps
+  side by side, times the weight): on outputs of at most 4x4 positions oneDNN's conv
+  backward took 5x its forward. res5 on the 6x6 RoIs of the demo (3x3 outputs): conv
+  forward + backward 2.4x faster in bfloat16, 1.9x in float32; a demo training step 1.48x
+  faster (267 -> 177 ms); bfloat16 inference of the demo model 1.5x faster per pass. At 7x7
+  outputs oneDNN's conv wins (1.3-1.9x), so larger maps keep it; float32 inference keeps
+  NCHW convs (the matmul was 0.83x there). The same sums in another order: equal up to float
+  rounding, tested against conv2d forward and backward.
 - Hoisting (roi_align only; max pooling is not linear): RoIAlign is linear in its input
   map and a 1x1 conv is linear and pointwise, so conv1x1(RoIAlign(x)) == RoIAlign(conv1x1(x)),
   bin by bin. res5's first bottleneck reads the pooled RoI with two 1x1 convs, conv1 and
@@ -132,15 +141,64 @@ class AppliedFrozenBN(FrozenBatchNorm2d):
         return x
 
 
-class ScaledConv2d(nn.Conv2d):
+# Output maps of at most this many positions (4x4) run res5's 3x3 convs as one matmul in
+# training (taps_conv2d; see the module docstring).
+SMALL_MAP_POSITIONS = 16
+
+
+def taps_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
+                padding: tuple[int, int]) -> Tensor:
+    """conv2d (groups 1, dilation 1, zero padding) as one matmul: every output position's
+    kernel taps side by side, (N*Ho*Wo, kh*kw*C), times the weight as (kh*kw*C, K). Returns
+    (N, K, Ho, Wo) in NHWC memory, as a channels_last conv does."""
+    n, c, h, w = x.shape
+    k, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw) = stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (N, H + 2ph, W + 2pw, C)
+    taps = [padded[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+            for i in range(kh) for j in range(kw)]
+    cols = torch.stack(taps, dim=3).reshape(n * ho * wo, kh * kw * c)
+    weight = weight.permute(0, 2, 3, 1).reshape(k, kh * kw * c).t()  # rows in the taps' order
+    out = cols @ weight if bias is None else torch.addmm(bias, cols, weight)
+    return out.view(n, ho, wo, k).permute(0, 3, 1, 2)
+
+
+class FastConv2d(nn.Conv2d):
+    """What `conv` computes, with the same Parameters (no new state_dict keys). With
+    small_maps, outputs of at most SMALL_MAP_POSITIONS positions are computed by taps_conv2d."""
+
+    def __init__(self, conv: nn.Conv2d, small_maps: bool = False) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                         conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
+                         padding_mode=conv.padding_mode, device="meta")
+        self.weight, self.bias = conv.weight, conv.bias  # the same Parameters
+        self.small_maps = small_maps
+
+    def effective(self) -> tuple[Tensor, Tensor | None]:
+        return self.weight, self.bias
+
+    def _small(self, x: Tensor) -> bool:
+        if not (self.small_maps and self.groups == 1 and self.dilation == (1, 1)
+                and self.padding_mode == "zeros" and isinstance(self.padding, tuple)):
+            return False
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        ho, wo = (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
+        return ho * wo <= SMALL_MAP_POSITIONS
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.effective()
+        if self._small(x):
+            return taps_conv2d(x, weight, bias, self.stride, self.padding)
+        return self._conv_forward(x, weight, bias)
+
+
+class ScaledConv2d(FastConv2d):
     """conv + frozen BN as one conv with weight w * scale and bias shift, computed at each
     call from the original Parameter w (gradients stay exact) and the norm's buffers."""
 
     def __init__(self, conv: nn.Conv2d, norm: AppliedFrozenBN) -> None:
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                         conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
-                         device="meta")
-        self.weight, self.bias = conv.weight, conv.bias  # the same Parameters
+        super().__init__(conv)
         object.__setattr__(self, "norm", norm)  # a reference, not a submodule: no new keys
 
     def effective(self) -> tuple[Tensor, Tensor]:
@@ -148,8 +206,16 @@ class ScaledConv2d(nn.Conv2d):
         bias = shift if self.bias is None else shift + self.bias * scale
         return self.weight * scale.view(-1, 1, 1, 1), bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, *self.effective())
+
+def small_map_convs(module: nn.Module) -> nn.Module:
+    """In place: the k x k convs (k > 1) of `module` (res5) run small outputs as one matmul."""
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1):
+                if not isinstance(child, FastConv2d):
+                    setattr(parent, name, FastConv2d(child))
+                getattr(parent, name).small_maps = True
+    return module
 
 
 def fold_frozen_bn_for_training(module: nn.Module) -> nn.Module:
@@ -163,7 +229,7 @@ def fold_frozen_bn_for_training(module: nn.Module) -> nn.Module:
 
 def effective_conv(conv: nn.Conv2d) -> tuple[Tensor, Tensor | None]:
     """(weight, bias) of what `conv` computes, including a folded norm."""
-    return conv.effective() if isinstance(conv, ScaledConv2d) else (conv.weight, conv.bias)
+    return conv.effective() if isinstance(conv, FastConv2d) else (conv.weight, conv.bias)
 
 
 class ToChannelsLast(nn.Module):
@@ -387,16 +453,22 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     fast = copy.deepcopy(model).eval().requires_grad_(False)
     if fold_bn:
         fold_frozen_bn(freeze_batchnorm(fast))
-    res5_channels_last = channels_last and fast.roi_heads.pooler_resolution >= NCHW_RES5_BELOW
+    # Small RoI maps: NCHW convs in float32; with bfloat16 autocast on the CPU (model.amp,
+    # test.amp), NHWC and the 3x3 convs with small outputs as one matmul (taps_conv2d)
+    small_maps = fast.roi_heads.pooler_resolution < NCHW_RES5_BELOW
+    bf16_cpu = bool(getattr(fast, "amp", False)) and fast.device.type == "cpu"
+    res5_channels_last = channels_last and (not small_maps or bf16_cpu)
     if channels_last:
         to_channels_last(fast)
         if not res5_channels_last:
             fast.roi_heads.res5.to(memory_format=torch.contiguous_format)
+    if small_maps and bf16_cpu:
+        small_map_convs(fast.roi_heads.res5)
     return install_runner(fast, hoist=hoist, chunk_size=chunk_size, channels_last=res5_channels_last)
 
 
 def optimize_for_training(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = False,
-                          hoist: bool = True, chunk_size: int | None = 256) -> nn.Module:
+                          hoist: bool = True, chunk_size: int | None = 256, small_maps: bool = True) -> nn.Module:
     """In place: the same parameters (objects, names, values) and gradients, computed faster:
     frozen BN applied through the conv weights, res5's 1x1 convs hoisted. An optimizer built
     before or after this sees the same parameters; checkpoints load either way."""
@@ -404,4 +476,6 @@ def optimize_for_training(model: nn.Module, *, fold_bn: bool = True, channels_la
         fold_frozen_bn_for_training(model)
     if channels_last:
         to_channels_last(model)
+    if small_maps:
+        small_map_convs(model.roi_heads.res5)
     return install_runner(model, hoist=hoist, chunk_size=chunk_size)

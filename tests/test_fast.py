@@ -7,13 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d, roi_align
+from torchvision.ops import FrozenBatchNorm2d, box_iou, roi_align
 
 from backbones import build_resnet
 from backbones.resnet import Stem, make_stage
 from detection.anchors import AnchorGenerator
-from detection.fast import (AppliedFrozenBN, Res5Runner, ScaledConv2d, fold_frozen_bn, fold_frozen_bn_for_training,
-                            freeze_batchnorm, optimize_for_inference, optimize_for_training, pool, pool_plan, to_rois)
+from detection import fast as fast_module
+from detection.fast import (AppliedFrozenBN, FastConv2d, Res5Runner, ScaledConv2d, fold_frozen_bn,
+                            fold_frozen_bn_for_training, freeze_batchnorm, optimize_for_inference,
+                            optimize_for_training, pool, pool_plan, taps_conv2d, to_rois)
 from detection.model import FasterRCNN
 from detection.roi_heads import Res5ROIHeads
 from detection.rpn import RPN
@@ -224,13 +226,18 @@ def test_fast_inference_without_hoisting_resnet18():
         _assert_same_detections(fast(images), expected)
 
 
-@pytest.mark.parametrize("resolution,res5_nhwc", [(6, False), (14, True)])
-def test_res5_layout_follows_the_roi_map_size(resolution, res5_nhwc):
-    # NHWC everywhere but res5 on small RoI maps (below 7x7), where NCHW was faster; the
-    # detections stay the plain path's either way.
+@pytest.mark.parametrize("resolution,amp,res5_nhwc", [(6, False, False), (14, False, True), (6, True, True),
+                                                      (14, True, True)])
+def test_res5_layout_follows_the_roi_map_size(resolution, amp, res5_nhwc, monkeypatch):
+    # NHWC everywhere but res5 on small RoI maps (below 7x7) in float32, where NCHW was faster;
+    # under bfloat16 small maps stay NHWC and their 3x3 convs run as taps_conv2d. The
+    # detections are the plain path's (float32) or the plain path's under the same autocast.
     model = tiny_c4()
     model.roi_heads.pooler_resolution = resolution
-    seen = []
+    model.amp = amp
+    seen, taps_calls = [], []
+    monkeypatch.setattr(fast_module, "taps_conv2d",
+                        lambda *args: taps_calls.append(args[0].shape) or taps_conv2d(*args))
     images = _images()
     with torch.inference_mode():
         expected = model(images)
@@ -242,7 +249,15 @@ def test_res5_layout_follows_the_roi_map_size(resolution, res5_nhwc):
     assert fast.trunk.res4[0].conv2.weight.is_contiguous(memory_format=nhwc)
     assert conv.weight.is_contiguous(memory_format=nhwc) == res5_nhwc
     assert seen and all(contiguous == (not res5_nhwc) for contiguous in seen)
-    _assert_same_detections(detections, expected)
+    assert bool(taps_calls) == (amp and resolution == 6)
+    if amp:  # bfloat16 rounds differently in conv and matmul: the top detections found again
+        for got, ref in zip(detections, expected):
+            top = ref["scores"].argsort(descending=True)[:10]
+            iou = box_iou(ref["boxes"][top], got["boxes"])
+            iou[ref["labels"][top, None] != got["labels"][None]] = 0
+            assert len(top) > 0 and float(iou.max(dim=1).values.min()) >= 0.9
+    else:
+        _assert_same_detections(detections, expected)
 
 
 def _losses_and_grads(model: FasterRCNN) -> tuple[dict, dict]:
@@ -253,11 +268,36 @@ def _losses_and_grads(model: FasterRCNN) -> tuple[dict, dict]:
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_training_step_gradients_match_the_plain_path(channels_last):
+@pytest.mark.parametrize("stride,bias,size", [(1, False, (3, 3)), (2, True, (6, 6)), (1, True, (4, 3)),
+                                               (2, False, (5, 7))])
+def test_taps_conv_equals_conv2d_forward_and_backward(stride, bias, size):
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, *size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True) if bias else None
+    grad_out = torch.randn_like(F.conv2d(x, weight, b, stride, 1))
+    results = []
+    for conv in (F.conv2d, taps_conv2d):
+        out = conv(x, weight, b, (stride, stride), (1, 1))
+        grads = torch.autograd.grad(out, [x, weight] + ([b] if bias else []), grad_out)
+        results.append((out, *grads))
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+    for got, expected in zip(*reversed(results)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last,resolution", [(False, 14), (True, 14), (True, 6)])
+def test_training_step_gradients_match_the_plain_path(channels_last, resolution, monkeypatch):
+    """At pooler resolution 6, res5's 3x3 convs have 3x3 outputs and run as taps_conv2d."""
     plain = tiny_c4().train()
+    plain.roi_heads.pooler_resolution = resolution
     fast = optimize_for_training(copy.deepcopy(plain), channels_last=channels_last)
     assert fast.roi_heads.res5_runner.hoist
+    assert all(isinstance(m, FastConv2d) and m.small_maps
+               for m in fast.roi_heads.res5.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    taps_calls = []
+    monkeypatch.setattr(fast_module, "taps_conv2d",
+                        lambda *args: taps_calls.append(args[0].shape) or taps_conv2d(*args))
     expected_losses, expected_grads = _losses_and_grads(plain)
     losses, grads = _losses_and_grads(fast)
     for key, value in expected_losses.items():
@@ -266,3 +306,5 @@ def test_training_step_gradients_match_the_plain_path(channels_last):
     for name, expected in expected_grads.items():
         tolerance = 1e-4 * float(expected.abs().max()) + 1e-7
         assert float((grads[name] - expected).abs().max()) <= tolerance, name
+    # the res5 blocks' two 3x3 convs: on the 3x3 outputs only
+    assert len(taps_calls) == (2 if resolution == 6 else 0)

@@ -192,7 +192,11 @@ def load_model_state(model: torch.nn.Module, state: Any, path: Union[str, Path])
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, path: Union[str, Path]) -> None:
+    # How the update runs (fused kernel or not) is this run's choice, not the checkpoint's
+    implementation = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
     _load_part(optimizer, state, path, "optimizer")
+    for group, keep in zip(optimizer.param_groups, implementation):
+        group.update(keep)
     for group in optimizer.param_groups:
         for key in ("lr", "momentum", "weight_decay"):
             value = group.get(key, 0.0)
