@@ -315,8 +315,9 @@ def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
                    args: argparse.Namespace) -> dict:
     """One iteration per model and run. lr = 0: the same arithmetic as training, but the
     weights stay put, so every run does the same work."""
-    models = {"plain": copy.deepcopy(plain).train(), "fast": optimize_for_training(copy.deepcopy(plain)).train(),
-              "fast_amp": optimize_for_training(copy.deepcopy(plain)).train()}
+    models = {"plain": copy.deepcopy(plain).train(),  # the fast ones as the trainer sets them up
+              "fast": optimize_for_training(copy.deepcopy(plain), channels_last=True).train(),
+              "fast_amp": optimize_for_training(copy.deepcopy(plain), channels_last=True).train()}
     if tv is not None:
         models["torchvision"] = copy.deepcopy(tv).train()
     timed_names = [n for n in models if n != "plain" or args.ablation or tv is None]
@@ -324,7 +325,7 @@ def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
     s = cfg.solver
     result = {name: {"flops": 0.0, "iteration_s": [], "iteration_cpu_s": [], "parts_s": defaultdict(list)}
               for name in models}
-    states = {n: bench_state(m, s.momentum, s.weight_decay) for n, m in models.items()}
+    states = {n: bench_state(m, s.momentum, s.weight_decay, ours=n != "torchvision") for n, m in models.items()}
     for name in models:  # FLOPs, and a warm-up
         torch.manual_seed(0)
         meter = FlopMeter()

@@ -28,6 +28,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import Tensor, nn
 
+from detection.engine.optim import build_optimizer
 from detection.engine.trainer import TrainState, forward_losses, optimizer_step
 from detection.model import FasterRCNN, build_model
 from detection.testing import make_sane
@@ -292,11 +293,16 @@ def synthetic_batch(num_images: int, size: tuple[int, int], num_classes: int, se
     return images, targets
 
 
-def bench_state(model: torch.nn.Module, momentum: float, weight_decay: float) -> TrainState:
+def bench_state(model: torch.nn.Module, momentum: float, weight_decay: float, ours: bool = True) -> TrainState:
     """The trainer's state for `model` at lr 0 (the same arithmetic as training, but the weights
-    stay put, so every timed run does the same work): SGD, a constant schedule, no loss scaling."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
-                                momentum=momentum, weight_decay=weight_decay)
+    stay put, so every timed run does the same work): SGD, a constant schedule, no loss scaling.
+    ours: our trainer's optimizer (build_optimizer: fused update); else torch's default SGD, as
+    torchvision's detection reference scripts build it."""
+    if ours:
+        optimizer = build_optimizer(model, base_lr=0.0, momentum=momentum, weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
+                                    momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return TrainState(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False))
 
