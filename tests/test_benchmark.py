@@ -282,3 +282,10 @@ def test_a_missing_weights_file_is_one_line_not_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: weights file not found"
     assert "Traceback" not in result.stderr
+
+
+def test_eval_images_with_a_dataset_is_refused_not_ignored():
+    cmd = [*BENCHMARK, "--dataset", "shapes_val", "--eval-images", "5"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "with --dataset the whole data set is timed" in result.stderr.strip().splitlines()[-1]

@@ -82,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-proposals", type=int, default=1000, help="proposals for the peak-memory run")
     p.add_argument("--dataset", help="data set name or path for the loader/eval timing (default: synthetic shapes)")
     p.add_argument("--loader-batches", type=int, default=5, help="batches timed through the data loader")
-    p.add_argument("--eval-images", type=int, default=4, help="images in the evaluation timing")
+    p.add_argument("--eval-images", type=int, help="generated images in the evaluation timing (default 4; "
+                   "with --dataset the whole data set is timed)")
     p.add_argument("--quick", action="store_true", help="small hardware probes (smoke tests)")
     p.add_argument("--pretrained", action="store_true", help="load model.backbone.weights (default: random)")
     p.add_argument("--weights", metavar="CKPT", help="a detector to time (this project's or a Detectron2 "
@@ -96,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         p.error("--runs must be >= 1 and --warmup >= 0")
+    if args.dataset and args.eval_images is not None:
+        p.error("--eval-images sets how many images are generated; with --dataset the whole data set is timed")
+    if args.eval_images is None:
+        args.eval_images = 4
+    elif args.eval_images < 1:
+        p.error("--eval-images must be >= 1")
     return args
 
 
