@@ -142,7 +142,7 @@ class AppliedFrozenBN(FrozenBatchNorm2d):
 
 
 # Output maps of at most this many positions (4x4) run res5's 3x3 convs as one matmul in
-# training (taps_conv2d; see the module docstring).
+# training and bfloat16 inference on the CPU (taps_conv2d; see the module docstring).
 SMALL_MAP_POSITIONS = 16
 
 
@@ -470,8 +470,9 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
 def optimize_for_training(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = False,
                           hoist: bool = True, chunk_size: int | None = 256, small_maps: bool = True) -> nn.Module:
     """In place: the same parameters (objects, names, values) and gradients, computed faster:
-    frozen BN applied through the conv weights, res5's 1x1 convs hoisted. An optimizer built
-    before or after this sees the same parameters; checkpoints load either way."""
+    frozen BN applied through the conv weights, res5's 1x1 convs hoisted, res5's 3x3 convs
+    with small outputs as one matmul (small_maps). An optimizer built before or after this
+    sees the same parameters; checkpoints load either way."""
     if fold_bn:
         fold_frozen_bn_for_training(model)
     if channels_last:
