@@ -71,6 +71,37 @@ def test_fused_sgd_gives_the_default_update_and_survives_an_old_checkpoint():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
+def test_fused_sgd_updates_channels_last_weights_in_place_with_torchs_numbers():
+    """The fast path trains with channels_last 3x3 weights. build_optimizer's SGD gives exactly
+    PyTorch's fused update on them (bit for bit, momentum buffers too, first step included)
+    without the copies the fused kernel otherwise makes of every such tensor, and its momentum
+    buffers keep the weights' layout (what a checkpoint saves)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3), torch.nn.Conv2d(16, 4, 1),
+                                torch.nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
+    ours_model, torch_model = copy.deepcopy(model), copy.deepcopy(model)
+    ours = build_optimizer(ours_model, base_lr=0.02, momentum=0.9, weight_decay=1e-4)
+    reference = torch.optim.SGD([{"params": list(torch_model[:2].parameters()), "weight_decay": 1e-4},
+                                 {"params": list(torch_model[2].parameters()), "weight_decay": 0.0}],
+                                lr=0.02, momentum=0.9, fused=True)
+    weight = ours_model[0].weight
+    assert not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]  # randn_like keeps each layout
+        for params in (ours_model.parameters(), torch_model.parameters()):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            ours.step()
+        reference.step()
+        copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")]
+        assert copies == []
+        for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+            assert torch.equal(a, b)
+            assert torch.equal(ours.state[a]["momentum_buffer"], reference.state[b]["momentum_buffer"])
+    assert ours.state[weight]["momentum_buffer"].stride() == weight.stride()
+
+
 def test_save_interrupted_midway_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
     save_checkpoint({"iteration": 1, "w": torch.ones(3)}, path)
