@@ -47,6 +47,7 @@ from torchvision.ops import batched_nms, nms
 
 from detection.model import FasterRCNN
 from detection.resize import resize_uint8, resized_shape
+from detection.testing import compare_detections
 
 OPSET = 17  # RoiAlign's half_pixel mode (torchvision's aligned=True) needs 16
 INPUT_NAMES = ("image", "original_size")
@@ -188,20 +189,6 @@ class OnnxDetector:
 BOX_TOLERANCE, SCORE_TOLERANCE = 1e-2, 1e-4  # pixels; probability
 
 
-def compare_detections(ref: dict[str, Tensor], other: dict[str, Tensor]) -> dict[str, Any]:
-    """Are `other`'s detections `ref`'s? The same count and labels, in the same order, boxes
-    within BOX_TOLERANCE px and scores within SCORE_TOLERANCE."""
-    out: dict[str, Any] = {"count": len(ref["scores"]), "other_count": len(other["scores"])}
-    same_count = out["count"] == out["other_count"]
-    out["labels_equal"] = same_count and bool((ref["labels"].cpu() == other["labels"]).all())
-    both = same_count and out["count"] > 0
-    out["max_box_diff"] = float((ref["boxes"].cpu() - other["boxes"]).abs().max()) if both else 0.0
-    out["max_score_diff"] = float((ref["scores"].cpu() - other["scores"]).abs().max()) if both else 0.0
-    out["equal"] = (out["labels_equal"] and out["max_box_diff"] <= BOX_TOLERANCE
-                    and out["max_score_diff"] <= SCORE_TOLERANCE)
-    return out
-
-
 def check_with_onnxruntime(model: FasterRCNN, path: str | Path, images: list[Tensor]) -> list[dict[str, Any]]:
     """ONNX Runtime's detections of the file against the model's own (eval mode, CPU), one
     compare_detections() per image (uint8 RGB (3, H, W))."""
@@ -213,7 +200,8 @@ def check_with_onnxruntime(model: FasterRCNN, path: str | Path, images: list[Ten
             ref = model([image])[0]
         inputs = prepare_image(image, model.min_size_test, model.max_size_test, model.resize_mode)
         results.append({"input_size": list(image.shape[-2:]), "model_size": list(inputs["image"].shape[-2:]),
-                        **compare_detections(ref, detector.run(inputs))})
+                        **compare_detections(ref, detector.run(inputs), box_tolerance=BOX_TOLERANCE,
+                                             score_tolerance=SCORE_TOLERANCE)})
     return results
 
 

@@ -16,12 +16,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from detection.benchmarking.models import (STAGES, ProposalRecorder, build_ours, build_torchvision_c4,
-                                          compare_detections, compare_proposals, staged_torchvision,
-                                          synthetic_batch)
+                                          compare_proposals, staged_torchvision, synthetic_batch)
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.benchmarking.report import TARGETS, print_ratios, summarize
 from detection.config import load_config
 from detection.fast import optimize_for_inference
+from detection.testing import compare_detections
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20",

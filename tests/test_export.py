@@ -70,7 +70,7 @@ def assert_onnxruntime_equals_pytorch(model, path, sizes):
     results = check_with_onnxruntime(model, traced, images(*sizes))
     for result in results:
         assert result["model_size"] != [model.min_size_test] * 2  # not the traced size
-        assert result["count"] > 0 and result["equal"], result
+        assert result["detections"] > 0 and result["equal"], result
     assert len({tuple(r["model_size"]) for r in results}) == len(sizes)
 
 
@@ -146,6 +146,6 @@ def test_benchmark_times_onnxruntime_against_the_fast_path(capsys):
     onnx = benchmark.bench_onnx(model, [img.float() for img in images((96, 128))], options)
     for name in ("fast", "onnxruntime"):
         assert onnx[name]["end_to_end_median_s"] > 0 and onnx[name]["vs_plain"]["equal"], onnx
-    assert onnx["onnxruntime"]["vs_plain"]["count"] > 0
+    assert onnx["onnxruntime"]["vs_plain"]["detections"] > 0
     benchmark.print_onnx(onnx)
     assert "ONNX Runtime vs the fast path" in capsys.readouterr().out

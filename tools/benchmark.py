@@ -52,8 +52,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from detection.benchmarking.models import (STAGES, ProposalRecorder, TimedModel, bench_state, build_ours, build_torchvision_c4,
-                                          compare_detections, compare_proposals, staged_torchvision,
-                                          synthetic_batch, train_step)
+                                          compare_proposals, staged_torchvision, synthetic_batch, train_step)
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.benchmarking.report import print_report, summarize
 from backbones.errors import WeightsError
@@ -64,6 +63,7 @@ from detection.engine.checkpoint import CheckpointError
 from detection.precision import inference_amp
 from detection.fast import (fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
                             to_channels_last)
+from detection.testing import compare_detections
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -278,7 +278,7 @@ def bench_onnx(plain: torch.nn.Module, images: list[torch.Tensor], args: argpars
     (PyTorch), interleaved, on the same image with the same number of threads; per image, end
     to end (ONNX: prepare_image + session.run; PyTorch: model(images)). Also whether each gives
     the plain path's detections."""
-    from detection.export import OnnxDetector, compare_detections, export_onnx
+    from detection.export import BOX_TOLERANCE, SCORE_TOLERANCE, OnnxDetector, export_onnx
 
     fast = optimize_for_inference(plain, chunk_size=args.chunk_size)
     uint8 = [img.round().clamp(0, 255).to(torch.uint8) for img in images]
@@ -290,7 +290,8 @@ def bench_onnx(plain: torch.nn.Module, images: list[torch.Tensor], args: argpars
     with torch.inference_mode():
         ref = plain(images)[0]
         out: dict[str, Any] = {name: {"end_to_end_s": [], "end_to_end_cpu_s": [],
-                                      "vs_plain": compare_detections(ref, fn()[0])} for name, fn in runners.items()}
+                                      "vs_plain": compare_detections(ref, fn()[0], box_tolerance=BOX_TOLERANCE,
+                                                                    score_tolerance=SCORE_TOLERANCE)} for name, fn in runners.items()}
         for run in range(args.warmup + args.runs):
             for name in (list(runners) if run % 2 == 0 else list(runners)[::-1]):
                 seconds, cpu = (t / len(images) for t in timed_cpu(runners[name]))
@@ -311,7 +312,7 @@ def print_onnx(onnx: dict) -> None:
     for name, entry in (("fast path (PyTorch)", fast), ("onnxruntime (plain path exported)", ort)):
         same = "equal" if entry["vs_plain"]["equal"] else "NOT EQUAL"
         print(f"  {name:36s} {entry['end_to_end_median_s']:.3f} s (CPU {entry['end_to_end_cpu_median_s']:.3f} s)"
-              f"   detections vs plain: {same} ({entry['vs_plain']['count']} detections)")
+              f"   detections vs plain: {same} ({entry['vs_plain']['other_detections']} detections)")
     print(f"  onnxruntime / fast: {ort['end_to_end_median_s'] / fast['end_to_end_median_s']:.2f}x the time")
 
 

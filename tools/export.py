@@ -89,9 +89,10 @@ def _check(model, path: Path) -> bool:
     for result in check_with_onnxruntime(model, path, images):
         ok &= result["equal"]
         print(f"onnxruntime vs pytorch at {result['model_size'][0]}x{result['model_size'][1]}: "
-              f"{result['other_count']} / {result['count']} detections, labels "
-              f"{'equal' if result['labels_equal'] else 'DIFFER'}, max box diff {result['max_box_diff']:.2e} px, "
-              f"max score diff {result['max_score_diff']:.2e}: {'equal' if result['equal'] else 'NOT EQUAL'}")
+              f"{result['other_detections']} / {result['detections']} detections, "
+              + (f"labels equal, max box diff {result['max_box_diff_px']:.2e} px, max score diff "
+                 f"{result['max_score_diff']:.2e}" if result["same_labels"] else "counts or labels DIFFER")
+              + f": {'equal' if result['equal'] else 'NOT EQUAL'}")
     return ok
 
 

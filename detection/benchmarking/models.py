@@ -248,20 +248,6 @@ def staged_torchvision(model: nn.Module, images: list[Tensor], meter: Meter) -> 
     return dets, list(proposals)
 
 
-def compare_detections(ref: dict[str, Tensor], other: dict[str, Tensor]) -> dict[str, Any]:
-    """Largest box and score differences of two detection lists of one image, in order; `equal`:
-    the same count and labels, boxes within 0.01 px, scores within 1e-3. When the counts or
-    labels differ the lists are not paired: the differences are None, not 0."""
-    same = len(ref["boxes"]) == len(other["boxes"]) and torch.equal(ref["labels"], other["labels"])
-    box = score = None
-    if same:
-        box = float((ref["boxes"] - other["boxes"]).abs().max()) if len(ref["boxes"]) else 0.0
-        score = float((ref["scores"] - other["scores"]).abs().max()) if len(ref["scores"]) else 0.0
-    return {"detections": len(ref["boxes"]), "other_detections": len(other["boxes"]), "same_labels": same,
-            "max_box_diff_px": box, "max_score_diff": score,
-            "equal": same and box <= 0.01 and score <= 1e-3}
-
-
 def compare_proposals(ref: list[Tensor], other: list[Tensor]) -> dict[str, Any]:
     """Two models' proposals for the same images, as sets (near-equal objectness may order them
     differently): the counts, and the lowest IoU of a reference proposal with its best match;
