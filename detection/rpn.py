@@ -145,6 +145,20 @@ class RPN(nn.Module):
             keep = ((boxes_i[:, 2] > boxes_i[:, 0]) & (boxes_i[:, 3] > boxes_i[:, 1])
                     & torch.isfinite(boxes_i).all(dim=1) & torch.isfinite(scores_i))
             boxes_i, scores_i = boxes_i[keep], scores_i[keep]
-            keep = nms(boxes_i, scores_i, self.nms_thresh)[:post_k]
+            keep = first_nms_survivors(boxes_i, scores_i, self.nms_thresh, post_k)
             proposals.append(boxes_i[keep])
         return proposals
+
+
+def first_nms_survivors(boxes: Tensor, scores: Tensor, iou_threshold: float, k: int) -> Tensor:
+    """nms(boxes, scores, iou_threshold)[:k] for scores sorted from high to low, computed on as
+    few of the first boxes as give k survivors. Greedy NMS keeps a box unless a kept box scored
+    above it overlaps it, so the survivors among the first m boxes are the first of all the
+    survivors: when m boxes give k, they are the k. Tries m = 2k, 4k, ... up to all of them
+    (the demo's test: 200 of 1000 boxes; COCO's training: 2000 of 12000)."""
+    m = 2 * k
+    while True:
+        keep = nms(boxes[:m], scores[:m], iou_threshold)
+        if len(keep) >= k or m >= len(boxes):
+            return keep[:k]
+        m *= 2

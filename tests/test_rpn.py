@@ -117,3 +117,28 @@ def test_image_without_ground_truth_has_zero_box_loss():
     assert torch.isfinite(losses["loss_rpn_cls"]) and losses["loss_rpn_cls"] > 0
     (losses["loss_rpn_cls"] + losses["loss_rpn_box"]).backward()
     assert torch.isfinite(features.grad).all()
+
+
+def test_first_nms_survivors_are_nms_of_all_boxes_cut_to_k(monkeypatch):
+    """Proposals come from NMS over as few of the top-scored boxes as give k survivors: the
+    same boxes as NMS over all of them, first k (greedy NMS decides each box by the boxes
+    above it); it falls back to more boxes when too few survive (crowded boxes)."""
+    from torchvision.ops import nms
+
+    from detection import rpn as rpn_module
+
+    sizes = []
+    monkeypatch.setattr(rpn_module, "nms", lambda b, s, t: sizes.append(len(b)) or nms(b, s, t))
+    generator = torch.Generator().manual_seed(0)
+    for n, k, spread in [(3000, 200, 600.0), (500, 50, 600.0), (400, 100, 4.0), (30, 100, 600.0)]:
+        xy = torch.rand(n, 2, generator=generator) * spread
+        side = 5 + torch.rand(n, 2, generator=generator) * 60 if spread > 4 else 40 + torch.rand(n, 2, generator=generator)
+        boxes = torch.cat([xy, xy + side], dim=1)
+        scores = torch.rand(n, generator=generator).sort(descending=True).values
+        sizes.clear()
+        got = rpn_module.first_nms_survivors(boxes, scores, 0.7, k)
+        assert torch.equal(got, nms(boxes, scores, 0.7)[:k])
+        if spread == 600.0 and n >= 4 * k:
+            assert sizes == [2 * k]  # spread-out boxes: the first 2k already give k survivors
+        if spread == 4.0:  # crowded: the first 200 gave fewer than 100 survivors, so all 400
+            assert sizes == [200, 400] and len(got) < k
