@@ -27,14 +27,18 @@ class FakeDetector(torch.nn.Module):
         self.calls = []
 
     def inference(self, images, min_size=None, max_size=None):
-        flipped = bool(images[0][0, 0, -1] == 1)  # the bright half is on the right
+        flipped = [bool(image[0, 0, -1] == 1) for image in images]  # the bright half is on the right
         self.calls.append((min_size, max_size, flipped))
+        return [self.detect(f, min_size) for f in flipped]
+
+    @staticmethod
+    def detect(flipped, min_size):
         if flipped:  # in the mirrored image's pixels (width 100)
             boxes, scores, labels = [[70, 10, 90, 30], [0, 0, 10, 10]], [0.8, 0.1], [1, 1]
         else:
             boxes, scores, labels = [[10, 10, 30, 30], [60, 10, 80, 30]], [0.3 + min_size / 1000, 0.2], [1, 2]
-        return [{"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
-                 "labels": torch.tensor(labels)} for _ in images]
+        return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
+                "labels": torch.tensor(labels)}
 
 
 def test_every_size_and_its_mirror_are_merged_by_per_class_nms():
@@ -43,7 +47,8 @@ def test_every_size_and_its_mirror_are_merged_by_per_class_nms():
     fake = FakeDetector(detections_per_image=3)
     tta = DetectorWithTTA(fake, min_sizes=[100, 200], max_size=500, flip=True).eval()
     out = tta([image])[0]
-    assert fake.calls == [(100, 500, False), (100, 500, True), (200, 500, False), (200, 500, True)]
+    # one pass per size, the mirrored image batched with the plain one
+    assert fake.calls == [(100, 500, [False, True]), (200, 500, [False, True])]
     # four passes found the label-1 box at (10, 10, 30, 30) (two of them mirrored): the best
     # score (0.8, from a mirrored pass) survives; label 2 at the same place is another class;
     # the mirrored pass's corner box maps to the right-hand corner
@@ -54,7 +59,34 @@ def test_every_size_and_its_mirror_are_merged_by_per_class_nms():
     assert tta([image])[0]["labels"].tolist() == [1, 2]
     fake.calls.clear()
     DetectorWithTTA(fake, min_sizes=[300], max_size=600, flip=False).eval()([image])
-    assert fake.calls == [(300, 600, False)]
+    assert fake.calls == [(300, 600, [False])]
+    # two images: each gets its own passes back (plain ones first in the batch, then mirrors)
+    fake.calls.clear()
+    fake.roi_heads.detections_per_image = 3
+    two = DetectorWithTTA(fake, min_sizes=[100], max_size=500, flip=True).eval()([image, image.clone()])
+    assert fake.calls == [(100, 500, [False, False, True, True])]
+    assert [d["labels"].tolist() for d in two] == [[1, 2, 1]] * 2
+
+
+def test_batched_mirrors_give_the_separate_passes_detections():
+    """The mirrored images run in the same batch as the plain ones: the detections are what
+    separate passes at each size and mirroring give, merged."""
+    torch.manual_seed(0)
+    model = make_model(min_size_test=96, max_size_test=256, score_thresh_test=0.0).eval()
+    tta = DetectorWithTTA(model, [96, 128], 256, flip=True).eval()
+    image = IMAGES[0]
+    with torch.no_grad():
+        found = tta([image])[0]
+        separate = []
+        for size in (96, 128):
+            separate.append(model.inference([image], min_size=size, max_size=256)[0])
+            mirrored = model.inference([image.flip(-1)], min_size=size, max_size=256)[0]
+            separate.append(hflip_detections(mirrored, image.shape[-1]))
+    expected = tta.merge(separate)
+    assert len(found["boxes"]) > 0
+    assert torch.equal(found["labels"], expected["labels"])
+    torch.testing.assert_close(found["boxes"], expected["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(found["scores"], expected["scores"], atol=1e-5, rtol=0)
 
 
 def test_one_size_without_flip_is_the_plain_model_and_mirroring_the_input_mirrors_the_output():
