@@ -155,7 +155,7 @@ def first_nms_survivors(boxes: Tensor, scores: Tensor, iou_threshold: float, k: 
     few of the first boxes as give k survivors. Greedy NMS keeps a box unless a kept box scored
     above it overlaps it, so the survivors among the first m boxes are the first of all the
     survivors: when m boxes give k, they are the k. Tries m = 2k, 4k, ... up to all of them
-    (the demo's test: 200 of 1000 boxes; COCO's training: 2000 of 12000)."""
+    (the demo's test: 200 of up to 3000 boxes; COCO's training: 2000 of 12000)."""
     m = 2 * k
     while True:
         keep = nms(boxes[:m], scores[:m], iou_threshold)

@@ -56,9 +56,9 @@ class SGD(torch.optim.SGD):
             views = [[t.permute(order) if order else t for t in (p, p.grad)] for p, order in zip(owners, orders)]
             buffer_views = [b.permute(order) if order and b is not None else b for b, order in zip(buffers, orders)]
             sgd_update([v[0] for v in views], [v[1] for v in views], buffer_views,
-                                weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-                                dampening=group["dampening"], nesterov=group["nesterov"],
-                                maximize=group["maximize"], fused=True)
+                       weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                       dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+                       fused=True)
             for p, buffer, order in zip(owners, buffer_views, orders):  # buffers made on the first step
                 self.state[p]["momentum_buffer"] = buffer.permute(_inverse(order)) if order else buffer
         return loss
