@@ -165,7 +165,7 @@ def taps_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[in
 class _Taps(torch.autograd.Function):
     """(N, H, W, C) map -> its kernel taps side by side, (N, Ho, Wo, kh*kw, C). The backward adds
     each tap's gradient into one zeroed map; as autograd's slices, each tap made its own zeroed
-    copy of the map and the copies were summed (res5 on the demo's RoIs: 20-30% of the conv's
+    copy of the map and the copies were summed (res5 on the demo's RoIs: 10-30% of the conv's
     forward and backward time)."""
 
     @staticmethod

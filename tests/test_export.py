@@ -149,3 +149,19 @@ def test_benchmark_times_onnxruntime_against_the_fast_path(capsys):
     assert onnx["onnxruntime"]["vs_plain"]["detections"] > 0
     benchmark.print_onnx(onnx)
     assert "ONNX Runtime vs the fast path" in capsys.readouterr().out
+
+
+def test_export_check_reports_unpaired_detections_as_differing_not_zero(monkeypatch, capsys):
+    """ONNX Runtime finding another number of detections than PyTorch: the tool's check says the
+    counts or labels differ and fails, instead of printing box and score differences of 0."""
+    import detection.export as export_module
+    from detection.testing import compare_detections
+
+    ref = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+    none = {key: value[:0] for key, value in ref.items()}
+    monkeypatch.setattr(export_module, "check_with_onnxruntime", lambda model, path, images: [
+        {"model_size": [96, 144], **compare_detections(ref, none)}])
+    tool = load_tool("export")
+    assert tool._check(SimpleNamespace(min_size_test=96), Path("model.onnx")) is False
+    out = capsys.readouterr().out
+    assert "0 / 1 detections, counts or labels DIFFER: NOT EQUAL" in out and "max box diff" not in out
