@@ -125,6 +125,7 @@ class SolverConfig:
     warmup_factor: float = 0.001
     steps: list[int] = field(default_factory=lambda: [60000, 80000])
     gamma: float = 0.1
+    lr_schedule: str = "multistep"
     max_iter: int = 90000
     checkpoint_period: int = 5000
     keep_checkpoints: int = 0  # the last N periodic checkpoints kept as model_{iter:07d}.pth (0: none)
@@ -323,6 +324,7 @@ _CHOICES = {
     "model.backbone.shortcut": ("A", "B", "C"),
     "model.roi_heads.pooler": ("roi_align", "roi_pool"),
     "input.resize_mode": ("default", "detectron2"),
+    "solver.lr_schedule": ("multistep", "cosine"),
     "device": ("auto", "cpu", "cuda"),
 }
 

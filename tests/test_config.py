@@ -63,6 +63,7 @@ def test_misspelled_key_names_file_key_and_suggestion(tmp_path):
     ("model.backbone.norm=batchnorm", "model.backbone.norm"),
     ("model.rpn.iou_thresholds=[0.8, 0.3]", "model.rpn.iou_thresholds"),
     ("solver.steps=[800, 400]", "solver.steps"),
+    ("solver.lr_schedule=linear", "solver.lr_schedule"),
     ("model.roi_heads.box_loss_weight=-1", "model.roi_heads.box_loss_weight"),
 ])
 def test_impossible_values_name_the_key(override, key):

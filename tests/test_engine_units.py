@@ -22,6 +22,20 @@ def test_lr_factor_warmup_and_steps():
     assert lr_factor(35, **kw) == pytest.approx(0.01)
 
 
+def test_lr_factor_cosine_with_warmup():
+    kw = dict(warmup_iters=10, warmup_factor=0.1, schedule="cosine", max_iter=100)
+    # half a cosine from 1 to 0 over max_iter, times the warmup ramp in its first 10 iterations
+    assert lr_factor(0, **kw) == pytest.approx(0.1)
+    assert lr_factor(5, **kw) == pytest.approx((0.1 * 0.5 + 0.5) * 0.5 * (1 + np.cos(np.pi * 0.05)))
+    assert lr_factor(25, **kw) == pytest.approx(0.5 + 0.5 * np.sqrt(0.5))      # cos(pi / 4)
+    assert lr_factor(50, **kw) == pytest.approx(0.5)
+    assert lr_factor(75, **kw) == pytest.approx(0.5 - 0.5 * np.sqrt(0.5))
+    assert lr_factor(100, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(120, **kw) == pytest.approx(0.0, abs=1e-12)                # stays at 0 past max_iter
+    # the steps and gamma of a multistep schedule do not apply
+    assert lr_factor(50, **kw, steps=[20], gamma=0.1) == pytest.approx(0.5)
+
+
 def test_scheduler_drives_optimizer_lr():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     opt = build_optimizer(model, base_lr=0.02, momentum=0.9, weight_decay=1e-4)
@@ -134,3 +148,17 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_states(load_checkpoint(tmp_path / "c.pth")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_training_state_follows_solver_lr_schedule():
+    from detection.config import load_config
+    from detection.engine.trainer import _build_state
+
+    cfg = load_config(None, ["model.backbone.depth=18", "solver.lr_schedule=cosine", "solver.max_iter=100",
+                             "solver.warmup_iters=0", "solver.base_lr=0.02", "solver.steps=[10]"])
+    state = _build_state(cfg, torch.device("cpu"), backbone_needed=False)
+    for _ in range(50):
+        state.optimizer.step()
+        state.scheduler.step()
+    # halfway through the cosine; a multistep schedule would be at 0.002 after step 10
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Sequence
 
 import torch
@@ -78,10 +79,16 @@ def _inverse(order: list[int]) -> list[int]:
 
 
 def lr_factor(iteration: int, *, warmup_iters: int, warmup_factor: float,
-              steps: Sequence[int], gamma: float) -> float:
+              steps: Sequence[int] = (), gamma: float = 0.1, schedule: str = "multistep",
+              max_iter: int = 0) -> float:
     """Multiplier of base_lr at `iteration`: linear warmup from warmup_factor to 1 over
-    warmup_iters, times gamma for every step already passed."""
-    decay = gamma ** bisect.bisect_right(list(steps), iteration)
+    warmup_iters, times the decay. "multistep": gamma for every step already passed.
+    "cosine": half a cosine from 1 at iteration 0 to 0 at max_iter (Detectron2's
+    WarmupCosineLR with BASE_LR_END 0; steps and gamma unused)."""
+    if schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * min(iteration, max_iter) / max_iter))
+    else:
+        decay = gamma ** bisect.bisect_right(list(steps), iteration)
     if iteration >= warmup_iters:
         return decay
     alpha = iteration / warmup_iters
@@ -89,7 +96,9 @@ def lr_factor(iteration: int, *, warmup_iters: int, warmup_factor: float,
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, *, warmup_iters: int, warmup_factor: float,
-                       steps: Sequence[int], gamma: float) -> torch.optim.lr_scheduler.LambdaLR:
+                       steps: Sequence[int] = (), gamma: float = 0.1, schedule: str = "multistep",
+                       max_iter: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per iteration; its state (last_epoch = iteration) goes in the checkpoint."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(
-        it, warmup_iters=warmup_iters, warmup_factor=warmup_factor, steps=steps, gamma=gamma))
+        it, warmup_iters=warmup_iters, warmup_factor=warmup_factor, steps=steps, gamma=gamma,
+        schedule=schedule, max_iter=max_iter))

@@ -182,7 +182,7 @@ def _build_state(cfg: Config, device: torch.device, backbone_needed: bool = True
     s = cfg.solver
     optimizer = build_optimizer(model, base_lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
     scheduler = build_lr_scheduler(optimizer, warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor,
-                                   steps=s.steps, gamma=s.gamma)
+                                   steps=s.steps, gamma=s.gamma, schedule=s.lr_schedule, max_iter=s.max_iter)
     # float16 needs loss scaling; bfloat16 (the CPU's autocast type) has float32's range.
     scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.solver.amp) and device.type == "cuda")
     return TrainState(model, optimizer, scheduler, scaler)
