@@ -244,6 +244,9 @@ def test_res5_layout_follows_the_roi_map_size(resolution, amp, res5_nhwc, monkey
         fast = optimize_for_inference(model, chunk_size=7)
         conv = fast.roi_heads.res5[1].conv2  # a 3x3 conv on the RoI maps (1x1 weights fit both layouts)
         conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+        fused = fast_module.conv_pointwise  # float32 runs the conv fused, without its forward
+        monkeypatch.setattr(fast_module, "conv_pointwise", lambda x, c, **kw: (
+            seen.append(x.is_contiguous()) if c is conv else None) or fused(x, c, **kw))
         detections = fast(images)
     nhwc = torch.channels_last
     assert fast.trunk.res4[0].conv2.weight.is_contiguous(memory_format=nhwc)
@@ -308,3 +311,57 @@ def test_training_step_gradients_match_the_plain_path(channels_last, resolution,
         assert float((grads[name] - expected).abs().max()) <= tolerance, name
     # the res5 blocks' two 3x3 convs: on the 3x3 outputs only
     assert len(taps_calls) == (2 if resolution == 6 else 0)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("stride,residual", [(1, False), (1, True), (2, False)])
+def test_conv_pointwise_equals_the_unfused_ops(channels_last, stride, residual):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, stride=stride, padding=1).eval().requires_grad_(False).to(memory_format=fmt)
+    x = torch.randn(2, 16, 11, 13).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        expected = conv(x)
+        other = torch.randn_like(expected).contiguous(memory_format=fmt) if residual else None
+        if residual:
+            expected = expected + other
+        assert fast_module._fusable(x, conv)
+        kept = None if other is None else other.clone()
+        got = fast_module.conv_pointwise(x, conv, relu=True, residual=other)
+        torch.testing.assert_close(got, F.relu(expected), rtol=1e-5, atol=1e-5)
+        assert (got < 0).sum() == 0 and (got == 0).any()
+        no_relu = fast_module.conv_pointwise(x, conv, relu=False, residual=kept)
+        torch.testing.assert_close(no_relu, expected, rtol=1e-5, atol=1e-5)
+        if residual:
+            assert got.data_ptr() == other.data_ptr()  # the residual's memory holds the result
+
+
+def test_fused_blocks_run_only_in_float32_inference():
+    model = tiny_c4()
+    conv = model.trunk.stem.conv1
+    with torch.inference_mode():
+        fast = optimize_for_inference(model)
+        x = torch.randn(1, 3, 32, 32)
+        assert type(fast.trunk.stem) is fast_module.FusedStem
+        assert all(type(b) is fast_module.FusedBottleneck for b in [*fast.trunk.res3, *fast.roi_heads.res5])
+        folded = fast.trunk.stem.conv1
+        assert fast_module._fusable(x, folded)
+        assert not fast_module._fusable(x.bfloat16(), folded)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fast_module._fusable(x, folded)
+    assert not fast_module._fusable(x, conv)  # no bias: not folded
+    assert type(model.trunk.stem) is Stem  # the original model is left as it was
+
+
+def test_fast_inference_fuses_convs_with_the_plain_detections(monkeypatch):
+    calls = []
+    real = fast_module.conv_pointwise
+    monkeypatch.setattr(fast_module, "conv_pointwise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_c4()
+    images = _images()
+    with torch.inference_mode():
+        expected = model(images)
+        got = optimize_for_inference(model, chunk_size=7)(images)
+    # stem 1, res3 and res4 3 each, res5's first block 2 and second 3 per chunk of RoIs
+    assert len(calls) >= 1 + 3 + 3 + 5
+    _assert_same_detections(got, expected)
