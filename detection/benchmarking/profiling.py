@@ -16,7 +16,8 @@ pooling, res5 nor postprocessing (the box predictor and the glue between them).
 
 FLOPs are the profiler's own (`with_flops=True`) for convolutions and matrix products only,
 the ops torch.utils.flop_counter counts (its totals equal FlopCounterMode's; pooling, NMS and
-elementwise ops are not counted).
+elementwise ops are not counted), and the fast path's fused convolutions, counted as their
+conv2d would be.
 """
 from __future__ import annotations
 
@@ -46,6 +47,24 @@ OURS_LABELS: dict[str, str] = {
 TORCHVISION_LABELS: dict[str, str] = {f"stage.{s}": s for s in STAGES}
 # ops whose FLOPs count: those of torch.utils.flop_counter (the profiler also reports add / mul)
 FLOP_OPS = frozenset({"aten::conv2d", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+# the fast path's fused convolutions (detection.fast.conv_pointwise), for which the profiler
+# reports no FLOPs: counted from their recorded shapes and arguments (fused_conv_flops)
+FUSED_CONV_OPS = frozenset({"mkldnn::_convolution_pointwise", "mkldnn::_convolution_pointwise_"})
+
+
+def fused_conv_flops(event: Any) -> float:
+    """2 x multiply-adds of a fused oneDNN convolution event, as torch.utils.flop_counter
+    counts a conv2d (the bias and the post-ops not counted). Its arguments: (X, W, B, padding,
+    stride, dilation, groups, ...) unary, (X, other, W, B, padding, ...) binary, and
+    (other, X, W, B, padding, ...) for the in-place binary op (the name ending in "_")."""
+    shapes, values = event.input_shapes, event.concrete_inputs
+    unary = len(shapes) == 10
+    x_at, w_at = (0, 1) if unary else ((1, 2) if event.name.endswith("_") else (0, 2))
+    padding, stride, dilation, groups = values[w_at + 2:w_at + 6]
+    (n, c, h, w), (k, _, kh, kw) = shapes[x_at], shapes[w_at]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return 2.0 * n * k * ho * wo * (c // groups) * kh * kw
 
 
 def stage_label(stage: str) -> Any:
@@ -85,9 +104,11 @@ def stages_from_events(events: Any, labels: Mapping[str, str]) -> tuple[dict[str
             outer = _innermost_label(event, labels)
             if outer is not None:  # nested: its time is not the enclosing label's
                 seconds[labels[outer.name]] -= own
-        elif event.name in FLOP_OPS and event.flops and not _inside_flop_op(event, labels):
+        elif (event.name in FLOP_OPS and event.flops and not _inside_flop_op(event, labels)) \
+                or (event.name in FUSED_CONV_OPS and event.input_shapes):
             outer = _innermost_label(event, labels)
-            flops[labels[outer.name] if outer is not None else "unlabelled"] += event.flops
+            count = event.flops if event.name in FLOP_OPS else fused_conv_flops(event)
+            flops[labels[outer.name] if outer is not None else "unlabelled"] += count
     return dict(seconds), dict(flops)
 
 
