@@ -467,15 +467,18 @@ def _add_bias(pooled: Tensor, conv: nn.Conv2d) -> Tensor:
 # ---- conv + bias + ReLU (+ residual) as one oneDNN call, float32 inference -----------
 
 
+# oneDNN's fused convolution: in PyTorch builds with oneDNN (every x86 CPU wheel)
+_FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
 def _fusable(x: Tensor, conv: nn.Module) -> bool:
     """Whether conv_pointwise can run `conv` on `x`: a folded float32 conv (bias, zero
     padding) on the CPU, no autocast (the op has no autocast rule) and no autograd (no
     backward). Anything else runs the unfused ops."""
-    return (type(conv) is nn.Conv2d and conv.bias is not None
+    return (_FUSED_CONV and type(conv) is nn.Conv2d and conv.bias is not None
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
             and x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not (x.requires_grad or conv.weight.requires_grad)
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+            and not torch.is_autocast_enabled("cpu") and not (x.requires_grad or conv.weight.requires_grad))
 
 
 def conv_pointwise(x: Tensor, conv: nn.Conv2d, *, relu: bool, residual: Tensor | None = None) -> Tensor:
@@ -509,12 +512,15 @@ class FusedBasicBlock(BasicBlock):
         if not _fusable(x, self.conv1) or not _fusable(x, self.conv2):
             return super().forward(x)
         out = conv_pointwise(x, self.conv1, relu=True)
-        return conv_pointwise(out, self.conv2, relu=True, residual=self._residual(x))
+        return conv_pointwise(out, self.conv2, relu=True, residual=_block_residual(self, x))
 
-    def _residual(self, x: Tensor) -> Tensor | None:
-        if not self.residual:
-            return None
-        return x if self.shortcut is None else self.shortcut(x)
+
+def _block_residual(block: BasicBlock | Bottleneck, x: Tensor) -> Tensor | None:
+    """What a fused block adds to its last conv: nothing in a plain net, else its input or its
+    shortcut's (fresh) output."""
+    if not block.residual:
+        return None
+    return x if block.shortcut is None else block.shortcut(x)
 
 
 class FusedBottleneck(Bottleneck):
@@ -526,7 +532,7 @@ class FusedBottleneck(Bottleneck):
             return super().forward(x)
         out = conv_pointwise(x, self.conv1, relu=True)
         out = conv_pointwise(out, self.conv2, relu=True)
-        return conv_pointwise(out, self.conv3, relu=True, residual=FusedBasicBlock._residual(self, x))
+        return conv_pointwise(out, self.conv3, relu=True, residual=_block_residual(self, x))
 
 
 _FUSED = {Stem: FusedStem, BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}

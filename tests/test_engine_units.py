@@ -34,6 +34,8 @@ def test_lr_factor_cosine_with_warmup():
     assert lr_factor(120, **kw) == pytest.approx(0.0, abs=1e-12)                # stays at 0 past max_iter
     # the steps and gamma of a multistep schedule do not apply
     assert lr_factor(50, **kw, steps=[20], gamma=0.1) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="max_iter"):
+        lr_factor(5, warmup_iters=0, warmup_factor=1.0, schedule="cosine")
 
 
 def test_scheduler_drives_optimizer_lr():

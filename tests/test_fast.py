@@ -365,3 +365,25 @@ def test_fast_inference_fuses_convs_with_the_plain_detections(monkeypatch):
     # stem 1, res3 and res4 3 each, res5's first block 2 and second 3 per chunk of RoIs
     assert len(calls) >= 1 + 3 + 3 + 5
     _assert_same_detections(got, expected)
+
+
+@pytest.mark.parametrize("block,residual", [("basic", True), ("basic", False), ("bottleneck", True),
+                                            ("bottleneck", False)])
+def test_fused_stage_equals_the_folded_stage(block, residual):
+    # two blocks: the first with a projection shortcut, the second with the identity (in place on
+    # its input) or, in a plain net, none
+    torch.manual_seed(0)
+    width = 8 if block == "bottleneck" else 32
+    stage = make_stage(block, 2, 16, width, stride=2, norm="frozen_bn", stride_in_1x1=False, shortcut="B",
+                       residual=residual)
+    with torch.no_grad():
+        _randomize_frozen_bn(stage)
+    folded = fold_frozen_bn(copy.deepcopy(stage)).eval()
+    fused = fast_module.fuse_blocks(copy.deepcopy(folded))
+    assert all(type(b).__name__.startswith("Fused") for b in fused)
+    x = torch.randn(2, 16, 12, 10).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = folded(x)
+        got = fused(x.clone())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stage.eval()(x), expected, rtol=1e-4, atol=1e-4)

@@ -86,6 +86,8 @@ def lr_factor(iteration: int, *, warmup_iters: int, warmup_factor: float,
     "cosine": half a cosine from 1 at iteration 0 to 0 at max_iter (Detectron2's
     WarmupCosineLR with BASE_LR_END 0; steps and gamma unused)."""
     if schedule == "cosine":
+        if max_iter <= 0:
+            raise ValueError(f"lr_factor: the cosine schedule needs max_iter > 0, got {max_iter}")
         decay = 0.5 * (1.0 + math.cos(math.pi * min(iteration, max_iter) / max_iter))
     else:
         decay = gamma ** bisect.bisect_right(list(steps), iteration)
