@@ -40,7 +40,10 @@ class RPNHead(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """(N, C, H, W) -> objectness logits (N, M) and deltas (N, M, 4), anchor order of
         AnchorGenerator (location-major)."""
-        x = F.relu(self.conv(features))
+        return self.outputs(F.relu(self.conv(features)))
+
+    def outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The output layers on the 3x3 conv's activations."""
         with float32(x):  # the output layers in float32 under autocast (detection/precision.py)
             x = x.float()
             logits = self.objectness_logits(x)  # (N, A, H, W)

@@ -17,7 +17,8 @@ pooling, res5 nor postprocessing (the box predictor and the glue between them).
 FLOPs are the profiler's own (`with_flops=True`) for convolutions and matrix products only,
 the ops torch.utils.flop_counter counts (its totals equal FlopCounterMode's; pooling, NMS and
 elementwise ops are not counted), and the fast path's fused convolutions, counted as their
-conv2d would be.
+conv2d would be. Its Winograd convolutions (detection/winograd.py) count as the direct
+convolution they compute, from their label; the products inside them are not counted.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterator, Mapping
 from torch.profiler import ProfilerActivity, profile
 
 from detection.benchmarking.models import STAGES
+from detection.winograd import PROFILER_LABEL as WINOGRAD_LABEL
 
 # our labels -> the benchmark's stages (the same six as torchvision's staging)
 OURS_LABELS: dict[str, str] = {
@@ -83,10 +85,11 @@ def _innermost_label(event: Any, labels: Mapping[str, str]) -> Any:
 
 def _inside_flop_op(event: Any, labels: Mapping[str, str]) -> bool:
     """True for an op called by another counted op below the same label: under autocast the
-    profiler records aten::conv2d twice (the autocast wrapper's call and the cast call inside)."""
+    profiler records aten::conv2d twice (the autocast wrapper's call and the cast call inside);
+    the products inside a Winograd convolution, which counts as a whole."""
     parent = event.cpu_parent
     while parent is not None and parent.name not in labels:
-        if parent.name in FLOP_OPS:
+        if parent.name in FLOP_OPS or parent.name.startswith(WINOGRAD_LABEL):
             return True
         parent = parent.cpu_parent
     return False
@@ -105,11 +108,18 @@ def stages_from_events(events: Any, labels: Mapping[str, str]) -> tuple[dict[str
             if outer is not None:  # nested: its time is not the enclosing label's
                 seconds[labels[outer.name]] -= own
         elif (event.name in FLOP_OPS and event.flops and not _inside_flop_op(event, labels)) \
-                or (event.name in FUSED_CONV_OPS and event.input_shapes):
+                or (event.name in FUSED_CONV_OPS and event.input_shapes) or event.name.startswith(WINOGRAD_LABEL):
             outer = _innermost_label(event, labels)
-            count = event.flops if event.name in FLOP_OPS else fused_conv_flops(event)
-            flops[labels[outer.name] if outer is not None else "unlabelled"] += count
+            flops[labels[outer.name] if outer is not None else "unlabelled"] += _flops(event)
     return dict(seconds), dict(flops)
+
+
+def _flops(event: Any) -> float:
+    if event.name in FLOP_OPS:
+        return event.flops
+    if event.name in FUSED_CONV_OPS:
+        return fused_conv_flops(event)
+    return float(event.name.removeprefix(WINOGRAD_LABEL))
 
 
 @contextlib.contextmanager

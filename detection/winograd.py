@@ -1,0 +1,139 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray,
+"Fast Algorithms for Convolutional Neural Networks", 2016), for float32 inference on the CPU.
+
+Each 4x4 output tile is computed from its 6x6 input tile d as A^T [(G g G^T) * (B^T d B)] A:
+the 3x3 kernel g and the tile are taken to a 6x6 domain where the convolution is an
+elementwise product, summed over input channels. So a tile costs 36 multiply-adds per
+input/output channel pair instead of 16 x 9 = 144, and the 36 sums over channels are 36
+matrix products (tiles x C) @ (C x K). The transforms are matrix products with the
+Kronecker products of B^T and A^T. The same convolution, rounded differently: outputs
+within about 1e-5 of their scale of the direct convolution's (tests/test_winograd.py).
+
+The tiles are processed in chunks (tile rows, about TILES_PER_CHUNK tiles) so that each
+chunk's gathered input, its transform and the products stay in the cache; each chunk's
+outputs get the bias, the residual and the ReLU while they are there.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import record_function
+
+# Lavin and Gray's F(4x4, 3x3) matrices
+_BT = torch.tensor([[4, 0, -5, 0, 1, 0],
+                    [0, -4, -4, 1, 1, 0],
+                    [0, 4, -4, -1, 1, 0],
+                    [0, -2, -1, 2, 1, 0],
+                    [0, 2, -1, -2, 1, 0],
+                    [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
+_G = torch.tensor([[1 / 4, 0, 0],
+                   [-1 / 6, -1 / 6, -1 / 6],
+                   [-1 / 6, 1 / 6, -1 / 6],
+                   [1 / 24, 1 / 12, 1 / 6],
+                   [1 / 24, -1 / 12, 1 / 6],
+                   [0, 0, 1]], dtype=torch.float64)
+_AT = torch.tensor([[1, 1, 1, 1, 1, 0],
+                    [0, 1, -1, 2, -2, 0],
+                    [0, 1, 1, 4, 4, 0],
+                    [0, 1, -1, 8, -8, 1]], dtype=torch.float64)
+# vec(B^T d B) = (B^T kron B^T) vec(d) for a row-major 6x6 d; likewise for A^T m A
+_IN = torch.kron(_BT, _BT).float()    # (36, 36)
+_OUT = torch.kron(_AT, _AT).float()   # (16, 36)
+
+TILE, WINDOW = 4, 6
+# tiles per chunk for 512 x 512 kernels; the transformed kernels are read once per chunk, so
+# larger kernels get proportionally larger chunks (measured, R50 at 600x800: res5's 7x7 RoI
+# maps 2.0x the direct conv at 128 tiles and 1.25x at 256; the RPN's 1024 x 1024 conv 1.6x at
+# 128 and 1.95x at 256 or more)
+TILES_PER_CHUNK = 128
+# each call runs inside record_function(PROFILER_LABEL + its direct convolution's FLOPs): the
+# benchmark counts those (2 x multiply-adds, as torch.utils.flop_counter counts a conv2d)
+# instead of the products inside, so the work compared stays the convolution's
+PROFILER_LABEL = "winograd_conv3x3 flops="
+
+
+def suitable(conv: nn.Module) -> bool:
+    """A 3x3, stride-1, 'same'-padded, dense convolution: what F(4x4, 3x3) computes."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def transform_weight(weight: Tensor) -> Tensor:
+    """(K, C, 3, 3) kernels -> (36, C, K): G g G^T for each pair, computed in float64."""
+    g = _G.to(weight.device)
+    u = torch.einsum("ai,kcij,bj->abck", g, weight.detach().double(), g)
+    return u.reshape(WINDOW * WINDOW, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+
+
+def _indices(n: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Gather rows (36, P) into the (N*H*W + 1, C) input rows, the last one zero (the
+    padding), and scatter rows (16, P) into the (N*H*W + cropped, K) output rows: each
+    output position a tile covers beyond the map gets its own row past N*H*W (discarded).
+    P = N * ceil(H/4) * ceil(W/4) tiles in (image, tile row, tile column) order."""
+    th, tw = -(-h // TILE), -(-w // TILE)
+    image = torch.arange(n, device=device).view(n, 1, 1, 1, 1)
+    ti = torch.arange(th, device=device).view(1, th, 1, 1, 1)
+    tj = torch.arange(tw, device=device).view(1, 1, tw, 1, 1)
+
+    def rows(size: int, offset: int) -> tuple[Tensor, Tensor]:
+        a = torch.arange(size, device=device)
+        r = TILE * ti + a.view(1, 1, 1, size, 1) + offset
+        c = TILE * tj + a.view(1, 1, 1, 1, size) + offset
+        index = (image * h + r.clamp(0, h - 1)) * w + c.clamp(0, w - 1)
+        return index, ((r >= 0) & (r < h) & (c >= 0) & (c < w)).expand_as(index)
+
+    gather, inside = rows(WINDOW, -1)
+    gather = torch.where(inside, gather, n * h * w).permute(3, 4, 0, 1, 2).reshape(WINDOW * WINDOW, -1)
+    scatter, inside = rows(TILE, 0)
+    spill = n * h * w + torch.cumsum(~inside.reshape(-1), 0) - 1   # a row of its own per cropped position
+    scatter = torch.where(inside.reshape(-1), scatter.reshape(-1), spill).view(inside.shape)
+    return gather, scatter.permute(3, 4, 0, 1, 2).reshape(TILE * TILE, -1)
+
+
+def winograd_conv2d(x: Tensor, u: Tensor, bias: Tensor | None, *, relu: bool = False,
+                    residual: Tensor | None = None, tiles_per_chunk: int | None = None) -> Tensor:
+    """relu(conv3x3(x, g, bias, padding=1) [+ residual]) with u = transform_weight(g).
+    x: (N, C, H, W), float, best channels_last; returns (N, K, H, W) channels_last."""
+    n, c, h, w = x.shape
+    k = u.shape[2]
+    if tiles_per_chunk is None:
+        tiles_per_chunk = TILES_PER_CHUNK * max(1, c * k // 512 ** 2)
+    with record_function(f"{PROFILER_LABEL}{2 * n * h * w * c * k * 9}"):
+        return _winograd(x, u, bias, relu, residual, tiles_per_chunk)
+
+
+def _winograd(x: Tensor, u: Tensor, bias: Tensor | None, relu: bool, residual: Tensor | None,
+              tiles_per_chunk: int) -> Tensor:
+    n, c, h, w = x.shape
+    k = u.shape[2]
+    th, tw = -(-h // TILE), -(-w // TILE)
+    gather, scatter = _indices(n, h, w, x.device)
+    source = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, c), x.new_zeros(1, c)])
+    out = x.new_empty(scatter.max().item() + 1, k)
+    extra = None if residual is None else residual.permute(0, 2, 3, 1).reshape(-1, k)
+    kin, kout = _IN.to(x.device, x.dtype), _OUT.to(x.device, x.dtype)
+    step = max(1, tiles_per_chunk // tw)   # tile rows per chunk
+    for first in range(0, n * th, step):
+        last = min(n * th, first + step)
+        tiles = slice(first * tw, last * tw)
+        d = source.index_select(0, gather[:, tiles].reshape(-1)).view(WINDOW * WINDOW, -1)
+        m = torch.bmm(torch.mm(kin, d).view(WINDOW * WINDOW, -1, c), u)
+        y = torch.mm(kout, m.view(WINDOW * WINDOW, -1)).view(-1, k)
+        out.index_copy_(0, scatter[:, tiles].reshape(-1), y)
+        # the output rows of tile rows first..last-1: contiguous in (image, row, column) order
+        start, stop = (_first_row(t, th, h, w) for t in (first, last))
+        part = out[start:stop]
+        if bias is not None:
+            part += bias
+        if extra is not None:
+            part += extra[start:stop]
+        if relu:
+            part.relu_()
+    return out[: n * h * w].view(n, h, w, k).permute(0, 3, 1, 2)
+
+
+def _first_row(tile_row: int, th: int, h: int, w: int) -> int:
+    """The first output row (in (image, row, column) order) of a tile row."""
+    image, i = divmod(tile_row, th)
+    return (image * h + min(TILE * i, h)) * w

@@ -1,0 +1,132 @@
+"""Winograd F(4x4, 3x3) convolutions (detection/winograd.py) and where the fast path uses them."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detection import fast
+from detection.config import load_config
+from detection.fast import conv_pointwise, optimize_for_inference
+from detection.model import build_model
+from detection.testing import make_sane
+from detection.winograd import suitable, transform_weight, winograd_conv2d
+
+
+def _reference(x, weight, bias, residual=None, relu=False):
+    out = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    if residual is not None:
+        out = out + residual.double()
+    return F.relu(out) if relu else out
+
+
+def test_one_tile_by_hand():
+    """A 4x4 map is one tile: a kernel with a single 1 at the centre copies the map, one at
+    the top-left corner shifts it down-right (the zero padding comes in), and the bias adds."""
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    centre, corner = torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3)
+    centre[0, 0, 1, 1] = corner[0, 0, 0, 0] = 1
+    bias = torch.tensor([0.5])
+    torch.testing.assert_close(winograd_conv2d(x, transform_weight(centre), bias), x + 0.5, rtol=0, atol=1e-5)
+    shifted = torch.tensor([[0, 0, 0, 0], [0, 0, 1, 2], [0, 4, 5, 6], [0, 8, 9, 10]], dtype=torch.float32)
+    torch.testing.assert_close(winograd_conv2d(x, transform_weight(corner), None)[0, 0], shifted, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,c,k,h,w", [(3, 16, 8, 7, 7), (2, 8, 12, 5, 9), (1, 4, 4, 1, 1), (2, 6, 5, 8, 4),
+                                       (1, 3, 2, 13, 2)])
+@pytest.mark.parametrize("tiles_per_chunk", [1, 3, None])
+def test_equals_the_direct_convolution(n, c, k, h, w, tiles_per_chunk):
+    """Map sizes that are and are not multiples of the tile, chunks that end inside and across
+    images; bias, residual and ReLU applied to every output once."""
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(k, c, 3, 3) / (3 * c ** 0.5), torch.randn(k)
+    residual = torch.randn(n, k, h, w).contiguous(memory_format=torch.channels_last)
+    u = transform_weight(weight)
+    got = winograd_conv2d(x, u, bias, relu=True, residual=residual, tiles_per_chunk=tiles_per_chunk)
+    assert got.shape == (n, k, h, w) and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), _reference(x, weight, bias, residual, relu=True), rtol=1e-5, atol=1e-5)
+    plain = winograd_conv2d(x.contiguous(), u, bias, tiles_per_chunk=tiles_per_chunk)  # NCHW input too
+    torch.testing.assert_close(plain.double(), _reference(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_rounding_at_res5_width():
+    """512 channels in and out, as res5's 3x3 convs: within 1e-4 of the outputs' scale (the
+    direct float32 convolution is within about 1e-6)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 512, 7, 7).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(512, 512, 3, 3) / (3 * 512 ** 0.5), torch.randn(512)
+    expected = _reference(x, weight, bias)
+    error = (winograd_conv2d(x, transform_weight(weight), bias).double() - expected).abs().max()
+    assert error < 1e-4 * expected.abs().max()
+
+
+def test_which_convolutions_it_computes():
+    assert suitable(nn.Conv2d(4, 4, 3, padding=1))
+    for conv in (nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.Conv2d(4, 4, 3, padding=2, dilation=2),
+                 nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3),
+                 nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")):
+        assert not suitable(conv)
+
+
+def _model(depth=18):
+    cfg = load_config(None, ["model.backbone.weights=null", f"model.backbone.depth={depth}", "model.num_classes=3",
+                             "model.rpn.pre_nms_topk_test=200", "model.rpn.post_nms_topk_test=24",
+                             "model.roi_heads.score_thresh_test=0.0", "model.roi_heads.pooler_resolution=14"])
+    torch.manual_seed(0)
+    return make_sane(build_model(cfg)).eval()
+
+
+def test_the_fast_path_uses_it_from_256_channels(monkeypatch):
+    """ResNet-18 C4: layer3's 256-channel 3x3 convs (not the strided one), res5's 512-channel
+    ones and the RPN's conv get transformed kernels, outside the state_dict; layers 1-2 (64,
+    128 channels) do not. The detections equal those of the direct convolutions; under
+    bfloat16 autocast no Winograd convolution runs."""
+    model = _model()
+    quick = optimize_for_inference(model)
+    direct = optimize_for_inference(model, winograd=False)
+    have = {name for name, m in quick.named_modules() if hasattr(m, "winograd_weight")}
+    assert "rpn.head.conv" in have and "roi_heads.res5.1.conv1" in have and "roi_heads.res5.0.conv1" not in have
+    assert {n for n in have if n.startswith("trunk.")} == {"trunk.res4.0.conv2", "trunk.res4.1.conv1",
+                                                           "trunk.res4.1.conv2"}
+    assert set(quick.state_dict()) == set(direct.state_dict())
+    calls = []
+    monkeypatch.setattr(fast, "winograd_conv2d", lambda *a, **k: calls.append(a[0].shape) or winograd_conv2d(*a, **k))
+    images = [torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8)]
+    with torch.inference_mode():
+        expected, got = direct(images)[0], quick(images)[0]
+        assert len(calls) == len(have)  # each once: 24 RoIs are one chunk
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            quick(images)
+        assert calls == []
+    assert len(got["boxes"]) == len(expected["boxes"]) > 0
+    torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(got["scores"], expected["scores"], rtol=0, atol=1e-5)
+    assert torch.equal(got["labels"], expected["labels"])
+
+
+def test_fused_rpn_head_equals_the_rpn_head():
+    model = _model()
+    head = copy.deepcopy(model.rpn.head)
+    quick = optimize_for_inference(model).rpn.head
+    x = torch.randn(1, 256, 9, 11).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for got, expected in zip(quick(x), head(x)):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_pointwise_dispatches_on_layout():
+    """A conv with transformed kernels runs Winograd on channels_last inputs; NCHW inputs (res5
+    on small RoI maps) keep oneDNN's convolution."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    conv.register_buffer("winograd_weight", transform_weight(conv.weight), persistent=False)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.inference_mode():
+        nhwc = conv_pointwise(x.contiguous(memory_format=torch.channels_last), conv, relu=True)
+        nchw = conv_pointwise(x, conv, relu=True)
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
