@@ -39,6 +39,7 @@ _AT = torch.tensor([[1, 1, 1, 1, 1, 0],
 # vec(B^T d B) = (B^T kron B^T) vec(d) for a row-major 6x6 d; likewise for A^T m A
 _IN = torch.kron(_BT, _BT).float()    # (36, 36)
 _OUT = torch.kron(_AT, _AT).float()   # (16, 36)
+_KERNEL = torch.kron(_G, _G).float()  # (36, 9)
 
 TILE, WINDOW = 4, 6
 # tiles per chunk for 512 x 512 kernels; the transformed kernels are read once per chunk, so
@@ -60,15 +61,15 @@ def suitable(conv: nn.Module) -> bool:
 
 
 def transform_weight(weight: Tensor) -> Tensor:
-    """(K, C, 3, 3) kernels -> (36, C, K): G g G^T for each pair, computed in float64."""
-    g = _G.to(weight.device)
-    u = torch.einsum("ai,kcij,bj->abck", g, weight.detach().double(), g)
-    return u.reshape(WINDOW * WINDOW, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+    """(K, C, 3, 3) kernels -> (36, C, K): G g G^T for each pair, as one matrix product with
+    G kron G (nothing larger than the result is allocated)."""
+    k, c = weight.shape[:2]
+    taps = weight.detach().permute(1, 0, 2, 3).reshape(c * k, 9)
+    return torch.mm(_KERNEL.to(weight.device, weight.dtype), taps.t()).view(WINDOW * WINDOW, c, k)
 
 
 def _indices(n: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Gather rows (36, P) into the (N*H*W + 1, C) input rows, the last one zero (the
-    padding), and scatter rows (16, P) into the (N*H*W + cropped, K) output rows: each
+    """Gather rows (36, P) into the (N*H*W, C) input rows, -1 for the padding, and scatter rows (16, P) into the (N*H*W + cropped, K) output rows: each
     output position a tile covers beyond the map gets its own row past N*H*W (discarded).
     P = N * ceil(H/4) * ceil(W/4) tiles in (image, tile row, tile column) order."""
     th, tw = -(-h // TILE), -(-w // TILE)
@@ -84,7 +85,7 @@ def _indices(n: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tens
         return index, ((r >= 0) & (r < h) & (c >= 0) & (c < w)).expand_as(index)
 
     gather, inside = rows(WINDOW, -1)
-    gather = torch.where(inside, gather, n * h * w).permute(3, 4, 0, 1, 2).reshape(WINDOW * WINDOW, -1)
+    gather = torch.where(inside, gather, -1).permute(3, 4, 0, 1, 2).reshape(WINDOW * WINDOW, -1)
     scatter, inside = rows(TILE, 0)
     spill = n * h * w + torch.cumsum(~inside.reshape(-1), 0) - 1   # a row of its own per cropped position
     scatter = torch.where(inside.reshape(-1), scatter.reshape(-1), spill).view(inside.shape)
@@ -109,7 +110,9 @@ def _winograd(x: Tensor, u: Tensor, bias: Tensor | None, relu: bool, residual: T
     k = u.shape[2]
     th, tw = -(-h // TILE), -(-w // TILE)
     gather, scatter = _indices(n, h, w, x.device)
-    source = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, c), x.new_zeros(1, c)])
+    source = x.permute(0, 2, 3, 1).reshape(-1, c)   # a view of a channels_last x
+    padding = gather < 0
+    gather = gather.clamp(min=0)
     out = x.new_empty(scatter.max().item() + 1, k)
     extra = None if residual is None else residual.permute(0, 2, 3, 1).reshape(-1, k)
     kin, kout = _IN.to(x.device, x.dtype), _OUT.to(x.device, x.dtype)
@@ -117,7 +120,9 @@ def _winograd(x: Tensor, u: Tensor, bias: Tensor | None, relu: bool, residual: T
     for first in range(0, n * th, step):
         last = min(n * th, first + step)
         tiles = slice(first * tw, last * tw)
-        d = source.index_select(0, gather[:, tiles].reshape(-1)).view(WINDOW * WINDOW, -1)
+        d = source.index_select(0, gather[:, tiles].reshape(-1))
+        d.masked_fill_(padding[:, tiles].reshape(-1, 1), 0)
+        d = d.view(WINDOW * WINDOW, -1)
         m = torch.bmm(torch.mm(kin, d).view(WINDOW * WINDOW, -1, c), u)
         y = torch.mm(kout, m.view(WINDOW * WINDOW, -1)).view(-1, k)
         out.index_copy_(0, scatter[:, tiles].reshape(-1), y)
