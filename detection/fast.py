@@ -50,10 +50,13 @@ What each step does, and why it gives the same numbers (tools/benchmark.py measu
   emits on the CPU), so each output is written once instead of once per elementwise op.
   R50 at 600x800: 1.087x end to end (paired median of 8; 1.48 against 1.60 s), the same
   detections. Under autocast, in training, or for convs that run as taps, the unfused ops.
-- Winograd (float32 inference on the CPU): 3x3 stride-1 convs with at least 256 channels
-  in and out (res4, res5, the RPN's conv; WINOGRAD_MIN_CHANNELS) run as F(4x4, 3x3)
-  (detection/winograd.py): 36 instead of 144 multiply-adds per 4x4 output tile and channel
-  pair. The same convolution rounded differently (about 1e-5 of the outputs' scale).
+- Winograd (float32 on the CPU): 3x3 stride-1 convs with at least 256 channels in and out
+  run as F(4x4, 3x3) (detection/winograd.py): 36 instead of 144 multiply-adds per 4x4 output
+  tile and channel pair. The same convolution rounded differently (about 1e-5 of the
+  outputs' scale). Inference: res4, res5 and the RPN's conv, kernels transformed once (R50
+  at 600x800 1.08-1.11x end to end). Training: res5's, the output and the input's gradient
+  by Winograd, kernels transformed at each step (R50 training step 1.07x); the trunk's and
+  the RPN's were no faster once their kernels are transformed at every step.
 - Chunks: in eval mode res5 runs over `chunk_size` RoIs at a time, so peak memory does not
   grow with the proposal count (RoIs are independent in eval mode; in training all RoIs
   run at once, as trainable BN needs the batch).
@@ -210,6 +213,7 @@ class FastConv2d(nn.Conv2d):
                          padding_mode=conv.padding_mode, device="meta")
         self.weight, self.bias = conv.weight, conv.bias  # the same Parameters
         self.small_maps = small_maps
+        self.winograd = False  # winograd_training_convs
 
     def effective(self) -> tuple[Tensor, Tensor | None]:
         return self.weight, self.bias
@@ -226,6 +230,9 @@ class FastConv2d(nn.Conv2d):
         weight, bias = self.effective()
         if self._small(x):
             return taps_conv2d(x, weight, bias, self.stride, self.padding)
+        if (self.winograd and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and x.is_contiguous(memory_format=torch.channels_last)):
+            return winograd.WinogradConv2d.apply(x, weight, bias)
         return self._conv_forward(x, weight, bias)
 
 
@@ -595,6 +602,21 @@ def winograd_convs(module: nn.Module) -> nn.Module:
     return module
 
 
+def winograd_training_convs(module: nn.Module) -> nn.Module:
+    """In place, for training (res5): the 3x3 stride-1 convs with at least
+    WINOGRAD_MIN_CHANNELS channels in and out run as WinogradConv2d (the output and the
+    input's gradient by Winograd, kernels transformed at each call) in float32 on the CPU
+    with channels_last inputs, and as before otherwise. Same Parameters. Not the trunk's or
+    the RPN's: there the per-step kernel transform cost what Winograd saved (measured)."""
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if winograd.suitable(child) and min(child.in_channels, child.out_channels) >= WINOGRAD_MIN_CHANNELS:
+                if not isinstance(child, FastConv2d):
+                    setattr(parent, name, FastConv2d(child))
+                getattr(parent, name).winograd = True
+    return module
+
+
 # ---- entry points -----------------------------------------------------------------------
 
 
@@ -641,7 +663,8 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
 
 
 def optimize_for_training(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = False,
-                          hoist: bool = True, chunk_size: int | None = CHUNK_SIZE, small_maps: bool = True) -> nn.Module:
+                          hoist: bool = True, chunk_size: int | None = CHUNK_SIZE, small_maps: bool = True,
+                          winograd: bool = True) -> nn.Module:
     """In place: the same parameters (objects, names, values) and gradients, computed faster:
     frozen BN applied through the conv weights, res5's 1x1 convs hoisted, res5's 3x3 convs
     with small outputs as one matmul (small_maps). An optimizer built before or after this
@@ -652,4 +675,6 @@ def optimize_for_training(model: nn.Module, *, fold_bn: bool = True, channels_la
         to_channels_last(model)
     if small_maps:
         small_map_convs(model.roi_heads.res5)
+    if winograd:
+        winograd_training_convs(model.roi_heads.res5)
     return install_runner(model, hoist=hoist, chunk_size=chunk_size)

@@ -60,36 +60,65 @@ def suitable(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros")
 
 
-def transform_weight(weight: Tensor) -> Tensor:
+def transform_weight(weight: Tensor, *, transposed: bool = False) -> Tensor:
     """(K, C, 3, 3) kernels -> (36, C, K): G g G^T for each pair, as one matrix product with
-    G kron G (nothing larger than the result is allocated)."""
+    G kron G (nothing larger than the result is allocated). transposed: (36, K, C) for the
+    transposed convolution (the input's gradient): each kernel flipped, K and C swapped."""
     k, c = weight.shape[:2]
+    kernel = _KERNEL.to(weight.device, weight.dtype)
+    if transposed:
+        return torch.mm(kernel.flip(1), weight.detach().reshape(k * c, 9).t()).view(WINDOW * WINDOW, k, c)
     taps = weight.detach().permute(1, 0, 2, 3).reshape(c * k, 9)
-    return torch.mm(_KERNEL.to(weight.device, weight.dtype), taps.t()).view(WINDOW * WINDOW, c, k)
+    return torch.mm(kernel, taps.t()).view(WINDOW * WINDOW, c, k)
+
+
+class WinogradConv2d(torch.autograd.Function):
+    """conv2d(x, weight, bias, padding=1) for training: the output and the input's gradient
+    (the transposed convolution, itself a 3x3 'same' convolution) by Winograd, the kernels'
+    gradient by the direct convolution's backward. The kernels are transformed at each call
+    (they change at every step)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return winograd_conv2d(x, transform_weight(weight), bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = winograd_conv2d(grad, transform_weight(weight, transposed=True), None)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                                         [0, 0], 1, [False, True, False])[1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b
 
 
 def _indices(n: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Gather rows (36, P) into the (N*H*W, C) input rows, -1 for the padding, and scatter rows (16, P) into the (N*H*W + cropped, K) output rows: each
-    output position a tile covers beyond the map gets its own row past N*H*W (discarded).
-    P = N * ceil(H/4) * ceil(W/4) tiles in (image, tile row, tile column) order."""
+    """Gather rows (36, P) into the (N*H*W, C) input rows and scatter rows (16, P) into the
+    (N*H*W, K) output rows, -1 where a tile reaches past the map (the zero padding; outputs
+    that are cropped). P = N * ceil(H/4) * ceil(W/4) tiles in (image, tile row, tile column)
+    order."""
     th, tw = -(-h // TILE), -(-w // TILE)
     image = torch.arange(n, device=device).view(n, 1, 1, 1, 1)
     ti = torch.arange(th, device=device).view(1, th, 1, 1, 1)
     tj = torch.arange(tw, device=device).view(1, 1, tw, 1, 1)
 
-    def rows(size: int, offset: int) -> tuple[Tensor, Tensor]:
+    def rows(size: int, offset: int) -> Tensor:
         a = torch.arange(size, device=device)
         r = TILE * ti + a.view(1, 1, 1, size, 1) + offset
         c = TILE * tj + a.view(1, 1, 1, 1, size) + offset
-        index = (image * h + r.clamp(0, h - 1)) * w + c.clamp(0, w - 1)
-        return index, ((r >= 0) & (r < h) & (c >= 0) & (c < w)).expand_as(index)
+        index = (image * h + r) * w + c
+        inside = ((r >= 0) & (r < h) & (c >= 0) & (c < w)).expand_as(index)
+        return torch.where(inside, index, -1).permute(3, 4, 0, 1, 2).reshape(size * size, -1)
 
-    gather, inside = rows(WINDOW, -1)
-    gather = torch.where(inside, gather, -1).permute(3, 4, 0, 1, 2).reshape(WINDOW * WINDOW, -1)
-    scatter, inside = rows(TILE, 0)
-    spill = n * h * w + torch.cumsum(~inside.reshape(-1), 0) - 1   # a row of its own per cropped position
-    scatter = torch.where(inside.reshape(-1), scatter.reshape(-1), spill).view(inside.shape)
-    return gather, scatter.permute(3, 4, 0, 1, 2).reshape(TILE * TILE, -1)
+    return rows(WINDOW, -1), rows(TILE, 0)
 
 
 def winograd_conv2d(x: Tensor, u: Tensor, bias: Tensor | None, *, relu: bool = False,
@@ -110,10 +139,12 @@ def _winograd(x: Tensor, u: Tensor, bias: Tensor | None, relu: bool, residual: T
     k = u.shape[2]
     th, tw = -(-h // TILE), -(-w // TILE)
     gather, scatter = _indices(n, h, w, x.device)
-    source = x.permute(0, 2, 3, 1).reshape(-1, c)   # a view of a channels_last x
     padding = gather < 0
     gather = gather.clamp(min=0)
-    out = x.new_empty(scatter.max().item() + 1, k)
+    # the result is not a view (autograd's custom Functions need that): its NHWC rows are
+    out = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    rows = out.permute(0, 2, 3, 1).view(-1, k)
+    source = x.permute(0, 2, 3, 1).reshape(-1, c)   # a view of a channels_last x
     extra = None if residual is None else residual.permute(0, 2, 3, 1).reshape(-1, k)
     kin, kout = _IN.to(x.device, x.dtype), _OUT.to(x.device, x.dtype)
     step = max(1, tiles_per_chunk // tw)   # tile rows per chunk
@@ -122,20 +153,24 @@ def _winograd(x: Tensor, u: Tensor, bias: Tensor | None, relu: bool, residual: T
         tiles = slice(first * tw, last * tw)
         d = source.index_select(0, gather[:, tiles].reshape(-1))
         d.masked_fill_(padding[:, tiles].reshape(-1, 1), 0)
-        d = d.view(WINDOW * WINDOW, -1)
-        m = torch.bmm(torch.mm(kin, d).view(WINDOW * WINDOW, -1, c), u)
+        m = torch.bmm(torch.mm(kin, d.view(WINDOW * WINDOW, -1)).view(WINDOW * WINDOW, -1, c), u)
         y = torch.mm(kout, m.view(WINDOW * WINDOW, -1)).view(-1, k)
-        out.index_copy_(0, scatter[:, tiles].reshape(-1), y)
+        target = scatter[:, tiles].reshape(-1)
+        kept = target >= 0
+        if not bool(kept.all()):   # tiles reaching past the map: drop those outputs
+            kept = kept.nonzero().squeeze(1)
+            y, target = y.index_select(0, kept), target.index_select(0, kept)
+        rows.index_copy_(0, target, y)
         # the output rows of tile rows first..last-1: contiguous in (image, row, column) order
         start, stop = (_first_row(t, th, h, w) for t in (first, last))
-        part = out[start:stop]
+        part = rows[start:stop]
         if bias is not None:
             part += bias
         if extra is not None:
             part += extra[start:stop]
         if relu:
             part.relu_()
-    return out[: n * h * w].view(n, h, w, k).permute(0, 3, 1, 2)
+    return out
 
 
 def _first_row(tile_row: int, th: int, h: int, w: int) -> int:

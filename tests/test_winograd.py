@@ -13,7 +13,7 @@ from detection.config import load_config
 from detection.fast import conv_pointwise, optimize_for_inference
 from detection.model import build_model
 from detection.testing import make_sane
-from detection.winograd import suitable, transform_weight, winograd_conv2d
+from detection.winograd import WinogradConv2d, suitable, transform_weight, winograd_conv2d
 
 
 def _reference(x, weight, bias, residual=None, relu=False):
@@ -130,3 +130,62 @@ def test_conv_pointwise_dispatches_on_layout():
         nhwc = conv_pointwise(x.contiguous(memory_format=torch.channels_last), conv, relu=True)
         nchw = conv_pointwise(x, conv, relu=True)
     torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
+
+
+def test_training_gradients_equal_the_direct_convolution():
+    """WinogradConv2d: the output and the input's gradient by Winograd (the transposed kernels),
+    the kernels' and the bias's gradients as conv2d's; against float64 conv2d."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 7, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = (torch.randn(6, 8, 3, 3) / 8).requires_grad_()
+    bias = torch.randn(6).requires_grad_()
+    grad_out = torch.randn(3, 6, 7, 5)
+    out = WinogradConv2d.apply(x, weight, bias)
+    got = torch.autograd.grad(out, (x, weight, bias), grad_out)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    ref = F.conv2d(x64, w64, b64, padding=1)
+    expected = torch.autograd.grad(ref, (x64, w64, b64), grad_out.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+    frozen_input = WinogradConv2d.apply(x.detach(), weight, None)  # no gradient asked for x
+    assert torch.autograd.grad(frozen_input.sum(), weight)[0].shape == weight.shape
+
+
+def _losses_and_grads(model, images, targets):
+    torch.manual_seed(0)  # the same RPN / RoI samples
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    return ({k: v.detach() for k, v in losses.items()},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def test_training_step_with_winograd_equals_without(monkeypatch):
+    """ResNet-18 C4 at 14x14 pooling: res5's 3x3 stride-1 convs (512 channels, 7x7 RoI maps)
+    train by Winograd on channels_last inputs; the losses and every gradient equal those of the
+    direct convolutions within 1e-4 of their scale. Under bfloat16 autocast it is not used."""
+    from detection.benchmarking.models import synthetic_batch
+    from detection.fast import optimize_for_training
+
+    base = _model().train()
+    images, targets = synthetic_batch(2, (96, 128), 3)
+    direct = optimize_for_training(copy.deepcopy(base), channels_last=True, winograd=False)
+    quick = optimize_for_training(copy.deepcopy(base), channels_last=True)
+    flagged = {n for n, m in quick.named_modules() if getattr(m, "winograd", False)}
+    assert flagged == {"roi_heads.res5.0.conv2", "roi_heads.res5.1.conv1", "roi_heads.res5.1.conv2"}
+    calls = []
+    apply = WinogradConv2d.apply
+    monkeypatch.setattr(WinogradConv2d, "apply", lambda *args: calls.append(args[0].shape) or apply(*args))
+    expected_losses, expected_grads = _losses_and_grads(direct, images, targets)
+    assert calls == []
+    losses, grads = _losses_and_grads(quick, images, targets)
+    assert len(calls) == 3
+    for key, value in expected_losses.items():
+        torch.testing.assert_close(losses[key], value, rtol=1e-4, atol=1e-6)
+    assert grads.keys() == expected_grads.keys()
+    for name, expected in expected_grads.items():
+        assert float((grads[name] - expected).abs().max()) <= 1e-4 * float(expected.abs().max()) + 1e-7, name
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        quick(images, targets)
+    assert calls == []
