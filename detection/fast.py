@@ -657,7 +657,7 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
         fuse_blocks(fast.trunk)
         fuse_blocks(fast.roi_heads.res5)
         fast.rpn.head.__class__ = FusedRPNHead
-        if winograd:
+        if winograd and fast.device.type == "cpu" and not bf16_cpu:  # float32 on the CPU only
             winograd_convs(fast)
     return install_runner(fast, hoist=hoist, chunk_size=chunk_size, channels_last=res5_channels_last)
 
