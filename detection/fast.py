@@ -477,10 +477,16 @@ class Res5Runner:
 
 
 def _add_bias(pooled: Tensor, conv: nn.Conv2d) -> Tensor:
-    """The hoisted conv's bias (e.g. a folded BN shift), added after pooling (see above), in
-    place: the pooled tensor is fresh (a new 60 MB tensor per add cost 8% of R50 inference)."""
+    """The hoisted conv's bias (e.g. a folded BN shift), added after pooling (see above). At
+    inference in place: the pooled tensor is fresh (a new 60 MB tensor per add cost 8% of R50
+    inference). In training out of place: the pooled tensor is a view of the pooling's
+    output, and autograd undoes an in-place op on a view by cloning the whole base in the
+    backward (CopySlices; with the in-place ReLU after it about 8% of an R50 training step)."""
     bias = effective_conv(conv)[1]
-    return pooled if bias is None else pooled.add_(bias.view(1, -1, 1, 1))
+    if bias is None:
+        return pooled
+    bias = bias.view(1, -1, 1, 1)
+    return pooled + bias if pooled.requires_grad else pooled.add_(bias)
 
 
 # ---- conv + bias + ReLU (+ residual) as one oneDNN call, float32 inference -----------

@@ -271,6 +271,25 @@ def _losses_and_grads(model: FasterRCNN) -> tuple[dict, dict]:
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
+def test_training_graph_has_no_in_place_op_on_a_view():
+    """The hoisted convs' bias is added to the pooled views out of place in training: in place,
+    autograd would clone the whole pooled tensor in the backward (CopySlices), about 8% of an
+    R50 training step. The graph of a fast training step holds no such node."""
+    model = optimize_for_training(tiny_c4().train(), channels_last=True)
+    assert model.roi_heads.res5_runner.hoist
+    torch.manual_seed(3)
+    losses = model(_images(), _targets())
+    seen, todo, names = set(), [sum(losses.values()).grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    assert "ConvolutionBackward0" in names and "CopySlices" not in names
+
+
 @pytest.mark.parametrize("stride,bias,size", [(1, False, (3, 3)), (2, True, (6, 6)), (1, True, (4, 3)),
                                                (2, False, (5, 7))])
 def test_taps_conv_equals_conv2d_forward_and_backward(stride, bias, size):

@@ -337,7 +337,8 @@ def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
     for name in models:  # FLOPs, and a warm-up
         torch.manual_seed(0)
         meter = FlopMeter()
-        train_step(states[name], _train_inputs(name, images), targets, meter, amp=name == "fast_amp")
+        with direct_convs(models[name]):
+            train_step(states[name], _train_inputs(name, images), targets, meter, amp=name == "fast_amp")
         result[name]["flops"] = sum(meter.values.values())
     for run in range(args.warmup + args.runs):
         for name in (timed_names if run % 2 == 0 else timed_names[::-1]):
@@ -355,6 +356,20 @@ def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
             print(f"  training run {run}: {name} {sum(meter.values.values()):.3f} s "
                   f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     return result
+
+
+@contextmanager
+def direct_convs(model: torch.nn.Module) -> Iterator[None]:
+    """The fast path's Winograd convs (training) run as direct convs meanwhile: FLOPs count the
+    convolutions computed, as the inference stages do, not Winograd's fewer products."""
+    flagged = [m for m in model.modules() if getattr(m, "winograd", False)]
+    for m in flagged:
+        m.winograd = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.winograd = True
 
 
 def _train_inputs(name: str, images: list[torch.Tensor]) -> list[torch.Tensor]:
