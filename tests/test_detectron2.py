@@ -94,9 +94,14 @@ def test_rpn_proposals_equal_detectron2s(predictor, reference, name):
     theirs = torch.tensor(reference[name]["proposals"])
     ours = proposals[0]
     assert len(ours) == len(theirs) == 1000
-    differ = ((ours - theirs).abs().max(dim=1).values > 0.01).nonzero().flatten()
-    # an NMS tie may swap two neighbours or change the last kept box, nothing more
-    assert len(differ) <= 2, differ[:10].tolist()
+    differ = ((ours - theirs).abs().max(dim=1).values > 0.01).nonzero().flatten().tolist()
+    # Neighbours whose objectness is tied to 1e-4 (1e-5 relative: the float rounding of the fast
+    # path's Winograd convolutions) may come out in either order; apart from such swaps an NMS
+    # tie may change the last kept box or two, nothing more.
+    logits = reference[name]["objectness"]
+    swapped = [i for i in differ if any(0 <= j < len(theirs) and abs(logits[i] - logits[j]) < 1e-4
+                                        and float((ours[i] - theirs[j]).abs().max()) <= 0.01 for j in (i - 1, i + 1))]
+    assert len(swapped) <= 8 and len(differ) - len(swapped) <= 2, differ[:10]
 
 
 @pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
