@@ -61,9 +61,13 @@ from detection.config import ConfigError
 from detection.data import DataError
 from detection.engine.checkpoint import CheckpointError
 from detection.precision import inference_amp
-from detection.fast import (CHUNK_SIZE, fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
+from detection.fast import (AUTO, fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
                             to_channels_last)
 from detection.testing import compare_detections
+
+
+def _chunk_size(value: str) -> int | str:
+    return value if value == AUTO else int(value)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-torchvision", action="store_true", help="also run torchvision's FasterRCNN as C4")
     p.add_argument("--ablation", action="store_true", help="time each inference optimization on its own")
     p.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
-    p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="RoIs per res5 call on the fast path")
+    p.add_argument("--chunk-size", type=_chunk_size, default=AUTO,
+                   help='RoIs per res5 call on the fast path (default "auto": by the pooler resolution)')
     p.add_argument("--train-images", type=int, default=1, help="images per training iteration")
     p.add_argument("--memory-proposals", type=int, default=1000, help="proposals for the peak-memory run")
     p.add_argument("--dataset", help="data set name or path for the loader/eval timing (default: synthetic shapes)")

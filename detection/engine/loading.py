@@ -318,10 +318,10 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
 
 
 def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
-                          chunk_size: int | None = None) -> nn.Module:
+                          chunk_size: int | str = "auto") -> nn.Module:
     """A built detector as the tools run it: on device, in eval mode, `test.amp` set, the
-    fast copy with model.fast_path (`chunk_size` RoIs per res5 call, by default
-    detection.fast.CHUNK_SIZE), wrapped for test-time
+    fast copy with model.fast_path (`chunk_size` RoIs per res5 call; "auto": by the pooler
+    resolution, detection.fast.CHUNK_BINS), wrapped for test-time
     augmentation with test.aug.enabled. build_inference_model ends here; so does
     tools/benchmark.py's evaluation timing, so it times what tools/eval.py runs."""
     from detection.precision import inference_amp
@@ -330,7 +330,7 @@ def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
     model = model.to(device).eval()
     model.amp = inference_amp(cfg.test.amp, device)
     if cfg.model.fast_path:
-        from detection.fast import CHUNK_SIZE, optimize_for_inference
+        from detection.fast import optimize_for_inference
 
-        model = optimize_for_inference(model, chunk_size=chunk_size or CHUNK_SIZE)
+        model = optimize_for_inference(model, chunk_size=chunk_size)
     return build_tta(cfg, model)
