@@ -1,5 +1,6 @@
 """3x3 stride-1 convolutions by Winograd's minimal filtering F(4x4, 3x3) (Lavin and Gray,
-"Fast Algorithms for Convolutional Neural Networks", 2016), for float32 inference on the CPU.
+"Fast Algorithms for Convolutional Neural Networks", 2016), for float32 on the CPU: inference
+(winograd_conv2d with kernels transformed once) and training (WinogradConv2d).
 
 Each 4x4 output tile is computed from its 6x6 input tile d as A^T [(G g G^T) * (B^T d B)] A:
 the 3x3 kernel g and the tile are taken to a 6x6 domain where the convolution is an
