@@ -584,7 +584,7 @@ class FusedRPNHead(RPNHead):
         return self.outputs(conv_pointwise(features, self.conv, relu=True))
 
 
-_FUSED = {Stem: FusedStem, BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck, RPNHead: FusedRPNHead}
+_FUSED = {Stem: FusedStem, BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
 
 
 def fuse_blocks(sequential: nn.Sequential) -> nn.Sequential:
@@ -672,7 +672,8 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     if fold_bn and fuse:
         fuse_blocks(fast.trunk)
         fuse_blocks(fast.roi_heads.res5)
-        fast.rpn.head.__class__ = FusedRPNHead
+        if type(fast.rpn.head) is RPNHead:
+            fast.rpn.head.__class__ = FusedRPNHead
         if winograd and fast.device.type == "cpu" and not bf16_cpu:  # float32 on the CPU only
             winograd_convs(fast)
     return install_runner(fast, hoist=hoist, chunk_size=chunk_size, channels_last=res5_channels_last)
