@@ -383,8 +383,12 @@ AUTO = "auto"
 
 
 def chunk_rois(chunk_size: int | str | None, resolution: int) -> int | None:
-    """RoIs per res5 call: chunk_size, or for "auto" CHUNK_BINS // resolution^2."""
-    return max(1, CHUNK_BINS // resolution ** 2) if chunk_size == AUTO else chunk_size
+    """RoIs per res5 call: chunk_size, or for "auto" CHUNK_BINS // resolution^2 (None: all)."""
+    if chunk_size == AUTO:
+        return max(1, CHUNK_BINS // resolution ** 2)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f'chunk_size: "auto", None or a positive number of RoIs, not {chunk_size!r}')
+    return chunk_size
 
 
 class Res5Runner:

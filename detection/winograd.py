@@ -142,7 +142,8 @@ def _winograd(x: Tensor, u: Tensor, bias: Tensor | None, relu: bool, residual: T
     gather, scatter = _indices(n, h, w, x.device)
     padding = gather < 0
     gather = gather.clamp(min=0)
-    # the result is not a view (autograd's custom Functions need that): its NHWC rows are
+    # `out` itself is returned, not a view of a larger buffer (a custom autograd Function's
+    # output must not be a view); `rows` are its NHWC rows, written chunk by chunk
     out = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     rows = out.permute(0, 2, 3, 1).view(-1, k)
     source = x.permute(0, 2, 3, 1).reshape(-1, c)   # a view of a channels_last x

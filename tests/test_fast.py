@@ -416,6 +416,8 @@ def test_auto_chunks_hold_the_pooled_bins_per_res5_call():
 
     assert chunk_rois("auto", 14) == 64 and chunk_rois("auto", 7) == 256 and chunk_rois("auto", 6) == 348
     assert chunk_rois(7, 14) == 7 and chunk_rois(None, 14) is None
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_rois(0, 14)
     model = tiny_c4()
     model.roi_heads.pooler_resolution = 14
     assert optimize_for_inference(model).roi_heads.res5_runner.chunk_size == 64

@@ -67,7 +67,9 @@ from detection.testing import compare_detections
 
 
 def _chunk_size(value: str) -> int | str:
-    return value if value == AUTO else int(value)
+    if value == AUTO or (value.isdigit() and int(value) > 0):
+        return value if value == AUTO else int(value)
+    raise argparse.ArgumentTypeError(f'"auto" or a positive number of RoIs, not {value!r}')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
