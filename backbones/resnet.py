@@ -198,7 +198,8 @@ def make_stage(
 
 def frozen_batchnorm(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
     """A FrozenBatchNorm2d holding `bn`'s current statistics and affine parameters."""
-    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    with torch.device(bn.running_mean.device):  # where bn is: a CUDA model's norms stay on CUDA
+        frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(frozen, name).copy_(getattr(bn, name))

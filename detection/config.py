@@ -181,6 +181,7 @@ class Config:
     output_dir: str = "output/voc_r101"
     seed: int = 0
     device: str = "auto"
+    tf32: bool = True
     log_period: int = 20
     log: LogConfig = field(default_factory=LogConfig)
 

@@ -102,7 +102,7 @@ class ExportableDetector(nn.Module):
         pooled = heads._pool(features, [proposals])  # (R, C4, S, S)
         roi_features = heads._res5(pooled)  # (R, C5)
         if heads.global_context:  # the whole image (0, 0, W, H) pooled like a RoI
-            whole = torch.cat([torch.zeros(2), size.flip(0)]).unsqueeze(0)  # (1, 4) x1 y1 x2 y2
+            whole = torch.cat([torch.zeros(2, device=size.device), size.flip(0)]).unsqueeze(0)  # (1, 4) x1 y1 x2 y2
             context = heads._res5(heads._pool(features, [whole]))  # (1, C5)
             roi_features = torch.cat([roi_features, context.expand_as(roi_features)], dim=1)  # (R, 2 C5)
         logits, deltas = heads.predictor(roi_features)  # (R, K+1), (R, 4K)
@@ -236,7 +236,7 @@ def _min_with_size(k: int, x: Tensor, dim: int) -> Any:
     if not torch.jit.is_tracing():
         return min(k, x.shape[dim])
     size = torch._shape_as_tensor(x)[dim].unsqueeze(0)
-    return torch.min(torch.cat([torch.tensor([k], dtype=size.dtype), size]))
+    return torch.min(torch.cat([torch.tensor([k], dtype=size.dtype, device=size.device), size]))
 
 
 def _clip(boxes: Tensor, size: Tensor) -> Tensor:

@@ -61,13 +61,14 @@ What each step does, and why it gives the same numbers (tools/benchmark.py measu
   grow with the proposal count (RoIs are independent in eval mode; in training all RoIs
   run at once, as trainable BN needs the batch).
 
-On CUDA (written for it, measured only on the CPU here): every step above is device-agnostic
-(the pooling plan is built on the RoIs' device; embedding_bag has a CUDA kernel).
-Expected there: run training under torch.autocast (solver.amp: fp16 with the trainer's
-GradScaler, or bf16) and pass channels_last=True to optimize_for_training, since tensor
-cores want NHWC; folding and hoisting save the same FLOPs as on the CPU. Data: the
-loaders pin memory when CUDA is available and the trainer copies batches with
-non_blocking=True, so the host-to-device copy overlaps the previous step.
+Per device (`device_plan`; docs/ARCHITECTURE.md has the table): the CPU gets every step above.
+Elsewhere (CUDA) inference folds BN (trainable BN too) and nothing else: the gather pooling
+launched about 3,900 small kernels per image on an H100 (2.8x slower than the plain path),
+so torchvision's RoIAlign kernel pools there, res5 runs all RoIs at once as the plain path
+does, and the CPU kernels (oneDNN post-ops, Winograd, taps) are never installed. Folding only
+removes work, so the default is not slower than `model.fast_path: false` there. Training on
+CUDA keeps the measured set (folded BN, hoisting with gather pooling, channels_last: 77 against
+83 ms a step on an H100); the taps matmul and Winograd are CPU-only at run time as well.
 """
 from __future__ import annotations
 
@@ -219,7 +220,7 @@ class FastConv2d(nn.Conv2d):
         return self.weight, self.bias
 
     def _small(self, x: Tensor) -> bool:
-        if not (self.small_maps and self.groups == 1 and self.dilation == (1, 1)
+        if not (self.small_maps and x.device.type == "cpu" and self.groups == 1 and self.dilation == (1, 1)
                 and self.padding_mode == "zeros" and isinstance(self.padding, tuple)):
             return False
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
@@ -653,34 +654,64 @@ def install_runner(model: nn.Module, *, hoist: bool = True, chunk_size: int | st
     return model
 
 
+@dataclass(frozen=True)
+class InferencePlan:
+    """Which inference steps of the fast path run on a device (see the module docstring)."""
+    fold_bn: bool  # BN folded into the convs (device-neutral: it only removes work)
+    channels_last: bool  # the trunk's (and the RPN's) convs in NHWC
+    res5_channels_last: bool  # res5 in NHWC too
+    small_map_taps: bool  # res5's 3x3 convs with small outputs as one matmul
+    fuse: bool  # bias, ReLU and residual as oneDNN post-ops
+    winograd: bool  # 3x3 stride-1 convs of 256+ channels as F(4x4, 3x3)
+    runner: bool  # Res5Runner: gather pooling, hoisted 1x1 convs, res5 in chunks
+
+
+def inference_plan(device: torch.device | str, *, bf16: bool = False, small_maps: bool = False,
+                   fold_bn: bool = True, channels_last: bool = True, fuse: bool = True,
+                   winograd: bool = True) -> InferencePlan:
+    """The steps for a model on `device`: on the CPU all of them (bf16: under bfloat16
+    autocast; small_maps: pooler resolution below NCHW_RES5_BELOW); elsewhere only folding,
+    since the others are CPU kernels or were measured slower on CUDA."""
+    cpu = torch.device(device).type == "cpu"
+    fused = cpu and fold_bn and fuse
+    return InferencePlan(fold_bn=fold_bn, channels_last=cpu and channels_last,
+                         res5_channels_last=cpu and channels_last and (not small_maps or bf16),
+                         small_map_taps=cpu and small_maps and bf16, fuse=fused,
+                         winograd=fused and winograd and not bf16, runner=cpu)
+
+
 def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True,
                            hoist: bool = True, chunk_size: int | str | None = AUTO, fuse: bool = True,
                            winograd: bool = True) -> nn.Module:
-    """An eval-mode copy of a FasterRCNN that gives the same detections faster (see the module
-    docstring). Run it under torch.inference_mode(), as evaluation does. Its state_dict
-    differs (folded norms); save checkpoints from the original model."""
+    """An eval-mode copy of a FasterRCNN that gives the same detections faster, with the steps
+    of `inference_plan` for the model's device (move the model first). Run it under
+    torch.inference_mode(), as evaluation does. Its state_dict differs (folded norms); save
+    checkpoints from the original model."""
+    chunk_rois(chunk_size, model.roi_heads.pooler_resolution)  # a wrong chunk_size fails on every device
     fast = copy.deepcopy(model).eval().requires_grad_(False)
-    if fold_bn:
-        fold_frozen_bn(freeze_batchnorm(fast))
     # Small RoI maps: NCHW convs in float32; with bfloat16 autocast on the CPU (model.amp,
     # test.amp), NHWC and the 3x3 convs with small outputs as one matmul (taps_conv2d)
-    small_maps = fast.roi_heads.pooler_resolution < NCHW_RES5_BELOW
-    bf16_cpu = bool(getattr(fast, "amp", False)) and fast.device.type == "cpu"
-    res5_channels_last = channels_last and (not small_maps or bf16_cpu)
-    if channels_last:
+    plan = inference_plan(fast.device, bf16=bool(getattr(fast, "amp", False)), fold_bn=fold_bn,
+                          small_maps=fast.roi_heads.pooler_resolution < NCHW_RES5_BELOW,
+                          channels_last=channels_last, fuse=fuse, winograd=winograd)
+    if plan.fold_bn:
+        fold_frozen_bn(freeze_batchnorm(fast))
+    if plan.channels_last:
         to_channels_last(fast)
-        if not res5_channels_last:
+        if not plan.res5_channels_last:
             fast.roi_heads.res5.to(memory_format=torch.contiguous_format)
-    if small_maps and bf16_cpu:
+    if plan.small_map_taps:
         small_map_convs(fast.roi_heads.res5)
-    if fold_bn and fuse:
+    if plan.fuse:
         fuse_blocks(fast.trunk)
         fuse_blocks(fast.roi_heads.res5)
         if type(fast.rpn.head) is RPNHead:
             fast.rpn.head.__class__ = FusedRPNHead
-        if winograd and fast.device.type == "cpu" and not bf16_cpu:  # float32 on the CPU only
-            winograd_convs(fast)
-    return install_runner(fast, hoist=hoist, chunk_size=chunk_size, channels_last=res5_channels_last)
+    if plan.winograd:
+        winograd_convs(fast)
+    if not plan.runner:
+        return fast
+    return install_runner(fast, hoist=hoist, chunk_size=chunk_size, channels_last=plan.res5_channels_last)
 
 
 def optimize_for_training(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = False,

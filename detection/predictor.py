@@ -42,7 +42,7 @@ class Predictor:
         if weights is None:
             raise ValueError("Predictor: no weights: pass weights=PATH or set model.weights in the config")
         self.cfg = cfg
-        self.device = select_device(device)
+        self.device = select_device(device, cfg.tf32)
         self.model, self.weights = build_inference_model(cfg, weights, self.device, explicit)
         names = self.weights.class_names or cfg.model.class_names
         self.class_names = list(names) if names else [f"class {i}" for i in range(1, cfg.model.num_classes + 1)]

@@ -25,5 +25,5 @@ def subsample_labels(labels: Tensor, num_samples: int, positive_fraction: float,
 
 def _pick(indices: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
     # randperm on the CPU so a CPU generator works whatever device the labels are on.
-    order = torch.randperm(indices.numel(), generator=generator)[:count]
+    order = torch.randperm(indices.numel(), generator=generator, device="cpu")[:count]
     return indices[order.to(indices.device)]

@@ -8,10 +8,15 @@ deltas give degenerate proposals. `make_sane` keeps them O(1).
 """
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 SANE_BRANCH_SCALE = 0.25
 
@@ -45,3 +50,60 @@ def compare_detections(ref: dict[str, Tensor], other: dict[str, Tensor], *, box_
     return {"detections": len(ref["boxes"]), "other_detections": len(other["boxes"]), "same_labels": same,
             "max_box_diff_px": box, "max_score_diff": score,
             "equal": same and box <= box_tolerance and score <= score_tolerance}
+
+
+# ---- tensors created without naming their device ------------------------------------------
+
+# torch's tensor factories: each puts its result on the default device unless told otherwise
+# (the ones torch.set_default_device redirects). Functions that follow an input (zeros_like,
+# Tensor.new_zeros, ...) are not here: they are device-safe.
+TENSOR_FACTORIES = tuple(getattr(torch, name) for name in (
+    "tensor", "as_tensor", "scalar_tensor", "zeros", "ones", "full", "empty", "empty_strided",
+    "arange", "range", "linspace", "logspace", "eye", "rand", "randn", "randint", "randperm",
+    "normal", "tril_indices", "triu_indices", "sparse_coo_tensor"))
+_ROOT = Path(__file__).resolve().parents[1]
+_PROJECT = tuple(str(_ROOT / folder) + os.sep for folder in ("detection", "backbones", "tools"))
+_LIBRARIES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(torchvision.__file__) + os.sep)
+
+
+class UnnamedDeviceCheck(TorchFunctionMode):
+    """Records each tensor the project creates on the default device without naming one.
+
+    On a GPU such a tensor lands on the CPU next to a CUDA model or input, and the first op
+    mixing them raises (or, worse, a loop copies it every step). CI has no GPU, so this check
+    finds them on the CPU: a factory call (TENSOR_FACTORIES) without `device=` whose caller is
+    the project's code (detection/, backbones/, tools/), directly or through a library class's
+    constructor (FrozenBatchNorm2d(...), nn.Conv2d(...) without device: the caller chooses the
+    device there). A library function that makes a temporary and moves it itself
+    (torchvision's batched_nms) is not the project's doing and is not recorded. `found` lists
+    "file:line function" for each place, once. Not caught: tensors made on the CPU by other
+    means (torch.from_numpy, .cpu(), a Python number turned into a tensor by an op) and later
+    mixed with a model's tensors on another device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in TENSOR_FACTORIES and kwargs.get("device") is None:
+            place = _project_caller(sys._getframe(1))
+            if place is not None and place not in self.found:
+                self.found.append(place)
+        return func(*args, **kwargs)
+
+
+def _project_caller(frame) -> str | None:
+    """'file:line function' of the project frame that made a factory call, or None when the
+    call came from a library function (not a constructor) or from outside the project."""
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(_PROJECT):
+            return f"{os.path.relpath(filename, _ROOT)}:{frame.f_lineno} {frame.f_code.co_name}"
+        if not filename.startswith(_LIBRARIES):
+            return None  # a test, or another package
+        if frame.f_code.co_name not in ("__init__", "__new__") and "/torch/nn/" not in filename \
+                and "/torch/utils/_device" not in filename and "/torch/overrides" not in filename:
+            return None  # a library function's own temporary
+        frame = frame.f_back
+    return None

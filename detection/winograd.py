@@ -20,23 +20,23 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-# Lavin and Gray's F(4x4, 3x3) matrices
+# Lavin and Gray's F(4x4, 3x3) matrices, on the CPU: Winograd runs only there (detection.fast)
 _BT = torch.tensor([[4, 0, -5, 0, 1, 0],
                     [0, -4, -4, 1, 1, 0],
                     [0, 4, -4, -1, 1, 0],
                     [0, -2, -1, 2, 1, 0],
                     [0, 2, -1, -2, 1, 0],
-                    [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
+                    [0, 4, 0, -5, 0, 1]], dtype=torch.float64, device="cpu")
 _G = torch.tensor([[1 / 4, 0, 0],
                    [-1 / 6, -1 / 6, -1 / 6],
                    [-1 / 6, 1 / 6, -1 / 6],
                    [1 / 24, 1 / 12, 1 / 6],
                    [1 / 24, -1 / 12, 1 / 6],
-                   [0, 0, 1]], dtype=torch.float64)
+                   [0, 0, 1]], dtype=torch.float64, device="cpu")
 _AT = torch.tensor([[1, 1, 1, 1, 1, 0],
                     [0, 1, -1, 2, -2, 0],
                     [0, 1, 1, 4, 4, 0],
-                    [0, 1, -1, 8, -8, 1]], dtype=torch.float64)
+                    [0, 1, -1, 8, -8, 1]], dtype=torch.float64, device="cpu")
 # vec(B^T d B) = (B^T kron B^T) vec(d) for a row-major 6x6 d; likewise for A^T m A
 _IN = torch.kron(_BT, _BT).float()    # (36, 36)
 _OUT = torch.kron(_AT, _AT).float()   # (16, 36)

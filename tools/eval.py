@@ -106,7 +106,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     source = ResultsSource.of("results" if args.results else "weights", given)
     print(f"results go to {out_root}")
     check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work
-    device = select_device(cfg.device)
+    device = select_device(cfg.device, cfg.tf32)
     model, weights = (None, None) if args.results else _model(cfg, args.weights, device, override_keys(args))
     # scoring saved results reads the annotations only, not the images
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,

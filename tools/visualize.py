@@ -80,7 +80,7 @@ def run(cfg, args: argparse.Namespace) -> int:
 
     from detection.engine.distributed import select_device
 
-    device = select_device(cfg.device)
+    device = select_device(cfg.device, cfg.tf32)
     model, weights = None, None
     if args.weights:  # read once: the weights and the class names training saved with them
         from detection.engine.loading import build_inference_model

@@ -153,7 +153,7 @@ class TrainingSampler(Sampler[int]):
         while True:
             gen = torch.Generator()
             gen.manual_seed((self.seed + epoch) % 2**63)
-            perm = torch.randperm(self.size, generator=gen)
+            perm = torch.randperm(self.size, generator=gen, device="cpu")
             total = per_rank * self.world_size
             perm = perm.repeat(math.ceil(total / self.size))[:total]  # pad by wrapping around
             yield from perm[self.rank:total:self.world_size].tolist()
@@ -243,8 +243,8 @@ class TrainDataset(Dataset):
         else:
             raise DataError(f"{_MAX_REPLACEMENTS} unreadable images in a row; last: {record['file_name']}")
         img, boxes, labels = self.transform(img, record["boxes"], record["labels"])
-        target = {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                  "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1)}
+        target = {"boxes": torch.as_tensor(boxes, dtype=torch.float32, device="cpu").reshape(-1, 4),
+                  "labels": torch.as_tensor(labels, dtype=torch.int64, device="cpu").reshape(-1)}
         return _to_chw_tensor(img), target
 
 
@@ -310,7 +310,7 @@ def _shared_flags(size: int) -> torch.Tensor:
     """One byte per record, in shared memory: worker processes (forked or spawned) all see a
     bad image flagged by any of them, so each bad file is reported once, not once per epoch
     and worker."""
-    return torch.zeros(size, dtype=torch.uint8).share_memory_()
+    return torch.zeros(size, dtype=torch.uint8, device="cpu").share_memory_()
 
 
 def _read_checked(record: dict, index: int, skip: bool, bad: torch.Tensor) -> np.ndarray | None:

@@ -19,11 +19,12 @@ __all__ = ["all_gather_object", "get_rank", "get_world_size", "init_distributed"
 
 
 def init_distributed(device: torch.device) -> bool:
-    """Join the process group that `torchrun` describes in the environment, if any.
-    Returns True when running distributed (WORLD_SIZE > 1)."""
+    """Join the process group that `torchrun` describes in the environment, if any (also for
+    `torchrun --nproc_per_node 1`: the same DDP and NCCL code as on more GPUs). Returns True
+    when running under torchrun."""
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size() > 1
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

@@ -91,7 +91,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> nn.M
     if resume and overwrite:
         raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: "
                          "give one of them")
-    device = du.select_device(cfg.device)
+    device = du.select_device(cfg.device, cfg.tf32)
     distributed = du.init_distributed(device)
     lock = _lock_output_dir(Path(cfg.output_dir))
     try:
@@ -325,7 +325,7 @@ def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
     main = du.is_main_process()
     try:
         with tqdm(total=cfg.solver.max_iter, initial=state.iteration, disable=not main, dynamic_ncols=True,
-                  desc="train") as bar, logging_redirect_tqdm(), GracefulStop() as stop, \
+                  desc="train") as bar, logging_redirect_tqdm(), GracefulStop(device) as stop, \
                 MetricsLog(out_dir, tensorboard=tensorboard and main, start_iter=state.iteration) as log:
             _iterations(cfg, state, model, data, device, out_dir, bar, stop, log)
     except TrainingStopped:
@@ -380,7 +380,8 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        self.device = device  # where the ranks' agreement is reduced (NCCL reduces CUDA tensors only)
         self.signum = 0
         self.saving = False
         self._previous: dict = {}
@@ -409,7 +410,7 @@ class GracefulStop:
     def agreed(self) -> bool:
         """Whether any rank got a signal (every rank calls this once per iteration)."""
         if du.get_world_size() > 1:
-            flag = torch.tensor([self.signum], dtype=torch.int64)
+            flag = torch.tensor([self.signum], dtype=torch.int64, device=self.device)  # NCCL: on the GPU
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             self.signum = int(flag.item())
         return bool(self.signum)
