@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test test-fast demo setup clean-demo chromium
+.PHONY: test test-fast test-gpu demo setup clean-demo chromium
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ chromium:
 # The edit-test loop: everything but the end-to-end runs marked `slow` (tests/conftest.py).
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -m "not slow"
+
+# The GPU suite (tests/test_cuda.py, marker `cuda`): every tool on CUDA, a few minutes on one GPU;
+# where torch.cuda.is_available() is False its tests skip, saying why. It runs .venv's python where
+# there is one, else python3 (the lent GPU machine: `source .gpu/setup.sh` first, see the README).
+test-gpu:
+	$(if $(wildcard $(PY)),$(PY),python3) -m pytest tests -q -m cuda
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

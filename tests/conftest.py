@@ -12,6 +12,8 @@ torch.set_num_threads(1)
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cuda: the GPU suite (tests/test_cuda.py, `make test-gpu`); skipped "
+                                       "where torch.cuda.is_available() is False")
     config.addinivalue_line("markers", "slow: an end-to-end run (training, a tool's command line, "
                                        "a subprocess); `make test-fast` leaves these out")
 

@@ -3,7 +3,7 @@
 generic Faster R-CNN assembled as C4 with the same weights and the same work.
 
     python tools/benchmark.py --config configs/coco_r50.yaml --compare-torchvision \\
-        [--image-size 600 800] [--runs 3] [--json out.json] [KEY=VALUE ...]
+        [--image-size 600 800] [--runs 3] [--device cpu|cuda] [--json out.json] [KEY=VALUE ...]
 
 Measures (medians over --runs after warm-up; baseline and ours interleaved, since the
 machine is shared and noisy; the load average is reported with the numbers):
@@ -18,7 +18,8 @@ machine is shared and noisy; the load average is reported with the numbers):
   training   one SGD iteration (forward, backward, step) on --train-images images; also
              the fast path under solver.amp's autocast (bfloat16 on the CPU, float16 on CUDA)
   memory     peak RSS of one inference at --memory-proposals proposals, each model in its
-             own child process (ru_maxrss is a process-wide high-water mark)
+             own child process (ru_maxrss is a process-wide high-water mark); on CUDA peak GPU
+             memory (torch.cuda.max_memory_allocated) in this process, and in training too
   data       data-loader throughput (decode + augmentation + batching) and evaluation time,
              on a synthetic shapes set written to a temp dir (or --dataset NAME)
 The weights are random (pretrained ones cannot be downloaded here), made sane by
@@ -27,6 +28,12 @@ values. "Equal work" is checked as total FLOPs of our plain path against torchvi
 within 10%, the same proposals (matched as sets) and the same number of detections (its
 detections are compared with ours too); the hoisted path's FLOPs are reported apart. Unequal work: the targets are
 reported "not comparable", none as met.
+
+--device cuda: the same report on the GPU. Timings are synchronised (torch.cuda.synchronize
+around each), stage times are the GPU time of the kernels launched under each label (the
+profiler's CUDA activity), the hardware probe measures float32, TF32 and float16/bfloat16
+matrix products and convolutions, and the targets are the GPU's (report.CUDA_TARGETS). The
+config's `tf32` setting applies (select_device).
 """
 from __future__ import annotations
 
@@ -61,6 +68,7 @@ from detection.config import ConfigError
 from detection.data import DataError
 from detection.engine.checkpoint import CheckpointError
 from detection.precision import inference_amp
+from detection.utils.comm import select_device, set_tf32
 from detection.fast import (AUTO, fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
                             to_channels_last)
 from detection.testing import compare_detections
@@ -81,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed runs after the first pass, which counts FLOPs and warms up")
     p.add_argument("--compare-torchvision", action="store_true", help="also run torchvision's FasterRCNN as C4")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run (default cpu)")
     p.add_argument("--ablation", action="store_true", help="time each inference optimization on its own")
     p.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
     p.add_argument("--chunk-size", type=_chunk_size, default=AUTO,
@@ -106,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--runs must be >= 1 and --warmup >= 0")
     if args.dataset and args.eval_images is not None:
         p.error("--eval-images sets how many images are generated; with --dataset the whole data set is timed")
+    if args.onnx and args.device == "cuda":
+        p.error("--onnx times ONNX Runtime on the CPU against the fast path there: leave out --device cuda")
     if args.eval_images is None:
         args.eval_images = 4
     elif args.eval_images < 1:
@@ -179,17 +190,39 @@ def median_time(fn: Callable[[], Any], runs: int = 5) -> float:
     return statistics.median(timed(fn) for _ in range(runs))
 
 
-def hardware_throughput(quick: bool = False) -> dict[str, float]:
+def hardware_throughput(quick: bool = False, device: str = "cpu") -> dict[str, float]:
     """GFLOP/s of an n^3 fp32 matmul (n = 2048) and of a res5-like 3x3 conv (16 x 512 x 14 x 14
-    -> 512); `quick` shrinks both 8x (smoke tests)."""
-    n, batch = (1024, 2) if quick else (2048, 16)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = {"matmul_gflops": 2 * n**3 / median_time(lambda: a @ b) / 1e9}
-    x, w = torch.randn(batch, 512, 14, 14), torch.randn(512, 512, 3, 3)
-    flops = 2 * batch * 14 * 14 * 512 * 512 * 9
-    out["conv3x3_gflops"] = flops / median_time(lambda: torch.conv2d(x, w, padding=1)) / 1e9
+    -> 512); `quick` shrinks both 8x (smoke tests). On CUDA (n = 8192, 128 RoI maps) float32
+    without TF32, then TF32, float16 and bfloat16 (`*_tf32_gflops`, ...), the TF32 flags put
+    back as they were."""
+    cuda = device == "cuda"
+    n, batch = (1024, 2) if quick else ((8192, 128) if cuda else (2048, 16))
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    x, w = torch.randn(batch, 512, 14, 14, device=device), torch.randn(512, 512, 3, 3, device=device)
+    conv_flops = 2 * batch * 14 * 14 * 512 * 512 * 9
+    if not cuda:
+        return _throughputs(a, b, x, w, conv_flops, "")
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        set_tf32(False)
+        out = _throughputs(a, b, x, w, conv_flops, "")
+        set_tf32(True)
+        out.update(_throughputs(a, b, x, w, conv_flops, "_tf32"))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    for dtype, name in ((torch.float16, "_fp16"), (torch.bfloat16, "_bf16")):
+        out.update(_throughputs(a.to(dtype), b.to(dtype), x.to(dtype), w.to(dtype), conv_flops, name))
+    return out
+
+
+def _throughputs(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv_flops: float,
+                 suffix: str) -> dict[str, float]:
+    """matmul_gflops{suffix}, conv3x3_gflops{suffix} and conv3x3_channels_last_gflops{suffix}."""
+    n = a.shape[0]
+    out = {f"matmul{suffix}_gflops": 2 * n**3 / median_time(lambda: a @ b) / 1e9,
+           f"conv3x3{suffix}_gflops": conv_flops / median_time(lambda: torch.conv2d(x, w, padding=1)) / 1e9}
     x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
-    out["conv3x3_channels_last_gflops"] = flops / median_time(lambda: torch.conv2d(x, w, padding=1)) / 1e9
+    out[f"conv3x3_channels_last{suffix}_gflops"] = conv_flops / median_time(lambda: torch.conv2d(x, w, padding=1)) / 1e9
     return out
 
 
@@ -208,25 +241,35 @@ def inference_variants(plain: torch.nn.Module, tv: torch.nn.Module | None, args:
                                                   hoist=False, chunk_size=None)
         variants["+hoist"] = install_runner(copy.deepcopy(variants["+channels_last"]), hoist=True, chunk_size=None)
     variants["fast"] = optimize_for_inference(plain, chunk_size=args.chunk_size)
-    if inference_amp(True, next(plain.parameters()).device):  # test.amp: bfloat16 where the CPU has it
-        variants["fast_bf16"] = copy.deepcopy(variants["fast"])
-        variants["fast_bf16"].amp = True
+    device = next(plain.parameters()).device
+    if inference_amp(True, device):  # test.amp: bfloat16 where the CPU has it, float16 on CUDA
+        amp = optimize_for_inference(_with_amp(plain), chunk_size=args.chunk_size)
+        variants["fast_fp16" if device.type == "cuda" else "fast_bf16"] = amp
     if tv is not None:
         variants["torchvision"] = tv
     return variants
+
+
+def _with_amp(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` that runs inference under autocast (test.amp)."""
+    amp = copy.deepcopy(model)
+    amp.amp = True
+    return amp
 
 
 def profiled_inference(name: str, model: torch.nn.Module, images: list[torch.Tensor], with_flops: bool = False
                        ) -> tuple[list[dict], dict[str, float], dict[str, float], list[torch.Tensor]]:
     """One inference under torch.profiler: (detections, seconds and FLOPs per stage per image,
     proposals per image). Ours runs its real forward (model(images)) and is read through its
-    c4det.* labels; torchvision runs staged, each stage in a label of its own."""
+    c4det.* labels; torchvision runs staged, each stage in a label of its own. On CUDA the
+    seconds are the GPU time of each stage's kernels."""
+    device = images[0].device.type
     if name == "torchvision":
         (dets, proposals), seconds, flops = profile_stages(lambda: staged_torchvision(model, images, stage_label),
-                                                           TORCHVISION_LABELS, len(images), with_flops)
+                                                           TORCHVISION_LABELS, len(images), with_flops, device)
         return dets, seconds, flops, proposals
     with ProposalRecorder(model) as recorder:
-        dets, seconds, flops = profile_stages(lambda: model(images), OURS_LABELS, len(images), with_flops)
+        dets, seconds, flops = profile_stages(lambda: model(images), OURS_LABELS, len(images), with_flops, device)
     return dets, seconds, flops, recorder.proposals
 
 
@@ -329,30 +372,39 @@ def print_onnx(onnx: dict) -> None:
 def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
                    args: argparse.Namespace) -> dict:
     """One iteration per model and run. lr = 0: the same arithmetic as training, but the
-    weights stay put, so every run does the same work."""
+    weights stay put, so every run does the same work. On CUDA also each model's step peak:
+    the most GPU memory a step held above what was allocated before it (`step_peak_mb`)."""
     models = {"plain": copy.deepcopy(plain).train(),  # the fast ones as the trainer sets them up
               "fast": optimize_for_training(copy.deepcopy(plain), channels_last=True).train(),
               "fast_amp": optimize_for_training(copy.deepcopy(plain), channels_last=True).train()}
     if tv is not None:
         models["torchvision"] = copy.deepcopy(tv).train()
+        if next(plain.parameters()).is_cuda:  # GPU targets compare AMP steps (float16, GradScaler-free at lr 0)
+            models["torchvision_amp"] = copy.deepcopy(tv).train()
+    amp = {"fast_amp", "torchvision_amp"}
     timed_names = [n for n in models if n != "plain" or args.ablation or tv is None]
     images, targets = synthetic_batch(args.train_images, tuple(args.image_size), cfg.model.num_classes)
+    device = next(plain.parameters()).device
+    images = [img.to(device) for img in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     s = cfg.solver
     result = {name: {"flops": 0.0, "iteration_s": [], "iteration_cpu_s": [], "parts_s": defaultdict(list)}
               for name in models}
-    states = {n: bench_state(m, s.momentum, s.weight_decay, ours=n != "torchvision") for n, m in models.items()}
+    states = {n: bench_state(m, s.momentum, s.weight_decay, ours=not n.startswith("torchvision"))
+              for n, m in models.items()}
     for name in models:  # FLOPs, and a warm-up
         torch.manual_seed(0)
         meter = FlopMeter()
         with direct_convs(models[name]):
-            train_step(states[name], _train_inputs(name, images), targets, meter, amp=name == "fast_amp")
+            train_step(states[name], _train_inputs(name, images), targets, meter, amp=name in amp)
         result[name]["flops"] = sum(meter.values.values())
     for run in range(args.warmup + args.runs):
         for name in (timed_names if run % 2 == 0 else timed_names[::-1]):
             torch.manual_seed(run)  # the same RPN / RoI samples for every model
             meter = TimeMeter()
             cpu = time.process_time()
-            train_step(states[name], _train_inputs(name, images), targets, meter, amp=name == "fast_amp")
+            with gpu_peak(result[name], device.type == "cuda"):
+                train_step(states[name], _train_inputs(name, images), targets, meter, amp=name in amp)
             cpu = time.process_time() - cpu
             if run >= args.warmup:
                 result[name]["iteration_s"].append(sum(meter.values.values()))
@@ -363,6 +415,22 @@ def bench_training(cfg: Any, plain: torch.nn.Module, tv: torch.nn.Module | None,
             print(f"  training run {run}: {name} {sum(meter.values.values()):.3f} s "
                   f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     return result
+
+
+@contextmanager
+def gpu_peak(entry: dict, cuda: bool) -> Iterator[None]:
+    """On CUDA: entry["step_peak_mb"] = the largest GPU memory, above what was allocated before,
+    that the block held (over all the blocks measured into this entry). Nothing on the CPU."""
+    if not cuda:
+        yield
+        return
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    entry["step_peak_mb"] = max(entry.get("step_peak_mb", 0.0), peak)
 
 
 @contextmanager
@@ -380,7 +448,7 @@ def direct_convs(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _train_inputs(name: str, images: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [img / 255 for img in images] if name == "torchvision" else images
+    return [img / 255 for img in images] if name.startswith("torchvision") else images
 
 
 # ---- peak memory (child processes) ---------------------------------------------------------
@@ -401,21 +469,48 @@ def max_rss_mb() -> float:
 
 def child_main(args: argparse.Namespace) -> int:
     """One inference at --memory-proposals proposals; prints {"max_rss_mb", ...} as JSON."""
-    cfg = bench_config(args, [f"model.rpn.post_nms_topk_test={args.memory_proposals}"])
-    model = build_bench_model(cfg, args)
-    if args.child == "fast":
-        model = optimize_for_inference(model, chunk_size=args.chunk_size)
-    elif args.child == "torchvision":
-        model = build_torchvision_c4(model, cfg)
+    model, images = _memory_model(args, args.child)
     gc.collect()
     before = max_rss_mb()
-    images, _ = synthetic_batch(1, tuple(args.image_size), cfg.model.num_classes)
-    if args.child == "torchvision":
-        images = [img / 255 for img in images]
     with torch.inference_mode():
         model(images)
     print(json.dumps({"max_rss_mb": max_rss_mb(), "max_rss_before_inference_mb": before}))
     return 0
+
+
+def bench_gpu_memory(args: argparse.Namespace, kinds: list[str]) -> dict:
+    """On CUDA, in this process: each model's peak GPU memory in one inference at
+    --memory-proposals proposals (torch.cuda.max_memory_allocated), the model's own weights
+    included, one model on the GPU at a time."""
+    result = {}
+    for kind in kinds:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model, images = _memory_model(args, kind)
+        before = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            model(images)
+        torch.cuda.synchronize()
+        result[kind] = {"max_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
+                        "gpu_before_inference_mb": before / 2**20}
+        del model, images
+        print(f"  memory: {kind} {result[kind]['max_gpu_mb']:.0f} MB (GPU)", file=sys.stderr)
+    return result
+
+
+def _memory_model(args: argparse.Namespace, kind: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """The model `kind` (plain, fast, torchvision) at --memory-proposals proposals, on --device,
+    and one synthetic image for it."""
+    cfg = bench_config(args, [f"model.rpn.post_nms_topk_test={args.memory_proposals}"])
+    model = build_bench_model(cfg, args)
+    if kind == "torchvision":
+        model = build_torchvision_c4(model, cfg)
+    model = model.to(args.device).eval()
+    if kind == "fast":
+        model = optimize_for_inference(model, chunk_size=args.chunk_size)
+    images, _ = synthetic_batch(1, tuple(args.image_size), cfg.model.num_classes)
+    images = [img.to(args.device) / (255 if kind == "torchvision" else 1) for img in images]
+    return model, images
 
 
 def bench_memory(args: argparse.Namespace, argv: list[str], kinds: list[str]) -> dict:
@@ -472,7 +567,7 @@ def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict:
     from detection.tta import DetectorWithTTA
 
     cfg = bench_config(args, [f"model.num_classes={len(val_ds.class_names)}"])
-    prepared = prepare_for_inference(cfg, build_ours(cfg), torch.device("cpu"), chunk_size=args.chunk_size)
+    prepared = prepare_for_inference(cfg, build_ours(cfg), torch.device(args.device), chunk_size=args.chunk_size)
     model = TimedModel(prepared)
     detector = prepared.model if isinstance(prepared, DetectorWithTTA) else prepared
     passes: list[int] = []  # images through the detector's inference, one entry per call
@@ -484,7 +579,7 @@ def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict:
 
     detector.inference = counted_inference
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()):  # progress bar
-        total = timed(lambda: evaluate_test_sets([val_ds], model=model, device="cpu", output_dir=out,
+        total = timed(lambda: evaluate_test_sets([val_ds], model=model, device=args.device, output_dir=out,
                                                  num_workers=cfg.dataloader.num_workers))
         metrics = timed(lambda: evaluate_test_sets([val_ds], results=out))
     n = len(val_ds.records)
@@ -503,15 +598,21 @@ def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict:
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     cfg = bench_config(args)
+    device = select_device(args.device, cfg.tf32)
     report: dict[str, Any] = {"command": " ".join(["python", "tools/benchmark.py", *argv]),
                               "image_size": args.image_size, "proposals": cfg.model.rpn.post_nms_topk_test,
                               "weights": args.weights or "random (sane)", "threads": torch.get_num_threads(),
                               "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                              "loadavg_start": os.getloadavg()}
-    report["hardware"] = hardware_throughput(args.quick)
+                              "device": device.type, "loadavg_start": os.getloadavg()}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+        report["tf32"] = cfg.tf32
+    report["hardware"] = hardware_throughput(args.quick, device.type)
     plain = build_bench_model(cfg, args)
-    tv = build_torchvision_c4(plain, cfg) if args.compare_torchvision else None
+    tv = build_torchvision_c4(plain, cfg).to(device) if args.compare_torchvision else None
+    plain = plain.to(device)
     images, _ = synthetic_batch(1, tuple(args.image_size), cfg.model.num_classes)
+    images = [img.to(device) for img in images]
     report["inference"] = bench_inference(inference_variants(plain, tv, args), images, args)
     if args.onnx:
         report["onnx"] = bench_onnx(plain, images, args)
@@ -519,7 +620,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         report["training"] = bench_training(cfg, plain, tv, args)
     if not args.no_memory:
         kinds = ["plain", "fast"] + (["torchvision"] if tv is not None else [])
-        report["memory"] = bench_memory(args, _child_argv(argv), kinds)
+        report["memory"] = (bench_gpu_memory(args, kinds) if device.type == "cuda"
+                            else bench_memory(args, _child_argv(argv), kinds))
         report["memory_proposals"] = args.memory_proposals
     if not args.no_data:
         with tempfile.TemporaryDirectory() as tmp:

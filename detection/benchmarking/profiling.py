@@ -9,7 +9,8 @@ is staged by detection.benchmarking.models.staged_torchvision inside labels of i
 
 Each op and each label belongs to its innermost enclosing label; a label's seconds are its
 CPU time (the profiler's cpu_time_total: wall time on the calling thread, intra-op threads
-included) minus that of the labels nested in it, summed over its occurrences (the fast path
+included; on CUDA its device_time_total, the GPU time of the kernels launched under it) minus
+that of the labels nested in it, summed over its occurrences (the fast path
 enters `c4det.pool` and `c4det.res5` once per chunk). So the stages add up to the labelled
 part of the call, nothing is counted twice, and `c4det.roi_heads` keeps only what is neither
 pooling, res5 nor postprocessing (the box predictor and the glue between them).
@@ -28,6 +29,7 @@ import sys
 from collections import defaultdict
 from typing import Any, Callable, Iterator, Mapping
 
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from detection.benchmarking.models import STAGES
@@ -95,14 +97,15 @@ def _inside_flop_op(event: Any, labels: Mapping[str, str]) -> bool:
     return False
 
 
-def stages_from_events(events: Any, labels: Mapping[str, str]) -> tuple[dict[str, float], dict[str, float]]:
+def stages_from_events(events: Any, labels: Mapping[str, str], device: str = "cpu"
+                       ) -> tuple[dict[str, float], dict[str, float]]:
     """(seconds per stage, FLOPs per stage) from a profile's events (prof.events()); FLOPs of
-    ops outside every label go to "unlabelled"."""
+    ops outside every label go to "unlabelled". device "cuda": GPU time per label."""
     seconds: dict[str, float] = defaultdict(float)
     flops: dict[str, float] = defaultdict(float)
     for event in events:
-        if event.name in labels:
-            own = event.cpu_time_total / 1e6  # microseconds
+        if event.name in labels and event.device_type == DeviceType.CPU:  # not the GPU's copy of a label
+            own = (event.device_time_total if device == "cuda" else event.cpu_time_total) / 1e6  # microseconds
             seconds[labels[event.name]] += own
             outer = _innermost_label(event, labels)
             if outer is not None:  # nested: its time is not the enclosing label's
@@ -137,11 +140,12 @@ def _quiet_fd2() -> Iterator[None]:
 
 
 def profile_stages(fn: Callable[[], Any], labels: Mapping[str, str], num_images: int = 1,
-                   with_flops: bool = False) -> tuple[Any, dict[str, float], dict[str, float]]:
-    """Runs fn() once under torch.profiler (CPU activity); returns (fn's result, seconds per
-    stage per image, FLOPs per stage per image; FLOPs only with `with_flops`, which records
-    shapes and costs time, so the timed runs go without)."""
-    prof = profile(activities=[ProfilerActivity.CPU], with_flops=with_flops, record_shapes=with_flops)
+                   with_flops: bool = False, device: str = "cpu") -> tuple[Any, dict[str, float], dict[str, float]]:
+    """Runs fn() once under torch.profiler (CPU activity, and CUDA's on "cuda"); returns (fn's
+    result, seconds per stage per image, FLOPs per stage per image; FLOPs only with
+    `with_flops`, which records shapes and costs time, so the timed runs go without)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    prof = profile(activities=activities, with_flops=with_flops, record_shapes=with_flops)
     with _quiet_fd2():
         prof.__enter__()
     try:
@@ -149,6 +153,6 @@ def profile_stages(fn: Callable[[], Any], labels: Mapping[str, str], num_images:
     finally:
         with _quiet_fd2():
             prof.__exit__(None, None, None)
-    seconds, flops = stages_from_events(prof.events(), labels)
+    seconds, flops = stages_from_events(prof.events(), labels, device)
     return (result, {s: v / num_images for s, v in seconds.items()},
             {s: v / num_images for s, v in flops.items()})

@@ -1,0 +1,224 @@
+"""The GPU suite (`make test-gpu`, marker `cuda`): every tool on CUDA, on tiny shapes data.
+
+Skipped, with one line saying why, where torch.cuda.is_available() is False (CI, the
+development machines). Sized to finish within a few minutes on one GPU: device time is lent in
+short slices. float32 comparisons run with TF32 off (config `tf32: false`), so "equal" means
+the rounding of float32, not of TF32's 10-bit mantissa.
+
+`C4DET_CUDA_SUITE_ON_CPU=1` runs these tests' code on the CPU instead, to check the tests
+themselves on a machine without a GPU. It proves nothing about CUDA.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detection.config import load_config
+from detection.data.catalog import get_datasets
+from detection.data.shapes import generate_shapes
+from detection.engine.checkpoint import load_checkpoint
+from detection.engine.loading import build_inference_model
+from detection.engine.trainer import train
+from detection.evaluation import evaluate_test_sets
+from detection.testing import compare_detections
+from tests.helpers import load_tool, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+ON_CPU = os.environ.get("C4DET_CUDA_SUITE_ON_CPU") == "1"
+DEVICE = "cpu" if ON_CPU else "cuda"
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
+    not ON_CPU and not torch.cuda.is_available(),
+    reason="the GPU suite needs CUDA (torch.cuda.is_available() is False): run `make test-gpu` on a GPU machine")]
+
+
+def overrides(root: Path, out: Path, **extra) -> list[str]:
+    """The tests' tiny detector on the GPU, float32 without TF32, a few steps."""
+    return tiny_overrides(root / "data", out, **{"device": DEVICE, "tf32": False, "solver.max_iter": 4,
+                                                 "model.roi_heads.score_thresh_test": 0.0,
+                                                 "test.multi_scale.sizes": [48, 64, 96],
+                                                 "test.multi_scale.max_size": 160, **extra})
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda")
+    generate_shapes(root / "data" / "shapes", num_train=8, num_val=3, seed=3, image_size=(64, 80))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(root):
+    """Trained on the GPU with the fast path (the default) and solver.amp: float16 with the
+    GradScaler on CUDA."""
+    args = overrides(root, root / "amp", **{"solver.amp": True, "model.backbone.norm": "bn"})
+    model = train(load_config(None, args))
+    return args, root / "amp", model
+
+
+@pytest.fixture(scope="module")
+def context(root):
+    args = overrides(root, root / "context", **{"model.roi_heads.global_context": True, "model.backbone.norm": "bn"})
+    train(load_config(None, args))
+    return args, root / "context"
+
+
+def val_images(root: Path) -> list[torch.Tensor]:
+    from detection.data.image_io import read_image
+
+    folder = root / "data" / "shapes" / "val"
+    return [torch.from_numpy(read_image(str(p))).permute(2, 0, 1) for p in sorted(folder.glob("*.jpg"))]
+
+
+def detections(cfg, weights: Path, device: str, images: list[torch.Tensor]) -> list[dict]:
+    model, _ = build_inference_model(cfg, weights, torch.device(device))
+    with torch.inference_mode():
+        return [{k: v.cpu() for k, v in out.items()} for out in model(images)]
+
+
+def assert_equal(ref: list[dict], other: list[dict], box_tolerance: float, score_tolerance: float) -> None:
+    for i, (a, b) in enumerate(zip(ref, other)):
+        result = compare_detections(a, b, box_tolerance=box_tolerance, score_tolerance=score_tolerance)
+        assert result["equal"], f"image {i}: {result}"
+
+
+def test_training_with_amp_and_resume_on_the_gpu(trained):
+    args, out, model = trained
+    assert next(model.parameters()).device.type == DEVICE
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [1, 2, 3, 4]
+    assert all(x["total_loss"] == x["total_loss"] for x in lines)  # finite: no NaN from float16
+    if DEVICE == "cuda":
+        assert all(x["max_mem_mb"] > 0 for x in lines)
+        assert load_checkpoint(out / "last.pth")["scaler"]["scale"] > 0  # the GradScaler ran
+    cfg = load_config(None, [*args, "solver.max_iter=6"])
+    train(cfg, resume=True)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert load_checkpoint(out / "last.pth")["iteration"] == 6
+
+
+def test_torchrun_one_process_trains_through_ddp(root):
+    """`torchrun --nproc_per_node 1`: the process group (NCCL on CUDA), DDP and the all-reduces."""
+    args = overrides(root, root / "torchrun", **{"solver.max_iter": 2})
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                          str(ROOT / "tools" / "train_det.py"), "--config", str(ROOT / "configs" / "base.yaml"),
+                          *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (root / "torchrun" / "model_final.pth").is_file()
+
+
+@pytest.mark.parametrize("extra", [{}, {"test.box_refinement.enabled": True, "test.multi_scale.enabled": True},
+                                   {"test.aug.enabled": True, "test.aug.min_sizes": [48, 64]}],
+                         ids=["default", "refinement+multi-scale", "tta"])
+def test_fast_path_gives_the_plain_paths_detections_on_the_gpu(root, trained, extra):
+    args, out, _ = trained
+    images = val_images(root)
+    fast = detections(load_config(None, [*args, *_kv(extra)]), out / "model_final.pth", DEVICE, images)
+    plain = detections(load_config(None, [*args, *_kv(extra), "model.fast_path=false"]), out / "model_final.pth",
+                       DEVICE, images)
+    assert sum(len(d["boxes"]) for d in plain) > 0
+    assert_equal(plain, fast, box_tolerance=1e-3, score_tolerance=1e-4)
+
+
+def test_the_context_model_fast_and_plain_on_the_gpu(root, context):
+    args, out = context
+    images = val_images(root)
+    fast = detections(load_config(None, args), out / "model_final.pth", DEVICE, images)
+    plain = detections(load_config(None, [*args, "model.fast_path=false"]), out / "model_final.pth", DEVICE, images)
+    assert_equal(plain, fast, box_tolerance=1e-3, score_tolerance=1e-4)
+
+
+def test_cpu_and_gpu_give_the_same_detections(root, trained):
+    """One checkpoint trained on the GPU, evaluated on both devices (float32, no TF32)."""
+    args, out, _ = trained
+    images = val_images(root)
+    cfg = load_config(None, args)
+    on_gpu = detections(cfg, out / "model_final.pth", DEVICE, images)
+    on_cpu = detections(cfg, out / "model_final.pth", "cpu", images)
+    assert sum(len(d["boxes"]) for d in on_cpu) > 0
+    assert_equal(on_cpu, on_gpu, box_tolerance=1e-2, score_tolerance=1e-3)
+
+
+def test_evaluation_with_test_amp_on_the_gpu(root, trained):
+    """test.amp (float16 autocast on CUDA) through the evaluation loop: AP close to float32's."""
+    args, out, _ = trained
+    scores = {}
+    for amp in (False, True):
+        cfg = load_config(None, [*args, f"test.amp={str(amp).lower()}"])
+        model, _ = build_inference_model(cfg, out / "model_final.pth", torch.device(DEVICE))
+        if DEVICE == "cuda":
+            assert bool(model.amp) == amp  # float16 autocast
+        datasets = get_datasets(cfg.datasets.test, cfg.datasets.root)
+        scores[amp] = evaluate_test_sets(datasets, model=model, device=DEVICE)[datasets[0].name]["AP"]
+    assert abs(scores[True] - scores[False]) <= 5.0, scores  # a tiny, barely trained model: loose
+
+
+def test_eval_and_visualize_tools_on_the_gpu(root, trained, tmp_path, restore_logging):
+    args, out, _ = trained
+    weights = str(out / "model_final.pth")
+    base = ["--config", str(ROOT / "configs" / "base.yaml"), "--weights", weights]
+    assert load_tool("eval").main([*base, "--output-dir", str(tmp_path / "eval"), *args]) == 0
+    assert list((tmp_path / "eval").rglob("metrics.json"))
+    assert load_tool("visualize").main([*base, "--input", str(root / "data" / "shapes" / "val"),
+                                        "--output", str(tmp_path / "vis"), *args]) == 0
+    assert len(list((tmp_path / "vis").glob("*.jpg"))) == 3
+
+
+def test_export_of_a_gpu_trained_checkpoint(trained, tmp_path):
+    """tools/export.py on a checkpoint trained on CUDA: exported on the CPU, then ONNX Runtime's
+    detections checked against PyTorch's (the tool exits 1 when they differ)."""
+    pytest.importorskip("onnxruntime")
+    args, out, _ = trained
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), "--config",
+                             str(ROOT / "configs" / "base.yaml"), "--weights", str(out / "model_final.pth"),
+                             "--output", str(tmp_path / "m.onnx"), *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "m.onnx").stat().st_size > 1000
+
+
+def test_study_and_ablate_tools_on_the_gpu(root, trained, context, tmp_path, restore_logging):
+    args, out, _ = trained
+    study_args = [o for o in overrides(root, tmp_path / "unused", **{"solver.max_iter": 2})
+                  if not o.startswith(("output_dir=", "model.backbone.norm="))] + ['model.backbone.norm="bn"']
+    assert load_tool("study").main(["--config", "configs/base.yaml", "--study", "degradation", "--depths", "18",
+                                    "--output-dir", str(tmp_path / "study"), *study_args]) == 0
+    assert (tmp_path / "study" / "study.json").is_file()
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "ablate.py"), "--config",
+                             str(out / "config.yaml"), "--weights", str(out / "model_final.pth"),
+                             "--context-weights", str(context[1] / "model_final.pth"),
+                             "--output-dir", str(tmp_path / "ablation"), f"device={DEVICE}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "ablation" / "ablation.json").read_text())["rows"]
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["float32", "tf32"])
+def test_predictor_reproduces_detectron2_on_the_gpu(tf32):
+    """The Detectron2 fixture (tests/fixtures/detectron2_c4): with tf32 off every detection of
+    real Detectron2 (float32, CPU) is reproduced as on the CPU; with TF32 (PyTorch's and
+    Detectron2's default for convolutions) at least 95% of them per image were (H100). Matched:
+    the same label, IoU >= 0.99 and the score within 0.002."""
+    from tests.test_detectron2 import CASE, FIXTURE, R50, matched_fraction
+
+    from detection.predictor import Predictor
+
+    weights = Path(os.environ.get("C4DET_D2_FIXTURE", "/tmp/c4det_d2_fixture.pkl"))
+    if not weights.is_file():
+        subprocess.run([sys.executable, str(FIXTURE / "make_checkpoint.py"), str(FIXTURE / "keys_R_50_C4_coco.json"),
+                        "11", str(weights)], check=True)
+    reference = json.loads((CASE / "d2_outputs.json").read_text())
+    cfg = load_config(R50, [f"tf32={str(tf32).lower()}"])
+    predictor = Predictor(cfg, weights=str(weights), device=DEVICE)
+    for name in ("exact_0", "resize_0"):
+        fraction = matched_fraction(predictor(str(CASE / "images" / f"{name}.png")), reference[name])
+        assert fraction >= (0.95 if tf32 else 0.99), (name, fraction)
+
+
+def _kv(extra: dict) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in extra.items()]
