@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test test-fast test-gpu demo setup clean-demo chromium
+.PHONY: test test-fast test-gpu gpu-session demo setup clean-demo chromium
 
 setup: $(STAMP)
 
@@ -37,6 +37,17 @@ test-fast: $(STAMP)
 # there is one, else python3 (the lent GPU machine: `source .gpu/setup.sh` first, see the README).
 test-gpu:
 	$(if $(wildcard $(PY)),$(PY),python3) -m pytest tests -q -m cuda
+
+# On the lent GPU machine (README, "Installing on a GPU machine"): the GPU suite, then the benchmark
+# on CUDA at Detectron2's test settings (800x1088, 1000 proposals, random sane weights); the output
+# and the report's JSON go to $(OUT). The benchmark runs even when a test fails.
+OUT ?= output/gpu
+gpu-session:
+	mkdir -p $(OUT)
+	-$(MAKE) --no-print-directory test-gpu 2>&1 | tee $(OUT)/test-gpu.txt
+	$(if $(wildcard $(PY)),$(PY),python3) tools/benchmark.py --config configs/detectron2/faster_rcnn_R_50_C4_1x.yaml \
+	  --device cuda --compare-torchvision --image-size 800 1088 --runs 5 --no-data \
+	  --json $(OUT)/benchmark.json 2>&1 | tee $(OUT)/benchmark.txt
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
