@@ -48,6 +48,9 @@ IMAGENET_RGB_STD = (58.395, 57.12, 57.375)  # 255 * (0.229, 0.224, 0.225)
 MSRA_BGR_MEAN = (103.53, 116.28, 123.675)  # the MSRA Caffe models: BGR, mean only
 MSRA_BGR_STD = (1.0, 1.0, 1.0)
 CAFFE2_SUFFIXES = (".pkl", ".pickle")
+# Where Detectron publishes MSRA's ImageNet models (the configs/paper/ headers name these), by file name
+MSRA_DOWNLOADS = {name: f"https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/MSRA/{name}"
+                  for name in ("R-50.pkl", "R-101.pkl")}
 
 
 @dataclass
@@ -94,7 +97,7 @@ def _read_source(model: nn.Module, source: str) -> tuple[WeightsInfo, dict[str, 
         return info, _read_state_dict(path), []
     path = Path(source).expanduser()
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
+        raise WeightsError(_missing_file_message(path))
     if path.suffix.lower() in CAFFE2_SUFFIXES:
         info = WeightsInfo(source, str(path), "caffe2", MSRA_BGR_MEAN, MSRA_BGR_STD, "BGR",
                            stride_in_1x1=True)
@@ -102,6 +105,17 @@ def _read_source(model: nn.Module, source: str) -> tuple[WeightsInfo, dict[str, 
     info = WeightsInfo(source, str(path), "torchvision", IMAGENET_RGB_MEAN, IMAGENET_RGB_STD, "RGB",
                        stride_in_1x1=False)
     return info, _read_state_dict(path), []
+
+
+def _missing_file_message(path: Path) -> str:
+    """Says where a relative path was looked for (a config's pretrained/R-101.pkl is relative to
+    the working directory, not to the config) and, for an MSRA model, where to download it."""
+    message = f"weights file {path} does not exist"
+    if not path.is_absolute():
+        message += f" (a relative path is taken from the working directory: {Path.cwd() / path})"
+    if path.name in MSRA_DOWNLOADS:
+        message += f"; download it from {MSRA_DOWNLOADS[path.name]} to that path (or give the path of a copy)"
+    return message
 
 
 def torchvision_weights_path(depth: int, name: str) -> tuple[Path, str]:

@@ -1,4 +1,5 @@
-"""tools/ablate.py: the paper's Table 9 rows for a checkpoint (and a global-context one)."""
+"""tools/ablate.py and detection/study/ablation.py: the paper's Table 9 rows for a checkpoint
+(and a global-context one), cumulative as the paper built them."""
 import json
 import subprocess
 import sys
@@ -12,7 +13,11 @@ from detection.data.shapes import generate_shapes
 from detection.engine.loading import build_inference_model
 from detection.engine.trainer import train
 from detection.evaluation import evaluate_test_sets
+from detection.study.ablation import APART, TABLE9, select_rows
 from tests.helpers import ROOT, load_tool, tiny_overrides
+
+TABLE9_NAMES = ["baseline", "+ box refinement", "+ context", "+ multi-scale testing"]
+APART_NAMES = ["context alone", "multi-scale testing alone", "box refinement + multi-scale testing, no context"]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +39,7 @@ def ablate(root, overrides, *args):
                            str(root / "base" / "config.yaml"), *args], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow  # trains two tiny models, runs the tool
 def test_ablation_rows_and_the_baseline_equals_plain_evaluation(runs):
     root, overrides = runs
     out = root / "table"
@@ -42,10 +48,9 @@ def test_ablation_rows_and_the_baseline_equals_plain_evaluation(runs):
     assert result.returncode == 0, result.stderr
     saved = json.loads((out / "ablation.json").read_text())
     names = [row["row"] for row in saved["rows"]]
-    assert names == ["baseline", "+ box refinement", "+ global context", "+ multi-scale testing",
-                     "+ box refinement + multi-scale testing", "all three"]
+    assert names == TABLE9_NAMES + APART_NAMES
     assert [row["weights"].endswith(("context/model_final.pth",)) for row in saved["rows"]] == \
-        [False, False, True, False, False, True]
+        [False, False, True, True, True, False, False]
     for row in saved["rows"]:
         assert 0 <= row["AP"] <= 100 and row["seconds_per_image"] > 0
     assert "| baseline |" in (out / "ablation.md").read_text()
@@ -57,16 +62,16 @@ def test_ablation_rows_and_the_baseline_equals_plain_evaluation(runs):
     assert saved["rows"][0]["AP"] == pytest.approx(plain["AP"], abs=1e-9)
     assert saved["rows"][0]["AP50"] == pytest.approx(plain["AP50"], abs=1e-9)
     # each row kept its evaluation files
-    assert (out / "all_three" / "shapes_val" / "metrics.json").is_file()
+    assert (out / "multi_scale_testing" / "shapes_val" / "metrics.json").is_file()
 
 
 def test_without_context_weights_the_context_rows_are_left_out():
-    ablate_tool = load_tool("ablate")
-    rows = [row[0] for row in ablate_tool.select_rows(False)]
-    assert rows == ["baseline", "+ box refinement", "+ multi-scale testing", "+ box refinement + multi-scale testing"]
-    assert len(ablate_tool.select_rows(True)) == 6
+    assert [row.name for row in select_rows(False)] == ["baseline", "+ box refinement", "multi-scale testing alone",
+                                                        "box refinement + multi-scale testing, no context"]
+    assert [row.name for row in select_rows(True)] == TABLE9_NAMES + APART_NAMES
 
 
+@pytest.mark.slow
 def test_another_checkpoints_ablation_is_not_overwritten(runs, tmp_path):
     root, overrides = runs
     out = tmp_path / "t"
@@ -78,9 +83,71 @@ def test_another_checkpoints_ablation_is_not_overwritten(runs, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_context_checkpoint_as_the_baseline_is_one_clear_line(runs, tmp_path):
     root, overrides = runs
     result = ablate(root, overrides, "--weights", str(root / "context" / "model_final.pth"),
                     "--output-dir", str(tmp_path / "t"))
     assert result.returncode == 2
     assert "global_context" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_table9_rows_are_cumulative_with_the_papers_numbers_beside_them(tmp_path, monkeypatch, capsys):
+    """A fake evaluator with a known AP per switch set: each Table 9 row must get the AP of the
+    paper's switch set (+ context on top of box refinement, + multi-scale on top of both), the
+    context rows the context checkpoint, and the table the paper's numbers on the same line."""
+    generate_shapes(tmp_path / "data" / "shapes", num_train=1, num_val=2, seed=0, image_size=(64, 80))
+    (tmp_path / "base.pth").write_bytes(b"x")
+    (tmp_path / "context.pth").write_bytes(b"x")
+    tool = load_tool("ablate")
+    seen = []
+
+    def fake_evaluate(cfg, weights, datasets, device, where, explicit):
+        refine, context, multi = (cfg.test.box_refinement.enabled, cfg.model.roi_heads.global_context,
+                                  cfg.test.multi_scale.enabled)
+        assert weights.endswith("context.pth") == context  # the context switch needs its own checkpoint
+        assert not cfg.test.aug.enabled
+        seen.append((refine, context, multi))
+        ap = 1 + 10 * refine + 20 * context + 40 * multi  # distinct per switch set
+        return {"AP": ap, "AP50": ap + 50, "AP75": ap + 0.5, "seconds_per_image": 0.25}
+
+    monkeypatch.setattr(tool, "_evaluate", fake_evaluate)
+    out = tmp_path / "table"
+    assert tool.main(["--config", str(ROOT / "configs" / "shapes_r18.yaml"), f"datasets.root={tmp_path / 'data'}",
+                      "datasets.test=[shapes_val]", "test.aug.enabled=true", "--weights", str(tmp_path / "base.pth"),
+                      "--context-weights", str(tmp_path / "context.pth"), "--output-dir", str(out)]) == 0
+    assert seen == [(False, False, False), (True, False, False), (True, True, False), (True, True, True),
+                    (False, True, False), (False, False, True), (True, False, True)]
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [(r["row"], r["group"], r["AP"]) for r in rows] == [
+        ("baseline", TABLE9, 1), ("+ box refinement", TABLE9, 11), ("+ context", TABLE9, 31),
+        ("+ multi-scale testing", TABLE9, 71), ("context alone", APART, 21),
+        ("multi-scale testing alone", APART, 41), ("box refinement + multi-scale testing, no context", APART, 51)]
+    assert [(r["paper_AP50"], r["paper_AP"]) for r in rows] == \
+        [(48.4, 27.2), (49.9, 29.9), (51.1, 30.0), (53.8, 32.5), (None, None), (None, None), (None, None)]
+    table = (out / "ablation.md").read_text()
+    assert table in capsys.readouterr().out
+    lines = table.splitlines()
+    # AP50 | AP | AP75 | paper mAP@.5 | paper mAP@[.5, .95] | s / image, the paper's rows first
+    expected = ["| baseline | 51.0 | 1.0 | 1.5 | 48.4 | 27.2 | 0.250 |",
+                "| + box refinement | 61.0 | 11.0 | 11.5 | 49.9 | 29.9 | 0.250 |",
+                "| + context | 81.0 | 31.0 | 31.5 | 51.1 | 30.0 | 0.250 |",
+                "| + multi-scale testing | 121.0 | 71.0 | 71.5 | 53.8 | 32.5 | 0.250 |",
+                "| context alone | 71.0 | 21.0 | 21.5 | 0.250 |",
+                "| multi-scale testing alone | 91.0 | 41.0 | 41.5 | 0.250 |",
+                "| box refinement + multi-scale testing, no context | 101.0 | 51.0 | 51.5 | 0.250 |"]
+    assert [line for line in lines if line.startswith("| ") and "AP50" not in line] == expected
+    header = lines.index(next(line for line in lines if line.startswith("Not in Table 9")))
+    assert lines.index(expected[3]) < header < lines.index(expected[4])  # the rows apart come after, labelled
+
+
+def test_without_context_weights_the_table_says_which_table9_rows_are_missing(tmp_path):
+    from detection.config import load_config
+    from detection.study.ablation import format_table, run_ablation
+
+    cfg = load_config(ROOT / "configs" / "shapes_r18.yaml")
+    results = run_ablation(select_rows(False), lambda row: {"AP": 1.0, "AP50": 2.0, "AP75": 3.0,
+                                                            "seconds_per_image": 0.1})
+    table = format_table(results, cfg, "shapes_val", tta=False)
+    assert "Not evaluated (they need --context-weights): + context, + multi-scale testing." in table
+    assert "| baseline | 2.0 | 1.0 | 3.0 | 48.4 | 27.2 | 0.100 |" in table

@@ -3,6 +3,8 @@ configs. Every shipped config loads; the paper configs hold the papers' stated v
 data-set names are known and resolve to the standard files; the fine-tunes start from the
 detector their COCO config writes, with the model settings that file will have."""
 import json
+import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -70,7 +72,8 @@ def test_paper_values_shared_by_every_experiment(name):
         128, 0.25, 0.5)
     assert (m.rpn.post_nms_topk_test, m.rpn.post_nms_topk_train, m.rpn.nms_thresh) == (300, 2000, 0.7)
     assert (m.rpn.batch_size_per_image, m.rpn.positive_fraction, m.rpn.iou_thresholds) == (256, 0.5, [0.3, 0.7])
-    assert m.rpn.smooth_l1_beta == 1.0 and m.roi_heads.smooth_l1_beta == 1.0
+    # py-faster-rcnn's RPN sigma 3 (beta 1/sigma^2), Fast R-CNN's smooth L1 in the head
+    assert m.rpn.smooth_l1_beta == pytest.approx(1 / 9, rel=1e-15) and m.roi_heads.smooth_l1_beta == 1.0
     assert (cfg.input.min_size_train, cfg.input.max_size_train) == ([600], 1000)
     assert (cfg.input.min_size_test, cfg.input.max_size_test) == (600, 1000)
     assert m.backbone.norm == "frozen_bn" and m.anchors.aspect_ratios == [0.5, 1.0, 2.0]
@@ -85,6 +88,7 @@ def test_voc_schedule_and_data(name):
     cfg = paper(name)
     assert (cfg.solver.steps, cfg.solver.max_iter, cfg.solver.ims_per_batch) == ([60000], 80000, 1)
     assert cfg.model.num_classes == 20
+    assert cfg.dataloader.use_difficult is False  # py-faster-rcnn's use_diff False
     if "++" in name:  # 07++12 -> VOC 2012 test (evaluation server)
         assert cfg.datasets.train == ["voc_2007_trainval", "voc_2007_test", "voc_2012_trainval"]
         assert cfg.datasets.test == ["voc_2012_test"]
@@ -143,6 +147,54 @@ def test_headers_state_source_and_number(path):
     if path.stem in UNPUBLISHED:
         assert "no published" in text
     assert "ResNet" in text or "resnet" in text
+
+
+# "key = value" in a header: a claim about the config's value, checked below (a fraction like
+# 1/9 is compared to 1e-15; `key=value` without spaces is a command-line example, not a claim)
+CLAIM = re.compile(r"\b((?:model|solver|input|dataloader|test|datasets)\.[a-z0-9_.]+) = "
+                   r"(true|false|-?\d+(?:\.\d+)?(?:/\d+)?)\b")
+
+
+def base_chain(path):
+    """The file and the configs/paper/ files it is built on (`_base_:`), nearest first."""
+    chain = [Path(path)]
+    while True:
+        base = re.search(r"^_base_: (\S+)$", chain[-1].read_text(), re.M)
+        parent = (chain[-1].parent / base.group(1)).resolve() if base else None
+        if parent is None or parent.parent != PAPER.resolve():
+            return chain
+        chain.append(parent)
+
+
+def claims(path):
+    """(file, key, value) of every claim in the headers of the file and of those it builds on."""
+    return [(p.name, key, value) for p in base_chain(path) for key, value in CLAIM.findall(header(p))]
+
+
+@pytest.mark.parametrize("path", [PAPER / "base.yaml", *PAPER_CONFIGS], ids=lambda p: p.stem)
+def test_header_claims_hold_for_the_config_and_those_built_on_it(path):
+    cfg = load_config(path)
+    for source, key, text in claims(path):
+        value = get(cfg, key)
+        if text in ("true", "false"):
+            assert value is (text == "true"), (source, key, value)
+        else:
+            assert value == pytest.approx(float(Fraction(text)), rel=1e-15), (source, key, value)
+
+
+def test_the_choices_taken_from_py_faster_rcnn_are_named_with_their_source():
+    base = header(PAPER / "base.yaml")
+    chosen = base[base.index("Chosen from code"):base.index("Where the papers are silent")]
+    assert "py-faster-rcnn" in chosen and "sigma 3" in chosen
+    assert ("base.yaml", "model.rpn.smooth_l1_beta", "1/9") in claims(PAPER / "base.yaml")
+    assert ("base.yaml", "model.roi_heads.smooth_l1_beta", "1") in claims(PAPER / "base.yaml")
+    assert "use_diff False" in chosen and "voc0712_r101.yaml" in chosen
+    voc = header(PAPER / "voc0712_r101.yaml")
+    assert "py-faster-rcnn" in voc and "use_diff False" in voc
+    for name in VOC:  # every VOC config inherits the claim and its value
+        assert ("voc0712_r101.yaml", "dataloader.use_difficult", "false") in claims(PAPER / f"{name}.yaml")
+    for name in COCO:
+        assert not [c for c in claims(PAPER / f"{name}.yaml") if c[1] == "dataloader.use_difficult"]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*_r*.yaml")), ids=lambda p: p.stem)

@@ -129,6 +129,8 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         assert (out / v["folder"] / "model_final.pth").is_file()
         assert set(v["final_losses"]) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
     assert (out / "study.png").stat().st_size > 1000 and "| plain-18 |" in (out / "study.md").read_text()
+    assert "Schedule: 4 iterations, lr 0.01 after a 2-iteration warmup from x0.001, x0.1 at [1000]." \
+        in (out / "study.md").read_text()
     # the two runs really trained different nets from the same start: different losses
     assert study["variants"][0]["loss_curve"] != study["variants"][1]["loss_curve"]
 
@@ -166,3 +168,41 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
     (tmp_path / variant.folder / "result.json").write_text(json.dumps({"settings": ["solver.max_iter=5"]}))
     with pytest.raises(StudyError, match="other settings"):
         run_variant(variant, "configs/study/shapes.yaml", ["solver.max_iter=6"], tmp_path)
+
+
+@pytest.mark.parametrize("max_iter, steps, warmup", [(40, [32, 38], 4), (100, [80, 95], 10), (3000, [2400, 2850], 300)])
+def test_max_iter_scales_the_warmup_with_the_lr_steps(max_iter, steps, warmup):
+    """configs/study/shapes.yaml: 1000 iterations, warmup 100, steps [800, 950]. A shortened
+    study warms up over the same fraction and then trains at base_lr until the first step."""
+    from detection.config import load_config
+    from detection.engine.optim import lr_factor
+    from detection.study.run import schedule_overrides
+
+    overrides = schedule_overrides("configs/study/shapes.yaml", [], max_iter)
+    assert overrides == [f"solver.max_iter={max_iter}", f"solver.steps={json.dumps(steps)}",
+                         f"solver.warmup_iters={warmup}"]
+    solver = load_config("configs/study/shapes.yaml", overrides).solver
+    factors = [lr_factor(it, warmup_iters=solver.warmup_iters, warmup_factor=solver.warmup_factor,
+                         steps=solver.steps, gamma=solver.gamma) for it in range(max_iter)]
+    assert factors[steps[0] - 1] == 1.0 and factors[warmup] == 1.0  # base_lr reached, before the drop
+    assert factors.count(1.0) == steps[0] - warmup
+    assert factors[-1] == pytest.approx(0.01)
+
+
+def test_max_iter_never_warms_up_past_the_first_step():
+    from detection.study.run import schedule_overrides
+
+    # a warmup as long as the first step's share of the schedule (not the study config's)
+    assert schedule_overrides("configs/study/shapes.yaml", ["solver.warmup_iters=900"], 50)[1:] == \
+        ["solver.steps=[40, 48]", "solver.warmup_iters=40"]
+
+
+def test_no_train_study_records_the_scaled_schedule_it_used(tmp_path):
+    out = tmp_path / "cost"
+    assert load_tool("study").main(["--config", "configs/study/shapes.yaml", "--study", "shortcuts", "--depths", "18",
+                                    "--no-train", "--max-iter", "40", "--output-dir", str(out)]) == 0
+    schedule = json.loads((out / "study.json").read_text())["schedule"]
+    assert {k: schedule[k] for k in ("max_iter", "steps", "warmup_iters", "base_lr")} == \
+        {"max_iter": 40, "steps": [32, 38], "warmup_iters": 4, "base_lr": 0.01}
+    assert {k: schedule["scaled_from"][k] for k in ("max_iter", "steps", "warmup_iters")} == \
+        {"max_iter": 1000, "steps": [800, 950], "warmup_iters": 100}

@@ -107,6 +107,36 @@ def test_evaluation_writes_the_servers_files_in_1_based_pixels_and_no_metric(tmp
     assert "no annotations, so no AP is computed" in said and str(main) in said and "mAP" not in said
 
 
+def test_border_boxes_are_clipped_and_sub_pixel_ones_left_out_never_inverted(tmp_path):
+    """A box 0.2 px wide at the right border of a 60 px wide image was written as x1 60.8 > x2
+    60.0 (the devkit's x1 is ours + 1); one reaching past the image was written past it."""
+    make_unannotated_voc(tmp_path / "VOCdevkit")
+    info = get_dataset("voc_2012_test", str(tmp_path))
+    detections = {
+        (40, 60): {"boxes": torch.tensor([[59.8, 10.0, 60.0, 30.0],   # sub-pixel, at the border: left out
+                                          [-2.0, 30.0, 20.0, 45.0],   # past the left and bottom edges: clipped
+                                          [10.0, 39.5, 30.0, 40.0],   # half a pixel high at the bottom: left out
+                                          [5.0, 6.0, 59.5, 39.5]]),   # inside: as before
+                   "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]), "labels": torch.tensor([12, 12, 12, 12])},
+        (70, 50): {"boxes": torch.tensor([[49.0, 0.0, 52.0, 70.0]]), "scores": torch.tensor([0.5]),
+                   "labels": torch.tensor([12])},  # one pixel wide after clipping: kept
+    }
+    out = tmp_path / "inference"
+    evaluate_test_sets([info], model=FixedDetector(detections), output_dir=out)
+    lines = read_class_files(out / "voc_2012_test" / "results" / "VOC2012" / "Main")
+    assert lines["dog"] == ["2008_000001 0.800000 1.0 31.0 20.0 40.0", "2008_000001 0.600000 6.0 7.0 59.5 39.5",
+                            "2008_000002 0.500000 50.0 1.0 50.0 70.0"]
+    for line in lines["dog"]:
+        x1, y1, x2, y2 = map(float, line.split()[2:])
+        assert x1 <= x2 and y1 <= y2
+    # VOCEvaluator (annotated sets) writes and scores every box as given, as the devkit would
+    from detection.evaluation.voc import format_comp4_lines
+
+    prediction = {"image_id": "a", "boxes": np.array([[59.8, 10.0, 60.0, 30.0]]), "scores": np.array([0.9]),
+                  "labels": np.array([1])}
+    assert format_comp4_lines([prediction], 20)[1] == ["a 0.900000 60.8 11.0 60.0 30.0"]
+
+
 @pytest.mark.slow  # runs tools/eval.py (no model: saved results)
 def test_eval_tool_rewrites_saved_detections_as_a_submission(tmp_path, capsys):
     make_unannotated_voc(tmp_path / "VOCdevkit")

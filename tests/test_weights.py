@@ -391,3 +391,25 @@ def test_config_switch_reaches_build_model_and_model_weights(r18_pth):
         load_initial_weights(model, str(r18_pth), cfg.model.backbone)
     cfg.model.backbone.allow_partial_weights = True
     load_initial_weights(model, str(r18_pth), cfg.model.backbone)
+
+
+@pytest.mark.parametrize("config, name", [("voc0712_r101.yaml", "R-101.pkl"), ("coco2014_r50.yaml", "R-50.pkl")])
+def test_missing_msra_file_says_relative_to_what_and_where_to_download(tmp_path, monkeypatch, config, name):
+    """The paper configs' `pretrained/R-101.pkl` is taken from the working directory; the error
+    says so and gives the download address that configs/paper/base.yaml's header names."""
+    from pathlib import Path
+
+    from detection.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    header = (root / "configs" / "paper" / "base.yaml").read_text().split("\n_base_:")[0]
+    addresses = re.findall(r"https://\S+?\.pkl", header)
+    assert len(addresses) == 2  # R-50 and R-101
+    relative = load_config(root / "configs" / "paper" / config).model.backbone.weights
+    assert relative == f"pretrained/{name}"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError) as err:
+        load_weights(build_resnet(18), relative)
+    message = str(err.value)
+    assert f"relative path is taken from the working directory: {tmp_path / relative}" in message
+    assert [a for a in addresses if a in message] == [a for a in addresses if a.endswith("/" + name)]

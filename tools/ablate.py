@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""The paper's Table 9 for your checkpoint: each Appendix B improvement off and on.
+"""The paper's Table 9 for your checkpoint: the Appendix B improvements added one by one.
 
     python tools/ablate.py --config configs/shapes_r18.yaml --weights output/shapes_r18/model_final.pth \\
         --context-weights output/shapes_r18_context/model_final.pth
 
-Evaluates the same checkpoint on the config's test sets (the first one is tabulated) with:
-baseline; + box refinement (test.box_refinement); + global context (a second checkpoint,
-trained with model.roi_heads.global_context, --context-weights); + multi-scale testing
-(test.multi_scale); the two test-time switches together; and all three. Rows that need the
-context checkpoint are left out without it. Test-time augmentation (test.aug, Detectron2's)
-is off in every row unless --tta: the paper's rows have none.
+Evaluates on the config's test sets (the first one is tabulated) Table 9's cumulative rows, in
+the paper's order, each adding one improvement to the row above: baseline; + box refinement
+(test.box_refinement); + context (a second checkpoint, trained with
+model.roi_heads.global_context, --context-weights; box refinement still on); + multi-scale
+testing (test.multi_scale; all three on). The paper's numbers (COCO 2014 val, ResNet-101) are
+printed beside them. Then, apart and labelled as not in Table 9: context alone, multi-scale
+testing alone, and box refinement + multi-scale testing without context. Rows that need the
+context checkpoint are left out without it. Test-time augmentation (test.aug, Detectron2's) is
+off in every row unless --tta: the paper's rows have none.
 
 Prints and writes DIR/ablation.md and DIR/ablation.json (AP, AP50, AP75 and the model's median
 seconds per image: the forward pass only, not reading images or scoring), with each row's
@@ -19,26 +22,19 @@ holding another checkpoint's ablation is not overwritten without --overwrite.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from detection.cli import add_config_args, config_from_args, fail, override_keys
+from detection.study.ablation import AblationRow, format_table, row_config, run_ablation, select_rows
+from detection.utils.files import atomic_write
 
 if TYPE_CHECKING:
     import torch
 
     from detection.config import Config
-
-# name, box refinement, global context (the --context-weights checkpoint), multi-scale testing
-ROWS = (("baseline", False, False, False),
-        ("+ box refinement", True, False, False),
-        ("+ global context", False, True, False),
-        ("+ multi-scale testing", False, False, True),
-        ("+ box refinement + multi-scale testing", True, False, True),
-        ("all three", True, True, True))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,28 +69,29 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
     print(f"ablation of {args.weights} on {datasets[0].name} ({len(datasets[0].records)} images); "
           f"results go to {out}")
-    rows = []
-    for name, refine, context, multi in select_rows(bool(args.context_weights)):
-        row_cfg = _row_config(cfg, refine, context, multi, args.tta)
-        weights = args.context_weights if context else args.weights
-        rows.append({"row": name, "box_refinement": refine, "global_context": context, "multi_scale": multi,
-                     "weights": weights, **_evaluate(row_cfg, weights, datasets, device, out / _slug(name),
-                                                      override_keys(args))})
-        print(f"{name}: " + ", ".join(f"{k} {rows[-1][k]:.2f}" for k in ("AP", "AP50", "AP75"))
-              + f", {rows[-1]['seconds_per_image']:.3f} s/image")
+    explicit = override_keys(args)
+
+    def evaluate(row: AblationRow) -> dict:
+        weights = args.context_weights if row.global_context else args.weights
+        return {"weights": weights, **_evaluate(row_config(cfg, row, args.tta), weights, datasets, device,
+                                                out / _slug(row.name), explicit)}
+
+    rows = run_ablation(select_rows(bool(args.context_weights)), evaluate, _print_row)
     table = format_table(rows, cfg, datasets[0].name, args.tta)
     print("\n" + table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.md").write_text(table + "\n")
-    (out / "ablation.json").write_text(json.dumps({"sources": sources, "test_set": datasets[0].name,
-                                                   "tta": args.tta, "rows": rows}, indent=2) + "\n")
+    with atomic_write(out / "ablation.md") as f:  # a kill while writing leaves the previous table
+        f.write(table + "\n")
+    with atomic_write(out / "ablation.json") as f:
+        f.write(json.dumps({"sources": sources, "test_set": datasets[0].name, "tta": args.tta, "rows": rows},
+                           indent=2) + "\n")
     print(f"written: {out / 'ablation.md'}, {out / 'ablation.json'}")
     return 0
 
 
-def select_rows(have_context_weights: bool) -> list[tuple[str, bool, bool, bool]]:
-    """The rows to evaluate: those with global context only with its checkpoint."""
-    return [row for row in ROWS if have_context_weights or not row[2]]
+def _print_row(row: dict) -> None:
+    print(f"{row['row']} ({row['group']}): " + ", ".join(f"{k} {row[k]:.2f}" for k in ("AP", "AP50", "AP75"))
+          + f", {row['seconds_per_image']:.3f} s/image")
 
 
 def _resolved(path: str | None) -> str | None:
@@ -119,16 +116,6 @@ def _check_folder(out: Path, sources: dict, overwrite: bool) -> None:
                          "--output-dir for a new folder or --overwrite to replace it")
 
 
-def _row_config(cfg: Config, refine: bool, context: bool, multi: bool, tta: bool) -> Config:
-    row = copy.deepcopy(cfg)
-    row.test.box_refinement.enabled = refine
-    row.test.multi_scale.enabled = multi
-    row.model.roi_heads.global_context = context
-    if not tta:
-        row.test.aug.enabled = False
-    return row
-
-
 def _evaluate(cfg: Config, weights: str, datasets: list, device: torch.device, where: Path,
               explicit: list[str]) -> dict:
     from detection.benchmarking.models import TimedModel
@@ -146,21 +133,6 @@ def _evaluate(cfg: Config, weights: str, datasets: list, device: torch.device, w
 
 def _slug(name: str) -> str:
     return "_".join(part for part in "".join(c if c.isalnum() else " " for c in name).split()) or "row"
-
-
-def format_table(rows: list[dict], cfg: Config, test_set: str, tta: bool) -> str:
-    """A markdown table like the paper's Table 9, with the settings that produced it."""
-    lines = [f"Test set: {test_set}. Box refinement: NMS {cfg.test.box_refinement.nms_thresh}, voting "
-             f"{'at IoU ' + str(cfg.test.box_refinement.voting_iou) if cfg.test.box_refinement.voting else 'off'}. "
-             f"Multi-scale: sizes {cfg.test.multi_scale.sizes} (max {cfg.test.multi_scale.max_size}). "
-             f"Test-time augmentation: {'as in the config' if tta else 'off'}.",
-             "",
-             "| | AP | AP50 | AP75 | s / image |",
-             "|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['row']} | {row['AP']:.1f} | {row['AP50']:.1f} | {row['AP75']:.1f} | "
-                     f"{row['seconds_per_image']:.3f} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

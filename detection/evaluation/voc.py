@@ -21,10 +21,13 @@ The reference is the devkit's MATLAB code (VOCevaldet.m, VOCap.m), matched rule 
 
 `VOCEvaluator` evaluates exactly the numbers it writes to the comp4 result files (coords
 with one decimal, as Detectron2 writes them), so re-evaluating the files gives the same AP.
+It scores every box as given, as the devkit would (also a results folder's unclipped ones).
 
 A test set without published annotations (voc_2012_test) cannot be scored here:
 `VOCSubmissionWriter` writes the same comp4 lines in the layout the evaluation server takes,
-`results/<VOC2012>/Main/comp4_det_test_{class}.txt`, and reports no metric.
+`results/<VOC2012>/Main/comp4_det_test_{class}.txt`, and reports no metric. Its boxes are
+clipped to the image and those under one pixel wide or high left out, so that the server gets
+no inverted line (x1 > x2: a sub-pixel box at the border, once x1 gets the devkit's +1).
 """
 from __future__ import annotations
 
@@ -263,9 +266,10 @@ class VOCSubmissionWriter:
 
     `evaluate()` writes `<output_dir>/results/<folder>/Main/comp4_det_test_{class}.txt` (one
     file per class, also when empty; <folder> is the data set's folder name, VOC2012 for
-    voc_2012_test), lines `image_id score x1 y1 x2 y2` in the devkit's 1-based pixels, exactly
-    as `VOCEvaluator` writes them, and returns no metrics ({}): there is no ground truth to
-    score against. Zip `results/` and upload it to the PASCAL VOC evaluation server.
+    voc_2012_test), lines `image_id score x1 y1 x2 y2` in the devkit's 1-based pixels as
+    `VOCEvaluator` writes them, but clipped to the image, without boxes under a pixel wide or
+    high (`format_comp4_lines` with the images' sizes), and returns no metrics ({}): there is
+    no ground truth to score against. Zip `results/` and upload it to the evaluation server.
     """
 
     def __init__(self, dataset: DatasetInfo, output_dir: str | None = None) -> None:
@@ -303,7 +307,7 @@ class VOCSubmissionWriter:
 
     def evaluate(self) -> dict[str, float]:
         predictions = order_by_dataset(self.predictions, self.dataset.records)
-        lines = format_comp4_lines(predictions, len(self.class_names))
+        lines = format_comp4_lines(predictions, len(self.class_names), image_sizes(self.dataset.records))
         if self.submission_dir:
             write_comp4_files(lines, self.class_names, self.submission_dir)
         logger.info("%s: %d images, %d detections, no annotations: no AP computed%s", self.dataset.name,
@@ -312,16 +316,45 @@ class VOCSubmissionWriter:
         return {}
 
 
-def format_comp4_lines(predictions: Sequence[dict], num_classes: int) -> dict[int, list[str]]:
+def format_comp4_lines(predictions: Sequence[dict], num_classes: int,
+                       sizes: Mapping[ImageId, tuple[int, int]] | None = None) -> dict[int, list[str]]:
     """label -> devkit result lines `image_id score x1 y1 x2 y2` (1-based: x1+1, y1+1, x2, y2;
-    one decimal like Detectron2, scores with 6 so that rounding adds few ties)."""
+    one decimal like Detectron2, scores with 6 so that rounding adds few ties); every box as
+    given. With `sizes` (image id -> (width, height); for the evaluation server), boxes are
+    first clipped to the image (0..width, 0..height), as the model's postprocess clips, and a
+    box less than one pixel wide or high is then left out, as the model drops empty boxes: its
+    devkit numbers would be inverted (x1 + 1 > x2; e.g. a 0.2 px box at the border)."""
     lines: dict[int, list[str]] = {label: [] for label in range(1, num_classes + 1)}
     for p in predictions:
-        for (x1, y1, x2, y2), score, label in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist()):
+        size = None if sizes is None else sizes.get(p["image_id"], (0, 0))
+        for box, score, label in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist()):
             if label not in lines:
                 raise ValueError(f"image {p['image_id']}: predicted label {label} is not in 1..{num_classes}")
-            lines[label].append(f"{p['image_id']} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}")
+            coords = _devkit_coords(box, size)
+            if coords is not None:
+                lines[label].append(f"{p['image_id']} {score:.6f} {coords}")
     return lines
+
+
+def _devkit_coords(box: Sequence[float], size: tuple[int, int] | None) -> str | None:
+    """A 0-based continuous box as the devkit's 1-based numbers with one decimal. With a size:
+    clipped to the image first (unless the size is unknown, 0), and None when the written
+    numbers would be inverted (the box is less than one pixel wide or high)."""
+    x1, y1, x2, y2 = box
+    if size and min(size) > 0:  # 0: a record whose size was not read
+        width, height = size
+        x1, x2 = (min(max(x, 0.0), width) for x in (x1, x2))
+        y1, y2 = (min(max(y, 0.0), height) for y in (y1, y2))
+    text = [f"{v:.1f}" for v in (x1 + 1, y1 + 1, x2, y2)]
+    if size is None:
+        return " ".join(text)
+    values = [float(t) for t in text]  # compare what is written, after rounding
+    return None if values[2] < values[0] or values[3] < values[1] else " ".join(text)
+
+
+def image_sizes(records: Sequence[dict]) -> dict[ImageId, tuple[int, int]]:
+    """image id -> (width, height) of a data set's records (0 where a size was not read)."""
+    return {r["image_id"]: (int(r.get("width") or 0), int(r.get("height") or 0)) for r in records}
 
 
 def parse_comp4_lines(lines: Sequence[str], source: str) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -50,11 +50,26 @@ def markdown_table(study: dict) -> str:
                     _number(minutes / 60 if minutes else None, 1)]
         lines.append("| " + " | ".join(row) + " |")
     notes = [f"Params and GMACs: {study['flops_note']}."]
+    if trained and study.get("schedule"):
+        notes.append(schedule_note(study["schedule"]))
     if trained:
         sets = sorted({s for v in study["variants"] for s in v.get("test_sets", [])})
         notes.append(f"Final train loss: {study['final_loss_note']}. AP, AP50: COCO metrics on "
                      f"{', '.join(sets) or 'the test sets'}.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def schedule_note(schedule: dict) -> str:
+    """The learning-rate schedule every variant trained with, and the one --max-iter scaled."""
+    scaled = schedule.get("scaled_from")
+    return (f"Schedule: {_schedule_text(schedule)}"
+            + (f" (--max-iter scaled the config's {_schedule_text(scaled)})." if scaled else "."))
+
+
+def _schedule_text(s: dict) -> str:
+    drops = f"x{s['gamma']} at {s['steps']}" if s["lr_schedule"] == "multistep" else "cosine to 0"
+    return (f"{s['max_iter']} iterations, lr {s['base_lr']} after a {s['warmup_iters']}-iteration warmup "
+            f"from x{s['warmup_factor']}, {drops}")
 
 
 ROWS = (("loss_curve", "final_train_loss", "total training loss"),

@@ -200,7 +200,10 @@ class StudyOptions:
 
 
 def schedule_overrides(config_path: Optional[str], overrides: Sequence[str], max_iter: Optional[int]) -> list[str]:
-    """--max-iter N as overrides: solver.max_iter=N and the lr steps scaled to the same fractions."""
+    """--max-iter N as overrides: solver.max_iter=N, and the lr steps and the warmup scaled to the
+    same fractions of the schedule, the warmup ending at the first step at the latest: a short
+    run warms up, trains at base_lr and drops it where the full run does (an unscaled warmup of
+    100 would leave a 40-step run below base_lr throughout)."""
     if max_iter is None:
         return []
     if max_iter < 1:
@@ -208,9 +211,20 @@ def schedule_overrides(config_path: Optional[str], overrides: Sequence[str], max
     from detection.config import load_config
 
     solver = load_config(config_path, overrides).solver
-    steps = [max(1, round(step * max_iter / solver.max_iter)) for step in solver.steps]
-    warmup = min(solver.warmup_iters, max_iter)
+    scale = max_iter / solver.max_iter
+    steps = [max(1, round(step * scale)) for step in solver.steps]
+    warmup = min(round(solver.warmup_iters * scale), max_iter)
+    if solver.lr_schedule == "multistep" and steps:
+        warmup = min(warmup, steps[0])  # base_lr is reached before the first drop
     return [f"solver.max_iter={max_iter}", f"solver.steps={json.dumps(steps)}", f"solver.warmup_iters={warmup}"]
+
+
+SCHEDULE_KEYS = ("base_lr", "lr_schedule", "max_iter", "steps", "gamma", "warmup_iters", "warmup_factor")
+
+
+def solver_schedule(cfg: Any) -> dict[str, Any]:
+    """The learning-rate schedule a config trains with (study.json records it)."""
+    return {key: getattr(cfg.solver, key) for key in SCHEDULE_KEYS}
 
 
 def run_study(options: StudyOptions) -> dict:
@@ -220,7 +234,11 @@ def run_study(options: StudyOptions) -> dict:
 
     variants = study_variants(options.study, options.depths)
     overrides = [*options.overrides, *schedule_overrides(options.config, options.overrides, options.max_iter)]
-    norm = load_config(options.config, overrides).model.backbone.norm
+    cfg = load_config(options.config, overrides)
+    norm = cfg.model.backbone.norm
+    # what the variants train with, and what --max-iter scaled it from
+    schedule = {**solver_schedule(cfg), "scaled_from": solver_schedule(load_config(options.config, options.overrides))
+                if options.max_iter is not None else None}
     out_dir = Path(options.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -230,15 +248,16 @@ def run_study(options: StudyOptions) -> dict:
             logger.info("study %s: variant %s (%s)", options.study, variant.name, " ".join(variant.overrides()))
             entry.update(run_variant(variant, options.config, overrides, Path(options.runs_dir or out_dir)))
         results.append(entry)
-        write_outputs(options, overrides, results, out_dir)  # after each variant: progress is visible
+        write_outputs(options, overrides, results, out_dir, schedule)  # after each variant: progress is visible
     return json.loads((out_dir / "study.json").read_text())
 
 
-def write_outputs(options: StudyOptions, overrides: Sequence[str], results: list[dict], out_dir: Path) -> None:
+def write_outputs(options: StudyOptions, overrides: Sequence[str], results: list[dict], out_dir: Path,
+                  schedule: Optional[dict] = None) -> None:
     from detection.study.report import markdown_table, plot_study
 
     study = {"study": options.study, "config": options.config, "overrides": list(overrides),
-             "depths": list(options.depths), "trained": options.train,
+             "depths": list(options.depths), "trained": options.train, "schedule": schedule,
              "runs_dir": str(options.runs_dir or out_dir), "torch_threads": torch.get_num_threads(),
              "flops_note": f"multiply-adds of the backbone (stem..res5) on one 3x{FLOPS_IMAGE_SIZE}x"
                            f"{FLOPS_IMAGE_SIZE} image (torch.utils.flop_counter FLOPs / 2)",
