@@ -79,32 +79,39 @@ def apply_orientation(img: np.ndarray, tag: int) -> np.ndarray:
 
 
 def _open_header(source: Union[str, bytes, BinaryIO]) -> Image.Image | None:
-    """PIL's lazy open (header only), or None for what PIL cannot parse. A very large image
-    must not warn or fail here: its pixels are OpenCV's business."""
+    """PIL's lazy open (header only), or None for what PIL cannot parse. Nothing here may warn
+    or fail: the pixels are OpenCV's business (a very large image, a header PIL finds corrupt:
+    a JPEG's EXIF block is parsed on opening already)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")
             return Image.open(source)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Exception:  # noqa: BLE001 - OSError, SyntaxError, DecompressionBombError, struct.error, ...
         return None
 
 
 def _tag_of(image: Image.Image) -> int:
     try:
-        if image.format == "PNG":
-            # PNG's getexif() decodes every pixel to look for an eXIf chunk after them: read
-            # only a chunk found in the header
-            raw = image.info.get("exif")
-            exif = Image.Exif()
-            if raw:
-                exif.load(raw)
-        else:
-            exif = image.getexif()
-        value = exif.get(ORIENTATION_TAG, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns of a corrupt EXIF block: the tag is then taken as absent
+            return _parse_tag(image)
     except Exception:  # noqa: BLE001 - any malformed metadata block: read the pixels as stored
         return 1
+
+
+def _parse_tag(image: Image.Image) -> int:
+    if image.format == "PNG":
+        # PNG's getexif() decodes every pixel to look for an eXIf chunk after them: read
+        # only a chunk found in the header
+        raw = image.info.get("exif")
+        exif = Image.Exif()
+        if raw:
+            exif.load(raw)
+    else:
+        exif = image.getexif()
+    value = exif.get(ORIENTATION_TAG, 1)
     return value if isinstance(value, int) and value in DESCRIPTIONS else 1
 
 
