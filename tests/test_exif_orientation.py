@@ -18,13 +18,8 @@ from PIL import Image, ImageOps
 from detection.data import DataError, build_test_loader, get_dataset, read_image
 from detection.data.orientation import orientation
 from detection.data.voc import load_voc
+from tests.helpers import ORIENTATION, STORE, write_photo
 
-ORIENTATION = 0x0112
-# tag -> the PIL transpose that turns a viewed image into what a camera stores with that tag
-# (the inverse of exif_transpose's method: 6 is turned back with ROTATE_270, so stored with ROTATE_90)
-STORE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-         8: Image.Transpose.ROTATE_270}
 RED = (230, 30, 30)
 
 
@@ -36,17 +31,6 @@ def scene(height: int = 48, width: int = 80, box: tuple = (8, 6, 32, 22)) -> np.
     img[y1:y2, x1:x2] = RED
     img[-8:, : width // 2] = (30, 30, 230)
     return img
-
-
-def write_photo(path, viewed: np.ndarray, tag: int) -> None:
-    """What a phone writes: the pixels turned back from the view, and the tag (1: none)."""
-    image = Image.fromarray(viewed)
-    if tag == 1:
-        image.save(path, quality=95)
-        return
-    exif = Image.Exif()
-    exif[ORIENTATION] = tag
-    image.transpose(STORE[tag]).save(path, quality=95, exif=exif.tobytes())
 
 
 def coco_set(root, photos: list[tuple[str, int, np.ndarray]], boxes: list[tuple], size_of=None) -> dict:

@@ -15,8 +15,7 @@ from detection.data import build_train_loader, build_transforms, get_dataset, re
 from detection.data.orientation import orientation
 from detection.data.shapes import generate_shapes
 from detection.engine.trainer import train
-from tests.helpers import load_tool, tiny_overrides
-from tests.test_exif_orientation import write_photo
+from tests.helpers import load_tool, tiny_overrides, write_photo
 
 pytestmark = pytest.mark.slow  # trains, and runs eval.py and visualize.py
 
