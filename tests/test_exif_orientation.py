@@ -67,11 +67,7 @@ def test_each_orientation_reads_as_the_photo_is_viewed(tmp_path, tag):
     # exactly PIL's exif_transpose (Detectron2's read_image) of the stored pixels
     stored = read_image(str(tmp_path / "p.jpg"), exif_orientation=False)
     assert stored.shape[:2] == (viewed.shape[1::-1] if tag >= 5 else viewed.shape[:2])
-    carrier = Image.fromarray(stored)
-    exif = Image.Exif()
-    exif[ORIENTATION] = tag
-    carrier.info["exif"] = exif.tobytes()
-    np.testing.assert_array_equal(img, np.asarray(ImageOps.exif_transpose(carrier)))
+    np.testing.assert_array_equal(img, _exif_transposed(stored, tag))
 
 
 def test_the_red_box_is_where_the_viewer_sees_it_in_every_orientation(tmp_path):
@@ -82,6 +78,30 @@ def test_the_red_box_is_where_the_viewer_sees_it_in_every_orientation(tmp_path):
         inside = img[8:20, 10:30].reshape(-1, 3).mean(0)
         assert np.abs(inside - RED).max() < 12, (tag, inside)
         assert np.abs(img[2, 70] - 120).max() < 12, tag  # the top right stays grey
+
+
+def _exif_transposed(stored: np.ndarray, tag: int) -> np.ndarray:
+    """PIL's exif_transpose (Detectron2's read_image) of `stored` pixels carrying `tag`."""
+    carrier = Image.fromarray(stored)
+    exif = Image.Exif()
+    exif[ORIENTATION] = tag
+    carrier.info["exif"] = exif.tobytes()
+    return np.asarray(ImageOps.exif_transpose(carrier))
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "WEBP"])
+def test_tiff_and_webp_tags_are_applied_once_and_undone_when_ignored(tmp_path, fmt):
+    """OpenCV's TIFF decoder turns the pixels itself (libtiff): not turned twice, and turned
+    back for input.exif_orientation: false."""
+    stored = scene()
+    for tag in range(1, 9):
+        exif = Image.Exif()
+        exif[ORIENTATION] = tag
+        path = tmp_path / f"{tag}.{fmt.lower()}"
+        Image.fromarray(stored).save(path, format=fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP"
+                                                                               else {}))
+        np.testing.assert_array_equal(read_image(str(path)), _exif_transposed(stored, tag), err_msg=str(tag))
+        np.testing.assert_array_equal(read_image(str(path), exif_orientation=False), stored, err_msg=str(tag))
 
 
 def test_png_tag_is_applied_and_a_broken_exif_block_reads_as_stored(tmp_path):

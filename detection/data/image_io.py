@@ -16,10 +16,11 @@ import cv2
 import numpy as np
 
 from detection.data import DataError
-from detection.data.orientation import apply_orientation, orientation
+from detection.data.orientation import INVERSE, apply_orientation, orientation
 
 # BGR(A) / gray layouts OpenCV returns -> the conversion to RGB
 _TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # little / big endian, classic / BigTIFF
 
 
 def read_image(path: str, *, exif_orientation: bool = True) -> np.ndarray:
@@ -49,9 +50,18 @@ def read_image(path: str, *, exif_orientation: bool = True) -> np.ndarray:
         raise DataError(f"image {path} has {channels} channels; expected 1 (gray), 3 (color) or 4 (with alpha)")
     # cvtColor drops the alpha channel of RGBA (as PIL's convert("RGB") does)
     img = cv2.cvtColor(img, _TO_RGB[channels])
-    if exif_orientation:
-        img = apply_orientation(img, orientation(data.tobytes()))
-    return np.ascontiguousarray(img)
+    return np.ascontiguousarray(_as_asked(img, data, exif_orientation))
+
+
+def _as_asked(img: np.ndarray, data: np.ndarray, exif_orientation: bool) -> np.ndarray:
+    """The decoded pixels turned by the file's orientation tag, or as stored. OpenCV's TIFF
+    decoder (libtiff) turns the pixels itself whatever the flags: that one is undone instead."""
+    tag = orientation(data.tobytes())
+    if tag == 1:
+        return img
+    if data[:4].tobytes() in _TIFF_MAGIC:
+        return img if exif_orientation else apply_orientation(img, INVERSE[tag])
+    return apply_orientation(img, tag) if exif_orientation else img
 
 
 def _is_truncated_jpeg(data: np.ndarray) -> bool:

@@ -31,6 +31,7 @@ DESCRIPTIONS = {
     5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed", 8: "rotated 90 degrees counter-clockwise",
 }
 SWAPS_SIDES = frozenset({5, 6, 7, 8})  # the viewed image is the stored one's height x width
+INVERSE = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}  # the tag whose turn undoes each one's
 
 
 def orientation(source: Union[str, bytes, BinaryIO]) -> int:
