@@ -133,3 +133,25 @@ def test_the_predictor_sees_each_photo_as_its_upright_copy(phone):
                                    device="cpu")
     assert orientation(str(photos[5])) == 6
     assert not torch.equal(stored(str(photos[5]))["boxes"], predictor(str(photos[5]))["boxes"])
+
+
+def test_annotations_of_the_stored_frame_stop_training_before_the_first_iteration(tmp_path):
+    """An export from a tool that ignored the tag (width and height of the stored pixels):
+    every such photo in one error when training starts, not a worker's stop at iteration 6."""
+    from detection.data import DataError
+
+    generate_shapes(tmp_path / "shapes", num_train=6, num_val=2, seed=0, image_size=(64, 80))
+    ann_file = tmp_path / "shapes" / "annotations" / "instances_train.json"
+    coco = json.loads(ann_file.read_text())
+    for image in coco["images"][1:3]:
+        path = tmp_path / "shapes" / "train" / image["file_name"]
+        viewed = read_image(str(path))
+        path.unlink()
+        write_photo(path, viewed, 6)
+        image["width"], image["height"] = image["height"], image["width"]  # the stored frame's
+    ann_file.write_text(json.dumps(coco))
+    names = [image["file_name"] for image in coco["images"][1:3]]
+    with pytest.raises(DataError, match=rf"2 of 6 images .*{names[0]} is .*EXIF orientation 6.*{names[1]} is .*"
+                                        r"set input\.exif_orientation: false"):
+        train(load_config(None, tiny_overrides(tmp_path, tmp_path / "out")))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
