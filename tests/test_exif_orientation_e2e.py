@@ -87,7 +87,8 @@ def test_eval_scores_photos_as_their_upright_copies(phone, capsys, restore_loggi
     assert code == 0, capsys.readouterr().err
     photos, copies = _results(root / "eval" / "shapes_val"), _results(root / "eval" / "upright_val")
     assert photos and photos == copies
-    metrics = [json.loads((root / "eval" / name / "metrics.json").read_text()) for name in ("shapes_val", "upright_val")]
+    metrics = [json.loads((root / "eval" / name / "metrics.json").read_text()) for name in ("shapes_val",
+                                                                                          "upright_val")]
     assert metrics[0] == metrics[1]
 
 
