@@ -96,6 +96,7 @@ class InputConfig:
     hflip_prob: float = 0.5
     jitter: bool = False
     resize_mode: str = "default"
+    exif_orientation: bool = True
 
 
 @dataclass

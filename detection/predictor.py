@@ -6,7 +6,8 @@
     out = predictor("street.jpg")          # or an RGB uint8 (H, W, 3) numpy array
     out["boxes"], out["scores"], out["labels"], predictor.class_names[out["labels"][0] - 1]
 
-Input convention: an image file path (read with OpenCV, any depth -> 8-bit RGB), or an
+Input convention: an image file path (read with OpenCV, any depth -> 8-bit RGB, turned by
+its EXIF orientation tag as a photo app shows it unless input.exif_orientation: false), or an
 RGB uint8 array (H, W, 3) with values 0..255. Note the channel order: OpenCV's cv2.imread
 gives BGR; convert with cv2.cvtColor(img, cv2.COLOR_BGR2RGB) first. Float arrays are
 refused: torchvision's float 0..1 convention would give wrong detections in silence.
@@ -56,17 +57,19 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, image: ImageInput) -> dict[str, Tensor]:
-        pixels = torch.from_numpy(to_rgb_uint8(image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        rgb = to_rgb_uint8(image, exif_orientation=self.cfg.input.exif_orientation)
+        pixels = torch.from_numpy(rgb).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
         out = self.model([pixels.to(self.device)])[0]
         return {key: value.cpu() for key, value in out.items()}
 
 
-def to_rgb_uint8(image: ImageInput) -> np.ndarray:
-    """An image path or an RGB uint8 (H, W, 3) array -> a contiguous RGB uint8 array."""
+def to_rgb_uint8(image: ImageInput, *, exif_orientation: bool = True) -> np.ndarray:
+    """An image path (read as viewed: turned by its EXIF orientation tag unless
+    exif_orientation is False) or an RGB uint8 (H, W, 3) array -> a contiguous RGB uint8 array."""
     if isinstance(image, (str, Path)):
         from detection.data.image_io import read_image
 
-        return read_image(str(image))
+        return read_image(str(image), exif_orientation=exif_orientation)
     if not isinstance(image, np.ndarray):
         raise TypeError(f"Predictor: expected an image path or a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:

@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 import torchvision
+from PIL import Image
 
 from backbones import build_resnet
 from detection.anchors import AnchorGenerator
@@ -99,6 +101,28 @@ IMAGES = [paint(96, 128, [(BOXES[0][0], RED), (BOXES[0][1], BLUE)], 100),
           paint(112, 96, [(BOXES[1][0], BLUE), (BOXES[1][1], RED)], 150)]
 TARGETS = [{"boxes": torch.tensor(BOXES[0], dtype=torch.float32), "labels": torch.tensor([1, 2])},
            {"boxes": torch.tensor(BOXES[1], dtype=torch.float32), "labels": torch.tensor([2, 1])}]
+
+
+# ---- phone photos (EXIF orientation) --------------------------------------------------------
+
+ORIENTATION = 0x0112  # the EXIF tag
+# tag -> the PIL transpose that turns a viewed image into what a camera stores with that tag
+# (the inverse of exif_transpose's method: 6 is turned back with ROTATE_270, so stored with ROTATE_90)
+STORE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+         5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+         8: Image.Transpose.ROTATE_270}
+
+
+def write_photo(path, viewed: np.ndarray, tag: int) -> None:
+    """What a phone writes for the RGB image `viewed`: a JPEG of the pixels turned back from
+    the view, and the orientation tag (1: none)."""
+    image = Image.fromarray(viewed)
+    if tag == 1:
+        image.save(path, quality=95)
+        return
+    exif = Image.Exif()
+    exif[ORIENTATION] = tag
+    image.transpose(STORE[tag]).save(path, quality=95, exif=exif.tobytes())
 
 
 # ---- torchvision reference models -----------------------------------------------------------

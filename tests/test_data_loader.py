@@ -191,11 +191,15 @@ def test_missing_image_errors_or_is_skipped(tmp_path, caplog):
 
 
 def test_image_size_disagreeing_with_annotation_is_an_error(tmp_path):
+    """Found when the data set is built (from the headers: orientation.check_image_sizes); a
+    file replaced after that is still caught by the loader, which checks every decoded size."""
     entry = make_set(tmp_path)
-    cv2.imwrite(str(tmp_path / "img" / "2.png"), np.zeros((44, 30, 3), np.uint8))  # stored rotated
     info = get_dataset(entry, str(tmp_path))
+    cv2.imwrite(str(tmp_path / "img" / "2.png"), np.zeros((44, 30, 3), np.uint8))  # stored rotated
     with pytest.raises(DataError, match=r"2\.png is 30x44 .* annotation says 44x30"):
         list(build_test_loader(info, num_workers=0))
+    with pytest.raises(DataError, match=r"1 of \d+ images .*2\.png is 30x44 \(WxH\), annotated 44x30"):
+        get_dataset(entry, str(tmp_path))
 
 
 def test_seed_worker_is_deterministic_per_worker():

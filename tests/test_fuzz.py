@@ -535,6 +535,37 @@ def _encoded(array: np.ndarray, ext: str) -> bytes:
     return buf.tobytes()
 
 
+def _tagged(array: np.ndarray, tag: int, fmt: str = "JPEG") -> bytes:
+    """An image stored with EXIF orientation `tag` (any value, valid or not)."""
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format=fmt, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def _with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    """`jpeg` with an APP1 segment holding `payload` right after its start marker."""
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def exif_variants(rng: random.Random, a: np.ndarray) -> dict[str, tuple[bytes, str, tuple[int, int], frozenset]]:
+    """Phone photos (issue 36): each tag read as viewed (sides swapped for 5..8), an annotation
+    of the stored size refused; out-of-range tags and corrupt EXIF blocks read as stored."""
+    ok, bad = frozenset({"accepted"}), frozenset({"error", "skipped"})
+    out = {f"exif_orientation_{t}": (_tagged(a, t), ".jpg", (40, 30) if t >= 5 else (30, 40), ok) for t in range(1, 9)}
+    out["exif_orientation_6_annotated_as_stored"] = (_tagged(a, 6), ".jpg", (30, 40), bad)
+    out["exif_orientation_6_png"] = (_tagged(a, 6, "PNG"), ".png", (40, 30), ok)
+    for t in (0, 9, 65535):
+        out[f"exif_orientation_out_of_range_{t}"] = (_tagged(a, t), ".jpg", (30, 40), ok)
+    tiff_header = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08"
+    for i in range(4):  # a valid start, then random IFD bytes; then random bytes throughout
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+        out[f"exif_corrupt_ifd_{i}"] = (_with_app1(_jpeg_bytes(a), tiff_header + junk), ".jpg", (30, 40), ok)
+        out[f"exif_random_block_{i}"] = (_with_app1(_jpeg_bytes(a), b"Exif\x00\x00" + junk), ".jpg", (30, 40), ok)
+    return out
+
+
 def image_variants(rng: random.Random) -> dict[str, tuple[bytes, str, tuple[int, int], frozenset]]:
     """name -> (file bytes, extension, (height, width) the annotation states, allowed outcomes)."""
     a = _rgb(30, 40)
@@ -568,6 +599,7 @@ def image_variants(rng: random.Random) -> dict[str, tuple[bytes, str, tuple[int,
         for _ in range(8):
             flipped[rng.randrange(40, len(flipped))] ^= 0xFF  # corrupt the compressed data (CRC errors)
         out[f"corrupt_png_{i}"] = (bytes(flipped), ".png", (30, 40), bad)
+    out.update(exif_variants(rng, a))
     return out
 
 

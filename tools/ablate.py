@@ -66,7 +66,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     sources = {"weights": _resolved(args.weights), "context_weights": _resolved(args.context_weights)}
     _check_folder(out, sources, args.overwrite)
     device = select_device(cfg.device, cfg.tf32)
-    datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
+    datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
+                            exif_orientation=cfg.input.exif_orientation)
     print(f"ablation of {args.weights} on {datasets[0].name} ({len(datasets[0].records)} images); "
           f"results go to {out}")
     explicit = override_keys(args)

@@ -110,7 +110,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     model, weights = (None, None) if args.results else _model(cfg, args.weights, device, override_keys(args))
     # scoring saved results reads the annotations only, not the images
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
-                            check_images=not args.results)
+                            check_images=not args.results, exif_orientation=cfg.input.exif_orientation)
     folders = _checked_folders(cfg, datasets, model, weights)
     claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
     (out_root / "report.html").unlink(missing_ok=True)  # written again at the end: never a stale page

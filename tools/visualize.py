@@ -90,7 +90,8 @@ def run(cfg, args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for i, (path, record) in enumerate(items):
-        canvas = _draw(path, record, crowd, None if args.gt else model, class_names, args, device)
+        canvas = _draw(path, record, crowd, None if args.gt else model, class_names, args, device,
+                       exif_orientation=cfg.input.exif_orientation)
         cv2.imwrite(str(out / output_name(i, path)), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     return len(items)
 
@@ -101,14 +102,15 @@ def output_name(index: int, path: str) -> str:
 
 
 def _draw(path: str, record: dict | None, crowd: dict, model, class_names: list[str], args: argparse.Namespace,
-          device):
-    """The image with its ground truth, its predictions, or both side by side."""
+          device, exif_orientation: bool = True):
+    """The image (as viewed: turned by its EXIF orientation tag unless exif_orientation is
+    False) with its ground truth, its predictions, or both side by side."""
     import torch
 
     from detection.data.image_io import read_image
     from detection.visualize import draw_detections, ground_truth_boxes, side_by_side
 
-    image = read_image(path)
+    image = read_image(path, exif_orientation=exif_orientation)
     panels = []
     if record is not None:
         boxes, labels, tags = ground_truth_boxes(record, crowd.get(record["image_id"]))
@@ -130,7 +132,8 @@ def _inputs(cfg, args: argparse.Namespace, weights):
 
     if args.gt or args.compare:
         entry = args.dataset or cfg.datasets.test[0]
-        dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
+        dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
+                              exif_orientation=cfg.input.exif_orientation)
         if args.weights:  # predictions drawn with the data set's names must mean those classes
             names, source = model_class_names(weights, cfg.model.class_names)
             check_class_names(dataset.name, dataset.class_names, names, cfg.model.num_classes, source)

@@ -62,46 +62,57 @@ _TYPE_HELP = "coco (a COCO json + image folder) or voc (a VOC-layout folder)"
 
 
 def get_dataset(entry: str | Mapping[str, Any], root: str, *, skip_bad_images: bool = False,
-                check_images: bool = True) -> DatasetInfo:
+                check_images: bool = True, exif_orientation: bool = True) -> DatasetInfo:
     """Resolve a config entry (known name or {type: coco|voc, ...}) under `root` and load it.
 
-    check_images: stat every image file now (check_image_files), so that a missing one is
-    reported at startup with all the others, not at the iteration that first reads it.
-    Callers that need only the annotations (scoring a results file, class names) pass False.
+    check_images: stat every image file now (check_image_files) and read every header
+    (orientation.check_image_sizes), so that a missing file or one whose size is not its
+    annotation's is reported at startup with all the others, not at the iteration that
+    first reads it. Callers that need only the annotations (scoring a results file, class
+    names) pass False. exif_orientation: images are read turned by their EXIF orientation
+    tag (config input.exif_orientation), in the sizes checked here and wherever they are read.
     """
+    from detection.data.orientation import check_image_sizes  # imported where used: PIL
+
     name, spec = _resolve_entry(entry)
-    info = LOADERS[spec["type"]](spec, root, name, skip_bad_images)
+    info = LOADERS[spec["type"]](spec, root, name, skip_bad_images, exif_orientation)
     info.skip_bad_images = skip_bad_images
+    info.exif_orientation = exif_orientation
     if check_images:
         check_image_files(info, skip=skip_bad_images)
+        check_image_sizes(info, skip=skip_bad_images)
     return info
 
 
-def get_datasets(entries: Sequence[str | Mapping[str, Any]], root: str, *,
-                 skip_bad_images: bool = False, check_images: bool = True) -> list[DatasetInfo]:
+def get_datasets(entries: Sequence[str | Mapping[str, Any]], root: str, *, skip_bad_images: bool = False,
+                 check_images: bool = True, exif_orientation: bool = True) -> list[DatasetInfo]:
     """`get_dataset` for each entry of a config list (datasets.train / datasets.test)."""
     if isinstance(entries, (str, Mapping)):
         entries = [entries]
-    return [get_dataset(e, root, skip_bad_images=skip_bad_images, check_images=check_images) for e in entries]
+    return [get_dataset(e, root, skip_bad_images=skip_bad_images, check_images=check_images,
+                        exif_orientation=exif_orientation) for e in entries]
 
 
-def _load_coco(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool) -> DatasetInfo:
+def _load_coco(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool,
+               exif_orientation: bool) -> DatasetInfo:
     from detection.data.coco import load_coco_json  # imported where used: pycocotools is slow to import
 
     return load_coco_json(_under(root, spec["ann_file"]), _under(root, spec["image_root"]), name=name)
 
 
-def _load_voc(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool) -> DatasetInfo:
+def _load_voc(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool,
+              exif_orientation: bool) -> DatasetInfo:
     from detection.data.voc import load_voc  # imported where used: OpenCV is slow to import
 
     return load_voc(_under(root, spec["root"]), str(spec["split"]), classes=spec.get("classes"),
                     use_07_metric=spec.get("use_07_metric"), name=name, skip_bad_files=skip_bad_images,
-                    annotations=spec.get("annotations", True))
+                    annotations=spec.get("annotations", True), exif_orientation=exif_orientation)
 
 
-# type -> reader of a checked entry (spec, datasets.root, display name, skip_bad_images): the one
+# type -> reader of a checked entry (spec, datasets.root, display name, skip_bad_images,
+# exif_orientation: the sizes a reader takes from image headers are the viewed ones): the one
 # table of data-set types; ENTRY_FIELDS above says what each type's entry holds.
-LOADERS: dict[str, Callable[[dict[str, Any], str, str, bool], DatasetInfo]] = {
+LOADERS: dict[str, Callable[[dict[str, Any], str, str, bool, bool], DatasetInfo]] = {
     "coco": _load_coco,
     "voc": _load_voc,
 }
@@ -168,6 +179,7 @@ def concat_datasets(datasets: Sequence[DatasetInfo]) -> DatasetInfo:
         records=[r for d in datasets for r in d.records],
         label_to_category_id=dict(first.label_to_category_id),
         skip_bad_images=any(d.skip_bad_images for d in datasets),
+        exif_orientation=first.exif_orientation,  # one config setting for all of them
     )
 
 

@@ -33,6 +33,7 @@ class DatasetInfo:
     use_07_metric: bool = False
     skip_bad_images: bool = False  # the loaders skip unreadable images (each reported once)
     has_annotations: bool = True  # False: no ground truth (a benchmark's hidden test set)
+    exif_orientation: bool = True  # images are read turned by their EXIF orientation tag (input.exif_orientation)
 
     @property
     def num_classes(self) -> int:

@@ -2,10 +2,11 @@
 
 `IMREAD_UNCHANGED` keeps the stored depth and channel count so that 16-bit,
 grayscale and RGBA files are recognised and converted explicitly instead of
-being coerced by OpenCV's defaults. It also ignores the EXIF orientation tag:
-pixels are returned as stored, which is what pycocotools-style annotations of
-the stored bitmap refer to; the loaders check the decoded size against the
-annotation so that a rotated file is reported, never silently mislabelled.
+being coerced by OpenCV's defaults. It also ignores the EXIF orientation tag,
+which is then applied here (`orientation.py`), for every format PIL reads the tag
+of, exactly as PIL's `ImageOps.exif_transpose` (Detectron2's `read_image`): phone
+photos come out as viewed, which is what annotation tools show and boxes refer to.
+`exif_orientation=False` (config `input.exif_orientation`) returns the stored pixels.
 """
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import cv2
 import numpy as np
 
 from detection.data import DataError
+from detection.data.orientation import INVERSE, apply_orientation, orientation
 
 # BGR(A) / gray layouts OpenCV returns -> the conversion to RGB
 _TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # little / big endian, classic / BigTIFF
 
 
-def read_image(path: str) -> np.ndarray:
-    """Read `path` as np.uint8[H, W, 3] RGB; DataError naming the path on failure."""
+def read_image(path: str, *, exif_orientation: bool = True) -> np.ndarray:
+    """Read `path` as np.uint8[H, W, 3] RGB, turned as its EXIF orientation tag says unless
+    `exif_orientation` is False; DataError naming the path on failure."""
     if os.path.isdir(path):
         raise DataError(f"image {path} is a folder, not an image file")
     if not os.path.isfile(path):
@@ -45,7 +49,19 @@ def read_image(path: str) -> np.ndarray:
     if channels not in _TO_RGB:
         raise DataError(f"image {path} has {channels} channels; expected 1 (gray), 3 (color) or 4 (with alpha)")
     # cvtColor drops the alpha channel of RGBA (as PIL's convert("RGB") does)
-    return np.ascontiguousarray(cv2.cvtColor(img, _TO_RGB[channels]))
+    img = cv2.cvtColor(img, _TO_RGB[channels])
+    return np.ascontiguousarray(_as_asked(img, data, exif_orientation))
+
+
+def _as_asked(img: np.ndarray, data: np.ndarray, exif_orientation: bool) -> np.ndarray:
+    """The decoded pixels turned by the file's orientation tag, or as stored. OpenCV's TIFF
+    decoder (libtiff) turns the pixels itself whatever the flags: that one is undone instead."""
+    tag = orientation(data.tobytes())
+    if tag == 1:
+        return img
+    if data[:4].tobytes() in _TIFF_MAGIC:
+        return img if exif_orientation else apply_orientation(img, INVERSE[tag])
+    return apply_orientation(img, tag) if exif_orientation else img
 
 
 def _is_truncated_jpeg(data: np.ndarray) -> bool:

@@ -56,7 +56,8 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
     base_seed = _process_seed(seed, rank)
     batch_sampler = GroupedBatchSampler(sampler, groups if aspect_ratio_grouping else [0] * len(groups),
                                         images_per_batch, start=start_iter, seed=base_seed)
-    dataset = TrainDataset(records, transform, skip_bad_images=info.skip_bad_images, groups=groups)
+    dataset = TrainDataset(records, transform, skip_bad_images=info.skip_bad_images, groups=groups,
+                           exif_orientation=info.exif_orientation)
     # an explicit generator: creating the iterator must not draw from (and shift) the global torch RNG
     generator = torch.Generator()
     generator.manual_seed(base_seed)
@@ -69,7 +70,8 @@ def build_test_loader(dataset: DatasetInfo, *, num_workers: int, batch_size: int
     """Iterable of (images: list[uint8 Tensor[3,H,W]] at original size, records: list[dict]), in dataset order."""
     if batch_size < 1:
         raise DataError(f"test batch size must be >= 1, got {batch_size}")
-    data = TestDataset(dataset.records, skip_bad_images=dataset.skip_bad_images)
+    data = TestDataset(dataset.records, skip_bad_images=dataset.skip_bad_images,
+                       exif_orientation=dataset.exif_orientation)
     loader = ForkSafeDataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                 collate_fn=collate_lists, pin_memory=torch.cuda.is_available())
     return TestLoader(loader)
@@ -214,10 +216,11 @@ class TrainDataset(Dataset):
     """index -> (uint8 Tensor[3,H,W] transformed, {"boxes": float32[N,4], "labels": int64[N]})."""
 
     def __init__(self, records: Sequence[dict], transform: Callable, *, skip_bad_images: bool,
-                 groups: Sequence[int]) -> None:
+                 groups: Sequence[int], exif_orientation: bool = True) -> None:
         self.records = SerializedRecords(records)
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.exif_orientation = exif_orientation
         self.groups = np.asarray(groups)
         self.bad = _shared_flags(len(records))
         self._rng = np.random.default_rng(0)
@@ -236,7 +239,7 @@ class TrainDataset(Dataset):
         self.reseed(sample_seed)
         for _ in range(_MAX_REPLACEMENTS):
             record = self.records[index]
-            img = _read_checked(record, index, self.skip_bad_images, self.bad)
+            img = _read_checked(record, index, self.skip_bad_images, self.bad, self.exif_orientation)
             if img is not None:
                 break
             index = self._replacement(index, record["file_name"])
@@ -262,9 +265,10 @@ class TrainDataset(Dataset):
 class TestDataset(Dataset):
     """index -> (uint8 Tensor[3,H,W] original size, record), or None for a skipped bad image."""
 
-    def __init__(self, records: Sequence[dict], *, skip_bad_images: bool) -> None:
+    def __init__(self, records: Sequence[dict], *, skip_bad_images: bool, exif_orientation: bool = True) -> None:
         self.records = SerializedRecords(records)
         self.skip_bad_images = skip_bad_images
+        self.exif_orientation = exif_orientation
         self.bad = _shared_flags(len(records))
 
     def __len__(self) -> int:
@@ -272,7 +276,7 @@ class TestDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
         record = self.records[index]
-        img = _read_checked(record, index, self.skip_bad_images, self.bad)
+        img = _read_checked(record, index, self.skip_bad_images, self.bad, self.exif_orientation)
         return None if img is None else (_to_chw_tensor(img), record)
 
 
@@ -313,16 +317,21 @@ def _shared_flags(size: int) -> torch.Tensor:
     return torch.zeros(size, dtype=torch.uint8, device="cpu").share_memory_()
 
 
-def _read_checked(record: dict, index: int, skip: bool, bad: torch.Tensor) -> np.ndarray | None:
+def _read_checked(record: dict, index: int, skip: bool, bad: torch.Tensor,
+                  exif_orientation: bool = True) -> np.ndarray | None:
     """read_image + size check against the annotation; None when skipping bad images (a
-    warning the first time a file fails, then not even a read)."""
+    warning the first time a file fails, then not even a read). The data set's startup check
+    (orientation.check_image_sizes) has compared the headers already; this catches a file
+    changed since, or one whose header PIL could not parse."""
     if skip and bad[index]:
         return None
     try:
-        img = read_image(record["file_name"])
+        img = read_image(record["file_name"], exif_orientation=exif_orientation)
         if img.shape[:2] != (record["height"], record["width"]):
-            raise DataError(f"image {record['file_name']} is {img.shape[1]}x{img.shape[0]} (WxH) but its annotation "
-                            f"says {record['width']}x{record['height']}; boxes would be wrong (EXIF rotation?)")
+            view = "as viewed, EXIF orientation applied" if exif_orientation else "as stored, EXIF orientation ignored"
+            raise DataError(f"image {record['file_name']} is {img.shape[1]}x{img.shape[0]} (WxH, {view}: "
+                            f"input.exif_orientation) but its annotation says {record['width']}x{record['height']}; "
+                            "boxes would be wrong")
         return img
     except DataError as e:
         if not skip:

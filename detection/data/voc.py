@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from detection.data import DataError
 from detection.data.dataset_info import DatasetInfo
+from detection.data.orientation import header_size
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +37,16 @@ _LAYOUT_HINT = ("expected the VOC layout <root>/ImageSets/Main/<split>.txt, <roo
 
 
 def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use_07_metric: bool | None = None,
-             name: str | None = None, skip_bad_files: bool = False, annotations: bool = True) -> DatasetInfo:
+             name: str | None = None, skip_bad_files: bool = False, annotations: bool = True,
+             exif_orientation: bool = True) -> DatasetInfo:
     """Read split `split` of the VOC-layout folder `root`.
 
     classes: defaults to the 20 VOC classes (label i+1 = classes[i]).
     use_07_metric: defaults to True for a folder named VOC2007 (11-point AP), else False.
     skip_bad_files: a missing or unparsable XML is skipped with a warning instead of raising.
     annotations: False for a split without ground truth (VOC2012 test): no XML is read.
+    exif_orientation: a size read from an image header (no <size> in the XML) is the size
+    as viewed, turned by the EXIF orientation tag, as read_image returns the image.
     """
     class_names = list(VOC_CLASSES if classes is None else classes)
     if not class_names or len(set(class_names)) != len(class_names):
@@ -62,7 +65,7 @@ def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use
     )
     image_ids = read_split(root, split)
     if not annotations:
-        info.records = [_unannotated_record(root, image_id) for image_id in image_ids]
+        info.records = [_unannotated_record(root, image_id, exif_orientation) for image_id in image_ids]
         return info
     annotation_folder = os.path.join(root, "Annotations")
     if image_ids and not os.path.isdir(annotation_folder):
@@ -70,17 +73,17 @@ def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use
                         f"<id>.xml files there); only a test set without published annotations, such as "
                         f"voc_2012_test, goes without: give its entry annotations: false")
     info.records = _load_records(root, split, image_ids, {c: i + 1 for i, c in enumerate(class_names)},
-                                 skip_bad_files)
+                                 skip_bad_files, exif_orientation)
     return info
 
 
 def _load_records(root: str, split: str, image_ids: list[str], class_to_label: dict[str, int],
-                  skip_bad_files: bool) -> list[dict]:
+                  skip_bad_files: bool, exif_orientation: bool) -> list[dict]:
     """One record per image id from its XML; bad files skipped (one warning) or raised."""
     records, num_degenerate, skipped = [], 0, []
     for image_id in image_ids:
         try:
-            record, dropped = _load_xml_record(root, image_id, class_to_label)
+            record, dropped = _load_xml_record(root, image_id, class_to_label, exif_orientation)
         except _UnreadableXML as e:
             if not skip_bad_files:
                 raise DataError(str(e)) from e
@@ -97,16 +100,12 @@ def _load_records(root: str, split: str, image_ids: list[str], class_to_label: d
     return records
 
 
-def _unannotated_record(root: str, image_id: str) -> dict:
-    """A record without boxes; the size from the image header (PIL reads no pixels). A missing
-    or unreadable image gets size 0x0 and is reported with all the others by
-    catalog.check_image_files (or by the loader, which checks every decoded size)."""
+def _unannotated_record(root: str, image_id: str, exif_orientation: bool) -> dict:
+    """A record without boxes; the size from the image header (PIL reads no pixels), as
+    viewed. A missing or unreadable image gets size 0x0 and is reported with all the others
+    by catalog.check_image_files (or by the loader, which checks every decoded size)."""
     file_name = os.path.join(root, "JPEGImages", f"{image_id}.jpg")
-    try:
-        with Image.open(file_name) as image:
-            width, height = image.size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        width = height = 0
+    height, width, _ = header_size(file_name, apply_tag=exif_orientation) or (0, 0, 1)
     return {
         "file_name": file_name,
         "image_id": image_id,
@@ -145,7 +144,8 @@ class _UnreadableXML(Exception):
         self.path = path  # the file to name in the one summary warning
 
 
-def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int]) -> tuple[dict, int]:
+def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int],
+                     exif_orientation: bool) -> tuple[dict, int]:
     """-> (record, number of zero-area boxes dropped)."""
     xml_path = os.path.join(root, "Annotations", f"{image_id}.xml")
     if not os.path.isfile(xml_path):
@@ -155,7 +155,7 @@ def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int]) -
     except (ET.ParseError, OSError, UnicodeDecodeError) as e:
         raise _UnreadableXML(f"malformed XML in VOC annotation file {xml_path}: {e}", xml_path) from e
     file_name = _image_path(root, image_id, tree)
-    height, width = _image_size(tree, xml_path, file_name)
+    height, width = _image_size(tree, xml_path, file_name, exif_orientation)
     boxes, labels, difficult = [], [], []
     for index, obj in enumerate(tree.findall("object")):
         box, label, is_difficult = _parse_object(obj, index, xml_path, class_to_label, width, height)
@@ -208,8 +208,9 @@ def _image_path(root: str, image_id: str, tree: ET.Element) -> str:
     return path  # a missing image is reported with all the others by catalog.check_image_files
 
 
-def _image_size(tree: ET.Element, xml_path: str, file_name: str) -> tuple[int, int]:
-    """(height, width) from <size>, or from the image header when the XML lacks it."""
+def _image_size(tree: ET.Element, xml_path: str, file_name: str, exif_orientation: bool) -> tuple[int, int]:
+    """(height, width) from <size>, or from the image header when the XML lacks it (as viewed:
+    turned by the EXIF tag unless exif_orientation is False, as read_image returns it)."""
     sizes = []
     for key in ("height", "width"):
         text = (tree.findtext(f"size/{key}") or "0").strip() or "0"
@@ -223,7 +224,10 @@ def _image_size(tree: ET.Element, xml_path: str, file_name: str) -> tuple[int, i
     height, width = sizes
     if height > 0 and width > 0:
         return height, width  # 0 or less: unknown (some tools write 0), read from the image instead
-    img = cv2.imread(file_name, cv2.IMREAD_UNCHANGED)
+    header = header_size(file_name, apply_tag=exif_orientation)
+    if header is not None:
+        return header[0], header[1]
+    img = cv2.imread(file_name, cv2.IMREAD_UNCHANGED)  # a format PIL does not parse: no tag known either
     if img is None:
         raise _UnreadableXML(f"{xml_path} has no <size> and its image {file_name} cannot be read", xml_path)
     return int(img.shape[0]), int(img.shape[1])

@@ -259,7 +259,8 @@ def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
     if cfg.solver.ims_per_batch % world:
         raise ValueError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
                          f"{world} processes")
-    datasets = get_datasets(cfg.datasets.train, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
+    datasets = get_datasets(cfg.datasets.train, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
+                            exif_orientation=cfg.input.exif_orientation)
     names = concat_datasets(datasets).class_names  # the same classes in every set, or a DataError
     which = (f"the training sets {', '.join(d.name for d in datasets)} have" if len(datasets) > 1
              else f"the training set {datasets[0].name} has")
@@ -567,6 +568,7 @@ def evaluate(cfg: Config, model: nn.Module, device: torch.device,
     from detection.data.catalog import get_datasets
     from detection.evaluation import evaluate_test_sets, flatten_metrics
 
-    datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
+    datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
+                            exif_orientation=cfg.input.exif_orientation)
     return flatten_metrics(evaluate_test_sets(datasets, model=model, device=device,
                                               num_workers=cfg.dataloader.num_workers, output_dir=output_dir))

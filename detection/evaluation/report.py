@@ -154,19 +154,20 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
     by_fp = sorted((s for s in scored if s[0] > 0), key=lambda s: -s[0])[:gallery_size]
     by_missed = sorted((s for s in scored if s[1] > 0), key=lambda s: -s[1])[:gallery_size]
     draw = lambda s: _gallery_image(s[2], s[0], s[1], detections.get(s[2]["image_id"], empty),  # noqa: E731
-                                    names, crowd, score_thresh)
+                                    names, crowd, score_thresh, dataset.exif_orientation)
     section.most_false_positives = [draw(s) for s in by_fp]
     section.most_missed = [draw(s) for s in by_missed]
     return section
 
 
 def _gallery_image(record: Mapping, false_positives: int, missed: int, detections: Mapping, names: Sequence[str],
-                   crowd: Mapping | None, score_thresh: float) -> GalleryImage:
-    """Ground truth | predictions (score >= score_thresh) of one image, as a JPEG."""
+                   crowd: Mapping | None, score_thresh: float, exif_orientation: bool = True) -> GalleryImage:
+    """Ground truth | predictions (score >= score_thresh) of one image (as the data set reads
+    it: turned by its EXIF orientation tag unless exif_orientation is False), as a JPEG."""
     from detection.data.image_io import read_image
     from detection.visualize import draw_detections, ground_truth_boxes, side_by_side
 
-    image = read_image(record["file_name"])
+    image = read_image(record["file_name"], exif_orientation=exif_orientation)
     # each panel MIN_PANEL_WIDTH..PANEL_WIDTH wide (a light page, legible labels), drawn at that scale
     scale = min(max(image.shape[1], MIN_PANEL_WIDTH), PANEL_WIDTH) / image.shape[1]
     if scale != 1:
