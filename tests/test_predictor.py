@@ -1,6 +1,11 @@
 """The Predictor (detection/predictor.py) on a tiny random detector: arrays in either channel
 order with an explicit input_format (Detectron2's DefaultPredictor takes cv2.imread's BGR), and
 a list of images run as one padded batch."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -11,6 +16,8 @@ from detection.model import build_model
 from detection.predictor import Predictor
 from detection.testing import compare_detections, make_sane
 from tests.helpers import tiny_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +95,37 @@ def test_a_list_of_images_is_one_padded_batch(setup):
     assert abs(float(batched[0]["scores"][0]) - float(single["scores"][0])) < 0.05
     assert predictor(tuple(images))[1]["scores"].shape == batched[1]["scores"].shape
     assert predictor([]) == []
+
+
+def readme_predictor_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("<!-- predictor:start -->", 1)[1].split("<!-- predictor:end -->", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.mark.slow  # the Detectron2 fixture checkpoint: ResNet-50, 135 MB, 800 px images
+def test_readme_predictor_lines_run_as_written(tmp_path, monkeypatch):
+    """The README's Predictor lines, taken from README.md, with the fixture's Detectron2 file
+    standing in for the model-zoo download and two of its images for the user's photos."""
+    fixture = ROOT / "tests" / "fixtures" / "detectron2_c4"
+    subprocess.run([sys.executable, str(fixture / "make_checkpoint.py"), str(fixture / "keys_R_50_C4_coco.json"),
+                    "11", str(tmp_path / "model_final_721ade.pkl")], check=True, timeout=600)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    for name, source in (("street.jpg", "resize_0.png"), ("park.jpg", "exact_1.png")):
+        cv2.imwrite(str(tmp_path / name), cv2.imread(str(fixture / "R_50_C4_coco_seed11" / "images" / source)))
+    blocks = readme_predictor_blocks()
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README Predictor", "exec"), namespace)  # noqa: S102 - the README's own lines
+    rgb_out = namespace["out"]
+    assert namespace["predictor"].class_names[int(rgb_out["labels"][0]) - 1] == "zebra"
+    exec(compile(blocks[1], "README Predictor", "exec"), namespace)  # noqa: S102
+    assert_same(namespace["out"], rgb_out)  # cv2.imread's BGR array with input_format="BGR"
+    outs = namespace["outs"]
+    assert len(outs) == 2 and len(outs[1]["scores"]) > 0
+    # the street image is the smaller one: more padding in the batch, scores within a few hundredths
+    assert abs(float(outs[0]["scores"][0]) - float(rgb_out["scores"][0])) < 0.03
+    # the issue's case: a BGR array given as RGB gives other detections, in silence
+    swapped = namespace["predictor"](cv2.imread("street.jpg"))
+    assert abs(float(swapped["scores"][0]) - float(rgb_out["scores"][0])) > 1e-3

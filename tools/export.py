@@ -7,7 +7,7 @@
 Needs the `export` extra (pip install -e '.[export]': onnx, onnxruntime). The file holds the
 whole inference but the resize: inputs `image`, uint8 (1, 3, H, W) RGB already resized as the
 model resizes (shorter side input.min_size_test, longer at most input.max_size_test, with
-detection.resize; detection.export.prepare_image does it), and `original_size`, int64 (2,),
+detection.resize; detection.onnx_preprocess.preprocess does it), and `original_size`, int64 (2,),
 the (height, width) before resizing; outputs `boxes` (D, 4) XYXY in the original image's
 pixels, `scores` (D,), `labels` (D,) in 1..K. Height and width are dynamic. The file's
 metadata_props carry what a runtime needs (test sizes, resize mode, channel order, mean / std,
