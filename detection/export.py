@@ -15,7 +15,10 @@ RPN (top-k, decode, clip, drop small / empty / non-finite boxes, NMS), RoI pooli
 predictor, softmax, decode, clip, score threshold, per-class NMS, top detections, scaling back
 to the original pixels. Height and width are dynamic. Resizing stays outside, as the one
 pre-processing step: OpenCV's area filter (and PIL's bilinear, `input.resize_mode: detectron2`)
-have no exact ONNX op, so `prepare_image` runs `detection.resize.resize_uint8` as the model does.
+have no exact ONNX op. The file's metadata_props say how to do it (`runtime_metadata`: test
+sizes, resize mode, channel order, mean / std, size divisibility, class names, thresholds), and
+`detection.onnx_preprocess.preprocess` reads them and resizes as the model does, without PyTorch;
+`OnnxDetector` does both.
 
 Ops, as torchvision exports its Faster R-CNN (torchvision/ops/_register_onnx_ops.py):
 `torchvision.ops.nms` becomes ONNX NonMaxSuppression; per-class NMS is torchvision's
@@ -35,6 +38,8 @@ a tensor op.
 """
 from __future__ import annotations
 
+import io
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -46,8 +51,10 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, nms
 
 from detection.model import FasterRCNN
-from detection.resize import resize_uint8, resized_shape
+from detection.onnx_preprocess import METADATA_VERSION, preprocess, read_metadata, resize_to_inputs
+from detection.resize import resized_shape
 from detection.testing import compare_detections
+from detection.utils.files import atomic_write
 
 OPSET = 17  # RoiAlign's half_pixel mode (torchvision's aligned=True) needs 16
 INPUT_NAMES = ("image", "original_size")
@@ -122,7 +129,8 @@ def export_onnx(model: FasterRCNN, path: str | Path, example_size: tuple[int, in
     dynamic height and width, by the TorchScript-based exporter (`torch.onnx.export(...,
     dynamo=False)`), which traces the torchvision ops to their ONNX symbolics as torchvision's
     own detection models do. `example_size` is the traced image's (H, W) (default: the test
-    size of a 4:3 image); the file works at any size."""
+    size of a 4:3 image); the file works at any size. The file carries runtime_metadata(model)
+    in its metadata_props and is written whole or not at all."""
     model = model.cpu().eval()
     wrapper = ExportableDetector(model).eval()
     if example_size is None:
@@ -130,17 +138,43 @@ def export_onnx(model: FasterRCNN, path: str | Path, example_size: tuple[int, in
                                      model.min_size_test, model.max_size_test)
     image = torch.randint(0, 256, (1, 3, *example_size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path, buffer = Path(path), io.BytesIO()
     dynamic = {"image": {2: "height", 3: "width"}, **{name: {0: "detections"} for name in OUTPUT_NAMES}}
     with warnings.catch_warnings(), torch.no_grad():
         # the legacy exporter's deprecation notice and the tracer's notes on values it treats as
         # constants (the config's thresholds and counts: constants indeed)
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, (image, torch.tensor(example_size, dtype=torch.int64)), str(path),
+        torch.onnx.export(wrapper, (image, torch.tensor(example_size, dtype=torch.int64)), buffer,
                           dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
                           output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, do_constant_folding=True)
+    _write_with_metadata(buffer.getvalue(), path, runtime_metadata(model))
     return path
+
+
+def runtime_metadata(model: FasterRCNN) -> dict[str, str]:
+    """What a runtime needs to feed the file, as ONNX metadata_props (strings; numbers and
+    lists as JSON): the keys of detection.onnx_preprocess.METADATA."""
+    heads = model.roi_heads
+    names = model.class_names or [f"class {i}" for i in range(1, model.num_classes + 1)]
+    values = {"min_size_test": model.min_size_test, "max_size_test": model.max_size_test,
+              "pixel_mean": model.pixel_mean.flatten().tolist(), "pixel_std": model.pixel_std.flatten().tolist(),
+              "size_divisibility": model.size_divisibility, "class_names": list(names),
+              "score_thresh_test": heads.score_thresh_test, "nms_thresh_test": heads.nms_thresh_test,
+              "detections_per_image": heads.detections_per_image}
+    return {"c4det_metadata_version": METADATA_VERSION, "resize_mode": model.resize_mode, "input_format": "RGB",
+            "weights_input_format": model.input_format, **{k: json.dumps(v) for k, v in values.items()}}
+
+
+def _write_with_metadata(data: bytes, path: Path, metadata: dict[str, str]) -> None:
+    """The exporter's bytes with `metadata` added to metadata_props, written atomically."""
+    import onnx  # the export extra
+
+    proto = onnx.load_from_string(data)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    with atomic_write(path, "wb") as f:
+        f.write(proto.SerializeToString())
 
 
 def prepare_image(image: Tensor | np.ndarray, min_size: int, max_size: int, resize_mode: str = "default"
@@ -151,37 +185,44 @@ def prepare_image(image: Tensor | np.ndarray, min_size: int, max_size: int, resi
     resize_mode), as uint8 (1, 3, h, w), and the original (H, W)."""
     if isinstance(image, Tensor):
         image = image.detach().cpu().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"prepare_image: needs an RGB uint8 image, got {image.dtype} {list(image.shape)}")
-    height, width = image.shape[:2]
-    size = resized_shape(height, width, min_size, max_size)
-    if size != (height, width):
-        image = resize_uint8(np.ascontiguousarray(image), size, resize_mode)
-    return {"image": np.ascontiguousarray(image.transpose(2, 0, 1)[None]),  # (h, w, 3) -> (1, 3, h, w)
-            "original_size": np.array([height, width], dtype=np.int64)}
+    return resize_to_inputs(image, min_size, max_size, resize_mode)
 
 
 class OnnxDetector:
     """An exported file run by ONNX Runtime: `detector(image)` -> {"boxes", "scores",
-    "labels"} as tensors, like the model's output for that image. The resize settings must be
-    the exported model's (`input.min_size_test`, `input.max_size_test`, `input.resize_mode`)."""
+    "labels"} as tensors, like the model's output for that image. The pre-processing (test
+    sizes, resize mode) is the file's own, from its metadata (detection.onnx_preprocess);
+    min_size / max_size / resize_mode replace the file's values (a file exported before it
+    carried them needs all three). `metadata`: the file's, parsed; `class_names`: the names of
+    labels 1..K (None for such an older file)."""
 
-    def __init__(self, path: str | Path, min_size: int, max_size: int, resize_mode: str = "default",
-                 threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, min_size: int | None = None, max_size: int | None = None,
+                 resize_mode: str | None = None, threads: int | None = None) -> None:
         import onnxruntime  # the `export` extra
 
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.min_size, self.max_size, self.resize_mode = min_size, max_size, resize_mode
+        given = {"min_size_test": min_size, "max_size_test": max_size, "resize_mode": resize_mode}
+        raw = {**self.session.get_modelmeta().custom_metadata_map,
+               **{key: str(value) for key, value in given.items() if value is not None}}
+        self.metadata = read_metadata(raw, name=str(path))
+        self.class_names: list[str] | None = self.metadata.get("class_names")
 
-    def __call__(self, image: Tensor | np.ndarray) -> dict[str, Tensor]:
-        inputs = prepare_image(image, self.min_size, self.max_size, self.resize_mode)
-        return self.run(inputs)
+    def __call__(self, image: Tensor | np.ndarray, input_format: str = "RGB") -> dict[str, Tensor]:
+        """image: uint8 (H, W, 3) array or (3, H, W) tensor, channels in `input_format` order
+        (cv2.imread gives "BGR")."""
+        return self.run(self.prepare(image, input_format))
+
+    def prepare(self, image: Tensor | np.ndarray, input_format: str = "RGB") -> dict[str, np.ndarray]:
+        """The file's inputs for `image` (detection.onnx_preprocess.preprocess)."""
+        if isinstance(image, Tensor):
+            image = image.detach().cpu().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
+        return preprocess(image, self.metadata, input_format)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, Tensor]:
-        """The session on prepared inputs (prepare_image)."""
+        """The session on prepared inputs (prepare)."""
         outputs = self.session.run(list(OUTPUT_NAMES), inputs)
         return {name: torch.from_numpy(value) for name, value in zip(OUTPUT_NAMES, outputs)}
 
@@ -191,14 +232,15 @@ BOX_TOLERANCE, SCORE_TOLERANCE = 1e-2, 1e-4  # pixels; probability
 
 def check_with_onnxruntime(model: FasterRCNN, path: str | Path, images: list[Tensor]) -> list[dict[str, Any]]:
     """ONNX Runtime's detections of the file against the model's own (eval mode, CPU), one
-    compare_detections() per image (uint8 RGB (3, H, W))."""
+    compare_detections() per image (uint8 RGB (3, H, W)). The file is fed as a runtime feeds
+    it, from its own metadata, so wrong metadata shows as differing detections."""
     model = model.cpu().eval()
-    detector = OnnxDetector(path, model.min_size_test, model.max_size_test, model.resize_mode)
+    detector = OnnxDetector(path)
     results = []
     for image in images:
         with torch.no_grad():
             ref = model([image])[0]
-        inputs = prepare_image(image, model.min_size_test, model.max_size_test, model.resize_mode)
+        inputs = detector.prepare(image)
         results.append({"input_size": list(image.shape[-2:]), "model_size": list(inputs["image"].shape[-2:]),
                         **compare_detections(ref, detector.run(inputs), box_tolerance=BOX_TOLERANCE,
                                              score_tolerance=SCORE_TOLERANCE)})

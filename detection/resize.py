@@ -14,11 +14,14 @@ Resampling, always of the uint8 image before normalisation (`input.resize_mode`)
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
-import torch
 from PIL import Image
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where used: the ONNX pre-processing needs no PyTorch
+    from torch import Tensor
 
 RESIZE_MODES = ("default", "detectron2")
 
@@ -46,6 +49,8 @@ def resize_uint8(image: np.ndarray, size: tuple[int, int], mode: str = "default"
 def resize_tensor(image: Tensor, size: tuple[int, int], mode: str = "default") -> Tensor:
     """(3, H, W) tensor of 0..255 values -> (3, h, w) float32 on the same device, resized as
     resize_uint8 does (on the CPU). Float input is rounded to uint8 first."""
+    import torch
+
     pixels = image.detach().cpu()
     if pixels.dtype != torch.uint8:
         pixels = pixels.round().clamp(0, 255).to(torch.uint8)

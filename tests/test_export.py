@@ -1,6 +1,9 @@
 """ONNX export (detection/export.py, tools/export.py): ONNX Runtime's detections equal
 PyTorch's (boxes within 0.01 px, scores within 1e-4, the same labels) on image sizes other
-than the traced one, for a tiny model, the demo's shapes model and a random-weight R50-C4."""
+than the traced one, for a tiny model, the demo's shapes model and a random-weight R50-C4;
+the file carries its pre-processing in its metadata (detection/onnx_preprocess.py), and the
+README's ONNX lines run as written."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +14,11 @@ import pytest
 import torch
 
 from detection.config import load_config
-from detection.export import ExportableDetector, ExportError, check_with_onnxruntime, export_onnx, prepare_image
+from detection.export import (ExportableDetector, ExportError, OnnxDetector, check_with_onnxruntime, export_onnx,
+                              prepare_image)
+from detection.onnx_preprocess import OnnxMetadataError, preprocess, read_metadata
 from detection.model import build_model
-from detection.testing import make_sane
+from detection.testing import compare_detections, make_sane
 from tests.helpers import load_tool, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,14 +118,18 @@ def test_export_tool_writes_and_checks_the_file(tmp_path):
     train(load_config(None, overrides))
     base = [sys.executable, str(ROOT / "tools" / "export.py"), "--config", str(ROOT / "configs" / "base.yaml"),
             "--weights", str(tmp_path / "out" / "model_final.pth")]
-    out = subprocess.run([*base, "--output", str(tmp_path / "m.onnx"), *overrides], capture_output=True,
-                         text=True, cwd=ROOT, timeout=300)
+    photos = sorted(str(p) for p in (tmp_path / "data" / "shapes").rglob("*.jpg"))[:3]
+    out = subprocess.run([*base, "--output", str(tmp_path / "m.onnx"), "--check-images", *photos, *overrides],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "plain path" in out.stdout and out.stdout.count(": equal") == 2, out.stdout
+    assert "plain path" in out.stdout and out.stdout.count(": equal") == 3, out.stdout
     import onnx
 
     onnx.checker.check_model(str(tmp_path / "m.onnx"))
     assert {i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input} == {"image", "original_size"}
+    metadata = read_metadata(tmp_path / "m.onnx")
+    assert (metadata["min_size_test"], metadata["max_size_test"], metadata["resize_mode"]) == (64, 96, "default")
+    assert metadata["class_names"] == ["circle", "square", "triangle"]  # the training data's, via the checkpoint
     out = subprocess.run([*base, "--output", str(tmp_path / "r.onnx"), *overrides, "test.box_refinement.enabled=true"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: ONNX export: box"), \
@@ -165,3 +174,112 @@ def test_export_check_reports_unpaired_detections_as_differing_not_zero(monkeypa
     assert tool._check(SimpleNamespace(min_size_test=96), Path("model.onnx")) is False
     out = capsys.readouterr().out
     assert "0 / 1 detections, counts or labels DIFFER: NOT EQUAL" in out and "max box diff" not in out
+
+
+def exported_detectron2_like(path):
+    """A tiny model set as the configs/detectron2 ones: PIL's bilinear resize and BGR weights;
+    exported with its class names."""
+    model = make_model(score_thresh_test=0.0).eval()
+    model.resize_mode, model.input_format, model.class_names = "detectron2", "BGR", ["red", "blue"]
+    return model, export_onnx(model, path, example_size=(96, 96))
+
+
+@pytest.mark.slow
+def test_the_file_carries_its_preprocessing_and_the_detector_reads_it(tmp_path):
+    """No sizes given: the file's metadata says them, and a resized image gives PyTorch's
+    detections; the README's old way (the sizes without the resize mode) does not."""
+    needs_onnx()
+    import onnxruntime
+
+    model, path = exported_detectron2_like(tmp_path / "model.onnx")
+    metadata = read_metadata(path)
+    assert metadata == read_metadata(onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+    assert {k: metadata[k] for k in ("min_size_test", "max_size_test", "resize_mode", "input_format",
+                                     "weights_input_format", "size_divisibility", "class_names")} == {
+        "min_size_test": 96, "max_size_test": 256, "resize_mode": "detectron2", "input_format": "RGB",
+        "weights_input_format": "BGR", "size_divisibility": 32, "class_names": ["red", "blue"]}
+    assert metadata["pixel_mean"] == [128.0] * 3 and metadata["score_thresh_test"] == 0.0
+    image = images((150, 220), seed=3)[0]  # shrunk to 96x141
+    with torch.no_grad():
+        ref = model([image])[0]
+    detector = OnnxDetector(path)
+    assert detector.class_names == ["red", "blue"]
+    result = compare_detections(ref, detector(image), box_tolerance=1e-2, score_tolerance=1e-4)
+    assert result["detections"] > 0 and result["equal"], result
+    bgr = np.ascontiguousarray(image.permute(1, 2, 0).numpy()[:, :, ::-1])
+    assert compare_detections(ref, detector(bgr, input_format="BGR"))["equal"]
+    old_way = OnnxDetector(path, min_size=96, max_size=256, resize_mode="default")(image)
+    assert not compare_detections(ref, old_way, box_tolerance=1e-2, score_tolerance=1e-4)["equal"]
+
+
+def test_the_preprocessing_needs_no_pytorch():
+    code = ("import sys; from detection.onnx_preprocess import preprocess, read_metadata; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_metadata_errors_name_the_file_and_the_key():
+    with pytest.raises(OnnxMetadataError, match="old.onnx: no min_size_test, max_size_test, resize_mode in the "
+                                                "file's metadata_props.*re-export"):
+        read_metadata({"producer": "someone"}, name="old.onnx")
+    with pytest.raises(OnnxMetadataError, match="m.onnx: metadata min_size_test='big' is not a int"):
+        read_metadata({"min_size_test": "big", "max_size_test": "9", "resize_mode": "default"}, name="m.onnx")
+    with pytest.raises(OnnxMetadataError, match="resize_mode='pil'"):
+        read_metadata({"min_size_test": "8", "max_size_test": "9", "resize_mode": "pil"}, name="m.onnx")
+    raw = {"min_size_test": "100", "max_size_test": "150", "resize_mode": "default"}  # a session's strings
+    image = np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8)
+    inputs = preprocess(image[:, :, ::-1], raw, input_format="BGR")
+    assert np.array_equal(inputs["image"], prepare_image(image, 100, 150)["image"])
+    with pytest.raises(ValueError, match="input_format must be 'RGB' or 'BGR'"):
+        preprocess(image, raw, input_format="rgb")
+
+
+def test_export_check_fails_when_it_compares_nothing(monkeypatch, capsys):
+    """A trained model finds nothing on synthetic noise: "0 / 0 detections, equal" compared
+    nothing, so the check fails and asks for photos."""
+    import detection.export as export_module
+    from detection.testing import compare_detections as compare
+
+    none = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    monkeypatch.setattr(export_module, "check_with_onnxruntime", lambda model, path, images: [
+        {"model_size": [96, 144], **compare(none, none)} for _ in images])
+    model = SimpleNamespace(min_size_test=96, roi_heads=SimpleNamespace(score_thresh_test=0.05))
+    assert load_tool("export")._check(model, Path("model.onnx")) is False
+    out = capsys.readouterr().out
+    assert out.count("0 / 0 detections: nothing compared") == 2 and "--check-images" in out, out
+
+
+def readme_onnx_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("<!-- onnx:start -->", 1)[1].split("<!-- onnx:end -->", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.mark.slow
+def test_readme_onnx_lines_run_as_written(tmp_path, monkeypatch):
+    """The README's ONNX Runtime lines, taken from README.md, on a file it could have exported
+    and a photo read by OpenCV: PyTorch's detections, and the class names."""
+    needs_onnx()
+    import cv2
+
+    from tests.helpers import BLUE, RED, paint
+
+    model, _ = exported_detectron2_like(tmp_path / "model.onnx")
+    photo = paint(150, 220, [((20, 30, 90, 110), RED), ((120, 40, 200, 130), BLUE)], 120)
+    cv2.imwrite(str(tmp_path / "street.jpg"), photo.permute(1, 2, 0).numpy()[:, :, ::-1])  # RGB -> BGR file
+    rgb = torch.from_numpy(cv2.imread(str(tmp_path / "street.jpg"))[:, :, ::-1].copy()).permute(2, 0, 1)
+    with torch.no_grad():
+        ref = model([rgb])[0]
+    blocks = readme_onnx_blocks()
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README ONNX", "exec"), namespace)  # noqa: S102 - the README's own lines
+    session_out = dict(zip(("boxes", "scores", "labels"), (torch.from_numpy(namespace[k])
+                                                           for k in ("boxes", "scores", "labels"))))
+    for out in (session_out, namespace["out"]):
+        result = compare_detections(ref, out, box_tolerance=1e-2, score_tolerance=1e-4)
+        assert result["detections"] > 0 and result["equal"], result
+    assert namespace["metadata"]["class_names"] == ["red", "blue"]

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The detector's parts: built from keyword arguments, below data, evaluation and the engine.
 CORE = {"anchors", "box_coder", "matcher", "sampling", "structures", "resize", "model", "rpn", "roi_heads",
-        "fast", "winograd", "tta", "testing", "visualize", "plots", "export"}
+        "fast", "winograd", "tta", "testing", "visualize", "plots", "export", "onnx_preprocess"}
 # layer -> the detection (sub)modules it must not import
 FORBIDDEN = {
     "detection.utils": {"detection"},  # nothing of detection but itself

@@ -1,23 +1,28 @@
 #!/usr/bin/env python
 """Export a trained detector to ONNX and check it with ONNX Runtime.
 
-    python tools/export.py --config CFG --weights CKPT --output model.onnx [--no-check] [KEY=VALUE ...]
+    python tools/export.py --config CFG --weights CKPT --output model.onnx [--check-images IMG ...]
+                           [--no-check] [KEY=VALUE ...]
 
 Needs the `export` extra (pip install -e '.[export]': onnx, onnxruntime). The file holds the
 whole inference but the resize: inputs `image`, uint8 (1, 3, H, W) RGB already resized as the
 model resizes (shorter side input.min_size_test, longer at most input.max_size_test, with
-detection.resize; detection.export.prepare_image does it), and `original_size`, int64 (2,),
+detection.resize; detection.onnx_preprocess.preprocess does it), and `original_size`, int64 (2,),
 the (height, width) before resizing; outputs `boxes` (D, 4) XYXY in the original image's
-pixels, `scores` (D,), `labels` (D,) in 1..K. Height and width are dynamic.
+pixels, `scores` (D,), `labels` (D,) in 1..K. Height and width are dynamic. The file's
+metadata_props carry what a runtime needs (test sizes, resize mode, channel order, mean / std,
+size divisibility, class names, thresholds); detection.onnx_preprocess.preprocess reads them.
 
 The plain path is exported (model.fast_path's gather pooling has no ONNX op; RoIAlign is
 ONNX's RoiAlign, NMS its NonMaxSuppression, as torchvision exports its Faster R-CNN), in
 float32, without test-time augmentation (test.aug). Box refinement and multi-scale testing
 cannot be exported.
 
-Unless --no-check, ONNX Runtime then runs the file on two synthetic images whose resized sizes
-differ from the traced one, and its detections are compared with PyTorch's (boxes within
-0.01 px, scores within 1e-4, the same labels); a difference exits with status 1.
+Unless --no-check, ONNX Runtime then runs the file, fed from its own metadata, on the
+--check-images (default: two synthetic images whose resized sizes differ from the traced one),
+and its detections are compared with PyTorch's (boxes within 0.01 px, scores within 1e-4, the
+same labels); a difference exits with status 1, and so does a check that compared nothing (no
+detection on any image: a trained model finds none on noise; give photos with objects).
 """
 from __future__ import annotations
 
@@ -34,8 +39,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_args(parser)
     parser.add_argument("--weights", required=True, metavar="CKPT", help="detector checkpoint")
     parser.add_argument("--output", required=True, metavar="FILE", help="the ONNX file to write (model.onnx)")
+    parser.add_argument("--check-images", nargs="+", metavar="IMG",
+                        help="image files to compare ONNX Runtime with PyTorch on (photos with objects; "
+                             "default: two synthetic images)")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with ONNX Runtime")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.check_images:  # KEY=VALUE overrides typed after the images: --check-images took them too
+        moved = [item for item in args.check_images if "=" in item and not Path(item).is_file()]
+        args.check_images = [item for item in args.check_images if item not in moved]
+        args.overrides = [*args.overrides, *moved]
+        if not args.check_images:
+            parser.error("--check-images: give at least one image file")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,28 +83,58 @@ def run(cfg, args: argparse.Namespace) -> int:
         print("exporting in float32 (test.amp is a PyTorch autocast setting)")
         model.amp = False
     path = export_onnx(model, args.output)
-    print(f"wrote {path} (inputs: image uint8 (1, 3, H, W) resized to shorter side {model.min_size_test}, "
-          f"longer at most {model.max_size_test}; original_size int64 (2,))")
+    print(f"wrote {path} (inputs: image uint8 (1, 3, H, W) RGB resized to shorter side {model.min_size_test}, "
+          f"longer at most {model.max_size_test}, resize_mode {model.resize_mode}; original_size int64 (2,); "
+          "all in the file's metadata_props: detection.onnx_preprocess.preprocess reads them)")
     if args.no_check:
         return 0
-    return 0 if _check(model, path) else 1
+    images = _read_images(args.check_images) if args.check_images else None
+    return 0 if _check(model, path, images) else 1
 
 
-def _check(model, path: Path) -> bool:
-    """ONNX Runtime against PyTorch on two synthetic images of sizes other than the traced one."""
+def _read_images(paths: list[str]) -> list:
+    """--check-images as uint8 RGB (3, H, W) tensors."""
+    import torch
+
+    from detection.data.image_io import read_image
+
+    for name in paths:
+        if not Path(name).is_file():
+            raise ValueError(f"--check-images {name}: not an image file")
+    return [torch.from_numpy(read_image(name)).permute(2, 0, 1) for name in paths]  # (H, W, 3) -> (3, H, W)
+
+
+def _check(model, path: Path, images: list | None = None) -> bool:
+    """ONNX Runtime against PyTorch on `images` (default: two synthetic images of sizes other
+    than the traced one). False if any differs, or if no image gave a detection to compare."""
     import torch
 
     from detection.export import check_with_onnxruntime
 
-    side = model.min_size_test
-    generator = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator)
-              for h, w in ((side, side * 3 // 2), (side * 5 // 4, side))]
+    if images is None:
+        side = model.min_size_test
+        generator = torch.Generator().manual_seed(0)
+        images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator)
+                  for h, w in ((side, side * 3 // 2), (side * 5 // 4, side))]
+    results = check_with_onnxruntime(model, path, images)
+    ok = _print_check(results)
+    if not any(r["detections"] or r["other_detections"] for r in results):
+        print(f"the check compared nothing: neither PyTorch nor ONNX Runtime found a detection (score above "
+              f"{model.roi_heads.score_thresh_test}) on the {len(images)} check images; "
+              "give photos with objects: --check-images IMG [IMG ...]")
+        return False
+    return ok
+
+
+def _print_check(results: list[dict]) -> bool:
     ok = True
-    for result in check_with_onnxruntime(model, path, images):
+    for result in results:
         ok &= result["equal"]
-        print(f"onnxruntime vs pytorch at {result['model_size'][0]}x{result['model_size'][1]}: "
-              f"{result['other_detections']} / {result['detections']} detections, "
+        where = f"onnxruntime vs pytorch at {result['model_size'][0]}x{result['model_size'][1]}: "
+        if not result["detections"] and not result["other_detections"]:
+            print(f"{where}0 / 0 detections: nothing compared")
+            continue
+        print(f"{where}{result['other_detections']} / {result['detections']} detections, "
               + (f"labels equal, max box diff {result['max_box_diff_px']:.2e} px, max score diff "
                  f"{result['max_score_diff']:.2e}" if result["same_labels"] else "counts or labels DIFFER")
               + f": {'equal' if result['equal'] else 'NOT EQUAL'}")

@@ -1,0 +1,131 @@
+"""The Predictor (detection/predictor.py) on a tiny random detector: arrays in either channel
+order with an explicit input_format (Detectron2's DefaultPredictor takes cv2.imread's BGR), and
+a list of images run as one padded batch."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detection.config import save_config
+from detection.model import build_model
+from detection.predictor import Predictor
+from detection.testing import compare_detections, make_sane
+from tests.helpers import tiny_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny config (64 px test size, padding to 32) and a checkpoint of random sane weights;
+    score threshold 0, so that every image gives detections to compare."""
+    tmp = tmp_path_factory.mktemp("predictor")
+    cfg = tiny_cfg(tmp / "data", tmp / "out", **{"model.roi_heads.score_thresh_test": 0.0})
+    torch.manual_seed(0)
+    model = make_sane(build_model(cfg))
+    torch.save({"model": model.state_dict()}, tmp / "model.pth")
+    return cfg, tmp / "model.pth", tmp
+
+
+def photo(height: int, width: int, seed: int) -> np.ndarray:
+    """An RGB uint8 (H, W, 3) image of coloured rectangles whose colours matter: R != B."""
+    rng = np.random.default_rng(seed)
+    image = np.full((height, width, 3), (200, 120, 40), dtype=np.uint8)
+    for _ in range(4):
+        x, y = rng.integers(0, width - 16), rng.integers(0, height - 16)
+        image[y:y + 16 + rng.integers(0, 20), x:x + 16 + rng.integers(0, 20)] = rng.integers(0, 256, 3)
+    return image
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert len(a["scores"]) > 0
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_bgr_array_with_input_format_bgr_equals_the_rgb_path(setup):
+    cfg, weights, tmp = setup
+    rgb_predictor = Predictor(cfg, weights, device="cpu")
+    bgr_predictor = Predictor(cfg, weights, device="cpu", input_format="BGR")
+    assert (rgb_predictor.input_format, bgr_predictor.input_format) == ("RGB", "BGR")
+    rgb = photo(70, 90, seed=1)
+    cv2.imwrite(str(tmp / "photo.png"), rgb[:, :, ::-1])  # OpenCV writes BGR
+    bgr = cv2.imread(str(tmp / "photo.png"))  # what a Detectron2 user passes
+    reference = rgb_predictor(rgb)
+    assert_same(bgr_predictor(bgr), reference)
+    # a file path is decoded to RGB whatever input_format says
+    assert_same(bgr_predictor(str(tmp / "photo.png")), reference)
+    # the orders differ for this model: without the argument, BGR pixels give other detections
+    swapped = rgb_predictor(bgr)
+    assert not torch.equal(swapped["scores"], reference["scores"])
+
+
+def test_input_format_is_checked_and_given_through_from_config(setup, tmp_path):
+    cfg, weights, _ = setup
+    with pytest.raises(ValueError, match="input_format must be 'RGB' or 'BGR'.*got 'bgr'"):
+        Predictor(cfg, weights, device="cpu", input_format="bgr")
+    config = tmp_path / "config.yaml"
+    save_config(cfg, config)
+    assert Predictor.from_config(config, weights, device="cpu", input_format="BGR").input_format == "BGR"
+
+
+def test_a_list_of_images_is_one_padded_batch(setup):
+    cfg, weights, _ = setup
+    predictor = Predictor(cfg, weights, device="cpu")
+    images = [photo(64, 64, seed=2), photo(64, 96, seed=3)]  # padded alone to 64x64 and 64x96
+    batched = predictor(images)
+    assert isinstance(batched, list) and len(batched) == 2
+    pixels = [torch.from_numpy(image).permute(2, 0, 1) for image in images]
+    with torch.no_grad():
+        model_batch = predictor.model(pixels)  # the model's own batch: the same padding
+    for ours, theirs in zip(batched, model_batch):
+        assert_same(ours, theirs)
+    # the image padded to the batch's size alone equals its single run; the other one's
+    # padding grew (64x64 -> 64x96), which may move its scores slightly
+    # (equal up to float rounding: a batch of 2 convolves in another order)
+    same = compare_detections(predictor(images[1]), batched[1], box_tolerance=1e-3, score_tolerance=1e-5)
+    assert same["detections"] > 0 and same["equal"], same
+    single = predictor(images[0])
+    assert float(batched[0]["boxes"][:, 2].max()) <= 64  # clipped to its own image, not the padded batch
+    assert abs(float(batched[0]["scores"][0]) - float(single["scores"][0])) < 0.05
+    assert predictor(tuple(images))[1]["scores"].shape == batched[1]["scores"].shape
+    assert predictor([]) == []
+
+
+def readme_predictor_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("<!-- predictor:start -->", 1)[1].split("<!-- predictor:end -->", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+@pytest.mark.slow  # the Detectron2 fixture checkpoint: ResNet-50, 135 MB, 800 px images
+def test_readme_predictor_lines_run_as_written(tmp_path, monkeypatch):
+    """The README's Predictor lines, taken from README.md, with the fixture's Detectron2 file
+    standing in for the model-zoo download and two of its images for the user's photos."""
+    fixture = ROOT / "tests" / "fixtures" / "detectron2_c4"
+    subprocess.run([sys.executable, str(fixture / "make_checkpoint.py"), str(fixture / "keys_R_50_C4_coco.json"),
+                    "11", str(tmp_path / "model_final_721ade.pkl")], check=True, timeout=600)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    for name, source in (("street.jpg", "resize_0.png"), ("park.jpg", "exact_1.png")):
+        cv2.imwrite(str(tmp_path / name), cv2.imread(str(fixture / "R_50_C4_coco_seed11" / "images" / source)))
+    blocks = readme_predictor_blocks()
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README Predictor", "exec"), namespace)  # noqa: S102 - the README's own lines
+    rgb_out = namespace["out"]
+    assert namespace["predictor"].class_names[int(rgb_out["labels"][0]) - 1] == "zebra"
+    exec(compile(blocks[1], "README Predictor", "exec"), namespace)  # noqa: S102
+    assert_same(namespace["out"], rgb_out)  # cv2.imread's BGR array with input_format="BGR"
+    outs = namespace["outs"]
+    assert len(outs) == 2 and len(outs[1]["scores"]) > 0
+    # the street image is the smaller one: more padding in the batch, scores within a few hundredths
+    assert abs(float(outs[0]["scores"][0]) - float(rgb_out["scores"][0])) < 0.03
+    # the issue's case: a BGR array given as RGB gives other detections, in silence
+    swapped = namespace["predictor"](cv2.imread("street.jpg"))
+    assert abs(float(swapped["scores"][0]) - float(rgb_out["scores"][0])) > 1e-3
