@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from detection.benchmarking.models import (STAGES, ProposalRecorder, build_ours, build_torchvision_c4,
                                           compare_proposals, staged_torchvision, synthetic_batch)
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
-from detection.benchmarking.report import TARGETS, print_ratios, summarize
+from detection.benchmarking.report import CUDA_TARGETS, TARGETS, print_ratios, summarize
 from detection.config import load_config
 from detection.fast import optimize_for_inference
 from detection.testing import compare_detections
@@ -291,3 +291,46 @@ def test_eval_images_with_a_dataset_is_refused_not_ignored():
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "with --dataset the whole data set is timed" in result.stderr.strip().splitlines()[-1]
+
+
+def cuda_report(plain_s: float = 2.0, fast_s: float = 1.0) -> dict:
+    """fake_report as `--device cuda` collects it: the float16 variant, peak GPU memory, the
+    TF32 / float16 probes, torchvision's AMP training step (2.2 s) beside ours (1.0 s)."""
+    report = fake_report(96)
+    inference = report["inference"]
+    inference["fast_fp16"] = inference.pop("fast_bf16")
+    for name, seconds in (("plain", plain_s), ("fast", fast_s)):
+        inference[name]["end_to_end_s"] = [seconds] * 3
+    step = {"iteration_s": [1.0] * 3, "iteration_cpu_s": [0.1] * 3, "parts_s": {}, "flops": 1e12}
+    report["training"] = {"plain": dict(step), "fast": dict(step, iteration_s=[1.2] * 3),
+                          "fast_amp": dict(step, step_peak_mb=900.0),
+                          "torchvision": dict(step, iteration_s=[2.0] * 3),
+                          "torchvision_amp": dict(step, iteration_s=[2.2] * 3, step_peak_mb=1000.0)}
+    report["hardware"].update({"conv3x3_tf32_gflops": 80.0, "conv3x3_fp16_gflops": 300.0})
+    report.update(device="cuda", gpu="NVIDIA H100", tf32=True)
+    return report
+
+
+def test_cuda_report_has_the_gpu_targets():
+    report = summarize(cuda_report())
+    assert report["targets_met"].keys() == CUDA_TARGETS.keys()
+    assert report["ratios"]["fp16_vs_fp32_fast"] == pytest.approx(2.0)
+    assert report["ratios"]["inference_speedup_fp16"] == pytest.approx(3.82)
+    assert report["ratios"]["training_speedup_amp"] == pytest.approx(2.2)
+    assert report["ratios"]["training_memory_ratio"] == pytest.approx(0.9)
+    assert report["targets_met"]["inference_speedup_fast_vs_plain"] is True
+    assert report["targets_met"]["training_speedup"] is True  # 2.0 / 1.2 >= 1.5
+    text = printed_ratios(report)
+    assert "inference_speedup_fast_vs_plain: 2.00 (target >= 1.0): met" in text
+    assert "bf16" not in text
+    # the stages' rates are fractions of the best conv probe, float16's on the GPU
+    assert report["inference"]["fast"]["stages_fraction_of_conv_peak"]["res5_head"] == pytest.approx(32.4 / 300)
+    slower = summarize(cuda_report(plain_s=1.0, fast_s=1.1))  # the default slower than plain: the rule broken
+    assert slower["targets_met"]["inference_speedup_fast_vs_plain"] is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_one_line():
+    result = subprocess.run([*BENCHMARK, "--device", "cuda"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--device cuda: this machine has no CUDA device" in result.stderr.strip().splitlines()[-1]

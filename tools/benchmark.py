@@ -115,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--runs must be >= 1 and --warmup >= 0")
     if args.dataset and args.eval_images is not None:
         p.error("--eval-images sets how many images are generated; with --dataset the whole data set is timed")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False)")
     if args.onnx and args.device == "cuda":
         p.error("--onnx times ONNX Runtime on the CPU against the fast path there: leave out --device cuda")
     if args.eval_images is None:
