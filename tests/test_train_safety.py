@@ -176,7 +176,7 @@ def test_the_run_starts_with_a_summary_of_data_device_and_output(data_root, tmp_
     assert (f"training set mine: {with_boxes} images ({len(ann['images']) - with_boxes} without boxes "
             f"dropped: dataloader.filter_empty), 3 classes, objects per class: {per_class}") in err
     assert len(ann["images"]) - with_boxes >= 1
-    assert "test sets: shapes_val" in err
+    assert "test set shapes_val: 2 images, 3 classes" in err  # named as the training set is, not by its path
     assert any(x.startswith("device: cpu, torch threads: ") and "AMP: off, fast path: on" in x for x in err)  # on by default
     assert f"datasets.root: {data_root.resolve()}" in err and f"output folder: {out.resolve()}" in err
 

@@ -1,8 +1,11 @@
 """Where evaluation writes, and whose results a results folder holds.
 
-    <results folder>/source.json             which checkpoint (or results file) the results come from
+    <results folder>/source.json             which checkpoint (or results file) the results come from,
+                                             and every test set evaluated into the folder from it
+    <results folder>/report.html             the page of every test set in the folder (evaluation/report.py)
     <results folder>/<test set folder>/       one per test set, also when there is only one:
-        metrics.json, pr_curves.png, coco_results.json (COCO-type) | comp4_det_test_*.txt (VOC-type)
+        metrics.json, pr_curves.png, coco_results.json (COCO-type) | comp4_det_test_*.txt (VOC-type),
+        report_section.json                   the set's part of report.html
         results/VOC2012/Main/comp4_det_test_*.txt   instead, for a test set without annotations
                                                     (voc_2012_test): the evaluation server's layout
 
@@ -26,9 +29,10 @@ from detection.evaluation.voc import COMP4_TEMPLATE, SUBMISSION_FOLDER
 from detection.utils.files import atomic_write
 
 SOURCE_FILE = "source.json"
+SECTION_FILE = "report_section.json"  # a test set's part of report.html (evaluation/report.py)
 # Everything evaluation writes into a test set's folder: what --overwrite removes, and how a
 # folder written before source.json existed is recognised.
-RESULT_PATTERNS = ("metrics.json", "pr_curves.png", RESULTS_FILE, COMP4_TEMPLATE.format("*"),
+RESULT_PATTERNS = ("metrics.json", "pr_curves.png", SECTION_FILE, RESULTS_FILE, COMP4_TEMPLATE.format("*"),
                    str(Path(SUBMISSION_FOLDER.format("*")) / COMP4_TEMPLATE.format("*")))
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 PathLike = Union[str, Path]
@@ -142,9 +146,23 @@ def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Seq
     folder.mkdir(parents=True, exist_ok=True)
     if _inside(source.path, folder) and (folder / SOURCE_FILE).is_file():
         return
-    record = {**asdict(source), "test_sets": list(test_sets)}
+    record = {**asdict(source), "test_sets": _all_test_sets(folder, source, test_sets)}
     with atomic_write(folder / SOURCE_FILE) as f:  # never a half-written source.json, even on a full disk
         f.write(json.dumps(record, indent=1) + "\n")
+
+
+def _all_test_sets(folder: Path, source: ResultsSource, test_sets: Sequence[str]) -> list[str]:
+    """The test sets whose results the folder holds once this run has written its own: those an
+    earlier evaluation of the same source recorded (while their folder is still there), then
+    this run's. A second evaluation into the folder adds its set; it does not hide the first."""
+    try:
+        recorded = read_source(folder)
+        earlier = json.loads((folder / SOURCE_FILE).read_text()).get("test_sets", []) if recorded == source else []
+    except (OSError, ValueError, AttributeError):
+        earlier = []
+    kept = [str(n) for n in earlier if isinstance(n, str) and n not in test_sets
+            and (folder / results_subfolder(n)).is_dir()]
+    return kept + list(test_sets)
 
 
 def _result_files(folder: Path) -> list[Path]:
