@@ -198,14 +198,14 @@ def _checked_folders(cfg: Config, datasets: list[DatasetInfo], model: torch.nn.M
                      weights: DetectorWeights | None) -> tuple[list[str], list[str] | None]:
     """Each test set's results folder name, after checking its classes are the model's (or a
     subset of them, scored by name: said here); and the model's class names when known."""
-    from detection.evaluation.classes import model_class_names, subset_note, test_set_label_map
+    from detection.evaluation.classes import model_class_names, subset_note, label_map_for_test_set
     from detection.evaluation.outputs import results_subfolders
 
     names = None
     if model is not None:
         names, source = model_class_names(weights, cfg.model.class_names)
         for dataset in datasets:
-            if test_set_label_map(dataset.name, dataset.class_names, names, cfg.model.num_classes, source):
+            if label_map_for_test_set(dataset.name, dataset.class_names, names, cfg.model.num_classes, source):
                 print(subset_note(dataset.name, dataset.class_names, names))
     return results_subfolders([d.name for d in datasets]), names
 

@@ -25,19 +25,19 @@ def build_test_datasets(cfg: Config, class_names: Sequence[str]) -> list[Dataset
     a results folder each, classes): their classes must be the training classes, or a subset
     of them by name (scored so, and said here). A ValueError (DataError) otherwise."""
     from detection.data.catalog import get_datasets
-    from detection.evaluation.classes import subset_note, test_set_label_map
+    from detection.evaluation.classes import subset_note, label_map_for_test_set
     from detection.evaluation.outputs import results_subfolders
 
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
     results_subfolders([d.name for d in datasets])  # two sets that would share a results folder
     for dataset in datasets:
-        if test_set_label_map(dataset.name, dataset.class_names, class_names, len(class_names),
+        if label_map_for_test_set(dataset.name, dataset.class_names, class_names, len(class_names),
                               "the training classes are"):
             logger.info("%s", subset_note(dataset.name, dataset.class_names, class_names))
     return datasets
 
 
-def test_set_lines(cfg: Config, datasets: Sequence[DatasetInfo]) -> list[str]:
+def summary_of_test_sets(cfg: Config, datasets: Sequence[DatasetInfo]) -> list[str]:
     """The start summary's lines for the test sets, named as the training sets are (the data
     set's name, as eval.py's results folders and the metrics keys name them)."""
     period = f" (evaluated every {cfg.test.eval_period} iterations)" if cfg.test.eval_period else ""

@@ -34,7 +34,7 @@ from detection.engine.checkpoint import (gather_rng_states, load_resume_checkpoi
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.optim import build_lr_scheduler, build_optimizer
 from detection.engine.run_folder import RunLock, check_output_dir, prepare_output_dir
-from detection.engine.startup import (build_test_datasets, event_files, final_line, stopped_line, test_set_lines,
+from detection.engine.startup import (build_test_datasets, event_files, final_line, stopped_line, summary_of_test_sets,
                                       undo_unstarted_run)
 
 logger = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
             if cfg.dataloader.filter_empty else ""
         lines.append(f"training set {d.name}: {len(kept)} images{dropped}, {d.num_classes} classes, objects "
                      "per class: " + ", ".join(f"{n} {c}" for n, c in zip(d.class_names, counts[1:])))
-    lines += test_set_lines(cfg, test_sets)
+    lines += summary_of_test_sets(cfg, test_sets)
     amp = ("float16" if device.type == "cuda" else "bfloat16") if cfg.solver.amp else "off"
     lines.append(f"device: {device}, torch threads: {torch.get_num_threads()}, AMP: {amp}, "
                  f"fast path: {'on' if cfg.model.fast_path else 'off'}, processes: {du.get_world_size()}")

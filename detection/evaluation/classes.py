@@ -49,7 +49,7 @@ def check_class_names(dataset_name: str, dataset_classes: Sequence[str], model_c
                      "(a renamed or extra class cannot be scored; a subset of the model's classes, by name, can)")
 
 
-def test_set_label_map(dataset_name: str, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
+def label_map_for_test_set(dataset_name: str, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
                        num_classes: int, model_source: str = "the model detects") -> list[int] | None:
     """How the model's labels are scored on a test set: None when the set's classes are the
     model's (label k is class k); when they are a proper subset of the model's names (a test

@@ -43,7 +43,7 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
 
     Returns the evaluator's metrics on rank 0 and {} on other ranks. The model's
     train/eval mode is restored afterwards, so the trainer can call this mid-training.
-    `label_map` (classes.test_set_label_map): model label -> the data set's label, 0 = drop
+    `label_map` (classes.label_map_for_test_set): model label -> the data set's label, 0 = drop
     the detection; for a test set holding a subset of the model's classes.
     """
     table = torch.as_tensor(label_map, dtype=torch.int64) if label_map is not None else None

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from detection.evaluation.classes import test_set_label_map
+from detection.evaluation.classes import label_map_for_test_set
 from detection.evaluation.coco import COCOEvaluator
 from detection.evaluation.inference import Evaluator, format_metrics_table, inference_on_dataset, save_metrics_json
 from detection.evaluation.outputs import results_for_test_set, results_subfolder, results_subfolders
@@ -49,7 +49,7 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
     results folder as this function writes it, a coco_results.json or a folder of comp4
     files). `echo` (e.g. print) receives each set's metrics table and where it was written.
     `model_classes`: the model's class names; a test set holding a subset of them is scored by
-    name (classes.test_set_label_map, checked before: a set that fits no way is refused there)."""
+    name (classes.label_map_for_test_set, checked before: a set that fits no way is refused there)."""
     if (model is None) == (results is None):
         raise ValueError("evaluate_test_sets: give a model or saved results, not both or neither")
     names = [d.name for d in datasets]
@@ -66,7 +66,7 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
             metrics = evaluator.evaluate()
         else:
             evaluator = build_evaluator(dataset, str(where) if where is not None else None)
-            label_map = test_set_label_map(dataset.name, dataset.class_names, model_classes, len(model_classes)) \
+            label_map = label_map_for_test_set(dataset.name, dataset.class_names, model_classes, len(model_classes)) \
                 if model_classes else None
             metrics = _run_model(model, dataset, evaluator, device, num_workers, label_map)
         out[dataset.name] = metrics
