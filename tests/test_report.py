@@ -2,6 +2,7 @@
 inference/report.html): what it counts, what it holds, and that a real browser (headless
 Chromium) renders it."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -90,6 +91,12 @@ def test_report_without_metrics_jsonl_says_so(tmp_path, shapes):
 
 
 def chromium() -> str:
+    """The browser: the one `make test` found or installed (C4DET_BROWSER, which must then be
+    there: the test runs, never skips), else on PATH; skips only when there is none."""
+    given = os.environ.get("C4DET_BROWSER")
+    if given:
+        assert os.access(given, os.X_OK), f"C4DET_BROWSER={given} (from make test) is not an executable"
+        return given
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
         pytest.skip("headless Chromium is not installed (make test installs Debian's chromium with apt-get "
@@ -192,7 +199,7 @@ def test_a_second_evaluation_into_the_folder_adds_its_test_set_to_the_page(tmp_p
         assert out.returncode == 0, out.stderr[-3000:]
     folder = tmp_path / "out" / "inference"
     assert "(2 test sets: shapes_val, my photos)" in out.stdout
-    assert json.loads((folder / "source.json").read_text())["test_sets"] == ["shapes_val", "my photos"]
+    assert json.loads((folder / "source.json").read_text())["test_sets"] == ["shapes_val", "my_photos"]
     html = (folder / "report.html").read_text()
     for name, sub in (("shapes_val", "shapes_val"), ("my photos", "my_photos")):
         metrics = json.loads((folder / sub / "metrics.json").read_text())
