@@ -176,3 +176,30 @@ def test_a_run_failing_before_its_first_iteration_leaves_no_config_or_event_file
     with pytest.raises(ValueError, match="bad first batch"):
         trainer.train(tiny_cfg(data_root, tmp_path / "kept", **{"log.tensorboard": True}))
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]  # a folder it did not make stays
+
+
+@pytest.mark.slow  # trains, then evaluates through eval.main twice
+def test_eval_scores_a_subset_by_name_with_the_full_sets_per_class_ap(data_root, tmp_path, capsys):
+    from detection.engine.trainer import train
+    from tests.helpers import load_tool, tiny_overrides
+
+    overrides = tiny_overrides(data_root, tmp_path / "run", **{"solver.max_iter": 2,
+                                                               "model.roi_heads.score_thresh_test": 0.0})
+    train(load_config(None, overrides))
+    eval_tool, weights = load_tool("eval"), str(tmp_path / "run" / "model_final.pth")
+    full = tmp_path / "full"
+    assert eval_tool.main(["--weights", weights, "--output-dir", str(full), *overrides]) == 0
+    entry = subset_json(data_root, tmp_path, ["circle", "triangle"])
+    capsys.readouterr()
+    assert eval_tool.main(["--weights", weights, "--output-dir", str(tmp_path / "sub"), *overrides,
+                           f"datasets.test={json.dumps([entry])}"]) == 0
+    assert "test set mine: its 2 classes are a subset of the model's 3, scored by name" in capsys.readouterr().out
+    everything = json.loads((full / "shapes_val" / "metrics.json").read_text())
+    subset = json.loads((tmp_path / "sub" / "mine" / "metrics.json").read_text())
+    assert subset["AP-circle"] == everything["AP-circle"] and subset["AP-triangle"] == everything["AP-triangle"]
+    assert "AP-square" not in subset
+    # the same detections as on the whole set, the square's (category 2) left out, the others' ids kept
+    results = json.loads((tmp_path / "sub" / "mine" / "coco_results.json").read_text())
+    whole = json.loads((full / "shapes_val" / "coco_results.json").read_text())
+    key = lambda r: (r["image_id"], r["category_id"], tuple(r["bbox"]), r["score"])  # noqa: E731
+    assert results and sorted(map(key, results)) == sorted(key(r) for r in whole if r["category_id"] != 2)
