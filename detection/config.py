@@ -448,12 +448,12 @@ def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = 
     if not overrides:
         return config_from_dict(tree, source)
     try:
-        return config_from_dict(tree, source + OVERRIDDEN)
+        return config_from_dict(tree, source + _OVERRIDDEN)
     except ConfigError as err:
         raise _blame(err, file_tree, source) from None
 
 
-OVERRIDDEN = " (with command-line overrides)"
+_OVERRIDDEN = " (with command-line overrides)"
 
 
 def _blame(err: ConfigError, file_tree: dict, source: str) -> ConfigError:
@@ -462,7 +462,7 @@ def _blame(err: ConfigError, file_tree: dict, source: str) -> ConfigError:
     try:
         config_from_dict(file_tree, source)
     except ConfigError as alone:
-        if str(alone) == str(err).replace(source + OVERRIDDEN, source, 1):
+        if str(alone) == str(err).replace(source + _OVERRIDDEN, source, 1):
             return alone
     return err
 

@@ -137,6 +137,8 @@ def test_a_subset_test_set_is_evaluated_during_training_by_name(data_root, tmp_p
     assert "test set mine: 3 images, 2 classes" in caplog.text  # the start summary, by the set's name
     final = tmp_path / "run" / "model_final.pth"
     assert f"training finished at iteration 1: the model is {final.resolve()}" in caplog.text
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(final) == mode(tmp_path / "run" / "config.yaml")  # the umask's, as every other file (not 0600)
     evaluated = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "AP-circle" in evaluated and "AP-triangle" in evaluated and "AP-square" not in evaluated
 

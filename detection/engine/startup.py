@@ -25,14 +25,14 @@ def build_test_datasets(cfg: Config, class_names: Sequence[str]) -> list[Dataset
     a results folder each, classes): their classes must be the training classes, or a subset
     of them by name (scored so, and said here). A ValueError (DataError) otherwise."""
     from detection.data.catalog import get_datasets
-    from detection.evaluation.classes import subset_note, label_map_for_test_set
+    from detection.evaluation.classes import label_map_for_test_set, subset_note
     from detection.evaluation.outputs import results_subfolders
 
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images)
     results_subfolders([d.name for d in datasets])  # two sets that would share a results folder
     for dataset in datasets:
         if label_map_for_test_set(dataset.name, dataset.class_names, class_names, len(class_names),
-                              "the training classes are"):
+                                  "the training classes are"):
             logger.info("%s", subset_note(dataset.name, dataset.class_names, class_names))
     return datasets
 
@@ -57,7 +57,7 @@ def undo_unstarted_run(out_dir: Path, *, events_before: set[Path], config_writte
     """A run that stopped before its first iteration leaves nothing of its own: the config.yaml
     it wrote (when it was not there before: a resumed run's stays) and the TensorBoard event
     files it opened, empty. The lock's release then removes a folder the run created."""
-    removed = [p for p in sorted(event_files(out_dir) - events_before)]
+    removed = sorted(event_files(out_dir) - events_before)
     if config_written:
         removed.append(out_dir / "config.yaml")
     for path in removed:

@@ -50,7 +50,7 @@ def check_class_names(dataset_name: str, dataset_classes: Sequence[str], model_c
 
 
 def label_map_for_test_set(dataset_name: str, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
-                       num_classes: int, model_source: str = "the model detects") -> list[int] | None:
+                           num_classes: int, model_source: str = "the model detects") -> list[int] | None:
     """How the model's labels are scored on a test set: None when the set's classes are the
     model's (label k is class k); when they are a proper subset of the model's names (a test
     set of 2 of its 3 classes), a table model label -> the set's label, 0 for the classes the
