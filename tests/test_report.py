@@ -166,8 +166,10 @@ def test_the_page_shows_every_test_set_saved_in_the_folder_and_each_runs_command
         save_section(section, tmp_path / name)
     (tmp_path / "older_set").mkdir()
     (tmp_path / "older_set" / "metrics.json").write_text("{}")  # results with no section
+    (tmp_path / "cut_set").mkdir()
+    (tmp_path / "cut_set" / "report_section.json").write_text('{"name": "cut')  # cut short: no part, no crash
     sections, without = load_sections(tmp_path, order=["second_set"])
-    assert [s.name for s in sections] == ["second_set", "first_set"] and without == ["older_set"]
+    assert [s.name for s in sections] == ["second_set", "first_set"] and without == ["cut_set", "older_set"]
     assert sections[1].most_false_positives[0].title == section_for_test_set(
         shapes, {}, predictions(shapes)).most_false_positives[0].title  # the gallery comes back whole
     html = write_report(tmp_path / "report.html", sections, source="/runs/x/model_final.pth", command="unused",

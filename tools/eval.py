@@ -159,8 +159,9 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         save_section(section, out_root / folder)
     # the page shows every test set the folder holds: earlier evaluations into it included
     sections, without = load_sections(out_root, order=[results_subfolder(n) for n in _recorded_sets(out_root)])
-    notes = [f"This folder also holds results of {', '.join(without)} without their part of this page (written "
-             "by an older version or without the report extra): evaluate them again to add them."] if without else []
+    notes = [f"This folder also holds results of {', '.join(without)} without a readable part of this page "
+             "(written by an older version or without the report extra): evaluate them again to add them."] \
+        if without else []
     metrics_jsonl = Path(args.weights).expanduser().parent / "metrics.jsonl" if args.weights else None
     given = Path(args.results or args.weights).resolve()
     path = write_report(out_root / REPORT_FILE, sections, source=str(given), command=args.command,

@@ -87,16 +87,14 @@ def load_sections(results_folder: str | Path, order: Sequence[str] = ()) -> tupl
     for sub in subfolders:
         try:
             data = json.loads((sub / SECTION_FILE).read_text(encoding="utf-8"))
+            for key in ("most_false_positives", "most_missed"):
+                data[key] = [GalleryImage(**g) for g in data.get(key, [])]
+            sections.append(TestSetSection(**data))
         except FileNotFoundError:
             if (sub / "metrics.json").is_file() or any(sub.glob("*_det_test_*.txt")) or (sub / "results").is_dir():
                 without.append(sub.name)
-            continue
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{sub / SECTION_FILE}: unreadable ({err}); pass --overwrite to evaluate the folder "
-                             "anew") from None
-        for key in ("most_false_positives", "most_missed"):
-            data[key] = [GalleryImage(**g) for g in data.get(key, [])]
-        sections.append(TestSetSection(**data))
+        except (OSError, ValueError, TypeError, AttributeError):  # cut short or of another version: no part
+            without.append(sub.name)
     return sections, without
 
 
