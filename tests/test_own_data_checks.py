@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from detection.utils.files import atomic_write
 from tests.helpers import tiny_cfg
 
 SHAPES = ["circle", "square", "triangle"]
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -143,25 +145,30 @@ def test_a_subset_test_set_is_evaluated_during_training_by_name(data_root, tmp_p
     assert "AP-circle" in evaluated and "AP-triangle" in evaluated and "AP-square" not in evaluated
 
 
-@pytest.mark.slow  # trains
-def test_an_error_mid_run_says_which_checkpoint_it_left(data_root, tmp_path, caplog, monkeypatch):
+@pytest.mark.slow  # trains through train_det.main
+def test_an_error_mid_run_says_which_checkpoint_it_left_on_its_one_line(data_root, tmp_path, capsys, monkeypatch,
+                                                                       restore_logging):
     from detection.engine import trainer
+    from tests.helpers import load_tool, tiny_overrides
 
     def broken(*args, **kwargs):
         raise ValueError("the test set went away")
 
     monkeypatch.setattr(trainer, "evaluate", broken)
-    with pytest.raises(ValueError, match="went away"):
-        trainer.train(tiny_cfg(data_root, tmp_path / "run", **{"test.eval_period": 2, "solver.max_iter": 4,
-                                                                "solver.checkpoint_period": 1}))
+    overrides = tiny_overrides(data_root, tmp_path / "run", **{"test.eval_period": 2, "solver.max_iter": 4,
+                                                                "solver.checkpoint_period": 1})
+    with pytest.raises(SystemExit) as exit_:
+        load_tool("train_det").main(["--config", str(BASE_CONFIG), *overrides])
+    errors = [x for x in capsys.readouterr().err.split("\n") if x.startswith("error:")]
     last = tmp_path / "run" / "last.pth"
-    assert (f"training stopped at iteration 2 by the error below; the last good checkpoint {last} (iteration 2) "
-            "is kept: --resume continues it") in caplog.text
+    assert exit_.value.code == 2 and errors == [
+        f"error: the test set went away; training stopped at iteration 2, the last good checkpoint {last} "
+        "(iteration 2) is kept: --resume continues it"]
 
 
 @pytest.mark.slow  # builds the model and the loader
 def test_a_run_failing_before_its_first_iteration_leaves_no_config_or_event_file(data_root, tmp_path,
-                                                                                monkeypatch, caplog):
+                                                                                monkeypatch):
     pytest.importorskip("tensorboard")
     from detection.engine import trainer
 
@@ -169,10 +176,10 @@ def test_a_run_failing_before_its_first_iteration_leaves_no_config_or_event_file
         raise ValueError("a bad first batch")
 
     monkeypatch.setattr(trainer, "forward_losses", broken)
-    with pytest.raises(ValueError, match="bad first batch"):
+    with pytest.raises(ValueError, match="bad first batch") as err:
         trainer.train(tiny_cfg(data_root, tmp_path / "run", **{"log.tensorboard": True}))
+    assert "training stopped at iteration 0, and no checkpoint was written yet" in err.value.__notes__[0]
     assert not (tmp_path / "run").exists()  # config.yaml, the empty event file and the folder are gone
-    assert "no checkpoint was written yet" in caplog.text
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="bad first batch"):

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         fail(str(err), code=1)
     except ValueError as err:  # bad data / weights / config / output folder found at run time
-        fail(str(err), code=2)
+        fail("; ".join([str(err), *getattr(err, "__notes__", [])]), code=2)  # + the checkpoint a stopped run left
     return 0
 
 

@@ -70,7 +70,12 @@ def final_line(path: Path, iteration: int) -> str:
             f"(python tools/eval.py --weights {path} evaluates it on datasets.test)")
 
 
-def stopped_line(iteration: int, kept: str) -> str:
-    """Logged when an error (a bad image in a loader worker, a failed evaluation) stops the
-    loop: which checkpoint the run left, before the error's own line."""
-    return f"training stopped at iteration {iteration} by the error below; {kept}"
+def note_stop(err: BaseException, iteration: int, kept: str) -> None:
+    """An error that stops the loop (a bad image in a loader worker, a failed evaluation) gets
+    a note saying which checkpoint the run left (`kept`: trainer._what_is_kept): shown under
+    its traceback (Python 3.11+), and by tools/train_det.py on the error's one line."""
+    line = f"training stopped at iteration {iteration}, {kept}"
+    if hasattr(err, "add_note"):
+        err.add_note(line)
+    else:  # Python 3.10: the same attribute, read by train_det.py
+        err.__notes__ = [*getattr(err, "__notes__", []), line]

@@ -34,7 +34,7 @@ from detection.engine.checkpoint import (gather_rng_states, load_resume_checkpoi
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.optim import build_lr_scheduler, build_optimizer
 from detection.engine.run_folder import RunLock, check_output_dir, prepare_output_dir
-from detection.engine.startup import (build_test_datasets, event_files, final_line, stopped_line, summary_of_test_sets,
+from detection.engine.startup import (build_test_datasets, event_files, final_line, note_stop, summary_of_test_sets,
                                       undo_unstarted_run)
 
 logger = logging.getLogger(__name__)
@@ -348,8 +348,8 @@ def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
             f"last checkpoint: {out_dir / 'last.pth'} (iteration {state.checkpoint_iteration})"
         raise TrainingInterrupted(f"interrupted at iteration {state.iteration}; {saved}") from None
     except Exception as err:
-        if main and not isinstance(err, TrainingError):  # a TrainingError names the checkpoint itself
-            logger.error("%s", stopped_line(state.iteration, _what_is_kept(state, out_dir / "last.pth")))
+        if not isinstance(err, TrainingError):  # a TrainingError names the checkpoint itself
+            note_stop(err, state.iteration, _what_is_kept(state, out_dir / "last.pth"))
         raise
     if main:
         _save_final(state, cfg, out_dir)
