@@ -137,13 +137,13 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         import jinja2  # noqa: F401
         import matplotlib  # noqa: F401
 
-        from detection.evaluation.report import (REPORT_FILE, load_sections, read_detections, save_section,
-                                                 section_for_test_set, write_report)
+        from detection.evaluation.report import (read_detections, save_section, section_for_test_set,
+                                                 write_folder_report)
     except ImportError as err:
         print(f"note: no report.html ({err.name} is not installed: pip install -e '.[report]')")
         return
     from detection.config import dump_config
-    from detection.evaluation.outputs import results_for_test_set, results_subfolder
+    from detection.evaluation.outputs import results_for_test_set
     from detection.visualize import read_crowd_regions
 
     config_text = dump_config(cfg)
@@ -157,30 +157,10 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
                                        out_root / folder / "pr_curves.png", crowd)
         section.command, section.config_text = args.command, config_text
         save_section(section, out_root / folder)
-    # the page shows every test set the folder holds: earlier evaluations into it included
-    sections, without = load_sections(out_root, order=[results_subfolder(n) for n in _recorded_sets(out_root)])
-    notes = [f"This folder also holds results of {', '.join(without)} without a readable part of this page "
-             "(written by an older version or without the report extra): evaluate them again to add them."] \
-        if without else []
     metrics_jsonl = Path(args.weights).expanduser().parent / "metrics.jsonl" if args.weights else None
-    given = Path(args.results or args.weights).resolve()
-    path = write_report(out_root / REPORT_FILE, sections, source=str(given), command=args.command,
-                        config_text=config_text, metrics_jsonl=metrics_jsonl, notes=notes,
-                        source_time=given.stat().st_mtime if given.exists() else None)
-    print(f"report written to {path} ({len(sections)} test set{'s' if len(sections) != 1 else ''}: "
-          f"{', '.join(s.name for s in sections)})")
-
-
-def _recorded_sets(out_root: Path) -> list[str]:
-    """The test sets source.json lists, in the order they were evaluated into the folder."""
-    import json
-
-    from detection.evaluation.outputs import SOURCE_FILE
-
-    try:
-        return [str(n) for n in json.loads((out_root / SOURCE_FILE).read_text()).get("test_sets", [])]
-    except (OSError, ValueError, AttributeError):
-        return []
+    path, names = write_folder_report(out_root, source=Path(args.results or args.weights).resolve(),
+                                      command=args.command, config_text=config_text, metrics_jsonl=metrics_jsonl)
+    print(f"report written to {path} ({len(names)} test set{'s' if len(names) != 1 else ''}: {', '.join(names)})")
 
 
 def _model(cfg: Config, weights_path: str, device: torch.device, explicit: list[str]

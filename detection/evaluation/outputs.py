@@ -105,6 +105,16 @@ def read_source(folder: PathLike) -> ResultsSource | None:
                          "the folder's results or --output-dir DIR to write elsewhere") from err
 
 
+def recorded_test_sets(folder: PathLike) -> list[str]:
+    """The test sets source.json lists (their folder names), in the order they were evaluated
+    into `folder`; [] when there is no readable source.json."""
+    try:
+        names = json.loads((Path(folder) / SOURCE_FILE).read_text()).get("test_sets", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in names if isinstance(n, str)]
+
+
 def check_results_folder(folder: PathLike, source: ResultsSource, *, overwrite: bool = False) -> None:
     """ValueError (one line naming both sources and the ways out) when `folder` holds results
     of another source: another checkpoint, another version of the same file, or results
@@ -156,12 +166,10 @@ def _all_test_sets(folder: Path, source: ResultsSource, test_sets: Sequence[str]
     earlier evaluation of the same source recorded (while their folder is still there), then
     this run's. A second evaluation into the folder adds its set; it does not hide the first."""
     try:
-        recorded = read_source(folder)
-        earlier = json.loads((folder / SOURCE_FILE).read_text()).get("test_sets", []) if recorded == source else []
-    except (OSError, ValueError, AttributeError):
+        earlier = recorded_test_sets(folder) if read_source(folder) == source else []
+    except ValueError:  # an unreadable source.json: nothing earlier to keep
         earlier = []
-    kept = [str(n) for n in earlier if isinstance(n, str) and n not in test_sets
-            and (folder / results_subfolder(n)).is_dir()]
+    kept = [n for n in earlier if n not in test_sets and (folder / results_subfolder(n)).is_dir()]
     return kept + list(test_sets)
 
 

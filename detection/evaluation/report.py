@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from detection.evaluation.coco import read_results_json
-from detection.evaluation.outputs import SECTION_FILE
+from detection.evaluation.outputs import SECTION_FILE, recorded_test_sets, results_subfolder
 from detection.evaluation.voc import read_comp4_dir
 from detection.utils.files import atomic_write
 
@@ -277,6 +277,22 @@ def write_report(path: str | Path, sections: Sequence[TestSetSection], *, source
     with atomic_write(path, encoding="utf-8") as f:
         f.write(html)
     return Path(path)
+
+
+def write_folder_report(results_folder: str | Path, *, source: Path, command: str, config_text: str,
+                        metrics_jsonl: str | Path | None = None) -> tuple[Path, list[str]]:
+    """results_folder/report.html of every test set the folder holds (their saved sections, in
+    the order source.json lists them), not only this run's; a note names the sets whose results
+    have no readable section. -> (the page, the names of the sets it shows)."""
+    order = [results_subfolder(name) for name in recorded_test_sets(results_folder)]
+    sections, without = load_sections(results_folder, order=order)
+    notes = [f"This folder also holds results of {', '.join(without)} without a readable part of this page "
+             "(written by an older version or without the report extra): evaluate them again to add them."] \
+        if without else []
+    path = write_report(Path(results_folder) / REPORT_FILE, sections, source=str(source), command=command,
+                        config_text=config_text, metrics_jsonl=metrics_jsonl, notes=notes,
+                        source_time=source.stat().st_mtime if source.exists() else None)
+    return path, [s.name for s in sections]
 
 
 def _number(value: Any) -> float | None:
