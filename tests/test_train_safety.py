@@ -155,7 +155,10 @@ def test_an_error_during_training_prints_on_a_line_of_its_own(data_root, tmp_pat
     assert run(data_root, tmp_path / "run") == 2
     err = capsys.readouterr().err
     assert "train" in err  # the progress bar was drawn ...
-    assert "\nerror: some.jpg: cannot be read\n" in err  # ... and the error starts a line after it
+    # ... and the error starts a line after it, saying which checkpoint the run left (issue 36)
+    last = tmp_path / "run" / "last.pth"
+    assert (f"\nerror: some.jpg: cannot be read; training stopped at iteration 1, the last good checkpoint {last} "
+            "(iteration 1) is kept: --resume continues it\n") in err
 
 
 # ----------------------------------------------------------------------------- item 12: what the run says
