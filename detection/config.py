@@ -6,6 +6,7 @@ explicit keyword arguments.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -442,12 +443,30 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
 def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = ()) -> Config:
     """Read `path` (None = all defaults), merge its `_base_` chain, apply `key=value` overrides."""
     tree = _read_yaml(Path(path)) if path is not None else {}
+    file_tree = copy.deepcopy(tree) if overrides else tree
     for item in overrides:
         _apply_override(tree, item)
     source = str(path) if path is not None else "defaults"
-    if overrides:
-        source += " (with command-line overrides)"
-    return config_from_dict(tree, source)
+    if not overrides:
+        return config_from_dict(tree, source)
+    try:
+        return config_from_dict(tree, source + _OVERRIDDEN)
+    except ConfigError as err:
+        raise _blame(err, file_tree, source) from None
+
+
+_OVERRIDDEN = " (with command-line overrides)"
+
+
+def _blame(err: ConfigError, file_tree: dict, source: str) -> ConfigError:
+    """The error as the config file alone gives it, when the file alone has it (a typo in the
+    file is the file's, whatever the command line adds); else the error with the overrides."""
+    try:
+        config_from_dict(file_tree, source)
+    except ConfigError as alone:
+        if str(alone) == str(err).replace(source + _OVERRIDDEN, source, 1):
+            return alone
+    return err
 
 
 def config_to_dict(cfg: Config) -> dict:

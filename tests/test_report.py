@@ -2,6 +2,7 @@
 inference/report.html): what it counts, what it holds, and that a real browser (headless
 Chromium) renders it."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -90,6 +91,12 @@ def test_report_without_metrics_jsonl_says_so(tmp_path, shapes):
 
 
 def chromium() -> str:
+    """The browser: the one `make test` found or installed (C4DET_BROWSER, which must then be
+    there: the test runs, never skips), else on PATH; skips only when there is none."""
+    given = os.environ.get("C4DET_BROWSER")
+    if given:
+        assert os.access(given, os.X_OK), f"C4DET_BROWSER={given} (from make test) is not an executable"
+        return given
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
         pytest.skip("headless Chromium is not installed (make test installs Debian's chromium with apt-get "
@@ -146,3 +153,57 @@ def test_eval_writes_the_report_beside_the_results(tmp_path):
                            cwd=ROOT, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in (tmp_path / "rescored" / "report.html").read_text()
+
+
+# --- issue 36: what the folder holds is what the page shows; the checkpoint's time -------------
+
+def test_the_page_shows_every_test_set_saved_in_the_folder_and_each_runs_command(tmp_path, shapes):
+    from detection.evaluation.report import load_sections, save_section
+
+    for name, command in (("first_set", "eval.py datasets.test=[a]"), ("second_set", "eval.py datasets.test=[b]")):
+        section = section_for_test_set(shapes, {"AP": 10.0 if name == "first_set" else 20.0}, predictions(shapes))
+        section.name, section.command, section.config_text = name, command, f"config of {name}\n"
+        save_section(section, tmp_path / name)
+    (tmp_path / "older_set").mkdir()
+    (tmp_path / "older_set" / "metrics.json").write_text("{}")  # results with no section
+    (tmp_path / "cut_set").mkdir()
+    (tmp_path / "cut_set" / "report_section.json").write_text('{"name": "cut')  # cut short: no part, no crash
+    sections, without = load_sections(tmp_path, order=["second_set"])
+    assert [s.name for s in sections] == ["second_set", "first_set"] and without == ["cut_set", "older_set"]
+    assert sections[1].most_false_positives[0].title == section_for_test_set(
+        shapes, {}, predictions(shapes)).most_false_positives[0].title  # the gallery comes back whole
+    html = write_report(tmp_path / "report.html", sections, source="/runs/x/model_final.pth", command="unused",
+                        config_text="unused", source_time=0.0).read_text()
+    assert "<td>AP</td><td>20.00</td>" in html and "<td>AP</td><td>10.00</td>" in html
+    assert "<h2>Command (first_set)</h2>" in html and "eval.py datasets.test=[b]" in html
+    assert "config of first_set" in html and "unused" not in html
+    stamp = __import__("datetime").datetime.fromtimestamp(0.0).astimezone().strftime("%Y-%m-%d %H:%M")
+    assert f"(modified {stamp}" in html  # the checkpoint's time, not only the page's
+
+
+@pytest.mark.slow  # trains a tiny model and runs tools/eval.py twice
+def test_a_second_evaluation_into_the_folder_adds_its_test_set_to_the_page(tmp_path):
+    from detection.config import load_config
+    from detection.engine.trainer import train
+    from tests.helpers import tiny_overrides
+
+    generate_shapes(tmp_path / "data" / "shapes", num_train=4, num_val=3, seed=1, image_size=(64, 80))
+    overrides = tiny_overrides(tmp_path / "data", tmp_path / "out", **{"solver.max_iter": 1,
+                               "model.roi_heads.score_thresh_test": 0.0})
+    train(load_config(None, overrides))
+    weights = tmp_path / "out" / "model_final.pth"
+    mine = {"type": "coco", "ann_file": "shapes/annotations/instances_val.json", "image_root": "shapes/val",
+            "name": "my photos"}
+    for test in (["shapes_val"], [mine]):
+        out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--weights", str(weights), *overrides,
+                              f"datasets.test={json.dumps(test)}"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    folder = tmp_path / "out" / "inference"
+    assert "(2 test sets: shapes_val, my photos)" in out.stdout
+    assert json.loads((folder / "source.json").read_text())["test_sets"] == ["shapes_val", "my_photos"]
+    html = (folder / "report.html").read_text()
+    for name, sub in (("shapes_val", "shapes_val"), ("my photos", "my_photos")):
+        metrics = json.loads((folder / sub / "metrics.json").read_text())
+        assert re.search(rf"<h2 id=\"set-\d\">{name} .*?<td>AP50</td><td>{metrics['AP50']:.2f}</td>", html, re.S)
+    assert "Command (shapes_val)" in html and "Command (my photos)" in html

@@ -155,7 +155,10 @@ def test_an_error_during_training_prints_on_a_line_of_its_own(data_root, tmp_pat
     assert run(data_root, tmp_path / "run") == 2
     err = capsys.readouterr().err
     assert "train" in err  # the progress bar was drawn ...
-    assert "\nerror: some.jpg: cannot be read\n" in err  # ... and the error starts a line after it
+    # ... and the error starts a line after it, saying which checkpoint the run left (issue 36)
+    last = tmp_path / "run" / "last.pth"
+    assert (f"\nerror: some.jpg: cannot be read; training stopped at iteration 1, the last good checkpoint {last} "
+            "(iteration 1) is kept: --resume continues it\n") in err
 
 
 # ----------------------------------------------------------------------------- item 12: what the run says
@@ -176,7 +179,7 @@ def test_the_run_starts_with_a_summary_of_data_device_and_output(data_root, tmp_
     assert (f"training set mine: {with_boxes} images ({len(ann['images']) - with_boxes} without boxes "
             f"dropped: dataloader.filter_empty), 3 classes, objects per class: {per_class}") in err
     assert len(ann["images"]) - with_boxes >= 1
-    assert "test sets: shapes_val" in err
+    assert "test set shapes_val: 2 images, 3 classes" in err  # named as the training set is, not by its path
     assert any(x.startswith("device: cpu, torch threads: ") and "AMP: off, fast path: on" in x for x in err)  # on by default
     assert f"datasets.root: {data_root.resolve()}" in err and f"output folder: {out.resolve()}" in err
 

@@ -20,7 +20,10 @@ same for one test set or several:
     DIR/report.html          one self-contained page (the `report` extra: jinja2, matplotlib): per test
                              set the metrics and per-class tables, PR curves, the images with the most
                              false positives and missed objects (ground truth | predictions); the
-                             training curves when metrics.jsonl is beside --weights; config, command
+                             training curves when metrics.jsonl is beside --weights; config, command.
+                             It shows every test set the folder holds: a second run into DIR for
+                             another test set adds that set's part (each set keeps it in
+                             DIR/<test set>/report_section.json) and source.json lists both
 
 A test set without published annotations (voc_2012_test) cannot be scored: its folder gets
 results/VOC2012/Main/comp4_det_test_<class>.txt instead (the devkit's 1-based lines, the PASCAL
@@ -32,7 +35,9 @@ file, e.g. before more training) is not overwritten: the run stops and says so; 
 --output-dir for a new folder or --overwrite to replace them (their files are removed
 first). Re-scoring a folder's own results (--results DIR into DIR) is allowed. The test sets'
 class names must be the model's, in the same order (the checkpoint's names, else
-model.class_names; else only their number is checked against model.num_classes).
+model.class_names; else only their number is checked against model.num_classes), or a subset
+of them: such a set is scored by name, the detections of the other classes left out (the run
+says so). A renamed or extra class is refused.
 """
 from __future__ import annotations
 
@@ -111,11 +116,11 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     # scoring saved results reads the annotations only, not the images
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             check_images=not args.results, exif_orientation=cfg.input.exif_orientation)
-    folders = _checked_folders(cfg, datasets, model, weights)
+    folders, model_classes = _checked_folders(cfg, datasets, model, weights)
     claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
     (out_root / "report.html").unlink(missing_ok=True)  # written again at the end: never a stale page
     per_set = evaluate_test_sets(datasets, model=model, device=device, num_workers=cfg.dataloader.num_workers,
-                                 results=args.results, output_dir=out_root, echo=print)
+                                 results=args.results, output_dir=out_root, echo=print, model_classes=model_classes)
     _write_report(cfg, args, datasets, folders, out_root, per_set)
     return 0
 
@@ -132,7 +137,8 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         import jinja2  # noqa: F401
         import matplotlib  # noqa: F401
 
-        from detection.evaluation.report import REPORT_FILE, read_detections, section_for_test_set, write_report
+        from detection.evaluation.report import (read_detections, save_section, section_for_test_set,
+                                                 write_folder_report)
     except ImportError as err:
         print(f"note: no report.html ({err.name} is not installed: pip install -e '.[report]')")
         return
@@ -140,19 +146,21 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
     from detection.evaluation.outputs import results_for_test_set
     from detection.visualize import read_crowd_regions
 
-    sections = []
+    config_text = dump_config(cfg)
     for dataset, folder in zip(datasets, folders):
         detections, crowd = {}, {}
         if dataset.has_annotations:
             detections = read_detections(dataset, results_for_test_set(args.results or out_root, folder, dataset.kind))
             if dataset.kind == "coco" and dataset.ann_file:
                 crowd = read_crowd_regions(dataset.ann_file, dataset.label_to_category_id)
-        sections.append(section_for_test_set(dataset, per_set.get(dataset.name, {}), detections,
-                                             out_root / folder / "pr_curves.png", crowd))
+        section = section_for_test_set(dataset, per_set.get(dataset.name, {}), detections,
+                                       out_root / folder / "pr_curves.png", crowd)
+        section.command, section.config_text = args.command, config_text
+        save_section(section, out_root / folder)
     metrics_jsonl = Path(args.weights).expanduser().parent / "metrics.jsonl" if args.weights else None
-    path = write_report(out_root / REPORT_FILE, sections, source=str(Path(args.results or args.weights).resolve()),
-                        command=args.command, config_text=dump_config(cfg), metrics_jsonl=metrics_jsonl)
-    print(f"report written to {path}")
+    path, names = write_folder_report(out_root, source=Path(args.results or args.weights).resolve(),
+                                      command=args.command, config_text=config_text, metrics_jsonl=metrics_jsonl)
+    print(f"report written to {path} ({len(names)} test set{'s' if len(names) != 1 else ''}: {', '.join(names)})")
 
 
 def _model(cfg: Config, weights_path: str, device: torch.device, explicit: list[str]
@@ -168,16 +176,19 @@ def _model(cfg: Config, weights_path: str, device: torch.device, explicit: list[
 
 
 def _checked_folders(cfg: Config, datasets: list[DatasetInfo], model: torch.nn.Module | None,
-                     weights: DetectorWeights | None) -> list[str]:
-    """Each test set's results folder name, after checking its classes are the model's."""
-    from detection.evaluation.classes import check_class_names, model_class_names
+                     weights: DetectorWeights | None) -> tuple[list[str], list[str] | None]:
+    """Each test set's results folder name, after checking its classes are the model's (or a
+    subset of them, scored by name: said here); and the model's class names when known."""
+    from detection.evaluation.classes import model_class_names, subset_note, label_map_for_test_set
     from detection.evaluation.outputs import results_subfolders
 
+    names = None
     if model is not None:
         names, source = model_class_names(weights, cfg.model.class_names)
         for dataset in datasets:
-            check_class_names(dataset.name, dataset.class_names, names, cfg.model.num_classes, source)
-    return results_subfolders([d.name for d in datasets])
+            if label_map_for_test_set(dataset.name, dataset.class_names, names, cfg.model.num_classes, source):
+                print(subset_note(dataset.name, dataset.class_names, names))
+    return results_subfolders([d.name for d in datasets]), names
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ DETECTION_DATASETS, the default `datasets`. Relative datasets.root and output_di
 from the working directory; `_base_` paths from the folder of the config file naming them.
 
 Exit codes: 0 done (or the run was already finished), 1 training failed (e.g. a non-finite
-loss), 2 bad config, output folder or data (the config, the folder and the training sets are
-checked before anything is written), 130 interrupted (Ctrl-C, SIGINT), 143 stopped by SIGTERM.
+loss), 2 bad config, output folder or data (the config, the folder, the training and the test
+sets are checked before anything is written), 130 interrupted (Ctrl-C, SIGINT), 143 stopped by SIGTERM.
 
 SIGTERM or SIGINT (a scheduler's pre-emption, Ctrl-C) lets the current iteration finish, saves
 last.pth there and exits with one line saying so; --resume continues exactly. A second signal
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         fail(str(err), code=1)
     except ValueError as err:  # bad data / weights / config / output folder found at run time
-        fail(str(err), code=2)
+        fail("; ".join([str(err), *getattr(err, "__notes__", [])]), code=2)  # + the checkpoint a stopped run left
     return 0
 
 

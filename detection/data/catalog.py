@@ -75,6 +75,8 @@ def get_dataset(entry: str | Mapping[str, Any], root: str, *, skip_bad_images: b
     from detection.data.orientation import check_image_sizes  # imported where used: PIL
 
     name, spec = _resolve_entry(entry)
+    if not isinstance(entry, str):
+        _check_custom_paths(spec, root, name)
     info = LOADERS[spec["type"]](spec, root, name, skip_bad_images, exif_orientation)
     info.skip_bad_images = skip_bad_images
     info.exif_orientation = exif_orientation
@@ -91,6 +93,23 @@ def get_datasets(entries: Sequence[str | Mapping[str, Any]], root: str, *, skip_
         entries = [entries]
     return [get_dataset(e, root, skip_bad_images=skip_bad_images, check_images=check_images,
                         exif_orientation=exif_orientation) for e in entries]
+
+
+def _check_custom_paths(spec: dict[str, Any], root: str, name: str) -> None:
+    """A custom COCO entry's ann_file / image_root that is not there: one DataError naming the
+    entry's field and where a relative path was looked for, without the built-in layouts'
+    paragraph the reader adds (those describe the known names, not the user's own files)."""
+    if spec["type"] != "coco":
+        return
+    for field_name, is_there in (("ann_file", os.path.isfile), ("image_root", os.path.isdir)):
+        given = str(spec[field_name])
+        path = _under(root, given)
+        if is_there(path) or (field_name == "ann_file" and os.path.isdir(path)):  # a folder: the reader says so
+            continue
+        relative = "" if os.path.isabs(os.path.expanduser(given)) else \
+            f" (a relative path is taken from datasets.root {os.path.abspath(root)})"
+        what = "file" if field_name == "ann_file" else "folder"
+        raise DataError(f"data set {name}: {field_name} {given!r}: {what} not found: {path}{relative}")
 
 
 def _load_coco(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool,

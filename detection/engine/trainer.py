@@ -34,6 +34,8 @@ from detection.engine.checkpoint import (gather_rng_states, load_resume_checkpoi
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.optim import build_lr_scheduler, build_optimizer
 from detection.engine.run_folder import RunLock, check_output_dir, prepare_output_dir
+from detection.engine.startup import (build_test_datasets, event_files, final_line, note_stop, summary_of_test_sets,
+                                      undo_unstarted_run)
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +142,25 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     if resuming and _is_finished(cfg, state, out_dir):
         return state.model
     datasets = build_train_datasets(cfg)
+    test_sets = build_test_datasets(cfg, datasets[0].class_names)  # before anything is written, too
+    start = (state.iteration, event_files(out_dir), (out_dir / "config.yaml").exists())
     if du.is_main_process():
-        for line in summary_lines(cfg, datasets, device):
+        for line in summary_lines(cfg, datasets, device, test_sets):
             logger.info("%s", line)
         prepare_output_dir(cfg, out_dir, remove=old_run if overwrite else [],
                             resumed_at=state.iteration if resuming else None)
+    try:
+        _start_loop(cfg, state, datasets, device, distributed, out_dir, tensorboard)
+    except BaseException:
+        if du.is_main_process() and state.iteration == start[0]:  # not one iteration done: leave no trace
+            undo_unstarted_run(out_dir, events_before=start[1], config_written=not start[2])
+        raise
+    return state.model
+
+
+def _start_loop(cfg: Config, state: TrainState, datasets: list[DatasetInfo], device: torch.device,
+                distributed: bool, out_dir: Path, tensorboard: bool) -> None:
+    """The loader, the fast path and DDP, then the iterations."""
     if cfg.model.fast_path:  # same parameters and state_dict keys: checkpoints are unchanged
         from detection.fast import optimize_for_training
 
@@ -156,7 +172,6 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
     _loop(cfg, state, model, data, device, out_dir, tensorboard)
-    return state.model
 
 
 def _is_finished(cfg: Config, state: TrainState, out_dir: Path) -> bool:
@@ -273,7 +288,8 @@ def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
     return datasets
 
 
-def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device) -> list[str]:
+def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device,
+                  test_sets: list[DatasetInfo]) -> list[str]:
     """What the run trains on, where, and how: printed at its start."""
     from detection.data.loader import training_records
 
@@ -287,10 +303,7 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
             if cfg.dataloader.filter_empty else ""
         lines.append(f"training set {d.name}: {len(kept)} images{dropped}, {d.num_classes} classes, objects "
                      "per class: " + ", ".join(f"{n} {c}" for n, c in zip(d.class_names, counts[1:])))
-    tests = [e if isinstance(e, str) else e.get("name") or e.get("ann_file") or e.get("root")
-             for e in cfg.datasets.test]
-    lines.append(f"test sets: {', '.join(map(str, tests)) or 'none'}"
-                 + (f" (evaluated every {cfg.test.eval_period} iterations)" if cfg.test.eval_period else ""))
+    lines += summary_of_test_sets(cfg, test_sets)
     amp = ("float16" if device.type == "cuda" else "bfloat16") if cfg.solver.amp else "off"
     lines.append(f"device: {device}, torch threads: {torch.get_num_threads()}, AMP: {amp}, "
                  f"fast path: {'on' if cfg.model.fast_path else 'off'}, processes: {du.get_world_size()}")
@@ -335,6 +348,10 @@ def _loop(cfg: Config, state: TrainState, model: nn.Module, data: Iterator,
         saved = "no checkpoint written yet" if state.checkpoint_iteration is None else \
             f"last checkpoint: {out_dir / 'last.pth'} (iteration {state.checkpoint_iteration})"
         raise TrainingInterrupted(f"interrupted at iteration {state.iteration}; {saved}") from None
+    except Exception as err:
+        if not isinstance(err, TrainingError):  # a TrainingError names the checkpoint itself
+            note_stop(err, state.iteration, _what_is_kept(state, out_dir / "last.pth"))
+        raise
     if main:
         _save_final(state, cfg, out_dir)
     du.synchronize()
@@ -438,6 +455,7 @@ def _save_final(state: TrainState, cfg: Config, out_dir: Path) -> None:
     except OSError as err:
         raise TrainingError(f"could not write {path} ({err.strerror or err}); "
                             f"{_what_is_kept(state, out_dir / 'last.pth')}") from None
+    logger.info("%s", final_line(path, state.iteration))
 
 
 def _step(cfg: Config, state: TrainState, model: nn.Module, images: list, targets: list,
@@ -571,4 +589,5 @@ def evaluate(cfg: Config, model: nn.Module, device: torch.device,
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
     return flatten_metrics(evaluate_test_sets(datasets, model=model, device=device,
-                                              num_workers=cfg.dataloader.num_workers, output_dir=output_dir))
+                                              num_workers=cfg.dataloader.num_workers, output_dir=output_dir,
+                                              model_classes=getattr(model, "class_names", None)))

@@ -40,5 +40,32 @@ def check_class_names(dataset_name: str, dataset_classes: Sequence[str], model_c
         raise ValueError(f"data set {dataset_name} lists the classes {data}, but {model_source} {model}: the same "
                          "names in another order, so each label would be scored as another class; give the "
                          f"data set's classes in the model's order ([{', '.join(model)}])")
-    raise ValueError(f"data set {dataset_name} has the classes {data}, but {model_source} {model}: the model does "
-                     "not detect this data set's classes")
+    unknown = [name for name in data if name not in model]
+    if not unknown:  # the model's names, some repeated: a data set lists each class once
+        raise ValueError(f"data set {dataset_name} lists the classes {data}, but {model_source} {model}: a class "
+                         "is listed twice")
+    raise ValueError(f"data set {dataset_name} has the classes {data}, but {model_source} {model}: "
+                     f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not among the model's classes "
+                     "(a renamed or extra class cannot be scored; a subset of the model's classes, by name, can)")
+
+
+def label_map_for_test_set(dataset_name: str, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
+                           num_classes: int, model_source: str = "the model detects") -> list[int] | None:
+    """How the model's labels are scored on a test set: None when the set's classes are the
+    model's (label k is class k); when they are a proper subset of the model's names (a test
+    set of 2 of its 3 classes), a table model label -> the set's label, 0 for the classes the
+    set does not have, whose detections are left out. Anything else is check_class_names'
+    ValueError: a renamed or extra class, or all the names in another order."""
+    data, model = list(dataset_classes), list(model_classes or ())
+    if model and len(set(data)) == len(data) < len(model) and set(data) <= set(model):
+        return [0] + [data.index(name) + 1 if name in data else 0 for name in model]
+    check_class_names(dataset_name, data, model_classes, num_classes, model_source)
+    return None
+
+
+def subset_note(dataset_name: str, dataset_classes: Sequence[str], model_classes: Sequence[str]) -> str:
+    """The line saying a test set is scored by name on a subset of the model's classes."""
+    left_out = [name for name in model_classes if name not in dataset_classes]
+    return (f"test set {dataset_name}: its {len(dataset_classes)} classes are a subset of the model's "
+            f"{len(model_classes)}, scored by name ({', '.join(dataset_classes)}); the detections of "
+            f"{', '.join(left_out)} are left out")

@@ -38,12 +38,15 @@ class Evaluator(Protocol):
 
 
 def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Evaluator, *,
-                         device: torch.device | str) -> dict[str, float]:
+                         device: torch.device | str, label_map: Sequence[int] | None = None) -> dict[str, float]:
     """Run `model` in eval mode over `loader` ((images, records) batches) and evaluate.
 
     Returns the evaluator's metrics on rank 0 and {} on other ranks. The model's
     train/eval mode is restored afterwards, so the trainer can call this mid-training.
+    `label_map` (classes.label_map_for_test_set): model label -> the data set's label, 0 = drop
+    the detection; for a test set holding a subset of the model's classes.
     """
+    table = torch.as_tensor(label_map, dtype=torch.int64) if label_map is not None else None
     evaluator.reset()
     was_training = model.training
     model.eval()
@@ -54,7 +57,7 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
                        disable=not comm.is_main_process(), dynamic_ncols=True)
             for images, records in bar:
                 outputs = model([image.to(device, non_blocking=True) for image in images])
-                evaluator.process(records, [_to_cpu(output) for output in outputs])
+                evaluator.process(records, [relabel(_to_cpu(output), table) for output in outputs])
                 num_images += len(images)
     finally:
         model.train(was_training)
@@ -71,6 +74,17 @@ def _length(loader: Iterable) -> int | None:
         return len(loader)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def relabel(output: dict[str, Any], table: torch.Tensor | None) -> dict[str, Any]:
+    """One image's detections with labels looked up in `table` (model label -> data set label),
+    those mapped to 0 (a class the data set does not have) dropped."""
+    if table is None:
+        return output
+    labels = table[output["labels"].long()]
+    keep = labels > 0
+    per_detection = lambda v: isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == len(keep)  # noqa: E731
+    return {**{k: v[keep] if per_detection(v) else v for k, v in output.items()}, "labels": labels[keep]}
 
 
 def _to_cpu(output: Mapping[str, Any]) -> dict[str, Any]:

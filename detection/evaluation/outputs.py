@@ -1,8 +1,11 @@
 """Where evaluation writes, and whose results a results folder holds.
 
-    <results folder>/source.json             which checkpoint (or results file) the results come from
+    <results folder>/source.json             which checkpoint (or results file) the results come from,
+                                             and every test set evaluated into the folder from it
+    <results folder>/report.html             the page of every test set in the folder (evaluation/report.py)
     <results folder>/<test set folder>/       one per test set, also when there is only one:
-        metrics.json, pr_curves.png, coco_results.json (COCO-type) | comp4_det_test_*.txt (VOC-type)
+        metrics.json, pr_curves.png, coco_results.json (COCO-type) | comp4_det_test_*.txt (VOC-type),
+        report_section.json                   the set's part of report.html
         results/VOC2012/Main/comp4_det_test_*.txt   instead, for a test set without annotations
                                                     (voc_2012_test): the evaluation server's layout
 
@@ -26,9 +29,10 @@ from detection.evaluation.voc import COMP4_TEMPLATE, SUBMISSION_FOLDER
 from detection.utils.files import atomic_write
 
 SOURCE_FILE = "source.json"
+SECTION_FILE = "report_section.json"  # a test set's part of report.html (evaluation/report.py)
 # Everything evaluation writes into a test set's folder: what --overwrite removes, and how a
 # folder written before source.json existed is recognised.
-RESULT_PATTERNS = ("metrics.json", "pr_curves.png", RESULTS_FILE, COMP4_TEMPLATE.format("*"),
+RESULT_PATTERNS = ("metrics.json", "pr_curves.png", SECTION_FILE, RESULTS_FILE, COMP4_TEMPLATE.format("*"),
                    str(Path(SUBMISSION_FOLDER.format("*")) / COMP4_TEMPLATE.format("*")))
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 PathLike = Union[str, Path]
@@ -101,6 +105,16 @@ def read_source(folder: PathLike) -> ResultsSource | None:
                          "the folder's results or --output-dir DIR to write elsewhere") from err
 
 
+def recorded_test_sets(folder: PathLike) -> list[str]:
+    """The test sets source.json lists (their folder names), in the order they were evaluated
+    into `folder`; [] when there is no readable source.json."""
+    try:
+        names = json.loads((Path(folder) / SOURCE_FILE).read_text()).get("test_sets", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in names if isinstance(n, str)]
+
+
 def check_results_folder(folder: PathLike, source: ResultsSource, *, overwrite: bool = False) -> None:
     """ValueError (one line naming both sources and the ways out) when `folder` holds results
     of another source: another checkpoint, another version of the same file, or results
@@ -142,9 +156,21 @@ def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Seq
     folder.mkdir(parents=True, exist_ok=True)
     if _inside(source.path, folder) and (folder / SOURCE_FILE).is_file():
         return
-    record = {**asdict(source), "test_sets": list(test_sets)}
+    record = {**asdict(source), "test_sets": _all_test_sets(folder, source, test_sets)}
     with atomic_write(folder / SOURCE_FILE) as f:  # never a half-written source.json, even on a full disk
         f.write(json.dumps(record, indent=1) + "\n")
+
+
+def _all_test_sets(folder: Path, source: ResultsSource, test_sets: Sequence[str]) -> list[str]:
+    """The test sets whose results the folder holds once this run has written its own: those an
+    earlier evaluation of the same source recorded (while their folder is still there), then
+    this run's. A second evaluation into the folder adds its set; it does not hide the first."""
+    try:
+        earlier = recorded_test_sets(folder) if read_source(folder) == source else []
+    except ValueError:  # an unreadable source.json: nothing earlier to keep
+        earlier = []
+    kept = [n for n in earlier if n not in test_sets and (folder / results_subfolder(n)).is_dir()]
+    return kept + list(test_sets)
 
 
 def _result_files(folder: Path) -> list[Path]:

@@ -18,7 +18,9 @@ The evaluation layer: everything comes in as data (no config, no model, no engin
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
+import json
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -30,7 +32,9 @@ import cv2
 import numpy as np
 
 from detection.evaluation.coco import read_results_json
+from detection.evaluation.outputs import SECTION_FILE, recorded_test_sets, results_subfolder
 from detection.evaluation.voc import read_comp4_dir
+from detection.utils.files import atomic_write
 
 if TYPE_CHECKING:
     from detection.data.dataset_info import DatasetInfo
@@ -59,6 +63,39 @@ class TestSetSection:
     pr_curves: str | None = None  # base64 PNG
     most_false_positives: list[GalleryImage] = field(default_factory=list)
     most_missed: list[GalleryImage] = field(default_factory=list)
+    command: str = ""  # the evaluation that wrote this set's results (runs into one folder may differ)
+    config_text: str = ""
+
+
+def save_section(section: TestSetSection, folder: str | Path) -> Path:
+    """The section as folder/report_section.json (beside the set's metrics.json), so that a
+    later evaluation of another test set into the same results folder can show this one too."""
+    path = Path(folder) / SECTION_FILE
+    with atomic_write(path) as f:
+        json.dump(dataclasses.asdict(section), f)
+    return path
+
+
+def load_sections(results_folder: str | Path, order: Sequence[str] = ()) -> tuple[list[TestSetSection], list[str]]:
+    """Every test set's saved section in `results_folder` (its subfolders' report_section.json),
+    the folders named in `order` first; and the test-set folders holding results but no section
+    (written by an older version, or without the report extra)."""
+    root = Path(results_folder)
+    subfolders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (
+        list(order).index(p.name) if p.name in order else len(order), p.name)) if root.is_dir() else []
+    sections, without = [], []
+    for sub in subfolders:
+        try:
+            data = json.loads((sub / SECTION_FILE).read_text(encoding="utf-8"))
+            for key in ("most_false_positives", "most_missed"):
+                data[key] = [GalleryImage(**g) for g in data.get(key, [])]
+            sections.append(TestSetSection(**data))
+        except FileNotFoundError:
+            if (sub / "metrics.json").is_file() or any(sub.glob("*_det_test_*.txt")) or (sub / "results").is_dir():
+                without.append(sub.name)
+        except (OSError, ValueError, TypeError, AttributeError):  # cut short or of another version: no part
+            without.append(sub.name)
+    return sections, without
 
 
 def read_detections(dataset: DatasetInfo, results: str) -> dict[Any, dict[str, np.ndarray]]:
@@ -197,33 +234,66 @@ def training_curves_png(metrics_jsonl: str | Path) -> str | None:
 
 
 def render_report(sections: Sequence[TestSetSection], *, source: str, command: str, config_text: str,
-                  training_curves: str | None = None, notes: Sequence[str] = ()) -> str:
+                  training_curves: str | None = None, notes: Sequence[str] = (),
+                  source_time: float | None = None) -> str:
     import jinja2  # the `report` extra
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _format_number
     return env.from_string(TEMPLATE).render(
-        sections=sections, source=source, command=command, config_text=config_text, notes=list(notes),
+        sections=sections, source=source, notes=list(notes), runs=_runs(sections, command, config_text),
         training_curves=training_curves, score_thresh=SCORE_THRESH, iou_thresh=IOU_THRESH,
-        created=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+        source_time=_local_time(source_time) if source_time is not None else None,
+        created=_local_time(datetime.datetime.now().timestamp()))
+
+
+def _runs(sections: Sequence[TestSetSection], command: str, config_text: str) -> list[dict[str, Any]]:
+    """The evaluations whose results the page shows: one per distinct (command, config), with
+    the names of the test sets each wrote (a section without its own is this run's)."""
+    runs: dict[tuple[str, str], list[str]] = {}
+    for s in sections:
+        runs.setdefault((s.command or command, s.config_text or config_text), []).append(s.name)
+    if not runs:
+        runs[(command, config_text)] = []
+    return [{"command": c, "config_text": t, "sets": names} for (c, t), names in runs.items()]
+
+
+def _local_time(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
 def write_report(path: str | Path, sections: Sequence[TestSetSection], *, source: str, command: str,
-                 config_text: str, metrics_jsonl: str | Path | None = None) -> Path:
-    """Render and write the page (atomically); the training curves when metrics_jsonl exists."""
-    notes = []
+                 config_text: str, metrics_jsonl: str | Path | None = None, source_time: float | None = None,
+                 notes: Sequence[str] = ()) -> Path:
+    """Render and write the page (atomically); the training curves when metrics_jsonl exists.
+    `source_time`: the checkpoint's (or results') modification time, shown beside the page's."""
+    notes = list(notes)
     curves = None
     if metrics_jsonl is not None and Path(metrics_jsonl).is_file():
         curves = training_curves_png(metrics_jsonl)
     else:
         notes.append("No training curves: no metrics.jsonl beside the checkpoint.")
     html = render_report(sections, source=source, command=command, config_text=config_text,
-                         training_curves=curves, notes=notes)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
-    return path
+                         training_curves=curves, notes=notes, source_time=source_time)
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write(html)
+    return Path(path)
+
+
+def write_folder_report(results_folder: str | Path, *, source: Path, command: str, config_text: str,
+                        metrics_jsonl: str | Path | None = None) -> tuple[Path, list[str]]:
+    """results_folder/report.html of every test set the folder holds (their saved sections, in
+    the order source.json lists them), not only this run's; a note names the sets whose results
+    have no readable section. -> (the page, the names of the sets it shows)."""
+    order = [results_subfolder(name) for name in recorded_test_sets(results_folder)]
+    sections, without = load_sections(results_folder, order=order)
+    notes = [f"This folder also holds results of {', '.join(without)} without a readable part of this page "
+             "(written by an older version or without the report extra): evaluate them again to add them."] \
+        if without else []
+    path = write_report(Path(results_folder) / REPORT_FILE, sections, source=str(source), command=command,
+                        config_text=config_text, metrics_jsonl=metrics_jsonl, notes=notes,
+                        source_time=source.stat().st_mtime if source.exists() else None)
+    return path, [s.name for s in sections]
 
 
 def _number(value: Any) -> float | None:
@@ -258,7 +328,8 @@ TEMPLATE = """<!DOCTYPE html>
 </head>
 <body>
 <h1>Evaluation report</h1>
-<p>Evaluated: <code>{{ source }}</code><br><span class="muted">written {{ created }}</span></p>
+<p>Evaluated: <code>{{ source }}</code>{% if source_time %} (modified {{ source_time }}){% endif %}<br>
+<span class="muted">this page written {{ created }}</span></p>
 {% for note in notes %}<p class="muted">{{ note }}</p>{% endfor %}
 {% for s in sections %}
 <h2 id="set-{{ loop.index }}">{{ s.name }} <span class="muted">({{ s.num_images }} images)</span></h2>
@@ -305,10 +376,12 @@ regions are neither.</p>
 <h2>Training curves</h2>
 <figure><img alt="training curves" src="data:image/png;base64,{{ training_curves }}"></figure>
 {% endif %}
-<h2>Command</h2>
-<pre>{{ command }}</pre>
-<h2>Config</h2>
-<pre>{{ config_text }}</pre>
+{% for run in runs %}
+<h2>Command{% if runs | length > 1 %} ({{ run.sets | join(", ") }}){% endif %}</h2>
+<pre>{{ run.command }}</pre>
+<h2>Config{% if runs | length > 1 %} ({{ run.sets | join(", ") }}){% endif %}</h2>
+<pre>{{ run.config_text }}</pre>
+{% endfor %}
 </body>
 </html>
 """

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from detection.evaluation.classes import label_map_for_test_set
 from detection.evaluation.coco import COCOEvaluator
 from detection.evaluation.inference import Evaluator, format_metrics_table, inference_on_dataset, save_metrics_json
 from detection.evaluation.outputs import results_for_test_set, results_subfolder, results_subfolders
@@ -42,11 +43,13 @@ SUBMISSION_WRITERS = {"voc": VOCSubmissionWriter}
 
 def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Module | None = None,
                        device: torch.device | str = "cpu", num_workers: int = 0, results: str | None = None,
-                       output_dir: str | Path | None = None, echo: Callable[[str], None] | None = None
-                       ) -> dict[str, dict[str, float]]:
+                       output_dir: str | Path | None = None, echo: Callable[[str], None] | None = None,
+                       model_classes: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Each test set's metrics, by data set name, from `model` or from saved `results` (a
     results folder as this function writes it, a coco_results.json or a folder of comp4
-    files). `echo` (e.g. print) receives each set's metrics table and where it was written."""
+    files). `echo` (e.g. print) receives each set's metrics table and where it was written.
+    `model_classes`: the model's class names; a test set holding a subset of them is scored by
+    name (classes.label_map_for_test_set, checked before: a set that fits no way is refused there)."""
     if (model is None) == (results is None):
         raise ValueError("evaluate_test_sets: give a model or saved results, not both or neither")
     names = [d.name for d in datasets]
@@ -63,7 +66,9 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
             metrics = evaluator.evaluate()
         else:
             evaluator = build_evaluator(dataset, str(where) if where is not None else None)
-            metrics = _run_model(model, dataset, evaluator, device, num_workers)
+            label_map = label_map_for_test_set(dataset.name, dataset.class_names, model_classes, len(model_classes)) \
+                if model_classes else None
+            metrics = _run_model(model, dataset, evaluator, device, num_workers, label_map)
         out[dataset.name] = metrics
         if comm.is_main_process():
             _report(dataset, metrics, evaluator, where, echo)
@@ -92,13 +97,14 @@ def build_evaluator(dataset: DatasetInfo, output_dir: str | None = None) -> Eval
 
 
 def _run_model(model: torch.nn.Module, dataset: DatasetInfo, evaluator: Evaluator, device: torch.device | str,
-               num_workers: int) -> dict[str, float]:
+               num_workers: int, label_map: Sequence[int] | None = None) -> dict[str, float]:
     """This process's share of the images through the model; the evaluator keeps the whole
     data set, since rank 0 scores everyone's detections against all of it."""
     from detection.data.loader import build_test_loader
 
     loader = build_test_loader(comm.shard_dataset(dataset), num_workers=num_workers)
-    return inference_on_dataset(model, loader, evaluator, device=device)
+    subset = {"label_map": label_map} if label_map is not None else {}  # the plain call otherwise, as before
+    return inference_on_dataset(model, loader, evaluator, device=device, **subset)
 
 
 def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluator, where: Path | None,

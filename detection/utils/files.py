@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,9 @@ def atomic_write(path: Union[str, os.PathLike], mode: str = "w", **open_kwargs: 
     except OSError as err:
         raise _write_error(err, path, existed) from None
     try:
+        # mkstemp creates 0600; the file gets the mode any other new file would (or the mode of
+        # the one it replaces), so a checkpoint is as readable as the config beside it
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
@@ -55,6 +59,29 @@ def atomic_write(path: Union[str, os.PathLike], mode: str = "w", **open_kwargs: 
             raise _write_error(err, path, existed) from None
         raise
     _fsync_folder(path.parent)
+
+
+def _mode_for(path: Path) -> int:
+    """The replaced file's permission bits, else those of a new file: 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (/proc), since
+    os.umask(0) would briefly apply to files other threads create."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_error(err: OSError, path: Path, existed: bool) -> WriteError:

@@ -1,0 +1,214 @@
+"""A user's own data, round 2 (issue 36, items 2, 4, 6): test sets checked at startup, a test set
+holding a subset of the model's classes scored by name, and the smaller points: the closing
+line, a custom ann_file's not-found error, files' modes, no trace of a run that never ran an
+iteration, and a config file's typo blamed on the file."""
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from detection.config import ConfigError, load_config
+from detection.data import DataError
+from detection.data.catalog import get_dataset
+from detection.data.shapes import generate_shapes
+from detection.evaluation.classes import check_class_names, label_map_for_test_set
+from detection.evaluation.inference import relabel
+from detection.utils.files import atomic_write
+from tests.helpers import tiny_cfg
+
+SHAPES = ["circle", "square", "triangle"]
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes(root / "shapes", num_train=4, num_val=3, seed=0, image_size=(64, 80))
+    return root
+
+
+def subset_json(data_root, tmp_path, keep) -> dict:
+    """shapes_val as a custom COCO entry holding only the categories named in `keep`."""
+    data = json.loads((data_root / "shapes" / "annotations" / "instances_val.json").read_text())
+    ids = {c["id"] for c in data["categories"] if c["name"] in keep}
+    data["categories"] = [c for c in data["categories"] if c["id"] in ids]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] in ids]
+    path = tmp_path / "subset.json"
+    path.write_text(json.dumps(data))
+    return {"type": "coco", "ann_file": str(path), "image_root": str(data_root / "shapes" / "val"), "name": "mine"}
+
+
+# ----------------------------------------------------------------------------- item 4: classes
+
+def test_a_subset_of_the_model_classes_is_scored_by_name():
+    # the set has the model's 3rd and 1st classes (COCO sorts them by category id)
+    assert label_map_for_test_set("mine", ["triangle", "circle"], SHAPES, 3) == [0, 2, 0, 1]
+    assert label_map_for_test_set("mine", SHAPES, SHAPES, 3) is None  # the model's own classes: as they are
+    out = relabel({"boxes": torch.arange(12.0).reshape(3, 4), "scores": torch.tensor([0.9, 0.8, 0.7]),
+                   "labels": torch.tensor([1, 2, 3])}, torch.tensor([0, 2, 0, 1]))
+    assert out["labels"].tolist() == [2, 1] and out["scores"].tolist() == pytest.approx([0.9, 0.7])
+    assert out["boxes"].tolist() == [[0, 1, 2, 3], [8, 9, 10, 11]]  # the square's detection is left out
+
+
+@pytest.mark.parametrize("classes, wrong", [(["circle", "squares"], "squares is not"),  # renamed
+                                            (["circle", "square", "triangle", "star"], "star is not")])  # extra
+def test_a_renamed_or_extra_class_is_still_refused_naming_it(classes, wrong):
+    with pytest.raises(ValueError, match=wrong) as err:
+        label_map_for_test_set("mine", classes, SHAPES, 3, "the checkpoint x.pth was trained on")
+    assert "does not detect" not in str(err.value)  # it detects circle: the old wording said otherwise
+    with pytest.raises(ValueError, match="another order"):  # all its names in another order: as before
+        label_map_for_test_set("mine", ["square", "circle", "triangle"], SHAPES, 3)
+    check_class_names("mine", SHAPES, SHAPES, 3)
+
+
+# ----------------------------------------------------------------------------- item 6: smaller points
+
+def test_atomic_write_gives_the_mode_of_other_new_files(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_write(tmp_path / "new.json") as f:
+            f.write("{}")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "new.json") == mode(tmp_path / "plain.txt") == 0o640  # mkstemp's 0600 before
+    os.chmod(tmp_path / "new.json", 0o604)
+    with atomic_write(tmp_path / "new.json") as f:  # a replaced file keeps its mode
+        f.write("{}")
+    assert mode(tmp_path / "new.json") == 0o604
+
+
+def test_a_typo_in_the_config_file_is_the_files_not_the_command_lines(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("solver:\n  base_lrr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["solver.max_iter=5"])
+    assert str(err.value).startswith(f"{path}: unknown key solver.base_lrr") and "command-line" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"\(with command-line overrides\): unknown key solver.max_iterr"):
+        load_config(None, ["solver.max_iterr=5"])
+
+
+def test_a_custom_ann_file_not_found_names_the_field_without_the_built_in_layouts(data_root, tmp_path):
+    entry = {"type": "coco", "ann_file": "mine/instances.json", "image_root": str(data_root / "shapes" / "val")}
+    with pytest.raises(DataError) as err:
+        get_dataset(entry, str(tmp_path))
+    message = str(err.value)
+    assert f"ann_file 'mine/instances.json': file not found: {tmp_path / 'mine' / 'instances.json'}" in message
+    assert f"relative path is taken from datasets.root {tmp_path}" in message
+    assert "shapes" not in message and "2017" not in message  # the known names' paragraph
+    entry = {**entry, "ann_file": str(data_root / "shapes" / "annotations" / "instances_val.json"),
+             "image_root": str(tmp_path / "photos")}
+    with pytest.raises(DataError, match=f"image_root '{tmp_path / 'photos'}': folder not found"):
+        get_dataset(entry, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- items 2 and 6: the run
+
+@pytest.mark.slow  # builds the model
+def test_a_wrong_test_set_stops_the_run_before_anything_is_written(data_root, tmp_path):
+    from detection.engine.trainer import train
+
+    wrong = {"type": "coco", "ann_file": "shapes/annotations/instances_vall.json", "image_root": "shapes/val"}
+    with pytest.raises(DataError, match="instances_vall.json"):
+        train(tiny_cfg(data_root, tmp_path / "run", **{"datasets.test": [wrong]}))
+    assert not (tmp_path / "run").exists()
+    renamed = subset_json(data_root, tmp_path, SHAPES)
+    data = json.loads(open(renamed["ann_file"]).read())
+    data["categories"][0]["name"] = "disc"
+    open(renamed["ann_file"], "w").write(json.dumps(data))
+    with pytest.raises(ValueError, match="disc is not among the model's classes"):
+        train(tiny_cfg(data_root, tmp_path / "run", **{"datasets.test": [renamed]}))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # trains
+def test_a_subset_test_set_is_evaluated_during_training_by_name(data_root, tmp_path, caplog):
+    from detection.engine.trainer import train
+
+    caplog.set_level(logging.INFO, logger="detection")
+    entry = subset_json(data_root, tmp_path, ["circle", "triangle"])
+    train(tiny_cfg(data_root, tmp_path / "run", **{"datasets.test": [entry], "test.eval_period": 1,
+                                                   "solver.max_iter": 1}))
+    assert "test set mine: its 2 classes are a subset of the model's 3, scored by name (circle, triangle); " \
+           "the detections of square are left out" in caplog.text
+    assert "test set mine: 3 images, 2 classes" in caplog.text  # the start summary, by the set's name
+    final = tmp_path / "run" / "model_final.pth"
+    assert f"training finished at iteration 1: the model is {final.resolve()}" in caplog.text
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(final) == mode(tmp_path / "run" / "config.yaml")  # the umask's, as every other file (not 0600)
+    evaluated = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "AP-circle" in evaluated and "AP-triangle" in evaluated and "AP-square" not in evaluated
+
+
+@pytest.mark.slow  # trains through train_det.main
+def test_an_error_mid_run_says_which_checkpoint_it_left_on_its_one_line(data_root, tmp_path, capsys, monkeypatch,
+                                                                       restore_logging):
+    from detection.engine import trainer
+    from tests.helpers import load_tool, tiny_overrides
+
+    def broken(*args, **kwargs):
+        raise ValueError("the test set went away")
+
+    monkeypatch.setattr(trainer, "evaluate", broken)
+    overrides = tiny_overrides(data_root, tmp_path / "run", **{"test.eval_period": 2, "solver.max_iter": 4,
+                                                                "solver.checkpoint_period": 1})
+    with pytest.raises(SystemExit) as exit_:
+        load_tool("train_det").main(["--config", str(BASE_CONFIG), *overrides])
+    errors = [x for x in capsys.readouterr().err.split("\n") if x.startswith("error:")]
+    last = tmp_path / "run" / "last.pth"
+    assert exit_.value.code == 2 and errors == [
+        f"error: the test set went away; training stopped at iteration 2, the last good checkpoint {last} "
+        "(iteration 2) is kept: --resume continues it"]
+
+
+@pytest.mark.slow  # builds the model and the loader
+def test_a_run_failing_before_its_first_iteration_leaves_no_config_or_event_file(data_root, tmp_path,
+                                                                                monkeypatch):
+    pytest.importorskip("tensorboard")
+    from detection.engine import trainer
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bad first batch")
+
+    monkeypatch.setattr(trainer, "forward_losses", broken)
+    with pytest.raises(ValueError, match="bad first batch") as err:
+        trainer.train(tiny_cfg(data_root, tmp_path / "run", **{"log.tensorboard": True}))
+    assert "training stopped at iteration 0, and no checkpoint was written yet" in err.value.__notes__[0]
+    assert not (tmp_path / "run").exists()  # config.yaml, the empty event file and the folder are gone
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="bad first batch"):
+        trainer.train(tiny_cfg(data_root, tmp_path / "kept", **{"log.tensorboard": True}))
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["notes.txt"]  # a folder it did not make stays
+
+
+@pytest.mark.slow  # trains, then evaluates through eval.main twice
+def test_eval_scores_a_subset_by_name_with_the_full_sets_per_class_ap(data_root, tmp_path, capsys):
+    from detection.engine.trainer import train
+    from tests.helpers import load_tool, tiny_overrides
+
+    overrides = tiny_overrides(data_root, tmp_path / "run", **{"solver.max_iter": 2,
+                                                               "model.roi_heads.score_thresh_test": 0.0})
+    train(load_config(None, overrides))
+    eval_tool, weights = load_tool("eval"), str(tmp_path / "run" / "model_final.pth")
+    full = tmp_path / "full"
+    assert eval_tool.main(["--weights", weights, "--output-dir", str(full), *overrides]) == 0
+    entry = subset_json(data_root, tmp_path, ["circle", "triangle"])
+    capsys.readouterr()
+    assert eval_tool.main(["--weights", weights, "--output-dir", str(tmp_path / "sub"), *overrides,
+                           f"datasets.test={json.dumps([entry])}"]) == 0
+    assert "test set mine: its 2 classes are a subset of the model's 3, scored by name" in capsys.readouterr().out
+    everything = json.loads((full / "shapes_val" / "metrics.json").read_text())
+    subset = json.loads((tmp_path / "sub" / "mine" / "metrics.json").read_text())
+    assert subset["AP-circle"] == everything["AP-circle"] and subset["AP-triangle"] == everything["AP-triangle"]
+    assert "AP-square" not in subset
+    # the same detections as on the whole set, the square's (category 2) left out, the others' ids kept
+    results = json.loads((tmp_path / "sub" / "mine" / "coco_results.json").read_text())
+    whole = json.loads((full / "shapes_val" / "coco_results.json").read_text())
+    key = lambda r: (r["image_id"], r["category_id"], tuple(r["bbox"]), r["score"])  # noqa: E731
+    assert results and sorted(map(key, results)) == sorted(key(r) for r in whole if r["category_id"] != 2)
