@@ -219,9 +219,9 @@ def test_visualize_says_how_many_detections_it_drew_and_above_which_score(data_r
     monkeypatch.setattr(detection.visualize, "draw_detections", spy)
     images = data_root / "shapes" / "val"
     for thresh in ("0.0", "1.0"):
-        argv = ["--config", str(ROOT / "configs" / "base.yaml"), "--weights", str(weights), "--input", str(images), "--output", str(tmp_path / "vis"),
-                "--score-thresh", thresh, *tiny_overrides(data_root, tmp_path, **{
-                    "model.roi_heads.score_thresh_test": 0.0})]
+        argv = ["--config", str(ROOT / "configs" / "base.yaml"), "--weights", str(weights), "--input", str(images),
+                "--output", str(tmp_path / "vis"), "--score-thresh", thresh,
+                *tiny_overrides(data_root, tmp_path, **{"model.roi_heads.score_thresh_test": 0.0})]
         assert main_code(visualize, argv) == 0
         assert len(drawn) == 2
         count = sum(drawn)
