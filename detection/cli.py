@@ -20,13 +20,47 @@ SAVED_CONFIG = "config.yaml"  # the resolved config training writes into its out
 
 def add_config_args(parser: argparse.ArgumentParser, beside_weights: bool = False) -> None:
     """--config CFG and KEY=VALUE overrides. --config is required, unless `beside_weights`
-    (tools that take a trained --weights): then resolve_config_beside_weights() fills it in."""
-    help_text = "YAML config file (configs/*.yaml)"
+    (tools that take a trained --weights): then resolve_config_beside_weights() fills it in.
+    Detectron2's spellings work too: --config-file for --config, and --opts KEY VALUE ...
+    (or KEY=VALUE ...) for the overrides; both end up in args.config and args.overrides."""
+    help_text = "YAML config file (configs/*.yaml); --config-file is the same (Detectron2's name)"
     if beside_weights:
         help_text += f"; default: the {SAVED_CONFIG} training saved beside --weights"
-    parser.add_argument("--config", required=not beside_weights, metavar="CFG", help=help_text)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    parser.add_argument("--config", "--config-file", dest="config", required=not beside_weights, metavar="CFG",
+                        help=help_text)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", action=_ExtendOverrides, default=[],
                         help="config overrides, e.g. solver.base_lr=0.01 model.rpn.nms_thresh=0.6")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", dest="overrides",
+                        action=_DetectronOpts, default=[],
+                        help="Detectron2's spelling of the overrides, last on the command line: "
+                             "--opts solver.max_iter 100 model.weights PATH (KEY=VALUE items too; upper-case "
+                             "keys are read lower-case: SOLVER.MAX_ITER is solver.max_iter)")
+
+
+class _ExtendOverrides(argparse.Action):
+    """Adds to args.overrides rather than replacing it: the KEY=VALUE arguments and --opts both
+    land there, in whichever order argparse meets them."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, list(getattr(namespace, self.dest, None) or []) + list(values or []))
+
+
+class _DetectronOpts(_ExtendOverrides):
+    """--opts KEY VALUE [KEY VALUE ...] (Detectron2's form) or KEY=VALUE items -> KEY=VALUE."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items, rest = [], list(values or [])
+        while rest:
+            item = rest.pop(0)
+            if item.startswith("-"):
+                parser.error(f"--opts takes the rest of the command line as KEY VALUE pairs: put {item} before it")
+            if "=" not in item:
+                if not rest:
+                    parser.error(f"--opts: {item} has no value: give KEY VALUE pairs (or KEY=VALUE)")
+                item = f"{item}={rest.pop(0)}"
+            key, value = item.split("=", 1)
+            items.append(f"{key.lower() if key.isupper() else key}={value}")  # SOLVER.MAX_ITER -> solver.max_iter
+        super().__call__(parser, namespace, items, option_string)
 
 
 def resolve_config_beside_weights(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

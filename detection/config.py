@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -436,8 +440,55 @@ def _check_dataset_entries(cfg: Config, source: str) -> None:
 # ----------------------------------------------------------------------------- public API
 
 def config_from_dict(data: dict, source: str = "config") -> Config:
-    """Build and validate a Config from a plain (merged) dict."""
-    return validate(_build(Config, data, "", source), source)
+    """Build and validate a Config from a plain (merged) dict; dataloader.num_workers is capped
+    at the CPUs this process may use."""
+    return _cap_num_workers(validate(_build(Config, data, "", source), source), source)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as PyTorch's DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cap_num_workers(cfg: Config, source: str) -> Config:
+    """More loader processes than CPUs only compete for them (PyTorch's DataLoader warns that
+    its suggested maximum is the CPU count): base.yaml's 4 on a 2-core machine becomes 2. The
+    loader gives the same batches whatever the count, so this changes speed only."""
+    cpus = usable_cpus()
+    if cfg.dataloader.num_workers > cpus:
+        logger.info("%s: dataloader.num_workers %d is more than the %d CPUs this process may use: %d used",
+                    source, cfg.dataloader.num_workers, cpus, cpus)
+        cfg.dataloader.num_workers = cpus
+    return cfg
+
+
+def _drop_inherited_class_names(tree: dict, path: Union[str, Path, None], overrides: typing.Sequence[str],
+                                source: str) -> None:
+    """Names inherited from a `_base_` (Detectron2's 80 COCO ones), or given by the config file
+    when the command line changes model.num_classes, do not fit a fine-tune on other classes:
+    they are dropped (with a message), so that training takes its data's names (saved in its
+    checkpoints) and evaluation the checkpoint's. Names given with or after num_classes must fit."""
+    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    names, num_classes = model.get("class_names"), model.get("num_classes", ModelConfig.num_classes)
+    if not isinstance(names, list) or not names or not isinstance(num_classes, int) or len(names) == num_classes:
+        return
+    own = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path is not None else None
+    own = own.get("model") if isinstance(own, dict) and isinstance(own.get("model"), dict) else {}
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+
+    def level(key: str) -> int:  # where the value comes from: 2 command line, 1 the file, 0 a _base_
+        return 2 if {"model", f"model.{key}"} & given else 1 if key in own else 0
+
+    if level("class_names") and level("class_names") >= level("num_classes"):
+        return
+    model["class_names"] = []
+    logger.info("%s: model.num_classes is %d but the %d model.class_names (%s, ...) come from %s: not used; "
+                "training takes its data's class names, evaluation the checkpoint's", source, num_classes,
+                len(names), ", ".join(map(str, names[:3])), "the config file" if level("class_names") else
+                "a _base_ config")
 
 
 def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = ()) -> Config:
@@ -447,11 +498,13 @@ def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = 
     for item in overrides:
         _apply_override(tree, item)
     source = str(path) if path is not None else "defaults"
-    if not overrides:
-        return config_from_dict(tree, source)
+    full = source + _OVERRIDDEN if overrides else source
+    _drop_inherited_class_names(tree, path, overrides, full)
     try:
-        return config_from_dict(tree, source + _OVERRIDDEN)
+        return config_from_dict(tree, full)
     except ConfigError as err:
+        if not overrides:
+            raise
         raise _blame(err, file_tree, source) from None
 
 

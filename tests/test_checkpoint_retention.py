@@ -53,7 +53,8 @@ def test_keeps_exactly_the_last_n_as_full_training_checkpoints(straight):
 def test_zero_keeps_none(data_root, tmp_path):
     out = tmp_path / "run"
     train(tiny_cfg(data_root, out, **{"solver.checkpoint_period": 1, "solver.max_iter": 2}))
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pth", "metrics.jsonl", "model_final.pth"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pth", "log.txt", "metrics.jsonl",
+                                                      "model_final.pth"]
 
 
 def test_a_failed_save_deletes_no_old_checkpoint_and_the_resume_goes_on(data_root, tmp_path, monkeypatch):

@@ -126,7 +126,7 @@ def test_a_second_signal_during_the_save_does_not_corrupt_it(data_root, tmp_path
         train(tiny_cfg(data_root, out, **{"solver.max_iter": 6, "solver.checkpoint_period": 100}))
     assert "received again while last.pth is being saved: finishing the save first" in caplog.text
     assert load_resume_checkpoint(out / "last.pth")["iteration"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pth", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pth", "log.txt", "metrics.jsonl"]
 
 
 # ----------------------------------------------------------------------------- exact resume, two processes
@@ -282,7 +282,7 @@ def test_training_stops_with_one_error_when_the_disk_is_full(data_root, tmp_path
                       f"training stopped, the last good checkpoint {out / 'last.pth'} (iteration 2) is kept: "
                       "--resume continues it"]
     assert load_resume_checkpoint(out / "last.pth")["iteration"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pth", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "last.pth", "log.txt", "metrics.jsonl"]
 
 
 def test_resume_refuses_a_file_that_is_not_a_training_checkpoint(tmp_path):

@@ -8,6 +8,9 @@ An output folder that already holds a run (last.pth, model_final.pth or metrics.
 refused unless --resume continues it or --overwrite replaces it. --resume continues from
 its last.pth with everything restored (weights, optimizer, lr schedule, iteration, random
 states): the same result as an uninterrupted run; a finished run says so and exits 0.
+The run's config.yaml is the run's: a config that differs from it is refused, naming the
+keys, unless they are given on the command line (solver.max_iter=N to extend a run); the
+changes are kept in config_resumed_<iter>.yaml. Every message also goes to OUTPUT_DIR/log.txt.
 model.weights=PATH instead starts a NEW run at iteration 0 from a detector checkpoint's or
 a backbone's weights.
 
@@ -30,7 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detection.cli import add_config_args, config_from_args, fail, setup_logging
+from detection.cli import add_config_args, config_from_args, fail, override_keys, setup_logging
 from detection.config import dump_config
 
 
@@ -41,10 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = parser.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true",
                      help="continue from OUTPUT_DIR/last.pth with optimizer, schedule, iteration and RNG "
-                          "restored (unlike model.weights=PATH, which starts a new run at iteration 0)")
+                          "restored (unlike model.weights=PATH, which starts a new run at iteration 0); "
+                          "keys that differ from the run's config.yaml must be given as KEY=VALUE")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run in OUTPUT_DIR: its last.pth, model_final.pth, metrics.jsonl, "
-                          "config.yaml and inference/ are removed once the data have been checked")
+                          "config.yaml, log.txt and inference/ are removed once the data have been checked")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_args(argv)
 
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from detection.engine.trainer import TrainingError, TrainingInterrupted, train  # heavy imports
 
     try:
-        train(cfg, resume=args.resume, overwrite=args.overwrite)
+        train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=override_keys(args))
     except TrainingInterrupted as err:  # Ctrl-C / SIGTERM in the loop: where it stopped, what is kept
         print(err, file=sys.stderr)
         return 128 + int(err.signum)  # 130 for SIGINT, 143 for SIGTERM

@@ -68,14 +68,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
     try:
-        count = run(cfg, args)
+        count, drawn = run(cfg, args)
     except ValueError as err:
         fail(str(err))
-    print(f"wrote {count} images to {args.output}")
+    print(f"wrote {count} images to {args.output}{drawn_text(drawn, args)}")
     return 0
 
 
-def run(cfg, args: argparse.Namespace) -> int:
+def drawn_text(drawn: int, args: argparse.Namespace) -> str:
+    """What the images show: with a model, how many detections (and at which score) were drawn,
+    so that empty pictures read as a threshold to lower, not as a broken tool."""
+    if args.gt:
+        return ""
+    text = f": {drawn} detection{'' if drawn == 1 else 's'} drawn (score >= {args.score_thresh:g}"
+    return text + (", --score-thresh sets it)" if drawn == 0 else ")")
+
+
+def run(cfg, args: argparse.Namespace) -> tuple[int, int]:
+    """Draws every input; returns the number of images written and of detections drawn."""
     import cv2
 
     from detection.engine.distributed import select_device
@@ -89,11 +99,12 @@ def run(cfg, args: argparse.Namespace) -> int:
     items, class_names, crowd = _inputs(cfg, args, weights)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    drawn = []  # the detections each image shows
     for i, (path, record) in enumerate(items):
-        canvas = _draw(path, record, crowd, None if args.gt else model, class_names, args, device,
+        canvas = _draw(path, record, crowd, None if args.gt else model, class_names, args, device, drawn,
                        exif_orientation=cfg.input.exif_orientation)
         cv2.imwrite(str(out / output_name(i, path)), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
-    return len(items)
+    return len(items), sum(drawn)
 
 
 def output_name(index: int, path: str) -> str:
@@ -102,7 +113,7 @@ def output_name(index: int, path: str) -> str:
 
 
 def _draw(path: str, record: dict | None, crowd: dict, model, class_names: list[str], args: argparse.Namespace,
-          device, exif_orientation: bool = True):
+          device, drawn: list[int], exif_orientation: bool = True):
     """The image (as viewed: turned by its EXIF orientation tag unless exif_orientation is
     False) with its ground truth, its predictions, or both side by side."""
     import torch
@@ -120,6 +131,7 @@ def _draw(path: str, record: dict | None, crowd: dict, model, class_names: list[
             pred = model([torch.from_numpy(image).permute(2, 0, 1).to(device)])[0]
         panels.append(draw_detections(image, pred["boxes"].cpu().numpy(), pred["labels"].cpu().numpy(),
                                       pred["scores"].cpu().numpy(), class_names, args.score_thresh))
+        drawn.append(int((pred["scores"] >= args.score_thresh).sum()))  # draw_detections' own rule
     return panels[0] if len(panels) == 1 else side_by_side(panels[0], panels[1], ("ground truth", "predictions"))
 
 

@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 
 # The files that make a folder "hold a run", and what --overwrite removes.
 RUN_FILES = ("last.pth", "model_final.pth", "metrics.jsonl")
-OVERWRITTEN = (*RUN_FILES, "config.yaml", "inference")
-OVERWRITTEN_PATTERNS = ("model_[0-9]*.pth", "events.out.tfevents.*")
+OVERWRITTEN = (*RUN_FILES, "config.yaml", "inference", "log.txt")
+OVERWRITTEN_PATTERNS = ("model_[0-9]*.pth", "events.out.tfevents.*", "config_resumed_*.yaml")
 LOCK_FILE = "train.lock"
 
 

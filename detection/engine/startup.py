@@ -54,14 +54,12 @@ def event_files(out_dir: Path) -> set[Path]:
     return set(out_dir.glob(EVENT_FILES))
 
 
-def undo_unstarted_run(out_dir: Path, *, events_before: set[Path], config_written: bool) -> None:
-    """A run that stopped before its first iteration leaves nothing of its own: the config.yaml
-    it wrote (when it was not there before: a resumed run's stays) and the TensorBoard event
-    files it opened, empty. The lock's release then removes a folder the run created."""
-    removed = sorted(event_files(out_dir) - events_before)
-    if config_written:
-        removed.append(out_dir / "config.yaml")
-    for path in removed:
+def undo_unstarted_run(out_dir: Path, *, events_before: set[Path], created: Sequence[Path]) -> None:
+    """A run that stopped before its first iteration leaves nothing of its own: the files it
+    `created` (config.yaml, log.txt: not a resumed run's, which were there before) and the
+    TensorBoard event files it opened, empty. The lock's release then removes a folder the run
+    created."""
+    for path in [*sorted(event_files(out_dir) - events_before), *created]:
         path.unlink(missing_ok=True)
 
 

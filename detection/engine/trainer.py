@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +33,11 @@ from detection.engine.checkpoint import (gather_rng_states, load_resume_checkpoi
                                          restore_training_state, save_checkpoint)
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.optim import build_lr_scheduler, build_optimizer
+from detection.engine.run_config import check_resume_config, record_resume_changes
 from detection.engine.run_folder import RunLock, check_output_dir, prepare_output_dir
 from detection.engine.startup import (build_test_datasets, event_files, final_line, note_stop, summary_of_test_sets,
                                       undo_unstarted_run)
+from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, progress_line
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> nn.Module:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
+          explicit: Optional[Sequence[str]] = None) -> nn.Module:
     """Train the config's model on its training sets (outputs in cfg.output_dir); returns the
     trained model (unwrapped from DistributedDataParallel).
 
@@ -89,6 +92,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> nn.M
     folder as it was. Ctrl-C raises TrainingInterrupted, naming the last checkpoint; SIGTERM or
     SIGINT (GracefulStop) finish the iteration, save last.pth and raise TrainingStopped. The
     folder is locked for the run (run_folder.RunLock): a second trainer there is refused.
+
+    On a resume the run's config.yaml is the run's: where `cfg` differs, the keys must be in
+    `explicit` (the tool's command-line keys: `solver.max_iter` to extend a run), else one
+    ConfigError lists them (run_config). None (a caller passing its own Config) takes every
+    difference as deliberate. Changes are kept in config_resumed_<iter>.yaml. Every message
+    of the run goes to the output folder's log.txt too (run_log.RunLogFile, rank 0).
     """
     if resume and overwrite:
         raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: "
@@ -96,9 +105,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> nn.M
     device = du.select_device(cfg.device, cfg.tf32)
     distributed = du.init_distributed(device)
     lock = _lock_output_dir(Path(cfg.output_dir))
+    run_log = RunLogFile().install() if du.is_main_process() else None
     try:
-        return _train(cfg, device, distributed, resume=resume, overwrite=overwrite)
+        return _train(cfg, device, distributed, resume=resume, overwrite=overwrite, explicit=explicit,
+                      run_log=run_log)
     finally:
+        if run_log is not None:
+            run_log.remove()
         if lock is not None:  # a run that failed its checks leaves no (empty) folder it created
             lock.release(remove_empty_dir=True)
 
@@ -119,7 +132,8 @@ def _lock_output_dir(out_dir: Path) -> Optional[RunLock]:
     return lock
 
 
-def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool, overwrite: bool) -> nn.Module:
+def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool, overwrite: bool,
+           explicit: Optional[Sequence[str]] = None, run_log: Optional[RunLogFile] = None) -> nn.Module:
     """train() once the output folder is locked."""
     out_dir = Path(cfg.output_dir)
     old_run = check_output_dir(out_dir, resume=resume, overwrite=overwrite)
@@ -129,6 +143,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     resuming = resume and last.is_file()
     if resume and not resuming:
         logger.warning("--resume: %s does not exist, starting from iteration 0", last)
+    changes = check_resume_config(cfg, out_dir, explicit) if resuming else []  # before anything is built
     # The run's own last.pth, or model.weights (a detector or backbone weights), replaces the
     # model.backbone.weights file: it is then neither read nor required.
     initial = read_detector_file(cfg.model.weights) if cfg.model.weights and not resuming \
@@ -143,17 +158,21 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         return state.model
     datasets = build_train_datasets(cfg)
     test_sets = build_test_datasets(cfg, datasets[0].class_names)  # before anything is written, too
-    start = (state.iteration, event_files(out_dir), (out_dir / "config.yaml").exists())
+    start = (state.iteration, event_files(out_dir),
+             [p for p in (out_dir / "config.yaml", out_dir / LOG_FILE) if not p.exists()])  # what this run creates
     if du.is_main_process():
         for line in summary_lines(cfg, datasets, device, test_sets):
             logger.info("%s", line)
         prepare_output_dir(cfg, out_dir, remove=old_run if overwrite else [],
                             resumed_at=state.iteration if resuming else None)
+        if run_log is not None:
+            run_log.open(out_dir / LOG_FILE)
+        record_resume_changes(out_dir, state.iteration, changes)
     try:
         _start_loop(cfg, state, datasets, device, distributed, out_dir, tensorboard)
     except BaseException:
         if du.is_main_process() and state.iteration == start[0]:  # not one iteration done: leave no trace
-            undo_unstarted_run(out_dir, events_before=start[1], config_written=not start[2])
+            undo_unstarted_run(out_dir, events_before=start[1], created=start[2])
         raise
     return state.model
 
@@ -364,19 +383,22 @@ def _iterations(cfg: Config, state: TrainState, model: nn.Module, data: Iterator
     s = cfg.solver
     main = du.is_main_process()
     timer = time.perf_counter()
+    window = TimeWindow()
     while state.iteration < s.max_iter:
         images, targets = next(data)
         data_time = time.perf_counter() - timer
+        lr = state.optimizer.param_groups[0]["lr"]  # the step below runs at it, then the schedule moves on
         losses = _step(cfg, state, model, images, targets, device)
         state.iteration += 1
-        it_time = time.perf_counter() - timer
+        window.add(time.perf_counter() - timer, data_time)
         timer = time.perf_counter()
-        lr = state.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{sum(losses.values()):.3f}", lr=f"{lr:.2e}")
         bar.update(1)
         if main and (state.iteration % cfg.log_period == 0 or state.iteration == s.max_iter):
-            log.write({"iteration": state.iteration, **losses, "total_loss": sum(losses.values()),
-                       "lr": lr, "time": it_time, "data_time": data_time, **_peak_memory(device)})
+            record = {"iteration": state.iteration, **losses, "total_loss": sum(losses.values()),
+                      "lr": lr, **window.medians(), **_peak_memory(device)}
+            log.write(record)
+            logger.info("%s", progress_line(record, s.max_iter))
         periodic = state.iteration % s.checkpoint_period == 0
         if periodic or state.iteration == s.max_iter:
             _checkpoint(state, cfg, out_dir / "last.pth", periodic=periodic)

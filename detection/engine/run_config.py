@@ -1,0 +1,107 @@
+"""On --resume the run's saved config (config.yaml in its output folder) is the run's.
+
+A config given now that differs from it is refused with one error listing every differing key,
+unless those keys were given on the command line: changed deliberately, e.g. `solver.max_iter`
+to extend a run. A resume that changes keys leaves their history beside config.yaml (which
+then holds the new values): `config_resumed_<iter>.yaml` names each changed key with its value
+before and after, and the iteration from which the new one applies.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from detection.config import Config, ConfigError, config_to_dict, load_config
+from detection.utils.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+SAVED_CONFIG = "config.yaml"
+RESUMED_CONFIG = "config_resumed_{:07d}.yaml"
+# Keys that say where things are or how fast they go, not what is trained: they may differ on
+# a resume without a word (a moved output folder or data set, another machine).
+NOT_COMPARED = (
+    "output_dir",  # where the run is: the folder may have moved
+    "datasets.root",  # where the data are (DETECTION_DATASETS may differ between machines)
+    "dataloader.num_workers",  # speed only (the loader's batches are the same whatever the count)
+    "model.weights",  # not read on a resume: last.pth holds the weights
+    "model.backbone.weights",  # idem
+)
+
+Change = tuple[str, Any, Any]  # (dotted key, the run's value, the value now)
+
+
+def config_differences(saved: Config, current: Config) -> list[Change]:
+    """The leaves (dotted keys) where `current` differs from `saved`, NOT_COMPARED left out."""
+    old, new = _leaves(config_to_dict(saved)), _leaves(config_to_dict(current))
+    return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if key not in NOT_COMPARED and old.get(key) != new.get(key)]
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_leaves(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def check_resume_config(cfg: Config, out_dir: Path, explicit: Optional[Sequence[str]]) -> list[Change]:
+    """The keys where `cfg` differs from the run's config.yaml in out_dir; ConfigError listing
+    those not in `explicit` (the command line's keys; None: the caller's whole Config is
+    deliberate). A run without config.yaml is not checked (a warning says so)."""
+    path = Path(out_dir) / SAVED_CONFIG
+    if not path.is_file():
+        logger.warning("--resume: %s does not exist: the config given now is taken as the run's", path)
+        return []
+    changes = config_differences(load_config(path), cfg)
+    if explicit is not None:
+        refused = [c for c in changes if not _given(c[0], explicit)]
+        if refused:
+            raise ConfigError(
+                f"--resume: the config given now differs from the run's {path} in {len(refused)} "
+                f"key{'s' if len(refused) > 1 else ''}: {_describe(refused)}. Resume with the run's config "
+                f"(--config {path}), or give each key on the command line (KEY=VALUE) to change it deliberately")
+    if changes:
+        logger.warning("--resume: changed deliberately from the run's %s: %s", path, _describe(changes))
+    return changes
+
+
+def _given(key: str, explicit: Sequence[str]) -> bool:
+    """`key` or a section above it was given on the command line."""
+    return any(key == e or key.startswith(e + ".") for e in explicit)
+
+
+def _describe(changes: list[Change]) -> str:
+    return ", ".join(f"{key} (the run: {_short(old)}, now: {_short(new)})" for key, old, new in changes)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def record_resume_changes(out_dir: Path, iteration: int, changes: list[Change]) -> Optional[Path]:
+    """config_resumed_<iter>.yaml for a resume that changed keys (config.yaml already holds the
+    new values): what each was before, from which iteration the new one applies. None if none."""
+    if not changes:
+        return None
+    path = Path(out_dir) / RESUMED_CONFIG.format(iteration)
+    changed = {key: {"before": old, "after": new} for key, old, new in changes}
+    if path.is_file():  # resumed at this iteration before (that run stopped before its next checkpoint)
+        earlier = (yaml.safe_load(path.read_text()) or {}).get("changed") or {}
+        changed = {**changed, **{k: {"before": v["before"], "after": changed.get(k, v).get("after")}
+                                 for k, v in earlier.items() if isinstance(v, dict) and "before" in v}}
+    record = {"resumed_at_iteration": iteration, "changed": changed}
+    header = (f"# --resume at iteration {iteration} changed these keys of {SAVED_CONFIG} (which holds the "
+              f"values after); iterations 1..{iteration} ran with the values before.\n")
+    with atomic_write(path) as f:
+        f.write(header + yaml.safe_dump(record, sort_keys=False, default_flow_style=None))
+    return path

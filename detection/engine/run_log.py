@@ -1,0 +1,132 @@
+"""What a training run records besides metrics.jsonl: `log.txt` in its output folder (every
+message of the run, as Detectron2 writes one), the progress line logged every log_period
+iterations, and the window of iteration times whose median metrics.jsonl's `time` is."""
+from __future__ import annotations
+
+import datetime
+import logging
+import statistics
+from pathlib import Path
+from typing import IO, Optional
+
+LOG_FILE = "log.txt"
+# the project's loggers: their info messages (the start summary, "resumed at ...", the
+# progress lines) belong in log.txt even when no console shows them
+PROJECT_LOGGERS = ("detection", "backbones")
+
+
+class TimeWindow:
+    """The iteration and data-loading times since the previous metrics line. metrics.jsonl's
+    `time` and `data_time` are their medians, as Detectron2's metrics.json: one slow iteration
+    (a checkpoint save, an evaluation, the first iteration's warm-up) does not stand for the
+    window, and a window of log_period 1 is that iteration's time."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.data_times: list[float] = []
+
+    def add(self, iteration_time: float, data_time: float) -> None:
+        self.times.append(iteration_time)
+        self.data_times.append(data_time)
+
+    def medians(self) -> dict[str, float]:
+        """{"time", "data_time"}: the medians over the window, which then starts again."""
+        out = {"time": statistics.median(self.times), "data_time": statistics.median(self.data_times)}
+        self.times, self.data_times = [], []
+        return out
+
+
+def progress_line(record: dict, max_iter: int) -> str:
+    """One metrics.jsonl record as the line log.txt (and the console) shows, e.g.
+    `iter 20/100: total_loss 1.234 (loss_cls 0.4, ...), lr 0.001, time 0.512 s/it, ..., eta 0:00:41`."""
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("loss_"))
+    eta = datetime.timedelta(seconds=round(record["time"] * (max_iter - record["iteration"])))
+    memory = next((f", {k} {v:.0f}" for k, v in record.items() if k.startswith("max_")), "")
+    return (f"iter {record['iteration']}/{max_iter}: total_loss {record['total_loss']:.4g} ({losses}), "
+            f"lr {record['lr']:.4g}, time {record['time']:.3f} s/it, data_time {record['data_time']:.3f} s "
+            f"(medians since the previous line){memory}, eta {eta}")
+
+
+class RunLogFile(logging.Handler):
+    """log.txt: every message the run logs, with its time, level and logger, appended across
+    resumes (the history of a run's restarts stays, as in Detectron2's log.txt).
+
+    Installed on the root logger when training starts; messages come before the output folder
+    may be written (the run's checks first), so they are held until `open` and a run refused by
+    its checks writes nothing. A log.txt that cannot be written (a full disk) is one warning
+    and no more lines, never a stop: metrics.jsonl and the checkpoints are the run's record."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                            "%Y-%m-%d %H:%M:%S"))
+        self.held: list[str] = []
+        self.stream: Optional[IO[str]] = None
+        self.path: Optional[Path] = None
+        self.failed = False
+        self._levels: dict[str, int] = {}
+
+    def install(self) -> "RunLogFile":
+        """On the root logger, with the project's loggers at info at least (put back by remove)."""
+        for name in PROJECT_LOGGERS:
+            log = logging.getLogger(name)
+            if log.getEffectiveLevel() > logging.INFO:
+                self._levels[name] = log.level
+                log.setLevel(logging.INFO)
+        logging.getLogger().addHandler(self)
+        return self
+
+    def remove(self) -> None:
+        logging.getLogger().removeHandler(self)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        self._levels = {}
+        self.close()
+
+    def open(self, path: Path) -> None:
+        """Start writing to `path` (appending), the held messages first."""
+        self.path = Path(path)
+        try:
+            self.stream = open(self.path, "a", encoding="utf-8")
+        except OSError as err:
+            self._give_up(err)
+            return
+        held, self.held = self.held, []
+        self._write("".join(line + "\n" for line in held))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING and self._alone():
+            # Python prints warnings to stderr only when no handler exists (logging.lastResort):
+            # this one must not silence them for a caller that set up no logging
+            logging.lastResort.handle(record)
+        if self.failed:
+            return
+        line = self.format(record)
+        if self.stream is None:
+            self.held.append(line)
+        else:
+            self._write(line + "\n")
+
+    def _alone(self) -> bool:
+        return all(h is self for h in logging.getLogger().handlers) and logging.lastResort is not None
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()  # a killed run keeps its log up to the kill
+        except OSError as err:
+            self._give_up(err)
+
+    def _give_up(self, err: OSError) -> None:
+        self.failed, self.held = True, []
+        logging.getLogger(__name__).warning("%s could not be written (%s): no more lines there; metrics.jsonl "
+                                            "and the checkpoints go on", self.path, err.strerror or err)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            try:
+                self.stream.close()
+            except OSError:
+                pass
+            self.stream = None
+        super().close()

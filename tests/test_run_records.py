@@ -1,0 +1,232 @@
+"""What a Detectron2 user expects of a run's records and settings (issue 38, items 3 and 6; issue
+39, item 6): --resume keeps the run's config unless a key is changed on the command line (and
+keeps the history), log.txt in the output folder, metrics.jsonl's `time` and `lr` as the
+iterations had them, inherited class names that do not fit a fine-tune, `--config-file` /
+`--opts`, num_workers capped at the CPUs, and visualize.py saying what it drew."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import detection.config
+import detection.visualize
+from detection.config import ConfigError, config_to_dict, load_config, save_config
+from detection.data.shapes import generate_shapes
+from detection.engine import trainer
+from detection.engine.checkpoint import load_checkpoint, save_checkpoint
+from detection.engine.run_config import check_resume_config, record_resume_changes
+from detection.model import LOSS_KEYS, build_model
+from tests.helpers import load_tool, tiny_cfg, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+train_det, visualize = load_tool("train_det"), load_tool("visualize")
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes(root / "shapes", num_train=6, num_val=2, seed=0, image_size=(64, 80))
+    return root
+
+
+def tool_argv(data_root, out, *flags, leave_out=(), **extra) -> list[str]:
+    """train_det's command line: base.yaml, the tiny settings as KEY=VALUE (minus `leave_out`)."""
+    items = [x for x in tiny_overrides(data_root, out, **extra) if x.split("=", 1)[0] not in leave_out]
+    return ["--config", str(ROOT / "configs" / "base.yaml"), *flags, *items]
+
+
+def main_code(tool, argv) -> int:
+    try:
+        return tool.main(argv)
+    except SystemExit as err:
+        return err.code
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- 38.3: resume keeps its config
+
+RUN_SETTINGS = {"model.roi_heads.batch_size_per_image": 8, "model.rpn.post_nms_topk_train": 30}
+
+
+@pytest.mark.slow  # trains through train_det.main
+def test_resume_without_the_runs_overrides_is_refused_and_a_deliberate_change_is_recorded(data_root, tmp_path,
+                                                                                          capsys):
+    out = tmp_path / "run"
+    assert main_code(train_det, tool_argv(data_root, out, **RUN_SETTINGS, **{"solver.max_iter": 2})) == 0
+    saved = {n: (out / n).read_bytes() for n in ("config.yaml", "last.pth", "metrics.jsonl", "log.txt")}
+    capsys.readouterr()
+    # the issue's user: resumed (to extend the run) without the two overrides -> base.yaml's 512 and 2000
+    argv = tool_argv(data_root, out, "--resume", leave_out=tuple(RUN_SETTINGS), **{"solver.max_iter": 4})
+    assert main_code(train_det, argv) == 2
+    errors = [x for x in capsys.readouterr().err.split("\n") if x.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert f"differs from the run's {out / 'config.yaml'} in 2 keys" in errors[0]
+    assert "model.roi_heads.batch_size_per_image (the run: 8, now: 512)" in errors[0]
+    assert "model.rpn.post_nms_topk_train (the run: 30, now: 2000)" in errors[0]
+    assert "solver.max_iter" not in errors[0]  # given on the command line: deliberate
+    assert {n: (out / n).read_bytes() for n in saved} == saved  # nothing trained, nothing rewritten
+    assert not list(out.glob("config_resumed_*"))
+    # with the run's settings, extending the run is deliberate: it trains on, and the change is kept
+    assert main_code(train_det, tool_argv(data_root, out, "--resume", **RUN_SETTINGS,
+                                          **{"solver.max_iter": 4})) == 0
+    assert load_checkpoint(out / "last.pth")["iteration"] == 4
+    now = load_config(out / "config.yaml")
+    assert (now.solver.max_iter, now.model.roi_heads.batch_size_per_image, now.model.rpn.post_nms_topk_train) \
+        == (4, 8, 30)
+    assert yaml.safe_load((out / "config_resumed_0000002.yaml").read_text()) == {
+        "resumed_at_iteration": 2, "changed": {"solver.max_iter": {"before": 2, "after": 4}}}
+    # the remedy the error names: the run's own config.yaml, plus the deliberate change
+    assert main_code(train_det, ["--config", str(out / "config.yaml"), "--resume", "solver.max_iter=5"]) == 0
+    assert load_checkpoint(out / "last.pth")["iteration"] == 5
+    assert yaml.safe_load((out / "config_resumed_0000004.yaml").read_text())["changed"] == {
+        "solver.max_iter": {"before": 4, "after": 5}}
+
+
+def test_resume_check_names_every_differing_key_but_not_where_things_are(tmp_path):
+    cfg = tiny_cfg(tmp_path / "data", tmp_path / "run")
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    moved = tiny_cfg(tmp_path / "elsewhere", tmp_path / "run", **{
+        "dataloader.num_workers": 1, "model.backbone.weights": "R-18.pkl",  # where / how fast: not compared
+        "solver.max_iter": 12, "solver.base_lr": 0.02, "model.rpn.nms_thresh": 0.6})
+    with pytest.raises(ConfigError) as err:
+        check_resume_config(moved, tmp_path / "run", explicit=["solver"])  # a section covers its keys
+    assert "in 1 key: model.rpn.nms_thresh (the run: 0.7, now: 0.6)" in str(err.value)
+    # a caller passing its own Config (explicit=None) changes deliberately; the history is kept
+    changes = check_resume_config(moved, tmp_path / "run", explicit=None)
+    assert [key for key, _, _ in changes] == ["model.rpn.nms_thresh", "solver.base_lr", "solver.max_iter"]
+    record_resume_changes(tmp_path / "run", 6, changes)
+    record_resume_changes(tmp_path / "run", 6, [("solver.max_iter", 12, 20)])  # resumed at 6 once more
+    changed = yaml.safe_load((tmp_path / "run" / "config_resumed_0000006.yaml").read_text())["changed"]
+    assert changed["solver.max_iter"] == {"before": 6, "after": 20}  # the first value before survives
+    assert changed["solver.base_lr"] == {"before": 0.01, "after": 0.02}
+    assert check_resume_config(cfg, tmp_path / "run", explicit=[]) == []  # the same config: nothing
+
+
+# ----------------------------------------------------------------------------- 38.6: log.txt, metrics' time
+
+@pytest.mark.slow  # trains
+def test_metrics_time_is_the_windows_median_and_log_txt_holds_the_run(data_root, tmp_path, monkeypatch):
+    clock = type("Clock", (), {"now": 0.0, "perf_counter": lambda self: self.now})()
+    durations = iter([1.0, 2.0, 30.0, 4.0, 5.0, 6.0])  # the third iteration is slow (say, an evaluation)
+
+    def step(cfg, state, model, images, targets, device):
+        clock.now += next(durations)
+        return {k: 1.0 for k in LOSS_KEYS}
+
+    monkeypatch.setattr(trainer, "time", clock)  # the trainer's clock only
+    monkeypatch.setattr(trainer, "_step", step)
+    out = tmp_path / "run"
+    trainer.train(tiny_cfg(data_root, out, **{"solver.max_iter": 6, "log_period": 3}))
+    lines = metrics(out)
+    assert [(x["iteration"], x["time"], x["data_time"]) for x in lines] == [(3, 2.0, 0.0), (6, 5.0, 0.0)]
+    log = (out / "log.txt").read_text()
+    assert "INFO detection.engine.trainer: training set shapes_train: 6 images" in log  # the start summary
+    assert f"output folder: {out.resolve()}" in log
+    assert "iter 3/6: total_loss 4 (" in log and "time 2.000 s/it" in log and "eta 0:00:06" in log
+    # a run refused by its checks leaves no log.txt (nor a folder)
+    with pytest.raises(ValueError, match="model.num_classes is 2"):
+        trainer.train(tiny_cfg(data_root, tmp_path / "refused", **{"model.num_classes": 2}))
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow  # trains
+def test_logged_lr_is_the_one_the_iteration_ran_at(data_root, tmp_path):
+    """Issue 39.6: with solver.steps=[3], iteration 3 runs at the base lr, iteration 4 at a tenth."""
+    out = tmp_path / "run"
+    trainer.train(tiny_cfg(data_root, out, **{"solver.max_iter": 4, "solver.steps": [3],
+                                              "solver.warmup_iters": 0, "solver.base_lr": 0.01}))
+    assert [x["lr"] for x in metrics(out)] == pytest.approx([0.01, 0.01, 0.01, 0.001])
+
+
+# ----------------------------------------------------------------------------- 38.6: Detectron2 habits
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_inherited_class_names_give_way_to_a_fine_tunes_num_classes(tmp_path, caplog):
+    base = write(tmp_path / "base.yaml", "model: {num_classes: 4, class_names: [a, b, c, d]}\n")
+    child = write(tmp_path / "child.yaml", "_base_: base.yaml\nmodel: {num_classes: 3}\n")
+    caplog.set_level(logging.INFO, logger="detection")
+    assert load_config(child).model.class_names == []
+    assert "model.num_classes is 3 but the 4 model.class_names (a, b, c, ...) come from a _base_ " \
+           "config: not used; training takes its data's class names" in caplog.text
+    assert load_config(base, ["model.num_classes=2"]).model.class_names == []  # the command line's change
+    assert "the 4 model.class_names (a, b, c, ...) come from the config file: not used" in caplog.text
+    # the issue's case: a Detectron2 config's 80 COCO names, a 3-class fine-tune
+    d2 = ROOT / "configs" / "detectron2" / "faster_rcnn_R_50_C4_1x.yaml"
+    assert load_config(d2, ["model.num_classes=3"]).model.class_names == []
+    assert len(load_config(d2).model.class_names) == 80  # unchanged when they fit
+    # names the file itself or the command line gives must still fit
+    own = write(tmp_path / "own.yaml", "_base_: base.yaml\nmodel: {num_classes: 3, class_names: [x, y]}\n")
+    with pytest.raises(ConfigError, match="model.class_names"):
+        load_config(own)
+    with pytest.raises(ConfigError, match="model.class_names"):
+        load_config(child, ["model.class_names=[x, y]"])
+
+
+def test_num_workers_is_capped_at_the_cpus(monkeypatch, caplog):
+    monkeypatch.setattr(detection.config, "usable_cpus", lambda: 2)
+    caplog.set_level(logging.INFO, logger="detection")
+    assert load_config(ROOT / "configs" / "base.yaml").dataloader.num_workers == 2  # base.yaml says 4
+    assert "dataloader.num_workers 4 is more than the 2 CPUs this process may use: 2 used" in caplog.text
+    assert [load_config(None, [f"dataloader.num_workers={n}"]).dataloader.num_workers for n in (0, 1, 2)] \
+        == [0, 1, 2]
+
+
+def test_detectron2_spellings_config_file_and_opts(capsys):
+    code = main_code(train_det, ["--config-file", str(ROOT / "configs" / "base.yaml"), "--print-config",
+                                 "--opts", "SOLVER.MAX_ITER", "7", "model.rpn.nms_thresh=0.6", "output_dir", "x"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert code == 0
+    assert (printed["solver"]["max_iter"], printed["model"]["rpn"]["nms_thresh"], printed["output_dir"]) \
+        == (7, 0.6, "x")
+    args = train_det.parse_args(["--config-file", "c.yaml", "model.num_classes=3", "--opts", "solver.max_iter", "9"])
+    assert args.overrides == ["model.num_classes=3", "solver.max_iter=9"]  # deliberate keys for --resume
+    assert main_code(train_det, ["--config-file", "c.yaml", "--opts", "solver.max_iter"]) == 2
+    assert "--opts: solver.max_iter has no value" in capsys.readouterr().err
+    assert main_code(train_det, ["--opts", "solver.max_iter", "9", "--config-file", "c.yaml"]) == 2
+    assert "put --config-file before it" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 38.6: visualize's closing line
+
+@pytest.mark.slow  # runs tools/visualize.py's main
+def test_visualize_says_how_many_detections_it_drew_and_above_which_score(data_root, tmp_path, capsys,
+                                                                           monkeypatch):
+    cfg = tiny_cfg(data_root, tmp_path, **{"model.roi_heads.score_thresh_test": 0.0})
+    weights = tmp_path / "model_final.pth"
+    save_checkpoint({"model": build_model(cfg).state_dict(), "iteration": 0, "config": config_to_dict(cfg),
+                     "class_names": ["circle", "square", "triangle"]}, weights)
+    drawn = []
+    real = detection.visualize.draw_detections
+
+    def spy(image, boxes, labels, scores, names, thresh=0.5, tags=None):
+        if scores is not None:
+            drawn.append(int((torch.as_tensor(scores) >= thresh).sum()))
+        return real(image, boxes, labels, scores, names, thresh, tags=tags)
+
+    monkeypatch.setattr(detection.visualize, "draw_detections", spy)
+    images = data_root / "shapes" / "val"
+    for thresh in ("0.0", "1.0"):
+        argv = ["--config", str(ROOT / "configs" / "base.yaml"), "--weights", str(weights), "--input", str(images),
+                "--output", str(tmp_path / "vis"), "--score-thresh", thresh,
+                *tiny_overrides(data_root, tmp_path, **{"model.roi_heads.score_thresh_test": 0.0})]
+        assert main_code(visualize, argv) == 0
+        assert len(drawn) == 2
+        count = sum(drawn)
+        drawn.clear()
+        expected = f"wrote 2 images to {tmp_path / 'vis'}: {count} detection{'' if count == 1 else 's'} drawn " \
+                   f"(score >= {float(thresh):g}"
+        assert capsys.readouterr().out.strip().startswith(expected)
+        assert (count > 0) == (thresh == "0.0")  # random weights still score above 0, never 1
