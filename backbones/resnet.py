@@ -108,9 +108,16 @@ class _Block(nn.Module):
         self.stride, self.residual = stride, residual
         self.shortcut: nn.Module | None = None
 
+    def shortcut_output(self, x: Tensor) -> Tensor | None:
+        """What the block adds to its branch: nothing in a plain net (residual false), else
+        its input (identity shortcut) or its shortcut's output."""
+        if not self.residual:
+            return None
+        return x if self.shortcut is None else self.shortcut(x)
+
     def _merge(self, branch: Tensor, x: Tensor) -> Tensor:
         if self.residual:  # in place: the branch is a fresh tensor, and no backward needs it
-            branch += x if self.shortcut is None else self.shortcut(x)
+            branch += self.shortcut_output(x)
         return F.relu_(branch)
 
 
@@ -158,9 +165,18 @@ class Bottleneck(_Block):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu_(self.norm1(self.conv1(x)))
+        return self.tail(out, self.shortcut_output(x))
+
+    def tail(self, out: Tensor, shortcut: Tensor | None) -> Tensor:
+        """The block from conv2 on: relu(norm3(conv3(relu(norm2(conv2(out))))) + shortcut),
+        given conv1's output after its norm and ReLU and shortcut_output's result (None adds
+        nothing). The one copy of this arithmetic: the fast path's res5 computes conv1 and
+        the shortcut its own way and continues here (detection/accel/res5.py)."""
         out = F.relu_(self.norm2(self.conv2(out)))
         out = self.norm3(self.conv3(out))
-        return self._merge(out, x)
+        if shortcut is not None:  # in place: the branch is a fresh tensor, and no backward needs it
+            out += shortcut
+        return F.relu_(out)
 
 
 class Stem(nn.Module):

@@ -25,7 +25,7 @@ Ops, as torchvision exports its Faster R-CNN (torchvision/ops/_register_onnx_ops
 `batched_nms` coordinate trick (boxes of each class shifted apart, one NMS), which torchvision
 uses whenever it is traced; `roi_align` (aligned, sampling ratio 0) becomes RoiAlign with
 coordinate_transformation_mode half_pixel (opset 16+); `roi_pool` MaxRoiPool. The fast path
-(detection/fast.py: folded BN, gather pooling, hoisted res5 convolutions) is not exported:
+(detection/accel/: folded BN, gather pooling, hoisted res5 convolutions) is not exported:
 its gather pooling is not an ONNX op, so the export takes the plain path's layers, which give
 the same detections; ONNX Runtime does its own fusions.
 

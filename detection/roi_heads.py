@@ -89,7 +89,7 @@ class Res5ROIHeads(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
         self.box_loss_weight = box_loss_weight
         self.generator = generator
-        # detection.fast sets this to compute box_features faster (hoisted convs, chunks). It
+        # detection.accel sets this to compute box_features faster (hoisted convs, chunks). It
         # runs self.res5's own weights and is no submodule: no new parameters or state keys.
         self.res5_runner: Callable[[Tensor, list[Tensor]], Tensor] | None = None
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class DetectorWithTTA(nn.Module):
-    """Wraps a FasterRCNN (or its detection.fast copy) for inference only."""
+    """Wraps a FasterRCNN (or its detection.accel copy) for inference only."""
 
     def __init__(self, model: nn.Module, min_sizes: Sequence[int], max_size: int, flip: bool = True
                  ) -> None:

@@ -7,7 +7,7 @@ import torch
 from detection.config import ConfigError, load_config
 from detection.engine.checkpoint import CheckpointError
 from detection.engine.loading import DetectorWeights, load_detector_weights
-from detection.fast import optimize_for_inference
+from detection.accel import optimize_for_inference
 from detection.model import build_model
 from detection.multiscale import MultiScaleTest, PyramidFeatures, choose_scales
 from detection.refinement import BoxRefinement, box_voting

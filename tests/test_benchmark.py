@@ -20,7 +20,7 @@ from detection.benchmarking.models import (STAGES, ProposalRecorder, build_ours,
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.benchmarking.report import CUDA_TARGETS, TARGETS, print_ratios, summarize
 from detection.config import load_config
-from detection.fast import optimize_for_inference
+from detection.accel import optimize_for_inference
 from detection.testing import compare_detections
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from detection.accel import inference_plan, optimize_for_inference, optimize_for_training
+from detection.accel.onednn import FusedBottleneck, FusedStem
 from detection.engine.loading import prepare_for_inference
 from detection.engine.trainer import GracefulStop
 from detection.export import ExportableDetector
-from detection.fast import (FusedBottleneck, FusedStem, inference_plan, optimize_for_inference,
-                            optimize_for_training)
 from detection.model import build_model
 from detection.testing import UnnamedDeviceCheck
 from tests.helpers import IMAGES, TARGETS, tiny_cfg

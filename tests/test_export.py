@@ -57,7 +57,7 @@ def test_the_traceable_inference_is_the_models(variant):
 
 
 def test_what_cannot_be_exported_is_one_clear_error():
-    from detection.fast import optimize_for_inference
+    from detection.accel import optimize_for_inference
     from detection.refinement import BoxRefinement
 
     model = make_model().eval()

@@ -1,4 +1,4 @@
-"""detection.fast: the optimized paths give the plain path's numbers (seeded, random but
+"""detection.accel: the optimized paths give the plain path's numbers (seeded, random but
 sane weights, tiny models)."""
 import copy
 from collections import OrderedDict
@@ -11,11 +11,14 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou, roi_align
 
 from backbones import build_resnet
 from backbones.resnet import Stem, make_stage
+from detection.accel import chunk_rois, fold, onednn, optimize_for_inference, optimize_for_training
+from detection.accel.fold import (AppliedFrozenBN, FastConv2d, ScaledConv2d, fold_frozen_bn, fold_frozen_bn_for_training,
+                                  freeze_batchnorm)
+from detection.accel.gather import pool, pool_plan, to_rois
+from detection.accel.onednn import FusedBottleneck, FusedStem, conv_pointwise, fusable, fuse_blocks
+from detection.accel.res5 import Res5Runner
+from detection.accel.taps import taps_conv2d
 from detection.anchors import AnchorGenerator
-from detection import fast as fast_module
-from detection.fast import (AppliedFrozenBN, FastConv2d, Res5Runner, ScaledConv2d, fold_frozen_bn,
-                            fold_frozen_bn_for_training, freeze_batchnorm, optimize_for_inference,
-                            optimize_for_training, pool, pool_plan, taps_conv2d, to_rois)
 from detection.model import FasterRCNN
 from detection.roi_heads import Res5ROIHeads
 from detection.rpn import RPN
@@ -236,7 +239,7 @@ def test_res5_layout_follows_the_roi_map_size(resolution, amp, res5_nhwc, monkey
     model.roi_heads.pooler_resolution = resolution
     model.amp = amp
     seen, taps_calls = [], []
-    monkeypatch.setattr(fast_module, "taps_conv2d",
+    monkeypatch.setattr(fold, "taps_conv2d",
                         lambda *args: taps_calls.append(args[0].shape) or taps_conv2d(*args))
     images = _images()
     with torch.inference_mode():
@@ -244,8 +247,8 @@ def test_res5_layout_follows_the_roi_map_size(resolution, amp, res5_nhwc, monkey
         fast = optimize_for_inference(model, chunk_size=7)
         conv = fast.roi_heads.res5[1].conv2  # a 3x3 conv on the RoI maps (1x1 weights fit both layouts)
         conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
-        fused = fast_module.conv_pointwise  # float32 runs the conv fused, without its forward
-        monkeypatch.setattr(fast_module, "conv_pointwise", lambda x, c, **kw: (
+        fused = conv_pointwise  # float32 runs the conv fused, without its forward
+        monkeypatch.setattr(onednn, "conv_pointwise", lambda x, c, **kw: (
             seen.append(x.is_contiguous()) if c is conv else None) or fused(x, c, **kw))
         detections = fast(images)
     nhwc = torch.channels_last
@@ -318,7 +321,7 @@ def test_training_step_gradients_match_the_plain_path(channels_last, resolution,
     assert all(isinstance(m, FastConv2d) and m.small_maps
                for m in fast.roi_heads.res5.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
     taps_calls = []
-    monkeypatch.setattr(fast_module, "taps_conv2d",
+    monkeypatch.setattr(fold, "taps_conv2d",
                         lambda *args: taps_calls.append(args[0].shape) or taps_conv2d(*args))
     expected_losses, expected_grads = _losses_and_grads(plain)
     losses, grads = _losses_and_grads(fast)
@@ -344,12 +347,12 @@ def test_conv_pointwise_equals_the_unfused_ops(channels_last, stride, residual):
         other = torch.randn_like(expected).contiguous(memory_format=fmt) if residual else None
         if residual:
             expected = expected + other
-        assert fast_module._fusable(x, conv)
+        assert fusable(x, conv)
         kept = None if other is None else other.clone()
-        got = fast_module.conv_pointwise(x, conv, relu=True, residual=other)
+        got = conv_pointwise(x, conv, relu=True, residual=other)
         torch.testing.assert_close(got, F.relu(expected), rtol=1e-5, atol=1e-5)
         assert (got < 0).sum() == 0 and (got == 0).any()
-        no_relu = fast_module.conv_pointwise(x, conv, relu=False, residual=kept)
+        no_relu = conv_pointwise(x, conv, relu=False, residual=kept)
         torch.testing.assert_close(no_relu, expected, rtol=1e-5, atol=1e-5)
         if residual:
             assert got.data_ptr() == other.data_ptr()  # the residual's memory holds the result
@@ -361,21 +364,21 @@ def test_fused_blocks_run_only_in_float32_inference():
     with torch.inference_mode():
         fast = optimize_for_inference(model)
         x = torch.randn(1, 3, 32, 32)
-        assert type(fast.trunk.stem) is fast_module.FusedStem
-        assert all(type(b) is fast_module.FusedBottleneck for b in [*fast.trunk.res3, *fast.roi_heads.res5])
+        assert type(fast.trunk.stem) is FusedStem
+        assert all(type(b) is FusedBottleneck for b in [*fast.trunk.res3, *fast.roi_heads.res5])
         folded = fast.trunk.stem.conv1
-        assert fast_module._fusable(x, folded)
-        assert not fast_module._fusable(x.bfloat16(), folded)
+        assert fusable(x, folded)
+        assert not fusable(x.bfloat16(), folded)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not fast_module._fusable(x, folded)
-    assert not fast_module._fusable(x, conv)  # no bias: not folded
+            assert not fusable(x, folded)
+    assert not fusable(x, conv)  # no bias: not folded
     assert type(model.trunk.stem) is Stem  # the original model is left as it was
 
 
 def test_fast_inference_fuses_convs_with_the_plain_detections(monkeypatch):
     calls = []
-    real = fast_module.conv_pointwise
-    monkeypatch.setattr(fast_module, "conv_pointwise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = conv_pointwise
+    monkeypatch.setattr(onednn, "conv_pointwise", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_c4()
     images = _images()
     with torch.inference_mode():
@@ -398,7 +401,7 @@ def test_fused_stage_equals_the_folded_stage(block, residual):
     with torch.no_grad():
         _randomize_frozen_bn(stage)
     folded = fold_frozen_bn(copy.deepcopy(stage)).eval()
-    fused = fast_module.fuse_blocks(copy.deepcopy(folded))
+    fused = fuse_blocks(copy.deepcopy(folded))
     assert all(type(b).__name__.startswith("Fused") for b in fused)
     x = torch.randn(2, 16, 12, 10).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -412,8 +415,6 @@ def test_auto_chunks_hold_the_pooled_bins_per_res5_call():
     """"auto": 64 RoIs at 14x14 pooling (the Winograd kernels take memory: 1400 against 1550 MB
     at 1000 proposals with 128), the demo's 200 RoIs at once at 6x6 (1.4x faster in bfloat16
     than two chunks); numbers pass through, None is all at once."""
-    from detection.fast import chunk_rois
-
     assert chunk_rois("auto", 14) == 64 and chunk_rois("auto", 7) == 256 and chunk_rois("auto", 6) == 348
     assert chunk_rois(7, 14) == 7 and chunk_rois(None, 14) is None
     with pytest.raises(ValueError, match="chunk_size"):

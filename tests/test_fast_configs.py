@@ -2,7 +2,7 @@
 
 Each distinct model of configs/**/*.yaml (depth, norm, stride in the 1x1, shortcut, pooler,
 the Appendix B switches, ...) is built with random weights made sane, at a small test size,
-and run with `model.fast_path: false` (the reference) and through detection.fast.
+and run with `model.fast_path: false` (the reference) and through detection.accel.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from detection.config import load_config
-from detection.fast import optimize_for_inference
+from detection.accel import optimize_for_inference
 from detection.model import build_model
 from detection.testing import make_sane
 from tests.helpers import ROOT

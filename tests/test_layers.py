@@ -8,12 +8,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The detector's parts: built from keyword arguments, below data, evaluation and the engine.
 CORE = {"anchors", "box_coder", "matcher", "sampling", "structures", "resize", "model", "rpn", "roi_heads",
-        "fast", "winograd", "tta", "testing", "visualize", "plots", "export", "onnx_preprocess"}
+        "accel", "tta", "testing", "visualize", "plots", "export", "onnx_preprocess"}
 # layer -> the detection (sub)modules it must not import
 FORBIDDEN = {
     "detection.utils": {"detection"},  # nothing of detection but itself
     "detection.data": {"detection.model", "detection.engine", "detection.evaluation", "detection.config",
-                       "detection.predictor", "detection.benchmarking", "detection.fast"},
+                       "detection.predictor", "detection.benchmarking", "detection.accel"},
     "detection.evaluation": {"detection.engine", "detection.model", "detection.predictor",
                              "detection.benchmarking", "detection.config"},
     "core": {"detection.data", "detection.evaluation", "detection.engine", "detection.predictor",

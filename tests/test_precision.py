@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from detection import precision
-from detection.fast import optimize_for_inference
+from detection.accel import optimize_for_inference
 from tests.helpers import IMAGES, make_model
 
 

@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) convolutions (detection/winograd.py) and where the fast path uses them."""
+"""Winograd F(4x4, 3x3) convolutions (detection/accel/winograd.py) and where the fast path uses them."""
 from __future__ import annotations
 
 import copy
@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detection import fast
+from detection.accel import onednn, optimize_for_inference, optimize_for_training
+from detection.accel.onednn import conv_pointwise
+from detection.accel.winograd import WinogradConv2d, suitable, transform_weight, winograd_conv2d
 from detection.config import load_config
-from detection.fast import conv_pointwise, optimize_for_inference
 from detection.model import build_model
 from detection.testing import make_sane
-from detection.winograd import WinogradConv2d, suitable, transform_weight, winograd_conv2d
 
 
 def _reference(x, weight, bias, residual=None, relu=False):
@@ -94,7 +94,7 @@ def test_the_fast_path_uses_it_from_256_channels(monkeypatch):
                                                            "trunk.res4.1.conv2"}
     assert set(quick.state_dict()) == set(direct.state_dict())
     calls = []
-    monkeypatch.setattr(fast, "winograd_conv2d", lambda *a, **k: calls.append(a[0].shape) or winograd_conv2d(*a, **k))
+    monkeypatch.setattr(onednn, "winograd_conv2d", lambda *a, **k: calls.append(a[0].shape) or winograd_conv2d(*a, **k))
     images = [torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8)]
     with torch.inference_mode():
         expected, got = direct(images)[0], quick(images)[0]
@@ -165,7 +165,6 @@ def test_training_step_with_winograd_equals_without(monkeypatch):
     train by Winograd on channels_last inputs; the losses and every gradient equal those of the
     direct convolutions within 1e-4 of their scale. Under bfloat16 autocast it is not used."""
     from detection.benchmarking.models import synthetic_batch
-    from detection.fast import optimize_for_training
 
     base = _model().train()
     images, targets = synthetic_batch(2, (96, 128), 3)

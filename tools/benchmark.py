@@ -10,7 +10,7 @@ machine is shared and noisy; the load average is reported with the numbers):
   hardware   fp32 matmul and 3x3 convolution throughput (NCHW and channels_last)
   inference  end to end (the public model(images), no profiler) and per stage (preprocess,
              trunk, rpn, roi_pool, res5_head, postprocess), for the plain path, the fast path
-             (detection.fast) and torchvision. Our stages are read with torch.profiler from
+             (detection.accel) and torchvision. Our stages are read with torch.profiler from
              the c4det.* record_function labels of the real forward (detection/benchmarking/
              profiling.py), torchvision's from labels around its staged forward; FLOPs per
              stage (the profiler's, convs and matmuls as torch.utils.flop_counter; pooling is
@@ -69,8 +69,8 @@ from detection.data import DataError
 from detection.engine.checkpoint import CheckpointError
 from detection.precision import inference_amp
 from detection.utils.comm import select_device, set_tf32
-from detection.fast import (AUTO, fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
-                            to_channels_last)
+from detection.accel import (AUTO, fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
+                             to_channels_last)
 from detection.testing import compare_detections
 
 

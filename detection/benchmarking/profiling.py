@@ -1,7 +1,7 @@
 """Per-stage seconds and FLOPs of one inference, read from torch.profiler.
 
 Our detector carries torch.profiler.record_function labels on its inference stages
-(`c4det.*`: detection/model.py, detection/roi_heads.py, detection/fast.py), so the benchmark
+(`c4det.*`: detection/model.py, detection/roi_heads.py, detection/accel/), so the benchmark
 runs the real `model(images)` under the profiler and reads the labels back: nothing is
 re-staged by hand, and the benchmark cannot drift from the code it times. torchvision's model
 is staged by detection.benchmarking.models.staged_torchvision inside labels of its own
@@ -18,7 +18,7 @@ pooling, res5 nor postprocessing (the box predictor and the glue between them).
 FLOPs are the profiler's own (`with_flops=True`) for convolutions and matrix products only,
 the ops torch.utils.flop_counter counts (its totals equal FlopCounterMode's; pooling, NMS and
 elementwise ops are not counted), and the fast path's fused convolutions, counted as their
-conv2d would be. Its Winograd convolutions (detection/winograd.py) count as the direct
+conv2d would be. Its Winograd convolutions (detection/accel/winograd.py) count as the direct
 convolution they compute, from their label; the products inside them are not counted.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from detection.benchmarking.models import STAGES
-from detection.winograd import PROFILER_LABEL as WINOGRAD_LABEL
+from detection.accel.winograd import PROFILER_LABEL as WINOGRAD_LABEL
 
 # our labels -> the benchmark's stages (the same six as torchvision's staging)
 OURS_LABELS: dict[str, str] = {
@@ -51,7 +51,7 @@ OURS_LABELS: dict[str, str] = {
 TORCHVISION_LABELS: dict[str, str] = {f"stage.{s}": s for s in STAGES}
 # ops whose FLOPs count: those of torch.utils.flop_counter (the profiler also reports add / mul)
 FLOP_OPS = frozenset({"aten::conv2d", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
-# the fast path's fused convolutions (detection.fast.conv_pointwise), for which the profiler
+# the fast path's fused convolutions (detection.accel.onednn.conv_pointwise), for which the profiler
 # reports no FLOPs: counted from their recorded shapes and arguments (fused_conv_flops)
 FUSED_CONV_OPS = frozenset({"mkldnn::_convolution_pointwise", "mkldnn::_convolution_pointwise_"})
 

@@ -294,7 +294,7 @@ def _same(a: Any, b: Any) -> bool:
 def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights], device: torch.device,
                           explicit: Sequence[str] = ()) -> tuple[nn.Module, DetectorWeights]:
     """The config's detector with `weights` loaded, on device, in eval mode: with
-    model.fast_path its detection.fast copy (same detections, faster); with test.aug.enabled
+    model.fast_path its detection.accel copy (same detections, faster); with test.aug.enabled
     wrapped in detection.tta.DetectorWithTTA. The one way tools and the Predictor get a model.
     The config's model settings must be those the checkpoint was trained with, except the keys
     in `explicit` (given on the command line, so changed deliberately)."""
@@ -321,7 +321,7 @@ def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
                           chunk_size: int | str = "auto") -> nn.Module:
     """A built detector as the tools run it: on device, in eval mode, `test.amp` set, the
     fast copy with model.fast_path (`chunk_size` RoIs per res5 call; "auto": by the pooler
-    resolution, detection.fast.CHUNK_BINS), wrapped for test-time
+    resolution, detection.accel.CHUNK_BINS), wrapped for test-time
     augmentation with test.aug.enabled. build_inference_model ends here; so does
     tools/benchmark.py's evaluation timing, so it times what tools/eval.py runs."""
     from detection.precision import inference_amp
@@ -330,7 +330,7 @@ def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
     model = model.to(device).eval()
     model.amp = inference_amp(cfg.test.amp, device)
     if cfg.model.fast_path:
-        from detection.fast import optimize_for_inference
+        from detection.accel import optimize_for_inference
 
         model = optimize_for_inference(model, chunk_size=chunk_size)
     return build_tta(cfg, model)

@@ -181,7 +181,7 @@ def _start_loop(cfg: Config, state: TrainState, datasets: list[DatasetInfo], dev
                 distributed: bool, out_dir: Path, tensorboard: bool) -> None:
     """The loader, the fast path and DDP, then the iterations."""
     if cfg.model.fast_path:  # same parameters and state_dict keys: checkpoints are unchanged
-        from detection.fast import optimize_for_training
+        from detection.accel import optimize_for_training
 
         optimize_for_training(state.model, channels_last=True)
     data, state.class_names = _build_train_data(cfg, datasets, state.iteration)

@@ -13,6 +13,9 @@ within about 1e-5 of their scale of the direct convolution's (tests/test_winogra
 The tiles are processed in chunks (tile rows, about TILES_PER_CHUNK tiles) so that each
 chunk's gathered input, its transform and the products stay in the cache; each chunk's
 outputs get the bias, the residual and the ReLU while they are there.
+
+Where the fast path uses it (winograd_convs here for inference, fold.winograd_training_convs
+for training) and what it measured: docs/accel.md.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-# Lavin and Gray's F(4x4, 3x3) matrices, on the CPU: Winograd runs only there (detection.fast)
+# Lavin and Gray's F(4x4, 3x3) matrices, on the CPU: Winograd runs only there (accel.plan)
 _BT = torch.tensor([[4, 0, -5, 0, 1, 0],
                     [0, -4, -4, 1, 1, 0],
                     [0, 4, -4, -1, 1, 0],
@@ -44,10 +47,11 @@ _KERNEL = torch.kron(_G, _G).float()  # (36, 9)
 
 TILE, WINDOW = 4, 6
 # tiles per chunk for 512 x 512 kernels; the transformed kernels are read once per chunk, so
-# larger kernels get proportionally larger chunks (measured, R50 at 600x800: res5's 7x7 RoI
-# maps 2.0x the direct conv at 128 tiles and 1.25x at 256; the RPN's 1024 x 1024 conv 1.6x at
-# 128 and 1.95x at 256 or more)
+# larger kernels get proportionally larger chunks (the measured best: docs/accel.md)
 TILES_PER_CHUNK = 128
+# Winograd pays from this many channels in and out; below it the transforms cost more than
+# the products save (docs/accel.md)
+MIN_CHANNELS = 256
 # each call runs inside record_function(PROFILER_LABEL + its direct convolution's FLOPs): the
 # benchmark counts those (2 x multiply-adds, as torch.utils.flop_counter counts a conv2d)
 # instead of the products inside, so the work compared stays the convolution's
@@ -179,3 +183,16 @@ def _first_row(tile_row: int, th: int, h: int, w: int) -> int:
     """The first output row (in (image, row, column) order) of a tile row."""
     image, i = divmod(tile_row, th)
     return (image * h + min(TILE * i, h)) * w
+
+
+def winograd_convs(module: nn.Module) -> nn.Module:
+    """In place, for inference after onednn.fuse_blocks: each folded 3x3 stride-1 conv with
+    at least MIN_CHANNELS channels in and out keeps its transformed kernels (a buffer outside
+    the state_dict, 4x the kernel's size: 270 MB for R50-C4) and runs as F(4x4, 3x3) in
+    onednn.conv_pointwise. Transformed once: at each call they would cost more than Winograd
+    saves."""
+    for conv in module.modules():
+        if (type(conv) is nn.Conv2d and suitable(conv) and conv.bias is not None
+                and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
+            conv.register_buffer("winograd_weight", transform_weight(conv.weight), persistent=False)
+    return module

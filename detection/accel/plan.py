@@ -1,0 +1,141 @@
+"""The fast path's entry points and the per-device choice of its steps (docs/accel.md):
+
+    fast = optimize_for_inference(model)   # a copy; `model` is left as it is
+    optimize_for_training(model)            # in place; parameter names and checkpoints unchanged
+
+inference_plan chooses the inference steps for a device. Device-neutral rewrites (BN folded
+into the convs: it only removes work) run everywhere; the CPU kernels (channels_last layout
+choices, the taps matmul, oneDNN post-ops, Winograd, the gather pooling in Res5Runner) only
+on the CPU, where they were measured faster; on CUDA torchvision's RoIAlign pools and res5
+runs all RoIs at once, as the plain path does. Training keeps the same steps on every
+device; its taps matmul and Winograd are CPU-only at run time (FastConv2d).
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from detection.accel.fold import (fold_frozen_bn, fold_frozen_bn_for_training, freeze_batchnorm, small_map_convs,
+                                  winograd_training_convs)
+from detection.accel.onednn import FusedRPNHead, fuse_blocks
+from detection.accel.res5 import AUTO, Res5Runner, chunk_rois
+from detection.accel.winograd import winograd_convs
+from detection.rpn import RPNHead
+
+
+class ToChannelsLast(nn.Module):
+    """First module of the trunk on the fast path: NCHW input -> NHWC memory layout."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Conv weights and the trunk's input in channels_last (no new parameters or keys)."""
+    model.to(memory_format=torch.channels_last)
+    if not isinstance(model.trunk[0], ToChannelsLast):
+        model.trunk = nn.Sequential(OrderedDict([("to_channels_last", ToChannelsLast()),
+                                                 *model.trunk.named_children()]))
+    return model
+
+
+# res5 at float32 inference runs NCHW below this pooler resolution (maps under 7x7), where
+# NCHW was the faster layout (docs/accel.md)
+NCHW_RES5_BELOW = 14
+
+
+def install_runner(model: nn.Module, *, hoist: bool = True, chunk_size: int | str | None = AUTO,
+                   channels_last: bool = True) -> nn.Module:
+    """In place: the model's roi_heads compute box features with a Res5Runner over its res5."""
+    heads = model.roi_heads
+    heads.res5_runner = Res5Runner(heads.res5, pooler=heads.pooler, resolution=heads.pooler_resolution,
+                                   spatial_scale=heads.spatial_scale, hoist=hoist, chunk_size=chunk_size,
+                                   channels_last=channels_last)
+    return model
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """Which inference steps of the fast path run on a device (see the module docstring)."""
+    fold_bn: bool  # BN folded into the convs (device-neutral: it only removes work)
+    channels_last: bool  # the trunk's (and the RPN's) convs in NHWC
+    res5_channels_last: bool  # res5 in NHWC too
+    small_map_taps: bool  # res5's 3x3 convs with small outputs as one matmul
+    fuse: bool  # bias, ReLU and residual as oneDNN post-ops
+    winograd: bool  # 3x3 stride-1 convs of 256+ channels as F(4x4, 3x3)
+    runner: bool  # Res5Runner: gather pooling, hoisted 1x1 convs, res5 in chunks
+
+
+def inference_plan(device: torch.device | str, *, bf16: bool = False, small_maps: bool = False,
+                   fold_bn: bool = True, channels_last: bool = True, fuse: bool = True,
+                   winograd: bool = True) -> InferencePlan:
+    """The steps for a model on `device`: on the CPU all of them (bf16: under bfloat16
+    autocast; small_maps: pooler resolution below NCHW_RES5_BELOW); elsewhere only folding,
+    since the others are CPU kernels or were measured slower on CUDA."""
+    cpu = torch.device(device).type == "cpu"
+    fused = cpu and fold_bn and fuse
+    return InferencePlan(fold_bn=fold_bn, channels_last=cpu and channels_last,
+                         res5_channels_last=cpu and channels_last and (not small_maps or bf16),
+                         small_map_taps=cpu and small_maps and bf16, fuse=fused,
+                         winograd=fused and winograd and not bf16, runner=cpu)
+
+
+def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True,
+                           hoist: bool = True, chunk_size: int | str | None = AUTO, fuse: bool = True,
+                           winograd: bool = True) -> nn.Module:
+    """An eval-mode copy of a FasterRCNN that gives the same detections faster, with the steps
+    of `inference_plan` for the model's device (move the model first). Run it under
+    torch.inference_mode(), as evaluation does. Its state_dict differs (folded norms); save
+    checkpoints from the original model."""
+    chunk_rois(chunk_size, model.roi_heads.pooler_resolution)  # a wrong chunk_size fails on every device
+    fast = copy.deepcopy(model).eval().requires_grad_(False)
+    # Small RoI maps: NCHW convs in float32; with bfloat16 autocast on the CPU (model.amp,
+    # test.amp), NHWC and the 3x3 convs with small outputs as one matmul (taps_conv2d)
+    plan = inference_plan(fast.device, bf16=bool(getattr(fast, "amp", False)), fold_bn=fold_bn,
+                          small_maps=fast.roi_heads.pooler_resolution < NCHW_RES5_BELOW,
+                          channels_last=channels_last, fuse=fuse, winograd=winograd)
+    if plan.fold_bn:  # device-neutral
+        fold_frozen_bn(freeze_batchnorm(fast))
+    _install_cpu_kernels(fast, plan)
+    if not plan.runner:
+        return fast
+    return install_runner(fast, hoist=hoist, chunk_size=chunk_size, channels_last=plan.res5_channels_last)
+
+
+def _install_cpu_kernels(fast: nn.Module, plan: InferencePlan) -> None:
+    """In place: the layout and kernel steps of `plan` (all False off the CPU)."""
+    if plan.channels_last:
+        to_channels_last(fast)
+        if not plan.res5_channels_last:
+            fast.roi_heads.res5.to(memory_format=torch.contiguous_format)
+    if plan.small_map_taps:
+        small_map_convs(fast.roi_heads.res5)
+    if plan.fuse:
+        fuse_blocks(fast.trunk)
+        fuse_blocks(fast.roi_heads.res5)
+        if type(fast.rpn.head) is RPNHead:
+            fast.rpn.head.__class__ = FusedRPNHead
+    if plan.winograd:
+        winograd_convs(fast)
+
+
+def optimize_for_training(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = False,
+                          hoist: bool = True, chunk_size: int | str | None = AUTO, small_maps: bool = True,
+                          winograd: bool = True) -> nn.Module:
+    """In place: the same parameters (objects, names, values) and gradients, computed faster:
+    frozen BN applied through the conv weights, res5's 1x1 convs hoisted, res5's 3x3 convs
+    with small outputs as one matmul (small_maps). An optimizer built before or after this
+    sees the same parameters; checkpoints load either way."""
+    if fold_bn:
+        fold_frozen_bn_for_training(model)
+    if channels_last:
+        to_channels_last(model)
+    if small_maps:
+        small_map_convs(model.roi_heads.res5)
+    if winograd:
+        winograd_training_convs(model.roi_heads.res5)
+    return install_runner(model, hoist=hoist, chunk_size=chunk_size)
