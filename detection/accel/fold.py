@@ -10,6 +10,8 @@ the same affine in eval mode, from its running statistics: inference folds it to
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -90,7 +92,8 @@ class AppliedFrozenBN(FrozenBatchNorm2d):
 
 class FastConv2d(nn.Conv2d):
     """What `conv` computes, with the same Parameters (no new state_dict keys). With
-    small_maps, outputs of at most SMALL_MAP_POSITIONS positions are computed by taps_conv2d."""
+    small_maps, outputs of at most SMALL_MAP_POSITIONS positions are computed by taps_conv2d;
+    with winograd, float32 channels_last inputs by WinogradConv2d. Both on the CPU only."""
 
     def __init__(self, conv: nn.Conv2d, small_maps: bool = False) -> None:
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
@@ -98,7 +101,7 @@ class FastConv2d(nn.Conv2d):
                          padding_mode=conv.padding_mode, device="meta")
         self.weight, self.bias = conv.weight, conv.bias  # the same Parameters
         self.small_maps = small_maps
-        self.winograd = False  # set by winograd_training_convs
+        self.winograd = False
 
     def effective(self) -> tuple[Tensor, Tensor | None]:
         return self.weight, self.bias
@@ -137,13 +140,7 @@ class ScaledConv2d(FastConv2d):
 
 def small_map_convs(module: nn.Module) -> nn.Module:
     """In place: the k x k convs (k > 1) of `module` (res5) run small outputs as one matmul."""
-    for parent in list(module.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1):
-                if not isinstance(child, FastConv2d):
-                    setattr(parent, name, FastConv2d(child))
-                getattr(parent, name).small_maps = True
-    return module
+    return _set_on_convs(module, lambda m: isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1), "small_maps")
 
 
 def fold_frozen_bn_for_training(module: nn.Module) -> nn.Module:
@@ -166,10 +163,16 @@ def winograd_training_convs(module: nn.Module) -> nn.Module:
     input's gradient by Winograd, kernels transformed at each call) in float32 on the CPU
     with channels_last inputs, and as before otherwise. Same Parameters. Not the trunk's or
     the RPN's: there the per-step kernel transform cost what Winograd saved (measured)."""
+    return _set_on_convs(module, winograd.worthwhile, "winograd")
+
+
+def _set_on_convs(module: nn.Module, selected: Callable[[nn.Module], bool], flag: str) -> nn.Module:
+    """In place: each selected conv of `module` becomes a FastConv2d (the same Parameters)
+    with `flag` set."""
     for parent in list(module.modules()):
         for name, child in parent.named_children():
-            if winograd.suitable(child) and min(child.in_channels, child.out_channels) >= winograd.MIN_CHANNELS:
+            if selected(child):
                 if not isinstance(child, FastConv2d):
                     setattr(parent, name, FastConv2d(child))
-                getattr(parent, name).winograd = True
+                setattr(getattr(parent, name), flag, True)
     return module

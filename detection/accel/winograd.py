@@ -65,6 +65,11 @@ def suitable(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros")
 
 
+def worthwhile(conv: nn.Module) -> bool:
+    """suitable, with at least MIN_CHANNELS channels in and out."""
+    return suitable(conv) and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+
+
 def transform_weight(weight: Tensor, *, transposed: bool = False) -> Tensor:
     """(K, C, 3, 3) kernels -> (36, C, K): G g G^T for each pair, as one matrix product with
     G kron G (nothing larger than the result is allocated). transposed: (36, K, C) for the
@@ -192,7 +197,6 @@ def winograd_convs(module: nn.Module) -> nn.Module:
     onednn.conv_pointwise. Transformed once: at each call they would cost more than Winograd
     saves."""
     for conv in module.modules():
-        if (type(conv) is nn.Conv2d and suitable(conv) and conv.bias is not None
-                and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
+        if type(conv) is nn.Conv2d and conv.bias is not None and worthwhile(conv):
             conv.register_buffer("winograd_weight", transform_weight(conv.weight), persistent=False)
     return module
