@@ -154,11 +154,11 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
 
 def test_training_state_follows_solver_lr_schedule():
     from detection.config import load_config
-    from detection.engine.trainer import _build_state
+    from detection.engine.train_state import build_train_state
 
     cfg = load_config(None, ["model.backbone.depth=18", "solver.lr_schedule=cosine", "solver.max_iter=100",
                              "solver.warmup_iters=0", "solver.base_lr=0.02", "solver.steps=[10]"])
-    state = _build_state(cfg, torch.device("cpu"), backbone_needed=False)
+    state = build_train_state(cfg, torch.device("cpu"), backbone_needed=False)
     for _ in range(50):
         state.optimizer.step()
         state.scheduler.step()
