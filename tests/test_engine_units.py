@@ -154,13 +154,27 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
 
 def test_training_state_follows_solver_lr_schedule():
     from detection.config import load_config
-    from detection.engine.trainer import _build_state
+    from detection.engine.train_state import build_train_state
 
     cfg = load_config(None, ["model.backbone.depth=18", "solver.lr_schedule=cosine", "solver.max_iter=100",
                              "solver.warmup_iters=0", "solver.base_lr=0.02", "solver.steps=[10]"])
-    state = _build_state(cfg, torch.device("cpu"), backbone_needed=False)
+    state = build_train_state(cfg, torch.device("cpu"), backbone_needed=False)
     for _ in range(50):
         state.optimizer.step()
         state.scheduler.step()
     # halfway through the cosine; a multistep schedule would be at 0.002 after step 10
     assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_the_trainers_public_names_still_come_from_the_trainer():
+    """Tools, the benchmark, the study and users import these from detection.engine.trainer,
+    whichever of its parts defines them; the errors keep their kinds (tools map them to exit codes)."""
+    from detection.engine import trainer
+
+    for name in trainer.__all__:
+        assert getattr(trainer, name) is not None, name
+    assert {"train", "evaluate", "forward_losses", "optimizer_step", "build_train_data_loader", "summary_lines",
+            "GracefulStop", "TrainState", "TrainingError", "TrainingStopped"} <= set(trainer.__all__)
+    assert issubclass(trainer.TrainingStopped, trainer.TrainingInterrupted)
+    assert issubclass(trainer.TrainingInterrupted, KeyboardInterrupt)
+    assert issubclass(trainer.TrainingError, RuntimeError)

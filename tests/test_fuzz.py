@@ -822,9 +822,9 @@ def _file_corruptions(valid: bytes, rng: random.Random) -> dict[str, bytes]:
 
 
 def resume_cases(tmp: Path) -> list[Case]:
-    """--resume's reader: load_resume_checkpoint + the trainer's _restore, on broken last.pth files."""
+    """--resume's reader: load_resume_checkpoint + restore_train_state, on broken last.pth files."""
     from detection.engine.checkpoint import load_resume_checkpoint
-    from detection.engine.trainer import _restore
+    from detection.engine.train_state import restore_train_state
 
     rng = random.Random(SEED + 3)
     base = _small_train_state()
@@ -841,7 +841,7 @@ def resume_cases(tmp: Path) -> list[Case]:
             else:
                 torch.save(content, path)
             state = copy.deepcopy(base)
-            _restore(state, load_resume_checkpoint(path), torch.device("cpu"), path)
+            restore_train_state(state, load_resume_checkpoint(path), path)
             return state
 
         def check(state) -> None:

@@ -123,7 +123,7 @@ def test_metrics_time_is_the_windows_median_and_log_txt_holds_the_run(data_root,
         return {k: 1.0 for k in LOSS_KEYS}
 
     monkeypatch.setattr(trainer, "time", clock)  # the trainer's clock only
-    monkeypatch.setattr(trainer, "_step", step)
+    monkeypatch.setattr(trainer, "run_step", step)
     out = tmp_path / "run"
     trainer.train(tiny_cfg(data_root, out, **{"solver.max_iter": 6, "log_period": 3}))
     lines = metrics(out)

@@ -1,23 +1,61 @@
-"""The start and the end of a training run around the loop (trainer.py): the test sets checked
-before anything is written, the lines that name them, and what a run that stops before its
-first iteration takes back.
-
-A wrong `ann_file` in `datasets.test` used to pass the start and stop the run at its first
-evaluation (test.eval_period), hours later, or in tools/eval.py; here it stops the run before
-the output folder is written, as a wrong training set does.
+"""The start and the end of a training run around the loop (trainer.py): the training and
+test sets built and checked before anything is written (a wrong `ann_file` in `datasets.test`
+stops the run there, not at its first evaluation hours later), the training loader, the
+summary that names them, and what a run that stops before its first iteration takes back.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from detection.config import Config
 from detection.data.dataset_info import DatasetInfo
+from detection.engine import distributed as du
 
 logger = logging.getLogger(__name__)
 
 EVENT_FILES = "events.out.tfevents.*"  # log.tensorboard's files in the output folder
+
+
+def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
+    """The training sets, checked against each other, the model's classes and the number of
+    processes: before anything is written, so a run that fails here leaves no folder."""
+    from detection.data.catalog import concat_datasets, get_datasets
+
+    world = du.get_world_size()
+    if cfg.solver.ims_per_batch % world:
+        raise ValueError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
+                         f"{world} processes")
+    datasets = get_datasets(cfg.datasets.train, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
+                            exif_orientation=cfg.input.exif_orientation)
+    names = concat_datasets(datasets).class_names  # the same classes in every set, or a DataError
+    which = (f"the training sets {', '.join(d.name for d in datasets)} have" if len(datasets) > 1
+             else f"the training set {datasets[0].name} has")
+    if cfg.model.num_classes != len(names):
+        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {which} {len(names)} classes "
+                         f"({', '.join(names)}): set model.num_classes={len(names)}")
+    if cfg.model.class_names and list(cfg.model.class_names) != list(names):
+        raise ValueError(f"model.class_names is {list(cfg.model.class_names)} but {which} the classes "
+                         f"{list(names)}")
+    return datasets
+
+
+def build_train_data_loader(cfg: Config, datasets: list[DatasetInfo], start_iter: int = 0) -> Iterable:
+    """The config's training loader over `datasets` (this process's share of each batch), from
+    iteration start_iter on: what training iterates and tools/benchmark.py times."""
+    from detection.data.loader import build_train_loader
+    from detection.data.transforms import build_train_transform
+
+    world = du.get_world_size()
+    return build_train_loader(
+        datasets, transform=build_train_transform(cfg), images_per_batch=cfg.solver.ims_per_batch // world,
+        num_workers=cfg.dataloader.num_workers, aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
+        filter_empty=cfg.dataloader.filter_empty, seed=cfg.seed, use_difficult=cfg.dataloader.use_difficult,
+        start_iter=start_iter)
 
 
 def build_test_datasets(cfg: Config, class_names: Sequence[str]) -> list[DatasetInfo]:
@@ -50,6 +88,30 @@ def summary_of_test_sets(cfg: Config, datasets: Sequence[DatasetInfo]) -> list[s
     return lines + ([f"test sets evaluated every {cfg.test.eval_period} iterations"] if period else [])
 
 
+def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device,
+                  test_sets: list[DatasetInfo]) -> list[str]:
+    """What the run trains on, where, and how: printed at its start."""
+    from detection.data.loader import training_records
+
+    lines = []
+    for d in datasets:
+        kept = training_records(d.records, filter_empty=cfg.dataloader.filter_empty,
+                                use_difficult=cfg.dataloader.use_difficult)
+        counts = np.bincount(np.concatenate([r["labels"] for r in kept] + [np.zeros(0, np.int64)]),
+                             minlength=d.num_classes + 1)
+        dropped = f" ({len(d.records) - len(kept)} without boxes dropped: dataloader.filter_empty)" \
+            if cfg.dataloader.filter_empty else ""
+        lines.append(f"training set {d.name}: {len(kept)} images{dropped}, {d.num_classes} classes, objects "
+                     "per class: " + ", ".join(f"{n} {c}" for n, c in zip(d.class_names, counts[1:])))
+    lines += summary_of_test_sets(cfg, test_sets)
+    amp = ("float16" if device.type == "cuda" else "bfloat16") if cfg.solver.amp else "off"
+    lines.append(f"device: {device}, torch threads: {torch.get_num_threads()}, AMP: {amp}, "
+                 f"fast path: {'on' if cfg.model.fast_path else 'off'}, processes: {du.get_world_size()}")
+    lines.append(f"datasets.root: {Path(cfg.datasets.root).resolve()}")
+    lines.append(f"output folder: {Path(cfg.output_dir).resolve()}")
+    return lines
+
+
 def event_files(out_dir: Path) -> set[Path]:
     return set(out_dir.glob(EVENT_FILES))
 
@@ -71,7 +133,7 @@ def final_line(path: Path, iteration: int) -> str:
 
 def note_stop(err: BaseException, iteration: int, kept: str) -> None:
     """An error that stops the loop (a bad image in a loader worker, a failed evaluation) gets
-    a note saying which checkpoint the run left (`kept`: trainer._what_is_kept): shown under
+    a note saying which checkpoint the run left (`kept`: checkpointing.what_is_kept): shown under
     its traceback (Python 3.11+), and by tools/train_det.py on the error's one line."""
     line = f"training stopped at iteration {iteration}, {kept}"
     if hasattr(err, "add_note"):

@@ -1,0 +1,84 @@
+"""The loop's checkpoints (the file format is checkpoint.py's): last.pth with every rank's
+random states, the periodic model_{iter:07d}.pth kept by solver.keep_checkpoints,
+model_final.pth, the save after a signal, and what a stopped run leaves to resume from."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from detection.config import Config, config_to_dict
+from detection.engine import distributed as du
+from detection.engine.checkpoint import (gather_rng_states, periodic_checkpoint_path, prune_checkpoints,
+                                         save_checkpoint)
+from detection.engine.errors import TrainingError
+from detection.engine.signals import GracefulStop
+from detection.engine.train_state import TrainState
+
+
+def what_is_kept(state: TrainState, path: Path) -> str:
+    """What a stopped run leaves to resume from, as it really is."""
+    if state.checkpoint_iteration is None:
+        return f"and no checkpoint was written yet ({path} does not exist): a new run starts from iteration 0"
+    return f"the last good checkpoint {path} (iteration {state.checkpoint_iteration}) is kept: --resume continues it"
+
+
+def _training_checkpoint(state: TrainState, cfg: Config, rng: list) -> dict:
+    """Everything --resume needs (checkpoint.RESUME_KEYS), the config and the class names."""
+    return {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "iteration": state.iteration,
+        "rng": rng[0],
+        "rng_per_rank": rng,
+        "config": config_to_dict(cfg),
+        "class_names": list(state.class_names),
+    }
+
+
+def save_last(state: TrainState, cfg: Config, path: Path, periodic: bool = False) -> None:
+    """last.pth with every rank's random states (gathered: a collective). A failed write (a
+    full disk) leaves the previous last.pth as it was and stops every rank with one error.
+    A periodic one with solver.keep_checkpoints N is first written as model_{iter:07d}.pth
+    too (the same training checkpoint); the oldest beyond N are deleted only once both files
+    are written, so a failed save deletes none."""
+    rng = gather_rng_states()
+    problem = None
+    if du.is_main_process():
+        keep = cfg.solver.keep_checkpoints if periodic else 0
+        target = path
+        try:
+            ckpt = _training_checkpoint(state, cfg, rng)
+            for target in ([periodic_checkpoint_path(path.parent, state.iteration)] if keep else []) + [path]:
+                save_checkpoint(ckpt, target)
+        except OSError as err:
+            problem = (f"could not write {target} at iteration {state.iteration} "
+                       f"({err.strerror or err}); training stopped, {what_is_kept(state, path)}")
+        else:
+            if keep:
+                state.periodic = prune_checkpoints(path.parent, state.periodic + [state.iteration], keep)
+    problems = [p for p in du.all_gather_object(problem) if p]  # every rank stops, not rank 0 alone
+    if problems:
+        raise TrainingError(problems[0])
+    state.checkpoint_iteration = state.iteration  # after the save: a Ctrl-C inside it keeps the old one
+
+
+def stop_gracefully(state: TrainState, cfg: Config, path: Path, stop: GracefulStop) -> None:
+    """Save last.pth at this iteration (unless it holds it already) and raise TrainingStopped."""
+    with stop.saving_last():
+        if state.checkpoint_iteration != state.iteration:
+            save_last(state, cfg, path)
+    raise stop.stopped(path, state.iteration)
+
+
+def save_final(state: TrainState, cfg: Config, out_dir: Path) -> Path:
+    """model_final.pth (the weights, iteration, config and class names); returns its path."""
+    path = out_dir / "model_final.pth"
+    try:
+        save_checkpoint({"model": state.model.state_dict(), "iteration": state.iteration,
+                         "config": config_to_dict(cfg), "class_names": list(state.class_names)}, path)
+    except OSError as err:
+        raise TrainingError(f"could not write {path} ({err.strerror or err}); "
+                            f"{what_is_kept(state, out_dir / 'last.pth')}") from None
+    return path
+

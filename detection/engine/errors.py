@@ -1,0 +1,26 @@
+"""The ways a training run stops short, as the tools tell them apart: an error (exit 2), Ctrl-C,
+or a signal answered by saving last.pth (exit 128 + the signal's number)."""
+from __future__ import annotations
+
+import signal
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message names the iteration and the last checkpoint.
+    A KeyboardInterrupt still, so code that catches those keeps working. `signum` is the
+    signal that stopped the run (SIGINT unless a SIGTERM did): tools exit with 128 + signum."""
+
+    signum: int = signal.SIGINT
+
+
+class TrainingStopped(TrainingInterrupted):
+    """SIGTERM or SIGINT during training (a scheduler's pre-emption, Ctrl-C): the current
+    iteration was finished and last.pth saved there; the message says so."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

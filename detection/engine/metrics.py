@@ -1,0 +1,99 @@
+"""What the loop records: the losses averaged over processes, the peak memory, metrics.jsonl
+and (log.tensorboard) the same numbers as TensorBoard scalars."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import resource
+from pathlib import Path
+
+import torch
+
+from detection.engine import distributed as du
+from detection.engine.errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+
+def reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean of each loss over processes, so every rank sees the same (finite or not) values."""
+    keys = sorted(loss_dict)
+    values = torch.stack([loss_dict[k].detach().float() for k in keys])
+    if du.get_world_size() > 1:
+        torch.distributed.all_reduce(values)
+        values /= du.get_world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The process's peak memory so far: CUDA allocations on a GPU, else the resident set."""
+    if device.type == "cuda":
+        return {"max_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+
+
+def use_tensorboard(setting: "bool | str") -> bool:
+    """log.tensorboard: true, false, or auto (true when TensorBoard can be used). Tried here,
+    before anything is written: true without a working tensorboard package is one error; auto
+    without it is off (with a warning when the package is there but does not import)."""
+    if setting is False:
+        return False
+    try:
+        import torch.utils.tensorboard  # noqa: F401 - imports the tensorboard package
+    except ImportError as err:
+        if setting is True:
+            raise ValueError(f"log.tensorboard is true but TensorBoard cannot be used ({err}): "
+                             "pip install -e '.[tensorboard]', or set log.tensorboard=false") from None
+        if importlib.util.find_spec("tensorboard") is not None:
+            logger.warning("log.tensorboard auto: the tensorboard package does not import (%s); no event files", err)
+        return False
+    return True
+
+
+class MetricsLog:
+    """metrics.jsonl, the run's record (a line every log_period iterations and one per
+    evaluation), and with `tensorboard` the same numbers as TensorBoard scalars: event files in
+    the output folder (torch.utils.tensorboard.SummaryWriter), tag = the key, step = the
+    iteration. Rank 0 only. The writer is closed (flushed) when the loop ends, however it ends."""
+
+    def __init__(self, out_dir: Path, *, tensorboard: bool = False, start_iter: int = 0) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides what earlier writers in this folder logged after the
+            # iteration the run starts from, as run_folder.truncate_metrics drops those lines
+            self.writer = SummaryWriter(str(out_dir), purge_step=start_iter + 1)
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self._tensorboard(self.writer.close)
+
+    def write(self, record: dict) -> None:
+        """Append one line to metrics.jsonl; a failed write (a full disk) stops training with one
+        error. A line cut short is dropped when the run is resumed (run_folder.truncate_metrics)."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise TrainingError(f"could not append to {self.path} at iteration {record.get('iteration')} "
+                                f"({err.strerror or err}); training stopped") from None
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard(self.writer.add_scalar, key, value, record["iteration"])
+
+    def _tensorboard(self, call, *args) -> None:
+        """The event files are a view of metrics.jsonl: one that cannot be written (its writer
+        thread reports a full disk late) is a warning and no more event files, never a stop."""
+        try:
+            call(*args)
+        except OSError as err:
+            logger.warning("TensorBoard event files in %s could not be written (%s); metrics.jsonl goes on, "
+                           "the event files stop here", self.path.parent, err.strerror or err)
+            self.writer = None

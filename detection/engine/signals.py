@@ -1,0 +1,76 @@
+"""SIGTERM / SIGINT while training: the loop finishes its iteration, saves last.pth and stops."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from detection.engine import distributed as du
+from detection.engine.errors import TrainingStopped
+
+logger = logging.getLogger(__name__)
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT while training: note the signal, let the current iteration finish,
+    then save last.pth there and stop (checkpointing.stop_gracefully). A second signal during
+    that save is noted and does not interrupt it (the save is atomic anyway); a second one at
+    any other moment stops at once, as Ctrl-C does. Handlers are installed only in the main
+    thread and the previous ones put back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        self.device = device  # where the ranks' agreement is reduced (NCCL reduces CUDA tensors only)
+        self.signum = 0
+        self.saving = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.signum:
+            self.signum = signum
+            logger.warning("%s received: stopping after this iteration, once last.pth is saved "
+                           "(a second signal stops at once)", name)
+        elif self.saving:
+            logger.warning("%s received again while last.pth is being saved: finishing the save first", name)
+        else:
+            raise KeyboardInterrupt
+
+    def agreed(self) -> bool:
+        """Whether any rank got a signal (every rank calls this once per iteration)."""
+        if du.get_world_size() > 1:
+            flag = torch.tensor([self.signum], dtype=torch.int64, device=self.device)  # NCCL: on the GPU
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.signum = int(flag.item())
+        return bool(self.signum)
+
+    @contextmanager
+    def saving_last(self) -> Iterator[None]:
+        """The save after a signal: a second signal in it waits for the save to finish."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+
+    def stopped(self, path: Path, iteration: int) -> TrainingStopped:
+        """The error that ends the run once last.pth at `iteration` is saved."""
+        name = signal.Signals(self.signum).name
+        return TrainingStopped(f"stopped by {name} at iteration {iteration}; saved {path} (iteration "
+                               f"{iteration}): --resume continues from there", self.signum)

@@ -1,0 +1,73 @@
+"""What a training run carries from iteration to iteration (TrainState), built from the config
+or restored from last.pth: everything a resume needs to go on exactly."""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from detection.config import Config
+from detection.engine import distributed as du
+from detection.engine.checkpoint import restore_rng_states, restore_training_state
+from detection.engine.optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    iteration: int = 0
+    class_names: tuple[str, ...] = ()  # stored in checkpoints for tools/visualize.py
+    checkpoint_iteration: Optional[int] = None  # the iteration last.pth holds, if any
+    periodic: list[int] = field(default_factory=list)  # the iterations of this run's model_{iter:07d}.pth
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_train_state(cfg: Config, device: torch.device, backbone_needed: bool = True) -> TrainState:
+    """The config's model (in train mode, on `device`), optimizer, lr schedule and AMP scaler at
+    iteration 0. Without `backbone_needed` (a resume, or model.weights) the model.backbone.weights
+    file is neither read nor required."""
+    from detection.model import build_model
+
+    if not backbone_needed:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.backbone.weights = None
+    model = build_model(cfg).to(device)
+    model.train()
+    s = cfg.solver
+    optimizer = build_optimizer(model, base_lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor,
+                                   steps=s.steps, gamma=s.gamma, schedule=s.lr_schedule, max_iter=s.max_iter)
+    # float16 needs loss scaling; bfloat16 (the CPU's autocast type) has float32's range.
+    scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.solver.amp) and device.type == "cuda")
+    return TrainState(model, optimizer, scheduler, scaler)
+
+
+def restore_train_state(state: TrainState, ckpt: dict, path: Path = Path("last.pth")) -> None:
+    """Put a training checkpoint (`ckpt`, read from `path`) into `state`: weights, optimizer,
+    schedule, scaler, iteration, class names and this rank's random states. What does not fit
+    is one CheckpointError naming `path`."""
+    restore_training_state(ckpt, path, model=state.model, optimizer=state.optimizer, scheduler=state.scheduler,
+                           scaler=state.scaler)
+    state.iteration = int(ckpt["iteration"])
+    not_exact = restore_rng_states(ckpt, path)  # each rank its own
+    if not_exact and du.is_main_process():
+        logger.warning("%s", not_exact)
+    state.checkpoint_iteration = state.iteration
+    state.class_names = tuple(ckpt.get("class_names") or ())
