@@ -32,9 +32,10 @@ the same detections; ONNX Runtime does its own fusions.
 Not exported (refused with an ExportError): test-time augmentation, the paper's multi-scale
 testing and box refinement (tools run these in Python around the model).
 
-The tracing rules torchvision follows are kept here: every size comes from a tensor's shape,
-never a Python int (which the tracer would freeze at the export size), and `min(top-k, M)` is
-a tensor op.
+The graph is traced from the model's own code (`ExportableDetector` only adapts the inputs
+and outputs). That code follows torchvision's tracing rules where `torch.jit.is_tracing()`:
+every size comes from a tensor's shape, never a Python int (which the tracer would freeze at
+the export size), `min(top-k, M)` is a tensor op, and no step branches on a count.
 """
 from __future__ import annotations
 
@@ -46,11 +47,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, nms
 
-from detection.model import FasterRCNN
+from detection.model import FasterRCNN, rescale_detections
 from detection.onnx_preprocess import METADATA_VERSION, preprocess, read_metadata, resize_to_inputs
 from detection.resize import resized_shape
 from detection.testing import compare_detections
@@ -66,8 +65,9 @@ class ExportError(ValueError):
 
 
 class ExportableDetector(nn.Module):
-    """FasterRCNN.inference for one resized uint8 image, written for the tracer: the same
-    submodules and arithmetic, with every size taken from tensors."""
+    """The ONNX graph's interface around the model's own inference (FasterRCNN.preprocess,
+    detect and rescale_detections, which take their sizes from tensors while traced):
+    one resized uint8 image and its original size in, boxes, scores and labels out."""
 
     def __init__(self, model: FasterRCNN) -> None:
         super().__init__()
@@ -77,50 +77,12 @@ class ExportableDetector(nn.Module):
     def forward(self, image: Tensor, original_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """image uint8 (1, 3, H, W), original_size int64 (2,) -> boxes (D, 4), scores (D,),
         labels (D,)."""
-        m = self.model
-        x = image[0].to(torch.float32)  # (1, 3, H, W) -> (3, H, W)
-        if m.input_format == "BGR":
-            x = x.flip(0)
-        x = (x - m.pixel_mean) / m.pixel_std
-        size = torch._shape_as_tensor(x)[1:]  # (2,) int64: H, W of the image before padding
-        features = m.trunk(_pad(x, m.size_divisibility).unsqueeze(0))  # (1, C4, H'/16, W'/16)
-        proposals = self.proposals(features, size.to(torch.float32))
-        boxes, scores, labels = self.detections(features, proposals, size.to(torch.float32))
-        return _rescale(boxes, scores, labels, size, original_size)
-
-    def proposals(self, features: Tensor, size: Tensor) -> Tensor:
-        """RPN.select_proposals for one image -> (k, 4)."""
-        rpn = self.model.rpn
-        anchors = rpn.anchor_generator(features)  # (M, 4)
-        logits, deltas = rpn.head(features)  # (1, M), (1, M, 4)
-        k = _min_with_size(rpn.pre_nms_topk[False], logits, 1)
-        scores, idx = logits[0].topk(k)  # (k,), sorted
-        boxes = _clip(rpn.box_coder.decode(deltas[0, idx], anchors[idx]), size)  # (k, 4)
-        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        keep = ((widths >= rpn.min_size) & (heights >= rpn.min_size) & (widths > 0) & (heights > 0)
-                & _finite(boxes).all(dim=1) & _finite(scores))
-        idx = keep.nonzero().squeeze(1)
-        boxes, scores = boxes[idx], scores[idx]
-        return boxes[nms(boxes, scores, rpn.nms_thresh)[:rpn.post_nms_topk[False]]]
-
-    def detections(self, features: Tensor, proposals: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Res5ROIHeads.detect for one image -> boxes (D, 4), scores (D,), labels (D,)."""
-        heads = self.model.roi_heads
-        pooled = heads._pool(features, [proposals])  # (R, C4, S, S)
-        roi_features = heads._res5(pooled)  # (R, C5)
-        if heads.global_context:  # the whole image (0, 0, W, H) pooled like a RoI
-            whole = torch.cat([torch.zeros(2, device=size.device), size.flip(0)]).unsqueeze(0)  # (1, 4) x1 y1 x2 y2
-            context = heads._res5(heads._pool(features, [whole]))  # (1, C5)
-            roi_features = torch.cat([roi_features, context.expand_as(roi_features)], dim=1)  # (R, 2 C5)
-        logits, deltas = heads.predictor(roi_features)  # (R, K+1), (R, 4K)
-        scores = F.softmax(logits, dim=-1)[:, 1:]  # (R, K+1) -> (R, K), background dropped
-        boxes = heads.box_coder.decode(deltas, proposals).view(-1, heads.num_classes, 4)  # (R, 4K) -> (R, K, 4)
-        boxes = _clip(boxes, size)
-        keep = (scores > heads.score_thresh_test) & _finite(boxes).all(dim=-1)  # (R, K)
-        roi_idx, class_idx = keep.nonzero(as_tuple=True)
-        boxes, scores, labels = boxes[roi_idx, class_idx], scores[roi_idx, class_idx], class_idx + 1
-        keep = batched_nms(boxes, scores, labels, heads.nms_thresh_test)[:heads.detections_per_image]
-        return boxes[keep], scores[keep], labels[keep]
+        images = [image[0]]  # (1, 3, H, W) -> one (3, H, W)
+        batch = self.model.preprocess(images, resize=False)
+        detections = self.model.detect(batch, images)[0]
+        original = original_size if torch.jit.is_tracing() else (int(original_size[0]), int(original_size[1]))
+        detections = rescale_detections(detections, batch.image_sizes[0], original)
+        return detections["boxes"], detections["scores"], detections["labels"]
 
 
 def export_onnx(model: FasterRCNN, path: str | Path, example_size: tuple[int, int] | None = None,
@@ -260,41 +222,3 @@ def _check_exportable(model: nn.Module) -> None:
     if model.roi_heads.box_refinement is not None:
         raise ExportError("ONNX export: box refinement (test.box_refinement.enabled) is not exported; "
                           "set test.box_refinement.enabled=false")
-
-
-def _pad(x: Tensor, divisibility: int) -> Tensor:
-    """(3, H, W) -> zero-padded at the bottom and right to multiples of `divisibility`
-    (ImageList.from_tensors). While tracing, shape entries are tensors: the padding stays
-    dynamic."""
-    if divisibility <= 1:
-        return x
-    height, width = x.shape[-2], x.shape[-1]
-    return F.pad(x, (0, (divisibility - width % divisibility) % divisibility,
-                     0, (divisibility - height % divisibility) % divisibility))
-
-
-def _min_with_size(k: int, x: Tensor, dim: int) -> Any:
-    """min(k, x.shape[dim]) as a tensor op when tracing (torchvision's _topk_min)."""
-    if not torch.jit.is_tracing():
-        return min(k, x.shape[dim])
-    size = torch._shape_as_tensor(x)[dim].unsqueeze(0)
-    return torch.min(torch.cat([torch.tensor([k], dtype=size.dtype, device=size.device), size]))
-
-
-def _clip(boxes: Tensor, size: Tensor) -> Tensor:
-    """clip_boxes_to_image with (H, W) as a float tensor: x in [0, W], y in [0, H]."""
-    limits = size.flip(0).repeat(2)  # (4,): W, H, W, H
-    return torch.minimum(boxes.clamp(min=0), limits)
-
-
-def _finite(x: Tensor) -> Tensor:
-    return ~(torch.isinf(x) | torch.isnan(x))
-
-
-def _rescale(boxes: Tensor, scores: Tensor, labels: Tensor, size: Tensor, original_size: Tensor
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """model._rescale: scale (separate x / y factors), clip, drop boxes without area."""
-    factors = (original_size.to(torch.float32) / size.to(torch.float32)).flip(0).repeat(2)  # (4,): sx, sy, sx, sy
-    boxes = _clip(boxes * factors, original_size.to(torch.float32))
-    keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)
-    return boxes[keep], scores[keep], labels[keep]

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
@@ -20,7 +21,7 @@ from detection.precision import autocast
 from detection.refinement import BoxRefinement
 from detection.resize import RESIZE_MODES, resize_tensor, resized_shape
 from detection.roi_heads import Res5ROIHeads
-from detection.rpn import RPN
+from detection.rpn import RPN, clip_boxes
 from detection.structures import ImageList
 
 if TYPE_CHECKING:  # annotations only: the model needs no config at run time
@@ -127,6 +128,15 @@ class FasterRCNN(nn.Module):
         max_size (default: min_size_test / max_size_test) on the way in."""
         with record_function("c4det.preprocess"):
             batch = self.preprocess(images, resize=True, min_size=min_size, max_size=max_size)
+        detections = self.detect(batch, images)
+        with record_function("c4det.postprocess"):
+            return [rescale_detections(det, resized, (int(img.shape[-2]), int(img.shape[-1])))
+                    for det, resized, img in zip(detections, batch.image_sizes, images)]
+
+    def detect(self, batch: ImageList, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections in the frame of each preprocessed image of `batch`: trunk, RPN, RoI heads
+        (`images`, the originals, are read by multi-scale testing only). Traceable for one image
+        (detection/export.py traces it)."""
         with autocast(self.amp, self.device):  # outputs of the RPN and box heads come back in float32
             with record_function("c4det.trunk"):
                 features = self.trunk(batch.tensor)
@@ -137,9 +147,7 @@ class FasterRCNN(nn.Module):
                 roi_features = self.pyramid_features(images, batch, features)
             with record_function("c4det.roi_heads"):
                 detections, _ = self.roi_heads(features, proposals, batch.image_sizes, roi_features=roi_features)
-        with record_function("c4det.postprocess"):
-            return [_rescale(det, resized, (int(img.shape[-2]), int(img.shape[-1])))
-                    for det, resized, img in zip(detections, batch.image_sizes, images)]
+        return detections
 
     def pyramid_features(self, images: Sequence[Tensor], batch: ImageList, features: Tensor
                          ) -> PyramidFeatures:
@@ -166,7 +174,7 @@ class FasterRCNN(nn.Module):
     def preprocess(self, images: Sequence[Tensor], resize: bool, min_size: int | None = None,
                    max_size: int | None = None) -> ImageList:
         """RGB 0..255 -> (resized, as uint8, by detection.resize) -> (BGR if the weights want
-        it) -> normalized -> padded."""
+        it) -> normalized -> padded. While tracing, the one image's size is a tensor."""
         min_size = self.min_size_test if min_size is None else min_size
         max_size = self.max_size_test if max_size is None else max_size
         out = []
@@ -179,6 +187,8 @@ class FasterRCNN(nn.Module):
             if self.input_format == "BGR":
                 x = x.flip(0)
             out.append((x - self.pixel_mean) / self.pixel_std)
+        if torch.jit.is_tracing():
+            return _traced_batch(out, self.size_divisibility)
         return ImageList.from_tensors(out, self.size_divisibility)
 
 
@@ -196,11 +206,29 @@ def _check_images(images: Sequence[Tensor]) -> None:
                           "0..255 (torchvision's detectors take 0..1): multiply by 255", stacklevel=3)
 
 
-def _rescale(det: dict[str, Tensor], resized: tuple[int, int], original: tuple[int, int]
-             ) -> dict[str, Tensor]:
+def _traced_batch(images: list[Tensor], divisibility: int) -> ImageList:
+    """ImageList.from_tensors of one image while tracing: the padding and the image's size, an
+    int64 (2,) tensor (H, W), computed from its shape, so the graph follows the input's size
+    (ints would be frozen at the traced one)."""
+    if len(images) != 1:
+        raise ValueError(f"FasterRCNN: tracing takes one image, got {len(images)}")
+    x = images[0]
+    size = torch._shape_as_tensor(x)[-2:]
+    if divisibility > 1:
+        height, width = x.shape[-2], x.shape[-1]  # traced: values in the graph, not ints
+        x = F.pad(x, (0, (divisibility - width % divisibility) % divisibility,
+                      0, (divisibility - height % divisibility) % divisibility))
+    return ImageList(x.unsqueeze(0), [size])
+
+
+def rescale_detections(det: dict[str, Tensor], resized: tuple[int, int] | Tensor,
+                       original: tuple[int, int] | Tensor) -> dict[str, Tensor]:
     """Map boxes from the resized image back to the original one (separate x / y factors,
     since rounding makes them differ slightly), clipped to the original image; boxes left
-    with no area are dropped (as Detectron2's detector_postprocess does)."""
+    with no area are dropped (as Detectron2's detector_postprocess does). Sizes (H, W): ints,
+    or int64 (2,) tensors while tracing."""
+    if isinstance(resized, Tensor):
+        return _rescale_traced(det, resized, original)
     boxes = det["boxes"]
     if resized != original:
         sy, sx = original[0] / resized[0], original[1] / resized[1]
@@ -210,6 +238,15 @@ def _rescale(det: dict[str, Tensor], resized: tuple[int, int], original: tuple[i
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     if bool(keep.all()):
         return {**det, "boxes": boxes}
+    return {**{k: v[keep] for k, v in det.items()}, "boxes": boxes[keep]}
+
+
+def _rescale_traced(det: dict[str, Tensor], resized: Tensor, original: Tensor) -> dict[str, Tensor]:
+    """rescale_detections with tensor sizes: always scaled, clipped and filtered (a test of the
+    sizes would be frozen at the traced ones)."""
+    factors = (original.to(torch.float32) / resized.to(torch.float32)).flip(0).repeat(2)  # (4,): sx, sy, sx, sy
+    boxes = clip_boxes(det["boxes"] * factors, original)
+    keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)
     return {**{k: v[keep] for k, v in det.items()}, "boxes": boxes[keep]}
 
 

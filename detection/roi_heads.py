@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align, roi_pool
+from torchvision.ops import batched_nms, box_iou, roi_align, roi_pool
 
 from detection.box_coder import BoxCoder
 from detection.matcher import FOREGROUND, IGNORE, Matcher
 from detection.precision import float32
 from detection.refinement import BoxRefinement, box_voting
+from detection.rpn import clip_boxes
 from detection.sampling import subsample_labels
 
 POOLERS = ("roi_align", "roi_pool")
@@ -123,7 +124,7 @@ class Res5ROIHeads(nn.Module):
                 scores, boxes = self.refine(roi_features, scores, boxes, image_sizes, context)
             nms_thresh = self.box_refinement.nms_thresh
         with record_function("c4det.box_postprocess"):
-            return [self._detect_image(b, s, nms_thresh) for b, s in zip(boxes, scores)]
+            return [self.detect_image(b, s, nms_thresh) for b, s in zip(boxes, scores)]
 
     def predict(self, roi_features: Callable[[list[Tensor]], Tensor], boxes: list[Tensor],
                 image_sizes: Sequence[tuple[int, int]], context: Tensor | None
@@ -138,8 +139,8 @@ class Res5ROIHeads(nn.Module):
         with record_function("c4det.box_postprocess"):
             scores = F.softmax(logits, dim=-1)[:, 1:]  # (R, K+1) -> (R, K), background dropped
             decoded = self.box_coder.decode(deltas, torch.cat(boxes)).view(-1, self.num_classes, 4)  # (R, 4K) -> (R, K, 4)
-            return list(scores.split(counts)), [clip_boxes_to_image(b, size) for b, size
-                                                 in zip(decoded.split(counts), image_sizes)]
+            return _per_image(scores, counts), [clip_boxes(b, size) for b, size
+                                                in zip(_per_image(decoded, counts), image_sizes)]
 
     def refine(self, roi_features: Callable[[list[Tensor]], Tensor], scores: list[Tensor],
                boxes: list[Tensor], image_sizes: Sequence[tuple[int, int]], context: Tensor | None
@@ -159,7 +160,10 @@ class Res5ROIHeads(nn.Module):
     @staticmethod
     def with_context(roi_features: Tensor, context: Tensor, counts: Sequence[int]) -> Tensor:
         """(R, C5) RoI vectors + (N, C5) image vectors -> (R, 2 C5), each RoI with its image's."""
-        per_roi = context.repeat_interleave(torch.tensor(counts, device=context.device), dim=0)  # (N, C5) -> (R, C5)
+        if len(counts) == 1:  # no count read: a traced graph follows the input's number of RoIs
+            per_roi = context.expand_as(roi_features)  # (1, C5) -> (R, C5)
+        else:
+            per_roi = context.repeat_interleave(torch.tensor(counts, device=context.device), dim=0)  # (N, C5) -> (R, C5)
         return torch.cat([roi_features, per_roi.to(roi_features.dtype)], dim=1)
 
     def training_features(self, features: Tensor, boxes: list[Tensor],
@@ -180,11 +184,11 @@ class Res5ROIHeads(nn.Module):
         if self.res5_runner is not None:
             return self.res5_runner(features, boxes)
         with record_function("c4det.pool"):
-            pooled = self._pool(features, boxes)
+            pooled = self.pool(features, boxes)
         with record_function("c4det.res5"):
-            return self._res5(pooled)
+            return self.res5_head(pooled)
 
-    def _pool(self, features: Tensor, boxes: list[Tensor]) -> Tensor:
+    def pool(self, features: Tensor, boxes: list[Tensor]) -> Tensor:
         """(N, C4, H, W) map + per-image boxes -> (R, C4, S, S)."""
         size = (self.pooler_resolution, self.pooler_resolution)
         if self.pooler == "roi_align":
@@ -192,7 +196,7 @@ class Res5ROIHeads(nn.Module):
                              sampling_ratio=0, aligned=True)
         return roi_pool(features, boxes, size, spatial_scale=self.spatial_scale)
 
-    def _res5(self, pooled: Tensor) -> Tensor:
+    def res5_head(self, pooled: Tensor) -> Tensor:
         """(R, C4, S, S) -> res5 (stride 2) -> global average pool -> (R, C5)."""
         return self.res5(pooled).mean(dim=(2, 3))
 
@@ -235,9 +239,10 @@ class Res5ROIHeads(nn.Module):
         loss_box = F.smooth_l1_loss(fg_deltas, target, beta=self.smooth_l1_beta, reduction="sum")
         return {"loss_cls": loss_cls, "loss_box": self.box_loss_weight * loss_box / num_rois}
 
-    def _detect_image(self, boxes: Tensor, scores: Tensor, nms_thresh: float) -> dict[str, Tensor]:
+    def detect_image(self, boxes: Tensor, scores: Tensor, nms_thresh: float) -> dict[str, Tensor]:
         """Clipped boxes (Ri, K, 4), scores (Ri, K) of one image -> its detections: score
-        threshold, per-class NMS, top-k (and box voting when refining)."""
+        threshold, per-class NMS, top-k (and box voting when refining). Traced, batched_nms
+        takes torchvision's coordinate trick (the classes' boxes shifted apart, one NMS)."""
         keep = (scores > self.score_thresh_test) & torch.isfinite(boxes).all(dim=-1)  # (Ri, K)
         roi_idx, class_idx = keep.nonzero(as_tuple=True)
         boxes, scores = boxes[roi_idx, class_idx], scores[roi_idx, class_idx]
@@ -249,7 +254,20 @@ class Res5ROIHeads(nn.Module):
         return {"boxes": kept, "scores": scores[keep], "labels": labels[keep]}
 
 
-def _whole_image_boxes(features: Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-    """Per image a (1, 4) box (0, 0, w, h): its valid region of the padded batch."""
-    return [features.new_tensor([[0.0, 0.0, float(w), float(h)]], dtype=torch.float32)
-            for h, w in image_sizes]
+def _whole_image_boxes(features: Tensor, image_sizes: Sequence[tuple[int, int] | Tensor]) -> list[Tensor]:
+    """Per image a (1, 4) box (0, 0, w, h): its valid region of the padded batch. A size that is
+    an int64 (2,) tensor (tracing) stays one, so the box follows the input's size."""
+    return [_whole_image_box(features, size) for size in image_sizes]
+
+
+def _whole_image_box(features: Tensor, size: tuple[int, int] | Tensor) -> Tensor:
+    if isinstance(size, Tensor):
+        return torch.cat([size.new_zeros(2), size.flip(0)]).to(torch.float32).unsqueeze(0)
+    height, width = size
+    return features.new_tensor([[0.0, 0.0, float(width), float(height)]], dtype=torch.float32)
+
+
+def _per_image(x: Tensor, counts: list[int]) -> list[Tensor]:
+    """Rows (R, ...) split into the images' (Ri, ...). One image takes all rows without reading
+    its count, which tracing would freeze at the traced image's."""
+    return [x] if len(counts) == 1 else list(x.split(counts))

@@ -132,16 +132,17 @@ class RPN(nn.Module):
     def select_proposals(self, anchors: Tensor, logits: Tensor, deltas: Tensor,
                          image_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
         """Per image: top pre-NMS-k anchors by objectness, decode, clip, drop small and
-        non-finite boxes, NMS, keep the post-NMS top k."""
-        num_images, num_anchors = logits.shape
-        k = min(self.pre_nms_topk[self.training], num_anchors)
+        non-finite boxes, NMS, keep the post-NMS top k. Traceable: `image_sizes` may hold
+        int64 (2,) tensors (FasterRCNN.preprocess while tracing)."""
+        num_images = logits.shape[0]
+        k = topk_size(self.pre_nms_topk[self.training], logits, 1)
         top_logits, top_idx = logits.topk(k, dim=1)  # (N, k), sorted
         batch_idx = torch.arange(num_images, device=logits.device).unsqueeze(1)  # (N, 1)
         boxes = self.box_coder.decode(deltas[batch_idx, top_idx], anchors[top_idx])  # (N, k, 4)
         post_k = self.post_nms_topk[self.training]
         proposals = []
         for boxes_i, scores_i, size in zip(boxes, top_logits, image_sizes):
-            boxes_i = clip_boxes_to_image(boxes_i, size)
+            boxes_i = clip_boxes(boxes_i, size)
             keep = remove_small_boxes(boxes_i, self.min_size)
             boxes_i, scores_i = boxes_i[keep], scores_i[keep]
             # Anchors entirely outside the image clip to zero-area boxes; they are not regions.
@@ -158,10 +159,31 @@ def first_nms_survivors(boxes: Tensor, scores: Tensor, iou_threshold: float, k: 
     few of the first boxes as give k survivors. Greedy NMS keeps a box unless a kept box scored
     above it overlaps it, so the survivors among the first m boxes are the first of all the
     survivors: when m boxes give k, they are the k. Tries m = 2k, 4k, ... up to all of them
-    (the demo's test: 200 of up to 3000 boxes; COCO's training: 2000 of 12000)."""
+    (the demo's test: 200 of up to 3000 boxes; COCO's training: 2000 of 12000). While tracing,
+    NMS over all of them: the loop's test would be frozen at the traced image's counts."""
+    if torch.jit.is_tracing():
+        return nms(boxes, scores, iou_threshold)[:k]
     m = 2 * k
     while True:
         keep = nms(boxes[:m], scores[:m], iou_threshold)
         if len(keep) >= k or m >= len(boxes):
             return keep[:k]
         m *= 2
+
+
+def topk_size(k: int, x: Tensor, dim: int) -> int | Tensor:
+    """min(k, x.shape[dim]); while tracing a tensor op, so that the graph takes the bound from
+    the input's size instead of the traced one (torchvision's _topk_min)."""
+    if not torch.jit.is_tracing():
+        return min(k, x.shape[dim])
+    size = torch._shape_as_tensor(x)[dim].unsqueeze(0)
+    return torch.min(torch.cat([torch.tensor([k], dtype=size.dtype, device=size.device), size]))
+
+
+def clip_boxes(boxes: Tensor, size: tuple[int, int] | Tensor) -> Tensor:
+    """Boxes (..., 4) clipped to the image: x in [0, W], y in [0, H]. `size` (H, W): ints, or
+    an int64 (2,) tensor while tracing, which keeps the limits dynamic in the graph."""
+    if not isinstance(size, Tensor):
+        return clip_boxes_to_image(boxes, size)
+    limits = size.flip(0).repeat(2).to(boxes.dtype)  # (H, W) -> (4,): W, H, W, H
+    return torch.minimum(boxes.clamp(min=0), limits)

@@ -54,7 +54,7 @@ def test_refinement_nms_and_voting_in_the_head():
     # two RoIs x K=2 classes: class 1 has A (0.9) and B (0.6) overlapping at 0.68; class 2 low scores
     boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 10]], [[1, 1, 11, 11], [1, 1, 11, 11]]])
     scores = torch.tensor([[0.9, 0.01], [0.6, 0.02]])
-    det = heads._detect_image(boxes, scores, heads.box_refinement.nms_thresh)
+    det = heads.detect_image(boxes, scores, heads.box_refinement.nms_thresh)
     assert det["labels"].tolist() == [1] and det["scores"].tolist() == pytest.approx([0.9])
     torch.testing.assert_close(det["boxes"], torch.tensor([[0.6 / 1.5, 0.6 / 1.5, 15.6 / 1.5, 15.6 / 1.5]]))
 

@@ -6,6 +6,7 @@ README's ONNX lines run as written."""
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +36,7 @@ def images(*sizes, seed=0):
 
 
 def traceable_equals_model(model, image):
-    """The export's rewrite of inference (run in eager mode) against FasterRCNN's own."""
+    """The exported module (run in eager mode) against FasterRCNN's own inference."""
     with torch.no_grad():
         ref = model([image])[0]
         inputs = prepare_image(image, model.min_size_test, model.max_size_test, model.resize_mode)
@@ -54,6 +55,38 @@ def test_the_traceable_inference_is_the_models(variant):
         traceable_equals_model(model, image)
     model.size_divisibility = 0
     traceable_equals_model(model, images((50, 77))[0])
+
+
+def test_the_traced_graph_follows_the_image_size():
+    """Traced at one size, run at others: the model's own inference code keeps its sizes,
+    top-k bounds and NMS in the graph, so the traced module gives the model's detections."""
+    model = make_model(score_thresh_test=0.0, global_context=True).eval()
+    # traced where the RPN's top-k (500) is below the anchor count, run where it is above; the
+    # number of proposals (RoIs) differs with the size
+    model.rpn.pre_nms_topk[False], model.rpn.post_nms_topk[False] = 500, 1000
+    first, *others = [prepare_image(image, model.min_size_test, model.max_size_test) for image in
+                      images((70, 190), (64, 64), (70, 90), (120, 64))]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on the config's constants
+        traced = torch.jit.trace(ExportableDetector(model), tuple(torch.from_numpy(first[k]) for k in
+                                                               ("image", "original_size")), check_trace=False)
+        for inputs in others:
+            assert inputs["image"].shape != first["image"].shape
+            tensors = [torch.from_numpy(inputs[k]) for k in ("image", "original_size")]
+            got, expected = traced(*tensors), ExportableDetector(model)(*tensors)
+            assert len(expected[0]) > 0 and torch.equal(got[2], expected[2])
+            torch.testing.assert_close(got[:2], expected[:2], atol=1e-4, rtol=0)
+
+
+def test_the_export_runs_the_models_own_inference(monkeypatch):
+    """A change to the model's inference reaches the exported module: no second copy of it."""
+    model = make_model(score_thresh_test=0.0).eval()
+    detect_image = model.roi_heads.detect_image
+    monkeypatch.setattr(model.roi_heads, "detect_image", lambda *args: {
+        key: value[:1] for key, value in detect_image(*args).items()})  # the top detection only
+    image = images((70, 90))[0]
+    traceable_equals_model(model, image)
+    assert len(model([image])[0]["scores"]) == 1
 
 
 def test_what_cannot_be_exported_is_one_clear_error():

@@ -98,7 +98,7 @@ def _box_errors(heads, features, proposals, targets) -> tuple:
     heads.generator = torch.Generator().manual_seed(0)
     boxes, classes, gt_boxes = heads.sample_proposals(proposals, targets)
     with torch.no_grad():
-        _, deltas = heads.predictor(heads._res5(heads._pool(features, boxes)))
+        _, deltas = heads.predictor(heads.box_features(features, boxes))
     fg = (classes > 0).nonzero().squeeze(1)
     pred = deltas.view(-1, K, 4)[fg, classes[fg] - 1]
     target = BoxCoder((10, 10, 5, 5)).encode(gt_boxes[fg], torch.cat(boxes)[fg])
@@ -134,9 +134,9 @@ def test_image_without_ground_truth_trains_background_only():
 @pytest.mark.parametrize("pooler", ["roi_align", "roi_pool"])
 def test_pool_shapes(pooler):
     heads = _heads(pooler=pooler, pooler_resolution=7)
-    pooled = heads._pool(torch.randn(2, 16, 8, 8), [_random_proposals(5, s) for s in IMAGE_SIZES])
+    pooled = heads.pool(torch.randn(2, 16, 8, 8), [_random_proposals(5, s) for s in IMAGE_SIZES])
     assert pooled.shape == (10, 16, 7, 7)
-    assert heads._res5(pooled).shape == (10, 24)
+    assert heads.res5_head(pooled).shape == (10, 24)
 
 
 def test_inference_respects_cap_threshold_and_label_range():
