@@ -5,7 +5,8 @@
   activations stay O(1); see docs/ARCHITECTURE.md). It is timed through its public entry
   point, `model(images)`, and its stages are read from the profiler labels it carries
   (detection/benchmarking/profiling.py): nothing here re-stages it or touches its private
-  members, so the benchmark times the code that runs.
+  members, so the benchmark times the code that runs. bench_config and build_bench_model
+  give it the tool's config and weights (--weights, or random).
 - torchvision's generic FasterRCNN assembled as C4, holding the same weights and doing the
   same work: ResNet conv1..layer3 (FrozenBatchNorm2d) as the trunk, RoIAlign with
   aligned=True (ours; torchvision's MultiScaleRoIAlign uses aligned=False), layer4 + average
@@ -20,14 +21,17 @@ optimizer_step.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections import OrderedDict
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from detection.cli import config_from_args
+from detection.config import Config
 from detection.engine.optim import build_optimizer
 from detection.engine.trainer import TrainState, forward_losses, optimizer_step
 from detection.model import FasterRCNN, build_model
@@ -41,6 +45,33 @@ def build_ours(cfg: Any, seed: int = 0) -> FasterRCNN:
     """Our detector from the config, seeded random weights made sane, in eval mode."""
     torch.manual_seed(seed)
     return make_sane(build_model(cfg)).eval()
+
+
+def bench_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    """The tool's config with random weights (unless --pretrained) and test size = the image
+    size; without --image-size, sets args.image_size to min_size_test x 4/3 (within
+    max_size_test)."""
+    weights = [] if args.pretrained else ["model.backbone.weights=null"]
+    if args.image_size is None:
+        cfg = config_from_args(args, weights)
+        side = cfg.input.min_size_test
+        args.image_size = [side, min(cfg.input.max_size_test, round(side * 4 / 3))]
+    h, w = args.image_size
+    return config_from_args(args, [*weights, f"input.min_size_test={min(h, w)}",
+                                   f"input.max_size_test={max(h, w)}", *extra])
+
+
+def build_bench_model(cfg: Config, args: argparse.Namespace) -> FasterRCNN:
+    """Seeded random sane weights, or the detector in --weights."""
+    model = build_ours(cfg)
+    if args.weights:
+        from detection.engine.loading import load_detector_weights, read_detector_file
+
+        weights = read_detector_file(args.weights)
+        if weights is None:
+            raise SystemExit(f"error: {args.weights}: holds no detector")
+        load_detector_weights(model, weights)
+    return model
 
 
 # ---- torchvision's generic Faster R-CNN as C4 ------------------------------------------
@@ -206,10 +237,13 @@ def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
 class ProposalRecorder:
     """Records the proposals that reach our box head, through a public forward pre-hook on
     model.roi_heads: `with ProposalRecorder(model) as rec: model(images)`, then `rec.proposals`
-    (one (Ri, 4) tensor per image of the last call) and `rec.count`."""
+    (one (Ri, 4) tensor per image of the last call), `rec.count`, and `rec.images`: the images
+    through the box head over all calls, one per image per inference pass (test-time
+    augmentation runs each image through several)."""
 
     def __init__(self, model: FasterRCNN) -> None:
         self.model, self.proposals, self.handle = model, [], None
+        self.images = 0
 
     @property
     def count(self) -> int:
@@ -217,6 +251,7 @@ class ProposalRecorder:
 
     def hook(self, module: nn.Module, args: tuple) -> None:
         self.proposals = list(args[1])  # args = (features, proposals, image_sizes)
+        self.images += len(self.proposals)
 
     def __enter__(self) -> "ProposalRecorder":
         self.handle = self.model.roi_heads.register_forward_pre_hook(self.hook)
