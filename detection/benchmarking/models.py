@@ -133,6 +133,32 @@ def _torchvision_cell_anchors(ours: FasterRCNN, num_sizes: int, num_ratios: int)
     return cell[torch.tensor(_anchor_permutation(num_sizes, num_ratios))].clone()
 
 
+def _torchvision_rpn(ours: FasterRCNN, cfg: Any, channels: int) -> tuple[nn.Module, nn.Module]:
+    """torchvision's RPNHead with our RPN head's weights and its AnchorGenerator with our anchors."""
+    from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
+
+    sizes, ratios = tuple(cfg.model.anchors.sizes), tuple(cfg.model.anchors.aspect_ratios)
+    rpn_head = RPNHead(channels, len(sizes) * len(ratios))
+    _copy_rpn_head(ours, rpn_head, len(sizes), len(ratios))
+    anchors = AnchorGenerator((sizes,), (ratios,))
+    anchors.cell_anchors = [_torchvision_cell_anchors(ours, len(sizes), len(ratios))]
+    return rpn_head, anchors
+
+
+def _torchvision_predictor(ours: FasterRCNN, num_classes: int) -> nn.Module:
+    """torchvision's FastRCNNPredictor with our classifier; class 0 (background) gets zero box
+    deltas (torchvision predicts them, ours does not)."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    src = ours.roi_heads.predictor
+    predictor = FastRCNNPredictor(src.cls_score.in_features, num_classes + 1)
+    with torch.no_grad():
+        predictor.cls_score.load_state_dict(src.cls_score.state_dict())
+        predictor.bbox_pred.weight.zero_()[4:].copy_(src.bbox_pred.weight)
+        predictor.bbox_pred.bias.zero_()[4:].copy_(src.bbox_pred.bias)
+    return predictor
+
+
 class AlignedRoIPool(nn.Module):
     """torchvision's box_roi_pool interface (features dict, proposals, image sizes) around
     torchvision.ops.roi_align with aligned=True, as ours (Detectron2's ROIAlignV2).
@@ -187,8 +213,6 @@ def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
     The benchmark compares the detections on every run and reports unequal work.
     """
     from torchvision.models.detection import FasterRCNN as TVFasterRCNN
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-    from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
     from torchvision.ops import MultiScaleRoIAlign
 
     _check_c4_compatible(cfg)
@@ -198,17 +222,8 @@ def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
                                       ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
     trunk.out_channels = ours.rpn.head.conv.in_channels
     box_head = nn.Sequential(resnet.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-    sizes, ratios = tuple(m.anchors.sizes), tuple(m.anchors.aspect_ratios)
-    rpn_head = RPNHead(trunk.out_channels, len(sizes) * len(ratios))
-    _copy_rpn_head(ours, rpn_head, len(sizes), len(ratios))
-    c5 = ours.roi_heads.predictor.cls_score.in_features
-    predictor = FastRCNNPredictor(c5, m.num_classes + 1)
-    with torch.no_grad():  # same classifier; class 0 (background) gets zero box deltas
-        predictor.cls_score.load_state_dict(ours.roi_heads.predictor.cls_score.state_dict())
-        predictor.bbox_pred.weight.zero_()[4:].copy_(ours.roi_heads.predictor.bbox_pred.weight)
-        predictor.bbox_pred.bias.zero_()[4:].copy_(ours.roi_heads.predictor.bbox_pred.bias)
-    anchors = AnchorGenerator((sizes,), (ratios,))
-    anchors.cell_anchors = [_torchvision_cell_anchors(ours, len(sizes), len(ratios))]
+    rpn_head, anchors = _torchvision_rpn(ours, cfg, trunk.out_channels)
+    predictor = _torchvision_predictor(ours, m.num_classes)
     r, h = m.rpn, m.roi_heads
     model = TVFasterRCNN(
         trunk, num_classes=None, min_size=ours.min_size_test, max_size=ours.max_size_test,
