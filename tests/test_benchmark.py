@@ -19,9 +19,13 @@ from detection.benchmarking.models import (STAGES, ProposalRecorder, build_ours,
                                           compare_proposals, staged_torchvision, synthetic_batch)
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.benchmarking.report import CUDA_TARGETS, TARGETS, print_ratios, summarize
+from detection.benchmarking.memory import child_argv
+from detection.benchmarking.meters import interleaved
 from detection.config import load_config
 from detection.accel import optimize_for_inference
 from detection.testing import compare_detections
+from detection.tta import DetectorWithTTA
+from tests.helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20",
@@ -252,6 +256,56 @@ def test_benchmark_code_uses_no_private_member_of_the_library():
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("detection", "backbones"):
                 found += [f"{path.name}:{node.lineno}: import {a.name}" for a in node.names if a.name.startswith("_")]
     assert not found
+
+
+def test_benchmark_code_replaces_no_method_of_a_model():
+    """Counting or timing by assigning over `detector.inference` (or forward) changes the object
+    under test for everyone holding it; the benchmark uses public hooks and wrappers instead."""
+    found = []
+    for path in benchmark_sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            found += [f"{path.name}:{node.lineno}: .{t.attr} =" for t in targets
+                      if isinstance(t, ast.Attribute) and t.attr in ("inference", "forward", "__call__")]
+    assert not found
+
+
+def test_proposal_recorder_counts_the_images_of_every_inference_pass():
+    """The evaluation timing's passes per image: test-time augmentation at two sizes with the
+    mirrored images runs each image through the box head 4 times (2 passes of 2 images)."""
+    cfg = tiny_config(64, 96)
+    detector = build_ours(cfg)
+    tta = DetectorWithTTA(detector, min_sizes=[48, 64], max_size=96, flip=True)
+    images, _ = synthetic_batch(1, (64, 96), cfg.model.num_classes)
+    with torch.inference_mode(), ProposalRecorder(detector) as recorder:
+        tta(images)
+        assert recorder.images == 4
+        detector(images)
+    assert recorder.images == 5 and recorder.count == 20  # count: the last call's proposals
+
+
+def test_runs_are_interleaved_in_alternating_order_after_the_warmup():
+    assert list(interleaved(["a", "b"], warmup=1, runs=2)) == [
+        (0, "a", False), (0, "b", False), (1, "b", True), (1, "a", True), (2, "a", True), (2, "b", True)]
+
+
+def test_memory_children_get_the_command_line_without_size_and_json():
+    """The parent gives each child the image size it settled on; a child must not write the JSON."""
+    argv = ["--config", "c.yaml", "--image-size", "64", "96", "--json", "out.json", "--json=o.json", "--runs", "2",
+            "model.rpn.post_nms_topk_test=10"]
+    assert child_argv(argv) == ["--config", "c.yaml", "--runs", "2", "model.rpn.post_nms_topk_test=10"]
+
+
+def test_chunk_size_option_is_checked_as_the_fast_path_checks_it(capsys):
+    parse = load_tool("benchmark").parse_args
+    assert parse(["--config", "c.yaml"]).chunk_size == "auto"
+    assert parse(["--config", "c.yaml", "--chunk-size", "64"]).chunk_size == 64
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(["--config", "c.yaml", "--chunk-size", bad])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert "argument --chunk-size" in error and "positive number of RoIs" in error
 
 
 def test_make_sane_is_the_librarys_only():

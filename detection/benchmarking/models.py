@@ -5,7 +5,8 @@
   activations stay O(1); see docs/ARCHITECTURE.md). It is timed through its public entry
   point, `model(images)`, and its stages are read from the profiler labels it carries
   (detection/benchmarking/profiling.py): nothing here re-stages it or touches its private
-  members, so the benchmark times the code that runs.
+  members, so the benchmark times the code that runs. bench_config and build_bench_model
+  give it the tool's config and weights (--weights, or random).
 - torchvision's generic FasterRCNN assembled as C4, holding the same weights and doing the
   same work: ResNet conv1..layer3 (FrozenBatchNorm2d) as the trunk, RoIAlign with
   aligned=True (ours; torchvision's MultiScaleRoIAlign uses aligned=False), layer4 + average
@@ -20,14 +21,17 @@ optimizer_step.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections import OrderedDict
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from detection.cli import config_from_args
+from detection.config import Config
 from detection.engine.optim import build_optimizer
 from detection.engine.trainer import TrainState, forward_losses, optimizer_step
 from detection.model import FasterRCNN, build_model
@@ -41,6 +45,33 @@ def build_ours(cfg: Any, seed: int = 0) -> FasterRCNN:
     """Our detector from the config, seeded random weights made sane, in eval mode."""
     torch.manual_seed(seed)
     return make_sane(build_model(cfg)).eval()
+
+
+def bench_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    """The tool's config with random weights (unless --pretrained) and test size = the image
+    size; without --image-size, sets args.image_size to min_size_test x 4/3 (within
+    max_size_test)."""
+    weights = [] if args.pretrained else ["model.backbone.weights=null"]
+    if args.image_size is None:
+        cfg = config_from_args(args, weights)
+        side = cfg.input.min_size_test
+        args.image_size = [side, min(cfg.input.max_size_test, round(side * 4 / 3))]
+    h, w = args.image_size
+    return config_from_args(args, [*weights, f"input.min_size_test={min(h, w)}",
+                                   f"input.max_size_test={max(h, w)}", *extra])
+
+
+def build_bench_model(cfg: Config, args: argparse.Namespace) -> FasterRCNN:
+    """Seeded random sane weights, or the detector in --weights."""
+    model = build_ours(cfg)
+    if args.weights:
+        from detection.engine.loading import load_detector_weights, read_detector_file
+
+        weights = read_detector_file(args.weights)
+        if weights is None:
+            raise SystemExit(f"error: {args.weights}: holds no detector")
+        load_detector_weights(model, weights)
+    return model
 
 
 # ---- torchvision's generic Faster R-CNN as C4 ------------------------------------------
@@ -102,6 +133,32 @@ def _torchvision_cell_anchors(ours: FasterRCNN, num_sizes: int, num_ratios: int)
     return cell[torch.tensor(_anchor_permutation(num_sizes, num_ratios))].clone()
 
 
+def _torchvision_rpn(ours: FasterRCNN, cfg: Any, channels: int) -> tuple[nn.Module, nn.Module]:
+    """torchvision's RPNHead with our RPN head's weights and its AnchorGenerator with our anchors."""
+    from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
+
+    sizes, ratios = tuple(cfg.model.anchors.sizes), tuple(cfg.model.anchors.aspect_ratios)
+    rpn_head = RPNHead(channels, len(sizes) * len(ratios))
+    _copy_rpn_head(ours, rpn_head, len(sizes), len(ratios))
+    anchors = AnchorGenerator((sizes,), (ratios,))
+    anchors.cell_anchors = [_torchvision_cell_anchors(ours, len(sizes), len(ratios))]
+    return rpn_head, anchors
+
+
+def _torchvision_predictor(ours: FasterRCNN, num_classes: int) -> nn.Module:
+    """torchvision's FastRCNNPredictor with our classifier; class 0 (background) gets zero box
+    deltas (torchvision predicts them, ours does not)."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    src = ours.roi_heads.predictor
+    predictor = FastRCNNPredictor(src.cls_score.in_features, num_classes + 1)
+    with torch.no_grad():
+        predictor.cls_score.load_state_dict(src.cls_score.state_dict())
+        predictor.bbox_pred.weight.zero_()[4:].copy_(src.bbox_pred.weight)
+        predictor.bbox_pred.bias.zero_()[4:].copy_(src.bbox_pred.bias)
+    return predictor
+
+
 class AlignedRoIPool(nn.Module):
     """torchvision's box_roi_pool interface (features dict, proposals, image sizes) around
     torchvision.ops.roi_align with aligned=True, as ours (Detectron2's ROIAlignV2).
@@ -156,8 +213,6 @@ def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
     The benchmark compares the detections on every run and reports unequal work.
     """
     from torchvision.models.detection import FasterRCNN as TVFasterRCNN
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-    from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
     from torchvision.ops import MultiScaleRoIAlign
 
     _check_c4_compatible(cfg)
@@ -167,17 +222,8 @@ def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
                                       ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
     trunk.out_channels = ours.rpn.head.conv.in_channels
     box_head = nn.Sequential(resnet.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-    sizes, ratios = tuple(m.anchors.sizes), tuple(m.anchors.aspect_ratios)
-    rpn_head = RPNHead(trunk.out_channels, len(sizes) * len(ratios))
-    _copy_rpn_head(ours, rpn_head, len(sizes), len(ratios))
-    c5 = ours.roi_heads.predictor.cls_score.in_features
-    predictor = FastRCNNPredictor(c5, m.num_classes + 1)
-    with torch.no_grad():  # same classifier; class 0 (background) gets zero box deltas
-        predictor.cls_score.load_state_dict(ours.roi_heads.predictor.cls_score.state_dict())
-        predictor.bbox_pred.weight.zero_()[4:].copy_(ours.roi_heads.predictor.bbox_pred.weight)
-        predictor.bbox_pred.bias.zero_()[4:].copy_(ours.roi_heads.predictor.bbox_pred.bias)
-    anchors = AnchorGenerator((sizes,), (ratios,))
-    anchors.cell_anchors = [_torchvision_cell_anchors(ours, len(sizes), len(ratios))]
+    rpn_head, anchors = _torchvision_rpn(ours, cfg, trunk.out_channels)
+    predictor = _torchvision_predictor(ours, m.num_classes)
     r, h = m.rpn, m.roi_heads
     model = TVFasterRCNN(
         trunk, num_classes=None, min_size=ours.min_size_test, max_size=ours.max_size_test,
@@ -206,10 +252,13 @@ def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
 class ProposalRecorder:
     """Records the proposals that reach our box head, through a public forward pre-hook on
     model.roi_heads: `with ProposalRecorder(model) as rec: model(images)`, then `rec.proposals`
-    (one (Ri, 4) tensor per image of the last call) and `rec.count`."""
+    (one (Ri, 4) tensor per image of the last call), `rec.count`, and `rec.images`: the images
+    through the box head over all calls, one per image per inference pass (test-time
+    augmentation runs each image through several)."""
 
     def __init__(self, model: FasterRCNN) -> None:
         self.model, self.proposals, self.handle = model, [], None
+        self.images = 0
 
     @property
     def count(self) -> int:
@@ -217,6 +266,7 @@ class ProposalRecorder:
 
     def hook(self, module: nn.Module, args: tuple) -> None:
         self.proposals = list(args[1])  # args = (features, proposals, image_sizes)
+        self.images += len(self.proposals)
 
     def __enter__(self) -> "ProposalRecorder":
         self.handle = self.model.roi_heads.register_forward_pre_hook(self.hook)

@@ -63,7 +63,6 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """Adds medians, FLOP rates, the equal-work check and the ratios (with their targets)."""
     inference = report["inference"]
     _summarize_inference(inference, conv_peak_gflops(report["hardware"]))
-    e2e = {name: e["end_to_end_median_s"] for name, e in inference.items()}
     ratios: dict[str, Any] = {"inference_speedup_fast_vs_plain": _paired(inference["plain"]["end_to_end_s"],
                                                                          inference["fast"]["end_to_end_s"])}
     amp = next((n for n in ("fast_bf16", "fast_fp16") if n in inference), None)  # test.amp: CPU, CUDA
@@ -73,31 +72,14 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         entry["iteration_median_s"] = _median(entry["iteration_s"])
         entry["iteration_cpu_median_s"] = _median(entry["iteration_cpu_s"])
         entry["parts_median_s"] = {k: _median(v) for k, v in entry["parts_s"].items()}
-    train = {n: e["iteration_median_s"] for n, e in report.get("training", {}).items()}
     memory = {n: e.get("max_gpu_mb", e.get("max_rss_mb")) for n, e in report.get("memory", {}).items()}
-    step_peak = {n: e.get("step_peak_mb") for n, e in report.get("training", {}).items()}
     ratios["training_speedup_fast_vs_plain"] = _paired(report.get("training", {}).get("plain", {}).get("iteration_s"),
                                                        report.get("training", {}).get("fast", {}).get("iteration_s"))
     ratios["training_speedup_amp_vs_fast"] = _paired(report.get("training", {}).get("fast", {}).get("iteration_s"),
                                                       report.get("training", {}).get("fast_amp", {}).get("iteration_s"))
     ratios["memory_ratio_fast_vs_plain"] = _ratio(memory.get("fast"), memory.get("plain"))
     if "torchvision" in inference:
-        runs = {n: e["end_to_end_s"] for n, e in inference.items()}
-        train_runs = {n: e["iteration_s"] for n, e in report.get("training", {}).items()}
-        ratios["inference_speedup"] = _paired(runs["torchvision"], runs["fast"])
-        ratios["inference_speedup_of_medians"] = _ratio(e2e["torchvision"], e2e["fast"])
-        if amp:
-            ratios[f"inference_speedup_{amp[5:]}"] = _paired(runs["torchvision"], runs[amp])
-        ratios["training_speedup"] = _paired(train_runs.get("torchvision"), train_runs.get("fast"))
-        if "torchvision_amp" in train_runs:  # CUDA: AMP steps against each other
-            ratios["training_speedup_amp"] = _paired(train_runs["torchvision_amp"], train_runs.get("fast_amp"))
-            ratios["training_memory_ratio"] = _ratio(step_peak.get("fast_amp"), step_peak.get("torchvision_amp"))
-        ratios["training_speedup_of_medians"] = _ratio(train.get("torchvision"), train.get("fast"))
-        ratios["memory_ratio"] = _ratio(memory.get("fast"), memory.get("torchvision"))
-        cpu = {n: e["end_to_end_cpu_median_s"] for n, e in inference.items()}
-        ratios["inference_speedup_cpu_time"] = _ratio(cpu["torchvision"], cpu["fast"])
-        cpu = {n: e["iteration_cpu_median_s"] for n, e in report.get("training", {}).items()}
-        ratios["training_speedup_cpu_time"] = _ratio(cpu.get("torchvision"), cpu.get("fast"))
+        ratios.update(_torchvision_ratios(report, amp, memory))
         report["equal_work"] = _equal_work(report)
         report["targets_met"] = targets_met(ratios, report["equal_work"]["ok"], targets_for(report))
     report["ratios"] = ratios
@@ -107,6 +89,33 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     half = 0.5 * report["cpu_count"]
     report["busy"] = report["loadavg_start"][0] > half or report["max_loadavg_during_runs"] > report["threads"] + half
     return report
+
+
+def _torchvision_ratios(report: dict[str, Any], amp: str | None, memory: dict[str, float | None]
+                        ) -> dict[str, float | None]:
+    """The fast path against torchvision's C4: inference (paired, of medians, of CPU times, and
+    the test.amp variant's), training (on CUDA also the AMP steps and their peak memory), memory."""
+    inference, training = report["inference"], report.get("training", {})
+    runs = {n: e["end_to_end_s"] for n, e in inference.items()}
+    train_runs = {n: e["iteration_s"] for n, e in training.items()}
+    train = {n: e["iteration_median_s"] for n, e in training.items()}
+    step_peak = {n: e.get("step_peak_mb") for n, e in training.items()}
+    ratios = {"inference_speedup": _paired(runs["torchvision"], runs["fast"]),
+              "inference_speedup_of_medians": _ratio(inference["torchvision"]["end_to_end_median_s"],
+                                                     inference["fast"]["end_to_end_median_s"])}
+    if amp:
+        ratios[f"inference_speedup_{amp[5:]}"] = _paired(runs["torchvision"], runs[amp])
+    ratios["training_speedup"] = _paired(train_runs.get("torchvision"), train_runs.get("fast"))
+    if "torchvision_amp" in train_runs:  # CUDA: AMP steps against each other
+        ratios["training_speedup_amp"] = _paired(train_runs["torchvision_amp"], train_runs.get("fast_amp"))
+        ratios["training_memory_ratio"] = _ratio(step_peak.get("fast_amp"), step_peak.get("torchvision_amp"))
+    ratios["training_speedup_of_medians"] = _ratio(train.get("torchvision"), train.get("fast"))
+    ratios["memory_ratio"] = _ratio(memory.get("fast"), memory.get("torchvision"))
+    cpu = {n: e["end_to_end_cpu_median_s"] for n, e in inference.items()}
+    ratios["inference_speedup_cpu_time"] = _ratio(cpu["torchvision"], cpu["fast"])
+    cpu = {n: e["iteration_cpu_median_s"] for n, e in training.items()}
+    ratios["training_speedup_cpu_time"] = _ratio(cpu.get("torchvision"), cpu.get("fast"))
+    return ratios
 
 
 def _meets(value: float | None, op: str, target: float) -> bool | None:
@@ -193,16 +202,19 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"peak {'GPU memory' if gpu else 'RSS'} at {report['memory_proposals']} proposals (MB): " + ", ".join(
             f"{n} {e['max_gpu_mb' if gpu else 'max_rss_mb']:.0f}" for n, e in report["memory"].items()))
     if "data_loader" in report:
-        d, ev = report["data_loader"], report["evaluation"]
-        print(f"data loader: {d['images_per_s']:.1f} images/s ({d['num_workers']} workers, "
-              f"batch {d['images_per_batch']}); evaluation: {ev['per_image_s']:.3f} s/image "
-              f"over {ev['images']} images, metrics {ev['metrics_s']:.3f} s")
-        if "model_s" in ev:
-            print(f"evaluation time: {ev['images_per_s']:.2f} images/s; model {ev['model_s']:.2f} s, scoring "
-                  f"and files {ev['metrics_s']:.2f} s, reading images and the loop {ev['other_s']:.2f} s "
-                  f"({100 * ev['outside_model_share']:.0f}% outside the model; {ev.get('num_workers', 0)} loader "
-                  f"workers, {ev.get('passes_per_image', 1)} passes per image, {'test.amp' if ev.get('amp') else 'float32'})")
+        _print_data(report["data_loader"], report["evaluation"])
     print_ratios(report)
+
+
+def _print_data(d: dict[str, Any], ev: dict[str, Any]) -> None:
+    print(f"data loader: {d['images_per_s']:.1f} images/s ({d['num_workers']} workers, "
+          f"batch {d['images_per_batch']}); evaluation: {ev['per_image_s']:.3f} s/image "
+          f"over {ev['images']} images, metrics {ev['metrics_s']:.3f} s")
+    if "model_s" in ev:
+        print(f"evaluation time: {ev['images_per_s']:.2f} images/s; model {ev['model_s']:.2f} s, scoring "
+              f"and files {ev['metrics_s']:.2f} s, reading images and the loop {ev['other_s']:.2f} s "
+              f"({100 * ev['outside_model_share']:.0f}% outside the model; {ev.get('num_workers', 0)} loader "
+              f"workers, {ev.get('passes_per_image', 1)} passes per image, {'test.amp' if ev.get('amp') else 'float32'})")
 
 
 def _print_inference(inference: dict[str, Any]) -> None:
