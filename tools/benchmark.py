@@ -62,11 +62,7 @@ from detection.benchmarking.models import (STAGES, ProposalRecorder, TimedModel,
                                           compare_proposals, staged_torchvision, synthetic_batch, train_step)
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.benchmarking.report import print_report, summarize
-from backbones.errors import WeightsError
-from detection.cli import add_config_args, config_from_args, fail
-from detection.config import ConfigError
-from detection.data import DataError
-from detection.engine.checkpoint import CheckpointError
+from detection.cli import add_config_args, config_from_args, parse_command_line, run_tool
 from detection.precision import inference_amp
 from detection.utils.comm import select_device, set_tf32
 from detection.fast import (AUTO, fold_frozen_bn, install_runner, optimize_for_inference, optimize_for_training,
@@ -110,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time ONNX Runtime on the exported plain path (detection/export.py; the export "
                         "extra) against the fast path")
     p.add_argument("--child", choices=("plain", "fast", "torchvision"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_command_line(p, argv)
     if args.runs < 1 or args.warmup < 0:
         p.error("--runs must be >= 1 and --warmup >= 0")
     if args.dataset and args.eval_images is not None:
@@ -647,26 +643,22 @@ def _child_argv(argv: list[str]) -> list[str]:
     return out
 
 
-# the project's own errors about what the user gave; anything else is a bug and keeps its traceback
-INPUT_ERRORS = (ConfigError, DataError, CheckpointError, WeightsError)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_flush_denormal(True)
     if args.child:
         return child_main(args)
-    try:
+
+    def work() -> None:
         report = summarize(run(args, argv))
-    except INPUT_ERRORS as err:  # a wrong data set, weights file or setting: one clear line
-        fail(str(err))
-    print_report(report)
-    if "onnx" in report:
-        print_onnx(report["onnx"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
-    return 0
+        print_report(report)
+        if "onnx" in report:
+            print_onnx(report["onnx"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from detection.config import Config, config_to_dict
+from detection.config import Config, ConfigError, config_to_dict
 from detection.data.dataset_info import DatasetInfo
 from detection.engine import distributed as du
 from detection.engine.checkpoint import (gather_rng_states, load_resume_checkpoint, periodic_checkpoint_path,
@@ -38,6 +38,7 @@ from detection.engine.run_folder import RunLock, check_output_dir, prepare_outpu
 from detection.engine.startup import (build_test_datasets, event_files, final_line, note_stop, summary_of_test_sets,
                                       undo_unstarted_run)
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, progress_line
+from detection.utils.files import OutputFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     of the run goes to the output folder's log.txt too (run_log.RunLogFile, rank 0).
     """
     if resume and overwrite:
-        raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: "
-                         "give one of them")
+        raise ConfigError("--resume continues the run in the output folder and --overwrite replaces it: "
+                          "give one of them")
     device = du.select_device(cfg.device, cfg.tf32)
     distributed = du.init_distributed(device)
     lock = _lock_output_dir(Path(cfg.output_dir))
@@ -128,7 +129,7 @@ def _lock_output_dir(out_dir: Path) -> Optional[RunLock]:
     if problems:
         if lock is not None:
             lock.release(remove_empty_dir=True)
-        raise ValueError(problems[0])
+        raise OutputFolderError(problems[0])
     return lock
 
 
@@ -291,19 +292,19 @@ def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
 
     world = du.get_world_size()
     if cfg.solver.ims_per_batch % world:
-        raise ValueError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
-                         f"{world} processes")
+        raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
+                          f"{world} processes")
     datasets = get_datasets(cfg.datasets.train, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
     names = concat_datasets(datasets).class_names  # the same classes in every set, or a DataError
     which = (f"the training sets {', '.join(d.name for d in datasets)} have" if len(datasets) > 1
              else f"the training set {datasets[0].name} has")
     if cfg.model.num_classes != len(names):
-        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {which} {len(names)} classes "
-                         f"({', '.join(names)}): set model.num_classes={len(names)}")
+        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but {which} {len(names)} classes "
+                          f"({', '.join(names)}): set model.num_classes={len(names)}")
     if cfg.model.class_names and list(cfg.model.class_names) != list(names):
-        raise ValueError(f"model.class_names is {list(cfg.model.class_names)} but {which} the classes "
-                         f"{list(names)}")
+        raise ConfigError(f"model.class_names is {list(cfg.model.class_names)} but {which} the classes "
+                          f"{list(names)}")
     return datasets
 
 
@@ -543,8 +544,8 @@ def use_tensorboard(setting: "bool | str") -> bool:
         import torch.utils.tensorboard  # noqa: F401 - imports the tensorboard package
     except ImportError as err:
         if setting is True:
-            raise ValueError(f"log.tensorboard is true but TensorBoard cannot be used ({err}): "
-                             "pip install -e '.[tensorboard]', or set log.tensorboard=false") from None
+            raise ConfigError(f"log.tensorboard is true but TensorBoard cannot be used ({err}): "
+                              "pip install -e '.[tensorboard]', or set log.tensorboard=false") from None
         if importlib.util.find_spec("tensorboard") is not None:
             logger.warning("log.tensorboard auto: the tensorboard package does not import (%s); no event files", err)
         return False
