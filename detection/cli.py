@@ -25,7 +25,7 @@ def add_config_args(parser: argparse.ArgumentParser, beside_weights: bool = Fals
     """--config CFG and KEY=VALUE overrides. --config is required, unless `beside_weights`
     (tools that take a trained --weights): then resolve_config_beside_weights() fills it in.
     Detectron2's spellings work too: --config-file for --config, and --opts KEY VALUE ...
-    (or KEY=VALUE ...) for the overrides; both end up in args.config and args.overrides."""
+    (or KEY=VALUE ...) for the overrides; parse_command_line puts both in args.overrides."""
     help_text = "YAML config file (configs/*.yaml); --config-file is the same (Detectron2's name)"
     if beside_weights:
         help_text += f"; default: the {SAVED_CONFIG} training saved beside --weights"
