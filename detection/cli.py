@@ -1,15 +1,18 @@
-"""The command-line plumbing every tool shares: `--config CFG` plus `KEY=VALUE` overrides,
-the data-set root's order of precedence, and logging set up so library messages show."""
+"""The command-line plumbing every tool shares: `--config CFG` plus `KEY=VALUE` overrides
+anywhere on the line (parse_command_line), the data-set root's order of precedence, and one
+entry for a tool's work (run_tool): logging set up, the project's errors as one `error:`
+line and an exit code, Ctrl-C as exit 130."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
-from detection.config import Config, ConfigError, DatasetsConfig, load_config
+from detection.config import Config, DatasetsConfig, load_config
 
 DATASETS_ENV = "DETECTION_DATASETS"
 logger = logging.getLogger(__name__)
@@ -22,30 +25,35 @@ def add_config_args(parser: argparse.ArgumentParser, beside_weights: bool = Fals
     """--config CFG and KEY=VALUE overrides. --config is required, unless `beside_weights`
     (tools that take a trained --weights): then resolve_config_beside_weights() fills it in.
     Detectron2's spellings work too: --config-file for --config, and --opts KEY VALUE ...
-    (or KEY=VALUE ...) for the overrides; both end up in args.config and args.overrides."""
+    (or KEY=VALUE ...) for the overrides; parse_command_line puts both in args.overrides."""
     help_text = "YAML config file (configs/*.yaml); --config-file is the same (Detectron2's name)"
     if beside_weights:
         help_text += f"; default: the {SAVED_CONFIG} training saved beside --weights"
     parser.add_argument("--config", "--config-file", dest="config", required=not beside_weights, metavar="CFG",
                         help=help_text)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", action=_ExtendOverrides, default=[],
-                        help="config overrides, e.g. solver.base_lr=0.01 model.rpn.nms_thresh=0.6")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", dest="overrides",
-                        action=_DetectronOpts, default=[],
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],
+                        help="config overrides, anywhere among the options, e.g. solver.base_lr=0.01 "
+                             "model.rpn.nms_thresh=0.6")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", action=_DetectronOpts,
+                        default=[],
                         help="Detectron2's spelling of the overrides, last on the command line: "
                              "--opts solver.max_iter 100 model.weights PATH (KEY=VALUE items too; upper-case "
                              "keys are read lower-case: SOLVER.MAX_ITER is solver.max_iter)")
 
 
-class _ExtendOverrides(argparse.Action):
-    """Adds to args.overrides rather than replacing it: the KEY=VALUE arguments and --opts both
-    land there, in whichever order argparse meets them."""
+def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
+                       ) -> argparse.Namespace:
+    """parser's arguments with positional ones (the KEY=VALUE overrides) anywhere among the
+    options: `--config C solver.max_iter=40 --output-dir D` (argparse's intermixed parsing).
+    --opts items follow the KEY=VALUE ones in args.overrides."""
+    args = parser.parse_intermixed_args(argv)
+    if hasattr(args, "opts"):
+        args.overrides = [*args.overrides, *args.opts]
+        del args.opts
+    return args
 
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, list(getattr(namespace, self.dest, None) or []) + list(values or []))
 
-
-class _DetectronOpts(_ExtendOverrides):
+class _DetectronOpts(argparse.Action):
     """--opts KEY VALUE [KEY VALUE ...] (Detectron2's form) or KEY=VALUE items -> KEY=VALUE."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
@@ -60,7 +68,7 @@ class _DetectronOpts(_ExtendOverrides):
                 item = f"{item}={rest.pop(0)}"
             key, value = item.split("=", 1)
             items.append(f"{key.lower() if key.isupper() else key}={value}")  # SOLVER.MAX_ITER -> solver.max_iter
-        super().__call__(parser, namespace, items, option_string)
+        setattr(namespace, self.dest, items)
 
 
 def resolve_config_beside_weights(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -79,7 +87,7 @@ def resolve_config_beside_weights(parser: argparse.ArgumentParser, args: argpars
 
 
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
-    """Load the config; a bad one exits with status 2 and the ConfigError message, no traceback.
+    """Load the config (a bad one: ConfigError, which run_tool reports as one line, exit 2).
 
     `datasets.root`, first found: a `datasets.root=...` on the command line; a root the config
     file (or its `_base_` chain) sets to other than the default `datasets`; the environment
@@ -87,10 +95,7 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Con
     default, so the environment variable still applies to the configs built on it.)
     """
     overrides = list(args.overrides) + list(extra)
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        fail(str(err))
+    cfg = load_config(args.config, overrides)
     on_command_line = any(o.split("=", 1)[0].strip() == "datasets.root" for o in overrides)
     env_root = os.environ.get(DATASETS_ENV)
     if env_root and not on_command_line and cfg.datasets.root == DatasetsConfig().root:
@@ -141,3 +146,52 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.addHandler(handler)
     for name in ("detection", "backbones"):
         logging.getLogger(name).setLevel(level if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+
+
+# The project's error types, (module, class): what a user gave is wrong, or a run cannot go on.
+# A tool reports them as one `error:` line, exit 2 (bad input) or 1 (FAILURES: the run failed);
+# anything else is a bug and keeps its traceback. Named rather than imported, so that a tool
+# reads its arguments before torch is loaded (an error's class is loaded once it is raised).
+PROJECT_ERRORS = (
+    ("detection.config", "ConfigError"),
+    ("detection.data", "DataError"),
+    ("backbones.errors", "WeightsError"),
+    ("backbones.resnet", "BackboneError"),
+    ("detection.engine.checkpoint", "CheckpointError"),
+    ("detection.model", "TargetError"),
+    ("detection.engine.errors", "TrainingError"),
+    ("detection.export", "ExportError"),
+    ("detection.onnx_preprocess", "OnnxMetadataError"),
+    ("detection.study.run", "StudyError"),
+    ("detection.utils.files", "WriteError"),
+    ("detection.utils.files", "OutputFolderError"),
+    ("detection.utils.comm", "DeviceError"),
+)
+FAILURES = (("detection.engine.errors", "TrainingError"),)
+
+
+def project_error_code(err: BaseException) -> Optional[int]:
+    """The exit code of one of PROJECT_ERRORS (or a subclass); None for any other exception."""
+    names = {(cls.__module__, cls.__qualname__) for cls in type(err).__mro__}
+    if names & set(FAILURES):
+        return 1
+    return 2 if names & set(PROJECT_ERRORS) else None
+
+
+def run_tool(work: Callable[[], Optional[int]], *, interrupted: str = "interrupted", hint: str = "") -> int:
+    """A tool's work after its arguments are parsed, -> the exit code (None from work: 0).
+    Logging is set up first; one of PROJECT_ERRORS exits as one `error:` line (with the
+    error's notes, e.g. the checkpoint a stopped run left); Ctrl-C prints the interrupt's
+    message (the trainer's says where it stopped), else `interrupted`, then `hint`, and exits
+    128 + the signal (130; the trainer's SIGTERM stop: 143)."""
+    setup_logging()
+    try:
+        return work() or 0
+    except KeyboardInterrupt as err:
+        print("; ".join(part for part in (str(err) or interrupted, hint) if part), file=sys.stderr)
+        return 128 + int(getattr(err, "signum", signal.SIGINT))
+    except Exception as err:
+        code = project_error_code(err)
+        if code is None:
+            raise
+        fail("; ".join([str(err), *getattr(err, "__notes__", [])]), code=code)

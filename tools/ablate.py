@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from detection.cli import add_config_args, config_from_args, fail, override_keys
+from detection.cli import add_config_args, config_from_args, override_keys, parse_command_line, run_tool
 from detection.study.ablation import AblationRow, format_table, row_config, run_ablation, select_rows
-from detection.utils.files import atomic_write
+from detection.utils.files import OutputFolderError, atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -46,16 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", metavar="DIR", help="default: <folder of --weights>/ablation")
     parser.add_argument("--tta", action="store_true", help="keep the config's test.aug in every row")
     parser.add_argument("--overwrite", action="store_true", help="replace another checkpoint's ablation in DIR")
-    return parser.parse_args(argv)
+    return parse_command_line(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = config_from_args(args)
-    try:
-        return run(cfg, args)
-    except ValueError as err:  # bad weights, data or folder: one clear line
-        fail(str(err))
+    return run_tool(lambda: run(config_from_args(args), args))
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
@@ -96,11 +92,13 @@ def _print_row(row: dict) -> None:
 
 
 def _resolved(path: str | None) -> str | None:
+    from backbones.errors import WeightsError
+
     if path is None:
         return None
     resolved = Path(path).expanduser()
     if not resolved.is_file():
-        raise ValueError(f"{path}: weights file not found")
+        raise WeightsError(f"{path}: weights file not found")
     return str(resolved.resolve())
 
 
@@ -113,8 +111,8 @@ def _check_folder(out: Path, sources: dict, overwrite: bool) -> None:
     except (json.JSONDecodeError, AttributeError):
         theirs = None
     if theirs != sources:
-        raise ValueError(f"{out}: holds the ablation of {theirs or 'an unreadable ablation.json'}; pass "
-                         "--output-dir for a new folder or --overwrite to replace it")
+        raise OutputFolderError(f"{out}: holds the ablation of {theirs or 'an unreadable ablation.json'}; pass "
+                                "--output-dir for a new folder or --overwrite to replace it")
 
 
 def _evaluate(cfg: Config, weights: str, datasets: list, device: torch.device, where: Path,

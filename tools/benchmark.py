@@ -44,15 +44,11 @@ from pathlib import Path
 
 import torch
 
-from backbones.errors import WeightsError
 from detection.benchmarking.memory import child_main
 from detection.benchmarking.onnx_runtime import bench_onnx, print_onnx  # bench_onnx: also this tool's API
 from detection.benchmarking.report import print_report, summarize
 from detection.benchmarking.suite import run
-from detection.cli import add_config_args, fail
-from detection.config import ConfigError
-from detection.data import DataError
-from detection.engine.checkpoint import CheckpointError
+from detection.cli import add_config_args, parse_command_line, run_tool
 from detection.accel import AUTO, chunk_rois
 
 # what runs this tool again: the memory children (--child)
@@ -73,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     _add_options(p)
-    args = p.parse_args(argv)
+    args = parse_command_line(p, argv)
     if args.runs < 1 or args.warmup < 0:
         p.error("--runs must be >= 1 and --warmup >= 0")
     if args.dataset and args.eval_images is not None:
@@ -119,26 +115,22 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--child", choices=("plain", "fast", "torchvision"), help=argparse.SUPPRESS)
 
 
-# the project's own errors about what the user gave; anything else is a bug and keeps its traceback
-INPUT_ERRORS = (ConfigError, DataError, CheckpointError, WeightsError)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_flush_denormal(True)
     if args.child:
         return child_main(args)
-    try:
+
+    def work() -> None:
         report = summarize(run(args, argv, TOOL))
-    except INPUT_ERRORS as err:  # a wrong data set, weights file or setting: one clear line
-        fail(str(err))
-    print_report(report)
-    if "onnx" in report:
-        print_onnx(report["onnx"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
-    return 0
+        print_report(report)
+        if "onnx" in report:
+            print_onnx(report["onnx"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+
+    return run_tool(work)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
+from detection.cli import parse_command_line, run_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SET = "shapes_test"  # evaluated and drawn; eval.py writes its results to inference/shapes_test
 TARGETS = {"AP50": 92.0, "AP": 68.0, "minutes": 8.0}
@@ -57,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true",
                         help=f"exit with status {EXIT_TARGET_MISSED} when a target was missed (default: 0)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for training")
-    return parser.parse_args(argv)
+    return parse_command_line(parser, argv)
 
 
 def step(title: str, *cmd: str) -> float:
@@ -85,6 +87,11 @@ def data_commands(shapes: Path, num_train: int, num_val: int, num_test: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_tool(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Every step, then the report; -> the exit status (3 with --strict when a target was missed)."""
     start = time.perf_counter()
     shapes = Path(args.data) / "shapes"
     out = Path(args.output_dir)

@@ -47,8 +47,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from detection.cli import (add_config_args, config_from_args, fail, override_keys,
-                           resolve_config_beside_weights)
+from detection.cli import (add_config_args, config_from_args, override_keys, parse_command_line,
+                           resolve_config_beside_weights, run_tool)
 
 if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
     import torch
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "<output_dir>/inference)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of another checkpoint in the results folder")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if not args.weights and not args.results:
         parser.error("one of --weights or --results is required")
     resolve_config_beside_weights(parser, args)
@@ -91,14 +91,12 @@ def results_folder(cfg: Config, args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = config_from_args(args)
-    try:
-        return run(cfg, args)
-    except ValueError as err:  # bad data, weights, classes or results folder: one clear line
-        fail(str(err))
+    return run_tool(lambda: run(config_from_args(args), args))
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
+    from backbones.errors import WeightsError
+    from detection.data import DataError
     from detection.data.catalog import get_datasets
     from detection.evaluation import evaluate_test_sets
     from detection.evaluation.outputs import ResultsSource, check_results_folder, claim_results_folder
@@ -107,7 +105,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     out_root = results_folder(cfg, args)
     given = args.results or args.weights
     if not Path(given).expanduser().exists():  # before the results folder is judged by it
-        raise ValueError(f"{given}: {'--results' if args.results else '--weights'} file not found")
+        error = DataError if args.results else WeightsError
+        raise error(f"{given}: {'--results' if args.results else '--weights'} file not found")
     source = ResultsSource.of("results" if args.results else "weights", given)
     print(f"results go to {out_root}")
     check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work

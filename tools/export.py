@@ -31,7 +31,7 @@ import copy
 import sys
 from pathlib import Path
 
-from detection.cli import add_config_args, config_from_args, fail, override_keys
+from detection.cli import add_config_args, config_from_args, fail, override_keys, parse_command_line, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="image files to compare ONNX Runtime with PyTorch on (photos with objects; "
                              "default: two synthetic images)")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with ONNX Runtime")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if args.check_images:  # KEY=VALUE overrides typed after the images: --check-images took them too
         moved = [item for item in args.check_images if "=" in item and not Path(item).is_file()]
         args.check_images = [item for item in args.check_images if item not in moved]
@@ -55,24 +55,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_tool(lambda: export(args))
+
+
+def export(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     try:
         return run(cfg, args)
     except ImportError as err:
         fail(f"{err.name or err}: not installed; ONNX export needs the export extra: pip install -e '.[export]'")
-    except ValueError as err:  # bad weights or a setting that cannot be exported: one clear line
-        fail(str(err))
 
 
 def run(cfg, args: argparse.Namespace) -> int:
     import onnx  # noqa: F401  (the export extra: fail before the slow work)
     import torch
 
+    from backbones.errors import WeightsError
     from detection.engine.loading import build_inference_model
     from detection.export import export_onnx
 
     if not Path(args.weights).expanduser().exists():
-        raise ValueError(f"{args.weights}: --weights file not found")
+        raise WeightsError(f"{args.weights}: --weights file not found")
     cfg = copy.deepcopy(cfg)
     if cfg.model.fast_path or cfg.test.aug.enabled:
         print("exporting the plain path (model.fast_path: gather pooling has no ONNX op; same detections)"
@@ -96,11 +99,12 @@ def _read_images(paths: list[str]) -> list:
     """--check-images as uint8 RGB (3, H, W) tensors."""
     import torch
 
+    from detection.data import DataError
     from detection.data.image_io import read_image
 
     for name in paths:
         if not Path(name).is_file():
-            raise ValueError(f"--check-images {name}: not an image file")
+            raise DataError(f"--check-images {name}: not an image file")
     return [torch.from_numpy(read_image(name)).permute(2, 0, 1) for name in paths]  # (H, W, 3) -> (3, H, W)
 
 

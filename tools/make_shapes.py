@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from detection.cli import parse_command_line, run_tool
 from detection.data.shapes import generate_shapes
 
 SPLITS = ("train", "val", "test")
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, nargs="+", default=[128, 192], metavar="PX",
                         help="one size (square images) or MIN MAX for each of height and width")
     parser.add_argument("--max-objects", type=int, default=6, help="objects per image are 1..this")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if len(args.image_size) not in (1, 2):
         parser.error("--image-size takes one value or two (MIN MAX)")
     if args.num_train < 0 or args.num_val < 0 or args.num_test < 0:
@@ -42,19 +43,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_tool(lambda: write(args))
+
+
+def write(args: argparse.Namespace) -> None:
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
-    try:
-        paths = generate_shapes(args.output, args.num_train, args.num_val, args.seed, image_size=size,
-                                max_objects=args.max_objects, num_test=args.num_test, splits=args.splits)
-    except ValueError as e:
-        print(f"make_shapes: error: {e}", file=sys.stderr)
-        return 2
+    paths = generate_shapes(args.output, args.num_train, args.num_val, args.seed, image_size=size,
+                            max_objects=args.max_objects, num_test=args.num_test, splits=args.splits)
     counts = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
     written = [s for s in SPLITS if s in paths]
     print(f"wrote {' / '.join(f'{counts[s]} {s}' for s in written)} images to {args.output}")
     print(f"  COCO: {', '.join(paths[s] for s in written)}")
     print(f"  VOC:  {paths['voc']} (classes circle, square, triangle)")
-    return 0
 
 
 if __name__ == "__main__":

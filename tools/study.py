@@ -33,7 +33,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from detection.cli import add_config_args, fail, setup_logging
+from detection.cli import add_config_args, parse_command_line, run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,36 +48,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", help="where the variants' training runs go (default: --output-dir); "
                         "studies sharing it train a net they share once (residual-34 = A-34)")
     parser.add_argument("--no-train", action="store_true", help="only the parameters / multiply-adds table")
-    return parser.parse_args(argv)
+    return parse_command_line(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
-    from detection.config import ConfigError
-    from detection.engine.trainer import TrainingError, TrainingInterrupted
+    return run_tool(lambda: run(args), hint="run the same command again to resume the study")
+
+
+def run(args: argparse.Namespace) -> None:
     from detection.study import StudyOptions, run_study
 
     options = StudyOptions(study=args.study, config=args.config, output_dir=Path(args.output_dir),
                            depths=args.depths, overrides=list(args.overrides), max_iter=args.max_iter,
                            train=not args.no_train, runs_dir=Path(args.runs_dir) if args.runs_dir else None)
-    try:
-        run_study(options)
-    except TrainingInterrupted as err:
-        print(f"{err}; run the same command again to resume the study", file=sys.stderr)
-        return 128 + int(getattr(err, "signum", 2))
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume the study", file=sys.stderr)
-        return 130
-    except TrainingError as err:
-        fail(str(err), code=1)
-    except (ConfigError, ValueError) as err:  # StudyError, bad config, data or output folder
-        fail(str(err), code=2)
+    run_study(options)
     out = Path(args.output_dir)
     print(f"study written: {out / 'study.json'}, {out / 'study.md'}"
           + ("" if args.no_train else f", {out / 'study.png'}"))
     print((out / "study.md").read_text())
-    return 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detection.cli import add_config_args, config_from_args, fail, override_keys, setup_logging
+from detection.cli import add_config_args, config_from_args, override_keys, parse_command_line, run_tool
 from detection.config import dump_config
 
 
@@ -50,32 +50,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="replace the run in OUTPUT_DIR: its last.pth, model_final.pth, metrics.jsonl, "
                           "config.yaml, log.txt and inference/ are removed once the data have been checked")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return parser.parse_args(argv)
+    return parse_command_line(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    return run_tool(lambda: run(args), interrupted="interrupted before training started")
+
+
+def run(args: argparse.Namespace) -> None:
     extra = [f"output_dir={args.output_dir}"] if args.output_dir else []
     cfg = config_from_args(args, extra)
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
-        return 0
-    from detection.engine.trainer import TrainingError, TrainingInterrupted, train  # heavy imports
+        return
+    from detection.engine.trainer import train  # heavy imports
 
-    try:
-        train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=override_keys(args))
-    except TrainingInterrupted as err:  # Ctrl-C / SIGTERM in the loop: where it stopped, what is kept
-        print(err, file=sys.stderr)
-        return 128 + int(err.signum)  # 130 for SIGINT, 143 for SIGTERM
-    except KeyboardInterrupt:
-        print("interrupted before training started", file=sys.stderr)
-        return 130
-    except TrainingError as err:
-        fail(str(err), code=1)
-    except ValueError as err:  # bad data / weights / config / output folder found at run time
-        fail("; ".join([str(err), *getattr(err, "__notes__", [])]), code=2)  # + the checkpoint a stopped run left
-    return 0
+    train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=override_keys(args))
 
 
 if __name__ == "__main__":

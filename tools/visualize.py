@@ -24,8 +24,9 @@ import glob
 import sys
 from pathlib import Path
 
-from detection.cli import (add_config_args, config_from_args, fail, override_keys,
-                           resolve_config_beside_weights)
+from detection.cli import (add_config_args, config_from_args, override_keys, parse_command_line,
+                           resolve_config_beside_weights, run_tool)
+from detection.data import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare", action="store_true", help="ground truth and predictions side by side")
     parser.add_argument("--dataset", help="data set for --gt/--compare (default: the first test set)")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if not args.gt and not args.weights:
         parser.error("--weights is required unless --gt is given")
     if not (args.gt or args.compare) and not args.input:
@@ -60,19 +61,18 @@ def find_images(pattern: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_EXTS)
     if not files:
-        raise ValueError(f"--input {pattern}: no images found (expected an image, a folder or a glob)")
+        raise DataError(f"--input {pattern}: no images found (expected an image, a folder or a glob)")
     return files
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = config_from_args(args)
-    try:
-        count, drawn = run(cfg, args)
-    except ValueError as err:
-        fail(str(err))
+    return run_tool(lambda: draw(args))
+
+
+def draw(args: argparse.Namespace) -> None:
+    count, drawn = run(config_from_args(args), args)
     print(f"wrote {count} images to {args.output}{drawn_text(drawn, args)}")
-    return 0
 
 
 def drawn_text(drawn: int, args: argparse.Namespace) -> str:

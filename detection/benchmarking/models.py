@@ -30,8 +30,9 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 from torch import Tensor, nn
 
+from backbones.errors import WeightsError
 from detection.cli import config_from_args
-from detection.config import Config
+from detection.config import Config, ConfigError
 from detection.engine.optim import build_optimizer
 from detection.engine.trainer import TrainState, forward_losses, optimizer_step
 from detection.model import FasterRCNN, build_model
@@ -95,8 +96,8 @@ def _torchvision_resnet(ours: FasterRCNN, depth: int) -> nn.Module:
     ours_state = _backbone_state(ours)
     missing = sorted(set(mapped) - set(ours_state))
     if unknown or missing:
-        raise ValueError(f"cannot copy weights into torchvision's resnet{depth}: unknown {unknown[:3]}, "
-                         f"missing {missing[:3]}")
+        raise WeightsError(f"cannot copy weights into torchvision's resnet{depth}: unknown {unknown[:3]}, "
+                           f"missing {missing[:3]}")
     resnet.load_state_dict({theirs: ours_state[name] for name, theirs in mapped.items()}, strict=False)
     trainable = {name: p.requires_grad for name, p in list(ours.trunk.named_parameters())
                  + [(f"res5.{n}", p) for n, p in ours.roi_heads.res5.named_parameters()]}
@@ -180,15 +181,15 @@ def _check_c4_compatible(cfg: Any) -> None:
     bb = cfg.model.backbone
     if (bb.stride_in_1x1 or bb.shortcut != "B" or not bb.residual or cfg.model.roi_heads.pooler != "roi_align"
             or cfg.model.input_format != "RGB"):
-        raise ValueError("--compare-torchvision needs torchvision's ResNet layout and input: model.backbone."
-                         "stride_in_1x1=false, shortcut=B, residual=true, roi_heads.pooler=roi_align, "
-                         "input_format=RGB")
+        raise ConfigError("--compare-torchvision needs torchvision's ResNet layout and input: model.backbone."
+                          "stride_in_1x1=false, shortcut=B, residual=true, roi_heads.pooler=roi_align, "
+                          "input_format=RGB")
     appendix_b = {"model.roi_heads.global_context": cfg.model.roi_heads.global_context,
                   "test.box_refinement.enabled": cfg.test.box_refinement.enabled,
                   "test.multi_scale.enabled": cfg.test.multi_scale.enabled}
     if any(appendix_b.values()):
-        raise ValueError("--compare-torchvision: torchvision's Faster R-CNN has none of the paper's Appendix B "
-                         f"parts; turn off {', '.join(k for k, v in appendix_b.items() if v)}")
+        raise ConfigError("--compare-torchvision: torchvision's Faster R-CNN has none of the paper's Appendix B "
+                          f"parts; turn off {', '.join(k for k, v in appendix_b.items() if v)}")
 
 
 def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from detection.data import DataError
+
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}  # the seed streams: never renumber
 _MAX_OCCLUDED = 0.4  # an earlier object may lose at most this fraction of its pixels
@@ -49,20 +51,20 @@ def generate_shapes(output_dir: str, num_train: int, num_val: int, seed: int,
     """
     size_range = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size_range) != 2 or not 2 * min_object_size <= size_range[0] <= size_range[1]:
-        raise ValueError(f"image_size {image_size!r} must be >= 2 * min_object_size ({2 * min_object_size})"
-                         " and given as an int or (min, max)")
+        raise DataError(f"image_size {image_size!r} must be >= 2 * min_object_size ({2 * min_object_size})"
+                        " and given as an int or (min, max)")
     if seed < 0 or num_train < 0 or num_val < 0 or num_test < 0:
-        raise ValueError(f"seed, num_train, num_val and num_test must be >= 0, got {seed}, {num_train}, "
-                         f"{num_val}, {num_test}")
+        raise DataError(f"seed, num_train, num_val and num_test must be >= 0, got {seed}, {num_train}, "
+                        f"{num_val}, {num_test}")
     if splits is None:
         splits = ("train", "val", "test") if num_test > 0 else ("train", "val")
     elif isinstance(splits, str):
         splits = (splits,)
     unknown = [s for s in splits if s not in _SPLIT_CODES]
     if unknown:
-        raise ValueError(f"unknown split(s) {', '.join(map(str, unknown))}; the splits are {', '.join(_SPLIT_CODES)}")
+        raise DataError(f"unknown split(s) {', '.join(map(str, unknown))}; the splits are {', '.join(_SPLIT_CODES)}")
     if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+        raise DataError(f"max_objects must be >= 1, got {max_objects}")
     voc_root = os.path.join(output_dir, "VOC")
     for sub in ("annotations", *splits, "VOC/Annotations", "VOC/JPEGImages", "VOC/ImageSets/Main"):
         os.makedirs(os.path.join(output_dir, sub), exist_ok=True)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from backbones.errors import WeightsError
 from detection.engine.checkpoint import CheckpointError, verify_checksums
 from detection.engine.detectron2 import convert_detectron2_state, is_detectron2_state
 
@@ -87,7 +88,6 @@ def read_detector_file(path: Union[str, Path]) -> DetectorWeights | None:
 def _read_any(path: Path) -> Any:
     """Unpickle without running code: torch's weights_only loader or the numpy-only one."""
     from backbones.pickle_io import load_numpy_pickle
-    from backbones.errors import WeightsError
 
     with open(path, "rb") as f:
         zipped = f.read(4) == _ZIP_MAGIC
@@ -245,7 +245,7 @@ def _load_backbone_into_detector(model: nn.Module, source: str, bb: BackboneConf
     own = model.state_dict()
     missing = [k for k in mapped if k not in own]
     if missing:
-        raise ValueError(f"{source}: backbone key {missing[0]} has no place in the detector")
+        raise WeightsError(f"{source}: backbone key {missing[0]} has no place in the detector")
     model.load_state_dict(mapped, strict=False)
     logger.info("loaded backbone weights %s into trunk and res5", source)
 

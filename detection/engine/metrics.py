@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from detection.config import ConfigError
 from detection.engine import distributed as du
 from detection.engine.errors import TrainingError
 
@@ -43,8 +44,8 @@ def use_tensorboard(setting: "bool | str") -> bool:
         import torch.utils.tensorboard  # noqa: F401 - imports the tensorboard package
     except ImportError as err:
         if setting is True:
-            raise ValueError(f"log.tensorboard is true but TensorBoard cannot be used ({err}): "
-                             "pip install -e '.[tensorboard]', or set log.tensorboard=false") from None
+            raise ConfigError(f"log.tensorboard is true but TensorBoard cannot be used ({err}): "
+                              "pip install -e '.[tensorboard]', or set log.tensorboard=false") from None
         if importlib.util.find_spec("tensorboard") is not None:
             logger.warning("log.tensorboard auto: the tensorboard package does not import (%s); no event files", err)
         return False

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from detection.config import Config, save_config
+from detection.utils.files import OutputFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +42,15 @@ class RunLock:
         self._created_dir = False
 
     def acquire(self) -> "RunLock":
-        """Take the lock, or ValueError naming the live process that holds it."""
+        """Take the lock, or OutputFolderError naming the live process that holds it."""
         folder = self.path.parent
         if folder.exists() and not folder.is_dir():
-            raise ValueError(f"output folder {folder} is a file, not a folder: choose another --output-dir")
+            raise OutputFolderError(f"output folder {folder} is a file, not a folder: choose another --output-dir")
         self._created_dir = not folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
+            raise OutputFolderError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -59,8 +60,8 @@ class RunLock:
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                raise ValueError(f"{folder} is in use by another training run ({holder}, lock file "
-                                 f"{self.path}): wait for it to end, or choose another --output-dir") from None
+                raise OutputFolderError(f"{folder} is in use by another training run ({holder}, lock file "
+                                        f"{self.path}): wait for it to end, or choose another --output-dir") from None
             # the file may have been removed (by its releasing owner) between our open and flock:
             # then the lock is on an orphan inode; start again on the path's current file
             try:
@@ -103,16 +104,16 @@ def _read_holder(fd: int) -> str:
 
 
 def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:
-    """The run files in out_dir; a ValueError when they are there and neither flag says what
+    """The run files in out_dir; an OutputFolderError when they are there and neither flag says what
     to do with them (a new run would replace the checkpoints and append to the old metrics)."""
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     if not found or overwrite or (resume and "last.pth" in found):
         return found
     if resume:
-        raise ValueError(f"{out_dir} holds a run ({', '.join(found)}) but no last.pth to resume from: "
-                         "--overwrite replaces it, or choose another --output-dir")
-    raise ValueError(f"{out_dir} already holds a run ({', '.join(found)}): --resume continues it, "
-                     "--overwrite replaces it, or choose another --output-dir")
+        raise OutputFolderError(f"{out_dir} holds a run ({', '.join(found)}) but no last.pth to resume from: "
+                                "--overwrite replaces it, or choose another --output-dir")
+    raise OutputFolderError(f"{out_dir} already holds a run ({', '.join(found)}): --resume continues it, "
+                            "--overwrite replaces it, or choose another --output-dir")
 
 
 def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed_at: Optional[int]) -> None:

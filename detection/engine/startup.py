@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detection.config import Config
+from detection.config import Config, ConfigError
 from detection.data.dataset_info import DatasetInfo
 from detection.engine import distributed as du
 
@@ -28,19 +28,19 @@ def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
 
     world = du.get_world_size()
     if cfg.solver.ims_per_batch % world:
-        raise ValueError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
-                         f"{world} processes")
+        raise ConfigError(f"solver.ims_per_batch={cfg.solver.ims_per_batch} is not divisible by the "
+                          f"{world} processes")
     datasets = get_datasets(cfg.datasets.train, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
     names = concat_datasets(datasets).class_names  # the same classes in every set, or a DataError
     which = (f"the training sets {', '.join(d.name for d in datasets)} have" if len(datasets) > 1
              else f"the training set {datasets[0].name} has")
     if cfg.model.num_classes != len(names):
-        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {which} {len(names)} classes "
-                         f"({', '.join(names)}): set model.num_classes={len(names)}")
+        raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but {which} {len(names)} classes "
+                          f"({', '.join(names)}): set model.num_classes={len(names)}")
     if cfg.model.class_names and list(cfg.model.class_names) != list(names):
-        raise ValueError(f"model.class_names is {list(cfg.model.class_names)} but {which} the classes "
-                         f"{list(names)}")
+        raise ConfigError(f"model.class_names is {list(cfg.model.class_names)} but {which} the classes "
+                          f"{list(names)}")
     return datasets
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from detection.config import Config
+from detection.config import Config, ConfigError
 from detection.engine import distributed as du
 from detection.engine.checkpoint import load_resume_checkpoint, periodic_checkpoints
 from detection.engine.checkpointing import save_final, save_last, stop_gracefully, what_is_kept
@@ -43,6 +43,7 @@ from detection.engine.train_state import TrainState, build_train_state, restore_
 __all__ = ["GracefulStop", "MetricsLog", "TrainState", "TrainingError", "TrainingInterrupted", "TrainingStopped",
            "amp_autocast", "build_train_data_loader", "build_train_datasets", "evaluate", "forward_losses",
            "optimizer_step", "run_step", "seed_everything", "summary_lines", "train", "use_tensorboard"]
+from detection.utils.files import OutputFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     of the run goes to the output folder's log.txt too (run_log.RunLogFile, rank 0).
     """
     if resume and overwrite:
-        raise ValueError("--resume continues the run in the output folder and --overwrite replaces it: "
-                         "give one of them")
+        raise ConfigError("--resume continues the run in the output folder and --overwrite replaces it: "
+                          "give one of them")
     device = du.select_device(cfg.device, cfg.tf32)
     distributed = du.init_distributed(device)
     lock = _lock_output_dir(Path(cfg.output_dir))
@@ -94,7 +95,7 @@ def _lock_output_dir(out_dir: Path) -> Optional[RunLock]:
     if problems:
         if lock is not None:
             lock.release(remove_empty_dir=True)
-        raise ValueError(problems[0])
+        raise OutputFolderError(problems[0])
     return lock
 
 

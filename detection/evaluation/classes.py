@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from detection.data import DataError
+
 
 def model_class_names(weights: Any, config_names: Sequence[str] | None) -> tuple[list[str] | None, str]:
     """(the model's class names, where they come from as the start of a phrase): those
@@ -31,22 +33,22 @@ def check_class_names(dataset_name: str, dataset_classes: Sequence[str], model_c
     data, model = list(dataset_classes), list(model_classes) if model_classes else None
     if model is None:
         if len(data) != num_classes:
-            raise ValueError(f"data set {dataset_name} has {len(data)} classes {data}, but the model detects "
-                             f"{num_classes} (model.num_classes; its class names are not known)")
+            raise DataError(f"data set {dataset_name} has {len(data)} classes {data}, but the model detects "
+                            f"{num_classes} (model.num_classes; its class names are not known)")
         return
     if data == model:
         return
     if sorted(data) == sorted(model):
-        raise ValueError(f"data set {dataset_name} lists the classes {data}, but {model_source} {model}: the same "
-                         "names in another order, so each label would be scored as another class; give the "
-                         f"data set's classes in the model's order ([{', '.join(model)}])")
+        raise DataError(f"data set {dataset_name} lists the classes {data}, but {model_source} {model}: the same "
+                        "names in another order, so each label would be scored as another class; give the "
+                        f"data set's classes in the model's order ([{', '.join(model)}])")
     unknown = [name for name in data if name not in model]
     if not unknown:  # the model's names, some repeated: a data set lists each class once
-        raise ValueError(f"data set {dataset_name} lists the classes {data}, but {model_source} {model}: a class "
-                         "is listed twice")
-    raise ValueError(f"data set {dataset_name} has the classes {data}, but {model_source} {model}: "
-                     f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not among the model's classes "
-                     "(a renamed or extra class cannot be scored; a subset of the model's classes, by name, can)")
+        raise DataError(f"data set {dataset_name} lists the classes {data}, but {model_source} {model}: a class "
+                        "is listed twice")
+    raise DataError(f"data set {dataset_name} has the classes {data}, but {model_source} {model}: "
+                    f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not among the model's classes "
+                    "(a renamed or extra class cannot be scored; a subset of the model's classes, by name, can)")
 
 
 def label_map_for_test_set(dataset_name: str, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,

@@ -27,6 +27,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detection.data import DataError
 from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
 from detection.utils.files import atomic_write
 
@@ -52,7 +53,7 @@ class COCOEvaluator:
 
     def __init__(self, dataset: DatasetInfo, output_dir: str | None = None) -> None:
         if not dataset.ann_file:
-            raise ValueError(f"data set {dataset.name}: COCO evaluation needs the annotation json (ann_file)")
+            raise DataError(f"data set {dataset.name}: COCO evaluation needs the annotation json (ann_file)")
         self.dataset = dataset
         self.output_dir = output_dir
         self._coco_gt: COCO | None = None  # read once, on the first evaluate
@@ -90,11 +91,11 @@ class COCOEvaluator:
         categories = set(self.dataset.label_to_category_id.values())
         for index, result in enumerate(results):
             if result["image_id"] not in known:
-                raise ValueError(f"{path}: result {index} has image_id {result['image_id']!r}, "
-                                 f"which is not an image of data set {self.dataset.name}")
+                raise DataError(f"{path}: result {index} has image_id {result['image_id']!r}, "
+                                f"which is not an image of data set {self.dataset.name}")
             if result["category_id"] not in categories:  # COCOeval would drop it without a word
-                raise ValueError(f"{path}: result {index} has category_id {result['category_id']!r}, which is not "
-                                 f"a category of data set {self.dataset.name} ({sorted(categories)})")
+                raise DataError(f"{path}: result {index} has category_id {result['category_id']!r}, which is not "
+                                f"a category of data set {self.dataset.name} ({sorted(categories)})")
             by_image[result["image_id"]].append(result)
         self.reset()
         self.predictions = [{"image_id": r["image_id"], "instances": by_image.get(r["image_id"], [])}
@@ -121,7 +122,7 @@ class COCOEvaluator:
     def _ground_truth(self) -> COCO:
         if self._coco_gt is None:
             if not os.path.isfile(self.dataset.ann_file):
-                raise ValueError(f"annotation file not found: {self.dataset.ann_file}")
+                raise DataError(f"annotation file not found: {self.dataset.ann_file}")
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
                 self._coco_gt = COCO(self.dataset.ann_file)
         return self._coco_gt
@@ -177,17 +178,17 @@ def read_results_json(path: str) -> list[dict]:
         with open(path, encoding="utf-8") as f:
             results = json.load(f)
     except OSError as err:
-        raise ValueError(f"{path}: cannot read the results file ({err.strerror})") from None
+        raise DataError(f"{path}: cannot read the results file ({err.strerror})") from None
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); a results json is UTF-8") from None
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); a results json is UTF-8") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid json ({err})") from None
+        raise DataError(f"{path}: not valid json ({err})") from None
     if not isinstance(results, list):
-        raise ValueError(f"{path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
+        raise DataError(f"{path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
     for index, result in enumerate(results):
         problem = _result_problem(result)
         if problem:
-            raise ValueError(f"{path}: result {index} {problem}")
+            raise DataError(f"{path}: result {index} {problem}")
     return results
 
 

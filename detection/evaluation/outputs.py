@@ -26,7 +26,7 @@ from typing import Union
 
 from detection.evaluation.coco import RESULTS_FILE
 from detection.evaluation.voc import COMP4_TEMPLATE, SUBMISSION_FOLDER
-from detection.utils.files import atomic_write
+from detection.utils.files import OutputFolderError, atomic_write
 
 SOURCE_FILE = "source.json"
 SECTION_FILE = "report_section.json"  # a test set's part of report.html (evaluation/report.py)
@@ -50,8 +50,9 @@ def results_subfolders(names: Sequence[str]) -> list[str]:
     for i, folder in enumerate(folders):
         if folder in folders[:i]:
             other = names[folders.index(folder)]
-            raise ValueError(f"datasets.test: the test sets {other!r} and {names[i]!r} would share the results "
-                             f"folder {folder!r}; give one of them another name (the entry's name: field)")
+            raise OutputFolderError(f"datasets.test: the test sets {other!r} and {names[i]!r} would share the "
+                                    f"results folder {folder!r}; give one of them another name (the entry's "
+                                    "name: field)")
     return folders
 
 
@@ -101,8 +102,8 @@ def read_source(folder: PathLike) -> ResultsSource | None:
         data = json.loads(path.read_text())
         return ResultsSource(str(data["kind"]), str(data["path"]), data.get("size"), data.get("mtime"))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err}); pass --overwrite to replace "
-                         "the folder's results or --output-dir DIR to write elsewhere") from err
+        raise OutputFolderError(f"{path}: unreadable ({type(err).__name__}: {err}); pass --overwrite to replace "
+                                "the folder's results or --output-dir DIR to write elsewhere") from err
 
 
 def recorded_test_sets(folder: PathLike) -> list[str]:
@@ -132,8 +133,8 @@ def check_results_folder(folder: PathLike, source: ResultsSource, *, overwrite: 
         holds = f"the results of an earlier version of {recorded.describe()}"
     else:
         holds = f"the results of {recorded.describe()}"
-    raise ValueError(f"{folder} holds {holds}, not of {source.describe()}: pass --output-dir DIR to "
-                     "write elsewhere, or --overwrite to replace them")
+    raise OutputFolderError(f"{folder} holds {holds}, not of {source.describe()}: pass --output-dir DIR to "
+                            "write elsewhere, or --overwrite to replace them")
 
 
 def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Sequence[str], *,

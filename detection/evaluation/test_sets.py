@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from detection.data import DataError
 from detection.evaluation.classes import label_map_for_test_set
 from detection.evaluation.coco import COCOEvaluator
 from detection.evaluation.inference import Evaluator, format_metrics_table, inference_on_dataset, save_metrics_json
@@ -87,12 +88,12 @@ def build_evaluator(dataset: DatasetInfo, output_dir: str | None = None) -> Eval
     A data set without annotations gets its kind's submission writer (no metrics)."""
     if not dataset.has_annotations:
         if dataset.kind not in SUBMISSION_WRITERS:
-            raise ValueError(f"data set {dataset.name}: has no annotations and a {dataset.kind} set cannot be "
-                             f"written for an evaluation server (only {', '.join(sorted(SUBMISSION_WRITERS))})")
+            raise DataError(f"data set {dataset.name}: has no annotations and a {dataset.kind} set cannot be "
+                            f"written for an evaluation server (only {', '.join(sorted(SUBMISSION_WRITERS))})")
         return SUBMISSION_WRITERS[dataset.kind](dataset, output_dir)
     if dataset.kind not in EVALUATORS:
-        raise ValueError(f"data set {dataset.name}: unknown kind {dataset.kind!r}, "
-                         f"expected one of {sorted(EVALUATORS)}")
+        raise DataError(f"data set {dataset.name}: unknown kind {dataset.kind!r}, "
+                        f"expected one of {sorted(EVALUATORS)}")
     return EVALUATORS[dataset.kind](dataset, output_dir)
 
 

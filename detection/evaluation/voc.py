@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from detection.data import DataError
 from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
 from detection.utils.files import atomic_write
 
@@ -369,10 +370,10 @@ def parse_comp4_lines(lines: Sequence[str], source: str) -> tuple[list[str], np.
                 raise ValueError("wrong number of fields")
             row = [float(v) for v in fields[1:]]
         except ValueError:
-            raise ValueError(f"{source}:{number}: expected 'image_id score x1 y1 x2 y2', "
-                             f"got {line.strip()!r}") from None
+            raise DataError(f"{source}:{number}: expected 'image_id score x1 y1 x2 y2', "
+                            f"got {line.strip()!r}") from None
         if not all(math.isfinite(v) for v in row):
-            raise ValueError(f"{source}:{number}: a score or coordinate that is not a finite number: {line.strip()!r}")
+            raise DataError(f"{source}:{number}: a score or coordinate that is not a finite number: {line.strip()!r}")
         values.append(row)
         ids.append(fields[0])
     array = np.asarray(values, dtype=np.float64).reshape(-1, 5)
@@ -389,15 +390,15 @@ def write_comp4_files(lines: Mapping[int, Sequence[str]], class_names: Sequence[
 def read_comp4_dir(path: str, class_names: Sequence[str], image_ids: Sequence[ImageId]) -> dict[ImageId, dict]:
     """A folder of comp4 files -> image id -> {"boxes" (0-based), "scores", "labels"} as numpy."""
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: not a folder; VOC-type results are a folder of "
-                         f"{COMP4_TEMPLATE.format('<class>')} files")
+        raise DataError(f"{path}: not a folder; VOC-type results are a folder of "
+                        f"{COMP4_TEMPLATE.format('<class>')} files")
     id_of = {str(i): i for i in image_ids}
     per_image: dict[ImageId, list] = defaultdict(list)  # image id -> [(score, x1, y1, x2, y2, label)]
     found = 0
     for label, name in enumerate(class_names, start=1):
         file = os.path.join(path, COMP4_TEMPLATE.format(name))
         if os.path.isdir(file):
-            raise ValueError(f"{file}: is a folder, not a results file")
+            raise DataError(f"{file}: is a folder, not a results file")
         if not os.path.isfile(file):
             logger.warning("%s: missing, no detections of class %s", file, name)
             continue
@@ -406,15 +407,15 @@ def read_comp4_dir(path: str, class_names: Sequence[str], image_ids: Sequence[Im
             with open(file, encoding="utf-8") as f:
                 lines = f.readlines()
         except UnicodeDecodeError as err:
-            raise ValueError(f"{file}: not UTF-8 text (byte {err.start}); results files hold "
-                             "'image_id score x1 y1 x2 y2' lines") from None
+            raise DataError(f"{file}: not UTF-8 text (byte {err.start}); results files hold "
+                            "'image_id score x1 y1 x2 y2' lines") from None
         ids, scores, boxes = parse_comp4_lines(lines, file)
         for image_id, score, (x1, y1, x2, y2) in zip(ids, scores.tolist(), boxes.tolist()):
             if image_id not in id_of:
-                raise ValueError(f"{file}: image {image_id!r} is not in the data set")
+                raise DataError(f"{file}: image {image_id!r} is not in the data set")
             per_image[id_of[image_id]].append((score, x1 - 1.0, y1 - 1.0, x2, y2, label))
     if not found:
-        raise ValueError(f"{path}: no {COMP4_TEMPLATE.format('<class>')} file for any of the data set's classes")
+        raise DataError(f"{path}: no {COMP4_TEMPLATE.format('<class>')} file for any of the data set's classes")
     out = {}
     for image_id, rows in per_image.items():
         array = np.asarray(rows, dtype=np.float64)  # (D, 6)

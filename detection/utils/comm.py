@@ -51,6 +51,10 @@ def shard_dataset(dataset: T) -> T:
     return dataclasses.replace(dataset, records=dataset.records[get_rank()::get_world_size()])
 
 
+class DeviceError(ValueError):
+    """The config's device is not on this machine (device: cuda without a GPU)."""
+
+
 def select_device(name: str, tf32: bool = True) -> torch.device:
     """`auto` = CUDA when available (this process's local GPU under torchrun), else CPU. On
     CUDA, `tf32` (config `tf32`) sets whether float32 convolutions and matrix products may
@@ -58,7 +62,7 @@ def select_device(name: str, tf32: bool = True) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("config device: 'cuda' was asked for but torch.cuda.is_available() is False; "
+        raise DeviceError("config device: 'cuda' was asked for but torch.cuda.is_available() is False; "
                          "use device=cpu or device=auto")
     set_tf32(tf32)
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

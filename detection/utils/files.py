@@ -30,6 +30,12 @@ class WriteError(OSError, ValueError):
         return self.message
 
 
+class OutputFolderError(ValueError):
+    """An output folder the run cannot use as asked: it holds another run's or another
+    checkpoint's results, a live run locks it, or it is a file; the message says which option
+    (--resume, --overwrite, --output-dir) settles it."""
+
+
 @contextlib.contextmanager
 def atomic_write(path: Union[str, os.PathLike], mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
     """`with atomic_write(path) as f: f.write(...)`: `path` gets the new content only when the

@@ -1,0 +1,143 @@
+"""The tools' shared entry (detection/cli.py): KEY=VALUE overrides anywhere on the command
+line, the project's errors as one `error:` line and an exit code, any other exception left
+with its traceback, Ctrl-C and SIGTERM as 130 and 143, logging set up for every tool."""
+from __future__ import annotations
+
+import ast
+import importlib
+import signal
+from pathlib import Path
+
+import pytest
+
+from detection.cli import FAILURES, PROJECT_ERRORS, run_tool
+from detection.config import ConfigError
+from tests.helpers import ROOT, load_tool
+
+TOOLS_WITH_CONFIG = {  # tool -> its required arguments besides --config
+    "train_det": [], "eval": ["--weights", "w.pth"], "visualize": ["--weights", "w.pth", "--input", "x.jpg",
+                                                                   "--output", "vis"],
+    "export": ["--weights", "w.pth", "--output", "m.onnx"], "ablate": ["--weights", "w.pth"],
+    "study": ["--study", "degradation", "--output-dir", "study"], "benchmark": [],
+}
+
+
+def test_overrides_anywhere_among_the_options_and_opts_last():
+    train_det = load_tool("train_det")
+    args = train_det.parse_args(["--config", "C.yaml", "solver.max_iter=40", "--output-dir", "D", "--resume",
+                                 "solver.base_lr=0.1", "--opts", "SOLVER.IMS_PER_BATCH", "4", "seed=3"])
+    assert args.config == "C.yaml" and args.output_dir == "D" and args.resume
+    assert args.overrides == ["solver.max_iter=40", "solver.base_lr=0.1", "solver.ims_per_batch=4", "seed=3"]
+    assert not hasattr(args, "opts")
+
+
+def test_train_det_prints_the_config_with_an_override_between_options(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 0\n")
+    code = load_tool("train_det").main(["--config", str(config), "solver.max_iter=40", "--output-dir",
+                                        str(tmp_path / "out"), "--print-config"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "max_iter: 40" in printed and f"output_dir: {tmp_path / 'out'}" in printed
+
+
+def test_a_project_error_is_one_line_with_its_notes_and_exit_2(capsys):
+    def work():
+        err = ConfigError("c.yaml: unknown key solver.max_iters")
+        err.add_note("the run's last.pth is kept")
+        raise err
+
+    with pytest.raises(SystemExit) as stop:
+        run_tool(work)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: c.yaml: unknown key solver.max_iters; the run's last.pth is kept\n"
+
+
+def test_a_training_failure_exits_1(capsys):
+    from detection.engine.trainer import TrainingError
+
+    def work():
+        raise TrainingError("iteration 7: the loss is nan")
+
+    with pytest.raises(SystemExit) as stop:
+        run_tool(work)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "error: iteration 7: the loss is nan\n"
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug"), KeyError("a bug"), RuntimeError("a bug")])
+def test_any_other_exception_keeps_its_traceback(error):
+    def work():
+        raise error
+
+    with pytest.raises(type(error)):
+        run_tool(work)
+
+
+def test_ctrl_c_exits_130_and_a_stopped_run_143(capsys):
+    from detection.engine.trainer import TrainingStopped
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def stopped():
+        raise TrainingStopped("stopped at iteration 5 by SIGTERM; last.pth saved", signal.SIGTERM)
+
+    assert run_tool(interrupted, interrupted="interrupted before training started") == 130
+    assert capsys.readouterr().err == "interrupted before training started\n"
+    assert run_tool(stopped, hint="run it again to resume") == 143
+    assert capsys.readouterr().err == "stopped at iteration 5 by SIGTERM; last.pth saved; run it again to resume\n"
+
+
+def test_the_list_names_every_error_type_of_the_project():
+    """Every public *Error class in detection/ and backbones/ is in PROJECT_ERRORS, and every
+    entry is an exception class of that module: a new or moved error type fails here."""
+    defined = set()
+    for path in [*sorted((ROOT / "detection").rglob("*.py")), *sorted((ROOT / "backbones").rglob("*.py"))]:
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and not node.name.startswith("_"):
+                defined.add((module, node.name))
+    assert defined == set(PROJECT_ERRORS)
+    assert set(FAILURES) <= set(PROJECT_ERRORS)
+    for module, name in PROJECT_ERRORS:
+        assert issubclass(getattr(importlib.import_module(module), name), Exception)
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS_WITH_CONFIG))
+def test_every_tool_reports_a_bad_config_as_one_line(tool, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = None
+    try:
+        code = load_tool(tool).main(["--config", "missing.yaml", *TOOLS_WITH_CONFIG[tool], "seed=1"])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2
+    assert len(errors) == 1 and "missing.yaml" in errors[0] and "Traceback" not in err
+
+
+def test_every_tool_shows_the_library_messages(tmp_path, monkeypatch, capsys):
+    """eval never set up logging before: the data-set root's info line now shows, before its
+    error (a --weights file that is not there, a WeightsError: exit 2)."""
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 0\n")
+    monkeypatch.setenv("DETECTION_DATASETS", str(tmp_path / "data"))
+    with pytest.raises(SystemExit) as stop:
+        load_tool("eval").main(["--config", str(config), "--weights", str(tmp_path / "none.pth")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert f"datasets.root: {tmp_path / 'data'} (from the environment variable DETECTION_DATASETS)" in err
+    assert f"error: {tmp_path / 'none.pth'}: --weights file not found" in err
+
+
+def test_every_tool_main_goes_through_the_shared_entry():
+    """Each tools/*.py main() hands its work to run_tool (or is the benchmark's child process):
+    none catches exceptions itself."""
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        main = next(node for node in ast.parse(path.read_text()).body
+                    if isinstance(node, ast.FunctionDef) and node.name == "main")
+        calls = {n.func.id for n in ast.walk(main) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert "run_tool" in calls, path.name
+        assert not any(isinstance(n, ast.Try) for n in ast.walk(main)), path.name
