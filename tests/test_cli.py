@@ -14,6 +14,8 @@ from detection.cli import FAILURES, PROJECT_ERRORS, run_tool
 from detection.config import ConfigError
 from tests.helpers import ROOT, load_tool
 
+pytestmark = pytest.mark.usefixtures("restore_logging")  # run_tool sets up logging: take it back after each test
+
 TOOLS_WITH_CONFIG = {  # tool -> its required arguments besides --config
     "train_det": [], "eval": ["--weights", "w.pth"], "visualize": ["--weights", "w.pth", "--input", "x.jpg",
                                                                    "--output", "vis"],
