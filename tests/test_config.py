@@ -129,7 +129,7 @@ def test_cli_bad_key_exits_2_with_suggestion_and_no_traceback():
     assert "Traceback" not in out.stderr
 
 
-# ---------------------------------------------------------------- data-set entries (issue 25, item 9)
+# ---------------------------------------------------------------- data-set entries (VOC, COCO, checked)
 
 VOC_ENTRY = "{type: voc, root: my/VOC, split: test, classes: [cat, dog], use_07_metric: false}"
 
