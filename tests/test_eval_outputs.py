@@ -140,6 +140,7 @@ def test_results_folder_of_an_older_version_without_source_json_is_not_overwritt
 
 # --- item 3: a test set's classes against the checkpoint's ---------------------------------
 
+@pytest.mark.slow  # uses the module's trained run
 def test_test_set_with_the_checkpoints_classes_in_another_order_is_refused(run_a, tmp_path, capsys):
     """The same class names in another order is refused: checkpoint [disc, box, cross], VOC test
     set classes [box, disc, cross] (a silent mismatch would swap labels)."""
@@ -155,6 +156,7 @@ def test_test_set_with_the_checkpoints_classes_in_another_order_is_refused(run_a
     assert not (tmp_path / "eval" / "voc_VOC_val").exists() and not list((tmp_path / "vis").glob("*.jpg"))
 
 
+@pytest.mark.slow  # uses the module's trained run
 def test_test_set_with_other_class_names_is_refused(run_a, tmp_path, capsys):
     root, overrides = run_a
     data = json.loads((root / "data" / "shapes" / "annotations" / "instances_val.json").read_text())
@@ -238,6 +240,7 @@ def _spy_tags(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.slow  # uses the module's trained run
 def test_gt_marks_difficult_objects_and_crowd_regions(run_a, tmp_path, capsys, monkeypatch):
     root, overrides = run_a
     voc = tmp_path / "VOC"  # the shapes VOC view with its first object difficult
@@ -267,6 +270,7 @@ def test_gt_marks_difficult_objects_and_crowd_regions(run_a, tmp_path, capsys, m
     assert gt_tags[0][-1] == "crowd" and gt_tags[0].count("crowd") == 1
 
 
+@pytest.mark.slow  # uses the module's trained run
 def test_output_names_are_one_scheme_and_never_collide(run_a, tmp_path, capsys):
     """Two inputs named img.jpg in different folders; --gt writes under the same scheme."""
     root, overrides = run_a
