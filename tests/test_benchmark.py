@@ -330,6 +330,7 @@ def test_compare_detections_does_not_report_zero_differences_for_unpaired_lists(
     assert unpaired["max_box_diff_px"] is None and unpaired["max_score_diff"] is None
 
 
+@pytest.mark.slow  # the benchmark tool in a subprocess
 def test_a_missing_weights_file_is_one_line_not_a_traceback(tmp_path):
     missing = tmp_path / "nope.pth"
     cmd = [*BENCHMARK, *TINY, "--quick", "--runs", "1", "--no-train", "--no-memory", "--no-data",
@@ -340,6 +341,7 @@ def test_a_missing_weights_file_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # the benchmark tool in a subprocess
 def test_eval_images_with_a_dataset_is_refused_not_ignored():
     cmd = [*BENCHMARK, "--dataset", "shapes_val", "--eval-images", "5"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -383,6 +385,7 @@ def test_cuda_report_has_the_gpu_targets():
     assert slower["targets_met"]["inference_speedup_fast_vs_plain"] is False
 
 
+@pytest.mark.slow  # the benchmark tool in a subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_device_cuda_without_a_gpu_is_one_line():
     result = subprocess.run([*BENCHMARK, "--device", "cuda"], capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -116,12 +116,14 @@ def run_tool(*args):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow  # tools/train_det.py in a subprocess
 def test_cli_print_config_applies_override():
     out = run_tool("--config", "configs/coco_r101.yaml", "--print-config", "model.rpn.nms_thresh=0.6")
     assert out.returncode == 0, out.stderr
     assert "nms_thresh: 0.6" in out.stdout and "depth: 101" in out.stdout
 
 
+@pytest.mark.slow  # tools/train_det.py in a subprocess
 def test_cli_bad_key_exits_2_with_suggestion_and_no_traceback():
     out = run_tool("--config", "configs/coco_r101.yaml", "model.rpn.nms_tresh=0.6")
     assert out.returncode == 2
@@ -129,7 +131,7 @@ def test_cli_bad_key_exits_2_with_suggestion_and_no_traceback():
     assert "Traceback" not in out.stderr
 
 
-# ---------------------------------------------------------------- data-set entries (issue 25, item 9)
+# ---------------------------------------------------------------- data-set entries (VOC, COCO, checked)
 
 VOC_ENTRY = "{type: voc, root: my/VOC, split: test, classes: [cat, dog], use_07_metric: false}"
 
@@ -160,6 +162,7 @@ def test_valid_dataset_entries_load():
     assert cfg.datasets.train[1]["classes"] == ["cat", "dog"]
 
 
+@pytest.mark.slow  # tools/train_det.py in a subprocess
 def test_cli_print_config_rejects_a_dataset_entry_typo_with_exit_2():
     out = run_tool("--config", "configs/shapes_r18.yaml", "--print-config",
                    "datasets.test=[{type: voc, root: my/VOC, split: test, clases: [cat, dog]}]")

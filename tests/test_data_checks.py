@@ -1,4 +1,4 @@
-"""Image files checked when a data set is built (issue 25, item 10): every missing file
+"""Image files checked when a data set is built: every missing file
 reported at once, naming the annotation file; skip_bad_images leaves them out with one
 warning; an unreadable file is reported once, not once per epoch."""
 import json

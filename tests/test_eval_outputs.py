@@ -1,6 +1,6 @@
-"""Where tools/eval.py writes, and what eval.py / visualize.py refuse, as users ran into it
-(issue 25 items 2, 3, 14, 15): results beside the checkpoint and never silently replaced,
-one folder per test set, class lists checked against the checkpoint, one output-name scheme."""
+"""Where tools/eval.py writes, and what eval.py / visualize.py refuse, as users ran into it:
+results beside the checkpoint and never silently replaced, one folder per test set,
+class lists checked against the checkpoint, one output-name scheme."""
 import json
 import os
 import re
@@ -77,7 +77,7 @@ def test_eval_writes_beside_the_weights_not_into_the_configs_output_dir(run_a, c
     stat = weights.resolve().stat()
     assert source["path"] == str(weights.resolve())
     assert (source["size"], source["mtime"]) == (stat.st_size, stat.st_mtime)
-    # the issue's `eval.py --results <run>/inference` re-scores the folder's own results: the same AP
+    # `eval.py --results <run>/inference` re-scores the folder's own results: the same AP
     metrics = json.loads((results / "shapes_val" / "metrics.json").read_text())
     code, out, err = call(EVAL, capsys, "--results", str(results), *overrides,
                           f"output_dir={json.dumps(str(root / 'run_a'))}")
@@ -140,8 +140,10 @@ def test_results_folder_of_an_older_version_without_source_json_is_not_overwritt
 
 # --- item 3: a test set's classes against the checkpoint's ---------------------------------
 
+@pytest.mark.slow  # uses the module's trained run
 def test_test_set_with_the_checkpoints_classes_in_another_order_is_refused(run_a, tmp_path, capsys):
-    """The issue's case: checkpoint [disc, box, cross], VOC test set classes [box, disc, cross]."""
+    """The same class names in another order is refused: checkpoint [disc, box, cross], VOC test
+    set classes [box, disc, cross] (a silent mismatch would swap labels)."""
     root, overrides = run_a
     weights = str(root / "run_a" / "model_final.pth")
     swapped = f"datasets.test={json.dumps([_voc_entry(['square', 'circle', 'triangle'])])}"
@@ -154,6 +156,7 @@ def test_test_set_with_the_checkpoints_classes_in_another_order_is_refused(run_a
     assert not (tmp_path / "eval" / "voc_VOC_val").exists() and not list((tmp_path / "vis").glob("*.jpg"))
 
 
+@pytest.mark.slow  # uses the module's trained run
 def test_test_set_with_other_class_names_is_refused(run_a, tmp_path, capsys):
     root, overrides = run_a
     data = json.loads((root / "data" / "shapes" / "annotations" / "instances_val.json").read_text())
@@ -237,6 +240,7 @@ def _spy_tags(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.slow  # uses the module's trained run
 def test_gt_marks_difficult_objects_and_crowd_regions(run_a, tmp_path, capsys, monkeypatch):
     root, overrides = run_a
     voc = tmp_path / "VOC"  # the shapes VOC view with its first object difficult
@@ -266,6 +270,7 @@ def test_gt_marks_difficult_objects_and_crowd_regions(run_a, tmp_path, capsys, m
     assert gt_tags[0][-1] == "crowd" and gt_tags[0].count("crowd") == 1
 
 
+@pytest.mark.slow  # uses the module's trained run
 def test_output_names_are_one_scheme_and_never_collide(run_a, tmp_path, capsys):
     """Two inputs named img.jpg in different folders; --gt writes under the same scheme."""
     root, overrides = run_a

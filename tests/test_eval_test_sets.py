@@ -27,6 +27,7 @@ def trained(tmp_path_factory):
     return cfg, train(cfg)
 
 
+@pytest.mark.slow  # uses the module's trained run
 def test_evaluation_during_training_logs_each_test_set(trained):
     cfg, model = trained
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -36,6 +37,7 @@ def test_evaluation_during_training_logs_each_test_set(trained):
     assert model.class_names == ["circle", "square", "triangle"]  # set from the training data
 
 
+@pytest.mark.slow  # uses the module's trained run
 def test_trainer_evaluate_is_the_test_set_loop(trained, tmp_path):
     cfg, model = trained
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root)
@@ -75,6 +77,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, datasets: 
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # uses the module's trained run
 def test_two_processes_share_the_images_and_rank_0_scores_them_all(trained, tmp_path):
     cfg, model = trained
     datasets = get_datasets(cfg.datasets.test[:1], cfg.datasets.root)

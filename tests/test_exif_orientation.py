@@ -1,4 +1,4 @@
-"""Phone photos (issue 36, item 1): a JPEG stores the sensor's pixels with an EXIF orientation
+"""Phone photos: a JPEG stores the sensor's pixels with an EXIF orientation
 tag saying how to turn them for viewing; annotation tools show the turned view and their boxes
 refer to it. Every reader turns them as PIL's ImageOps.exif_transpose does (Detectron2's
 read_image), unless input.exif_orientation: false; sizes that do not match the annotation are

@@ -1,4 +1,4 @@
-"""Phone photos end to end (issue 36, item 1): the shapes set rewritten as a phone writes it
+"""Phone photos end to end: the shapes set rewritten as a phone writes it
 (each image stored turned back, with an EXIF orientation tag, 1..8 in turn; the annotation as
 the viewer sees it), next to its pre-rotated copy (PNGs with exactly the pixels the photos are
 read as). Training, tools/eval.py, tools/visualize.py (predictions and --gt) and the Predictor

@@ -60,6 +60,7 @@ def test_the_fast_path_is_the_default():
     assert load_config(None).model.fast_path is True
 
 
+@pytest.mark.slow  # every distinct shipped model at its real size (R50, R101), both paths
 @pytest.mark.parametrize("path", _distinct_configs())
 def test_fast_path_detections_equal_the_reference_path(path):
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Fuzzing every reader (issue 24): many corrupted inputs, generated (seeded) from small valid
+"""Fuzzing every reader: many corrupted inputs, generated (seeded) from small valid
 ones, fed to the real entry points: the COCO and VOC readers, the data loader, the config
 loader, the checkpoint and weight loaders, `tools/eval.py --results` and `tools/train_det.py`.
 
@@ -550,7 +550,7 @@ def _with_app1(jpeg: bytes, payload: bytes) -> bytes:
 
 
 def exif_variants(rng: random.Random, a: np.ndarray) -> dict[str, tuple[bytes, str, tuple[int, int], frozenset]]:
-    """Phone photos (issue 36): each tag read as viewed (sides swapped for 5..8), an annotation
+    """Phone photos (EXIF orientation tags 1..8): each tag read as viewed (sides swapped for 5..8), an annotation
     of the stored size refused; out-of-range tags and corrupt EXIF blocks read as stored."""
     ok, bad = frozenset({"accepted"}), frozenset({"error", "skipped"})
     out = {f"exif_orientation_{t}": (_tagged(a, t), ".jpg", (40, 30) if t >= 5 else (30, 40), ok) for t in range(1, 9)}

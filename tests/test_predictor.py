@@ -126,6 +126,6 @@ def test_readme_predictor_lines_run_as_written(tmp_path, monkeypatch):
     assert len(outs) == 2 and len(outs[1]["scores"]) > 0
     # the street image is the smaller one: more padding in the batch, scores within a few hundredths
     assert abs(float(outs[0]["scores"][0]) - float(rgb_out["scores"][0])) < 0.03
-    # the case: a BGR array given as RGB gives other detections, in silence
+    # a BGR array (cv2.imread) given where RGB is expected gives other detections, and no error
     swapped = namespace["predictor"](cv2.imread("street.jpg"))
     assert abs(float(swapped["scores"][0]) - float(rgb_out["scores"][0])) > 1e-3

@@ -1,4 +1,4 @@
-"""Faults during training and evaluation (issue 24): SIGTERM / SIGINT stop gracefully and
+"""Faults during training and evaluation: SIGTERM / SIGINT stop gracefully and
 resume exactly, a resume with two processes equals a straight run bit for bit, messages say
 what really exists, a failing disk never corrupts a checkpoint or a results file, one trainer
 per output folder, and evaluation memory that grows no faster than the results."""

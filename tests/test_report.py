@@ -155,7 +155,7 @@ def test_eval_writes_the_report_beside_the_results(tmp_path):
     assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in (tmp_path / "rescored" / "report.html").read_text()
 
 
-# --- issue 36: what the folder holds is what the page shows; the checkpoint's time -------------
+# --- what the folder holds is what the page shows; the checkpoint's time -----------------------
 
 def test_the_page_shows_every_test_set_saved_in_the_folder_and_each_runs_command(tmp_path, shapes):
     from detection.evaluation.report import load_sections, save_section
