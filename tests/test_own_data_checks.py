@@ -151,8 +151,10 @@ def test_an_error_mid_run_says_which_checkpoint_it_left_on_its_one_line(data_roo
     from detection.engine import trainer
     from tests.helpers import load_tool, tiny_overrides
 
-    def broken(*args, **kwargs):
-        raise ValueError("the test set went away")
+    from detection.data import DataError
+
+    def broken(*args, **kwargs):  # a user's problem (a project error): one line, exit 2
+        raise DataError("the test set went away")
 
     monkeypatch.setattr(trainer, "evaluate", broken)
     overrides = tiny_overrides(data_root, tmp_path / "run", **{"test.eval_period": 2, "solver.max_iter": 4,
