@@ -391,3 +391,17 @@ def test_device_cuda_without_a_gpu_is_one_line():
     result = subprocess.run([*BENCHMARK, "--device", "cuda"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--device cuda: this machine has no CUDA device" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # the tool in a subprocess
+def test_weights_that_hold_no_detector_are_one_line(tmp_path):
+    """A backbone file given as --weights: the project's WeightsError, one line, exit 2."""
+    import torchvision
+
+    backbone = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), backbone)
+    cmd = [*BENCHMARK, *TINY, "--quick", "--runs", "1", "--no-train", "--no-memory", "--no-data",
+           "--weights", str(backbone)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {backbone}: holds no detector")

@@ -70,7 +70,8 @@ def build_bench_model(cfg: Config, args: argparse.Namespace) -> FasterRCNN:
 
         weights = read_detector_file(args.weights)
         if weights is None:
-            raise SystemExit(f"error: {args.weights}: holds no detector")
+            raise WeightsError(f"{args.weights}: holds no detector (backbone weights?); --weights takes a "
+                               "detector checkpoint")
         load_detector_weights(model, weights)
     return model
 
