@@ -8,7 +8,6 @@ the rounding of float32, not of TF32's 10-bit mantissa.
 `C4DET_CUDA_SUITE_ON_CPU=1` runs these tests' code on the CPU instead, to check the tests
 themselves on a machine without a GPU. It proves nothing about CUDA.
 """
-import copy
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from detection.engine.checkpoint import load_checkpoint
 from detection.engine.loading import build_inference_model
 from detection.engine.trainer import train
 from detection.evaluation import evaluate_test_sets
-from detection.testing import compare_detections
+from detection.utils.comm import set_tf32
 from tests.helpers import load_tool, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +79,33 @@ def detections(cfg, weights: Path, device: str, images: list[torch.Tensor]) -> l
         return [{k: v.cpu() for k, v in out.items()} for out in model(images)]
 
 
-def assert_equal(ref: list[dict], other: list[dict], box_tolerance: float, score_tolerance: float) -> None:
+def assert_equal(ref: list[dict], other: list[dict], box_tolerance: float, score_tolerance: float,
+                 min_matched: float = 0.95) -> None:
+    """Per image, at least `min_matched` of ref's detections have one in `other` with the same
+    label, every box coordinate within box_tolerance px and the score within score_tolerance,
+    and the counts differ by at most the rest. Matched as sets: another device's (or the folded
+    convs') float rounding may reorder near-tied scores or flip an NMS tie of a barely trained
+    model, which says nothing about the code."""
     for i, (a, b) in enumerate(zip(ref, other)):
-        result = compare_detections(a, b, box_tolerance=box_tolerance, score_tolerance=score_tolerance)
-        assert result["equal"], f"image {i}: {result}"
+        if len(a["boxes"]) == 0:
+            assert len(b["boxes"]) == 0, f"image {i}: {len(b['boxes'])} detections against none"
+            continue
+        close = ((a["boxes"][:, None] - b["boxes"][None]).abs().amax(dim=2) <= box_tolerance) \
+            & ((a["scores"][:, None] - b["scores"][None]).abs() <= score_tolerance) \
+            & (a["labels"][:, None] == b["labels"][None])  # (ref, other)
+        matched = float(close.any(dim=1).float().mean())
+        assert matched >= min_matched, f"image {i}: {matched:.1%} of {len(a['boxes'])} detections matched"
+        assert abs(len(a["boxes"]) - len(b["boxes"])) <= (1 - min_matched) * len(a["boxes"]) + 1, f"image {i}"
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """float32 without TF32 in every test (a test that wants TF32 says so, e.g. through the
+    config's tf32), and PyTorch's flags as they were afterwards."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    set_tf32(False)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_training_with_amp_and_resume_on_the_gpu(trained):
