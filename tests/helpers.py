@@ -17,10 +17,10 @@ import torchvision
 from PIL import Image
 
 from backbones import build_resnet
-from detection.anchors import AnchorGenerator
-from detection.model import FasterRCNN, build_trunk
-from detection.roi_heads import Res5ROIHeads
-from detection.rpn import RPN
+from detection.modeling.anchors import AnchorGenerator
+from detection.modeling.model import FasterRCNN, build_trunk
+from detection.modeling.roi_heads import Res5ROIHeads
+from detection.modeling.rpn import RPN
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from detection.anchors import AnchorGenerator, generate_cell_anchors
+from detection.modeling.anchors import AnchorGenerator, generate_cell_anchors
 
 
 def test_anchors_of_a_1x2_map_match_hand_written_tensor():

@@ -8,9 +8,9 @@ from detection.config import ConfigError, load_config
 from detection.engine.checkpoint import CheckpointError
 from detection.engine.loading import DetectorWeights, load_detector_weights
 from detection.accel import optimize_for_inference
-from detection.model import build_model
-from detection.multiscale import MultiScaleTest, PyramidFeatures, choose_scales
-from detection.refinement import BoxRefinement, box_voting
+from detection.modeling.model import build_model
+from detection.modeling.multiscale import MultiScaleTest, PyramidFeatures, choose_scales
+from detection.modeling.refinement import BoxRefinement, box_voting
 from tests.helpers import BLUE, RED, make_model, paint
 
 

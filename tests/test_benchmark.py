@@ -24,7 +24,7 @@ from detection.benchmarking.meters import interleaved
 from detection.config import load_config
 from detection.accel import optimize_for_inference
 from detection.testing import compare_detections
-from detection.tta import DetectorWithTTA
+from detection.modeling.tta import DetectorWithTTA
 from tests.helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ def benchmark_sources() -> list[Path]:
 
 
 def test_benchmark_code_uses_no_private_member_of_the_library():
-    """`heads._pool`, `detection.model._rescale`, ...: a copy of private steps drifts from the
+    """`heads._pool`, `detection.modeling.model._rescale`, ...: a copy of private steps drifts from the
     code it claims to time. Only public entry points and profiler labels."""
     found = []
     for path in benchmark_sources():

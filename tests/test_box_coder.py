@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from detection.box_coder import BoxCoder
+from detection.modeling.box_coder import BoxCoder
 
 
 def _random_boxes(n: int) -> torch.Tensor:

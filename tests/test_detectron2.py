@@ -16,7 +16,7 @@ from detection.data.image_io import read_image
 from detection.engine.checkpoint import CheckpointError
 from detection.engine.detectron2 import background_first, detectron2_name
 from detection.engine.loading import load_detector_weights, read_detector_file
-from detection.model import build_model
+from detection.modeling.model import build_model
 from detection.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -345,7 +345,7 @@ def test_bfloat16_inference_on_detectron2_weights(d2_files, reference, monkeypat
     instructions (where test.amp would fall back to float32)."""
     from torchvision.ops import box_iou
 
-    from detection import precision
+    from detection.modeling import precision
 
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("avx512_bf16",))
     amp = Predictor.from_config(R50, weights=d2_files[0], overrides=["test.amp=true"], device="cpu")

@@ -11,8 +11,8 @@ from detection.accel import inference_plan, optimize_for_inference, optimize_for
 from detection.accel.onednn import FusedBottleneck, FusedStem
 from detection.engine.loading import prepare_for_inference
 from detection.engine.trainer import GracefulStop
-from detection.export import ExportableDetector
-from detection.model import build_model
+from detection.export.onnx import ExportableDetector
+from detection.modeling.model import build_model
 from detection.testing import UnnamedDeviceCheck
 from tests.helpers import IMAGES, TARGETS, tiny_cfg
 

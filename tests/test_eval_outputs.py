@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import detection.visualize
+import detection.visualization.draw
 from detection.config import load_config
 from detection.data.shapes import generate_shapes
 from detection.engine.trainer import train
@@ -230,13 +230,13 @@ def test_eval_help_describes_the_layout(capsys):
 
 def _spy_tags(monkeypatch) -> list:
     calls = []
-    real = detection.visualize.draw_detections
+    real = detection.visualization.draw.draw_detections
 
     def spy(image, boxes, labels, scores, names, thresh=0.5, tags=None):
         calls.append((scores is None, list(tags or [])))
         return real(image, boxes, labels, scores, names, thresh, tags=tags)
 
-    monkeypatch.setattr(detection.visualize, "draw_detections", spy)
+    monkeypatch.setattr(detection.visualization.draw, "draw_detections", spy)
     return calls
 
 
@@ -290,13 +290,13 @@ def test_output_names_are_one_scheme_and_never_collide(run_a, tmp_path, capsys):
 def test_ground_truth_boxes_and_crowd_regions(tmp_path):
     record = {"boxes": np.array([[0, 0, 5, 5], [1, 1, 4, 4]], np.float32), "labels": np.array([1, 2]),
               "difficult": np.array([False, True])}
-    boxes, labels, tags = detection.visualize.ground_truth_boxes(record)
+    boxes, labels, tags = detection.visualization.draw.ground_truth_boxes(record)
     assert tags == ["", "difficult"] and labels.tolist() == [1, 2]
     ann = tmp_path / "a.json"
     ann.write_text(json.dumps({"annotations": [
         {"image_id": 7, "category_id": 40, "bbox": [1, 2, 3, 4], "iscrowd": 1},
         {"image_id": 7, "category_id": 40, "bbox": [0, 0, 1, 1], "iscrowd": 0}]}))
-    crowd = detection.visualize.read_crowd_regions(ann, {1: 10, 2: 40})  # label 2 is category 40
+    crowd = detection.visualization.draw.read_crowd_regions(ann, {1: 10, 2: 40})  # label 2 is category 40
     assert list(crowd) == [7] and crowd[7][0].tolist() == [[1, 2, 4, 6]] and crowd[7][1].tolist() == [2]
-    boxes, labels, tags = detection.visualize.ground_truth_boxes(record, crowd[7])
+    boxes, labels, tags = detection.visualization.draw.ground_truth_boxes(record, crowd[7])
     assert tags == ["", "difficult", "crowd"] and labels.tolist() == [1, 2, 2] and boxes.shape == (3, 4)

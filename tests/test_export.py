@@ -1,7 +1,7 @@
-"""ONNX export (detection/export.py, tools/export.py): ONNX Runtime's detections equal
+"""ONNX export (detection/export/onnx.py, tools/export.py): ONNX Runtime's detections equal
 PyTorch's (boxes within 0.01 px, scores within 1e-4, the same labels) on image sizes other
 than the traced one, for a tiny model, the demo's shapes model and a random-weight R50-C4;
-the file carries its pre-processing in its metadata (detection/onnx_preprocess.py), and the
+the file carries its pre-processing in its metadata (detection/export/preprocess.py), and the
 README's ONNX lines run as written."""
 import re
 import subprocess
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from detection.config import load_config
-from detection.export import (ExportableDetector, ExportError, OnnxDetector, check_with_onnxruntime, export_onnx,
+from detection.export.onnx import (ExportableDetector, ExportError, OnnxDetector, check_with_onnxruntime, export_onnx,
                               prepare_image)
-from detection.onnx_preprocess import OnnxMetadataError, preprocess, read_metadata
-from detection.model import build_model
+from detection.export.preprocess import OnnxMetadataError, preprocess, read_metadata
+from detection.modeling.model import build_model
 from detection.testing import compare_detections, make_sane
 from tests.helpers import load_tool, make_model
 
@@ -91,7 +91,7 @@ def test_the_export_runs_the_models_own_inference(monkeypatch):
 
 def test_what_cannot_be_exported_is_one_clear_error():
     from detection.accel import optimize_for_inference
-    from detection.refinement import BoxRefinement
+    from detection.modeling.refinement import BoxRefinement
 
     model = make_model().eval()
     with pytest.raises(ExportError, match="fast_path"):
@@ -196,7 +196,7 @@ def test_benchmark_times_onnxruntime_against_the_fast_path(capsys):
 def test_export_check_reports_unpaired_detections_as_differing_not_zero(monkeypatch, capsys):
     """ONNX Runtime finding another number of detections than PyTorch: the tool's check says the
     counts or labels differ and fails, instead of printing box and score differences of 0."""
-    import detection.export as export_module
+    import detection.export.onnx as export_module
     from detection.testing import compare_detections
 
     ref = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
@@ -246,7 +246,7 @@ def test_the_file_carries_its_preprocessing_and_the_detector_reads_it(tmp_path):
 
 
 def test_the_preprocessing_needs_no_pytorch():
-    code = ("import sys; from detection.onnx_preprocess import preprocess, read_metadata; "
+    code = ("import sys; from detection.export.preprocess import preprocess, read_metadata; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -271,7 +271,7 @@ def test_metadata_errors_name_the_file_and_the_key():
 def test_export_check_fails_when_it_compares_nothing(monkeypatch, capsys):
     """A trained model finds nothing on synthetic noise: "0 / 0 detections, equal" compared
     nothing, so the check fails and asks for photos."""
-    import detection.export as export_module
+    import detection.export.onnx as export_module
     from detection.testing import compare_detections as compare
 
     none = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}

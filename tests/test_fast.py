@@ -18,10 +18,10 @@ from detection.accel.gather import pool, pool_plan, to_rois
 from detection.accel.onednn import FusedBottleneck, FusedStem, conv_pointwise, fusable, fuse_blocks
 from detection.accel.res5 import Res5Runner
 from detection.accel.taps import taps_conv2d
-from detection.anchors import AnchorGenerator
-from detection.model import FasterRCNN
-from detection.roi_heads import Res5ROIHeads
-from detection.rpn import RPN
+from detection.modeling.anchors import AnchorGenerator
+from detection.modeling.model import FasterRCNN
+from detection.modeling.roi_heads import Res5ROIHeads
+from detection.modeling.rpn import RPN
 from detection.testing import make_sane
 
 IMAGE = (96, 128)
@@ -213,7 +213,7 @@ def test_fast_inference_gives_the_plain_detections(stride_in_1x1):
 
 def test_fast_inference_without_hoisting_resnet18():
     from detection.config import load_config
-    from detection.model import build_model
+    from detection.modeling.model import build_model
 
     cfg = load_config(None, ["model.backbone.depth=18", "model.backbone.weights=null", "model.num_classes=3",
                              "input.min_size_test=64", "input.max_size_test=96",

@@ -13,7 +13,7 @@ import torch
 
 from detection.config import load_config
 from detection.accel import optimize_for_inference
-from detection.model import build_model
+from detection.modeling.model import build_model
 from detection.testing import make_sane
 from tests.helpers import ROOT
 

@@ -1142,7 +1142,7 @@ def voc_results_cases(tmp: Path, shapes_root: Path) -> list[Case]:
 
 
 def _checked_curves_instead_of_a_plot(curves, path) -> None:
-    """Stands in for detection.plots.plot_pr_curves (matplotlib takes a second per plot):
+    """Stands in for detection.visualization.plots.plot_pr_curves (matplotlib takes a second per plot):
     the curves it would draw must be finite fractions."""
     for name, (recall, precision) in curves.items():
         for values in (recall, precision):
@@ -1152,9 +1152,9 @@ def _checked_curves_instead_of_a_plot(curves, path) -> None:
 
 @pytest.fixture
 def no_plots(monkeypatch):
-    import detection.plots
+    import detection.visualization.plots
 
-    monkeypatch.setattr(detection.plots, "plot_pr_curves", _checked_curves_instead_of_a_plot)
+    monkeypatch.setattr(detection.visualization.plots, "plot_pr_curves", _checked_curves_instead_of_a_plot)
 
 
 def test_fuzz_eval_results(tmp_path, shapes_root, caplog, no_plots):

@@ -6,26 +6,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each folder of detection/ is a layer; a module directly in detection/ is core (the detector's
-# parts, built from keyword arguments, below data, evaluation and the engine) unless TOP names it.
-# So a new module is checked where it is put, without editing a list; a new folder must be
-# given its layer here (test_every_module_has_a_layer).
-FOLDERS = {"utils": "detection.utils", "data": "detection.data", "evaluation": "detection.evaluation",
-           "engine": "detection.engine", "accel": "core", "study": "detection.study",
+# Each folder of detection/ is a layer (modeling and accel are the core: the detector's parts,
+# built from keyword arguments, below data, evaluation and the engine); a module directly in
+# detection/ must be named in TOP. So a new module in a folder is checked where it is put,
+# without editing a list; a new folder or top-level module must be given its layer here
+# (test_every_module_has_a_layer).
+FOLDERS = {"utils": "detection.utils", "visualization": "detection.visualization", "modeling": "core",
+           "accel": "core", "data": "detection.data", "evaluation": "detection.evaluation",
+           "export": "detection.export", "engine": "detection.engine", "study": "detection.study",
            "benchmarking": "detection.benchmarking"}
-TOP = {"config": "detection.config", "cli": "top", "predictor": "top"}  # the top of the library
+TOP = {"testing": "core", "config": "detection.config", "cli": "top", "predictor": "top"}
+_ALL = {f"detection.{name}" for name in (*FOLDERS, *TOP)}
 # layer -> the detection (sub)modules it must not import
 FORBIDDEN = {
     "detection.utils": {"detection"},  # nothing of detection but itself
-    "detection.data": {"detection.model", "detection.engine", "detection.evaluation", "detection.config",
-                       "detection.predictor", "detection.benchmarking", "detection.accel"},
-    "detection.evaluation": {"detection.engine", "detection.model", "detection.predictor",
-                             "detection.benchmarking", "detection.config"},
+    "detection.visualization": _ALL - {"detection.utils"},
+    "detection.data": {"detection.modeling.model", "detection.engine", "detection.evaluation", "detection.config",
+                       "detection.predictor", "detection.benchmarking", "detection.accel", "detection.export"},
+    "detection.evaluation": {"detection.engine", "detection.modeling.model", "detection.predictor",
+                             "detection.benchmarking", "detection.config", "detection.export"},
     "core": {"detection.data", "detection.evaluation", "detection.engine", "detection.predictor",
-             "detection.benchmarking", "detection.cli"},
+             "detection.benchmarking", "detection.cli", "detection.export", "detection.config"},
+    "detection.export": {"detection.data", "detection.evaluation", "detection.engine", "detection.config",
+                         "detection.predictor", "detection.benchmarking", "detection.study", "detection.cli"},
     "detection.engine": {"detection.predictor", "detection.benchmarking", "detection.cli"},
     "detection.config": {"detection.engine", "detection.evaluation", "detection.predictor", "detection.cli",
-                         "detection.benchmarking", "detection.study"},
+                         "detection.benchmarking", "detection.study", "detection.export"},
     "detection.study": {"detection.predictor", "detection.benchmarking"},
     "detection.benchmarking": {"detection.predictor", "detection.study"},
     "top": {"detection.benchmarking", "detection.study"},
@@ -67,7 +73,7 @@ def layer_of(module: str) -> str | None:
         return None
     if (ROOT / "detection" / parts[1]).is_dir():
         return FOLDERS.get(parts[1])
-    return TOP.get(parts[1], "core")
+    return TOP.get(parts[1])
 
 
 def violations(module: str, imports: set[str], forbidden: set[str]) -> list[str]:
@@ -94,16 +100,19 @@ def test_each_detection_module_imports_only_from_its_layer_and_below():
 
 
 def test_every_module_has_a_layer():
-    """A folder of detection/ without a layer in FOLDERS would go unchecked: name it there."""
+    """A folder of detection/ without a layer in FOLDERS, or a module directly in detection/
+    without one in TOP, would go unchecked: name it there."""
     unplaced = [module_name(p) for p in python_files("detection")
                 if module_name(p) != "detection" and layer_of(module_name(p)) is None]
-    assert not unplaced, f"modules in a folder without a layer (tests/test_layers.py FOLDERS): {unplaced}"
-    assert {layer_of(f"detection.{name}") for name in ("multiscale", "refinement", "precision", "accel.plan")} \
-        == {"core"}
+    assert not unplaced, f"modules without a layer (tests/test_layers.py FOLDERS or TOP): {unplaced}"
+    assert {layer_of(f"detection.{name}") for name in ("modeling.multiscale", "modeling.refinement",
+                                                        "modeling.precision", "accel.plan")} == {"core"}
 
 
-def test_a_new_top_level_module_is_checked_as_core():
-    assert layer_of("detection.brand_new") == "core" and layer_of("detection.config") == "detection.config"
+def test_a_new_module_gets_its_folders_layer_and_a_new_top_level_one_none():
+    assert layer_of("detection.modeling.brand_new") == "core"
+    assert layer_of("detection.export.brand_new") == "detection.export"
+    assert layer_of("detection.brand_new") is None and layer_of("detection.cli") == "top"
 
 
 def test_tools_and_tests_import_neither_each_other_nor_edit_the_import_path():

@@ -7,7 +7,7 @@ from detection.config import config_to_dict, load_config
 from detection.engine.checkpoint import CheckpointError, save_checkpoint
 from detection.engine.loading import (DetectorWeights, build_inference_model, check_model_settings,
                                       load_initial_weights, read_detector_file)
-from detection.model import build_model
+from detection.modeling.model import build_model
 
 TINY = ["model.num_classes=3", "model.backbone.depth=18", "model.backbone.norm=gn", "model.backbone.weights=null",
         "model.anchors.sizes=[16,32]", "model.roi_heads.pooler_resolution=6", "device=cpu"]

@@ -1,7 +1,7 @@
 """IoU matcher: thresholds and the Faster R-CNN best-match rule."""
 import torch
 
-from detection.matcher import Matcher
+from detection.modeling.matcher import Matcher
 
 # 3 ground-truth boxes (rows) x 4 anchors (columns)
 IOU = torch.tensor([

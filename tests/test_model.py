@@ -3,8 +3,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detection.model import LOSS_KEYS, TargetError, build_model
-from detection.structures import ImageList
+from detection.modeling.model import LOSS_KEYS, TargetError, build_model
+from detection.modeling.structures import ImageList
 from tests.helpers import IMAGES, TARGETS, make_model
 
 def test_image_list_pads_to_multiple_of_32_and_keeps_sizes():
@@ -154,7 +154,7 @@ def test_float_images_in_0_1_are_warned_about():
     """torchvision's convention (float 0..1) runs and gives wrong detections: say so."""
     import warnings
 
-    from detection.model import _check_images
+    from detection.modeling.model import _check_images
 
     with pytest.warns(UserWarning, match="values in 0..1, but the model takes RGB 0..255"):
         _check_images([torch.rand(3, 8, 8)])

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from detection.plots import (curve_ap, moving_average, plot_pr_curves, plot_training_curves, pr_curves_figure,
+from detection.visualization.plots import (curve_ap, moving_average, plot_pr_curves, plot_training_curves, pr_curves_figure,
                              read_metrics_jsonl, smoothing_window, training_curves_figure)
 
 pytest.importorskip("matplotlib")

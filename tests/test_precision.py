@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from detection import precision
+from detection.modeling import precision
 from detection.accel import optimize_for_inference
 from tests.helpers import IMAGES, make_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from detection.config import save_config
-from detection.model import build_model
+from detection.modeling.model import build_model
 from detection.predictor import Predictor
 from detection.testing import compare_detections, make_sane
 from tests.helpers import tiny_cfg

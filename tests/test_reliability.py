@@ -53,7 +53,7 @@ def run_tool(data_root, out, *flags, **extra) -> int:
 
 def at_forward(monkeypatch, call: int, action) -> None:
     """Run `action()` at the start of the call-th training forward pass."""
-    from detection.model import FasterRCNN
+    from detection.modeling.model import FasterRCNN
 
     calls = {"n": 0}
     real_forward = FasterRCNN.forward
@@ -206,7 +206,7 @@ def test_resuming_with_another_number_of_processes_says_what_is_not_exact(data_r
 # ----------------------------------------------------------------------------- true messages
 
 def _nan_at(monkeypatch, call: int) -> None:
-    from detection.model import FasterRCNN
+    from detection.modeling.model import FasterRCNN
 
     calls = {"n": 0}
     real_forward = FasterRCNN.forward
@@ -459,7 +459,7 @@ def test_results_files_survive_a_full_disk(tmp_path, monkeypatch, writer):
 def test_eval_on_a_full_disk_ends_in_one_line_and_keeps_the_old_metrics(data_root, tmp_path, monkeypatch, capsys):
     """tools/eval.py --results when writing metrics.json fails: one `error:` line naming the
     file, exit 2, the previous metrics.json as it was, no temporary file."""
-    import detection.plots
+    import detection.visualization.plots
     import detection.utils.files as files
 
     gt = json.loads((data_root / "shapes" / "annotations" / "instances_val.json").read_text())
@@ -469,7 +469,7 @@ def test_eval_on_a_full_disk_ends_in_one_line_and_keeps_the_old_metrics(data_roo
     out = tmp_path / "inference"
     argv = ["--config", str(ROOT / "configs" / "base.yaml"), "--results", str(results), "--output-dir", str(out),
             f"datasets.root={data_root}", "datasets.test=[shapes_val]", "model.num_classes=3"]
-    monkeypatch.setattr(detection.plots, "plot_pr_curves", lambda curves, path: None)  # matplotlib is slow
+    monkeypatch.setattr(detection.visualization.plots, "plot_pr_curves", lambda curves, path: None)  # matplotlib is slow
     eval_tool = load_tool("eval")
     assert eval_tool.main(argv) == 0
     metrics = out / "shapes_val" / "metrics.json"

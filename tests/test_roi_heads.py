@@ -4,8 +4,8 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from detection.box_coder import BoxCoder
-from detection.roi_heads import Res5ROIHeads
+from detection.modeling.box_coder import BoxCoder
+from detection.modeling.roi_heads import Res5ROIHeads
 
 K = 3
 IMAGE_SIZES = [(128, 128), (112, 96)]

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from detection.anchors import AnchorGenerator
-from detection.rpn import RPN
+from detection.modeling.anchors import AnchorGenerator
+from detection.modeling.rpn import RPN
 
 IMAGE_SIZES = [(128, 160), (100, 120)]  # inside a padded 128 x 160 batch -> 8 x 10 map
 
@@ -125,7 +125,7 @@ def test_first_nms_survivors_are_nms_of_all_boxes_cut_to_k(monkeypatch):
     above it); it falls back to more boxes when too few survive (crowded boxes)."""
     from torchvision.ops import nms
 
-    from detection import rpn as rpn_module
+    from detection.modeling import rpn as rpn_module
 
     sizes = []
     monkeypatch.setattr(rpn_module, "nms", lambda b, s, t: sizes.append(len(b)) or nms(b, s, t))

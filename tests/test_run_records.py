@@ -14,13 +14,13 @@ import torch
 import yaml
 
 import detection.config
-import detection.visualize
+import detection.visualization.draw
 from detection.config import ConfigError, config_to_dict, load_config, save_config
 from detection.data.shapes import generate_shapes
 from detection.engine import trainer
 from detection.engine.checkpoint import load_checkpoint, save_checkpoint
 from detection.engine.run_config import check_resume_config, record_resume_changes
-from detection.model import LOSS_KEYS, build_model
+from detection.modeling.model import LOSS_KEYS, build_model
 from tests.helpers import load_tool, tiny_cfg, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,14 +209,14 @@ def test_visualize_says_how_many_detections_it_drew_and_above_which_score(data_r
     save_checkpoint({"model": build_model(cfg).state_dict(), "iteration": 0, "config": config_to_dict(cfg),
                      "class_names": ["circle", "square", "triangle"]}, weights)
     drawn = []
-    real = detection.visualize.draw_detections
+    real = detection.visualization.draw.draw_detections
 
     def spy(image, boxes, labels, scores, names, thresh=0.5, tags=None):
         if scores is not None:
             drawn.append(int((torch.as_tensor(scores) >= thresh).sum()))
         return real(image, boxes, labels, scores, names, thresh, tags=tags)
 
-    monkeypatch.setattr(detection.visualize, "draw_detections", spy)
+    monkeypatch.setattr(detection.visualization.draw, "draw_detections", spy)
     images = data_root / "shapes" / "val"
     for thresh in ("0.0", "1.0"):
         argv = ["--config", str(ROOT / "configs" / "base.yaml"), "--weights", str(weights), "--input", str(images),

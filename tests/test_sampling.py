@@ -1,7 +1,7 @@
 """Balanced positive / negative subsampling."""
 import torch
 
-from detection.sampling import subsample_labels
+from detection.modeling.sampling import subsample_labels
 
 
 def _labels(num_pos: int, num_neg: int, num_ignore: int = 0) -> torch.Tensor:

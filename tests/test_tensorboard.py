@@ -67,7 +67,7 @@ def test_event_files_hold_the_metrics_jsonl_values(data_root, tmp_path):
 
 
 def test_a_resumed_run_replaces_what_was_logged_after_its_checkpoint(data_root, tmp_path, monkeypatch):
-    from detection.model import FasterRCNN
+    from detection.modeling.model import FasterRCNN
 
     out = tmp_path / "run"
     real_forward, calls = FasterRCNN.forward, {"n": 0}

@@ -15,7 +15,7 @@ from detection.data.shapes import generate_shapes
 from detection.engine.checkpoint import load_checkpoint
 from detection.engine.loading import build_inference_model
 from detection.engine.trainer import TrainingError, train
-from detection.model import build_model
+from detection.modeling.model import build_model
 from tests.helpers import tiny_cfg, tiny_overrides
 
 pytestmark = pytest.mark.slow  # every test here trains (and one spawns two DDP processes)
@@ -92,7 +92,7 @@ def test_amp_on_the_cpu_runs_convolutions_in_bfloat16_and_boxes_in_float32(data_
     """solver.amp on the CPU: the backbone computes in bfloat16 (the speed), while the head
     outputs that are decoded into boxes and fed to the losses stay float32 (bfloat16 has
     8 mantissa bits: 2 px steps at 300 px), the weights stay float32, and it still learns."""
-    import detection.model
+    import detection.modeling.model
 
     seen = {}
 
@@ -108,7 +108,7 @@ def test_amp_on_the_cpu_runs_convolutions_in_bfloat16_and_boxes_in_float32(data_
         model.roi_heads.predictor.register_forward_hook(record("predictor"))
         return model
 
-    monkeypatch.setattr(detection.model, "build_model", build_with_probes)
+    monkeypatch.setattr(detection.modeling.model, "build_model", build_with_probes)
     out = tmp_path / "amp"
     model = train(tiny_cfg(data_root, out, **{"solver.amp": True, "solver.max_iter": 40,
                                               "solver.checkpoint_period": 20}))
@@ -134,7 +134,7 @@ def test_weights_option_starts_a_new_run_at_iteration_zero(data_root, tmp_path):
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):
-    from detection.model import FasterRCNN
+    from detection.modeling.model import FasterRCNN
 
     calls = {"n": 0}
     real_forward = FasterRCNN.forward

@@ -117,7 +117,7 @@ def test_a_run_that_fails_on_its_data_leaves_no_folder_and_keeps_the_old_run(dat
 # ----------------------------------------------------------------------------- item 11: errors and Ctrl-C
 
 def _fail_at_forward(monkeypatch, call: int, exc: BaseException) -> None:
-    from detection.model import FasterRCNN
+    from detection.modeling.model import FasterRCNN
 
     calls = {"n": 0}
     real_forward = FasterRCNN.forward

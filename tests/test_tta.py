@@ -1,11 +1,11 @@
-"""Test-time augmentation (detection/tta.py, config test.aug): passes, mirroring, merging."""
+"""Test-time augmentation (detection/modeling/tta.py, config test.aug): passes, mirroring, merging."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from detection.config import load_config
-from detection.tta import DetectorWithTTA, hflip_detections, build_tta
+from detection.modeling.tta import DetectorWithTTA, hflip_detections, build_tta
 
 from tests.helpers import IMAGES, make_model
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from detection.visualize import (PALETTE, color_for_label, draw_detections, label_size, place_label, side_by_side,
+from detection.visualization.draw import (PALETTE, color_for_label, draw_detections, label_size, place_label, side_by_side,
                                  text_color_for)
 
 NAMES = ["circle", "square", "triangle"]

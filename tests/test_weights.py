@@ -378,7 +378,7 @@ def test_config_switch_reaches_build_model_and_model_weights(r18_pth):
     """R-18 weights for a ResNet-34 detector: refused by model.backbone.weights and by
     model.weights (both load paths), accepted with model.backbone.allow_partial_weights."""
     from detection.engine.loading import load_initial_weights
-    from detection.model import build_model
+    from detection.modeling.model import build_model
 
     with pytest.raises(WeightsError, match="does not fit the ResNet-34"):
         build_model(_detector_config(f"model.backbone.weights={r18_pth}"))

@@ -12,7 +12,7 @@ from detection.accel import onednn, optimize_for_inference, optimize_for_trainin
 from detection.accel.onednn import conv_pointwise
 from detection.accel.winograd import WinogradConv2d, suitable, transform_weight, winograd_conv2d
 from detection.config import load_config
-from detection.model import build_model
+from detection.modeling.model import build_model
 from detection.testing import make_sane
 
 

@@ -110,7 +110,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     for part in ("train", "memory", "data"):
         p.add_argument(f"--no-{part}", action="store_true", help=f"skip the {part} measurement")
     p.add_argument("--onnx", action="store_true",
-                   help="also time ONNX Runtime on the exported plain path (detection/export.py; the export "
+                   help="also time ONNX Runtime on the exported plain path (detection/export/onnx.py; the export "
                         "extra) against the fast path")
     p.add_argument("--child", choices=("plain", "fast", "torchvision"), help=argparse.SUPPRESS)
 

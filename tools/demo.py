@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _plot(out: Path) -> None:
     try:
-        from detection.plots import plot_training_curves
+        from detection.visualization.plots import plot_training_curves
 
         plot_training_curves(out / "metrics.jsonl", out / "training_curves.png")
     except ImportError as err:

@@ -143,7 +143,7 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         return
     from detection.config import dump_config
     from detection.evaluation.outputs import results_for_test_set
-    from detection.visualize import read_crowd_regions
+    from detection.visualization.draw import read_crowd_regions
 
     config_text = dump_config(cfg)
     for dataset, folder in zip(datasets, folders):

@@ -7,11 +7,11 @@
 Needs the `export` extra (pip install -e '.[export]': onnx, onnxruntime). The file holds the
 whole inference but the resize: inputs `image`, uint8 (1, 3, H, W) RGB already resized as the
 model resizes (shorter side input.min_size_test, longer at most input.max_size_test, with
-detection.resize; detection.onnx_preprocess.preprocess does it), and `original_size`, int64 (2,),
+detection.modeling.resize; detection.export.preprocess.preprocess does it), and `original_size`, int64 (2,),
 the (height, width) before resizing; outputs `boxes` (D, 4) XYXY in the original image's
 pixels, `scores` (D,), `labels` (D,) in 1..K. Height and width are dynamic. The file's
 metadata_props carry what a runtime needs (test sizes, resize mode, channel order, mean / std,
-size divisibility, class names, thresholds); detection.onnx_preprocess.preprocess reads them.
+size divisibility, class names, thresholds); detection.export.preprocess.preprocess reads them.
 
 The plain path is exported (model.fast_path's gather pooling has no ONNX op; RoIAlign is
 ONNX's RoiAlign, NMS its NonMaxSuppression, as torchvision exports its Faster R-CNN), in
@@ -72,7 +72,7 @@ def run(cfg, args: argparse.Namespace) -> int:
 
     from backbones.errors import WeightsError
     from detection.engine.loading import build_inference_model
-    from detection.export import export_onnx
+    from detection.export.onnx import export_onnx
 
     if not Path(args.weights).expanduser().exists():
         raise WeightsError(f"{args.weights}: --weights file not found")
@@ -88,7 +88,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     path = export_onnx(model, args.output)
     print(f"wrote {path} (inputs: image uint8 (1, 3, H, W) RGB resized to shorter side {model.min_size_test}, "
           f"longer at most {model.max_size_test}, resize_mode {model.resize_mode}; original_size int64 (2,); "
-          "all in the file's metadata_props: detection.onnx_preprocess.preprocess reads them)")
+          "all in the file's metadata_props: detection.export.preprocess.preprocess reads them)")
     if args.no_check:
         return 0
     images = _read_images(args.check_images) if args.check_images else None
@@ -113,7 +113,7 @@ def _check(model, path: Path, images: list | None = None) -> bool:
     than the traced one). False if any differs, or if no image gave a detection to compare."""
     import torch
 
-    from detection.export import check_with_onnxruntime
+    from detection.export.onnx import check_with_onnxruntime
 
     if images is None:
         side = model.min_size_test

@@ -119,7 +119,7 @@ def _draw(path: str, record: dict | None, crowd: dict, model, class_names: list[
     import torch
 
     from detection.data.image_io import read_image
-    from detection.visualize import draw_detections, ground_truth_boxes, side_by_side
+    from detection.visualization.draw import draw_detections, ground_truth_boxes, side_by_side
 
     image = read_image(path, exif_orientation=exif_orientation)
     panels = []
@@ -140,7 +140,7 @@ def _inputs(cfg, args: argparse.Namespace, weights):
     (image id -> boxes, labels, tags) of a COCO-type data set."""
     from detection.data.catalog import get_dataset
     from detection.evaluation.classes import check_class_names, model_class_names
-    from detection.visualize import read_crowd_regions
+    from detection.visualization.draw import read_crowd_regions
 
     if args.gt or args.compare:
         entry = args.dataset or cfg.datasets.test[0]

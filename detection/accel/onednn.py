@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from backbones.resnet import BasicBlock, Bottleneck, Stem
 from detection.accel.winograd import winograd_conv2d
-from detection.rpn import RPNHead
+from detection.modeling.rpn import RPNHead
 
 # oneDNN's fused convolution: in PyTorch builds with oneDNN (every x86 CPU wheel)
 FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")

@@ -24,7 +24,7 @@ from detection.accel.fold import (fold_frozen_bn, fold_frozen_bn_for_training, f
 from detection.accel.onednn import FusedRPNHead, fuse_blocks
 from detection.accel.res5 import AUTO, Res5Runner, chunk_rois
 from detection.accel.winograd import winograd_convs
-from detection.rpn import RPNHead
+from detection.modeling.rpn import RPNHead
 
 
 class ToChannelsLast(nn.Module):

@@ -57,7 +57,7 @@ def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict[str, Any]:
     scored again without the model, which is the metrics' share."""
     from detection.engine.loading import prepare_for_inference
     from detection.evaluation import evaluate_test_sets
-    from detection.tta import DetectorWithTTA
+    from detection.modeling.tta import DetectorWithTTA
 
     cfg = bench_config(args, [f"model.num_classes={len(val_ds.class_names)}"])
     prepared = prepare_for_inference(cfg, build_ours(cfg), torch.device(args.device), chunk_size=args.chunk_size)

@@ -16,7 +16,7 @@ from detection.benchmarking.meters import interleaved, log_run, timed_cpu
 from detection.benchmarking.models import STAGES, ProposalRecorder, compare_proposals, staged_torchvision
 from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, profile_stages, stage_label
 from detection.accel import fold_frozen_bn, install_runner, optimize_for_inference, to_channels_last
-from detection.precision import inference_amp
+from detection.modeling.precision import inference_amp
 from detection.testing import compare_detections
 
 

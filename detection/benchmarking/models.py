@@ -1,6 +1,6 @@
 """The models tools/benchmark.py compares.
 
-- ours: detection.model.build_model(cfg) with random but sane weights
+- ours: detection.modeling.model.build_model(cfg) with random but sane weights
   (detection.testing.make_sane: each residual branch's last norm scaled down, so
   activations stay O(1); see docs/ARCHITECTURE.md). It is timed through its public entry
   point, `model(images)`, and its stages are read from the profiler labels it carries
@@ -35,7 +35,7 @@ from detection.cli import config_from_args
 from detection.config import Config, ConfigError
 from detection.engine.optim import build_optimizer
 from detection.engine.trainer import TrainState, forward_losses, optimizer_step
-from detection.model import FasterRCNN, build_model
+from detection.modeling.model import FasterRCNN, build_model
 from detection.testing import make_sane
 
 Meter = Callable[[str], ContextManager]
@@ -209,7 +209,7 @@ def build_torchvision_c4(ours: FasterRCNN, cfg: Any) -> nn.Module:
       mapping back to the input image, ours clips and drops boxes without area (with the
       benchmark's image at the test size the scale is 1, and nothing changes);
     - resizing: torchvision interpolates the float image, ours resamples the uint8 one
-      (detection.resize); at the test size both are the identity;
+      (detection.modeling.resize); at the test size both are the identity;
     - anchor stride: ours is 16, torchvision's (padded size // feature size): the same when
       the padded size is a multiple of 16 (size_divisibility 16 or 32; base.yaml pads to 32).
     The benchmark compares the detections on every run and reports unequal work.

@@ -1,4 +1,4 @@
-"""The --onnx section: ONNX Runtime running the exported plain path (detection/export.py)
+"""The --onnx section: ONNX Runtime running the exported plain path (detection/export/onnx.py)
 against the fast path in PyTorch, and its printed lines."""
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from detection.testing import compare_detections
 
 
 def bench_onnx(plain: torch.nn.Module, images: list[torch.Tensor], args: argparse.Namespace) -> dict[str, Any]:
-    """ONNX Runtime running the exported plain path (detection/export.py) against the fast path
+    """ONNX Runtime running the exported plain path (detection/export/onnx.py) against the fast path
     (PyTorch), interleaved, on the same image with the same number of threads; per image, end
     to end (ONNX: prepare_image + session.run; PyTorch: model(images)). Also whether each gives
     the plain path's detections."""
-    from detection.export import BOX_TOLERANCE, SCORE_TOLERANCE, OnnxDetector, export_onnx
+    from detection.export.onnx import BOX_TOLERANCE, SCORE_TOLERANCE, OnnxDetector, export_onnx
 
     fast = optimize_for_inference(plain, chunk_size=args.chunk_size)
     uint8 = [img.round().clamp(0, 255).to(torch.uint8) for img in images]

@@ -1,7 +1,7 @@
 """Per-stage seconds and FLOPs of one inference, read from torch.profiler.
 
 Our detector carries torch.profiler.record_function labels on its inference stages
-(`c4det.*`: detection/model.py, detection/roi_heads.py, detection/accel/), so the benchmark
+(`c4det.*`: detection/modeling/model.py, detection/modeling/roi_heads.py, detection/accel/), so the benchmark
 runs the real `model(images)` under the profiler and reads the labels back: nothing is
 re-staged by hand, and the benchmark cannot drift from the code it times. torchvision's model
 is staged by detection.benchmarking.models.staged_torchvision inside labels of its own

@@ -1,4 +1,4 @@
-"""Training transforms: shorter-side resize (detection.resize: the size rule and the
+"""Training transforms: shorter-side resize (detection.modeling.resize: the size rule and the
 resampling that test time uses too) + flip / photometric jitter (albumentations).
 
 The resize is not albumentations' because no albumentations transform does exactly
@@ -19,13 +19,13 @@ import albumentations as A  # noqa: E402
 import numpy as np  # noqa: E402
 
 from detection.data import DataError  # noqa: E402
-from detection.resize import RESIZE_MODES, resize_uint8, resized_shape  # noqa: E402,F401 (re-exported)
+from detection.modeling.resize import RESIZE_MODES, resize_uint8, resized_shape  # noqa: E402,F401 (re-exported)
 
 
 def resize_shorter_side(img: np.ndarray, boxes: np.ndarray, min_size: int, max_size: int,
                         mode: str = "default") -> tuple[np.ndarray, np.ndarray]:
     """Resize img (H, W, C) and boxes float[N, 4] XYXY by the shorter-side rule of
-    detection.resize, resampled by its resize_uint8; `mode` is input.resize_mode."""
+    detection.modeling.resize, resampled by its resize_uint8; `mode` is input.resize_mode."""
     height, width = img.shape[:2]
     new_h, new_w = resized_shape(height, width, min_size, max_size)
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)

@@ -237,7 +237,7 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConf
 
 def _load_backbone_into_detector(model: nn.Module, source: str, bb: BackboneConfig) -> None:
     """ImageNet backbone weights into the detector: stem..res4 -> trunk, res5 -> roi_heads.res5."""
-    from detection.model import build_backbone
+    from detection.modeling.model import build_backbone
 
     resnet = build_backbone(bb, ("res5",), source)
     mapped = {(f"roi_heads.{k}" if k.startswith("res5.") else f"trunk.{k}"): v
@@ -295,10 +295,10 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
                           explicit: Sequence[str] = ()) -> tuple[nn.Module, DetectorWeights]:
     """The config's detector with `weights` loaded, on device, in eval mode: with
     model.fast_path its detection.accel copy (same detections, faster); with test.aug.enabled
-    wrapped in detection.tta.DetectorWithTTA. The one way tools and the Predictor get a model.
+    wrapped in detection.modeling.tta.DetectorWithTTA. The one way tools and the Predictor get a model.
     The config's model settings must be those the checkpoint was trained with, except the keys
     in `explicit` (given on the command line, so changed deliberately)."""
-    from detection.model import build_model
+    from detection.modeling.model import build_model
 
     if not isinstance(weights, DetectorWeights):
         read = read_detector_file(weights)
@@ -324,8 +324,8 @@ def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
     resolution, detection.accel.CHUNK_BINS), wrapped for test-time
     augmentation with test.aug.enabled. build_inference_model ends here; so does
     tools/benchmark.py's evaluation timing, so it times what tools/eval.py runs."""
-    from detection.precision import inference_amp
-    from detection.tta import build_tta
+    from detection.modeling.precision import inference_amp
+    from detection.modeling.tta import build_tta
 
     model = model.to(device).eval()
     model.amp = inference_amp(cfg.test.amp, device)

@@ -43,7 +43,7 @@ def build_train_state(cfg: Config, device: torch.device, backbone_needed: bool =
     """The config's model (in train mode, on `device`), optimizer, lr schedule and AMP scaler at
     iteration 0. Without `backbone_needed` (a resume, or model.weights) the model.backbone.weights
     file is neither read nor required."""
-    from detection.model import build_model
+    from detection.modeling.model import build_model
 
     if not backbone_needed:
         cfg = copy.deepcopy(cfg)

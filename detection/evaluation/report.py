@@ -162,8 +162,8 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
                      pr_curves_png: str | Path | None = None, crowd: Mapping[Any, tuple] | None = None,
                      score_thresh: float = SCORE_THRESH, gallery_size: int = GALLERY_SIZE) -> TestSetSection:
     """One test set's part of the report. `detections`: read_detections(); `crowd`: COCO
-    crowd regions (detection.visualize.read_crowd_regions), ignored like VOC's difficult."""
-    from detection.visualize import ground_truth_boxes
+    crowd regions (detection.visualization.draw.read_crowd_regions), ignored like VOC's difficult."""
+    from detection.visualization.draw import ground_truth_boxes
 
     names = list(dataset.class_names)
     totals = {k: {"gt": 0, "fp": 0, "missed": 0} for k in range(1, len(names) + 1)}
@@ -202,7 +202,7 @@ def _gallery_image(record: Mapping, false_positives: int, missed: int, detection
     """Ground truth | predictions (score >= score_thresh) of one image (as the data set reads
     it: turned by its EXIF orientation tag unless exif_orientation is False), as a JPEG."""
     from detection.data.image_io import read_image
-    from detection.visualize import draw_detections, ground_truth_boxes, side_by_side
+    from detection.visualization.draw import draw_detections, ground_truth_boxes, side_by_side
 
     image = read_image(record["file_name"], exif_orientation=exif_orientation)
     # each panel MIN_PANEL_WIDTH..PANEL_WIDTH wide (a light page, legible labels), drawn at that scale
@@ -221,8 +221,8 @@ def _gallery_image(record: Mapping, false_positives: int, missed: int, detection
 
 
 def training_curves_png(metrics_jsonl: str | Path) -> str | None:
-    """Base64 PNG of detection.plots.plot_training_curves, or None when there is nothing to plot."""
-    from detection.plots import plot_training_curves
+    """Base64 PNG of detection.visualization.plots.plot_training_curves, or None when there is nothing to plot."""
+    from detection.visualization.plots import plot_training_curves
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "curves.png"

@@ -145,7 +145,7 @@ def _plot_pr(evaluator: Evaluator, where: Path, echo: Callable[[str], None] | No
     if not curves:
         return
     try:
-        from detection.plots import plot_pr_curves
+        from detection.visualization.plots import plot_pr_curves
 
         plot_pr_curves(curves, where / "pr_curves.png")
     except ImportError as err:

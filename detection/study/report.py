@@ -1,7 +1,7 @@
 """A study's outputs from what study.json holds: the markdown table (the paper's Table 3 style)
 and the plot (the paper's Figure 4 style: training loss against iterations, plain nets on the
 left, residual nets on the right, the deeper net drawn bold). Plots use the Agg canvas of
-detection/plots.py (no pyplot, no GUI backend)."""
+detection/visualization/plots.py (no pyplot, no GUI backend)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from detection.plots import moving_average
+from detection.visualization.plots import moving_average
 
 SMOOTH_FRACTION = 0.04  # the curves are drawn as a trailing mean over this fraction of their logged points
 

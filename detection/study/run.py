@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from backbones.resnet import build_resnet
-from detection.plots import read_metrics_jsonl
+from detection.visualization.plots import read_metrics_jsonl
 from detection.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)

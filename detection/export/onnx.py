@@ -17,7 +17,7 @@ to the original pixels. Height and width are dynamic. Resizing stays outside, as
 pre-processing step: OpenCV's area filter (and PIL's bilinear, `input.resize_mode: detectron2`)
 have no exact ONNX op. The file's metadata_props say how to do it (`runtime_metadata`: test
 sizes, resize mode, channel order, mean / std, size divisibility, class names, thresholds), and
-`detection.onnx_preprocess.preprocess` reads them and resizes as the model does, without PyTorch;
+`detection.export.preprocess.preprocess` reads them and resizes as the model does, without PyTorch;
 `OnnxDetector` does both.
 
 Ops, as torchvision exports its Faster R-CNN (torchvision/ops/_register_onnx_ops.py):
@@ -49,9 +49,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detection.model import FasterRCNN, rescale_detections
-from detection.onnx_preprocess import METADATA_VERSION, preprocess, read_metadata, resize_to_inputs
-from detection.resize import resized_shape
+from detection.modeling.model import FasterRCNN, rescale_detections
+from detection.export.preprocess import METADATA_VERSION, preprocess, read_metadata, resize_to_inputs
+from detection.modeling.resize import resized_shape
 from detection.testing import compare_detections
 from detection.utils.files import atomic_write
 
@@ -115,7 +115,7 @@ def export_onnx(model: FasterRCNN, path: str | Path, example_size: tuple[int, in
 
 def runtime_metadata(model: FasterRCNN) -> dict[str, str]:
     """What a runtime needs to feed the file, as ONNX metadata_props (strings; numbers and
-    lists as JSON): the keys of detection.onnx_preprocess.METADATA."""
+    lists as JSON): the keys of detection.export.preprocess.METADATA."""
     heads = model.roi_heads
     names = model.class_names or [f"class {i}" for i in range(1, model.num_classes + 1)]
     values = {"min_size_test": model.min_size_test, "max_size_test": model.max_size_test,
@@ -142,7 +142,7 @@ def _write_with_metadata(data: bytes, path: Path, metadata: dict[str, str]) -> N
 def prepare_image(image: Tensor | np.ndarray, min_size: int, max_size: int, resize_mode: str = "default"
                   ) -> dict[str, np.ndarray]:
     """The ONNX model's inputs for one RGB image (uint8 (3, H, W) tensor or (H, W, 3) array,
-    values 0..255): resized as FasterRCNN.preprocess does (detection.resize, shorter side
+    values 0..255): resized as FasterRCNN.preprocess does (detection.modeling.resize, shorter side
     min_size, longer at most max_size; the model's min_size_test / max_size_test /
     resize_mode), as uint8 (1, 3, h, w), and the original (H, W)."""
     if isinstance(image, Tensor):
@@ -153,7 +153,7 @@ def prepare_image(image: Tensor | np.ndarray, min_size: int, max_size: int, resi
 class OnnxDetector:
     """An exported file run by ONNX Runtime: `detector(image)` -> {"boxes", "scores",
     "labels"} as tensors, like the model's output for that image. The pre-processing (test
-    sizes, resize mode) is the file's own, from its metadata (detection.onnx_preprocess);
+    sizes, resize mode) is the file's own, from its metadata (detection.export.preprocess);
     min_size / max_size / resize_mode replace the file's values (a file exported before it
     carried them needs all three). `metadata`: the file's, parsed; `class_names`: the names of
     labels 1..K (None for such an older file)."""
@@ -178,7 +178,7 @@ class OnnxDetector:
         return self.run(self.prepare(image, input_format))
 
     def prepare(self, image: Tensor | np.ndarray, input_format: str = "RGB") -> dict[str, np.ndarray]:
-        """The file's inputs for `image` (detection.onnx_preprocess.preprocess)."""
+        """The file's inputs for `image` (detection.export.preprocess.preprocess)."""
         if isinstance(image, Tensor):
             image = image.detach().cpu().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
         return preprocess(image, self.metadata, input_format)
@@ -211,7 +211,7 @@ def check_with_onnxruntime(model: FasterRCNN, path: str | Path, images: list[Ten
 
 def _check_exportable(model: nn.Module) -> None:
     if not isinstance(model, FasterRCNN):
-        raise ExportError(f"ONNX export takes the plain FasterRCNN (detection.model), got {type(model).__name__}: "
+        raise ExportError(f"ONNX export takes the plain FasterRCNN (detection.modeling.model), got {type(model).__name__}: "
                           "export the model before wrapping it for test-time augmentation")
     if model.roi_heads.res5_runner is not None:
         raise ExportError("ONNX export takes the plain path: build the model without model.fast_path "

@@ -13,7 +13,7 @@ The paper's Appendix B, both off by default:
 - `global_context`: the whole image (its own valid region, not the padding) is pooled from
   the C4 map like a RoI and run through res5; that (N, C5) vector is concatenated to each of
   the image's RoI vectors, so the predictor reads 2 x C5 (trained end to end).
-- `box_refinement` (inference; detection/refinement.py): a second classification and
+- `box_refinement` (inference; detection/modeling/refinement.py): a second classification and
   regression from each RoI's regressed box, NMS over the union, box voting.
 """
 from __future__ import annotations
@@ -26,12 +26,12 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 from torchvision.ops import batched_nms, box_iou, roi_align, roi_pool
 
-from detection.box_coder import BoxCoder
-from detection.matcher import FOREGROUND, IGNORE, Matcher
-from detection.precision import float32
-from detection.refinement import BoxRefinement, box_voting
-from detection.rpn import clip_boxes
-from detection.sampling import subsample_labels
+from detection.modeling.box_coder import BoxCoder
+from detection.modeling.matcher import FOREGROUND, IGNORE, Matcher
+from detection.modeling.precision import float32
+from detection.modeling.refinement import BoxRefinement, box_voting
+from detection.modeling.rpn import clip_boxes
+from detection.modeling.sampling import subsample_labels
 
 POOLERS = ("roi_align", "roi_pool")
 

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
 
-from detection.anchors import AnchorGenerator
-from detection.box_coder import BoxCoder
-from detection.precision import float32
-from detection.matcher import Matcher
-from detection.sampling import subsample_labels
+from detection.modeling.anchors import AnchorGenerator
+from detection.modeling.box_coder import BoxCoder
+from detection.modeling.precision import float32
+from detection.modeling.matcher import Matcher
+from detection.modeling.sampling import subsample_labels
 
 
 class RPNHead(nn.Module):
@@ -44,7 +44,7 @@ class RPNHead(nn.Module):
 
     def outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The output layers on the 3x3 conv's activations."""
-        with float32(x):  # the output layers in float32 under autocast (detection/precision.py)
+        with float32(x):  # the output layers in float32 under autocast (detection/modeling/precision.py)
             x = x.float()
             logits = self.objectness_logits(x)  # (N, A, H, W)
             deltas = self.anchor_deltas(x)  # (N, A*4, H, W)

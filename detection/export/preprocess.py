@@ -3,7 +3,7 @@ PIL (and onnxruntime or onnx to open the file), not PyTorch, so a runtime can us
 
     import cv2
     import onnxruntime
-    from detection.onnx_preprocess import preprocess, read_metadata
+    from detection.export.preprocess import preprocess, read_metadata
 
     session = onnxruntime.InferenceSession("model.onnx")
     metadata = read_metadata(session)                  # the file's metadata_props, parsed
@@ -11,9 +11,9 @@ PIL (and onnxruntime or onnx to open the file), not PyTorch, so a runtime can us
     boxes, scores, labels = session.run(None, inputs)  # XYXY in the image's pixels; labels 1..K
     names = [metadata["class_names"][k - 1] for k in labels]
 
-The file (detection/export.py) holds the whole inference except the resize, which has no exact
+The file (detection/export/onnx.py) holds the whole inference except the resize, which has no exact
 ONNX op (OpenCV's area filter; PIL's bilinear with resize_mode "detectron2"). `preprocess`
-resizes as the model does (detection.resize: shorter side min_size_test, longer at most
+resizes as the model does (detection.modeling.resize: shorter side min_size_test, longer at most
 max_size_test, each side rounded as int(x + 0.5); resampled by resize_mode), with the sizes and
 mode the file says, so the file's detections are the PyTorch model's.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from detection.resize import RESIZE_MODES, resize_uint8, resized_shape
+from detection.modeling.resize import RESIZE_MODES, resize_uint8, resized_shape
 
 METADATA_VERSION = "1"
 # key -> (type, what it says); every key is written by detection.export.runtime_metadata
@@ -98,7 +98,7 @@ def preprocess(image: np.ndarray, metadata: Mapping[str, Any], input_format: str
 
 def resize_to_inputs(image: np.ndarray, min_size: int, max_size: int, resize_mode: str = "default"
                      ) -> dict[str, np.ndarray]:
-    """An RGB uint8 (H, W, 3) array -> the file's inputs, resized by detection.resize (the
+    """An RGB uint8 (H, W, 3) array -> the file's inputs, resized by detection.modeling.resize (the
     model's rule and resampling)."""
     _check_image(image, "resize_to_inputs")
     height, width = image.shape[:2]

@@ -10,7 +10,7 @@ rescaled proposal is closest to the pooled window's area (pooler_resolution x st
 squared: 224 x 224 input pixels for the paper's 14 x 14 at stride 16); res5 runs at both
 and the two feature vectors are merged by element-wise max (maxout) before the predictor.
 
-This is not `test.aug` (Detectron2's test-time augmentation, detection/tta.py), which runs
+This is not `test.aug` (Detectron2's test-time augmentation, detection/modeling/tta.py), which runs
 the whole detector per size and merges final detections by NMS. `test.multi_scale` is the
 paper's; both can be on together.
 """

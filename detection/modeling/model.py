@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from detection.anchors import AnchorGenerator
-from detection.multiscale import MultiScaleTest, PyramidFeatures
-from detection.precision import autocast
-from detection.refinement import BoxRefinement
-from detection.resize import RESIZE_MODES, resize_tensor, resized_shape
-from detection.roi_heads import Res5ROIHeads
-from detection.rpn import RPN, clip_boxes
-from detection.structures import ImageList
+from detection.modeling.anchors import AnchorGenerator
+from detection.modeling.multiscale import MultiScaleTest, PyramidFeatures
+from detection.modeling.precision import autocast
+from detection.modeling.refinement import BoxRefinement
+from detection.modeling.resize import RESIZE_MODES, resize_tensor, resized_shape
+from detection.modeling.roi_heads import Res5ROIHeads
+from detection.modeling.rpn import RPN, clip_boxes
+from detection.modeling.structures import ImageList
 
 if TYPE_CHECKING:  # annotations only: the model needs no config at run time
     from detection.config import BackboneConfig, Config, ModelConfig
@@ -90,8 +90,8 @@ class FasterRCNN(nn.Module):
         self.input_format = input_format
         self.min_size_test, self.max_size_test = min_size_test, max_size_test
         self.size_divisibility = size_divisibility
-        self.multi_scale = multi_scale  # the paper's multi-scale testing (detection/multiscale.py)
-        self.amp = False  # test.amp: inference under autocast (detection/precision.py, set by the engine)
+        self.multi_scale = multi_scale  # the paper's multi-scale testing (detection/modeling/multiscale.py)
+        self.amp = False  # test.amp: inference under autocast (detection/modeling/precision.py, set by the engine)
         self.class_names = list(class_names) if class_names is not None else None
         # Buffers so they follow .to(device); not persistent: they come from the config.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1),
@@ -136,7 +136,7 @@ class FasterRCNN(nn.Module):
     def detect(self, batch: ImageList, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Detections in the frame of each preprocessed image of `batch`: trunk, RPN, RoI heads
         (`images`, the originals, are read by multi-scale testing only). Traceable for one image
-        (detection/export.py traces it)."""
+        (detection/export/onnx.py traces it)."""
         with autocast(self.amp, self.device):  # outputs of the RPN and box heads come back in float32
             with record_function("c4det.trunk"):
                 features = self.trunk(batch.tensor)
@@ -173,7 +173,7 @@ class FasterRCNN(nn.Module):
 
     def preprocess(self, images: Sequence[Tensor], resize: bool, min_size: int | None = None,
                    max_size: int | None = None) -> ImageList:
-        """RGB 0..255 -> (resized, as uint8, by detection.resize) -> (BGR if the weights want
+        """RGB 0..255 -> (resized, as uint8, by detection.modeling.resize) -> (BGR if the weights want
         it) -> normalized -> padded. While tracing, the one image's size is a tensor."""
         min_size = self.min_size_test if min_size is None else min_size
         max_size = self.max_size_test if max_size is None else max_size
