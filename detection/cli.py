@@ -153,7 +153,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 # anything else is a bug and keeps its traceback. Named rather than imported, so that a tool
 # reads its arguments before torch is loaded (an error's class is loaded once it is raised).
 PROJECT_ERRORS = (
-    ("detection.config", "ConfigError"),
+    ("detection.config.errors", "ConfigError"),
     ("detection.data", "DataError"),
     ("backbones.errors", "WeightsError"),
     ("backbones.resnet", "BackboneError"),

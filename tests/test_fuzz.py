@@ -1258,21 +1258,21 @@ def test_fuzz_train_det_one_iteration(tmp_path, shapes_root, caplog, restore_log
 
 # ============================================================================ known bugs elsewhere
 
-_NON_FINITE = ("detection/config.py accepts a non-finite value here: _checks has no test for this key, or one "
+_NON_FINITE = ("detection/config/checks.py accepts a non-finite value here: _checks has no test for this key, or one "
                "that inf (or nan) passes; the setting then yields NaN losses or boxes at run time")
 _CONFIG_FILE = {
-    "latin1": "detection/config.py _read_yaml: path.read_text() raises UnicodeDecodeError, a message without the "
-              "file name (the tools print it, but not which file)",
-    "binary": "detection/config.py _read_yaml: path.read_text() raises UnicodeDecodeError, a message without the "
-              "file name",
-    "truncated_yaml": "detection/config.py _read_yaml: PyYAML's error text (several lines with a caret) is put into "
-                      "the one-line message as it is",
-    "tabs": "detection/config.py _read_yaml: PyYAML's multi-line error text is put into the message as it is",
-    "python_tag": "detection/config.py _read_yaml: PyYAML's multi-line error text is put into the message as it is "
-                  "(the tag is refused: safe_load runs nothing)",
-    "base_is_a_number": "detection/config.py _read_yaml: `_base_: 3` is iterated (TypeError); _base_ is not checked "
-                        "to be a path or a list of paths",
-    "base_is_null_in_a_list": "detection/config.py _read_yaml: `_base_: [null]` gives path / None (TypeError)",
+    "latin1": "detection/config/reading.py _read_yaml: path.read_text() raises UnicodeDecodeError, a message "
+              "without the file name (the tools print it, but not which file)",
+    "binary": "detection/config/reading.py _read_yaml: path.read_text() raises UnicodeDecodeError, a message "
+              "without the file name",
+    "truncated_yaml": "detection/config/reading.py _read_yaml: PyYAML's error text (several lines with a caret) "
+                      "is put into the one-line message as it is",
+    "tabs": "detection/config/reading.py _read_yaml: PyYAML's multi-line error text is put into the message as it is",
+    "python_tag": "detection/config/reading.py _read_yaml: PyYAML's multi-line error text is put into the message "
+                  "as it is (the tag is refused: safe_load runs nothing)",
+    "base_is_a_number": "detection/config/reading.py _read_yaml: `_base_: 3` is iterated (TypeError); _base_ is "
+                        "not checked to be a path or a list of paths",
+    "base_is_null_in_a_list": "detection/config/reading.py _read_yaml: `_base_: [null]` gives path / None (TypeError)",
 }
 # case name -> (the function that generates its family's cases, why it fails). Each runs as a
 # strict xfail (test_known_bugs): when the owner fixes it, that test says so.

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"utils": "detection.utils", "visualization": "detection.visualization", "modeling": "core",
            "accel": "core", "data": "detection.data", "evaluation": "detection.evaluation",
            "export": "detection.export", "engine": "detection.engine", "study": "detection.study",
-           "benchmarking": "detection.benchmarking"}
-TOP = {"testing": "core", "config": "detection.config", "cli": "top", "predictor": "top"}
+           "benchmarking": "detection.benchmarking", "config": "detection.config"}
+TOP = {"testing": "core", "cli": "top", "predictor": "top"}
 _ALL = {f"detection.{name}" for name in (*FOLDERS, *TOP)}
 # layer -> the detection (sub)modules it must not import
 FORBIDDEN = {

@@ -378,7 +378,7 @@ def _held_and_results_bytes(tmp_path, monkeypatch, num_images: int, kind: str) -
         raise _Written
 
     monkeypatch.setattr(coco, "run_cocoeval", no_scoring)
-    monkeypatch.setattr(voc, "_match", no_scoring)
+    monkeypatch.setattr(voc, "match_detections", no_scoring)
     dataset = _coco_dataset(tmp_path, num_images)
     if kind == "voc":
         dataset = dataclasses.replace(dataset, kind="voc", ann_file=None)

@@ -130,7 +130,7 @@ def test_border_boxes_are_clipped_and_sub_pixel_ones_left_out_never_inverted(tmp
         x1, y1, x2, y2 = map(float, line.split()[2:])
         assert x1 <= x2 and y1 <= y2
     # VOCEvaluator (annotated sets) writes and scores every box as given, as the devkit would
-    from detection.evaluation.voc import format_comp4_lines
+    from detection.evaluation.voc_results import format_comp4_lines
 
     prediction = {"image_id": "a", "boxes": np.array([[59.8, 10.0, 60.0, 30.0]]), "scores": np.array([0.9]),
                   "labels": np.array([1])}

@@ -52,7 +52,7 @@ KNOWN_DATASETS: dict[str, dict[str, Any]] = {
 }
 
 # type -> (required fields, optional fields): the one table of what an explicit data-set
-# entry holds. detection/config.py checks config entries against it (entry_problem) when
+# entry holds. detection/config/checks.py checks config entries against it (entry_problem) when
 # the config is loaded, so a typo exits at startup, not at the first data access.
 ENTRY_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "coco": (("type", "ann_file", "image_root"), ("name",)),

@@ -14,7 +14,8 @@ from __future__ import annotations
 from detection.evaluation.coco import COCOEvaluator
 from detection.evaluation.inference import Evaluator, format_metrics_table, inference_on_dataset, save_metrics_json
 from detection.evaluation.test_sets import EVALUATORS, build_evaluator, evaluate_test_sets, flatten_metrics
-from detection.evaluation.voc import VOCEvaluator, eval_class, voc_ap
+from detection.evaluation.voc import VOCEvaluator
+from detection.evaluation.voc_metric import eval_class, voc_ap
 
 __all__ = [
     "COCOEvaluator",

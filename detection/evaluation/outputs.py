@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Union
 
 from detection.evaluation.coco import RESULTS_FILE
-from detection.evaluation.voc import COMP4_TEMPLATE, SUBMISSION_FOLDER
+from detection.evaluation.voc_results import COMP4_TEMPLATE, SUBMISSION_FOLDER
 from detection.utils.files import OutputFolderError, atomic_write
 
 SOURCE_FILE = "source.json"

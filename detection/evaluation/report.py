@@ -33,7 +33,7 @@ import numpy as np
 
 from detection.evaluation.coco import read_results_json
 from detection.evaluation.outputs import SECTION_FILE, recorded_test_sets, results_subfolder
-from detection.evaluation.voc import read_comp4_dir
+from detection.evaluation.voc_results import read_comp4_dir
 from detection.utils.files import atomic_write
 
 if TYPE_CHECKING:

@@ -1,0 +1,217 @@
+"""Reading a config: YAML files with `_base_` inheritance, `key.sub=value` overrides, and the
+merged tree built into the typed dataclasses of schema.py (each value checked against its
+field's annotation), then validated (checks.py)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import logging
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from detection.config.checks import cap_num_workers, validate
+from detection.config.errors import ConfigError
+from detection.config.schema import Config, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- YAML reading
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read one YAML file and merge it over its `_base_` files (paths relative to it)."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: `_base_` inheritance loops back to this file")
+    if not path.is_file():
+        where = f" (a `_base_` of {chain[-1]})" if chain else ""
+        raise ConfigError(f"{path}: config file not found{where}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file in UTF-8 (byte {err.start}: {err.reason})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a config file's path or a list of them, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        merged = _merge(merged, _read_yaml(path.parent / base, chain + (path,)))
+    return _merge(merged, data)
+
+
+def _one_line(err: Exception) -> str:
+    """PyYAML's error text spans lines (with a caret under the place): one line of it."""
+    return " ".join(str(err).split())
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    """`a.b.c=value` with the value parsed as YAML (so `[1, 2]`, `null`, `0.5` work)."""
+    if "=" not in item:
+        raise ConfigError(f"command line: override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"command line: override {key}: cannot parse {raw!r}: {_one_line(err)}") from None
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"command line: {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------- typed building
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _finite(float(value), key, source)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string; users mean the number
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            return _finite(number, key, source)
+    if tp is dict and isinstance(value, dict):
+        return value
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _finite(value: float, key: str, source: str) -> float:
+    """No setting means anything as NaN or infinity (they surface as NaN losses or boxes)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: {key}: expected a finite number, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown key {dotted}{hint}")
+        kwargs[key] = _coerce(value, hints[key], dotted, source)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- public API
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    """Build and validate a Config from a plain (merged) dict; dataloader.num_workers is capped
+    at the CPUs this process may use."""
+    return cap_num_workers(validate(_build(Config, data, "", source), source), source)
+
+
+def _drop_inherited_class_names(tree: dict, path: Union[str, Path, None], overrides: typing.Sequence[str],
+                                source: str) -> None:
+    """Names inherited from a `_base_` (Detectron2's 80 COCO ones), or given by the config file
+    when the command line changes model.num_classes, do not fit a fine-tune on other classes:
+    they are dropped (with a message), so that training takes its data's names (saved in its
+    checkpoints) and evaluation the checkpoint's. Names given with or after num_classes must fit."""
+    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    names, num_classes = model.get("class_names"), model.get("num_classes", ModelConfig.num_classes)
+    if not isinstance(names, list) or not names or not isinstance(num_classes, int) or len(names) == num_classes:
+        return
+    own = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path is not None else None
+    own = own.get("model") if isinstance(own, dict) and isinstance(own.get("model"), dict) else {}
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+
+    def level(key: str) -> int:  # where the value comes from: 2 command line, 1 the file, 0 a _base_
+        return 2 if {"model", f"model.{key}"} & given else 1 if key in own else 0
+
+    if level("class_names") and level("class_names") >= level("num_classes"):
+        return
+    model["class_names"] = []
+    logger.info("%s: model.num_classes is %d but the %d model.class_names (%s, ...) come from %s: not used; "
+                "training takes its data's class names, evaluation the checkpoint's", source, num_classes,
+                len(names), ", ".join(map(str, names[:3])), "the config file" if level("class_names") else
+                "a _base_ config")
+
+
+def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = ()) -> Config:
+    """Read `path` (None = all defaults), merge its `_base_` chain, apply `key=value` overrides."""
+    tree = _read_yaml(Path(path)) if path is not None else {}
+    file_tree = copy.deepcopy(tree) if overrides else tree
+    for item in overrides:
+        _apply_override(tree, item)
+    source = str(path) if path is not None else "defaults"
+    full = source + _OVERRIDDEN if overrides else source
+    _drop_inherited_class_names(tree, path, overrides, full)
+    try:
+        return config_from_dict(tree, full)
+    except ConfigError as err:
+        if not overrides:
+            raise
+        raise _blame(err, file_tree, source) from None
+
+
+_OVERRIDDEN = " (with command-line overrides)"
+
+
+def _blame(err: ConfigError, file_tree: dict, source: str) -> ConfigError:
+    """The error as the config file alone gives it, when the file alone has it (a typo in the
+    file is the file's, whatever the command line adds); else the error with the overrides."""
+    try:
+        config_from_dict(file_tree, source)
+    except ConfigError as alone:
+        if str(alone) == str(err).replace(source + _OVERRIDDEN, source, 1):
+            return alone
+    return err

@@ -1,0 +1,175 @@
+"""The typed config tree: one dataclass per section, with its defaults.
+
+The field names below are the contract between configs, tools and tests (docs/ARCHITECTURE.md,
+"Conventions"). Only `build_*` functions read a Config; every module takes
+explicit keyword arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 101
+    norm: str = "frozen_bn"
+    freeze_at: int = 2
+    stride_in_1x1: bool = False
+    shortcut: str = "B"
+    residual: bool = True
+    weights: Union[str, None] = "torchvision:IMAGENET1K_V1"
+    allow_partial_weights: bool = False  # weights covering the backbone in part are an error without it
+
+
+@dataclass
+class AnchorConfig:
+    sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    stride: int = 16
+
+
+@dataclass
+class RPNConfig:
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_topk_train: int = 12000
+    post_nms_topk_train: int = 2000
+    pre_nms_topk_test: int = 6000
+    post_nms_topk_test: int = 300
+    nms_thresh: float = 0.7
+    min_size: float = 0.0
+    smooth_l1_beta: float = 0.0
+
+
+@dataclass
+class ROIHeadsConfig:
+    pooler: str = "roi_align"
+    pooler_resolution: int = 14
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    iou_threshold: float = 0.5
+    bbox_reg_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    score_thresh_test: float = 0.05
+    nms_thresh_test: float = 0.5
+    detections_per_image: int = 100
+    smooth_l1_beta: float = 0.0
+    box_loss_weight: float = 1.0
+    global_context: bool = False  # the paper's Appendix B: whole-image res5 feature beside each RoI's
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 80
+    weights: Union[str, None] = None
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    input_format: str = "RGB"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
+    fast_path: bool = True
+    size_divisibility: int = 32
+    class_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InputConfig:
+    min_size_train: list[int] = field(default_factory=lambda: [600])
+    max_size_train: int = 1000
+    min_size_test: int = 600
+    max_size_test: int = 1000
+    hflip_prob: float = 0.5
+    jitter: bool = False
+    resize_mode: str = "default"
+    exif_orientation: bool = True
+
+
+@dataclass
+class DatasetsConfig:
+    root: str = "datasets"
+    train: list[Union[str, dict]] = field(
+        default_factory=lambda: ["voc_2007_trainval", "voc_2012_trainval"])
+    test: list[Union[str, dict]] = field(default_factory=lambda: ["voc_2007_test"])
+
+
+@dataclass
+class DataLoaderConfig:
+    num_workers: int = 4
+    aspect_ratio_grouping: bool = True
+    filter_empty: bool = True
+    skip_bad_images: bool = False
+    use_difficult: bool = True
+
+
+@dataclass
+class SolverConfig:
+    ims_per_batch: int = 16
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])
+    gamma: float = 0.1
+    lr_schedule: str = "multistep"
+    max_iter: int = 90000
+    checkpoint_period: int = 5000
+    keep_checkpoints: int = 0  # the last N periodic checkpoints kept as model_{iter:07d}.pth (0: none)
+    clip_grad_norm: Union[float, None] = None
+    amp: bool = False
+
+
+@dataclass
+class TestAugConfig:
+    enabled: bool = False
+    min_sizes: list[int] = field(default_factory=lambda: [400, 500, 600, 700, 800, 900, 1000, 1100, 1200])
+    max_size: int = 4000
+    flip: bool = True
+
+
+@dataclass
+class BoxRefinementConfig:
+    enabled: bool = False
+    nms_thresh: float = 0.3
+    voting: bool = True
+    voting_iou: float = 0.5
+
+
+@dataclass
+class MultiScaleConfig:
+    enabled: bool = False
+    sizes: list[int] = field(default_factory=lambda: [200, 400, 600, 800, 1000])
+    max_size: int = 2000
+
+
+@dataclass
+class TestConfig:
+    eval_period: int = 0
+    aug: TestAugConfig = field(default_factory=TestAugConfig)
+    box_refinement: BoxRefinementConfig = field(default_factory=BoxRefinementConfig)
+    multi_scale: MultiScaleConfig = field(default_factory=MultiScaleConfig)
+    amp: bool = False
+
+
+@dataclass
+class LogConfig:
+    tensorboard: Union[bool, str] = "auto"  # true | false | auto (on when the tensorboard package is installed)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    datasets: DatasetsConfig = field(default_factory=DatasetsConfig)
+    dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    output_dir: str = "output/voc_r101"
+    seed: int = 0
+    device: str = "auto"
+    tf32: bool = True
+    log_period: int = 20
+    log: LogConfig = field(default_factory=LogConfig)
