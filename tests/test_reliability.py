@@ -378,7 +378,7 @@ def _held_and_results_bytes(tmp_path, monkeypatch, num_images: int, kind: str) -
         raise _Written
 
     monkeypatch.setattr(coco, "run_cocoeval", no_scoring)
-    monkeypatch.setattr(voc, "_match", no_scoring)
+    monkeypatch.setattr(voc, "parse_comp4_lines", no_scoring)  # VOC scores the comp4 files it has written
     dataset = _coco_dataset(tmp_path, num_images)
     if kind == "voc":
         dataset = dataclasses.replace(dataset, kind="voc", ann_file=None)
@@ -504,9 +504,12 @@ def test_data_loader_workers_keep_serving_through_ctrl_c(data_root):
     loader = build_train_loader([info], transform=build_transforms(min_sizes=[32], max_size=64, hflip_prob=0.5),
                                 images_per_batch=2, num_workers=1, aspect_ratio_grouping=False, filter_empty=True,
                                 seed=0)
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
     batches = iter(loader)
     next(batches)
-    (worker,) = batches.iterator._workers
+    (worker,) = set(multiprocessing.active_children()) - before  # the loader's one worker process
     os.kill(worker.pid, signal.SIGINT)
     for _ in range(3):
         images, targets = next(batches)
