@@ -16,7 +16,6 @@ import yaml
 import detection.config
 import detection.visualization.draw
 from detection.config import ConfigError, config_to_dict, load_config, save_config
-from detection.data.shapes import generate_shapes
 from detection.engine import trainer
 from detection.engine.checkpoint import load_checkpoint, save_checkpoint
 from detection.engine.run_config import check_resume_config, record_resume_changes
@@ -26,13 +25,6 @@ from tests.helpers import load_tool, tiny_cfg, tiny_overrides
 ROOT = Path(__file__).resolve().parents[1]
 train_det, visualize = load_tool("train_det"), load_tool("visualize")
 pytestmark = pytest.mark.usefixtures("restore_logging")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_shapes(root / "shapes", num_train=6, num_val=2, seed=0, image_size=(64, 80))
-    return root
 
 
 def tool_argv(data_root, out, *flags, leave_out=(), **extra) -> list[str]:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from detection.cli import DATASETS_ENV, config_from_args
-from detection.data.shapes import generate_shapes
 from detection.engine.checkpoint import load_checkpoint
 
 from tests.helpers import load_tool, tiny_overrides
@@ -16,13 +15,6 @@ from tests.helpers import load_tool, tiny_overrides
 ROOT = Path(__file__).resolve().parents[1]
 train_det = load_tool("train_det")
 pytestmark = pytest.mark.usefixtures("restore_logging")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_shapes(root / "shapes", num_train=6, num_val=2, seed=0, image_size=(64, 80))
-    return root
 
 
 
