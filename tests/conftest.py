@@ -5,6 +5,8 @@ import logging
 import pytest
 import torch
 
+from detection.data.shapes import generate_shapes
+
 # One intra-op thread: on a 2-core machine where data-loader workers, spawned DDP ranks or
 # another job compete for the cores, OpenMP's spinning threads make 2 threads many times
 # slower than 1 (measured here), and the tests are small enough not to gain from 2.
@@ -21,6 +23,17 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """A synthetic shapes data set (shapes_train, shapes_val, 64x80 images) under its own root,
+    made once per test module: 6 training and 2 validation images, or as many as the module's
+    SHAPES_IMAGES = (train, val) asks. A module defining its own data_root uses that instead."""
+    num_train, num_val = getattr(request.module, "SHAPES_IMAGES", (6, 2))
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes(root / "shapes", num_train=num_train, num_val=num_val, seed=0, image_size=(64, 80))
+    return root
 
 
 @pytest.fixture

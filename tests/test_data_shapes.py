@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from detection.data import SHAPE_CLASSES, get_dataset
-from detection.data import shapes
-from detection.data.shapes import _keeps_others_visible, generate_shapes, render_image, visible_boxes
+from detection.data.shapes import generate_shapes, keeps_others_visible, render_image, visible_boxes
 from tests.helpers import load_tool
 
 make_shapes_main = load_tool("make_shapes").main
@@ -86,16 +85,16 @@ def test_heavy_occlusion_is_rejected():
     hides_30_percent[10:30, 19:25] = True
     hides_60_percent = np.zeros_like(back)
     hides_60_percent[10:30, 13:25] = True
-    assert _keeps_others_visible(hides_30_percent, [back], min_size=8)
-    assert not _keeps_others_visible(hides_60_percent, [back], min_size=8)
+    assert keeps_others_visible(hides_30_percent, [back], min_size=8)
+    assert not keeps_others_visible(hides_60_percent, [back], min_size=8)
 
 
-def test_rendered_boxes_are_tight_around_the_drawn_pixels(monkeypatch):
+def test_rendered_boxes_are_tight_around_the_drawn_pixels():
     # on a black background the drawn pixels are exactly those far from black (the noise is a few levels)
-    monkeypatch.setattr(shapes, "_background", lambda rng, h, w: np.zeros((h, w, 3), np.float32))
     rng = np.random.default_rng(3)
     for _ in range(10):
-        img, objects = render_image(rng, 120, 140, max_objects=6, min_object_size=16)
+        img, objects = render_image(rng, 120, 140, max_objects=6, min_object_size=16,
+                                    background=np.zeros((120, 140, 3), np.float32))
         drawn = np.linalg.norm(img.astype(np.float32), axis=2) > 45
         covered = np.zeros_like(drawn)
         for obj in objects:

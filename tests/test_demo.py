@@ -85,8 +85,10 @@ def test_demo_adds_only_what_the_data_folder_lacks(tmp_path):
 
 def test_strict_exit_status(monkeypatch, tmp_path):
     """--strict turns a missed target into exit status 3; without it the demo exits 0."""
+    import detection.visualization.plots as plots
+
     monkeypatch.setattr(demo, "step", lambda title, *cmd: 0.0)
-    monkeypatch.setattr(demo, "_plot", lambda out: None)
+    monkeypatch.setattr(plots, "plot_training_curves", lambda metrics, png: None)
     (tmp_path / "inference" / "shapes_test").mkdir(parents=True)
     metrics = tmp_path / "inference" / "shapes_test" / "metrics.json"
     base = ["--data", str(tmp_path), "--output-dir", str(tmp_path)]

@@ -79,7 +79,7 @@ def test_fused_sgd_gives_the_default_update_and_survives_an_old_checkpoint():
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
     # resume the fused run from the default optimizer's state (an older checkpoint)
-    ckpt_mod._load_optimizer_state(fused, copy.deepcopy(plain.state_dict()), "old.pth")
+    ckpt_mod.load_optimizer_state(fused, copy.deepcopy(plain.state_dict()), "old.pth")
     assert all(group["fused"] for group in fused.param_groups)
     got = _sgd_run(fused, list(fused_model.parameters()), grads[2:])
     expected = _sgd_run(plain, list(plain_model.parameters()), grads[2:])

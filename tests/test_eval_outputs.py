@@ -59,7 +59,7 @@ def _voc_entry(classes):
     return {"type": "voc", "root": "shapes/VOC", "split": "val", "classes": classes}
 
 
-# --- item 2: results beside the checkpoint, never silently replaced ---------------------------
+# --- results beside the checkpoint, never silently replaced ----------------------------------
 
 @pytest.mark.slow  # evaluates through eval.main
 def test_eval_writes_beside_the_weights_not_into_the_configs_output_dir(run_a, capsys):
@@ -138,7 +138,7 @@ def test_results_folder_of_an_older_version_without_source_json_is_not_overwritt
     assert sorted(p.name for p in legacy.iterdir()) == ["notes.txt", "source.json"]
 
 
-# --- item 3: a test set's classes against the checkpoint's ---------------------------------
+# --- a test set's classes against the checkpoint's -------------------------------------------
 
 @pytest.mark.slow  # uses the module's trained run
 def test_test_set_with_the_checkpoints_classes_in_another_order_is_refused(run_a, tmp_path, capsys):
@@ -184,7 +184,7 @@ def test_class_check_without_saved_names_uses_the_config_then_the_count():
         check_class_names("d", ["b", "a", "c"], *model_class_names(detectron2, ["a", "b", "c"])[:1], 3)
 
 
-# --- item 14: one folder per test set, safe names -------------------------------------------
+# --- one folder per test set, safe names -----------------------------------------------------
 
 @pytest.mark.slow  # evaluates through eval.main
 def test_one_folder_per_test_set_whatever_their_number(run_a, tmp_path, capsys):
@@ -226,7 +226,7 @@ def test_eval_help_describes_the_layout(capsys):
     assert "<folder of the checkpoint>/inference" in text and "--overwrite" in text
 
 
-# --- item 15: pictures ----------------------------------------------------------------------
+# --- pictures --------------------------------------------------------------------------------
 
 def _spy_tags(monkeypatch) -> list:
     calls = []

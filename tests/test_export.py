@@ -204,7 +204,7 @@ def test_export_check_reports_unpaired_detections_as_differing_not_zero(monkeypa
     monkeypatch.setattr(export_module, "check_with_onnxruntime", lambda model, path, images: [
         {"model_size": [96, 144], **compare_detections(ref, none)}])
     tool = load_tool("export")
-    assert tool._check(SimpleNamespace(min_size_test=96), Path("model.onnx")) is False
+    assert tool.check(SimpleNamespace(min_size_test=96), Path("model.onnx")) is False
     out = capsys.readouterr().out
     assert "0 / 1 detections, counts or labels DIFFER: NOT EQUAL" in out and "max box diff" not in out
 
@@ -278,7 +278,7 @@ def test_export_check_fails_when_it_compares_nothing(monkeypatch, capsys):
     monkeypatch.setattr(export_module, "check_with_onnxruntime", lambda model, path, images: [
         {"model_size": [96, 144], **compare(none, none)} for _ in images])
     model = SimpleNamespace(min_size_test=96, roi_heads=SimpleNamespace(score_thresh_test=0.05))
-    assert load_tool("export")._check(model, Path("model.onnx")) is False
+    assert load_tool("export").check(model, Path("model.onnx")) is False
     out = capsys.readouterr().out
     assert out.count("0 / 0 detections: nothing compared") == 2 and "--check-images" in out, out
 

@@ -821,17 +821,11 @@ def _file_corruptions(valid: bytes, rng: random.Random) -> dict[str, bytes]:
     return out
 
 
-def resume_cases(tmp: Path) -> list[Case]:
-    """--resume's reader: load_resume_checkpoint + restore_train_state, on broken last.pth files."""
-    from detection.engine.checkpoint import load_resume_checkpoint
-    from detection.engine.train_state import restore_train_state
-
-    rng = random.Random(SEED + 3)
-    base = _small_train_state()
-    valid = _resume_dict(base)
-    buffer = io.BytesIO()
-    torch.save(valid, buffer)
-
+def pth_case_maker(family: str, tmp: Path, load: Callable[[Path], Any],
+                   check: Callable[[Any], None]) -> Callable[..., Case]:
+    """case(name, content, outcomes, where, raw) for a reader of .pth files: `content` written to
+    tmp/<name>.pth (torch.save, or its bytes as they are with raw=True), then read by load(path);
+    an error must name the file and `where`, an accepted result pass `check`."""
     def case(name: str, content: Any, outcomes=frozenset({"error"}), where: tuple = (), raw: bool = False) -> Case:
         path = tmp / f"{name}.pth"
 
@@ -840,17 +834,40 @@ def resume_cases(tmp: Path) -> list[Case]:
                 path.write_bytes(content)
             else:
                 torch.save(content, path)
-            state = copy.deepcopy(base)
-            restore_train_state(state, load_resume_checkpoint(path), path)
-            return state
+            return load(path)
 
-        def check(state) -> None:
-            assert state.iteration == 1 and same_state(state.model.state_dict(), valid["model"])
+        return Case(f"{family} {name}", run, where=(path.name, *where), outcomes=frozenset(outcomes), check=check)
 
-        return Case(f"resume {name}", run, where=(path.name, *where), outcomes=frozenset(outcomes), check=check)
+    return case
 
-    cases = [case("valid", valid, {"accepted"})]
-    cases += [case(name, data, raw=True) for name, data in _file_corruptions(buffer.getvalue(), rng).items()]
+
+def valid_and_corrupted_cases(case: Callable[..., Case], valid: dict, rng: random.Random) -> list[Case]:
+    """The valid file, which must be accepted, and its bytes damaged in every _file_corruptions way."""
+    buffer = io.BytesIO()
+    torch.save(valid, buffer)
+    return [case("valid", valid, {"accepted"})] + [
+        case(name, data, raw=True) for name, data in _file_corruptions(buffer.getvalue(), rng).items()]
+
+
+def resume_cases(tmp: Path) -> list[Case]:
+    """--resume's reader: load_resume_checkpoint + restore_train_state, on broken last.pth files."""
+    from detection.engine.checkpoint import load_resume_checkpoint
+    from detection.engine.train_state import restore_train_state
+
+    rng = random.Random(SEED + 3)
+    base = _small_train_state()
+    valid = _resume_dict(base)
+
+    def load(path: Path):
+        state = copy.deepcopy(base)
+        restore_train_state(state, load_resume_checkpoint(path), path)
+        return state
+
+    def check(state) -> None:
+        assert state.iteration == 1 and same_state(state.model.state_dict(), valid["model"])
+
+    case = pth_case_maker("resume", tmp, load, check)
+    cases = valid_and_corrupted_cases(case, valid, rng)
     for value in (None, [1], torch.zeros(2), "x"):
         cases.append(case(f"top_level_{type(value).__name__}", value))
     for key in ("model", "optimizer", "scheduler", "scaler", "iteration", "rng"):
@@ -911,33 +928,22 @@ def weights_cases(tmp: Path) -> list[Case]:
     model = make_model().eval()
     own = model.state_dict()
     valid = {"model": own, "iteration": 5, "class_names": ["red", "blue"], "config": {}}
-    buffer = io.BytesIO()
-    torch.save(valid, buffer)
 
-    def case(name: str, content: Any, outcomes=frozenset({"error"}), where: tuple = (), raw: bool = False) -> Case:
-        path = tmp / f"{name}.pth"
+    def load(path: Path):
+        weights = read_detector_file(path)
+        target = copy.deepcopy(model)
+        if weights is not None:
+            load_detector_weights(target, weights)
+        return weights, target
 
-        def run():
-            if raw:
-                path.write_bytes(content)
-            else:
-                torch.save(content, path)
-            weights = read_detector_file(path)
-            target = copy.deepcopy(model)
-            if weights is not None:
-                load_detector_weights(target, weights)
-            return weights, target
+    def check(result) -> None:
+        weights, target = result
+        if weights is not None:  # a detector was loaded: exactly the valid file's tensors
+            loaded = target.state_dict()
+            assert all(torch.equal(loaded[k], own[k].to(loaded[k].dtype)) for k in own), "other weights loaded"
 
-        def check(result) -> None:
-            weights, target = result
-            if weights is not None:  # a detector was loaded: exactly the valid file's tensors
-                loaded = target.state_dict()
-                assert all(torch.equal(loaded[k], own[k].to(loaded[k].dtype)) for k in own), "other weights loaded"
-
-        return Case(f"weights {name}", run, where=(path.name, *where), outcomes=frozenset(outcomes), check=check)
-
-    cases = [case("valid", valid, {"accepted"})]
-    cases += [case(name, data, raw=True) for name, data in _file_corruptions(buffer.getvalue(), rng).items()]
+    case = pth_case_maker("weights", tmp, load, check)
+    cases = valid_and_corrupted_cases(case, valid, rng)
     key = "roi_heads.predictor.bbox_pred.weight"
     variants = {
         "missing_a_tensor": ({k: v for k, v in own.items() if k != key}, (key,)),

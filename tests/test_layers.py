@@ -127,3 +127,80 @@ def test_tools_and_tests_import_neither_each_other_nor_edit_the_import_path():
             assert top != "tools" and not top.startswith(("test_", "benchmark_")), \
                 f"{path.relative_to(ROOT)} imports {name}: library code goes in the library, " \
                 "test helpers in tests/helpers.py, tools are loaded by path"
+
+
+# ---- private names stay in their module ---------------------------------------------------
+
+PROJECT_PACKAGES = ("detection", "backbones", "tests")
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _project_bindings(tree: ast.AST) -> set[str]:
+    """Names the file binds to a project module or to something imported from one, and those
+    assigned from load_tool(...) (a tool loaded by path)."""
+    bound = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bound |= {a.asname or a.name.split(".")[0] for a in node.names
+                      if a.name.split(".")[0] in PROJECT_PACKAGES}
+        elif _from_project(node):
+            bound |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Assign) and _is_load_tool(node.value):
+            bound |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return bound
+
+
+def _from_project(node: ast.AST) -> bool:
+    return isinstance(node, ast.ImportFrom) and bool(
+        node.level or (node.module or "").split(".")[0] in PROJECT_PACKAGES)
+
+
+def _is_load_tool(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_tool"
+
+
+def _reaches_project(node: ast.AST, bound: set[str]) -> bool:
+    """`node` is a project name, load_tool(...), or an attribute chain starting at one."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return (isinstance(node, ast.Name) and node.id in bound) or _is_load_tool(node)
+
+
+def _private_uses(tree: ast.AST) -> list[tuple[int, str]]:
+    bound, found = _project_bindings(tree), []
+    for node in ast.walk(tree):
+        if _from_project(node):
+            found += [(node.lineno, f"from {'.' * node.level}{node.module or ''} import {a.name}")
+                      for a in node.names if _is_private(a.name)]
+        elif isinstance(node, ast.Attribute) and _is_private(node.attr) and _reaches_project(node.value, bound):
+            found.append((node.lineno, ast.unparse(node)))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("setattr", "getattr", "delattr", "hasattr") and len(node.args) >= 2
+              and _reaches_project(node.args[0], bound) and isinstance(node.args[1], ast.Constant)
+              and isinstance(node.args[1].value, str) and _is_private(node.args[1].value)):
+            found.append((node.lineno, ast.unparse(node)))  # monkeypatch.setattr(module, "_name", ...) too
+    return sorted(found)
+
+
+def test_no_private_name_is_used_outside_its_module():
+    """A leading underscore says "this module's own": a test or a tool reaching into it pins the
+    implementation instead of the behaviour, and breaks when that changes. Checked in the library,
+    the tools and the tests: `from project.module import _name`, and `X._name` or
+    setattr/getattr(X, "_name") where X is a project module, something imported from one, or a
+    tool loaded with load_tool. (PyTorch's own private API, `torch._...`, is not the project's.)"""
+    found = [f"{path.relative_to(ROOT)}:{line}: {text}"
+             for folder in ("detection", "backbones", "tools", "tests") for path in python_files(folder)
+             for line, text in _private_uses(ast.parse(path.read_text()))]
+    assert not found, "private names used outside their module (use the public API, or make the " \
+                      "helper public with a docstring):\n" + "\n".join(found)
+
+
+def test_the_private_name_check_sees_each_way_of_reaching_in():
+    code = ("from detection.data.shapes import _keeps, public\nimport detection.engine.checkpoint as ckpt\n"
+            "from detection.evaluation import voc\ntool = load_tool('export')\nckpt._load(1)\ntool._check()\n"
+            "load_tool('visualize')._names\nmonkeypatch.setattr(voc, '_match', None)\npublic._x\n"
+            "import torch\ntorch._C\nself._own\nvoc.match\n")
+    assert [line for line, _ in _private_uses(ast.parse(code))] == [1, 5, 6, 7, 8, 9]

@@ -154,10 +154,11 @@ def test_float_images_in_0_1_are_warned_about():
     """torchvision's convention (float 0..1) runs and gives wrong detections: say so."""
     import warnings
 
-    from detection.modeling.model import _check_images
-
-    with pytest.warns(UserWarning, match="values in 0..1, but the model takes RGB 0..255"):
-        _check_images([torch.rand(3, 8, 8)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _check_images([torch.rand(3, 8, 8) * 255, torch.zeros(3, 8, 8), torch.randint(0, 2, (3, 8, 8), dtype=torch.uint8)])
+    model = make_model().eval()
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="image 0 is float with values in 0..1, but the model takes RGB 0..255"):
+            model([torch.rand(3, 32, 32)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model([torch.rand(3, 32, 32) * 255, torch.zeros(3, 32, 32),
+                   torch.randint(0, 2, (3, 32, 32), dtype=torch.uint8)])

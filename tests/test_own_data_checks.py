@@ -1,4 +1,4 @@
-"""A user's own data, round 2 (issue 36, items 2, 4, 6): test sets checked at startup, a test set
+"""Checks of a user's own data sets: test sets checked at startup, a test set
 holding a subset of the model's classes scored by name, and the smaller points: the closing
 line, a custom ann_file's not-found error, files' modes, no trace of a run that never ran an
 iteration, and a config file's typo blamed on the file."""
@@ -42,7 +42,7 @@ def subset_json(data_root, tmp_path, keep) -> dict:
     return {"type": "coco", "ann_file": str(path), "image_root": str(data_root / "shapes" / "val"), "name": "mine"}
 
 
-# ----------------------------------------------------------------------------- item 4: classes
+# ----------------------------------------------------------------------------- a test set's classes
 
 def test_a_subset_of_the_model_classes_is_scored_by_name():
     # the set has the model's 3rd and 1st classes (COCO sorts them by category id)
@@ -65,7 +65,7 @@ def test_a_renamed_or_extra_class_is_still_refused_naming_it(classes, wrong):
     check_class_names("mine", SHAPES, SHAPES, 3)
 
 
-# ----------------------------------------------------------------------------- item 6: smaller points
+# ----------------------------------------------------------------------------- smaller points
 
 def test_atomic_write_gives_the_mode_of_other_new_files(tmp_path):
     old = os.umask(0o027)
@@ -107,7 +107,7 @@ def test_a_custom_ann_file_not_found_names_the_field_without_the_built_in_layout
         get_dataset(entry, str(tmp_path))
 
 
-# ----------------------------------------------------------------------------- items 2 and 6: the run
+# ----------------------------------------------------------------------------- the run: startup and files
 
 @pytest.mark.slow  # builds the model
 def test_a_wrong_test_set_stops_the_run_before_anything_is_written(data_root, tmp_path):

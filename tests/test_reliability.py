@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from detection.config import load_config
-from detection.data.shapes import generate_shapes
 from detection.engine import checkpoint as ckpt_mod
 from detection.engine.checkpoint import CheckpointError, load_checkpoint, load_resume_checkpoint, save_checkpoint
 from detection.engine.run_folder import LOCK_FILE, RunLock
@@ -28,13 +27,7 @@ from tests.helpers import load_tool, run_forked_processes, tiny_overrides
 ROOT = Path(__file__).resolve().parents[1]
 train_det = load_tool("train_det")
 pytestmark = pytest.mark.usefixtures("restore_logging")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_shapes(root / "shapes", num_train=8, num_val=2, seed=0, image_size=(64, 80))
-    return root
+SHAPES_IMAGES = (8, 2)  # data_root's training and validation images
 
 
 
@@ -504,9 +497,12 @@ def test_data_loader_workers_keep_serving_through_ctrl_c(data_root):
     loader = build_train_loader([info], transform=build_transforms(min_sizes=[32], max_size=64, hflip_prob=0.5),
                                 images_per_batch=2, num_workers=1, aspect_ratio_grouping=False, filter_empty=True,
                                 seed=0)
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
     batches = iter(loader)
     next(batches)
-    (worker,) = batches.iterator._workers
+    (worker,) = set(multiprocessing.active_children()) - before  # the loader's one worker process
     os.kill(worker.pid, signal.SIGINT)
     for _ in range(3):
         images, targets = next(batches)

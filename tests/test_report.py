@@ -125,17 +125,23 @@ def test_chromium_renders_the_report(tmp_path, shapes):
     assert all(f"<td>{name}</td>" in dom for name in shapes.class_names)
 
 
-@pytest.mark.slow  # trains a tiny model and runs tools/eval.py
-def test_eval_writes_the_report_beside_the_results(tmp_path):
+def train_tiny_model(tmp_path: Path, max_iter: int) -> tuple[list[str], Path]:
+    """A tiny detector trained max_iter iterations on 4 shapes images (3 to test on) in
+    tmp_path/out, every detection kept -> (its KEY=VALUE overrides, its model_final.pth)."""
     from detection.config import load_config
     from detection.engine.trainer import train
     from tests.helpers import tiny_overrides
 
     generate_shapes(tmp_path / "data" / "shapes", num_train=4, num_val=3, seed=1, image_size=(64, 80))
-    overrides = tiny_overrides(tmp_path / "data", tmp_path / "out", **{"solver.max_iter": 2,
+    overrides = tiny_overrides(tmp_path / "data", tmp_path / "out", **{"solver.max_iter": max_iter,
                                "model.roi_heads.score_thresh_test": 0.0})
     train(load_config(None, overrides))
-    weights = tmp_path / "out" / "model_final.pth"
+    return overrides, tmp_path / "out" / "model_final.pth"
+
+
+@pytest.mark.slow  # trains a tiny model and runs tools/eval.py
+def test_eval_writes_the_report_beside_the_results(tmp_path):
+    overrides, weights = train_tiny_model(tmp_path, max_iter=2)
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--weights", str(weights), *overrides],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -183,15 +189,7 @@ def test_the_page_shows_every_test_set_saved_in_the_folder_and_each_runs_command
 
 @pytest.mark.slow  # trains a tiny model and runs tools/eval.py twice
 def test_a_second_evaluation_into_the_folder_adds_its_test_set_to_the_page(tmp_path):
-    from detection.config import load_config
-    from detection.engine.trainer import train
-    from tests.helpers import tiny_overrides
-
-    generate_shapes(tmp_path / "data" / "shapes", num_train=4, num_val=3, seed=1, image_size=(64, 80))
-    overrides = tiny_overrides(tmp_path / "data", tmp_path / "out", **{"solver.max_iter": 1,
-                               "model.roi_heads.score_thresh_test": 0.0})
-    train(load_config(None, overrides))
-    weights = tmp_path / "out" / "model_final.pth"
+    overrides, weights = train_tiny_model(tmp_path, max_iter=1)
     mine = {"type": "coco", "ann_file": "shapes/annotations/instances_val.json", "image_root": "shapes/val",
             "name": "my photos"}
     for test in (["shapes_val"], [mine]):

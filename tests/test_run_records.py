@@ -1,8 +1,8 @@
-"""What a Detectron2 user expects of a run's records and settings (issue 38, items 3 and 6; issue
-39, item 6): --resume keeps the run's config unless a key is changed on the command line (and
-keeps the history), log.txt in the output folder, metrics.jsonl's `time` and `lr` as the
-iterations had them, inherited class names that do not fit a fine-tune, `--config-file` /
-`--opts`, num_workers capped at the CPUs, and visualize.py saying what it drew."""
+"""What a Detectron2 user expects of a run's records and settings: --resume keeps the run's config
+unless a key is changed on the command line (and keeps the history), log.txt in the output
+folder, metrics.jsonl's `time` and `lr` as the iterations had them, inherited class names that
+do not fit a fine-tune, `--config-file` / `--opts`, num_workers capped at the CPUs, and
+visualize.py saying what it drew."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,6 @@ import yaml
 import detection.config
 import detection.visualization.draw
 from detection.config import ConfigError, config_to_dict, load_config, save_config
-from detection.data.shapes import generate_shapes
 from detection.engine import trainer
 from detection.engine.checkpoint import load_checkpoint, save_checkpoint
 from detection.engine.run_config import check_resume_config, record_resume_changes
@@ -26,13 +25,6 @@ from tests.helpers import load_tool, tiny_cfg, tiny_overrides
 ROOT = Path(__file__).resolve().parents[1]
 train_det, visualize = load_tool("train_det"), load_tool("visualize")
 pytestmark = pytest.mark.usefixtures("restore_logging")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_shapes(root / "shapes", num_train=6, num_val=2, seed=0, image_size=(64, 80))
-    return root
 
 
 def tool_argv(data_root, out, *flags, leave_out=(), **extra) -> list[str]:
@@ -52,7 +44,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-# ----------------------------------------------------------------------------- 38.3: resume keeps its config
+# ----------------------------------------------------------------------------- resume keeps its config
 
 RUN_SETTINGS = {"model.roi_heads.batch_size_per_image": 8, "model.rpn.post_nms_topk_train": 30}
 
@@ -64,7 +56,7 @@ def test_resume_without_the_runs_overrides_is_refused_and_a_deliberate_change_is
     assert main_code(train_det, tool_argv(data_root, out, **RUN_SETTINGS, **{"solver.max_iter": 2})) == 0
     saved = {n: (out / n).read_bytes() for n in ("config.yaml", "last.pth", "metrics.jsonl", "log.txt")}
     capsys.readouterr()
-    # the issue's user: resumed (to extend the run) without the two overrides -> base.yaml's 512 and 2000
+    # resumed to extend the run but without its two overrides: base.yaml's 512 and 2000 differ from the run's
     argv = tool_argv(data_root, out, "--resume", leave_out=tuple(RUN_SETTINGS), **{"solver.max_iter": 4})
     assert main_code(train_det, argv) == 2
     errors = [x for x in capsys.readouterr().err.split("\n") if x.startswith("error:")]
@@ -111,7 +103,7 @@ def test_resume_check_names_every_differing_key_but_not_where_things_are(tmp_pat
     assert check_resume_config(cfg, tmp_path / "run", explicit=[]) == []  # the same config: nothing
 
 
-# ----------------------------------------------------------------------------- 38.6: log.txt, metrics' time
+# ----------------------------------------------------------------------------- log.txt, metrics' time
 
 @pytest.mark.slow  # trains
 def test_metrics_time_is_the_windows_median_and_log_txt_holds_the_run(data_root, tmp_path, monkeypatch):
@@ -140,14 +132,15 @@ def test_metrics_time_is_the_windows_median_and_log_txt_holds_the_run(data_root,
 
 @pytest.mark.slow  # trains
 def test_logged_lr_is_the_one_the_iteration_ran_at(data_root, tmp_path):
-    """Issue 39.6: with solver.steps=[3], iteration 3 runs at the base lr, iteration 4 at a tenth."""
+    """metrics.jsonl's lr is the one each iteration ran at: with solver.steps=[3], iteration 3
+    runs at the base lr, iteration 4 at a tenth."""
     out = tmp_path / "run"
     trainer.train(tiny_cfg(data_root, out, **{"solver.max_iter": 4, "solver.steps": [3],
                                               "solver.warmup_iters": 0, "solver.base_lr": 0.01}))
     assert [x["lr"] for x in metrics(out)] == pytest.approx([0.01, 0.01, 0.01, 0.001])
 
 
-# ----------------------------------------------------------------------------- 38.6: Detectron2 habits
+# ----------------------------------------------------------------------------- Detectron2 habits
 
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
@@ -163,7 +156,7 @@ def test_inherited_class_names_give_way_to_a_fine_tunes_num_classes(tmp_path, ca
            "config: not used; training takes its data's class names" in caplog.text
     assert load_config(base, ["model.num_classes=2"]).model.class_names == []  # the command line's change
     assert "the 4 model.class_names (a, b, c, ...) come from the config file: not used" in caplog.text
-    # the issue's case: a Detectron2 config's 80 COCO names, a 3-class fine-tune
+    # a Detectron2 config's 80 COCO names, fine-tuned to 3 classes: the names are dropped
     d2 = ROOT / "configs" / "detectron2" / "faster_rcnn_R_50_C4_1x.yaml"
     assert load_config(d2, ["model.num_classes=3"]).model.class_names == []
     assert len(load_config(d2).model.class_names) == 80  # unchanged when they fit
@@ -199,7 +192,7 @@ def test_detectron2_spellings_config_file_and_opts(capsys):
     assert "put --config-file before it" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- 38.6: visualize's closing line
+# ----------------------------------------------------------------------------- visualize's closing line
 
 @pytest.mark.slow  # runs tools/visualize.py's main
 def test_visualize_says_how_many_detections_it_drew_and_above_which_score(data_root, tmp_path, capsys,

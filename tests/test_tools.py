@@ -116,13 +116,13 @@ def test_visualize_class_names_come_from_the_checkpoint_then_the_data_then_numbe
     generate_shapes(data / "shapes", num_train=2, num_val=1, seed=0, image_size=(64, 80))
     cfg = load_config(None, tiny_overrides(data, tmp_path / "out"))
     saved = SimpleNamespace(class_names=["cat", "dog", "cow"], path="ckpt.pth")
-    assert tool._class_names(cfg, saved) == ["cat", "dog", "cow"]
+    assert tool.class_names_to_draw(cfg, saved) == ["cat", "dog", "cow"]
     detectron2 = SimpleNamespace(class_names=None, path="model_final_721ade.pkl")  # names not saved
-    assert tool._class_names(cfg, detectron2) == ["circle", "square", "triangle"]  # shapes_val's names
+    assert tool.class_names_to_draw(cfg, detectron2) == ["circle", "square", "triangle"]  # shapes_val's names
     cfg.datasets.root = str(tmp_path / "nowhere")
-    assert tool._class_names(cfg, detectron2) == ["class 1", "class 2", "class 3"]
+    assert tool.class_names_to_draw(cfg, detectron2) == ["class 1", "class 2", "class 3"]
     cfg.model.class_names = ["a", "b", "c"]
-    assert tool._class_names(cfg, detectron2) == ["a", "b", "c"]
+    assert tool.class_names_to_draw(cfg, detectron2) == ["a", "b", "c"]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""tools/train_det.py protecting its user (issue 25): an existing run is never replaced
+"""tools/train_det.py protecting its user: an existing run is never replaced
 unless asked, the data are checked before anything is written, Ctrl-C and errors end in one
 line of their own, the run says what it trains on, and the data-set root has a fixed order."""
 import argparse
@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from detection.cli import DATASETS_ENV, config_from_args
-from detection.data.shapes import generate_shapes
 from detection.engine.checkpoint import load_checkpoint
 
 from tests.helpers import load_tool, tiny_overrides
@@ -16,13 +15,6 @@ from tests.helpers import load_tool, tiny_overrides
 ROOT = Path(__file__).resolve().parents[1]
 train_det = load_tool("train_det")
 pytestmark = pytest.mark.usefixtures("restore_logging")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_shapes(root / "shapes", num_train=6, num_val=2, seed=0, image_size=(64, 80))
-    return root
 
 
 
@@ -47,7 +39,7 @@ def iterations(out: Path) -> list[int]:
     return [json.loads(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-# ----------------------------------------------------------------------------- item 1: the output folder
+# ----------------------------------------------------------------------------- the output folder
 
 @pytest.mark.slow  # trains through train_det.main
 def test_a_new_run_in_a_folder_that_holds_a_run_is_refused(data_root, tmp_path, capsys):
@@ -87,7 +79,7 @@ def test_resume_and_overwrite_exclude_each_other(capsys):
     assert err.value.code == 2 and "not allowed with argument --resume" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- items 4 and 16: data checked first
+# ----------------------------------------------------------------------------- data checked first
 
 @pytest.mark.parametrize("num_classes", [2, 5])
 def test_num_classes_that_disagrees_with_the_data_stops_before_any_step(data_root, tmp_path, capsys, num_classes):
@@ -114,7 +106,7 @@ def test_a_run_that_fails_on_its_data_leaves_no_folder_and_keeps_the_old_run(dat
     assert load_checkpoint(old / "model_final.pth")["iteration"] == 1 and iterations(old) == [1]
 
 
-# ----------------------------------------------------------------------------- item 11: errors and Ctrl-C
+# ----------------------------------------------------------------------------- errors and Ctrl-C
 
 def _fail_at_forward(monkeypatch, call: int, exc: BaseException) -> None:
     from detection.modeling.model import FasterRCNN
@@ -155,13 +147,13 @@ def test_an_error_during_training_prints_on_a_line_of_its_own(data_root, tmp_pat
     assert run(data_root, tmp_path / "run") == 2
     err = capsys.readouterr().err
     assert "train" in err  # the progress bar was drawn ...
-    # ... and the error starts a line after it, saying which checkpoint the run left (issue 36)
+    # ... and the error starts a line after it, saying which checkpoint the run left
     last = tmp_path / "run" / "last.pth"
     assert (f"\nerror: some.jpg: cannot be read; training stopped at iteration 1, the last good checkpoint {last} "
             "(iteration 1) is kept: --resume continues it\n") in err
 
 
-# ----------------------------------------------------------------------------- item 12: what the run says
+# ----------------------------------------------------------------------------- what the run says
 
 def test_the_run_starts_with_a_summary_of_data_device_and_output(data_root, tmp_path, capsys):
     # one more image without boxes in the training json: filter_empty drops it, the summary counts it
@@ -204,7 +196,7 @@ def test_resume_shows_where_it_resumed_and_never_repeats_a_metrics_iteration(dat
     assert iterations(out) == [1, 2, 3, 4, 5] and (out / "model_final.pth").stat().st_mtime_ns == final
 
 
-# ----------------------------------------------------------------------------- item 13: the data-set root
+# ----------------------------------------------------------------------------- the data-set root
 
 def _root(config: Path, *overrides: str) -> str:
     return config_from_args(argparse.Namespace(config=str(config), overrides=list(overrides))).datasets.root

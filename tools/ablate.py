@@ -70,8 +70,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
     def evaluate(row: AblationRow) -> dict:
         weights = args.context_weights if row.global_context else args.weights
-        return {"weights": weights, **_evaluate(row_config(cfg, row, args.tta), weights, datasets, device,
-                                                out / _slug(row.name), explicit)}
+        return {"weights": weights, **evaluate_row(row_config(cfg, row, args.tta), weights, datasets, device,
+                                                   out / _slug(row.name), explicit)}
 
     rows = run_ablation(select_rows(bool(args.context_weights)), evaluate, _print_row)
     table = format_table(rows, cfg, datasets[0].name, args.tta)
@@ -115,8 +115,11 @@ def _check_folder(out: Path, sources: dict, overwrite: bool) -> None:
                                 "--output-dir for a new folder or --overwrite to replace it")
 
 
-def _evaluate(cfg: Config, weights: str, datasets: list, device: torch.device, where: Path,
-              explicit: list[str]) -> dict:
+def evaluate_row(cfg: Config, weights: str, datasets: list, device: torch.device, where: Path,
+                 explicit: list[str]) -> dict:
+    """One row of the table: the model of `cfg` (the row's switches set) with `weights`,
+    evaluated on the test sets (results under `where`) -> the first set's AP, AP50, AP75 and
+    the median seconds per image."""
     from detection.benchmarking.models import TimedModel
     from detection.engine.loading import build_inference_model
     from detection.evaluation import evaluate_test_sets

@@ -30,8 +30,12 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from detection.cli import add_config_args, config_from_args, fail, override_keys, parse_command_line, run_tool
+
+if TYPE_CHECKING:
+    from detection.modeling.model import FasterRCNN
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,7 +96,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     if args.no_check:
         return 0
     images = _read_images(args.check_images) if args.check_images else None
-    return 0 if _check(model, path, images) else 1
+    return 0 if check(model, path, images) else 1
 
 
 def _read_images(paths: list[str]) -> list:
@@ -108,7 +112,7 @@ def _read_images(paths: list[str]) -> list:
     return [torch.from_numpy(read_image(name)).permute(2, 0, 1) for name in paths]  # (H, W, 3) -> (3, H, W)
 
 
-def _check(model, path: Path, images: list | None = None) -> bool:
+def check(model: FasterRCNN, path: Path, images: list | None = None) -> bool:
     """ONNX Runtime against PyTorch on `images` (default: two synthetic images of sizes other
     than the traced one). False if any differs, or if no image gave a detection to compare."""
     import torch

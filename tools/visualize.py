@@ -23,10 +23,14 @@ import argparse
 import glob
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from detection.cli import (add_config_args, config_from_args, override_keys, parse_command_line,
                            resolve_config_beside_weights, run_tool)
 from detection.data import DataError
+
+if TYPE_CHECKING:
+    from detection.config import Config
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -154,12 +158,13 @@ def _inputs(cfg, args: argparse.Namespace, weights):
             if dataset.kind == "coco" and dataset.ann_file else {}
         return [(r["file_name"], r) for r in records], dataset.class_names, crowd
     files = find_images(args.input)[: args.limit or None]
-    return [(str(f), None) for f in files], _class_names(cfg, weights), {}
+    return [(str(f), None) for f in files], class_names_to_draw(cfg, weights), {}
 
 
-def _class_names(cfg, weights) -> list[str]:
+def class_names_to_draw(cfg: Config, weights: Any) -> list[str]:
     """Names saved in the checkpoint by training, else the config's model.class_names, else
-    those of the first test data set when it can be read, else "class 1".."class K"."""
+    those of the first test data set when it can be read, else "class 1".."class K".
+    `weights`: the loaded checkpoint (DetectorWeights) or None."""
     from detection.data.catalog import get_dataset
     from detection.evaluation.classes import model_class_names
 

@@ -104,9 +104,11 @@ def _write_split(output_dir: str, split: str, count: int, seed: int, size_range:
 
 
 def render_image(rng: np.random.Generator, height: int, width: int, max_objects: int,
-                 min_object_size: int) -> tuple[np.ndarray, list[ShapeObject]]:
-    """-> (uint8[H, W, 3] RGB, objects in drawing order with boxes of their visible pixels)."""
-    img = _background(rng, height, width)
+                 min_object_size: int, background: np.ndarray | None = None) -> tuple[np.ndarray, list[ShapeObject]]:
+    """-> (uint8[H, W, 3] RGB, objects in drawing order with boxes of their visible pixels).
+    The shapes are drawn on `background` (float[H, W, 3] RGB 0..255) when given, else on a
+    random gradient, stripes or blotches."""
+    img = _background(rng, height, width) if background is None else np.array(background, np.float32)
     masks, labels = _place_objects(rng, height, width, int(rng.integers(1, max_objects + 1)), min_object_size)
     for mask in masks:
         img[mask] = _pick_color(rng, img[mask].mean(axis=0))
@@ -135,14 +137,17 @@ def _place_objects(rng: np.random.Generator, height: int, width: int, count: int
         for _ in range(_PLACEMENT_TRIES):
             label = int(rng.integers(1, len(SHAPE_CLASSES) + 1))
             mask = _shape_mask(rng, label, height, width, min_size)
-            if _keeps_others_visible(mask, masks, min_size):
+            if keeps_others_visible(mask, masks, min_size):
                 masks.append(mask)
                 labels.append(label)
                 break
     return masks, labels
 
 
-def _keeps_others_visible(new: np.ndarray, masks: list[np.ndarray], min_size: int) -> bool:
+def keeps_others_visible(new: np.ndarray, masks: list[np.ndarray], min_size: int) -> bool:
+    """Whether the shape `new` (bool[H, W]) may be drawn over `masks` (drawing order): every
+    earlier shape keeps at least 60% of its pixels and a visible box of at least 0.75 *
+    min_size on each side, so no object of the data set is hidden beyond recognition."""
     for i, mask in enumerate(masks):
         visible = mask & ~new
         for later in masks[i + 1:]:

@@ -151,7 +151,7 @@ def restore_training_state(ckpt: dict, path: Union[str, Path], *, model: torch.n
     does not fit is one CheckpointError naming the file and the part, never a torch traceback
     now or a shape error at the next step."""
     load_model_state(model, ckpt["model"], path)
-    _load_optimizer_state(optimizer, ckpt["optimizer"], path)
+    load_optimizer_state(optimizer, ckpt["optimizer"], path)
     state = ckpt["scheduler"]
     if not (isinstance(state, dict) and isinstance(state.get("last_epoch"), int)
             and not isinstance(state.get("last_epoch"), bool) and state["last_epoch"] >= 0
@@ -191,8 +191,11 @@ def load_model_state(model: torch.nn.Module, state: Any, path: Union[str, Path])
     model.load_state_dict(state)
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, path: Union[str, Path]) -> None:
-    # How the update runs (fused kernel or not) is this run's choice, not the checkpoint's
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, path: Union[str, Path]) -> None:
+    """Load a checkpoint's optimizer state; what does not fit (other groups, shapes, a
+    non-finite lr / momentum / weight decay) is one CheckpointError naming the file. How the
+    update runs (fused kernel or not, foreach) stays this run's choice, not the checkpoint's, so
+    a run resumed from an older checkpoint keeps the fused update."""
     implementation = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
     _load_part(optimizer, state, path, "optimizer")
     for group, keep in zip(optimizer.param_groups, implementation):
