@@ -176,6 +176,7 @@ class AccelConfig:  # GPU levers of the fast path, each off until measured (docs
     cuda_channels_last: bool = False
     sync_free_postprocess: bool = False
     compile: Union[bool, str] = False  # false | default | reduce-overhead | max-autotune
+    cuda_graphs: bool = False
 
 
 @dataclass

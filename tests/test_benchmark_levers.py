@@ -85,7 +85,7 @@ def test_the_lever_measurement_runs_on_the_cpu():
     report = run_levers(tool.parse_args(argv), argv)
     json.dumps(report, default=float)
     rows = {(r["model"], r["precision"]): r for r in report["levers"]["rows"]}
-    names = {"plain", "fast", "fast+cuda_channels_last", "fast+sync_free", "fast+all"}
+    names = {"plain", "fast", "fast+cuda_channels_last", "fast+sync_free", "fast+cuda_graphs", "fast+all"}
     assert {m for m, p in rows if p == "float32"} == names | {"torchvision"}
     assert {m for m, p in rows if p == "amp"} == names | {"torchvision_fp16"}
     for (model, precision), row in rows.items():

@@ -11,6 +11,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from detection.accel import InferencePlan, Levers, apply_plan, inference_plan, optimize_for_inference
+from detection.accel.graphs import PaddedRes5, bucket
 from detection.accel.levers import CompiledModule
 from detection.accel.plan import ToChannelsLast
 from detection.config import ConfigError
@@ -163,6 +164,31 @@ def test_the_cuda_channels_last_layout_gives_the_same_detections_on_the_cpu(tmp_
     nhwc = apply_plan(copy.deepcopy(model).requires_grad_(False), plan)
     assert isinstance(nhwc.roi_heads.res5[0], ToChannelsLast)
     assert_same_sets(detections(model), detections(nhwc))
+
+
+def test_padded_rois_never_reach_the_detections(tmp_path):
+    """cuda_graphs' padding (device-neutral; the capture itself is CUDA's, tests/test_cuda.py):
+    res5 on RoI counts padded up to a multiple of 64 with NaN rows gives the same detections
+    (rows are independent in eval mode and the padding is cut off), for every image count."""
+    assert [bucket(n) for n in (0, 1, 64, 65, 1000, 8000)] == [64, 64, 64, 128, 1024, 8000]
+    cfg = tiny_cfg(tmp_path, tmp_path, **{"model.roi_heads.score_thresh_test": 0.0,
+                                          "model.roi_heads.global_context": True})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    padded = copy.deepcopy(model)
+    padded.roi_heads.res5 = PaddedRes5(padded.roi_heads.res5, graphs=True, fill=float("nan"))  # no CUDA: eager
+    pooled = torch.randn(5, 256, 6, 6)
+    with torch.inference_mode():
+        assert padded.roi_heads.res5(pooled).shape == model.roi_heads.res5(pooled).shape == (5, 512, 3, 3)
+    for images in (IMAGES3[:1], IMAGES3):
+        assert_same_sets(detections(model, images), detections(padded, images))
+
+
+def test_cuda_graphs_lever_is_cuda_only(tmp_path):
+    model = build_model(tiny_cfg(tmp_path, tmp_path)).eval()
+    on_cpu = optimize_for_inference(model, levers=Levers(cuda_graphs=True))
+    on_meta = optimize_for_inference(model.to("meta"), levers=Levers(cuda_graphs=True))
+    assert not any(isinstance(m, PaddedRes5) for m in [*on_cpu.modules(), *on_meta.modules()])
 
 
 @pytest.mark.slow

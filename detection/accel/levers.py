@@ -7,6 +7,8 @@ by default until a GPU measures what it buys (`tools/benchmark.py --device cuda 
 - compile (any device): torch.compile of the trunk and of res5 (the plain res5 head: where the
   CPU's Res5Runner runs res5, only the trunk), mode "default", "reduce-overhead" (CUDA graphs) or
   "max-autotune". It compiles at the first images; that time is logged once per module at INFO.
+- cuda_graphs: on CUDA res5 on RoI counts padded to fixed buckets, captured as CUDA graphs
+  (graphs.py; the padding is device-neutral and tested on the CPU). res5 is then not compiled.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from detection.accel.graphs import PaddedRes5
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ class Levers:
     cuda_channels_last: bool = False
     sync_free_postprocess: bool = False
     compile: str | None = None  # a torch.compile mode (COMPILE_MODES); None: not compiled
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.compile is not None and self.compile not in COMPILE_MODES:
@@ -58,10 +63,14 @@ class CompiledModule(nn.Module):
 
 
 def apply_levers(fast: nn.Module, levers: Levers) -> nn.Module:
-    """In place, after the plan's steps: the device-neutral levers (channels_last is the plan's)."""
+    """In place, after the plan's steps: the levers other than channels_last (the plan's)."""
     fast.rpn.sync_free = fast.roi_heads.sync_free = levers.sync_free_postprocess
+    heads = fast.roi_heads
+    graphed = levers.cuda_graphs and fast.device.type == "cuda" and heads.res5_runner is None
+    if graphed:
+        heads.res5 = PaddedRes5(heads.res5, graphs=True)
     if levers.compile is not None:
         fast.trunk = CompiledModule(fast.trunk, levers.compile, "trunk")
-        if fast.roi_heads.res5_runner is None:
-            fast.roi_heads.res5 = CompiledModule(fast.roi_heads.res5, levers.compile, "res5 head")
+        if heads.res5_runner is None and not graphed:
+            heads.res5 = CompiledModule(heads.res5, levers.compile, "res5 head")
     return fast

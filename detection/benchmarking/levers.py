@@ -29,10 +29,10 @@ TORCHVISION = ("torchvision", "torchvision_fp16")
 def lever_settings(compile_mode: str | None) -> dict[str, Levers]:
     """Each lever alone, then all together (compile_mode None leaves torch.compile out)."""
     alone = {"cuda_channels_last": Levers(cuda_channels_last=True),
-             "sync_free": Levers(sync_free_postprocess=True)}
+             "sync_free": Levers(sync_free_postprocess=True), "cuda_graphs": Levers(cuda_graphs=True)}
     if compile_mode is not None:
         alone["compile"] = Levers(compile=compile_mode)
-    everything = Levers(cuda_channels_last=True, sync_free_postprocess=True, compile=compile_mode)
+    everything = Levers(cuda_channels_last=True, sync_free_postprocess=True, compile=compile_mode, cuda_graphs=True)
     return {**{f"fast+{name}": levers for name, levers in alone.items()}, "fast+all": everything}
 
 

@@ -348,4 +348,4 @@ def accel_levers(cfg: Config) -> Levers:
         raise ConfigError(f"accel.compile: {a.compile!r} is invalid, expected false or one of "
                           f"{', '.join(COMPILE_MODES)}")
     return Levers(cuda_channels_last=a.cuda_channels_last, sync_free_postprocess=a.sync_free_postprocess,
-                  compile=mode)
+                  compile=mode, cuda_graphs=a.cuda_graphs)
