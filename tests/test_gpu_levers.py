@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import batched_nms
 
 from detection.accel import InferencePlan, Levers, apply_plan, inference_plan, optimize_for_inference
@@ -17,6 +18,7 @@ from detection.accel.plan import ToChannelsLast
 from detection.config import ConfigError
 from detection.engine.loading import accel_levers, prepare_for_inference
 from detection.modeling.model import build_model
+from detection.modeling import syncfree
 from detection.modeling.syncfree import grid_batched_nms
 from tests.helpers import IMAGES, make_model, paint, tiny_cfg
 
@@ -93,6 +95,48 @@ def test_sync_free_proposals_equal_the_default_ones_with_boxes_that_are_not_regi
     assert [len(p) for p in got] == [len(p) for p in ref] and all(len(p) for p in ref)
     for a, b in zip(ref, got):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops whose output size the host must read from the device (a synchronisation
+    on CUDA): nonzero, NMS, indexing by a boolean mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        bool_index = name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                  for i in args[1])
+        self.count += name in ("aten.nonzero", "torchvision.nms") or bool_index
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(fn) -> int:
+    with HostReads() as reads:
+        fn()
+    return reads.count
+
+
+def test_sync_free_postprocess_reads_the_device_fewer_times():
+    """The box head: one nonzero and one NMS for the whole batch (the default path: one of each
+    per image); the RPN: NMS and one mask read per image (the default: four per image)."""
+    torch.manual_seed(0)
+    model = make_model().eval()
+    heads, rpn = model.roi_heads, model.rpn
+    xy = [torch.rand(30, 2, 2) * 50 for _ in range(3)]
+    boxes, scores = [torch.cat([p, p + 10], -1) for p in xy], [torch.rand(30, 2) for _ in range(3)]
+    per_image = host_reads(lambda: [heads.detect_image(b, s, 0.5) for b, s in zip(boxes, scores)])
+    batched = host_reads(lambda: syncfree.detect(boxes, scores, score_thresh=0.05, nms_thresh=0.5,
+                                                 detections_per_image=100))
+    assert (per_image, batched) == (6, 2)
+    anchors = torch.rand(600, 4) * 60
+    anchors[:, 2:] += anchors[:, :2] + 1
+    args = (anchors, torch.randn(3, 600), torch.randn(3, 600, 4), [(96, 128)] * 3)
+    default = host_reads(lambda: rpn.select_proposals(*args))
+    rpn.sync_free = True
+    assert (default, host_reads(lambda: rpn.select_proposals(*args))) == (12, 6)
 
 
 def test_grid_batched_nms_keeps_what_nms_per_group_keeps():

@@ -93,7 +93,9 @@ def detect(boxes: list[Tensor], scores: list[Tensor], *, score_thresh: float, nm
     kept = grid_batched_nms(cand_boxes, cand_scores, image * num_classes + class_idx,
                             num_images * num_classes, nms_thresh)
     kept = kept[torch.sort(image[kept], stable=True).indices]  # grouped by image, by score within
-    counts = torch.bincount(image[kept], minlength=num_images).tolist()  # the one host read
+    # per-image counts by scatter_add (bincount reads its maximum on the host on CUDA)
+    counts = torch.zeros(num_images, dtype=torch.int64, device=device).scatter_add_(
+        0, image[kept], torch.ones_like(kept)).tolist()  # the one host read
     out = []
     for chunk in kept.split(counts):
         chunk = chunk[:detections_per_image]
