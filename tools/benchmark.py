@@ -131,7 +131,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                         "extra) against the fast path")
     p.add_argument("--levers", action="store_true",
                    help="only the GPU levers' table (accel.*: each alone on the fast path, all together, plain, "
-                        "torchvision in float32 and float16) at batch 1 and 8, float32 and test.amp; needs --device cuda")
+                        "torchvision in float32 and float16) at batch 1 and 8, float32 and test.amp; "
+                        "needs --device cuda")
     p.add_argument("--levers-compile", default="default", type=_compile_mode, metavar="MODE",
                    help="the torch.compile mode of --levers' compile rows (default: default; off: leave them out)")
     p.add_argument("--child", choices=("plain", "fast", "torchvision"), help=argparse.SUPPRESS)

@@ -8,8 +8,8 @@ into the convs: it only removes work) run everywhere; the CPU kernels (channels_
 choices, the taps matmul, oneDNN post-ops, Winograd, the gather pooling in Res5Runner) only
 on the CPU, where they were measured faster; on CUDA torchvision's RoIAlign pools and res5
 runs all RoIs at once, as the plain path does. The GPU levers (levers.py, config `accel`) are
-off by default. Training keeps the same steps on every
-device; its taps matmul and Winograd are CPU-only at run time (FastConv2d).
+off by default. Training keeps the same steps on every device; its taps matmul and Winograd
+are CPU-only at run time (FastConv2d).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from detection.accel.levers import Levers, apply_levers
 from detection.accel.fold import (fold_frozen_bn, fold_frozen_bn_for_training, freeze_batchnorm, small_map_convs,
                                   winograd_training_convs)
+from detection.accel.levers import Levers, apply_levers
 from detection.accel.onednn import FusedRPNHead, fuse_blocks
 from detection.accel.res5 import AUTO, Res5Runner, chunk_rois
 from detection.accel.winograd import winograd_convs

@@ -94,7 +94,7 @@ class Res5ROIHeads(nn.Module):
         # detection.accel sets this to compute box_features faster (hoisted convs, chunks). It
         # runs self.res5's own weights and is no submodule: no new parameters or state keys.
         self.res5_runner: Callable[[Tensor, list[Tensor]], Tensor] | None = None
-        self.sync_free = False  # accel.sync_free_postprocess: detection/modeling/syncfree.py (set by detection.accel)
+        self.sync_free = False  # accel.sync_free_postprocess (detection/modeling/syncfree.py), set by detection.accel
 
     def forward(self, features: Tensor, proposals: Sequence[Tensor],
                 image_sizes: Sequence[tuple[int, int]],
