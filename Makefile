@@ -44,8 +44,9 @@ test-gpu:
 	$(if $(wildcard $(PY)),$(PY),python3) -m pytest tests -q -m cuda
 
 # On the lent GPU machine (README, "Installing on a GPU machine"): the GPU suite, then the benchmark
-# on CUDA at Detectron2's test settings (800x1088, 1000 proposals, random sane weights); the output
-# and the report's JSON go to $(OUT). The benchmark runs even when a test fails.
+# on CUDA at Detectron2's test settings (800x1088, 1000 proposals, random sane weights), then the
+# GPU levers' table (--levers, docs/accel.md); the output and the reports' JSON go to $(OUT). The
+# benchmarks run even when a test fails.
 OUT ?= output/gpu
 gpu-session:
 	mkdir -p $(OUT)
@@ -53,6 +54,8 @@ gpu-session:
 	$(if $(wildcard $(PY)),$(PY),python3) tools/benchmark.py --config configs/detectron2/faster_rcnn_R_50_C4_1x.yaml \
 	  --device cuda --compare-torchvision --image-size 800 1088 --runs 5 --no-data \
 	  --json $(OUT)/benchmark.json 2>&1 | tee $(OUT)/benchmark.txt
+	$(if $(wildcard $(PY)),$(PY),python3) tools/benchmark.py --config configs/detectron2/faster_rcnn_R_50_C4_1x.yaml \
+	  --device cuda --levers --image-size 800 1088 --runs 5 --json $(OUT)/levers.json 2>&1 | tee $(OUT)/levers.txt
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

@@ -147,6 +147,27 @@ def test_fast_path_gives_the_plain_paths_detections_on_the_gpu(root, trained, ex
     assert_equal(plain, fast, box_tolerance=1e-3, score_tolerance=1e-4)
 
 
+@pytest.mark.parametrize("levers", [{"accel.cuda_channels_last": True},
+                                    {"accel.cuda_channels_last": True, "test.amp": True},
+                                    {"accel.sync_free_postprocess": True, "test.multi_scale.enabled": True},
+                                    {"accel.cuda_graphs": True, "test.amp": True},
+                                    {"accel.cuda_channels_last": True, "accel.sync_free_postprocess": True,
+                                     "accel.compile": "default", "accel.cuda_graphs": True}],
+                         ids=["channels_last", "channels_last+amp", "sync_free+multi-scale", "cuda_graphs+amp", "all"])
+def test_gpu_levers_give_the_fast_paths_detections_on_the_gpu(root, trained, levers):
+    """The accel levers (off by default, detection/accel/levers.py) on CUDA: the default fast
+    path's detections, in the same precision (test.amp: float16 both). cuda_graphs: res5
+    captured for the padded RoI count, then replayed with the real RoIs."""
+    args, out, _ = trained
+    images = val_images(root)
+    same = {k: v for k, v in levers.items() if not k.startswith("accel.")}
+    ref = detections(load_config(None, [*args, *_kv(same)]), out / "model_final.pth", DEVICE, images)
+    got = detections(load_config(None, [*args, *_kv(levers)]), out / "model_final.pth", DEVICE, images)
+    assert sum(len(d["boxes"]) for d in ref) > 0
+    tolerance = (0.05, 2e-3) if levers.get("test.amp") else (1e-3, 1e-4)  # float16: other kernels may round otherwise
+    assert_equal(ref, got, *tolerance)
+
+
 def test_the_context_model_fast_and_plain_on_the_gpu(root, context):
     args, out = context
     images = val_images(root)

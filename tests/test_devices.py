@@ -26,6 +26,9 @@ VARIANTS = {
     "test-time augmentation": {"test.aug.enabled": True, "test.aug.min_sizes": [48, 64]},
     "RoIPool": {"model.roi_heads.pooler": "roi_pool"},
     "amp": {"test.amp": True, "solver.amp": True},
+    # the GPU levers that run on the CPU (accel.cuda_channels_last is CUDA's; compile: minutes here)
+    "sync-free postprocess": {"accel.sync_free_postprocess": True, "accel.cuda_channels_last": True,
+                              "test.box_refinement.enabled": True, "test.box_refinement.voting": False},
 }
 
 

@@ -29,6 +29,11 @@ within 10%, the same proposals (matched as sets) and the same number of detectio
 detections are compared with ours too); the hoisted path's FLOPs are reported apart. Unequal work: the targets are
 reported "not comparable", none as met.
 
+--device cuda --levers: only the GPU levers of the fast path (config group accel; docs/accel.md,
+"GPU levers"): ms per image at batch 1 and 8 in float32 and with test.amp for the plain path,
+the fast path, each lever alone on it and all together, and torchvision's C4 assembly in
+float32 and under float16 autocast, each model's detections checked against the plain path's.
+
 --device cuda: the same report on the GPU. Timings are synchronised (torch.cuda.synchronize
 around each), stage times are the GPU time of the kernels launched under each label (the
 profiler's CUDA activity), the hardware probe measures float32, TF32 and float16/bfloat16
@@ -44,12 +49,13 @@ from pathlib import Path
 
 import torch
 
+from detection.benchmarking.levers import print_levers
 from detection.benchmarking.memory import child_main
 from detection.benchmarking.onnx_runtime import bench_onnx, print_onnx  # bench_onnx: also this tool's API
 from detection.benchmarking.report import print_report, summarize
-from detection.benchmarking.suite import run
+from detection.benchmarking.suite import run, run_levers
 from detection.cli import add_config_args, parse_command_line, run_tool
-from detection.accel import AUTO, chunk_rois
+from detection.accel import AUTO, COMPILE_MODES, chunk_rois
 
 # what runs this tool again: the memory children (--child)
 TOOL = [sys.executable, str(Path(__file__).resolve())]
@@ -65,6 +71,15 @@ def _chunk_size(value: str) -> int | str:
     return size
 
 
+def _compile_mode(value: str) -> str | None:
+    """--levers-compile: a torch.compile mode, or "off"."""
+    if value == "off":
+        return None
+    if value not in COMPILE_MODES:
+        raise argparse.ArgumentTypeError(f"{value!r} is not off or one of {', '.join(COMPILE_MODES)}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
@@ -76,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--eval-images sets how many images are generated; with --dataset the whole data set is timed")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False)")
+    if args.levers and args.device != "cuda":
+        p.error("--levers measures the GPU levers (config group accel): it needs --device cuda")
     if args.onnx and args.device == "cuda":
         p.error("--onnx times ONNX Runtime on the CPU against the fast path there: leave out --device cuda")
     if args.eval_images is None:
@@ -112,6 +129,12 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", action="store_true",
                    help="also time ONNX Runtime on the exported plain path (detection/export/onnx.py; the export "
                         "extra) against the fast path")
+    p.add_argument("--levers", action="store_true",
+                   help="only the GPU levers' table (accel.*: each alone on the fast path, all together, plain, "
+                        "torchvision in float32 and float16) at batch 1 and 8, float32 and test.amp; "
+                        "needs --device cuda")
+    p.add_argument("--levers-compile", default="default", type=_compile_mode, metavar="MODE",
+                   help="the torch.compile mode of --levers' compile rows (default: default; off: leave them out)")
     p.add_argument("--child", choices=("plain", "fast", "torchvision"), help=argparse.SUPPRESS)
 
 
@@ -123,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args)
 
     def work() -> None:
-        report = summarize(run(args, argv, TOOL))
-        print_report(report)
+        if args.levers:
+            report = run_levers(args, argv)
+            print_levers(report["levers"])
+        else:
+            report = summarize(run(args, argv, TOOL))
+            print_report(report)
         if "onnx" in report:
             print_onnx(report["onnx"])
         if args.json:

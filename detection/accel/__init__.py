@@ -2,9 +2,11 @@
 (docs/accel.md). One module per mechanism; plan.py holds the entry points and the
 per-device choice."""
 from detection.accel.fold import fold_frozen_bn
-from detection.accel.plan import (InferencePlan, inference_plan, install_runner, optimize_for_inference,
+from detection.accel.levers import COMPILE_MODES, Levers
+from detection.accel.plan import (InferencePlan, apply_plan, inference_plan, install_runner, optimize_for_inference,
                                   optimize_for_training, to_channels_last)
 from detection.accel.res5 import AUTO, CHUNK_BINS, chunk_rois
 
-__all__ = ["AUTO", "CHUNK_BINS", "InferencePlan", "chunk_rois", "fold_frozen_bn", "inference_plan", "install_runner",
-           "optimize_for_inference", "optimize_for_training", "to_channels_last"]
+__all__ = ["AUTO", "CHUNK_BINS", "COMPILE_MODES", "InferencePlan", "Levers", "apply_plan", "chunk_rois",
+           "fold_frozen_bn", "inference_plan", "install_runner", "optimize_for_inference", "optimize_for_training",
+           "to_channels_last"]

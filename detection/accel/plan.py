@@ -7,8 +7,9 @@ inference_plan chooses the inference steps for a device. Device-neutral rewrites
 into the convs: it only removes work) run everywhere; the CPU kernels (channels_last layout
 choices, the taps matmul, oneDNN post-ops, Winograd, the gather pooling in Res5Runner) only
 on the CPU, where they were measured faster; on CUDA torchvision's RoIAlign pools and res5
-runs all RoIs at once, as the plain path does. Training keeps the same steps on every
-device; its taps matmul and Winograd are CPU-only at run time (FastConv2d).
+runs all RoIs at once, as the plain path does. The GPU levers (levers.py, config `accel`) are
+off by default. Training keeps the same steps on every device; its taps matmul and Winograd
+are CPU-only at run time (FastConv2d).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from detection.accel.fold import (fold_frozen_bn, fold_frozen_bn_for_training, freeze_batchnorm, small_map_convs,
                                   winograd_training_convs)
+from detection.accel.levers import Levers, apply_levers
 from detection.accel.onednn import FusedRPNHead, fuse_blocks
 from detection.accel.res5 import AUTO, Res5Runner, chunk_rois
 from detection.accel.winograd import winograd_convs
@@ -37,10 +39,15 @@ class ToChannelsLast(nn.Module):
 def to_channels_last(model: nn.Module) -> nn.Module:
     """Conv weights and the trunk's input in channels_last (no new parameters or keys)."""
     model.to(memory_format=torch.channels_last)
-    if not isinstance(model.trunk[0], ToChannelsLast):
-        model.trunk = nn.Sequential(OrderedDict([("to_channels_last", ToChannelsLast()),
-                                                 *model.trunk.named_children()]))
+    model.trunk = with_channels_last_input(model.trunk)
     return model
+
+
+def with_channels_last_input(seq: nn.Sequential) -> nn.Sequential:
+    """`seq` with a ToChannelsLast in front (once); its other children keep their names."""
+    if isinstance(seq[0], ToChannelsLast):
+        return seq
+    return nn.Sequential(OrderedDict([("to_channels_last", ToChannelsLast()), *seq.named_children()]))
 
 
 # res5 at float32 inference runs NCHW below this pooler resolution (maps under 7x7), where
@@ -72,42 +79,54 @@ class InferencePlan:
 
 def inference_plan(device: torch.device | str, *, bf16: bool = False, small_maps: bool = False,
                    fold_bn: bool = True, channels_last: bool = True, fuse: bool = True,
-                   winograd: bool = True) -> InferencePlan:
+                   winograd: bool = True, cuda_channels_last: bool = False) -> InferencePlan:
     """The steps for a model on `device`: on the CPU all of them (bf16: under bfloat16
-    autocast; small_maps: pooler resolution below NCHW_RES5_BELOW); elsewhere only folding,
-    since the others are CPU kernels or were measured slower on CUDA."""
+    autocast; small_maps: pooler resolution below NCHW_RES5_BELOW); elsewhere folding, and
+    with cuda_channels_last (the `accel` lever, unmeasured) the trunk, RPN and res5 in NHWC;
+    the others are CPU kernels or were measured slower on CUDA."""
     cpu = torch.device(device).type == "cpu"
     fused = cpu and fold_bn and fuse
-    return InferencePlan(fold_bn=fold_bn, channels_last=cpu and channels_last,
-                         res5_channels_last=cpu and channels_last and (not small_maps or bf16),
+    nhwc = channels_last if cpu else cuda_channels_last
+    return InferencePlan(fold_bn=fold_bn, channels_last=nhwc,
+                         res5_channels_last=nhwc and (not cpu or not small_maps or bf16),
                          small_map_taps=cpu and small_maps and bf16, fuse=fused,
                          winograd=fused and winograd and not bf16, runner=cpu)
 
 
 def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True,
                            hoist: bool = True, chunk_size: int | str | None = AUTO, fuse: bool = True,
-                           winograd: bool = True) -> nn.Module:
+                           winograd: bool = True, levers: Levers = Levers()) -> nn.Module:
     """An eval-mode copy of a FasterRCNN that gives the same detections faster, with the steps
-    of `inference_plan` for the model's device (move the model first). Run it under
-    torch.inference_mode(), as evaluation does. Its state_dict differs (folded norms); save
-    checkpoints from the original model."""
+    of `inference_plan` for the model's device (move the model first) and the GPU `levers`
+    (detection/accel/levers.py; all off by default). Run it under torch.inference_mode(), as
+    evaluation does. Its state_dict differs (folded norms); save checkpoints from the original."""
     chunk_rois(chunk_size, model.roi_heads.pooler_resolution)  # a wrong chunk_size fails on every device
     fast = copy.deepcopy(model).eval().requires_grad_(False)
     # Small RoI maps: NCHW convs in float32; with bfloat16 autocast on the CPU (model.amp,
     # test.amp), NHWC and the 3x3 convs with small outputs as one matmul (taps_conv2d)
     plan = inference_plan(fast.device, bf16=bool(getattr(fast, "amp", False)), fold_bn=fold_bn,
                           small_maps=fast.roi_heads.pooler_resolution < NCHW_RES5_BELOW,
-                          channels_last=channels_last, fuse=fuse, winograd=winograd)
+                          channels_last=channels_last, fuse=fuse, winograd=winograd,
+                          cuda_channels_last=levers.cuda_channels_last)
+    return apply_levers(apply_plan(fast, plan, hoist=hoist, chunk_size=chunk_size), levers)
+
+
+def apply_plan(fast: nn.Module, plan: InferencePlan, *, hoist: bool = True,
+               chunk_size: int | str | None = AUTO) -> nn.Module:
+    """In place, on an eval-mode copy: the steps of `plan` (optimize_for_inference's; a test may
+    apply another device's plan on the CPU)."""
     if plan.fold_bn:  # device-neutral
         fold_frozen_bn(freeze_batchnorm(fast))
     _install_cpu_kernels(fast, plan)
     if not plan.runner:
+        if plan.res5_channels_last:  # roi_align gives NCHW: res5 takes it to NHWC itself
+            fast.roi_heads.res5 = with_channels_last_input(fast.roi_heads.res5)
         return fast
     return install_runner(fast, hoist=hoist, chunk_size=chunk_size, channels_last=plan.res5_channels_last)
 
 
 def _install_cpu_kernels(fast: nn.Module, plan: InferencePlan) -> None:
-    """In place: the layout and kernel steps of `plan` (all False off the CPU)."""
+    """In place: the layout and kernel steps of `plan` (off the CPU only the layout, a lever)."""
     if plan.channels_last:
         to_channels_last(fast)
         if not plan.res5_channels_last:

@@ -13,6 +13,7 @@ import torch
 from detection.benchmarking.data import bench_eval, bench_loader, datasets
 from detection.benchmarking.hardware import hardware_throughput
 from detection.benchmarking.inference import bench_inference, inference_variants
+from detection.benchmarking.levers import BATCH_SIZES, measure_levers, summarize_levers
 from detection.benchmarking.memory import bench_gpu_memory, bench_memory, child_argv
 from detection.benchmarking.models import bench_config, build_bench_model, build_torchvision_c4, synthetic_batch
 from detection.benchmarking.onnx_runtime import bench_onnx
@@ -49,6 +50,20 @@ def run(args: argparse.Namespace, argv: list[str], tool: Sequence[str]) -> dict[
             report["data_loader"] = bench_loader(cfg, train_ds, args)
             report["evaluation"] = bench_eval(args, val_ds)
     report["loadavg_end"] = os.getloadavg()
+    return report
+
+
+def run_levers(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """--levers: the header and the GPU levers' table (detection/benchmarking/levers.py), with
+    torchvision's C4 assembly as the yardstick; no other section."""
+    cfg = bench_config(args)
+    device = select_device(args.device, cfg.tf32)
+    report = _header(args, argv, cfg, device)
+    plain = build_bench_model(cfg, args)
+    tv = build_torchvision_c4(plain, cfg).to(device).eval()
+    images, _ = synthetic_batch(max(BATCH_SIZES), tuple(args.image_size), cfg.model.num_classes)
+    raw = measure_levers(plain.to(device), tv, [img.to(device) for img in images], args)
+    report["levers"] = summarize_levers(raw)
     return report
 
 

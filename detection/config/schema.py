@@ -155,6 +155,14 @@ class TestConfig:
 
 
 @dataclass
+class AccelConfig:  # GPU levers of the fast path, each off until measured (docs/accel.md, "GPU levers")
+    cuda_channels_last: bool = False
+    sync_free_postprocess: bool = False
+    compile: Union[bool, str] = False  # false | default | reduce-overhead | max-autotune
+    cuda_graphs: bool = False
+
+
+@dataclass
 class LogConfig:
     tensorboard: Union[bool, str] = "auto"  # true | false | auto (on when the tensorboard package is installed)
 
@@ -167,6 +175,7 @@ class Config:
     dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    accel: AccelConfig = field(default_factory=AccelConfig)
     output_dir: str = "output/voc_r101"
     seed: int = 0
     device: str = "auto"

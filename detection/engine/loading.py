@@ -32,6 +32,7 @@ from detection.engine.checkpoint import CheckpointError, verify_checksums
 from detection.engine.detectron2 import convert_detectron2_state, is_detectron2_state
 
 if TYPE_CHECKING:
+    from detection.accel import Levers
     from detection.config import BackboneConfig, Config
 
 logger = logging.getLogger(__name__)
@@ -332,5 +333,19 @@ def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
     if cfg.model.fast_path:
         from detection.accel import optimize_for_inference
 
-        model = optimize_for_inference(model, chunk_size=chunk_size)
+        model = optimize_for_inference(model, chunk_size=chunk_size, levers=accel_levers(cfg))
     return build_tta(cfg, model)
+
+
+def accel_levers(cfg: Config) -> Levers:
+    """The config's `accel` group as the fast path's Levers; a wrong compile mode is a ConfigError."""
+    from detection.accel import COMPILE_MODES, Levers
+    from detection.config import ConfigError
+
+    a = cfg.accel
+    mode = ("default" if a.compile else None) if isinstance(a.compile, bool) else a.compile  # true: the default mode
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ConfigError(f"accel.compile: {a.compile!r} is invalid, expected false or one of "
+                          f"{', '.join(COMPILE_MODES)}")
+    return Levers(cuda_channels_last=a.cuda_channels_last, sync_free_postprocess=a.sync_free_postprocess,
+                  compile=mode, cuda_graphs=a.cuda_graphs)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 from torchvision.ops import batched_nms, box_iou, roi_align, roi_pool
 
+from detection.modeling import syncfree
 from detection.modeling.box_coder import BoxCoder
 from detection.modeling.matcher import FOREGROUND, IGNORE, Matcher
 from detection.modeling.precision import float32
@@ -93,6 +94,7 @@ class Res5ROIHeads(nn.Module):
         # detection.accel sets this to compute box_features faster (hoisted convs, chunks). It
         # runs self.res5's own weights and is no submodule: no new parameters or state keys.
         self.res5_runner: Callable[[Tensor, list[Tensor]], Tensor] | None = None
+        self.sync_free = False  # accel.sync_free_postprocess (detection/modeling/syncfree.py), set by detection.accel
 
     def forward(self, features: Tensor, proposals: Sequence[Tensor],
                 image_sizes: Sequence[tuple[int, int]],
@@ -124,6 +126,10 @@ class Res5ROIHeads(nn.Module):
                 scores, boxes = self.refine(roi_features, scores, boxes, image_sizes, context)
             nms_thresh = self.box_refinement.nms_thresh
         with record_function("c4det.box_postprocess"):
+            voting = self.box_refinement is not None and self.box_refinement.voting
+            if self.sync_free and not voting and not torch.jit.is_tracing():  # voting reads each image's candidates
+                return syncfree.detect(boxes, scores, score_thresh=self.score_thresh_test, nms_thresh=nms_thresh,
+                                       detections_per_image=self.detections_per_image)
             return [self.detect_image(b, s, nms_thresh) for b, s in zip(boxes, scores)]
 
     def predict(self, roi_features: Callable[[list[Tensor]], Tensor], boxes: list[Tensor],

@@ -77,6 +77,7 @@ class RPN(nn.Module):
         self.min_size = min_size
         self.smooth_l1_beta = smooth_l1_beta
         self.generator = generator
+        self.sync_free = False  # accel.sync_free_postprocess: detection/modeling/syncfree.py (set by detection.accel)
 
     def forward(self, features: Tensor, image_sizes: Sequence[tuple[int, int]],
                 gt_boxes: Sequence[Tensor] | None = None
@@ -140,6 +141,11 @@ class RPN(nn.Module):
         batch_idx = torch.arange(num_images, device=logits.device).unsqueeze(1)  # (N, 1)
         boxes = self.box_coder.decode(deltas[batch_idx, top_idx], anchors[top_idx])  # (N, k, 4)
         post_k = self.post_nms_topk[self.training]
+        if self.sync_free and not torch.jit.is_tracing():
+            from detection.modeling import syncfree  # imports this module: imported where used
+
+            return syncfree.select_proposals(boxes, top_logits, image_sizes, min_size=self.min_size,
+                                             nms_thresh=self.nms_thresh, post_k=post_k)
         proposals = []
         for boxes_i, scores_i, size in zip(boxes, top_logits, image_sizes):
             boxes_i = clip_boxes(boxes_i, size)

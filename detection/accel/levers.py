@@ -1,0 +1,76 @@
+"""The GPU levers of the fast path (config group `accel`, docs/accel.md "GPU levers"), each off
+by default until a GPU measures what it buys (`tools/benchmark.py --device cuda --levers`):
+
+- cuda_channels_last: on CUDA the trunk, the RPN and res5 in NHWC (inference_plan chooses it;
+  the CPU's plan is unchanged); RoIAlign's output goes into res5 through `ToChannelsLast`.
+- sync_free_postprocess (any device): detection/modeling/syncfree.py, the same detections.
+- compile (any device): torch.compile of the trunk and of res5 (the plain res5 head: where the
+  CPU's Res5Runner runs res5, only the trunk), mode "default", "reduce-overhead" (CUDA graphs) or
+  "max-autotune". It compiles at the first images; that time is logged once per module at INFO.
+- cuda_graphs: on CUDA res5 on RoI counts padded to fixed buckets, captured as CUDA graphs
+  (graphs.py; the padding is device-neutral and tested on the CPU). res5 is then not compiled.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detection.accel.graphs import PaddedRes5
+
+logger = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class Levers:
+    """Which GPU levers optimize_for_inference applies (all off: today's fast path)."""
+    cuda_channels_last: bool = False
+    sync_free_postprocess: bool = False
+    compile: str | None = None  # a torch.compile mode (COMPILE_MODES); None: not compiled
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile: {self.compile!r} is not one of {', '.join(COMPILE_MODES)} (or off)")
+
+
+class CompiledModule(nn.Module):
+    """torch.compile(module, mode=mode); the first call, where compiling happens, is timed and
+    logged at INFO (later recompiles for new shapes are not)."""
+
+    def __init__(self, module: nn.Module, mode: str, name: str) -> None:
+        super().__init__()
+        self.compiled = torch.compile(module, mode=mode)
+        self.mode, self.name, self.logged = mode, name, False
+
+    def forward(self, *args: Any) -> Any:
+        if self.logged:
+            return self.compiled(*args)
+        start = time.perf_counter()
+        out = self.compiled(*args)
+        if isinstance(out, Tensor) and out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        self.logged = True
+        logger.info("accel.compile: torch.compile (mode %s) of the %s took %.1f s at its first call",
+                    self.mode, self.name, time.perf_counter() - start)
+        return out
+
+
+def apply_levers(fast: nn.Module, levers: Levers) -> nn.Module:
+    """In place, after the plan's steps: the levers other than channels_last (the plan's)."""
+    fast.rpn.sync_free = fast.roi_heads.sync_free = levers.sync_free_postprocess
+    heads = fast.roi_heads
+    graphed = levers.cuda_graphs and fast.device.type == "cuda" and heads.res5_runner is None
+    if graphed:
+        heads.res5 = PaddedRes5(heads.res5, graphs=True)
+    if levers.compile is not None:
+        fast.trunk = CompiledModule(fast.trunk, levers.compile, "trunk")
+        if heads.res5_runner is None and not graphed:
+            heads.res5 = CompiledModule(heads.res5, levers.compile, "res5 head")
+    return fast

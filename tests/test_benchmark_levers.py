@@ -1,0 +1,98 @@
+"""`tools/benchmark.py --device cuda --levers` (detection/benchmarking/levers.py) without a GPU:
+the table built from fake timings, the order-free detection match, the one-line refusal without
+CUDA, and (slow) the whole measurement run on the CPU on a tiny model."""
+import io
+import json
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from detection.benchmarking.levers import matched_fraction, print_levers, summarize_levers
+from detection.benchmarking.suite import run_levers
+from tests.helpers import load_tool
+from tests.test_benchmark import ROOT, TINY
+
+
+def fake_raw() -> dict:
+    """Two models per precision, timings in seconds per image, two batch sizes."""
+    def entry(b1: list, b8: list, equal: bool = True) -> dict:
+        return {"first_call_s": {1: 2.0, 8: 0.5}, "runs_s": {1: b1, 8: b8},
+                "vs_plain": {1: {"matched": 1.0 if equal else 0.9, "equal": equal}, 8: {"matched": 1.0, "equal": True}}}
+    return {"batch_sizes": [1, 8], "compile_mode": "default",
+            "float32": {"plain": entry([0.030, 0.028, 0.029], [0.024, 0.025, 0.023]),
+                        "fast+all": entry([0.010, 0.012, 0.011], [0.006, 0.008, 0.007]),
+                        "torchvision": entry([0.027, 0.027, 0.028], [0.024, 0.024, 0.024])},
+            "amp": {"fast+all": entry([0.004, 0.005, 0.006], [0.002, 0.003, 0.004], equal=False),
+                    "torchvision_fp16": entry([0.026, 0.026, 0.026], [0.025, 0.025, 0.025])}}
+
+
+def test_the_levers_table_from_fake_timings():
+    """Medians in ms per image; the yardstick is torchvision's faster precision at each batch
+    size (float16 at batch 1, float32 at batch 8 here); the detections' check is carried."""
+    summary = summarize_levers(fake_raw())
+    assert summary["torchvision_best_ms"] == {1: pytest.approx(26.0), 8: pytest.approx(24.0)}
+    rows = {(r["model"], r["precision"]): r for r in summary["rows"]}
+    assert len(rows) == 5
+    fast_amp = rows[("fast+all", "amp")]
+    assert fast_amp["ms_per_image"] == {1: pytest.approx(5.0), 8: pytest.approx(3.0)}
+    assert fast_amp["speedup_vs_torchvision_best"] == {1: pytest.approx(26 / 5), 8: pytest.approx(8.0)}
+    assert rows[("plain", "float32")]["speedup_vs_torchvision_best"][1] == pytest.approx(26 / 29)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        print_levers(summary)
+    lines = out.getvalue().splitlines()
+    line = next(x for x in lines if x.startswith("fast+all") and "amp" in x)
+    assert "5.00" in line and "5.20" in line and "3.00" in line and "8.00" in line and "no(0.90) yes(1.00)" in line
+    assert any(x.startswith("torchvision_fp16") for x in lines)
+
+
+def test_matched_fraction_is_order_free_and_counts_the_worst_image():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 30, 30]])
+    ref = {"boxes": boxes, "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([1, 2, 1])}
+    swapped = {k: v[[2, 0, 1]] for k, v in ref.items()}
+    assert matched_fraction([ref], [swapped]) == 1.0
+    missing = {k: v[:2] for k, v in ref.items()}
+    relabelled = {**ref, "labels": torch.tensor([1, 2, 2])}
+    assert matched_fraction([ref, ref], [ref, missing]) == pytest.approx(2 / 3)
+    assert matched_fraction([ref], [relabelled]) == pytest.approx(2 / 3)
+    empty = {k: v[:0] for k, v in ref.items()}
+    assert matched_fraction([empty], [empty]) == 1.0 and matched_fraction([ref], [empty]) == 0.0
+
+
+def test_levers_without_cuda_is_one_argparse_error(capsys):
+    tool = load_tool("benchmark")
+    config = ["--config", str(ROOT / "configs" / "base.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        tool.parse_args([*config, "--levers"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --levers measures the GPU levers (config group accel): it needs --device cuda")
+    with pytest.raises(SystemExit):
+        tool.parse_args([*config, "--levers-compile", "fastest"])
+    assert "'fastest' is not off or one of default, reduce-overhead" in capsys.readouterr().err
+    assert tool.parse_args(config).levers_compile == "default" and not tool.parse_args(config).levers
+
+
+@pytest.mark.slow  # a dozen models timed in-process
+def test_the_lever_measurement_runs_on_the_cpu():
+    """The tool's --levers section (suite.run_levers, which the tool runs on CUDA only) on the CPU,
+    tiny model, compile left out (minutes here): every row timed at batch 1 and 8, the float32
+    levers and torchvision give the plain path's detections, the report is JSON."""
+    tool = load_tool("benchmark")
+    argv = ["--config", str(ROOT / "configs" / "base.yaml"), *TINY, "--image-size", "64", "96", "--runs", "1",
+            "--levers-compile", "off"]
+    report = run_levers(tool.parse_args(argv), argv)
+    json.dumps(report, default=float)
+    rows = {(r["model"], r["precision"]): r for r in report["levers"]["rows"]}
+    names = {"plain", "fast", "fast+cuda_channels_last", "fast+sync_free", "fast+cuda_graphs", "fast+all"}
+    assert {m for m, p in rows if p == "float32"} == names | {"torchvision"}
+    assert {m for m, p in rows if p == "amp"} == names | {"torchvision_fp16"}
+    for (model, precision), row in rows.items():
+        assert all(v > 0 for v in row["ms_per_image"].values()), (model, precision)
+        if precision == "float32":
+            assert all(row["vs_plain"][s]["equal"] for s in (1, 8)), (model, row["vs_plain"])
+    out = io.StringIO()
+    with redirect_stdout(out):
+        print_levers(report["levers"])
+    assert "fast+sync_free" in out.getvalue()

@@ -1,0 +1,251 @@
+"""The fast path's GPU levers (config group `accel`, detection/accel/levers.py), each off by
+default: on the CPU, the sync-free postprocess gives the default path's detections, the CUDA
+channels_last layout gives the same detections when applied here, the plan picks it on CUDA only,
+and torch.compile (slow) gives the same detections. Their speed is measured on a GPU
+(tools/benchmark.py --device cuda --levers)."""
+import copy
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.ops import batched_nms
+
+from detection.accel import InferencePlan, Levers, apply_plan, inference_plan, optimize_for_inference
+from detection.accel.graphs import PaddedRes5, bucket
+from detection.accel.levers import CompiledModule
+from detection.accel.plan import ToChannelsLast
+from detection.config import ConfigError
+from detection.engine.loading import accel_levers, prepare_for_inference
+from detection.modeling.model import build_model
+from detection.modeling import syncfree
+from detection.modeling.syncfree import grid_batched_nms
+from tests.helpers import IMAGES, make_model, paint, tiny_cfg
+
+# a third image, of another size, so the batch has three images with different valid regions
+IMAGES3 = [*IMAGES, paint(80, 120, [((30, 10, 90, 70), (40, 200, 40))], 60)]
+
+
+def as_set(det: dict) -> list[tuple]:
+    """Detections as a sorted list of (label, score, box): order-free, exact values."""
+    return sorted((int(label), float(score), tuple(box.tolist()))
+                  for label, score, box in zip(det["labels"], det["scores"], det["boxes"]))
+
+
+def assert_same_sets(ref: list[dict], other: list[dict]) -> None:
+    assert len(ref) == len(other)
+    for i, (a, b) in enumerate(zip(ref, other)):
+        sa, sb = as_set(a), as_set(b)
+        assert len(sa) == len(sb) > 0, f"image {i}: {len(sa)} against {len(sb)} detections"
+        for x, y in zip(sa, sb):
+            assert x[0] == y[0] and x[1] == pytest.approx(y[1], abs=1e-5), f"image {i}"
+            assert x[2] == pytest.approx(y[2], abs=1e-3), f"image {i}"
+
+
+def detections(model: torch.nn.Module, images=IMAGES3) -> list[dict]:
+    with torch.inference_mode():
+        return model(images)
+
+
+def sync_free(model: torch.nn.Module) -> torch.nn.Module:
+    model = copy.deepcopy(model)
+    model.rpn.sync_free = model.roi_heads.sync_free = True
+    return model
+
+
+VARIANTS = {
+    "default": {},
+    "multi-scale": {"test.multi_scale.enabled": True, "test.multi_scale.sizes": [48, 64, 96],
+                    "test.multi_scale.max_size": 160},
+    "refinement without voting": {"test.box_refinement.enabled": True, "test.box_refinement.voting": False},
+    "refinement with voting": {"test.box_refinement.enabled": True},  # the per-image path
+    "global context": {"model.roi_heads.global_context": True},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sync_free_postprocess_gives_the_same_detections(tmp_path, variant):
+    """Three images of different sizes, three classes, score threshold 0: many candidates per
+    image and class, so NMS, the per-image top-k (15) and the image boundaries all matter."""
+    cfg = tiny_cfg(tmp_path, tmp_path, **{"model.roi_heads.score_thresh_test": 0.0,
+                                          "model.roi_heads.detections_per_image": 15, **VARIANTS[variant]})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ref = detections(model)
+    assert_same_sets(ref, detections(sync_free(model)))
+
+
+def test_sync_free_proposals_equal_the_default_ones_with_boxes_that_are_not_regions():
+    """The RPN's selection over a batch whose top-k holds non-finite scores and deltas, boxes
+    outside the image (clipped to nothing) and boxes below min_size: the same proposals, in the
+    same order, for each image (NMS on prefixes included: post-k of 5 out of 300)."""
+    torch.manual_seed(0)
+    rpn = make_model().rpn.eval()
+    rpn.min_size, rpn.post_nms_topk[False] = 4.0, 5
+    anchors = torch.rand(600, 4) * 200
+    anchors[:, 2:] += anchors[:, :2] + 1  # some reach past the images (clipped), some tiny
+    logits, deltas = torch.randn(3, 600), torch.randn(3, 600, 4)
+    logits[0, :7] = float("nan")
+    logits[1, 3] = float("inf")
+    deltas[2, :40, 2] = float("inf")
+    sizes = [(96, 128), (40, 30), (112, 96)]
+    ref = rpn.select_proposals(anchors, logits, deltas, sizes)
+    rpn.sync_free = True
+    got = rpn.select_proposals(anchors, logits, deltas, sizes)
+    assert [len(p) for p in got] == [len(p) for p in ref] and all(len(p) for p in ref)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops whose output size the host must read from the device (a synchronisation
+    on CUDA): nonzero, NMS, indexing by a boolean mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        bool_index = name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                  for i in args[1])
+        self.count += name in ("aten.nonzero", "torchvision.nms") or bool_index
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(fn) -> int:
+    with HostReads() as reads:
+        fn()
+    return reads.count
+
+
+def test_sync_free_postprocess_reads_the_device_fewer_times():
+    """The box head: one nonzero and one NMS for the whole batch (the default path: one of each
+    per image); the RPN: NMS and one mask read per image (the default: four per image)."""
+    torch.manual_seed(0)
+    model = make_model().eval()
+    heads, rpn = model.roi_heads, model.rpn
+    xy = [torch.rand(30, 2, 2) * 50 for _ in range(3)]
+    boxes, scores = [torch.cat([p, p + 10], -1) for p in xy], [torch.rand(30, 2) for _ in range(3)]
+    per_image = host_reads(lambda: [heads.detect_image(b, s, 0.5) for b, s in zip(boxes, scores)])
+    batched = host_reads(lambda: syncfree.detect(boxes, scores, score_thresh=0.05, nms_thresh=0.5,
+                                                 detections_per_image=100))
+    assert (per_image, batched) == (6, 2)
+    anchors = torch.rand(600, 4) * 60
+    anchors[:, 2:] += anchors[:, :2] + 1
+    args = (anchors, torch.randn(3, 600), torch.randn(3, 600, 4), [(96, 128)] * 3)
+    default = host_reads(lambda: rpn.select_proposals(*args))
+    rpn.sync_free = True
+    assert (default, host_reads(lambda: rpn.select_proposals(*args))) == (12, 6)
+
+
+def test_grid_batched_nms_keeps_what_nms_per_group_keeps():
+    torch.manual_seed(1)
+    xy = torch.rand(400, 2) * 100
+    boxes = torch.cat([xy, xy + torch.rand(400, 2) * 40 + 1], dim=1)
+    scores, groups = torch.rand(400), torch.randint(0, 37, (400,))
+    got = grid_batched_nms(boxes, scores, groups, 37, 0.5)
+    want = batched_nms(boxes, scores, groups, 0.5)
+    assert sorted(got.tolist()) == sorted(want.tolist())
+    assert torch.all(scores[got][:-1] >= scores[got][1:])  # sorted by score
+    assert grid_batched_nms(boxes[:0], scores[:0], groups[:0], 37, 0.5).shape == (0,)
+
+
+def test_sync_free_with_no_detection_above_the_threshold(tmp_path):
+    cfg = tiny_cfg(tmp_path, tmp_path, **{"model.roi_heads.score_thresh_test": 0.999})
+    model = build_model(cfg).eval()
+    dets = detections(sync_free(model))
+    assert [len(d["boxes"]) for d in dets] == [0, 0, 0]
+    assert dets[0]["boxes"].shape == (0, 4) and dets[0]["labels"].dtype == torch.int64
+
+
+def test_the_accel_config_reaches_the_fast_path(tmp_path):
+    """accel.* keys -> Levers -> the prepared model; off by default; a wrong mode is one ConfigError."""
+    cfg = tiny_cfg(tmp_path, tmp_path)
+    assert accel_levers(cfg) == Levers()
+    default = prepare_for_inference(cfg, build_model(cfg), torch.device("cpu"))
+    assert not default.rpn.sync_free and not default.roi_heads.sync_free
+    cfg = tiny_cfg(tmp_path, tmp_path, **{"accel.sync_free_postprocess": True, "accel.compile": "max-autotune"})
+    assert accel_levers(cfg) == Levers(sync_free_postprocess=True, compile="max-autotune")
+    assert accel_levers(tiny_cfg(tmp_path, tmp_path, **{"accel.compile": True})).compile == "default"
+    cfg.accel.compile = False
+    prepared = prepare_for_inference(cfg, build_model(cfg), torch.device("cpu"))
+    assert prepared.rpn.sync_free and prepared.roi_heads.sync_free
+    with pytest.raises(ConfigError, match="accel.compile: 'fastest'"):
+        accel_levers(tiny_cfg(tmp_path, tmp_path, **{"accel.compile": "fastest"}))
+
+
+def test_channels_last_lever_is_chosen_on_cuda_only(tmp_path):
+    """The plan: NHWC trunk and res5 on CUDA with the lever, not without; the CPU's plan is the
+    same with and without it. A model on "meta" (standing in for CUDA) gets NHWC weights and a
+    res5 that takes RoIAlign's NCHW output to NHWC, and no CPU kernel."""
+    for bf16 in (False, True):
+        for small in (False, True):
+            cpu = inference_plan("cpu", bf16=bf16, small_maps=small)
+            assert inference_plan("cpu", bf16=bf16, small_maps=small, cuda_channels_last=True) == cpu
+    on = inference_plan("cuda", bf16=True, small_maps=True, cuda_channels_last=True)
+    assert on == InferencePlan(fold_bn=True, channels_last=True, res5_channels_last=True, small_map_taps=False,
+                               fuse=False, winograd=False, runner=False)
+    assert not inference_plan("cuda").channels_last
+    model = build_model(tiny_cfg(tmp_path, tmp_path, **{"model.backbone.norm": "bn"})).eval().to("meta")
+    fast = optimize_for_inference(model, levers=Levers(cuda_channels_last=True))
+    assert fast.roi_heads.res5_runner is None
+    assert isinstance(fast.trunk[0], ToChannelsLast) and isinstance(fast.roi_heads.res5[0], ToChannelsLast)
+    assert fast.trunk.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.roi_heads.res5[1].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.rpn.head.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain_layout = optimize_for_inference(model)
+    assert not isinstance(plain_layout.roi_heads.res5[0], ToChannelsLast)
+
+
+def test_the_cuda_channels_last_layout_gives_the_same_detections_on_the_cpu(tmp_path):
+    """The CUDA plan with the lever (folded BN, NHWC trunk, RPN and res5, roi_align pooling)
+    applied to a CPU model: the plain path's detections."""
+    cfg = tiny_cfg(tmp_path, tmp_path, **{"model.backbone.norm": "bn", "model.roi_heads.score_thresh_test": 0.0})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    plan = inference_plan("cuda", cuda_channels_last=True)
+    nhwc = apply_plan(copy.deepcopy(model).requires_grad_(False), plan)
+    assert isinstance(nhwc.roi_heads.res5[0], ToChannelsLast)
+    assert_same_sets(detections(model), detections(nhwc))
+
+
+def test_padded_rois_never_reach_the_detections(tmp_path):
+    """cuda_graphs' padding (device-neutral; the capture itself is CUDA's, tests/test_cuda.py):
+    res5 on RoI counts padded up to a multiple of 64 with NaN rows gives the same detections
+    (rows are independent in eval mode and the padding is cut off), for every image count."""
+    assert [bucket(n) for n in (0, 1, 64, 65, 1000, 8000)] == [64, 64, 64, 128, 1024, 8000]
+    cfg = tiny_cfg(tmp_path, tmp_path, **{"model.roi_heads.score_thresh_test": 0.0,
+                                          "model.roi_heads.global_context": True})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    padded = copy.deepcopy(model)
+    padded.roi_heads.res5 = PaddedRes5(padded.roi_heads.res5, graphs=True, fill=float("nan"))  # no CUDA: eager
+    pooled = torch.randn(5, 256, 6, 6)
+    with torch.inference_mode():
+        assert padded.roi_heads.res5(pooled).shape == model.roi_heads.res5(pooled).shape == (5, 512, 3, 3)
+    for images in (IMAGES3[:1], IMAGES3):
+        assert_same_sets(detections(model, images), detections(padded, images))
+
+
+def test_cuda_graphs_lever_is_cuda_only(tmp_path):
+    model = build_model(tiny_cfg(tmp_path, tmp_path)).eval()
+    on_cpu = optimize_for_inference(model, levers=Levers(cuda_graphs=True))
+    on_meta = optimize_for_inference(model.to("meta"), levers=Levers(cuda_graphs=True))
+    assert not any(isinstance(m, PaddedRes5) for m in [*on_cpu.modules(), *on_meta.modules()])
+
+
+@pytest.mark.slow
+def test_compiled_fast_path_gives_the_same_detections_and_logs_its_compile_time(tmp_path, caplog):
+    """torch.compile (needs a C++ compiler on the CPU) of the trunk (res5 runs in the CPU's
+    Res5Runner here), ResNet-18, one image."""
+    cfg = tiny_cfg(tmp_path, tmp_path, **{"model.roi_heads.score_thresh_test": 0.0})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    fast = optimize_for_inference(model, levers=Levers(compile="default"))
+    assert isinstance(fast.trunk, CompiledModule)
+    with caplog.at_level(logging.INFO, logger="detection.accel.levers"):
+        got = detections(fast, IMAGES[:1])
+    assert_same_sets(detections(optimize_for_inference(model), IMAGES[:1]), got)
+    assert [r.message for r in caplog.records if "torch.compile" in r.message][0].startswith(
+        "accel.compile: torch.compile (mode default) of the trunk took")
