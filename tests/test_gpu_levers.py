@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import batched_nms
 
-from detection.accel import InferencePlan, Levers, apply_plan, inference_plan, optimize_for_inference
+from detection.accel import COMPILE_MODES, InferencePlan, Levers, apply_plan, inference_plan, optimize_for_inference
 from detection.accel.graphs import PaddedRes5, bucket
 from detection.accel.levers import CompiledModule
 from detection.accel.plan import ToChannelsLast
@@ -171,8 +171,10 @@ def test_the_accel_config_reaches_the_fast_path(tmp_path):
     cfg.accel.compile = False
     prepared = prepare_for_inference(cfg, build_model(cfg), torch.device("cpu"))
     assert prepared.rpn.sync_free and prepared.roi_heads.sync_free
-    with pytest.raises(ConfigError, match="accel.compile: 'fastest'"):
-        accel_levers(tiny_cfg(tmp_path, tmp_path, **{"accel.compile": "fastest"}))
+    with pytest.raises(ConfigError, match="accel.compile: 'fastest' is not one of False, True, default, "):
+        tiny_cfg(tmp_path, tmp_path, **{"accel.compile": "fastest"})
+    for mode in COMPILE_MODES:  # the config accepts every mode the fast path knows
+        assert accel_levers(tiny_cfg(tmp_path, tmp_path, **{"accel.compile": mode})).compile == mode
 
 
 def test_channels_last_lever_is_chosen_on_cuda_only(tmp_path):

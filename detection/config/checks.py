@@ -24,6 +24,8 @@ _CHOICES = {
     "input.resize_mode": ("default", "detectron2"),
     "solver.lr_schedule": ("multistep", "cosine"),
     "device": ("auto", "cpu", "cuda"),
+    # true: torch.compile's default mode; the modes are detection.accel.levers.COMPILE_MODES
+    "accel.compile": (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
