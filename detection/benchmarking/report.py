@@ -6,14 +6,14 @@ from typing import Any
 
 from detection.benchmarking.models import STAGES
 
-# Issue "Performance, round 2": the float32 fast path against torchvision's float32 C4, the
-# bfloat16 fast path (test.amp) against the same and against the float32 fast path, a training
-# step, and peak memory at --memory-proposals (1000).
+# The CPU's targets: the float32 fast path against torchvision's float32 C4, the bfloat16 fast
+# path (test.amp) against the same and against the float32 fast path, a training step, and peak
+# memory at --memory-proposals (1000).
 TARGETS = {"inference_speedup": (">=", 2.0), "inference_speedup_bf16": (">=", 3.2),
            "bf16_vs_fp32_fast": (">=", 1.6), "training_speedup": (">=", 2.0), "memory_ratio": ("<=", 0.5)}
-# On CUDA (--device cuda): the default fast path never slower than the plain one (issue "The GPU
-# is a first-class device"); against torchvision's C4, issue "GPU speed" (float16 test.amp and
-# solver.amp; training memory as the step's peak above what was allocated before it).
+# On CUDA (--device cuda): the default fast path never slower than the plain one; against
+# torchvision's C4 in float32 and with float16 test.amp / solver.amp (the README's GPU speed
+# targets); training memory as the step's peak above what was allocated before it.
 CUDA_TARGETS = {"inference_speedup_fast_vs_plain": (">=", 1.0), "inference_speedup": (">=", 1.5),
                 "inference_speedup_fp16": (">=", 3.0), "training_speedup": (">=", 1.5),
                 "training_speedup_amp": (">=", 2.0), "training_memory_ratio": ("<=", 1.0)}
