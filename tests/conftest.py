@@ -1,6 +1,9 @@
 """Shared test set-up: small, seeded, single-machine CPU runs. Helpers several files use are
 in tests/helpers.py; the `slow` marker (end-to-end runs) is registered here."""
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +49,24 @@ def restore_logging():
     root.handlers[:] = handlers
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def d2_files(tmp_path_factory):
+    """The fixture's Detectron2 checkpoint (tests/fixtures/detectron2_c4, 135 MB), written once
+    for the session (test_detectron2, test_predictor): model-zoo .pkl and trainer .pth."""
+    fixture = Path(__file__).resolve().parent / "fixtures" / "detectron2_c4"
+    out = tmp_path_factory.mktemp("detectron2")
+    subprocess.run([sys.executable, str(fixture / "make_checkpoint.py"), str(fixture / "keys_R_50_C4_coco.json"),
+                    "11", str(out / "model_final.pkl"), "--pth", str(out / "model_final.pth")], check=True)
+    return out / "model_final.pkl", out / "model_final.pth"
+
+
+@pytest.fixture
+def both_cores():
+    """Both cores for a test that runs the ResNet-50 detector at 800 px and nothing beside it
+    (one thread is set above for the small tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -33,6 +33,19 @@ def load_tool(name: str) -> ModuleType:
     return module
 
 
+def run_main(tool: ModuleType, argv: list[str], capsys) -> tuple[int, str, str]:
+    """A tool's main(argv) in this process, as its command line runs it: -> (exit code, stdout,
+    stderr). Same parsing and error mapping as the subprocess, without starting a Python and
+    importing torch again (about 3 s a call). Use with the `restore_logging` fixture."""
+    capsys.readouterr()  # only this call's output
+    try:
+        code = tool.main([str(arg) for arg in argv])
+    except SystemExit as stop:  # argparse's usage errors, and detection.cli.fail
+        code = 0 if stop.code is None else stop.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 # ---- configs ----------------------------------------------------------------------------
 
 

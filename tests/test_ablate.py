@@ -1,8 +1,6 @@
 """tools/ablate.py and detection/study/ablation.py: the paper's Table 9 rows for a checkpoint
 (and a global-context one), cumulative as the paper built them."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from detection.engine.loading import build_inference_model
 from detection.engine.trainer import train
 from detection.evaluation import evaluate_test_sets
 from detection.study.ablation import APART, TABLE9, select_rows
-from tests.helpers import ROOT, load_tool, tiny_overrides
+from tests.helpers import ROOT, load_tool, run_main, tiny_overrides
 
 TABLE9_NAMES = ["baseline", "+ box refinement", "+ context", "+ multi-scale testing"]
 APART_NAMES = ["context alone", "multi-scale testing alone", "box refinement + multi-scale testing, no context"]
@@ -34,18 +32,21 @@ def runs(tmp_path_factory):
     return root, base
 
 
-def ablate(root, overrides, *args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "ablate.py"), "--config",
-                           str(root / "base" / "config.yaml"), *args], capture_output=True, text=True, cwd=ROOT)
+@pytest.fixture
+def ablate(capsys, restore_logging):
+    """ablate(root, overrides, *args): tools/ablate.py's command line with the baseline run's
+    config, run by its main() in this process -> (exit code, stdout, stderr)."""
+    tool = load_tool("ablate")
+    return lambda root, overrides, *args: run_main(tool, ["--config", root / "base" / "config.yaml", *args], capsys)
 
 
 @pytest.mark.slow  # trains two tiny models, runs the tool
-def test_ablation_rows_and_the_baseline_equals_plain_evaluation(runs):
+def test_ablation_rows_and_the_baseline_equals_plain_evaluation(runs, ablate):
     root, overrides = runs
     out = root / "table"
-    result = ablate(root, overrides, "--weights", str(root / "base" / "model_final.pth"),
-                    "--context-weights", str(root / "context" / "model_final.pth"), "--output-dir", str(out))
-    assert result.returncode == 0, result.stderr
+    code, _, err = ablate(root, overrides, "--weights", str(root / "base" / "model_final.pth"),
+                          "--context-weights", str(root / "context" / "model_final.pth"), "--output-dir", str(out))
+    assert code == 0, err
     saved = json.loads((out / "ablation.json").read_text())
     names = [row["row"] for row in saved["rows"]]
     assert names == TABLE9_NAMES + APART_NAMES
@@ -72,24 +73,25 @@ def test_without_context_weights_the_context_rows_are_left_out():
 
 
 @pytest.mark.slow
-def test_another_checkpoints_ablation_is_not_overwritten(runs, tmp_path):
+def test_another_checkpoints_ablation_is_not_overwritten(runs, tmp_path, ablate):
     root, overrides = runs
     out = tmp_path / "t"
     out.mkdir()
     (out / "ablation.json").write_text(json.dumps({"sources": {"weights": "/elsewhere/model_final.pth"}}))
-    result = ablate(root, overrides, "--weights", str(root / "base" / "model_final.pth"), "--output-dir", str(out))
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "--overwrite" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    code, _, err = ablate(root, overrides, "--weights", str(root / "base" / "model_final.pth"),
+                          "--output-dir", str(out))
+    assert code == 2
+    assert err.startswith("error: ") and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
-def test_a_context_checkpoint_as_the_baseline_is_one_clear_line(runs, tmp_path):
+def test_a_context_checkpoint_as_the_baseline_is_one_clear_line(runs, tmp_path, ablate):
     root, overrides = runs
-    result = ablate(root, overrides, "--weights", str(root / "context" / "model_final.pth"),
-                    "--output-dir", str(tmp_path / "t"))
-    assert result.returncode == 2
-    assert "global_context" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    code, _, err = ablate(root, overrides, "--weights", str(root / "context" / "model_final.pth"),
+                          "--output-dir", str(tmp_path / "t"))
+    assert code == 2
+    assert "global_context" in err and len(err.strip().splitlines()) == 1
 
 
 def test_table9_rows_are_cumulative_with_the_papers_numbers_beside_them(tmp_path, monkeypatch, capsys):

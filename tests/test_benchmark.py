@@ -25,7 +25,7 @@ from detection.config import load_config
 from detection.accel import optimize_for_inference
 from detection.testing import compare_detections
 from detection.modeling.tta import DetectorWithTTA
-from tests.helpers import load_tool
+from tests.helpers import load_tool, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20",
@@ -330,23 +330,31 @@ def test_compare_detections_does_not_report_zero_differences_for_unpaired_lists(
     assert unpaired["max_box_diff_px"] is None and unpaired["max_score_diff"] is None
 
 
-@pytest.mark.slow  # the benchmark tool in a subprocess
-def test_a_missing_weights_file_is_one_line_not_a_traceback(tmp_path):
+@pytest.fixture
+def benchmark_main(capsys, restore_logging):
+    """benchmark(*args): tools/benchmark.py's command line (--config configs/base.yaml first) run
+    by its main() in this process -> (exit code, stdout, stderr); an unexpected exception (a
+    traceback on the command line) raises here. main() flushes denormals: put that back after."""
+    tool = load_tool("benchmark")
+    yield lambda *args: run_main(tool, [*BENCHMARK[2:], *args], capsys)
+    torch.set_flush_denormal(False)
+
+
+@pytest.mark.slow  # the benchmark tool's command line
+def test_a_missing_weights_file_is_one_line_not_a_traceback(tmp_path, benchmark_main):
     missing = tmp_path / "nope.pth"
-    cmd = [*BENCHMARK, *TINY, "--quick", "--runs", "1", "--no-train", "--no-memory", "--no-data",
-           "--weights", str(missing)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: weights file not found"
-    assert "Traceback" not in result.stderr
+    code, _, err = benchmark_main(*TINY, "--quick", "--runs", "1", "--no-train", "--no-memory", "--no-data",
+                                  "--weights", missing)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"error: {missing}: weights file not found"
+    assert "Traceback" not in err
 
 
-@pytest.mark.slow  # the benchmark tool in a subprocess
-def test_eval_images_with_a_dataset_is_refused_not_ignored():
-    cmd = [*BENCHMARK, "--dataset", "shapes_val", "--eval-images", "5"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "with --dataset the whole data set is timed" in result.stderr.strip().splitlines()[-1]
+@pytest.mark.slow  # the benchmark tool's command line
+def test_eval_images_with_a_dataset_is_refused_not_ignored(benchmark_main):
+    code, _, err = benchmark_main("--dataset", "shapes_val", "--eval-images", "5")
+    assert code == 2 and "Traceback" not in err
+    assert "with --dataset the whole data set is timed" in err.strip().splitlines()[-1]
 
 
 def cuda_report(plain_s: float = 2.0, fast_s: float = 1.0) -> dict:
@@ -385,23 +393,22 @@ def test_cuda_report_has_the_gpu_targets():
     assert slower["targets_met"]["inference_speedup_fast_vs_plain"] is False
 
 
-@pytest.mark.slow  # the benchmark tool in a subprocess
+@pytest.mark.slow  # the benchmark tool's command line
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_device_cuda_without_a_gpu_is_one_line():
-    result = subprocess.run([*BENCHMARK, "--device", "cuda"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--device cuda: this machine has no CUDA device" in result.stderr.strip().splitlines()[-1]
+def test_device_cuda_without_a_gpu_is_one_line(benchmark_main):
+    code, _, err = benchmark_main("--device", "cuda")
+    assert code == 2 and "Traceback" not in err
+    assert "--device cuda: this machine has no CUDA device" in err.strip().splitlines()[-1]
 
 
-@pytest.mark.slow  # the tool in a subprocess
-def test_weights_that_hold_no_detector_are_one_line(tmp_path):
+@pytest.mark.slow  # the tool's command line
+def test_weights_that_hold_no_detector_are_one_line(tmp_path, benchmark_main):
     """A backbone file given as --weights: the project's WeightsError, one line, exit 2."""
     import torchvision
 
     backbone = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), backbone)
-    cmd = [*BENCHMARK, *TINY, "--quick", "--runs", "1", "--no-train", "--no-memory", "--no-data",
-           "--weights", str(backbone)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {backbone}: holds no detector")
+    code, _, err = benchmark_main(*TINY, "--quick", "--runs", "1", "--no-train", "--no-memory", "--no-data",
+                                  "--weights", backbone)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: {backbone}: holds no detector")

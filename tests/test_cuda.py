@@ -30,7 +30,8 @@ from tests.helpers import load_tool, tiny_overrides
 ROOT = Path(__file__).resolve().parents[1]
 ON_CPU = os.environ.get("C4DET_CUDA_SUITE_ON_CPU") == "1"
 DEVICE = "cpu" if ON_CPU else "cuda"
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
+# slow too: each test trains or runs a tool on the GPU, so `make test-fast` leaves them out there
+pytestmark = [pytest.mark.cuda, pytest.mark.slow, pytest.mark.skipif(
     not ON_CPU and not torch.cuda.is_available(),
     reason="the GPU suite needs CUDA (torch.cuda.is_available() is False): run `make test-gpu` on a GPU machine")]
 

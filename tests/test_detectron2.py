@@ -2,8 +2,6 @@
 detections that real Detectron2 computed with the same file (tests/fixtures/detectron2_c4)."""
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +16,13 @@ from detection.engine.detectron2 import background_first, detectron2_name
 from detection.engine.loading import load_detector_weights, read_detector_file
 from detection.modeling.model import build_model
 from detection.predictor import Predictor
+from tests.helpers import load_tool, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "detectron2_c4"
 CASE = FIXTURE / "R_50_C4_coco_seed11"
 CONFIGS = ROOT / "configs" / "detectron2"
 R50 = CONFIGS / "faster_rcnn_R_50_C4_1x.yaml"
-
-
-@pytest.fixture(scope="session")
-def d2_files(tmp_path_factory):
-    """The fixture's Detectron2 checkpoint (135 MB), written once: model-zoo .pkl and trainer .pth."""
-    out = tmp_path_factory.mktemp("detectron2")
-    subprocess.run([sys.executable, str(FIXTURE / "make_checkpoint.py"), str(FIXTURE / "keys_R_50_C4_coco.json"),
-                    "11", str(out / "model_final.pkl"), "--pth", str(out / "model_final.pth")], check=True)
-    return out / "model_final.pkl", out / "model_final.pth"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -303,7 +293,7 @@ COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69,
 
 
 @pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
-def test_readme_commands_with_a_zoo_file(d2_files, predictor, tmp_path):
+def test_readme_commands_with_a_zoo_file(d2_files, predictor, tmp_path, capsys, restore_logging):
     """The README's "Use a published detector" commands, with the fixture file standing in for the
     download: draw detections on your own image, evaluate on a COCO-format set (real COCO ids,
     non-contiguous: results must carry them). Smaller test size here, for speed."""
@@ -316,18 +306,20 @@ def test_readme_commands_with_a_zoo_file(d2_files, predictor, tmp_path):
     (tmp_path / "val.json").write_text(json.dumps(ann))
     small = ["input.min_size_test=320", "input.max_size_test=480", "model.rpn.post_nms_topk_test=100",
              "dataloader.num_workers=0", "device=cpu"]
-    config = str(R50.relative_to(ROOT))
-    run = lambda *args: subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,  # noqa: E731
-                                       timeout=600)
-    vis = run("tools/visualize.py", "--config", config, "--weights", str(d2_files[0]), "--input", str(image),
-              "--output", str(tmp_path / "vis"), *small)
-    assert vis.returncode == 0, vis.stderr[-2000:]
+    config = str(R50)
+
+    def run(tool, *args):  # the command line, run by the tool's main() in this process
+        code, out, err = run_main(load_tool(tool), list(args), capsys)
+        assert code == 0, err[-2000:]
+        return out
+
+    run("visualize", "--config", config, "--weights", str(d2_files[0]), "--input", str(image),
+        "--output", str(tmp_path / "vis"), *small)
     assert len(list((tmp_path / "vis").glob("*.jpg"))) == 1
     test_set = json.dumps([{"type": "coco", "ann_file": str(tmp_path / "val.json"), "image_root": str(image.parent)}])
-    ev = run("tools/eval.py", "--config", config, "--weights", str(d2_files[1]), "--output-dir",
-             str(tmp_path / "eval"), f"datasets.test={test_set}", *small)
-    assert ev.returncode == 0, ev.stderr[-2000:]
-    assert "AP50" in ev.stdout
+    out = run("eval", "--config", config, "--weights", str(d2_files[1]), "--output-dir",
+              str(tmp_path / "eval"), f"datasets.test={test_set}", *small)
+    assert "AP50" in out
     results = json.loads(next((tmp_path / "eval").rglob("coco_results.json")).read_text())
     same = Predictor.from_config(R50, weights=d2_files[0], overrides=small[:3], device="cpu")(str(image))
     assert {r["image_id"] for r in results} == {7} and len(results) == len(same["labels"]) > 0

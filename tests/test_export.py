@@ -139,23 +139,23 @@ def test_onnxruntime_equals_pytorch(tmp_path, config, overrides):
 
 
 @pytest.mark.slow
-def test_export_tool_writes_and_checks_the_file(tmp_path):
+def test_export_tool_writes_and_checks_the_file(tmp_path, capsys, restore_logging):
     needs_onnx()
     from detection.data.shapes import generate_shapes
     from detection.engine.trainer import train
-    from tests.helpers import tiny_overrides
+    from tests.helpers import load_tool, run_main, tiny_overrides
 
     generate_shapes(tmp_path / "data" / "shapes", num_train=4, num_val=2, seed=1, image_size=(64, 80))
     overrides = tiny_overrides(tmp_path / "data", tmp_path / "out", **{"solver.max_iter": 1,
                                "model.roi_heads.score_thresh_test": 0.0, "model.fast_path": True})
     train(load_config(None, overrides))
-    base = [sys.executable, str(ROOT / "tools" / "export.py"), "--config", str(ROOT / "configs" / "base.yaml"),
-            "--weights", str(tmp_path / "out" / "model_final.pth")]
+    tool = load_tool("export")  # its command line, run by main() in this process
+    base = ["--config", ROOT / "configs" / "base.yaml", "--weights", tmp_path / "out" / "model_final.pth"]
     photos = sorted(str(p) for p in (tmp_path / "data" / "shapes").rglob("*.jpg"))[:3]
-    out = subprocess.run([*base, "--output", str(tmp_path / "m.onnx"), "--check-images", *photos, *overrides],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "plain path" in out.stdout and out.stdout.count(": equal") == 3, out.stdout
+    code, out, err = run_main(tool, [*base, "--output", tmp_path / "m.onnx", "--check-images", *photos, *overrides],
+                              capsys)
+    assert code == 0, err[-3000:]
+    assert "plain path" in out and out.count(": equal") == 3, out
     import onnx
 
     onnx.checker.check_model(str(tmp_path / "m.onnx"))
@@ -163,10 +163,9 @@ def test_export_tool_writes_and_checks_the_file(tmp_path):
     metadata = read_metadata(tmp_path / "m.onnx")
     assert (metadata["min_size_test"], metadata["max_size_test"], metadata["resize_mode"]) == (64, 96, "default")
     assert metadata["class_names"] == ["circle", "square", "triangle"]  # the training data's, via the checkpoint
-    out = subprocess.run([*base, "--output", str(tmp_path / "r.onnx"), *overrides, "test.box_refinement.enabled=true"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: ONNX export: box"), \
-        out.stderr
+    code, _, err = run_main(tool, [*base, "--output", tmp_path / "r.onnx", *overrides,
+                                   "test.box_refinement.enabled=true"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: ONNX export: box"), err
 
 
 def test_prepare_image_resizes_as_the_model():

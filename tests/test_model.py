@@ -115,19 +115,20 @@ def test_build_model_from_config():
     assert len(dets) == 2 and all(set(d) == {"boxes", "scores", "labels"} for d in dets)
 
 
-@pytest.mark.slow  # trains for about a minute
+@pytest.mark.slow  # trains for about 20 s
 def test_overfits_two_synthetic_images_and_then_finds_their_boxes():
     # Trained from scratch (GN, nothing frozen). A cheap head (4x4 RoIs) buys steps; half of the
     # 32 RoIs per image are foreground so the box regressor sees enough examples per step.
     # The learning-rate drop matters: at the high rate proposals and boxes jitter around the
-    # objects; the low-rate tail settles them.
+    # objects; the low-rate tail settles them. 75 steps leave a margin (measured: loss ratio
+    # 0.26 against 0.6, worst IoU 0.89 against 0.7; 100 steps gave 0.23 and 0.93).
     torch.manual_seed(0)
     model = make_model(pooler_resolution=4, roi_batch=32, positive_fraction=0.5).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9)
     history = []
-    for step in range(100):
-        if step == 60:
+    for step in range(75):
+        if step == 45:
             for group in optimizer.param_groups:
                 group["lr"] = 0.002
         losses = model(IMAGES, TARGETS)

@@ -2,8 +2,6 @@
 order with an explicit input_format (Detectron2's DefaultPredictor takes cv2.imread's BGR), and
 a list of images run as one padded batch."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -104,12 +102,12 @@ def readme_predictor_blocks() -> list[str]:
 
 
 @pytest.mark.slow  # the Detectron2 fixture checkpoint: ResNet-50, 135 MB, 800 px images
-def test_readme_predictor_lines_run_as_written(tmp_path, monkeypatch):
+def test_readme_predictor_lines_run_as_written(d2_files, both_cores, tmp_path, monkeypatch):
     """The README's Predictor lines, taken from README.md, with the fixture's Detectron2 file
-    standing in for the model-zoo download and two of its images for the user's photos."""
+    (conftest's d2_files) standing in for the model-zoo download and two of its images for the
+    user's photos."""
     fixture = ROOT / "tests" / "fixtures" / "detectron2_c4"
-    subprocess.run([sys.executable, str(fixture / "make_checkpoint.py"), str(fixture / "keys_R_50_C4_coco.json"),
-                    "11", str(tmp_path / "model_final_721ade.pkl")], check=True, timeout=600)
+    (tmp_path / "model_final_721ade.pkl").symlink_to(d2_files[0])
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     for name, source in (("street.jpg", "resize_0.png"), ("park.jpg", "exact_1.png")):
         cv2.imwrite(str(tmp_path / name), cv2.imread(str(fixture / "R_50_C4_coco_seed11" / "images" / source)))

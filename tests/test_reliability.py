@@ -214,6 +214,7 @@ def _nan_at(monkeypatch, call: int) -> None:
     monkeypatch.setattr(FasterRCNN, "forward", forward)
 
 
+@pytest.mark.slow  # trains 1 iteration
 def test_a_non_finite_loss_before_any_checkpoint_does_not_claim_one(data_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     _nan_at(monkeypatch, 2)
@@ -449,6 +450,7 @@ def test_results_files_survive_a_full_disk(tmp_path, monkeypatch, writer):
     assert sorted(p.name for p in out.iterdir()) == [target.name]  # no temporary file left
 
 
+@pytest.mark.slow  # tools/eval.py end to end (twice)
 def test_eval_on_a_full_disk_ends_in_one_line_and_keeps_the_old_metrics(data_root, tmp_path, monkeypatch, capsys):
     """tools/eval.py --results when writing metrics.json fails: one `error:` line naming the
     file, exit 2, the previous metrics.json as it was, no temporary file."""

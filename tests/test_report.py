@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,39 +124,47 @@ def test_chromium_renders_the_report(tmp_path, shapes):
     assert all(f"<td>{name}</td>" in dom for name in shapes.class_names)
 
 
-def train_tiny_model(tmp_path: Path, max_iter: int) -> tuple[list[str], Path]:
-    """A tiny detector trained max_iter iterations on 4 shapes images (3 to test on) in
-    tmp_path/out, every detection kept -> (its KEY=VALUE overrides, its model_final.pth)."""
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny model trained 2 iterations on shapes (score threshold 0: detections on every
+    image), its folder and overrides; each test evaluates a copy or its own folder of results."""
     from detection.config import load_config
     from detection.engine.trainer import train
     from tests.helpers import tiny_overrides
 
-    generate_shapes(tmp_path / "data" / "shapes", num_train=4, num_val=3, seed=1, image_size=(64, 80))
-    overrides = tiny_overrides(tmp_path / "data", tmp_path / "out", **{"solver.max_iter": max_iter,
+    root = tmp_path_factory.mktemp("report_run")
+    generate_shapes(root / "data" / "shapes", num_train=4, num_val=3, seed=1, image_size=(64, 80))
+    overrides = tiny_overrides(root / "data", root / "out", **{"solver.max_iter": 2,
                                "model.roi_heads.score_thresh_test": 0.0})
     train(load_config(None, overrides))
-    return overrides, tmp_path / "out" / "model_final.pth"
+    return root, overrides
+
+
+def eval_tool(capsys, *args) -> str:
+    """tools/eval.py's command line, run by its main() in this process; it must exit 0. -> stdout."""
+    from tests.helpers import load_tool, run_main
+
+    code, out, err = run_main(load_tool("eval"), list(args), capsys)
+    assert code == 0, err[-3000:]
+    return out
 
 
 @pytest.mark.slow  # trains a tiny model and runs tools/eval.py
-def test_eval_writes_the_report_beside_the_results(tmp_path):
-    overrides, weights = train_tiny_model(tmp_path, max_iter=2)
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--weights", str(weights), *overrides],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_eval_writes_the_report_beside_the_results(tiny_run, tmp_path, capsys, restore_logging):
+    root, overrides = tiny_run
+    weights = tmp_path / "out" / "model_final.pth"  # a copy beside its training's files: a folder of its own
+    shutil.copytree(root / "out", tmp_path / "out")
+    out = eval_tool(capsys, "--weights", weights, *overrides)
     report = tmp_path / "out" / "inference" / "report.html"
-    assert f"report written to {report}" in out.stdout
+    assert f"report written to {report}" in out
     html = report.read_text()
     metrics = json.loads((tmp_path / "out" / "inference" / "shapes_val" / "metrics.json").read_text())
     assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in html
     assert "Precision-recall curves" in html and "Training curves" in html and "Most missed objects" in html
     assert "solver.max_iter" in html and str(weights) in html  # the config and the command
     # re-scoring the saved results writes the page too (no training curves: no checkpoint)
-    again = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--config",
-                            str(tmp_path / "out" / "config.yaml"), "--results", str(tmp_path / "out" / "inference"),
-                            "--output-dir", str(tmp_path / "rescored")], capture_output=True, text=True,
-                           cwd=ROOT, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    eval_tool(capsys, "--config", tmp_path / "out" / "config.yaml", "--results", tmp_path / "out" / "inference",
+              "--output-dir", tmp_path / "rescored")
     assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in (tmp_path / "rescored" / "report.html").read_text()
 
 
@@ -188,17 +195,17 @@ def test_the_page_shows_every_test_set_saved_in_the_folder_and_each_runs_command
 
 
 @pytest.mark.slow  # trains a tiny model and runs tools/eval.py twice
-def test_a_second_evaluation_into_the_folder_adds_its_test_set_to_the_page(tmp_path):
-    overrides, weights = train_tiny_model(tmp_path, max_iter=1)
+def test_a_second_evaluation_into_the_folder_adds_its_test_set_to_the_page(tiny_run, tmp_path, capsys,
+                                                                             restore_logging):
+    root, overrides = tiny_run
+    weights = tmp_path / "out" / "model_final.pth"  # a copy beside its training's files: a folder of its own
+    shutil.copytree(root / "out", tmp_path / "out")
     mine = {"type": "coco", "ann_file": "shapes/annotations/instances_val.json", "image_root": "shapes/val",
             "name": "my photos"}
     for test in (["shapes_val"], [mine]):
-        out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--weights", str(weights), *overrides,
-                              f"datasets.test={json.dumps(test)}"], capture_output=True, text=True, cwd=ROOT,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
+        out = eval_tool(capsys, "--weights", weights, *overrides, f"datasets.test={json.dumps(test)}")
     folder = tmp_path / "out" / "inference"
-    assert "(2 test sets: shapes_val, my photos)" in out.stdout
+    assert "(2 test sets: shapes_val, my photos)" in out
     assert json.loads((folder / "source.json").read_text())["test_sets"] == ["shapes_val", "my_photos"]
     html = (folder / "report.html").read_text()
     for name, sub in (("shapes_val", "shapes_val"), ("my photos", "my_photos")):

@@ -150,6 +150,7 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert again["variants"][1]["loss_curve"] == study["variants"][1]["loss_curve"]  # exact resume
 
 
+@pytest.mark.slow  # tools/study.py end to end (no training)
 def test_no_train_writes_the_cost_table_only(tmp_path):
     out = tmp_path / "cost"
     assert load_tool("study").main(["--config", "configs/study/shapes.yaml", "--study", "shortcuts", "--depths", "18",
@@ -197,6 +198,7 @@ def test_max_iter_never_warms_up_past_the_first_step():
         ["solver.steps=[40, 48]", "solver.warmup_iters=40"]
 
 
+@pytest.mark.slow  # tools/study.py end to end (no training)
 def test_no_train_study_records_the_scaled_schedule_it_used(tmp_path):
     out = tmp_path / "cost"
     assert load_tool("study").main(["--config", "configs/study/shapes.yaml", "--study", "shortcuts", "--depths", "18",

@@ -1,7 +1,6 @@
-"""tools/eval.py and tools/visualize.py through their command lines, on a tiny trained model."""
+"""tools/eval.py and tools/visualize.py through their command lines (main(argv) in this process:
+the same parsing and error mapping, without a new Python per call), on a tiny trained model."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,9 +14,11 @@ from detection.config import load_config
 from detection.data.shapes import generate_shapes
 from detection.engine.trainer import train
 
-from tests.helpers import load_tool, tiny_overrides
+from tests.helpers import load_tool, run_main, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
+TOOLS = {"eval.py": load_tool("eval"), "visualize.py": load_tool("visualize")}
+pytestmark = pytest.mark.usefixtures("restore_logging")  # main() sets up logging: take it back after
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +32,26 @@ def trained(tmp_path_factory):
     return root, overrides
 
 
-def run(tool, *args):
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--config",
-                          str(ROOT / "configs" / "base.yaml"), *args], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
+@pytest.fixture
+def run(capsys):
+    """run(tool, *args): the tool's command line with --config configs/base.yaml; it must exit 0.
+    -> (stdout, stderr)."""
+    def run_tool(tool, *args, config=True):
+        code, out, err = run_main(TOOLS[tool], [*(["--config", ROOT / "configs" / "base.yaml"] if config else []),
+                                                *args], capsys)
+        assert code == 0, err[-3000:]
+        return out, err
+    return run_tool
 
 
 @pytest.mark.slow
-def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained):
+def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained, run):
     root, overrides = trained
-    out = run("eval.py", "--weights", str(root / "out" / "model_final.pth"),
+    out, _ = run("eval.py", "--weights", str(root / "out" / "model_final.pth"),
               "--output-dir", str(root / "eval"), *overrides)
     metrics = json.loads((root / "eval" / "shapes_val" / "metrics.json").read_text())
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"} <= set(metrics)
-    assert "AP-circle" in metrics and "AP50" in out.stdout
+    assert "AP-circle" in metrics and "AP50" in out
     # the printed AP is what pycocotools gives directly on the written results file
     gt = COCO(str(root / "data" / "shapes" / "annotations" / "instances_val.json"))
     results = json.loads((root / "eval" / "shapes_val" / "coco_results.json").read_text())
@@ -62,33 +67,31 @@ def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained):
 
 
 @pytest.mark.slow
-def test_eval_bad_checkpoint_is_one_clear_line(trained, tmp_path):
+def test_eval_bad_checkpoint_is_one_clear_line(trained, tmp_path, capsys):
     root, overrides = trained
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"garbage")
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--config",
-                          str(ROOT / "configs" / "base.yaml"), "--weights", str(bad), *overrides],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 2 and "bad.pth" in out.stderr and "Traceback" not in out.stderr
+    code, _, err = run_main(TOOLS["eval.py"], ["--config", ROOT / "configs" / "base.yaml", "--weights", bad,
+                                               *overrides], capsys)
+    assert code == 2 and "bad.pth" in err and "Traceback" not in err  # (a traceback would have raised here)
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_model_is_one_clear_line(trained):
+def test_checkpoint_of_another_model_is_one_clear_line(trained, capsys):
     """A checkpoint trained with another config (here ResNet-18 loaded as ResNet-34) names the file."""
     root, overrides = trained
     weights = str(root / "out" / "model_final.pth")
     for tool in ("eval.py", "visualize.py"):
         extra = ["--compare", "--output", str(root / "vis_bad")] if tool == "visualize.py" else []
-        out = subprocess.run([sys.executable, str(ROOT / "tools" / tool), "--config",
-                              str(ROOT / "configs" / "base.yaml"), "--weights", weights, *extra, *overrides,
-                              "model.backbone.depth=34"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert out.returncode == 2, out.stderr[-2000:]
-        assert "model_final.pth: does not fit the config's model" in out.stderr
-        assert "Traceback" not in out.stderr
+        code, _, err = run_main(TOOLS[tool], ["--config", ROOT / "configs" / "base.yaml", "--weights", weights,
+                                              *extra, *overrides, "model.backbone.depth=34"], capsys)
+        assert code == 2, err[-2000:]
+        assert "model_final.pth: does not fit the config's model" in err
+        assert "Traceback" not in err
 
 
 @pytest.mark.slow
-def test_visualize_predictions_gt_and_compare(trained, tmp_path):
+def test_visualize_predictions_gt_and_compare(trained, tmp_path, run):
     root, overrides = trained
     weights = str(root / "out" / "model_final.pth")
     image = root / "data" / "shapes" / "val" / sorted(p.name for p in (root / "data" / "shapes" / "val").iterdir())[0]
@@ -126,13 +129,13 @@ def test_visualize_class_names_come_from_the_checkpoint_then_the_data_then_numbe
 
 
 @pytest.mark.slow
-def test_eval_and_visualize_with_test_time_augmentation(trained, tmp_path):
+def test_eval_and_visualize_with_test_time_augmentation(trained, tmp_path, run):
     root, overrides = trained
     weights = str(root / "out" / "model_final.pth")
 
     def results(name, *aug):
-        out = run("eval.py", "--weights", weights, "--output-dir", str(tmp_path / name), *overrides, *aug)
-        assert ("test-time augmentation" in out.stdout) == bool(aug)   # the table says how it was made
+        out, _ = run("eval.py", "--weights", weights, "--output-dir", str(tmp_path / name), *overrides, *aug)
+        assert ("test-time augmentation" in out) == bool(aug)   # the table says how it was made
         return json.loads((tmp_path / name / "shapes_val" / "coco_results.json").read_text())
 
     plain = results("plain")
@@ -156,7 +159,7 @@ def test_eval_and_visualize_with_test_time_augmentation(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_and_visualize_take_the_config_saved_beside_the_checkpoint(trained, tmp_path):
+def test_eval_and_visualize_take_the_config_saved_beside_the_checkpoint(trained, tmp_path, run):
     """--weights output/x/model_final.pth without --config: training's config.yaml there, with
     the command line's overrides applied on top."""
     root, _ = trained
@@ -164,10 +167,8 @@ def test_eval_and_visualize_take_the_config_saved_beside_the_checkpoint(trained,
     assert (root / "out" / "config.yaml").is_file()
 
     def tool(name, *args):
-        out = subprocess.run([sys.executable, str(ROOT / "tools" / name), "--weights", weights, *args],
-                             capture_output=True, text=True, cwd=ROOT, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert f"config: {root / 'out' / 'config.yaml'} (saved beside the checkpoint)" in out.stdout
+        out, _ = run(name, "--weights", weights, *args, config=False)
+        assert f"config: {root / 'out' / 'config.yaml'} (saved beside the checkpoint)" in out
         return out
 
     # the saved config has score_thresh_test 0 and 100 detections per image: one each, so the override applied

@@ -2,8 +2,6 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from detection.engine.checkpoint import load_checkpoint
 from detection.engine.loading import build_inference_model
 from detection.engine.trainer import TrainingError, train
 from detection.modeling.model import build_model
-from tests.helpers import tiny_cfg, tiny_overrides
+from tests.helpers import load_tool, run_main, tiny_cfg, tiny_overrides
 
 pytestmark = pytest.mark.slow  # every test here trains (and one spawns two DDP processes)
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,15 +152,14 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_pa
     assert not (out / "model_final.pth").exists()
 
 
-def test_cli_exits_1_on_a_diverging_loss(data_root, tmp_path):
+def test_cli_exits_1_on_a_diverging_loss(data_root, tmp_path, capsys, restore_logging):
     out = tmp_path / "diverge"
     args = tiny_overrides(data_root, out, **{"solver.base_lr": 1e12, "solver.warmup_iters": 0,
                                               "solver.max_iter": 6, "solver.checkpoint_period": 1})
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "train_det.py"), "--config",
-                          str(ROOT / "configs" / "base.yaml"), *args], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
-    assert run.returncode == 1, run.stderr[-2000:]
-    assert "loss is not finite" in run.stderr and "Traceback" not in run.stderr
+    # the command line, run by main() in this process (an unexpected exception would raise here)
+    code, _, err = run_main(load_tool("train_det"), ["--config", ROOT / "configs" / "base.yaml", *args], capsys)
+    assert code == 1, err[-2000:]
+    assert "loss is not finite" in err and "Traceback" not in err
     assert load_checkpoint(out / "last.pth")["iteration"] >= 1
 
 
