@@ -77,6 +77,21 @@ def tiny_cfg(data_root, out_dir, **extra):
     return load_config(None, tiny_overrides(data_root, out_dir, **extra))
 
 
+def train_tiny_run(root: Path, *, num_train: int, max_iter: int) -> list[str]:
+    """A tiny model trained max_iter iterations on num_train shapes images (3 to test on) in
+    root/data, its run folder root/out, every detection kept (score threshold 0): enough for
+    the tools to find detections on every image. -> its KEY=VALUE overrides."""
+    from detection.config import load_config
+    from detection.data.shapes import generate_shapes
+    from detection.engine.trainer import train
+
+    generate_shapes(root / "data" / "shapes", num_train=num_train, num_val=3, seed=1, image_size=(64, 80))
+    overrides = tiny_overrides(root / "data", root / "out", **{"solver.max_iter": max_iter,
+                               "model.roi_heads.score_thresh_test": 0.0})
+    train(load_config(None, overrides))
+    return overrides
+
+
 # ---- a tiny detector and a fixed batch of two painted images -----------------------------
 
 K = 2  # classes of the painted batch: 1 = red, 2 = blue

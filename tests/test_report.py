@@ -128,15 +128,10 @@ def test_chromium_renders_the_report(tmp_path, shapes):
 def tiny_run(tmp_path_factory):
     """A tiny model trained 2 iterations on shapes (score threshold 0: detections on every
     image), its folder and overrides; each test evaluates a copy or its own folder of results."""
-    from detection.config import load_config
-    from detection.engine.trainer import train
-    from tests.helpers import tiny_overrides
+    from tests.helpers import train_tiny_run
 
     root = tmp_path_factory.mktemp("report_run")
-    generate_shapes(root / "data" / "shapes", num_train=4, num_val=3, seed=1, image_size=(64, 80))
-    overrides = tiny_overrides(root / "data", root / "out", **{"solver.max_iter": 2,
-                               "model.roi_heads.score_thresh_test": 0.0})
-    train(load_config(None, overrides))
+    overrides = train_tiny_run(root, num_train=4, max_iter=2)
     return root, overrides
 
 

@@ -12,7 +12,6 @@ from pycocotools.cocoeval import COCOeval
 
 from detection.config import load_config
 from detection.data.shapes import generate_shapes
-from detection.engine.trainer import train
 
 from tests.helpers import load_tool, run_main, tiny_overrides
 
@@ -24,11 +23,10 @@ pytestmark = pytest.mark.usefixtures("restore_logging")  # main() sets up loggin
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for a few iterations on shapes, and its overrides."""
+    from tests.helpers import train_tiny_run
+
     root = tmp_path_factory.mktemp("tools")
-    generate_shapes(root / "data" / "shapes", num_train=8, num_val=3, seed=1, image_size=(64, 80))
-    overrides = tiny_overrides(root / "data", root / "out", **{"solver.max_iter": 3,
-                               "model.roi_heads.score_thresh_test": 0.0})
-    train(load_config(None, overrides))
+    overrides = train_tiny_run(root, num_train=8, max_iter=3)
     return root, overrides
 
 
