@@ -2,7 +2,9 @@
 reported at once, naming the annotation file; skip_bad_images leaves them out with one
 warning; an unreadable file is reported once, not once per epoch."""
 import json
+import multiprocessing
 import logging
+import time
 
 import cv2
 import numpy as np
@@ -142,3 +144,17 @@ def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path):
     message = str(err.value)
     assert "\n" not in message and "Traceback" not in message
     assert message.startswith(f"could not read image {tmp_path / 'img' / '4.png'}: ")
+
+
+def test_a_worker_error_stops_the_workers_at_once(tmp_path):
+    """The loader's workers end when the one-line error is raised, not when the garbage collector
+    gets to torch's iterator (which then waited 5 s on a worker: every failing command paid it)."""
+    entry = make_coco(tmp_path)
+    (tmp_path / "img" / "4.png").write_bytes(b"not a png")
+    before = set(multiprocessing.active_children())  # other tests' processes are not this loader's
+    with pytest.raises(DataError):
+        list(build_test_loader(get_dataset(entry, str(tmp_path)), num_workers=1))
+    deadline = time.monotonic() + 2.0
+    while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(multiprocessing.active_children()) - before

@@ -117,7 +117,12 @@ class _OneLineDataErrors:
             if "Original Traceback" not in text:
                 raise
             # the traceback's last line is "detection.data.DataError: <the message>"
-            raise DataError(text.rsplit("DataError: ", 1)[-1] + " (in a data loader worker)") from None
+            one_line = DataError(text.rsplit("DataError: ", 1)[-1] + " (in a data loader worker)")
+            # Let go of torch's iterator now, so that it stops its workers at once: kept alive by
+            # the original error's traceback, it was collected later with a 5 s wait on a worker
+            error.__traceback__ = None
+            self.iterator = iter(())
+        raise one_line from None
 
 
 def training_records(records: Sequence[dict], *, filter_empty: bool, use_difficult: bool) -> list[dict]:
