@@ -41,7 +41,7 @@ class PaddedRes5(nn.Module):
         padded[:count] = x
         if not (self.use_graphs and x.is_cuda):
             return self.res5(padded)[:count]
-        key = (tuple(padded.shape), padded.dtype, torch.is_autocast_enabled())
+        key = (tuple(padded.shape), padded.dtype, torch.is_autocast_enabled("cuda"))
         if key not in self.graphs:
             if len(self.graphs) >= MAX_GRAPHS:
                 return self.res5(padded)[:count]
@@ -53,7 +53,15 @@ class PaddedRes5(nn.Module):
 
     def _capture(self, example: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         """Warm-up on a side stream (cuDNN picks its algorithms), then the capture; the graphs
-        share one memory pool (they are replayed one at a time)."""
+        share one memory pool (they are replayed one at a time). Under autocast (test.amp) its
+        cache of cast weights is off for the capture: a cached cast would be freed when the
+        autocast region ends while the graph still reads it (PyTorch's CUDA-graph notes)."""
+        if torch.is_autocast_enabled("cuda"):
+            with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
+                return self._capture_now(example)
+        return self._capture_now(example)
+
+    def _capture_now(self, example: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         static_in = example.clone()
         stream = torch.cuda.Stream(device=example.device)
         stream.wait_stream(torch.cuda.current_stream(example.device))
