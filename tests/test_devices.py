@@ -9,7 +9,7 @@ import torch
 
 from detection.accel import inference_plan, optimize_for_inference, optimize_for_training
 from detection.accel.onednn import FusedBottleneck, FusedStem
-from detection.engine.loading import prepare_for_inference
+from detection.engine.loading import accel_levers, prepare_for_inference
 from detection.engine.trainer import GracefulStop
 from detection.export.onnx import ExportableDetector
 from detection.modeling.model import build_model
@@ -26,7 +26,8 @@ VARIANTS = {
     "test-time augmentation": {"test.aug.enabled": True, "test.aug.min_sizes": [48, 64]},
     "RoIPool": {"model.roi_heads.pooler": "roi_pool"},
     "amp": {"test.amp": True, "solver.amp": True},
-    # the GPU levers that run on the CPU (accel.cuda_channels_last is CUDA's; compile: minutes here)
+    # the GPU levers that run on the CPU, at inference and in training (accel.cuda_channels_last is
+    # CUDA's; compile: minutes here, and CUDA-only in training)
     "sync-free postprocess": {"accel.sync_free_postprocess": True, "accel.cuda_channels_last": True,
                               "test.box_refinement.enabled": True, "test.box_refinement.voting": False},
 }
@@ -76,7 +77,7 @@ def test_inference_training_and_export_name_every_device(tmp_path, variant, fast
             prepared([IMAGES[0], IMAGES[1]])
         trainable = copy.deepcopy(model).to(device).train()
         if fast_path:
-            optimize_for_training(trainable, channels_last=True)
+            optimize_for_training(trainable, channels_last=True, levers=accel_levers(cfg))  # as the trainer
         with torch.autocast("cpu", torch.bfloat16, enabled=cfg.solver.amp):
             losses = trainable([image.float() for image in IMAGES], TARGETS)
         sum(losses.values()).backward()

@@ -8,12 +8,13 @@ into the convs: it only removes work) run everywhere; the CPU kernels (channels_
 choices, the taps matmul, oneDNN post-ops, Winograd, the gather pooling in Res5Runner) only
 on the CPU, where they were measured faster; on CUDA torchvision's RoIAlign pools and res5
 runs all RoIs at once, as the plain path does. The GPU levers (levers.py, config `accel`) are
-off by default. Training keeps the same steps on every device; its taps matmul and Winograd
-are CPU-only at run time (FastConv2d).
+off by default. training_plan chooses the training steps: the same on every device with the
+levers off, the taps matmul and Winograd (CPU kernels) on the CPU only.
 """
 from __future__ import annotations
 
 import copy
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from detection.accel.onednn import FusedRPNHead, fuse_blocks
 from detection.accel.res5 import AUTO, Res5Runner, chunk_rois
 from detection.accel.winograd import winograd_convs
 from detection.modeling.rpn import RPNHead
+
+logger = logging.getLogger(__name__)
 
 
 class ToChannelsLast(nn.Module):
@@ -142,19 +145,59 @@ def _install_cpu_kernels(fast: nn.Module, plan: InferencePlan) -> None:
         winograd_convs(fast)
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Which training steps of the fast path run on a device (optimize_for_training's)."""
+    fold_bn: bool  # frozen BN applied through the conv weights at each call (ScaledConv2d)
+    channels_last: bool  # the trunk's, the RPN's and res5's convs in NHWC
+    runner: bool  # Res5Runner: res5's first 1x1 convs hoisted onto the C4 map, gather pooling
+    small_map_taps: bool  # res5's 3x3 convs with small outputs as one matmul (a CPU kernel)
+    winograd: bool  # res5's 3x3 stride-1 convs of 256+ channels by Winograd (a CPU kernel)
+    sync_free_proposals: bool  # accel.sync_free_postprocess: the RPN's proposals without nonzero round trips
+    compile: str | None  # accel.compile off the CPU: torch.compile mode of the trunk (None: eager)
+
+
+def training_plan(device: torch.device | str, *, fold_bn: bool = True, channels_last: bool = False,
+                  small_maps: bool = True, winograd: bool = True, levers: Levers = Levers()) -> TrainingPlan:
+    """The training steps for a model on `device`. With the levers off the same on every device
+    (the taps matmul and Winograd are CPU kernels: elsewhere they were never run, now never
+    installed). The levers: sync_free_postprocess on any device (the same proposals);
+    compile off the CPU only (the CPU's training path is measured eager, and compiling costs
+    there more than a short run gains); cuda_channels_last and cuda_graphs are inference-only
+    (training is NHWC on every device already; its RoI counts are fixed by sampling)."""
+    cpu = torch.device(device).type == "cpu"
+    return TrainingPlan(fold_bn=fold_bn, channels_last=channels_last, runner=True,
+                        small_map_taps=cpu and small_maps, winograd=cpu and winograd,
+                        sync_free_proposals=levers.sync_free_postprocess,
+                        compile=None if cpu else levers.compile)
+
+
 def optimize_for_training(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = False,
                           hoist: bool = True, chunk_size: int | str | None = AUTO, small_maps: bool = True,
-                          winograd: bool = True) -> nn.Module:
-    """In place: the same parameters (objects, names, values) and gradients, computed faster:
-    frozen BN applied through the conv weights, res5's 1x1 convs hoisted, res5's 3x3 convs
-    with small outputs as one matmul (small_maps). An optimizer built before or after this
-    sees the same parameters; checkpoints load either way."""
-    if fold_bn:
+                          winograd: bool = True, levers: Levers = Levers()) -> nn.Module:
+    """In place: the same parameters (objects, names, values) and gradients, computed faster,
+    with the steps of `training_plan` for the model's device (move the model first): frozen BN
+    applied through the conv weights, res5's 1x1 convs hoisted, res5's 3x3 convs with small
+    outputs as one matmul (small_maps). An optimizer built before or after this sees the same
+    parameters; checkpoints load either way (a compiled trunk keeps its keys)."""
+    plan = training_plan(model.device, fold_bn=fold_bn, channels_last=channels_last, small_maps=small_maps,
+                         winograd=winograd, levers=levers)
+    return apply_training_plan(model, plan, hoist=hoist, chunk_size=chunk_size)
+
+
+def apply_training_plan(model: nn.Module, plan: TrainingPlan, *, hoist: bool = True,
+                        chunk_size: int | str | None = AUTO) -> nn.Module:
+    """In place, on a model to train: the steps of `plan` (a test may apply another device's)."""
+    if plan.fold_bn:
         fold_frozen_bn_for_training(model)
-    if channels_last:
+    if plan.channels_last:
         to_channels_last(model)
-    if small_maps:
+    if plan.small_map_taps:
         small_map_convs(model.roi_heads.res5)
-    if winograd:
+    if plan.winograd:
         winograd_training_convs(model.roi_heads.res5)
-    return install_runner(model, hoist=hoist, chunk_size=chunk_size)
+    model.rpn.sync_free = plan.sync_free_proposals
+    if plan.compile is not None:  # in place (nn.Module.compile): the state_dict keys stay
+        model.trunk.compile(mode=plan.compile)
+        logger.info("accel.compile: the trunk is compiled for training (mode %s) at the first step", plan.compile)
+    return install_runner(model, hoist=hoist, chunk_size=chunk_size) if plan.runner else model
