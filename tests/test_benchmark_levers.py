@@ -1,5 +1,5 @@
-"""`tools/benchmark.py --device cuda --levers` (detection/benchmarking/levers.py) without a GPU:
-the table built from fake timings, the order-free detection match, the one-line refusal without
+"""`tools/benchmark.py --device cuda --levers` (detection/benchmarking/levers.py and
+training_levers.py) without a GPU: the inference and training tables built from fake timings, the order-free detection match, the one-line refusal without
 CUDA, and (slow) the whole measurement run on the CPU on a tiny model."""
 import io
 import json
@@ -10,6 +10,7 @@ import torch
 
 from detection.benchmarking.levers import matched_fraction, print_levers, summarize_levers
 from detection.benchmarking.suite import run_levers
+from detection.benchmarking.training_levers import print_training_levers, summarize_training_levers
 from tests.helpers import load_tool
 from tests.test_benchmark import ROOT, TINY
 
@@ -74,6 +75,43 @@ def test_levers_without_cuda_is_one_argparse_error(capsys):
     assert tool.parse_args(config).levers_compile == "default" and not tool.parse_args(config).levers
 
 
+def fake_training_raw() -> dict:
+    """Seconds per step and step peaks (MiB) as the GPU would give them."""
+    def entry(runs: list, peak: float) -> dict:
+        return {"first_step_s": 30.0, "runs_s": runs, "step_peak_mb": peak}
+    return {"compile_mode": "default", "images_per_step": 2, "image_size": [800, 1088], "rois_per_image": 512,
+            "float32": {"fast": entry([0.080, 0.077, 0.078], 9000.0), "fast+all": entry([0.050, 0.060, 0.055], 7000.0),
+                        "torchvision": entry([0.088, 0.090, 0.089], 8000.0)},
+            "amp": {"fast": entry([0.058, 0.059, 0.057], 6000.0), "fast+all": entry([0.036, 0.039, 0.038], 5000.0),
+                    "torchvision": entry([0.078, 0.077, 0.079], 5500.0)}}
+
+
+def test_the_training_levers_table_from_fake_timings():
+    """Medians in ms per step; torchvision's step over ours in the same precision; a row meets the
+    targets with >= 1.5x in float32, >= 2x with amp, and no more peak memory than torchvision."""
+    summary = summarize_training_levers(fake_training_raw())
+    rows = {(r["model"], r["precision"]): r for r in summary["rows"]}
+    assert len(rows) == 6
+    fast_all = rows[("fast+all", "float32")]
+    assert fast_all["ms_per_step"] == pytest.approx(55.0)
+    assert fast_all["speedup_vs_torchvision"] == pytest.approx(89 / 55)
+    assert fast_all["memory_vs_torchvision"] == pytest.approx(7000 / 8000) and fast_all["targets_met"]
+    amp_all, amp_fast = rows[("fast+all", "amp")], rows[("fast", "amp")]
+    assert amp_all["speedup_vs_torchvision"] == pytest.approx(78 / 38) and amp_all["targets_met"]
+    assert amp_fast["speedup_vs_torchvision"] == pytest.approx(78 / 58) and amp_fast["targets_met"] is False
+    # float32 fast: 89 / 78 is under 1.5x, and its peak is over torchvision's
+    assert rows[("fast", "float32")]["targets_met"] is False
+    assert rows[("torchvision", "amp")]["speedup_vs_torchvision"] == pytest.approx(1.0)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        print_training_levers(summary)
+    text = out.getvalue()
+    line = next(x for x in text.splitlines() if x.startswith("fast+all") and "amp" in x)
+    assert "38.0" in line and "2.05" in line and "5000" in line and "0.91" in line and " met " in line
+    assert "2 images of 800x1088, 512 RoIs each" in text
+    assert "not met" in next(x for x in text.splitlines() if x.startswith("fast ") and "amp" in x)
+
+
 @pytest.mark.slow  # a dozen models timed in-process
 def test_the_lever_measurement_runs_on_the_cpu():
     """The tool's --levers section (suite.run_levers, which the tool runs on CUDA only) on the CPU,
@@ -96,3 +134,12 @@ def test_the_lever_measurement_runs_on_the_cpu():
     with redirect_stdout(out):
         print_levers(report["levers"])
     assert "fast+sync_free" in out.getvalue()
+    training = {(r["model"], r["precision"]): r for r in report["training_levers"]["rows"]}
+    assert set(training) == {(m, p) for m in ("plain", "fast", "fast+sync_free", "fast+all", "torchvision")
+                             for p in ("float32", "amp")}
+    assert all(r["ms_per_step"] > 0 and r["first_step_s"] > 0 and r["step_peak_mb"] is None for r in training.values())
+    assert training[("torchvision", "amp")]["speedup_vs_torchvision"] == pytest.approx(1.0)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        print_training_levers(report["training_levers"])
+    assert "fast+all" in out.getvalue()

@@ -32,7 +32,10 @@ reported "not comparable", none as met.
 --device cuda --levers: only the GPU levers of the fast path (config group accel; docs/accel.md,
 "GPU levers"): ms per image at batch 1 and 8 in float32 and with test.amp for the plain path,
 the fast path, each lever alone on it and all together, and torchvision's C4 assembly in
-float32 and under float16 autocast, each model's detections checked against the plain path's.
+float32 and under float16 autocast, each model's detections checked against the plain path's;
+then (unless --no-train) the training rows: ms per step and the step's peak GPU memory in float32
+and with solver.amp for plain, fast, fast with each training lever (sync_free, compile) and all,
+and torchvision's C4, with the issue's targets (--train-images 2 --image-size 800 1088 for them).
 
 --device cuda: the same report on the GPU. Timings are synchronised (torch.cuda.synchronize
 around each), stage times are the GPU time of the kernels launched under each label (the
@@ -50,6 +53,7 @@ from pathlib import Path
 import torch
 
 from detection.benchmarking.levers import print_levers
+from detection.benchmarking.training_levers import print_training_levers
 from detection.benchmarking.memory import child_main
 from detection.benchmarking.onnx_runtime import bench_onnx, print_onnx  # bench_onnx: also this tool's API
 from detection.benchmarking.report import print_report, summarize
@@ -130,9 +134,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="also time ONNX Runtime on the exported plain path (detection/export/onnx.py; the export "
                         "extra) against the fast path")
     p.add_argument("--levers", action="store_true",
-                   help="only the GPU levers' table (accel.*: each alone on the fast path, all together, plain, "
-                        "torchvision in float32 and float16) at batch 1 and 8, float32 and test.amp; "
-                        "needs --device cuda")
+                   help="only the GPU levers' tables (accel.*: each alone on the fast path, all together, plain, "
+                        "torchvision in float32 and float16) at batch 1 and 8, float32 and test.amp, and the "
+                        "training step's (unless --no-train); needs --device cuda")
     p.add_argument("--levers-compile", default="default", type=_compile_mode, metavar="MODE",
                    help="the torch.compile mode of --levers' compile rows (default: default; off: leave them out)")
     p.add_argument("--child", choices=("plain", "fast", "torchvision"), help=argparse.SUPPRESS)
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.levers:
             report = run_levers(args, argv)
             print_levers(report["levers"])
+            if "training_levers" in report:
+                print_training_levers(report["training_levers"])
         else:
             report = summarize(run(args, argv, TOOL))
             print_report(report)

@@ -18,6 +18,7 @@ from detection.benchmarking.memory import bench_gpu_memory, bench_memory, child_
 from detection.benchmarking.models import bench_config, build_bench_model, build_torchvision_c4, synthetic_batch
 from detection.benchmarking.onnx_runtime import bench_onnx
 from detection.benchmarking.training import bench_training
+from detection.benchmarking.training_levers import measure_training_levers, summarize_training_levers
 from detection.config import Config
 from detection.utils.comm import select_device
 
@@ -54,8 +55,9 @@ def run(args: argparse.Namespace, argv: list[str], tool: Sequence[str]) -> dict[
 
 
 def run_levers(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """--levers: the header and the GPU levers' table (detection/benchmarking/levers.py), with
-    torchvision's C4 assembly as the yardstick; no other section."""
+    """--levers: the header and the GPU levers' tables, inference (detection/benchmarking/levers.py)
+    and, unless --no-train, training (training_levers.py), with torchvision's C4 assembly as the
+    yardstick; no other section."""
     cfg = bench_config(args)
     device = select_device(args.device, cfg.tf32)
     report = _header(args, argv, cfg, device)
@@ -64,6 +66,8 @@ def run_levers(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     images, _ = synthetic_batch(max(BATCH_SIZES), tuple(args.image_size), cfg.model.num_classes)
     raw = measure_levers(plain.to(device), tv, [img.to(device) for img in images], args)
     report["levers"] = summarize_levers(raw)
+    if not args.no_train:  # the training rows (training_levers.py)
+        report["training_levers"] = summarize_training_levers(measure_training_levers(cfg, plain, tv, args))
     return report
 
 

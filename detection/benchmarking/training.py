@@ -44,7 +44,7 @@ def bench_training(cfg: Config, plain: torch.nn.Module, tv: torch.nn.Module | No
         meter, entry = TimeMeter(), result[name]
         cpu = time.process_time()
         with gpu_peak(entry, device.type == "cuda"):
-            train_step(states[name], _train_inputs(name, images), targets, meter, amp=name in AMP_MODELS)
+            train_step(states[name], train_inputs(name, images), targets, meter, amp=name in AMP_MODELS)
         cpu = time.process_time() - cpu
         if kept:
             entry["iteration_s"].append(sum(meter.values.values()))
@@ -74,7 +74,7 @@ def _step_flops(state: TrainState, name: str, images: list[torch.Tensor], target
     torch.manual_seed(0)
     meter = FlopMeter()
     with direct_convs(state.model):
-        train_step(state, _train_inputs(name, images), targets, meter, amp=name in AMP_MODELS)
+        train_step(state, train_inputs(name, images), targets, meter, amp=name in AMP_MODELS)
     return sum(meter.values.values())
 
 
@@ -92,6 +92,6 @@ def direct_convs(model: torch.nn.Module) -> Iterator[None]:
             m.winograd = True
 
 
-def _train_inputs(name: str, images: list[torch.Tensor]) -> list[torch.Tensor]:
+def train_inputs(name: str, images: list[torch.Tensor]) -> list[torch.Tensor]:
     """torchvision's models take images in 0..1, ours in 0..255."""
     return [img / 255 for img in images] if name.startswith("torchvision") else images
