@@ -45,7 +45,7 @@ test-gpu:
 
 # On the lent GPU machine (README, "Installing on a GPU machine"): the GPU suite, then the benchmark
 # on CUDA at Detectron2's test settings (800x1088, 1000 proposals, random sane weights), then the
-# GPU levers' table (--levers, docs/accel.md); the output and the reports' JSON go to $(OUT), each
+# GPU levers' tables (--levers, docs/accel.md: inference and training); the output and the reports' JSON go to $(OUT), each
 # step's as it ends. The benchmarks run even when a test fails. The levers' torch.compile rows are
 # off by default (compiling R50 several times may not fit 15 minutes of device time):
 # `make gpu-session LEVERS_COMPILE=default` measures them.
@@ -58,7 +58,7 @@ gpu-session:
 	  --device cuda --compare-torchvision --image-size 800 1088 --runs 5 --no-data \
 	  --json $(OUT)/benchmark.json 2>&1 | tee $(OUT)/benchmark.txt
 	$(if $(wildcard $(PY)),$(PY),python3) tools/benchmark.py --config configs/detectron2/faster_rcnn_R_50_C4_1x.yaml \
-	  --device cuda --levers --levers-compile $(LEVERS_COMPILE) --image-size 800 1088 --runs 5 --json $(OUT)/levers.json 2>&1 | tee $(OUT)/levers.txt
+	  --device cuda --levers --levers-compile $(LEVERS_COMPILE) --image-size 800 1088 --train-images 2 --runs 5 --json $(OUT)/levers.json 2>&1 | tee $(OUT)/levers.txt
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

@@ -53,11 +53,11 @@ from pathlib import Path
 import torch
 
 from detection.benchmarking.levers import print_levers
-from detection.benchmarking.training_levers import print_training_levers
 from detection.benchmarking.memory import child_main
 from detection.benchmarking.onnx_runtime import bench_onnx, print_onnx  # bench_onnx: also this tool's API
 from detection.benchmarking.report import print_report, summarize
 from detection.benchmarking.suite import run, run_levers
+from detection.benchmarking.training_levers import print_training_levers
 from detection.cli import add_config_args, parse_command_line, run_tool
 from detection.accel import AUTO, COMPILE_MODES, chunk_rois
 
