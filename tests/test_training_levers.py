@@ -4,6 +4,7 @@ levers in training (config group `accel`): with the levers off the same steps on
 compiled trunk (CUDA's lever, applied here through CUDA's plan) gives the same losses, gradients
 and state_dict keys. Their speed is measured on a GPU (tools/benchmark.py --device cuda --levers)."""
 import copy
+import json
 from dataclasses import replace
 
 import pytest
@@ -104,3 +105,23 @@ def test_a_compiled_trunk_gives_the_same_training_step():
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     # float32 sums in another order (the compiled graph's): equal up to rounding
     assert_same_step(losses_and_grads(eager), losses_and_grads(compiled), rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.slow  # two short training runs
+def test_the_trainer_applies_the_training_levers(tmp_path):
+    """train() with accel.sync_free_postprocess: the trainer's fast path takes the config's levers
+    (the model it returns selects proposals sync-free) and the run's losses are those without."""
+    from detection.data.shapes import generate_shapes
+    from detection.engine.trainer import train
+    from tests.helpers import tiny_cfg
+
+    generate_shapes(tmp_path / "data" / "shapes", num_train=6, num_val=2, seed=0, image_size=(64, 80))
+    extra = {"model.fast_path": True, "solver.max_iter": 2, "log_period": 1}
+    models, losses = {}, {}
+    for name, on in (("fast", False), ("levered", True)):
+        models[name] = train(tiny_cfg(tmp_path / "data", tmp_path / name, **extra,
+                                      **{"accel.sync_free_postprocess": on}))
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["total_loss"] for line in lines if "total_loss" in line]
+    assert models["levered"].rpn.sync_free and not models["fast"].rpn.sync_free
+    assert len(losses["fast"]) == 2 and losses["levered"] == pytest.approx(losses["fast"], rel=1e-5)
