@@ -9,6 +9,9 @@ by default until a GPU measures what it buys (`tools/benchmark.py --device cuda 
   "max-autotune". It compiles at the first images; that time is logged once per module at INFO.
 - cuda_graphs: on CUDA res5 on RoI counts padded to fixed buckets, captured as CUDA graphs
   (graphs.py; the padding is device-neutral and tested on the CPU). res5 is then not compiled.
+
+In training (plan.training_plan) sync_free_postprocess (the RPN's proposals, any device) and
+compile (the trunk in place, off the CPU) act; the other two are inference-only.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 @dataclass(frozen=True)
 class Levers:
-    """Which GPU levers optimize_for_inference applies (all off: today's fast path)."""
+    """Which GPU levers optimize_for_inference and optimize_for_training apply (all off: today's fast path)."""
     cuda_channels_last: bool = False
     sync_free_postprocess: bool = False
     compile: str | None = None  # a torch.compile mode (COMPILE_MODES); None: not compiled

@@ -84,7 +84,8 @@ def measure_training_levers(cfg: Config, plain: nn.Module, tv: nn.Module | None,
     images = [img.to(device) for img in images]
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     raw: dict[str, Any] = {"compile_mode": args.levers_compile, "images_per_step": len(images),
-                           "image_size": list(args.image_size), "rois_per_image": cfg.model.roi_heads.batch_size_per_image}
+                           "image_size": list(args.image_size),
+                           "rois_per_image": cfg.model.roi_heads.batch_size_per_image}
     for precision in PRECISIONS:
         models = training_lever_models(plain, tv, args.levers_compile)
         raw[precision] = measure_training_precision(cfg, models, images, targets, precision == "amp", args)
@@ -121,7 +122,8 @@ def print_training_levers(summary: dict[str, Any]) -> None:
           f"{'x'.join(map(str, summary['image_size']))}, {summary['rois_per_image']} RoIs each), peak MiB of the "
           f"step, torchvision's step over ours in the same precision (targets: float32 >= "
           f"{TARGETS['float32']}x, amp >= {TARGETS['amp']}x, memory <= 1.00x); compile mode {summary['compile_mode']}")
-    print(f"{'model':<24}{'precision':<10}{'ms':>9}{'x tv':>7}{'peak MiB':>10}{'mem/tv':>8}  {'targets':<9}first step s")
+    print(f"{'model':<24}{'precision':<10}{'ms':>9}{'x tv':>7}{'peak MiB':>10}{'mem/tv':>8}  "
+          f"{'targets':<9}first step s")
     for row in summary["rows"]:
         met = {None: "-", True: "met", False: "not met"}[row["targets_met"]]
         print(f"{row['model']:<24}{row['precision']:<10}{row['ms_per_step']:>9.1f}"
