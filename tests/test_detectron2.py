@@ -45,6 +45,30 @@ def reference():
     return json.loads((CASE / "d2_outputs.json").read_text())
 
 
+@pytest.fixture(scope="session")
+def run_case(predictor):
+    """name -> the Predictor's detections on that fixture image, and what its model's RPN was
+    given and gave on the way (the trunk's input size, image_sizes, proposals): each image runs
+    once for the detection and the proposal tests (800 px ResNet-50, seconds a run)."""
+    runs: dict = {}
+
+    def run(name: str) -> tuple[dict, dict]:
+        if name not in runs:
+            seen: dict = {}
+            model = predictor.model
+            hooks = [model.trunk.register_forward_pre_hook(lambda m, args: seen.update(padded=args[0].shape[-2:])),
+                     model.rpn.register_forward_hook(
+                         lambda m, args, out: seen.update(image_sizes=args[1], proposals=out[0]))]
+            try:
+                detections = predictor(str(CASE / "images" / f"{name}.png"))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            runs[name] = detections, seen
+        return runs[name]
+    return run
+
+
 def assert_same_detections(ours: dict, theirs: dict, max_unmatched: int = 1) -> None:
     """Same labels (Detectron2's class + 1), boxes within 0.01 px, scores within 1e-3; the order
     may differ only among near-equal scores, and at most `max_unmatched` detections (an NMS tie
@@ -77,10 +101,10 @@ def matched_fraction(ours: dict, theirs: dict, min_iou: float = 0.99, score_tole
 
 @pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 @pytest.mark.parametrize("name", ["exact_0", "exact_1", "resize_0", "resize_1"])
-def test_predictor_reproduces_detectron2_detections(predictor, reference, name):
+def test_predictor_reproduces_detectron2_detections(run_case, reference, name):
     """exact_*: no resize; resize_*: 480x640 up and 1000x750 down to Detectron2's 800 px with
     its uint8 PIL resize (input.resize_mode detectron2)."""
-    ours = predictor(str(CASE / "images" / f"{name}.png"))
+    ours, _ = run_case(name)
     assert_same_detections(ours, reference[name])
     assert matched_fraction(ours, reference[name]) >= 0.99
     assert len(ours["boxes"]) == 100 and ours["labels"].min() >= 1 and ours["labels"].max() <= 80
@@ -88,16 +112,13 @@ def test_predictor_reproduces_detectron2_detections(predictor, reference, name):
 
 @pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 @pytest.mark.parametrize("name", ["exact_0", "exact_1"])
-def test_rpn_proposals_equal_detectron2s(predictor, reference, name):
-    model = predictor.model
-    image = torch.from_numpy(read_image(str(CASE / "images" / f"{name}.png"))).permute(2, 0, 1)
-    with torch.inference_mode():
-        batch = model.preprocess([image], resize=True)
-        assert batch.image_sizes[0] == (reference[name]["height"], reference[name]["width"])
-        assert tuple(batch.tensor.shape[-2:]) == batch.image_sizes[0]  # size_divisibility 0: no padding
-        proposals, _ = model.rpn(model.trunk(batch.tensor), batch.image_sizes)
+def test_rpn_proposals_equal_detectron2s(run_case, reference, name):
+    """The proposals of the Predictor's own run (its model's RPN, observed by run_case)."""
+    _, seen = run_case(name)
+    assert tuple(seen["image_sizes"][0]) == (reference[name]["height"], reference[name]["width"])
+    assert tuple(seen["padded"]) == tuple(seen["image_sizes"][0])  # size_divisibility 0: no padding
     theirs = torch.tensor(reference[name]["proposals"])
-    ours = proposals[0]
+    ours = seen["proposals"][0]
     assert len(ours) == len(theirs) == 1000
     differ = ((ours - theirs).abs().max(dim=1).values > 0.01).nonzero().flatten().tolist()
     # Neighbours whose objectness is tied to 1e-4 (1e-5 relative: the float rounding of the fast

@@ -28,18 +28,20 @@ def data_root(tmp_path_factory):
 
 
 def test_short_run_writes_outputs_and_loss_goes_down(data_root, tmp_path):
+    # 24 iterations: the loss ratio below (last 8 / first 8) measured 0.51 (0.53-0.63 for 21 to
+    # 30 iterations, 0.69 at 40) against 0.8
     out = tmp_path / "run"
-    train(tiny_cfg(data_root, out, **{"solver.max_iter": 40, "solver.checkpoint_period": 20}))
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 24, "solver.checkpoint_period": 12}))
     for name in ("last.pth", "model_final.pth", "metrics.jsonl", "config.yaml"):
         assert (out / name).is_file(), name
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["iteration"] for x in lines] == list(range(1, 41))
+    assert [x["iteration"] for x in lines] == list(range(1, 25))
     assert {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "lr", "time", "data_time"} <= set(lines[0])
     first = sum(x["total_loss"] for x in lines[:8]) / 8
     last = sum(x["total_loss"] for x in lines[-8:]) / 8
     assert last < 0.8 * first, (first, last)
-    assert load_checkpoint(out / "last.pth")["iteration"] == 40
-    assert load_config(out / "config.yaml").solver.max_iter == 40
+    assert load_checkpoint(out / "last.pth")["iteration"] == 24
+    assert load_config(out / "config.yaml").solver.max_iter == 24
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(data_root, tmp_path):
@@ -108,8 +110,9 @@ def test_amp_on_the_cpu_runs_convolutions_in_bfloat16_and_boxes_in_float32(data_
 
     monkeypatch.setattr(detection.modeling.model, "build_model", build_with_probes)
     out = tmp_path / "amp"
-    model = train(tiny_cfg(data_root, out, **{"solver.amp": True, "solver.max_iter": 40,
-                                              "solver.checkpoint_period": 20}))
+    # 24 iterations: the loss ratio below measured 0.51 (0.54-0.65 for 21 to 30, 0.70 at 40)
+    model = train(tiny_cfg(data_root, out, **{"solver.amp": True, "solver.max_iter": 24,
+                                              "solver.checkpoint_period": 12}))
     assert seen == {"stem": [torch.bfloat16], "rpn": [torch.float32] * 2,
                     "predictor": [torch.float32] * 2}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
