@@ -125,6 +125,27 @@ def test_training_with_amp_and_resume_on_the_gpu(trained):
     assert load_checkpoint(out / "last.pth")["iteration"] == 6
 
 
+def test_training_levers_on_the_gpu(root, trained):
+    """accel.sync_free_postprocess and accel.compile (the trunk compiled in place, off the CPU) in
+    training with solver.amp: finite losses, the same state_dict keys as without, and the
+    checkpoint detects like the plain path (as sets: float16 training of a barely trained model)."""
+    args = overrides(root, root / "levers", **{"solver.amp": True, "model.backbone.norm": "bn",
+                                               "accel.sync_free_postprocess": True, "accel.compile": "default"})
+    model = train(load_config(None, args))
+    lines = [json.loads(x) for x in (root / "levers" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [1, 2, 3, 4]
+    assert all(x["total_loss"] == x["total_loss"] for x in lines)
+    assert set(load_checkpoint(root / "levers" / "model_final.pth")["model"]) == set(trained[2].state_dict())
+    del model
+    images, weights = val_images(root), root / "levers" / "model_final.pth"
+    fast = load_config(None, [*args, "accel.compile=false"])  # compiled inference: test_gpu_levers_give_...
+    plain = load_config(None, [*args, "model.fast_path=false", "accel.compile=false",
+                               "accel.sync_free_postprocess=false"])
+    ref = detections(plain, weights, DEVICE, images)
+    assert sum(len(d["boxes"]) for d in ref) > 0
+    assert_equal(ref, detections(fast, weights, DEVICE, images), box_tolerance=1e-3, score_tolerance=1e-4)
+
+
 def test_torchrun_one_process_trains_through_ddp(root):
     """`torchrun --nproc_per_node 1`: the process group (NCCL on CUDA), DDP and the all-reduces."""
     args = overrides(root, root / "torchrun", **{"solver.max_iter": 2})
