@@ -1,6 +1,7 @@
 """Helpers for checking detectors (tests, the benchmark, the ONNX export's check).
 
-`compare_detections` pairs two detection lists of one image.
+`compare_detections` pairs two detection lists of one image in order; `matched_fraction`
+matches them as sets (another device or kernel may order near-tied scores either way).
 
 Random weights with frozen BatchNorm are not a usable network: frozen BN with fresh
 statistics is the identity, so activations grow block after block and the RPN's random
@@ -50,6 +51,27 @@ def compare_detections(ref: dict[str, Tensor], other: dict[str, Tensor], *, box_
     return {"detections": len(ref["boxes"]), "other_detections": len(other["boxes"]), "same_labels": same,
             "max_box_diff_px": box, "max_score_diff": score,
             "equal": same and box <= box_tolerance and score <= score_tolerance}
+
+
+def matched_fraction(ref: dict[str, Tensor], other: dict[str, Tensor], *, min_iou: float = 0.99,
+                     score_tolerance: float = 0.002) -> float:
+    """The share of `ref`'s detections (one image) that `other` has: the same label, IoU >=
+    min_iou, the score within score_tolerance, each detection of `other` used once. Order-free;
+    1.0 where both have none."""
+    from torchvision.ops import box_iou
+
+    ref = {k: v.detach().cpu().float() if v.is_floating_point() else v.cpu() for k, v in ref.items()}
+    other = {k: v.detach().cpu().float() if v.is_floating_point() else v.cpu() for k, v in other.items()}
+    if len(ref["boxes"]) == 0:
+        return 1.0 if len(other["boxes"]) == 0 else 0.0
+    ok = ((box_iou(ref["boxes"], other["boxes"]) >= min_iou) & (ref["labels"][:, None] == other["labels"][None])
+          & ((ref["scores"][:, None] - other["scores"][None]).abs() <= score_tolerance))  # (ref, other)
+    used: set[int] = set()
+    for row in ok:
+        free = [j for j in row.nonzero().flatten().tolist() if j not in used]
+        if free:
+            used.add(free[0])
+    return len(used) / len(ref["boxes"])
 
 
 # ---- tensors created without naming their device ------------------------------------------

@@ -8,7 +8,8 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-from detection.benchmarking.levers import matched_fraction, print_levers, summarize_levers
+from detection.benchmarking.levers import print_levers, summarize_levers
+from detection.testing import matched_fraction
 from detection.benchmarking.suite import run_levers
 from detection.benchmarking.training_levers import print_training_levers, summarize_training_levers
 from tests.helpers import load_tool
@@ -48,17 +49,19 @@ def test_the_levers_table_from_fake_timings():
     assert any(x.startswith("torchvision_fp16") for x in lines)
 
 
-def test_matched_fraction_is_order_free_and_counts_the_worst_image():
+def test_matched_fraction_is_order_free_and_one_to_one():
     boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 30, 30]])
     ref = {"boxes": boxes, "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([1, 2, 1])}
     swapped = {k: v[[2, 0, 1]] for k, v in ref.items()}
-    assert matched_fraction([ref], [swapped]) == 1.0
+    assert matched_fraction(ref, swapped) == 1.0
     missing = {k: v[:2] for k, v in ref.items()}
     relabelled = {**ref, "labels": torch.tensor([1, 2, 2])}
-    assert matched_fraction([ref, ref], [ref, missing]) == pytest.approx(2 / 3)
-    assert matched_fraction([ref], [relabelled]) == pytest.approx(2 / 3)
+    assert matched_fraction(ref, missing) == pytest.approx(2 / 3)
+    assert matched_fraction(ref, relabelled) == pytest.approx(2 / 3)
+    twice = {k: v[[0, 0]] for k, v in ref.items()}  # two of ref's detections, one of other's to match
+    assert matched_fraction(twice, {k: v[:1] for k, v in ref.items()}) == 0.5
     empty = {k: v[:0] for k, v in ref.items()}
-    assert matched_fraction([empty], [empty]) == 1.0 and matched_fraction([ref], [empty]) == 0.0
+    assert matched_fraction(empty, empty) == 1.0 and matched_fraction(ref, empty) == 0.0
 
 
 def test_levers_without_cuda_is_one_argparse_error(capsys):

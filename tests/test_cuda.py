@@ -269,7 +269,7 @@ def test_predictor_reproduces_detectron2_on_the_gpu(tf32):
     real Detectron2 (float32, CPU) is reproduced as on the CPU; with TF32 (PyTorch's and
     Detectron2's default for convolutions) at least 95% of them per image were (H100). Matched:
     the same label, IoU >= 0.99 and the score within 0.002."""
-    from tests.test_detectron2 import CASE, FIXTURE, R50, matched_fraction
+    from tests.test_detectron2 import CASE, FIXTURE, R50, matched_to_detectron2
 
     from detection.predictor import Predictor
 
@@ -281,7 +281,7 @@ def test_predictor_reproduces_detectron2_on_the_gpu(tf32):
     cfg = load_config(R50, [f"tf32={str(tf32).lower()}"])
     predictor = Predictor(cfg, weights=str(weights), device=DEVICE)
     for name in ("exact_0", "resize_0"):
-        fraction = matched_fraction(predictor(str(CASE / "images" / f"{name}.png")), reference[name])
+        fraction = matched_to_detectron2(predictor(str(CASE / "images" / f"{name}.png")), reference[name])
         assert fraction >= (0.95 if tf32 else 0.99), (name, fraction)
 
 

@@ -16,6 +16,7 @@ from detection.engine.detectron2 import background_first, detectron2_name
 from detection.engine.loading import load_detector_weights, read_detector_file
 from detection.modeling.model import build_model
 from detection.predictor import Predictor
+from detection.testing import matched_fraction
 from tests.helpers import load_tool, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,18 +86,12 @@ def assert_same_detections(ours: dict, theirs: dict, max_unmatched: int = 1) -> 
     assert torch.all(ours["scores"][:-1] >= ours["scores"][1:] - 1e-6)  # best first
 
 
-def matched_fraction(ours: dict, theirs: dict, min_iou: float = 0.99, score_tolerance: float = 0.002) -> float:
-    """The share of Detectron2's detections that ours reproduce: a detection of ours with the
-    same label (Detectron2's class + 1), IoU >= min_iou and the score within score_tolerance."""
-    from torchvision.ops import box_iou
-
-    boxes, scores, labels = (torch.tensor(theirs[k]) for k in ("boxes", "scores", "classes"))
-    if len(boxes) == 0:
-        return 1.0
-    iou = box_iou(boxes.to(ours["boxes"].dtype), ours["boxes"])  # (theirs, ours)
-    close = (iou >= min_iou) & ((scores[:, None] - ours["scores"][None]).abs() <= score_tolerance) \
-        & ((labels + 1)[:, None] == ours["labels"][None])
-    return float(close.any(dim=1).float().mean())
+def matched_to_detectron2(ours: dict, theirs: dict) -> float:
+    """The share of Detectron2's detections that ours reproduce (detection.testing.matched_fraction:
+    the same label, Detectron2's class + 1, IoU >= 0.99, the score within 0.002)."""
+    ref = {"boxes": torch.tensor(theirs["boxes"]), "scores": torch.tensor(theirs["scores"]),
+           "labels": torch.tensor(theirs["classes"]) + 1}
+    return matched_fraction(ref, ours)
 
 
 @pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
@@ -106,7 +101,7 @@ def test_predictor_reproduces_detectron2_detections(run_case, reference, name):
     its uint8 PIL resize (input.resize_mode detectron2)."""
     ours, _ = run_case(name)
     assert_same_detections(ours, reference[name])
-    assert matched_fraction(ours, reference[name]) >= 0.99
+    assert matched_to_detectron2(ours, reference[name]) >= 0.99
     assert len(ours["boxes"]) == 100 and ours["labels"].min() >= 1 and ours["labels"].max() <= 80
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_iou
 
 from detection.accel import Levers, optimize_for_inference
 from detection.benchmarking.meters import interleaved, log_run, timed
+from detection.testing import matched_fraction
 
 PRECISIONS = ("float32", "amp")
 BATCH_SIZES = (1, 8)
@@ -66,30 +66,6 @@ def lever_models(plain: nn.Module, tv: nn.Module | None, precision: str, compile
     return models
 
 
-def matched_fraction(ref: list[dict[str, Tensor]], other: list[dict[str, Tensor]], *, iou: float = 0.99,
-                     score_tolerance: float = 0.002) -> float:
-    """The smallest, over the images, fraction of `ref`'s detections that `other` has: the same
-    label, IoU >= iou, score within score_tolerance, each detection of `other` used once (an
-    order-free match: NMS may order equal scores either way). 1.0 where both have none."""
-    fractions = []
-    for a, b in zip(ref, other):
-        a = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in a.items()}
-        b = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in b.items()}
-        if len(a["boxes"]) == 0:
-            fractions.append(1.0 if len(b["boxes"]) == 0 else 0.0)
-            continue
-        ok = ((box_iou(a["boxes"], b["boxes"]) >= iou) & (a["labels"][:, None] == b["labels"][None])
-              & ((a["scores"][:, None] - b["scores"][None]).abs() <= score_tolerance))  # (Da, Db)
-        used, matched = set(), 0
-        for row in ok:
-            free = [j for j in row.nonzero().flatten().tolist() if j not in used]
-            if free:
-                used.add(free[0])
-                matched += 1
-        fractions.append(matched / len(a["boxes"]))
-    return min(fractions) if fractions else 1.0
-
-
 def _inputs(name: str, images: list[Tensor]) -> list[Tensor]:
     return [img / 255 for img in images] if name in TORCHVISION else images  # torchvision takes 0..1
 
@@ -110,7 +86,7 @@ def measure_precision(models: dict[str, nn.Module], batches: dict[int, list[Tens
                 reference[size] = dets  # float32 runs first: the plain path in float32
             entry = out[name]
             entry["first_call_s"][size] = seconds
-            fraction = matched_fraction(reference[size], dets)
+            fraction = min(matched_fraction(ref, det) for ref, det in zip(reference[size], dets))
             entry["vs_plain"][size] = {"matched": fraction, "equal": fraction == 1.0 and
                                        [len(d["boxes"]) for d in dets] == [len(d["boxes"]) for d in reference[size]]}
             entry["runs_s"][size] = []
