@@ -171,7 +171,7 @@ def test_the_accel_config_reaches_the_fast_path(tmp_path):
     cfg.accel.compile = False
     prepared = prepare_for_inference(cfg, build_model(cfg), torch.device("cpu"))
     assert prepared.rpn.sync_free and prepared.roi_heads.sync_free
-    with pytest.raises(ConfigError, match="accel.compile: 'fastest' is not one of False, True, default, "):
+    with pytest.raises(ConfigError, match="accel.compile: 'fastest' is not one of false, true, default, "):
         tiny_cfg(tmp_path, tmp_path, **{"accel.compile": "fastest"})
     for mode in COMPILE_MODES:  # the config accepts every mode the fast path knows
         assert accel_levers(tiny_cfg(tmp_path, tmp_path, **{"accel.compile": mode})).compile == mode

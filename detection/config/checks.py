@@ -110,7 +110,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{source}: {key}: {_get(cfg, key)!r} is not one of "
-                              f"{', '.join(map(str, choices))}")
+                              f"{', '.join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)}")  # as YAML writes them
     for key, ok, expected in _checks(cfg):
         if not ok:
             raise ConfigError(f"{source}: {key}: {_get(cfg, key)!r} is invalid, expected {expected}")
