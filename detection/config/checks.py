@@ -29,6 +29,11 @@ _CHOICES = {
 }
 
 
+def _as_yaml(choice: Any) -> str:
+    """A choice as a config file writes it (false, not False)."""
+    return str(choice).lower() if isinstance(choice, bool) else str(choice)
+
+
 def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
     """(dotted key, is it valid, what a valid value looks like)."""
     m, s = cfg.model, cfg.solver
@@ -110,7 +115,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{source}: {key}: {_get(cfg, key)!r} is not one of "
-                              f"{', '.join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)}")  # as YAML writes them
+                              f"{', '.join(_as_yaml(c) for c in choices)}")
     for key, ok, expected in _checks(cfg):
         if not ok:
             raise ConfigError(f"{source}: {key}: {_get(cfg, key)!r} is invalid, expected {expected}")
