@@ -1,6 +1,8 @@
 """`tools/benchmark.py --device cuda --levers` (detection/benchmarking/levers.py and
-training_levers.py) without a GPU: the inference and training tables built from fake timings, the order-free detection match, the one-line refusal without
+training_levers.py) without a GPU: the inference and training tables built from fake timings, a
+failing lever as one FAILED row, the order-free detection match, the one-line refusal without
 CUDA, and (slow) the whole measurement run on the CPU on a tiny model."""
+import argparse
 import io
 import json
 from contextlib import redirect_stdout
@@ -8,7 +10,9 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-from detection.benchmarking.levers import print_levers, summarize_levers
+from detection.benchmarking import training_levers
+from detection.benchmarking.levers import measure_precision, print_levers, summarize_levers
+from detection.config import load_config
 from detection.testing import matched_fraction
 from detection.benchmarking.suite import run_levers
 from detection.benchmarking.training_levers import print_training_levers, summarize_training_levers
@@ -47,6 +51,83 @@ def test_the_levers_table_from_fake_timings():
     line = next(x for x in lines if x.startswith("fast+all") and "amp" in x)
     assert "5.00" in line and "5.20" in line and "3.00" in line and "8.00" in line and "no(0.90) yes(1.00)" in line
     assert any(x.startswith("torchvision_fp16") for x in lines)
+
+
+class Detector(torch.nn.Module):
+    """Fixed detections per image; raises at its `fail_at`-th call (1 = the first)."""
+
+    def __init__(self, shift: float = 0.0, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.shift, self.fail_at, self.calls = shift, fail_at, 0
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, images: list) -> list[dict]:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
+        box = torch.tensor([[10.0, 10.0, 50.0, 50.0]]) + self.shift
+        return [{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])} for _ in images]
+
+
+def test_a_lever_that_fails_is_one_row_and_the_others_are_measured(capsys):
+    """A lever that raises on the GPU (at its first call, or in a later timed run) is reported
+    as FAILED with its error's first line, and left out of the yardstick; the other rows are timed
+    and checked as usual (one lever's crash lost every figure of a device slice before)."""
+    models = {"plain": Detector(), "fast": Detector(), "fast+cuda_graphs": Detector(fail_at=1),
+              "fast+compile": Detector(fail_at=3), "torchvision": Detector(fail_at=1),
+              "torchvision_fp16": Detector(shift=100.0)}
+    images = [torch.zeros(3, 8, 8)]
+    raw = measure_precision(models, {1: images, 2: images * 2}, {}, argparse.Namespace(warmup=0, runs=2))
+    assert raw["fast+cuda_graphs"]["error"].startswith("RuntimeError: CUDA error: operation not permitted")
+    assert "more lines" not in raw["fast+cuda_graphs"]["error"]
+    assert "error" in raw["fast+compile"] and models["fast+compile"].calls == 3  # not called again
+    assert models["fast+cuda_graphs"].calls == 1
+    assert len(raw["fast"]["runs_s"][1]) == len(raw["fast"]["runs_s"][2]) == 2
+    assert raw["torchvision_fp16"]["vs_plain"][1] == {"matched": 0.0, "equal": False}
+    summary = summarize_levers({"batch_sizes": [1, 2], "compile_mode": "default", "float32": raw})
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert rows["fast+cuda_graphs"] == {"model": "fast+cuda_graphs", "precision": "float32",
+                                        "error": raw["fast+cuda_graphs"]["error"]}
+    fp16 = rows["torchvision_fp16"]["ms_per_image"]
+    assert summary["torchvision_best_ms"] == {1: pytest.approx(fp16[1]), 2: pytest.approx(fp16[2])}
+    print_levers(summary)
+    out = capsys.readouterr()
+    assert "fast+cuda_graphs        float32   FAILED: RuntimeError: CUDA error" in out.out
+    assert "fast+compile FAILED: RuntimeError" in out.err and "Traceback" in out.err
+
+
+def test_a_training_lever_that_fails_is_one_row(monkeypatch, capsys):
+    """The same in the training table: the failing model's row says FAILED, the others are timed;
+    with torchvision failed, no ratio is claimed."""
+    calls: dict[str, int] = {}
+
+    def step(state, images, targets, meter, amp):
+        name = state.model.name
+        calls[name] = calls.get(name, 0) + 1
+        if name in ("fast+compile", "torchvision") and calls[name] == (1 if name == "torchvision" else 2):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        with meter("step"):
+            pass
+
+    monkeypatch.setattr(training_levers, "train_step", step)
+    models = {}
+    for name in ("plain", "fast", "fast+compile", "torchvision"):
+        models[name] = torch.nn.Linear(2, 2)
+        models[name].name = name
+    cfg = load_config(ROOT / "configs" / "base.yaml")
+    raw = training_levers.measure_training_precision(cfg, models, [torch.zeros(3, 8, 8)], [{}], False,
+                                                     argparse.Namespace(warmup=1, runs=2))
+    assert calls == {"plain": 4, "fast": 4, "fast+compile": 2, "torchvision": 1}
+    assert raw["fast+compile"]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    summary = summarize_training_levers({"images_per_step": 1, "image_size": [8, 8], "rois_per_image": 4,
+                                         "compile_mode": "default", "float32": raw})
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert len(raw["fast"]["runs_s"]) == 2 and rows["fast"]["ms_per_step"] >= 0
+    assert rows["fast"]["speedup_vs_torchvision"] is None and rows["fast"]["targets_met"] is None
+    print_training_levers(summary)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(x.startswith("torchvision") and "FAILED: OutOfMemoryError" in x for x in lines)
+    assert any(x.startswith("fast ") and "FAILED" not in x for x in lines)
 
 
 def test_matched_fraction_is_order_free_and_one_to_one():
@@ -128,7 +209,9 @@ def test_the_lever_measurement_runs_on_the_cpu():
     argv = ["--config", str(ROOT / "configs" / "base.yaml"), *TINY, "model.rpn.post_nms_topk_test=8",
             "model.roi_heads.score_thresh_test=0.0", "--image-size", "64", "96", "--runs", "1",
             "--levers-compile", "off"]
-    report = run_levers(tool.parse_args(argv), argv)
+    done: list = []  # the tool prints and saves each table as it is done
+    report = run_levers(tool.parse_args(argv), argv, lambda rep, name: done.append((name, "training_levers" in rep)))
+    assert done == [("levers", False), ("training_levers", True)]
     json.dumps(report, default=float)
     rows = {(r["model"], r["precision"]): r for r in report["levers"]["rows"]}
     names = {"plain", "fast", "fast+cuda_channels_last", "fast+sync_free", "fast+cuda_graphs", "fast+all"}

@@ -5,6 +5,7 @@ and torch.compile (slow) gives the same detections. Their speed is measured on a
 (tools/benchmark.py --device cuda --levers)."""
 import copy
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import batched_nms
 
 from detection.accel import COMPILE_MODES, InferencePlan, Levers, apply_plan, inference_plan, optimize_for_inference
+from detection.accel import graphs
 from detection.accel.graphs import PaddedRes5, bucket
 from detection.accel.levers import CompiledModule
 from detection.accel.plan import ToChannelsLast
@@ -228,6 +230,45 @@ def test_padded_rois_never_reach_the_detections(tmp_path):
         assert padded.roi_heads.res5(pooled).shape == model.roi_heads.res5(pooled).shape == (5, 512, 3, 3)
     for images in (IMAGES3[:1], IMAGES3):
         assert_same_sets(detections(model, images), detections(padded, images))
+
+
+class ReplayedOnCpu(PaddedRes5):
+    """PaddedRes5's replay bookkeeping on the CPU: a "graph" whose replay recomputes res5 on the
+    captured input buffer into the captured output, as a CUDA graph's replay does on the GPU."""
+
+    def replays(self, x):
+        return True
+
+    def capture(self, example):
+        static_in = example.clone()
+        static_out = self.res5(static_in)
+        self.captures = getattr(self, "captures", 0) + 1
+        return SimpleNamespace(replay=lambda: static_out.copy_(self.res5(static_in))), static_in, static_out
+
+
+def test_graph_replays_take_each_calls_rois_and_only_them():
+    """cuda_graphs' buffers (the capture itself is CUDA's, tests/test_cuda.py): each call's RoIs
+    are copied into its bucket's input buffer, the rest of the buffer is the padding (no RoI of an
+    earlier, larger call is left in it), the output is a copy the next replay cannot overwrite, one
+    capture per bucket, and at most MAX_GRAPHS buckets are captured (then eager)."""
+    torch.manual_seed(0)
+    res5 = torch.nn.Conv2d(4, 3, 1)
+    graphed = ReplayedOnCpu(res5, graphs=True, granularity=8, fill=float("nan"))
+    with torch.inference_mode():
+        first = torch.randn(7, 4, 2, 2)
+        out_first = graphed(first)
+        torch.testing.assert_close(out_first, res5(first))
+        second = torch.randn(3, 4, 2, 2)  # the same bucket (8 rows)
+        torch.testing.assert_close(graphed(second), res5(second))
+        (_, static_in, _), = graphed.graphs.values()
+        assert static_in[3:].isnan().all() and graphed.captures == 1
+        torch.testing.assert_close(out_first, res5(first))  # not overwritten by the second replay
+        assert graphed(torch.randn(9, 4, 2, 2)).shape == (9, 3, 2, 2)
+        assert graphed.captures == 2 and sorted(k[0][0] for k in graphed.graphs) == [8, 16]
+        for count in range(17, 8 * (graphs.MAX_GRAPHS + 3), 8):
+            x = torch.randn(count, 4, 2, 2)
+            torch.testing.assert_close(graphed(x), res5(x))
+    assert graphed.captures == len(graphed.graphs) == graphs.MAX_GRAPHS
 
 
 def test_cuda_graphs_lever_is_cuda_only(tmp_path):

@@ -149,19 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child_main(args)
 
-    def work() -> None:
-        if args.levers:
-            report = run_levers(args, argv)
-            print_levers(report["levers"])
-            if "training_levers" in report:
-                print_training_levers(report["training_levers"])
-        else:
-            report = summarize(run(args, argv, TOOL))
-            print_report(report)
-        if "onnx" in report:
-            print_onnx(report["onnx"])
+    def save(report: dict) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+
+    def levers_table_done(report: dict, name: str) -> None:
+        """Each levers table printed and saved as it is done (device time is lent in slices)."""
+        (print_levers if name == "levers" else print_training_levers)(report[name])
+        sys.stdout.flush()
+        save(report)
+
+    def work() -> None:
+        if args.levers:
+            run_levers(args, argv, levers_table_done)
+            return
+        report = summarize(run(args, argv, TOOL))
+        print_report(report)
+        if "onnx" in report:
+            print_onnx(report["onnx"])
+        save(report)
 
     return run_tool(work)
 

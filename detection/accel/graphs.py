@@ -36,23 +36,29 @@ class PaddedRes5(nn.Module):
         self.pool = None
 
     def forward(self, x: Tensor) -> Tensor:
-        count = x.shape[0]
-        padded = x.new_full((bucket(count, self.granularity), *x.shape[1:]), self.fill)
-        padded[:count] = x
-        if not (self.use_graphs and x.is_cuda):
-            return self.res5(padded)[:count]
-        key = (tuple(padded.shape), padded.dtype, torch.is_autocast_enabled("cuda"))
+        count, rows = x.shape[0], bucket(x.shape[0], self.granularity)
+        key = ((rows, *x.shape[1:]), x.dtype, torch.is_autocast_enabled("cuda"))
+        if not self.replays(x) or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
+            return self.res5(self._padded(x, rows))[:count]
         if key not in self.graphs:
-            if len(self.graphs) >= MAX_GRAPHS:
-                return self.res5(padded)[:count]
-            self.graphs[key] = self._capture(padded)
+            self.graphs[key] = self.capture(self._padded(x, rows))
         graph, static_in, static_out = self.graphs[key]
-        static_in.copy_(padded)
+        static_in[:count].copy_(x)  # straight into the graph's input: one pass over the RoI maps
+        static_in[count:].fill_(self.fill)
         graph.replay()
         return static_out[:count].clone()  # the next replay overwrites static_out
 
-    def _capture(self, example: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
-        """Warm-up on a side stream (cuDNN picks its algorithms), then the capture; the graphs
+    def replays(self, x: Tensor) -> bool:
+        """Whether `x` goes through the graphs (graphs=True and x on CUDA) or runs eagerly."""
+        return self.use_graphs and x.is_cuda
+
+    def _padded(self, x: Tensor, rows: int) -> Tensor:
+        padded = x.new_full((rows, *x.shape[1:]), self.fill)
+        padded[:x.shape[0]] = x
+        return padded
+
+    def capture(self, example: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        """(graph, its input buffer, its output) for example's shape. Warm-up on a side stream (cuDNN picks its algorithms), then the capture; the graphs
         share one memory pool (they are replayed one at a time). Under autocast (test.amp) its
         cache of cast weights is off for the capture: a cached cast would be freed when the
         autocast region ends while the graph still reads it (PyTorch's CUDA-graph notes)."""

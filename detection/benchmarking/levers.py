@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from detection.accel import Levers, optimize_for_inference
-from detection.benchmarking.meters import interleaved, log_run, timed
+from detection.benchmarking.meters import failure_noted, interleaved, log_run, timed
 from detection.testing import matched_fraction
 
 PRECISIONS = ("float32", "amp")
@@ -74,13 +74,18 @@ def measure_precision(models: dict[str, nn.Module], batches: dict[int, list[Tens
                       reference: dict[int, list[dict]], args: argparse.Namespace) -> dict[str, Any]:
     """For each model and batch size: the first call's seconds (where torch.compile compiles),
     its detections against `reference` (the plain path in float32), and the timed runs' seconds
-    per image."""
+    per image. A model that raises (a lever never run on this GPU) gets {"error": ...} and is
+    left out of the later runs; the others are measured."""
     out: dict[str, Any] = {name: {"first_call_s": {}, "vs_plain": {}, "runs_s": {}} for name in models}
     for size, images in batches.items():
         for name, model in models.items():
-            with torch.inference_mode():
+            if "error" in out[name]:
+                continue
+            with torch.inference_mode(), failure_noted(out[name], name):
                 holder: list = []
                 seconds = timed(lambda: holder.append(model(_inputs(name, images))))
+            if "error" in out[name]:
+                continue
             dets = holder[0]
             if name == "plain" and size not in reference:
                 reference[size] = dets  # float32 runs first: the plain path in float32
@@ -91,11 +96,13 @@ def measure_precision(models: dict[str, nn.Module], batches: dict[int, list[Tens
                                        [len(d["boxes"]) for d in dets] == [len(d["boxes"]) for d in reference[size]]}
             entry["runs_s"][size] = []
         for run, name, kept in interleaved(models, args.warmup, args.runs):
-            with torch.inference_mode():
+            if "error" in out[name]:
+                continue
+            with torch.inference_mode(), failure_noted(out[name], name):
                 seconds = timed(lambda: models[name](_inputs(name, images)))
-            if kept:
-                out[name]["runs_s"][size].append(seconds / size)
-            log_run(f"levers b{size}", run, name, seconds)
+                if kept:
+                    out[name]["runs_s"][size].append(seconds / size)
+                log_run(f"levers b{size}", run, name, seconds)
     return out
 
 
@@ -123,14 +130,17 @@ def summarize_levers(raw: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for precision in PRECISIONS:
         for name, entry in raw.get(precision, {}).items():
+            if "error" in entry:
+                rows.append({"model": name, "precision": precision, "error": entry["error"]})
+                continue
             ms = {size: 1000 * statistics.median(entry["runs_s"][size]) for size in sizes}
             rows.append({"model": name, "precision": precision, "ms_per_image": ms,
                          "first_call_s": entry["first_call_s"], "vs_plain": entry["vs_plain"]})
     best = {}
     for size in sizes:
-        tv = [r["ms_per_image"][size] for r in rows if r["model"] in TORCHVISION]
+        tv = [r["ms_per_image"][size] for r in rows if r["model"] in TORCHVISION and "error" not in r]
         best[size] = min(tv) if tv else None
-    for row in rows:
+    for row in (r for r in rows if "error" not in r):
         row["speedup_vs_torchvision_best"] = {
             size: (best[size] / row["ms_per_image"][size] if best[size] else None) for size in sizes}
     return {"batch_sizes": sizes, "compile_mode": raw.get("compile_mode"), "torchvision_best_ms": best,
@@ -145,6 +155,9 @@ def print_levers(summary: dict[str, Any]) -> None:
     head = "".join(f"{'b' + str(s) + ' ms':>9}{'x tv':>7}" for s in sizes)
     print(f"{'model':<24}{'precision':<10}{head}  {'same detections':<22}first call s")
     for row in summary["rows"]:
+        if "error" in row:
+            print(f"{row['model']:<24}{row['precision']:<10}FAILED: {row['error']}")
+            continue
         cells = "".join(f"{row['ms_per_image'][s]:>9.2f}{_fmt(row['speedup_vs_torchvision_best'][s]):>7}"
                         for s in sizes)
         same = " ".join(f"{'yes' if row['vs_plain'][s]['equal'] else 'no'}({row['vs_plain'][s]['matched']:.2f})"

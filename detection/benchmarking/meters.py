@@ -8,6 +8,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
@@ -82,6 +83,22 @@ def interleaved(names: Iterable[str], warmup: int, runs: int) -> Iterator[tuple[
 def log_run(section: str, run: int, name: str, seconds: float) -> None:
     """One progress line on stderr, with the load average the run saw."""
     print(f"  {section} run {run}: {name} {seconds:.3f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+
+
+@contextmanager
+def failure_noted(entry: dict, name: str) -> Iterator[None]:
+    """For the levers' tables: an exception in the block (a lever that fails on this GPU) is
+    written to stderr with its traceback and kept as entry["error"] ("Type: first line"), and the
+    table goes on without that model instead of losing every row to one failure."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - any failure of one model, reported, not hidden
+        traceback.print_exc(file=sys.stderr)
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        entry["error"] = f"{type(error).__name__}: {first}"
+        print(f"  {name} FAILED: {entry['error']}; measuring the others", file=sys.stderr)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @contextmanager

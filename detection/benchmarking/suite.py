@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -54,10 +54,12 @@ def run(args: argparse.Namespace, argv: list[str], tool: Sequence[str]) -> dict[
     return report
 
 
-def run_levers(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+def run_levers(args: argparse.Namespace, argv: list[str],
+               section_done: Callable[[dict[str, Any], str], None] | None = None) -> dict[str, Any]:
     """--levers: the header and the GPU levers' tables, inference (detection/benchmarking/levers.py)
     and, unless --no-train, training (training_levers.py), with torchvision's C4 assembly as the
-    yardstick; no other section."""
+    yardstick; no other section. section_done(report, name) is called as each table is done
+    ("levers", then "training_levers"), so a later failure or a time limit keeps the first."""
     cfg = bench_config(args)
     device = select_device(args.device, cfg.tf32)
     report = _header(args, argv, cfg, device)
@@ -66,8 +68,12 @@ def run_levers(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     images, _ = synthetic_batch(max(BATCH_SIZES), tuple(args.image_size), cfg.model.num_classes)
     raw = measure_levers(plain.to(device), tv, [img.to(device) for img in images], args)
     report["levers"] = summarize_levers(raw)
+    if section_done:
+        section_done(report, "levers")
     if not args.no_train:  # the training rows (training_levers.py)
         report["training_levers"] = summarize_training_levers(measure_training_levers(cfg, plain, tv, args))
+        if section_done:
+            section_done(report, "training_levers")
     return report
 
 

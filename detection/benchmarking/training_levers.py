@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from detection.accel import Levers, optimize_for_training
-from detection.benchmarking.meters import TimeMeter, gpu_peak, interleaved, log_run, timed
+from detection.benchmarking.meters import TimeMeter, failure_noted, gpu_peak, interleaved, log_run, timed
 from detection.benchmarking.models import bench_state, synthetic_batch, train_step
 from detection.benchmarking.training import train_inputs
 from detection.config import Config
@@ -56,22 +56,26 @@ def training_lever_models(plain: nn.Module, tv: nn.Module | None, compile_mode: 
 def measure_training_precision(cfg: Config, models: dict[str, nn.Module], images: list, targets: list,
                                amp: bool, args: argparse.Namespace) -> dict[str, Any]:
     """Per model: the first step's seconds (torch.compile compiles there), the timed steps'
-    seconds and on CUDA the largest step peak (MiB above what was allocated before the step)."""
+    seconds and on CUDA the largest step peak (MiB above what was allocated before the step). A
+    model whose step raises gets {"error": ...} and is left out of the later steps."""
     s, device = cfg.solver, images[0].device
     states = {name: bench_state(m, s.momentum, s.weight_decay, ours=name != TORCHVISION) for name, m in models.items()}
     out: dict[str, Any] = {name: {"runs_s": []} for name in models}
     for name, state in states.items():
         torch.manual_seed(0)
-        out[name]["first_step_s"] = timed(
-            lambda: train_step(state, train_inputs(name, images), targets, TimeMeter(), amp=amp))
+        with failure_noted(out[name], name):
+            out[name]["first_step_s"] = timed(
+                lambda: train_step(state, train_inputs(name, images), targets, TimeMeter(), amp=amp))
     for run, name, kept in interleaved(models, args.warmup, args.runs):
+        if "error" in out[name]:
+            continue
         torch.manual_seed(run)  # the same RPN / RoI samples for every model
         meter, entry = TimeMeter(), out[name]
-        with gpu_peak(entry, device.type == "cuda"):
+        with failure_noted(entry, name), gpu_peak(entry, device.type == "cuda"):
             train_step(states[name], train_inputs(name, images), targets, meter, amp=amp)
-        if kept:
-            entry["runs_s"].append(sum(meter.values.values()))
-        log_run(f"training levers {'amp' if amp else 'float32'}", run, name, sum(meter.values.values()))
+            if kept:
+                entry["runs_s"].append(sum(meter.values.values()))
+            log_run(f"training levers {'amp' if amp else 'float32'}", run, name, sum(meter.values.values()))
     return out
 
 
@@ -103,9 +107,13 @@ def summarize_training_levers(raw: dict[str, Any]) -> dict[str, Any]:
     for precision in PRECISIONS:
         entries = raw.get(precision, {})
         tv = entries.get(TORCHVISION)
+        tv = None if tv is None or "error" in tv else tv
         tv_ms = 1000 * statistics.median(tv["runs_s"]) if tv else None
         tv_mb = tv.get("step_peak_mb") if tv else None
         for name, entry in entries.items():
+            if "error" in entry:
+                rows.append({"model": name, "precision": precision, "error": entry["error"]})
+                continue
             ms, mb = 1000 * statistics.median(entry["runs_s"]), entry.get("step_peak_mb")
             speedup = tv_ms / ms if tv_ms else None
             memory = mb / tv_mb if mb is not None and tv_mb else None
@@ -125,6 +133,9 @@ def print_training_levers(summary: dict[str, Any]) -> None:
     print(f"{'model':<24}{'precision':<10}{'ms':>9}{'x tv':>7}{'peak MiB':>10}{'mem/tv':>8}  "
           f"{'targets':<9}first step s")
     for row in summary["rows"]:
+        if "error" in row:
+            print(f"{row['model']:<24}{row['precision']:<10}FAILED: {row['error']}")
+            continue
         met = {None: "-", True: "met", False: "not met"}[row["targets_met"]]
         print(f"{row['model']:<24}{row['precision']:<10}{row['ms_per_step']:>9.1f}"
               f"{_fmt(row['speedup_vs_torchvision']):>7}{_fmt(row['step_peak_mb'], 0):>10}"
