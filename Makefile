@@ -44,21 +44,24 @@ test-gpu:
 	$(if $(wildcard $(PY)),$(PY),python3) -m pytest tests -q -m cuda
 
 # On the lent GPU machine (README, "Installing on a GPU machine"): the GPU suite, then the benchmark
-# on CUDA at Detectron2's test settings (800x1088, 1000 proposals, random sane weights), then the
-# GPU levers' tables (--levers, docs/accel.md: inference and training); the output and the reports' JSON go to $(OUT), each
-# step's as it ends. The benchmarks run even when a test fails. The levers' torch.compile rows are
-# off by default (compiling R50 several times may not fit 15 minutes of device time):
-# `make gpu-session LEVERS_COMPILE=default` measures them.
+# on CUDA at Detectron2's test settings (800x1088, 6000 -> 1000 proposals, random sane weights) in
+# torchvision's ResNet layout (stride in the 3x3 conv, RGB: --compare-torchvision builds torchvision's
+# C4 from our weights), then the GPU levers' tables (--levers, docs/accel.md: inference and
+# training); the output and the reports' JSON go to $(OUT), each step's as it ends. The benchmarks
+# run even when a test fails. The levers' torch.compile rows are off by default (compiling R50
+# several times may not fit 15 minutes of device time): `make gpu-session LEVERS_COMPILE=default`
+# measures them. tests/test_benchmark_levers.py checks these command lines on the CPU.
 OUT ?= output/gpu
 LEVERS_COMPILE ?= off
+GPU_BENCH = --config configs/detectron2/faster_rcnn_R_50_C4_1x.yaml model.backbone.stride_in_1x1=false \
+  model.input_format=RGB --device cuda --image-size 800 1088 --runs 5
 gpu-session:
 	mkdir -p $(OUT)
 	-$(MAKE) --no-print-directory test-gpu 2>&1 | tee $(OUT)/test-gpu.txt
-	$(if $(wildcard $(PY)),$(PY),python3) tools/benchmark.py --config configs/detectron2/faster_rcnn_R_50_C4_1x.yaml \
-	  --device cuda --compare-torchvision --image-size 800 1088 --runs 5 --no-data \
+	$(if $(wildcard $(PY)),$(PY),python3) tools/benchmark.py $(GPU_BENCH) --compare-torchvision --no-data \
 	  --json $(OUT)/benchmark.json 2>&1 | tee $(OUT)/benchmark.txt
-	$(if $(wildcard $(PY)),$(PY),python3) tools/benchmark.py --config configs/detectron2/faster_rcnn_R_50_C4_1x.yaml \
-	  --device cuda --levers --levers-compile $(LEVERS_COMPILE) --image-size 800 1088 --train-images 2 --runs 5 --json $(OUT)/levers.json 2>&1 | tee $(OUT)/levers.txt
+	$(if $(wildcard $(PY)),$(PY),python3) tools/benchmark.py $(GPU_BENCH) --levers --levers-compile $(LEVERS_COMPILE) \
+	  --train-images 2 --json $(OUT)/levers.json 2>&1 | tee $(OUT)/levers.txt
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

@@ -136,7 +136,13 @@ def test_compare_proposals_as_sets():
     assert not compare_proposals([boxes], [boxes[:2]])["equal"]  # one fewer
     shifted = boxes + torch.tensor([0.5, 0.0, 0.5, 0.0])  # half a pixel: torchvision's rounded anchors
     result = compare_proposals([boxes], [shifted])
-    assert not result["equal"] and result["min_best_iou"] < 0.999
+    assert not result["equal"] and result["max_diff_px"] == pytest.approx(0.5)
+    # a proposal clipped to 0.3 px: float32 noise of 0.001 px is IoU 0.997, still the same RoI
+    thin = torch.tensor([[1087.672, 0.0, 1088.0, 800.0], [0.0, 0.0, 500.0, 400.0]])
+    noisy = thin + torch.tensor([-0.001, 0.0, 0.0, 0.0])
+    result = compare_proposals([thin, boxes], [noisy.flip(0), boxes])
+    assert result["equal"] and result["min_best_iou"] < 0.999 and result["max_diff_px"] == pytest.approx(0.001, abs=1e-4)
+    assert not compare_proposals([thin], [thin + 0.06])["equal"]
 
 
 # ---- unequal work: no target is met -------------------------------------------------------

@@ -5,12 +5,16 @@ CUDA, and (slow) the whole measurement run on the CPU on a tiny model."""
 import argparse
 import io
 import json
+import shlex
+import subprocess
+from pathlib import Path
 from contextlib import redirect_stdout
 
 import pytest
 import torch
 
 from detection.benchmarking import training_levers
+from detection.benchmarking.models import bench_config, build_bench_model, build_torchvision_c4
 from detection.benchmarking.levers import measure_precision, print_levers, summarize_levers
 from detection.config import load_config
 from detection.testing import matched_fraction
@@ -234,3 +238,30 @@ def test_the_lever_measurement_runs_on_the_cpu():
     with redirect_stdout(out):
         print_training_levers(report["training_levers"])
     assert "fast+all" in out.getvalue()
+
+
+def gpu_session_benchmark_commands(out: Path) -> list[list[str]]:
+    """The tools/benchmark.py command lines of `make gpu-session` (make -n prints them; its
+    recursive test-gpu step is printed, not run), each without the interpreter and its tee."""
+    printed = subprocess.run(["make", "-n", "--no-print-directory", "gpu-session", f"OUT={out}"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
+    return [shlex.split(line.split(" 2>&1")[0])[2:] for line in printed.splitlines() if "tools/benchmark.py" in line]
+
+
+def test_the_gpu_sessions_benchmark_commands_build_their_models(tmp_path, monkeypatch):
+    """`make gpu-session`'s two benchmark runs are the figures a whole device slice is for: their
+    command lines parse (as they will on a GPU), set Detectron2's test settings, and build both our
+    R50-C4 and torchvision's C4 from it (they once named Detectron2's config, MSRA layout and BGR,
+    which --compare-torchvision refuses: both runs would have stopped at once)."""
+    tool = load_tool("benchmark")
+    commands = gpu_session_benchmark_commands(tmp_path)
+    assert len(commands) == 2 and "--compare-torchvision" in commands[0] and "--levers" in commands[1]
+    for argv in commands:
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: True)
+            args = tool.parse_args(argv)
+        assert args.device == "cuda" and args.image_size == [800, 1088] and args.json.startswith(str(tmp_path))
+        cfg = bench_config(args)
+        assert (cfg.model.rpn.pre_nms_topk_test, cfg.model.rpn.post_nms_topk_test) == (6000, 1000)
+        assert cfg.model.backbone.depth == 50 and cfg.model.roi_heads.pooler_resolution == 14
+        build_torchvision_c4(build_bench_model(cfg, args), cfg)  # raises where torchvision cannot be built

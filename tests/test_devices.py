@@ -14,6 +14,7 @@ from detection.engine.trainer import GracefulStop
 from detection.export.onnx import ExportableDetector
 from detection.modeling.model import build_model
 from detection.testing import UnnamedDeviceCheck
+from detection.utils.comm import set_tf32, tf32_set
 from tests.helpers import IMAGES, TARGETS, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +127,22 @@ def test_a_wrong_chunk_size_is_refused_on_every_device(tmp_path):
     model = build_model(tiny_cfg(tmp_path, tmp_path / "out")).eval().to("meta")
     with pytest.raises(ValueError, match="chunk_size"):
         optimize_for_inference(model, chunk_size=0)
+
+
+def test_tf32_set_puts_the_flags_back():
+    """The benchmark's equality checks run without TF32 inside tf32_set(False) and the timed runs
+    with the config's setting after it; matmul=False leaves the matmul flag alone (torch.compile
+    guards on it: changing it would compile the models again)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        set_tf32(True)
+        with tf32_set(False):
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+        with tf32_set(False, matmul=False):
+            assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, True)
+        with pytest.raises(RuntimeError), tf32_set(False):
+            raise RuntimeError("a failing check")
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from detection.benchmarking.meters import median_time
-from detection.utils.comm import set_tf32
+from detection.utils.comm import tf32_set
 
 
 def hardware_throughput(quick: bool = False, device: str = "cpu") -> dict[str, float]:
@@ -20,14 +20,10 @@ def hardware_throughput(quick: bool = False, device: str = "cpu") -> dict[str, f
     conv_flops = 2 * batch * 14 * 14 * 512 * 512 * 9
     if not cuda:
         return _throughputs(a, b, x, w, conv_flops, "")
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    try:
-        set_tf32(False)
+    with tf32_set(False):
         out = _throughputs(a, b, x, w, conv_flops, "")
-        set_tf32(True)
+    with tf32_set(True):
         out.update(_throughputs(a, b, x, w, conv_flops, "_tf32"))
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     for dtype, name in ((torch.float16, "_fp16"), (torch.bfloat16, "_bf16")):
         out.update(_throughputs(a.to(dtype), b.to(dtype), x.to(dtype), w.to(dtype), conv_flops, name))
     return out

@@ -18,6 +18,7 @@ from detection.benchmarking.profiling import OURS_LABELS, TORCHVISION_LABELS, pr
 from detection.accel import fold_frozen_bn, install_runner, optimize_for_inference, to_channels_last
 from detection.modeling.precision import inference_amp
 from detection.testing import compare_detections
+from detection.utils.comm import tf32_set
 
 
 def inference_variants(plain: torch.nn.Module, tv: torch.nn.Module | None, args: argparse.Namespace
@@ -68,9 +69,12 @@ def bench_inference(variants: dict[str, torch.nn.Module], images: list[torch.Ten
                     ) -> dict[str, Any]:
     """End-to-end times (the public forward, no profiler) and per-stage times (the same forward
     under torch.profiler, read from the labels) of all timed runs, FLOPs per stage and RoI counts
-    per variant. The FLOP-counting pass comes first and doubles as a warm-up."""
+    per variant. The FLOP-counting pass comes first and doubles as a warm-up; it runs without
+    TF32, so its check of equal detections and proposals compares the code in float32 (on CUDA,
+    TF32 rounding moves boxes more than the check allows); the timed runs keep the config's tf32."""
     inputs = {name: [img / 255 for img in images] if name == "torchvision" else images for name in variants}
-    result = _first_pass(variants, inputs)
+    with tf32_set(False):
+        result = _first_pass(variants, inputs)
     for run, name, kept in interleaved(variants, args.warmup, args.runs):
         model, entry = variants[name], result[name]
         with torch.inference_mode():

@@ -241,8 +241,9 @@ def _print_inference(inference: dict[str, Any]) -> None:
                   f"{'equal' if same['equal'] else 'NOT equal'} (labels {'same' if same['same_labels'] else 'differ'}, "
                   + (f"max box diff {same['max_box_diff_px']:.2g} px, max score diff {same['max_score_diff']:.2g})"
                      if same['max_box_diff_px'] is not None else "so boxes and scores not paired)")
-                  + (f"; proposals {'the same' if same['proposals']['equal'] else 'NOT the same'} (lowest best "
-                     f"IoU {same['proposals']['min_best_iou']:.4f})" if "proposals" in same else ""))
+                  + (f"; proposals {'the same' if same['proposals']['equal'] else 'NOT the same'} (farthest "
+                     f"{_fmt(same['proposals'].get('max_diff_px'), '.2g')} px, lowest best IoU "
+                     f"{same['proposals']['min_best_iou']:.4f})" if "proposals" in same else ""))
 
 
 def print_ratios(report: dict[str, Any]) -> None:

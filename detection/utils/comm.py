@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, TypeVar
+from contextlib import contextmanager
+from typing import Any, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -76,3 +77,19 @@ def set_tf32(enabled: bool) -> None:
     Process-wide; no effect on the CPU."""
     torch.backends.cudnn.allow_tf32 = enabled
     torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+@contextmanager
+def tf32_set(enabled: bool, *, matmul: bool = True) -> Iterator[None]:
+    """set_tf32(enabled) inside the block (matmul=False: the convolutions' flag only, which
+    torch.compile does not guard on, so compiled code is not compiled again); both flags as they
+    were after it. The benchmark checks detections for equality without TF32 and times with the
+    config's setting."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    if matmul:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
