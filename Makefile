@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test test-fast test-gpu gpu-session gpu-suite gpu-bench gpu-levers gpu-demo demo setup clean-demo chromium
+.PHONY: test test-fast test-gpu gpu-session demo setup clean-demo chromium
 
 setup: $(STAMP)
 
@@ -43,47 +43,18 @@ test-fast: $(STAMP)
 test-gpu:
 	$(if $(wildcard $(PY)),$(PY),python3) -m pytest tests -q -m cuda
 
-# On the lent GPU machine (README, "Installing on a GPU machine"), each step's output (and the
-# benchmarks' JSON) written to $(OUT) as it ends, every step run even when one before it failed:
-# gpu-session = gpu-suite (the GPU suite), gpu-bench (the benchmark at Detectron2's test settings:
-# 800x1088, 6000 -> 1000 proposals, random sane weights, in torchvision's ResNet layout: stride in
-# the 3x3 conv, RGB, so --compare-torchvision can build torchvision's C4 from our weights),
-# gpu-levers (the GPU levers' tables, docs/accel.md: inference and training) and gpu-demo (the
-# demo trained on the GPU, then shapes_val in float32 and with test.amp). The steps are targets of
-# their own, for a device slice too short for all of them. The levers' torch.compile rows are off
-# by default (compiling R50 several times may not fit 15 minutes of device time):
-# `make gpu-levers LEVERS_COMPILE=default` measures them. tests/test_benchmark_levers.py checks the
-# benchmark command lines on the CPU.
+# On the lent GPU machine (README, "Installing on a GPU machine"; after `source .gpu/setup.sh`):
+# tools/gpu_session.py, which runs its steps with or without make: the GPU suite, the benchmark at
+# Detectron2's test settings against torchvision's C4, the GPU levers' tables, the demo on the GPU
+# with shapes_val in float32 and with test.amp. Each command's output goes to $(OUT) as it runs,
+# every command runs even when one before it failed, $(OUT)/steps.txt has each one's seconds.
+# One step alone: `make gpu-session STEPS=bench`. The levers' torch.compile rows are off by default
+# (compiling R50 several times may not fit 15 minutes of device time): LEVERS_COMPILE=default.
 OUT ?= output/gpu
+STEPS ?=
 LEVERS_COMPILE ?= off
-RUN_PY = $(if $(wildcard $(PY)),$(PY),python3)
-GPU_BENCH = --config configs/detectron2/faster_rcnn_R_50_C4_1x.yaml model.backbone.stride_in_1x1=false \
-  model.input_format=RGB --device cuda --image-size 800 1088 --runs 5
-GPU_DEMO = output/gpu_demo
-# `make gpu-demo GPU_DEVICE=cpu`: the same steps on the CPU (the CPU demo's 6.5 minutes)
-GPU_DEVICE ?= cuda
-gpu-session: gpu-suite gpu-bench gpu-levers gpu-demo
-
-gpu-suite:
-	mkdir -p $(OUT)
-	-$(MAKE) --no-print-directory test-gpu 2>&1 | tee $(OUT)/test-gpu.txt
-
-gpu-bench:
-	mkdir -p $(OUT)
-	-$(RUN_PY) tools/benchmark.py $(GPU_BENCH) --compare-torchvision --no-data \
-	  --json $(OUT)/benchmark.json 2>&1 | tee $(OUT)/benchmark.txt
-
-gpu-levers:
-	mkdir -p $(OUT)
-	-$(RUN_PY) tools/benchmark.py $(GPU_BENCH) --levers --levers-compile $(LEVERS_COMPILE) \
-	  --train-images 2 --json $(OUT)/levers.json 2>&1 | tee $(OUT)/levers.txt
-
-gpu-demo:
-	mkdir -p $(OUT)
-	-$(RUN_PY) tools/demo.py --output-dir $(GPU_DEMO) device=$(GPU_DEVICE) 2>&1 | tee $(OUT)/demo.txt
-	-for amp in false true; do $(RUN_PY) tools/eval.py --weights $(GPU_DEMO)/model_final.pth \
-	  --output-dir $(GPU_DEMO)/shapes_val_amp_$$amp --overwrite device=$(GPU_DEVICE) \
-	  'datasets.test=[shapes_val]' test.amp=$$amp 2>&1 | tee $(OUT)/eval-shapes_val-amp-$$amp.txt; done
+gpu-session:
+	$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_session.py --out $(OUT) --levers-compile $(LEVERS_COMPILE) $(STEPS)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

@@ -5,9 +5,7 @@ CUDA, and (slow) the whole measurement run on the CPU on a tiny model."""
 import argparse
 import io
 import json
-import shlex
 import subprocess
-from pathlib import Path
 from contextlib import redirect_stdout
 
 import pytest
@@ -240,28 +238,45 @@ def test_the_lever_measurement_runs_on_the_cpu():
     assert "fast+all" in out.getvalue()
 
 
-def gpu_session_benchmark_commands(out: Path) -> list[list[str]]:
-    """The tools/benchmark.py command lines of `make gpu-session` (make -n prints them; its
-    recursive test-gpu step is printed, not run), each without the interpreter and its tee."""
-    printed = subprocess.run(["make", "-n", "--no-print-directory", "gpu-session", f"OUT={out}"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
-    return [shlex.split(line.split(" 2>&1")[0])[2:] for line in printed.splitlines() if "tools/benchmark.py" in line]
-
-
 def test_the_gpu_sessions_benchmark_commands_build_their_models(tmp_path, monkeypatch):
-    """`make gpu-session`'s two benchmark runs are the figures a whole device slice is for: their
+    """tools/gpu_session.py's two benchmark runs are the figures a whole device slice is for: their
     command lines parse (as they will on a GPU), set Detectron2's test settings, and build both our
     R50-C4 and torchvision's C4 from it (they once named Detectron2's config, MSRA layout and BGR,
     which --compare-torchvision refuses: both runs would have stopped at once)."""
-    tool = load_tool("benchmark")
-    commands = gpu_session_benchmark_commands(tmp_path)
-    assert len(commands) == 2 and "--compare-torchvision" in commands[0] and "--levers" in commands[1]
+    tool, session = load_tool("benchmark"), load_tool("gpu_session")
+    commands = [argv for step in ("bench", "levers") for _, argv in session.commands(step, tmp_path)]
+    assert "--compare-torchvision" in commands[0] and "--levers" in commands[1]
     for argv in commands:
+        assert argv[0] == "tools/benchmark.py"
         with monkeypatch.context() as patch:
             patch.setattr(torch.cuda, "is_available", lambda: True)
-            args = tool.parse_args(argv)
+            args = tool.parse_args(argv[1:])
         assert args.device == "cuda" and args.image_size == [800, 1088] and args.json.startswith(str(tmp_path))
         cfg = bench_config(args)
         assert (cfg.model.rpn.pre_nms_topk_test, cfg.model.rpn.post_nms_topk_test) == (6000, 1000)
         assert cfg.model.backbone.depth == 50 and cfg.model.roi_heads.pooler_resolution == 14
         build_torchvision_c4(build_bench_model(cfg, args), cfg)  # raises where torchvision cannot be built
+
+
+def test_the_gpu_session_runs_every_command_and_records_each(tmp_path, monkeypatch, capsys):
+    """A failing command (a crash on the GPU) is recorded and the next still runs, each one's
+    output in its own file as well as on the terminal; steps.txt has the exit status and seconds
+    of each; the session's exit status says one failed. `make gpu-session` runs this tool."""
+    session = load_tool("gpu_session")
+    fake = {"bench": [("a.txt", ["-c", "print('one'); raise SystemExit(3)"])],
+            "levers": [("b.txt", ["-c", "import sys; print('two'); print('err', file=sys.stderr)"])]}
+    monkeypatch.setattr(session, "commands", lambda step, out, **options: fake[step])
+    assert session.run_steps(["bench", "levers"], tmp_path / "out") == 1
+    out = tmp_path / "out"
+    assert (out / "a.txt").read_text() == "one\n" and (out / "b.txt").read_text() == "two\nerr\n"
+    rows = [line.split("\t") for line in (out / "steps.txt").read_text().splitlines()]
+    assert [row[:3] for row in rows] == [["bench", "a.txt", "3"], ["levers", "b.txt", "0"]]
+    assert all(float(row[3]) >= 0 for row in rows)
+    printed = capsys.readouterr().out
+    assert "one" in printed and "bench: a.txt exit status 3" in printed
+    make = subprocess.run(["make", "-n", "gpu-session", f"OUT={out}", "STEPS=bench"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    assert f"tools/gpu_session.py --out {out} --levers-compile off bench" in make
+    with pytest.raises(SystemExit):
+        session.parse_args(["--out", str(out), "benchmark"])
+    assert "no step benchmark: the steps are suite, bench, levers, demo" in capsys.readouterr().err

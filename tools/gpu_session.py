@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""The lent GPU machine's session (`make gpu-session`; without make:
+`python3 tools/gpu_session.py --out DIR`), after `source .gpu/setup.sh` (README, "Installing
+on a GPU machine"). Steps, in this order unless named:
+
+    suite    the GPU suite (tests/test_cuda.py, marker cuda), with its slowest tests
+    bench    tools/benchmark.py --device cuda --compare-torchvision at Detectron2's test settings
+             (800x1088, 6000 -> 1000 proposals, random sane weights) in torchvision's ResNet
+             layout (stride in the 3x3 conv, RGB), so torchvision's C4 is built from our weights
+    levers   tools/benchmark.py --device cuda --levers at the same settings (docs/accel.md)
+    demo     tools/demo.py on the GPU, then shapes_val in float32 and with test.amp
+
+Each command's output goes to the terminal and to a file in DIR as it runs, and each command
+runs even when one before it failed (a device slice is 15 minutes: what finished is kept).
+DIR/steps.txt gets one line per command: step, file, exit status, seconds (for planning the
+next slice). Exit status 1 when a command failed.
+
+    python3 tools/gpu_session.py --out $OUT                  # all four
+    python3 tools/gpu_session.py --out $OUT bench levers     # two of them
+    python3 tools/gpu_session.py --out /tmp/x demo --device cpu   # the demo step on the CPU
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from detection.cli import parse_command_line, run_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("suite", "bench", "levers", "demo")
+BENCH = ["tools/benchmark.py", "--config", "configs/detectron2/faster_rcnn_R_50_C4_1x.yaml",
+         "model.backbone.stride_in_1x1=false", "model.input_format=RGB", "--device", "cuda",
+         "--image-size", "800", "1088", "--runs", "5"]
+
+
+def commands(step: str, out: Path, *, levers_compile: str = "off", device: str = "cuda",
+             demo_dir: str = "output/gpu_demo") -> list[tuple[str, list[str]]]:
+    """(output file name, argv without the interpreter) for each command of `step`."""
+    if step == "suite":
+        return [("test-gpu.txt", ["-m", "pytest", "tests", "-q", "-m", "cuda", "--durations=15"])]
+    if step == "bench":
+        return [("benchmark.txt", [*BENCH, "--compare-torchvision", "--no-data", "--json", str(out / "benchmark.json")])]
+    if step == "levers":
+        return [("levers.txt", [*BENCH, "--levers", "--levers-compile", levers_compile, "--train-images", "2",
+                                "--json", str(out / "levers.json")])]
+    if step == "demo":
+        evals = [(f"eval-shapes_val-amp-{amp}.txt",
+                  ["tools/eval.py", "--weights", f"{demo_dir}/model_final.pth", "--output-dir",
+                   f"{demo_dir}/shapes_val_amp_{amp}", "--overwrite", f"device={device}",
+                   "datasets.test=[shapes_val]", f"test.amp={amp}"]) for amp in ("false", "true")]
+        return [("demo.txt", ["tools/demo.py", "--output-dir", demo_dir, f"device={device}"]), *evals]
+    raise ValueError(f"step {step!r} is not one of {', '.join(STEPS)}")
+
+
+def run_command(argv: list[str], log: Path) -> tuple[int, float]:
+    """argv under this interpreter from the repository root, its output (stdout and stderr)
+    copied line by line to the terminal and to `log`; -> (exit status, seconds)."""
+    start = time.perf_counter()
+    print(f"\n==> {' '.join(argv)}  (output: {log})", flush=True)
+    with open(log, "w") as file, subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            file.write(line)
+            file.flush()
+    return proc.returncode, time.perf_counter() - start
+
+
+def run_steps(steps: list[str], out: Path, **options: str) -> int:
+    """Every command of every step, whatever the ones before did; -> 1 when one failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    failed = False
+    for step in steps:
+        for name, argv in commands(step, out, **options):
+            status, seconds = run_command(argv, out / name)
+            failed |= status != 0
+            with open(out / "steps.txt", "a") as record:
+                record.write(f"{step}\t{name}\t{status}\t{seconds:.1f}\n")
+            print(f"==> {step}: {name} exit status {status} in {seconds:.1f} s", flush=True)
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("steps", nargs="*", metavar="STEP",
+                        help=f"which steps ({', '.join(STEPS)}; default: all, in that order)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the outputs ($OUT on the device)")
+    parser.add_argument("--levers-compile", default="off",
+                        help="the levers' torch.compile rows: a mode (default, ...) or off (default: off; "
+                             "compiling R50 several times may not fit a 15-minute slice)")
+    parser.add_argument("--device", default="cuda", help="the demo step's device (cpu: its dry run here)")
+    args = parse_command_line(parser, argv)
+    unknown = [step for step in args.steps if step not in STEPS]
+    if unknown:
+        parser.error(f"no step {', '.join(unknown)}: the steps are {', '.join(STEPS)}")
+    args.steps = args.steps or list(STEPS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_tool(lambda: run_steps(args.steps, args.out, levers_compile=args.levers_compile, device=args.device))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
