@@ -403,6 +403,25 @@ def test_cuda_report_has_the_gpu_targets():
     assert slower["targets_met"]["inference_speedup_fast_vs_plain"] is False
 
 
+def test_fast_against_plain_is_judged_without_torchvisions_work():
+    """The default-never-slower rule compares our two paths: it gets its verdict when torchvision
+    did other work (the torchvision targets do not), and none when the fast path's detections
+    differ from the plain path's."""
+    report = cuda_report()
+    report["inference"]["torchvision"]["vs_plain"]["proposals"]["equal"] = False
+    report = summarize(report)
+    assert not report["equal_work"]["ok"] and report["targets_met"]["inference_speedup"] is None
+    assert report["targets_met"]["inference_speedup_fast_vs_plain"] is True
+    text = printed_ratios(report)
+    assert "inference_speedup_fast_vs_plain: 2.00 (target >= 1.0): met" in text
+    assert "inference_speedup: " in text and "not comparable" in text
+    differs = cuda_report()
+    differs["inference"]["fast"]["vs_plain"]["equal"] = False
+    differs = summarize(differs)
+    assert differs["equal_work"]["ok"] and differs["targets_met"]["inference_speedup_fast_vs_plain"] is None
+    assert "inference_speedup_fast_vs_plain: 2.00 (target >= 1.0): not comparable" in printed_ratios(differs)
+
+
 @pytest.mark.slow  # the benchmark tool's command line
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_device_cuda_without_a_gpu_is_one_line(benchmark_main):
