@@ -58,10 +58,11 @@ class PaddedRes5(nn.Module):
         return padded
 
     def capture(self, example: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
-        """(graph, its input buffer, its output) for example's shape. Warm-up on a side stream (cuDNN picks its algorithms), then the capture; the graphs
-        share one memory pool (they are replayed one at a time). Under autocast (test.amp) its
-        cache of cast weights is off for the capture: a cached cast would be freed when the
-        autocast region ends while the graph still reads it (PyTorch's CUDA-graph notes)."""
+        """(graph, its input buffer, its output) for example's shape. Warm-up on a side stream
+        (cuDNN picks its algorithms), then the capture; the graphs share one memory pool (they are
+        replayed one at a time). Under autocast (test.amp) its cache of cast weights is off for the
+        capture: a cached cast would be freed when the autocast region ends while the graph still
+        reads it (PyTorch's CUDA-graph notes)."""
         if torch.is_autocast_enabled("cuda"):
             with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False):
                 return self._capture_now(example)
