@@ -1,7 +1,9 @@
 """`tools/benchmark.py --device cuda --levers` (detection/benchmarking/levers.py and
 training_levers.py) without a GPU: the inference and training tables built from fake timings, a
 failing lever as one FAILED row, the order-free detection match, the one-line refusal without
-CUDA, and (slow) the whole measurement run on the CPU on a tiny model."""
+CUDA, and (slow) the whole measurement run on the CPU on a tiny model. tools/gpu_session.py, which
+runs them on the GPU machine: its benchmark command lines build their models, and every command
+runs and is recorded whatever the one before did."""
 import argparse
 import io
 import json
