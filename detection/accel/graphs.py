@@ -79,6 +79,9 @@ class PaddedRes5(nn.Module):
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the capture happens at the first batch of an evaluation, while the
+        # DataLoader's pin-memory thread allocates pinned buffers (cudaHostAlloc); in the default
+        # "global" mode any thread's such call invalidates the capture and fails that thread too
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             static_out = self.res5(static_in)
         return graph, static_in, static_out
