@@ -250,7 +250,7 @@ def test_graph_replays_take_each_calls_rois_and_only_them():
     """cuda_graphs' buffers (the capture itself is CUDA's, tests/test_cuda.py): each call's RoIs
     are copied into its bucket's input buffer, the rest of the buffer is the padding (no RoI of an
     earlier, larger call is left in it), the output is a copy the next replay cannot overwrite, one
-    capture per bucket, and at most MAX_GRAPHS buckets are captured (then eager)."""
+    capture per bucket (and per inference mode), and at most MAX_GRAPHS are captured (then eager)."""
     torch.manual_seed(0)
     res5 = torch.nn.Conv2d(4, 3, 1)
     graphed = ReplayedOnCpu(res5, graphs=True, granularity=8, fill=float("nan"))
@@ -265,6 +265,11 @@ def test_graph_replays_take_each_calls_rois_and_only_them():
         torch.testing.assert_close(out_first, res5(first))  # not overwritten by the second replay
         assert graphed(torch.randn(9, 4, 2, 2)).shape == (9, 3, 2, 2)
         assert graphed.captures == 2 and sorted(k[0][0] for k in graphed.graphs) == [8, 16]
+    with torch.no_grad():  # outside inference mode: buffers of its own (an inference tensor is read-only here)
+        x = torch.randn(5, 4, 2, 2)
+        torch.testing.assert_close(graphed(x), res5(x))
+    assert graphed.captures == 3
+    with torch.inference_mode():
         for count in range(17, 8 * (graphs.MAX_GRAPHS + 3), 8):
             x = torch.randn(count, 4, 2, 2)
             torch.testing.assert_close(graphed(x), res5(x))

@@ -37,7 +37,9 @@ class PaddedRes5(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         count, rows = x.shape[0], bucket(x.shape[0], self.granularity)
-        key = ((rows, *x.shape[1:]), x.dtype, torch.is_autocast_enabled("cuda"))
+        # inference mode too: a buffer captured under it is an inference tensor, which cannot be
+        # written outside it (evaluation runs under inference_mode, some callers under no_grad)
+        key = ((rows, *x.shape[1:]), x.dtype, torch.is_autocast_enabled("cuda"), torch.is_inference_mode_enabled())
         if not self.replays(x) or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
             return self.res5(self._padded(x, rows))[:count]
         if key not in self.graphs:
