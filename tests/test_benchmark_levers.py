@@ -282,3 +282,8 @@ def test_the_gpu_session_runs_every_command_and_records_each(tmp_path, monkeypat
     with pytest.raises(SystemExit):
         session.parse_args(["--out", str(out), "benchmark"])
     assert "no step benchmark: the steps are suite, bench, levers, demo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before any device time is spent
+        session.parse_args(["--out", str(out), "--levers-compile", "fastest"])
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # a relative --out is the caller's folder, not the repository's
+    assert session.parse_args(["--out", "rel"]).out == tmp_path / "rel"

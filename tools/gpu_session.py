@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from detection.accel.levers import COMPILE_MODES
 from detection.cli import parse_command_line, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,11 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("steps", nargs="*", metavar="STEP",
                         help=f"which steps ({', '.join(STEPS)}; default: all, in that order)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the outputs ($OUT on the device)")
-    parser.add_argument("--levers-compile", default="off",
-                        help="the levers' torch.compile rows: a mode (default, ...) or off (default: off; "
-                             "compiling R50 several times may not fit a 15-minute slice)")
-    parser.add_argument("--device", default="cuda", help="the demo step's device (cpu: its dry run here)")
+    parser.add_argument("--levers-compile", default="off", choices=("off", *COMPILE_MODES),
+                        help="the levers' torch.compile rows: a mode or off (default: off; compiling R50 "
+                             "several times may not fit a 15-minute slice)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="the demo step's device (cpu: its dry run here)")
     args = parse_command_line(parser, argv)
+    args.out = args.out.resolve()  # the commands run from the repository root
     unknown = [step for step in args.steps if step not in STEPS]
     if unknown:
         parser.error(f"no step {', '.join(unknown)}: the steps are {', '.join(STEPS)}")
