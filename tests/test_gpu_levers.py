@@ -23,6 +23,7 @@ from detection.modeling.model import build_model
 from detection.modeling import syncfree
 from detection.modeling.syncfree import grid_batched_nms
 from tests.helpers import IMAGES, make_model, paint, tiny_cfg
+from tests.test_fast import tiny_c4
 
 # a third image, of another size, so the batch has three images with different valid regions
 IMAGES3 = [*IMAGES, paint(80, 120, [((30, 10, 90, 70), (40, 200, 40))], 60)]
@@ -189,7 +190,7 @@ def test_channels_last_lever_is_chosen_on_cuda_only(tmp_path):
             assert inference_plan("cpu", bf16=bf16, small_maps=small, cuda_channels_last=True) == cpu
     on = inference_plan("cuda", bf16=True, small_maps=True, cuda_channels_last=True)
     assert on == InferencePlan(fold_bn=True, channels_last=True, res5_channels_last=True, small_map_taps=False,
-                               fuse=False, winograd=False, runner=False)
+                               fuse=False, winograd=False, runner=False, chunked=False)
     assert not inference_plan("cuda").channels_last
     model = build_model(tiny_cfg(tmp_path, tmp_path, **{"model.backbone.norm": "bn"})).eval().to("meta")
     fast = optimize_for_inference(model, levers=Levers(cuda_channels_last=True))
@@ -240,7 +241,7 @@ class ReplayedOnCpu(PaddedRes5):
         return True
 
     def capture(self, example):
-        static_in = example.clone()
+        static_in = {k: t.clone() for k, t in example.items()} if isinstance(example, dict) else example.clone()
         static_out = self.res5(static_in)
         self.captures = getattr(self, "captures", 0) + 1
         return SimpleNamespace(replay=lambda: static_out.copy_(self.res5(static_in))), static_in, static_out
@@ -264,7 +265,7 @@ def test_graph_replays_take_each_calls_rois_and_only_them():
         assert static_in[3:].isnan().all() and graphed.captures == 1
         torch.testing.assert_close(out_first, res5(first))  # not overwritten by the second replay
         assert graphed(torch.randn(9, 4, 2, 2)).shape == (9, 3, 2, 2)
-        assert graphed.captures == 2 and sorted(k[0][0] for k in graphed.graphs) == [8, 16]
+        assert graphed.captures == 2 and sorted(k[0] for k in graphed.graphs) == [8, 16]
     with torch.no_grad():  # outside inference mode: buffers of its own (an inference tensor is read-only here)
         x = torch.randn(5, 4, 2, 2)
         torch.testing.assert_close(graphed(x), res5(x))
@@ -274,6 +275,50 @@ def test_graph_replays_take_each_calls_rois_and_only_them():
             x = torch.randn(count, 4, 2, 2)
             torch.testing.assert_close(graphed(x), res5(x))
     assert graphed.captures == len(graphed.graphs) == graphs.MAX_GRAPHS
+
+
+def test_the_cuda_hoist_lever_is_chosen_on_cuda_only():
+    """The plan: on CUDA with cuda_hoist the Res5Runner (hoisted 1x1 convs, gather pooling) with
+    no chunks (one res5 call per batch, not one per 64 RoIs) and no CPU kernel; without it none;
+    the CPU's plan is the same with and without it. A model on "meta" stands in for CUDA."""
+    for bf16 in (False, True):
+        for small in (False, True):
+            cpu = inference_plan("cpu", bf16=bf16, small_maps=small)
+            assert cpu.runner and cpu.chunked
+            assert inference_plan("cpu", bf16=bf16, small_maps=small, cuda_hoist=True) == cpu
+    assert inference_plan("cuda", bf16=True, cuda_hoist=True) == InferencePlan(
+        fold_bn=True, channels_last=False, res5_channels_last=False, small_map_taps=False, fuse=False,
+        winograd=False, runner=True, chunked=False)
+    assert not inference_plan("cuda").runner
+    model = tiny_c4().to("meta")  # bottleneck blocks: 1x1 conv first (ResNet-18's are not hoisted)
+    fast = optimize_for_inference(model, levers=Levers(cuda_hoist=True, cuda_channels_last=True))
+    runner = fast.roi_heads.res5_runner
+    assert runner is not None and runner.hoist and runner.chunk_size is None and runner.channels_last
+    assert runner.padded_head is None  # cuda_graphs off; and never off CUDA (below)
+    assert type(fast.roi_heads.res5[0]).__name__ == "Bottleneck"  # no oneDNN post-ops
+    assert not hasattr(fast.roi_heads.res5[1].conv2, "winograd_weight")
+    on_cpu = optimize_for_inference(tiny_c4(), levers=Levers(cuda_hoist=True, cuda_graphs=True))
+    assert on_cpu.roi_heads.res5_runner.padded_head is None and on_cpu.roi_heads.res5_runner.chunk_size == 64
+
+
+@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "cuda_channels_last"])
+def test_the_cuda_hoist_plan_gives_the_same_detections_on_the_cpu(nhwc):
+    """CUDA's plan with cuda_hoist (folded BN, res5's first 1x1 convs on the map, gather pooling,
+    all RoIs in one res5 call), applied to a CPU model with bottleneck blocks: the plain path's
+    detections; and with its head replayed through cuda_graphs' padded buffers (a CPU stand-in
+    for the graph, NaN padding), the same again, one capture for the batch's bucket."""
+    model = tiny_c4()
+    images = [IMAGES3[0], IMAGES3[2]]
+    plan = inference_plan("cuda", cuda_channels_last=nhwc, cuda_hoist=True)
+    hoisted = apply_plan(copy.deepcopy(model).requires_grad_(False), plan)
+    runner = hoisted.roi_heads.res5_runner
+    assert runner.hoist and runner.chunk_size is None and runner.channels_last == nhwc
+    ref = detections(model, images)
+    assert_same_sets(ref, detections(hoisted, images))
+    runner.padded_head = ReplayedOnCpu(runner.head, graphs=True, fill=float("nan"))
+    assert_same_sets(ref, detections(hoisted, images))
+    (_, static_in, _), = runner.padded_head.graphs.values()
+    assert set(static_in) == {"conv1", "shortcut"} and runner.padded_head.captures == 1
 
 
 def test_cuda_graphs_lever_is_cuda_only(tmp_path):

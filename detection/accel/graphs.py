@@ -1,6 +1,7 @@
 """`accel.cuda_graphs` (off by default): res5 on a RoI count padded to a fixed bucket, so its
 kernels can be captured once per bucket as a CUDA graph and replayed (one launch instead of one
-per kernel; res5 is most of the inference time on a GPU).
+per kernel; res5 is most of the inference time on a GPU). The input is res5's (R, C, S, S) RoI
+maps, or with `accel.cuda_hoist` the Res5Runner's pooled inputs ({name: (R, ...)}, its `head`).
 
 The padding is device-neutral and tested on the CPU: in eval mode res5 computes each RoI on its
 own (frozen, folded or running-statistics norms; GroupNorm normalises within a sample), so the
@@ -10,6 +11,7 @@ capture runs on CUDA only (tests/test_cuda.py); elsewhere the padded batch runs 
 from __future__ import annotations
 
 import math
+from typing import Callable, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,49 +19,66 @@ from torch import Tensor, nn
 GRANULARITY = 64  # RoI counts are padded up to a multiple of this: at 1000 RoIs 2.4% more work
 MAX_GRAPHS = 16  # graphs kept at most (each holds its bucket's input and output); beyond, eager
 
+Rows = Union[Tensor, dict[str, Tensor]]  # RoI rows: one tensor, or several with the same first dimension
+
 
 def bucket(count: int, granularity: int = GRANULARITY) -> int:
     """The padded RoI count: `count` rounded up to a multiple of `granularity` (at least one)."""
     return max(1, math.ceil(count / granularity)) * granularity
 
 
-class PaddedRes5(nn.Module):
-    """res5 on (R, C, S, S) RoI maps padded to bucket(R) rows of `fill`; returns the R real rows.
-    On CUDA (graphs=True) each bucket's res5 is captured as a CUDA graph at its first call and
-    replayed after, inputs copied into the graph's own buffer."""
+def _tensors(x: Rows) -> list[Tensor]:
+    return list(x.values()) if isinstance(x, dict) else [x]
 
-    def __init__(self, res5: nn.Module, *, graphs: bool, granularity: int = GRANULARITY,
-                 fill: float = 0.0) -> None:
+
+def _each(x: Rows, fn: Callable[[Tensor], Tensor]) -> Rows:
+    return {name: fn(t) for name, t in x.items()} if isinstance(x, dict) else fn(x)
+
+
+class PaddedRes5(nn.Module):
+    """res5 on RoI rows (a (R, C, S, S) tensor, or a dict of tensors of R rows each: the
+    Res5Runner's pooled inputs) padded to bucket(R) rows of `fill`; returns the R real rows. On
+    CUDA (graphs=True) each bucket's res5 is captured as a CUDA graph at its first call and
+    replayed after, inputs copied into the graph's own buffers. `res5` is a module or a callable
+    (Res5Runner.head)."""
+
+    def __init__(self, res5: nn.Module | Callable[[Rows], Tensor], *, graphs: bool,
+                 granularity: int = GRANULARITY, fill: float = 0.0) -> None:
         super().__init__()
         self.res5, self.use_graphs, self.granularity, self.fill = res5, graphs, granularity, fill
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Rows, Tensor]] = {}
         self.pool = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        count, rows = x.shape[0], bucket(x.shape[0], self.granularity)
+    def forward(self, x: Rows) -> Tensor:
+        count = _tensors(x)[0].shape[0]
+        rows = bucket(count, self.granularity)
         # inference mode too: a buffer captured under it is an inference tensor, which cannot be
         # written outside it (evaluation runs under inference_mode, some callers under no_grad)
-        key = ((rows, *x.shape[1:]), x.dtype, torch.is_autocast_enabled("cuda"), torch.is_inference_mode_enabled())
+        key = (rows, tuple((t.shape[1:], t.dtype) for t in _tensors(x)), torch.is_autocast_enabled("cuda"),
+               torch.is_inference_mode_enabled())
         if not self.replays(x) or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
             return self.res5(self._padded(x, rows))[:count]
         if key not in self.graphs:
             self.graphs[key] = self.capture(self._padded(x, rows))
         graph, static_in, static_out = self.graphs[key]
-        static_in[:count].copy_(x)  # straight into the graph's input: one pass over the RoI maps
-        static_in[count:].fill_(self.fill)
+        for buffer, t in zip(_tensors(static_in), _tensors(x)):
+            buffer[:count].copy_(t)  # straight into the graph's input: one pass over the RoI rows
+            buffer[count:].fill_(self.fill)
         graph.replay()
         return static_out[:count].clone()  # the next replay overwrites static_out
 
-    def replays(self, x: Tensor) -> bool:
+    def replays(self, x: Rows) -> bool:
         """Whether `x` goes through the graphs (graphs=True and x on CUDA) or runs eagerly."""
-        return self.use_graphs and x.is_cuda
+        return self.use_graphs and all(t.is_cuda for t in _tensors(x))
 
-    def _padded(self, x: Tensor, rows: int) -> Tensor:
-        padded = x.new_full((rows, *x.shape[1:]), self.fill)
-        padded[:x.shape[0]] = x
-        return padded
+    def _padded(self, x: Rows, rows: int) -> Rows:
+        def pad(t: Tensor) -> Tensor:
+            padded = t.new_full((rows, *t.shape[1:]), self.fill)
+            padded[:t.shape[0]] = t
+            return padded
+        return _each(x, pad)
 
-    def capture(self, example: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+    def capture(self, example: Rows) -> tuple[torch.cuda.CUDAGraph, Rows, Tensor]:
         """(graph, its input buffer, its output) for example's shape. Warm-up on a side stream
         (cuDNN picks its algorithms), then the capture; the graphs share one memory pool (they are
         replayed one at a time). Under autocast (test.amp) its cache of cast weights is off for the
@@ -70,14 +89,15 @@ class PaddedRes5(nn.Module):
                 return self._capture_now(example)
         return self._capture_now(example)
 
-    def _capture_now(self, example: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
-        static_in = example.clone()
-        stream = torch.cuda.Stream(device=example.device)
-        stream.wait_stream(torch.cuda.current_stream(example.device))
+    def _capture_now(self, example: Rows) -> tuple[torch.cuda.CUDAGraph, Rows, Tensor]:
+        static_in = _each(example, Tensor.clone)
+        device = _tensors(example)[0].device
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self.res5(static_in)
-        torch.cuda.current_stream(example.device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

@@ -9,9 +9,15 @@ by default until a GPU measures what it buys (`tools/benchmark.py --device cuda 
   "max-autotune". It compiles at the first images; that time is logged once per module at INFO.
 - cuda_graphs: on CUDA res5 on RoI counts padded to fixed buckets, captured as CUDA graphs
   (graphs.py; the padding is device-neutral and tested on the CPU). res5 is then not compiled.
+  With cuda_hoist the graphs hold the Res5Runner's head (res5 after the pooling).
+- cuda_hoist: on CUDA res5 through the Res5Runner (inference_plan chooses it): the first block's
+  1x1 conv1 and projection shortcut run once on the C4 map instead of on every RoI's bins (at
+  R50's 14x14 RoIs a quarter of res5's FLOPs), the RoIs pooled by gather at the bins each conv
+  reads, all RoIs in one call (the CPU's chunks of 64 RoIs cost 3,900 launches per image there).
 
 In training (plan.training_plan) sync_free_postprocess (the RPN's proposals, any device) and
-compile (the trunk in place, off the CPU) act; the other two are inference-only.
+compile (the trunk in place, off the CPU) act; the others are inference-only (training hoists
+on every device already).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ class Levers:
     sync_free_postprocess: bool = False
     compile: str | None = None  # a torch.compile mode (COMPILE_MODES); None: not compiled
     cuda_graphs: bool = False
+    cuda_hoist: bool = False
 
     def __post_init__(self) -> None:
         if self.compile is not None and self.compile not in COMPILE_MODES:
@@ -66,12 +73,15 @@ class CompiledModule(nn.Module):
 
 
 def apply_levers(fast: nn.Module, levers: Levers) -> nn.Module:
-    """In place, after the plan's steps: the levers other than channels_last (the plan's)."""
+    """In place, after the plan's steps: the levers other than cuda_channels_last and cuda_hoist
+    (the plan's)."""
     fast.rpn.sync_free = fast.roi_heads.sync_free = levers.sync_free_postprocess
     heads = fast.roi_heads
-    graphed = levers.cuda_graphs and fast.device.type == "cuda" and heads.res5_runner is None
-    if graphed:
+    graphed = levers.cuda_graphs and fast.device.type == "cuda"
+    if graphed and heads.res5_runner is None:
         heads.res5 = PaddedRes5(heads.res5, graphs=True)
+    elif graphed:  # cuda_hoist: the runner's head (res5 after the pooling) in the graphs
+        heads.res5_runner.padded_head = PaddedRes5(heads.res5_runner.head, graphs=True)
     if levers.compile is not None:
         fast.trunk = CompiledModule(fast.trunk, levers.compile, "trunk")
         if heads.res5_runner is None and not graphed:

@@ -8,7 +8,8 @@ into the convs: it only removes work) run everywhere; the CPU kernels (channels_
 choices, the taps matmul, oneDNN post-ops, Winograd, the gather pooling in Res5Runner) only
 on the CPU, where they were measured faster; on CUDA torchvision's RoIAlign pools and res5
 runs all RoIs at once, as the plain path does. The GPU levers (levers.py, config `accel`) are
-off by default. training_plan chooses the training steps: the same on every device with the
+off by default; two of them change the CUDA plan: cuda_channels_last (NHWC) and cuda_hoist
+(Res5Runner's hoisted 1x1 convs and gather pooling, all RoIs in one call). training_plan chooses the training steps: the same on every device with the
 levers off, the taps matmul and Winograd (CPU kernels) on the CPU only.
 """
 from __future__ import annotations
@@ -77,23 +78,26 @@ class InferencePlan:
     small_map_taps: bool  # res5's 3x3 convs with small outputs as one matmul
     fuse: bool  # bias, ReLU and residual as oneDNN post-ops
     winograd: bool  # 3x3 stride-1 convs of 256+ channels as F(4x4, 3x3)
-    runner: bool  # Res5Runner: gather pooling, hoisted 1x1 convs, res5 in chunks
+    runner: bool  # Res5Runner: gather pooling, hoisted 1x1 convs
+    chunked: bool  # the runner's res5 on chunks of RoIs (chunk_size; else all RoIs in one call)
 
 
 def inference_plan(device: torch.device | str, *, bf16: bool = False, small_maps: bool = False,
                    fold_bn: bool = True, channels_last: bool = True, fuse: bool = True,
-                   winograd: bool = True, cuda_channels_last: bool = False) -> InferencePlan:
+                   winograd: bool = True, cuda_channels_last: bool = False, cuda_hoist: bool = False
+                   ) -> InferencePlan:
     """The steps for a model on `device`: on the CPU all of them (bf16: under bfloat16
-    autocast; small_maps: pooler resolution below NCHW_RES5_BELOW); elsewhere folding, and
-    with cuda_channels_last (the `accel` lever, unmeasured) the trunk, RPN and res5 in NHWC;
-    the others are CPU kernels or were measured slower on CUDA."""
+    autocast; small_maps: pooler resolution below NCHW_RES5_BELOW); elsewhere folding, with
+    cuda_channels_last (an `accel` lever, unmeasured) the trunk, RPN and res5 in NHWC, with
+    cuda_hoist (another) the Res5Runner without chunks (its 3,900 launches per image at 64
+    RoIs a chunk made the fast path 2.8x slower on an H100); the others are CPU kernels."""
     cpu = torch.device(device).type == "cpu"
     fused = cpu and fold_bn and fuse
     nhwc = channels_last if cpu else cuda_channels_last
     return InferencePlan(fold_bn=fold_bn, channels_last=nhwc,
                          res5_channels_last=nhwc and (not cpu or not small_maps or bf16),
                          small_map_taps=cpu and small_maps and bf16, fuse=fused,
-                         winograd=fused and winograd and not bf16, runner=cpu)
+                         winograd=fused and winograd and not bf16, runner=cpu or cuda_hoist, chunked=cpu)
 
 
 def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True,
@@ -110,7 +114,7 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     plan = inference_plan(fast.device, bf16=bool(getattr(fast, "amp", False)), fold_bn=fold_bn,
                           small_maps=fast.roi_heads.pooler_resolution < NCHW_RES5_BELOW,
                           channels_last=channels_last, fuse=fuse, winograd=winograd,
-                          cuda_channels_last=levers.cuda_channels_last)
+                          cuda_channels_last=levers.cuda_channels_last, cuda_hoist=levers.cuda_hoist)
     return apply_levers(apply_plan(fast, plan, hoist=hoist, chunk_size=chunk_size), levers)
 
 
@@ -125,7 +129,8 @@ def apply_plan(fast: nn.Module, plan: InferencePlan, *, hoist: bool = True,
         if plan.res5_channels_last:  # roi_align gives NCHW: res5 takes it to NHWC itself
             fast.roi_heads.res5 = with_channels_last_input(fast.roi_heads.res5)
         return fast
-    return install_runner(fast, hoist=hoist, chunk_size=chunk_size, channels_last=plan.res5_channels_last)
+    return install_runner(fast, hoist=hoist, chunk_size=chunk_size if plan.chunked else None,
+                          channels_last=plan.res5_channels_last)
 
 
 def _install_cpu_kernels(fast: nn.Module, plan: InferencePlan) -> None:

@@ -19,6 +19,8 @@ resolution, By x Bx the bins pooled per RoI (S x S, or a strided subset).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,7 +59,8 @@ class Res5Runner:
     hoist: run the first block's 1x1 conv1 and projection shortcut on the map (roi_align
     only). chunk_size: RoIs per res5 call in eval mode (None: all at once; "auto": see
     CHUNK_BINS). channels_last:
-    False gives res5 NCHW inputs (the pooling returns NHWC)."""
+    False gives res5 NCHW inputs (the pooling returns NHWC). padded_head: set by the
+    `accel.cuda_graphs` lever (graphs.PaddedRes5 over `head`), called in its place."""
 
     def __init__(self, res5: nn.Sequential, *, pooler: str, resolution: int, spatial_scale: float,
                  hoist: bool = True, chunk_size: int | str | None = AUTO, channels_last: bool = True) -> None:
@@ -71,6 +74,7 @@ class Res5Runner:
                           and ((shortcut is None and not first.residual)
                                or (isinstance(shortcut, nn.Sequential) and _pointwise(shortcut[0]))))
         self.out_channels = res5[-1].out_channels
+        self.padded_head: Callable[[dict[str, Tensor]], Tensor] | None = None
 
     def __call__(self, features: Tensor, boxes: list[Tensor]) -> Tensor:
         rois = to_rois(list(boxes))  # (R, 5)
@@ -79,11 +83,12 @@ class Res5Runner:
         with record_function("c4det.hoisted_convs"):
             maps = self.prepare(features)
         out = []
+        head = self.head if self.padded_head is None else self.padded_head
         for chunk in self.chunks(rois):
             with record_function("c4det.pool"):
                 pooled = self.pool(maps, chunk)
             with record_function("c4det.res5"):
-                out.append(self.head(pooled))
+                out.append(head(pooled))
         return torch.cat(out)
 
     def chunks(self, rois: Tensor) -> list[Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 from typing import Any
 
@@ -28,13 +29,18 @@ TORCHVISION = ("torchvision", "torchvision_fp16")
 
 
 def lever_settings(compile_mode: str | None) -> dict[str, Levers]:
-    """Each lever alone, then all together (compile_mode None leaves torch.compile out)."""
+    """Each lever alone, then all together, and all but cuda_hoist (which changes what res5's
+    graph holds and what is compiled: the runner's head, only the trunk); compile_mode None
+    leaves torch.compile out."""
     alone = {"cuda_channels_last": Levers(cuda_channels_last=True),
-             "sync_free": Levers(sync_free_postprocess=True), "cuda_graphs": Levers(cuda_graphs=True)}
+             "sync_free": Levers(sync_free_postprocess=True), "cuda_graphs": Levers(cuda_graphs=True),
+             "cuda_hoist": Levers(cuda_hoist=True)}
     if compile_mode is not None:
         alone["compile"] = Levers(compile=compile_mode)
-    everything = Levers(cuda_channels_last=True, sync_free_postprocess=True, compile=compile_mode, cuda_graphs=True)
-    return {**{f"fast+{name}": levers for name, levers in alone.items()}, "fast+all": everything}
+    everything = Levers(cuda_channels_last=True, sync_free_postprocess=True, compile=compile_mode, cuda_graphs=True,
+                        cuda_hoist=True)
+    return {**{f"fast+{name}": levers for name, levers in alone.items()}, "fast+all": everything,
+            "fast+all but cuda_hoist": dataclasses.replace(everything, cuda_hoist=False)}
 
 
 class Autocast(nn.Module):

@@ -160,6 +160,7 @@ class AccelConfig:  # GPU levers of the fast path, each off until measured (docs
     sync_free_postprocess: bool = False
     compile: Union[bool, str] = False  # false | default | reduce-overhead | max-autotune
     cuda_graphs: bool = False
+    cuda_hoist: bool = False
 
 
 @dataclass
