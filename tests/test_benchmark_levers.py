@@ -219,7 +219,7 @@ def test_the_lever_measurement_runs_on_the_cpu():
     json.dumps(report, default=float)
     rows = {(r["model"], r["precision"]): r for r in report["levers"]["rows"]}
     names = {"plain", "fast", "fast+cuda_channels_last", "fast+sync_free", "fast+cuda_graphs", "fast+cuda_hoist",
-             "fast+all", "fast+all but cuda_hoist"}
+             "fast+cuda_fused_relu", "fast+all", "fast+all but cuda_hoist"}
     assert {m for m, p in rows if p == "float32"} == names | {"torchvision"}
     assert {m for m, p in rows if p == "amp"} == names | {"torchvision_fp16"}
     for (model, precision), row in rows.items():

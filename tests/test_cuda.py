@@ -174,10 +174,13 @@ def test_fast_path_gives_the_plain_paths_detections_on_the_gpu(root, trained, ex
                                     {"accel.sync_free_postprocess": True, "test.multi_scale.enabled": True},
                                     {"accel.cuda_graphs": True, "test.amp": True},
                                     {"accel.cuda_hoist": True, "accel.cuda_graphs": True, "test.amp": True},
+                                    {"accel.cuda_fused_relu": True},
+                                    {"accel.cuda_fused_relu": True, "accel.cuda_channels_last": True, "test.amp": True},
                                     {"accel.cuda_channels_last": True, "accel.sync_free_postprocess": True,
-                                     "accel.compile": "default", "accel.cuda_graphs": True, "accel.cuda_hoist": True}],
+                                     "accel.compile": "default", "accel.cuda_graphs": True, "accel.cuda_hoist": True,
+                                     "accel.cuda_fused_relu": True}],
                          ids=["channels_last", "channels_last+amp", "sync_free+multi-scale", "cuda_graphs+amp",
-                              "hoist+graphs+amp", "all"])
+                              "hoist+graphs+amp", "fused_relu", "fused_relu+channels_last+amp", "all"])
 def test_gpu_levers_give_the_fast_paths_detections_on_the_gpu(root, trained, levers):
     """The accel levers (off by default, detection/accel/levers.py) on CUDA: the default fast
     path's detections, in the same precision (test.amp: float16 both). cuda_graphs: res5
@@ -311,11 +314,12 @@ def test_gpu_levers_reproduce_detectron2_on_the_gpu():
                         "11", str(weights)], check=True)
     reference = json.loads((CASE / "d2_outputs.json").read_text())
     levers = ["accel.cuda_channels_last=true", "accel.sync_free_postprocess=true", "accel.cuda_graphs=true",
-              "accel.cuda_hoist=true"]
+              "accel.cuda_hoist=true", "accel.cuda_fused_relu=true"]
     cfg = load_config(R50, ["tf32=false", *levers])
     predictor = Predictor(cfg, weights=str(weights), device=DEVICE)
     runner = predictor.model.roi_heads.res5_runner
     assert runner.hoist and (runner.padded_head is not None) == (DEVICE == "cuda")
+    assert type(predictor.model.roi_heads.res5[0]).__name__ == "FusedBottleneck"
     for name in ("exact_0", "resize_0"):
         fraction = matched_to_detectron2(predictor(str(CASE / "images" / f"{name}.png")), reference[name])
         assert fraction >= 0.99, (name, fraction)

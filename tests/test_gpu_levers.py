@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import batched_nms
 
 from detection.accel import COMPILE_MODES, InferencePlan, Levers, apply_plan, inference_plan, optimize_for_inference
-from detection.accel import graphs
+from detection.accel import cudnn, graphs
 from detection.accel.graphs import PaddedRes5, bucket
 from detection.accel.levers import CompiledModule
 from detection.accel.plan import ToChannelsLast
@@ -319,6 +319,95 @@ def test_the_cuda_hoist_plan_gives_the_same_detections_on_the_cpu(nhwc):
     assert_same_sets(ref, detections(hoisted, images))
     (_, static_in, _), = runner.padded_head.graphs.values()
     assert set(static_in) == {"conv1", "shortcut"} and runner.padded_head.captures == 1
+
+
+def _conv_relu(x, *, weight, bias, stride, padding, dilation, groups):
+    """CPU stand-in of aten::cudnn_convolution_relu (its argument names): relu(conv(x) + bias)."""
+    return torch.relu(torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups))
+
+
+def _conv_add_relu(x, *, weight, z, alpha, bias, stride, padding, dilation, groups):
+    """CPU stand-in of aten::cudnn_convolution_add_relu: relu(conv(x) + alpha * z + bias)."""
+    return torch.relu(torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups) + alpha * z)
+
+
+@pytest.fixture
+def cudnn_on_cpu(monkeypatch):
+    """The fused blocks' cuDNN path run on the CPU, with the stand-in ops."""
+    monkeypatch.setattr(cudnn, "DEVICES", ("cpu",))
+    monkeypatch.setattr(cudnn, "OPS", {"relu": _conv_relu, "add_relu": _conv_add_relu})
+
+
+def test_the_cudnn_calls_bind_to_atens_schemas():
+    """The real ops, called as conv_bias_relu calls them, on CPU tensors: the dispatcher gets as
+    far as finding no CPU kernel (a wrong argument name or order fails earlier, as a schema error)."""
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        for residual in (None, torch.randn(1, 3, 5, 5)):
+            with pytest.raises(NotImplementedError, match="from the 'CPU' backend"):
+                cudnn.conv_bias_relu(x, conv, relu=True, residual=residual)
+
+
+def test_cudnn_conv_bias_relu_arithmetic_and_casts(cudnn_on_cpu):
+    """conv_bias_relu (stand-in ops): relu(conv + bias [+ residual]) and, without relu, conv +
+    bias [+ residual]; strided and grouped geometry passed on; under autocast the input, weight,
+    bias and residual in the autocast dtype (the weights cast once and kept, again after a change)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 6, 3, stride=2, padding=1, groups=2).requires_grad_(False)
+    x, z = torch.randn(2, 8, 9, 9), torch.randn(2, 6, 5, 5)
+    plain = conv(x)
+    for relu in (True, False):
+        for residual in (None, z):
+            want = plain + (0 if residual is None else residual)
+            got = cudnn.conv_bias_relu(x, conv, relu=relu, residual=residual)
+            torch.testing.assert_close(got, want.relu() if relu else want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cudnn.compute_dtype(x) == torch.bfloat16 and cudnn.fusable(x, conv)
+        got = cudnn.conv_bias_relu(x, conv, relu=True, residual=z)
+        kept = conv._cudnn_cast[1]
+        assert got.dtype == kept.dtype == torch.bfloat16
+        assert cudnn.conv_bias_relu(x, conv, relu=True) is not None and conv._cudnn_cast[1] is kept
+        torch.testing.assert_close(got.float(), (plain + z).relu(), atol=0.1, rtol=0.05)
+        conv.weight.mul_(2)  # a changed weight is cast again
+        cudnn.conv_bias_relu(x, conv, relu=True)
+        assert conv._cudnn_cast[1] is not kept
+    assert cudnn.compute_dtype(x) == torch.float32
+    assert not cudnn.fusable(x.bfloat16(), conv)  # no autocast: x and the weight must agree
+
+
+def test_the_cuda_fused_relu_lever_is_chosen_on_cuda_only():
+    """The plan: the fused blocks on CUDA with cuda_fused_relu (and folding), never Winograd
+    there; the CPU's plan is the same with and without it. A "meta" model stands in for CUDA."""
+    for bf16 in (False, True):
+        cpu = inference_plan("cpu", bf16=bf16)
+        assert inference_plan("cpu", bf16=bf16, cuda_fused_relu=True) == cpu
+    on = inference_plan("cuda", cuda_fused_relu=True)
+    assert on.fuse and not on.winograd and not on.runner
+    assert not inference_plan("cuda").fuse and not inference_plan("cuda", fold_bn=False, cuda_fused_relu=True).fuse
+    fast = optimize_for_inference(tiny_c4().to("meta"), levers=Levers(cuda_fused_relu=True, cuda_hoist=True))
+    assert type(fast.trunk.stem).__name__ == "FusedStem" and type(fast.rpn.head).__name__ == "FusedRPNHead"
+    assert {type(b).__name__ for b in fast.roi_heads.res5} == {"FusedBottleneck"}
+    assert not any(hasattr(m, "winograd_weight") for m in fast.modules())
+
+
+@pytest.mark.parametrize("hoist", [False, True], ids=["res5", "hoisted"])
+def test_the_cuda_fused_relu_plan_gives_the_same_detections_through_the_cudnn_path(cudnn_on_cpu, hoist):
+    """CUDA's plan with cuda_fused_relu (and NHWC; with cuda_hoist too) applied to a CPU model whose
+    fused blocks call the cuDNN path (stand-in ops): the plain path's detections, every conv of
+    the stem, the blocks and the RPN head gone through conv_bias_relu."""
+    model = tiny_c4()
+    images = [IMAGES3[0], IMAGES3[2]]
+    plan = inference_plan("cuda", cuda_channels_last=True, cuda_hoist=hoist, cuda_fused_relu=True)
+    fused = apply_plan(copy.deepcopy(model).requires_grad_(False), plan)
+    calls = []
+    for name, op in list(cudnn.OPS.items()):
+        cudnn.OPS[name] = lambda *a, _op=op, _name=name, **k: calls.append(_name) or _op(*a, **k)
+    assert_same_sets(detections(model, images), detections(fused, images))
+    # one batch: the stem's conv and the RPN head's with ReLU; four bottlenecks (res3, res4, two in res5),
+    # each conv1 and conv2 with ReLU, conv3 with the shortcut's add (hoisted: res5's first conv1 runs on
+    # the map, unfused)
+    assert calls.count("add_relu") == 4 and calls.count("relu") == 2 + 4 * 2 - hoist
 
 
 def test_cuda_graphs_lever_is_cuda_only(tmp_path):

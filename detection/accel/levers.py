@@ -14,6 +14,9 @@ by default until a GPU measures what it buys (`tools/benchmark.py --device cuda 
   1x1 conv1 and projection shortcut run once on the C4 map instead of on every RoI's bins (at
   R50's 14x14 RoIs a quarter of res5's FLOPs), the RoIs pooled by gather at the bins each conv
   reads, all RoIs in one call (the CPU's chunks of 64 RoIs cost 3,900 launches per image there).
+- cuda_fused_relu: on CUDA the folded convs' bias, ReLU and residual add inside cuDNN's
+  convolution (cudnn.py; the onednn.Fused* blocks, inference_plan chooses them), each output
+  written once instead of once per elementwise op.
 
 In training (plan.training_plan) sync_free_postprocess (the RPN's proposals, any device) and
 compile (the trunk in place, off the CPU) act; the others are inference-only (training hoists
@@ -44,6 +47,7 @@ class Levers:
     compile: str | None = None  # a torch.compile mode (COMPILE_MODES); None: not compiled
     cuda_graphs: bool = False
     cuda_hoist: bool = False
+    cuda_fused_relu: bool = False
 
     def __post_init__(self) -> None:
         if self.compile is not None and self.compile not in COMPILE_MODES:
@@ -73,8 +77,8 @@ class CompiledModule(nn.Module):
 
 
 def apply_levers(fast: nn.Module, levers: Levers) -> nn.Module:
-    """In place, after the plan's steps: the levers other than cuda_channels_last and cuda_hoist
-    (the plan's)."""
+    """In place, after the plan's steps: the levers the plan does not choose (sync_free_postprocess,
+    cuda_graphs, compile)."""
     fast.rpn.sync_free = fast.roi_heads.sync_free = levers.sync_free_postprocess
     heads = fast.roi_heads
     graphed = levers.cuda_graphs and fast.device.type == "cuda"

@@ -2,8 +2,10 @@
 the residual add run inside oneDNN's convolution (conv_pointwise, the op torch.compile emits
 on the CPU), so each output is written once instead of once per elementwise op. The Fused*
 classes are the stem, blocks and RPN head with their convs run so; fuse_blocks installs
-them by changing the class of modules whose norms are folded. Under autocast, with autograd
-or on another device they run the unfused ops."""
+them by changing the class of modules whose norms are folded. On the CPU under autocast or
+with autograd they run the unfused ops. On CUDA (installed there by the `accel.cuda_fused_relu`
+lever only) conv_pointwise runs cuDNN's conv-bias-ReLU instead (cudnn.py), in float32 or
+under autocast."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.resnet import BasicBlock, Bottleneck, Stem
+from detection.accel import cudnn
 from detection.accel.winograd import winograd_conv2d
 from detection.modeling.rpn import RPNHead
 
@@ -19,13 +22,16 @@ FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, 
 
 
 def fusable(x: Tensor, conv: nn.Module) -> bool:
-    """Whether conv_pointwise can run `conv` on `x`: a folded float32 conv (bias, zero
-    padding) on the CPU, no autocast (the op has no autocast rule) and no autograd (no
-    backward). Anything else runs the unfused ops."""
-    return (FUSED_CONV and type(conv) is nn.Conv2d and conv.bias is not None
-            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-            and x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not (x.requires_grad or conv.weight.requires_grad))
+    """Whether conv_pointwise can run `conv` on `x`: a folded conv (bias, zero padding), no
+    autograd (no backward); on the CPU float32 without autocast (oneDNN's op has no autocast
+    rule), on CUDA what cudnn.fusable allows. Anything else runs the unfused ops."""
+    if not (type(conv) is nn.Conv2d and conv.bias is not None and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and not (x.requires_grad or conv.weight.requires_grad)):
+        return False
+    if cudnn.runs(x):
+        return cudnn.fusable(x, conv)
+    return (FUSED_CONV and x.device.type == "cpu" and x.dtype == conv.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def conv_pointwise(x: Tensor, conv: nn.Conv2d, *, relu: bool, residual: Tensor | None = None) -> Tensor:
@@ -34,7 +40,10 @@ def conv_pointwise(x: Tensor, conv: nn.Conv2d, *, relu: bool, residual: Tensor |
     instead of once per elementwise op. The residual is overwritten with the result: pass
     only a tensor nobody reads afterwards (or don't read it: a Winograd conv writes a new
     tensor). Equal to the unfused ops (tests/test_fast.py). A conv given a `winograd_weight`
-    (winograd_convs) runs as F(4x4, 3x3) on channels_last inputs."""
+    (winograd_convs) runs as F(4x4, 3x3) on channels_last inputs. On CUDA: cuDNN's fused
+    convolution (cudnn.conv_bias_relu), which returns a new tensor."""
+    if cudnn.runs(x):
+        return cudnn.conv_bias_relu(x, conv, relu=relu, residual=residual)
     u = getattr(conv, "winograd_weight", None)
     if u is not None and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return winograd_conv2d(x, u, conv.bias, relu=relu, residual=residual)

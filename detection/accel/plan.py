@@ -8,9 +8,11 @@ into the convs: it only removes work) run everywhere; the CPU kernels (channels_
 choices, the taps matmul, oneDNN post-ops, Winograd, the gather pooling in Res5Runner) only
 on the CPU, where they were measured faster; on CUDA torchvision's RoIAlign pools and res5
 runs all RoIs at once, as the plain path does. The GPU levers (levers.py, config `accel`) are
-off by default; two of them change the CUDA plan: cuda_channels_last (NHWC) and cuda_hoist
-(Res5Runner's hoisted 1x1 convs and gather pooling, all RoIs in one call). training_plan chooses the training steps: the same on every device with the
-levers off, the taps matmul and Winograd (CPU kernels) on the CPU only.
+off by default; three of them change the CUDA plan: cuda_channels_last (NHWC), cuda_hoist
+(Res5Runner's hoisted 1x1 convs and gather pooling, all RoIs in one call) and cuda_fused_relu
+(the Fused* blocks, with cuDNN's conv-bias-ReLU in place of oneDNN's post-ops). training_plan
+chooses the training steps: the same on every device with the levers off, the taps matmul and
+Winograd (CPU kernels) on the CPU only.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ class InferencePlan:
     channels_last: bool  # the trunk's (and the RPN's) convs in NHWC
     res5_channels_last: bool  # res5 in NHWC too
     small_map_taps: bool  # res5's 3x3 convs with small outputs as one matmul
-    fuse: bool  # bias, ReLU and residual as oneDNN post-ops
+    fuse: bool  # bias, ReLU and residual inside the conv (oneDNN post-ops; on CUDA cuDNN's conv-bias-ReLU)
     winograd: bool  # 3x3 stride-1 convs of 256+ channels as F(4x4, 3x3)
     runner: bool  # Res5Runner: gather pooling, hoisted 1x1 convs
     chunked: bool  # the runner's res5 on chunks of RoIs (chunk_size; else all RoIs in one call)
@@ -84,20 +86,21 @@ class InferencePlan:
 
 def inference_plan(device: torch.device | str, *, bf16: bool = False, small_maps: bool = False,
                    fold_bn: bool = True, channels_last: bool = True, fuse: bool = True,
-                   winograd: bool = True, cuda_channels_last: bool = False, cuda_hoist: bool = False
-                   ) -> InferencePlan:
+                   winograd: bool = True, cuda_channels_last: bool = False, cuda_hoist: bool = False,
+                   cuda_fused_relu: bool = False) -> InferencePlan:
     """The steps for a model on `device`: on the CPU all of them (bf16: under bfloat16
     autocast; small_maps: pooler resolution below NCHW_RES5_BELOW); elsewhere folding, with
     cuda_channels_last (an `accel` lever, unmeasured) the trunk, RPN and res5 in NHWC, with
     cuda_hoist (another) the Res5Runner without chunks (its 3,900 launches per image at 64
-    RoIs a chunk made the fast path 2.8x slower on an H100); the others are CPU kernels."""
+    RoIs a chunk made the fast path 2.8x slower on an H100), with cuda_fused_relu the folded
+    convs' bias, ReLU and residual add inside cuDNN's convolution; the others are CPU kernels."""
     cpu = torch.device(device).type == "cpu"
-    fused = cpu and fold_bn and fuse
+    fused = fold_bn and (fuse if cpu else cuda_fused_relu)
     nhwc = channels_last if cpu else cuda_channels_last
     return InferencePlan(fold_bn=fold_bn, channels_last=nhwc,
                          res5_channels_last=nhwc and (not cpu or not small_maps or bf16),
                          small_map_taps=cpu and small_maps and bf16, fuse=fused,
-                         winograd=fused and winograd and not bf16, runner=cpu or cuda_hoist, chunked=cpu)
+                         winograd=cpu and fused and winograd and not bf16, runner=cpu or cuda_hoist, chunked=cpu)
 
 
 def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True,
@@ -114,7 +117,8 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     plan = inference_plan(fast.device, bf16=bool(getattr(fast, "amp", False)), fold_bn=fold_bn,
                           small_maps=fast.roi_heads.pooler_resolution < NCHW_RES5_BELOW,
                           channels_last=channels_last, fuse=fuse, winograd=winograd,
-                          cuda_channels_last=levers.cuda_channels_last, cuda_hoist=levers.cuda_hoist)
+                          cuda_channels_last=levers.cuda_channels_last, cuda_hoist=levers.cuda_hoist,
+                          cuda_fused_relu=levers.cuda_fused_relu)
     return apply_levers(apply_plan(fast, plan, hoist=hoist, chunk_size=chunk_size), levers)
 
 
@@ -134,7 +138,8 @@ def apply_plan(fast: nn.Module, plan: InferencePlan, *, hoist: bool = True,
 
 
 def _install_cpu_kernels(fast: nn.Module, plan: InferencePlan) -> None:
-    """In place: the layout and kernel steps of `plan` (off the CPU only the layout, a lever)."""
+    """In place: the layout and kernel steps of `plan` (off the CPU only the levers' layout and
+    fused blocks)."""
     if plan.channels_last:
         to_channels_last(fast)
         if not plan.res5_channels_last:

@@ -34,11 +34,11 @@ def lever_settings(compile_mode: str | None) -> dict[str, Levers]:
     leaves torch.compile out."""
     alone = {"cuda_channels_last": Levers(cuda_channels_last=True),
              "sync_free": Levers(sync_free_postprocess=True), "cuda_graphs": Levers(cuda_graphs=True),
-             "cuda_hoist": Levers(cuda_hoist=True)}
+             "cuda_hoist": Levers(cuda_hoist=True), "cuda_fused_relu": Levers(cuda_fused_relu=True)}
     if compile_mode is not None:
         alone["compile"] = Levers(compile=compile_mode)
     everything = Levers(cuda_channels_last=True, sync_free_postprocess=True, compile=compile_mode, cuda_graphs=True,
-                        cuda_hoist=True)
+                        cuda_hoist=True, cuda_fused_relu=True)
     return {**{f"fast+{name}": levers for name, levers in alone.items()}, "fast+all": everything,
             "fast+all but cuda_hoist": dataclasses.replace(everything, cuda_hoist=False)}
 

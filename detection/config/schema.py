@@ -161,6 +161,7 @@ class AccelConfig:  # GPU levers of the fast path, each off until measured (docs
     compile: Union[bool, str] = False  # false | default | reduce-overhead | max-autotune
     cuda_graphs: bool = False
     cuda_hoist: bool = False
+    cuda_fused_relu: bool = False
 
 
 @dataclass

@@ -344,4 +344,4 @@ def accel_levers(cfg: Config) -> Levers:
     a = cfg.accel
     mode = ("default" if a.compile else None) if isinstance(a.compile, bool) else a.compile  # true: the default mode
     return Levers(cuda_channels_last=a.cuda_channels_last, sync_free_postprocess=a.sync_free_postprocess,
-                  compile=mode, cuda_graphs=a.cuda_graphs, cuda_hoist=a.cuda_hoist)
+                  compile=mode, cuda_graphs=a.cuda_graphs, cuda_hoist=a.cuda_hoist, cuda_fused_relu=a.cuda_fused_relu)
