@@ -57,6 +57,47 @@ def test_the_levers_table_from_fake_timings():
     assert any(x.startswith("torchvision_fp16") for x in lines)
 
 
+def test_the_levers_targets_and_which_levers_pay_from_fake_timings():
+    """Each row against the issue's targets (float32 >= 1.5x torchvision's best with the plain
+    path's detections; test.amp >= 3x keeping >= 95% of them), at every batch size; each lever
+    alone against the fast path: it pays at >= 1.03x at every batch size with the detections kept."""
+    def entry(b1_ms: float, b8_ms: float, matched: float = 1.0) -> dict:
+        check = {"matched": matched, "equal": matched == 1.0}
+        return {"first_call_s": {1: 1.0, 8: 1.0}, "runs_s": {1: [b1_ms / 1000] * 3, 8: [b8_ms / 1000] * 3},
+                "vs_plain": {1: check, 8: check}}
+    raw = {"batch_sizes": [1, 8], "compile_mode": None,
+           "float32": {"plain": entry(30, 24), "fast": entry(20, 16), "fast+cuda_hoist": entry(15, 12.8),
+                       "fast+sync_free": entry(19.9, 15.9), "fast+cuda_graphs": entry(12, 10, matched=0.99),
+                       "fast+all": entry(12, 10), "torchvision": entry(27, 24)},
+           "amp": {"fast": entry(10, 8, 0.97), "fast+cuda_hoist": entry(8, 6, 0.96), "fast+all": entry(5, 4, 0.96),
+                   "fast+all but cuda_hoist": entry(5, 4, 0.90), "torchvision_fp16": entry(26, 25, 0.98)}}
+    summary = summarize_levers(raw)
+    met = {(r["model"], r["precision"]): r["targets_met"] for r in summary["rows"]}
+    # torchvision's best: 26 ms at b1 (float16), 24 at b8 (float32)
+    assert met[("fast+all", "float32")] is True  # 26 / 12 and 24 / 10, the same detections
+    assert met[("fast+cuda_graphs", "float32")] is False  # fast enough, one detection in 100 moved
+    assert met[("fast", "float32")] is False  # 26 / 20 = 1.3
+    assert met[("fast+all", "amp")] is True  # 5.2x and 6x, 96% kept
+    assert met[("fast+all but cuda_hoist", "amp")] is False  # 90% kept
+    assert met[("torchvision", "float32")] is None
+    verdicts = summary["verdicts"]
+    assert set(verdicts["float32"]) == {"cuda_hoist", "sync_free", "cuda_graphs"}
+    assert set(verdicts["amp"]) == {"cuda_hoist"}
+    assert verdicts["float32"]["cuda_hoist"] == {"speedup_vs_fast": {1: pytest.approx(20 / 15), 8: pytest.approx(1.25)},
+                                                 "pays": True}
+    assert not verdicts["float32"]["sync_free"]["pays"] and not verdicts["float32"]["cuda_graphs"]["pays"]
+    assert verdicts["amp"]["cuda_hoist"]["pays"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        print_levers(summary)
+    lines = out.getvalue().splitlines()
+    assert next(x for x in lines if x.startswith("fast+all ") and "float32" in x).endswith(" met")
+    assert next(x for x in lines if x.startswith("fast ") and "float32" in x).endswith("not met")
+    pays = next(x for x in lines if x.startswith("each lever over the fast path (float32"))
+    assert "cuda_hoist 1.33 1.25 pays" in pays and "sync_free 1.01 1.01," in pays and "cuda_graphs 1.67 1.60" in pays
+    assert not pays.endswith("pays")
+
+
 class Detector(torch.nn.Module):
     """Fixed detections per image; raises at its `fail_at`-th call (1 = the first)."""
 

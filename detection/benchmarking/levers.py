@@ -152,8 +152,48 @@ def summarize_levers(raw: dict[str, Any]) -> dict[str, Any]:
     for row in (r for r in rows if "error" not in r):
         row["speedup_vs_torchvision_best"] = {
             size: (best[size] / row["ms_per_image"][size] if best[size] else None) for size in sizes}
+        row["targets_met"] = None if row["model"] in TORCHVISION else _targets_met(row, sizes)
     return {"batch_sizes": sizes, "compile_mode": raw.get("compile_mode"), "torchvision_best_ms": best,
-            "rows": rows}
+            "rows": rows, "verdicts": lever_verdicts(rows, sizes)}
+
+
+# issue "GPU speed"'s inference targets: ms per image against torchvision's C4 in its best precision
+TARGET_SPEEDUP = {"float32": 1.5, "amp": 3.0}
+AMP_MATCHED = 0.95  # with test.amp, the share of the float32 detections kept, per image (worst image)
+PAYS = 1.03  # a lever pays when the fast path with it is at least this much faster at every batch size
+
+
+def _detections_kept(row: dict[str, Any], sizes: list[int]) -> bool:
+    """float32: the plain path's detections; test.amp: at least AMP_MATCHED of them on every image."""
+    if row["precision"] == "float32":
+        return all(row["vs_plain"][s]["equal"] for s in sizes)
+    return all(row["vs_plain"][s]["matched"] >= AMP_MATCHED for s in sizes)
+
+
+def _targets_met(row: dict[str, Any], sizes: list[int]) -> bool | None:
+    """The issue's target for the row's precision at every batch size, with the detections kept;
+    None without torchvision's timings."""
+    speedups = [row["speedup_vs_torchvision_best"][s] for s in sizes]
+    if any(x is None for x in speedups):
+        return None
+    return all(x >= TARGET_SPEEDUP[row["precision"]] for x in speedups) and _detections_kept(row, sizes)
+
+
+def lever_verdicts(rows: list[dict[str, Any]], sizes: list[int]) -> dict[str, dict[str, Any]]:
+    """Per precision, each lever measured alone ("fast+<lever>"): its speed-up over the fast path
+    at each batch size, and whether it pays (>= PAYS at every batch size, detections kept)."""
+    found = {(r["model"], r["precision"]): r for r in rows if "error" not in r}
+    verdicts: dict[str, dict[str, Any]] = {}
+    for precision in PRECISIONS:
+        fast = found.get(("fast", precision))
+        for (model, p), row in found.items():
+            lever = model.removeprefix("fast+")
+            if p != precision or fast is None or lever == model or lever.startswith("all"):
+                continue
+            ratio = {s: fast["ms_per_image"][s] / row["ms_per_image"][s] for s in sizes}
+            pays = all(r >= PAYS for r in ratio.values()) and _detections_kept(row, sizes)
+            verdicts.setdefault(precision, {})[lever] = {"speedup_vs_fast": ratio, "pays": pays}
+    return verdicts
 
 
 def print_levers(summary: dict[str, Any]) -> None:
@@ -162,7 +202,7 @@ def print_levers(summary: dict[str, Any]) -> None:
           f"detections vs the float32 plain path (matched fraction, worst image); compile mode "
           f"{summary['compile_mode']}")
     head = "".join(f"{'b' + str(s) + ' ms':>9}{'x tv':>7}" for s in sizes)
-    print(f"{'model':<24}{'precision':<10}{head}  {'same detections':<22}first call s")
+    print(f"{'model':<24}{'precision':<10}{head}  {'same detections':<22}{'first call s':<14}targets")
     for row in summary["rows"]:
         if "error" in row:
             print(f"{row['model']:<24}{row['precision']:<10}FAILED: {row['error']}")
@@ -172,7 +212,16 @@ def print_levers(summary: dict[str, Any]) -> None:
         same = " ".join(f"{'yes' if row['vs_plain'][s]['equal'] else 'no'}({row['vs_plain'][s]['matched']:.2f})"
                         for s in sizes)
         first = " ".join(f"{row['first_call_s'][s]:.1f}" for s in sizes)
-        print(f"{row['model']:<24}{row['precision']:<10}{cells}  {same:<22}{first}")
+        met = {None: "-", True: "met", False: "not met"}[row.get("targets_met")]
+        print(f"{row['model']:<24}{row['precision']:<10}{cells}  {same:<22}{first:<14}{met}")
+    print(f"targets: >= {TARGET_SPEEDUP['float32']}x torchvision's best in float32 with the plain path's "
+          f"detections, >= {TARGET_SPEEDUP['amp']}x with test.amp keeping >= {AMP_MATCHED:.0%} of them, "
+          f"at every batch size")
+    for precision, levers in summary.get("verdicts", {}).items():
+        cells = ", ".join(name + "".join(f" {v['speedup_vs_fast'][s]:.2f}" for s in sizes)
+                          + (" pays" if v["pays"] else "") for name, v in levers.items())
+        print(f"each lever over the fast path ({precision}, x at {', '.join(f'b{s}' for s in sizes)}; pays: "
+              f">= {PAYS}x at every batch size, detections kept): {cells}")
 
 
 def _fmt(value: float | None) -> str:
