@@ -22,6 +22,7 @@ from detection.engine.loading import accel_levers, prepare_for_inference
 from detection.modeling.model import build_model
 from detection.modeling import syncfree
 from detection.modeling.syncfree import grid_batched_nms
+from detection.testing import UnnamedDeviceCheck
 from tests.helpers import IMAGES, make_model, paint, tiny_cfg
 from tests.test_fast import tiny_c4
 
@@ -408,6 +409,22 @@ def test_the_cuda_fused_relu_plan_gives_the_same_detections_through_the_cudnn_pa
     # each conv1 and conv2 with ReLU, conv3 with the shortcut's add (hoisted: res5's first conv1 runs on
     # the map, unfused)
     assert calls.count("add_relu") == 4 and calls.count("relu") == 2 + 4 * 2 - hoist
+
+
+def test_cudas_plan_with_the_levers_names_every_device(cudnn_on_cpu):
+    """CUDA's inference plan with cuda_channels_last, cuda_hoist and cuda_fused_relu (cuDNN's
+    ops by CPU stand-ins), its head through cuda_graphs' padding and the sync-free postprocess,
+    applied to a CPU model: nothing is made on the default device (tests/test_devices.py's check;
+    on a GPU such a tensor would meet CUDA ones)."""
+    model = tiny_c4()
+    plan = inference_plan("cuda", cuda_channels_last=True, cuda_hoist=True, cuda_fused_relu=True)
+    with UnnamedDeviceCheck() as check:
+        fast = apply_plan(copy.deepcopy(model).requires_grad_(False), plan)
+        fast.rpn.sync_free = fast.roi_heads.sync_free = True
+        fast.roi_heads.res5_runner.padded_head = ReplayedOnCpu(fast.roi_heads.res5_runner.head, graphs=True)
+        dets = detections(fast, [IMAGES3[0], IMAGES3[2]])
+    assert sum(len(d["boxes"]) for d in dets) > 0
+    assert check.found == [], f"tensors made without naming their device: {check.found}"
 
 
 def test_cuda_graphs_lever_is_cuda_only(tmp_path):
