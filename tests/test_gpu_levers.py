@@ -377,6 +377,35 @@ def test_cudnn_conv_bias_relu_arithmetic_and_casts(cudnn_on_cpu):
     assert not cudnn.fusable(x.bfloat16(), conv)  # no autocast: x and the weight must agree
 
 
+def test_a_conv_cudnn_cannot_fuse_runs_unfused_with_one_warning(cudnn_on_cpu, caplog):
+    """cuDNN may find no engine for a fusion (shape, dtype, version): that conv runs the unfused
+    ops from then on (the same values), one warning; a missing kernel (NotImplementedError) or
+    out of memory is raised as it is."""
+    calls = []
+
+    def refuses(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED\nmore")
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 3, 1).requires_grad_(False)
+    x, z = torch.randn(1, 4, 5, 5), torch.randn(1, 3, 5, 5)
+    cudnn.OPS["add_relu"] = refuses
+    with caplog.at_level(logging.WARNING, logger="detection.accel.cudnn"):
+        for _ in range(3):
+            torch.testing.assert_close(cudnn.conv_bias_relu(x, conv, relu=True, residual=z), (conv(x) + z).relu())
+        torch.testing.assert_close(cudnn.conv_bias_relu(x, conv, relu=True), conv(x).relu())  # this conv: unfused
+    assert len(calls) == 1 and len(caplog.records) == 1
+    assert "CUDNN_STATUS_NOT_SUPPORTED" in caplog.text and "(3, 4, 1, 1) conv" in caplog.text
+    assert "more" not in caplog.text
+    for error in (NotImplementedError("no CPU kernel"), torch.cuda.OutOfMemoryError("CUDA out of memory")):
+        def raises(*args, _error=error, **kwargs):
+            raise _error
+        cudnn.OPS["relu"] = raises
+        with pytest.raises(type(error)):
+            cudnn.conv_bias_relu(x, torch.nn.Conv2d(4, 3, 1).requires_grad_(False), relu=True)
+
+
 def test_the_cuda_fused_relu_lever_is_chosen_on_cuda_only():
     """The plan: the fused blocks on CUDA with cuda_fused_relu (and folding), never Winograd
     there; the CPU's plan is the same with and without it. A "meta" model stands in for CUDA."""

@@ -12,9 +12,13 @@ torch.compile'd module (accel.compile) the blocks run their unfused ops and the 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEVICES = ("cuda",)  # where conv_pointwise calls cuDNN (a test adds "cpu", with stand-in OPS)
@@ -53,20 +57,32 @@ def cast_parameters(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[Tensor, Tensor
 
 def conv_bias_relu(x: Tensor, conv: nn.Conv2d, *, relu: bool, residual: Tensor | None = None) -> Tensor:
     """relu(conv(x) + bias [+ residual]) in one cuDNN call (y = act(conv(x) + alpha * z + bias));
-    without relu the plain convolution and add. Equal to the unfused ops up to rounding
+    without relu the plain convolution and add. Where cuDNN has no fused kernel for a conv (a
+    RuntimeError from the op) that conv runs unfused from then on, with one warning. Equal to the
+    unfused ops up to rounding
     (tests/test_cuda.py; on the CPU tests/test_gpu_levers.py checks the arithmetic with
     stand-in ops and that the calls bind to aten's schemas)."""
     dtype = compute_dtype(x)
     weight, bias = cast_parameters(conv, dtype)
-    x = x.to(dtype)
-    geometry = {"stride": list(conv.stride), "padding": list(conv.padding), "dilation": list(conv.dilation),
-                "groups": conv.groups}
-    if not relu:
-        out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return out if residual is None else out + residual.to(dtype)
-    if residual is None:
-        return OPS["relu"](x, weight=weight, bias=bias, **geometry)
-    return OPS["add_relu"](x, weight=weight, z=residual.to(dtype), alpha=1.0, bias=bias, **geometry)
+    x, z = x.to(dtype), None if residual is None else residual.to(dtype)
+    if relu and not getattr(conv, "_cudnn_unfused", False):
+        geometry = {"stride": list(conv.stride), "padding": list(conv.padding), "dilation": list(conv.dilation),
+                    "groups": conv.groups}
+        try:
+            if z is None:
+                return OPS["relu"](x, weight=weight, bias=bias, **geometry)
+            return OPS["add_relu"](x, weight=weight, z=z, alpha=1.0, bias=bias, **geometry)
+        except (NotImplementedError, torch.cuda.OutOfMemoryError):
+            raise  # no kernel for the device (a bug), or out of memory: not cuDNN's limits
+        except RuntimeError as error:  # e.g. no cuDNN engine for this fusion, shape and dtype
+            conv._cudnn_unfused = True
+            logger.warning("accel.cuda_fused_relu: cuDNN could not fuse the ReLU into a %s conv on %s %s input "
+                           "(%s); that conv runs unfused from now on", tuple(weight.shape), tuple(x.shape),
+                           dtype, str(error).splitlines()[0] if str(error) else type(error).__name__)
+    out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if z is not None:
+        out = out + z
+    return out.relu_() if relu else out
 
 
 # the fused ops, by name: a test replaces them with CPU stand-ins of the same signature
