@@ -375,6 +375,10 @@ def test_cudnn_conv_bias_relu_arithmetic_and_casts(cudnn_on_cpu):
         assert conv._cudnn_cast[1] is not kept
     assert cudnn.compute_dtype(x) == torch.float32
     assert not cudnn.fusable(x.bfloat16(), conv)  # no autocast: x and the weight must agree
+    with torch.inference_mode():  # weights folded under inference_mode keep no version counter
+        folded = torch.nn.Conv2d(8, 6, 3, padding=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cudnn.conv_bias_relu(x, folded, relu=True).dtype == torch.bfloat16
 
 
 def test_a_conv_cudnn_cannot_fuse_runs_unfused_with_one_warning(cudnn_on_cpu, caplog):

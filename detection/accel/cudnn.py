@@ -46,13 +46,19 @@ def fusable(x: Tensor, conv: nn.Conv2d) -> bool:
 def cast_parameters(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """conv's weight and bias in `dtype`, cast once and kept on the conv (inference: the folded
     weights do not change; a weight replaced or changed in place is cast again)."""
-    w = conv.weight
-    key = (dtype, w.device, w.data_ptr(), w._version, conv.bias.data_ptr(), conv.bias._version)
+    w, b = conv.weight, conv.bias
+    key = (dtype, w.device, w.data_ptr(), _version(w), b.data_ptr(), _version(b))
     cached = getattr(conv, "_cudnn_cast", None)
     if cached is None or cached[0] != key:
-        cached = (key, w.detach().to(dtype), conv.bias.detach().to(dtype))
+        cached = (key, w.detach().to(dtype), b.detach().to(dtype))
         conv._cudnn_cast = cached
     return cached[1], cached[2]
+
+
+def _version(t: Tensor) -> int:
+    """t's version counter; -1 for an inference tensor (a model folded under inference_mode),
+    which keeps none."""
+    return -1 if t.is_inference() else t._version
 
 
 def conv_bias_relu(x: Tensor, conv: nn.Conv2d, *, relu: bool, residual: Tensor | None = None) -> Tensor:
