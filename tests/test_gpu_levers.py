@@ -320,6 +320,9 @@ def test_the_cuda_hoist_plan_gives_the_same_detections_on_the_cpu(nhwc):
     assert_same_sets(ref, detections(hoisted, images))
     (_, static_in, _), = runner.padded_head.graphs.values()
     assert set(static_in) == {"conv1", "shortcut"} and runner.padded_head.captures == 1
+    # the buffers keep the pooling's NHWC layout (an NCHW one: a strided copy per call)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+               for t in static_in.values())
 
 
 def _conv_relu(x, *, weight, bias, stride, padding, dilation, groups):

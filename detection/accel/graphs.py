@@ -72,8 +72,13 @@ class PaddedRes5(nn.Module):
         return self.use_graphs and all(t.is_cuda for t in _tensors(x))
 
     def _padded(self, x: Rows, rows: int) -> Rows:
+        """x padded to `rows` rows of `fill`, in x's memory format (the runner's pooled maps are
+        NHWC: an NCHW buffer would cost a strided copy in and a layout change in res5)."""
         def pad(t: Tensor) -> Tensor:
-            padded = t.new_full((rows, *t.shape[1:]), self.fill)
+            nhwc = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+            padded = torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=t.device,
+                                 memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+            padded[t.shape[0]:] = self.fill
             padded[:t.shape[0]] = t
             return padded
         return _each(x, pad)
