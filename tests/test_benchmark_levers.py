@@ -296,6 +296,7 @@ def test_the_gpu_sessions_benchmark_commands_build_their_models(tmp_path, monkey
             patch.setattr(torch.cuda, "is_available", lambda: True)
             args = tool.parse_args(argv[1:])
         assert args.device == "cuda" and args.image_size == [800, 1088] and args.json.startswith(str(tmp_path))
+        assert args.kernels == (25 if args.levers else 0)  # the levers run ends with the op profiles
         cfg = bench_config(args)
         assert (cfg.model.rpn.pre_nms_topk_test, cfg.model.rpn.post_nms_topk_test) == (6000, 1000)
         assert cfg.model.backbone.depth == 50 and cfg.model.roi_heads.pooler_resolution == 14
@@ -329,3 +330,35 @@ def test_the_gpu_session_runs_every_command_and_records_each(tmp_path, monkeypat
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)  # a relative --out is the caller's folder, not the repository's
     assert session.parse_args(["--out", "rel"]).out == tmp_path / "rel"
+
+
+def test_the_kernel_profiles_on_the_cpu(capsys):
+    """--kernels N (kernels.py) on the CPU, tiny model: the three profiles (fast float32, fast with
+    the inference levers under test.amp, a fast training step under solver.amp), each with at most
+    N ops by self time, the call's host time and the project's stage labels among the ops; the
+    table printed; and the option refused without --levers."""
+    from detection.benchmarking.kernels import print_kernels, profile_kernels
+
+    tool = load_tool("benchmark")
+    config = ["--config", str(ROOT / "configs" / "base.yaml"), *TINY, "--image-size", "64", "96"]
+    args = tool.parse_args(config)  # on the CPU --levers (and so --kernels) is refused; this part runs here
+    args.kernels = 12
+    cfg = bench_config(args)
+    plain = build_bench_model(cfg, args)
+    images = [torch.rand(3, 64, 96) * 255]
+    report = profile_kernels(cfg, plain, images, args)
+    assert list(report) == ["inference fast float32 b1", "inference fast+all amp b1", "training step fast amp"]
+    for name, entry in report.items():
+        assert "error" not in entry, (name, entry)
+        assert 0 < len(entry["ops"]) <= 12 and entry["host_ms"] > 0 and entry["launches"] == 0  # no CUDA here
+        cpu = [op["self_cpu_ms"] for op in entry["ops"]]
+        assert cpu == sorted(cpu, reverse=True) and all(op["calls"] >= 1 for op in entry["ops"])
+    every = {op["name"] for op in profile_kernels(cfg, plain, images, argparse.Namespace(
+        kernels=1000, train_images=1, image_size=(64, 96)))["inference fast float32 b1"]["ops"]}
+    assert {"c4det.trunk", "c4det.rpn", "c4det.res5"} <= every
+    print_kernels(report)
+    out = capsys.readouterr().out
+    assert "profile of training step fast amp: " in out and "kernel launches" in out
+    with pytest.raises(SystemExit):
+        tool.parse_args([*config, "--kernels", "5"])
+    assert "--kernels profiles after the levers' tables: use it with --levers" in capsys.readouterr().err

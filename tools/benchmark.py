@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from detection.benchmarking.kernels import print_kernels
 from detection.benchmarking.levers import print_levers
 from detection.benchmarking.memory import child_main
 from detection.benchmarking.onnx_runtime import bench_onnx, print_onnx  # bench_onnx: also this tool's API
@@ -97,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False)")
     if args.levers and args.device != "cuda":
         p.error("--levers measures the GPU levers (config group accel): it needs --device cuda")
+    if args.kernels and not args.levers:
+        p.error("--kernels profiles after the levers' tables: use it with --levers")
+    if args.kernels < 0:
+        p.error("--kernels must be >= 0")
     if args.onnx and args.device == "cuda":
         p.error("--onnx times ONNX Runtime on the CPU against the fast path there: leave out --device cuda")
     if args.eval_images is None:
@@ -139,6 +144,10 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                         "training step's (unless --no-train); needs --device cuda")
     p.add_argument("--levers-compile", default="default", type=_compile_mode, metavar="MODE",
                    help="the torch.compile mode of --levers' compile rows (default: default; off: leave them out)")
+    p.add_argument("--kernels", type=int, default=0, metavar="N",
+                   help="with --levers: after its tables, profile one call of the fast path (float32, b1), the "
+                        "fast path with every inference lever but compile (test.amp, b1) and one fast training "
+                        "step (solver.amp), and print each one's N ops with the most device time (default 0: off)")
     p.add_argument("--child", choices=("plain", "fast", "torchvision"), help=argparse.SUPPRESS)
 
 
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def levers_table_done(report: dict, name: str) -> None:
         """Each levers table printed and saved as it is done (device time is lent in slices)."""
-        (print_levers if name == "levers" else print_training_levers)(report[name])
+        {"levers": print_levers, "training_levers": print_training_levers, "kernels": print_kernels}[name](report[name])
         sys.stdout.flush()
         save(report)
 

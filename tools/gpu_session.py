@@ -7,7 +7,8 @@ on a GPU machine"). Steps, in this order unless named:
     bench    tools/benchmark.py --device cuda --compare-torchvision at Detectron2's test settings
              (800x1088, 6000 -> 1000 proposals, random sane weights) in torchvision's ResNet
              layout (stride in the 3x3 conv, RGB), so torchvision's C4 is built from our weights
-    levers   tools/benchmark.py --device cuda --levers at the same settings (docs/accel.md)
+    levers   tools/benchmark.py --device cuda --levers at the same settings (docs/accel.md), then
+             the op profiles of the fast path, the levers and a training step (--kernels 25)
     demo     tools/demo.py on the GPU, then shapes_val in float32 and with test.amp
 
 Each command's output goes to the terminal and to a file in DIR as it runs, and each command
@@ -46,7 +47,7 @@ def commands(step: str, out: Path, *, levers_compile: str = "off", device: str =
         return [("benchmark.txt", [*BENCH, "--compare-torchvision", "--no-data", "--json", str(out / "benchmark.json")])]
     if step == "levers":
         return [("levers.txt", [*BENCH, "--levers", "--levers-compile", levers_compile, "--train-images", "2",
-                                "--json", str(out / "levers.json")])]
+                                "--kernels", "25", "--json", str(out / "levers.json")])]
     if step == "demo":
         evals = [(f"eval-shapes_val-amp-{amp}.txt",
                   ["tools/eval.py", "--weights", f"{demo_dir}/model_final.pth", "--output-dir",

@@ -13,6 +13,7 @@ import torch
 from detection.benchmarking.data import bench_eval, bench_loader, datasets
 from detection.benchmarking.hardware import hardware_throughput
 from detection.benchmarking.inference import bench_inference, inference_variants
+from detection.benchmarking.kernels import profile_kernels
 from detection.benchmarking.levers import BATCH_SIZES, measure_levers, summarize_levers
 from detection.benchmarking.memory import bench_gpu_memory, bench_memory, child_argv
 from detection.benchmarking.models import bench_config, build_bench_model, build_torchvision_c4, synthetic_batch
@@ -58,8 +59,9 @@ def run_levers(args: argparse.Namespace, argv: list[str],
                section_done: Callable[[dict[str, Any], str], None] | None = None) -> dict[str, Any]:
     """--levers: the header and the GPU levers' tables, inference (detection/benchmarking/levers.py)
     and, unless --no-train, training (training_levers.py), with torchvision's C4 assembly as the
-    yardstick; no other section. section_done(report, name) is called as each table is done
-    ("levers", then "training_levers"), so a later failure or a time limit keeps the first."""
+    yardstick, and with --kernels N the op profiles (kernels.py); no other section.
+    section_done(report, name) is called as each table is done ("levers", "training_levers",
+    "kernels"), so a later failure or a time limit keeps the earlier ones."""
     cfg = bench_config(args)
     device = select_device(args.device, cfg.tf32)
     report = _header(args, argv, cfg, device)
@@ -74,6 +76,10 @@ def run_levers(args: argparse.Namespace, argv: list[str],
         report["training_levers"] = summarize_training_levers(measure_training_levers(cfg, plain, tv, args))
         if section_done:
             section_done(report, "training_levers")
+    if getattr(args, "kernels", 0):  # where one call's time goes (kernels.py)
+        report["kernels"] = profile_kernels(cfg, plain, [img.to(device) for img in images], args)
+        if section_done:
+            section_done(report, "kernels")
     return report
 
 
