@@ -384,10 +384,10 @@ def test_cudnn_conv_bias_relu_arithmetic_and_casts(cudnn_on_cpu):
             assert cudnn.conv_bias_relu(x, folded, relu=True).dtype == torch.bfloat16
 
 
-def test_a_conv_cudnn_cannot_fuse_runs_unfused_with_one_warning(cudnn_on_cpu, caplog):
+def test_a_conv_cudnn_cannot_fuse_runs_unfused_with_one_warning(cudnn_on_cpu, caplog, monkeypatch):
     """cuDNN may find no engine for a fusion (shape, dtype, version): that conv runs the unfused
-    ops from then on (the same values), one warning; a missing kernel (NotImplementedError) or
-    out of memory is raised as it is."""
+    ops from then on (the same values), one warning for every conv that fails so; a missing kernel
+    (NotImplementedError) or out of memory is raised as it is."""
     calls = []
 
     def refuses(*args, **kwargs):
@@ -395,14 +395,16 @@ def test_a_conv_cudnn_cannot_fuse_runs_unfused_with_one_warning(cudnn_on_cpu, ca
         raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED\nmore")
 
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(4, 3, 1).requires_grad_(False)
+    conv, other = torch.nn.Conv2d(4, 3, 1).requires_grad_(False), torch.nn.Conv2d(4, 3, 1).requires_grad_(False)
     x, z = torch.randn(1, 4, 5, 5), torch.randn(1, 3, 5, 5)
     cudnn.OPS["add_relu"] = refuses
+    monkeypatch.setattr(cudnn, "_WARNED", set())
     with caplog.at_level(logging.WARNING, logger="detection.accel.cudnn"):
         for _ in range(3):
             torch.testing.assert_close(cudnn.conv_bias_relu(x, conv, relu=True, residual=z), (conv(x) + z).relu())
         torch.testing.assert_close(cudnn.conv_bias_relu(x, conv, relu=True), conv(x).relu())  # this conv: unfused
-    assert len(calls) == 1 and len(caplog.records) == 1
+        torch.testing.assert_close(cudnn.conv_bias_relu(x, other, relu=True, residual=z), (other(x) + z).relu())
+    assert len(calls) == 2 and len(caplog.records) == 1  # each conv tried once; the same reason said once
     assert "CUDNN_STATUS_NOT_SUPPORTED" in caplog.text and "(3, 4, 1, 1) conv" in caplog.text
     assert "more" not in caplog.text
     for error in (NotImplementedError("no CPU kernel"), torch.cuda.OutOfMemoryError("CUDA out of memory")):

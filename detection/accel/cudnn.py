@@ -64,7 +64,8 @@ def _version(t: Tensor) -> int:
 def conv_bias_relu(x: Tensor, conv: nn.Conv2d, *, relu: bool, residual: Tensor | None = None) -> Tensor:
     """relu(conv(x) + bias [+ residual]) in one cuDNN call (y = act(conv(x) + alpha * z + bias));
     without relu the plain convolution and add. Where cuDNN has no fused kernel for a conv (a
-    RuntimeError from the op) that conv runs unfused from then on, with one warning. Equal to the
+    RuntimeError from the op) that conv runs unfused from then on, with one warning per dtype and
+    reason. Equal to the
     unfused ops up to rounding
     (tests/test_cuda.py; on the CPU tests/test_gpu_levers.py checks the arithmetic with
     stand-in ops and that the calls bind to aten's schemas)."""
@@ -82,14 +83,19 @@ def conv_bias_relu(x: Tensor, conv: nn.Conv2d, *, relu: bool, residual: Tensor |
             raise  # no kernel for the device (a bug), or out of memory: not cuDNN's limits
         except RuntimeError as error:  # e.g. no cuDNN engine for this fusion, shape and dtype
             conv._cudnn_unfused = True
-            logger.warning("accel.cuda_fused_relu: cuDNN could not fuse the ReLU into a %s conv on %s %s input "
-                           "(%s); that conv runs unfused from now on", tuple(weight.shape), tuple(x.shape),
-                           dtype, str(error).splitlines()[0] if str(error) else type(error).__name__)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if (dtype, reason) not in _WARNED:  # once per dtype and reason, not once per conv
+                _WARNED.add((dtype, reason))
+                logger.warning("accel.cuda_fused_relu: cuDNN could not fuse the ReLU into a %s conv on %s %s "
+                               "input (%s); such convs run unfused from now on (this is said once per dtype and "
+                               "reason)", tuple(weight.shape), tuple(x.shape), dtype, reason)
     out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if z is not None:
         out = out + z
     return out.relu_() if relu else out
 
+
+_WARNED: set[tuple[torch.dtype, str]] = set()  # (dtype, reason) of the fallbacks already logged
 
 # the fused ops, by name: a test replaces them with CPU stand-ins of the same signature
 OPS = {"relu": torch.ops.aten.cudnn_convolution_relu, "add_relu": torch.ops.aten.cudnn_convolution_add_relu}
