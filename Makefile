@@ -50,11 +50,13 @@ test-gpu:
 # every command runs even when one before it failed, $(OUT)/steps.txt has each one's seconds.
 # One step alone: `make gpu-session STEPS=bench`. The levers' torch.compile rows are off by default
 # (compiling R50 several times may not fit 15 minutes of device time): LEVERS_COMPILE=default.
+# LIMITS="suite=250 bench=150" stops a step's commands at those seconds (a hang costs only its step).
 OUT ?= output/gpu
 STEPS ?=
 LEVERS_COMPILE ?= off
+LIMITS ?=
 gpu-session:
-	$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_session.py --out $(OUT) --levers-compile $(LEVERS_COMPILE) $(STEPS)
+	$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_session.py --out $(OUT) --levers-compile $(LEVERS_COMPILE)$(foreach limit,$(LIMITS), --limit $(limit)) $(STEPS)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

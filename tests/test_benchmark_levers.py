@@ -7,7 +7,9 @@ runs and is recorded whatever the one before did."""
 import argparse
 import io
 import json
+import os
 import subprocess
+import time
 from contextlib import redirect_stdout
 
 import pytest
@@ -362,3 +364,43 @@ def test_the_kernel_profiles_on_the_cpu(capsys):
     with pytest.raises(SystemExit):
         tool.parse_args([*config, "--kernels", "5"])
     assert "--kernels profiles after the levers' tables: use it with --levers" in capsys.readouterr().err
+
+
+def test_a_gpu_session_step_past_its_limit_is_stopped_and_the_next_runs(tmp_path, monkeypatch, capsys):
+    """--limit STEP=SECONDS: a command that hangs (here with a child process of its own, as
+    pytest's torchrun test has) is stopped with its whole process group at the limit, its output
+    so far kept and the stop recorded; the next step still runs. A wrong --limit is refused."""
+    session = load_tool("gpu_session")
+    child = tmp_path / "child.pid"
+    hang = ("import subprocess, sys, time; print('started', flush=True); "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(child)!r}, 'w').write(str(p.pid)); time.sleep(120)")
+    fake = {"suite": [("hang.txt", ["-c", hang])], "bench": [("next.txt", ["-c", "print('next')"])]}
+    monkeypatch.setattr(session, "commands", lambda step, out, **options: fake[step])
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    assert session.run_steps(["suite", "bench"], out, {"suite": 3.0}) == 1
+    assert time.perf_counter() - start < 60
+    assert (out / "hang.txt").read_text() == "started\n" and (out / "next.txt").read_text() == "next\n"
+    rows = [line.split("\t") for line in (out / "steps.txt").read_text().splitlines()]
+    assert rows[0][0] == "suite" and rows[0][4] == "stopped at its limit" and float(rows[0][3]) < 30
+    assert rows[1][:3] == ["bench", "next.txt", "0"] and len(rows[1]) == 4
+    pid = int(child.read_text())
+    for _ in range(50):  # the grandchild went with the group
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the hanging command's child {pid} is still running")
+    assert "(stopped at its limit)" in capsys.readouterr().out
+    assert dict(session.parse_args(["--out", str(out), "--limit", "suite=240", "--limit", "bench=170"]).limit) == \
+        {"suite": 240.0, "bench": 170.0}
+    make = subprocess.run(["make", "-n", "gpu-session", f"OUT={out}", "STEPS=suite", "LIMITS=suite=240 bench=170"],
+                          cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert make[-5:] == ["--limit", "suite=240", "--limit", "bench=170", "suite"]
+    for wrong in ("tests=240", "suite=soon", "suite=0"):
+        with pytest.raises(SystemExit):
+            session.parse_args(["--out", str(out), "--limit", wrong])
+        assert "is not STEP=SECONDS with STEP one of suite, bench, levers, demo" in capsys.readouterr().err

@@ -14,17 +14,23 @@ on a GPU machine"). Steps, in this order unless named:
 Each command's output goes to the terminal and to a file in DIR as it runs, and each command
 runs even when one before it failed (a device slice is 15 minutes: what finished is kept).
 DIR/steps.txt gets one line per command: step, file, exit status, seconds (for planning the
-next slice). Exit status 1 when a command failed.
+next slice), and "stopped at its limit" for a command stopped by --limit STEP=SECONDS (its
+process group is terminated, the output so far kept, and the next command runs: a hang in one
+step no longer costs the slice's other steps). Exit status 1 when a command failed.
 
     python3 tools/gpu_session.py --out $OUT                  # all four
     python3 tools/gpu_session.py --out $OUT bench levers     # two of them
+    python3 tools/gpu_session.py --out $OUT --limit suite=240 --limit bench=170 suite bench
     python3 tools/gpu_session.py --out /tmp/x demo --device cpu   # the demo step on the CPU
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,32 +63,76 @@ def commands(step: str, out: Path, *, levers_compile: str = "off", device: str =
     raise ValueError(f"step {step!r} is not one of {', '.join(STEPS)}")
 
 
-def run_command(argv: list[str], log: Path) -> tuple[int, float]:
+def _stop(proc: subprocess.Popen, stopped: threading.Event) -> None:
+    """The command's whole process group (pytest's and torchrun's children too): SIGTERM, then
+    SIGKILL 10 s later if it is still there."""
+    stopped.set()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_command(argv: list[str], log: Path, limit: float | None = None) -> tuple[int, float, bool]:
     """argv under this interpreter from the repository root, its output (stdout and stderr)
-    copied line by line to the terminal and to `log`; -> (exit status, seconds)."""
+    copied line by line to the terminal and to `log`, stopped after `limit` seconds if given;
+    -> (exit status, seconds, whether the limit stopped it)."""
     start = time.perf_counter()
-    print(f"\n==> {' '.join(argv)}  (output: {log})", flush=True)
+    print(f"\n==> {' '.join(argv)}  (output: {log}{f', limit {limit:.0f} s' if limit else ''})", flush=True)
+    stopped = threading.Event()
     with open(log, "w") as file, subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            file.write(line)
-            file.flush()
-    return proc.returncode, time.perf_counter() - start
+                                                  stderr=subprocess.STDOUT, text=True, errors="replace",
+                                                  start_new_session=True) as proc:
+        timer = threading.Timer(limit, _stop, (proc, stopped)) if limit else None
+        if timer:
+            timer.daemon = True
+            timer.start()
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                file.write(line)
+                file.flush()
+        finally:
+            if timer:
+                timer.cancel()
+        proc.wait()
+    return proc.returncode, time.perf_counter() - start, stopped.is_set()
 
 
-def run_steps(steps: list[str], out: Path, **options: str) -> int:
-    """Every command of every step, whatever the ones before did; -> 1 when one failed."""
+def run_steps(steps: list[str], out: Path, limits: dict[str, float] | None = None, **options: str) -> int:
+    """Every command of every step, whatever the ones before did, each stopped after its step's
+    limit in seconds (`limits`, by step name) if it has one; -> 1 when one failed or was stopped."""
     out.mkdir(parents=True, exist_ok=True)
     failed = False
     for step in steps:
         for name, argv in commands(step, out, **options):
-            status, seconds = run_command(argv, out / name)
-            failed |= status != 0
+            status, seconds, stopped = run_command(argv, out / name, (limits or {}).get(step))
+            failed |= status != 0 or stopped
+            note = "\tstopped at its limit" if stopped else ""
             with open(out / "steps.txt", "a") as record:
-                record.write(f"{step}\t{name}\t{status}\t{seconds:.1f}\n")
-            print(f"==> {step}: {name} exit status {status} in {seconds:.1f} s", flush=True)
+                record.write(f"{step}\t{name}\t{status}\t{seconds:.1f}{note}\n")
+            print(f"==> {step}: {name} exit status {status} in {seconds:.1f} s"
+                  f"{' (stopped at its limit)' if stopped else ''}", flush=True)
     return 1 if failed else 0
+
+
+def _limit(text: str) -> tuple[str, float]:
+    """STEP=SECONDS -> (step, seconds)."""
+    step, _, seconds = text.partition("=")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = -1.0
+    if step not in STEPS or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not STEP=SECONDS with STEP one of {', '.join(STEPS)} and "
+                                         "SECONDS > 0")
+    return step, value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,6 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "several times may not fit a 15-minute slice)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="the demo step's device (cpu: its dry run here)")
+    parser.add_argument("--limit", type=_limit, action="append", default=[], metavar="STEP=SECONDS",
+                        help="stop each command of STEP after SECONDS (its output kept, the next command runs); "
+                             "repeatable")
     args = parse_command_line(parser, argv)
     args.out = args.out.resolve()  # the commands run from the repository root
     unknown = [step for step in args.steps if step not in STEPS]
@@ -106,7 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: run_steps(args.steps, args.out, levers_compile=args.levers_compile, device=args.device))
+    return run_tool(lambda: run_steps(args.steps, args.out, dict(args.limit), levers_compile=args.levers_compile,
+                                      device=args.device))
 
 
 if __name__ == "__main__":
