@@ -398,7 +398,7 @@ def test_a_conv_cudnn_cannot_fuse_runs_unfused_with_one_warning(cudnn_on_cpu, ca
     conv, other = torch.nn.Conv2d(4, 3, 1).requires_grad_(False), torch.nn.Conv2d(4, 3, 1).requires_grad_(False)
     x, z = torch.randn(1, 4, 5, 5), torch.randn(1, 3, 5, 5)
     cudnn.OPS["add_relu"] = refuses
-    monkeypatch.setattr(cudnn, "_WARNED", set())
+    monkeypatch.setattr(cudnn, "FALLBACKS_WARNED", set())
     with caplog.at_level(logging.WARNING, logger="detection.accel.cudnn"):
         for _ in range(3):
             torch.testing.assert_close(cudnn.conv_bias_relu(x, conv, relu=True, residual=z), (conv(x) + z).relu())

@@ -84,8 +84,8 @@ def conv_bias_relu(x: Tensor, conv: nn.Conv2d, *, relu: bool, residual: Tensor |
         except RuntimeError as error:  # e.g. no cuDNN engine for this fusion, shape and dtype
             conv._cudnn_unfused = True
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            if (dtype, reason) not in _WARNED:  # once per dtype and reason, not once per conv
-                _WARNED.add((dtype, reason))
+            if (dtype, reason) not in FALLBACKS_WARNED:  # once per dtype and reason, not once per conv
+                FALLBACKS_WARNED.add((dtype, reason))
                 logger.warning("accel.cuda_fused_relu: cuDNN could not fuse the ReLU into a %s conv on %s %s "
                                "input (%s); such convs run unfused from now on (this is said once per dtype and "
                                "reason)", tuple(weight.shape), tuple(x.shape), dtype, reason)
@@ -95,7 +95,7 @@ def conv_bias_relu(x: Tensor, conv: nn.Conv2d, *, relu: bool, residual: Tensor |
     return out.relu_() if relu else out
 
 
-_WARNED: set[tuple[torch.dtype, str]] = set()  # (dtype, reason) of the fallbacks already logged
+FALLBACKS_WARNED: set[tuple[torch.dtype, str]] = set()  # (dtype, reason) of the fallbacks already logged
 
 # the fused ops, by name: a test replaces them with CPU stand-ins of the same signature
 OPS = {"relu": torch.ops.aten.cudnn_convolution_relu, "add_relu": torch.ops.aten.cudnn_convolution_add_relu}
