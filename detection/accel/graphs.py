@@ -27,6 +27,22 @@ def bucket(count: int, granularity: int = GRANULARITY) -> int:
     return max(1, math.ceil(count / granularity)) * granularity
 
 
+SHARED_POOLS: dict[torch.device, tuple] = {}  # the graphs' memory pool per device (shared_pool)
+
+
+def shared_pool(device: torch.device) -> tuple:
+    """One CUDA-graph memory pool per device for every PaddedRes5's graphs (every bucket, every
+    model). Safe to share here although the graphs replay in any order: a graph reads only its
+    own input buffer (allocated outside the pool, written before each replay) and the
+    temporaries it makes during its replay; its output stays allocated while the graph lives and
+    is copied out at once. So the pool holds one res5's activations, not one per model (the
+    levers benchmark keeps several graphed models of 8,000 RoIs alive side by side)."""
+    device = torch.device(device)
+    if device not in SHARED_POOLS:
+        SHARED_POOLS[device] = torch.cuda.graph_pool_handle()
+    return SHARED_POOLS[device]
+
+
 def _tensors(x: Rows) -> list[Tensor]:
     return list(x.values()) if isinstance(x, dict) else [x]
 
@@ -47,7 +63,6 @@ class PaddedRes5(nn.Module):
         super().__init__()
         self.res5, self.use_graphs, self.granularity, self.fill = res5, graphs, granularity, fill
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Rows, Tensor]] = {}
-        self.pool = None
 
     def forward(self, x: Rows) -> Tensor:
         count = _tensors(x)[0].shape[0]
@@ -85,8 +100,8 @@ class PaddedRes5(nn.Module):
 
     def capture(self, example: Rows) -> tuple[torch.cuda.CUDAGraph, Rows, Tensor]:
         """(graph, its input buffer, its output) for example's shape. Warm-up on a side stream
-        (cuDNN picks its algorithms), then the capture; the graphs share one memory pool (they are
-        replayed one at a time). Under autocast (test.amp) its cache of cast weights is off for the
+        (cuDNN picks its algorithms), then the capture into the device's shared memory pool
+        (shared_pool). Under autocast (test.amp) its cache of cast weights is off for the
         capture: a cached cast would be freed when the autocast region ends while the graph still
         reads it (PyTorch's CUDA-graph notes)."""
         if torch.is_autocast_enabled("cuda"):
@@ -103,12 +118,10 @@ class PaddedRes5(nn.Module):
             for _ in range(2):
                 self.res5(static_in)
         torch.cuda.current_stream(device).wait_stream(stream)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: the capture happens at the first batch of an evaluation, while the
         # DataLoader's pin-memory thread allocates pinned buffers (cudaHostAlloc); in the default
         # "global" mode any thread's such call invalidates the capture and fails that thread too
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=shared_pool(device), capture_error_mode="thread_local"):
             static_out = self.res5(static_in)
         return graph, static_in, static_out
