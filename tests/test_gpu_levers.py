@@ -465,6 +465,25 @@ def test_cudas_plan_with_the_levers_names_every_device(cudnn_on_cpu):
     assert check.found == [], f"tensors made without naming their device: {check.found}"
 
 
+@pytest.mark.parametrize("variant", [*VARIANTS, "RoIPool"])
+def test_cudas_plan_with_the_levers_gives_the_same_detections_in_every_variant(tmp_path, cudnn_on_cpu, variant):
+    """CUDA's plan with cuda_hoist, cuda_channels_last and cuda_fused_relu (cuDNN's ops by CPU
+    stand-ins), its head replayed through cuda_graphs' NaN-padded buffers (the CPU stand-in), on
+    trainable-BN ResNet-18 models (the runner pools the C4 map: basic blocks are not hoisted): the
+    plain path's detections with multi-scale testing, box refinement, global context and RoIPool."""
+    extra = {"model.roi_heads.pooler": "roi_pool"} if variant == "RoIPool" else VARIANTS[variant]
+    cfg = tiny_cfg(tmp_path, tmp_path, **{"model.backbone.norm": "bn", "model.roi_heads.score_thresh_test": 0.0,
+                                          **extra})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    plan = inference_plan("cuda", cuda_channels_last=True, cuda_hoist=True, cuda_fused_relu=True)
+    fast = apply_plan(copy.deepcopy(model).requires_grad_(False), plan)
+    runner = fast.roi_heads.res5_runner
+    runner.padded_head = ReplayedOnCpu(runner.head, graphs=True, fill=float("nan"))
+    assert_same_sets(detections(model), detections(fast))
+    assert runner.padded_head.captures >= 1 and type(fast.roi_heads.res5[0]).__name__ == "FusedBasicBlock"
+
+
 def test_cuda_graphs_lever_is_cuda_only(tmp_path):
     model = build_model(tiny_cfg(tmp_path, tmp_path)).eval()
     on_cpu = optimize_for_inference(model, levers=Levers(cuda_graphs=True))
