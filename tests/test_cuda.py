@@ -126,8 +126,8 @@ def test_training_with_amp_and_resume_on_the_gpu(trained):
 
 
 def test_training_levers_on_the_gpu(root, trained):
-    """accel.sync_free_postprocess and accel.compile (the trunk compiled in place, off the CPU) in
-    training with solver.amp: finite losses, the same state_dict keys as without, and the
+    """accel.sync_free_postprocess and accel.compile (the trunk compiled in place and the
+    Res5Runner's head, off the CPU) in training with solver.amp: finite losses, the same state_dict keys as without, and the
     checkpoint detects like the plain path (as sets: float16 training of a barely trained model)."""
     args = overrides(root, root / "levers", **{"solver.amp": True, "model.backbone.norm": "bn",
                                                "accel.sync_free_postprocess": True, "accel.compile": "default"})
@@ -318,7 +318,7 @@ def test_gpu_levers_reproduce_detectron2_on_the_gpu():
     cfg = load_config(R50, ["tf32=false", *levers])
     predictor = Predictor(cfg, weights=str(weights), device=DEVICE)
     runner = predictor.model.roi_heads.res5_runner
-    assert runner.hoist and (runner.padded_head is not None) == (DEVICE == "cuda")
+    assert runner.hoist and (runner.head_fn is not None) == (DEVICE == "cuda")
     assert type(predictor.model.roi_heads.res5[0]).__name__ == "FusedBottleneck"
     for name in ("exact_0", "resize_0"):
         fraction = matched_to_detectron2(predictor(str(CASE / "images" / f"{name}.png")), reference[name])

@@ -15,7 +15,7 @@ from torchvision.ops import batched_nms
 from detection.accel import COMPILE_MODES, InferencePlan, Levers, apply_plan, inference_plan, optimize_for_inference
 from detection.accel import cudnn, graphs
 from detection.accel.graphs import PaddedRes5, bucket
-from detection.accel.levers import CompiledModule
+from detection.accel.levers import CompiledModule, compile_runner_head
 from detection.accel.plan import ToChannelsLast
 from detection.config import ConfigError
 from detection.engine.loading import accel_levers, prepare_for_inference
@@ -295,11 +295,11 @@ def test_the_cuda_hoist_lever_is_chosen_on_cuda_only():
     fast = optimize_for_inference(model, levers=Levers(cuda_hoist=True, cuda_channels_last=True))
     runner = fast.roi_heads.res5_runner
     assert runner is not None and runner.hoist and runner.chunk_size is None and runner.channels_last
-    assert runner.padded_head is None  # cuda_graphs off; and never off CUDA (below)
+    assert runner.head_fn is None  # cuda_graphs off; and never off CUDA (below)
     assert type(fast.roi_heads.res5[0]).__name__ == "Bottleneck"  # no oneDNN post-ops
     assert not hasattr(fast.roi_heads.res5[1].conv2, "winograd_weight")
     on_cpu = optimize_for_inference(tiny_c4(), levers=Levers(cuda_hoist=True, cuda_graphs=True))
-    assert on_cpu.roi_heads.res5_runner.padded_head is None and on_cpu.roi_heads.res5_runner.chunk_size == 64
+    assert on_cpu.roi_heads.res5_runner.head_fn is None and on_cpu.roi_heads.res5_runner.chunk_size == 64
 
 
 @pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "cuda_channels_last"])
@@ -316,10 +316,10 @@ def test_the_cuda_hoist_plan_gives_the_same_detections_on_the_cpu(nhwc):
     assert runner.hoist and runner.chunk_size is None and runner.channels_last == nhwc
     ref = detections(model, images)
     assert_same_sets(ref, detections(hoisted, images))
-    runner.padded_head = ReplayedOnCpu(runner.head, graphs=True, fill=float("nan"))
+    runner.head_fn = ReplayedOnCpu(runner.head, graphs=True, fill=float("nan"))
     assert_same_sets(ref, detections(hoisted, images))
-    (_, static_in, _), = runner.padded_head.graphs.values()
-    assert set(static_in) == {"conv1", "shortcut"} and runner.padded_head.captures == 1
+    (_, static_in, _), = runner.head_fn.graphs.values()
+    assert set(static_in) == {"conv1", "shortcut"} and runner.head_fn.captures == 1
     # the buffers keep the pooling's NHWC layout (an NCHW one: a strided copy per call)
     assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
                for t in static_in.values())
@@ -459,7 +459,7 @@ def test_cudas_plan_with_the_levers_names_every_device(cudnn_on_cpu):
     with UnnamedDeviceCheck() as check:
         fast = apply_plan(copy.deepcopy(model).requires_grad_(False), plan)
         fast.rpn.sync_free = fast.roi_heads.sync_free = True
-        fast.roi_heads.res5_runner.padded_head = ReplayedOnCpu(fast.roi_heads.res5_runner.head, graphs=True)
+        fast.roi_heads.res5_runner.head_fn = ReplayedOnCpu(fast.roi_heads.res5_runner.head, graphs=True)
         dets = detections(fast, [IMAGES3[0], IMAGES3[2]])
     assert sum(len(d["boxes"]) for d in dets) > 0
     assert check.found == [], f"tensors made without naming their device: {check.found}"
@@ -479,9 +479,40 @@ def test_cudas_plan_with_the_levers_gives_the_same_detections_in_every_variant(t
     plan = inference_plan("cuda", cuda_channels_last=True, cuda_hoist=True, cuda_fused_relu=True)
     fast = apply_plan(copy.deepcopy(model).requires_grad_(False), plan)
     runner = fast.roi_heads.res5_runner
-    runner.padded_head = ReplayedOnCpu(runner.head, graphs=True, fill=float("nan"))
+    runner.head_fn = ReplayedOnCpu(runner.head, graphs=True, fill=float("nan"))
     assert_same_sets(detections(model), detections(fast))
-    assert runner.padded_head.captures >= 1 and type(fast.roi_heads.res5[0]).__name__ == "FusedBasicBlock"
+    assert runner.head_fn.captures >= 1 and type(fast.roi_heads.res5[0]).__name__ == "FusedBasicBlock"
+
+
+def test_a_copied_runner_runs_its_own_res5_eagerly():
+    """A deep copy of a model whose Res5Runner has a head_fn (cuda_graphs' PaddedRes5, compile's
+    compiled head) leaves head_fn out: a compiled function would still call the original runner's
+    head, the other model's res5, and CUDA graphs cannot be copied. The copy's runner runs the
+    copy's res5."""
+    model = tiny_c4()
+    fast = apply_plan(copy.deepcopy(model).requires_grad_(False), inference_plan("cuda", cuda_hoist=True))
+    runner = fast.roi_heads.res5_runner
+    runner.head_fn = CompiledModule(runner.head, "default", "res5 head")  # not called: nothing compiles
+    clone = copy.deepcopy(fast)
+    assert clone.roi_heads.res5_runner.head_fn is None and runner.head_fn is not None
+    assert clone.roi_heads.res5_runner.res5 is clone.roi_heads.res5 is not fast.roi_heads.res5
+    images = [IMAGES3[0]]
+    runner.head_fn = None
+    assert_same_sets(detections(fast, images), detections(clone, images))
+
+
+@pytest.mark.slow  # torch.compile: seconds here
+def test_a_compiled_runner_head_gives_the_same_detections(caplog):
+    """accel.compile with cuda_hoist off the CPU compiles the Res5Runner's head (res5 after the
+    pooling; levers.compile_runner_head): CUDA's plan applied on the CPU with it, bottleneck
+    blocks, the plain path's detections, its compile time logged."""
+    model = tiny_c4()
+    fast = apply_plan(copy.deepcopy(model).requires_grad_(False), inference_plan("cuda", cuda_hoist=True))
+    compile_runner_head(fast.roi_heads.res5_runner, "default")
+    images = [IMAGES3[0], IMAGES3[2]]
+    with caplog.at_level(logging.INFO, logger="detection.accel.levers"):
+        assert_same_sets(detections(model, images), detections(fast, images))
+    assert "torch.compile (mode default) of the res5 head (the runner's) took" in caplog.text
 
 
 def test_cuda_graphs_lever_is_cuda_only(tmp_path):

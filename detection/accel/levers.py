@@ -4,9 +4,10 @@ by default until a GPU measures what it buys (`tools/benchmark.py --device cuda 
 - cuda_channels_last: on CUDA the trunk, the RPN and res5 in NHWC (inference_plan chooses it;
   the CPU's plan is unchanged); RoIAlign's output goes into res5 through `ToChannelsLast`.
 - sync_free_postprocess (any device): detection/modeling/syncfree.py, the same detections.
-- compile (any device): torch.compile of the trunk and of res5 (the plain res5 head: where the
-  CPU's Res5Runner runs res5, only the trunk), mode "default", "reduce-overhead" (CUDA graphs) or
-  "max-autotune". It compiles at the first images; that time is logged once per module at INFO.
+- compile (any device): torch.compile of the trunk and of res5 (the plain res5 head, or off the
+  CPU the Res5Runner's head, cuda_hoist's; where the CPU's Res5Runner runs res5, only the trunk),
+  mode "default", "reduce-overhead" (CUDA graphs) or "max-autotune". It compiles at the first
+  images; that time is logged once per module at INFO.
 - cuda_graphs: on CUDA res5 on RoI counts padded to fixed buckets, captured as CUDA graphs
   (graphs.py; the padding is device-neutral and tested on the CPU). res5 is then not compiled.
   With cuda_hoist the graphs hold the Res5Runner's head (res5 after the pooling).
@@ -19,7 +20,7 @@ by default until a GPU measures what it buys (`tools/benchmark.py --device cuda 
   written once instead of once per elementwise op.
 
 In training (plan.training_plan) sync_free_postprocess (the RPN's proposals, any device) and
-compile (the trunk in place, off the CPU) act; the others are inference-only (training hoists
+compile (the trunk in place and the Res5Runner's head, off the CPU) act; the others are inference-only (training hoists
 on every device already).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +59,7 @@ class CompiledModule(nn.Module):
     """torch.compile(module, mode=mode); the first call, where compiling happens, is timed and
     logged at INFO (later recompiles for new shapes are not)."""
 
-    def __init__(self, module: nn.Module, mode: str, name: str) -> None:
+    def __init__(self, module: nn.Module | Callable[..., Any], mode: str, name: str) -> None:
         super().__init__()
         self.compiled = torch.compile(module, mode=mode)
         self.mode, self.name, self.logged = mode, name, False
@@ -85,9 +86,19 @@ def apply_levers(fast: nn.Module, levers: Levers) -> nn.Module:
     if graphed and heads.res5_runner is None:
         heads.res5 = PaddedRes5(heads.res5, graphs=True)
     elif graphed:  # cuda_hoist: the runner's head (res5 after the pooling) in the graphs
-        heads.res5_runner.padded_head = PaddedRes5(heads.res5_runner.head, graphs=True)
+        heads.res5_runner.head_fn = PaddedRes5(heads.res5_runner.head, graphs=True)
     if levers.compile is not None:
         fast.trunk = CompiledModule(fast.trunk, levers.compile, "trunk")
         if heads.res5_runner is None and not graphed:
             heads.res5 = CompiledModule(heads.res5, levers.compile, "res5 head")
+        elif heads.res5_runner is not None and not graphed and fast.device.type != "cpu":
+            compile_runner_head(heads.res5_runner, levers.compile)  # cuda_hoist's runner (the CPU's: eager)
     return fast
+
+
+def compile_runner_head(runner: Any, mode: str) -> None:
+    """In place: the Res5Runner's head (res5 after the pooling) through torch.compile (`mode`),
+    as its head_fn; the pooling stays eager. At inference (cuda_hoist on CUDA) the first call's
+    compile time is logged; in training (training_plan's compile, off the CPU) autograd runs
+    through the compiled graph."""
+    runner.head_fn = CompiledModule(runner.head, mode, "res5 head (the runner's)")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from detection.accel.fold import (fold_frozen_bn, fold_frozen_bn_for_training, freeze_batchnorm, small_map_convs,
                                   winograd_training_convs)
-from detection.accel.levers import Levers, apply_levers
+from detection.accel.levers import Levers, apply_levers, compile_runner_head
 from detection.accel.onednn import FusedRPNHead, fuse_blocks
 from detection.accel.res5 import AUTO, Res5Runner, chunk_rois
 from detection.accel.winograd import winograd_convs
@@ -164,7 +164,7 @@ class TrainingPlan:
     small_map_taps: bool  # res5's 3x3 convs with small outputs as one matmul (a CPU kernel)
     winograd: bool  # res5's 3x3 stride-1 convs of 256+ channels by Winograd (a CPU kernel)
     sync_free_proposals: bool  # accel.sync_free_postprocess: the RPN's proposals without nonzero round trips
-    compile: str | None  # accel.compile off the CPU: torch.compile mode of the trunk (None: eager)
+    compile: str | None  # accel.compile off the CPU: torch.compile mode of the trunk and res5's head (None: eager)
 
 
 def training_plan(device: torch.device | str, *, fold_bn: bool = True, channels_last: bool = False,
@@ -209,5 +209,11 @@ def apply_training_plan(model: nn.Module, plan: TrainingPlan, *, hoist: bool = T
     model.rpn.sync_free = plan.sync_free_proposals
     if plan.compile is not None:  # in place (nn.Module.compile): the state_dict keys stay
         model.trunk.compile(mode=plan.compile)
-        logger.info("accel.compile: the trunk is compiled for training (mode %s) at the first step", plan.compile)
-    return install_runner(model, hoist=hoist, chunk_size=chunk_size) if plan.runner else model
+        logger.info("accel.compile: the trunk and res5's head are compiled for training (mode %s) at the first "
+                    "step", plan.compile)
+    if not plan.runner:
+        return model
+    install_runner(model, hoist=hoist, chunk_size=chunk_size)
+    if plan.compile is not None:  # res5 after the pooling: outside the module tree, no keys
+        compile_runner_head(model.roi_heads.res5_runner, plan.compile)
+    return model

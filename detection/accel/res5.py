@@ -19,6 +19,7 @@ resolution, By x Bx the bins pooled per RoI (S x S, or a strided subset).
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -59,8 +60,9 @@ class Res5Runner:
     hoist: run the first block's 1x1 conv1 and projection shortcut on the map (roi_align
     only). chunk_size: RoIs per res5 call in eval mode (None: all at once; "auto": see
     CHUNK_BINS). channels_last:
-    False gives res5 NCHW inputs (the pooling returns NHWC). padded_head: set by the
-    `accel.cuda_graphs` lever (graphs.PaddedRes5 over `head`), called in its place."""
+    False gives res5 NCHW inputs (the pooling returns NHWC). head_fn, when set, is called in
+    place of `head`: `accel.cuda_graphs`' graphs.PaddedRes5 over it, or `accel.compile`'s
+    torch.compile of it (levers.compile_runner_head)."""
 
     def __init__(self, res5: nn.Sequential, *, pooler: str, resolution: int, spatial_scale: float,
                  hoist: bool = True, chunk_size: int | str | None = AUTO, channels_last: bool = True) -> None:
@@ -74,7 +76,17 @@ class Res5Runner:
                           and ((shortcut is None and not first.residual)
                                or (isinstance(shortcut, nn.Sequential) and _pointwise(shortcut[0]))))
         self.out_channels = res5[-1].out_channels
-        self.padded_head: Callable[[dict[str, Tensor]], Tensor] | None = None
+        self.head_fn: Callable[[dict[str, Tensor]], Tensor] | None = None
+
+    def __deepcopy__(self, memo: dict) -> "Res5Runner":
+        """A copy runs its own res5 eagerly: head_fn is left out (a compiled head_fn would still
+        call this runner's head, the original model's res5; CUDA graphs cannot be copied); apply
+        the levers to the copy again."""
+        clone = Res5Runner.__new__(Res5Runner)
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            setattr(clone, name, None if name == "head_fn" else copy.deepcopy(value, memo))
+        return clone
 
     def __call__(self, features: Tensor, boxes: list[Tensor]) -> Tensor:
         rois = to_rois(list(boxes))  # (R, 5)
@@ -83,7 +95,7 @@ class Res5Runner:
         with record_function("c4det.hoisted_convs"):
             maps = self.prepare(features)
         out = []
-        head = self.head if self.padded_head is None else self.padded_head
+        head = self.head if self.head_fn is None else self.head_fn
         for chunk in self.chunks(rois):
             with record_function("c4det.pool"):
                 pooled = self.pool(maps, chunk)
