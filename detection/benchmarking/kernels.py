@@ -83,9 +83,8 @@ def profile_kernels(cfg: Config, plain: nn.Module, images: list[torch.Tensor], a
     def training() -> Callable[[], Any]:
         model = optimize_for_training(copy.deepcopy(plain).train(), channels_last=True)
         state = bench_state(model, cfg.solver.momentum, cfg.solver.weight_decay, ours=True)
-        batch, targets = synthetic_batch(args.train_images, tuple(args.image_size), cfg.model.num_classes)
-        batch = [img.to(device) for img in batch]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        batch, targets = synthetic_batch(args.train_images, tuple(args.image_size), cfg.model.num_classes,
+                                         device=device)
 
         def call() -> None:
             torch.manual_seed(0)

@@ -327,9 +327,10 @@ def compare_proposals(ref: list[Tensor], other: list[Tensor]) -> dict[str, Any]:
 # ---- training -----------------------------------------------------------------------------
 
 
-def synthetic_batch(num_images: int, size: tuple[int, int], num_classes: int, seed: int = 0
-                    ) -> tuple[list[torch.Tensor], list[dict]]:
-    """Noise images (0..255 float) with 5 random boxes each."""
+def synthetic_batch(num_images: int, size: tuple[int, int], num_classes: int, seed: int = 0,
+                    device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], list[dict]]:
+    """Noise images (0..255 float) with 5 random boxes each, drawn on the CPU (seeded: the same
+    batch on every device) and moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
     images = [torch.randint(0, 256, (3, h, w), generator=g).float() for _ in range(num_images)]
@@ -339,7 +340,7 @@ def synthetic_batch(num_images: int, size: tuple[int, int], num_classes: int, se
         wh = (torch.rand(5, 2, generator=g) * 0.5 + 0.1) * torch.tensor([w * 0.3, h * 0.3]) + 8
         boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([w, h]).float())], 1)
         targets.append({"boxes": boxes, "labels": torch.randint(1, num_classes + 1, (5,), generator=g)})
-    return images, targets
+    return [img.to(device) for img in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
 def bench_state(model: torch.nn.Module, momentum: float, weight_decay: float, ours: bool = True) -> TrainState:

@@ -34,8 +34,7 @@ def run(args: argparse.Namespace, argv: list[str], tool: Sequence[str]) -> dict[
     plain = build_bench_model(cfg, args)
     tv = build_torchvision_c4(plain, cfg).to(device) if args.compare_torchvision else None
     plain = plain.to(device)
-    images, _ = synthetic_batch(1, tuple(args.image_size), cfg.model.num_classes)
-    images = [img.to(device) for img in images]
+    images, _ = synthetic_batch(1, tuple(args.image_size), cfg.model.num_classes, device=device)
     report["inference"] = bench_inference(inference_variants(plain, tv, args), images, args)
     if args.onnx:
         report["onnx"] = bench_onnx(plain, images, args)
@@ -67,8 +66,8 @@ def run_levers(args: argparse.Namespace, argv: list[str],
     report = _header(args, argv, cfg, device)
     plain = build_bench_model(cfg, args)
     tv = build_torchvision_c4(plain, cfg).to(device).eval()
-    images, _ = synthetic_batch(max(BATCH_SIZES), tuple(args.image_size), cfg.model.num_classes)
-    raw = measure_levers(plain.to(device), tv, [img.to(device) for img in images], args)
+    images, _ = synthetic_batch(max(BATCH_SIZES), tuple(args.image_size), cfg.model.num_classes, device=device)
+    raw = measure_levers(plain.to(device), tv, images, args)
     report["levers"] = summarize_levers(raw)
     if section_done:
         section_done(report, "levers")
@@ -77,7 +76,7 @@ def run_levers(args: argparse.Namespace, argv: list[str],
         if section_done:
             section_done(report, "training_levers")
     if getattr(args, "kernels", 0):  # where one call's time goes (kernels.py)
-        report["kernels"] = profile_kernels(cfg, plain, [img.to(device) for img in images], args)
+        report["kernels"] = profile_kernels(cfg, plain, images, args)
         if section_done:
             section_done(report, "kernels")
     return report

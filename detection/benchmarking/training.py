@@ -31,9 +31,8 @@ def bench_training(cfg: Config, plain: torch.nn.Module, tv: torch.nn.Module | No
     models = training_models(plain, tv)
     timed_names = [n for n in models if n != "plain" or args.ablation or tv is None]
     device = next(plain.parameters()).device
-    images, targets = synthetic_batch(args.train_images, tuple(args.image_size), cfg.model.num_classes)
-    images = [img.to(device) for img in images]
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    images, targets = synthetic_batch(args.train_images, tuple(args.image_size), cfg.model.num_classes,
+                                      device=device)
     s = cfg.solver
     states = {n: bench_state(m, s.momentum, s.weight_decay, ours=not n.startswith("torchvision"))
               for n, m in models.items()}

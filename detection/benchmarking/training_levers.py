@@ -84,9 +84,8 @@ def measure_training_levers(cfg: Config, plain: nn.Module, tv: nn.Module | None,
     """The raw training rows: per precision, per model. args: train_images, image_size, runs,
     warmup, levers_compile."""
     device = next(plain.parameters()).device
-    images, targets = synthetic_batch(args.train_images, tuple(args.image_size), cfg.model.num_classes)
-    images = [img.to(device) for img in images]
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    images, targets = synthetic_batch(args.train_images, tuple(args.image_size), cfg.model.num_classes,
+                                      device=device)
     raw: dict[str, Any] = {"compile_mode": args.levers_compile, "images_per_step": len(images),
                            "image_size": list(args.image_size),
                            "rois_per_image": cfg.model.roi_heads.batch_size_per_image}
