@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SANE_BRANCH_SCALE = 0.25
 
@@ -129,3 +131,64 @@ def _project_caller(frame) -> str | None:
             return None  # a library function's own temporary
         frame = frame.f_back
     return None
+
+
+# ops whose result the host must wait for (a synchronisation on CUDA): their output's size or a
+# value comes from the device
+_HOST_READ_OPS = frozenset({"aten.nonzero", "aten.masked_select", "aten._local_scalar_dense", "aten.is_nonzero",
+                            "aten.equal", "aten.unique_consecutive", "aten._unique2", "aten.unique_dim",
+                            "aten.repeat_interleave", "torchvision.nms"})
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the host's reads of tensor values while it is active: on CUDA each one waits for
+    the GPU to finish what it was given (the CPU can no longer queue work ahead of it). Found
+    on any device, the CPU included: nonzero (and `torch.where(mask)`), NMS, indexing by a
+    boolean mask (also in the backward, where the mask indexes the gradient), `.item()`,
+    `bool()` / `int()` / `float()` of a tensor, `.tolist()`. Not counted: `x[mask] = scalar`
+    (PyTorch makes it a masked_fill) and copies to the CPU by `.cpu()` / `.to("cpu")` /
+    `.numpy()` (on the CPU no op runs to see). `places` counts them by "file:line function" of
+    the project's code that asked (detection/, backbones/, tools/), or "elsewhere"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.places: Counter[str] = Counter()
+
+    @property
+    def count(self) -> int:
+        return sum(self.places.values())
+
+    def __enter__(self) -> "HostReads":
+        self._tolist = torch.Tensor.tolist
+        reads = self
+
+        def tolist(tensor: Tensor) -> Any:
+            reads._record(sys._getframe(1))
+            return reads._tolist(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.Tensor.tolist = self._tolist
+        super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in _HOST_READ_OPS or (name in ("aten.index", "aten.index_put", "aten.index_put_")
+                                      and _reads_a_mask(name, args)):
+            self._record(sys._getframe(1))
+        return func(*args, **(kwargs or {}))
+
+    def _record(self, frame) -> None:
+        while frame is not None and not frame.f_code.co_filename.startswith(_PROJECT):
+            frame = frame.f_back
+        place = "elsewhere" if frame is None else \
+            f"{os.path.relpath(frame.f_code.co_filename, _ROOT)}:{frame.f_lineno} {frame.f_code.co_name}"
+        self.places[place] += 1
+
+
+def _reads_a_mask(name: str, args: tuple) -> bool:
+    """An index or index_put by a boolean mask, but not `x[mask] = scalar` (a masked_fill)."""
+    masked = any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or []))
+    return masked and not (name != "aten.index" and args[2].numel() == 1)

@@ -5,11 +5,11 @@ and torch.compile (slow) gives the same detections. Their speed is measured on a
 (tools/benchmark.py --device cuda --levers)."""
 import copy
 import logging
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import batched_nms
 
 from detection.accel import COMPILE_MODES, InferencePlan, Levers, apply_plan, inference_plan, optimize_for_inference
@@ -22,8 +22,8 @@ from detection.engine.loading import accel_levers, prepare_for_inference
 from detection.modeling.model import build_model
 from detection.modeling import syncfree
 from detection.modeling.syncfree import grid_batched_nms
-from detection.testing import UnnamedDeviceCheck
-from tests.helpers import IMAGES, make_model, paint, tiny_cfg
+from detection.testing import HostReads, UnnamedDeviceCheck
+from tests.helpers import IMAGES, TARGETS, make_model, paint, tiny_cfg
 from tests.test_fast import tiny_c4
 
 # a third image, of another size, so the batch has three images with different valid regions
@@ -101,22 +101,6 @@ def test_sync_free_proposals_equal_the_default_ones_with_boxes_that_are_not_regi
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-class HostReads(TorchDispatchMode):
-    """Counts the ops whose output size the host must read from the device (a synchronisation
-    on CUDA): nonzero, NMS, indexing by a boolean mask."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        bool_index = name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                                  for i in args[1])
-        self.count += name in ("aten.nonzero", "torchvision.nms") or bool_index
-        return func(*args, **(kwargs or {}))
-
-
 def host_reads(fn) -> int:
     with HostReads() as reads:
         fn()
@@ -124,8 +108,9 @@ def host_reads(fn) -> int:
 
 
 def test_sync_free_postprocess_reads_the_device_fewer_times():
-    """The box head: one nonzero and one NMS for the whole batch (the default path: one of each
-    per image); the RPN: NMS and one mask read per image (the default: four per image)."""
+    """The box head: one nonzero, one NMS and one read of the per-image counts for the whole
+    batch (the default path: a nonzero and an NMS per image); the RPN: NMS and one mask read per
+    image, as many as the default path (one nonzero for all its filters, then NMS)."""
     torch.manual_seed(0)
     model = make_model().eval()
     heads, rpn = model.roi_heads, model.rpn
@@ -134,13 +119,32 @@ def test_sync_free_postprocess_reads_the_device_fewer_times():
     per_image = host_reads(lambda: [heads.detect_image(b, s, 0.5) for b, s in zip(boxes, scores)])
     batched = host_reads(lambda: syncfree.detect(boxes, scores, score_thresh=0.05, nms_thresh=0.5,
                                                  detections_per_image=100))
-    assert (per_image, batched) == (6, 2)
+    assert (per_image, batched) == (6, 3)
     anchors = torch.rand(600, 4) * 60
     anchors[:, 2:] += anchors[:, :2] + 1
     args = (anchors, torch.randn(3, 600), torch.randn(3, 600, 4), [(96, 128)] * 3)
     default = host_reads(lambda: rpn.select_proposals(*args))
     rpn.sync_free = True
-    assert (default, host_reads(lambda: rpn.select_proposals(*args))) == (12, 6)
+    assert (default, host_reads(lambda: rpn.select_proposals(*args))) == (6, 6)
+
+
+def test_a_training_step_reads_the_device_once_per_batch_check_and_twice_per_image_and_stage():
+    """A training step of two images reads the device 10 times (36 before the loss side was
+    written as masks): once for the targets' checks and once for the images' 0..1 check (for the
+    batch), and per image one nonzero and one NMS for the RPN's proposals and one read of the
+    positive and negative counts in each of the two samplers (RPN, RoI head). The losses, the
+    RoI labels and the backward read nothing: a boolean mask index there (one more read in the
+    backward) would show here."""
+    torch.manual_seed(0)
+    model = make_model().train()
+    images = [image.float() for image in IMAGES]
+    with HostReads() as reads:
+        sum(model(images, TARGETS).values()).backward()
+    by_function = Counter()
+    for place, count in reads.places.items():
+        by_function[place.split()[-1]] += count
+    assert by_function == {"validate_targets": 1, "_check_images": 1, "select_proposals": 2,
+                           "first_nms_survivors": 2, "subsample_labels": 4}, reads.places
 
 
 def test_grid_batched_nms_keeps_what_nms_per_group_keeps():

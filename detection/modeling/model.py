@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_cla
     y2 > y1, "labels": integer (N,) in 1..num_classes}. An empty target (N = 0) is valid."""
     if len(targets) != num_images:
         raise TargetError(f"got {num_images} images but {len(targets)} targets")
+    checks = []
     for i, target in enumerate(targets):
         if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
             raise TargetError(f"target of image {i}: must be a dict with 'boxes' and 'labels'")
@@ -54,20 +55,27 @@ def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_cla
             raise TargetError(f"image {i}: labels must be an integer Tensor [{boxes.shape[0]}], got "
                               f"{getattr(labels, 'dtype', type(labels).__name__)} "
                               f"{list(getattr(labels, 'shape', []))}")
-        bad = ~torch.isfinite(boxes).all(dim=1)
-        _raise_first(bad, i, boxes, "is not finite")
-        _raise_first((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]), i, boxes,
-                     "is degenerate (needs x2 > x1 and y2 > y1)")
-        bad = (labels < 1) | (labels > num_classes)
-        if bad.any():
-            j = int(bad.nonzero()[0])
-            raise TargetError(f"image {i}, box {j}: label {int(labels[j])} is outside 1..{num_classes}")
+        checks.append((i, boxes, labels))
+    # The values' checks: one host read for the batch (a synchronisation on CUDA; one per check
+    # and image before), then, only when something is wrong, the checks that name it.
+    flags = [torch.stack([bad.any() for bad, _ in _problems(boxes, labels, num_classes)]).any()
+             for _, boxes, labels in checks]
+    if flags and bool(torch.stack([f.to(flags[0].device) for f in flags]).any()):
+        for i, boxes, labels in checks:
+            for bad, what in _problems(boxes, labels, num_classes):
+                if bad.any():
+                    j = int(bad.nonzero()[0])
+                    raise TargetError(f"image {i}, box {j}: {what(j)}")
 
 
-def _raise_first(bad: Tensor, image: int, boxes: Tensor, what: str) -> None:
-    if bad.any():
-        j = int(bad.nonzero()[0])
-        raise TargetError(f"image {image}, box {j}: {boxes[j].tolist()} {what}")
+def _problems(boxes: Tensor, labels: Tensor, num_classes: int) -> list[tuple[Tensor, Callable[[int], str]]]:
+    """(N, 4) boxes, (N,) labels -> (mask (N,) of the boxes with the problem, box j -> its
+    message) for each problem, in the order they are reported."""
+    return [(~torch.isfinite(boxes).all(dim=1), lambda j: f"{boxes[j].tolist()} is not finite"),
+            ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]),
+             lambda j: f"{boxes[j].tolist()} is degenerate (needs x2 > x1 and y2 > y1)"),
+            (((labels < 1) | (labels > num_classes)).to(boxes.device),
+             lambda j: f"label {int(labels[j])} is outside 1..{num_classes}")]
 
 
 class FasterRCNN(nn.Module):
@@ -199,11 +207,16 @@ def _check_images(images: Sequence[Tensor]) -> None:
         if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
             raise ValueError(f"FasterRCNN: image {i} must be a Tensor[3, H, W], got "
                              f"{list(getattr(img, 'shape', [])) or type(img).__name__}")
-        # torchvision's detectors take float 0..1; this one 0..255. Such an image runs and gives
-        # wrong detections in silence, so say so (once per process: warnings' default filter).
-        if img.is_floating_point() and img.numel() and 0 < float(img.max()) <= 1.0:
-            warnings.warn(f"FasterRCNN: image {i} is float with values in 0..1, but the model takes RGB "
-                          "0..255 (torchvision's detectors take 0..1): multiply by 255", stacklevel=3)
+    # torchvision's detectors take float 0..1; this one 0..255. Such an image runs and gives
+    # wrong detections in silence, so say so (once per process: warnings' default filter). The
+    # images' maxima are read in one go (a synchronisation on CUDA; one per image before).
+    floats = [(i, img) for i, img in enumerate(images) if img.is_floating_point() and img.numel()]
+    if floats:
+        maxima = torch.stack([img.amax().to(floats[0][1].device) for _, img in floats]).tolist()
+        for (i, _), top in zip(floats, maxima):
+            if 0 < top <= 1.0:
+                warnings.warn(f"FasterRCNN: image {i} is float with values in 0..1, but the model takes RGB "
+                              "0..255 (torchvision's detectors take 0..1): multiply by 255", stacklevel=3)
 
 
 def _traced_batch(images: list[Tensor], divisibility: int) -> ImageList:

@@ -219,9 +219,8 @@ class Res5ROIHeads(nn.Module):
             boxes = torch.cat([props, gt_boxes.to(props.dtype)])  # gt appended: always a positive
             matched_idx, match_labels = self.matcher(box_iou(gt_boxes, boxes))  # (P,), (P,)
             classes = torch.zeros_like(matched_idx)
-            if gt_boxes.numel():
-                fg = match_labels == FOREGROUND
-                classes[fg] = gt_labels[matched_idx[fg]].to(classes.dtype)
+            if gt_boxes.numel():  # torch.where, not classes[fg] = ...: a mask index reads the device
+                classes = torch.where(match_labels == FOREGROUND, gt_labels[matched_idx].to(classes.dtype), classes)
             classes[match_labels == IGNORE] = -1
             pos, neg = subsample_labels(classes, self.batch_size_per_image,
                                         self.positive_fraction, 0, self.generator)
@@ -239,10 +238,17 @@ class Res5ROIHeads(nn.Module):
             zero = logits.sum() * 0.0 + deltas.sum() * 0.0
             return {"loss_cls": zero, "loss_box": zero.clone()}
         loss_cls = F.cross_entropy(logits, gt_classes, reduction="mean")
-        fg = (gt_classes > 0).nonzero().squeeze(1)  # (F,)
-        fg_deltas = deltas.view(num_rois, self.num_classes, 4)[fg, gt_classes[fg] - 1]  # (F, 4)
-        target = self.box_coder.encode(gt_boxes[fg], boxes[fg])
-        loss_box = F.smooth_l1_loss(fg_deltas, target, beta=self.smooth_l1_beta, reduction="sum")
+        # The box loss over the fg RoIs, as a mask over all R (no nonzero: no host read): each
+        # RoI's deltas of its gt class (bg: class 1's, masked out), its target where fg, and
+        # zeros on both sides elsewhere (a bg RoI's target may be inf or NaN: never reaches the loss).
+        fg = (gt_classes > 0).unsqueeze(1)  # (R, 1)
+        cls = (gt_classes - 1).clamp(min=0).view(num_rois, 1, 1).expand(num_rois, 1, 4)
+        class_deltas = deltas.view(num_rois, self.num_classes, 4).gather(1, cls).squeeze(1)  # (R, 4)
+        target = self.box_coder.encode(gt_boxes, boxes)  # (R, 4) float32
+        target = torch.where(fg, target, torch.zeros((), dtype=target.dtype, device=target.device))
+        class_deltas = torch.where(fg, class_deltas, torch.zeros((), dtype=class_deltas.dtype,
+                                                                 device=class_deltas.device))
+        loss_box = F.smooth_l1_loss(class_deltas, target, beta=self.smooth_l1_beta, reduction="sum")
         return {"loss_cls": loss_cls, "loss_box": self.box_loss_weight * loss_box / num_rois}
 
     def detect_image(self, boxes: Tensor, scores: Tensor, nms_thresh: float) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
+from torchvision.ops import box_iou, clip_boxes_to_image, nms
 
 from detection.modeling.anchors import AnchorGenerator
 from detection.modeling.box_coder import BoxCoder
@@ -119,14 +119,17 @@ class RPN(nn.Module):
         """Objectness BCE over sampled anchors, box loss over sampled positives; both
         divided by batch_size_per_image * N."""
         normalizer = float(self.batch_size_per_image * labels.shape[0])
+        # Both losses as masks over all anchors, not boolean indexing (a host read each, and
+        # one more each in the backward): unsampled anchors weigh 0 in the BCE; the box loss
+        # takes zeros on both sides off the positives (a target there may be inf: never used).
         valid = labels >= 0  # (N, M)
         loss_cls = F.binary_cross_entropy_with_logits(
-            logits[valid], labels[valid].to(logits.dtype), reduction="sum")
-        positive = labels == 1  # (N, M)
-        anchors_per_pos = anchors.unsqueeze(0).expand_as(matched_gt)[positive]  # (P, 4)
-        target = self.box_coder.encode(matched_gt[positive], anchors_per_pos)
-        loss_box = F.smooth_l1_loss(deltas[positive], target, beta=self.smooth_l1_beta,
-                                    reduction="sum")
+            logits, (labels == 1).to(logits.dtype), weight=valid.to(logits.dtype), reduction="sum")
+        positive = (labels == 1).unsqueeze(-1)  # (N, M, 1)
+        target = self.box_coder.encode(matched_gt, anchors.unsqueeze(0).expand_as(matched_gt))  # (N, M, 4)
+        target = torch.where(positive, target, torch.zeros((), dtype=target.dtype, device=target.device))
+        deltas = torch.where(positive, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
+        loss_box = F.smooth_l1_loss(deltas, target, beta=self.smooth_l1_beta, reduction="sum")
         return {"loss_rpn_cls": loss_cls / normalizer, "loss_rpn_box": loss_box / normalizer}
 
     @torch.no_grad()
@@ -149,15 +152,21 @@ class RPN(nn.Module):
         proposals = []
         for boxes_i, scores_i, size in zip(boxes, top_logits, image_sizes):
             boxes_i = clip_boxes(boxes_i, size)
-            keep = remove_small_boxes(boxes_i, self.min_size)
-            boxes_i, scores_i = boxes_i[keep], scores_i[keep]
-            # Anchors entirely outside the image clip to zero-area boxes; they are not regions.
-            keep = ((boxes_i[:, 2] > boxes_i[:, 0]) & (boxes_i[:, 3] > boxes_i[:, 1])
-                    & torch.isfinite(boxes_i).all(dim=1) & torch.isfinite(scores_i))
+            # one nonzero (a host read on CUDA) for all the filters
+            keep = region_mask(boxes_i, scores_i, self.min_size).nonzero().squeeze(1)
             boxes_i, scores_i = boxes_i[keep], scores_i[keep]
             keep = first_nms_survivors(boxes_i, scores_i, self.nms_thresh, post_k)
             proposals.append(boxes_i[keep])
         return proposals
+
+
+def region_mask(boxes: Tensor, scores: Tensor, min_size: float) -> Tensor:
+    """(..., 4) clipped boxes, (...) scores -> (...) True where the box is a region: at least
+    min_size wide and high (torchvision's remove_small_boxes), non-empty (an anchor entirely
+    outside the image clips to a zero-area box), finite, with a finite score."""
+    widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    return ((widths >= min_size) & (heights >= min_size) & (boxes[..., 2] > boxes[..., 0])
+            & (boxes[..., 3] > boxes[..., 1]) & torch.isfinite(boxes).all(dim=-1) & torch.isfinite(scores))
 
 
 def first_nms_survivors(boxes: Tensor, scores: Tensor, iou_threshold: float, k: int) -> Tensor:

@@ -16,10 +16,15 @@ def subsample_labels(labels: Tensor, num_samples: int, positive_fraction: float,
     positives and negatives. Picks are uniform at random via `torch.randperm`; pass a
     seeded CPU `generator` for reproducible draws.
     """
-    positive = ((labels != -1) & (labels != bg_label)).nonzero().squeeze(1)
-    negative = (labels == bg_label).nonzero().squeeze(1)
-    num_pos = min(int(num_samples * positive_fraction), positive.numel())
-    num_neg = min(num_samples - num_pos, negative.numel())
+    # Positives and negatives in ascending order (what nonzero gives), from one stable sort by
+    # kind and one host read of the two counts (a synchronisation on CUDA; two nonzero before).
+    kind = torch.where(labels == bg_label, 1, 2)
+    kind = torch.where((labels != -1) & (labels != bg_label), 0, kind)  # 0 positive, 1 negative, 2 ignored
+    order = torch.sort(kind, stable=True).indices
+    num_positive, num_negative = torch.bincount(kind, minlength=3)[:2].tolist()
+    positive, negative = order[:num_positive], order[num_positive:num_positive + num_negative]
+    num_pos = min(int(num_samples * positive_fraction), num_positive)
+    num_neg = min(num_samples - num_pos, num_negative)
     return _pick(positive, num_pos, generator), _pick(negative, num_neg, generator)
 
 

@@ -26,16 +26,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import nms
 
-from detection.modeling.rpn import clip_boxes
-
-
-def region_mask(boxes: Tensor, scores: Tensor, min_size: float) -> Tensor:
-    """(..., 4) clipped boxes, (...) scores -> (...) True where the box is a region: at least
-    min_size wide and high, non-empty, finite, with a finite score (rpn.RPN.select_proposals'
-    filters, as one mask)."""
-    widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
-    return ((widths >= min_size) & (heights >= min_size) & (boxes[..., 2] > boxes[..., 0])
-            & (boxes[..., 3] > boxes[..., 1]) & torch.isfinite(boxes).all(dim=-1) & torch.isfinite(scores))
+from detection.modeling.rpn import clip_boxes, region_mask
 
 
 def select_proposals(boxes: Tensor, scores: Tensor, image_sizes: Sequence[tuple[int, int]], *,
