@@ -337,8 +337,8 @@ def test_the_gpu_session_runs_every_command_and_records_each(tmp_path, monkeypat
 def test_the_kernel_profiles_on_the_cpu(capsys):
     """--kernels N (kernels.py) on the CPU, tiny model: the three profiles (fast float32, fast with
     the inference levers under test.amp, a fast training step under solver.amp), each with at most
-    N ops by self time, the call's host time and the project's stage labels among the ops; the
-    table printed; and the option refused without --levers."""
+    N ops by self time, the call's host time and the project's stage labels among the ops, and its
+    host reads; the table printed; and the option refused without --levers."""
     from detection.benchmarking.kernels import print_kernels, profile_kernels
 
     tool = load_tool("benchmark")
@@ -361,6 +361,11 @@ def test_the_kernel_profiles_on_the_cpu(capsys):
     print_kernels(report)
     out = capsys.readouterr().out
     assert "profile of training step fast amp: " in out and "kernel launches" in out
+    # the training step's host reads, by the project's lines: its samplers among them
+    step = report["training step fast amp"]
+    assert step["host_reads"] >= sum(n for _, n in step["host_read_places"]) > 0
+    assert any("subsample_labels" in place for place, _ in step["host_read_places"]), step["host_read_places"]
+    assert f"{step['host_reads']} host reads (each waits for the device); the most: " in out
     with pytest.raises(SystemExit):
         tool.parse_args([*config, "--kernels", "5"])
     assert "--kernels profiles after the levers' tables: use it with --levers" in capsys.readouterr().err

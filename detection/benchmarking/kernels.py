@@ -5,7 +5,8 @@ lever under test.amp at batch 1, and one fast training step under solver.amp (2 
 --train-images says). For each: the N ops (aten ops and the project's record_function stages)
 with the most self time on the device (on the CPU: self CPU time), their calls, and the whole
 call's device time, host time and kernel launches (a host-bound call launches many small kernels:
-its device time is far below its host time)."""
+its device time is far below its host time), and the call's host reads (`detection.testing.HostReads`,
+counted in one more call: each waits for the GPU) with the project's lines that ask most."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ from detection.accel import Levers, optimize_for_inference, optimize_for_trainin
 from detection.benchmarking.meters import TimeMeter, failure_noted
 from detection.benchmarking.models import bench_state, synthetic_batch, train_step
 from detection.config import Config
+from detection.testing import HostReads
 
 ALL_INFERENCE = Levers(cuda_channels_last=True, sync_free_postprocess=True, cuda_graphs=True, cuda_hoist=True,
                        cuda_fused_relu=True)  # compile left out: its first call compiles for minutes
@@ -40,7 +42,8 @@ def _self_device_us(event: Any) -> float:
 def top_ops(fn: Callable[[], Any], device_type: str, count: int) -> dict[str, Any]:
     """fn() once to warm up, then once under torch.profiler: the `count` ops with the most self
     device time (self CPU time on the CPU), the call's host milliseconds, its device milliseconds
-    (the ops' self device time summed) and its kernel launches (runtime launch calls)."""
+    (the ops' self device time summed) and its kernel launches (runtime launch calls); then once
+    more counting its host reads (`host_reads`, and the 5 places with the most)."""
     cuda = device_type == "cuda"
     fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -57,7 +60,9 @@ def top_ops(fn: Callable[[], Any], device_type: str, count: int) -> dict[str, An
         return _self_device_us(e) if cuda else float(e.self_cpu_time_total)
 
     top = sorted(ops, key=weight, reverse=True)[:count]
-    return {"host_ms": host_ms, "device_ms": sum(_self_device_us(e) for e in ops) / 1000,
+    with HostReads() as reads:  # outside the profile: the mode's Python call per op costs host time
+        fn()
+    return {"host_reads": reads.count, "host_read_places": reads.places.most_common(5), "host_ms": host_ms, "device_ms": sum(_self_device_us(e) for e in ops) / 1000,
             "launches": sum(e.count for e in events if "LaunchKernel" in e.key),
             "ops": [{"name": e.key, "calls": e.count, "self_device_ms": _self_device_us(e) / 1000,
                      "self_cpu_ms": e.self_cpu_time_total / 1000} for e in top]}
@@ -112,3 +117,5 @@ def print_kernels(report: dict[str, Any]) -> None:
         print(f"  {'op':<48}{'calls':>7}{'device ms':>11}{'cpu ms':>9}")
         for op in entry["ops"]:
             print(f"  {op['name'][:47]:<48}{op['calls']:>7}{op['self_device_ms']:>11.2f}{op['self_cpu_ms']:>9.2f}")
+        places = ", ".join(f"{place} x{n}" for place, n in entry["host_read_places"])
+        print(f"  {entry['host_reads']} host reads (each waits for the device); the most: {places or '-'}")
