@@ -128,6 +128,20 @@ def test_sync_free_postprocess_reads_the_device_fewer_times():
     assert (default, host_reads(lambda: rpn.select_proposals(*args))) == (6, 6)
 
 
+def test_cuda_levers_on_a_cpu_model_say_they_do_nothing(caplog):
+    """A config written for a GPU machine, run on a CPU one: the CUDA levers it sets are named in
+    one warning; the CPU's plan is unchanged; sync_free_postprocess (any device) is not named."""
+    model = make_model().eval()
+    with caplog.at_level(logging.WARNING, logger="detection.accel.levers"):
+        optimize_for_inference(model, levers=Levers(cuda_graphs=True, cuda_hoist=True, sync_free_postprocess=True))
+    assert [r.getMessage() for r in caplog.records] == [
+        "accel.cuda_graphs, accel.cuda_hoist: CUDA levers, and the model is on cpu: they do nothing here"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detection.accel.levers"):
+        optimize_for_inference(model, levers=Levers(sync_free_postprocess=True))
+    assert caplog.records == []
+
+
 def test_a_training_step_reads_the_device_once_per_batch_check_and_twice_per_image_and_stage():
     """A training step of two images reads the device 10 times (36 before the loss side was
     written as masks): once for the targets' checks and once for the images' 0..1 check (for the

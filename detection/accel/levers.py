@@ -77,9 +77,17 @@ class CompiledModule(nn.Module):
         return out
 
 
+CUDA_ONLY = ("cuda_channels_last", "cuda_graphs", "cuda_hoist", "cuda_fused_relu")
+
+
 def apply_levers(fast: nn.Module, levers: Levers) -> nn.Module:
     """In place, after the plan's steps: the levers the plan does not choose (sync_free_postprocess,
-    cuda_graphs, compile)."""
+    cuda_graphs, compile). CUDA's levers set for a model elsewhere do nothing, and a warning says
+    so (a config written for a GPU machine, run on a CPU one)."""
+    idle = [f"accel.{name}" for name in CUDA_ONLY if getattr(levers, name)]
+    if idle and fast.device.type != "cuda":
+        logger.warning("%s: CUDA levers, and the model is on %s: they do nothing here", ", ".join(idle),
+                       fast.device.type)
     fast.rpn.sync_free = fast.roi_heads.sync_free = levers.sync_free_postprocess
     heads = fast.roi_heads
     graphed = levers.cuda_graphs and fast.device.type == "cuda"
