@@ -137,7 +137,7 @@ def _project_caller(frame) -> str | None:
 # value comes from the device
 _HOST_READ_OPS = frozenset({"aten.nonzero", "aten.masked_select", "aten._local_scalar_dense", "aten.is_nonzero",
                             "aten.equal", "aten.unique_consecutive", "aten._unique2", "aten.unique_dim",
-                            "aten.repeat_interleave", "torchvision.nms"})
+                            "aten.bincount", "torchvision.nms"})
 
 
 class HostReads(TorchDispatchMode):
@@ -145,9 +145,13 @@ class HostReads(TorchDispatchMode):
     the GPU to finish what it was given (the CPU can no longer queue work ahead of it). Found
     on any device, the CPU included: nonzero (and `torch.where(mask)`), NMS, indexing by a
     boolean mask (also in the backward, where the mask indexes the gradient), `.item()`,
-    `bool()` / `int()` / `float()` of a tensor, `.tolist()`. Not counted: `x[mask] = scalar`
-    (PyTorch makes it a masked_fill) and copies to the CPU by `.cpu()` / `.to("cpu")` /
-    `.numpy()` (on the CPU no op runs to see). `places` counts them by "file:line function" of
+    `bool()` / `int()` / `float()` of a tensor, `.tolist()`, bincount and repeat_interleave
+    without `output_size` (their output's size is read). Not counted: `x[mask] = scalar`
+    (PyTorch makes it a masked_fill), copies to the CPU by `.cpu()` / `.to("cpu")` / `.numpy()`,
+    and on CUDA copies from pageable host memory (`tensor.to("cuda")`, `torch.tensor(...,
+    device="cuda")`), which wait too: on the CPU no op runs to see. `host_to_device` makes the
+    project's copies that do not wait; the GPU suite compares this count with CUDA's own
+    (`torch.cuda.set_sync_debug_mode`). `places` counts them by "file:line function" of
     the project's code that asked (detection/, backbones/, tools/), or "elsewhere"."""
 
     def __init__(self) -> None:
@@ -176,7 +180,8 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         if name in _HOST_READ_OPS or (name in ("aten.index", "aten.index_put", "aten.index_put_")
-                                      and _reads_a_mask(name, args)):
+                                      and _reads_a_mask(name, args)) \
+                or (name == "aten.repeat_interleave" and (kwargs or {}).get("output_size") is None):
             self._record(sys._getframe(1))
         return func(*args, **(kwargs or {}))
 

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,9 @@ from detection.engine.checkpoint import load_checkpoint
 from detection.engine.loading import build_inference_model
 from detection.engine.trainer import train
 from detection.evaluation import evaluate_test_sets
+from detection.testing import HostReads
 from detection.utils.comm import set_tf32
-from tests.helpers import load_tool, tiny_overrides
+from tests.helpers import IMAGES, TARGETS, load_tool, make_model, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 ON_CPU = os.environ.get("C4DET_CUDA_SUITE_ON_CPU") == "1"
@@ -144,6 +146,31 @@ def test_training_levers_on_the_gpu(root, trained):
     ref = detections(plain, weights, DEVICE, images)
     assert sum(len(d["boxes"]) for d in ref) > 0
     assert_equal(ref, detections(fast, weights, DEVICE, images), box_tolerance=1e-3, score_tolerance=1e-4)
+
+
+@pytest.mark.skipif(ON_CPU, reason="CUDA's sync debug mode needs CUDA")
+def test_every_wait_for_the_gpu_in_a_training_step_is_a_counted_host_read():
+    """PyTorch's sync debug mode warns at each point where the host waits for the GPU. In a
+    training step of two images (forward and backward, global context on: its whole-image
+    boxes and counts are host data too) those are exactly the reads HostReads counts on any
+    device (10, as tests/test_gpu_levers.py pins on the CPU): the samplers' CPU randperm and
+    the other host data reach the GPU without a wait (host_to_device), and no op reads the
+    device where the CPU-side count cannot see it (bincount's max, a pageable copy)."""
+    torch.manual_seed(0)
+    model = make_model(global_context=True).to(DEVICE).train()
+    images = [image.float().to(DEVICE) for image in IMAGES]
+    targets = [{k: v.to(DEVICE) for k, v in t.items()} for t in TARGETS]
+    sum(model(images, targets).values()).backward()  # warm-up: cuDNN's plans, the caching allocators
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught, HostReads() as reads:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            sum(model(images, targets).values()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert reads.count == 10 and len(waits) == reads.count, (len(waits), dict(reads.places), waits[:3])
 
 
 def test_torchrun_one_process_trains_through_ddp(root):

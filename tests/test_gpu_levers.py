@@ -150,7 +150,7 @@ def test_a_training_step_reads_the_device_once_per_batch_check_and_twice_per_ima
     RoI labels and the backward read nothing: a boolean mask index there (one more read in the
     backward) would show here."""
     torch.manual_seed(0)
-    model = make_model().train()
+    model = make_model(global_context=True).train()  # its whole-image boxes and counts: no reads
     images = [image.float() for image in IMAGES]
     with HostReads() as reads:
         sum(model(images, TARGETS).values()).backward()

@@ -22,7 +22,7 @@ from detection.modeling.refinement import BoxRefinement
 from detection.modeling.resize import RESIZE_MODES, resize_tensor, resized_shape
 from detection.modeling.roi_heads import Res5ROIHeads
 from detection.modeling.rpn import RPN, clip_boxes
-from detection.modeling.structures import ImageList
+from detection.modeling.structures import ImageList, host_to_device
 
 if TYPE_CHECKING:  # annotations only: the model needs no config at run time
     from detection.config import BackboneConfig, Config, ModelConfig
@@ -245,7 +245,7 @@ def rescale_detections(det: dict[str, Tensor], resized: tuple[int, int] | Tensor
     boxes = det["boxes"]
     if resized != original:
         sy, sx = original[0] / resized[0], original[1] / resized[1]
-        boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
+        boxes = boxes * host_to_device(torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype, device="cpu"), boxes.device)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, original[1])
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, original[0])
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])

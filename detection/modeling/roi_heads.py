@@ -33,6 +33,7 @@ from detection.modeling.precision import float32
 from detection.modeling.refinement import BoxRefinement, box_voting
 from detection.modeling.rpn import clip_boxes
 from detection.modeling.sampling import subsample_labels
+from detection.modeling.structures import host_to_device
 
 POOLERS = ("roi_align", "roi_pool")
 
@@ -169,7 +170,8 @@ class Res5ROIHeads(nn.Module):
         if len(counts) == 1:  # no count read: a traced graph follows the input's number of RoIs
             per_roi = context.expand_as(roi_features)  # (1, C5) -> (R, C5)
         else:
-            per_roi = context.repeat_interleave(torch.tensor(counts, device=context.device), dim=0)  # (N, C5) -> (R, C5)
+            repeats = host_to_device(torch.tensor(counts, device="cpu"), context.device)
+            per_roi = context.repeat_interleave(repeats, dim=0, output_size=sum(counts))  # (N, C5) -> (R, C5)
         return torch.cat([roi_features, per_roi.to(roi_features.dtype)], dim=1)
 
     def training_features(self, features: Tensor, boxes: list[Tensor],
@@ -276,7 +278,8 @@ def _whole_image_box(features: Tensor, size: tuple[int, int] | Tensor) -> Tensor
     if isinstance(size, Tensor):
         return torch.cat([size.new_zeros(2), size.flip(0)]).to(torch.float32).unsqueeze(0)
     height, width = size
-    return features.new_tensor([[0.0, 0.0, float(width), float(height)]], dtype=torch.float32)
+    return host_to_device(torch.tensor([[0.0, 0.0, float(width), float(height)]], dtype=torch.float32, device="cpu"),
+                          features.device)
 
 
 def _per_image(x: Tensor, counts: list[int]) -> list[Tensor]:

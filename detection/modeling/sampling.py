@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from detection.modeling.structures import host_to_device
+
 
 def subsample_labels(labels: Tensor, num_samples: int, positive_fraction: float,
                      bg_label: int = 0, generator: torch.Generator | None = None
@@ -21,7 +23,7 @@ def subsample_labels(labels: Tensor, num_samples: int, positive_fraction: float,
     kind = torch.where(labels == bg_label, 1, 2)
     kind = torch.where((labels != -1) & (labels != bg_label), 0, kind)  # 0 positive, 1 negative, 2 ignored
     order = torch.sort(kind, stable=True).indices
-    num_positive, num_negative = torch.bincount(kind, minlength=3)[:2].tolist()
+    num_positive, num_negative = torch.stack([(kind == 0).sum(), (kind == 1).sum()]).tolist()  # not bincount: it reads max
     positive, negative = order[:num_positive], order[num_positive:num_positive + num_negative]
     num_pos = min(int(num_samples * positive_fraction), num_positive)
     num_neg = min(num_samples - num_pos, num_negative)
@@ -29,6 +31,7 @@ def subsample_labels(labels: Tensor, num_samples: int, positive_fraction: float,
 
 
 def _pick(indices: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
-    # randperm on the CPU so a CPU generator works whatever device the labels are on.
+    # randperm on the CPU so a CPU generator works whatever device the labels are on; its
+    # copy to the labels' device does not wait for the GPU (host_to_device)
     order = torch.randperm(indices.numel(), generator=generator, device="cpu")[:count]
-    return indices[order.to(indices.device)]
+    return indices[host_to_device(order, indices.device)]
