@@ -62,7 +62,8 @@ def top_ops(fn: Callable[[], Any], device_type: str, count: int) -> dict[str, An
     top = sorted(ops, key=weight, reverse=True)[:count]
     with HostReads() as reads:  # outside the profile: the mode's Python call per op costs host time
         fn()
-    return {"host_reads": reads.count, "host_read_places": reads.places.most_common(5), "host_ms": host_ms, "device_ms": sum(_self_device_us(e) for e in ops) / 1000,
+    return {"host_ms": host_ms, "device_ms": sum(_self_device_us(e) for e in ops) / 1000,
+            "host_reads": reads.count, "host_read_places": reads.places.most_common(5),
             "launches": sum(e.count for e in events if "LaunchKernel" in e.key),
             "ops": [{"name": e.key, "calls": e.count, "self_device_ms": _self_device_us(e) / 1000,
                      "self_cpu_ms": e.self_cpu_time_total / 1000} for e in top]}

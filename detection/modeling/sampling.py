@@ -23,7 +23,8 @@ def subsample_labels(labels: Tensor, num_samples: int, positive_fraction: float,
     kind = torch.where(labels == bg_label, 1, 2)
     kind = torch.where((labels != -1) & (labels != bg_label), 0, kind)  # 0 positive, 1 negative, 2 ignored
     order = torch.sort(kind, stable=True).indices
-    num_positive, num_negative = torch.stack([(kind == 0).sum(), (kind == 1).sum()]).tolist()  # not bincount: it reads max
+    # (two sums, not bincount: bincount reads its input's max on the host first)
+    num_positive, num_negative = torch.stack([(kind == 0).sum(), (kind == 1).sum()]).tolist()
     positive, negative = order[:num_positive], order[num_positive:num_positive + num_negative]
     num_pos = min(int(num_samples * positive_fraction), num_positive)
     num_neg = min(num_samples - num_pos, num_negative)
