@@ -161,6 +161,16 @@ def test_a_training_step_reads_the_device_once_per_batch_check_and_twice_per_ima
                            "first_nms_survivors": 2, "subsample_labels": 4}, reads.places
 
 
+def test_the_gather_pooling_plan_reads_the_device_twice_for_both_axes():
+    """The Res5Runner's pooling plan (CUDA's training path, the CPU's fast path) reads the most
+    samples per bin and the widest window once for both axes (it read each per axis)."""
+    from detection.accel.gather import pool_plan
+
+    xy = torch.rand(40, 2) * 200
+    rois = torch.cat([torch.zeros(40, 1), xy, xy + torch.rand(40, 2) * 300], dim=1)
+    assert host_reads(lambda: pool_plan(rois, (25, 34), 14, 1 / 16, stride=2)) == 2
+
+
 def test_grid_batched_nms_keeps_what_nms_per_group_keeps():
     torch.manual_seed(1)
     xy = torch.rand(400, 2) * 100

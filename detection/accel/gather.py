@@ -20,17 +20,19 @@ def to_rois(boxes: list[Tensor]) -> Tensor:
     return torch.cat([index, torch.cat(list(boxes))], dim=1)
 
 
-def _axis_weights(start: Tensor, length: Tensor, bins: Tensor, resolution: int, size: int
-                  ) -> tuple[Tensor, Tensor]:
-    """One axis of aligned RoIAlign with adaptive sampling, as torchvision computes it.
+def _axis_samples(start: Tensor, length: Tensor, bins: Tensor, resolution: int, size: int, most: int
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One axis of aligned RoIAlign with adaptive sampling, as torchvision computes it, up to
+    its window's size: each bin's ceil(length / S) samples (at most `most`) spread 1/samples
+    over their two neighbouring rows.
 
-    start, length (R,) in map cells; bins (B,) bin numbers. Returns the first map row of
-    each bin's window (R, B) and the weights of the window's K rows (R, B, K): each of the
-    bin's ceil(length / S) samples spreads 1/samples over its two neighbouring rows."""
+    start, length (R,) in map cells; bins (B,) bin numbers. Returns the first map row of each
+    bin's window (R, B), each sample's row relative to it (R, B, G), its fraction towards the
+    next row and its weight (R, B, G)."""
     count = torch.ceil(length / resolution)  # (R,) samples per bin; 0 for an empty box
     samples = count.clamp(min=1)
     step = length / resolution  # bin size
-    k = torch.arange(int(samples.max()), dtype=start.dtype, device=start.device)
+    k = torch.arange(most, dtype=start.dtype, device=start.device)
     pos = (start[:, None, None] + bins.to(start.dtype)[None, :, None] * step[:, None, None]
            + (k + 0.5) * (step / samples)[:, None, None])  # (R, B, G) sample positions
     valid = (k < count[:, None, None]) & (pos >= -1.0) & (pos <= size)
@@ -40,12 +42,15 @@ def _axis_weights(start: Tensor, length: Tensor, bins: Tensor, resolution: int, 
     weight = valid.to(pos.dtype) / samples[:, None, None]
     low = low.long()
     first = low.amin(dim=2)  # (R, B)
-    rel = low - first[:, :, None]
-    window = int(rel.max()) + 2 if rel.numel() else 1
-    out = pos.new_zeros(*first.shape, window)
+    return first, low - first[:, :, None], frac, weight
+
+
+def _axis_window(rel: Tensor, frac: Tensor, weight: Tensor, window: int) -> Tensor:
+    """The weights of each bin's `window` rows (R, B, K) from _axis_samples' samples."""
+    out = weight.new_zeros(*rel.shape[:2], window)
     out.scatter_add_(2, rel, (1 - frac) * weight)
     out.scatter_add_(2, rel + 1, frac * weight)
-    return first, out
+    return out
 
 
 @dataclass
@@ -64,8 +69,16 @@ def pool_plan(rois: Tensor, map_size: tuple[int, int], resolution: int, spatial_
     bins = torch.arange(0, resolution, stride, device=rois.device)
     x1, y1 = rois[:, 1] * spatial_scale - 0.5, rois[:, 2] * spatial_scale - 0.5
     x2, y2 = rois[:, 3] * spatial_scale - 0.5, rois[:, 4] * spatial_scale - 0.5
-    row0, wy = _axis_weights(y1, y2 - y1, bins, resolution, height)  # (R, By), (R, By, Ky)
-    col0, wx = _axis_weights(x1, x2 - x1, bins, resolution, width)  # (R, Bx), (R, Bx, Kx)
+    # Two host reads for both axes (each a synchronisation on CUDA): the most samples a bin
+    # takes, then the widest window its samples touch (up to the row after the farthest sample's).
+    most_y, most_x = torch.stack([torch.ceil(length / resolution).clamp(min=1).max()
+                                  for length in (y2 - y1, x2 - x1)]).tolist()
+    y_samples = _axis_samples(y1, y2 - y1, bins, resolution, height, int(most_y))
+    x_samples = _axis_samples(x1, x2 - x1, bins, resolution, width, int(most_x))
+    rel_y, rel_x = y_samples[1], x_samples[1]
+    widest = torch.stack([rel_y.max(), rel_x.max()]).tolist() if rel_y.numel() else [-1, -1]
+    row0, wy = y_samples[0], _axis_window(*y_samples[1:], int(widest[0]) + 2)  # (R, By), (R, By, Ky)
+    col0, wx = x_samples[0], _axis_window(*x_samples[1:], int(widest[1]) + 2)  # (R, Bx), (R, Bx, Kx)
     rows = (row0[:, :, None] + torch.arange(wy.shape[2], device=rois.device)).clamp(max=height - 1)
     cols = (col0[:, :, None] + torch.arange(wx.shape[2], device=rois.device)).clamp(max=width - 1)
     image = rois[:, 0].long()[:, None, None, None, None]
