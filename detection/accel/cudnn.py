@@ -65,10 +65,9 @@ def conv_bias_relu(x: Tensor, conv: nn.Conv2d, *, relu: bool, residual: Tensor |
     """relu(conv(x) + bias [+ residual]) in one cuDNN call (y = act(conv(x) + alpha * z + bias));
     without relu the plain convolution and add. Where cuDNN has no fused kernel for a conv (a
     RuntimeError from the op) that conv runs unfused from then on, with one warning per dtype and
-    reason. Equal to the
-    unfused ops up to rounding
-    (tests/test_cuda.py; on the CPU tests/test_gpu_levers.py checks the arithmetic with
-    stand-in ops and that the calls bind to aten's schemas)."""
+    reason. Equal to the unfused ops up to rounding (tests/test_cuda.py; on the CPU
+    tests/test_gpu_levers.py checks the arithmetic with stand-in ops and that the calls bind to
+    aten's schemas)."""
     dtype = compute_dtype(x)
     weight, bias = cast_parameters(conv, dtype)
     x, z = x.to(dtype), None if residual is None else residual.to(dtype)

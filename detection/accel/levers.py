@@ -20,8 +20,8 @@ by default until a GPU measures what it buys (`tools/benchmark.py --device cuda 
   written once instead of once per elementwise op.
 
 In training (plan.training_plan) sync_free_postprocess (the RPN's proposals, any device) and
-compile (the trunk in place and the Res5Runner's head, off the CPU) act; the others are inference-only (training hoists
-on every device already).
+compile (the trunk in place and the Res5Runner's head, off the CPU) act; the others are
+inference-only (training hoists on every device already).
 """
 from __future__ import annotations
 

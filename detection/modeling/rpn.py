@@ -122,10 +122,10 @@ class RPN(nn.Module):
         # Both losses as masks over all anchors, not boolean indexing (a host read each, and
         # one more each in the backward): unsampled anchors weigh 0 in the BCE; the box loss
         # takes zeros on both sides off the positives (a target there may be inf: never used).
-        valid = labels >= 0  # (N, M)
+        valid, positive = labels >= 0, labels == 1  # (N, M) each
         loss_cls = F.binary_cross_entropy_with_logits(
-            logits, (labels == 1).to(logits.dtype), weight=valid.to(logits.dtype), reduction="sum")
-        positive = (labels == 1).unsqueeze(-1)  # (N, M, 1)
+            logits, positive.to(logits.dtype), weight=valid.to(logits.dtype), reduction="sum")
+        positive = positive.unsqueeze(-1)  # (N, M, 1)
         target = self.box_coder.encode(matched_gt, anchors.unsqueeze(0).expand_as(matched_gt))  # (N, M, 4)
         target = torch.where(positive, target, torch.zeros((), dtype=target.dtype, device=target.device))
         deltas = torch.where(positive, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
