@@ -134,10 +134,14 @@ def _project_caller(frame) -> str | None:
 
 
 # ops whose result the host must wait for (a synchronisation on CUDA): their output's size or a
-# value comes from the device
-_HOST_READ_OPS = frozenset({"aten.nonzero", "aten.masked_select", "aten._local_scalar_dense", "aten.is_nonzero",
-                            "aten.equal", "aten.unique_consecutive", "aten._unique2", "aten.unique_dim",
-                            "aten.bincount", "torchvision.nms"})
+# value comes from the device. Under torch.inference_mode the dispatcher sees some composite ops
+# whole instead of what they call (`.item()` as aten.item, not _local_scalar_dense;
+# `nonzero(as_tuple=True)` as nonzero_numpy; `torch.where(mask)` as where.default; argwhere;
+# allclose): named here too, each counted once either way.
+_HOST_READ_OPS = frozenset({"aten.nonzero", "aten.nonzero_numpy", "aten.argwhere", "aten.masked_select",
+                            "aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal",
+                            "aten.allclose", "aten.unique_consecutive", "aten._unique", "aten._unique2",
+                            "aten.unique_dim", "aten.bincount", "torchvision.nms"})
 
 
 class HostReads(TorchDispatchMode):
@@ -181,7 +185,8 @@ class HostReads(TorchDispatchMode):
         name = str(func.overloadpacket)
         if name in _HOST_READ_OPS or (name in ("aten.index", "aten.index_put", "aten.index_put_")
                                       and _reads_a_mask(name, args)) \
-                or (name == "aten.repeat_interleave" and (kwargs or {}).get("output_size") is None):
+                or (name == "aten.repeat_interleave" and (kwargs or {}).get("output_size") is None) \
+                or str(func) == "aten.where.default":  # torch.where(mask), one argument: a nonzero
             self._record(sys._getframe(1))
         return func(*args, **(kwargs or {}))
 
