@@ -3,8 +3,9 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detection.modeling.model import LOSS_KEYS, TargetError, build_model
+from detection.modeling.model import LOSS_KEYS, TargetError, build_model, rescale_detections
 from detection.modeling.structures import ImageList
+from detection.testing import HostReads
 from tests.helpers import IMAGES, TARGETS, make_model
 
 def test_image_list_pads_to_multiple_of_32_and_keeps_sizes():
@@ -64,6 +65,26 @@ def test_eval_detections_are_in_original_image_coordinates():
     assert torch.equal(det_big["labels"], det_small["labels"])
     assert (det_big["boxes"][:, 2] <= 256).all() and (det_big["boxes"][:, 3] <= 192).all()
     assert det_big["boxes"].max() > 128  # really in the big image's frame
+
+
+def test_rescale_scales_clips_and_drops_boxes_left_without_area_per_image_with_one_read():
+    """Three images: a 2x downscaled one whose last box lies past the original's right edge
+    (clipped to width 0: dropped, its score and label with it), one at its original size
+    (untouched, even a box past the edge), one with no detections. Host reads: one for the
+    batch, one more for the image that lost a box (not one per image and tensor)."""
+    def det(boxes, scores, labels):
+        return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels, dtype=torch.int64)}
+
+    dets = [det([[10, 5, 30, 25], [40, 10, 60, 20], [52, 0, 60, 8]], [0.9, 0.8, 0.7], [1, 2, 3]),
+            det([[0, 0, 70, 50]], [0.5], [2]), det(torch.zeros(0, 4).tolist(), [], [])]
+    with HostReads() as reads:
+        out = rescale_detections(dets, [(30, 50), (40, 60), (20, 20)], [(60, 100), (40, 60), (20, 20)])
+    assert reads.count == 2
+    assert out[0]["boxes"].tolist() == [[20, 10, 60, 50], [80, 20, 100, 40]]
+    assert out[0]["scores"].tolist() == pytest.approx([0.9, 0.8]) and out[0]["labels"].tolist() == [1, 2]
+    assert out[1]["boxes"].tolist() == [[0, 0, 70, 50]] and out[1]["labels"].tolist() == [2]
+    assert len(out[2]["boxes"]) == len(out[2]["scores"]) == 0
 
 
 def _target(boxes, labels, dtype=torch.float32):

@@ -81,7 +81,7 @@ class ExportableDetector(nn.Module):
         batch = self.model.preprocess(images, resize=False)
         detections = self.model.detect(batch, images)[0]
         original = original_size if torch.jit.is_tracing() else (int(original_size[0]), int(original_size[1]))
-        detections = rescale_detections(detections, batch.image_sizes[0], original)
+        detections = rescale_detections([detections], batch.image_sizes[:1], [original])[0]
         return detections["boxes"], detections["scores"], detections["labels"]
 
 

@@ -138,8 +138,8 @@ class FasterRCNN(nn.Module):
             batch = self.preprocess(images, resize=True, min_size=min_size, max_size=max_size)
         detections = self.detect(batch, images)
         with record_function("c4det.postprocess"):
-            return [rescale_detections(det, resized, (int(img.shape[-2]), int(img.shape[-1])))
-                    for det, resized, img in zip(detections, batch.image_sizes, images)]
+            return rescale_detections(detections, batch.image_sizes,
+                                      [(int(img.shape[-2]), int(img.shape[-1])) for img in images])
 
     def detect(self, batch: ImageList, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Detections in the frame of each preprocessed image of `batch`: trunk, RPN, RoI heads
@@ -234,28 +234,39 @@ def _traced_batch(images: list[Tensor], divisibility: int) -> ImageList:
     return ImageList(x.unsqueeze(0), [size])
 
 
-def rescale_detections(det: dict[str, Tensor], resized: tuple[int, int] | Tensor,
-                       original: tuple[int, int] | Tensor) -> dict[str, Tensor]:
-    """Map boxes from the resized image back to the original one (separate x / y factors,
-    since rounding makes them differ slightly), clipped to the original image; boxes left
-    with no area are dropped (as Detectron2's detector_postprocess does). Sizes (H, W): ints,
-    or int64 (2,) tensors while tracing."""
-    if isinstance(resized, Tensor):
-        return _rescale_traced(det, resized, original)
-    boxes = det["boxes"]
-    if resized != original:
-        sy, sx = original[0] / resized[0], original[1] / resized[1]
-        boxes = boxes * host_to_device(torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype, device="cpu"), boxes.device)
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, original[1])
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, original[0])
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    if bool(keep.all()):
-        return {**det, "boxes": boxes}
-    return {**{k: v[keep] for k, v in det.items()}, "boxes": boxes[keep]}
+def rescale_detections(detections: Sequence[dict[str, Tensor]], resized: Sequence[tuple[int, int] | Tensor],
+                       original: Sequence[tuple[int, int] | Tensor]) -> list[dict[str, Tensor]]:
+    """Map each image's boxes from the resized image back to the original one (separate x / y
+    factors, since rounding makes them differ slightly), clipped to the original image; boxes
+    left with no area are dropped (as Detectron2's detector_postprocess does). Host reads: one
+    for the batch (which images lost a box?), then one per image that did (rare: a box clipped
+    to nothing at the border). Sizes (H, W): ints, or int64 (2,) tensors while tracing."""
+    if any(isinstance(size, Tensor) for size in resized):
+        return [_rescale_traced(det, r, o) for det, r, o in zip(detections, resized, original)]
+    scaled = [_scaled_boxes(det["boxes"], r, o) for det, r, o in zip(detections, resized, original)]
+    keeps = [(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) for boxes in scaled]
+    whole = torch.stack([keep.all() for keep in keeps]).tolist() if keeps else []  # the batch's read
+    out = []
+    for det, boxes, keep, all_kept in zip(detections, scaled, keeps, whole):
+        if not all_kept:
+            index = keep.nonzero().squeeze(1)
+            det, boxes = {k: v[index] for k, v in det.items()}, boxes[index]
+        out.append({**det, "boxes": boxes})
+    return out
+
+
+def _scaled_boxes(boxes: Tensor, resized: tuple[int, int], original: tuple[int, int]) -> Tensor:
+    if resized == original:
+        return boxes
+    sy, sx = original[0] / resized[0], original[1] / resized[1]
+    boxes = boxes * host_to_device(torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype, device="cpu"), boxes.device)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, original[1])
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, original[0])
+    return boxes
 
 
 def _rescale_traced(det: dict[str, Tensor], resized: Tensor, original: Tensor) -> dict[str, Tensor]:
-    """rescale_detections with tensor sizes: always scaled, clipped and filtered (a test of the
+    """rescale_detections of one image with tensor sizes: always scaled, clipped and filtered (a test of the
     sizes would be frozen at the traced ones)."""
     factors = (original.to(torch.float32) / resized.to(torch.float32)).flip(0).repeat(2)  # (4,): sx, sy, sx, sy
     boxes = clip_boxes(det["boxes"] * factors, original)
