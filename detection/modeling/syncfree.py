@@ -6,9 +6,11 @@ GPU to finish what it was given. The default path does several per image (filter
 then per-class NMS image by image). Here:
 - the RPN filters by a mask over all images at once: boxes that are not regions (small, empty,
   non-finite) become zero boxes scored -inf, which NMS keeps but which neither suppress nor are
-  suppressed by anything (their overlap with every box is 0), so they are dropped after NMS with
-  the same survivors as before. NMS stays per image (its cost grows with the square of its boxes);
-  the prefix rule of rpn.first_nms_survivors holds as before.
+  suppressed by anything (their overlap with every box is 0) and sort last, so they are cut off
+  after NMS with the same survivors as before: one read for the batch (how many of each image's
+  first m boxes are not regions, for every m) tells where, without reading the mask per image.
+  NMS stays per image (its cost grows with the square of its boxes); the prefix rule of
+  rpn.first_nms_survivors holds as before.
 - the box head takes one `nonzero` over all images, one NMS over all images with an image x class
   group index (groups shifted apart on a 2-D grid, see `grid_batched_nms`) and one host read of the
   per-image counts at the end, instead of a `nonzero` and an NMS per image.
@@ -37,20 +39,37 @@ def select_proposals(boxes: Tensor, scores: Tensor, image_sizes: Sequence[tuple[
     valid = region_mask(boxes, scores, min_size)  # (N, k)
     boxes = torch.where(valid.unsqueeze(-1), boxes, torch.zeros((), dtype=boxes.dtype, device=boxes.device))
     scores = torch.where(valid, scores, torch.full((), -math.inf, dtype=scores.dtype, device=scores.device))
-    return [boxes_i[_first_valid_survivors(boxes_i, scores_i, valid_i, nms_thresh, post_k)]
-            for boxes_i, scores_i, valid_i in zip(boxes, scores, valid)]
+    prefixes = _prefix_sizes(boxes.shape[1], post_k)
+    # the non-regions among each image's first m boxes, for every m NMS may be given: one read
+    invalid = (~valid).cumsum(dim=1)[:, [m - 1 for m in prefixes]].tolist() if prefixes else [[]] * len(boxes)
+    return [boxes_i[_first_valid_survivors(boxes_i, scores_i, dict(zip(prefixes, invalid_i)), nms_thresh, post_k)]
+            for boxes_i, scores_i, invalid_i in zip(boxes, scores, invalid)]
 
 
-def _first_valid_survivors(boxes: Tensor, scores: Tensor, valid: Tensor, iou_threshold: float, k: int) -> Tensor:
-    """The first k survivors of NMS among the valid boxes, NMS run on the first m = 2k, 4k, ...
-    boxes until it gives k (rpn.first_nms_survivors; invalid boxes are inert in NMS)."""
-    m = 2 * k
-    while True:
-        keep = nms(boxes[:m], scores[:m], iou_threshold)
-        keep = keep[valid[keep]]
-        if len(keep) >= k or m >= len(boxes):
-            return keep[:k]
+def _prefix_sizes(total: int, k: int) -> list[int]:
+    """The numbers of first boxes NMS is given in turn: 2k, 4k, ... up to all `total`."""
+    sizes, m = [], 2 * k
+    while total > 0:
+        sizes.append(min(m, total))
+        if m >= total:
+            return sizes
         m *= 2
+    return sizes
+
+
+def _first_valid_survivors(boxes: Tensor, scores: Tensor, invalid: dict[int, int], iou_threshold: float,
+                           k: int) -> Tensor:
+    """The first k survivors of NMS among the valid boxes, NMS run on the first m = 2k, 4k, ...
+    boxes until it gives k (rpn.first_nms_survivors). A non-region (a zero box scored -inf)
+    neither suppresses nor is suppressed and sorts last, so NMS of the first m boxes keeps all
+    `invalid[m]` of them, after the valid survivors: those are the first len(keep) - invalid[m]
+    (no read of the mask)."""
+    for m, not_regions in invalid.items():
+        keep = nms(boxes[:m], scores[:m], iou_threshold)
+        survivors = len(keep) - not_regions
+        if survivors >= k or m == len(boxes):
+            return keep[:min(k, survivors)]
+    return torch.empty((0,), dtype=torch.int64, device=boxes.device)  # no boxes at all
 
 
 def grid_batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, num_groups: int, iou_threshold: float) -> Tensor:
