@@ -196,6 +196,30 @@ def test_a_training_step_reads_the_device_once_per_batch_check_and_twice_per_ima
                            "first_nms_survivors": 2, "subsample_labels": 4}, reads.places
 
 
+def test_inference_reads_the_device_per_image_by_default_and_per_batch_sync_free():
+    """Inference of three images under torch.inference_mode (as the tools run it), with
+    detections in every image: the default path reads per image the RPN's nonzero and NMS and
+    the box head's nonzero and NMS, and once per batch for the rescale; the sync-free path reads
+    once per batch for the RPN's non-regions, NMS per image, and three times per batch for the
+    box head (nonzero, NMS, counts)."""
+    torch.manual_seed(0)
+    model = make_model(score_thresh_test=0.0).eval()
+
+    def reads_by_function(model) -> Counter:
+        with torch.inference_mode(), HostReads() as reads:
+            dets = model(IMAGES3)
+        assert all(len(d["boxes"]) for d in dets)
+        by_function = Counter()
+        for place, count in reads.places.items():
+            by_function[place.split()[-1]] += count
+        return by_function
+
+    assert reads_by_function(model) == {"select_proposals": 3, "first_nms_survivors": 3, "detect_image": 6,
+                                        "rescale_detections": 1}
+    assert reads_by_function(sync_free(model)) == {"select_proposals": 1, "_first_valid_survivors": 3,
+                                                   "grid_batched_nms": 1, "detect": 2, "rescale_detections": 1}
+
+
 def test_the_gather_pooling_plan_reads_the_device_twice_for_both_axes():
     """The Res5Runner's pooling plan (CUDA's training path, the CPU's fast path) reads the most
     samples per bin and the widest window once for both axes (it read each per axis)."""
