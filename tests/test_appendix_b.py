@@ -11,6 +11,7 @@ from detection.accel import optimize_for_inference
 from detection.modeling.model import build_model
 from detection.modeling.multiscale import MultiScaleTest, PyramidFeatures, choose_scales
 from detection.modeling.refinement import BoxRefinement, box_voting
+from detection.testing import HostReads
 from tests.helpers import BLUE, RED, make_model, paint
 
 
@@ -177,6 +178,32 @@ def test_pyramid_features_maxout_over_the_chosen_scales():
     scaled = {value: b[0].tolist() for value, b in calls}
     assert scaled[5.0] == [[0, 0, 100, 100], [0, 0, 32, 32]]  # scale 0: sides x 0.5
     assert scaled[3.0] == [[0, 0, 64, 64]]  # scale 2: sides x 2
+
+
+def test_pyramid_features_split_each_scales_rois_by_image_with_one_host_read():
+    """Three images, the middle one without RoIs, the last with its own scale factors: each
+    scale gets each image's RoIs in order, scaled by that image's factors, and empty lists for
+    images with none at that scale; one read of the device for the whole batch."""
+    calls = []
+
+    def box_features(level_map, boxes):
+        calls.append((level_map, boxes))  # read after the count
+        return level_map[0, :, 0, 0].expand(sum(len(b) for b in boxes), -1).clone()
+
+    values = [torch.full((1, 3, 4, 4), v) for v in (5.0, 1.0, 3.0)]  # scales 0, 1, 2
+    factors = [[(f, f), (f, f), (2 * f, 2 * f)] for f in (0.5, 1.0, 2.0)]  # image 2 was shrunk 2x more
+    pyramid = PyramidFeatures([((lambda v=v: v), f) for v, f in zip(values, factors)], box_features,
+                              canonical_area=64.0 ** 2)
+    boxes = [torch.tensor([[0.0, 0, 200, 200], [0, 0, 32, 32]]), torch.zeros(0, 4), torch.tensor([[0.0, 0, 16, 16]])]
+    with HostReads() as reads:
+        out = pyramid(boxes)
+    assert reads.count == 1
+    # image 0: 200 px -> (0, 1), 32 px -> (1, 2); image 2: 16 px, 64 px at scale 2 -> (1, 2)
+    assert out[:, 0].tolist() == [5.0, 3.0, 3.0]
+    by_scale = {float(m[0, 0, 0, 0]): [b.tolist() for b in per_image] for m, per_image in calls}
+    assert by_scale == {5.0: [[[0, 0, 100, 100]], [], []],
+                        1.0: [[[0, 0, 200, 200], [0, 0, 32, 32]], [], [[0, 0, 32, 32]]],
+                        3.0: [[[0, 0, 64, 64]], [], [[0, 0, 64, 64]]]}
 
 
 def test_multi_scale_with_the_test_size_alone_equals_single_scale():

@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from detection.modeling.structures import host_to_device
+
 
 @dataclass(frozen=True)
 class MultiScaleTest:
@@ -75,22 +77,33 @@ class PyramidFeatures:
         return self._maps[index]
 
     def __call__(self, boxes: list[Tensor]) -> Tensor:
-        """Per-image (Ri, 4) boxes in the test-scale images' pixels -> (R, C5)."""
+        """Per-image (Ri, 4) boxes in the test-scale images' pixels -> (R, C5). One host read
+        for the batch (how many RoIs each scale takes from each image); each scale's RoIs are
+        gathered by index, not by mask (a read each on CUDA)."""
         counts = [len(b) for b in boxes]
         all_boxes = torch.cat(boxes)  # (R, 4)
-        image_of = torch.repeat_interleave(torch.arange(len(boxes), device=all_boxes.device),
-                                           torch.tensor(counts, device=all_boxes.device))  # (R,)
-        factors = all_boxes.new_tensor([level[1] for level in self.levels])  # (S, N, 2)
+        device, num_images, num_scales = all_boxes.device, len(boxes), len(self.levels)
+        image_of = torch.repeat_interleave(torch.arange(num_images, device=device),
+                                           host_to_device(torch.tensor(counts, device="cpu"), device),
+                                           output_size=len(all_boxes))  # (R,), sorted
+        factors = host_to_device(torch.tensor([level[1] for level in self.levels], dtype=all_boxes.dtype,
+                                              device="cpu"), device)  # (S, N, 2)
         factors = factors[:, image_of].permute(1, 0, 2)  # (S, N, 2) -> (R, S, 2)
         areas = (all_boxes[:, 2] - all_boxes[:, 0]) * (all_boxes[:, 3] - all_boxes[:, 1])  # (R,)
         lo, hi = choose_scales(areas[:, None] * factors[..., 0] * factors[..., 1], self.canonical_area)
+        scales = torch.arange(num_scales, device=device)
+        takes = (lo[:, None] == scales) | (hi[:, None] == scales)  # (R, S): RoI r is pooled at scale s
+        of_image = image_of[:, None] == torch.arange(num_images, device=device)  # (R, N)
+        table = (takes[:, :, None] & of_image[:, None, :]).sum(dim=0).tolist()  # (S, N) counts: the read
         merged: Tensor | None = None
-        for scale in torch.unique(torch.cat([lo, hi])).tolist():
-            rows = (lo == scale) | (hi == scale)  # (R,)
-            sx_sy = factors[rows, scale]  # (r, 2)
-            scaled = all_boxes[rows] * sx_sy.repeat(1, 2)  # (r, 4): x1 * sx, y1 * sy, x2 * sx, y2 * sy
-            per_image = [scaled[image_of[rows] == i] for i in range(len(boxes))]
-            features = self.box_features(self.level_map(scale), per_image)  # (r, C5), image order = row order
+        for scale, per_image_counts in enumerate(table):
+            taken = sum(per_image_counts)
+            if taken == 0:
+                continue
+            # the rows that take this scale, in order (a stable sort puts them first): by image
+            rows = torch.sort((~takes[:, scale]).to(torch.uint8), stable=True).indices[:taken]  # (r,)
+            scaled = all_boxes[rows] * factors[rows, scale].repeat(1, 2)  # (r, 4): x1 * sx, y1 * sy, ...
+            features = self.box_features(self.level_map(scale), list(scaled.split(per_image_counts)))  # (r, C5)
             if merged is None:
                 merged = features.new_full((len(all_boxes), features.shape[1]), float("-inf"))
             merged[rows] = torch.maximum(merged[rows], features)
