@@ -364,7 +364,7 @@ def test_the_kernel_profiles_on_the_cpu(capsys):
     # the training step's host reads, by the project's lines: its samplers among them
     step = report["training step fast amp"]
     assert step["host_reads"] >= sum(n for _, n in step["host_read_places"]) > 0
-    assert any("subsample_labels" in place for place, _ in step["host_read_places"]), step["host_read_places"]
+    assert any("subsample_batch" in place for place, _ in step["host_read_places"]), step["host_read_places"]
     assert f"{step['host_reads']} host reads (each waits for the device); the most: " in out
     with pytest.raises(SystemExit):
         tool.parse_args([*config, "--kernels", "5"])

@@ -177,13 +177,13 @@ def test_cuda_levers_on_a_cpu_model_say_they_do_nothing(caplog):
     assert caplog.records == []
 
 
-def test_a_training_step_reads_the_device_once_per_batch_check_and_twice_per_image_and_stage():
-    """A training step of two images reads the device 10 times (36 before the loss side was
-    written as masks): once for the targets' checks and once for the images' 0..1 check (for the
-    batch), and per image one nonzero and one NMS for the RPN's proposals and one read of the
-    positive and negative counts in each of the two samplers (RPN, RoI head). The losses, the
-    RoI labels and the backward read nothing: a boolean mask index there (one more read in the
-    backward) would show here."""
+def test_a_training_step_reads_the_device_once_per_batch_and_sampler_and_twice_per_image():
+    """A training step of two images reads the device 8 times (36 before the loss side was
+    written as masks, 10 while the samplers read per image): once for the targets' checks and
+    once for the images' 0..1 check (for the batch), per image one nonzero and one NMS for the
+    RPN's proposals, and in each of the two samplers (RPN, RoI head) one read of every image's
+    positive and negative counts. The losses, the RoI labels and the backward read nothing: a
+    boolean mask index there (one more read in the backward) would show here."""
     torch.manual_seed(0)
     model = make_model(global_context=True).train()  # its whole-image boxes and counts: no reads
     images = [image.float() for image in IMAGES]
@@ -193,7 +193,7 @@ def test_a_training_step_reads_the_device_once_per_batch_check_and_twice_per_ima
     for place, count in reads.places.items():
         by_function[place.split()[-1]] += count
     assert by_function == {"validate_targets": 1, "_check_images": 1, "select_proposals": 2,
-                           "first_nms_survivors": 2, "subsample_labels": 4}, reads.places
+                           "first_nms_survivors": 2, "subsample_batch": 2}, reads.places
 
 
 def test_inference_reads_the_device_per_image_by_default_and_per_batch_sync_free():

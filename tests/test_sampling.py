@@ -1,7 +1,8 @@
 """Balanced positive / negative subsampling."""
 import torch
 
-from detection.modeling.sampling import subsample_labels
+from detection.modeling.sampling import subsample_batch, subsample_labels
+from detection.testing import HostReads
 
 
 def _labels(num_pos: int, num_neg: int, num_ignore: int = 0) -> torch.Tensor:
@@ -42,3 +43,20 @@ def test_seeded_generator_is_reproducible():
     draws = [subsample_labels(labels, 64, 0.5, generator=torch.Generator().manual_seed(3))
              for _ in range(2)]
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+
+
+def test_a_batch_draws_what_image_by_image_draws_with_one_host_read():
+    """Three images' labels (one without positives, one all ignored) sampled as a batch: the
+    same indices as subsample_labels image by image from the same seeded generator, in one
+    read of the device for the batch (one per image before)."""
+    torch.manual_seed(0)
+    labels = [_labels(300, 1000, 50), _labels(0, 40, 10), _labels(0, 0, 20)]
+    generator = torch.Generator().manual_seed(3)
+    one_by_one = [subsample_labels(x, 64, 0.25, generator=generator) for x in labels]
+    generator = torch.Generator().manual_seed(3)
+    with HostReads() as reads:
+        batch = subsample_batch(labels, 64, 0.25, generator=generator)
+    assert reads.count == 1
+    assert [(len(p), len(n)) for p, n in batch] == [(16, 48), (0, 40), (0, 0)]
+    for (pos, neg), (ref_pos, ref_neg) in zip(batch, one_by_one):
+        assert torch.equal(pos, ref_pos) and torch.equal(neg, ref_neg)

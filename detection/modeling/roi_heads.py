@@ -32,7 +32,7 @@ from detection.modeling.matcher import FOREGROUND, IGNORE, Matcher
 from detection.modeling.precision import float32
 from detection.modeling.refinement import BoxRefinement, box_voting
 from detection.modeling.rpn import clip_boxes
-from detection.modeling.sampling import subsample_labels
+from detection.modeling.sampling import subsample_batch
 from detection.modeling.structures import host_to_device
 
 POOLERS = ("roi_align", "roi_pool")
@@ -215,7 +215,7 @@ class Res5ROIHeads(nn.Module):
 
         Returns sampled boxes per image, their classes (R,) (0 = bg) and matched gt boxes
         (R, 4) (meaningful for foreground only)."""
-        boxes_out, classes_out, gt_out = [], [], []
+        matched = []  # per image: boxes, matched gt index, classes (-1 ignored, 0 bg)
         for props, target in zip(proposals, targets):
             gt_boxes, gt_labels = target["boxes"], target["labels"]
             boxes = torch.cat([props, gt_boxes.to(props.dtype)])  # gt appended: always a positive
@@ -224,8 +224,12 @@ class Res5ROIHeads(nn.Module):
             if gt_boxes.numel():  # torch.where, not classes[fg] = ...: a mask index reads the device
                 classes = torch.where(match_labels == FOREGROUND, gt_labels[matched_idx].to(classes.dtype), classes)
             classes[match_labels == IGNORE] = -1
-            pos, neg = subsample_labels(classes, self.batch_size_per_image,
-                                        self.positive_fraction, 0, self.generator)
+            matched.append((boxes, matched_idx, classes))
+        samples = subsample_batch([classes for _, _, classes in matched], self.batch_size_per_image,
+                                  self.positive_fraction, 0, self.generator)  # one host read for the batch
+        boxes_out, classes_out, gt_out = [], [], []
+        for target, (boxes, matched_idx, classes), (pos, neg) in zip(targets, matched, samples):
+            gt_boxes = target["boxes"]
             keep = torch.cat([pos, neg])
             boxes_out.append(boxes[keep])
             classes_out.append(classes[keep])

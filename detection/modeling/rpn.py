@@ -22,7 +22,7 @@ from detection.modeling.anchors import AnchorGenerator
 from detection.modeling.box_coder import BoxCoder
 from detection.modeling.precision import float32
 from detection.modeling.matcher import Matcher
-from detection.modeling.sampling import subsample_labels
+from detection.modeling.sampling import subsample_batch
 
 
 class RPNHead(nn.Module):
@@ -101,11 +101,12 @@ class RPN(nn.Module):
     @torch.no_grad()
     def label_anchors(self, anchors: Tensor, gt_boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Sampled labels (N, M) in {-1 unused, 0 bg, 1 fg} and matched gt boxes (N, M, 4)."""
+        # matching is per image (everything inside is batched over anchors), sampling per batch
+        matches = [self.matcher(box_iou(gt, anchors)) for gt in gt_boxes]  # per image (M,), (M,)
+        samples = subsample_batch([match_labels for _, match_labels in matches], self.batch_size_per_image,
+                                  self.positive_fraction, 0, self.generator)
         all_labels, all_matched = [], []
-        for gt in gt_boxes:  # matching is per image; everything inside is batched over anchors
-            matched_idx, match_labels = self.matcher(box_iou(gt, anchors))  # (M,), (M,)
-            pos, neg = subsample_labels(match_labels, self.batch_size_per_image,
-                                        self.positive_fraction, 0, self.generator)
+        for gt, (matched_idx, match_labels), (pos, neg) in zip(gt_boxes, matches, samples):
             labels = torch.full_like(match_labels, -1, dtype=torch.int64)
             labels[pos] = 1
             labels[neg] = 0

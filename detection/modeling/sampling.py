@@ -1,6 +1,8 @@
 """Balanced positive / negative subsampling of labelled anchors or RoIs."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -18,17 +20,33 @@ def subsample_labels(labels: Tensor, num_samples: int, positive_fraction: float,
     positives and negatives. Picks are uniform at random via `torch.randperm`; pass a
     seeded CPU `generator` for reproducible draws.
     """
+    return subsample_batch([labels], num_samples, positive_fraction, bg_label, generator)[0]
+
+
+def subsample_batch(labels: Sequence[Tensor], num_samples: int, positive_fraction: float,
+                    bg_label: int = 0, generator: torch.Generator | None = None
+                    ) -> list[tuple[Tensor, Tensor]]:
+    """subsample_labels for each image's labels, with one host read for all of them (the
+    images' positive and negative counts). The draws are those of subsample_labels called
+    image by image: the positives', then the negatives' of each image in turn."""
     # Positives and negatives in ascending order (what nonzero gives), from one stable sort by
-    # kind and one host read of the two counts (a synchronisation on CUDA; two nonzero before).
-    kind = torch.where(labels == bg_label, 1, 2)
-    kind = torch.where((labels != -1) & (labels != bg_label), 0, kind)  # 0 positive, 1 negative, 2 ignored
-    order = torch.sort(kind, stable=True).indices
-    # (two sums, not bincount: bincount reads its input's max on the host first)
-    num_positive, num_negative = torch.stack([(kind == 0).sum(), (kind == 1).sum()]).tolist()
-    positive, negative = order[:num_positive], order[num_positive:num_positive + num_negative]
-    num_pos = min(int(num_samples * positive_fraction), num_positive)
-    num_neg = min(num_samples - num_pos, num_negative)
-    return _pick(positive, num_pos, generator), _pick(negative, num_neg, generator)
+    # kind per image and one host read of every image's two counts (a synchronisation on CUDA).
+    kinds = []
+    for image_labels in labels:
+        kind = torch.where(image_labels == bg_label, 1, 2)
+        kinds.append(torch.where((image_labels != -1) & (image_labels != bg_label), 0, kind))  # 0 pos, 1 neg, 2 ignored
+    orders = [torch.sort(kind, stable=True).indices for kind in kinds]
+    # (sums, not bincount: bincount reads its input's max on the host first)
+    counts = torch.stack([torch.stack([(kind == 0).sum(), (kind == 1).sum()]) for kind in kinds]).tolist() \
+        if kinds else []
+    samples = []
+    for order, (num_positive, num_negative) in zip(orders, counts):
+        positive, negative = order[:num_positive], order[num_positive:num_positive + num_negative]
+        num_pos = min(int(num_samples * positive_fraction), num_positive)
+        num_neg = min(num_samples - num_pos, num_negative)
+        pos = _pick(positive, num_pos, generator)
+        samples.append((pos, _pick(negative, num_neg, generator)))
+    return samples
 
 
 def _pick(indices: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
