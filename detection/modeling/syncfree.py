@@ -47,8 +47,9 @@ def select_proposals(boxes: Tensor, scores: Tensor, image_sizes: Sequence[tuple[
 
 
 def _prefix_sizes(total: int, k: int) -> list[int]:
-    """The numbers of first boxes NMS is given in turn: 2k, 4k, ... up to all `total`."""
-    sizes, m = [], 2 * k
+    """The numbers of first boxes NMS is given in turn: 2k, 4k, ... up to all `total` (k = 0:
+    one box, which gives the empty selection as the default path does)."""
+    sizes, m = [], max(2 * k, 1)
     while total > 0:
         sizes.append(min(m, total))
         if m >= total:
