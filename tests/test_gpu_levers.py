@@ -111,6 +111,14 @@ def host_reads(fn) -> int:
     return reads.count
 
 
+def by_function(reads: HostReads) -> Counter:
+    """The reads counted per function of the project ("file:line function" -> function)."""
+    counts = Counter()
+    for place, count in reads.places.items():
+        counts[place.split()[-1]] += count
+    return counts
+
+
 def _reads_and_not() -> dict[str, tuple]:
     """Calls that read the device (1) and look-alikes that do not (0)."""
     x = torch.rand(4, 3)
@@ -189,11 +197,8 @@ def test_a_training_step_reads_the_device_once_per_batch_and_sampler_and_twice_p
     images = [image.float() for image in IMAGES]
     with HostReads() as reads:
         sum(model(images, TARGETS).values()).backward()
-    by_function = Counter()
-    for place, count in reads.places.items():
-        by_function[place.split()[-1]] += count
-    assert by_function == {"validate_targets": 1, "_check_images": 1, "select_proposals": 2,
-                           "first_nms_survivors": 2, "subsample_batch": 2}, reads.places
+    assert by_function(reads) == {"validate_targets": 1, "_check_images": 1, "select_proposals": 2,
+                                  "first_nms_survivors": 2, "subsample_batch": 2}, reads.places
 
 
 def test_inference_reads_the_device_per_image_by_default_and_per_batch_sync_free():
@@ -209,10 +214,7 @@ def test_inference_reads_the_device_per_image_by_default_and_per_batch_sync_free
         with torch.inference_mode(), HostReads() as reads:
             dets = model(IMAGES3)
         assert all(len(d["boxes"]) for d in dets)
-        by_function = Counter()
-        for place, count in reads.places.items():
-            by_function[place.split()[-1]] += count
-        return by_function
+        return by_function(reads)
 
     assert reads_by_function(model) == {"select_proposals": 3, "first_nms_survivors": 3, "detect_image": 6,
                                         "rescale_detections": 1}
