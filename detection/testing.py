@@ -202,3 +202,60 @@ def _reads_a_mask(name: str, args: tuple) -> bool:
     """An index or index_put by a boolean mask, but not `x[mask] = scalar` (a masked_fill)."""
     masked = any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or []))
     return masked and not (name != "aten.index" and args[2].numel() == 1)
+
+
+class DeviceWaits:
+    """Where the host waited for the GPU, by CUDA's own account: while active,
+    `torch.cuda.set_sync_debug_mode("warn")` (PyTorch warns at each wait), and each such warning
+    placed as HostReads places its reads, at the innermost frame of the project's code on the
+    stack when it was raised ("file:line function", or "elsewhere"). Not at the warning's own file
+    and line: that is the Python frame that called the op, which is torch's or torchvision's own
+    where a Python wrapper called it (torch.ops' `__call__` under torchvision's nms, torch's
+    functional.py under `torch.unique`). `waits` lists (place, files): the files of the library
+    frames between the project's frame and the op, outermost first (torchvision's ops/boxes.py for
+    the two waits inside NMS). This file's frames are skipped: with HostReads active, each op is
+    called from its dispatch. Other warnings go on to the previous handler. `set_mode` replaces
+    torch's switch (a test on the CPU, where it needs CUDA)."""
+
+    def __init__(self, set_mode: Any = None) -> None:
+        self.waits: list[tuple[str, tuple[str, ...]]] = []
+        self._set_mode = set_mode or torch.cuda.set_sync_debug_mode
+
+    @property
+    def places(self) -> Counter[str]:
+        return Counter(place for place, _ in self.waits)
+
+    def __enter__(self) -> "DeviceWaits":
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("always")  # every wait, not the first at each line
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return previous(message, category, filename, lineno, file, line)
+            self._record(sys._getframe(1))
+
+        warnings.showwarning = show
+        self._set_mode("warn")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._set_mode("default")
+        finally:
+            self._catch.__exit__(*exc)
+
+    def _record(self, frame) -> None:
+        files: list[str] = []
+        while frame is not None and (frame.f_code.co_filename == __file__
+                                     or not frame.f_code.co_filename.startswith(_PROJECT)):
+            filename = frame.f_code.co_filename  # this file's: HostReads' dispatch around the op
+            if filename != __file__ and os.path.basename(filename) not in ("warnings.py", "_py_warnings.py"):
+                files.append(filename)
+            frame = frame.f_back
+        place = "elsewhere" if frame is None else \
+            f"{os.path.relpath(frame.f_code.co_filename, _ROOT)}:{frame.f_lineno} {frame.f_code.co_name}"
+        self.waits.append((place, tuple(reversed(files))))

@@ -4,8 +4,11 @@ channels_last layout gives the same detections when applied here, the plan picks
 and torch.compile (slow) gives the same detections. Their speed is measured on a GPU
 (tools/benchmark.py --device cuda --levers)."""
 import copy
+import importlib.util
 import logging
+import warnings
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,9 +25,11 @@ from detection.engine.loading import accel_levers, prepare_for_inference
 from detection.modeling.model import build_model
 from detection.modeling import syncfree
 from detection.modeling.syncfree import grid_batched_nms
-from detection.testing import HostReads, UnnamedDeviceCheck
+from detection.testing import DeviceWaits, HostReads, UnnamedDeviceCheck
 from tests.helpers import IMAGES, TARGETS, make_model, paint, tiny_cfg
 from tests.test_fast import tiny_c4
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # a third image, of another size, so the batch has three images with different valid regions
 IMAGES3 = [*IMAGES, paint(80, 120, [((30, 10, 90, 70), (40, 200, 40))], 60)]
@@ -147,6 +152,44 @@ def test_host_reads_counts_each_read_once_in_every_grad_mode(mode):
     with getattr(torch, mode)():
         counted = {name: host_reads(fn) for name, (fn, _) in _reads_and_not().items()}
     assert counted == {name: reads for name, (_, reads) in _reads_and_not().items()}
+
+
+@torch.library.custom_op("c4det_test::waits", mutates_args=())
+def _waiting_op(x: torch.Tensor) -> torch.Tensor:
+    """An op whose kernel warns as CUDA's sync debug mode does (from its own frame, not the caller's)."""
+    warnings.warn("called a synchronizing CUDA operation")
+    return x.clone()
+
+
+def test_device_waits_places_each_wait_at_the_projects_line(tmp_path):
+    """The GPU suite compares CUDA's own waits with HostReads' count, place by place. A wait's
+    warning names the frame that called the op: a library's where a Python wrapper called it
+    (torch.ops' __call__ under torchvision's nms), HostReads' dispatch while HostReads is active.
+    DeviceWaits places each at the project's line, as HostReads does, and keeps the library frames
+    between; the mode is switched on and back off, other warnings pass through."""
+    library = tmp_path / "library_with_waits.py"
+    library.write_text("import warnings\n\ndef nms(x):\n    warnings.warn('synchronizing in nms')\n"
+                       "    warnings.warn('synchronizing again in nms')\n")
+    spec = importlib.util.spec_from_file_location("library_with_waits", library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    project_file = str(ROOT / "detection" / "waits_check.py")  # code the counters take for the project's
+    namespace = {}
+    exec(compile("import warnings\ndef step(library, op, x):\n    library.nms(x)\n"
+                 "    warnings.warn('synchronizing here')\n    warnings.warn('something else')\n"
+                 "    return op(x)\n", project_file, "exec"), namespace)
+    modes = []
+    with warnings.catch_warnings(record=True) as passed:
+        warnings.simplefilter("always")
+        with DeviceWaits(set_mode=modes.append) as waits, HostReads():
+            namespace["step"](module, _waiting_op, torch.ones(2))
+    assert modes == ["warn", "default"]
+    assert [str(w.message) for w in passed] == ["something else"]
+    place = "detection/waits_check.py:{} step".format
+    assert [p for p, _ in waits.waits] == [place(3), place(3), place(4), place(6)]
+    assert waits.waits[0][1] == (str(library),) and waits.waits[2][1] == ()
+    assert str(ROOT / "detection" / "testing.py") not in waits.waits[3][1] and waits.waits[3][1]
+    assert waits.places == Counter({place(3): 2, place(4): 1, place(6): 1})
 
 
 def test_sync_free_postprocess_reads_the_device_fewer_times():
