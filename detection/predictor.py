@@ -82,8 +82,9 @@ class Predictor:
         return self._run([image])[0]
 
     def _run(self, images: list[ImageInput]) -> list[dict[str, Tensor]]:
-        pixels = [torch.from_numpy(self._rgb(image)).permute(2, 0, 1).to(self.device)  # (H, W, 3) -> (3, H, W)
-                  for image in images]
+        # (H, W, 3) -> (3, H, W), in host memory: the model resizes a photo there and moves it to
+        # its device at the size it runs at (a photo sent to the GPU first would come back to be resized)
+        pixels = [torch.from_numpy(self._rgb(image)).permute(2, 0, 1) for image in images]
         return [{key: value.cpu() for key, value in out.items()} for out in self.model(pixels)]
 
     def _rgb(self, image: ImageInput) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The whole detector: contract, batching, coordinates, validation, build_model, overfitting."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import box_iou
 
 from detection.modeling.model import LOSS_KEYS, TargetError, build_model, rescale_detections
@@ -29,6 +30,39 @@ def test_preprocess_normalizes_and_flips_to_bgr():
     assert resized.image_sizes == [(96, 120)]
     capped = model.preprocess([torch.zeros(3, 40, 200)], resize=True)  # longer side capped at 256
     assert capped.image_sizes == [(51, 256)]
+
+
+class CrossDeviceCopies(TorchDispatchMode):
+    """Records (source device, dtype) of each copy to another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_) and args[0].device != out.device:
+            self.copies.append((args[0].device.type, args[0].dtype))
+        return out
+
+
+def test_preprocess_resizes_a_host_image_on_the_host_and_moves_it_as_uint8(monkeypatch):
+    """A photo given in host memory (the Predictor's, visualize.py's) is resized there and moved
+    to the model's device once, at its new size, as uint8: no trip to the GPU and back, a quarter
+    of float32's bytes. The model sits on `meta` here, standing in for a GPU."""
+    from detection.modeling import model as model_module
+
+    resized_from = []
+    resize = model_module.resize_tensor
+    monkeypatch.setattr(model_module, "resize_tensor",
+                        lambda image, *a: resized_from.append(image.device.type) or resize(image, *a))
+    model = make_model().to("meta")
+    photo = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
+    with CrossDeviceCopies() as moved:
+        batch = model.preprocess([photo, torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8)], resize=True)
+    assert batch.tensor.device.type == "meta" and batch.image_sizes == [(96, 128), (96, 128)]
+    assert resized_from == ["cpu"]  # the second image is at the test size already
+    assert moved.copies == [("cpu", torch.uint8), ("cpu", torch.uint8)]
 
 
 def test_train_mode_returns_four_losses_for_two_images_of_different_sizes():

@@ -72,6 +72,24 @@ def test_input_format_is_checked_and_given_through_from_config(setup, tmp_path):
     assert Predictor.from_config(config, weights, device="cpu", input_format="BGR").input_format == "BGR"
 
 
+def test_the_predictor_hands_the_model_host_images_whatever_its_device(setup):
+    """The model resizes a photo on the host and then moves it (FasterRCNN.preprocess): the
+    Predictor leaves its pixels there, so on a GPU a 12-megapixel photo is not sent to the GPU,
+    brought back to be resized and sent again. A recording model stands in for one on a GPU."""
+    cfg, weights, _ = setup
+    predictor = Predictor(cfg, weights)
+    given = []
+
+    def model(images):
+        given.extend((image.device.type, image.dtype, tuple(image.shape)) for image in images)
+        return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+                for _ in images]
+
+    predictor.model, predictor.device = model, torch.device("meta")
+    predictor([photo(300, 400, 0), photo(50, 60, 1)])
+    assert given == [("cpu", torch.uint8, (3, 300, 400)), ("cpu", torch.uint8, (3, 50, 60))]
+
+
 def test_a_list_of_images_is_one_padded_batch(setup):
     cfg, weights, _ = setup
     predictor = Predictor(cfg, weights, device="cpu")

@@ -105,7 +105,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int]:
     out.mkdir(parents=True, exist_ok=True)
     drawn = []  # the detections each image shows
     for i, (path, record) in enumerate(items):
-        canvas = _draw(path, record, crowd, None if args.gt else model, class_names, args, device, drawn,
+        canvas = _draw(path, record, crowd, None if args.gt else model, class_names, args, drawn,
                        exif_orientation=cfg.input.exif_orientation)
         cv2.imwrite(str(out / output_name(i, path)), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     return len(items), sum(drawn)
@@ -117,7 +117,7 @@ def output_name(index: int, path: str) -> str:
 
 
 def _draw(path: str, record: dict | None, crowd: dict, model, class_names: list[str], args: argparse.Namespace,
-          device, drawn: list[int], exif_orientation: bool = True):
+          drawn: list[int], exif_orientation: bool = True):
     """The image (as viewed: turned by its EXIF orientation tag unless exif_orientation is
     False) with its ground truth, its predictions, or both side by side."""
     import torch
@@ -132,7 +132,7 @@ def _draw(path: str, record: dict | None, crowd: dict, model, class_names: list[
         panels.append(draw_detections(image, boxes, labels, None, class_names, 0.0, tags=tags))
     if model is not None:
         with torch.inference_mode():
-            pred = model([torch.from_numpy(image).permute(2, 0, 1).to(device)])[0]
+            pred = model([torch.from_numpy(image).permute(2, 0, 1)])[0]  # the model resizes, then moves it
         panels.append(draw_detections(image, pred["boxes"].cpu().numpy(), pred["labels"].cpu().numpy(),
                                       pred["scores"].cpu().numpy(), class_names, args.score_thresh))
         drawn.append(int((pred["scores"] >= args.score_thresh).sum()))  # draw_detections' own rule

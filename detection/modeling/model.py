@@ -181,8 +181,11 @@ class FasterRCNN(nn.Module):
 
     def preprocess(self, images: Sequence[Tensor], resize: bool, min_size: int | None = None,
                    max_size: int | None = None) -> ImageList:
-        """RGB 0..255 -> (resized, as uint8, by detection.modeling.resize) -> (BGR if the weights want
-        it) -> normalized -> padded. While tracing, the one image's size is a tensor."""
+        """RGB 0..255 -> (resized, as uint8, by detection.modeling.resize) -> on the model's device
+        -> (BGR if the weights want it) -> normalized -> padded. Images may come in host memory
+        (the Predictor's, visualize.py's): resized there, then moved as uint8 without waiting for
+        the GPU (host_to_device); a GPU image that needs resizing goes to the host and back.
+        While tracing, the one image's size is a tensor."""
         min_size = self.min_size_test if min_size is None else min_size
         max_size = self.max_size_test if max_size is None else max_size
         out = []
@@ -191,7 +194,7 @@ class FasterRCNN(nn.Module):
                 size = resized_shape(int(img.shape[-2]), int(img.shape[-1]), min_size, max_size)
                 if size != tuple(img.shape[-2:]):
                     img = resize_tensor(img, size, self.resize_mode)
-            x = img.to(self.device, torch.float32)
+            x = (img if img.device == self.device else host_to_device(img, self.device)).to(torch.float32)
             if self.input_format == "BGR":
                 x = x.flip(0)
             out.append((x - self.pixel_mean) / self.pixel_std)

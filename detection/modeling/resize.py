@@ -47,12 +47,15 @@ def resize_uint8(image: np.ndarray, size: tuple[int, int], mode: str = "default"
 
 
 def resize_tensor(image: Tensor, size: tuple[int, int], mode: str = "default") -> Tensor:
-    """(3, H, W) tensor of 0..255 values -> (3, h, w) float32 on the same device, resized as
-    resize_uint8 does (on the CPU). Float input is rounded to uint8 first."""
+    """(3, H, W) tensor of 0..255 values -> (3, h, w) uint8 in host memory, resized as
+    resize_uint8 does (on the CPU: OpenCV's INTER_AREA is the data loader's resampling, so the
+    test-time image is the training-time one). Float input is rounded to uint8 first. The caller
+    moves the result (FasterRCNN.preprocess: as uint8, a quarter of float32's bytes); an image
+    already on a GPU goes to the host and back, so give the model host images to resize."""
     import torch
 
     pixels = image.detach().cpu()
     if pixels.dtype != torch.uint8:
         pixels = pixels.round().clamp(0, 255).to(torch.uint8)
     out = resize_uint8(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()), size, mode)
-    return torch.from_numpy(out).permute(2, 0, 1).to(image.device, torch.float32)  # (h, w, 3) -> (3, h, w)
+    return torch.from_numpy(out).permute(2, 0, 1)  # (h, w, 3) -> (3, h, w)

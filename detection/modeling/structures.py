@@ -16,8 +16,9 @@ def host_to_device(data: Tensor, device: torch.device | str) -> Tensor:
     """A CPU tensor on `device` without making the host wait for the GPU. On CUDA a copy from
     ordinary (pageable) host memory waits for all the work queued on the stream, as a read does;
     from pinned memory with non_blocking it is queued like a kernel (PyTorch's caching host
-    allocator keeps the pinned copy until the transfer is done). Elsewhere a plain `.to`."""
-    if torch.device(device).type != "cuda":
+    allocator keeps the pinned copy until the transfer is done). Elsewhere (another target, or
+    data not on the CPU) a plain `.to`."""
+    if torch.device(device).type != "cuda" or data.device.type != "cpu":
         return data.to(device)
     return data.pin_memory().to(device, non_blocking=True)
 
