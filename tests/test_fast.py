@@ -153,8 +153,8 @@ def test_hoisting_is_exact_for_every_box(stride_in_1x1):
     features = torch.randn(2, 64, 6, 8)
     with torch.no_grad():
         expected = _res5_plain(res5, features, _boxes())
-        for fold in (False, True):
-            module = fold_frozen_bn(copy.deepcopy(res5)) if fold else res5
+        for folded in (False, True):
+            module = fold_frozen_bn(copy.deepcopy(res5)) if folded else res5
             runner = Res5Runner(module, pooler="roi_align", resolution=14, spatial_scale=1 / 16, hoist=True)
             assert runner.hoist
             torch.testing.assert_close(runner(features, _boxes()), expected, rtol=1e-4, atol=1e-5)

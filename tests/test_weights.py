@@ -9,7 +9,6 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from backbones import WeightsError, build_resnet, load_weights
