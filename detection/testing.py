@@ -90,6 +90,11 @@ _PROJECT = tuple(str(_ROOT / folder) + os.sep for folder in ("detection", "backb
 _LIBRARIES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(torchvision.__file__) + os.sep)
 
 
+def _place(frame) -> str:
+    """'file:line function' of a frame, the file relative to the repository."""
+    return f"{os.path.relpath(frame.f_code.co_filename, _ROOT)}:{frame.f_lineno} {frame.f_code.co_name}"
+
+
 class UnnamedDeviceCheck(TorchFunctionMode):
     """Records each tensor the project creates on the default device without naming one.
 
@@ -123,7 +128,7 @@ def _project_caller(frame) -> str | None:
     while frame is not None:
         filename = frame.f_code.co_filename
         if filename.startswith(_PROJECT):
-            return f"{os.path.relpath(filename, _ROOT)}:{frame.f_lineno} {frame.f_code.co_name}"
+            return _place(frame)
         if not filename.startswith(_LIBRARIES):
             return None  # a test, or another package
         if frame.f_code.co_name not in ("__init__", "__new__") and "/torch/nn/" not in filename \
@@ -193,8 +198,7 @@ class HostReads(TorchDispatchMode):
     def _record(self, frame) -> None:
         while frame is not None and not frame.f_code.co_filename.startswith(_PROJECT):
             frame = frame.f_back
-        place = "elsewhere" if frame is None else \
-            f"{os.path.relpath(frame.f_code.co_filename, _ROOT)}:{frame.f_lineno} {frame.f_code.co_name}"
+        place = "elsewhere" if frame is None else _place(frame)
         self.places[place] += 1
 
 
@@ -256,6 +260,5 @@ class DeviceWaits:
             if filename != __file__ and os.path.basename(filename) not in ("warnings.py", "_py_warnings.py"):
                 files.append(filename)
             frame = frame.f_back
-        place = "elsewhere" if frame is None else \
-            f"{os.path.relpath(frame.f_code.co_filename, _ROOT)}:{frame.f_lineno} {frame.f_code.co_name}"
+        place = "elsewhere" if frame is None else _place(frame)
         self.waits.append((place, tuple(reversed(files))))
