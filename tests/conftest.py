@@ -16,11 +16,28 @@ from detection.data.shapes import generate_shapes
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--failures-to", metavar="FILE", default=None,
+                     help="append each failure's report to FILE as soon as it happens, not at the end "
+                          "(tools/gpu_session.py: a suite stopped at its time limit keeps what failed and why)")
+
+
+_failures_to: str | None = None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    global _failures_to
+    _failures_to = config.getoption("--failures-to", None)
     config.addinivalue_line("markers", "cuda: the GPU suite (tests/test_cuda.py, `make test-gpu`); skipped "
                                        "where torch.cuda.is_available() is False")
     config.addinivalue_line("markers", "slow: an end-to-end run (training, a tool's command line, "
                                        "a subprocess); `make test-fast` leaves these out")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if _failures_to and report.failed:
+        with open(_failures_to, "a") as file:
+            file.write(f"{report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
 
 
 @pytest.fixture(autouse=True)

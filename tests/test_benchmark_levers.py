@@ -8,7 +8,9 @@ import argparse
 import io
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from contextlib import redirect_stdout
 
@@ -369,6 +371,35 @@ def test_the_kernel_profiles_on_the_cpu(capsys):
     with pytest.raises(SystemExit):
         tool.parse_args([*config, "--kernels", "5"])
     assert "--kernels profiles after the levers' tables: use it with --levers" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a pytest subprocess
+def test_the_gpu_suites_failures_are_written_as_they_happen(tmp_path):
+    """The GPU session's suite step runs pytest with --failures-to (tests/conftest.py): a failure's
+    report is in the file while the run goes on (here, while a later test hangs), so a suite
+    stopped at its time limit still says what failed and why."""
+    session = load_tool("gpu_session")
+    argv = session.commands("suite", tmp_path)[0][1]
+    assert argv[argv.index("--failures-to") + 1] == str(tmp_path / "test-gpu-failures.txt")
+    (tmp_path / "test_example.py").write_text(
+        "import time\n\ndef test_passes():\n    pass\n\n"
+        "def test_fails():\n    assert 1 + 1 == 3, 'the reason'\n\n"
+        "def test_hangs():\n    time.sleep(120)\n")
+    failures = tmp_path / "test-gpu-failures.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-v",
+                             str(tmp_path / "test_example.py"), "--failures-to", str(failures)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and "the reason" not in (failures.read_text() if failures.exists() else ""):
+            time.sleep(0.2)
+        assert proc.poll() is None  # the hanging test is still running
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = failures.read_text()
+    assert text.startswith("test_example.py::test_fails (call)\n") and "assert (1 + 1) == 3" in text
+    assert "test_passes" not in text and "test_hangs" not in text
 
 
 def test_a_gpu_session_step_past_its_limit_is_stopped_and_the_next_runs(tmp_path, monkeypatch, capsys):

@@ -3,7 +3,8 @@
 `python3 tools/gpu_session.py --out DIR`), after `source .gpu/setup.sh` (README, "Installing
 on a GPU machine"). Steps, in this order unless named:
 
-    suite    the GPU suite (tests/test_cuda.py, marker cuda), with its slowest tests
+    suite    the GPU suite (tests/test_cuda.py, marker cuda), with its slowest tests; each failure's
+             report in DIR/test-gpu-failures.txt as it happens
     bench    tools/benchmark.py --device cuda --compare-torchvision at Detectron2's test settings
              (800x1088, 6000 -> 1000 proposals, random sane weights) in torchvision's ResNet
              layout (stride in the 3x3 conv, RGB), so torchvision's C4 is built from our weights
@@ -48,7 +49,10 @@ def commands(step: str, out: Path, *, levers_compile: str = "off", device: str =
              demo_dir: str = "output/gpu_demo") -> list[tuple[str, list[str]]]:
     """(output file name, argv without the interpreter) for each command of `step`."""
     if step == "suite":
-        return [("test-gpu.txt", ["-m", "pytest", "tests", "-q", "-m", "cuda", "--durations=15"])]
+        # -v names each test as it starts (the one a stop at the limit cut short); --failures-to
+        # (tests/conftest.py) writes each failure's report as it happens, not at the end
+        return [("test-gpu.txt", ["-m", "pytest", "tests", "-v", "-m", "cuda", "--durations=15",
+                                  "--failures-to", str(out / "test-gpu-failures.txt")])]
     if step == "bench":
         return [("benchmark.txt", [*BENCH, "--compare-torchvision", "--no-data", "--json", str(out / "benchmark.json")])]
     if step == "levers":
