@@ -243,7 +243,11 @@ class DeviceWaits:
             self._record(sys._getframe(1))
 
         warnings.showwarning = show
-        self._set_mode("warn")
+        try:
+            self._set_mode("warn")
+        except BaseException:
+            self._catch.__exit__(*sys.exc_info())  # the warning filters and handler as they were
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:

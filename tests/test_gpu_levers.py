@@ -190,6 +190,13 @@ def test_device_waits_places_each_wait_at_the_projects_line(tmp_path):
     assert waits.waits[0][1] == (str(library),) and waits.waits[2][1] == ()
     assert str(ROOT / "detection" / "testing.py") not in waits.waits[3][1] and waits.waits[3][1]
     assert waits.places == Counter({place(3): 2, place(4): 1, place(6): 1})
+    handler, filters = warnings.showwarning, list(warnings.filters)
+
+    def no_cuda(mode):
+        raise RuntimeError("Found no NVIDIA driver on your system")
+    with pytest.raises(RuntimeError, match="NVIDIA driver"), DeviceWaits(set_mode=no_cuda):
+        pass
+    assert warnings.showwarning is handler and warnings.filters == filters  # as they were
 
 
 def test_sync_free_postprocess_reads_the_device_fewer_times():
