@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from backbones import build_resnet
 from detection.modeling.anchors import AnchorGenerator
@@ -113,6 +114,23 @@ def make_model(*, pooler_resolution: int = 6, roi_batch: int = 16, positive_frac
     return FasterRCNN(trunk=build_trunk(resnet), rpn=rpn, roi_heads=heads,
                       pixel_mean=[128.0] * 3, pixel_std=[64.0] * 3,
                       min_size_test=min_size_test, max_size_test=max_size_test)
+
+
+class CrossDeviceCopies(TorchDispatchMode):
+    """Records (source device, dtype) of each copy to another device (a model on `meta` stands
+    in for one on a GPU). Under torch.inference_mode the dispatcher shows `.to` whole
+    (aten.to), not the _to_copy it calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to, torch.ops.aten.copy_) \
+                and args[0].device != out.device:
+            self.copies.append((args[0].device.type, args[0].dtype))
+        return out
 
 
 def paint(height: int, width: int, rects: list, background: int) -> torch.Tensor:

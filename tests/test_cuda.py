@@ -236,7 +236,7 @@ def test_evaluation_with_test_amp_on_the_gpu(root, trained):
         if DEVICE == "cuda":
             assert bool(model.amp) == amp  # float16 autocast
         datasets = get_datasets(cfg.datasets.test, cfg.datasets.root)
-        scores[amp] = evaluate_test_sets(datasets, model=model, device=DEVICE)[datasets[0].name]["AP"]
+        scores[amp] = evaluate_test_sets(datasets, model=model)[datasets[0].name]["AP"]
     assert abs(scores[True] - scores[False]) <= 5.0, scores  # a tiny, barely trained model: loose
 
 

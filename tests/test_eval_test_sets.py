@@ -11,7 +11,8 @@ from detection.data.catalog import get_datasets
 from detection.data.shapes import generate_shapes
 from detection.engine.trainer import evaluate, train
 from detection.evaluation import evaluate_test_sets, flatten_metrics, inference_on_dataset, test_sets
-from tests.helpers import run_forked_processes, tiny_overrides
+from detection.modeling.resize import resized_shape
+from tests.helpers import CrossDeviceCopies, make_model, run_forked_processes, tiny_overrides
 
 VAL_COPY = {"type": "coco", "name": "val_copy", "ann_file": "shapes/annotations/instances_val.json",
             "image_root": "shapes/val"}
@@ -41,8 +42,8 @@ def test_evaluation_during_training_logs_each_test_set(trained):
 def test_trainer_evaluate_is_the_test_set_loop(trained, tmp_path):
     cfg, model = trained
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root)
-    per_set = evaluate_test_sets(datasets, model=model, device="cpu", output_dir=tmp_path)
-    assert flatten_metrics(per_set) == evaluate(cfg, model, "cpu")
+    per_set = evaluate_test_sets(datasets, model=model, output_dir=tmp_path)
+    assert flatten_metrics(per_set) == evaluate(cfg, model)
     for folder in ("shapes_val", "val_copy"):  # one folder per test set, as tools/eval.py writes it
         assert json.loads((tmp_path / folder / "metrics.json").read_text())["AP"] == pytest.approx(
             per_set[folder]["AP"], nan_ok=True)
@@ -63,14 +64,14 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, datasets: 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     seen = []
 
-    def counting(model, loader, evaluator, *, device):  # how many images ran here, and were scored here
-        metrics = inference_on_dataset(model, loader, evaluator, device=device)
+    def counting(model, loader, evaluator):  # how many images ran here, and were scored here
+        metrics = inference_on_dataset(model, loader, evaluator)
         seen.append((len(loader), len(evaluator.predictions)))
         return metrics
 
     test_sets.inference_on_dataset = counting  # this forked process only
     try:
-        per_set = evaluate_test_sets(datasets, model=model, device="cpu")
+        per_set = evaluate_test_sets(datasets, model=model)
         with open(f"{out_file}.{rank}", "w") as f:
             json.dump({"metrics": per_set, "seen": seen}, f)
     finally:
@@ -88,6 +89,42 @@ def test_two_processes_share_the_images_and_rank_0_scores_them_all(trained, tmp_
     with open(f"{out}.0") as f:
         rank0 = json.load(f)
     assert rank0["seen"] == [[2, 3]]  # ran 2 images, scored all 3
-    alone = evaluate_test_sets(datasets, model=model, device="cpu")
+    alone = evaluate_test_sets(datasets, model=model)
     assert rank0["metrics"]["shapes_val"].keys() == alone["shapes_val"].keys()
     assert rank0["metrics"]["shapes_val"]["AP50"] == pytest.approx(alone["shapes_val"]["AP50"], nan_ok=True)
+
+
+class _DetectorOnMeta(torch.nn.Module):
+    """A detector on `meta` (standing in for one on a GPU) that preprocesses its images as
+    FasterRCNN does and finds nothing; it records what it was given and what crossed devices."""
+
+    def __init__(self):
+        super().__init__()
+        self.detector = make_model().to("meta")  # test size 96, at most 256
+        self.given, self.moved, self.sizes = [], [], []
+
+    def forward(self, images):
+        self.given.extend((image.device.type, image.dtype, tuple(image.shape)) for image in images)
+        with CrossDeviceCopies() as copies:
+            batch = self.detector.preprocess(images, resize=True)
+        self.moved.extend(copies.copies)
+        self.sizes.extend(batch.image_sizes)
+        return [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+                for _ in images]
+
+
+def test_evaluation_hands_the_model_the_test_images_in_host_memory(tmp_path):
+    """The loop gives the model the loader's images as they are, at their own size in host
+    memory: the model resizes each there and moves it to its device once, at the test size, as
+    uint8. (The loop used to move each full-size image to the device its caller named, the
+    model's; on a GPU it then came back to the host to be resized and went again. A loop that
+    moved them to the model's device would fail here: this model's parameters are on `meta`.)"""
+    generate_shapes(tmp_path / "shapes", num_train=1, num_val=2, seed=0, image_size=(150, 200))
+    datasets = get_datasets(["shapes_val"], str(tmp_path))
+    model = _DetectorOnMeta()
+    evaluate_test_sets(datasets, model=model)
+    records = datasets[0].records
+    assert model.given == [("cpu", torch.uint8, (3, r["height"], r["width"])) for r in records]
+    assert model.moved == [("cpu", torch.uint8)] * len(records)
+    assert model.sizes == [resized_shape(r["height"], r["width"], 96, 256) for r in records]
+    assert all(size != (r["height"], r["width"]) for size, r in zip(model.sizes, records))  # resized on the host

@@ -293,7 +293,7 @@ def test_inference_on_dataset_runs_eval_mode_and_restores_training():
     outputs = [_output(r["boxes"].tolist(), [0.9] * len(r["boxes"]), r["labels"].tolist()) for r in dataset.records]
     model = _ReplayModel(outputs).train()
     loader = [([torch.zeros(3, 8, 8, dtype=torch.uint8)], [r]) for r in dataset.records]
-    metrics = inference_on_dataset(model, loader, build_evaluator(dataset, None), device="cpu")
+    metrics = inference_on_dataset(model, loader, build_evaluator(dataset, None))
     assert metrics["mAP"] == pytest.approx(100.0)
     assert model.modes == [(False, True)] * 3 and model.training
 
@@ -311,7 +311,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_file: str) ->
         shard = dataset.records[rank::world]  # rank 1 gets image 000002
         loader = [([torch.zeros(3, 8, 8, dtype=torch.uint8)], [r]) for r in shard]
         metrics = inference_on_dataset(_ReplayModel(_shard_outputs(shard)), loader,
-                                       build_evaluator(dataset, None), device="cpu")
+                                       build_evaluator(dataset, None))
         with open(f"{out_file}.{rank}", "w") as f:
             json.dump(metrics, f)
     finally:

@@ -1,13 +1,12 @@
 """The whole detector: contract, batching, coordinates, validation, build_model, overfitting."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import box_iou
 
 from detection.modeling.model import LOSS_KEYS, TargetError, build_model, rescale_detections
 from detection.modeling.structures import ImageList
 from detection.testing import HostReads
-from tests.helpers import IMAGES, TARGETS, make_model
+from tests.helpers import IMAGES, TARGETS, CrossDeviceCopies, make_model
 
 def test_image_list_pads_to_multiple_of_32_and_keeps_sizes():
     batch = ImageList.from_tensors([torch.ones(3, 100, 70), torch.ones(3, 64, 97)], 32)
@@ -30,20 +29,6 @@ def test_preprocess_normalizes_and_flips_to_bgr():
     assert resized.image_sizes == [(96, 120)]
     capped = model.preprocess([torch.zeros(3, 40, 200)], resize=True)  # longer side capped at 256
     assert capped.image_sizes == [(51, 256)]
-
-
-class CrossDeviceCopies(TorchDispatchMode):
-    """Records (source device, dtype) of each copy to another device."""
-
-    def __init__(self):
-        super().__init__()
-        self.copies = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.copy_) and args[0].device != out.device:
-            self.copies.append((args[0].device.type, args[0].dtype))
-        return out
 
 
 def test_preprocess_resizes_a_host_image_on_the_host_and_moves_it_as_uint8(monkeypatch):

@@ -391,7 +391,7 @@ def _held_and_results_bytes(tmp_path, monkeypatch, num_images: int, kind: str) -
     evaluator.evaluate = evaluate
     tracemalloc.start()
     try:
-        inference_on_dataset(_HundredDetections(), loader, evaluator, device="cpu")
+        inference_on_dataset(_HundredDetections(), loader, evaluator)
     except _Written:
         pass
     finally:

@@ -126,7 +126,7 @@ def evaluate_row(cfg: Config, weights: str, datasets: list, device: torch.device
 
     model, _ = build_inference_model(cfg, weights, device, explicit)
     timed = TimedModel(model)
-    metrics = evaluate_test_sets(datasets, model=timed, device=device, num_workers=cfg.dataloader.num_workers,
+    metrics = evaluate_test_sets(datasets, model=timed, num_workers=cfg.dataloader.num_workers,
                                  output_dir=where)
     first = metrics[datasets[0].name]
     return {"AP": first.get("AP", float("nan")), "AP50": first.get("AP50", float("nan")),

@@ -118,7 +118,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     folders, model_classes = _checked_folders(cfg, datasets, model, weights)
     claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
     (out_root / "report.html").unlink(missing_ok=True)  # written again at the end: never a stale page
-    per_set = evaluate_test_sets(datasets, model=model, device=device, num_workers=cfg.dataloader.num_workers,
+    per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
                                  results=args.results, output_dir=out_root, echo=print, model_classes=model_classes)
     _write_report(cfg, args, datasets, folders, out_root, per_set)
     return 0

@@ -66,7 +66,7 @@ def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict[str, Any]:
     # the images through the detector's inference passes (test-time augmentation runs several)
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()), \
             ProposalRecorder(detector) as passes:  # redirected: the progress bar
-        total = timed(lambda: evaluate_test_sets([val_ds], model=model, device=args.device, output_dir=out,
+        total = timed(lambda: evaluate_test_sets([val_ds], model=model, output_dir=out,
                                                  num_workers=cfg.dataloader.num_workers))
         metrics = timed(lambda: evaluate_test_sets([val_ds], results=out))
     n = len(val_ds.records)

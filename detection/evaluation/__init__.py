@@ -2,11 +2,11 @@
 inference loop, and metric reporting.
 
     evaluator = build_evaluator(dataset, output_dir)        # by dataset.kind
-    metrics = inference_on_dataset(model, loader, evaluator, device=device)
+    metrics = inference_on_dataset(model, loader, evaluator)
     print(format_metrics_table(metrics)); save_metrics_json(metrics, "metrics.json")
     evaluator.pr_curves                                       # class -> (recall, precision)
 
-    per_set = evaluate_test_sets(datasets, model=model, device=device)   # the test-set loop
+    per_set = evaluate_test_sets(datasets, model=model)       # the test-set loop
     per_set = evaluate_test_sets(datasets, results=path)      # saved results, no model
 """
 from __future__ import annotations

@@ -38,9 +38,14 @@ class Evaluator(Protocol):
 
 
 def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Evaluator, *,
-                         device: torch.device | str, label_map: Sequence[int] | None = None) -> dict[str, float]:
+                         label_map: Sequence[int] | None = None) -> dict[str, float]:
     """Run `model` in eval mode over `loader` ((images, records) batches) and evaluate.
 
+    The images go to the model as the loader gives them, at their own size in host memory
+    (pinned when there is a GPU): the model resizes each there and moves it to its device
+    itself (FasterRCNN.preprocess), as Detectron2's models do. Moving them first would send a
+    full-size image to the GPU only for it to come back to be resized (and, with test-time
+    augmentation or multi-scale testing, once more per size).
     Returns the evaluator's metrics on rank 0 and {} on other ranks. The model's
     train/eval mode is restored afterwards, so the trainer can call this mid-training.
     `label_map` (classes.label_map_for_test_set): model label -> the data set's label, 0 = drop
@@ -56,7 +61,7 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
             bar = tqdm(loader, total=_length(loader), desc="inference", unit="batch",
                        disable=not comm.is_main_process(), dynamic_ncols=True)
             for images, records in bar:
-                outputs = model([image.to(device, non_blocking=True) for image in images])
+                outputs = model(images)
                 evaluator.process(records, [relabel(_to_cpu(output), table) for output in outputs])
                 num_images += len(images)
     finally:

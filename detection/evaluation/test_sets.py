@@ -1,6 +1,6 @@
 """The one loop over the test sets: tools/eval.py and evaluation during training both call it.
 
-    metrics = evaluate_test_sets(datasets, model=model, device=device)          # name -> metrics
+    metrics = evaluate_test_sets(datasets, model=model)                         # name -> metrics
     metrics = evaluate_test_sets(datasets, results="out/inference")             # saved results
     flat = flatten_metrics(metrics)                                              # metrics.jsonl keys
 
@@ -43,7 +43,7 @@ SUBMISSION_WRITERS = {"voc": VOCSubmissionWriter}
 
 
 def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Module | None = None,
-                       device: torch.device | str = "cpu", num_workers: int = 0, results: str | None = None,
+                       num_workers: int = 0, results: str | None = None,
                        output_dir: str | Path | None = None, echo: Callable[[str], None] | None = None,
                        model_classes: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Each test set's metrics, by data set name, from `model` or from saved `results` (a
@@ -69,7 +69,7 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
             evaluator = build_evaluator(dataset, str(where) if where is not None else None)
             label_map = label_map_for_test_set(dataset.name, dataset.class_names, model_classes, len(model_classes)) \
                 if model_classes else None
-            metrics = _run_model(model, dataset, evaluator, device, num_workers, label_map)
+            metrics = _run_model(model, dataset, evaluator, num_workers, label_map)
         out[dataset.name] = metrics
         if comm.is_main_process():
             _report(dataset, metrics, evaluator, where, echo)
@@ -97,15 +97,15 @@ def build_evaluator(dataset: DatasetInfo, output_dir: str | None = None) -> Eval
     return EVALUATORS[dataset.kind](dataset, output_dir)
 
 
-def _run_model(model: torch.nn.Module, dataset: DatasetInfo, evaluator: Evaluator, device: torch.device | str,
-               num_workers: int, label_map: Sequence[int] | None = None) -> dict[str, float]:
+def _run_model(model: torch.nn.Module, dataset: DatasetInfo, evaluator: Evaluator, num_workers: int,
+               label_map: Sequence[int] | None = None) -> dict[str, float]:
     """This process's share of the images through the model; the evaluator keeps the whole
     data set, since rank 0 scores everyone's detections against all of it."""
     from detection.data.loader import build_test_loader
 
     loader = build_test_loader(comm.shard_dataset(dataset), num_workers=num_workers)
     subset = {"label_map": label_map} if label_map is not None else {}  # the plain call otherwise, as before
-    return inference_on_dataset(model, loader, evaluator, device=device, **subset)
+    return inference_on_dataset(model, loader, evaluator, **subset)
 
 
 def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluator, where: Path | None,

@@ -150,7 +150,7 @@ def _train_and_evaluate(cfg: Any, run_dir: Path, resume: bool) -> tuple[dict[str
     model = train(cfg, resume=resume)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    metrics = evaluate(cfg, model.eval(), next(model.parameters()).device)  # where train() put it
+    metrics = evaluate(cfg, model.eval())
     return metrics, train_seconds, time.perf_counter() - start
 
 
