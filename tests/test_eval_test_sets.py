@@ -64,8 +64,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str, datasets: 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     seen = []
 
-    def counting(model, loader, evaluator):  # how many images ran here, and were scored here
-        metrics = inference_on_dataset(model, loader, evaluator)
+    def counting(model, loader, evaluator, **options):  # how many images ran here, and were scored here
+        metrics = inference_on_dataset(model, loader, evaluator, **options)
         seen.append((len(loader), len(evaluator.predictions)))
         return metrics
 

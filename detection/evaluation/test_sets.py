@@ -104,8 +104,7 @@ def _run_model(model: torch.nn.Module, dataset: DatasetInfo, evaluator: Evaluato
     from detection.data.loader import build_test_loader
 
     loader = build_test_loader(comm.shard_dataset(dataset), num_workers=num_workers)
-    subset = {"label_map": label_map} if label_map is not None else {}  # the plain call otherwise, as before
-    return inference_on_dataset(model, loader, evaluator, **subset)
+    return inference_on_dataset(model, loader, evaluator, label_map=label_map)
 
 
 def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluator, where: Path | None,
