@@ -82,6 +82,7 @@ def test_eval_writes_beside_the_weights_not_into_the_configs_output_dir(run_a, c
     code, out, err = call(EVAL, capsys, "--results", str(results), *overrides,
                           f"output_dir={json.dumps(str(root / 'run_a'))}")
     assert code == 0, err
+    assert "replacing" not in out  # its own results, re-scored
     assert json.loads((results / "shapes_val" / "metrics.json").read_text()) == metrics
     assert json.loads((results / "source.json").read_text()) == source  # still names the checkpoint
     code, _, err = call(EVAL, capsys, "--weights", str(root / "nothing.pth"), *overrides)
@@ -96,7 +97,8 @@ def test_eval_refuses_a_folder_holding_another_checkpoints_results(run_a, tmp_pa
     weights_b.parent.mkdir()
     shutil.copy(weights_a, weights_b)
     shared = tmp_path / "shared"
-    assert call(EVAL, capsys, "--weights", str(weights_a), "--output-dir", str(shared), *overrides)[0] == 0
+    code, out, err = call(EVAL, capsys, "--weights", str(weights_a), "--output-dir", str(shared), *overrides)
+    assert code == 0 and "replacing" not in out, err  # a new folder: nothing to replace
     metrics = (shared / "shapes_val" / "metrics.json").read_bytes()
 
     code, out, err = call(EVAL, capsys, "--weights", str(weights_b), "--output-dir", str(shared), *overrides)
@@ -104,8 +106,12 @@ def test_eval_refuses_a_folder_holding_another_checkpoints_results(run_a, tmp_pa
     assert code == 2 and str(weights_a.resolve()) in line and str(weights_b.resolve()) in line
     assert "--output-dir" in line and "--overwrite" in line
     assert (shared / "shapes_val" / "metrics.json").read_bytes() == metrics  # untouched
-    # the same checkpoint again is no question; the same path rewritten (a new training) is another checkpoint
-    assert call(EVAL, capsys, "--weights", str(weights_a), "--output-dir", str(shared), *overrides)[0] == 0
+    # the same checkpoint again (say with other test settings) replaces its results, saying so once;
+    # the same path rewritten (a new training) is another checkpoint
+    code, out, err = call(EVAL, capsys, "--weights", str(weights_a), "--output-dir", str(shared), *overrides)
+    assert code == 0, err
+    replacing = [line for line in out.splitlines() if "replacing" in line]
+    assert len(replacing) == 1 and str(shared / "shapes_val") in replacing[0] and "--output-dir" in replacing[0], out
     stat = weights_a.stat()
     os.utime(weights_a, (stat.st_atime, stat.st_mtime + 60))
     try:

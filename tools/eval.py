@@ -33,11 +33,12 @@ they are.
 A folder holding the results of another checkpoint (or of an earlier version of the same
 file, e.g. before more training) is not overwritten: the run stops and says so; pass
 --output-dir for a new folder or --overwrite to replace them (their files are removed
-first). Re-scoring a folder's own results (--results DIR into DIR) is allowed. The test sets'
-class names must be the model's, in the same order (the checkpoint's names, else
-model.class_names; else only their number is checked against model.num_classes), or a subset
-of them: such a set is scored by name, the detections of the other classes left out (the run
-says so). A renamed or extra class is refused.
+first). The same checkpoint evaluated again into DIR (say with other test settings) replaces
+its results there, one line per test set saying so. Re-scoring a folder's own results
+(--results DIR into DIR) is allowed. The test sets' class names must be the model's, in the
+same order (the checkpoint's names, else model.class_names; else only their number is checked
+against model.num_classes), or a subset of them: such a set is scored by name, the detections
+of the other classes left out (the run says so). A renamed or extra class is refused.
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from detection.data import DataError
     from detection.data.catalog import get_datasets
     from detection.evaluation import evaluate_test_sets
-    from detection.evaluation.outputs import ResultsSource, check_results_folder, claim_results_folder
+    from detection.evaluation.outputs import (ResultsSource, check_results_folder, claim_results_folder,
+                                             earlier_results)
     from detection.utils.comm import select_device
 
     out_root = results_folder(cfg, args)
@@ -116,6 +118,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             check_images=not args.results, exif_orientation=cfg.input.exif_orientation)
     folders, model_classes = _checked_folders(cfg, datasets, model, weights)
+    for line in earlier_results(out_root, source, folders):
+        print(line)
     claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
     (out_root / "report.html").unlink(missing_ok=True)  # written again at the end: never a stale page
     per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,

@@ -137,6 +137,23 @@ def check_results_folder(folder: PathLike, source: ResultsSource, *, overwrite: 
                             "write elsewhere, or --overwrite to replace them")
 
 
+def earlier_results(folder: PathLike, source: ResultsSource, test_sets: Sequence[str]) -> list[str]:
+    """One line per test set whose folder in `folder` holds results an earlier evaluation wrote,
+    which this run replaces (the same checkpoint evaluated again, perhaps with other test
+    settings): the set's folder and when its results were written. No line when the run
+    re-scores the folder's own results."""
+    if _inside(source.path, folder):
+        return []
+    lines = []
+    for name in test_sets:
+        files = _result_files(Path(folder) / name)
+        if files:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(max(p.stat().st_mtime for p in files)))
+            lines.append(f"replacing the results of an earlier evaluation in {Path(folder) / name} (written {when}; "
+                         "--output-dir DIR keeps them)")
+    return lines
+
+
 def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Sequence[str], *,
                          overwrite: bool = False) -> None:
     """Create `folder` and record `source` in its source.json. With overwrite, first remove
