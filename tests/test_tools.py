@@ -111,6 +111,31 @@ def test_visualize_predictions_gt_and_compare(trained, tmp_path, run):
     assert len(list((tmp_path / "folder").glob("*.jpg"))) == 3
 
 
+def test_visualize_input_folder_names_images_in_its_subfolders_and_globs_reach_them(tmp_path, capsys):
+    """A user's folder of photos with a subfolder: the folder's own images are drawn and a note
+    names one image below it (no silent skip); "DIR/**/*" reaches them; a folder whose images
+    are all in subfolders is one error saying where they are."""
+    find_images = TOOLS["visualize.py"].find_images
+    photos = tmp_path / "photos"
+    (photos / "2024" / "june").mkdir(parents=True)
+    for name in ("b.jpg", "a.PNG", "notes.txt", "2024/c.jpg", "2024/june/d.jpeg"):
+        (photos / name).write_bytes(b"x")
+    assert find_images(str(photos)) == [photos / "a.PNG", photos / "b.jpg"]
+    note = capsys.readouterr().out
+    assert note.count("\n") == 1 and str(photos / "2024" / "c.jpg") in note and f"'{photos / '**' / '*'}'" in note
+    assert find_images(str(photos / "**" / "*")) == [photos / "2024" / "c.jpg", photos / "2024" / "june" / "d.jpeg",
+                                                     photos / "a.PNG", photos / "b.jpg"]
+    assert find_images(str(photos / "*.jpg")) == [photos / "b.jpg"] and capsys.readouterr().out == ""
+    from detection.data import DataError
+    scans = tmp_path / "scans"
+    (scans / "box1").mkdir(parents=True)
+    (scans / "box1" / "e.tif").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"no images found.*subfolders hold images \(e\.g\. .*e\.tif\)"):
+        find_images(str(scans))
+    with pytest.raises(DataError, match=r"no images found \(expected an image, a folder or a glob\)$"):
+        find_images(str(photos / "2024" / "june" / "nothing"))
+
+
 def test_visualize_class_names_come_from_the_checkpoint_then_the_data_then_numbers(tmp_path):
     tool = load_tool("visualize")
     data = tmp_path / "data"

@@ -5,7 +5,8 @@
     python tools/visualize.py --config CFG --gt --output DIR [--limit 20]          # inspect a data set
     python tools/visualize.py --config CFG --weights CKPT --compare --output DIR    # ground truth | predictions
 
-PATH is an image, a folder of images or a glob ("imgs/*.jpg"). With --gt / --compare the
+PATH is an image, a folder of images (not its subfolders': a note names one) or a glob
+("imgs/*.jpg"; "imgs/**/*" reaches into subfolders). With --gt / --compare the
 images come from the config's first test data set (or --dataset NAME).
 
 Output files, in every mode: DIR/NNNNN_STEM.jpg, NNNNN the image's position from 00000 in
@@ -56,17 +57,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def find_images(pattern: str) -> list[Path]:
-    """An image file, every image in a folder (sorted), or the images a glob matches."""
-    path = Path(pattern)
+    """An image file, every image in a folder (sorted; its subfolders' images not, and a note
+    says so), or the images a glob matches ("**" reaches into subfolders)."""
+    path = Path(pattern).expanduser()
+    nested = None
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        nested = _image_in_subfolders(path)
     elif path.is_file():
         files = [path]
     else:
-        files = sorted(Path(p) for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_EXTS)
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix.lower() in IMAGE_EXTS)
+    hint = (f"its subfolders hold images (e.g. {nested}), which a folder does not include; "
+            f"--input '{path / '**' / '*'}' draws those too") if nested else ""
     if not files:
-        raise DataError(f"--input {pattern}: no images found (expected an image, a folder or a glob)")
+        raise DataError(f"--input {pattern}: no images found (expected an image, a folder or a glob)"
+                        + (f"; {hint}" if hint else ""))
+    if hint:
+        print(f"note: --input {pattern}: {hint}")
     return files
+
+
+def _image_in_subfolders(folder: Path) -> Path | None:
+    """The first image file found below `folder`'s own level (a walk that stops there), or None."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for found in sub.rglob("*"):
+            if found.suffix.lower() in IMAGE_EXTS and found.is_file():
+                return found
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
