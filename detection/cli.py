@@ -41,16 +41,40 @@ def add_config_args(parser: argparse.ArgumentParser, beside_weights: bool = Fals
                              "keys are read lower-case: SOLVER.MAX_ITER is solver.max_iter)")
 
 
+# Detectron2's launcher flags (its tools/train_net.py), which this project leaves to torchrun and to
+# tools/eval.py: a Detectron2 user who types them is told what does the same here.
+DETECTRON2_FLAGS = {
+    "--num-gpus": "processes are started by torchrun here: torchrun --nproc_per_node N tools/train_det.py ...",
+    "--num-machines": "torchrun --nnodes N --rdzv_backend c10d --rdzv_endpoint HOST:PORT tools/train_det.py ...",
+    "--machine-rank": "torchrun's rendezvous gives each machine its rank (--rdzv_endpoint HOST:PORT)",
+    "--dist-url": "torchrun --rdzv_endpoint HOST:PORT",
+    "--eval-only": "tools/eval.py --weights CKPT evaluates a checkpoint on datasets.test",
+}
+
+
 def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
                        ) -> argparse.Namespace:
     """parser's arguments with positional ones (the KEY=VALUE overrides) anywhere among the
     options: `--config C solver.max_iter=40 --output-dir D` (argparse's intermixed parsing).
-    --opts items follow the KEY=VALUE ones in args.overrides."""
+    --opts items follow the KEY=VALUE ones in args.overrides. Upper-case keys are read
+    lower-case, as after --opts (MODEL.WEIGHTS=x is model.weights=x)."""
+    for item in sys.argv[1:] if argv is None else argv:
+        flag = item.split("=", 1)[0]
+        if flag in DETECTRON2_FLAGS and flag not in parser._option_string_actions:
+            parser.error(f"{flag} is Detectron2's flag: {DETECTRON2_FLAGS[flag]}")
     args = parser.parse_intermixed_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = [_lower_case_key(item) for item in args.overrides]
     if hasattr(args, "opts"):
         args.overrides = [*args.overrides, *args.opts]
         del args.opts
     return args
+
+
+def _lower_case_key(item: str) -> str:
+    """KEY=VALUE with an upper-case KEY (Detectron2's spelling) -> key=VALUE; others unchanged."""
+    key, sep, value = item.partition("=")
+    return f"{key.lower()}{sep}{value}" if sep and key.isupper() else item
 
 
 class _DetectronOpts(argparse.Action):
@@ -66,8 +90,7 @@ class _DetectronOpts(argparse.Action):
                 if not rest:
                     parser.error(f"--opts: {item} has no value: give KEY VALUE pairs (or KEY=VALUE)")
                 item = f"{item}={rest.pop(0)}"
-            key, value = item.split("=", 1)
-            items.append(f"{key.lower() if key.isupper() else key}={value}")  # SOLVER.MAX_ITER -> solver.max_iter
+            items.append(_lower_case_key(item))  # SOLVER.MAX_ITER=7 -> solver.max_iter=7
         setattr(namespace, self.dest, items)
 
 

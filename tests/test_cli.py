@@ -30,6 +30,30 @@ def test_overrides_anywhere_among_the_options_and_opts_last():
     assert args.config == "C.yaml" and args.output_dir == "D" and args.resume
     assert args.overrides == ["solver.max_iter=40", "solver.base_lr=0.1", "solver.ims_per_batch=4", "seed=3"]
     assert not hasattr(args, "opts")
+    # Detectron2's upper-case keys read lower-case without --opts too; values keep their case
+    args = train_det.parse_args(["--config", "C.yaml", "MODEL.WEIGHTS=Zoo/R50.pkl", "output_dir=Out"])
+    assert args.overrides == ["model.weights=Zoo/R50.pkl", "output_dir=Out"]
+
+
+@pytest.mark.parametrize("flag, says", [
+    (["--num-gpus", "8"], "torchrun --nproc_per_node N tools/train_det.py"),
+    (["--num-gpus=8"], "torchrun --nproc_per_node N tools/train_det.py"),
+    (["--num-machines", "2"], "torchrun --nnodes N"),
+    (["--eval-only"], "tools/eval.py --weights CKPT"),
+])
+def test_detectron2_launcher_flags_say_what_does_the_same_here(flag, says, capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_tool("train_det").parse_args(["--config", "C.yaml", *flag])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and f"{flag[0].split('=')[0]} is Detectron2's flag: " in err and says in err
+
+
+def test_detectron2_key_value_pairs_without_opts_are_one_error_naming_opts():
+    from detection.config import load_config
+
+    with pytest.raises(ConfigError, match=r"override 'model.weights' must look like key.sub=value "
+                                          r"\(Detectron2's KEY VALUE pairs go last, after --opts\)"):
+        load_config(None, ["model.weights", "zoo.pkl"])
 
 
 def test_train_det_prints_the_config_with_an_override_between_options(tmp_path, capsys):

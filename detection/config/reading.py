@@ -69,7 +69,8 @@ def _merge(base: dict, update: dict) -> dict:
 def _apply_override(tree: dict, item: str) -> None:
     """`a.b.c=value` with the value parsed as YAML (so `[1, 2]`, `null`, `0.5` work)."""
     if "=" not in item:
-        raise ConfigError(f"command line: override {item!r} must look like key.sub=value")
+        raise ConfigError(f"command line: override {item!r} must look like key.sub=value (Detectron2's "
+                          "KEY VALUE pairs go last, after --opts)")
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
