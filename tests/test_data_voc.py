@@ -61,6 +61,40 @@ def test_voc_boxes_are_zero_based_and_difficult_is_kept(tmp_path):
     assert training_records(info.records, filter_empty=True, use_difficult=True)[0]["boxes"].shape == (2, 4)
 
 
+def test_boxes_past_the_image_train_clipped_and_are_scored_as_annotated(tmp_path, caplog):
+    """A custom set's boxes past its 100x100 image (an annotation tool's export): training gets
+    them clipped (the one with nothing inside dropped), the VOC evaluation the numbers written,
+    as the devkit reads the XML: detections equal to the annotated boxes score 100."""
+    from tests.helpers import evaluate_results_file
+
+    objects = [("cat", (51, 51, 110, 110), 0), ("cat", (0, 0, 50, 50), 0), ("cat", (120, 5, 130, 20), 0),
+               ("dog", (10, 10, 20, 20), 0)]
+    root = make_voc(tmp_path / "VOCclip", {"test": ["a", "b"]},
+                    {"a": (100, 100, objects), "b": (100, 100, [("dog", (10, 10, 20, 20), 0)])}, with_images=True)
+    with caplog.at_level(logging.WARNING, logger="detection"):
+        info = load_voc(str(root), "test", classes=["cat", "dog"])
+    warning = "clipped 2 boxes that reach past their image and dropped 1 boxes of zero area once clipped to it"
+    assert warning in caplog.text and "scores every box as annotated" in caplog.text
+    a, b = info.records
+    np.testing.assert_array_equal(a["boxes"], np.array([[50, 50, 100, 100], [0, 0, 50, 50], [9, 9, 20, 20]],
+                                                       np.float32))
+    np.testing.assert_array_equal(a["annotated"]["boxes"], [[50, 50, 110, 110], [-1, -1, 50, 50],
+                                                            [119, 4, 130, 20], [9, 9, 20, 20]])
+    np.testing.assert_array_equal(a["annotated"]["labels"], [1, 1, 1, 2])
+    assert "annotated" not in b  # nothing clipped: the record alone
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "comp4_det_test_cat.txt").write_text("".join(f"a 0.9 {x1} {y1} {x2} {y2}\n"
+                                                            for _, (x1, y1, x2, y2), _ in objects[:3]))
+    (results / "comp4_det_test_dog.txt").write_text("a 0.9 10 10 20 20\nb 0.8 10 10 20 20\n")
+    metrics = evaluate_results_file(info, str(results))
+    assert metrics["AP-cat"] == pytest.approx(100.0) and metrics["AP-dog"] == pytest.approx(100.0)
+    # the cat with nothing inside the image is still a positive (the devkit's npos): the two
+    # others found (IoU 0.69 and 0.96 with the annotated boxes) are 2 of 3, not all
+    (results / "comp4_det_test_cat.txt").write_text("a 0.9 51 51 100 100\na 0.9 1 1 50 50\n")
+    assert evaluate_results_file(info, str(results))["AP-cat"] == pytest.approx(200 / 3)
+
+
 def test_only_difficult_image_leaves_training_without_use_difficult(tmp_path):
     root = make_voc(tmp_path / "VOC2007", {"test": ["000003", "000002"]}, ANNS)
     records = load_voc(str(root), "test").records

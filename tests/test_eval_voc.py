@@ -67,6 +67,28 @@ def test_voc_ap_hand_computed():
     assert voc_ap(np.array(HAND_RECALL), np.array(HAND_PRECISION), use_07_metric=False) == pytest.approx(13 / 24)
 
 
+def test_11_point_thresholds_are_matlabs_where_recall_is_exactly_six_tenths():
+    """VOCevaldet.m's `for t=0:0.1:1`: MATLAB computes the range's second half from its end, so
+    its 0.6 is the double nearest 0.6 and a recall of exactly 3/5 reaches it; the Python port's
+    np.arange gives 0.6000000000000001 there. 5 positives, detections TP FP TP TP FP FP FP FP
+    (with eval_class, from boxes, so recall is computed as the devkit computes it):
+    recall .2 .2 .4 .6 .6 .6 .6 .6, precision 1 1/2 2/3 3/4 3/5 1/2 3/7 3/8.
+    t = 0, .1, .2 -> 1; t = .3 (0.30000000000000004), .4, .5 -> 3/4; t = .6 -> 3/4 in MATLAB (0 at
+    np.arange's threshold); t >= .7 -> 0. AP = (3 + 4 * 3/4) / 11 = 6/11, not (3 + 3 * 3/4) / 11."""
+    gt = {k: np.array([[0, 0, 10, 10]], float) for k in range(5)}
+    difficult = {k: np.zeros(1, bool) for k in range(5)}
+    tp, fp = [0, 0, 10, 10], [50, 50, 60, 60]
+    det_ids = [0, 0, 1, 2, 0, 0, 0, 0]
+    boxes = np.array([tp, fp, tp, tp, fp, fp, fp, fp], float)
+    scores = np.linspace(1.0, 0.3, len(det_ids))
+    result = eval_class(gt, difficult, det_ids, scores, boxes, iou_thresh=0.5, use_07_metric=True)
+    assert result.recall[-1] == 3 / 5
+    assert result.ap == pytest.approx(6 / 11)
+    port = sum(max((p for r, p in zip(result.recall, result.precision) if r >= t), default=0.0)
+               for t in np.arange(0.0, 1.1, 0.1)) / 11
+    assert port == pytest.approx(5.25 / 11)  # what voc_eval.py (Detectron2) reports for the same detections
+
+
 def test_eval_class_hand_made_detections_give_hand_computed_ap():
     gt = [[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]]  # the last one is missed
     dets = [(0.9, [0, 0, 10, 10]), (0.8, [80, 80, 90, 90]), (0.7, [20, 20, 30, 30]),
@@ -247,6 +269,40 @@ def test_comp4_files_are_devkit_format_and_reevaluate_to_the_same_metrics(tmp_pa
     again = evaluate_results_file(dataset, str(tmp_path))
     assert again == metrics
     assert 0 < metrics["mAP"] < 100
+
+
+def test_a_results_folder_is_scored_as_written_ties_in_file_order_numbers_unrounded(tmp_path):
+    """Files from another tool, scored as the devkit reads them. One cat, devkit box 1 1 10 10
+    (100 px with the +1 widths), in image 000003, listed after image 000004 (a dog)."""
+    dataset = _dataset([_record("000004", [[0, 0, 10, 10]], [2]), _record("000003", [[0, 0, 10, 10]], [1])],
+                       use_07_metric=False)
+
+    def cat_ap(*lines: str) -> float:
+        (tmp_path / "comp4_det_test_cat.txt").write_text("".join(
+            (line if line.startswith("000004") else f"000003 {line}") + "\n" for line in lines))
+        return evaluate_results_file(dataset, str(tmp_path))["AP-cat"]
+
+    tp, fp = "1 1 10 10", "51 51 60 60"
+    # a tie: the file's order decides (MATLAB's stable sort), not the data set's: FP first ->
+    # precision 1/2 at recall 1
+    assert cat_ap(f"0.5 {fp}", f"0.5 {tp}") == pytest.approx(50.0)
+    assert cat_ap(f"0.5 {tp}", f"0.5 {fp}") == pytest.approx(100.0)
+    assert cat_ap(f"0.5 {tp}", f"000004 0.5 {tp}") == pytest.approx(100.0)  # the FP in the image listed first
+    assert cat_ap(f"000004 0.5 {tp}", f"0.5 {tp}") == pytest.approx(50.0)
+    # scores closer than the 6 decimals eval writes are not a tie
+    assert cat_ap(f"0.7000004 {fp}", f"0.7000001 {tp}") == pytest.approx(50.0)
+    assert cat_ap(f"0.7000001 {fp}", f"0.7000004 {tp}") == pytest.approx(100.0)
+    # coordinates are not rounded to eval's one decimal: 1 1 10 4.96 overlaps 49.6 / 100 = 0.496 < 0.5
+    assert cat_ap("0.9 1 1 10 4.96") == 0.0
+    assert cat_ap("0.9 1 1 10 5.0") == pytest.approx(100.0)  # 0.5: a match, as in the devkit
+    # eval.py --results DIR into DIR rewrites the files with their own lines
+    cat_ap(f"0.5 {fp}", f"0.7000001 {tp}")
+    before = (tmp_path / "comp4_det_test_cat.txt").read_text()
+    _, evaluator = _evaluate(dataset, [_output(np.zeros((0, 4)), [], [])] * 2)
+    evaluator.output_dir = str(tmp_path)
+    evaluator.load_results(str(tmp_path))
+    evaluator.evaluate()
+    assert (tmp_path / "comp4_det_test_cat.txt").read_text() == before
 
 
 def test_results_folder_errors_name_the_problem(tmp_path):

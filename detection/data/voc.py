@@ -6,6 +6,11 @@ VOC boxes are 1-based inclusive pixel indices; like Detectron2 we subtract 1
 from xmin/ymin only, giving 0-based continuous coordinates (a box covering
 pixels 1..10 becomes [0, 10], width 10).
 
+Training takes each box clipped to its image (one with nothing left inside is dropped). The
+VOC evaluation scores the boxes as annotated, as the devkit does: a record whose clipping changed
+or dropped a box also holds `annotated` = {"boxes" (0-based, unclipped, float64), "labels",
+"difficult"} of all its objects, which the evaluator takes instead (evaluation/voc.py).
+
 A test split without published annotations (VOC2012 test: ImageSets/Main/test.txt and
 JPEGImages, no Annotations folder) is read with `annotations=False`: records without
 boxes, image sizes from the image files' headers, `DatasetInfo.has_annotations` False.
@@ -80,19 +85,23 @@ def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use
 def _load_records(root: str, split: str, image_ids: list[str], class_to_label: dict[str, int],
                   skip_bad_files: bool, exif_orientation: bool) -> list[dict]:
     """One record per image id from its XML; bad files skipped (one warning) or raised."""
-    records, num_degenerate, skipped = [], 0, []
+    records, num_dropped, num_clipped, skipped = [], 0, 0, []
     for image_id in image_ids:
         try:
-            record, dropped = _load_xml_record(root, image_id, class_to_label, exif_orientation)
+            record, dropped, clipped = _load_xml_record(root, image_id, class_to_label, exif_orientation)
         except _UnreadableXML as e:
             if not skip_bad_files:
                 raise DataError(str(e)) from e
             skipped.append(e.path)
             continue
         records.append(record)
-        num_degenerate += dropped
-    if num_degenerate:
-        logger.warning("%s split %s: dropped %d boxes of zero area", root, split, num_degenerate)
+        num_dropped += dropped
+        num_clipped += clipped
+    if num_dropped or num_clipped:
+        what = ([f"clipped {num_clipped} boxes that reach past their image"] if num_clipped else []) + (
+            [f"dropped {num_dropped} boxes of zero area once clipped to it (or inverted)"] if num_dropped else [])
+        logger.warning("%s split %s: for training, %s; the VOC evaluation scores every box as annotated, as "
+                       "the devkit does", root, split, " and ".join(what))
     if skipped:  # one warning for all of them, not a line per file
         more = f", ... ({len(skipped) - 3} more)" if len(skipped) > 3 else ""
         logger.warning("%s split %s: skipped %d images with missing or unreadable annotation files: %s%s",
@@ -145,8 +154,8 @@ class _UnreadableXML(Exception):
 
 
 def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int],
-                     exif_orientation: bool) -> tuple[dict, int]:
-    """-> (record, number of zero-area boxes dropped)."""
+                     exif_orientation: bool) -> tuple[dict, int, int]:
+    """-> (record, boxes dropped: nothing of them inside the image, boxes clipped to the image)."""
     xml_path = os.path.join(root, "Annotations", f"{image_id}.xml")
     if not os.path.isfile(xml_path):
         raise _UnreadableXML(f"VOC annotation file not found: {xml_path}; {_LAYOUT_HINT}", xml_path)
@@ -156,28 +165,31 @@ def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int],
         raise _UnreadableXML(f"malformed XML in VOC annotation file {xml_path}: {e}", xml_path) from e
     file_name = _image_path(root, image_id, tree)
     height, width = _image_size(tree, xml_path, file_name, exif_orientation)
-    boxes, labels, difficult = [], [], []
-    for index, obj in enumerate(tree.findall("object")):
-        box, label, is_difficult = _parse_object(obj, index, xml_path, class_to_label, width, height)
-        boxes.append(box)
-        labels.append(label)
-        difficult.append(is_difficult)
-    keep = [i for i, b in enumerate(boxes) if b[2] > b[0] and b[3] > b[1]]
+    objects = [_parse_object(obj, index, xml_path, class_to_label)
+               for index, obj in enumerate(tree.findall("object"))]
+    annotated = np.array([box for box, _, _ in objects], dtype=np.float64).reshape(-1, 4)
+    labels = np.array([label for _, label, _ in objects], dtype=np.int64)
+    difficult = np.array([flag for _, _, flag in objects], dtype=np.bool_)
+    clipped = np.clip(annotated, 0.0, [width, height, width, height])
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    num_clipped = int(((clipped != annotated).any(axis=1) & keep).sum())
     record = {
         "file_name": file_name,
         "image_id": image_id,
         "height": height,
         "width": width,
-        "boxes": np.array([boxes[i] for i in keep], dtype=np.float32).reshape(-1, 4),
-        "labels": np.array([labels[i] for i in keep], dtype=np.int64),
-        "difficult": np.array([difficult[i] for i in keep], dtype=np.bool_),
+        "boxes": clipped[keep].astype(np.float32),
+        "labels": labels[keep],
+        "difficult": difficult[keep],
     }
-    return record, len(boxes) - len(keep)
+    if num_clipped or not keep.all():  # the devkit scores the boxes as annotated
+        record["annotated"] = {"boxes": annotated, "labels": labels, "difficult": difficult}
+    return record, int((~keep).sum()), num_clipped
 
 
-def _parse_object(obj: ET.Element, index: int, xml_path: str, class_to_label: dict[str, int],
-                  width: int, height: int) -> tuple[list[float], int, bool]:
-    """One <object> -> (0-based XYXY box clipped to the image, label, difficult)."""
+def _parse_object(obj: ET.Element, index: int, xml_path: str, class_to_label: dict[str, int]
+                  ) -> tuple[list[float], int, bool]:
+    """One <object> -> (0-based XYXY box as annotated, label, difficult)."""
     name = (obj.findtext("name") or "").strip()
     where = f"{xml_path}: object #{index} ({name or 'no <name>'})"
     if name not in class_to_label:
@@ -193,10 +205,7 @@ def _parse_object(obj: ET.Element, index: int, xml_path: str, class_to_label: di
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         raise DataError(f"{where} has a non-finite box {[x1, y1, x2, y2]}")
     # 1-based inclusive pixels -> 0-based continuous coordinates (Detectron2's convention)
-    box = [x1 - 1.0, y1 - 1.0, x2, y2]
-    box = [min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
-           min(max(box[2], 0.0), width), min(max(box[3], 0.0), height)]
-    return box, class_to_label[name], difficult
+    return [x1 - 1.0, y1 - 1.0, x2, y2], class_to_label[name], difficult
 
 
 def _image_path(root: str, image_id: str, tree: ET.Element) -> str:

@@ -4,6 +4,10 @@ without annotations, `VOCSubmissionWriter` (the evaluation server's files).
 `VOCEvaluator` evaluates exactly the numbers it writes to the comp4 result files (coords
 with one decimal, as Detectron2 writes them), so re-evaluating the files gives the same AP.
 It scores every box as given, as the devkit would (also a results folder's unclipped ones).
+A results folder (`load_results`, eval.py --results) is scored as its files are, as the devkit
+reads them: every number at the precision written, ties in score in the files' line order. The
+ground truth is the boxes as annotated (a record's `annotated` objects where training clipped or
+dropped some: data/voc.py), not clipped to the image, as the devkit reads the XML files.
 
 A test set without published annotations (voc_2012_test) cannot be scored here:
 `VOCSubmissionWriter` writes the same comp4 lines in the layout the evaluation server takes,
@@ -23,8 +27,8 @@ import numpy as np
 
 from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
 from detection.evaluation.voc_metric import evaluate_matches, match_detections, to_devkit
-from detection.evaluation.voc_results import (COMP4_TEMPLATE, SUBMISSION_FOLDER, format_comp4_lines, image_sizes,
-                                              parse_comp4_lines, read_comp4_dir, write_comp4_files)
+from detection.evaluation.voc_results import (COMP4_TEMPLATE, SUBMISSION_FOLDER, comp4_detections, format_comp4_lines,
+                                              image_sizes, parse_comp4_lines, read_comp4_lines, write_comp4_files)
 
 if TYPE_CHECKING:
     from detection.data.dataset_info import DatasetInfo
@@ -56,18 +60,21 @@ class VOCEvaluator:
     def reset(self) -> None:
         self.predictions: list[dict[str, Any]] = []  # one entry per image; gathered across processes
         self.pr_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.result_lines: dict[int, list[str]] | None = None  # label -> a results folder's lines, as read
 
     def process(self, records: Sequence[dict], outputs: Sequence[dict]) -> None:
-        """Keep each image's ground truth (from its record) and its detections (as numpy)."""
+        """Keep each image's ground truth (from its record: the boxes as annotated) and its
+        detections (as numpy)."""
         if len(records) != len(outputs):
             raise ValueError(f"process: {len(records)} records but {len(outputs)} outputs")
         for record, output in zip(records, outputs):
-            gt_boxes = np.asarray(record["boxes"], dtype=np.float32).reshape(-1, 4)
-            difficult = record.get("difficult")
+            truth = record.get("annotated", record)  # unclipped, as the devkit reads the XML
+            gt_boxes = np.asarray(truth["boxes"], dtype=np.float64).reshape(-1, 4)
+            difficult = truth.get("difficult")
             self.predictions.append({
                 "image_id": record["image_id"],
                 "gt_boxes": gt_boxes,
-                "gt_labels": np.asarray(record["labels"], dtype=np.int64).reshape(-1),
+                "gt_labels": np.asarray(truth["labels"], dtype=np.int64).reshape(-1),
                 "gt_difficult": (np.zeros(len(gt_boxes), bool) if difficult is None
                                  else np.asarray(difficult, dtype=bool).reshape(-1)),
                 "boxes": compact_floats(output["boxes"]).reshape(-1, 4),  # the model's precision: written
@@ -78,13 +85,15 @@ class VOCEvaluator:
     def load_results(self, path: str) -> None:
         """Use a folder of comp4_det_test_{class}.txt files (the devkit's 1-based lines, as
         `evaluate` writes them) as the detections on every image of the data set; a missing
-        class file means no detections of that class."""
-        _process_comp4_dir(self, path)
+        class file means no detections of that class. `evaluate` scores their lines as they
+        are (not rounded to the precision it writes, ties in their order)."""
+        self.result_lines = _process_comp4_dir(self, path)
 
     def evaluate(self) -> dict[str, float]:
         """Write the comp4 files (when there is an output_dir) and score exactly their numbers."""
         predictions = order_by_dataset(self.predictions, self.dataset.records)
-        lines = format_comp4_lines(predictions, len(self.class_names))
+        lines = (self.result_lines if self.result_lines is not None
+                 else format_comp4_lines(predictions, len(self.class_names)))
         if self.output_dir:
             write_comp4_files(lines, self.class_names, self.output_dir)
         logger.info("%s: %d images, %s", self.dataset.name, len(predictions),
@@ -185,12 +194,14 @@ def _summarize(aps: np.ndarray, class_names: Sequence[str], use_07_metric: bool)
     return metrics
 
 
-def _process_comp4_dir(evaluator, folder: str) -> None:
+def _process_comp4_dir(evaluator, folder: str) -> dict[int, list[str]]:
     """Reset `evaluator` and feed it a folder of comp4 files as the detections of every image
-    of its data set (an image without lines has none)."""
+    of its data set (an image without lines has none); the files' lines per label, as read."""
     evaluator.reset()
     records = evaluator.dataset.records
-    detections = read_comp4_dir(folder, evaluator.class_names, [r["image_id"] for r in records])
+    lines = read_comp4_lines(folder, evaluator.class_names, [r["image_id"] for r in records])
+    detections = comp4_detections(lines, [r["image_id"] for r in records])
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0)}
     for record in records:
         evaluator.process([record], [detections.get(record["image_id"], empty)])
+    return lines

@@ -17,7 +17,9 @@ The reference is the devkit's MATLAB code (VOCevaldet.m, VOCap.m), matched rule 
 - a match on a difficult box is neither a true nor a false positive, a second match on
   the same box is a false positive (a duplicate), no match is a false positive, and
   only non-difficult boxes count as positives;
-- AP is the VOC2007 11-point metric or the VOC2010+ area under the interpolated curve.
+- AP is the VOC2007 11-point metric (at MATLAB's thresholds `0:0.1:1`, which differ from the
+  Python port's `np.arange(0, 1.1, 0.1)` at 0.6 and 0.7) or the VOC2010+ area under the
+  interpolated curve.
 
 `eval_class` scores one class; `VOCEvaluator` (voc.py) calls `match_detections` once per class
 and `evaluate_matches` at each IoU threshold.
@@ -35,20 +37,29 @@ import numpy as np
 ImageId = Union[int, str]
 
 
+# VOCevaldet.m's 11 recall thresholds, `t=0:0.1:1` as MATLAB computes that range: from both ends
+# (the first half a + k*d, the second b - k*d: MathWorks' colon algorithm), so its 0.6 and 0.7 are
+# the doubles nearest 0.6 and 0.7, and its 0.3 is 3 * 0.1 = 0.30000000000000004. The Python port
+# (voc_eval.py, as in py-faster-rcnn and Detectron2) takes np.arange(0, 1.1, 0.1), whose 0.6 and 0.7
+# are 0.6000000000000001 and 0.7000000000000001: a recall of exactly 3/5 or 7/10 (any class whose
+# positives are a multiple of 5 or 10 passes through it) reaches MATLAB's threshold, not the port's.
+DEVKIT_07_THRESHOLDS = tuple(k * 0.1 for k in range(5)) + tuple(1.0 - k * 0.1 for k in range(5, -1, -1))
+
+
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:
     """Average precision (a fraction 0..1) of one class from its cumulative recall/precision.
 
     use_07_metric: VOC2007's 11-point metric, the mean over t = 0, 0.1, ..., 1 of the best
-    precision at recall >= t (0 when recall never reaches t). The thresholds are
-    `np.arange(0, 1.1, 0.1)` as in the Python devkit port, float artefacts included
-    (the fourth is 0.30000000000000004). Otherwise VOC2010+: the area under the precision
-    envelope (precision made non-increasing from the right) over the recall steps.
+    precision at recall >= t (0 when recall never reaches t), at the devkit's own thresholds
+    (`DEVKIT_07_THRESHOLDS`: MATLAB's, float artefacts included). Otherwise VOC2010+: the area
+    under the precision envelope (precision made non-increasing from the right) over the recall
+    steps.
     """
     recall = np.asarray(recall, dtype=np.float64)
     precision = np.asarray(precision, dtype=np.float64)
     if use_07_metric:
         ap = 0.0
-        for t in np.arange(0.0, 1.1, 0.1):
+        for t in DEVKIT_07_THRESHOLDS:
             reached = recall >= t
             ap += (np.max(precision[reached]) if reached.any() else 0.0) / 11.0
         return float(ap)

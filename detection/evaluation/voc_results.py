@@ -91,18 +91,20 @@ def write_comp4_files(lines: Mapping[int, Sequence[str]], class_names: Sequence[
             f.writelines(line + "\n" for line in lines[label])
 
 
-def read_comp4_dir(path: str, class_names: Sequence[str], image_ids: Sequence[ImageId]) -> dict[ImageId, dict]:
-    """A folder of comp4 files -> image id -> {"boxes" (0-based), "scores", "labels"} as numpy."""
+def read_comp4_lines(path: str, class_names: Sequence[str], image_ids: Sequence[ImageId]) -> dict[int, list[str]]:
+    """A folder of comp4 files -> label -> its file's non-empty lines (stripped, in file order),
+    each checked: six fields, finite numbers, an image of the data set. No file: no lines."""
     if not os.path.isdir(path):
         raise DataError(f"{path}: not a folder; VOC-type results are a folder of "
                         f"{COMP4_TEMPLATE.format('<class>')} files")
-    id_of = {str(i): i for i in image_ids}
-    per_image: dict[ImageId, list] = defaultdict(list)  # image id -> [(score, x1, y1, x2, y2, label)]
+    known = {str(i) for i in image_ids}
+    out: dict[int, list[str]] = {}
     found = 0
     for label, name in enumerate(class_names, start=1):
         file = os.path.join(path, COMP4_TEMPLATE.format(name))
         if os.path.isdir(file):
             raise DataError(f"{file}: is a folder, not a results file")
+        out[label] = []
         if not os.path.isfile(file):
             logger.warning("%s: missing, no detections of class %s", file, name)
             continue
@@ -113,15 +115,32 @@ def read_comp4_dir(path: str, class_names: Sequence[str], image_ids: Sequence[Im
         except UnicodeDecodeError as err:
             raise DataError(f"{file}: not UTF-8 text (byte {err.start}); results files hold "
                             "'image_id score x1 y1 x2 y2' lines") from None
-        ids, scores, boxes = parse_comp4_lines(lines, file)
-        for image_id, score, (x1, y1, x2, y2) in zip(ids, scores.tolist(), boxes.tolist()):
-            if image_id not in id_of:
-                raise DataError(f"{file}: image {image_id!r} is not in the data set")
-            per_image[id_of[image_id]].append((score, x1 - 1.0, y1 - 1.0, x2, y2, label))
+        ids, _, _ = parse_comp4_lines(lines, file)  # errors name the file's own line numbers
+        unknown = next((i for i in ids if i not in known), None)
+        if unknown is not None:
+            raise DataError(f"{file}: image {unknown!r} is not in the data set")
+        out[label] = [line.strip() for line in lines if line.strip()]
     if not found:
         raise DataError(f"{path}: no {COMP4_TEMPLATE.format('<class>')} file for any of the data set's classes")
+    return out
+
+
+def comp4_detections(lines: Mapping[int, Sequence[str]], image_ids: Sequence[ImageId]) -> dict[ImageId, dict]:
+    """label -> comp4 lines (read_comp4_lines) -> image id -> {"boxes" (0-based), "scores",
+    "labels"} as numpy."""
+    id_of = {str(i): i for i in image_ids}
+    per_image: dict[ImageId, list] = defaultdict(list)  # image id -> [(score, x1, y1, x2, y2, label)]
+    for label, rows in lines.items():
+        ids, scores, boxes = parse_comp4_lines(rows, COMP4_TEMPLATE.format(label))
+        for image_id, score, (x1, y1, x2, y2) in zip(ids, scores.tolist(), boxes.tolist()):
+            per_image[id_of[image_id]].append((score, x1 - 1.0, y1 - 1.0, x2, y2, label))
     out = {}
     for image_id, rows in per_image.items():
         array = np.asarray(rows, dtype=np.float64)  # (D, 6)
         out[image_id] = {"boxes": array[:, 1:5], "scores": array[:, 0], "labels": array[:, 5].astype(np.int64)}
     return out
+
+
+def read_comp4_dir(path: str, class_names: Sequence[str], image_ids: Sequence[ImageId]) -> dict[ImageId, dict]:
+    """A folder of comp4 files -> image id -> {"boxes" (0-based), "scores", "labels"} as numpy."""
+    return comp4_detections(read_comp4_lines(path, class_names, image_ids), image_ids)
