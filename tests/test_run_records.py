@@ -83,6 +83,25 @@ def test_resume_without_the_runs_overrides_is_refused_and_a_deliberate_change_is
         "solver.max_iter": {"before": 4, "after": 5}}
 
 
+@pytest.mark.slow  # trains through train_det.main
+def test_a_deliberate_change_of_lr_momentum_or_weight_decay_on_resume_is_the_one_trained_with(data_root, tmp_path):
+    """The checkpoint restores the momentum buffers and where the schedule is; the optimizer's
+    hyperparameters are the resumed run's config (they were the checkpoint's: recorded as
+    changed, and silently trained with the old values)."""
+    out = tmp_path / "run"
+    assert main_code(train_det, tool_argv(data_root, out, **{"solver.max_iter": 2})) == 0
+    changed = {"solver.base_lr": 0.002, "solver.momentum": 0.5, "solver.weight_decay": 0.01}
+    assert main_code(train_det, tool_argv(data_root, out, "--resume", **{"solver.max_iter": 4}, **changed)) == 0
+    lrs = {row["iteration"]: row["lr"] for row in metrics(out) if "lr" in row}
+    assert lrs[2] == pytest.approx(0.01 * (0.001 * 0.5 + 0.5))  # warmup (2 iterations) at the old base_lr
+    assert lrs[3] == pytest.approx(0.002) and lrs[4] == pytest.approx(0.002)  # then the new one
+    groups = load_checkpoint(out / "last.pth")["optimizer"]["param_groups"]
+    assert [(g["momentum"], g["weight_decay"], g["initial_lr"]) for g in groups] == [(0.5, 0.01, 0.002),
+                                                                                    (0.5, 0.0, 0.002)]
+    assert yaml.safe_load((out / "config_resumed_0000002.yaml").read_text())["changed"]["solver.base_lr"] == {
+        "before": 0.01, "after": 0.002}
+
+
 def test_resume_check_names_every_differing_key_but_not_where_things_are(tmp_path):
     cfg = tiny_cfg(tmp_path / "data", tmp_path / "run")
     save_config(cfg, tmp_path / "run" / "config.yaml")

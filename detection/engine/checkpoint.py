@@ -149,7 +149,15 @@ def restore_training_state(ckpt: dict, path: Union[str, Path], *, model: torch.n
                            optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> None:
     """Load a resume checkpoint (load_resume_checkpoint) into the run's objects; anything that
     does not fit is one CheckpointError naming the file and the part, never a torch traceback
-    now or a shape error at the next step."""
+    now or a shape error at the next step.
+
+    The checkpoint gives the weights, the momentum buffers, the position in the lr schedule and
+    the AMP scale; the hyperparameters stay those the run's objects were built with (this run's
+    config): solver.base_lr, momentum and weight_decay changed deliberately on --resume take
+    effect from the next iteration, as the changed schedule does. Unchanged, they are the
+    checkpoint's values, and the lr is computed as the schedule computed it: the resume is exact."""
+    asked = [{key: group[key] for key in _HYPERPARAMETERS if key in group} for group in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
     load_model_state(model, ckpt["model"], path)
     load_optimizer_state(optimizer, ckpt["optimizer"], path)
     state = ckpt["scheduler"]
@@ -160,6 +168,16 @@ def restore_training_state(ckpt: dict, path: Union[str, Path], *, model: torch.n
                               f"(expected last_epoch >= 0 and {len(optimizer.param_groups)} base_lrs)")
     _load_part(scheduler, state, path, "lr schedule")
     _load_part(scaler, ckpt["scaler"], path, "AMP scaler")
+    # the config's hyperparameters over the checkpoint's (LambdaLR's state holds its base_lrs)
+    scheduler.base_lrs = base_lrs
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, values, base, lr in zip(optimizer.param_groups, asked, base_lrs, lrs):
+        group.update(values, initial_lr=base, lr=lr)
+    scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
+
+
+# what a run's config sets in each optimizer group (the lr through the scheduler's base_lrs)
+_HYPERPARAMETERS = ("momentum", "weight_decay", "dampening", "nesterov")
 
 
 def load_model_state(model: torch.nn.Module, state: Any, path: Union[str, Path]) -> None:
