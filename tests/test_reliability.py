@@ -89,6 +89,9 @@ def test_a_signal_finishes_the_iteration_saves_last_pth_and_resume_is_exact(data
     assert f"stopped by {name} at iteration 3; saved {out / 'last.pth'} (iteration 3): --resume continues " \
            "from there" in err
     assert not any("Traceback" in line for line in err)
+    # log.txt ends with it too (the tool prints it after log.txt is closed)
+    last = (out / "log.txt").read_text().splitlines()[-1]
+    assert f"WARNING detection.engine.trainer: run ended: stopped by {name} at iteration 3; saved " in last
     assert load_resume_checkpoint(out / "last.pth")["iteration"] == 3  # the 3rd iteration was finished
     assert not (out / "model_final.pth").exists() and not (out / LOCK_FILE).exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were put back

@@ -164,6 +164,8 @@ def test_cli_exits_1_on_a_diverging_loss(data_root, tmp_path, capsys, restore_lo
     assert code == 1, err[-2000:]
     assert "loss is not finite" in err and "Traceback" not in err
     assert load_checkpoint(out / "last.pth")["iteration"] >= 1
+    last = (out / "log.txt").read_text().splitlines()[-1]  # how the run ended, in its log too
+    assert "ERROR detection.engine.trainer: run ended: iteration " in last and "loss is not finite" in last
 
 
 def _free_port() -> int:

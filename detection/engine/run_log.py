@@ -107,6 +107,20 @@ class RunLogFile(logging.Handler):
         else:
             self._write(line + "\n")
 
+    def ended(self, err: BaseException) -> None:
+        """log.txt's last line for a run that did not finish: what the tool prints when it stops
+        (a signal's stop and its checkpoint, an interrupt, a training error, with its notes),
+        which comes after this file is closed. Only into log.txt: the tool prints it."""
+        if self.stream is None or self.failed:
+            return  # refused by its checks (nothing written), or the file failed
+        stopped = isinstance(err, KeyboardInterrupt)
+        ours = type(err).__module__.split(".")[0] in ("detection", "backbones")  # its message says it all
+        text = "; ".join([(str(err) or "interrupted") if stopped or ours else f"{type(err).__name__}: {err}",
+                          *getattr(err, "__notes__", [])])
+        record = logging.LogRecord("detection.engine.trainer", logging.WARNING if stopped else logging.ERROR,
+                                   __file__, 0, f"run ended: {text}", None, None)
+        self._write(self.format(record) + "\n")
+
     def _alone(self) -> bool:
         return all(h is self for h in logging.getLogger().handlers) and logging.lastResort is not None
 

@@ -76,6 +76,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     try:
         return _train(cfg, device, distributed, resume=resume, overwrite=overwrite, explicit=explicit,
                       run_log=run_log)
+    except BaseException as err:
+        if run_log is not None:  # how the run ended, which the tool prints after log.txt is closed
+            run_log.ended(err)
+        raise
     finally:
         if run_log is not None:
             run_log.remove()
