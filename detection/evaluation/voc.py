@@ -69,7 +69,8 @@ class VOCEvaluator:
             raise ValueError(f"process: {len(records)} records but {len(outputs)} outputs")
         for record, output in zip(records, outputs):
             truth = record.get("annotated", record)  # unclipped, as the devkit reads the XML
-            gt_boxes = np.asarray(truth["boxes"], dtype=np.float64).reshape(-1, 4)
+            gt_boxes = np.asarray(truth["boxes"], dtype=truth["boxes"].dtype if truth is not record
+                                  else np.float32).reshape(-1, 4)  # the annotated ones as read (float64)
             difficult = truth.get("difficult")
             self.predictions.append({
                 "image_id": record["image_id"],
