@@ -102,6 +102,38 @@ def test_a_deliberate_change_of_lr_momentum_or_weight_decay_on_resume_is_the_one
         "before": 0.01, "after": 0.002}
 
 
+@pytest.mark.slow  # trains through train_det.main
+def test_resume_to_a_max_iter_at_or_below_where_the_run_is(data_root, tmp_path, capsys):
+    """solver.max_iter lowered on --resume: to where last.pth is, the run ends there and the
+    change is recorded as any other; below it, one error (a run cannot go back)."""
+    out = tmp_path / "run"
+    assert main_code(train_det, tool_argv(data_root, out, **{"solver.max_iter": 3})) == 0
+    # as if it had been started for 6 iterations and stopped at 3
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["solver"]["max_iter"] = 6
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    (out / "model_final.pth").unlink()
+    capsys.readouterr()
+    assert main_code(train_det, tool_argv(data_root, out, "--resume", **{"solver.max_iter": 2})) == 2
+    error = capsys.readouterr().err
+    assert f"solver.max_iter=2: {out / 'last.pth'} is at iteration 3 and a run cannot go back" in error
+    assert main_code(train_det, tool_argv(data_root, out, "--resume", **{"solver.max_iter": 3})) == 0
+    assert load_checkpoint(out / "model_final.pth")["iteration"] == 3
+    assert load_config(out / "config.yaml").solver.max_iter == 3
+    assert yaml.safe_load((out / "config_resumed_0000003.yaml").read_text())["changed"] == {
+        "solver.max_iter": {"before": 6, "after": 3}}
+    assert "the run is finished (iteration 3, solver.max_iter 3)" in (out / "log.txt").read_text()
+
+
+def test_a_folder_with_a_run_but_no_last_pth_is_not_offered_to_resume(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"iteration": 1, "total_loss": 2.0}\n')  # stopped before a checkpoint
+    assert main_code(train_det, tool_argv(data_root, out)) == 2
+    error = capsys.readouterr().err
+    assert "with no last.pth to continue: --overwrite replaces it" in error and "--resume" not in error
+
+
 def test_resume_check_names_every_differing_key_but_not_where_things_are(tmp_path):
     cfg = tiny_cfg(tmp_path / "data", tmp_path / "run")
     save_config(cfg, tmp_path / "run" / "config.yaml")

@@ -17,7 +17,8 @@ from detection.engine.train_state import TrainState
 def what_is_kept(state: TrainState, path: Path) -> str:
     """What a stopped run leaves to resume from, as it really is."""
     if state.checkpoint_iteration is None:
-        return f"and no checkpoint was written yet ({path} does not exist): a new run starts from iteration 0"
+        return (f"and no checkpoint was written yet ({path} does not exist): a new run starts from iteration 0 "
+                "(--overwrite replaces this one's files)")
     return f"the last good checkpoint {path} (iteration {state.checkpoint_iteration}) is kept: --resume continues it"
 
 

@@ -112,6 +112,9 @@ def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> list[st
     if resume:
         raise OutputFolderError(f"{out_dir} holds a run ({', '.join(found)}) but no last.pth to resume from: "
                                 "--overwrite replaces it, or choose another --output-dir")
+    if "last.pth" not in found:  # stopped before its first checkpoint: nothing to continue
+        raise OutputFolderError(f"{out_dir} already holds a run ({', '.join(found)}) with no last.pth to continue: "
+                                "--overwrite replaces it, or choose another --output-dir")
     raise OutputFolderError(f"{out_dir} already holds a run ({', '.join(found)}): --resume continues it, "
                             "--overwrite replaces it, or choose another --output-dir")
 

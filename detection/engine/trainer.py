@@ -116,7 +116,16 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         logger.warning("--resume: %s does not exist, starting from iteration 0", last)
     changes = check_resume_config(cfg, out_dir, explicit) if resuming else []  # before anything is built
     state = _initial_state(cfg, device, out_dir, resuming)
+    if resuming and cfg.solver.max_iter < state.iteration:
+        raise ConfigError(f"solver.max_iter={cfg.solver.max_iter}: {last} is at iteration {state.iteration} and a "
+                          f"run cannot go back; give solver.max_iter={state.iteration} to end it there (it writes "
+                          "model_final.pth) or more to train on")
     if resuming and _is_finished(cfg, state, out_dir):
+        if changes and du.is_main_process():  # ended here by a deliberate change: recorded as any other
+            prepare_output_dir(cfg, out_dir, remove=[], resumed_at=state.iteration)
+            if run_log is not None:
+                run_log.open(out_dir / LOG_FILE)
+            record_resume_changes(out_dir, state.iteration, changes)
         return state.model
     datasets = build_train_datasets(cfg)
     test_sets = build_test_datasets(cfg, datasets[0].class_names)  # before anything is written, too
