@@ -119,3 +119,19 @@ def test_an_event_file_that_cannot_be_written_is_a_warning_not_a_stop(tmp_path, 
         assert log.writer is None
     assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert caplog.text.count("could not be written (No space left on device)") == 1
+
+
+def test_a_metric_that_is_not_a_number_is_null_in_metrics_jsonl_and_not_an_event(tmp_path):
+    """APl of a test set without large objects is nan: strict JSON gets null (as eval's
+    metrics.json), TensorBoard no point; the other values as they are."""
+    from detection.engine.metrics import MetricsLog
+
+    with MetricsLog(tmp_path, tensorboard=True) as log:
+        log.write({"iteration": 3, "AP": 50.0, "APl": math.nan, "APs": math.inf})
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    line = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert line == {"iteration": 3, "AP": 50.0, "APl": None, "APs": None}
+    assert event_scalars(tmp_path) == {"AP": [(3, 50.0)]}

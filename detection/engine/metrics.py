@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import resource
 from pathlib import Path
 
@@ -77,10 +78,14 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         """Append one line to metrics.jsonl; a failed write (a full disk) stops training with one
-        error. A line cut short is dropped when the run is resumed (run_folder.truncate_metrics)."""
+        error. A line cut short is dropped when the run is resumed (run_folder.truncate_metrics).
+        Strict JSON: a value that is not a finite number (APl of a test set without large
+        objects) is null, as in eval's metrics.json, and not sent to TensorBoard."""
+        record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in record.items()}
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
         except OSError as err:
             raise TrainingError(f"could not append to {self.path} at iteration {record.get('iteration')} "
                                 f"({err.strerror or err}); training stopped") from None
