@@ -171,6 +171,26 @@ def test_test_loader_in_order_original_size(tmp_path):
         assert img.dtype == torch.uint8 and tuple(img.shape) == (3, h, w)
 
 
+def test_test_loader_workers_leave_ctrl_c_to_the_main_process(tmp_path, monkeypatch):
+    """Training evaluates with its SIGINT handler (GracefulStop) installed; the test loader's
+    forked workers ignore SIGINT (as the training loader's), so a Ctrl-C is handled, and
+    reported, once: by the main process."""
+    info = get_dataset(make_set(tmp_path), str(tmp_path))
+    real = loader_module.TestDataset.__getitem__
+
+    def with_handler(self, index):  # runs in the worker: which SIGINT handler it has
+        image, record = real(self, index)
+        return image, {**record, "sigint": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}
+
+    monkeypatch.setattr(loader_module.TestDataset, "__getitem__", with_handler)
+    previous = signal.signal(signal.SIGINT, lambda *args: None)  # the trainer's, in the parent
+    try:
+        records = [r for _, recs in build_test_loader(info, num_workers=1, batch_size=4) for r in recs]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(records) == 8 and all(r["sigint"] for r in records)
+
+
 def test_missing_image_errors_or_is_skipped(tmp_path, caplog):
     """A file that vanishes after get_dataset checked it (tests/test_data_checks.py covers the check)."""
     entry = make_set(tmp_path)

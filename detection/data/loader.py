@@ -73,8 +73,17 @@ def build_test_loader(dataset: DatasetInfo, *, num_workers: int, batch_size: int
     data = TestDataset(dataset.records, skip_bad_images=dataset.skip_bad_images,
                        exif_orientation=dataset.exif_orientation)
     loader = ForkSafeDataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                collate_fn=collate_lists, pin_memory=torch.cuda.is_available())
+                                collate_fn=collate_lists, pin_memory=torch.cuda.is_available(),
+                                worker_init_fn=_ignore_sigint if num_workers > 0 else None)
     return TestLoader(loader)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """A test loader's worker ignores Ctrl-C, as the training loader's do (seed_worker): the
+    main process decides (the trainer's GracefulStop finishes its step, eval.py stops and the
+    DataLoader ends its workers). Without this a worker forked during training's evaluation
+    ran the trainer's handler itself and said "SIGINT received" a second time."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ForkSafeDataLoader(DataLoader):
