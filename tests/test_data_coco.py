@@ -90,6 +90,24 @@ def test_unknown_category_id_names_file_and_annotation(tmp_path):
     assert ann_file in str(err.value) and "category_id 5" in str(err.value)
 
 
+def test_two_classes_of_one_name_or_one_file_under_two_image_ids_are_refused(tmp_path):
+    """Both were silent: a class's AP was reported under the other's name, and an image listed
+    twice with its boxes split taught each copy's boxes as background."""
+    ann_file, image_root = write_coco(tmp_path)
+    data = json.loads(open(ann_file).read())
+    data["categories"][2]["name"] = "mug"
+    (tmp_path / "names.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"names.json: category #0 \(id 42\) and category #2 \(id 7\) have the "
+                                        r"same name 'mug'; each class needs a name of its own"):
+        load_coco_json(str(tmp_path / "names.json"), image_root)
+    data = json.loads(open(ann_file).read())
+    data["images"].append({**data["images"][1], "id": 100})
+    (tmp_path / "files.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"files.json: image #1 \(id 1\) and image #3 \(id 100\) have the same "
+                                        r"file_name 'a.png'; list an image once, with all its annotations"):
+        load_coco_json(str(tmp_path / "files.json"), image_root)
+
+
 def test_nan_box_names_file_and_annotation(tmp_path):
     bad = ANNOTATIONS + [{"id": 555, "image_id": 1, "category_id": 3, "bbox": [1, float("nan"), 2, 2], "iscrowd": 0}]
     ann_file, image_root = write_coco(tmp_path, annotations=bad)

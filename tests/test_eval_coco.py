@@ -124,6 +124,29 @@ def test_printed_ap_equals_cocoeval_on_the_written_results(dataset, tmp_path):
     assert metrics["AP-triangle"] == pytest.approx(precision[precision > -1].mean() * 100)
 
 
+def test_a_json_without_iscrowd_or_area_is_scored_as_if_they_were_0_and_the_box_area(dataset, tmp_path, caplog):
+    """Converters often leave out 'iscrowd' and 'area', which COCOeval reads (a KeyError from deep
+    inside pycocotools at the first evaluation): the same metrics as the json with iscrowd 0 and
+    area = w x h, and one warning. (The crowd region is dropped: without iscrowd it is an object.)"""
+    import dataclasses
+    import logging
+
+    data = json.loads(open(dataset.ann_file).read())
+    data["annotations"] = [a for a in data["annotations"] if not a["iscrowd"]]
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(data))
+    for ann in data["annotations"]:
+        del ann["iscrowd"], ann["area"]
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(data))
+    outputs = _noisy_outputs(dataset.records)
+    expected, _ = _evaluate(dataclasses.replace(dataset, ann_file=str(full)), outputs)
+    with caplog.at_level(logging.WARNING, logger="detection.evaluation.coco"):
+        metrics, _ = _evaluate(dataclasses.replace(dataset, ann_file=str(bare)), outputs)
+    assert metrics == expected  # APs / APm / APl too: the areas are the boxes'
+    assert "9 annotations have no 'iscrowd' (scored as 0: not a crowd) and 9 no 'area'" in caplog.text
+
+
 def test_only_processed_images_are_evaluated(dataset):
     # perfect on images 10 and 20; image 30 was not run, so its objects are not misses
     metrics, _ = _evaluate(dataset, _outputs_equal_to_gt(dataset.records[:2]), records=dataset.records[:2])

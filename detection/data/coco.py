@@ -45,7 +45,8 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None) -
         records.append(record)
         num_degenerate += dropped
     if num_degenerate:
-        logger.warning("%s: dropped %d boxes of zero area (after XYWH->XYXY and clipping to the image)",
+        logger.warning("%s: dropped %d boxes of zero area (after XYWH->XYXY and clipping to the image) from "
+                       "training; the COCO evaluation (pycocotools) scores the json's boxes as written",
                        ann_file, num_degenerate)
     _warn_orphan_annotations(coco, ann_file)
     return DatasetInfo(
@@ -138,6 +139,11 @@ def check_coco_json(data: Any, ann_file: str) -> None:
         "bbox": (_is_box, "[x, y, width, height] (4 numbers)")}, ann_file)
     if len({type(img["id"]) for img in data["images"]}) > 1:
         raise DataError(f"{ann_file}: image ids mix numbers and strings; use one kind")
+    _check_unique(data["categories"], "name", "category", ann_file,
+                  "each class needs a name of its own (its AP is reported, and its detections matched, by name)")
+    _check_unique(data["images"], "file_name", "image", ann_file,
+                  "list an image once, with all its annotations (under two ids, the boxes of each are "
+                  "background to the other in training, and misses in evaluation)")
     for index, ann in enumerate(data.get("annotations", [])):
         for key in ("iscrowd", "ignore"):
             if key in ann and ann[key] not in (0, 1):  # (False and True are 0 and 1)
@@ -146,6 +152,16 @@ def check_coco_json(data: Any, ann_file: str) -> None:
         if "area" in ann and not (_is_number(ann["area"]) and math.isfinite(ann["area"]) and ann["area"] >= 0):
             raise DataError(f"{ann_file}: annotation #{index} (id {ann['id']!r}): 'area' must be a finite number "
                             f">= 0, got {ann['area']!r}")
+
+
+def _check_unique(items: list, key: str, kind: str, ann_file: str, why: str) -> None:
+    """DataError naming the first two items (by index and id) that share `key`'s value."""
+    seen: dict[Any, int] = {}
+    for index, item in enumerate(items):
+        first = seen.setdefault(item[key], index)
+        if first != index:
+            raise DataError(f"{ann_file}: {kind} #{first} (id {items[first]['id']!r}) and {kind} #{index} (id "
+                            f"{item['id']!r}) have the same {key} {item[key]!r}; {why}")
 
 
 def _check_records(items: list, kind: str, fields: dict, ann_file: str) -> None:

@@ -125,6 +125,7 @@ class COCOEvaluator:
                 raise DataError(f"annotation file not found: {self.dataset.ann_file}")
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
                 self._coco_gt = COCO(self.dataset.ann_file)
+            _fill_scoring_defaults(self._coco_gt, self.dataset.ann_file)
         return self._coco_gt
 
     def _per_class(self, coco_eval: COCOeval) -> dict[str, float]:
@@ -226,3 +227,23 @@ def _instances(prediction: dict, to_category: dict[int, int]) -> list[dict]:
 
 def _percent(stat: float) -> float:
     return float(stat) * 100.0 if stat > -1 else math.nan
+
+
+def _fill_scoring_defaults(coco_gt: COCO, ann_file: str) -> None:
+    """COCOeval reads every ground-truth annotation's 'iscrowd' and 'area' (KeyError without
+    them); many converters leave them out. Taken as 0 (not a crowd, as the reader takes it for
+    training) and as the box's width x height (what APs / APm / APl then sort by), with one
+    warning; the json is not changed."""
+    missing = {"iscrowd": 0, "area": 0}
+    for ann in coco_gt.dataset.get("annotations", []):
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+            missing["iscrowd"] += 1
+        if "area" not in ann:
+            _, _, width, height = ann["bbox"]
+            ann["area"] = float(width) * float(height)
+            missing["area"] += 1
+    if missing["iscrowd"] or missing["area"]:
+        logger.warning("%s: %d annotations have no 'iscrowd' (scored as 0: not a crowd) and %d no 'area' (scored "
+                       "as the box's width x height, which decides APs / APm / APl)", ann_file,
+                       missing["iscrowd"], missing["area"])
