@@ -53,11 +53,23 @@ def header_size(path: str, *, apply_tag: bool) -> tuple[int, int, int] | None:
     if opened is None:
         return None
     with opened as image:
-        width, height = image.size
+        width, height = _stored_size(image)
         tag = _tag_of(image)
     if apply_tag and tag in SWAPS_SIDES:
         width, height = height, width
     return int(height), int(width), tag
+
+
+def _stored_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the file stores the pixels. PIL reports that, except for TIFF in
+    recent Pillow (13 here): its reader gives the size already turned by the orientation tag
+    (5-8 swap the sides) and turns the pixels on load; the TIFF's own ImageWidth / ImageLength
+    tags (256, 257) hold the stored size in every version."""
+    if image.format == "TIFF":
+        stored = (image.tag_v2.get(256), image.tag_v2.get(257))
+        if all(isinstance(v, int) and v > 0 for v in stored):
+            return stored
+    return image.size
 
 
 def apply_orientation(img: np.ndarray, tag: int) -> np.ndarray:
