@@ -126,6 +126,23 @@ def test_eval_refuses_a_folder_holding_another_checkpoints_results(run_a, tmp_pa
     assert json.loads((shared / "source.json").read_text())["path"] == str(weights_b.resolve())
 
 
+@pytest.mark.slow  # evaluates through eval.main
+def test_an_unreadable_test_image_skipped_is_counted_and_left_out_of_the_report(run_a, tmp_path, capsys):
+    """dataloader.skip_bad_images with a truncated test image: the metrics say how many images
+    they cover, and report.html is written without it (its gallery read the image: exit 2)."""
+    root, overrides = run_a
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    victim = sorted((data / "shapes" / "val").glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:-400])  # cut short: no end-of-image marker
+    code, out, err = call(EVAL, capsys, "--weights", str(root / "run_a" / "model_final.pth"), "--output-dir",
+                          str(tmp_path / "out"), *overrides, f"datasets.root={json.dumps(str(data))}",
+                          "dataloader.skip_bad_images=true")
+    assert code == 0, err
+    assert "shapes_val (1 of its 2 images: 1 unreadable, skipped (dataloader.skip_bad_images))" in out
+    assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "shapes_val" / "metrics.json").is_file()
+
+
 def test_results_folder_of_an_older_version_without_source_json_is_not_overwritten(tmp_path):
     legacy = tmp_path / "inference"
     legacy.mkdir()

@@ -21,6 +21,7 @@ import base64
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from detection.data import DataError
 from detection.evaluation.coco import read_results_json
 from detection.evaluation.outputs import SECTION_FILE, recorded_test_sets, results_subfolder
 from detection.evaluation.voc_results import read_comp4_dir
@@ -38,6 +40,8 @@ from detection.utils.files import atomic_write
 
 if TYPE_CHECKING:
     from detection.data.dataset_info import DatasetInfo
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 SCORE_THRESH = 0.5  # a prediction counts (drawn, false positive) from this score, as visualize.py draws
@@ -190,10 +194,16 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
     scored = [s for s in scored if Path(s[2]["file_name"]).is_file()]  # re-scoring saved results needs no images
     by_fp = sorted((s for s in scored if s[0] > 0), key=lambda s: -s[0])[:gallery_size]
     by_missed = sorted((s for s in scored if s[1] > 0), key=lambda s: -s[1])[:gallery_size]
-    draw = lambda s: _gallery_image(s[2], s[0], s[1], detections.get(s[2]["image_id"], empty),  # noqa: E731
-                                    names, crowd, score_thresh, dataset.exif_orientation)
-    section.most_false_positives = [draw(s) for s in by_fp]
-    section.most_missed = [draw(s) for s in by_missed]
+    def draw(s):
+        try:
+            return _gallery_image(s[2], s[0], s[1], detections.get(s[2]["image_id"], empty), names, crowd,
+                                  score_thresh, dataset.exif_orientation)
+        except DataError as err:  # an image the evaluation skipped (dataloader.skip_bad_images)
+            logger.warning("report: %s left out of the gallery (%s)", s[2]["file_name"], err)
+            return None
+
+    section.most_false_positives = [g for g in map(draw, by_fp) if g is not None]
+    section.most_missed = [g for g in map(draw, by_missed) if g is not None]
     return section
 
 

@@ -114,7 +114,10 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
         _report_submission(dataset, evaluator, echo)
         return
     if echo is not None:
-        echo(f"\n{dataset.name} ({len(dataset.records)} images)")
+        scored, listed = len(getattr(evaluator, "predictions", dataset.records)), len(dataset.records)
+        count = f"{listed} images" if scored == listed else \
+            f"{scored} of its {listed} images: {listed - scored} unreadable, skipped (dataloader.skip_bad_images)"
+        echo(f"\n{dataset.name} ({count})")
         echo(format_metrics_table(metrics))
     if where is None:
         return
