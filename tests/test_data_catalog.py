@@ -1,5 +1,6 @@
 """Catalog: known names, explicit entries, relative paths, concatenation checks."""
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -82,6 +83,21 @@ def test_concat_checks_classes_and_keeps_order():
     both = concat_datasets([_info("a", ["x", "y"], 2), _info("b", ["x", "y"], 1)])
     assert both.name == "a+b" and [r["file_name"] for r in both.records] == ["a0", "a1", "b0"]
     with pytest.raises(DataError, match="different classes"):
-        concat_datasets([_info("a", ["x", "y"], 1), _info("b", ["y", "x"], 1)])
+        concat_datasets([_info("a", ["x", "y"], 1), _info("b", ["y", "z"], 1)])
     with pytest.raises(DataError, match="at least one"):
         concat_datasets([])
+
+
+def test_concat_takes_a_sets_labels_by_name_when_it_lists_the_classes_in_another_order(caplog):
+    """Two COCO exports numbering the same categories otherwise: b's label 1 is "y", a's 2."""
+    a, b = _info("a", ["x", "y", "z"], 1), _info("b", ["y", "z", "x"], 1)
+    b.records[0]["labels"] = np.array([1, 2, 3, 1], np.int64)  # y z x y
+    b.records[0]["annotated"] = {"labels": np.array([3, 1], np.int64)}  # x y
+    with caplog.at_level(logging.INFO, logger="detection.data.catalog"):
+        both = concat_datasets([a, b])
+    assert both.class_names == ["x", "y", "z"] and both.records[1]["labels"].tolist() == [2, 3, 1, 2]
+    assert both.records[1]["annotated"]["labels"].tolist() == [1, 2]
+    assert b.records[0]["labels"].tolist() == [1, 2, 3, 1]  # the set itself is left as it was
+    assert "b lists the classes of a in another order (y, z, x): its labels are taken by name" in caplog.text
+    with pytest.raises(DataError, match="different classes"):
+        concat_datasets([a, _info("c", ["y", "y", "x"], 1)])

@@ -164,19 +164,14 @@ def test_results_folder_of_an_older_version_without_source_json_is_not_overwritt
 # --- a test set's classes against the checkpoint's -------------------------------------------
 
 @pytest.mark.slow  # uses the module's trained run
-def test_test_set_with_the_checkpoints_classes_in_another_order_is_refused(run_a, tmp_path, capsys):
-    """The same class names in another order is refused: checkpoint [disc, box, cross], VOC test
-    set classes [box, disc, cross] (a silent mismatch would swap labels)."""
+def test_visualize_draws_a_test_set_in_another_class_order_with_each_sides_names(run_a, tmp_path, capsys):
+    """Checkpoint [circle, square, triangle], VOC test set [square, circle, triangle] (eval's
+    scoring by name: tests/test_own_data_checks.py): drawn, predictions with the model's names."""
     root, overrides = run_a
-    weights = str(root / "run_a" / "model_final.pth")
-    swapped = f"datasets.test={json.dumps([_voc_entry(['square', 'circle', 'triangle'])])}"
-    for tool, extra in ((EVAL, ["--output-dir", str(tmp_path / "eval")]),
-                        (VISUALIZE, ["--compare", "--output", str(tmp_path / "vis")])):
-        code, _, err = call(tool, capsys, "--weights", weights, *extra, *overrides, swapped)
-        line = _error_line(err)
-        assert code == 2 and "['square', 'circle', 'triangle']" in line and str(SHAPES) in line
-        assert "another order" in line
-    assert not (tmp_path / "eval" / "voc_VOC_val").exists() and not list((tmp_path / "vis").glob("*.jpg"))
+    code, _, err = call(VISUALIZE, capsys, "--weights", str(root / "run_a" / "model_final.pth"), "--compare",
+                        "--output", str(tmp_path / "vis"), *overrides,
+                        f"datasets.test={json.dumps([_voc_entry(['square', 'circle', 'triangle'])])}")
+    assert code == 0 and len(list((tmp_path / "vis").glob("*.jpg"))) == 2, err
 
 
 @pytest.mark.slow  # uses the module's trained run

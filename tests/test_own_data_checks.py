@@ -60,8 +60,10 @@ def test_a_renamed_or_extra_class_is_still_refused_naming_it(classes, wrong):
     with pytest.raises(ValueError, match=wrong) as err:
         label_map_for_test_set("mine", classes, SHAPES, 3, "the checkpoint x.pth was trained on")
     assert "does not detect" not in str(err.value)  # it detects circle: the old wording said otherwise
-    with pytest.raises(ValueError, match="another order"):  # all its names in another order: as before
-        label_map_for_test_set("mine", ["square", "circle", "triangle"], SHAPES, 3)
+    # all its names in another order (a COCO json numbering them otherwise): scored by name
+    assert label_map_for_test_set("mine", ["square", "circle", "triangle"], SHAPES, 3) == [0, 2, 1, 3]
+    with pytest.raises(ValueError, match="listed twice"):
+        label_map_for_test_set("mine", ["square", "circle", "circle"], SHAPES, 3)
     check_class_names("mine", SHAPES, SHAPES, 3)
 
 
@@ -214,3 +216,20 @@ def test_eval_scores_a_subset_by_name_with_the_full_sets_per_class_ap(data_root,
     whole = json.loads((full / "shapes_val" / "coco_results.json").read_text())
     key = lambda r: (r["image_id"], r["category_id"], tuple(r["bbox"]), r["score"])  # noqa: E731
     assert results and sorted(map(key, results)) == sorted(key(r) for r in whole if r["category_id"] != 2)
+    # the whole set with its categories numbered otherwise (circle 1 -> 3, square 2 -> 1, triangle
+    # 3 -> 2): scored by name, not refused; each detection keeps its class, under the set's id
+    data = json.loads((data_root / "shapes" / "annotations" / "instances_val.json").read_text())
+    renumber = {1: 3, 2: 1, 3: 2}
+    for item in (*data["categories"], *data["annotations"]):
+        item["id" if "name" in item else "category_id"] = renumber[item["id" if "name" in item else "category_id"]]
+    (tmp_path / "renumbered.json").write_text(json.dumps(data))
+    entry = {**entry, "ann_file": str(tmp_path / "renumbered.json"), "name": "renumbered"}
+    assert eval_tool.main(["--weights", weights, "--output-dir", str(tmp_path / "renum"), *overrides,
+                           f"datasets.test={json.dumps([entry])}"]) == 0
+    assert "test set renumbered: lists the model's classes in another order (square, triangle, circle); " \
+        "scored by name" in capsys.readouterr().out
+    results = json.loads((tmp_path / "renum" / "renumbered" / "coco_results.json").read_text())
+    assert sorted(map(key, results)) == sorted(key({**r, "category_id": renumber[r["category_id"]]}) for r in whole)
+    renumbered = json.loads((tmp_path / "renum" / "renumbered" / "metrics.json").read_text())
+    assert renumbered.keys() == everything.keys()  # every metric, per class by name (summed in another order)
+    assert all(renumbered[k] == everything[k] or renumbered[k] == pytest.approx(everything[k]) for k in everything)

@@ -35,10 +35,11 @@ file, e.g. before more training) is not overwritten: the run stops and says so; 
 --output-dir for a new folder or --overwrite to replace them (their files are removed
 first). The same checkpoint evaluated again into DIR (say with other test settings) replaces
 its results there, one line per test set saying so. Re-scoring a folder's own results
-(--results DIR into DIR) is allowed. The test sets' class names must be the model's, in the
-same order (the checkpoint's names, else model.class_names; else only their number is checked
-against model.num_classes), or a subset of them: such a set is scored by name, the detections
-of the other classes left out (the run says so). A renamed or extra class is refused.
+(--results DIR into DIR) is allowed. The test sets' class names are compared with the model's
+(the checkpoint's names, else model.class_names; else only their number is checked against
+model.num_classes): the model's names in another order, or a subset of them, are scored by name
+(the run says so; a subset without the detections of the other classes). A renamed or extra
+class is refused.
 """
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ order) and STEM its file name without the extension: two inputs of the same name
 different folders never overwrite each other.
 
 In the ground truth, what the metrics ignore is drawn dashed and tagged: VOC `difficult`
-objects ("difficult") and COCO crowd regions ("crowd"). With --weights, the data set's class
-names must be the model's, in the same order (the checkpoint's, else model.class_names).
+objects ("difficult") and COCO crowd regions ("crowd"). Predictions are drawn with the model's
+class names (the checkpoint's, else model.class_names; else the data set's, whose number must
+then be model.num_classes), the ground truth with the data set's.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int]:
     import cv2
 
     from detection.engine.distributed import select_device
+    from detection.evaluation.classes import model_class_names
 
     device = select_device(cfg.device, cfg.tf32)
     model, weights = None, None
@@ -119,12 +121,15 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int]:
 
         model, weights = build_inference_model(cfg, args.weights, device, override_keys(args))
     items, class_names, crowd = _inputs(cfg, args, weights)
+    # predictions carry the model's labels: drawn with its names when known (a test set may list
+    # them in another order, or a subset: its ground truth keeps its own)
+    predicted_names = (model_class_names(weights, cfg.model.class_names)[0] or class_names) if model else class_names
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     drawn = []  # the detections each image shows
     for i, (path, record) in enumerate(items):
-        canvas = _draw(path, record, crowd, None if args.gt else model, class_names, args, drawn,
-                       exif_orientation=cfg.input.exif_orientation)
+        canvas = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names), args,
+                       drawn, exif_orientation=cfg.input.exif_orientation)
         cv2.imwrite(str(out / output_name(i, path)), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     return len(items), sum(drawn)
 
@@ -134,10 +139,11 @@ def output_name(index: int, path: str) -> str:
     return f"{index:05d}_{Path(path).stem}.jpg"
 
 
-def _draw(path: str, record: dict | None, crowd: dict, model, class_names: list[str], args: argparse.Namespace,
-          drawn: list[int], exif_orientation: bool = True):
+def _draw(path: str, record: dict | None, crowd: dict, model, names: tuple[list[str], list[str]],
+          args: argparse.Namespace, drawn: list[int], exif_orientation: bool = True):
     """The image (as viewed: turned by its EXIF orientation tag unless exif_orientation is
-    False) with its ground truth, its predictions, or both side by side."""
+    False) with its ground truth, its predictions, or both side by side. `names`: the ground
+    truth's class names and the predictions'."""
     import torch
 
     from detection.data.image_io import read_image
@@ -147,12 +153,12 @@ def _draw(path: str, record: dict | None, crowd: dict, model, class_names: list[
     panels = []
     if record is not None:
         boxes, labels, tags = ground_truth_boxes(record, crowd.get(record["image_id"]))
-        panels.append(draw_detections(image, boxes, labels, None, class_names, 0.0, tags=tags))
+        panels.append(draw_detections(image, boxes, labels, None, names[0], 0.0, tags=tags))
     if model is not None:
         with torch.inference_mode():
             pred = model([torch.from_numpy(image).permute(2, 0, 1)])[0]  # the model resizes, then moves it
         panels.append(draw_detections(image, pred["boxes"].cpu().numpy(), pred["labels"].cpu().numpy(),
-                                      pred["scores"].cpu().numpy(), class_names, args.score_thresh))
+                                      pred["scores"].cpu().numpy(), names[1], args.score_thresh))
         drawn.append(int((pred["scores"] >= args.score_thresh).sum()))  # draw_detections' own rule
     return panels[0] if len(panels) == 1 else side_by_side(panels[0], panels[1], ("ground truth", "predictions"))
 
@@ -168,9 +174,10 @@ def _inputs(cfg, args: argparse.Namespace, weights):
         entry = args.dataset or cfg.datasets.test[0]
         dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                               exif_orientation=cfg.input.exif_orientation)
-        if args.weights:  # predictions drawn with the data set's names must mean those classes
+        if args.weights:  # the model's names, when known, draw its predictions; else the data set's must fit
             names, source = model_class_names(weights, cfg.model.class_names)
-            check_class_names(dataset.name, dataset.class_names, names, cfg.model.num_classes, source)
+            if names is None:
+                check_class_names(dataset.name, dataset.class_names, names, cfg.model.num_classes, source)
         records = dataset.records[: args.limit or None]
         crowd = read_crowd_regions(dataset.ann_file, dataset.label_to_category_id) \
             if dataset.kind == "coco" and dataset.ann_file else {}

@@ -6,12 +6,15 @@ with its own class list, so custom data needs no code change.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
 import stat
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
+
+import numpy as np
 
 from detection.data import DataError
 from detection.data.dataset_info import DatasetInfo  # re-exported: its old home
@@ -175,15 +178,36 @@ def _first(paths: Sequence[str], limit: int = 3) -> str:
     return ", ".join(paths[:limit]) + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
 
 
+def _labels_by_name(other: DatasetInfo, first: DatasetInfo) -> DatasetInfo:
+    """`other` in `first`'s label space: as it is when the classes are the same; with its labels
+    renumbered by name when it lists the same classes in another order (two COCO exports that
+    number the categories differently); DataError when the classes differ."""
+    if other.class_names == first.class_names:
+        return other
+    names, order = list(first.class_names), list(other.class_names)
+    if sorted(order) != sorted(names) or len(set(order)) != len(order):
+        raise DataError(f"cannot concatenate data sets with different classes: {first.name} has "
+                        f"{first.class_names}, {other.name} has {other.class_names}")
+    table = np.array([0] + [names.index(name) + 1 for name in order], dtype=np.int64)  # its label -> first's
+    logger.info("%s lists the classes of %s in another order (%s): its labels are taken by name", other.name,
+                first.name, ", ".join(order))
+
+    def renumbered(record: dict) -> dict:
+        out = {**record, "labels": table[np.asarray(record["labels"], dtype=np.int64)]}
+        if "annotated" in record:
+            out["annotated"] = {**record["annotated"], "labels": table[record["annotated"]["labels"]]}
+        return out
+
+    return dataclasses.replace(other, class_names=list(names), records=[renumbered(r) for r in other.records],
+                               label_to_category_id=dict(first.label_to_category_id))
+
+
 def concat_datasets(datasets: Sequence[DatasetInfo]) -> DatasetInfo:
     """Concatenate records of data sets sharing one label space (e.g. VOC 07+12 training)."""
     if not datasets:
         raise DataError("no data sets given: datasets.train / datasets.test must list at least one entry")
     first = datasets[0]
-    for other in datasets[1:]:
-        if other.class_names != first.class_names:
-            raise DataError(f"cannot concatenate data sets with different classes: {first.name} has "
-                            f"{first.class_names}, {other.name} has {other.class_names}")
+    datasets = [first, *(_labels_by_name(other, first) for other in datasets[1:])]
     for dataset in datasets:
         if not dataset.has_annotations:
             raise DataError(f"cannot train on {dataset.name}: it has no annotations (a test set scored by an "

@@ -1,9 +1,12 @@
 """The model's classes against a data set's, before anything is scored or drawn.
 
 Label k of a detector means its k-th training class. A test set that lists the same names in
-another order (VOC `classes: [box, disc, cross]` for a model trained on [disc, box, cross])
-still loads and evaluates, but scores each class against another class's ground truth: a
-wrong mAP and no error. So evaluation and visualisation compare the names first.
+another order (VOC `classes: [box, disc, cross]`, or a COCO json numbering its categories
+otherwise, for a model trained on [disc, box, cross]) would score each class against another
+class's ground truth: a wrong mAP and no error. So evaluation compares the names first and
+scores by name: label k of the model becomes the set's label of the same name
+(`label_map_for_test_set`), for the set's classes in another order or a subset of them; a name
+the model does not have is refused. Visualisation draws predictions with the model's names.
 """
 from __future__ import annotations
 
@@ -54,20 +57,24 @@ def check_class_names(dataset_name: str, dataset_classes: Sequence[str], model_c
 def label_map_for_test_set(dataset_name: str, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
                            num_classes: int, model_source: str = "the model detects") -> list[int] | None:
     """How the model's labels are scored on a test set: None when the set's classes are the
-    model's (label k is class k); when they are a proper subset of the model's names (a test
-    set of 2 of its 3 classes), a table model label -> the set's label, 0 for the classes the
-    set does not have, whose detections are left out. Anything else is check_class_names'
-    ValueError: a renamed or extra class, or all the names in another order."""
+    model's (label k is class k); when they are the model's names in another order, or a proper
+    subset of them (a test set of 2 of its 3 classes), a table model label -> the set's label of
+    the same name, 0 for the classes the set does not have, whose detections are left out.
+    Anything else is check_class_names' ValueError: a renamed or extra class, a repeated one."""
     data, model = list(dataset_classes), list(model_classes or ())
-    if model and len(set(data)) == len(data) < len(model) and set(data) <= set(model):
+    if model and data != model and len(set(data)) == len(data) and set(data) <= set(model):
         return [0] + [data.index(name) + 1 if name in data else 0 for name in model]
     check_class_names(dataset_name, data, model_classes, num_classes, model_source)
     return None
 
 
 def subset_note(dataset_name: str, dataset_classes: Sequence[str], model_classes: Sequence[str]) -> str:
-    """The line saying a test set is scored by name on a subset of the model's classes."""
+    """The line saying a test set is scored by name: its classes are the model's in another
+    order, or a subset of them."""
     left_out = [name for name in model_classes if name not in dataset_classes]
+    if not left_out:
+        return (f"test set {dataset_name}: lists the model's classes in another order ({', '.join(dataset_classes)}); "
+                "scored by name")
     return (f"test set {dataset_name}: its {len(dataset_classes)} classes are a subset of the model's "
             f"{len(model_classes)}, scored by name ({', '.join(dataset_classes)}); the detections of "
             f"{', '.join(left_out)} are left out")
