@@ -95,6 +95,14 @@ def test_boxes_past_the_image_train_clipped_and_are_scored_as_annotated(tmp_path
     assert evaluate_results_file(info, str(results))["AP-cat"] == pytest.approx(200 / 3)
 
 
+def test_an_image_listed_twice_in_the_split_is_read_once_with_a_warning(tmp_path, caplog):
+    root = make_voc(tmp_path / "VOC2007", {"test": ["000001", "000002", "000001"]}, ANNS)
+    with caplog.at_level(logging.WARNING, logger="detection"):
+        info = load_voc(str(root), "test")
+    assert [r["image_id"] for r in info.records] == ["000001", "000002"]
+    assert "lists 1 image ids more than once (000001): each is read once" in caplog.text
+
+
 def test_only_difficult_image_leaves_training_without_use_difficult(tmp_path):
     root = make_voc(tmp_path / "VOC2007", {"test": ["000003", "000002"]}, ANNS)
     records = load_voc(str(root), "test").records

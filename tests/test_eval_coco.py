@@ -147,6 +147,19 @@ def test_a_json_without_iscrowd_or_area_is_scored_as_if_they_were_0_and_the_box_
     assert "9 annotations have no 'iscrowd' (scored as 0: not a crowd) and 9 no 'area'" in caplog.text
 
 
+def test_a_test_json_without_annotations_says_why_every_metric_is_undefined(dataset, tmp_path, caplog):
+    import dataclasses
+    import logging
+
+    data = json.loads(open(dataset.ann_file).read())
+    del data["annotations"]
+    bare = tmp_path / "no_annotations.json"
+    bare.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="detection.evaluation.coco"):
+        metrics, _ = _evaluate(dataclasses.replace(dataset, ann_file=str(bare)), _noisy_outputs(dataset.records))
+    assert math.isnan(metrics["AP"]) and "no_annotations.json holds no ground-truth annotations" in caplog.text
+
+
 def test_only_processed_images_are_evaluated(dataset):
     # perfect on images 10 and 20; image 30 was not run, so its objects are not misses
     metrics, _ = _evaluate(dataset, _outputs_equal_to_gt(dataset.records[:2]), records=dataset.records[:2])

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Sequence
 
 import cv2
@@ -137,12 +138,18 @@ def read_split(root: str, split: str) -> list[str]:
         raise DataError(f"VOC split file not found: {path}; {_LAYOUT_HINT}")
     try:
         with open(path, encoding="utf-8") as f:
-            return [line.split()[0] for line in f if line.strip()]
+            ids = [line.split()[0] for line in f if line.strip()]
     except UnicodeDecodeError as e:
         raise DataError(f"VOC split file {path} is not UTF-8 text (byte {e.start}); it lists one image id "
                         "per line") from None
     except OSError as e:
         raise DataError(f"could not read VOC split file {path}: {e.strerror or e}") from None
+    unique = list(dict.fromkeys(ids))
+    if len(unique) < len(ids):  # an image listed twice would be trained on, and counted, twice
+        repeated = [i for i, n in Counter(ids).items() if n > 1]
+        logger.warning("VOC split file %s lists %d image ids more than once (%s%s): each is read once", path,
+                       len(repeated), ", ".join(repeated[:3]), ", ..." if len(repeated) > 3 else "")
+    return unique
 
 
 class _UnreadableXML(Exception):

@@ -114,7 +114,12 @@ class COCOEvaluator:
             logger.warning("%s: no images were processed, nothing to evaluate", self.dataset.name)
         elif not results:
             logger.warning("%s: no detections on %d images", self.dataset.name, len(image_ids))
-        coco_eval = run_cocoeval(self._ground_truth(), results, image_ids)
+        coco_gt = self._ground_truth()
+        if image_ids and not any(coco_gt.imgToAnns.get(i) for i in image_ids):
+            logger.warning("%s: %s holds no ground-truth annotations on the evaluated images: every metric is "
+                           "undefined (-); a set without annotations is for an evaluation server, not for "
+                           "scoring here", self.dataset.name, self.dataset.ann_file)
+        coco_eval = run_cocoeval(coco_gt, results, image_ids)
         metrics = {key: _percent(coco_eval.stats[i]) for i, key in enumerate(SUMMARY_KEYS)}
         metrics.update(self._per_class(coco_eval))
         return metrics
