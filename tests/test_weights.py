@@ -412,3 +412,28 @@ def test_missing_msra_file_says_relative_to_what_and_where_to_download(tmp_path,
     message = str(err.value)
     assert f"relative path is taken from the working directory: {tmp_path / relative}" in message
     assert [a for a in addresses if a in message] == [a for a in addresses if a.endswith("/" + name)]
+
+
+def test_caffe2_backbone_given_as_model_weights_warns_of_preprocessing_as_backbone_weights_does(tmp_path):
+    """Detectron2's MODEL.WEIGHTS=R-50.pkl: BGR Caffe weights behind the detector's RGB ImageNet
+    normalisation cost accuracy silently; model.backbone.weights warned, model.weights did not."""
+    import warnings
+
+    from detection.engine.loading import load_initial_weights
+    from detection.modeling.model import build_model
+    from tests.helpers import tiny_cfg
+
+    path = tmp_path / "R-18.pkl"
+    write_pickle(path, {"blobs": caffe2_blobs(18)})
+    for overrides, warned in (({}, True), ({"model.input_format": "BGR", "model.pixel_mean": list(MSRA_MEAN),
+                                           "model.pixel_std": list(MSRA_STD)}, False)):
+        cfg = tiny_cfg(tmp_path / "data", tmp_path / "out", **{"model.backbone.norm": "frozen_bn", **overrides})
+        model = build_model(cfg)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_initial_weights(model, str(path), cfg.model.backbone)
+        messages = [str(w.message) for w in caught if "differ from what the backbone weights expect" in str(w.message)]
+        assert len(messages) == int(warned), (overrides, messages)
+        if warned:
+            assert "'BGR'" in messages[0] and "'RGB'" in messages[0]
+        assert torch.equal(model.trunk.stem.conv1.weight, torch.from_numpy(caffe2_blobs(18)["conv1_w"]))

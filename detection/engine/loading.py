@@ -238,9 +238,14 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConf
 
 def _load_backbone_into_detector(model: nn.Module, source: str, bb: BackboneConfig) -> None:
     """ImageNet backbone weights into the detector: stem..res4 -> trunk, res5 -> roi_heads.res5."""
-    from detection.modeling.model import build_backbone
+    from detection.modeling.model import build_backbone, warn_on_preprocessing_mismatch
 
     resnet = build_backbone(bb, ("res5",), source)
+    # model.weights=R-50.pkl (Detectron2's MODEL.WEIGHTS for ImageNet weights) is checked as
+    # model.backbone.weights is: BGR Caffe weights on RGB-normalised input cost accuracy silently
+    warn_on_preprocessing_mismatch(getattr(resnet, "weights_info", None),
+                                   model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist(),
+                                   model.input_format)
     mapped = {(f"roi_heads.{k}" if k.startswith("res5.") else f"trunk.{k}"): v
               for k, v in resnet.state_dict().items()}
     own = model.state_dict()

@@ -334,14 +334,19 @@ def build_backbone(bb: BackboneConfig, out_features: tuple[str, ...], weights: s
 
 
 def _warn_on_preprocessing_mismatch(info: Any, model_cfg: ModelConfig) -> None:
+    warn_on_preprocessing_mismatch(info, model_cfg.pixel_mean, model_cfg.pixel_std, model_cfg.input_format)
+
+
+def warn_on_preprocessing_mismatch(info: Any, pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                                   input_format: str) -> None:
     """The mean/std/format belong to the weights; a config that disagrees silently costs
-    accuracy, so say so (the config still wins: it is the explicit contract)."""
+    accuracy, so say so (the config still wins: it is the explicit contract). `info`: the
+    backbone weights' weights_info (None: nothing known)."""
     if info is None:
         return
-    theirs = (list(getattr(info, "pixel_mean", model_cfg.pixel_mean)),
-              list(getattr(info, "pixel_std", model_cfg.pixel_std)),
-              getattr(info, "input_format", model_cfg.input_format))
-    ours = (list(model_cfg.pixel_mean), list(model_cfg.pixel_std), model_cfg.input_format)
+    theirs = (list(getattr(info, "pixel_mean", pixel_mean)), list(getattr(info, "pixel_std", pixel_std)),
+              getattr(info, "input_format", input_format))
+    ours = (list(pixel_mean), list(pixel_std), input_format)
     close = all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip(theirs[0] + theirs[1], ours[0] + ours[1]))
     if not close or theirs[2] != ours[2]:
         warnings.warn(f"model.pixel_mean/pixel_std/input_format {ours} differ from what the backbone "
