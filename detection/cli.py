@@ -58,17 +58,56 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
     options: `--config C solver.max_iter=40 --output-dir D` (argparse's intermixed parsing).
     --opts items follow the KEY=VALUE ones in args.overrides. Upper-case keys are read
     lower-case, as after --opts (MODEL.WEIGHTS=x is model.weights=x)."""
-    for item in sys.argv[1:] if argv is None else argv:
-        flag = item.split("=", 1)[0]
-        if flag in DETECTRON2_FLAGS and flag not in parser._option_string_actions:
-            parser.error(f"{flag} is Detectron2's flag: {DETECTRON2_FLAGS[flag]}")
+    argv = _detectron2_flags(parser, list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_intermixed_args(argv)
     if hasattr(args, "overrides"):
         args.overrides = [_lower_case_key(item) for item in args.overrides]
     if hasattr(args, "opts"):
         args.overrides = [*args.overrides, *args.opts]
         del args.opts
+    if "--weights" in parser._option_string_actions and hasattr(args, "overrides"):
+        _weights_from_overrides(parser, args)
     return args
+
+
+def _weights_from_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A tool that takes --weights (eval.py, visualize.py, ...) given Detectron2's way, as
+    model.weights=PATH (MODEL.WEIGHTS PATH after --opts): that is its --weights, not a config
+    value; naming another file than --weights is a usage error."""
+    import yaml
+
+    named = [item for item in args.overrides if item.partition("=")[0].strip() == "model.weights"]
+    if not named:
+        return
+    value = yaml.safe_load(named[-1].partition("=")[2])
+    if value is None:
+        return
+    if args.weights and args.weights != str(value):
+        parser.error(f"--weights {args.weights} and model.weights={value} name two files: give one")
+    args.weights = args.weights or str(value)
+    args.overrides = [item for item in args.overrides if item not in named]
+
+
+def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv without Detectron2's `--num-gpus 1` (one process: what every tool here runs as);
+    a usage error saying what does the same here for its other launcher flags."""
+    out, rest = [], list(argv)
+    while rest:
+        item = rest.pop(0)
+        flag, _, inline = item.partition("=")
+        if flag not in DETECTRON2_FLAGS or flag in parser._option_string_actions:
+            out.append(item)
+            continue
+        value = inline or (rest[0] if rest and flag != "--eval-only" else "")
+        if flag == "--num-gpus" and value == "1":
+            if not inline:
+                rest.pop(0)
+            continue
+        if flag == "--num-gpus" and "--resume" not in parser._option_string_actions:  # not training
+            parser.error("--num-gpus is Detectron2's flag: this tool runs in one process here, on the config's "
+                         "device (device=cuda for a GPU)")
+        parser.error(f"{flag} is Detectron2's flag: {DETECTRON2_FLAGS[flag]}")
+    return out
 
 
 def _lower_case_key(item: str) -> str:

@@ -48,6 +48,25 @@ def test_detectron2_launcher_flags_say_what_does_the_same_here(flag, says, capsy
     assert stop.value.code == 2 and f"{flag[0].split('=')[0]} is Detectron2's flag: " in err and says in err
 
 
+def test_num_gpus_1_is_one_process_as_here_and_other_tools_say_they_run_in_one(capsys):
+    args = load_tool("train_det").parse_args(["--config", "C.yaml", "--num-gpus", "1", "seed=3"])
+    assert args.overrides == ["seed=3"]
+    assert load_tool("train_det").parse_args(["--config", "C.yaml", "--num-gpus=1"]).overrides == []
+    with pytest.raises(SystemExit):
+        load_tool("eval").parse_args(["--config", "C.yaml", "--weights", "w.pth", "--num-gpus", "2"])
+    err = capsys.readouterr().err
+    assert "--num-gpus is Detectron2's flag: this tool runs in one process here" in err and "train_det" not in err
+
+
+def test_eval_and_visualize_take_detectron2s_model_weights_as_their_weights(capsys):
+    for tool, extra in (("eval", []), ("visualize", ["--input", "x.jpg", "--output", "vis"])):
+        args = load_tool(tool).parse_args(["--config", "C.yaml", *extra, "--opts", "MODEL.WEIGHTS", "zoo.pkl"])
+        assert args.weights == "zoo.pkl" and args.overrides == []
+        with pytest.raises(SystemExit):
+            load_tool(tool).parse_args(["--config", "C.yaml", "--weights", "a.pth", *extra, "model.weights=b.pth"])
+        assert "--weights a.pth and model.weights=b.pth name two files" in capsys.readouterr().err
+
+
 def test_detectron2_key_value_pairs_without_opts_are_one_error_naming_opts():
     from detection.config import load_config
 
@@ -166,3 +185,14 @@ def test_every_tool_main_goes_through_the_shared_entry():
         calls = {n.func.id for n in ast.walk(main) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
         assert "run_tool" in calls, path.name
         assert not any(isinstance(n, ast.Try) for n in ast.walk(main)), path.name
+
+
+@pytest.mark.parametrize("key, ours", [("MODEL.ROI_HEADS.NUM_CLASSES", "model.num_classes"),
+                                       ("TEST.DETECTIONS_PER_IMAGE", "model.roi_heads.detections_per_image"),
+                                       ("MODEL.RESNETS.DEPTH", "model.backbone.depth"),
+                                       ("INPUT.FORMAT", "model.input_format")])
+def test_a_detectron2_key_named_otherwise_here_is_named_in_the_error(key, ours):
+    from detection.config import load_config
+
+    with pytest.raises(ConfigError, match=f"unknown key .*; Detectron2's {key} is {ours} here"):
+        load_config(None, [f"{key.lower()}=3"])

@@ -137,6 +137,36 @@ def _finite(value: float, key: str, source: str) -> float:
     return value
 
 
+# Detectron2's config keys (lower-cased, as --opts reads them) whose place differs here: an unknown
+# key error names this project's key instead of listing the section's
+DETECTRON2_NAMES = {
+    "model.roi_heads.num_classes": "model.num_classes",
+    "model.roi_heads.iou_thresholds": "model.roi_heads.iou_threshold",
+    "model.roi_box_head.pooler_resolution": "model.roi_heads.pooler_resolution",
+    "model.roi_box_head.pooler_type": "model.roi_heads.pooler",
+    "model.roi_box_head.bbox_reg_weights": "model.roi_heads.bbox_reg_weights",
+    "model.roi_box_head.smooth_l1_beta": "model.roi_heads.smooth_l1_beta",
+    "model.resnets.depth": "model.backbone.depth",
+    "model.resnets.norm": "model.backbone.norm",
+    "model.resnets.stride_in_1x1": "model.backbone.stride_in_1x1",
+    "model.anchor_generator.sizes": "model.anchors.sizes",
+    "model.anchor_generator.aspect_ratios": "model.anchors.aspect_ratios",
+    "model.device": "device",
+    "input.format": "model.input_format",
+    "test.detections_per_image": "model.roi_heads.detections_per_image",
+    "solver.lr_scheduler_name": "solver.lr_schedule",
+    "solver.amp.enabled": "solver.amp",
+    "dataloader.filter_empty_annotations": "dataloader.filter_empty",
+}
+
+
+def _detectron2_name(dotted: str, value: Any) -> tuple[str, str] | None:
+    """(Detectron2's key, this project's) for an unknown key, or a key inside an unknown section
+    (model.resnets: {depth: 101}), that is Detectron2's name of one here."""
+    keys = [dotted] + ([f"{dotted}.{k}" for k in value] if isinstance(value, dict) else [])
+    return next(((k, DETECTRON2_NAMES[k.lower()]) for k in keys if k.lower() in DETECTRON2_NAMES), None)
+
+
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {data!r}")
@@ -146,8 +176,10 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
+            ours = _detectron2_name(dotted, value)
             close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}"
+            hint = (f"; Detectron2's {ours[0].upper()} is {ours[1]} here" if ours else
+                    f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}")
             raise ConfigError(f"{source}: unknown key {dotted}{hint}")
         kwargs[key] = _coerce(value, hints[key], dotted, source)
     return cls(**kwargs)
