@@ -142,6 +142,8 @@ def resolve_config_beside_weights(parser: argparse.ArgumentParser, args: argpars
     saved = Path(weights).expanduser().parent / SAVED_CONFIG if weights else None
     if saved is None or not saved.is_file():
         where = f": there is no {saved}" if saved else ""
+        if saved and Path(weights).suffix == ".pkl":  # a model-zoo file: its config is one of ours
+            where += " (a Detectron2 model-zoo file: --config configs/detectron2/<its name>.yaml)"
         parser.error(f"--config is required unless --weights has the {SAVED_CONFIG} of its training "
                      f"beside it{where}")
     args.config = str(saved)

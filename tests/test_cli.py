@@ -196,3 +196,16 @@ def test_a_detectron2_key_named_otherwise_here_is_named_in_the_error(key, ours):
 
     with pytest.raises(ConfigError, match=f"unknown key .*; Detectron2's {key} is {ours} here"):
         load_config(None, [f"{key.lower()}=3"])
+
+
+def test_detectron2_tuple_values_and_weights_urls(tmp_path):
+    from detection.config import load_config
+    from detection.engine.checkpoint import CheckpointError
+    from detection.engine.loading import read_detector_file
+
+    cfg = load_config(None, ["input.min_size_train=(200,)", "input.min_size_test=(300)",
+                             'datasets.test=("shapes_val", "shapes_test")', "output_dir=(not a tuple"])
+    assert cfg.input.min_size_train == [200] and cfg.input.min_size_test == 300
+    assert cfg.datasets.test == ["shapes_val", "shapes_test"] and cfg.output_dir == "(not a tuple"
+    with pytest.raises(CheckpointError, match=r"^detectron2://COCO-Detection/x.pkl: a URL; .*nothing is downloaded"):
+        read_detector_file("detectron2://COCO-Detection/x.pkl")

@@ -66,6 +66,22 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _python_tuple(text: str, key: str) -> Any:
+    """A Python tuple literal of numbers and strings ("(640, 800)", '("a",)') as a list."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text  # not a literal: the value as written (the schema then judges it)
+    if isinstance(value, tuple) and all(isinstance(v, (int, float, str)) and not isinstance(v, bool)
+                                        for v in value):
+        return list(value)
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):  # "(600)" is 600 in Python too
+        return value
+    return text
+
+
 def _apply_override(tree: dict, item: str) -> None:
     """`a.b.c=value` with the value parsed as YAML (so `[1, 2]`, `null`, `0.5` work)."""
     if "=" not in item:
@@ -76,6 +92,8 @@ def _apply_override(tree: dict, item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"command line: override {key}: cannot parse {raw!r}: {_one_line(err)}") from None
+    if isinstance(value, str) and value.strip().startswith("(") and value.strip().endswith(")"):
+        value = _python_tuple(value, key)  # Detectron2's spelling: INPUT.MIN_SIZE_TRAIN "(640, 800)"
     node = tree
     parts = key.strip().split(".")
     for part in parts[:-1]:

@@ -65,6 +65,9 @@ class DetectorWeights:
 def read_detector_file(path: Union[str, Path]) -> DetectorWeights | None:
     """The detector in `path`, or None when the file holds weights but not a detector's (for
     example ImageNet backbone weights). CheckpointError for a missing or unreadable file."""
+    if "://" in str(path):  # detectron2://..., https://...: Path() would also fold the "//"
+        raise CheckpointError(f"{path}: a URL; weights are read from local files here (nothing is downloaded): "
+                              "download it and give the file's path")
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
