@@ -171,6 +171,8 @@ def _read_caffe2(path: Path) -> tuple[dict[str, Tensor], list[str]]:
     blobs = load_numpy_pickle(path)
     if isinstance(blobs, Mapping) and isinstance(blobs.get("blobs"), Mapping):
         blobs = blobs["blobs"]  # Detectron checkpoints: {"blobs": {...}, "cfg": "..."}
+    elif isinstance(blobs, Mapping) and isinstance(blobs.get("model"), Mapping):
+        blobs = blobs["model"]  # a Detectron2 model-zoo detector: its names tell (_map_tensors' error)
     if not isinstance(blobs, Mapping):
         raise WeightsError(f"{path} holds a {type(blobs).__name__}, not a dict of numpy arrays")
     tensors, others = {}, []
@@ -209,7 +211,12 @@ def _match(model: nn.Module, tensors: dict[str, Tensor], rules: list[Rule], info
                                f"{ours} has shape {tuple(own[ours].shape)}")
         state[ours] = tensors[theirs]
     if not state:
-        raise WeightsError(f"no tensor in {path} matches the model: it is not a {info.format}-format ResNet")
+        detector = any(name.startswith(("backbone.", "roi_heads.", "proposal_generator.", "trunk.", "rpn."))
+                       for name in tensors)
+        hint = (": it holds a whole detector (Detectron2's or this project's); give it as model.weights, which "
+                "loads a detector, not as model.backbone.weights") if detector else \
+            f": it is not a {info.format}-format ResNet"
+        raise WeightsError(f"no tensor in {path} matches the model{hint}")
     return state
 
 

@@ -437,3 +437,16 @@ def test_caffe2_backbone_given_as_model_weights_warns_of_preprocessing_as_backbo
         if warned:
             assert "'BGR'" in messages[0] and "'RGB'" in messages[0]
         assert torch.equal(model.trunk.stem.conv1.weight, torch.from_numpy(caffe2_blobs(18)["conv1_w"]))
+
+
+def test_a_detector_file_given_as_backbone_weights_says_to_give_it_as_model_weights(tmp_path):
+    write_pickle(tmp_path / "model_final.pkl", {"model": {"backbone.stem.conv1.weight": np.zeros((64, 3, 7, 7),
+                                                                                                  np.float32)},
+                                                "__author__": "Detectron2 Model Zoo"})
+    torch.save({"model": {"trunk.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}}, tmp_path / "model_final.pth")
+    for name in ("model_final.pkl", "model_final.pth"):
+        with pytest.raises(WeightsError, match="holds a whole detector .*give it as model.weights"):
+            build_resnet(18, weights=str(tmp_path / name))
+    write_pickle(tmp_path / "other.pkl", {"blobs": {"unrelated": np.zeros(3, np.float32)}})
+    with pytest.raises(WeightsError, match="it is not a caffe2-format ResNet"):
+        build_resnet(18, weights=str(tmp_path / "other.pkl"))
