@@ -68,6 +68,13 @@ def test_fine_tuning_from_our_detector_on_another_label_set(trained, caplog):
     assert torch.equal(state["trunk.res4.1.conv2.weight"], source.state_dict()["trunk.res4.1.conv2.weight"])
     assert torch.equal(model.roi_heads.predictor.cls_score.weight, fresh)  # (6, C) left as initialised
     assert "3 classes, the config 5" in caplog.text
+    # a fine-tune whose other tensors do not fit either (another anchor count): the error names
+    # those, not the class count, which a fine-tune may change
+    other = build_model(tiny_cfg("model.num_classes=5", "model.input_format=BGR", "model.pixel_std=[1,1,1]",
+                                 "model.anchors.aspect_ratios=[0.5,1.0,2.0,4.0]"))
+    with pytest.raises(CheckpointError, match="rpn.head") as err:
+        load_initial_weights(other, str(path), None)
+    assert "classes" not in str(err.value)
 
 
 def test_evaluation_needs_the_class_count_of_the_checkpoint(trained):

@@ -137,7 +137,8 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
     if allow_new_classes and weights.num_classes != model.num_classes:
         skipped = [k for k in CLASS_SPECIFIC if k in mismatched]
         mismatched = [k for k in mismatched if k not in skipped]
-    problems = _problems(unexpected, missing, mismatched, own, weights) + _bad_values(own, weights)
+    problems = _problems(unexpected, missing, mismatched, own, weights, classes_matter=not skipped) \
+        + _bad_values(own, weights)
     if problems:
         hint = "configs/detectron2/ has the configs of Detectron2's models" if weights.format == "detectron2" \
             else "a checkpoint of this project keeps its config.yaml beside it"
@@ -167,7 +168,9 @@ def _check_global_context(own: dict, weights: DetectorWeights) -> None:
 
 
 def _problems(unexpected: list[str], missing: list[str], mismatched: list[str], own: dict,
-              weights: DetectorWeights) -> list[str]:
+              weights: DetectorWeights, classes_matter: bool = True) -> list[str]:
+    """What does not fit, one phrase each; the class counts only where they matter (not in a
+    fine-tune on another label set, whose class-specific layers start fresh)."""
     problems = []
     if unexpected:
         problems.append(f"{len(unexpected)} tensors of the file have no place in the model ({_list(unexpected)})")
@@ -177,7 +180,7 @@ def _problems(unexpected: list[str], missing: list[str], mismatched: list[str], 
         shapes = [f"{k} {tuple(weights.state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
                   for k in mismatched]
         problems.append(f"{len(mismatched)} shapes differ ({_list(shapes, 4)})")
-    if problems and weights.num_classes != own["roi_heads.predictor.cls_score.weight"].shape[0] - 1:
+    if problems and classes_matter and weights.num_classes != own["roi_heads.predictor.cls_score.weight"].shape[0] - 1:
         problems.append(f"the file has {weights.num_classes} classes, model.num_classes is "
                         f"{own['roi_heads.predictor.cls_score.weight'].shape[0] - 1}")
     return problems
