@@ -3,6 +3,7 @@ unless asked, the data are checked before anything is written, Ctrl-C and errors
 line of their own, the run says what it trains on, and the data-set root has a fixed order."""
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -158,10 +159,12 @@ def test_an_error_during_training_prints_on_a_line_of_its_own(data_root, tmp_pat
 def test_the_run_starts_with_a_summary_of_data_device_and_output(data_root, tmp_path, capsys):
     # one more image without boxes in the training json: filter_empty drops it, the summary counts it
     ann = json.loads((data_root / "shapes" / "annotations" / "instances_train.json").read_text())
-    ann["images"].append({**ann["images"][0], "id": 10_000})
+    images = tmp_path / "images"  # the set's images, and one of them once more under another name
+    shutil.copytree(data_root / "shapes" / "train", images)
+    shutil.copy(images / ann["images"][0]["file_name"], images / "no_boxes.jpg")
+    ann["images"].append({**ann["images"][0], "id": 10_000, "file_name": "no_boxes.jpg"})
     (tmp_path / "train.json").write_text(json.dumps(ann))
-    entry = {"type": "coco", "ann_file": str(tmp_path / "train.json"),
-             "image_root": str(data_root / "shapes" / "train"), "name": "mine"}
+    entry = {"type": "coco", "ann_file": str(tmp_path / "train.json"), "image_root": str(images), "name": "mine"}
     out = tmp_path / "run"
     assert run(data_root, out, **{"datasets.train": [entry], "solver.max_iter": 1}) == 0
     err = stderr_lines(capsys)
