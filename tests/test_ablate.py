@@ -66,6 +66,33 @@ def test_ablation_rows_and_the_baseline_equals_plain_evaluation(runs, ablate):
     assert (out / "multi_scale_testing" / "shapes_val" / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # runs the tool
+def test_a_test_set_numbering_the_classes_otherwise_is_scored_by_name(runs, tmp_path, ablate):
+    """As eval.py scores it: the baseline row's detections keep their classes under the set's
+    category ids (ablate passed no class names, so label 1 was scored as category 1)."""
+    root, overrides = runs
+    data = json.loads((root / "data" / "shapes" / "annotations" / "instances_val.json").read_text())
+    renumber = {1: 3, 2: 1, 3: 2}
+    for item in data["categories"]:
+        item["id"] = renumber[item["id"]]
+    for item in data["annotations"]:
+        item["category_id"] = renumber[item["category_id"]]
+    (tmp_path / "renumbered.json").write_text(json.dumps(data))
+    entry = {"type": "coco", "ann_file": str(tmp_path / "renumbered.json"),
+             "image_root": str(root / "data" / "shapes" / "val"), "name": "renumbered"}
+    code, _, err = ablate(root, overrides, "--weights", str(root / "base" / "model_final.pth"), "--output-dir",
+                          str(tmp_path / "t"), f"datasets.test={json.dumps([entry])}")
+    assert code == 0, err
+    ours = json.loads(next((tmp_path / "t").glob("baseline*/renumbered/coco_results.json")).read_text())
+    cfg = load_config(root / "base" / "config.yaml")
+    model, _ = build_inference_model(cfg, root / "base" / "model_final.pth", torch.device("cpu"))
+    evaluate_test_sets(get_datasets(cfg.datasets.test, cfg.datasets.root), model=model, output_dir=tmp_path / "plain")
+    plain = json.loads(next((tmp_path / "plain").glob("*/coco_results.json")).read_text())
+    key = lambda r: (r["image_id"], r["category_id"], tuple(r["bbox"]), r["score"])  # noqa: E731
+    assert ours and sorted(map(key, ours)) == sorted(key({**r, "category_id": renumber[r["category_id"]]})
+                                                     for r in plain)
+
+
 def test_without_context_weights_the_context_rows_are_left_out():
     assert [row.name for row in select_rows(False)] == ["baseline", "+ box refinement", "multi-scale testing alone",
                                                         "box refinement + multi-scale testing, no context"]

@@ -123,11 +123,14 @@ def evaluate_row(cfg: Config, weights: str, datasets: list, device: torch.device
     from detection.benchmarking.models import TimedModel
     from detection.engine.loading import build_inference_model
     from detection.evaluation import evaluate_test_sets
+    from detection.evaluation.classes import model_class_names
 
-    model, _ = build_inference_model(cfg, weights, device, explicit)
+    model, loaded = build_inference_model(cfg, weights, device, explicit)
     timed = TimedModel(model)
+    # scored by class name, as eval.py scores (a test set listing the classes in another order)
+    names, _ = model_class_names(loaded, cfg.model.class_names)
     metrics = evaluate_test_sets(datasets, model=timed, num_workers=cfg.dataloader.num_workers,
-                                 output_dir=where)
+                                 output_dir=where, model_classes=names)
     first = metrics[datasets[0].name]
     return {"AP": first.get("AP", float("nan")), "AP50": first.get("AP50", float("nan")),
             "AP75": first.get("AP75", float("nan")), "seconds_per_image": timed.median_seconds_per_image()}
