@@ -1,6 +1,7 @@
 """tools/study.py and detection/study: the variants differ as named (checked on the modules,
 parameter counts and behaviour, not on names), and a tiny study runs end to end and resumes."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,7 +111,7 @@ def test_final_loss_is_the_mean_of_the_tail():
 
 
 @pytest.mark.slow
-def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
     generate_shapes(data / "shapes", num_train=6, num_val=3, seed=0, image_size=(64, 80))
     overrides = [o for o in tiny_overrides(data, tmp_path / "unused", **{"solver.max_iter": 4})
@@ -148,6 +149,14 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     again = json.loads((out / "study.json").read_text())
     assert again["variants"][0]["loss_curve"] == study["variants"][0]["loss_curve"]
     assert again["variants"][1]["loss_curve"] == study["variants"][1]["loss_curve"]  # exact resume
+    # the same overrides on another config: its finished runs are not reported as this config's
+    other = tmp_path / "other.yaml"
+    other.write_text(f"_base_: {Path('configs/base.yaml').resolve()}\nmodel: {{rpn: {{nms_thresh: 0.6}}}}\n")
+    with pytest.raises(SystemExit) as stop:
+        tool.main(["--config", str(other), *args[2:]])
+    assert stop.value.code == 2
+    assert "was trained with another config than this study's (1 keys differ: model.rpn.nms_thresh (the run: 0.7, " \
+        "now: 0.6))" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # tools/study.py end to end (no training)

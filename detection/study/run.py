@@ -154,6 +154,24 @@ def _train_and_evaluate(cfg: Any, run_dir: Path, resume: bool) -> tuple[dict[str
     return metrics, train_seconds, time.perf_counter() - start
 
 
+def _check_same_config(cfg, run_dir: Path, result_path: Path) -> None:
+    """A finished run is reused only for the config it was trained with: the same overrides on
+    another --config (or an edited config file) would report its numbers as this config's."""
+    from detection.config import load_config
+    from detection.engine.run_config import config_differences
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise StudyError(f"{result_path}: the run has no config.yaml saying what it was trained with; choose another "
+                         f"--output-dir (or --runs-dir) or remove {run_dir}")
+    changes = config_differences(load_config(saved), cfg)
+    if changes:
+        shown = ", ".join(f"{key} (the run: {json.dumps(old)}, now: {json.dumps(new)})" for key, old, new in changes[:3])
+        raise StudyError(f"{result_path} was trained with another config than this study's ({len(changes)} keys differ: "
+                         f"{shown}{', ...' if len(changes) > 3 else ''}); choose another --output-dir (or --runs-dir) "
+                         f"or remove {run_dir}")
+
+
 def run_variant(variant: Variant, config_path: Optional[str], overrides: Sequence[str], runs_dir: Path) -> dict:
     """The variant's result (from its result.json when it was already finished)."""
     from detection.config import load_config
@@ -167,6 +185,7 @@ def run_variant(variant: Variant, config_path: Optional[str], overrides: Sequenc
         if result.get("settings") != settings:
             raise StudyError(f"{result_path} was made with other settings ({' '.join(result.get('settings') or [])}); "
                              f"choose another --output-dir (or --runs-dir) or remove {run_dir}")
+        _check_same_config(load_config(config_path, variant_overrides), run_dir, result_path)
         logger.info("%s: finished earlier (%s), not trained again", variant.name, result_path)
         # the name and panel are this study's; the curves are read again from the run's record
         return {**result, **loss_summary(run_dir / "metrics.jsonl"), **asdict(variant)}
