@@ -128,6 +128,10 @@ def test_torchvision_c4_refuses_what_it_cannot_do():
         cfg = tiny_config(64, 96, **{key: "true"})
         with pytest.raises(ValueError, match=key.split(".")[-1]):
             build_torchvision_c4(build_ours(cfg), cfg)
+    for norm in ("bn", "gn"):  # the shapes configs train BN: it was a KeyError from deep inside
+        cfg = tiny_config(64, 96, **{"model.backbone.norm": norm})
+        with pytest.raises(ValueError, match=f"norm is '{norm}': give model.backbone.norm=frozen_bn"):
+            build_torchvision_c4(build_ours(cfg), cfg)
 
 
 def test_compare_proposals_as_sets():

@@ -185,6 +185,10 @@ def _check_c4_compatible(cfg: Any) -> None:
         raise ConfigError("--compare-torchvision needs torchvision's ResNet layout and input: model.backbone."
                           "stride_in_1x1=false, shortcut=B, residual=true, roi_heads.pooler=roi_align, "
                           "input_format=RGB")
+    if bb.norm != "frozen_bn":  # torchvision's ResNet keeps its BN in FrozenBatchNorm2d buffers
+        raise ConfigError(f"--compare-torchvision: torchvision's C4 assembly has frozen BN, the config's "
+                          f"model.backbone.norm is {bb.norm!r}: give model.backbone.norm=frozen_bn (the same "
+                          "network at inference; a trainable norm would not compare like with like)")
     appendix_b = {"model.roi_heads.global_context": cfg.model.roi_heads.global_context,
                   "test.box_refinement.enabled": cfg.test.box_refinement.enabled,
                   "test.multi_scale.enabled": cfg.test.multi_scale.enabled}
