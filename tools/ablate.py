@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from detection.cli import add_config_args, config_from_args, override_keys, parse_command_line, run_tool
+from detection.config import ConfigError
 from detection.study.ablation import AblationRow, format_table, row_config, run_ablation, select_rows
 from detection.utils.files import OutputFolderError, atomic_write
 
@@ -61,6 +62,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.output_dir) if args.output_dir else Path(args.weights).expanduser().parent / "ablation"
     sources = {"weights": _resolved(args.weights), "context_weights": _resolved(args.context_weights)}
     _check_folder(out, sources, args.overwrite)
+    _check_context(args.weights, args.context_weights)  # before hours of rows, not at the first context row
     device = select_device(cfg.device, cfg.tf32)
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
@@ -84,6 +86,22 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
                            indent=2) + "\n")
     print(f"written: {out / 'ablation.md'}, {out / 'ablation.json'}")
     return 0
+
+
+def _check_context(weights: str, context_weights: str | None) -> None:
+    """--weights must be a checkpoint trained without global context (the baseline and the
+    rows without it) and --context-weights one trained with it: each the wrong way round is one
+    error saying which file goes where (the loader's own advice, to set
+    model.roi_heads.global_context, cannot help here: each row sets it)."""
+    from detection.engine.loading import trained_with_global_context
+
+    if trained_with_global_context(weights):
+        raise ConfigError(f"--weights {weights} was trained with global context; the table's baseline is the model "
+                          "without it: give a checkpoint trained without global context as --weights (and this "
+                          "one as --context-weights)")
+    if context_weights and trained_with_global_context(context_weights) is False:
+        raise ConfigError(f"--context-weights {context_weights} was trained without global context: give a "
+                          "checkpoint trained with model.roi_heads.global_context=true")
 
 
 def _print_row(row: dict) -> None:

@@ -151,6 +151,16 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
     return skipped
 
 
+def trained_with_global_context(path: str) -> bool | None:
+    """Whether the detector in `path` was trained with global context (its box predictor reads
+    twice res5's features), None when the file holds no detector or no predictor."""
+    weights = read_detector_file(path)
+    predictor, res5_out = "roi_heads.predictor.cls_score.weight", "roi_heads.res5.0.shortcut.0.weight"
+    if weights is None or predictor not in weights.state or res5_out not in weights.state:
+        return None  # (shortcut option A has no projection to read res5's width from)
+    return int(weights.state[predictor].shape[1]) == 2 * int(weights.state[res5_out].shape[0])
+
+
 def _check_global_context(own: dict, weights: DetectorWeights) -> None:
     """A predictor reading 2 x C5 (global context) against one reading C5: never a partial load,
     not even when fine-tuning re-initialises the class-specific layers."""
