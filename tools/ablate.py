@@ -62,7 +62,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     out = Path(args.output_dir) if args.output_dir else Path(args.weights).expanduser().parent / "ablation"
     sources = {"weights": _resolved(args.weights), "context_weights": _resolved(args.context_weights)}
     _check_folder(out, sources, args.overwrite)
-    _check_context(args.weights, args.context_weights)  # before hours of rows, not at the first context row
+    check_context(args.weights, args.context_weights)  # before hours of rows, not at the first context row
     device = select_device(cfg.device, cfg.tf32)
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
@@ -88,7 +88,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_context(weights: str, context_weights: str | None) -> None:
+def check_context(weights: str, context_weights: str | None) -> None:
     """--weights must be a checkpoint trained without global context (the baseline and the
     rows without it) and --context-weights one trained with it: each the wrong way round is one
     error saying which file goes where (the loader's own advice, to set
