@@ -68,9 +68,8 @@ class VOCEvaluator:
         if len(records) != len(outputs):
             raise ValueError(f"process: {len(records)} records but {len(outputs)} outputs")
         for record, output in zip(records, outputs):
-            truth = record.get("annotated", record)  # unclipped, as the devkit reads the XML
-            gt_boxes = np.asarray(truth["boxes"], dtype=truth["boxes"].dtype if truth is not record
-                                  else np.float32).reshape(-1, 4)  # the annotated ones as read (float64)
+            truth = record.get("annotated", record)  # unclipped, as the devkit reads the XML (float64)
+            gt_boxes = np.asarray(truth["boxes"], dtype=np.float32 if truth is record else np.float64).reshape(-1, 4)
             difficult = truth.get("difficult")
             self.predictions.append({
                 "image_id": record["image_id"],
