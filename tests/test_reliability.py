@@ -238,6 +238,59 @@ def test_a_non_finite_loss_names_the_checkpoint_that_is_kept(data_root, tmp_path
         in str(err.value)
 
 
+def _weights_overflow_at(monkeypatch, call: int) -> None:
+    """After training forward `call`, one weight becomes infinite while that step's loss stays finite
+    (as BatchNorm's running variance overflows while batch statistics keep the loss finite)."""
+    from detection.modeling.model import FasterRCNN
+
+    calls = {"n": 0}
+    real_forward = FasterRCNN.forward
+
+    def forward(self, images, targets=None):
+        out = real_forward(self, images, targets)
+        calls["n"] += 1
+        if self.training and calls["n"] == call:
+            with torch.no_grad():
+                self.roi_heads.predictor.cls_score.bias.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(FasterRCNN, "forward", forward)
+
+
+@pytest.mark.slow  # trains 4 iterations
+def test_weights_that_diverged_under_a_finite_loss_are_never_saved(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _weights_overflow_at(monkeypatch, 4)
+    with pytest.raises(TrainingError) as err:
+        train(tiny_cfg(data_root, out, **{"solver.max_iter": 4, "solver.checkpoint_period": 2}))
+    message = str(err.value)
+    assert message.startswith("iteration 4: the weights are no longer finite (1 tensors hold NaN or infinite "
+                              "values: roi_heads.predictor.cls_score.bias)"), message
+    assert f"the last good checkpoint {out / 'last.pth'} (iteration 2) is kept" in message
+    kept = load_checkpoint(out / "last.pth")
+    assert kept["iteration"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values()
+                                          if v.is_floating_point())
+    assert not (out / "model_final.pth").exists()
+
+
+def test_eval_of_a_diverged_checkpoint_says_the_weights_are_broken_not_the_config(tmp_path):
+    from detection.engine.loading import build_inference_model
+    from detection.modeling.model import build_model
+
+    cfg = load_config(None, ["model.backbone.depth=18", "model.num_classes=3", "model.backbone.norm=bn",
+                             "model.backbone.weights=null"])
+    state = build_model(cfg).state_dict()
+    state["roi_heads.res5.0.norm1.running_var"].fill_(float("inf"))
+    path = tmp_path / "model_final.pth"
+    save_checkpoint({"model": state, "iteration": 9}, path)
+    with pytest.raises(CheckpointError) as err:
+        build_inference_model(cfg, str(path), torch.device("cpu"))
+    assert str(err.value).startswith(f"{path}: 1 tensors hold NaN or infinite values "
+                                     "(roi_heads.res5.0.norm1.running_var): the weights are broken, whatever the "
+                                     "config"), str(err.value)
+    assert "Is the config" not in str(err.value)
+
+
 # ----------------------------------------------------------------------------- failing disks
 
 def test_a_checkpoint_write_failing_part_way_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -180,6 +180,12 @@ def restore_training_state(ckpt: dict, path: Union[str, Path], *, model: torch.n
 _HYPERPARAMETERS = ("momentum", "weight_decay", "dampening", "nesterov")
 
 
+def non_finite_tensors(state: dict) -> list[str]:
+    """The names of a state dict's floating-point tensors that hold NaN or an infinity."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def load_model_state(model: torch.nn.Module, state: Any, path: Union[str, Path]) -> None:
     """Strict load with one error listing what does not fit: missing and unexpected tensors,
     shapes, a float tensor stored as an integer one, non-finite values."""
@@ -202,7 +208,7 @@ def load_model_state(model: torch.nn.Module, state: Any, path: Union[str, Path])
             problems.append(f"{len(names)} {label}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
     if problems:
         raise CheckpointError(f"{path}: does not fit this run's model ({'; '.join(problems)})")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite_tensors(state)
     if bad:
         raise CheckpointError(f"{path}: holds non-finite values in {len(bad)} tensors ({', '.join(bad[:3])}): "
                               "the weights are broken; resume from an earlier checkpoint")

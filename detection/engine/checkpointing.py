@@ -7,8 +7,8 @@ from pathlib import Path
 
 from detection.config import Config, config_to_dict
 from detection.engine import distributed as du
-from detection.engine.checkpoint import (gather_rng_states, periodic_checkpoint_path, prune_checkpoints,
-                                         save_checkpoint)
+from detection.engine.checkpoint import (gather_rng_states, non_finite_tensors, periodic_checkpoint_path,
+                                         prune_checkpoints, save_checkpoint)
 from detection.engine.errors import TrainingError
 from detection.engine.signals import GracefulStop
 from detection.engine.train_state import TrainState
@@ -20,6 +20,20 @@ def what_is_kept(state: TrainState, path: Path) -> str:
         return (f"and no checkpoint was written yet ({path} does not exist): a new run starts from iteration 0 "
                 "(--overwrite replaces this one's files)")
     return f"the last good checkpoint {path} (iteration {state.checkpoint_iteration}) is kept: --resume continues it"
+
+
+def _diverged(state: TrainState, kept: str) -> str | None:
+    """Why the model's weights must not be saved (some are NaN or infinite), None if they may.
+    A loss can stay finite while weights diverge (BatchNorm normalises with the batch's own
+    statistics in training, so running statistics that overflow show only in evaluation); a
+    checkpoint is never written with them, so the one kept stays the last good one."""
+    bad = non_finite_tensors(state.model.state_dict())
+    if not bad:
+        return None
+    names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+    return (f"iteration {state.iteration}: the weights are no longer finite ({len(bad)} tensors hold NaN or "
+            f"infinite values: {names}) though the loss is; training diverged and stopped without saving them, "
+            f"{kept}. Try a lower solver.base_lr or solver.clip_grad_norm.")
 
 
 def _training_checkpoint(state: TrainState, cfg: Config, rng: list) -> dict:
@@ -39,29 +53,35 @@ def _training_checkpoint(state: TrainState, cfg: Config, rng: list) -> dict:
 
 def save_last(state: TrainState, cfg: Config, path: Path, periodic: bool = False) -> None:
     """last.pth with every rank's random states (gathered: a collective). A failed write (a
-    full disk) leaves the previous last.pth as it was and stops every rank with one error.
+    full disk) leaves the previous last.pth as it was and stops every rank with one error; so
+    do weights that are no longer finite (`_diverged`), which are not written.
     A periodic one with solver.keep_checkpoints N is first written as model_{iter:07d}.pth
     too (the same training checkpoint); the oldest beyond N are deleted only once both files
     are written, so a failed save deletes none."""
     rng = gather_rng_states()
     problem = None
     if du.is_main_process():
-        keep = cfg.solver.keep_checkpoints if periodic else 0
-        target = path
-        try:
-            ckpt = _training_checkpoint(state, cfg, rng)
-            for target in ([periodic_checkpoint_path(path.parent, state.iteration)] if keep else []) + [path]:
-                save_checkpoint(ckpt, target)
-        except OSError as err:
-            problem = (f"could not write {target} at iteration {state.iteration} "
-                       f"({err.strerror or err}); training stopped, {what_is_kept(state, path)}")
-        else:
-            if keep:
-                state.periodic = prune_checkpoints(path.parent, state.periodic + [state.iteration], keep)
+        problem = _diverged(state, what_is_kept(state, path)) or _write_last(state, cfg, path, rng, periodic)
     problems = [p for p in du.all_gather_object(problem) if p]  # every rank stops, not rank 0 alone
     if problems:
         raise TrainingError(problems[0])
     state.checkpoint_iteration = state.iteration  # after the save: a Ctrl-C inside it keeps the old one
+
+
+def _write_last(state: TrainState, cfg: Config, path: Path, rng: list, periodic: bool) -> str | None:
+    """Write last.pth (and the periodic copy); what went wrong, or None."""
+    keep = cfg.solver.keep_checkpoints if periodic else 0
+    target = path
+    try:
+        ckpt = _training_checkpoint(state, cfg, rng)
+        for target in ([periodic_checkpoint_path(path.parent, state.iteration)] if keep else []) + [path]:
+            save_checkpoint(ckpt, target)
+    except OSError as err:
+        return (f"could not write {target} at iteration {state.iteration} "
+                f"({err.strerror or err}); training stopped, {what_is_kept(state, path)}")
+    if keep:
+        state.periodic = prune_checkpoints(path.parent, state.periodic + [state.iteration], keep)
+    return None
 
 
 def stop_gracefully(state: TrainState, cfg: Config, path: Path, stop: GracefulStop) -> None:
@@ -75,6 +95,9 @@ def stop_gracefully(state: TrainState, cfg: Config, path: Path, stop: GracefulSt
 def save_final(state: TrainState, cfg: Config, out_dir: Path) -> Path:
     """model_final.pth (the weights, iteration, config and class names); returns its path."""
     path = out_dir / "model_final.pth"
+    problem = _diverged(state, what_is_kept(state, out_dir / "last.pth"))
+    if problem:
+        raise TrainingError(problem)
     try:
         save_checkpoint({"model": state.model.state_dict(), "iteration": state.iteration,
                          "config": config_to_dict(cfg), "class_names": list(state.class_names)}, path)

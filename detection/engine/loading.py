@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from backbones.errors import WeightsError
-from detection.engine.checkpoint import CheckpointError, verify_checksums
+from detection.engine.checkpoint import CheckpointError, non_finite_tensors, verify_checksums
 from detection.engine.detectron2 import convert_detectron2_state, is_detectron2_state
 
 if TYPE_CHECKING:
@@ -144,6 +144,11 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
             else "a checkpoint of this project keeps its config.yaml beside it"
         raise CheckpointError(f"{weights.path}: does not fit the config's model: {'; '.join(problems)}. "
                               f"Is the config the one made for these weights? ({hint})")
+    broken = non_finite_tensors(weights.state)
+    if broken:
+        raise CheckpointError(f"{weights.path}: {len(broken)} tensors hold NaN or infinite values ({_list(broken)}): "
+                              "the weights are broken, whatever the config (a training run that diverged leaves "
+                              "such values, e.g. in BatchNorm's running statistics); use an earlier checkpoint")
     if weights.num_classes != model.num_classes and not skipped:
         raise CheckpointError(f"{weights.path}: a detector of {weights.num_classes} classes, but "
                               f"model.num_classes is {model.num_classes}")
@@ -197,17 +202,11 @@ def _problems(unexpected: list[str], missing: list[str], mismatched: list[str], 
 
 
 def _bad_values(own: dict, weights: DetectorWeights) -> list[str]:
-    """Tensors that would load as wrong numbers: non-finite values, or integers where the model
-    holds floats (load_state_dict would cast them)."""
-    not_finite = [k for k, v in weights.state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    """Tensors that would load as wrong numbers: integers where the model holds floats
+    (load_state_dict would cast them). Non-finite values are the caller's own error."""
     integers = [k for k, v in weights.state.items()
                 if k in own and own[k].is_floating_point() and not v.is_floating_point()]
-    out = []
-    if not_finite:
-        out.append(f"{len(not_finite)} tensors hold NaN or infinite values ({_list(not_finite)})")
-    if integers:
-        out.append(f"{len(integers)} tensors are integers where the model has floats ({_list(integers)})")
-    return out
+    return [f"{len(integers)} tensors are integers where the model has floats ({_list(integers)})"] if integers else []
 
 
 def _list(names: list[str], limit: int = 6) -> str:
