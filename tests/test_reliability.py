@@ -184,6 +184,47 @@ def test_two_process_resume_equals_a_straight_run_bit_for_bit(data_root, tmp_pat
     assert [[x[k] for k in keys] for x in again] == [[x[k] for k in keys] for x in lines]
 
 
+def _ddp_train_recording_evaluation(rank: int, world: int, init_file: str, overrides: list, out_file: str) -> None:
+    """train() in one of `world` forked gloo processes; the weights and buffers of the model this
+    rank evaluates with at test.eval_period go to out_file.<rank>."""
+    import detection.engine.trainer as trainer_mod
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    real_evaluate = trainer_mod.evaluate
+
+    def evaluate(cfg, model, output_dir=None):
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{out_file}.{rank}")
+        return real_evaluate(cfg, model, output_dir)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(trainer_mod, "evaluate", evaluate)
+            train(load_config(None, overrides))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two DDP processes train two iterations and evaluate
+def test_every_process_evaluates_the_model_that_is_saved_with_trainable_batchnorm(data_root, tmp_path):
+    """DistributedDataParallel copies rank 0's buffers only when a training forward starts, so
+    after a step each rank's BatchNorm statistics are its own batch's: the evaluation's other
+    ranks scored their share of the images with a model that was neither rank 0's nor the file's."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(data_root, out, **{"model.backbone.norm": "bn", "solver.ims_per_batch": 4,
+                                                  "solver.max_iter": 2, "test.eval_period": 2})
+    run_forked_processes(_ddp_train_recording_evaluation, (2, str(tmp_path / "init"), overrides,
+                                                           str(tmp_path / "evaluated.pt")), timeout=240)
+    saved = load_checkpoint(out / "model_final.pth")["model"]
+    running = [k for k in saved if k.endswith("running_mean")]
+    assert running
+    for rank in (0, 1):
+        evaluated = torch.load(tmp_path / f"evaluated.pt.{rank}", weights_only=True)
+        assert evaluated.keys() == saved.keys()
+        different = [k for k in saved if not torch.equal(evaluated[k], saved[k])]
+        assert different == [], (rank, different[:3])
+
+
 @pytest.mark.slow  # trains
 def test_resuming_with_another_number_of_processes_says_what_is_not_exact(data_root, tmp_path, caplog):
     out = tmp_path / "run"

@@ -11,11 +11,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from detection.utils.comm import (all_gather_object, get_rank, get_world_size, is_main_process, select_device,
-                                  shard_dataset, synchronize)
+from detection.utils.comm import (all_gather_object, broadcast_buffers, get_rank, get_world_size, is_main_process,
+                                  select_device, shard_dataset, synchronize)
 
-__all__ = ["all_gather_object", "get_rank", "get_world_size", "init_distributed", "is_main_process",
-           "select_device", "shard_dataset", "synchronize"]
+__all__ = ["all_gather_object", "broadcast_buffers", "get_rank", "get_world_size", "init_distributed",
+           "is_main_process", "select_device", "shard_dataset", "synchronize"]
 
 
 def init_distributed(device: torch.device) -> bool:

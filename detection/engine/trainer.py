@@ -270,6 +270,7 @@ def _after_step(run: _Run, log: MetricsLog) -> None:
     if periodic or state.iteration == run.cfg.solver.max_iter:
         save_last(state, run.cfg, run.last, periodic=periodic)
     if run.cfg.test.eval_period and state.iteration % run.cfg.test.eval_period == 0:
+        du.broadcast_buffers(state.model)  # every rank evaluates the model rank 0 saves
         metrics = evaluate(run.cfg, state.model)
         if du.is_main_process():
             log.write({"iteration": state.iteration, **metrics})

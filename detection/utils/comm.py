@@ -43,6 +43,17 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm's running statistics). DistributedDataParallel
+    copies them only at the start of a training forward, so after a step each rank holds the
+    statistics of its own batch; an evaluation in every process must use the one model that
+    rank 0 saves."""
+    if get_world_size() == 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def shard_dataset(dataset: T) -> T:
     """This rank's share of a data set's records (every world_size-th, starting at rank),
     for evaluation whose results are then gathered on rank 0. `dataset` is a dataclass with
