@@ -54,3 +54,43 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
     bad.write_bytes(b"this is not a jpeg")
     with pytest.raises(DataError, match=r"could not read image .*broken\.jpg"):
         read_image(str(bad))
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return encoded.tobytes()
+
+
+def test_a_jpeg_with_data_after_its_end_is_read_as_the_image(tmp_path):
+    """Phones' motion photos append a video of megabytes after the JPEG's end-of-image marker;
+    the photo is the JPEG, read as if alone (it was refused as truncated when no FF D9 was in
+    the file's last 4 KiB)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    alone, motion = tmp_path / "alone.jpg", tmp_path / "motion.jpg"
+    alone.write_bytes(_jpeg(rgb))
+    trailer = b"\0\0\0\x18ftypmp42" + bytes(rng.integers(0, 0xFF, 20000, dtype=np.uint8))  # no FF D9 in it
+    assert b"\xff\xd9" not in trailer
+    motion.write_bytes(_jpeg(rgb) + trailer)
+    assert np.array_equal(read_image(str(motion)), read_image(str(alone)))
+
+
+def test_a_cut_jpeg_is_refused_even_when_its_exif_thumbnail_ends_near_the_cut(tmp_path):
+    """The end-of-image marker of a thumbnail inside an APP1 segment is not the image's."""
+    rgb = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    full = _jpeg(rgb)
+    thumbnail = _jpeg(rgb[:8, :8])
+    app1 = b"Exif\0\0" + thumbnail
+    with_thumbnail = full[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + full[2:]
+    whole, cut = tmp_path / "whole.jpg", tmp_path / "cut.jpg"
+    whole.write_bytes(with_thumbnail)
+    cut.write_bytes(with_thumbnail[:len(with_thumbnail) - 200])
+    (tmp_path / "plain.jpg").write_bytes(full)
+    assert np.array_equal(read_image(str(whole)), read_image(str(tmp_path / "plain.jpg")))
+    with pytest.raises(DataError, match=r"cut\.jpg is a truncated JPEG"):
+        read_image(str(cut))
+    for at in (3, 20, len(app1) // 2):  # cut inside the headers
+        cut.write_bytes(with_thumbnail[:at])
+        with pytest.raises(DataError, match=r"cut\.jpg"):
+            read_image(str(cut))

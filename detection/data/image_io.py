@@ -65,12 +65,30 @@ def _as_asked(img: np.ndarray, data: np.ndarray, exif_orientation: bool) -> np.n
 
 
 def _is_truncated_jpeg(data: np.ndarray) -> bool:
-    """A JPEG (starts with SOI, FF D8) whose end-of-image marker (FF D9) is not among its last
-    4 KiB: cut short. (Some writers append a few bytes after the marker; 4 KiB allows for them.)"""
-    if data.size < 4 or data[0] != 0xFF or data[1] != 0xD8:
+    """A JPEG (starts with SOI, FF D8) cut short: no end-of-image marker (FF D9) after its first
+    scan. The segments before the scan are stepped over by their lengths, so an EXIF thumbnail's
+    own marker does not count; inside the scan's data FF is followed only by 00 or a restart
+    marker, so the first FF D9 there is the image's end, and whatever follows it (a phone's
+    motion-photo video, an editor's trailer) is not the image's business."""
+    raw = data.tobytes()
+    if len(raw) < 4 or raw[:2] != b"\xff\xd8":
         return False
-    tail = data[-4096:].tobytes()
-    return b"\xff\xd9" not in tail
+    pos = 2
+    while pos + 4 <= len(raw):
+        if raw[pos] != 0xFF:
+            return False  # not the marker that belongs here: the decoder says what is wrong
+        marker = raw[pos + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+        elif marker == 0xD9:
+            return False  # the end before any scan: the decoder says what is wrong
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+        elif marker == 0xDA:  # start of scan
+            return raw.find(b"\xff\xd9", pos + 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")) < 0
+        else:
+            pos += 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")
+    return True  # cut before the image data
 
 
 def _to_uint8(img: np.ndarray, path: str) -> np.ndarray:
