@@ -63,7 +63,7 @@ def tiny_overrides(data_root, out_dir, **extra) -> list[str]:
         "input.min_size_train": [64], "input.max_size_train": 96, "input.min_size_test": 64,
         "input.max_size_test": 96, "datasets.root": str(data_root), "datasets.train": ["shapes_train"],
         "datasets.test": ["shapes_val"], "dataloader.num_workers": 0, "solver.ims_per_batch": 2,
-        "solver.base_lr": 0.01, "solver.warmup_iters": 2, "solver.steps": [1000], "solver.max_iter": 6,
+        "solver.base_lr": 0.01, "solver.warmup_iters": 2, "solver.steps": [], "solver.max_iter": 6,
         "solver.checkpoint_period": 3, "log_period": 1, "output_dir": str(out_dir), "device": "cpu",
         "log.tensorboard": False,  # no event files unless a test asks (tests/test_tensorboard.py)
     }

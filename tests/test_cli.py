@@ -198,6 +198,25 @@ def test_a_detectron2_key_named_otherwise_here_is_named_in_the_error(key, ours):
         load_config(None, [f"{key.lower()}=3"])
 
 
+def test_detectron2_single_training_size_and_range_sampling(tmp_path):
+    """Detectron2 takes INPUT.MIN_SIZE_TRAIN 800 as one size; its range sampling is said not to be done."""
+    from detection.config import load_config
+
+    cfg = load_config(None, ["input.min_size_train=600", "solver.steps=5"])
+    assert cfg.input.min_size_train == [600] and cfg.solver.steps == [5]
+    config = tmp_path / "one_size.yaml"
+    config.write_text("input:\n  min_size_train: 300\n")
+    assert load_config(config).input.min_size_train == [300]
+    with pytest.raises(ConfigError, match=r"datasets\.test: expected a list, got 'coco_2017_val' \(one item is "
+                                          r"written \[item\]\)"):
+        load_config(None, ["datasets.test=coco_2017_val"])
+    with pytest.raises(ConfigError, match=r"unknown key input\.min_size_train_sampling; Detectron2's "
+                                          r"INPUT\.MIN_SIZE_TRAIN_SAMPLING has no counterpart here: the training "
+                                          r"size is always one of input\.min_size_train, chosen at random "
+                                          r"\(Detectron2's \"choice\"\); \"range\" sampling is not done"):
+        load_config(None, ["input.min_size_train_sampling=range"])
+
+
 def test_detectron2_tuple_values_and_weights_urls(tmp_path):
     from detection.config import load_config
     from detection.engine.checkpoint import CheckpointError

@@ -178,3 +178,24 @@ def test_the_trainers_public_names_still_come_from_the_trainer():
     assert issubclass(trainer.TrainingStopped, trainer.TrainingInterrupted)
     assert issubclass(trainer.TrainingInterrupted, KeyboardInterrupt)
     assert issubclass(trainer.TrainingError, RuntimeError)
+
+
+def test_a_schedule_cut_short_is_warned_of_and_repeated_steps_are_refused():
+    """A long config's max_iter cut for a short run leaves steps (and warmup) that never happen:
+    the lr is then never lowered, or never reaches base_lr (Detectron2 warns of the steps too)."""
+    from detection.config import ConfigError, load_config
+    from detection.engine.startup import schedule_warnings
+
+    cut = load_config(None, ["solver.max_iter=100", "solver.steps=[50, 100, 200]", "solver.warmup_iters=100",
+                             "solver.base_lr=0.02"])
+    assert schedule_warnings(cut) == [
+        "solver.steps 100, 200 are not below solver.max_iter 100: the lr is not lowered there (give steps "
+        "within the run)",
+        "solver.warmup_iters 100 is not below solver.max_iter 100: the whole run is warmup and the lr never "
+        "reaches solver.base_lr 0.02"]
+    assert schedule_warnings(load_config(None, ["solver.max_iter=100", "solver.steps=[50, 99]",
+                                                "solver.warmup_iters=99"])) == []
+    cosine = ["solver.max_iter=100", "solver.steps=[500]", "solver.warmup_iters=9", "solver.lr_schedule=cosine"]
+    assert schedule_warnings(load_config(None, cosine)) == []  # the cosine schedule has no steps
+    with pytest.raises(ConfigError, match=r"solver\.steps.*increasing positive iterations"):
+        load_config(None, ["solver.steps=[1537, 1537]"])

@@ -82,7 +82,7 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("solver.weight_decay", s.weight_decay >= 0, "0 or more"),
         ("solver.warmup_iters", s.warmup_iters >= 0, "0 or more"),
         ("solver.warmup_factor", 0 < s.warmup_factor <= 1, "in (0, 1]"),
-        ("solver.steps", s.steps == sorted(s.steps) and all(x > 0 for x in s.steps),
+        ("solver.steps", s.steps == sorted(set(s.steps)) and all(x > 0 for x in s.steps),
          "increasing positive iterations"),
         ("solver.gamma", 0 < s.gamma <= 1, "in (0, 1]"),
         ("solver.max_iter", s.max_iter > 0, "positive"),

@@ -126,9 +126,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 errors.append(err)
         raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
     if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
+        if item_tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one size, as Detectron2 takes INPUT.MIN_SIZE_TRAIN 800
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r} (one item is written [item])")
         return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, source)
@@ -175,10 +177,16 @@ DETECTRON2_NAMES = {
     "solver.lr_scheduler_name": "solver.lr_schedule",
     "solver.amp.enabled": "solver.amp",
     "dataloader.filter_empty_annotations": "dataloader.filter_empty",
+    "input.min_size_train_sampling": None,
+}
+# Detectron2's keys with no counterpart here (None above): what is done instead.
+DETECTRON2_NOT_DONE = {
+    "input.min_size_train_sampling": "the training size is always one of input.min_size_train, chosen at random "
+                                     "(Detectron2's \"choice\"); \"range\" sampling is not done",
 }
 
 
-def _detectron2_name(dotted: str, value: Any) -> tuple[str, str] | None:
+def _detectron2_name(dotted: str, value: Any) -> tuple[str, str | None] | None:
     """(Detectron2's key, this project's) for an unknown key, or a key inside an unknown section
     (model.resnets: {depth: 101}), that is Detectron2's name of one here."""
     keys = [dotted] + ([f"{dotted}.{k}" for k in value] if isinstance(value, dict) else [])
@@ -196,7 +204,9 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         if key not in names:
             ours = _detectron2_name(dotted, value)
             close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
-            hint = (f"; Detectron2's {ours[0].upper()} is {ours[1]} here" if ours else
+            hint = (f"; Detectron2's {ours[0].upper()} has no counterpart here: {DETECTRON2_NOT_DONE[ours[0].lower()]}"
+                    if ours and ours[1] is None else
+                    f"; Detectron2's {ours[0].upper()} is {ours[1]} here" if ours else
                     f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}")
             raise ConfigError(f"{source}: unknown key {dotted}{hint}")
         kwargs[key] = _coerce(value, hints[key], dotted, source)

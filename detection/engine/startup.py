@@ -112,6 +112,20 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
     return lines
 
 
+def schedule_warnings(cfg: Config) -> list[str]:
+    """What in the lr schedule never happens within solver.max_iter (as Detectron2 warns of steps
+    past MAX_ITER): easy to leave behind when a long config's max_iter is cut for a short run."""
+    s, out = cfg.solver, []
+    late = [x for x in s.steps if x >= s.max_iter]
+    if late and s.lr_schedule == "multistep":
+        out.append(f"solver.steps {', '.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not below "
+                   f"solver.max_iter {s.max_iter}: the lr is not lowered there (give steps within the run)")
+    if s.warmup_iters >= s.max_iter:
+        out.append(f"solver.warmup_iters {s.warmup_iters} is not below solver.max_iter {s.max_iter}: the whole "
+                   f"run is warmup and the lr never reaches solver.base_lr {s.base_lr:g}")
+    return out
+
+
 def event_files(out_dir: Path) -> set[Path]:
     return set(out_dir.glob(EVENT_FILES))
 

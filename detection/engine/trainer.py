@@ -36,7 +36,8 @@ from detection.engine.run_folder import RunLock, check_output_dir, prepare_outpu
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, progress_line
 from detection.engine.signals import GracefulStop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
-                                      event_files, final_line, note_stop, summary_lines, undo_unstarted_run)
+                                      event_files, final_line, note_stop, schedule_warnings, summary_lines,
+                                      undo_unstarted_run)
 from detection.engine.train_state import TrainState, build_train_state, restore_train_state, seed_everything
 
 # The names other modules and tools import from here, whichever part defines them.
@@ -134,6 +135,8 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     if du.is_main_process():
         for line in summary_lines(cfg, datasets, device, test_sets):
             logger.info("%s", line)
+        for line in schedule_warnings(cfg):
+            logger.warning("%s", line)
         prepare_output_dir(cfg, out_dir, remove=old_run if overwrite else [],
                            resumed_at=state.iteration if resuming else None)
         if run_log is not None:
