@@ -111,6 +111,29 @@ def test_visualize_predictions_gt_and_compare(trained, tmp_path, run):
     assert len(list((tmp_path / "folder").glob("*.jpg"))) == 3
 
 
+@pytest.mark.slow
+def test_visualize_draws_every_readable_image_and_then_names_the_unreadable_one(trained, tmp_path, capsys):
+    """One corrupt file in a folder of photos: the images after it are drawn too (the run stopped
+    at it), a warning names it as it happens, and the run ends with one error (exit 2) naming it."""
+    import shutil
+
+    root, overrides = trained
+    photos = tmp_path / "photos"
+    shutil.copytree(root / "data" / "shapes" / "val", photos)
+    names = sorted(p.name for p in photos.iterdir())
+    (photos / f"{Path(names[0]).stem}_corrupt.jpg").write_bytes(b"\xff\xd8" + bytes(range(256)) * 4)
+    code, out, err = run_main(TOOLS["visualize.py"], ["--config", ROOT / "configs" / "base.yaml", "--weights",
+                                                      root / "out" / "model_final.pth", "--input", photos,
+                                                      "--output", tmp_path / "vis", *overrides], capsys)
+    assert code == 2, err[-2000:]
+    drawn = sorted(p.name for p in (tmp_path / "vis").iterdir())
+    assert drawn == [f"{i:05d}_{Path(n).stem}.jpg" for i, n in zip((0, 2, 3), names)]
+    assert "not drawn:" in err and f"{Path(names[0]).stem}_corrupt.jpg" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: wrote 3 images to {tmp_path / 'vis'}") and \
+        "1 of the 4 images could not be read and were not drawn" in last and "_corrupt.jpg" in last, last
+
+
 def test_visualize_input_folder_names_images_in_its_subfolders_and_globs_reach_them(tmp_path, capsys):
     """A user's folder of photos with a subfolder: the folder's own images are drawn and a note
     names one image below it (no silent skip); "DIR/**/*" reaches them; a folder whose images

@@ -7,7 +7,9 @@
 
 PATH is an image, a folder of images (not its subfolders': a note names one) or a glob
 ("imgs/*.jpg"; "imgs/**/*" reaches into subfolders). With --gt / --compare the
-images come from the config's first test data set (or --dataset NAME).
+images come from the config's first test data set (or --dataset NAME). An image that cannot
+be read (corrupt, cut short) is not drawn: a warning names it as it happens, the others are
+drawn, and the run ends with one error listing what was not drawn (exit 2).
 
 Output files, in every mode: DIR/NNNNN_STEM.jpg, NNNNN the image's position from 00000 in
 the input list (a folder's images sorted by name, a glob's matches sorted, or the data set's
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +37,7 @@ from detection.data import DataError
 if TYPE_CHECKING:
     from detection.config import Config
 
+logger = logging.getLogger("visualize")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -94,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def draw(args: argparse.Namespace) -> None:
-    count, drawn = run(config_from_args(args), args)
-    print(f"wrote {count} images to {args.output}{drawn_text(drawn, args)}")
+    count, drawn, unreadable = run(config_from_args(args), args)
+    wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args)}"
+    if unreadable:  # the others are drawn first: one bad file in a folder does not stop the run
+        raise DataError(f"{wrote}; {len(unreadable)} of the {count + len(unreadable)} images could not be read and "
+                        f"were not drawn: {'; '.join(unreadable[:3])}{'; ...' if len(unreadable) > 3 else ''}")
+    print(wrote)
 
 
 def drawn_text(drawn: int, args: argparse.Namespace) -> str:
@@ -107,8 +115,9 @@ def drawn_text(drawn: int, args: argparse.Namespace) -> str:
     return text + (", --score-thresh sets it)" if drawn == 0 else ")")
 
 
-def run(cfg, args: argparse.Namespace) -> tuple[int, int]:
-    """Draws every input; returns the number of images written and of detections drawn."""
+def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
+    """Draws every input it can read; returns the number of images written, of detections drawn,
+    and why each of the others could not be read (each also a warning as it happens)."""
     import cv2
 
     from detection.engine.distributed import select_device
@@ -126,12 +135,17 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int]:
     predicted_names = (model_class_names(weights, cfg.model.class_names)[0] or class_names) if model else class_names
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    drawn = []  # the detections each image shows
+    drawn, unreadable = [], []  # the detections each image shows; the images that could not be read
     for i, (path, record) in enumerate(items):
-        canvas = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names), args,
-                       drawn, exif_orientation=cfg.input.exif_orientation)
+        try:
+            canvas = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names), args,
+                           drawn, exif_orientation=cfg.input.exif_orientation)
+        except DataError as err:
+            logger.warning("not drawn: %s", err)
+            unreadable.append(str(err))
+            continue
         cv2.imwrite(str(out / output_name(i, path)), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
-    return len(items), sum(drawn)
+    return len(items) - len(unreadable), sum(drawn), unreadable
 
 
 def output_name(index: int, path: str) -> str:
