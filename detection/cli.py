@@ -172,6 +172,20 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Con
     return cfg
 
 
+def refuse_several_processes() -> None:
+    """Under torchrun with several processes each would do the whole of a one-process tool's work
+    and write the same files: one error (from the first process; the others exit with it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return
+    if os.environ.get("RANK", "0") != "0":
+        raise SystemExit(2)
+    tool = Path(sys.argv[0]).name
+    fail(f"{tool} runs in one process, but torchrun started {world}: each would do all of the work and write the "
+         f"same files; run it with python (only training, tools/train_det.py, shares its work, its evaluation "
+         "every test.eval_period included, among processes)")
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear line to stderr and exit (2: bad input, 1: failure at run time)."""
     print(f"error: {message}", file=sys.stderr)
@@ -242,13 +256,17 @@ def project_error_code(err: BaseException) -> Optional[int]:
     return 2 if names & set(PROJECT_ERRORS) else None
 
 
-def run_tool(work: Callable[[], Optional[int]], *, interrupted: str = "interrupted", hint: str = "") -> int:
+def run_tool(work: Callable[[], Optional[int]], *, interrupted: str = "interrupted", hint: str = "",
+             processes: str = "one") -> int:
     """A tool's work after its arguments are parsed, -> the exit code (None from work: 0).
     Logging is set up first; one of PROJECT_ERRORS exits as one `error:` line (with the
     error's notes, e.g. the checkpoint a stopped run left); Ctrl-C prints the interrupt's
     message (the trainer's says where it stopped), else `interrupted`, then `hint`, and exits
-    128 + the signal (130; the trainer's SIGTERM stop: 143)."""
+    128 + the signal (130; the trainer's SIGTERM stop: 143). A tool that runs in one process
+    (`processes="one"`: all but training) started by torchrun as several exits 2 at once."""
     setup_logging()
+    if processes == "one":
+        refuse_several_processes()
     try:
         return work() or 0
     except KeyboardInterrupt as err:

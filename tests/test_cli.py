@@ -228,3 +228,31 @@ def test_detectron2_tuple_values_and_weights_urls(tmp_path):
     assert cfg.datasets.test == ["shapes_val", "shapes_test"] and cfg.output_dir == "(not a tuple"
     with pytest.raises(CheckpointError, match=r"^detectron2://COCO-Detection/x.pkl: a URL; .*nothing is downloaded"):
         read_detector_file("detectron2://COCO-Detection/x.pkl")
+
+
+def test_a_one_process_tool_started_by_torchrun_as_several_is_refused(monkeypatch, capsys, tmp_path):
+    """torchrun --nproc_per_node 2 tools/eval.py ran two whole evaluations writing the same files
+    (the other tools likewise): the first process says so once, every process exits 2 before any
+    work; training, which shares its work among processes, is not refused."""
+    from tests.helpers import run_main
+
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"x")
+    monkeypatch.setattr("sys.argv", ["tools/eval.py"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    config = ["--config", ROOT / "configs" / "base.yaml"]
+    code, out, err = run_main(load_tool("eval"), [*config, "--weights", weights], capsys)
+    assert code == 2 and out == ""
+    assert err == ("error: eval.py runs in one process, but torchrun started 2: each would do all of the work and "
+                   "write the same files; run it with python (only training, tools/train_det.py, shares its work, "
+                   "its evaluation every test.eval_period included, among processes)\n")
+    monkeypatch.setenv("RANK", "1")
+    assert run_main(load_tool("visualize"), [*config, "--weights", weights, "--input", tmp_path, "--output",
+                                             tmp_path], capsys) == (2, "", "")
+    monkeypatch.setenv("RANK", "0")
+    code, out, _ = run_main(load_tool("train_det"), [*config, "--print-config"], capsys)
+    assert code == 0 and "solver:" in out
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1: one process, as asked
+    code, _, err = run_main(load_tool("eval"), [*config, "--weights", tmp_path / "missing.pth"], capsys)
+    assert code == 2 and "missing.pth: --weights file not found" in err

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: run(args), interrupted="interrupted before training started")
+    return run_tool(lambda: run(args), interrupted="interrupted before training started", processes="many")
 
 
 def run(args: argparse.Namespace) -> None:
