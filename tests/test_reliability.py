@@ -225,6 +225,49 @@ def test_every_process_evaluates_the_model_that_is_saved_with_trainable_batchnor
         assert different == [], (rank, different[:3])
 
 
+def _ddp_train_failing_on_rank_1(rank: int, world: int, init_file: str, overrides: list, out_file: str) -> None:
+    """train() in one of `world` forked gloo processes; rank 1 alone meets an unreadable image
+    in its third iteration. What each rank raised goes to out_file.<rank>."""
+    from detection.data import DataError
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+    def unreadable():
+        raise DataError("image /data/train/000123.jpg is a truncated JPEG (no end-of-image marker): the file was "
+                        "cut short")
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            if rank == 1:
+                at_forward(patch, 3, unreadable)
+            train(load_config(None, overrides))
+    except Exception as err:  # noqa: BLE001 (the test reads what each rank raised)
+        Path(f"{out_file}.{rank}").write_text(f"{type(err).__name__}: {err}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two DDP processes train two iterations
+def test_a_failure_in_one_process_is_named_in_log_txt(data_root, tmp_path):
+    """Only rank 0 writes log.txt, and it sees another rank's failure as a lost connection: the
+    failing rank adds its own `run ended in process N` line, and rank 0's line says to look there."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(data_root, out, **{"solver.ims_per_batch": 4, "solver.max_iter": 6,
+                                                  "solver.checkpoint_period": 2})
+    run_forked_processes(_ddp_train_failing_on_rank_1, (2, str(tmp_path / "init"), overrides,
+                                                         str(tmp_path / "raised")), timeout=240)
+    assert (tmp_path / "raised.1").read_text().startswith("DataError: image /data/train/000123.jpg is a truncated")
+    ended = [line for line in (out / "log.txt").read_text().splitlines() if "run ended" in line]
+    assert len(ended) == 2, ended
+    ours = next(line for line in ended if "run ended in process 1:" in line)
+    assert " ERROR detection.engine.trainer: run ended in process 1: image /data/train/000123.jpg is a truncated " \
+        "JPEG (no end-of-image marker): the file was cut short; training stopped at iteration 2" in ours, ours
+    theirs = next(line for line in ended if "run ended:" in line)
+    assert theirs.endswith("(another process stopped first: its own 'run ended in process N' line or the console "
+                           "says why)"), theirs
+
+
 @pytest.mark.slow  # trains
 def test_resuming_with_another_number_of_processes_says_what_is_not_exact(data_root, tmp_path, caplog):
     out = tmp_path / "run"

@@ -113,13 +113,22 @@ class RunLogFile(logging.Handler):
         which comes after this file is closed. Only into log.txt: the tool prints it."""
         if self.stream is None or self.failed:
             return  # refused by its checks (nothing written), or the file failed
-        stopped = isinstance(err, KeyboardInterrupt)
-        ours = type(err).__module__.split(".")[0] in ("detection", "backbones")  # its message says it all
-        text = "; ".join([(str(err) or "interrupted") if stopped or ours else f"{type(err).__name__}: {err}",
-                          *getattr(err, "__notes__", [])])
-        record = logging.LogRecord("detection.engine.trainer", logging.WARNING if stopped else logging.ERROR,
-                                   __file__, 0, f"run ended: {text}", None, None)
-        self._write(self.format(record) + "\n")
+        self._write(self.format(ended_record(err)) + "\n")
+
+    @classmethod
+    def ended_in_other_process(cls, path: Path, err: BaseException, rank: int) -> None:
+        """Another rank's end, appended to rank 0's log.txt as one line (`run ended in process N:
+        ...`): a failure in one process (a bad image only it reads) otherwise reaches log.txt only
+        as rank 0's lost connection. Nothing when log.txt was not started (the run's checks
+        refused it) or cannot be written."""
+        if not Path(path).is_file():
+            return
+        line = cls().format(ended_record(err, rank)) + "\n"
+        try:
+            with open(path, "a", encoding="utf-8") as f:  # one short append: whole, beside rank 0's lines
+                f.write(line)
+        except OSError:
+            pass
 
     def _alone(self) -> bool:
         return all(h is self for h in logging.getLogger().handlers) and logging.lastResort is not None
@@ -144,3 +153,23 @@ class RunLogFile(logging.Handler):
                 pass
             self.stream = None
         super().close()
+
+
+def ended_record(err: BaseException, rank: int = 0) -> logging.LogRecord:
+    """log.txt's `run ended: ...` line for `err` (in process `rank`, when not rank 0's)."""
+    stopped = isinstance(err, KeyboardInterrupt)
+    ours = type(err).__module__.split(".")[0] in ("detection", "backbones")  # its message says it all
+    text = "; ".join([(str(err) or "interrupted") if stopped or ours else f"{type(err).__name__}: {err}",
+                      *getattr(err, "__notes__", [])])
+    if not ours and not stopped and _lost_peer(err):
+        text += " (another process stopped first: its own 'run ended in process N' line or the console says why)"
+    where = f" in process {rank}" if rank else ""
+    return logging.LogRecord("detection.engine.trainer", logging.WARNING if stopped else logging.ERROR,
+                             __file__, 0, f"run ended{where}: {text}", None, None)
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """A collective that failed because another process went away (gloo's and NCCL's words)."""
+    text = str(err)
+    return type(err).__name__ in ("DistBackendError", "DistNetworkError") or any(
+        words in text for words in ("closed by peer", "reset by peer", "Connection closed", "NCCL error"))

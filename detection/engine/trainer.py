@@ -234,6 +234,8 @@ def _loop(run: _Run, tensorboard: bool = False) -> None:
     except Exception as err:
         if not isinstance(err, TrainingError):  # a TrainingError names the checkpoint itself
             note_stop(err, state.iteration, what_is_kept(state, run.last))
+            if not main:  # this process alone failed (a TrainingError is every rank's, agreed): say why in log.txt
+                RunLogFile.ended_in_other_process(run.last.parent / LOG_FILE, err, du.get_rank())
         raise
     if main:
         _finish(state, run.cfg, run.last.parent)
