@@ -456,6 +456,24 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+@pytest.mark.slow  # trains 3 iterations
+def test_partial_checkpoint_files_a_killed_save_left_are_removed_on_resume(data_root, tmp_path, caplog):
+    """kill -9 during a save leaves the previous checkpoint whole and atomic_write's temporary
+    file (hundreds of MB for ResNet-101) for good: the next run in the folder removes it."""
+    out = tmp_path / "run"
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 2, "solver.checkpoint_period": 2}))
+    partial = [out / ".last.pth.k9x2ab3q.tmp", out / ".model_final.pth.zz81u0a1.tmp"]
+    for path in partial:
+        path.write_bytes(b"\0" * 2**20)
+    theirs = out / ".notes.txt.tmp"
+    theirs.write_text("a user's file")
+    caplog.set_level(logging.WARNING)
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 3}), resume=True)
+    assert not any(p.exists() for p in partial) and theirs.exists()
+    assert (f"removed 2 partial checkpoint files (2 MB) that a killed save left in {out}: "
+            ".last.pth.k9x2ab3q.tmp, .model_final.pth.zz81u0a1.tmp") in caplog.text
+
+
 def test_a_failed_start_leaves_no_folder_and_no_lock(data_root, tmp_path):
     out = tmp_path / "new"
     with pytest.raises(ValueError, match="model.num_classes is 5"):

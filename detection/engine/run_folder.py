@@ -134,9 +134,26 @@ def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed
                 path.unlink()
         logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_checkpoints(out_dir)
     save_config(cfg, out_dir / "config.yaml")
     if resumed_at is not None:
         truncate_metrics(out_dir / "metrics.jsonl", resumed_at)
+
+
+def remove_partial_checkpoints(out_dir: Path) -> list[Path]:
+    """Remove the temporary files of checkpoint saves a killed run left (atomic_write's
+    `.last.pth.XXXX.tmp`: kill -9 during a save; the checkpoint itself is whole, the previous
+    one). Only while the folder is locked for this run, so no save is under way."""
+    partial = sorted(p for pattern in (".last.pth.*.tmp", ".model_final.pth.*.tmp", ".model_[0-9]*.pth.*.tmp")
+                     for p in out_dir.glob(pattern) if p.is_file())
+    if partial:
+        size = sum(p.stat().st_size for p in partial)
+        for path in partial:
+            path.unlink(missing_ok=True)
+        logger.warning("removed %d partial checkpoint file%s (%.0f MB) that a killed save left in %s: %s",
+                       len(partial), "" if len(partial) == 1 else "s", size / 2**20, out_dir,
+                       ", ".join(p.name for p in partial))
+    return partial
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:
