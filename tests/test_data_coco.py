@@ -70,7 +70,21 @@ def test_tiny_coco_loads_to_exact_targets(tmp_path, caplog):
         assert empty["boxes"].shape == (0, 4) and empty["boxes"].dtype == np.float32
         assert empty["labels"].shape == (0,) and empty["labels"].dtype == np.int64
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "2 boxes of zero area" in warnings[0] and ann_file in warnings[0]
+    assert warnings == [f"{ann_file}: for training, clipped 2 boxes that reach more than a pixel past their image "
+                        "and dropped 2 boxes of zero area (after XYWH->XYXY and clipping to the image); the COCO "
+                        "evaluation (pycocotools) scores the json's boxes as written"]
+
+
+def test_an_exports_rounding_past_the_border_is_clipped_without_a_word(tmp_path, caplog):
+    """Converters' boxes often end a fraction of a pixel past the image (x + w = 100.4): clipped
+    for training like any other, not counted as reaching past it (more than a pixel is)."""
+    annotations = [{"id": 1, "image_id": 1, "category_id": 42, "bbox": [60.2, 50, 40.2, 30.9], "iscrowd": 0}]
+    ann_file, image_root = write_coco(tmp_path, annotations=annotations)
+    with caplog.at_level(logging.WARNING, logger="detection.data.coco"):
+        info = load_coco_json(ann_file, image_root)
+    record = next(r for r in info.records if r["image_id"] == 1)
+    np.testing.assert_allclose(record["boxes"], [[60.2, 50, 100, 80]], rtol=0, atol=1e-5)
+    assert not [rec for rec in caplog.records if rec.levelno == logging.WARNING]
 
 
 def test_images_without_boxes_leave_training_but_stay_in_evaluation(tmp_path):

@@ -39,15 +39,18 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None) -
         raise DataError(f"image folder not found: {image_root} (for annotations {ann_file}); {_LAYOUT_HINT}")
     cat_ids = sorted(coco.cats)
     cat_to_label = {cat_id: i + 1 for i, cat_id in enumerate(cat_ids)}
-    records, num_degenerate = [], 0
+    records, num_degenerate, num_clipped = [], 0, 0
     for img_id in sorted(coco.imgs):
-        record, dropped = _image_record(coco, img_id, image_root, cat_to_label, ann_file)
+        record, dropped, clipped = _image_record(coco, img_id, image_root, cat_to_label, ann_file)
         records.append(record)
         num_degenerate += dropped
-    if num_degenerate:
-        logger.warning("%s: dropped %d boxes of zero area (after XYWH->XYXY and clipping to the image) from "
-                       "training; the COCO evaluation (pycocotools) scores the json's boxes as written",
-                       ann_file, num_degenerate)
+        num_clipped += clipped
+    if num_degenerate or num_clipped:
+        what = ([f"clipped {num_clipped} boxes that reach more than a pixel past their image"] if num_clipped
+                else []) + ([f"dropped {num_degenerate} boxes of zero area (after XYWH->XYXY and clipping to the "
+                             "image)"] if num_degenerate else [])
+        logger.warning("%s: for training, %s; the COCO evaluation (pycocotools) scores the json's boxes as "
+                       "written", ann_file, " and ".join(what))
     _warn_orphan_annotations(coco, ann_file)
     return DatasetInfo(
         name=name or os.path.splitext(os.path.basename(ann_file))[0],
@@ -185,16 +188,18 @@ def _check_records(items: list, kind: str, fields: dict, ann_file: str) -> None:
 
 
 def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[int, int],
-                  ann_file: str) -> tuple[dict, int]:
-    """-> (record, number of zero-area boxes dropped)."""
+                  ann_file: str) -> tuple[dict, int, int]:
+    """-> (record, number of zero-area boxes dropped, number of kept boxes clipped by more than a
+    pixel: an export's rounding past the border is not worth a word)."""
     img = coco.imgs[img_id]
     height, width = int(img["height"]), int(img["width"])  # whole numbers (check_coco_json)
-    boxes, labels = [], []
+    boxes, labels, outside = [], [], []
     for ann in coco.imgToAnns.get(img_id, []):
-        box, label = _parse_annotation(ann, width, height, cat_to_label, ann_file)
+        box, label, annotated = _parse_annotation(ann, width, height, cat_to_label, ann_file)
         if box is not None:
             boxes.append(box)
             labels.append(label)
+            outside.append(max(abs(a - b) for a, b in zip(box, annotated)) > 1.0)
     keep = [i for i, b in enumerate(boxes) if b[2] > b[0] and b[3] > b[1]]
     record = {
         "file_name": os.path.join(image_root, img["file_name"]),
@@ -205,12 +210,13 @@ def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[i
         "labels": np.array([labels[i] for i in keep], dtype=np.int64),
         "difficult": np.zeros(len(keep), dtype=np.bool_),
     }
-    return record, len(boxes) - len(keep)
+    return record, len(boxes) - len(keep), sum(outside[i] for i in keep)
 
 
 def _parse_annotation(ann: dict[str, Any], width: int, height: int, cat_to_label: dict[int, int],
-                      ann_file: str) -> tuple[list[float] | None, int]:
-    """-> (clipped XYXY box, label), or (None, 0) for crowd / ignored regions."""
+                      ann_file: str) -> tuple[list[float] | None, int, list[float]]:
+    """-> (clipped XYXY box, label, the XYXY box as annotated), or (None, 0, []) for crowd /
+    ignored regions."""
     where = f"{ann_file}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
     cat_id = ann.get("category_id")
     if cat_id not in cat_to_label:
@@ -223,11 +229,11 @@ def _parse_annotation(ann: dict[str, Any], width: int, height: int, cat_to_label
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         raise DataError(f"{where} has a non-finite bbox {ann['bbox']!r}")
     if ann.get("iscrowd", 0) or ann.get("ignore", 0):
-        return None, 0
+        return None, 0, []
     # XYWH -> XYXY; COCO boxes are already 0-based continuous coordinates
-    box = [min(max(x, 0.0), width), min(max(y, 0.0), height),
-           min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)]
-    return box, cat_to_label[cat_id]
+    annotated = [x, y, x + w, y + h]
+    box = [min(max(v, 0.0), limit) for v, limit in zip(annotated, (width, height, width, height))]
+    return box, cat_to_label[cat_id], annotated
 
 
 def _warn_orphan_annotations(coco: COCO, ann_file: str) -> None:
