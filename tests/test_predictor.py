@@ -145,3 +145,46 @@ def test_readme_predictor_lines_run_as_written(d2_files, both_cores, tmp_path, m
     # a BGR array (cv2.imread) given where RGB is expected gives other detections, and no error
     swapped = namespace["predictor"](cv2.imread("street.jpg"))
     assert abs(float(swapped["scores"][0]) - float(rgb_out["scores"][0])) > 1e-3
+
+
+def test_images_the_predictor_cannot_take_say_how_to_pass_them():
+    """A serving user's tensors, PIL images, gray, RGBA, channels-first, batched, float 0..255 and
+    empty arrays: one error each that says what to pass instead (an empty one was a
+    ZeroDivisionError deep in resizing); a read-only array is taken as it is (torch warned)."""
+    import warnings
+
+    from PIL import Image
+
+    from detection.predictor import to_rgb_uint8
+
+    rgb = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)
+    cases = [
+        (torch.zeros(3, 5, 6), TypeError, "got Tensor (a tensor: pass image.numpy() of an (H, W, 3) uint8 image; "
+                                          "channels first: image.permute(1, 2, 0).numpy())"),
+        (Image.fromarray(rgb), TypeError, "(a PIL image: pass np.asarray(image.convert('RGB')))"),
+        (rgb.astype(np.float32) / 255, ValueError, "got dtype float32 (a float 0..1 image: pass "
+                                                   "(image * 255).round().astype(np.uint8))"),
+        (rgb.astype(np.float64), ValueError, "got dtype float64 (a float image of 0..255 values: pass "
+                                             "image.round().clip(0, 255).astype(np.uint8))"),
+        (rgb[:, :, 0], ValueError, "got (5, 6) (a gray image: pass np.repeat("),
+        (rgb[:, :, :1], ValueError, "got (5, 6, 1) (a gray image: pass np.repeat("),
+        (np.zeros((5, 6, 4), np.uint8), ValueError, "got (5, 6, 4) (with an alpha channel: pass image[:, :, :3])"),
+        (rgb.transpose(2, 0, 1), ValueError, "got (3, 5, 6) (channels first: pass image.transpose(1, 2, 0))"),
+        (rgb[None], ValueError, "got (1, 5, 6, 3) (a batch: pass a list of (H, W, 3) images)"),
+        (np.zeros((0, 5, 3), np.uint8), ValueError, "Predictor: the image is empty, shape (0, 5, 3)"),
+        (np.zeros((5, 0, 3), np.uint8), ValueError, "Predictor: the image is empty, shape (5, 0, 3)"),
+    ]
+    for image, error, text in cases:
+        with pytest.raises(error) as err:
+            to_rgb_uint8(image)
+        assert text in str(err.value), (text, str(err.value))
+    gray = rgb[:, :, 0]
+    advice = np.repeat(gray.reshape(gray.shape[0], gray.shape[1], 1), 3, axis=2)  # the advice works
+    assert to_rgb_uint8(advice).shape == (5, 6, 3)
+    frozen = rgb.copy()
+    frozen.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        taken = to_rgb_uint8(frozen)
+        torch.from_numpy(taken)
+    assert np.array_equal(taken, rgb)

@@ -74,8 +74,8 @@ def select_device(name: str, tf32: bool = True) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DeviceError("config device: 'cuda' was asked for but torch.cuda.is_available() is False; "
-                         "use device=cpu or device=auto")
+        raise DeviceError("device 'cuda' was asked for (the config's device, or the Predictor's device argument) "
+                          "but torch.cuda.is_available() is False; use device=cpu or device=auto")
     set_tf32(tf32)
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
