@@ -21,7 +21,7 @@ would give wrong detections in silence. The model resizes the image itself
 A list (or tuple) of images runs as one batch, padded to the largest resized image as in
 training (ImageList); an image's detections can then differ slightly from its own run (its
 padding is larger: the trunk's border and the RPN's anchors see more zeros), scores by a few
-hundredths at most in the cases measured (README: up to 0.024).
+hundredths in the cases measured (README: up to 0.024, 0.054 for a weak model).
 
 Output: {"boxes": float32 (N, 4) XYXY in the given image's pixels, "scores": (N,), "labels":
 int64 (N,) in 1..K}, as CPU tensors, best first; for a list, a list of these.
