@@ -47,10 +47,11 @@ class Predictor:
     """A detector ready for single images: fast path and test-time augmentation as the config says."""
 
     def __init__(self, cfg: Config, weights: Union[str, Path, DetectorWeights, None] = None,
-                 device: str = "auto", explicit: Sequence[str] = (), input_format: str = "RGB") -> None:
-        """explicit: config keys the caller set deliberately (they may differ from the
-        settings a checkpoint of this project was trained with). input_format: the channel
-        order of the arrays you pass, "RGB" or "BGR" (cv2.imread's)."""
+                 device: str | None = None, explicit: Sequence[str] = (), input_format: str = "RGB") -> None:
+        """device: "auto", "cpu" or "cuda"; None takes the config's `device` (as Detectron2's
+        DefaultPredictor takes MODEL.DEVICE). explicit: config keys the caller set deliberately
+        (they may differ from the settings a checkpoint of this project was trained with).
+        input_format: the channel order of the arrays you pass, "RGB" or "BGR" (cv2.imread's)."""
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"Predictor: input_format must be 'RGB' or 'BGR' (the channel order of the arrays "
                              f"you pass; cv2.imread gives BGR), got {input_format!r}")
@@ -59,14 +60,14 @@ class Predictor:
         if weights is None:
             raise ValueError("Predictor: no weights: pass weights=PATH or set model.weights in the config")
         self.cfg = cfg
-        self.device = select_device(device, cfg.tf32)
+        self.device = select_device(device or cfg.device, cfg.tf32)
         self.model, self.weights = build_inference_model(cfg, weights, self.device, explicit)
         names = self.weights.class_names or cfg.model.class_names
         self.class_names = list(names) if names else [f"class {i}" for i in range(1, cfg.model.num_classes + 1)]
 
     @classmethod
     def from_config(cls, config_path: Union[str, Path], weights: Union[str, Path, None] = None,
-                    overrides: Sequence[str] = (), device: str = "auto", input_format: str = "RGB"
+                    overrides: Sequence[str] = (), device: str | None = None, input_format: str = "RGB"
                     ) -> "Predictor":
         """Load the YAML config (with `key=value` overrides, as on the command line) and the weights."""
         keys = [item.split("=", 1)[0].strip() for item in overrides]

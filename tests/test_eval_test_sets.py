@@ -20,11 +20,11 @@ VAL_COPY = {"type": "coco", "name": "val_copy", "ann_file": "shapes/annotations/
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Three iterations with an evaluation on two test sets at iteration 3."""
+    """Three iterations with an evaluation on two test sets every 2 iterations (and at the end)."""
     root = tmp_path_factory.mktemp("sets")
     generate_shapes(root / "shapes", num_train=6, num_val=3, seed=0, image_size=(64, 80))
     cfg = load_config(None, tiny_overrides(root, root / "out", **{
-        "solver.max_iter": 3, "test.eval_period": 3, "datasets.test": ["shapes_val", VAL_COPY]}))
+        "solver.max_iter": 3, "test.eval_period": 2, "datasets.test": ["shapes_val", VAL_COPY]}))
     return cfg, train(cfg)
 
 
@@ -33,8 +33,8 @@ def test_evaluation_during_training_logs_each_test_set(trained):
     cfg, model = trained
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "shapes_val/AP" in r]
-    assert len(evaluated) == 1 and evaluated[0]["iteration"] == 3
-    assert evaluated[0]["shapes_val/AP"] == evaluated[0]["val_copy/AP"]  # the same images and boxes
+    assert [r["iteration"] for r in evaluated] == [2, 3]  # every test.eval_period, and the end as Detectron2
+    assert all(r["shapes_val/AP"] == r["val_copy/AP"] for r in evaluated)  # the same images and boxes
     assert model.class_names == ["circle", "square", "triangle"]  # set from the training data
 
 

@@ -72,6 +72,24 @@ def test_input_format_is_checked_and_given_through_from_config(setup, tmp_path):
     assert Predictor.from_config(config, weights, device="cpu", input_format="BGR").input_format == "BGR"
 
 
+def test_the_device_is_the_configs_unless_the_argument_names_one(setup):
+    """As Detectron2's DefaultPredictor takes MODEL.DEVICE: a config saying cuda on a machine
+    without one is refused (it ran on the CPU in silence, the argument's "auto" winning)."""
+    import copy
+
+    from detection.utils.comm import DeviceError
+
+    cfg, weights, _ = setup
+    on_cuda = copy.deepcopy(cfg)
+    on_cuda.device = "cuda"
+    assert Predictor(on_cuda, weights, device="cpu").device == torch.device("cpu")  # the argument wins
+    if torch.cuda.is_available():
+        assert Predictor(on_cuda, weights).device.type == "cuda"
+    else:
+        with pytest.raises(DeviceError, match="device 'cuda' was asked for"):
+            Predictor(on_cuda, weights)
+
+
 def test_the_predictor_hands_the_model_host_images_whatever_its_device(setup):
     """The model resizes a photo on the host and then moves it (FasterRCNN.preprocess): the
     Predictor leaves its pixels there, so on a GPU a 12-megapixel photo is not sent to the GPU,

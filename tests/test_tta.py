@@ -120,3 +120,39 @@ def test_config_turns_it_on_and_checks_its_sizes(tmp_path):
         load_config(None, ["test.aug.min_sizes=[0]"])
     with pytest.raises(RuntimeError, match="inference"):
         DetectorWithTTA(model.train(), [96], 256)([IMAGES[0]])
+
+
+@pytest.mark.slow  # trains 2 iterations
+def test_training_evaluates_the_model_as_eval_py_runs_its_checkpoint(tmp_path, monkeypatch):
+    """test.eval_period's evaluation ran the raw training model: test.aug (and test.amp) were
+    ignored there, so metrics.jsonl's numbers were not eval.py's on the same checkpoint."""
+    import detection.evaluation as evaluation
+    from detection.data.image_io import read_image
+    from detection.data.shapes import generate_shapes
+    from detection.engine.loading import build_inference_model
+    from detection.engine.trainer import train
+    from tests.helpers import tiny_overrides
+
+    generate_shapes(tmp_path / "data" / "shapes", num_train=4, num_val=2, seed=1, image_size=(64, 80))
+    overrides = tiny_overrides(tmp_path / "data", tmp_path / "out", **{
+        "solver.max_iter": 2, "test.eval_period": 2, "model.roi_heads.score_thresh_test": 0.0,
+        "test.aug.enabled": True, "test.aug.min_sizes": [48, 64], "test.aug.max_size": 96, "test.aug.flip": True})
+    evaluated = []
+    real = evaluation.evaluate_test_sets
+
+    def recording(datasets, **kwargs):
+        evaluated.append(kwargs["model"])
+        return real(datasets, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_test_sets", recording)
+    cfg = load_config(None, overrides)
+    train(cfg)
+    (during_training,) = evaluated
+    assert isinstance(during_training, DetectorWithTTA)
+    as_eval_py, _ = build_inference_model(cfg, str(tmp_path / "out" / "model_final.pth"), torch.device("cpu"))
+    image = torch.from_numpy(read_image(str(next((tmp_path / "data" / "shapes" / "val").iterdir()))))
+    with torch.inference_mode():
+        ours, theirs = (m([image.permute(2, 0, 1)])[0] for m in (during_training, as_eval_py))
+    assert len(theirs["scores"]) > 0
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(ours[key], theirs[key]), key

@@ -1,8 +1,8 @@
 """The typed config tree: one dataclass per section, with its defaults.
 
 The field names below are the contract between configs, tools and tests (docs/ARCHITECTURE.md,
-"Conventions"). Only `build_*` functions read a Config; every module takes
-explicit keyword arguments.
+"Conventions"). In the core (modeling, accel) and data only `build_*` functions read a
+Config, and evaluation never does; their other functions take explicit keyword arguments.
 """
 from __future__ import annotations
 

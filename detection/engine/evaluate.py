@@ -1,6 +1,7 @@
 """The evaluation a run makes every test.eval_period iterations (and tools/study.py after it)."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Optional
 
@@ -13,11 +14,31 @@ def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None) -
     """Evaluate on every test set (each process its share of the images; rank 0 scores them,
     other ranks get {}); keys are prefixed by the data set's name when there are several.
     With output_dir, each test set's results go to output_dir/<test set>/ as tools/eval.py
-    writes them."""
+    writes them. The model is evaluated as tools/eval.py runs the checkpoint: its weights in
+    a detector built from the config and prepared as every tool prepares one (test.amp, the
+    fast path's inference copy, test.aug), so metrics.jsonl's numbers are eval.py's."""
     from detection.data.catalog import get_datasets
     from detection.evaluation import evaluate_test_sets, flatten_metrics
 
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
-    return flatten_metrics(evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
-                                              output_dir=output_dir, model_classes=getattr(model, "class_names", None)))
+    inference = as_the_tools_run_it(cfg, model)
+    return flatten_metrics(evaluate_test_sets(datasets, model=inference, num_workers=cfg.dataloader.num_workers,
+                                              output_dir=output_dir,
+                                              model_classes=getattr(model, "class_names", None)))
+
+
+def as_the_tools_run_it(cfg: Config, model: nn.Module) -> nn.Module:
+    """A training model's weights in the detector build_inference_model would give for its
+    checkpoint (the training model, which may hold the fast path's training form, is not touched)."""
+    from detection.engine.loading import prepare_for_inference
+    from detection.modeling.model import build_model
+
+    cfg = copy.deepcopy(cfg)
+    cfg.model.backbone.weights = None  # the weights come from `model`
+    device = next(model.parameters()).device
+    inference = build_model(cfg)
+    inference.load_state_dict(model.state_dict())
+    if getattr(model, "class_names", None):
+        inference.class_names = list(model.class_names)
+    return prepare_for_inference(cfg, inference, device)

@@ -269,12 +269,14 @@ def _iterations(run: _Run, bar: tqdm, stop: GracefulStop, log: MetricsLog) -> No
 
 def _after_step(run: _Run, log: MetricsLog) -> None:
     """The checkpoint (every solver.checkpoint_period iterations and at the end) and the
-    evaluation (every test.eval_period) the iteration just finished calls for."""
+    evaluation (every test.eval_period, and at the end, as Detectron2's EvalHook) the iteration
+    just finished calls for."""
     state = run.state
     periodic = state.iteration % run.cfg.solver.checkpoint_period == 0
     if periodic or state.iteration == run.cfg.solver.max_iter:
         save_last(state, run.cfg, run.last, periodic=periodic)
-    if run.cfg.test.eval_period and state.iteration % run.cfg.test.eval_period == 0:
+    period = run.cfg.test.eval_period
+    if period and (state.iteration % period == 0 or state.iteration == run.cfg.solver.max_iter):  # and at the end
         du.broadcast_buffers(state.model)  # every rank evaluates the model rank 0 saves
         metrics = evaluate(run.cfg, state.model)
         if du.is_main_process():
