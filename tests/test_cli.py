@@ -187,6 +187,16 @@ def test_every_tool_main_goes_through_the_shared_entry():
         assert not any(isinstance(n, ast.Try) for n in ast.walk(main)), path.name
 
 
+def test_detectron2_amp_key_and_zero_pre_nms_proposals_are_named():
+    from detection.config import load_config
+
+    with pytest.raises(ConfigError, match=r"solver\.amp: expected bool, got \{'enabled': True\}; Detectron2's "
+                                          r"SOLVER\.AMP\.ENABLED is solver\.amp here"):
+        load_config(None, ["solver.amp.enabled=true"])
+    with pytest.raises(ConfigError, match=r"model\.rpn\.pre_nms_topk_test: 0 is invalid, expected positive"):
+        load_config(None, ["model.rpn.pre_nms_topk_test=0"])  # no proposals at all, in silence
+
+
 @pytest.mark.parametrize("key, ours", [("MODEL.ROI_HEADS.NUM_CLASSES", "model.num_classes"),
                                        ("TEST.DETECTIONS_PER_IMAGE", "model.roi_heads.detections_per_image"),
                                        ("MODEL.RESNETS.DEPTH", "model.backbone.depth"),

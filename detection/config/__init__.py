@@ -6,14 +6,15 @@ checks.py (the value checks, the num_workers cap), saving.py (dict, YAML text, f
 errors.py (ConfigError).
 """
 from detection.config.errors import ConfigError
-from detection.config.schema import (AnchorConfig, BackboneConfig, BoxRefinementConfig, Config, DataLoaderConfig,
-                                     DatasetsConfig, InputConfig, LogConfig, ModelConfig, MultiScaleConfig,
-                                     ROIHeadsConfig, RPNConfig, SolverConfig, TestAugConfig, TestConfig)
+from detection.config.schema import (AccelConfig, AnchorConfig, BackboneConfig, BoxRefinementConfig, Config,
+                                     DataLoaderConfig, DatasetsConfig, InputConfig, LogConfig, ModelConfig,
+                                     MultiScaleConfig, ROIHeadsConfig, RPNConfig, SolverConfig, TestAugConfig,
+                                     TestConfig)
 from detection.config.checks import usable_cpus, validate
 from detection.config.reading import config_from_dict, load_config
 from detection.config.saving import config_to_dict, dump_config, save_config
 
-__all__ = ["AnchorConfig", "BackboneConfig", "BoxRefinementConfig", "Config", "ConfigError", "DataLoaderConfig",
+__all__ = ["AccelConfig", "AnchorConfig", "BackboneConfig", "BoxRefinementConfig", "Config", "ConfigError", "DataLoaderConfig",
            "DatasetsConfig", "InputConfig", "LogConfig", "ModelConfig", "MultiScaleConfig", "ROIHeadsConfig",
            "RPNConfig", "SolverConfig", "TestAugConfig", "TestConfig", "config_from_dict", "config_to_dict",
            "dump_config", "load_config", "save_config", "usable_cpus", "validate"]

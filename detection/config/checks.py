@@ -56,6 +56,8 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.rpn.positive_fraction", frac(m.rpn.positive_fraction), "in [0, 1]"),
         ("model.rpn.nms_thresh", frac(m.rpn.nms_thresh), "in [0, 1]"),
         ("model.rpn.batch_size_per_image", m.rpn.batch_size_per_image > 0, "positive"),
+        ("model.rpn.pre_nms_topk_train", m.rpn.pre_nms_topk_train > 0, "positive"),
+        ("model.rpn.pre_nms_topk_test", m.rpn.pre_nms_topk_test > 0, "positive"),
         ("model.rpn.post_nms_topk_train", m.rpn.post_nms_topk_train > 0, "positive"),
         ("model.rpn.post_nms_topk_test", m.rpn.post_nms_topk_test > 0, "positive"),
         ("model.roi_heads.positive_fraction", frac(m.roi_heads.positive_fraction), "in [0, 1]"),

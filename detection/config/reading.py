@@ -209,6 +209,10 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
                     f"; Detectron2's {ours[0].upper()} is {ours[1]} here" if ours else
                     f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}")
             raise ConfigError(f"{source}: unknown key {dotted}{hint}")
+        ours = _detectron2_name(dotted, value) if isinstance(value, dict) else None
+        if ours and ours[1] is not None and not dataclasses.is_dataclass(hints[key]) and hints[key] is not dict:
+            raise ConfigError(f"{source}: {dotted}: expected {_type_name(hints[key])}, got {value!r}; "
+                              f"Detectron2's {ours[0].upper()} is {ours[1]} here")  # SOLVER.AMP.ENABLED
         kwargs[key] = _coerce(value, hints[key], dotted, source)
     return cls(**kwargs)
 
