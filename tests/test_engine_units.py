@@ -199,3 +199,14 @@ def test_a_schedule_cut_short_is_warned_of_and_repeated_steps_are_refused():
     assert schedule_warnings(load_config(None, cosine)) == []  # the cosine schedule has no steps
     with pytest.raises(ConfigError, match=r"solver\.steps.*increasing positive iterations"):
         load_config(None, ["solver.steps=[1537, 1537]"])
+
+
+def test_accel_levers_with_the_fast_path_off_are_said_to_do_nothing():
+    from detection.config import load_config
+    from detection.engine.loading import levers_without_fast_path
+
+    off = load_config(None, ["model.fast_path=false", "accel.sync_free_postprocess=true", "accel.compile=default"])
+    assert levers_without_fast_path(off) == ("accel.sync_free_postprocess, accel.compile: levers of the fast path, "
+                                             "which model.fast_path: false turns off: they do nothing")
+    assert levers_without_fast_path(load_config(None, ["model.fast_path=false"])) is None
+    assert levers_without_fast_path(load_config(None, ["accel.compile=default"])) is None

@@ -335,6 +335,9 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
     load_detector_weights(model, weights)
     if weights.class_names:
         model.class_names = list(weights.class_names)
+    unused = levers_without_fast_path(cfg)
+    if unused:
+        logger.warning("%s", unused)
     return prepare_for_inference(cfg, model, device), weights
 
 
@@ -355,6 +358,15 @@ def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
 
         model = optimize_for_inference(model, chunk_size=chunk_size, levers=accel_levers(cfg))
     return build_tta(cfg, model)
+
+
+def levers_without_fast_path(cfg: Config) -> str | None:
+    """A warning when the config turns on accel levers that model.fast_path: false leaves unused."""
+    if cfg.model.fast_path:
+        return None
+    on = [f"accel.{name}" for name, value in vars(cfg.accel).items() if value]
+    return (f"{', '.join(on)}: levers of the fast path, which model.fast_path: false turns off: they do nothing"
+            if on else None)
 
 
 def accel_levers(cfg: Config) -> Levers:

@@ -29,7 +29,8 @@ from detection.engine.checkpoint import load_resume_checkpoint, periodic_checkpo
 from detection.engine.checkpointing import save_final, save_last, stop_gracefully, what_is_kept
 from detection.engine.errors import TrainingError, TrainingInterrupted, TrainingStopped
 from detection.engine.evaluate import evaluate
-from detection.engine.loading import accel_levers, load_initial_weights, read_detector_file
+from detection.engine.loading import (accel_levers, levers_without_fast_path, load_initial_weights,
+                                      read_detector_file)
 from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use_tensorboard
 from detection.engine.run_config import check_resume_config, record_resume_changes
 from detection.engine.run_folder import RunLock, check_output_dir, prepare_output_dir
@@ -190,6 +191,8 @@ def _start_loop(cfg: Config, state: TrainState, datasets: list, device: torch.de
         from detection.accel import optimize_for_training
 
         optimize_for_training(state.model, channels_last=True, levers=accel_levers(cfg))  # training_plan's steps
+    elif levers_without_fast_path(cfg) and du.is_main_process():
+        logger.warning("%s", levers_without_fast_path(cfg))
     data = iter(build_train_data_loader(cfg, datasets, state.iteration))
     state.class_names = tuple(datasets[0].class_names)
     state.model.class_names = list(state.class_names)  # what its labels mean, for whoever uses the model
