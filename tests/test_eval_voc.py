@@ -385,3 +385,24 @@ def test_distributed_inference_gathers_on_rank_0(tmp_path):
     expected, _ = _evaluate(dataset, _shard_outputs(dataset.records))
     # image 000002's misses (from rank 1) count: recall 1/2 per class, 6/11 -> 54.5, not rank 0's 100
     assert rank0["mAP"] == pytest.approx(expected["mAP"]) == pytest.approx(600 / 11)
+
+
+def test_the_pr_plot_titles_a_voc_class_with_the_tables_ap(tmp_path, monkeypatch):
+    """Two cats, detections TP .9, FP .8, TP .7: the 11-point AP is (6 + 5 * 2/3) / 11 = 84.8,
+    the area 83.3. The plot titled each class with its curve's area (83.3) beside a table
+    saying 84.8; it now gets the metrics (COCO's AP-<class> is over IoU .5:.95, not its curve's)."""
+    import detection.visualization.plots as plots
+    from detection.evaluation import evaluate_test_sets
+
+    dataset = _dataset([_record("000001", [[0, 0, 10, 10], [50, 50, 60, 60]], [1, 1])], use_07_metric=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "comp4_det_test_cat.txt").write_text(
+        "000001 0.9 1 1 10 10\n000001 0.8 101 101 110 110\n000001 0.7 51 51 60 60\n")
+    given = []
+    monkeypatch.setattr(plots, "plot_pr_curves", lambda curves, path, metrics=None: given.append(metrics))
+    metrics = evaluate_test_sets([dataset], results=str(tmp_path / "results"), output_dir=tmp_path / "out")
+    assert metrics["voc_tiny"]["AP-cat"] == pytest.approx(100 * (6 + 5 * 2 / 3) / 11)
+    (titled,) = given
+    assert titled["AP-cat"] == metrics["voc_tiny"]["AP-cat"]
+    figure = plots.pr_curves_figure({"cat": ([0.5, 0.5, 1.0], [1.0, 0.5, 2 / 3])}, metrics=titled)
+    assert figure.axes[0].get_title() == "cat (AP 84.8)"

@@ -33,6 +33,25 @@ def test_false_positives_and_missed_objects_of_an_image():
     assert fp == {1: 2, 2: 0} and missed == {1: 1, 2: 0}
 
 
+def test_report_counts_the_ground_truth_the_voc_evaluation_scores():
+    """A VOC box reaching past its image is clipped for training and one wholly outside dropped
+    (the record's `boxes`), but the devkit scores them as annotated (`annotated`): the report's
+    objects and missed counts are the metrics' (it counted the clipped set: 1 object, 0 missed)."""
+    from detection.data.dataset_info import DatasetInfo
+
+    record = {"image_id": "000001", "file_name": "/nowhere/000001.jpg", "height": 50, "width": 60,
+              "boxes": np.array([[10, 10, 60, 40]], np.float32), "labels": np.array([1]),
+              "difficult": np.array([False]),
+              "annotated": {"boxes": np.array([[10, 10, 75, 40], [70, 5, 90, 20]], np.float64),
+                            "labels": np.array([1, 2]), "difficult": np.array([False, False])}}
+    dataset = DatasetInfo(name="voc_edge", kind="voc", class_names=["cat", "dog"], records=[record])
+    found = {"000001": {"boxes": np.array([[10, 10, 75, 40]], float), "scores": np.array([0.9]),
+                        "labels": np.array([1])}}
+    section = section_for_test_set(dataset, {"AP-cat": 100.0, "AP-dog": 0.0}, found)
+    assert [(c["name"], c["gt"], c["fp"], c["missed"]) for c in section.per_class] == [("cat", 1, 0, 0),
+                                                                                        ("dog", 1, 0, 1)]
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")

@@ -122,7 +122,9 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
     if where is None:
         return
     save_metrics_json(metrics, where / "metrics.json")
-    _plot_pr(evaluator, where, echo)
+    # VOC's AP-<class> is the curve's own (IoU 0.5, the devkit's 11-point or area metric): the
+    # titles show it; COCO's is over IoU .5:.95, so its panels show their curve's AP50
+    _plot_pr(evaluator, where, echo, metrics if dataset.kind == "voc" else None)
     if echo is not None:
         echo(f"metrics written to {where / 'metrics.json'}")
 
@@ -141,14 +143,16 @@ def _report_submission(dataset: DatasetInfo, evaluator: Evaluator, echo: Callabl
     (echo or logger.info)(("\n" if echo else "") + message)
 
 
-def _plot_pr(evaluator: Evaluator, where: Path, echo: Callable[[str], None] | None) -> None:
-    """Per-class precision-recall curves, when matplotlib (the `plots` extra) is installed."""
+def _plot_pr(evaluator: Evaluator, where: Path, echo: Callable[[str], None] | None,
+             metrics: dict[str, float] | None = None) -> None:
+    """Per-class precision-recall curves, when matplotlib (the `plots` extra) is installed;
+    titled with `metrics`' AP-<class> when given."""
     curves = getattr(evaluator, "pr_curves", None)
     if not curves:
         return
     try:
         from detection.visualization.plots import plot_pr_curves
 
-        plot_pr_curves(curves, where / "pr_curves.png")
+        plot_pr_curves(curves, where / "pr_curves.png", metrics=metrics)
     except ImportError as err:
         (echo or logger.warning)(f"note: no PR plot ({err})")

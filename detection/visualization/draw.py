@@ -215,12 +215,15 @@ def _as_array(x: Any, dtype: Any) -> np.ndarray:
 
 def ground_truth_boxes(record: Mapping[str, Any], extra: tuple[np.ndarray, np.ndarray, list[str]] | None = None
                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A data-set record's (boxes, labels, tags) for draw_detections: its objects, tagged
-    "difficult" where the record says so (VOC), then `extra` regions such as the image's
-    crowd regions from `read_crowd_regions` (COCO records leave those out)."""
-    boxes = np.asarray(record["boxes"], np.float64).reshape(-1, 4)
-    labels = np.asarray(record["labels"], np.int64).reshape(-1)
-    difficult = np.asarray(record.get("difficult", np.zeros(len(boxes))), bool).reshape(-1)
+    """A data-set record's (boxes, labels, tags) for draw_detections: its objects as annotated
+    (a VOC record's `annotated` ones where training clipped or dropped a box: what the VOC
+    evaluation scores, so the report counts what the metrics count), tagged "difficult" where
+    the record says so (VOC), then `extra` regions such as the image's crowd regions from
+    `read_crowd_regions` (COCO records leave those out)."""
+    truth = record.get("annotated", record)
+    boxes = np.asarray(truth["boxes"], np.float64).reshape(-1, 4)
+    labels = np.asarray(truth["labels"], np.int64).reshape(-1)
+    difficult = np.asarray(truth.get("difficult", np.zeros(len(boxes))), bool).reshape(-1)
     tags = ["difficult" if d else "" for d in difficult]
     if extra is not None and len(extra[0]):
         boxes = np.concatenate([boxes, np.asarray(extra[0], np.float64).reshape(-1, 4)])
