@@ -1147,7 +1147,7 @@ def voc_results_cases(tmp: Path, shapes_root: Path) -> list[Case]:
     return cases
 
 
-def _checked_curves_instead_of_a_plot(curves, path) -> None:
+def _checked_curves_instead_of_a_plot(curves, path, metrics=None) -> None:
     """Stands in for detection.visualization.plots.plot_pr_curves (matplotlib takes a second per plot):
     the curves it would draw must be finite fractions."""
     for name, (recall, precision) in curves.items():

@@ -67,7 +67,8 @@ def schedule_note(schedule: dict) -> str:
 
 
 def _schedule_text(s: dict) -> str:
-    drops = f"x{s['gamma']} at {s['steps']}" if s["lr_schedule"] == "multistep" else "cosine to 0"
+    drops = ("cosine to 0" if s["lr_schedule"] != "multistep" else
+             f"x{s['gamma']} at {s['steps']}" if s["steps"] else "no steps")
     return (f"{s['max_iter']} iterations, lr {s['base_lr']} after a {s['warmup_iters']}-iteration warmup "
             f"from x{s['warmup_factor']}, {drops}")
 
