@@ -4,6 +4,7 @@ what really exists, a failing disk never corrupts a checkpoint or a results file
 per output folder, and evaluation memory that grows no faster than the results."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -127,6 +128,17 @@ def test_a_second_signal_during_the_save_does_not_corrupt_it(data_root, tmp_path
 
 # ----------------------------------------------------------------------------- exact resume, two processes
 
+@contextlib.contextmanager
+def gloo_process(rank: int, world: int, init_file: str):
+    """One forked process of a `world`-process gloo group, for the block."""
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's thread pool
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def _ddp_train(rank: int, world: int, init_file: str, overrides: list, out_file: str, resume: bool,
                sigterm_rank_1_at: int = 0) -> None:
     """train() in one of `world` forked gloo processes; the trained weights, or the stop message,
@@ -134,9 +146,7 @@ def _ddp_train(rank: int, world: int, init_file: str, overrides: list, out_file:
     iteration (as when a scheduler signals one process): every rank must stop there."""
     from detection.engine.trainer import TrainingStopped
 
-    torch.set_num_threads(1)  # a forked child must not reuse the parent's thread pool
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_process(rank, world, init_file):
         if sigterm_rank_1_at and rank == 1:
             at_forward(pytest.MonkeyPatch(), sigterm_rank_1_at, lambda: os.kill(os.getpid(), signal.SIGTERM))
         try:
@@ -145,8 +155,6 @@ def _ddp_train(rank: int, world: int, init_file: str, overrides: list, out_file:
             Path(f"{out_file}.{rank}.stopped").write_text(str(stop))
             return
         torch.save(model.state_dict(), f"{out_file}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow  # two DDP processes train three times
@@ -189,20 +197,15 @@ def _ddp_train_recording_evaluation(rank: int, world: int, init_file: str, overr
     rank evaluates with at test.eval_period go to out_file.<rank>."""
     import detection.engine.trainer as trainer_mod
 
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     real_evaluate = trainer_mod.evaluate
 
     def evaluate(cfg, model, output_dir=None):
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{out_file}.{rank}")
         return real_evaluate(cfg, model, output_dir)
 
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(trainer_mod, "evaluate", evaluate)
-            train(load_config(None, overrides))
-    finally:
-        torch.distributed.destroy_process_group()
+    with gloo_process(rank, world, init_file), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_mod, "evaluate", evaluate)
+        train(load_config(None, overrides))
 
 
 @pytest.mark.slow  # two DDP processes train two iterations and evaluate
@@ -230,22 +233,17 @@ def _ddp_train_failing_on_rank_1(rank: int, world: int, init_file: str, override
     in its third iteration. What each rank raised goes to out_file.<rank>."""
     from detection.data import DataError
 
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-
     def unreadable():
         raise DataError("image /data/train/000123.jpg is a truncated JPEG (no end-of-image marker): the file was "
                         "cut short")
 
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            if rank == 1:
-                at_forward(patch, 3, unreadable)
+    with gloo_process(rank, world, init_file), pytest.MonkeyPatch.context() as patch:
+        if rank == 1:
+            at_forward(patch, 3, unreadable)
+        try:
             train(load_config(None, overrides))
-    except Exception as err:  # noqa: BLE001 (the test reads what each rank raised)
-        Path(f"{out_file}.{rank}").write_text(f"{type(err).__name__}: {err}")
-    finally:
-        torch.distributed.destroy_process_group()
+        except Exception as err:  # noqa: BLE001 (the test reads what each rank raised)
+            Path(f"{out_file}.{rank}").write_text(f"{type(err).__name__}: {err}")
 
 
 @pytest.mark.slow  # two DDP processes train two iterations
@@ -285,7 +283,8 @@ def test_resuming_with_another_number_of_processes_says_what_is_not_exact(data_r
 
 # ----------------------------------------------------------------------------- true messages
 
-def _nan_at(monkeypatch, call: int) -> None:
+def after_forward(monkeypatch, call: int, action) -> None:
+    """Run `action(model, losses)` after the call-th training forward pass (it may change both)."""
     from detection.modeling.model import FasterRCNN
 
     calls = {"n": 0}
@@ -295,10 +294,14 @@ def _nan_at(monkeypatch, call: int) -> None:
         out = real_forward(self, images, targets)
         calls["n"] += 1
         if self.training and calls["n"] == call:
-            out["loss_cls"] = out["loss_cls"] * float("nan")
+            action(self, out)
         return out
 
     monkeypatch.setattr(FasterRCNN, "forward", forward)
+
+
+def _nan_at(monkeypatch, call: int) -> None:
+    after_forward(monkeypatch, call, lambda model, out: out.update(loss_cls=out["loss_cls"] * float("nan")))
 
 
 @pytest.mark.slow  # trains 1 iteration
@@ -325,20 +328,11 @@ def test_a_non_finite_loss_names_the_checkpoint_that_is_kept(data_root, tmp_path
 def _weights_overflow_at(monkeypatch, call: int) -> None:
     """After training forward `call`, one weight becomes infinite while that step's loss stays finite
     (as BatchNorm's running variance overflows while batch statistics keep the loss finite)."""
-    from detection.modeling.model import FasterRCNN
+    def overflow(model, out):
+        with torch.no_grad():
+            model.roi_heads.predictor.cls_score.bias.fill_(float("inf"))
 
-    calls = {"n": 0}
-    real_forward = FasterRCNN.forward
-
-    def forward(self, images, targets=None):
-        out = real_forward(self, images, targets)
-        calls["n"] += 1
-        if self.training and calls["n"] == call:
-            with torch.no_grad():
-                self.roi_heads.predictor.cls_score.bias.fill_(float("inf"))
-        return out
-
-    monkeypatch.setattr(FasterRCNN, "forward", forward)
+    after_forward(monkeypatch, call, overflow)
 
 
 @pytest.mark.slow  # trains 4 iterations
