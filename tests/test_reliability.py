@@ -616,7 +616,8 @@ def test_eval_on_a_full_disk_ends_in_one_line_and_keeps_the_old_metrics(data_roo
     out = tmp_path / "inference"
     argv = ["--config", str(ROOT / "configs" / "base.yaml"), "--results", str(results), "--output-dir", str(out),
             f"datasets.root={data_root}", "datasets.test=[shapes_val]", "model.num_classes=3"]
-    monkeypatch.setattr(detection.visualization.plots, "plot_pr_curves", lambda curves, path, metrics=None: None)  # matplotlib is slow
+    no_plot = lambda curves, path, metrics=None: None  # noqa: E731 (matplotlib is slow)
+    monkeypatch.setattr(detection.visualization.plots, "plot_pr_curves", no_plot)
     eval_tool = load_tool("eval")
     assert eval_tool.main(argv) == 0
     metrics = out / "shapes_val" / "metrics.json"

@@ -14,7 +14,7 @@ from detection.config.checks import usable_cpus, validate
 from detection.config.reading import config_from_dict, load_config
 from detection.config.saving import config_to_dict, dump_config, save_config
 
-__all__ = ["AccelConfig", "AnchorConfig", "BackboneConfig", "BoxRefinementConfig", "Config", "ConfigError", "DataLoaderConfig",
-           "DatasetsConfig", "InputConfig", "LogConfig", "ModelConfig", "MultiScaleConfig", "ROIHeadsConfig",
-           "RPNConfig", "SolverConfig", "TestAugConfig", "TestConfig", "config_from_dict", "config_to_dict",
-           "dump_config", "load_config", "save_config", "usable_cpus", "validate"]
+__all__ = ["AccelConfig", "AnchorConfig", "BackboneConfig", "BoxRefinementConfig", "Config", "ConfigError",
+           "DataLoaderConfig", "DatasetsConfig", "InputConfig", "LogConfig", "ModelConfig", "MultiScaleConfig",
+           "ROIHeadsConfig", "RPNConfig", "SolverConfig", "TestAugConfig", "TestConfig", "config_from_dict",
+           "config_to_dict", "dump_config", "load_config", "save_config", "usable_cpus", "validate"]
