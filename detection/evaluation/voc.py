@@ -28,7 +28,7 @@ import numpy as np
 from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
 from detection.evaluation.voc_metric import evaluate_matches, match_detections, to_devkit
 from detection.evaluation.voc_results import (COMP4_TEMPLATE, SUBMISSION_FOLDER, comp4_detections, format_comp4_lines,
-                                              image_sizes, parse_comp4_lines, read_comp4_lines, write_comp4_files)
+                                              image_sizes, parsed_comp4_lines, read_comp4_lines, write_comp4_files)
 
 if TYPE_CHECKING:
     from detection.data.dataset_info import DatasetInfo
@@ -103,7 +103,7 @@ class VOCEvaluator:
         self.pr_curves = {}
         for label, name in enumerate(self.class_names, start=1):
             gt_boxes, gt_difficult = _class_ground_truth(predictions, label)
-            ids, scores, boxes = parse_comp4_lines(lines[label], COMP4_TEMPLATE.format(name))
+            ids, scores, boxes = parsed_comp4_lines(lines, label, COMP4_TEMPLATE.format(name))
             order = np.argsort(-scores, kind="stable")
             matches = match_detections(gt_boxes, gt_difficult, [id_of[ids[i]] for i in order], boxes[order])
             for t, thresh in enumerate(COCO_IOU_THRESHOLDS):
