@@ -234,6 +234,21 @@ def test_folder_names_are_file_system_safe_and_distinct():
     assert results_subfolder("..") == "test_set" and results_subfolder(".hidden") == "hidden"
     with pytest.raises(ValueError, match="'voc:a' and 'voc/a' would share the results folder 'voc_a'"):
         results_subfolders(["voc:a", "voc/a"])
+    # names in other scripts keep their letters: two sets evaluated into one folder in two runs
+    # became "_" both, and the second replaced the first's results as if the same set
+    assert (results_subfolder("日本"), results_subfolder("中国"), results_subfolder("café val")) == \
+        ("日本", "中国", "café_val")
+
+
+def test_a_results_folder_that_cannot_be_created_is_one_error(tmp_path):
+    """A results folder under a file (or read-only, or a name too long) was an OSError traceback."""
+    from detection.utils.files import OutputFolderError
+
+    (tmp_path / "a_file").write_text("x")
+    source = ResultsSource.of("results", str(tmp_path / "a_file"))
+    with pytest.raises(OutputFolderError, match=r"a_file/inference: cannot create the results folder \(Not a "
+                                                r"directory\); --output-dir DIR gives another"):
+        claim_results_folder(tmp_path / "a_file" / "inference", source, ["shapes_val"])
 
 
 def test_eval_help_describes_the_layout(capsys):

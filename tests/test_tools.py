@@ -131,7 +131,7 @@ def test_visualize_draws_every_readable_image_and_then_names_the_unreadable_one(
     assert "not drawn:" in err and f"{Path(names[0]).stem}_corrupt.jpg" in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: wrote 3 images to {tmp_path / 'vis'}") and \
-        "1 of the 4 images could not be read and were not drawn" in last and "_corrupt.jpg" in last, last
+        "1 of the 4 images were not drawn" in last and "_corrupt.jpg" in last, last
 
 
 @pytest.mark.slow
@@ -154,6 +154,39 @@ def test_visualize_gt_with_a_limit_checks_only_the_images_it_draws(trained, tmp_
                                                                    for i, n in enumerate(names[:2])]
     code, _, err = run_main(TOOLS["visualize.py"], [*args, "--limit", "3"], capsys)
     assert code == 2 and "1 of 3 images" in err and names[-1] in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_visualize_never_draws_over_the_photos_and_says_what_it_could_not_write(trained, tmp_path, capsys):
+    """--output the input folder could replace a photo named like a drawing (00001_b.jpg); a drawing
+    OpenCV could not write (cv2.imwrite returns False, no exception) was counted as written; a long
+    name pushed past 255 bytes by the NNNNN_ prefix was one of those."""
+    import shutil
+
+    root, overrides = trained
+    photos = tmp_path / "photos"
+    shutil.copytree(root / "data" / "shapes" / "val", photos)
+    first = sorted(photos.iterdir())[0]
+    long_name = photos / ("L" * 250 + ".jpg")
+    shutil.copy(first, long_name)
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    base = ["--config", ROOT / "configs" / "base.yaml", "--weights", root / "out" / "model_final.pth", *overrides]
+    code, _, err = run_main(TOOLS["visualize.py"], [*base, "--input", photos, "--output", photos], capsys)
+    assert code == 2 and "the images drawn are in that folder, and the drawings could replace them" in err
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    code, _, err = run_main(TOOLS["visualize.py"], [*base, "--input", photos, "--output", tmp_path / "vis"],
+                            capsys)
+    assert code == 0, err[-2000:]
+    assert f"00000_{'L' * 200}.jpg" in {p.name for p in (tmp_path / "vis").iterdir()}
+    blocked = tmp_path / "vis2" / f"00001_{sorted(p.stem for p in photos.iterdir())[1]}.jpg"
+    blocked.mkdir(parents=True)  # OpenCV cannot write there: imwrite returns False
+    code, _, err = run_main(TOOLS["visualize.py"], [*base, "--input", photos, "--output", tmp_path / "vis2"],
+                            capsys)
+    assert code == 2 and f"could not write {blocked}" in err and f"1 of the {len(before)} images were not drawn" in err
+    (tmp_path / "vis_file").write_text("not a folder")
+    code, _, err = run_main(TOOLS["visualize.py"], [*base, "--input", photos, "--output", tmp_path / "vis_file"],
+                            capsys)
+    assert code == 2 and "cannot create the folder" in err and "Traceback" not in err
 
 
 def test_visualize_input_folder_names_images_in_its_subfolders_and_globs_reach_them(tmp_path, capsys):

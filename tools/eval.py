@@ -14,8 +14,8 @@ same for one test set or several:
 
     DIR/source.json          the checkpoint (or results) evaluated: absolute path, size, mtime
     DIR/<test set>/          one folder per test set, named after the data set with every
-                             character other than letters, digits and ._- replaced by "_"
-                             (shapes_val, voc_MyVOC_val for voc:MyVOC_val):
+                             character other than letters and digits (of any script) and ._-
+                             replaced by "_" (shapes_val, voc_MyVOC_val for voc:MyVOC_val):
         metrics.json, pr_curves.png, coco_results.json (COCO-type) or comp4_det_test_*.txt (VOC-type)
     DIR/report.html          one self-contained page (the `report` extra: jinja2, matplotlib): per test
                              set the metrics and per-class tables, PR curves, the images with the most
@@ -103,6 +103,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from detection.evaluation import evaluate_test_sets
     from detection.evaluation.outputs import (ResultsSource, check_results_folder, claim_results_folder,
                                              earlier_results)
+    from detection.utils.files import OutputFolderError
     from detection.utils.comm import select_device
 
     out_root = results_folder(cfg, args)
@@ -122,7 +123,11 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     for line in earlier_results(out_root, source, folders):
         print(line)
     claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
-    (out_root / "report.html").unlink(missing_ok=True)  # written again at the end: never a stale page
+    try:
+        (out_root / "report.html").unlink(missing_ok=True)  # written again at the end: never a stale page
+    except OSError as err:
+        raise OutputFolderError(f"{out_root / 'report.html'}: cannot be replaced ({err.strerror or err}); "
+                                "--output-dir DIR writes the results elsewhere") from None
     per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
                                  results=args.results, output_dir=out_root, echo=print, model_classes=model_classes)
     _write_report(cfg, args, datasets, folders, out_root, per_set)

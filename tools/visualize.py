@@ -8,13 +8,15 @@
 PATH is an image, a folder of images (not its subfolders': a note names one) or a glob
 ("imgs/*.jpg"; "imgs/**/*" reaches into subfolders). With --gt / --compare the
 images come from the config's first test data set (or --dataset NAME). An image that cannot
-be read (corrupt, cut short) is not drawn: a warning names it as it happens, the others are
-drawn, and the run ends with one error listing what was not drawn (exit 2).
+be read (corrupt, cut short) or whose drawing cannot be written is not drawn: a warning names
+it as it happens, the others are drawn, and the run ends with one error listing what was not
+drawn (exit 2).
 
 Output files, in every mode: DIR/NNNNN_STEM.jpg, NNNNN the image's position from 00000 in
 the input list (a folder's images sorted by name, a glob's matches sorted, or the data set's
-order) and STEM its file name without the extension: two inputs of the same name in
-different folders never overwrite each other.
+order) and STEM its file name without the extension (its first 200 bytes): two inputs of the
+same name in different folders never overwrite each other. DIR may not be a folder the images
+drawn are in (a drawing could replace a photo of its name).
 
 In the ground truth, what the metrics ignore is drawn dashed and tagged: VOC `difficult`
 objects ("difficult") and COCO crowd regions ("crowd"). Predictions are drawn with the model's
@@ -74,7 +76,7 @@ def find_images(pattern: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix.lower() in IMAGE_EXTS)
     hint = (f"its subfolders hold images (e.g. {nested}), which a folder does not include; "
-            f"--input '{path / '**' / '*'}' draws those too") if nested else ""
+            f"--input '{Path(glob.escape(str(path))) / '**' / '*'}' draws those too") if nested else ""
     if not files:
         raise DataError(f"--input {pattern}: no images found (expected an image, a folder or a glob)"
                         + (f"; {hint}" if hint else ""))
@@ -101,8 +103,8 @@ def draw(args: argparse.Namespace) -> None:
     count, drawn, unreadable = run(config_from_args(args), args)
     wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args)}"
     if unreadable:  # the others are drawn first: one bad file in a folder does not stop the run
-        raise DataError(f"{wrote}; {len(unreadable)} of the {count + len(unreadable)} images could not be read and "
-                        f"were not drawn: {'; '.join(unreadable[:3])}{'; ...' if len(unreadable) > 3 else ''}")
+        raise DataError(f"{wrote}; {len(unreadable)} of the {count + len(unreadable)} images were not drawn: "
+                        f"{'; '.join(unreadable[:3])}{'; ...' if len(unreadable) > 3 else ''}")
     print(wrote)
 
 
@@ -133,24 +135,42 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
     # predictions carry the model's labels: drawn with its names when known (a test set may list
     # them in another order, or a subset: its ground truth keeps its own)
     predicted_names = (model_class_names(weights, cfg.model.class_names)[0] or class_names) if model else class_names
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.output, [path for path, _ in items])
     drawn, unreadable = [], []  # the detections each image shows; the images that could not be read
     for i, (path, record) in enumerate(items):
         try:
             canvas = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names), args,
                            drawn, exif_orientation=cfg.input.exif_orientation)
+            target = out / output_name(i, path)
+            if not cv2.imwrite(str(target), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):  # OpenCV says False only
+                raise DataError(f"could not write {target} (the folder not writable, or the disk full)")
         except DataError as err:
             logger.warning("not drawn: %s", err)
             unreadable.append(str(err))
-            continue
-        cv2.imwrite(str(out / output_name(i, path)), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     return len(items) - len(unreadable), sum(drawn), unreadable
 
 
+def output_folder(output: str, inputs: list[str]) -> Path:
+    """--output, created; refused when it is a folder the input images are in (the drawings,
+    NNNNN_STEM.jpg, would sit among the photos and could replace one of that name)."""
+    from detection.utils.files import OutputFolderError
+
+    out = Path(output).expanduser()
+    if out.resolve() in {Path(p).resolve().parent for p in inputs}:
+        raise OutputFolderError(f"--output {output}: the images drawn are in that folder, and the drawings could "
+                                "replace them: give another folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputFolderError(f"--output {output}: cannot create the folder ({err.strerror or err})") from None
+    return out
+
+
 def output_name(index: int, path: str) -> str:
-    """NNNNN_STEM.jpg in every mode: the position makes it unique, the stem recognisable."""
-    return f"{index:05d}_{Path(path).stem}.jpg"
+    """NNNNN_STEM.jpg in every mode: the position makes it unique, the stem recognisable (cut to
+    200 bytes: a file name has at most 255)."""
+    stem = Path(path).stem.encode("utf-8")[:200].decode("utf-8", errors="ignore")
+    return f"{index:05d}_{stem}.jpg"
 
 
 def _draw(path: str, record: dict | None, crowd: dict, model, names: tuple[list[str], list[str]],

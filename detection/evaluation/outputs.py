@@ -34,13 +34,14 @@ SECTION_FILE = "report_section.json"  # a test set's part of report.html (evalua
 # folder written before source.json existed is recognised.
 RESULT_PATTERNS = ("metrics.json", "pr_curves.png", SECTION_FILE, RESULTS_FILE, COMP4_TEMPLATE.format("*"),
                    str(Path(SUBMISSION_FOLDER.format("*")) / COMP4_TEMPLATE.format("*")))
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^\w.-]+")  # letters of any script stay: 日本 and 中国 are two folders
 PathLike = Union[str, Path]
 
 
 def results_subfolder(name: str) -> str:
-    """The data set name as a folder name: letters, digits and `._-` kept, every other run of
-    characters one "_" ("voc:MyVOC_val" -> "voc_MyVOC_val"); no leading dot (no "..")."""
+    """The data set name as a folder name: letters and digits (of any script), `_`, `.` and `-`
+    kept, every other run of characters one "_" ("voc:MyVOC_val" -> "voc_MyVOC_val"); no
+    leading dot (no "..")."""
     return _UNSAFE.sub("_", name).lstrip(".") or "test_set"
 
 
@@ -171,7 +172,11 @@ def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Seq
         for sub in sorted(emptied, key=lambda p: -len(p.parts)):
             if sub.is_dir() and not any(sub.iterdir()):
                 sub.rmdir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # read-only, a file in the way, a name too long: one line, not a traceback
+        raise OutputFolderError(f"{folder}: cannot create the results folder ({err.strerror or err}); "
+                                "--output-dir DIR gives another") from None
     if _inside(source.path, folder) and (folder / SOURCE_FILE).is_file():
         return
     record = {**asdict(source), "test_sets": _all_test_sets(folder, source, test_sets)}
