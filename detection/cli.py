@@ -67,7 +67,14 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
         del args.opts
     if "--weights" in parser._option_string_actions and hasattr(args, "overrides"):
         _weights_from_overrides(parser, args)
+    for name in PATH_OPTIONS:  # a quoted '~/runs' (or --output-dir=~/runs) reaches us unexpanded
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     return args
+
+
+# The tools' options that name files or folders: `~` is the home folder in each, as in a shell.
+PATH_OPTIONS = ("config", "weights", "results", "output_dir", "output", "input", "context_weights")
 
 
 def _weights_from_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -160,6 +167,9 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Con
     """
     overrides = list(args.overrides) + list(extra)
     cfg = load_config(args.config, overrides)
+    # `~` in the config's folders (datasets.root=~/data, output_dir: ~/runs/x) is the home folder,
+    # not a folder named "~" in the working directory
+    cfg.output_dir, cfg.datasets.root = os.path.expanduser(cfg.output_dir), os.path.expanduser(cfg.datasets.root)
     on_command_line = any(o.split("=", 1)[0].strip() == "datasets.root" for o in overrides)
     env_root = os.environ.get(DATASETS_ENV)
     if env_root and not on_command_line and cfg.datasets.root == DatasetsConfig().root:

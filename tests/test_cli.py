@@ -266,3 +266,23 @@ def test_a_one_process_tool_started_by_torchrun_as_several_is_refused(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1: one process, as asked
     code, _, err = run_main(load_tool("eval"), [*config, "--weights", tmp_path / "missing.pth"], capsys)
     assert code == 2 and "missing.pth: --weights file not found" in err
+
+
+def test_a_tilde_in_a_path_is_the_home_folder_everywhere(tmp_path, monkeypatch):
+    """'~/runs/r1' given quoted (or as --output-dir=~/runs) reached the tools unexpanded: training
+    wrote into a folder named "~" in the working directory, then printed an eval command a shell
+    expands to another folder. --weights expanded it already; now every path option and the
+    config's output_dir and datasets.root do."""
+    from detection.cli import config_from_args
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cfg.yaml").write_text(f"_base_: {ROOT / 'configs' / 'base.yaml'}\n")
+    args = load_tool("eval").parse_args(["--config", "~/cfg.yaml", "--weights", "~/w.pth", "--output-dir=~/ev",
+                                         "datasets.root=~/data"])
+    assert (args.config, args.weights, args.output_dir) == (str(tmp_path / "cfg.yaml"), str(tmp_path / "w.pth"),
+                                                            str(tmp_path / "ev"))
+    cfg = config_from_args(args, ["output_dir=~/runs/r1"])
+    assert (cfg.output_dir, cfg.datasets.root) == (str(tmp_path / "runs" / "r1"), str(tmp_path / "data"))
+    vis = load_tool("visualize").parse_args(["--config", "~/cfg.yaml", "--weights", "~/w.pth", "--input", "~/photos",
+                                             "--output", "~/vis"])
+    assert (vis.input, vis.output) == (str(tmp_path / "photos"), str(tmp_path / "vis"))
