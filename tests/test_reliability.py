@@ -473,6 +473,14 @@ def test_a_failed_start_leaves_no_folder_and_no_lock(data_root, tmp_path):
     with pytest.raises(ValueError, match="model.num_classes is 5"):
         train(tiny_cfg(data_root, out, **{"model.num_classes": 5}))
     assert not out.exists()
+    # nor the parents it made for a nested output folder (they stayed, empty)
+    with pytest.raises(ValueError, match="model.num_classes is 5"):
+        train(tiny_cfg(data_root, tmp_path / "runs" / "2026" / "new", **{"model.num_classes": 5}))
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays
+    with pytest.raises(ValueError, match="model.num_classes is 5"):
+        train(tiny_cfg(data_root, tmp_path / "kept" / "a" / "b", **{"model.num_classes": 5}))
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 # ----------------------------------------------------------------------------- evaluation: files and memory

@@ -39,14 +39,14 @@ class RunLock:
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / LOCK_FILE
         self._fd: Optional[int] = None
-        self._created_dir = False
+        self._created: list[Path] = []  # the folders acquire() made, deepest first
 
     def acquire(self) -> "RunLock":
         """Take the lock, or OutputFolderError naming the live process that holds it."""
         folder = self.path.parent
         if folder.exists() and not folder.is_dir():
             raise OutputFolderError(f"output folder {folder} is a file, not a folder: choose another --output-dir")
-        self._created_dir = not folder.exists()
+        self._created = [p for p in [folder, *folder.parents] if not p.exists()]
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -80,18 +80,20 @@ class RunLock:
         return self
 
     def release(self, *, remove_empty_dir: bool = False) -> None:
-        """Remove the lock file and drop the lock; with remove_empty_dir, also the folder when
-        acquire() created it and nothing else was written there (a run that failed its checks)."""
+        """Remove the lock file and drop the lock; with remove_empty_dir, also the folders
+        acquire() created (the output folder and any parents it made) where nothing else was
+        written (a run that failed its checks leaves no half-made path)."""
         if self._fd is None:
             return
         self.path.unlink(missing_ok=True)  # before unlocking: a waiting opener then retries (acquire)
         os.close(self._fd)
         self._fd = None
-        if remove_empty_dir and self._created_dir:
-            try:
-                self.path.parent.rmdir()  # only when empty
-            except OSError:
-                pass
+        if remove_empty_dir:
+            for folder in self._created:
+                try:
+                    folder.rmdir()  # only when empty
+                except OSError:
+                    break  # something was written there: it and its parents stay
 
 
 def _read_holder(fd: int) -> str:
