@@ -147,6 +147,8 @@ def resolve_config_beside_weights(parser: argparse.ArgumentParser, args: argpars
         return
     weights = getattr(args, "weights", None)
     saved = Path(weights).expanduser().parent / SAVED_CONFIG if weights else None
+    if saved is not None and not saved.is_file() and Path(weights).expanduser().is_symlink():
+        saved = Path(weights).expanduser().resolve().parent / SAVED_CONFIG  # a link to a run's checkpoint
     if saved is None or not saved.is_file():
         where = f": there is no {saved}" if saved else ""
         if saved and Path(weights).suffix == ".pkl":  # a model-zoo file: its config is one of ours

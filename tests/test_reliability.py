@@ -22,7 +22,7 @@ from detection.engine import checkpoint as ckpt_mod
 from detection.engine.checkpoint import CheckpointError, load_checkpoint, load_resume_checkpoint, save_checkpoint
 from detection.engine.run_folder import LOCK_FILE, RunLock
 from detection.engine.trainer import TrainingError, train
-from detection.utils.files import atomic_write
+from detection.utils.files import OutputFolderError, atomic_write
 from tests.helpers import load_tool, run_forked_processes, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -448,6 +448,15 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
     assert (tmp_path / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_an_output_folder_the_file_system_cannot_have_is_one_error(tmp_path):
+    """A folder name past the file system's 255 bytes (ENAMETOOLONG already in exists()), a file
+    in the way: one OutputFolderError naming the folder and why, not an OSError traceback."""
+    for out, why in ((tmp_path / ("x" * 300), "File name too long"), (tmp_path / "file" / "run", "Not a directory")):
+        (tmp_path / "file").touch()
+        with pytest.raises(OutputFolderError, match=f"cannot create the output folder {out}: {why}"):
+            RunLock(out).acquire()
 
 
 @pytest.mark.slow  # trains 3 iterations

@@ -134,6 +134,31 @@ def test_a_folder_with_a_run_but_no_last_pth_is_not_offered_to_resume(data_root,
     assert "with no last.pth to continue: --overwrite replaces it" in error and "--resume" not in error
 
 
+@pytest.mark.slow  # trains, then evaluates
+def test_a_runs_relative_folders_are_kept_absolute_so_its_tools_work_from_anywhere(data_root, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """datasets.root=data and output_dir='my run' relative to where training ran: config.yaml keeps
+    them absolute, so eval.py --weights and --resume from another working directory read the run's
+    data and folder (not a `data` that happens to be there); the closing eval command is quoted."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data").symlink_to(data_root, target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert main_code(train_det, tool_argv("data", "my run", **{"solver.max_iter": 1})) == 0
+    out = tmp_path / "work" / "my run"
+    assert "--weights 'my run/model_final.pth' evaluates it" in capsys.readouterr().err
+    saved = load_config(out / "config.yaml")
+    assert (saved.output_dir, saved.datasets.root) == (str(out), str(tmp_path / "work" / "data"))
+    # elsewhere, a `data` folder without the shapes set: the run's config still finds the run's
+    (tmp_path / "elsewhere" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code = main_code(load_tool("eval"), ["--weights", str(out / "model_final.pth"), "--output-dir", "ev"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "elsewhere" / "ev" / "shapes_val" / "metrics.json").is_file()
+    # and --resume with the run's config continues the run in its folder, not a new one here
+    assert main_code(train_det, ["--config", str(out / "config.yaml"), "--resume", "solver.max_iter=2"]) == 0
+    assert load_checkpoint(out / "last.pth")["iteration"] == 2 and not (tmp_path / "elsewhere" / "my run").exists()
+
+
 def test_resume_check_names_every_differing_key_but_not_where_things_are(tmp_path):
     cfg = tiny_cfg(tmp_path / "data", tmp_path / "run")
     save_config(cfg, tmp_path / "run" / "config.yaml")

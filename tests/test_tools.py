@@ -291,6 +291,11 @@ def test_config_is_required_without_one_beside_the_checkpoint(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("model: {num_classes: 3}\n")
     args = load_tool("eval").parse_args(["--weights", str(tmp_path / "model_final.pth"), "input.min_size_test=64"])
     assert args.config == str(tmp_path / "config.yaml") and args.overrides == ["input.min_size_test=64"]
+    # a link to a run's checkpoint (best.pth -> run/model_final.pth) finds the config beside the file it names
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "best.pth").symlink_to(tmp_path / "model_final.pth")
+    assert load_tool("eval").parse_args(["--weights", str(tmp_path / "links" / "best.pth")]).config == \
+        str(tmp_path / "config.yaml")
     with pytest.raises(SystemExit):  # --results has no checkpoint to look beside
         load_tool("eval").parse_args(["--results", str(tmp_path)])
     # every other tool still requires --config

@@ -3,6 +3,7 @@ replaced) or when a live trainer uses it (train.lock), created only once the run
 checked, and its metrics.jsonl kept free of repeated iterations on resume."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -44,10 +45,10 @@ class RunLock:
     def acquire(self) -> "RunLock":
         """Take the lock, or OutputFolderError naming the live process that holds it."""
         folder = self.path.parent
-        if folder.exists() and not folder.is_dir():
-            raise OutputFolderError(f"output folder {folder} is a file, not a folder: choose another --output-dir")
-        self._created = [p for p in [folder, *folder.parents] if not p.exists()]
-        try:
+        try:  # a name past the file system's limit fails already in exists(): ENAMETOOLONG
+            if folder.exists() and not folder.is_dir():
+                raise OutputFolderError(f"output folder {folder} is a file, not a folder: choose another --output-dir")
+            self._created = [p for p in [folder, *folder.parents] if not p.exists()]
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OutputFolderError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
@@ -137,9 +138,17 @@ def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed
         logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_checkpoints(out_dir)
-    save_config(cfg, out_dir / "config.yaml")
+    save_config(with_absolute_folders(cfg), out_dir / "config.yaml")
     if resumed_at is not None:
         truncate_metrics(out_dir / "metrics.jsonl", resumed_at)
+
+
+def with_absolute_folders(cfg: Config) -> Config:
+    """`cfg` with output_dir and datasets.root made absolute, as config.yaml keeps them: the
+    run's eval.py, visualize.py or --resume from another working directory then reads the run's
+    data and folder, not whatever a relative `datasets` names there."""
+    return dataclasses.replace(cfg, output_dir=os.path.abspath(cfg.output_dir),
+                               datasets=dataclasses.replace(cfg.datasets, root=os.path.abspath(cfg.datasets.root)))
 
 
 def remove_partial_checkpoints(out_dir: Path) -> list[Path]:

@@ -6,6 +6,7 @@ summary that names them, and what a run that stops before its first iteration ta
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def undo_unstarted_run(out_dir: Path, *, events_before: set[Path], created: Sequ
 def final_line(path: Path, iteration: int) -> str:
     """The run's closing line: where the trained model went and how to evaluate it."""
     return (f"training finished at iteration {iteration}: the model is {path.resolve()} "
-            f"(python tools/eval.py --weights {path} evaluates it on datasets.test)")
+            f"(python tools/eval.py --weights {shlex.quote(str(path))} evaluates it on datasets.test)")
 
 
 def note_stop(err: BaseException, iteration: int, kept: str) -> None:
