@@ -139,7 +139,8 @@ def test_an_unreadable_test_image_skipped_is_counted_and_left_out_of_the_report(
                           str(tmp_path / "out"), *overrides, f"datasets.root={json.dumps(str(data))}",
                           "dataloader.skip_bad_images=true")
     assert code == 0, err
-    assert "shapes_val (1 of its 2 images: 1 unreadable, skipped (dataloader.skip_bad_images))" in out
+    assert ("shapes_val (1 of its 2 images: 1 unreadable, skipped (dataloader.skip_bad_images), "
+            f"{data / 'shapes' / 'annotations' / 'instances_val.json'})") in out  # which data: the copy
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "shapes_val" / "metrics.json").is_file()
 
 

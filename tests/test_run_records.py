@@ -152,7 +152,9 @@ def test_a_runs_relative_folders_are_kept_absolute_so_its_tools_work_from_anywhe
     (tmp_path / "elsewhere" / "data").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "elsewhere")
     code = main_code(load_tool("eval"), ["--weights", str(out / "model_final.pth"), "--output-dir", "ev"])
-    assert code == 0, capsys.readouterr().err[-2000:]
+    out_text, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert f"shapes_val (2 images, {tmp_path / 'work' / 'data' / 'shapes' / 'annotations'}" in out_text
     assert (tmp_path / "elsewhere" / "ev" / "shapes_val" / "metrics.json").is_file()
     # and --resume with the run's config continues the run in its folder, not a new one here
     assert main_code(train_det, ["--config", str(out / "config.yaml"), "--resume", "solver.max_iter=2"]) == 0

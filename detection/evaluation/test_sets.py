@@ -17,6 +17,7 @@ where they are.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,7 +118,8 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
         scored, listed = len(getattr(evaluator, "predictions", dataset.records)), len(dataset.records)
         count = f"{listed} images" if scored == listed else \
             f"{scored} of its {listed} images: {listed - scored} unreadable, skipped (dataloader.skip_bad_images)"
-        echo(f"\n{dataset.name} ({count})")
+        read_from = dataset.ann_file or dataset.root  # which data: a relative datasets.root depends on the directory
+        echo(f"\n{dataset.name} ({count}{f', {os.path.abspath(read_from)}' if read_from else ''})")
         echo(format_metrics_table(metrics))
     if where is None:
         return
