@@ -88,6 +88,11 @@ def test_save_load_round_trip(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
     assert isinstance(again, Config)
+    # names in other scripts are written as they are (readable), and read back equal
+    cfg = load_config(None, ["datasets.root=/data/写真", "model.num_classes=2", "model.class_names=[猫, café]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "/data/写真" in (tmp_path / "config.yaml").read_text(encoding="utf-8")
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 def test_base_yaml_lists_every_default(monkeypatch):

@@ -16,7 +16,8 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    # allow_unicode: a path or class name in another script stays readable (not "\u65E5")
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
@@ -24,5 +25,5 @@ def save_config(cfg: Config, path: Union[str, Path]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(cfg))
+    tmp.write_text(dump_config(cfg), encoding="utf-8")
     tmp.replace(path)
