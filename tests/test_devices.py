@@ -90,6 +90,29 @@ def test_inference_training_and_export_name_every_device(tmp_path, variant, fast
     assert check.found == [], f"tensors made without naming their device: {check.found}"
 
 
+def test_evaluation_names_every_device(tmp_path):
+    """The evaluation loop around the model: a test set listing the model's classes in another
+    order is relabelled (label_map) on the way to the evaluator."""
+    from detection.evaluation.inference import inference_on_dataset
+
+    class Collect:
+        def reset(self):
+            self.labels = []
+
+        def process(self, records, outputs):
+            self.labels += [o["labels"].tolist() for o in outputs]
+
+        def evaluate(self):
+            return {"images": len(self.labels)}
+
+    cfg = tiny_cfg(tmp_path, tmp_path / "out", **{"model.roi_heads.score_thresh_test": 0.0})
+    model, evaluator = build_model(cfg), Collect()
+    with UnnamedDeviceCheck() as check:
+        metrics = inference_on_dataset(model, [(IMAGES, [{}, {}])], evaluator, label_map=[0, 3, 1, 2])
+    assert check.found == [], f"tensors made without naming their device: {check.found}"
+    assert metrics == {"images": 2} and any(evaluator.labels)
+
+
 def test_fast_path_plan_per_device():
     """CPU: every step; CUDA: BN folding only (the CPU kernels and the gather pooling were
     measured slower there than the plain path)."""

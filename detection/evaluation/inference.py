@@ -51,7 +51,8 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
     `label_map` (classes.label_map_for_test_set): model label -> the data set's label, 0 = drop
     the detection; for a test set holding a subset of the model's classes.
     """
-    table = torch.as_tensor(label_map, dtype=torch.int64) if label_map is not None else None
+    # on the CPU, as the outputs it relabels (_to_cpu)
+    table = torch.as_tensor(label_map, dtype=torch.int64, device="cpu") if label_map is not None else None
     evaluator.reset()
     was_training = model.training
     model.eval()
