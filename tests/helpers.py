@@ -8,22 +8,37 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from collections import OrderedDict
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import torch
 import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from backbones import build_resnet
+from backbones.resnet import Stem, make_stage
 from detection.modeling.anchors import AnchorGenerator
 from detection.modeling.model import FasterRCNN, build_trunk
 from detection.modeling.roi_heads import Res5ROIHeads
 from detection.modeling.rpn import RPN
+from detection.testing import make_sane
 
 ROOT = Path(__file__).resolve().parents[1]
+# The Detectron2 fixture (tests/fixtures/detectron2_c4): the config, and the case whose detections
+# real Detectron2 computed (tests/test_detectron2.py; tests/test_cuda.py on the GPU)
+DETECTRON2_FIXTURE = ROOT / "tests" / "fixtures" / "detectron2_c4"
+DETECTRON2_CASE = DETECTRON2_FIXTURE / "R_50_C4_coco_seed11"
+DETECTRON2_R50 = ROOT / "configs" / "detectron2" / "faster_rcnn_R_50_C4_1x.yaml"
+# tools/benchmark.py's models made tiny (tests/test_benchmark.py, tests/test_benchmark_levers.py)
+TINY_BENCHMARK = ["model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20",
+                  "model.rpn.pre_nms_topk_train=100", "model.rpn.post_nms_topk_train=30",
+                  "model.roi_heads.batch_size_per_image=16", "model.roi_heads.pooler_resolution=7",
+                  "model.anchors.sizes=[32,64]", "solver.ims_per_batch=2", "dataloader.num_workers=0"]
 
 
 def load_tool(name: str) -> ModuleType:
@@ -32,6 +47,17 @@ def load_tool(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def matched_to_detectron2(ours: dict, theirs: dict) -> float:
+    """The share of Detectron2's detections (its d2_outputs.json entry) that ours reproduce
+    (detection.testing.matched_fraction: the same label, Detectron2's class + 1, IoU >= 0.99, the
+    score within 0.002)."""
+    from detection.testing import matched_fraction
+
+    ref = {"boxes": torch.tensor(theirs["boxes"]), "scores": torch.tensor(theirs["scores"]),
+           "labels": torch.tensor(theirs["classes"]) + 1}
+    return matched_fraction(ref, ours)
 
 
 def run_main(tool: ModuleType, argv: list[str], capsys) -> tuple[int, str, str]:
@@ -91,6 +117,48 @@ def train_tiny_run(root: Path, *, num_train: int, max_iter: int) -> list[str]:
                                "model.roi_heads.score_thresh_test": 0.0})
     train(load_config(None, overrides))
     return overrides
+
+
+# ---- a tiny C4 detector with bottleneck stages (tests of the fast path) -------------------
+
+C4_IMAGE = (96, 128)  # tiny_c4's test size
+
+
+def bottleneck_stage(blocks: int, c_in: int, width: int, stride_in_1x1: bool = False) -> nn.Sequential:
+    """`blocks` bottleneck blocks of `width` (4x out), stride 2, frozen BN."""
+    return make_stage("bottleneck", blocks, c_in, width, stride=2, norm="frozen_bn",
+                      stride_in_1x1=stride_in_1x1, shortcut="B", residual=True)
+
+
+def randomize_frozen_bn(module: nn.Module) -> None:
+    """Non-trivial frozen-BN statistics, so folding has something to fold."""
+    for m in module.modules():
+        if type(m) is FrozenBatchNorm2d:
+            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+
+
+def tiny_c4(stride_in_1x1: bool = False, num_classes: int = 3) -> FasterRCNN:
+    """A C4 detector with small bottleneck stages (stride 16 trunk, 64 -> 128 channels res5)."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(OrderedDict(stem=Stem("frozen_bn"), res3=bottleneck_stage(1, 64, 8, stride_in_1x1),
+                                      res4=bottleneck_stage(1, 32, 16, stride_in_1x1)))
+    trunk.stem.requires_grad_(False)
+    rpn = RPN(in_channels=64, anchor_generator=AnchorGenerator((16, 32, 64), (0.5, 1.0, 2.0)),
+              pre_nms_topk_train=400, post_nms_topk_train=60, pre_nms_topk_test=300, post_nms_topk_test=40,
+              batch_size_per_image=64)
+    heads = Res5ROIHeads(res5=bottleneck_stage(2, 64, 32, stride_in_1x1), res5_out_channels=128,
+                         num_classes=num_classes, batch_size_per_image=32, score_thresh_test=0.0, detections_per_image=30)
+    model = FasterRCNN(trunk=trunk, rpn=rpn, roi_heads=heads, pixel_mean=[120.0] * 3, pixel_std=[60.0] * 3,
+                       min_size_test=C4_IMAGE[0], max_size_test=C4_IMAGE[1])
+    with torch.no_grad():
+        randomize_frozen_bn(model)
+        make_sane(model)
+        # Spread scores and objectness far apart, so float noise cannot reorder NMS.
+        nn.init.normal_(rpn.head.objectness_logits.weight, std=1.0)
+        nn.init.normal_(heads.predictor.cls_score.weight, std=0.5)
+        nn.init.normal_(heads.predictor.bbox_pred.weight, std=0.05)
+    return model.eval()
 
 
 # ---- a tiny detector and a fixed batch of two painted images -----------------------------

@@ -25,13 +25,10 @@ from detection.config import load_config
 from detection.accel import optimize_for_inference
 from detection.testing import compare_detections
 from detection.modeling.tta import DetectorWithTTA
-from tests.helpers import load_tool, run_main
+from tests.helpers import TINY_BENCHMARK, load_tool, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.backbone.depth=18", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=20",
-        "model.rpn.pre_nms_topk_train=100", "model.rpn.post_nms_topk_train=30",
-        "model.roi_heads.batch_size_per_image=16", "model.roi_heads.pooler_resolution=7",
-        "model.anchors.sizes=[32,64]", "solver.ims_per_batch=2", "dataloader.num_workers=0"]
+TINY = TINY_BENCHMARK
 BENCHMARK = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--config", str(ROOT / "configs" / "base.yaml")]
 
 

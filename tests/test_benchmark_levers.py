@@ -24,8 +24,7 @@ from detection.config import load_config
 from detection.testing import matched_fraction
 from detection.benchmarking.suite import run_levers
 from detection.benchmarking.training_levers import print_training_levers, summarize_training_levers
-from tests.helpers import load_tool
-from tests.test_benchmark import ROOT, TINY
+from tests.helpers import ROOT, TINY_BENCHMARK as TINY, load_tool
 
 
 def fake_raw() -> dict:

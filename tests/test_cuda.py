@@ -293,7 +293,8 @@ def test_predictor_reproduces_detectron2_on_the_gpu(tf32):
     real Detectron2 (float32, CPU) is reproduced as on the CPU; with TF32 (PyTorch's and
     Detectron2's default for convolutions) at least 95% of them per image were (H100). Matched:
     the same label, IoU >= 0.99 and the score within 0.002."""
-    from tests.test_detectron2 import CASE, FIXTURE, R50, matched_to_detectron2
+    from tests.helpers import DETECTRON2_CASE as CASE, DETECTRON2_FIXTURE as FIXTURE, DETECTRON2_R50 as R50, \
+        matched_to_detectron2
 
     from detection.predictor import Predictor
 
@@ -314,7 +315,8 @@ def test_gpu_levers_reproduce_detectron2_on_the_gpu():
     pools the shortcut at every other bin) with the inference levers but compile (minutes for R50),
     float32 without TF32: Detectron2's detections, as the default path gives them (>= 99% per
     image). (test.amp's agreement with float32 at R50 is measured by the levers benchmark.)"""
-    from tests.test_detectron2 import CASE, FIXTURE, R50, matched_to_detectron2
+    from tests.helpers import DETECTRON2_CASE as CASE, DETECTRON2_FIXTURE as FIXTURE, DETECTRON2_R50 as R50, \
+        matched_to_detectron2
 
     from detection.predictor import Predictor
 

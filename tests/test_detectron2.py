@@ -16,14 +16,12 @@ from detection.engine.detectron2 import background_first, detectron2_name
 from detection.engine.loading import load_detector_weights, read_detector_file
 from detection.modeling.model import build_model
 from detection.predictor import Predictor
-from detection.testing import matched_fraction
-from tests.helpers import load_tool, run_main
+from tests.helpers import (DETECTRON2_CASE, DETECTRON2_FIXTURE, DETECTRON2_R50, load_tool, matched_to_detectron2,
+                           run_main)
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "detectron2_c4"
-CASE = FIXTURE / "R_50_C4_coco_seed11"
+FIXTURE, CASE, R50 = DETECTRON2_FIXTURE, DETECTRON2_CASE, DETECTRON2_R50
 CONFIGS = ROOT / "configs" / "detectron2"
-R50 = CONFIGS / "faster_rcnn_R_50_C4_1x.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,14 +82,6 @@ def assert_same_detections(ours: dict, theirs: dict, max_unmatched: int = 1) -> 
         unmatched += int(not close.any())
     assert unmatched <= max_unmatched, f"{unmatched} of {len(boxes)} Detectron2 detections not reproduced"
     assert torch.all(ours["scores"][:-1] >= ours["scores"][1:] - 1e-6)  # best first
-
-
-def matched_to_detectron2(ours: dict, theirs: dict) -> float:
-    """The share of Detectron2's detections that ours reproduce (detection.testing.matched_fraction:
-    the same label, Detectron2's class + 1, IoU >= 0.99, the score within 0.002)."""
-    ref = {"boxes": torch.tensor(theirs["boxes"]), "scores": torch.tensor(theirs["scores"]),
-           "labels": torch.tensor(theirs["classes"]) + 1}
-    return matched_fraction(ref, ours)
 
 
 @pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images

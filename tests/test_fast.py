@@ -1,7 +1,6 @@
 """detection.accel: the optimized paths give the plain path's numbers (seeded, random but
 sane weights, tiny models)."""
 import copy
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -18,49 +17,11 @@ from detection.accel.gather import pool, pool_plan, to_rois
 from detection.accel.onednn import FusedBottleneck, FusedStem, conv_pointwise, fusable, fuse_blocks
 from detection.accel.res5 import Res5Runner
 from detection.accel.taps import taps_conv2d
-from detection.modeling.anchors import AnchorGenerator
 from detection.modeling.model import FasterRCNN
-from detection.modeling.roi_heads import Res5ROIHeads
-from detection.modeling.rpn import RPN
 from detection.testing import make_sane
+from tests.helpers import C4_IMAGE, randomize_frozen_bn, tiny_c4
 
-IMAGE = (96, 128)
-
-
-def _stage(blocks: int, c_in: int, width: int, stride_in_1x1: bool = False) -> nn.Sequential:
-    return make_stage("bottleneck", blocks, c_in, width, stride=2, norm="frozen_bn",
-                      stride_in_1x1=stride_in_1x1, shortcut="B", residual=True)
-
-
-def _randomize_frozen_bn(module: nn.Module) -> None:
-    # Non-trivial statistics, so folding has something to fold.
-    for m in module.modules():
-        if type(m) is FrozenBatchNorm2d:
-            m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
-            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
-
-
-def tiny_c4(stride_in_1x1: bool = False, num_classes: int = 3) -> FasterRCNN:
-    """A C4 detector with small bottleneck stages (stride 16 trunk, 64 -> 128 channels res5)."""
-    torch.manual_seed(0)
-    trunk = nn.Sequential(OrderedDict(stem=Stem("frozen_bn"), res3=_stage(1, 64, 8, stride_in_1x1),
-                                      res4=_stage(1, 32, 16, stride_in_1x1)))
-    trunk.stem.requires_grad_(False)
-    rpn = RPN(in_channels=64, anchor_generator=AnchorGenerator((16, 32, 64), (0.5, 1.0, 2.0)),
-              pre_nms_topk_train=400, post_nms_topk_train=60, pre_nms_topk_test=300, post_nms_topk_test=40,
-              batch_size_per_image=64)
-    heads = Res5ROIHeads(res5=_stage(2, 64, 32, stride_in_1x1), res5_out_channels=128, num_classes=num_classes,
-                         batch_size_per_image=32, score_thresh_test=0.0, detections_per_image=30)
-    model = FasterRCNN(trunk=trunk, rpn=rpn, roi_heads=heads, pixel_mean=[120.0] * 3, pixel_std=[60.0] * 3,
-                       min_size_test=IMAGE[0], max_size_test=IMAGE[1])
-    with torch.no_grad():
-        _randomize_frozen_bn(model)
-        make_sane(model)
-        # Spread scores and objectness far apart, so float noise cannot reorder NMS.
-        nn.init.normal_(rpn.head.objectness_logits.weight, std=1.0)
-        nn.init.normal_(heads.predictor.cls_score.weight, std=0.5)
-        nn.init.normal_(heads.predictor.bbox_pred.weight, std=0.05)
-    return model.eval()
+IMAGE = C4_IMAGE
 
 
 def _images(n: int = 2) -> list:
@@ -98,7 +59,7 @@ def test_gather_pooling_equals_torchvision_roi_align(resolution, stride):
 def test_folding_frozen_bn_gives_the_same_outputs():
     resnet = make_sane(build_resnet(18, out_features=("res4",)))
     with torch.no_grad():
-        _randomize_frozen_bn(resnet)
+        randomize_frozen_bn(resnet)
     x = torch.randn(1, 3, 64, 80)
     expected = resnet(x)["res4"]
     folded = fold_frozen_bn(copy.deepcopy(resnet))
@@ -399,7 +360,7 @@ def test_fused_stage_equals_the_folded_stage(block, residual):
     stage = make_stage(block, 2, 16, width, stride=2, norm="frozen_bn", stride_in_1x1=False, shortcut="B",
                        residual=residual)
     with torch.no_grad():
-        _randomize_frozen_bn(stage)
+        randomize_frozen_bn(stage)
     folded = fold_frozen_bn(copy.deepcopy(stage)).eval()
     fused = fuse_blocks(copy.deepcopy(folded))
     assert all(type(b).__name__.startswith("Fused") for b in fused)

@@ -27,7 +27,7 @@ from detection.modeling import syncfree
 from detection.modeling.syncfree import grid_batched_nms
 from detection.testing import DeviceWaits, HostReads, UnnamedDeviceCheck
 from tests.helpers import IMAGES, TARGETS, make_model, paint, tiny_cfg
-from tests.test_fast import tiny_c4
+from tests.helpers import tiny_c4
 
 ROOT = Path(__file__).resolve().parents[1]
 

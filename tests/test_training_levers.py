@@ -16,7 +16,7 @@ from detection.accel.fold import FastConv2d
 from detection.accel.levers import CompiledModule
 from detection.accel.plan import ToChannelsLast
 from tests.helpers import IMAGES, TARGETS, make_model
-from tests.test_fast import tiny_c4
+from tests.helpers import tiny_c4
 
 ALL_LEVERS = Levers(cuda_channels_last=True, sync_free_postprocess=True, compile="default", cuda_graphs=True)
 
