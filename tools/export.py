@@ -95,12 +95,12 @@ def run(cfg, args: argparse.Namespace) -> int:
           "all in the file's metadata_props: detection.export.preprocess.preprocess reads them)")
     if args.no_check:
         return 0
-    images = _read_images(args.check_images) if args.check_images else None
+    images = _read_images(args.check_images, cfg.input.exif_orientation) if args.check_images else None
     return 0 if check(model, path, images) else 1
 
 
-def _read_images(paths: list[str]) -> list:
-    """--check-images as uint8 RGB (3, H, W) tensors."""
+def _read_images(paths: list[str], exif_orientation: bool) -> list:
+    """--check-images as uint8 RGB (3, H, W) tensors, turned as the config's tools turn photos."""
     import torch
 
     from detection.data import DataError
@@ -109,7 +109,8 @@ def _read_images(paths: list[str]) -> list:
     for name in paths:
         if not Path(name).is_file():
             raise DataError(f"--check-images {name}: not an image file")
-    return [torch.from_numpy(read_image(name)).permute(2, 0, 1) for name in paths]  # (H, W, 3) -> (3, H, W)
+    return [torch.from_numpy(read_image(name, exif_orientation=exif_orientation)).permute(2, 0, 1)
+            for name in paths]  # (H, W, 3) -> (3, H, W)
 
 
 def check(model: FasterRCNN, path: Path, images: list | None = None) -> bool:
