@@ -142,6 +142,21 @@ def test_an_unreadable_test_image_skipped_is_counted_and_left_out_of_the_report(
     assert ("shapes_val (1 of its 2 images: 1 unreadable, skipped (dataloader.skip_bad_images), "
             f"{data / 'shapes' / 'annotations' / 'instances_val.json'})") in out  # which data: the copy
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "shapes_val" / "metrics.json").is_file()
+    # the report counts the objects of the image the metrics cover, not the skipped one's as missed
+    section = json.loads((tmp_path / "out" / "shapes_val" / "report_section.json").read_text())
+    kept = json.loads((data / "shapes" / "annotations" / "instances_val.json").read_text())
+    kept_id = next(i["id"] for i in kept["images"] if i["file_name"] != victim.name)
+    assert section["num_images"] == 1
+    assert sum(c["gt"] for c in section["per_class"]) == sum(a["image_id"] == kept_id for a in kept["annotations"])
+    # re-scoring the saved results leaves the skipped image out as the run did: the same numbers
+    skipped = json.loads((tmp_path / "out" / "shapes_val" / "skipped_images.json").read_text())["images"]
+    assert [Path(e["file_name"]).name for e in skipped] == [victim.name]
+    code, again, err = call(EVAL, capsys, "--results", str(tmp_path / "out"), "--output-dir", str(tmp_path / "re"),
+                            *overrides, f"datasets.root={json.dumps(str(data))}")
+    assert code == 0, err
+    assert "shapes_val (1 of its 2 images: 1 unreadable, skipped" in again
+    assert json.loads((tmp_path / "re" / "shapes_val" / "metrics.json").read_text()) == \
+        json.loads((tmp_path / "out" / "shapes_val" / "metrics.json").read_text())
 
 
 def test_results_folder_of_an_older_version_without_source_json_is_not_overwritten(tmp_path):

@@ -152,7 +152,7 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         print(f"note: no report.html ({err.name} is not installed: pip install -e '.[report]')")
         return
     from detection.config import dump_config
-    from detection.evaluation.outputs import results_for_test_set
+    from detection.evaluation.outputs import read_skipped_images, results_for_test_set
     from detection.visualization.draw import read_crowd_regions
 
     config_text = dump_config(cfg)
@@ -163,7 +163,8 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
             if dataset.kind == "coco" and dataset.ann_file:
                 crowd = read_crowd_regions(dataset.ann_file, dataset.label_to_category_id)
         section = section_for_test_set(dataset, per_set.get(dataset.name, {}), detections,
-                                       out_root / folder / "pr_curves.png", crowd)
+                                       out_root / folder / "pr_curves.png", crowd,
+                                       skipped=read_skipped_images(out_root / folder))
         section.command, section.config_text = args.command, config_text
         save_section(section, out_root / folder)
     metrics_jsonl = Path(args.weights).expanduser().parent / "metrics.jsonl" if args.weights else None

@@ -6,6 +6,8 @@
     <results folder>/<test set folder>/       one per test set, also when there is only one:
         metrics.json, pr_curves.png, coco_results.json (COCO-type) | comp4_det_test_*.txt (VOC-type),
         report_section.json                   the set's part of report.html
+        skipped_images.json                   the images left out as unreadable (dataloader.skip_bad_images),
+                                              so that re-scoring the results leaves them out too
         results/VOC2012/Main/comp4_det_test_*.txt   instead, for a test set without annotations
                                                     (voc_2012_test): the evaluation server's layout
 
@@ -30,9 +32,10 @@ from detection.utils.files import OutputFolderError, atomic_write
 
 SOURCE_FILE = "source.json"
 SECTION_FILE = "report_section.json"  # a test set's part of report.html (evaluation/report.py)
+SKIPPED_FILE = "skipped_images.json"  # the images a run's metrics leave out (unreadable, skipped)
 # Everything evaluation writes into a test set's folder: what --overwrite removes, and how a
 # folder written before source.json existed is recognised.
-RESULT_PATTERNS = ("metrics.json", "pr_curves.png", SECTION_FILE, RESULTS_FILE, COMP4_TEMPLATE.format("*"),
+RESULT_PATTERNS = ("metrics.json", "pr_curves.png", SECTION_FILE, SKIPPED_FILE, RESULTS_FILE, COMP4_TEMPLATE.format("*"),
                    str(Path(SUBMISSION_FOLDER.format("*")) / COMP4_TEMPLATE.format("*")))
 _UNSAFE = re.compile(r"[^\w.-]+")  # letters of any script stay: 日本 and 中国 are two folders
 PathLike = Union[str, Path]
@@ -67,6 +70,33 @@ def results_for_test_set(path: PathLike, folder: str, kind: str) -> str:
     if kind == "coco" and resolved.is_dir() and (resolved / RESULTS_FILE).is_file():
         resolved = resolved / RESULTS_FILE
     return str(resolved)
+
+
+def write_skipped_images(folder: PathLike, skipped: Sequence[dict]) -> None:
+    """folder/skipped_images.json naming the records (image_id, file_name) a test set's metrics
+    leave out; no file when none is (an earlier run's is removed)."""
+    path = Path(folder) / SKIPPED_FILE
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    entries = [{"image_id": r["image_id"], "file_name": str(r.get("file_name", ""))} for r in skipped]
+    with atomic_write(path) as f:
+        f.write(json.dumps({"reason": "unreadable, skipped (dataloader.skip_bad_images)", "images": entries},
+                           indent=1) + "\n")
+
+
+def read_skipped_images(results: PathLike) -> set:
+    """The image ids that the run which wrote `results` (a results file, or a folder of them)
+    left out as unreadable: its skipped_images.json beside them; empty when there is none."""
+    folder = Path(results) if Path(results).is_dir() else Path(results).parent
+    path = folder / SKIPPED_FILE
+    if not path.is_file():
+        return set()
+    try:
+        return {entry["image_id"] for entry in json.loads(path.read_text(encoding="utf-8"))["images"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise OutputFolderError(f"{path}: not a list of skipped images as evaluation writes it ({err}); "
+                                "remove it to score every image") from None
 
 
 @dataclass(frozen=True)

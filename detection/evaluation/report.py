@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,16 +164,20 @@ def image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np.nda
 
 def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], detections: Mapping[Any, Mapping],
                      pr_curves_png: str | Path | None = None, crowd: Mapping[Any, tuple] | None = None,
-                     score_thresh: float = SCORE_THRESH, gallery_size: int = GALLERY_SIZE) -> TestSetSection:
+                     score_thresh: float = SCORE_THRESH, gallery_size: int = GALLERY_SIZE,
+                     skipped: Collection[Any] = ()) -> TestSetSection:
     """One test set's part of the report. `detections`: read_detections(); `crowd`: COCO
-    crowd regions (detection.visualization.draw.read_crowd_regions), ignored like VOC's difficult."""
+    crowd regions (detection.visualization.draw.read_crowd_regions), ignored like VOC's difficult;
+    `skipped`: the ids of images the metrics leave out (unreadable: outputs.read_skipped_images),
+    left out of the counts and galleries too."""
     from detection.visualization.draw import ground_truth_boxes
 
     names = list(dataset.class_names)
     totals = {k: {"gt": 0, "fp": 0, "missed": 0} for k in range(1, len(names) + 1)}
     scored = []  # (false positives, missed, record)
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
-    for record in dataset.records:
+    records = [r for r in dataset.records if r["image_id"] not in skipped]
+    for record in records:
         boxes, labels, tags = ground_truth_boxes(record, (crowd or {}).get(record["image_id"]))
         ignored = np.array([bool(t) for t in tags], bool)
         fp, missed = image_errors(boxes, labels, ignored, detections.get(record["image_id"], empty), score_thresh)
@@ -187,7 +191,7 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
     per_class = [{"name": names[k - 1] if 0 < k <= len(names) else f"class {k}",
                   "ap": _number(metrics.get(f"AP-{names[k - 1]}")) if 0 < k <= len(names) else None, **totals[k]}
                  for k in sorted(totals)]
-    section = TestSetSection(dataset.name, len(dataset.records),
+    section = TestSetSection(dataset.name, len(records),
                              {k: v for k, v in metrics.items() if not k.startswith("AP-")}, per_class)
     if pr_curves_png is not None and Path(pr_curves_png).is_file():
         section.pr_curves = base64.b64encode(Path(pr_curves_png).read_bytes()).decode()

@@ -28,7 +28,8 @@ from detection.data import DataError
 from detection.evaluation.classes import label_map_for_test_set
 from detection.evaluation.coco import COCOEvaluator
 from detection.evaluation.inference import Evaluator, format_metrics_table, inference_on_dataset, save_metrics_json
-from detection.evaluation.outputs import results_for_test_set, results_subfolder, results_subfolders
+from detection.evaluation.outputs import (read_skipped_images, results_for_test_set, results_subfolder,
+                                         results_subfolders, write_skipped_images)
 from detection.evaluation.voc import VOCEvaluator, VOCSubmissionWriter
 from detection.utils import comm
 
@@ -64,7 +65,11 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
             where.mkdir(parents=True, exist_ok=True)
         if results is not None:  # saved results are re-scored, not rewritten; a submission has only its files
             evaluator = build_evaluator(dataset, None if dataset.has_annotations or where is None else str(where))
-            evaluator.load_results(results_for_test_set(results, folder, dataset.kind))
+            path = results_for_test_set(results, folder, dataset.kind)
+            evaluator.load_results(path)
+            skipped = read_skipped_images(path)  # as the run that wrote them: without its unreadable images
+            if skipped:
+                evaluator.predictions = [p for p in evaluator.predictions if p["image_id"] not in skipped]
             metrics = evaluator.evaluate()
         else:
             evaluator = build_evaluator(dataset, str(where) if where is not None else None)
@@ -124,6 +129,8 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
     if where is None:
         return
     save_metrics_json(metrics, where / "metrics.json")
+    scored_ids = {p["image_id"] for p in getattr(evaluator, "predictions", dataset.records)}
+    write_skipped_images(where, [r for r in dataset.records if r["image_id"] not in scored_ids])
     # VOC's AP-<class> is the curve's own (IoU 0.5, the devkit's 11-point or area metric): the
     # titles show it; COCO's is over IoU .5:.95, so its panels show their curve's AP50
     _plot_pr(evaluator, where, echo, metrics if dataset.kind == "voc" else None)
