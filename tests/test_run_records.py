@@ -253,6 +253,11 @@ def test_num_workers_is_capped_at_the_cpus(monkeypatch, caplog):
     assert "dataloader.num_workers 4 is more than the 2 CPUs this process may use: 2 used" in caplog.text
     assert [load_config(None, [f"dataloader.num_workers={n}"]).dataloader.num_workers for n in (0, 1, 2)] \
         == [0, 1, 2]
+    # a command line with an error is not also told of the file's 4 workers it set to 0
+    caplog.clear()
+    with pytest.raises(ConfigError, match="unknown key model.bogus"):
+        load_config(ROOT / "configs" / "base.yaml", ["dataloader.num_workers=0", "model.bogus=1"])
+    assert "num_workers" not in caplog.text
 
 
 def test_detectron2_spellings_config_file_and_opts(capsys):

@@ -275,7 +275,7 @@ def _blame(err: ConfigError, file_tree: dict, source: str) -> ConfigError:
     """The error as the config file alone gives it, when the file alone has it (a typo in the
     file is the file's, whatever the command line adds); else the error with the overrides."""
     try:
-        config_from_dict(file_tree, source)
+        validate(_build(Config, file_tree, "", source), source)  # not capped: its num_workers note would mislead
     except ConfigError as alone:
         if str(alone) == str(err).replace(source + _OVERRIDDEN, source, 1):
             return alone
