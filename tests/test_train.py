@@ -45,8 +45,10 @@ def test_short_run_writes_outputs_and_loss_goes_down(data_root, tmp_path):
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(data_root, tmp_path):
+    """Also with an evaluation at the checkpoint's iteration (test.eval_period): it runs after the
+    save and must leave the random states as they were, else the resumed run draws others."""
     extra = {"input.hflip_prob": 0.5, "solver.max_iter": 6, "solver.checkpoint_period": 3,
-             "solver.steps": [4]}
+             "solver.steps": [4], "test.eval_period": 3}
     straight = train(tiny_cfg(data_root, tmp_path / "straight", **extra))
     # stop after 3 iterations (a checkpoint), then resume to 6 in a fresh model
     train(tiny_cfg(data_root, tmp_path / "resumed", **{**extra, "solver.max_iter": 3}))

@@ -18,14 +18,22 @@ def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None) -
     a detector built from the config and prepared as every tool prepares one (test.amp, the
     fast path's inference copy, test.aug), so metrics.jsonl's numbers are eval.py's."""
     from detection.data.catalog import get_datasets
+    from detection.engine.checkpoint import get_rng_states, set_rng_states
     from detection.evaluation import evaluate_test_sets, flatten_metrics
 
-    datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
-                            exif_orientation=cfg.input.exif_orientation)
-    inference = as_the_tools_run_it(cfg, model)
-    return flatten_metrics(evaluate_test_sets(datasets, model=inference, num_workers=cfg.dataloader.num_workers,
-                                              output_dir=output_dir,
-                                              model_classes=getattr(model, "class_names", None)))
+    # the training's random states as they were: the detector built here draws its initial
+    # weights from them, and last.pth (saved before) holds them for --resume, which must go on
+    # from the same states as the run that evaluated (exact resume)
+    states = get_rng_states()
+    try:
+        datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
+                                exif_orientation=cfg.input.exif_orientation)
+        inference = as_the_tools_run_it(cfg, model)
+        return flatten_metrics(evaluate_test_sets(datasets, model=inference, num_workers=cfg.dataloader.num_workers,
+                                                  output_dir=output_dir,
+                                                  model_classes=getattr(model, "class_names", None)))
+    finally:
+        set_rng_states(states)
 
 
 def as_the_tools_run_it(cfg: Config, model: nn.Module) -> nn.Module:
