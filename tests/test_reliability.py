@@ -21,7 +21,7 @@ from detection.config import load_config
 from detection.engine import checkpoint as ckpt_mod
 from detection.engine.checkpoint import CheckpointError, load_checkpoint, load_resume_checkpoint, save_checkpoint
 from detection.engine.run_folder import LOCK_FILE, RunLock
-from detection.engine.trainer import TrainingError, train
+from detection.engine.trainer import TrainingError, TrainingInterrupted, train
 from detection.utils.files import OutputFolderError, atomic_write
 from tests.helpers import load_tool, run_forked_processes, tiny_overrides
 
@@ -190,6 +190,41 @@ def test_two_process_resume_equals_a_straight_run_bit_for_bit(data_root, tmp_pat
     again = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     keys = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
     assert [[x[k] for k in keys] for x in again] == [[x[k] for k in keys] for x in lines]
+
+
+@pytest.mark.slow  # trains 4 + 2 iterations, evaluating
+def test_an_evaluation_the_run_stopped_in_is_made_on_resume(data_root, tmp_path, monkeypatch):
+    """The evaluation follows the checkpoint of its iteration: a run killed (here: Ctrl-C) while
+    it ran resumes from that checkpoint, so --resume makes it before training on; and a run
+    stopped in its final evaluation is not taken as finished (Detectron2 evaluates again at the
+    end of a resumed run)."""
+    import detection.engine.trainer as trainer_mod
+
+    real_evaluate = trainer_mod.evaluate
+    calls = []
+
+    def evaluate_stopped_the_first_time(cfg, model, output_dir=None):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the user's Ctrl-C (or a kill) during the evaluation
+        return real_evaluate(cfg, model, output_dir)
+
+    def evaluated(out):
+        return [x["iteration"] for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if "total_loss" not in x]
+
+    for name, max_iter in (("periodic", 4), ("final", 2)):
+        out = tmp_path / name
+        cfg = tiny_cfg(data_root, out, **{"solver.max_iter": max_iter, "solver.checkpoint_period": 2,
+                                          "test.eval_period": 2})
+        calls.clear()
+        monkeypatch.setattr(trainer_mod, "evaluate", evaluate_stopped_the_first_time)
+        with pytest.raises(TrainingInterrupted):
+            train(cfg)
+        assert load_checkpoint(out / "last.pth")["iteration"] == 2 and evaluated(out) == []
+        train(cfg, resume=True)
+        assert evaluated(out) == list(range(2, max_iter + 1, 2)), name
+        assert (out / "model_final.pth").is_file()
 
 
 def _ddp_train_recording_evaluation(rank: int, world: int, init_file: str, overrides: list, out_file: str) -> None:

@@ -182,3 +182,17 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)
+
+
+def evaluation_recorded(path: Path, iteration: int) -> bool:
+    """metrics.jsonl at `path` holds the evaluation of `iteration` (its line without losses)."""
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("iteration") == iteration and "total_loss" not in record:
+            return True
+    return False

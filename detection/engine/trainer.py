@@ -33,7 +33,7 @@ from detection.engine.loading import (accel_levers, levers_without_fast_path, lo
                                       read_detector_file)
 from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use_tensorboard
 from detection.engine.run_config import check_resume_config, record_resume_changes
-from detection.engine.run_folder import RunLock, check_output_dir, prepare_output_dir
+from detection.engine.run_folder import RunLock, check_output_dir, evaluation_recorded, prepare_output_dir
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, progress_line
 from detection.engine.signals import GracefulStop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
@@ -205,14 +205,25 @@ def _start_loop(cfg: Config, state: TrainState, datasets: list, device: torch.de
 
 def _is_finished(cfg: Config, state: TrainState, out_dir: Path) -> bool:
     """A resumed run at solver.max_iter has nothing to train: say so (and write a missing
-    model_final.pth: the process was killed between the last checkpoint and that file)."""
-    if state.iteration < cfg.solver.max_iter:
+    model_final.pth: the process was killed between the last checkpoint and that file). One
+    whose final evaluation did not finish is not: the loop makes it (_evaluation_missing)."""
+    if state.iteration < cfg.solver.max_iter or _evaluation_missing(cfg, state.iteration, out_dir):
         return False
     logger.info("%s: the run is finished (iteration %d, solver.max_iter %d): nothing to train",
                 out_dir, state.iteration, cfg.solver.max_iter)
     if du.is_main_process() and not (out_dir / "model_final.pth").is_file():
         _finish(state, cfg, out_dir)
     return True
+
+
+def _evaluation_missing(cfg: Config, iteration: int, out_dir: Path) -> bool:
+    """A resumed run's checkpoint iteration calls for an evaluation (test.eval_period, or the
+    end) that metrics.jsonl lacks: the run stopped while it ran (it follows the save). Rank 0
+    reads the file; every rank gets its answer (the evaluation is every rank's)."""
+    period = cfg.test.eval_period
+    due = bool(period) and iteration > 0 and (iteration % period == 0 or iteration == cfg.solver.max_iter)
+    missing = due and du.is_main_process() and not evaluation_recorded(out_dir / "metrics.jsonl", iteration)
+    return bool(du.all_gather_object(missing)[0]) if due else False
 
 
 def _finish(state: TrainState, cfg: Config, out_dir: Path) -> None:
@@ -248,6 +259,10 @@ def _loop(run: _Run, tensorboard: bool = False) -> None:
 def _iterations(run: _Run, bar: tqdm, stop: GracefulStop, log: MetricsLog) -> None:
     """Step after step up to solver.max_iter; after each, what its iteration number calls for."""
     state, max_iter = run.state, run.cfg.solver.max_iter
+    if state.checkpoint_iteration == state.iteration and _evaluation_missing(run.cfg, state.iteration, run.last.parent):
+        logger.warning("the evaluation at iteration %d did not finish before the run stopped: evaluating now",
+                       state.iteration)
+        _evaluate(run, log)
     timer = time.perf_counter()
     window = TimeWindow()
     while state.iteration < max_iter:
@@ -280,11 +295,17 @@ def _after_step(run: _Run, log: MetricsLog) -> None:
         save_last(state, run.cfg, run.last, periodic=periodic)
     period = run.cfg.test.eval_period
     if period and (state.iteration % period == 0 or state.iteration == run.cfg.solver.max_iter):  # and at the end
-        du.broadcast_buffers(state.model)  # every rank evaluates the model rank 0 saves
-        metrics = evaluate(run.cfg, state.model)
-        if du.is_main_process():
-            log.write({"iteration": state.iteration, **metrics})
-        state.model.train()
+        _evaluate(run, log)
+
+
+def _evaluate(run: _Run, log: MetricsLog) -> None:
+    """The test sets' metrics at this iteration, into metrics.jsonl (test.eval_period)."""
+    state = run.state
+    du.broadcast_buffers(state.model)  # every rank evaluates the model rank 0 saves
+    metrics = evaluate(run.cfg, state.model)
+    if du.is_main_process():
+        log.write({"iteration": state.iteration, **metrics})
+    state.model.train()
 
 
 def amp_autocast(enabled: bool, device: torch.device) -> torch.autocast:
