@@ -66,11 +66,27 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def enospc_save(after_bytes: int = 100):
-    """A torch.save that writes part of the file, then fails as a full disk does."""
+_TORCH_SAVE = torch.save
+
+
+def enospc_save(after_bytes: int = 100, error: BaseException | None = None):
+    """torch.save itself, into a file whose writes fail after `after_bytes` as a full disk's do
+    (OSError ENOSPC; or `error`, e.g. a second Ctrl-C). torch's zip writer then raises its own
+    RuntimeError ("enforce fail ... unexpected pos") on closing, as on a real full disk."""
     def save(obj, f):
-        f.write(b"\0" * after_bytes)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = [0]
+
+        class Failing:
+            def write(self, data):
+                written[0] += len(data)
+                if written[0] > after_bytes:
+                    raise error or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return f.write(data)
+
+            def flush(self):
+                f.flush()
+
+        _TORCH_SAVE(obj, Failing())
     return save
 
 
@@ -413,6 +429,10 @@ def test_a_checkpoint_write_failing_part_way_keeps_the_previous_file(tmp_path, m
     with pytest.raises(OSError) as err:
         save_checkpoint({"iteration": 2, "w": torch.zeros(3)}, path)
     assert err.value.errno == errno.ENOSPC
+    # a second Ctrl-C during the save is the KeyboardInterrupt it is (the trainer's "interrupted")
+    monkeypatch.setattr(ckpt_mod.torch, "save", enospc_save(error=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"iteration": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["iteration"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary left behind
@@ -431,12 +451,11 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
 @pytest.mark.slow  # trains 4 iterations
 def test_training_stops_with_one_error_when_the_disk_is_full(data_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real_save = ckpt_mod.torch.save
     calls = {"n": 0}
 
     def save(obj, f):  # the first save (iteration 2) works, the second (iteration 4) hits a full disk
         calls["n"] += 1
-        (enospc_save() if calls["n"] == 2 else real_save)(obj, f)
+        (enospc_save() if calls["n"] == 2 else _TORCH_SAVE)(obj, f)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", save)
     assert run_tool(data_root, out, **{"solver.max_iter": 6, "solver.checkpoint_period": 2}) == 1

@@ -40,7 +40,15 @@ def save_checkpoint(state: dict, path: Union[str, Path]) -> None:
     in the same folder, flush + fsync, atomic rename, fsync of the folder
     (detection.utils.files.atomic_write)."""
     with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as err:
+            # torch's zip writer meets the write's own error (a full disk: OSError; a second
+            # Ctrl-C: KeyboardInterrupt) and raises "enforce fail ... unexpected pos" on closing:
+            # the first one is what happened, and what the callers handle
+            if isinstance(err.__context__, (OSError, KeyboardInterrupt)):
+                raise err.__context__ from None
+            raise
 
 
 def periodic_checkpoint_path(out_dir: Union[str, Path], iteration: int) -> Path:
