@@ -59,7 +59,15 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
     --opts items follow the KEY=VALUE ones in args.overrides. Upper-case keys are read
     lower-case, as after --opts (MODEL.WEIGHTS=x is model.weights=x)."""
     argv = _detectron2_flags(parser, list(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_intermixed_args(argv)
+    weights = parser._option_string_actions.get("--weights")
+    required = weights is not None and weights.required
+    try:  # a required --weights may come as model.weights=PATH (Detectron2's MODEL.WEIGHTS): checked below
+        if required:
+            weights.required = False
+        args = parser.parse_intermixed_args(argv)
+    finally:
+        if required:
+            weights.required = True
     if hasattr(args, "overrides"):
         args.overrides = [_lower_case_key(item) for item in args.overrides]
     if hasattr(args, "opts"):
@@ -67,6 +75,9 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
         del args.opts
     if "--weights" in parser._option_string_actions and hasattr(args, "overrides"):
         _weights_from_overrides(parser, args)
+    if required and not args.weights:
+        parser.error("the following arguments are required: --weights (or model.weights=PATH, Detectron2's "
+                     "MODEL.WEIGHTS)")
     for name in PATH_OPTIONS:  # a quoted '~/runs' (or --output-dir=~/runs) reaches us unexpanded
         if isinstance(getattr(args, name, None), str):
             setattr(args, name, os.path.expanduser(getattr(args, name)))

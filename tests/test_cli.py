@@ -59,12 +59,19 @@ def test_num_gpus_1_is_one_process_as_here_and_other_tools_say_they_run_in_one(c
 
 
 def test_eval_and_visualize_take_detectron2s_model_weights_as_their_weights(capsys):
-    for tool, extra in (("eval", []), ("visualize", ["--input", "x.jpg", "--output", "vis"])):
+    """Also the tools whose --weights is required (export, ablate): MODEL.WEIGHTS gives it."""
+    for tool, extra in (("eval", []), ("visualize", ["--input", "x.jpg", "--output", "vis"]),
+                        ("export", ["--output", "m.onnx"]), ("ablate", [])):
         args = load_tool(tool).parse_args(["--config", "C.yaml", *extra, "--opts", "MODEL.WEIGHTS", "zoo.pkl"])
         assert args.weights == "zoo.pkl" and args.overrides == []
         with pytest.raises(SystemExit):
             load_tool(tool).parse_args(["--config", "C.yaml", "--weights", "a.pth", *extra, "model.weights=b.pth"])
         assert "--weights a.pth and model.weights=b.pth name two files" in capsys.readouterr().err
+    for tool, extra in (("export", ["--output", "m.onnx"]), ("ablate", [])):  # still required, either way
+        with pytest.raises(SystemExit) as exit_info:
+            load_tool(tool).parse_args(["--config", "C.yaml", *extra])
+        assert exit_info.value.code == 2
+        assert "required: --weights (or model.weights=PATH, Detectron2's MODEL.WEIGHTS)" in capsys.readouterr().err
 
 
 def test_detectron2_key_value_pairs_without_opts_are_one_error_naming_opts():
