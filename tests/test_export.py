@@ -166,6 +166,16 @@ def test_export_tool_writes_and_checks_the_file(tmp_path, capsys, restore_loggin
     code, _, err = run_main(tool, [*base, "--output", tmp_path / "r.onnx", *overrides,
                                    "test.box_refinement.enabled=true"], capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: ONNX export: box"), err
+    # --output naming the checkpoint would replace the trained weights: refused, the file untouched
+    weights = tmp_path / "out" / "model_final.pth"
+    before = weights.read_bytes()
+    code, _, err = run_main(tool, [*base, "--output", weights, *overrides], capsys)
+    assert code == 2 and "is the --weights file: the ONNX file would replace the checkpoint" in err
+    assert weights.read_bytes() == before
+    # a check image that is not there is said before the export (nothing written)
+    code, _, err = run_main(tool, [*base, "--output", tmp_path / "typo.onnx", "--check-images", "nope.jpg",
+                                   *overrides], capsys)
+    assert code == 2 and "--check-images nope.jpg: not an image file" in err and not (tmp_path / "typo.onnx").exists()
 
 
 def test_prepare_image_resizes_as_the_model():

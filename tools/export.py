@@ -80,6 +80,12 @@ def run(cfg, args: argparse.Namespace) -> int:
 
     if not Path(args.weights).expanduser().exists():
         raise WeightsError(f"{args.weights}: --weights file not found")
+    if Path(args.output).expanduser().resolve() == Path(args.weights).expanduser().resolve():
+        raise WeightsError(f"--output {args.output} is the --weights file: the ONNX file would replace the "
+                           "checkpoint; give another --output (model.onnx)")
+    # the images to check with are read first: a typo in one is said before the minutes of export
+    images = _read_images(args.check_images, cfg.input.exif_orientation) if args.check_images and \
+        not args.no_check else None
     cfg = copy.deepcopy(cfg)
     if cfg.model.fast_path or cfg.test.aug.enabled:
         print("exporting the plain path (model.fast_path: gather pooling has no ONNX op; same detections)"
@@ -95,7 +101,6 @@ def run(cfg, args: argparse.Namespace) -> int:
           "all in the file's metadata_props: detection.export.preprocess.preprocess reads them)")
     if args.no_check:
         return 0
-    images = _read_images(args.check_images, cfg.input.exif_orientation) if args.check_images else None
     return 0 if check(model, path, images) else 1
 
 
