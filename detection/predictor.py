@@ -19,9 +19,11 @@ would give wrong detections in silence. The model resizes the image itself
 (input.min_size_test / max_size_test, input.resize_mode).
 
 A list (or tuple) of images runs as one batch, padded to the largest resized image as in
-training (ImageList); an image's detections can then differ slightly from its own run (its
-padding is larger: the trunk's border and the RPN's anchors see more zeros), scores by a few
-hundredths in the cases measured (README: up to 0.024, 0.054 for a weak model).
+training (ImageList); an image's detections can then differ from its own run (its padding is
+larger: the trunk's border and the RPN's anchors see more zeros), most near its right and
+bottom border and the more the list's sizes differ, without a bound (README: scores moved by
+up to 0.024 on the Detectron2 fixture, a weak model's border detection by 0.27). Call it one
+image at a time for detections that do not depend on the other images.
 
 Output: {"boxes": float32 (N, 4) XYXY in the given image's pixels, "scores": (N,), "labels":
 int64 (N,) in 1..K}, as CPU tensors, best first; for a list, a list of these.
