@@ -174,7 +174,7 @@ def test_results_folder_of_an_older_version_without_source_json_is_not_overwritt
     (legacy / "voc_old" / "comp4_det_test_cat.txt").write_text("")
     (legacy / "notes.txt").write_text("mine")
     claim_results_folder(legacy, ResultsSource.of("weights", ckpt), ["shapes_val"], overwrite=True)
-    assert sorted(p.name for p in legacy.iterdir()) == ["notes.txt", "source.json"]
+    assert sorted(p.name for p in legacy.iterdir()) == ["notes.txt", "shapes_val", "source.json"]  # the new set's
 
 
 # --- a test set's classes against the checkpoint's -------------------------------------------
@@ -265,6 +265,38 @@ def test_a_results_folder_that_cannot_be_created_is_one_error(tmp_path):
     with pytest.raises(OutputFolderError, match=r"a_file/inference: cannot create the results folder \(Not a "
                                                 r"directory\); --output-dir DIR gives another"):
         claim_results_folder(tmp_path / "a_file" / "inference", source, ["shapes_val"])
+
+
+def test_a_test_sets_old_results_go_before_its_new_ones_are_written(tmp_path):
+    """The same checkpoint evaluated again into its folder: the sets evaluated now lose their old
+    files first, so a run stopped half-way leaves no old metrics or report section beside its new
+    results (report.html would show them); other sets and re-scoring the folder's own results
+    keep theirs. A file where a set's folder goes is one error; a folder an evaluation left
+    without results (stopped before writing any) is not "another checkpoint's results"."""
+    from detection.utils.files import OutputFolderError
+
+    folder, ckpt = tmp_path / "inference", tmp_path / "model_final.pth"
+    ckpt.write_bytes(b"x")
+    source = ResultsSource.of("weights", ckpt)
+    claim_results_folder(folder, source, ["shapes_val", "shapes_test"])
+    for name in ("shapes_val", "shapes_test"):
+        for file in ("metrics.json", "pr_curves.png", "report_section.json", "coco_results.json"):
+            (folder / name / file).write_text("old")
+    claim_results_folder(folder, source, ["shapes_val"])
+    assert list((folder / "shapes_val").iterdir()) == [] and len(list((folder / "shapes_test").iterdir())) == 4
+    # --results of the folder's own set into the folder: its files are the input, kept
+    claim_results_folder(folder, ResultsSource.of("results", folder / "shapes_test" / "coco_results.json"),
+                         ["shapes_test"])
+    assert len(list((folder / "shapes_test").iterdir())) == 4
+    (folder / "voc_x").write_text("a file")
+    with pytest.raises(OutputFolderError, match=r"inference/voc_x: cannot create the test set's results folder"):
+        claim_results_folder(folder, source, ["voc_x"])
+    # another checkpoint's evaluation stopped before it wrote a result: the folder holds nothing to lose
+    stopped = tmp_path / "stopped"
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"y")
+    claim_results_folder(stopped, ResultsSource.of("weights", other), ["shapes_val"])
+    check_results_folder(stopped, source)
 
 
 def test_eval_help_describes_the_layout(capsys):

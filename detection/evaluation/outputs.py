@@ -151,14 +151,12 @@ def check_results_folder(folder: PathLike, source: ResultsSource, *, overwrite: 
     """ValueError (one line naming both sources and the ways out) when `folder` holds results
     of another source: another checkpoint, another version of the same file, or results
     written before source.json existed. Re-scoring the folder's own results is allowed."""
-    if overwrite or _inside(source.path, folder):
-        return
+    if overwrite or _inside(source.path, folder) or not _result_files(Path(folder)):
+        return  # (no results: nothing to lose, e.g. an evaluation stopped before it wrote any)
     recorded = read_source(folder)
     if recorded == source:
         return
     if recorded is None:
-        if not _result_files(Path(folder)):
-            return
         holds = "results with no source.json saying which checkpoint made them"
     elif recorded.path == source.path and recorded.kind == source.kind:
         holds = f"the results of an earlier version of {recorded.describe()}"
@@ -187,9 +185,11 @@ def earlier_results(folder: PathLike, source: ResultsSource, test_sets: Sequence
 
 def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Sequence[str], *,
                          overwrite: bool = False) -> None:
-    """Create `folder` and record `source` in its source.json. With overwrite, first remove
-    the results evaluation wrote there before (so no file of the old checkpoint stays next to
-    the new ones). Re-scoring the folder's own results keeps its source.json."""
+    """Create `folder` and its `test_sets`' folders, and record `source` in its source.json.
+    With overwrite, first remove the results evaluation wrote there before (so no file of the
+    old checkpoint stays next to the new ones); the test sets evaluated now lose theirs in any
+    case (an evaluation stopped half-way must not leave the old metrics or report section
+    beside the new results). Re-scoring the folder's own results keeps them and source.json."""
     folder = Path(folder)
     check_results_folder(folder, source, overwrite=overwrite)
     if overwrite and not _inside(source.path, folder):
@@ -207,6 +207,15 @@ def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Seq
     except OSError as err:  # read-only, a file in the way, a name too long: one line, not a traceback
         raise OutputFolderError(f"{folder}: cannot create the results folder ({err.strerror or err}); "
                                 "--output-dir DIR gives another") from None
+    for name in test_sets:
+        if not _inside(source.path, folder):  # replaced as a whole: a run stopped half-way leaves no old file
+            for path in _result_files(folder / name):
+                path.unlink()
+        try:
+            (folder / name).mkdir(exist_ok=True)
+        except OSError as err:
+            raise OutputFolderError(f"{folder / name}: cannot create the test set's results folder "
+                                    f"({err.strerror or err}); --output-dir DIR gives another") from None
     if _inside(source.path, folder) and (folder / SOURCE_FILE).is_file():
         return
     record = {**asdict(source), "test_sets": _all_test_sets(folder, source, test_sets)}
