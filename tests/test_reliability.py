@@ -92,6 +92,26 @@ def enospc_save(after_bytes: int = 100, error: BaseException | None = None):
 
 # ----------------------------------------------------------------------------- graceful stop
 
+def test_sigterm_before_the_loop_stops_as_ctrl_c_does(data_root, tmp_path, capsys, monkeypatch):
+    """Between the checks and the first iteration (the output folder made, the loader built)
+    SIGTERM ended the process without a word (Python's default), leaving config.yaml, log.txt and
+    train.lock: now one line, exit 143, and the run's start taken back, as Ctrl-C there."""
+    import detection.engine.trainer as trainer_mod
+
+    real = trainer_mod.build_train_data_loader
+
+    def loader_then_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "build_train_data_loader", loader_then_sigterm)
+    out = tmp_path / "run"
+    assert run_tool(data_root, out, **{"solver.max_iter": 2}) == 143
+    assert "stopped by SIGTERM before training started" in capsys.readouterr().err
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
 @pytest.mark.slow  # trains through train_det.main
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_finishes_the_iteration_saves_last_pth_and_resume_is_exact(data_root, tmp_path, capsys,

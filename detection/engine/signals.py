@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from detection.engine import distributed as du
-from detection.engine.errors import TrainingStopped
+from detection.engine.errors import TrainingInterrupted, TrainingStopped
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +74,23 @@ class GracefulStop:
         name = signal.Signals(self.signum).name
         return TrainingStopped(f"stopped by {name} at iteration {iteration}; saved {path} (iteration "
                                f"{iteration}): --resume continues from there", self.signum)
+
+
+@contextmanager
+def sigterm_before_the_loop() -> Iterator[None]:
+    """Until GracefulStop takes over (the loop): SIGTERM stops the run as Ctrl-C does there,
+    with its message and exit 143, and the run's start is taken back (no half-made folder),
+    instead of Python's default of ending the process without a word."""
+    def stop(signum, frame):
+        err = TrainingInterrupted("stopped by SIGTERM before training started")
+        err.signum = signal.SIGTERM
+        raise err
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -35,7 +35,7 @@ from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use
 from detection.engine.run_config import check_resume_config, record_resume_changes
 from detection.engine.run_folder import RunLock, check_output_dir, evaluation_recorded, prepare_output_dir
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, progress_line
-from detection.engine.signals import GracefulStop
+from detection.engine.signals import GracefulStop, sigterm_before_the_loop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
                                       event_files, final_line, note_stop, schedule_warnings, summary_lines,
                                       undo_unstarted_run)
@@ -76,8 +76,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     lock = _lock_output_dir(Path(cfg.output_dir))
     run_log = RunLogFile().install() if du.is_main_process() else None
     try:
-        return _train(cfg, device, distributed, resume=resume, overwrite=overwrite, explicit=explicit,
-                      run_log=run_log)
+        with sigterm_before_the_loop():
+            return _train(cfg, device, distributed, resume=resume, overwrite=overwrite, explicit=explicit,
+                          run_log=run_log)
     except BaseException as err:
         if run_log is not None:  # how the run ended, which the tool prints after log.txt is closed
             run_log.ended(err)
@@ -239,6 +240,8 @@ def _loop(run: _Run, tensorboard: bool = False) -> None:
                   desc="train") as bar, logging_redirect_tqdm(), GracefulStop(run.device) as stop, \
                 MetricsLog(run.last.parent, tensorboard=tensorboard and main, start_iter=state.iteration) as log:
             _iterations(run, bar, stop, log)
+            if main:  # under GracefulStop too: a signal now lets model_final.pth be written
+                _finish(state, run.cfg, run.last.parent)
     except TrainingStopped:
         raise
     except KeyboardInterrupt:
@@ -251,8 +254,6 @@ def _loop(run: _Run, tensorboard: bool = False) -> None:
             if not main:  # this process alone failed (a TrainingError is every rank's, agreed): say why in log.txt
                 RunLogFile.ended_in_other_process(run.last.parent / LOG_FILE, err, du.get_rank())
         raise
-    if main:
-        _finish(state, run.cfg, run.last.parent)
     du.synchronize()
 
 
