@@ -2,6 +2,7 @@
 beside last.pth and model_final.pth (Detectron2's PeriodicCheckpointer); old ones deleted only
 once the new one is written; a resumed run keeps counting its own."""
 import errno
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from detection.data.shapes import generate_shapes
 from detection.engine import checkpointing
-from detection.engine.checkpoint import load_checkpoint, load_resume_checkpoint
+from detection.engine.checkpoint import CheckpointError, load_checkpoint, load_resume_checkpoint
 from detection.engine.trainer import TrainingError, train
 from tests.helpers import tiny_cfg
 
@@ -48,6 +49,16 @@ def test_keeps_exactly_the_last_n_as_full_training_checkpoints(straight):
     newest = load_resume_checkpoint(out / "model_0000004.pth")
     assert newest["iteration"] == 4
     assert same_weights(newest["model"], load_checkpoint(out / "last.pth")["model"])
+
+
+def test_a_damaged_last_pth_names_the_kept_checkpoint_to_resume_from(straight, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight[0], out)
+    (out / "last.pth").write_bytes((out / "last.pth").read_bytes()[:1000])  # cut short
+    with pytest.raises(CheckpointError, match=r"a damaged checkpoint .*; .*model_0000004.pth \(solver.keep_checkpoints\) "
+                                              r"is a training checkpoint too: copy it to last.pth to resume from "
+                                              r"iteration 4"):
+        load_resume_checkpoint(out / "last.pth")
 
 
 def test_zero_keeps_none(data_root, tmp_path):

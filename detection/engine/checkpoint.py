@@ -114,8 +114,18 @@ def verify_checksums(path: Path) -> None:
 
 def load_resume_checkpoint(path: Union[str, Path]) -> dict:
     """load_checkpoint, checked for everything an exact resume needs (RESUME_KEYS), so that a
-    model_final.pth or a foreign file copied to last.pth is one error, not a KeyError later."""
-    ckpt = load_checkpoint(path)
+    model_final.pth or a foreign file copied to last.pth is one error, not a KeyError later. A
+    damaged one names the newest periodic checkpoint beside it (solver.keep_checkpoints), the
+    way out."""
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as err:
+        kept = periodic_checkpoints(Path(path).parent, up_to=2**62)
+        if not kept:
+            raise
+        newest = periodic_checkpoint_path(Path(path).parent, kept[-1])
+        raise CheckpointError(f"{err}; {newest} (solver.keep_checkpoints) is a training checkpoint too: copy it to "
+                              f"{Path(path).name} to resume from iteration {kept[-1]}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a training checkpoint")
     missing = [k for k in RESUME_KEYS if k not in ckpt]
