@@ -275,6 +275,8 @@ def test_metadata_errors_name_the_file_and_the_key():
     assert np.array_equal(inputs["image"], prepare_image(image, 100, 150)["image"])
     with pytest.raises(ValueError, match="input_format must be 'RGB' or 'BGR'"):
         preprocess(image, raw, input_format="rgb")
+    with pytest.raises(ValueError, match="got None, not an image: cv2.imread returns None for a file it cannot read"):
+        preprocess(None, raw, input_format="BGR")  # cv2.imread("missing.jpg")
 
 
 def test_export_check_fails_when_it_compares_nothing(monkeypatch, capsys):

@@ -69,6 +69,10 @@ def read_detector_file(path: Union[str, Path]) -> DetectorWeights | None:
         raise CheckpointError(f"{path}: a URL; weights are read from local files here (nothing is downloaded): "
                               "download it and give the file's path")
     path = Path(path).expanduser()
+    if path.is_dir():  # a run's folder given for its checkpoint
+        inside = [path / name for name in ("model_final.pth", "last.pth") if (path / name).is_file()]
+        raise CheckpointError(f"{path}: a folder, not a weights file"
+                              f"{f' (the checkpoint in it: {inside[0]})' if inside else ''}")
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     loaded = _read_any(path)

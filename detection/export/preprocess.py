@@ -110,6 +110,10 @@ def resize_to_inputs(image: np.ndarray, min_size: int, max_size: int, resize_mod
 
 
 def _check_image(image: Any, where: str) -> None:
+    if image is None:  # cv2.imread's answer for a file it could not read
+        raise ValueError(f"{where}: got None, not an image: cv2.imread returns None for a file it cannot read "
+                         "(a missing path, or a format or orientation OpenCV fails on: "
+                         "detection.data.image_io.read_image reads it as RGB)")
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         got = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"{where}: needs a uint8 (H, W, 3) image, values 0..255, got {got}")
