@@ -694,9 +694,10 @@ def test_results_files_survive_a_full_disk(tmp_path, monkeypatch, writer):
 
 
 @pytest.mark.slow  # tools/eval.py end to end (twice)
-def test_eval_on_a_full_disk_ends_in_one_line_and_keeps_the_old_metrics(data_root, tmp_path, monkeypatch, capsys):
+def test_eval_on_a_full_disk_ends_in_one_line_and_leaves_no_mixed_results(data_root, tmp_path, monkeypatch, capsys):
     """tools/eval.py --results when writing metrics.json fails: one `error:` line naming the
-    file, exit 2, the previous metrics.json as it was, no temporary file."""
+    file, exit 2, no temporary file. The evaluation replaces the set's earlier results as a whole
+    (it said so): none of them is left to pass for the new ones."""
     import detection.visualization.plots
     import detection.utils.files as files
 
@@ -726,8 +727,8 @@ def test_eval_on_a_full_disk_ends_in_one_line_and_keeps_the_old_metrics(data_roo
         eval_tool.main(argv)
     assert exit_.value.code == 2
     errors = [x for x in capsys.readouterr().err.split("\n") if x.startswith("error:")]
-    assert errors == [f"error: could not write {metrics} (No space left on device); the previous file is kept"]
-    assert metrics.read_text() == before
+    assert errors == [f"error: could not write {metrics} (No space left on device); nothing was written"]
+    assert before and not metrics.exists() and not (out / "shapes_val" / "report_section.json").exists()
     assert not [p for p in out.rglob("*.tmp")]
 
 

@@ -34,7 +34,7 @@ A folder holding the results of another checkpoint (or of an earlier version of 
 file, e.g. before more training) is not overwritten: the run stops and says so; pass
 --output-dir for a new folder or --overwrite to replace them (their files are removed
 first). The same checkpoint evaluated again into DIR (say with other test settings) replaces
-its results there, one line per test set saying so. Re-scoring a folder's own results
+its results there, one line per test set saying so (the set's old files are removed first). Re-scoring a folder's own results
 (--results DIR into DIR) is allowed. The test sets' class names are compared with the model's
 (the checkpoint's names, else model.class_names; else only their number is checked against
 model.num_classes): the model's names in another order, or a subset of them, are scored by name
