@@ -196,6 +196,8 @@ def test_resume_shows_where_it_resumed_and_never_repeats_a_metrics_iteration(dat
     # a finished run says so and trains no more
     assert run(data_root, out, "--resume", **extra) == 0
     assert any("the run is finished (iteration 5" in x for x in stderr_lines(capsys))
+    assert (out / "log.txt").read_text().splitlines()[-1].endswith(
+        f"{out}: the run is finished (iteration 5, solver.max_iter 5): nothing to train")  # log.txt has it too
     assert iterations(out) == [1, 2, 3, 4, 5] and (out / "model_final.pth").stat().st_mtime_ns == final
 
 

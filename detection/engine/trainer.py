@@ -126,9 +126,9 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     if resuming and _is_finished(cfg, state, out_dir):
         if changes and du.is_main_process():  # ended here by a deliberate change: recorded as any other
             prepare_output_dir(cfg, out_dir, remove=[], resumed_at=state.iteration)
-            if run_log is not None:
-                run_log.open(out_dir / LOG_FILE)
             record_resume_changes(out_dir, state.iteration, changes)
+        if run_log is not None:  # "resumed at", "nothing to train" (and a model_final.pth written) too
+            run_log.open(out_dir / LOG_FILE)
         return state.model
     datasets = build_train_datasets(cfg)
     test_sets = build_test_datasets(cfg, datasets[0].class_names)  # before anything is written, too
