@@ -52,6 +52,22 @@ def test_skip_bad_images_leaves_them_out_with_one_warning(tmp_path, caplog):
     assert "2 of 8 images" in warning and "2.png" in warning and "5.png" in warning
 
 
+def test_a_name_in_the_other_unicode_form_is_found(tmp_path, caplog):
+    """The json says café.png (NFC, as annotation tools write it), the disk holds cafe + combining
+    accent (NFD: a folder copied from macOS): the same name to a user, found."""
+    import unicodedata
+
+    entry = make_coco(tmp_path, num_images=2)
+    listed = json.loads((tmp_path / "ann.json").read_text())
+    listed["images"][1]["file_name"] = unicodedata.normalize("NFC", "café.png")
+    (tmp_path / "ann.json").write_text(json.dumps(listed))
+    (tmp_path / "img" / "2.png").rename(tmp_path / "img" / unicodedata.normalize("NFD", "café.png"))
+    with caplog.at_level(logging.INFO, logger="detection.data.catalog"):
+        info = get_dataset(entry, str(tmp_path))
+    assert info.records[1]["file_name"] == str(tmp_path / "img" / unicodedata.normalize("NFD", "café.png"))
+    assert "1 image file names found on disk in another Unicode form (NFC / NFD)" in caplog.text
+
+
 def test_no_image_found_is_an_error_even_when_skipping(tmp_path):
     entry = {**make_coco(tmp_path), "image_root": "."}  # the json's folder, not the images'
     with pytest.raises(DataError, match=r"8 of 8 images .* is the image folder right"):
