@@ -96,6 +96,9 @@ def test_backbone_weights_are_no_detector(tmp_path):
         build_inference_model(tiny_cfg(), path, torch.device("cpu"))
     with pytest.raises(CheckpointError, match="weights file not found"):
         read_detector_file(tmp_path / "missing.pth")
+    (tmp_path / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))  # an image given as weights
+    with pytest.raises(CheckpointError, match=r"photo.png: a PNG image, not a weights file"):
+        read_detector_file(tmp_path / "photo.png")
     (tmp_path / "run").mkdir()  # the run's folder given for its checkpoint
     (tmp_path / "run" / "model_final.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"run: a folder, not a weights file \(the checkpoint in it: .*run/"

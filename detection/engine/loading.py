@@ -42,6 +42,9 @@ OUR_PREFIXES = ("trunk.", "rpn.", "roi_heads.")
 CLASS_SPECIFIC = ("roi_heads.predictor.cls_score.weight", "roi_heads.predictor.cls_score.bias",
                   "roi_heads.predictor.bbox_pred.weight", "roi_heads.predictor.bbox_pred.bias")
 _ZIP_MAGIC = b"PK\x03\x04"
+# files given as weights by mistake, by their first bytes
+_NOT_WEIGHTS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                (b"BM", "a BMP image"))
 
 
 @dataclass
@@ -98,7 +101,11 @@ def _read_any(path: Path) -> Any:
     from backbones.pickle_io import load_numpy_pickle
 
     with open(path, "rb") as f:
-        zipped = f.read(4) == _ZIP_MAGIC
+        head = f.read(8)
+    zipped = head[:4] == _ZIP_MAGIC
+    kind = next((name for magic, name in _NOT_WEIGHTS if head.startswith(magic)), None)
+    if kind:  # torch's unpickling error would describe it as a damaged pickle
+        raise CheckpointError(f"{path}: {kind}, not a weights file (a checkpoint .pth or a Detectron2 .pkl)")
     errors = []
     if zipped:
         verify_checksums(path)  # torch.load does not check the zip's CRCs: flipped bits would load
