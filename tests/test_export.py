@@ -252,6 +252,8 @@ def test_the_file_carries_its_preprocessing_and_the_detector_reads_it(tmp_path):
     assert compare_detections(ref, detector(bgr, input_format="BGR"))["equal"]
     old_way = OnnxDetector(path, min_size=96, max_size=256, resize_mode="default")(image)
     assert not compare_detections(ref, old_way, box_tolerance=1e-2, score_tolerance=1e-4)["equal"]
+    with pytest.raises(ValueError, match=r"OnnxDetector: resize_mode='bilinear', expected one of"):
+        OnnxDetector(path, resize_mode="bilinear")  # the caller's value, not the file's metadata
 
 
 def test_the_preprocessing_needs_no_pytorch():

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from detection.modeling.model import FasterRCNN, rescale_detections
 from detection.export.preprocess import METADATA_VERSION, preprocess, read_metadata, resize_to_inputs
-from detection.modeling.resize import resized_shape
+from detection.modeling.resize import RESIZE_MODES, resized_shape
 from detection.testing import compare_detections
 from detection.utils.files import atomic_write
 
@@ -166,6 +166,8 @@ class OnnxDetector:
         if threads:
             options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if resize_mode is not None and resize_mode not in RESIZE_MODES:  # the caller's, not the file's
+            raise ValueError(f"OnnxDetector: resize_mode={resize_mode!r}, expected one of {RESIZE_MODES}")
         given = {"min_size_test": min_size, "max_size_test": max_size, "resize_mode": resize_mode}
         raw = {**self.session.get_modelmeta().custom_metadata_map,
                **{key: str(value) for key, value in given.items() if value is not None}}
