@@ -113,8 +113,9 @@ def test_final_loss_is_the_mean_of_the_tail():
 @pytest.mark.slow
 def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
-    generate_shapes(data / "shapes", num_train=6, num_val=3, seed=0, image_size=(64, 80))
-    overrides = [o for o in tiny_overrides(data, tmp_path / "unused", **{"solver.max_iter": 4})
+    generate_shapes(data / "shapes", num_train=6, num_val=3, num_test=2, seed=0, image_size=(64, 80))
+    overrides = [o for o in tiny_overrides(data, tmp_path / "unused", **{"solver.max_iter": 4,
+                                                                        "datasets.test": ["shapes_val", "shapes_test"]})
                  if not o.startswith(("output_dir=", "model.backbone.norm="))] + ['model.backbone.norm="bn"']
     out = tmp_path / "study"
     tool = load_tool("study")
@@ -126,12 +127,16 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
     for v in study["variants"]:
         assert [point[0] for point in v["loss_curve"]] == [1, 2, 3, 4]
         assert [point[0] for point in v["rpn_loss_curve"]] == [1, 2, 3, 4]
-        assert v["final_train_loss"] > 0 and "AP" in v and "AP50" in v and v["params"] > 0 and v["macs"] > 0
+        assert v["final_train_loss"] > 0 and v["params"] > 0 and v["macs"] > 0
+        # two test sets: the table's AP is the first set's (its keys are prefixed), not "-"
+        assert (v["AP"], v["AP50"], v["AP_test_set"]) == (v["metrics"]["shapes_val/AP"],
+                                                          v["metrics"]["shapes_val/AP50"], "shapes_val")
         assert (out / v["folder"] / "model_final.pth").is_file()
         assert set(v["final_losses"]) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
     assert (out / "study.png").stat().st_size > 1000 and "| plain-18 |" in (out / "study.md").read_text()
     assert "Schedule: 4 iterations, lr 0.01 after a 2-iteration warmup from x0.001, no steps." \
         in (out / "study.md").read_text()
+    assert "AP, AP50: COCO metrics on shapes_val (the first test set" in (out / "study.md").read_text()
     # the two runs really trained different nets from the same start: different losses
     assert study["variants"][0]["loss_curve"] != study["variants"][1]["loss_curve"]
 
@@ -145,17 +150,34 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(trainer, "train",
                         lambda cfg, **kw: trained.append((cfg.output_dir, kw)) or real_train(cfg, **kw))
     assert tool.main(args) == 0
-    assert trained == [(str(out / "residual-18-A"), {"resume": True})]
+    resumed = {"resume": True, "overwrite": False, "explicit": []}  # a resume may change nothing
+    assert trained == [(str(out / "residual-18-A"), resumed)]
     again = json.loads((out / "study.json").read_text())
     assert again["variants"][0]["loss_curve"] == study["variants"][0]["loss_curve"]
     assert again["variants"][1]["loss_curve"] == study["variants"][1]["loss_curve"]  # exact resume
+    assert " * |" in (out / "study.md").read_text()  # the resumed variant's train time is marked
+    assert "* resumed after a stop: the train time is the last part's only." in (out / "study.md").read_text()
+    # an unfinished variant is resumed only under the same config (here another lr): refused, not mixed
+    from detection.study.run import run_variant
+
+    residual = study_variants("degradation", [18])[1]
+    (out / "residual-18-A" / "result.json").unlink()
+    with pytest.raises(StudyError, match=r"residual-18-A was trained with another config than this study's \(1 key "
+                                         r"differs: solver.base_lr"):
+        run_variant(residual, "configs/base.yaml", [*overrides, "solver.base_lr=0.002"], out)
+    # one stopped before its first checkpoint (metrics.jsonl, no last.pth) trains again from the start
+    for name in ("model_final.pth", "last.pth"):
+        (out / "residual-18-A" / name).unlink()
+    trained.clear()
+    assert tool.main(args) == 0
+    assert trained == [(str(out / "residual-18-A"), {"resume": False, "overwrite": True, "explicit": []})]
     # the same overrides on another config: its finished runs are not reported as this config's
     other = tmp_path / "other.yaml"
     other.write_text(f"_base_: {Path('configs/base.yaml').resolve()}\nmodel: {{rpn: {{nms_thresh: 0.6}}}}\n")
     with pytest.raises(SystemExit) as stop:
         tool.main(["--config", str(other), *args[2:]])
     assert stop.value.code == 2
-    assert "was trained with another config than this study's (1 keys differ: model.rpn.nms_thresh (the run: 0.7, " \
+    assert "was trained with another config than this study's (1 key differs: model.rpn.nms_thresh (the run: 0.7, " \
         "now: 0.6))" in capsys.readouterr().err
 
 
@@ -178,6 +200,17 @@ def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
     (tmp_path / variant.folder / "result.json").write_text(json.dumps({"settings": ["solver.max_iter=5"]}))
     with pytest.raises(StudyError, match="other settings"):
         run_variant(variant, "configs/study/shapes.yaml", ["solver.max_iter=6"], tmp_path)
+    # the same settings, but the config now starts from other weights: not this study's run either
+    from detection.config import load_config, save_config
+
+    run_dir = tmp_path / variant.folder
+    settings = ["solver.max_iter=5", *variant.overrides()]
+    (run_dir / "result.json").write_text(json.dumps({"settings": settings}))
+    save_config(load_config("configs/study/shapes.yaml", [*settings, f"output_dir={run_dir}"]), run_dir / "config.yaml")
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(f"_base_: {Path('configs/study/shapes.yaml').resolve()}\nmodel: {{weights: trained.pth}}\n")
+    with pytest.raises(StudyError, match=r"another config than this study's \(1 key differs: model.weights"):
+        run_variant(variant, str(edited), ["solver.max_iter=5"], tmp_path)
 
 
 @pytest.mark.parametrize("max_iter, steps, warmup", [(40, [32, 38], 4), (100, [80, 95], 10), (3000, [2400, 2850], 300)])

@@ -21,7 +21,8 @@ residual-34-A, ...) under --runs-dir (default: --output-dir), so that two studie
 train residual-34-A once; in --output-dir, study.json (per variant: the training-loss curves,
 the final losses, AP / AP50, backbone parameters and multiply-adds, times), study.md (the
 table) and study.png (the training-loss curves). Run it again to resume: a finished variant
-(result.json) is not trained again, an unfinished one continues from its last.pth. --no-train
+(result.json) is not trained again, an unfinished one continues from its last.pth (both only
+under the same config), one stopped before its first checkpoint trains again. --no-train
 writes only the parameters / multiply-adds table.
 
 Exit codes: 0 done, 1 training failed, 2 bad options, config or output folder, 130 interrupted
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: run(args), hint="run the same command again to resume the study")
+    return run_tool(lambda: run(args), hint="for the study: run the same command again, it resumes this variant")
 
 
 def run(args: argparse.Namespace) -> None:

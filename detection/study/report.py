@@ -47,15 +47,19 @@ def markdown_table(study: dict) -> str:
             minutes = v.get("train_seconds")
             row += [_number(v.get("final_train_loss"), 3), _number(v.get("final_rpn_loss"), 3),
                     _number(v.get("AP"), 1), _number(v.get("AP50"), 1), str(v.get("iterations", "-")),
-                    _number(minutes / 60 if minutes else None, 1)]
+                    _number(minutes / 60 if minutes else None, 1) + (" *" if v.get("resumed") else "")]
         lines.append("| " + " | ".join(row) + " |")
     notes = [f"Params and GMACs: {study['flops_note']}."]
     if trained and study.get("schedule"):
         notes.append(schedule_note(study["schedule"]))
     if trained:
-        sets = sorted({s for v in study["variants"] for s in v.get("test_sets", [])})
+        headline = sorted({v["AP_test_set"] for v in study["variants"] if v.get("AP_test_set")})
+        sets = headline or sorted({str(s) for v in study["variants"] for s in v.get("test_sets", [])})
+        first = " (the first test set; study.json has every set's metrics)" if headline else ""
         notes.append(f"Final train loss: {study['final_loss_note']}. AP, AP50: COCO metrics on "
-                     f"{', '.join(sets) or 'the test sets'}.")
+                     f"{', '.join(sets) or 'the test sets'}{first}.")
+        if any(v.get("resumed") for v in study["variants"]):
+            notes.append("* resumed after a stop: the train time is the last part's only.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 

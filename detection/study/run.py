@@ -140,18 +140,23 @@ def loss_summary(metrics_path: Path) -> dict[str, Any]:
             "final_losses": {key: final_loss(curves[key]) for key in LOSS_KEYS}}
 
 
-def _train_and_evaluate(cfg: Any, run_dir: Path, resume: bool) -> tuple[dict[str, float], float, float]:
-    """Train (or resume) the variant's run and evaluate the final model: (metrics, train s, eval s)."""
+def _train_and_evaluate(cfg: Any, run_dir: Path) -> tuple[dict[str, float], float, float, bool]:
+    """Train the variant's run (resume an unfinished one; one stopped before its first checkpoint
+    starts again) and evaluate the final model: (metrics, train s, eval s, resumed)."""
     from detection.engine.trainer import evaluate, train
 
+    resume = (run_dir / "last.pth").is_file()
+    again = not resume and any((run_dir / name).exists() for name in ("metrics.jsonl", "model_final.pth"))
     if resume:
         logger.info("%s: resuming the unfinished run", run_dir)
+    elif again:
+        logger.info("%s: the run stopped before its first checkpoint: training it from the start", run_dir)
     start = time.perf_counter()
-    model = train(cfg, resume=resume)
+    model = train(cfg, resume=resume, overwrite=again, explicit=[])  # a resume must not change the config
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     metrics = evaluate(cfg, model.eval())
-    return metrics, train_seconds, time.perf_counter() - start
+    return metrics, train_seconds, time.perf_counter() - start, resume
 
 
 def _check_same_config(cfg, run_dir: Path, result_path: Path) -> None:
@@ -164,10 +169,16 @@ def _check_same_config(cfg, run_dir: Path, result_path: Path) -> None:
     if not saved.is_file():
         raise StudyError(f"{result_path}: the run has no config.yaml saying what it was trained with; choose another "
                          f"--output-dir (or --runs-dir) or remove {run_dir}")
-    changes = config_differences(load_config(saved), cfg)
+    before = load_config(saved)
+    changes = config_differences(before, cfg)
+    # where the initial weights come from changes what is trained (a resume's check leaves it out)
+    changes += [(key, old, new) for key, old, new in (
+        ("model.weights", before.model.weights, cfg.model.weights),
+        ("model.backbone.weights", before.model.backbone.weights, cfg.model.backbone.weights)) if old != new]
     if changes:
         shown = ", ".join(f"{key} (the run: {json.dumps(old)}, now: {json.dumps(new)})" for key, old, new in changes[:3])
-        raise StudyError(f"{result_path} was trained with another config than this study's ({len(changes)} keys differ: "
+        raise StudyError(f"{result_path} was trained with another config than this study's ({len(changes)} "
+                         f"key{'s' if len(changes) > 1 else ''} differ{'' if len(changes) > 1 else 's'}: "
                          f"{shown}{', ...' if len(changes) > 3 else ''}); choose another --output-dir (or --runs-dir) "
                          f"or remove {run_dir}")
 
@@ -190,17 +201,30 @@ def run_variant(variant: Variant, config_path: Optional[str], overrides: Sequenc
         # the name and panel are this study's; the curves are read again from the run's record
         return {**result, **loss_summary(run_dir / "metrics.jsonl"), **asdict(variant)}
     cfg = load_config(config_path, variant_overrides)
-    resumed = any((run_dir / name).exists() for name in ("last.pth", "metrics.jsonl"))
-    metrics, train_seconds, eval_seconds = _train_and_evaluate(cfg, run_dir, resumed)
+    if (run_dir / "config.yaml").is_file():  # an unfinished run of this variant: only with the same config
+        _check_same_config(cfg, run_dir, run_dir)
+    metrics, train_seconds, eval_seconds, resumed = _train_and_evaluate(cfg, run_dir)
+    (ap, headline_set), (ap50, _) = _headline(metrics, "AP"), _headline(metrics, "AP50")
     result = {**asdict(variant), "folder": variant.folder, "settings": settings,
               **loss_summary(run_dir / "metrics.jsonl"), "iterations": cfg.solver.max_iter,
-              "test_sets": list(cfg.datasets.test), "AP": metrics.get("AP", math.nan),
-              "AP50": metrics.get("AP50", math.nan), "metrics": metrics,
+              "test_sets": list(cfg.datasets.test), "AP": ap, "AP50": ap50, "AP_test_set": headline_set,
+              "metrics": metrics,
               "train_seconds": train_seconds, "eval_seconds": eval_seconds,
               "resumed": resumed,  # then train_seconds is the resumed part's only
               "torch_threads": torch.get_num_threads()}
     _write_text(result_path, json.dumps(result, indent=1))
     return result
+
+
+def _headline(metrics: dict[str, float], key: str) -> tuple[float, Optional[str]]:
+    """The table's `key` (AP, AP50): the one test set's, else the first test set's (several
+    sets' keys are "<set>/AP") and that set's name."""
+    if key in metrics:
+        return metrics[key], None
+    for name, value in metrics.items():
+        if name.endswith("/" + key):
+            return value, name[: -len(key) - 1]
+    return math.nan, None
 
 
 # ---- the whole study ------------------------------------------------------------------------
@@ -259,7 +283,10 @@ def run_study(options: StudyOptions) -> dict:
     schedule = {**solver_schedule(cfg), "scaled_from": solver_schedule(load_config(options.config, options.overrides))
                 if options.max_iter is not None else None}
     out_dir = Path(options.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, read-only, a name too long
+        raise StudyError(f"--output-dir {out_dir}: cannot create the folder ({err.strerror or err})") from None
     results = []
     for variant in variants:
         entry = {**asdict(variant), **backbone_cost(variant, norm)}
