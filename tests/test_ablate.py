@@ -110,6 +110,24 @@ def test_another_checkpoints_ablation_is_not_overwritten(runs, tmp_path, ablate)
     assert code == 2
     assert err.startswith("error: ") and "--overwrite" in err
     assert len(err.strip().splitlines()) == 1
+    # --overwrite: no row folder of the replaced ablation stays beside the new table (here its context rows)
+    (out / "context").mkdir()
+    (out / "context" / "metrics.json").write_text("{}")
+    code, _, err = ablate(root, overrides, "--weights", str(root / "base" / "model_final.pth"),
+                          "--output-dir", str(out), "--overwrite")
+    assert code == 0, err
+    assert not (out / "context").exists() and (out / "baseline").is_dir()
+    # --tta with a config without test-time augmentation: said, and not recorded as if it ran
+    code, printed, err = ablate(root, overrides, "--weights", str(root / "base" / "model_final.pth"),
+                                "--output-dir", str(out), "--tta", "test.aug.enabled=false")
+    assert code == 0, err
+    assert "--tta: the config has no test-time augmentation" in printed
+    assert json.loads((out / "ablation.json").read_text())["tta"] is False
+    # an output folder that cannot be made: one line, before any row
+    (tmp_path / "a_file").write_text("x")
+    code, printed, err = ablate(root, overrides, "--weights", str(root / "base" / "model_final.pth"),
+                                "--output-dir", str(tmp_path / "a_file"))
+    assert code == 2 and "cannot create the ablation's folder" in err and "baseline (" not in printed
 
 
 @pytest.mark.slow

@@ -63,6 +63,10 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     sources = {"weights": _resolved(args.weights), "context_weights": _resolved(args.context_weights)}
     _check_folder(out, sources, args.overwrite)
     check_context(args.weights, args.context_weights)  # before hours of rows, not at the first context row
+    _prepare_folder(out)
+    if args.tta and not cfg.test.aug.enabled:
+        print("--tta: the config has no test-time augmentation (test.aug.enabled: false): the rows run without it")
+        args.tta = False
     device = select_device(cfg.device, cfg.tf32)
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
@@ -131,6 +135,24 @@ def _check_folder(out: Path, sources: dict, overwrite: bool) -> None:
     if theirs != sources:
         raise OutputFolderError(f"{out}: holds the ablation of {theirs or 'an unreadable ablation.json'}; pass "
                                 "--output-dir for a new folder or --overwrite to replace it")
+
+
+def _prepare_folder(out: Path) -> None:
+    """Create `out`; a folder holding an earlier ablation (the same sources, or replaced with
+    --overwrite) loses its row folders first, so none of another run's rows stays beside the table."""
+    import shutil
+
+    from detection.study.ablation import ROWS
+
+    if (out / "ablation.json").is_file():
+        for row in ROWS:
+            if (out / _slug(row.name)).is_dir():
+                shutil.rmtree(out / _slug(row.name))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, read-only, a name too long
+        raise OutputFolderError(f"{out}: cannot create the ablation's folder ({err.strerror or err}); "
+                                "--output-dir DIR gives another") from None
 
 
 def evaluate_row(cfg: Config, weights: str, datasets: list, device: torch.device, where: Path,
