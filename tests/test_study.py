@@ -232,6 +232,16 @@ def test_max_iter_scales_the_warmup_with_the_lr_steps(max_iter, steps, warmup):
     assert factors[-1] == pytest.approx(0.01)
 
 
+def test_a_very_short_study_lists_only_the_lr_steps_it_reaches():
+    """8 iterations: 800 and 950 of 1000 scale to 6 and 8, and a drop at the last iteration never
+    happens (training would warn that 8 is not below max_iter 8); 2 iterations: none is left
+    (steps [2, 2] was a config error blaming the file)."""
+    from detection.study.run import schedule_overrides
+
+    assert schedule_overrides("configs/study/shapes.yaml", [], 8)[1] == "solver.steps=[6]"
+    assert schedule_overrides("configs/study/shapes.yaml", [], 2)[1] == "solver.steps=[]"
+
+
 def test_max_iter_never_warms_up_past_the_first_step():
     from detection.study.run import schedule_overrides
 

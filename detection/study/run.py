@@ -255,7 +255,8 @@ def schedule_overrides(config_path: Optional[str], overrides: Sequence[str], max
 
     solver = load_config(config_path, overrides).solver
     scale = max_iter / solver.max_iter
-    steps = [max(1, round(step * scale)) for step in solver.steps]
+    # a step the short run never reaches, or one it would repeat, is left out (not listed as a drop)
+    steps = sorted({max(1, round(step * scale)) for step in solver.steps if round(step * scale) < max_iter})
     warmup = min(round(solver.warmup_iters * scale), max_iter)
     if solver.lr_schedule == "multistep" and steps:
         warmup = min(warmup, steps[0])  # base_lr is reached before the first drop
