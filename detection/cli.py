@@ -48,7 +48,8 @@ DETECTRON2_FLAGS = {
     "--num-machines": "torchrun --nnodes N --rdzv_backend c10d --rdzv_endpoint HOST:PORT tools/train_det.py ...",
     "--machine-rank": "torchrun's rendezvous gives each machine its rank (--rdzv_endpoint HOST:PORT)",
     "--dist-url": "torchrun --rdzv_endpoint HOST:PORT",
-    "--eval-only": "tools/eval.py --weights CKPT evaluates a checkpoint on datasets.test",
+    "--eval-only": "tools/eval.py --weights CKPT evaluates a checkpoint on datasets.test (on N GPUs: "
+                   "torchrun --nproc_per_node N tools/eval.py --weights CKPT)",
 }
 
 
@@ -205,8 +206,8 @@ def refuse_several_processes() -> None:
         raise SystemExit(2)
     tool = Path(sys.argv[0]).name
     fail(f"{tool} runs in one process, but torchrun started {world}: each would do all of the work and write the "
-         f"same files; run it with python (only training, tools/train_det.py, shares its work, its evaluation "
-         "every test.eval_period included, among processes)")
+         f"same files; run it with python (only training, tools/train_det.py, and evaluating a checkpoint, "
+         "tools/eval.py --weights, share their work among processes)")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -248,9 +248,10 @@ def test_detectron2_tuple_values_and_weights_urls(tmp_path):
 
 
 def test_a_one_process_tool_started_by_torchrun_as_several_is_refused(monkeypatch, capsys, tmp_path):
-    """torchrun --nproc_per_node 2 tools/eval.py ran two whole evaluations writing the same files
-    (the other tools likewise): the first process says so once, every process exits 2 before any
-    work; training, which shares its work among processes, is not refused."""
+    """torchrun --nproc_per_node 2 tools/eval.py --results (the other one-process tools likewise)
+    would run two whole scorings writing the same files: the first process says so once, every
+    process exits 2 before any work; training and eval.py --weights, which share their work among
+    processes, are not refused (tests/test_eval_outputs.py runs eval.py in two processes)."""
     from tests.helpers import run_main
 
     weights = tmp_path / "model_final.pth"
@@ -259,11 +260,11 @@ def test_a_one_process_tool_started_by_torchrun_as_several_is_refused(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     config = ["--config", ROOT / "configs" / "base.yaml"]
-    code, out, err = run_main(load_tool("eval"), [*config, "--weights", weights], capsys)
+    code, out, err = run_main(load_tool("eval"), [*config, "--results", tmp_path], capsys)  # nothing to share
     assert code == 2 and out == ""
     assert err == ("error: eval.py runs in one process, but torchrun started 2: each would do all of the work and "
-                   "write the same files; run it with python (only training, tools/train_det.py, shares its work, "
-                   "its evaluation every test.eval_period included, among processes)\n")
+                   "write the same files; run it with python (only training, tools/train_det.py, and evaluating a "
+                   "checkpoint, tools/eval.py --weights, share their work among processes)\n")
     monkeypatch.setenv("RANK", "1")
     assert run_main(load_tool("visualize"), [*config, "--weights", weights, "--input", tmp_path, "--output",
                                              tmp_path], capsys) == (2, "", "")

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,51 @@ def test_an_unreadable_test_image_skipped_is_counted_and_left_out_of_the_report(
     assert "shapes_val (1 of its 2 images: 1 unreadable, skipped" in again
     assert json.loads((tmp_path / "re" / "shapes_val" / "metrics.json").read_text()) == \
         json.loads((tmp_path / "out" / "shapes_val" / "metrics.json").read_text())
+
+
+def _eval_as_torchrun_starts_it(rank: int, world: int, port: int, argv: list, out_file: str) -> None:
+    """tools/eval.py's main in one of `world` forked processes with the environment torchrun
+    gives each (RANK, WORLD_SIZE, MASTER_ADDR, ...): the tool joins the group itself (gloo on the
+    CPU); its exit code goes to out_file.<rank>."""
+    import torch
+
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's thread pool
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        code = EVAL.main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    Path(f"{out_file}.{rank}").write_text(str(code))
+
+
+@pytest.mark.slow  # evaluates in one process and in two
+def test_eval_under_torchrun_shares_the_images_and_writes_what_one_process_writes(run_a, tmp_path, capsys):
+    """torchrun --nproc_per_node 2 tools/eval.py --weights CKPT (Detectron2's --eval-only --num-gpus 2):
+    each process runs every other image, the first scores them all and writes the folder; the
+    metrics are one process's, to the last digit (5 images: shares of 3 and 2)."""
+    from tests.helpers import run_forked_processes
+
+    root, overrides = run_a
+    generate_shapes(tmp_path / "data" / "shapes", num_train=1, num_val=5, seed=3, image_size=(64, 80))
+    argv = ["--config", str(ROOT / "configs" / "base.yaml"), "--weights", str(root / "run_a" / "model_final.pth"),
+            *overrides, f"datasets.root={json.dumps(str(tmp_path / 'data'))}"]
+    code, _, err = call(EVAL, capsys, *argv[2:], "--output-dir", str(tmp_path / "one"))
+    assert code == 0, err
+    with socket.socket() as probe:  # a free port for the group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run_forked_processes(_eval_as_torchrun_starts_it, (2, port, [*argv, "--output-dir", str(tmp_path / "two")],
+                                                       str(tmp_path / "code")), timeout=180)
+    assert [(tmp_path / f"code.{rank}").read_text() for rank in (0, 1)] == ["0", "0"]
+    one, two = (json.loads((tmp_path / d / "shapes_val" / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one == two and one["AP"] > 0
+    assert json.loads((tmp_path / "two" / "shapes_val" / "coco_results.json").read_text()) == \
+        json.loads((tmp_path / "one" / "shapes_val" / "coco_results.json").read_text())
+    assert (tmp_path / "two" / "report.html").is_file()
 
 
 def test_results_folder_of_an_older_version_without_source_json_is_not_overwritten(tmp_path):

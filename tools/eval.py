@@ -3,6 +3,10 @@
 
     python tools/eval.py --config configs/voc_r101.yaml --weights output/voc_r101/model_final.pth
     python tools/eval.py --config configs/coco_r101.yaml --results output/coco_r101/inference
+    torchrun --nproc_per_node 8 tools/eval.py --weights output/coco_r101/model_final.pth   # 8 GPUs
+
+Under torchrun each process runs its share of the images and the first scores them all and
+writes the results (--results runs in one process).
 
 COCO-type data sets (COCO, custom COCO json, shapes) are scored with pycocotools'
 COCOeval; VOC-type data sets exactly as the official devkit (11-point metric for
@@ -93,7 +97,8 @@ def results_folder(cfg: Config, args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: run(config_from_args(args), args))
+    # under torchrun every process scores its share of the images and the first writes the results
+    return run_tool(lambda: run(config_from_args(args), args), processes="one" if args.results else "many")
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
@@ -104,7 +109,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from detection.evaluation.outputs import (ResultsSource, check_results_folder, claim_results_folder,
                                              earlier_results)
     from detection.utils.files import OutputFolderError
-    from detection.utils.comm import select_device
+    from detection.engine.distributed import all_gather_object, init_distributed, is_main_process, select_device
 
     out_root = results_folder(cfg, args)
     given = args.results or args.weights
@@ -112,24 +117,33 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         error = DataError if args.results else WeightsError
         raise error(f"{given}: {'--results' if args.results else '--weights'} file not found")
     source = ResultsSource.of("results" if args.results else "weights", given)
-    print(f"results go to {out_root}")
-    check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work
     device = select_device(cfg.device, cfg.tf32)
-    model, weights = (None, None) if args.results else _model(cfg, args.weights, device, override_keys(args))
+    init_distributed(device)  # under torchrun: one process group; the first process (rank 0) writes
+    say = print if is_main_process() else _silent
+    say(f"results go to {out_root}")
+    check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work (every process)
+    model, weights = (None, None) if args.results else _model(cfg, args.weights, device, override_keys(args), say)
     # scoring saved results reads the annotations only, not the images
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             check_images=not args.results, exif_orientation=cfg.input.exif_orientation)
-    folders, model_classes = _checked_folders(cfg, datasets, model, weights)
-    for line in earlier_results(out_root, source, folders):
-        print(line)
-    claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
-    try:
-        (out_root / "report.html").unlink(missing_ok=True)  # written again at the end: never a stale page
-    except OSError as err:
-        raise OutputFolderError(f"{out_root / 'report.html'}: cannot be replaced ({err.strerror or err}); "
-                                "--output-dir DIR writes the results elsewhere") from None
+    folders, model_classes = _checked_folders(cfg, datasets, model, weights, say)
+    problem = None
+    if is_main_process():
+        for line in earlier_results(out_root, source, folders):
+            print(line)
+        try:
+            claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
+            (out_root / "report.html").unlink(missing_ok=True)  # written again at the end: never a stale page
+        except OutputFolderError as err:
+            problem = str(err)
+        except OSError as err:
+            problem = (f"{out_root / 'report.html'}: cannot be replaced ({err.strerror or err}); --output-dir DIR "
+                       "writes the results elsewhere")
+    problem = next((p for p in all_gather_object(problem) if p), None)  # every process stops with rank 0
+    if problem:
+        raise OutputFolderError(problem)
     per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
-                                 results=args.results, output_dir=out_root, echo=print, model_classes=model_classes)
+                                 results=args.results, output_dir=out_root, echo=say, model_classes=model_classes)
     _write_report(cfg, args, datasets, folders, out_root, per_set)
     return 0
 
@@ -173,20 +187,24 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
     print(f"report written to {path} ({len(names)} test set{'s' if len(names) != 1 else ''}: {', '.join(names)})")
 
 
-def _model(cfg: Config, weights_path: str, device: torch.device, explicit: list[str]
+def _silent(*args, **kwargs) -> None:
+    """print for the processes other than the first under torchrun: the first one speaks."""
+
+
+def _model(cfg: Config, weights_path: str, device: torch.device, explicit: list[str], say=print
            ) -> tuple[torch.nn.Module, DetectorWeights]:
     from detection.engine.loading import build_inference_model
 
     model, weights = build_inference_model(cfg, weights_path, device, explicit)
     if cfg.test.aug.enabled:
         aug = cfg.test.aug
-        print(f"test-time augmentation (test.aug): sizes {aug.min_sizes}, max {aug.max_size}"
-              f"{', each also mirrored' if aug.flip else ''}")
+        say(f"test-time augmentation (test.aug): sizes {aug.min_sizes}, max {aug.max_size}"
+            f"{', each also mirrored' if aug.flip else ''}")
     return model, weights
 
 
 def _checked_folders(cfg: Config, datasets: list[DatasetInfo], model: torch.nn.Module | None,
-                     weights: DetectorWeights | None) -> tuple[list[str], list[str] | None]:
+                     weights: DetectorWeights | None, say=print) -> tuple[list[str], list[str] | None]:
     """Each test set's results folder name, after checking its classes are the model's (or a
     subset of them, scored by name: said here); and the model's class names when known."""
     from detection.evaluation.classes import model_class_names, subset_note, label_map_for_test_set
@@ -197,7 +215,7 @@ def _checked_folders(cfg: Config, datasets: list[DatasetInfo], model: torch.nn.M
         names, source = model_class_names(weights, cfg.model.class_names)
         for dataset in datasets:
             if label_map_for_test_set(dataset.name, dataset.class_names, names, cfg.model.num_classes, source):
-                print(subset_note(dataset.name, dataset.class_names, names))
+                say(subset_note(dataset.name, dataset.class_names, names))
     return results_subfolders([d.name for d in datasets]), names
 
 
