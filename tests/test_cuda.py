@@ -156,13 +156,21 @@ def test_every_wait_for_the_gpu_in_a_training_step_is_a_counted_host_read():
 
 
 def test_torchrun_one_process_trains_through_ddp(root):
-    """`torchrun --nproc_per_node 1`: the process group (NCCL on CUDA), DDP and the all-reduces."""
+    """`torchrun --nproc_per_node 1`: the process group (NCCL on CUDA), DDP and the all-reduces; then
+    eval.py under torchrun."""
     args = overrides(root, root / "torchrun", **{"solver.max_iter": 2})
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                           str(ROOT / "tools" / "train_det.py"), "--config", str(ROOT / "configs" / "base.yaml"),
                           *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (root / "torchrun" / "model_final.pth").is_file()
+    # and eval.py the same way (Detectron2's --eval-only --num-gpus): the process group, the shard, the gather
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                          str(ROOT / "tools" / "eval.py"), "--config", str(ROOT / "configs" / "base.yaml"),
+                          "--weights", str(root / "torchrun" / "model_final.pth"), *args],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (root / "torchrun" / "inference" / "shapes_val" / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize("extra", [{}, {"test.box_refinement.enabled": True, "test.multi_scale.enabled": True},
