@@ -172,7 +172,7 @@ def _read_caffe2(path: Path) -> tuple[dict[str, Tensor], list[str]]:
     if isinstance(blobs, Mapping) and isinstance(blobs.get("blobs"), Mapping):
         blobs = blobs["blobs"]  # Detectron checkpoints: {"blobs": {...}, "cfg": "..."}
     elif isinstance(blobs, Mapping) and isinstance(blobs.get("model"), Mapping):
-        blobs = blobs["model"]  # a Detectron2 model-zoo detector: its names tell (_map_tensors' error)
+        blobs = blobs["model"]  # a Detectron2 model-zoo detector: its names tell (_match's error)
     if not isinstance(blobs, Mapping):
         raise WeightsError(f"{path} holds a {type(blobs).__name__}, not a dict of numpy arrays")
     tensors, others = {}, []

@@ -31,7 +31,7 @@ def hardware_throughput(quick: bool = False, device: str = "cpu") -> dict[str, f
 
 def _throughputs(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv_flops: float,
                  suffix: str) -> dict[str, float]:
-    """matmul_gflops{suffix}, conv3x3_gflops{suffix} and conv3x3_channels_last_gflops{suffix}."""
+    """matmul{suffix}_gflops, conv3x3{suffix}_gflops and conv3x3_channels_last{suffix}_gflops."""
     n = a.shape[0]
     out = {f"matmul{suffix}_gflops": 2 * n**3 / median_time(lambda: a @ b) / 1e9,
            f"conv3x3{suffix}_gflops": conv_flops / median_time(lambda: torch.conv2d(x, w, padding=1)) / 1e9}

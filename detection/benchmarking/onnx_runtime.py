@@ -18,7 +18,7 @@ from detection.testing import compare_detections
 def bench_onnx(plain: torch.nn.Module, images: list[torch.Tensor], args: argparse.Namespace) -> dict[str, Any]:
     """ONNX Runtime running the exported plain path (detection/export/onnx.py) against the fast path
     (PyTorch), interleaved, on the same image with the same number of threads; per image, end
-    to end (ONNX: prepare_image + session.run; PyTorch: model(images)). Also whether each gives
+    to end (ONNX: OnnxDetector, its preprocessing and session.run; PyTorch: model(images)). Also whether each gives
     the plain path's detections."""
     from detection.export.onnx import BOX_TOLERANCE, SCORE_TOLERANCE, OnnxDetector, export_onnx
 

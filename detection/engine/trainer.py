@@ -40,6 +40,7 @@ from detection.engine.startup import (build_test_datasets, build_train_data_load
                                       event_files, final_line, note_stop, schedule_warnings, summary_lines,
                                       undo_unstarted_run)
 from detection.engine.train_state import TrainState, build_train_state, restore_train_state, seed_everything
+from detection.modeling.precision import amp_dtype
 
 # The names other modules and tools import from here, whichever part defines them.
 __all__ = ["GracefulStop", "MetricsLog", "TrainState", "TrainingError", "TrainingInterrupted", "TrainingStopped",
@@ -310,9 +311,9 @@ def _evaluate(run: _Run, log: MetricsLog) -> None:
 
 
 def amp_autocast(enabled: bool, device: torch.device) -> torch.autocast:
-    """solver.amp's autocast: float16 on CUDA, bfloat16 on the CPU."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+    """solver.amp's autocast (precision.amp_dtype: float16 on CUDA, bfloat16 on the CPU); when not
+    enabled, autocast off (also inside a caller's)."""
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=enabled)
 
 
 def run_step(cfg: Config, state: TrainState, model: nn.Module, images: list, targets: list,

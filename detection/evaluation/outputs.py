@@ -49,7 +49,7 @@ def results_subfolder(name: str) -> str:
 
 
 def results_subfolders(names: Sequence[str]) -> list[str]:
-    """`results_subfolder` of each name; ValueError when two test sets would share a folder."""
+    """`results_subfolder` of each name; OutputFolderError when two test sets would share a folder."""
     folders = [results_subfolder(n) for n in names]
     for i, folder in enumerate(folders):
         if folder in folders[:i]:

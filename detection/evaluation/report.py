@@ -1,7 +1,7 @@
 """The evaluation report: one self-contained HTML page (inference/report.html) a person can
 look at instead of reading metrics.json.
 
-    sets = [section_for_test_set(dataset, metrics, detections, pr_png) for each test set]
+    sets = [section_for_test_set(dataset, metrics, detections, pr_curves_png) for each test set]
     write_report("out/inference/report.html", sets, source=..., command=..., config_text=...,
                  metrics_jsonl="out/metrics.jsonl")
 

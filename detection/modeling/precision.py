@@ -48,12 +48,17 @@ def inference_amp(requested: bool, device: torch.device | str) -> bool:
     return False
 
 
+def amp_dtype(device: torch.device | str) -> torch.dtype:
+    """The project's mixed precision on `device` (test.amp, solver.amp): float16 on CUDA (with a
+    GradScaler in training), bfloat16 on the CPU."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
 def autocast(enabled: bool, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on the CPU, float16 on CUDA; a no-op context when not enabled."""
+    """amp_dtype's autocast on `device`; a no-op context when not enabled."""
     if not enabled:
         return contextlib.nullcontext()
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+    return torch.autocast(torch.device(device).type, dtype=amp_dtype(device))
 
 
 def float32(x: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -32,7 +32,7 @@ class DetectorWithTTA(nn.Module):
         self.min_sizes = [int(s) for s in min_sizes]
         self.max_size = int(max_size)
         self.flip = bool(flip)
-        self.train(model.training)  # in the wrapped model's mode (load_model gives eval mode)
+        self.train(model.training)  # in the wrapped model's mode (build_inference_model gives eval mode)
 
     @property
     def class_names(self) -> list[str] | None:

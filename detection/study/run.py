@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from backbones.resnet import build_resnet
+from detection.modeling.model import LOSS_KEYS
 from detection.visualization.plots import read_metrics_jsonl
 from detection.utils.files import atomic_write
 
@@ -107,8 +108,6 @@ def _write_text(path: Path, text: str) -> None:
 
 # ---- one variant's run ----------------------------------------------------------------------
 
-
-LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box")
 
 
 def read_loss_curves(metrics_path: Path) -> dict[str, list[list[float]]]:
