@@ -106,10 +106,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from detection.data import DataError
     from detection.data.catalog import get_datasets
     from detection.evaluation import evaluate_test_sets
-    from detection.evaluation.outputs import (ResultsSource, check_results_folder, claim_results_folder,
-                                             earlier_results)
-    from detection.utils.files import OutputFolderError
-    from detection.engine.distributed import all_gather_object, init_distributed, is_main_process, select_device
+    from detection.evaluation.outputs import ResultsSource, check_results_folder, claim_for_every_process
+    from detection.engine.distributed import init_distributed, is_main_process, select_device
 
     out_root = results_folder(cfg, args)
     given = args.results or args.weights
@@ -127,21 +125,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             check_images=not args.results, exif_orientation=cfg.input.exif_orientation)
     folders, model_classes = _checked_folders(cfg, datasets, model, weights, say)
-    problem = None
-    if is_main_process():
-        for line in earlier_results(out_root, source, folders):
-            print(line)
-        try:
-            claim_results_folder(out_root, source, folders, overwrite=args.overwrite)
-            (out_root / "report.html").unlink(missing_ok=True)  # written again at the end: never a stale page
-        except OutputFolderError as err:
-            problem = str(err)
-        except OSError as err:
-            problem = (f"{out_root / 'report.html'}: cannot be replaced ({err.strerror or err}); --output-dir DIR "
-                       "writes the results elsewhere")
-    problem = next((p for p in all_gather_object(problem) if p), None)  # every process stops with rank 0
-    if problem:
-        raise OutputFolderError(problem)
+    claim_for_every_process(out_root, source, folders, overwrite=args.overwrite, echo=say)
     per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
                                  results=args.results, output_dir=out_root, echo=say, model_classes=model_classes)
     _write_report(cfg, args, datasets, folders, out_root, per_set)

@@ -223,6 +223,31 @@ def claim_results_folder(folder: PathLike, source: ResultsSource, test_sets: Seq
         f.write(json.dumps(record, indent=1) + "\n")
 
 
+def claim_for_every_process(folder: PathLike, source: ResultsSource, test_sets: Sequence[str], *,
+                            overwrite: bool = False, echo=print) -> None:
+    """eval.py's claim of its results folder: the first process (the only one under torchrun
+    that writes) says which earlier results it replaces (`echo`), claims the folder
+    (claim_results_folder) and removes its report.html (written again at the end: never a stale
+    page); its refusal is raised on every process, so none runs on alone."""
+    from detection.utils import comm
+
+    problem = None
+    if comm.is_main_process():
+        for line in earlier_results(folder, source, test_sets):
+            echo(line)
+        try:
+            claim_results_folder(folder, source, test_sets, overwrite=overwrite)
+            (Path(folder) / "report.html").unlink(missing_ok=True)
+        except OutputFolderError as err:
+            problem = str(err)
+        except OSError as err:
+            problem = (f"{Path(folder) / 'report.html'}: cannot be replaced ({err.strerror or err}); --output-dir DIR "
+                       "writes the results elsewhere")
+    problem = next((p for p in comm.all_gather_object(problem) if p), None)
+    if problem:
+        raise OutputFolderError(problem)
+
+
 def _all_test_sets(folder: Path, source: ResultsSource, test_sets: Sequence[str]) -> list[str]:
     """The test sets whose results the folder holds once this run has written its own: those an
     earlier evaluation of the same source recorded (while their folder is still there), then
