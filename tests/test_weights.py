@@ -364,6 +364,23 @@ def test_broken_pickle_names_the_file(tmp_path):
         build_resnet(18, weights=str(path))
 
 
+def test_backbone_weights_with_flipped_bytes_are_refused_naming_the_record(r18_pth, tmp_path):
+    """torch.load does not check the zip's CRC-32s: a bit flipped inside a tensor's bytes loaded as
+    a wrong weight. The record is named (as a detector checkpoint's damage is)."""
+    import zipfile
+
+    with zipfile.ZipFile(r18_pth) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)  # a tensor's data
+    data = bytearray(r18_pth.read_bytes())
+    data[record.header_offset + 30 + len(record.filename) + len(record.extra) + 100] ^= 0x01  # one bit
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=rf"damaged.pth: damaged weights \(the bytes of its record "
+                                           rf"{re.escape(record.filename)} do not match their stored checksum"):
+        build_resnet(18, weights=str(damaged))
+    build_resnet(18, weights=str(r18_pth))  # the undamaged file loads
+
+
 # ---------------------------------------------------------------- through the config
 
 def _detector_config(*overrides):

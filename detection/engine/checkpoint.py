@@ -11,13 +11,13 @@ import logging
 import math
 import random
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
+from backbones.weights import zip_damage
 from detection.utils import comm
 from detection.utils.files import atomic_write
 
@@ -97,19 +97,11 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
 
 
 def verify_checksums(path: Path) -> None:
-    """torch.load does not check the CRC-32 its zip format stores for each record, so a bit
-    flipped on a disk or in a copy loads as a wrong weight. zipfile checks them (about 1 GB/s)."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            return  # not a zip (an old or foreign file): torch.load judges it
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: a damaged checkpoint (cut short or corrupt: {err})") from None
-    if damaged is not None:
-        raise CheckpointError(f"{path}: a damaged checkpoint: the bytes of its record {damaged} do not match their "
-                              "stored checksum (a disk or copy error)")
+    """CheckpointError for a zip whose records are cut short or whose bytes do not match their
+    stored CRC-32 (backbones.weights.zip_damage: torch.load checks neither)."""
+    damage = zip_damage(path)
+    if damage:
+        raise CheckpointError(f"{path}: a damaged checkpoint ({damage})")
 
 
 def load_resume_checkpoint(path: Union[str, Path]) -> dict:
