@@ -53,6 +53,12 @@ def use_tensorboard(setting: "bool | str") -> bool:
     return True
 
 
+def is_evaluation(record: dict) -> bool:
+    """A metrics.jsonl line of an evaluation (test.eval_period): the test sets' metrics at its
+    iteration, without the losses every training line holds."""
+    return "total_loss" not in record
+
+
 class MetricsLog:
     """metrics.jsonl, the run's record (a line every log_period iterations and one per
     evaluation), and with `tensorboard` the same numbers as TensorBoard scalars: event files in

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -15,7 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from detection.config import Config, save_config
-from detection.utils.files import OutputFolderError
+from detection.engine.metrics import is_evaluation
+from detection.utils.files import OutputFolderError, read_metrics_lines
 
 logger = logging.getLogger(__name__)
 
@@ -172,27 +172,14 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     it are logged again by the resumed run, and a line cut short by a kill is dropped."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["iteration"] <= iteration:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
+    lines, _ = read_metrics_lines(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
+    tmp.write_text("".join(line + "\n" for line, record in lines if record["iteration"] <= iteration))
     tmp.replace(path)
 
 
 def evaluation_recorded(path: Path, iteration: int) -> bool:
-    """metrics.jsonl at `path` holds the evaluation of `iteration` (its line without losses)."""
+    """metrics.jsonl at `path` holds the evaluation of `iteration` (metrics.is_evaluation)."""
     if not path.is_file():
         return False
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("iteration") == iteration and "total_loss" not in record:
-            return True
-    return False
+    return any(record["iteration"] == iteration and is_evaluation(record) for _, record in read_metrics_lines(path)[0])

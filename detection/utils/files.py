@@ -8,6 +8,7 @@ files (detection.evaluation); a low module so that both layers can use it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
@@ -107,3 +108,27 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def read_metrics_lines(path: Union[str, os.PathLike]) -> tuple[list[tuple[str, dict]], int]:
+    """metrics.jsonl as training writes it (one JSON object per line, each with its "iteration"):
+    -> ([(line, record), ...] in file order, the number of lines skipped). A line that is not
+    such an object (cut short by a kill, or being written now) is skipped; the readers (the
+    plots, a resume's truncation, the missing-evaluation check) all take the file this way."""
+    kept, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                skipped += 1
+                continue
+            if isinstance(record, dict) and isinstance(record.get("iteration"), (int, float)) \
+                    and not isinstance(record["iteration"], bool):
+                kept.append((line, record))
+            else:
+                skipped += 1
+    return kept, skipped

@@ -10,7 +10,6 @@ no global matplotlib state are involved.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -19,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from detection.utils.files import read_metrics_lines
 
 logger = logging.getLogger(__name__)
 
@@ -50,25 +51,15 @@ def read_metrics_jsonl(path: str | os.PathLike) -> dict[str, tuple[list[int], li
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such metrics file (training writes metrics.jsonl to its output_dir)")
     series: dict[str, tuple[list[int], list[float]]] = {}
-    skipped = 0
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get("iteration"), (int, float)):
-                continue
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    its, values = series.setdefault(key, ([], []))
-                    its.append(int(record["iteration"]))
-                    values.append(float(value))
+    lines, skipped = read_metrics_lines(path)
+    for _, record in lines:
+        for key, value in record.items():
+            if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                its, values = series.setdefault(key, ([], []))
+                its.append(int(record["iteration"]))
+                values.append(float(value))
     if skipped:
-        logger.warning("%s: skipped %d lines that are not json", path, skipped)
+        logger.warning("%s: skipped %d lines that are not metrics records", path, skipped)
     return series
 
 
