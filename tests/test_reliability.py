@@ -229,7 +229,7 @@ def test_two_process_resume_equals_a_straight_run_bit_for_bit(data_root, tmp_pat
 
 
 @pytest.mark.slow  # trains 4 + 2 iterations, evaluating
-def test_an_evaluation_the_run_stopped_in_is_made_on_resume(data_root, tmp_path, monkeypatch):
+def test_an_evaluation_the_run_stopped_in_is_made_on_resume(data_root, tmp_path, monkeypatch, caplog):
     """The evaluation follows the checkpoint of its iteration: a run killed (here: Ctrl-C) while
     it ran resumes from that checkpoint, so --resume makes it before training on; and a run
     stopped in its final evaluation is not taken as finished (Detectron2 evaluates again at the
@@ -258,8 +258,10 @@ def test_an_evaluation_the_run_stopped_in_is_made_on_resume(data_root, tmp_path,
         with pytest.raises(TrainingInterrupted):
             train(cfg)
         assert load_checkpoint(out / "last.pth")["iteration"] == 2 and evaluated(out) == []
+        caplog.clear()
         train(cfg, resume=True)
         assert evaluated(out) == list(range(2, max_iter + 1, 2)), name
+        assert "metrics.jsonl has no evaluation of iteration 2 (the run stopped in it" in caplog.text
         assert (out / "model_final.pth").is_file()
 
 

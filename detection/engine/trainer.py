@@ -262,8 +262,8 @@ def _iterations(run: _Run, bar: tqdm, stop: GracefulStop, log: MetricsLog) -> No
     """Step after step up to solver.max_iter; after each, what its iteration number calls for."""
     state, max_iter = run.state, run.cfg.solver.max_iter
     if state.checkpoint_iteration == state.iteration and _evaluation_missing(run.cfg, state.iteration, run.last.parent):
-        logger.warning("the evaluation at iteration %d did not finish before the run stopped: evaluating now",
-                       state.iteration)
+        logger.warning("metrics.jsonl has no evaluation of iteration %d (the run stopped in it, or test.eval_period "
+                       "changed on this resume): evaluating it now", state.iteration)
         _evaluate(run, log)
     timer = time.perf_counter()
     window = TimeWindow()
