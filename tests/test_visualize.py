@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from detection.visualization.draw import (PALETTE, color_for_label, draw_detections, label_size, place_label, side_by_side,
-                                 text_color_for)
+from detection.visualization.draw import (PALETTE, color_for_label, draw_detections, label_font, label_size,
+                                          place_label, side_by_side, text_color_for)
 
 NAMES = ["circle", "square", "triangle"]
 
@@ -137,13 +137,30 @@ def test_labels_of_boxes_at_the_same_place_go_to_different_rows():
     image = np.zeros((120, 160, 3), np.uint8)
     box = [40.0, 50.0, 120.0, 110.0]  # pixels x 40..119, y 50..109
     out = draw_detections(image, [box, box], [3, 1], [0.7, 0.9], NAMES, score_thresh=0.5)
-    font_scale = float(np.clip(120 / 900.0, 0.35, 0.9))  # draw_detections' for a 120 px image
-    (_, h1), (_, h3) = label_size("circle 0.90", font_scale), label_size("triangle 0.70", font_scale)
+    font = label_font(120, 160)
+    (_, h1), (_, h3) = label_size("circle 0.90", *font), label_size("triangle 0.70", *font)
     # column 41: the labels' left padding (the box's left edge is column 40), the bottom edge at row 109
     first = _rows_of(out, color_for_label(1), 41) - {109}
     second = _rows_of(out, color_for_label(3), 41)
     assert first == set(range(50 - h1, 50))  # the higher score: above the box
     assert second == set(range(50, 50 + h3))  # the other: inside its top, not over the first
+
+
+def _label_height(image_hw, colour=color_for_label(1)):
+    """Rows of the filled label above a box drawn at the image's centre, measured on the drawing."""
+    height, width = image_hw
+    box = [width * 0.3, height * 0.4, width * 0.7, height * 0.8]
+    out = draw_detections(np.zeros((height, width, 3), np.uint8), [box], [1], [0.9], NAMES, score_thresh=0.5)
+    return len(_rows_of(out, colour, int(box[0]) + 1) & set(range(int(box[1]))))
+
+
+def test_labels_keep_their_size_relative_to_the_image():
+    # A 12-megapixel phone photo shown whole on a screen (shrunk about 4x) must keep labels as
+    # legible as a 750-px image's: the label's height follows the image, not a fixed pixel cap.
+    small, large = _label_height((750, 1000)), _label_height((3000, 4000))
+    assert small >= 15
+    assert 3 * small <= large <= 4.5 * small  # 4x the side; the fixed padding makes it a little less
+    assert _label_height((60, 80)) >= 8  # tiny images keep readable text (the 0.35 floor)
 
 
 def test_the_highest_scoring_box_is_drawn_last():

@@ -80,7 +80,7 @@ def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any 
         order = [i for i in np.argsort(scores, kind="stable") if scores[i] >= score_thresh]
     order = [i for i in order if np.isfinite(boxes[i]).all()]
     height, width = image.shape[:2]
-    font_scale = float(np.clip(min(height, width) / 900.0, 0.35, 0.9))
+    font = label_font(height, width)
     thickness = max(1, round(min(height, width) / 320))
     corners = {i: _pixel_corners(boxes[i], width, height) for i in order}
     for i in order:  # all boxes first, so that no box line crosses a label
@@ -91,9 +91,9 @@ def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any 
              for i in order}
     spots: dict[int, tuple[int, int, int, int]] = {}
     for i in (order if scores is None else order[::-1]):  # the highest score picks its place first
-        spots[i] = place_label(label_size(texts[i], font_scale), corners[i], (height, width), list(spots.values()))
+        spots[i] = place_label(label_size(texts[i], *font), corners[i], (height, width), list(spots.values()))
     for i in order:  # and is drawn last, on top of any label it could not avoid
-        _draw_label(image, texts[i], spots[i], color_for_label(labels[i]), font_scale)
+        _draw_label(image, texts[i], spots[i], color_for_label(labels[i]), *font)
     return image
 
 
@@ -125,9 +125,18 @@ def _pixel_corners(box: np.ndarray, width: int, height: int) -> tuple[tuple[int,
 _LABEL_PAD = 2  # pixels between the label's text and the edge of its filled box
 
 
-def label_size(text: str, font_scale: float) -> tuple[int, int]:
+def label_font(height: int, width: int) -> tuple[float, int]:
+    """(font scale, stroke in pixels) of the labels on an image of (height, width): in proportion
+    to its shorter side (scale 1 at 900 px, text about 2.4% of it high), so that a 12-megapixel
+    phone photo shown whole on a screen has labels as legible as a 900-px image (a fixed size
+    would shrink to a few screen pixels); at least 0.35 (text about 8 px) on small images."""
+    scale = max(0.35, min(height, width) / 900.0)
+    return scale, max(1, round(scale))
+
+
+def label_size(text: str, font_scale: float, stroke: int = 1) -> tuple[int, int]:
     """(width, height) in pixels of the filled box `_draw_label` draws for `text`."""
-    (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, font_scale, 1)
+    (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, font_scale, stroke)
     return text_w + 2 * _LABEL_PAD, text_h + baseline + 2 * _LABEL_PAD
 
 
@@ -164,13 +173,13 @@ def _overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _draw_label(image: np.ndarray, text: str, rect: tuple[int, int, int, int], color: tuple[int, int, int],
-                font_scale: float) -> None:
+                font_scale: float, stroke: int) -> None:
     """The filled label box `rect` (from place_label) in the class colour, with its text."""
     left, top, right, bottom = rect
-    (_, text_h), _ = cv2.getTextSize(text, _FONT, font_scale, 1)
+    (_, text_h), _ = cv2.getTextSize(text, _FONT, font_scale, stroke)
     cv2.rectangle(image, (left, top), (right - 1, bottom - 1), color, thickness=cv2.FILLED)
     cv2.putText(image, text, (left + _LABEL_PAD, top + _LABEL_PAD + text_h), _FONT, font_scale,
-                text_color_for(color), 1, lineType=cv2.LINE_AA)
+                text_color_for(color), stroke, lineType=cv2.LINE_AA)
 
 
 def _class_name(label: int, class_names: Sequence[str]) -> str:
@@ -186,8 +195,8 @@ def side_by_side(left: np.ndarray, right: np.ndarray, titles: Sequence[str] | No
     if titles is not None:
         if len(titles) != 2:
             raise ValueError(f"side_by_side: need 2 titles, got {len(titles)}")
-        font_scale = float(np.clip(max(left.shape[0], right.shape[0]) / 900.0, 0.4, 0.9))
-        (_, text_h), baseline = cv2.getTextSize("Ag", _FONT, font_scale, 1)
+        font_scale, stroke = label_font(max(left.shape[0], right.shape[0]), max(left.shape[1], right.shape[1]))
+        (_, text_h), baseline = cv2.getTextSize("Ag", _FONT, font_scale, stroke)
         bar = text_h + baseline + 8
     height = bar + max(left.shape[0], right.shape[0])
     canvas = np.full((height, left.shape[1] + gap + right.shape[1], 3), 255, dtype=np.uint8)
@@ -196,7 +205,7 @@ def side_by_side(left: np.ndarray, right: np.ndarray, titles: Sequence[str] | No
         if titles is not None:
             canvas[:bar, x0:x0 + image.shape[1]] = (40, 40, 40)
             cv2.putText(canvas, str(titles[k]), (x0 + 4, bar - baseline - 4), _FONT, font_scale,
-                        (255, 255, 255), 1, lineType=cv2.LINE_AA)
+                        (255, 255, 255), stroke, lineType=cv2.LINE_AA)
     return canvas
 
 
