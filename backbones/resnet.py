@@ -11,6 +11,7 @@ hoisting res5's first 1x1 conv) find layers by them.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from backbones.weights import load_weights
+
+logger = logging.getLogger(__name__)
 
 STAGE_NAMES = ("stem", "res2", "res3", "res4", "res5")
 STAGE_STRIDES = {"stem": 4, "res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -267,6 +270,9 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_options(depth, norm, freeze_at, shortcut, residual, stride_in_1x1)
+        if stride_in_1x1 and RESNET_SPECS[depth][0] == "basic":  # as Detectron2, ignored; but said, not silent
+            logger.warning("stride_in_1x1 has no effect on ResNet-%d: its basic blocks have no 1x1 convolution "
+                           "(the stride is in the first 3x3)", depth)
         self.depth, self.norm, self.stride_in_1x1 = depth, norm, stride_in_1x1
         self.shortcut_option, self.residual, self.freeze_at = shortcut, residual, 0
         self.out_features = out_features

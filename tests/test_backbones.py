@@ -115,6 +115,15 @@ def test_stride_in_1x1_places_the_bottleneck_stride(stride_in_1x1, conv1_stride,
         assert first.shortcut[0].stride == (2, 2)
 
 
+@pytest.mark.parametrize("depth, warned", [(18, True), (34, True), (50, False)])
+def test_stride_in_1x1_on_basic_blocks_is_said_to_do_nothing(depth, warned, caplog):
+    # A Detectron2 / MSRA config (stride_in_1x1 true) cut down to R18 keeps the setting: it cannot
+    # act on a block without a 1x1 convolution, and the user is told rather than left to believe it did.
+    with caplog.at_level("WARNING", logger="backbones.resnet"):
+        meta_resnet(depth, stride_in_1x1=True)
+    assert any("stride_in_1x1 has no effect" in r.getMessage() for r in caplog.records) == warned
+
+
 def test_block_attributes_follow_the_interface():
     model = meta_resnet(50)
     block = model.res4[0]
