@@ -163,6 +163,7 @@ def test_export_tool_writes_and_checks_the_file(tmp_path, capsys, restore_loggin
     metadata = read_metadata(tmp_path / "m.onnx")
     assert (metadata["min_size_test"], metadata["max_size_test"], metadata["resize_mode"]) == (64, 96, "default")
     assert metadata["class_names"] == ["circle", "square", "triangle"]  # the training data's, via the checkpoint
+    assert metadata["exif_orientation"] is True  # the config's input.exif_orientation, for the runtime's reader
     code, _, err = run_main(tool, [*base, "--output", tmp_path / "r.onnx", *overrides,
                                    "test.box_refinement.enabled=true"], capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: ONNX export: box"), err
@@ -254,6 +255,32 @@ def test_the_file_carries_its_preprocessing_and_the_detector_reads_it(tmp_path):
     assert not compare_detections(ref, old_way, box_tolerance=1e-2, score_tolerance=1e-4)["equal"]
     with pytest.raises(ValueError, match=r"OnnxDetector: resize_mode='bilinear', expected one of"):
         OnnxDetector(path, resize_mode="bilinear")  # the caller's value, not the file's metadata
+
+
+@pytest.mark.slow
+def test_a_path_is_read_as_the_models_images_were(tmp_path):
+    """A phone photo (stored landscape, EXIF tag 6: viewed portrait) given by path is read as the
+    model's images were, per the file's exif_orientation, as the Predictor reads a path."""
+    needs_onnx()
+    from PIL import Image
+
+    from detection.data.image_io import read_image
+
+    model = make_model(score_thresh_test=0.0).eval()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+    photo = tmp_path / "phone.png"  # lossless, so the two reads below see the same pixels
+    Image.fromarray(images((60, 100), seed=5)[0].permute(1, 2, 0).numpy()).save(photo, exif=exif.tobytes())
+    outputs = {}
+    for turned in (True, False):
+        path = export_onnx(model, tmp_path / f"turned_{turned}.onnx", example_size=(64, 64), exif_orientation=turned)
+        detector = OnnxDetector(path)
+        assert read_metadata(path)["exif_orientation"] is turned and detector.exif_orientation is turned
+        outputs[turned] = detector(photo)
+        expected = detector(read_image(str(photo), exif_orientation=turned))
+        assert len(expected["boxes"]) > 0 and compare_detections(expected, outputs[turned])["equal"]
+    # boxes in the viewed (portrait, 100 high and 60 wide) frame, or the stored one
+    assert outputs[True]["boxes"][:, 2].max() <= 60 < outputs[False]["boxes"][:, 2].max()
 
 
 def test_the_preprocessing_needs_no_pytorch():

@@ -26,7 +26,7 @@ MAY_IMPORT = {
     "detection.config": {"detection.data.catalog"},  # the data-set entries' one table, imported where used
     "detection.data": {"detection.modeling.resize", "detection.utils"},
     "detection.evaluation": {"detection.data", "core", "detection.utils", "detection.visualization"},
-    "detection.export": {"core", "detection.utils"},
+    "detection.export": {"core", "detection.data.image_io", "detection.utils"},  # a path read as training reads it
     "detection.engine": {"detection.evaluation", "detection.data", "core", "detection.config", "detection.utils"},
     "top": {"detection.engine", "detection.config", "detection.data", "core", "detection.utils"},
     "detection.study": {"detection.engine", "detection.config", "core", "detection.visualization", "detection.utils"},

@@ -95,7 +95,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     if getattr(model, "amp", False):
         print("exporting in float32 (test.amp is a PyTorch autocast setting)")
         model.amp = False
-    path = export_onnx(model, args.output)
+    path = export_onnx(model, args.output, exif_orientation=cfg.input.exif_orientation)
     print(f"wrote {path} (inputs: image uint8 (1, 3, H, W) RGB resized to shorter side {model.min_size_test}, "
           f"longer at most {model.max_size_test}, resize_mode {model.resize_mode}; original_size int64 (2,); "
           "all in the file's metadata_props: detection.export.preprocess.preprocess reads them)")

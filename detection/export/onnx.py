@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from detection.data.image_io import read_image
 from detection.modeling.model import FasterRCNN, rescale_detections
 from detection.export.preprocess import METADATA_VERSION, preprocess, read_metadata, resize_to_inputs
 from detection.modeling.resize import RESIZE_MODES, resized_shape
@@ -86,13 +87,14 @@ class ExportableDetector(nn.Module):
 
 
 def export_onnx(model: FasterRCNN, path: str | Path, example_size: tuple[int, int] | None = None,
-                opset: int = OPSET) -> Path:
+                opset: int = OPSET, *, exif_orientation: bool = True) -> Path:
     """Write `model`'s inference (the plain path, eval mode, on the CPU) to an ONNX file with
     dynamic height and width, by the TorchScript-based exporter (`torch.onnx.export(...,
     dynamo=False)`), which traces the torchvision ops to their ONNX symbolics as torchvision's
     own detection models do. `example_size` is the traced image's (H, W) (default: the test
     size of a 4:3 image); the file works at any size. The file carries runtime_metadata(model)
-    in its metadata_props and is written whole or not at all."""
+    in its metadata_props and is written whole or not at all. `exif_orientation`: how the
+    model's images were read (the config's input.exif_orientation), recorded for the runtime."""
     model = model.cpu().eval()
     wrapper = ExportableDetector(model).eval()
     if example_size is None:
@@ -109,11 +111,11 @@ def export_onnx(model: FasterRCNN, path: str | Path, example_size: tuple[int, in
         torch.onnx.export(wrapper, (image, torch.tensor(example_size, dtype=torch.int64)), buffer,
                           dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
                           output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, do_constant_folding=True)
-    _write_with_metadata(buffer.getvalue(), path, runtime_metadata(model))
+    _write_with_metadata(buffer.getvalue(), path, runtime_metadata(model, exif_orientation))
     return path
 
 
-def runtime_metadata(model: FasterRCNN) -> dict[str, str]:
+def runtime_metadata(model: FasterRCNN, exif_orientation: bool = True) -> dict[str, str]:
     """What a runtime needs to feed the file, as ONNX metadata_props (strings; numbers and
     lists as JSON): the keys of detection.export.preprocess.METADATA."""
     heads = model.roi_heads
@@ -122,7 +124,7 @@ def runtime_metadata(model: FasterRCNN) -> dict[str, str]:
               "pixel_mean": model.pixel_mean.flatten().tolist(), "pixel_std": model.pixel_std.flatten().tolist(),
               "size_divisibility": model.size_divisibility, "class_names": list(names),
               "score_thresh_test": heads.score_thresh_test, "nms_thresh_test": heads.nms_thresh_test,
-              "detections_per_image": heads.detections_per_image}
+              "detections_per_image": heads.detections_per_image, "exif_orientation": bool(exif_orientation)}
     return {"c4det_metadata_version": METADATA_VERSION, "resize_mode": model.resize_mode, "input_format": "RGB",
             "weights_input_format": model.input_format, **{k: json.dumps(v) for k, v in values.items()}}
 
@@ -174,10 +176,19 @@ class OnnxDetector:
         self.metadata = read_metadata(raw, name=str(path))
         self.class_names: list[str] | None = self.metadata.get("class_names")
 
-    def __call__(self, image: Tensor | np.ndarray, input_format: str = "RGB") -> dict[str, Tensor]:
+    def __call__(self, image: Tensor | np.ndarray | str | Path, input_format: str = "RGB") -> dict[str, Tensor]:
         """image: uint8 (H, W, 3) array or (3, H, W) tensor, channels in `input_format` order
-        (cv2.imread gives "BGR")."""
+        (cv2.imread gives "BGR"); or an image file's path, read as the model's images were
+        (turned by its EXIF tag unless the file's metadata says exif_orientation false), as the
+        Predictor reads a path."""
+        if isinstance(image, (str, Path)):
+            image, input_format = read_image(str(image), exif_orientation=self.exif_orientation), "RGB"
         return self.run(self.prepare(image, input_format))
+
+    @property
+    def exif_orientation(self) -> bool:
+        """How the model's images were read; a file exported before it said so: true (the default)."""
+        return bool(self.metadata.get("exif_orientation", True))
 
     def prepare(self, image: Tensor | np.ndarray, input_format: str = "RGB") -> dict[str, np.ndarray]:
         """The file's inputs for `image` (detection.export.preprocess.preprocess)."""
@@ -213,8 +224,8 @@ def check_with_onnxruntime(model: FasterRCNN, path: str | Path, images: list[Ten
 
 def _check_exportable(model: nn.Module) -> None:
     if not isinstance(model, FasterRCNN):
-        raise ExportError(f"ONNX export takes the plain FasterRCNN (detection.modeling.model), got {type(model).__name__}: "
-                          "export the model before wrapping it for test-time augmentation")
+        raise ExportError("ONNX export takes the plain FasterRCNN (detection.modeling.model), got "
+                          f"{type(model).__name__}: export the model before wrapping it for test-time augmentation")
     if model.roi_heads.res5_runner is not None:
         raise ExportError("ONNX export takes the plain path: build the model without model.fast_path "
                           "(its gather pooling has no ONNX op; the plain path gives the same detections)")

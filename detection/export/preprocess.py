@@ -50,6 +50,8 @@ METADATA: dict[str, tuple[type, str]] = {
     "score_thresh_test": (float, "detections below this score are dropped (in the graph)"),
     "nms_thresh_test": (float, "per-class NMS IoU (in the graph)"),
     "detections_per_image": (int, "at most this many detections (in the graph)"),
+    "exif_orientation": (bool, "the model's images were turned by their EXIF tag as they were read "
+                               "(input.exif_orientation): read yours alike (image_io.read_image)"),
 }
 NEEDED = ("min_size_test", "max_size_test", "resize_mode")
 
