@@ -39,7 +39,8 @@ from torch import Tensor
 
 from detection.config import Config, load_config
 from detection.engine.distributed import select_device
-from detection.engine.loading import DetectorWeights, build_inference_model
+from detection.engine.loading import DetectorWeights
+from detection.engine.inference_model import build_inference_model
 
 ImageInput = Union[str, Path, np.ndarray]
 INPUT_FORMATS = ("RGB", "BGR")

@@ -8,7 +8,7 @@ import torch
 from detection.config import load_config
 from detection.data.catalog import get_datasets
 from detection.data.shapes import generate_shapes
-from detection.engine.loading import build_inference_model
+from detection.engine.inference_model import build_inference_model
 from detection.engine.trainer import train
 from detection.evaluation import evaluate_test_sets
 from detection.study.ablation import APART, TABLE9, select_rows

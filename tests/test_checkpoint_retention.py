@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detection.data.shapes import generate_shapes
-from detection.engine import checkpointing
+from detection.engine import loop_checkpoints
 from detection.engine.checkpoint import CheckpointError, load_checkpoint, load_resume_checkpoint
 from detection.engine.trainer import TrainingError, train
 from tests.helpers import tiny_cfg
@@ -70,21 +70,21 @@ def test_zero_keeps_none(data_root, tmp_path):
 
 def test_a_failed_save_deletes_no_old_checkpoint_and_the_resume_goes_on(data_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_save = checkpointing.save_checkpoint
+    real_save = loop_checkpoints.save_checkpoint
 
     def save(state, path):  # the disk fills up while model_0000003.pth is written
         if Path(path).name == "model_0000003.pth":
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(state, path)
 
-    monkeypatch.setattr(checkpointing, "save_checkpoint", save)
+    monkeypatch.setattr(loop_checkpoints, "save_checkpoint", save)
     with pytest.raises(TrainingError, match=r"could not write \S*model_0000003.pth at iteration 3 \(No space left "
                                             r"on device\); training stopped, the last good checkpoint \S*last.pth "
                                             r"\(iteration 2\) is kept"):
         train(tiny_cfg(data_root, out, **KEEP_TWO))
     assert periodic(out) == ["model_0000001.pth", "model_0000002.pth"]  # none deleted
     assert load_resume_checkpoint(out / "last.pth")["iteration"] == 2
-    monkeypatch.setattr(checkpointing, "save_checkpoint", real_save)  # the disk has room again
+    monkeypatch.setattr(loop_checkpoints, "save_checkpoint", real_save)  # the disk has room again
     train(tiny_cfg(data_root, out, **KEEP_TWO), resume=True)
     assert periodic(out) == ["model_0000003.pth", "model_0000004.pth"]  # the run's older ones pruned
 

@@ -23,7 +23,7 @@ from detection.config import load_config
 from detection.data.catalog import get_datasets
 from detection.data.shapes import generate_shapes
 from detection.engine.checkpoint import load_checkpoint
-from detection.engine.loading import build_inference_model
+from detection.engine.inference_model import build_inference_model
 from detection.engine.trainer import train
 from detection.evaluation import evaluate_test_sets
 from detection.testing import DeviceWaits, HostReads

@@ -9,7 +9,7 @@ import torch
 
 from detection.accel import inference_plan, optimize_for_inference, optimize_for_training
 from detection.accel.onednn import FusedBottleneck, FusedStem
-from detection.engine.loading import accel_levers, prepare_for_inference
+from detection.engine.inference_model import accel_levers, prepare_for_inference
 from detection.engine.trainer import GracefulStop
 from detection.export.onnx import ExportableDetector
 from detection.modeling.model import build_model

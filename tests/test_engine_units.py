@@ -203,7 +203,7 @@ def test_a_schedule_cut_short_is_warned_of_and_repeated_steps_are_refused():
 
 def test_accel_levers_with_the_fast_path_off_are_said_to_do_nothing():
     from detection.config import load_config
-    from detection.engine.loading import levers_without_fast_path
+    from detection.engine.inference_model import levers_without_fast_path
 
     off = load_config(None, ["model.fast_path=false", "accel.sync_free_postprocess=true", "accel.compile=default"])
     assert levers_without_fast_path(off) == ("accel.sync_free_postprocess, accel.compile: levers of the fast path, "

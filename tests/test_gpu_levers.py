@@ -21,7 +21,7 @@ from detection.accel.graphs import PaddedRes5, bucket
 from detection.accel.levers import CompiledModule, compile_runner_head
 from detection.accel.plan import ToChannelsLast
 from detection.config import ConfigError
-from detection.engine.loading import accel_levers, prepare_for_inference
+from detection.engine.inference_model import accel_levers, prepare_for_inference
 from detection.modeling.model import build_model
 from detection.modeling import syncfree
 from detection.modeling.syncfree import grid_batched_nms

@@ -5,8 +5,8 @@ import torch
 
 from detection.config import config_to_dict, load_config
 from detection.engine.checkpoint import CheckpointError, save_checkpoint
-from detection.engine.loading import (DetectorWeights, build_inference_model, check_model_settings,
-                                      load_initial_weights, read_detector_file)
+from detection.engine.loading import DetectorWeights, load_initial_weights, read_detector_file
+from detection.engine.inference_model import build_inference_model, check_model_settings
 from detection.modeling.model import build_model
 
 TINY = ["model.num_classes=3", "model.backbone.depth=18", "model.backbone.norm=gn", "model.backbone.weights=null",

@@ -11,7 +11,7 @@ import pytest
 
 from detection.config import config_to_dict, load_config
 from detection.data.catalog import KNOWN_DATASETS, entry_problem, get_dataset
-from detection.engine.loading import MODEL_KEYS
+from detection.engine.inference_model import MODEL_KEYS
 from tests.helpers import ROOT
 
 ALL_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

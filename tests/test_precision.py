@@ -63,7 +63,8 @@ def test_amp_runs_the_convolutions_in_bfloat16_and_decodes_in_float32(fast):
 
 def test_the_config_switch_reaches_the_model(flags, tmp_path):
     from detection.config import load_config
-    from detection.engine.loading import DetectorWeights, build_inference_model
+    from detection.engine.loading import DetectorWeights
+    from detection.engine.inference_model import build_inference_model
 
     flags("avx512_bf16")
     model = make_model()

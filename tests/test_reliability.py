@@ -425,7 +425,7 @@ def test_weights_that_diverged_under_a_finite_loss_are_never_saved(data_root, tm
 
 
 def test_eval_of_a_diverged_checkpoint_says_the_weights_are_broken_not_the_config(tmp_path):
-    from detection.engine.loading import build_inference_model
+    from detection.engine.inference_model import build_inference_model
     from detection.modeling.model import build_model
 
     cfg = load_config(None, ["model.backbone.depth=18", "model.num_classes=3", "model.backbone.norm=bn",

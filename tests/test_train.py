@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from detection.config import load_config, save_config
 from detection.data.shapes import generate_shapes
 from detection.engine.checkpoint import load_checkpoint
-from detection.engine.loading import build_inference_model
+from detection.engine.inference_model import build_inference_model
 from detection.engine.trainer import TrainingError, train
 from detection.modeling.model import build_model
 from tests.helpers import load_tool, run_main, tiny_cfg, tiny_overrides

@@ -129,7 +129,7 @@ def test_training_evaluates_the_model_as_eval_py_runs_its_checkpoint(tmp_path, m
     import detection.evaluation as evaluation
     from detection.data.image_io import read_image
     from detection.data.shapes import generate_shapes
-    from detection.engine.loading import build_inference_model
+    from detection.engine.inference_model import build_inference_model
     from detection.engine.trainer import train
     from tests.helpers import tiny_overrides
 

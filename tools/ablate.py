@@ -161,7 +161,7 @@ def evaluate_row(cfg: Config, weights: str, datasets: list, device: torch.device
     evaluated on the test sets (results under `where`) -> the first set's AP, AP50, AP75 and
     the median seconds per image."""
     from detection.benchmarking.models import TimedModel
-    from detection.engine.loading import build_inference_model
+    from detection.engine.inference_model import build_inference_model
     from detection.evaluation import evaluate_test_sets
     from detection.evaluation.classes import model_class_names
 

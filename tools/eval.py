@@ -177,7 +177,7 @@ def _silent(*args, **kwargs) -> None:
 
 def _model(cfg: Config, weights_path: str, device: torch.device, explicit: list[str], say=print
            ) -> tuple[torch.nn.Module, DetectorWeights]:
-    from detection.engine.loading import build_inference_model
+    from detection.engine.inference_model import build_inference_model
 
     model, weights = build_inference_model(cfg, weights_path, device, explicit)
     if cfg.test.aug.enabled:

@@ -75,7 +75,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     import torch
 
     from backbones.errors import WeightsError
-    from detection.engine.loading import build_inference_model
+    from detection.engine.inference_model import build_inference_model
     from detection.export.onnx import export_onnx
 
     if not Path(args.weights).expanduser().exists():

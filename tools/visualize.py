@@ -128,7 +128,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
     device = select_device(cfg.device, cfg.tf32)
     model, weights = None, None
     if args.weights:  # read once: the weights and the class names training saved with them
-        from detection.engine.loading import build_inference_model
+        from detection.engine.inference_model import build_inference_model
 
         model, weights = build_inference_model(cfg, args.weights, device, override_keys(args))
     items, class_names, crowd = _inputs(cfg, args, weights)

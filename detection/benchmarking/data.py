@@ -51,11 +51,11 @@ def bench_loader(cfg: Config, train_ds: Any, args: argparse.Namespace) -> dict[s
 
 def bench_eval(args: argparse.Namespace, val_ds: Any) -> dict[str, Any]:
     """The library's one test-set loop (evaluate_test_sets) on the validation images, with the
-    model prepared as tools/eval.py prepares it (detection.engine.loading.prepare_for_inference:
+    model prepared as tools/eval.py prepares it (detection.engine.inference_model.prepare_for_inference:
     the fast path, test.amp and test-time augmentation as configured) and the config's loader
     workers (decoding overlaps the model): images to metrics and files; then the saved results
     scored again without the model, which is the metrics' share."""
-    from detection.engine.loading import prepare_for_inference
+    from detection.engine.inference_model import prepare_for_inference
     from detection.evaluation import evaluate_test_sets
     from detection.modeling.tta import DetectorWithTTA
 

@@ -39,7 +39,7 @@ def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None) -
 def as_the_tools_run_it(cfg: Config, model: nn.Module) -> nn.Module:
     """A training model's weights in the detector build_inference_model would give for its
     checkpoint (the training model, which may hold the fast path's training form, is not touched)."""
-    from detection.engine.loading import prepare_for_inference
+    from detection.engine.inference_model import prepare_for_inference
     from detection.modeling.model import build_model
 
     cfg = copy.deepcopy(cfg)

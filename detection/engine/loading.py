@@ -1,9 +1,9 @@
 """Detector weights from any file a user has: this project's checkpoints, Detectron2's
-trainer `.pth` and model-zoo `.pkl` files; and the one way to get a ready model from them.
+trainer `.pth` and model-zoo `.pkl` files, read and loaded into a model (a ready model for
+inference from them: detection/engine/inference_model.py).
 
     weights = read_detector_file("model_final_721ade.pkl")     # DetectorWeights, our names
     load_detector_weights(model, weights)                        # strict: every tensor placed
-    model, weights = build_inference_model(cfg, "model_final.pth", device)
 
 The format is recognised from the content, not the suffix: a zip archive is read with
 torch.load(weights_only=True); any other pickle first with the restricted numpy-only
@@ -17,11 +17,10 @@ label set (`allow_new_classes`) re-initialises the class-specific layers, and sa
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -32,8 +31,7 @@ from detection.engine.checkpoint import CheckpointError, non_finite_tensors, ver
 from detection.engine.detectron2 import convert_detectron2_state, is_detectron2_state
 
 if TYPE_CHECKING:
-    from detection.accel import Levers
-    from detection.config import BackboneConfig, Config
+    from detection.config import BackboneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -280,111 +278,3 @@ def _load_backbone_into_detector(model: nn.Module, source: str, bb: BackboneConf
         raise WeightsError(f"{source}: backbone key {missing[0]} has no place in the detector")
     model.load_state_dict(mapped, strict=False)
     logger.info("loaded backbone weights %s into trunk and res5", source)
-
-
-# The settings that make a trained model what it is (not test-time settings): a checkpoint
-# of this project saves its training config, and evaluating it with other values of these
-# runs and gives wrong numbers (e.g. RGB ImageNet normalisation on a BGR MSRA-trained model).
-MODEL_KEYS = ("model.num_classes", "model.input_format", "model.pixel_mean", "model.pixel_std",
-              "model.backbone.depth", "model.backbone.norm", "model.backbone.stride_in_1x1",
-              "model.backbone.shortcut", "model.backbone.residual", "model.anchors.sizes",
-              "model.anchors.aspect_ratios", "model.anchors.stride", "model.roi_heads.pooler",
-              "model.roi_heads.pooler_resolution", "model.roi_heads.bbox_reg_weights",
-              "model.roi_heads.global_context")
-
-
-def check_model_settings(cfg: Config, weights: DetectorWeights, explicit: Sequence[str] = ()) -> None:
-    """CheckpointError when the config's model settings differ from those the checkpoint was
-    trained with, except for keys in `explicit` (set on the command line: deliberate)."""
-    if not weights.config:
-        return
-    for key in MODEL_KEYS:
-        saved, ours = _lookup(weights.config, key), _lookup(cfg, key)
-        if key in explicit or saved is None or _same(saved, ours):
-            continue
-        raise CheckpointError(f"{weights.path} was trained with {key}={saved!r} but the config has {ours!r}: "
-                              f"use the config it was trained with (config.yaml beside it), or give "
-                              f"{key}=... on the command line to change it deliberately")
-
-
-def _lookup(tree: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else getattr(tree, part, None)
-        if tree is None:
-            return None
-    return tree
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(a)))
-    return a == b
-
-
-def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights], device: torch.device,
-                          explicit: Sequence[str] = ()) -> tuple[nn.Module, DetectorWeights]:
-    """The config's detector with `weights` loaded, on device, in eval mode: with
-    model.fast_path its detection.accel copy (same detections, faster); with test.aug.enabled
-    wrapped in detection.modeling.tta.DetectorWithTTA. The one way tools and the Predictor get a model.
-    The config's model settings must be those the checkpoint was trained with, except the keys
-    in `explicit` (given on the command line, so changed deliberately)."""
-    from detection.modeling.model import build_model
-
-    if not isinstance(weights, DetectorWeights):
-        read = read_detector_file(weights)
-        if read is None:
-            raise CheckpointError(f"{weights}: holds no detector (backbone weights?); evaluation needs a "
-                                  "trained detector: a model_final.pth of tools/train_det.py or a "
-                                  "Detectron2 model-zoo file")
-        weights = read
-    check_model_settings(cfg, weights, explicit)
-    cfg = copy.deepcopy(cfg)
-    cfg.model.backbone.weights = None  # the checkpoint holds every weight; no ImageNet file needed
-    model = build_model(cfg)
-    load_detector_weights(model, weights)
-    if weights.class_names:
-        model.class_names = list(weights.class_names)
-    unused = levers_without_fast_path(cfg)
-    if unused:
-        logger.warning("%s", unused)
-    return prepare_for_inference(cfg, model, device), weights
-
-
-def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
-                          chunk_size: int | str = "auto") -> nn.Module:
-    """A built detector as the tools run it: on device, in eval mode, `test.amp` set, the
-    fast copy with model.fast_path (`chunk_size` RoIs per res5 call; "auto": by the pooler
-    resolution, detection.accel.CHUNK_BINS), wrapped for test-time
-    augmentation with test.aug.enabled. build_inference_model ends here; so does
-    tools/benchmark.py's evaluation timing, so it times what tools/eval.py runs."""
-    from detection.modeling.precision import inference_amp
-    from detection.modeling.tta import build_tta
-
-    model = model.to(device).eval()
-    model.amp = inference_amp(cfg.test.amp, device)
-    if cfg.model.fast_path:
-        from detection.accel import optimize_for_inference
-
-        model = optimize_for_inference(model, chunk_size=chunk_size, levers=accel_levers(cfg))
-    return build_tta(cfg, model)
-
-
-def levers_without_fast_path(cfg: Config) -> str | None:
-    """A warning when the config turns on accel levers that model.fast_path: false leaves unused."""
-    if cfg.model.fast_path:
-        return None
-    on = [f"accel.{name}" for name, value in vars(cfg.accel).items() if value]
-    return (f"{', '.join(on)}: levers of the fast path, which model.fast_path: false turns off: they do nothing"
-            if on else None)
-
-
-def accel_levers(cfg: Config) -> Levers:
-    """The config's `accel` group (checked by the config's validate) as the fast path's Levers."""
-    from detection.accel import Levers
-
-    a = cfg.accel
-    mode = ("default" if a.compile else None) if isinstance(a.compile, bool) else a.compile  # true: the default mode
-    return Levers(cuda_channels_last=a.cuda_channels_last, sync_free_postprocess=a.sync_free_postprocess,
-                  compile=mode, cuda_graphs=a.cuda_graphs, cuda_hoist=a.cuda_hoist, cuda_fused_relu=a.cuda_fused_relu)

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 class GracefulStop:
     """SIGTERM / SIGINT while training: note the signal, let the current iteration finish,
-    then save last.pth there and stop (checkpointing.stop_gracefully). A second signal during
+    then save last.pth there and stop (loop_checkpoints.stop_gracefully). A second signal during
     that save is noted and does not interrupt it (the save is atomic anyway); a second one at
     any other moment stops at once, as Ctrl-C does. Handlers are installed only in the main
     thread and the previous ones put back on exit."""

@@ -149,7 +149,7 @@ def final_line(path: Path, iteration: int) -> str:
 
 def note_stop(err: BaseException, iteration: int, kept: str) -> None:
     """An error that stops the loop (a bad image in a loader worker, a failed evaluation) gets
-    a note saying which checkpoint the run left (`kept`: checkpointing.what_is_kept): shown under
+    a note saying which checkpoint the run left (`kept`: loop_checkpoints.what_is_kept): shown under
     its traceback (Python 3.11+), and by tools/train_det.py on the error's one line."""
     line = f"training stopped at iteration {iteration}, {kept}"
     if hasattr(err, "add_note"):

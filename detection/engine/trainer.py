@@ -5,7 +5,7 @@ and every random state, and the data loader restarts at the same position of its
 sample order, so k iterations + resume to 2k equals 2k straight.
 
 The loop calls its parts explicitly, each in its own module: startup.py (the data sets, the
-loader, the start summary), train_state.py (TrainState, built or restored), checkpointing.py
+loader, the start summary), train_state.py (TrainState, built or restored), loop_checkpoints.py
 (last.pth, model_final.pth), signals.py (GracefulStop), metrics.py (metrics.jsonl,
 TensorBoard), evaluate.py (test.eval_period) and errors.py (how a run stops short).
 """
@@ -26,11 +26,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from detection.config import Config, ConfigError
 from detection.engine import distributed as du
 from detection.engine.checkpoint import load_resume_checkpoint, periodic_checkpoints
-from detection.engine.checkpointing import save_final, save_last, stop_gracefully, what_is_kept
+from detection.engine.loop_checkpoints import save_final, save_last, stop_gracefully, what_is_kept
 from detection.engine.errors import TrainingError, TrainingInterrupted, TrainingStopped
 from detection.engine.evaluate import evaluate
-from detection.engine.loading import (accel_levers, levers_without_fast_path, load_initial_weights,
-                                      read_detector_file)
+from detection.engine.loading import load_initial_weights, read_detector_file
+from detection.engine.inference_model import accel_levers, levers_without_fast_path
 from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use_tensorboard
 from detection.engine.run_config import check_resume_config, record_resume_changes
 from detection.engine.run_folder import RunLock, check_output_dir, evaluation_recorded, prepare_output_dir

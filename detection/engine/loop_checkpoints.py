@@ -1,4 +1,4 @@
-"""The loop's checkpoints (the file format is checkpoint.py's): last.pth with every rank's
+"""The training loop's checkpoints (the file format is checkpoint.py's): last.pth with every rank's
 random states, the periodic model_{iter:07d}.pth kept by solver.keep_checkpoints,
 model_final.pth, the save after a signal, and what a stopped run leaves to resume from."""
 from __future__ import annotations
