@@ -69,8 +69,7 @@ class Res5ROIHeads(nn.Module):
                  score_thresh_test: float = 0.05, nms_thresh_test: float = 0.5,
                  detections_per_image: int = 100, smooth_l1_beta: float = 0.0,
                  box_loss_weight: float = 1.0, global_context: bool = False,
-                 box_refinement: BoxRefinement | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 box_refinement: BoxRefinement | None = None) -> None:
         super().__init__()
         if pooler not in POOLERS:
             raise ValueError(f"Res5ROIHeads: pooler must be one of {', '.join(POOLERS)}, got {pooler!r}")
@@ -91,7 +90,6 @@ class Res5ROIHeads(nn.Module):
         self.detections_per_image = detections_per_image
         self.smooth_l1_beta = smooth_l1_beta
         self.box_loss_weight = box_loss_weight
-        self.generator = generator
         # detection.accel sets this to compute box_features faster (hoisted convs, chunks). It
         # runs self.res5's own weights and is no submodule: no new parameters or state keys.
         self.res5_runner: Callable[[Tensor, list[Tensor]], Tensor] | None = None
@@ -226,7 +224,7 @@ class Res5ROIHeads(nn.Module):
             classes[match_labels == IGNORE] = -1
             matched.append((boxes, matched_idx, classes))
         samples = subsample_batch([classes for _, _, classes in matched], self.batch_size_per_image,
-                                  self.positive_fraction, 0, self.generator)  # one host read for the batch
+                                  self.positive_fraction)  # one host read; the global generator (in last.pth)
         boxes_out, classes_out, gt_out = [], [], []
         for target, (boxes, matched_idx, classes), (pos, neg) in zip(targets, matched, samples):
             gt_boxes = target["boxes"]

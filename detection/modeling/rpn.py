@@ -63,7 +63,7 @@ class RPN(nn.Module):
                  positive_fraction: float = 0.5, pre_nms_topk_train: int = 12000,
                  post_nms_topk_train: int = 2000, pre_nms_topk_test: int = 6000,
                  post_nms_topk_test: int = 300, nms_thresh: float = 0.7, min_size: float = 0.0,
-                 smooth_l1_beta: float = 0.0, generator: torch.Generator | None = None) -> None:
+                 smooth_l1_beta: float = 0.0) -> None:
         super().__init__()
         self.anchor_generator = anchor_generator
         self.head = RPNHead(in_channels, anchor_generator.num_anchors)
@@ -76,7 +76,6 @@ class RPN(nn.Module):
         self.nms_thresh = nms_thresh
         self.min_size = min_size
         self.smooth_l1_beta = smooth_l1_beta
-        self.generator = generator
         self.sync_free = False  # accel.sync_free_postprocess: detection/modeling/syncfree.py (set by detection.accel)
 
     def forward(self, features: Tensor, image_sizes: Sequence[tuple[int, int]],
@@ -104,7 +103,7 @@ class RPN(nn.Module):
         # matching is per image (everything inside is batched over anchors), sampling per batch
         matches = [self.matcher(box_iou(gt, anchors)) for gt in gt_boxes]  # per image (M,), (M,)
         samples = subsample_batch([match_labels for _, match_labels in matches], self.batch_size_per_image,
-                                  self.positive_fraction, 0, self.generator)
+                                  self.positive_fraction)  # the global generator: its state is in last.pth
         all_labels, all_matched = [], []
         for gt, (matched_idx, match_labels), (pos, neg) in zip(gt_boxes, matches, samples):
             labels = torch.full_like(match_labels, -1, dtype=torch.int64)
