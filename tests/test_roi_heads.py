@@ -75,11 +75,11 @@ def test_appended_ground_truth_becomes_foreground():
 
 def test_training_losses_normalization_and_gradients():
     heads = _heads().train()
-    heads.generator = torch.Generator().manual_seed(0)
     targets = _targets()
     features = torch.randn(2, 16, 8, 8, requires_grad=True)
     proposals = [torch.cat([_jittered(t["boxes"][0], 30), _random_proposals(100, s)])
                  for t, s in zip(targets, IMAGE_SIZES)]
+    torch.manual_seed(0)  # the sampling's draws (the global generator), replayed by _box_errors
     dets, losses = heads(features, proposals, IMAGE_SIZES, targets)
     assert dets == [] and set(losses) == {"loss_cls", "loss_box"}
     assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_box"] > 0
@@ -93,9 +93,10 @@ def test_training_losses_normalization_and_gradients():
 
 
 def _box_errors(heads, features, proposals, targets) -> tuple:
-    """|predicted - target| deltas of the foreground RoIs (gt class only) that the heads, reseeded
-    with 0 as before their forward pass, sampled; and the number of sampled RoIs."""
-    heads.generator = torch.Generator().manual_seed(0)
+    """|predicted - target| deltas of the foreground RoIs (gt class only) that the heads sampled
+    in their forward pass (the global generator seeded with 0 before it, and again here); and the
+    number of sampled RoIs."""
+    torch.manual_seed(0)
     boxes, classes, gt_boxes = heads.sample_proposals(proposals, targets)
     with torch.no_grad():
         _, deltas = heads.predictor(heads.box_features(features, boxes))
@@ -114,7 +115,7 @@ def test_box_loss_weight_and_smooth_l1_beta():
     proposals = [torch.cat([_jittered(t["boxes"][0], 30), _random_proposals(100, s)])
                  for t, s in zip(targets, IMAGE_SIZES)]
     heads = _heads(smooth_l1_beta=1.0, box_loss_weight=0.5).train()
-    heads.generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     _, losses = heads(features, proposals, IMAGE_SIZES, targets)
     err, num_rois = _box_errors(heads, features, proposals, targets)
     assert (err < 1).any() and (err >= 1).any()  # both branches of the smooth L1 are exercised
