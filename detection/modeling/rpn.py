@@ -150,12 +150,12 @@ class RPN(nn.Module):
             return syncfree.select_proposals(boxes, top_logits, image_sizes, min_size=self.min_size,
                                              nms_thresh=self.nms_thresh, post_k=post_k)
         proposals = []
-        for boxes_i, scores_i, size in zip(boxes, top_logits, image_sizes):
+        for boxes_i, logits_i, size in zip(boxes, top_logits, image_sizes):
             boxes_i = clip_boxes(boxes_i, size)
             # one nonzero (a host read on CUDA) for all the filters
-            keep = region_mask(boxes_i, scores_i, self.min_size).nonzero().squeeze(1)
-            boxes_i, scores_i = boxes_i[keep], scores_i[keep]
-            keep = first_nms_survivors(boxes_i, scores_i, self.nms_thresh, post_k)
+            keep = region_mask(boxes_i, logits_i, self.min_size).nonzero().squeeze(1)
+            boxes_i, logits_i = boxes_i[keep], logits_i[keep]
+            keep = first_nms_survivors(boxes_i, logits_i, self.nms_thresh, post_k)
             proposals.append(boxes_i[keep])
         return proposals
 

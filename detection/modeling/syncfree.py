@@ -31,19 +31,19 @@ from torchvision.ops import nms
 from detection.modeling.rpn import clip_boxes, region_mask
 
 
-def select_proposals(boxes: Tensor, scores: Tensor, image_sizes: Sequence[tuple[int, int]], *,
+def select_proposals(boxes: Tensor, logits: Tensor, image_sizes: Sequence[tuple[int, int]], *,
                      min_size: float, nms_thresh: float, post_k: int) -> list[Tensor]:
     """Decoded top-k boxes (N, k, 4) and their sorted logits (N, k) -> per image the proposals
     (<= post_k, 4) of RPN.select_proposals."""
     boxes = torch.stack([clip_boxes(b, size) for b, size in zip(boxes, image_sizes)])  # (N, k, 4)
-    valid = region_mask(boxes, scores, min_size)  # (N, k)
+    valid = region_mask(boxes, logits, min_size)  # (N, k)
     boxes = torch.where(valid.unsqueeze(-1), boxes, torch.zeros((), dtype=boxes.dtype, device=boxes.device))
-    scores = torch.where(valid, scores, torch.full((), -math.inf, dtype=scores.dtype, device=scores.device))
+    logits = torch.where(valid, logits, torch.full((), -math.inf, dtype=logits.dtype, device=logits.device))
     prefixes = _prefix_sizes(boxes.shape[1], post_k)
     # the non-regions among each image's first m boxes, for every m NMS may be given: one read
     invalid = (~valid).cumsum(dim=1)[:, [m - 1 for m in prefixes]].tolist() if prefixes else [[]] * len(boxes)
-    return [boxes_i[_first_valid_survivors(boxes_i, scores_i, dict(zip(prefixes, invalid_i)), nms_thresh, post_k)]
-            for boxes_i, scores_i, invalid_i in zip(boxes, scores, invalid)]
+    return [boxes_i[_first_valid_survivors(boxes_i, logits_i, dict(zip(prefixes, invalid_i)), nms_thresh, post_k)]
+            for boxes_i, logits_i, invalid_i in zip(boxes, logits, invalid)]
 
 
 def _prefix_sizes(total: int, k: int) -> list[int]:
