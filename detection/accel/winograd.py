@@ -16,6 +16,9 @@ outputs get the bias, the residual and the ReLU while they are there.
 
 Where the fast path uses it (winograd_convs here for inference, fold.winograd_training_convs
 for training) and what it measured: docs/accel.md.
+
+Shapes: N images, C input and K output channels, an H x W map; P = N * ceil(H/4) * ceil(W/4)
+tiles, T of them in a chunk; 36 = the 6x6 input window's positions, 16 = the 4x4 output tile's.
 """
 from __future__ import annotations
 
@@ -162,10 +165,12 @@ def _winograd(x: Tensor, u: Tensor, bias: Tensor | None, relu: bool, residual: T
     for first in range(0, n * th, step):
         last = min(n * th, first + step)
         tiles = slice(first * tw, last * tw)
-        d = source.index_select(0, gather[:, tiles].reshape(-1))
+        d = source.index_select(0, gather[:, tiles].reshape(-1))  # (36*T, C): the chunk's T input windows
         d.masked_fill_(padding[:, tiles].reshape(-1, 1), 0)
+        # B^T d B for every tile and channel: (36, 36) @ (36, T*C) -> (36, T, C); then the 36 sums
+        # over channels: (36, T, C) @ (36, C, K) -> (36, T, K)
         m = torch.bmm(torch.mm(kin, d.view(WINDOW * WINDOW, -1)).view(WINDOW * WINDOW, -1, c), u)
-        y = torch.mm(kout, m.view(WINDOW * WINDOW, -1)).view(-1, k)
+        y = torch.mm(kout, m.view(WINDOW * WINDOW, -1)).view(-1, k)  # A^T m A: (16, T*K) -> (16*T, K)
         target = scatter[:, tiles].reshape(-1)
         kept = target >= 0
         if not bool(kept.all()):   # tiles reaching past the map: drop those outputs
