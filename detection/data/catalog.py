@@ -19,6 +19,7 @@ import numpy as np
 
 from detection.data import DataError
 from detection.data.dataset_info import DatasetInfo  # re-exported: its old home
+from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def check_image_files(info: DatasetInfo, *, skip: bool) -> None:
     if not bad:
         return
     listing = (f"{info.name}: {len(bad)} of {len(info.records)} images listed in {_listing_file(info)} "
-               f"are missing or empty: {_first(bad)}")
+               f"are missing or empty: {first_few(bad, 3)}")
     if len(bad) == len(info.records):
         raise DataError(f"{listing}; is the image folder right (image_root, or <root>/JPEGImages for VOC)?")
     if not skip:
@@ -199,8 +200,6 @@ def _listing_file(info: DatasetInfo) -> str:
     return info.ann_file or info.name
 
 
-def _first(paths: Sequence[str], limit: int = 3) -> str:
-    return ", ".join(paths[:limit]) + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
 
 
 def _labels_by_name(other: DatasetInfo, first: DatasetInfo) -> DatasetInfo:

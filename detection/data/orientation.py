@@ -21,6 +21,7 @@ from PIL import Image
 
 from detection.data import DataError
 from detection.data.dataset_info import DatasetInfo
+from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def check_image_sizes(info: DatasetInfo, *, skip: bool) -> None:
 def _report_tags(info: DatasetInfo, tagged: Sequence[str]) -> None:
     if not tagged:
         return
-    listing = _first(tagged)
+    listing = first_few(tagged, 3)
     if info.exif_orientation:
         logger.info("%s: %d images carry an EXIF orientation tag; they are read turned as it says, as viewed "
                     "(input.exif_orientation): %s", info.name, len(tagged), listing)
@@ -193,5 +194,3 @@ def _mismatch_hint(mismatched: Sequence[tuple], applied: bool) -> str:
     return "boxes would be misplaced; fix the annotation's width and height (or the image file)"
 
 
-def _first(paths: Sequence[str], limit: int = 3) -> str:
-    return ", ".join(paths[:limit]) + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")

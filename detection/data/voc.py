@@ -30,6 +30,7 @@ import numpy as np
 from detection.data import DataError
 from detection.data.dataset_info import DatasetInfo
 from detection.data.orientation import header_size
+from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +105,8 @@ def _load_records(root: str, split: str, image_ids: list[str], class_to_label: d
         logger.warning("%s split %s: for training, %s; the VOC evaluation scores every box as annotated, as "
                        "the devkit does", root, split, " and ".join(what))
     if skipped:  # one warning for all of them, not a line per file
-        more = f", ... ({len(skipped) - 3} more)" if len(skipped) > 3 else ""
-        logger.warning("%s split %s: skipped %d images with missing or unreadable annotation files: %s%s",
-                       root, split, len(skipped), ", ".join(skipped[:3]), more)
+        logger.warning("%s split %s: skipped %d images with missing or unreadable annotation files: %s",
+                       root, split, len(skipped), first_few(skipped, 3))
     return records
 
 

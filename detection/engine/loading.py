@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from backbones.errors import WeightsError
 from detection.engine.checkpoint import CheckpointError, non_finite_tensors, verify_checksums
 from detection.engine.detectron2 import convert_detectron2_state, is_detectron2_state
+from detection.utils.text import first_few
 
 if TYPE_CHECKING:
     from detection.config import BackboneConfig
@@ -155,9 +156,10 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
                               f"Is the config the one made for these weights? ({hint})")
     broken = non_finite_tensors(weights.state)
     if broken:
-        raise CheckpointError(f"{weights.path}: {len(broken)} tensors hold NaN or infinite values ({_list(broken)}): "
-                              "the weights are broken, whatever the config (a training run that diverged leaves "
-                              "such values, e.g. in BatchNorm's running statistics); use an earlier checkpoint")
+        raise CheckpointError(f"{weights.path}: {len(broken)} tensors hold NaN or infinite values "
+                              f"({first_few(broken, 6)}): the weights are broken, whatever the config (a training "
+                              "run that diverged leaves such values, e.g. in BatchNorm's running statistics); use an "
+                              "earlier checkpoint")
     if weights.num_classes != model.num_classes and not skipped:
         raise CheckpointError(f"{weights.path}: a detector of {weights.num_classes} classes, but "
                               f"model.num_classes is {model.num_classes}")
@@ -197,13 +199,14 @@ def _problems(unexpected: list[str], missing: list[str], mismatched: list[str], 
     fine-tune on another label set, whose class-specific layers start fresh)."""
     problems = []
     if unexpected:
-        problems.append(f"{len(unexpected)} tensors of the file have no place in the model ({_list(unexpected)})")
+        problems.append(f"{len(unexpected)} tensors of the file have no place in the model "
+                        f"({first_few(unexpected, 6)})")
     if missing:
-        problems.append(f"{len(missing)} model tensors are not in the file ({_list(missing)})")
+        problems.append(f"{len(missing)} model tensors are not in the file ({first_few(missing, 6)})")
     if mismatched:
         shapes = [f"{k} {tuple(weights.state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
                   for k in mismatched]
-        problems.append(f"{len(mismatched)} shapes differ ({_list(shapes, 4)})")
+        problems.append(f"{len(mismatched)} shapes differ ({first_few(shapes, 4)})")
     if problems and classes_matter and weights.num_classes != own["roi_heads.predictor.cls_score.weight"].shape[0] - 1:
         problems.append(f"the file has {weights.num_classes} classes, model.num_classes is "
                         f"{own['roi_heads.predictor.cls_score.weight'].shape[0] - 1}")
@@ -215,11 +218,9 @@ def _bad_values(own: dict, weights: DetectorWeights) -> list[str]:
     (load_state_dict would cast them). Non-finite values are the caller's own error."""
     integers = [k for k, v in weights.state.items()
                 if k in own and own[k].is_floating_point() and not v.is_floating_point()]
-    return [f"{len(integers)} tensors are integers where the model has floats ({_list(integers)})"] if integers else []
-
-
-def _list(names: list[str], limit: int = 6) -> str:
-    return ", ".join(names[:limit]) + (f", ... {len(names) - limit} more" if len(names) > limit else "")
+    if not integers:
+        return []
+    return [f"{len(integers)} tensors are integers where the model has floats ({first_few(integers, 6)})"]
 
 
 def _check_extra(model: nn.Module, weights: DetectorWeights) -> None:
