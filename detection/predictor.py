@@ -41,6 +41,7 @@ from detection.config import Config, load_config
 from detection.engine.distributed import select_device
 from detection.engine.loading import DetectorWeights
 from detection.engine.inference_model import build_inference_model
+from detection.utils.images import rgb_uint8
 
 ImageInput = Union[str, Path, np.ndarray]
 INPUT_FORMATS = ("RGB", "BGR")
@@ -106,47 +107,4 @@ def to_rgb_uint8(image: ImageInput, *, exif_orientation: bool = True) -> np.ndar
         from detection.data.image_io import read_image
 
         return read_image(str(image), exif_orientation=exif_orientation)
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"Predictor: expected an image path or a numpy array, got {type(image).__name__}"
-                        + _how_to_pass(image))
-    if image.dtype != np.uint8:
-        raise ValueError(f"Predictor: the image must be RGB uint8 0..255, got dtype {image.dtype}"
-                         + _how_to_convert(image))
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"Predictor: the image must have shape (H, W, 3), got {image.shape}" + _how_to_shape(image))
-    if image.size == 0:
-        raise ValueError(f"Predictor: the image is empty, shape {image.shape}")
-    if not image.flags.writeable:  # torch.from_numpy warns of a read-only array
-        return image.copy()
-    return np.ascontiguousarray(image)
-
-
-def _how_to_pass(image: object) -> str:
-    kind = type(image).__module__.split(".")[0]
-    if kind == "torch":
-        return (" (a tensor: pass image.numpy() of an (H, W, 3) uint8 image; channels first: "
-                "image.permute(1, 2, 0).numpy())")
-    if kind == "PIL":
-        return " (a PIL image: pass np.asarray(image.convert('RGB')))"
-    return ""
-
-
-def _how_to_convert(image: np.ndarray) -> str:
-    if image.dtype.kind != "f" or image.size == 0:
-        return ""
-    if float(np.nanmax(image)) <= 1.0:
-        return " (a float 0..1 image: pass (image * 255).round().astype(np.uint8))"
-    return " (a float image of 0..255 values: pass image.round().clip(0, 255).astype(np.uint8))"
-
-
-def _how_to_shape(image: np.ndarray) -> str:
-    shape = image.shape
-    if image.ndim == 2 or (image.ndim == 3 and shape[2] == 1):
-        return " (a gray image: pass np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2))"
-    if image.ndim == 3 and shape[2] == 4:
-        return " (with an alpha channel: pass image[:, :, :3])"
-    if image.ndim == 3 and shape[0] in (1, 3):
-        return " (channels first: pass image.transpose(1, 2, 0))"
-    if image.ndim == 4:
-        return " (a batch: pass a list of (H, W, 3) images)"
-    return ""
+    return rgb_uint8(image, "Predictor", accepted="an image path or a numpy array")

@@ -186,6 +186,10 @@ def test_prepare_image_resizes_as_the_model():
     assert inputs["original_size"].tolist() == [50, 80]
     with pytest.raises(ValueError, match="uint8"):
         prepare_image(image.astype(np.float32), 100, 150)
+    metadata = {"min_size_test": 100, "max_size_test": 150, "resize_mode": "default"}
+    with pytest.raises(ValueError, match=r"preprocess: the image must have shape \(H, W, 3\), got \(50, 80, 4\) "
+                                         r"\(with an alpha channel: pass image\[:, :, :3\]\)"):
+        preprocess(np.zeros((50, 80, 4), np.uint8), metadata)  # a PNG read with its alpha channel
 
 
 @pytest.mark.slow  # exports and times a model

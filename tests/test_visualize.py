@@ -73,9 +73,14 @@ def test_side_by_side_puts_both_images_under_their_titles():
     assert side_by_side(left, right).shape == (80, 108, 3)
 
 
-def test_rejects_non_rgb_uint8_images():
-    with pytest.raises(ValueError, match="uint8"):
+def test_rejects_non_rgb_uint8_images_saying_how_to_pass_them():
+    # the Predictor's advice (detection.utils.images), here too
+    with pytest.raises(ValueError, match=r"draw_detections: the image must have shape \(H, W, 3\), got \(10, 10\) "
+                                         r"\(a gray image: pass np.repeat"):
         draw_detections(np.zeros((10, 10), np.uint8), [], [], None, NAMES)
+    with pytest.raises(ValueError, match=r"side_by_side: the image must be RGB uint8 0..255, got dtype float32 \(a "
+                                         r"float 0..1 image: pass \(image \* 255\)"):
+        side_by_side(np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 3), np.uint8))
 
 
 def test_tagged_boxes_are_dashed_and_their_label_names_the_tag():

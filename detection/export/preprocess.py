@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from detection.modeling.resize import RESIZE_MODES, resize_uint8, resized_shape
+from detection.utils.images import rgb_uint8
 
 METADATA_VERSION = "1"
 # key -> (type, what it says); every key is written by detection.export.runtime_metadata
@@ -91,7 +92,7 @@ def preprocess(image: np.ndarray, metadata: Mapping[str, Any], input_format: str
     strings)."""
     if input_format not in ("RGB", "BGR"):
         raise ValueError(f"preprocess: input_format must be 'RGB' or 'BGR', got {input_format!r}")
-    _check_image(image, "preprocess")
+    image = rgb_uint8(image, "preprocess")  # in input_format order; the check is of dtype and shape
     if input_format == "BGR":
         image = image[:, :, ::-1]
     return resize_to_inputs(image, int(metadata["min_size_test"]), int(metadata["max_size_test"]),
@@ -102,23 +103,13 @@ def resize_to_inputs(image: np.ndarray, min_size: int, max_size: int, resize_mod
                      ) -> dict[str, np.ndarray]:
     """An RGB uint8 (H, W, 3) array -> the file's inputs, resized by detection.modeling.resize (the
     model's rule and resampling)."""
-    _check_image(image, "resize_to_inputs")
+    image = rgb_uint8(image, "resize_to_inputs")
     height, width = image.shape[:2]
     size = resized_shape(height, width, min_size, max_size)
     if size != (height, width):
-        image = resize_uint8(np.ascontiguousarray(image), size, resize_mode)
+        image = resize_uint8(image, size, resize_mode)
     return {"image": np.ascontiguousarray(image.transpose(2, 0, 1)[None]),  # (h, w, 3) -> (1, 3, h, w)
             "original_size": np.array([height, width], dtype=np.int64)}
-
-
-def _check_image(image: Any, where: str) -> None:
-    if image is None:  # cv2.imread's answer for a file it could not read
-        raise ValueError(f"{where}: got None, not an image: cv2.imread returns None for a file it cannot read "
-                         "(a missing path, or a format or orientation OpenCV fails on: "
-                         "detection.data.image_io.read_image reads it as RGB)")
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        got = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"{where}: needs a uint8 (H, W, 3) image, values 0..255, got {got}")
 
 
 def _raw_metadata(source: Any, name: str | None) -> tuple[dict[str, str], str]:

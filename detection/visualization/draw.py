@@ -19,6 +19,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from detection.utils.images import rgb_uint8
+
 # 20 well-separated colours (RGB) for labels 1..20; later labels get golden-ratio hues
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -65,7 +67,7 @@ def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any 
     label's place first (ground truth: in the given order). tags: [N] strings or None; a box
     with a non-empty tag ("difficult", "crowd") is drawn dashed and its label ends with the tag.
     """
-    image = _check_image(image_rgb).copy()
+    image = rgb_uint8(image_rgb, "draw_detections").copy()
     boxes = _as_array(boxes, np.float64).reshape(-1, 4)
     labels = _as_array(labels, np.int64).reshape(-1)
     tags = [""] * len(boxes) if tags is None else [str(t or "") for t in tags]
@@ -190,7 +192,7 @@ def side_by_side(left: np.ndarray, right: np.ndarray, titles: Sequence[str] | No
                  gap: int = 8) -> np.ndarray:
     """Two RGB images next to each other (top-aligned, on a white canvas), each with its title
     on a dark bar above it, e.g. titles=("ground truth", "predictions")."""
-    left, right = _check_image(left), _check_image(right)
+    left, right = rgb_uint8(left, "side_by_side"), rgb_uint8(right, "side_by_side")
     bar = 0
     if titles is not None:
         if len(titles) != 2:
@@ -207,13 +209,6 @@ def side_by_side(left: np.ndarray, right: np.ndarray, titles: Sequence[str] | No
             cv2.putText(canvas, str(titles[k]), (x0 + 4, bar - baseline - 4), _FONT, font_scale,
                         (255, 255, 255), stroke, lineType=cv2.LINE_AA)
     return canvas
-
-
-def _check_image(image: np.ndarray) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"expected an RGB image as uint8 array [H,W,3], got {desc}")
-    return np.ascontiguousarray(image)
 
 
 def _as_array(x: Any, dtype: Any) -> np.ndarray:

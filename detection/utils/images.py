@@ -1,0 +1,63 @@
+"""The one check of an image array a caller passes (the Predictor, the ONNX pre-processing,
+the drawing functions): RGB uint8 (H, W, 3), values 0..255. What else people pass (a failed
+cv2.imread's None, a tensor, a PIL image, float 0..1, gray, RGBA, channels first, a batch) is
+one error saying how to pass it instead; numpy only, so the ONNX runtime side needs no torch."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def rgb_uint8(image: Any, where: str, accepted: str = "a uint8 (H, W, 3) numpy array") -> np.ndarray:
+    """`image` as a contiguous, writable uint8 (H, W, 3) array (a copy only where it is not);
+    TypeError (not an array) or ValueError (the wrong array) beginning with `where`;
+    `accepted`: what the caller takes, for the message."""
+    if image is None:
+        raise ValueError(f"{where}: got None, not an image: cv2.imread returns None for a file it cannot read "
+                         "(a missing path, or a format or orientation OpenCV fails on: "
+                         "detection.data.image_io.read_image reads it as RGB)")
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{where}: expected {accepted}, got {type(image).__name__}"
+                        + _how_to_pass(image))
+    if image.dtype != np.uint8:
+        raise ValueError(f"{where}: the image must be RGB uint8 0..255, got dtype {image.dtype}"
+                         + _how_to_convert(image))
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{where}: the image must have shape (H, W, 3), got {image.shape}" + _how_to_shape(image))
+    if image.size == 0:
+        raise ValueError(f"{where}: the image is empty, shape {image.shape}")
+    if not image.flags.writeable:  # torch.from_numpy warns of a read-only array
+        return image.copy()
+    return np.ascontiguousarray(image)
+
+
+def _how_to_pass(image: object) -> str:
+    kind = type(image).__module__.split(".")[0]
+    if kind == "torch":
+        return (" (a tensor: pass image.numpy() of an (H, W, 3) uint8 image; channels first: "
+                "image.permute(1, 2, 0).numpy())")
+    if kind == "PIL":
+        return " (a PIL image: pass np.asarray(image.convert('RGB')))"
+    return ""
+
+
+def _how_to_convert(image: np.ndarray) -> str:
+    if image.dtype.kind != "f" or image.size == 0:
+        return ""
+    if float(np.nanmax(image)) <= 1.0:
+        return " (a float 0..1 image: pass (image * 255).round().astype(np.uint8))"
+    return " (a float image of 0..255 values: pass image.round().clip(0, 255).astype(np.uint8))"
+
+
+def _how_to_shape(image: np.ndarray) -> str:
+    shape = image.shape
+    if image.ndim == 2 or (image.ndim == 3 and shape[2] == 1):
+        return " (a gray image: pass np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2))"
+    if image.ndim == 3 and shape[2] == 4:
+        return " (with an alpha channel: pass image[:, :, :3])"
+    if image.ndim == 3 and shape[0] in (1, 3):
+        return " (channels first: pass image.transpose(1, 2, 0))"
+    if image.ndim == 4:
+        return " (a batch: pass a list of (H, W, 3) images)"
+    return ""
