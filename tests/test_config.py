@@ -49,6 +49,17 @@ def test_int_accepted_for_float_but_not_string_for_int():
         load_config(None, ["solver.max_iter=lots"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.weights=5", "model.weights: expected str or null, got 5"),
+    ("datasets.test=[42]", r"datasets.test\[0\]: expected str or mapping, got 42"),
+    ("accel.compile=3", "accel.compile: expected bool or str, got 3"),
+])
+def test_a_wrong_type_names_the_types_a_yaml_user_writes(override, message):
+    # typing's names (Union, Optional) mean nothing to someone editing a YAML file
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
 def test_misspelled_key_names_file_key_and_suggestion(tmp_path):
     bad = write(tmp_path / "bad.yaml", "model:\n  rpn:\n    nms_tresh: 0.6\n")
     with pytest.raises(ConfigError) as info:

@@ -106,7 +106,12 @@ def _apply_override(tree: dict, item: str) -> None:
 # ----------------------------------------------------------------------------- typed building
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """A field's type as YAML users read it: "str or null", not typing's "Optional"."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {type(None): "null", dict: "mapping"}.get(tp) or getattr(tp, "__name__", None) or str(tp)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
