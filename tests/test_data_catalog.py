@@ -18,6 +18,21 @@ def tiny_coco(root, ann="a/ann.json", images="a/img"):
     (root / images / "x.jpg").write_bytes(b"not decoded here")  # get_dataset checks it exists, non-empty
 
 
+def test_a_reader_repeating_an_image_id_is_refused(tmp_path, monkeypatch):
+    # evaluation keeps one result per image id: two records of one id would be scored as one
+    from detection.data import catalog
+
+    def reader(spec, root, name, skip, exif):  # a new format's reader: a.jpg and a.png share the stem
+        records = [{"file_name": str(tmp_path / f"a.{ext}"), "image_id": "a", "height": 4, "width": 4,
+                    "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)} for ext in ("jpg", "png")]
+        return DatasetInfo(name=name, kind="voc", class_names=["x"], records=records)
+
+    monkeypatch.setitem(catalog.LOADERS, "voc", reader)
+    with pytest.raises(DataError, match=r"data set mine: 1 image ids name more than one record \(a\): each image "
+                                        r"needs its own image_id"):
+        get_dataset({"type": "voc", "root": ".", "split": "val", "name": "mine"}, str(tmp_path), check_images=False)
+
+
 def test_unknown_name_lists_the_known_names(tmp_path):
     with pytest.raises(DataError) as err:
         get_dataset("voc_2099_trainval", str(tmp_path))

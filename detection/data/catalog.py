@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import unicodedata
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -83,12 +84,25 @@ def get_dataset(entry: str | Mapping[str, Any], root: str, *, skip_bad_images: b
     if not isinstance(entry, str):
         _check_custom_paths(spec, root, name)
     info = LOADERS[spec["type"]](spec, root, name, skip_bad_images, exif_orientation)
+    _check_unique_ids(info)
     info.skip_bad_images = skip_bad_images
     info.exif_orientation = exif_orientation
     if check_images:
         check_image_files(info, skip=skip_bad_images)
         check_image_sizes(info, skip=skip_bad_images)
     return info
+
+
+def _check_unique_ids(info: DatasetInfo) -> None:
+    """Evaluation keeps one result per image id (a distributed sampler's padding repeats images),
+    so two records of one id would score one image's detections against the other's boxes without
+    a word. The readers give each image its own id (COCO's json ids, VOC's stems); a new reader
+    that does not (a.jpg and a.png of one stem) is stopped here."""
+    counts = Counter(record["image_id"] for record in info.records)
+    repeated = [str(image_id) for image_id, n in counts.items() if n > 1]
+    if repeated:
+        raise DataError(f"data set {info.name}: {len(repeated)} image ids name more than one record "
+                        f"({first_few(repeated, 3)}): each image needs its own image_id")
 
 
 def get_datasets(entries: Sequence[str | Mapping[str, Any]], root: str, *, skip_bad_images: bool = False,

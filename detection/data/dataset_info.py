@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 class DatasetInfo:
     """One data set: class names, per-image records and what evaluation needs.
 
-    Record: {"file_name": abs path, "image_id": int (coco json id) | str (voc stem),
+    Record: {"file_name": abs path, "image_id": int or str, one per record (the COCO json's id,
+    the VOC stem; catalog.get_dataset refuses a repeated one: evaluation keys results by it),
     "height": int, "width": int, "boxes": float32[N,4] XYXY 0-based, "labels": int64[N] in 1..K,
     "difficult": bool[N]}. COCO crowd boxes are not in "boxes" (pycocotools sees them
     through `ann_file`). Images without boxes are kept here; training drops them.
@@ -23,7 +24,7 @@ class DatasetInfo:
     """
 
     name: str
-    kind: str  # "coco" | "voc"
+    kind: str  # "coco" | "voc" (a catalog.LOADERS type; "mixed" for concat_datasets' training sets)
     class_names: list[str]
     records: list[dict]
     ann_file: str | None = None

@@ -147,8 +147,8 @@ def read_split(root: str, split: str) -> list[str]:
     unique = list(dict.fromkeys(ids))
     if len(unique) < len(ids):  # an image listed twice would be trained on, and counted, twice
         repeated = [i for i, n in Counter(ids).items() if n > 1]
-        logger.warning("VOC split file %s lists %d image ids more than once (%s%s): each is read once", path,
-                       len(repeated), ", ".join(repeated[:3]), ", ..." if len(repeated) > 3 else "")
+        logger.warning("VOC split file %s lists %d image ids more than once (%s): each is read once", path,
+                       len(repeated), first_few(repeated, 3))
     return unique
 
 
