@@ -49,6 +49,22 @@ def test_int_accepted_for_float_but_not_string_for_int():
         load_config(None, ["solver.max_iter=lots"])
 
 
+def test_the_configs_choices_are_the_librarys():
+    # a resize mode, depth, norm or pooler added to the library must be accepted by the config too
+    from backbones.resnet import NORM_KINDS, RESNET_SPECS, SHORTCUT_KINDS
+    from detection.accel.levers import COMPILE_MODES
+    from detection.config.checks import CHOICES
+    from detection.modeling.resize import RESIZE_MODES
+    from detection.modeling.roi_heads import POOLERS
+
+    assert set(CHOICES["model.backbone.depth"]) == set(RESNET_SPECS)
+    assert set(CHOICES["model.backbone.norm"]) == set(NORM_KINDS)
+    assert set(CHOICES["model.backbone.shortcut"]) == set(SHORTCUT_KINDS)
+    assert set(CHOICES["input.resize_mode"]) == set(RESIZE_MODES)
+    assert set(CHOICES["model.roi_heads.pooler"]) == set(POOLERS)
+    assert set(CHOICES["accel.compile"]) == {False, True, *COMPILE_MODES}
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.weights=5", "model.weights: expected str or null, got 5"),
     ("datasets.test=[42]", r"datasets.test\[0\]: expected str or mapping, got 42"),

@@ -128,3 +128,17 @@ def test_evaluation_hands_the_model_the_test_images_in_host_memory(tmp_path):
     assert model.moved == [("cpu", torch.uint8)] * len(records)
     assert model.sizes == [resized_shape(r["height"], r["width"], 96, 256) for r in records]
     assert all(size != (r["height"], r["width"]) for size, r in zip(model.sizes, records))  # resized on the host
+
+
+def test_a_test_set_that_cannot_be_scored_stops_training_before_its_first_iteration(tmp_path, monkeypatch):
+    # a data-set kind without an evaluator (a new reader's) was found at the first evaluation,
+    # test.eval_period iterations into the run
+    from detection.data import DataError
+    from detection.engine.startup import build_test_datasets
+
+    generate_shapes(tmp_path / "shapes", num_train=2, num_val=2, seed=0, image_size=(64, 80))
+    cfg = load_config(None, tiny_overrides(tmp_path, tmp_path / "out"))
+    assert [d.name for d in build_test_datasets(cfg, ["circle", "square", "triangle"])] == ["shapes_val"]
+    monkeypatch.delitem(test_sets.EVALUATORS, "coco")
+    with pytest.raises(DataError, match="data set shapes_val: unknown kind 'coco'"):
+        build_test_datasets(cfg, ["circle", "square", "triangle"])

@@ -15,7 +15,9 @@ logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- value checks
 
-_CHOICES = {
+# The library's own tuples, written out (the config layer imports no model code);
+# tests/test_config.py checks that they stay the same.
+CHOICES = {
     "model.input_format": ("RGB", "BGR"),
     "model.backbone.depth": (18, 34, 50, 101, 152),
     "model.backbone.norm": ("frozen_bn", "bn", "gn"),
@@ -114,7 +116,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 def validate(cfg: Config, source: str = "config") -> Config:
     """Raise ConfigError for the first impossible value, naming its key."""
-    for key, choices in _CHOICES.items():
+    for key, choices in CHOICES.items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{source}: {key}: {_get(cfg, key)!r} is not one of "
                               f"{', '.join(_as_yaml(c) for c in choices)}")

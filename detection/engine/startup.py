@@ -67,11 +67,13 @@ def build_test_datasets(cfg: Config, class_names: Sequence[str]) -> list[Dataset
     from detection.data.catalog import get_datasets
     from detection.evaluation.classes import label_map_for_test_set, subset_note
     from detection.evaluation.outputs import results_subfolders
+    from detection.evaluation.test_sets import evaluator_class
 
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
     results_subfolders([d.name for d in datasets])  # two sets that would share a results folder
     for dataset in datasets:
+        evaluator_class(dataset)  # one that cannot be scored stops the run now, not at its first evaluation
         if label_map_for_test_set(dataset.name, dataset.class_names, class_names, len(class_names),
                                   "the training classes are"):
             logger.info("%s", subset_note(dataset.name, dataset.class_names, class_names))

@@ -92,15 +92,21 @@ def flatten_metrics(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, flo
 def build_evaluator(dataset: DatasetInfo, output_dir: str | None = None) -> Evaluator:
     """The evaluator for `dataset.kind`; results files go to `output_dir` (None: not written).
     A data set without annotations gets its kind's submission writer (no metrics)."""
+    return evaluator_class(dataset)(dataset, output_dir)
+
+
+def evaluator_class(dataset: DatasetInfo) -> type:
+    """What build_evaluator builds for `dataset`, or the DataError it would raise: training
+    asks at its start, so a set that cannot be scored stops the run before its first iteration."""
     if not dataset.has_annotations:
         if dataset.kind not in SUBMISSION_WRITERS:
             raise DataError(f"data set {dataset.name}: has no annotations and a {dataset.kind} set cannot be "
                             f"written for an evaluation server (only {', '.join(sorted(SUBMISSION_WRITERS))})")
-        return SUBMISSION_WRITERS[dataset.kind](dataset, output_dir)
+        return SUBMISSION_WRITERS[dataset.kind]
     if dataset.kind not in EVALUATORS:
         raise DataError(f"data set {dataset.name}: unknown kind {dataset.kind!r}, "
                         f"expected one of {sorted(EVALUATORS)}")
-    return EVALUATORS[dataset.kind](dataset, output_dir)
+    return EVALUATORS[dataset.kind]
 
 
 def _run_model(model: torch.nn.Module, dataset: DatasetInfo, evaluator: Evaluator, num_workers: int,
