@@ -273,7 +273,7 @@ def entry_problem(entry: Any) -> tuple[str, str] | None:
     if isinstance(entry, str):
         return None if entry in KNOWN_DATASETS else ("", _unknown_name(entry))
     if not isinstance(entry, Mapping):
-        return "", (f"expected a known data set name or a mapping {{type: coco|voc, ...}}, "
+        return "", (f"expected a known data set name or a mapping {{type: {'|'.join(ENTRY_FIELDS)}, ...}}, "
                     f"got {type(entry).__name__} {entry!r}")
     kind = entry.get("type")
     if kind not in ENTRY_FIELDS:
@@ -313,7 +313,7 @@ def _value_problem(key: str, value: Any) -> str | None:
 def _unknown_name(name: str) -> str:
     return (f"unknown data set name {name!r}{_did_you_mean(_close(name, KNOWN_DATASETS))}; known names: "
             f"{', '.join(KNOWN_DATASETS)}; or give a mapping "
-            "{type: coco, ann_file, image_root} / {type: voc, root, split, classes}")
+            + " / ".join(f"{{type: {kind}, {', '.join(required[1:])}}}" for kind, (required, _) in ENTRY_FIELDS.items()))
 
 
 def _close(word: str, choices: Sequence[str] | Mapping[str, Any]) -> list[str]:
