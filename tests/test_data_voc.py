@@ -172,3 +172,19 @@ def test_missing_layout_names_path(tmp_path):
     make_voc(tmp_path / "VOCdevkit" / "VOC2007", {"trainval": []}, {})
     with pytest.raises(DataError, match=r"split file not found: .*ImageSets/Main/test\.txt"):
         get_dataset("voc_2007_test", str(tmp_path))
+
+
+def test_a_split_file_id_found_on_disk_in_the_other_unicode_form(tmp_path):
+    """The split file says café (NFC, as annotation tools write it); the folder, copied from macOS,
+    holds cafe + combining accent (NFD) for the XML and the image: the same name to a user, so
+    its boxes are read (the XML was 'not found' and the image skipped or refused before)."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    root = make_voc(tmp_path / "VOC", {"val": ["000001", nfc]}, {"000001": ANNS["000001"], nfd: ANNS["000002"]},
+                    with_images=True)
+    info = get_dataset({"type": "voc", "root": str(root), "split": "val", "classes": list(VOC_CLASSES)},
+                       str(tmp_path))
+    record = info.records[1]
+    assert record["image_id"] == nfc and record["file_name"] == str(root / "JPEGImages" / f"{nfd}.jpg")
+    assert record["labels"].tolist() == [VOC_CLASSES.index("tvmonitor") + 1]

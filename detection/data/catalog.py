@@ -11,7 +11,6 @@ import difflib
 import logging
 import os
 import stat
-import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -20,6 +19,7 @@ import numpy as np
 
 from detection.data import DataError
 from detection.data.dataset_info import DatasetInfo  # re-exported: its old home
+from detection.utils.files import in_other_unicode_form
 from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def check_image_files(info: DatasetInfo, *, skip: bool) -> None:
     for record in info.records:
         if _is_nonempty_file(record["file_name"]):
             continue
-        found = _in_other_unicode_form(record["file_name"])
+        found = in_other_unicode_form(record["file_name"], _is_nonempty_file)
         if found is None:
             bad.append(record["file_name"])
         else:
@@ -186,17 +186,6 @@ def check_image_files(info: DatasetInfo, *, skip: bool) -> None:
     logger.warning("%s; left out (dataloader.skip_bad_images)", listing)
     bad_set = set(bad)
     info.records = [r for r in info.records if r["file_name"] not in bad_set]
-
-
-def _in_other_unicode_form(path: str) -> str | None:
-    """`path` in the Unicode normal form (NFC or NFD) under which it exists, when not as given."""
-    if path.isascii():
-        return None
-    for form in ("NFC", "NFD"):
-        other = unicodedata.normalize(form, path)
-        if other != path and _is_nonempty_file(other):
-            return other
-    return None
 
 
 def _is_nonempty_file(path: str) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import unicodedata
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ import numpy as np
 from detection.data import DataError
 from detection.data.dataset_info import DatasetInfo
 from detection.data.orientation import header_size
+from detection.utils.files import in_other_unicode_form
 from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
@@ -164,6 +166,8 @@ def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int],
                      exif_orientation: bool) -> tuple[dict, int, int]:
     """-> (record, boxes dropped: nothing of them inside the image, boxes clipped to the image)."""
     xml_path = os.path.join(root, "Annotations", f"{image_id}.xml")
+    if not os.path.isfile(xml_path):  # the split file's é, the disk's e + accent?
+        xml_path = in_other_unicode_form(xml_path) or xml_path
     if not os.path.isfile(xml_path):
         raise _UnreadableXML(f"VOC annotation file not found: {xml_path}; {_LAYOUT_HINT}", xml_path)
     try:
@@ -218,10 +222,16 @@ def _parse_object(obj: ET.Element, index: int, xml_path: str, class_to_label: di
 def _image_path(root: str, image_id: str, tree: ET.Element) -> str:
     """JPEGImages/<id>.jpg; a custom set may store another extension, named in <filename>."""
     path = os.path.join(root, "JPEGImages", f"{image_id}.jpg")
+    if not os.path.exists(path):
+        path = in_other_unicode_form(path) or path
     stored = (tree.findtext("filename") or "").strip()
-    if not os.path.exists(path) and stored and os.path.splitext(stored)[0] == image_id:
+    if not os.path.exists(path) and stored and _same_name(os.path.splitext(stored)[0], image_id):
         return os.path.join(root, "JPEGImages", stored)
     return path  # a missing image is reported with all the others by catalog.check_image_files
+
+
+def _same_name(a: str, b: str) -> bool:
+    return unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
 
 
 def _image_size(tree: ET.Element, xml_path: str, file_name: str, exif_orientation: bool) -> tuple[int, int]:

@@ -12,7 +12,8 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+import unicodedata
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Union
 
@@ -132,3 +133,16 @@ def read_metrics_lines(path: Union[str, os.PathLike]) -> tuple[list[tuple[str, d
             else:
                 skipped += 1
     return kept, skipped
+
+
+def in_other_unicode_form(path: str, exists: Callable[[str], bool] = os.path.isfile) -> str | None:
+    """`path` in the Unicode normal form (NFC or NFD) under which it `exists`, when it does not as
+    given: a folder copied from macOS keeps é as e + accent (NFD) where annotation tools and split
+    files write é (NFC)."""
+    if path.isascii():
+        return None
+    for form in ("NFC", "NFD"):
+        other = unicodedata.normalize(form, path)
+        if other != path and exists(other):
+            return other
+    return None
