@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Callable, NoReturn, Optional, Sequence
 
 from detection.config import Config, DatasetsConfig, load_config
+from detection.engine.run_config import SAVED_CONFIG, config_beside  # the config training saves beside its checkpoints
 
 DATASETS_ENV = "DETECTION_DATASETS"
 logger = logging.getLogger(__name__)
-
-
-SAVED_CONFIG = "config.yaml"  # the resolved config training writes into its output folder
 
 
 def add_config_args(parser: argparse.ArgumentParser, beside_weights: bool = False) -> None:
@@ -158,9 +156,7 @@ def resolve_config_beside_weights(parser: argparse.ArgumentParser, args: argpars
     if args.config:
         return
     weights = getattr(args, "weights", None)
-    saved = Path(weights).expanduser().parent / SAVED_CONFIG if weights else None
-    if saved is not None and not saved.is_file() and Path(weights).expanduser().is_symlink():
-        saved = Path(weights).expanduser().resolve().parent / SAVED_CONFIG  # a link to a run's checkpoint
+    saved = config_beside(weights) if weights else None
     if saved is None or not saved.is_file():
         where = f": there is no {saved}" if saved else ""
         if saved and Path(weights).suffix == ".pkl":  # a model-zoo file: its config is one of ours

@@ -3,12 +3,13 @@
     from detection.predictor import Predictor
     predictor = Predictor.from_config("configs/detectron2/faster_rcnn_R_50_C4_1x.yaml",
                                       weights="model_final_721ade.pkl")
-    out = predictor("street.jpg")          # or an RGB uint8 (H, W, 3) numpy array
+    out = predictor("street.jpg")          # or an RGB uint8 (H, W, 3) numpy array, or a file's bytes
     out["boxes"], out["scores"], out["labels"], predictor.class_names[out["labels"][0] - 1]
     outs = predictor(["a.jpg", "b.jpg"])   # a list: one padded batch, a list of outputs
 
-Input convention: an image file path (read with OpenCV, any depth -> 8-bit RGB, turned by
-its EXIF orientation tag as a photo app shows it unless input.exif_orientation: false), or a uint8
+Input convention: an image file path or its bytes (an upload; decoded with OpenCV, any depth ->
+8-bit RGB, turned by its EXIF orientation tag as a photo app shows it unless
+input.exif_orientation: false), or a uint8
 array (H, W, 3) with values 0..255 whose channel order is the Predictor's `input_format`:
 "RGB" (the default) or "BGR" (what OpenCV's cv2.imread gives, and what Detectron2's
 DefaultPredictor takes: `Predictor.from_config(..., input_format="BGR")`). It is the arrays'
@@ -37,13 +38,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detection.config import Config, load_config
+from detection.config import Config, ConfigError, load_config
 from detection.engine.distributed import select_device
 from detection.engine.loading import DetectorWeights
+from detection.engine.run_config import config_beside
 from detection.engine.inference_model import build_inference_model
 from detection.utils.images import rgb_uint8
 
-ImageInput = Union[str, Path, np.ndarray]
+ImageInput = Union[str, Path, bytes, np.ndarray]
 INPUT_FORMATS = ("RGB", "BGR")
 
 
@@ -70,15 +72,18 @@ class Predictor:
         self.class_names = list(names) if names else [f"class {i}" for i in range(1, cfg.model.num_classes + 1)]
 
     @classmethod
-    def from_config(cls, config_path: Union[str, Path], weights: Union[str, Path, None] = None,
+    def from_config(cls, config_path: Union[str, Path, None], weights: Union[str, Path, None] = None,
                     overrides: Sequence[str] = (), device: str | None = None, input_format: str = "RGB"
                     ) -> "Predictor":
-        """Load the YAML config (with `key=value` overrides, as on the command line) and the weights."""
+        """Load the YAML config (with `key=value` overrides, as on the command line) and the weights.
+        config_path None: the config.yaml training saved beside `weights`, as the tools take it."""
+        if config_path is None:
+            config_path = _config_beside(weights)
         keys = [item.split("=", 1)[0].strip() for item in overrides]
         return cls(load_config(config_path, list(overrides)), weights, device, explicit=keys,
                    input_format=input_format)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors refuse a caller's in-place `out["boxes"] *= s`
     def __call__(self, image: Union[ImageInput, Sequence[ImageInput]]
                  ) -> Union[dict[str, Tensor], list[dict[str, Tensor]]]:
         """One image -> its detections; a list or tuple of images -> a list, run as one batch."""
@@ -94,17 +99,32 @@ class Predictor:
 
     def _rgb(self, image: ImageInput) -> np.ndarray:
         rgb = to_rgb_uint8(image, exif_orientation=self.cfg.input.exif_orientation)
-        if self.input_format == "BGR" and isinstance(image, np.ndarray):  # files are read as RGB
+        if self.input_format == "BGR" and isinstance(image, np.ndarray):  # files and bytes are decoded to RGB
             rgb = np.ascontiguousarray(rgb[:, :, ::-1])
         return rgb
 
 
 def to_rgb_uint8(image: ImageInput, *, exif_orientation: bool = True) -> np.ndarray:
-    """An image path (read as viewed: turned by its EXIF orientation tag unless
-    exif_orientation is False) or an RGB uint8 (H, W, 3) array -> a contiguous, writable RGB
-    uint8 array. Anything else is one error saying how to pass it."""
+    """An image path or an image file's bytes (an upload; read as viewed: turned by its EXIF
+    orientation tag unless exif_orientation is False) or an RGB uint8 (H, W, 3) array -> a
+    contiguous, writable RGB uint8 array. Anything else is one error saying how to pass it."""
     if isinstance(image, (str, Path)):
         from detection.data.image_io import read_image
 
         return read_image(str(image), exif_orientation=exif_orientation)
-    return rgb_uint8(image, "Predictor", accepted="an image path or a numpy array")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        from detection.data.image_io import decode_image
+
+        return decode_image(image, exif_orientation=exif_orientation)
+    return rgb_uint8(image, "Predictor", accepted="an image path, an image file's bytes or a numpy array")
+
+
+def _config_beside(weights: Union[str, Path, None]) -> Path:
+    if weights is None:
+        raise ConfigError("Predictor.from_config: no config_path and no weights to find the config.yaml of")
+    saved = config_beside(weights)
+    if not saved.is_file():
+        raise ConfigError(f"Predictor.from_config: no config_path, and no {saved} (the config.yaml training "
+                          f"writes beside its checkpoints): pass the YAML config {weights} was trained with "
+                          "(configs/detectron2/<its name>.yaml for a Detectron2 model-zoo file)")
+    return saved

@@ -259,6 +259,12 @@ def test_the_file_carries_its_preprocessing_and_the_detector_reads_it(tmp_path):
     assert not compare_detections(ref, old_way, box_tolerance=1e-2, score_tolerance=1e-4)["equal"]
     with pytest.raises(ValueError, match=r"OnnxDetector: resize_mode='bilinear', expected one of"):
         OnnxDetector(path, resize_mode="bilinear")  # the caller's value, not the file's metadata
+    for size in (0, -5, 352.7):  # each shrank the image to 1x1 (or was cut to 352) without a word
+        with pytest.raises(ValueError, match=rf"OnnxDetector: min_size={size}, expected a positive int"):
+            OnnxDetector(path, min_size=size)
+    with pytest.raises(ValueError, match=r"OnnxDetector: a tensor image must be \(3, H, W\), got \(150, 220, 3\) "
+                                         r"\(channels last: pass image.permute\(2, 0, 1\)"):
+        detector(image.permute(1, 2, 0))  # the message named the shape of its own permute
 
 
 @pytest.mark.slow
@@ -283,6 +289,7 @@ def test_a_path_is_read_as_the_models_images_were(tmp_path):
         outputs[turned] = detector(photo)
         expected = detector(read_image(str(photo), exif_orientation=turned))
         assert len(expected["boxes"]) > 0 and compare_detections(expected, outputs[turned])["equal"]
+        assert compare_detections(expected, detector(photo.read_bytes()))["equal"]  # an upload's bytes alike
     # boxes in the viewed (portrait, 100 high and 60 wide) frame, or the stored one
     assert outputs[True]["boxes"][:, 2].max() <= 60 < outputs[False]["boxes"][:, 2].max()
 

@@ -165,6 +165,43 @@ def test_readme_predictor_lines_run_as_written(d2_files, both_cores, tmp_path, m
     assert abs(float(swapped["scores"][0]) - float(rgb_out["scores"][0])) > 1e-3
 
 
+def test_an_uploads_bytes_are_read_as_its_file(setup, tmp_path):
+    """A service receives an upload's bytes: they are decoded as the file would be read, EXIF tag
+    included (a phone photo: stored landscape, viewed portrait)."""
+    from PIL import Image
+
+    cfg, weights, _ = setup
+    predictor = Predictor(cfg, weights, device="cpu")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to view
+    Image.fromarray(photo(60, 100, seed=4)).save(tmp_path / "phone.png", exif=exif.tobytes())
+    data = (tmp_path / "phone.png").read_bytes()
+    from_path, from_bytes = predictor(str(tmp_path / "phone.png")), predictor(data)
+    assert_same(from_bytes, from_path)
+    assert from_path["boxes"][:, 2].max() <= 60  # in the viewed (60 wide) frame
+    with pytest.raises(ValueError, match="could not read image given as bytes: unreadable"):
+        predictor(b"not an image")
+
+
+def test_outputs_can_be_changed_in_place_and_the_config_is_found_beside_the_weights(setup, tmp_path):
+    """As with Detectron2's DefaultPredictor (no_grad): `out["boxes"] *= s` works (inference_mode's
+    tensors refuse it); from_config(None, weights=...) takes the config.yaml training saved
+    beside the checkpoint, as eval.py does, and without one says so (it took every default)."""
+    from detection.config import ConfigError
+
+    cfg, weights, _ = setup
+    out = Predictor(cfg, weights, device="cpu")(photo(64, 64, seed=2))
+    out["boxes"] *= 0.5
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model_final.pth").write_bytes(weights.read_bytes())
+    with pytest.raises(ConfigError, match=r"no config_path, and no .*config.yaml \(the config.yaml training writes"):
+        Predictor.from_config(None, weights=run / "model_final.pth", device="cpu")
+    save_config(cfg, run / "config.yaml")
+    found = Predictor.from_config(None, weights=run / "model_final.pth", device="cpu")
+    assert found.cfg.model.backbone.depth == cfg.model.backbone.depth == 18
+
+
 def test_images_the_predictor_cannot_take_say_how_to_pass_them():
     """A serving user's tensors, PIL images, gray, RGBA, channels-first, batched, float 0..255 and
     empty arrays: one error each that says what to pass instead (an empty one was a
@@ -179,7 +216,11 @@ def test_images_the_predictor_cannot_take_say_how_to_pass_them():
     cases = [
         (torch.zeros(3, 5, 6), TypeError, "got Tensor (a tensor: pass image.numpy() of an (H, W, 3) uint8 image; "
                                           "channels first: image.permute(1, 2, 0).numpy())"),
-        (Image.fromarray(rgb), TypeError, "(a PIL image: pass np.asarray(image.convert('RGB')))"),
+        # turned by its EXIF tag, as a path is read (without it a phone photo's boxes land elsewhere)
+        (Image.fromarray(rgb), TypeError, "(a PIL image: pass np.asarray(ImageOps.exif_transpose(image).convert("),
+        (rgb.astype(np.uint16) * 257, ValueError, "got dtype uint16 (a 16-bit image: pass (image / 257 + 0.5)"),
+        (cv2.imencode(".png", rgb)[1].reshape(-1), ValueError, "(an image file's encoded bytes: decode them with "
+                                                               "detection.data.image_io.decode_image"),
         (rgb.astype(np.float32) / 255, ValueError, "got dtype float32 (a float 0..1 image: pass "
                                                    "(image * 255).round().astype(np.uint8))"),
         (rgb.astype(np.float64), ValueError, "got dtype float64 (a float image of 0..255 values: pass "

@@ -34,20 +34,28 @@ def read_image(path: str, *, exif_orientation: bool = True) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise DataError(f"could not read image {path}: {e.strerror or e}") from None
+    return decode_image(data, exif_orientation=exif_orientation, name=path)
+
+
+def decode_image(data: bytes | np.ndarray, *, exif_orientation: bool = True, name: str = "given as bytes"
+                 ) -> np.ndarray:
+    """An image file's encoded bytes (what a web service receives, as `bytes` or a uint8 array)
+    -> np.uint8[H, W, 3] RGB, decoded as read_image decodes files; DataError naming `name`."""
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if data.size == 0:
-        raise DataError(f"image {path} is an empty file")
+        raise DataError(f"image {name} is an empty file")
     if _is_truncated_jpeg(data):
         # libjpeg decodes what is there and fills the rest with grey, with only a note on stderr
-        raise DataError(f"image {path} is a truncated JPEG (no end-of-image marker): the file was cut short")
+        raise DataError(f"image {name} is a truncated JPEG (no end-of-image marker): the file was cut short")
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise DataError(f"could not read image {path}: unreadable, corrupt or not an image format OpenCV decodes")
-    img = _to_uint8(img, path)
+        raise DataError(f"could not read image {name}: unreadable, corrupt or not an image format OpenCV decodes")
+    img = _to_uint8(img, name)
     if img.ndim == 2:
         img = img[:, :, None]
     channels = img.shape[2]
     if channels not in _TO_RGB:
-        raise DataError(f"image {path} has {channels} channels; expected 1 (gray), 3 (color) or 4 (with alpha)")
+        raise DataError(f"image {name} has {channels} channels; expected 1 (gray), 3 (color) or 4 (with alpha)")
     # cvtColor drops the alpha channel of RGBA (as PIL's convert("RGB") does)
     img = cv2.cvtColor(img, _TO_RGB[channels])
     return np.ascontiguousarray(_as_asked(img, data, exif_orientation))

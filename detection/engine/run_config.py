@@ -35,6 +35,16 @@ NOT_COMPARED = (
 Change = tuple[str, Any, Any]  # (dotted key, the run's value, the value now)
 
 
+def config_beside(weights: str | Path) -> Path:
+    """Where the config.yaml of the training that wrote `weights` is: beside the checkpoint, or
+    beside a link's target (a link to a run's checkpoint). It may not exist."""
+    weights = Path(weights).expanduser()
+    saved = weights.parent / SAVED_CONFIG
+    if not saved.is_file() and weights.is_symlink():
+        saved = weights.resolve().parent / SAVED_CONFIG
+    return saved
+
+
 def config_differences(saved: Config, current: Config) -> list[Change]:
     """The leaves (dotted keys) where `current` differs from `saved`, NOT_COMPARED left out."""
     old, new = _leaves(config_to_dict(saved)), _leaves(config_to_dict(current))

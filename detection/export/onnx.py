@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detection.data.image_io import read_image
+from detection.data.image_io import decode_image, read_image
 from detection.modeling.model import FasterRCNN, rescale_detections
 from detection.export.preprocess import METADATA_VERSION, preprocess, read_metadata, resize_to_inputs
 from detection.modeling.resize import RESIZE_MODES, resized_shape
@@ -147,9 +147,18 @@ def prepare_image(image: Tensor | np.ndarray, min_size: int, max_size: int, resi
     values 0..255): resized as FasterRCNN.preprocess does (detection.modeling.resize, shorter side
     min_size, longer at most max_size; the model's min_size_test / max_size_test /
     resize_mode), as uint8 (1, 3, h, w), and the original (H, W)."""
-    if isinstance(image, Tensor):
-        image = image.detach().cpu().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
-    return resize_to_inputs(image, min_size, max_size, resize_mode)
+    return resize_to_inputs(_channels_last(image, "prepare_image"), min_size, max_size, resize_mode)
+
+
+def _channels_last(image: Tensor | np.ndarray, where: str) -> np.ndarray:
+    """A (3, H, W) tensor as the (H, W, 3) array the pre-processing takes; an array as it is."""
+    if not isinstance(image, Tensor):
+        return image
+    if image.dim() != 3 or image.shape[0] != 3:
+        hint = " (channels last: pass image.permute(2, 0, 1) or image.numpy())" \
+            if image.dim() == 3 and image.shape[2] == 3 else ""
+        raise ValueError(f"{where}: a tensor image must be (3, H, W), got {tuple(image.shape)}{hint}")
+    return image.detach().cpu().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
 
 
 class OnnxDetector:
@@ -170,19 +179,25 @@ class OnnxDetector:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         if resize_mode is not None and resize_mode not in RESIZE_MODES:  # the caller's, not the file's
             raise ValueError(f"OnnxDetector: resize_mode={resize_mode!r}, expected one of {RESIZE_MODES}")
+        for name, value in (("min_size", min_size), ("max_size", max_size)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"OnnxDetector: {name}={value!r}, expected a positive int (pixels)")
         given = {"min_size_test": min_size, "max_size_test": max_size, "resize_mode": resize_mode}
         raw = {**self.session.get_modelmeta().custom_metadata_map,
                **{key: str(value) for key, value in given.items() if value is not None}}
         self.metadata = read_metadata(raw, name=str(path))
         self.class_names: list[str] | None = self.metadata.get("class_names")
 
-    def __call__(self, image: Tensor | np.ndarray | str | Path, input_format: str = "RGB") -> dict[str, Tensor]:
+    def __call__(self, image: Tensor | np.ndarray | str | Path | bytes, input_format: str = "RGB"
+                 ) -> dict[str, Tensor]:
         """image: uint8 (H, W, 3) array or (3, H, W) tensor, channels in `input_format` order
-        (cv2.imread gives "BGR"); or an image file's path, read as the model's images were
-        (turned by its EXIF tag unless the file's metadata says exif_orientation false), as the
-        Predictor reads a path."""
+        (cv2.imread gives "BGR"); or an image file's path or bytes, read as the model's images
+        were (turned by its EXIF tag unless the file's metadata says exif_orientation false), as
+        the Predictor reads them."""
         if isinstance(image, (str, Path)):
             image, input_format = read_image(str(image), exif_orientation=self.exif_orientation), "RGB"
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            image, input_format = decode_image(image, exif_orientation=self.exif_orientation), "RGB"
         return self.run(self.prepare(image, input_format))
 
     @property
@@ -192,9 +207,7 @@ class OnnxDetector:
 
     def prepare(self, image: Tensor | np.ndarray, input_format: str = "RGB") -> dict[str, np.ndarray]:
         """The file's inputs for `image` (detection.export.preprocess.preprocess)."""
-        if isinstance(image, Tensor):
-            image = image.detach().cpu().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
-        return preprocess(image, self.metadata, input_format)
+        return preprocess(_channels_last(image, "OnnxDetector"), self.metadata, input_format)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, Tensor]:
         """The session on prepared inputs (prepare)."""

@@ -37,12 +37,16 @@ def _how_to_pass(image: object) -> str:
     if kind == "torch":
         return (" (a tensor: pass image.numpy() of an (H, W, 3) uint8 image; channels first: "
                 "image.permute(1, 2, 0).numpy())")
-    if kind == "PIL":
-        return " (a PIL image: pass np.asarray(image.convert('RGB')))"
+    if kind == "PIL":  # turned as the project's reader turns files, or boxes land elsewhere on phone photos
+        return " (a PIL image: pass np.asarray(ImageOps.exif_transpose(image).convert('RGB')))"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _ENCODED
     return ""
 
 
 def _how_to_convert(image: np.ndarray) -> str:
+    if image.dtype == np.uint16:  # the project's reader maps 16-bit files so
+        return " (a 16-bit image: pass (image / 257 + 0.5).astype(np.uint8), as 16-bit files are read)"
     if image.dtype.kind != "f" or image.size == 0:
         return ""
     if float(np.nanmax(image)) <= 1.0:
@@ -60,4 +64,10 @@ def _how_to_shape(image: np.ndarray) -> str:
         return " (channels first: pass image.transpose(1, 2, 0))"
     if image.ndim == 4:
         return " (a batch: pass a list of (H, W, 3) images)"
+    if image.ndim == 1 and image.dtype == np.uint8:
+        return _ENCODED
     return ""
+
+
+_ENCODED = (" (an image file's encoded bytes: decode them with detection.data.image_io.decode_image, as files "
+            "are read; the Predictor takes the bytes themselves)")
