@@ -62,6 +62,14 @@ def at_forward(monkeypatch, call: int, action) -> None:
     monkeypatch.setattr(FasterRCNN, "forward", forward)
 
 
+def evaluation_iterations(out: Path) -> list[int]:
+    """The iterations metrics.jsonl holds an evaluation of."""
+    from detection.engine.metrics import is_evaluation
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["iteration"] for r in records if is_evaluation(r)]
+
+
 def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -135,6 +143,40 @@ def test_a_signal_finishes_the_iteration_saves_last_pth_and_resume_is_exact(data
     if signum == signal.SIGINT:
         return  # the same stop; the resume is checked once, after SIGTERM
     assert run_tool(data_root, out, "--resume", **extra) == 0
+    assert run_tool(data_root, tmp_path / "straight", **extra) == 0
+    straight = load_checkpoint(tmp_path / "straight" / "model_final.pth")["model"]
+    assert same_weights(load_checkpoint(out / "model_final.pth")["model"], straight)  # bit for bit
+
+
+@pytest.mark.slow  # trains through train_det.main, three times
+def test_a_signal_during_the_evaluation_stops_it_saves_last_pth_and_resume_makes_it(data_root, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A scheduler's SIGTERM during training's evaluation (minutes on COCO, longer than its grace
+    period) stopped nothing until the evaluation ended; last.pth was then older than the
+    iteration. Now the evaluation stops at once, last.pth is saved at the iteration, and
+    --resume makes the evaluation first: the end is a straight run's, bit for bit."""
+    from detection.modeling.model import FasterRCNN
+
+    extra = {"solver.max_iter": 4, "solver.checkpoint_period": 100, "test.eval_period": 2}
+    out, real_forward, evaluated = tmp_path / "stopped", FasterRCNN.forward, []
+
+    def forward(self, images, targets=None):
+        if not self.training:
+            evaluated.append(len(images))
+            if len(evaluated) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(self, images, targets)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FasterRCNN, "forward", forward)
+        assert run_tool(data_root, out, **extra) == 143
+    assert len(evaluated) == 1  # stopped at its first batch, not after every test image
+    assert "SIGTERM received during the evaluation: stopping it and saving last.pth" in capsys.readouterr().err
+    assert load_resume_checkpoint(out / "last.pth")["iteration"] == 2
+    assert evaluation_iterations(out) == []
+    assert run_tool(data_root, out, "--resume", **extra) == 0
+    assert "no evaluation of iteration 2" in capsys.readouterr().err
+    assert evaluation_iterations(out) == [2, 4]
     assert run_tool(data_root, tmp_path / "straight", **extra) == 0
     straight = load_checkpoint(tmp_path / "straight" / "model_final.pth")["model"]
     assert same_weights(load_checkpoint(out / "model_final.pth")["model"], straight)  # bit for bit

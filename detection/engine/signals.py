@@ -16,12 +16,21 @@ from detection.engine.errors import TrainingInterrupted, TrainingStopped
 logger = logging.getLogger(__name__)
 
 
+class EvaluationStopped(BaseException):
+    """A signal during training's evaluation in a one-process run: the evaluation is given up
+    (--resume makes it first), so that last.pth is saved at once, not after minutes of
+    evaluation a scheduler's grace period may not wait for. A BaseException, as KeyboardInterrupt,
+    so that no `except Exception` inside the evaluation takes it."""
+
+
 class GracefulStop:
     """SIGTERM / SIGINT while training: note the signal, let the current iteration finish,
-    then save last.pth there and stop (loop_checkpoints.stop_gracefully). A second signal during
-    that save is noted and does not interrupt it (the save is atomic anyway); a second one at
-    any other moment stops at once, as Ctrl-C does. Handlers are installed only in the main
-    thread and the previous ones put back on exit."""
+    then save last.pth there and stop (loop_checkpoints.stop_gracefully). During an evaluation
+    of a one-process run the evaluation stops at once (EvaluationStopped; with several processes
+    it finishes: the ranks could not agree on where to stop it). A second signal during the save
+    is noted and does not interrupt it (the save is atomic anyway); a second one at any other
+    moment stops at once, as Ctrl-C does. Handlers are installed only in the main thread and
+    the previous ones put back on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -29,6 +38,7 @@ class GracefulStop:
         self.device = device  # where the ranks' agreement is reduced (NCCL reduces CUDA tensors only)
         self.signum = 0
         self.saving = False
+        self.evaluating = False
         self._previous: dict = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -43,6 +53,11 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if not self.signum and self.evaluating:
+            self.signum = signum
+            logger.warning("%s received during the evaluation: stopping it and saving last.pth "
+                           "(--resume makes the evaluation first)", name)
+            raise EvaluationStopped
         if not self.signum:
             self.signum = signum
             logger.warning("%s received: stopping after this iteration, once last.pth is saved "
@@ -59,6 +74,15 @@ class GracefulStop:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             self.signum = int(flag.item())
         return bool(self.signum)
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Training's evaluation: in a one-process run a first signal stops it (EvaluationStopped)."""
+        self.evaluating = du.get_world_size() == 1
+        try:
+            yield
+        finally:
+            self.evaluating = False
 
     @contextmanager
     def saving_last(self) -> Iterator[None]:

@@ -35,7 +35,7 @@ from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use
 from detection.engine.run_config import check_resume_config, record_resume_changes
 from detection.engine.run_folder import RunLock, check_output_dir, evaluation_recorded, prepare_output_dir
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, progress_line
-from detection.engine.signals import GracefulStop, sigterm_before_the_loop
+from detection.engine.signals import EvaluationStopped, GracefulStop, sigterm_before_the_loop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
                                       event_files, final_line, note_stop, schedule_warnings, summary_lines,
                                       undo_unstarted_run)
@@ -264,7 +264,7 @@ def _iterations(run: _Run, bar: tqdm, stop: GracefulStop, log: MetricsLog) -> No
     if state.checkpoint_iteration == state.iteration and _evaluation_missing(run.cfg, state.iteration, run.last.parent):
         logger.warning("metrics.jsonl has no evaluation of iteration %d (the run stopped in it, or test.eval_period "
                        "changed on this resume): evaluating it now", state.iteration)
-        _evaluate(run, log)
+        _evaluate(run, log, stop)
     timer = time.perf_counter()
     window = TimeWindow()
     while state.iteration < max_iter:
@@ -282,12 +282,12 @@ def _iterations(run: _Run, bar: tqdm, stop: GracefulStop, log: MetricsLog) -> No
                       "lr": lr, **window.medians(), **peak_memory(run.device)}
             log.write(record)
             logger.info("%s", progress_line(record, max_iter))
-        _after_step(run, log)
+        _after_step(run, log, stop)
         if state.iteration < max_iter and stop.agreed():
             stop_gracefully(state, run.cfg, run.last, stop)
 
 
-def _after_step(run: _Run, log: MetricsLog) -> None:
+def _after_step(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
     """The checkpoint (every solver.checkpoint_period iterations and at the end) and the
     evaluation (every test.eval_period, and at the end, as Detectron2's EvalHook) the iteration
     just finished calls for."""
@@ -297,14 +297,20 @@ def _after_step(run: _Run, log: MetricsLog) -> None:
         save_last(state, run.cfg, run.last, periodic=periodic)
     period = run.cfg.test.eval_period
     if period and (state.iteration % period == 0 or state.iteration == run.cfg.solver.max_iter):  # and at the end
-        _evaluate(run, log)
+        _evaluate(run, log, stop)
 
 
-def _evaluate(run: _Run, log: MetricsLog) -> None:
-    """The test sets' metrics at this iteration, into metrics.jsonl (test.eval_period)."""
+def _evaluate(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
+    """The test sets' metrics at this iteration, into metrics.jsonl (test.eval_period). A signal
+    during it (one process) stops it and the run, last.pth saved at this iteration."""
     state = run.state
     du.broadcast_buffers(state.model)  # every rank evaluates the model rank 0 saves
-    metrics = evaluate(run.cfg, state.model)
+    try:
+        with stop.evaluation():
+            metrics = evaluate(run.cfg, state.model)
+    except EvaluationStopped:
+        state.model.train()
+        stop_gracefully(state, run.cfg, run.last, stop)
     if du.is_main_process():
         log.write({"iteration": state.iteration, **metrics})
     state.model.train()
