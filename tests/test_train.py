@@ -134,6 +134,15 @@ def test_weights_option_starts_a_new_run_at_iteration_zero(data_root, tmp_path):
     assert all(torch.allclose(start[k].float(), v.float(), atol=1e-6) for k, v in model.state_dict().items())
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["iteration"] == 1
+    # a checkpoint of the same classes listed in another order: its rows follow the names
+    reordered = {**load_checkpoint(ckpt), "class_names": ["triangle", "square", "circle"]}
+    torch.save(reordered, tmp_path / "reordered.pth")
+    model = train(tiny_cfg(data_root, tmp_path / "c", **{"solver.max_iter": 1, "model.weights":
+                                                         str(tmp_path / "reordered.pth"), "solver.base_lr": 1e-12,
+                                                         "solver.momentum": 0.0}))
+    rows = model.state_dict()["roi_heads.predictor.cls_score.weight"]  # background, circle, square, triangle
+    old = start["roi_heads.predictor.cls_score.weight"]  # background, triangle, square, circle
+    assert torch.allclose(rows[[0, 1, 2, 3]], old[[0, 3, 2, 1]], atol=1e-6)
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):

@@ -18,9 +18,10 @@ label set (`allow_new_classes`) re-initialises the class-specific layers, and sa
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -132,11 +133,12 @@ def _checked(weights: DetectorWeights) -> DetectorWeights:
     return weights
 
 
-def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_new_classes: bool = False
-                          ) -> list[str]:
+def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_new_classes: bool = False,
+                          fresh_classes: bool = False) -> list[str]:
     """Load every tensor of `weights` into `model` (a FasterRCNN), or raise CheckpointError
     listing what does not fit. With allow_new_classes, a class count that differs from the
-    model's leaves the class-specific layers at their initial values; returns their names."""
+    model's (or, with fresh_classes, any other label set) leaves the class-specific layers at
+    their initial values; returns their names."""
     _check_extra(model, weights)
     own = model.state_dict()
     _check_global_context(own, weights)
@@ -144,8 +146,8 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
     missing = sorted(k for k in own if k not in weights.state and not k.endswith("num_batches_tracked"))
     mismatched = [k for k in weights.state if k in own and own[k].shape != weights.state[k].shape]
     skipped = []
-    if allow_new_classes and weights.num_classes != model.num_classes:
-        skipped = [k for k in CLASS_SPECIFIC if k in mismatched]
+    if allow_new_classes and (fresh_classes or weights.num_classes != model.num_classes):
+        skipped = [k for k in CLASS_SPECIFIC if k in own]
         mismatched = [k for k in mismatched if k not in skipped]
     problems = _problems(unexpected, missing, mismatched, own, weights, classes_matter=not skipped) \
         + _bad_values(own, weights)
@@ -245,20 +247,44 @@ def _values(t: Tensor) -> str:
 
 
 def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConfig,
-                         weights: DetectorWeights | None = None) -> None:
+                         weights: DetectorWeights | None = None, class_names: Sequence[str] = ()) -> None:
     """Start a new run from a detector (ours or Detectron2's; on another label set the class-
     specific layers start fresh) or from backbone weights (torchvision `.pth`, MSRA `.pkl`,
-    `torchvision:NAME`) for trunk and res5. `weights`: the detector, when already read."""
+    `torchvision:NAME`) for trunk and res5. `weights`: the detector, when already read.
+    `class_names`: the training data's; a checkpoint that names its classes (this project's)
+    is matched to them by name: the same classes in another order are reordered, others
+    (as many, but named otherwise) start fresh, as another count does."""
     if weights is None and not str(path).startswith("torchvision:"):
         weights = read_detector_file(path)
     if weights is None:
         _load_backbone_into_detector(model, path, backbone_cfg)
         return
-    skipped = load_detector_weights(model, weights, allow_new_classes=True)
+    theirs, ours = list(weights.class_names or []), list(class_names)
+    other_names = bool(theirs and ours) and len(theirs) == len(ours) and theirs != ours
+    if other_names and sorted(theirs) == sorted(ours):
+        weights = _reordered(weights, [theirs.index(name) for name in ours])
+        logger.info("%s was trained on the same classes in another order (%s): its class-specific layers are "
+                    "reordered to the data's (%s)", path, ", ".join(theirs), ", ".join(ours))
+        other_names = False
+    skipped = load_detector_weights(model, weights, allow_new_classes=True, fresh_classes=other_names)
     logger.info("loaded the %s detector %s", weights.format, path)
-    if skipped:
+    if other_names:
+        logger.warning("%s was trained on other classes (%s) than the data's (%s): %s start from fresh initial "
+                       "values", path, first_few(theirs, 6), first_few(ours, 6), ", ".join(skipped))
+    elif skipped:
         logger.warning("%s has %d classes, the config %d: %s start from fresh initial values",
                        path, weights.num_classes, model.num_classes, ", ".join(skipped))
+
+
+def _reordered(weights: DetectorWeights, order: list[int]) -> DetectorWeights:
+    """`weights` with class k's rows (0-based; background stays first) taken from class order[k]."""
+    cls_rows = torch.tensor([0] + [k + 1 for k in order])
+    box_rows = torch.tensor([4 * k + i for k in order for i in range(4)])
+    state = dict(weights.state)
+    for key in CLASS_SPECIFIC:
+        if key in state:
+            state[key] = state[key][cls_rows if ".cls_score." in key else box_rows].clone()
+    return dataclasses.replace(weights, state=state, class_names=[weights.class_names[k] for k in order])
 
 
 def _load_backbone_into_detector(model: nn.Module, source: str, bb: BackboneConfig) -> None:

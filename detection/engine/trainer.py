@@ -119,7 +119,10 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     if resume and not resuming:
         logger.warning("--resume: %s does not exist, starting from iteration 0", last)
     changes = check_resume_config(cfg, out_dir, explicit) if resuming else []  # before anything is built
-    state = _initial_state(cfg, device, out_dir, resuming)
+    # a new run's data first: initial weights are matched to its classes by name (a resume needs
+    # none of it to find out that the run is finished)
+    datasets = None if resuming else build_train_datasets(cfg)
+    state = _initial_state(cfg, device, out_dir, resuming, datasets[0].class_names if datasets else ())
     if resuming and cfg.solver.max_iter < state.iteration:
         raise ConfigError(f"solver.max_iter={cfg.solver.max_iter}: {last} is at iteration {state.iteration} and a "
                           f"run cannot go back; give solver.max_iter={state.iteration} to end it there (it writes "
@@ -131,7 +134,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         if run_log is not None:  # "resumed at", "nothing to train" (and a model_final.pth written) too
             run_log.open(out_dir / LOG_FILE)
         return state.model
-    datasets = build_train_datasets(cfg)
+    datasets = datasets or build_train_datasets(cfg)
     test_sets = build_test_datasets(cfg, datasets[0].class_names)  # before anything is written, too
     start = (state.iteration, event_files(out_dir),
              [p for p in (out_dir / "config.yaml", out_dir / LOG_FILE) if not p.exists()])  # what this run creates
@@ -154,10 +157,12 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     return state.model
 
 
-def _initial_state(cfg: Config, device: torch.device, out_dir: Path, resuming: bool) -> TrainState:
+def _initial_state(cfg: Config, device: torch.device, out_dir: Path, resuming: bool,
+                   class_names: Sequence[str] = ()) -> TrainState:
     """The run's state at its first iteration: the run's own last.pth, or model.weights (a
     detector or backbone weights), replaces the model.backbone.weights file, which is then
-    neither read nor required."""
+    neither read nor required. `class_names`: the training data's, which a detector's
+    class-specific layers are matched to by name."""
     initial = read_detector_file(cfg.model.weights) if cfg.model.weights and not resuming \
         and not cfg.model.weights.startswith("torchvision:") else None
     state = build_train_state(cfg, device, backbone_needed=not resuming and not cfg.model.weights)
@@ -167,7 +172,7 @@ def _initial_state(cfg: Config, device: torch.device, out_dir: Path, resuming: b
         logger.info("resumed at iteration %d", state.iteration)
         state.periodic = periodic_checkpoints(out_dir, up_to=state.iteration) if du.is_main_process() else []
     elif cfg.model.weights:
-        load_initial_weights(state.model, cfg.model.weights, cfg.model.backbone, initial)
+        load_initial_weights(state.model, cfg.model.weights, cfg.model.backbone, initial, class_names=class_names)
     return state
 
 
