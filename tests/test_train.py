@@ -218,3 +218,23 @@ def test_weights_option_accepts_backbone_weights(data_root, tmp_path):
     state = model.state_dict()
     assert torch.equal(state["trunk.stem.conv1.weight"], tv.conv1.weight)
     assert torch.equal(state["roi_heads.res5.0.conv1.weight"], tv.layer4[0].conv1.weight)
+
+
+def test_an_evaluation_is_not_counted_as_the_next_iterations_data_time(data_root, tmp_path, monkeypatch):
+    """time and data_time are the iteration's own, as Detectron2's: an evaluation (or a checkpoint
+    save) between iterations 2 and 3 was logged as iteration 3's data_time (16 s of 27 in a
+    helper's trial), and inflated the ETA."""
+    import time as clock
+
+    from detection.engine import trainer
+
+    def slow_evaluation(cfg, model):
+        clock.sleep(1.5)
+        return {"AP": 1.0}
+
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluation)
+    out = tmp_path / "run"
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 3, "test.eval_period": 2, "log_period": 1}))
+    records = {r["iteration"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if "total_loss" in r}
+    assert records[3]["data_time"] < 0.75 and records[3]["time"] < records[3]["data_time"] + 1.0

@@ -18,8 +18,8 @@ PROJECT_LOGGERS = ("detection", "backbones")
 class TimeWindow:
     """The iteration and data-loading times since the previous metrics line. metrics.jsonl's
     `time` and `data_time` are their medians, as Detectron2's metrics.json: one slow iteration
-    (a checkpoint save, an evaluation, the first iteration's warm-up) does not stand for the
-    window, and a window of log_period 1 is that iteration's time."""
+    (the first one's warm-up) does not stand for the window, and a window of log_period 1 is
+    that iteration's time. Checkpoint saves and evaluations between iterations are in neither."""
 
     def __init__(self) -> None:
         self.times: list[float] = []

@@ -279,7 +279,6 @@ def _iterations(run: _Run, bar: tqdm, stop: GracefulStop, log: MetricsLog) -> No
         losses = run_step(run.cfg, state, run.model, images, targets, run.device)
         state.iteration += 1
         window.add(time.perf_counter() - timer, data_time)
-        timer = time.perf_counter()
         bar.set_postfix(loss=f"{sum(losses.values()):.3f}", lr=f"{lr:.2e}")
         bar.update(1)
         if du.is_main_process() and (state.iteration % run.cfg.log_period == 0 or state.iteration == max_iter):
@@ -290,6 +289,9 @@ def _iterations(run: _Run, bar: tqdm, stop: GracefulStop, log: MetricsLog) -> No
         _after_step(run, log, stop)
         if state.iteration < max_iter and stop.agreed():
             stop_gracefully(state, run.cfg, run.last, stop)
+        # the next iteration's clock starts here: a checkpoint's save or an evaluation is no
+        # iteration's time nor data_time (as Detectron2's IterationTimer leaves its hooks out)
+        timer = time.perf_counter()
 
 
 def _after_step(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
