@@ -75,6 +75,18 @@ def test_eval_bad_checkpoint_is_one_clear_line(trained, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_eval_without_test_sets_says_so(trained, capsys):
+    """The README's quick fine-tune leaves datasets.test empty; eval.py then wrote a report of
+    zero test sets and exited 0."""
+    root, overrides = trained
+    code, out, err = run_main(TOOLS["eval.py"], ["--config", ROOT / "configs" / "base.yaml", "--weights",
+                                                 root / "out" / "model_final.pth", *overrides, "datasets.test=[]"],
+                              capsys)
+    assert code == 2 and "error: datasets.test is empty: nothing to evaluate; give the test sets" in err
+    assert "results go to" not in out  # nothing made
+
+
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_one_clear_line(trained, capsys):
     """A checkpoint trained with another config (here ResNet-18 loaded as ResNet-34) names the file."""
     root, overrides = trained

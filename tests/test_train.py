@@ -238,3 +238,15 @@ def test_an_evaluation_is_not_counted_as_the_next_iterations_data_time(data_root
     records = {r["iteration"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                if "total_loss" in r}
     assert records[3]["data_time"] < 0.75 and records[3]["time"] < records[3]["data_time"] + 1.0
+
+
+def test_a_run_without_test_sets_evaluates_nothing_and_says_how_to(data_root, tmp_path, caplog):
+    """datasets.test empty (the README's quick fine-tune) with test.eval_period: no empty
+    evaluation records, and the closing line does not promise an evaluation on datasets.test."""
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        train(tiny_cfg(data_root, out, **{"solver.max_iter": 2, "test.eval_period": 1, "datasets.test": []}))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2] and all("total_loss" in r for r in records)
+    assert "test sets: none: test.eval_period has nothing to evaluate" in caplog.text
+    assert "'datasets.test=[...]' evaluates it: the run's datasets.test is empty" in caplog.text

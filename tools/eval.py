@@ -103,12 +103,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     from backbones.errors import WeightsError
+    from detection.config import ConfigError
     from detection.data import DataError
     from detection.data.catalog import get_datasets
     from detection.evaluation import evaluate_test_sets
     from detection.evaluation.outputs import ResultsSource, check_results_folder, claim_for_every_process
     from detection.engine.distributed import init_distributed, is_main_process, select_device
 
+    if not cfg.datasets.test:  # it exited 0 having written a report of no test set
+        raise ConfigError("datasets.test is empty: nothing to evaluate; give the test sets, e.g. "
+                          "'datasets.test=[shapes_val]' or 'datasets.test=[{type: coco, ann_file: A.json, "
+                          "image_root: DIR}]'")
     out_root = results_folder(cfg, args)
     given = args.results or args.weights
     if not Path(given).expanduser().exists():  # before the results folder is judged by it

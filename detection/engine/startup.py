@@ -85,7 +85,7 @@ def summary_of_test_sets(cfg: Config, datasets: Sequence[DatasetInfo]) -> list[s
     set's name, as eval.py's results folders and the metrics keys name them)."""
     period = f" (evaluated every {cfg.test.eval_period} iterations)" if cfg.test.eval_period else ""
     if not datasets:
-        return [f"test sets: none{period}"]
+        return ["test sets: none" + (": test.eval_period has nothing to evaluate" if period else "")]
     lines = [f"test set {d.name}: {len(d.records)} images, {d.num_classes} classes"
              + ("" if d.has_annotations else " (no annotations: files for its evaluation server)")
              for d in datasets]
@@ -143,10 +143,12 @@ def undo_unstarted_run(out_dir: Path, *, events_before: set[Path], created: Sequ
         path.unlink(missing_ok=True)
 
 
-def final_line(path: Path, iteration: int) -> str:
+def final_line(path: Path, iteration: int, has_test_sets: bool = True) -> str:
     """The run's closing line: where the trained model went and how to evaluate it."""
-    return (f"training finished at iteration {iteration}: the model is {path.resolve()} "
-            f"(python tools/eval.py --weights {shlex.quote(str(path))} evaluates it on datasets.test)")
+    command = f"python tools/eval.py --weights {shlex.quote(str(path))}"
+    how = f"{command} evaluates it on datasets.test" if has_test_sets else \
+        f"{command} 'datasets.test=[...]' evaluates it: the run's datasets.test is empty"
+    return f"training finished at iteration {iteration}: the model is {path.resolve()} ({how})"
 
 
 def note_stop(err: BaseException, iteration: int, kept: str) -> None:

@@ -227,14 +227,14 @@ def _evaluation_missing(cfg: Config, iteration: int, out_dir: Path) -> bool:
     """A resumed run's checkpoint iteration calls for an evaluation (test.eval_period, or the
     end) that metrics.jsonl lacks: the run stopped while it ran (it follows the save). Rank 0
     reads the file; every rank gets its answer (the evaluation is every rank's)."""
-    period = cfg.test.eval_period
+    period = cfg.test.eval_period if cfg.datasets.test else 0
     due = bool(period) and iteration > 0 and (iteration % period == 0 or iteration == cfg.solver.max_iter)
     missing = due and du.is_main_process() and not evaluation_recorded(out_dir / "metrics.jsonl", iteration)
     return bool(du.all_gather_object(missing)[0]) if due else False
 
 
 def _finish(state: TrainState, cfg: Config, out_dir: Path) -> None:
-    logger.info("%s", final_line(save_final(state, cfg, out_dir), state.iteration))
+    logger.info("%s", final_line(save_final(state, cfg, out_dir), state.iteration, bool(cfg.datasets.test)))
 
 
 def _loop(run: _Run, tensorboard: bool = False) -> None:
@@ -302,7 +302,7 @@ def _after_step(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
     periodic = state.iteration % run.cfg.solver.checkpoint_period == 0
     if periodic or state.iteration == run.cfg.solver.max_iter:
         save_last(state, run.cfg, run.last, periodic=periodic)
-    period = run.cfg.test.eval_period
+    period = run.cfg.test.eval_period if run.cfg.datasets.test else 0  # no test set: nothing to evaluate
     if period and (state.iteration % period == 0 or state.iteration == run.cfg.solver.max_iter):  # and at the end
         _evaluate(run, log, stop)
 
