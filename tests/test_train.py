@@ -250,3 +250,14 @@ def test_a_run_without_test_sets_evaluates_nothing_and_says_how_to(data_root, tm
     assert [r["iteration"] for r in records] == [1, 2] and all("total_loss" in r for r in records)
     assert "test sets: none: test.eval_period has nothing to evaluate" in caplog.text
     assert "'datasets.test=[...]' evaluates it: the run's datasets.test is empty" in caplog.text
+
+
+def test_the_start_summary_says_how_much_of_the_model_trains(data_root, tmp_path, caplog):
+    # model.backbone.freeze_at 5 also freezes res5 (the box head's trunk here, never in Detectron2's C4)
+    with caplog.at_level("INFO"):
+        model = train(tiny_cfg(data_root, tmp_path / "run", **{"solver.max_iter": 1, "model.backbone.freeze_at": 5}))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert not any(p.requires_grad for p in model.roi_heads.res5.parameters())
+    assert (f"parameters: {trained / 1e6:.2f}M trained of {total / 1e6:.2f}M (model.backbone.freeze_at 5: stem, "
+            "res2, res3, res4, res5 frozen)") in caplog.text

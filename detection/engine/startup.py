@@ -116,6 +116,16 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
     return lines
 
 
+def parameters_line(model: torch.nn.Module, freeze_at: int) -> str:
+    """How much of the model trains: model.backbone.freeze_at's stages are frozen (5 freezes res5
+    too, the box head's trunk here; Detectron2's C4 never freezes res5, so its FREEZE_AT 5 is 4 here)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = ("stem", "res2", "res3", "res4", "res5")[:freeze_at]
+    return (f"parameters: {trainable / 1e6:.2f}M trained of {total / 1e6:.2f}M (model.backbone.freeze_at "
+            f"{freeze_at}: {', '.join(frozen) or 'nothing'} frozen)")
+
+
 def schedule_warnings(cfg: Config) -> list[str]:
     """What in the lr schedule never happens within solver.max_iter (as Detectron2 warns of steps
     past MAX_ITER): easy to leave behind when a long config's max_iter is cut for a short run."""

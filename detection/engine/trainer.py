@@ -37,8 +37,8 @@ from detection.engine.run_folder import RunLock, check_output_dir, evaluation_re
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, progress_line
 from detection.engine.signals import EvaluationStopped, GracefulStop, sigterm_before_the_loop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
-                                      event_files, final_line, note_stop, schedule_warnings, summary_lines,
-                                      undo_unstarted_run)
+                                      event_files, final_line, note_stop, parameters_line, schedule_warnings,
+                                      summary_lines, undo_unstarted_run)
 from detection.engine.train_state import TrainState, build_train_state, restore_train_state, seed_everything
 from detection.modeling.precision import amp_dtype
 
@@ -139,7 +139,8 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     start = (state.iteration, event_files(out_dir),
              [p for p in (out_dir / "config.yaml", out_dir / LOG_FILE) if not p.exists()])  # what this run creates
     if du.is_main_process():
-        for line in summary_lines(cfg, datasets, device, test_sets):
+        for line in [*summary_lines(cfg, datasets, device, test_sets),
+                     parameters_line(state.model, cfg.model.backbone.freeze_at)]:
             logger.info("%s", line)
         for line in schedule_warnings(cfg):
             logger.warning("%s", line)
