@@ -188,3 +188,10 @@ def test_a_split_file_id_found_on_disk_in_the_other_unicode_form(tmp_path):
     record = info.records[1]
     assert record["image_id"] == nfc and record["file_name"] == str(root / "JPEGImages" / f"{nfd}.jpg")
     assert record["labels"].tolist() == [VOC_CLASSES.index("tvmonitor") + 1]
+    # a folder named with an accent on Linux (NFC) holding the NFD files: only the name is turned
+    moved = tmp_path / nfc / "VOC"
+    moved.parent.mkdir()
+    root.rename(moved)
+    info = get_dataset({"type": "voc", "root": str(moved), "split": "val", "classes": list(VOC_CLASSES)},
+                       str(tmp_path))
+    assert info.records[1]["file_name"] == str(moved / "JPEGImages" / f"{nfd}.jpg")

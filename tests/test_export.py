@@ -262,6 +262,7 @@ def test_the_file_carries_its_preprocessing_and_the_detector_reads_it(tmp_path):
     for size in (0, -5, 352.7):  # each shrank the image to 1x1 (or was cut to 352) without a word
         with pytest.raises(ValueError, match=rf"OnnxDetector: min_size={size}, expected a positive int"):
             OnnxDetector(path, min_size=size)
+    assert OnnxDetector(path, min_size=np.int64(96)).metadata["min_size_test"] == 96  # numpy's ints are ints
     with pytest.raises(ValueError, match=r"OnnxDetector: a tensor image must be \(3, H, W\), got \(150, 220, 3\) "
                                          r"\(channels last: pass image.permute\(2, 0, 1\)"):
         detector(image.permute(1, 2, 0))  # the message named the shape of its own permute

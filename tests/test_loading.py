@@ -1,5 +1,7 @@
 """Detector weights of this project: recognised by content, loaded strictly, checked against the
 settings they were trained with, and re-used across label sets for fine-tuning."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -100,6 +102,13 @@ def test_fine_tuning_on_as_many_classes_matches_them_by_name(trained, caplog, da
     else:
         assert all(torch.equal(model.state_dict()[k], v) for k, v in fresh.items())
         assert "was trained on other classes (disc, box, cross) than the data's (cat, dog, bird)" in caplog.text
+    # a file that names no classes (Detectron2's): its rows are taken in order, and said so
+    caplog.clear()
+    unnamed = dataclasses.replace(read_detector_file(path), class_names=None)
+    with caplog.at_level("INFO"):
+        load_initial_weights(model, str(path), None, unnamed, class_names=data_classes)
+    assert torch.equal(model.roi_heads.predictor.cls_score.weight, old.cls_score.weight)
+    assert "names no classes: its class-specific rows are taken in order as the data's" in caplog.text
     assert torch.equal(model.state_dict()["trunk.res4.1.conv2.weight"], source.state_dict()["trunk.res4.1.conv2.weight"])
 
 

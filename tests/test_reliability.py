@@ -182,6 +182,40 @@ def test_a_signal_during_the_evaluation_stops_it_saves_last_pth_and_resume_makes
     assert same_weights(load_checkpoint(out / "model_final.pth")["model"], straight)  # bit for bit
 
 
+def test_a_signal_just_before_the_evaluation_stops_it_too():
+    """A signal in the iteration (or the checkpoint save) just before an evaluation came before
+    the evaluation began: it must not then run to its end."""
+    from detection.engine.signals import EvaluationStopped, GracefulStop
+
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(EvaluationStopped):
+            with stop.evaluation():
+                pytest.fail("the evaluation ran")
+
+
+def test_a_forked_data_loader_worker_ignores_the_runs_signal_handler():
+    """The evaluation's loader workers are forked with the run's handler, and a Ctrl-C reaches the
+    whole process group: the handler raised EvaluationStopped in each worker, which died, and the
+    loader's 'worker exited unexpectedly' then broke the run's save (a reviewer's repro)."""
+    import time
+
+    from detection.engine.signals import GracefulStop
+
+    with GracefulStop() as stop, stop.evaluation():
+        pid = os.fork()
+        if pid == 0:  # the worker
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler runs here
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert stop.signum == 0  # the run's own process got no signal
+
+
 @pytest.mark.slow  # trains
 def test_a_second_signal_during_the_save_does_not_corrupt_it(data_root, tmp_path, monkeypatch, caplog):
     out = tmp_path / "run"

@@ -268,6 +268,9 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConf
         other_names = False
     skipped = load_detector_weights(model, weights, allow_new_classes=True, fresh_classes=other_names)
     logger.info("loaded the %s detector %s", weights.format, path)
+    if ours and not theirs and not skipped:  # a Detectron2 file: what its rows mean is not known here
+        logger.info("%s names no classes: its class-specific rows are taken in order as the data's (%s)",
+                    path, first_few(ours, 6))
     if other_names:
         logger.warning("%s was trained on other classes (%s) than the data's (%s): %s start from fresh initial "
                        "values", path, first_few(theirs, 6), first_few(ours, 6), ", ".join(skipped))

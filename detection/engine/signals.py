@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -40,8 +41,10 @@ class GracefulStop:
         self.saving = False
         self.evaluating = False
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> "GracefulStop":
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -52,6 +55,8 @@ class GracefulStop:
         self._previous = {}
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:  # a forked data-loader worker (Ctrl-C reaches the whole group): the run's
+            return                    # process stops the loader; a worker that raised would kill it
         name = signal.Signals(signum).name
         if not self.signum and self.evaluating:
             self.signum = signum
@@ -77,9 +82,12 @@ class GracefulStop:
 
     @contextmanager
     def evaluation(self) -> Iterator[None]:
-        """Training's evaluation: in a one-process run a first signal stops it (EvaluationStopped)."""
+        """Training's evaluation: in a one-process run a first signal stops it (EvaluationStopped),
+        as does one that came before it (in the iteration or the save just before)."""
         self.evaluating = du.get_world_size() == 1
         try:
+            if self.evaluating and self.signum:
+                raise EvaluationStopped
             yield
         finally:
             self.evaluating = False

@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detection.config import Config, ConfigError
 from detection.engine import distributed as du
-from detection.engine.checkpoint import load_resume_checkpoint, periodic_checkpoints
+from detection.engine.checkpoint import get_rng_states, load_resume_checkpoint, periodic_checkpoints, set_rng_states
 from detection.engine.loop_checkpoints import save_final, save_last, stop_gracefully, what_is_kept
 from detection.engine.errors import TrainingError, TrainingInterrupted, TrainingStopped
 from detection.engine.evaluate import evaluate
@@ -313,12 +313,17 @@ def _evaluate(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
     during it (one process) stops it and the run, last.pth saved at this iteration."""
     state = run.state
     du.broadcast_buffers(state.model)  # every rank evaluates the model rank 0 saves
+    # evaluate() puts the random states back itself; a signal's EvaluationStopped may land in that
+    # restore, so it is made again here, outside the evaluation (last.pth then saves them)
+    states = get_rng_states()
     try:
         with stop.evaluation():
             metrics = evaluate(run.cfg, state.model)
     except EvaluationStopped:
+        set_rng_states(states)
         state.model.train()
-        stop_gracefully(state, run.cfg, run.last, stop)
+        stop_gracefully(state, run.cfg, run.last, stop)  # raises TrainingStopped
+        raise
     if du.is_main_process():
         log.write({"iteration": state.iteration, **metrics})
     state.model.train()

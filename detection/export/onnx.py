@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import io
 import json
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from detection.modeling.model import FasterRCNN, rescale_detections
 from detection.export.preprocess import METADATA_VERSION, preprocess, read_metadata, resize_to_inputs
 from detection.modeling.resize import RESIZE_MODES, resized_shape
 from detection.testing import compare_detections
+from detection.utils.images import rgb_uint8
 from detection.utils.files import atomic_write
 
 OPSET = 17  # RoiAlign's half_pixel mode (torchvision's aligned=True) needs 16
@@ -180,7 +182,7 @@ class OnnxDetector:
         if resize_mode is not None and resize_mode not in RESIZE_MODES:  # the caller's, not the file's
             raise ValueError(f"OnnxDetector: resize_mode={resize_mode!r}, expected one of {RESIZE_MODES}")
         for name, value in (("min_size", min_size), ("max_size", max_size)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"OnnxDetector: {name}={value!r}, expected a positive int (pixels)")
         given = {"min_size_test": min_size, "max_size_test": max_size, "resize_mode": resize_mode}
         raw = {**self.session.get_modelmeta().custom_metadata_map,
@@ -207,7 +209,8 @@ class OnnxDetector:
 
     def prepare(self, image: Tensor | np.ndarray, input_format: str = "RGB") -> dict[str, np.ndarray]:
         """The file's inputs for `image` (detection.export.preprocess.preprocess)."""
-        return preprocess(_channels_last(image, "OnnxDetector"), self.metadata, input_format)
+        image = rgb_uint8(_channels_last(image, "OnnxDetector"), "OnnxDetector")  # errors name the caller
+        return preprocess(image, self.metadata, input_format)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, Tensor]:
         """The session on prepared inputs (prepare)."""

@@ -141,8 +141,9 @@ def in_other_unicode_form(path: str, exists: Callable[[str], bool] = os.path.isf
     files write é (NFC)."""
     if path.isascii():
         return None
-    for form in ("NFC", "NFD"):
-        other = unicodedata.normalize(form, path)
-        if other != path and exists(other):
-            return other
+    folder, name = os.path.split(path)
+    for form in ("NFC", "NFD"):  # the name alone first: a folder made on Linux keeps the form it was given
+        for other in (os.path.join(folder, unicodedata.normalize(form, name)), unicodedata.normalize(form, path)):
+            if other != path and exists(other):
+                return other
     return None

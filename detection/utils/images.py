@@ -21,7 +21,7 @@ def rgb_uint8(image: Any, where: str, accepted: str = "a uint8 (H, W, 3) numpy a
         raise TypeError(f"{where}: expected {accepted}, got {type(image).__name__}"
                         + _how_to_pass(image))
     if image.dtype != np.uint8:
-        raise ValueError(f"{where}: the image must be RGB uint8 0..255, got dtype {image.dtype}"
+        raise ValueError(f"{where}: the image must be uint8 0..255, got dtype {image.dtype}"
                          + _how_to_convert(image))
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"{where}: the image must have shape (H, W, 3), got {image.shape}" + _how_to_shape(image))
