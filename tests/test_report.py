@@ -13,7 +13,8 @@ import pytest
 
 from detection.data.catalog import get_dataset
 from detection.data.shapes import generate_shapes
-from detection.evaluation.report import image_errors, section_for_test_set, write_report
+from detection.evaluation.image_errors import coco_image_errors, voc_image_errors
+from detection.evaluation.report import section_for_test_set, write_report
 
 pytest.importorskip("jinja2", reason="the HTML report needs the report extra: pip install -e '.[report]'")
 
@@ -27,10 +28,70 @@ def test_false_positives_and_missed_objects_of_an_image():
     dets = {"boxes": np.array([[0, 0, 10, 10], [0, 0, 10, 11], [60, 60, 70, 70], [40, 40, 50, 50],
                                [20, 20, 30, 30]], float),
             "scores": np.array([0.9, 0.8, 0.7, 0.95, 0.3]), "labels": np.array([1, 1, 1, 2, 1])}
-    fp, missed = image_errors(gt, labels, ignored, dets, score_thresh=0.5)
+    fp, missed = voc_image_errors(gt, labels, ignored, dets, score_thresh=0.5)
     # class 1: a match, a duplicate and a box on nothing (2 false positives); [20,20,30,30] is
     # found only at 0.3, below the threshold: missed. Class 2: on the ignored region, neither.
     assert fp == {1: 2, 2: 0} and missed == {1: 1, 2: 0}
+
+
+def test_coco_sets_are_counted_as_cocoeval_matches():
+    """A helper's two cases where the devkit's rule (the report's only one before) differs from
+    COCOeval's: a prediction inside a crowd region (COCOeval ignores it; it was a false
+    positive), and two overlapping objects whose second prediction's best box is taken (COCOeval
+    gives it the other box: AP50 100; the report said 1 false positive and 1 missed)."""
+    crowd = np.array([[0, 0, 93, 93]], float)
+    inside = {"boxes": np.array([[10, 10, 40, 40]], float), "scores": np.array([0.9]), "labels": np.array([2])}
+    assert coco_image_errors(crowd, np.array([2]), np.array([True]), inside, 0.5) == ({2: 0}, {2: 0})
+    assert voc_image_errors(crowd, np.array([2]), np.array([False]), inside, 0.5) == ({2: 1}, {2: 1})
+    squares = np.array([[0, 0, 100, 100], [0, 30, 100, 130]], float)
+    dets = {"boxes": np.array([[0, 0, 100, 100], [0, 10, 100, 110]], float), "scores": np.array([0.9, 0.8]),
+            "labels": np.array([1, 1])}
+    assert coco_image_errors(squares, np.array([1, 1]), np.array([False, False]), dets, 0.5) == ({1: 0}, {1: 0})
+    assert voc_image_errors(squares, np.array([1, 1]), np.array([False, False]), dets, 0.5) == ({1: 1}, {1: 1})
+
+
+def test_coco_counts_equal_pycocotools_on_random_images(tmp_path):
+    """False positives and missed objects of every image and class against COCOeval.evaluateImg
+    itself (IoU 0.5, area all, 100 detections): unmatched, not-ignored predictions and objects."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(0)
+    images, annotations, results, ours = [], [], [], {}
+    for image_id in range(1, 41):
+        images.append({"id": image_id, "width": 200, "height": 200, "file_name": f"{image_id}.jpg"})
+        n_gt, n_dt = rng.integers(0, 6), rng.integers(0, 9)
+        xy, wh = rng.uniform(0, 120, (n_gt, 2)), rng.uniform(10, 80, (n_gt, 2))
+        gt_labels, crowd = rng.integers(1, 3, n_gt), rng.random(n_gt) < 0.2
+        for k in range(n_gt):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(gt_labels[k]),
+                                "bbox": [*xy[k], *wh[k]], "area": float(np.prod(wh[k])), "iscrowd": int(crowd[k])})
+        near = xy[rng.integers(0, max(n_gt, 1), n_dt)] if n_gt else rng.uniform(0, 120, (n_dt, 2))
+        d_xy, d_wh = near + rng.normal(0, 8, (n_dt, 2)), rng.uniform(10, 80, (n_dt, 2))
+        scores, labels = rng.uniform(0.5, 1.0, n_dt).round(3), rng.integers(1, 3, n_dt)
+        for k in range(n_dt):
+            results.append({"image_id": image_id, "category_id": int(labels[k]), "bbox": [*d_xy[k], *d_wh[k]],
+                            "score": float(scores[k])})
+        boxes = np.concatenate([xy, xy + wh], axis=1)
+        dets = {"boxes": np.concatenate([d_xy, d_xy + d_wh], axis=1), "scores": scores, "labels": labels}
+        ours[image_id] = coco_image_errors(boxes, gt_labels, crowd, dets, score_thresh=0.5)
+    (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                  "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    gt = COCO(str(tmp_path / "gt.json"))
+    evaluation = COCOeval(gt, gt.loadRes(results), "bbox")
+    evaluation.params.iouThrs, evaluation.params.maxDets = np.array([0.5]), [100]
+    evaluation.params.areaRng, evaluation.params.areaRngLbl = [[0, 1e10]], ["all"]
+    evaluation.evaluate()
+    checked = 0
+    for e in evaluation.evalImgs:
+        if e is None:
+            continue
+        fp = int(((e["dtMatches"][0] == 0) & ~e["dtIgnore"][0].astype(bool)).sum())
+        missed = int(((e["gtMatches"][0] == 0) & ~np.asarray(e["gtIgnore"], bool)).sum())
+        their_fp, their_missed = ours[e["image_id"]]
+        assert (their_fp.get(e["category_id"], 0), their_missed.get(e["category_id"], 0)) == (fp, missed), e["image_id"]
+        checked += 1
+    assert checked > 50
 
 
 def test_report_counts_the_ground_truth_the_voc_evaluation_scores():
@@ -226,3 +287,26 @@ def test_a_second_evaluation_into_the_folder_adds_its_test_set_to_the_page(tiny_
         metrics = json.loads((folder / sub / "metrics.json").read_text())
         assert re.search(rf"<h2 id=\"set-\d\">{name} .*?<td>AP50</td><td>{metrics['AP50']:.2f}</td>", html, re.S)
     assert "Command (shapes_val)" in html and "Command (my photos)" in html
+
+
+def test_coco_report_counts_the_ground_truth_cocoeval_scores(tmp_path):
+    """COCOeval reads the json as written: an `ignore: 1` object is an object (its `ignore` is
+    `iscrowd`), and a box reaching past the image is scored unclipped. The report counted the
+    training records (the ignored object left out, the box clipped): 'circle 0 objects, 0 missed'
+    where the metrics said circle AP 0."""
+    ann = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400,
+                            "iscrowd": 0, "ignore": 1},
+                           {"id": 2, "image_id": 1, "category_id": 2, "bbox": [60, 60, 80, 80], "area": 6400,
+                            "iscrowd": 0}],
+           "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    (tmp_path / "img").mkdir()
+    dataset = get_dataset({"type": "coco", "ann_file": str(tmp_path / "ann.json"), "image_root": str(tmp_path / "img")},
+                          str(tmp_path), check_images=False)
+    # a prediction on the square's visible part: IoU with the annotated [60, 60, 140, 140] is 0.25
+    detections = {1: {"boxes": np.array([[60.0, 60.0, 100.0, 100.0]]), "scores": np.array([0.9]),
+                      "labels": np.array([2])}}
+    section = section_for_test_set(dataset, {}, detections)
+    counts = {c["name"]: (c["gt"], c["fp"], c["missed"]) for c in section.per_class}
+    assert counts == {"circle": (1, 0, 1), "square": (1, 1, 1)}

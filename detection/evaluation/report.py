@@ -34,6 +34,7 @@ import numpy as np
 
 from detection.data import DataError
 from detection.evaluation.coco import read_results_json
+from detection.evaluation.image_errors import IOU_THRESH, coco_image_errors, read_coco_ground_truth, voc_image_errors
 from detection.evaluation.outputs import SECTION_FILE, recorded_test_sets, results_subfolder
 from detection.evaluation.voc_results import read_comp4_dir
 from detection.utils.files import atomic_write
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 SCORE_THRESH = 0.5  # a prediction counts (drawn, false positive) from this score, as visualize.py draws
-IOU_THRESH = 0.5  # a prediction matches a ground-truth box of its class from this IoU
 GALLERY_SIZE = 4  # images per gallery (most false positives; most missed objects)
 PANEL_WIDTH, MIN_PANEL_WIDTH = 480, 320  # px: each side of a gallery image is scaled into this range
 
@@ -120,56 +120,15 @@ def read_detections(dataset: DatasetInfo, results: str) -> dict[Any, dict[str, n
     return out
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(A, 4) x (B, 4) XYXY -> (A, B) IoU, continuous coordinates."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
-def image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np.ndarray,
-                 detections: Mapping[str, np.ndarray], score_thresh: float = SCORE_THRESH,
-                 iou_thresh: float = IOU_THRESH) -> tuple[dict[int, int], dict[int, int]]:
-    """Per class, one image's false positives and missed objects among the predictions
-    scoring >= score_thresh: greedy matching by score, each ground-truth box matched once
-    (duplicates are false positives), a prediction on an ignored box (difficult, crowd)
-    neither, an ignored box never missed."""
-    keep = detections["scores"] >= score_thresh
-    boxes, scores, labels = (np.asarray(detections[k])[keep] for k in ("boxes", "scores", "labels"))
-    false_pos: dict[int, int] = {}
-    missed: dict[int, int] = {}
-    for label in set(labels.tolist()) | set(gt_labels.tolist()):
-        gt = gt_labels == label
-        g_boxes, g_ignored = gt_boxes[gt].reshape(-1, 4), gt_ignored[gt]
-        mine = np.flatnonzero(labels == label)
-        mine = mine[np.argsort(-scores[mine], kind="stable")]
-        iou = _iou(boxes[mine].reshape(-1, 4), g_boxes) if len(g_boxes) else np.zeros((len(mine), 0))
-        used = np.zeros(len(g_boxes), bool)
-        fp = 0
-        for row in iou:
-            best = int(np.argmax(row)) if row.size else -1
-            if best < 0 or row[best] < iou_thresh:
-                fp += 1
-            elif g_ignored[best]:
-                continue
-            elif used[best]:
-                fp += 1
-            else:
-                used[best] = True
-        false_pos[label], missed[label] = fp, int((~used & ~g_ignored).sum())
-    return false_pos, missed
-
-
 def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], detections: Mapping[Any, Mapping],
                      pr_curves_png: str | Path | None = None, crowd: Mapping[Any, tuple] | None = None,
                      score_thresh: float = SCORE_THRESH, gallery_size: int = GALLERY_SIZE,
                      skipped: Collection[Any] = ()) -> TestSetSection:
     """One test set's part of the report. `detections`: read_detections(); `crowd`: COCO
-    crowd regions (detection.visualization.draw.read_crowd_regions), ignored like VOC's difficult;
+    crowd regions (detection.visualization.draw.read_crowd_regions), drawn in the galleries;
     `skipped`: the ids of images the metrics leave out (unreadable: outputs.read_skipped_images),
-    left out of the counts and galleries too."""
+    left out of the counts and galleries too. The counts match predictions to ground truth as
+    the set's metric does (detection/evaluation/image_errors.py)."""
     from detection.visualization.draw import ground_truth_boxes
 
     names = list(dataset.class_names)
@@ -177,10 +136,18 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
     scored = []  # (false positives, missed, record)
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
     records = [r for r in dataset.records if r["image_id"] not in skipped]
+    coco_truth = read_coco_ground_truth(dataset.ann_file, dataset.label_to_category_id) \
+        if dataset.kind == "coco" and dataset.ann_file else None
     for record in records:
-        boxes, labels, tags = ground_truth_boxes(record, (crowd or {}).get(record["image_id"]))
-        ignored = np.array([bool(t) for t in tags], bool)
-        fp, missed = image_errors(boxes, labels, ignored, detections.get(record["image_id"], empty), score_thresh)
+        found = detections.get(record["image_id"], empty)
+        if coco_truth is not None:  # the json's boxes, as COCOeval scores them
+            boxes, labels, ignored = coco_truth.get(record["image_id"], (np.zeros((0, 4)), np.zeros(0, np.int64),
+                                                                         np.zeros(0, bool)))
+            fp, missed = coco_image_errors(boxes, labels, ignored, found, score_thresh)
+        else:
+            boxes, labels, tags = ground_truth_boxes(record)  # VOC: as annotated, difficult tagged
+            ignored = np.array([bool(t) for t in tags], bool)
+            fp, missed = voc_image_errors(boxes, labels, ignored, found, score_thresh)
         for label in labels[~ignored].tolist():
             totals.setdefault(label, {"gt": 0, "fp": 0, "missed": 0})["gt"] += 1
         for label, count in fp.items():
@@ -370,8 +337,8 @@ TEMPLATE = """<!DOCTYPE html>
 </table>
 <p class="muted">AP: each class's AP-&lt;class&gt; of metrics.json (COCO-type sets: IoU 0.50:0.95; VOC-type: IoU 0.5).
 False positives and missed objects count the predictions scoring at least {{ score_thresh }},
-matched greedily by score to ground truth of their class at IoU &ge; {{ iou_thresh }}; difficult and crowd
-regions are neither.</p>
+matched by score to ground truth of their class at IoU &ge; {{ iou_thresh }} as the set's metric matches
+them (COCO-type: COCOeval's rule, crowd regions neither; VOC-type: the devkit's, difficult objects neither).</p>
 {% if s.pr_curves %}
 <h3>Precision-recall curves</h3>
 <figure><img alt="precision-recall curves of {{ s.name }}" src="data:image/png;base64,{{ s.pr_curves }}"></figure>

@@ -238,9 +238,10 @@ def ground_truth_boxes(record: Mapping[str, Any], extra: tuple[np.ndarray, np.nd
 
 def read_crowd_regions(ann_file: str | Path, label_to_category_id: Mapping[int, int]
                        ) -> dict[Any, tuple[np.ndarray, np.ndarray, list[str]]]:
-    """image id -> (XYXY boxes, labels, tags) of a COCO json's regions that are not objects:
-    `iscrowd` (tagged "crowd") and `ignore` ("ignore") annotations, which pycocotools does
-    not count as misses or false positives."""
+    """image id -> (XYXY boxes, labels, tags) of a COCO json's regions that are not training
+    objects, to draw: `iscrowd` regions (tagged "crowd"; pycocotools counts neither misses nor
+    false positives there) and `ignore` annotations (tagged "ignore"; left out of training, but
+    pycocotools scores them as objects: its `ignore` is `iscrowd`)."""
     with open(ann_file) as f:
         annotations = json.load(f).get("annotations", [])
     label_of = {int(c): int(label) for label, c in label_to_category_id.items()}
