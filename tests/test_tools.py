@@ -62,6 +62,15 @@ def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained, run):
         "--output-dir", str(root / "eval2"), *overrides)
     again = json.loads((root / "eval2" / "shapes_val" / "metrics.json").read_text())
     assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+    # re-scoring the folder in place keeps the page's record of how the results were made: the
+    # checkpoint, and the command and config of the evaluation that wrote them (it put its own)
+    section = root / "eval" / "shapes_val" / "report_section.json"
+    made_by = json.loads(section.read_text())["command"] if section.is_file() else None
+    run("eval.py", "--results", str(root / "eval"), "--output-dir", str(root / "eval"), *overrides)
+    if made_by is not None:  # (the report extra is installed)
+        assert json.loads(section.read_text())["command"] == made_by and "--weights" in made_by
+        page = (root / "eval" / "report.html").read_text()
+        assert str((root / "out" / "model_final.pth").resolve()) in page
 
 
 @pytest.mark.slow

@@ -159,6 +159,7 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
     from detection.visualization.draw import read_crowd_regions
 
     config_text = dump_config(cfg)
+    source, metrics_jsonl = _source_of_the_detections(args)
     for dataset, folder in zip(datasets, folders):
         detections, crowd = {}, {}
         if dataset.has_annotations:
@@ -168,12 +169,46 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         section = section_for_test_set(dataset, per_set.get(dataset.name, {}), detections,
                                        out_root / folder / "pr_curves.png", crowd,
                                        skipped=read_skipped_images(out_root / folder))
-        section.command, section.config_text = args.command, config_text
+        # re-scored results keep the command and config that made them, when saved beside them
+        section.command, section.config_text = _made_by(args, folder) or (args.command, config_text)
         save_section(section, out_root / folder)
-    metrics_jsonl = Path(args.weights).expanduser().parent / "metrics.jsonl" if args.weights else None
-    path, names = write_folder_report(out_root, source=Path(args.results or args.weights).resolve(),
-                                      command=args.command, config_text=config_text, metrics_jsonl=metrics_jsonl)
+    path, names = write_folder_report(out_root, source=source, command=args.command, config_text=config_text,
+                                      metrics_jsonl=metrics_jsonl)
     print(f"report written to {path} ({len(names)} test set{'s' if len(names) != 1 else ''}: {', '.join(names)})")
+
+
+def _source_of_the_detections(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The checkpoint the page's detections came from (for --results, the one the results
+    folder's source.json names, when it names one) and its training's metrics.jsonl."""
+    from detection.evaluation.outputs import read_source
+
+    weights = args.weights
+    if args.results and Path(args.results).is_dir():
+        try:
+            recorded = read_source(args.results)
+        except ValueError:  # an unreadable source.json: the results themselves are the source
+            recorded = None
+        weights = recorded.path if recorded is not None and recorded.kind == "weights" else None
+    if weights is None:
+        return Path(args.results).resolve(), None
+    return Path(weights).expanduser().resolve(), Path(weights).expanduser().parent / "metrics.jsonl"
+
+
+def _made_by(args: argparse.Namespace, folder: str) -> tuple[str, str] | None:
+    """For --results: the (command, config) the set's results were made with, from the report
+    section saved beside them by the evaluation that wrote them; None when there is none."""
+    import json
+
+    from detection.evaluation.outputs import SECTION_FILE
+
+    saved = Path(args.results) / folder / SECTION_FILE if args.results else None
+    if saved is None or not saved.is_file():
+        return None
+    try:
+        data = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return (data["command"], data["config_text"]) if data.get("command") else None
 
 
 def _silent(*args, **kwargs) -> None:
