@@ -147,7 +147,9 @@ def test_an_unreadable_test_image_skipped_is_counted_and_left_out_of_the_report(
     section = json.loads((tmp_path / "out" / "shapes_val" / "report_section.json").read_text())
     kept = json.loads((data / "shapes" / "annotations" / "instances_val.json").read_text())
     kept_id = next(i["id"] for i in kept["images"] if i["file_name"] != victim.name)
-    assert section["num_images"] == 1
+    assert section["num_images"] == 1 and section["skipped"] == 1
+    page = (tmp_path / "out" / "report.html").read_text()  # the page says so too, not only the console
+    assert "1 images;\n1 more unreadable, left out of the metrics and this page (dataloader.skip_bad_images)" in page
     assert sum(c["gt"] for c in section["per_class"]) == sum(a["image_id"] == kept_id for a in kept["annotations"])
     # re-scoring the saved results leaves the skipped image out as the run did: the same numbers
     skipped = json.loads((tmp_path / "out" / "shapes_val" / "skipped_images.json").read_text())["images"]

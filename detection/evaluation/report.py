@@ -69,6 +69,7 @@ class TestSetSection:
     most_missed: list[GalleryImage] = field(default_factory=list)
     command: str = ""  # the evaluation that wrote this set's results (runs into one folder may differ)
     config_text: str = ""
+    skipped: int = 0  # images the metrics leave out (unreadable: dataloader.skip_bad_images)
 
 
 def save_section(section: TestSetSection, folder: str | Path) -> Path:
@@ -158,8 +159,8 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
     per_class = [{"name": names[k - 1] if 0 < k <= len(names) else f"class {k}",
                   "ap": _number(metrics.get(f"AP-{names[k - 1]}")) if 0 < k <= len(names) else None, **totals[k]}
                  for k in sorted(totals)]
-    section = TestSetSection(dataset.name, len(records),
-                             {k: v for k, v in metrics.items() if not k.startswith("AP-")}, per_class)
+    section = TestSetSection(dataset.name, len(records), {k: v for k, v in metrics.items() if not k.startswith("AP-")},
+                             per_class, skipped=len(dataset.records) - len(records))
     if pr_curves_png is not None and Path(pr_curves_png).is_file():
         section.pr_curves = base64.b64encode(Path(pr_curves_png).read_bytes()).decode()
     scored = [s for s in scored if Path(s[2]["file_name"]).is_file()]  # re-scoring saved results needs no images
@@ -313,7 +314,8 @@ TEMPLATE = """<!DOCTYPE html>
 <span class="muted">this page written {{ created }}</span></p>
 {% for note in notes %}<p class="muted">{{ note }}</p>{% endfor %}
 {% for s in sections %}
-<h2 id="set-{{ loop.index }}">{{ s.name }} <span class="muted">({{ s.num_images }} images)</span></h2>
+<h2 id="set-{{ loop.index }}">{{ s.name }} <span class="muted">({{ s.num_images }} images{% if s.skipped %};
+{{ s.skipped }} more unreadable, left out of the metrics and this page (dataloader.skip_bad_images){% endif %})</span></h2>
 {% if not s.metrics %}
 <p>No annotations: no metrics (the files for the evaluation server are in this folder).</p>
 {% else %}
