@@ -310,3 +310,22 @@ def test_coco_report_counts_the_ground_truth_cocoeval_scores(tmp_path):
     section = section_for_test_set(dataset, {}, detections)
     counts = {c["name"]: (c["gt"], c["fp"], c["missed"]) for c in section.per_class}
     assert counts == {"circle": (1, 0, 1), "square": (1, 1, 1)}
+
+
+def test_a_gallery_without_its_image_files_says_so(tmp_path):
+    """Re-scoring saved results needs no images; the gallery then said 'None at score >= 0.5'
+    beside a table of false positives."""
+    ann = {"images": [{"id": 1, "file_name": "gone.jpg", "width": 100, "height": 100}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400,
+                            "iscrowd": 0}],
+           "categories": [{"id": 1, "name": "circle"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    (tmp_path / "img").mkdir()
+    dataset = get_dataset({"type": "coco", "ann_file": str(tmp_path / "ann.json"), "image_root": str(tmp_path / "img")},
+                          str(tmp_path), check_images=False)
+    far = {1: {"boxes": np.array([[60.0, 60.0, 90.0, 90.0]]), "scores": np.array([0.9]), "labels": np.array([1])}}
+    section = section_for_test_set(dataset, {"AP": 0.0}, far)
+    assert section.per_class[0]["fp"] == 1 and section.most_false_positives == [] and section.images_missing == 1
+    write_report(tmp_path / "report.html", [section], source="x", command="c", config_text="")
+    page = (tmp_path / "report.html").read_text()
+    assert "Left out: the image files of 1\nimages with false positives or missed objects are not there" in page

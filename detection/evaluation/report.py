@@ -70,6 +70,7 @@ class TestSetSection:
     command: str = ""  # the evaluation that wrote this set's results (runs into one folder may differ)
     config_text: str = ""
     skipped: int = 0  # images the metrics leave out (unreadable: dataloader.skip_bad_images)
+    images_missing: int = 0  # gallery candidates whose file is not there (re-scored saved results)
 
 
 def save_section(section: TestSetSection, folder: str | Path) -> Path:
@@ -163,7 +164,9 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
                              per_class, skipped=len(dataset.records) - len(records))
     if pr_curves_png is not None and Path(pr_curves_png).is_file():
         section.pr_curves = base64.b64encode(Path(pr_curves_png).read_bytes()).decode()
-    scored = [s for s in scored if Path(s[2]["file_name"]).is_file()]  # re-scoring saved results needs no images
+    found = [Path(s[2]["file_name"]).is_file() for s in scored]  # re-scoring saved results needs no images
+    section.images_missing = sum(1 for s, ok in zip(scored, found) if (s[0] or s[1]) and not ok)
+    scored = [s for s, ok in zip(scored, found) if ok]
     by_fp = sorted((s for s in scored if s[0] > 0), key=lambda s: -s[0])[:gallery_size]
     by_missed = sorted((s for s in scored if s[1] > 0), key=lambda s: -s[1])[:gallery_size]
     def draw(s):
@@ -347,7 +350,9 @@ them (COCO-type: COCOeval's rule, crowd regions neither; VOC-type: the devkit's,
 {% endif %}
 {% for title, images in [("Most false positives", s.most_false_positives), ("Most missed objects", s.most_missed)] %}
 <h3>{{ title }}</h3>
-{% if not images %}<p class="muted">None at score &ge; {{ score_thresh }}.</p>{% endif %}
+{% if not images and s.images_missing %}<p class="muted">Left out: the image files of {{ s.images_missing }}
+images with false positives or missed objects are not there (scored from saved results).</p>
+{% elif not images %}<p class="muted">None at score &ge; {{ score_thresh }}.</p>{% endif %}
 {% for g in images %}
 <figure><img alt="{{ g.title }}" src="data:image/jpeg;base64,{{ g.jpeg }}">
 <figcaption>{{ g.title }}</figcaption></figure>
