@@ -153,6 +153,15 @@ def test_visualize_draws_every_readable_image_and_then_names_the_unreadable_one(
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: wrote 3 images to {tmp_path / 'vis'}") and \
         "1 of the 4 images were not drawn" in last and "_corrupt.jpg" in last, last
+    assert last.endswith("(dataloader.skip_bad_images=true skips them, as eval.py does)")
+    # asked to skip them, as eval.py: the same drawing, the same line, exit 0
+    code, out, err = run_main(TOOLS["visualize.py"], ["--config", ROOT / "configs" / "base.yaml", "--weights",
+                                                      root / "out" / "model_final.pth", "--input", photos,
+                                                      "--output", tmp_path / "vis2", *overrides,
+                                                      "dataloader.skip_bad_images=true"], capsys)
+    assert code == 0, err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "vis2").iterdir()) == drawn
+    assert "1 of the 4 images were not drawn" in out and "(skipped: dataloader.skip_bad_images)" in out
 
 
 @pytest.mark.slow

@@ -100,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def draw(args: argparse.Namespace) -> None:
-    count, drawn, unreadable = run(config_from_args(args), args)
+    cfg = config_from_args(args)
+    count, drawn, unreadable = run(cfg, args)
     wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args)}"
     if unreadable:  # the others are drawn first: one bad file in a folder does not stop the run
-        raise DataError(f"{wrote}; {len(unreadable)} of the {count + len(unreadable)} images were not drawn: "
-                        f"{'; '.join(unreadable[:3])}{'; ...' if len(unreadable) > 3 else ''}")
+        not_drawn = (f"{len(unreadable)} of the {count + len(unreadable)} images were not drawn: "
+                     f"{'; '.join(unreadable[:3])}{'; ...' if len(unreadable) > 3 else ''}")
+        if not cfg.dataloader.skip_bad_images:
+            raise DataError(f"{wrote}; {not_drawn} (dataloader.skip_bad_images=true skips them, as eval.py does)")
+        wrote += f"; {not_drawn} (skipped: dataloader.skip_bad_images)"  # asked for: exit 0, as eval.py
     print(wrote)
 
 
