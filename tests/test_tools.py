@@ -187,6 +187,26 @@ def test_visualize_gt_with_a_limit_checks_only_the_images_it_draws(trained, tmp_
 
 
 @pytest.mark.slow
+def test_visualize_dataset_takes_a_test_sets_name_or_a_yaml_entry(trained, tmp_path, capsys):
+    """--dataset took known names only: the `name:` of a configured test set, or an entry written
+    as YAML, were 'unknown data set name' though the error offered 'a mapping'."""
+    root, overrides = trained
+    shapes = root / "data" / "shapes"
+    entry = f"{{name: my val, type: coco, ann_file: {shapes / 'annotations' / 'instances_val.json'}, " \
+            f"image_root: {shapes / 'val'}}}"
+    base = ["--config", ROOT / "configs" / "base.yaml", "--gt", "--limit", "1", *overrides]
+    for given, extra in (("my val", [f"datasets.test=[{entry}]"]), (entry, [])):
+        out_dir = tmp_path / str(len(extra))
+        code, out, err = run_main(TOOLS["visualize.py"], [*base, *extra, "--dataset", given, "--output", out_dir],
+                                  capsys)
+        assert code == 0, err[-2000:]
+        assert len(list(out_dir.iterdir())) == 1
+    code, _, err = run_main(TOOLS["visualize.py"], [*base, "--dataset", "{type: coco", "--output", tmp_path / "x"],
+                            capsys)
+    assert code == 2 and "--dataset '{type: coco': not a YAML mapping" in err
+
+
+@pytest.mark.slow
 def test_visualize_never_draws_over_the_photos_and_says_what_it_could_not_write(trained, tmp_path, capsys):
     """--output the input folder could replace a photo named like a drawing (00001_b.jpg); a drawing
     OpenCV could not write (cv2.imwrite returns False, no exception) was counted as written; a long

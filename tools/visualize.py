@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from detection.cli import (add_config_args, config_from_args, override_keys, parse_command_line,
                            resolve_config_beside_weights, run_tool)
+from detection.config import ConfigError
 from detection.data import DataError
 
 if TYPE_CHECKING:
@@ -52,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score-thresh", type=float, default=0.5, help="draw detections at least this score")
     parser.add_argument("--gt", action="store_true", help="draw a data set's annotations, no model")
     parser.add_argument("--compare", action="store_true", help="ground truth and predictions side by side")
-    parser.add_argument("--dataset", help="data set for --gt/--compare (default: the first test set)")
+    parser.add_argument("--dataset", help="data set for --gt/--compare: a known name, the name of one of "
+                        "datasets.test, or an entry as YAML ('{type: coco, ann_file: ..., image_root: ...}'); "
+                        "default: the first test set")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
     args = parse_command_line(parser, argv)
     if not args.gt and not args.weights:
@@ -212,7 +215,7 @@ def _inputs(cfg, args: argparse.Namespace, weights):
     from detection.visualization.draw import read_crowd_regions
 
     if args.gt or args.compare:
-        entry = args.dataset or cfg.datasets.test[0]
+        entry = _dataset_entry(args.dataset, cfg.datasets.test) if args.dataset else cfg.datasets.test[0]
         skip = cfg.dataloader.skip_bad_images
         dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=skip, check_images=False,
                               exif_orientation=cfg.input.exif_orientation)
@@ -231,6 +234,22 @@ def _inputs(cfg, args: argparse.Namespace, weights):
         return [(r["file_name"], r) for r in records], dataset.class_names, crowd
     files = find_images(args.input)[: args.limit or None]
     return [(str(f), None) for f in files], class_names_to_draw(cfg, weights), {}
+
+
+def _dataset_entry(given: str, test_sets: list) -> Any:
+    """--dataset: a test set of the config named so (its entry's `name`), a YAML mapping, or the
+    name as given (a known data set; the catalog says what is wrong with it)."""
+    import yaml
+
+    for entry in test_sets:
+        if isinstance(entry, dict) and entry.get("name") == given:
+            return entry
+    if given.lstrip().startswith("{"):
+        try:
+            return yaml.safe_load(given)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--dataset {given!r}: not a YAML mapping ({str(err).splitlines()[0]})") from None
+    return given
 
 
 def class_names_to_draw(cfg: Config, weights: Any) -> list[str]:
