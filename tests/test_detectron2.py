@@ -261,7 +261,7 @@ def test_configs_use_detectron2s_model_and_test_settings():
 @pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
 def test_predictor_input_convention(predictor):
     image = read_image(str(CASE / "images" / "resize_0.png"))
-    with pytest.raises(ValueError, match="RGB uint8 0..255, got dtype float32"):
+    with pytest.raises(ValueError, match="Predictor: the image must be uint8 0..255, got dtype float32"):
         predictor(image.astype(np.float32) / 255)
     with pytest.raises(ValueError, match=r"shape \(H, W, 3\)"):
         predictor(image[:, :, 0])
