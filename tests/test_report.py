@@ -329,3 +329,14 @@ def test_a_gallery_without_its_image_files_says_so(tmp_path):
     write_report(tmp_path / "report.html", [section], source="x", command="c", config_text="")
     page = (tmp_path / "report.html").read_text()
     assert "Left out: the image files of 1\nimages with false positives or missed objects are not there" in page
+
+
+def test_the_voc_metric_is_named_not_listed_as_a_number(tmp_path):
+    # metrics.json keeps use_07_metric (0/1) for the record; the page said "use_07_metric 0.00"
+    from detection.evaluation.report import TestSetSection
+
+    for flag, name in ((1.0, "VOC2007 11-point interpolated AP"), (0.0, "VOC2010+ area under the interpolated")):
+        section = TestSetSection("voc", 2, {"mAP": 50.0, "AP": 50.0, "use_07_metric": flag})
+        write_report(tmp_path / "r.html", [section], source="x", command="c", config_text="")
+        page = (tmp_path / "r.html").read_text()
+        assert f"VOC metric: {name}" in page and "<td>use_07_metric</td>" not in page and "<td>mAP</td>" in page

@@ -323,10 +323,14 @@ TEMPLATE = """<!DOCTYPE html>
 <p>No annotations: no metrics (the files for the evaluation server are in this folder).</p>
 {% else %}
 <h3>Metrics</h3>
+{% if "use_07_metric" in s.metrics %}
+<p class="muted">VOC metric: {{ "VOC2007 11-point interpolated AP" if s.metrics.use_07_metric else
+"VOC2010+ area under the interpolated precision-recall curve" }}</p>
+{% endif %}
 <table class="metrics">
 <thead><tr><th>metric</th><th>value</th></tr></thead>
 <tbody>
-{% for key, value in s.metrics.items() %}
+{% for key, value in s.metrics.items() if key != "use_07_metric" %}
 <tr><td>{{ key }}</td><td>{{ value | num }}</td></tr>
 {% endfor %}
 </tbody>
