@@ -43,12 +43,12 @@ def conv_norm_pairs(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 
 def _folded_conv(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> nn.Conv2d:
-    scale, shift = frozen_affine(norm)
+    scale, shift = frozen_affine(norm)  # (K,) each, K = the conv's output channels
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                        conv.padding, conv.dilation, conv.groups, bias=True,
                        device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
-        folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))  # (K, C, kh, kw) * (K, 1, 1, 1)
         bias = shift if conv.bias is None else shift + conv.bias * scale
         folded.bias.copy_(bias)
     folded.requires_grad_(False)
