@@ -109,6 +109,7 @@ def test_another_checkpoints_ablation_is_not_overwritten(runs, tmp_path, ablate)
                           "--output-dir", str(out))
     assert code == 2
     assert err.startswith("error: ") and "--overwrite" in err
+    assert "holds the ablation of /elsewhere/model_final.pth without --context-weights" in err  # not a dict
     assert len(err.strip().splitlines()) == 1
     # --overwrite: no row folder of the replaced ablation stays beside the new table (here its context rows)
     (out / "context").mkdir()

@@ -43,7 +43,7 @@ def run(capsys):
 
 
 @pytest.mark.slow
-def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained, run):
+def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained, run, capsys):
     root, overrides = trained
     out, _ = run("eval.py", "--weights", str(root / "out" / "model_final.pth"),
               "--output-dir", str(root / "eval"), *overrides)
@@ -62,6 +62,13 @@ def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained, run):
         "--output-dir", str(root / "eval2"), *overrides)
     again = json.loads((root / "eval2" / "shapes_val" / "metrics.json").read_text())
     assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+    # a results folder without the asked set's results says which it holds (was: "cannot read the
+    # results file (Is a directory)")
+    code, _, err = run_main(TOOLS["eval.py"], ["--config", ROOT / "configs" / "base.yaml", "--results", root / "eval",
+                                               "--output-dir", root / "eval3", *overrides,
+                                               "datasets.test=[shapes_train]"], capsys)
+    assert code == 2 and f"{root / 'eval'}: holds no results for the test set of folder 'shapes_train' (it holds: " \
+        "shapes_val)" in err, err
     # re-scoring the folder in place keeps the page's record of how the results were made: the
     # checkpoint, and the command and config of the evaluation that wrote them (it put its own)
     section = root / "eval" / "shapes_val" / "report_section.json"

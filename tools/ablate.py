@@ -133,8 +133,17 @@ def _check_folder(out: Path, sources: dict, overwrite: bool) -> None:
     except (json.JSONDecodeError, AttributeError):
         theirs = None
     if theirs != sources:
-        raise OutputFolderError(f"{out}: holds the ablation of {theirs or 'an unreadable ablation.json'}; pass "
-                                "--output-dir for a new folder or --overwrite to replace it")
+        raise OutputFolderError(f"{out}: holds the ablation of {_describe(theirs)}; pass --output-dir for a new "
+                                "folder or --overwrite to replace it (it is run again whole)")
+
+
+def _describe(sources: dict | None) -> str:
+    """ablation.json's sources as a user gave them: the checkpoints, and the context model or none."""
+    if not isinstance(sources, dict):
+        return "an unreadable ablation.json"
+    context = sources.get("context_weights")
+    return f"{sources.get('weights')} " + (f"with --context-weights {context}" if context else
+                                           "without --context-weights")
 
 
 def _prepare_folder(out: Path) -> None:

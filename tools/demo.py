@@ -100,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = {"data": 0.0}
     for title, cmd in data_commands(shapes, args.num_train, args.num_val, args.num_test):
         seconds["data"] += step(title, *cmd)
+    resume = ["--resume"] if (out / "last.pth").is_file() else []  # a first run: no "does not exist" warning
     seconds["training"] = step("train (resumes from last.pth if present)", "tools/train_det.py", *common,
-                               "--output-dir", str(out), "--resume")
+                               "--output-dir", str(out), *resume)
     seconds["evaluation"] = step(f"evaluate on {TEST_SET}", "tools/eval.py", *on_test,
                                  "--weights", str(out / "model_final.pth"), "--output-dir", str(out / "inference"))
     seconds["drawing"] = step(f"draw {TEST_SET} images", "tools/visualize.py", *on_test,

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Union
 
+from detection.data import DataError
 from detection.evaluation.coco import RESULTS_FILE
 from detection.evaluation.voc_results import COMP4_TEMPLATE, SUBMISSION_FOLDER
 from detection.utils.files import OutputFolderError, atomic_write
@@ -65,11 +66,21 @@ def results_for_test_set(path: PathLike, folder: str, kind: str) -> str:
     comp4 files), or, when PATH is a results folder as evaluation writes it, the test set's
     results in it (PATH/<folder>/coco_results.json or PATH/<folder>)."""
     resolved = Path(path)
+    if resolved.is_dir() and (resolved / SOURCE_FILE).is_file() and not _holds_results(resolved / folder):
+        held = sorted(p.name for p in resolved.iterdir() if _holds_results(p))  # a results folder, not this set's
+        raise DataError(f"{path}: holds no results for the test set of folder {folder!r} (it holds: "
+                        f"{', '.join(held) or 'none'}); give the datasets.test those results were made on")
     if resolved.is_dir() and (resolved / folder).is_dir():
         resolved = resolved / folder
     if kind == "coco" and resolved.is_dir() and (resolved / RESULTS_FILE).is_file():
         resolved = resolved / RESULTS_FILE
     return str(resolved)
+
+
+def _holds_results(folder: Path) -> bool:
+    """Whether a test set's folder holds the results evaluation writes (COCO json or comp4 files,
+    also a submission's under results/VOC2012/Main)."""
+    return folder.is_dir() and ((folder / RESULTS_FILE).is_file() or any(folder.rglob(COMP4_TEMPLATE.format("*"))))
 
 
 def write_skipped_images(folder: PathLike, skipped: Sequence[dict]) -> None:
