@@ -33,6 +33,7 @@ def test_demo_generates_trains_evaluates_draws_reuses_and_strict_exits_3(tmp_pat
            "--num-train", "6", "--num-val", "2", "--num-test", "3", "--num-vis", "2", *overrides]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]  # targets missed, still 0
+    assert "does not exist, starting from iteration 0" not in first.stderr  # a first run: no --resume warning
     assert "generate the shapes test split" in first.stdout
     assert len(json.loads((data / "shapes" / "annotations" / "instances_test.json").read_text())["images"]) == 3
     _, mismatch, errors = filecmp.cmpfiles(data, tmp_path / "before", old_files, shallow=False)
@@ -53,6 +54,10 @@ def test_demo_generates_trains_evaluates_draws_reuses_and_strict_exits_3(tmp_pat
     assert "generate the shapes" not in again.stdout
     assert again.stdout.strip().splitlines()[-1].startswith("targets: NOT met: AP50 >= 92")
     assert (out / "metrics.jsonl").read_text().splitlines() == lines
+    # the run of other settings (the demo's own max_iter, 1650, not this run's 2): a demo-level hint
+    other = subprocess.run([c for c in cmd if not c.startswith("solver.max_iter=")], capture_output=True, text=True,
+                           cwd=ROOT, timeout=600)
+    assert other.returncode == 1 and "give the demo the KEY=VALUE that differ, e.g. solver.max_iter=N" in other.stderr
 
 
 def test_target_report_says_which_targets_were_met():

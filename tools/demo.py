@@ -62,13 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_command_line(parser, argv)
 
 
-def step(title: str, *cmd: str) -> float:
-    """Run one tool; -> its wall time in seconds."""
+def step(title: str, *cmd: str, hint: str = "") -> float:
+    """Run one tool; -> its wall time in seconds. `hint`: what to do when it fails, at the demo's level."""
     print(f"\n==> {title}\n    {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, *cmd], cwd=ROOT)
     if result.returncode != 0:
-        raise SystemExit(f"demo: '{title}' failed with exit code {result.returncode}")
+        raise SystemExit(f"demo: '{title}' failed with exit code {result.returncode}{hint}")
     return time.perf_counter() - start
 
 
@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
         seconds["data"] += step(title, *cmd)
     resume = ["--resume"] if (out / "last.pth").is_file() else []  # a first run: no "does not exist" warning
     seconds["training"] = step("train (resumes from last.pth if present)", "tools/train_det.py", *common,
-                               "--output-dir", str(out), *resume)
+                               "--output-dir", str(out), *resume,
+                               hint=f" (a run of other settings in {out}? give the demo the KEY=VALUE that "
+                                    "differ, e.g. solver.max_iter=N to extend it, or `make clean-demo` / "
+                                    "--output-dir DIR to start anew)" if resume else "")
     seconds["evaluation"] = step(f"evaluate on {TEST_SET}", "tools/eval.py", *on_test,
                                  "--weights", str(out / "model_final.pth"), "--output-dir", str(out / "inference"))
     seconds["drawing"] = step(f"draw {TEST_SET} images", "tools/visualize.py", *on_test,
