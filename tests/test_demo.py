@@ -92,7 +92,7 @@ def test_strict_exit_status(monkeypatch, tmp_path):
     """--strict turns a missed target into exit status 3; without it the demo exits 0."""
     import detection.visualization.plots as plots
 
-    monkeypatch.setattr(demo, "step", lambda title, *cmd: 0.0)
+    monkeypatch.setattr(demo, "step", lambda title, *cmd, hint="": 0.0)
     monkeypatch.setattr(plots, "plot_training_curves", lambda metrics, png: None)
     (tmp_path / "inference" / "shapes_test").mkdir(parents=True)
     metrics = tmp_path / "inference" / "shapes_test" / "metrics.json"
