@@ -205,3 +205,76 @@ def test_without_context_weights_the_table_says_which_table9_rows_are_missing(tm
     table = format_table(results, cfg, "shapes_val", tta=False)
     assert "Not evaluated (they need --context-weights): + context, + multi-scale testing." in table
     assert "| baseline | 2.0 | 1.0 | 3.0 | 48.4 | 27.2 | 0.100 |" in table
+
+
+def test_an_ablation_goes_on_where_it_stopped_and_adds_the_context_rows_alone(tmp_path, monkeypatch, capsys):
+    """Rows saved by an earlier run of the same checkpoint and settings are kept, not evaluated
+    again (hours each on COCO): after an interruption, and when --context-weights is added to a
+    finished ablation; a changed checkpoint or setting evaluates them again."""
+    import os
+
+    generate_shapes(tmp_path / "data" / "shapes", num_train=1, num_val=2, seed=0, image_size=(64, 80))
+    for name in ("base.pth", "context.pth", "other_context.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    tool = load_tool("ablate")
+    seen, stop_at = [], []
+
+    def fake_evaluate(cfg, weights, datasets, device, where, explicit):
+        if len(seen) in stop_at:
+            raise KeyboardInterrupt
+        seen.append(cfg.test.box_refinement.enabled + 2 * cfg.model.roi_heads.global_context
+                    + 4 * cfg.test.multi_scale.enabled)
+        where.mkdir(parents=True)
+        (where / "metrics.json").write_text("{}")
+        ap = 1 + 10 * cfg.test.box_refinement.enabled + 20 * cfg.model.roi_heads.global_context \
+            + 40 * cfg.test.multi_scale.enabled + cfg.test.box_refinement.nms_thresh
+        return {"AP": ap, "AP50": ap, "AP75": ap, "seconds_per_image": 0.25}
+
+    monkeypatch.setattr(tool, "evaluate_row", fake_evaluate)
+    monkeypatch.setattr(tool, "check_context", lambda *files: None)  # the files are stand-ins
+    out = tmp_path / "table"
+    common = ["--config", str(ROOT / "configs" / "shapes_r18.yaml"), f"datasets.root={tmp_path / 'data'}",
+              "datasets.test=[shapes_val]", "--weights", str(tmp_path / "base.pth"), "--output-dir", str(out)]
+    with_context = ["--context-weights", str(tmp_path / "context.pth")]
+    saved = lambda: json.loads((out / "ablation.json").read_text())  # noqa: E731
+
+    # interrupted at the third row: the two rows done are saved, and the next run goes on from there
+    stop_at.append(2)
+    assert tool.main(common) == 130
+    assert "the same command goes on from there" in capsys.readouterr().err
+    assert [r["row"] for r in saved()["rows"]] == ["baseline", "+ box refinement"] and not saved()["complete"]
+    stop_at.clear()
+    seen.clear()
+    assert tool.main(common) == 0
+    assert seen == [4, 5]  # multi-scale alone, refinement + multi-scale: the rows the interrupted run had not made
+    assert "kept from the earlier run" in capsys.readouterr().out and saved()["complete"]
+
+    # --context-weights added: only the three context rows are evaluated, the others' folders stay
+    seen.clear()
+    assert tool.main(common + with_context) == 0
+    assert seen == [3, 7, 2]
+    rows = saved()["rows"]
+    assert [r["row"] for r in rows] == TABLE9_NAMES + APART_NAMES
+    assert [r["AP"] for r in rows] == pytest.approx([1.3, 11.3, 31.3, 71.3, 21.3, 41.3, 51.3])
+    assert (out / "baseline" / "metrics.json").is_file() and (out / "context" / "metrics.json").is_file()
+    assert "| + context | 31.3 |" in (out / "ablation.md").read_text()
+
+    # the same again: nothing to evaluate; another setting, or the checkpoint written again: every row it touches
+    seen.clear()
+    assert tool.main(common + with_context) == 0 and seen == []
+    assert tool.main(common + with_context + ["test.box_refinement.nms_thresh=0.4"]) == 0
+    assert sorted(seen) == [0, 1, 2, 3, 4, 5, 7]
+    assert saved()["rows"][0]["AP"] == pytest.approx(1.4)
+    seen.clear()
+    stat = (tmp_path / "context.pth").stat()
+    os.utime(tmp_path / "context.pth", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert tool.main(common + with_context + ["test.box_refinement.nms_thresh=0.4"]) == 0
+    assert seen == [3, 7, 2]  # the context checkpoint changed: its rows only
+
+    # the context rows of another context checkpoint, or of one against none, are not replaced
+    for other in (["--context-weights", str(tmp_path / "other_context.pth")], []):
+        seen.clear()
+        with pytest.raises(SystemExit) as refused:
+            tool.main(common + other)
+        assert refused.value.code == 2 and seen == []
+    assert "--overwrite" in capsys.readouterr().err

@@ -18,6 +18,13 @@ Prints and writes DIR/ablation.md and DIR/ablation.json (AP, AP50, AP75 and the 
 seconds per image: the forward pass only, not reading images or scoring), with each row's
 evaluation files in DIR/<row>/. DIR defaults to <folder of --weights>/ablation; a folder
 holding another checkpoint's ablation is not overwritten without --overwrite.
+
+ablation.json is written after each row, and a run into a folder that holds rows of the same
+checkpoint (the same file, size and modification time) with the same settings (each row's whole
+config and --tta) keeps them instead of evaluating them again: an interrupted ablation goes on
+where it stopped, and --context-weights added to a finished one evaluates only the context rows
+(a kept row's seconds per image are from the run that measured it). --overwrite evaluates every
+row again.
 """
 from __future__ import annotations
 
@@ -52,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_tool(lambda: run(config_from_args(args), args))
+    return run_tool(lambda: run(config_from_args(args), args),
+                    interrupted="interrupted: the rows done are in the folder's ablation.json; the same command "
+                                "goes on from there")
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
@@ -61,12 +70,17 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
     out = Path(args.output_dir) if args.output_dir else Path(args.weights).expanduser().parent / "ablation"
     sources = {"weights": _resolved(args.weights), "context_weights": _resolved(args.context_weights)}
-    _check_folder(out, sources, args.overwrite)
+    earlier = _check_folder(out, sources, args.overwrite)
     check_context(args.weights, args.context_weights)  # before hours of rows, not at the first context row
-    _prepare_folder(out)
     if args.tta and not cfg.test.aug.enabled:
         print("--tta: the config has no test-time augmentation (test.aug.enabled: false): the rows run without it")
         args.tta = False
+    rows = select_rows(bool(args.context_weights))
+    keys = {row.name: row_key(row_config(cfg, row, args.tta), args.context_weights if row.global_context
+                              else args.weights, args.tta) for row in rows}
+    kept = {r["row"]: r for r in earlier if isinstance(r, dict) and r.get("row") in keys
+            and r.get("key") == keys[r["row"]]}
+    _prepare_folder(out, keep=[_slug(name) for name in kept])
     device = select_device(cfg.device, cfg.tf32)
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
@@ -74,22 +88,57 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
           f"results go to {out}")
     explicit = override_keys(args)
 
-    def evaluate(row: AblationRow) -> dict:
-        weights = args.context_weights if row.global_context else args.weights
-        return {"weights": weights, **evaluate_row(row_config(cfg, row, args.tta), weights, datasets, device,
-                                                   out / _slug(row.name), explicit)}
+    if kept:
+        print(f"kept from the earlier run in {out} (the same checkpoint and settings; --overwrite evaluates them "
+              f"again): {', '.join(kept)}")
+    done: list[dict] = []
 
-    rows = run_ablation(select_rows(bool(args.context_weights)), evaluate, _print_row)
-    table = format_table(rows, cfg, datasets[0].name, args.tta)
+    def evaluate(row: AblationRow) -> dict:
+        if row.name in kept:
+            return {key: value for key, value in kept[row.name].items() if key in KEPT_FIELDS}
+        weights = args.context_weights if row.global_context else args.weights
+        return {"weights": weights, "key": keys[row.name],
+                **evaluate_row(row_config(cfg, row, args.tta), weights, datasets, device, out / _slug(row.name),
+                               explicit)}
+
+    def finished(result: dict) -> None:
+        _print_row(result, kept=result["row"] in kept)
+        done.append(result)
+        _save_rows(out, sources, datasets[0].name, args.tta, done, complete=len(done) == len(rows))
+
+    results = run_ablation(rows, evaluate, finished)
+    table = format_table(results, cfg, datasets[0].name, args.tta)
     print("\n" + table)
-    out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "ablation.md") as f:  # a kill while writing leaves the previous table
         f.write(table + "\n")
-    with atomic_write(out / "ablation.json") as f:
-        f.write(json.dumps({"sources": sources, "test_set": datasets[0].name, "tta": args.tta, "rows": rows},
-                           indent=2) + "\n")
     print(f"written: {out / 'ablation.md'}, {out / 'ablation.json'}")
     return 0
+
+
+# what a row keeps from an earlier run: its measurement, the checkpoint and the key it was made with
+KEPT_FIELDS = ("weights", "key", "AP", "AP50", "AP75", "seconds_per_image")
+
+
+def row_key(cfg: Config, weights: str, tta: bool) -> str:
+    """What a row's numbers depend on, as one hash: the row's whole config (its switches, the
+    test sets, every test setting, the device), the checkpoint file (absolute path, size,
+    modification time) and --tta. A saved row with the same key is kept (the images and
+    annotations themselves are not in it: --overwrite after changing them)."""
+    import hashlib
+
+    from detection.config import dump_config
+
+    stat = Path(weights).expanduser().stat()
+    identity = {"config": dump_config(cfg), "tta": tta, "weights": str(Path(weights).expanduser().resolve()),
+                "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _save_rows(out: Path, sources: dict, test_set: str, tta: bool, rows: list[dict], complete: bool) -> None:
+    """ablation.json after each row (`complete` once the last is in): a later run keeps them."""
+    with atomic_write(out / "ablation.json") as f:
+        f.write(json.dumps({"sources": sources, "test_set": test_set, "tta": tta, "complete": complete,
+                            "rows": rows}, indent=2) + "\n")
 
 
 def check_context(weights: str, context_weights: str | None) -> None:
@@ -108,9 +157,9 @@ def check_context(weights: str, context_weights: str | None) -> None:
                           "checkpoint trained with model.roi_heads.global_context=true")
 
 
-def _print_row(row: dict) -> None:
+def _print_row(row: dict, kept: bool = False) -> None:
     print(f"{row['row']} ({row['group']}): " + ", ".join(f"{k} {row[k]:.2f}" for k in ("AP", "AP50", "AP75"))
-          + f", {row['seconds_per_image']:.3f} s/image")
+          + f", {row['seconds_per_image']:.3f} s/image" + (" (kept)" if kept else ""))
 
 
 def _resolved(path: str | None) -> str | None:
@@ -124,17 +173,24 @@ def _resolved(path: str | None) -> str | None:
     return str(resolved.resolve())
 
 
-def _check_folder(out: Path, sources: dict, overwrite: bool) -> None:
+def _check_folder(out: Path, sources: dict, overwrite: bool) -> list:
+    """The rows an earlier run saved in `out` (none with --overwrite). A folder holding another
+    checkpoint's ablation, or the context rows of another context checkpoint than this run's
+    (or than none), is refused: this run would replace rows it cannot make again."""
     saved = out / "ablation.json"
     if not saved.is_file() or overwrite:
-        return
+        return []
     try:
-        theirs = json.loads(saved.read_text()).get("sources")
-    except (json.JSONDecodeError, AttributeError):
-        theirs = None
-    if theirs != sources:
+        data = json.loads(saved.read_text(encoding="utf-8"))
+        theirs = data.get("sources")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        data, theirs = {}, None
+    if not isinstance(theirs, dict) or theirs.get("weights") != sources["weights"] or \
+            theirs.get("context_weights") not in (None, sources["context_weights"]):
         raise OutputFolderError(f"{out}: holds the ablation of {_describe(theirs)}; pass --output-dir for a new "
                                 "folder or --overwrite to replace it (it is run again whole)")
+    rows = data.get("rows")
+    return rows if isinstance(rows, list) else []
 
 
 def _describe(sources: dict | None) -> str:
@@ -146,16 +202,17 @@ def _describe(sources: dict | None) -> str:
                                            "without --context-weights")
 
 
-def _prepare_folder(out: Path) -> None:
+def _prepare_folder(out: Path, keep: list[str]) -> None:
     """Create `out`; a folder holding an earlier ablation (the same sources, or replaced with
-    --overwrite) loses its row folders first, so none of another run's rows stays beside the table."""
+    --overwrite) loses its row folders first but those of the rows kept (`keep`, folder names),
+    so none of another run's rows stays beside the table."""
     import shutil
 
     from detection.study.ablation import ROWS
 
     if (out / "ablation.json").is_file():
         for row in ROWS:
-            if (out / _slug(row.name)).is_dir():
+            if _slug(row.name) not in keep and (out / _slug(row.name)).is_dir():
                 shutil.rmtree(out / _slug(row.name))
     try:
         out.mkdir(parents=True, exist_ok=True)
