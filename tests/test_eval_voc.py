@@ -407,6 +407,17 @@ def test_the_pr_plot_titles_a_voc_class_with_the_tables_ap(tmp_path, monkeypatch
     figure = plots.pr_curves_figure({"cat": ([0.5, 0.5, 1.0], [1.0, 0.5, 2 / 3])}, metrics=titled)
     assert figure.axes[0].get_title() == "cat (AP 84.8)"
 
+    # the evaluator says so, not the kind's name: a format of one's own scored by the devkit's rule
+    # (README "where each change goes": its kind in EVALUATORS) is titled the same
+    from detection.evaluation import test_sets
+
+    monkeypatch.setitem(test_sets.EVALUATORS, "my_voc", test_sets.EVALUATORS["voc"])
+    dataset.kind = "my_voc"
+    given.clear()
+    evaluate_test_sets([dataset], results=str(tmp_path / "results"), output_dir=tmp_path / "mine")
+    (mine,) = given
+    assert mine is not None and mine["AP-cat"] == titled["AP-cat"]
+
 
 def test_a_results_folder_is_parsed_once_and_scored_as_before(tmp_path, monkeypatch):
     """Reading a comp4 folder checks every line; the detections it feeds the evaluator and the

@@ -51,6 +51,8 @@ class COCOEvaluator:
     COCOeval's interpolated precision at IoU 0.5 over its 101 recall points.
     """
 
+    curve_ap_in_metrics = False  # AP-<class> is over IoU .5:.95; the PR titles give each curve's (IoU 0.5) own
+
     def __init__(self, dataset: DatasetInfo, output_dir: str | None = None) -> None:
         if not dataset.ann_file:
             raise DataError(f"data set {dataset.name}: COCO evaluation needs the annotation json (ann_file)")

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 class Evaluator(Protocol):
     predictions: list[dict[str, Any]]  # one entry per processed image, with its "image_id"
     pr_curves: dict[str, tuple[np.ndarray, np.ndarray]]  # class name -> (recall, precision), after evaluate
+    # whether evaluate's AP-<class> is the area under that class's pr_curves entry (VOC's, at IoU 0.5):
+    # then the PR plot titles each curve with it; else (COCO's is over IoU .5:.95) with the curve's own
+    curve_ap_in_metrics: bool
 
     def reset(self) -> None: ...
 

@@ -137,9 +137,9 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
     save_metrics_json(metrics, where / "metrics.json")
     scored_ids = {p["image_id"] for p in getattr(evaluator, "predictions", dataset.records)}
     write_skipped_images(where, [r for r in dataset.records if r["image_id"] not in scored_ids])
-    # VOC's AP-<class> is the curve's own (IoU 0.5, the devkit's 11-point or area metric): the
-    # titles show it; COCO's is over IoU .5:.95, so its panels show their curve's AP50
-    _plot_pr(evaluator, where, echo, metrics if dataset.kind == "voc" else None)
+    # titled with the table's AP-<class> where it is the curve's own (VOC's: IoU 0.5, the devkit's
+    # 11-point or area metric); COCO's is over IoU .5:.95, so its panels show their curve's AP50
+    _plot_pr(evaluator, where, echo, metrics if evaluator.curve_ap_in_metrics else None)
     if echo is not None:
         echo(f"metrics written to {where / 'metrics.json'}")
 

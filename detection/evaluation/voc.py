@@ -50,6 +50,8 @@ class VOCEvaluator:
     at IoU 0.5.
     """
 
+    curve_ap_in_metrics = True  # AP-<class> is its curve's (IoU 0.5, the devkit's metric): the PR titles show it
+
     def __init__(self, dataset: DatasetInfo, output_dir: str | None = None) -> None:
         self.dataset = dataset
         self.output_dir = output_dir
@@ -124,6 +126,8 @@ class VOCSubmissionWriter:
     high (`format_comp4_lines` with the images' sizes), and returns no metrics ({}): there is
     no ground truth to score against. Zip `results/` and upload it to the evaluation server.
     """
+
+    curve_ap_in_metrics = False  # no curves, no metrics
 
     def __init__(self, dataset: DatasetInfo, output_dir: str | None = None) -> None:
         self.dataset = dataset
