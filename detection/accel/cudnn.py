@@ -9,6 +9,9 @@ Under autocast (test.amp) the op has no autocast rule, so the input, weight, bia
 are cast here to the autocast dtype (the weight and bias once per dtype, then kept), as
 autocast would cast them for a convolution. These ops have no meta kernel, so inside a
 torch.compile'd module (accel.compile) the blocks run their unfused ops and the compiler fuses.
+
+Shapes as in onednn.py: x (N, C, H, W), weight (K, C, kh, kw), bias (K,), the output and the
+residual (N, K, H', W').
 """
 from __future__ import annotations
 

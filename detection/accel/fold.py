@@ -7,6 +7,9 @@ every call (ScaledConv2d), so gradients reach w through the product and the para
 the norms' buffers and the state_dict keys stay as they were. Trainable BN (BatchNorm2d) is
 the same affine in eval mode, from its running statistics: inference folds it too
 (freeze_batchnorm), training leaves it alone.
+
+Shapes: a conv's weight (K, C, kh, kw), K output and C input channels; a norm's scale and
+shift (K,), one per output channel, so w * scale is w * scale.view(K, 1, 1, 1).
 """
 from __future__ import annotations
 

@@ -5,7 +5,11 @@ classes are the stem, blocks and RPN head with their convs run so; fuse_blocks i
 them by changing the class of modules whose norms are folded. On the CPU under autocast or
 with autograd they run the unfused ops. On CUDA (installed there by the `accel.cuda_fused_relu`
 lever only) conv_pointwise runs cuDNN's conv-bias-ReLU instead (cudnn.py), in float32 or
-under autocast."""
+under autocast.
+
+Shapes: x (N, C, H, W), a conv's weight (K, C, kh, kw) and bias (K,), its output and the
+residual (N, K, H', W'), H' x W' the map after the conv's stride.
+"""
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,10 @@ image's pixels, pooled, and merged by the model's own per-class NMS
 Detectron2's GeneralizedRCNNWithTTA does for boxes. It costs one forward pass per
 (size, flip) pair; the mirrored images go in the same batch as the others (1.13x faster than
 separate passes on the demo's model, the same detections).
+
+Shapes: N images, each of its own size; P = len(min_sizes) x (2 with flip, else 1) passes per
+image; D_p detections of pass p, pooled to sum(D_p) before the NMS and cut to
+detections_per_image after it. Boxes (D, 4) XYXY in the input image's pixels.
 """
 from __future__ import annotations
 
