@@ -417,6 +417,28 @@ def test_graph_replays_take_each_calls_rois_and_only_them():
     assert graphed.captures == len(graphed.graphs) == graphs.MAX_GRAPHS
 
 
+def test_a_graph_captured_with_tf32_is_not_replayed_without_it():
+    """A replay runs the kernels its capture chose: the benchmark's check (TF32 off, to compare the
+    code and not TF32's rounding) replayed the graph its timed call had captured with TF32, and
+    found other detections than the plain path's for a lever that changes none. Each TF32
+    setting now gets its own graph."""
+    from detection.utils.comm import tf32_set
+
+    res5 = torch.nn.Conv2d(4, 3, 1)
+    graphed = ReplayedOnCpu(res5, graphs=True, granularity=8)
+    x = torch.randn(5, 4, 2, 2)
+    with torch.inference_mode():
+        with tf32_set(True):  # the timed call's setting (the config's tf32: true)
+            graphed(x)
+            with tf32_set(False, matmul=False):  # the check's
+                graphed(x)
+        with tf32_set(False):
+            graphed(x)
+        with tf32_set(True):
+            graphed(x)  # the first graph again
+    assert graphed.captures == len(graphed.graphs) == 3
+
+
 def test_the_cuda_hoist_lever_is_chosen_on_cuda_only():
     """The plan: on CUDA with cuda_hoist the Res5Runner (hoisted 1x1 convs, gather pooling) with
     no chunks (one res5 call per batch, not one per 64 RoIs) and no CPU kernel; without it none;

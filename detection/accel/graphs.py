@@ -68,9 +68,12 @@ class PaddedRes5(nn.Module):
         count = _tensors(x)[0].shape[0]
         rows = bucket(count, self.granularity)
         # inference mode too: a buffer captured under it is an inference tensor, which cannot be
-        # written outside it (evaluation runs under inference_mode, some callers under no_grad)
+        # written outside it (evaluation runs under inference_mode, some callers under no_grad);
+        # and the TF32 flags: a replay runs the kernels captured, TF32 or not, whatever the flags
+        # say at the replay (the benchmark's check turns TF32 off between timed calls with it on)
         key = (rows, tuple((t.shape[1:], t.dtype) for t in _tensors(x)), torch.is_autocast_enabled("cuda"),
-               torch.is_inference_mode_enabled())
+               torch.is_inference_mode_enabled(), torch.backends.cudnn.allow_tf32,
+               torch.backends.cuda.matmul.allow_tf32)
         if not self.replays(x) or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
             return self.res5(self._padded(x, rows))[:count]
         if key not in self.graphs:

@@ -82,8 +82,9 @@ def measure_precision(models: dict[str, nn.Module], batches: dict[int, list[Tens
     """For each model and batch size: the first call's seconds (where torch.compile compiles),
     the detections of a second call against `reference` (the plain path in float32), and the timed
     runs' seconds per image. The second call runs cuDNN's convolutions without TF32, so the check
-    compares the code, not TF32's rounding (the box predictor's matmuls and a CUDA graph captured
-    in the first call keep the config's tf32). A model that raises (a lever never run on this
+    compares the code, not TF32's rounding (the box predictor's matmuls keep the config's tf32; a
+    CUDA graph is captured per TF32 setting, so the check replays one captured without). A model
+    that raises (a lever never run on this
     GPU) gets {"error": ...} and is left out of the later runs; the others are measured."""
     out: dict[str, Any] = {name: {"first_call_s": {}, "vs_plain": {}, "runs_s": {}} for name in models}
     for size, images in batches.items():
