@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from detection.config import load_config
+from detection.data.shapes import generate_shapes
 from detection.engine import checkpoint as ckpt_mod
 from detection.engine.checkpoint import CheckpointError, load_checkpoint, load_resume_checkpoint, save_checkpoint
 from detection.engine.run_folder import LOCK_FILE, RunLock
@@ -304,6 +305,53 @@ def test_two_process_resume_equals_a_straight_run_bit_for_bit(data_root, tmp_pat
     assert [[x[k] for k in keys] for x in again] == [[x[k] for k in keys] for x in lines]
 
 
+def _ddp_train_signalled_in_evaluation(rank: int, world: int, init_file: str, overrides: list, out_file: str) -> None:
+    """train() in one of `world` forked gloo processes; rank 1 alone gets a SIGTERM in its first
+    evaluation batch. The stop message (or "finished") and the number of evaluation batches this
+    rank ran go to out_file.<rank>."""
+    from detection.engine.trainer import TrainingStopped
+    from detection.modeling.model import FasterRCNN
+
+    real_forward, evaluated = FasterRCNN.forward, []
+
+    def forward(self, images, targets=None):
+        if not self.training:
+            evaluated.append(len(images))
+            if rank == 1 and len(evaluated) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_forward(self, images, targets)
+
+    with gloo_process(rank, world, init_file), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FasterRCNN, "forward", forward)
+        try:
+            train(load_config(None, overrides))
+            ended = "finished"
+        except TrainingStopped as stop:
+            ended = str(stop)
+        Path(f"{out_file}.{rank}").write_text(json.dumps({"ended": ended, "batches": len(evaluated)}))
+
+
+@pytest.mark.slow  # two DDP processes train two iterations and start an evaluation
+def test_a_signal_to_one_process_during_the_evaluation_stops_every_process_at_the_next_batch(tmp_path):
+    """Under torchrun a scheduler's SIGTERM during training's evaluation let the evaluation run
+    to its end (minutes on COCO, past the grace period: then SIGKILL, and last.pth up to
+    checkpoint_period iterations old). Now the ranks agree before each batch: both stop at the
+    second of their four batches, and last.pth is saved at the evaluation's iteration."""
+    generate_shapes(tmp_path / "data" / "shapes", num_train=4, num_val=8, seed=0, image_size=(64, 80))
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path / "data", out, **{"solver.ims_per_batch": 4, "solver.max_iter": 4,
+                                                          "solver.checkpoint_period": 100, "test.eval_period": 2})
+    run_forked_processes(_ddp_train_signalled_in_evaluation, (2, str(tmp_path / "init"), overrides,
+                                                               str(tmp_path / "ended")), timeout=240)
+    last = out / "last.pth"
+    for rank in (0, 1):
+        ended = json.loads((tmp_path / f"ended.{rank}").read_text())
+        assert ended == {"ended": f"stopped by SIGTERM at iteration 2; saved {last} (iteration 2): --resume "
+                                  "continues from there", "batches": 1}, rank
+    assert load_resume_checkpoint(last)["iteration"] == 2
+    assert evaluation_iterations(out) == []
+
+
 @pytest.mark.slow  # trains 4 + 2 iterations, evaluating
 def test_an_evaluation_the_run_stopped_in_is_made_on_resume(data_root, tmp_path, monkeypatch, caplog):
     """The evaluation follows the checkpoint of its iteration: a run killed (here: Ctrl-C) while
@@ -315,11 +363,11 @@ def test_an_evaluation_the_run_stopped_in_is_made_on_resume(data_root, tmp_path,
     real_evaluate = trainer_mod.evaluate
     calls = []
 
-    def evaluate_stopped_the_first_time(cfg, model, output_dir=None):
+    def evaluate_stopped_the_first_time(cfg, model, output_dir=None, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise KeyboardInterrupt  # the user's Ctrl-C (or a kill) during the evaluation
-        return real_evaluate(cfg, model, output_dir)
+        return real_evaluate(cfg, model, output_dir, **kwargs)
 
     def evaluated(out):
         return [x["iteration"] for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
@@ -348,9 +396,9 @@ def _ddp_train_recording_evaluation(rank: int, world: int, init_file: str, overr
 
     real_evaluate = trainer_mod.evaluate
 
-    def evaluate(cfg, model, output_dir=None):
+    def evaluate(cfg, model, output_dir=None, **kwargs):
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{out_file}.{rank}")
-        return real_evaluate(cfg, model, output_dir)
+        return real_evaluate(cfg, model, output_dir, **kwargs)
 
     with gloo_process(rank, world, init_file), pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer_mod, "evaluate", evaluate)

@@ -228,7 +228,7 @@ def test_an_evaluation_is_not_counted_as_the_next_iterations_data_time(data_root
 
     from detection.engine import trainer
 
-    def slow_evaluation(cfg, model):
+    def slow_evaluation(cfg, model, **kwargs):
         clock.sleep(1.5)
         return {"AP": 1.0}
 

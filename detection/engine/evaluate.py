@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
 from detection.config import Config
 
 
-def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None) -> dict[str, float]:
+def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None,
+             between_batches: Optional[Callable[[], None]] = None) -> dict[str, float]:
     """Evaluate on every test set (each process its share of the images; rank 0 scores them,
     other ranks get {}); keys are prefixed by the data set's name when there are several.
     With output_dir, each test set's results go to output_dir/<test set>/ as tools/eval.py
     writes them. The model is evaluated as tools/eval.py runs the checkpoint: its weights in
     a detector built from the config and prepared as every tool prepares one (test.amp, the
-    fast path's inference copy, test.aug), so metrics.jsonl's numbers are eval.py's."""
+    fast path's inference copy, test.aug), so metrics.jsonl's numbers are eval.py's.
+    `between_batches` (the run's stop check) is called before each batch of images, on every rank
+    equally often (inference_on_dataset)."""
     from detection.data.catalog import get_datasets
     from detection.engine.checkpoint import get_rng_states, set_rng_states
     from detection.evaluation import evaluate_test_sets, flatten_metrics
@@ -30,7 +33,7 @@ def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None) -
                                 exif_orientation=cfg.input.exif_orientation)
         inference = as_the_tools_run_it(cfg, model)
         return flatten_metrics(evaluate_test_sets(datasets, model=inference, num_workers=cfg.dataloader.num_workers,
-                                                  output_dir=output_dir,
+                                                  output_dir=output_dir, between_batches=between_batches,
                                                   model_classes=getattr(model, "class_names", None)))
     finally:
         set_rng_states(states)

@@ -18,17 +18,19 @@ logger = logging.getLogger(__name__)
 
 
 class EvaluationStopped(BaseException):
-    """A signal during training's evaluation in a one-process run: the evaluation is given up
-    (--resume makes it first), so that last.pth is saved at once, not after minutes of
-    evaluation a scheduler's grace period may not wait for. A BaseException, as KeyboardInterrupt,
-    so that no `except Exception` inside the evaluation takes it."""
+    """A signal during training's evaluation: the evaluation is given up (--resume makes it
+    first), so that last.pth is saved at once, not after minutes of evaluation a scheduler's grace
+    period may not wait for. A BaseException, as KeyboardInterrupt, so that no `except Exception`
+    inside the evaluation takes it."""
 
 
 class GracefulStop:
     """SIGTERM / SIGINT while training: note the signal, let the current iteration finish,
     then save last.pth there and stop (loop_checkpoints.stop_gracefully). During an evaluation
-    of a one-process run the evaluation stops at once (EvaluationStopped; with several processes
-    it finishes: the ranks could not agree on where to stop it). A second signal during the save
+    it is given up (EvaluationStopped): in a one-process run at once; with several processes at
+    the next batch, where every rank asks whether any got a signal (check_evaluation), so they
+    all stop at the same batch (a signal while rank 0 scores the gathered detections is taken
+    after the scoring, at the next iteration's agreement). A second signal during the save
     is noted and does not interrupt it (the save is atomic anyway); a second one at any other
     moment stops at once, as Ctrl-C does. Handlers are installed only in the main thread and
     the previous ones put back on exit."""
@@ -39,7 +41,8 @@ class GracefulStop:
         self.device = device  # where the ranks' agreement is reduced (NCCL reduces CUDA tensors only)
         self.signum = 0
         self.saving = False
-        self.evaluating = False
+        self.evaluating = False  # one process: the handler stops the evaluation itself
+        self.evaluating_together = False  # several: the ranks agree at the next batch
         self._previous: dict = {}
         self._pid = os.getpid()
 
@@ -63,7 +66,11 @@ class GracefulStop:
             logger.warning("%s received during the evaluation: stopping it and saving last.pth "
                            "(--resume makes the evaluation first)", name)
             raise EvaluationStopped
-        if not self.signum:
+        if not self.signum and self.evaluating_together:
+            self.signum = signum
+            logger.warning("%s received during the evaluation: stopping it at its next batch (every process) "
+                           "and saving last.pth (--resume makes the evaluation first)", name)
+        elif not self.signum:
             self.signum = signum
             logger.warning("%s received: stopping after this iteration, once last.pth is saved "
                            "(a second signal stops at once)", name)
@@ -80,17 +87,25 @@ class GracefulStop:
             self.signum = int(flag.item())
         return bool(self.signum)
 
+    def check_evaluation(self) -> None:
+        """Before each batch of training's evaluation (every rank as often: inference_on_dataset):
+        EvaluationStopped on every rank when any got a signal."""
+        if self.agreed():
+            raise EvaluationStopped
+
     @contextmanager
     def evaluation(self) -> Iterator[None]:
-        """Training's evaluation: in a one-process run a first signal stops it (EvaluationStopped),
-        as does one that came before it (in the iteration or the save just before)."""
+        """Training's evaluation: a first signal stops it (EvaluationStopped: in one process at
+        once, as does one that came before it, in the iteration or the save just before; with
+        several at the next batch's check_evaluation, which also takes one that came before)."""
         self.evaluating = du.get_world_size() == 1
+        self.evaluating_together = not self.evaluating
         try:
             if self.evaluating and self.signum:
                 raise EvaluationStopped
             yield
         finally:
-            self.evaluating = False
+            self.evaluating = self.evaluating_together = False
 
     @contextmanager
     def saving_last(self) -> Iterator[None]:

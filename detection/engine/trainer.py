@@ -310,7 +310,8 @@ def _after_step(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
 
 def _evaluate(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
     """The test sets' metrics at this iteration, into metrics.jsonl (test.eval_period). A signal
-    during it (one process) stops it and the run, last.pth saved at this iteration."""
+    during it stops it and the run, last.pth saved at this iteration: in one process at once,
+    under torchrun at the next batch (every rank there), or after the scoring if it came then."""
     state = run.state
     du.broadcast_buffers(state.model)  # every rank evaluates the model rank 0 saves
     # evaluate() puts the random states back itself; a signal's EvaluationStopped may land in that
@@ -318,7 +319,7 @@ def _evaluate(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
     states = get_rng_states()
     try:
         with stop.evaluation():
-            metrics = evaluate(run.cfg, state.model)
+            metrics = evaluate(run.cfg, state.model, between_batches=stop.check_evaluation)
     except EvaluationStopped:
         set_rng_states(states)
         state.model.train()

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,7 +41,8 @@ class Evaluator(Protocol):
 
 
 def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Evaluator, *,
-                         label_map: Sequence[int] | None = None) -> dict[str, float]:
+                         label_map: Sequence[int] | None = None,
+                         between_batches: Callable[[], None] | None = None) -> dict[str, float]:
     """Run `model` in eval mode over `loader` ((images, records) batches) and evaluate.
 
     The images go to the model as the loader gives them, at their own size in host memory
@@ -53,21 +54,31 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
     train/eval mode is restored afterwards, so the trainer can call this mid-training.
     `label_map` (classes.label_map_for_test_set): model label -> the data set's label, 0 = drop
     the detection; for a test set holding a subset of the model's classes.
+    `between_batches` (training's stop check, signals.GracefulStop.check_evaluation) is called
+    before each batch; it may be a collective: under torchrun every rank calls it as often as the
+    rank with the most batches (the others call it again after their last), so that when it
+    raises, every rank raises at the same call.
     """
     # on the CPU, as the outputs it relabels (_to_cpu)
     table = torch.as_tensor(label_map, dtype=torch.int64, device="cpu") if label_map is not None else None
     evaluator.reset()
     was_training = model.training
     model.eval()
-    start, num_images = time.perf_counter(), 0
+    start, num_images, batches = time.perf_counter(), 0, 0
+    between_batches, calls = _between_batches(loader, between_batches)
     try:
         with torch.inference_mode():
             bar = tqdm(loader, total=_length(loader), desc="inference", unit="batch",
                        disable=not comm.is_main_process(), dynamic_ncols=True)
             for images, records in bar:
+                if between_batches is not None:
+                    between_batches()
                 outputs = model(images)
                 evaluator.process(records, [relabel(_to_cpu(output), table) for output in outputs])
                 num_images += len(images)
+                batches += 1
+            for _ in range(calls - batches):  # as many calls as the rank with the most batches makes
+                between_batches()
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - start
@@ -76,6 +87,17 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
     if not _gather_on_main(evaluator):
         return {}
     return evaluator.evaluate()
+
+
+def _between_batches(loader: Iterable, check: Callable[[], None] | None) -> tuple[Callable[[], None] | None, int]:
+    """(`check`, how often every rank calls it: the most batches any rank has). In one process
+    the count does not matter (0). Under torchrun, a loader without a length (never the test
+    loader's) cannot say how many batches the others have: no check then (None), since ranks
+    calling a collective unequally often would wait for each other for ever."""
+    if check is None or comm.get_world_size() == 1:
+        return check, 0
+    counts = comm.all_gather_object(_length(loader))  # collective: every rank calls it
+    return (None, 0) if any(c is None for c in counts) else (check, max(counts))
 
 
 def _length(loader: Iterable) -> int | None:

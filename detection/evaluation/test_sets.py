@@ -47,12 +47,14 @@ SUBMISSION_WRITERS = {"voc": VOCSubmissionWriter}
 def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Module | None = None,
                        num_workers: int = 0, results: str | None = None,
                        output_dir: str | Path | None = None, echo: Callable[[str], None] | None = None,
-                       model_classes: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+                       model_classes: Sequence[str] | None = None,
+                       between_batches: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
     """Each test set's metrics, by data set name, from `model` or from saved `results` (a
     results folder as this function writes it, a coco_results.json or a folder of comp4
     files). `echo` (e.g. print) receives each set's metrics table and where it was written.
     `model_classes`: the model's class names; a test set holding a subset of them is scored by
-    name (classes.label_map_for_test_set, checked before: a set that fits no way is refused there)."""
+    name (classes.label_map_for_test_set, checked before: a set that fits no way is refused there).
+    `between_batches`: called before each batch of the model's images (inference_on_dataset)."""
     if (model is None) == (results is None):
         raise ValueError("evaluate_test_sets: give a model or saved results, not both or neither")
     names = [d.name for d in datasets]
@@ -75,7 +77,7 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
             evaluator = build_evaluator(dataset, str(where) if where is not None else None)
             label_map = label_map_for_test_set(dataset.name, dataset.class_names, model_classes, len(model_classes)) \
                 if model_classes else None
-            metrics = _run_model(model, dataset, evaluator, num_workers, label_map)
+            metrics = _run_model(model, dataset, evaluator, num_workers, label_map, between_batches)
         out[dataset.name] = metrics
         if comm.is_main_process():
             _report(dataset, metrics, evaluator, where, echo)
@@ -110,13 +112,14 @@ def evaluator_class(dataset: DatasetInfo) -> type:
 
 
 def _run_model(model: torch.nn.Module, dataset: DatasetInfo, evaluator: Evaluator, num_workers: int,
-               label_map: Sequence[int] | None = None) -> dict[str, float]:
+               label_map: Sequence[int] | None = None,
+               between_batches: Callable[[], None] | None = None) -> dict[str, float]:
     """This process's share of the images through the model; the evaluator keeps the whole
     data set, since rank 0 scores everyone's detections against all of it."""
     from detection.data.loader import build_test_loader
 
     loader = build_test_loader(comm.shard_dataset(dataset), num_workers=num_workers)
-    return inference_on_dataset(model, loader, evaluator, label_map=label_map)
+    return inference_on_dataset(model, loader, evaluator, label_map=label_map, between_batches=between_batches)
 
 
 def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluator, where: Path | None,
