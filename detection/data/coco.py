@@ -52,6 +52,7 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None) -
         logger.warning("%s: for training, %s; the COCO evaluation (pycocotools) scores the json's boxes as "
                        "written", ann_file, " and ".join(what))
     _warn_orphan_annotations(coco, ann_file)
+    _warn_ignore_annotations(coco, ann_file)
     return DatasetInfo(
         name=name or os.path.splitext(os.path.basename(ann_file))[0],
         kind="coco",
@@ -234,6 +235,17 @@ def _parse_annotation(ann: dict[str, Any], width: int, height: int, cat_to_label
     annotated = [x, y, x + w, y + h]
     box = [min(max(v, 0.0), limit) for v, limit in zip(annotated, (width, height, width, height))]
     return box, cat_to_label[cat_id], annotated
+
+
+def _warn_ignore_annotations(coco: COCO, ann_file: str) -> None:
+    """Annotations marked "ignore": 1 but not crowd are no training targets here (Detectron2
+    refuses such a file), yet COCOeval scores them as objects: it reads only "iscrowd" (it sets
+    its own "ignore" from it). One warning, with the count and what to do."""
+    count = sum(1 for ann in coco.dataset.get("annotations", []) if ann.get("ignore", 0) and not ann.get("iscrowd", 0))
+    if count:
+        logger.warning("%s: %d annotations are marked 'ignore': 1 but not 'iscrowd': 1: they are left out of "
+                       "training, but the COCO evaluation (pycocotools reads only iscrowd) scores them as objects "
+                       "to find; mark them 'iscrowd': 1 for both to ignore them", ann_file, count)
 
 
 def _warn_orphan_annotations(coco: COCO, ann_file: str) -> None:
