@@ -108,6 +108,15 @@ def test_only_difficult_image_leaves_training_without_use_difficult(tmp_path):
     records = load_voc(str(root), "test").records
     assert [r["image_id"] for r in training_records(records, filter_empty=True, use_difficult=False)] == ["000002"]
     assert len(training_records(records, filter_empty=True, use_difficult=True)) == 2
+    # a split of difficult objects only: the error names the setting that emptied it, not only filter_empty
+    info = load_voc(str(root), "test")
+    info.records = [r for r in info.records if r["image_id"] == "000003"]
+    make = lambda difficult: build_train_loader(  # noqa: E731
+        [info], transform=build_transforms(min_sizes=[30], max_size=100, hflip_prob=0.0), images_per_batch=1,
+        num_workers=0, aspect_ratio_grouping=False, filter_empty=True, seed=0, use_difficult=difficult)
+    with pytest.raises(DataError, match="once its difficult objects are dropped .dataloader.use_difficult: false"):
+        make(False)
+    assert make(True) is not None
 
 
 def test_two_splits_and_two_years_concatenate(tmp_path):

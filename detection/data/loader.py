@@ -48,8 +48,11 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
     info = concat_datasets([datasets] if isinstance(datasets, DatasetInfo) else list(datasets))
     records = training_records(info.records, filter_empty=filter_empty, use_difficult=use_difficult)
     if not records:
-        raise DataError(f"no training images in {info.name}: every image is without boxes "
-                        "(set dataloader.filter_empty: false to train on them anyway)")
+        difficult_only = not use_difficult and training_records(info.records, filter_empty=True, use_difficult=True)
+        raise DataError(f"no training images in {info.name}: every image is without boxes"
+                        + (" once its difficult objects are dropped (dataloader.use_difficult: false; true keeps "
+                           "them, as Detectron2 does)" if difficult_only else "")
+                        + " (set dataloader.filter_empty: false to train on them anyway)")
     rank, world_size = comm.get_rank(), comm.get_world_size()
     groups = [0 if r["width"] >= r["height"] else 1 for r in records]
     sampler = TrainingSampler(len(records), seed=seed, rank=rank, world_size=world_size)
