@@ -361,3 +361,42 @@ def test_config_is_required_without_one_beside_the_checkpoint(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             load_tool(name).parse_args(["--weights", str(tmp_path / "model_final.pth"), *extra])
         assert exit_info.value.code == 2 and "--config" in capsys.readouterr().err
+
+
+def test_visualize_train_batches_draws_what_the_training_loader_gives(tmp_path, capsys):
+    """Detectron2's visualize_data.py --source dataloader: the images and target boxes training
+    gets, after the resize, the flip and the jitter (a helper's trial had to read the trainer to
+    find them). training_samples gives the loader's own batches (2 workers), and the tool draws
+    them: one file per image, named after its source, at the size the model gets."""
+    import torch
+
+    from detection.data.loader import training_samples
+    from detection.engine.startup import build_train_data_loader, build_train_datasets
+
+    generate_shapes(tmp_path / "data" / "shapes", num_train=6, num_val=2, seed=1, image_size=(64, 80))
+    overrides = tiny_overrides(tmp_path / "data", tmp_path / "out", **{
+        "input.hflip_prob": 0.5, "input.jitter": True, "input.min_size_train": [48, 64, 80],
+        "solver.ims_per_batch": 2, "dataloader.num_workers": 2})
+    cfg = load_config(ROOT / "configs" / "base.yaml", overrides)
+    datasets = build_train_datasets(cfg)
+    loaded = iter(build_train_data_loader(cfg, datasets))
+    samples = list(training_samples(build_train_data_loader(cfg, datasets), 3))
+    assert [number for number, *_ in samples] == [0, 0, 1, 1, 2, 2]
+    for number in range(3):
+        images, targets = next(loaded)
+        ours = [s for s in samples if s[0] == number]
+        for image, target, (_, sample_image, sample_target, _) in zip(images, targets, ours):
+            assert torch.equal(image, sample_image)
+            assert torch.equal(target["boxes"], sample_target["boxes"])
+            assert torch.equal(target["labels"], sample_target["labels"])
+    code, out, err = run_main(TOOLS["visualize.py"], ["--config", ROOT / "configs" / "base.yaml", *overrides,
+                                                      "--train-batches", "3", "--output", tmp_path / "vis"], capsys)
+    assert code == 0, err
+    assert "wrote 6 images" in out and "the first 3 training batches of 2" in out
+    drawn = sorted((tmp_path / "vis").iterdir())
+    assert [p.name for p in drawn] == [f"{i:05d}_{Path(s[3]['file_name']).stem}.jpg" for i, s in enumerate(samples)]
+    for path, (_, image, _, _) in zip(drawn, samples):
+        assert cv2.imread(str(path)).shape[:2] == tuple(image.shape[1:])
+    code, _, err = run_main(TOOLS["visualize.py"], ["--config", ROOT / "configs" / "base.yaml", *overrides,
+                                                    "--train-batches", "1", "--gt", "--output", tmp_path / "v"], capsys)
+    assert code == 2 and "not with --gt" in err

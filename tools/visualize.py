@@ -4,6 +4,13 @@
     python tools/visualize.py --config CFG --weights CKPT --input PATH --output DIR [--score-thresh 0.5]
     python tools/visualize.py --config CFG --gt --output DIR [--limit 20]          # inspect a data set
     python tools/visualize.py --config CFG --weights CKPT --compare --output DIR    # ground truth | predictions
+    python tools/visualize.py --config CFG --train-batches 4 --output DIR          # what training sees
+
+--train-batches N draws the first N batches the training loader gives (datasets.train, as
+iterations 1..N of a new run get them: resized, flipped and colour-jittered as input.* says,
+with the config's seed and solver.ims_per_batch images each) with their target boxes: the
+boxes the model learns from, after dataloader.filter_empty / use_difficult and the readers'
+clipping (Detectron2's visualize_data.py --source dataloader).
 
 PATH is an image, a folder of images (not its subfolders': a note names one) or a glob
 ("imgs/*.jpg"; "imgs/**/*" reaches into subfolders). With --gt / --compare the
@@ -57,7 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "datasets.test, or an entry as YAML ('{type: coco, ann_file: ..., image_root: ...}'); "
                         "default: the first test set")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
+    parser.add_argument("--train-batches", type=int, default=0, metavar="N",
+                        help="draw the first N training batches as the loader gives them (no model)")
     args = parse_command_line(parser, argv)
+    if args.train_batches:
+        others = [flag for flag, given in (("--weights", args.weights), ("--input", args.input), ("--gt", args.gt),
+                                           ("--compare", args.compare), ("--dataset", args.dataset)) if given]
+        if others or args.train_batches < 0:
+            parser.error(f"--train-batches draws the training loader's batches alone: "
+                         f"{'not with ' + ', '.join(others) if others else 'give a number of batches >= 1'}")
+        return args
     if not args.gt and not args.weights:
         parser.error("--weights is required unless --gt is given")
     if not (args.gt or args.compare) and not args.input:
@@ -104,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def draw(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
+    if args.train_batches:
+        draw_training_batches(cfg, args.train_batches, args.output)
+        return
     count, drawn, unreadable = run(cfg, args)
     wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args)}"
     if unreadable:  # the others are drawn first: one bad file in a folder does not stop the run
@@ -155,6 +174,33 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
             logger.warning("not drawn: %s", err)
             unreadable.append(str(err))
     return len(items) - len(unreadable), sum(drawn), unreadable
+
+
+def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
+    """The first `batches` training batches, each image with its target boxes, as
+    DIR/NNNNN_STEM.jpg (NNNNN: the image's place in the training stream)."""
+    import cv2
+
+    from detection.data.loader import training_samples
+    from detection.engine.startup import build_train_data_loader, build_train_datasets
+    from detection.visualization.draw import draw_detections
+
+    datasets = build_train_datasets(cfg)
+    names = datasets[0].class_names  # the training classes (every set's, matched by name)
+    loader = build_train_data_loader(cfg, datasets)
+    one_per_folder = {Path(r["file_name"]).parent: r["file_name"] for d in datasets for r in d.records}
+    out = output_folder(output, list(one_per_folder.values()))
+    count, boxes = 0, 0
+    for count, (_, image, target, record) in enumerate(training_samples(loader, batches), start=1):
+        canvas = draw_detections(image.permute(1, 2, 0).numpy(), target["boxes"], target["labels"], None, names, 0.0)
+        path = out / output_name(count - 1, record["file_name"])
+        if not cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+            raise DataError(f"could not write {path} (the folder not writable, or the disk full)")
+        boxes += len(target["boxes"])
+    print(f"wrote {count} images to {output}: the first {batches} training batches of {cfg.solver.ims_per_batch} "
+          f"(iterations 1..{batches} of a new run, seed {cfg.seed}: input.min_size_train {cfg.input.min_size_train}, "
+          f"max_size_train {cfg.input.max_size_train}, hflip_prob {cfg.input.hflip_prob:g}, jitter "
+          f"{'on' if cfg.input.jitter else 'off'}), {boxes} target boxes drawn")
 
 
 def output_folder(output: str, inputs: list[str]) -> Path:

@@ -69,6 +69,18 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
                               worker_init_fn=partial(seed_worker, base_seed=base_seed), generator=generator)
 
 
+def training_samples(loader: DataLoader, batches: int) -> Iterator[tuple[int, torch.Tensor, dict, dict]]:
+    """The first `batches` batches of a build_train_loader loader, sample by sample: (batch
+    number from 0, image, target, the record it came from). Made in this process from the
+    loader's own batch sampler and data set: the images, boxes and augmentation its workers
+    give, since each sample's augmentation is seeded by its batch number and position
+    (tools/visualize.py --train-batches; Detectron2's visualize_data.py --source dataloader)."""
+    for number, batch in enumerate(itertools.islice(iter(loader.batch_sampler), batches)):
+        for item in batch:
+            image, target, record = loader.dataset.sample(item)
+            yield number, image, target, record
+
+
 def build_test_loader(dataset: DatasetInfo, *, num_workers: int, batch_size: int = 1) -> "TestLoader":
     """Iterable of (images: list[uint8 Tensor[3,H,W]] at original size, records: list[dict]), in dataset order."""
     if batch_size < 1:
@@ -252,6 +264,12 @@ class TrainDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        image, target, _ = self.sample(item)
+        return image, target
+
+    def sample(self, item: tuple[int, int]) -> tuple[torch.Tensor, dict, dict]:
+        """(image, target, the record it was made from: another than item's index when that
+        image was unreadable and skip_bad_images replaced it)."""
         index, sample_seed = item
         self.reseed(sample_seed)
         for _ in range(_MAX_REPLACEMENTS):
@@ -265,7 +283,7 @@ class TrainDataset(Dataset):
         img, boxes, labels = self.transform(img, record["boxes"], record["labels"])
         target = {"boxes": torch.as_tensor(boxes, dtype=torch.float32, device="cpu").reshape(-1, 4),
                   "labels": torch.as_tensor(labels, dtype=torch.int64, device="cpu").reshape(-1)}
-        return _to_chw_tensor(img), target
+        return _to_chw_tensor(img), target, record
 
 
     def _replacement(self, index: int, file_name: str) -> int:
