@@ -48,7 +48,8 @@ test-gpu:
 # Detectron2's test settings against torchvision's C4, the GPU levers' tables, the demo on the GPU
 # with shapes_val in float32 and with test.amp. Each command's output goes to $(OUT) as it runs,
 # every command runs even when one before it failed, $(OUT)/steps.txt has each one's seconds.
-# One step alone: `make gpu-session STEPS=bench`. The levers' torch.compile rows are off by default
+# One device call runs 600 s at most: `make gpu-session STEPS="suite bench"`, then STEPS="levers demo"
+# (each step stops at its limit, tools/gpu_session.py DEFAULT_LIMITS). The levers' torch.compile rows are off by default
 # (compiling R50 several times may not fit 15 minutes of device time): LEVERS_COMPILE=default.
 # LIMITS="suite=250 bench=150" stops a step's commands at those seconds (a hang costs only its step).
 OUT ?= output/gpu

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
@@ -440,3 +441,97 @@ def test_a_gpu_session_step_past_its_limit_is_stopped_and_the_next_runs(tmp_path
         with pytest.raises(SystemExit):
             session.parse_args(["--out", str(out), "--limit", wrong])
         assert "is not STEP=SECONDS with STEP one of suite, bench, levers, demo" in capsys.readouterr().err
+
+
+def _session_with_a_hanging_step(out: str, leftover: str, child: str) -> None:
+    """A forked gpu_session whose one step hangs with a child of its own (as pytest's torchrun test)."""
+    session = load_tool("gpu_session")
+    hang = ("import subprocess, sys, time; print('started', flush=True); "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({child!r}, 'w').write(str(p.pid)); time.sleep(120)")
+    session.commands = lambda step, out, **options: [("hang.txt", ["-c", hang])]
+    session.LEFTOVER = Path(leftover)
+    code = session.run_steps(["suite"], Path(out))
+    Path(out, "code").write_text(str(code))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _wait_for(condition, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_stopped_or_killed_gpu_session_leaves_no_command_running(tmp_path, monkeypatch, capsys):
+    """A step runs in a process group of its own (for its limit), so a SIGTERM to the session, or
+    the device tool killing it at its time limit, left the step running on the GPU beside the next
+    call's timings (a reviewer's read). Now a SIGTERM stops the step's group with the session (exit
+    143), and after a SIGKILL the next session stops the group left behind before its first step;
+    a group id since reused by another program is left alone."""
+    import multiprocessing
+    import signal
+
+    session = load_tool("gpu_session")
+    leftover, child = tmp_path / "leftover", tmp_path / "child.pid"
+    context = multiprocessing.get_context("fork")
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        out = tmp_path / signum.name
+        child.unlink(missing_ok=True)
+        forked = context.Process(target=_session_with_a_hanging_step, args=(str(out), str(leftover), str(child)))
+        forked.start()
+        assert _wait_for(child.exists) and _wait_for(lambda: child.read_text() != "")
+        grandchild = int(child.read_text())
+        os.kill(forked.pid, signum)
+        forked.join(30)
+        if signum == signal.SIGTERM:
+            assert (out / "code").read_text() == "143"
+            assert _wait_for(lambda: not _alive(grandchild)) and not leftover.exists()
+            continue
+        assert _alive(grandchild) and leftover.exists()  # killed at once: its step's group lives on
+        monkeypatch.setattr(session, "LEFTOVER", leftover)
+        monkeypatch.setattr(session, "commands", lambda step, out, **options: [("ok.txt", ["-c", "print('ok')"])])
+        assert session.run_steps(["bench"], tmp_path / "next") == 0
+        assert _wait_for(lambda: not _alive(grandchild))
+        assert "stopped a command an earlier session left running" in capsys.readouterr().out
+    # a recorded group whose leader is another program (its start time differs) is not touched
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        leftover.write_text(f"{other.pid} 1")
+        session.stop_leftover()
+        assert _alive(other.pid) and not leftover.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_every_gpu_session_step_has_a_limit_and_the_demo_starts_fresh(tmp_path, monkeypatch, capsys):
+    """Without --limit the steps ran unbounded, and all four (the README's plain command) take longer
+    than one device call's 600 s; and the demo step on a warm machine resumed the last call's run,
+    timing no training. Now: a limit each, a note where the chosen steps' limits exceed a call, the
+    two-call plan within it, and the demo's folder removed before its step."""
+    session = load_tool("gpu_session")
+    assert set(session.session_limits(list(session.STEPS), {})) == set(session.STEPS)
+    assert "more than one device call's 600 s" in capsys.readouterr().out  # all four
+    for steps in (["suite", "bench"], ["levers", "demo"]):
+        assert sum(session.session_limits(steps, {})[s] for s in steps) <= session.CALL_SECONDS - 150
+        assert capsys.readouterr().out == ""  # room for the machine's start and the transfers
+    assert session.session_limits(["suite"], {"suite": 100.0})["suite"] == 100.0
+    monkeypatch.setattr(session, "ROOT", tmp_path)
+    monkeypatch.setattr(session, "LEFTOVER", tmp_path / "leftover")
+    (tmp_path / session.DEMO_DIR).mkdir(parents=True)
+    (tmp_path / session.DEMO_DIR / "last.pth").write_text("the last call's run")
+    seen = []
+    monkeypatch.setattr(session, "commands", lambda step, out, **options: seen.append(
+        (tmp_path / session.DEMO_DIR).exists()) or [("d.txt", ["-c", "print('demo')"])])
+    assert session.run_steps(["demo"], tmp_path / "out") == 0
+    assert seen == [False]
