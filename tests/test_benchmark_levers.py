@@ -373,6 +373,19 @@ def test_the_kernel_profiles_on_the_cpu(capsys):
     assert "--kernels profiles after the levers' tables: use it with --levers" in capsys.readouterr().err
 
 
+def test_kernel_launch_counts_include_graph_replays_and_triton_launches():
+    """A replayed CUDA graph launches its kernels in one cudaGraphLaunch, and Triton (torch.compile)
+    through cuLaunchKernel: counting cudaLaunchKernel alone made the graphed profile look cheaper."""
+    from types import SimpleNamespace
+
+    from detection.benchmarking.kernels import launch_counts
+
+    events = [SimpleNamespace(key=key, count=count) for key, count in (
+        ("cudaLaunchKernel", 40), ("cuLaunchKernel", 7), ("cudaLaunchKernelExC", 2), ("cudaGraphLaunch", 3),
+        ("aten::conv2d", 50), ("cudaMemcpyAsync", 4))]
+    assert launch_counts(events) == {"launches": 49, "graph_launches": 3}
+
+
 @pytest.mark.slow  # a pytest subprocess
 def test_the_gpu_suites_failures_are_written_as_they_happen(tmp_path):
     """The GPU session's suite step runs pytest with --failures-to (tests/conftest.py): a failure's

@@ -42,8 +42,10 @@ def _self_device_us(event: Any) -> float:
 def top_ops(fn: Callable[[], Any], device_type: str, count: int) -> dict[str, Any]:
     """fn() once to warm up, then once under torch.profiler: the `count` ops with the most self
     device time (self CPU time on the CPU), the call's host milliseconds, its device milliseconds
-    (the ops' self device time summed) and its kernel launches (runtime launch calls); then once
-    more counting its host reads (`host_reads`, and the 5 places with the most)."""
+    (the ops' self device time summed) and its launches (launch_counts: the runtime's kernel
+    launch calls, cudaLaunchKernel and Triton's cuLaunchKernel, and its CUDA-graph replays,
+    cudaGraphLaunch, each of which runs a captured graph's kernels in one call); then once more
+    counting its host reads (`host_reads`, and the 5 places with the most)."""
     cuda = device_type == "cuda"
     fn()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -64,7 +66,7 @@ def top_ops(fn: Callable[[], Any], device_type: str, count: int) -> dict[str, An
         fn()
     return {"host_ms": host_ms, "device_ms": sum(_self_device_us(e) for e in ops) / 1000,
             "host_reads": reads.count, "host_read_places": reads.places.most_common(5),
-            "launches": sum(e.count for e in events if "LaunchKernel" in e.key),
+            **launch_counts(events),
             "ops": [{"name": e.key, "calls": e.count, "self_device_ms": _self_device_us(e) / 1000,
                      "self_cpu_ms": e.self_cpu_time_total / 1000} for e in top]}
 
@@ -108,13 +110,23 @@ def profile_kernels(cfg: Config, plain: nn.Module, images: list[torch.Tensor], a
     return out
 
 
+def launch_counts(events: Any) -> dict[str, int]:
+    """{"launches": kernel launch calls (cudaLaunchKernel, cudaLaunchKernelExC, Triton's
+    cuLaunchKernel), "graph_launches": CUDA-graph replays (cudaGraphLaunch)} among the profiler's
+    averaged events (key, count)."""
+    return {"launches": sum(e.count for e in events if "LaunchKernel" in e.key),
+            "graph_launches": sum(e.count for e in events if "GraphLaunch" in e.key)}
+
+
 def print_kernels(report: dict[str, Any]) -> None:
     for name, entry in report.items():
         if "error" in entry:
             print(f"profile of {name}: FAILED: {entry['error']}")
             continue
         print(f"profile of {name}: {entry['host_ms']:.1f} ms on the host, {entry['device_ms']:.1f} ms of ops on "
-              f"the device, {entry['launches']} kernel launches; the ops with the most self time:")
+              f"the device, {entry['launches']} kernel launches"
+              + (f" and {entry['graph_launches']} CUDA-graph replays" if entry.get("graph_launches") else "")
+              + "; the ops with the most self time:")
         print(f"  {'op':<48}{'calls':>7}{'device ms':>11}{'cpu ms':>9}")
         for op in entry["ops"]:
             print(f"  {op['name'][:47]:<48}{op['calls']:>7}{op['self_device_ms']:>11.2f}{op['self_cpu_ms']:>9.2f}")
