@@ -475,3 +475,23 @@ def test_weights_that_hold_no_detector_are_one_line(tmp_path, benchmark_main):
                                   "--weights", backbone)
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"error: {backbone}: holds no detector")
+
+
+def test_the_benchmarks_amp_step_scales_the_loss_as_training_does(monkeypatch):
+    """solver.amp on CUDA trains with the GradScaler (its unscale and inf check are kernels of the
+    step), and so do torchvision's reference scripts with --amp: the benchmark's AMP steps had none,
+    so the measured step was cheaper than training's. bench_state now asks the trainer's rule."""
+    from detection.benchmarking import models
+    from detection.engine.train_state import amp_scaler
+
+    asked = []
+    monkeypatch.setattr(models, "amp_scaler", lambda amp, device: asked.append((amp, device.type)) or
+                        amp_scaler(amp, device))
+    model = torch.nn.Linear(2, 2)
+    for amp in (True, False):
+        state = models.bench_state(model, 0.9, 1e-4, amp=amp)
+        assert not state.scaler.is_enabled()  # on the CPU: bfloat16, no loss scaling, as training
+    assert asked == [(True, "cpu"), (False, "cpu")]
+    if not torch.cuda.is_available():
+        return
+    assert models.bench_state(model.cuda(), 0.9, 1e-4, amp=True).scaler.is_enabled()

@@ -90,7 +90,7 @@ def profile_kernels(cfg: Config, plain: nn.Module, images: list[torch.Tensor], a
 
     def training() -> Callable[[], Any]:
         model = optimize_for_training(copy.deepcopy(plain).train(), channels_last=True)
-        state = bench_state(model, cfg.solver.momentum, cfg.solver.weight_decay, ours=True)
+        state = bench_state(model, cfg.solver.momentum, cfg.solver.weight_decay, ours=True, amp=True)
         batch, targets = synthetic_batch(args.train_images, tuple(args.image_size), cfg.model.num_classes,
                                          device=device)
 

@@ -34,6 +34,7 @@ from backbones.errors import WeightsError
 from detection.cli import config_from_args
 from detection.config import Config, ConfigError
 from detection.engine.optim import build_optimizer
+from detection.engine.train_state import amp_scaler
 from detection.engine.trainer import TrainState, forward_losses, optimizer_step
 from detection.modeling.model import FasterRCNN, build_model
 from detection.testing import make_sane
@@ -347,24 +348,28 @@ def synthetic_batch(num_images: int, size: tuple[int, int], num_classes: int, se
     return [img.to(device) for img in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
-def bench_state(model: torch.nn.Module, momentum: float, weight_decay: float, ours: bool = True) -> TrainState:
+def bench_state(model: torch.nn.Module, momentum: float, weight_decay: float, ours: bool = True,
+                amp: bool = False) -> TrainState:
     """The trainer's state for `model` at lr 0 (the same arithmetic as training, but the weights
-    stay put, so every timed run does the same work): SGD, a constant schedule, no loss scaling.
-    ours: our trainer's optimizer (build_optimizer: fused update); else torch's default SGD, as
-    torchvision's detection reference scripts build it."""
+    stay put, so every timed run does the same work): SGD, a constant schedule, and with `amp`
+    the trainer's loss scaler (train_state.amp_scaler: on CUDA, as solver.amp trains there, and as
+    torchvision's reference scripts train with --amp; its unscale and inf check are part of the
+    step). ours: our trainer's optimizer (build_optimizer: fused update); else torch's default
+    SGD, as torchvision's detection reference scripts build it."""
     if ours:
         optimizer = build_optimizer(model, base_lr=0.0, momentum=momentum, weight_decay=weight_decay)
     else:
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0,
                                     momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    return TrainState(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False))
+    device = next(model.parameters()).device
+    return TrainState(model, optimizer, scheduler, amp_scaler(amp, device))
 
 
 def train_step(state: TrainState, images: list, targets: list, meter: Callable,
                amp: bool = False) -> None:
     """The trainer's step, through its own functions, timed in two parts; amp: solver.amp's
-    autocast (no CUDA GradScaler: at lr 0 it changes nothing but a multiply)."""
+    autocast (the state's loss scaler, bench_state's `amp`, does the rest of what solver.amp does)."""
     with meter("forward"):
         losses = forward_losses(state.model, images, targets, amp=amp, device=images[0].device)
         total = sum(losses.values())

@@ -34,7 +34,7 @@ def bench_training(cfg: Config, plain: torch.nn.Module, tv: torch.nn.Module | No
     images, targets = synthetic_batch(args.train_images, tuple(args.image_size), cfg.model.num_classes,
                                       device=device)
     s = cfg.solver
-    states = {n: bench_state(m, s.momentum, s.weight_decay, ours=not n.startswith("torchvision"))
+    states = {n: bench_state(m, s.momentum, s.weight_decay, ours=not n.startswith("torchvision"), amp=n in AMP_MODELS)
               for n, m in models.items()}
     result = {name: {"flops": _step_flops(states[name], name, images, targets),  # and a warm-up
                      "iteration_s": [], "iteration_cpu_s": [], "parts_s": defaultdict(list)} for name in models}
@@ -63,7 +63,7 @@ def training_models(plain: torch.nn.Module, tv: torch.nn.Module | None) -> dict[
               "fast_amp": optimize_for_training(copy.deepcopy(plain), channels_last=True).train()}
     if tv is not None:
         models["torchvision"] = copy.deepcopy(tv).train()
-        if next(plain.parameters()).is_cuda:  # float16, GradScaler-free at lr 0
+        if next(plain.parameters()).is_cuda:  # float16 with the GradScaler, as its reference scripts' --amp
             models["torchvision_amp"] = copy.deepcopy(tv).train()
     return models
 

@@ -59,7 +59,8 @@ def measure_training_precision(cfg: Config, models: dict[str, nn.Module], images
     seconds and on CUDA the largest step peak (MiB above what was allocated before the step). A
     model whose step raises gets {"error": ...} and is left out of the later steps."""
     s, device = cfg.solver, images[0].device
-    states = {name: bench_state(m, s.momentum, s.weight_decay, ours=name != TORCHVISION) for name, m in models.items()}
+    states = {name: bench_state(m, s.momentum, s.weight_decay, ours=name != TORCHVISION, amp=amp)
+              for name, m in models.items()}
     out: dict[str, Any] = {name: {"runs_s": []} for name in models}
     for name, state in states.items():
         torch.manual_seed(0)

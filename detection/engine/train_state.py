@@ -54,9 +54,13 @@ def build_train_state(cfg: Config, device: torch.device, backbone_needed: bool =
     optimizer = build_optimizer(model, base_lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
     scheduler = build_lr_scheduler(optimizer, warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor,
                                    steps=s.steps, gamma=s.gamma, schedule=s.lr_schedule, max_iter=s.max_iter)
-    # float16 needs loss scaling; bfloat16 (the CPU's autocast type) has float32's range.
-    scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.solver.amp) and device.type == "cuda")
-    return TrainState(model, optimizer, scheduler, scaler)
+    return TrainState(model, optimizer, scheduler, amp_scaler(bool(cfg.solver.amp), device))
+
+
+def amp_scaler(amp: bool, device: torch.device) -> torch.amp.GradScaler:
+    """solver.amp's loss scaler: on CUDA with amp (float16 needs loss scaling); else disabled
+    (bfloat16, the CPU's autocast type, has float32's range). tools/benchmark.py's steps use it too."""
+    return torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
 
 
 def restore_train_state(state: TrainState, ckpt: dict, path: Path = Path("last.pth")) -> None:
