@@ -220,6 +220,26 @@ def test_weights_option_accepts_backbone_weights(data_root, tmp_path):
     assert torch.equal(state["roi_heads.res5.0.conv1.weight"], tv.layer4[0].conv1.weight)
 
 
+def test_frozen_norms_without_weights_are_refused_before_anything_is_written(data_root, tmp_path, capsys,
+                                                                            restore_logging):
+    """configs/detectron2/ named no ImageNet file (Detectron2's MODEL.WEIGHTS): their 90k-270k
+    iteration schedules trained from random weights with norms frozen at scale 1, shift 0 and a
+    random stem, without a word (a reviewer's read; Detectron2 does the same with an empty
+    MODEL.WEIGHTS). A new run with frozen norms now needs weights, a Detectron2 config's too."""
+    out = tmp_path / "scratch"
+    overrides = tiny_overrides(data_root, out, **{"model.backbone.norm": "frozen_bn", "solver.max_iter": 1})
+    code, _, err = run_main(load_tool("train_det"), ["--config", str(ROOT / "configs" / "base.yaml"), *overrides],
+                            capsys)
+    assert code == 2 and "model.backbone.norm is frozen_bn but no weights are given" in err
+    assert "model.backbone.norm=gn or bn, model.backbone.freeze_at=0" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    code, _, err = run_main(load_tool("train_det"), ["--config", str(ROOT / "configs" / "detectron2" /
+                                                                   "faster_rcnn_R_50_C4_1x.yaml"),
+                                                     "--output-dir", str(tmp_path / "d2")], capsys)
+    assert code == 2 and "model.backbone.norm is frozen_bn but no weights are given" in err
+    assert not (tmp_path / "d2").exists()
+
+
 def test_an_evaluation_is_not_counted_as_the_next_iterations_data_time(data_root, tmp_path, monkeypatch):
     """time and data_time are the iteration's own, as Detectron2's: an evaluation (or a checkpoint
     save) between iterations 2 and 3 was logged as iteration 3's data_time (16 s of 27 in a

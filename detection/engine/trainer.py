@@ -37,8 +37,8 @@ from detection.engine.run_folder import RunLock, check_output_dir, evaluation_re
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, progress_line
 from detection.engine.signals import EvaluationStopped, GracefulStop, sigterm_before_the_loop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
-                                      event_files, final_line, note_stop, parameters_line, schedule_warnings,
-                                      summary_lines, undo_unstarted_run)
+                                      check_initial_weights, event_files, final_line, note_stop, parameters_line,
+                                      schedule_warnings, summary_lines, undo_unstarted_run)
 from detection.engine.train_state import TrainState, build_train_state, restore_train_state, seed_everything
 from detection.modeling.precision import amp_dtype
 
@@ -119,6 +119,8 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     if resume and not resuming:
         logger.warning("--resume: %s does not exist, starting from iteration 0", last)
     changes = check_resume_config(cfg, out_dir, explicit) if resuming else []  # before anything is built
+    if not resuming:
+        check_initial_weights(cfg)
     # a new run's data first: initial weights are matched to its classes by name (a resume needs
     # none of it to find out that the run is finished)
     datasets = None if resuming else build_train_datasets(cfg)
