@@ -38,6 +38,22 @@ def test_our_checkpoint_is_recognised_by_content(trained):
     assert weights.state.keys() == model.state_dict().keys()
 
 
+def test_class_names_one_per_class_or_the_file_is_refused(trained, tmp_path):
+    """torchvision's category lists start with "__background__": saved so beside a 3-class model,
+    4 names were read as its classes, so eval.py took the test set for "a subset", dropped class 1's
+    detections and scored square as circle (AP50 8.4 against 18.1; a helper's trial), and the
+    Predictor's class_names[label - 1] named a square "circle"."""
+    path, model = trained
+    for names, hint in ((["__background__", "disc", "box", "cross"], True), (["disc", "box"], False)):
+        bad = tmp_path / f"{len(names)}.pth"
+        torch.save({"model": model.state_dict(), "class_names": names}, bad)
+        with pytest.raises(CheckpointError) as err:
+            read_detector_file(bad)
+        assert f"its class_names list {len(names)} names" in str(err.value)
+        assert "its classifier has 3 classes (cls_score's 4 rows, background included)" in str(err.value)
+        assert ("the background is no class here" in str(err.value)) == hint
+
+
 def test_a_config_that_changes_a_model_setting_is_an_error(trained):
     """Evaluating an MSRA-style (BGR, std 1) checkpoint with an RGB config ran and scored 0.02 mAP."""
     path, _ = trained

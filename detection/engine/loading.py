@@ -130,6 +130,16 @@ def _checked(weights: DetectorWeights) -> DetectorWeights:
     if "roi_heads.predictor.cls_score.weight" not in weights.state:
         raise CheckpointError(f"{weights.path}: a {weights.format} detector without its classifier "
                               "(roi_heads cls_score): the file is incomplete")
+    names = weights.class_names
+    if names is not None and len(names) != weights.num_classes:
+        # each name is a label's meaning: one too many (torchvision's "__background__" first) shifts every
+        # class onto its neighbour's name, in evaluation, the report and the Predictor's class_names
+        extra = " (the background is no class here: label k is class_names[k - 1])" \
+            if any(str(n).strip("_").lower() == "background" for n in names) else ""
+        raise CheckpointError(f"{weights.path}: its class_names list {len(names)} names ({first_few(names, 4)}) but "
+                              f"its classifier has {weights.num_classes} classes (cls_score's "
+                              f"{weights.num_classes + 1} rows, background included){extra}; save one name per "
+                              "class, in label order")
     return weights
 
 
