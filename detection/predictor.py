@@ -32,6 +32,7 @@ int64 (N,) in 1..K}, as CPU tensors, best first; for a list, a list of these.
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Sequence, Union
 
 import numpy as np
@@ -52,12 +53,14 @@ INPUT_FORMATS = ("RGB", "BGR")
 class Predictor:
     """A detector ready for single images: fast path and test-time augmentation as the config says."""
 
-    def __init__(self, cfg: Config, weights: Union[str, Path, DetectorWeights, None] = None,
+    def __init__(self, cfg: Config, weights: Union[str, Path, DetectorWeights, Mapping, torch.nn.Module, None] = None,
                  device: str | None = None, explicit: Sequence[str] = (), input_format: str = "RGB") -> None:
         """device: "auto", "cpu" or "cuda"; None takes the config's `device` (as Detectron2's
         DefaultPredictor takes MODEL.DEVICE). explicit: config keys the caller set deliberately
         (they may differ from the settings a checkpoint of this project was trained with).
-        input_format: the channel order of the arrays you pass, "RGB" or "BGR" (cv2.imread's)."""
+        input_format: the channel order of the arrays you pass, "RGB" or "BGR" (cv2.imread's).
+        weights: a checkpoint's path (default: the config's model.weights), or weights in memory: a
+        state dict, a checkpoint dict ({"model": ..., "class_names": [...]}) or a trained model."""
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"Predictor: input_format must be 'RGB' or 'BGR' (the channel order of the arrays "
                              f"you pass; cv2.imread gives BGR), got {input_format!r}")

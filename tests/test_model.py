@@ -197,9 +197,36 @@ def test_float_images_in_0_1_are_warned_about():
 
     model = make_model().eval()
     with torch.no_grad():
-        with pytest.warns(UserWarning, match="image 0 is float with values in 0..1, but the model takes RGB 0..255"):
+        with pytest.warns(UserWarning, match="image 0 is float with values in 0..1, but the model takes RGB 0..255") \
+                as caught:
             model([torch.rand(3, 32, 32)])
+        # at the caller's line, not inside torch's nn.Module call (where it was, and easy to miss)
+        assert [w.filename for w in caught] == [__file__]
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             model([torch.rand(3, 32, 32) * 255, torch.zeros(3, 32, 32),
                    torch.randint(0, 2, (3, 32, 32), dtype=torch.uint8)])
+
+
+def test_the_models_input_mistakes_of_a_torchvision_user():
+    """What torchvision's detectors take, or a helper's trial passed: an (N, 3, H, W) batch is
+    taken as its N images; an (H, W, 3) image says how to turn it; an inference copy
+    (optimize_for_inference) put back in train mode says to train the original (it failed in
+    backward with torch's "element 0 of tensors does not require grad")."""
+    from detection.accel import optimize_for_inference
+
+    model = make_model().eval()
+    batch = torch.stack([IMAGES[0], IMAGES[0].flip(-1)])
+    with torch.no_grad():
+        from_batch, from_list = model(batch), model(list(batch))
+    for a, b in zip(from_batch, from_list):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+    with pytest.raises(ValueError, match=r"got \[96, 128, 3\]: an \(H, W, 3\) array or tensor is channels-last, "
+                                         r"give img.permute\(2, 0, 1\)"):
+        model([IMAGES[0].permute(1, 2, 0)])
+    with pytest.raises(ValueError, match=r"give torch.from_numpy\(a\).permute\(2, 0, 1\)"):
+        model([IMAGES[0].permute(1, 2, 0).numpy()])
+    fast = optimize_for_inference(model)
+    assert not model.inference_only
+    with pytest.raises(RuntimeError, match="an inference copy .* train the model it was made from"):
+        fast.train()(list(IMAGES), TARGETS)

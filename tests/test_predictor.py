@@ -247,3 +247,23 @@ def test_images_the_predictor_cannot_take_say_how_to_pass_them():
         taken = to_rgb_uint8(frozen)
         torch.from_numpy(taken)
     assert np.array_equal(taken, rgb)
+
+
+def test_weights_in_memory_are_taken_as_a_file_of_them(setup):
+    """A torchvision user's first guess, a model or its state dict as `weights`, failed in pathlib
+    with "expected str, bytes or os.PathLike object, not OrderedDict" (a helper's trial). A model,
+    a state dict or a checkpoint dict now give the file's detections, with the names they carry."""
+    cfg, path, _ = setup
+    checkpoint = torch.load(path, weights_only=True)
+    image = photo(60, 80, 3)
+    from_file = Predictor(cfg, weights=path)(image)
+    model = build_model(cfg)
+    model.load_state_dict(checkpoint["model"])
+    model.class_names = ["disc", "box", "cross"]
+    for given in (checkpoint["model"], checkpoint, model):
+        predictor = Predictor(cfg, weights=given)
+        assert_same(predictor(image), from_file)
+    assert predictor.class_names == ["disc", "box", "cross"]
+    with pytest.raises(TypeError, match="weights: a checkpoint's path, a state dict, a checkpoint dict or a model, "
+                                        "got int"):
+        Predictor(cfg, weights=3)

@@ -112,6 +112,7 @@ def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_l
     evaluation does. Its state_dict differs (folded norms); save checkpoints from the original."""
     chunk_rois(chunk_size, model.roi_heads.pooler_resolution)  # a wrong chunk_size fails on every device
     fast = copy.deepcopy(model).eval().requires_grad_(False)
+    fast.inference_only = True  # train mode refuses it (its norms are folded, its gradients off)
     # Small RoI maps: NCHW convs in float32; with bfloat16 autocast on the CPU (model.amp,
     # test.amp), NHWC and the 3x3 convs with small outputs as one matmul (taps_conv2d)
     plan = inference_plan(fast.device, bf16=bool(getattr(fast, "amp", False)), fold_bn=fold_bn,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from detection.engine.checkpoint import CheckpointError
-from detection.engine.loading import DetectorWeights, load_detector_weights, read_detector_file
+from detection.engine.loading import DetectorWeights, detector_weights, load_detector_weights, read_detector_file
 
 if TYPE_CHECKING:
     from detection.accel import Levers
@@ -70,21 +71,29 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights], device: torch.device,
-                          explicit: Sequence[str] = ()) -> tuple[nn.Module, DetectorWeights]:
+def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights, Mapping, nn.Module],
+                          device: torch.device, explicit: Sequence[str] = ()) -> tuple[nn.Module, DetectorWeights]:
     """The config's detector with `weights` loaded, on device, in eval mode: with
     model.fast_path its detection.accel copy (same detections, faster); with test.aug.enabled
     wrapped in detection.modeling.tta.DetectorWithTTA. The one way tools and the Predictor get a model.
     The config's model settings must be those the checkpoint was trained with, except the keys
-    in `explicit` (given on the command line, so changed deliberately)."""
+    in `explicit` (given on the command line, so changed deliberately). `weights`: a checkpoint
+    file's path, or one in memory (loading.detector_weights: a state dict, a checkpoint dict,
+    a model; your own training loop's model as it is)."""
     from detection.modeling.model import build_model
 
     if not isinstance(weights, DetectorWeights):
-        read = read_detector_file(weights)
+        if isinstance(weights, (str, Path)):
+            read = read_detector_file(weights)
+        elif isinstance(weights, (Mapping, nn.Module)):
+            read = detector_weights(dict(weights) if isinstance(weights, Mapping) else weights)
+        else:
+            raise TypeError(f"weights: a checkpoint's path, a state dict, a checkpoint dict or a model, "
+                            f"got {type(weights).__name__}")
         if read is None:
-            raise CheckpointError(f"{weights}: holds no detector (backbone weights?); evaluation needs a "
-                                  "trained detector: a model_final.pth of tools/train_det.py or a "
-                                  "Detectron2 model-zoo file")
+            raise CheckpointError(f"{weights if isinstance(weights, (str, Path)) else 'the weights given'}: holds no "
+                                  "detector (backbone weights?); evaluation needs a trained detector: a "
+                                  "model_final.pth of tools/train_det.py or a Detectron2 model-zoo file")
         weights = read
     check_model_settings(cfg, weights, explicit)
     cfg = copy.deepcopy(cfg)

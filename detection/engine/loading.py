@@ -78,20 +78,31 @@ def read_detector_file(path: Union[str, Path]) -> DetectorWeights | None:
                               f"{f' (the checkpoint in it: {inside[0]})' if inside else ''}")
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
-    loaded = _read_any(path)
+    return detector_weights(_read_any(path), str(path))
+
+
+def detector_weights(loaded: Any, source: str = "the weights in memory") -> DetectorWeights | None:
+    """What read_detector_file makes of a file's content, for a checkpoint held in memory: a
+    state dict, a checkpoint dict ({"model": state dict, "class_names": [...], "config": {...}},
+    as training saves it, or Detectron2's), or a model (its state_dict and class_names). None
+    for weights that are not a detector's; CheckpointError for anything else. `source` names it
+    in messages (the file's path)."""
+    if isinstance(loaded, nn.Module):
+        names = getattr(loaded, "class_names", None)
+        loaded = {"model": loaded.state_dict(), "class_names": list(names) if names else None}
     state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a checkpoint "
+        raise CheckpointError(f"{source}: holds a {type(loaded).__name__}, not a checkpoint "
                               "(expected a dict with a 'model' state dict)")
     state = {str(k).removeprefix("module."): _tensor(v) for k, v in state.items()
              if isinstance(v, (Tensor, np.ndarray))}
     if is_detectron2_state(state):
         ours, extra, unknown = convert_detectron2_state(state)
-        return _checked(DetectorWeights(str(path), "detectron2", ours, extra=extra, unknown=unknown))
+        return _checked(DetectorWeights(source, "detectron2", ours, extra=extra, unknown=unknown))
     if any(k.startswith(OUR_PREFIXES) for k in state):
         names = loaded.get("class_names") if isinstance(loaded, dict) else None
         config = loaded.get("config") if isinstance(loaded, dict) else None
-        return _checked(DetectorWeights(str(path), "c4det", state, class_names=list(names) if names else None,
+        return _checked(DetectorWeights(source, "c4det", state, class_names=list(names) if names else None,
                                         config=config if isinstance(config, dict) else None))
     return None
 

@@ -100,6 +100,7 @@ class FasterRCNN(nn.Module):
         self.size_divisibility = size_divisibility
         self.multi_scale = multi_scale  # the paper's multi-scale testing (detection/modeling/multiscale.py)
         self.amp = False  # test.amp: inference under autocast (detection/modeling/precision.py, set by the engine)
+        self.inference_only = False  # detection.accel's inference copies: folded norms, no gradients
         self.class_names = list(class_names) if class_names is not None else None
         # Buffers so they follow .to(device); not persistent: they come from the config.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1),
@@ -114,9 +115,16 @@ class FasterRCNN(nn.Module):
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Train mode: images as given (already resized) + targets -> the four losses.
-        Eval mode: per image {"boxes", "scores", "labels"} in that input image's pixels."""
+        Eval mode: per image {"boxes", "scores", "labels"} in that input image's pixels.
+        `images`: a list of Tensor[3, H, W] (sizes may differ), or an (N, 3, H, W) batch."""
+        if isinstance(images, Tensor) and images.dim() == 4:  # a batch, as torchvision's detectors take it
+            images = list(images)
         _check_images(images)
         if self.training:
+            if self.inference_only:
+                raise RuntimeError("FasterRCNN: this is an inference copy (optimize_for_inference / "
+                                   "prepare_for_inference: norms folded, no gradients), which cannot train: train "
+                                   "the model it was made from")
             if targets is None:
                 raise TargetError("FasterRCNN: targets are required in training mode")
             validate_targets(targets, len(images), self.num_classes)
@@ -205,11 +213,17 @@ class FasterRCNN(nn.Module):
 
 def _check_images(images: Sequence[Tensor]) -> None:
     if isinstance(images, Tensor) or len(images) == 0:
-        raise ValueError("FasterRCNN: images must be a non-empty list of Tensor[3, H, W]")
+        raise ValueError("FasterRCNN: images must be a non-empty list of Tensor[3, H, W] (or an (N, 3, H, W) batch)")
     for i, img in enumerate(images):
         if not isinstance(img, Tensor) or img.dim() != 3 or img.shape[0] != 3:
+            shape = list(getattr(img, "shape", []))
+            hint = ""
+            if len(shape) == 3 and shape[-1] == 3:  # (H, W, 3): an image as read
+                hint = (": an (H, W, 3) array or tensor is channels-last, give "
+                        + ("torch.from_numpy(a).permute(2, 0, 1)" if not isinstance(img, Tensor)
+                           else "img.permute(2, 0, 1)"))
             raise ValueError(f"FasterRCNN: image {i} must be a Tensor[3, H, W], got "
-                             f"{list(getattr(img, 'shape', [])) or type(img).__name__}")
+                             f"{shape or type(img).__name__}{hint}")
     # torchvision's detectors take float 0..1; this one 0..255. Such an image runs and gives
     # wrong detections in silence, so say so (once per process: warnings' default filter). The
     # images' maxima are read in one go (a synchronisation on CUDA; one per image before).
@@ -219,7 +233,21 @@ def _check_images(images: Sequence[Tensor]) -> None:
         for (i, _), top in zip(floats, maxima):
             if 0 < top <= 1.0:
                 warnings.warn(f"FasterRCNN: image {i} is float with values in 0..1, but the model takes RGB "
-                              "0..255 (torchvision's detectors take 0..1): multiply by 255", stacklevel=3)
+                              "0..255 (torchvision's detectors take 0..1): multiply by 255",
+                              stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """warnings.warn's stacklevel for the first frame outside this project's modeling code and
+    torch (nn.Module's call machinery): the user's line that called the model."""
+    import os
+    import sys
+
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1  # the caller of this function is level 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _traced_batch(images: list[Tensor], divisibility: int) -> ImageList:
