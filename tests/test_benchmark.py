@@ -492,6 +492,27 @@ def test_the_benchmarks_amp_step_scales_the_loss_as_training_does(monkeypatch):
         state = models.bench_state(model, 0.9, 1e-4, amp=amp)
         assert not state.scaler.is_enabled()  # on the CPU: bfloat16, no loss scaling, as training
     assert asked == [(True, "cpu"), (False, "cpu")]
-    if not torch.cuda.is_available():
-        return
-    assert models.bench_state(model.cuda(), 0.9, 1e-4, amp=True).scaler.is_enabled()
+    if torch.cuda.is_available():
+        assert models.bench_state(model.cuda(), 0.9, 1e-4, amp=True).scaler.is_enabled()
+
+
+def test_the_timed_amp_steps_come_after_the_loss_scales_first_overflows():
+    """At the scaler's first scale (65536) float16 gradients may overflow: such a step skips the
+    update and halves the scale, cheaper than training's steps (a second review). The benchmark
+    steps until the scale stops changing before it times; without a scaler, no step."""
+    from types import SimpleNamespace
+
+    from detection.benchmarking.models import settle_loss_scale
+
+    scales = iter([65536.0, 32768.0, 16384.0, 16384.0, 16384.0])
+    current = {"scale": next(scales)}
+    scaler = SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: current["scale"])
+    steps = []
+
+    def step():
+        steps.append(1)
+        current["scale"] = next(scales)
+
+    assert settle_loss_scale(SimpleNamespace(scaler=scaler), step) == 3 and len(steps) == 3
+    off = SimpleNamespace(scaler=SimpleNamespace(is_enabled=lambda: False))
+    assert settle_loss_scale(off, lambda: steps.append(1)) == 0 and len(steps) == 3

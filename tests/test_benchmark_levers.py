@@ -312,6 +312,7 @@ def test_the_gpu_session_runs_every_command_and_records_each(tmp_path, monkeypat
     output in its own file as well as on the terminal; steps.txt has the exit status and seconds
     of each; the session's exit status says one failed. `make gpu-session` runs this tool."""
     session = load_tool("gpu_session")
+    monkeypatch.setattr(session, "LEFTOVER", tmp_path / "leftover")
     fake = {"bench": [("a.txt", ["-c", "print('one'); raise SystemExit(3)"])],
             "levers": [("b.txt", ["-c", "import sys; print('two'); print('err', file=sys.stderr)"])]}
     monkeypatch.setattr(session, "commands", lambda step, out, **options: fake[step])
@@ -374,8 +375,9 @@ def test_the_kernel_profiles_on_the_cpu(capsys):
 
 
 def test_kernel_launch_counts_include_graph_replays_and_triton_launches():
-    """A replayed CUDA graph launches its kernels in one cudaGraphLaunch, and Triton (torch.compile)
-    through cuLaunchKernel: counting cudaLaunchKernel alone made the graphed profile look cheaper."""
+    """A replayed CUDA graph launches its kernels in one cudaGraphLaunch, which the launch count
+    left out (the graphed profile looked cheaper); the kernel launches stay counted, Triton's
+    cuLaunchKernel (torch.compile) among them."""
     from types import SimpleNamespace
 
     from detection.benchmarking.kernels import launch_counts
@@ -420,6 +422,7 @@ def test_a_gpu_session_step_past_its_limit_is_stopped_and_the_next_runs(tmp_path
     pytest's torchrun test has) is stopped with its whole process group at the limit, its output
     so far kept and the stop recorded; the next step still runs. A wrong --limit is refused."""
     session = load_tool("gpu_session")
+    monkeypatch.setattr(session, "LEFTOVER", tmp_path / "leftover")
     child = tmp_path / "child.pid"
     hang = ("import subprocess, sys, time; print('started', flush=True); "
             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
@@ -489,42 +492,67 @@ def test_a_stopped_or_killed_gpu_session_leaves_no_command_running(tmp_path, mon
     """A step runs in a process group of its own (for its limit), so a SIGTERM to the session, or
     the device tool killing it at its time limit, left the step running on the GPU beside the next
     call's timings (a reviewer's read). Now a SIGTERM stops the step's group with the session (exit
-    143), and after a SIGKILL the next session stops the group left behind before its first step;
-    a group id since reused by another program is left alone."""
+    143), and after a SIGKILL the next session stops the processes left behind before its first
+    step: those carrying the dead command's token, and no other (a second review: a live session's
+    command, or another program's process that got a recorded id, were killed)."""
     import multiprocessing
     import signal
 
     session = load_tool("gpu_session")
     leftover, child = tmp_path / "leftover", tmp_path / "child.pid"
+    monkeypatch.setattr(session, "LEFTOVER", leftover)
+    records = lambda: [p for p in tmp_path.glob("leftover.*") if not p.name.endswith(".lock")]  # noqa: E731
     context = multiprocessing.get_context("fork")
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        out = tmp_path / signum.name
+
+    def start(name):
         child.unlink(missing_ok=True)
-        forked = context.Process(target=_session_with_a_hanging_step, args=(str(out), str(leftover), str(child)))
+        forked = context.Process(target=_session_with_a_hanging_step,
+                                 args=(str(tmp_path / name), str(leftover), str(child)))
         forked.start()
         assert _wait_for(child.exists) and _wait_for(lambda: child.read_text() != "")
-        grandchild = int(child.read_text())
-        os.kill(forked.pid, signum)
-        forked.join(30)
-        if signum == signal.SIGTERM:
-            assert (out / "code").read_text() == "143"
-            assert _wait_for(lambda: not _alive(grandchild)) and not leftover.exists()
-            continue
-        assert _alive(grandchild) and leftover.exists()  # killed at once: its step's group lives on
-        monkeypatch.setattr(session, "LEFTOVER", leftover)
-        monkeypatch.setattr(session, "commands", lambda step, out, **options: [("ok.txt", ["-c", "print('ok')"])])
-        assert session.run_steps(["bench"], tmp_path / "next") == 0
-        assert _wait_for(lambda: not _alive(grandchild))
-        assert "stopped a command an earlier session left running" in capsys.readouterr().out
-    # a recorded group whose leader is another program (its start time differs) is not touched
+        return forked, int(child.read_text())
+
+    forked, grandchild = start("term")
+    os.kill(forked.pid, signal.SIGTERM)
+    forked.join(30)
+    assert (tmp_path / "term" / "code").read_text() == "143"
+    assert _wait_for(lambda: not _alive(grandchild)) and records() == []
+    # a second session beside a live one leaves the live one's command alone
+    forked, grandchild = start("live")
+    monkeypatch.setattr(session, "commands", lambda step, out, **options: [("ok.txt", ["-c", "print('ok')"])])
+    assert session.run_steps(["bench"], tmp_path / "beside") == 0
+    assert "another gpu_session is running on this machine" in capsys.readouterr().out
+    assert _alive(grandchild) and len(records()) == 1
+    os.kill(forked.pid, signal.SIGKILL)  # killed at once, as at the device tool's limit: its step lives on
+    forked.join(30)
+    assert _alive(grandchild) and len(records()) == 1
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
-        leftover.write_text(f"{other.pid} 1")
-        session.stop_leftover()
-        assert _alive(other.pid) and not leftover.exists()
+        assert session.run_steps(["bench"], tmp_path / "next") == 0
+        assert _wait_for(lambda: not _alive(grandchild)) and records() == []
+        assert "stopped a command an earlier session left running" in capsys.readouterr().out
+        assert _alive(other.pid)  # a process without the token: not touched
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_steps_limit_holds_for_its_commands_together(tmp_path, monkeypatch):
+    """The demo step has three commands: a limit per command let 'levers demo' run 240 + 3 x 150 s,
+    past one device call (a reviewer's read). The limit is the step's: a command stopped at it,
+    the next not run, both recorded; the next step runs with its own."""
+    session = load_tool("gpu_session")
+    monkeypatch.setattr(session, "LEFTOVER", tmp_path / "leftover")
+    fake = {"demo": [("a.txt", ["-c", "import time; time.sleep(60)"]), ("b.txt", ["-c", "print('b')"])],
+            "bench": [("c.txt", ["-c", "print('c')"])]}
+    monkeypatch.setattr(session, "commands", lambda step, out, **options: fake[step])
+    start = time.perf_counter()
+    assert session.run_steps(["demo", "bench"], tmp_path / "out", {"demo": 2.0}, device="cpu") == 1
+    assert time.perf_counter() - start < 40
+    rows = [line.split("\t") for line in (tmp_path / "out" / "steps.txt").read_text().splitlines()]
+    assert [row[1] for row in rows] == ["a.txt", "b.txt", "c.txt"]
+    assert rows[0][4] == "stopped at its limit" and rows[1][4] == "not run: its step's limit was reached"
+    assert rows[2][:3] == ["bench", "c.txt", "0"]
 
 
 def test_every_gpu_session_step_has_a_limit_and_the_demo_starts_fresh(tmp_path, monkeypatch, capsys):
@@ -535,6 +563,8 @@ def test_every_gpu_session_step_has_a_limit_and_the_demo_starts_fresh(tmp_path, 
     session = load_tool("gpu_session")
     assert set(session.session_limits(list(session.STEPS), {})) == set(session.STEPS)
     assert "more than one device call's 600 s" in capsys.readouterr().out  # all four
+    # the CPU's dry run of the demo (README: 11.8 min on a 2-vCPU EPYC) has no limit unless given
+    assert session.session_limits(["demo"], {}, "cpu") == {} and capsys.readouterr().out == ""
     for steps in (["suite", "bench"], ["levers", "demo"]):
         assert sum(session.session_limits(steps, {})[s] for s in steps) <= session.CALL_SECONDS - 150
         assert capsys.readouterr().out == ""  # room for the machine's start and the transfers
@@ -548,3 +578,6 @@ def test_every_gpu_session_step_has_a_limit_and_the_demo_starts_fresh(tmp_path, 
         (tmp_path / session.DEMO_DIR).exists()) or [("d.txt", ["-c", "print('demo')"])])
     assert session.run_steps(["demo"], tmp_path / "out") == 0
     assert seen == [False]
+    (tmp_path / session.DEMO_DIR).mkdir(parents=True)  # on the CPU the demo's run is kept (it takes minutes)
+    assert session.run_steps(["demo"], tmp_path / "out", device="cpu") == 0
+    assert seen == [False, True]

@@ -195,6 +195,23 @@ def test_a_signal_just_before_the_evaluation_stops_it_too():
                 pytest.fail("the evaluation ran")
 
 
+def test_a_signal_passed_on_by_a_launcher_is_the_same_stop(monkeypatch):
+    """Slurm signals every process of a job step and torchrun passes its own SIGTERM on, so each
+    worker gets two within moments (a review): the second stopped the worker at once, without
+    saving last.pth. A second signal within REPEAT_WINDOW_S of the first (or of the ranks'
+    agreement) is the same stop; a later one still stops at once, as a second Ctrl-C."""
+    from detection.engine import signals
+
+    with signals.GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's, a moment after the scheduler's
+        os.kill(os.getpid(), signal.SIGINT)   # a terminal's Ctrl-C reaches torchrun and its workers too
+        assert stop.signum == signal.SIGTERM
+        monkeypatch.setattr(signals, "REPEAT_WINDOW_S", 0.0)  # the window has passed: a deliberate second stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_a_forked_data_loader_worker_ignores_the_runs_signal_handler():
     """The evaluation's loader workers are forked with the run's handler, and a Ctrl-C reaches the
     whole process group: the handler raised EvaluationStopped in each worker, which died, and the
@@ -305,10 +322,11 @@ def test_two_process_resume_equals_a_straight_run_bit_for_bit(data_root, tmp_pat
     assert [[x[k] for k in keys] for x in again] == [[x[k] for k in keys] for x in lines]
 
 
-def _ddp_train_signalled_in_evaluation(rank: int, world: int, init_file: str, overrides: list, out_file: str) -> None:
-    """train() in one of `world` forked gloo processes; rank 1 alone gets a SIGTERM in its first
-    evaluation batch. The stop message (or "finished") and the number of evaluation batches this
-    rank ran go to out_file.<rank>."""
+def _ddp_train_signalled_in_evaluation(rank: int, world: int, init_file: str, overrides: list, out_file: str,
+                                       at_batch: int = 1) -> None:
+    """train() in one of `world` forked gloo processes; rank 1 alone gets a SIGTERM in its
+    `at_batch`-th evaluation batch. The stop message (or "finished") and the number of evaluation
+    batches this rank ran go to out_file.<rank>."""
     from detection.engine.trainer import TrainingStopped
     from detection.modeling.model import FasterRCNN
 
@@ -317,7 +335,7 @@ def _ddp_train_signalled_in_evaluation(rank: int, world: int, init_file: str, ov
     def forward(self, images, targets=None):
         if not self.training:
             evaluated.append(len(images))
-            if rank == 1 and len(evaluated) == 1:
+            if rank == 1 and len(evaluated) == at_batch:
                 os.kill(os.getpid(), signal.SIGTERM)
         return real_forward(self, images, targets)
 
@@ -350,6 +368,23 @@ def test_a_signal_to_one_process_during_the_evaluation_stops_every_process_at_th
                                   "continues from there", "batches": 1}, rank
     assert load_resume_checkpoint(last)["iteration"] == 2
     assert evaluation_iterations(out) == []
+
+
+@pytest.mark.slow  # two DDP processes train two iterations and start an evaluation
+def test_ranks_with_unequal_shares_of_the_test_images_agree_to_stop_at_the_same_check(tmp_path):
+    """7 test images on 2 ranks: 4 batches and 3. The signal comes in the short rank's last batch,
+    so its next check is one it makes after its last batch, as many as the long rank makes: without
+    those both would wait for ever (the long rank in its fourth check, the short one gathering)."""
+    generate_shapes(tmp_path / "data" / "shapes", num_train=4, num_val=7, seed=0, image_size=(64, 80))
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path / "data", out, **{"solver.ims_per_batch": 4, "solver.max_iter": 4,
+                                                          "solver.checkpoint_period": 100, "test.eval_period": 2})
+    run_forked_processes(_ddp_train_signalled_in_evaluation, (2, str(tmp_path / "init"), overrides,
+                                                               str(tmp_path / "ended"), 3), timeout=240)
+    for rank in (0, 1):
+        ended = json.loads((tmp_path / f"ended.{rank}").read_text())
+        assert ended["ended"].startswith("stopped by SIGTERM at iteration 2") and ended["batches"] == 3, rank
+    assert load_resume_checkpoint(out / "last.pth")["iteration"] == 2
 
 
 @pytest.mark.slow  # trains 4 + 2 iterations, evaluating

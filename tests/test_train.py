@@ -230,13 +230,19 @@ def test_frozen_norms_without_weights_are_refused_before_anything_is_written(dat
     overrides = tiny_overrides(data_root, out, **{"model.backbone.norm": "frozen_bn", "solver.max_iter": 1})
     code, _, err = run_main(load_tool("train_det"), ["--config", str(ROOT / "configs" / "base.yaml"), *overrides],
                             capsys)
-    assert code == 2 and "model.backbone.norm is frozen_bn but no weights are given" in err
+    assert code == 2 and "model.backbone.norm is frozen_bn (" in err and "but no weights are given" in err
     assert "model.backbone.norm=gn or bn, model.backbone.freeze_at=0" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+    # trainable norms but a frozen stem: random for the whole run too (a second review)
+    overrides = tiny_overrides(data_root, out, **{"model.backbone.freeze_at": 2, "solver.max_iter": 1})
+    code, _, err = run_main(load_tool("train_det"), ["--config", str(ROOT / "configs" / "base.yaml"), *overrides],
+                            capsys)
+    assert code == 2 and "model.backbone.freeze_at is 2 (the stages it freezes would stay random)" in err
+    assert "model.backbone.norm is frozen_bn" not in err and not out.exists()
     code, _, err = run_main(load_tool("train_det"), ["--config", str(ROOT / "configs" / "detectron2" /
                                                                    "faster_rcnn_R_50_C4_1x.yaml"),
                                                      "--output-dir", str(tmp_path / "d2")], capsys)
-    assert code == 2 and "model.backbone.norm is frozen_bn but no weights are given" in err
+    assert code == 2 and "model.backbone.norm is frozen_bn (" in err and "but no weights are given" in err
     assert not (tmp_path / "d2").exists()
 
 
@@ -273,9 +279,15 @@ def test_a_run_without_test_sets_evaluates_nothing_and_says_how_to(data_root, tm
 
 
 def test_the_start_summary_says_how_much_of_the_model_trains(data_root, tmp_path, caplog):
-    # model.backbone.freeze_at 5 also freezes res5 (the box head's trunk here, never in Detectron2's C4)
+    # model.backbone.freeze_at 5 also freezes res5 (the box head's trunk here, never in Detectron2's C4);
+    # frozen stages need weights (random ones would stay random)
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     with caplog.at_level("INFO"):
-        model = train(tiny_cfg(data_root, tmp_path / "run", **{"solver.max_iter": 1, "model.backbone.freeze_at": 5}))
+        model = train(tiny_cfg(data_root, tmp_path / "run", **{"solver.max_iter": 1, "model.backbone.freeze_at": 5,
+                                                                 "model.backbone.weights": str(tmp_path / "r18.pth"),
+                                                                 "model.backbone.norm": "frozen_bn"}))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     assert not any(p.requires_grad for p in model.roi_heads.res5.parameters())

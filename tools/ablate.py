@@ -76,12 +76,12 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         print("--tta: the config has no test-time augmentation (test.aug.enabled: false): the rows run without it")
         args.tta = False
     rows = select_rows(bool(args.context_weights))
+    device = select_device(cfg.device, cfg.tf32)
     keys = {row.name: row_key(row_config(cfg, row, args.tta), args.context_weights if row.global_context
-                              else args.weights, args.tta) for row in rows}
+                              else args.weights, args.tta, str(device)) for row in rows}
     kept = {r["row"]: r for r in earlier if isinstance(r, dict) and r.get("row") in keys
             and r.get("key") == keys[r["row"]]}
     _prepare_folder(out, keep=[_slug(name) for name in kept])
-    device = select_device(cfg.device, cfg.tf32)
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
     print(f"ablation of {args.weights} on {datasets[0].name} ({len(datasets[0].records)} images); "
@@ -108,6 +108,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
     results = run_ablation(rows, evaluate, finished)
     table = format_table(results, cfg, datasets[0].name, args.tta)
+    if kept:
+        table += (f"\n\nKept from an earlier run into this folder (the same checkpoint and settings; their s / image "
+                  f"were measured then): {', '.join(kept)}.")
     print("\n" + table)
     with atomic_write(out / "ablation.md") as f:  # a kill while writing leaves the previous table
         f.write(table + "\n")
@@ -119,17 +122,19 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 KEPT_FIELDS = ("weights", "key", "AP", "AP50", "AP75", "seconds_per_image")
 
 
-def row_key(cfg: Config, weights: str, tta: bool) -> str:
+def row_key(cfg: Config, weights: str, tta: bool, device: str) -> str:
     """What a row's numbers depend on, as one hash: the row's whole config (its switches, the
-    test sets, every test setting, the device), the checkpoint file (absolute path, size,
-    modification time) and --tta. A saved row with the same key is kept (the images and
-    annotations themselves are not in it: --overwrite after changing them)."""
+    test sets, every test setting), the device it runs on (the config's `auto` resolved), the
+    checkpoint file (absolute path, size, modification time) and --tta. A saved row with the
+    same key is kept (neither the images and annotations nor this toolkit's code are in it:
+    --overwrite after changing them)."""
     import hashlib
 
     from detection.config import dump_config
 
     stat = Path(weights).expanduser().stat()
-    identity = {"config": dump_config(cfg), "tta": tta, "weights": str(Path(weights).expanduser().resolve()),
+    identity = {"config": dump_config(cfg), "tta": tta, "device": device,
+                "weights": str(Path(weights).expanduser().resolve()),
                 "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 

@@ -18,17 +18,20 @@ DIR/steps.txt gets one line per command: step, file, exit status, seconds (for p
 next slice), and "stopped at its limit" for a command stopped by --limit STEP=SECONDS (its
 process group is terminated, the output so far kept, and the next command runs: a hang in one
 step no longer costs the slice's other steps). Every step has a limit, DEFAULT_LIMITS unless
---limit gives one; steps whose limits add up to more than a device call's 600 s are run, with a
-note that a call may stop them (all four: two calls). The demo step starts from an empty
-output/gpu_demo (a warm machine keeps the last call's, which a rerun would otherwise resume).
+--limit gives one (on CUDA; with --device cpu only --limit's), for its commands together; steps
+whose limits add up to more than a device call's 600 s are run, with a note that a call may stop
+them (all four: two calls). On CUDA the demo step starts from an empty output/gpu_demo (a warm
+machine keeps the last call's, which a rerun would otherwise resume).
 Exit status 1 when a command failed.
 
 A command runs in a process group of its own (so that its limit stops its children too): a
 SIGTERM, SIGHUP or Ctrl-C to the session stops the running command's group before the session
 ends, and a command a killed session left running (SIGKILL, as at the device tool's time
-limit) is stopped by the next session on the machine before its first command (it is recorded
-in LEFTOVER, a file in the temporary folder), so no forgotten step shares the GPU with the
-next one's timings.
+limit) is stopped by the next session on the machine before its first command: each command
+carries a random token in its environment, recorded in a file beside LEFTOVER while it runs,
+and only processes carrying a dead session's token are stopped (a live session holds a lock;
+a second session beside it leaves the first's commands alone), so no forgotten step shares the
+GPU with the next one's timings.
 
     python3 tools/gpu_session.py --out $OUT suite bench      # one device call (410 s at most)
     python3 tools/gpu_session.py --out $OUT levers demo      # a second one (390 s at most)
@@ -52,7 +55,10 @@ from detection.cli import parse_command_line, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("suite", "bench", "levers", "demo")
-LEFTOVER = Path(tempfile.gettempdir()) / "c4det-gpu-session.pgid"  # the running command's process group
+# LEFTOVER.<token>: the running command's record (its token is in its processes' environment, as
+# TOKEN_VARIABLE), removed when it ends; LEFTOVER.lock: held by the live session
+LEFTOVER = Path(tempfile.gettempdir()) / f"c4det-gpu-session-{os.getuid()}"
+TOKEN_VARIABLE = "C4DET_GPU_SESSION_COMMAND"
 # each step's limit in seconds unless --limit gives one (the first slices' plan: suite and bench in
 # one device call, levers and demo in a second); a call runs 600 s at most (CALL_SECONDS)
 DEFAULT_LIMITS = {"suite": 270.0, "bench": 140.0, "levers": 240.0, "demo": 150.0}
@@ -104,34 +110,52 @@ def _stop(proc: subprocess.Popen, stopped: threading.Event) -> None:
 
 
 def stop_leftover() -> None:
-    """Stop the command an earlier session left running (killed itself, it could not stop it):
-    its process group, recorded in LEFTOVER with its leader's start time. A leader of that id
-    started at another time is another program's (the id was free again and reused): left alone.
-    While any process of the old group lives, Linux gives its id to no new process."""
-    try:
-        group, started = LEFTOVER.read_text().split()
-        group = int(group)
-    except (OSError, ValueError):
-        return
-    LEFTOVER.unlink(missing_ok=True)
-    leader = _start_time(group)
-    if started == "0" or (leader is not None and leader != started):  # cannot tell, or another's
-        return
-    try:
-        os.killpg(group, signal.SIGKILL)
-        print(f"==> stopped a command an earlier session left running (process group {group})", flush=True)
-    except (ProcessLookupError, PermissionError):
-        pass
+    """Stop the commands killed sessions left running: every process whose environment holds a
+    recorded command's token (TOKEN_VARIABLE; each command's record is a file LEFTOVER.<token>,
+    removed when the command ends). Called only with the session lock held (_session_lock), so
+    no live session's command is among them; a token is random, so no other program's process is."""
+    killed = []
+    for record in LEFTOVER.parent.glob(f"{LEFTOVER.name}.*"):
+        token = record.name[len(LEFTOVER.name) + 1:]
+        if token == "lock":  # the live session's lock (this one's): not a record
+            continue
+        record.unlink(missing_ok=True)
+        killed += _kill_carrying(f"{TOKEN_VARIABLE}={token}".encode())
+    if killed:
+        print(f"==> stopped a command an earlier session left running (processes {', '.join(killed)})", flush=True)
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time (/proc/PID/stat's 22nd field, clock ticks since boot); None when
-    there is no such process (or no /proc)."""
+def _kill_carrying(marker: bytes) -> list[str]:
+    """SIGKILL to each process whose environment (/proc/PID/environ) holds `marker` -> their ids."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            carried = marker in (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile, or another user's
+            continue
+        if carried:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(entry.name)
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
+def _session_lock():
+    """An exclusive lock (flock) on LEFTOVER.lock for the session's life, released when its process
+    ends however it ends; None when another live session holds it."""
+    import fcntl
+
+    handle = open(f"{LEFTOVER}.lock", "w")
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        handle.close()
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # fields after the name: state is the 3rd, starttime the 22nd
+    return handle
 
 
 class _StopSession(BaseException):
@@ -150,14 +174,18 @@ def run_command(argv: list[str], log: Path, limit: float | None = None) -> tuple
     """argv under this interpreter from the repository root, its output (stdout and stderr)
     copied line by line to the terminal and to `log`, stopped after `limit` seconds if given;
     -> (exit status, seconds, whether the limit stopped it)."""
+    import uuid
+
     start = time.perf_counter()
     print(f"\n==> {' '.join(argv)}  (output: {log}{f', limit {limit:.0f} s' if limit else ''})", flush=True)
     stopped = threading.Event()
+    token = uuid.uuid4().hex  # in the command's environment, so its processes can be found if this session is killed
+    record = Path(f"{LEFTOVER}.{token}")
+    record.write_text(" ".join(argv))
     with open(log, "w") as file, subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
                                                   stderr=subprocess.STDOUT, text=True, errors="replace",
-                                                  start_new_session=True) as proc:
-        # its process group (a session leader's id) for a next session, should this one be killed
-        LEFTOVER.write_text(f"{proc.pid} {_start_time(proc.pid) or 0}")
+                                                  start_new_session=True,
+                                                  env={**os.environ, TOKEN_VARIABLE: token}) as proc:
         timer = threading.Timer(limit, _stop, (proc, stopped)) if limit else None
         if timer:
             timer.daemon = True
@@ -169,13 +197,13 @@ def run_command(argv: list[str], log: Path, limit: float | None = None) -> tuple
                 file.flush()
         except BaseException:  # a signal to the session (or Ctrl-C): the command's group goes with it
             _stop(proc, threading.Event())
-            LEFTOVER.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
             raise
         finally:
             if timer:
                 timer.cancel()
         proc.wait()
-    LEFTOVER.unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
     return proc.returncode, time.perf_counter() - start, stopped.is_set()
 
 
@@ -184,7 +212,12 @@ def run_steps(steps: list[str], out: Path, limits: dict[str, float] | None = Non
     limit in seconds (`limits`, by step name) if it has one; -> 1 when one failed or was stopped;
     128 + the signal when a SIGTERM or SIGHUP stopped the session (and the running command's group)."""
     out.mkdir(parents=True, exist_ok=True)
-    stop_leftover()
+    lock = _session_lock()
+    if lock is None:
+        print("==> note: another gpu_session is running on this machine: its commands are left alone (and share "
+              "the GPU with this one's)", flush=True)
+    else:
+        stop_leftover()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, _stop_session) for signum in (signal.SIGTERM, signal.SIGHUP)}
@@ -196,6 +229,8 @@ def run_steps(steps: list[str], out: Path, limits: dict[str, float] | None = Non
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if lock is not None:
+            lock.close()
 
 
 def _run_steps(steps: list[str], out: Path, limits: dict[str, float] | None, **options: str) -> int:
@@ -203,10 +238,19 @@ def _run_steps(steps: list[str], out: Path, limits: dict[str, float] | None, **o
 
     failed = False
     for step in steps:
-        if step == "demo":  # a fresh run: a warm machine keeps the last call's, which demo.py would resume
-            shutil.rmtree(ROOT / DEMO_DIR, ignore_errors=True)
+        if step == "demo" and options.get("device", "cuda") == "cuda":  # a warm machine keeps the last call's
+            shutil.rmtree(ROOT / DEMO_DIR, ignore_errors=True)              # run, which demo.py would resume
+        limit = (limits or {}).get(step)
+        deadline = time.monotonic() + limit if limit else None  # the step's limit: its commands together
         for name, argv in commands(step, out, **options):
-            status, seconds, stopped = run_command(argv, out / name, (limits or {}).get(step))
+            left = deadline - time.monotonic() if deadline is not None else None
+            if left is not None and left <= 0:
+                failed = True
+                with open(out / "steps.txt", "a") as record:
+                    record.write(f"{step}\t{name}\t-\t0.0\tnot run: its step's limit was reached\n")
+                print(f"==> {step}: {name} not run: the step's limit of {limit:.0f} s was reached", flush=True)
+                continue
+            status, seconds, stopped = run_command(argv, out / name, left)
             failed |= status != 0 or stopped
             note = "\tstopped at its limit" if stopped else ""
             with open(out / "steps.txt", "a") as record:
@@ -253,17 +297,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    limits = session_limits(args.steps, dict(args.limit))
+    limits = session_limits(args.steps, dict(args.limit), args.device)
     return run_tool(lambda: run_steps(args.steps, args.out, limits, levers_compile=args.levers_compile,
                                       device=args.device))
 
 
-def session_limits(steps: list[str], given: dict[str, float]) -> dict[str, float]:
-    """Each step's limit (--limit, else DEFAULT_LIMITS); a note when they add up to more than
-    one device call runs (the call may stop the session before its last step)."""
-    limits = {**DEFAULT_LIMITS, **given}
-    total = sum(limits[step] for step in steps)
-    if total > CALL_SECONDS - 10:
+def session_limits(steps: list[str], given: dict[str, float], device: str = "cuda") -> dict[str, float]:
+    """Each step's limit (--limit, else on CUDA DEFAULT_LIMITS: the device calls' plan; the CPU's
+    dry runs take as long as they take); a note when they add up to more than one device call
+    runs (the call may stop the session before its last step)."""
+    limits = {**(DEFAULT_LIMITS if device == "cuda" else {}), **given}
+    total = sum(limits.get(step, 0.0) for step in steps)
+    if device == "cuda" and total > CALL_SECONDS - 10:
         print(f"note: the limits of {', '.join(steps)} add up to {total:.0f} s, more than one device call's "
               f"{CALL_SECONDS} s: the call may stop the session before its last step (run them in two calls, e.g. "
               "'suite bench', then 'levers demo')", flush=True)

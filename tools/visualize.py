@@ -7,7 +7,7 @@
     python tools/visualize.py --config CFG --train-batches 4 --output DIR          # what training sees
 
 --train-batches N draws the first N batches the training loader gives (datasets.train, as
-iterations 1..N of a new run get them: resized, flipped and colour-jittered as input.* says,
+iterations 1..N of a new one-process run get them: resized, flipped and colour-jittered as input.* says,
 with the config's seed and solver.ims_per_batch images each) with their target boxes: the
 boxes the model learns from, after dataloader.filter_empty / use_difficult and the readers'
 clipping (Detectron2's visualize_data.py --source dataloader).
@@ -198,7 +198,8 @@ def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
             raise DataError(f"could not write {path} (the folder not writable, or the disk full)")
         boxes += len(target["boxes"])
     print(f"wrote {count} images to {output}: the first {batches} training batches of {cfg.solver.ims_per_batch} "
-          f"(iterations 1..{batches} of a new run, seed {cfg.seed}: input.min_size_train {cfg.input.min_size_train}, "
+          f"(iterations 1..{batches} of a new one-process run, seed {cfg.seed}: input.min_size_train "
+          f"{cfg.input.min_size_train}, "
           f"max_size_train {cfg.input.max_size_train}, hflip_prob {cfg.input.hflip_prob:g}, jitter "
           f"{'on' if cfg.input.jitter else 'off'}), {boxes} target boxes drawn")
 

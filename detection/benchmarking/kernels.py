@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from detection.accel import Levers, optimize_for_inference, optimize_for_training
 from detection.benchmarking.meters import TimeMeter, failure_noted
-from detection.benchmarking.models import bench_state, synthetic_batch, train_step
+from detection.benchmarking.models import bench_state, settle_loss_scale, synthetic_batch, train_step
 from detection.config import Config
 from detection.testing import HostReads
 
@@ -97,6 +97,7 @@ def profile_kernels(cfg: Config, plain: nn.Module, images: list[torch.Tensor], a
         def call() -> None:
             torch.manual_seed(0)
             train_step(state, batch, targets, TimeMeter(), amp=True)
+        settle_loss_scale(state, call)  # the profiled step an update, not a skipped one
         return call
 
     for name, make in (("inference fast float32 b1", lambda: inference(False, Levers())),

@@ -366,6 +366,21 @@ def bench_state(model: torch.nn.Module, momentum: float, weight_decay: float, ou
     return TrainState(model, optimizer, scheduler, amp_scaler(amp, device))
 
 
+def settle_loss_scale(state: TrainState, step: Callable[[], Any], most: int = 30) -> int:
+    """With a loss scaler (float16 on CUDA), steps until its scale stops changing: at its first
+    scale (65536) float16 gradients may overflow, and such a step skips the optimizer's update
+    and halves the scale, a cheaper step than training's; the timed steps must not be those.
+    -> the steps taken (0 without a scaler)."""
+    taken = 0
+    while state.scaler.is_enabled() and taken < most:
+        before = state.scaler.get_scale()
+        step()
+        taken += 1
+        if state.scaler.get_scale() == before:
+            break
+    return taken
+
+
 def train_step(state: TrainState, images: list, targets: list, meter: Callable,
                amp: bool = False) -> None:
     """The trainer's step, through its own functions, timed in two parts; amp: solver.amp's

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from detection.benchmarking.meters import FlopMeter, TimeMeter, gpu_peak, interleaved, log_run
-from detection.benchmarking.models import bench_state, synthetic_batch, train_step
+from detection.benchmarking.models import bench_state, settle_loss_scale, synthetic_batch, train_step
 from detection.config import Config
 from detection.engine.trainer import TrainState
 from detection.accel import optimize_for_training
@@ -38,6 +38,9 @@ def bench_training(cfg: Config, plain: torch.nn.Module, tv: torch.nn.Module | No
               for n, m in models.items()}
     result = {name: {"flops": _step_flops(states[name], name, images, targets),  # and a warm-up
                      "iteration_s": [], "iteration_cpu_s": [], "parts_s": defaultdict(list)} for name in models}
+    for name, state in states.items():  # float16: past the loss scale's first overflows (skipped updates)
+        settle_loss_scale(state, lambda: train_step(state, train_inputs(name, images), targets, TimeMeter(),
+                                                    amp=name in AMP_MODELS))
     for run, name, kept in interleaved(timed_names, args.warmup, args.runs):
         torch.manual_seed(run)  # the same RPN / RoI samples for every model
         meter, entry = TimeMeter(), result[name]

@@ -20,7 +20,7 @@ from torch import nn
 
 from detection.accel import Levers, optimize_for_training
 from detection.benchmarking.meters import TimeMeter, failure_noted, gpu_peak, interleaved, log_run, timed
-from detection.benchmarking.models import bench_state, synthetic_batch, train_step
+from detection.benchmarking.models import bench_state, settle_loss_scale, synthetic_batch, train_step
 from detection.benchmarking.training import train_inputs
 from detection.config import Config
 
@@ -67,6 +67,8 @@ def measure_training_precision(cfg: Config, models: dict[str, nn.Module], images
         with failure_noted(out[name], name):
             out[name]["first_step_s"] = timed(
                 lambda: train_step(state, train_inputs(name, images), targets, TimeMeter(), amp=amp))
+            settle_loss_scale(state, lambda: train_step(state, train_inputs(name, images), targets, TimeMeter(),
+                                                        amp=amp))
     for run, name, kept in interleaved(models, args.warmup, args.runs):
         if "error" in out[name]:
             continue

@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +16,11 @@ from detection.engine import distributed as du
 from detection.engine.errors import TrainingInterrupted, TrainingStopped
 
 logger = logging.getLogger(__name__)
+
+# a second signal this soon after the stop was asked for is the same stop: Slurm signals every
+# process of a job step (torchrun and its workers), and torchrun passes its own on to the workers,
+# so each worker gets two; a second Ctrl-C later stops at once
+REPEAT_WINDOW_S = 5.0
 
 
 class EvaluationStopped(BaseException):
@@ -31,8 +37,9 @@ class GracefulStop:
     the next batch, where every rank asks whether any got a signal (check_evaluation), so they
     all stop at the same batch (a signal while rank 0 scores the gathered detections is taken
     after the scoring, at the next iteration's agreement). A second signal during the save
-    is noted and does not interrupt it (the save is atomic anyway); a second one at any other
-    moment stops at once, as Ctrl-C does. Handlers are installed only in the main thread and
+    is noted and does not interrupt it (the save is atomic anyway), as is one within
+    REPEAT_WINDOW_S of the first (launchers pass one stop on to every process); a second one at
+    any other moment stops at once, as Ctrl-C does. Handlers are installed only in the main thread and
     the previous ones put back on exit."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -40,6 +47,7 @@ class GracefulStop:
     def __init__(self, device: torch.device = torch.device("cpu")) -> None:
         self.device = device  # where the ranks' agreement is reduced (NCCL reduces CUDA tensors only)
         self.signum = 0
+        self._first_at = 0.0  # when the stop was first asked for here (a signal, or the ranks' agreement)
         self.saving = False
         self.evaluating = False  # one process: the handler stops the evaluation itself
         self.evaluating_together = False  # several: the ranks agree at the next batch
@@ -61,6 +69,9 @@ class GracefulStop:
         if os.getpid() != self._pid:  # a forked data-loader worker (Ctrl-C reaches the whole group): the run's
             return                    # process stops the loader; a worker that raised would kill it
         name = signal.Signals(signum).name
+        now = time.monotonic()
+        if not self.signum:
+            self._first_at = now
         if not self.signum and self.evaluating:
             self.signum = signum
             logger.warning("%s received during the evaluation: stopping it and saving last.pth "
@@ -68,22 +79,28 @@ class GracefulStop:
             raise EvaluationStopped
         if not self.signum and self.evaluating_together:
             self.signum = signum
-            logger.warning("%s received during the evaluation: stopping it at its next batch (every process) "
-                           "and saving last.pth (--resume makes the evaluation first)", name)
+            logger.warning("%s received during the evaluation: stopping it at its next batch (every process), or "
+                           "after it if no batch is left, and saving last.pth", name)
         elif not self.signum:
             self.signum = signum
             logger.warning("%s received: stopping after this iteration, once last.pth is saved "
-                           "(a second signal stops at once)", name)
+                           "(a second signal, %.0f s or more after this one, stops at once)", name, REPEAT_WINDOW_S)
         elif self.saving:
             logger.warning("%s received again while last.pth is being saved: finishing the save first", name)
+        elif now - self._first_at < REPEAT_WINDOW_S:
+            logger.warning("%s received %.1f s after the stop was asked for: taken as the same stop (a scheduler "
+                           "signals every process, and torchrun passes its own on)", name, now - self._first_at)
         else:
             raise KeyboardInterrupt
 
     def agreed(self) -> bool:
-        """Whether any rank got a signal (every rank calls this once per iteration)."""
+        """Whether any rank got a signal (every rank calls this at the same places: once per
+        iteration, and before each batch of training's evaluation, check_evaluation)."""
         if du.get_world_size() > 1:
             flag = torch.tensor([self.signum], dtype=torch.int64, device=self.device)  # NCCL: on the GPU
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not self.signum:  # another rank's signal: this rank's own may follow
+                self._first_at = time.monotonic()
             self.signum = int(flag.item())
         return bool(self.signum)
 

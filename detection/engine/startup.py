@@ -24,16 +24,20 @@ EVENT_FILES = "events.out.tfevents.*"  # log.tensorboard's files in the output f
 
 
 def check_initial_weights(cfg: Config) -> None:
-    """A new run with frozen norms must start from weights: frozen at their initial values
-    (scale 1, shift 0) the norms normalise nothing, and the layers freeze_at holds stay random,
-    for the whole schedule (Detectron2 trains so without a word when MODEL.WEIGHTS is empty).
-    One error instead, saying what to give."""
+    """A new run with frozen norms or frozen stages must start from weights: frozen at their
+    initial values (scale 1, shift 0) the norms normalise nothing, and the layers freeze_at holds
+    stay random, for the whole schedule (Detectron2 trains so without a word when MODEL.WEIGHTS
+    is empty). One error instead, saying what to give."""
     backbone = cfg.model.backbone
-    if backbone.norm == "frozen_bn" and not cfg.model.weights and not backbone.weights:
-        raise ConfigError("model.backbone.norm is frozen_bn but no weights are given (model.weights and "
-                          "model.backbone.weights are null): the frozen norms would stay at their initial values "
-                          f"(they normalise nothing) and the stages freeze_at {backbone.freeze_at} holds random, "
-                          "for the whole run; give ImageNet weights (model.backbone.weights=PATH or "
+    if cfg.model.weights or backbone.weights:
+        return
+    frozen = ["model.backbone.norm is frozen_bn (the norms would stay at their initial values, normalising "
+              "nothing)"] if backbone.norm == "frozen_bn" else []
+    frozen += [f"model.backbone.freeze_at is {backbone.freeze_at} (the stages it freezes would stay random)"] \
+        if backbone.freeze_at > 0 else []
+    if frozen:
+        raise ConfigError(f"{' and '.join(frozen)}, but no weights are given (model.weights and model.backbone.weights "
+                          "are null), for the whole run; give ImageNet weights (model.backbone.weights=PATH or "
                           "'torchvision:IMAGENET1K_V1') or a detector (model.weights=PATH), or train from scratch "
                           "with trainable norms (model.backbone.norm=gn or bn, model.backbone.freeze_at=0)")
 

@@ -142,7 +142,7 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
     write_skipped_images(where, [r for r in dataset.records if r["image_id"] not in scored_ids])
     # titled with the table's AP-<class> where it is the curve's own (VOC's: IoU 0.5, the devkit's
     # 11-point or area metric); COCO's is over IoU .5:.95, so its panels show their curve's AP50
-    _plot_pr(evaluator, where, echo, metrics if evaluator.curve_ap_in_metrics else None)
+    _plot_pr(evaluator, where, echo, metrics if getattr(evaluator, "curve_ap_in_metrics", False) else None)
     if echo is not None:
         echo(f"metrics written to {where / 'metrics.json'}")
 
