@@ -91,12 +91,12 @@ def _weights_from_overrides(parser: argparse.ArgumentParser, args: argparse.Name
     """A tool that takes --weights (eval.py, visualize.py, ...) given Detectron2's way, as
     model.weights=PATH (MODEL.WEIGHTS PATH after --opts): that is its --weights, not a config
     value; naming another file than --weights is a usage error."""
-    import yaml
+    from detection.config.reading import yaml_load
 
     named = [item for item in args.overrides if item.partition("=")[0].strip() == "model.weights"]
     if not named:
         return
-    value = yaml.safe_load(named[-1].partition("=")[2])
+    value = yaml_load(named[-1].partition("=")[2])
     if value is None:
         return
     if args.weights and args.weights != str(value):

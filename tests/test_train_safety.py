@@ -199,6 +199,13 @@ def test_resume_shows_where_it_resumed_and_never_repeats_a_metrics_iteration(dat
     assert (out / "log.txt").read_text().splitlines()[-1].endswith(
         f"{out}: the run is finished (iteration 5, solver.max_iter 5): nothing to train")  # log.txt has it too
     assert iterations(out) == [1, 2, 3, 4, 5] and (out / "model_final.pth").stat().st_mtime_ns == final
+    # a finished run resumed with other settings trains nothing with them: refused, config.yaml kept (it
+    # was rewritten, and eval.py then refused the weights for the config beside them; a sweep trial)
+    saved = (out / "config.yaml").read_text()
+    assert run(data_root, out, "--resume", **extra, **{"model.roi_heads.pooler_resolution": 7}) == 2
+    assert any("the run is finished (iteration 5), so --resume with model.roi_heads.pooler_resolution changed"
+               in x for x in stderr_lines(capsys))
+    assert (out / "config.yaml").read_text() == saved
 
 
 # ----------------------------------------------------------------------------- the data-set root

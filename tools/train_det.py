@@ -31,6 +31,7 @@ output folder: a second run on a folder a live run uses is refused, naming its p
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from detection.cli import add_config_args, config_from_args, override_keys, parse_command_line, run_tool
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    extra = [f"output_dir={args.output_dir}"] if args.output_dir else []
+    # the folder as given, quoted: read as YAML, "runs/lr0.01 #2" lost its " #2" (a comment) and
+    # "2024-01-05" became a date
+    extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []
     cfg = config_from_args(args, extra)
     if args.print_config:
         sys.stdout.write(dump_config(cfg))

@@ -288,12 +288,14 @@ def _dataset_entry(given: str, test_sets: list) -> Any:
     name as given (a known data set; the catalog says what is wrong with it)."""
     import yaml
 
+    from detection.config.reading import yaml_load
+
     for entry in test_sets:
         if isinstance(entry, dict) and entry.get("name") == given:
             return entry
     if given.lstrip().startswith("{"):
         try:
-            return yaml.safe_load(given)
+            return yaml_load(given)
         except yaml.YAMLError as err:
             raise ConfigError(f"--dataset {given!r}: not a YAML mapping ({str(err).splitlines()[0]})") from None
     return given

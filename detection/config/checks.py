@@ -49,7 +49,8 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.pixel_mean", len(m.pixel_mean) == 3, "3 values"),
         ("model.pixel_std", len(m.pixel_std) == 3 and min(m.pixel_std) > 0, "3 positive values"),
         ("model.backbone.freeze_at", 0 <= m.backbone.freeze_at <= 5, "0..5"),
-        ("model.anchors.sizes", len(m.anchors.sizes) > 0 and min(m.anchors.sizes) > 0, "positive sizes"),
+        ("model.anchors.sizes", len(m.anchors.sizes) > 0 and min(m.anchors.sizes) > 0
+         and len(set(m.anchors.sizes)) == len(m.anchors.sizes), "positive sizes, each once"),
         ("model.anchors.aspect_ratios", len(m.anchors.aspect_ratios) > 0
          and min(m.anchors.aspect_ratios) > 0, "positive ratios"),
         ("model.anchors.stride", m.anchors.stride == 16, "16 (the C4 map's stride)"),
@@ -66,10 +67,12 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.roi_heads.iou_threshold", frac(m.roi_heads.iou_threshold), "in [0, 1]"),
         ("model.roi_heads.batch_size_per_image", m.roi_heads.batch_size_per_image > 0, "positive"),
         ("model.roi_heads.pooler_resolution", m.roi_heads.pooler_resolution > 0, "positive"),
-        ("model.roi_heads.bbox_reg_weights", len(m.roi_heads.bbox_reg_weights) == 4, "4 values"),
+        ("model.roi_heads.bbox_reg_weights", len(m.roi_heads.bbox_reg_weights) == 4
+         and min(m.roi_heads.bbox_reg_weights) > 0, "4 positive values (the box deltas are divided by them)"),
         ("model.roi_heads.score_thresh_test", frac(m.roi_heads.score_thresh_test), "in [0, 1]"),
         ("model.roi_heads.nms_thresh_test", frac(m.roi_heads.nms_thresh_test), "in [0, 1]"),
         ("model.roi_heads.detections_per_image", m.roi_heads.detections_per_image > 0, "positive"),
+        ("model.rpn.min_size", m.rpn.min_size >= 0, "0 (keep every proposal) or more"),
         ("model.rpn.smooth_l1_beta", m.rpn.smooth_l1_beta >= 0, "0 or more"),
         ("model.roi_heads.smooth_l1_beta", m.roi_heads.smooth_l1_beta >= 0, "0 or more"),
         ("model.roi_heads.box_loss_weight", m.roi_heads.box_loss_weight >= 0, "0 or more"),
@@ -104,6 +107,7 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
          "increasing positive sizes, at least one"),
         ("test.multi_scale.max_size", cfg.test.multi_scale.max_size > 0, "positive"),
         ("log_period", cfg.log_period > 0, "positive"),
+        ("seed", 0 <= cfg.seed < 2**32, "0..4294967295 (numpy's seeds)"),
         ("log.tensorboard", cfg.log.tensorboard in (True, False, "auto"), "true, false or auto"),
     ]
 

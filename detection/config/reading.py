@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,64 @@ logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- YAML reading
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers and no repeated keys. YAML 1.1 (PyYAML) reads
+    `010` as 8 (octal) and `1:00` as 60 (base 60), so a zero-padded seed or a step written with
+    a colon became another number in silence; and a key written twice kept its second value only
+    (a whole `solver:` block lost). Here `010` is 10, `1:00` a string (refused where a number
+    goes), `0o10` and `0x1f` octal and hexadecimal, and a repeated key one error naming its lines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen and key != "<<":
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): "
+                    "the second would replace the first whole; merge them into one", key_node.start_mark)
+            seen.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep=deep)
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"),
+                                 list("-+0123456789"))
+YamlLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _construct_int(loader: YamlLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    base = 16 if digits[:2] in ("0x", "0X") else 8 if digits[:2] in ("0o", "0O") else 10
+    return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+YamlLoader.add_constructor(_INT, _construct_int)
+
+
+def yaml_load(text: str) -> Any:
+    """A YAML document as this toolkit reads configs (YamlLoader)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
+
+
+class YamlDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper quoting what YamlLoader would read as a number or a bool (a string
+    "1e-3" is one for it, not for YAML 1.1), so that a config written reads back equal."""
+
+
+YamlDumper.yaml_implicit_resolvers = YamlLoader.yaml_implicit_resolvers
+
+
+def yaml_dump(data: Any, **options: Any) -> str:
+    """`data` as YAML text that yaml_load reads back equal (YamlDumper)."""
+    return yaml.dump(data, Dumper=YamlDumper, **options)
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """Read one YAML file and merge it over its `_base_` files (paths relative to it)."""
     path = path.resolve()
@@ -33,11 +92,13 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         where = f" (a `_base_` of {chain[-1]})" if chain else ""
         raise ConfigError(f"{path}: config file not found{where}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not a text file in UTF-8 (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
+    if data is None:  # an empty file would give every default (VOC, R-101, 90k iterations) in silence
+        raise ConfigError(f"{path}: the file is empty (no setting); a config sets at least its _base_ or a key")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("_base_", [])
@@ -89,7 +150,7 @@ def _apply_override(tree: dict, item: str) -> None:
                           "KEY VALUE pairs go last, after --opts)")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"command line: override {key}: cannot parse {raw!r}: {_one_line(err)}") from None
     if isinstance(value, str) and value.strip().startswith("(") and value.strip().endswith(")"):
@@ -100,6 +161,8 @@ def _apply_override(tree: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"command line: {key}: {part} is not a section")
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        value = _merge(node[parts[-1]], value)  # a section's keys given: the others stay, as in a config file
     node[parts[-1]] = value
 
 
@@ -240,7 +303,7 @@ def _drop_inherited_class_names(tree: dict, path: Union[str, Path, None], overri
     names, num_classes = model.get("class_names"), model.get("num_classes", ModelConfig.num_classes)
     if not isinstance(names, list) or not names or not isinstance(num_classes, int) or len(names) == num_classes:
         return
-    own = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path is not None else None
+    own = yaml_load(Path(path).read_text(encoding="utf-8")) if path is not None else None
     own = own.get("model") if isinstance(own, dict) and isinstance(own.get("model"), dict) else {}
     given = {o.split("=", 1)[0].strip() for o in overrides}
 

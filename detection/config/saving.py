@@ -6,8 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Union
 
-import yaml
-
+from detection.config.reading import yaml_dump
 from detection.config.schema import Config
 
 
@@ -17,7 +16,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def dump_config(cfg: Config) -> str:
     # allow_unicode: a path or class name in another script stays readable (not "\u65E5")
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    return yaml_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:

@@ -13,9 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
-
 from detection.config import Config, ConfigError, config_to_dict, load_config
+from detection.config.reading import yaml_dump, yaml_load
 from detection.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -106,12 +105,12 @@ def record_resume_changes(out_dir: Path, iteration: int, changes: list[Change]) 
     path = Path(out_dir) / RESUMED_CONFIG.format(iteration)
     changed = {key: {"before": old, "after": new} for key, old, new in changes}
     if path.is_file():  # resumed at this iteration before (that run stopped before its next checkpoint)
-        earlier = (yaml.safe_load(path.read_text()) or {}).get("changed") or {}
+        earlier = (yaml_load(path.read_text()) or {}).get("changed") or {}
         changed = {**changed, **{k: {"before": v["before"], "after": changed.get(k, v).get("after")}
                                  for k, v in earlier.items() if isinstance(v, dict) and "before" in v}}
     record = {"resumed_at_iteration": iteration, "changed": changed}
     header = (f"# --resume at iteration {iteration} changed these keys of {SAVED_CONFIG} (which holds the "
               f"values after); iterations 1..{iteration} ran with the values before.\n")
     with atomic_write(path) as f:
-        f.write(header + yaml.safe_dump(record, sort_keys=False, default_flow_style=None))
+        f.write(header + yaml_dump(record, sort_keys=False, default_flow_style=None))
     return path

@@ -129,7 +129,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         raise ConfigError(f"solver.max_iter={cfg.solver.max_iter}: {last} is at iteration {state.iteration} and a "
                           f"run cannot go back; give solver.max_iter={state.iteration} to end it there (it writes "
                           "model_final.pth) or more to train on")
-    if resuming and _is_finished(cfg, state, out_dir):
+    if resuming and _is_finished(cfg, state, out_dir, changes):
         if changes and du.is_main_process():  # ended here by a deliberate change: recorded as any other
             prepare_output_dir(cfg, out_dir, remove=[], resumed_at=state.iteration)
             record_resume_changes(out_dir, state.iteration, changes)
@@ -213,12 +213,21 @@ def _start_loop(cfg: Config, state: TrainState, datasets: list, device: torch.de
     _loop(_Run(cfg, state, model, data, device), tensorboard)
 
 
-def _is_finished(cfg: Config, state: TrainState, out_dir: Path) -> bool:
+def _is_finished(cfg: Config, state: TrainState, out_dir: Path, changes: Sequence = ()) -> bool:
     """A resumed run at solver.max_iter has nothing to train: say so (and write a missing
     model_final.pth: the process was killed between the last checkpoint and that file). One
-    whose final evaluation did not finish is not: the loop makes it (_evaluation_missing)."""
+    whose final evaluation did not finish is not: the loop makes it (_evaluation_missing).
+    `changes` (keys the --resume changed) other than solver.max_iter (which ends a run there)
+    are refused for a finished run: nothing trains with them, yet config.yaml would say its
+    weights were made with them."""
     if state.iteration < cfg.solver.max_iter or _evaluation_missing(cfg, state.iteration, out_dir):
         return False
+    unused = [key for key, _, _ in changes if key != "solver.max_iter"]
+    if unused:
+        raise ConfigError(f"{out_dir}: the run is finished (iteration {state.iteration}), so --resume with "
+                          f"{', '.join(unused)} changed would train nothing with them, and config.yaml would no "
+                          "longer say how its weights were made: to evaluate with other settings give them to "
+                          "tools/eval.py; to train on with them, raise solver.max_iter too")
     logger.info("%s: the run is finished (iteration %d, solver.max_iter %d): nothing to train",
                 out_dir, state.iteration, cfg.solver.max_iter)
     if du.is_main_process() and not (out_dir / "model_final.pth").is_file():

@@ -188,7 +188,7 @@ def run_variant(variant: Variant, config_path: Optional[str], overrides: Sequenc
 
     run_dir = runs_dir / variant.folder
     settings = [*overrides, *variant.overrides()]
-    variant_overrides = [*settings, f"output_dir={run_dir}"]
+    variant_overrides = [*settings, f"output_dir={json.dumps(str(run_dir))}"]  # quoted: a path, not YAML
     result_path = run_dir / RESULT_FILE
     if result_path.is_file():
         result = json.loads(result_path.read_text())
