@@ -115,6 +115,8 @@ def _missing_file_message(path: Path) -> str:
         message += f" (a relative path is taken from the working directory: {Path.cwd() / path})"
     if path.name in MSRA_DOWNLOADS:
         message += f"; download it from {MSRA_DOWNLOADS[path.name]} to that path (or give the path of a copy)"
+    if str(path) in ("None", "none", "NULL", "Null"):  # Python's spelling of no value
+        message += "; for no weights YAML writes null (model.backbone.weights=null)"
     return message
 
 

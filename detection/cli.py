@@ -68,7 +68,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
         if required:
             weights.required = True
     if hasattr(args, "overrides"):
-        args.overrides = [_lower_case_key(item) for item in args.overrides]
+        args.overrides = [lower_case_key(item) for item in args.overrides]
     if hasattr(args, "opts"):
         args.overrides = [*args.overrides, *args.opts]
         del args.opts
@@ -127,7 +127,7 @@ def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[
     return out
 
 
-def _lower_case_key(item: str) -> str:
+def lower_case_key(item: str) -> str:
     """KEY=VALUE with an upper-case KEY (Detectron2's spelling) -> key=VALUE; others unchanged."""
     key, sep, value = item.partition("=")
     return f"{key.lower()}{sep}{value}" if sep and key.isupper() else item
@@ -145,8 +145,11 @@ class _DetectronOpts(argparse.Action):
             if "=" not in item:
                 if not rest:
                     parser.error(f"--opts: {item} has no value: give KEY VALUE pairs (or KEY=VALUE)")
+                if rest[0].startswith("--"):  # OUTPUT_DIR --overwrite: the output folder "--overwrite"
+                    parser.error(f"--opts: {item}'s value {rest[0]} looks like an option: give {item} its value, "
+                                 f"and put {rest[0]} before --opts")
                 item = f"{item}={rest.pop(0)}"
-            items.append(_lower_case_key(item))  # SOLVER.MAX_ITER=7 -> solver.max_iter=7
+            items.append(lower_case_key(item))  # SOLVER.MAX_ITER=7 -> solver.max_iter=7
         setattr(namespace, self.dest, items)
 
 

@@ -82,6 +82,9 @@ class Predictor:
         config_path None: the config.yaml training saved beside `weights`, as the tools take it."""
         if config_path is None:
             config_path = _config_beside(weights)
+        from detection.cli import lower_case_key
+
+        overrides = [lower_case_key(item) for item in overrides]  # MODEL.X=v as the tools read it
         keys = [item.split("=", 1)[0].strip() for item in overrides]
         return cls(load_config(config_path, list(overrides)), weights, device, explicit=keys,
                    input_format=input_format)

@@ -224,9 +224,11 @@ def test_detectron2_single_training_size_and_range_sampling(tmp_path):
     config = tmp_path / "one_size.yaml"
     config.write_text("input:\n  min_size_train: 300\n")
     assert load_config(config).input.min_size_train == [300]
-    with pytest.raises(ConfigError, match=r"datasets\.test: expected a list, got 'coco_2017_val' \(one item is "
+    # one data set as one size: a list of it (it was refused, unlike a size: a sweep trial)
+    assert load_config(None, ["datasets.test=coco_2017_val"]).datasets.test == ["coco_2017_val"]
+    with pytest.raises(ConfigError, match=r"model\.class_names: expected a list, got 'cat' \(one item is "
                                           r"written \[item\]\)"):
-        load_config(None, ["datasets.test=coco_2017_val"])
+        load_config(None, ["model.num_classes=1", "model.class_names=cat"])
     with pytest.raises(ConfigError, match=r"unknown key input\.min_size_train_sampling; Detectron2's "
                                           r"INPUT\.MIN_SIZE_TRAIN_SAMPLING has no counterpart here: the training "
                                           r"size is always one of input\.min_size_train, chosen at random "

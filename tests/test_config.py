@@ -257,3 +257,33 @@ def test_output_dir_given_as_a_flag_is_taken_as_written(tmp_path, capsys, restor
         assert code == 0, err
         printed = yaml_load(out)
         assert printed["output_dir"] == folder
+
+
+def test_detectron2_spellings_in_a_file_and_in_the_predictors_overrides_are_named(tmp_path, capsys):
+    """A sweep trial: upper-case keys in a file got 'valid keys: ...' with no word that they are
+    lower-case here; _BASE_ was an unknown key; SOLVER.AMP.ENABLED's hint never showed (solver.amp
+    is a value, not a section); --opts OUTPUT_DIR --overwrite trained into a folder "--overwrite";
+    model.weights=None looked for a file "None"; datasets.train=NAME was refused for not a list."""
+    from detection.cli import add_config_args, parse_command_line
+
+    write(tmp_path / "d2.yaml", "SOLVER: {BASE_LR: 0.01}\n")
+    with pytest.raises(ConfigError, match=r"unknown key SOLVER; keys are lower-case here \(solver;"):
+        load_config(tmp_path / "d2.yaml")
+    write(tmp_path / "base.yaml", "_BASE_: ../x.yaml\n")
+    with pytest.raises(ConfigError, match="_BASE_: keys are lower-case here, write _base_"):
+        load_config(tmp_path / "base.yaml")
+    with pytest.raises(ConfigError, match="Detectron2's SOLVER.AMP.ENABLED is solver.amp here"):
+        load_config(ROOT / "configs" / "shapes_r18.yaml", ["solver.amp.enabled=true"])
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    with pytest.raises(SystemExit):
+        parse_command_line(parser, ["--config", "c.yaml", "--opts", "OUTPUT_DIR", "--overwrite"])
+    assert "OUTPUT_DIR's value --overwrite looks like an option" in capsys.readouterr().err
+    assert load_config(None, ["datasets.train=shapes_train"]).datasets.train == ["shapes_train"]
+    from detection.engine.checkpoint import CheckpointError
+    from detection.engine.loading import read_detector_file
+
+    with pytest.raises(CheckpointError, match="YAML writes null"):
+        read_detector_file("None")

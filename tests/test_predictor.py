@@ -70,6 +70,9 @@ def test_input_format_is_checked_and_given_through_from_config(setup, tmp_path):
     config = tmp_path / "config.yaml"
     save_config(cfg, config)
     assert Predictor.from_config(config, weights, device="cpu", input_format="BGR").input_format == "BGR"
+    # Detectron2's upper-case keys, as the tools read them (was: "unknown key MODEL")
+    upper = Predictor.from_config(config, weights, overrides=["MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.2"])
+    assert upper.cfg.model.roi_heads.score_thresh_test == 0.2
 
 
 def test_the_device_is_the_configs_unless_the_argument_names_one(setup):

@@ -101,6 +101,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: the file is empty (no setting); a config sets at least its _base_ or a key")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    if "_BASE_" in data:  # Detectron2's spelling: read here as an unknown key, the base never merged
+        raise ConfigError(f"{path}: _BASE_: keys are lower-case here, write _base_")
     bases = data.pop("_base_", [])
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
@@ -160,7 +162,9 @@ def _apply_override(tree: dict, item: str) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"command line: {key}: {part} is not a section")
+            ours = DETECTRON2_NAMES.get(key.strip().lower())
+            hint = f"; Detectron2's {key.strip().upper()} is {ours} here" if ours else ""
+            raise ConfigError(f"command line: {key}: {part} is not a section{hint}")
     if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
         value = _merge(node[parts[-1]], value)  # a section's keys given: the others stay, as in a config file
     node[parts[-1]] = value
@@ -197,6 +201,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         if item_tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # one size, as Detectron2 takes INPUT.MIN_SIZE_TRAIN 800
+        if isinstance(value, str) and item_tp is not str and str in typing.get_args(item_tp):
+            value = [value]  # one data set: datasets.train=shapes_train
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key}: expected a list, got {value!r} (one item is written [item])")
         return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
@@ -271,10 +277,13 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             ours = _detectron2_name(dotted, value)
-            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
+            close = difflib.get_close_matches(str(key).lower(), names, n=3, cutoff=0.6)
+            upper = str(key) != str(key).lower() and str(key).lower() in names
             hint = (f"; Detectron2's {ours[0].upper()} has no counterpart here: {DETECTRON2_NOT_DONE[ours[0].lower()]}"
                     if ours and ours[1] is None else
                     f"; Detectron2's {ours[0].upper()} is {ours[1]} here" if ours else
+                    f"; keys are lower-case here ({str(key).lower()}; the command line reads upper-case ones so, "
+                    "a file does not)" if upper else
                     f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}")
             raise ConfigError(f"{source}: unknown key {dotted}{hint}")
         ours = _detectron2_name(dotted, value) if isinstance(value, dict) else None

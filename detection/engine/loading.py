@@ -77,7 +77,8 @@ def read_detector_file(path: Union[str, Path]) -> DetectorWeights | None:
         raise CheckpointError(f"{path}: a folder, not a weights file"
                               f"{f' (the checkpoint in it: {inside[0]})' if inside else ''}")
     if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
+        null = "; for no weights YAML writes null (model.weights=null)" if str(path) in ("None", "none", "NULL") else ""
+        raise CheckpointError(f"{path}: weights file not found{null}")
     return detector_weights(_read_any(path), str(path))
 
 
