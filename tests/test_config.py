@@ -1,4 +1,5 @@
 """Config loading: inheritance, overrides, clear errors, round trip, shipped configs."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -287,3 +288,21 @@ def test_detectron2_spellings_in_a_file_and_in_the_predictors_overrides_are_name
 
     with pytest.raises(CheckpointError, match="YAML writes null"):
         read_detector_file("None")
+
+
+def test_an_error_in_a_base_names_the_base(tmp_path):
+    """A typo or a bad value in a `_base_` file was reported against the child that inherits it
+    (a sweep trial looked for it where it is not); the key set by the child itself stays the child's."""
+    write(tmp_path / "base.yaml", "solver: {max_itr: 100}\nmodel: {num_classes: 3}\n")
+    write(tmp_path / "child.yaml", "_base_: base.yaml\nseed: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "child.yaml")
+    assert str(err.value) == (f"{tmp_path / 'base.yaml'} (a _base_ of {tmp_path / 'child.yaml'}): unknown key "
+                              "solver.max_itr; did you mean max_iter?")
+    write(tmp_path / "base.yaml", "solver: {base_lr: -0.01}\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml \(a _base_ of .*child\.yaml\): solver\.base_lr: -0\.01 is "
+                                          r"invalid"):
+        load_config(tmp_path / "child.yaml")
+    write(tmp_path / "child.yaml", "_base_: base.yaml\nsolver: {base_lr: -0.02}\n")  # the child's own value
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'child.yaml'))}: solver\.base_lr: -0\.02"):
+        load_config(tmp_path / "child.yaml")

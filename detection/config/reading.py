@@ -340,12 +340,53 @@ def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = 
     try:
         return config_from_dict(tree, full)
     except ConfigError as err:
-        if not overrides:
-            raise
-        raise _blame(err, file_tree, source) from None
+        blamed = _blame(err, file_tree, source) if overrides else err
+        raise _in_its_file(blamed, Path(path), source) if path is not None else blamed from None
 
 
 _OVERRIDDEN = " (with command-line overrides)"
+
+
+def _in_its_file(err: ConfigError, path: Path, source: str) -> ConfigError:
+    """An error of the config file about a key a `_base_` of it sets: named in that file (the
+    child was named, so a typo in a base was looked for where it is not)."""
+    text = str(err)
+    if not text.startswith(source + ": "):
+        return err
+    rest = text[len(source) + 2:]
+    key = rest[len("unknown key "):].split(";")[0].split()[0] if rest.startswith("unknown key ") else rest.split(": ")[0]
+    setter = _file_setting(path, re.split(r"[\[ ]", key)[0].split("."))
+    if setter is None or setter == path.resolve():
+        return err
+    return ConfigError(f"{setter} (a _base_ of {path}): {rest}")
+
+
+def _file_setting(path: Path, parts: list[str]) -> Path | None:
+    """The file of `path`'s _base_ chain whose value of the dotted key `parts` the merge keeps:
+    the last one, in merge order (bases first, then the file), that sets it."""
+    found = None
+    for file, data in _chain(path.resolve()):
+        node: Any = data
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            found = file
+    return found
+
+
+def _chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """(file, its own mapping) for `path` and its `_base_` files, in merge order. Called on an
+    error only: the chain was read without one, so this reading succeeds too."""
+    if path in seen:
+        return []
+    data = yaml_load(path.read_text(encoding="utf-8")) or {}
+    bases = data.get("_base_", [])
+    out = []
+    for base in [bases] if isinstance(bases, str) else bases:
+        out += _chain((path.parent / base).resolve(), seen + (path,))
+    return out + [(path, data)]
 
 
 def _blame(err: ConfigError, file_tree: dict, source: str) -> ConfigError:
