@@ -141,7 +141,8 @@ def test_training_with_a_missing_image_stops_before_the_first_iteration(tmp_path
     missing.unlink()
     cfg = load_config(None, [
         "model.num_classes=3", "model.backbone.depth=18", "model.backbone.norm=gn", "model.backbone.weights=null",
-        f"datasets.root={tmp_path}", "datasets.train=[shapes_train]", "datasets.test=[shapes_val]",
+        "model.backbone.freeze_at=0", f"datasets.root={tmp_path}", "datasets.train=[shapes_train]",
+        "datasets.test=[shapes_val]",
         "dataloader.num_workers=0", "solver.ims_per_batch=2", "solver.max_iter=20", "solver.steps=[100]",
         f"output_dir={tmp_path / 'out'}", "device=cpu"])
     with pytest.raises(DataError, match=rf"1 of 6 images listed in .*instances_train\.json are missing or "
