@@ -210,3 +210,16 @@ def test_accel_levers_with_the_fast_path_off_are_said_to_do_nothing():
                                              "which model.fast_path: false turns off: they do nothing")
     assert levers_without_fast_path(load_config(None, ["model.fast_path=false"])) is None
     assert levers_without_fast_path(load_config(None, ["accel.compile=default"])) is None
+
+
+def test_gpu_peak_memory_is_each_lines_own_window(monkeypatch):
+    """Detectron2's max_mem is the peak since the previous line (it resets the counter); ours was
+    the peak since the start, so one evaluation's peak stayed in every later line."""
+    from detection.engine import metrics
+
+    calls = []
+    monkeypatch.setattr(metrics.torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    monkeypatch.setattr(metrics.torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append(device))
+    cuda = torch.device("cuda", 0)
+    assert metrics.peak_memory(cuda) == {"max_mem_mb": 3.0} and calls == [cuda]
+    assert set(metrics.peak_memory(torch.device("cpu"))) == {"max_rss_mb"} and calls == [cuda]
