@@ -224,8 +224,11 @@ class _LineFormatter(logging.Formatter):
 
 
 def override_keys(args: argparse.Namespace) -> list[str]:
-    """The config keys given on the command line (`KEY=VALUE`): changed deliberately."""
-    return [item.split("=", 1)[0].strip() for item in args.overrides]
+    """The config keys given on the command line (`KEY=VALUE`; a section's mapping gives the keys
+    in it): changed deliberately."""
+    from detection.config.reading import override_keys_of
+
+    return override_keys_of(args.overrides)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -84,8 +84,10 @@ class Predictor:
             config_path = _config_beside(weights)
         from detection.cli import lower_case_key
 
+        from detection.config.reading import override_keys_of
+
         overrides = [lower_case_key(item) for item in overrides]  # MODEL.X=v as the tools read it
-        keys = [item.split("=", 1)[0].strip() for item in overrides]
+        keys = override_keys_of(overrides)
         return cls(load_config(config_path, list(overrides)), weights, device, explicit=keys,
                    input_format=input_format)
 

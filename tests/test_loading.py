@@ -38,6 +38,20 @@ def test_our_checkpoint_is_recognised_by_content(trained):
     assert weights.state.keys() == model.state_dict().keys()
 
 
+def test_a_model_setting_given_in_a_sections_mapping_is_deliberate(trained):
+    """eval.py refused "model.roi_heads={pooler_resolution: 7}" with "give
+    model.roi_heads.pooler_resolution=... on the command line", which the user had done (a review)."""
+    from detection.config.reading import override_keys_of
+
+    path, _ = trained
+    overrides = ["model.input_format=BGR", "model.pixel_std=[1,1,1]", "model.roi_heads={pooler_resolution: 7}"]
+    cfg = tiny_cfg(*overrides)
+    assert override_keys_of(overrides[2:]) == ["model.roi_heads.pooler_resolution"]
+    check_model_settings(cfg, read_detector_file(path), override_keys_of(overrides))
+    with pytest.raises(CheckpointError, match="model.roi_heads.pooler_resolution"):
+        check_model_settings(cfg, read_detector_file(path), override_keys_of(overrides[:2]))
+
+
 def test_class_names_one_per_class_or_the_file_is_refused(trained, tmp_path):
     """torchvision's category lists start with "__background__": saved so beside a 3-class model,
     4 names were read as its classes, so eval.py took the test set for "a subset", dropped class 1's

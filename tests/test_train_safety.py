@@ -206,6 +206,10 @@ def test_resume_shows_where_it_resumed_and_never_repeats_a_metrics_iteration(dat
     assert any("the run is finished (iteration 5), so --resume with model.roi_heads.pooler_resolution changed"
                in x for x in stderr_lines(capsys))
     assert (out / "config.yaml").read_text() == saved
+    # test-time and logging keys change nothing training made: taken (the demo's re-evaluation with another
+    # score threshold resumes so; a review)
+    assert run(data_root, out, "--resume", **extra, **{"model.roi_heads.score_thresh_test": 0.3, "log_period": 5}) == 0
+    assert "score_thresh_test: 0.3" in (out / "config.yaml").read_text()
 
 
 # ----------------------------------------------------------------------------- the data-set root

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     shapes = Path(args.data) / "shapes"
     out = Path(args.output_dir)
-    common = ["--config", args.config, f"datasets.root={args.data}", *args.overrides]
+    common = ["--config", args.config, f"datasets.root={json.dumps(str(args.data))}", *args.overrides]  # quoted
     on_test = [*common, f"datasets.test={json.dumps([TEST_SET])}"]  # whatever the overrides say
     seconds = {"data": 0.0}
     for title, cmd in data_commands(shapes, args.num_train, args.num_val, args.num_test):

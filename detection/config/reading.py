@@ -26,17 +26,25 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- YAML reading
 
 class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's numbers and no repeated keys. YAML 1.1 (PyYAML) reads
-    `010` as 8 (octal) and `1:00` as 60 (base 60), so a zero-padded seed or a step written with
-    a colon became another number in silence; and a key written twice kept its second value only
-    (a whole `solver:` block lost). Here `010` is 10, `1:00` a string (refused where a number
-    goes), `0o10` and `0x1f` octal and hexadecimal, and a repeated key one error naming its lines."""
+    """PyYAML's safe loader without YAML 1.1's octal and base-60 numbers and with no repeated
+    keys. YAML 1.1 (PyYAML) reads `010` as 8 and `1:00` as 60, so a zero-padded seed or a step
+    written with a colon became another number in silence; and a key written twice kept its
+    second value only (a whole `solver:` block lost). Here both are strings (refused where a
+    number goes: YAML 1.2 has no such numbers either) and a repeated key is one error naming its
+    lines. Everything else reads as before (0x1f hexadecimal, 1e-3 a string that a float setting
+    takes as the number), so config files written by earlier versions read the same."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: {...}`: merged by the parent class
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen and key != "<<":
+            try:
+                hash(key)
+            except TypeError:  # a list as a key: the parent class says so
+                continue
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): "
                     "the second would replace the first whole; merge them into one", key_node.start_mark)
@@ -48,22 +56,12 @@ _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-YamlLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"),
+# YAML 1.1's ints and floats (PyYAML's patterns) without the octal `0[0-7]+` and base-60 `a:b` forms
+YamlLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0b[0-1_]+|0x[0-9a-fA-F_]+|0|[1-9][0-9_]*)$"),
                                  list("-+0123456789"))
 YamlLoader.add_implicit_resolver(
-    _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
+    _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
                        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
-
-
-def _construct_int(loader: YamlLoader, node: yaml.Node) -> int:
-    text = loader.construct_scalar(node).replace("_", "")
-    sign = -1 if text.startswith("-") else 1
-    digits = text.lstrip("+-")
-    base = 16 if digits[:2] in ("0x", "0X") else 8 if digits[:2] in ("0o", "0O") else 10
-    return sign * int(digits[2:] if base != 10 else digits, base)
-
-
-YamlLoader.add_constructor(_INT, _construct_int)
 
 
 def yaml_load(text: str) -> Any:
@@ -72,11 +70,14 @@ def yaml_load(text: str) -> Any:
 
 
 class YamlDumper(yaml.SafeDumper):
-    """PyYAML's safe dumper quoting what YamlLoader would read as a number or a bool (a string
-    "1e-3" is one for it, not for YAML 1.1), so that a config written reads back equal."""
+    """PyYAML's safe dumper quoting every string that YamlLoader or PyYAML's own loader would
+    read as something else (a number, a bool, a date), so that a config written reads back equal
+    here, in earlier versions and in a user's yaml.safe_load."""
 
 
-YamlDumper.yaml_implicit_resolvers = YamlLoader.yaml_implicit_resolvers
+YamlDumper.yaml_implicit_resolvers = {
+    first: YamlLoader.yaml_implicit_resolvers.get(first, []) + yaml.SafeLoader.yaml_implicit_resolvers.get(first, [])
+    for first in {*YamlLoader.yaml_implicit_resolvers, *yaml.SafeLoader.yaml_implicit_resolvers}}
 
 
 def yaml_dump(data: Any, **options: Any) -> str:
@@ -127,6 +128,27 @@ def _merge(base: dict, update: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def override_keys_of(overrides: typing.Sequence[str]) -> list[str]:
+    """The dotted keys `key=value` overrides set: a section given as a mapping sets the keys in
+    it ("model.roi_heads={pooler_resolution: 7}" sets model.roi_heads.pooler_resolution), as it
+    merges into the config's section (a list or any other value sets its key)."""
+    keys = []
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = None  # load_config says what is wrong with it
+        keys += _dotted(key.strip(), value)
+    return keys
+
+
+def _dotted(prefix: str, value: Any) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [k for name, sub in value.items() for k in _dotted(f"{prefix}.{name}", sub)]
+    return [prefix]
 
 
 def _python_tuple(text: str, key: str) -> Any:
@@ -201,8 +223,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         if item_tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # one size, as Detectron2 takes INPUT.MIN_SIZE_TRAIN 800
-        if isinstance(value, str) and item_tp is not str and str in typing.get_args(item_tp):
-            value = [value]  # one data set: datasets.train=shapes_train
+        if isinstance(value, (str, dict)) and type(value) in typing.get_args(item_tp):
+            value = [value]  # one data set: datasets.train=shapes_train, or one entry as a mapping
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key}: expected a list, got {value!r} (one item is written [item])")
         return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
@@ -314,7 +336,7 @@ def _drop_inherited_class_names(tree: dict, path: Union[str, Path, None], overri
         return
     own = yaml_load(Path(path).read_text(encoding="utf-8")) if path is not None else None
     own = own.get("model") if isinstance(own, dict) and isinstance(own.get("model"), dict) else {}
-    given = {o.split("=", 1)[0].strip() for o in overrides}
+    given = set(override_keys_of(overrides))
 
     def level(key: str) -> int:  # where the value comes from: 2 command line, 1 the file, 0 a _base_
         return 2 if {"model", f"model.{key}"} & given else 1 if key in own else 0

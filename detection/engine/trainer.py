@@ -217,12 +217,13 @@ def _is_finished(cfg: Config, state: TrainState, out_dir: Path, changes: Sequenc
     """A resumed run at solver.max_iter has nothing to train: say so (and write a missing
     model_final.pth: the process was killed between the last checkpoint and that file). One
     whose final evaluation did not finish is not: the loop makes it (_evaluation_missing).
-    `changes` (keys the --resume changed) other than solver.max_iter (which ends a run there)
-    are refused for a finished run: nothing trains with them, yet config.yaml would say its
-    weights were made with them."""
+    `changes` (keys the --resume changed) that shape training (shapes_training: not
+    solver.max_iter, which ends a run there, nor test-time, logging or device keys) are refused
+    for a finished run: nothing trains with them, yet config.yaml would say its weights were
+    made with them."""
     if state.iteration < cfg.solver.max_iter or _evaluation_missing(cfg, state.iteration, out_dir):
         return False
-    unused = [key for key, _, _ in changes if key != "solver.max_iter"]
+    unused = [key for key, _, _ in changes if shapes_training(key)]
     if unused:
         raise ConfigError(f"{out_dir}: the run is finished (iteration {state.iteration}), so --resume with "
                           f"{', '.join(unused)} changed would train nothing with them, and config.yaml would no "
@@ -233,6 +234,18 @@ def _is_finished(cfg: Config, state: TrainState, out_dir: Path, changes: Sequenc
     if du.is_main_process() and not (out_dir / "model_final.pth").is_file():
         _finish(state, cfg, out_dir)
     return True
+
+
+# keys that do not change how a run's weights are made: a finished run resumed with them records them
+_NOT_TRAINING = ("test.", "log", "device", "tf32", "accel.", "datasets.test", "solver.max_iter",
+                 "model.roi_heads.detections_per_image", "input.min_size_test", "input.max_size_test")
+
+
+def shapes_training(key: str) -> bool:
+    """Whether a config key changes how a run's weights are made: not the test-time settings
+    (test.*, the *_test keys, detections per image), logging, the device and its levers, the
+    test sets, nor solver.max_iter (a finished run's resume with it ends the run there)."""
+    return not (key.startswith(_NOT_TRAINING) or key.endswith("_test"))
 
 
 def _evaluation_missing(cfg: Config, iteration: int, out_dir: Path) -> bool:
