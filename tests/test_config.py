@@ -121,8 +121,11 @@ def test_yaml_numbers_are_read_as_written_and_a_repeated_key_is_an_error(tmp_pat
             load_config(None, [override])
     write(tmp_path / "file.yaml", "seed: 10\nsolver: {base_lr: 0.005, max_iter: 10}\nmodel: {num_classes: 3}\n"
           "solver: {warmup_iters: 2}\n")
-    with pytest.raises(ConfigError, match=r"file.yaml: not valid YAML: key 'solver' is given twice \(lines 2 and 4\)"):
-        load_config(tmp_path / "file.yaml")
+    with pytest.raises(ConfigError, match=r"file.yaml: key 'solver' is given twice \(lines 2 and 4\): the second would "
+                                          r"replace the first whole; merge them into one$"):
+        load_config(tmp_path / "file.yaml")  # (PyYAML's "in <unicode string>, line 5" no longer ends it)
+    with pytest.raises(ConfigError, match=r"command line: override model.rpn: key 'nms_thresh' is given twice \(on line 1\)"):
+        load_config(None, ["model.rpn={nms_thresh: 0.6, nms_thresh: 0.7}"])
     write(tmp_path / "empty.yaml", "# only a comment\n")
     with pytest.raises(ConfigError, match="empty.yaml: the file is empty"):
         load_config(tmp_path / "empty.yaml")
@@ -271,6 +274,20 @@ def test_cli_print_config_rejects_a_dataset_entry_typo_with_exit_2():
     assert out.returncode == 2, out.stdout
     assert "datasets.test[0].clases" in out.stderr and "did you mean classes?" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_value_cut_at_a_yaml_comment_is_said(caplog):
+    """output_dir=scratch/run #1 is YAML's scratch/run (the rest a comment): said, not silent (a trial)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="detection.config.reading"):
+        cfg = load_config(None, ["output_dir=scratch/run #1"])
+    assert cfg.output_dir == "scratch/run"
+    assert "output_dir: the text from '#' on is a YAML comment, not part of the value 'scratch/run'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detection.config.reading"):
+        assert load_config(None, ["output_dir='scratch/run #1'"]).output_dir == "scratch/run #1"
+    assert "YAML comment" not in caplog.text  # quoted: kept whole, no word
 
 
 def test_output_dir_given_as_a_flag_is_taken_as_written(tmp_path, capsys, restore_logging):

@@ -169,3 +169,21 @@ def test_backbone_weights_are_no_detector(tmp_path):
     with pytest.raises(CheckpointError, match=r"run: a folder, not a weights file \(the checkpoint in it: .*run/"
                                               r"model_final.pth\)"):
         read_detector_file(tmp_path / "run")
+
+
+def test_a_batchnorm_detector_loads_into_frozen_norms(tmp_path):
+    """BatchNorm's step counters (num_batches_tracked) have no place in FrozenBatchNorm2d: a
+    detector trained with norm bn was refused as model.weights of a run with frozen stages or
+    frozen norms ("5 tensors of the file have no place"), and a resume with freeze_at raised the
+    same (a trial). Detectron2 drops them; so does this loader, and the weights load."""
+    from detection.engine.checkpoint import load_model_state
+
+    trained = build_model(tiny_cfg("model.backbone.norm=bn"))
+    path = tmp_path / "bn.pth"
+    torch.save({"model": trained.state_dict()}, path)
+    assert any(k.endswith("num_batches_tracked") for k in trained.state_dict())
+    for frozen in (["model.backbone.norm=frozen_bn"], ["model.backbone.norm=bn", "model.backbone.freeze_at=2"]):
+        model = build_model(tiny_cfg(*frozen))
+        load_initial_weights(model, str(path), tiny_cfg(*frozen).model.backbone)
+        assert torch.equal(model.state_dict()["trunk.stem.conv1.weight"], trained.state_dict()["trunk.stem.conv1.weight"])
+        load_model_state(model, trained.state_dict(), path)  # a resume's strict load

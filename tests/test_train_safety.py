@@ -206,6 +206,19 @@ def test_resume_shows_where_it_resumed_and_never_repeats_a_metrics_iteration(dat
     assert any("the run is finished (iteration 5), so --resume with model.roi_heads.pooler_resolution changed"
                in x for x in stderr_lines(capsys))
     assert (out / "config.yaml").read_text() == saved
+    # a copy of the run folder resumed through its config.yaml (which names the original folder) trained on
+    # in the original (a trial); refused, naming both folders
+    import shutil
+
+    shutil.copytree(out, tmp_path / "copy")
+    before = (out / "metrics.jsonl").read_text()
+    try:
+        code = train_det.main(["--config", str(tmp_path / "copy" / "config.yaml"), "--resume", "solver.max_iter=6"])
+    except SystemExit as err:
+        code = err.code
+    assert code == 2 and (out / "metrics.jsonl").read_text() == before
+    assert any(f"sits in a run folder ({tmp_path / 'copy'}, with its last.pth) but names output_dir {out}" in x
+               for x in stderr_lines(capsys))
     # test-time and logging keys change nothing training made: taken (the demo's re-evaluation with another
     # score threshold resumes so; a review)
     assert run(data_root, out, "--resume", **extra, **{"model.roi_heads.score_thresh_test": 0.3, "log_period": 5}) == 0

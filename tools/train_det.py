@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from detection.cli import add_config_args, config_from_args, override_keys, parse_command_line, run_tool
 from detection.config import dump_config
@@ -64,12 +65,29 @@ def run(args: argparse.Namespace) -> None:
     # "2024-01-05" became a date
     extra = [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir else []
     cfg = config_from_args(args, extra)
+    if args.resume and not args.output_dir:
+        _check_run_folder(args.config, cfg.output_dir)
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return
     from detection.engine.trainer import train  # heavy imports
 
     train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=override_keys(args))
+
+
+def _check_run_folder(config: str | None, output_dir: str) -> None:
+    """--resume --config RUN/config.yaml of a run folder moved or copied since (its config.yaml
+    names the folder it was made in): it resumed, or started over, in the old place. Refused,
+    with the --output-dir that resumes the run the config sits in."""
+    from detection.config import ConfigError
+
+    if not config:
+        return
+    folder = Path(config).expanduser().resolve().parent
+    if (folder / "last.pth").is_file() and folder != Path(output_dir).expanduser().resolve():
+        raise ConfigError(f"--resume: {config} sits in a run folder ({folder}, with its last.pth) but names "
+                          f"output_dir {output_dir} (moved or copied since?): give --output-dir {folder} to resume "
+                          f"the run it sits in, or --output-dir {output_dir} for that one")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- YAML reading
 
+class RepeatedKey(yaml.YAMLError):
+    """A key written twice in one mapping (YamlLoader): its message names it and its lines."""
+
+
 class YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader without YAML 1.1's octal and base-60 numbers and with no repeated
     keys. YAML 1.1 (PyYAML) reads `010` as 8 and `1:00` as 60, so a zero-padded seed or a step
@@ -45,9 +49,10 @@ class YamlLoader(yaml.SafeLoader):
             except TypeError:  # a list as a key: the parent class says so
                 continue
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): "
-                    "the second would replace the first whole; merge them into one", key_node.start_mark)
+                line = key_node.start_mark.line
+                where = f"lines {seen[key] + 1} and {line + 1}" if seen[key] != line else f"on line {line + 1}"
+                raise RepeatedKey(f"key {key!r} is given twice ({where}): the second would replace the first whole; "
+                                  "merge them into one")
             seen.setdefault(key, key_node.start_mark.line)
         return super().construct_mapping(node, deep=deep)
 
@@ -96,6 +101,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         data = yaml_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not a text file in UTF-8 (byte {err.start}: {err.reason})") from None
+    except RepeatedKey as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from None
     if data is None:  # an empty file would give every default (VOC, R-101, 90k iterations) in silence
@@ -175,8 +182,13 @@ def _apply_override(tree: dict, item: str) -> None:
     key, raw = item.split("=", 1)
     try:
         value = yaml_load(raw) if raw.strip() else ""
+    except RepeatedKey as err:
+        raise ConfigError(f"command line: override {key}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"command line: override {key}: cannot parse {raw!r}: {_one_line(err)}") from None
+    if (" #" in raw or raw.lstrip().startswith("#")) and "#" not in str(value):  # YAML's comment, gone in silence
+        logger.warning("command line: %s: the text from '#' on is a YAML comment, not part of the value %r: quote "
+                       "the value to keep it (%s='\"...\"')", key.strip(), value, key.strip())
     if isinstance(value, str) and value.strip().startswith("(") and value.strip().endswith(")"):
         value = _python_tuple(value, key)  # Detectron2's spelling: INPUT.MIN_SIZE_TRAIN "(640, 800)"
     node = tree
@@ -376,7 +388,8 @@ def _in_its_file(err: ConfigError, path: Path, source: str) -> ConfigError:
     if not text.startswith(source + ": "):
         return err
     rest = text[len(source) + 2:]
-    key = rest[len("unknown key "):].split(";")[0].split()[0] if rest.startswith("unknown key ") else rest.split(": ")[0]
+    unknown = rest.startswith("unknown key ")
+    key = rest[len("unknown key "):].split(";")[0].split()[0] if unknown else rest.split(": ")[0]
     setter = _file_setting(path, re.split(r"[\[ ]", key)[0].split("."))
     if setter is None or setter == path.resolve():
         return err

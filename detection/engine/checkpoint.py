@@ -207,6 +207,8 @@ def load_model_state(model: torch.nn.Module, state: Any, path: Union[str, Path])
     own = model.state_dict()
     problems = []
     missing = [k for k in own if k not in state]
+    # BatchNorm's step counter is no weight: a resume with more stages frozen (their norms FrozenBatchNorm2d) drops it
+    state = {k: v for k, v in state.items() if k in own or not k.endswith("num_batches_tracked")}
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} (the model's: {tuple(own[k].shape)})"
               for k in own if k in state and state[k].shape != own[k].shape]

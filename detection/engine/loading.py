@@ -164,7 +164,9 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
     _check_extra(model, weights)
     own = model.state_dict()
     _check_global_context(own, weights)
-    unexpected = sorted(set(weights.state) - set(own)) + weights.unknown
+    # BatchNorm's step counter (num_batches_tracked) is no weight: a BN-trained detector loads into frozen norms
+    unexpected = sorted(k for k in set(weights.state) - set(own) if not k.endswith("num_batches_tracked")) \
+        + weights.unknown
     missing = sorted(k for k in own if k not in weights.state and not k.endswith("num_batches_tracked"))
     mismatched = [k for k in weights.state if k in own and own[k].shape != weights.state[k].shape]
     skipped = []
@@ -187,7 +189,7 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
     if weights.num_classes != model.num_classes and not skipped:
         raise CheckpointError(f"{weights.path}: a detector of {weights.num_classes} classes, but "
                               f"model.num_classes is {model.num_classes}")
-    model.load_state_dict({k: v for k, v in weights.state.items() if k not in skipped}, strict=False)
+    model.load_state_dict({k: v for k, v in weights.state.items() if k not in skipped and k in own}, strict=False)
     return skipped
 
 
