@@ -89,8 +89,9 @@ def yaml_dump(data: Any, **options: Any) -> str:
     """`data` as YAML text that yaml_load reads back equal (YamlDumper)."""
     return yaml.dump(data, Dumper=YamlDumper, **options)
 
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    """Read one YAML file and merge it over its `_base_` files (paths relative to it)."""
+def _read_yaml(path: Path, chain: tuple[Path, ...] = (), files: list | None = None) -> dict:
+    """Read one YAML file and merge it over its `_base_` files (paths relative to it); `files`
+    (if given) gets (file, a copy of its own mapping) for each file read, in merge order."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: `_base_` inheritance loops back to this file")
@@ -117,7 +118,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: _base_ must be a config file's path or a list of them, got {bases!r}")
     merged: dict = {}
     for base in bases:
-        merged = _merge(merged, _read_yaml(path.parent / base, chain + (path,)))
+        merged = _merge(merged, _read_yaml(path.parent / base, chain + (path,), files))
+    if files is not None:
+        files.append((path, copy.deepcopy(data)))  # a copy: the merged tree shares data's sections
     return _merge(merged, data)
 
 
@@ -336,18 +339,17 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     return cap_num_workers(validate(_build(Config, data, "", source), source), source)
 
 
-def _drop_inherited_class_names(tree: dict, path: Union[str, Path, None], overrides: typing.Sequence[str],
-                                source: str) -> None:
+def _drop_inherited_class_names(tree: dict, own: dict, overrides: typing.Sequence[str], source: str) -> None:
     """Names inherited from a `_base_` (Detectron2's 80 COCO ones), or given by the config file
     when the command line changes model.num_classes, do not fit a fine-tune on other classes:
     they are dropped (with a message), so that training takes its data's names (saved in its
-    checkpoints) and evaluation the checkpoint's. Names given with or after num_classes must fit."""
+    checkpoints) and evaluation the checkpoint's. Names given with or after num_classes must fit.
+    `own`: the config file's own mapping (not its bases')."""
     model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
     names, num_classes = model.get("class_names"), model.get("num_classes", ModelConfig.num_classes)
     if not isinstance(names, list) or not names or not isinstance(num_classes, int) or len(names) == num_classes:
         return
-    own = yaml_load(Path(path).read_text(encoding="utf-8")) if path is not None else None
-    own = own.get("model") if isinstance(own, dict) and isinstance(own.get("model"), dict) else {}
+    own = own.get("model") if isinstance(own.get("model"), dict) else {}
     given = set(override_keys_of(overrides))
 
     def level(key: str) -> int:  # where the value comes from: 2 command line, 1 the file, 0 a _base_
@@ -364,43 +366,45 @@ def _drop_inherited_class_names(tree: dict, path: Union[str, Path, None], overri
 
 def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = ()) -> Config:
     """Read `path` (None = all defaults), merge its `_base_` chain, apply `key=value` overrides."""
-    tree = _read_yaml(Path(path)) if path is not None else {}
+    files: list[tuple[Path, dict]] = []  # the _base_ chain's files, in merge order: the config file last
+    tree = _read_yaml(Path(path), files=files) if path is not None else {}
     file_tree = copy.deepcopy(tree) if overrides else tree
     for item in overrides:
         _apply_override(tree, item)
     source = str(path) if path is not None else "defaults"
     full = source + _OVERRIDDEN if overrides else source
-    _drop_inherited_class_names(tree, path, overrides, full)
+    _drop_inherited_class_names(tree, files[-1][1] if files else {}, overrides, full)
     try:
         return config_from_dict(tree, full)
     except ConfigError as err:
         blamed = _blame(err, file_tree, source) if overrides else err
-        raise _in_its_file(blamed, Path(path), source) if path is not None else blamed from None
+        raise _in_its_file(blamed, files, source) if files else blamed from None
 
 
 _OVERRIDDEN = " (with command-line overrides)"
 
 
-def _in_its_file(err: ConfigError, path: Path, source: str) -> ConfigError:
-    """An error of the config file about a key a `_base_` of it sets: named in that file (the
-    child was named, so a typo in a base was looked for where it is not)."""
+def _in_its_file(err: ConfigError, files: list[tuple[Path, dict]], source: str) -> ConfigError:
+    """An error of the config file `source` about a key a `_base_` of it sets: named in that file
+    (the child was named, so a typo in a base was looked for where it is not). `files`: the chain
+    as _read_yaml read it, in merge order, the config file last."""
     text = str(err)
     if not text.startswith(source + ": "):
         return err
     rest = text[len(source) + 2:]
     unknown = rest.startswith("unknown key ")
     key = rest[len("unknown key "):].split(";")[0].split()[0] if unknown else rest.split(": ")[0]
-    setter = _file_setting(path, re.split(r"[\[ ]", key)[0].split("."))
-    if setter is None or setter == path.resolve():
+    setter = _file_setting(files, re.split(r"[\[ ]", key)[0].split("."))
+    if setter is None or setter == files[-1][0]:
         return err
-    return ConfigError(f"{setter} (a _base_ of {path}): {rest}")
+    return ConfigError(f"{setter} (a _base_ of {source}): {rest}")
 
 
-def _file_setting(path: Path, parts: list[str]) -> Path | None:
-    """The file of `path`'s _base_ chain whose value of the dotted key `parts` the merge keeps:
-    the last one, in merge order (bases first, then the file), that sets it."""
+def _file_setting(files: list[tuple[Path, dict]], parts: list[str]) -> Path | None:
+    """The file whose value of the dotted key `parts` the merge keeps: the last one of `files`
+    (in merge order) that sets it."""
     found = None
-    for file, data in _chain(path.resolve()):
+    for file, data in files:
         node: Any = data
         for part in parts:
             if not isinstance(node, dict) or part not in node:
@@ -409,19 +413,6 @@ def _file_setting(path: Path, parts: list[str]) -> Path | None:
         else:
             found = file
     return found
-
-
-def _chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
-    """(file, its own mapping) for `path` and its `_base_` files, in merge order. Called on an
-    error only: the chain was read without one, so this reading succeeds too."""
-    if path in seen:
-        return []
-    data = yaml_load(path.read_text(encoding="utf-8")) or {}
-    bases = data.get("_base_", [])
-    out = []
-    for base in [bases] if isinstance(bases, str) else bases:
-        out += _chain((path.parent / base).resolve(), seen + (path,))
-    return out + [(path, data)]
 
 
 def _blame(err: ConfigError, file_tree: dict, source: str) -> ConfigError:
