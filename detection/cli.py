@@ -160,6 +160,8 @@ def resolve_config_beside_weights(parser: argparse.ArgumentParser, args: argpars
         return
     weights = getattr(args, "weights", None)
     saved = config_beside(weights) if weights else None
+    if weights and "://" not in weights and not Path(weights).expanduser().exists():  # the checkpoint's path is the mistake, not the config
+        parser.error(f"--weights {weights}: file not found")
     if saved is None or not saved.is_file():
         where = f": there is no {saved}" if saved else ""
         if saved and Path(weights).suffix == ".pkl":  # a model-zoo file: its config is one of ours

@@ -338,6 +338,12 @@ def test_eval_and_visualize_take_the_config_saved_beside_the_checkpoint(trained,
 
 
 def test_config_is_required_without_one_beside_the_checkpoint(tmp_path, capsys):
+    # a checkpoint path that names no file: that is the mistake to name (it said "there is no config.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool("eval").parse_args(["--weights", str(tmp_path / "modle_final.pth")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--weights {tmp_path / 'modle_final.pth'}: file not found" in err and "config.yaml" not in err
     (tmp_path / "model_final.pth").write_bytes(b"")
     for name, extra in (("eval", []), ("visualize", ["--output", str(tmp_path / "vis"), "--compare"])):
         with pytest.raises(SystemExit) as exit_info:
