@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from detection.config import save_config
+from detection.config import ConfigError, save_config
 from detection.modeling.model import build_model
 from detection.predictor import Predictor
 from detection.testing import compare_detections, make_sane
@@ -73,6 +73,9 @@ def test_input_format_is_checked_and_given_through_from_config(setup, tmp_path):
     # Detectron2's upper-case keys, as the tools read them (was: "unknown key MODEL")
     upper = Predictor.from_config(config, weights, overrides=["MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.2"])
     assert upper.cfg.model.roi_heads.score_thresh_test == 0.2
+    # a wrong key in `overrides` is named as the Predictor's (it said "command-line overrides")
+    with pytest.raises(ConfigError, match=r"config.yaml \(with key=value overrides\): unknown key model.roi_heads.x"):
+        Predictor.from_config(config, weights, overrides=["model.roi_heads.x=1"])
 
 
 def test_the_device_is_the_configs_unless_the_argument_names_one(setup):

@@ -381,7 +381,7 @@ def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = 
         raise _in_its_file(blamed, files, source) if files else blamed from None
 
 
-_OVERRIDDEN = " (with command-line overrides)"
+_OVERRIDDEN = " (with key=value overrides)"  # from the command line or the Predictor's `overrides`
 
 
 def _in_its_file(err: ConfigError, files: list[tuple[Path, dict]], source: str) -> ConfigError:
