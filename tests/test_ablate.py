@@ -207,6 +207,23 @@ def test_without_context_weights_the_table_says_which_table9_rows_are_missing(tm
     assert "| baseline | 2.0 | 1.0 | 3.0 | 48.4 | 27.2 | 0.100 |" in table
 
 
+def test_the_code_version_changes_with_any_source_file(tmp_path):
+    tool = load_tool("ablate")
+    package = tmp_path / "detection"
+    (package / "modeling").mkdir(parents=True)
+    (package / "modeling" / "rpn.py").write_text("NMS = 0.7\n")
+    (package / "notes.txt").write_text("not code")
+    first = tool.code_version((package,))
+    (package / "notes.txt").write_text("changed, still not code")
+    assert tool.code_version((package,)) == first
+    (package / "modeling" / "rpn.py").write_text("NMS = 0.6\n")
+    assert tool.code_version((package,)) != first
+    (package / "modeling" / "rpn.py").write_text("NMS = 0.7\n")
+    (package / "modeling" / "rpn.py").rename(package / "rpn.py")  # the same bytes in another module
+    assert tool.code_version((package,)) != first
+    assert len(tool.code_version()) == 64  # the installed packages' own
+
+
 def test_an_ablation_goes_on_where_it_stopped_and_adds_the_context_rows_alone(tmp_path, monkeypatch, capsys):
     """Rows saved by an earlier run of the same checkpoint and settings are kept, not evaluated
     again (hours each on COCO): after an interruption, and when --context-weights is added to a
@@ -270,6 +287,15 @@ def test_an_ablation_goes_on_where_it_stopped_and_adds_the_context_rows_alone(tm
     os.utime(tmp_path / "context.pth", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert tool.main(common + with_context + ["test.box_refinement.nms_thresh=0.4"]) == 0
     assert seen == [3, 7, 2]  # the context checkpoint changed: its rows only
+
+    # another version of this toolkit's code: every row again (a fix of the evaluation kept its old figures)
+    seen.clear()
+    monkeypatch.setattr(tool, "code_version", lambda: "another commit")
+    assert tool.main(common + with_context + ["test.box_refinement.nms_thresh=0.4"]) == 0
+    assert sorted(seen) == [0, 1, 2, 3, 4, 5, 7]
+    monkeypatch.undo()
+    monkeypatch.setattr(tool, "evaluate_row", fake_evaluate)
+    monkeypatch.setattr(tool, "check_context", lambda *files: None)
 
     # the context rows of another context checkpoint, or of one against none, are not replaced
     for other in (["--context-weights", str(tmp_path / "other_context.pth")], []):

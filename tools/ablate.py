@@ -21,7 +21,7 @@ holding another checkpoint's ablation is not overwritten without --overwrite.
 
 ablation.json is written after each row, and a run into a folder that holds rows of the same
 checkpoint (the same file, size and modification time) with the same settings (each row's whole
-config and --tta) keeps them instead of evaluating them again: an interrupted ablation goes on
+config and --tta) and the same code (this toolkit's sources, torch's and torchvision's versions) keeps them instead of evaluating them again: an interrupted ablation goes on
 where it stopped, and --context-weights added to a finished one evaluates only the context rows
 (a kept row's seconds per image are from the run that measured it). --overwrite evaluates every
 row again.
@@ -125,18 +125,41 @@ KEPT_FIELDS = ("weights", "key", "AP", "AP50", "AP75", "seconds_per_image")
 def row_key(cfg: Config, weights: str, tta: bool, device: str) -> str:
     """What a row's numbers depend on, as one hash: the row's whole config (its switches, the
     test sets, every test setting), the device it runs on (the config's `auto` resolved), the
-    checkpoint file (absolute path, size, modification time) and --tta. A saved row with the
-    same key is kept (neither the images and annotations nor this toolkit's code are in it:
-    --overwrite after changing them)."""
+    checkpoint file (absolute path, size, modification time), --tta, this toolkit's code
+    (`code_version`) and the torch and torchvision versions. A saved row with the same key is
+    kept (the images and annotations are not in it: --overwrite after changing them)."""
     import hashlib
+
+    import torch
+    import torchvision
 
     from detection.config import dump_config
 
     stat = Path(weights).expanduser().stat()
     identity = {"config": dump_config(cfg), "tta": tta, "device": device,
                 "weights": str(Path(weights).expanduser().resolve()),
-                "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+                "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "code": code_version(),
+                "torch": torch.__version__, "torchvision": torchvision.__version__}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def code_version(roots: tuple[Path, ...] | None = None) -> str:
+    """A hash of the toolkit's Python sources (the `detection` and `backbones` packages, each
+    file's path in its package and its bytes): an edit of the code, or a checkout of another
+    commit, changes it (setup.py's version does not change with them)."""
+    import hashlib
+
+    if roots is None:
+        import backbones
+        import detection
+
+        roots = (Path(detection.__file__).parent, Path(backbones.__file__).parent)
+    digest = hashlib.sha256()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{root.name}/{path.relative_to(root).as_posix()}\0".encode("utf-8"))
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _save_rows(out: Path, sources: dict, test_set: str, tta: bool, rows: list[dict], complete: bool) -> None:
