@@ -216,7 +216,8 @@ def test_a_detectron2_key_named_otherwise_here_is_named_in_the_error(key, ours):
 
 
 def test_detectron2_single_training_size_and_range_sampling(tmp_path):
-    """Detectron2 takes INPUT.MIN_SIZE_TRAIN 800 as one size; its range sampling is said not to be done."""
+    """Detectron2 takes INPUT.MIN_SIZE_TRAIN 800 as one size, and samples it from a range."""
+    from detection.cli import lower_case_key
     from detection.config import load_config
 
     cfg = load_config(None, ["input.min_size_train=600", "solver.steps=5"])
@@ -229,11 +230,15 @@ def test_detectron2_single_training_size_and_range_sampling(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.class_names: expected a list, got 'cat' \(one item is "
                                           r"written \[item\]\)"):
         load_config(None, ["model.num_classes=1", "model.class_names=cat"])
-    with pytest.raises(ConfigError, match=r"unknown key input\.min_size_train_sampling; Detectron2's "
-                                          r"INPUT\.MIN_SIZE_TRAIN_SAMPLING has no counterpart here: the training "
-                                          r"size is always one of input\.min_size_train, chosen at random "
-                                          r"\(Detectron2's \"choice\"\); \"range\" sampling is not done"):
-        load_config(None, ["input.min_size_train_sampling=range"])
+    # Detectron2's range sampling, as its configs write it (it was "not done here")
+    cfg = load_config(None, [lower_case_key("INPUT.MIN_SIZE_TRAIN_SAMPLING=range"),
+                             lower_case_key("INPUT.MIN_SIZE_TRAIN=(640, 800)")])
+    assert (cfg.input.min_size_train_sampling, cfg.input.min_size_train) == ("range", [640, 800])
+    with pytest.raises(ConfigError, match=r"input\.min_size_train: .*two sizes \[smallest, largest\] with "
+                                          r"input\.min_size_train_sampling: range"):
+        load_config(None, ["input.min_size_train_sampling=range", "input.min_size_train=[640, 672, 800]"])
+    with pytest.raises(ConfigError, match=r"input\.min_size_train_sampling.*choice.*range"):
+        load_config(None, ["input.min_size_train_sampling=uniform"])
 
 
 def test_detectron2_tuple_values_and_weights_urls(tmp_path):

@@ -89,6 +89,39 @@ def test_multiscale_picks_each_size_reproducibly():
     assert set(runs[0]) == {20, 40}
 
 
+def test_range_sampling_draws_every_size_between_the_two_both_included():
+    """input.min_size_train_sampling: range (Detectron2's ResizeShortestEdge "range"): each image's
+    shorter side is drawn from [smallest, largest], both ends included, and its boxes follow."""
+    img = gradient_image(30, 60)
+    box = np.array([[6, 3, 30, 27]], np.float32)
+    transform = build_transforms(min_sizes=[20, 24], max_size=1000, hflip_prob=0.0, seed=1, sampling="range")
+    seen = set()
+    for _ in range(200):
+        out, boxes, _ = transform(img, box, [1])
+        size = out.shape[0]
+        seen.add(size)
+        assert out.shape[1] == round(size * 2)  # the 1:2 image keeps its shape
+        np.testing.assert_allclose(boxes, box * size / 30, rtol=1e-5)
+    assert seen == {20, 21, 22, 23, 24}
+    again = build_transforms(min_sizes=[20, 24], max_size=1000, hflip_prob=0.0, seed=1, sampling="range")
+    first = build_transforms(min_sizes=[20, 24], max_size=1000, hflip_prob=0.0, seed=1, sampling="range")
+    assert [again.min_size() for _ in range(20)] == [first.min_size() for _ in range(20)]
+    # "choice" (the default) takes only the sizes listed
+    choice = build_transforms(min_sizes=[20, 24], max_size=1000, hflip_prob=0.0, seed=1)
+    assert {choice.min_size() for _ in range(50)} == {20, 24}
+    # the config's setting reaches the training transform
+    from detection.config import load_config
+    from detection.data.transforms import build_train_transform
+
+    cfg = load_config(None, ["input.min_size_train_sampling=range", "input.min_size_train=[20, 24]"])
+    assert {build_train_transform(cfg).min_size() for _ in range(100)} == {20, 21, 22, 23, 24}
+    with pytest.raises(DataError, match=r"range needs input.min_size_train as two sizes \[smallest, largest\], "
+                                        r"got \[20, 22, 24\]"):
+        build_transforms(min_sizes=[20, 22, 24], max_size=1000, hflip_prob=0.0, sampling="range")
+    with pytest.raises(DataError, match="must be choice or range, got 'uniform'"):
+        build_transforms(min_sizes=[20], max_size=1000, hflip_prob=0.0, sampling="uniform")
+
+
 def test_jitter_changes_pixels_not_boxes():
     img = gradient_image(40, 100)
     boxes_in = np.array([[10, 20, 30, 40]], np.float32)

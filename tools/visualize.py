@@ -199,7 +199,7 @@ def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
         boxes += len(target["boxes"])
     print(f"wrote {count} images to {output}: the first {batches} training batches of {cfg.solver.ims_per_batch} "
           f"(iterations 1..{batches} of a new one-process run, seed {cfg.seed}: input.min_size_train "
-          f"{cfg.input.min_size_train}, "
+          f"{cfg.input.min_size_train}{' (range)' if cfg.input.min_size_train_sampling == 'range' else ''}, "
           f"max_size_train {cfg.input.max_size_train}, hflip_prob {cfg.input.hflip_prob:g}, jitter "
           f"{'on' if cfg.input.jitter else 'off'}), {boxes} target boxes drawn")
 

@@ -24,6 +24,7 @@ CHOICES = {
     "model.backbone.shortcut": ("A", "B", "C"),
     "model.roi_heads.pooler": ("roi_align", "roi_pool"),
     "input.resize_mode": ("default", "detectron2"),
+    "input.min_size_train_sampling": ("choice", "range"),
     "solver.lr_schedule": ("multistep", "cosine"),
     "device": ("auto", "cpu", "cuda"),
     # true: torch.compile's default mode; the modes are detection.accel.levers.COMPILE_MODES
@@ -78,6 +79,9 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.roi_heads.box_loss_weight", m.roi_heads.box_loss_weight >= 0, "0 or more"),
         ("input.min_size_train", len(cfg.input.min_size_train) > 0
          and min(cfg.input.min_size_train) > 0, "positive sizes"),
+        ("input.min_size_train", cfg.input.min_size_train_sampling != "range" or (
+            len(cfg.input.min_size_train) == 2 and cfg.input.min_size_train[0] <= cfg.input.min_size_train[1]),
+         "two sizes [smallest, largest] with input.min_size_train_sampling: range"),
         ("input.max_size_train", cfg.input.max_size_train > 0, "positive"),
         ("input.min_size_test", cfg.input.min_size_test > 0, "positive"),
         ("input.max_size_test", cfg.input.max_size_test > 0, "positive"),

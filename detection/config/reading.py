@@ -288,16 +288,10 @@ DETECTRON2_NAMES = {
     "solver.lr_scheduler_name": "solver.lr_schedule",
     "solver.amp.enabled": "solver.amp",
     "dataloader.filter_empty_annotations": "dataloader.filter_empty",
-    "input.min_size_train_sampling": None,
-}
-# Detectron2's keys with no counterpart here (None above): what is done instead.
-DETECTRON2_NOT_DONE = {
-    "input.min_size_train_sampling": "the training size is always one of input.min_size_train, chosen at random "
-                                     "(Detectron2's \"choice\"); \"range\" sampling is not done",
 }
 
 
-def _detectron2_name(dotted: str, value: Any) -> tuple[str, str | None] | None:
+def _detectron2_name(dotted: str, value: Any) -> tuple[str, str] | None:
     """(Detectron2's key, this project's) for an unknown key, or a key inside an unknown section
     (model.resnets: {depth: 101}), that is Detectron2's name of one here."""
     keys = [dotted] + ([f"{dotted}.{k}" for k in value] if isinstance(value, dict) else [])
@@ -316,15 +310,13 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
             ours = _detectron2_name(dotted, value)
             close = difflib.get_close_matches(str(key).lower(), names, n=3, cutoff=0.6)
             upper = str(key) != str(key).lower() and str(key).lower() in names
-            hint = (f"; Detectron2's {ours[0].upper()} has no counterpart here: {DETECTRON2_NOT_DONE[ours[0].lower()]}"
-                    if ours and ours[1] is None else
-                    f"; Detectron2's {ours[0].upper()} is {ours[1]} here" if ours else
+            hint = (f"; Detectron2's {ours[0].upper()} is {ours[1]} here" if ours else
                     f"; keys are lower-case here ({str(key).lower()}; the command line reads upper-case ones so, "
                     "a file does not)" if upper else
                     f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}")
             raise ConfigError(f"{source}: unknown key {dotted}{hint}")
         ours = _detectron2_name(dotted, value) if isinstance(value, dict) else None
-        if ours and ours[1] is not None and not dataclasses.is_dataclass(hints[key]) and hints[key] is not dict:
+        if ours and not dataclasses.is_dataclass(hints[key]) and hints[key] is not dict:
             raise ConfigError(f"{source}: {dotted}: expected {_type_name(hints[key])}, got {value!r}; "
                               f"Detectron2's {ours[0].upper()} is {ours[1]} here")  # SOLVER.AMP.ENABLED
         kwargs[key] = _coerce(value, hints[key], dotted, source)

@@ -78,6 +78,7 @@ class ModelConfig:
 @dataclass
 class InputConfig:
     min_size_train: list[int] = field(default_factory=lambda: [600])
+    min_size_train_sampling: str = "choice"
     max_size_train: int = 1000
     min_size_test: int = 600
     max_size_test: int = 1000

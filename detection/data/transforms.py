@@ -39,14 +39,17 @@ def resize_shorter_side(img: np.ndarray, boxes: np.ndarray, min_size: int, max_s
 class TrainTransform:
     """Callable (img uint8[H,W,3], boxes float32[N,4], labels int64[N]) -> the same, transformed.
 
-    One of `min_sizes` is picked per image (multi-scale training). Random state is
-    owned by the transform; `set_seed` makes it reproducible (the loader calls it
+    One of `min_sizes` is picked per image (multi-scale training); with `sampling` "range",
+    `min_sizes` is [smallest, largest] and each image's size is drawn uniformly from the
+    integers between them, both included (Detectron2's ResizeShortestEdge "range"). Random
+    state is owned by the transform; `set_seed` makes it reproducible (the loader calls it
     once per worker with a worker-specific seed).
     """
 
     def __init__(self, min_sizes: Sequence[int], max_size: int, hflip_prob: float, jitter: bool,
-                 seed: int | None = None, resize_mode: str = "default") -> None:
+                 seed: int | None = None, resize_mode: str = "default", sampling: str = "choice") -> None:
         self.min_sizes = [int(s) for s in min_sizes]
+        self.sampling = sampling
         self.resize_mode = resize_mode
         self.max_size = int(max_size)
         self.hflip_prob = float(hflip_prob)
@@ -73,39 +76,51 @@ class TrainTransform:
         # albumentations rejects degenerate boxes, so they are removed first (the readers never emit any)
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes, labels = boxes[valid], labels[valid]
-        min_size = self.min_sizes[int(self._rng.integers(len(self.min_sizes)))]
+        min_size = self.min_size()
         img, boxes = resize_shorter_side(img, boxes, min_size, self.max_size, self.resize_mode)
         out = self._albu(image=img, bboxes=boxes, labels=labels)
         out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
         out_labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
         return np.ascontiguousarray(out["image"]), out_boxes, out_labels
 
+    def min_size(self) -> int:
+        """The next image's shorter side."""
+        if self.sampling == "range":
+            return int(self._rng.integers(self.min_sizes[0], self.min_sizes[1] + 1))
+        return self.min_sizes[int(self._rng.integers(len(self.min_sizes)))]
+
     def __repr__(self) -> str:
-        return (f"TrainTransform(min_sizes={self.min_sizes}, max_size={self.max_size}, "
+        return (f"TrainTransform(min_sizes={self.min_sizes}, sampling={self.sampling!r}, max_size={self.max_size}, "
                 f"hflip_prob={self.hflip_prob}, jitter={self.jitter}, resize_mode={self.resize_mode!r})")
 
 
 def build_transforms(*, min_sizes: Sequence[int] | int, max_size: int, hflip_prob: float,
-                     jitter: bool = False, seed: int | None = None, resize_mode: str = "default"
-                     ) -> TrainTransform:
-    """The training transform from the input.* settings (min_size_train, max_size_train, hflip_prob, jitter)."""
+                     jitter: bool = False, seed: int | None = None, resize_mode: str = "default",
+                     sampling: str = "choice") -> TrainTransform:
+    """The training transform from the input.* settings (min_size_train, min_size_train_sampling,
+    max_size_train, hflip_prob, jitter, resize_mode)."""
     sizes = [min_sizes] if isinstance(min_sizes, int) else list(min_sizes)
     if not sizes or any(int(s) <= 0 for s in sizes):
         raise DataError(f"input.min_size_train must be a non-empty list of positive sizes, got {min_sizes!r}")
+    if sampling not in ("choice", "range"):
+        raise DataError(f"input.min_size_train_sampling must be choice or range, got {sampling!r}")
+    if sampling == "range" and (len(sizes) != 2 or int(sizes[0]) > int(sizes[1])):
+        raise DataError("input.min_size_train_sampling: range needs input.min_size_train as two sizes "
+                        f"[smallest, largest], got {min_sizes!r}")
     if int(max_size) <= 0:
         raise DataError(f"input.max_size_train must be positive, got {max_size!r}")
     if not 0.0 <= float(hflip_prob) <= 1.0:
         raise DataError(f"input.hflip_prob must be in [0, 1], got {hflip_prob!r}")
     if resize_mode not in RESIZE_MODES:
         raise DataError(f"input.resize_mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
-    return TrainTransform(sizes, max_size, hflip_prob, jitter, seed=seed, resize_mode=resize_mode)
+    return TrainTransform(sizes, max_size, hflip_prob, jitter, seed=seed, resize_mode=resize_mode, sampling=sampling)
 
 
 def build_train_transform(cfg: Any) -> TrainTransform:
     """The training transform of a detection.config.Config (its input.* settings)."""
     i = cfg.input
     return build_transforms(min_sizes=i.min_size_train, max_size=i.max_size_train, hflip_prob=i.hflip_prob,
-                            jitter=i.jitter, resize_mode=i.resize_mode)
+                            jitter=i.jitter, resize_mode=i.resize_mode, sampling=i.min_size_train_sampling)
 
 
 def _albu_ops(hflip_prob: float, jitter: bool) -> list:
