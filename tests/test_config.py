@@ -56,6 +56,7 @@ def test_the_configs_choices_are_the_librarys():
     from backbones.resnet import NORM_KINDS, RESNET_SPECS, SHORTCUT_KINDS
     from detection.accel.levers import COMPILE_MODES
     from detection.config.checks import CHOICES
+    from detection.data.transforms import SIZE_SAMPLINGS
     from detection.modeling.resize import RESIZE_MODES
     from detection.modeling.roi_heads import POOLERS
 
@@ -63,6 +64,7 @@ def test_the_configs_choices_are_the_librarys():
     assert set(CHOICES["model.backbone.norm"]) == set(NORM_KINDS)
     assert set(CHOICES["model.backbone.shortcut"]) == set(SHORTCUT_KINDS)
     assert set(CHOICES["input.resize_mode"]) == set(RESIZE_MODES)
+    assert set(CHOICES["input.min_size_train_sampling"]) == set(SIZE_SAMPLINGS)
     assert set(CHOICES["model.roi_heads.pooler"]) == set(POOLERS)
     assert set(CHOICES["accel.compile"]) == {False, True, *COMPILE_MODES}
 

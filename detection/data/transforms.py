@@ -21,6 +21,9 @@ import numpy as np  # noqa: E402
 from detection.data import DataError  # noqa: E402
 from detection.modeling.resize import RESIZE_MODES, resize_uint8, resized_shape  # noqa: E402,F401 (re-exported)
 
+# input.min_size_train_sampling: one of the sizes listed, or any size between the two given
+SIZE_SAMPLINGS = ("choice", "range")
+
 
 def resize_shorter_side(img: np.ndarray, boxes: np.ndarray, min_size: int, max_size: int,
                         mode: str = "default") -> tuple[np.ndarray, np.ndarray]:
@@ -102,8 +105,8 @@ def build_transforms(*, min_sizes: Sequence[int] | int, max_size: int, hflip_pro
     sizes = [min_sizes] if isinstance(min_sizes, int) else list(min_sizes)
     if not sizes or any(int(s) <= 0 for s in sizes):
         raise DataError(f"input.min_size_train must be a non-empty list of positive sizes, got {min_sizes!r}")
-    if sampling not in ("choice", "range"):
-        raise DataError(f"input.min_size_train_sampling must be choice or range, got {sampling!r}")
+    if sampling not in SIZE_SAMPLINGS:
+        raise DataError(f"input.min_size_train_sampling must be {' or '.join(SIZE_SAMPLINGS)}, got {sampling!r}")
     if sampling == "range" and (len(sizes) != 2 or int(sizes[0]) > int(sizes[1])):
         raise DataError("input.min_size_train_sampling: range needs input.min_size_train as two sizes "
                         f"[smallest, largest], got {min_sizes!r}")
