@@ -208,6 +208,40 @@ def test_float_images_in_0_1_are_warned_about():
                    torch.randint(0, 2, (3, 32, 32), dtype=torch.uint8)])
 
 
+def test_train_mode_says_once_when_images_are_far_from_the_training_size(tmp_path):
+    """Train mode does not resize (as Detectron2's model; torchvision's does): a torchvision user's
+    own loop feeding photos as read trained at their full size in silence. The model says so once,
+    at the caller's line, for an image over 1.5x away from what training's pipeline makes of it,
+    and never for the pipeline's own images (the shorter side at a training size or the longer at the cap)."""
+    import warnings
+
+    import numpy as np
+
+    from detection.data.transforms import build_train_transform
+    from tests.helpers import tiny_cfg
+
+    cfg = tiny_cfg(tmp_path, tmp_path / "out", **{"input.min_size_train": [64, 80]})
+    model = build_model(cfg).train()
+    target = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
+    transform = build_train_transform(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for height, width in [(300, 400), (20, 30), (500, 40), (64, 96), (150, 130)]:
+            image = transform(np.full((height, width, 3), 90, np.uint8), np.array([[1.0, 1, 8, 8]]), np.array([1]))[0]
+            model([torch.from_numpy(image).permute(2, 0, 1)], target)
+        model([torch.full((3, 100, 120), 90.0)], target)  # 1.25x the smallest size: near enough
+    with pytest.warns(UserWarning, match=r"training image 1 is 300x400, but training's data pipeline would resize it "
+                                         r"to 64x85 \(input.min_size_train \[64, 80\], max_size_train 96\): the "
+                                         r"model does not resize in train mode") as caught:
+        model([torch.full((3, 64, 80), 90.0), torch.full((3, 300, 400), 90.0)], target * 2)
+    assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():  # once per model
+        warnings.simplefilter("error")
+        model([torch.full((3, 300, 400), 90.0)], target)
+    with pytest.warns(UserWarning, match=r"training image 0 is 20x24, but .* to 64x77"):
+        build_model(cfg).train()([torch.full((3, 20, 24), 90.0)], target)
+
+
 def test_the_models_input_mistakes_of_a_torchvision_user():
     """What torchvision's detectors take, or a helper's trial passed: an (N, 3, H, W) batch is
     taken as its N images; an (H, W, 3) image says how to turn it; an inference copy

@@ -86,7 +86,8 @@ class FasterRCNN(nn.Module):
                  input_format: str = "RGB", min_size_test: int = 600, max_size_test: int = 1000,
                  size_divisibility: int = 32, resize_mode: str = "default",
                  class_names: Sequence[str] | None = None,
-                 multi_scale: MultiScaleTest | None = None) -> None:
+                 multi_scale: MultiScaleTest | None = None,
+                 train_sizes: tuple[Sequence[int], int] | None = None) -> None:
         super().__init__()
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"FasterRCNN: input_format must be RGB or BGR, got {input_format!r}")
@@ -99,6 +100,10 @@ class FasterRCNN(nn.Module):
         self.min_size_test, self.max_size_test = min_size_test, max_size_test
         self.size_divisibility = size_divisibility
         self.multi_scale = multi_scale  # the paper's multi-scale testing (detection/modeling/multiscale.py)
+        # (input.min_size_train, max_size_train): train mode does not resize, and says once when an
+        # image is far from the size training's pipeline gives it (None: not checked)
+        self.train_sizes = train_sizes
+        self._told_size = False
         self.amp = False  # test.amp: inference under autocast (detection/modeling/precision.py, set by the engine)
         self.inference_only = False  # detection.accel's inference copies: folded norms, no gradients
         self.class_names = list(class_names) if class_names is not None else None
@@ -128,6 +133,8 @@ class FasterRCNN(nn.Module):
             if targets is None:
                 raise TargetError("FasterRCNN: targets are required in training mode")
             validate_targets(targets, len(images), self.num_classes)
+            if self.train_sizes is not None and not self._told_size:
+                self._told_size = _tell_unresized(images, *self.train_sizes)
             targets = [{"boxes": t["boxes"].to(self.device, torch.float32).reshape(-1, 4),
                         "labels": t["labels"].to(self.device, torch.int64)} for t in targets]
             batch = self.preprocess(images, resize=False)
@@ -237,6 +244,33 @@ def _check_images(images: Sequence[Tensor]) -> None:
                               stacklevel=_callers_level())
 
 
+# how far (as a scale factor) a training image may be from the pipeline's size before the model says so:
+# the training loader's images are at that size (to the pixel), a user's own loop's may not be
+_UNRESIZED_FACTOR = 1.5
+
+
+def _tell_unresized(images: Sequence[Tensor], min_sizes: Sequence[int], max_size: int) -> bool:
+    """Warn (and return True) when a train-mode image is over 1.5x larger or smaller than the
+    shorter-side resize of input.min_size_train / max_size_train makes it: torchvision's
+    detectors resize in train mode, so its users' own loops feed images as read (a 4000x3000
+    photo trains at full size, slowly, and the model then tests at another scale)."""
+    for i, img in enumerate(images):
+        height, width = int(img.shape[-2]), int(img.shape[-1])
+        if not height or not width:
+            continue
+        smallest = resized_shape(height, width, min(min_sizes), max_size)[0] / height
+        largest = resized_shape(height, width, max(min_sizes), max_size)[0] / height
+        if smallest > _UNRESIZED_FACTOR or largest < 1 / _UNRESIZED_FACTOR:
+            target = resized_shape(height, width, min(min_sizes), max_size)
+            warnings.warn(f"FasterRCNN: training image {i} is {height}x{width}, but training's data pipeline would "
+                          f"resize it to {target[0]}x{target[1]} (input.min_size_train {list(min_sizes)}, "
+                          f"max_size_train {max_size}): the model does not resize in train mode (torchvision's "
+                          "does): resize as training does, with detection.data.transforms.build_train_transform(cfg)",
+                          stacklevel=_callers_level())
+            return True
+    return False
+
+
 def _callers_level() -> int:
     """warnings.warn's stacklevel for the first frame outside this project's modeling code and
     torch (nn.Module's call machinery): the user's line that called the model."""
@@ -344,7 +378,8 @@ def build_model(cfg: Config) -> FasterRCNN:
                       min_size_test=cfg.input.min_size_test, max_size_test=cfg.input.max_size_test,
                       size_divisibility=m.size_divisibility, resize_mode=cfg.input.resize_mode,
                       class_names=m.class_names or None,
-                      multi_scale=MultiScaleTest(tuple(ms.sizes), ms.max_size) if ms.enabled else None)
+                      multi_scale=MultiScaleTest(tuple(ms.sizes), ms.max_size) if ms.enabled else None,
+                      train_sizes=(tuple(cfg.input.min_size_train), cfg.input.max_size_train))
 
 
 def _box_refinement(cfg: Config) -> BoxRefinement | None:
