@@ -208,6 +208,27 @@ def test_metrics_time_is_the_windows_median_and_log_txt_holds_the_run(data_root,
     assert not (tmp_path / "refused").exists()
 
 
+def test_python_warnings_of_a_run_reach_log_txt_and_are_still_shown(data_root, tmp_path, monkeypatch):
+    """README: log.txt holds every message of the run, warnings too; warnings.warn's (test.amp's
+    float32 fallback, PyTorch's) reached only the console. Now both, and the previous warnings
+    display is put back after the run."""
+    import warnings
+
+    def step(cfg, state, model, images, targets, device):
+        warnings.warn("a library's warning in the loop", RuntimeWarning)
+        return {k: 1.0 for k in LOSS_KEYS}
+
+    monkeypatch.setattr(trainer, "run_step", step)
+    shown_before = warnings.showwarning
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="a library's warning in the loop") as shown:  # shown as before
+        trainer.train(tiny_cfg(data_root, out, **{"solver.max_iter": 2, "datasets.test": []}))
+    lines = [x for x in (out / "log.txt").read_text().splitlines() if "a library's warning" in x]
+    assert len(lines) == len(shown) == 2 and " WARNING py.warnings: a library's warning in the loop (RuntimeWarning, " in lines[0]
+    assert f"{Path(__file__).name}:" in lines[0]  # where it was raised
+    assert warnings.showwarning == shown_before
+
+
 @pytest.mark.slow  # trains
 def test_logged_lr_is_the_one_the_iteration_ran_at(data_root, tmp_path):
     """metrics.jsonl's lr is the one each iteration ran at: with solver.steps=[3], iteration 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import logging
 import statistics
+import warnings
 from pathlib import Path
 from typing import IO, Optional
 
@@ -53,8 +54,10 @@ class RunLogFile(logging.Handler):
 
     Installed on the root logger when training starts; messages come before the output folder
     may be written (the run's checks first), so they are held until `open` and a run refused by
-    its checks writes nothing. A log.txt that cannot be written (a full disk) is one warning
-    and no more lines, never a stop: metrics.jsonl and the checkpoints are the run's record."""
+    its checks writes nothing. Python warnings (`warnings.warn`: test.amp's float32 fallback,
+    PyTorch's) go to log.txt too, as WARNING lines, and are shown as before. A log.txt that
+    cannot be written (a full disk) is one warning and no more lines, never a stop: metrics.jsonl
+    and the checkpoints are the run's record."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -65,6 +68,7 @@ class RunLogFile(logging.Handler):
         self.path: Optional[Path] = None
         self.failed = False
         self._levels: dict[str, int] = {}
+        self._shown = None  # warnings.showwarning before install
 
     def install(self) -> "RunLogFile":
         """On the root logger, with the project's loggers at info at least (put back by remove)."""
@@ -74,9 +78,21 @@ class RunLogFile(logging.Handler):
                 self._levels[name] = log.level
                 log.setLevel(logging.INFO)
         logging.getLogger().addHandler(self)
+        self._shown = warnings.showwarning
+        warnings.showwarning = self._show_warning
         return self
 
+    def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        """A Python warning: into log.txt (its text, category and place), then shown as before."""
+        if not self.failed:
+            record = logging.LogRecord("py.warnings", logging.WARNING, str(filename), int(lineno or 0),
+                                       "%s (%s, %s:%s)", (message, category.__name__, filename, lineno), None)
+            self._add(self.format(record))
+        self._shown(message, category, filename, lineno, file, line)
+
     def remove(self) -> None:
+        if warnings.showwarning == self._show_warning:  # not replaced again since
+            warnings.showwarning = self._shown
         logging.getLogger().removeHandler(self)
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
@@ -101,7 +117,9 @@ class RunLogFile(logging.Handler):
             logging.lastResort.handle(record)
         if self.failed:
             return
-        line = self.format(record)
+        self._add(self.format(record))
+
+    def _add(self, line: str) -> None:
         if self.stream is None:
             self.held.append(line)
         else:

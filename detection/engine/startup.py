@@ -16,7 +16,7 @@ import torch
 from detection.config import Config, ConfigError
 from detection.data.dataset_info import DatasetInfo
 from detection.engine import distributed as du
-from detection.modeling.precision import amp_dtype
+from detection.modeling.precision import amp_dtype, training_amp
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
         lines.append(f"training set {d.name}: {len(kept)} images{dropped}, {d.num_classes} classes, objects "
                      "per class: " + ", ".join(f"{n} {c}" for n, c in zip(d.class_names, counts[1:])))
     lines += summary_of_test_sets(cfg, test_sets)
-    amp = str(amp_dtype(device)).removeprefix("torch.") if cfg.solver.amp else "off"
+    amp = str(amp_dtype(device)).removeprefix("torch.") if training_amp(cfg.solver.amp, device) else \
+        "off (no bfloat16 instructions: float32)" if cfg.solver.amp else "off"
     lines.append(f"device: {device}, torch threads: {torch.get_num_threads()}, AMP: {amp}, "
                  f"fast path: {'on' if cfg.model.fast_path else 'off'}, processes: {du.get_world_size()}")
     lines.append(f"datasets.root: {Path(cfg.datasets.root).resolve()}")

@@ -40,7 +40,7 @@ from detection.engine.startup import (build_test_datasets, build_train_data_load
                                       check_initial_weights, event_files, final_line, note_stop, parameters_line,
                                       schedule_warnings, summary_lines, undo_unstarted_run)
 from detection.engine.train_state import TrainState, build_train_state, restore_train_state, seed_everything
-from detection.modeling.precision import amp_dtype
+from detection.modeling.precision import SLOW_BFLOAT16, amp_dtype, training_amp
 
 # The names other modules and tools import from here, whichever part defines them.
 __all__ = ["GracefulStop", "MetricsLog", "TrainState", "TrainingError", "TrainingInterrupted", "TrainingStopped",
@@ -146,6 +146,9 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
             logger.info("%s", line)
         for line in schedule_warnings(cfg):
             logger.warning("%s", line)
+        if cfg.solver.amp and not training_amp(True, device):
+            logger.warning("solver.amp: %s: training in float32 (solver.amp=false says the same without this "
+                           "warning)", SLOW_BFLOAT16)
         prepare_output_dir(cfg, out_dir, remove=old_run if overwrite else [],
                            resumed_at=state.iteration if resuming else None)
         if run_log is not None:
@@ -365,7 +368,7 @@ def run_step(cfg: Config, state: TrainState, model: nn.Module, images: list, tar
     """One SGD step; returns the losses averaged over processes (as Python floats)."""
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-    loss_dict = forward_losses(model, images, targets, amp=bool(cfg.solver.amp), device=device)
+    loss_dict = forward_losses(model, images, targets, amp=training_amp(cfg.solver.amp, device), device=device)
     total = sum(loss_dict.values())
     reduced = reduce_losses(loss_dict)
     if not all(np.isfinite(v) for v in reduced.values()):

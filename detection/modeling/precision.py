@@ -6,7 +6,9 @@ decoding, clipping, NMS and box voting run in float32, as in training with `solv
 
 bfloat16 is fast only on CPUs with bfloat16 instructions (AVX512-BF16 or AMX; Linux lists
 `avx512_bf16` / `amx_bf16` among the CPU flags). Elsewhere PyTorch emulates it, slower than
-float32, so `inference_amp` then falls back to float32 with one warning.
+float32 (a training step of the demo's model 12x slower on a 2-vCPU AMD EPYC with AVX2 only),
+so `inference_amp` and `training_amp` then fall back to float32, with one warning
+(`inference_amp`; the trainer says so in its log).
 """
 from __future__ import annotations
 
@@ -34,18 +36,36 @@ def cpu_bf16_flags() -> tuple[str, ...]:
     return tuple(flag for flag in BF16_FLAGS if flag in flags)
 
 
+# why a CPU runs float32 where autocast was asked for
+SLOW_BFLOAT16 = ("this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), where PyTorch emulates "
+                 "bfloat16, several times slower than float32")
+# inference_amp's warning is given once per process: "test.amp" is added here when it is (the warnings
+# module's own "once" is reset by any warnings.catch_warnings, so it came again at each evaluation)
+WARNED: set[str] = set()
+
+
+def bfloat16_is_slow(device: torch.device | str) -> bool:
+    """Whether autocast would run emulated bfloat16: a CPU without bfloat16 instructions."""
+    return torch.device(device).type == "cpu" and not cpu_bf16_flags()
+
+
 def inference_amp(requested: bool, device: torch.device | str) -> bool:
     """Whether to run inference under autocast: on CUDA when requested; on the CPU only with
-    bfloat16 instructions (else float32, with a warning saying why)."""
+    bfloat16 instructions (else float32, with a warning saying why, once per process)."""
     if not requested:
         return False
-    if torch.device(device).type == "cuda":
+    if not bfloat16_is_slow(device):
         return True
-    if cpu_bf16_flags():
-        return True
-    warnings.warn("test.amp: this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), where "
-                  "bfloat16 is slower than float32: running inference in float32", stacklevel=2)
+    if "test.amp" not in WARNED:
+        WARNED.add("test.amp")
+        warnings.warn(f"test.amp: {SLOW_BFLOAT16}: running inference in float32", stacklevel=2)
     return False
+
+
+def training_amp(requested: bool, device: torch.device | str) -> bool:
+    """Whether to train under solver.amp's autocast: on CUDA when requested; on the CPU only with
+    bfloat16 instructions (else float32: the trainer's start summary says why)."""
+    return bool(requested) and not bfloat16_is_slow(device)
 
 
 def amp_dtype(device: torch.device | str) -> torch.dtype:
