@@ -209,6 +209,9 @@ def print_report(report: dict[str, Any]) -> None:
         print("\ntraining iteration (median s): " + ", ".join(
             f"{n} {e['iteration_median_s']:.3f} (CPU {e['iteration_cpu_median_s']:.1f}, GFLOP {e['flops'] / 1e9:.0f})"
             for n, e in report["training"].items() if e["iteration_s"]))
+        if "fast_amp" not in report["training"]:
+            print("no fast_amp row: on a CPU without bfloat16 instructions solver.amp trains in float32 (PyTorch "
+                  "emulates bfloat16 there, several times slower)")
         peaks = {n: e["step_peak_mb"] for n, e in report["training"].items() if "step_peak_mb" in e}
         if peaks:
             print("training step's peak GPU memory above the resident (MB): "

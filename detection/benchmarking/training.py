@@ -18,6 +18,7 @@ from detection.benchmarking.models import bench_state, settle_loss_scale, synthe
 from detection.config import Config
 from detection.engine.trainer import TrainState
 from detection.accel import optimize_for_training
+from detection.modeling.precision import training_amp
 
 # the models whose step runs under autocast (bfloat16 on the CPU, float16 on CUDA)
 AMP_MODELS = frozenset({"fast_amp", "torchvision_amp"})
@@ -59,11 +60,13 @@ def bench_training(cfg: Config, plain: torch.nn.Module, tv: torch.nn.Module | No
 
 
 def training_models(plain: torch.nn.Module, tv: torch.nn.Module | None) -> dict[str, torch.nn.Module]:
-    """name -> a train-mode copy: the plain path, the fast ones as the trainer sets them up,
-    torchvision's C4 (on CUDA twice: the GPU targets compare AMP steps)."""
+    """name -> a train-mode copy: the plain path, the fast ones as the trainer sets them up (with
+    solver.amp only where it runs: not on a CPU without bfloat16 instructions, where the trainer
+    trains in float32), torchvision's C4 (on CUDA twice: the GPU targets compare AMP steps)."""
     models = {"plain": copy.deepcopy(plain).train(),
-              "fast": optimize_for_training(copy.deepcopy(plain), channels_last=True).train(),
-              "fast_amp": optimize_for_training(copy.deepcopy(plain), channels_last=True).train()}
+              "fast": optimize_for_training(copy.deepcopy(plain), channels_last=True).train()}
+    if training_amp(True, next(plain.parameters()).device):
+        models["fast_amp"] = optimize_for_training(copy.deepcopy(plain), channels_last=True).train()
     if tv is not None:
         models["torchvision"] = copy.deepcopy(tv).train()
         if next(plain.parameters()).is_cuda:  # float16 with the GradScaler, as its reference scripts' --amp
