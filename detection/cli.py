@@ -68,7 +68,10 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
         if required:
             weights.required = True
     if hasattr(args, "overrides"):
-        args.overrides = [lower_case_key(item) for item in args.overrides]
+        try:
+            args.overrides = [lower_case_key(item) for item in args.overrides]
+        except ValueError as err:  # ConfigError: Detectron2's FREEZE_AT 5
+            parser.error(str(err))
     if hasattr(args, "opts"):
         args.overrides = [*args.overrides, *args.opts]
         del args.opts
@@ -128,8 +131,17 @@ def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[
 
 
 def lower_case_key(item: str) -> str:
-    """KEY=VALUE with an upper-case KEY (Detectron2's spelling) -> key=VALUE; others unchanged."""
+    """KEY=VALUE with an upper-case KEY (Detectron2's spelling) -> key=VALUE; others unchanged.
+    Detectron2's MODEL.BACKBONE.FREEZE_AT 5 is refused (ConfigError): its C4 keeps res5, the box
+    head, out of the backbone, so 5 freezes up to res4 there and res5 too here."""
     key, sep, value = item.partition("=")
+    if sep and key == "MODEL.BACKBONE.FREEZE_AT" and value.strip() == "5":
+        from detection.config import ConfigError
+
+        raise ConfigError("MODEL.BACKBONE.FREEZE_AT 5: Detectron2's 5 freezes the stem and res2..res4 (its C4 box "
+                          "head holds res5); here 5 freezes res5 too, the box head: give "
+                          "model.backbone.freeze_at=4 for Detectron2's meaning, or model.backbone.freeze_at=5 to "
+                          "freeze res5 as well")
     return f"{key.lower()}{sep}{value}" if sep and key.isupper() else item
 
 
@@ -149,7 +161,10 @@ class _DetectronOpts(argparse.Action):
                     parser.error(f"--opts: {item}'s value {rest[0]} looks like an option: give {item} its value, "
                                  f"and put {rest[0]} before --opts")
                 item = f"{item}={rest.pop(0)}"
-            items.append(lower_case_key(item))  # SOLVER.MAX_ITER=7 -> solver.max_iter=7
+            try:
+                items.append(lower_case_key(item))  # SOLVER.MAX_ITER=7 -> solver.max_iter=7
+            except ValueError as err:  # ConfigError: Detectron2's FREEZE_AT 5
+                parser.error(str(err))
         setattr(namespace, self.dest, items)
 
 

@@ -35,6 +35,28 @@ def test_overrides_anywhere_among_the_options_and_opts_last():
     assert args.overrides == ["model.weights=Zoo/R50.pkl", "output_dir=Out"]
 
 
+def test_detectron2s_freeze_at_5_is_refused_as_it_means_another_freezing_here(capsys):
+    """A review: `--opts MODEL.BACKBONE.FREEZE_AT 5` was taken, and 5 here freezes res5, the box
+    head Detectron2's C4 keeps training at 5 (its backbone ends at res4): a frozen head, in silence."""
+    from detection.cli import lower_case_key
+    from detection.config import ConfigError
+
+    train_det = load_tool("train_det")
+    for argv in (["--opts", "MODEL.BACKBONE.FREEZE_AT", "5"], ["MODEL.BACKBONE.FREEZE_AT=5"]):
+        with pytest.raises(SystemExit) as stop:
+            train_det.parse_args(["--config", "C.yaml", *argv])
+        assert stop.value.code == 2
+        assert "MODEL.BACKBONE.FREEZE_AT 5: Detectron2's 5 freezes the stem and res2..res4 (its C4 box head holds " \
+               "res5); here 5 freezes res5 too, the box head: give model.backbone.freeze_at=4 for Detectron2's " \
+               "meaning" in capsys.readouterr().err
+    assert train_det.parse_args(["--config", "C.yaml", "--opts", "MODEL.BACKBONE.FREEZE_AT", "4"]).overrides == \
+        ["model.backbone.freeze_at=4"]  # the same meaning in both
+    assert train_det.parse_args(["--config", "C.yaml", "model.backbone.freeze_at=5"]).overrides == \
+        ["model.backbone.freeze_at=5"]  # this project's spelling, its meaning
+    with pytest.raises(ConfigError, match="freeze_at=4 for Detectron2's meaning"):  # the Predictor's overrides
+        lower_case_key("MODEL.BACKBONE.FREEZE_AT=5")
+
+
 @pytest.mark.parametrize("flag, says", [
     (["--num-gpus", "8"], "torchrun --nproc_per_node N tools/train_det.py"),
     (["--num-gpus=8"], "torchrun --nproc_per_node N tools/train_det.py"),
