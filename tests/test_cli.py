@@ -229,7 +229,12 @@ def test_detectron2_amp_key_and_zero_pre_nms_proposals_are_named():
 @pytest.mark.parametrize("key, ours", [("MODEL.ROI_HEADS.NUM_CLASSES", "model.num_classes"),
                                        ("TEST.DETECTIONS_PER_IMAGE", "model.roi_heads.detections_per_image"),
                                        ("MODEL.RESNETS.DEPTH", "model.backbone.depth"),
-                                       ("INPUT.FORMAT", "model.input_format")])
+                                       ("INPUT.FORMAT", "model.input_format"),
+                                       # a review: these gave the section's keys, or a hint to a wrong place
+                                       ("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", "model.roi_heads.box_loss_weight"),
+                                       ("MODEL.PROPOSAL_GENERATOR.MIN_SIZE", "model.rpn.min_size"),
+                                       ("INPUT.RANDOM_FLIP", "input.hflip_prob"),
+                                       ("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "solver.clip_grad_norm")])
 def test_a_detectron2_key_named_otherwise_here_is_named_in_the_error(key, ours):
     from detection.config import load_config
 

@@ -288,6 +288,11 @@ DETECTRON2_NAMES = {
     "solver.lr_scheduler_name": "solver.lr_schedule",
     "solver.amp.enabled": "solver.amp",
     "dataloader.filter_empty_annotations": "dataloader.filter_empty",
+    "model.proposal_generator.min_size": "model.rpn.min_size",
+    "model.roi_box_head.bbox_reg_loss_weight": "model.roi_heads.box_loss_weight",
+    "input.random_flip": "input.hflip_prob",
+    "solver.clip_gradients.enabled": "solver.clip_grad_norm",
+    "solver.clip_gradients.clip_value": "solver.clip_grad_norm",
 }
 
 
