@@ -49,8 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "restored (unlike model.weights=PATH, which starts a new run at iteration 0); "
                           "keys that differ from the run's config.yaml must be given as KEY=VALUE")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace the run in OUTPUT_DIR: its last.pth, model_final.pth, metrics.jsonl, "
-                          "config.yaml, log.txt and inference/ are removed once the data have been checked")
+                     help="replace the run in OUTPUT_DIR: its last.pth, model_final.pth, model_*.pth, "
+                          "metrics.jsonl, config.yaml, config_resumed_*.yaml, log.txt, TensorBoard event files "
+                          "and inference/ are removed once the data have been checked")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parse_command_line(parser, argv)
 

@@ -347,7 +347,8 @@ def build_trunk(resnet: nn.Module) -> nn.Sequential:
 
 
 def build_model(cfg: Config) -> FasterRCNN:
-    """The detector described by a detection.config.Config (the only place that reads it).
+    """The detector described by a detection.config.Config (the model's only reader of it; see
+    docs/ARCHITECTURE.md for the other build_* functions that read one).
 
     The backbone weights (cfg.model.backbone.weights) are loaded into the whole ResNet first,
     then res5 moves to the RoI head, so the head starts from the pretrained conv5_x."""
