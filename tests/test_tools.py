@@ -271,6 +271,25 @@ def test_visualize_input_folder_names_images_in_its_subfolders_and_globs_reach_t
         find_images(str(photos / "2024" / "june" / "nothing"))
 
 
+def test_visualize_says_its_input_has_no_images_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """A trial: a folder of subfolders was said to hold no images only after the model had loaded
+    (seconds to minutes, with its messages first)."""
+    import detection.engine.inference_model
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before --input was checked")
+
+    monkeypatch.setattr(detection.engine.inference_model, "build_inference_model", loaded)
+    (tmp_path / "photos" / "june").mkdir(parents=True)
+    (tmp_path / "photos" / "june" / "a.jpg").write_bytes(b"x")
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(b"x")
+    code, _, err = run_main(load_tool("visualize"), ["--config", str(ROOT / "configs" / "shapes_r18.yaml"),
+                                                     "--weights", str(weights), "--input", str(tmp_path / "photos"),
+                                                     "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and "no images found" in err and "subfolders hold images" in err
+
+
 def test_visualize_class_names_come_from_the_checkpoint_then_the_data_then_numbers(tmp_path):
     tool = load_tool("visualize")
     data = tmp_path / "data"

@@ -152,12 +152,14 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
     from detection.evaluation.classes import model_class_names
 
     device = select_device(cfg.device, cfg.tf32)
+    # --input's images are found before the model loads: a wrong folder or glob says so at once
+    files = None if args.gt or args.compare else find_images(args.input)[: args.limit or None]
     model, weights = None, None
     if args.weights:  # read once: the weights and the class names training saved with them
         from detection.engine.inference_model import build_inference_model
 
         model, weights = build_inference_model(cfg, args.weights, device, override_keys(args))
-    items, class_names, crowd = _inputs(cfg, args, weights)
+    items, class_names, crowd = _inputs(cfg, args, weights, files)
     # predictions carry the model's labels: drawn with its names when known (a test set may list
     # them in another order, or a subset: its ground truth keeps its own)
     predicted_names = (model_class_names(weights, cfg.model.class_names)[0] or class_names) if model else class_names
@@ -251,9 +253,9 @@ def _draw(path: str, record: dict | None, crowd: dict, model, names: tuple[list[
     return panels[0] if len(panels) == 1 else side_by_side(panels[0], panels[1], ("ground truth", "predictions"))
 
 
-def _inputs(cfg, args: argparse.Namespace, weights):
+def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
     """(image path, record or None) pairs, the class names to print and the crowd regions
-    (image id -> boxes, labels, tags) of a COCO-type data set."""
+    (image id -> boxes, labels, tags) of a COCO-type data set; `files`: --input's images."""
     import dataclasses
 
     from detection.data.catalog import check_image_files, get_dataset
@@ -279,7 +281,6 @@ def _inputs(cfg, args: argparse.Namespace, weights):
         crowd = read_crowd_regions(dataset.ann_file, dataset.label_to_category_id) \
             if dataset.kind == "coco" and dataset.ann_file else {}
         return [(r["file_name"], r) for r in records], dataset.class_names, crowd
-    files = find_images(args.input)[: args.limit or None]
     return [(str(f), None) for f in files], class_names_to_draw(cfg, weights), {}
 
 
