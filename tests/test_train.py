@@ -294,6 +294,27 @@ def test_an_evaluation_is_not_counted_as_the_next_iterations_data_time(data_root
     assert records[3]["data_time"] < 0.75  # the 1.5 s evaluation before it is not its data time
 
 
+@pytest.mark.slow  # trains and evaluates
+def test_the_test_sets_are_read_once_per_run_not_at_each_evaluation(data_root, tmp_path, monkeypatch):
+    """A trial at scale: every evaluation read its test sets again (the json, each image's header:
+    43 s for 100k images) and repeated their readers' warnings in log.txt. They are read and
+    checked at the start, and each evaluation uses them."""
+    import detection.data.catalog
+
+    reads, read = [], detection.data.catalog.get_datasets
+
+    def counted(entries, *args, **kwargs):
+        reads.append(list(entries))
+        return read(entries, *args, **kwargs)
+
+    monkeypatch.setattr(detection.data.catalog, "get_datasets", counted)
+    out = tmp_path / "run"
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 4, "test.eval_period": 2}))
+    evaluations = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "AP" in r]
+    assert [r["iteration"] for r in evaluations] == [2, 4]
+    assert reads.count(["shapes_val"]) == 1, reads
+
+
 def test_a_run_without_test_sets_evaluates_nothing_and_says_how_to(data_root, tmp_path, caplog):
     """datasets.test empty (the README's quick fine-tune) with test.eval_period: no empty
     evaluation records, and the closing line does not promise an evaluation on datasets.test."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from torch import nn
 
@@ -11,7 +11,8 @@ from detection.config import Config
 
 
 def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None,
-             between_batches: Optional[Callable[[], None]] = None) -> dict[str, float]:
+             between_batches: Optional[Callable[[], None]] = None, datasets: Optional[Sequence] = None
+             ) -> dict[str, float]:
     """Evaluate on every test set (each process its share of the images; rank 0 scores them,
     other ranks get {}); keys are prefixed by the data set's name when there are several.
     With output_dir, each test set's results go to output_dir/<test set>/ as tools/eval.py
@@ -19,7 +20,9 @@ def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None,
     a detector built from the config and prepared as every tool prepares one (test.amp, the
     fast path's inference copy, test.aug), so metrics.jsonl's numbers are eval.py's.
     `between_batches` (the run's stop check) is called before each batch of images, on every rank
-    equally often (inference_on_dataset)."""
+    equally often (inference_on_dataset). `datasets`: the test sets already read (the trainer
+    reads and checks them once, at its start; each evaluation read them again, every image's
+    header and the readers' warnings too); default: cfg.datasets.test, read here."""
     from detection.data.catalog import get_datasets
     from detection.engine.checkpoint import get_rng_states, set_rng_states
     from detection.evaluation import evaluate_test_sets, flatten_metrics
@@ -29,8 +32,10 @@ def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None,
     # from the same states as the run that evaluated (exact resume)
     states = get_rng_states()
     try:
-        datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
-                                exif_orientation=cfg.input.exif_orientation)
+        if datasets is None:
+            datasets = get_datasets(cfg.datasets.test, cfg.datasets.root,
+                                    skip_bad_images=cfg.dataloader.skip_bad_images,
+                                    exif_orientation=cfg.input.exif_orientation)
         inference = as_the_tools_run_it(cfg, model)
         return flatten_metrics(evaluate_test_sets(datasets, model=inference, num_workers=cfg.dataloader.num_workers,
                                                   output_dir=output_dir, between_batches=between_batches,

@@ -155,7 +155,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
             run_log.open(out_dir / LOG_FILE)
         record_resume_changes(out_dir, state.iteration, changes)
     try:
-        _start_loop(cfg, state, datasets, device, distributed, tensorboard)
+        _start_loop(cfg, state, datasets, device, distributed, tensorboard, test_sets)
     except BaseException:
         if du.is_main_process() and state.iteration == start[0]:  # not one iteration done: leave no trace
             undo_unstarted_run(out_dir, events_before=start[1], created=start[2])
@@ -191,6 +191,7 @@ class _Run:
     model: nn.Module  # state.model, or the DistributedDataParallel that wraps it
     data: Iterator  # the training batches, from state.iteration on
     device: torch.device
+    test_sets: list  # datasets.test as read and checked at the start: each evaluation uses them
 
     @property
     def last(self) -> Path:
@@ -198,7 +199,7 @@ class _Run:
 
 
 def _start_loop(cfg: Config, state: TrainState, datasets: list, device: torch.device, distributed: bool,
-                tensorboard: bool) -> None:
+                tensorboard: bool, test_sets: list) -> None:
     """The loader, the fast path and DDP, then the iterations."""
     if cfg.model.fast_path:  # same parameters and state_dict keys: checkpoints are unchanged
         from detection.accel import optimize_for_training
@@ -213,7 +214,7 @@ def _start_loop(cfg: Config, state: TrainState, datasets: list, device: torch.de
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
-    _loop(_Run(cfg, state, model, data, device), tensorboard)
+    _loop(_Run(cfg, state, model, data, device, test_sets), tensorboard)
 
 
 def _is_finished(cfg: Config, state: TrainState, out_dir: Path, changes: Sequence = ()) -> bool:
@@ -346,7 +347,7 @@ def _evaluate(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
     states = get_rng_states()
     try:
         with stop.evaluation():
-            metrics = evaluate(run.cfg, state.model, between_batches=stop.check_evaluation)
+            metrics = evaluate(run.cfg, state.model, between_batches=stop.check_evaluation, datasets=run.test_sets)
     except EvaluationStopped:
         set_rng_states(states)
         state.model.train()
