@@ -28,9 +28,16 @@ image at a time for detections that do not depend on the other images.
 
 Output: {"boxes": float32 (N, 4) XYXY in the given image's pixels, "scores": (N,), "labels":
 int64 (N,) in 1..K}, as CPU tensors, best first; for a list, a list of these.
+
+A process forked after a Predictor was built (gunicorn --preload, multiprocessing's fork) runs
+it with one torch thread: PyTorch's OpenMP threads, started in the parent (building the
+Predictor already runs parallel ops), cannot run in a forked child (GNU libgomp: its first
+parallel op hangs forever), as PyTorch's own DataLoader workers run with one thread. A child
+that wants more threads must not be forked (multiprocessing's "spawn" builds its own).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Sequence, Union
@@ -65,6 +72,7 @@ class Predictor:
             raise ValueError(f"Predictor: input_format must be 'RGB' or 'BGR' (the channel order of the arrays "
                              f"you pass; cv2.imread gives BGR), got {input_format!r}")
         self.input_format = input_format
+        _one_thread_in_forked_children()
         weights = weights if weights is not None else cfg.model.weights
         if weights is None:
             raise ValueError("Predictor: no weights: pass weights=PATH or set model.weights in the config")
@@ -136,3 +144,15 @@ def _config_beside(weights: Union[str, Path, None]) -> Path:
                           f"writes beside its checkpoints): pass the YAML config {weights} was trained with "
                           "(configs/detectron2/<its name>.yaml for a Detectron2 model-zoo file)")
     return saved
+
+
+_FORK_HOOK: list[bool] = []  # registered once per process
+
+
+def _one_thread_in_forked_children() -> None:
+    """torch.set_num_threads(1) in every process forked from this one from now on (the module
+    docstring says why: a forked child's first parallel op hung forever, found serving a
+    preloaded Predictor)."""
+    if not _FORK_HOOK and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+        _FORK_HOOK.append(True)

@@ -273,3 +273,55 @@ def test_weights_in_memory_are_taken_as_a_file_of_them(setup):
     with pytest.raises(TypeError, match="weights: a checkpoint's path, a state dict, a checkpoint dict or a model, "
                                         "got int"):
         Predictor(cfg, weights=3)
+
+
+def test_a_process_forked_after_the_predictor_was_built_runs_it(setup):
+    """gunicorn --preload: a Predictor built (and called) in the parent, then used in a forked
+    worker. With PyTorch's OpenMP threads started in the parent, the child's first parallel op
+    hung forever (a serving trial); the child now runs with one thread and gives the parent's
+    detections."""
+    import multiprocessing
+
+    cfg, weights, _ = setup
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the parent's OpenMP pool, as on any multi-core machine
+    try:
+        predictor = Predictor(cfg, weights, device="cpu")
+        image = photo(64, 96, seed=5)
+        expected = predictor(image)
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+
+        def worker():
+            out = predictor(image)
+            queue.put((torch.get_num_threads(), out["boxes"].numpy(), out["scores"].numpy(), out["labels"].numpy()))
+
+        child = context.Process(target=worker)
+        child.start()
+        try:
+            got = queue.get(timeout=120)  # the old code never answered
+        finally:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == 1
+    np.testing.assert_array_equal(got[3], expected["labels"].numpy())
+    np.testing.assert_allclose(got[1], expected["boxes"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(got[2], expected["scores"].numpy(), atol=1e-5)
+
+
+def test_one_predictor_serves_several_threads_with_each_images_own_detections(setup):
+    """A service's threads share one Predictor (the README says it may): no state of one call
+    reaches another (the fast path keeps nothing per call on the module)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg, weights, _ = setup
+    predictor = Predictor(cfg, weights, device="cpu")
+    images = [photo(48 + 8 * i, 96 - 4 * i, seed=i) for i in range(6)]
+    alone = [predictor(image) for image in images]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(predictor, images * 2))
+    for i, out in enumerate(together):
+        assert_same(out, alone[i % len(images)])
