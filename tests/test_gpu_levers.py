@@ -417,6 +417,44 @@ def test_graph_replays_take_each_calls_rois_and_only_them():
     assert graphed.captures == len(graphed.graphs) == graphs.MAX_GRAPHS
 
 
+def test_threads_sharing_a_graph_get_their_own_rois_results():
+    """A graph's input and output buffers are shared by every call: two threads of a service (one
+    Predictor) filled them in turn and read each other's results (a serving trial's reading of the
+    code). The fill, replay and read are one step now."""
+    import threading
+    import time
+
+    class SlowReplay(ReplayedOnCpu):
+        def capture(self, example):
+            graph, static_in, static_out = super().capture(example)
+            replay = graph.replay
+
+            def slow():  # a GPU replay returns at once and the host goes on: the window another thread hits
+                time.sleep(0.002)
+                replay()
+            return SimpleNamespace(replay=slow), static_in, static_out
+
+    torch.manual_seed(0)
+    res5 = torch.nn.Conv2d(4, 3, 1)
+    graphed = SlowReplay(res5, graphs=True, granularity=8, fill=0.0)
+    wrong = []
+
+    def serve(seed):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.inference_mode():
+            for _ in range(15):
+                x = torch.randn(5, 4, 2, 2, generator=generator)
+                if not torch.allclose(graphed(x), res5(x)):
+                    wrong.append(seed)
+
+    threads = [threading.Thread(target=serve, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong and graphed.captures == 1
+
+
 def test_a_graph_captured_with_tf32_is_not_replayed_without_it():
     """A replay runs the kernels its capture chose: the benchmark's check (TF32 off, to compare the
     code and not TF32's rounding) replayed the graph its timed call had captured with TF32, and

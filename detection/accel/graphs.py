@@ -11,6 +11,7 @@ capture runs on CUDA only (tests/test_cuda.py); elsewhere the padded batch runs 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Callable, Union
 
 import torch
@@ -18,6 +19,9 @@ from torch import Tensor, nn
 
 GRANULARITY = 64  # RoI counts are padded up to a multiple of this: at 1000 RoIs 2.4% more work
 MAX_GRAPHS = 16  # graphs kept at most (each holds its bucket's input and output); beyond, eager
+# A graph's input and output buffers are shared by every call: threads serving one model (a
+# Predictor's) fill, replay and read them one at a time (module-level: a lock cannot be deep-copied)
+_REPLAYS = threading.Lock()
 
 Rows = Union[Tensor, dict[str, Tensor]]  # RoI rows: one tensor, or several with the same first dimension
 
@@ -76,14 +80,15 @@ class PaddedRes5(nn.Module):
                torch.backends.cuda.matmul.allow_tf32)
         if not self.replays(x) or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
             return self.res5(self._padded(x, rows))[:count]
-        if key not in self.graphs:
-            self.graphs[key] = self.capture(self._padded(x, rows))
-        graph, static_in, static_out = self.graphs[key]
-        for buffer, t in zip(_tensors(static_in), _tensors(x)):
-            buffer[:count].copy_(t)  # straight into the graph's input: one pass over the RoI rows
-            buffer[count:].fill_(self.fill)
-        graph.replay()
-        return static_out[:count].clone()  # the next replay overwrites static_out
+        with _REPLAYS:
+            if key not in self.graphs:
+                self.graphs[key] = self.capture(self._padded(x, rows))
+            graph, static_in, static_out = self.graphs[key]
+            for buffer, t in zip(_tensors(static_in), _tensors(x)):
+                buffer[:count].copy_(t)  # straight into the graph's input: one pass over the RoI rows
+                buffer[count:].fill_(self.fill)
+            graph.replay()
+            return static_out[:count].clone()  # the next replay overwrites static_out
 
     def replays(self, x: Rows) -> bool:
         """Whether `x` goes through the graphs (graphs=True and x on CUDA) or runs eagerly."""
