@@ -11,14 +11,15 @@ from tests.helpers import IMAGES, make_model
 
 @pytest.fixture
 def flags(monkeypatch):
-    """Pretend the CPU has (or lacks) bfloat16 instructions."""
+    """Pretend the CPU has (or lacks) bfloat16 instructions (and that no float32 warning was given yet)."""
+    monkeypatch.setattr(precision, "WARNED", set())
+
     def set_flags(*names):
         monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: tuple(names))
     return set_flags
 
 
-def test_amp_only_where_the_cpu_has_bfloat16_instructions(flags, monkeypatch):
-    monkeypatch.setattr(precision, "WARNED", set())
+def test_amp_only_where_the_cpu_has_bfloat16_instructions(flags):
     assert precision.inference_amp(False, "cpu") is False
     flags("amx_bf16")
     assert precision.inference_amp(True, "cpu") is True
