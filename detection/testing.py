@@ -40,19 +40,46 @@ def make_sane(model: nn.Module, factor: float = SANE_BRANCH_SCALE) -> nn.Module:
 def compare_detections(ref: dict[str, Tensor], other: dict[str, Tensor], *, box_tolerance: float = 0.01,
                        score_tolerance: float = 1e-3) -> dict[str, Any]:
     """Are `other`'s detections `ref`'s, in the same order? `equal`: the same count and labels,
-    boxes within box_tolerance px and scores within score_tolerance. Also the largest box and
-    score differences; when the counts or labels differ the lists are not paired and those are
-    None, not 0."""
+    boxes within box_tolerance px and scores within score_tolerance. Detections whose scores tie
+    (within score_tolerance: an ONNX Runtime or a thread count rounding 1e-9 otherwise) may come
+    in either order: each is paired with its like among the positions of its tie (`tied_swaps`
+    counts those paired off their own position). Also the largest box and score differences;
+    when the counts or labels differ the lists are not paired and those are None, not 0."""
     ref = {k: v.cpu() for k, v in ref.items()}
     other = {k: v.cpu() for k, v in other.items()}
-    same = len(ref["boxes"]) == len(other["boxes"]) and torch.equal(ref["labels"], other["labels"])
+    pairs = _paired_in_order(ref, other, box_tolerance, score_tolerance) \
+        if len(ref["boxes"]) == len(other["boxes"]) else None
     box = score = None
-    if same:
-        box = float((ref["boxes"] - other["boxes"]).abs().max()) if len(ref["boxes"]) else 0.0
-        score = float((ref["scores"] - other["scores"]).abs().max()) if len(ref["scores"]) else 0.0
-    return {"detections": len(ref["boxes"]), "other_detections": len(other["boxes"]), "same_labels": same,
+    if pairs is not None:
+        order = torch.tensor(pairs, dtype=torch.int64)
+        box = float((ref["boxes"] - other["boxes"][order]).abs().max()) if len(pairs) else 0.0
+        score = float((ref["scores"] - other["scores"][order]).abs().max()) if len(pairs) else 0.0
+    return {"detections": len(ref["boxes"]), "other_detections": len(other["boxes"]), "same_labels": pairs is not None,
             "max_box_diff_px": box, "max_score_diff": score,
-            "equal": same and box <= box_tolerance and score <= score_tolerance}
+            "tied_swaps": sum(i != j for i, j in enumerate(pairs)) if pairs is not None else None,
+            "equal": pairs is not None and box <= box_tolerance and score <= score_tolerance}
+
+
+def _paired_in_order(ref: dict[str, Tensor], other: dict[str, Tensor], box_tolerance: float,
+                     score_tolerance: float) -> list[int] | None:
+    """For each of ref's detections the index of its partner in `other` (lists of one length):
+    the one at its own position when the labels agree there, else one of the same label, box and
+    score (within the tolerances) at a position whose ref score ties with its own; None when the
+    labels cannot be paired so."""
+    labels, scores = ref["labels"].tolist(), ref["scores"].tolist()
+    if labels == other["labels"].tolist():
+        return list(range(len(labels)))
+    pairs, used = [], set()
+    for i in range(len(labels)):
+        tie = [j for j in range(len(labels)) if abs(scores[j] - scores[i]) <= score_tolerance and j not in used]
+        found = next((j for j in sorted(tie, key=lambda j: j != i) if int(other["labels"][j]) == labels[i]
+                      and abs(float(other["scores"][j]) - scores[i]) <= score_tolerance
+                      and float((other["boxes"][j] - ref["boxes"][i]).abs().max()) <= box_tolerance), None)
+        if found is None:
+            return None
+        pairs.append(found)
+        used.add(found)
+    return pairs
 
 
 def matched_fraction(ref: dict[str, Tensor], other: dict[str, Tensor], *, min_iou: float = 0.99,

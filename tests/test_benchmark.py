@@ -377,6 +377,16 @@ def test_compare_detections_does_not_report_zero_differences_for_unpaired_lists(
     unpaired = compare_detections(ref, swapped)
     assert not unpaired["equal"] and not unpaired["same_labels"]
     assert unpaired["max_box_diff_px"] is None and unpaired["max_score_diff"] is None
+    # two detections whose scores tie (ONNX Runtime rounds 3e-9 otherwise: a random R50's 100
+    # near-uniform scores came out swapped, and the export check read "not equal"): either order
+    tied = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0], [1.0, 1.0, 4.0, 4.0]]),
+            "scores": torch.tensor([0.5, 0.5, 0.1]), "labels": torch.tensor([1, 2, 3])}
+    turned = {"boxes": tied["boxes"][[1, 0, 2]] + 0.001, "scores": torch.tensor([0.5, 0.5 - 3e-9, 0.1]),
+              "labels": torch.tensor([2, 1, 3])}
+    either = compare_detections(tied, turned)
+    assert either["equal"] and either["tied_swaps"] == 2 and either["max_box_diff_px"] == pytest.approx(0.001, abs=1e-6)
+    turned["boxes"][0] += 5  # the same labels at tied scores, but not the same box: not equal
+    assert not compare_detections(tied, turned)["equal"]
 
 
 @pytest.fixture

@@ -133,6 +133,10 @@ def test_onnxruntime_equals_pytorch_on_a_tiny_model(tmp_path, variant):
 def test_onnxruntime_equals_pytorch(tmp_path, config, overrides):
     needs_onnx()
     cfg = load_config(ROOT / "configs" / config, ["model.backbone.weights=null", *overrides])
+    # seeded: the weights came from whatever earlier tests left in torch's generator; seed 0 makes
+    # the R50's 100 near-uniform scores tie and ONNX Runtime's rounding swap two of them (a test
+    # added before this one made the full suite fail so): compare_detections takes ties in either order
+    torch.manual_seed(0)
     model = make_sane(build_model(cfg)).eval()
     side = cfg.input.min_size_test
     assert_onnxruntime_equals_pytorch(model, tmp_path / "model.onnx", [(side // 2, side), (side * 2, side + 30)])
