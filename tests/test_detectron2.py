@@ -342,14 +342,16 @@ def test_bfloat16_inference_on_detectron2_weights(d2_files, reference, monkeypat
     """test.amp on Detectron2's weights: the share of (real Detectron2's, float32) detections
     found again (IoU >= 0.9, same label). The fixture's weights are random, so its scores are
     close together (the best three 0.664 / 0.655 / 0.649) and bfloat16's rounding reorders them:
-    measured 78-94% per image (77-92%, mean 84.5%, on an AVX2-only AMD EPYC, where PyTorch
-    emulates bfloat16 and rounds otherwise), below the 95% that would make test.amp a default (it is off).
+    measured 78-94% per image, below the 95% that would make test.amp a default (it is off).
     This guards that figure. bfloat16 numerics are forced, also on a CPU without bfloat16
     instructions (where test.amp would fall back to float32)."""
     from torchvision.ops import box_iou
 
     from detection.modeling import precision
 
+    if not precision.cpu_bf16_flags():
+        pytest.skip("this CPU has no bfloat16 instructions: test.amp runs float32 here, and emulating bfloat16 "
+                    "for this figure took 300 s (77-92% per image, mean 84.5%, on an AVX2-only AMD EPYC)")
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("avx512_bf16",))
     amp = Predictor.from_config(R50, weights=d2_files[0], overrides=["test.amp=true"], device="cpu")
     assert amp.model.amp
@@ -363,4 +365,4 @@ def test_bfloat16_inference_on_detectron2_weights(d2_files, reference, monkeypat
         shares.append(float(matched.float().mean()))
         assert ours["scores"].dtype == torch.float32
     print(f"bfloat16: share of float32 detections matched per image: {shares}")
-    assert min(shares) >= 0.72 and sum(shares) / len(shares) >= 0.80, shares
+    assert min(shares) >= 0.75 and sum(shares) / len(shares) >= 0.85, shares

@@ -94,10 +94,12 @@ def test_amp_on_the_cpu_runs_convolutions_in_bfloat16_and_boxes_in_float32(data_
     """solver.amp on the CPU: the backbone computes in bfloat16 (the speed), while the head
     outputs that are decoded into boxes and fed to the losses stay float32 (bfloat16 has
     8 mantissa bits: 2 px steps at 300 px), the weights stay float32, and it still learns.
-    (On a CPU with bfloat16 instructions: pretended here, since it trains in float32 without.)"""
+    (On a CPU with bfloat16 instructions: pretended on one without, where it trains in float32
+    otherwise; there bfloat16 is emulated, 10x slower, so two iterations check the types only.)"""
     import detection.modeling.model
     from detection.modeling import precision
 
+    native = bool(precision.cpu_bf16_flags())
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("avx512_bf16",))
     seen = {}
 
@@ -116,11 +118,13 @@ def test_amp_on_the_cpu_runs_convolutions_in_bfloat16_and_boxes_in_float32(data_
     monkeypatch.setattr(detection.modeling.model, "build_model", build_with_probes)
     out = tmp_path / "amp"
     # 24 iterations: the loss ratio below measured 0.51 (0.54-0.65 for 21 to 30, 0.70 at 40)
-    model = train(tiny_cfg(data_root, out, **{"solver.amp": True, "solver.max_iter": 24,
+    model = train(tiny_cfg(data_root, out, **{"solver.amp": True, "solver.max_iter": 24 if native else 2,
                                               "solver.checkpoint_period": 12}))
     assert seen == {"stem": [torch.bfloat16], "rpn": [torch.float32] * 2,
                     "predictor": [torch.float32] * 2}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+    if not native:
+        return
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first = sum(x["total_loss"] for x in lines[:8]) / 8
     last = sum(x["total_loss"] for x in lines[-8:]) / 8
