@@ -51,7 +51,7 @@ def compare_detections(ref: dict[str, Tensor], other: dict[str, Tensor], *, box_
         if len(ref["boxes"]) == len(other["boxes"]) else None
     box = score = None
     if pairs is not None:
-        order = torch.tensor(pairs, dtype=torch.int64)
+        order = torch.tensor(pairs, dtype=torch.int64, device="cpu")
         box = float((ref["boxes"] - other["boxes"][order]).abs().max()) if len(pairs) else 0.0
         score = float((ref["scores"] - other["scores"][order]).abs().max()) if len(pairs) else 0.0
     return {"detections": len(ref["boxes"]), "other_detections": len(other["boxes"]), "same_labels": pairs is not None,
@@ -63,12 +63,16 @@ def compare_detections(ref: dict[str, Tensor], other: dict[str, Tensor], *, box_
 def _paired_in_order(ref: dict[str, Tensor], other: dict[str, Tensor], box_tolerance: float,
                      score_tolerance: float) -> list[int] | None:
     """For each of ref's detections the index of its partner in `other` (lists of one length):
-    the one at its own position when the labels agree there, else one of the same label, box and
-    score (within the tolerances) at a position whose ref score ties with its own; None when the
-    labels cannot be paired so."""
+    the one at its own position when it agrees (label, box and score within the tolerances), else
+    one that agrees at a position whose ref score ties with its own (two detections of one label
+    swapped too); when they cannot be paired so, position by position if the labels agree so (the
+    differences are then reported), else None. Lists that agree in order are the one pass."""
     labels, scores = ref["labels"].tolist(), ref["scores"].tolist()
-    if labels == other["labels"].tolist():
-        return list(range(len(labels)))
+    in_order = list(range(len(labels))) if labels == other["labels"].tolist() else None
+    if in_order is not None and (not labels or (
+            float((ref["boxes"] - other["boxes"]).abs().max()) <= box_tolerance
+            and float((ref["scores"] - other["scores"]).abs().max()) <= score_tolerance)):
+        return in_order
     pairs, used = [], set()
     for i in range(len(labels)):
         tie = [j for j in range(len(labels)) if abs(scores[j] - scores[i]) <= score_tolerance and j not in used]
@@ -76,7 +80,7 @@ def _paired_in_order(ref: dict[str, Tensor], other: dict[str, Tensor], box_toler
                       and abs(float(other["scores"][j]) - scores[i]) <= score_tolerance
                       and float((other["boxes"][j] - ref["boxes"][i]).abs().max()) <= box_tolerance), None)
         if found is None:
-            return None
+            return in_order
         pairs.append(found)
         used.add(found)
     return pairs

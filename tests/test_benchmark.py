@@ -387,6 +387,14 @@ def test_compare_detections_does_not_report_zero_differences_for_unpaired_lists(
     assert either["equal"] and either["tied_swaps"] == 2 and either["max_box_diff_px"] == pytest.approx(0.001, abs=1e-6)
     turned["boxes"][0] += 5  # the same labels at tied scores, but not the same box: not equal
     assert not compare_detections(tied, turned)["equal"]
+    # one label's two tied detections swapped (the labels agree in order, the boxes only paired off it)
+    same_label = {**tied, "labels": torch.tensor([1, 1, 3])}
+    swapped_boxes = {**same_label, "boxes": tied["boxes"][[1, 0, 2]]}
+    assert compare_detections(same_label, swapped_boxes)["tied_swaps"] == 2
+    # labels in order but a box off: unequal, its difference reported (not None)
+    moved = {**same_label, "boxes": same_label["boxes"] + torch.tensor([[0.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 3, 0]])}
+    result = compare_detections(same_label, moved)
+    assert not result["equal"] and result["same_labels"] and result["max_box_diff_px"] == pytest.approx(3.0)
 
 
 @pytest.fixture
