@@ -9,11 +9,13 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, NoReturn, Optional, Sequence
 
 from detection.config import Config, DatasetsConfig, load_config
 from detection.engine.run_config import SAVED_CONFIG, config_beside  # the config training saves beside its checkpoints
+from detection.utils.text import DetectionWarning
 
 DATASETS_ENV = "DETECTION_DATASETS"
 logger = logging.getLogger(__name__)
@@ -256,15 +258,32 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+class _OneLineWarnings:
+    """warnings.showwarning for the tools: this project's warnings (DetectionWarning: a precision
+    this CPU cannot run, an image's range) as one `warning:` line on stderr, like the tools' other
+    messages; any other library's as Python shows them (`shown`), with the file and line."""
+
+    def __init__(self, shown: Callable) -> None:
+        self.shown = shown
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if file is None and issubclass(category, DetectionWarning):
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            self.shown(message, category, filename, lineno, file, line)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Show this project's messages ("loaded ...", "resumed at iteration N", the training
-    summary) on stderr, one line each; other libraries' only from warnings up. Under
-    torchrun only rank 0 shows info. Calling it again adds no second handler."""
+    summary) and warnings on stderr, one line each; other libraries' only from warnings up.
+    Under torchrun only rank 0 shows info. Calling it again adds no second handler."""
     root = logging.getLogger()
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler(sys.stderr)
         handler.setFormatter(_LineFormatter())
         root.addHandler(handler)
+    if not isinstance(warnings.showwarning, _OneLineWarnings):
+        warnings.showwarning = _OneLineWarnings(warnings.showwarning)
     for name in ("detection", "backbones"):
         logging.getLogger(name).setLevel(level if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 

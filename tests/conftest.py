@@ -3,6 +3,7 @@ in tests/helpers.py; the `slow` marker (end-to-end runs) is registered here."""
 import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,9 @@ def restore_logging():
     and sets the project's log levels: take them away again after the test."""
     root = logging.getLogger()
     handlers, levels = list(root.handlers), {n: logging.getLogger(n).level for n in ("detection", "backbones")}
+    shown = warnings.showwarning  # setup_logging shows the project's warnings as one line
     yield
+    warnings.showwarning = shown
     root.handlers[:] = handlers
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -161,6 +162,30 @@ def test_ctrl_c_exits_130_and_a_stopped_run_143(capsys):
     assert run_tool(stopped, hint="run it again to resume") == 143
     assert capsys.readouterr().err == "stopped at iteration 5 by SIGTERM; last.pth saved; run it again to resume\n"
 
+
+def test_the_projects_warnings_are_one_line_in_a_tool_and_other_libraries_keep_their_place(capsys, monkeypatch):
+    """A tool printed test.amp's float32 fallback as Python's raw warning (file, line, and the
+    source line), where every other message of it is one line; another library's warning keeps
+    where it was raised."""
+    import warnings
+
+    from detection.modeling import precision
+
+    monkeypatch.setattr(precision, "WARNED", set())
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())  # a CPU without bfloat16 instructions
+
+    def work():
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            assert precision.inference_amp(True, "cpu") is False
+            warnings.warn("a library's own warning", RuntimeWarning)
+
+    with pytest.warns(RuntimeWarning) as passed_on:  # to the display there was (here pytest's record)
+        assert run_tool(work) == 0
+    assert capsys.readouterr().err == (
+        "warning: test.amp: this CPU has no bfloat16 instructions (avx512_bf16 or amx_bf16), where PyTorch emulates "
+        "bfloat16, several times slower than float32: running inference in float32\n")
+    assert [(str(w.message), Path(w.filename).name) for w in passed_on] == [("a library's own warning", "test_cli.py")]
 
 def test_the_list_names_every_error_type_of_the_project():
     """Every public *Error class in detection/ and backbones/ is in PROJECT_ERRORS, and every

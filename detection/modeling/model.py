@@ -23,6 +23,7 @@ from detection.modeling.resize import RESIZE_MODES, resize_tensor, resized_shape
 from detection.modeling.roi_heads import Res5ROIHeads
 from detection.modeling.rpn import RPN, clip_boxes
 from detection.modeling.structures import ImageList, host_to_device
+from detection.utils.text import DetectionWarning
 
 if TYPE_CHECKING:  # annotations only: the model needs no config at run time
     from detection.config import BackboneConfig, Config, ModelConfig
@@ -241,7 +242,7 @@ def _check_images(images: Sequence[Tensor]) -> None:
             if 0 < top <= 1.0:
                 warnings.warn(f"FasterRCNN: image {i} is float with values in 0..1, but the model takes RGB "
                               "0..255 (torchvision's detectors take 0..1): multiply by 255",
-                              stacklevel=_callers_level())
+                              DetectionWarning, stacklevel=_callers_level())
 
 
 # how far (as a scale factor) a training image may be from the pipeline's size before the model says so:
@@ -266,7 +267,7 @@ def _tell_unresized(images: Sequence[Tensor], min_sizes: Sequence[int], max_size
                           f"resize it to {target[0]}x{target[1]} (input.min_size_train {list(min_sizes)}, "
                           f"max_size_train {max_size}): the model does not resize in train mode (torchvision's "
                           "does): resize as training does, with detection.data.transforms.build_train_transform(cfg)",
-                          stacklevel=_callers_level())
+                          DetectionWarning, stacklevel=_callers_level())
             return True
     return False
 
@@ -415,4 +416,4 @@ def warn_on_preprocessing_mismatch(info: Any, pixel_mean: Sequence[float], pixel
     if not close or theirs[2] != ours[2]:
         warnings.warn(f"model.pixel_mean/pixel_std/input_format {ours} differ from what the backbone "
                       f"weights expect {theirs}; set them in the config to match the weights",
-                      stacklevel=2)
+                      DetectionWarning, stacklevel=2)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from detection.utils.text import DetectionWarning
+
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -58,7 +60,8 @@ def inference_amp(requested: bool, device: torch.device | str) -> bool:
         return True
     if "test.amp" not in WARNED:
         WARNED.add("test.amp")
-        warnings.warn(f"test.amp: {SLOW_BFLOAT16}: running inference in float32", stacklevel=2)
+        warnings.warn(f"test.amp: {SLOW_BFLOAT16}: running inference in float32", DetectionWarning,
+                      stacklevel=2)
     return False
 
 

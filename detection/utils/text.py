@@ -9,3 +9,9 @@ def first_few(items: Sequence[str], limit: int) -> str:
     message names enough to act on without listing thousands of files."""
     more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(str(item) for item in items[:limit]) + more
+
+
+class DetectionWarning(UserWarning):
+    """A warning of this toolkit about what a user gave or asked for (an image's range or size,
+    weights' normalisation, a precision this CPU cannot run fast): Python shows it at the user's
+    line; the tools print it as one `warning:` line, as their other messages (detection.cli)."""
