@@ -96,7 +96,7 @@ def _weights_from_overrides(parser: argparse.ArgumentParser, args: argparse.Name
     """A tool that takes --weights (eval.py, visualize.py, ...) given Detectron2's way, as
     model.weights=PATH (MODEL.WEIGHTS PATH after --opts): that is its --weights, not a config
     value; naming another file than --weights is a usage error."""
-    from detection.config.reading import yaml_load
+    from detection.config import yaml_load
 
     named = [item for item in args.overrides if item.partition("=")[0].strip() == "model.weights"]
     if not named:
@@ -245,7 +245,7 @@ class _LineFormatter(logging.Formatter):
 def override_keys(args: argparse.Namespace) -> list[str]:
     """The config keys given on the command line (`KEY=VALUE`; a section's mapping gives the keys
     in it): changed deliberately."""
-    from detection.config.reading import override_keys_of
+    from detection.config import override_keys_of
 
     return override_keys_of(args.overrides)
 
@@ -325,7 +325,8 @@ def run_tool(work: Callable[[], Optional[int]], *, interrupted: str = "interrupt
     error's notes, e.g. the checkpoint a stopped run left); Ctrl-C prints the interrupt's
     message (the trainer's says where it stopped), else `interrupted`, then `hint`, and exits
     128 + the signal (130; the trainer's SIGTERM stop: 143). A tool that runs in one process
-    (`processes="one"`: all but training) started by torchrun as several exits 2 at once."""
+    (`processes="one"`: all but training and eval.py --weights) started by torchrun as several
+    exits 2 at once."""
     setup_logging()
     if processes == "one":
         refuse_several_processes()

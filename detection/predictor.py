@@ -92,7 +92,7 @@ class Predictor:
             config_path = _config_beside(weights)
         from detection.cli import lower_case_key
 
-        from detection.config.reading import override_keys_of
+        from detection.config import override_keys_of
 
         overrides = [lower_case_key(item) for item in overrides]  # MODEL.X=v as the tools read it
         keys = override_keys_of(overrides)

@@ -112,6 +112,14 @@ def test_each_detection_module_imports_only_from_its_layer_and_below():
     assert not found, f"imports from a layer above (see docs/ARCHITECTURE.md): {found}"
 
 
+def test_the_config_package_is_imported_by_its_public_names():
+    """docs/ARCHITECTURE.md: the config layer's names are imported from `detection.config` (its
+    __init__ lists them), not from its modules, in the library and the tools (tests may reach in)."""
+    reaching_in = {module_name(p): sorted(n for n in imported_modules(p, True) if n.startswith("detection.config."))
+                   for p in python_files("detection") + python_files("tools")
+                   if not module_name(p).startswith("detection.config")}
+    assert not {m: names for m, names in reaching_in.items() if names}
+
 def test_every_module_has_a_layer():
     """A folder of detection/ without a layer in FOLDERS, or a module directly in detection/
     without one in TOP, would go unchecked: name it there."""

@@ -289,7 +289,7 @@ def _dataset_entry(given: str, test_sets: list) -> Any:
     name as given (a known data set; the catalog says what is wrong with it)."""
     import yaml
 
-    from detection.config.reading import yaml_load
+    from detection.config import yaml_load
 
     for entry in test_sets:
         if isinstance(entry, dict) and entry.get("name") == given:

@@ -13,8 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from detection.config import Config, ConfigError, config_to_dict, load_config
-from detection.config.reading import yaml_dump, yaml_load
+from detection.config import Config, ConfigError, config_to_dict, load_config, yaml_dump, yaml_load
 from detection.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
