@@ -118,9 +118,11 @@ class _Block(nn.Module):
             return None
         return x if self.shortcut is None else self.shortcut(x)
 
-    def _merge(self, branch: Tensor, x: Tensor) -> Tensor:
-        if self.residual:  # in place: the branch is a fresh tensor, and no backward needs it
-            branch += self.shortcut_output(x)
+    @staticmethod
+    def _merge(branch: Tensor, shortcut: Tensor | None) -> Tensor:
+        """relu(branch + shortcut) (shortcut_output's result; None adds nothing)."""
+        if shortcut is not None:  # in place: the branch is a fresh tensor, and no backward needs it
+            branch += shortcut
         return F.relu_(branch)
 
 
@@ -143,7 +145,7 @@ class BasicBlock(_Block):
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu_(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
-        return self._merge(out, x)
+        return self._merge(out, self.shortcut_output(x))
 
 
 class Bottleneck(_Block):
@@ -176,10 +178,7 @@ class Bottleneck(_Block):
         nothing). The one copy of this arithmetic: the fast path's res5 computes conv1 and
         the shortcut its own way and continues here (detection/accel/res5.py)."""
         out = F.relu_(self.norm2(self.conv2(out)))
-        out = self.norm3(self.conv3(out))
-        if shortcut is not None:  # in place: the branch is a fresh tensor, and no backward needs it
-            out += shortcut
-        return F.relu_(out)
+        return self._merge(self.norm3(self.conv3(out)), shortcut)
 
 
 class Stem(nn.Module):
@@ -225,14 +224,17 @@ def frozen_batchnorm(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
     return frozen
 
 
-def _replace_batchnorm(module: nn.Module) -> None:
-    # A frozen stage must not update BN statistics in train mode either, so trainable
-    # BN becomes FrozenBatchNorm2d there (as Detectron2 does); GN has no statistics.
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """In place: every BatchNorm2d in `module` (affine, with running statistics) becomes the
+    FrozenBatchNorm2d of its statistics, which is what it computes in eval mode. A frozen stage
+    must not update BN statistics in train mode either (as in Detectron2; GN has none); the fast
+    path's inference copies then fold them into the convs (detection.accel.fold)."""
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
+        if isinstance(child, nn.BatchNorm2d) and child.affine and child.running_mean is not None:
             setattr(module, name, frozen_batchnorm(child))
         else:
-            _replace_batchnorm(child)
+            freeze_batchnorm(child)
+    return module
 
 
 def _check_options(depth: int, norm: str, freeze_at: int, shortcut: str, residual: bool,
@@ -313,7 +315,7 @@ class ResNet(nn.Module):
             stage = getattr(self, name)
             for parameter in stage.parameters():
                 parameter.requires_grad_(False)
-            _replace_batchnorm(stage)
+            freeze_batchnorm(stage)
         self.freeze_at = max(self.freeze_at, freeze_at)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:

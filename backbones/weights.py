@@ -34,7 +34,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from backbones.errors import WeightsError
+from backbones.errors import NULL_LOOKALIKES, WeightsError
 from backbones.keymap import CAFFE2_RULES, TORCHVISION_RULES, Rule, map_keys
 from backbones.pickle_io import load_numpy_pickle
 
@@ -115,7 +115,7 @@ def _missing_file_message(path: Path) -> str:
         message += f" (a relative path is taken from the working directory: {Path.cwd() / path})"
     if path.name in MSRA_DOWNLOADS:
         message += f"; download it from {MSRA_DOWNLOADS[path.name]} to that path (or give the path of a copy)"
-    if str(path) in ("None", "none", "NULL", "Null"):  # Python's spelling of no value
+    if str(path) in NULL_LOOKALIKES:
         message += "; for no weights YAML writes null (model.backbone.weights=null)"
     return message
 
@@ -253,11 +253,11 @@ def _caffe2_statistics(model: nn.Module, state: dict[str, Tensor]) -> dict[str, 
             continue
         channels = module.running_mean.shape
         if f"{name}.running_mean" not in state:
-            extra[f"{name}.running_mean"] = torch.zeros(channels)
+            extra[f"{name}.running_mean"] = torch.zeros(channels, device="cpu")  # as the file's
         if f"{name}.running_var" not in state:
             if isinstance(module, FrozenBatchNorm2d):
                 module.eps = 0.0
-            extra[f"{name}.running_var"] = torch.full(channels, 1.0 - module.eps)
+            extra[f"{name}.running_var"] = torch.full(channels, 1.0 - module.eps, device="cpu")
     return extra
 
 

@@ -9,10 +9,9 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, box_iou, roi_align
 
 from backbones import build_resnet
-from backbones.resnet import Stem, make_stage
+from backbones.resnet import Stem, freeze_batchnorm, make_stage
 from detection.accel import chunk_rois, fold, onednn, optimize_for_inference, optimize_for_training
-from detection.accel.fold import (AppliedFrozenBN, FastConv2d, ScaledConv2d, fold_frozen_bn, fold_frozen_bn_for_training,
-                                  freeze_batchnorm)
+from detection.accel.fold import AppliedFrozenBN, FastConv2d, ScaledConv2d, fold_frozen_bn, fold_frozen_bn_for_training
 from detection.accel.gather import pool, pool_plan, to_rois
 from detection.accel.onednn import FusedBottleneck, FusedStem, conv_pointwise, fusable, fuse_blocks
 from detection.accel.res5 import Res5Runner

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from detection.cli import add_config_args, config_from_args, override_keys, parse_command_line, run_tool
 from detection.config import ConfigError
-from detection.study.ablation import AblationRow, format_table, row_config, run_ablation, select_rows
+from detection.study.ablation import METRICS, AblationRow, format_table, row_config, run_ablation, select_rows
 from detection.utils.files import OutputFolderError, atomic_write
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
 
 # what a row keeps from an earlier run: its measurement, the checkpoint and the key it was made with
-KEPT_FIELDS = ("weights", "key", "AP", "AP50", "AP75", "seconds_per_image")
+KEPT_FIELDS = ("weights", "key", *METRICS, "seconds_per_image")
 
 
 def row_key(cfg: Config, weights: str, tta: bool, device: str) -> str:
@@ -186,7 +186,7 @@ def check_context(weights: str, context_weights: str | None) -> None:
 
 
 def _print_row(row: dict, kept: bool = False) -> None:
-    print(f"{row['row']} ({row['group']}): " + ", ".join(f"{k} {row[k]:.2f}" for k in ("AP", "AP50", "AP75"))
+    print(f"{row['row']} ({row['group']}): " + ", ".join(f"{k} {row[k]:.2f}" for k in METRICS)
           + f", {row['seconds_per_image']:.3f} s/image" + (" (kept)" if kept else ""))
 
 
@@ -266,8 +266,8 @@ def evaluate_row(cfg: Config, weights: str, datasets: list, device: torch.device
     metrics = evaluate_test_sets(datasets, model=timed, num_workers=cfg.dataloader.num_workers,
                                  output_dir=where, model_classes=names)
     first = metrics[datasets[0].name]
-    return {"AP": first.get("AP", float("nan")), "AP50": first.get("AP50", float("nan")),
-            "AP75": first.get("AP75", float("nan")), "seconds_per_image": timed.median_seconds_per_image()}
+    return {**{key: first.get(key, float("nan")) for key in METRICS},
+            "seconds_per_image": timed.median_seconds_per_image()}
 
 
 def _slug(name: str) -> str:

@@ -5,8 +5,8 @@ conv(x) * scale + shift == conv with weight w * scale and bias shift. Inference 
 (fold_frozen_bn: on a copy, whose norms become Identity); training computes w * scale at
 every call (ScaledConv2d), so gradients reach w through the product and the parameters,
 the norms' buffers and the state_dict keys stay as they were. Trainable BN (BatchNorm2d) is
-the same affine in eval mode, from its running statistics: inference folds it too
-(freeze_batchnorm), training leaves it alone.
+the same affine in eval mode, from its running statistics: inference folds it too, on an
+eval-mode copy (backbones.resnet.freeze_batchnorm), training leaves it alone.
 
 Shapes: a conv's weight (K, C, kh, kw), K output and C input channels; a norm's scale and
 shift (K,), one per output channel, so w * scale is w * scale.view(K, 1, 1, 1).
@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from backbones.resnet import frozen_batchnorm
 from detection.accel import winograd
 from detection.accel.taps import SMALL_MAP_POSITIONS, taps_conv2d
 
@@ -56,19 +55,6 @@ def _folded_conv(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> nn.Conv2d:
         folded.bias.copy_(bias)
     folded.requires_grad_(False)
     return folded
-
-
-def freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """In place, for inference: every BatchNorm2d (trainable BN, e.g. `norm: bn` from scratch)
-    becomes the FrozenBatchNorm2d of its running statistics, which is what it computes in eval
-    mode, so fold_frozen_bn folds it too. Only for an eval-mode copy: training would no
-    longer update the statistics."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and child.affine and child.running_mean is not None:
-            setattr(module, name, frozen_batchnorm(child))
-        else:
-            freeze_batchnorm(child)
-    return module
 
 
 def fold_frozen_bn(module: nn.Module) -> nn.Module:

@@ -1,7 +1,8 @@
 """The fast path's entry points and the per-device choice of its steps (docs/accel.md):
 
     fast = optimize_for_inference(model)   # a copy; `model` is left as it is
-    optimize_for_training(model)            # in place; parameter names and checkpoints unchanged
+    optimize_for_training(model, channels_last=True)  # in place, as the trainer calls it; names and
+                                                       # checkpoints unchanged
 
 inference_plan chooses the inference steps for a device. Device-neutral rewrites (BN folded
 into the convs: it only removes work) run everywhere; the CPU kernels (channels_last layout
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from detection.accel.fold import (fold_frozen_bn, fold_frozen_bn_for_training, freeze_batchnorm, small_map_convs,
-                                  winograd_training_convs)
+from backbones.resnet import freeze_batchnorm
+from detection.accel.fold import fold_frozen_bn, fold_frozen_bn_for_training, small_map_convs, winograd_training_convs
 from detection.accel.levers import Levers, apply_levers, compile_runner_head
 from detection.accel.onednn import FusedRPNHead, fuse_blocks
 from detection.accel.res5 import AUTO, Res5Runner, chunk_rois
@@ -175,7 +176,8 @@ def training_plan(device: torch.device | str, *, fold_bn: bool = True, channels_
     installed). The levers: sync_free_postprocess on any device (the same proposals);
     compile off the CPU only (the CPU's training path is measured eager, and compiling costs
     there more than a short run gains); cuda_channels_last and cuda_graphs are inference-only
-    (training is NHWC on every device already; its RoI counts are fixed by sampling)."""
+    (the trainer's training is NHWC on every device already: it passes channels_last=True; its
+    RoI counts are fixed by sampling)."""
     cpu = torch.device(device).type == "cpu"
     return TrainingPlan(fold_bn=fold_bn, channels_last=channels_last, runner=True,
                         small_map_taps=cpu and small_maps, winograd=cpu and winograd,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from backbones.errors import WeightsError
+from backbones.errors import NULL_LOOKALIKES, WeightsError
 from detection.engine.checkpoint import CheckpointError, non_finite_tensors, verify_checksums
 from detection.engine.detectron2 import convert_detectron2_state, is_detectron2_state
 from detection.utils.text import first_few
@@ -77,7 +77,7 @@ def read_detector_file(path: Union[str, Path]) -> DetectorWeights | None:
         raise CheckpointError(f"{path}: a folder, not a weights file"
                               f"{f' (the checkpoint in it: {inside[0]})' if inside else ''}")
     if not path.is_file():
-        null = "; for no weights YAML writes null (model.weights=null)" if str(path) in ("None", "none", "NULL") else ""
+        null = "; for no weights YAML writes null (model.weights=null)" if str(path) in NULL_LOOKALIKES else ""
         raise CheckpointError(f"{path}: weights file not found{null}")
     return detector_weights(_read_any(path), str(path))
 
@@ -305,8 +305,8 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConf
 
 def _reordered(weights: DetectorWeights, order: list[int]) -> DetectorWeights:
     """`weights` with class k's rows (0-based; background stays first) taken from class order[k]."""
-    cls_rows = torch.tensor([0] + [k + 1 for k in order])
-    box_rows = torch.tensor([4 * k + i for k in order for i in range(4)])
+    cls_rows = torch.tensor([0] + [k + 1 for k in order], device="cpu")  # the file's tensors are read to the CPU
+    box_rows = torch.tensor([4 * k + i for k in order for i in range(4)], device="cpu")
     state = dict(weights.state)
     for key in CLASS_SPECIFIC:
         if key in state:

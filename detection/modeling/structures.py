@@ -34,12 +34,6 @@ class ImageList:
     tensor: Tensor
     image_sizes: list[tuple[int, int]]
 
-    def __len__(self) -> int:
-        return len(self.image_sizes)
-
-    def to(self, device: torch.device | str) -> "ImageList":
-        return ImageList(self.tensor.to(device), list(self.image_sizes))
-
     @staticmethod
     def from_tensors(tensors: Sequence[Tensor], size_divisibility: int = 32,
                      pad_value: float = 0.0) -> "ImageList":

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 TABLE9 = "Table 9 (cumulative, the paper's order)"
 APART = "not in Table 9"  # single switches on the baseline, and refinement + multi-scale without context
-METRICS = ("AP", "AP50", "AP75")
+METRICS = ("AP", "AP50", "AP75")  # what each row reports (tools/ablate.py keeps and prints them)
 
 
 @dataclass(frozen=True)
@@ -104,4 +104,4 @@ def format_table(results: Sequence[dict], cfg: Config, test_set: str, tta: bool)
 
 
 def _metrics(result: dict) -> str:
-    return " | ".join(f"{result[key]:.1f}" for key in ("AP50", "AP", "AP75"))
+    return " | ".join(f"{result[key]:.1f}" for key in ("AP50", "AP", "AP75"))  # METRICS in the paper's column order
