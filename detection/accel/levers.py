@@ -6,7 +6,8 @@ by default until a GPU measures what it buys (`tools/benchmark.py --device cuda 
 - sync_free_postprocess (any device): detection/modeling/syncfree.py, the same detections.
 - compile (any device): torch.compile of the trunk and of res5 (the plain res5 head, or off the
   CPU the Res5Runner's head, cuda_hoist's; where the CPU's Res5Runner runs res5, only the trunk),
-  mode "default", "reduce-overhead" (CUDA graphs) or "max-autotune". It compiles at the first
+  mode "default" (or true), "reduce-overhead" (CUDA graphs), "max-autotune" or
+  "max-autotune-no-cudagraphs" (COMPILE_MODES). It compiles at the first
   images; that time is logged once per module at INFO.
 - cuda_graphs: on CUDA res5 on RoI counts padded to fixed buckets, captured as CUDA graphs
   (graphs.py; the padding is device-neutral and tested on the CPU). res5 is then not compiled.

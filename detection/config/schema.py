@@ -159,7 +159,7 @@ class TestConfig:
 class AccelConfig:  # GPU levers of the fast path, each off until measured (docs/accel.md, "GPU levers")
     cuda_channels_last: bool = False
     sync_free_postprocess: bool = False
-    compile: Union[bool, str] = False  # false | default | reduce-overhead | max-autotune
+    compile: Union[bool, str] = False  # false | true (= default) | one of accel.levers.COMPILE_MODES
     cuda_graphs: bool = False
     cuda_hoist: bool = False
     cuda_fused_relu: bool = False

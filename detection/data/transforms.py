@@ -45,8 +45,8 @@ class TrainTransform:
     One of `min_sizes` is picked per image (multi-scale training); with `sampling` "range",
     `min_sizes` is [smallest, largest] and each image's size is drawn uniformly from the
     integers between them, both included (Detectron2's ResizeShortestEdge "range"). Random
-    state is owned by the transform; `set_seed` makes it reproducible (the loader calls it
-    once per worker with a worker-specific seed).
+    state is owned by the transform; `set_seed` makes it reproducible (the training loader
+    reseeds it before every sample from that sample's seed: TrainDataset.reseed).
     """
 
     def __init__(self, min_sizes: Sequence[int], max_size: int, hflip_prob: float, jitter: bool,

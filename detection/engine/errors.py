@@ -1,4 +1,4 @@
-"""The ways a training run stops short, as the tools tell them apart: an error (exit 2), Ctrl-C,
+"""The ways a training run stops short, as the tools tell them apart: an error (exit 1), Ctrl-C,
 or a signal answered by saving last.pth (exit 128 + the signal's number)."""
 from __future__ import annotations
 

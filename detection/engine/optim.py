@@ -1,4 +1,4 @@
-"""SGD with momentum and weight decay, linear warmup and multi-step decay (iteration based)."""
+"""SGD with momentum and weight decay, linear warmup and multi-step or cosine decay (iteration based)."""
 from __future__ import annotations
 
 import bisect

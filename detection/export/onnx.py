@@ -5,7 +5,8 @@ D detections.
 
 The graph (`export_onnx`) is the plain path of `FasterRCNN.inference` for one image:
 
-    image    uint8 (1, 3, H, W): RGB, already resized by `prepare_image` (below)
+    image    uint8 (1, 3, H, W): RGB, already resized (`detection.export.preprocess.preprocess`
+             from the file's metadata; `prepare_image` below for a tensor)
     original_size  int64 (2,): (height, width) of the image before resizing
  -> boxes  float32 (D, 4) XYXY in the original image's pixels, scores float32 (D,),
     labels int64 (D,) in 1..K

@@ -35,7 +35,7 @@ from detection.modeling.resize import RESIZE_MODES, resize_uint8, resized_shape
 from detection.utils.images import rgb_uint8
 
 METADATA_VERSION = "1"
-# key -> (type, what it says); every key is written by detection.export.runtime_metadata
+# key -> (type, what it says); every key is written by detection.export.onnx.runtime_metadata
 METADATA: dict[str, tuple[type, str]] = {
     "c4det_metadata_version": (str, "this table's version"),
     "min_size_test": (int, "the resize: shorter side to this many pixels (input.min_size_test)"),
@@ -48,7 +48,7 @@ METADATA: dict[str, tuple[type, str]] = {
     "pixel_std": (list, "(model.pixel_std); in the graph"),
     "size_divisibility": (int, "padding of the resized image to multiples of this (in the graph)"),
     "class_names": (list, "the names of labels 1..K, in order"),
-    "score_thresh_test": (float, "detections below this score are dropped (in the graph)"),
+    "score_thresh_test": (float, "detections at or below this score are dropped (in the graph)"),
     "nms_thresh_test": (float, "per-class NMS IoU (in the graph)"),
     "detections_per_image": (int, "at most this many detections (in the graph)"),
     "exif_orientation": (bool, "the model's images were turned by their EXIF tag as they were read "

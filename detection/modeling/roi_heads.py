@@ -45,6 +45,7 @@ class BoxPredictor(nn.Module):
         super().__init__()
         self.cls_score = nn.Linear(in_channels, num_classes + 1)
         self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+        # Faster R-CNN's and Detectron2's initialisation: small random scores, near-zero box deltas
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.constant_(self.cls_score.bias, 0.0)

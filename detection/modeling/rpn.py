@@ -33,7 +33,7 @@ class RPNHead(nn.Module):
         self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
         self.objectness_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
         self.anchor_deltas = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
-        for layer in (self.conv, self.objectness_logits, self.anchor_deltas):
+        for layer in (self.conv, self.objectness_logits, self.anchor_deltas):  # Faster R-CNN's and Detectron2's init
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.constant_(layer.bias, 0.0)
 
