@@ -180,7 +180,8 @@ def test_test_loader_workers_leave_ctrl_c_to_the_main_process(tmp_path, monkeypa
 
     def with_handler(self, index):  # runs in the worker: which SIGINT handler it has
         image, record = real(self, index)
-        return image, {**record, "sigint": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}
+        return image, {**record, "sigint": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+                       "sigterm": signal.getsignal(signal.SIGTERM) is signal.SIG_IGN}
 
     monkeypatch.setattr(loader_module.TestDataset, "__getitem__", with_handler)
     previous = signal.signal(signal.SIGINT, lambda *args: None)  # the trainer's, in the parent
@@ -188,7 +189,7 @@ def test_test_loader_workers_leave_ctrl_c_to_the_main_process(tmp_path, monkeypa
         records = [r for _, recs in build_test_loader(info, num_workers=1, batch_size=4) for r in recs]
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert len(records) == 8 and all(r["sigint"] for r in records)
+    assert len(records) == 8 and all(r["sigint"] and r["sigterm"] for r in records)  # a job's SIGTERM too
 
 
 def test_missing_image_errors_or_is_skipped(tmp_path, caplog):

@@ -195,6 +195,29 @@ def test_a_signal_just_before_the_evaluation_stops_it_too():
                 pytest.fail("the evaluation ran")
 
 
+@pytest.mark.slow  # trains through train_det.main, with a loader worker
+def test_a_sigterm_to_the_whole_job_also_reaching_the_loader_workers_still_stops_by_saving(data_root, tmp_path,
+                                                                                          capsys, monkeypatch):
+    """Slurm's scancel and a pre-emption signal every process of the job, the DataLoader's workers
+    too: they died of it, and the run ended with a worker's traceback and exit 1, the iterations
+    since the last checkpoint lost (a trial). The workers leave the stop to the main process."""
+    import multiprocessing
+
+    def to_the_job():  # from another process (PyTorch's workers take their parent's SIGTERM as a shutdown)
+        workers = [str(worker.pid) for worker in multiprocessing.active_children()]
+        assert workers
+        subprocess.run(["kill", "-TERM", *workers, str(os.getpid())], check=True)
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        at_forward(patch, 3, to_the_job)
+        assert run_tool(data_root, out, **{"solver.max_iter": 5, "solver.checkpoint_period": 100,
+                                           "dataloader.num_workers": 1}) == 143
+    err = capsys.readouterr().err
+    assert f"stopped by SIGTERM at iteration 3; saved {out / 'last.pth'} (iteration 3)" in err
+    assert "Traceback" not in err and "killed by signal" not in err
+    assert load_resume_checkpoint(out / "last.pth")["iteration"] == 3
+
 def test_a_signal_passed_on_by_a_launcher_is_the_same_stop(monkeypatch):
     """Slurm signals every process of a job step and torchrun passes its own SIGTERM on, so each
     worker gets two within moments (a review): the second stopped the worker at once, without

@@ -89,16 +89,20 @@ def build_test_loader(dataset: DatasetInfo, *, num_workers: int, batch_size: int
                        exif_orientation=dataset.exif_orientation)
     loader = ForkSafeDataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                 collate_fn=collate_lists, pin_memory=torch.cuda.is_available(),
-                                worker_init_fn=_ignore_sigint if num_workers > 0 else None)
+                                worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
     return TestLoader(loader)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """A test loader's worker ignores Ctrl-C, as the training loader's do (seed_worker): the
-    main process decides (the trainer's GracefulStop finishes its step, eval.py stops and the
-    DataLoader ends its workers). Without this a worker forked during training's evaluation
-    ran the trainer's handler itself and said "SIGINT received" a second time."""
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A loader worker (test or training: seed_worker) ignores Ctrl-C and SIGTERM: a terminal's
+    Ctrl-C, Slurm's scancel and a pre-emption reach every process of the job, and the main
+    process decides (the trainer's GracefulStop finishes its step and saves, eval.py stops, and
+    the DataLoader ends its workers; a worker whose parent is gone ends itself). Without this a
+    worker forked during training's evaluation ran the trainer's handler and said "SIGINT
+    received" a second time, and a SIGTERM to the job killed the training loader's workers: the
+    run stopped with a worker's traceback and exit 1, not by saving last.pth (exit 143)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ForkSafeDataLoader(DataLoader):
@@ -333,9 +337,9 @@ class TestLoader:
 
 def seed_worker(worker_id: int, *, base_seed: int) -> None:
     """worker_init_fn: seed numpy, random, torch and the data set's transform per worker, deterministically."""
-    # Ctrl-C reaches the whole terminal process group: the trainer finishes its iteration and
-    # saves (GracefulStop), so the workers must keep serving it instead of dying on SIGINT.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the trainer finishes its
+    # iteration and saves (GracefulStop), so the workers keep serving it instead of dying
+    ignore_stop_signals()
     seed = int(np.random.SeedSequence([base_seed, worker_id + 1]).generate_state(1)[0])
     np.random.seed(seed)
     random.seed(seed)
