@@ -9,6 +9,7 @@ tests/test_exif_orientation_e2e.py."""
 import dataclasses
 import json
 import logging
+import zlib
 
 import numpy as np
 import pytest
@@ -125,6 +126,42 @@ def test_png_tag_is_applied_and_a_broken_exif_block_reads_as_stored(tmp_path):
     assert orientation(str(broken)) == 1
     np.testing.assert_array_equal(read_image(str(broken)), read_image(str(good)))
 
+
+def test_a_png_tag_written_after_the_pixels_is_applied(tmp_path):
+    """Some writers put a PNG's eXIf chunk after its image data; PIL's exif_transpose finds it
+    there. The header-only reader missed it: the photo was read sideways, in silence, where
+    cv2.imread (the README's ONNX route) turned it."""
+    viewed = scene()
+    plain = tmp_path / "plain.png"
+    Image.fromarray(viewed).transpose(STORE[6]).save(plain)
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    payload = exif.tobytes()[6:]  # the chunk holds the TIFF block, without the "Exif\0\0" prefix
+    chunk = len(payload).to_bytes(4, "big") + b"eXIf" + payload + zlib.crc32(b"eXIf" + payload).to_bytes(4, "big")
+    data = plain.read_bytes()
+    late = tmp_path / "late.png"
+    late.write_bytes(data[:-12] + chunk + data[-12:])  # just before IEND (its 12 bytes), after IDAT
+    assert Image.open(late).getexif()[ORIENTATION] == 6  # what PIL sees
+    assert orientation(str(late)) == 6 and orientation(late.read_bytes()) == 6
+    np.testing.assert_array_equal(read_image(str(late)), viewed)
+    assert header_size(str(late), apply_tag=True) == (*viewed.shape[:2], 6)
+    assert orientation(str(plain)) == 1
+
+
+def test_a_photo_over_pils_pixel_limit_keeps_its_tag(tmp_path, monkeypatch):
+    """PIL refuses to open an image over twice its pixel limit (179 MP: a 200 MP phone photo),
+    header included: the tag was lost and the photo read sideways, in silence (OpenCV decodes
+    the pixels). The limit is lowered here to stand for such a photo, and is left as it was."""
+    viewed = scene()
+    write_photo(tmp_path / "big.jpg", viewed, 6)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 48 x 80 = 3840 pixels: over twice the limit
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "big.jpg")
+    assert orientation(str(tmp_path / "big.jpg")) == 6
+    assert orientation((tmp_path / "big.jpg").read_bytes()) == 6
+    assert header_size(str(tmp_path / "big.jpg"), apply_tag=True) == (*viewed.shape[:2], 6)
+    assert np.abs(read_image(str(tmp_path / "big.jpg")).astype(int) - viewed).mean() < 2
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 # ---- the startup check ----------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import BinaryIO, Union
@@ -94,16 +95,33 @@ def apply_orientation(img: np.ndarray, tag: int) -> np.ndarray:
 
 def _open_header(source: Union[str, bytes, BinaryIO]) -> Image.Image | None:
     """PIL's lazy open (header only), or None for what PIL cannot parse. Nothing here may warn
-    or fail: the pixels are OpenCV's business (a very large image, a header PIL finds corrupt:
-    a JPEG's EXIF block is parsed on opening already)."""
+    or fail: the pixels are OpenCV's business (a header PIL finds corrupt: a JPEG's EXIF block
+    is parsed on opening already). A very large image's header is read too: PIL refuses to open
+    one over twice its pixel limit (179 MP by default: a 200 MP phone photo), which lost the tag
+    of such a photo (read sideways, in silence), though OpenCV decodes its pixels."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
+    start = source.tell() if hasattr(source, "tell") else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return Image.open(source)
-    except Exception:  # noqa: BLE001 - OSError, SyntaxError, DecompressionBombError, struct.error, ...
+            try:
+                return Image.open(source)
+            except Image.DecompressionBombError:
+                if start is not None:
+                    source.seek(start)
+                with _PIXEL_LIMIT_LIFTED:  # PIL's limit is a module global: put back at once
+                    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                    try:
+                        return Image.open(source)  # the header only: no pixel is decoded here
+                    finally:
+                        Image.MAX_IMAGE_PIXELS = limit
+    except Exception:  # noqa: BLE001 - OSError, SyntaxError, struct.error, ...
         return None
+
+
+# held while PIL's pixel limit is lifted to read a very large image's header (one at a time)
+_PIXEL_LIMIT_LIFTED = threading.Lock()
 
 
 def _tag_of(image: Image.Image) -> int:
@@ -117,9 +135,9 @@ def _tag_of(image: Image.Image) -> int:
 
 def _parse_tag(image: Image.Image) -> int:
     if image.format == "PNG":
-        # PNG's getexif() decodes every pixel to look for an eXIf chunk after them: read
-        # only a chunk found in the header
-        raw = image.info.get("exif")
+        # PNG's getexif() decodes every pixel to look for an eXIf chunk after them: the chunk
+        # is taken from the header, else found by walking the chunks' headers past the pixels
+        raw = image.info.get("exif") or _png_exif_after_pixels(image.fp)
         exif = Image.Exif()
         if raw:
             exif.load(raw)
@@ -127,6 +145,30 @@ def _parse_tag(image: Image.Image) -> int:
         exif = image.getexif()
     value = exif.get(ORIENTATION_TAG, 1)
     return value if isinstance(value, int) and value in DESCRIPTIONS else 1
+
+
+def _png_exif_after_pixels(fp: BinaryIO | None) -> bytes | None:
+    """A PNG's eXIf chunk written after its image data (some writers put it there; PIL's
+    exif_transpose finds it), as PIL keeps a header's ("Exif\\0\\0" + the chunk): each chunk's
+    8-byte header is read and its data skipped, so no pixel is read or decoded."""
+    if fp is None:
+        return None
+    start = fp.tell()
+    try:
+        fp.seek(8)  # past the PNG signature
+        while True:
+            head = fp.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"eXIf":
+                data = fp.read(length)
+                return b"Exif\x00\x00" + data if len(data) == length else None
+            if kind == b"IEND":
+                return None
+            fp.seek(length + 4, io.SEEK_CUR)  # the data and its CRC
+    finally:
+        fp.seek(start)
 
 
 def check_image_sizes(info: DatasetInfo, *, skip: bool) -> None:
