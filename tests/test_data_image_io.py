@@ -47,6 +47,23 @@ def test_16bit_color_and_gray_scale_by_full_range(tmp_path):
     np.testing.assert_array_equal(img[..., 2], img[..., 0])
 
 
+def test_float_images_in_0_1_with_highlights_above_1_and_in_0_255(tmp_path):
+    """A float TIFF of 0..1 values (OpenCV's float convention) reads as value * 255; an HDR
+    merge's highlights above 1.0 are clipped to white, not taken as a 0..255 image (one such
+    pixel read the whole photo near black, and the model found nothing); a float image of
+    0..255 values reads as it is."""
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 32, 3)).astype(np.uint8)
+    unit = rgb.astype(np.float32) / 255
+    cv2.imwrite(str(tmp_path / "unit.tif"), unit[:, :, ::-1])
+    np.testing.assert_array_equal(read_image(str(tmp_path / "unit.tif")), rgb)
+    unit[:3, :3] = 1.2
+    cv2.imwrite(str(tmp_path / "hdr.tif"), unit[:, :, ::-1])
+    expected = rgb.copy()
+    expected[:3, :3] = 255
+    np.testing.assert_array_equal(read_image(str(tmp_path / "hdr.tif")), expected)
+    cv2.imwrite(str(tmp_path / "full.tif"), rgb[:, :, ::-1].astype(np.float32))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "full.tif")), rgb)
+
 def test_missing_and_corrupt_files_name_the_path(tmp_path):
     with pytest.raises(DataError, match=r"image file not found: .*nothere\.jpg"):
         read_image(str(tmp_path / "nothere.jpg"))

@@ -228,7 +228,7 @@ def test_images_the_predictor_cannot_take_say_how_to_pass_them():
         (cv2.imencode(".png", rgb)[1].reshape(-1), ValueError, "(an image file's encoded bytes: decode them with "
                                                                "detection.data.image_io.decode_image"),
         (rgb.astype(np.float32) / 255, ValueError, "got dtype float32 (a float 0..1 image: pass "
-                                                   "(image * 255).round().astype(np.uint8))"),
+                                                   "(image.clip(0, 1) * 255).round().astype(np.uint8))"),
         (rgb.astype(np.float64), ValueError, "got dtype float64 (a float image of 0..255 values: pass "
                                              "image.round().clip(0, 255).astype(np.uint8))"),
         (rgb[:, :, 0], ValueError, "got (5, 6) (a gray image: pass np.repeat("),

@@ -79,7 +79,7 @@ def test_rejects_non_rgb_uint8_images_saying_how_to_pass_them():
                                          r"\(a gray image: pass np.repeat"):
         draw_detections(np.zeros((10, 10), np.uint8), [], [], None, NAMES)
     with pytest.raises(ValueError, match=r"side_by_side: the image must be uint8 0..255, got dtype float32 \(a "
-                                         r"float 0..1 image: pass \(image \* 255\)"):
+                                         r"float 0..1 image: pass \(image.clip\(0, 1\) \* 255\)"):
         side_by_side(np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 3), np.uint8))
 
 

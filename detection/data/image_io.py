@@ -100,7 +100,10 @@ def _is_truncated_jpeg(data: np.ndarray) -> bool:
 
 
 def _to_uint8(img: np.ndarray, path: str) -> np.ndarray:
-    """Map the stored depth to 0..255 by its full range (16-bit: /257, float: [0,1] -> [0,255])."""
+    """Map the stored depth to 0..255 by its full range (16-bit: /257, float: [0,1] -> [0,255]).
+    A float image is taken as 0..1 when most of its pixels (the median) are at most 1, its
+    values above 1 (an HDR merge's highlights) clipped to white; as 0..255 otherwise. The
+    maximum decided it: one highlight pixel over 1.0 read a 0..1 photo as 0..255, near black."""
     if img.dtype == np.uint8:
         return img
     if img.dtype == np.uint16:
@@ -108,6 +111,6 @@ def _to_uint8(img: np.ndarray, path: str) -> np.ndarray:
         return (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     if img.dtype in (np.float32, np.float64):
         img = np.nan_to_num(img.astype(np.float32))
-        scale = 255.0 if float(img.max(initial=0.0)) <= 1.0 else 1.0
+        scale = 255.0 if img.size == 0 or float(np.median(img)) <= 1.0 else 1.0
         return np.clip(img * scale + 0.5, 0, 255).astype(np.uint8)
     raise DataError(f"image {path} has unsupported pixel type {img.dtype}; expected 8-bit, 16-bit or float")

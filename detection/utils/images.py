@@ -49,8 +49,8 @@ def _how_to_convert(image: np.ndarray) -> str:
         return " (a 16-bit image: pass (image / 257 + 0.5).astype(np.uint8), as 16-bit files are read)"
     if image.dtype.kind != "f" or image.size == 0:
         return ""
-    if float(np.nanmax(image)) <= 1.0:
-        return " (a float 0..1 image: pass (image * 255).round().astype(np.uint8))"
+    if float(np.nanmedian(image)) <= 1.0:  # as float files are read: most pixels in 0..1, highlights clipped
+        return " (a float 0..1 image: pass (image.clip(0, 1) * 255).round().astype(np.uint8))"
     return " (a float image of 0..255 values: pass image.round().clip(0, 255).astype(np.uint8))"
 
 
