@@ -256,10 +256,12 @@ def test_visualize_input_folder_names_images_in_its_subfolders_and_globs_reach_t
     for name in ("b.jpg", "a.PNG", "notes.txt", "2024/c.jpg", "2024/june/d.jpeg"):
         (photos / name).write_bytes(b"x")
     assert find_images(str(photos)) == [photos / "a.PNG", photos / "b.jpg"]
-    note = capsys.readouterr().out
-    assert note.count("\n") == 1 and str(photos / "2024" / "c.jpg") in note and f"'{photos / '**' / '*'}'" in note
+    subfolders, left_out = capsys.readouterr().out.splitlines()
+    assert str(photos / "2024" / "c.jpg") in subfolders and f"'{photos / '**' / '*'}'" in subfolders
+    assert f"1 file left out, not named as images ({photos / 'notes.txt'})" in left_out
     assert find_images(str(photos / "**" / "*")) == [photos / "2024" / "c.jpg", photos / "2024" / "june" / "d.jpeg",
                                                      photos / "a.PNG", photos / "b.jpg"]
+    assert "1 file left out" in capsys.readouterr().out
     assert find_images(str(photos / "*.jpg")) == [photos / "b.jpg"] and capsys.readouterr().out == ""
     from detection.data import DataError
     scans = tmp_path / "scans"
@@ -270,6 +272,28 @@ def test_visualize_input_folder_names_images_in_its_subfolders_and_globs_reach_t
     with pytest.raises(DataError, match=r"no images found \(expected an image, a folder or a glob\)$"):
         find_images(str(photos / "2024" / "june" / "nothing"))
 
+
+def test_visualize_folder_and_glob_take_the_same_entries_and_name_what_they_leave_out(tmp_path, capsys):
+    """An own-photos trial: a folder dropped .jfif and .gif files OpenCV reads (Windows saves web
+    JPEGs as .jfif) and a broken link without a word, where a glob listed them; a glob listed a
+    folder named x.jpg as an image that failed. Both take the same entries now, and say what
+    they leave out."""
+    find_images = TOOLS["visualize.py"].find_images
+    photos = tmp_path / "photos"
+    (photos / "x.jpg").mkdir(parents=True)  # a folder with an image's name
+    for name in ("a.jfif", "b.gif", "c.jpe", "d.heic", "e.JPG"):
+        (photos / name).write_bytes(b"x")
+    (photos / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    images = [photos / name for name in ("a.jfif", "b.gif", "c.jpe", "e.JPG", "gone.jpg")]
+    assert find_images(str(photos)) == images
+    assert f"1 file left out, not named as images ({photos / 'd.heic'})" in capsys.readouterr().out
+    assert find_images(str(photos / "*")) == images
+    (photos / "a.jfif").unlink()
+    for name in ("b.gif", "c.jpe", "e.JPG", "gone.jpg"):
+        (photos / name).unlink()
+    from detection.data import DataError
+    with pytest.raises(DataError, match=r"no images found .*; 1 file left out, not named as images \(.*d\.heic\)"):
+        find_images(str(photos))
 
 def test_visualize_says_its_input_has_no_images_before_loading_the_model(tmp_path, monkeypatch, capsys):
     """A trial: a folder of subfolders was said to hold no images only after the model had loaded

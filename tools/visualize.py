@@ -43,12 +43,14 @@ from detection.cli import (add_config_args, config_from_args, override_keys, par
                            resolve_config_beside_weights, run_tool)
 from detection.config import ConfigError
 from detection.data import DataError
+from detection.utils.text import first_few
 
 if TYPE_CHECKING:
     from detection.config import Config
 
 logger = logging.getLogger("visualize")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# what a folder or a glob draws (OpenCV reads them all); a file given by name is read whatever its extension
+IMAGE_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,23 +86,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def find_images(pattern: str) -> list[Path]:
     """An image file, every image in a folder (sorted; its subfolders' images not, and a note
-    says so), or the images a glob matches ("**" reaches into subfolders)."""
+    says so), or the images a glob matches ("**" reaches into subfolders). A folder and a glob
+    take the same entries: files (a broken link too: it is then reported as not drawn) named
+    with an image's extension (IMAGE_EXTS); a note names the files left out for their extension."""
     path = Path(pattern).expanduser()
     nested = None
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        entries = sorted(p for p in path.iterdir() if not p.is_dir())
         nested = _image_in_subfolders(path)
     elif path.is_file():
-        files = [path]
+        return [path]
     else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix.lower() in IMAGE_EXTS)
+        entries = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if not p.is_dir())
+    files = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
+    left_out = [str(p) for p in entries if p.suffix.lower() not in IMAGE_EXTS]
     hint = (f"its subfolders hold images (e.g. {nested}), which a folder does not include; "
             f"--input '{Path(glob.escape(str(path))) / '**' / '*'}' draws those too") if nested else ""
+    skipped = (f"{len(left_out)} file{'s' if len(left_out) > 1 else ''} left out, not named as images "
+               f"({first_few(left_out, 3)}); drawn: {' '.join(IMAGE_EXTS)} (a file given by name is read whatever "
+               "its extension)") if left_out else ""
     if not files:
         raise DataError(f"--input {pattern}: no images found (expected an image, a folder or a glob)"
-                        + (f"; {hint}" if hint else ""))
-    if hint:
-        print(f"note: --input {pattern}: {hint}")
+                        + "".join(f"; {text}" for text in (hint, skipped) if text))
+    for text in (hint, skipped):
+        if text:
+            print(f"note: --input {pattern}: {text}")
     return files
 
 
