@@ -735,6 +735,40 @@ def test_partial_checkpoint_files_a_killed_save_left_are_removed_on_resume(data_
             ".last.pth.k9x2ab3q.tmp, .model_final.pth.zz81u0a1.tmp") in caplog.text
 
 
+
+@pytest.mark.slow  # trains 4 iterations, three times
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(data_root, tmp_path, caplog):
+    """kill -9 (an OOM kill, a lost machine) before the first checkpoint leaves metrics.jsonl, the
+    save's temporary file and no last.pth: every --resume was refused, so an "always --resume"
+    requeue script stayed stuck (a chaos trial). It starts the run again from iteration 0, as
+    Detectron2's --resume does without a checkpoint, and ends as a straight run does; log.txt
+    keeps the killed run's lines. A resumed finished run clears a killed final save's file too."""
+    extra = {"solver.max_iter": 4, "solver.checkpoint_period": 100}
+    train(tiny_cfg(data_root, tmp_path / "straight", **extra))
+    out = tmp_path / "killed"
+    train(tiny_cfg(data_root, out, **{**extra, "solver.max_iter": 2}))  # stands for the killed run's files
+    (out / "last.pth").unlink()
+    (out / "model_final.pth").unlink()
+    partial = out / ".last.pth.k9x2ab3q.tmp"
+    partial.write_bytes(b"\0" * 1000)
+    killed_log = (out / "log.txt").read_text()
+    caplog.set_level(logging.WARNING)
+    train(tiny_cfg(data_root, out, **extra), resume=True)
+    assert "starting from iteration 0: the run in the folder stopped before its first checkpoint" in caplog.text
+    assert not partial.exists()
+    assert [r["iteration"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "total_loss" in r] == [1, 2, 3, 4]
+    assert same_weights(load_checkpoint(out / "model_final.pth")["model"],
+                        load_checkpoint(tmp_path / "straight" / "model_final.pth")["model"])
+    assert (out / "log.txt").read_text().startswith(killed_log)
+    final_partial = out / ".model_final.pth.zz81u0a1.tmp"
+    final_partial.write_bytes(b"\0" * 1000)
+    train(tiny_cfg(data_root, out, **extra), resume=True)  # finished: nothing to train
+    assert not final_partial.exists()
+    (out / "last.pth").unlink()  # a checkpoint there but no last.pth: still refused
+    with pytest.raises(OutputFolderError, match="no last.pth to resume from"):
+        train(tiny_cfg(data_root, out, **extra), resume=True)
+
 def test_a_failed_start_leaves_no_folder_and_no_lock(data_root, tmp_path):
     out = tmp_path / "new"
     with pytest.raises(ValueError, match="model.num_classes is 5"):

@@ -112,6 +112,8 @@ def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> list[st
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     if not found or overwrite or (resume and "last.pth" in found):
         return found
+    if resume and found == ["metrics.jsonl"] and not any(out_dir.glob("model_[0-9]*.pth")):
+        return found  # killed before its first checkpoint: --resume starts it again (restarted_run)
     if resume:
         raise OutputFolderError(f"{out_dir} holds a run ({', '.join(found)}) but no last.pth to resume from: "
                                 "--overwrite replaces it, or choose another --output-dir")
@@ -122,9 +124,23 @@ def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> list[st
                             "--overwrite replaces it, or choose another --output-dir")
 
 
-def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed_at: Optional[int]) -> None:
+def restarted_run(out_dir: Path, *, resume: bool, old_run: list[str]) -> bool:
+    """Whether --resume starts a run again from iteration 0: it was killed (kill -9, an OOM kill,
+    a lost machine) before its first checkpoint, so its folder has metrics.jsonl and no checkpoint
+    (check_output_dir lets only that through without last.pth). An "always --resume" requeue
+    script then goes on, as Detectron2's --resume starts afresh without a checkpoint; it was
+    refused at every try. Its metrics.jsonl and event files are replaced; log.txt is appended to."""
+    return resume and bool(old_run) and "last.pth" not in old_run
+
+
+def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed_at: Optional[int],
+                       restart: bool = False) -> None:
     """Create out_dir and write config.yaml; with --overwrite first remove the old run's
-    files; on a resume drop the metrics lines the checkpoint does not cover."""
+    files; on a resume drop the metrics lines the checkpoint does not cover; a restarted run
+    (restarted_run) starts its metrics and event files again."""
+    if restart:
+        for path in [out_dir / "metrics.jsonl", *out_dir.glob("events.out.tfevents.*")]:
+            path.unlink(missing_ok=True)
     if remove:
         removed = [name for name in OVERWRITTEN if (out_dir / name).exists()]
         # solver.keep_checkpoints' model_{iter}.pth and log.tensorboard's event files

@@ -33,7 +33,8 @@ from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.inference_model import accel_levers, levers_without_fast_path
 from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use_tensorboard
 from detection.engine.run_config import check_resume_config, record_resume_changes
-from detection.engine.run_folder import RunLock, check_output_dir, evaluation_recorded, prepare_output_dir
+from detection.engine.run_folder import (RunLock, check_output_dir, evaluation_recorded, prepare_output_dir,
+                                        remove_partial_checkpoints, restarted_run)
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, progress_line
 from detection.engine.signals import EvaluationStopped, GracefulStop, sigterm_before_the_loop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
@@ -116,8 +117,11 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
     last = out_dir / "last.pth"
     resuming = resume and last.is_file()
+    restart = restarted_run(out_dir, resume=resume, old_run=old_run)
     if resume and not resuming:
-        logger.warning("--resume: %s does not exist, starting from iteration 0", last)
+        logger.warning("--resume: %s does not exist, starting from iteration 0%s", last,
+                       ": the run in the folder stopped before its first checkpoint, its metrics.jsonl is replaced"
+                       if restart else "")
     changes = check_resume_config(cfg, out_dir, explicit) if resuming else []  # before anything is built
     if not resuming:
         check_initial_weights(cfg)
@@ -130,6 +134,8 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
                           f"run cannot go back; give solver.max_iter={state.iteration} to end it there (it writes "
                           "model_final.pth) or more to train on")
     if resuming and _is_finished(cfg, state, out_dir, changes):
+        if du.is_main_process():  # a save killed at the end (model_final.pth's) left its temporary file
+            remove_partial_checkpoints(out_dir)
         if changes and du.is_main_process():  # ended here by a deliberate change: recorded as any other
             prepare_output_dir(cfg, out_dir, remove=[], resumed_at=state.iteration)
             record_resume_changes(out_dir, state.iteration, changes)
@@ -149,7 +155,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         if cfg.solver.amp and not training_amp(True, device):
             logger.warning("solver.amp: %s: training in float32 (solver.amp=false says the same without this "
                            "warning)", SLOW_BFLOAT16)
-        prepare_output_dir(cfg, out_dir, remove=old_run if overwrite else [],
+        prepare_output_dir(cfg, out_dir, remove=old_run if overwrite else [], restart=restart,
                            resumed_at=state.iteration if resuming else None)
         if run_log is not None:
             run_log.open(out_dir / LOG_FILE)
