@@ -168,6 +168,14 @@ def test_export_tool_writes_and_checks_the_file(tmp_path, capsys, restore_loggin
     assert (metadata["min_size_test"], metadata["max_size_test"], metadata["resize_mode"]) == (64, 96, "default")
     assert metadata["class_names"] == ["circle", "square", "triangle"]  # the training data's, via the checkpoint
     assert metadata["exif_orientation"] is True  # the config's input.exif_orientation, for the runtime's reader
+    # a failed check leaves the previous (checked) file as it was, and no unchecked one beside it: it
+    # replaced the file before (a chaos trial)
+    checked = (tmp_path / "m.onnx").read_bytes()
+    code, out, _ = run_main(tool, [*base, "--output", tmp_path / "m.onnx", "--check-images", *photos, *overrides,
+                                   "model.roi_heads.score_thresh_test=1.0"], capsys)
+    assert code == 1 and f"{tmp_path / 'm.onnx'} not written: the check above failed" in out, out
+    assert (tmp_path / "m.onnx").read_bytes() == checked and sorted(p.name for p in tmp_path.iterdir()) == [
+        "data", "m.onnx", "out"]
     code, _, err = run_main(tool, [*base, "--output", tmp_path / "r.onnx", *overrides,
                                    "test.box_refinement.enabled=true"], capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: ONNX export: box"), err

@@ -22,7 +22,9 @@ Unless --no-check, ONNX Runtime then runs the file, fed from its own metadata, o
 --check-images (default: two synthetic images whose resized sizes differ from the traced one),
 and its detections are compared with PyTorch's (boxes within 0.01 px, scores within 1e-4, the
 same labels); a difference exits with status 1, and so does a check that compared nothing (no
-detection on any image: a trained model finds none on noise; give photos with objects).
+detection on any image: a trained model finds none on noise; give photos with objects). The file
+is checked under a temporary name beside --output and put in place only when the check passed: a
+failed or interrupted check leaves the previous file as it was.
 """
 from __future__ import annotations
 
@@ -95,13 +97,23 @@ def run(cfg, args: argparse.Namespace) -> int:
     if getattr(model, "amp", False):
         print("exporting in float32 (test.amp is a PyTorch autocast setting)")
         model.amp = False
-    path = export_onnx(model, args.output, exif_orientation=cfg.input.exif_orientation)
-    print(f"wrote {path} (inputs: image uint8 (1, 3, H, W) RGB resized to shorter side {model.min_size_test}, "
+    target = Path(args.output).expanduser()
+    # checked under a temporary name beside it, put in place only once the check passed: a failed
+    # or interrupted check left an unchecked file where the previous (checked) one was
+    staged = target if args.no_check else target.with_name(f".{target.name}.unchecked")
+    try:
+        export_onnx(model, staged, exif_orientation=cfg.input.exif_orientation)
+        if not args.no_check and not check(model, staged, images):
+            print(f"{target} not written: the check above failed (--no-check writes the file without it)")
+            return 1
+        staged.replace(target)
+    finally:
+        if staged != target:
+            staged.unlink(missing_ok=True)
+    print(f"wrote {target} (inputs: image uint8 (1, 3, H, W) RGB resized to shorter side {model.min_size_test}, "
           f"longer at most {model.max_size_test}, resize_mode {model.resize_mode}; original_size int64 (2,); "
           "all in the file's metadata_props: detection.export.preprocess.preprocess reads them)")
-    if args.no_check:
-        return 0
-    return 0 if check(model, path, images) else 1
+    return 0
 
 
 def _read_images(paths: list[str], exif_orientation: bool) -> list:
