@@ -60,6 +60,24 @@ def test_pr_curves_png(tmp_path):
         plot_pr_curves({}, tmp_path / "none.png")
 
 
+def test_a_plot_cut_while_written_leaves_the_previous_file(tmp_path, monkeypatch):
+    """A killed eval.py left a 0-byte pr_curves.png (savefig wrote in place): the PNGs are written
+    whole or not at all, as the results files are."""
+    from matplotlib.figure import Figure
+
+    curves = {"cat": (np.array([0.25, 0.5, 0.75]), np.array([1.0, 0.67, 0.5]))}
+    plot_pr_curves(curves, tmp_path / "pr.png")
+    before = (tmp_path / "pr.png").read_bytes()
+
+    def cut(self, f, **kwargs):
+        f.write(b"\x89PNG")
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the write
+
+    monkeypatch.setattr(Figure, "savefig", cut)
+    with pytest.raises(KeyboardInterrupt):
+        plot_pr_curves(curves, tmp_path / "pr.png")
+    assert (tmp_path / "pr.png").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["pr.png"]
+
 def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError

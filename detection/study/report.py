@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from detection.visualization.plots import moving_average
+from detection.visualization.plots import moving_average, save_figure
 
 SMOOTH_FRACTION = 0.04  # the curves are drawn as a trailing mean over this fraction of their logged points
 
@@ -123,5 +123,4 @@ def study_figure(study: dict) -> Any:
 
 
 def plot_study(study: dict, out_png: str | os.PathLike) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    study_figure(study).savefig(out_png, format="png")
+    save_figure(study_figure(study), out_png)

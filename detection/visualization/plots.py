@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from detection.utils.files import read_metrics_lines
+from detection.utils.files import atomic_write, read_metrics_lines
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,11 @@ def _figure(width: float, height: float) -> Any:
     return figure
 
 
-def _save(figure: Any, out_png: str | os.PathLike) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    figure.savefig(out_png, format="png")
+def save_figure(figure: Any, out_png: str | os.PathLike) -> None:
+    """The figure as a PNG, whole or not at all (atomic_write: a killed eval.py left a 0-byte
+    pr_curves.png)."""
+    with atomic_write(out_png, "wb") as f:
+        figure.savefig(f, format="png")
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
@@ -85,7 +87,7 @@ def smoothing_window(num_values: int) -> int:
 def plot_training_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLike) -> None:
     """Losses, learning rate and AP keys against iteration, one panel each, as a PNG."""
     series = read_metrics_jsonl(metrics_jsonl_path)
-    _save(training_curves_figure(series, source=str(metrics_jsonl_path)), out_png)
+    save_figure(training_curves_figure(series, source=str(metrics_jsonl_path)), out_png)
 
 
 def training_curves_figure(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], source: str = "metrics") -> Any:
@@ -142,7 +144,7 @@ def plot_pr_curves(pr_curves: Mapping[str, tuple[Any, Any]], out_png: str | os.P
                    metrics: Mapping[str, float] | None = None) -> None:
     """One small precision-recall panel per class (class -> (recall, precision) arrays, e.g.
     `evaluator.pr_curves`), each titled with the class's AP (see pr_curves_figure)."""
-    _save(pr_curves_figure(pr_curves, metrics=metrics), out_png)
+    save_figure(pr_curves_figure(pr_curves, metrics=metrics), out_png)
 
 
 def pr_curves_figure(pr_curves: Mapping[str, tuple[Any, Any]], *,
