@@ -8,12 +8,14 @@ in the sampler from the record sizes, so they do not depend on worker timing.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import itertools
+import os
 import pickle
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
@@ -94,15 +96,29 @@ def build_test_loader(dataset: DatasetInfo, *, num_workers: int, batch_size: int
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
-    """A loader worker (test or training: seed_worker) ignores Ctrl-C and SIGTERM: a terminal's
-    Ctrl-C, Slurm's scancel and a pre-emption reach every process of the job, and the main
-    process decides (the trainer's GracefulStop finishes its step and saves, eval.py stops, and
-    the DataLoader ends its workers; a worker whose parent is gone ends itself). Without this a
-    worker forked during training's evaluation ran the trainer's handler and said "SIGINT
-    received" a second time, and a SIGTERM to the job killed the training loader's workers: the
-    run stopped with a worker's traceback and exit 1, not by saving last.pth (exit 143)."""
+    """In a loader worker (test or training: seed_worker): Ctrl-C is ignored, and SIGTERM from
+    anyone but the parent. A terminal's Ctrl-C, Slurm's scancel and a pre-emption reach every
+    process of the job, and the main process decides (the trainer's GracefulStop finishes its step
+    and saves, eval.py stops, the DataLoader ends its workers). Without this a worker forked during
+    training's evaluation ran the trainer's handler and said "SIGINT received" a second time, and
+    a SIGTERM to the job killed the training loader's workers: the run stopped with a worker's
+    traceback and exit 1, not by saving last.pth (exit 143). The parent's SIGTERM (the DataLoader's
+    and multiprocessing's shutdown of a worker, terminate()) still ends the worker at once, as
+    PyTorch's own worker handler does: only a signal waited for (sigwaitinfo), not a Python
+    handler, is told who sent it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS: PyTorch's own handling of SIGTERM stays
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the waiting thread below takes them
+
+    def wait_for_sigterm() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender == parent or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-the-parent", daemon=True).start()
 
 
 class ForkSafeDataLoader(DataLoader):
@@ -339,7 +355,8 @@ def seed_worker(worker_id: int, *, base_seed: int) -> None:
     """worker_init_fn: seed numpy, random, torch and the data set's transform per worker, deterministically."""
     # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the trainer finishes its
     # iteration and saves (GracefulStop), so the workers keep serving it instead of dying
-    ignore_stop_signals()
+    if get_worker_info() is not None:  # in a worker (a test may call this in its own process)
+        ignore_stop_signals()
     seed = int(np.random.SeedSequence([base_seed, worker_id + 1]).generate_state(1)[0])
     np.random.seed(seed)
     random.seed(seed)
