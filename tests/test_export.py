@@ -176,6 +176,12 @@ def test_export_tool_writes_and_checks_the_file(tmp_path, capsys, restore_loggin
     assert code == 1 and f"{tmp_path / 'm.onnx'} not written: the check above failed" in out, out
     assert (tmp_path / "m.onnx").read_bytes() == checked and sorted(p.name for p in tmp_path.iterdir()) == [
         "data", "m.onnx", "out"]
+    folder = tmp_path / "a_folder"  # --output naming a folder: one line once checked, nothing left beside it
+    folder.mkdir()
+    code, _, err = run_main(tool, [*base, "--output", folder, "--check-images", *photos, *overrides], capsys)
+    assert code == 2 and f"error: could not write {folder}" in err and "Traceback" not in err, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder", "data", "m.onnx", "out"]
+    folder.rmdir()
     code, _, err = run_main(tool, [*base, "--output", tmp_path / "r.onnx", *overrides,
                                    "test.box_refinement.enabled=true"], capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: ONNX export: box"), err

@@ -79,6 +79,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     from backbones.errors import WeightsError
     from detection.engine.inference_model import build_inference_model
     from detection.export.onnx import export_onnx
+    from detection.utils.files import WriteError
 
     if not Path(args.weights).expanduser().exists():
         raise WeightsError(f"{args.weights}: --weights file not found")
@@ -106,7 +107,11 @@ def run(cfg, args: argparse.Namespace) -> int:
         if not args.no_check and not check(model, staged, images):
             print(f"{target} not written: the check above failed (--no-check writes the file without it)")
             return 1
-        staged.replace(target)
+        try:
+            staged.replace(target)
+        except OSError as err:  # e.g. --output names a folder: one line, as atomic_write's errors
+            raise WriteError(f"could not write {target} ({err.strerror or err}); the checked file is not kept",
+                             err.errno, err.strerror) from None
     finally:
         if staged != target:
             staged.unlink(missing_ok=True)
