@@ -208,6 +208,27 @@ def test_float_images_in_0_1_are_warned_about():
                    torch.randint(0, 2, (3, 32, 32), dtype=torch.uint8)])
 
 
+def test_a_panorama_squashed_by_max_size_test_is_warned_about_once():
+    """An 8000x300 panorama is resized by input.max_size_test to a strip a few pixels high, and
+    nothing is detected, in silence (as in Detectron2 and torchvision). The model says so once,
+    at the caller's line, when the shorter side ends under a quarter of min_size_test (96 here)."""
+    import warnings
+
+    model = make_model().eval()  # min_size_test 96, max_size_test 256
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model([torch.full((3, 60, 80), 90.0), torch.full((3, 40, 300), 90.0)])  # 96x128; 34x256: not yet
+        with pytest.warns(UserWarning, match=r"image 1 is 30x600: input.max_size_test 256 caps its longer side, so "
+                                             r"it is resized to 13x256, its shorter side 13 px where "
+                                             r"input.min_size_test asks 96: its objects come out 7x smaller") as caught:
+            model([torch.full((3, 60, 80), 90.0), torch.full((3, 30, 600), 90.0)])
+        assert [w.filename for w in caught] == [__file__]
+        with warnings.catch_warnings():  # once per model
+            warnings.simplefilter("error")
+            model([torch.full((3, 600, 30), 90.0)])
+
+
 def test_train_mode_says_once_when_images_are_far_from_the_training_size(tmp_path):
     """Train mode does not resize (as Detectron2's model; torchvision's does): a torchvision user's
     own loop feeding photos as read trained at their full size in silence. The model says so once,

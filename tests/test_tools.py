@@ -193,6 +193,30 @@ def test_visualize_gt_with_a_limit_checks_only_the_images_it_draws(trained, tmp_
     assert code == 2 and "1 of 3 images" in err and names[-1] in err, err[-2000:]
 
 
+def test_visualize_names_the_earlier_runs_drawings_it_did_not_draw_over(trained, tmp_path, capsys):
+    """A second run into the same --output with fewer images left the first run's extra drawings
+    among its own, unmarked (a rerun with other weights looked like it drew them): a note now names
+    them. They stay (the user's files are not removed), and the user's own files are not named."""
+    root, overrides = trained
+    out = tmp_path / "drawn"
+    args = ["--config", ROOT / "configs" / "base.yaml", "--gt", "--output", out, *overrides]
+    code, stdout, err = run_main(TOOLS["visualize.py"], [*args, "--limit", "3"], capsys)
+    assert code == 0 and "already holds" not in stdout, err[-2000:]
+    first = sorted(p.name for p in out.iterdir())
+    assert len(first) == 3
+    (out / "holiday.jpg").write_bytes(b"the user's own")
+    (out / "notes.txt").write_text("mine")
+    code, stdout, err = run_main(TOOLS["visualize.py"], [*args, "--limit", "1"], capsys)
+    assert code == 0, err[-2000:]
+    note = [line for line in stdout.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "already holds 2 drawings" in note[0], stdout
+    assert first[1] in note[0] and first[2] in note[0] and first[0] not in note[0], note
+    assert "holiday.jpg" not in note[0] and "notes.txt" not in note[0]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*first, "holiday.jpg", "notes.txt"])
+    code, stdout, err = run_main(TOOLS["visualize.py"], [*args, "--limit", "3"], capsys)
+    assert code == 0 and "already holds" not in stdout, stdout  # drawn over: nothing earlier is left
+
+
 @pytest.mark.slow
 def test_visualize_dataset_takes_a_test_sets_name_or_a_yaml_entry(trained, tmp_path, capsys):
     """--dataset took known names only: the `name:` of a configured test set, or an entry written

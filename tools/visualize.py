@@ -23,7 +23,8 @@ Output files, in every mode: DIR/NNNNN_STEM.jpg, NNNNN the image's position from
 the input list (a folder's images sorted by name, a glob's matches sorted, or the data set's
 order) and STEM its file name without the extension (its first 200 bytes): two inputs of the
 same name in different folders never overwrite each other. DIR may not be a folder the images
-drawn are in (a drawing could replace a photo of its name).
+drawn are in (a drawing could replace a photo of its name). Drawings already in DIR that this
+run does not draw over (an earlier run's, with more images) are left in place: a note names them.
 
 In the ground truth, what the metrics ignore is drawn dashed and tagged: VOC `difficult`
 objects ("difficult") and COCO crowd regions ("crowd"). Predictions are drawn with the model's
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,6 +177,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
     predicted_names = (model_class_names(weights, cfg.model.class_names)[0] or class_names) if model else class_names
     out = output_folder(args.output, [path for path, _ in items])
     drawn, unreadable = [], []  # the detections each image shows; the images that could not be read
+    written = set()  # the drawings' file names
     for i, (path, record) in enumerate(items):
         try:
             canvas = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names), args,
@@ -182,9 +185,11 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
             target = out / output_name(i, path)
             if not cv2.imwrite(str(target), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):  # OpenCV says False only
                 raise DataError(f"could not write {target} (the folder not writable, or the disk full)")
+            written.add(target.name)
         except DataError as err:
             logger.warning("not drawn: %s", err)
             unreadable.append(str(err))
+    note_earlier_drawings(out, args.output, written)
     return len(items) - len(unreadable), sum(drawn), unreadable
 
 
@@ -202,13 +207,15 @@ def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
     loader = build_train_data_loader(cfg, datasets)
     one_per_folder = {Path(r["file_name"]).parent: r["file_name"] for d in datasets for r in d.records}
     out = output_folder(output, list(one_per_folder.values()))
-    count, boxes = 0, 0
+    count, boxes, written = 0, 0, set()
     for count, (_, image, target, record) in enumerate(training_samples(loader, batches), start=1):
         canvas = draw_detections(image.permute(1, 2, 0).numpy(), target["boxes"], target["labels"], None, names, 0.0)
         path = out / output_name(count - 1, record["file_name"])
         if not cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
             raise DataError(f"could not write {path} (the folder not writable, or the disk full)")
         boxes += len(target["boxes"])
+        written.add(path.name)
+    note_earlier_drawings(out, output, written)
     print(f"wrote {count} images to {output}: the first {batches} training batches of {cfg.solver.ims_per_batch} "
           f"(iterations 1..{batches} of a new one-process run, seed {cfg.seed}: input.min_size_train "
           f"{cfg.input.min_size_train}{' (range)' if cfg.input.min_size_train_sampling == 'range' else ''}, "
@@ -230,6 +237,21 @@ def output_folder(output: str, inputs: list[str]) -> Path:
     except OSError as err:
         raise OutputFolderError(f"--output {output}: cannot create the folder ({err.strerror or err})") from None
     return out
+
+
+# a drawing's name as output_name writes it
+DRAWING_NAME = re.compile(r"\d{5}_.*\.jpg")
+
+
+def note_earlier_drawings(out: Path, output: str, names: set[str]) -> None:
+    """A note naming the drawings in `out` that this run did not draw (`names`: those it drew): an earlier run's with other weights or more images would otherwise sit
+    among the new ones, unmarked. They are left in place (Detectron2's demo too leaves them):
+    the user's files are not removed; the note says how to start clean."""
+    earlier = sorted(p.name for p in out.iterdir() if DRAWING_NAME.fullmatch(p.name) and p.name not in names)
+    if earlier:
+        print(f"note: --output {output} already holds {len(earlier)} drawing{'s' if len(earlier) > 1 else ''} "
+              f"this run did not draw over ({first_few(earlier, 3)}): an earlier run's, left in place; "
+              "give an empty folder to keep only this run's")
 
 
 def output_name(index: int, path: str) -> str:

@@ -105,6 +105,7 @@ class FasterRCNN(nn.Module):
         # image is far from the size training's pipeline gives it (None: not checked)
         self.train_sizes = train_sizes
         self._told_size = False
+        self._told_squashed = False  # an inference image shrunk far below min_size_test: said once
         self.amp = False  # test.amp: inference under autocast (detection/modeling/precision.py, set by the engine)
         self.inference_only = False  # detection.accel's inference copies: folded norms, no gradients
         self.class_names = list(class_names) if class_names is not None else None
@@ -205,9 +206,11 @@ class FasterRCNN(nn.Module):
         min_size = self.min_size_test if min_size is None else min_size
         max_size = self.max_size_test if max_size is None else max_size
         out = []
-        for img in images:
+        for i, img in enumerate(images):
             if resize:
                 size = resized_shape(int(img.shape[-2]), int(img.shape[-1]), min_size, max_size)
+                if not self._told_squashed and not torch.jit.is_tracing():
+                    self._told_squashed = _tell_squashed(i, tuple(img.shape[-2:]), size, min_size, max_size)
                 if size != tuple(img.shape[-2:]):
                     img = resize_tensor(img, size, self.resize_mode)
             x = (img if img.device == self.device else host_to_device(img, self.device)).to(torch.float32)
@@ -270,6 +273,28 @@ def _tell_unresized(images: Sequence[Tensor], min_sizes: Sequence[int], max_size
                           DetectionWarning, stacklevel=_callers_level())
             return True
     return False
+
+
+# how far below min_size_test the shorter side of an inference image may be shrunk (max_size_test
+# capping its longer side) before the model says so
+_SQUASHED_FACTOR = 4
+
+
+def _tell_squashed(i: int, shape: tuple[int, int], size: tuple[int, int], min_size: int, max_size: int) -> bool:
+    """Warn (and return True) when max_size capped an image's longer side so far that its shorter
+    side is under a quarter of min_size: a panorama (8000x300 at 600/1000: 1000x38) whose objects
+    are then a few pixels high, and no detection says why (Detectron2's and torchvision's
+    detectors resize the same way, in silence)."""
+    if min(size) * _SQUASHED_FACTOR >= min_size:
+        return False
+    height, width = int(shape[0]), int(shape[1])
+    warnings.warn(f"FasterRCNN: image {i} is {height}x{width}: input.max_size_test {max_size} caps its longer "
+                  f"side, so it is resized to {size[0]}x{size[1]}, its shorter side {min(size)} px where "
+                  f"input.min_size_test asks {min_size}: its objects come out {min_size / min(size):.0f}x smaller "
+                  "than at that scale and may not be detected; cut it into tiles whose longer side is at most "
+                  f"{max_size / min_size:.3g}x their shorter side (or raise input.max_size_test)",
+                  DetectionWarning, stacklevel=_callers_level())
+    return True
 
 
 def _callers_level() -> int:
