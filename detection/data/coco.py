@@ -49,8 +49,8 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None) -
         what = ([f"clipped {num_clipped} boxes that reach more than a pixel past their image"] if num_clipped
                 else []) + ([f"dropped {num_degenerate} boxes of zero area (after XYWH->XYXY and clipping to the "
                              "image)"] if num_degenerate else [])
-        logger.warning("%s: for training, %s; the COCO evaluation (pycocotools) scores the json's boxes as "
-                       "written", ann_file, " and ".join(what))
+        logger.warning("%s: in the boxes read (what training learns from, what --gt draws), %s; the COCO "
+                       "evaluation (pycocotools) scores the json's boxes as written", ann_file, " and ".join(what))
     _warn_orphan_annotations(coco, ann_file)
     _warn_ignore_annotations(coco, ann_file)
     return DatasetInfo(

@@ -104,8 +104,9 @@ def _load_records(root: str, split: str, image_ids: list[str], class_to_label: d
     if num_dropped or num_clipped:
         what = ([f"clipped {num_clipped} boxes that reach past their image"] if num_clipped else []) + (
             [f"dropped {num_dropped} boxes of zero area once clipped to it (or inverted)"] if num_dropped else [])
-        logger.warning("%s split %s: for training, %s; the VOC evaluation scores every box as annotated, as "
-                       "the devkit does", root, split, " and ".join(what))
+        logger.warning("%s split %s: in the boxes read (what training learns from, what --gt draws), %s; the "
+                       "VOC evaluation scores every box as annotated, as the devkit does", root, split,
+                       " and ".join(what))
     if skipped:  # one warning for all of them, not a line per file
         logger.warning("%s split %s: skipped %d images with missing or unreadable annotation files: %s",
                        root, split, len(skipped), first_few(skipped, 3))
