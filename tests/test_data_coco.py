@@ -72,8 +72,8 @@ def test_tiny_coco_loads_to_exact_targets(tmp_path, caplog):
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     assert warnings == [f"{ann_file}: in the boxes read (what training learns from, what --gt draws), clipped 2 "
                         "boxes that reach more than a pixel past their image and dropped 2 boxes of zero area (after "
-                        "XYWH->XYXY and clipping to the image); the COCO evaluation (pycocotools) scores the json's boxes "
-                        "as written"]
+                        "XYWH->XYXY and clipping to the image); the COCO evaluation (pycocotools) scores the json's "
+                        "boxes as written"]
 
 
 def test_an_exports_rounding_past_the_border_is_clipped_without_a_word(tmp_path, caplog):
