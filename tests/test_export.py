@@ -286,6 +286,35 @@ def test_the_file_carries_its_preprocessing_and_the_detector_reads_it(tmp_path):
         detector(image.permute(1, 2, 0))  # the message named the shape of its own permute
 
 
+def test_the_detector_warns_once_of_a_panorama_squashed_as_the_model_does(tmp_path):
+    """The model warns when max_size_test shrinks a panorama to a strip (its objects a few pixels
+    high, no detections); the ONNX route said nothing: it warns alike, once, at the caller's line."""
+    import warnings
+
+    needs_onnx()
+    model, path = exported_detectron2_like(tmp_path / "model.onnx")  # test sizes 96 / 256
+    strip = np.full((30, 600, 3), 90, np.uint8)
+    detector = OnnxDetector(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detector(np.full((40, 300, 3), 90, np.uint8))  # 34x256: not yet
+    told = (r"the image is 30x600: input.max_size_test 256 caps its longer side, so it is resized to 13x256, its "
+            r"shorter side 13 px where input.min_size_test asks 96")
+    with pytest.warns(UserWarning, match="OnnxDetector: " + told) as caught:
+        detector(strip)
+    assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():  # once per detector
+        warnings.simplefilter("error")
+        detector(strip)
+    with pytest.warns(UserWarning, match="OnnxDetector: " + told) as caught:
+        OnnxDetector(path).prepare(strip)
+    assert [w.filename for w in caught] == [__file__]
+    with pytest.warns(UserWarning, match="FasterRCNN: image 0 is 30x600") as caught:
+        with torch.no_grad():
+            model([torch.from_numpy(strip).permute(2, 0, 1)])
+    assert [w.filename for w in caught] == [__file__]
+
+
 @pytest.mark.slow
 def test_a_path_is_read_as_the_models_images_were(tmp_path):
     """A phone photo (stored landscape, EXIF tag 6: viewed portrait) given by path is read as the

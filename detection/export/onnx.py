@@ -54,10 +54,11 @@ from torch import Tensor, nn
 from detection.data.image_io import decode_image, read_image
 from detection.modeling.model import FasterRCNN, rescale_detections
 from detection.export.preprocess import METADATA_VERSION, preprocess, read_metadata, resize_to_inputs
-from detection.modeling.resize import RESIZE_MODES, resized_shape
+from detection.modeling.resize import RESIZE_MODES, resized_shape, squashed
 from detection.testing import compare_detections
 from detection.utils.images import rgb_uint8
 from detection.utils.files import atomic_write
+from detection.utils.text import DetectionWarning, stacklevel_outside
 
 OPSET = 17  # RoiAlign's half_pixel mode (torchvision's aligned=True) needs 16
 INPUT_NAMES = ("image", "original_size")
@@ -190,6 +191,7 @@ class OnnxDetector:
                **{key: str(value) for key, value in given.items() if value is not None}}
         self.metadata = read_metadata(raw, name=str(path))
         self.class_names: list[str] | None = self.metadata.get("class_names")
+        self._told_squashed = False  # a panorama shrunk to a strip: said once, as the model says it
 
     def __call__(self, image: Tensor | np.ndarray | str | Path | bytes, input_format: str = "RGB"
                  ) -> dict[str, Tensor]:
@@ -211,6 +213,12 @@ class OnnxDetector:
     def prepare(self, image: Tensor | np.ndarray, input_format: str = "RGB") -> dict[str, np.ndarray]:
         """The file's inputs for `image` (detection.export.preprocess.preprocess)."""
         image = rgb_uint8(_channels_last(image, "OnnxDetector"), "OnnxDetector")  # errors name the caller
+        if not self._told_squashed:
+            told = squashed(image.shape[:2], self.metadata["min_size_test"], self.metadata["max_size_test"])
+            if told:
+                warnings.warn(f"OnnxDetector: the image is {told}", DetectionWarning,
+                              stacklevel=stacklevel_outside(__file__))
+                self._told_squashed = True
         return preprocess(image, self.metadata, input_format)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, Tensor]:

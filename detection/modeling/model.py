@@ -19,11 +19,11 @@ from detection.modeling.anchors import AnchorGenerator
 from detection.modeling.multiscale import MultiScaleTest, PyramidFeatures
 from detection.modeling.precision import autocast
 from detection.modeling.refinement import BoxRefinement
-from detection.modeling.resize import RESIZE_MODES, resize_tensor, resized_shape
+from detection.modeling.resize import RESIZE_MODES, resize_tensor, resized_shape, squashed
 from detection.modeling.roi_heads import Res5ROIHeads
 from detection.modeling.rpn import RPN, clip_boxes
 from detection.modeling.structures import ImageList, host_to_device
-from detection.utils.text import DetectionWarning
+from detection.utils.text import DetectionWarning, stacklevel_outside
 
 if TYPE_CHECKING:  # annotations only: the model needs no config at run time
     from detection.config import BackboneConfig, Config, ModelConfig
@@ -209,8 +209,12 @@ class FasterRCNN(nn.Module):
         for i, img in enumerate(images):
             if resize:
                 size = resized_shape(int(img.shape[-2]), int(img.shape[-1]), min_size, max_size)
-                if not self._told_squashed and not torch.jit.is_tracing():
-                    self._told_squashed = _tell_squashed(i, tuple(img.shape[-2:]), size, min_size, max_size)
+                if not self._told_squashed and not torch.jit.is_tracing():  # said once per model
+                    told = squashed(tuple(img.shape[-2:]), min_size, max_size)
+                    if told:
+                        warnings.warn(f"FasterRCNN: image {i} is {told}", DetectionWarning,
+                                      stacklevel=stacklevel_outside(__file__, torch.__file__))
+                        self._told_squashed = True
                 if size != tuple(img.shape[-2:]):
                     img = resize_tensor(img, size, self.resize_mode)
             x = (img if img.device == self.device else host_to_device(img, self.device)).to(torch.float32)
@@ -245,7 +249,7 @@ def _check_images(images: Sequence[Tensor]) -> None:
             if 0 < top <= 1.0:
                 warnings.warn(f"FasterRCNN: image {i} is float with values in 0..1, but the model takes RGB "
                               "0..255 (torchvision's detectors take 0..1): multiply by 255",
-                              DetectionWarning, stacklevel=_callers_level())
+                              DetectionWarning, stacklevel=stacklevel_outside(__file__, torch.__file__))
 
 
 # how far (as a scale factor) a training image may be from the pipeline's size before the model says so:
@@ -270,44 +274,9 @@ def _tell_unresized(images: Sequence[Tensor], min_sizes: Sequence[int], max_size
                           f"resize it to {target[0]}x{target[1]} (input.min_size_train {list(min_sizes)}, "
                           f"max_size_train {max_size}): the model does not resize in train mode (torchvision's "
                           "does): resize as training does, with detection.data.transforms.build_train_transform(cfg)",
-                          DetectionWarning, stacklevel=_callers_level())
+                          DetectionWarning, stacklevel=stacklevel_outside(__file__, torch.__file__))
             return True
     return False
-
-
-# how far below min_size_test the shorter side of an inference image may be shrunk (max_size_test
-# capping its longer side) before the model says so
-_SQUASHED_FACTOR = 4
-
-
-def _tell_squashed(i: int, shape: tuple[int, int], size: tuple[int, int], min_size: int, max_size: int) -> bool:
-    """Warn (and return True) when max_size capped an image's longer side so far that its shorter
-    side is under a quarter of min_size: a panorama (8000x300 at 600/1000: 1000x38) whose objects
-    are then a few pixels high, and no detection says why (Detectron2's and torchvision's
-    detectors resize the same way, in silence)."""
-    if min(size) * _SQUASHED_FACTOR >= min_size:
-        return False
-    height, width = int(shape[0]), int(shape[1])
-    warnings.warn(f"FasterRCNN: image {i} is {height}x{width}: input.max_size_test {max_size} caps its longer "
-                  f"side, so it is resized to {size[0]}x{size[1]}, its shorter side {min(size)} px where "
-                  f"input.min_size_test asks {min_size}: its objects come out {min_size / min(size):.0f}x smaller "
-                  "than at that scale and may not be detected; cut it into tiles whose longer side is at most "
-                  f"{max_size / min_size:.3g}x their shorter side (or raise input.max_size_test)",
-                  DetectionWarning, stacklevel=_callers_level())
-    return True
-
-
-def _callers_level() -> int:
-    """warnings.warn's stacklevel for the first frame outside this project's modeling code and
-    torch (nn.Module's call machinery): the user's line that called the model."""
-    import os
-    import sys
-
-    inside = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
-    frame, level = sys._getframe(1), 1  # the caller of this function is level 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _traced_batch(images: list[Tensor], divisibility: int) -> ImageList:

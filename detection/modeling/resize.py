@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # torch is imported where used: the ONNX pre-processing needs
     from torch import Tensor
 
 RESIZE_MODES = ("default", "detectron2")
+# how far below min_size an image's shorter side may be shrunk (max_size capping its longer side)
+# before the inference routes say so (squashed)
+SQUASHED_FACTOR = 4
 
 
 def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -34,6 +37,22 @@ def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tupl
         scale = max_size * 1.0 / max(new_h, new_w)
         new_h, new_w = new_h * scale, new_w * scale
     return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
+
+
+def squashed(shape: tuple[int, int], min_size: int, max_size: int) -> str | None:
+    """What to tell about an image of `shape` (H, W) at test time when max_size caps its longer
+    side so far that its shorter side ends under a quarter of min_size: a panorama (8000x300 at
+    600/1000: 38x1000) whose objects are then a few pixels high, and no detection says why
+    (Detectron2's and torchvision's detectors resize it the same way, in silence). None when not."""
+    height, width = int(shape[0]), int(shape[1])
+    size = resized_shape(height, width, min_size, max_size)
+    if min(size) * SQUASHED_FACTOR >= min_size:
+        return None
+    return (f"{height}x{width}: input.max_size_test {max_size} caps its longer side, so it is resized to "
+            f"{size[0]}x{size[1]}, its shorter side {min(size)} px where input.min_size_test asks {min_size}: its "
+            f"objects come out {min_size / min(size):.0f}x smaller than at that scale and may not be detected; cut "
+            f"it into tiles whose longer side is at most {max_size / min_size:.3g}x their shorter side (or raise "
+            "input.max_size_test)")
 
 
 def resize_uint8(image: np.ndarray, size: tuple[int, int], mode: str = "default") -> np.ndarray:

@@ -1,6 +1,8 @@
 """Text for messages that name things a user must find (files, keys, tensors)."""
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 
 
@@ -15,3 +17,14 @@ class DetectionWarning(UserWarning):
     """A warning of this toolkit about what a user gave or asked for (an image's range or size,
     weights' normalisation, a precision this CPU cannot run fast): Python shows it at the user's
     line; the tools print it as one `warning:` line, as their other messages (detection.cli)."""
+
+
+def stacklevel_outside(*files: str) -> int:
+    """warnings.warn's stacklevel for the first frame outside the folders of `files` (this
+    project's module that warns, torch's nn.Module call machinery): the user's line, where
+    Python shows the warning. Called by the function that calls warnings.warn."""
+    inside = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in files)
+    frame, level = sys._getframe(1), 1  # the caller of this function is level 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
