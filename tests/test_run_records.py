@@ -181,6 +181,38 @@ def test_resume_check_names_every_differing_key_but_not_where_things_are(tmp_pat
     assert check_resume_config(cfg, tmp_path / "run", explicit=[]) == []  # the same config: nothing
 
 
+def test_a_run_config_written_before_exif_orientation_existed_reads_as_its_version_read_images(tmp_path, caplog):
+    """input.exif_orientation came on 2026-12-05 with the default true; before it, images were
+    read as stored. A run's config.yaml from before lacks the key, and today's default filled in
+    turned its 180-degree-tagged test images (same size: nothing refused): its checkpoint scored AP
+    0.00 where its version measured 5.16, exit 0 (an upgrade trial). Such a resolved config (every
+    section, no _base_) now reads as its version behaved, with a warning naming the key; a user's
+    own config keeps today's default, and --resume with it says the key differs."""
+    cfg = tiny_cfg(tmp_path / "data", tmp_path / "run")
+    saved = tmp_path / "run" / "config.yaml"
+    save_config(cfg, saved)
+    text = saved.read_text()
+    assert text.count("  exif_orientation: true\n") == 1
+    saved.write_text(text.replace("  exif_orientation: true\n", ""))
+    with caplog.at_level(logging.WARNING, logger="detection"):
+        assert load_config(saved).input.exif_orientation is False
+    assert caplog.messages == [f"{saved}: written before input.exif_orientation existed (2026-12-05): read as "
+                               "input.exif_orientation=false, as the version that wrote it read images as stored, "
+                               "their EXIF orientation tag ignored (add the key to the file, or give "
+                               "input.exif_orientation=..., to choose)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="detection"):
+        assert load_config(saved, ["input.exif_orientation=true"]).input.exif_orientation is True
+        own = tmp_path / "mine.yaml"  # a user's config: a few sections, today's defaults for the rest
+        own.write_text("model: {num_classes: 3}\nsolver: {max_iter: 10}\ninput: {min_size_test: 64}\n")
+        assert load_config(own).input.exif_orientation is True
+        (tmp_path / "child.yaml").write_text(f"_base_: {saved}\nseed: 3\n")
+        assert load_config(tmp_path / "child.yaml").input.exif_orientation is True
+    assert caplog.messages == []
+    with pytest.raises(ConfigError, match=r"in 1 key: input.exif_orientation \(the run: false, now: true\)"):
+        check_resume_config(cfg, tmp_path / "run", explicit=[])
+
+
 # ----------------------------------------------------------------------------- log.txt, metrics' time
 
 @pytest.mark.slow  # trains

@@ -365,6 +365,7 @@ def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = 
     """Read `path` (None = all defaults), merge its `_base_` chain, apply `key=value` overrides."""
     files: list[tuple[Path, dict]] = []  # the _base_ chain's files, in merge order: the config file last
     tree = _read_yaml(Path(path), files=files) if path is not None else {}
+    _as_its_version_behaved(tree, files, overrides)
     file_tree = copy.deepcopy(tree) if overrides else tree
     for item in overrides:
         _apply_override(tree, item)
@@ -379,6 +380,38 @@ def load_config(path: Union[str, Path, None], overrides: typing.Sequence[str] = 
 
 
 _OVERRIDDEN = " (with key=value overrides)"  # from the command line or the Predictor's `overrides`
+
+# Keys added after runs were saved whose default behaves otherwise than the versions before the
+# key did: key -> (what those versions did, as the key's value; the date the key came; in words).
+# A run's config.yaml written before the key existed reads as its version behaved: filled with
+# today's default, its checkpoint would be evaluated, drawn and resumed otherwise, in silence.
+BEHAVIOUR_BEFORE = {
+    "input.exif_orientation": (False, "2026-12-05", "read images as stored, their EXIF orientation tag ignored"),
+}
+# the sections every resolved config (save_config's, a run's config.yaml) has had since the first
+# version: such a file with no _base_ lists every key its version had
+_RESOLVED = ("model", "input", "datasets", "dataloader", "solver", "test", "output_dir", "seed", "device")
+
+
+def _as_its_version_behaved(tree: dict, files: list[tuple[Path, dict]], overrides: typing.Sequence[str]) -> None:
+    """In a resolved config (no _base_, every section: written by save_config, a run's config.yaml)
+    written before a key of BEHAVIOUR_BEFORE existed, set that key as its version behaved, with a
+    warning naming it (a key=value override of it decides instead). A user's own config (with a
+    _base_, or a few sections) takes today's defaults as ever."""
+    if len(files) != 1 or not all(key in tree for key in _RESOLVED):
+        return
+    given = {o.split("=", 1)[0].strip().lower() for o in overrides}
+    for key, (value, since, behaved) in BEHAVIOUR_BEFORE.items():
+        *sections, name = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or name in node or key in given:
+            continue
+        node[name] = value
+        logger.warning("%s: written before %s existed (%s): read as %s=%s, as the version that wrote it %s "
+                       "(add the key to the file, or give %s=..., to choose)", files[0][0], key, since, key,
+                       str(value).lower(), behaved, key)
 
 
 def _in_its_file(err: ConfigError, files: list[tuple[Path, dict]], source: str) -> ConfigError:
