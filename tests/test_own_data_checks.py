@@ -101,7 +101,7 @@ def test_a_custom_ann_file_not_found_names_the_field_without_the_built_in_layout
         get_dataset(entry, str(tmp_path))
     message = str(err.value)
     assert f"ann_file 'mine/instances.json': file not found: {tmp_path / 'mine' / 'instances.json'}" in message
-    assert f"relative path is taken from datasets.root {tmp_path}" in message
+    assert f"relative path is taken from datasets.root {tmp_path}: datasets.root=DIR gives another)" in message
     assert "shapes" not in message and "2017" not in message  # the known names' paragraph
     entry = {**entry, "ann_file": str(data_root / "shapes" / "annotations" / "instances_val.json"),
              "image_root": str(tmp_path / "photos")}

@@ -126,7 +126,7 @@ def _check_custom_paths(spec: dict[str, Any], root: str, name: str) -> None:
         if is_there(path) or (field_name == "ann_file" and os.path.isdir(path)):  # a folder: the reader says so
             continue
         relative = "" if os.path.isabs(os.path.expanduser(given)) else \
-            f" (a relative path is taken from datasets.root {os.path.abspath(root)})"
+            f" (a relative path is taken from datasets.root {os.path.abspath(root)}: datasets.root=DIR gives another)"
         what = "file" if field_name == "ann_file" else "folder"
         raise DataError(f"data set {name}: {field_name} {given!r}: {what} not found: {path}{relative}")
 
