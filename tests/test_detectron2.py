@@ -22,6 +22,7 @@ from tests.helpers import (DETECTRON2_CASE, DETECTRON2_FIXTURE, DETECTRON2_R50, 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE, CASE, R50 = DETECTRON2_FIXTURE, DETECTRON2_CASE, DETECTRON2_R50
 CONFIGS = ROOT / "configs" / "detectron2"
+TRAINING = CASE / "training"  # Detectron2's losses and gradients of one step (make_training_reference.py)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -256,6 +257,47 @@ def test_configs_use_detectron2s_model_and_test_settings():
     coco = load_config(R50)
     assert coco.input.min_size_train == i["MIN_SIZE_TRAIN"]
     assert (coco.solver.steps, coco.solver.max_iter) == (d2["SOLVER"]["STEPS"], d2["SOLVER"]["MAX_ITER"])
+
+
+@pytest.mark.slow  # the fixture checkpoint: ResNet-50, forward and backward on two small images
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_one_training_step_gives_detectron2s_losses_and_gradients(d2_files, fast_path):
+    """Real Detectron2 computed one train-mode pass of the fixture checkpoint on two small images
+    (make_training_reference.py): its four losses and its gradients. The project's model from
+    the same file and configs/detectron2 gives the same, on the plain path and on the fast path
+    as the trainer sets it up: it trains what Detectron2 trains, not only detects the same. The
+    sampling takes every labelled anchor and every proposal, so nothing random decides it."""
+    from detection.accel import optimize_for_training
+
+    reference = json.loads((TRAINING / "d2_training.json").read_text())
+    s = reference["sampling"]
+    cfg = load_config(R50, [f"model.rpn.batch_size_per_image={s['rpn_batch_size_per_image']}",
+                            f"model.rpn.positive_fraction={s['rpn_positive_fraction']}",
+                            f"model.roi_heads.batch_size_per_image={s['roi_batch_size_per_image']}",
+                            f"model.roi_heads.positive_fraction={s['roi_positive_fraction']}",
+                            f"model.rpn.pre_nms_topk_train={s['pre_nms_topk_train']}",
+                            f"model.rpn.post_nms_topk_train={s['post_nms_topk_train']}"])
+    model = build_model(cfg)
+    load_detector_weights(model, read_detector_file(d2_files[0]))
+    model.train()
+    if fast_path:
+        optimize_for_training(model, channels_last=True)  # as the trainer does
+    images = [torch.from_numpy(read_image(str(TRAINING / name))).permute(2, 0, 1).float()
+              for name in reference["images"]]
+    targets = [{"boxes": torch.tensor(v["boxes"]), "labels": torch.tensor(v["labels"])}
+               for v in reference["images"].values()]
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    for theirs, ours in {"loss_rpn_cls": "loss_rpn_cls", "loss_rpn_loc": "loss_rpn_box", "loss_cls": "loss_cls",
+                         "loss_box_reg": "loss_box"}.items():
+        assert float(losses[ours]) == pytest.approx(reference["losses"][theirs], rel=1e-4), (theirs, losses)
+    params = dict(model.named_parameters())
+    for name, norms in reference["gradient_channel_norms"].items():  # Detectron2's names
+        grad = params[detectron2_name(name)].grad
+        ours = grad.flatten(1).norm(dim=1) if grad.dim() > 1 else grad.abs()
+        theirs = torch.tensor(norms)
+        theirs = background_first(theirs) if ".cls_score." in name else theirs
+        assert ours.shape == theirs.shape and (ours - theirs).norm() <= 1e-3 * theirs.norm(), name
 
 
 @pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images
