@@ -48,8 +48,8 @@ def test_explicit_entry_keys_are_checked(tmp_path):
         get_dataset({"type": "coco", "annfile": "x.json", "ann_file": "x", "image_root": "y"}, str(tmp_path))
     with pytest.raises(DataError, match="field split: missing; a voc entry takes type, root, split"):
         get_dataset({"type": "voc", "root": "VOC2007"}, str(tmp_path))
-    with pytest.raises(DataError, match="'yolo' is not a data set type; valid types: coco .* or voc"):
-        get_dataset({"type": "yolo"}, str(tmp_path))
+    with pytest.raises(DataError, match="'darknet' is not a data set type; valid types: coco .* or voc"):
+        get_dataset({"type": "darknet"}, str(tmp_path))
     with pytest.raises(DataError, match="name or a mapping"):
         get_dataset(42, str(tmp_path))
     with pytest.raises(DataError, match="use_07_metric: expected true or false, got 'no'"):

@@ -408,7 +408,7 @@ def test_the_pr_plot_titles_a_voc_class_with_the_tables_ap(tmp_path, monkeypatch
     assert figure.axes[0].get_title() == "cat (AP 84.8)"
 
     # the evaluator says so, not the kind's name: a format of one's own scored by the devkit's rule
-    # (README "where each change goes": its kind in EVALUATORS) is titled the same
+    # (docs/ARCHITECTURE.md "Where each kind of change goes": its kind in EVALUATORS) is titled the same
     from detection.evaluation import test_sets
 
     monkeypatch.setitem(test_sets.EVALUATORS, "my_voc", test_sets.EVALUATORS["voc"])

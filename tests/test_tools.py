@@ -220,14 +220,17 @@ def test_visualize_names_the_earlier_runs_drawings_it_did_not_draw_over(trained,
 @pytest.mark.slow
 def test_visualize_dataset_takes_a_test_sets_name_or_a_yaml_entry(trained, tmp_path, capsys):
     """--dataset took known names only: the `name:` of a configured test set, or an entry written
-    as YAML, were 'unknown data set name' though the error offered 'a mapping'."""
+    as YAML, were 'unknown data set name' though the error offered 'a mapping'; so was the name
+    eval.py prints for an unnamed entry (coco:instances_val, a contributor trial)."""
     root, overrides = trained
     shapes = root / "data" / "shapes"
     entry = f"{{name: my val, type: coco, ann_file: {shapes / 'annotations' / 'instances_val.json'}, " \
             f"image_root: {shapes / 'val'}}}"
     base = ["--config", ROOT / "configs" / "base.yaml", "--gt", "--limit", "1", *overrides]
-    for given, extra in (("my val", [f"datasets.test=[{entry}]"]), (entry, [])):
-        out_dir = tmp_path / str(len(extra))
+    unnamed = entry.replace("name: my val, ", "")  # printed as coco:instances_val (eval.py, training)
+    for case, (given, extra) in enumerate((("my val", [f"datasets.test=[{entry}]"]), (entry, []),
+                                           ("coco:instances_val", [f"datasets.test=[{unnamed}]"]))):
+        out_dir = tmp_path / str(case)
         code, out, err = run_main(TOOLS["visualize.py"], [*base, *extra, "--dataset", given, "--output", out_dir],
                                   capsys)
         assert code == 0, err[-2000:]

@@ -65,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gt", action="store_true", help="draw a data set's annotations, no model")
     parser.add_argument("--compare", action="store_true", help="ground truth and predictions side by side")
     parser.add_argument("--dataset", help="data set for --gt/--compare: a known name, the name of one of "
-                        "datasets.test, or an entry as YAML ('{type: coco, ann_file: ..., image_root: ...}'); "
-                        "default: the first test set")
+                        "datasets.test (as eval.py prints it), or an entry as YAML ('{type: coco, ann_file: ..., "
+                        "image_root: ...}'); default: the first test set")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
     parser.add_argument("--train-batches", type=int, default=0, metavar="N",
                         help="draw the first N training batches as the loader gives them (no model)")
@@ -317,14 +317,16 @@ def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
 
 
 def _dataset_entry(given: str, test_sets: list) -> Any:
-    """--dataset: a test set of the config named so (its entry's `name`), a YAML mapping, or the
-    name as given (a known data set; the catalog says what is wrong with it)."""
+    """--dataset: a test set of the config named so (the name training and eval.py print: its
+    entry's `name`, or its type's, coco:<json stem> / voc:<folder>_<split>), a YAML mapping, or
+    the name as given (a known data set; the catalog says what is wrong with it)."""
     import yaml
 
     from detection.config import yaml_load
+    from detection.data.catalog import entry_name
 
     for entry in test_sets:
-        if isinstance(entry, dict) and entry.get("name") == given:
+        if entry_name(entry) == given:
             return entry
     if given.lstrip().startswith("{"):
         try:

@@ -313,6 +313,16 @@ def _did_you_mean(close: list[str]) -> str:
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
+def entry_name(entry: Any) -> str | None:
+    """The name get_dataset gives a data-set entry, as the tools print it: a known name itself, an
+    entry's `name`, else its type's (coco:<json stem>, voc:<folder>_<split>); None for an entry
+    that is not one (get_dataset says what is wrong with it)."""
+    try:
+        return _resolve_entry(entry)[0]
+    except DataError:
+        return None
+
+
 def _resolve_entry(entry: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """-> (display name, explicit spec) with the entry checked (entry_problem)."""
     problem = entry_problem(entry)
