@@ -298,6 +298,14 @@ def test_one_training_step_gives_detectron2s_losses_and_gradients(d2_files, fast
         theirs = torch.tensor(norms)
         theirs = background_first(theirs) if ".cls_score." in name else theirs
         assert ours.shape == theirs.shape and (ours - theirs).norm() <= 1e-3 * theirs.norm(), name
+        # the direction too: the whole gradient against three fixed waves, in Detectron2's layout
+        if ".cls_score." in name:
+            grad = torch.cat([grad[1:], grad[:1]])  # background row last, as Detectron2 has it
+        flat = grad.detach().double().flatten()
+        index = torch.arange(flat.numel(), dtype=torch.float64)
+        ours = torch.stack([(flat * torch.cos(index * (0.61803 * k))).sum() for k in (1, 2, 3)])
+        theirs = torch.tensor(reference["gradient_projections"][name], dtype=torch.float64)
+        assert (ours - theirs).abs().max() <= 1e-3 * float(torch.tensor(norms).norm()), (name, ours, theirs)
 
 
 @pytest.mark.slow  # the fixture checkpoint: ResNet-50, 135 MB, 800 px images

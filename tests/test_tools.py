@@ -473,6 +473,10 @@ def test_visualize_train_batches_draws_what_the_training_loader_gives(tmp_path, 
     assert [p.name for p in drawn] == [f"{i:05d}_{Path(s[3]['file_name']).stem}.jpg" for i, s in enumerate(samples)]
     for path, (_, image, _, _) in zip(drawn, samples):
         assert cv2.imread(str(path)).shape[:2] == tuple(image.shape[1:])
+    code, out, err = run_main(TOOLS["visualize.py"], ["--config", ROOT / "configs" / "base.yaml", *overrides,
+                                                      "--train-batches", "2", "--output", tmp_path / "vis"], capsys)
+    assert code == 0 and f"already holds 2 drawings this run did not draw over ({drawn[4].name}, " \
+                         f"{drawn[5].name})" in out, out  # batch 3's, from the run before
     code, _, err = run_main(TOOLS["visualize.py"], ["--config", ROOT / "configs" / "base.yaml", *overrides,
                                                     "--train-batches", "1", "--gt", "--output", tmp_path / "v"], capsys)
     assert code == 2 and "not with --gt" in err
