@@ -182,7 +182,10 @@ def test_the_trainers_public_names_still_come_from_the_trainer():
 
 def test_a_schedule_cut_short_is_warned_of_and_repeated_steps_are_refused():
     """A long config's max_iter cut for a short run leaves steps (and warmup) that never happen:
-    the lr is then never lowered, or never reaches base_lr (Detectron2 warns of the steps too)."""
+    the lr is then never lowered, or never reaches base_lr (Detectron2 warns of the steps too). A
+    step inside the warmup is said too: this schedule multiplies the ramp by gamma there,
+    Detectron2's ramps to the lowered lr (0.0098 against 0.00099 at iteration 49 of warmup 100,
+    step 50: a Detectron2 trial)."""
     from detection.config import ConfigError, load_config
     from detection.engine.startup import schedule_warnings
 
@@ -191,10 +194,13 @@ def test_a_schedule_cut_short_is_warned_of_and_repeated_steps_are_refused():
     assert schedule_warnings(cut) == [
         "solver.steps 100, 200 are not below solver.max_iter 100: the lr is not lowered there (give steps "
         "within the run)",
+        "solver.steps 50 is inside the warmup (solver.warmup_iters 100): the warmup ramp is multiplied by gamma "
+        "from there (Detectron2 ramps to the lowered lr instead; the two differ until the warmup ends): put the "
+        "steps after the warmup",
         "solver.warmup_iters 100 is not below solver.max_iter 100: the whole run is warmup and the lr never "
         "reaches solver.base_lr 0.02"]
     assert schedule_warnings(load_config(None, ["solver.max_iter=100", "solver.steps=[50, 99]",
-                                                "solver.warmup_iters=99"])) == []
+                                                "solver.warmup_iters=50"])) == []  # a step at the warmup's end
     cosine = ["solver.max_iter=100", "solver.steps=[500]", "solver.warmup_iters=9", "solver.lr_schedule=cosine"]
     assert schedule_warnings(load_config(None, cosine)) == []  # the cosine schedule has no steps
     with pytest.raises(ConfigError, match=r"solver\.steps.*increasing positive iterations"):

@@ -148,12 +148,19 @@ def parameters_line(model: torch.nn.Module, freeze_at: int) -> str:
 
 def schedule_warnings(cfg: Config) -> list[str]:
     """What in the lr schedule never happens within solver.max_iter (as Detectron2 warns of steps
-    past MAX_ITER): easy to leave behind when a long config's max_iter is cut for a short run."""
+    past MAX_ITER): easy to leave behind when a long config's max_iter is cut for a short run;
+    and steps inside the warmup, where this schedule and Detectron2's differ."""
     s, out = cfg.solver, []
     late = [x for x in s.steps if x >= s.max_iter]
     if late and s.lr_schedule == "multistep":
         out.append(f"solver.steps {', '.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not below "
                    f"solver.max_iter {s.max_iter}: the lr is not lowered there (give steps within the run)")
+    early = [x for x in s.steps if x < min(s.warmup_iters, s.max_iter)]
+    if early and s.lr_schedule == "multistep":
+        out.append(f"solver.steps {', '.join(map(str, early))} {'is' if len(early) == 1 else 'are'} inside the "
+                   f"warmup (solver.warmup_iters {s.warmup_iters}): the warmup ramp is multiplied by gamma from "
+                   "there (Detectron2 ramps to the lowered lr instead; the two differ until the warmup ends): put "
+                   "the steps after the warmup")
     if s.warmup_iters >= s.max_iter:
         out.append(f"solver.warmup_iters {s.warmup_iters} is not below solver.max_iter {s.max_iter}: the whole "
                    f"run is warmup and the lr never reaches solver.base_lr {s.base_lr:g}")
