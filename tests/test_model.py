@@ -1,4 +1,5 @@
 """The whole detector: contract, batching, coordinates, validation, build_model, overfitting."""
+import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_iou
@@ -119,6 +120,12 @@ def _target(boxes, labels, dtype=torch.float32):
     (_target([[0, 0, 10, 10]], [1], dtype=torch.int64), r"image 1: boxes must be a float"),
     (_target([[0, 0, 10]], [1]), r"image 1: boxes must have shape"),
     ({"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([1.0])}, r"image 1: labels must"),
+    # a numpy array was "got float32", which reads as right: its type and the fix are named
+    ({"boxes": np.array([[0.0, 0, 10, 10]], np.float32), "labels": torch.tensor([1])},
+     r"image 1: boxes must be a float Tensor \[N, 4\], got a numpy.ndarray of float32 \[1, 4\] "
+     r"\(not a Tensor: pass torch.as_tensor"),
+    ({"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": [1]},
+     r"image 1: labels must be an integer Tensor \[1\], got a list \(not a Tensor"),
 ])
 def test_bad_targets_raise_value_error_naming_image_and_box(bad, message):
     model = make_model().train()
@@ -126,6 +133,15 @@ def test_bad_targets_raise_value_error_naming_image_and_box(bad, message):
         model(IMAGES, [TARGETS[0], bad])
     # the model's own error type (callers catch it apart from other ValueErrors), on one line
     assert type(err.value) is TargetError and "\n" not in str(err.value)
+
+
+def test_one_dict_given_as_the_targets_says_to_pass_a_list():
+    """torchvision's contract is a list of dicts; one dict was counted by its keys ("got 1 images
+    but 2 targets")."""
+    model = make_model().train()
+    with pytest.raises(TargetError, match=r"targets must be a list of dicts, one per image, got dict "
+                                          r"\(one image's target: pass \[target\]\)"):
+        model(IMAGES[:1], TARGETS[0])
 
 
 def test_build_model_from_config():

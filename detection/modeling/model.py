@@ -38,6 +38,9 @@ class TargetError(ValueError):
 def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_classes: int) -> None:
     """Raise TargetError unless each target is {"boxes": float (N, 4) finite with x2 > x1 and
     y2 > y1, "labels": integer (N,) in 1..num_classes}. An empty target (N = 0) is valid."""
+    if not isinstance(targets, (list, tuple)):  # one dict's len() is its key count: "2 targets"
+        raise TargetError(f"targets must be a list of dicts, one per image, got {type(targets).__name__}"
+                          + (" (one image's target: pass [target])" if isinstance(targets, dict) else ""))
     if len(targets) != num_images:
         raise TargetError(f"got {num_images} images but {len(targets)} targets")
     checks = []
@@ -46,16 +49,14 @@ def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_cla
             raise TargetError(f"target of image {i}: must be a dict with 'boxes' and 'labels'")
         boxes, labels = target["boxes"], target["labels"]
         if not isinstance(boxes, Tensor) or not boxes.is_floating_point():
-            raise TargetError(f"image {i}: boxes must be a float Tensor [N, 4], got "
-                              f"{getattr(boxes, 'dtype', type(boxes).__name__)}")
+            raise TargetError(f"image {i}: boxes must be a float Tensor [N, 4], got {_described(boxes)}")
         if not (boxes.dim() == 2 and boxes.shape[1] == 4) and not (boxes.numel() == 0):
             raise TargetError(f"image {i}: boxes must have shape [N, 4], got {list(boxes.shape)}")
         boxes = boxes.reshape(-1, 4)
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool \
                 or labels.is_complex() or labels.shape != (boxes.shape[0],):
             raise TargetError(f"image {i}: labels must be an integer Tensor [{boxes.shape[0]}], got "
-                              f"{getattr(labels, 'dtype', type(labels).__name__)} "
-                              f"{list(getattr(labels, 'shape', []))}")
+                              f"{_described(labels)}")
         checks.append((i, boxes, labels))
     # The values' checks: one host read for the batch (a synchronisation on CUDA; one per check
     # and image before), then, only when something is wrong, the checks that name it.
@@ -67,6 +68,18 @@ def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_cla
                 if bad.any():
                     j = int(bad.nonzero()[0])
                     raise TargetError(f"image {i}, box {j}: {what(j)}")
+
+
+def _described(value: Any) -> str:
+    """What a target's boxes or labels are: a tensor's dtype and shape; anything else's type too
+    (a numpy array's "float32" alone read as if it were right), with torch.as_tensor as the fix."""
+    shape = list(getattr(value, "shape", ()))
+    if isinstance(value, Tensor):
+        return f"{value.dtype} {shape}"
+    kind = type(value).__name__ if type(value).__module__ == "builtins" else \
+        f"{type(value).__module__.split('.')[0]}.{type(value).__name__}"
+    dtype = f" of {value.dtype}" if hasattr(value, "dtype") else ""
+    return f"a {kind}{dtype}{f' {shape}' if shape else ''} (not a Tensor: pass torch.as_tensor(...))"
 
 
 def _problems(boxes: Tensor, labels: Tensor, num_classes: int) -> list[tuple[Tensor, Callable[[int], str]]]:
