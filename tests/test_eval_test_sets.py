@@ -130,6 +130,57 @@ def test_evaluation_hands_the_model_the_test_images_in_host_memory(tmp_path):
     assert all(size != (r["height"], r["width"]) for size, r in zip(model.sizes, records))  # resized on the host
 
 
+class _Oracle(torch.nn.Module):
+    """Each image's ground truth as its detections (score 1), labelled by `class_names`, the
+    model's own order: the test loader gives the images in the records' order."""
+
+    def __init__(self, records, set_classes, class_names=None):
+        super().__init__()
+        self.answers = iter(records)
+        self.set_classes = list(set_classes)
+        if class_names is not None:
+            self.class_names = list(class_names)
+        self.labels_as = class_names or self.set_classes
+
+    def forward(self, images):
+        out = []
+        for _ in images:
+            record = next(self.answers)
+            labels = [self.labels_as.index(self.set_classes[int(k) - 1]) + 1 for k in record["labels"]]
+            out.append({"boxes": torch.as_tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4),
+                        "scores": torch.ones(len(labels)), "labels": torch.tensor(labels, dtype=torch.int64)})
+        return out
+
+
+def test_a_models_own_class_names_score_a_set_numbering_its_categories_otherwise_by_name(tmp_path, caplog):
+    """A Python caller's evaluate_test_sets(datasets, model=...) matched labels by number when
+    model_classes was not passed, though the model carries its names (the Predictor's, a
+    training's): a COCO json numbering [circle, square, triangle] as 7, 3, 12 scored each of
+    circle and square against the other's boxes (a Python-API trial: AP 27.66 where eval.py
+    gave 79.51), with no word. A model with no names is scored by number, with a warning."""
+    generate_shapes(tmp_path / "shapes", num_train=1, num_val=4, seed=0, image_size=(64, 80))
+    ann = tmp_path / "shapes" / "annotations" / "instances_val.json"
+    coco = json.loads(ann.read_text())
+    new_id = {c["id"]: {"circle": 7, "square": 3, "triangle": 12}[c["name"]] for c in coco["categories"]}
+    for c in coco["categories"]:
+        c["id"] = new_id[c["id"]]
+    for a in coco["annotations"]:
+        a["category_id"] = new_id[a["category_id"]]
+    ann.write_text(json.dumps(coco))
+    datasets = get_datasets(["shapes_val"], str(tmp_path))
+    records, set_classes = datasets[0].records, datasets[0].class_names
+    assert set_classes == ["square", "circle", "triangle"]  # by category id
+    assert {k for r in records for k in r["labels"].tolist()} >= {1, 2}  # squares and circles to confuse
+    model = _Oracle(records, set_classes, ["circle", "square", "triangle"])
+    assert evaluate_test_sets(datasets, model=model)["shapes_val"]["AP"] == pytest.approx(100.0)
+    with caplog.at_level("WARNING", logger="detection.evaluation.test_sets"):
+        unnamed = evaluate_test_sets(datasets, model=_Oracle(records, set_classes))  # labels in the set's order
+    assert unnamed["shapes_val"]["AP"] == pytest.approx(100.0)
+    assert ("the model's class names are not known (no model_classes given, no class_names on the model): each test "
+            "set is scored by label number, label k as its k-th class (shapes_val: square, circle, triangle)"
+            ) in caplog.text
+
+
 def test_a_test_set_that_cannot_be_scored_stops_training_before_its_first_iteration(tmp_path, monkeypatch):
     # a data-set kind without an evaluator (a new reader's) was found at the first evaluation,
     # test.eval_period iterations into the run

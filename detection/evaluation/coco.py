@@ -69,7 +69,9 @@ class COCOEvaluator:
 
     def process(self, records: Sequence[dict], outputs: Sequence[dict]) -> None:
         """Keep each image's XYXY detections as numpy arrays in the model's precision (they
-        become COCO results, with the json's category ids, when evaluate writes them)."""
+        become COCO results, with the json's category ids, when evaluate writes them). Labels are
+        the data set's, 1..K in its class_names order (not the json's category ids); a model's
+        labels mean its own classes: evaluate_test_sets maps them by name."""
         if len(records) != len(outputs):
             raise ValueError(f"process: {len(records)} records but {len(outputs)} outputs")
         to_category = self.dataset.label_to_category_id

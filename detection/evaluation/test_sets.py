@@ -52,11 +52,23 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
     """Each test set's metrics, by data set name, from `model` or from saved `results` (a
     results folder as this function writes it, a coco_results.json or a folder of comp4
     files). `echo` (e.g. print) receives each set's metrics table and where it was written.
-    `model_classes`: the model's class names; a test set holding a subset of them is scored by
-    name (classes.label_map_for_test_set, checked before: a set that fits no way is refused there).
+    `model_classes`: the model's class names (default: its `class_names` attribute, which the
+    tools' models, the Predictor's and a training's carry); a test set listing them in another
+    order, or a subset of them, is scored by name (classes.label_map_for_test_set; a set that fits
+    no way is refused). With no names known, label k is scored as the set's k-th class: a warning
+    says so.
     `between_batches`: called before each batch of the model's images (inference_on_dataset)."""
     if (model is None) == (results is None):
         raise ValueError("evaluate_test_sets: give a model or saved results, not both or neither")
+    if model is not None and not model_classes:
+        # a Python caller's model scored by label number against a set listing the classes in
+        # another order was a wrong AP in silence (the tools pass the names they check)
+        model_classes = getattr(model, "class_names", None) or None
+        if model_classes is None:
+            logger.warning("the model's class names are not known (no model_classes given, no class_names on the "
+                           "model): each test set is scored by label number, label k as its k-th class (%s); "
+                           "give them (the checkpoint's class_names, or set model.class_names) to score by name",
+                           "; ".join(f"{d.name}: {', '.join(d.class_names)}" for d in datasets))
     names = [d.name for d in datasets]
     # two test sets sharing a folder would overwrite each other's files: checked when writing
     folders = results_subfolders(names) if output_dir is not None else [results_subfolder(n) for n in names]
