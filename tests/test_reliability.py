@@ -536,6 +536,27 @@ def test_resuming_with_another_number_of_processes_says_what_is_not_exact(data_r
                      "result is a valid continuation but not bit-identical"]
 
 
+@pytest.mark.slow  # trains
+def test_resuming_with_another_thread_count_says_what_is_not_exact(data_root, tmp_path, caplog, monkeypatch):
+    """The CPU's threads split the sums: a resume under another OMP_NUM_THREADS (a machine with
+    other cores) continued with other bits than an uninterrupted run, in silence (a
+    reproducibility trial). last.pth keeps the count; a resume with another says so; with the
+    same count, nothing."""
+    out = tmp_path / "run"
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 2, "solver.checkpoint_period": 2}))
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["threads"] == torch.get_num_threads() == 1  # conftest's one thread
+    caplog.set_level(logging.WARNING)
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 3}), resume=True)
+    assert not [r for r in caplog.records if "is resumed with" in r.getMessage()]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as if resumed on a 2-thread process
+    train(tiny_cfg(data_root, out, **{"solver.max_iter": 4}), resume=True)
+    lines = [r.getMessage() for r in caplog.records if "is resumed with" in r.getMessage()]
+    assert lines == [f"{out / 'last.pth'} was written by a run with 1 torch thread and is resumed with 2: the CPU's "
+                     "sums round otherwise, so the result is a valid continuation but not bit-identical to an "
+                     "uninterrupted run's (OMP_NUM_THREADS=1 resumes exactly)"]
+
+
 # ----------------------------------------------------------------------------- true messages
 
 def after_forward(monkeypatch, call: int, action) -> None:

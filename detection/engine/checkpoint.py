@@ -283,6 +283,19 @@ def restore_rng_states(ckpt: dict, path: Union[str, Path] = "the checkpoint") ->
             "run's from here on, so the result is a valid continuation but not bit-identical")
 
 
+def threads_note(ckpt: dict, path: Union[str, Path] = "the checkpoint") -> Optional[str]:
+    """None when `ckpt` was written with as many torch intra-op threads as this process has (or
+    does not say: written before 2026-12-07), else the line saying the resume is not bit-identical:
+    on the CPU the threads split the sums of convolutions and reductions, so another count rounds
+    otherwise (a resume on a machine with other cores, or another OMP_NUM_THREADS)."""
+    saved, now = ckpt.get("threads"), torch.get_num_threads()
+    if not isinstance(saved, int) or saved == now:
+        return None
+    return (f"{path} was written by a run with {saved} torch thread{'s' if saved != 1 else ''} and is resumed with "
+            f"{now}: the CPU's sums round otherwise, so the result is a valid continuation but not bit-identical "
+            f"to an uninterrupted run's (OMP_NUM_THREADS={saved} resumes exactly)")
+
+
 def _to_tuple(value: Any) -> Any:
     """random.setstate needs tuples; a round trip through a checkpoint may give lists."""
     return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from detection.config import Config, config_to_dict
 from detection.engine import distributed as du
 from detection.engine.checkpoint import (gather_rng_states, non_finite_tensors, periodic_checkpoint_path,
@@ -46,6 +48,7 @@ def _training_checkpoint(state: TrainState, cfg: Config, rng: list) -> dict:
         "iteration": state.iteration,
         "rng": rng[0],
         "rng_per_rank": rng,
+        "threads": torch.get_num_threads(),  # the CPU's float sums' order: an exact resume needs the same
         "config": config_to_dict(cfg),
         "class_names": list(state.class_names),
     }

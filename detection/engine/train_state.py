@@ -15,7 +15,7 @@ from torch import nn
 
 from detection.config import Config
 from detection.engine import distributed as du
-from detection.engine.checkpoint import restore_rng_states, restore_training_state
+from detection.engine.checkpoint import restore_rng_states, restore_training_state, threads_note
 from detection.engine.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -73,5 +73,8 @@ def restore_train_state(state: TrainState, ckpt: dict, path: Path = Path("last.p
     not_exact = restore_rng_states(ckpt, path)  # each rank its own
     if not_exact and du.is_main_process():
         logger.warning("%s", not_exact)
+    other_threads = threads_note(ckpt, path)
+    if other_threads and next(state.model.parameters()).device.type == "cpu" and du.is_main_process():
+        logger.warning("%s", other_threads)
     state.checkpoint_iteration = state.iteration
     state.class_names = tuple(ckpt.get("class_names") or ())
