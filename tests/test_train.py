@@ -63,6 +63,32 @@ def test_resume_gives_the_same_weights_as_a_straight_run(data_root, tmp_path):
     assert any(not torch.equal(midway["model"][k], v) for k, v in a.items())
 
 
+def test_a_run_resumes_in_the_data_order_it_began_with(data_root, tmp_path, monkeypatch):
+    """Seeds other than 0 draw other epochs since 2026-12-07 (detection.data.loader.DATA_ORDER): a
+    checkpoint written before (no "data_order") goes on in its own order, 1, so a run begun then
+    is continued as it would have been; the checkpoints it writes keep 1. A value this version
+    does not know is one error naming the file."""
+    from detection.engine import trainer
+    from detection.engine.checkpoint import CheckpointError, save_checkpoint
+
+    out, extra = tmp_path / "run", {"seed": 3, "solver.max_iter": 2, "solver.checkpoint_period": 2}
+    train(tiny_cfg(data_root, out, **extra))
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["data_order"] == 2
+    del ckpt["data_order"]  # as the earlier version wrote it
+    save_checkpoint(ckpt, out / "last.pth")
+    orders, build = [], trainer.build_train_data_loader
+    monkeypatch.setattr(trainer, "build_train_data_loader",
+                        lambda *args, **kwargs: orders.append(kwargs["data_order"]) or build(*args, **kwargs))
+    train(tiny_cfg(data_root, out, **{**extra, "solver.max_iter": 3}), resume=True)
+    assert orders == [1] and load_checkpoint(out / "last.pth")["data_order"] == 1
+    ckpt = load_checkpoint(out / "last.pth")
+    ckpt["data_order"] = 7
+    save_checkpoint(ckpt, out / "last.pth")
+    with pytest.raises(CheckpointError, match=r"last.pth: its data_order is 7; this version knows 1 and 2"):
+        train(tiny_cfg(data_root, out, **{**extra, "solver.max_iter": 4}), resume=True)
+
+
 def test_fast_path_is_a_speed_switch_only(data_root, tmp_path):
     """model.fast_path=true trains the same model faster (tests/test_fast.py checks its
     gradients; a randomly initialised detector's are too chaotic to compare after steps):

@@ -34,9 +34,28 @@ logger = logging.getLogger(__name__)
 _MAX_REPLACEMENTS = 20  # consecutive unreadable images tolerated before giving up
 
 
+# How TrainingSampler seeds epoch e of a run of `seed` (checkpoints keep it as "data_order", so a
+# run resumes in the order it began with): 1 (before 2026-12-07) seed + e, DistributedSampler's,
+# which made seed s + 1 draw seed s's epochs one epoch later (a multi-seed study's runs shared most
+# of their batches); 2: seed * STRIDE + e modulo 2**32 (the CPU generator's randperm reads only a
+# seed's low 32 bits): the epochs of two seeds meet only some 10**8 or more epochs apart (seeds
+# 1 apart: 2.65e9), and seed 0, every config's, keeps its order.
+DATA_ORDER = 2
+STRIDE = 0x9E3779B9  # 2**32 / the golden ratio, odd: seed -> seed * STRIDE mod 2**32 is one to one
+
+
+def epoch_seed(seed: int, epoch: int, data_order: int = DATA_ORDER) -> int:
+    """The torch.Generator seed of a run's epoch (see DATA_ORDER)."""
+    if data_order == 1:
+        return (seed + epoch) % 2**63
+    if data_order == 2:
+        return (seed * STRIDE + epoch) % 2**32
+    raise ValueError(f"data_order must be 1 or 2, got {data_order!r}")
+
+
 def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, images_per_batch: int,
                        num_workers: int, aspect_ratio_grouping: bool, filter_empty: bool, seed: int,
-                       use_difficult: bool = True, start_iter: int = 0) -> DataLoader:
+                       use_difficult: bool = True, start_iter: int = 0, data_order: int = DATA_ORDER) -> DataLoader:
     """Infinite iterable of (images: list[uint8 Tensor[3,H,W]], targets: list[{"boxes", "labels"}]).
 
     images_per_batch is per process. use_difficult=False drops VOC difficult boxes;
@@ -44,6 +63,7 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
     start_iter (resuming): the first start_iter batches are skipped at the index level, and
     every sample's augmentation is seeded from (seed, rank, batch number, position in batch),
     so a resumed run sees exactly the batches of an uninterrupted one, whatever num_workers.
+    data_order: how each epoch's order follows from the seed (DATA_ORDER; a resumed run's own).
     """
     if images_per_batch < 1:
         raise DataError(f"images per batch must be >= 1, got {images_per_batch}")
@@ -57,7 +77,7 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
                         + " (set dataloader.filter_empty: false to train on them anyway)")
     rank, world_size = comm.get_rank(), comm.get_world_size()
     groups = [0 if r["width"] >= r["height"] else 1 for r in records]
-    sampler = TrainingSampler(len(records), seed=seed, rank=rank, world_size=world_size)
+    sampler = TrainingSampler(len(records), seed=seed, rank=rank, world_size=world_size, data_order=data_order)
     base_seed = _process_seed(seed, rank)
     batch_sampler = GroupedBatchSampler(sampler, groups if aspect_ratio_grouping else [0] * len(groups),
                                         images_per_batch, start=start_iter, seed=base_seed)
@@ -189,21 +209,26 @@ def collate_lists(batch: list[tuple]) -> tuple[list, list]:
 
 
 class TrainingSampler(Sampler[int]):
-    """Endless indices: epoch e is randperm(size) from torch.Generator(seed + e), this rank's shard.
+    """Endless indices: epoch e is randperm(size) from torch.Generator(epoch_seed(seed, e)), this
+    rank's shard.
 
     Shards follow DistributedSampler: the permutation is padded by wrapping around to a
-    multiple of world_size and rank r takes positions r, r + world_size, ...
+    multiple of world_size and rank r takes positions r, r + world_size, ... (the same indices as
+    DistributedSampler's with seed epoch_seed(seed, 0); data_order 1: with seed).
     """
 
-    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 data_order: int = DATA_ORDER) -> None:
         self.size, self.seed, self.rank, self.world_size = size, int(seed), rank, world_size
+        epoch_seed(self.seed, 0, data_order)  # a data_order it does not know: now, not at the first batch
+        self.data_order = data_order
 
     def __iter__(self) -> Iterator[int]:
         epoch = 0
         per_rank = math.ceil(self.size / self.world_size)
         while True:
             gen = torch.Generator()
-            gen.manual_seed((self.seed + epoch) % 2**63)
+            gen.manual_seed(epoch_seed(self.seed, epoch, self.data_order))
             perm = torch.randperm(self.size, generator=gen, device="cpu")
             total = per_rank * self.world_size
             perm = perm.repeat(math.ceil(total / self.size))[:total]  # pad by wrapping around

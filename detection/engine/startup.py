@@ -65,10 +65,12 @@ def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
     return datasets
 
 
-def build_train_data_loader(cfg: Config, datasets: list[DatasetInfo], start_iter: int = 0) -> Iterable:
+def build_train_data_loader(cfg: Config, datasets: list[DatasetInfo], start_iter: int = 0,
+                            data_order: int | None = None) -> Iterable:
     """The config's training loader over `datasets` (this process's share of each batch), from
-    iteration start_iter on: what training iterates and tools/benchmark.py times."""
-    from detection.data.loader import build_train_loader
+    iteration start_iter on: what training iterates and tools/benchmark.py times. `data_order`:
+    a resumed run's (its checkpoint's; default loader.DATA_ORDER)."""
+    from detection.data.loader import DATA_ORDER, build_train_loader
     from detection.data.transforms import build_train_transform
 
     world = du.get_world_size()
@@ -76,7 +78,7 @@ def build_train_data_loader(cfg: Config, datasets: list[DatasetInfo], start_iter
         datasets, transform=build_train_transform(cfg), images_per_batch=cfg.solver.ims_per_batch // world,
         num_workers=cfg.dataloader.num_workers, aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
         filter_empty=cfg.dataloader.filter_empty, seed=cfg.seed, use_difficult=cfg.dataloader.use_difficult,
-        start_iter=start_iter)
+        start_iter=start_iter, data_order=DATA_ORDER if data_order is None else data_order)
 
 
 def build_test_datasets(cfg: Config, class_names: Sequence[str]) -> list[DatasetInfo]:

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from detection.config import Config
+from detection.data.loader import DATA_ORDER
 from detection.engine import distributed as du
-from detection.engine.checkpoint import restore_rng_states, restore_training_state, threads_note
+from detection.engine.checkpoint import CheckpointError, restore_rng_states, restore_training_state, threads_note
 from detection.engine.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ class TrainState:
     class_names: tuple[str, ...] = ()  # stored in checkpoints for tools/visualize.py
     checkpoint_iteration: Optional[int] = None  # the iteration last.pth holds, if any
     periodic: list[int] = field(default_factory=list)  # the iterations of this run's model_{iter:07d}.pth
+    # how the run's epochs follow from its seed (detection.data.loader.DATA_ORDER): a resumed
+    # run keeps the one it began with (its checkpoint's; 1 when it has none: written before 2)
+    data_order: int = DATA_ORDER
 
 
 def seed_everything(seed: int) -> None:
@@ -78,3 +82,18 @@ def restore_train_state(state: TrainState, ckpt: dict, path: Path = Path("last.p
         logger.warning("%s", other_threads)
     state.checkpoint_iteration = state.iteration
     state.class_names = tuple(ckpt.get("class_names") or ())
+    state.data_order = _data_order(ckpt, path)
+
+
+def _data_order(ckpt: dict, path: Path) -> int:
+    """The checkpoint's data order: a run goes on in the order it began with (no key: a file
+    written before the order of other seeds than 0 changed, 2026-12-07: order 1)."""
+    from detection.data.loader import epoch_seed
+
+    order = ckpt.get("data_order", 1)
+    try:
+        epoch_seed(0, 0, order)
+    except ValueError:
+        raise CheckpointError(f"{path}: its data_order is {order!r}; this version knows 1 and 2 (a file of a "
+                              "newer version?)") from None
+    return order

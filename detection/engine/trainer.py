@@ -213,7 +213,7 @@ def _start_loop(cfg: Config, state: TrainState, datasets: list, device: torch.de
         optimize_for_training(state.model, channels_last=True, levers=accel_levers(cfg))  # training_plan's steps
     elif levers_without_fast_path(cfg) and du.is_main_process():
         logger.warning("%s", levers_without_fast_path(cfg))
-    data = iter(build_train_data_loader(cfg, datasets, state.iteration))
+    data = iter(build_train_data_loader(cfg, datasets, state.iteration, data_order=state.data_order))
     state.class_names = tuple(datasets[0].class_names)
     state.model.class_names = list(state.class_names)  # what its labels mean, for whoever uses the model
     model = state.model
