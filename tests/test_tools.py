@@ -57,6 +57,26 @@ def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained, run, cap
     ev = COCOeval(gt, gt.loadRes(results), "bbox")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert metrics["AP"] == pytest.approx(100 * ev.stats[0], abs=1e-6)
+    # what the numbers come from (a reproducibility trial: the folder named the checkpoint by path,
+    # size and date only, and not the precision test.amp really ran in)
+    import hashlib
+
+    import torch
+    import torchvision
+
+    from detection.config import load_config
+    from detection.modeling.precision import bfloat16_is_slow
+
+    env = json.loads((root / "eval" / "environment.json").read_text())
+    weights = root / "out" / "model_final.pth"
+    assert env["checkpoint sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert env["command"].startswith("python tools/eval.py --config ") and "--weights" in env["command"]
+    assert env["environment"]["torch"] == torch.__version__
+    assert env["environment"]["torchvision"] == torchvision.__version__
+    assert len(env["environment"]["code"]) == 16 and "(" in env["environment"]["cpu"]
+    asked = load_config(ROOT / "configs" / "base.yaml", overrides).test.amp
+    assert env["inference precision"] == ("bfloat16" if asked and not bfloat16_is_slow("cpu") else "float32") + \
+        f" (test.amp: {str(asked).lower()})"
     # --results scores the saved file without a model and gives the same numbers
     run("eval.py", "--results", str(root / "eval" / "shapes_val" / "coco_results.json"),
         "--output-dir", str(root / "eval2"), *overrides)
@@ -74,6 +94,7 @@ def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained, run, cap
     section = root / "eval" / "shapes_val" / "report_section.json"
     made_by = json.loads(section.read_text())["command"] if section.is_file() else None
     run("eval.py", "--results", str(root / "eval"), "--output-dir", str(root / "eval"), *overrides)
+    assert json.loads((root / "eval" / "environment.json").read_text()) == env  # the run's that made them
     if made_by is not None:  # (the report extra is installed)
         assert json.loads(section.read_text())["command"] == made_by and "--weights" in made_by
         page = (root / "eval" / "report.html").read_text()

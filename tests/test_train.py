@@ -42,6 +42,21 @@ def test_short_run_writes_outputs_and_loss_goes_down(data_root, tmp_path):
     assert last < 0.8 * first, (first, last)
     assert load_checkpoint(out / "last.pth")["iteration"] == 24
     assert load_config(out / "config.yaml").solver.max_iter == 24
+    # what the run can be made again from (a reproducibility trial: log.txt named no versions, no
+    # code version and no command): Detectron2's log starts with its environment and command
+    import shlex
+    import sys
+
+    import torchvision
+
+    from detection.utils.environment import code_version
+
+    log = (out / "log.txt").read_text()
+    command = next(line for line in log.splitlines() if " command: " in line)
+    assert command.split(" command: ", 1)[1] == shlex.join(["python", *sys.argv])  # this process's
+    environment = next(line for line in log.splitlines() if " environment: " in line)
+    assert f"torch {torch.__version__}, torchvision {torchvision.__version__}, numpy " in environment
+    assert f"code {code_version()[:16]}, git " in environment and "cpu " in environment
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(data_root, tmp_path):

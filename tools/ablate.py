@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from detection.cli import add_config_args, config_from_args, override_keys, parse_command_line, run_tool
 from detection.config import ConfigError
 from detection.study.ablation import METRICS, AblationRow, format_table, row_config, run_ablation, select_rows
+from detection.utils.environment import code_version
 from detection.utils.files import OutputFolderError, atomic_write
 
 if TYPE_CHECKING:
@@ -141,25 +142,6 @@ def row_key(cfg: Config, weights: str, tta: bool, device: str) -> str:
                 "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "code": code_version(),
                 "torch": torch.__version__, "torchvision": torchvision.__version__}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def code_version(roots: tuple[Path, ...] | None = None) -> str:
-    """A hash of the toolkit's Python sources (the `detection` and `backbones` packages, each
-    file's path in its package and its bytes): an edit of the code, or a checkout of another
-    commit, changes it (setup.py's version does not change with them)."""
-    import hashlib
-
-    if roots is None:
-        import backbones
-        import detection
-
-        roots = (Path(detection.__file__).parent, Path(backbones.__file__).parent)
-    digest = hashlib.sha256()
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            digest.update(f"{root.name}/{path.relative_to(root).as_posix()}\0".encode("utf-8"))
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _save_rows(out: Path, sources: dict, test_set: str, tta: bool, rows: list[dict], complete: bool) -> None:

@@ -133,8 +133,34 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     claim_for_every_process(out_root, source, folders, overwrite=args.overwrite, echo=say)
     per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
                                  results=args.results, output_dir=out_root, echo=say, model_classes=model_classes)
+    if is_main_process() and args.weights:  # re-scored results keep the environment.json of the run that made them
+        _write_environment(cfg, args, device, out_root)
     _write_report(cfg, args, datasets, folders, out_root, per_set)
     return 0
+
+
+def _write_environment(cfg: Config, args: argparse.Namespace, device: torch.device, out_root: Path) -> None:
+    """out_root/environment.json: the command, the versions, the machine and the code's version
+    the numbers come from, the precision inference really ran in (test.amp falls back to float32
+    on a CPU without bfloat16 instructions: the same command gives other numbers on one with
+    them) and the checkpoint's sha256 (its path, size and date in source.json name no content)."""
+    import hashlib
+    import json
+
+    from detection.modeling.precision import amp_dtype, inference_amp
+    from detection.utils.environment import environment
+    from detection.utils.files import atomic_write
+
+    amp = inference_amp(cfg.test.amp, device)
+    digest = hashlib.sha256()
+    with open(Path(args.weights).expanduser(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    info = {"command": args.command, "environment": environment(device),
+            "inference precision": (str(amp_dtype(device)).removeprefix("torch.") if amp else "float32")
+            + f" (test.amp: {str(cfg.test.amp).lower()})", "checkpoint sha256": digest.hexdigest()}
+    with atomic_write(out_root / "environment.json") as f:
+        f.write(json.dumps(info, indent=1) + "\n")
 
 
 def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetInfo], folders: list[str],

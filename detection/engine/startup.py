@@ -115,8 +115,9 @@ def summary_of_test_sets(cfg: Config, datasets: Sequence[DatasetInfo]) -> list[s
 
 def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device,
                   test_sets: list[DatasetInfo]) -> list[str]:
-    """What the run trains on, where, and how: printed at its start."""
+    """What the run trains on, where, and how: printed at its start (and kept in log.txt)."""
     from detection.data.loader import training_records
+    from detection.utils.environment import command_line, environment, environment_line
 
     lines = []
     for d in datasets:
@@ -135,6 +136,8 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
                  f"fast path: {'on' if cfg.model.fast_path else 'off'}, processes: {du.get_world_size()}")
     lines.append(f"datasets.root: {Path(cfg.datasets.root).resolve()}")
     lines.append(f"output folder: {Path(cfg.output_dir).resolve()}")
+    lines.append(f"command: {command_line()}")  # with the versions and the code's: the run can be made again
+    lines.append(environment_line(environment(device)))
     return lines
 
 
