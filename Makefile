@@ -18,8 +18,10 @@ $(STAMP): setup.py
 # -rs: every skipped test is listed with its reason (a skip counted in the summary alone was
 # once taken for the browser test; it was test_fuzz's empty known-bugs list). C4DET_BROWSER: the
 # browser the chromium target found, which the report's browser test then runs (no skip).
+# tests/parallel.py: two pytest processes at once, each a half of the files (the tests run one
+# thread: one process left a core of a 2-core machine idle); each prints when both have ended.
 test: $(STAMP) chromium
-	C4DET_BROWSER="$$(command -v chromium || command -v chromium-browser || true)" $(PY) -m pytest tests -q -rs
+	C4DET_BROWSER="$$(command -v chromium || command -v chromium-browser || true)" $(PY) tests/parallel.py --processes 2 -- tests -q -rs
 
 # The HTML report's browser test (tests/test_report.py) loads it in headless Chromium (Debian's
 # `chromium`). Installed here only when missing, with apt-get (as root, else sudo -n); when that

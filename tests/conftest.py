@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from detection.data.shapes import generate_shapes
+from tests.helpers import TEST_CORES, shard_files
 
 # One intra-op thread: on a 2-core machine where data-loader workers, spawned DDP ranks or
 # another job compete for the cores, OpenMP's spinning threads make 2 threads many times
@@ -18,6 +19,9 @@ torch.set_num_threads(1)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--shard", metavar="I/N", default=None,
+                     help="run the I-th of N parts of the collected tests: whole files, balanced by their measured "
+                          "seconds (tests/parallel.py runs the N parts at once: `make test`)")
     parser.addoption("--failures-to", metavar="FILE", default=None,
                      help="append each failure's report to FILE as soon as it happens, not at the end "
                           "(tools/gpu_session.py: a suite stopped at its time limit keeps what failed and why)")
@@ -39,6 +43,24 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if _failures_to and report.failed:
         with open(_failures_to, "a") as file:
             file.write(f"{report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    shard = config.getoption("--shard")
+    if not shard:
+        return
+    try:
+        index, parts = (int(x) for x in shard.split("/"))
+        assert 1 <= index <= parts
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"--shard: expected I/N with 1 <= I <= N, got {shard!r}") from None
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.nodeid.split("::")[0]] = counts.get(item.nodeid.split("::")[0], 0) + 1
+    mine = set(shard_files(list(counts), counts, parts)[index - 1])
+    kept = [item for item in items if item.nodeid.split("::")[0] in mine]
+    config.hook.pytest_deselected(items=[item for item in items if item.nodeid.split("::")[0] not in mine])
+    items[:] = kept
 
 
 @pytest.fixture(autouse=True)
@@ -85,8 +107,9 @@ def d2_files(tmp_path_factory):
 @pytest.fixture
 def both_cores():
     """Both cores for a test that runs the ResNet-50 detector at 800 px and nothing beside it
-    (one thread is set above for the small tests)."""
+    (one thread is set above for the small tests); one where tests/parallel.py runs another
+    pytest process beside this one (C4DET_TEST_CORES=1)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_CORES)
     yield
     torch.set_num_threads(before)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -29,6 +30,9 @@ from detection.modeling.rpn import RPN
 from detection.testing import make_sane
 
 ROOT = Path(__file__).resolve().parents[1]
+# The threads a heavy test (ResNet-50 at 800 px) takes: both cores, or one where tests/parallel.py
+# runs two pytest processes at once (`make test`), each with a core of its own
+TEST_CORES = int(os.environ.get("C4DET_TEST_CORES", "2"))
 # The Detectron2 fixture (tests/fixtures/detectron2_c4): the config, and the case whose detections
 # real Detectron2 computed (tests/test_detectron2.py; tests/test_cuda.py on the GPU)
 DETECTRON2_FIXTURE = ROOT / "tests" / "fixtures" / "detectron2_c4"
@@ -276,3 +280,32 @@ def evaluate_results_file(dataset, path: str) -> dict:
     from detection.evaluation import evaluate_test_sets
 
     return evaluate_test_sets([dataset], results=path)[dataset.name]
+
+
+# Each file's seconds in one process (pytest --durations=0, summed per file; 2-vCPU AVX2-only AMD
+# EPYC, 2026-12-07): only to balance --shard's parts (a stale figure costs balance, not coverage);
+# a file not listed counts 0.3 s a test.
+FILE_SECONDS = {
+    "test_benchmark_levers.py": 60, "test_detectron2.py": 58, "test_reliability.py": 55, "test_train.py": 54,
+    "test_export.py": 49, "test_demo.py": 45, "test_model.py": 40, "test_benchmark.py": 39,
+    "test_readme_walkthrough.py": 35, "test_devices.py": 33, "test_ablate.py": 21, "test_fast_configs.py": 19,
+    "test_gpu_levers.py": 18, "test_study.py": 17, "test_predictor.py": 17, "test_tools.py": 14,
+    "test_run_records.py": 14, "test_fuzz.py": 14, "test_train_safety.py": 13, "test_eval_outputs.py": 13,
+    "test_winograd.py": 12, "test_weights.py": 12, "test_checkpoint_retention.py": 11, "test_report.py": 10,
+    "test_precision.py": 10, "test_exif_orientation_e2e.py": 9, "test_appendix_b.py": 8, "test_tensorboard.py": 7,
+    "test_own_data_checks.py": 7, "test_backbones.py": 7, "test_training_levers.py": 6, "test_eval_test_sets.py": 6,
+    "test_backbone_torchvision.py": 6, "test_tta.py": 5, "test_moved_modules.py": 5, "test_loading.py": 5,
+    "test_layers.py": 4, "test_fast.py": 4, "test_data_loader.py": 4, "test_paper_configs.py": 3,
+}
+
+
+def shard_files(files: list[str], counts: dict[str, int], parts: int) -> list[list[str]]:
+    """`files` in `parts` lists of near-equal seconds (the longest first, each to the lightest part)."""
+    cost = {f: FILE_SECONDS.get(Path(f).name, 0.3 * counts[f]) for f in files}
+    shards: list[list[str]] = [[] for _ in range(parts)]
+    load = [0.0] * parts
+    for f in sorted(files, key=lambda f: (-cost[f], f)):
+        lightest = load.index(min(load))
+        shards[lightest].append(f)
+        load[lightest] += cost[f]
+    return shards

@@ -16,8 +16,8 @@ from detection.engine.detectron2 import background_first, detectron2_name
 from detection.engine.loading import load_detector_weights, read_detector_file
 from detection.modeling.model import build_model
 from detection.predictor import Predictor
-from tests.helpers import (DETECTRON2_CASE, DETECTRON2_FIXTURE, DETECTRON2_R50, load_tool, matched_to_detectron2,
-                           run_main)
+from tests.helpers import (DETECTRON2_CASE, DETECTRON2_FIXTURE, DETECTRON2_R50, TEST_CORES, load_tool,
+                           matched_to_detectron2, run_main)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE, CASE, R50 = DETECTRON2_FIXTURE, DETECTRON2_CASE, DETECTRON2_R50
@@ -28,9 +28,10 @@ TRAINING = CASE / "training"  # Detectron2's losses and gradients of one step (m
 @pytest.fixture(scope="module", autouse=True)
 def two_threads():
     """ResNet-50 at 800 px with 1000 RoIs is the one heavy computation of the suite, and nothing
-    runs beside it: both cores (conftest sets one thread for the small tests)."""
+    runs beside it: both cores (conftest sets one thread for the small tests), or one where
+    tests/parallel.py runs another pytest process beside this one."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_CORES)
     yield
     torch.set_num_threads(before)
 
