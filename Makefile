@@ -19,7 +19,7 @@ $(STAMP): setup.py
 # once taken for the browser test; it was test_fuzz's empty known-bugs list). C4DET_BROWSER: the
 # browser the chromium target found, which the report's browser test then runs (no skip).
 # tests/parallel.py: two pytest processes at once, each a half of the files (the tests run one
-# thread: one process left a core of a 2-core machine idle); each prints when both have ended.
+# thread: one process left a core of a 2-core machine idle); the first prints as it runs, the other after.
 test: $(STAMP) chromium
 	C4DET_BROWSER="$$(command -v chromium || command -v chromium-browser || true)" $(PY) tests/parallel.py --processes 2 -- tests -q -rs
 

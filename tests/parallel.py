@@ -7,7 +7,7 @@ core of a 2-core machine idle most of the time. Each process runs a part of the 
 (`--shard I/N`, tests/conftest.py: whole files, balanced by their measured seconds) with
 OMP_NUM_THREADS=1 and C4DET_TEST_CORES=1 (the heavy tests' threads and the tools they start take
 one core, not both: two processes' OpenMP threads spinning on each other's core are many times
-slower). Their outputs are printed one after the other when all have ended; the exit status is
+slower). The first part prints as it runs, the others when it has ended; the exit status is
 the first non-zero one (pytest's: 1 a test failed, 5 no test collected, ...), else 0; a part
 that got no test while another passed counts as passed (a subset, e.g. one file, has fewer
 files than parts).
@@ -24,6 +24,7 @@ import time
 
 NO_TESTS = 5  # pytest's exit status when it collected no test
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=2, help="pytest processes at once (default 2)")
@@ -34,9 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     n = args.processes
     env = dict(os.environ, OMP_NUM_THREADS="1", C4DET_TEST_CORES="1")
     start = time.monotonic()
-    logs = [tempfile.TemporaryFile("w+", encoding="utf-8") for _ in range(n)]
+    # the first part prints as it goes (progress in a CI log), the others into files shown after it
+    logs = [None] + [tempfile.TemporaryFile("w+", encoding="utf-8") for _ in range(n - 1)]
+    print(f"======== part 1 of {n} (as it runs; the other part{'s' if n > 2 else ''} after it) ========", flush=True)
     children = [subprocess.Popen([sys.executable, "-m", "pytest", *args.pytest_args, f"--shard={i}/{n}"],
-                                 stdout=log, stderr=subprocess.STDOUT, env=env) for i, log in enumerate(logs, 1)]
+                                 stdout=log, stderr=subprocess.STDOUT if log else None, env=env)
+                for i, log in enumerate(logs, 1)]
     try:
         codes = [child.wait() for child in children]
     except KeyboardInterrupt:  # Ctrl-C: stop every part, then show what each had printed
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             child.send_signal(signal.SIGINT)
         codes = [child.wait() for child in children]
     seconds = time.monotonic() - start
-    for i, log in enumerate(logs, 1):
+    print(f"======== part 1 of {n}: exit status {codes[0]} ========", flush=True)
+    for i, log in enumerate(logs[1:], 2):
         log.seek(0)
         print(f"\n======== part {i} of {n} (exit status {codes[i - 1]}) ========", flush=True)
         sys.stdout.write(log.read())

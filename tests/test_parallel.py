@@ -31,7 +31,8 @@ def test_the_parts_run_apart_and_their_exit_status_is_the_suites():
     both = parallel("tests/test_environment.py", "tests/test_box_coder.py", "-q")
     assert both.returncode == 0, both.stdout[-2000:]
     first, second = both.stdout.split("======== part 2 of 2")
-    assert "part 1 of 2 (exit status 0)" in first and "(exit status 0)" in second
+    assert "part 1 of 2: exit status 0" in first and "(exit status 0)" in second
+    assert " passed" in first and " passed" in second  # each part ran one of the files
     assert both.stdout.strip().splitlines()[-1].startswith("2 parts in ") and "all passed" in both.stdout
     one_file = parallel("tests/test_environment.py", "-q")  # a part left without tests is no failure
     assert one_file.returncode == 0 and "(exit status 5)" in one_file.stdout, one_file.stdout[-2000:]
