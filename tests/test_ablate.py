@@ -203,6 +203,12 @@ def test_without_context_weights_the_table_says_which_table9_rows_are_missing(tm
     results = run_ablation(select_rows(False), lambda row: {"AP": 1.0, "AP50": 2.0, "AP75": 3.0,
                                                             "seconds_per_image": 0.1})
     table = format_table(results, cfg, "shapes_val", tta=False)
+    # the test settings the numbers come from (a trial: the table named neither, and its
+    # --config's test size was not the run's)
+    assert (f"Test size {cfg.input.min_size_test} (max {cfg.input.max_size_test}), score threshold "
+            f"{cfg.model.roi_heads.score_thresh_test}, 100 detections per image, test.amp true.") in table
+    results[0]["weights"] = "/runs/a/model_final.pth"
+    assert "test.amp true; checkpoint /runs/a/model_final.pth." in format_table(results, cfg, "shapes_val", False)
     assert "Not evaluated (they need --context-weights): + context, + multi-scale testing." in table
     assert "| baseline | 2.0 | 1.0 | 3.0 | 48.4 | 27.2 | 0.100 |" in table
 

@@ -82,6 +82,30 @@ def test_a_config_that_changes_a_model_setting_is_an_error(trained):
     assert model.roi_heads.score_thresh_test == 0.5  # test-time settings come from the config
 
 
+def test_test_settings_other_than_the_runs_are_said_once(trained, caplog):
+    """tools/ablate.py with the README's --config evaluated at that file's test size, not the
+    run's, in silence (a trial: its baseline AP 0.6 against eval.py's 2.9 on the same checkpoint).
+    A test-time setting other than the run's is said once, naming both values; one set on the
+    command line, test.aug (ablate's rows vary it) and a file without a config say nothing."""
+    from detection.engine.inference_model import test_settings_note
+
+    path, _ = trained
+    run = ["model.input_format=BGR", "model.pixel_std=[1,1,1]"]
+    weights = read_detector_file(path)
+    other = tiny_cfg(*run, "input.min_size_test=352", "model.roi_heads.score_thresh_test=0.2")
+    with caplog.at_level("WARNING", logger="detection.engine.inference_model"):
+        for _ in range(2):
+            build_inference_model(other, path, torch.device("cpu"))
+    told = [r.getMessage() for r in caplog.records if "its run evaluated with" in r.getMessage()]
+    assert told == [f"{path}: its run evaluated with input.min_size_test=600, model.roi_heads.score_thresh_test=0.05; "
+                    "this config has input.min_size_test=352, model.roi_heads.score_thresh_test=0.2: valid numbers, "
+                    "but not comparable with the run's own (its metrics.jsonl, eval.py with its config.yaml); give "
+                    "the run's config, or set the keys on the command line to say it is deliberate"]
+    assert test_settings_note(other, weights, ["input.min_size_test", "model.roi_heads.score_thresh_test"]) is None
+    assert test_settings_note(tiny_cfg(*run, "test.aug.enabled=true"), weights) is None
+    assert test_settings_note(other, dataclasses.replace(weights, config=None)) is None
+
+
 def test_model_settings_compare_by_value():
     weights = DetectorWeights("x.pth", "c4det", {}, config={"model": {"pixel_mean": [1, 2, 3.0000001],
                                                                       "anchors": {"sizes": [16, 32]}}})

@@ -41,6 +41,33 @@ MODEL_KEYS = ("model.num_classes", "model.input_format", "model.pixel_mean", "mo
               "model.roi_heads.global_context")
 
 
+# The test-time settings a run's own evaluations used (its config, saved in the checkpoint): an
+# evaluation with other values is valid, but its numbers are not the run's: said once, not refused
+# (tools/ablate.py with the README's --config took another test size in silence: AP 0.6 against
+# eval.py's 2.9). test.aug, box refinement and multi-scale are left out: ablate.py's rows vary them,
+# and eval.py's command names them.
+TEST_KEYS = ("input.min_size_test", "input.max_size_test", "input.resize_mode", "model.rpn.pre_nms_topk_test",
+             "model.rpn.post_nms_topk_test", "model.roi_heads.score_thresh_test", "model.roi_heads.nms_thresh_test",
+             "model.roi_heads.detections_per_image", "test.amp")
+_TOLD: set[str] = set()
+
+
+def test_settings_note(cfg: Config, weights: DetectorWeights, explicit: Sequence[str] = ()) -> str | None:
+    """The line saying where the config's test-time settings (TEST_KEYS) differ from those of the
+    run that trained `weights`, except keys in `explicit` (set on the command line: deliberate);
+    None when they do not, or the checkpoint has no config (a Detectron2 file)."""
+    if not weights.config:
+        return None
+    differ = [(key, _lookup(weights.config, key), _lookup(cfg, key)) for key in TEST_KEYS if key not in explicit]
+    differ = [(key, saved, ours) for key, saved, ours in differ if saved is not None and not _same(saved, ours)]
+    if not differ:
+        return None
+    return (f"{weights.path}: its run evaluated with {', '.join(f'{k}={s!r}' for k, s, _ in differ)}; this config has "
+            f"{', '.join(f'{k}={o!r}' for k, _, o in differ)}: valid numbers, but not comparable with the run's own "
+            "(its metrics.jsonl, eval.py with its config.yaml); give the run's config, or set the keys on the "
+            "command line to say it is deliberate")
+
+
 def check_model_settings(cfg: Config, weights: DetectorWeights, explicit: Sequence[str] = ()) -> None:
     """CheckpointError when the config's model settings differ from those the checkpoint was
     trained with, except for keys in `explicit` (set on the command line: deliberate)."""
@@ -96,6 +123,10 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
                                   "model_final.pth of tools/train_det.py or a Detectron2 model-zoo file")
         weights = read
     check_model_settings(cfg, weights, explicit)
+    note = test_settings_note(cfg, weights, explicit)
+    if note and note not in _TOLD:  # once per process: ablate.py builds a model per row
+        _TOLD.add(note)
+        logger.warning("%s", note)
     cfg = copy.deepcopy(cfg)
     cfg.model.backbone.weights = None  # the checkpoint holds every weight; no ImageNet file needed
     model = build_model(cfg)

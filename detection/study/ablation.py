@@ -81,9 +81,16 @@ def format_table(results: Sequence[dict], cfg: Config, test_set: str, tta: bool)
     """Markdown: the settings, Table 9's rows beside the paper's numbers, then the rows apart."""
     refine, multi = cfg.test.box_refinement, cfg.test.multi_scale
     voting = f"at IoU {refine.voting_iou}" if refine.voting else "off"
+    checkpoints = sorted({str(r["weights"]) for r in results if r.get("weights")})
     lines = [f"Test set: {test_set}. Box refinement: NMS {refine.nms_thresh}, voting {voting}. "
              f"Multi-scale: sizes {multi.sizes} (max {multi.max_size}). "
              f"Test-time augmentation: {'as in the config' if tta else 'off'}.", "",
+             # what else makes the numbers (a table read beside eval.py's must say its test settings)
+             f"Test size {cfg.input.min_size_test} (max {cfg.input.max_size_test}), score threshold "
+             f"{cfg.model.roi_heads.score_thresh_test}, {cfg.model.roi_heads.detections_per_image} detections per "
+             f"image, test.amp {str(cfg.test.amp).lower()}"
+             + (f"; checkpoint{'s' if len(checkpoints) > 1 else ''} {', '.join(checkpoints)}." if checkpoints else "."),
+             "",
              f"{TABLE9}: each row adds one improvement to the row above. Paper: ResNet-101 on COCO "
              "2014 val, mAP@.5 (= AP50) and mAP@[.5, .95] (= AP).", "",
              "| Table 9 row | AP50 | AP | AP75 | paper mAP@.5 | paper mAP@[.5, .95] | s / image |",
