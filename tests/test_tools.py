@@ -67,7 +67,7 @@ def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained, run, cap
     from detection.config import load_config
     from detection.modeling.precision import bfloat16_is_slow
 
-    env = json.loads((root / "eval" / "environment.json").read_text())
+    env = json.loads((root / "eval" / "shapes_val" / "environment.json").read_text())
     weights = root / "out" / "model_final.pth"
     assert env["checkpoint sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert env["command"].startswith("python tools/eval.py --config ") and "--weights" in env["command"]
@@ -94,11 +94,18 @@ def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained, run, cap
     section = root / "eval" / "shapes_val" / "report_section.json"
     made_by = json.loads(section.read_text())["command"] if section.is_file() else None
     run("eval.py", "--results", str(root / "eval"), "--output-dir", str(root / "eval"), *overrides)
-    assert json.loads((root / "eval" / "environment.json").read_text()) == env  # the run's that made them
+    assert json.loads((root / "eval" / "shapes_val" / "environment.json").read_text()) == env  # the run's that made them
     if made_by is not None:  # (the report extra is installed)
         assert json.loads(section.read_text())["command"] == made_by and "--weights" in made_by
         page = (root / "eval" / "report.html").read_text()
         assert str((root / "out" / "model_final.pth").resolve()) in page
+    # another test set evaluated into the folder with other settings has its own (one file for the
+    # folder described the last evaluation only: a trial)
+    run("eval.py", "--weights", str(weights), "--output-dir", str(root / "eval"), *overrides,
+        "datasets.test=[shapes_train]", "model.roi_heads.score_thresh_test=0.5")
+    assert json.loads((root / "eval" / "shapes_val" / "environment.json").read_text()) == env
+    assert "score_thresh_test=0.5" in json.loads((root / "eval" / "shapes_train" / "environment.json").read_text()
+                                                 )["command"]
 
 
 @pytest.mark.slow

@@ -134,16 +134,18 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
                                  results=args.results, output_dir=out_root, echo=say, model_classes=model_classes)
     if is_main_process() and args.weights:  # re-scored results keep the environment.json of the run that made them
-        _write_environment(cfg, args, device, out_root)
+        _write_environment(cfg, args, device, [out_root / folder for folder in folders])
     _write_report(cfg, args, datasets, folders, out_root, per_set)
     return 0
 
 
-def _write_environment(cfg: Config, args: argparse.Namespace, device: torch.device, out_root: Path) -> None:
-    """out_root/environment.json: the command, the versions, the machine and the code's version
-    the numbers come from, the precision inference really ran in (test.amp falls back to float32
-    on a CPU without bfloat16 instructions: the same command gives other numbers on one with
-    them) and the checkpoint's sha256 (its path, size and date in source.json name no content)."""
+def _write_environment(cfg: Config, args: argparse.Namespace, device: torch.device, folders: list[Path]) -> None:
+    """environment.json in each test set's folder (an evaluation of another set into the same
+    results folder, with other settings, leaves this one's as it is): the command, the versions,
+    the machine and the code's version the numbers come from, the precision inference really ran
+    in (test.amp falls back to float32 on a CPU without bfloat16 instructions: the same command
+    gives other numbers on one with them) and the checkpoint's sha256 (its path, size and date in
+    source.json name no content)."""
     import hashlib
     import json
 
@@ -159,8 +161,9 @@ def _write_environment(cfg: Config, args: argparse.Namespace, device: torch.devi
     info = {"command": args.command, "environment": environment(device),
             "inference precision": (str(amp_dtype(device)).removeprefix("torch.") if amp else "float32")
             + f" (test.amp: {str(cfg.test.amp).lower()})", "checkpoint sha256": digest.hexdigest()}
-    with atomic_write(out_root / "environment.json") as f:
-        f.write(json.dumps(info, indent=1) + "\n")
+    for folder in folders:
+        with atomic_write(folder / "environment.json") as f:
+            f.write(json.dumps(info, indent=1) + "\n")
 
 
 def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetInfo], folders: list[str],

@@ -1,6 +1,6 @@
 """What a run ran on, for its records: the command line, the library versions, the processor and
 the code's version. Training logs them at its start (log.txt); tools/eval.py writes them to its
-results folder's environment.json; tools/ablate.py keys its saved rows by the code's version.
+test-set folders' environment.json; tools/ablate.py keys its saved rows by the code's version.
 A number with these beside it can be run again (Detectron2's log starts with its
 collect_env_info and command line)."""
 from __future__ import annotations
