@@ -122,7 +122,12 @@ def test_tiny_study_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
     args = ["--config", "configs/base.yaml", "--study", "degradation", "--depths", "18", "--output-dir", str(out),
             *overrides]
     assert tool.main(args) == 0
-    study = json.loads((out / "study.json").read_text())
+
+    def refuse(constant):  # strict JSON, as jq and JSON.parse read it (a trial: "APl": NaN)
+        raise AssertionError(f"study.json holds {constant}")
+
+    study = json.loads((out / "study.json").read_text(), parse_constant=refuse)
+    assert any(value is None for v in study["variants"] for value in v["metrics"].values())  # undefined: null
     assert [v["name"] for v in study["variants"]] == ["plain-18", "residual-18"]
     for v in study["variants"]:
         assert [point[0] for point in v["loss_curve"]] == [1, 2, 3, 4]

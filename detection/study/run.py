@@ -32,7 +32,7 @@ import torch
 from backbones.resnet import build_resnet
 from detection.modeling.model import LOSS_KEYS
 from detection.visualization.plots import read_metrics_jsonl
-from detection.utils.files import atomic_write
+from detection.utils.files import atomic_write, strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def write_outputs(options: StudyOptions, overrides: Sequence[str], results: list
              "final_loss_note": f"mean total_loss (RPN loss: loss_rpn_cls + loss_rpn_box) over the last "
                                 f"{FINAL_LOSS_FRACTION:.0%} of the logged iterations",
              "variants": results}
-    _write_text(out_dir / "study.json", json.dumps(study, indent=1))
+    _write_text(out_dir / "study.json", json.dumps(strict_json(study), indent=1, allow_nan=False))  # NaN: null
     _write_text(out_dir / "study.md", markdown_table(study))
     if options.train and any(r.get("loss_curve") for r in results):
         plot_study(study, out_dir / "study.png")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -109,6 +110,18 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every float that is not finite (NaN, inf) made None, in nested dicts, lists and
+    tuples: strict JSON (jq and JavaScript's JSON.parse refuse NaN), as metrics.json writes it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def read_metrics_lines(path: Union[str, os.PathLike]) -> tuple[list[tuple[str, dict]], int]:
