@@ -194,7 +194,7 @@ def test_results_covering_part_of_the_images_are_scored_on_all_and_say_so(datase
     assert [r.getMessage() for r in caplog.records] == [
         f"{part}: the results have no detection on 2 of the 3 images of tiny: they are scored as finding nothing "
         "there (right if the model found nothing; results made on a subset of the images are scored on that "
-        "subset's own annotation file)"]
+        "subset alone, as its own test set)"]
 
 
 def test_build_evaluator_rejects_unknown_kinds(dataset):

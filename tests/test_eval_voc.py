@@ -271,6 +271,20 @@ def test_comp4_files_are_devkit_format_and_reevaluate_to_the_same_metrics(tmp_pa
     assert 0 < metrics["mAP"] < 100
 
 
+def test_a_results_folder_without_lines_for_some_images_says_how_many(tmp_path, caplog):
+    """As for a COCO results file: images without a line are scored as finding nothing, and the
+    count is said (results made on a subset of the images give a wrong average otherwise)."""
+    dataset = _dataset(_three_images())
+    names = [r["image_id"] for r in dataset.records]
+    (tmp_path / "comp4_det_test_cat.txt").write_text(f"{names[0]} 0.9 11 21 40 60\n")
+    with caplog.at_level("WARNING", logger="detection.evaluation.test_sets"):
+        evaluate_results_file(dataset, str(tmp_path))
+    assert [r.getMessage() for r in caplog.records if "no detection on" in r.getMessage()] == [
+        f"{tmp_path}: the results have no detection on 2 of the 3 images of {dataset.name}: they are scored as "
+        "finding nothing there (right if the model found nothing; results made on a subset of the images are "
+        "scored on that subset alone, as its own test set)"]
+
+
 def test_a_results_folder_is_scored_as_written_ties_in_file_order_numbers_unrounded(tmp_path):
     """Files from another tool, scored as the devkit reads them. One cat, devkit box 1 1 10 10
     (100 px with the +1 widths), in image 000003, listed after image 000004 (a dog)."""

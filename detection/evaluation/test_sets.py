@@ -98,17 +98,18 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
 
 
 def _say_uncovered(dataset: DatasetInfo, evaluator: Evaluator, path: str) -> None:
-    """A saved COCO results file without a detection on some of the set's images scores them as
-    all missed: right for a model that found nothing there, a wrong average for results made on a
-    subset of the images (a trial: 10 images' results scored on their 40-image set gave AP 0.79
-    where they score 2.55 on their own 10, exit 0). Said, with the count."""
-    loaded = [p for p in evaluator.predictions if "instances" in p]  # COCOEvaluator.load_results' entries
-    empty = sum(1 for p in loaded if not p["instances"])
+    """Saved results without a detection on some of the set's images score them as all missed:
+    right for a model that found nothing there, a wrong average for results made on a subset of
+    the images (a trial: 10 images' COCO results scored on their 40-image set gave AP 0.79 where
+    they score 2.55 on their own 10, exit 0). Said, with the count. (COCO: load_results' entries
+    hold "instances"; VOC's comp4 lines become "scores" per image.)"""
+    loaded = [p for p in evaluator.predictions if "instances" in p or "scores" in p]
+    empty = sum(1 for p in loaded if not len(p["instances"] if "instances" in p else p["scores"]))
     if loaded and empty and comm.is_main_process():
         logger.warning("%s: the results have no detection on %d of the %d images of %s: they are scored as "
                        "finding nothing there (right if the model found nothing; results made on a subset of "
-                       "the images are scored on that subset's own annotation file)", path, empty, len(loaded),
-                       dataset.name)
+                       "the images are scored on that subset alone, as its own test set)", path, empty,
+                       len(loaded), dataset.name)
 
 
 def flatten_metrics(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
