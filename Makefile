@@ -35,9 +35,10 @@ chromium:
 	  || { tail -n 3 $$log; echo "note: chromium could not be installed; the HTML report's browser test will be skipped"; }; \
 	  rm -f $$log; }
 
-# The edit-test loop: everything but the end-to-end runs marked `slow` (tests/conftest.py).
+# The edit-test loop: everything but the end-to-end runs marked `slow` (tests/conftest.py), as
+# two processes like `test`.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) tests/parallel.py --processes 2 -- tests -q -m "not slow"
 
 # The GPU suite (tests/test_cuda.py, marker `cuda`): every tool on CUDA, a few minutes on one GPU;
 # where torch.cuda.is_available() is False its tests skip, saying why. It runs .venv's python where
