@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import resource
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from detection.config import ConfigError
 from detection.engine import distributed as du
 from detection.engine.errors import TrainingError
+from detection.utils.files import strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ class MetricsLog:
         error. A line cut short is dropped when the run is resumed (run_folder.truncate_metrics).
         Strict JSON: a value that is not a finite number (APl of a test set without large
         objects) is null, as in eval's metrics.json, and not sent to TensorBoard."""
-        record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
-                  for key, value in record.items()}
+        record = strict_json(record)
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
