@@ -126,6 +126,14 @@ def _target(boxes, labels, dtype=torch.float32):
      r"\(not a Tensor: pass torch.as_tensor"),
     ({"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": [1]},
      r"image 1: labels must be an integer Tensor \[1\], got a list \(not a Tensor"),
+    # image 1 is 112 high and 96 wide: normalised boxes, and boxes with no pixel in it (not resized
+    # with the image), trained in silence
+    (_target([[0.1, 0.2, 0.5, 0.6], [0.3, 0.3, 0.9, 1.0]], [1, 2]),
+     r"image 1, box 0: \[0.1.*\]: every box of this 96x112 image lies within 0..1 \(normalised coordinates\?\): "
+     r"boxes are x1, y1, x2, y2 in the pixels of the image as given to the model \(multiply by its width and height"),
+    (_target([[0, 0, 10, 10], [96, 5, 120, 20]], [1, 1]), r"image 1, box 1: \[96.0, .*\] lies outside the 96x112 image"),
+    (_target([[5, 112.5, 20, 130]], [1]), r"image 1, box 0: .* lies outside the 96x112 image: boxes are .*resized"),
+    (_target([[-20, 5, -1, 20]], [2]), r"image 1, box 0: .* lies outside the 96x112 image"),
 ])
 def test_bad_targets_raise_value_error_naming_image_and_box(bad, message):
     model = make_model().train()
@@ -133,6 +141,19 @@ def test_bad_targets_raise_value_error_naming_image_and_box(bad, message):
         model(IMAGES, [TARGETS[0], bad])
     # the model's own error type (callers catch it apart from other ValueErrors), on one line
     assert type(err.value) is TargetError and "\n" not in str(err.value)
+
+
+def test_boxes_partly_outside_the_image_and_tiny_images_small_boxes_train():
+    """The image checks refuse only what cannot be a pixel box of the image: a box reaching past
+    its border (a user's own crop, 1-based VOC coordinates) trains, as in torchvision; so does a
+    box within 0..1 in an image too small to tell it from normalised coordinates."""
+    model = make_model().train()
+    partly = _target([[-5, -3, 40, 30], [60, 90, 100.5, 115]], [1, 2])
+    losses = model(IMAGES, [TARGETS[0], partly])
+    assert all(torch.isfinite(v) for v in losses.values())
+    tiny = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    losses = model([IMAGES[0], tiny], [TARGETS[0], _target([[0, 0, 1, 1]], [1])])
+    assert all(torch.isfinite(v) for v in losses.values())
 
 
 def test_one_dict_given_as_the_targets_says_to_pass_a_list():

@@ -35,9 +35,13 @@ class TargetError(ValueError):
     """A training target that the detector cannot use; names the image and the box."""
 
 
-def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_classes: int) -> None:
+def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_classes: int,
+                     image_sizes: Sequence[tuple[int, int]] | None = None) -> None:
     """Raise TargetError unless each target is {"boxes": float (N, 4) finite with x2 > x1 and
-    y2 > y1, "labels": integer (N,) in 1..num_classes}. An empty target (N = 0) is valid."""
+    y2 > y1, "labels": integer (N,) in 1..num_classes}. An empty target (N = 0) is valid. With
+    `image_sizes` ((H, W) of each image, as the model gets it), also unless each box has pixels in
+    its image and an image's boxes are not all within 0..1 (normalised coordinates: they train
+    in silence on 1-pixel boxes in the corner; torchvision checks neither)."""
     if not isinstance(targets, (list, tuple)):  # one dict's len() is its key count: "2 targets"
         raise TargetError(f"targets must be a list of dicts, one per image, got {type(targets).__name__}"
                           + (" (one image's target: pass [target])" if isinstance(targets, dict) else ""))
@@ -57,14 +61,14 @@ def validate_targets(targets: Sequence[dict[str, Any]], num_images: int, num_cla
                 or labels.is_complex() or labels.shape != (boxes.shape[0],):
             raise TargetError(f"image {i}: labels must be an integer Tensor [{boxes.shape[0]}], got "
                               f"{_described(labels)}")
-        checks.append((i, boxes, labels))
+        checks.append((i, boxes, labels, image_sizes[i] if image_sizes is not None else None))
     # The values' checks: one host read for the batch (a synchronisation on CUDA; one per check
     # and image before), then, only when something is wrong, the checks that name it.
-    flags = [torch.stack([bad.any() for bad, _ in _problems(boxes, labels, num_classes)]).any()
-             for _, boxes, labels in checks]
+    flags = [torch.stack([bad.any() for bad, _ in _problems(boxes, labels, num_classes, size)]).any()
+             for _, boxes, labels, size in checks]
     if flags and bool(torch.stack([f.to(flags[0].device) for f in flags]).any()):
-        for i, boxes, labels in checks:
-            for bad, what in _problems(boxes, labels, num_classes):
+        for i, boxes, labels, size in checks:
+            for bad, what in _problems(boxes, labels, num_classes, size):
                 if bad.any():
                     j = int(bad.nonzero()[0])
                     raise TargetError(f"image {i}, box {j}: {what(j)}")
@@ -82,14 +86,32 @@ def _described(value: Any) -> str:
     return f"a {kind}{dtype}{f' {shape}' if shape else ''} (not a Tensor: pass torch.as_tensor(...))"
 
 
-def _problems(boxes: Tensor, labels: Tensor, num_classes: int) -> list[tuple[Tensor, Callable[[int], str]]]:
-    """(N, 4) boxes, (N,) labels -> (mask (N,) of the boxes with the problem, box j -> its
-    message) for each problem, in the order they are reported."""
-    return [(~torch.isfinite(boxes).all(dim=1), lambda j: f"{boxes[j].tolist()} is not finite"),
-            ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]),
-             lambda j: f"{boxes[j].tolist()} is degenerate (needs x2 > x1 and y2 > y1)"),
-            (((labels < 1) | (labels > num_classes)).to(boxes.device),
-             lambda j: f"label {int(labels[j])} is outside 1..{num_classes}")]
+def _problems(boxes: Tensor, labels: Tensor, num_classes: int, size: tuple[int, int] | None = None
+              ) -> list[tuple[Tensor, Callable[[int], str]]]:
+    """(N, 4) boxes, (N,) labels, the image's (H, W) or None -> (mask (N,) of the boxes with the
+    problem, box j -> its message) for each problem, in the order they are reported."""
+    problems = [(~torch.isfinite(boxes).all(dim=1), lambda j: f"{boxes[j].tolist()} is not finite"),
+                ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]),
+                 lambda j: f"{boxes[j].tolist()} is degenerate (needs x2 > x1 and y2 > y1)"),
+                (((labels < 1) | (labels > num_classes)).to(boxes.device),
+                 lambda j: f"label {int(labels[j])} is outside 1..{num_classes}")]
+    if size is None:
+        return problems
+    h, w = size
+    pixels = "boxes are x1, y1, x2, y2 in the pixels of the image as given to the model"
+    if boxes.shape[0] and min(h, w) > _NORMALISED_MIN_SIDE:
+        normalised = (boxes.abs().amax() <= 1.0).expand(boxes.shape[0])
+        problems.append((normalised, lambda j: f"{boxes[j].tolist()}: every box of this {w}x{h} image lies within "
+                         f"0..1 (normalised coordinates?): {pixels} (multiply by its width and height)"))
+    outside = (boxes[:, 0] >= w) | (boxes[:, 1] >= h) | (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
+    problems.append((outside, lambda j: f"{boxes[j].tolist()} lies outside the {w}x{h} image: {pixels} (resized "
+                     "with it?)"))
+    return problems
+
+
+# An image whose shorter side is above this with every box within 0..1 has normalised boxes
+# (in pixels they would be 1-pixel boxes in its corner); a tiny test image may hold such a box.
+_NORMALISED_MIN_SIDE = 16
 
 
 class FasterRCNN(nn.Module):
@@ -147,7 +169,8 @@ class FasterRCNN(nn.Module):
                                    "the model it was made from")
             if targets is None:
                 raise TargetError("FasterRCNN: targets are required in training mode")
-            validate_targets(targets, len(images), self.num_classes)
+            validate_targets(targets, len(images), self.num_classes,
+                             [(int(img.shape[-2]), int(img.shape[-1])) for img in images])
             if self.train_sizes is not None and not self._told_size:
                 self._told_size = _tell_unresized(images, *self.train_sizes)
             targets = [{"boxes": t["boxes"].to(self.device, torch.float32).reshape(-1, 4),
