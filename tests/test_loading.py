@@ -1,5 +1,6 @@
 """Detector weights of this project: recognised by content, loaded strictly, checked against the
 settings they were trained with, and re-used across label sets for fine-tuning."""
+import copy
 import dataclasses
 
 import pytest
@@ -104,6 +105,14 @@ def test_test_settings_other_than_the_runs_are_said_once(trained, caplog):
     assert test_settings_note(other, weights, ["input.min_size_test", "model.roi_heads.score_thresh_test"]) is None
     assert test_settings_note(tiny_cfg(*run, "test.aug.enabled=true"), weights) is None
     assert test_settings_note(other, dataclasses.replace(weights, config=None)) is None
+    # photos read as stored (EXIF orientation ignored) are other images than the run's; a run
+    # written before the key existed has none to compare
+    note = test_settings_note(tiny_cfg(*run, "input.exif_orientation=false"), weights)
+    assert "its run evaluated with input.exif_orientation=True; this config has input.exif_orientation=False" in note
+    older = copy.deepcopy(weights.config)
+    del older["input"]["exif_orientation"]
+    assert test_settings_note(tiny_cfg(*run, "input.exif_orientation=false"),
+                              dataclasses.replace(weights, config=older)) is None
 
 
 def test_model_settings_compare_by_value():

@@ -45,10 +45,11 @@ MODEL_KEYS = ("model.num_classes", "model.input_format", "model.pixel_mean", "mo
 # evaluation with other values is valid, but its numbers are not the run's: said once, not refused
 # (tools/ablate.py with the README's --config took another test size in silence: AP 0.6 against
 # eval.py's 2.9). test.aug, box refinement and multi-scale are left out: ablate.py's rows vary them,
-# and eval.py's command names them.
+# and eval.py's command names them. input.exif_orientation: a photo read as stored is another image
+# (a run written before the key has none in its checkpoint: not compared).
 TEST_KEYS = ("input.min_size_test", "input.max_size_test", "input.resize_mode", "model.rpn.pre_nms_topk_test",
              "model.rpn.post_nms_topk_test", "model.roi_heads.score_thresh_test", "model.roi_heads.nms_thresh_test",
-             "model.roi_heads.detections_per_image", "test.amp")
+             "model.roi_heads.detections_per_image", "test.amp", "input.exif_orientation")
 _TOLD: set[str] = set()
 
 
