@@ -95,6 +95,35 @@ def test_boxes_past_the_image_train_clipped_and_are_scored_as_annotated(tmp_path
     assert evaluate_results_file(info, str(results))["AP-cat"] == pytest.approx(200 / 3)
 
 
+def test_fractional_coordinates_are_scored_as_written_whatever_else_the_image_holds(tmp_path):
+    """An annotation tool's 10.1 held as float32 made an IoU of exactly 0.5 (the devkit's +1
+    widths: 50.5 / 101) 0.49999998, a miss, and a match once another box of the image was
+    clipped (an evaluation trial): scored in float64, as the devkit, it is a match either way."""
+    from tests.helpers import evaluate_results_file
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "comp4_det_test_a.txt").write_text("img1 0.9 1 1 10.1 5\n")
+    for name, others in (("alone", []), ("beside", [("a", (15, 15, 30, 30), 1)])):
+        root = make_voc(tmp_path / name, {"test": ["img1"]}, {"img1": (20, 20, [("a", (1, 1, 10.1, 10), 0)] + others)},
+                        with_images=True)
+        info = load_voc(str(root), "test", classes=["a"], use_07_metric=False)
+        assert evaluate_results_file(info, str(results))["AP-a"] == pytest.approx(100.0), name
+
+
+def test_bad_values_name_the_element(tmp_path):
+    """A missing <xmax> said "float() argument must be ... not 'NoneType'"; the element is named."""
+    for text, message in (("<xmin>1</xmin><ymin>1</ymin><ymax>4</ymax>", r"<bndbox>/<xmax> is missing"),
+                          ("<xmin>1</xmin><ymin>1</ymin><xmax> </xmax><ymax>4</ymax>", r"<bndbox>/<xmax> is missing"),
+                          ("<xmin>1</xmin><ymin>1</ymin><xmax>3</xmax><ymax>4</ymax></bndbox><difficult>true</difficult>"
+                           "<bndbox>", r"<difficult> \(0 or 1\) is 'true', not a number")):
+        xml = ("<annotation><size><width>9</width><height>9</height></size><object><name>dog</name>"
+               f"<bndbox>{text}</bndbox></object></annotation>")
+        root = make_voc(tmp_path / "VOC2007", {"train": ["a"]}, {"a": xml})
+        with pytest.raises(DataError, match=r"a\.xml: object #0 \(dog\): " + message):
+            load_voc(str(root), "train")
+
+
 def test_an_image_listed_twice_in_the_split_is_read_once_with_a_warning(tmp_path, caplog):
     root = make_voc(tmp_path / "VOC2007", {"test": ["000001", "000002", "000001"]}, ANNS)
     with caplog.at_level(logging.WARNING, logger="detection"):
@@ -171,7 +200,7 @@ def test_bad_box_values_name_the_object(tmp_path):
     anns = {"a": "<annotation><size><width>9</width><height>9</height></size><object><name>dog</name>"
                  "<bndbox><xmin>1</xmin><ymin>x</ymin><xmax>3</xmax><ymax>4</ymax></bndbox></object></annotation>"}
     root = make_voc(tmp_path / "VOC2007", {"train": ["a"]}, anns)
-    with pytest.raises(DataError, match=r"a\.xml: object #0 \(dog\).*non-numeric"):
+    with pytest.raises(DataError, match=r"a\.xml: object #0 \(dog\): <bndbox>/<ymin> is 'x', not a number"):
         load_voc(str(root), "train")
 
 

@@ -194,7 +194,11 @@ def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int],
         "labels": labels[keep],
         "difficult": difficult[keep],
     }
-    if num_clipped or not keep.all():  # the devkit scores the boxes as annotated
+    # the devkit scores the boxes as annotated, in float64: a box clipped or dropped here, or a
+    # coordinate float32 does not hold (10.1: an IoU of exactly 0.5 came out 0.49999998, a miss,
+    # or a match when another box of the image was clipped), is scored from this copy
+    inexact = bool((annotated.astype(np.float32) != annotated).any())
+    if num_clipped or not keep.all() or inexact:
         record["annotated"] = {"boxes": annotated, "labels": labels, "difficult": difficult}
     return record, int((~keep).sum()), num_clipped
 
@@ -209,15 +213,22 @@ def _parse_object(obj: ET.Element, index: int, xml_path: str, class_to_label: di
     bndbox = obj.find("bndbox")
     if bndbox is None:
         raise DataError(f"{where} has no <bndbox>")
-    try:
-        x1, y1, x2, y2 = (float(bndbox.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        difficult = bool(int(float(obj.findtext("difficult") or 0)))
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{where} has a missing or non-numeric <bndbox>/<difficult> value: {e}") from e
+    x1, y1, x2, y2 = (_number(bndbox.findtext(k), f"<bndbox>/<{k}>", where) for k in ("xmin", "ymin", "xmax", "ymax"))
+    difficult = bool(int(_number(obj.findtext("difficult") or "0", "<difficult> (0 or 1)", where)))
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         raise DataError(f"{where} has a non-finite box {[x1, y1, x2, y2]}")
     # 1-based inclusive pixels -> 0-based continuous coordinates (Detectron2's convention)
     return [x1 - 1.0, y1 - 1.0, x2, y2], class_to_label[name], difficult
+
+
+def _number(text: str | None, element: str, where: str) -> float:
+    """An element's text as a number; DataError naming the element when it is missing or is not one."""
+    if text is None or not text.strip():
+        raise DataError(f"{where}: {element} is missing")
+    try:
+        return float(text)
+    except ValueError:
+        raise DataError(f"{where}: {element} is {text.strip()!r}, not a number") from None
 
 
 def _image_path(root: str, image_id: str, tree: ET.Element) -> str:
