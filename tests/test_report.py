@@ -14,6 +14,7 @@ import pytest
 from detection.data.catalog import get_dataset
 from detection.data.shapes import generate_shapes
 from detection.evaluation.image_errors import coco_image_errors, voc_image_errors
+from detection.evaluation.voc_metric import devkit_iou, to_devkit
 from detection.evaluation.report import section_for_test_set, write_report
 
 pytest.importorskip("jinja2", reason="the HTML report needs the report extra: pip install -e '.[report]'")
@@ -46,8 +47,29 @@ def test_coco_sets_are_counted_as_cocoeval_matches():
     squares = np.array([[0, 0, 100, 100], [0, 30, 100, 130]], float)
     dets = {"boxes": np.array([[0, 0, 100, 100], [0, 10, 100, 110]], float), "scores": np.array([0.9, 0.8]),
             "labels": np.array([1, 1])}
-    assert coco_image_errors(squares, np.array([1, 1]), np.array([False, False]), dets, 0.5) == ({1: 0}, {1: 0})
+    squares_xywh = np.array([[0, 0, 100, 100], [0, 30, 100, 100]], float)  # COCO's ground truth as written
+    assert coco_image_errors(squares_xywh, np.array([1, 1]), np.array([False, False]), dets, 0.5) == ({1: 0}, {1: 0})
     assert voc_image_errors(squares, np.array([1, 1]), np.array([False, False]), dets, 0.5) == ({1: 1}, {1: 1})
+
+
+def test_overlaps_on_the_threshold_are_rounded_as_the_metrics_round_them():
+    """An evaluation trial: pycocotools' IoU of these boxes (XYWH as written) is 0.4999999999999996,
+    a false positive and a miss for COCOeval, where XYXY arithmetic made 0.5, a match in the
+    report's counts. VOC: the devkit's +1 arithmetic, as the metric does it."""
+    gt = np.array([[114.67940267441257, 31.62337270512139, 4.9140727561427315, 243.36424350725594]])
+    det = np.array([[114.67940267441257, 31.62337270512139, 2.4570363780713658, 243.36424350725594]])
+    xyxy = np.concatenate([det[:, :2], det[:, :2] + det[:, 2:]], axis=1)
+    found = {"boxes": xyxy, "xywh": det, "scores": np.array([0.9]), "labels": np.array([1])}
+    assert coco_image_errors(gt, np.array([1]), np.array([False]), found, 0.5) == ({1: 1}, {1: 1})
+    from pycocotools import mask
+
+    assert mask.iou(det, gt, [0])[0, 0] < 0.5  # what COCOeval computes
+    # VOC: 0.5 by the devkit's arithmetic (a match in the metric), 0.49999999999999944 in XYXY's
+    gt = np.array([[127.39233746429086, 53.95734275277406, 140.64342112121307, 59.89910577580426]])
+    found = {"boxes": np.array([[127.39233746429086, 53.95734275277406, 134.01787929275196, 59.89910577580426]]),
+             "scores": np.array([0.9]), "labels": np.array([1])}
+    assert devkit_iou(to_devkit(found["boxes"]), to_devkit(gt))[0, 0] == 0.5
+    assert voc_image_errors(gt, np.array([1]), np.array([False]), found, 0.5) == ({1: 0}, {1: 0})
 
 
 def test_coco_counts_equal_pycocotools_on_random_images(tmp_path):
@@ -72,9 +94,9 @@ def test_coco_counts_equal_pycocotools_on_random_images(tmp_path):
         for k in range(n_dt):
             results.append({"image_id": image_id, "category_id": int(labels[k]), "bbox": [*d_xy[k], *d_wh[k]],
                             "score": float(scores[k])})
-        boxes = np.concatenate([xy, xy + wh], axis=1)
-        dets = {"boxes": np.concatenate([d_xy, d_xy + d_wh], axis=1), "scores": scores, "labels": labels}
-        ours[image_id] = coco_image_errors(boxes, gt_labels, crowd, dets, score_thresh=0.5)
+        dets = {"boxes": np.concatenate([d_xy, d_xy + d_wh], axis=1), "xywh": np.concatenate([d_xy, d_wh], axis=1),
+                "scores": scores, "labels": labels}
+        ours[image_id] = coco_image_errors(np.concatenate([xy, wh], axis=1), gt_labels, crowd, dets, score_thresh=0.5)
     (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                   "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
     gt = COCO(str(tmp_path / "gt.json"))

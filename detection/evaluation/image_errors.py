@@ -1,7 +1,7 @@
 """One image's false positives and missed objects, per class, matched as the set's own metric
 matches (the report's tables and galleries count what the metrics count):
 
-- VOC (`voc_image_errors`): the devkit's rule. Predictions in score order take the ground-truth
+- VOC (`voc_image_errors`): the devkit's rule and overlaps (voc_metric's). Predictions in score order take the ground-truth
   box they overlap most; one whose best box is taken is a false positive (a duplicate); one on
   a difficult box is neither; difficult boxes are never missed.
 - COCO (`coco_image_errors`): COCOeval.evaluateImg's rule at one IoU threshold (area "all", 100
@@ -10,9 +10,11 @@ matches (the report's tables and galleries count what the metrics count):
   inside it; a prediction on a crowd region is neither a match nor a false positive; crowd
   regions are never missed. The ground truth is the json's as COCOeval reads it
   (`read_coco_ground_truth`: boxes as written, `ignore` taken from `iscrowd`), not the training
-  records (clipped, zero-area boxes dropped).
+  records (clipped, zero-area boxes dropped). Overlaps are pycocotools' own (`mask.iou` on the
+  XYWH boxes as written): computed from XYXY, an IoU of 0.4999999999999996 there came out 0.5 here.
 
-Boxes are XYXY in pixels; labels 1..K. The evaluation layer: data in, counts out.
+Boxes are XYXY in pixels (COCO's ground truth XYWH as written); labels 1..K. The evaluation layer:
+data in, counts out.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from detection.evaluation.voc_metric import devkit_iou, to_devkit
 
 IOU_THRESH = 0.5  # a prediction matches a ground-truth box of its class from this IoU
 COCO_MAX_DETS = 100  # COCOeval's maxDets for AP: the first 100 predictions per image and class
@@ -39,7 +43,7 @@ def voc_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np
         gt = gt_labels == label
         g_boxes, g_ignored = gt_boxes[gt].reshape(-1, 4), gt_ignored[gt]
         mine = _by_score(scores, labels == label)
-        iou = _iou(boxes[mine].reshape(-1, 4), g_boxes)
+        iou = devkit_iou(to_devkit(boxes[mine]), to_devkit(g_boxes))  # the metric's own float operations
         used = np.zeros(len(g_boxes), bool)
         fp = 0
         for row in iou:
@@ -56,12 +60,17 @@ def voc_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np
     return false_pos, missed
 
 
-def coco_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_crowd: np.ndarray,
+def coco_image_errors(gt_xywh: np.ndarray, gt_labels: np.ndarray, gt_crowd: np.ndarray,
                       detections: Mapping[str, np.ndarray], score_thresh: float,
                       iou_thresh: float = IOU_THRESH) -> tuple[dict[int, int], dict[int, int]]:
     """Per class, one image's false positives and missed objects among the predictions scoring
-    >= score_thresh, by COCOeval's rule (module docstring); `gt_crowd`: iscrowd."""
-    boxes, scores, labels = _kept(detections, score_thresh)
+    >= score_thresh, by COCOeval's rule (module docstring); `gt_xywh`: the json's boxes as written,
+    `gt_crowd`: iscrowd. The predictions' XYWH as the results file writes them are
+    `detections["xywh"]` (read_detections), else made from their XYXY `boxes`."""
+    boxes, scores, labels = _kept(detections, score_thresh, "xywh" if "xywh" in detections else "boxes")
+    if "xywh" not in detections:
+        boxes = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    gt_boxes = gt_xywh
     false_pos: dict[int, int] = {}
     missed: dict[int, int] = {}
     for label in set(labels.tolist()) | set(gt_labels.tolist()):
@@ -69,7 +78,7 @@ def coco_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_crowd: np.
         gt = gt[np.argsort(gt_crowd[gt], kind="stable")]  # non-crowd first, as COCOeval sorts them
         g_boxes, crowd = gt_boxes[gt].reshape(-1, 4), gt_crowd[gt]
         mine = _by_score(scores, labels == label)[:COCO_MAX_DETS]
-        iou = _iou(boxes[mine].reshape(-1, 4), g_boxes, crowd)
+        iou = _coco_iou(boxes[mine].reshape(-1, 4), g_boxes, crowd)
         taken = np.zeros(len(g_boxes), bool)
         fp = 0
         for row in iou:
@@ -92,7 +101,7 @@ def coco_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_crowd: np.
 
 def read_coco_ground_truth(ann_file: str | Path, label_to_category_id: Mapping[int, int]
                            ) -> dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """image id -> (XYXY boxes as the json writes them, labels 1..K, crowd flags) of a COCO json's
+    """image id -> (XYWH boxes as the json writes them, labels 1..K, crowd flags) of a COCO json's
     annotations of the model's categories: what COCOeval scores (its `ignore` is `iscrowd`)."""
     with open(ann_file, encoding="utf-8") as f:
         annotations = json.load(f).get("annotations", [])
@@ -100,17 +109,19 @@ def read_coco_ground_truth(ann_file: str | Path, label_to_category_id: Mapping[i
     found: dict[Any, list[tuple[float, float, float, float, int, bool]]] = {}
     for ann in annotations:
         if ann.get("category_id") in label_of:
-            x, y, w, h = (float(v) for v in ann["bbox"])  # XYWH -> XYXY
-            found.setdefault(ann["image_id"], []).append((x, y, x + w, y + h, label_of[ann["category_id"]],
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            found.setdefault(ann["image_id"], []).append((x, y, w, h, label_of[ann["category_id"]],
                                                           bool(ann.get("iscrowd", 0))))
     return {image_id: (np.array([r[:4] for r in rows], np.float64).reshape(-1, 4),
                        np.array([r[4] for r in rows], np.int64), np.array([r[5] for r in rows], bool))
             for image_id, rows in found.items()}
 
 
-def _kept(detections: Mapping[str, np.ndarray], score_thresh: float) -> tuple[np.ndarray, ...]:
+def _kept(detections: Mapping[str, np.ndarray], score_thresh: float, boxes: str = "boxes") -> tuple[np.ndarray, ...]:
+    """(boxes (N, 4) float64 from detections[boxes], scores, labels) of the predictions >= score_thresh."""
     keep = np.asarray(detections["scores"]) >= score_thresh
-    return tuple(np.asarray(detections[k])[keep] for k in ("boxes", "scores", "labels"))
+    return (np.asarray(detections[boxes], np.float64).reshape(-1, 4)[keep], np.asarray(detections["scores"])[keep],
+            np.asarray(detections["labels"])[keep])
 
 
 def _by_score(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -119,16 +130,12 @@ def _by_score(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return mine[np.argsort(-scores[mine], kind="stable")]
 
 
-def _iou(a: np.ndarray, b: np.ndarray, crowd: np.ndarray | None = None) -> np.ndarray:
-    """(A, 4) x (B, 4) XYXY -> (A, B) IoU, continuous coordinates; against a crowd region of
-    `crowd` the intersection over a's own area (pycocotools' iscrowd rule)."""
+def _coco_iou(a: np.ndarray, b: np.ndarray, crowd: np.ndarray) -> np.ndarray:
+    """(A, 4) x (B, 4) XYWH -> (A, B) IoU by pycocotools itself (against a crowd region of `crowd`
+    the intersection over a's own area), so its rounding is COCOeval's."""
+    from pycocotools import mask as mask_utils
+
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)))
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    if crowd is not None:
-        union = np.where(crowd[None, :], area(a)[:, None], union)
-    return inter / np.maximum(union, 1e-9)
+    return np.asarray(mask_utils.iou(np.ascontiguousarray(a, np.float64), np.ascontiguousarray(b, np.float64),
+                                     [int(c) for c in crowd]), np.float64).reshape(len(a), len(b))

@@ -106,7 +106,8 @@ def load_sections(results_folder: str | Path, order: Sequence[str] = ()) -> tupl
 
 def read_detections(dataset: DatasetInfo, results: str) -> dict[Any, dict[str, np.ndarray]]:
     """image id -> {"boxes" XYXY 0-based, "scores", "labels" 1..K} from a results file as
-    evaluation writes it: a coco_results.json (COCO-type) or a folder of comp4 files (VOC-type)."""
+    evaluation writes it: a coco_results.json (COCO-type; with "xywh", its boxes as written, which
+    the counts score as COCOeval does) or a folder of comp4 files (VOC-type)."""
     if dataset.kind == "voc":
         return read_comp4_dir(results, dataset.class_names, [r["image_id"] for r in dataset.records])
     label_of = {int(c): int(label) for label, c in dataset.label_to_category_id.items()}
@@ -114,11 +115,12 @@ def read_detections(dataset: DatasetInfo, results: str) -> dict[Any, dict[str, n
     for r in read_results_json(results):
         x, y, w, h = (float(v) for v in r["bbox"])  # COCO's XYWH -> XYXY
         rows.setdefault(r["image_id"], []).append((float(r["score"]), x, y, x + w, y + h,
-                                                   label_of.get(int(r["category_id"]), 0)))
+                                                   label_of.get(int(r["category_id"]), 0), w, h))
     out = {}
     for image_id, items in rows.items():
-        array = np.asarray(items, np.float64).reshape(-1, 6)
-        out[image_id] = {"boxes": array[:, 1:5], "scores": array[:, 0], "labels": array[:, 5].astype(np.int64)}
+        array = np.asarray(items, np.float64).reshape(-1, 8)
+        out[image_id] = {"boxes": array[:, 1:5], "scores": array[:, 0], "labels": array[:, 5].astype(np.int64),
+                         "xywh": np.concatenate([array[:, 1:3], array[:, 6:8]], axis=1)}
     return out
 
 

@@ -119,7 +119,7 @@ def to_devkit(boxes: Any) -> np.ndarray:
     return out
 
 
-def _devkit_iou(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def devkit_iou(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """(D,4) x (G,4) devkit boxes -> (D,G) overlaps, -inf where the boxes do not intersect
     (VOCevaldet.m skips those, so they never win the max); same float operations as the devkit."""
     iw = np.minimum(det[:, None, 2], gt[None, :, 2]) - np.maximum(det[:, None, 0], gt[None, :, 0]) + 1.0
@@ -154,7 +154,7 @@ def match_detections(gt: Mapping[ImageId, np.ndarray], difficult: Mapping[ImageI
         first, count = offsets.get(image_id, (0, 0))
         if count == 0:
             continue
-        ov = _devkit_iou(det_boxes[dets], gt[image_id])  # (d, G)
+        ov = devkit_iou(det_boxes[dets], gt[image_id])  # (d, G)
         best = ov.argmax(axis=1)  # first maximum, as the devkit's strict `ov > ovmax`
         ovmax[dets] = ov[np.arange(len(dets)), best]
         gt_index[dets] = np.where(np.isfinite(ovmax[dets]), first + best, -1)
