@@ -89,3 +89,5 @@ def test_the_config_switch_reaches_the_model(flags, tmp_path):
         warnings.simplefilter("always")
         built, _ = build_inference_model(load_config(None, base + ["test.amp=true"]), weights, torch.device("cpu"))
     assert built.amp is False and sum("bfloat16" in str(w.message) for w in caught) == 1
+    # shown at the caller's line (filters by module match it), not inside the engine (a docs trial)
+    assert [w.filename for w in caught if "bfloat16" in str(w.message)] == [__file__]

@@ -453,6 +453,8 @@ def test_caffe2_backbone_given_as_model_weights_warns_of_preprocessing_as_backbo
         assert len(messages) == int(warned), (overrides, messages)
         if warned:
             assert "'BGR'" in messages[0] and "'RGB'" in messages[0]
+            # at the caller's line, not inside the library (a docs trial)
+            assert [w.filename for w in caught if "backbone weights expect" in str(w.message)] == [__file__]
         assert torch.equal(model.trunk.stem.conv1.weight, torch.from_numpy(caffe2_blobs(18)["conv1_w"]))
 
 

@@ -1,7 +1,7 @@
 """Write the synthetic shapes data set (COCO json + VOC XML), deterministic per seed.
 
-    python tools/make_shapes.py --output datasets/shapes --num-train 800 --num-val 200 --seed 0
-    python tools/make_shapes.py --output datasets/shapes --splits test --seed 0   # add a test split only
+    python tools/make_shapes.py --output data/shapes --num-train 600 --num-val 100 --num-test 200 --seed 0
+    python tools/make_shapes.py --output data/shapes --splits test --seed 0   # add a test split only
 
 The result is what the known names shapes_train / shapes_val / shapes_test expect under
 <datasets.root>/shapes, and a VOC-layout folder in <output>/VOC (split files train, val, test).
@@ -21,7 +21,7 @@ SPLITS = ("train", "val", "test")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="output folder (e.g. datasets/shapes)")
+    parser.add_argument("--output", required=True, help="output folder (data/shapes: the shapes configs' datasets.root is data)")
     parser.add_argument("--num-train", type=int, default=800, help="number of training images")
     parser.add_argument("--num-val", type=int, default=200, help="number of validation images")
     parser.add_argument("--num-test", type=int, default=200, help="number of test images (0: no test split)")

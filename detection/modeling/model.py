@@ -23,7 +23,7 @@ from detection.modeling.resize import RESIZE_MODES, resize_tensor, resized_shape
 from detection.modeling.roi_heads import Res5ROIHeads
 from detection.modeling.rpn import RPN, clip_boxes
 from detection.modeling.structures import ImageList, host_to_device
-from detection.utils.text import DetectionWarning, stacklevel_outside
+from detection.utils.text import PROJECT, DetectionWarning, stacklevel_outside
 
 if TYPE_CHECKING:  # annotations only: the model needs no config at run time
     from detection.config import BackboneConfig, Config, ModelConfig
@@ -446,4 +446,4 @@ def warn_on_preprocessing_mismatch(info: Any, pixel_mean: Sequence[float], pixel
     if not close or theirs[2] != ours[2]:
         warnings.warn(f"model.pixel_mean/pixel_std/input_format {ours} differ from what the backbone "
                       f"weights expect {theirs}; set them in the config to match the weights",
-                      DetectionWarning, stacklevel=2)
+                      DetectionWarning, stacklevel=stacklevel_outside(PROJECT))  # build_model's caller

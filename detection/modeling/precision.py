@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from detection.utils.text import DetectionWarning
+from detection.utils.text import PROJECT, DetectionWarning, stacklevel_outside
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -61,7 +61,7 @@ def inference_amp(requested: bool, device: torch.device | str) -> bool:
     if "test.amp" not in WARNED:
         WARNED.add("test.amp")
         warnings.warn(f"test.amp: {SLOW_BFLOAT16}: running inference in float32", DetectionWarning,
-                      stacklevel=2)
+                      stacklevel=stacklevel_outside(PROJECT))  # the Predictor's or evaluate()'s caller
     return False
 
 

@@ -19,11 +19,18 @@ class DetectionWarning(UserWarning):
     line; the tools print it as one `warning:` line, as their other messages (detection.cli)."""
 
 
+# stacklevel_outside(PROJECT, ...): outside the whole `detection` package (a warning raised below a
+# tool's or the Predictor's call chain: the user's line is the first frame outside all of it)
+PROJECT = "<the detection package>"
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
 def stacklevel_outside(*files: str) -> int:
     """warnings.warn's stacklevel for the first frame outside the folders of `files` (this
-    project's module that warns, torch's nn.Module call machinery): the user's line, where
-    Python shows the warning. Called by the function that calls warnings.warn."""
+    project's module that warns, torch's nn.Module call machinery; PROJECT: all of `detection`):
+    the user's line, where Python shows the warning. Called by the function that calls warnings.warn."""
     inside = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in files)
+    inside = tuple(_PROJECT if f == PROJECT else i for f, i in zip(files, inside))
     frame, level = sys._getframe(1), 1  # the caller of this function is level 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
         frame, level = frame.f_back, level + 1
