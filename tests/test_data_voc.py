@@ -73,7 +73,9 @@ def test_boxes_past_the_image_train_clipped_and_are_scored_as_annotated(tmp_path
                     {"a": (100, 100, objects), "b": (100, 100, [("dog", (10, 10, 20, 20), 0)])}, with_images=True)
     with caplog.at_level(logging.WARNING, logger="detection"):
         info = load_voc(str(root), "test", classes=["cat", "dog"])
-    warning = "clipped 2 boxes that reach past their image and dropped 1 boxes of zero area once clipped to it"
+    warning = (f"clipped 2 boxes that reach past their image and dropped 1 boxes with no area in their image "
+               f"({root / 'Annotations' / 'a.xml'}: object #2: <bndbox> [120.0, 5.0, 130.0, 20.0] lies outside the "
+               "100x100 image)")
     assert warning in caplog.text and "scores every box as annotated" in caplog.text
     a, b = info.records
     np.testing.assert_array_equal(a["boxes"], np.array([[50, 50, 100, 100], [0, 0, 50, 50], [9, 9, 20, 20]],
@@ -122,6 +124,20 @@ def test_bad_values_name_the_element(tmp_path):
         root = make_voc(tmp_path / "VOC2007", {"train": ["a"]}, {"a": xml})
         with pytest.raises(DataError, match=r"a\.xml: object #0 \(dog\): " + message):
             load_voc(str(root), "train")
+
+
+def test_repeated_objects_are_said(tmp_path, caplog):
+    """An annotation tool's export with a box twice (every annotator's copy): each copy is an
+    object the devkit counts as one to find and no detection can match. One warning, naming it."""
+    objects = [("cat", (5, 5, 50, 50), 0), ("dog", (5, 5, 50, 50), 0), ("cat", (5, 5, 50, 50), 0)]
+    root = make_voc(tmp_path / "VOCrep", {"test": ["a"]}, {"a": (100, 100, objects)}, with_images=True)
+    with caplog.at_level(logging.WARNING, logger="detection"):
+        load_voc(str(root), "test", classes=["cat", "dog"])
+    assert [r.getMessage() for r in caplog.records if "repeat" in r.getMessage()[len(str(root)):]] == [
+        f"{root} split test: 1 objects repeat another of their image with the same class and box "
+        f"({root / 'Annotations' / 'a.xml'}: object #2 repeats #0): the evaluation counts each copy as one more "
+        "object to find, which no detection can match once the first is (AP falls), and training learns the box "
+        "twice; remove the copies"]
 
 
 def test_an_image_listed_twice_in_the_split_is_read_once_with_a_warning(tmp_path, caplog):

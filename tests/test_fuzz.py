@@ -284,8 +284,9 @@ def coco_cases(tmp: Path, images: Path) -> list[Case]:
     for name, box in degenerate.items():
         data = coco_base()
         data["annotations"][1]["bbox"] = box
+        why = "lies outside the 40x30 image" if name.startswith("outside") else "has a width or height <= 0"
         cases.append(coco_case(f"box_{name}", tmp, images, data, outcomes={"accepted"},
-                               warns=("dropped 1 boxes of zero area",)))
+                               warns=("dropped 1 boxes with no area in their image (annotation id 2 ", why)))
     for name, box in {"partly_outside": [30, 20, 50, 50], "whole_image": [0, 0, 40, 30],
                       "huge": [-1e9, -1e9, 2e9, 2e9], "tiny": [3, 3, 1e-3, 1e-3]}.items():
         data = coco_base()
@@ -467,7 +468,8 @@ def voc_cases(tmp: Path) -> list[Case]:
                   "outside_right": ("xmin", "45"), "outside_below": ("ymin", "35"), "negative_corner": ("xmax", "-4")}
     for name, (coord, value) in degenerate.items():
         cases.append(voc_case(f"box_{name}", tmp, edit_xml(set_text(f"object/bndbox/{coord}", value)),
-                              outcomes={"accepted"}, warns=("dropped 1 boxes of zero area",)))
+                              outcomes={"accepted"}, warns=("dropped 1 boxes with no area in their image (",
+                                                            "000001.xml: object #0: <bndbox> [")))
     for name, (coord, value) in {"partly_outside": ("xmax", "90"), "float_coords": ("xmin", "3.7"),
                                  "negative_start": ("xmin", "-20")}.items():
         cases.append(voc_case(f"box_{name}", tmp, edit_xml(set_text(f"object/bndbox/{coord}", value)),

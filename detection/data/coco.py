@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 
 from detection.data import DataError
 from detection.data.dataset_info import DatasetInfo
+from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +40,25 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None) -
         raise DataError(f"image folder not found: {image_root} (for annotations {ann_file}); {_LAYOUT_HINT}")
     cat_ids = sorted(coco.cats)
     cat_to_label = {cat_id: i + 1 for i, cat_id in enumerate(cat_ids)}
-    records, num_degenerate, num_clipped = [], 0, 0
+    records, dropped, num_clipped, repeats = [], [], 0, []
     for img_id in sorted(coco.imgs):
-        record, dropped, clipped = _image_record(coco, img_id, image_root, cat_to_label, ann_file)
+        record, its_dropped, clipped, its_repeats = _image_record(coco, img_id, image_root, cat_to_label, ann_file)
         records.append(record)
-        num_degenerate += dropped
+        dropped += its_dropped
         num_clipped += clipped
-    if num_degenerate or num_clipped:
+        repeats += its_repeats
+    if dropped or num_clipped:
         what = ([f"clipped {num_clipped} boxes that reach more than a pixel past their image"] if num_clipped
-                else []) + ([f"dropped {num_degenerate} boxes of zero area (after XYWH->XYXY and clipping to the "
-                             "image)"] if num_degenerate else [])
+                else []) + ([f"dropped {len(dropped)} boxes with no area in their image ({first_few(dropped, 3)})"]
+                            if dropped else [])
         logger.warning("%s: in the boxes read (what training learns from, what --gt draws), %s; the COCO "
                        "evaluation (pycocotools) scores the json's boxes as written", ann_file, " and ".join(what))
+    if repeats:
+        logger.warning("%s: %d annotations repeat another of their image with the same category and box (%s): the "
+                       "evaluation counts each copy as one more object to find, which no detection can match once "
+                       "the first is (AP falls), and training learns the box twice; remove the copies", ann_file,
+                       len(repeats), first_few(repeats, 3))
+    _warn_zero_area(coco, ann_file)
     _warn_orphan_annotations(coco, ann_file)
     _warn_ignore_annotations(coco, ann_file)
     return DatasetInfo(
@@ -189,19 +197,26 @@ def _check_records(items: list, kind: str, fields: dict, ann_file: str) -> None:
 
 
 def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[int, int],
-                  ann_file: str) -> tuple[dict, int, int]:
-    """-> (record, number of zero-area boxes dropped, number of kept boxes clipped by more than a
-    pixel: an export's rounding past the border is not worth a word)."""
+                  ann_file: str) -> tuple[dict, list[str], int, list[str]]:
+    """-> (record, the boxes dropped (no area in the image), each named with why, the number of
+    kept boxes clipped by more than a pixel (an export's rounding past the border is not worth a
+    word), the annotations that repeat another's category and box, each named)."""
     img = coco.imgs[img_id]
     height, width = int(img["height"]), int(img["width"])  # whole numbers (check_coco_json)
-    boxes, labels, outside = [], [], []
+    boxes, labels, outside, ids, seen, repeats = [], [], [], [], {}, []
     for ann in coco.imgToAnns.get(img_id, []):
         box, label, annotated = _parse_annotation(ann, width, height, cat_to_label, ann_file)
         if box is not None:
             boxes.append(box)
             labels.append(label)
             outside.append(max(abs(a - b) for a, b in zip(box, annotated)) > 1.0)
+            ids.append((ann.get("id"), annotated))
+            first = seen.setdefault((label, tuple(ann["bbox"])), ann.get("id"))
+            if first != ann.get("id"):
+                repeats.append(f"id {ann.get('id')!r} repeats id {first!r} (image id {img_id!r})")
     keep = [i for i, b in enumerate(boxes) if b[2] > b[0] and b[3] > b[1]]
+    dropped = [f"annotation id {ids[i][0]!r} (image id {img_id!r}): {box_problem(ids[i][1], width, height)}"
+               for i in sorted(set(range(len(boxes))) - set(keep))]
     record = {
         "file_name": os.path.join(image_root, img["file_name"]),
         "image_id": img_id,
@@ -211,7 +226,31 @@ def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[i
         "labels": np.array([labels[i] for i in keep], dtype=np.int64),
         "difficult": np.zeros(len(keep), dtype=np.bool_),
     }
-    return record, len(boxes) - len(keep), sum(outside[i] for i in keep)
+    return record, dropped, sum(outside[i] for i in keep), repeats
+
+
+def box_problem(box: list[float], width: int, height: int, shown: str = "") -> str:
+    """Why an XYXY box (0-based continuous, as annotated) has no area in its width x height image,
+    in words; `shown`: the box as its file writes it (default: [x, y, w, h], COCO's)."""
+    x1, y1, x2, y2 = box
+    shown = shown or f"bbox {[round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]}"
+    if x2 <= x1 or y2 <= y1:
+        return f"{shown} has a width or height <= 0"
+    return f"{shown} lies outside the {width}x{height} image"
+
+
+def _warn_zero_area(coco: COCO, ann_file: str) -> None:
+    """'area': 0 on a box with width and height (a converter's placeholder): COCOeval sorts
+    objects into APs / APm / APl by 'area' and counts these small. One warning (a missing
+    'area' is filled as the box's, with its own warning, at evaluation)."""
+    zero = [ann.get("id") for ann in coco.dataset.get("annotations", [])
+            if ann.get("area", None) == 0 and ann["bbox"][2] > 0 and ann["bbox"][3] > 0]
+    if zero:
+        logger.warning("%s: %d annotations have 'area': 0 with a box of non-zero size (ids %s): the COCO evaluation "
+                       "sorts objects by 'area' and counts these small, so APs, APm and APl are wrong (AP and "
+                       "AP50 are not); give each its area (pixels of the object, or the box's width x height) or "
+                       "leave the key out (then taken as width x height)", ann_file, len(zero),
+                       first_few([repr(i) for i in zero], 3))
 
 
 def _parse_annotation(ann: dict[str, Any], width: int, height: int, cat_to_label: dict[int, int],

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from detection.data import DataError
+from detection.data.coco import box_problem
 from detection.data.dataset_info import DatasetInfo
 from detection.data.orientation import header_size
 from detection.utils.files import in_other_unicode_form
@@ -89,24 +90,31 @@ def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use
 def _load_records(root: str, split: str, image_ids: list[str], class_to_label: dict[str, int],
                   skip_bad_files: bool, exif_orientation: bool) -> list[dict]:
     """One record per image id from its XML; bad files skipped (one warning) or raised."""
-    records, num_dropped, num_clipped, skipped = [], 0, 0, []
+    records, dropped, num_clipped, skipped, repeats = [], [], 0, [], []
     for image_id in image_ids:
         try:
-            record, dropped, clipped = _load_xml_record(root, image_id, class_to_label, exif_orientation)
+            record, its_dropped, clipped, its_repeats = _load_xml_record(root, image_id, class_to_label,
+                                                                         exif_orientation)
         except _UnreadableXML as e:
             if not skip_bad_files:
                 raise DataError(str(e)) from e
             skipped.append(e.path)
             continue
         records.append(record)
-        num_dropped += dropped
+        dropped += its_dropped
         num_clipped += clipped
-    if num_dropped or num_clipped:
+        repeats += its_repeats
+    if dropped or num_clipped:
         what = ([f"clipped {num_clipped} boxes that reach past their image"] if num_clipped else []) + (
-            [f"dropped {num_dropped} boxes of zero area once clipped to it (or inverted)"] if num_dropped else [])
+            [f"dropped {len(dropped)} boxes with no area in their image ({first_few(dropped, 3)})"] if dropped else [])
         logger.warning("%s split %s: in the boxes read (what training learns from, what --gt draws), %s; the "
                        "VOC evaluation scores every box as annotated, as the devkit does", root, split,
                        " and ".join(what))
+    if repeats:
+        logger.warning("%s split %s: %d objects repeat another of their image with the same class and box (%s): the "
+                       "evaluation counts each copy as one more object to find, which no detection can match once "
+                       "the first is (AP falls), and training learns the box twice; remove the copies", root, split,
+                       len(repeats), first_few(repeats, 3))
     if skipped:  # one warning for all of them, not a line per file
         logger.warning("%s split %s: skipped %d images with missing or unreadable annotation files: %s",
                        root, split, len(skipped), first_few(skipped, 3))
@@ -164,8 +172,9 @@ class _UnreadableXML(Exception):
 
 
 def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int],
-                     exif_orientation: bool) -> tuple[dict, int, int]:
-    """-> (record, boxes dropped: nothing of them inside the image, boxes clipped to the image)."""
+                     exif_orientation: bool) -> tuple[dict, list[str], int, list[str]]:
+    """-> (record, the boxes dropped (nothing of them inside the image), each named with why, the
+    number of boxes clipped to the image, the objects that repeat another's class and box, named)."""
     xml_path = os.path.join(root, "Annotations", f"{image_id}.xml")
     if not os.path.isfile(xml_path):  # the split file's é, the disk's e + accent?
         xml_path = in_other_unicode_form(xml_path) or xml_path
@@ -200,7 +209,15 @@ def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int],
     inexact = bool((annotated.astype(np.float32) != annotated).any())
     if num_clipped or not keep.all() or inexact:
         record["annotated"] = {"boxes": annotated, "labels": labels, "difficult": difficult}
-    return record, int((~keep).sum()), num_clipped
+    dropped = [f"{xml_path}: object #{i}: " + box_problem(
+        annotated[i].tolist(), width, height,
+        f"<bndbox> {[round(float(v), 2) for v in (annotated[i][0] + 1, annotated[i][1] + 1, *annotated[i][2:])]}")
+        for i in np.flatnonzero(~keep)]
+    seen: dict[tuple, int] = {}
+    repeats = [f"{xml_path}: object #{i} repeats #{seen[key]}" for i, key in
+               enumerate((int(label), *box) for label, box in zip(labels, annotated.tolist()))
+               if seen.setdefault(key, i) != i]
+    return record, dropped, num_clipped, repeats
 
 
 def _parse_object(obj: ET.Element, index: int, xml_path: str, class_to_label: dict[str, int]
@@ -214,7 +231,10 @@ def _parse_object(obj: ET.Element, index: int, xml_path: str, class_to_label: di
     if bndbox is None:
         raise DataError(f"{where} has no <bndbox>")
     x1, y1, x2, y2 = (_number(bndbox.findtext(k), f"<bndbox>/<{k}>", where) for k in ("xmin", "ymin", "xmax", "ymax"))
-    difficult = bool(int(_number(obj.findtext("difficult") or "0", "<difficult> (0 or 1)", where)))
+    flag = _number(obj.findtext("difficult") or "0", "<difficult> (0 or 1)", where)
+    if not math.isfinite(flag):
+        raise DataError(f"{where}: <difficult> (0 or 1) is {flag}")
+    difficult = bool(int(flag))
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         raise DataError(f"{where} has a non-finite box {[x1, y1, x2, y2]}")
     # 1-based inclusive pixels -> 0-based continuous coordinates (Detectron2's convention)
