@@ -68,6 +68,28 @@ def test_a_name_in_the_other_unicode_form_is_found(tmp_path, caplog):
     assert "1 image file names found on disk in another Unicode form (NFC / NFD)" in caplog.text
 
 
+@pytest.mark.parametrize("written, why", [
+    ("img\\{i}.png", r"\(a '\\' in the name: a Windows path\? folders are separated by '/'\)"),
+    ("{i}.PNG", r"\(.*img/2\.png is on disk: file names differ in case here\)"),
+    ("/home/alice/cvat_export/images/{i}.png",
+     r"\(its folder /home/alice/cvat_export/images does not exist; a file name the annotations give as an absolute "
+     r"path is taken as it is, without image_root\)"),
+])
+def test_a_missing_images_name_says_what_is_wrong_with_it(tmp_path, written, why):
+    """An annotation tool's export: Windows separators, another case than the disk's, the paths
+    of the machine it ran on (image_root is then not used): each ended in "is the image folder
+    right (image_root ...)?", which changing image_root could not fix (an annotation-tool trial)."""
+    entry = make_coco(tmp_path)
+    listed = json.loads((tmp_path / "ann.json").read_text())
+    for image in listed["images"][1:]:
+        image["file_name"] = written.format(i=image["id"])
+    (tmp_path / "ann.json").write_text(json.dumps(listed))
+    if tmp_path.joinpath("img", "2.PNG").exists():  # a case-insensitive file system finds it
+        pytest.skip("this file system ignores case")
+    with pytest.raises(DataError, match=r"7 of 8 images .* missing or empty: .*" + why):
+        get_dataset(entry, str(tmp_path))
+
+
 def test_no_image_found_is_an_error_even_when_skipping(tmp_path):
     entry = {**make_coco(tmp_path), "image_root": "."}  # the json's folder, not the images'
     with pytest.raises(DataError, match=r"8 of 8 images .* is the image folder right"):

@@ -178,7 +178,7 @@ def check_image_files(info: DatasetInfo, *, skip: bool) -> None:
     if not bad:
         return
     listing = (f"{info.name}: {len(bad)} of {len(info.records)} images listed in {_listing_file(info)} "
-               f"are missing or empty: {first_few(bad, 3)}")
+               f"are missing or empty: {first_few(bad, 3)}{_why_missing(bad[0])}")
     if len(bad) == len(info.records):
         raise DataError(f"{listing}; is the image folder right (image_root, or <root>/JPEGImages for VOC)?")
     if not skip:
@@ -186,6 +186,23 @@ def check_image_files(info: DatasetInfo, *, skip: bool) -> None:
     logger.warning("%s; left out (dataloader.skip_bad_images)", listing)
     bad_set = set(bad)
     info.records = [r for r in info.records if r["file_name"] not in bad_set]
+
+
+def _why_missing(path: str) -> str:
+    """What is wrong with a missing image's path where it can be seen ("" otherwise): an annotation
+    tool's export names images with Windows separators, another case than the disk's (.JPG), or
+    absolute paths of the machine it ran on (where image_root is not used)."""
+    if "\\" in path:
+        return " (a '\\' in the name: a Windows path? folders are separated by '/')"
+    folder, name = os.path.split(path)
+    if not os.path.isdir(folder):
+        return (f" (its folder {folder} does not exist; a file name the annotations give as an absolute path is "
+                "taken as it is, without image_root)")
+    try:
+        same = [f for f in os.listdir(folder) if f.lower() == name.lower() and f != name]
+    except OSError:
+        return ""
+    return f" ({os.path.join(folder, same[0])} is on disk: file names differ in case here)" if same else ""
 
 
 def _is_nonempty_file(path: str) -> bool:
