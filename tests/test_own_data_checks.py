@@ -233,3 +233,26 @@ def test_eval_scores_a_subset_by_name_with_the_full_sets_per_class_ap(data_root,
     renumbered = json.loads((tmp_path / "renum" / "renumbered" / "metrics.json").read_text())
     assert renumbered.keys() == everything.keys()  # every metric, per class by name (summed in another order)
     assert all(renumbered[k] == everything[k] or renumbered[k] == pytest.approx(everything[k]) for k in everything)
+
+
+def test_a_class_without_objects_is_named_when_num_classes_disagrees(data_root, tmp_path):
+    """A Roboflow export lists its project as category 0 above the real classes: the error said
+    "set model.num_classes=4", and following it trained a class that never appears. It now names
+    the class without objects and what taking it out leaves (an annotation-tool trial)."""
+    from detection.engine.startup import build_train_datasets
+
+    data = json.loads((data_root / "shapes" / "annotations" / "instances_train.json").read_text())
+    data["categories"].insert(0, {"id": 0, "name": "shapes-xyz", "supercategory": "none"})
+    path = tmp_path / "_annotations.coco.json"
+    path.write_text(json.dumps(data))
+    entry = {"type": "coco", "ann_file": str(path), "image_root": str(data_root / "shapes" / "train")}
+    cfg = tiny_cfg(data_root, tmp_path / "out", **{"datasets.train": [entry], "model.num_classes": 3})
+    with pytest.raises(ConfigError) as err:
+        build_train_datasets(cfg)
+    assert str(err.value).endswith(
+        "has 4 classes (shapes-xyz, circle, square, triangle): set model.num_classes=4; 'shapes-xyz' has no object "
+        "in the training data: a class the model would learn never to find (an export's project or placeholder "
+        "category?), which taking out of the annotation file's categories leaves 3")
+    cfg = tiny_cfg(data_root, tmp_path / "out", **{"model.num_classes": 2})  # every class has objects: no more words
+    with pytest.raises(ConfigError, match=r"set model.num_classes=3$"):
+        build_train_datasets(cfg)

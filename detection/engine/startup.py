@@ -58,11 +58,25 @@ def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
              else f"the training set {datasets[0].name} has")
     if cfg.model.num_classes != len(names):
         raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but {which} {len(names)} classes "
-                          f"({', '.join(names)}): set model.num_classes={len(names)}")
+                          f"({', '.join(names)}): set model.num_classes={len(names)}{_unused_classes(datasets, names)}")
     if cfg.model.class_names and list(cfg.model.class_names) != list(names):
         raise ConfigError(f"model.class_names is {list(cfg.model.class_names)} but {which} the classes "
                           f"{list(names)}")
     return datasets
+
+
+def _unused_classes(datasets: list[DatasetInfo], names: list[str]) -> str:
+    """The message's last words when some classes have no object in the training data (a
+    Roboflow export lists its project as category 0, above the real classes): which, and that
+    they can be taken out of the annotation file instead."""
+    used = {d.class_names[int(label) - 1] for d in datasets for r in d.records  # each set's own numbering
+            for label in np.asarray(r["labels"]).reshape(-1)}
+    unused = [name for name in names if name not in used]
+    if not unused or len(unused) == len(names):
+        return ""
+    return (f"; {', '.join(repr(n) for n in unused)} {'has' if len(unused) == 1 else 'have'} no object in the "
+            f"training data: a class the model would learn never to find (an export's project or placeholder "
+            f"category?), which taking out of the annotation file's categories leaves {len(names) - len(unused)}")
 
 
 def build_train_data_loader(cfg: Config, datasets: list[DatasetInfo], start_iter: int = 0,
