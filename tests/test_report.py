@@ -259,10 +259,32 @@ def test_eval_writes_the_report_beside_the_results(tiny_run, tmp_path, capsys, r
     assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in html
     assert "Precision-recall curves" in html and "Training curves" in html and "Most missed objects" in html
     assert "solver.max_iter" in html and str(weights) in html  # the config and the command
-    # re-scoring the saved results writes the page too (no training curves: no checkpoint)
+    # under the set's heading, the settings that made its numbers (the precision inference ran in)
+    settings = re.search(r"Evaluated with test size \d+ \(longer side at most \d+\); inference in float32 "
+                         r"\(test.amp: (true|false)\)</p>", html)
+    assert settings
+    # re-scoring the saved results writes the page too (no training curves: no checkpoint), with
+    # the settings of the evaluation that made the results
     eval_tool(capsys, "--config", tmp_path / "out" / "config.yaml", "--results", tmp_path / "out" / "inference",
-              "--output-dir", tmp_path / "rescored")
-    assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in (tmp_path / "rescored" / "report.html").read_text()
+              "--output-dir", tmp_path / "rescored", "input.min_size_test=999", "test.aug.enabled=true")
+    rescored = (tmp_path / "rescored" / "report.html").read_text()
+    assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in rescored and settings.group(0) in rescored
+
+
+def test_the_settings_line_names_every_test_time_extra():
+    """Two sets, or two runs into one folder, evaluated otherwise (TTA, Appendix B's extras,
+    bfloat16) showed the same heading: the settings are said where the numbers are."""
+    from detection.config import config_to_dict, load_config
+    from detection.evaluation.report import evaluated_with
+
+    plain = config_to_dict(load_config(None, ["input.min_size_test=600", "input.max_size_test=1000"]))
+    assert evaluated_with(plain) == "test size 600 (longer side at most 1000); test.amp: false"
+    extras = config_to_dict(load_config(None, [
+        "test.aug.enabled=true", "test.aug.min_sizes=[400,600]", "test.multi_scale.enabled=true",
+        "test.box_refinement.enabled=true", "model.roi_heads.global_context=true", "test.amp=true"]))
+    assert evaluated_with(extras, "bfloat16 (test.amp: true)") == (
+        "test size 600 (longer side at most 1000); TTA at [400, 600], mirrored too; multi-scale features "
+        "[200, 400, 600, 800, 1000]; box refinement with voting; global context; inference in bfloat16 (test.amp: true)")
 
 
 # --- what the folder holds is what the page shows; the checkpoint's time -----------------------

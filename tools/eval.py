@@ -201,6 +201,7 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
                                        skipped=read_skipped_images(out_root / folder))
         # re-scored results keep the command and config that made them, when saved beside them
         section.command, section.config_text = _made_by(args, folder) or (args.command, config_text)
+        section.settings = _settings(section.config_text, Path(args.results or out_root) / folder)
         save_section(section, out_root / folder)
     path, names = write_folder_report(out_root, source=source, command=args.command, config_text=config_text,
                                       metrics_jsonl=metrics_jsonl)
@@ -239,6 +240,26 @@ def _made_by(args: argparse.Namespace, folder: str) -> tuple[str, str] | None:
     except (OSError, ValueError):
         return None
     return (data["command"], data["config_text"]) if data.get("command") else None
+
+
+def _settings(config_text: str, results_folder: Path) -> str:
+    """The section's test-settings line: from the config that made the results, with the
+    precision inference ran in as its environment.json says (none: test.amp as asked)."""
+    import json
+
+    import yaml
+
+    from detection.evaluation.report import evaluated_with
+
+    try:
+        precision = json.loads((results_folder / "environment.json").read_text(encoding="utf-8"))["inference precision"]
+    except (OSError, ValueError, KeyError, TypeError):
+        precision = None
+    try:
+        config = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return ""
+    return evaluated_with(config, precision) if isinstance(config, dict) else ""
 
 
 def _silent(*args, **kwargs) -> None:

@@ -71,6 +71,31 @@ class TestSetSection:
     config_text: str = ""
     skipped: int = 0  # images the metrics leave out (unreadable: dataloader.skip_bad_images)
     images_missing: int = 0  # gallery candidates whose file is not there (re-scored saved results)
+    settings: str = ""  # the test-time settings that made the numbers (evaluated_with), under the heading
+
+
+def evaluated_with(config: Mapping[str, Any], precision: str | None = None) -> str:
+    """The test-time settings of a config (a config file's mapping) in one line for a section's
+    heading: two sets, or two runs into one folder, evaluated otherwise (TTA, Appendix B's
+    extras, bfloat16) are told apart where their numbers are. `precision`: what inference ran in
+    (environment.json's), else test.amp as asked."""
+    def get(dotted: str) -> Any:
+        node: Any = config
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
+
+    parts = [f"test size {get('input.min_size_test')} (longer side at most {get('input.max_size_test')})"]
+    if get("test.aug.enabled"):
+        parts.append(f"TTA at {get('test.aug.min_sizes')}{', mirrored too' if get('test.aug.flip') else ''}")
+    if get("test.multi_scale.enabled"):
+        parts.append(f"multi-scale features {get('test.multi_scale.sizes')}")
+    if get("test.box_refinement.enabled"):
+        parts.append("box refinement" + (" with voting" if get("test.box_refinement.voting") else ""))
+    if get("model.roi_heads.global_context"):
+        parts.append("global context")
+    parts.append(f"inference in {precision}" if precision else f"test.amp: {str(get('test.amp')).lower()}")
+    return "; ".join(parts)
 
 
 def save_section(section: TestSetSection, folder: str | Path) -> Path:
@@ -321,6 +346,7 @@ TEMPLATE = """<!DOCTYPE html>
 {% for s in sections %}
 <h2 id="set-{{ loop.index }}">{{ s.name }} <span class="muted">({{ s.num_images }} images{% if s.skipped %};
 {{ s.skipped }} more unreadable, left out of the metrics and this page (dataloader.skip_bad_images){% endif %})</span></h2>
+{% if s.settings %}<p class="muted">Evaluated with {{ s.settings }}</p>{% endif %}
 {% if not s.metrics %}
 <p>No annotations: no metrics (the files for the evaluation server are in this folder).</p>
 {% else %}
