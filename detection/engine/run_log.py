@@ -179,14 +179,14 @@ def ended_record(err: BaseException, rank: int = 0) -> logging.LogRecord:
     ours = type(err).__module__.split(".")[0] in ("detection", "backbones")  # its message says it all
     text = "; ".join([(str(err) or "interrupted") if stopped or ours else f"{type(err).__name__}: {err}",
                       *getattr(err, "__notes__", [])])
-    if not ours and not stopped and _lost_peer(err):
+    if not ours and not stopped and lost_peer(err):
         text += " (another process stopped first: its own 'run ended in process N' line or the console says why)"
     where = f" in process {rank}" if rank else ""
     return logging.LogRecord("detection.engine.trainer", logging.WARNING if stopped else logging.ERROR,
                              __file__, 0, f"run ended{where}: {text}", None, None)
 
 
-def _lost_peer(err: BaseException) -> bool:
+def lost_peer(err: BaseException) -> bool:
     """A collective that failed because another process went away (gloo's and NCCL's words)."""
     text = str(err)
     return type(err).__name__ in ("DistBackendError", "DistNetworkError") or any(

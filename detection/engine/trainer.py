@@ -35,7 +35,7 @@ from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use
 from detection.engine.run_config import check_resume_config, record_resume_changes
 from detection.engine.run_folder import (RunLock, check_output_dir, evaluation_recorded, prepare_output_dir,
                                         remove_partial_checkpoints, restarted_run)
-from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, progress_line
+from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, lost_peer, progress_line
 from detection.engine.signals import EvaluationStopped, GracefulStop, sigterm_before_the_loop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
                                       check_initial_weights, event_files, final_line, note_stop, parameters_line,
@@ -268,6 +268,11 @@ def _evaluation_missing(cfg: Config, iteration: int, out_dir: Path) -> bool:
     return bool(du.all_gather_object(missing)[0]) if due else False
 
 
+def _first_line(err: BaseException, limit: int = 120) -> str:
+    line = (str(err).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def _finish(state: TrainState, cfg: Config, out_dir: Path) -> None:
     logger.info("%s", final_line(save_final(state, cfg, out_dir), state.iteration, bool(cfg.datasets.test)))
 
@@ -290,6 +295,12 @@ def _loop(run: _Run, tensorboard: bool = False) -> None:
             f"last checkpoint: {run.last} (iteration {state.checkpoint_iteration})"
         raise TrainingInterrupted(f"interrupted at iteration {state.iteration}; {saved}") from None
     except Exception as err:
+        if du.get_world_size() > 1 and not isinstance(err, TrainingError) and lost_peer(err):
+            # another process failed (its own error says why): one line here, not the backend's
+            # 40-line traceback ending in "Connection closed by peer"
+            raise TrainingError(f"another process stopped first ({type(err).__name__} at iteration {state.iteration}: "
+                                f"{_first_line(err)}): its own error above, or its 'run ended in process N' line "
+                                f"in log.txt, says why; {what_is_kept(state, run.last)}") from err
         if not isinstance(err, TrainingError):  # a TrainingError names the checkpoint itself
             note_stop(err, state.iteration, what_is_kept(state, run.last))
             if not main:  # this process alone failed (a TrainingError is every rank's, agreed): say why in log.txt
