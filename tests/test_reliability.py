@@ -526,6 +526,34 @@ def test_a_failure_in_one_process_is_named_in_log_txt(data_root, tmp_path):
     assert (tmp_path / "raised.0").read_text().startswith("TrainingError: another process stopped first (")
 
 
+def _ddp_train_with_rank_1_told_otherwise(rank: int, world: int, init_file: str, overrides: list, extra: list,
+                                          out_file: str) -> None:
+    with gloo_process(rank, world, init_file):
+        try:
+            train(load_config(None, overrides + (extra if rank == 1 else [])))
+        except Exception as err:  # noqa: BLE001 (the test reads what each rank raised)
+            Path(f"{out_file}.{rank}").write_text(f"{type(err).__name__}: {err}")
+
+
+def test_processes_given_different_configs_are_refused_before_anything_is_written(data_root, tmp_path):
+    """A distributed trial: rank 1 alone with test.eval_period=5 hung both processes in the
+    evaluation's collective until the process group's timeout (30 min), unstoppable by SIGTERM;
+    rank 1 alone with another base_lr trained apart in silence. Every process refuses at once,
+    naming the keys and both values; paths (output_dir, datasets.root) may differ."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(data_root, out, **{"solver.ims_per_batch": 4, "solver.max_iter": 6,
+                                                  "test.eval_period": 0})
+    extra = ["test.eval_period=5", "solver.base_lr=0.002", f"datasets.root={data_root}/."]
+    run_forked_processes(_ddp_train_with_rank_1_told_otherwise,
+                         (2, str(tmp_path / "init"), overrides, extra, str(tmp_path / "raised")), timeout=120)
+    for rank in (0, 1):
+        assert (tmp_path / f"raised.{rank}").read_text() == (
+            "ConfigError: the 2 processes were not given the same config: solver.base_lr (process 0: 0.01, "
+            "process 1: 0.002), test.eval_period (process 0: 0, process 1: 5); give every process the same config "
+            "file and command line")
+    assert not out.exists()  # refused before the folder was made
+
+
 @pytest.mark.slow  # trains
 def test_resuming_with_another_number_of_processes_says_what_is_not_exact(data_root, tmp_path, caplog):
     out = tmp_path / "run"

@@ -110,6 +110,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from detection.evaluation import evaluate_test_sets
     from detection.evaluation.outputs import ResultsSource, check_results_folder, claim_for_every_process
     from detection.engine.distributed import init_distributed, is_main_process, select_device
+    from detection.engine.run_config import check_same_config_everywhere
 
     if not cfg.datasets.test:  # it exited 0 having written a report of no test set
         raise ConfigError("datasets.test is empty: nothing to evaluate; give the test sets, e.g. "
@@ -123,6 +124,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     source = ResultsSource.of("results" if args.results else "weights", given)
     device = select_device(cfg.device, cfg.tf32)
     init_distributed(device)  # under torchrun: one process group; the first process (rank 0) writes
+    check_same_config_everywhere(cfg, [f"weights={args.weights}", f"overwrite={args.overwrite}"])
     say = print if is_main_process() else _silent
     say(f"results go to {out_root}")
     check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work (every process)

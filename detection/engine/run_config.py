@@ -61,6 +61,32 @@ def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def check_same_config_everywhere(cfg: Config, flags: Sequence[Any] = ()) -> None:
+    """Under torchrun, ConfigError in every process when the processes were given different
+    configs (NOT_COMPARED aside: paths may differ between machines) or `flags` (--resume,
+    --overwrite, --weights): one process evaluating while the others trained hung until the
+    process group's timeout, and another learning rate per process trained apart in silence (a
+    distributed trial; Detectron2 does not check either). One process: nothing to compare."""
+    from detection.engine.distributed import all_gather_object, get_world_size
+
+    world = get_world_size()
+    if world == 1:
+        return
+    everyone = all_gather_object((config_to_dict(cfg), [str(f) for f in flags]))
+    first = _leaves(everyone[0][0])
+    for rank, (tree, its_flags) in enumerate(everyone[1:], start=1):
+        mine = _leaves(tree)
+        keys = [k for k in sorted(first.keys() | mine.keys()) if k not in NOT_COMPARED and first.get(k) != mine.get(k)]
+        what = [f"{k} (process 0: {_short(first.get(k))}, process {rank}: {_short(mine.get(k))})" for k in keys]
+        if its_flags != everyone[0][1]:
+            what.append(f"the command line's options (process 0: {' '.join(everyone[0][1])}, process {rank}: "
+                        f"{' '.join(its_flags)})")
+        if what:
+            raise ConfigError(f"the {world} processes were not given the same config: {', '.join(what[:5])}"
+                              f"{f', ... ({len(what) - 5} more)' if len(what) > 5 else ''}; give every process the "
+                              "same config file and command line")
+
+
 def check_resume_config(cfg: Config, out_dir: Path, explicit: Optional[Sequence[str]]) -> list[Change]:
     """The keys where `cfg` differs from the run's config.yaml in out_dir; ConfigError listing
     those not in `explicit` (the command line's keys; None: the caller's whole Config is

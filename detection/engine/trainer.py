@@ -32,7 +32,7 @@ from detection.engine.evaluate import evaluate
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.inference_model import accel_levers, levers_without_fast_path
 from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use_tensorboard
-from detection.engine.run_config import check_resume_config, record_resume_changes
+from detection.engine.run_config import check_resume_config, check_same_config_everywhere, record_resume_changes
 from detection.engine.run_folder import (RunLock, check_output_dir, evaluation_recorded, prepare_output_dir,
                                         remove_partial_checkpoints, restarted_run)
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, lost_peer, progress_line
@@ -75,6 +75,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                           "give one of them")
     device = du.select_device(cfg.device, cfg.tf32)
     distributed = du.init_distributed(device)
+    check_same_config_everywhere(cfg, [f"resume={resume}", f"overwrite={overwrite}"])
     lock = _lock_output_dir(Path(cfg.output_dir))
     run_log = RunLogFile().install() if du.is_main_process() else None
     try:
