@@ -482,6 +482,9 @@ def test_every_process_evaluates_the_model_that_is_saved_with_trainable_batchnor
         assert evaluated.keys() == saved.keys()
         different = [k for k in saved if not torch.equal(evaluated[k], saved[k])]
         assert different == [], (rank, different[:3])
+    # and the run says that its BatchNorm is per process (there is no SyncBN)
+    assert "model.backbone.norm: bn under 2 processes: each BatchNorm normalises over its process's 2 images, not " \
+        "the global batch of 4" in (out / "log.txt").read_text()
 
 
 def _ddp_train_failing_on_rank_1(rank: int, world: int, init_file: str, overrides: list, out_file: str) -> None:

@@ -153,6 +153,13 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
             logger.info("%s", line)
         for line in schedule_warnings(cfg):
             logger.warning("%s", line)
+        world = du.get_world_size()
+        if world > 1 and cfg.model.backbone.norm == "bn":  # a distributed trial: nothing said it
+            logger.warning("model.backbone.norm: bn under %d processes: each BatchNorm normalises over its process's "
+                           "%d images, not the global batch of %d, and keeps process 0's running statistics "
+                           "(DistributedDataParallel copies them); there is no synchronised BatchNorm here "
+                           "(Detectron2's SyncBN, torchvision's --sync-bn): gn and frozen_bn train alike on any "
+                           "number of processes", world, cfg.solver.ims_per_batch // world, cfg.solver.ims_per_batch)
         if cfg.solver.amp and not training_amp(True, device):
             logger.warning("solver.amp: %s: training in float32 (solver.amp=false says the same without this "
                            "warning)", SLOW_BFLOAT16)
