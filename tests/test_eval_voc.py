@@ -375,7 +375,13 @@ def _shard_outputs(records: list[dict]) -> list[dict]:
 
 
 def _distributed_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import logging
+
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    said = logging.FileHandler(f"{out_file}.log.{rank}")
+    logger = logging.getLogger("detection.evaluation.inference")
+    logger.addHandler(said)
+    logger.setLevel(logging.INFO)
     try:
         dataset = _dataset(_three_images())
         shard = dataset.records[rank::world]  # rank 1 gets image 000002
@@ -385,6 +391,8 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_file: str) ->
         with open(f"{out_file}.{rank}", "w") as f:
             json.dump(metrics, f)
     finally:
+        logger.removeHandler(said)
+        said.close()
         torch.distributed.destroy_process_group()
 
 
@@ -399,6 +407,11 @@ def test_distributed_inference_gathers_on_rank_0(tmp_path):
     expected, _ = _evaluate(dataset, _shard_outputs(dataset.records))
     # image 000002's misses (from rank 1) count: recall 1/2 per class, 6/11 -> 54.5, not rank 0's 100
     assert rank0["mAP"] == pytest.approx(expected["mAP"]) == pytest.approx(600 / 11)
+    # the log counts the set's images, not this process's share ("inference: 2 images" read as one left out)
+    for rank, mine in ((0, 2), (1, 1)):
+        line = (tmp_path / f"metrics.log.{rank}").read_text()
+        assert line.startswith("inference: 3 images in ") and line.endswith(f"; {mine} of them in this process, "
+                                                                          "one of 2\n"), line
 
 
 def test_the_pr_plot_titles_a_voc_class_with_the_tables_ap(tmp_path, monkeypatch):

@@ -84,8 +84,10 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - start
-    logger.info("inference: %d images in %.1f s (%.3f s / image)", num_images, elapsed,
-                elapsed / max(num_images, 1))
+    world = comm.get_world_size()  # under torchrun, the set's count (rank 0's share read as images left out)
+    total = sum(comm.all_gather_object(num_images)) if world > 1 else num_images
+    logger.info("inference: %d images in %.1f s (%.3f s / image)%s", total, elapsed, elapsed / max(total, 1),
+                f"; {num_images} of them in this process, one of {world}" if world > 1 else "")
     if not _gather_on_main(evaluator):
         return {}
     return evaluator.evaluate()
