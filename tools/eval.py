@@ -49,7 +49,6 @@ class is refused.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.weights and not args.results:
         parser.error("one of --weights or --results is required")
     resolve_config_beside_weights(parser, args)
-    args.command = shlex.join(["python", "tools/eval.py", *(sys.argv[1:] if argv is None else argv)])
+    from detection.utils.environment import command_line
+
+    args.command = command_line(["tools/eval.py", *(sys.argv[1:] if argv is None else argv)])
     return args
 
 

@@ -6,6 +6,7 @@ collect_env_info and command line)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import shlex
 import subprocess
@@ -76,5 +77,13 @@ def environment_line(env: dict[str, str]) -> str:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command that started this process, as a shell would take it back."""
-    return shlex.join(["python", *(sys.argv if argv is None else argv)])
+    """The command that started this process, as a shell would take it back; under torchrun
+    (its environment: LOCAL_WORLD_SIZE, WORLD_SIZE) as torchrun with its process counts (its
+    other options, the rendezvous, are not known here)."""
+    env = os.environ
+    launcher = ["python"]
+    if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env and "TORCHELASTIC_RUN_ID" in env:
+        local, world = int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
+        launcher = ["torchrun", *([f"--nnodes={world // max(local, 1)}"] if world != local else []),
+                    f"--nproc_per_node={local}"]
+    return shlex.join([*launcher, *(sys.argv if argv is None else argv)])
