@@ -826,6 +826,30 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_again(data
     with pytest.raises(OutputFolderError, match="no last.pth to resume from"):
         train(tiny_cfg(data_root, out, **extra), resume=True)
 
+
+@pytest.mark.slow  # trains
+def test_resume_without_a_last_pth_past_the_first_checkpoint_keeps_the_history(data_root, tmp_path):
+    """A file-system trial: last.pth a link into storage that was not mounted (or deleted by a
+    clean-up) read as a run killed before its first checkpoint: --resume trained again from 0,
+    replaced metrics.jsonl, exit 0, and the link became a file. Both are refused, naming why."""
+    out = tmp_path / "run"
+    extra = {"solver.max_iter": 4, "solver.checkpoint_period": 2}
+    train(tiny_cfg(data_root, out, **extra))
+    (out / "model_final.pth").unlink()  # an unfinished run
+    history = (out / "metrics.jsonl").read_text()
+    (out / "last.pth").unlink()
+    (out / "last.pth").symlink_to(tmp_path / "scratch" / "last.pth")
+    with pytest.raises(OutputFolderError, match=rf"{out / 'last.pth'} is a link to {tmp_path / 'scratch'}/last.pth, "
+                                                r"which is not there \(storage not mounted\?\)"):
+        train(tiny_cfg(data_root, out, **{**extra, "solver.max_iter": 6}), resume=True)
+    assert (out / "last.pth").is_symlink()
+    (out / "last.pth").unlink()
+    with pytest.raises(OutputFolderError, match=r"its metrics.jsonl goes to iteration 4, past its first checkpoint "
+                                                r"\(solver.checkpoint_period 2\), but last.pth is not there"):
+        train(tiny_cfg(data_root, out, **{**extra, "solver.max_iter": 6}), resume=True)
+    assert (out / "metrics.jsonl").read_text() == history
+
+
 def test_a_failed_start_leaves_no_folder_and_no_lock(data_root, tmp_path):
     out = tmp_path / "new"
     with pytest.raises(ValueError, match="model.num_classes is 5"):

@@ -106,13 +106,26 @@ def _read_holder(fd: int) -> str:
     return text if text.startswith("pid ") else ("an unknown process" if text else "")
 
 
-def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:
+def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool, checkpoint_period: int = 0) -> list[str]:
     """The run files in out_dir; an OutputFolderError when they are there and neither flag says what
-    to do with them (a new run would replace the checkpoints and append to the old metrics)."""
+    to do with them (a new run would replace the checkpoints and append to the old metrics).
+    `checkpoint_period`: the run's; a metrics.jsonl past it with no last.pth is not a run killed
+    before its first checkpoint (last.pth deleted, or a link into storage that is not mounted)."""
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     if not found or overwrite or (resume and "last.pth" in found):
         return found
+    last = out_dir / "last.pth"
+    if resume and last.is_symlink():  # exists() follows the link: a dangling one reads as no checkpoint
+        raise OutputFolderError(f"{last} is a link to {os.readlink(last)}, which is not there (storage not mounted?): "
+                                "nothing to resume from until it is; --overwrite starts the run again")
     if resume and found == ["metrics.jsonl"] and not any(out_dir.glob("model_[0-9]*.pth")):
+        done = max((record["iteration"] for _, record in read_metrics_lines(out_dir / "metrics.jsonl")[0]), default=0)
+        if checkpoint_period and done >= checkpoint_period:
+            raise OutputFolderError(
+                f"{out_dir}: its metrics.jsonl goes to iteration {done}, past its first checkpoint "
+                f"(solver.checkpoint_period {checkpoint_period}), but last.pth is not there (deleted?): --resume "
+                "would start again from iteration 0 and replace that history; put last.pth back, or --overwrite "
+                "to start again deliberately")
         return found  # killed before its first checkpoint: --resume starts it again (restarted_run)
     if resume:
         raise OutputFolderError(f"{out_dir} holds a run ({', '.join(found)}) but no last.pth to resume from: "

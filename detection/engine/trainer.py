@@ -113,7 +113,8 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
            explicit: Optional[Sequence[str]] = None, run_log: Optional[RunLogFile] = None) -> nn.Module:
     """train() once the output folder is locked."""
     out_dir = Path(cfg.output_dir)
-    old_run = check_output_dir(out_dir, resume=resume, overwrite=overwrite)
+    old_run = check_output_dir(out_dir, resume=resume, overwrite=overwrite,
+                               checkpoint_period=cfg.solver.checkpoint_period)
     tensorboard = use_tensorboard(cfg.log.tensorboard)  # before anything is written
     seed_everything(cfg.seed)  # same on every rank: identical initial weights
     last = out_dir / "last.pth"
