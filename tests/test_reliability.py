@@ -774,6 +774,49 @@ def test_an_output_folder_the_file_system_cannot_have_is_one_error(tmp_path):
             RunLock(out).acquire()
 
 
+def test_a_lock_file_the_file_system_refuses_is_one_error_and_no_locks_a_warning(tmp_path, monkeypatch, caplog):
+    """A file-system trial: a read-only output folder or a full disk ended in OSError tracebacks
+    from the lock file (a folder still to be made was one line); a cluster file system without
+    flock (Lustre mounted without it: ENOLCK) could not train at all. The first two are one
+    OutputFolderError naming the folder, and the last trains with a warning that the folder is
+    not protected (Detectron2 has no lock)."""
+    import fcntl
+
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def failing(err, real):
+        def call(path, *args):
+            if str(path).endswith(LOCK_FILE) or isinstance(path, int):
+                raise OSError(err, os.strerror(err))
+            return real(path, *args)
+        return call
+
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setattr(os, "open", failing(errno.EROFS, real_open))
+    with pytest.raises(OutputFolderError, match=rf"cannot write in the output folder {out} \(its lock file "
+                                                rf"{out / LOCK_FILE}: Read-only file system\): choose another"):
+        RunLock(out).acquire()
+    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.setattr(os, "pwrite", failing(errno.ENOSPC, real_pwrite))
+    with pytest.raises(OutputFolderError, match=r"its lock file .*: No space left on device\): free space there"):
+        RunLock(out).acquire()
+    assert not (out / LOCK_FILE).exists()
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    caplog.set_level(logging.WARNING)
+    lock = RunLock(out).acquire()
+    assert f"{out / LOCK_FILE}: this file system does not support file locks (No locks available): the folder is " \
+        "not protected from a second training run started into it" in caplog.text
+    assert (out / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
+    lock.release()
+    assert not (out / LOCK_FILE).exists()
+
+
 @pytest.mark.slow  # trains 3 iterations
 def test_partial_checkpoint_files_a_killed_save_left_are_removed_on_resume(data_root, tmp_path, caplog):
     """kill -9 during a save leaves the previous checkpoint whole and atomic_write's temporary

@@ -53,10 +53,19 @@ class RunLock:
         except OSError as err:
             raise OutputFolderError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:  # a read-only or full file system: nothing of the run could be written
+                raise OutputFolderError(f"cannot write in the output folder {folder} (its lock file {self.path}: "
+                                        f"{err.strerror or err}): choose another --output-dir") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
+                if err.errno in _NO_LOCKS:  # a cluster file system mounted without locks (Lustre without flock)
+                    logger.warning("%s: this file system does not support file locks (%s): the folder is not "
+                                   "protected from a second training run started into it", self.path,
+                                   err.strerror or err)
+                    break
                 holder = _read_holder(fd)
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -75,8 +84,14 @@ class RunLock:
         stale = _read_holder(fd)
         if stale:
             logger.warning("%s: took over a stale lock of %s (that process is gone)", self.path, stale)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as err:  # a full disk
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise OutputFolderError(f"cannot write in the output folder {folder} (its lock file {self.path}: "
+                                    f"{err.strerror or err}): free space there, or choose another --output-dir") from None
         self._fd = fd
         return self
 
@@ -95,6 +110,11 @@ class RunLock:
                     folder.rmdir()  # only when empty
                 except OSError:
                     break  # something was written there: it and its parents stay
+
+
+# flock(2)'s errors where the file system has no locks (not another holder): ENOLCK (NFS or Lustre
+# without lock support), EOPNOTSUPP / ENOTSUP, ENOSYS
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.ENOSYS)
 
 
 def _read_holder(fd: int) -> str:
