@@ -359,3 +359,27 @@ def test_visualize_says_how_many_detections_it_drew_and_above_which_score(data_r
                    f"(score >= {float(thresh):g}"
         assert capsys.readouterr().out.strip().startswith(expected)
         assert (count > 0) == (thresh == "0.0")  # random weights still score above 0, never 1
+
+
+def test_config_yaml_on_a_full_disk_is_one_error_and_the_old_file_is_kept(tmp_path, monkeypatch):
+    """A file-system trial: config.yaml was written by hand (no fsync, no clean-up): a full disk
+    left config.yaml.tmp and a traceback. Now atomic_write's one error, the old file kept."""
+    import tempfile
+
+    from detection.config import load_config
+    from detection.engine.run_folder import prepare_output_dir
+    from detection.utils.files import WriteError
+
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    prepare_output_dir(cfg, tmp_path, remove=[], resumed_at=None)
+    before = (tmp_path / "config.yaml").read_text()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_disk)
+    with pytest.raises(WriteError, match=rf"{tmp_path / 'config.yaml'}.*No space left on device"):
+        prepare_output_dir(load_config(None, [f"output_dir={tmp_path}", "seed=3"]), tmp_path, remove=[],
+                           resumed_at=None)
+    assert (tmp_path / "config.yaml").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]

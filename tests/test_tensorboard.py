@@ -121,6 +121,21 @@ def test_an_event_file_that_cannot_be_written_is_a_warning_not_a_stop(tmp_path, 
     assert caplog.text.count("could not be written (No space left on device)") == 1
 
 
+def test_a_full_disk_when_the_event_file_is_opened_is_the_same_warning(tmp_path, caplog, monkeypatch):
+    """A file-system trial: 8 KB free at a run's start gave SummaryWriter's tracebacks."""
+    import torch.utils.tensorboard
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", full_disk)
+    with trainer.MetricsLog(tmp_path, tensorboard=True) as log:
+        assert log.writer is None
+        log.write({"iteration": 1, "loss_cls": 0.5})
+    assert [json.loads(x)["iteration"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert caplog.text.count("could not be written (No space left on device)") == 1
+
+
 def test_a_metric_that_is_not_a_number_is_null_in_metrics_jsonl_and_not_an_event(tmp_path):
     """APl of a test set without large objects is nan: strict JSON gets null (as eval's
     metrics.json), TensorBoard no point; the other values as they are."""

@@ -78,7 +78,10 @@ class MetricsLog:
 
             # purge_step: TensorBoard hides what earlier writers in this folder logged after the
             # iteration the run starts from, as run_folder.truncate_metrics drops those lines
-            self.writer = SummaryWriter(str(out_dir), purge_step=start_iter + 1)
+            def open_writer() -> None:
+                self.writer = SummaryWriter(str(out_dir), purge_step=start_iter + 1)
+
+            self._tensorboard(open_writer)  # a full disk already here: the same warning, not a traceback
 
     def __enter__(self) -> "MetricsLog":
         return self

@@ -13,9 +13,9 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from detection.config import Config, save_config
+from detection.config import Config, dump_config
 from detection.engine.metrics import is_evaluation
-from detection.utils.files import OutputFolderError, read_metrics_lines
+from detection.utils.files import OutputFolderError, atomic_write, read_metrics_lines
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,8 @@ def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed
         logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_checkpoints(out_dir)
-    save_config(with_absolute_folders(cfg), out_dir / "config.yaml")
+    with atomic_write(out_dir / "config.yaml") as f:  # a full disk: one error naming it, the old file kept
+        f.write(dump_config(with_absolute_folders(cfg)))
     if resumed_at is not None:
         truncate_metrics(out_dir / "metrics.jsonl", resumed_at)
 
