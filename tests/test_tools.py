@@ -199,6 +199,22 @@ def test_visualize_draws_every_readable_image_and_then_names_the_unreadable_one(
     assert "1 of the 4 images were not drawn" in out and "(skipped: dataloader.skip_bad_images)" in out
 
 
+def test_visualize_stops_with_an_error_when_its_output_cannot_be_written(trained, tmp_path, capsys, monkeypatch):
+    """A file-system trial: a read-only or full output folder was counted with the unreadable
+    inputs, so skip_bad_images made it "wrote 0 images ... 25 detections drawn", exit 0."""
+    import cv2
+
+    root, overrides = trained
+    monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)  # what OpenCV says on a full disk
+    code, out, err = run_main(TOOLS["visualize.py"], ["--config", ROOT / "configs" / "base.yaml", "--weights",
+                                                      root / "out" / "model_final.pth", "--input",
+                                                      root / "data" / "shapes" / "val", "--output", tmp_path / "vis",
+                                                      *overrides, "dataloader.skip_bad_images=true"], capsys)
+    assert code == 2 and "wrote" not in out
+    assert err.strip().splitlines()[-1].startswith(f"error: could not write {tmp_path / 'vis'}/00000_") and \
+        err.strip().endswith("(the folder is not writable, or the disk is full): 0 of the 3 images written before it")
+
+
 @pytest.mark.slow
 def test_visualize_gt_with_a_limit_checks_only_the_images_it_draws(trained, tmp_path, capsys):
     """--gt --limit 2 read every header of the set first (about 20 s on COCO's 118k training

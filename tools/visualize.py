@@ -45,6 +45,7 @@ from detection.cli import (add_config_args, config_from_args, override_keys, par
                            resolve_config_beside_weights, run_tool)
 from detection.config import ConfigError
 from detection.data import DataError
+from detection.utils.files import WriteError
 from detection.utils.text import first_few
 
 if TYPE_CHECKING:
@@ -182,13 +183,17 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
         try:
             canvas = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names), args,
                            drawn, exif_orientation=cfg.input.exif_orientation)
-            target = out / output_name(i, path)
-            if not cv2.imwrite(str(target), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):  # OpenCV says False only
-                raise DataError(f"could not write {target} (the folder not writable, or the disk full)")
-            written.add(target.name)
         except DataError as err:
             logger.warning("not drawn: %s", err)
             unreadable.append(str(err))
+            continue
+        target = out / output_name(i, path)
+        # OpenCV says False only. The output's fault, not the input's: nothing more could be written,
+        # and skip_bad_images (for unreadable inputs) must not turn it into exit 0 (a file-system trial)
+        if not cv2.imwrite(str(target), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+            raise WriteError(f"could not write {target} (the folder is not writable, or the disk is full): "
+                             f"{len(written)} of the {len(items)} images written before it")
+        written.add(target.name)
     note_earlier_drawings(out, args.output, written)
     return len(items) - len(unreadable), sum(drawn), unreadable
 
