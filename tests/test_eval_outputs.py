@@ -315,6 +315,27 @@ def test_a_results_folder_that_cannot_be_created_is_one_error(tmp_path):
         claim_results_folder(tmp_path / "a_file" / "inference", source, ["shapes_val"])
 
 
+def test_a_source_json_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    """A file-system trial: a full disk failing source.json's write said "report.html: cannot be
+    replaced" (no report.html existed)."""
+    import tempfile
+
+    from detection.evaluation.outputs import claim_for_every_process
+    from detection.utils.files import OutputFolderError
+
+    (tmp_path / "model.pth").write_bytes(b"x")
+    source = ResultsSource.of("weights", str(tmp_path / "model.pth"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_disk)
+    with pytest.raises(OutputFolderError) as err:
+        claim_for_every_process(tmp_path / "inference", source, ["shapes_val"], echo=lambda *a: None)
+    assert str(tmp_path / "inference" / "source.json") in str(err.value) and "No space left" in str(err.value)
+    assert "report.html" not in str(err.value)
+
+
 def test_a_test_sets_old_results_go_before_its_new_ones_are_written(tmp_path):
     """The same checkpoint evaluated again into its folder: the sets evaluated now lose their old
     files first, so a run stopped half-way leaves no old metrics or report section beside its new

@@ -29,7 +29,7 @@ from typing import Union
 from detection.data import DataError
 from detection.evaluation.coco import RESULTS_FILE
 from detection.evaluation.voc_results import COMP4_TEMPLATE, SUBMISSION_FOLDER
-from detection.utils.files import OutputFolderError, atomic_write
+from detection.utils.files import OutputFolderError, WriteError, atomic_write
 
 SOURCE_FILE = "source.json"
 SECTION_FILE = "report_section.json"  # a test set's part of report.html (evaluation/report.py)
@@ -249,7 +249,7 @@ def claim_for_every_process(folder: PathLike, source: ResultsSource, test_sets: 
         try:
             claim_results_folder(folder, source, test_sets, overwrite=overwrite)
             (Path(folder) / "report.html").unlink(missing_ok=True)
-        except OutputFolderError as err:
+        except (OutputFolderError, WriteError) as err:  # WriteError: source.json, named (a full disk)
             problem = str(err)
         except OSError as err:
             problem = (f"{Path(folder) / 'report.html'}: cannot be replaced ({err.strerror or err}); --output-dir DIR "
