@@ -142,6 +142,15 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pth")
+    # a link into storage that is not mounted says so (a file-system trial: "file not found" alone)
+    (tmp_path / "linked.pth").symlink_to(tmp_path / "scratch" / "model_final.pth")
+    with pytest.raises(CheckpointError, match=rf"linked.pth: checkpoint file not found \(a link to "
+                                              rf"{tmp_path}/scratch/model_final.pth, which is not there\)"):
+        load_checkpoint(tmp_path / "linked.pth")
+    from detection.engine.loading import read_detector_file
+
+    with pytest.raises(CheckpointError, match=r"linked.pth: weights file not found \(a link to .*, which is not there"):
+        read_detector_file(tmp_path / "linked.pth")
 
 
 def test_rng_states_round_trip_through_a_checkpoint(tmp_path):

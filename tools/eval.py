@@ -112,6 +112,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from detection.evaluation.outputs import ResultsSource, check_results_folder, claim_for_every_process
     from detection.engine.distributed import init_distributed, is_main_process, select_device
     from detection.engine.run_config import check_same_config_everywhere
+    from detection.utils.files import dangling_link
 
     if not cfg.datasets.test:  # it exited 0 having written a report of no test set
         raise ConfigError("datasets.test is empty: nothing to evaluate; give the test sets, e.g. "
@@ -121,7 +122,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     given = args.results or args.weights
     if not Path(given).expanduser().exists():  # before the results folder is judged by it
         error = DataError if args.results else WeightsError
-        raise error(f"{given}: {'--results' if args.results else '--weights'} file not found")
+        raise error(f"{given}: {'--results' if args.results else '--weights'} file not found"
+                    f"{dangling_link(Path(given).expanduser())}")
     source = ResultsSource.of("results" if args.results else "weights", given)
     device = select_device(cfg.device, cfg.tf32)
     init_distributed(device)  # under torchrun: one process group; the first process (rank 0) writes

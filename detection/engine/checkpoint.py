@@ -19,7 +19,7 @@ import torch
 
 from backbones.weights import zip_damage
 from detection.utils import comm
-from detection.utils.files import atomic_write
+from detection.utils.files import atomic_write, dangling_link
 
 # what --resume needs from last.pth (model_final.pth holds only model, iteration, config, classes)
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "rng")
@@ -87,7 +87,7 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+        raise CheckpointError(f"{path}: checkpoint file not found{dangling_link(path)}")
     verify_checksums(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from backbones.errors import NULL_LOOKALIKES, WeightsError
 from detection.engine.checkpoint import CheckpointError, non_finite_tensors, verify_checksums
 from detection.engine.detectron2 import convert_detectron2_state, is_detectron2_state
+from detection.utils.files import dangling_link
 from detection.utils.text import first_few
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ def read_detector_file(path: Union[str, Path]) -> DetectorWeights | None:
                               f"{f' (the checkpoint in it: {inside[0]})' if inside else ''}")
     if not path.is_file():
         null = "; for no weights YAML writes null (model.weights=null)" if str(path) in NULL_LOOKALIKES else ""
-        raise CheckpointError(f"{path}: weights file not found{null}")
+        raise CheckpointError(f"{path}: weights file not found{dangling_link(path)}{null}")
     return detector_weights(_read_any(path), str(path))
 
 

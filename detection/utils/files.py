@@ -112,6 +112,16 @@ def _fsync_folder(folder: Path) -> None:
         os.close(dir_fd)
 
 
+def dangling_link(path: Union[str, os.PathLike]) -> str:
+    """" (a link to TARGET, which is not there)" for a link whose target is missing (storage not
+    mounted, a moved run), "" otherwise: a "not found" message then says what was not found."""
+    path = Path(path)
+    try:
+        return f" (a link to {os.readlink(path)}, which is not there)" if path.is_symlink() and not path.exists() else ""
+    except OSError:
+        return ""
+
+
 def strict_json(value: Any) -> Any:
     """`value` with every float that is not finite (NaN, inf) made None, in nested dicts, lists and
     tuples: strict JSON (jq and JavaScript's JSON.parse refuse NaN), as metrics.json writes it."""
