@@ -211,8 +211,11 @@ def test_visualize_stops_with_an_error_when_its_output_cannot_be_written(trained
                                                       root / "data" / "shapes" / "val", "--output", tmp_path / "vis",
                                                       *overrides, "dataloader.skip_bad_images=true"], capsys)
     assert code == 2 and "wrote" not in out
-    assert err.strip().splitlines()[-1].startswith(f"error: could not write {tmp_path / 'vis'}/00000_") and \
-        err.strip().endswith("(the folder is not writable, or the disk is full): 0 of the 3 images written before it")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: wrote 0 images to {tmp_path / 'vis'}: 0 detections drawn") and \
+        "3 of the 3 images were not drawn: " \
+        f"could not write {tmp_path / 'vis'}/00000_" in last and \
+        last.endswith("(the folder is not writable, or the disk is full)"), last
 
 
 @pytest.mark.slow

@@ -136,10 +136,15 @@ def draw(args: argparse.Namespace) -> None:
     if args.train_batches:
         draw_training_batches(cfg, args.train_batches, args.output)
         return
-    count, drawn, unreadable = run(cfg, args)
+    count, drawn, unreadable, unwritten = run(cfg, args)
     wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args)}"
+    total = count + len(unreadable) + len(unwritten)
+    if unwritten:  # the output's fault, not an input's: skip_bad_images does not make it exit 0 (a file-system trial)
+        raise WriteError(f"{wrote}; {len(unwritten)} of the {total} images were not drawn: could not write "
+                         f"{first_few(unwritten, 3)} (the folder is not writable, or the disk is full)"
+                         + (f"; and {len(unreadable)} could not be read: {'; '.join(unreadable[:3])}" if unreadable else ""))
     if unreadable:  # the others are drawn first: one bad file in a folder does not stop the run
-        not_drawn = (f"{len(unreadable)} of the {count + len(unreadable)} images were not drawn: "
+        not_drawn = (f"{len(unreadable)} of the {total} images were not drawn: "
                      f"{'; '.join(unreadable[:3])}{'; ...' if len(unreadable) > 3 else ''}")
         if not cfg.dataloader.skip_bad_images:
             raise DataError(f"{wrote}; {not_drawn} (dataloader.skip_bad_images=true skips them, as eval.py does)")
@@ -156,9 +161,10 @@ def drawn_text(drawn: int, args: argparse.Namespace) -> str:
     return text + (", --score-thresh sets it)" if drawn == 0 else ")")
 
 
-def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
+def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     """Draws every input it can read; returns the number of images written, of detections drawn,
-    and why each of the others could not be read (each also a warning as it happens)."""
+    why each input that could not be read was not, and the drawings that could not be written
+    (each also a warning as it happens)."""
     import cv2
 
     from detection.engine.distributed import select_device
@@ -177,9 +183,10 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
     # them in another order, or a subset: its ground truth keeps its own)
     predicted_names = (model_class_names(weights, cfg.model.class_names)[0] or class_names) if model else class_names
     out = output_folder(args.output, [path for path, _ in items])
-    drawn, unreadable = [], []  # the detections each image shows; the images that could not be read
+    drawn, unreadable, unwritten = [], [], []  # detections each image shows; images not read; drawings not written
     written = set()  # the drawings' file names
     for i, (path, record) in enumerate(items):
+        shown = len(drawn)
         try:
             canvas = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names), args,
                            drawn, exif_orientation=cfg.input.exif_orientation)
@@ -188,14 +195,14 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str]]:
             unreadable.append(str(err))
             continue
         target = out / output_name(i, path)
-        # OpenCV says False only. The output's fault, not the input's: nothing more could be written,
-        # and skip_bad_images (for unreadable inputs) must not turn it into exit 0 (a file-system trial)
-        if not cv2.imwrite(str(target), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
-            raise WriteError(f"could not write {target} (the folder is not writable, or the disk is full): "
-                             f"{len(written)} of the {len(items)} images written before it")
+        if not cv2.imwrite(str(target), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):  # OpenCV says False only
+            logger.warning("not written: %s", target)
+            unwritten.append(str(target))
+            del drawn[shown:]  # "N detections drawn" counts those in the images written
+            continue
         written.add(target.name)
     note_earlier_drawings(out, args.output, written)
-    return len(items) - len(unreadable), sum(drawn), unreadable
+    return len(written), sum(drawn), unreadable, unwritten
 
 
 def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
