@@ -1,4 +1,6 @@
-"""The training loop: a plain loop, no hooks. Read `train` top to bottom.
+"""The training loop: a plain loop, no hooks. `train` sets a run up (the process group, the
+folder's lock, a resume or a new start: `_train`); one iteration is `_iterations` -> `run_step`
+(forward_losses, optimizer_step), read top to bottom.
 
 Resume is exact: the checkpoint holds model, optimizer, lr schedule, AMP scaler, iteration
 and every random state, and the data loader restarts at the same position of its seeded

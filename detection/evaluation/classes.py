@@ -32,7 +32,11 @@ def check_class_names(dataset_name: str, dataset_classes: Sequence[str], model_c
                       num_classes: int, model_source: str = "the model detects") -> None:
     """ValueError (one line with both lists) unless the data set's classes are the model's,
     in the same order. With no model names known, only the count is checked against
-    model.num_classes."""
+    model.num_classes. Evaluation calls it through label_map_for_test_set, which first takes a
+    set listing the model's names in another order, or a subset of them, by name: what reaches
+    this check is what no table can score (a renamed, extra or repeated class). Called directly
+    (tools/visualize.py, with no names known), it refuses another order too: labels are then
+    compared as numbers."""
     data, model = list(dataset_classes), list(model_classes) if model_classes else None
     if model is None:
         if len(data) != num_classes:

@@ -53,7 +53,7 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
     full-size image to the GPU only for it to come back to be resized (and, with test-time
     augmentation or multi-scale testing, once more per size).
     Returns the evaluator's metrics on rank 0 and {} on other ranks. The model's
-    train/eval mode is restored afterwards, so the trainer can call this mid-training.
+    train/eval mode is restored afterwards (a user's own loop may pass its training model).
     `label_map` (classes.label_map_for_test_set): model label -> the data set's label, 0 = drop
     the detection; for a test set holding a subset of the model's classes.
     `between_batches` (training's stop check, signals.GracefulStop.check_evaluation) is called

@@ -21,8 +21,10 @@ The reference is the devkit's MATLAB code (VOCevaldet.m, VOCap.m), matched rule 
   Python port's `np.arange(0, 1.1, 0.1)` at 0.6 and 0.7) or the VOC2010+ area under the
   interpolated curve.
 
-`eval_class` scores one class; `VOCEvaluator` (voc.py) calls `match_detections` once per class
-and `evaluate_matches` at each IoU threshold.
+`eval_class` scores one class's boxes as given; `VOCEvaluator` (voc.py) calls `match_detections`
+once per class and `evaluate_matches` at each IoU threshold, on the numbers it writes to the comp4
+files (one decimal), so the two differ for unrounded boxes near a threshold (a box 4.96 wide on a
+10-wide ground truth: IoU 0.496 here, 0.5 once written as 5.0).
 """
 from __future__ import annotations
 
@@ -97,7 +99,8 @@ class Matches:
 def eval_class(gt_boxes: Mapping[ImageId, np.ndarray], gt_difficult: Mapping[ImageId, np.ndarray] | None,
                det_image_ids: Sequence[ImageId], det_scores: np.ndarray, det_boxes: np.ndarray, *,
                iou_thresh: float = 0.5, use_07_metric: bool = False) -> ClassEval:
-    """The devkit's evaluation of one class.
+    """The devkit's evaluation of one class, on the boxes as given (VOCEvaluator scores them as
+    its comp4 files write them, to one decimal: see the module docstring).
 
     gt_boxes: image id -> float[G,4] XYXY 0-based boxes of this class (every evaluated image,
     also those without boxes); gt_difficult: image id -> bool[G] (None: nothing difficult).

@@ -28,7 +28,7 @@ from torchvision.ops import batched_nms, box_iou, roi_align, roi_pool
 
 from detection.modeling import syncfree
 from detection.modeling.box_coder import BoxCoder
-from detection.modeling.matcher import FOREGROUND, IGNORE, Matcher
+from detection.modeling.matcher import FOREGROUND, Matcher
 from detection.modeling.precision import float32
 from detection.modeling.refinement import BoxRefinement, box_voting
 from detection.modeling.rpn import clip_boxes
@@ -214,7 +214,7 @@ class Res5ROIHeads(nn.Module):
 
         Returns sampled boxes per image, their classes (R,) (0 = bg) and matched gt boxes
         (R, 4) (meaningful for foreground only)."""
-        matched = []  # per image: boxes, matched gt index, classes (-1 ignored, 0 bg)
+        matched = []  # per image: boxes, matched gt index, classes (0 bg; one threshold: no RoI is ignored)
         for props, target in zip(proposals, targets):
             gt_boxes, gt_labels = target["boxes"], target["labels"]
             boxes = torch.cat([props, gt_boxes.to(props.dtype)])  # gt appended: always a positive
@@ -222,7 +222,6 @@ class Res5ROIHeads(nn.Module):
             classes = torch.zeros_like(matched_idx)
             if gt_boxes.numel():  # torch.where, not classes[fg] = ...: a mask index reads the device
                 classes = torch.where(match_labels == FOREGROUND, gt_labels[matched_idx].to(classes.dtype), classes)
-            classes[match_labels == IGNORE] = -1
             matched.append((boxes, matched_idx, classes))
         samples = subsample_batch([classes for _, _, classes in matched], self.batch_size_per_image,
                                   self.positive_fraction)  # one host read; the global generator (in last.pth)

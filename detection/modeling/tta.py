@@ -2,8 +2,9 @@
 
 The detector runs on each image at several shorter-side sizes, each also mirrored
 left-right when `flip` is set. Every pass's detections are mapped back to the input
-image's pixels, pooled, and merged by the model's own per-class NMS
-(model.roi_heads.nms_thresh_test), keeping its detections_per_image best. This is what
+image's pixels, pooled, and merged by per-class NMS at model.roi_heads.nms_thresh_test (also
+with test.box_refinement, whose own final NMS within each pass is at its nms_thresh), keeping
+the detections_per_image best. This is what
 Detectron2's GeneralizedRCNNWithTTA does for boxes. It costs one forward pass per
 (size, flip) pair; the mirrored images go in the same batch as the others (1.13x faster than
 separate passes on the demo's model, the same detections).
