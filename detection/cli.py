@@ -52,6 +52,44 @@ DETECTRON2_FLAGS = {
                    "torchrun --nproc_per_node N tools/eval.py --weights CKPT)",
 }
 
+# torchvision's detection references (references/detection/train.py) -> what does it here
+TORCHVISION_FLAGS = {
+    "--data-path": "datasets.root=DIR (and datasets.train / datasets.test: names or {type: coco, ann_file, "
+                   "image_root} entries)",
+    "--dataset": "datasets.train=[...] and datasets.test=[...] (coco_2017_train, voc_2007_trainval, your own "
+                 "{type: coco, ...} entries)",
+    "--model": "the config file decides the model (--config configs/...yaml; model.backbone.depth=50 or 101)",
+    "--epochs": "solver.max_iter=N, in iterations of solver.ims_per_batch images (an epoch of M images is "
+                "M / ims_per_batch iterations)",
+    "--lr-steps": "solver.steps=[...], in iterations",
+    "--lr": "solver.base_lr=X (for solver.ims_per_batch images; used as given)",
+    "--batch-size": "solver.ims_per_batch=N, the global batch over all processes (torchvision's is per GPU)",
+    "-b": "solver.ims_per_batch=N, the global batch over all processes (torchvision's is per GPU)",
+    "--workers": "dataloader.num_workers=N",
+    "-j": "dataloader.num_workers=N",
+    "--opt": "SGD with momentum is the optimizer here (solver.momentum, solver.weight_decay)",
+    "--momentum": "solver.momentum=X",
+    "--wd": "solver.weight_decay=X",
+    "--weight-decay": "solver.weight_decay=X",
+    "--lr-scheduler": "solver.lr_schedule=multistep|cosine",
+    "--lr-gamma": "solver.gamma=X",
+    "--print-freq": "log_period=N",
+    "--aspect-ratio-group-factor": "dataloader.aspect_ratio_grouping=true|false (landscape and portrait groups)",
+    "--test-only": "tools/eval.py --weights CKPT",
+    "--sync-bn": "there is no synchronised BatchNorm here: model.backbone.norm=frozen_bn or gn train alike on any "
+                 "number of processes",
+    "--amp": "solver.amp=true (and test.amp=true for inference)",
+    "--weights-backbone": "model.backbone.weights=torchvision:IMAGENET1K_V1 (or a local .pth)",
+    "--trainable-backbone-layers": "model.backbone.freeze_at=5-N (0: nothing frozen; 2: Detectron2's stem + res2)",
+    "--data-augmentation": "input.* (min_size_train, random_flip, ...: configs/base.yaml)",
+    "--device": "device=cpu|cuda|auto",
+    "--world-size": "torchrun --nproc_per_node N tools/train_det.py ...",
+    "--use-deterministic-algorithms": "no such setting yet (seed=N gives the same run on the CPU)",
+    "--weights": "model.weights=PATH (a checkpoint or model-zoo file to start from)",
+    "--resume": "tools/train_det.py --resume continues the output folder's last.pth (it takes no path); "
+                "tools/eval.py --weights CKPT evaluates one",
+}
+
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
                        ) -> argparse.Namespace:
@@ -59,6 +97,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
     options: `--config C solver.max_iter=40 --output-dir D` (argparse's intermixed parsing).
     --opts items follow the KEY=VALUE ones in args.overrides. Upper-case keys are read
     lower-case, as after --opts (MODEL.WEIGHTS=x is model.weights=x)."""
+    parser.allow_abbrev = False  # torchvision's --opt was read as --opts ("sgd has no value")
     argv = _detectron2_flags(parser, list(sys.argv[1:] if argv is None else argv))
     weights = parser._option_string_actions.get("--weights")
     required = weights is not None and weights.required
@@ -112,11 +151,14 @@ def _weights_from_overrides(parser: argparse.ArgumentParser, args: argparse.Name
 
 def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """argv without Detectron2's `--num-gpus 1` (one process: what every tool here runs as);
-    a usage error saying what does the same here for its other launcher flags."""
+    a usage error saying what does the same here for its other launcher flags, and for the
+    flags of torchvision's detection references (TORCHVISION_FLAGS) this tool does not have."""
     out, rest = [], list(argv)
     while rest:
         item = rest.pop(0)
         flag, _, inline = item.partition("=")
+        if flag in TORCHVISION_FLAGS and flag not in parser._option_string_actions:
+            parser.error(f"{flag} is a flag of torchvision's detection references; here: {TORCHVISION_FLAGS[flag]}")
         if flag not in DETECTRON2_FLAGS or flag in parser._option_string_actions:
             out.append(item)
             continue

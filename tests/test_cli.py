@@ -71,6 +71,39 @@ def test_detectron2_launcher_flags_say_what_does_the_same_here(flag, says, capsy
     assert stop.value.code == 2 and f"{flag[0].split('=')[0]} is Detectron2's flag: " in err and says in err
 
 
+@pytest.mark.parametrize("tool, flag, says", [
+    ("train_det", ["--epochs", "26"], "solver.max_iter=N, in iterations of solver.ims_per_batch images"),
+    ("train_det", ["--batch-size", "2"], "solver.ims_per_batch=N, the global batch over all processes "
+                                         "(torchvision's is per GPU)"),
+    ("train_det", ["--lr=0.02"], "solver.base_lr=X"),
+    ("train_det", ["--test-only"], "tools/eval.py --weights CKPT"),
+    ("train_det", ["--sync-bn"], "there is no synchronised BatchNorm here"),
+    ("train_det", ["--weights", "m.pth"], "model.weights=PATH"),
+    ("train_det", ["--trainable-backbone-layers", "3"], "model.backbone.freeze_at=5-N"),
+    ("eval", ["--weights", "w.pth", "--resume"], "tools/train_det.py --resume continues the output folder's "
+                                                 "last.pth (it takes no path)"),
+    # argparse's abbreviations read torchvision's --opt as --opts ("sgd has no value")
+    ("train_det", ["--opt", "sgd"], "SGD with momentum is the optimizer here"),
+])
+def test_torchvision_reference_flags_say_what_does_the_same_here(tool, flag, says, capsys):
+    """A torchvision-references user's flags got only "unrecognized arguments" (a trial);
+    Detectron2's got the setting that does the same here."""
+    with pytest.raises(SystemExit) as stop:
+        load_tool(tool).parse_args(["--config", "C.yaml", *flag])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "is a flag of torchvision's detection references; here: " in err and says in err
+    assert any(f"error: {f.split('=')[0]} is a flag" in err for f in flag), err
+
+
+def test_a_checkpoint_path_given_where_an_override_goes_says_what_resume_does():
+    from detection.config import load_config
+
+    with pytest.raises(ConfigError, match=r"override 'output/x/model_5.pth' must look like key.sub=value \(a "
+                                          r"checkpoint\? --resume takes no path: it continues the output folder's "
+                                          r"last.pth"):
+        load_config(None, ["output/x/model_5.pth"])
+
+
 def test_num_gpus_1_is_one_process_as_here_and_other_tools_say_they_run_in_one(capsys):
     args = load_tool("train_det").parse_args(["--config", "C.yaml", "--num-gpus", "1", "seed=3"])
     assert args.overrides == ["seed=3"]

@@ -171,3 +171,13 @@ def test_inference_with_no_proposals_gives_empty_detections():
     heads = _heads().eval()
     dets, _ = heads(torch.randn(1, 16, 8, 8), [torch.zeros(0, 4)], IMAGE_SIZES[:1])
     assert dets[0]["boxes"].shape == (0, 4) and dets[0]["labels"].shape == (0,)
+
+
+def test_torchvisions_attribute_names_set_the_same_settings():
+    """A torchvision user tunes a built detector with roi_heads.score_thresh / nms_thresh /
+    detections_per_img: here that made new attributes nothing read, in silence (a trial)."""
+    heads = _heads(score_thresh_test=0.05, nms_thresh_test=0.5)
+    heads.score_thresh, heads.nms_thresh, heads.detections_per_img = 0.9, 0.1, 5
+    assert (heads.score_thresh_test, heads.nms_thresh_test, heads.detections_per_image) == (0.9, 0.1, 5)
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.9, 0.1, 5)
+    assert "score_thresh" not in heads.__dict__ and "score_thresh" not in heads.state_dict()

@@ -84,6 +84,25 @@ def test_resume_without_the_runs_overrides_is_refused_and_a_deliberate_change_is
 
 
 @pytest.mark.slow  # trains through train_det.main
+def test_weights_given_to_a_resume_are_said_not_to_be_read_and_config_yaml_keeps_the_runs(data_root, tmp_path,
+                                                                                          capsys):
+    """torchvision's `--resume model_N.pth` spelled `--resume model.weights=model_N.pth` resumed
+    last.pth in silence, and config.yaml then named the file it did not read (a trial)."""
+    out = tmp_path / "run"
+    assert main_code(train_det, tool_argv(data_root, out, **{"solver.max_iter": 2})) == 0
+    before = load_config(out / "config.yaml").model.weights
+    older = tmp_path / "model_0000001.pth"
+    older.write_bytes((out / "last.pth").read_bytes())
+    capsys.readouterr()
+    assert main_code(train_det, tool_argv(data_root, out, "--resume", **{"solver.max_iter": 3,
+                                                                         "model.weights": str(older)})) == 0
+    err = capsys.readouterr().err
+    assert f"--resume: model.weights={older} is not read: the run continues from {out / 'last.pth'}" in err
+    assert "copy it to last.pth" in err
+    assert load_config(out / "config.yaml").model.weights == before != str(older)
+
+
+@pytest.mark.slow  # trains through train_det.main
 def test_a_deliberate_change_of_lr_momentum_or_weight_decay_on_resume_is_the_one_trained_with(data_root, tmp_path):
     """The checkpoint restores the momentum buffers and where the schedule is; the optimizer's
     hyperparameters are the resumed run's config (they were the checkpoint's: recorded as
@@ -232,6 +251,9 @@ def test_metrics_time_is_the_windows_median_and_log_txt_holds_the_run(data_root,
     assert [(x["iteration"], x["time"], x["data_time"]) for x in lines] == [(3, 2.0, 0.0), (6, 5.0, 0.0)]
     log = (out / "log.txt").read_text()
     assert "INFO detection.engine.trainer: training set shapes_train: 6 images" in log  # the start summary
+    # the batch and the schedule in a torchvision user's terms too (its --batch-size is per GPU, in epochs)
+    assert "INFO detection.engine.trainer: batch: 2 images an iteration, base_lr 0.01, 6 iterations: 2 epochs of " \
+        "the 6 training images" in log
     assert f"output folder: {out.resolve()}" in log
     assert "iter 3/6: total_loss 4 (" in log and "time 2.000 s/it" in log and "eta 0:00:06" in log
     # a run refused by its checks leaves no log.txt (nor a folder)

@@ -180,8 +180,12 @@ def _python_tuple(text: str, key: str) -> Any:
 def _apply_override(tree: dict, item: str) -> None:
     """`a.b.c=value` with the value parsed as YAML (so `[1, 2]`, `null`, `0.5` work)."""
     if "=" not in item:
-        raise ConfigError(f"command line: override {item!r} must look like key.sub=value (Detectron2's "
-                          "KEY VALUE pairs go last, after --opts)")
+        checkpoint = item.lower().endswith((".pth", ".pkl", ".pt"))
+        raise ConfigError(f"command line: override {item!r} must look like key.sub=value " + (
+            "(a checkpoint? --resume takes no path: it continues the output folder's last.pth, and an older "
+            "model_NNNNNNN.pth goes on once copied to last.pth; weights to start from: model.weights=PATH; "
+            "eval.py and visualize.py take --weights PATH)" if checkpoint else
+            "(Detectron2's KEY VALUE pairs go last, after --opts)"))
     key, raw = item.split("=", 1)
     try:
         value = yaml_load(raw) if raw.strip() else ""

@@ -95,7 +95,15 @@ def check_resume_config(cfg: Config, out_dir: Path, explicit: Optional[Sequence[
     if not path.is_file():
         logger.warning("--resume: %s does not exist: the config given now is taken as the run's", path)
         return []
-    changes = config_differences(load_config(path), cfg)
+    saved = load_config(path)
+    changes = config_differences(saved, cfg)
+    for key in ("model.weights", "model.backbone.weights"):  # NOT_COMPARED: paths move; but given now, deliberately
+        given = _leaves(config_to_dict(cfg)).get(key)
+        if explicit is not None and _given(key, explicit) and given != _leaves(config_to_dict(saved)).get(key):
+            logger.warning("--resume: %s=%s is not read: the run continues from %s (its model, optimizer, schedule "
+                           "and data order; torchvision's --resume PATH is this); to go on from an older "
+                           "model_NNNNNNN.pth, copy it to last.pth; to start from weights, a new run", key, given,
+                           Path(out_dir) / "last.pth")
     if explicit is not None:
         refused = [c for c in changes if not _given(c[0], explicit)]
         if refused:

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from detection.config import Config, dump_config
+from detection.config import Config, dump_config, load_config
 from detection.engine.metrics import is_evaluation
 from detection.utils.files import OutputFolderError, atomic_write, read_metrics_lines
 
@@ -187,8 +187,14 @@ def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed
         logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_checkpoints(out_dir)
+    to_save = with_absolute_folders(cfg)
+    if resumed_at is not None and (out_dir / "config.yaml").is_file():  # weights a resume does not read:
+        saved = load_config(out_dir / "config.yaml")  # config.yaml keeps those the run started from
+        to_save = dataclasses.replace(to_save, model=dataclasses.replace(
+            to_save.model, weights=saved.model.weights,
+            backbone=dataclasses.replace(to_save.model.backbone, weights=saved.model.backbone.weights)))
     with atomic_write(out_dir / "config.yaml") as f:  # a full disk: one error naming it, the old file kept
-        f.write(dump_config(with_absolute_folders(cfg)))
+        f.write(dump_config(to_save))
     if resumed_at is not None:
         truncate_metrics(out_dir / "metrics.jsonl", resumed_at)
 

@@ -133,10 +133,11 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
     from detection.data.loader import training_records
     from detection.utils.environment import command_line, environment, environment_line
 
-    lines = []
+    lines, images = [], 0
     for d in datasets:
         kept = training_records(d.records, filter_empty=cfg.dataloader.filter_empty,
                                 use_difficult=cfg.dataloader.use_difficult)
+        images += len(kept)
         counts = np.bincount(np.concatenate([r["labels"] for r in kept] + [np.zeros(0, np.int64)]),
                              minlength=d.num_classes + 1)
         dropped = f" ({len(d.records) - len(kept)} without boxes dropped: dataloader.filter_empty)" \
@@ -144,6 +145,12 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
         lines.append(f"training set {d.name}: {len(kept)} images{dropped}, {d.num_classes} classes, objects "
                      "per class: " + ", ".join(f"{n} {c}" for n, c in zip(d.class_names, counts[1:])))
     lines += summary_of_test_sets(cfg, test_sets)
+    s, world = cfg.solver, du.get_world_size()
+    # torchvision's --batch-size is per GPU and its schedule in epochs: both said here (a trial)
+    lines.append(f"batch: {s.ims_per_batch} images an iteration" + (f" ({s.ims_per_batch // world} per process)"
+                 if world > 1 else "") + f", base_lr {s.base_lr:g}, {s.max_iter} iterations" +
+                 (f": {s.max_iter * s.ims_per_batch / images:.3g} epochs of the {images} training images"
+                  if images else ""))
     amp = str(amp_dtype(device)).removeprefix("torch.") if training_amp(cfg.solver.amp, device) else \
         "off (no bfloat16 instructions: float32)" if cfg.solver.amp else "off"
     lines.append(f"device: {device}, torch threads: {torch.get_num_threads()}, AMP: {amp}, "

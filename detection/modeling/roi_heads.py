@@ -96,6 +96,14 @@ class Res5ROIHeads(nn.Module):
         self.res5_runner: Callable[[Tensor, list[Tensor]], Tensor] | None = None
         self.sync_free = False  # accel.sync_free_postprocess (detection/modeling/syncfree.py), set by detection.accel
 
+    # torchvision's RoIHeads names for the same settings: a torchvision user sets
+    # `model.roi_heads.score_thresh = 0.9`, which made a new attribute nothing read (a trial)
+    score_thresh = property(lambda self: self.score_thresh_test,
+                            lambda self, value: setattr(self, "score_thresh_test", value))
+    nms_thresh = property(lambda self: self.nms_thresh_test, lambda self, value: setattr(self, "nms_thresh_test", value))
+    detections_per_img = property(lambda self: self.detections_per_image,
+                                  lambda self, value: setattr(self, "detections_per_image", value))
+
     def forward(self, features: Tensor, proposals: Sequence[Tensor],
                 image_sizes: Sequence[tuple[int, int]],
                 targets: Sequence[dict[str, Tensor]] | None = None,
