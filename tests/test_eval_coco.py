@@ -124,6 +124,15 @@ def test_printed_ap_equals_cocoeval_on_the_written_results(dataset, tmp_path):
     assert metrics["AP-triangle"] == pytest.approx(precision[precision > -1].mean() * 100)
 
 
+def test_the_table_lists_a_class_named_with_a_slash_among_the_classes():
+    """'1/2 inch bolt' (a product catalogue) was printed among the summary numbers, and left out
+    of the per-class table, with and without a test set's prefix (a many-class trial)."""
+    for prefix in ("", "prod_val/"):
+        table = format_metrics_table({f"{prefix}AP": 50.0, f"{prefix}AP-1/2 inch bolt": 10.0, f"{prefix}AP-nut": 20.0})
+        summary, per_class = table.split("per-class AP")
+        assert "bolt" not in summary and "1/2 inch bolt   10.00" in per_class and "nut" in per_class, table
+
+
 def test_a_json_without_iscrowd_or_area_is_scored_as_if_they_were_0_and_the_box_area(dataset, tmp_path, caplog):
     """Converters often leave out 'iscrowd' and 'area', which COCOeval reads (a KeyError from deep
     inside pycocotools at the first evaluation): the same metrics as the json with iscrowd 0 and

@@ -167,7 +167,8 @@ def compact_floats(x: Any) -> np.ndarray:
 
 
 def _is_per_class(key: str) -> bool:
-    return key.rsplit("/", 1)[-1].startswith("AP-")
+    """AP-<class>, or <test set>/AP-<class>: a class name may hold "/" itself ("1/2 inch bolt")."""
+    return key.startswith("AP-") or "/AP-" in key
 
 
 def _fmt(value: Any) -> str:
