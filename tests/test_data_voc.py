@@ -113,6 +113,16 @@ def test_fractional_coordinates_are_scored_as_written_whatever_else_the_image_ho
         assert evaluate_results_file(info, str(results))["AP-a"] == pytest.approx(100.0), name
 
 
+@pytest.mark.parametrize("bad", ["café/crème", "../../escaped", "..", "a\\b", " "])
+def test_a_class_name_that_cannot_name_a_results_file_is_refused(tmp_path, bad):
+    """The VOC evaluation writes comp4_det_test_{class}.txt: "café/crème" made a subfolder and
+    "../../x" a file outside the results folder (a many-class trial)."""
+    root = make_voc(tmp_path / "VOC2007", {"test": ["a"]}, {"a": (20, 20, [("dog", (1, 1, 5, 5), 0)])})
+    with pytest.raises(DataError, match=r"class name .* cannot name a file, as a VOC set's results files are named "
+                                        r"after its classes"):
+        load_voc(str(root), "test", classes=["dog", bad])
+
+
 def test_bad_values_name_the_element(tmp_path):
     """A missing <xmax> said "float() argument must be ... not 'NoneType'"; the element is named."""
     for text, message in (("<xmin>1</xmin><ymin>1</ymin><ymax>4</ymax>", r"<bndbox>/<xmax> is missing"),

@@ -61,6 +61,14 @@ def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use
     class_names = list(VOC_CLASSES if classes is None else classes)
     if not class_names or len(set(class_names)) != len(class_names):
         raise DataError(f"VOC data set {root}: 'classes' must be a non-empty list of distinct names, got {class_names}")
+    # the evaluation names a file after each class (comp4_det_test_{class}.txt): "1/2 inch" made a
+    # subfolder, "../x" a file outside the results folder (a many-class trial)
+    unfit = [c for c in class_names if not isinstance(c, str) or not c.strip() or c in (".", "..")
+             or any(ch in c for ch in '/\\\0')]
+    if unfit:
+        raise DataError(f"VOC data set {root}: class name {unfit[0]!r} cannot name a file, as a VOC set's results "
+                        "files are named after its classes (comp4_det_test_{class}.txt): give it a name without "
+                        "'/' or '\\', not empty, '.' or '..' (or use a COCO json: its results file names no class)")
     folder = os.path.basename(os.path.normpath(root))
     info = DatasetInfo(
         name=name or f"voc:{folder}_{split}",
