@@ -815,6 +815,12 @@ def test_a_lock_file_the_file_system_refuses_is_one_error_and_no_locks_a_warning
     assert (out / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
     lock.release()
     assert not (out / LOCK_FILE).exists()
+    # a lock file left there names its run, which may be live: not "taken over a stale lock"
+    (out / LOCK_FILE).write_text("pid 4242 on otherhost\n")
+    caplog.clear()
+    RunLock(out).acquire().release()
+    assert f"{out / LOCK_FILE} names pid 4242 on otherhost: if that run is still going, two runs now write into " \
+        "this folder" in caplog.text and "stale" not in caplog.text
 
 
 @pytest.mark.slow  # trains 3 iterations

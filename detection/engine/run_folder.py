@@ -52,6 +52,7 @@ class RunLock:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OutputFolderError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
+        locked = True
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -65,6 +66,7 @@ class RunLock:
                     logger.warning("%s: this file system does not support file locks (%s): the folder is not "
                                    "protected from a second training run started into it", self.path,
                                    err.strerror or err)
+                    locked = False
                     break
                 holder = _read_holder(fd)
                 os.close(fd)
@@ -82,8 +84,11 @@ class RunLock:
                 break
             os.close(fd)
         stale = _read_holder(fd)
-        if stale:
+        if stale and locked:
             logger.warning("%s: took over a stale lock of %s (that process is gone)", self.path, stale)
+        elif stale:  # without locks nothing tells a live holder from a gone one
+            logger.warning("%s names %s: if that run is still going, two runs now write into this folder", self.path,
+                           stale)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
