@@ -256,3 +256,12 @@ def test_a_class_without_objects_is_named_when_num_classes_disagrees(data_root, 
     cfg = tiny_cfg(data_root, tmp_path / "out", **{"model.num_classes": 2})  # every class has objects: no more words
     with pytest.raises(ConfigError, match=r"set model.num_classes=3$"):
         build_train_datasets(cfg)
+    # trained as it is, the start summary says which classes have nothing to learn from (a long
+    # tail's were lost in one line of hundreds of counts: a many-class trial)
+    from detection.engine.startup import summary_lines
+
+    cfg = tiny_cfg(data_root, tmp_path / "out", **{"datasets.train": [entry], "model.num_classes": 4})
+    lines = summary_lines(cfg, build_train_datasets(cfg), torch.device("cpu"), [])
+    assert "1 of the 4 classes have no object to train on (shapes-xyz): the model learns never to find them" in lines
+    cfg = tiny_cfg(data_root, tmp_path / "out")
+    assert not [x for x in summary_lines(cfg, build_train_datasets(cfg), torch.device("cpu"), []) if "no object" in x]

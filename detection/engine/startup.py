@@ -17,6 +17,7 @@ from detection.config import Config, ConfigError
 from detection.data.dataset_info import DatasetInfo
 from detection.engine import distributed as du
 from detection.modeling.precision import amp_dtype, training_amp
+from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
     from detection.data.loader import training_records
     from detection.utils.environment import command_line, environment, environment_line
 
-    lines, images = [], 0
+    lines, images, objects = [], 0, {}
     for d in datasets:
         kept = training_records(d.records, filter_empty=cfg.dataloader.filter_empty,
                                 use_difficult=cfg.dataloader.use_difficult)
@@ -144,6 +145,12 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
             if cfg.dataloader.filter_empty else ""
         lines.append(f"training set {d.name}: {len(kept)} images{dropped}, {d.num_classes} classes, objects "
                      "per class: " + ", ".join(f"{n} {c}" for n, c in zip(d.class_names, counts[1:])))
+        for n, c in zip(d.class_names, counts[1:]):
+            objects[n] = objects.get(n, 0) + int(c)
+    absent = [n for n, c in objects.items() if c == 0]  # a long tail's, lost in a line of hundreds (a trial)
+    if absent:
+        lines.append(f"{len(absent)} of the {len(objects)} classes have no object to train on "
+                     f"({first_few(absent, 5)}): the model learns never to find them")
     lines += summary_of_test_sets(cfg, test_sets)
     s, world = cfg.solver, du.get_world_size()
     # torchvision's --batch-size is per GPU and its schedule in epochs: both said here (a trial)
