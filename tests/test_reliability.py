@@ -888,8 +888,9 @@ def test_resume_without_a_last_pth_past_the_first_checkpoint_keeps_the_history(d
     history = (out / "metrics.jsonl").read_text()
     (out / "last.pth").unlink()
     (out / "last.pth").symlink_to(tmp_path / "scratch" / "last.pth")
-    with pytest.raises(OutputFolderError, match=rf"{out / 'last.pth'} is a link to {tmp_path / 'scratch'}/last.pth, "
-                                                r"which is not there \(storage not mounted\?\)"):
+    with pytest.raises(OutputFolderError, match=rf"{out / 'last.pth'} \(a link to {tmp_path / 'scratch'}/last.pth, "
+                                                r"which is not there\): nothing to resume from until it is \(storage "
+                                                r"not mounted\?\)"):
         train(tiny_cfg(data_root, out, **{**extra, "solver.max_iter": 6}), resume=True)
     assert (out / "last.pth").is_symlink()
     (out / "last.pth").unlink()

@@ -43,9 +43,10 @@ def config_beside(weights: str | Path) -> Path:
     return saved
 
 
-def config_differences(saved: Config, current: Config) -> list[Change]:
-    """The leaves (dotted keys) where `current` differs from `saved`, NOT_COMPARED left out."""
-    old, new = _leaves(config_to_dict(saved)), _leaves(config_to_dict(current))
+def config_differences(saved: Config | dict, current: Config | dict) -> list[Change]:
+    """The leaves (dotted keys) where `current` differs from `saved` (Configs or their dicts),
+    NOT_COMPARED left out."""
+    old, new = (_leaves(c if isinstance(c, dict) else config_to_dict(c)) for c in (saved, current))
     return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in NOT_COMPARED and old.get(key) != new.get(key)]
 
@@ -73,11 +74,9 @@ def check_same_config_everywhere(cfg: Config, flags: Sequence[Any] = ()) -> None
     if world == 1:
         return
     everyone = all_gather_object((config_to_dict(cfg), [str(f) for f in flags]))
-    first = _leaves(everyone[0][0])
     for rank, (tree, its_flags) in enumerate(everyone[1:], start=1):
-        mine = _leaves(tree)
-        keys = [k for k in sorted(first.keys() | mine.keys()) if k not in NOT_COMPARED and first.get(k) != mine.get(k)]
-        what = [f"{k} (process 0: {_short(first.get(k))}, process {rank}: {_short(mine.get(k))})" for k in keys]
+        what = [f"{k} (process 0: {_short(a)}, process {rank}: {_short(b)})"
+                for k, a, b in config_differences(everyone[0][0], tree)]
         if its_flags != everyone[0][1]:
             what.append(f"the command line's options (process 0: {' '.join(everyone[0][1])}, process {rank}: "
                         f"{' '.join(its_flags)})")
@@ -97,9 +96,10 @@ def check_resume_config(cfg: Config, out_dir: Path, explicit: Optional[Sequence[
         return []
     saved = load_config(path)
     changes = config_differences(saved, cfg)
+    now, before = _leaves(config_to_dict(cfg)), _leaves(config_to_dict(saved))
     for key in ("model.weights", "model.backbone.weights"):  # NOT_COMPARED: paths move; but given now, deliberately
-        given = _leaves(config_to_dict(cfg)).get(key)
-        if explicit is not None and _given(key, explicit) and given != _leaves(config_to_dict(saved)).get(key):
+        given = now.get(key)
+        if explicit is not None and _given(key, explicit) and given != before.get(key):
             logger.warning("--resume: %s=%s is not read: the run continues from %s (its model, optimizer, schedule "
                            "and data order; torchvision's --resume PATH is this); to go on from an older "
                            "model_NNNNNNN.pth, copy it to last.pth; to start from weights, a new run", key, given,

@@ -15,7 +15,7 @@ from typing import Optional
 
 from detection.config import Config, dump_config, load_config
 from detection.engine.metrics import is_evaluation
-from detection.utils.files import OutputFolderError, atomic_write, read_metrics_lines
+from detection.utils.files import OutputFolderError, atomic_write, dangling_link, read_metrics_lines
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +140,9 @@ def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool, checkpoint
     if not found or overwrite or (resume and "last.pth" in found):
         return found
     last = out_dir / "last.pth"
-    if resume and last.is_symlink():  # exists() follows the link: a dangling one reads as no checkpoint
-        raise OutputFolderError(f"{last} is a link to {os.readlink(last)}, which is not there (storage not mounted?): "
-                                "nothing to resume from until it is; --overwrite starts the run again")
+    if resume and dangling_link(last):  # exists() follows the link: a dangling one read as no checkpoint
+        raise OutputFolderError(f"{last}{dangling_link(last)}: nothing to resume from until it is (storage not "
+                                "mounted?); --overwrite starts the run again")
     if resume and found == ["metrics.jsonl"] and not any(out_dir.glob("model_[0-9]*.pth")):
         done = max((record["iteration"] for _, record in read_metrics_lines(out_dir / "metrics.jsonl")[0]), default=0)
         if checkpoint_period and done >= checkpoint_period:
