@@ -14,6 +14,7 @@ import pytest
 import detection.visualization.draw
 from detection.config import load_config
 from detection.data.shapes import generate_shapes
+from detection.engine.run_folder import EVAL_LOCK_FILE, RunLock
 from detection.engine.trainer import train
 from detection.evaluation.classes import check_class_names, model_class_names
 from detection.evaluation.outputs import (ResultsSource, check_results_folder, claim_results_folder, results_subfolder,
@@ -74,6 +75,7 @@ def test_eval_writes_beside_the_weights_not_into_the_configs_output_dir(run_a, c
     results = root / "run_a" / "inference"
     assert out.startswith(f"results go to {results}\n")  # said before anything runs
     assert (results / "shapes_val" / "metrics.json").is_file() and not other.exists()
+    assert not (results / EVAL_LOCK_FILE).exists()  # released at the end
     source = json.loads((results / "source.json").read_text())
     stat = weights.resolve().stat()
     assert source["path"] == str(weights.resolve())
@@ -88,6 +90,23 @@ def test_eval_writes_beside_the_weights_not_into_the_configs_output_dir(run_a, c
     assert json.loads((results / "source.json").read_text()) == source  # still names the checkpoint
     code, _, err = call(EVAL, capsys, "--weights", str(root / "nothing.pth"), *overrides)
     assert code == 2 and "nothing.pth: --weights file not found" in _error_line(err)
+
+
+def test_a_second_evaluation_into_a_folder_in_use_is_refused_naming_the_first(run_a, tmp_path, capsys):
+    """A job array evaluating a run's checkpoints at once: all wrote into <run>/inference, the
+    files of both mixed and source.json naming one checkpoint for the other's numbers."""
+    root, overrides = run_a
+    shared = tmp_path / "inference"
+    first = RunLock(shared, EVAL_LOCK_FILE, "evaluation").acquire()  # as a live eval.py holds it
+    try:
+        code, _, err = call(EVAL, capsys, "--weights", str(root / "run_a" / "model_final.pth"),
+                            "--output-dir", str(shared), *overrides)
+        line = _error_line(err)
+        assert code == 2 and f"{shared} is in use by another evaluation (pid {os.getpid()} on " in line, line
+        assert "--output-dir" in line
+        assert sorted(p.name for p in shared.iterdir()) == [EVAL_LOCK_FILE]  # nothing of the second written
+    finally:
+        first.release()
 
 
 @pytest.mark.slow  # evaluates through eval.main

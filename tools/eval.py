@@ -35,6 +35,11 @@ results/VOC2012/Main/comp4_det_test_<class>.txt instead (the devkit's 1-based li
 evaluation server's layout, ready to zip and upload), no metrics.json, and the run prints where
 they are.
 
+One evaluation at a time writes into DIR (eval.lock there holds its pid and host): a second one
+started into it, e.g. a job array evaluating a run's checkpoints into <run>/inference at once, is
+refused naming the first (their files mixed, and source.json named one checkpoint for the
+other's numbers); give each its --output-dir.
+
 A folder holding the results of another checkpoint (or of an earlier version of the same
 file, e.g. before more training) is not overwritten: the run stops and says so; pass
 --output-dir for a new folder or --overwrite to replace them (their files are removed
@@ -51,7 +56,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from detection.cli import (add_config_args, config_from_args, override_keys, parse_command_line,
                            resolve_config_beside_weights, run_tool)
@@ -62,6 +67,7 @@ if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are
     from detection.config import Config
     from detection.data.dataset_info import DatasetInfo
     from detection.engine.loading import DetectorWeights
+    from detection.evaluation.outputs import ResultsSource
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,12 +113,12 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from backbones.errors import WeightsError
     from detection.config import ConfigError
     from detection.data import DataError
-    from detection.data.catalog import get_datasets
-    from detection.evaluation import evaluate_test_sets
-    from detection.evaluation.outputs import ResultsSource, check_results_folder, claim_for_every_process
+    from detection.evaluation.outputs import ResultsSource
     from detection.engine.distributed import init_distributed, is_main_process, select_device
+    from detection.engine.run_folder import EVAL_LOCK_FILE, RunLock
     from detection.engine.run_config import check_same_config_everywhere
-    from detection.utils.files import dangling_link
+    from detection.utils import comm
+    from detection.utils.files import OutputFolderError, dangling_link
 
     if not cfg.datasets.test:  # it exited 0 having written a report of no test set
         raise ConfigError("datasets.test is empty: nothing to evaluate; give the test sets, e.g. "
@@ -130,6 +136,30 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     check_same_config_everywhere(cfg, [f"weights={args.weights}", f"overwrite={args.overwrite}"])
     say = print if is_main_process() else _silent
     say(f"results go to {out_root}")
+    # one evaluation at a time per results folder (job arrays of a run's checkpoints share <run>/inference)
+    lock, problem = None, None
+    if is_main_process():
+        try:
+            lock = RunLock(out_root, EVAL_LOCK_FILE, "evaluation").acquire()
+        except OutputFolderError as err:
+            problem = str(err)
+    problem = next((p for p in comm.all_gather_object(problem) if p), None)  # every process stops, none runs on
+    if problem:
+        raise OutputFolderError(problem)
+    try:
+        return _evaluate(cfg, args, out_root, source, device, say)
+    finally:
+        if lock is not None:
+            lock.release(remove_empty_dir=True)
+
+
+def _evaluate(cfg: Config, args: argparse.Namespace, out_root: Path, source: ResultsSource, device: torch.device,
+              say: Callable[..., None]) -> int:
+    from detection.data.catalog import get_datasets
+    from detection.evaluation import evaluate_test_sets
+    from detection.evaluation.outputs import check_results_folder, claim_for_every_process
+    from detection.engine.distributed import is_main_process
+
     check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work (every process)
     model, weights = (None, None) if args.results else _model(cfg, args.weights, device, override_keys(args), say)
     # scoring saved results reads the annotations only, not the images

@@ -24,6 +24,7 @@ RUN_FILES = ("last.pth", "model_final.pth", "metrics.jsonl")
 OVERWRITTEN = (*RUN_FILES, "config.yaml", "inference", "log.txt")
 OVERWRITTEN_PATTERNS = ("model_[0-9]*.pth", "events.out.tfevents.*", "config_resumed_*.yaml")
 LOCK_FILE = "train.lock"
+EVAL_LOCK_FILE = "eval.lock"  # tools/eval.py's, in its results folder
 
 
 class RunLock:
@@ -35,10 +36,15 @@ class RunLock:
     taken over (with a warning naming the old pid), and a reused pid cannot fake a live run.
     The pid and host are there to name the other process in the refusal. Only rank 0 of a
     DDP run takes it: the ranks of one run are one trainer.
+
+    `name` / `user`: another lock file and what holds it: tools/eval.py takes `eval.lock` in its
+    results folder (two evaluations of a run's checkpoints, as a job array starts them, share
+    <run>/inference: their files mixed, and source.json named one checkpoint for the other's).
     """
 
-    def __init__(self, out_dir: Path) -> None:
-        self.path = Path(out_dir) / LOCK_FILE
+    def __init__(self, out_dir: Path, name: str = LOCK_FILE, user: str = "training run") -> None:
+        self.path = Path(out_dir) / name
+        self.user = user
         self._fd: Optional[int] = None
         self._created: list[Path] = []  # the folders acquire() made, deepest first
 
@@ -64,15 +70,15 @@ class RunLock:
             except OSError as err:
                 if err.errno in _NO_LOCKS:  # a cluster file system mounted without locks (Lustre without flock)
                     logger.warning("%s: this file system does not support file locks (%s): the folder is not "
-                                   "protected from a second training run started into it", self.path,
-                                   err.strerror or err)
+                                   "protected from a second %s started into it", self.path,
+                                   err.strerror or err, self.user)
                     locked = False
                     break
                 holder = _read_holder(fd)
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                raise OutputFolderError(f"{folder} is in use by another training run ({holder}, lock file "
+                raise OutputFolderError(f"{folder} is in use by another {self.user} ({holder}, lock file "
                                         f"{self.path}): wait for it to end, or choose another --output-dir") from None
             # the file may have been removed (by its releasing owner) between our open and flock:
             # then the lock is on an orphan inode; start again on the path's current file
