@@ -178,6 +178,17 @@ def test_missing_file_and_base_loop(tmp_path):
         load_config(tmp_path / "x.yaml")
 
 
+def test_a_windows_editors_config_reads_and_utf16_is_named(tmp_path):
+    """A UTF-8 byte-order mark and CRLF lines (Notepad) read as the file says; UTF-16 (Windows
+    PowerShell's `echo ... > my.yaml`) is said to be UTF-16, not only 'not UTF-8'."""
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbfsolver:\r\n  max_iter: 7\r\n")
+    assert load_config(tmp_path / "bom.yaml").solver.max_iter == 7
+    (tmp_path / "u16.yaml").write_text("solver:\n  max_iter: 7\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=r"u16.yaml: not a text file in UTF-8 .* \(it is UTF-16 text, .* save it as "
+                                          r"UTF-8\)$"):
+        load_config(tmp_path / "u16.yaml")
+
+
 def test_save_load_round_trip(tmp_path):
     cfg = load_config(ROOT / "configs" / "coco_r101.yaml", ["model.rpn.nms_thresh=0.65",
                       "datasets.test=[{type: coco, ann_file: a.json, image_root: imgs}]"])

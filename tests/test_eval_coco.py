@@ -179,6 +179,14 @@ def test_evaluate_results_file_matches_and_checks_the_file(dataset, tmp_path):
     metrics, _ = _evaluate(dataset, _noisy_outputs(dataset.records, seed=1), str(tmp_path))
     again = evaluate_results_file(dataset, str(tmp_path / "coco_results.json"))
     assert all(again[k] == metrics[k] or (math.isnan(again[k]) and math.isnan(metrics[k])) for k in metrics)
+    # re-saved by a Windows tool: with a UTF-8 byte-order mark the same numbers; UTF-16 named
+    text = (tmp_path / "coco_results.json").read_text()
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    again = evaluate_results_file(dataset, str(tmp_path / "bom.json"))
+    assert all(again[k] == metrics[k] or (math.isnan(again[k]) and math.isnan(metrics[k])) for k in metrics)
+    (tmp_path / "u16.json").write_text(text, encoding="utf-16")
+    with pytest.raises(ValueError, match=r"u16.json: not UTF-8 text \(byte 0\) \(it is UTF-16 text"):
+        evaluate_results_file(dataset, str(tmp_path / "u16.json"))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"image_id": 10, "bbox": [1, 2, 3, 4], "score": 0.5}]))
     with pytest.raises(ValueError, match="bad.json: result 0"):

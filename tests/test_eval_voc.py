@@ -329,6 +329,11 @@ def test_results_folder_errors_name_the_problem(tmp_path):
     (tmp_path / "comp4_det_test_cat.txt").write_text("000001 0.5 1 1 10\n")
     with pytest.raises(ValueError, match="comp4_det_test_cat.txt:1"):
         evaluate_results_file(dataset, str(tmp_path))
+    (tmp_path / "comp4_det_test_cat.txt").write_text("000001 0.5 1 1 10 10\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=r"comp4_det_test_cat.txt: not UTF-8 text \(byte 0\) \(it is UTF-16 text"):
+        evaluate_results_file(dataset, str(tmp_path))
+    (tmp_path / "comp4_det_test_cat.txt").write_bytes(b"\xef\xbb\xbf000001 0.5 1 1 10 10\n")  # a BOM: read as text
+    assert evaluate_results_file(dataset, str(tmp_path))["AP-cat"] == 0.0  # (was: image id "\ufeff000001" unknown)
 
 
 def test_table_names_the_metric_and_json_is_flat(tmp_path):

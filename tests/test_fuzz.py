@@ -217,7 +217,9 @@ def coco_cases(tmp: Path, images: Path) -> list[Case]:
     cases.append(coco_case("latin1_bytes", tmp, images, text.replace(b'"cat"', b'"c\xe4t"'), raw=True,
                            where=("not UTF-8",), outcomes={"error"}))
     cases.append(coco_case("utf16", tmp, images, json.dumps(coco_base()).encode("utf-16"), raw=True,
-                           outcomes={"error"}))
+                           where=("is UTF-16 text", "save it as UTF-8"), outcomes={"error"}))
+    # a Windows editor's UTF-8 byte-order mark is not text: the json is read (json.loads refused it)
+    cases.append(coco_case("utf8_bom", tmp, images, b"\xef\xbb\xbf" + text, raw=True, outcomes={"accepted"}))
     for value in ([], 3, "x", None, [coco_base()]):
         cases.append(coco_case(f"top_level_{type(value).__name__}_{len(cases)}", tmp, images, value,
                                where=("expected a COCO json object",), outcomes={"error"}))
@@ -493,6 +495,11 @@ def voc_cases(tmp: Path) -> list[Case]:
                           outcomes={"accepted"}))
     cases.append(voc_case("split_latin1", tmp, lambda r: (r / split).write_bytes(b"00000\xe4\n"),
                           where=(split, "UTF-8"), outcomes={"error"}))
+    # a BOM began the first image id ("\ufeff000001.xml not found"); UTF-16 is said to be UTF-16
+    cases.append(voc_case("split_utf8_bom", tmp, lambda r: (r / split).write_bytes(b"\xef\xbb\xbf000001\n000002\n"),
+                          outcomes={"accepted"}))
+    cases.append(voc_case("split_utf16", tmp, lambda r: (r / split).write_text("000001\n000002\n", encoding="utf-16"),
+                          where=(split, "is UTF-16 text"), outcomes={"error"}))
     cases.append(voc_case("split_is_a_folder", tmp, lambda r: ((r / split).unlink(), (r / split).mkdir()),
                           where=(split,), outcomes={"error"}))
     cases.append(voc_case("split_lists_a_missing_id", tmp, lambda r: (r / split).write_text("000001\n424242\n"),

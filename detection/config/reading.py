@@ -101,7 +101,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = (), files: list | None = No
     try:
         data = yaml_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not a text file in UTF-8 (byte {err.start}: {err.reason})") from None
+        raise ConfigError(f"{path}: not a text file in UTF-8 (byte {err.start}: {err.reason})"
+                          + (" (it is UTF-16 text, as Windows PowerShell's '>' writes it: save it as UTF-8)"
+                             if path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff") else "")) from None
     except RepeatedKey as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

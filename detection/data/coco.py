@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 
 from detection.data import DataError
 from detection.data.dataset_info import DatasetInfo
+from detection.utils.files import USER_TEXT_ENCODING, utf16_hint
 from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
@@ -85,12 +86,12 @@ def open_coco(ann_file: str) -> COCO:
     try:
         with open(ann_file, "rb") as f:
             raw = f.read()
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode(USER_TEXT_ENCODING))
     except OSError as e:
         raise DataError(f"could not read annotation file {ann_file}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"annotation file {ann_file} is not UTF-8 text (byte {e.start}: "
-                        f"{raw[e.start:e.start + 1]!r}); a COCO json is UTF-8") from None
+                        f"{raw[e.start:e.start + 1]!r}){utf16_hint(ann_file)}; a COCO json is UTF-8") from None
     except json.JSONDecodeError as e:
         what = "is empty" if not raw.strip() else f"is not valid json ({e})"
         raise DataError(f"annotation file {ann_file} {what}") from None

@@ -32,7 +32,7 @@ from detection.data import DataError
 from detection.data.coco import box_problem
 from detection.data.dataset_info import DatasetInfo
 from detection.data.orientation import header_size
-from detection.utils.files import in_other_unicode_form
+from detection.utils.files import USER_TEXT_ENCODING, in_other_unicode_form, utf16_hint
 from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
@@ -156,11 +156,11 @@ def read_split(root: str, split: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f"VOC split file not found: {path}; {_LAYOUT_HINT}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=USER_TEXT_ENCODING) as f:
             ids = [line.split()[0] for line in f if line.strip()]
     except UnicodeDecodeError as e:
-        raise DataError(f"VOC split file {path} is not UTF-8 text (byte {e.start}); it lists one image id "
-                        "per line") from None
+        raise DataError(f"VOC split file {path} is not UTF-8 text (byte {e.start}){utf16_hint(path)}; it lists one "
+                        "image id per line") from None
     except OSError as e:
         raise DataError(f"could not read VOC split file {path}: {e.strerror or e}") from None
     unique = list(dict.fromkeys(ids))

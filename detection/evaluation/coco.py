@@ -29,7 +29,7 @@ from pycocotools.cocoeval import COCOeval
 
 from detection.data import DataError
 from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
-from detection.utils.files import atomic_write
+from detection.utils.files import USER_TEXT_ENCODING, atomic_write, utf16_hint
 
 if TYPE_CHECKING:
     from detection.data.dataset_info import DatasetInfo
@@ -185,12 +185,12 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
 def read_results_json(path: str) -> list[dict]:
     """A COCO results file, checked enough that errors name the file and the entry."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=USER_TEXT_ENCODING) as f:
             results = json.load(f)
     except OSError as err:
         raise DataError(f"{path}: cannot read the results file ({err.strerror})") from None
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); a results json is UTF-8") from None
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}){utf16_hint(path)}; a results json is UTF-8") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid json ({err})") from None
     if not isinstance(results, list):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from detection.evaluation.voc_metric import devkit_iou, to_devkit
+from detection.utils.files import USER_TEXT_ENCODING
 
 IOU_THRESH = 0.5  # a prediction matches a ground-truth box of its class from this IoU
 COCO_MAX_DETS = 100  # COCOeval's maxDets for AP: the first 100 predictions per image and class
@@ -103,7 +104,7 @@ def read_coco_ground_truth(ann_file: str | Path, label_to_category_id: Mapping[i
                            ) -> dict[Any, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """image id -> (XYWH boxes as the json writes them, labels 1..K, crowd flags) of a COCO json's
     annotations of the model's categories: what COCOeval scores (its `ignore` is `iscrowd`)."""
-    with open(ann_file, encoding="utf-8") as f:
+    with open(ann_file, encoding=USER_TEXT_ENCODING) as f:  # as the reader took it
         annotations = json.load(f).get("annotations", [])
     label_of = {int(c): int(label) for label, c in label_to_category_id.items()}
     found: dict[Any, list[tuple[float, float, float, float, int, bool]]] = {}

@@ -12,7 +12,7 @@ import numpy as np
 
 from detection.data import DataError
 from detection.evaluation.voc_metric import ImageId
-from detection.utils.files import atomic_write
+from detection.utils.files import USER_TEXT_ENCODING, atomic_write, utf16_hint
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +129,10 @@ def read_comp4_lines(path: str, class_names: Sequence[str], image_ids: Sequence[
             continue
         found += 1
         try:
-            with open(file, encoding="utf-8") as f:
+            with open(file, encoding=USER_TEXT_ENCODING) as f:
                 lines = f.readlines()
         except UnicodeDecodeError as err:
-            raise DataError(f"{file}: not UTF-8 text (byte {err.start}); results files hold "
+            raise DataError(f"{file}: not UTF-8 text (byte {err.start}){utf16_hint(file)}; results files hold "
                             "'image_id score x1 y1 x2 y2' lines") from None
         parsed = parse_comp4_lines(lines, file)  # errors name the file's own line numbers
         unknown = next((i for i in parsed[0] if i not in known), None)

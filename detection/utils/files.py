@@ -122,6 +122,25 @@ def dangling_link(path: Union[str, os.PathLike]) -> str:
         return ""
 
 
+# The encoding of the text files a user hands over (COCO json, VOC split lists, results files):
+# UTF-8, with or without the byte-order mark Windows editors write (Notepad, PowerShell 7's
+# utf8BOM). A BOM is not text: a split list's first image id began with it ("\ufeff000005.xml
+# not found", the character invisible) and json.loads refused the file.
+USER_TEXT_ENCODING = "utf-8-sig"
+
+
+def utf16_hint(path: Union[str, os.PathLike]) -> str:
+    """' (it is UTF-16 text, ...)' when the file begins with a UTF-16 byte-order mark (Windows
+    PowerShell 5's Out-File and `>` write UTF-16), else '': for a 'not UTF-8' error."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return ""
+    return (" (it is UTF-16 text, as Windows PowerShell's Out-File and '>' write it: save it as UTF-8)"
+            if head in (b"\xff\xfe", b"\xfe\xff") else "")
+
+
 def strict_json(value: Any) -> Any:
     """`value` with every float that is not finite (NaN, inf) made None, in nested dicts, lists and
     tuples: strict JSON (jq and JavaScript's JSON.parse refuse NaN), as metrics.json writes it."""
