@@ -176,3 +176,34 @@ def test_load_voc_without_annotations_reads_no_xml(tmp_path):
     (root / "Annotations" / "2008_000001.xml").write_text("not xml at all")  # would be an error if read
     info = load_voc(str(root), "test", annotations=False)
     assert info.name == "voc:VOC2012_test" and len(info.records) == 2
+
+
+def _write_annotations(root, boxes_by_id):
+    """Annotations/<id>.xml for each image: 1-based devkit boxes of class dog."""
+    (root / "Annotations").mkdir()
+    for image_id, (width, height) in SIZES.items():
+        objects = "".join(f"<object><name>dog</name><difficult>0</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+                          f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+                          for x1, y1, x2, y2 in boxes_by_id.get(image_id, []))
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><size><width>{width}</width><height>{height}</height><depth>3</depth></size>{objects}"
+            "</annotation>")
+
+
+def test_a_submission_goes_to_voc2012_and_is_scored_as_written_once_annotations_are_at_hand(tmp_path):
+    """A test folder renamed VOC2012test wrote results/VOC2012test/Main, which the server does not
+    read; --results on a submission folder found no class file (they are in results/VOC2012/Main)."""
+    root = make_unannotated_voc(tmp_path)
+    root = root.rename(tmp_path / "VOC2012test")
+    entry = {"type": "voc", "root": str(root), "split": "test", "annotations": False}
+    out = tmp_path / "inference"
+    evaluate_test_sets([get_dataset(entry, str(tmp_path))], model=FixedDetector(DETECTIONS), output_dir=out)
+    main = out / "voc_VOC2012test_test" / "results" / "VOC2012" / "Main"
+    assert read_class_files(main)["dog"][0] == "2008_000001 0.900000 1.0 1.0 10.0 20.0"
+
+    # the ground truth published later: the submission folder scores as the model itself does
+    _write_annotations(root, {"2008_000001": [(1, 1, 10, 20)], "2008_000002": [(20, 20, 40, 40)]})
+    annotated = get_dataset({**entry, "annotations": True}, str(tmp_path))
+    direct = evaluate_test_sets([annotated], model=FixedDetector(DETECTIONS))[annotated.name]
+    saved = evaluate_test_sets([annotated], results=str(out))[annotated.name]
+    assert saved["AP-dog"] == direct["AP-dog"] == pytest.approx(50.0)  # one of two dogs found, first

@@ -30,10 +30,11 @@ same for one test set or several:
                              another test set adds that set's part (each set keeps it in
                              DIR/<test set>/report_section.json) and source.json lists both
 
-A test set without published annotations (voc_2012_test) cannot be scored: its folder gets
-results/VOC2012/Main/comp4_det_test_<class>.txt instead (the devkit's 1-based lines, the PASCAL
-evaluation server's layout, ready to zip and upload), no metrics.json, and the run prints where
-they are.
+A test set without published annotations cannot be scored: its folder gets the files of its
+evaluation server instead, no metrics.json, and the run prints where they are and what to
+upload: voc_2012_test, results/VOC2012/Main/comp4_det_test_<class>.txt (the devkit's 1-based
+lines, the PASCAL server's layout); coco_2017_test-dev (any COCO json without an "annotations"
+list), coco_results.json (renamed detections_test-dev2017_<name>_results.json and zipped).
 
 One evaluation at a time writes into DIR (eval.lock there holds its pid and host): a second one
 started into it, e.g. a job array evaluating a run's checkpoints into <run>/inference at once, is

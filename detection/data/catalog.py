@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 # name -> explicit entry; paths are relative to datasets.root. The COCO 2014 names and files are
 # Detectron's and Detectron2's (minival / valminusminival: Detectron's split of val2014, the
-# images stay in val2014). voc_2012_test has no published annotations (evaluation server only).
+# images stay in val2014). voc_2012_test and coco_2017_test-dev have no published annotations
+# (evaluation server only).
 KNOWN_DATASETS: dict[str, dict[str, Any]] = {
     "coco_2014_train": {"type": "coco", "ann_file": "coco/annotations/instances_train2014.json",
                         "image_root": "coco/train2014"},
@@ -40,6 +41,9 @@ KNOWN_DATASETS: dict[str, dict[str, Any]] = {
                         "image_root": "coco/train2017"},
     "coco_2017_val": {"type": "coco", "ann_file": "coco/annotations/instances_val2017.json",
                       "image_root": "coco/val2017"},
+    # no annotations (the json has none): evaluation writes the results file for COCO's server
+    "coco_2017_test-dev": {"type": "coco", "ann_file": "coco/annotations/image_info_test-dev2017.json",
+                           "image_root": "coco/test2017"},
     "voc_2007_trainval": {"type": "voc", "root": "VOCdevkit/VOC2007", "split": "trainval"},
     "voc_2007_train": {"type": "voc", "root": "VOCdevkit/VOC2007", "split": "train"},
     "voc_2007_val": {"type": "voc", "root": "VOCdevkit/VOC2007", "split": "val"},

@@ -69,6 +69,8 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None) -
         records=records,
         ann_file=os.path.abspath(ann_file),
         label_to_category_id={label: cat_id for cat_id, label in cat_to_label.items()},
+        # COCO's test-dev json (image_info_test-dev2017.json) lists images and categories only
+        has_annotations="annotations" in coco.dataset,
     )
 
 

@@ -18,7 +18,8 @@ class DatasetInfo:
     "difficult": bool[N]}. COCO crowd boxes are not in "boxes" (pycocotools sees them
     through `ann_file`). Images without boxes are kept here; training drops them.
 
-    has_annotations is False for a test set whose ground truth is not published (voc_2012_test):
+    has_annotations is False for a test set whose ground truth is not published (voc_2012_test;
+    a COCO json without an "annotations" list, as coco_2017_test-dev's image_info json):
     its records have no boxes, it cannot be trained on or scored, and evaluation writes the
     files an evaluation server takes instead.
     """

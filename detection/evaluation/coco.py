@@ -105,15 +105,19 @@ class COCOEvaluator:
         self.predictions = [{"image_id": r["image_id"], "instances": by_image.get(r["image_id"], [])}
                             for r in self.dataset.records]
 
-    def evaluate(self) -> dict[str, float]:
-        """Write coco_results.json (when there is an output_dir) and run COCOeval on it."""
+    def _write_results(self) -> tuple[list[dict], list[Any]]:
+        """(the COCO results, the processed image ids); coco_results.json written when there is an output_dir."""
         predictions = order_by_dataset(self.predictions, self.dataset.records)
         to_category = self.dataset.label_to_category_id
         results = [inst for p in predictions for inst in _instances(p, to_category)]
         if self.output_dir:  # written whole or not at all: a full disk leaves the old file
             with atomic_write(os.path.join(self.output_dir, RESULTS_FILE)) as f:
                 f.write(json.dumps(results))  # json.dumps uses the C encoder, json.dump never: 2.5x for 500k
-        image_ids = sorted({p["image_id"] for p in predictions})
+        return results, sorted({p["image_id"] for p in predictions})
+
+    def evaluate(self) -> dict[str, float]:
+        """Write coco_results.json (when there is an output_dir) and run COCOeval on it."""
+        results, image_ids = self._write_results()
         if not image_ids:
             logger.warning("%s: no images were processed, nothing to evaluate", self.dataset.name)
         elif not results:
@@ -121,8 +125,8 @@ class COCOEvaluator:
         coco_gt = self._ground_truth()
         if image_ids and not any(coco_gt.imgToAnns.get(i) for i in image_ids):
             logger.warning("%s: %s holds no ground-truth annotations on the evaluated images: every metric is "
-                           "undefined (-); a set without annotations is for an evaluation server, not for "
-                           "scoring here", self.dataset.name, self.dataset.ann_file)
+                           "undefined (-); a json without an 'annotations' list (as image_info_test-dev2017.json) "
+                           "is written for its evaluation server instead", self.dataset.name, self.dataset.ann_file)
         coco_eval = run_cocoeval(coco_gt, results, image_ids)
         metrics = {key: _percent(coco_eval.stats[i]) for i, key in enumerate(SUMMARY_KEYS)}
         metrics.update(self._per_class(coco_eval))
@@ -150,6 +154,37 @@ class COCOEvaluator:
             if k is not None and (precision[0, :, k, 0, -1] > -1).any():
                 self.pr_curves[name] = (np.asarray(coco_eval.params.recThrs), precision[0, :, k, 0, -1].copy())
         return metrics
+
+
+class COCOSubmissionWriter(COCOEvaluator):
+    """A COCO json without an "annotations" list (image_info_test-dev2017.json, as COCO
+    publishes its test-dev split): detections -> the evaluation server's results file.
+
+    `evaluate()` writes `<output_dir>/coco_results.json` exactly as `COCOEvaluator` does (the
+    json's own image and category ids, XYWH boxes in the images' pixels) and returns no metrics
+    ({}): there is no ground truth to score against. The server takes that list renamed
+    `detections_test-dev2017_<name>_results.json`, zipped (upload_hint)."""
+
+    def evaluate(self) -> dict[str, float]:
+        results, image_ids = self._write_results()
+        logger.info("%s: %d images, %d detections, no annotations: no AP computed", self.dataset.name,
+                    len(image_ids), len(results))
+        self.counts = (len(image_ids), len(results))
+        return {}
+
+    @property
+    def submission_file(self) -> str | None:
+        """Where evaluate() writes the results (None without an output_dir)."""
+        return os.path.join(self.output_dir, RESULTS_FILE) if self.output_dir else None
+
+    def upload_hint(self) -> str:
+        """What to send the server, once evaluate() has written it."""
+        images, detections = getattr(self, "counts", (0, 0))
+        stem = os.path.splitext(os.path.basename(self.dataset.ann_file or ""))[0]
+        split = stem[len("image_info_"):] if stem.startswith("image_info_") else "<split>"
+        return (f"detections for the evaluation server written to {self.submission_file} ({detections} detections "
+                f"on {images} images): rename it detections_{split}_<name>_results.json (your method's name), zip "
+                "it and upload the zip")
 
 
 def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[Any]) -> COCOeval:

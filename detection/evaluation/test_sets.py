@@ -26,7 +26,7 @@ import torch
 
 from detection.data import DataError
 from detection.evaluation.classes import label_map_for_test_set
-from detection.evaluation.coco import COCOEvaluator
+from detection.evaluation.coco import COCOEvaluator, COCOSubmissionWriter
 from detection.evaluation.inference import Evaluator, format_metrics_table, inference_on_dataset, save_metrics_json
 from detection.evaluation.outputs import (read_skipped_images, results_for_test_set, results_subfolder,
                                          results_subfolders, write_skipped_images)
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 # DatasetInfo.kind -> evaluator class (for a data set with annotations)
 EVALUATORS = {"coco": COCOEvaluator, "voc": VOCEvaluator}
 # DatasetInfo.kind -> what writes a set without annotations for its evaluation server
-SUBMISSION_WRITERS = {"voc": VOCSubmissionWriter}
+SUBMISSION_WRITERS = {"voc": VOCSubmissionWriter, "coco": COCOSubmissionWriter}
 
 
 def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Module | None = None,
@@ -200,16 +200,11 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
 
 def _report_submission(dataset: DatasetInfo, evaluator: Evaluator, echo: Callable[[str], None] | None) -> None:
     """No table and no metrics.json for a set without annotations: where its files are."""
-    where = getattr(evaluator, "submission_dir", None)
     head = f"{dataset.name} ({len(dataset.records)} images): no annotations, so no AP is computed here"
-    if where is None:
+    if evaluator.output_dir is None:
         logger.warning("%s; tools/eval.py writes the files for its evaluation server", head)
         return
-    base = Path(where).parents[2]  # the test set's folder, holding results/<VOC2012>/Main
-    message = (f"{head}; detections for the evaluation server written to {where} "
-               f"({len(dataset.class_names)} files comp4_det_test_<class>.txt): in {base}, "
-               f"zip them with their path ({Path(where).relative_to(base)}/...) and upload the archive")
-    (echo or logger.info)(("\n" if echo else "") + message)
+    (echo or logger.info)(("\n" if echo else "") + f"{head}; {evaluator.upload_hint()}")
 
 
 def _plot_pr(evaluator: Evaluator, where: Path, echo: Callable[[str], None] | None,

@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -86,10 +88,13 @@ class VOCEvaluator:
 
     def load_results(self, path: str) -> None:
         """Use a folder of comp4_det_test_{class}.txt files (the devkit's 1-based lines, as
-        `evaluate` writes them) as the detections on every image of the data set; a missing
-        class file means no detections of that class. `evaluate` scores their lines as they
-        are (not rounded to the precision it writes, ties in their order)."""
-        self.result_lines = _process_comp4_dir(self, path)
+        `evaluate` writes them), or one holding them in results/<VOC2012>/Main/ (as
+        `VOCSubmissionWriter` writes them: a submission scored once its annotations are at
+        hand), as the detections on every image of the data set; a missing class file means no
+        detections of that class. `evaluate` scores their lines as they are (not rounded to the
+        precision it writes, ties in their order)."""
+        nested = os.path.join(path, submission_folder(self.dataset))
+        self.result_lines = _process_comp4_dir(self, nested if os.path.isdir(nested) else path)
 
     def evaluate(self) -> dict[str, float]:
         """Write the comp4 files (when there is an output_dir) and score exactly their numbers."""
@@ -120,8 +125,7 @@ class VOCSubmissionWriter:
     """A VOC-type test set without annotations: detections -> the evaluation server's files.
 
     `evaluate()` writes `<output_dir>/results/<folder>/Main/comp4_det_test_{class}.txt` (one
-    file per class, also when empty; <folder> is the data set's folder name, VOC2012 for
-    voc_2012_test), lines `image_id score x1 y1 x2 y2` in the devkit's 1-based pixels as
+    file per class, also when empty; <folder>: submission_folder), lines `image_id score x1 y1 x2 y2` in the devkit's 1-based pixels as
     `VOCEvaluator` writes them, but clipped to the image, without boxes under a pixel wide or
     high (`format_comp4_lines` with the images' sizes), and returns no metrics ({}): there is
     no ground truth to score against. Zip `results/` and upload it to the evaluation server.
@@ -133,8 +137,7 @@ class VOCSubmissionWriter:
         self.dataset = dataset
         self.output_dir = output_dir
         self.class_names = list(dataset.class_names)
-        folder = os.path.basename(os.path.normpath(dataset.root)) if dataset.root else "VOC2012"
-        self.submission_folder = SUBMISSION_FOLDER.format(folder)  # relative to output_dir
+        self.submission_folder = submission_folder(dataset)  # relative to output_dir
         self.reset()
 
     def reset(self) -> None:
@@ -158,7 +161,7 @@ class VOCSubmissionWriter:
             })
 
     def load_results(self, path: str) -> None:
-        """Saved class files: a folder of them, or a folder holding results/<folder>/Main/."""
+        """Saved class files: a folder of them, or a folder holding results/<VOC2012>/Main/."""
         nested = os.path.join(path, self.submission_folder)
         _process_comp4_dir(self, nested if os.path.isdir(nested) else path)
 
@@ -167,10 +170,26 @@ class VOCSubmissionWriter:
         lines = format_comp4_lines(predictions, len(self.class_names), image_sizes(self.dataset.records))
         if self.submission_dir:
             write_comp4_files(lines, self.class_names, self.submission_dir)
-        logger.info("%s: %d images, %d detections, no annotations: no AP computed%s", self.dataset.name,
-                    len(predictions), sum(len(v) for v in lines.values()),
-                    f"; submission files in {self.submission_dir}" if self.submission_dir else "")
+        logger.info("%s: %d images, %d detections, no annotations: no AP computed", self.dataset.name,
+                    len(predictions), sum(len(v) for v in lines.values()))
         return {}
+
+    def upload_hint(self) -> str:
+        """What to send the server, once evaluate() has written it."""
+        where = Path(self.submission_dir)
+        base = where.parents[2]  # the test set's folder, holding results/<VOC2012>/Main
+        return (f"detections for the evaluation server written to {where} ({len(self.class_names)} files "
+                f"comp4_det_test_<class>.txt): in {base}, zip them with their path ({where.relative_to(base)}/...) "
+                "and upload the archive")
+
+
+def submission_folder(dataset: DatasetInfo) -> str:
+    """results/<year folder>/Main, where the PASCAL server looks: the data set's folder name when it
+    is one (VOC2012 for voc_2012_test), else VOC2012, the server's test set (a folder renamed
+    VOC2012test gave results/VOC2012test/Main, which the server does not read)."""
+    folder = os.path.basename(os.path.normpath(dataset.root)) if dataset.root else ""
+    return SUBMISSION_FOLDER.format(folder if re.fullmatch(r"VOC20\d\d", folder) else "VOC2012")
+
 
 def _class_ground_truth(predictions: Sequence[dict], label: int) -> tuple[dict, dict]:
     """image id -> devkit boxes / difficult flags of one class, for every evaluated image."""

@@ -1,0 +1,105 @@
+"""COCO test-dev: a COCO json without an "annotations" list (image_info_test-dev2017.json) is a
+test set without ground truth: it cannot be trained on or scored, and evaluation writes the
+results list COCO's evaluation server takes (the json's ids, XYWH in the images' pixels)."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detection.data import DataError, concat_datasets, get_dataset
+from detection.evaluation import evaluate_test_sets
+from tests.helpers import ROOT, load_tool
+
+# image id -> (file, width, height); ids and category ids as COCO's: large, not 1..K
+IMAGES = {397133: ("000000397133.jpg", 60, 40), 37777: ("000000037777.jpg", 50, 70)}
+CATEGORIES = [{"id": 18, "name": "dog"}, {"id": 3, "name": "car"}]
+
+
+def make_test_dev(root, *, annotations=None):
+    """coco/annotations/image_info_test-dev2017.json and coco/test2017/ (with `annotations`: a copy that has them)."""
+    (root / "coco" / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "coco" / "test2017").mkdir(exist_ok=True)
+    data = {"images": [{"id": i, "file_name": f, "width": w, "height": h} for i, (f, w, h) in IMAGES.items()],
+            "categories": CATEGORIES}
+    for file_name, width, height in IMAGES.values():
+        cv2.imwrite(str(root / "coco" / "test2017" / file_name), np.full((height, width, 3), 90, np.uint8))
+    name = "image_info_test-dev2017.json"
+    if annotations is not None:
+        data["annotations"] = annotations
+        name = "instances_test-dev2017.json"
+    (root / "coco" / "annotations" / name).write_text(json.dumps(data))
+    return root / "coco" / "annotations" / name
+
+
+class FixedDetector(torch.nn.Module):
+    """The same detections for every image of a given size; labels 1..K in the json's category order."""
+
+    def forward(self, images):
+        by_size = {(40, 60): {"boxes": torch.tensor([[2.0, 3.0, 12.0, 23.0]]), "scores": torch.tensor([0.9]),
+                              "labels": torch.tensor([2])},  # label 2: category id 18 (dog), sorted ids 3, 18
+                   (70, 50): {"boxes": torch.tensor([[0.0, 0.0, 20.0, 30.0], [5.0, 5.0, 10.0, 10.0]]),
+                              "scores": torch.tensor([0.8, 0.3]), "labels": torch.tensor([1, 2])}}
+        return [by_size[tuple(image.shape[1:])] for image in images]
+
+
+def test_known_name_reads_images_and_cannot_be_trained_on(tmp_path):
+    make_test_dev(tmp_path)
+    info = get_dataset("coco_2017_test-dev", str(tmp_path))
+    assert info.has_annotations is False and info.kind == "coco" and info.class_names == ["car", "dog"]
+    assert [r["image_id"] for r in info.records] == sorted(IMAGES)
+    with pytest.raises(DataError, match="cannot train on coco_2017_test-dev: it has no annotations"):
+        concat_datasets([info])
+    # a json whose "annotations" list is there but empty is an annotated set (scored: every metric undefined)
+    assert get_dataset({"type": "coco", "ann_file": str(make_test_dev(tmp_path, annotations=[])),
+                        "image_root": str(tmp_path / "coco" / "test2017")}, str(tmp_path)).has_annotations
+
+
+def test_evaluation_writes_the_servers_results_list_and_no_metric(tmp_path):
+    make_test_dev(tmp_path)
+    info = get_dataset("coco_2017_test-dev", str(tmp_path))
+    messages = []
+    out = tmp_path / "inference"
+    per_set = evaluate_test_sets([info], model=FixedDetector(), output_dir=out, echo=messages.append)
+    assert per_set == {"coco_2017_test-dev": {}}  # nothing to score: no (fake) AP, no COCOeval table of -1
+    folder = out / "coco_2017_test-dev"
+    results = json.loads((folder / "coco_results.json").read_text())
+    assert sorted(results, key=lambda r: (r["image_id"], -r["score"])) == [
+        {"image_id": 37777, "category_id": 3, "bbox": [0.0, 0.0, 20.0, 30.0], "score": pytest.approx(0.8)},
+        {"image_id": 37777, "category_id": 18, "bbox": [5.0, 5.0, 5.0, 5.0], "score": pytest.approx(0.3)},
+        {"image_id": 397133, "category_id": 18, "bbox": [2.0, 3.0, 10.0, 20.0], "score": pytest.approx(0.9)}]
+    assert not (folder / "metrics.json").exists()
+    said = "\n".join(messages)
+    assert "no annotations, so no AP is computed" in said and str(folder / "coco_results.json") in said
+    assert "detections_test-dev2017_<name>_results.json" in said and "AP50" not in said
+
+    # the annotations at hand later: the written list scores as the model itself does (pycocotools)
+    ann_file = make_test_dev(tmp_path, annotations=[
+        {"id": 1, "image_id": 397133, "category_id": 18, "bbox": [2, 3, 10, 20], "area": 200, "iscrowd": 0},
+        {"id": 2, "image_id": 37777, "category_id": 3, "bbox": [30, 40, 10, 10], "area": 100, "iscrowd": 0}])
+    annotated = get_dataset({"type": "coco", "ann_file": str(ann_file), "image_root": str(tmp_path / "coco" / "test2017"),
+                             "name": "coco_2017_test-dev"}, str(tmp_path))
+    direct = evaluate_test_sets([annotated], model=FixedDetector())["coco_2017_test-dev"]
+    saved = evaluate_test_sets([annotated], results=str(out))["coco_2017_test-dev"]
+    assert saved == direct and direct["AP-dog"] == pytest.approx(100.0) and direct["AP-car"] == pytest.approx(0.0)
+
+
+@pytest.mark.slow  # runs tools/eval.py (no model: saved results)
+def test_eval_tool_writes_a_submission_and_a_report_without_false_positives(tmp_path, capsys):
+    """The report listed every confident detection as a false positive (no ground truth)."""
+    make_test_dev(tmp_path)
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps([{"image_id": 397133, "category_id": 18, "bbox": [2, 3, 10, 20], "score": 0.9}]))
+    out = tmp_path / "out"
+    code = load_tool("eval").main([
+        "--config", str(ROOT / "configs" / "base.yaml"), "--results", str(saved), "--output-dir", str(out),
+        f"datasets.root={json.dumps(str(tmp_path))}", "datasets.test=[coco_2017_test-dev]", "model.num_classes=2"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert json.loads((out / "coco_2017_test-dev" / "coco_results.json").read_text())[0]["bbox"] == [2, 3, 10, 20]
+    assert "detections for the evaluation server written to" in printed and "AP50" not in printed
+    section = json.loads((out / "coco_2017_test-dev" / "report_section.json").read_text())
+    assert section["metrics"] == {} and section["most_false_positives"] == []
+    if (out / "report.html").exists():  # the report extra installed
+        assert "No annotations: no metrics" in (out / "report.html").read_text()
