@@ -39,6 +39,18 @@ def test_our_checkpoint_is_recognised_by_content(trained):
     assert weights.state.keys() == model.state_dict().keys()
 
 
+def test_a_checkpoint_in_torchs_format_before_1_6_is_read(trained, tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False), as torch < 1.6 and older model zoos
+    wrote: it was refused as "holds a int, not a checkpoint" (its first pickle, torch's magic number)."""
+    path, model = trained
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(path, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[:4] != b"PK\x03\x04"  # not a zip
+    weights = read_detector_file(legacy)
+    assert weights.format == "c4det" and weights.class_names == ["disc", "box", "cross"]
+    assert all(torch.equal(weights.state[k], v) for k, v in model.state_dict().items())
+
+
 def test_a_model_setting_given_in_a_sections_mapping_is_deliberate(trained):
     """eval.py refused "model.roi_heads={pooler_resolution: 7}" with "give
     model.roi_heads.pooler_resolution=... on the command line", which the user had done (a review)."""

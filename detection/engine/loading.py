@@ -124,7 +124,11 @@ def _read_any(path: Path) -> Any:
         verify_checksums(path)  # torch.load does not check the zip's CRCs: flipped bits would load
     if not zipped:
         try:
-            return load_numpy_pickle(path)
+            loaded = load_numpy_pickle(path)
+            # torch.save's format before torch 1.6 begins with a pickle of its magic number: the
+            # numpy-only reader read that one int ("holds a int, not a checkpoint"); torch.load reads it
+            if not (isinstance(loaded, int) and loaded == torch.serialization.MAGIC_NUMBER):
+                return loaded
         except WeightsError as err:
             errors.append(str(err))
     try:
