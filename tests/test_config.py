@@ -189,6 +189,22 @@ def test_a_windows_editors_config_reads_and_utf16_is_named(tmp_path):
         load_config(tmp_path / "u16.yaml")
 
 
+def test_a_wrong_value_is_named_in_a_line_not_dumped(tmp_path):
+    """Nested YAML aliases (a few hundred bytes) expand to 9**9 strings: the error showed the
+    value whole, a 312 MB line after 15 s and 1.4 GB (a security trial)."""
+    levels = ['    - &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcdefg", "bcdefgh"):
+        levels.append(f"    - &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    write(tmp_path / "bomb.yaml", "model:\n  class_names:\n" + "\n".join(levels) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "bomb.yaml")
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'bomb.yaml'}: model.class_names[0]: expected str, got ['lol', ")
+    assert len(message) < 300 and "..." in message
+    with pytest.raises(ConfigError, match=r"model.class_names: expected a list, got 'x{50,60}\.\.\.x{50,60}' \(one item"):
+        load_config(None, [f"model.class_names={'x' * 100000}"])  # a long string on the command line too
+
+
 def test_save_load_round_trip(tmp_path):
     cfg = load_config(ROOT / "configs" / "coco_r101.yaml", ["model.rpn.nms_thresh=0.65",
                       "datasets.test=[{type: coco, ann_file: a.json, image_root: imgs}]"])

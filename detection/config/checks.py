@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 import detection.config
-from detection.config.errors import ConfigError
+from detection.config.errors import ConfigError, shown
 from detection.config.schema import Config
 
 logger = logging.getLogger(__name__)
@@ -126,11 +126,11 @@ def validate(cfg: Config, source: str = "config") -> Config:
     """Raise ConfigError for the first impossible value, naming its key."""
     for key, choices in CHOICES.items():
         if _get(cfg, key) not in choices:
-            raise ConfigError(f"{source}: {key}: {_get(cfg, key)!r} is not one of "
+            raise ConfigError(f"{source}: {key}: {shown(_get(cfg, key))} is not one of "
                               f"{', '.join(_as_yaml(c) for c in choices)}")
     for key, ok, expected in _checks(cfg):
         if not ok:
-            raise ConfigError(f"{source}: {key}: {_get(cfg, key)!r} is invalid, expected {expected}")
+            raise ConfigError(f"{source}: {key}: {shown(_get(cfg, key))} is invalid, expected {expected}")
     _check_dataset_entries(cfg, source)
     return cfg
 

@@ -17,7 +17,7 @@ from typing import Any, Union
 import yaml
 
 from detection.config.checks import cap_num_workers, validate
-from detection.config.errors import ConfigError
+from detection.config.errors import ConfigError, shown
 from detection.config.schema import Config, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = (), files: list | None = No
     bases = data.pop("_base_", [])
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
-        raise ConfigError(f"{path}: _base_ must be a config file's path or a list of them, got {bases!r}")
+        raise ConfigError(f"{path}: _base_ must be a config file's path or a list of them, got {shown(bases)}")
     merged: dict = {}
     for base in bases:
         merged = _merge(merged, _read_yaml(path.parent / base, chain + (path,), files))
@@ -239,7 +239,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _coerce(value, option, key, source)
             except ConfigError as err:
                 errors.append(err)
-        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {shown(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if item_tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -247,7 +247,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, (str, dict)) and type(value) in typing.get_args(item_tp):
             value = [value]  # one data set: datasets.train=shapes_train, or one entry as a mapping
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key}: expected a list, got {value!r} (one item is written [item])")
+            raise ConfigError(f"{source}: {key}: expected a list, got {shown(value)} (one item is written [item])")
         return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, source)
@@ -264,13 +264,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {shown(value)}")
 
 
 def _finite(value: float, key: str, source: str) -> float:
     """No setting means anything as NaN or infinity (they surface as NaN losses or boxes)."""
     if not math.isfinite(value):
-        raise ConfigError(f"{source}: {key}: expected a finite number, got {value!r}")
+        raise ConfigError(f"{source}: {key}: expected a finite number, got {shown(value)}")
     return value
 
 
@@ -311,7 +311,7 @@ def _detectron2_name(dotted: str, value: Any) -> tuple[str, str] | None:
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -328,7 +328,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
             raise ConfigError(f"{source}: unknown key {dotted}{hint}")
         ours = _detectron2_name(dotted, value) if isinstance(value, dict) else None
         if ours and not dataclasses.is_dataclass(hints[key]) and hints[key] is not dict:
-            raise ConfigError(f"{source}: {dotted}: expected {_type_name(hints[key])}, got {value!r}; "
+            raise ConfigError(f"{source}: {dotted}: expected {_type_name(hints[key])}, got {shown(value)}; "
                               f"Detectron2's {ours[0].upper()} is {ours[1]} here")  # SOLVER.AMP.ENABLED
         kwargs[key] = _coerce(value, hints[key], dotted, source)
     return cls(**kwargs)
