@@ -1,9 +1,14 @@
 """read_image: everything becomes uint8 RGB (H, W, 3); bad files name their path."""
+import os
+import subprocess
+import sys
+
 import cv2
 import numpy as np
 import pytest
 
 from detection.data import DataError, read_image
+from tests.helpers import ROOT
 
 
 def test_color_png_is_returned_as_rgb(tmp_path):
@@ -111,3 +116,47 @@ def test_a_cut_jpeg_is_refused_even_when_its_exif_thumbnail_ends_near_the_cut(tm
         cut.write_bytes(with_thumbnail[:at])
         with pytest.raises(DataError, match=r"cut\.jpg"):
             read_image(str(cut))
+
+
+def test_a_mostly_black_float_image_of_0_255_values_is_not_read_as_0_1(tmp_path):
+    """A fluorescence or night frame: more than half its pixels 0 (background) and its objects at
+    40..200 as float 0..255. The median rule read it as 0..1 and every object came out white."""
+    rgb = np.zeros((40, 48, 3), np.uint8)
+    rgb[5:15, 5:15], rgb[20:30, 25:40] = (40, 120, 200), 90
+    cv2.imwrite(str(tmp_path / "dark.tif"), rgb[:, :, ::-1].astype(np.float32))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "dark.tif")), rgb)
+    from detection.utils.images import float_image_scale  # the Predictor's hint for float arrays: the same rule
+    assert float_image_scale(rgb.astype(np.float32)) == 1.0 and float_image_scale(rgb / 255.0) == 255.0
+
+
+def test_12_bit_data_in_a_16_bit_file_is_said_once(tmp_path, caplog):
+    """Mono12/RGB12 from a camera stored in 16 bits reads almost black by the full range: said."""
+    rgb = np.full((6, 8, 3), 100, np.uint8)
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / name), rgb.astype(np.uint16) * 16)  # 0..4080
+    import detection.data.image_io as image_io
+    image_io.LOW_BIT_DEPTH_SAID.clear()  # once per process: a test before may have been told
+    with caplog.at_level("WARNING"):
+        assert read_image(str(tmp_path / "a.png")).max() == 6  # as the file's depth says, not guessed
+        read_image(str(tmp_path / "b.png"))
+    told = [r.getMessage() for r in caplog.records if "12-bit" in r.getMessage()]
+    assert len(told) == 1 and "a.png is 16-bit with no value above 1600" in told[0] and "x16" in told[0], told
+    cv2.imwrite(str(tmp_path / "full.png"), rgb.astype(np.uint16) * 257)  # full range: nothing said
+    image_io.LOW_BIT_DEPTH_SAID.clear()
+    caplog.clear()
+    read_image(str(tmp_path / "full.png"))
+    assert not [r for r in caplog.records if "12-bit" in r.getMessage()]
+
+
+def test_an_image_past_opencvs_pixel_limit_is_one_data_error(tmp_path):
+    """cv2.imdecode raises (not returns None) for an image over OPENCV_IO_MAX_IMAGE_PIXELS: it was
+    a cv2.error traceback in every tool, past dataloader.skip_bad_images (a 40000x30000 1-bit PNG)."""
+    cv2.imwrite(str(tmp_path / "big.png"), np.zeros((30, 40, 3), np.uint8))
+    script = ("from detection.data import DataError, read_image\n"
+              "try:\n    read_image(r'%s')\nexcept DataError as err:\n    print(err)\n") % (tmp_path / "big.png")
+    # the limit is OpenCV's, read from the environment when it starts: 1000 pixels stands for 2^30
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "1000"}, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"could not read image {tmp_path / 'big.png'}: pixels <= CV_IO_MAX_IMAGE_PIXELS")
+    assert "OPENCV_IO_MAX_IMAGE_PIXELS raises the limit" in done.stdout

@@ -10,13 +10,18 @@ photos come out as viewed, which is what annotation tools show and boxes refer t
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import cv2
 import numpy as np
 
 from detection.data import DataError
 from detection.data.orientation import INVERSE, apply_orientation, orientation
+from detection.utils.images import float_image_scale
+
+logger = logging.getLogger(__name__)
 
 # BGR(A) / gray layouts OpenCV returns -> the conversion to RGB
 _TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
@@ -47,7 +52,10 @@ def decode_image(data: bytes | np.ndarray, *, exif_orientation: bool = True, nam
     if _is_truncated_jpeg(data):
         # libjpeg decodes what is there and fills the rest with grey, with only a note on stderr
         raise DataError(f"image {name} is a truncated JPEG (no end-of-image marker): the file was cut short")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:  # OpenCV raises for a size past its limits, or a damaged header, as well
+        raise DataError(f"could not read image {name}: {_opencv_reason(err)}") from None
     if img is None:
         raise DataError(f"could not read image {name}: unreadable, corrupt or not an image format OpenCV decodes")
     img = _to_uint8(img, name)
@@ -61,6 +69,17 @@ def decode_image(data: bytes | np.ndarray, *, exif_orientation: bool = True, nam
     return np.ascontiguousarray(_as_asked(img, data, exif_orientation))
 
 
+def _opencv_reason(err: Exception) -> str:
+    """cv2.error's one useful line, and how to lift OpenCV's pixel limit when it is that."""
+    text = " ".join(str(err).split())
+    found = re.search(r"error: \([^)]*\) (.*)", text)  # after OpenCV's 'file:line: error: (-215:Assertion failed)'
+    reason = found.group(1) if found else text
+    if "CV_IO_MAX_IMAGE" in text:
+        reason += (" (the image is larger than OpenCV decodes by default, 2^30 pixels or 2^20 a side: the "
+                   "environment variable OPENCV_IO_MAX_IMAGE_PIXELS raises the limit, or tile the image)")
+    return reason
+
+
 def _as_asked(img: np.ndarray, data: np.ndarray, exif_orientation: bool) -> np.ndarray:
     """The decoded pixels turned by the file's orientation tag, or as stored. OpenCV's TIFF
     decoder (libtiff) turns the pixels itself whatever the flags: that one is undone instead."""
@@ -70,6 +89,26 @@ def _as_asked(img: np.ndarray, data: np.ndarray, exif_orientation: bool) -> np.n
     if data[:4].tobytes() in _TIFF_MAGIC:
         return img if exif_orientation else apply_orientation(img, INVERSE[tag])
     return apply_orientation(img, tag) if exif_orientation else img
+
+
+# the file the 12-bit warning named: once per process (each data loader worker is one)
+LOW_BIT_DEPTH_SAID: list[str] = []
+
+
+def _say_if_low_bit_depth(img: np.ndarray, path: str) -> None:
+    """A warning, once per process, for a 16-bit image whose values all fit 12 bits (Mono12 or
+    RGB12 from an industrial or scientific camera, stored in a 16-bit PNG or TIFF): scaled by the
+    full 16-bit range (/257) as the file's depth says, its brightest pixel is at most 16 of 255,
+    and the model trains or runs on an almost black image (a formats trial; nothing said)."""
+    if LOW_BIT_DEPTH_SAID or img.size == 0:
+        return
+    peak = int(img.max())
+    if 0 < peak <= 4095:
+        LOW_BIT_DEPTH_SAID.append(path)
+        logger.warning("image %s is 16-bit with no value above %d (12-bit camera data?): read by the full 16-bit "
+                       "range (/257), as every 16-bit file is, it is almost black (its brightest pixel %d of "
+                       "255); scale such files to the full range (x16 for 12 bits) or to 8 bits before training "
+                       "or inference (said once)", path, peak, round(peak / 257))
 
 
 def _is_truncated_jpeg(data: np.ndarray) -> bool:
@@ -101,16 +140,16 @@ def _is_truncated_jpeg(data: np.ndarray) -> bool:
 
 def _to_uint8(img: np.ndarray, path: str) -> np.ndarray:
     """Map the stored depth to 0..255 by its full range (16-bit: /257, float: [0,1] -> [0,255]).
-    A float image is taken as 0..1 when most of its pixels (the median) are at most 1, its
-    values above 1 (an HDR merge's highlights) clipped to white; as 0..255 otherwise. The
-    maximum decided it: one highlight pixel over 1.0 read a 0..1 photo as 0..255, near black."""
+    A float image is 0..1 or 0..255 by `float_image_scale` (values over 1 of a 0..1 image, an
+    HDR merge's highlights, clipped to white). A 16-bit image with no value above 4095 (12-bit
+    camera data in a 16-bit file) reads almost black by the full range: said once per process."""
     if img.dtype == np.uint8:
         return img
     if img.dtype == np.uint16:
+        _say_if_low_bit_depth(img, path)
         # 65535 / 257 == 255 exactly: full-range scaling, independent of the image content
         return (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     if img.dtype in (np.float32, np.float64):
         img = np.nan_to_num(img.astype(np.float32))
-        scale = 255.0 if img.size == 0 or float(np.median(img)) <= 1.0 else 1.0
-        return np.clip(img * scale + 0.5, 0, 255).astype(np.uint8)
+        return np.clip(img * float_image_scale(img) + 0.5, 0, 255).astype(np.uint8)
     raise DataError(f"image {path} has unsupported pixel type {img.dtype}; expected 8-bit, 16-bit or float")

@@ -44,12 +44,27 @@ def _how_to_pass(image: object) -> str:
     return ""
 
 
+def float_image_scale(image: np.ndarray) -> float:
+    """What a float image's values are multiplied by to read them as 0..255: 255 for 0..1 values,
+    1 for 0..255 ones. 0..1 when most pixels (the median) are at most 1 and the brightest 1% at
+    most 8 (an HDR merge's highlights over white, clipped when read); 0..255 otherwise. The
+    maximum decided it first (one highlight pixel read a 0..1 photo as 0..255, near black), then
+    the median alone (a 0..255 frame more than half black, as a fluorescence or night image, was
+    read as 0..1: every object white)."""
+    sample = image[::4, ::4] if image.ndim >= 2 and image.size > (1 << 20) else image  # a guess, not a sum
+    values = np.nan_to_num(np.asarray(sample, dtype=np.float32))
+    if values.size == 0:
+        return 255.0
+    median, top = np.percentile(values, [50, 99])
+    return 255.0 if median <= 1.0 and top <= 8.0 else 1.0
+
+
 def _how_to_convert(image: np.ndarray) -> str:
     if image.dtype == np.uint16:  # the project's reader maps 16-bit files so
         return " (a 16-bit image: pass (image / 257 + 0.5).astype(np.uint8), as 16-bit files are read)"
     if image.dtype.kind != "f" or image.size == 0:
         return ""
-    if float(np.nanmedian(image)) <= 1.0:  # as float files are read: most pixels in 0..1, highlights clipped
+    if float_image_scale(image) == 255.0:  # as float files are read: 0..1, highlights clipped
         return " (a float 0..1 image: pass (image.clip(0, 1) * 255).round().astype(np.uint8))"
     return " (a float image of 0..255 values: pass image.round().clip(0, 255).astype(np.uint8))"
 
