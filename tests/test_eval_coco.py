@@ -84,6 +84,17 @@ def _cocoeval_directly(ann_file, results_file, image_ids):
     return ev
 
 
+def test_ground_truth_is_read_as_the_data_set_was_whatever_the_locale(dataset, tmp_path):
+    """COCOeval's ground truth was read by pycocotools' COCO(path): in the locale's encoding (an
+    ASCII locale failed on non-ASCII class names at a run's first evaluation, past every check)
+    and refusing a UTF-8 byte-order mark the reader accepts. Both files score the same here."""
+    text = open(dataset.ann_file, encoding="utf-8").read().replace('"circle"', '"cercle \u00e9 \u5186"')
+    with open(dataset.ann_file, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + text.encode("utf-8"))  # the name in UTF-8, as json.dumps(ensure_ascii=False)
+    metrics, _ = _evaluate(dataset, _outputs_equal_to_gt(dataset.records))
+    assert metrics["AP"] == pytest.approx(100.0)
+
+
 def test_predictions_equal_to_ground_truth_give_100(dataset, tmp_path):
     metrics, evaluator = _evaluate(dataset, _outputs_equal_to_gt(dataset.records), str(tmp_path))
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR10", "AR100", "AP-circle", "AP-square", "AP-triangle"):

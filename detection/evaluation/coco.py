@@ -28,6 +28,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detection.data import DataError
+from detection.data.coco import open_coco
 from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
 from detection.utils.files import USER_TEXT_ENCODING, atomic_write, utf16_hint
 
@@ -136,8 +137,9 @@ class COCOEvaluator:
         if self._coco_gt is None:
             if not os.path.isfile(self.dataset.ann_file):
                 raise DataError(f"annotation file not found: {self.dataset.ann_file}")
-            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                self._coco_gt = COCO(self.dataset.ann_file)
+            # read as the data set was (UTF-8, a byte-order mark allowed): COCO(path) opens it in the
+            # locale's encoding, an ASCII one failed on non-ASCII class names at the first evaluation
+            self._coco_gt = open_coco(self.dataset.ann_file)
             _fill_scoring_defaults(self._coco_gt, self.dataset.ann_file)
         return self._coco_gt
 

@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from detection.utils.files import USER_TEXT_ENCODING
 from detection.utils.images import rgb_uint8
 
 # 20 well-separated colours (RGB) for labels 1..20; later labels get golden-ratio hues
@@ -242,7 +243,7 @@ def read_crowd_regions(ann_file: str | Path, label_to_category_id: Mapping[int, 
     objects, to draw: `iscrowd` regions (tagged "crowd"; pycocotools counts neither misses nor
     false positives there) and `ignore` annotations (tagged "ignore"; left out of training, but
     pycocotools scores them as objects: its `ignore` is `iscrowd`)."""
-    with open(ann_file) as f:
+    with open(ann_file, encoding=USER_TEXT_ENCODING) as f:  # as the reader: UTF-8 whatever the locale
         annotations = json.load(f).get("annotations", [])
     label_of = {int(c): int(label) for label, c in label_to_category_id.items()}
     found: dict[Any, list[tuple[list[float], int, str]]] = {}
