@@ -72,6 +72,7 @@ def test_eval_writes_beside_the_weights_not_into_the_configs_output_dir(run_a, c
     code, out, err = call(EVAL, capsys, "--weights", str(weights), *overrides,
                           f"output_dir={json.dumps(str(other))}")
     assert code == 0, err
+    assert "\r" not in err  # no progress bar off a terminal
     results = root / "run_a" / "inference"
     assert out.startswith(f"results go to {results}\n")  # said before anything runs
     assert (results / "shapes_val" / "metrics.json").is_file() and not other.exists()

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,15 +124,17 @@ def test_sigterm_before_the_loop_stops_as_ctrl_c_does(data_root, tmp_path, capsy
 
 
 @pytest.mark.slow  # trains through train_det.main
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])  # USR1: Slurm's warning
 def test_a_signal_finishes_the_iteration_saves_last_pth_and_resume_is_exact(data_root, tmp_path, capsys,
                                                                            monkeypatch, signum):
     extra = {"solver.max_iter": 5, "solver.checkpoint_period": 100, "input.hflip_prob": 0.5}
     out = tmp_path / "stopped"
     with monkeypatch.context() as patch:
         at_forward(patch, 3, lambda: os.kill(os.getpid(), signum))
-        assert run_tool(data_root, out, **extra) == 128 + signum  # 143 for SIGTERM, 130 for SIGINT
-    err = capsys.readouterr().err.split("\n")
+        assert run_tool(data_root, out, **extra) == 128 + signum  # 143 for SIGTERM, 130 for SIGINT, 138 for USR1
+    raw = capsys.readouterr().err
+    assert "\r" not in raw  # no progress bar off a terminal (a batch job's log got ~200 bytes of it an iteration)
+    err = raw.split("\n")
     name = signal.Signals(signum).name
     assert f"stopped by {name} at iteration 3; saved {out / 'last.pth'} (iteration 3): --resume continues " \
            "from there" in err
@@ -142,7 +145,7 @@ def test_a_signal_finishes_the_iteration_saves_last_pth_and_resume_is_exact(data
     assert load_resume_checkpoint(out / "last.pth")["iteration"] == 3  # the 3rd iteration was finished
     assert not (out / "model_final.pth").exists() and not (out / LOCK_FILE).exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers were put back
-    if signum == signal.SIGINT:
+    if signum != signal.SIGTERM:
         return  # the same stop; the resume is checked once, after SIGTERM
     assert run_tool(data_root, out, "--resume", **extra) == 0
     assert run_tool(data_root, tmp_path / "straight", **extra) == 0
@@ -1105,3 +1108,23 @@ def test_data_loader_workers_keep_serving_through_ctrl_c(data_root):
         assert len(images) == 2
     assert worker.is_alive()
     del batches
+
+
+@pytest.mark.slow  # trains through train_det.main with a loader worker
+def test_a_killed_loader_worker_is_one_line_with_its_likely_causes(data_root, tmp_path, capsys, monkeypatch):
+    """kill -9 of a worker (the OOM killer; a container's 64 MB /dev/shm): a 40-line traceback
+    ending in 'DataLoader worker (pid N) is killed by signal: Killed.', nothing on what to do."""
+    import multiprocessing
+
+    def kill_a_worker():
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+        time.sleep(1.0)  # dead before the next batch is asked for
+
+    out = tmp_path / "run"
+    at_forward(monkeypatch, 3, kill_a_worker)
+    assert run_tool(data_root, out, **{"solver.max_iter": 6, "solver.checkpoint_period": 2,
+                                       "dataloader.num_workers": 1}) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "a data loader worker died at iteration" in lines[0], lines
+    assert "is killed by signal" in lines[0] and "--shm-size" in lines[0] and "dataloader.num_workers=0" in lines[0]
+    assert f"the last good checkpoint {out / 'last.pth'} (iteration 2) is kept" in lines[0]

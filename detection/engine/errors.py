@@ -18,7 +18,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class TrainingStopped(TrainingInterrupted):
-    """SIGTERM or SIGINT during training (a scheduler's pre-emption, Ctrl-C): the current
+    """SIGTERM, SIGINT or SIGUSR1 during training (a scheduler's pre-emption or warning, Ctrl-C): the current
     iteration was finished and last.pth saved there; the message says so."""
 
     def __init__(self, message: str, signum: int) -> None:

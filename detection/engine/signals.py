@@ -1,4 +1,4 @@
-"""SIGTERM / SIGINT while training: the loop finishes its iteration, saves last.pth and stops."""
+"""SIGTERM / SIGINT / SIGUSR1 while training: the loop finishes its iteration, saves last.pth and stops."""
 from __future__ import annotations
 
 import logging
@@ -31,7 +31,7 @@ class EvaluationStopped(BaseException):
 
 
 class GracefulStop:
-    """SIGTERM / SIGINT while training: note the signal, let the current iteration finish,
+    """SIGTERM / SIGINT / SIGUSR1 while training: note the signal, let the current iteration finish,
     then save last.pth there and stop (loop_checkpoints.stop_gracefully). During an evaluation
     it is given up (EvaluationStopped): in a one-process run at once; with several processes at
     the next batch, where every rank asks whether any got a signal (check_evaluation), so they
@@ -42,7 +42,9 @@ class GracefulStop:
     any other moment stops at once, as Ctrl-C does. Handlers are installed only in the main thread and
     the previous ones put back on exit."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # SIGUSR1: Slurm's usual warning before a time limit (`#SBATCH --signal=USR1@120`, as
+    # Lightning's templates send it): Python's default ended the run at once, no last.pth, no word
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, device: torch.device = torch.device("cpu")) -> None:
         self.device = device  # where the ranks' agreement is reduced (NCCL reduces CUDA tensors only)
@@ -146,15 +148,16 @@ def sigterm_before_the_loop() -> Iterator[None]:
     with its message and exit 143, and the run's start is taken back (no half-made folder),
     instead of Python's default of ending the process without a word."""
     def stop(signum, frame):
-        err = TrainingInterrupted("stopped by SIGTERM before training started")
-        err.signum = signal.SIGTERM
+        err = TrainingInterrupted(f"stopped by {signal.Signals(signum).name} before training started")
+        err.signum = signum
         raise err
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -293,8 +293,9 @@ def _loop(run: _Run, tensorboard: bool = False) -> None:
     reported, so the message gets a line of its own."""
     main, state = du.is_main_process(), run.state
     try:
-        with tqdm(total=run.cfg.solver.max_iter, initial=state.iteration, disable=not main, dynamic_ncols=True,
-                  desc="train") as bar, logging_redirect_tqdm(), GracefulStop(run.device) as stop, \
+        # disable=None: drawn on a terminal only (a batch job's .out file got ~200 bytes of bar an iteration)
+        with tqdm(total=run.cfg.solver.max_iter, initial=state.iteration, disable=None if main else True,
+                  dynamic_ncols=True, desc="train") as bar, logging_redirect_tqdm(), GracefulStop(run.device) as stop, \
                 MetricsLog(run.last.parent, tensorboard=tensorboard and main, start_iter=state.iteration) as log:
             _iterations(run, bar, stop, log)
             if main:  # under GracefulStop too: a signal now lets model_final.pth be written
@@ -312,6 +313,13 @@ def _loop(run: _Run, tensorboard: bool = False) -> None:
             raise TrainingError(f"another process stopped first ({type(err).__name__} at iteration {state.iteration}: "
                                 f"{_first_line(err)}): its own error above, or its 'run ended in process N' line "
                                 f"in log.txt, says why; {what_is_kept(state, run.last)}") from err
+        if isinstance(err, RuntimeError) and str(err).startswith("DataLoader worker (pid"):
+            # killed by the system: a 40-line traceback without the likely causes
+            raise TrainingError(f"a data loader worker died at iteration {state.iteration} ({_first_line(err)}): "
+                                "out of memory (the kernel's OOM killer: dmesg), or a container's shared memory "
+                                "too small for the workers (Docker's 64 MB /dev/shm: docker run --shm-size=8g), "
+                                f"or dataloader.num_workers=0 loads in this process; {what_is_kept(state, run.last)}"
+                                ) from err
         if not isinstance(err, TrainingError):  # a TrainingError names the checkpoint itself
             note_stop(err, state.iteration, what_is_kept(state, run.last))
             if not main:  # this process alone failed (a TrainingError is every rank's, agreed): say why in log.txt

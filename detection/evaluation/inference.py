@@ -71,7 +71,7 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
     try:
         with torch.inference_mode():
             bar = tqdm(loader, total=_length(loader), desc="inference", unit="batch",
-                       disable=not comm.is_main_process(), dynamic_ncols=True)
+                       disable=None if comm.is_main_process() else True, dynamic_ncols=True)  # None: a terminal only
             for images, records in bar:
                 if between_batches is not None:
                     between_batches()
