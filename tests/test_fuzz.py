@@ -218,6 +218,8 @@ def coco_cases(tmp: Path, images: Path) -> list[Case]:
                            where=("not UTF-8",), outcomes={"error"}))
     cases.append(coco_case("utf16", tmp, images, json.dumps(coco_base()).encode("utf-16"), raw=True,
                            where=("is UTF-16 text", "save it as UTF-8"), outcomes={"error"}))
+    cases.append(coco_case("nested_200000_deep", tmp, images, b'{"images": ' + b"[" * 200000, raw=True,
+                           where=("nests its json too deeply",), outcomes={"error"}))  # was a RecursionError traceback
     # a Windows editor's UTF-8 byte-order mark is not text: the json is read (json.loads refused it)
     cases.append(coco_case("utf8_bom", tmp, images, b"\xef\xbb\xbf" + text, raw=True, outcomes={"accepted"}))
     for value in ([], 3, "x", None, [coco_base()]):
@@ -1064,7 +1066,7 @@ def eval_results_cases(tmp: Path, shapes_root: Path) -> list[Case]:
              case("duplicated", valid + valid, {"accepted"})]
     text = json.dumps(valid).encode()
     files = {"empty": b"", "garbage": b"[{]]", "latin1": text.replace(b'"score"', b'"sc\xf6re"'),
-             "utf16": json.dumps(valid).encode("utf-16")}
+             "utf16": json.dumps(valid).encode("utf-16"), "nested_200000_deep": b"[" * 200000}
     for cut in sorted(rng.sample(range(1, len(text) - 1), 5)):
         files[f"truncated_at_{cut}"] = text[:cut]
     cases += [case(name, data, raw=True) for name, data in files.items()]

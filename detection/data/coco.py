@@ -97,6 +97,8 @@ def open_coco(ann_file: str) -> COCO:
     except json.JSONDecodeError as e:
         what = "is empty" if not raw.strip() else f"is not valid json ({e})"
         raise DataError(f"annotation file {ann_file} {what}") from None
+    except RecursionError:  # thousands of nested brackets: no COCO json nests more than a few levels
+        raise DataError(f"annotation file {ann_file} nests its json too deeply to be a COCO json") from None
     check_coco_json(data, ann_file)
     coco = COCO()
     coco.dataset = data

@@ -230,6 +230,8 @@ def read_results_json(path: str) -> list[dict]:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}){utf16_hint(path)}; a results json is UTF-8") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid json ({err})") from None
+    except RecursionError:
+        raise DataError(f"{path}: nests its json too deeply to be a COCO results list") from None
     if not isinstance(results, list):
         raise DataError(f"{path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
     for index, result in enumerate(results):
