@@ -202,10 +202,20 @@ def test_visualize_draws_every_readable_image_and_then_names_the_unreadable_one(
 def test_visualize_stops_with_an_error_when_its_output_cannot_be_written(trained, tmp_path, capsys, monkeypatch):
     """A file-system trial: a read-only or full output folder was counted with the unreadable
     inputs, so skip_bad_images made it "wrote 0 images ... 25 detections drawn", exit 0."""
-    import cv2
+    import contextlib
+    import errno
+
+    import detection.visualization.draw
+    from detection.utils.files import WriteError
+
+    @contextlib.contextmanager
+    def full_disk(path, *args, **kwargs):
+        raise WriteError(f"could not write {path} (No space left on device); nothing was written", errno.ENOSPC,
+                         "No space left on device")
+        yield
 
     root, overrides = trained
-    monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)  # what OpenCV says on a full disk
+    monkeypatch.setattr(detection.visualization.draw, "atomic_write", full_disk)
     code, out, err = run_main(TOOLS["visualize.py"], ["--config", ROOT / "configs" / "base.yaml", "--weights",
                                                       root / "out" / "model_final.pth", "--input",
                                                       root / "data" / "shapes" / "val", "--output", tmp_path / "vis",
@@ -314,6 +324,17 @@ def test_visualize_never_draws_over_the_photos_and_says_what_it_could_not_write(
     code, _, err = run_main(TOOLS["visualize.py"], [*base, "--input", photos, "--output", tmp_path / "vis2"],
                             capsys)
     assert code == 2 and f"could not write {blocked}" in err and f"1 of the {len(before)} images were not drawn" in err
+    # a link where a drawing goes is replaced, not written through (it overwrote the file it named)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's file")
+    linked = tmp_path / "vis3" / blocked.name
+    linked.parent.mkdir()
+    linked.symlink_to(victim)
+    code, _, err = run_main(TOOLS["visualize.py"], [*base, "--input", photos, "--output", tmp_path / "vis3"],
+                            capsys)
+    assert code == 0, err[-2000:]
+    assert victim.read_text() == "someone's file" and not linked.is_symlink()
+    assert linked.read_bytes()[:2] == b"\xff\xd8" and not list((tmp_path / "vis3").glob(".*.tmp"))  # a JPEG, whole
     (tmp_path / "vis_file").write_text("not a folder")
     code, _, err = run_main(TOOLS["visualize.py"], [*base, "--input", photos, "--output", tmp_path / "vis_file"],
                             capsys)

@@ -165,10 +165,9 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     """Draws every input it can read; returns the number of images written, of detections drawn,
     why each input that could not be read was not, and the drawings that could not be written
     (each also a warning as it happens)."""
-    import cv2
-
     from detection.engine.distributed import select_device
     from detection.evaluation.classes import model_class_names
+    from detection.visualization.draw import write_drawing
 
     device = select_device(cfg.device, cfg.tf32)
     # --input's images are found before the model loads: a wrong folder or glob says so at once
@@ -195,7 +194,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
             unreadable.append(str(err))
             continue
         target = out / output_name(i, path)
-        if not cv2.imwrite(str(target), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):  # OpenCV says False only
+        if not write_drawing(target, canvas):  # False only, as OpenCV's imwrite
             logger.warning("not written: %s", target)
             unwritten.append(str(target))
             del drawn[shown:]  # "N detections drawn" counts those in the images written
@@ -208,11 +207,9 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
 def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
     """The first `batches` training batches, each image with its target boxes, as
     DIR/NNNNN_STEM.jpg (NNNNN: the image's place in the training stream)."""
-    import cv2
-
     from detection.data.loader import training_samples
     from detection.engine.startup import build_train_data_loader, build_train_datasets
-    from detection.visualization.draw import draw_detections
+    from detection.visualization.draw import draw_detections, write_drawing
 
     datasets = build_train_datasets(cfg)
     names = datasets[0].class_names  # the training classes (every set's, matched by name)
@@ -223,7 +220,7 @@ def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
     for count, (_, image, target, record) in enumerate(training_samples(loader, batches), start=1):
         canvas = draw_detections(image.permute(1, 2, 0).numpy(), target["boxes"], target["labels"], None, names, 0.0)
         path = out / output_name(count - 1, record["file_name"])
-        if not cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+        if not write_drawing(path, canvas):
             raise DataError(f"could not write {path} (the folder not writable, or the disk full)")
         boxes += len(target["boxes"])
         written.add(path.name)

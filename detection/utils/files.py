@@ -40,10 +40,13 @@ class OutputFolderError(ValueError):
 
 
 @contextlib.contextmanager
-def atomic_write(path: Union[str, os.PathLike], mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+def atomic_write(path: Union[str, os.PathLike], mode: str = "w", *, durable: bool = True,
+                 **open_kwargs: Any) -> Iterator[IO]:
     """`with atomic_write(path) as f: f.write(...)`: `path` gets the new content only when the
     block and the flush/fsync/rename all succeed; otherwise the exception propagates, the old
-    `path` (if any) is untouched and the temporary file is removed."""
+    `path` (if any) is untouched and the temporary file is removed. A link at `path` is
+    replaced, never written through. `durable=False` skips the fsyncs (thousands of drawings:
+    whole or absent after a kill, though a power cut may lose the newest)."""
     if "w" not in mode:
         raise ValueError(f"atomic_write: mode must write a new file ('w' or 'wb'), got {mode!r}")
     path = Path(path)
@@ -60,14 +63,16 @@ def atomic_write(path: Union[str, os.PathLike], mode: str = "w", **open_kwargs: 
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError) and not isinstance(err, WriteError):
             raise _write_error(err, path, existed) from None
         raise
-    _fsync_folder(path.parent)
+    if durable:
+        _fsync_folder(path.parent)
 
 
 def _mode_for(path: Path) -> int:
