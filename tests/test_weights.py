@@ -183,6 +183,37 @@ def test_pth_with_a_callable_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_a_zip_that_inflates_far_past_its_size_is_refused_before_inflating(tmp_path):
+    """A 60 KB weights file of one deflated record of 64 MB of zeros (a zip bomb: 2 MB for 2 GiB
+    took 17 s of inflating to refuse), and one whose records overlap (a Fifield-style bomb, much
+    longer): both refused from the zip's directory, nothing inflated; the detector loaders too."""
+    import zipfile
+
+    from detection.engine.loading import read_detector_file
+
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/0", bytes(64 << 20))
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(WeightsError, match=r"its record archive/data/0 inflates \d+ bytes to 67108864 \(torch.save "
+                                           r"stores its records uncompressed\)"):
+        load_weights(build_resnet(18), bomb)
+    with pytest.raises(ValueError, match="inflates"):
+        read_detector_file(bomb)
+    overlapping = tmp_path / "overlap.pth"  # two directory entries naming the same record's bytes
+    with zipfile.ZipFile(overlapping, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data/0", bytes(4000))
+    data = overlapping.read_bytes()
+    directory = data.index(b"PK\x01\x02")
+    end = data.index(b"PK\x05\x06")
+    entry = data[directory:end]
+    count = struct.pack("<H", 2)
+    tail = data[end:end + 8] + count + count + struct.pack("<I", 2 * len(entry)) + data[end + 16:]
+    overlapping.write_bytes(data[:directory] + entry + entry.replace(b"archive/data/0", b"archive/data/1") + tail)
+    with pytest.raises(WeightsError, match="its records overlap"):
+        load_weights(build_resnet(18), overlapping)
+
+
 def test_gn_model_refuses_batchnorm_weights(r18_pth):
     with pytest.raises(WeightsError, match="norm='gn'"):
         load_weights(build_resnet(18, norm="gn"), r18_pth)
