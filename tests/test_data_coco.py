@@ -222,6 +222,33 @@ def test_known_coco_name_resolves_standard_layout(tmp_path):
         get_dataset("coco_2017_train", str(root))
 
 
+def test_images_placed_outside_the_image_folder_are_named(tmp_path, caplog):
+    """A json's absolute file_name or '..' reads files outside image_root (another machine's paths,
+    or a customer's json made to read another's images, which the report then shows): said."""
+    write_coco(tmp_path, with_images=True)
+    (tmp_path / "elsewhere").mkdir()
+    data = json.loads((tmp_path / "ann.json").read_text())
+    for img in data["images"][:2]:
+        os.replace(tmp_path / "imgs" / img["file_name"], tmp_path / "elsewhere" / img["file_name"])
+    first, second = data["images"][0]["file_name"], data["images"][1]["file_name"]
+    data["images"][0]["file_name"] = str(tmp_path / "elsewhere" / first)
+    data["images"][1]["file_name"] = f"../elsewhere/{second}"
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    entry = {"type": "coco", "ann_file": "ann.json", "image_root": "imgs", "name": "mine"}
+    with caplog.at_level(logging.WARNING):
+        info = get_dataset(entry, str(tmp_path))
+    said = [r.getMessage() for r in caplog.records if "outside its image folder" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"data set mine: 2 of its 3 images lie outside its image folder "
+                                                 f"{tmp_path / 'imgs'} ("), said
+    assert str(tmp_path / "elsewhere" / first) in said[0] and str(tmp_path / "elsewhere" / second) in said[0]
+    assert len(info.records) == 3  # read from there, as Detectron2 and pycocotools read them
+    caplog.clear()
+    write_coco(tmp_path, with_images=True)  # every image inside: nothing said
+    with caplog.at_level(logging.WARNING):
+        get_dataset(entry, str(tmp_path))
+    assert not [r for r in caplog.records if "outside its image folder" in r.getMessage()]
+
+
 def test_custom_coco_entry_with_relative_paths(tmp_path):
     write_coco(tmp_path, with_images=True)
     info = get_dataset({"type": "coco", "ann_file": "ann.json", "image_root": "imgs", "name": "mine"}, str(tmp_path))

@@ -88,6 +88,7 @@ def get_dataset(entry: str | Mapping[str, Any], root: str, *, skip_bad_images: b
     if not isinstance(entry, str):
         _check_custom_paths(spec, root, name)
     info = LOADERS[spec["type"]](spec, root, name, skip_bad_images, exif_orientation)
+    _say_outside(info, _under(root, spec["image_root"] if spec["type"] == "coco" else spec["root"]))
     _check_unique_ids(info)
     info.skip_bad_images = skip_bad_images
     info.exif_orientation = exif_orientation
@@ -95,6 +96,18 @@ def get_dataset(entry: str | Mapping[str, Any], root: str, *, skip_bad_images: b
         check_image_files(info, skip=skip_bad_images)
         check_image_sizes(info, skip=skip_bad_images)
     return info
+
+
+def _say_outside(info: DatasetInfo, folder: str) -> None:
+    """One warning naming the images a set's annotations place outside its folder (an absolute
+    file_name, or '..': a COCO json from another machine, or made to read other files; the
+    evaluation report then shows them). They are read, as Detectron2 and pycocotools read them."""
+    inside = os.path.join(os.path.normpath(folder), "")
+    outside = [r["file_name"] for r in info.records if not os.path.normpath(r["file_name"]).startswith(inside)]
+    if outside:
+        logger.warning("data set %s: %d of its %d images lie outside its image folder %s (absolute file names or "
+                       "'..' in the annotations: %s): they are read from there", info.name, len(outside),
+                       len(info.records), folder, first_few([os.path.normpath(p) for p in outside], 3))
 
 
 def _check_unique_ids(info: DatasetInfo) -> None:
