@@ -376,15 +376,15 @@ def test_visualize_folder_and_glob_take_the_same_entries_and_name_what_they_leav
     find_images = TOOLS["visualize.py"].find_images
     photos = tmp_path / "photos"
     (photos / "x.jpg").mkdir(parents=True)  # a folder with an image's name
-    for name in ("a.jfif", "b.gif", "c.jpe", "d.heic", "e.JPG"):
+    for name in ("a.jfif", "b.gif", "c.jpe", "d.heic", "e.JPG", "f.pgm"):  # .pgm: an industrial camera's
         (photos / name).write_bytes(b"x")
     (photos / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
-    images = [photos / name for name in ("a.jfif", "b.gif", "c.jpe", "e.JPG", "gone.jpg")]
+    images = [photos / name for name in ("a.jfif", "b.gif", "c.jpe", "e.JPG", "f.pgm", "gone.jpg")]
     assert find_images(str(photos)) == images
     assert f"1 file left out, not named as images ({photos / 'd.heic'})" in capsys.readouterr().out
     assert find_images(str(photos / "*")) == images
     (photos / "a.jfif").unlink()
-    for name in ("b.gif", "c.jpe", "e.JPG", "gone.jpg"):
+    for name in ("b.gif", "c.jpe", "e.JPG", "f.pgm", "gone.jpg"):
         (photos / name).unlink()
     from detection.data import DataError
     with pytest.raises(DataError, match=r"no images found .*; 1 file left out, not named as images \(.*d\.heic\)"):

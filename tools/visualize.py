@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("visualize")
 # what a folder or a glob draws (OpenCV reads them all); a file given by name is read whatever its extension
-IMAGE_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+IMAGE_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+              ".pgm", ".ppm", ".pnm")  # the last three: industrial cameras' (OpenCV reads them)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
