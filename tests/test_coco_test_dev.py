@@ -78,8 +78,8 @@ def test_evaluation_writes_the_servers_results_list_and_no_metric(tmp_path):
     ann_file = make_test_dev(tmp_path, annotations=[
         {"id": 1, "image_id": 397133, "category_id": 18, "bbox": [2, 3, 10, 20], "area": 200, "iscrowd": 0},
         {"id": 2, "image_id": 37777, "category_id": 3, "bbox": [30, 40, 10, 10], "area": 100, "iscrowd": 0}])
-    annotated = get_dataset({"type": "coco", "ann_file": str(ann_file), "image_root": str(tmp_path / "coco" / "test2017"),
-                             "name": "coco_2017_test-dev"}, str(tmp_path))
+    annotated = get_dataset({"type": "coco", "ann_file": str(ann_file), "name": "coco_2017_test-dev",
+                             "image_root": str(tmp_path / "coco" / "test2017")}, str(tmp_path))
     direct = evaluate_test_sets([annotated], model=FixedDetector())["coco_2017_test-dev"]
     saved = evaluate_test_sets([annotated], results=str(out))["coco_2017_test-dev"]
     assert saved == direct and direct["AP-dog"] == pytest.approx(100.0) and direct["AP-car"] == pytest.approx(0.0)

@@ -201,7 +201,8 @@ def test_a_wrong_value_is_named_in_a_line_not_dumped(tmp_path):
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / 'bomb.yaml'}: model.class_names[0]: expected str, got ['lol', ")
     assert len(message) < 300 and "..." in message
-    with pytest.raises(ConfigError, match=r"model.class_names: expected a list, got 'x{50,60}\.\.\.x{50,60}' \(one item"):
+    with pytest.raises(ConfigError, match=r"model.class_names: expected a list, got "
+                                          r"'x{50,60}\.\.\.x{50,60}' \(one item"):
         load_config(None, [f"model.class_names={'x' * 100000}"])  # a long string on the command line too
 
 

@@ -227,7 +227,8 @@ def read_results_json(path: str) -> list[dict]:
     except OSError as err:
         raise DataError(f"{path}: cannot read the results file ({err.strerror})") from None
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}){utf16_hint(path)}; a results json is UTF-8") from None
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}){utf16_hint(path)}; a results json is "
+                        "UTF-8") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid json ({err})") from None
     except RecursionError:
