@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detection.config import Config, ConfigError, load_config
+from detection.config import Config, ConfigError, checked_config, load_config
 from detection.engine.distributed import select_device
 from detection.engine.loading import DetectorWeights
 from detection.engine.run_config import config_beside
@@ -73,10 +73,10 @@ class Predictor:
                              f"you pass; cv2.imread gives BGR), got {input_format!r}")
         self.input_format = input_format
         _one_thread_in_forked_children()
+        self.cfg = cfg = checked_config(cfg, "the Config given to the Predictor")  # set in Python: checked
         weights = weights if weights is not None else cfg.model.weights
         if weights is None:
             raise ValueError("Predictor: no weights: pass weights=PATH or set model.weights in the config")
-        self.cfg = cfg
         self.device = select_device(device or cfg.device, cfg.tf32)
         self.model, self.weights = build_inference_model(cfg, weights, self.device, explicit)
         names = self.weights.class_names or cfg.model.class_names

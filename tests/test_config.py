@@ -386,3 +386,22 @@ def test_an_error_in_a_base_names_the_base(tmp_path):
     write(tmp_path / "child.yaml", "_base_: base.yaml\nsolver: {base_lr: -0.02}\n")  # the child's own value
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'child.yaml'))}: solver\.base_lr: -0\.02"):
         load_config(tmp_path / "child.yaml")
+
+
+def test_a_config_changed_in_python_is_checked_as_a_files_values_are():
+    """A notebook trial: `cfg.solver.max_iters = 2` (a typo) made an attribute nothing read, and
+    train() ran the old max_iter without a word; a wrong type was a TypeError deep in training."""
+    cfg = load_config(None)
+    with pytest.raises(AttributeError, match=r"SolverConfig has no setting 'max_iters' \(did you mean 'max_iter'\?\)"):
+        cfg.solver.max_iters = 2
+    with pytest.raises(AttributeError, match="Config has no setting 'zzz'; its settings: model, input,"):
+        cfg.zzz = 1
+    cfg.solver.max_iter = "6"
+    with pytest.raises(ConfigError, match=r"^the Config given: solver.max_iter: expected int, got '6'$"):
+        detection.config.checked_config(cfg)
+    cfg.solver.max_iter, cfg.solver.base_lr = 6, -0.01
+    with pytest.raises(ConfigError, match="solver.base_lr"):
+        detection.config.checked_config(cfg)
+    cfg.solver.base_lr = 0.02
+    checked = detection.config.checked_config(cfg)
+    assert checked == cfg and checked is not cfg  # a copy: the caller's object is left as it is

@@ -1128,3 +1128,20 @@ def test_a_killed_loader_worker_is_one_line_with_its_likely_causes(data_root, tm
     assert len(lines) == 1 and "a data loader worker died at iteration" in lines[0], lines
     assert "is killed by signal" in lines[0] and "--shm-size" in lines[0] and "dataloader.num_workers=0" in lines[0]
     assert f"the last good checkpoint {out / 'last.pth'} (iteration 2) is kept" in lines[0]
+
+
+@pytest.mark.slow  # trains with a loader worker
+def test_an_interrupted_train_call_leaves_no_loader_worker_behind(data_root, tmp_path, monkeypatch):
+    """A notebook trial: after Ctrl-C in a cell, the run's loader worker lived on (with its
+    batches) as long as the traceback did, which IPython keeps in sys.last_traceback."""
+    import multiprocessing
+
+    from detection.engine.errors import TrainingStopped
+    from detection.engine.trainer import train
+    from tests.helpers import tiny_cfg
+
+    at_forward(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(TrainingStopped) as stopped:
+        train(tiny_cfg(data_root, tmp_path / "run", **{"dataloader.num_workers": 1, "datasets.test": []}))
+    assert stopped.value.__traceback__ is not None  # kept, as a notebook keeps it
+    assert not multiprocessing.active_children()

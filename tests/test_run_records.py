@@ -262,6 +262,48 @@ def test_metrics_time_is_the_windows_median_and_log_txt_holds_the_run(data_root,
     assert not (tmp_path / "refused").exists()
 
 
+def test_two_runs_trained_in_threads_of_one_process_keep_their_own_log_txt(data_root, tmp_path, monkeypatch):
+    """A notebook trial: two train() in threads wrote each other's lines into their log.txt, and
+    tqdm's logging redirect put a finished run's handler back on the root logger, where it held
+    every later message of the process in memory."""
+    import threading
+    import time
+
+    from detection.engine.run_log import RunLogFile
+
+    def step(cfg, state, model, images, targets, device):
+        time.sleep(0.05)  # the two runs' iterations interleave
+        return {k: 1.0 for k in LOSS_KEYS}
+
+    monkeypatch.setattr(trainer, "run_step", step)
+    runs = [threading.Thread(target=trainer.train, args=(tiny_cfg(data_root, tmp_path / name, **{
+        "solver.max_iter": 6, "datasets.test": [], "seed": seed}),)) for seed, name in enumerate("AB")]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    for name, other in ("A", "B"), ("B", "A"):
+        log = (tmp_path / name / "log.txt").read_text()
+        assert len([line for line in log.splitlines() if ": iter " in line]) == 6, log
+        assert f"output folder: {(tmp_path / name).resolve()}" in log and str(tmp_path / other) not in log
+    assert not [h for h in logging.getLogger().handlers if isinstance(h, RunLogFile)]
+
+
+def test_train_and_the_predictor_check_a_config_changed_in_python(data_root, tmp_path):
+    """`cfg.input.min_size_train = "64"` in a notebook failed deep in the model (a TypeError); an int
+    there is one size, as in a file (Detectron2's INPUT.MIN_SIZE_TRAIN 800)."""
+    from detection.predictor import Predictor
+
+    cfg = tiny_cfg(data_root, tmp_path / "run")
+    cfg.input.min_size_train = "64"
+    with pytest.raises(ConfigError, match=r"^the Config given to train\(\): input.min_size_train: expected a list, "
+                                          r"got '64' \(one item is written \[item\]\)$"):
+        trainer.train(cfg)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"^the Config given to the Predictor: input.min_size_train"):
+        Predictor(cfg, weights=tmp_path / "not_read.pth")
+
+
 def test_python_warnings_of_a_run_reach_log_txt_and_are_still_shown(data_root, tmp_path, monkeypatch):
     """README: log.txt holds every message of the run, warnings too; warnings.warn's (test.amp's
     float32 fallback, PyTorch's) reached only the console. Now both, and the previous warnings

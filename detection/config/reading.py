@@ -342,6 +342,13 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     return cap_num_workers(validate(_build(Config, data, "", source), source), source)
 
 
+def checked_config(cfg: Config, source: str = "the Config given") -> Config:
+    """A Config built or changed in Python (`cfg.solver.max_iter = "6"`), checked as a file's
+    values are: a copy, or the ConfigError naming the key (train() and the Predictor call it; a
+    wrong type was a TypeError deep inside, a negative lr torch's own error)."""
+    return config_from_dict(dataclasses.asdict(cfg), source)
+
+
 def _drop_inherited_class_names(tree: dict, own: dict, overrides: typing.Sequence[str], source: str) -> None:
     """Names inherited from a `_base_` (Detectron2's 80 COCO ones), or given by the config file
     when the command line changes model.num_classes, do not fit a fine-tune on other classes:

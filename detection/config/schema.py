@@ -6,12 +6,28 @@ Config, and evaluation never does; their other functions take explicit keyword a
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Union
 
 
+class _Section:
+    """A config section refuses an attribute it has no field for: in Python (a notebook),
+    `cfg.solver.max_iters = 2` made a new attribute nothing read, and the run trained its old
+    max_iter without a word (the command line's `solver.max_iters=2` was always refused)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        fields = self.__dataclass_fields__  # type: ignore[attr-defined]
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            raise AttributeError(f"{type(self).__name__} has no setting {name!r}"
+                                 + (f" (did you mean {close[0]!r}?)" if close else
+                                    f"; its settings: {', '.join(fields)}"))
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class BackboneConfig:
+class BackboneConfig(_Section):
     depth: int = 101
     norm: str = "frozen_bn"
     freeze_at: int = 2
@@ -23,14 +39,14 @@ class BackboneConfig:
 
 
 @dataclass
-class AnchorConfig:
+class AnchorConfig(_Section):
     sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     stride: int = 16
 
 
 @dataclass
-class RPNConfig:
+class RPNConfig(_Section):
     iou_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
@@ -44,7 +60,7 @@ class RPNConfig:
 
 
 @dataclass
-class ROIHeadsConfig:
+class ROIHeadsConfig(_Section):
     pooler: str = "roi_align"
     pooler_resolution: int = 14
     batch_size_per_image: int = 512
@@ -60,7 +76,7 @@ class ROIHeadsConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     num_classes: int = 80
     weights: Union[str, None] = None
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
@@ -76,7 +92,7 @@ class ModelConfig:
 
 
 @dataclass
-class InputConfig:
+class InputConfig(_Section):
     min_size_train: list[int] = field(default_factory=lambda: [600])
     min_size_train_sampling: str = "choice"
     max_size_train: int = 1000
@@ -89,7 +105,7 @@ class InputConfig:
 
 
 @dataclass
-class DatasetsConfig:
+class DatasetsConfig(_Section):
     root: str = "datasets"
     train: list[Union[str, dict]] = field(
         default_factory=lambda: ["voc_2007_trainval", "voc_2012_trainval"])
@@ -97,7 +113,7 @@ class DatasetsConfig:
 
 
 @dataclass
-class DataLoaderConfig:
+class DataLoaderConfig(_Section):
     num_workers: int = 4
     aspect_ratio_grouping: bool = True
     filter_empty: bool = True
@@ -106,7 +122,7 @@ class DataLoaderConfig:
 
 
 @dataclass
-class SolverConfig:
+class SolverConfig(_Section):
     ims_per_batch: int = 16
     base_lr: float = 0.02
     momentum: float = 0.9
@@ -124,7 +140,7 @@ class SolverConfig:
 
 
 @dataclass
-class TestAugConfig:
+class TestAugConfig(_Section):
     enabled: bool = False
     min_sizes: list[int] = field(default_factory=lambda: [400, 500, 600, 700, 800, 900, 1000, 1100, 1200])
     max_size: int = 4000
@@ -132,7 +148,7 @@ class TestAugConfig:
 
 
 @dataclass
-class BoxRefinementConfig:
+class BoxRefinementConfig(_Section):
     enabled: bool = False
     nms_thresh: float = 0.3
     voting: bool = True
@@ -140,14 +156,14 @@ class BoxRefinementConfig:
 
 
 @dataclass
-class MultiScaleConfig:
+class MultiScaleConfig(_Section):
     enabled: bool = False
     sizes: list[int] = field(default_factory=lambda: [200, 400, 600, 800, 1000])
     max_size: int = 2000
 
 
 @dataclass
-class TestConfig:
+class TestConfig(_Section):
     eval_period: int = 0
     aug: TestAugConfig = field(default_factory=TestAugConfig)
     box_refinement: BoxRefinementConfig = field(default_factory=BoxRefinementConfig)
@@ -156,7 +172,7 @@ class TestConfig:
 
 
 @dataclass
-class AccelConfig:  # GPU levers of the fast path, each off until measured (docs/accel.md, "GPU levers")
+class AccelConfig(_Section):  # GPU levers of the fast path, each off until measured (docs/accel.md, "GPU levers")
     cuda_channels_last: bool = False
     sync_free_postprocess: bool = False
     compile: Union[bool, str] = False  # false | true (= default) | one of accel.levers.COMPILE_MODES
@@ -166,12 +182,12 @@ class AccelConfig:  # GPU levers of the fast path, each off until measured (docs
 
 
 @dataclass
-class LogConfig:
+class LogConfig(_Section):
     tensorboard: Union[bool, str] = "auto"  # true | false | auto (on when the tensorboard package is installed)
 
 
 @dataclass
-class Config:
+class Config(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     input: InputConfig = field(default_factory=InputConfig)
     datasets: DatasetsConfig = field(default_factory=DatasetsConfig)

@@ -188,6 +188,14 @@ class _OneLineDataErrors:
             self.iterator = iter(())
         raise one_line from None
 
+    def close(self) -> None:
+        """Stop the worker processes now (the trainer, when its run ends however it ends: an
+        interrupted train() in a notebook kept them while the traceback's frames held this)."""
+        shutdown = getattr(self.iterator, "_shutdown_workers", None)  # torch's own: what its __del__ calls
+        if shutdown is not None:
+            shutdown()
+        self.iterator = iter(())
+
 
 def training_records(records: Sequence[dict], *, filter_empty: bool, use_difficult: bool) -> list[dict]:
     """Records as training sees them: difficult boxes removed unless use_difficult, empty ones filtered."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import logging
 import statistics
+import threading
 import warnings
 from pathlib import Path
 from typing import IO, Optional
@@ -57,7 +58,12 @@ class RunLogFile(logging.Handler):
     its checks writes nothing. Python warnings (`warnings.warn`: test.amp's float32 fallback,
     PyTorch's) go to log.txt too, as WARNING lines, and are shown as before. A log.txt that
     cannot be written (a full disk) is one warning and no more lines, never a stop: metrics.jsonl
-    and the checkpoints are the run's record."""
+    and the checkpoints are the run's record.
+
+    Only the installing thread's messages are the run's: two runs trained in threads of one
+    process (a notebook) wrote each other's lines. Once removed it takes nothing, should a
+    saved handler list put it back (tqdm's logging redirect of another thread's run did, and
+    every later message of the process was held in memory)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -69,9 +75,12 @@ class RunLogFile(logging.Handler):
         self.failed = False
         self._levels: dict[str, int] = {}
         self._shown = None  # warnings.showwarning before install
+        self._thread = threading.get_ident()
+        self._removed = False
 
     def install(self) -> "RunLogFile":
         """On the root logger, with the project's loggers at info at least (put back by remove)."""
+        self._thread = threading.get_ident()
         for name in PROJECT_LOGGERS:
             log = logging.getLogger(name)
             if log.getEffectiveLevel() > logging.INFO:
@@ -84,13 +93,14 @@ class RunLogFile(logging.Handler):
 
     def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         """A Python warning: into log.txt (its text, category and place), then shown as before."""
-        if not self.failed:
+        if not self.failed and not self._removed and threading.get_ident() == self._thread:
             record = logging.LogRecord("py.warnings", logging.WARNING, str(filename), int(lineno or 0),
                                        "%s (%s, %s:%s)", (message, category.__name__, filename, lineno), None)
             self._add(self.format(record))
         self._shown(message, category, filename, lineno, file, line)
 
     def remove(self) -> None:
+        self._removed = True
         if warnings.showwarning == self._show_warning:  # not replaced again since
             warnings.showwarning = self._shown
         logging.getLogger().removeHandler(self)
@@ -115,7 +125,7 @@ class RunLogFile(logging.Handler):
             # Python prints warnings to stderr only when no handler exists (logging.lastResort):
             # this one must not silence them for a caller that set up no logging
             logging.lastResort.handle(record)
-        if self.failed:
+        if self.failed or self._removed or record.thread != self._thread:
             return
         self._add(self.format(record))
 

@@ -13,6 +13,7 @@ TensorBoard), evaluate.py (test.eval_period) and errors.py (how a run stops shor
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from detection.config import Config, ConfigError
+from detection.config import Config, ConfigError, checked_config
 from detection.engine import distributed as du
 from detection.engine.checkpoint import get_rng_states, load_resume_checkpoint, periodic_checkpoints, set_rng_states
 from detection.engine.loop_checkpoints import save_final, save_last, stop_gracefully, what_is_kept
@@ -75,6 +76,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     if resume and overwrite:
         raise ConfigError("--resume continues the run in the output folder and --overwrite replaces it: "
                           "give one of them")
+    cfg = checked_config(cfg, "the Config given to train()")  # set in Python: checked as a file's values are
     device = du.select_device(cfg.device, cfg.tf32)
     distributed = du.init_distributed(device)
     check_same_config_everywhere(cfg, [f"resume={resume}", f"overwrite={overwrite}"])
@@ -231,7 +233,11 @@ def _start_loop(cfg: Config, state: TrainState, datasets: list, device: torch.de
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
-    _loop(_Run(cfg, state, model, data, device, test_sets), tensorboard)
+    try:
+        _loop(_Run(cfg, state, model, data, device, test_sets), tensorboard)
+    finally:  # the workers end with the run, not with the last reference to the iterator: an interrupted
+        # train() in a notebook kept them (and their batches) while the traceback's frames lived
+        data.close()
 
 
 def _is_finished(cfg: Config, state: TrainState, out_dir: Path, changes: Sequence = ()) -> bool:
@@ -294,8 +300,12 @@ def _loop(run: _Run, tensorboard: bool = False) -> None:
     main, state = du.is_main_process(), run.state
     try:
         # disable=None: drawn on a terminal only (a batch job's .out file got ~200 bytes of bar an iteration)
+        # the logging redirect (lines printed above the bar) only under a drawn bar: it saves the root
+        # logger's handler list and puts it back whole, dropping or reviving another thread's handlers
         with tqdm(total=run.cfg.solver.max_iter, initial=state.iteration, disable=None if main else True,
-                  dynamic_ncols=True, desc="train") as bar, logging_redirect_tqdm(), GracefulStop(run.device) as stop, \
+                  dynamic_ncols=True, desc="train") as bar, \
+                (contextlib.nullcontext() if bar.disable else logging_redirect_tqdm()), \
+                GracefulStop(run.device) as stop, \
                 MetricsLog(run.last.parent, tensorboard=tensorboard and main, start_iter=state.iteration) as log:
             _iterations(run, bar, stop, log)
             if main:  # under GracefulStop too: a signal now lets model_final.pth be written
