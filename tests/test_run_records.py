@@ -289,6 +289,21 @@ def test_two_runs_trained_in_threads_of_one_process_keep_their_own_log_txt(data_
     assert not [h for h in logging.getLogger().handlers if isinstance(h, RunLogFile)]
 
 
+def test_a_train_call_with_no_logging_set_up_shows_the_runs_lines(data_root, tmp_path, monkeypatch, capsys):
+    """A notebook with no logging set up saw the run's iteration lines only through tqdm's logging
+    redirect (and never the start summary); with the redirect under a drawn bar only, they are
+    printed as the command line prints them."""
+    def step(cfg, state, model, images, targets, device):
+        return {k: 1.0 for k in LOSS_KEYS}
+
+    monkeypatch.setattr(trainer, "run_step", step)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a fresh process: no handler (pytest's removed)
+    trainer.train(tiny_cfg(data_root, tmp_path / "run", **{"solver.max_iter": 2, "datasets.test": []}))
+    err = capsys.readouterr().err
+    assert "training set shapes_train: 6 images" in err and "iter 2/2: total_loss 4 (" in err
+    assert "training finished at iteration 2" in err and not logging.getLogger().handlers
+
+
 def test_train_and_the_predictor_check_a_config_changed_in_python(data_root, tmp_path):
     """`cfg.input.min_size_train = "64"` in a notebook failed deep in the model (a TypeError); an int
     there is one size, as in a file (Detectron2's INPUT.MIN_SIZE_TRAIN 800)."""

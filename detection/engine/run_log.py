@@ -121,11 +121,13 @@ class RunLogFile(logging.Handler):
         self._write("".join(line + "\n" for line in held))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.WARNING and self._alone():
+        ours = not self._removed and record.thread == self._thread
+        if self._alone() and (record.levelno >= logging.WARNING or ours):
             # Python prints warnings to stderr only when no handler exists (logging.lastResort):
-            # this one must not silence them for a caller that set up no logging
+            # this one must not silence them for a caller that set up no logging (a notebook's
+            # train()), and shows that caller the run's own lines, as the command line does
             logging.lastResort.handle(record)
-        if self.failed or self._removed or record.thread != self._thread:
+        if self.failed or not ours:
             return
         self._add(self.format(record))
 
