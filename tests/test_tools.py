@@ -390,6 +390,27 @@ def test_visualize_folder_and_glob_take_the_same_entries_and_name_what_they_leav
     with pytest.raises(DataError, match=r"no images found .*; 1 file left out, not named as images \(.*d\.heic\)"):
         find_images(str(photos))
 
+def test_visualize_takes_each_image_once_through_folder_links_and_survives_link_loops(tmp_path, capsys):
+    """A batch-inference trial: a link back up a tree (cam2/day0/loop -> ../..) made a "**" glob
+    list every image about 41 times (each drawn again under another NNNNN_ name, a 31-minute job
+    21 hours); two file links naming each other stopped the run with a RuntimeError traceback."""
+    visualize = TOOLS["visualize.py"]
+    tree = tmp_path / "imgs"
+    (tree / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.jpg", "a/b/y.jpg"):
+        (tree / name).write_bytes(b"x")
+    (tree / "a" / "b" / "loop").symlink_to("../..")
+    (tree / "a" / "l1.jpg").symlink_to("l2.jpg")
+    (tree / "a" / "l2.jpg").symlink_to("l1.jpg")
+    found = visualize.find_images(str(tree / "**" / "*"))
+    assert found == [tree / "a" / "b" / "y.jpg", tree / "a" / "l1.jpg", tree / "a" / "l2.jpg", tree / "a" / "x.jpg"]
+    assert "paths name images already listed (through links to folders: " in capsys.readouterr().out
+    assert visualize.output_folder(str(tmp_path / "out"), [str(p) for p in found]) == tmp_path / "out"
+    from detection.data import DataError, read_image
+    with pytest.raises(DataError, match=r"image file not found: .*l1.jpg \(a link to l2.jpg, which is not there\)"):
+        read_image(str(tree / "a" / "l1.jpg"))
+
+
 def test_visualize_says_its_input_has_no_images_before_loading_the_model(tmp_path, monkeypatch, capsys):
     """A trial: a folder of subfolders was said to hold no images only after the model had loaded
     (seconds to minutes, with its messages first)."""

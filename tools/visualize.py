@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -102,8 +103,16 @@ def find_images(pattern: str) -> list[Path]:
         return [path]
     else:
         entries = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if not p.is_dir())
-    files = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
-    left_out = [str(p) for p in entries if p.suffix.lower() not in IMAGE_EXTS]
+    # a folder link in a "**" glob lists its images again (a link back up: ~40 times, to the kernel's
+    # limit): each file once, under its shortest path
+    by_file: dict[str, list[Path]] = {}
+    for p in entries:
+        by_file.setdefault(os.path.realpath(p), []).append(p)
+    once = sorted(min(paths, key=lambda p: (len(p.parts), str(p))) for paths in by_file.values())
+    files = [p for p in once if p.suffix.lower() in IMAGE_EXTS]
+    repeated = [p for paths in by_file.values() for p in sorted(paths, key=lambda p: (len(p.parts), str(p)))[1:]
+                if p.suffix.lower() in IMAGE_EXTS]
+    left_out = [str(p) for p in once if p.suffix.lower() not in IMAGE_EXTS]
     hint = (f"its subfolders hold images (e.g. {nested}), which a folder does not include; "
             f"--input '{Path(glob.escape(str(path))) / '**' / '*'}' draws those too") if nested else ""
     skipped = (f"{len(left_out)} file{'s' if len(left_out) > 1 else ''} left out, not named as images "
@@ -112,6 +121,9 @@ def find_images(pattern: str) -> list[Path]:
     if not files:
         raise DataError(f"--input {pattern}: no images found (expected an image, a folder or a glob)"
                         + "".join(f"; {text}" for text in (hint, skipped) if text))
+    if repeated:
+        print(f"note: --input {pattern}: {len(repeated)} paths name images already listed (through links to "
+              f"folders: {first_few([str(p) for p in repeated], 2)}), each drawn once")
     for text in (hint, skipped):
         if text:
             print(f"note: --input {pattern}: {text}")
@@ -239,7 +251,8 @@ def output_folder(output: str, inputs: list[str]) -> Path:
     from detection.utils.files import OutputFolderError
 
     out = Path(output).expanduser()
-    if out.resolve() in {Path(p).resolve().parent for p in inputs}:
+    # realpath, not resolve(): a link loop among the inputs raised RuntimeError (a traceback) there
+    if os.path.realpath(out) in {os.path.dirname(os.path.realpath(p)) for p in inputs}:
         raise OutputFolderError(f"--output {output}: the images drawn are in that folder, and the drawings could "
                                 "replace them: give another folder")
     try:

@@ -19,6 +19,7 @@ import numpy as np
 
 from detection.data import DataError
 from detection.data.orientation import INVERSE, apply_orientation, orientation
+from detection.utils.files import dangling_link
 from detection.utils.images import float_image_scale
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def read_image(path: str, *, exif_orientation: bool = True) -> np.ndarray:
     if os.path.isdir(path):
         raise DataError(f"image {path} is a folder, not an image file")
     if not os.path.isfile(path):
-        raise DataError(f"image file not found: {path}")
+        raise DataError(f"image file not found: {path}{dangling_link(path)}")
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
