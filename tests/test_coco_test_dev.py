@@ -103,3 +103,21 @@ def test_eval_tool_writes_a_submission_and_a_report_without_false_positives(tmp_
     assert section["metrics"] == {} and section["most_false_positives"] == []
     if (out / "report.html").exists():  # the report extra installed
         assert "No annotations: no metrics" in (out / "report.html").read_text()
+
+
+def test_an_unreadable_image_of_a_submission_is_named_beside_its_results(tmp_path):
+    """A batch-inference trial: with skip_bad_images, a set without annotations wrote no
+    skipped_images.json: an unreadable image and one with nothing detected were both simply
+    absent from the results."""
+    make_test_dev(tmp_path)
+    bad = tmp_path / "coco" / "test2017" / IMAGES[37777][0]
+    bad.write_bytes(bad.read_bytes()[:400])  # cut short: its header reads, its pixels do not
+    info = get_dataset("coco_2017_test-dev", str(tmp_path), skip_bad_images=True)
+    messages = []
+    evaluate_test_sets([info], model=FixedDetector(), output_dir=tmp_path / "out", echo=messages.append)
+    folder = tmp_path / "out" / "coco_2017_test-dev"
+    skipped = json.loads((folder / "skipped_images.json").read_text())
+    assert skipped["images"] == [{"image_id": 37777, "file_name": str(bad)}]
+    assert {r["image_id"] for r in json.loads((folder / "coco_results.json").read_text())} == {397133}
+    assert "coco_2017_test-dev (2 images, 1 of them unreadable, skipped (dataloader.skip_bad_images): named in " \
+           "skipped_images.json): no annotations" in "\n".join(messages)

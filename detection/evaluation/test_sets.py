@@ -28,8 +28,8 @@ from detection.data import DataError
 from detection.evaluation.classes import label_map_for_test_set
 from detection.evaluation.coco import COCOEvaluator, COCOSubmissionWriter
 from detection.evaluation.inference import Evaluator, format_metrics_table, inference_on_dataset, save_metrics_json
-from detection.evaluation.outputs import (read_skipped_images, results_for_test_set, results_subfolder,
-                                         results_subfolders, write_skipped_images)
+from detection.evaluation.outputs import (SKIPPED_FILE, read_skipped_images, results_for_test_set,
+                                         results_subfolder, results_subfolders, write_skipped_images)
 from detection.evaluation.voc import VOCEvaluator, VOCSubmissionWriter
 from detection.utils import comm
 
@@ -177,6 +177,9 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
             echo: Callable[[str], None] | None) -> None:
     """The table to `echo`; metrics.json and the PR plot into `where` (when given)."""
     if not dataset.has_annotations:
+        if where is not None:  # a submission's unreadable images are named too (they are absent from its files)
+            scored_ids = {p["image_id"] for p in getattr(evaluator, "predictions", dataset.records)}
+            write_skipped_images(where, [r for r in dataset.records if r["image_id"] not in scored_ids])
         _report_submission(dataset, evaluator, echo)
         return
     if echo is not None:
@@ -200,7 +203,11 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
 
 def _report_submission(dataset: DatasetInfo, evaluator: Evaluator, echo: Callable[[str], None] | None) -> None:
     """No table and no metrics.json for a set without annotations: where its files are."""
-    head = f"{dataset.name} ({len(dataset.records)} images): no annotations, so no AP is computed here"
+    run = len(getattr(evaluator, "predictions", dataset.records))
+    skipped = len(dataset.records) - run
+    head = (f"{dataset.name} ({len(dataset.records)} images"
+            + (f", {skipped} of them unreadable, skipped (dataloader.skip_bad_images): named in "
+               f"{SKIPPED_FILE}" if skipped else "") + "): no annotations, so no AP is computed here")
     if evaluator.output_dir is None:
         logger.warning("%s; tools/eval.py writes the files for its evaluation server", head)
         return
