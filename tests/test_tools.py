@@ -182,7 +182,7 @@ def test_visualize_draws_every_readable_image_and_then_names_the_unreadable_one(
                                                       root / "out" / "model_final.pth", "--input", photos,
                                                       "--output", tmp_path / "vis", *overrides], capsys)
     assert code == 2, err[-2000:]
-    drawn = sorted(p.name for p in (tmp_path / "vis").iterdir())
+    drawn = sorted(p.name for p in (tmp_path / "vis").iterdir() if p.suffix == ".jpg")  # and detections.jsonl
     assert drawn == [f"{i:05d}_{Path(n).stem}.jpg" for i, n in zip((0, 2, 3), names)]
     assert "not drawn:" in err and f"{Path(names[0]).stem}_corrupt.jpg" in err
     last = err.strip().splitlines()[-1]
@@ -195,7 +195,7 @@ def test_visualize_draws_every_readable_image_and_then_names_the_unreadable_one(
                                                       "--output", tmp_path / "vis2", *overrides,
                                                       "dataloader.skip_bad_images=true"], capsys)
     assert code == 0, err[-2000:]
-    assert sorted(p.name for p in (tmp_path / "vis2").iterdir()) == drawn
+    assert sorted(p.name for p in (tmp_path / "vis2").iterdir() if p.suffix == ".jpg") == drawn
     assert "1 of the 4 images were not drawn" in out and "(skipped: dataloader.skip_bad_images)" in out
 
 
@@ -389,6 +389,46 @@ def test_visualize_folder_and_glob_take_the_same_entries_and_name_what_they_leav
     from detection.data import DataError
     with pytest.raises(DataError, match=r"no images found .*; 1 file left out, not named as images \(.*d\.heic\)"):
         find_images(str(photos))
+
+@pytest.mark.slow  # runs a model over a folder, twice
+def test_visualize_lists_the_detections_it_draws_in_a_jsonl_file_and_no_draw_writes_only_that(trained, tmp_path,
+                                                                                             capsys):
+    """A batch-inference trial: nothing wrote the detections of unlabelled images for another
+    program (drawings only), nor mapped a drawing back to its input."""
+    import shutil
+
+    from detection.predictor import Predictor
+
+    root, overrides = trained
+    photos = tmp_path / "photos"
+    shutil.copytree(root / "data" / "shapes" / "val", photos)
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    base = ["--config", ROOT / "configs" / "base.yaml", "--weights", root / "out" / "model_final.pth",
+            "--input", photos, "--score-thresh", "0.0", *overrides, "dataloader.skip_bad_images=true"]
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", tmp_path / "vis"], capsys)
+    assert code == 0, err[-2000:]
+    assert f"their detections in {tmp_path / 'vis' / 'detections.jsonl'}" in out
+    lines = [json.loads(line) for line in (tmp_path / "vis" / "detections.jsonl").read_text().splitlines()]
+    images = sorted(p for p in photos.iterdir())
+    assert [line["image"] for line in lines] == [str(p) for p in images]  # one line per input, in order
+    assert lines[0]["error"].startswith(f"could not read image {photos / 'broken.jpg'}")
+    predictor = Predictor(load_config(ROOT / "configs" / "base.yaml", overrides),
+                          weights=root / "out" / "model_final.pth")
+    for line in lines[1:]:
+        assert (tmp_path / "vis" / line["drawing"]).is_file()
+        expected = predictor(line["image"])  # the same model and settings: the same detections
+        assert [d["score"] for d in line["detections"]] == pytest.approx(expected["scores"].tolist(), abs=1e-6)
+        assert [v for d in line["detections"] for v in d["box"]] == pytest.approx(
+            expected["boxes"].flatten().tolist(), abs=0.01)
+        assert [d["class"] for d in line["detections"]] == [predictor.class_names[k - 1] for k in expected["labels"]]
+        assert [line["height"], line["width"]] == list(cv2.imread(line["image"]).shape[:2])
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", tmp_path / "listed", "--no-draw"], capsys)
+    assert code == 0, err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "listed").iterdir()) == ["detections.jsonl"]
+    again = [json.loads(line) for line in (tmp_path / "listed" / "detections.jsonl").read_text().splitlines()]
+    assert [{**line, "drawing": None} if "drawing" in line else line for line in lines] == again
+    assert f"listed the detections of {len(images) - 1} images in {tmp_path / 'listed' / 'detections.jsonl'}" in out
+
 
 def test_visualize_takes_each_image_once_through_folder_links_and_survives_link_loops(tmp_path, capsys):
     """A batch-inference trial: a link back up a tree (cam2/day0/loop -> ../..) made a "**" glob

@@ -4,6 +4,7 @@
     python tools/visualize.py --config CFG --weights CKPT --input PATH --output DIR [--score-thresh 0.5]
     python tools/visualize.py --config CFG --gt --output DIR [--limit 20]          # inspect a data set
     python tools/visualize.py --config CFG --weights CKPT --compare --output DIR    # ground truth | predictions
+    python tools/visualize.py --weights CKPT --input 'imgs/**/*' --output DIR --no-draw   # detections.jsonl only
     python tools/visualize.py --config CFG --train-batches 4 --output DIR          # what training sees
 
 --train-batches N draws the first N batches the training loader gives (datasets.train, as
@@ -25,6 +26,14 @@ order) and STEM its file name without the extension (its first 200 bytes): two i
 same name in different folders never overwrite each other. DIR may not be a folder the images
 drawn are in (a drawing could replace a photo of its name). Drawings already in DIR that this
 run does not draw over (an earlier run's, with more images) are left in place: a note names them.
+
+With a model, DIR/detections.jsonl lists what was drawn, one JSON line per input image in the
+order above, written as each is done (a killed run keeps the finished ones): {"image", "drawing"
+(null with --no-draw), "width", "height", "detections": [{"label", "class", "score", "box":
+[x1, y1, x2, y2] in the image's pixels}]} for detections at least --score-thresh, or {"image",
+"error"} for an image not read or not drawn. --no-draw writes only that file (a batch of
+unlabelled images for another program). The model itself keeps model.roi_heads.score_thresh_test
+(0.05 in base.yaml) and detections_per_image (100): --score-thresh filters what it gives.
 
 In the ground truth, what the metrics ignore is drawn dashed and tagged: VOC `difficult`
 objects ("difficult") and COCO crowd regions ("crowd"). Predictions are drawn with the model's
@@ -64,7 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", metavar="CKPT", help="detector checkpoint")
     parser.add_argument("--input", metavar="PATH", help="image, folder or glob")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the drawn images")
-    parser.add_argument("--score-thresh", type=float, default=0.5, help="draw detections at least this score")
+    parser.add_argument("--score-thresh", type=float, default=0.5,
+                        help="draw (and list in detections.jsonl) detections at least this score")
+    parser.add_argument("--no-draw", action="store_true",
+                        help="with a model: write only DIR/detections.jsonl, no drawings")
     parser.add_argument("--gt", action="store_true", help="draw a data set's annotations, no model")
     parser.add_argument("--compare", action="store_true", help="ground truth and predictions side by side")
     parser.add_argument("--dataset", help="data set for --gt/--compare: a known name, the name of one of "
@@ -83,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args
     if not args.gt and not args.weights:
         parser.error("--weights is required unless --gt is given")
+    if args.no_draw and args.gt:
+        parser.error("--no-draw writes a model's detections (detections.jsonl): not with --gt")
     if not (args.gt or args.compare) and not args.input:
         parser.error("--input is required unless --gt or --compare is given")
     resolve_config_beside_weights(parser, args)
@@ -150,14 +164,19 @@ def draw(args: argparse.Namespace) -> None:
         draw_training_batches(cfg, args.train_batches, args.output)
         return
     count, drawn, unreadable, unwritten = run(cfg, args)
-    wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args)}"
+    listed = Path(args.output) / DETECTIONS_FILE
+    if args.no_draw:
+        wrote = f"listed the detections of {count} images in {listed}{drawn_text(drawn, args)}"
+    else:
+        wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args)}" + (
+            "" if args.gt else f"; their detections in {listed}")
     total = count + len(unreadable) + len(unwritten)
     if unwritten:  # the output's fault, not an input's: skip_bad_images does not make it exit 0 (a file-system trial)
         raise WriteError(f"{wrote}; {len(unwritten)} of the {total} images were not drawn: could not write "
                          f"{first_few(unwritten, 3)} (the folder is not writable, or the disk is full)"
                          + (f"; and {len(unreadable)} could not be read: {'; '.join(unreadable[:3])}" if unreadable else ""))
     if unreadable:  # the others are drawn first: one bad file in a folder does not stop the run
-        not_drawn = (f"{len(unreadable)} of the {total} images were not drawn: "
+        not_drawn = (f"{len(unreadable)} of the {total} images were not {'read' if args.no_draw else 'drawn'}: "
                      f"{'; '.join(unreadable[:3])}{'; ...' if len(unreadable) > 3 else ''}")
         if not cfg.dataloader.skip_bad_images:
             raise DataError(f"{wrote}; {not_drawn} (dataloader.skip_bad_images=true skips them, as eval.py does)")
@@ -170,7 +189,8 @@ def drawn_text(drawn: int, args: argparse.Namespace) -> str:
     so that empty pictures read as a threshold to lower, not as a broken tool."""
     if args.gt:
         return ""
-    text = f": {drawn} detection{'' if drawn == 1 else 's'} drawn (score >= {args.score_thresh:g}"
+    done = "listed" if getattr(args, "no_draw", False) else "drawn"
+    text = f": {drawn} detection{'' if drawn == 1 else 's'} {done} (score >= {args.score_thresh:g}"
     return text + (", --score-thresh sets it)" if drawn == 0 else ")")
 
 
@@ -197,24 +217,73 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     out = output_folder(args.output, [path for path, _ in items])
     drawn, unreadable, unwritten = [], [], []  # detections each image shows; images not read; drawings not written
     written = set()  # the drawings' file names
-    for i, (path, record) in enumerate(items):
-        shown = len(drawn)
-        try:
-            canvas = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names), args,
-                           drawn, exif_orientation=cfg.input.exif_orientation)
-        except DataError as err:
-            logger.warning("not drawn: %s", err)
-            unreadable.append(str(err))
-            continue
-        target = out / output_name(i, path)
-        if not write_drawing(target, canvas):  # False only, as OpenCV's imwrite
-            logger.warning("not written: %s", target)
-            unwritten.append(str(target))
-            del drawn[shown:]  # "N detections drawn" counts those in the images written
-            continue
-        written.add(target.name)
-    note_earlier_drawings(out, args.output, written)
+    listed = DetectionsFile(out / DETECTIONS_FILE, predicted_names) if model is not None and not args.gt else None
+    try:
+        for i, (path, record) in enumerate(items):
+            shown = len(drawn)
+            try:
+                canvas, kept = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names),
+                                     args, drawn, exif_orientation=cfg.input.exif_orientation)
+            except DataError as err:
+                logger.warning("not drawn: %s", err)
+                unreadable.append(str(err))
+                if listed is not None:
+                    listed.add(path, error=str(err))
+                continue
+            target = None if args.no_draw else out / output_name(i, path)
+            if target is not None and not write_drawing(target, canvas):  # False only, as OpenCV's imwrite
+                logger.warning("not written: %s", target)
+                unwritten.append(str(target))
+                del drawn[shown:]  # "N detections drawn" counts those in the images written
+                if listed is not None:
+                    listed.add(path, error=f"its drawing {target} could not be written")
+                continue
+            if listed is not None:
+                listed.add(path, drawing=target, detections=kept)
+            written.add(target.name if target is not None else str(path))
+    finally:
+        if listed is not None:
+            listed.close()
+    if not args.no_draw:
+        note_earlier_drawings(out, args.output, written)
     return len(written), sum(drawn), unreadable, unwritten
+
+
+DETECTIONS_FILE = "detections.jsonl"
+
+
+class DetectionsFile:
+    """DIR/detections.jsonl: one JSON line per input image, in the order drawn, written as each is
+    done (a killed run keeps the lines of the images it finished): {"image": its path, "drawing":
+    the drawing's file name (null with --no-draw), "width", "height" (as viewed), "detections":
+    [{"label": 1..K, "class", "score", "box": [x1, y1, x2, y2] in the image's pixels}]}, those
+    drawn (score >= --score-thresh); an image not read or not drawn is {"image", "error"}. The
+    machine-readable output of a batch of unlabelled images (mmdetection's --pred-out-dir;
+    Detectron2's demo writes drawings only)."""
+
+    def __init__(self, path: Path, class_names: list[str]) -> None:
+        self.path, self.class_names = path, class_names
+        path.unlink(missing_ok=True)  # an earlier run's (or a link put there): replaced, not written through
+        self.file = open(path, "x", encoding="utf-8")
+
+    def add(self, image: Any, *, error: str | None = None, drawing: Path | None = None,
+            detections: dict | None = None) -> None:
+        import json
+
+        if error is not None:
+            entry = {"image": str(image), "error": error}
+        else:
+            height, width = detections["size"]
+            entry = {"image": str(image), "drawing": drawing.name if drawing is not None else None,
+                     "width": width, "height": height, "detections": [
+                         {"label": int(k), "class": self.class_names[int(k) - 1] if 0 < k <= len(self.class_names)
+                          else str(int(k)), "score": round(float(s), 6), "box": [round(float(v), 2) for v in box]}
+                         for box, s, k in zip(detections["boxes"], detections["scores"], detections["labels"])]}
+        self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
@@ -295,7 +364,7 @@ def _draw(path: str, record: dict | None, crowd: dict, model, names: tuple[list[
     from detection.visualization.draw import draw_detections, ground_truth_boxes, side_by_side
 
     image = read_image(path, exif_orientation=exif_orientation)
-    panels = []
+    panels, kept = [], None
     if record is not None:
         boxes, labels, tags = ground_truth_boxes(record, crowd.get(record["image_id"]))
         panels.append(draw_detections(image, boxes, labels, None, names[0], 0.0, tags=tags))
@@ -304,8 +373,12 @@ def _draw(path: str, record: dict | None, crowd: dict, model, names: tuple[list[
             pred = model([torch.from_numpy(image).permute(2, 0, 1)])[0]  # the model resizes, then moves it
         panels.append(draw_detections(image, pred["boxes"].cpu().numpy(), pred["labels"].cpu().numpy(),
                                       pred["scores"].cpu().numpy(), names[1], args.score_thresh))
-        drawn.append(int((pred["scores"] >= args.score_thresh).sum()))  # draw_detections' own rule
-    return panels[0] if len(panels) == 1 else side_by_side(panels[0], panels[1], ("ground truth", "predictions"))
+        keep = (pred["scores"] >= args.score_thresh).cpu().numpy()  # draw_detections' own rule
+        drawn.append(int(keep.sum()))
+        kept = {"boxes": pred["boxes"].cpu().numpy()[keep], "scores": pred["scores"].cpu().numpy()[keep],
+                "labels": pred["labels"].cpu().numpy()[keep], "size": image.shape[:2]}
+    canvas = panels[0] if len(panels) == 1 else side_by_side(panels[0], panels[1], ("ground truth", "predictions"))
+    return canvas, kept
 
 
 def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
