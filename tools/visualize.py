@@ -200,6 +200,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     (each also a warning as it happens)."""
     from detection.engine.distributed import select_device
     from detection.evaluation.classes import model_class_names
+    from detection.utils.progress import ProgressLines
     from detection.visualization.draw import write_drawing
 
     device = select_device(cfg.device, cfg.tf32)
@@ -218,8 +219,10 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     drawn, unreadable, unwritten = [], [], []  # detections each image shows; images not read; drawings not written
     written = set()  # the drawings' file names
     listed = DetectionsFile(out / DETECTIONS_FILE, predicted_names) if model is not None and not args.gt else None
+    progress = ProgressLines("visualize", len(items), say=lambda line: print(line, flush=True))  # a line a minute
     try:
         for i, (path, record) in enumerate(items):
+            progress.step(0 if i == 0 else 1)
             shown = len(drawn)
             try:
                 canvas, kept = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names),

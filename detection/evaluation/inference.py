@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from detection.utils import comm
 from detection.utils.files import atomic_write
+from detection.utils.progress import ProgressLines
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
         with torch.inference_mode():
             bar = tqdm(loader, total=_length(loader), desc="inference", unit="batch",
                        disable=None if comm.is_main_process() else True, dynamic_ncols=True)  # None: a terminal only
+            dataset = getattr(loader, "dataset", None)
+            lines = ProgressLines("inference", len(dataset) if hasattr(dataset, "__len__") else None,
+                                  enabled=bar.disable and comm.is_main_process(), say=logger.info)
             for images, records in bar:
                 if between_batches is not None:
                     between_batches()
@@ -79,6 +83,7 @@ def inference_on_dataset(model: torch.nn.Module, loader: Iterable, evaluator: Ev
                 evaluator.process(records, [relabel(_to_cpu(output), table) for output in outputs])
                 num_images += len(images)
                 batches += 1
+                lines.step(len(images))  # off a terminal: a line a minute (a batch job's log)
             for _ in range(calls - batches):  # as many calls as the rank with the most batches makes
                 between_batches()
     finally:
