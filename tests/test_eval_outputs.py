@@ -451,7 +451,10 @@ def test_output_names_are_one_scheme_and_never_collide(run_a, tmp_path, capsys):
     code, _, err = call(VISUALIZE, capsys, "--weights", str(root / "run_a" / "model_final.pth"), "--input",
                         str(tmp_path / "in" / "*" / "img.jpg"), "--output", str(tmp_path / "pred"), *overrides)
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["00000_img.jpg", "00001_img.jpg"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["00000_img.jpg", "00001_img.jpg",
+                                                                      "detections.jsonl"]
+    listed = [json.loads(line)["image"] for line in (tmp_path / "pred" / "detections.jsonl").read_text().splitlines()]
+    assert listed == [str(tmp_path / "in" / sub / "img.jpg") for sub in ("a", "b")]  # the way back to the inputs
     assert call(VISUALIZE, capsys, "--gt", "--output", str(tmp_path / "gt"), "--limit", "1", *overrides)[0] == 0
     assert [p.name for p in (tmp_path / "gt").iterdir()] == [f"00000_{image.stem}.jpg"]
     assert "NNNNN_STEM.jpg" in " ".join(VISUALIZE.__doc__.split())
