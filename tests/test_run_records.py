@@ -262,10 +262,13 @@ def test_metrics_time_is_the_windows_median_and_log_txt_holds_the_run(data_root,
     assert not (tmp_path / "refused").exists()
 
 
-def test_two_runs_trained_in_threads_of_one_process_keep_their_own_log_txt(data_root, tmp_path, monkeypatch):
+def test_two_runs_trained_in_threads_of_one_process_keep_their_own_log_txt(data_root, tmp_path, monkeypatch,
+                                                                          capsys):
     """A notebook trial: two train() in threads wrote each other's lines into their log.txt, and
     tqdm's logging redirect put a finished run's handler back on the root logger, where it held
-    every later message of the process in memory."""
+    every later message of the process in memory. The shorter run's end put the logging levels
+    back under the longer one (its log.txt stopped there), and with no logging set up neither
+    run's lines were printed (a review of the fix)."""
     import threading
     import time
 
@@ -276,17 +279,22 @@ def test_two_runs_trained_in_threads_of_one_process_keep_their_own_log_txt(data_
         return {k: 1.0 for k in LOSS_KEYS}
 
     monkeypatch.setattr(trainer, "run_step", step)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a notebook with no logging set up
+    lengths = {"A": 2, "B": 6}
     runs = [threading.Thread(target=trainer.train, args=(tiny_cfg(data_root, tmp_path / name, **{
-        "solver.max_iter": 6, "datasets.test": [], "seed": seed}),)) for seed, name in enumerate("AB")]
+        "solver.max_iter": lengths[name], "datasets.test": [], "seed": seed}),)) for seed, name in enumerate("AB")]
     for run in runs:
         run.start()
     for run in runs:
         run.join()
+    err = capsys.readouterr().err
     for name, other in ("A", "B"), ("B", "A"):
         log = (tmp_path / name / "log.txt").read_text()
-        assert len([line for line in log.splitlines() if ": iter " in line]) == 6, log
+        assert len([line for line in log.splitlines() if ": iter " in line]) == lengths[name], log
         assert f"output folder: {(tmp_path / name).resolve()}" in log and str(tmp_path / other) not in log
-    assert not [h for h in logging.getLogger().handlers if isinstance(h, RunLogFile)]
+        assert f"training finished at iteration {lengths[name]}: the model is {(tmp_path / name).resolve()}" in log
+        assert err.count(f"iter {lengths[name]}/{lengths[name]}: ") == 1  # printed once, by its own run
+    assert not logging.getLogger().handlers and logging.getLogger("detection").level == logging.NOTSET
 
 
 def test_a_train_call_with_no_logging_set_up_shows_the_runs_lines(data_root, tmp_path, monkeypatch, capsys):

@@ -49,6 +49,13 @@ def progress_line(record: dict, max_iter: int) -> str:
             f"(medians since the previous line){memory}, eta {eta}")
 
 
+# the run logs installed (runs in threads of one process), and the project loggers' levels the
+# first of them raised to info, put back when the last is removed
+_INSTALLED: list = []
+_RAISED_LEVELS: dict[str, int] = {}
+_INSTALLED_LOCK = threading.Lock()
+
+
 class RunLogFile(logging.Handler):
     """log.txt: every message the run logs, with its time, level and logger, appended across
     resumes (the history of a run's restarts stays, as in Detectron2's log.txt).
@@ -73,19 +80,22 @@ class RunLogFile(logging.Handler):
         self.stream: Optional[IO[str]] = None
         self.path: Optional[Path] = None
         self.failed = False
-        self._levels: dict[str, int] = {}
         self._shown = None  # warnings.showwarning before install
         self._thread = threading.get_ident()
         self._removed = False
 
     def install(self) -> "RunLogFile":
-        """On the root logger, with the project's loggers at info at least (put back by remove)."""
+        """On the root logger, with the project's loggers at info at least (put back by remove,
+        when no other run's is installed: a run in another thread still logs at info)."""
         self._thread = threading.get_ident()
-        for name in PROJECT_LOGGERS:
-            log = logging.getLogger(name)
-            if log.getEffectiveLevel() > logging.INFO:
-                self._levels[name] = log.level
-                log.setLevel(logging.INFO)
+        with _INSTALLED_LOCK:
+            if not _INSTALLED:
+                for name in PROJECT_LOGGERS:
+                    log = logging.getLogger(name)
+                    if log.getEffectiveLevel() > logging.INFO:
+                        _RAISED_LEVELS[name] = log.level
+                        log.setLevel(logging.INFO)
+            _INSTALLED.append(self)
         logging.getLogger().addHandler(self)
         self._shown = warnings.showwarning
         warnings.showwarning = self._show_warning
@@ -104,9 +114,13 @@ class RunLogFile(logging.Handler):
         if warnings.showwarning == self._show_warning:  # not replaced again since
             warnings.showwarning = self._shown
         logging.getLogger().removeHandler(self)
-        for name, level in self._levels.items():
-            logging.getLogger(name).setLevel(level)
-        self._levels = {}
+        with _INSTALLED_LOCK:
+            if self in _INSTALLED:
+                _INSTALLED.remove(self)
+            if not _INSTALLED:
+                for name, level in _RAISED_LEVELS.items():
+                    logging.getLogger(name).setLevel(level)
+                _RAISED_LEVELS.clear()
         self.close()
 
     def open(self, path: Path) -> None:
@@ -122,7 +136,7 @@ class RunLogFile(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         ours = not self._removed and record.thread == self._thread
-        if self._alone() and (record.levelno >= logging.WARNING or ours):
+        if self._prints(record, ours):
             # Python prints warnings to stderr only when no handler exists (logging.lastResort):
             # this one must not silence them for a caller that set up no logging (a notebook's
             # train()), and shows that caller the run's own lines, as the command line does
@@ -160,8 +174,17 @@ class RunLogFile(logging.Handler):
         except OSError:
             pass
 
-    def _alone(self) -> bool:
-        return all(h is self for h in logging.getLogger().handlers) and logging.lastResort is not None
+    def _prints(self, record: logging.LogRecord, ours: bool) -> bool:
+        """Whether this handler prints `record` to stderr: only when the root logger has run logs
+        alone (the caller set up no logging), a run's own lines by its handler, and the other
+        threads' warnings by the first run log (once, not by each run's)."""
+        handlers = logging.getLogger().handlers
+        if logging.lastResort is None or not all(isinstance(h, RunLogFile) for h in handlers):
+            return False
+        if ours:
+            return True
+        owned = any(not h._removed and h._thread == record.thread for h in handlers)
+        return record.levelno >= logging.WARNING and not owned and handlers[:1] == [self]
 
     def _write(self, text: str) -> None:
         try:
