@@ -125,6 +125,10 @@ def test_a_mostly_black_float_image_of_0_255_values_is_not_read_as_0_1(tmp_path)
     rgb[5:15, 5:15], rgb[20:30, 25:40] = (40, 120, 200), 90
     cv2.imwrite(str(tmp_path / "dark.tif"), rgb[:, :, ::-1].astype(np.float32))
     np.testing.assert_array_equal(read_image(str(tmp_path / "dark.tif")), rgb)
+    sparse = np.zeros((300, 300, 3), np.uint8)  # objects on under 1% of a black frame (stars, sparse cells)
+    sparse[10:20, 10:20], sparse[100:110, 50:60] = 60, (20, 120, 200)
+    cv2.imwrite(str(tmp_path / "sparse.tif"), sparse[:, :, ::-1].astype(np.float32))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "sparse.tif")), sparse)
     from detection.utils.images import float_image_scale  # the Predictor's hint for float arrays: the same rule
     assert float_image_scale(rgb.astype(np.float32)) == 1.0 and float_image_scale(rgb / 255.0) == 255.0
 

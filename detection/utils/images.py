@@ -46,17 +46,19 @@ def _how_to_pass(image: object) -> str:
 
 def float_image_scale(image: np.ndarray) -> float:
     """What a float image's values are multiplied by to read them as 0..255: 255 for 0..1 values,
-    1 for 0..255 ones. 0..1 when most pixels (the median) are at most 1 and the brightest 1% at
-    most 8 (an HDR merge's highlights over white, clipped when read); 0..255 otherwise. The
-    maximum decided it first (one highlight pixel read a 0..1 photo as 0..255, near black), then
-    the median alone (a 0..255 frame more than half black, as a fluorescence or night image, was
-    read as 0..1: every object white)."""
+    1 for 0..255 ones. 0..1 when most pixels (the median) are at most 1 and the pixels over 1 are
+    highlights (their median at most 8: an HDR merge's, clipped to white when read); 0..255 when
+    most pixels are over 1, or the pixels over 1 are far over it (objects of a 0..255 image on a
+    black ground). The maximum decided it first (one highlight pixel read a 0..1 photo as 0..255,
+    near black), then the median alone (a 0..255 frame more than half black, as a fluorescence or
+    night image, was read as 0..1: every object white), then with the brightest 1% (objects on
+    under 1% of a black frame, as stars or sparse cells, still read white)."""
     sample = image[::4, ::4] if image.ndim >= 2 and image.size > (1 << 20) else image  # a guess, not a sum
     values = np.nan_to_num(np.asarray(sample, dtype=np.float32))
-    if values.size == 0:
-        return 255.0
-    median, top = np.percentile(values, [50, 99])
-    return 255.0 if median <= 1.0 and top <= 8.0 else 1.0
+    if values.size == 0 or float(np.median(values)) > 1.0:
+        return 255.0 if values.size == 0 else 1.0
+    over = values[values > 1.0]
+    return 255.0 if over.size == 0 or float(np.median(over)) <= 8.0 else 1.0
 
 
 def _how_to_convert(image: np.ndarray) -> str:
