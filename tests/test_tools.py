@@ -1,6 +1,7 @@
 """tools/eval.py and tools/visualize.py through their command lines (main(argv) in this process:
 the same parsing and error mapping, without a new Python per call), on a tiny trained model."""
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -428,6 +429,19 @@ def test_visualize_lists_the_detections_it_draws_in_a_jsonl_file_and_no_draw_wri
     again = [json.loads(line) for line in (tmp_path / "listed" / "detections.jsonl").read_text().splitlines()]
     assert [{**line, "drawing": None} if "drawing" in line else line for line in lines] == again
     assert f"listed the detections of {len(images) - 1} images in {tmp_path / 'listed' / 'detections.jsonl'}" in out
+    # a file name that is not UTF-8 (an old archive's Latin-1 "café") stopped the run with a traceback
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    for name in (b"a.jpg", b"caf\xe9.jpg", b"z.jpg"):
+        shutil.copy(images[1], os.path.join(os.fsencode(latin), name))
+    code, out, err = run_main(TOOLS["visualize.py"], [*base[:4], "--input", latin, *base[6:], "--output",
+                                                      tmp_path / "latin_vis"], capsys)
+    assert code == 0, err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "latin_vis").iterdir()) == [
+        "00000_a.jpg", "00001_caf\ufffd.jpg", "00002_z.jpg", "detections.jsonl"]
+    names = [os.fsencode(json.loads(line)["image"]) for line in (tmp_path / "latin_vis" / "detections.jsonl")
+             .read_text(encoding="utf-8").splitlines()]
+    assert names == [os.path.join(os.fsencode(latin), name) for name in (b"a.jpg", b"caf\xe9.jpg", b"z.jpg")]
 
 
 def test_visualize_takes_each_image_once_through_folder_links_and_survives_link_loops(tmp_path, capsys):

@@ -267,7 +267,9 @@ class DetectionsFile:
     def __init__(self, path: Path, class_names: list[str]) -> None:
         self.path, self.class_names = path, class_names
         path.unlink(missing_ok=True)  # an earlier run's (or a link put there): replaced, not written through
-        self.file = open(path, "x", encoding="utf-8")
+        # backslashreplace: a file name that is not UTF-8 (a lone surrogate) becomes its JSON escape
+        # "\udce9", which json.loads gives back and os.fsencode turns into the name's bytes
+        self.file = open(path, "x", encoding="utf-8", errors="backslashreplace")
 
     def add(self, image: Any, *, error: str | None = None, drawing: Path | None = None,
             detections: dict | None = None) -> None:
@@ -351,8 +353,12 @@ def note_earlier_drawings(out: Path, output: str, names: set[str]) -> None:
 
 def output_name(index: int, path: str) -> str:
     """NNNNN_STEM.jpg in every mode: the position makes it unique, the stem recognisable (cut to
-    200 bytes: a file name has at most 255)."""
-    stem = Path(path).stem.encode("utf-8")[:200].decode("utf-8", errors="ignore")
+    200 bytes: a file name has at most 255). A name that is not UTF-8 (an old archive's Latin-1
+    café.jpg: its byte comes as a lone surrogate) gets U+FFFD for that byte (it stopped the run)."""
+    raw = Path(path).stem.encode("utf-8", "surrogateescape")
+    stem = raw[:200].decode("utf-8", errors="replace")
+    if len(raw) > 200:
+        stem = stem.rstrip("\ufffd")  # a character the cut split: dropped
     return f"{index:05d}_{stem}.jpg"
 
 
