@@ -405,3 +405,12 @@ def test_a_config_changed_in_python_is_checked_as_a_files_values_are():
     cfg.solver.base_lr = 0.02
     checked = detection.config.checked_config(cfg)
     assert checked == cfg and checked is not cfg  # a copy: the caller's object is left as it is
+    # what Python code writes (they trained before the check): taken as the file's values
+    import numpy as np
+    cfg.output_dir, cfg.datasets.root, cfg.solver.steps = Path("/tmp/out"), Path("data"), (10, 20)
+    cfg.solver.max_iter, cfg.solver.base_lr = np.int64(30), np.float32(0.5)
+    cfg.datasets.train = [{"type": "coco", "ann_file": Path("a.json"), "image_root": Path("imgs")}]
+    checked = detection.config.checked_config(cfg)
+    assert (checked.output_dir, checked.datasets.root, checked.solver.steps) == ("/tmp/out", "data", [10, 20])
+    assert type(checked.solver.max_iter) is int and checked.solver.base_lr == 0.5
+    assert checked.datasets.train == [{"type": "coco", "ann_file": "a.json", "image_root": "imgs"}]

@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import re
 import types
 import typing
@@ -345,8 +346,23 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
 def checked_config(cfg: Config, source: str = "the Config given") -> Config:
     """A Config built or changed in Python (`cfg.solver.max_iter = "6"`), checked as a file's
     values are: a copy, or the ConfigError naming the key (train() and the Predictor call it; a
-    wrong type was a TypeError deep inside, a negative lr torch's own error)."""
-    return config_from_dict(dataclasses.asdict(cfg), source)
+    wrong type was a TypeError deep inside, a negative lr torch's own error). What Python code
+    writes for a value a file writes otherwise is taken as that value: a path (pathlib) as its
+    string, a tuple as a list, a numpy number as the number (a review: they trained before)."""
+    return config_from_dict(_as_written(dataclasses.asdict(cfg)), source)
+
+
+def _as_written(value: Any) -> Any:
+    """A Python value as YAML would give it: os.PathLike -> str, tuple -> list, numpy scalar -> its item."""
+    if isinstance(value, dict):
+        return {key: _as_written(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_written(item) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def _drop_inherited_class_names(tree: dict, own: dict, overrides: typing.Sequence[str], source: str) -> None:
