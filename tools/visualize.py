@@ -215,7 +215,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     # predictions carry the model's labels: drawn with its names when known (a test set may list
     # them in another order, or a subset: its ground truth keeps its own)
     predicted_names = (model_class_names(weights, cfg.model.class_names)[0] or class_names) if model else class_names
-    out = output_folder(args.output, [path for path, _ in items])
+    out = output_folder(args.output, [] if args.no_draw else [path for path, _ in items])  # nothing drawn: any folder
     drawn, unreadable, unwritten = [], [], []  # detections each image shows; images not read; drawings not written
     written = set()  # the drawings' file names
     listed = DetectionsFile(out / DETECTIONS_FILE, predicted_names) if model is not None and not args.gt else None

@@ -75,7 +75,10 @@ def _opencv_reason(err: Exception) -> str:
     text = " ".join(str(err).split())
     found = re.search(r"error: \([^)]*\) (.*)", text)  # after OpenCV's 'file:line: error: (-215:Assertion failed)'
     reason = found.group(1) if found else text
-    if "CV_IO_MAX_IMAGE" in text:
+    limit = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")
+    if "CV_IO_MAX_IMAGE" in text and limit:  # a service's own cap
+        reason += f" (the image is larger than this process decodes: OPENCV_IO_MAX_IMAGE_PIXELS={limit})"
+    elif "CV_IO_MAX_IMAGE" in text:
         reason += (" (the image is larger than OpenCV decodes by default, 2^30 pixels or 2^20 a side: the "
                    "environment variable OPENCV_IO_MAX_IMAGE_PIXELS raises the limit, or tile the image)")
     return reason

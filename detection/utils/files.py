@@ -8,6 +8,7 @@ files (detection.evaluation); a low module so that both layers can use it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -122,9 +123,17 @@ def dangling_link(path: Union[str, os.PathLike]) -> str:
     mounted, a moved run), "" otherwise: a "not found" message then says what was not found."""
     path = Path(path)
     try:
-        return f" (a link to {os.readlink(path)}, which is not there)" if path.is_symlink() and not path.exists() else ""
-    except OSError:
-        return ""
+        if not path.is_symlink() or path.exists():
+            return ""
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:  # links naming each other: the target is there, as a link back
+            return f" (a link to {os.readlink(path)} in a loop of links that never reaches a file)"
+        try:
+            return f" (a link to {os.readlink(path)}, which is not there)"
+        except OSError:
+            return ""
+    return ""
 
 
 # The encoding of the text files a user hands over (COCO json, VOC split lists, results files):
