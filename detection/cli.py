@@ -259,6 +259,10 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Con
 def refuse_several_processes() -> None:
     """Under torchrun with several processes each would do the whole of a one-process tool's work
     and write the same files: one error (from the first process; the others exit with it)."""
+    from detection.utils.launch import launch_problem
+
+    if launch_problem():  # no torchrun ran: its variables are left over
+        fail(launch_problem())
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return

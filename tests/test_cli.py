@@ -386,3 +386,30 @@ def test_a_tilde_in_a_path_is_the_home_folder_everywhere(tmp_path, monkeypatch):
     vis = load_tool("visualize").parse_args(["--config", "~/cfg.yaml", "--weights", "~/w.pth", "--input", "~/photos",
                                              "--output", "~/vis"])
     assert (vis.input, vis.output) == (str(tmp_path / "photos"), str(tmp_path / "vis"))
+
+
+def test_a_launchers_variables_left_in_the_environment_are_one_line(monkeypatch, capsys):
+    """A container trial: WORLD_SIZE (and MASTER_ADDR) exported by a job script without torchrun
+    made training die in torch's traceback ("environment variable RANK expected, but not set"),
+    and a one-process tool say "torchrun started 2"."""
+    import torch
+
+    from detection.cli import refuse_several_processes
+    from detection.engine.distributed import init_distributed
+    from detection.utils.comm import DeviceError
+
+    for name in ("RANK", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    with pytest.raises(DeviceError, match=r"^the environment sets WORLD_SIZE=2 but not RANK, MASTER_PORT: torchrun "
+                                          r"sets them all .* unset WORLD_SIZE to run in one process$"):
+        init_distributed(torch.device("cpu"))
+    with pytest.raises(SystemExit) as stopped:
+        refuse_several_processes()
+    assert stopped.value.code == 2 and "but not RANK, MASTER_PORT" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(DeviceError, match="WORLD_SIZE=1 but not RANK, MASTER_PORT"):  # a group of one named
+        init_distributed(torch.device("cpu"))
+    monkeypatch.delenv("MASTER_ADDR")  # one process, and no group named: nothing to join
+    assert init_distributed(torch.device("cpu")) is False

@@ -11,8 +11,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from detection.utils.comm import (all_gather_object, broadcast_buffers, get_rank, get_world_size, is_main_process,
-                                  select_device, shard_dataset, synchronize)
+from detection.utils.comm import (DeviceError, all_gather_object, broadcast_buffers, get_rank, get_world_size,
+                                  is_main_process, select_device, shard_dataset, synchronize)
+from detection.utils.launch import launch_problem
 
 __all__ = ["all_gather_object", "broadcast_buffers", "get_rank", "get_world_size", "init_distributed",
            "is_main_process", "select_device", "shard_dataset", "synchronize"]
@@ -24,6 +25,9 @@ def init_distributed(device: torch.device) -> bool:
     when running under torchrun."""
     if dist.is_available() and dist.is_initialized():
         return True
+    problem = launch_problem()
+    if problem:
+        raise DeviceError(problem)
     if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
