@@ -121,3 +121,17 @@ def test_an_unreadable_image_of_a_submission_is_named_beside_its_results(tmp_pat
     assert {r["image_id"] for r in json.loads((folder / "coco_results.json").read_text())} == {397133}
     assert "coco_2017_test-dev (2 images, 1 of them unreadable, skipped (dataloader.skip_bad_images): named in " \
            "skipped_images.json): no annotations" in "\n".join(messages)
+
+
+def test_visualize_gt_of_a_set_without_annotations_says_there_is_none(tmp_path, capsys):
+    """--gt / --compare drew empty ground-truth panels, as if the images held no object (a review)."""
+    make_test_dev(tmp_path)
+    args = ["--config", str(ROOT / "configs" / "base.yaml"), "--gt", "--output", str(tmp_path / "gt"),
+            f"datasets.root={json.dumps(str(tmp_path))}", "--dataset", "coco_2017_test-dev", "model.num_classes=2"]
+    try:
+        code = load_tool("visualize").main(args)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and "--gt: data set coco_2017_test-dev has no annotations" in err, err
+    assert not (tmp_path / "gt").exists() or not list((tmp_path / "gt").iterdir())

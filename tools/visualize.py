@@ -405,6 +405,10 @@ def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
         skip = cfg.dataloader.skip_bad_images
         dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=skip, check_images=False,
                               exif_orientation=cfg.input.exif_orientation)
+        if not dataset.has_annotations:  # its panels were drawn empty, as if no object were there
+            raise DataError(f"--{'gt' if args.gt else 'compare'}: data set {dataset.name} has no annotations (a "
+                            "test set for an evaluation server): no ground truth to draw; --input with its images "
+                            "draws the model's detections")
         if args.weights:  # the model's names, when known, draw its predictions; else the data set's must fit
             names, source = model_class_names(weights, cfg.model.class_names)
             if names is None:
