@@ -376,6 +376,7 @@ def run_tool(work: Callable[[], Optional[int]], *, interrupted: str = "interrupt
     setup_logging()
     if processes == "one":
         refuse_several_processes()
+    previous = _sigterm_as_interrupt()
     try:
         return work() or 0
     except KeyboardInterrupt as err:
@@ -386,3 +387,33 @@ def run_tool(work: Callable[[], Optional[int]], *, interrupted: str = "interrupt
         if code is None:
             raise
         fail("; ".join([str(err), *getattr(err, "__notes__", [])]), code=code)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class StoppedBySignal(KeyboardInterrupt):
+    """SIGTERM outside training's own handling (eval.py, visualize.py, export...): taken as Ctrl-C
+    is, so the tool's clean-ups run (eval.lock released, a temporary file removed) and it says
+    so in one line, exit 143; Python's default ended it without a word (a scheduler's log showed
+    nothing). The trainer installs its own handlers for its run (a graceful stop)."""
+
+    signum = signal.SIGTERM
+
+
+def _sigterm_as_interrupt():
+    """Install the SIGTERM handler of run_tool (main thread only); -> the previous one, or None."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != pid:  # a forked worker (a data loader's): as without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise StoppedBySignal("stopped by SIGTERM")
+
+    return signal.signal(signal.SIGTERM, stop)

@@ -349,8 +349,8 @@ def test_a_one_process_tool_started_by_torchrun_as_several_is_refused(monkeypatc
     weights = tmp_path / "model_final.pth"
     weights.write_bytes(b"x")
     monkeypatch.setattr("sys.argv", ["tools/eval.py"])
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)  # as torchrun sets them
     config = ["--config", ROOT / "configs" / "base.yaml"]
     code, out, err = run_main(load_tool("eval"), [*config, "--results", tmp_path], capsys)  # nothing to share
     assert code == 2 and out == ""

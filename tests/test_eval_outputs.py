@@ -110,6 +110,28 @@ def test_a_second_evaluation_into_a_folder_in_use_is_refused_naming_the_first(ru
         first.release()
 
 
+def test_sigterm_stops_an_evaluation_in_one_line_and_releases_its_folder(run_a, tmp_path, capsys, monkeypatch):
+    """A container trial: a scheduler's SIGTERM ended eval.py without a word (Python's default),
+    leaving its lock file; now as Ctrl-C: its clean-ups run and one line says so, exit 143."""
+    import signal
+
+    from detection.modeling.model import FasterRCNN
+
+    root, overrides = run_a
+    real = FasterRCNN.forward
+
+    def forward(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FasterRCNN, "forward", forward)
+    out = tmp_path / "inference"
+    code, _, err = call(EVAL, capsys, "--weights", str(root / "run_a" / "model_final.pth"), "--output-dir",
+                        str(out), *overrides)
+    assert code == 143 and err.strip().splitlines()[-1] == "stopped by SIGTERM", err[-2000:]
+    assert not (out / EVAL_LOCK_FILE).exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 @pytest.mark.slow  # evaluates through eval.main
 def test_eval_refuses_a_folder_holding_another_checkpoints_results(run_a, tmp_path, capsys):
     root, overrides = run_a
