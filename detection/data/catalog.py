@@ -152,7 +152,8 @@ def _load_coco(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool
                exif_orientation: bool) -> DatasetInfo:
     from detection.data.coco import load_coco_json  # imported where used: pycocotools is slow to import
 
-    return load_coco_json(_under(root, spec["ann_file"]), _under(root, spec["image_root"]), name=name)
+    return load_coco_json(_under(root, spec["ann_file"]), _under(root, spec["image_root"]), name=name,
+                          exif_orientation=exif_orientation)
 
 
 def _load_voc(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool,

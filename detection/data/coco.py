@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,11 +35,15 @@ _LAYOUT_HINT = ("expected a COCO-format json; the known names use <root>/coco/an
                 "<root>/shapes; add --splits test to give an older one its test split)")
 
 
-def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None) -> DatasetInfo:
-    """Read every image of `ann_file` (sorted by image id) into a record; see DatasetInfo."""
+def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None,
+                   exif_orientation: bool = True) -> DatasetInfo:
+    """Read every image of `ann_file` (sorted by image id) into a record; see DatasetInfo. A json
+    whose images give no `width` / `height` (some converters write none) takes each image's size
+    from its file's header, as viewed (`exif_orientation`), as Detectron2 reads it."""
     coco = open_coco(ann_file)
     if not os.path.isdir(image_root):
         raise DataError(f"image folder not found: {image_root} (for annotations {ann_file}); {_LAYOUT_HINT}")
+    _sizes_from_files(coco, image_root, ann_file, exif_orientation)
     cat_ids = sorted(coco.cats)
     cat_to_label = {cat_id: i + 1 for i, cat_id in enumerate(cat_ids)}
     records, dropped, num_clipped, repeats = [], [], 0, []
@@ -72,6 +77,24 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None) -
         # COCO's test-dev json (image_info_test-dev2017.json) lists images and categories only
         has_annotations="annotations" in coco.dataset,
     )
+
+
+def _sizes_from_files(coco: COCO, image_root: str, ann_file: str, exif_orientation: bool) -> None:
+    """Fill the images' missing width / height from their files' headers (check_coco_json lets a
+    json give none, never some); one line says so. A file that cannot tell is one error."""
+    from detection.data.orientation import header_size  # imported where used: PIL
+
+    missing = [img for img in coco.imgs.values() if "height" not in img]
+    for img in missing:
+        path = os.path.join(image_root, img["file_name"])
+        size = header_size(path, apply_tag=exif_orientation) if os.path.isfile(path) else None
+        if size is None:
+            raise DataError(f"{ann_file}: image id {img['id']!r} gives no width / height and its file {path} "
+                            f"{'is not there' if not os.path.isfile(path) else 'has no header that tells'}: "
+                            "give them in the json")
+        img["height"], img["width"] = size[0], size[1]
+    if missing:
+        logger.info("%s gives no image sizes: read from the %d images' files", ann_file, len(missing))
 
 
 def open_coco(ann_file: str) -> COCO:
@@ -149,7 +172,10 @@ def check_coco_json(data: Any, ann_file: str) -> None:
                    ann_file)
     _check_records(data["images"], "image", {
         "id": (_is_id, "an id"), "file_name": (lambda v: isinstance(v, str) and v != "", "a file name"),
-        "height": (_is_size, "a positive whole number"), "width": (_is_size, "a positive whole number")}, ann_file)
+        # without both, the size is read from the image file (load_coco_json), as Detectron2 does
+        "height": (_is_size, "a positive whole number"), "width": (_is_size, "a positive whole number")}, ann_file,
+        optional=("height", "width") if all("height" not in i and "width" not in i for i in data["images"]
+                                           if isinstance(i, dict)) else ())
     _check_records(data.get("annotations", []), "annotation", {
         "id": (_is_id, "an id"), "image_id": (_is_id, "an image id"),
         "category_id": (_is_int, "an integer category id"),
@@ -181,9 +207,9 @@ def _check_unique(items: list, key: str, kind: str, ann_file: str, why: str) -> 
                             f"{item['id']!r}) have the same {key} {item[key]!r}; {why}")
 
 
-def _check_records(items: list, kind: str, fields: dict, ann_file: str) -> None:
-    """Each item a dict holding every field of `fields` (name -> (test, what it must be)),
-    ids unique."""
+def _check_records(items: list, kind: str, fields: dict, ann_file: str, optional: Sequence[str] = ()) -> None:
+    """Each item a dict holding every field of `fields` (name -> (test, what it must be)) but
+    the `optional` ones (checked where given), ids unique."""
     def where(index: int, item: dict) -> str:  # built only for the message (COCO has ~1M records)
         return f"{ann_file}: {kind} #{index}" + (f" (id {item['id']!r})" if _is_id(item.get("id")) else "")
 
@@ -194,6 +220,8 @@ def _check_records(items: list, kind: str, fields: dict, ann_file: str) -> None:
             raise DataError(f"{ann_file}: {kind} #{index} must be a json object, got {item!r:.80}")
         for key, (test, what) in checks:
             if key not in item:
+                if key in optional:
+                    continue
                 raise DataError(f"{where(index, item)} has no {key!r} field")
             if not test(item[key]):
                 raise DataError(f"{where(index, item)}: {key!r} must be {what}, got {item[key]!r:.80}")
