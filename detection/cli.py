@@ -91,6 +91,25 @@ TORCHVISION_FLAGS = {
 }
 
 
+# MMDetection's tools/train.py and tools/test.py -> what does it here
+MMDET_FLAGS = {
+    "--work-dir": "--output-dir DIR",
+    "--cfg-options": "KEY=VALUE items after the flags (solver.base_lr=0.01 model.roi_heads.score_thresh_test=0.3)",
+    "--auto-scale-lr": "no automatic scaling: solver.base_lr is used as given, for solver.ims_per_batch images",
+    "--resume-from": "tools/train_det.py --resume continues the output folder's last.pth (copy a checkpoint there)",
+    "--launcher": "processes are started by torchrun here: torchrun --nproc_per_node N tools/train_det.py ...",
+    "--seed": "seed=N",
+    "--eval": "tools/eval.py --weights CKPT scores datasets.test (COCO-style AP, and the VOC metric for VOC sets)",
+    "--out": "tools/eval.py writes coco_results.json / comp4 files into its results folder (--output-dir DIR)",
+    "--format-only": "a test set without annotations (a COCO json without an annotations list) gets only "
+                     "coco_results.json",
+    "--show-dir": "tools/visualize.py --weights CKPT --input IMAGES --output DIR",
+    "--show-score-thr": "tools/visualize.py --score-thresh X (the model's own: model.roi_heads.score_thresh_test=X)",
+    "--score-thr": "model.roi_heads.score_thresh_test=X (tools/visualize.py: --score-thresh X)",
+    "--gpu-ids": "device=cuda (one GPU a process; several: torchrun --nproc_per_node N)",
+}
+
+
 def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
                        ) -> argparse.Namespace:
     """parser's arguments with positional ones (the KEY=VALUE overrides) anywhere among the
@@ -152,13 +171,16 @@ def _weights_from_overrides(parser: argparse.ArgumentParser, args: argparse.Name
 def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """argv without Detectron2's `--num-gpus 1` (one process: what every tool here runs as);
     a usage error saying what does the same here for its other launcher flags, and for the
-    flags of torchvision's detection references (TORCHVISION_FLAGS) this tool does not have."""
+    flags of torchvision's detection references (TORCHVISION_FLAGS) and MMDetection's tools
+    (MMDET_FLAGS) this tool does not have."""
     out, rest = [], list(argv)
     while rest:
         item = rest.pop(0)
         flag, _, inline = item.partition("=")
         if flag in TORCHVISION_FLAGS and flag not in parser._option_string_actions:
             parser.error(f"{flag} is a flag of torchvision's detection references; here: {TORCHVISION_FLAGS[flag]}")
+        if flag in MMDET_FLAGS and flag not in parser._option_string_actions:
+            parser.error(f"{flag} is MMDetection's flag; here: {MMDET_FLAGS[flag]}")
         if flag not in DETECTRON2_FLAGS or flag in parser._option_string_actions:
             out.append(item)
             continue

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from detection.cli import FAILURES, PROJECT_ERRORS, run_tool
+import detection.config
 from detection.config import ConfigError
 from tests.helpers import ROOT, load_tool
 
@@ -413,3 +414,32 @@ def test_a_launchers_variables_left_in_the_environment_are_one_line(monkeypatch,
         init_distributed(torch.device("cpu"))
     monkeypatch.delenv("MASTER_ADDR")  # one process, and no group named: nothing to join
     assert init_distributed(torch.device("cpu")) is False
+
+
+def test_mmdetections_flags_keys_and_python_configs_name_what_does_it_here(tmp_path, capsys):
+    """An MMDetection trial: --work-dir, --cfg-options model.test_cfg.rcnn.score_thr=0.3 and a .py
+    config got argparse's bare "unrecognized arguments", a list of valid keys, and "the top level
+    must be a mapping, got str"."""
+    from tests.helpers import run_main
+
+    train = load_tool("train_det")
+    config = ["--config", ROOT / "configs" / "base.yaml"]
+    code, _, err = run_main(train, [*config, "--work-dir", tmp_path], capsys)
+    assert code == 2 and "--work-dir is MMDetection's flag; here: --output-dir DIR" in err
+    code, _, err = run_main(load_tool("eval"), [*config, "--weights", tmp_path / "x.pth", "--show-dir", tmp_path],
+                            capsys)
+    assert code == 2 and "--show-dir is MMDetection's flag; here: tools/visualize.py" in err
+    with pytest.raises(ConfigError, match=r"unknown key model.test_cfg; MMDetection's model.test_cfg.rcnn.score_thr "
+                                          r"is model.roi_heads.score_thresh_test here"):
+        detection.config.load_config(None, ["model.test_cfg.rcnn.score_thr=0.3"])
+    with pytest.raises(ConfigError, match=r"unknown key data; MMDetection's data.samples_per_gpu is "
+                                          r"solver.ims_per_batch, the global batch"):
+        detection.config.load_config(None, ["data.samples_per_gpu=2"])
+    with pytest.raises(ConfigError, match=r"unknown key model.resnets; Detectron2's MODEL.RESNETS.DEPTH is "
+                                          r"model.backbone.depth here"):  # Detectron2's as before
+        detection.config.load_config(None, ["model.resnets.depth=101"])
+    python_config = tmp_path / "faster_rcnn_r50_c4.py"
+    python_config.write_text("_base_ = ['../_base_/models/faster-rcnn_r50-caffe-c4.py']\n")
+    with pytest.raises(ConfigError, match=r"faster_rcnn_r50_c4.py: a Python config \(MMDetection's, mmengine's\) is "
+                                          r"not read here: configs are YAML"):
+        detection.config.load_config(python_config)

@@ -99,6 +99,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = (), files: list | None = No
     if not path.is_file():
         where = f" (a `_base_` of {chain[-1]})" if chain else ""
         raise ConfigError(f"{path}: config file not found{where}")
+    if path.suffix == ".py":  # YAML would read `_base_ = [...]` lines as one string
+        raise ConfigError(f"{path}: a Python config (MMDetection's, mmengine's) is not read here: configs are YAML "
+                          "(configs/*.yaml, schema configs/base.yaml); the README maps MMDetection's settings")
     try:
         data = yaml_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
@@ -303,11 +306,49 @@ DETECTRON2_NAMES = {
 }
 
 
+# MMDetection's config keys (its Python configs' dotted paths, as --cfg-options takes them) -> here
+MMDET_NAMES = {
+    "model.test_cfg.rcnn.score_thr": "model.roi_heads.score_thresh_test",
+    "model.test_cfg.rcnn.max_per_img": "model.roi_heads.detections_per_image",
+    "model.test_cfg.rcnn.nms.iou_threshold": "model.roi_heads.nms_thresh_test",
+    "model.test_cfg.rpn.nms.iou_threshold": "model.rpn.nms_thresh",
+    "optimizer.lr": "solver.base_lr (for solver.ims_per_batch images, used as given)",
+    "optimizer.momentum": "solver.momentum", "optimizer.weight_decay": "solver.weight_decay",
+    "optim_wrapper.optimizer.lr": "solver.base_lr (for solver.ims_per_batch images, used as given)",
+    "runner.max_epochs": "solver.max_iter, in iterations (an epoch of M images: M / solver.ims_per_batch)",
+    "train_cfg.max_epochs": "solver.max_iter, in iterations (an epoch of M images: M / solver.ims_per_batch)",
+    "runner.max_iters": "solver.max_iter", "lr_config.step": "solver.steps, in iterations",
+    "lr_config.warmup_iters": "solver.warmup_iters",
+    "data.samples_per_gpu": "solver.ims_per_batch, the global batch over all processes (MMDetection's is per GPU)",
+    "train_dataloader.batch_size": "solver.ims_per_batch, the global batch over all processes",
+    "data.workers_per_gpu": "dataloader.num_workers", "data_root": "datasets.root", "work_dir": "output_dir",
+    "load_from": "model.weights", "resume_from": "tools/train_det.py --resume", "evaluation.interval":
+    "test.eval_period, in iterations", "checkpoint_config.interval": "solver.checkpoint_period, in iterations",
+    "log_config.interval": "log_period", "classes": "model.class_names (a COCO set's classes come from its json, "
+    "in ascending category id)", "img_scale": "input.min_size_* (the shorter side) and input.max_size_* (the "
+    "longer side's cap): MMDetection's (1333, 800) is max 1333, min 800",
+}
+
+
 def _detectron2_name(dotted: str, value: Any) -> tuple[str, str] | None:
-    """(Detectron2's key, this project's) for an unknown key, or a key inside an unknown section
-    (model.resnets: {depth: 101}), that is Detectron2's name of one here."""
-    keys = [dotted] + ([f"{dotted}.{k}" for k in value] if isinstance(value, dict) else [])
-    return next(((k, DETECTRON2_NAMES[k.lower()]) for k in keys if k.lower() in DETECTRON2_NAMES), None)
+    """(Detectron2's or MMDetection's key, this project's) for an unknown key, or a key inside an
+    unknown section (model.resnets: {depth: 101}; model.test_cfg: {rcnn: {score_thr: 0.3}}), that
+    is their name of one here; the key is shown as they write it (Detectron2's upper-case)."""
+    keys = [dotted]
+    stack = [(dotted, value)]
+    while stack:  # every dotted path inside the unknown section
+        prefix, item = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                keys.append(f"{prefix}.{k}")
+                stack.append((f"{prefix}.{k}", v))
+    found = next(((k.upper(), DETECTRON2_NAMES[k.lower()]) for k in keys if k.lower() in DETECTRON2_NAMES), None)
+    return found or next(((k, MMDET_NAMES[k]) for k in keys if k in MMDET_NAMES), None)
+
+
+def _whose(key: str) -> str:
+    return "Detectron2's" if key.isupper() or key.lower() in DETECTRON2_NAMES and key not in MMDET_NAMES \
+        else "MMDetection's"
 
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
@@ -322,7 +363,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
             ours = _detectron2_name(dotted, value)
             close = difflib.get_close_matches(str(key).lower(), names, n=3, cutoff=0.6)
             upper = str(key) != str(key).lower() and str(key).lower() in names
-            hint = (f"; Detectron2's {ours[0].upper()} is {ours[1]} here" if ours else
+            hint = (f"; {_whose(ours[0])} {ours[0]} is {ours[1]} here" if ours else
                     f"; keys are lower-case here ({str(key).lower()}; the command line reads upper-case ones so, "
                     "a file does not)" if upper else
                     f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}")
@@ -330,7 +371,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         ours = _detectron2_name(dotted, value) if isinstance(value, dict) else None
         if ours and not dataclasses.is_dataclass(hints[key]) and hints[key] is not dict:
             raise ConfigError(f"{source}: {dotted}: expected {_type_name(hints[key])}, got {shown(value)}; "
-                              f"Detectron2's {ours[0].upper()} is {ours[1]} here")  # SOLVER.AMP.ENABLED
+                              f"{_whose(ours[0])} {ours[0]} is {ours[1]} here")  # SOLVER.AMP.ENABLED
         kwargs[key] = _coerce(value, hints[key], dotted, source)
     return cls(**kwargs)
 
