@@ -312,6 +312,16 @@ def test_a_train_call_with_no_logging_set_up_shows_the_runs_lines(data_root, tmp
     assert "training finished at iteration 2" in err and not logging.getLogger().handlers
 
 
+def test_class_names_in_another_order_than_the_data_say_how_a_coco_set_numbers_its_classes(data_root, tmp_path):
+    """An MMDetection trial: its classes follow the json's order (or classes=(...)); here a COCO
+    set's labels follow ascending category id, and the refusal did not say so."""
+    with pytest.raises(ConfigError, match=r"model.class_names is \['square', 'circle', 'triangle'\] but the training "
+                                          r"set shapes_train has the classes \['circle', 'square', 'triangle'\]; a "
+                                          r"COCO json's classes are numbered 1..K in ascending category id"):
+        trainer.train(tiny_cfg(data_root, tmp_path / "run", **{"model.class_names": ["square", "circle", "triangle"]}))
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_and_the_predictor_check_a_config_changed_in_python(data_root, tmp_path):
     """`cfg.input.min_size_train = "64"` in a notebook failed deep in the model (a TypeError); an int
     there is one size, as in a file (Detectron2's INPUT.MIN_SIZE_TRAIN 800)."""

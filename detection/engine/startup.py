@@ -61,8 +61,11 @@ def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
         raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but {which} {len(names)} classes "
                           f"({', '.join(names)}): set model.num_classes={len(names)}{_unused_classes(datasets, names)}")
     if cfg.model.class_names and list(cfg.model.class_names) != list(names):
+        order = ("; a COCO json's classes are numbered 1..K in ascending category id, not in the order the json "
+                 "lists them: give them in that order, or leave model.class_names out to take the data's"
+                 if sorted(cfg.model.class_names) == sorted(names) and datasets[0].kind == "coco" else "")
         raise ConfigError(f"model.class_names is {list(cfg.model.class_names)} but {which} the classes "
-                          f"{list(names)}")
+                          f"{list(names)}{order}")
     return datasets
 
 
