@@ -57,7 +57,8 @@ def test_demo_generates_trains_evaluates_draws_reuses_and_strict_exits_3(tmp_pat
     # the run of other settings (the demo's own max_iter, 1650, not this run's 2): a demo-level hint
     other = subprocess.run([c for c in cmd if not c.startswith("solver.max_iter=")], capture_output=True, text=True,
                            cwd=ROOT, timeout=600)
-    assert other.returncode == 1 and "give the demo the KEY=VALUE that differ, e.g. solver.max_iter=N" in other.stderr
+    assert other.returncode == 2 and "give the demo the KEY=VALUE that differ, e.g. solver.max_iter=N" in other.stderr
+    assert other.stderr.strip().splitlines()[-1].startswith("error: demo: 'train")  # as every tool: exit 2, error:
 
 
 def test_target_report_says_which_targets_were_met():
@@ -101,3 +102,21 @@ def test_strict_exit_status(monkeypatch, tmp_path):
     assert demo.main(base) == 0 and demo.main([*base, "--strict"]) == 3
     metrics.write_text(json.dumps({"AP50": 93.0, "AP": 69.0}))
     assert demo.main(base) == 0 and demo.main([*base, "--strict"]) == 0
+
+
+def test_relative_paths_are_the_working_directorys_though_the_steps_run_from_the_repository(monkeypatch, tmp_path):
+    """A CLI audit: `demo.py --data mydata --output-dir myout` from another folder wrote into the
+    repository (its steps run there) and then failed at its end, not finding myout/metrics.jsonl."""
+    import detection.visualization.plots as plots
+
+    commands = []
+    monkeypatch.setattr(demo, "step", lambda title, *cmd, hint="": commands.append(cmd) or 0.0)
+    monkeypatch.setattr(plots, "plot_training_curves", lambda metrics, png: None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "myout" / "inference" / "shapes_test").mkdir(parents=True)
+    (tmp_path / "myout" / "inference" / "shapes_test" / "metrics.json").write_text(json.dumps({"AP50": 1.0, "AP": 1.0}))
+    assert demo.main(["--data", "mydata", "--output-dir", "myout"]) == 0
+    flat = [item for cmd in commands for item in cmd]
+    assert str(tmp_path / "mydata" / "shapes") in flat and str(tmp_path / "myout") in flat
+    assert f"datasets.root={json.dumps(str(tmp_path / 'mydata'))}" in flat
+    assert not any(item in ("mydata", "myout") or item.startswith(("mydata/", "myout/")) for item in flat)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -67,8 +68,9 @@ def step(title: str, *cmd: str, hint: str = "") -> float:
     print(f"\n==> {title}\n    {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, *cmd], cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"demo: '{title}' failed with exit code {result.returncode}{hint}")
+    if result.returncode != 0:  # the step's own code: 2 for bad input, as every tool (it exited 1)
+        print(f"error: demo: '{title}' failed with exit code {result.returncode}{hint}", file=sys.stderr)
+        raise SystemExit(result.returncode if result.returncode in (2, 130, 143) else 1)
     return time.perf_counter() - start
 
 
@@ -93,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Every step, then the report; -> the exit status (3 with --strict when a target was missed)."""
     start = time.perf_counter()
+    # the steps run from the repository (cwd=ROOT): paths given relative to the working directory are
+    # made absolute first (they went into the repository, and the demo failed at its end); a relative
+    # --config not found from here is one of the repository's (configs/shapes_r18.yaml)
+    args.data, args.output_dir = os.path.abspath(args.data), os.path.abspath(args.output_dir)
+    if os.path.exists(args.config):
+        args.config = os.path.abspath(args.config)
     shapes = Path(args.data) / "shapes"
     out = Path(args.output_dir)
     common = ["--config", args.config, f"datasets.root={json.dumps(str(args.data))}", *args.overrides]  # quoted
