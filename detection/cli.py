@@ -141,13 +141,16 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
         parser.error("the following arguments are required: --weights (or model.weights=PATH, Detectron2's "
                      "MODEL.WEIGHTS)")
     for name in PATH_OPTIONS:  # a quoted '~/runs' (or --output-dir=~/runs) reaches us unexpanded
+        if getattr(args, name, None) == "":
+            # a quoted unset shell variable ("$OUT"): training took the config's folder, others the current one
+            parser.error(f"--{name.replace('_', '-')} is an empty path (an unset shell variable?)")
         if isinstance(getattr(args, name, None), str):
             setattr(args, name, os.path.expanduser(getattr(args, name)))
     return args
 
 
 # The tools' options that name files or folders: `~` is the home folder in each, as in a shell.
-PATH_OPTIONS = ("config", "weights", "results", "output_dir", "output", "input", "context_weights")
+PATH_OPTIONS = ("config", "weights", "results", "output_dir", "output", "input", "context_weights", "json")
 
 
 def _weights_from_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

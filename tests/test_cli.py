@@ -443,3 +443,34 @@ def test_mmdetections_flags_keys_and_python_configs_name_what_does_it_here(tmp_p
     with pytest.raises(ConfigError, match=r"faster_rcnn_r50_c4.py: a Python config \(MMDetection's, mmengine's\) is "
                                           r"not read here: configs are YAML"):
         detection.config.load_config(python_config)
+
+
+def test_the_tools_refuse_what_they_would_ignore_or_misread_in_one_line(tmp_path, capsys):
+    """A CLI audit: each of these ran on (a negative --limit drew all but the last image; --gt with
+    --input drew the test set; --weights beside --results was ignored; an empty "$OUT" trained into
+    the config's folder) or ended in a traceback (an output path through a file; --json's folder
+    missing, after the whole benchmark; an empty datasets.test in ablate.py and visualize.py --gt)."""
+    from tests.helpers import run_main
+
+    config = ["--config", ROOT / "configs" / "base.yaml"]
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"x")
+    cases = [
+        ("train_det", [*config, "--output-dir", ""], "--output-dir is an empty path (an unset shell variable?)"),
+        ("visualize", [*config, "--gt", "--limit", "-1", "--output", tmp_path / "v"], "--limit is a number of images"),
+        ("visualize", [*config, "--weights", weights, "--input", tmp_path, "--score-thresh", "2", "--output",
+                       tmp_path / "v"], "--score-thresh 2.0: a score in [0, 1]"),
+        ("visualize", [*config, "--gt", "--input", tmp_path, "--output", tmp_path / "v"], "--gt and --input: give one"),
+        ("eval", [*config, "--weights", weights, "--results", tmp_path], "--weights runs a checkpoint and --results"),
+        ("make_shapes", ["--output", "/dev/null/shapes", "--num-train", "1"],
+         "--output /dev/null/shapes: cannot create the folder (Not a directory)"),
+        ("benchmark", [*config, "--json", tmp_path / "missing" / "b.json"], "its folder does not exist"),
+        ("ablate", [*config, "--weights", weights, "--output-dir", tmp_path / "a", "datasets.test=[]"],
+         "datasets.test is empty: nothing to ablate on"),
+        ("visualize", [*config, "--gt", "--output", tmp_path / "v", "datasets.test=[]"],
+         "--gt draws the first of datasets.test, which is empty"),
+    ]
+    for tool, args, said in cases:
+        code, _, err = run_main(load_tool(tool), args, capsys)
+        assert code == 2 and said in err and "Traceback" not in err, (tool, args, err[-1500:])
+    assert not (tmp_path / "a").exists()

@@ -69,6 +69,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from detection.data.catalog import get_datasets
     from detection.utils.comm import select_device
 
+    if not cfg.datasets.test:  # an IndexError after the folder was made
+        raise ConfigError("datasets.test is empty: nothing to ablate on; give the test set, e.g. "
+                          "'datasets.test=[shapes_val]'")
     out = Path(args.output_dir) if args.output_dir else Path(args.weights).expanduser().parent / "ablation"
     sources = {"weights": _resolved(args.weights), "context_weights": _resolved(args.context_weights)}
     earlier = _check_folder(out, sources, args.overwrite)

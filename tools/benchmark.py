@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,7 @@ from detection.benchmarking.report import print_report, summarize
 from detection.benchmarking.suite import run, run_levers
 from detection.benchmarking.training_levers import print_training_levers
 from detection.cli import add_config_args, parse_command_line, run_tool
+from detection.utils.files import atomic_write
 from detection.accel import AUTO, COMPILE_MODES, chunk_rois
 
 # what runs this tool again: the memory children (--child)
@@ -98,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: this machine has no CUDA device (torch.cuda.is_available() is False)")
     if args.levers and args.device != "cuda":
         p.error("--levers measures the GPU levers (config group accel): it needs --device cuda")
+    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+        # said now, not after the whole benchmark (its figures were lost with a traceback)
+        p.error(f"--json {args.json}: its folder does not exist or cannot be written")
     if args.kernels and not args.levers:
         p.error("--kernels profiles after the levers' tables: use it with --levers")
     if args.kernels < 0:
@@ -160,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(report: dict) -> None:
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+            with atomic_write(args.json) as f:  # a WriteError is one line naming the file
+                f.write(json.dumps(report, indent=2, default=float))
 
     def levers_table_done(report: dict, name: str) -> None:
         """Each levers table printed and saved as it is done (device time is lent in slices)."""

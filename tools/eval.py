@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_command_line(parser, argv)
     if not args.weights and not args.results:
         parser.error("one of --weights or --results is required")
+    if args.weights and args.results:  # --weights was ignored without a word
+        parser.error("--weights runs a checkpoint and --results scores saved results: give one of them")
     resolve_config_beside_weights(parser, args)
     from detection.utils.environment import command_line
 

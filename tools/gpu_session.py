@@ -211,7 +211,12 @@ def run_steps(steps: list[str], out: Path, limits: dict[str, float] | None = Non
     """Every command of every step, whatever the ones before did, each stopped after its step's
     limit in seconds (`limits`, by step name) if it has one; -> 1 when one failed or was stopped;
     128 + the signal when a SIGTERM or SIGHUP stopped the session (and the running command's group)."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # a path through a file was a NotADirectoryError traceback
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        from detection.utils.files import OutputFolderError
+
+        raise OutputFolderError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
     lock = _session_lock()
     if lock is None:
         print("==> note: another gpu_session is running on this machine: its commands are left alone (and share "

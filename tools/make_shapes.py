@@ -11,6 +11,7 @@ change the train and val files of the same seed, and --splits writes only the sp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from detection.cli import parse_command_line, run_tool
@@ -47,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(args: argparse.Namespace) -> None:
+    from detection.utils.files import OutputFolderError
+
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    try:  # made first: a path through a file (/dev/null/s) was a NotADirectoryError traceback
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as err:
+        raise OutputFolderError(f"--output {args.output}: cannot create the folder ({err.strerror or err})") from None
     paths = generate_shapes(args.output, args.num_train, args.num_val, args.seed, image_size=size,
                             max_objects=args.max_objects, num_test=args.num_test, splits=args.splits)
     counts = {"train": args.num_train, "val": args.num_val, "test": args.num_test}

@@ -97,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--weights is required unless --gt is given")
     if args.no_draw and args.gt:
         parser.error("--no-draw writes a model's detections (detections.jsonl): not with --gt")
+    if args.limit < 0:  # a slice's end: -1 drew all but the last image
+        parser.error("--limit is a number of images, 0 for all")
+    if not 0.0 <= args.score_thresh <= 1.0:  # nan or 2 drew nothing, exit 0
+        parser.error(f"--score-thresh {args.score_thresh}: a score in [0, 1]")
+    given = [flag for flag, on in (("--gt", args.gt), ("--compare", args.compare), ("--input", args.input)) if on]
+    if len(given) > 1:  # one was ignored without a word (--gt --input drew the test set)
+        parser.error(f"{' and '.join(given)}: give one (--gt a data set's annotations, --compare them beside a "
+                     "model's detections, --input images of your own)")
     if not (args.gt or args.compare) and not args.input:
         parser.error("--input is required unless --gt or --compare is given")
     resolve_config_beside_weights(parser, args)
@@ -401,6 +409,9 @@ def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
     from detection.visualization.draw import read_crowd_regions
 
     if args.gt or args.compare:
+        if not args.dataset and not cfg.datasets.test:  # an IndexError
+            raise ConfigError(f"--{'gt' if args.gt else 'compare'} draws the first of datasets.test, which is empty: "
+                              "give --dataset NAME or datasets.test=[...]")
         entry = _dataset_entry(args.dataset, cfg.datasets.test) if args.dataset else cfg.datasets.test[0]
         skip = cfg.dataloader.skip_bad_images
         dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=skip, check_images=False,
