@@ -171,9 +171,12 @@ def test_export_tool_writes_and_checks_the_file(tmp_path, capsys, restore_loggin
     # a failed check leaves the previous (checked) file as it was, and no unchecked one beside it: it
     # replaced the file before (a chaos trial)
     checked = (tmp_path / "m.onnx").read_bytes()
-    code, out, _ = run_main(tool, [*base, "--output", tmp_path / "m.onnx", "--check-images", *photos, *overrides,
-                                   "model.roi_heads.score_thresh_test=1.0"], capsys)
-    assert code == 1 and f"{tmp_path / 'm.onnx'} not written: the check above failed" in out, out
+    code, out, err = run_main(tool, [*base, "--output", tmp_path / "m.onnx", "--check-images", *photos, *overrides,
+                                     "model.roi_heads.score_thresh_test=1.0"], capsys)
+    # why, on stderr as every tool's error (a script reading stderr saw none: a CLI audit)
+    assert code == 1 and err.strip().splitlines()[-1] == f"error: {tmp_path / 'm.onnx'} not written: the check " \
+        "above failed (--no-check writes the file without it)", err
+    assert "the check compared nothing: neither PyTorch nor ONNX Runtime found a detection" in err
     assert (tmp_path / "m.onnx").read_bytes() == checked and sorted(p.name for p in tmp_path.iterdir()) == [
         "data", "m.onnx", "out"]
     folder = tmp_path / "a_folder"  # --output naming a folder: one line once checked, nothing left beside it
@@ -378,8 +381,8 @@ def test_export_check_fails_when_it_compares_nothing(monkeypatch, capsys):
         {"model_size": [96, 144], **compare(none, none)} for _ in images])
     model = SimpleNamespace(min_size_test=96, roi_heads=SimpleNamespace(score_thresh_test=0.05))
     assert load_tool("export").check(model, Path("model.onnx")) is False
-    out = capsys.readouterr().out
-    assert out.count("0 / 0 detections: nothing compared") == 2 and "--check-images" in out, out
+    said = capsys.readouterr()
+    assert said.out.count("0 / 0 detections: nothing compared") == 2 and "--check-images" in said.err, said
 
 
 def readme_onnx_blocks() -> list[str]:

@@ -105,7 +105,9 @@ def run(cfg, args: argparse.Namespace) -> int:
     try:
         export_onnx(model, staged, exif_orientation=cfg.input.exif_orientation)
         if not args.no_check and not check(model, staged, images):
-            print(f"{target} not written: the check above failed (--no-check writes the file without it)")
+            # on stderr as every tool's error (a script reading it saw no reason: the lines were on stdout)
+            print(f"error: {target} not written: the check above failed (--no-check writes the file without it)",
+                  file=sys.stderr)
             return 1
         try:
             staged.replace(target)
@@ -152,7 +154,7 @@ def check(model: FasterRCNN, path: Path, images: list | None = None) -> bool:
     if not any(r["detections"] or r["other_detections"] for r in results):
         print(f"the check compared nothing: neither PyTorch nor ONNX Runtime found a detection (score above "
               f"{model.roi_heads.score_thresh_test}) on the {len(images)} check images; "
-              "give photos with objects: --check-images IMG [IMG ...]")
+              "give photos with objects: --check-images IMG [IMG ...]", file=sys.stderr)
         return False
     return ok
 
