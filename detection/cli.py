@@ -192,10 +192,12 @@ def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[
             if not inline:
                 rest.pop(0)
             continue
-        if flag == "--num-gpus" and "--resume" not in parser._option_string_actions:  # not training
+        shares = "--resume" in parser._option_string_actions or "--results" in parser._option_string_actions
+        if flag == "--num-gpus" and not shares:  # training and eval.py share their work among processes
             parser.error("--num-gpus is Detectron2's flag: this tool runs in one process here, on the config's "
                          "device (device=cuda for a GPU)")
-        parser.error(f"{flag} is Detectron2's flag: {DETECTRON2_FLAGS[flag]}")
+        parser.error(f"{flag} is Detectron2's flag: {DETECTRON2_FLAGS[flag]}".replace(
+            "tools/train_det.py", f"tools/{parser.prog}" if parser.prog.endswith(".py") else "tools/train_det.py"))
     return out
 
 

@@ -110,9 +110,14 @@ def test_num_gpus_1_is_one_process_as_here_and_other_tools_say_they_run_in_one(c
     assert args.overrides == ["seed=3"]
     assert load_tool("train_det").parse_args(["--config", "C.yaml", "--num-gpus=1"]).overrides == []
     with pytest.raises(SystemExit):
-        load_tool("eval").parse_args(["--config", "C.yaml", "--weights", "w.pth", "--num-gpus", "2"])
+        load_tool("visualize").parse_args(["--config", "C.yaml", "--weights", "w.pth", "--num-gpus", "2"])
     err = capsys.readouterr().err
     assert "--num-gpus is Detectron2's flag: this tool runs in one process here" in err and "train_det" not in err
+    # eval.py --weights shares its images among processes as training does (it was told "one process")
+    with pytest.raises(SystemExit):
+        load_tool("eval").parse_args(["--config", "C.yaml", "--weights", "w.pth", "--num-gpus", "2"])
+    err = capsys.readouterr().err
+    assert "torchrun --nproc_per_node N tools/eval.py ..." in err and "one process" not in err
 
 
 def test_eval_and_visualize_take_detectron2s_model_weights_as_their_weights(capsys):

@@ -218,7 +218,7 @@ def undo_unstarted_run(out_dir: Path, *, events_before: set[Path], created: Sequ
 
 def final_line(path: Path, iteration: int, has_test_sets: bool = True) -> str:
     """The run's closing line: where the trained model went and how to evaluate it."""
-    command = f"python tools/eval.py --weights {shlex.quote(str(path))}"
+    command = f"python tools/eval.py --weights {shlex.quote(str(Path(path).resolve()))}"  # from any folder
     how = f"{command} evaluates it on datasets.test" if has_test_sets else \
         f"{command} 'datasets.test=[...]' evaluates it: the run's datasets.test is empty"
     return f"training finished at iteration {iteration}: the model is {path.resolve()} ({how})"
