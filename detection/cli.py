@@ -196,8 +196,8 @@ def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[
         if flag == "--num-gpus" and not shares:  # training and eval.py share their work among processes
             parser.error("--num-gpus is Detectron2's flag: this tool runs in one process here, on the config's "
                          "device (device=cuda for a GPU)")
-        parser.error(f"{flag} is Detectron2's flag: {DETECTRON2_FLAGS[flag]}".replace(
-            "tools/train_det.py", f"tools/{parser.prog}" if parser.prog.endswith(".py") else "tools/train_det.py"))
+        tool = "tools/eval.py" if "--results" in parser._option_string_actions else "tools/train_det.py"
+        parser.error(f"{flag} is Detectron2's flag: {DETECTRON2_FLAGS[flag]}".replace("tools/train_det.py", tool))
     return out
 
 

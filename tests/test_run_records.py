@@ -164,7 +164,8 @@ def test_a_runs_relative_folders_are_kept_absolute_so_its_tools_work_from_anywhe
     monkeypatch.chdir(tmp_path / "work")
     assert main_code(train_det, tool_argv("data", "my run", **{"solver.max_iter": 1})) == 0
     out = tmp_path / "work" / "my run"
-    assert "--weights 'my run/model_final.pth' evaluates it" in capsys.readouterr().err
+    # quoted, and absolute: the command works from any folder (a CLI audit)
+    assert f"--weights '{out / 'model_final.pth'}' evaluates it" in capsys.readouterr().err
     saved = load_config(out / "config.yaml")
     assert (saved.output_dir, saved.datasets.root) == (str(out), str(tmp_path / "work" / "data"))
     # elsewhere, a `data` folder without the shapes set: the run's config still finds the run's
