@@ -266,7 +266,7 @@ def test_eval_writes_the_report_beside_the_results(tiny_run, tmp_path, capsys, r
     # re-scoring the saved results writes the page too (no training curves: no checkpoint), with
     # the settings of the evaluation that made the results
     eval_tool(capsys, "--config", tmp_path / "out" / "config.yaml", "--results", tmp_path / "out" / "inference",
-              "--output-dir", tmp_path / "rescored", "input.min_size_test=999", "test.aug.enabled=true")
+              "--output-dir", tmp_path / "rescored", "input.min_size_test=95", "test.aug.enabled=true")
     rescored = (tmp_path / "rescored" / "report.html").read_text()
     assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in rescored and settings.group(0) in rescored
 

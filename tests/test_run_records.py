@@ -281,6 +281,7 @@ def test_two_runs_trained_in_threads_of_one_process_keep_their_own_log_txt(data_
 
     monkeypatch.setattr(trainer, "run_step", step)
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a notebook with no logging set up
+    level = logging.getLogger("detection").level  # as the tests before left it
     lengths = {"A": 2, "B": 6}
     runs = [threading.Thread(target=trainer.train, args=(tiny_cfg(data_root, tmp_path / name, **{
         "solver.max_iter": lengths[name], "datasets.test": [], "seed": seed}),)) for seed, name in enumerate("AB")]
@@ -295,7 +296,7 @@ def test_two_runs_trained_in_threads_of_one_process_keep_their_own_log_txt(data_
         assert f"output folder: {(tmp_path / name).resolve()}" in log and str(tmp_path / other) not in log
         assert f"training finished at iteration {lengths[name]}: the model is {(tmp_path / name).resolve()}" in log
         assert err.count(f"iter {lengths[name]}/{lengths[name]}: ") == 1  # printed once, by its own run
-    assert not logging.getLogger().handlers and logging.getLogger("detection").level == logging.NOTSET
+    assert not logging.getLogger().handlers and logging.getLogger("detection").level == level  # put back
 
 
 def test_a_train_call_with_no_logging_set_up_shows_the_runs_lines(data_root, tmp_path, monkeypatch, capsys):
