@@ -422,7 +422,8 @@ def test_a_config_changed_in_python_is_checked_as_a_files_values_are():
 def test_sizes_swapped_as_mmdetection_writes_them_are_refused(overrides, key):
     """An MMDetection trial: img_scale=(1333, 800) is (longer, shorter); typed here in that order
     every image was sized by the cap, about 25% smaller than meant, without a word."""
-    with pytest.raises(ConfigError, match=rf"{key}: \[?1333\]? is invalid, expected at most input.max_size_\w+ \(800\): "
+    with pytest.raises(ConfigError, match=rf"{key}: \[?1333\]? is invalid, expected at most "
+                                          r"input.max_size_\w+ \(800\): "
                                           r"min_size is the shorter side's size .*MMDetection's img_scale"):
         load_config(None, overrides)
     load_config(None, ["input.min_size_test=800", "input.max_size_test=800"])  # equal: a square cap, fine

@@ -2,7 +2,6 @@
 evaluation or a folder of images took (tqdm draws on a terminal only)."""
 import logging
 
-import pytest
 import torch
 
 import detection.utils.progress
@@ -49,7 +48,8 @@ def test_evaluation_off_a_terminal_says_how_far_it_is(monkeypatch, caplog):
     monkeypatch.setattr(detection.utils.progress, "PERIOD_S", 0.0)  # every batch, for the test
     with caplog.at_level(logging.INFO):
         assert inference_on_dataset(Model(), loader, Evaluator()) == {"AP": 1.0}
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inference: ") and "/6" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("inference: ") and "/6" in r.getMessage()]
     assert [line.split(",")[0] for line in said] == ["inference: 2/6 images", "inference: 4/6 images",
                                                      "inference: 6/6 images"], said
     assert "eta" in said[0]

@@ -273,8 +273,6 @@ def test_two_runs_trained_in_threads_of_one_process_keep_their_own_log_txt(data_
     import threading
     import time
 
-    from detection.engine.run_log import RunLogFile
-
     def step(cfg, state, model, images, targets, device):
         time.sleep(0.05)  # the two runs' iterations interleave
         return {k: 1.0 for k in LOSS_KEYS}
