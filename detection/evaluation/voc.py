@@ -128,7 +128,8 @@ class VOCSubmissionWriter:
     file per class, also when empty; <folder>: submission_folder), lines `image_id score x1 y1
     x2 y2` in the devkit's 1-based pixels as `VOCEvaluator` writes them, but clipped to the
     image, without boxes under a pixel wide or high (`format_comp4_lines` with the images'
-    sizes), and returns no metrics ({}): there is no ground truth to score against. Zip `results/` and upload it to the evaluation server.
+    sizes), and returns no metrics ({}): there is no ground truth to score against. Zip
+    `results/` and upload it to the evaluation server.
     """
 
     curve_ap_in_metrics = False  # no curves, no metrics
