@@ -288,8 +288,9 @@ def refuse_several_processes() -> None:
     and write the same files: one error (from the first process; the others exit with it)."""
     from detection.utils.launch import launch_problem
 
-    if launch_problem():  # no torchrun ran: its variables are left over
-        fail(launch_problem())
+    problem = launch_problem()
+    if problem:  # no torchrun ran: its variables are left over
+        fail(problem)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return

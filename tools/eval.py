@@ -118,10 +118,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     from detection.data import DataError
     from detection.evaluation.outputs import ResultsSource
     from detection.engine.distributed import init_distributed, is_main_process, select_device
-    from detection.engine.run_folder import EVAL_LOCK_FILE, RunLock
+    from detection.engine.run_folder import EVAL_LOCK_FILE, lock_for_every_process
     from detection.engine.run_config import check_same_config_everywhere
-    from detection.utils import comm
-    from detection.utils.files import OutputFolderError, dangling_link
+    from detection.utils.files import dangling_link
 
     if not cfg.datasets.test:  # it exited 0 having written a report of no test set
         raise ConfigError("datasets.test is empty: nothing to evaluate; give the test sets, e.g. "
@@ -140,15 +139,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     say = print if is_main_process() else _silent
     say(f"results go to {out_root}")
     # one evaluation at a time per results folder (job arrays of a run's checkpoints share <run>/inference)
-    lock, problem = None, None
-    if is_main_process():
-        try:
-            lock = RunLock(out_root, EVAL_LOCK_FILE, "evaluation").acquire()
-        except OutputFolderError as err:
-            problem = str(err)
-    problem = next((p for p in comm.all_gather_object(problem) if p), None)  # every process stops, none runs on
-    if problem:
-        raise OutputFolderError(problem)
+    lock = lock_for_every_process(out_root, EVAL_LOCK_FILE, "evaluation")
     try:
         return _evaluate(cfg, args, out_root, source, device, say)
     finally:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import logging
 import os
 import re
@@ -130,10 +131,10 @@ def find_images(pattern: str) -> list[Path]:
     by_file: dict[str, list[Path]] = {}
     for p in entries:
         by_file.setdefault(os.path.realpath(p), []).append(p)
-    once = sorted(min(paths, key=lambda p: (len(p.parts), str(p))) for paths in by_file.values())
+    names = [sorted(paths, key=lambda p: (len(p.parts), str(p))) for paths in by_file.values()]  # shortest first
+    once = sorted(paths[0] for paths in names)
     files = [p for p in once if p.suffix.lower() in IMAGE_EXTS]
-    repeated = [p for paths in by_file.values() for p in sorted(paths, key=lambda p: (len(p.parts), str(p)))[1:]
-                if p.suffix.lower() in IMAGE_EXTS]
+    repeated = [p for paths in names for p in paths[1:] if p.suffix.lower() in IMAGE_EXTS]
     left_out = [str(p) for p in once if p.suffix.lower() not in IMAGE_EXTS]
     hint = (f"its subfolders hold images (e.g. {nested}), which a folder does not include; "
             f"--input '{Path(glob.escape(str(path))) / '**' / '*'}' draws those too") if nested else ""
@@ -230,7 +231,8 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     progress = ProgressLines("visualize", len(items), say=lambda line: print(line, flush=True))  # a line a minute
     try:
         for i, (path, record) in enumerate(items):
-            progress.step(0 if i == 0 else 1)
+            if i:
+                progress.step()  # the images before this one are done
             shown = len(drawn)
             try:
                 canvas, kept = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names),
@@ -281,8 +283,6 @@ class DetectionsFile:
 
     def add(self, image: Any, *, error: str | None = None, drawing: Path | None = None,
             detections: dict | None = None) -> None:
-        import json
-
         if error is not None:
             entry = {"image": str(image), "error": error}
         else:

@@ -330,10 +330,10 @@ MMDET_NAMES = {
 }
 
 
-def _detectron2_name(dotted: str, value: Any) -> tuple[str, str] | None:
-    """(Detectron2's or MMDetection's key, this project's) for an unknown key, or a key inside an
-    unknown section (model.resnets: {depth: 101}; model.test_cfg: {rcnn: {score_thr: 0.3}}), that
-    is their name of one here; the key is shown as they write it (Detectron2's upper-case)."""
+def _other_toolkits_name(dotted: str, value: Any) -> tuple[str, str] | None:
+    """("Detectron2's KEY" or "MMDetection's key", this project's key) for an unknown key, or a
+    key inside an unknown section (model.resnets: {depth: 101}; model.test_cfg: {rcnn:
+    {score_thr: 0.3}}), that is their name of one here, written as they write it."""
     keys = [dotted]
     stack = [(dotted, value)]
     while stack:  # every dotted path inside the unknown section
@@ -342,13 +342,9 @@ def _detectron2_name(dotted: str, value: Any) -> tuple[str, str] | None:
             for k, v in item.items():
                 keys.append(f"{prefix}.{k}")
                 stack.append((f"{prefix}.{k}", v))
-    found = next(((k.upper(), DETECTRON2_NAMES[k.lower()]) for k in keys if k.lower() in DETECTRON2_NAMES), None)
-    return found or next(((k, MMDET_NAMES[k]) for k in keys if k in MMDET_NAMES), None)
-
-
-def _whose(key: str) -> str:
-    return "Detectron2's" if key.isupper() or key.lower() in DETECTRON2_NAMES and key not in MMDET_NAMES \
-        else "MMDetection's"
+    found = next(((f"Detectron2's {k.upper()}", DETECTRON2_NAMES[k.lower()]) for k in keys
+                  if k.lower() in DETECTRON2_NAMES), None)
+    return found or next(((f"MMDetection's {k}", MMDET_NAMES[k]) for k in keys if k in MMDET_NAMES), None)
 
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
@@ -360,18 +356,18 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            ours = _detectron2_name(dotted, value)
+            ours = _other_toolkits_name(dotted, value)
             close = difflib.get_close_matches(str(key).lower(), names, n=3, cutoff=0.6)
             upper = str(key) != str(key).lower() and str(key).lower() in names
-            hint = (f"; {_whose(ours[0])} {ours[0]} is {ours[1]} here" if ours else
+            hint = (f"; {ours[0]} is {ours[1]} here" if ours else
                     f"; keys are lower-case here ({str(key).lower()}; the command line reads upper-case ones so, "
                     "a file does not)" if upper else
                     f"; did you mean {' or '.join(close)}?" if close else f"; valid keys: {', '.join(names)}")
             raise ConfigError(f"{source}: unknown key {dotted}{hint}")
-        ours = _detectron2_name(dotted, value) if isinstance(value, dict) else None
+        ours = _other_toolkits_name(dotted, value) if isinstance(value, dict) else None
         if ours and not dataclasses.is_dataclass(hints[key]) and hints[key] is not dict:
             raise ConfigError(f"{source}: {dotted}: expected {_type_name(hints[key])}, got {shown(value)}; "
-                              f"{_whose(ours[0])} {ours[0]} is {ours[1]} here")  # SOLVER.AMP.ENABLED
+                              f"{ours[0]} is {ours[1]} here")  # SOLVER.AMP.ENABLED
         kwargs[key] = _coerce(value, hints[key], dotted, source)
     return cls(**kwargs)
 

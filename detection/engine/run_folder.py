@@ -123,6 +123,25 @@ class RunLock:
                     break  # something was written there: it and its parents stay
 
 
+def lock_for_every_process(out_dir: Path, name: str = LOCK_FILE, user: str = "training run") -> Optional[RunLock]:
+    """The first process (rank 0) takes `out_dir`'s lock (RunLock; None on the other ranks);
+    its refusal is raised on every process, so none runs on alone (training's, eval.py's)."""
+    from detection.utils import comm
+
+    lock, problem = None, None
+    if comm.is_main_process():
+        try:
+            lock = RunLock(out_dir, name, user).acquire()
+        except ValueError as err:
+            problem = str(err)
+    problems = [p for p in comm.all_gather_object(problem) if p]
+    if problems:
+        if lock is not None:
+            lock.release(remove_empty_dir=True)
+        raise OutputFolderError(problems[0])
+    return lock
+
+
 # flock(2)'s errors where the file system has no locks (not another holder): ENOLCK (NFS or Lustre
 # without lock support), EOPNOTSUPP / ENOTSUP, ENOSYS
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.ENOSYS)

@@ -36,8 +36,8 @@ from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.inference_model import accel_levers, levers_without_fast_path
 from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use_tensorboard
 from detection.engine.run_config import check_resume_config, check_same_config_everywhere, record_resume_changes
-from detection.engine.run_folder import (RunLock, check_output_dir, evaluation_recorded, prepare_output_dir,
-                                        remove_partial_checkpoints, restarted_run)
+from detection.engine.run_folder import (check_output_dir, evaluation_recorded, lock_for_every_process,
+                                        prepare_output_dir, remove_partial_checkpoints, restarted_run)
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, lost_peer, progress_line
 from detection.engine.signals import EvaluationStopped, GracefulStop, sigterm_before_the_loop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
@@ -50,7 +50,6 @@ from detection.modeling.precision import SLOW_BFLOAT16, amp_dtype, training_amp
 __all__ = ["GracefulStop", "MetricsLog", "TrainState", "TrainingError", "TrainingInterrupted", "TrainingStopped",
            "amp_autocast", "build_train_data_loader", "build_train_datasets", "evaluate", "forward_losses",
            "optimizer_step", "run_step", "seed_everything", "summary_lines", "train", "use_tensorboard"]
-from detection.utils.files import OutputFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     device = du.select_device(cfg.device, cfg.tf32)
     distributed = du.init_distributed(device)
     check_same_config_everywhere(cfg, [f"resume={resume}", f"overwrite={overwrite}"])
-    lock = _lock_output_dir(Path(cfg.output_dir))
+    lock = lock_for_every_process(Path(cfg.output_dir))
     run_log = RunLogFile().install() if du.is_main_process() else None
     try:
         with sigterm_before_the_loop():
@@ -95,22 +94,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             run_log.remove()
         if lock is not None:  # a run that failed its checks leaves no (empty) folder it created
             lock.release(remove_empty_dir=True)
-
-
-def _lock_output_dir(out_dir: Path) -> Optional[RunLock]:
-    """Rank 0 takes the output folder's lock (RunLock); every rank raises its refusal."""
-    lock, problem = None, None
-    if du.is_main_process():
-        try:
-            lock = RunLock(out_dir).acquire()
-        except ValueError as err:
-            problem = str(err)
-    problems = [p for p in du.all_gather_object(problem) if p]
-    if problems:
-        if lock is not None:
-            lock.release(remove_empty_dir=True)
-        raise OutputFolderError(problems[0])
-    return lock
 
 
 def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool, overwrite: bool,

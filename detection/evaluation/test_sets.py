@@ -175,11 +175,12 @@ def _run_model(model: torch.nn.Module, dataset: DatasetInfo, evaluator: Evaluato
 
 def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluator, where: Path | None,
             echo: Callable[[str], None] | None) -> None:
-    """The table to `echo`; metrics.json and the PR plot into `where` (when given)."""
+    """The table to `echo`; metrics.json and the PR plot into `where` (when given); the images
+    left out as unreadable in skipped_images.json, a submission's too (absent from its files)."""
+    if where is not None:
+        scored_ids = {p["image_id"] for p in getattr(evaluator, "predictions", dataset.records)}
+        write_skipped_images(where, [r for r in dataset.records if r["image_id"] not in scored_ids])
     if not dataset.has_annotations:
-        if where is not None:  # a submission's unreadable images are named too (they are absent from its files)
-            scored_ids = {p["image_id"] for p in getattr(evaluator, "predictions", dataset.records)}
-            write_skipped_images(where, [r for r in dataset.records if r["image_id"] not in scored_ids])
         _report_submission(dataset, evaluator, echo)
         return
     if echo is not None:
@@ -192,8 +193,6 @@ def _report(dataset: DatasetInfo, metrics: dict[str, float], evaluator: Evaluato
     if where is None:
         return
     save_metrics_json(metrics, where / "metrics.json")
-    scored_ids = {p["image_id"] for p in getattr(evaluator, "predictions", dataset.records)}
-    write_skipped_images(where, [r for r in dataset.records if r["image_id"] not in scored_ids])
     # titled with the table's AP-<class> where it is the curve's own (VOC's: IoU 0.5, the devkit's
     # 11-point or area metric); COCO's is over IoU .5:.95, so its panels show their curve's AP50
     _plot_pr(evaluator, where, echo, metrics if getattr(evaluator, "curve_ap_in_metrics", False) else None)

@@ -93,8 +93,7 @@ class VOCEvaluator:
         hand), as the detections on every image of the data set; a missing class file means no
         detections of that class. `evaluate` scores their lines as they are (not rounded to the
         precision it writes, ties in their order)."""
-        nested = os.path.join(path, submission_folder(self.dataset))
-        self.result_lines = _process_comp4_dir(self, nested if os.path.isdir(nested) else path)
+        self.result_lines = _process_comp4_dir(self, _comp4_folder(path, self.dataset))
 
     def evaluate(self) -> dict[str, float]:
         """Write the comp4 files (when there is an output_dir) and score exactly their numbers."""
@@ -163,8 +162,7 @@ class VOCSubmissionWriter:
 
     def load_results(self, path: str) -> None:
         """Saved class files: a folder of them, or a folder holding results/<VOC2012>/Main/."""
-        nested = os.path.join(path, self.submission_folder)
-        _process_comp4_dir(self, nested if os.path.isdir(nested) else path)
+        _process_comp4_dir(self, _comp4_folder(path, self.dataset))
 
     def evaluate(self) -> dict[str, float]:
         predictions = order_by_dataset(self.predictions, self.dataset.records)
@@ -190,6 +188,12 @@ def submission_folder(dataset: DatasetInfo) -> str:
     VOC2012test gave results/VOC2012test/Main, which the server does not read)."""
     folder = os.path.basename(os.path.normpath(dataset.root)) if dataset.root else ""
     return SUBMISSION_FOLDER.format(folder if re.fullmatch(r"VOC20\d\d", folder) else "VOC2012")
+
+
+def _comp4_folder(path: str, dataset: DatasetInfo) -> str:
+    """`path`'s results/<VOC2012>/Main when it holds one (a submission's layout), else `path`."""
+    nested = os.path.join(path, submission_folder(dataset))
+    return nested if os.path.isdir(nested) else path
 
 
 def _class_ground_truth(predictions: Sequence[dict], label: int) -> tuple[dict, dict]:

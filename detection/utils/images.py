@@ -55,8 +55,10 @@ def float_image_scale(image: np.ndarray) -> float:
     under 1% of a black frame, as stars or sparse cells, still read white)."""
     sample = image[::4, ::4] if image.ndim >= 2 and image.size > (1 << 20) else image  # a guess, not a sum
     values = np.nan_to_num(np.asarray(sample, dtype=np.float32))
-    if values.size == 0 or float(np.median(values)) > 1.0:
-        return 255.0 if values.size == 0 else 1.0
+    if values.size == 0:
+        return 255.0
+    if float(np.median(values)) > 1.0:
+        return 1.0
     over = values[values > 1.0]
     return 255.0 if over.size == 0 or float(np.median(over)) <= 8.0 else 1.0
 
