@@ -272,7 +272,7 @@ VOC_ENTRY = "{type: voc, root: my/VOC, split: test, classes: [cat, dog], use_07_
 
 
 @pytest.mark.parametrize("entry, key, hint", [
-    ("{type: voc, root: my/VOC, split: test, clases: [cat, dog]}", "datasets.test[0].clases", "did you mean classes?"),
+    ("{type: voc, root: my/VOC, split: test, clases: [cat, dog]}", "datasets.test[0].clases", "did you mean classes or keep_classes?"),
     ("{type: voc, root: my/VOC, split: test, use_07_metrc: false}", "datasets.test[0].use_07_metrc",
      "did you mean use_07_metric?"),
     ("{type: pascal, root: my/VOC, split: test}", "datasets.test[0].type", "valid types: coco (a COCO json"),
@@ -302,7 +302,7 @@ def test_cli_print_config_rejects_a_dataset_entry_typo_with_exit_2():
     out = run_tool("--config", "configs/shapes_r18.yaml", "--print-config",
                    "datasets.test=[{type: voc, root: my/VOC, split: test, clases: [cat, dog]}]")
     assert out.returncode == 2, out.stdout
-    assert "datasets.test[0].clases" in out.stderr and "did you mean classes?" in out.stderr
+    assert "datasets.test[0].clases" in out.stderr and "did you mean classes or keep_classes?" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 

@@ -65,8 +65,8 @@ KNOWN_DATASETS: dict[str, dict[str, Any]] = {
 # entry holds. detection/config/checks.py checks config entries against it (entry_problem) when
 # the config is loaded, so a typo exits at startup, not at the first data access.
 ENTRY_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "coco": (("type", "ann_file", "image_root"), ("name",)),
-    "voc": (("type", "root", "split"), ("name", "classes", "use_07_metric", "annotations")),
+    "coco": (("type", "ann_file", "image_root"), ("name", "keep_classes")),
+    "voc": (("type", "root", "split"), ("name", "classes", "use_07_metric", "annotations", "keep_classes")),
 }
 _TYPE_HELP = "coco (a COCO json + image folder) or voc (a VOC-layout folder)"
 
@@ -88,6 +88,8 @@ def get_dataset(entry: str | Mapping[str, Any], root: str, *, skip_bad_images: b
     if not isinstance(entry, str):
         _check_custom_paths(spec, root, name)
     info = LOADERS[spec["type"]](spec, root, name, skip_bad_images, exif_orientation)
+    if spec.get("keep_classes"):
+        info = keep_only(info, spec["keep_classes"])
     _say_outside(info, _under(root, spec["image_root"] if spec["type"] == "coco" else spec["root"]))
     _check_unique_ids(info)
     info.skip_bad_images = skip_bad_images
@@ -264,6 +266,48 @@ def _labels_by_name(other: DatasetInfo, first: DatasetInfo) -> DatasetInfo:
                                label_to_category_id=dict(first.label_to_category_id))
 
 
+def keep_only(info: DatasetInfo, keep: Sequence[str]) -> DatasetInfo:
+    """`info` with only the classes `keep` (an entry's keep_classes, MMDetection's `classes=(...)`),
+    labels 1..K in `keep`'s order: the other classes' objects leave every record, so training
+    takes them for background and evaluation does not count them (COCOeval is given the kept
+    categories only); images left without objects stay (training drops them with
+    dataloader.filter_empty; evaluation counts their false positives). A COCO set's
+    label_to_category_id keeps each class's own category id, so results files name the json's
+    categories."""
+    unknown = [n for n in keep if n not in info.class_names]
+    if unknown:
+        close = _close(str(unknown[0]), info.class_names)
+        source = f"in {info.ann_file}" if info.kind == "coco" else "the entry's classes, VOC's 20 without them"
+        raise DataError(f"data set {info.name}, field keep_classes: {unknown[0]!r} is not one of its "
+                        f"{len(info.class_names)} classes{_did_you_mean(close)} ({first_few(info.class_names, 8)}; "
+                        f"{source})")
+    old_label = {name: label for label, name in enumerate(info.class_names, start=1)}
+    table = np.zeros(len(info.class_names) + 1, dtype=np.int64)  # old label -> new, 0: left out
+    for label, name in enumerate(keep, start=1):
+        table[old_label[name]] = label
+
+    def kept(objects: dict) -> dict:
+        labels = table[np.asarray(objects["labels"], dtype=np.int64)]
+        mine = labels > 0
+        return {**objects, "boxes": np.asarray(objects["boxes"])[mine], "labels": labels[mine],
+                "difficult": np.asarray(objects["difficult"])[mine]}
+
+    records, left_out = [], 0
+    for record in info.records:
+        out = kept(record)
+        if "annotated" in record:  # the VOC devkit's copy, as annotated
+            out["annotated"] = kept(record["annotated"])
+        left_out += len(record["labels"]) - len(out["labels"])
+        records.append(out)
+    emptied = sum(1 for r, o in zip(info.records, records) if len(r["labels"]) and not len(o["labels"]))
+    logger.info("data set %s: keep_classes keeps %d of its %d classes (%s): %d objects of the others left out, "
+                "%d images left without objects", info.name, len(keep), len(info.class_names), ", ".join(keep),
+                left_out, emptied)
+    ids = {label: info.label_to_category_id[old_label[name]] if info.kind == "coco" else label  # VOC: its labels
+           for label, name in enumerate(keep, start=1)}
+    return dataclasses.replace(info, class_names=list(keep), records=records, label_to_category_id=ids)
+
+
 def concat_datasets(datasets: Sequence[DatasetInfo]) -> DatasetInfo:
     """Concatenate records of data sets sharing one label space (e.g. VOC 07+12 training)."""
     if not datasets:
@@ -325,7 +369,7 @@ def _value_problem(key: str, value: Any) -> str | None:
         return None if isinstance(value, str) and value else "expected a non-empty string"
     if key == "split":  # a custom split may be a number in YAML (split: 1)
         return None if isinstance(value, (str, int)) and not isinstance(value, bool) else "expected a split name"
-    if key == "classes":
+    if key in ("classes", "keep_classes"):
         ok = (isinstance(value, list) and value and all(isinstance(c, str) for c in value)
               and len(set(value)) == len(value))
         return None if ok else "expected a list of distinct class names, e.g. [cat, dog]"
@@ -373,9 +417,17 @@ def _resolve_entry(entry: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]
 
 
 def _default_name(spec: dict[str, Any]) -> str:
+    """coco:<json stem> or voc:<folder>_<split>, with [the kept classes] for an entry that keeps
+    some (its results folder is then not the whole set's)."""
     if spec["type"] == "coco":
-        return "coco:" + os.path.splitext(os.path.basename(str(spec["ann_file"])))[0]
-    return f"voc:{os.path.basename(os.path.normpath(str(spec['root'])))}_{spec['split']}"
+        name = "coco:" + os.path.splitext(os.path.basename(str(spec["ann_file"])))[0]
+    else:
+        name = f"voc:{os.path.basename(os.path.normpath(str(spec['root'])))}_{spec['split']}"
+    keep = [str(n) for n in spec.get("keep_classes") or ()]
+    if not keep:
+        return name
+    listed = ",".join(keep)
+    return f"{name}[{listed if len(listed) <= 60 else ','.join(keep[:2]) + f',+{len(keep) - 2}'}]"
 
 
 def _under(root: str, path: str) -> str:

@@ -94,14 +94,23 @@ class COCOEvaluator:
         by_image: dict[Any, list] = defaultdict(list)
         known = {r["image_id"] for r in self.dataset.records}
         categories = set(self.dataset.label_to_category_id.values())
+        in_json = set(self._ground_truth().cats)  # all of the json's: keep_classes may leave some out
+        left_out = 0
         for index, result in enumerate(results):
             if result["image_id"] not in known:
                 raise DataError(f"{path}: result {index} has image_id {result['image_id']!r}, "
                                 f"which is not an image of data set {self.dataset.name}")
-            if result["category_id"] not in categories:  # COCOeval would drop it without a word
+            if result["category_id"] not in categories:
+                if result["category_id"] in in_json:  # a class keep_classes leaves out: not scored
+                    left_out += 1
+                    continue
+                # COCOeval would drop it without a word
                 raise DataError(f"{path}: result {index} has category_id {result['category_id']!r}, which is not "
                                 f"a category of data set {self.dataset.name} ({sorted(categories)})")
             by_image[result["image_id"]].append(result)
+        if left_out:
+            logger.info("%s: %d results of the categories data set %s leaves out (keep_classes) are not scored", path,
+                        left_out, self.dataset.name)
         self.reset()
         self.predictions = [{"image_id": r["image_id"], "instances": by_image.get(r["image_id"], [])}
                             for r in self.dataset.records]
@@ -124,11 +133,13 @@ class COCOEvaluator:
         elif not results:
             logger.warning("%s: no detections on %d images", self.dataset.name, len(image_ids))
         coco_gt = self._ground_truth()
-        if image_ids and not any(coco_gt.imgToAnns.get(i) for i in image_ids):
+        categories = sorted(self.dataset.label_to_category_id.values())  # all the json's unless keep_classes
+        kept = set(categories)
+        if image_ids and not any(a["category_id"] in kept for i in image_ids for a in coco_gt.imgToAnns.get(i, ())):
             logger.warning("%s: %s holds no ground-truth annotations on the evaluated images: every metric is "
                            "undefined (-); a json without an 'annotations' list (as image_info_test-dev2017.json) "
                            "is written for its evaluation server instead", self.dataset.name, self.dataset.ann_file)
-        coco_eval = run_cocoeval(coco_gt, results, image_ids)
+        coco_eval = run_cocoeval(coco_gt, results, image_ids, categories)
         metrics = {key: _percent(coco_eval.stats[i]) for i, key in enumerate(SUMMARY_KEYS)}
         metrics.update(self._per_class(coco_eval))
         return metrics
@@ -189,13 +200,17 @@ class COCOSubmissionWriter(COCOEvaluator):
                 "it and upload the zip")
 
 
-def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[Any]) -> COCOeval:
-    """COCOeval(iouType="bbox") of `results` on `image_ids`, summarized; its printout is logged."""
+def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[Any],
+                 category_ids: Sequence[int] | None = None) -> COCOeval:
+    """COCOeval(iouType="bbox") of `results` on `image_ids` and `category_ids` (None: all of
+    `coco_gt`'s, COCOeval's default), summarized; its printout is logged."""
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         coco_dt = _load_results(coco_gt, results)
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.imgIds = list(image_ids)
+        if category_ids is not None:
+            coco_eval.params.catIds = sorted(category_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()

@@ -138,9 +138,11 @@ def read_detections(dataset: DatasetInfo, results: str) -> dict[Any, dict[str, n
     label_of = {int(c): int(label) for label, c in dataset.label_to_category_id.items()}
     rows: dict[Any, list] = {}
     for r in read_results_json(results):
+        if int(r["category_id"]) not in label_of:  # a class the set's keep_classes leaves out: not scored
+            continue
         x, y, w, h = (float(v) for v in r["bbox"])  # COCO's XYWH -> XYXY
         rows.setdefault(r["image_id"], []).append((float(r["score"]), x, y, x + w, y + h,
-                                                   label_of.get(int(r["category_id"]), 0), w, h))
+                                                   label_of[int(r["category_id"])], w, h))
     out = {}
     for image_id, items in rows.items():
         array = np.asarray(items, np.float64).reshape(-1, 8)

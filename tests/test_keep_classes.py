@@ -1,0 +1,231 @@
+"""keep_classes: a data-set entry trained and scored on some of its classes (MMDetection's
+`classes=(...)`), the other classes' objects left out, scored as pycocotools scores a json that
+holds only the kept categories."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detection.config import ConfigError, load_config
+from detection.data import DataError
+from detection.data.catalog import entry_name, get_dataset
+from detection.evaluation import build_evaluator
+from detection.evaluation.coco import SUMMARY_KEYS
+from detection.evaluation.report import read_detections
+from tests.helpers import evaluate_results_file
+
+CATEGORIES = [(3, "circle"), (7, "square"), (42, "triangle")]
+OBJECTS = {  # image id -> [(category id, x, y, w, h)]; image 30 has squares only
+    10: [(3, 10, 10, 20, 20), (7, 60, 40, 50, 50), (42, 20, 90, 120, 100)],
+    20: [(7, 5, 5, 25, 25), (42, 100, 20, 60, 60), (3, 30, 70, 110, 110), (42, 10, 150, 30, 30)],
+    30: [(7, 40, 60, 150, 120), (7, 10, 10, 40, 40)],
+}
+
+
+def _write_json(path, keep_ids=None) -> str:
+    keep_ids = keep_ids or {c for c, _ in CATEGORIES}
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 200, "height": 200} for i in OBJECTS]
+    anns = [{"id": n, "image_id": i, "category_id": c, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+            for n, (i, (c, x, y, w, h)) in enumerate(((i, o) for i in OBJECTS for o in OBJECTS[i]), start=1)
+            if c in keep_ids]
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": c, "name": n} for c, n in CATEGORIES if c in keep_ids]}))
+    return str(path)
+
+
+def _entry(tmp_path, **extra) -> dict:
+    (tmp_path / "images").mkdir(exist_ok=True)
+    return {"type": "coco", "ann_file": _write_json(tmp_path / "instances_tiny.json"),
+            "image_root": str(tmp_path / "images"), **extra}
+
+
+def _noisy_outputs(dataset, seed=0):
+    """Each image's objects of every category, jittered, one with another class, two spurious."""
+    rng = np.random.default_rng(seed)
+    label_of = {c: label for label, c in dataset.label_to_category_id.items()}
+    outputs = []
+    for image_id, objs in OBJECTS.items():
+        boxes = np.array([[x, y, x + w, y + h] for _, x, y, w, h in objs], np.float32)
+        boxes = np.concatenate([boxes + rng.normal(0, 4, boxes.shape), [[0, 0, 30, 30], [150, 100, 190, 190]]])
+        # a detection of a left-out class is labelled as the kept class of the same index: a model's
+        # own false positives of that class
+        labels = [label_of.get(c, 1) for c, *_ in objs] + [1, dataset.num_classes]
+        labels[0] = labels[0] % dataset.num_classes + 1
+        outputs.append({"boxes": torch.tensor(boxes, dtype=torch.float32),
+                        "scores": torch.tensor(rng.random(len(boxes)), dtype=torch.float32),
+                        "labels": torch.tensor(labels)})
+    return outputs
+
+
+def _cocoeval(ann_file, results) -> np.ndarray:
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(ann_file)
+        ev = COCOeval(gt, gt.loadRes(results), iouType="bbox")
+        ev.params.imgIds = sorted(OBJECTS)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats
+
+
+def test_the_kept_classes_are_scored_as_pycocotools_scores_a_json_of_them_alone(tmp_path):
+    """Triangle and circle of three: their objects only, labels in keep_classes' order, the json's
+    category ids in the results; every COCOeval number equal to pycocotools' on a json holding only
+    those two categories (the square's objects, left in COCOeval's categories, made AP fall)."""
+    dataset = get_dataset(_entry(tmp_path, keep_classes=["triangle", "circle"]), str(tmp_path), check_images=False)
+    assert dataset.class_names == ["triangle", "circle"] and dataset.label_to_category_id == {1: 42, 2: 3}
+    assert [r["labels"].tolist() for r in dataset.records] == [[2, 1], [1, 2, 1], []]
+    np.testing.assert_array_equal(dataset.records[0]["boxes"], [[10, 10, 30, 30], [20, 90, 140, 190]])
+    assert dataset.records[2]["boxes"].shape == (0, 4)  # squares only: kept, with nothing to find
+
+    evaluator = build_evaluator(dataset, str(tmp_path / "out"))
+    evaluator.process(dataset.records, _noisy_outputs(dataset))
+    metrics = evaluator.evaluate()
+    results = json.loads((tmp_path / "out" / "coco_results.json").read_text())
+    assert {r["category_id"] for r in results} == {3, 42}
+    alone = _write_json(tmp_path / "alone.json", keep_ids={3, 42})
+    expected = _cocoeval(alone, str(tmp_path / "out" / "coco_results.json"))
+    got = [metrics[key] for key in SUMMARY_KEYS]
+    assert got == pytest.approx([100 * v for v in expected[:9]], abs=1e-9)
+    assert 0 < metrics["AP"] < 100 and set(k for k in metrics if k.startswith("AP-")) == {"AP-triangle", "AP-circle"}
+    # the same results scored over the json's three categories: the square's AP 0 in the mean
+    assert _cocoeval(str(tmp_path / "instances_tiny.json"), results)[0] * 100 == pytest.approx(metrics["AP"] * 2 / 3)
+
+
+def test_a_results_file_of_every_class_is_scored_on_the_kept_ones(tmp_path):
+    """--results with detections of a left-out category (a model of all 80 COCO classes scored on a
+    person-only entry): those are not scored, one line says so; a category the json lacks is still
+    refused."""
+    whole = get_dataset(_entry(tmp_path), str(tmp_path), check_images=False)
+    evaluator = build_evaluator(whole, str(tmp_path / "whole"))
+    evaluator.process(whole.records, _noisy_outputs(whole))
+    evaluator.evaluate()
+    results = json.loads((tmp_path / "whole" / "coco_results.json").read_text())
+    assert 7 in {r["category_id"] for r in results}
+    kept = get_dataset(_entry(tmp_path, keep_classes=["circle", "triangle"], name="kept"), str(tmp_path),
+                       check_images=False)
+    metrics = evaluate_results_file(kept, str(tmp_path / "whole" / "coco_results.json"))
+    alone = _write_json(tmp_path / "alone.json", keep_ids={3, 42})
+    expected = _cocoeval(alone, [r for r in results if r["category_id"] != 7])
+    assert metrics["AP"] == pytest.approx(100 * expected[0], abs=1e-9)
+    # the report's counts read the same file: the square's detections are not false positives of a "class 0"
+    found = read_detections(kept, str(tmp_path / "whole" / "coco_results.json"))
+    labels = np.concatenate([d["labels"] for d in found.values()])
+    assert sorted(labels.tolist()) == sorted({3: 1, 42: 2}[r["category_id"]] for r in results if r["category_id"] != 7)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{**results[0], "category_id": 99}]))
+    with pytest.raises(DataError, match="category_id 99, which is not a category of data set kept"):
+        evaluate_results_file(kept, str(bad))
+
+
+def test_a_name_not_among_the_sets_classes_names_the_field_and_the_closest(tmp_path):
+    with pytest.raises(DataError, match=r"field keep_classes: 'triangel' is not one of its 3 classes \(did you mean "
+                                        r"triangle\?\) \(circle, square, triangle; in .*instances_tiny.json\)"):
+        get_dataset(_entry(tmp_path, keep_classes=["circle", "triangel"]), str(tmp_path), check_images=False)
+
+
+@pytest.mark.parametrize("value", [[], "circle", ["circle", "circle"], [1]])
+def test_a_wrong_keep_classes_value_is_refused_when_the_config_is_read(tmp_path, value):
+    entry = json.dumps([{"type": "coco", "ann_file": "a.json", "image_root": "images", "keep_classes": value}])
+    with pytest.raises(ConfigError, match="keep_classes: expected a list of distinct class names"):
+        load_config(None, [f"datasets.test={entry}"])
+
+
+def test_the_default_name_says_which_classes_are_kept():
+    """Its results folder (inference/<name>/) is not the whole set's: one would overwrite the other."""
+    entry = {"type": "coco", "ann_file": "annotations/instances_val2017.json", "image_root": "val2017"}
+    assert entry_name(entry) == "coco:instances_val2017"
+    assert entry_name({**entry, "keep_classes": ["person", "car"]}) == "coco:instances_val2017[person,car]"
+    many = [f"class_number_{i}" for i in range(20)]
+    assert entry_name({**entry, "keep_classes": many}) == "coco:instances_val2017[class_number_0,class_number_1,+18]"
+    assert entry_name({**entry, "keep_classes": ["car"], "name": "cars"}) == "cars"
+
+
+def _voc_xml(objects) -> str:
+    parts = "".join(f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}"
+                    f"</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b, d in objects)
+    return f"<annotation><size><width>60</width><height>40</height><depth>3</depth></size>{parts}</annotation>"
+
+
+def test_a_voc_entry_keeps_its_classes_objects_and_their_devkit_copy(tmp_path):
+    """The VOC devkit scores boxes as annotated (a record's 'annotated' copy, here for a box past the
+    image): the left-out class leaves that copy too, or it would count as a miss of another class."""
+    root = tmp_path / "VOC2007"
+    for sub in ("ImageSets/Main", "Annotations", "JPEGImages"):
+        (root / sub).mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "test.txt").write_text("000001\n000002\n")
+    (root / "Annotations" / "000001.xml").write_text(_voc_xml([("dog", (1, 1, 10, 20), 0),
+                                                               ("person", (48, 30, 70, 40), 1),
+                                                               ("cat", (5, 5, 9, 9), 0)]))
+    (root / "Annotations" / "000002.xml").write_text(_voc_xml([("dog", (2, 2, 30, 30), 0)]))
+    entry = {"type": "voc", "root": str(root), "split": "test", "keep_classes": ["person", "cat"]}
+    dataset = get_dataset(entry, str(tmp_path), check_images=False)
+    assert dataset.name == "voc:VOC2007_test[person,cat]" and dataset.class_names == ["person", "cat"]
+    assert dataset.label_to_category_id == {1: 1, 2: 2} and dataset.use_07_metric
+    first, second = dataset.records
+    assert first["labels"].tolist() == [1, 2] and first["difficult"].tolist() == [True, False]
+    np.testing.assert_array_equal(first["boxes"], [[47, 29, 60, 40], [4, 4, 9, 9]])  # clipped to the image
+    assert first["annotated"]["labels"].tolist() == [1, 2]
+    np.testing.assert_array_equal(first["annotated"]["boxes"], [[47, 29, 70, 40], [4, 4, 9, 9]])
+    assert second["labels"].tolist() == [] and second["boxes"].shape == (0, 4)
+    with pytest.raises(DataError, match=r"'persn' is not one of its 20 classes \(did you mean person\?\)"):
+        get_dataset({**entry, "keep_classes": ["persn"]}, str(tmp_path), check_images=False)
+
+
+@pytest.mark.slow  # trains 2 iterations, then three evaluations through eval.main
+def test_a_detector_of_some_classes_trains_evaluates_and_reports_through_the_tools(tmp_path, capsys):
+    """Trained on an entry keeping 2 of shapes' 3 classes: its checkpoint names them; eval.py scores it
+    on the same entry of shapes_val; a whole-set detector's results file scored on that entry gives
+    that entry's AP for both classes, and its report counts no detection of the left-out class."""
+    from detection.data.shapes import generate_shapes
+    from detection.engine.loading import read_detector_file
+    from detection.engine.trainer import train
+    from tests.helpers import load_tool, tiny_overrides
+
+    generate_shapes(tmp_path / "data" / "shapes", num_train=4, num_val=3, seed=0, image_size=(64, 80))
+    shapes = tmp_path / "data" / "shapes"
+
+    def entry(split: str) -> dict:
+        return {"type": "coco", "ann_file": str(shapes / "annotations" / f"instances_{split}.json"),
+                "image_root": str(shapes / split), "keep_classes": ["triangle", "circle"]}
+
+    overrides = tiny_overrides(tmp_path / "data", tmp_path / "run", **{
+        "solver.max_iter": 2, "model.roi_heads.score_thresh_test": 0.0, "model.num_classes": 2,
+        "datasets.train": [entry("train")], "datasets.test": [entry("val")]})
+    train(load_config(None, overrides))
+    weights = str(tmp_path / "run" / "model_final.pth")
+    assert read_detector_file(weights).class_names == ["triangle", "circle"]
+    eval_tool = load_tool("eval")
+    assert eval_tool.main(["--weights", weights, "--output-dir", str(tmp_path / "ev"), *overrides]) == 0
+    folder = tmp_path / "ev" / "coco_instances_val_triangle_circle_"  # the set's name as a folder name
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {k for k in metrics if k.startswith("AP-")} == {"AP-triangle", "AP-circle"}
+    assert {r["category_id"] for r in json.loads((folder / "coco_results.json").read_text())} <= {1, 3}
+
+    # a detector of all three classes, scored on the whole set, then its results on the kept two
+    whole = tiny_overrides(tmp_path / "data", tmp_path / "whole", **{"solver.max_iter": 2,
+                                                                     "model.roi_heads.score_thresh_test": 0.0})
+    train(load_config(None, whole))
+    assert eval_tool.main(["--weights", str(tmp_path / "whole" / "model_final.pth"), "--output-dir",
+                           str(tmp_path / "all"), *whole]) == 0
+    results = tmp_path / "all" / "shapes_val" / "coco_results.json"
+    assert 2 in {r["category_id"] for r in json.loads(results.read_text())}  # the square's detections
+    capsys.readouterr()
+    assert eval_tool.main(["--results", str(results), "--config", str(tmp_path / "run" / "config.yaml"),
+                           "--output-dir", str(tmp_path / "scored"), *overrides]) == 0
+    assert "results of the categories data set coco:instances_val[triangle,circle] leaves out" in \
+        capsys.readouterr().err
+    scored = tmp_path / "scored" / "coco_instances_val_triangle_circle_"
+    kept_metrics = json.loads((scored / "metrics.json").read_text())
+    everything = json.loads((tmp_path / "all" / "shapes_val" / "metrics.json").read_text())
+    assert kept_metrics["AP-triangle"] == everything["AP-triangle"]
+    assert kept_metrics["AP"] == pytest.approx((everything["AP-triangle"] + everything["AP-circle"]) / 2)
+    report = (tmp_path / "scored" / "report.html").read_text()
+    assert "triangle" in report and "square" not in report and "class 0" not in report
