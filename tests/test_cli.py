@@ -440,6 +440,8 @@ def test_mmdetections_flags_keys_and_python_configs_name_what_does_it_here(tmp_p
     with pytest.raises(ConfigError, match=r"unknown key data; MMDetection's data.samples_per_gpu is "
                                           r"solver.ims_per_batch, the global batch"):
         detection.config.load_config(None, ["data.samples_per_gpu=2"])
+    with pytest.raises(ConfigError, match=r"some of them: keep_classes: \[...\] in the data-set entry"):
+        detection.config.load_config(None, ["classes=[person]"])  # MMDetection's subset of a set's classes
     with pytest.raises(ConfigError, match=r"unknown key model.resnets; Detectron2's MODEL.RESNETS.DEPTH is "
                                           r"model.backbone.depth here"):  # Detectron2's as before
         detection.config.load_config(None, ["model.resnets.depth=101"])

@@ -325,7 +325,7 @@ MMDET_NAMES = {
     "load_from": "model.weights", "resume_from": "tools/train_det.py --resume", "evaluation.interval":
     "test.eval_period, in iterations", "checkpoint_config.interval": "solver.checkpoint_period, in iterations",
     "log_config.interval": "log_period", "classes": "model.class_names (a COCO set's classes come from its json, "
-    "in ascending category id)", "img_scale": "input.min_size_* (the shorter side) and input.max_size_* (the "
+    "in ascending category id; some of them: keep_classes: [...] in the data-set entry)", "img_scale": "input.min_size_* (the shorter side) and input.max_size_* (the "
     "longer side's cap): MMDetection's (1333, 800) is max 1333, min 800",
 }
 
