@@ -628,3 +628,61 @@ def test_visualize_train_batches_draws_what_the_training_loader_gives(tmp_path, 
     code, _, err = run_main(TOOLS["visualize.py"], ["--config", ROOT / "configs" / "base.yaml", *overrides,
                                                     "--train-batches", "1", "--gt", "--output", tmp_path / "v"], capsys)
     assert code == 2 and "not with --gt" in err
+
+
+@pytest.mark.slow
+def test_visualize_draws_a_video_frame_by_frame_and_lists_each_frames_detections(trained, tmp_path, capsys):
+    """Detectron2's demo takes --video-input; visualize.py took a video for an image it could not
+    read. Each frame's detections are the Predictor's on that frame (decoded here by OpenCV
+    itself), the drawn video has the input's frames, size and rate."""
+    from detection.predictor import Predictor
+
+    root, overrides = trained
+    frames = [cv2.resize(cv2.imread(str(p)), (80, 64)) for p in sorted((root / "data" / "shapes" / "val").iterdir())]
+    clip = tmp_path / "in" / "clip.mp4"
+    clip.parent.mkdir()
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 4, (80, 64))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    base = ["--config", ROOT / "configs" / "base.yaml", "--weights", root / "out" / "model_final.pth",
+            "--input", clip, "--score-thresh", "0.0", *overrides]
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", tmp_path / "vis"], capsys)
+    assert code == 0, err[-2000:]
+    assert f"wrote {tmp_path / 'vis' / 'clip.mp4'} ({len(frames)} frames): " in out
+    lines = [json.loads(line) for line in (tmp_path / "vis" / "detections.jsonl").read_text().splitlines()]
+    assert [(line["frame"], line["time"], line["drawing"]) for line in lines] == [
+        (i, i / 4, "clip.mp4") for i in range(len(frames))]
+    predictor = Predictor(load_config(ROOT / "configs" / "base.yaml", overrides),
+                          weights=root / "out" / "model_final.pth")
+    decoded = cv2.VideoCapture(str(clip))
+    for line in lines:
+        ok, bgr = decoded.read()
+        expected = predictor(np.ascontiguousarray(bgr[:, :, ::-1]))
+        assert [d["score"] for d in line["detections"]] == pytest.approx(expected["scores"].tolist(), abs=1e-6)
+        assert [v for d in line["detections"] for v in d["box"]] == pytest.approx(
+            expected["boxes"].flatten().tolist(), abs=0.01)
+        assert (line["width"], line["height"]) == (80, 64)
+    assert any(line["detections"] for line in lines)
+    drawn = cv2.VideoCapture(str(tmp_path / "vis" / "clip.mp4"))
+    assert (drawn.get(cv2.CAP_PROP_FRAME_COUNT), drawn.get(cv2.CAP_PROP_FPS)) == (len(frames), 4)
+    assert (drawn.get(cv2.CAP_PROP_FRAME_WIDTH), drawn.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (80, 64)
+    # --no-draw and --limit: the first two frames' lines alone
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", tmp_path / "listed", "--no-draw",
+                                                      "--limit", "2"], capsys)
+    assert code == 0, err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "listed").iterdir()) == ["detections.jsonl"]
+    listed = [json.loads(line) for line in (tmp_path / "listed" / "detections.jsonl").read_text().splitlines()]
+    assert listed == [{**line, "drawing": None} for line in lines[:2]]
+    # the folder the video is in: the drawn video would replace it
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", clip.parent], capsys)
+    assert code == 2 and "the images drawn are in that folder" in err and clip.stat().st_size > 0
+    # in a folder a video is not an image: named, with how to draw it
+    code, out, err = run_main(TOOLS["visualize.py"], [*base[:-len(overrides) - 4], "--input", clip.parent,
+                                                      "--output", tmp_path / "x", *overrides], capsys)
+    assert code == 2 and f"a video is drawn when --input names it: --input {clip}" in err
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    code, out, err = run_main(TOOLS["visualize.py"], [*base[:-len(overrides) - 4], "--input", broken,
+                                                      "--output", tmp_path / "y", *overrides], capsys)
+    assert code == 2 and f"could not read video {broken}" in err

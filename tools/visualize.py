@@ -6,6 +6,7 @@
     python tools/visualize.py --config CFG --weights CKPT --compare --output DIR    # ground truth | predictions
     python tools/visualize.py --weights CKPT --input 'imgs/**/*' --output DIR --no-draw   # detections.jsonl only
     python tools/visualize.py --config CFG --train-batches 4 --output DIR          # what training sees
+    python tools/visualize.py --weights CKPT --input clip.mp4 --output DIR          # a video, frame by frame
 
 --train-batches N draws the first N batches the training loader gives (datasets.train, as
 iterations 1..N of a new one-process run get them: resized, flipped and colour-jittered as input.* says,
@@ -14,7 +15,9 @@ boxes the model learns from, after dataloader.filter_empty / use_difficult and t
 clipping (Detectron2's visualize_data.py --source dataloader).
 
 PATH is an image, a folder of images (not its subfolders': a note names one) or a glob
-("imgs/*.jpg"; "imgs/**/*" reaches into subfolders). With --gt / --compare the
+("imgs/*.jpg"; "imgs/**/*" reaches into subfolders), or a video (a file named .mp4, .mov, ...:
+DIR/<stem>.mp4 gets its frames drawn, at its rate and size; detections.jsonl a line per frame,
+with "frame" and "time"). With --gt / --compare the
 images come from the config's first test data set (or --dataset NAME). An image that cannot
 be read (corrupt, cut short) or whose drawing cannot be written is not drawn: a warning names
 it as it happens, the others are drawn, and the run ends with one error listing what was not
@@ -43,6 +46,7 @@ then be model.num_classes), the ground truth with the data set's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import logging
@@ -56,6 +60,7 @@ from detection.cli import (add_config_args, config_from_args, override_keys, par
                            resolve_config_beside_weights, run_tool)
 from detection.config import ConfigError
 from detection.data import DataError
+from detection.data.video import VIDEO_EXTS, is_video
 from detection.utils.files import WriteError
 from detection.utils.text import first_few
 
@@ -138,9 +143,11 @@ def find_images(pattern: str) -> list[Path]:
     left_out = [str(p) for p in once if p.suffix.lower() not in IMAGE_EXTS]
     hint = (f"its subfolders hold images (e.g. {nested}), which a folder does not include; "
             f"--input '{Path(glob.escape(str(path))) / '**' / '*'}' draws those too") if nested else ""
+    videos = [p for p in left_out if Path(p).suffix.lower() in VIDEO_EXTS]
     skipped = (f"{len(left_out)} file{'s' if len(left_out) > 1 else ''} left out, not named as images "
                f"({first_few(left_out, 3)}); drawn: {' '.join(IMAGE_EXTS)} (a file given by name is read whatever "
-               "its extension)") if left_out else ""
+               "its extension" + (f"; a video is drawn when --input names it: --input {videos[0]}" if videos else "")
+               + ")") if left_out else ""
     if not files:
         raise DataError(f"--input {pattern}: no images found (expected an image, a folder or a glob)"
                         + "".join(f"; {text}" for text in (hint, skipped) if text))
@@ -171,6 +178,12 @@ def draw(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     if args.train_batches:
         draw_training_batches(cfg, args.train_batches, args.output)
+        return
+    if args.input and is_video(args.input) and Path(args.input).expanduser().is_file():
+        frames, drawn, video = run_video(cfg, args)
+        listed = Path(args.output) / DETECTIONS_FILE
+        print(f"listed the detections of {frames} frames in {listed}{drawn_text(drawn, args)}" if video is None else
+              f"wrote {video} ({frames} frames){drawn_text(drawn, args)}; their detections in {listed}")
         return
     count, drawn, unreadable, unwritten = run(cfg, args)
     listed = Path(args.output) / DETECTIONS_FILE
@@ -262,6 +275,41 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     return len(written), sum(drawn), unreadable, unwritten
 
 
+def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None]:
+    """--input a video: each frame's detections drawn into DIR/<stem>.mp4 (the video's frame rate
+    and frame size; with --no-draw none) and listed in detections.jsonl, a line per frame with its
+    index and time. -> (frames, detections drawn, the video written or None)."""
+    from detection.data.video import VideoFrames
+    from detection.engine.distributed import select_device
+    from detection.engine.inference_model import build_inference_model
+    from detection.utils.progress import ProgressLines
+    from detection.visualization.video import DrawnVideo
+
+    frames = VideoFrames(Path(args.input).expanduser(), limit=args.limit)  # an unreadable video says so first
+    model, weights = build_inference_model(cfg, args.weights, select_device(cfg.device, cfg.tf32), override_keys(args))
+    names = class_names_to_draw(cfg, weights)
+    out = output_folder(args.output, [] if args.no_draw else [args.input])
+    target = None if args.no_draw else out / f"{output_name(0, args.input)[len('00000_'):-len('.jpg')]}.mp4"
+    total = min(frames.frame_count, args.limit) if args.limit and frames.frame_count else frames.frame_count
+    progress = ProgressLines("visualize", total or None, unit="frames", say=lambda line: print(line, flush=True))
+    drawn: list[int] = []
+    listed = DetectionsFile(out / DETECTIONS_FILE, names)
+    try:
+        with contextlib.ExitStack() as stack:
+            video = stack.enter_context(DrawnVideo(target, frames.fps)) if target is not None else None
+            for frame in frames:
+                canvas, kept = _draw_image(frame.image, None, {}, model, (names, names), args, drawn)
+                if video is not None:
+                    video.write(canvas)
+                listed.add(args.input, drawing=target, detections=kept, frame=(frame.index, frame.time_s))
+                progress.step()
+    finally:
+        listed.close()
+    if not frames.fps_given:
+        print(f"note: --input {args.input} gives no frame rate: {target} is written at {frames.fps:g} frames a second")
+    return frames.read, sum(drawn), target
+
+
 DETECTIONS_FILE = "detections.jsonl"
 
 
@@ -282,12 +330,14 @@ class DetectionsFile:
         self.file = open(path, "x", encoding="utf-8", errors="backslashreplace")
 
     def add(self, image: Any, *, error: str | None = None, drawing: Path | None = None,
-            detections: dict | None = None) -> None:
+            detections: dict | None = None, frame: tuple[int, float] | None = None) -> None:
+        """`frame`: (index, time in seconds) of a video's frame, written as "frame" and "time"."""
         if error is not None:
             entry = {"image": str(image), "error": error}
         else:
             height, width = detections["size"]
-            entry = {"image": str(image), "drawing": drawing.name if drawing is not None else None,
+            entry = {"image": str(image), **({"frame": frame[0], "time": round(frame[1], 4)} if frame else {}),
+                     "drawing": drawing.name if drawing is not None else None,
                      "width": width, "height": height, "detections": [
                          {"label": int(k), "class": self.class_names[int(k) - 1] if 0 < k <= len(self.class_names)
                           else str(int(k)), "score": round(float(s), 6), "box": [round(float(v), 2) for v in box]}
@@ -375,12 +425,18 @@ def _draw(path: str, record: dict | None, crowd: dict, model, names: tuple[list[
     """The image (as viewed: turned by its EXIF orientation tag unless exif_orientation is
     False) with its ground truth, its predictions, or both side by side. `names`: the ground
     truth's class names and the predictions'."""
+    from detection.data.image_io import read_image
+
+    return _draw_image(read_image(path, exif_orientation=exif_orientation), record, crowd, model, names, args, drawn)
+
+
+def _draw_image(image, record: dict | None, crowd: dict, model, names: tuple[list[str], list[str]],
+                args: argparse.Namespace, drawn: list[int]):
+    """_draw on an image in memory (RGB): a file's, or a video's frame."""
     import torch
 
-    from detection.data.image_io import read_image
     from detection.visualization.draw import draw_detections, ground_truth_boxes, side_by_side
 
-    image = read_image(path, exif_orientation=exif_orientation)
     panels, kept = [], None
     if record is not None:
         boxes, labels, tags = ground_truth_boxes(record, crowd.get(record["image_id"]))
