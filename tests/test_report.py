@@ -260,8 +260,9 @@ def test_eval_writes_the_report_beside_the_results(tiny_run, tmp_path, capsys, r
     assert "Precision-recall curves" in html and "Training curves" in html and "Most missed objects" in html
     assert "solver.max_iter" in html and str(weights) in html  # the config and the command
     # under the set's heading, the settings that made its numbers (the precision inference ran in)
-    settings = re.search(r"Evaluated with test size \d+ \(longer side at most \d+\); inference in float32 "
-                         r"\(test.amp: (true|false)\)</p>", html)
+    settings = re.search(r"Evaluated with test size \d+ \(longer side at most \d+\); scores over 0.0, at most 100 "
+                         r"detections an image after NMS at IoU 0.5; inference in float32 \(test.amp: (true|false)\)</p>",
+                         html)
     assert settings
     # re-scoring the saved results writes the page too (no training curves: no checkpoint), with
     # the settings of the evaluation that made the results
@@ -269,6 +270,17 @@ def test_eval_writes_the_report_beside_the_results(tiny_run, tmp_path, capsys, r
               "--output-dir", tmp_path / "rescored", "input.min_size_test=95", "test.aug.enabled=true")
     rescored = (tmp_path / "rescored" / "report.html").read_text()
     assert f"<td>AP50</td><td>{metrics['AP50']:.2f}</td>" in rescored and settings.group(0) in rescored
+    # the same from the set's results file or its folder (the heading gave this command's TTA, which
+    # did not make them); a results file from elsewhere: the settings are said to be unknown
+    results = tmp_path / "out" / "inference" / "shapes_val" / "coco_results.json"
+    shutil.copy(results, tmp_path / "theirs.json")
+    for given, said in ((results, settings.group(0)), (results.parent, settings.group(0)),
+                        (tmp_path / "theirs.json", f"Evaluated with test settings not known: the results read from "
+                                                   f"{tmp_path} have no report_section.json")):
+        eval_tool(capsys, "--config", tmp_path / "out" / "config.yaml", "--results", given, "--overwrite",
+                  "--output-dir", tmp_path / "again", "test.aug.enabled=true")
+        again = (tmp_path / "again" / "report.html").read_text()
+        assert said in again and "TTA at" not in again, given
 
 
 def test_the_settings_line_names_every_test_time_extra():
@@ -278,12 +290,14 @@ def test_the_settings_line_names_every_test_time_extra():
     from detection.evaluation.report import evaluated_with
 
     plain = config_to_dict(load_config(None, ["input.min_size_test=600", "input.max_size_test=1000"]))
-    assert evaluated_with(plain) == "test size 600 (longer side at most 1000); test.amp: false"
+    assert evaluated_with(plain) == ("test size 600 (longer side at most 1000); scores over 0.05, at most 100 "
+                                     "detections an image after NMS at IoU 0.5; test.amp: false")
     extras = config_to_dict(load_config(None, [
         "test.aug.enabled=true", "test.aug.min_sizes=[400,600]", "test.multi_scale.enabled=true",
         "test.box_refinement.enabled=true", "model.roi_heads.global_context=true", "test.amp=true"]))
     assert evaluated_with(extras, "bfloat16 (test.amp: true)") == (
-        "test size 600 (longer side at most 1000); TTA at [400, 600], mirrored too; multi-scale features "
+        "test size 600 (longer side at most 1000); scores over 0.05, at most 100 detections an image after NMS at "
+        "IoU 0.5; TTA at [400, 600], mirrored too; multi-scale features "
         "[200, 400, 600, 800, 1000]; box refinement with voting; global context; inference in bfloat16 (test.amp: true)")
 
 

@@ -214,7 +214,7 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         print(f"note: no report.html ({err.name} is not installed: pip install -e '.[report]')")
         return
     from detection.config import dump_config
-    from detection.evaluation.outputs import read_skipped_images, results_for_test_set
+    from detection.evaluation.outputs import SECTION_FILE, read_skipped_images, results_for_test_set
     from detection.visualization.draw import read_crowd_regions
 
     config_text = dump_config(cfg)
@@ -229,8 +229,12 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
                                        out_root / folder / "pr_curves.png", crowd,
                                        skipped=read_skipped_images(out_root / folder))
         # re-scored results keep the command and config that made them, when saved beside them
-        section.command, section.config_text = _made_by(args, folder) or (args.command, config_text)
-        section.settings = _settings(section.config_text, Path(args.results or out_root) / folder)
+        made_in = _results_folder(args, out_root, folder)
+        made_by = _made_by(made_in) if args.results else None
+        section.command, section.config_text = made_by or (args.command, config_text)
+        section.settings = _settings(section.config_text, made_in) if made_by or not args.results else (
+            f"test settings not known: the results read from {made_in} have no {SECTION_FILE} of the evaluation "
+            "that made them (this command's config says nothing of how they were made)")
         save_section(section, out_root / folder)
     path, names = write_folder_report(out_root, source=source, command=args.command, config_text=config_text,
                                       metrics_jsonl=metrics_jsonl)
@@ -254,15 +258,26 @@ def _source_of_the_detections(args: argparse.Namespace) -> tuple[Path, Path | No
     return Path(weights).expanduser().resolve(), Path(weights).expanduser().parent / "metrics.jsonl"
 
 
-def _made_by(args: argparse.Namespace, folder: str) -> tuple[str, str] | None:
+def _results_folder(args: argparse.Namespace, out_root: Path, folder: str) -> Path:
+    """The folder holding a set's results: its folder under the output (or --results folder), or
+    for --results naming the set's own folder or a results file, that folder or the file's."""
+    if not args.results:
+        return out_root / folder
+    given = Path(args.results)
+    if given.is_file():
+        return given.parent
+    return given / folder if (given / folder).is_dir() else given
+
+
+def _made_by(results_folder: Path) -> tuple[str, str] | None:
     """For --results: the (command, config) the set's results were made with, from the report
     section saved beside them by the evaluation that wrote them; None when there is none."""
     import json
 
     from detection.evaluation.outputs import SECTION_FILE
 
-    saved = Path(args.results) / folder / SECTION_FILE if args.results else None
-    if saved is None or not saved.is_file():
+    saved = results_folder / SECTION_FILE
+    if not saved.is_file():
         return None
     try:
         data = json.loads(saved.read_text(encoding="utf-8"))

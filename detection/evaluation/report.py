@@ -85,7 +85,11 @@ def evaluated_with(config: Mapping[str, Any], precision: str | None = None) -> s
             node = node.get(part) if isinstance(node, Mapping) else None
         return node
 
-    parts = [f"test size {get('input.min_size_test')} (longer side at most {get('input.max_size_test')})"]
+    parts = [f"test size {get('input.min_size_test')} (longer side at most {get('input.max_size_test')})",
+             # what AP counts: COCO's own figure is 100 an image and no score threshold
+             f"scores over {get('model.roi_heads.score_thresh_test')}, at most "
+             f"{get('model.roi_heads.detections_per_image')} detections an image after NMS at IoU "
+             f"{get('model.roi_heads.nms_thresh_test')}"]
     if get("test.aug.enabled"):
         parts.append(f"TTA at {get('test.aug.min_sizes')}{', mirrored too' if get('test.aug.flip') else ''}")
     if get("test.multi_scale.enabled"):
