@@ -49,7 +49,7 @@ def test_eval_prints_table_and_matches_cocoeval_on_its_results(trained, run, cap
     out, _ = run("eval.py", "--weights", str(root / "out" / "model_final.pth"),
               "--output-dir", str(root / "eval"), *overrides)
     metrics = json.loads((root / "eval" / "shapes_val" / "metrics.json").read_text())
-    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"} <= set(metrics)
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"} <= set(metrics)
     assert "AP-circle" in metrics and "AP50" in out
     # the printed AP is what pycocotools gives directly on the written results file
     gt = COCO(str(root / "data" / "shapes" / "annotations" / "instances_val.json"))

@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "coco_results.json"
-# COCOeval.stats[0:9] in order; APs/APm/APl: small (< 32^2 px), medium, large (> 96^2 px) objects
-SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+# COCOeval.stats in order (all 12); APs/APm/APl, ARs/ARm/ARl: small (< 32^2 px), medium, large (> 96^2 px)
+# objects (AR by size at 100 detections an image)
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 class COCOEvaluator:
