@@ -636,8 +636,21 @@ def test_a_non_finite_loss_names_the_checkpoint_that_is_kept(data_root, tmp_path
     _nan_at(monkeypatch, 3)
     with pytest.raises(TrainingError) as err:
         train(tiny_cfg(data_root, out, **{"solver.max_iter": 4, "solver.checkpoint_period": 2}))
-    assert f"the last good checkpoint {out / 'last.pth'} (iteration 2) is kept: --resume continues it" \
-        in str(err.value)
+    # only finite, maybe already diverging (a trial resumed such a one at a lower lr: it diverged again at once)
+    assert f"the last checkpoint with finite weights {out / 'last.pth'} (iteration 2) is kept, but it may already " \
+        "be diverging (see total_loss in metrics.jsonl up to it): rather than --resume it, start again " \
+        "(--overwrite) with a lower solver.base_lr" in str(err.value)
+    assert "--resume continues it" not in str(err.value)
+
+
+@pytest.mark.slow  # builds the model, one forward
+def test_a_non_finite_loss_before_any_step_does_not_blame_the_learning_rate(data_root, tmp_path, monkeypatch):
+    """model.pixel_std 1e-38 (a trial): the first loss is NaN before any step; the message said to
+    lower solver.base_lr, which cannot be the cause there."""
+    with pytest.raises(TrainingError) as err:
+        train(tiny_cfg(data_root, tmp_path / "run", **{"model.pixel_std": [1e-38, 1e-38, 1e-38]}))
+    assert "iteration 1: loss is not finite" in str(err.value) and "before any step of this run" in str(err.value)
+    assert "model.pixel_mean / pixel_std" in str(err.value) and "lower solver.base_lr" not in str(err.value)
 
 
 def _weights_overflow_at(monkeypatch, call: int) -> None:
@@ -659,11 +672,28 @@ def test_weights_that_diverged_under_a_finite_loss_are_never_saved(data_root, tm
     message = str(err.value)
     assert message.startswith("iteration 4: the weights are no longer finite (1 tensors hold NaN or infinite "
                               "values: roi_heads.predictor.cls_score.bias)"), message
-    assert f"the last good checkpoint {out / 'last.pth'} (iteration 2) is kept" in message
+    assert f"the last checkpoint with finite weights {out / 'last.pth'} (iteration 2) is kept" in message
     kept = load_checkpoint(out / "last.pth")
     assert kept["iteration"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values()
                                           if v.is_floating_point())
     assert not (out / "model_final.pth").exists()
+
+
+@pytest.mark.slow  # trains 3 iterations
+def test_weights_that_diverged_are_not_evaluated(data_root, tmp_path, monkeypatch):
+    """A trial: weights gone non-finite under a finite loss were evaluated at test.eval_period (AP 0 in
+    metrics.jsonl as if a result) until the next checkpoint, up to 5000 iterations later, found out."""
+    from detection.engine import trainer
+
+    out = tmp_path / "run"
+    _weights_overflow_at(monkeypatch, 2)
+    evaluated = []
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: evaluated.append(1) or {"AP": 0.0})
+    with pytest.raises(TrainingError, match=r"^iteration 2: the weights are no longer finite"):
+        train(tiny_cfg(data_root, out, **{"solver.max_iter": 6, "solver.checkpoint_period": 5,
+                                          "test.eval_period": 2}))
+    assert not evaluated
+    assert all("AP" not in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
 def test_eval_of_a_diverged_checkpoint_says_the_weights_are_broken_not_the_config(tmp_path):
@@ -766,6 +796,42 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
     assert (tmp_path / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_run_killed_with_its_loader_workers_alive_leaves_the_lock_to_an_immediate_resume(tmp_path):
+    """A long-run trial: `kill -9` of a trainer, then `--resume` at once, was refused as "in use by
+    another training run" naming the dead pid: its forked loader workers held copies of the flock
+    for up to 5 s more. A forked child now closes its copy; the folder is free once the run is gone."""
+    script = (f"import os, sys, time\nsys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+              "from detection.engine.run_folder import RunLock\n"
+              f"RunLock(__import__('pathlib').Path({str(tmp_path)!r})).acquire()\n"
+              "child = os.fork()\n"
+              "if child == 0:\n    time.sleep(60)\n    os._exit(0)\n"  # a loader worker, still there
+              "print(child, flush=True)\ntime.sleep(60)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(trainer.stdout.readline())
+    try:
+        trainer.kill()
+        trainer.wait(10)
+        RunLock(tmp_path).acquire().release()  # the worker lives on, and holds nothing
+        os.kill(worker, 0)  # (still alive: the check above ran while it was)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_a_folder_gone_read_only_lets_the_lock_go_without_an_error(tmp_path, monkeypatch):
+    """Storage that turns read-only mid-run (an I/O error on a cluster): the lock file cannot be
+    removed, and its OSError buried the run's own one-line error under a second traceback."""
+    lock = RunLock(tmp_path).acquire()
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    lock.release()
+    monkeypatch.undo()
+    RunLock(tmp_path).acquire().release()  # the flock went with the close
 
 
 def test_an_output_folder_the_file_system_cannot_have_is_one_error(tmp_path):

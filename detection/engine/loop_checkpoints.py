@@ -24,6 +24,26 @@ def what_is_kept(state: TrainState, path: Path) -> str:
     return f"the last good checkpoint {path} (iteration {state.checkpoint_iteration}) is kept: --resume continues it"
 
 
+def kept_after_divergence(state: TrainState, path: Path) -> str:
+    """What a run stopped by a non-finite loss or weights leaves, and what to do: its last
+    checkpoint is only finite, and may be on the way there (resumed with a lower lr it
+    diverged again at once, in a trial)."""
+    if state.checkpoint_iteration is None:
+        return what_is_kept(state, path) + ". Try a lower solver.base_lr or solver.clip_grad_norm"
+    return (f"the last checkpoint with finite weights {path} (iteration {state.checkpoint_iteration}) is kept, but it "
+            "may already be diverging (see total_loss in metrics.jsonl up to it): rather than --resume it, start "
+            "again (--overwrite) with a lower solver.base_lr or solver.clip_grad_norm, or resume from an earlier "
+            "model_*.pth copied to last.pth")
+
+
+def check_finite_weights(state: TrainState, path: Path) -> None:
+    """TrainingError when the weights are no longer finite (before an evaluation: it scored the
+    broken model, AP 0 in metrics.jsonl, until the next checkpoint found out)."""
+    problem = _diverged(state, kept_after_divergence(state, path))
+    if problem:
+        raise TrainingError(problem)
+
+
 def _diverged(state: TrainState, kept: str) -> str | None:
     """Why the model's weights must not be saved (some are NaN or infinite), None if they may.
     A loss can stay finite while weights diverge (BatchNorm normalises with the batch's own
@@ -35,7 +55,7 @@ def _diverged(state: TrainState, kept: str) -> str | None:
     names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
     return (f"iteration {state.iteration}: the weights are no longer finite ({len(bad)} tensors hold NaN or "
             f"infinite values: {names}) though the loss is; training diverged and stopped without saving them, "
-            f"{kept}. Try a lower solver.base_lr or solver.clip_grad_norm.")
+            f"{kept}")
 
 
 def _training_checkpoint(state: TrainState, cfg: Config, rng: list) -> dict:
@@ -65,7 +85,7 @@ def save_last(state: TrainState, cfg: Config, path: Path, periodic: bool = False
     rng = gather_rng_states()
     problem = None
     if du.is_main_process():
-        problem = _diverged(state, what_is_kept(state, path)) or _write_last(state, cfg, path, rng, periodic)
+        problem = _diverged(state, kept_after_divergence(state, path)) or _write_last(state, cfg, path, rng, periodic)
     problems = [p for p in du.all_gather_object(problem) if p]  # every rank stops, not rank 0 alone
     if problems:
         raise TrainingError(problems[0])
@@ -99,9 +119,7 @@ def stop_gracefully(state: TrainState, cfg: Config, path: Path, stop: GracefulSt
 def save_final(state: TrainState, cfg: Config, out_dir: Path) -> Path:
     """model_final.pth (the weights, iteration, config and class names); returns its path."""
     path = out_dir / "model_final.pth"
-    problem = _diverged(state, what_is_kept(state, out_dir / "last.pth"))
-    if problem:
-        raise TrainingError(problem)
+    check_finite_weights(state, out_dir / "last.pth")
     try:
         save_checkpoint({"model": state.model.state_dict(), "iteration": state.iteration,
                          "config": config_to_dict(cfg), "class_names": list(state.class_names)}, path)

@@ -35,7 +35,10 @@ class RunLock:
     ends (SIGKILL included), so a lock file left by a killed run is recognised as stale and
     taken over (with a warning naming the old pid), and a reused pid cannot fake a live run.
     The pid and host are there to name the other process in the refusal. Only rank 0 of a
-    DDP run takes it: the ranks of one run are one trainer.
+    DDP run takes it: the ranks of one run are one trainer. A forked child (a data-loader
+    worker) closes its copy of the lock at once (`_close_in_forked_child`): a flock is held while
+    any copy is open, and a killed run's workers, which live up to 5 s more, kept it from the
+    `--resume` started at once.
 
     `name` / `user`: another lock file and what holds it: tools/eval.py takes `eval.lock` in its
     results folder (two evaluations of a run's checkpoints, as a job array starts them, share
@@ -104,6 +107,7 @@ class RunLock:
             raise OutputFolderError(f"cannot write in the output folder {folder} (its lock file {self.path}: "
                                     f"{err.strerror or err}): free space there, or choose another --output-dir") from None
         self._fd = fd
+        _HELD[fd] = self
         return self
 
     def release(self, *, remove_empty_dir: bool = False) -> None:
@@ -112,8 +116,12 @@ class RunLock:
         written (a run that failed its checks leaves no half-made path)."""
         if self._fd is None:
             return
-        self.path.unlink(missing_ok=True)  # before unlocking: a waiting opener then retries (acquire)
+        try:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiting opener then retries (acquire)
+        except OSError:  # a folder gone read-only: the flock goes with the close; the file names a gone pid
+            pass
         os.close(self._fd)
+        _HELD.pop(self._fd, None)
         self._fd = None
         if remove_empty_dir:
             for folder in self._created:
@@ -121,6 +129,24 @@ class RunLock:
                     folder.rmdir()  # only when empty
                 except OSError:
                     break  # something was written there: it and its parents stay
+
+
+_HELD: dict[int, RunLock] = {}  # the locks this process holds, by descriptor (held even if no one keeps the lock)
+
+
+def _close_in_forked_child() -> None:
+    """In a forked child: close the copies of the parent's locks; the child never releases them
+    (its release would remove the parent's lock file)."""
+    for fd, lock in list(_HELD.items()):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
 def lock_for_every_process(out_dir: Path, name: str = LOCK_FILE, user: str = "training run") -> Optional[RunLock]:

@@ -31,6 +31,7 @@ class TrainState:
     iteration: int = 0
     class_names: tuple[str, ...] = ()  # stored in checkpoints for tools/visualize.py
     checkpoint_iteration: Optional[int] = None  # the iteration last.pth holds, if any
+    start_iteration: int = 0  # the iteration this process's run started from (a resume's checkpoint)
     periodic: list[int] = field(default_factory=list)  # the iterations of this run's model_{iter:07d}.pth
     # how the run's epochs follow from its seed (detection.data.loader.DATA_ORDER): a resumed
     # run keeps the one it began with (its checkpoint's; 1 when it has none: written before 2)
@@ -80,7 +81,7 @@ def restore_train_state(state: TrainState, ckpt: dict, path: Path = Path("last.p
     other_threads = threads_note(ckpt, path)
     if other_threads and next(state.model.parameters()).device.type == "cpu" and du.is_main_process():
         logger.warning("%s", other_threads)
-    state.checkpoint_iteration = state.iteration
+    state.checkpoint_iteration = state.start_iteration = state.iteration
     state.class_names = tuple(ckpt.get("class_names") or ())
     state.data_order = _data_order(ckpt, path)
 

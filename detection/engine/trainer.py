@@ -29,7 +29,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from detection.config import Config, ConfigError, checked_config
 from detection.engine import distributed as du
 from detection.engine.checkpoint import get_rng_states, load_resume_checkpoint, periodic_checkpoints, set_rng_states
-from detection.engine.loop_checkpoints import save_final, save_last, stop_gracefully, what_is_kept
+from detection.engine.loop_checkpoints import (check_finite_weights, kept_after_divergence, save_final, save_last,
+                                               stop_gracefully, what_is_kept)
 from detection.engine.errors import TrainingError, TrainingInterrupted, TrainingStopped
 from detection.engine.evaluate import evaluate
 from detection.engine.loading import load_initial_weights, read_detector_file
@@ -371,6 +372,7 @@ def _evaluate(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
     under torchrun at the next batch (every rank there), or after the scoring if it came then."""
     state = run.state
     du.broadcast_buffers(state.model)  # every rank evaluates the model rank 0 saves
+    check_finite_weights(state, run.last)  # the same weights on every rank: each stops
     # evaluate() puts the random states back itself; a signal's EvaluationStopped may land in that
     # restore, so it is made again here, outside the evaluation (last.pth then saves them)
     states = get_rng_states()
@@ -403,9 +405,14 @@ def run_step(cfg: Config, state: TrainState, model: nn.Module, images: list, tar
     reduced = reduce_losses(loss_dict)
     if not all(np.isfinite(v) for v in reduced.values()):
         values = ", ".join(f"{k}={v:.4g}" for k, v in reduced.items())
-        kept = what_is_kept(state, Path(cfg.output_dir) / "last.pth")
+        if state.iteration == state.start_iteration:  # no step taken: not the learning rate
+            raise TrainingError(f"iteration {state.iteration + 1}: loss is not finite ({values}) before any step of "
+                                "this run: the weights it starts from (model.weights, or the checkpoint resumed), the "
+                                "input normalisation (model.pixel_mean / pixel_std) or the data give it, not the "
+                                f"learning rate; {what_is_kept(state, Path(cfg.output_dir) / 'last.pth')}")
+        kept = kept_after_divergence(state, Path(cfg.output_dir) / "last.pth")
         raise TrainingError(f"iteration {state.iteration + 1}: loss is not finite ({values}); training "
-                            f"stopped, {kept}. Try a lower solver.base_lr or solver.clip_grad_norm.")
+                            f"stopped, {kept}.")
     optimizer_step(state, total, cfg.solver.clip_grad_norm)
     return reduced
 
