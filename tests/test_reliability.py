@@ -643,6 +643,30 @@ def test_a_non_finite_loss_names_the_checkpoint_that_is_kept(data_root, tmp_path
     assert "--resume continues it" not in str(err.value)
 
 
+@pytest.mark.slow  # trains 3 iterations
+def test_a_metrics_line_that_cannot_be_written_says_which_checkpoint_is_kept(data_root, tmp_path, monkeypatch):
+    """Storage gone read-only mid-run (a long-run trial): the error named metrics.jsonl, not what
+    the run left to resume from, as a failed checkpoint's does."""
+    from detection.engine import metrics
+
+    calls = {"n": 0}
+
+    def read_only_from_the_third(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            calls["n"] += 1
+            if calls["n"] >= 3:
+                raise OSError(errno.EROFS, "Read-only file system")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(metrics, "open", read_only_from_the_third, raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError) as err:
+        train(tiny_cfg(data_root, out, **{"solver.max_iter": 4, "solver.checkpoint_period": 2}))
+    assert str(err.value) == (f"could not append to {out / 'metrics.jsonl'} at iteration 3 (Read-only file system); "
+                              f"training stopped, the last good checkpoint {out / 'last.pth'} (iteration 2) is kept: "
+                              "--resume continues it")
+
+
 @pytest.mark.slow  # builds the model, one forward
 def test_a_non_finite_loss_before_any_step_does_not_blame_the_learning_rate(data_root, tmp_path, monkeypatch):
     """model.pixel_std 1e-38 (a trial): the first loss is NaN before any step; the message said to

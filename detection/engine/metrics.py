@@ -7,6 +7,7 @@ import json
 import logging
 import resource
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -70,8 +71,12 @@ class MetricsLog:
     the output folder (torch.utils.tensorboard.SummaryWriter), tag = the key, step = the
     iteration. Rank 0 only. The writer is closed (flushed) when the loop ends, however it ends."""
 
-    def __init__(self, out_dir: Path, *, tensorboard: bool = False, start_iter: int = 0) -> None:
+    def __init__(self, out_dir: Path, *, tensorboard: bool = False, start_iter: int = 0,
+                 kept: Optional[Callable[[], str]] = None) -> None:
+        """`kept`: what the run leaves to resume from (loop_checkpoints.what_is_kept), said when a
+        line cannot be written."""
         self.path = out_dir / "metrics.jsonl"
+        self.kept = kept
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -101,7 +106,8 @@ class MetricsLog:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
         except OSError as err:
             raise TrainingError(f"could not append to {self.path} at iteration {record.get('iteration')} "
-                                f"({err.strerror or err}); training stopped") from None
+                                f"({err.strerror or err}); training stopped"
+                                + (f", {self.kept()}" if self.kept else "")) from None
         if self.writer is not None:
             for key, value in record.items():
                 if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -290,7 +290,8 @@ def _loop(run: _Run, tensorboard: bool = False) -> None:
                   dynamic_ncols=True, desc="train") as bar, \
                 (contextlib.nullcontext() if bar.disable else logging_redirect_tqdm()), \
                 GracefulStop(run.device) as stop, \
-                MetricsLog(run.last.parent, tensorboard=tensorboard and main, start_iter=state.iteration) as log:
+                MetricsLog(run.last.parent, tensorboard=tensorboard and main, start_iter=state.iteration,
+                           kept=lambda: what_is_kept(state, run.last)) as log:
             _iterations(run, bar, stop, log)
             if main:  # under GracefulStop too: a signal now lets model_final.pth be written
                 _finish(state, run.cfg, run.last.parent)
