@@ -156,6 +156,7 @@ def _evaluate(cfg: Config, args: argparse.Namespace, out_root: Path, source: Res
 
     check_results_folder(out_root, source, overwrite=args.overwrite)  # before any slow work (every process)
     model, weights = (None, None) if args.results else _model(cfg, args.weights, device, override_keys(args), say)
+    iteration = weights.iteration if weights is not None else None
     # scoring saved results reads the annotations only, not the images
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             check_images=not args.results, exif_orientation=cfg.input.exif_orientation)
@@ -164,18 +165,19 @@ def _evaluate(cfg: Config, args: argparse.Namespace, out_root: Path, source: Res
     per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
                                  results=args.results, output_dir=out_root, echo=say, model_classes=model_classes)
     if is_main_process() and args.weights:  # re-scored results keep the environment.json of the run that made them
-        _write_environment(cfg, args, device, [out_root / folder for folder in folders])
+        _write_environment(cfg, args, device, [out_root / folder for folder in folders], iteration)
     _write_report(cfg, args, datasets, folders, out_root, per_set)
     return 0
 
 
-def _write_environment(cfg: Config, args: argparse.Namespace, device: torch.device, folders: list[Path]) -> None:
+def _write_environment(cfg: Config, args: argparse.Namespace, device: torch.device, folders: list[Path],
+                       iteration: int | None = None) -> None:
     """environment.json in each test set's folder (an evaluation of another set into the same
     results folder, with other settings, leaves this one's as it is): the command, the versions,
     the machine and the code's version the numbers come from, the precision inference really ran
     in (test.amp falls back to float32 on a CPU without bfloat16 instructions: the same command
-    gives other numbers on one with them) and the checkpoint's sha256 (its path, size and date in
-    source.json name no content)."""
+    gives other numbers on one with them), the checkpoint's sha256 (its path, size and date in
+    source.json name no content) and the training iteration it was saved at."""
     import hashlib
     import json
 
@@ -190,7 +192,8 @@ def _write_environment(cfg: Config, args: argparse.Namespace, device: torch.devi
             digest.update(block)
     info = {"command": args.command, "environment": environment(device),
             "inference precision": (str(amp_dtype(device)).removeprefix("torch.") if amp else "float32")
-            + f" (test.amp: {str(cfg.test.amp).lower()})", "checkpoint sha256": digest.hexdigest()}
+            + f" (test.amp: {str(cfg.test.amp).lower()})", "checkpoint sha256": digest.hexdigest(),
+            "checkpoint iteration": iteration}  # the training iteration it was saved at (null: not said)
     for folder in folders:
         with atomic_write(folder / "environment.json") as f:
             f.write(json.dumps(info, indent=1) + "\n")
@@ -306,6 +309,14 @@ def _settings(config_text: str, results_folder: Path) -> str:
     return evaluated_with(config, precision) if isinstance(config, dict) else ""
 
 
+def checkpoint_iteration(weights: DetectorWeights) -> str:
+    """"iteration 30 of its run's 40" (the run's solver.max_iter when the checkpoint keeps its
+    config), or "iteration 30"."""
+    solver = (weights.config or {}).get("solver")
+    max_iter = solver.get("max_iter") if isinstance(solver, dict) else None
+    return f"iteration {weights.iteration}" + (f" of its run's {max_iter}" if isinstance(max_iter, int) else "")
+
+
 def _silent(*args, **kwargs) -> None:
     """print for the processes other than the first under torchrun: the first one speaks."""
 
@@ -315,6 +326,8 @@ def _model(cfg: Config, weights_path: str, device: torch.device, explicit: list[
     from detection.engine.inference_model import build_inference_model
 
     model, weights = build_inference_model(cfg, weights_path, device, explicit)
+    if weights.iteration is not None:  # last.pth, model_final.pth: their names do not say which
+        say(f"checkpoint {weights_path}: {checkpoint_iteration(weights)}")
     if cfg.test.aug.enabled:
         aug = cfg.test.aug
         say(f"test-time augmentation (test.aug): sizes {aug.min_sizes}, max {aug.max_size}"

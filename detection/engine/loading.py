@@ -59,6 +59,7 @@ class DetectorWeights:
     config: dict | None = None  # the training config saved by this project's training
     extra: dict[str, Tensor] = field(default_factory=dict)  # Detectron2's pixel_mean/std, cell anchors
     unknown: list[str] = field(default_factory=list)  # file names with no counterpart here
+    iteration: int | None = None  # the training iteration it was saved at, when the file says
 
     @property
     def num_classes(self) -> int:
@@ -98,14 +99,17 @@ def detector_weights(loaded: Any, source: str = "the weights in memory") -> Dete
                               "(expected a dict with a 'model' state dict)")
     state = {str(k).removeprefix("module."): _tensor(v) for k, v in state.items()
              if isinstance(v, (Tensor, np.ndarray))}
+    iteration = loaded.get("iteration") if isinstance(loaded, dict) else None  # ours and Detectron2's write it
+    iteration = iteration if isinstance(iteration, int) and not isinstance(iteration, bool) else None
     if is_detectron2_state(state):
         ours, extra, unknown = convert_detectron2_state(state)
-        return _checked(DetectorWeights(source, "detectron2", ours, extra=extra, unknown=unknown))
+        return _checked(DetectorWeights(source, "detectron2", ours, extra=extra, unknown=unknown,
+                                        iteration=iteration))
     if any(k.startswith(OUR_PREFIXES) for k in state):
         names = loaded.get("class_names") if isinstance(loaded, dict) else None
         config = loaded.get("config") if isinstance(loaded, dict) else None
         return _checked(DetectorWeights(source, "c4det", state, class_names=list(names) if names else None,
-                                        config=config if isinstance(config, dict) else None))
+                                        config=config if isinstance(config, dict) else None, iteration=iteration))
     return None
 
 
