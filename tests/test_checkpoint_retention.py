@@ -99,3 +99,27 @@ def test_resume_with_kept_checkpoints_equals_a_straight_run(data_root, tmp_path,
     assert same_weights(straight_model.state_dict(), resumed.state_dict())
     assert same_weights(load_checkpoint(out / "model_0000004.pth")["model"],
                         load_checkpoint(straight_out / "model_0000004.pth")["model"])
+
+
+def test_a_resume_from_an_earlier_checkpoint_sets_the_abandoned_history_aside(straight, data_root, tmp_path, caplog):
+    """The README's way back (copy model_0000003.pth to last.pth) left the abandoned run's later
+    model_0000004.pth and model_final.pth among the new run's (a long-run trial: four files kept of
+    three, one of another history, and eval.py on model_final.pth scored the old run). They move
+    into abandoned_after_0000003/, named in a warning; the new run writes its own."""
+    out = tmp_path / "run"
+    shutil.copytree(straight[0], out)
+    old_final = load_checkpoint(out / "model_final.pth")["model"]
+    shutil.copy(out / "model_0000003.pth", out / "last.pth")
+    train(tiny_cfg(data_root, out, **{**KEEP_TWO, "solver.base_lr": 0.002}), resume=True)
+    aside = out / "abandoned_after_0000003"
+    assert sorted(p.name for p in aside.iterdir()) == ["model_0000004.pth", "model_final.pth"]
+    assert "resumed at iteration 3: model_0000004.pth, model_final.pth (iteration 4), of this folder's run past it" \
+        in caplog.text
+    assert same_weights(load_checkpoint(aside / "model_final.pth")["model"], old_final)  # kept, as it was
+    assert periodic(out) == ["model_0000003.pth", "model_0000004.pth"]  # the new run's own two
+    new_final = load_checkpoint(out / "model_final.pth")
+    assert new_final["config"]["solver"]["base_lr"] == 0.002 and not same_weights(new_final["model"], old_final)
+    # a resume of a finished run to train on (max_iter raised) keeps its history: nothing is later
+    caplog.clear()
+    train(tiny_cfg(data_root, out, **{**KEEP_TWO, "solver.base_lr": 0.002, "solver.max_iter": 5}), resume=True)
+    assert "of this folder's run past it" not in caplog.text and sorted(p.name for p in out.glob("abandoned_after_*")) == [aside.name]

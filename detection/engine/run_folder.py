@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 # The files that make a folder "hold a run", and what --overwrite removes.
 RUN_FILES = ("last.pth", "model_final.pth", "metrics.jsonl")
 OVERWRITTEN = (*RUN_FILES, "config.yaml", "inference", "log.txt")
-OVERWRITTEN_PATTERNS = ("model_[0-9]*.pth", "events.out.tfevents.*", "config_resumed_*.yaml")
+OVERWRITTEN_PATTERNS = ("model_[0-9]*.pth", "events.out.tfevents.*", "config_resumed_*.yaml", "abandoned_after_*")
 LOCK_FILE = "train.lock"
 EVAL_LOCK_FILE = "eval.lock"  # tools/eval.py's, in its results folder
 
@@ -253,6 +253,50 @@ def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed
         f.write(dump_config(to_save))
     if resumed_at is not None:
         truncate_metrics(out_dir / "metrics.jsonl", resumed_at)
+        set_aside_later_checkpoints(out_dir, resumed_at)
+
+
+def set_aside_later_checkpoints(out_dir: Path, iteration: int) -> list[str]:
+    """On a resume from `iteration`: the folder's checkpoints of a later iteration (model_{iter}.pth
+    past it, a model_final.pth saved past it: an earlier model_*.pth copied to last.pth, the
+    README's way back, abandons that history) move into out_dir/abandoned_after_{iteration:07d}/,
+    with a warning; their names. Left among the new run's, they were counted by
+    solver.keep_checkpoints, taken by a --resume whose last.pth is damaged, and evaluated as this
+    run's (a trial found the abandoned run's model_0000035.pth beside the new 32 and 36)."""
+    from detection.engine.checkpoint import periodic_checkpoint_path, periodic_checkpoints
+
+    later = [periodic_checkpoint_path(out_dir, it) for it in periodic_checkpoints(out_dir, up_to=2**31)
+             if it > iteration]
+    final = out_dir / "model_final.pth"
+    final_at = _saved_iteration(final) if final.is_file() else None
+    if final_at is not None and final_at > iteration:
+        later.append(final)
+    if not later:
+        return []
+    folder = out_dir / f"abandoned_after_{iteration:07d}"
+    for n in range(2, 1000):
+        if not folder.exists():
+            break
+        folder = out_dir / f"abandoned_after_{iteration:07d}_{n}"
+    folder.mkdir()
+    for path in later:
+        path.replace(folder / path.name)
+    names = [p.name + (f" (iteration {final_at})" if p == final else "") for p in later]
+    logger.warning("resumed at iteration %d: %s, of this folder's run past it (a history this resume leaves), moved "
+                   "into %s: not this run's", iteration, ", ".join(names), folder)
+    return [p.name for p in later]
+
+
+def _saved_iteration(path: Path) -> Optional[int]:
+    """The iteration a checkpoint file was saved at (its tensors are not read: mmap), None if it
+    cannot tell."""
+    import torch
+
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("iteration")
+    except Exception:  # an unreadable or foreign file: left where it is
+        return None
+    return value if isinstance(value, int) else None
 
 
 def with_absolute_folders(cfg: Config) -> Config:
