@@ -18,7 +18,7 @@ import detection.visualization.draw
 from detection.config import ConfigError, config_to_dict, load_config, save_config
 from detection.engine import trainer
 from detection.engine.checkpoint import load_checkpoint, save_checkpoint
-from detection.engine.run_config import check_resume_config, record_resume_changes
+from detection.engine.run_config import check_resume_config, record_resume_changes, schedule_jump
 from detection.modeling.model import LOSS_KEYS, build_model
 from tests.helpers import load_tool, tiny_cfg, tiny_overrides
 
@@ -480,3 +480,26 @@ def test_config_yaml_on_a_full_disk_is_one_error_and_the_old_file_is_kept(tmp_pa
                            resumed_at=None)
     assert (tmp_path / "config.yaml").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_a_resume_that_moves_the_learning_rate_at_once_says_so():
+    """`--resume solver.max_iter=16` on a 12-iteration cosine run (a training trial): the cosine is
+    stretched over 16 and the next step ran at 0.00293 where the run had reached 0; only "changed
+    deliberately" was said. Extending a multistep run, or moving a step still ahead, changes
+    nothing now: no warning."""
+    cosine = load_config(None, ["solver.lr_schedule=cosine", "solver.base_lr=0.02", "solver.warmup_iters=0",
+                                "solver.max_iter=16"])
+    assert schedule_jump(cosine, [("solver.max_iter", 12, 16)], 12) == (
+        "--resume at iteration 12: the changed solver.max_iter move the learning rate at once from 0 (the run's "
+        "schedule) to 0.00293 (the cosine is now over the new solver.max_iter)")  # 0.02 * (1 + cos(3pi/4)) / 2
+    assert schedule_jump(cosine, [("solver.max_iter", 24, 16)], 6) == (
+        "--resume at iteration 6: the changed solver.max_iter move the learning rate at once from 0.0171 (the run's "
+        "schedule) to 0.0138 (0.81x) (the cosine is now over the new solver.max_iter)")
+    steps = load_config(None, ["solver.base_lr=0.02", "solver.warmup_iters=0", "solver.steps=[60, 80]",
+                               "solver.max_iter=100"])
+    assert schedule_jump(steps, [("solver.max_iter", 90, 100)], 40) is None
+    assert schedule_jump(steps, [("solver.steps", [70, 80], [60, 80])], 40) is None  # still ahead
+    assert schedule_jump(steps, [("solver.steps", [30, 80], [60, 80])], 40) == (
+        "--resume at iteration 40: the changed solver.steps move the learning rate at once from 0.002 (the run's "
+        "schedule) to 0.02 (10x)")
+    assert schedule_jump(steps, [("solver.base_lr", 0.01, 0.02)], 40) is None  # says itself

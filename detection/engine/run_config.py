@@ -116,6 +116,41 @@ def check_resume_config(cfg: Config, out_dir: Path, explicit: Optional[Sequence[
     return changes
 
 
+_SCHEDULE = ("max_iter", "steps", "gamma", "lr_schedule", "warmup_iters", "warmup_factor")  # solver.*
+
+
+def schedule_jump(cfg: Config, changes: list[Change], iteration: int) -> Optional[str]:
+    """The warning for a resume whose changed schedule keys (not base_lr: a change of it says
+    itself) move the lr at the resumed iteration by more than 1%: `--resume solver.max_iter=N` on a
+    cosine run stretches the cosine over N, and the next step's lr jumped 8.6x in a trial (as in
+    Detectron2, which also rebuilds its scheduler from the config). None when it does not move."""
+    from detection.engine.optim import lr_factor
+
+    before = {key.removeprefix("solver."): old for key, old, _ in changes
+              if key.startswith("solver.") and key.removeprefix("solver.") in _SCHEDULE}
+    if not before:
+        return None
+
+    def factor(values: dict) -> float:
+        given = {name: values.get(name, getattr(cfg.solver, name)) for name in _SCHEDULE}
+        return lr_factor(iteration, warmup_iters=given["warmup_iters"], warmup_factor=given["warmup_factor"],
+                         steps=given["steps"], gamma=given["gamma"], schedule=given["lr_schedule"],
+                         max_iter=given["max_iter"])
+
+    try:
+        old, new = factor(before), factor({})
+    except (TypeError, ValueError):  # a value lr_factor cannot take: the config check says so
+        return None
+    if abs(new - old) <= 0.01 * max(abs(old), 1e-12):
+        return None
+    base = cfg.solver.base_lr
+    cosine = " (the cosine is now over the new solver.max_iter)" if cfg.solver.lr_schedule == "cosine" \
+        and "max_iter" in before else ""
+    return (f"--resume at iteration {iteration}: the changed {', '.join('solver.' + k for k in before)} move the "
+            f"learning rate at once from {base * old:.3g} (the run's schedule) to {base * new:.3g}"
+            f"{f' ({new / old:.2g}x)' if old else ''}{cosine}")
+
+
 def _given(key: str, explicit: Sequence[str]) -> bool:
     """`key` or a section above it was given on the command line."""
     return any(key == e or key.startswith(e + ".") for e in explicit)

@@ -36,7 +36,8 @@ from detection.engine.evaluate import evaluate
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.inference_model import accel_levers, levers_without_fast_path
 from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use_tensorboard
-from detection.engine.run_config import check_resume_config, check_same_config_everywhere, record_resume_changes
+from detection.engine.run_config import (check_resume_config, check_same_config_everywhere, record_resume_changes,
+                                        schedule_jump)
 from detection.engine.run_folder import (check_output_dir, evaluation_recorded, lock_for_every_process,
                                         prepare_output_dir, remove_partial_checkpoints, restarted_run)
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, lost_peer, progress_line
@@ -123,6 +124,9 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         raise ConfigError(f"solver.max_iter={cfg.solver.max_iter}: {last} is at iteration {state.iteration} and a "
                           f"run cannot go back; give solver.max_iter={state.iteration} to end it there (it writes "
                           "model_final.pth) or more to train on")
+    jump = schedule_jump(cfg, changes, state.iteration) if resuming else None
+    if jump and du.is_main_process():
+        logger.warning("%s", jump)
     if resuming and _is_finished(cfg, state, out_dir, changes):
         if du.is_main_process():  # a save killed at the end (model_final.pth's) left its temporary file
             remove_partial_checkpoints(out_dir)
