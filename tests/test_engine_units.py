@@ -212,6 +212,13 @@ def test_a_schedule_cut_short_is_warned_of_and_repeated_steps_are_refused():
                                                 "solver.warmup_iters=50"])) == []  # a step at the warmup's end
     cosine = ["solver.max_iter=100", "solver.steps=[500]", "solver.warmup_iters=9", "solver.lr_schedule=cosine"]
     assert schedule_warnings(load_config(None, cosine)) == []  # the cosine schedule has no steps
+    # a long-run trial: the best AP (evaluated every 4) had no checkpoint (kept every 5)
+    between = ["solver.checkpoint_period=5", "solver.keep_checkpoints=3", "test.eval_period=4"]
+    assert schedule_warnings(load_config(None, between)) == [
+        "test.eval_period 4 is not a multiple of solver.checkpoint_period 5: most evaluated iterations have no "
+        "checkpoint kept (solver.keep_checkpoints) to pick by its AP; make the one a multiple of the other"]
+    assert schedule_warnings(load_config(None, [*between, "test.eval_period=10"])) == []
+    assert schedule_warnings(load_config(None, [*between, "solver.keep_checkpoints=0"])) == []  # none kept anyway
     with pytest.raises(ConfigError, match=r"solver\.steps.*increasing positive iterations"):
         load_config(None, ["solver.steps=[1537, 1537]"])
 

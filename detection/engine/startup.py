@@ -185,7 +185,8 @@ def parameters_line(model: torch.nn.Module, freeze_at: int) -> str:
 def schedule_warnings(cfg: Config) -> list[str]:
     """What in the lr schedule never happens within solver.max_iter (as Detectron2 warns of steps
     past MAX_ITER): easy to leave behind when a long config's max_iter is cut for a short run;
-    and steps inside the warmup, where this schedule and Detectron2's differ."""
+    steps inside the warmup, where this schedule and Detectron2's differ; and evaluations that
+    fall between the checkpoints solver.keep_checkpoints keeps."""
     s, out = cfg.solver, []
     late = [x for x in s.steps if x >= s.max_iter]
     if late and s.lr_schedule == "multistep":
@@ -200,6 +201,11 @@ def schedule_warnings(cfg: Config) -> list[str]:
     if s.warmup_iters >= s.max_iter:
         out.append(f"solver.warmup_iters {s.warmup_iters} is not below solver.max_iter {s.max_iter}: the whole "
                    f"run is warmup and the lr never reaches solver.base_lr {s.base_lr:g}")
+    period = cfg.test.eval_period if cfg.datasets.test else 0
+    if s.keep_checkpoints and period and period % s.checkpoint_period:  # kept to pick one by its AP
+        out.append(f"test.eval_period {period} is not a multiple of solver.checkpoint_period "
+                   f"{s.checkpoint_period}: most evaluated iterations have no checkpoint kept "
+                   "(solver.keep_checkpoints) to pick by its AP; make the one a multiple of the other")
     return out
 
 
