@@ -503,3 +503,27 @@ def test_a_resume_that_moves_the_learning_rate_at_once_says_so():
         "--resume at iteration 40: the changed solver.steps move the learning rate at once from 0.002 (the run's "
         "schedule) to 0.02 (10x)")
     assert schedule_jump(steps, [("solver.base_lr", 0.01, 0.02)], 40) is None  # says itself
+
+
+@pytest.mark.slow  # trains 2 + 1 + 1 iterations
+def test_a_resume_on_other_training_images_says_so_and_on_moved_ones_does_not(data_root, tmp_path, caplog):
+    """A long-run trial: `--resume datasets.root=<other data>` (the root is not compared: data
+    moves) went on, on 30 other images, without a word, and no longer resumed exactly."""
+    import shutil
+
+    from detection.data.shapes import generate_shapes
+
+    out = tmp_path / "run"
+    trainer.train(tiny_cfg(data_root, out, **{"solver.max_iter": 2, "solver.checkpoint_period": 2}))
+    assert load_checkpoint(out / "last.pth")["train_data"]["images"] == 6
+    moved = tmp_path / "moved"
+    shutil.copytree(data_root, moved)
+    caplog.clear()
+    trainer.train(tiny_cfg(moved, out, **{"solver.max_iter": 3, "solver.checkpoint_period": 3}), resume=True)
+    assert "training images are not those" not in caplog.text  # the same images elsewhere
+    other = tmp_path / "other"
+    generate_shapes(other / "shapes", num_train=7, num_val=2, seed=5, image_size=(64, 80))
+    caplog.clear()
+    trainer.train(tiny_cfg(other, out, **{"solver.max_iter": 4, "solver.checkpoint_period": 4}), resume=True)
+    assert f"--resume: the training images are not those {out / 'last.pth'} was trained on (6 images then, 7 " \
+           "now): the run goes on, on today's data" in caplog.text

@@ -69,6 +69,7 @@ def _training_checkpoint(state: TrainState, cfg: Config, rng: list) -> dict:
         "rng": rng[0],
         "rng_per_rank": rng,
         "data_order": state.data_order,  # how the epochs follow from the seed: a resume goes on in it
+        "train_data": state.train_data,  # which images: a resume on other data is said
         "threads": torch.get_num_threads(),  # the CPU's float sums' order: an exact resume needs the same
         "config": config_to_dict(cfg),
         "class_names": list(state.class_names),

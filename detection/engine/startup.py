@@ -99,6 +99,32 @@ def build_train_data_loader(cfg: Config, datasets: list[DatasetInfo], start_iter
         start_iter=start_iter, data_order=DATA_ORDER if data_order is None else data_order)
 
 
+def training_data_id(datasets: Sequence[DatasetInfo]) -> dict:
+    """The training images as a checkpoint keeps them: their count and a digest of each set's
+    name and image ids (not their paths: data moved to another datasets.root is the same data)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    count = 0
+    for dataset in datasets:
+        for record in dataset.records:
+            digest.update(f"{dataset.name}/{record['image_id']}\n".encode("utf-8", "surrogateescape"))
+            count += 1
+    return {"images": count, "sha256": digest.hexdigest()[:16]}
+
+
+def other_data_note(saved: dict | None, now: dict, path: Path) -> str | None:
+    """The warning for a resume whose training images are not the run's (a datasets.root that
+    names other data: accepted in silence before, and the run then no longer resumes exactly);
+    None when they are, or the checkpoint does not say (written before 2026-12-07)."""
+    if not saved or saved == now:
+        return None
+    return (f"--resume: the training images are not those {path} was trained on ({saved.get('images')} images "
+            f"then, {now['images']} now{', other ones' if saved.get('images') == now['images'] else ''}): the run "
+            "goes on, on today's data, in another order than it would have (datasets.root, datasets.train or "
+            "the annotation files changed)")
+
+
 def build_test_datasets(cfg: Config, class_names: Sequence[str]) -> list[DatasetInfo]:
     """datasets.test read and checked as tools/eval.py checks them (annotations, image files,
     a results folder each, classes): their classes must be the training classes, or a subset

@@ -36,6 +36,10 @@ class TrainState:
     # how the run's epochs follow from its seed (detection.data.loader.DATA_ORDER): a resumed
     # run keeps the one it began with (its checkpoint's; 1 when it has none: written before 2)
     data_order: int = DATA_ORDER
+    # the training images (startup.training_data_id: their count and a digest of their ids): saved in
+    # last.pth; a resume compares the run's (`resumed_data`) with today's
+    train_data: dict = field(default_factory=dict)
+    resumed_data: Optional[dict] = None
 
 
 def seed_everything(seed: int) -> None:
@@ -84,6 +88,7 @@ def restore_train_state(state: TrainState, ckpt: dict, path: Path = Path("last.p
     state.checkpoint_iteration = state.start_iteration = state.iteration
     state.class_names = tuple(ckpt.get("class_names") or ())
     state.data_order = _data_order(ckpt, path)
+    state.resumed_data = ckpt.get("train_data") if isinstance(ckpt.get("train_data"), dict) else None
 
 
 def _data_order(ckpt: dict, path: Path) -> int:

@@ -43,8 +43,9 @@ from detection.engine.run_folder import (check_output_dir, evaluation_recorded, 
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, lost_peer, progress_line
 from detection.engine.signals import EvaluationStopped, GracefulStop, sigterm_before_the_loop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
-                                      check_initial_weights, event_files, final_line, note_stop, parameters_line,
-                                      schedule_warnings, summary_lines, undo_unstarted_run)
+                                      check_initial_weights, event_files, final_line, note_stop, other_data_note,
+                                      parameters_line, schedule_warnings, summary_lines, training_data_id,
+                                      undo_unstarted_run)
 from detection.engine.train_state import TrainState, build_train_state, restore_train_state, seed_everything
 from detection.modeling.precision import SLOW_BFLOAT16, amp_dtype, training_amp
 
@@ -214,6 +215,10 @@ def _start_loop(cfg: Config, state: TrainState, datasets: list, device: torch.de
         optimize_for_training(state.model, channels_last=True, levers=accel_levers(cfg))  # training_plan's steps
     elif levers_without_fast_path(cfg) and du.is_main_process():
         logger.warning("%s", levers_without_fast_path(cfg))
+    state.train_data = training_data_id(datasets)
+    note = other_data_note(state.resumed_data, state.train_data, Path(cfg.output_dir) / "last.pth")
+    if note and du.is_main_process():
+        logger.warning("%s", note)
     data = iter(build_train_data_loader(cfg, datasets, state.iteration, data_order=state.data_order))
     state.class_names = tuple(datasets[0].class_names)
     state.model.class_names = list(state.class_names)  # what its labels mean, for whoever uses the model
