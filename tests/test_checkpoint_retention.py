@@ -123,3 +123,17 @@ def test_a_resume_from_an_earlier_checkpoint_sets_the_abandoned_history_aside(st
     caplog.clear()
     train(tiny_cfg(data_root, out, **{**KEEP_TWO, "solver.base_lr": 0.002, "solver.max_iter": 5}), resume=True)
     assert "of this folder's run past it" not in caplog.text and sorted(p.name for p in out.glob("abandoned_after_*")) == [aside.name]
+
+
+def test_ending_a_run_at_an_earlier_checkpoint_writes_its_model_final(straight, data_root, tmp_path):
+    """A review: `cp model_0000003.pth last.pth; --resume solver.max_iter=3` (what the "cannot go back"
+    error advises) said the run was finished and left no model_final.pth: the abandoned run's (of
+    iteration 4) was found, then moved aside."""
+    out = tmp_path / "run"
+    shutil.copytree(straight[0], out)
+    shutil.copy(out / "model_0000003.pth", out / "last.pth")
+    train(tiny_cfg(data_root, out, **{**KEEP_TWO, "solver.max_iter": 3}), resume=True)
+    final = load_checkpoint(out / "model_final.pth")
+    assert final["iteration"] == 3
+    assert same_weights(final["model"], load_checkpoint(out / "model_0000003.pth")["model"])
+    assert load_checkpoint(out / "abandoned_after_0000003" / "model_final.pth")["iteration"] == 4

@@ -253,7 +253,6 @@ def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed
         f.write(dump_config(to_save))
     if resumed_at is not None:
         truncate_metrics(out_dir / "metrics.jsonl", resumed_at)
-        set_aside_later_checkpoints(out_dir, resumed_at)
 
 
 def set_aside_later_checkpoints(out_dir: Path, iteration: int) -> list[str]:

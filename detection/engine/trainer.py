@@ -39,7 +39,8 @@ from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use
 from detection.engine.run_config import (check_resume_config, check_same_config_everywhere, record_resume_changes,
                                         schedule_jump)
 from detection.engine.run_folder import (check_output_dir, evaluation_recorded, lock_for_every_process,
-                                        prepare_output_dir, remove_partial_checkpoints, restarted_run)
+                                        prepare_output_dir, remove_partial_checkpoints, restarted_run,
+                                        set_aside_later_checkpoints)
 from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, lost_peer, progress_line
 from detection.engine.signals import EvaluationStopped, GracefulStop, sigterm_before_the_loop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
@@ -125,6 +126,8 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         raise ConfigError(f"solver.max_iter={cfg.solver.max_iter}: {last} is at iteration {state.iteration} and a "
                           f"run cannot go back; give solver.max_iter={state.iteration} to end it there (it writes "
                           "model_final.pth) or more to train on")
+    if resuming and du.is_main_process():  # before a finished run's model_final.pth is looked for
+        set_aside_later_checkpoints(out_dir, state.iteration)
     jump = schedule_jump(cfg, changes, state.iteration) if resuming else None
     if jump and du.is_main_process():
         logger.warning("%s", jump)
