@@ -641,6 +641,12 @@ def test_a_non_finite_loss_names_the_checkpoint_that_is_kept(data_root, tmp_path
         "be diverging (see total_loss in metrics.jsonl up to it): rather than --resume it, start again " \
         "(--overwrite) with a lower solver.base_lr" in str(err.value)
     assert "--resume continues it" not in str(err.value)
+    assert "model_" not in str(err.value)  # none kept (solver.keep_checkpoints 0): none named
+    _nan_at(monkeypatch, 3)
+    with pytest.raises(TrainingError) as err:
+        train(tiny_cfg(data_root, tmp_path / "kept", **{"solver.max_iter": 4, "solver.checkpoint_period": 1,
+                                                        "solver.keep_checkpoints": 3}))
+    assert str(err.value).endswith("or resume from an earlier one (model_0000001.pth copied to last.pth).")
 
 
 @pytest.mark.slow  # trains 3 iterations

@@ -490,18 +490,22 @@ def test_a_resume_that_moves_the_learning_rate_at_once_says_so():
     cosine = load_config(None, ["solver.lr_schedule=cosine", "solver.base_lr=0.02", "solver.warmup_iters=0",
                                 "solver.max_iter=16"])
     assert schedule_jump(cosine, [("solver.max_iter", 12, 16)], 12) == (
-        "--resume at iteration 12: the changed solver.max_iter move the learning rate at once from 0 (the run's "
-        "schedule) to 0.00293 (the cosine is now over the new solver.max_iter)")  # 0.02 * (1 + cos(3pi/4)) / 2
+        "--resume at iteration 12: changing solver.max_iter moves the learning rate at once from 0 (the run's) to "
+        "0.00293 (the cosine is now over the new solver.max_iter)")  # 0.02 * (1 + cos(3pi/4)) / 2
     assert schedule_jump(cosine, [("solver.max_iter", 24, 16)], 6) == (
-        "--resume at iteration 6: the changed solver.max_iter move the learning rate at once from 0.0171 (the run's "
-        "schedule) to 0.0138 (0.81x) (the cosine is now over the new solver.max_iter)")
+        "--resume at iteration 6: changing solver.max_iter moves the learning rate at once from 0.0171 (the run's) "
+        "to 0.0138 (0.81x) (the cosine is now over the new solver.max_iter)")
+    # base_lr changed with it: the run's lr is the old base_lr's (a review: the jump was understated)
+    assert schedule_jump(cosine, [("solver.max_iter", 24, 16), ("solver.base_lr", 0.01, 0.02)], 6) == (
+        "--resume at iteration 6: changing solver.max_iter, solver.base_lr moves the learning rate at once from "
+        "0.00854 (the run's) to 0.0138 (1.6x) (the cosine is now over the new solver.max_iter)")
     steps = load_config(None, ["solver.base_lr=0.02", "solver.warmup_iters=0", "solver.steps=[60, 80]",
                                "solver.max_iter=100"])
     assert schedule_jump(steps, [("solver.max_iter", 90, 100)], 40) is None
     assert schedule_jump(steps, [("solver.steps", [70, 80], [60, 80])], 40) is None  # still ahead
     assert schedule_jump(steps, [("solver.steps", [30, 80], [60, 80])], 40) == (
-        "--resume at iteration 40: the changed solver.steps move the learning rate at once from 0.002 (the run's "
-        "schedule) to 0.02 (10x)")
+        "--resume at iteration 40: changing solver.steps moves the learning rate at once from 0.002 (the run's) to "
+        "0.02 (10x)")
     assert schedule_jump(steps, [("solver.base_lr", 0.01, 0.02)], 40) is None  # says itself
 
 

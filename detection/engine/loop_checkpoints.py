@@ -30,10 +30,12 @@ def kept_after_divergence(state: TrainState, path: Path) -> str:
     diverged again at once, in a trial)."""
     if state.checkpoint_iteration is None:
         return what_is_kept(state, path) + ". Try a lower solver.base_lr or solver.clip_grad_norm"
+    earlier = [it for it in state.periodic if it < state.checkpoint_iteration]  # solver.keep_checkpoints'
+    back = (f", or resume from an earlier one ({periodic_checkpoint_path(path.parent, earlier[-1]).name} copied to "
+            f"{path.name})") if earlier else ""
     return (f"the last checkpoint with finite weights {path} (iteration {state.checkpoint_iteration}) is kept, but it "
             "may already be diverging (see total_loss in metrics.jsonl up to it): rather than --resume it, start "
-            "again (--overwrite) with a lower solver.base_lr or solver.clip_grad_norm, or resume from an earlier "
-            "model_*.pth copied to last.pth")
+            f"again (--overwrite) with a lower solver.base_lr or solver.clip_grad_norm{back}")
 
 
 def check_finite_weights(state: TrainState, path: Path) -> None:

@@ -137,18 +137,18 @@ def schedule_jump(cfg: Config, changes: list[Change], iteration: int) -> Optiona
                          steps=given["steps"], gamma=given["gamma"], schedule=given["lr_schedule"],
                          max_iter=given["max_iter"])
 
+    old_base = next((old for key, old, _ in changes if key == "solver.base_lr"), cfg.solver.base_lr)
     try:
-        old, new = factor(before), factor({})
+        old, new = old_base * factor(before), cfg.solver.base_lr * factor({})
     except (TypeError, ValueError):  # a value lr_factor cannot take: the config check says so
         return None
     if abs(new - old) <= 0.01 * max(abs(old), 1e-12):
         return None
-    base = cfg.solver.base_lr
+    changed = ", ".join("solver." + k for k in [*before, *(["base_lr"] if old_base != cfg.solver.base_lr else [])])
     cosine = " (the cosine is now over the new solver.max_iter)" if cfg.solver.lr_schedule == "cosine" \
         and "max_iter" in before else ""
-    return (f"--resume at iteration {iteration}: the changed {', '.join('solver.' + k for k in before)} move the "
-            f"learning rate at once from {base * old:.3g} (the run's schedule) to {base * new:.3g}"
-            f"{f' ({new / old:.2g}x)' if old else ''}{cosine}")
+    return (f"--resume at iteration {iteration}: changing {changed} moves the learning rate at once from {old:.3g} "
+            f"(the run's) to {new:.3g}{f' ({new / old:.2g}x)' if old else ''}{cosine}")
 
 
 def _given(key: str, explicit: Sequence[str]) -> bool:
