@@ -297,7 +297,7 @@ def test_the_settings_line_names_every_test_time_extra():
         "test.box_refinement.enabled=true", "model.roi_heads.global_context=true", "test.amp=true"]))
     assert evaluated_with(extras, "bfloat16 (test.amp: true)") == (
         "test size 600 (longer side at most 1000); scores over 0.05, at most 100 detections an image after NMS at "
-        "IoU 0.5; TTA at [400, 600], mirrored too; multi-scale features "
+        "IoU 0.3; TTA at [400, 600], mirrored too; multi-scale features "
         "[200, 400, 600, 800, 1000]; box refinement with voting; global context; inference in bfloat16 (test.amp: true)")
 
 

@@ -85,11 +85,14 @@ def evaluated_with(config: Mapping[str, Any], precision: str | None = None) -> s
             node = node.get(part) if isinstance(node, Mapping) else None
         return node
 
+    # box refinement's own NMS replaces the head's (roi_heads' refined postprocess)
+    nms_key = "test.box_refinement.nms_thresh" if get("test.box_refinement.enabled") else \
+        "model.roi_heads.nms_thresh_test"
     parts = [f"test size {get('input.min_size_test')} (longer side at most {get('input.max_size_test')})",
              # what AP counts: COCO's own figure is 100 an image and no score threshold
              f"scores over {get('model.roi_heads.score_thresh_test')}, at most "
              f"{get('model.roi_heads.detections_per_image')} detections an image after NMS at IoU "
-             f"{get('model.roi_heads.nms_thresh_test')}"]
+             f"{get(nms_key)}"]
     if get("test.aug.enabled"):
         parts.append(f"TTA at {get('test.aug.min_sizes')}{', mirrored too' if get('test.aug.flip') else ''}")
     if get("test.multi_scale.enabled"):
