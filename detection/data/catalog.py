@@ -427,7 +427,11 @@ def _default_name(spec: dict[str, Any]) -> str:
     if not keep:
         return name
     listed = ",".join(keep)
-    return f"{name}[{listed if len(listed) <= 60 else ','.join(keep[:2]) + f',+{len(keep) - 2}'}]"
+    if len(listed) > 60:  # the first two, how many more, and a digest of all: two lists never share a name
+        import hashlib
+
+        listed = f"{','.join(keep[:2])},+{len(keep) - 2},{hashlib.sha256(listed.encode()).hexdigest()[:8]}"
+    return f"{name}[{listed}]"
 
 
 def _under(root: str, path: str) -> str:
