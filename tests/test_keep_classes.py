@@ -233,3 +233,37 @@ def test_a_detector_of_some_classes_trains_evaluates_and_reports_through_the_too
     assert kept_metrics["AP"] == pytest.approx((everything["AP-triangle"] + everything["AP-circle"]) / 2)
     report = (tmp_path / "scored" / "report.html").read_text()
     assert "triangle" in report and "square" not in report and "class 0" not in report
+
+
+def test_results_without_one_of_the_sets_classes_are_said_when_scored(tmp_path, caplog):
+    """A trial re-scored a keep_classes evaluation's results on the whole set: the square, which has
+    objects there, scored AP 0 and the mean fell to 49 from 78, without a word."""
+    kept = get_dataset(_entry(tmp_path, keep_classes=["circle", "triangle"], name="kept"), str(tmp_path),
+                       check_images=False)
+    evaluator = build_evaluator(kept, str(tmp_path / "kept"))
+    evaluator.process(kept.records, _noisy_outputs(kept))
+    evaluator.evaluate()
+    whole = get_dataset(_entry(tmp_path), str(tmp_path), check_images=False)
+    results = str(tmp_path / "kept" / "coco_results.json")
+    evaluate_results_file(whole, results)
+    assert (f"{results}: no detection of square, which has objects in data set coco:instances_tiny: scored as AP 0 "
+            "in its mean. Were these results made for some of its classes (keep_classes)") in caplog.text
+    caplog.clear()
+    evaluate_results_file(kept, results)  # every class with objects has results: nothing said
+    assert "no detection of" not in caplog.text
+
+
+def test_a_voc_results_folder_without_a_class_file_is_said_when_scored(tmp_path, caplog):
+    root = tmp_path / "VOC2007"
+    for sub in ("ImageSets/Main", "Annotations", "JPEGImages"):
+        (root / sub).mkdir(parents=True)
+    (root / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    (root / "Annotations" / "000001.xml").write_text(_voc_xml([("dog", (1, 1, 10, 20), 0), ("cat", (5, 5, 9, 9), 0)]))
+    dataset = get_dataset({"type": "voc", "root": str(root), "split": "test", "classes": ["cat", "dog"]},
+                          str(tmp_path), check_images=False)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "comp4_det_test_dog.txt").write_text("000001 0.9 1 1 10 20\n")  # no cat file: no cat detections
+    metrics = evaluate_results_file(dataset, str(results))
+    assert metrics["AP-dog"] == pytest.approx(100) and metrics["AP-cat"] == 0
+    assert f"{results}: no detection of cat, which has objects in data set voc:VOC2007_test" in caplog.text

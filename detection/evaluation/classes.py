@@ -82,3 +82,18 @@ def subset_note(dataset_name: str, dataset_classes: Sequence[str], model_classes
     return (f"test set {dataset_name}: its {len(dataset_classes)} classes are a subset of the model's "
             f"{len(model_classes)}, scored by name ({', '.join(dataset_classes)}); the detections of "
             f"{', '.join(left_out)} are left out")
+
+
+def classes_without_results(dataset_name: str, class_names: Sequence[str], records: Sequence[dict],
+                            found_labels: set[int], path: str) -> str | None:
+    """The warning for a results file or folder (--results) that holds detections of some of a
+    set's classes and none of others that have objects there: scored as AP 0, a plausible lower
+    mean (a trial re-scored the results of a keep_classes subset on the whole set). None when
+    every class with objects has results, or none has."""
+    with_objects = sorted({int(label) for record in records for label in record["labels"]})
+    missing = [class_names[label - 1] for label in with_objects if label not in found_labels]
+    if not missing or not found_labels:
+        return None
+    return (f"{path}: no detection of {', '.join(missing)}, which {'has' if len(missing) == 1 else 'have'} objects in "
+            f"data set {dataset_name}: scored as AP 0 in its mean. Were these results made for some of its classes "
+            "(keep_classes) or by a model of other classes?")

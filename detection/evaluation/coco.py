@@ -29,6 +29,7 @@ from pycocotools.cocoeval import COCOeval
 
 from detection.data import DataError
 from detection.data.coco import open_coco
+from detection.evaluation.classes import classes_without_results
 from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
 from detection.utils.files import USER_TEXT_ENCODING, atomic_write, utf16_hint
 
@@ -112,6 +113,12 @@ class COCOEvaluator:
         if left_out:
             logger.info("%s: %d results of the categories data set %s leaves out (keep_classes) are not scored", path,
                         left_out, self.dataset.name)
+        label_of = {c: label for label, c in self.dataset.label_to_category_id.items()}
+        found = {label_of[r["category_id"]] for rows in by_image.values() for r in rows}
+        missing = classes_without_results(self.dataset.name, self.dataset.class_names, self.dataset.records, found,
+                                          path)
+        if missing:
+            logger.warning("%s", missing)
         self.reset()
         self.predictions = [{"image_id": r["image_id"], "instances": by_image.get(r["image_id"], [])}
                             for r in self.dataset.records]

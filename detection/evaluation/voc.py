@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from detection.evaluation.classes import classes_without_results
 from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
 from detection.evaluation.voc_metric import evaluate_matches, match_detections, to_devkit
 from detection.evaluation.voc_results import (COMP4_TEMPLATE, SUBMISSION_FOLDER, comp4_detections, format_comp4_lines,
@@ -232,4 +233,9 @@ def _process_comp4_dir(evaluator, folder: str) -> dict[int, list[str]]:
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0)}
     for record in records:
         evaluator.process([record], [detections.get(record["image_id"], empty)])
+    found = {label for label in range(1, len(evaluator.class_names) + 1)
+             if len(parsed_comp4_lines(lines, label, COMP4_TEMPLATE.format(evaluator.class_names[label - 1]))[0])}
+    missing = classes_without_results(evaluator.dataset.name, evaluator.class_names, records, found, folder)
+    if missing:
+        logger.warning("%s", missing)
     return lines
