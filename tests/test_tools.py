@@ -229,6 +229,44 @@ def test_visualize_stops_with_an_error_when_its_output_cannot_be_written(trained
         "3 of the 3 images were not drawn: " \
         f"could not write {tmp_path / 'vis'}/00000_" in last and \
         last.endswith("(the folder is not writable, or the disk is full)"), last
+    monkeypatch.undo()
+    # detections.jsonl itself on a read-only folder, or a disk full under it: one line, not an OSError
+    # traceback (a trial: at its unlink, or at the flush after some lines)
+    base = ["--config", ROOT / "configs" / "base.yaml", "--weights", root / "out" / "model_final.pth", "--input",
+            root / "data" / "shapes" / "val", *overrides]
+    real_unlink, real_open = Path.unlink, open
+
+    def read_only(path, missing_ok=False):
+        if path.name == "detections.jsonl":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", tmp_path / "ro"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: could not create {tmp_path / 'ro' / 'detections.jsonl'}: Read-only file system (the folder is not "
+        "writable, or the disk is full); the lines written before are kept") and "Traceback" not in err
+    monkeypatch.undo()
+
+    class FullAfterOneLine:
+        def __init__(self, f):
+            self.f, self.lines = f, 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(TOOLS["visualize.py"], "open", lambda *a, **k: FullAfterOneLine(real_open(*a, **k)),
+                        raising=False)
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", tmp_path / "full", "--no-draw"], capsys)
+    assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"error: could not write to {tmp_path / 'full' / 'detections.jsonl'}: No space left on device")
+    assert len((tmp_path / "full" / "detections.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.slow

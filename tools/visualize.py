@@ -324,10 +324,17 @@ class DetectionsFile:
 
     def __init__(self, path: Path, class_names: list[str]) -> None:
         self.path, self.class_names = path, class_names
-        path.unlink(missing_ok=True)  # an earlier run's (or a link put there): replaced, not written through
-        # backslashreplace: a file name that is not UTF-8 (a lone surrogate) becomes its JSON escape
-        # "\udce9", which json.loads gives back and os.fsencode turns into the name's bytes
-        self.file = open(path, "x", encoding="utf-8", errors="backslashreplace")
+        try:
+            path.unlink(missing_ok=True)  # an earlier run's (or a link put there): replaced, not written through
+            # backslashreplace: a file name that is not UTF-8 (a lone surrogate) becomes its JSON escape
+            # "\udce9", which json.loads gives back and os.fsencode turns into the name's bytes
+            self.file = open(path, "x", encoding="utf-8", errors="backslashreplace")
+        except OSError as err:  # a read-only folder: one line, not a traceback (a trial)
+            raise self._error(err, "create") from None
+
+    def _error(self, err: OSError, what: str) -> WriteError:
+        return WriteError(f"could not {what} {self.path}: {err.strerror or err} (the folder is not writable, or the "
+                          "disk is full); the lines written before are kept", err.errno, err.strerror)
 
     def add(self, image: Any, *, error: str | None = None, drawing: Path | None = None,
             detections: dict | None = None, frame: tuple[int, float] | None = None) -> None:
@@ -342,11 +349,17 @@ class DetectionsFile:
                          {"label": int(k), "class": self.class_names[int(k) - 1] if 0 < k <= len(self.class_names)
                           else str(int(k)), "score": round(float(s), 6), "box": [round(float(v), 2) for v in box]}
                          for box, s, k in zip(detections["boxes"], detections["scores"], detections["labels"])]}
-        self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self.file.flush()
+        except OSError as err:  # a full disk
+            raise self._error(err, "write to") from None
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as err:  # the buffer's last bytes, on a full disk
+            raise self._error(err, "write to") from None
 
 
 def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
