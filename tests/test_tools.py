@@ -714,9 +714,18 @@ def test_visualize_draws_a_video_frame_by_frame_and_lists_each_frames_detections
     assert sorted(p.name for p in (tmp_path / "listed").iterdir()) == ["detections.jsonl"]
     listed = [json.loads(line) for line in (tmp_path / "listed" / "detections.jsonl").read_text().splitlines()]
     assert listed == [{**line, "drawing": None} for line in lines[:2]]
+    # --output NAME.mp4: that file, its list beside it (Detectron2's demo --output takes a file)
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", tmp_path / "named.mp4", "--limit", "1"],
+                              capsys)
+    assert code == 0, err[-2000:]
+    assert f"wrote {tmp_path / 'named.mp4'} (1 frame): " in out and (tmp_path / "named.mp4").is_file()
+    assert [json.loads(x) for x in (tmp_path / "named.jsonl").read_text().splitlines()] == [
+        {**lines[0], "drawing": "named.mp4"}]
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", clip], capsys)
+    assert code == 2 and "is the input video: give another name" in err and clip.stat().st_size > 0
     # the folder the video is in: the drawn video would replace it
     code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", clip.parent], capsys)
-    assert code == 2 and "the images drawn are in that folder" in err and clip.stat().st_size > 0
+    assert code == 2 and "the video drawn is in that folder" in err and clip.stat().st_size > 0
     # in a folder a video is not an image: named, with how to draw it
     code, out, err = run_main(TOOLS["visualize.py"], [*base[:-len(overrides) - 4], "--input", clip.parent,
                                                       "--output", tmp_path / "x", *overrides], capsys)

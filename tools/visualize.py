@@ -61,7 +61,7 @@ from detection.cli import (add_config_args, config_from_args, override_keys, par
 from detection.config import ConfigError
 from detection.data import DataError
 from detection.data.video import VIDEO_EXTS, is_video
-from detection.utils.files import WriteError
+from detection.utils.files import OutputFolderError, WriteError
 from detection.utils.text import first_few
 
 if TYPE_CHECKING:
@@ -180,10 +180,10 @@ def draw(args: argparse.Namespace) -> None:
         draw_training_batches(cfg, args.train_batches, args.output)
         return
     if args.input and is_video(args.input) and Path(args.input).expanduser().is_file():
-        frames, drawn, video = run_video(cfg, args)
-        listed = Path(args.output) / DETECTIONS_FILE
-        print(f"listed the detections of {frames} frames in {listed}{drawn_text(drawn, args)}" if video is None else
-              f"wrote {video} ({frames} frames){drawn_text(drawn, args)}; their detections in {listed}")
+        frames, drawn, video, listed = run_video(cfg, args)
+        said = f"{frames} frame{'' if frames == 1 else 's'}"
+        print(f"listed the detections of {said} in {listed}{drawn_text(drawn, args)}" if video is None else
+              f"wrote {video} ({said}){drawn_text(drawn, args)}; their detections in {listed}")
         return
     count, drawn, unreadable, unwritten = run(cfg, args)
     listed = Path(args.output) / DETECTIONS_FILE
@@ -275,10 +275,12 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     return len(written), sum(drawn), unreadable, unwritten
 
 
-def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None]:
-    """--input a video: each frame's detections drawn into DIR/<stem>.mp4 (the video's frame rate
-    and frame size; with --no-draw none) and listed in detections.jsonl, a line per frame with its
-    index and time. -> (frames, detections drawn, the video written or None)."""
+def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None, Path]:
+    """--input a video: each frame's detections drawn into DIR/<stem>.mp4 (or --output X.mp4 itself;
+    the video's frame rate and frame size; with --no-draw none) and listed in detections.jsonl (or
+    X.jsonl), a line per frame with its index and time. A stop (Ctrl-C, SIGTERM) keeps the frames
+    drawn so far as the video. -> (frames, detections drawn, the video written or None, the list)."""
+    from detection.cli import StoppedBySignal
     from detection.data.video import VideoFrames
     from detection.engine.distributed import select_device
     from detection.engine.inference_model import build_inference_model
@@ -288,26 +290,45 @@ def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None]:
     frames = VideoFrames(Path(args.input).expanduser(), limit=args.limit)  # an unreadable video says so first
     model, weights = build_inference_model(cfg, args.weights, select_device(cfg.device, cfg.tf32), override_keys(args))
     names = class_names_to_draw(cfg, weights)
-    out = output_folder(args.output, [] if args.no_draw else [args.input])
-    target = None if args.no_draw else out / f"{output_name(0, args.input)[len('00000_'):-len('.jpg')]}.mp4"
+    given = Path(args.output).expanduser()
+    if given.suffix.lower() == ".mp4" and not given.is_dir():  # a file, as Detectron2's demo --output takes one
+        if os.path.realpath(given) == os.path.realpath(args.input):
+            raise OutputFolderError(f"--output {args.output} is the input video: give another name")
+        out, target, listed_path = output_folder(str(given.parent), []), given, given.with_suffix(".jsonl")
+    else:
+        out = output_folder(args.output, [] if args.no_draw else [args.input], what="the video drawn is")
+        target = out / f"{output_name(0, args.input)[len('00000_'):-len('.jpg')]}.mp4"
+        listed_path = out / DETECTIONS_FILE
+    target = None if args.no_draw else target
     total = min(frames.frame_count, args.limit) if args.limit and frames.frame_count else frames.frame_count
     progress = ProgressLines("visualize", total or None, unit="frames", say=lambda line: print(line, flush=True))
     drawn: list[int] = []
-    listed = DetectionsFile(out / DETECTIONS_FILE, names)
+    listed = DetectionsFile(listed_path, names)
+    video = DrawnVideo(target, frames.fps, keep_on=(KeyboardInterrupt, StoppedBySignal)) if target else None
     try:
-        with contextlib.ExitStack() as stack:
-            video = stack.enter_context(DrawnVideo(target, frames.fps)) if target is not None else None
+        with video if video is not None else contextlib.nullcontext():
             for frame in frames:
                 canvas, kept = _draw_image(frame.image, None, {}, model, (names, names), args, drawn)
                 if video is not None:
                     video.write(canvas)
                 listed.add(args.input, drawing=target, detections=kept, frame=(frame.index, frame.time_s))
                 progress.step()
+    except (KeyboardInterrupt, StoppedBySignal):
+        if video is not None and video.frames:
+            print(f"note: stopped: {target} holds the first {video.frames} frames drawn", flush=True)
+        raise
     finally:
         listed.close()
     if not frames.fps_given:
-        print(f"note: --input {args.input} gives no frame rate: {target} is written at {frames.fps:g} frames a second")
-    return frames.read, sum(drawn), target
+        print(f"note: --input {args.input} gives no frame rate: the times in {listed_path} count {frames.fps:g} "
+              f"frames a second" + (f", and {target} is written at that rate" if target else ""))
+    if frames.frame_count and frames.read < frames.frame_count and not (args.limit and frames.read == args.limit):
+        print(f"note: --input {args.input}: {frames.read} of the {frames.frame_count} frames its header counts could "
+              "be read (cut short, or damaged?)")
+    if video is not None and video.padded:
+        print(f"note: {target} is {video.size[0]}x{video.size[1]}, the frames' {frames.width}x{frames.height} with a "
+              "black pixel row or column added at the bottom or right (its codec takes even sizes only)")
+    return frames.read, sum(drawn), target, listed_path
 
 
 DETECTIONS_FILE = "detections.jsonl"
@@ -390,16 +411,14 @@ def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
           f"{'on' if cfg.input.jitter else 'off'}), {boxes} target boxes drawn")
 
 
-def output_folder(output: str, inputs: list[str]) -> Path:
+def output_folder(output: str, inputs: list[str], what: str = "the images drawn are") -> Path:
     """--output, created; refused when it is a folder the input images are in (the drawings,
     NNNNN_STEM.jpg, would sit among the photos and could replace one of that name)."""
-    from detection.utils.files import OutputFolderError
-
     out = Path(output).expanduser()
     # realpath, not resolve(): a link loop among the inputs raised RuntimeError (a traceback) there
     if os.path.realpath(out) in {os.path.dirname(os.path.realpath(p)) for p in inputs}:
-        raise OutputFolderError(f"--output {output}: the images drawn are in that folder, and the drawings could "
-                                "replace them: give another folder")
+        raise OutputFolderError(f"--output {output}: {what} in that folder, and the drawings could replace them: give "
+                                "another folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

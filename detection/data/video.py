@@ -69,8 +69,10 @@ class VideoFrames:
                     break
                 if bgr.ndim == 2:  # a grey video
                     bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
+                # the frame's own time stamp where the container gives one (0 past the first frame: none)
                 msec = self.capture.get(cv2.CAP_PROP_POS_MSEC)
-                time_s = msec / 1000.0 if self.fps_given and math.isfinite(msec) and msec > 0 else self.read / self.fps
+                given = math.isfinite(msec) and (msec > 0 or self.read == 0)
+                time_s = msec / 1000.0 if given else self.read / self.fps
                 yield Frame(self.read, time_s, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
                 self.read += 1
         finally:
