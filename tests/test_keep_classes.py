@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import re
 
 import numpy as np
@@ -17,6 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from detection.config import ConfigError, load_config
 from detection.data import DataError
 from detection.data.catalog import entry_name, get_dataset
+from detection.data.voc import VOC_CLASSES
 from detection.evaluation import build_evaluator
 from detection.evaluation.coco import SUMMARY_KEYS
 from detection.evaluation.report import read_detections
@@ -158,9 +160,13 @@ def _voc_xml(objects) -> str:
     return f"<annotation><size><width>60</width><height>40</height><depth>3</depth></size>{parts}</annotation>"
 
 
-def test_a_voc_entry_keeps_its_classes_objects_and_their_devkit_copy(tmp_path):
+@pytest.mark.parametrize("classes", [list(VOC_CLASSES), None])
+def test_a_voc_entry_keeps_its_classes_objects_and_their_devkit_copy(tmp_path, classes, caplog):
     """The VOC devkit scores boxes as annotated (a record's 'annotated' copy, here for a box past the
-    image): the left-out class leaves that copy too, or it would count as a miss of another class."""
+    image): the left-out class leaves that copy too, or it would count as a miss of another class.
+    Without the entry's `classes` the kept ones are its classes and other names' objects are left
+    out as they are read (a trial: a custom VOC set's other names were "unknown class name" errors;
+    MMDetection's VOC classes=(...) skips them)."""
     root = tmp_path / "VOC2007"
     for sub in ("ImageSets/Main", "Annotations", "JPEGImages"):
         (root / sub).mkdir(parents=True)
@@ -169,7 +175,8 @@ def test_a_voc_entry_keeps_its_classes_objects_and_their_devkit_copy(tmp_path):
                                                                ("person", (48, 30, 70, 40), 1),
                                                                ("cat", (5, 5, 9, 9), 0)]))
     (root / "Annotations" / "000002.xml").write_text(_voc_xml([("dog", (2, 2, 30, 30), 0)]))
-    entry = {"type": "voc", "root": str(root), "split": "test", "keep_classes": ["person", "cat"]}
+    entry = {"type": "voc", "root": str(root), "split": "test", "keep_classes": ["person", "cat"],
+             **({"classes": classes} if classes else {})}
     dataset = get_dataset(entry, str(tmp_path), check_images=False)
     assert dataset.name == "voc:VOC2007_test[person,cat]" and dataset.class_names == ["person", "cat"]
     assert dataset.label_to_category_id == {1: 1, 2: 2} and dataset.use_07_metric
@@ -179,8 +186,18 @@ def test_a_voc_entry_keeps_its_classes_objects_and_their_devkit_copy(tmp_path):
     assert first["annotated"]["labels"].tolist() == [1, 2]
     np.testing.assert_array_equal(first["annotated"]["boxes"], [[47, 29, 70, 40], [4, 4, 9, 9]])
     assert second["labels"].tolist() == [] and second["boxes"].shape == (0, 4)
-    with pytest.raises(DataError, match=r"'persn' is not one of its 20 classes \(did you mean person\?\)"):
-        get_dataset({**entry, "keep_classes": ["persn"]}, str(tmp_path), check_images=False)
+    if classes:  # a name the set's classes do not have: refused
+        with pytest.raises(DataError, match=r"'persn' is not one of its 20 classes \(did you mean person\?\)"):
+            get_dataset({**entry, "keep_classes": ["persn"]}, str(tmp_path), check_images=False)
+    else:  # no object named so: said, with the closest name found
+        (root / "Annotations" / "000002.xml").write_text(_voc_xml([("dog", (2, 2, 30, 30), 0),
+                                                                   ("Dog", (2, 2, 9, 9), 0)]))
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="detection.data.voc")
+        get_dataset({**entry, "keep_classes": ["person", "dgo"]}, str(tmp_path), check_images=False)
+        assert "no object is named dgo (keep_classes) (did you mean dog?); the other names found: dog, cat, Dog" \
+            in caplog.text
+        assert "4 objects of classes not kept left out (dog 2, cat 1, Dog 1)" in caplog.text
 
 
 @pytest.mark.slow  # trains 2 iterations, then three evaluations through eval.main

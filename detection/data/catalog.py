@@ -88,7 +88,7 @@ def get_dataset(entry: str | Mapping[str, Any], root: str, *, skip_bad_images: b
     if not isinstance(entry, str):
         _check_custom_paths(spec, root, name)
     info = LOADERS[spec["type"]](spec, root, name, skip_bad_images, exif_orientation)
-    if spec.get("keep_classes"):
+    if spec.get("keep_classes") and list(spec["keep_classes"]) != info.class_names:
         info = keep_only(info, spec["keep_classes"])
     _say_outside(info, _under(root, spec["image_root"] if spec["type"] == "coco" else spec["root"]))
     _check_unique_ids(info)
@@ -162,9 +162,14 @@ def _load_voc(spec: dict[str, Any], root: str, name: str, skip_bad_images: bool,
               exif_orientation: bool) -> DatasetInfo:
     from detection.data.voc import load_voc  # imported where used: OpenCV is slow to import
 
-    return load_voc(_under(root, spec["root"]), str(spec["split"]), classes=spec.get("classes"),
+    # keep_classes without classes: the kept ones are the classes, other names' objects are left out
+    # (MMDetection's VOC classes=(...)); with classes, an unknown name stays an error (a typo)
+    only_kept = bool(spec.get("keep_classes")) and spec.get("classes") is None
+    return load_voc(_under(root, spec["root"]), str(spec["split"]),
+                    classes=spec["keep_classes"] if only_kept else spec.get("classes"),
                     use_07_metric=spec.get("use_07_metric"), name=name, skip_bad_files=skip_bad_images,
-                    annotations=spec.get("annotations", True), exif_orientation=exif_orientation)
+                    annotations=spec.get("annotations", True), exif_orientation=exif_orientation,
+                    leave_out_other_classes=only_kept)
 
 
 # type -> reader of a checked entry (spec, datasets.root, display name, skip_bad_images,

@@ -17,6 +17,7 @@ boxes, image sizes from the image files' headers, `DatasetInfo.has_annotations` 
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -48,13 +49,15 @@ _LAYOUT_HINT = ("expected the VOC layout <root>/ImageSets/Main/<split>.txt, <roo
 
 def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use_07_metric: bool | None = None,
              name: str | None = None, skip_bad_files: bool = False, annotations: bool = True,
-             exif_orientation: bool = True) -> DatasetInfo:
+             exif_orientation: bool = True, leave_out_other_classes: bool = False) -> DatasetInfo:
     """Read split `split` of the VOC-layout folder `root`.
 
     classes: defaults to the 20 VOC classes (label i+1 = classes[i]).
     use_07_metric: defaults to True for a folder named VOC2007 (11-point AP), else False.
     skip_bad_files: a missing or unparsable XML is skipped with a warning instead of raising.
     annotations: False for a split without ground truth (VOC2012 test): no XML is read.
+    leave_out_other_classes: objects of names not in `classes` are left out (counted in one line),
+    not an error: an entry's keep_classes without its classes (MMDetection's VOC classes=(...)).
     exif_orientation: a size read from an image header (no <size> in the XML) is the size
     as viewed, turned by the EXIF orientation tag, as read_image returns the image.
     """
@@ -91,18 +94,19 @@ def load_voc(root: str, split: str, *, classes: Sequence[str] | None = None, use
                         f"<id>.xml files there); only a test set without published annotations, such as "
                         f"voc_2012_test, goes without: give its entry annotations: false")
     info.records = _load_records(root, split, image_ids, {c: i + 1 for i, c in enumerate(class_names)},
-                                 skip_bad_files, exif_orientation)
+                                 skip_bad_files, exif_orientation, leave_out_other_classes)
     return info
 
 
 def _load_records(root: str, split: str, image_ids: list[str], class_to_label: dict[str, int],
-                  skip_bad_files: bool, exif_orientation: bool) -> list[dict]:
+                  skip_bad_files: bool, exif_orientation: bool, leave_out_others: bool = False) -> list[dict]:
     """One record per image id from its XML; bad files skipped (one warning) or raised."""
-    records, dropped, num_clipped, skipped, repeats = [], [], 0, [], []
+    records, dropped, num_clipped, skipped, repeats, others = [], [], 0, [], [], Counter()
     for image_id in image_ids:
         try:
             record, its_dropped, clipped, its_repeats = _load_xml_record(root, image_id, class_to_label,
-                                                                         exif_orientation)
+                                                                         exif_orientation, others if leave_out_others
+                                                                         else None)
         except _UnreadableXML as e:
             if not skip_bad_files:
                 raise DataError(str(e)) from e
@@ -123,6 +127,17 @@ def _load_records(root: str, split: str, image_ids: list[str], class_to_label: d
                        "evaluation counts each copy as one more object to find, which no detection can match once "
                        "the first is (AP falls), and training learns the box twice; remove the copies", root, split,
                        len(repeats), first_few(repeats, 3))
+    if others:
+        logger.info("%s split %s: %d objects of classes not kept left out (%s)", root, split, sum(others.values()),
+                    ", ".join(f"{name} {n}" for name, n in others.most_common()))
+    if leave_out_others:  # a kept name no object has: a typo would otherwise leave out everything in silence
+        found = {int(label) for record in records for label in record["labels"]}
+        absent = [name for name, label in class_to_label.items() if label not in found]
+        if absent:
+            close = difflib.get_close_matches(absent[0], list(others), n=1)
+            logger.warning("%s split %s: no object is named %s (keep_classes)%s; the other names found: %s", root,
+                           split, ", ".join(absent), f" (did you mean {close[0]}?)" if close else "",
+                           ", ".join(others) or "none")
     if skipped:  # one warning for all of them, not a line per file
         logger.warning("%s split %s: skipped %d images with missing or unreadable annotation files: %s",
                        root, split, len(skipped), first_few(skipped, 3))
@@ -179,10 +194,11 @@ class _UnreadableXML(Exception):
         self.path = path  # the file to name in the one summary warning
 
 
-def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int],
-                     exif_orientation: bool) -> tuple[dict, list[str], int, list[str]]:
+def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int], exif_orientation: bool,
+                     others: Counter | None = None) -> tuple[dict, list[str], int, list[str]]:
     """-> (record, the boxes dropped (nothing of them inside the image), each named with why, the
-    number of boxes clipped to the image, the objects that repeat another's class and box, named)."""
+    number of boxes clipped to the image, the objects that repeat another's class and box, named).
+    `others`: objects of names not in class_to_label are left out and counted there (else an error)."""
     xml_path = os.path.join(root, "Annotations", f"{image_id}.xml")
     if not os.path.isfile(xml_path):  # the split file's é, the disk's e + accent?
         xml_path = in_other_unicode_form(xml_path) or xml_path
@@ -194,8 +210,12 @@ def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int],
         raise _UnreadableXML(f"malformed XML in VOC annotation file {xml_path}: {e}", xml_path) from e
     file_name = _image_path(root, image_id, tree)
     height, width = _image_size(tree, xml_path, file_name, exif_orientation)
-    objects = [_parse_object(obj, index, xml_path, class_to_label)
-               for index, obj in enumerate(tree.findall("object"))]
+    elements = list(enumerate(tree.findall("object")))
+    if others is not None:
+        names = [(obj.findtext("name") or "").strip() for _, obj in elements]
+        others.update(name for name in names if name not in class_to_label)
+        elements = [element for element, name in zip(elements, names) if name in class_to_label]
+    objects = [_parse_object(obj, index, xml_path, class_to_label) for index, obj in elements]
     annotated = np.array([box for box, _, _ in objects], dtype=np.float64).reshape(-1, 4)
     labels = np.array([label for _, label, _ in objects], dtype=np.int64)
     difficult = np.array([flag for _, _, flag in objects], dtype=np.bool_)
