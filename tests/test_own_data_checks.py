@@ -65,6 +65,13 @@ def test_a_renamed_or_extra_class_is_still_refused_naming_it(classes, wrong):
     with pytest.raises(ValueError, match="listed twice"):
         label_map_for_test_set("mine", ["square", "circle", "circle"], SHAPES, 3)
     check_class_names("mine", SHAPES, SHAPES, 3)
+    # the set has every class of the model and more (a keep_classes model on the whole set): how to score it
+    with pytest.raises(ValueError) as err:
+        label_map_for_test_set("mine", [*SHAPES, "star"], ["triangle", "circle"], 2)
+    assert str(err.value).endswith("to score the model's classes of this set, give its entry keep_classes: "
+                                   "[triangle, circle])")
+    assert "keep_classes" not in str(pytest.raises(ValueError, label_map_for_test_set, "mine", ["circle", "squares"],
+                                                   SHAPES, 3).value)  # a renamed class: no such advice
 
 
 # ----------------------------------------------------------------------------- smaller points

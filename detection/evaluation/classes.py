@@ -53,9 +53,12 @@ def check_class_names(dataset_name: str, dataset_classes: Sequence[str], model_c
     if not unknown:  # the model's names, some repeated: a data set lists each class once
         raise DataError(f"data set {dataset_name} lists the classes {data}, but {model_source} {model}: a class "
                         "is listed twice")
+    subset = set(model) <= set(data)  # a model of some of the set's classes (trained with keep_classes)
     raise DataError(f"data set {dataset_name} has the classes {data}, but {model_source} {model}: "
                     f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not among the model's classes "
-                    "(a renamed or extra class cannot be scored; a subset of the model's classes, by name, can)")
+                    "(a renamed or extra class cannot be scored; a subset of the model's classes, by name, can"
+                    + (f"; to score the model's classes of this set, give its entry keep_classes: "
+                       f"[{', '.join(model)}])" if subset else ")"))
 
 
 def label_map_for_test_set(dataset_name: str, dataset_classes: Sequence[str], model_classes: Sequence[str] | None,
