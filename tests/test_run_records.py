@@ -384,6 +384,9 @@ def test_inherited_class_names_give_way_to_a_fine_tunes_num_classes(tmp_path, ca
            "config: not used; training takes its data's class names" in caplog.text
     assert load_config(base, ["model.num_classes=2"]).model.class_names == []  # the command line's change
     assert "the 4 model.class_names (a, b, c, ...) come from the config file: not used" in caplog.text
+    two = write(tmp_path / "two.yaml", "model: {num_classes: 2, class_names: [a, b]}\n")
+    load_config(two, ["model.num_classes=3"])
+    assert "the 2 model.class_names (a, b) come from the config file" in caplog.text  # no "..." after all of them
     # a Detectron2 config's 80 COCO names, fine-tuned to 3 classes: the names are dropped
     d2 = ROOT / "configs" / "detectron2" / "faster_rcnn_R_50_C4_1x.yaml"
     assert load_config(d2, ["model.num_classes=3"]).model.class_names == []

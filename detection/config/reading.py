@@ -421,9 +421,9 @@ def _drop_inherited_class_names(tree: dict, own: dict, overrides: typing.Sequenc
     if level("class_names") and level("class_names") >= level("num_classes"):
         return
     model["class_names"] = []
-    logger.info("%s: model.num_classes is %d but the %d model.class_names (%s, ...) come from %s: not used; "
+    logger.info("%s: model.num_classes is %d but the %d model.class_names (%s) come from %s: not used; "
                 "training takes its data's class names, evaluation the checkpoint's", source, num_classes,
-                len(names), ", ".join(map(str, names[:3])), "the config file" if level("class_names") else
+                len(names), ", ".join(map(str, names[:3])) + (", ..." if len(names) > 3 else ""), "the config file" if level("class_names") else
                 "a _base_ config")
 
 
