@@ -192,7 +192,9 @@ def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[
             if not inline:
                 rest.pop(0)
             continue
-        shares = "--resume" in parser._option_string_actions or "--results" in parser._option_string_actions
+        # training (--resume, no --input: visualize.py's --resume is its own) and eval.py (--results)
+        options = parser._option_string_actions
+        shares = ("--resume" in options and "--input" not in options) or "--results" in options
         if flag == "--num-gpus" and not shares:  # training and eval.py share their work among processes
             parser.error("--num-gpus is Detectron2's flag: this tool runs in one process here, on the config's "
                          "device (device=cuda for a GPU)")

@@ -465,7 +465,7 @@ def test_visualize_lists_the_detections_it_draws_in_a_jsonl_file_and_no_draw_wri
         assert [line["height"], line["width"]] == list(cv2.imread(line["image"]).shape[:2])
     code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", tmp_path / "listed", "--no-draw"], capsys)
     assert code == 0, err[-2000:]
-    assert sorted(p.name for p in (tmp_path / "listed").iterdir()) == ["detections.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "listed").iterdir()) == ["detections.jsonl", "detections.source.json"]
     again = [json.loads(line) for line in (tmp_path / "listed" / "detections.jsonl").read_text().splitlines()]
     assert [{**line, "drawing": None} if "drawing" in line else line for line in lines] == again
     assert f"listed the detections of {len(images) - 1} images in {tmp_path / 'listed' / 'detections.jsonl'}" in out
@@ -478,7 +478,7 @@ def test_visualize_lists_the_detections_it_draws_in_a_jsonl_file_and_no_draw_wri
                                                       tmp_path / "latin_vis"], capsys)
     assert code == 0, err[-2000:]
     assert sorted(p.name for p in (tmp_path / "latin_vis").iterdir()) == [
-        "00000_a.jpg", "00001_caf\ufffd.jpg", "00002_z.jpg", "detections.jsonl"]
+        "00000_a.jpg", "00001_caf\ufffd.jpg", "00002_z.jpg", "detections.jsonl", "detections.source.json"]
     names = [os.fsencode(json.loads(line)["image"]) for line in (tmp_path / "latin_vis" / "detections.jsonl")
              .read_text(encoding="utf-8").splitlines()]
     assert names == [os.path.join(os.fsencode(latin), name) for name in (b"a.jpg", b"caf\xe9.jpg", b"z.jpg")]
@@ -735,3 +735,48 @@ def test_visualize_draws_a_video_frame_by_frame_and_lists_each_frames_detections
     code, out, err = run_main(TOOLS["visualize.py"], [*base[:-len(overrides) - 4], "--input", broken,
                                                       "--output", tmp_path / "y", *overrides], capsys)
     assert code == 2 and f"could not read video {broken}" in err
+
+
+@pytest.mark.slow
+def test_visualize_resume_goes_on_from_a_killed_runs_list(trained, tmp_path, capsys, monkeypatch):
+    """A batch of unlabelled images killed at 80% started again from the first image (README's "not
+    yet done"). --resume takes the images its list holds (and whose drawing is there) as they were,
+    does the others, and refuses a list made with other weights or settings."""
+    import shutil
+
+    root, overrides = trained
+    photos = tmp_path / "photos"
+    shutil.copytree(root / "data" / "shapes" / "val", photos)
+    base = ["--config", ROOT / "configs" / "base.yaml", "--weights", root / "out" / "model_final.pth",
+            "--input", photos, "--score-thresh", "0.0", "--output", tmp_path / "vis", *overrides]
+    code, out, err = run_main(TOOLS["visualize.py"], base, capsys)
+    assert code == 0, err[-2000:]
+    listed = tmp_path / "vis" / "detections.jsonl"
+    whole = listed.read_text()
+    lines = whole.splitlines()
+    assert len(lines) == 3
+    # as a kill leaves it: two lines written, the second cut short; the third image's drawing not yet there
+    listed.write_text(lines[0] + "\n" + lines[1][:40])
+    third = tmp_path / "vis" / json.loads(lines[2])["drawing"]
+    third.unlink()
+    drawn = []
+    real_draw = TOOLS["visualize.py"]._draw
+    monkeypatch.setattr(TOOLS["visualize.py"], "_draw", lambda path, *a, **k: drawn.append(Path(path).name) or
+                        real_draw(path, *a, **k))
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--resume"], capsys)
+    assert code == 0, err[-2000:]
+    assert drawn == [json.loads(lines[1])["image"].rsplit("/", 1)[1], third.name.split("_", 1)[1]]  # not the first
+    assert f"--resume: 1 of the 3 images taken from the earlier run's {listed}" in out
+    assert listed.read_text() == whole and third.is_file()  # the list a whole run writes
+    # another threshold (or weights, or test settings): the list would mix two runs' detections
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--resume", "--score-thresh", "0.5"], capsys)
+    assert code == 2 and f"--resume: {listed} was made with other score_thresh than this run's" in err
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--resume", "test.aug.enabled=true"], capsys)
+    assert code == 2 and "was made with other test settings than this run's" in err
+    assert listed.read_text() == whole  # refused before anything was written
+    code, out, err = run_main(TOOLS["visualize.py"], [*base[:-len(overrides) - 2], "--output", tmp_path / "new",
+                                                      *overrides, "--resume"], capsys)
+    assert code == 0 and "does not exist: every image is done" in out
+    code, out, err = run_main(TOOLS["visualize.py"], ["--gt", "--resume", "--output", tmp_path / "x", *overrides,
+                                                      "--config", ROOT / "configs" / "base.yaml"], capsys)
+    assert code == 2 and "--resume goes on with --input's images" in err

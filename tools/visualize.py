@@ -34,8 +34,11 @@ With a model, DIR/detections.jsonl lists what was drawn, one JSON line per input
 order above, written as each is done (a killed run keeps the finished ones): {"image", "drawing"
 (null with --no-draw), "width", "height", "detections": [{"label", "class", "score", "box":
 [x1, y1, x2, y2] in the image's pixels}]} for detections at least --score-thresh, or {"image",
-"error"} for an image not read or not drawn. --no-draw writes only that file (a batch of
-unlabelled images for another program). The model itself keeps model.roi_heads.score_thresh_test
+"error"} for an image not read or not drawn. --no-draw writes only that list (a batch of
+unlabelled images for another program); --resume goes on from a killed run's list (the images
+it holds without an error, and drawn, are not done again; a list made with other weights or
+settings, as DIR/detections.source.json records them, is refused). The model itself keeps
+model.roi_heads.score_thresh_test
 (0.05 in base.yaml) and detections_per_image (100): --score-thresh filters what it gives.
 
 In the ground truth, what the metrics ignore is drawn dashed and tagged: VOC `difficult`
@@ -61,7 +64,7 @@ from detection.cli import (add_config_args, config_from_args, override_keys, par
 from detection.config import ConfigError
 from detection.data import DataError
 from detection.data.video import VIDEO_EXTS, is_video
-from detection.utils.files import OutputFolderError, WriteError
+from detection.utils.files import OutputFolderError, WriteError, atomic_write
 from detection.utils.text import first_few
 
 if TYPE_CHECKING:
@@ -89,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "datasets.test (as eval.py prints it), or an entry as YAML ('{type: coco, ann_file: ..., "
                         "image_root: ...}'); default: the first test set")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
+    parser.add_argument("--resume", action="store_true",
+                        help="--input's images already listed in DIR/detections.jsonl (and drawn) by an earlier run "
+                             "with the same weights and settings are taken from it, the others done")
     parser.add_argument("--train-batches", type=int, default=0, metavar="N",
                         help="draw the first N training batches as the loader gives them (no model)")
     args = parse_command_line(parser, argv)
@@ -103,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--weights is required unless --gt is given")
     if args.no_draw and args.gt:
         parser.error("--no-draw writes a model's detections (detections.jsonl): not with --gt")
+    if args.resume and (args.gt or args.compare or not args.input or is_video(args.input)):
+        parser.error("--resume goes on with --input's images (a batch of them): not with --gt, --compare or a video")
     if args.limit < 0:  # a slice's end: -1 drew all but the last image
         parser.error("--limit is a number of images, 0 for all")
     if not 0.0 <= args.score_thresh <= 1.0:  # nan or 2 drew nothing, exit 0
@@ -196,7 +204,8 @@ def draw(args: argparse.Namespace) -> None:
     if unwritten:  # the output's fault, not an input's: skip_bad_images does not make it exit 0 (a file-system trial)
         raise WriteError(f"{wrote}; {len(unwritten)} of the {total} images were not drawn: could not write "
                          f"{first_few(unwritten, 3)} (the folder is not writable, or the disk is full)"
-                         + (f"; and {len(unreadable)} could not be read: {'; '.join(unreadable[:3])}" if unreadable else ""))
+                         + (f"; and {len(unreadable)} could not be read: {'; '.join(unreadable[:3])}"
+                            if unreadable else ""))
     if unreadable:  # the others are drawn first: one bad file in a folder does not stop the run
         not_drawn = (f"{len(unreadable)} of the {total} images were not {'read' if args.no_draw else 'drawn'}: "
                      f"{'; '.join(unreadable[:3])}{'; ...' if len(unreadable) > 3 else ''}")
@@ -240,12 +249,23 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     out = output_folder(args.output, [] if args.no_draw else [path for path, _ in items])  # nothing drawn: any folder
     drawn, unreadable, unwritten = [], [], []  # detections each image shows; images not read; drawings not written
     written = set()  # the drawings' file names
-    listed = DetectionsFile(out / DETECTIONS_FILE, predicted_names) if model is not None and not args.gt else None
+    source = _list_source(cfg, args) if model is not None and not args.gt else None
+    done = done_before(out, source, args) if args.resume else {}
+    listed = DetectionsFile(out / DETECTIONS_FILE, predicted_names) if source is not None else None
+    if source is not None:
+        with atomic_write(out / LIST_SOURCE_FILE, durable=False) as f:
+            f.write(json.dumps(source, indent=1) + "\n")
     progress = ProgressLines("visualize", len(items), say=lambda line: print(line, flush=True))  # a line a minute
     try:
         for i, (path, record) in enumerate(items):
             if i:
                 progress.step()  # the images before this one are done
+            earlier = done.get(str(path))
+            if earlier is not None:  # --resume: listed (and drawn) by the run this one goes on from
+                listed.add_line(earlier)
+                drawn.append(len(earlier["detections"]))
+                written.add(earlier["drawing"] or str(path))
+                continue
             shown = len(drawn)
             try:
                 canvas, kept = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names),
@@ -272,7 +292,63 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
             listed.close()
     if not args.no_draw:
         note_earlier_drawings(out, args.output, written)
+    if args.resume:
+        print(f"--resume: {sum(1 for path, _ in items if str(path) in done)} of the {len(items)} images taken from "
+              f"the earlier run's {out / DETECTIONS_FILE}")
     return len(written), sum(drawn), unreadable, unwritten
+
+
+LIST_SOURCE_FILE = "detections.source.json"  # how DIR/detections.jsonl was made: what --resume compares
+
+
+def _list_source(cfg, args: argparse.Namespace) -> dict:
+    """What the detections listed depend on: the checkpoint (path, size, time), --score-thresh,
+    whether drawings are made, and the config's model, input and test sections."""
+    from detection.config import config_to_dict
+    from detection.evaluation.outputs import ResultsSource
+
+    weights = ResultsSource.of("weights", args.weights)
+    config = config_to_dict(cfg)
+    source = {"weights": {"path": weights.path, "size": weights.size, "mtime": weights.mtime},
+              "score_thresh": args.score_thresh, "drawn": not args.no_draw,
+              "settings": {key: config[key] for key in ("model", "input", "test")}}
+    return json.loads(json.dumps(source))  # as read back: lists, not tuples
+
+
+def done_before(out: Path, source: dict, args: argparse.Namespace) -> dict[str, dict]:
+    """--resume: image path -> its line in the earlier run's DIR/detections.jsonl, for the images
+    listed there without an error (and drawn, their drawing still there); those with errors are
+    done again. OutputFolderError when that list was made with other weights or settings (the
+    lines would mix two models' detections) or its record of them is missing."""
+    list_path, source_path = out / DETECTIONS_FILE, out / LIST_SOURCE_FILE
+    if not list_path.is_file():
+        print(f"note: --resume: {list_path} does not exist: every image is done")
+        return {}
+    try:
+        earlier = json.loads(source_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise OutputFolderError(f"--resume: {source_path} (how {list_path} was made) is missing or unreadable: "
+                                "cannot tell its weights and settings; run without --resume to replace it") from None
+    differ = [key for key in ("weights", "score_thresh", "drawn") if earlier.get(key) != source[key]]
+    settings = earlier.get("settings") if isinstance(earlier.get("settings"), dict) else {}
+    differ += [f"{section} settings" for section, value in source["settings"].items() if settings.get(section) != value]
+    if differ:
+        raise OutputFolderError(f"--resume: {list_path} was made with other {', '.join(differ)} than this run's "
+                                f"({source_path}): run without --resume to replace it, or give another --output")
+    done = {}
+    try:
+        lines = list_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise OutputFolderError(f"--resume: cannot read {list_path}: {err}") from None
+    for text in lines:
+        try:
+            line = json.loads(text)
+        except ValueError:  # a line cut short by a kill: that image is done again
+            continue
+        if isinstance(line, dict) and "error" not in line and "detections" in line and (
+                args.no_draw or (line.get("drawing") and (out / line["drawing"]).is_file())):
+            done[line["image"]] = line
+    return done
 
 
 def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None, Path]:
@@ -370,10 +446,14 @@ class DetectionsFile:
                          {"label": int(k), "class": self.class_names[int(k) - 1] if 0 < k <= len(self.class_names)
                           else str(int(k)), "score": round(float(s), 6), "box": [round(float(v), 2) for v in box]}
                          for box, s, k in zip(detections["boxes"], detections["scores"], detections["labels"])]}
+        self.add_line(entry)
+
+    def add_line(self, entry: dict) -> None:
+        """One line as it is (an earlier run's, for --resume)."""
         try:
             self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
             self.file.flush()
-        except OSError as err:  # a full disk
+        except OSError as err:
             raise self._error(err, "write to") from None
 
     def close(self) -> None:
@@ -431,9 +511,10 @@ DRAWING_NAME = re.compile(r"\d{5}_.*\.jpg")
 
 
 def note_earlier_drawings(out: Path, output: str, names: set[str]) -> None:
-    """A note naming the drawings in `out` that this run did not draw (`names`: those it drew): an earlier run's with other weights or more images would otherwise sit
-    among the new ones, unmarked. They are left in place (Detectron2's demo too leaves them):
-    the user's files are not removed; the note says how to start clean."""
+    """A note naming the drawings in `out` that this run did not draw (`names`: those it drew): an
+    earlier run's with other weights or more images would otherwise sit among the new ones,
+    unmarked. They are left in place (Detectron2's demo too leaves them): the user's files are not
+    removed; the note says how to start clean."""
     earlier = sorted(p.name for p in out.iterdir() if DRAWING_NAME.fullmatch(p.name) and p.name not in names)
     if earlier:
         print(f"note: --output {output} already holds {len(earlier)} drawing{'s' if len(earlier) > 1 else ''} "
