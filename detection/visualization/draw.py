@@ -30,6 +30,10 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
 )
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
+# ground truth the metrics neither count as missed nor as matched: drawn dashed. COCO's "ignore": 1
+# without "iscrowd" is left out of training but scored as an object: tagged "not trained", drawn solid
+IGNORED_TAGS = ("difficult", "crowd")
+NOT_TRAINED_TAG = "not trained"
 
 
 def color_for_label(label: int) -> tuple[int, int, int]:
@@ -65,8 +69,9 @@ def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any 
     boxes: [N,4] XYXY 0-based pixels (tensor or array); labels: [N] in 1..K; scores: [N]
     or None (ground truth: names only, nothing filtered). Boxes scoring below
     `score_thresh` are skipped; higher scores are drawn last, i.e. on top, and choose their
-    label's place first (ground truth: in the given order). tags: [N] strings or None; a box
-    with a non-empty tag ("difficult", "crowd") is drawn dashed and its label ends with the tag.
+    label's place first (ground truth: in the given order). tags: [N] strings or None; a
+    non-empty tag ends the box's label, and a box the metrics ignore (IGNORED_TAGS: "difficult",
+    "crowd") is drawn dashed.
     """
     image = rgb_uint8(image_rgb, "draw_detections").copy()
     boxes = _as_array(boxes, np.float64).reshape(-1, 4)
@@ -87,7 +92,7 @@ def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any 
     thickness = max(1, round(min(height, width) / 320))
     corners = {i: _pixel_corners(boxes[i], width, height) for i in order}
     for i in order:  # all boxes first, so that no box line crosses a label
-        draw = _dashed_rectangle if tags[i] else cv2.rectangle
+        draw = _dashed_rectangle if tags[i] in IGNORED_TAGS else cv2.rectangle
         draw(image, *corners[i], color_for_label(labels[i]), thickness)  # axis-aligned: crisp, no AA
     texts = {i: " ".join(t for t in (_class_name(int(labels[i]), class_names),
                                      None if scores is None else f"{scores[i]:.2f}", tags[i]) if t)
@@ -241,14 +246,14 @@ def read_crowd_regions(ann_file: str | Path, label_to_category_id: Mapping[int, 
                        ) -> dict[Any, tuple[np.ndarray, np.ndarray, list[str]]]:
     """image id -> (XYXY boxes, labels, tags) of a COCO json's regions that are not training
     objects, to draw: `iscrowd` regions (tagged "crowd"; pycocotools counts neither misses nor
-    false positives there) and `ignore` annotations (tagged "ignore"; left out of training, but
+    false positives there) and `ignore` annotations (tagged "not trained"; left out of training, but
     pycocotools scores them as objects: its `ignore` is `iscrowd`)."""
     with open(ann_file, encoding=USER_TEXT_ENCODING) as f:  # as the reader: UTF-8 whatever the locale
         annotations = json.load(f).get("annotations", [])
     label_of = {int(c): int(label) for label, c in label_to_category_id.items()}
     found: dict[Any, list[tuple[list[float], int, str]]] = {}
     for ann in annotations:
-        tag = "crowd" if ann.get("iscrowd") else "ignore" if ann.get("ignore") else ""
+        tag = "crowd" if ann.get("iscrowd") else NOT_TRAINED_TAG if ann.get("ignore") else ""
         if tag and ann.get("category_id") in label_of:
             x, y, w, h = (float(v) for v in ann["bbox"])  # XYWH -> XYXY, already 0-based
             found.setdefault(ann["image_id"], []).append(([x, y, x + w, y + h], label_of[ann["category_id"]], tag))
