@@ -326,8 +326,12 @@ def test_visualize_dataset_takes_a_test_sets_name_or_a_yaml_entry(trained, tmp_p
             f"image_root: {shapes / 'val'}}}"
     base = ["--config", ROOT / "configs" / "base.yaml", "--gt", "--limit", "1", *overrides]
     unnamed = entry.replace("name: my val, ", "")  # printed as coco:instances_val (eval.py, training)
+    train_entry = f"{{type: coco, ann_file: {shapes / 'annotations' / 'instances_train.json'}, " \
+                  f"image_root: {shapes / 'train'}}}"
+    # ... and a training set's, as training prints it (a curator's trial: "unknown data set name")
     for case, (given, extra) in enumerate((("my val", [f"datasets.test=[{entry}]"]), (entry, []),
-                                           ("coco:instances_val", [f"datasets.test=[{unnamed}]"]))):
+                                           ("coco:instances_val", [f"datasets.test=[{unnamed}]"]),
+                                           ("coco:instances_train", [f"datasets.train=[{train_entry}]"]))):
         out_dir = tmp_path / str(case)
         code, out, err = run_main(TOOLS["visualize.py"], [*base, *extra, "--dataset", given, "--output", out_dir],
                                   capsys)

@@ -89,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gt", action="store_true", help="draw a data set's annotations, no model")
     parser.add_argument("--compare", action="store_true", help="ground truth and predictions side by side")
     parser.add_argument("--dataset", help="data set for --gt/--compare: a known name, the name of one of "
-                        "datasets.test (as eval.py prints it), or an entry as YAML ('{type: coco, ann_file: ..., "
-                        "image_root: ...}'); default: the first test set")
+                        "datasets.test or datasets.train (as eval.py and training print it), or an entry as YAML "
+                        "('{type: coco, ann_file: ..., image_root: ...}'); default: the first test set")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
     parser.add_argument("--resume", action="store_true",
                         help="--input's images already listed in DIR/detections.jsonl (and drawn) by an earlier run "
@@ -581,7 +581,8 @@ def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
         if not args.dataset and not cfg.datasets.test:  # an IndexError
             raise ConfigError(f"--{'gt' if args.gt else 'compare'} draws the first of datasets.test, which is empty: "
                               "give --dataset NAME or datasets.test=[...]")
-        entry = _dataset_entry(args.dataset, cfg.datasets.test) if args.dataset else cfg.datasets.test[0]
+        entry = _dataset_entry(args.dataset, [*cfg.datasets.test, *cfg.datasets.train]) if args.dataset \
+            else cfg.datasets.test[0]
         skip = cfg.dataloader.skip_bad_images
         dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=skip, check_images=False,
                               exif_orientation=cfg.input.exif_orientation)
@@ -605,16 +606,16 @@ def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
     return [(str(f), None) for f in files], class_names_to_draw(cfg, weights), {}
 
 
-def _dataset_entry(given: str, test_sets: list) -> Any:
-    """--dataset: a test set of the config named so (the name training and eval.py print: its
-    entry's `name`, or its type's, coco:<json stem> / voc:<folder>_<split>), a YAML mapping, or
-    the name as given (a known data set; the catalog says what is wrong with it)."""
+def _dataset_entry(given: str, configured: list) -> Any:
+    """--dataset: a test or training set of the config named so (the name training and eval.py
+    print: its entry's `name`, or its type's, coco:<json stem> / voc:<folder>_<split>), a YAML
+    mapping, or the name as given (a known data set; the catalog says what is wrong with it)."""
     import yaml
 
     from detection.config import yaml_load
     from detection.data.catalog import entry_name
 
-    for entry in test_sets:
+    for entry in configured:
         if entry_name(entry) == given:
             return entry
     if given.lstrip().startswith("{"):
