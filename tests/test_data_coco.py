@@ -71,8 +71,10 @@ def test_tiny_coco_loads_to_exact_targets(tmp_path, caplog):
         assert empty["labels"].shape == (0,) and empty["labels"].dtype == np.int64
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     # the dropped boxes named, with why (a count alone left a user of many files nowhere to look)
+    # (and the clipped ones by id: a curator's trial could not find them in a COCO-sized file)
     assert warnings == [f"{ann_file}: in the boxes read (what training learns from, what --gt draws), clipped 2 "
-                        "boxes that reach more than a pixel past their image and dropped 2 boxes with no area in "
+                        "boxes that reach more than a pixel past their image (annotation ids 102, 104) and dropped 2 "
+                        "boxes with no area in "
                         "their image (annotation id 103 (image id 1): bbox [50.0, 50.0, 0.0, 10.0] has a width or "
                         "height <= 0, annotation id 105 (image id 1): bbox [120.0, 10.0, 5.0, 5.0] lies outside the "
                         "100x80 image); the COCO evaluation (pycocotools) scores the json's boxes as written"]
@@ -138,8 +140,8 @@ def test_ignore_marked_annotations_leave_training_with_a_warning_since_cocoeval_
     record = next(r for r in info.records if r["image_id"] == 1)
     np.testing.assert_array_equal(record["boxes"], [[10, 20, 40, 60]])  # neither is a training target
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
-    assert warnings == [f"{ann_file}: 1 annotations are marked 'ignore': 1 but not 'iscrowd': 1: they are left out "
-                        "of training, but the COCO evaluation (pycocotools reads only iscrowd) scores them as objects "
+    assert warnings == [f"{ann_file}: 1 annotations are marked 'ignore': 1 but not 'iscrowd': 1 (ids 2): they are "
+                        "left out of training, but the COCO evaluation (pycocotools reads only iscrowd) scores them as objects "
                         "to find; mark them 'iscrowd': 1 for both to ignore them"]
     # what the warning says of COCOeval: the ignore-marked box, not detected, is a miss
     import contextlib

@@ -46,17 +46,18 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None,
     _sizes_from_files(coco, image_root, ann_file, exif_orientation)
     cat_ids = sorted(coco.cats)
     cat_to_label = {cat_id: i + 1 for i, cat_id in enumerate(cat_ids)}
-    records, dropped, num_clipped, repeats = [], [], 0, []
+    records, dropped, clipped, repeats = [], [], [], []
     for img_id in sorted(coco.imgs):
-        record, its_dropped, clipped, its_repeats = _image_record(coco, img_id, image_root, cat_to_label, ann_file)
+        record, its_dropped, its_clipped, its_repeats = _image_record(coco, img_id, image_root, cat_to_label,
+                                                                      ann_file)
         records.append(record)
         dropped += its_dropped
-        num_clipped += clipped
+        clipped += its_clipped
         repeats += its_repeats
-    if dropped or num_clipped:
-        what = ([f"clipped {num_clipped} boxes that reach more than a pixel past their image"] if num_clipped
-                else []) + ([f"dropped {len(dropped)} boxes with no area in their image ({first_few(dropped, 3)})"]
-                            if dropped else [])
+    if dropped or clipped:
+        what = ([f"clipped {len(clipped)} boxes that reach more than a pixel past their image (annotation ids "
+                 f"{first_few(clipped, 3)})"] if clipped else []) + (
+            [f"dropped {len(dropped)} boxes with no area in their image ({first_few(dropped, 3)})"] if dropped else [])
         logger.warning("%s: in the boxes read (what training learns from, what --gt draws), %s; the COCO "
                        "evaluation (pycocotools) scores the json's boxes as written", ann_file, " and ".join(what))
     if repeats:
@@ -230,8 +231,8 @@ def _check_records(items: list, kind: str, fields: dict, ann_file: str, optional
 
 
 def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[int, int],
-                  ann_file: str) -> tuple[dict, list[str], int, list[str]]:
-    """-> (record, the boxes dropped (no area in the image), each named with why, the number of
+                  ann_file: str) -> tuple[dict, list[str], list[str], list[str]]:
+    """-> (record, the boxes dropped (no area in the image), each named with why, the ids of the
     kept boxes clipped by more than a pixel (an export's rounding past the border is not worth a
     word), the annotations that repeat another's category and box, each named)."""
     img = coco.imgs[img_id]
@@ -259,7 +260,7 @@ def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[i
         "labels": np.array([labels[i] for i in keep], dtype=np.int64),
         "difficult": np.zeros(len(keep), dtype=np.bool_),
     }
-    return record, dropped, sum(outside[i] for i in keep), repeats
+    return record, dropped, [repr(ids[i][0]) for i in keep if outside[i]], repeats
 
 
 def box_problem(box: list[float], width: int, height: int, shown: str = "") -> str:
@@ -313,11 +314,13 @@ def _warn_ignore_annotations(coco: COCO, ann_file: str) -> None:
     """Annotations marked "ignore": 1 but not crowd are no training targets here (Detectron2
     refuses such a file), yet COCOeval scores them as objects: it reads only "iscrowd" (it sets
     its own "ignore" from it). One warning, with the count and what to do."""
-    count = sum(1 for ann in coco.dataset.get("annotations", []) if ann.get("ignore", 0) and not ann.get("iscrowd", 0))
-    if count:
-        logger.warning("%s: %d annotations are marked 'ignore': 1 but not 'iscrowd': 1: they are left out of "
-                       "training, but the COCO evaluation (pycocotools reads only iscrowd) scores them as objects "
-                       "to find; mark them 'iscrowd': 1 for both to ignore them", ann_file, count)
+    ids = [repr(ann.get("id")) for ann in coco.dataset.get("annotations", [])
+           if ann.get("ignore", 0) and not ann.get("iscrowd", 0)]
+    if ids:
+        logger.warning("%s: %d annotations are marked 'ignore': 1 but not 'iscrowd': 1 (ids %s): they are left out "
+                       "of training, but the COCO evaluation (pycocotools reads only iscrowd) scores them as objects "
+                       "to find; mark them 'iscrowd': 1 for both to ignore them", ann_file, len(ids),
+                       first_few(ids, 3))
 
 
 def _warn_orphan_annotations(coco: COCO, ann_file: str) -> None:
