@@ -141,8 +141,8 @@ def test_ignore_marked_annotations_leave_training_with_a_warning_since_cocoeval_
     np.testing.assert_array_equal(record["boxes"], [[10, 20, 40, 60]])  # neither is a training target
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     assert warnings == [f"{ann_file}: 1 annotations are marked 'ignore': 1 but not 'iscrowd': 1 (ids 2): they are "
-                        "left out of training, but the COCO evaluation (pycocotools reads only iscrowd) scores them as objects "
-                        "to find; mark them 'iscrowd': 1 for both to ignore them"]
+                        "left out of training, but the COCO evaluation (pycocotools reads only iscrowd) scores them "
+                        "as objects to find; mark them 'iscrowd': 1 for both to ignore them"]
     # what the warning says of COCOeval: the ignore-marked box, not detected, is a miss
     import contextlib
     import io
