@@ -58,8 +58,8 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None,
         what = ([f"clipped {len(clipped)} boxes that reach more than a pixel past their image (annotation ids "
                  f"{first_few(clipped, 3)})"] if clipped else []) + (
             [f"dropped {len(dropped)} boxes with no area in their image ({first_few(dropped, 3)})"] if dropped else [])
-        logger.warning("%s: in the boxes read (what training learns from, what --gt draws), %s; the COCO "
-                       "evaluation (pycocotools) scores the json's boxes as written", ann_file, " and ".join(what))
+        logger.warning("%s: in the boxes training learns from, %s; the COCO evaluation (pycocotools) scores the "
+                       "json's boxes as written, and --gt and the report draw those", ann_file, " and ".join(what))
     if repeats:
         logger.warning("%s: %d annotations repeat another of their image with the same category and box (%s): the "
                        "evaluation counts each copy as one more object to find, which no detection can match once "
@@ -260,6 +260,11 @@ def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[i
         "labels": np.array([labels[i] for i in keep], dtype=np.int64),
         "difficult": np.zeros(len(keep), dtype=np.bool_),
     }
+    if len(keep) < len(boxes) or any(box != annotated for box, (_, annotated) in zip(boxes, ids)):
+        # the boxes as the json writes them, which COCOeval scores: what --gt and the report's galleries
+        # draw (they showed "1 missed" where the drawing had dropped the box), as a VOC record's
+        record["annotated"] = {"boxes": np.array([a for _, a in ids], np.float64).reshape(-1, 4),
+                               "labels": np.array(labels, np.int64), "difficult": np.zeros(len(boxes), np.bool_)}
     return record, dropped, [repr(ids[i][0]) for i in keep if outside[i]], repeats
 
 

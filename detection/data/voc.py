@@ -119,8 +119,8 @@ def _load_records(root: str, split: str, image_ids: list[str], class_to_label: d
     if dropped or num_clipped:
         what = ([f"clipped {num_clipped} boxes that reach past their image"] if num_clipped else []) + (
             [f"dropped {len(dropped)} boxes with no area in their image ({first_few(dropped, 3)})"] if dropped else [])
-        logger.warning("%s split %s: in the boxes read (what training learns from, what --gt draws), %s; the "
-                       "VOC evaluation scores every box as annotated, as the devkit does", root, split,
+        logger.warning("%s split %s: in the boxes training learns from, %s; the VOC evaluation scores every box "
+                       "as annotated, as the devkit does, and --gt and the report draw those", root, split,
                        " and ".join(what))
     if repeats:
         logger.warning("%s split %s: %d objects repeat another of their image with the same class and box (%s): the "

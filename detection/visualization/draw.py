@@ -34,6 +34,7 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 # without "iscrowd" is left out of training but scored as an object: tagged "not trained", drawn solid
 IGNORED_TAGS = ("difficult", "crowd")
 NOT_TRAINED_TAG = "not trained"
+NO_AREA_TAG = "no area"  # a box of no width or height, as annotated: left out of training, scored
 
 
 def color_for_label(label: int) -> tuple[int, int, int]:
@@ -226,15 +227,16 @@ def _as_array(x: Any, dtype: Any) -> np.ndarray:
 def ground_truth_boxes(record: Mapping[str, Any], extra: tuple[np.ndarray, np.ndarray, list[str]] | None = None
                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A data-set record's (boxes, labels, tags) for draw_detections: its objects as annotated
-    (a VOC record's `annotated` ones where training clipped or dropped a box: what the VOC
-    evaluation scores, so the report counts what the metrics count), tagged "difficult" where
-    the record says so (VOC), then `extra` regions such as the image's crowd regions from
-    `read_crowd_regions` (COCO records leave those out)."""
+    (a record's `annotated` ones where training clipped or dropped a box: what the evaluation
+    scores, so the report draws what the metrics count), tagged "difficult" where the record says
+    so (VOC) and "no area" for a box of no width or height, then `extra` regions such as the
+    image's crowd regions from `read_crowd_regions` (COCO records leave those out)."""
     truth = record.get("annotated", record)
     boxes = np.asarray(truth["boxes"], np.float64).reshape(-1, 4)
     labels = np.asarray(truth["labels"], np.int64).reshape(-1)
     difficult = np.asarray(truth.get("difficult", np.zeros(len(boxes))), bool).reshape(-1)
-    tags = ["difficult" if d else "" for d in difficult]
+    no_area = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])  # scored as annotated: a line, named
+    tags = ["difficult" if d else NO_AREA_TAG if n else "" for d, n in zip(difficult, no_area)]
     if extra is not None and len(extra[0]):
         boxes = np.concatenate([boxes, np.asarray(extra[0], np.float64).reshape(-1, 4)])
         labels = np.concatenate([labels, np.asarray(extra[1], np.int64).reshape(-1)])
