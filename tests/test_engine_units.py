@@ -245,3 +245,17 @@ def test_gpu_peak_memory_is_each_lines_own_window(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert metrics.peak_memory(cuda) == {"max_mem_mb": 3.0} and calls == [cuda]
     assert set(metrics.peak_memory(torch.device("cpu"))) == {"max_rss_mb"} and calls == [cuda]
+
+
+def test_the_test_sets_summary_counts_objects_per_class_and_images_without_any():
+    """A curator's trial: a test image whose labels were all deleted was never mentioned."""
+    import numpy as np
+
+    from detection.config import load_config
+    from detection.data.dataset_info import DatasetInfo
+    from detection.engine.startup import summary_of_test_sets
+
+    records = [{"image_id": i, "labels": np.array(labels, np.int64)} for i, labels in enumerate([[1, 2, 2], [], [2]])]
+    dataset = DatasetInfo(name="mine", kind="coco", class_names=["cat", "dog", "owl"], records=records)
+    assert summary_of_test_sets(load_config(None, []), [dataset]) == [
+        "test set mine: 3 images, 3 classes (1 without objects), objects per class: cat 1, dog 3, owl 0"]

@@ -174,7 +174,11 @@ def test_the_run_starts_with_a_summary_of_data_device_and_output(data_root, tmp_
     assert (f"training set mine: {with_boxes} images ({len(ann['images']) - with_boxes} without boxes "
             f"dropped: dataloader.filter_empty), 3 classes, objects per class: {per_class}") in err
     assert len(ann["images"]) - with_boxes >= 1
-    assert "test set shapes_val: 2 images, 3 classes" in err  # named as the training set is, not by its path
+    # named as the training set is, not by its path; with its objects per class, as Detectron2 prints every set's
+    val = json.loads((data_root / "shapes" / "annotations" / "instances_val.json").read_text())
+    val_counts = ", ".join(f"{c['name']} {sum(a['category_id'] == c['id'] for a in val['annotations'])}"
+                           for c in val["categories"])
+    assert f"test set shapes_val: 2 images, 3 classes, objects per class: {val_counts}" in err
     assert any(x.startswith("device: cpu, torch threads: ") and "AMP: off, fast path: on" in x for x in err)  # on by default
     assert f"datasets.root: {data_root.resolve()}" in err and f"output folder: {out.resolve()}" in err
 
