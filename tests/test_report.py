@@ -281,6 +281,14 @@ def test_eval_writes_the_report_beside_the_results(tiny_run, tmp_path, capsys, r
                   "--output-dir", tmp_path / "again", "test.aug.enabled=true")
         again = (tmp_path / "again" / "report.html").read_text()
         assert said in again and "TTA at" not in again, given
+    # --report-images: more or fewer gallery images than the default 4 (a curator's trial: 5 of 9 planted
+    # errors ranked past the 4 shown)
+    galleries = {}
+    for n in (0, 1, 4):
+        eval_tool(capsys, "--config", tmp_path / "out" / "config.yaml", "--results", results, "--overwrite",
+                  "--output-dir", tmp_path / "n", "--report-images", str(n))
+        galleries[n] = (tmp_path / "n" / "report.html").read_text().count("data:image/jpeg")
+    assert galleries == {0: 0, 1: 1, 4: 3}  # the tiny model's 3 images all have missed objects at score 0.5
 
 
 def test_the_settings_line_names_every_test_time_extra():

@@ -84,7 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "<output_dir>/inference)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of another checkpoint in the results folder")
+    parser.add_argument("--report-images", type=int, metavar="N",
+                        help="images in each of report.html's galleries (most false positives, most missed "
+                             "objects); default 4")
     args = parse_command_line(parser, argv)
+    if args.report_images is not None and args.report_images < 0:
+        parser.error("--report-images is a number of images, 0 for none")
     if not args.weights and not args.results:
         parser.error("one of --weights or --results is required")
     if args.weights and args.results:  # --weights was ignored without a word
@@ -211,7 +216,7 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         import jinja2  # noqa: F401
         import matplotlib  # noqa: F401
 
-        from detection.evaluation.report import (read_detections, save_section, section_for_test_set,
+        from detection.evaluation.report import (GALLERY_SIZE, read_detections, save_section, section_for_test_set,
                                                  write_folder_report)
     except ImportError as err:
         print(f"note: no report.html ({err.name} is not installed: pip install -e '.[report]')")
@@ -230,7 +235,9 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
                 crowd = read_crowd_regions(dataset.ann_file, dataset.label_to_category_id)
         section = section_for_test_set(dataset, per_set.get(dataset.name, {}), detections,
                                        out_root / folder / "pr_curves.png", crowd,
-                                       skipped=read_skipped_images(out_root / folder))
+                                       skipped=read_skipped_images(out_root / folder),
+                                       gallery_size=GALLERY_SIZE if args.report_images is None
+                                       else args.report_images)
         # re-scored results keep the command and config that made them, when saved beside them
         made_in = _results_folder(args, out_root, folder)
         made_by = _made_by(made_in) if args.results else None
