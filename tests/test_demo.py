@@ -120,3 +120,32 @@ def test_relative_paths_are_the_working_directorys_though_the_steps_run_from_the
     assert str(tmp_path / "mydata" / "shapes") in flat and str(tmp_path / "myout") in flat
     assert f"datasets.root={json.dumps(str(tmp_path / 'mydata'))}" in flat
     assert not any(item in ("mydata", "myout") or item.startswith(("mydata/", "myout/")) for item in flat)
+
+
+def test_a_stop_is_passed_on_to_the_running_step_which_is_waited_for(tmp_path):
+    """An automation trial: SIGTERM to demo.py SIGKILLed its training step 0.25 s later
+    (subprocess.run on an interrupt), before the trainer's graceful save of last.pth. The signal
+    is passed on and the step finishes its stop."""
+    import signal
+    import threading
+    import time
+
+    ready, saved = tmp_path / "ready", tmp_path / "saved"
+    script = ("import pathlib, signal, sys, time\n"
+              "def stop(signum, frame):\n"
+              f"    time.sleep(1.0); pathlib.Path({str(saved)!r}).write_text(str(signum)); sys.exit(130)\n"
+              "signal.signal(signal.SIGINT, stop)\n"
+              f"pathlib.Path({str(ready)!r}).touch()\n"
+              "time.sleep(60)\n")
+
+    def interrupt_once_ready():
+        for _ in range(200):
+            if ready.exists():
+                os.kill(os.getpid(), signal.SIGINT)  # the demo's Ctrl-C, in the main thread
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=interrupt_once_ready, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        demo.step("a step", "-c", script)
+    assert saved.read_text() == str(int(signal.SIGINT))  # it got the signal, and had time to save

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -67,10 +68,23 @@ def step(title: str, *cmd: str, hint: str = "") -> float:
     """Run one tool; -> its wall time in seconds. `hint`: what to do when it fails, at the demo's level."""
     print(f"\n==> {title}\n    {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, *cmd], cwd=ROOT)
-    if result.returncode != 0:  # the step's own code: 2 for bad input, as every tool (it exited 1)
-        print(f"error: demo: '{title}' failed with exit code {result.returncode}{hint}", file=sys.stderr)
-        raise SystemExit(result.returncode if result.returncode in (2, 130, 143) else 1)
+    child = subprocess.Popen([sys.executable, *cmd], cwd=ROOT)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (run_tool's StoppedBySignal)
+        # passed on, and waited for: the step stops as it would alone (training saves last.pth first).
+        # subprocess.run killed it 0.25 s later, before that save (an automation trial); a signal the
+        # step also got (a terminal's Ctrl-C reaches the whole group) is the same stop there
+        child.send_signal(int(getattr(stop, "signum", signal.SIGINT)))
+        try:
+            child.wait()
+        except KeyboardInterrupt:  # a second one here: now
+            child.kill()
+            child.wait()
+        raise
+    if code != 0:  # the step's own code: 2 for bad input, as every tool (it exited 1)
+        print(f"error: demo: '{title}' failed with exit code {code}{hint}", file=sys.stderr)
+        raise SystemExit(code if code in (2, 130, 143) else 1)
     return time.perf_counter() - start
 
 
