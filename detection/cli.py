@@ -11,7 +11,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from detection.config import Config, DatasetsConfig, load_config
 from detection.engine.run_config import SAVED_CONFIG, config_beside  # the config training saves beside its checkpoints
@@ -407,6 +407,9 @@ def run_tool(work: Callable[[], Optional[int]], *, interrupted: str = "interrupt
     if processes == "one":
         refuse_several_processes()
     previous = _sigterm_as_interrupt()
+    stdout = sys.stdout
+    if not isinstance(stdout, _ReaderMayLeave):
+        sys.stdout = _ReaderMayLeave(stdout)
     try:
         return work() or 0
     except KeyboardInterrupt as err:
@@ -420,6 +423,42 @@ def run_tool(work: Callable[[], Optional[int]], *, interrupted: str = "interrupt
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if sys.stdout is not stdout:
+            sys.stdout.flush()  # what is buffered, while a gone reader is still caught
+            sys.stdout = stdout
+
+
+class _ReaderMayLeave:
+    """sys.stdout while a tool runs: when the reader of its pipe goes away (`| head -1`,
+    `| grep -m1 AP`), the rest of the output goes to /dev/null and the work goes on to its end;
+    a BrokenPipeError stopped eval.py half-way (an automation trial: no environment.json nor
+    report, a partial results folder), and at exit Python's own flush failed (exit 120)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())  # the stream's buffer, and Python's flush at exit, go there
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 class StoppedBySignal(KeyboardInterrupt):

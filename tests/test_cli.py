@@ -481,3 +481,29 @@ def test_the_tools_refuse_what_they_would_ignore_or_misread_in_one_line(tmp_path
         code, _, err = run_main(load_tool(tool), args, capsys)
         assert code == 2 and said in err and "Traceback" not in err, (tool, args, err[-1500:])
     assert not (tmp_path / "a").exists()
+
+
+def test_a_tool_whose_reader_goes_away_finishes_its_work(tmp_path):
+    """`eval.py ... | grep -m1 AP` (an automation trial): the reader gone, the next print raised
+    BrokenPipeError and the tool stopped half-way (no environment.json nor report). The rest of
+    the output is dropped and the work goes on to its end, exit 0."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "done"
+    script = ("import sys, time\n"
+              "from detection.cli import run_tool\n"
+              "def work():\n"
+              "    print('AP 50.0', flush=True)\n"
+              "    time.sleep(0.5)\n"  # the reader has read its line and gone
+              "    for i in range(2000):\n"
+              "        print('metrics written to ...', i)\n"
+              f"    open({str(done)!r}, 'w').write('ok')\n"
+              "sys.exit(run_tool(work))\n")
+    tool = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert tool.stdout.readline() == b"AP 50.0\n"
+    tool.stdout.close()  # as grep -m1 does
+    _, err = tool.communicate(timeout=60)
+    assert tool.returncode == 0, err.decode()[-2000:]
+    assert done.read_text() == "ok" and b"BrokenPipeError" not in err
