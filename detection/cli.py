@@ -381,17 +381,26 @@ PROJECT_ERRORS = (
     ("detection.study.run", "StudyError"),
     ("detection.utils.files", "WriteError"),
     ("detection.utils.files", "OutputFolderError"),
+    ("detection.utils.files", "FolderInUseError"),
     ("detection.utils.comm", "DeviceError"),
 )
 FAILURES = (("detection.engine.errors", "TrainingError"),)
 
 
+EXIT_TRY_AGAIN = 75  # BSD's EX_TEMPFAIL: the same command may succeed later (a full disk, a folder in use)
+
+
 def project_error_code(err: BaseException) -> Optional[int]:
-    """The exit code of one of PROJECT_ERRORS (or a subclass); None for any other exception."""
+    """The exit code of one of PROJECT_ERRORS (or a subclass); None for any other exception.
+    One whose cause may pass (its `transient`: a full disk or quota, an output folder a live run
+    holds) is EXIT_TRY_AGAIN, so that a scheduler retries it and not a bad config (2) or a
+    failed run (1); an automation trial found the two kinds under one code."""
     names = {(cls.__module__, cls.__qualname__) for cls in type(err).__mro__}
-    if names & set(FAILURES):
-        return 1
-    return 2 if names & set(PROJECT_ERRORS) else None
+    if not names & (set(FAILURES) | set(PROJECT_ERRORS)):
+        return None
+    if getattr(err, "transient", False):
+        return EXIT_TRY_AGAIN
+    return 1 if names & set(FAILURES) else 2
 
 
 def run_tool(work: Callable[[], Optional[int]], *, interrupted: str = "interrupted", hint: str = "",

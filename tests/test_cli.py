@@ -507,3 +507,24 @@ def test_a_tool_whose_reader_goes_away_finishes_its_work(tmp_path):
     _, err = tool.communicate(timeout=60)
     assert tool.returncode == 0, err.decode()[-2000:]
     assert done.read_text() == "ok" and b"BrokenPipeError" not in err
+
+
+def test_a_cause_that_may_pass_exits_75_for_a_scheduler_to_retry():
+    """An automation trial: a full disk and a folder in use exited 2, as a bad config (a wrapper gave
+    up on them), and training's full disk 1, as a diverged run. 75 (BSD's EX_TEMPFAIL) says: the same
+    command may succeed later."""
+    import errno
+
+    from detection.cli import EXIT_TRY_AGAIN, project_error_code
+    from detection.engine.errors import TrainingError
+    from detection.utils.files import FolderInUseError, OutputFolderError, WriteError
+
+    assert EXIT_TRY_AGAIN == 75
+    assert project_error_code(WriteError("full", errno.ENOSPC, "No space left on device")) == 75
+    assert project_error_code(WriteError("quota", errno.EDQUOT, "Disk quota exceeded")) == 75
+    assert project_error_code(WriteError("read-only", errno.EROFS, "Read-only file system")) == 2  # not by waiting
+    assert project_error_code(FolderInUseError("in use")) == 75
+    assert project_error_code(OutputFolderError("holds another run")) == 2
+    assert project_error_code(TrainingError("full", transient=True)) == 75
+    assert project_error_code(TrainingError("loss is not finite")) == 1
+    assert project_error_code(ConfigError("bad")) == 2 and project_error_code(ValueError("a bug")) is None

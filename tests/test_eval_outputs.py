@@ -103,7 +103,7 @@ def test_a_second_evaluation_into_a_folder_in_use_is_refused_naming_the_first(ru
         code, _, err = call(EVAL, capsys, "--weights", str(root / "run_a" / "model_final.pth"),
                             "--output-dir", str(shared), *overrides)
         line = _error_line(err)
-        assert code == 2 and f"{shared} is in use by another evaluation (pid {os.getpid()} on " in line, line
+        assert code == 75 and f"{shared} is in use by another evaluation (pid {os.getpid()} on " in line, line
         assert "--output-dir" in line
         assert sorted(p.name for p in shared.iterdir()) == [EVAL_LOCK_FILE]  # nothing of the second written
     finally:
@@ -474,7 +474,7 @@ def test_output_names_are_one_scheme_and_never_collide(run_a, tmp_path, capsys):
                         str(tmp_path / "in" / "*" / "img.jpg"), "--output", str(tmp_path / "pred"), *overrides)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["00000_img.jpg", "00001_img.jpg",
-                                                                      "detections.jsonl"]
+                                                                      "detections.jsonl", "detections.source.json"]
     listed = [json.loads(line)["image"] for line in (tmp_path / "pred" / "detections.jsonl").read_text().splitlines()]
     assert listed == [str(tmp_path / "in" / sub / "img.jpg") for sub in ("a", "b")]  # the way back to the inputs
     assert call(VISUALIZE, capsys, "--gt", "--output", str(tmp_path / "gt"), "--limit", "1", *overrides)[0] == 0

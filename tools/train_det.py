@@ -21,8 +21,9 @@ from the working directory; `_base_` paths from the folder of the config file na
 
 Exit codes: 0 done (or the run was already finished), 1 training failed (e.g. a non-finite
 loss), 2 bad config, output folder or data (the config, the folder, the training and the test
-sets are checked before anything is written), 130 interrupted (Ctrl-C, SIGINT), 143 stopped by SIGTERM
-(138 by SIGUSR1).
+sets are checked before anything is written), 75 try again later (a full disk or quota, the
+output folder in use by a live run: the same command may succeed), 130 interrupted (Ctrl-C,
+SIGINT), 143 stopped by SIGTERM (138 by SIGUSR1).
 
 SIGTERM, SIGINT or SIGUSR1 (a scheduler's pre-emption or its warning, Ctrl-C) lets the current
 iteration finish, saves last.pth there and exits with one line saying so; --resume continues exactly. A second signal

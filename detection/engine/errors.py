@@ -6,7 +6,12 @@ import signal
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
+    """Training cannot go on (e.g. a non-finite loss); the message says where and why.
+    `transient`: the cause may pass (a full disk): the tools exit with EXIT_TRY_AGAIN, not 1."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class TrainingInterrupted(KeyboardInterrupt):

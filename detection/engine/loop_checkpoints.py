@@ -14,6 +14,7 @@ from detection.engine.checkpoint import (gather_rng_states, non_finite_tensors, 
 from detection.engine.errors import TrainingError
 from detection.engine.signals import GracefulStop
 from detection.engine.train_state import TrainState
+from detection.utils.files import DISK_FULL
 
 
 def what_is_kept(state: TrainState, path: Path) -> str:
@@ -88,15 +89,16 @@ def save_last(state: TrainState, cfg: Config, path: Path, periodic: bool = False
     rng = gather_rng_states()
     problem = None
     if du.is_main_process():
-        problem = _diverged(state, kept_after_divergence(state, path)) or _write_last(state, cfg, path, rng, periodic)
+        diverged = _diverged(state, kept_after_divergence(state, path))
+        problem = (diverged, False) if diverged else _write_last(state, cfg, path, rng, periodic)
     problems = [p for p in du.all_gather_object(problem) if p]  # every rank stops, not rank 0 alone
     if problems:
-        raise TrainingError(problems[0])
+        raise TrainingError(problems[0][0], transient=problems[0][1])
     state.checkpoint_iteration = state.iteration  # after the save: a Ctrl-C inside it keeps the old one
 
 
-def _write_last(state: TrainState, cfg: Config, path: Path, rng: list, periodic: bool) -> str | None:
-    """Write last.pth (and the periodic copy); what went wrong, or None."""
+def _write_last(state: TrainState, cfg: Config, path: Path, rng: list, periodic: bool) -> tuple[str, bool] | None:
+    """Write last.pth (and the periodic copy); (what went wrong, whether it may pass: a full disk), or None."""
     keep = cfg.solver.keep_checkpoints if periodic else 0
     target = path
     try:
@@ -105,7 +107,7 @@ def _write_last(state: TrainState, cfg: Config, path: Path, rng: list, periodic:
             save_checkpoint(ckpt, target)
     except OSError as err:
         return (f"could not write {target} at iteration {state.iteration} "
-                f"({err.strerror or err}); training stopped, {what_is_kept(state, path)}")
+                f"({err.strerror or err}); training stopped, {what_is_kept(state, path)}", err.errno in DISK_FULL)
     if keep:
         state.periodic = prune_checkpoints(path.parent, state.periodic + [state.iteration], keep)
     return None
@@ -128,6 +130,6 @@ def save_final(state: TrainState, cfg: Config, out_dir: Path) -> Path:
                          "config": config_to_dict(cfg), "class_names": list(state.class_names)}, path)
     except OSError as err:
         raise TrainingError(f"could not write {path} ({err.strerror or err}); "
-                            f"{what_is_kept(state, out_dir / 'last.pth')}") from None
+                            f"{what_is_kept(state, out_dir / 'last.pth')}", transient=err.errno in DISK_FULL) from None
     return path
 

@@ -14,6 +14,7 @@ import torch
 from detection.config import ConfigError
 from detection.engine import distributed as du
 from detection.engine.errors import TrainingError
+from detection.utils.files import DISK_FULL
 from detection.utils.files import strict_json
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class MetricsLog:
         except OSError as err:
             raise TrainingError(f"could not append to {self.path} at iteration {record.get('iteration')} "
                                 f"({err.strerror or err}); training stopped"
-                                + (f", {self.kept()}" if self.kept else "")) from None
+                                + (f", {self.kept()}" if self.kept else ""), transient=err.errno in DISK_FULL) from None
         if self.writer is not None:
             for key, value in record.items():
                 if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -15,7 +15,8 @@ from typing import Optional
 
 from detection.config import Config, dump_config, load_config
 from detection.engine.metrics import is_evaluation
-from detection.utils.files import OutputFolderError, atomic_write, dangling_link, read_metrics_lines
+from detection.utils.files import (FolderInUseError, OutputFolderError, atomic_write, dangling_link,
+                                   read_metrics_lines)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class RunLock:
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                raise OutputFolderError(f"{folder} is in use by another {self.user} ({holder}, lock file "
+                raise FolderInUseError(f"{folder} is in use by another {self.user} ({holder}, lock file "
                                         f"{self.path}): wait for it to end, or choose another --output-dir") from None
             # the file may have been removed (by its releasing owner) between our open and flock:
             # then the lock is on an orphan inode; start again on the path's current file
@@ -158,13 +159,13 @@ def lock_for_every_process(out_dir: Path, name: str = LOCK_FILE, user: str = "tr
     if comm.is_main_process():
         try:
             lock = RunLock(out_dir, name, user).acquire()
-        except ValueError as err:
-            problem = str(err)
+        except ValueError as err:  # (its message, whether the folder is in use: a try-again)
+            problem = (str(err), isinstance(err, FolderInUseError))
     problems = [p for p in comm.all_gather_object(problem) if p]
     if problems:
         if lock is not None:
             lock.release(remove_empty_dir=True)
-        raise OutputFolderError(problems[0])
+        raise (FolderInUseError if problems[0][1] else OutputFolderError)(problems[0][0])
     return lock
 
 

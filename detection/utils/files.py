@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import IO, Any, Union
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write that may succeed later: the tools exit 75 (try again)
+
+
 class WriteError(OSError, ValueError):
     """A file could not be written (a full disk, no permission): one line naming it and saying
     that the previous version is kept. An OSError (errno, strerror are the original's) and a
@@ -33,11 +36,22 @@ class WriteError(OSError, ValueError):
     def __str__(self) -> str:
         return self.message
 
+    @property
+    def transient(self) -> bool:
+        """A full disk or quota: the same command may succeed once space is freed (exit 75)."""
+        return self.errno in DISK_FULL
+
 
 class OutputFolderError(ValueError):
     """An output folder the run cannot use as asked: it holds another run's or another
     checkpoint's results, a live run locks it, or it is a file; the message says which option
     (--resume, --overwrite, --output-dir) settles it."""
+
+
+class FolderInUseError(OutputFolderError):
+    """A live run holds the output folder's lock: the same command may succeed once it ends (exit 75)."""
+
+    transient = True
 
 
 @contextlib.contextmanager
