@@ -110,6 +110,11 @@ MMDET_FLAGS = {
 }
 
 
+EXIT_CODES = ("exit codes: 0 done, 1 the run failed, 2 bad config, output folder or data (fix the input),\n"
+              "75 try again later (a full disk or quota, the output folder in use by a live run),\n"
+              "130 interrupted (Ctrl-C), 143 stopped by SIGTERM")
+
+
 def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
                        ) -> argparse.Namespace:
     """parser's arguments with positional ones (the KEY=VALUE overrides) anywhere among the
@@ -117,6 +122,8 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[
     --opts items follow the KEY=VALUE ones in args.overrides. Upper-case keys are read
     lower-case, as after --opts (MODEL.WEIGHTS=x is model.weights=x)."""
     parser.allow_abbrev = False  # torchvision's --opt was read as --opts ("sgd has no value")
+    if parser.epilog is None:  # every tool's --help says them (only train_det.py's did)
+        parser.epilog = EXIT_CODES
     argv = _detectron2_flags(parser, list(sys.argv[1:] if argv is None else argv))
     weights = parser._option_string_actions.get("--weights")
     required = weights is not None and weights.required

@@ -528,3 +528,10 @@ def test_a_cause_that_may_pass_exits_75_for_a_scheduler_to_retry():
     assert project_error_code(TrainingError("full", transient=True)) == 75
     assert project_error_code(TrainingError("loss is not finite")) == 1
     assert project_error_code(ConfigError("bad")) == 2 and project_error_code(ValueError("a bug")) is None
+
+
+@pytest.mark.parametrize("tool", ["eval", "visualize", "make_shapes", "export"])
+def test_every_tools_help_says_its_exit_codes(tool, capsys):
+    with pytest.raises(SystemExit):
+        load_tool(tool).parse_args(["--help"])
+    assert "75 try again later (a full disk or quota" in capsys.readouterr().out
