@@ -300,7 +300,7 @@ def keep_only(info: DatasetInfo, keep: Sequence[str]) -> DatasetInfo:
     records, left_out = [], 0
     for record in info.records:
         out = kept(record)
-        if "annotated" in record:  # the VOC devkit's copy, as annotated
+        if "annotated" in record:  # the boxes as the annotation file writes them (what the metrics score)
             out["annotated"] = kept(record["annotated"])
         left_out += len(record["labels"]) - len(out["labels"])
         records.append(out)
