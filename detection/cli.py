@@ -424,7 +424,7 @@ def run_tool(work: Callable[[], Optional[int]], *, interrupted: str = "interrupt
         refuse_several_processes()
     previous = _sigterm_as_interrupt()
     stdout = sys.stdout
-    if not isinstance(stdout, _ReaderMayLeave):
+    if stdout is not None and not isinstance(stdout, _ReaderMayLeave):  # None: no stdout (>&-, a service)
         sys.stdout = _ReaderMayLeave(stdout)
     try:
         return work() or 0
@@ -470,6 +470,8 @@ class _ReaderMayLeave:
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, self._stream.fileno())  # the stream's buffer, and Python's flush at exit, go there
+        except (OSError, ValueError):  # a stream without a descriptor of its own: write to /dev/null instead
+            self._stream = open(os.devnull, "w")
         finally:
             os.close(devnull)
 

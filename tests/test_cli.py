@@ -535,3 +535,18 @@ def test_every_tools_help_says_its_exit_codes(tool, capsys):
     with pytest.raises(SystemExit):
         load_tool(tool).parse_args(["--help"])
     assert "75 try again later (a full disk or quota" in capsys.readouterr().out
+
+
+def test_a_tool_without_any_stdout_still_runs(tmp_path):
+    """`tool >&-` or a service without a stdout (sys.stdout is None): the pipe guard must not crash
+    where print() does nothing (a review: AttributeError, exit 120)."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "done"
+    script = (f"import sys\nfrom detection.cli import run_tool\n"
+              f"sys.exit(run_tool(lambda: print('hi') or open({str(done)!r}, 'w').write('ok') and None))\n")
+    out = subprocess.run(["sh", "-c", f'"{sys.executable}" -c "$0" >&-', script], cwd=ROOT, capture_output=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert done.read_text() == "ok"

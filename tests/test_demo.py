@@ -149,3 +149,10 @@ def test_a_stop_is_passed_on_to_the_running_step_which_is_waited_for(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         demo.step("a step", "-c", script)
     assert saved.read_text() == str(int(signal.SIGINT))  # it got the signal, and had time to save
+
+
+def test_a_step_that_may_succeed_later_keeps_its_exit_code():
+    """A step's 75 (a full disk, a folder in use) became the demo's 1, "the run failed" (a review)."""
+    with pytest.raises(SystemExit) as exit_:
+        demo.step("a step", "-c", "import sys; sys.exit(75)")
+    assert exit_.value.code == 75

@@ -495,3 +495,27 @@ def test_ground_truth_boxes_and_crowd_regions(tmp_path):
     assert list(crowd) == [7] and crowd[7][0].tolist() == [[1, 2, 4, 6]] and crowd[7][1].tolist() == [2]
     boxes, labels, tags = detection.visualization.draw.ground_truth_boxes(record, crowd[7])
     assert tags == ["", "difficult", "crowd"] and labels.tolist() == [1, 2, 2] and boxes.shape == (3, 4)
+
+
+def test_a_full_disk_when_the_results_folder_is_claimed_exits_75(tmp_path, monkeypatch):
+    """source.json not written for a full disk: the same command may succeed later (75), not a bad
+    input (2) (a review of the exit codes)."""
+    import contextlib
+    import errno
+
+    from detection.cli import EXIT_TRY_AGAIN, project_error_code
+    from detection.evaluation import outputs
+    from detection.utils.files import OutputFolderError, WriteError
+
+    @contextlib.contextmanager
+    def full(path, *args, **kwargs):
+        raise WriteError(f"could not write {path} (No space left on device)", errno.ENOSPC, "No space left on device")
+        yield
+
+    monkeypatch.setattr(outputs, "atomic_write", full)
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(b"x")
+    with pytest.raises(OutputFolderError, match="No space left on device") as err:
+        outputs.claim_for_every_process(tmp_path / "out", outputs.ResultsSource.of("weights", weights), ["a"],
+                                        echo=lambda *a: None)
+    assert project_error_code(err.value) == EXIT_TRY_AGAIN

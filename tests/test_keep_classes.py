@@ -198,6 +198,10 @@ def test_a_voc_entry_keeps_its_classes_objects_and_their_devkit_copy(tmp_path, c
         assert "no object is named dgo (keep_classes) (did you mean dog?); the other names found: dog, cat, Dog" \
             in caplog.text
         assert "4 objects of classes not kept left out (dog 2, cat 1, Dog 1)" in caplog.text
+        # an object without a <name> is no other class: still an error (a review)
+        (root / "Annotations" / "000002.xml").write_text(_voc_xml([("", (2, 2, 30, 30), 0)]))
+        with pytest.raises(DataError, match=r"object #0 \(no <name>\) has unknown class name ''"):
+            get_dataset({**entry, "keep_classes": ["person"]}, str(tmp_path), check_images=False)
 
 
 @pytest.mark.slow  # trains 2 iterations, then three evaluations through eval.main

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detection.cli import EXIT_TRY_AGAIN
+from detection.cli import EXIT_TRY_AGAIN, project_error_code
 from detection.config import load_config
 from detection.data.shapes import generate_shapes
 from detection.engine import checkpoint as ckpt_mod
@@ -900,8 +900,9 @@ def test_a_lock_file_the_file_system_refuses_is_one_error_and_no_locks_a_warning
         RunLock(out).acquire()
     monkeypatch.setattr(os, "open", real_open)
     monkeypatch.setattr(os, "pwrite", failing(errno.ENOSPC, real_pwrite))
-    with pytest.raises(OutputFolderError, match=r"its lock file .*: No space left on device\): free space there"):
+    with pytest.raises(OutputFolderError, match=r"its lock file .*: No space left on device\): free space") as err:
         RunLock(out).acquire()
+    assert project_error_code(err.value) == EXIT_TRY_AGAIN  # a full disk: try again (a review: it was 2)
     assert not (out / LOCK_FILE).exists()
     monkeypatch.setattr(os, "pwrite", real_pwrite)
 

@@ -261,7 +261,8 @@ def test_eval_writes_the_report_beside_the_results(tiny_run, tmp_path, capsys, r
     assert "solver.max_iter" in html and str(weights) in html  # the config and the command
     # under the set's heading, the settings that made its numbers (the precision inference ran in)
     settings = re.search(r"Evaluated with test size \d+ \(longer side at most \d+\); scores over 0.0, at most 100 "
-                         r"detections an image after NMS at IoU 0.5; inference in float32 \(test.amp: (true|false)\)</p>",
+                         r"detections an image after NMS at IoU 0.5; inference in float32 "
+                         r"\(test.amp: (true|false)\)</p>",
                          html)
     assert settings
     # re-scoring the saved results writes the page too (no training curves: no checkpoint), with
@@ -406,3 +407,17 @@ def test_the_voc_metric_is_named_not_listed_as_a_number(tmp_path):
         write_report(tmp_path / "r.html", [section], source="x", command="c", config_text="")
         page = (tmp_path / "r.html").read_text()
         assert f"VOC metric: {name}" in page and "<td>use_07_metric</td>" not in page and "<td>mAP</td>" in page
+
+
+def test_a_voc_box_of_no_area_is_counted_as_its_metric_counts_it(tmp_path):
+    """The VOC devkit scores every box as annotated, one of no area too (a miss no detection can
+    match); the drawing's "no area" tag made the report take it for an ignored region (a review)."""
+    from detection.data.dataset_info import DatasetInfo
+
+    record = {"file_name": str(tmp_path / "none.jpg"), "image_id": "1", "height": 40, "width": 60,
+              "boxes": np.array([[1, 1, 10, 10]], np.float32), "labels": np.array([1]), "difficult": np.zeros(1, bool),
+              "annotated": {"boxes": np.array([[1.0, 1, 10, 10], [30, 5, 20, 15]]), "labels": np.array([1, 1]),
+                            "difficult": np.zeros(2, bool)}}
+    dataset = DatasetInfo(name="voc", kind="voc", class_names=["cat"], records=[record])
+    section = section_for_test_set(dataset, {}, {})
+    assert section.per_class == [{"name": "cat", "ap": None, "gt": 2, "fp": 0, "missed": 2}]

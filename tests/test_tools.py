@@ -772,6 +772,16 @@ def test_visualize_resume_goes_on_from_a_killed_runs_list(trained, tmp_path, cap
     assert drawn == [json.loads(lines[1])["image"].rsplit("/", 1)[1], third.name.split("_", 1)[1]]  # not the first
     assert f"--resume: 1 of the 3 images taken from the earlier run's {listed}" in out
     assert listed.read_text() == whole and third.is_file()  # the list a whole run writes
+    # a new image sorting first: every drawing's name (its position) moves, so none is taken as it was
+    # (a review: a resumed line named a drawing the new order gave to another image)
+    shutil.copy(photos / "val_000000.jpg", photos / "a_first.jpg")
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--resume"], capsys)
+    assert code == 0 and "--resume: 0 of the 4 images taken" in out, err[-2000:]
+    for i, line in enumerate(map(json.loads, listed.read_text().splitlines())):
+        assert line["drawing"] == f"{i:05d}_{Path(line['image']).stem}.jpg"
+    (photos / "a_first.jpg").unlink()
+    code, out, err = run_main(TOOLS["visualize.py"], [*base], capsys)  # the three again, for what follows
+    assert code == 0 and listed.read_text() == whole
     # another threshold (or weights, or test settings): the list would mix two runs' detections
     code, out, err = run_main(TOOLS["visualize.py"], [*base, "--resume", "--score-thresh", "0.5"], capsys)
     assert code == 2 and f"--resume: {listed} was made with other score_thresh than this run's" in err

@@ -256,15 +256,20 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
         with atomic_write(out / LIST_SOURCE_FILE, durable=False) as f:
             f.write(json.dumps(source, indent=1) + "\n")
     progress = ProgressLines("visualize", len(items), say=lambda line: print(line, flush=True))  # a line a minute
+    resumed = 0  # images taken from the earlier run's list (--resume)
     try:
         for i, (path, record) in enumerate(items):
             if i:
                 progress.step()  # the images before this one are done
             earlier = done.get(str(path))
-            if earlier is not None:  # --resume: listed (and drawn) by the run this one goes on from
+            # its drawing's name is the image's position in the input: another list (a new image sorting
+            # first, a wider glob) gives it another, and another image the old one (a review)
+            if earlier is not None and (args.no_draw or earlier["drawing"] == output_name(i, path)):
+                # --resume: listed (and drawn) by the run this one goes on from
                 listed.add_line(earlier)
                 drawn.append(len(earlier["detections"]))
                 written.add(earlier["drawing"] or str(path))
+                resumed += 1
                 continue
             shown = len(drawn)
             try:
@@ -293,8 +298,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     if not args.no_draw:
         note_earlier_drawings(out, args.output, written)
     if args.resume:
-        print(f"--resume: {sum(1 for path, _ in items if str(path) in done)} of the {len(items)} images taken from "
-              f"the earlier run's {out / DETECTIONS_FILE}")
+        print(f"--resume: {resumed} of the {len(items)} images taken from the earlier run's {out / DETECTIONS_FILE}")
     return len(written), sum(drawn), unreadable, unwritten
 
 

@@ -211,10 +211,10 @@ def _load_xml_record(root: str, image_id: str, class_to_label: dict[str, int], e
     file_name = _image_path(root, image_id, tree)
     height, width = _image_size(tree, xml_path, file_name, exif_orientation)
     elements = list(enumerate(tree.findall("object")))
-    if others is not None:
+    if others is not None:  # an object without a <name> stays an error (_parse_object): it is no other class
         names = [(obj.findtext("name") or "").strip() for _, obj in elements]
-        others.update(name for name in names if name not in class_to_label)
-        elements = [element for element, name in zip(elements, names) if name in class_to_label]
+        others.update(name for name in names if name and name not in class_to_label)
+        elements = [element for element, name in zip(elements, names) if name in class_to_label or not name]
     objects = [_parse_object(obj, index, xml_path, class_to_label) for index, obj in elements]
     annotated = np.array([box for box, _, _ in objects], dtype=np.float64).reshape(-1, 4)
     labels = np.array([label for _, label, _ in objects], dtype=np.int64)

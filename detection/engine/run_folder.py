@@ -15,7 +15,7 @@ from typing import Optional
 
 from detection.config import Config, dump_config, load_config
 from detection.engine.metrics import is_evaluation
-from detection.utils.files import (FolderInUseError, OutputFolderError, atomic_write, dangling_link,
+from detection.utils.files import (DISK_FULL, FolderInUseError, OutputFolderError, atomic_write, dangling_link,
                                    read_metrics_lines)
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class RunLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:  # a read-only or full file system: nothing of the run could be written
                 raise OutputFolderError(f"cannot write in the output folder {folder} (its lock file {self.path}: "
-                                        f"{err.strerror or err}): choose another --output-dir") from None
+                                        f"{err.strerror or err}): choose another --output-dir",
+                                        transient=err.errno in DISK_FULL) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -106,7 +107,8 @@ class RunLock:
             os.close(fd)
             self.path.unlink(missing_ok=True)
             raise OutputFolderError(f"cannot write in the output folder {folder} (its lock file {self.path}: "
-                                    f"{err.strerror or err}): free space there, or choose another --output-dir") from None
+                                    f"{err.strerror or err}): free space there, or choose another --output-dir",
+                                    transient=err.errno in DISK_FULL) from None
         self._fd = fd
         _HELD[fd] = self
         return self
@@ -159,13 +161,14 @@ def lock_for_every_process(out_dir: Path, name: str = LOCK_FILE, user: str = "tr
     if comm.is_main_process():
         try:
             lock = RunLock(out_dir, name, user).acquire()
-        except ValueError as err:  # (its message, whether the folder is in use: a try-again)
-            problem = (str(err), isinstance(err, FolderInUseError))
+        except ValueError as err:  # (its message, in use, whether a wait may settle it: in use, a full disk)
+            problem = (str(err), isinstance(err, FolderInUseError), getattr(err, "transient", False))
     problems = [p for p in comm.all_gather_object(problem) if p]
     if problems:
         if lock is not None:
             lock.release(remove_empty_dir=True)
-        raise (FolderInUseError if problems[0][1] else OutputFolderError)(problems[0][0])
+        message, in_use, transient = problems[0]
+        raise FolderInUseError(message) if in_use else OutputFolderError(message, transient=transient)
     return lock
 
 

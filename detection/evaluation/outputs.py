@@ -29,7 +29,7 @@ from typing import Union
 from detection.data import DataError
 from detection.evaluation.coco import RESULTS_FILE
 from detection.evaluation.voc_results import COMP4_TEMPLATE, SUBMISSION_FOLDER
-from detection.utils.files import OutputFolderError, WriteError, atomic_write
+from detection.utils.files import DISK_FULL, OutputFolderError, WriteError, atomic_write
 
 SOURCE_FILE = "source.json"
 SECTION_FILE = "report_section.json"  # a test set's part of report.html (evaluation/report.py)
@@ -250,13 +250,13 @@ def claim_for_every_process(folder: PathLike, source: ResultsSource, test_sets: 
             claim_results_folder(folder, source, test_sets, overwrite=overwrite)
             (Path(folder) / "report.html").unlink(missing_ok=True)
         except (OutputFolderError, WriteError) as err:  # WriteError: source.json, named (a full disk)
-            problem = str(err)
+            problem = (str(err), getattr(err, "transient", False))  # (its message, whether a wait may settle it)
         except OSError as err:
             problem = (f"{Path(folder) / 'report.html'}: cannot be replaced ({err.strerror or err}); --output-dir DIR "
-                       "writes the results elsewhere")
+                       "writes the results elsewhere", err.errno in DISK_FULL)
     problem = next((p for p in comm.all_gather_object(problem) if p), None)
     if problem:
-        raise OutputFolderError(problem)
+        raise OutputFolderError(problem[0], transient=problem[1])
 
 
 def _all_test_sets(folder: Path, source: ResultsSource, test_sets: Sequence[str]) -> list[str]:

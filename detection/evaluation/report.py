@@ -167,7 +167,7 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
     `skipped`: the ids of images the metrics leave out (unreadable: outputs.read_skipped_images),
     left out of the counts and galleries too. The counts match predictions to ground truth as
     the set's metric does (detection/evaluation/image_errors.py)."""
-    from detection.visualization.draw import ground_truth_boxes
+    from detection.visualization.draw import IGNORED_TAGS, ground_truth_boxes
 
     names = list(dataset.class_names)
     totals = {k: {"gt": 0, "fp": 0, "missed": 0} for k in range(1, len(names) + 1)}
@@ -184,7 +184,7 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
             fp, missed = coco_image_errors(boxes, labels, ignored, found, score_thresh)
         else:
             boxes, labels, tags = ground_truth_boxes(record)  # VOC: as annotated, difficult tagged
-            ignored = np.array([bool(t) for t in tags], bool)
+            ignored = np.array([t in IGNORED_TAGS for t in tags], bool)  # "no area" is scored: a miss
             fp, missed = voc_image_errors(boxes, labels, ignored, found, score_thresh)
         for label in labels[~ignored].tolist():
             totals.setdefault(label, {"gt": 0, "fp": 0, "missed": 0})["gt"] += 1

@@ -45,13 +45,19 @@ class WriteError(OSError, ValueError):
 class OutputFolderError(ValueError):
     """An output folder the run cannot use as asked: it holds another run's or another
     checkpoint's results, a live run locks it, or it is a file; the message says which option
-    (--resume, --overwrite, --output-dir) settles it."""
+    (--resume, --overwrite, --output-dir) settles it. `transient`: the same command may succeed
+    later (a full disk under the folder: exit 75)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class FolderInUseError(OutputFolderError):
     """A live run holds the output folder's lock: the same command may succeed once it ends (exit 75)."""
 
-    transient = True
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
 
 
 @contextlib.contextmanager
