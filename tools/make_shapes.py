@@ -11,6 +11,7 @@ change the train and val files of the same seed, and --splits writes only the sp
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -62,6 +63,15 @@ def write(args: argparse.Namespace) -> None:
     print(f"wrote {' / '.join(f'{counts[s]} {s}' for s in written)} images to {args.output}")
     print(f"  COCO: {', '.join(paths[s] for s in written)}")
     print(f"  VOC:  {paths['voc']} (classes circle, square, triangle)")
+    for split in written:  # an earlier, larger set's images: left, and listed by no annotation file now
+        with open(paths[split], encoding="utf-8") as f:
+            listed = {image["file_name"] for image in json.load(f)["images"]}
+        folder = os.path.join(args.output, split)
+        stale = sorted(name for name in os.listdir(folder) if name not in listed)
+        if stale:
+            print(f"note: {folder} also holds {len(stale)} files of an earlier, larger {split} split "
+                  f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}), which no annotation file lists "
+                  "now: delete the folder first for a clean set")
 
 
 if __name__ == "__main__":
