@@ -186,6 +186,8 @@ def _write_environment(cfg: Config, args: argparse.Namespace, device: torch.devi
     import hashlib
     import json
 
+    import torch
+
     from detection.modeling.precision import amp_dtype, inference_amp
     from detection.utils.environment import environment
     from detection.utils.files import atomic_write
@@ -198,7 +200,8 @@ def _write_environment(cfg: Config, args: argparse.Namespace, device: torch.devi
     info = {"command": args.command, "environment": environment(device),
             "inference precision": (str(amp_dtype(device)).removeprefix("torch.") if amp else "float32")
             + f" (test.amp: {str(cfg.test.amp).lower()})", "checkpoint sha256": digest.hexdigest(),
-            "checkpoint iteration": iteration}  # the training iteration it was saved at (null: not said)
+            "checkpoint iteration": iteration,  # the training iteration it was saved at (null: not said)
+            "torch threads": torch.get_num_threads()}  # the CPU's sums: another count moves the last digits
     for folder in folders:
         with atomic_write(folder / "environment.json") as f:
             f.write(json.dumps(info, indent=1) + "\n")
