@@ -360,7 +360,6 @@ def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None, Pat
     the video's frame rate and frame size; with --no-draw none) and listed in detections.jsonl (or
     X.jsonl), a line per frame with its index and time. A stop (Ctrl-C, SIGTERM) keeps the frames
     drawn so far as the video. -> (frames, detections drawn, the video written or None, the list)."""
-    from detection.cli import StoppedBySignal
     from detection.data.video import VideoFrames
     from detection.engine.distributed import select_device
     from detection.engine.inference_model import build_inference_model
@@ -384,7 +383,8 @@ def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None, Pat
     progress = ProgressLines("visualize", total or None, unit="frames", say=lambda line: print(line, flush=True))
     drawn: list[int] = []
     listed = DetectionsFile(listed_path, names)
-    video = DrawnVideo(target, frames.fps, keep_on=(KeyboardInterrupt, StoppedBySignal)) if target else None
+    # a stop (Ctrl-C; SIGTERM: run_tool's StoppedBySignal is one) keeps the frames drawn so far
+    video = DrawnVideo(target, frames.fps, keep_on=(KeyboardInterrupt,)) if target else None
     try:
         with video if video is not None else contextlib.nullcontext():
             for frame in frames:
@@ -393,7 +393,7 @@ def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None, Pat
                     video.write(canvas)
                 listed.add(args.input, drawing=target, detections=kept, frame=(frame.index, frame.time_s))
                 progress.step()
-    except (KeyboardInterrupt, StoppedBySignal):
+    except KeyboardInterrupt:
         if video is not None and video.frames:
             print(f"note: stopped: {target} holds the first {video.frames} frames drawn", flush=True)
         raise
@@ -406,8 +406,9 @@ def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None, Pat
         print(f"note: --input {args.input}: {frames.read} of the {frames.frame_count} frames its header counts could "
               "be read (cut short, or damaged?)")
     if video is not None and video.padded:
-        print(f"note: {target} is {video.size[0]}x{video.size[1]}, the frames' {frames.width}x{frames.height} with a "
-              "black pixel row or column added at the bottom or right (its codec takes even sizes only)")
+        print(f"note: {target} is {video.size[0]}x{video.size[1]}, the frames' {video.frame_size[0]}x"
+              f"{video.frame_size[1]} with a black pixel row or column added at the bottom or right (its codec takes "
+              "even sizes only)")
     return frames.read, sum(drawn), target, listed_path
 
 
