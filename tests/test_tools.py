@@ -795,3 +795,33 @@ def test_visualize_resume_goes_on_from_a_killed_runs_list(trained, tmp_path, cap
     code, out, err = run_main(TOOLS["visualize.py"], ["--gt", "--resume", "--output", tmp_path / "x", *overrides,
                                                       "--config", ROOT / "configs" / "base.yaml"], capsys)
     assert code == 2 and "--resume goes on with --input's images" in err
+
+
+@pytest.mark.slow
+def test_eval_fail_below_gates_on_metrics_json_after_writing_everything(trained, tmp_path, capsys):
+    """An automation trial: no way to make eval.py fail a CI build below an AP (every team wrote its
+    own jq over metrics.json). --fail-below KEY=VALUE exits 3 (as demo.py --strict) once every file is
+    written, naming each target missed."""
+    root, overrides = trained
+    base = ["--config", ROOT / "configs" / "base.yaml", "--weights", root / "out" / "model_final.pth", *overrides]
+    code, out, err = run_main(TOOLS["eval.py"], [*base, "--output-dir", tmp_path / "a"], capsys)
+    assert code == 0, err[-2000:]
+    metrics = json.loads((tmp_path / "a" / "shapes_val" / "metrics.json").read_text())
+    ap = metrics["AP"]
+    code, out, err = run_main(TOOLS["eval.py"], [*base, "--output-dir", tmp_path / "b", "--fail-below",
+                                                 f"AP={ap - 1}", "--fail-below", f"shapes_val/AP50={ap + 200}"],
+                              capsys)
+    assert code == 3, err[-2000:]
+    assert [x for x in err.splitlines() if x.startswith("error:")] == [
+        f"error: target missed (--fail-below): shapes_val AP50 {metrics['AP50']:.2f} < {ap + 200:g}"]
+    assert json.loads((tmp_path / "b" / "shapes_val" / "metrics.json").read_text()) == metrics  # written first
+    assert (tmp_path / "b" / "shapes_val" / "environment.json").is_file()
+    code, out, err = run_main(TOOLS["eval.py"], [*base, "--output-dir", tmp_path / "c", "--fail-below",
+                                                 f"AP={ap - 1}"], capsys)
+    assert code == 0, err[-2000:]
+    code, out, err = run_main(TOOLS["eval.py"], [*base, "--output-dir", tmp_path / "d", "--fail-below", "APx=1"],
+                              capsys)
+    assert code == 2 and "test set shapes_val has no metric 'APx'" in err
+    code, out, err = run_main(TOOLS["eval.py"], [*base, "--output-dir", tmp_path / "e", "--fail-below", "AP"],
+                              capsys)
+    assert code == 2 and "expected KEY=VALUE" in err

@@ -62,6 +62,8 @@ from typing import TYPE_CHECKING, Callable
 from detection.cli import (add_config_args, config_from_args, override_keys, parse_command_line,
                            resolve_config_beside_weights, run_tool)
 
+EXIT_TARGET_MISSED = 3  # --fail-below (as demo.py --strict)
+
 if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are parsed
     import torch
 
@@ -84,12 +86,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "<output_dir>/inference)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of another checkpoint in the results folder")
+    parser.add_argument("--fail-below", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"exit with status {EXIT_TARGET_MISSED} (once every file is written) when a test set's "
+                             "metric KEY of metrics.json is below VALUE or not defined, e.g. AP=68 (every test set) or "
+                             "shapes_val/AP50=92 (one); repeatable: a CI gate")
     parser.add_argument("--report-images", type=int, metavar="N",
                         help="images in each of report.html's galleries (most false positives, most missed "
                              "objects); default 4")
     args = parse_command_line(parser, argv)
     if args.report_images is not None and args.report_images < 0:
         parser.error("--report-images is a number of images, 0 for none")
+    args.targets = [_target(parser, given) for given in args.fail_below]
     if not args.weights and not args.results:
         parser.error("one of --weights or --results is required")
     if args.weights and args.results:  # --weights was ignored without a word
@@ -172,7 +179,50 @@ def _evaluate(cfg: Config, args: argparse.Namespace, out_root: Path, source: Res
     if is_main_process() and args.weights:  # re-scored results keep the environment.json of the run that made them
         _write_environment(cfg, args, device, [out_root / folder for folder in folders], iteration)
     _write_report(cfg, args, datasets, folders, out_root, per_set)
-    return 0
+    return _targets_missed(args.targets, per_set) if is_main_process() else 0
+
+
+
+def _target(parser: argparse.ArgumentParser, given: str) -> tuple[str | None, str, float]:
+    """--fail-below [SET/]KEY=VALUE -> (the test set or None for every one, the metric, the value)."""
+    import math
+
+    key, _, value = given.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not key or not math.isfinite(number):
+        parser.error(f"--fail-below {given!r}: expected KEY=VALUE, a metric of metrics.json and a number (AP=68)")
+    test_set, _, metric = key.rpartition("/")
+    return test_set or None, metric, number
+
+
+def _targets_missed(targets: list[tuple[str | None, str, float]], per_set: dict[str, dict[str, float]]) -> int:
+    """EXIT_TARGET_MISSED when a --fail-below target is missed (each said on stderr), else 0. A
+    metric not defined (nan: no object of that size or class) misses it; one the set does not
+    have, or a set not evaluated, is an error of the command."""
+    import math
+
+    from detection.config import ConfigError
+
+    missed = []
+    for test_set, metric, value in targets:
+        if test_set is not None and test_set not in per_set:
+            raise ConfigError(f"--fail-below {test_set}/{metric}: no test set {test_set!r} was evaluated "
+                              f"({', '.join(per_set)})")
+        for name, metrics in per_set.items():
+            if test_set not in (None, name) or not metrics:  # {}: no annotations, nothing scored
+                continue
+            if metric not in metrics:
+                raise ConfigError(f"--fail-below {metric}: test set {name} has no metric {metric!r} (its metrics: "
+                                  f"{', '.join(k for k in metrics if not k.startswith('AP-'))}, AP-<class>)")
+            got = metrics[metric]
+            if not got >= value:  # nan too
+                missed.append(f"{name} {metric} {'not defined' if math.isnan(got) else f'{got:.2f}'} < {value:g}")
+    for line in missed:
+        print(f"error: target missed (--fail-below): {line}", file=sys.stderr)
+    return EXIT_TARGET_MISSED if missed else 0
 
 
 def _write_environment(cfg: Config, args: argparse.Namespace, device: torch.device, folders: list[Path],
