@@ -111,8 +111,9 @@ MMDET_FLAGS = {
 
 
 EXIT_CODES = ("exit codes: 0 done, 1 the run failed, 2 bad config, output folder or data (fix the input),\n"
+              "3 a target missed (eval.py --fail-below, demo.py --strict),\n"
               "75 try again later (a full disk or quota, the output folder in use by a live run),\n"
-              "130 interrupted (Ctrl-C), 143 stopped by SIGTERM")
+              "130 interrupted (Ctrl-C), 143 stopped by SIGTERM (138 by SIGUSR1)")
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None

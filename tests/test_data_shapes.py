@@ -157,3 +157,24 @@ def test_a_smaller_set_written_over_a_larger_one_names_the_images_left_over(tmp_
     assert (f"note: {tmp_path / 'train'} also holds 2 files of an earlier, larger train split (train_000002.jpg, "
             "train_000003.jpg), which no annotation file lists now") in out
     assert "val also holds" not in out and (tmp_path / "train" / "train_000003.jpg").is_file()
+
+
+def test_images_opencv_cannot_write_stop_the_set_with_the_exit_code_of_their_cause(tmp_path, capsys, monkeypatch):
+    """OpenCV's imwrite says only False: the set was reported written with its images missing, exit 0
+    (a docs audit of exit 75). Now one error; 75 when the disk is full (a wait may settle it), else 2."""
+    import collections
+
+    from detection.data import shapes
+    from detection.utils import files
+
+    monkeypatch.setattr(shapes.cv2, "imwrite", lambda *a, **k: False)
+    args = ["--output", str(tmp_path / "s"), "--num-train", "2", "--num-val", "1", "--num-test", "0"]
+    with pytest.raises(SystemExit) as exit_:
+        make_shapes_main(args)
+    assert exit_.value.code == 2 and "error: could not write " in capsys.readouterr().err
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda folder: usage(10 << 30, 10 << 30, 4096))
+    with pytest.raises(SystemExit) as exit_:
+        make_shapes_main(args)
+    assert exit_.value.code == 75
+    assert "(OpenCV's imwrite failed: the folder is not writable, or the disk is full)" in capsys.readouterr().err

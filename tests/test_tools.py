@@ -224,7 +224,7 @@ def test_visualize_stops_with_an_error_when_its_output_cannot_be_written(trained
                                                       root / "out" / "model_final.pth", "--input",
                                                       root / "data" / "shapes" / "val", "--output", tmp_path / "vis",
                                                       *overrides, "dataloader.skip_bad_images=true"], capsys)
-    assert code == 2 and "wrote" not in out
+    assert code == 75 and "wrote" not in out  # a full disk: try again later
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: wrote 0 images to {tmp_path / 'vis'}: 0 detections drawn") and \
         "3 of the 3 images were not drawn: " \

@@ -84,7 +84,7 @@ def step(title: str, *cmd: str, hint: str = "") -> float:
         raise
     if code != 0:  # the step's own code: 2 for bad input, as every tool (it exited 1)
         print(f"error: demo: '{title}' failed with exit code {code}{hint}", file=sys.stderr)
-        raise SystemExit(code if code in (2, 75, 130, 143) else 1)
+        raise SystemExit(code if code in (2, 75, 130, 138, 143) else 1)
     return time.perf_counter() - start
 
 

@@ -49,15 +49,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(args: argparse.Namespace) -> None:
-    from detection.utils.files import OutputFolderError
+    from detection.utils.files import OutputFolderError, WriteError
 
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     try:  # made first: a path through a file (/dev/null/s) was a NotADirectoryError traceback
         os.makedirs(args.output, exist_ok=True)
     except OSError as err:
         raise OutputFolderError(f"--output {args.output}: cannot create the folder ({err.strerror or err})") from None
-    paths = generate_shapes(args.output, args.num_train, args.num_val, args.seed, image_size=size,
-                            max_objects=args.max_objects, num_test=args.num_test, splits=args.splits)
+    try:
+        paths = generate_shapes(args.output, args.num_train, args.num_val, args.seed, image_size=size,
+                                max_objects=args.max_objects, num_test=args.num_test, splits=args.splits)
+    except WriteError:
+        raise
+    except OSError as err:  # a json or XML file on a full disk: one line (exit 75), not a traceback
+        raise WriteError(f"could not write the data set into {args.output}: {err.strerror or err}"
+                         + (f" ({err.filename})" if err.filename else ""), err.errno, err.strerror) from None
     counts = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
     written = [s for s in SPLITS if s in paths]
     print(f"wrote {' / '.join(f'{counts[s]} {s}' for s in written)} images to {args.output}")

@@ -34,9 +34,10 @@ With a model, DIR/detections.jsonl lists what was drawn, one JSON line per input
 order above, written as each is done (a killed run keeps the finished ones): {"image", "drawing"
 (null with --no-draw), "width", "height", "detections": [{"label", "class", "score", "box":
 [x1, y1, x2, y2] in the image's pixels}]} for detections at least --score-thresh, or {"image",
-"error"} for an image not read or not drawn. --no-draw writes only that list (a batch of
-unlabelled images for another program); --resume goes on from a killed run's list (the images
-it holds without an error, and drawn, are not done again; a list made with other weights or
+"error"} for an image not read or not drawn. --no-draw writes only that list and its
+detections.source.json (a batch of unlabelled images for another program); --resume goes on
+from a killed run's list (the images it holds without an error, and drawn, are not done again; a
+list made with other weights or
 settings, as DIR/detections.source.json records them, is refused). The model itself keeps
 model.roi_heads.score_thresh_test
 (0.05 in base.yaml) and detections_per_image (100): --score-thresh filters what it gives.
@@ -193,7 +194,7 @@ def draw(args: argparse.Namespace) -> None:
         print(f"listed the detections of {said} in {listed}{drawn_text(drawn, args)}" if video is None else
               f"wrote {video} ({said}){drawn_text(drawn, args)}; their detections in {listed}")
         return
-    count, drawn, unreadable, unwritten = run(cfg, args)
+    count, drawn, unreadable, (unwritten, write_errno) = run(cfg, args)
     listed = Path(args.output) / DETECTIONS_FILE
     if args.no_draw:
         wrote = f"listed the detections of {count} images in {listed}{drawn_text(drawn, args)}"
@@ -205,7 +206,7 @@ def draw(args: argparse.Namespace) -> None:
         raise WriteError(f"{wrote}; {len(unwritten)} of the {total} images were not drawn: could not write "
                          f"{first_few(unwritten, 3)} (the folder is not writable, or the disk is full)"
                          + (f"; and {len(unreadable)} could not be read: {'; '.join(unreadable[:3])}"
-                            if unreadable else ""))
+                            if unreadable else ""), write_errno)
     if unreadable:  # the others are drawn first: one bad file in a folder does not stop the run
         not_drawn = (f"{len(unreadable)} of the {total} images were not {'read' if args.no_draw else 'drawn'}: "
                      f"{'; '.join(unreadable[:3])}{'; ...' if len(unreadable) > 3 else ''}")
@@ -257,6 +258,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
             f.write(json.dumps(source, indent=1) + "\n")
     progress = ProgressLines("visualize", len(items), say=lambda line: print(line, flush=True))  # a line a minute
     resumed = 0  # images taken from the earlier run's list (--resume)
+    write_errno = None  # why the last drawing not written was not (ENOSPC: exit 75, try again)
     try:
         for i, (path, record) in enumerate(items):
             if i:
@@ -282,9 +284,13 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
                     listed.add(path, error=str(err))
                 continue
             target = None if args.no_draw else out / output_name(i, path)
-            if target is not None and not write_drawing(target, canvas):  # False only, as OpenCV's imwrite
-                logger.warning("not written: %s", target)
+            try:
+                if target is not None:
+                    write_drawing(target, canvas)
+            except WriteError as err:
+                logger.warning("not written: %s (%s)", target, err.strerror or err)
                 unwritten.append(str(target))
+                write_errno = err.errno
                 del drawn[shown:]  # "N detections drawn" counts those in the images written
                 if listed is not None:
                     listed.add(path, error=f"its drawing {target} could not be written")
@@ -299,7 +305,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
         note_earlier_drawings(out, args.output, written)
     if args.resume:
         print(f"--resume: {resumed} of the {len(items)} images taken from the earlier run's {out / DETECTIONS_FILE}")
-    return len(written), sum(drawn), unreadable, unwritten
+    return len(written), sum(drawn), unreadable, (unwritten, write_errno)
 
 
 LIST_SOURCE_FILE = "detections.source.json"  # how DIR/detections.jsonl was made: what --resume compares
@@ -484,8 +490,7 @@ def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
     for count, (_, image, target, record) in enumerate(training_samples(loader, batches), start=1):
         canvas = draw_detections(image.permute(1, 2, 0).numpy(), target["boxes"], target["labels"], None, names, 0.0)
         path = out / output_name(count - 1, record["file_name"])
-        if not write_drawing(path, canvas):
-            raise DataError(f"could not write {path} (the folder not writable, or the disk full)")
+        write_drawing(path, canvas)  # WriteError naming it (a full disk: exit 75)
         boxes += len(target["boxes"])
         written.add(path.name)
     note_earlier_drawings(out, output, written)

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from detection.data import DataError
+from detection.utils.files import WriteError, unwritten_errno
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}  # the seed streams: never renumber
@@ -85,7 +86,10 @@ def _write_split(output_dir: str, split: str, count: int, seed: int, size_range:
         img, objects = render_image(rng, height, width, max_objects, min_object_size)
         stem = f"{split}_{index:06d}"
         image_path = os.path.join(output_dir, split, stem + ".jpg")
-        cv2.imwrite(image_path, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        if not cv2.imwrite(image_path, cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92]):
+            # OpenCV says only False: the set was reported written with its images missing (a docs audit)
+            raise WriteError(f"could not write {image_path} (OpenCV's imwrite failed: the folder is not writable, or "
+                             "the disk is full)", unwritten_errno(os.path.dirname(image_path)))
         images.append({"id": index + 1, "file_name": stem + ".jpg", "height": height, "width": width})
         for obj in objects:
             x1, y1, x2, y2 = obj.box

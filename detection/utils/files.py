@@ -12,15 +12,26 @@ import errno
 import json
 import math
 import os
+import shutil
 import stat
 import tempfile
 import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any, Optional, Union
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write that may succeed later: the tools exit 75 (try again)
+
+
+def unwritten_errno(folder: Union[str, os.PathLike]) -> Optional[int]:
+    """The error number for a write that failed without one (OpenCV's imwrite and VideoWriter say
+    only False): ENOSPC when `folder`'s file system has under 1 MiB left (exit 75: try again once
+    space is freed), else None."""
+    try:
+        return errno.ENOSPC if shutil.disk_usage(folder).free < 1 << 20 else None
+    except OSError:
+        return None
 
 
 class WriteError(OSError, ValueError):

@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from detection.utils.files import USER_TEXT_ENCODING, atomic_write
+from detection.utils.files import USER_TEXT_ENCODING, WriteError, atomic_write
 from detection.utils.images import rgb_uint8
 
 # 20 well-separated colours (RGB) for labels 1..20; later labels get golden-ratio hues
@@ -263,17 +263,13 @@ def read_crowd_regions(ann_file: str | Path, label_to_category_id: Mapping[int, 
                        [r[2] for r in regions]) for image_id, regions in found.items()}
 
 
-def write_drawing(path: str | Path, image_rgb: np.ndarray) -> bool:
+def write_drawing(path: str | Path, image_rgb: np.ndarray) -> None:
     """Write an RGB drawing as the file its name says (.jpg, .png), whole or not at all, through a
     temporary file renamed over `path`: a link at `path` is replaced, not written through (into
-    whatever file it named), and a kill leaves no half image. False when it cannot be written
-    (the folder not writable, the disk full), as cv2.imwrite says."""
+    whatever file it named), and a kill leaves no half image. WriteError when it cannot be written
+    (the folder not writable, the disk full: its errno tells, and the tools' exit code with it)."""
     ok, encoded = cv2.imencode(Path(path).suffix or ".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
     if not ok:
-        return False
-    try:
-        with atomic_write(path, "wb", durable=False) as f:
-            f.write(encoded.tobytes())
-    except OSError:  # WriteError included
-        return False
-    return True
+        raise WriteError(f"could not write {path}: OpenCV cannot encode it as {Path(path).suffix or '.jpg'}")
+    with atomic_write(path, "wb", durable=False) as f:  # an OSError there is a WriteError naming it
+        f.write(encoded.tobytes())

@@ -12,7 +12,7 @@ from typing import Optional, Union
 import cv2
 import numpy as np
 
-from detection.utils.files import WriteError
+from detection.utils.files import WriteError, unwritten_errno
 
 
 class DrawnVideo:
@@ -47,7 +47,8 @@ class DrawnVideo:
             self.writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
             if not self.writer.isOpened():
                 raise WriteError(f"could not write video {self.path}: OpenCV cannot open it for writing (the folder "
-                                 "is not writable, or its FFmpeg lacks the mp4v codec)")
+                                 "is not writable, or its FFmpeg lacks the mp4v codec)",
+                                 unwritten_errno(self.path.parent))
         if (width, height) != self.frame_size:
             raise ValueError(f"video {self.path}: a frame of {width}x{height}, the video is {self.frame_size[0]}x"
                              f"{self.frame_size[1]}")
@@ -66,7 +67,7 @@ class DrawnVideo:
         if not self.frames or not self.partial.is_file() or not self.partial.stat().st_size:
             self.partial.unlink(missing_ok=True)  # FFmpeg's errors (a full disk) reach no caller
             raise WriteError(f"could not write video {self.path}: nothing was written ({self.frames} frames given; "
-                             "is the disk full?)")
+                             "is the disk full?)", unwritten_errno(self.path.parent))
         try:
             os.replace(self.partial, self.path)
         except OSError as err:
