@@ -260,15 +260,26 @@ def _labels_by_name(other: DatasetInfo, first: DatasetInfo) -> DatasetInfo:
     table = np.array([0] + [names.index(name) + 1 for name in order], dtype=np.int64)  # its label -> first's
     logger.info("%s lists the classes of %s in another order (%s): its labels are taken by name", other.name,
                 first.name, ", ".join(order))
-
-    def renumbered(record: dict) -> dict:
-        out = {**record, "labels": table[np.asarray(record["labels"], dtype=np.int64)]}
-        if "annotated" in record:
-            out["annotated"] = {**record["annotated"], "labels": table[record["annotated"]["labels"]]}
-        return out
-
-    return dataclasses.replace(other, class_names=list(names), records=[renumbered(r) for r in other.records],
+    return dataclasses.replace(other, class_names=list(names), records=[_relabelled(r, table) for r in other.records],
                                label_to_category_id=dict(first.label_to_category_id))
+
+
+def _relabelled(record: dict, table: np.ndarray) -> dict:
+    """`record` with each object's label looked up in `table` (old label -> new), objects whose new
+    label is 0 left out; its `annotated` copy (the boxes as the annotation file writes them, what
+    the metrics score) likewise."""
+    def objects(these: dict) -> dict:
+        labels = table[np.asarray(these["labels"], dtype=np.int64)]
+        mine = labels > 0
+        if mine.all():  # nothing left out (concat_datasets' renumbering): the labels alone change
+            return {**these, "labels": labels}
+        return {**these, "boxes": np.asarray(these["boxes"])[mine], "labels": labels[mine],
+                "difficult": np.asarray(these["difficult"])[mine]}
+
+    out = objects(record)
+    if "annotated" in record:
+        out["annotated"] = objects(record["annotated"])
+    return out
 
 
 def keep_only(info: DatasetInfo, keep: Sequence[str]) -> DatasetInfo:
@@ -291,19 +302,8 @@ def keep_only(info: DatasetInfo, keep: Sequence[str]) -> DatasetInfo:
     for label, name in enumerate(keep, start=1):
         table[old_label[name]] = label
 
-    def kept(objects: dict) -> dict:
-        labels = table[np.asarray(objects["labels"], dtype=np.int64)]
-        mine = labels > 0
-        return {**objects, "boxes": np.asarray(objects["boxes"])[mine], "labels": labels[mine],
-                "difficult": np.asarray(objects["difficult"])[mine]}
-
-    records, left_out = [], 0
-    for record in info.records:
-        out = kept(record)
-        if "annotated" in record:  # the boxes as the annotation file writes them (what the metrics score)
-            out["annotated"] = kept(record["annotated"])
-        left_out += len(record["labels"]) - len(out["labels"])
-        records.append(out)
+    records = [_relabelled(record, table) for record in info.records]
+    left_out = sum(len(r["labels"]) - len(o["labels"]) for r, o in zip(info.records, records))
     emptied = sum(1 for r, o in zip(info.records, records) if len(r["labels"]) and not len(o["labels"]))
     logger.info("data set %s: keep_classes keeps %d of its %d classes (%s): %d objects of the others left out, "
                 "%d images left without objects", info.name, len(keep), len(info.class_names), ", ".join(keep),

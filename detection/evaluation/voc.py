@@ -233,8 +233,7 @@ def _process_comp4_dir(evaluator, folder: str) -> dict[int, list[str]]:
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0)}
     for record in records:
         evaluator.process([record], [detections.get(record["image_id"], empty)])
-    found = {label for label in range(1, len(evaluator.class_names) + 1)
-             if len(parsed_comp4_lines(lines, label, COMP4_TEMPLATE.format(evaluator.class_names[label - 1]))[0])}
+    found = {int(label) for found in detections.values() for label in found["labels"]}  # (parsed once, above)
     missing = classes_without_results(evaluator.dataset.name, evaluator.class_names, records, found, folder)
     if missing:
         logger.warning("%s", missing)
