@@ -305,9 +305,9 @@ def keep_only(info: DatasetInfo, keep: Sequence[str]) -> DatasetInfo:
     records = [_relabelled(record, table) for record in info.records]
     left_out = sum(len(r["labels"]) - len(o["labels"]) for r, o in zip(info.records, records))
     emptied = sum(1 for r, o in zip(info.records, records) if len(r["labels"]) and not len(o["labels"]))
-    logger.info("data set %s: keep_classes keeps %d of its %d classes (%s): %d objects of the others left out, "
-                "%d images left without objects", info.name, len(keep), len(info.class_names), ", ".join(keep),
-                left_out, emptied)
+    logger.info("data set %s: keep_classes keeps %d of its %d classes (%s): %d object%s of the others left out, "
+                "%d image%s left without objects", info.name, len(keep), len(info.class_names), ", ".join(keep),
+                left_out, "" if left_out == 1 else "s", emptied, "" if emptied == 1 else "s")
     ids = {label: info.label_to_category_id[old_label[name]] if info.kind == "coco" else label  # VOC: its labels
            for label, name in enumerate(keep, start=1)}
     return dataclasses.replace(info, class_names=list(keep), records=records, label_to_category_id=ids)
