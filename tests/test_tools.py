@@ -203,6 +203,21 @@ def test_visualize_draws_every_readable_image_and_then_names_the_unreadable_one(
     assert "1 of the 4 images were not drawn" in out and "(skipped: dataloader.skip_bad_images)" in out
 
 
+def test_visualize_with_nothing_drawn_names_the_threshold_that_removed_the_detections(trained, tmp_path, capsys):
+    """The model drops scores at or below model.roi_heads.score_thresh_test before --score-thresh sees
+    them: "--score-thresh sets it" sent a user lowering a flag that could draw nothing more."""
+    root, overrides = trained
+    args = ["--config", ROOT / "configs" / "base.yaml", "--weights", root / "out" / "model_final.pth", "--input",
+            root / "data" / "shapes" / "val", "--output", tmp_path / "vis", "--no-draw", *overrides]
+    code, out, err = run_main(TOOLS["visualize.py"], [*args, "--score-thresh", "0.2",
+                                                      "model.roi_heads.score_thresh_test=0.9999"], capsys)
+    assert code == 0, err[-2000:]
+    assert out.strip().endswith("0 detections listed (score >= 0.2; the model itself drops scores <= "
+                                "model.roi_heads.score_thresh_test=0.9999: lower both to see weaker detections)")
+    code, out, err = run_main(TOOLS["visualize.py"], [*args, "--score-thresh", "1"], capsys)
+    assert code == 0 and out.strip().endswith("0 detections listed (score >= 1, --score-thresh sets it)"), out
+
+
 def test_visualize_stops_with_an_error_when_its_output_cannot_be_written(trained, tmp_path, capsys, monkeypatch):
     """A file-system trial: a read-only or full output folder was counted with the unreadable
     inputs, so skip_bad_images made it "wrote 0 images ... 25 detections drawn", exit 0."""

@@ -190,15 +190,15 @@ def draw(args: argparse.Namespace) -> None:
     if args.input and is_video(args.input) and Path(args.input).expanduser().is_file():
         frames, drawn, video, listed = run_video(cfg, args)
         said = f"{frames} frame{'' if frames == 1 else 's'}"
-        print(f"listed the detections of {said} in {listed}{drawn_text(drawn, args)}" if video is None else
-              f"wrote {video} ({said}){drawn_text(drawn, args)}; their detections in {listed}")
+        print(f"listed the detections of {said} in {listed}{drawn_text(drawn, args, cfg)}" if video is None else
+              f"wrote {video} ({said}){drawn_text(drawn, args, cfg)}; their detections in {listed}")
         return
     count, drawn, unreadable, (unwritten, write_errno) = run(cfg, args)
     listed = Path(args.output) / DETECTIONS_FILE
     if args.no_draw:
-        wrote = f"listed the detections of {count} images in {listed}{drawn_text(drawn, args)}"
+        wrote = f"listed the detections of {count} images in {listed}{drawn_text(drawn, args, cfg)}"
     else:
-        wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args)}" + (
+        wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args, cfg)}" + (
             "" if args.gt else f"; their detections in {listed}")
     total = count + len(unreadable) + len(unwritten)
     if unwritten:  # the output's fault, not an input's: skip_bad_images does not make it exit 0 (a file-system trial)
@@ -215,14 +215,20 @@ def draw(args: argparse.Namespace) -> None:
     print(wrote)
 
 
-def drawn_text(drawn: int, args: argparse.Namespace) -> str:
+def drawn_text(drawn: int, args: argparse.Namespace, cfg: Config) -> str:
     """What the images show: with a model, how many detections (and at which score) were drawn,
     so that empty pictures read as a threshold to lower, not as a broken tool."""
     if args.gt:
         return ""
     done = "listed" if getattr(args, "no_draw", False) else "drawn"
     text = f": {drawn} detection{'' if drawn == 1 else 's'} {done} (score >= {args.score_thresh:g}"
-    return text + (", --score-thresh sets it)" if drawn == 0 else ")")
+    if drawn:
+        return text + ")"
+    model_thresh = cfg.model.roi_heads.score_thresh_test
+    if model_thresh >= args.score_thresh:  # a lower --score-thresh alone would draw nothing more
+        return text + f"; the model itself drops scores <= model.roi_heads.score_thresh_test={model_thresh:g}: " \
+            "lower both to see weaker detections)"
+    return text + ", --score-thresh sets it)"
 
 
 def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
