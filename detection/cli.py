@@ -116,16 +116,18 @@ EXIT_CODES = ("exit codes: 0 done, 1 the run failed, 2 bad config, output folder
               "130 interrupted (Ctrl-C), 143 stopped by SIGTERM (138 by SIGUSR1)")
 
 
-def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
-                       ) -> argparse.Namespace:
+def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, *,
+                       torchrun_tool: str | None = None) -> argparse.Namespace:
     """parser's arguments with positional ones (the KEY=VALUE overrides) anywhere among the
     options: `--config C solver.max_iter=40 --output-dir D` (argparse's intermixed parsing).
     --opts items follow the KEY=VALUE ones in args.overrides. Upper-case keys are read
-    lower-case, as after --opts (MODEL.WEIGHTS=x is model.weights=x)."""
+    lower-case, as after --opts (MODEL.WEIGHTS=x is model.weights=x). `torchrun_tool`: the
+    tool's path ("tools/eval.py") when torchrun may start it as several processes (what
+    Detectron2's --num-gpus N is told to do instead); None for the tools that run in one."""
     parser.allow_abbrev = False  # torchvision's --opt was read as --opts ("sgd has no value")
     if parser.epilog is None:  # every tool's --help says them (only train_det.py's did)
         parser.epilog = EXIT_CODES
-    argv = _detectron2_flags(parser, list(sys.argv[1:] if argv is None else argv))
+    argv = _detectron2_flags(parser, list(sys.argv[1:] if argv is None else argv), torchrun_tool)
     weights = parser._option_string_actions.get("--weights")
     required = weights is not None and weights.required
     try:  # a required --weights may come as model.weights=PATH (Detectron2's MODEL.WEIGHTS): checked below
@@ -179,7 +181,7 @@ def _weights_from_overrides(parser: argparse.ArgumentParser, args: argparse.Name
     args.overrides = [item for item in args.overrides if item not in named]
 
 
-def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str], torchrun_tool: str | None) -> list[str]:
     """argv without Detectron2's `--num-gpus 1` (one process: what every tool here runs as);
     a usage error saying what does the same here for its other launcher flags, and for the
     flags of torchvision's detection references (TORCHVISION_FLAGS) and MMDetection's tools
@@ -200,13 +202,10 @@ def _detectron2_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[
             if not inline:
                 rest.pop(0)
             continue
-        # training (--resume, no --input: visualize.py's --resume is its own) and eval.py (--results)
-        options = parser._option_string_actions
-        shares = ("--resume" in options and "--input" not in options) or "--results" in options
-        if flag == "--num-gpus" and not shares:  # training and eval.py share their work among processes
+        if flag == "--num-gpus" and torchrun_tool is None:  # training and eval.py share their work among processes
             parser.error("--num-gpus is Detectron2's flag: this tool runs in one process here, on the config's "
                          "device (device=cuda for a GPU)")
-        tool = "tools/eval.py" if "--results" in parser._option_string_actions else "tools/train_det.py"
+        tool = torchrun_tool or "tools/train_det.py"
         parser.error(f"{flag} is Detectron2's flag: {DETECTRON2_FLAGS[flag]}".replace("tools/train_det.py", tool))
     return out
 

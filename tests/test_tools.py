@@ -218,6 +218,69 @@ def test_visualize_with_nothing_drawn_names_the_threshold_that_removed_the_detec
     assert code == 0 and out.strip().endswith("0 detections listed (score >= 1, --score-thresh sets it)"), out
 
 
+def test_visualize_results_draws_saved_detections_on_the_sets_images_without_a_model(tmp_path, capsys):
+    """Detectron2's visualize_json_results.py: eval.py's saved results drawn beside the ground truth,
+    each detection where the results file put it (COCO's x, y, w, h), at --score-thresh."""
+    from detection.data.catalog import get_dataset
+    from detection.data.image_io import read_image
+    from detection.visualization.draw import draw_detections, ground_truth_boxes, side_by_side
+
+    generate_shapes(tmp_path / "data" / "shapes", num_train=1, num_val=3, seed=1, image_size=(64, 80))
+    overrides = tiny_overrides(tmp_path / "data", tmp_path / "out")
+    dataset = get_dataset("shapes_val", str(tmp_path / "data"), check_images=False)
+    first, second = dataset.records[0], dataset.records[1]
+    category = dataset.label_to_category_id[2]
+    results = [{"image_id": first["image_id"], "category_id": category, "bbox": [10, 20, 30, 25], "score": 0.9},
+               {"image_id": first["image_id"], "category_id": category, "bbox": [40, 5, 20, 20], "score": 0.3},
+               {"image_id": 999, "category_id": category, "bbox": [1, 1, 5, 5], "score": 0.9}]
+    (tmp_path / "coco_results.json").write_text(json.dumps(results))
+    args = ["--config", ROOT / "configs" / "base.yaml", "--results", tmp_path / "coco_results.json", *overrides]
+    code, out, err = run_main(TOOLS["visualize.py"], [*args, "--compare", "--output", tmp_path / "vis"], capsys)
+    assert code == 0, err[-2000:]
+    assert "detections of 1 of data set shapes_val's 3 images; 1 image in the results is not in it (not drawn)" in out
+    assert out.strip().splitlines()[-1] == f"wrote 3 images to {tmp_path / 'vis'}: 1 detection drawn (score >= 0.5)"
+    image = read_image(first["file_name"])
+    truth = draw_detections(image, *ground_truth_boxes(first)[:2], None, dataset.class_names, 0.0,
+                            tags=ground_truth_boxes(first)[2])
+    expected = side_by_side(truth, draw_detections(image, [[10, 20, 40, 45]], [2], [0.9], dataset.class_names),
+                            ("ground truth", "predictions"))
+    drawing = cv2.cvtColor(cv2.imread(str(tmp_path / "vis" / f"00000_{Path(first['file_name']).stem}.jpg")),
+                           cv2.COLOR_BGR2RGB)
+    assert drawing.shape == expected.shape
+
+    def away(other, where):  # JPEG's noise on a small noisy image: compared where the drawings differ
+        return np.abs(drawing.astype(int) - other)[where].mean()
+    nothing = side_by_side(truth, image, ("ground truth", "predictions"))
+    drawn = (expected != nothing).any(axis=2)  # the box and its label
+    assert away(expected, drawn) < 0.3 * away(nothing, drawn)
+    # not its x, y, w, h read as x1, y1, x2, y2
+    as_xyxy = side_by_side(truth, draw_detections(image, [[10, 20, 30, 25]], [2], [0.9], dataset.class_names),
+                           ("ground truth", "predictions"))
+    wrong = (as_xyxy != nothing).any(axis=2) & ~drawn
+    assert away(nothing, wrong) < 0.3 * away(as_xyxy, wrong)
+    # the second image has no saved detection: its right panel is the image as it is
+    drawing = cv2.imread(str(tmp_path / "vis" / f"00001_{Path(second['file_name']).stem}.jpg"))
+    image = read_image(second["file_name"])
+    right = cv2.cvtColor(drawing, cv2.COLOR_BGR2RGB)[-image.shape[0]:, -image.shape[1]:]
+    assert np.abs(right.astype(int) - image).mean() < 5  # JPEG's noise (3.4); with the box drawn: 18
+    # alone (no ground truth): the detections on the image, at the threshold asked
+    code, out, err = run_main(TOOLS["visualize.py"], [*args, "--score-thresh", "0.2", "--limit", "1",
+                                                      "--output", tmp_path / "alone"], capsys)
+    assert code == 0 and out.strip().endswith("wrote 1 images to " f"{tmp_path / 'alone'}: 2 detections drawn "
+                                              "(score >= 0.2)"), (out, err)
+    # results of another set: refused, not drawn as if the model had found nothing
+    (tmp_path / "other.json").write_text(json.dumps(results[2:]))
+    code, out, err = run_main(TOOLS["visualize.py"], [*args[:3], tmp_path / "other.json", *overrides, "--output",
+                                                      tmp_path / "other"], capsys)
+    assert code == 2 and "its detections are of 1 image, none of data set shapes_val's (ids 999): results of " \
+        "another test set? --dataset NAME names the set they were made on" in err, err
+    # a model and saved results at once: one usage line
+    code, _, err = run_main(TOOLS["visualize.py"], [*args, "--weights", tmp_path / "m.pth", "--output",
+                                                    tmp_path / "x"], capsys)
+    assert code == 2 and "--results draws saved detections on the data set's images (with --compare, beside its " \
+        "ground truth): not with --weights" in err
+
+
 def test_visualize_stops_with_an_error_when_its_output_cannot_be_written(trained, tmp_path, capsys, monkeypatch):
     """A file-system trial: a read-only or full output folder was counted with the unreadable
     inputs, so skip_bad_images made it "wrote 0 images ... 25 detections drawn", exit 0."""

@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-images", type=int, metavar="N",
                         help="images in each of report.html's galleries (most false positives, most missed "
                              "objects); default 4")
-    args = parse_command_line(parser, argv)
+    args = parse_command_line(parser, argv, torchrun_tool="tools/eval.py")
     if args.report_images is not None and args.report_images < 0:
         parser.error("--report-images is a number of images, 0 for none")
     args.targets = [_target(parser, given) for given in args.fail_below]

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "metrics.jsonl, config.yaml, config_resumed_*.yaml, log.txt, TensorBoard event files "
                           "and inference/ are removed once the data have been checked")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return parse_command_line(parser, argv)
+    return parse_command_line(parser, argv, torchrun_tool="tools/train_det.py")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,13 @@
     python tools/visualize.py --weights CKPT --input 'imgs/**/*' --output DIR --no-draw   # detections.jsonl only
     python tools/visualize.py --config CFG --train-batches 4 --output DIR          # what training sees
     python tools/visualize.py --weights CKPT --input clip.mp4 --output DIR          # a video, frame by frame
+    python tools/visualize.py --config CFG --results output/run/inference --compare --output DIR  # saved results
+
+--results PATH draws the detections eval.py saved (what `eval.py --results` takes: a results
+folder, a test set's folder in it, a coco_results.json or a folder of comp4 files) on the data set's
+images (the config's first test set, or --dataset NAME), alone or with --compare beside the ground
+truth: no model is run (Detectron2's visualize_json_results.py). Its boxes are drawn as saved, at
+--score-thresh; a results file whose image ids are none of the set's is refused (made on another set).
 
 --train-batches N draws the first N batches the training loader gives (datasets.train, as
 iterations 1..N of a new one-process run get them: resized, flipped and colour-jittered as input.* says,
@@ -91,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", help="data set for --gt/--compare: a known name, the name of one of "
                         "datasets.test or datasets.train (as eval.py and training print it), or an entry as YAML "
                         "('{type: coco, ann_file: ..., image_root: ...}'); default: the first test set")
+    parser.add_argument("--results", metavar="PATH",
+                        help="draw the detections eval.py saved (a results folder, a test set's folder, a "
+                             "coco_results.json or a folder of comp4 files) on the data set's images: no model")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
     parser.add_argument("--resume", action="store_true",
                         help="--input's images already listed in DIR/detections.jsonl (and drawn) by an earlier run "
@@ -105,8 +115,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--train-batches draws the training loader's batches alone: "
                          f"{'not with ' + ', '.join(others) if others else 'give a number of batches >= 1'}")
         return args
-    if not args.gt and not args.weights:
-        parser.error("--weights is required unless --gt is given")
+    if args.results:
+        others = [flag for flag, given in (("--weights", args.weights), ("--input", args.input), ("--gt", args.gt),
+                                           ("--no-draw", args.no_draw), ("--resume", args.resume)) if given]
+        if others:
+            parser.error(f"--results draws saved detections on the data set's images (with --compare, beside its "
+                         f"ground truth): not with {', '.join(others)}")
+        if not args.config:
+            parser.error("--results needs --config: the config the results were evaluated with (its datasets.test "
+                         "has the images; --dataset NAME picks another set)")
+    elif not args.gt and not args.weights:
+        parser.error("--weights is required unless --gt or --results is given")
     if args.no_draw and args.gt:
         parser.error("--no-draw writes a model's detections (detections.jsonl): not with --gt")
     if args.resume and (args.gt or args.compare or not args.input or is_video(args.input)):
@@ -119,8 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(given) > 1:  # one was ignored without a word (--gt --input drew the test set)
         parser.error(f"{' and '.join(given)}: give one (--gt a data set's annotations, --compare them beside a "
                      "model's detections, --input images of your own)")
-    if not (args.gt or args.compare) and not args.input:
-        parser.error("--input is required unless --gt or --compare is given")
+    if not (args.gt or args.compare or args.results) and not args.input:
+        parser.error("--input is required unless --gt, --compare or --results is given")
     resolve_config_beside_weights(parser, args)
     return args
 
@@ -199,7 +218,7 @@ def draw(args: argparse.Namespace) -> None:
         wrote = f"listed the detections of {count} images in {listed}{drawn_text(drawn, args, cfg)}"
     else:
         wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args, cfg)}" + (
-            "" if args.gt else f"; their detections in {listed}")
+            "" if args.gt or args.results else f"; their detections in {listed}")
     total = count + len(unreadable) + len(unwritten)
     if unwritten:  # the output's fault, not an input's: skip_bad_images does not make it exit 0 (a file-system trial)
         raise WriteError(f"{wrote}; {len(unwritten)} of the {total} images were not drawn: could not write "
@@ -225,7 +244,7 @@ def drawn_text(drawn: int, args: argparse.Namespace, cfg: Config) -> str:
     if drawn:
         return text + ")"
     model_thresh = cfg.model.roi_heads.score_thresh_test
-    if model_thresh >= args.score_thresh:  # a lower --score-thresh alone would draw nothing more
+    if model_thresh >= args.score_thresh and not args.results:  # a lower --score-thresh alone would draw no more
         return text + f"; the model itself drops scores <= model.roi_heads.score_thresh_test={model_thresh:g}: " \
             "lower both to see weaker detections)"
     return text + ", --score-thresh sets it)"
@@ -242,13 +261,14 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
 
     device = select_device(cfg.device, cfg.tf32)
     # --input's images are found before the model loads: a wrong folder or glob says so at once
-    files = None if args.gt or args.compare else find_images(args.input)[: args.limit or None]
+    files = None if args.gt or args.compare or args.results else find_images(args.input)[: args.limit or None]
     model, weights = None, None
     if args.weights:  # read once: the weights and the class names training saved with them
         from detection.engine.inference_model import build_inference_model
 
         model, weights = build_inference_model(cfg, args.weights, device, override_keys(args))
-    items, class_names, crowd = _inputs(cfg, args, weights, files)
+    items, class_names, crowd, dataset = _inputs(cfg, args, weights, files)
+    predict = None if args.gt else _saved_predictor(dataset, args.results) if args.results else _model_predictor(model)
     # predictions carry the model's labels: drawn with its names when known (a test set may list
     # them in another order, or a subset: its ground truth keeps its own)
     predicted_names = (model_class_names(weights, cfg.model.class_names)[0] or class_names) if model else class_names
@@ -280,8 +300,8 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
                 continue
             shown = len(drawn)
             try:
-                canvas, kept = _draw(path, record, crowd, None if args.gt else model, (class_names, predicted_names),
-                                     args, drawn, exif_orientation=cfg.input.exif_orientation)
+                canvas, kept = _draw(path, record, crowd, predict, (class_names, predicted_names), args, drawn,
+                                     exif_orientation=cfg.input.exif_orientation)
             except DataError as err:
                 logger.warning("not drawn: %s", err)
                 unreadable.append(str(err))
@@ -380,6 +400,7 @@ def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None, Pat
     frames = VideoFrames(Path(args.input).expanduser(), limit=args.limit)  # an unreadable video says so first
     model, weights = build_inference_model(cfg, args.weights, select_device(cfg.device, cfg.tf32), override_keys(args))
     names = class_names_to_draw(cfg, weights)
+    predict = _model_predictor(model)
     given = Path(args.output).expanduser()
     if given.suffix.lower() == ".mp4" and not given.is_dir():  # a file, as Detectron2's demo --output takes one
         if os.path.realpath(given) == os.path.realpath(args.input):
@@ -399,7 +420,7 @@ def run_video(cfg, args: argparse.Namespace) -> tuple[int, int, Path | None, Pat
     try:
         with video if video is not None else contextlib.nullcontext():
             for frame in frames:
-                canvas, kept = _draw_image(frame.image, None, {}, model, (names, names), args, drawn)
+                canvas, kept = _draw_image(frame.image, None, {}, predict, (names, names), args, drawn)
                 if video is not None:
                     video.write(canvas)
                 listed.add(args.input, drawing=target, detections=kept, frame=(frame.index, frame.time_s))
@@ -548,43 +569,84 @@ def output_name(index: int, path: str) -> str:
     return f"{index:05d}_{stem}.jpg"
 
 
-def _draw(path: str, record: dict | None, crowd: dict, model, names: tuple[list[str], list[str]],
+def _draw(path: str, record: dict | None, crowd: dict, predict, names: tuple[list[str], list[str]],
           args: argparse.Namespace, drawn: list[int], exif_orientation: bool = True):
     """The image (as viewed: turned by its EXIF orientation tag unless exif_orientation is
     False) with its ground truth, its predictions, or both side by side. `names`: the ground
     truth's class names and the predictions'."""
     from detection.data.image_io import read_image
 
-    return _draw_image(read_image(path, exif_orientation=exif_orientation), record, crowd, model, names, args, drawn)
+    return _draw_image(read_image(path, exif_orientation=exif_orientation), record, crowd, predict, names, args, drawn)
 
 
-def _draw_image(image, record: dict | None, crowd: dict, model, names: tuple[list[str], list[str]],
+def _draw_image(image, record: dict | None, crowd: dict, predict, names: tuple[list[str], list[str]],
                 args: argparse.Namespace, drawn: list[int]):
-    """_draw on an image in memory (RGB): a file's, or a video's frame."""
-    import torch
+    """_draw on an image in memory (RGB): a file's, or a video's frame. `predict(image, record)`:
+    its detections, {"boxes" XYXY in the image's pixels, "scores", "labels"} as arrays (None: none
+    drawn); the record's ground truth is drawn with --gt and --compare."""
+    import numpy as np
 
     from detection.visualization.draw import draw_detections, ground_truth_boxes, side_by_side
 
     panels, kept = [], None
-    if record is not None:
+    if record is not None and (args.gt or args.compare):
         boxes, labels, tags = ground_truth_boxes(record, crowd.get(record["image_id"]))
         panels.append(draw_detections(image, boxes, labels, None, names[0], 0.0, tags=tags))
-    if model is not None:
-        with torch.inference_mode():
-            pred = model([torch.from_numpy(image).permute(2, 0, 1)])[0]  # the model resizes, then moves it
-        panels.append(draw_detections(image, pred["boxes"].cpu().numpy(), pred["labels"].cpu().numpy(),
-                                      pred["scores"].cpu().numpy(), names[1], args.score_thresh))
-        keep = (pred["scores"] >= args.score_thresh).cpu().numpy()  # draw_detections' own rule
+    if predict is not None:
+        pred = predict(image, record)
+        panels.append(draw_detections(image, pred["boxes"], pred["labels"], pred["scores"], names[1],
+                                      args.score_thresh))
+        keep = np.asarray(pred["scores"]) >= args.score_thresh  # draw_detections' own rule
         drawn.append(int(keep.sum()))
-        kept = {"boxes": pred["boxes"].cpu().numpy()[keep], "scores": pred["scores"].cpu().numpy()[keep],
-                "labels": pred["labels"].cpu().numpy()[keep], "size": image.shape[:2]}
+        kept = {key: np.asarray(pred[key])[keep] for key in ("boxes", "scores", "labels")}
+        kept["size"] = image.shape[:2]
     canvas = panels[0] if len(panels) == 1 else side_by_side(panels[0], panels[1], ("ground truth", "predictions"))
     return canvas, kept
 
 
+def _model_predictor(model):
+    """predict(image, record) for _draw_image: the model's detections on the image."""
+    import torch
+
+    if model is None:
+        return None
+
+    def predict(image, record):
+        with torch.inference_mode():
+            pred = model([torch.from_numpy(image).permute(2, 0, 1)])[0]  # the model resizes, then moves it
+        return {key: pred[key].cpu().numpy() for key in ("boxes", "scores", "labels")}
+    return predict
+
+
+def _saved_predictor(dataset, results: str):
+    """predict(image, record) for _draw_image: the detections --results saved for the record's
+    image (none when it has none). Refused (DataError) when the results name none of the set's
+    images (made on another test set); a note counts the images they hold that the set has not."""
+    import numpy as np
+
+    from detection.evaluation.outputs import results_for_test_set, results_subfolder
+    from detection.evaluation.report import read_detections
+
+    path = results_for_test_set(results, results_subfolder(dataset.name), dataset.kind)
+    saved = read_detections(dataset, path)
+    ids = {r["image_id"] for r in dataset.records}
+    others = [image_id for image_id in saved if image_id not in ids]
+    if saved and len(others) == len(saved):
+        raise DataError(f"--results {path}: its detections are of {len(saved)} image{'s' * (len(saved) > 1)}, "
+                        f"none of data set {dataset.name}'s (ids {first_few([str(i) for i in others], 3)}): results of another test "
+                        "set? --dataset NAME names the set they were made on")
+    held = sum(1 for image_id in saved if image_id in ids)
+    print(f"--results {path}: detections of {held} of data set {dataset.name}'s {len(ids)} images"
+          + (f"; {len(others)} image{' in the results is' if len(others) == 1 else 's in the results are'} not in "
+             "it (not drawn)" if others else ""))
+    empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
+    return lambda image, record: saved.get(record["image_id"], empty)
+
+
 def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
-    """(image path, record or None) pairs, the class names to print and the crowd regions
-    (image id -> boxes, labels, tags) of a COCO-type data set; `files`: --input's images."""
+    """(image path, record or None) pairs, the class names to print, the crowd regions (image id
+    -> boxes, labels, tags) of a COCO-type data set and the data set drawn (None for `files`,
+    --input's images)."""
     import dataclasses
 
     from detection.data.catalog import check_image_files, get_dataset
@@ -592,19 +654,21 @@ def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
     from detection.evaluation.classes import check_class_names, model_class_names
     from detection.visualization.draw import read_crowd_regions
 
-    if args.gt or args.compare:
+    if args.gt or args.compare or args.results:
+        mode = "--gt" if args.gt else "--compare" if args.compare else "--results"
         if not args.dataset and not cfg.datasets.test:  # an IndexError
-            raise ConfigError(f"--{'gt' if args.gt else 'compare'} draws the first of datasets.test, which is empty: "
+            raise ConfigError(f"{mode} draws the first of datasets.test, which is empty: "
                               "give --dataset NAME or datasets.test=[...]")
         entry = _dataset_entry(args.dataset, [*cfg.datasets.test, *cfg.datasets.train]) if args.dataset \
             else cfg.datasets.test[0]
         skip = cfg.dataloader.skip_bad_images
         dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=skip, check_images=False,
                               exif_orientation=cfg.input.exif_orientation)
-        if not dataset.has_annotations:  # its panels were drawn empty, as if no object were there
-            raise DataError(f"--{'gt' if args.gt else 'compare'}: data set {dataset.name} has no annotations (a "
-                            "test set for an evaluation server): no ground truth to draw; --input with its images "
-                            "draws the model's detections")
+        if not dataset.has_annotations and (args.gt or args.compare):  # drawn empty, as if no object were there
+            raise DataError(f"{mode}: data set {dataset.name} has no annotations (a "
+                            "test set for an evaluation server): no ground truth to draw; "
+                            + ("--results without --compare draws the saved detections alone" if args.results else
+                               "--input with its images draws the model's detections"))
         if args.weights:  # the model's names, when known, draw its predictions; else the data set's must fit
             names, source = model_class_names(weights, cfg.model.class_names)
             if names is None:
@@ -617,8 +681,8 @@ def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
         records = drawn.records
         crowd = read_crowd_regions(dataset.ann_file, dataset.label_to_category_id) \
             if dataset.kind == "coco" and dataset.ann_file else {}
-        return [(r["file_name"], r) for r in records], dataset.class_names, crowd
-    return [(str(f), None) for f in files], class_names_to_draw(cfg, weights), {}
+        return [(r["file_name"], r) for r in records], dataset.class_names, crowd, dataset
+    return [(str(f), None) for f in files], class_names_to_draw(cfg, weights), {}, None
 
 
 def _dataset_entry(given: str, configured: list) -> Any:
