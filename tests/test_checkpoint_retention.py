@@ -1,6 +1,7 @@
 """solver.keep_checkpoints N: the last N periodic checkpoints kept as model_{iter:07d}.pth
 beside last.pth and model_final.pth (Detectron2's PeriodicCheckpointer); old ones deleted only
 once the new one is written; a resumed run keeps counting its own."""
+import dataclasses
 import errno
 import shutil
 from pathlib import Path
@@ -137,3 +138,76 @@ def test_ending_a_run_at_an_earlier_checkpoint_writes_its_model_final(straight, 
     assert final["iteration"] == 3
     assert same_weights(final["model"], load_checkpoint(out / "model_0000003.pth")["model"])
     assert load_checkpoint(out / "abandoned_after_0000003" / "model_final.pth")["iteration"] == 4
+
+
+def scripted_evaluation(monkeypatch, values: list):
+    """Training's evaluations give AP values[0], values[1], ... in turn (a real evaluation of a
+    tiny 4-iteration model gives 0 every time): what test.save_best does with rising, equal,
+    falling and NaN values."""
+    import detection.engine.trainer
+
+    given = iter(values)
+    monkeypatch.setattr(detection.engine.trainer, "evaluate", lambda cfg, model, **kwargs: {"AP": next(given),
+                                                                                            "AP50": 0.0})
+
+
+BEST = {"test.eval_period": 1, "test.save_best": "AP", "solver.checkpoint_period": 1, "solver.max_iter": 4}
+
+
+def test_save_best_keeps_the_weights_of_the_highest_evaluation_and_a_resume_goes_on_from_it(
+        data_root, tmp_path, monkeypatch, caplog):
+    """MMDetection's save_best / Detectron2's BestCheckpointer: model_best.pth is written when an
+    evaluation beats every earlier one (NaN and ties do not), with the weights of that iteration."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    scripted_evaluation(monkeypatch, [10.0, 30.0, 30.0, float("nan")])  # at iterations 1, 2, 3, 4
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.keep_checkpoints": 4}))
+    best = load_checkpoint(out / "model_best.pth")
+    assert best["best"] == {"metric": "AP", "value": 30.0, "iteration": 2} and best["iteration"] == 2
+    assert same_weights(best["model"], load_checkpoint(out / "model_0000002.pth")["model"])  # iteration 2's weights
+    assert set(best) == {"model", "iteration", "config", "class_names", "best"}  # as model_final.pth: eval.py reads it
+    assert "AP 30.00 at iteration 2, the best so far (was 10.00 at iteration 1)" in caplog.text
+    assert f"the best AP, 30.00, was at iteration 2: {out / 'model_best.pth'} holds those weights" in caplog.text
+    # a resume from iteration 3 keeps it (30 at 2 stays the best: 20 does not replace it, 40 does)
+    shutil.copy(out / "model_0000003.pth", out / "last.pth")
+    scripted_evaluation(monkeypatch, [20.0, 40.0])  # 4, 5 (metrics.jsonl has 3's)
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.max_iter": 5}), resume=True)
+    assert load_checkpoint(out / "model_best.pth")["best"] == {"metric": "AP", "value": 40.0, "iteration": 5}
+    # a resume from before the best sets it aside with the rest of that history
+    shutil.copy(out / "model_0000001.pth", out / "last.pth")
+    scripted_evaluation(monkeypatch, [5.0])
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.max_iter": 2}), resume=True)
+    assert load_checkpoint(out / "abandoned_after_0000001" / "model_best.pth")["best"]["iteration"] == 5
+    assert load_checkpoint(out / "model_best.pth")["best"] == {"metric": "AP", "value": 5.0, "iteration": 2}
+
+
+def test_save_best_names_a_metric_the_evaluations_give_before_training(data_root, tmp_path):
+    from detection.config import ConfigError
+    from detection.engine.loop_checkpoints import best_metric_key
+    from detection.engine.startup import build_test_datasets
+
+    cfg = tiny_cfg(data_root, tmp_path / "run", **BEST)
+    sets = build_test_datasets(cfg, ["circle", "square", "triangle"])
+    assert best_metric_key(cfg, sets) == "AP"
+    cfg.test.save_best = "shapes_val/AP-square"  # the one set's name may be given: its keys carry none
+    assert best_metric_key(cfg, sets) == "AP-square"
+    cfg.test.save_best = "AP_50"
+    with pytest.raises(ConfigError, match=r"test.save_best: 'AP_50' is not a metric of this run's evaluations "
+                                          r"\(closest: AP50"):
+        best_metric_key(cfg, sets)
+    two = sets + [dataclasses.replace(sets[0], name="other")]
+    cfg.test.save_best = "AP50"
+    with pytest.raises(ConfigError, match=r"closest: shapes_val/AP50, other/AP50; with several test sets, "
+                                          r"<test set>/<metric>\)"):
+        best_metric_key(cfg, two)
+    cfg.test.save_best = "other/AP50"
+    assert best_metric_key(cfg, two) == "other/AP50"
+    cfg.test.eval_period = 0
+    with pytest.raises(ConfigError, match="this run evaluates none: give test.eval_period > 0 and datasets.test"):
+        best_metric_key(cfg, sets)
+    # and before the first iteration: nothing of the run is written
+    with pytest.raises(ConfigError, match="not a metric"):
+        train(tiny_cfg(data_root, tmp_path / "bad", **{**BEST, "test.save_best": "APS"}))
+    assert not (tmp_path / "bad" / "last.pth").exists()

@@ -165,6 +165,7 @@ class MultiScaleConfig(_Section):
 @dataclass
 class TestConfig(_Section):
     eval_period: int = 0
+    save_best: Union[str, None] = None
     aug: TestAugConfig = field(default_factory=TestAugConfig)
     box_refinement: BoxRefinementConfig = field(default_factory=BoxRefinementConfig)
     multi_scale: MultiScaleConfig = field(default_factory=MultiScaleConfig)

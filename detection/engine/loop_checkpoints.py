@@ -3,11 +3,15 @@ random states, the periodic model_{iter:07d}.pth kept by solver.keep_checkpoints
 model_final.pth, the save after a signal, and what a stopped run leaves to resume from."""
 from __future__ import annotations
 
+import difflib
+import logging
+import math
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 
-from detection.config import Config, config_to_dict
+from detection.config import Config, ConfigError, config_to_dict
 from detection.engine import distributed as du
 from detection.engine.checkpoint import (gather_rng_states, non_finite_tensors, periodic_checkpoint_path,
                                          prune_checkpoints, save_checkpoint)
@@ -15,6 +19,10 @@ from detection.engine.errors import TrainingError
 from detection.engine.signals import GracefulStop
 from detection.engine.train_state import TrainState
 from detection.utils.files import DISK_FULL
+from detection.utils.text import first_few
+
+logger = logging.getLogger(__name__)
+BEST_FILE = "model_best.pth"  # test.save_best's
 
 
 def what_is_kept(state: TrainState, path: Path) -> str:
@@ -121,15 +129,88 @@ def stop_gracefully(state: TrainState, cfg: Config, path: Path, stop: GracefulSt
     raise stop.stopped(path, state.iteration)
 
 
+def _weights_checkpoint(state: TrainState, cfg: Config) -> dict:
+    """What model_final.pth and model_best.pth hold: the weights, iteration, config and class names
+    (no optimizer: not resumable, half the size of last.pth)."""
+    return {"model": state.model.state_dict(), "iteration": state.iteration, "config": config_to_dict(cfg),
+            "class_names": list(state.class_names)}
+
+
 def save_final(state: TrainState, cfg: Config, out_dir: Path) -> Path:
     """model_final.pth (the weights, iteration, config and class names); returns its path."""
     path = out_dir / "model_final.pth"
     check_finite_weights(state, out_dir / "last.pth")
     try:
-        save_checkpoint({"model": state.model.state_dict(), "iteration": state.iteration,
-                         "config": config_to_dict(cfg), "class_names": list(state.class_names)}, path)
+        save_checkpoint(_weights_checkpoint(state, cfg), path)
     except OSError as err:
         raise TrainingError(f"could not write {path} ({err.strerror or err}); "
                             f"{what_is_kept(state, out_dir / 'last.pth')}", transient=err.errno in DISK_FULL) from None
     return path
 
+
+
+def best_metric_key(cfg: Config, test_sets: Sequence) -> str | None:
+    """test.save_best as the run's evaluations name it in metrics.jsonl (a single test set's keys
+    have no "<set>/"; "<set>/AP" is taken for it too), None when it is not set. ConfigError, at the
+    start, for a metric no evaluation of this run gives (it was found out at the first evaluation)."""
+    from detection.evaluation.test_sets import metric_names
+
+    wanted = cfg.test.save_best
+    if wanted is None:
+        return None
+    if not test_sets or cfg.test.eval_period <= 0:
+        raise ConfigError(f"test.save_best: {wanted!r} keeps the weights of the best evaluation during training, and "
+                          "this run evaluates none: give test.eval_period > 0 and datasets.test")
+    if len(test_sets) == 1:
+        keys = metric_names(test_sets[0])
+        wanted = wanted.removeprefix(f"{test_sets[0].name}/")
+    else:
+        keys = [f"{d.name}/{key}" for d in test_sets for key in metric_names(d)]
+    if wanted in keys:
+        return wanted
+    close = [key for key in keys if key.endswith(f"/{wanted}")] or difflib.get_close_matches(wanted, keys, n=3)
+    raise ConfigError(f"test.save_best: {cfg.test.save_best!r} is not a metric of this run's evaluations ("
+                      + (f"closest: {', '.join(close)}" if close else f"they give {first_few(keys, 8)}")
+                      + ("; with several test sets, <test set>/<metric>" if len(test_sets) > 1 else "") + ")")
+
+
+def read_best(out_dir: Path, key: str) -> dict | None:
+    """A resumed run's best evaluation so far, from its model_best.pth (the file is the record:
+    a later one of an abandoned history was moved aside); None when there is none, or when it was
+    kept by another metric (a warning: this run's next evaluation replaces it)."""
+    path = out_dir / BEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        best = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("best")
+    except Exception:  # noqa: BLE001 - cut short or not a checkpoint: replaced, said
+        best = None
+    if isinstance(best, dict) and best.get("metric") == key and isinstance(best.get("value"), float):
+        return best
+    held = f"keeps the best {best['metric']}" if isinstance(best, dict) and "metric" in best else "cannot be read"
+    logger.warning("%s %s, not test.save_best's %s: this run's next evaluation replaces it", path, held, key)
+    return None
+
+
+def save_best(state: TrainState, cfg: Config, out_dir: Path, metrics: Mapping[str, float], key: str) -> None:
+    """model_best.pth when this evaluation's `key` is above the best so far (NaN never is: a set
+    without objects of a class); a failed write stops every rank, as last.pth's (a collective)."""
+    problem = None
+    value = metrics.get(key)
+    if du.is_main_process() and value is not None and math.isfinite(value) and (
+            state.best is None or value > state.best["value"]):
+        best = {"metric": key, "value": float(value), "iteration": state.iteration}
+        path = out_dir / BEST_FILE
+        try:
+            save_checkpoint({**_weights_checkpoint(state, cfg), "best": best}, path)
+        except OSError as err:
+            problem = (f"could not write {path} at iteration {state.iteration} ({err.strerror or err}); training "
+                       f"stopped, {what_is_kept(state, out_dir / 'last.pth')}", err.errno in DISK_FULL)
+        else:
+            was = state.best
+            state.best = best
+            logger.info("%s %.2f at iteration %d, the best so far%s: %s", key, value, state.iteration,
+                        f" (was {was['value']:.2f} at iteration {was['iteration']})" if was else "", path)
+    problems = [p for p in du.all_gather_object(problem) if p]
+    if problems:
+        raise TrainingError(problems[0][0], transient=problems[0][1])

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 # The files that make a folder "hold a run", and what --overwrite removes.
 RUN_FILES = ("last.pth", "model_final.pth", "metrics.jsonl")
-OVERWRITTEN = (*RUN_FILES, "config.yaml", "inference", "log.txt")
+OVERWRITTEN = (*RUN_FILES, "model_best.pth", "config.yaml", "inference", "log.txt")
 OVERWRITTEN_PATTERNS = ("model_[0-9]*.pth", "events.out.tfevents.*", "config_resumed_*.yaml", "abandoned_after_*")
 LOCK_FILE = "train.lock"
 EVAL_LOCK_FILE = "eval.lock"  # tools/eval.py's, in its results folder
@@ -261,8 +261,8 @@ def prepare_output_dir(cfg: Config, out_dir: Path, *, remove: list[str], resumed
 
 def set_aside_later_checkpoints(out_dir: Path, iteration: int) -> list[str]:
     """On a resume from `iteration`: the folder's checkpoints of a later iteration (model_{iter}.pth
-    past it, a model_final.pth saved past it: an earlier model_*.pth copied to last.pth, the
-    README's way back, abandons that history) move into out_dir/abandoned_after_{iteration:07d}/,
+    past it, a model_final.pth or model_best.pth saved past it: an earlier model_*.pth copied to
+    last.pth, the README's way back, abandons that history) move into out_dir/abandoned_after_{iteration:07d}/,
     with a warning; their names. Left among the new run's, they were counted by
     solver.keep_checkpoints, taken by a --resume whose last.pth is damaged, and evaluated as this
     run's (a trial found the abandoned run's model_0000035.pth beside the new 32 and 36)."""
@@ -270,10 +270,12 @@ def set_aside_later_checkpoints(out_dir: Path, iteration: int) -> list[str]:
 
     later = [periodic_checkpoint_path(out_dir, it) for it in periodic_checkpoints(out_dir, up_to=2**31)
              if it > iteration]
-    final = out_dir / "model_final.pth"
-    final_at = _saved_iteration(final) if final.is_file() else None
-    if final_at is not None and final_at > iteration:
-        later.append(final)
+    saved_at = {}  # model_final.pth's and model_best.pth's iterations, when past it
+    for name in ("model_final.pth", "model_best.pth"):
+        at = _saved_iteration(out_dir / name) if (out_dir / name).is_file() else None
+        if at is not None and at > iteration:
+            later.append(out_dir / name)
+            saved_at[out_dir / name] = at
     if not later:
         return []
     folder = out_dir / f"abandoned_after_{iteration:07d}"
@@ -284,7 +286,7 @@ def set_aside_later_checkpoints(out_dir: Path, iteration: int) -> list[str]:
     folder.mkdir()
     for path in later:
         path.replace(folder / path.name)
-    names = [p.name + (f" (iteration {final_at})" if p == final else "") for p in later]
+    names = [p.name + (f" (iteration {saved_at[p]})" if p in saved_at else "") for p in later]
     logger.warning("resumed at iteration %d: %s, of this folder's run past it (a history this resume leaves), moved "
                    "into %s: not this run's", iteration, ", ".join(names), folder)
     return [p.name for p in later]
@@ -314,7 +316,8 @@ def remove_partial_checkpoints(out_dir: Path) -> list[Path]:
     """Remove the temporary files of checkpoint saves a killed run left (atomic_write's
     `.last.pth.XXXX.tmp`: kill -9 during a save; the checkpoint itself is whole, the previous
     one). Only while the folder is locked for this run, so no save is under way."""
-    partial = sorted(p for pattern in (".last.pth.*.tmp", ".model_final.pth.*.tmp", ".model_[0-9]*.pth.*.tmp")
+    partial = sorted(p for pattern in (".last.pth.*.tmp", ".model_final.pth.*.tmp", ".model_best.pth.*.tmp",
+                                                      ".model_[0-9]*.pth.*.tmp")
                      for p in out_dir.glob(pattern) if p.is_file())
     if partial:
         size = sum(p.stat().st_size for p in partial)

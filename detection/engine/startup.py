@@ -239,10 +239,11 @@ def schedule_warnings(cfg: Config) -> list[str]:
         out.append(f"solver.warmup_iters {s.warmup_iters} is not below solver.max_iter {s.max_iter}: the whole "
                    f"run is warmup and the lr never reaches solver.base_lr {s.base_lr:g}")
     period = cfg.test.eval_period if cfg.datasets.test else 0
-    if s.keep_checkpoints and period and period % s.checkpoint_period:  # kept to pick one by its AP
-        out.append(f"test.eval_period {period} is not a multiple of solver.checkpoint_period "
+    if s.keep_checkpoints and period and period % s.checkpoint_period and cfg.test.save_best is None:
+        out.append(f"test.eval_period {period} is not a multiple of solver.checkpoint_period "  # kept to pick by AP
                    f"{s.checkpoint_period}: most evaluated iterations have no checkpoint kept "
-                   "(solver.keep_checkpoints) to pick by its AP; make the one a multiple of the other")
+                   "(solver.keep_checkpoints) to pick by its AP; make the one a multiple of the other, or "
+                   "test.save_best=AP keeps the best evaluation's weights as model_best.pth")
     return out
 
 

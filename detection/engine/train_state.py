@@ -40,6 +40,8 @@ class TrainState:
     # last.pth; a resume compares the run's (`resumed_data`) with today's
     train_data: dict = field(default_factory=dict)
     resumed_data: Optional[dict] = None
+    # test.save_best's best evaluation so far ({"metric", "value", "iteration"}): model_best.pth holds it
+    best: Optional[dict] = None
 
 
 def seed_everything(seed: int) -> None:

@@ -29,8 +29,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from detection.config import Config, ConfigError, checked_config
 from detection.engine import distributed as du
 from detection.engine.checkpoint import get_rng_states, load_resume_checkpoint, periodic_checkpoints, set_rng_states
-from detection.engine.loop_checkpoints import (check_finite_weights, kept_after_divergence, save_final, save_last,
-                                               stop_gracefully, what_is_kept)
+from detection.engine.loop_checkpoints import (best_metric_key, check_finite_weights, kept_after_divergence, read_best,
+                                               save_best, save_final, save_last, stop_gracefully, what_is_kept)
 from detection.engine.errors import TrainingError, TrainingInterrupted, TrainingStopped
 from detection.engine.evaluate import evaluate
 from detection.engine.loading import load_initial_weights, read_detector_file
@@ -126,7 +126,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         raise ConfigError(f"solver.max_iter={cfg.solver.max_iter}: {last} is at iteration {state.iteration} and a "
                           f"run cannot go back; give solver.max_iter={state.iteration} to end it there (it writes "
                           "model_final.pth) or more to train on")
-    if resuming and du.is_main_process():  # before a finished run's model_final.pth is looked for
+    if (resuming or restart) and du.is_main_process():  # before a finished run's model_final.pth is looked for
         set_aside_later_checkpoints(out_dir, state.iteration)
     jump = schedule_jump(cfg, changes, state.iteration) if resuming else None
     if jump and du.is_main_process():
@@ -142,6 +142,9 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         return state.model
     datasets = datasets or build_train_datasets(cfg)
     test_sets = build_test_datasets(cfg, datasets[0].class_names)  # before anything is written, too
+    best_key = best_metric_key(cfg, test_sets)  # test.save_best, checked against what the evaluations give
+    if best_key and resuming and du.is_main_process():
+        state.best = read_best(out_dir, best_key)
     start = (state.iteration, event_files(out_dir),
              [p for p in (out_dir / "config.yaml", out_dir / LOG_FILE) if not p.exists()])  # what this run creates
     if du.is_main_process():
@@ -166,7 +169,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
             run_log.open(out_dir / LOG_FILE)
         record_resume_changes(out_dir, state.iteration, changes)
     try:
-        _start_loop(cfg, state, datasets, device, distributed, tensorboard, test_sets)
+        _start_loop(cfg, state, datasets, device, distributed, tensorboard, test_sets, best_key)
     except BaseException:
         if du.is_main_process() and state.iteration == start[0]:  # not one iteration done: leave no trace
             undo_unstarted_run(out_dir, events_before=start[1], created=start[2])
@@ -203,6 +206,7 @@ class _Run:
     data: Iterator  # the training batches, from state.iteration on
     device: torch.device
     test_sets: list  # datasets.test as read and checked at the start: each evaluation uses them
+    best_key: Optional[str] = None  # test.save_best as the metrics name it
 
     @property
     def last(self) -> Path:
@@ -210,7 +214,7 @@ class _Run:
 
 
 def _start_loop(cfg: Config, state: TrainState, datasets: list, device: torch.device, distributed: bool,
-                tensorboard: bool, test_sets: list) -> None:
+                tensorboard: bool, test_sets: list, best_key: Optional[str] = None) -> None:
     """The loader, the fast path and DDP, then the iterations."""
     if cfg.model.fast_path:  # same parameters and state_dict keys: checkpoints are unchanged
         from detection.accel import optimize_for_training
@@ -230,7 +234,7 @@ def _start_loop(cfg: Config, state: TrainState, datasets: list, device: torch.de
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
     try:
-        _loop(_Run(cfg, state, model, data, device, test_sets), tensorboard)
+        _loop(_Run(cfg, state, model, data, device, test_sets, best_key), tensorboard)
     finally:  # the workers end with the run, not with the last reference to the iterator: an interrupted
         # train() in a notebook kept them (and their batches) while the traceback's frames lived
         data.close()
@@ -288,6 +292,9 @@ def _first_line(err: BaseException, limit: int = 120) -> str:
 
 def _finish(state: TrainState, cfg: Config, out_dir: Path) -> None:
     logger.info("%s", final_line(save_final(state, cfg, out_dir), state.iteration, bool(cfg.datasets.test)))
+    if state.best is not None:
+        logger.info("the best %s, %.2f, was at iteration %d: %s holds those weights", state.best["metric"],
+                    state.best["value"], state.best["iteration"], out_dir / "model_best.pth")
 
 
 def _loop(run: _Run, tensorboard: bool = False) -> None:
@@ -399,6 +406,8 @@ def _evaluate(run: _Run, log: MetricsLog, stop: GracefulStop) -> None:
         raise
     if du.is_main_process():
         log.write({"iteration": state.iteration, **metrics})
+    if run.best_key:
+        save_best(state, run.cfg, run.last.parent, metrics, run.best_key)  # every rank: a failed write stops all
     state.model.train()
 
 
