@@ -135,6 +135,26 @@ def test_printed_ap_equals_cocoeval_on_the_written_results(dataset, tmp_path):
     assert metrics["AP-triangle"] == pytest.approx(precision[precision > -1].mean() * 100)
 
 
+def test_per_class_ap50_equals_cocoeval_of_that_category_alone(dataset, tmp_path):
+    """AP50-<class> (a COCO-type custom set's users ask AP at IoU 0.5 per class, VOC's measure): the
+    AP50 pycocotools gives when it evaluates that one category."""
+    metrics, _ = _evaluate(dataset, _noisy_outputs(dataset.records), str(tmp_path))
+    values = []
+    for category, name in CATEGORIES:
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(str(dataset.ann_file))
+            ev = COCOeval(gt, gt.loadRes(str(tmp_path / "coco_results.json")), iouType="bbox")
+            ev.params.imgIds, ev.params.catIds = [10, 20, 30], [category]
+            ev.evaluate(), ev.accumulate(), ev.summarize()
+        assert metrics[f"AP50-{name}"] == pytest.approx(ev.stats[1] * 100, abs=1e-9), name
+        values.append(ev.stats[1] * 100)
+    assert len(set(values)) > 1  # the classes differ: not one number copied
+    table = format_metrics_table(metrics)
+    summary, per_class = table.split("per-class AP (IoU 0.50:0.95, AP50 at 0.5):")
+    assert "AP50-" not in summary  # per class, not among the summary numbers
+    assert f"triangle  {metrics['AP-triangle']:6.2f}  {metrics['AP50-triangle']:6.2f}" in per_class, table
+
+
 def test_the_table_lists_a_class_named_with_a_slash_among_the_classes():
     """'1/2 inch bolt' (a product catalogue) was printed among the summary numbers, and left out
     of the per-class table, with and without a test set's prefix (a many-class trial)."""

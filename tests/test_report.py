@@ -158,7 +158,8 @@ def predictions(dataset):
 
 
 def write(tmp_path, dataset, with_curves=True):
-    metrics = {"AP": 61.25, "AP50": 88.5, **{f"AP-{name}": 50.0 + i for i, name in enumerate(dataset.class_names)}}
+    metrics = {"AP": 61.25, "AP50": 88.5, **{f"AP-{name}": 50.0 + i for i, name in enumerate(dataset.class_names)},
+               **{f"AP50-{name}": 70.0 + i for i, name in enumerate(dataset.class_names)}}
     section = section_for_test_set(dataset, metrics, predictions(dataset))
     jsonl = tmp_path / "metrics.jsonl"
     jsonl.write_text("".join(json.dumps({"iteration": i, "loss_cls": 1.0 / i, "lr": 0.01}) + "\n"
@@ -173,8 +174,10 @@ def write(tmp_path, dataset, with_curves=True):
 def test_report_holds_the_tables_curves_gallery_config_and_command(tmp_path, shapes):
     html = write(tmp_path, shapes).read_text()
     assert "<td>AP</td><td>61.25</td>" in html and "<td>AP50</td><td>88.50</td>" in html
-    for i, name in enumerate(shapes.class_names):  # the per-class table
-        assert re.search(rf"<td>{name}</td><td>{50 + i:.2f}</td>", html)
+    assert shapes.kind == "coco"
+    for i, name in enumerate(shapes.class_names):  # the per-class table: AP and (a COCO-type set) AP50
+        assert re.search(rf"<td>{name}</td><td>{50 + i:.2f}</td><td>{70 + i:.2f}</td>", html)
+        assert f"<td>AP50-{name}</td>" not in html  # not among the summary numbers
     assert "Most false positives" in html and ": 1 false positives, 0 missed" in html
     last = Path(shapes.records[-1]["file_name"]).name
     assert f"{last}: 0 false positives, {len(shapes.records[-1]['boxes'])} missed" in html

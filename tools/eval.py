@@ -205,6 +205,7 @@ def _targets_missed(targets: list[tuple[str | None, str, float]], per_set: dict[
     import math
 
     from detection.config import ConfigError
+    from detection.evaluation.inference import is_per_class_key
 
     missed = []
     for test_set, metric, value in targets:
@@ -215,8 +216,9 @@ def _targets_missed(targets: list[tuple[str | None, str, float]], per_set: dict[
             if test_set not in (None, name) or not metrics:  # {}: no annotations, nothing scored
                 continue
             if metric not in metrics:
+                per_class = sorted({k.split("-", 1)[0] + "-<class>" for k in metrics if is_per_class_key(k)})
                 raise ConfigError(f"--fail-below {metric}: test set {name} has no metric {metric!r} (its metrics: "
-                                  f"{', '.join(k for k in metrics if not k.startswith('AP-'))}, AP-<class>)")
+                                  f"{', '.join([*(k for k in metrics if not is_per_class_key(k)), *per_class])})")
             got = metrics[metric]
             if not got >= value:  # nan too
                 missed.append(f"{name} {metric} {'not defined' if math.isnan(got) else f'{got:.2f}'} < {value:g}")

@@ -163,7 +163,8 @@ class COCOEvaluator:
         return self._coco_gt
 
     def _per_class(self, coco_eval: COCOeval) -> dict[str, float]:
-        """AP-<class> (IoU .50:.95) and the PR curve at IoU .5 of every class of the data set."""
+        """AP-<class> (IoU .50:.95), AP50-<class> (IoU .5: VOC's AP-<class>) and the PR curve at IoU .5
+        of every class of the data set."""
         precision = coco_eval.eval["precision"]  # (T iou, R recall, K class, A area, M max dets); -1: no gt
         index_of = {cat_id: k for k, cat_id in enumerate(coco_eval.params.catIds)}
         metrics, self.pr_curves = {}, {}
@@ -172,6 +173,8 @@ class COCOEvaluator:
             values = precision[:, :, k, 0, -1] if k is not None else np.zeros((0,))
             defined = values[values > -1]
             metrics[f"AP-{name}"] = float(defined.mean() * 100) if defined.size else math.nan
+            at_50 = values[0][values[0] > -1] if values.size else values
+            metrics[f"AP50-{name}"] = float(at_50.mean() * 100) if at_50.size else math.nan
             if k is not None and (precision[0, :, k, 0, -1] > -1).any():
                 self.pr_curves[name] = (np.asarray(coco_eval.params.recThrs), precision[0, :, k, 0, -1].copy())
         return metrics

@@ -171,9 +171,12 @@ def compact_floats(x: Any) -> np.ndarray:
     return np.array(array, dtype=array.dtype if array.dtype in (np.float32, np.float64) else np.float64)
 
 
-def _is_per_class(key: str) -> bool:
-    """AP-<class>, or <test set>/AP-<class>: a class name may hold "/" itself ("1/2 inch bolt")."""
-    return key.startswith("AP-") or "/AP-" in key
+PER_CLASS_PREFIXES = ("AP-", "AP50-")  # COCO-type sets give both (IoU .50:.95 and .5), VOC-type AP- (.5)
+
+
+def is_per_class_key(key: str) -> bool:
+    """AP-<class> / AP50-<class>, or <test set>/AP-<class>: a class name may hold "/" itself ("1/2 inch bolt")."""
+    return any(key.startswith(p) or f"/{p}" in key for p in PER_CLASS_PREFIXES)
 
 
 def _fmt(value: Any) -> str:
@@ -192,22 +195,26 @@ def format_metrics_table(metrics: Mapping[str, float], per_class_columns: int = 
     if voc_metric is not None:
         lines.append("VOC metric: " + ("VOC2007 11-point interpolated AP" if voc_metric
                                        else "VOC2010+ area under the interpolated precision-recall curve"))
-    summary = [(k, _fmt(v)) for k, v in metrics.items() if not _is_per_class(k) and k != "use_07_metric"]
+    summary = [(k, _fmt(v)) for k, v in metrics.items() if not is_per_class_key(k) and k != "use_07_metric"]
     if summary:
         width = max(len("metric"), *(len(k) for k, _ in summary))
         value_width = max(len("value"), *(len(v) for _, v in summary))
         lines += [f"{'metric':<{width}}  {'value':>{value_width}}", f"{'-' * width}  {'-' * value_width}"]
         lines += [f"{k:<{width}}  {v:>{value_width}}" for k, v in summary]
-    per_class = [(k.split("AP-", 1)[1], _fmt(v)) for k, v in metrics.items() if _is_per_class(k)]
+    per_class = [(k.split("AP-", 1)[1], _fmt(v)) for k, v in metrics.items() if is_per_class_key(k) and "AP-" in k
+                 and not k.startswith("AP50-") and "/AP50-" not in k]
+    at_50 = {k.split("AP50-", 1)[1]: _fmt(v) for k, v in metrics.items() if k.startswith("AP50-") or "/AP50-" in k}
     if per_class:
-        iou = "IoU 0.5" if voc_metric is not None else "IoU 0.50:0.95"
+        iou = "IoU 0.5" if voc_metric is not None else "IoU 0.50:0.95" + (", AP50 at 0.5" if at_50 else "")
         lines += ["", f"per-class AP ({iou}):"]
         width = max(len("class"), *(len(name) for name, _ in per_class))
         cols = max(1, min(per_class_columns, len(per_class)))
-        lines.append(" | ".join([f"{'class':<{width}}  {'AP':>6}"] * cols))
+        head = f"{'class':<{width}}  {'AP':>6}" + (f"  {'AP50':>6}" if at_50 else "")
+        lines.append(" | ".join([head] * cols))
         for row in range(0, len(per_class), cols):
             cells = per_class[row:row + cols]
-            lines.append(" | ".join(f"{name:<{width}}  {value:>6}" for name, value in cells))
+            lines.append(" | ".join(f"{name:<{width}}  {value:>6}" + (f"  {at_50.get(name, '-'):>6}" if at_50 else "")
+                                    for name, value in cells))
     return "\n".join(lines)
 
 

@@ -194,10 +194,13 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
             totals[label]["missed"] += count
         scored.append((sum(fp.values()), sum(missed.values()), record))
     per_class = [{"name": names[k - 1] if 0 < k <= len(names) else f"class {k}",
-                  "ap": _number(metrics.get(f"AP-{names[k - 1]}")) if 0 < k <= len(names) else None, **totals[k]}
+                  "ap": _number(metrics.get(f"AP-{names[k - 1]}")) if 0 < k <= len(names) else None,
+                  **({"ap50": _number(metrics.get(f"AP50-{names[k - 1]}")) if 0 < k <= len(names) else None}
+                     if dataset.kind == "coco" else {}), **totals[k]}
                  for k in sorted(totals)]
-    section = TestSetSection(dataset.name, len(records), {k: v for k, v in metrics.items() if not k.startswith("AP-")},
-                             per_class, skipped=len(dataset.records) - len(records))
+    summary = {k: v for k, v in metrics.items() if not k.startswith(("AP-", "AP50-"))}
+    section = TestSetSection(dataset.name, len(records), summary, per_class,
+                             skipped=len(dataset.records) - len(records))
     if pr_curves_png is not None and Path(pr_curves_png).is_file():
         section.pr_curves = base64.b64encode(Path(pr_curves_png).read_bytes()).decode()
     found = [Path(s[2]["file_name"]).is_file() for s in scored]  # re-scoring saved results needs no images
@@ -374,14 +377,18 @@ TEMPLATE = """<!DOCTYPE html>
 </table>
 <h3>Per class</h3>
 <table class="per-class">
-<thead><tr><th>class</th><th>AP</th><th>objects</th><th>false positives</th><th>missed</th></tr></thead>
+{% set at_50 = s.per_class and "ap50" in s.per_class[0] %}
+<thead><tr><th>class</th><th>AP</th>{% if at_50 %}<th>AP50</th>{% endif %}<th>objects</th><th>false positives</th>\
+<th>missed</th></tr></thead>
 <tbody>
 {% for c in s.per_class %}
-<tr><td>{{ c.name }}</td><td>{{ c.ap | num }}</td><td>{{ c.gt }}</td><td>{{ c.fp }}</td><td>{{ c.missed }}</td></tr>
+<tr><td>{{ c.name }}</td><td>{{ c.ap | num }}</td>{% if at_50 %}<td>{{ c.ap50 | num }}</td>{% endif %}\
+<td>{{ c.gt }}</td><td>{{ c.fp }}</td><td>{{ c.missed }}</td></tr>
 {% endfor %}
 </tbody>
 </table>
-<p class="muted">AP: each class's AP-&lt;class&gt; of metrics.json (COCO-type sets: IoU 0.50:0.95; VOC-type: IoU 0.5).
+<p class="muted">AP: each class's AP-&lt;class&gt; of metrics.json (COCO-type sets: IoU 0.50:0.95, and AP50-&lt;class&gt;
+at IoU 0.5; VOC-type: IoU 0.5).
 False positives and missed objects count the predictions scoring at least {{ score_thresh }},
 matched by score to ground truth of their class at IoU &ge; {{ iou_thresh }} as the set's metric matches
 them (COCO-type: COCOeval's rule, crowd regions neither; VOC-type: the devkit's, difficult objects neither).</p>

@@ -102,8 +102,9 @@ def metric_names(dataset: DatasetInfo) -> list[str]:
     """The keys an evaluation of `dataset` gives (a set's own, before flatten_metrics prefixes them)."""
     from detection.evaluation.coco import SUMMARY_KEYS
 
-    summary = list(SUMMARY_KEYS) if dataset.kind == "coco" else ["mAP", "AP", "AP50", "AP75"]
-    return summary + [f"AP-{name}" for name in dataset.class_names]
+    if dataset.kind == "coco":
+        return [*SUMMARY_KEYS, *(f"{key}-{name}" for key in ("AP", "AP50") for name in dataset.class_names)]
+    return ["mAP", "AP", "AP50", "AP75", *(f"AP-{name}" for name in dataset.class_names)]
 
 
 _TOLD_CROWDED: set[tuple[str, int]] = set()  # once per process: training evaluates every eval_period
