@@ -199,7 +199,7 @@ def test_images_with_more_objects_than_the_model_keeps_are_said_once(tmp_path, c
     said = [r.getMessage() for r in caplog.records if "more objects than" in r.getMessage()]
     assert said == [f"test set crowded: {sum(c > 1 for c in counts)} of its 4 images hold more objects than the model "
                     f"keeps detections (model.roi_heads.detections_per_image=1; up to {max(counts)} objects): recall "
-                    "and AP are capped there; raise it for such images (Detectron2's LVIS configs use 300)"]
+                    "and AP are capped there; raise it for such images (Detectron2's LVIS configs use 300 detections)"]
     model = _Oracle(datasets[0].records, datasets[0].class_names)
     model.roi_heads = type("Heads", (), {"detections_per_image": 100})()
     caplog.clear()
@@ -219,3 +219,63 @@ def test_a_test_set_that_cannot_be_scored_stops_training_before_its_first_iterat
     monkeypatch.delitem(test_sets.EVALUATORS, "coco")
     with pytest.raises(DataError, match="data set shapes_val: unknown kind 'coco'"):
         build_test_datasets(cfg, ["circle", "square", "triangle"])
+
+
+def _dense_set(tmp_path):
+    """One 400x400 image with 150 circles (20 px, a grid) and 10 squares, as a COCO json."""
+    import cv2
+    import numpy as np
+
+    (tmp_path / "dense").mkdir()
+    cv2.imwrite(str(tmp_path / "dense" / "a.png"), np.zeros((400, 400, 3), np.uint8))
+    boxes = [[x * 30.0, y * 30.0, 20.0, 20.0] for y in range(13) for x in range(13)][:160]
+    anns = [{"id": n + 1, "image_id": 1, "category_id": 1 if n < 150 else 2, "bbox": box, "area": 400.0,
+             "iscrowd": 0} for n, box in enumerate(boxes)]
+    (tmp_path / "dense.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 400, "height": 400}], "annotations": anns,
+        "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]}))
+    entry = {"type": "coco", "name": "dense", "ann_file": "dense.json", "image_root": "dense"}
+    return get_datasets([entry], str(tmp_path)), anns
+
+
+def test_crowded_images_are_scored_whole_with_coco_max_dets_and_the_cap_is_said(tmp_path, caplog):
+    """A dense-scene trial: perfect detections of 150 circles in an image scored AP-circle 66.3,
+    COCOeval counting 100 detections per image and class, with no word. The cap is said, and
+    test.coco_max_dets raises it (Detectron2's COCOEvaluator max_dets_per_image)."""
+    from detection.evaluation.report import read_detections, section_for_test_set
+
+    datasets, anns = _dense_set(tmp_path)
+    results = [{"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"], "score": 1 - n * 1e-3}
+               for n, a in enumerate(anns)]
+    (tmp_path / "coco_results.json").write_text(json.dumps(results))
+    with caplog.at_level("WARNING", logger="detection.evaluation.test_sets"):
+        capped = evaluate_test_sets(datasets, results=str(tmp_path / "coco_results.json"))["dense"]
+    # 100 of 150 found at precision 1: 67 of COCOeval's 101 recall points (0, 0.01, ..., 0.66)
+    assert capped["AP-circle"] == pytest.approx(100 * 67 / 101) and capped["AP-square"] == 100
+    assert "test set dense: 1 of its 1 images hold more than 100 objects of one class (up to 150), and COCOeval " \
+        "counts 100 detections per image and class (test.coco_max_dets): AP and AR are capped there" in caplog.text
+    whole = evaluate_test_sets(datasets, results=str(tmp_path / "coco_results.json"), coco_max_dets=1000)["dense"]
+    assert whole["AP"] == whole["AP-circle"] == whole["AR1000"] == 100 and "AR100" not in whole
+    assert whole["AR10"] == pytest.approx(100 * (10 / 150 + 10 / 10) / 2)  # AR1 and AR10 keep their counts
+    # the report counts as the metric does: 50 circles missed at 100, none at 1000
+    detections = read_detections(datasets[0], str(tmp_path / "coco_results.json"))
+    for max_dets, missed in ((100, 50), (1000, 0)):
+        section = section_for_test_set(datasets[0], capped, detections, coco_max_dets=max_dets)
+        assert {c["name"]: c["missed"] for c in section.per_class} == {"circle": missed, "square": 0}
+
+
+def test_fewer_proposals_than_objects_is_said_as_the_cap(tmp_path, caplog):
+    """A dense-scene trial: detections_per_image raised to 400 silenced the warning while the RPN's
+    200 proposals still capped recall (AP 31.3 against 37.4 at 1000 proposals): the smaller cap is said."""
+    datasets, _ = _dense_set(tmp_path)
+    model = _Oracle(datasets[0].records, datasets[0].class_names)
+    model.roi_heads = type("Heads", (), {"detections_per_image": 400})()
+    model.rpn = type("RPN", (), {"post_nms_topk": {True: 2000, False: 120}})()
+    with caplog.at_level("WARNING", logger="detection.evaluation.test_sets"):
+        evaluate_test_sets(datasets, model=model, coco_max_dets=1000)
+    said = [r.getMessage() for r in caplog.records if "more objects than" in r.getMessage()]
+    assert said == ["test set dense: 1 of its 1 images hold more objects than the model takes proposals (each "
+                    "image's detections come from them) (model.rpn.post_nms_topk_test=120; up to 160 objects): "
+                    "recall and AP are capped there; raise it for such images (Detectron2's LVIS configs use 300 "
+                    "detections)"]
+    assert "COCOeval counts" not in caplog.text  # 150 of one class under 1000

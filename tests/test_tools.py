@@ -281,6 +281,26 @@ def test_visualize_results_draws_saved_detections_on_the_sets_images_without_a_m
         "ground truth): not with --weights" in err
 
 
+def test_visualize_says_when_images_reach_the_models_cap_of_detections(trained, tmp_path, capsys):
+    """A dense-scene trial: a shelf of 343 objects drew exactly 100 detections (the lowest scoring
+    0.81) without a word; a counting user read 100 as the count."""
+    root, overrides = trained
+    args = ["--config", ROOT / "configs" / "base.yaml", "--weights", root / "out" / "model_final.pth", "--input",
+            root / "data" / "shapes" / "val", "--output", tmp_path / "vis", "--no-draw", *overrides,
+            "model.roi_heads.detections_per_image=3"]
+    code, out, err = run_main(TOOLS["visualize.py"], [*args, "--score-thresh", "0"], capsys)
+    assert code == 0, err[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "vis" / "detections.jsonl").read_text().splitlines()]
+    assert [len(line["detections"]) for line in lines] == [3, 3, 3]
+    assert "note: 3 images gave the model's cap of detections (model.roi_heads.detections_per_image=3), every one " \
+        "scoring at least 0: they may hold more objects than drawn; raise it (and model.rpn.post_nms_topk_test, " \
+        "the proposals they come from) for crowded images" in out
+    # a threshold above each image's lowest score: each has one below it, so what is drawn is all there is
+    above = max(min(d["score"] for d in line["detections"]) for line in lines) + 1e-4
+    code, out, err = run_main(TOOLS["visualize.py"], [*args, "--score-thresh", f"{above:.6f}"], capsys)
+    assert code == 0 and "cap of detections" not in out, out
+
+
 def test_visualize_stops_with_an_error_when_its_output_cannot_be_written(trained, tmp_path, capsys, monkeypatch):
     """A file-system trial: a read-only or full output folder was counted with the unreadable
     inputs, so skip_bad_images made it "wrote 0 images ... 25 detections drawn", exit 0."""

@@ -249,7 +249,7 @@ def evaluate_row(cfg: Config, weights: str, datasets: list, device: torch.device
     # scored by class name, as eval.py scores (a test set listing the classes in another order)
     names, _ = model_class_names(loaded, cfg.model.class_names)
     metrics = evaluate_test_sets(datasets, model=timed, num_workers=cfg.dataloader.num_workers,
-                                 output_dir=where, model_classes=names)
+                                 output_dir=where, model_classes=names, coco_max_dets=cfg.test.coco_max_dets)
     first = metrics[datasets[0].name]
     return {**{key: first.get(key, float("nan")) for key in METRICS},
             "seconds_per_image": timed.median_seconds_per_image()}

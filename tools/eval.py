@@ -175,7 +175,8 @@ def _evaluate(cfg: Config, args: argparse.Namespace, out_root: Path, source: Res
     folders, model_classes = _checked_folders(cfg, datasets, model, weights, say)
     claim_for_every_process(out_root, source, folders, overwrite=args.overwrite, echo=say)
     per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
-                                 results=args.results, output_dir=out_root, echo=say, model_classes=model_classes)
+                                 results=args.results, output_dir=out_root, echo=say, model_classes=model_classes,
+                                 coco_max_dets=cfg.test.coco_max_dets)
     if is_main_process() and args.weights:  # re-scored results keep the environment.json of the run that made them
         _write_environment(cfg, args, device, [out_root / folder for folder in folders], iteration)
     _write_report(cfg, args, datasets, folders, out_root, per_set)
@@ -291,6 +292,7 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         section = section_for_test_set(dataset, per_set.get(dataset.name, {}), detections,
                                        out_root / folder / "pr_curves.png", crowd,
                                        skipped=read_skipped_images(out_root / folder),
+                                       coco_max_dets=cfg.test.coco_max_dets,
                                        gallery_size=GALLERY_SIZE if args.report_images is None
                                        else args.report_images)
         # re-scored results keep the command and config that made them, when saved beside them

@@ -166,6 +166,7 @@ class MultiScaleConfig(_Section):
 class TestConfig(_Section):
     eval_period: int = 0
     save_best: Union[str, None] = None
+    coco_max_dets: int = 100
     aug: TestAugConfig = field(default_factory=TestAugConfig)
     box_refinement: BoxRefinementConfig = field(default_factory=BoxRefinementConfig)
     multi_scale: MultiScaleConfig = field(default_factory=MultiScaleConfig)

@@ -39,7 +39,8 @@ def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None,
         inference = as_the_tools_run_it(cfg, model)
         return flatten_metrics(evaluate_test_sets(datasets, model=inference, num_workers=cfg.dataloader.num_workers,
                                                   output_dir=output_dir, between_batches=between_batches,
-                                                  model_classes=getattr(model, "class_names", None)))
+                                                  model_classes=getattr(model, "class_names", None),
+                                                  coco_max_dets=cfg.test.coco_max_dets))
     finally:
         set_rng_states(states)
 

@@ -161,11 +161,12 @@ def best_metric_key(cfg: Config, test_sets: Sequence) -> str | None:
     if not test_sets or cfg.test.eval_period <= 0:
         raise ConfigError(f"test.save_best: {wanted!r} keeps the weights of the best evaluation during training, and "
                           "this run evaluates none: give test.eval_period > 0 and datasets.test")
+    max_dets = cfg.test.coco_max_dets  # AR<max_dets>
     if len(test_sets) == 1:
-        keys = metric_names(test_sets[0])
+        keys = metric_names(test_sets[0], max_dets)
         wanted = wanted.removeprefix(f"{test_sets[0].name}/")
     else:
-        keys = [f"{d.name}/{key}" for d in test_sets for key in metric_names(d)]
+        keys = [f"{d.name}/{key}" for d in test_sets for key in metric_names(d, max_dets)]
     if wanted in keys:
         return wanted
     close = [key for key in keys if key.endswith(f"/{wanted}")] or difflib.get_close_matches(wanted, keys, n=3)

@@ -42,13 +42,20 @@ RESULTS_FILE = "coco_results.json"
 # COCOeval.stats in order (all 12); APs/APm/APl, ARs/ARm/ARl: small (< 32^2 px), medium, large (> 96^2 px)
 # objects (AR by size at 100 detections an image)
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+COCO_MAX_DETS = 100  # COCOeval's maxDets' last: the detections per image and class AP and AR count
+
+
+def summary_keys(max_dets: int = COCO_MAX_DETS) -> tuple[str, ...]:
+    """SUMMARY_KEYS for COCOeval's maxDets (1, 10, max_dets): AR<max_dets> names its recall at that many
+    detections (AR100 at COCO's standard 100; AR1000 when test.coco_max_dets raises it)."""
+    return tuple(f"AR{max_dets}" if key == "AR100" else key for key in SUMMARY_KEYS)
 
 
 class COCOEvaluator:
     """Collects detections as COCO results and reports COCOeval's numbers in percent.
 
-    `evaluate()` returns the SUMMARY_KEYS and "AP-<class>" (AP@[.50:.95], area all, 100
-    detections). A number pycocotools cannot define (no ground truth of that class or
+    `evaluate()` returns summary_keys(max_dets) and "AP-<class>" (AP@[.50:.95], area all, `max_dets`
+    detections per image and class: COCO's 100 unless test.coco_max_dets raises it for crowded images). A number pycocotools cannot define (no ground truth of that class or
     size among the evaluated images: its -1) is nan. With no detections at all, every
     defined number is 0. After it, `pr_curves[class] = (recall thresholds, precision)`:
     COCOeval's interpolated precision at IoU 0.5 over its 101 recall points.
@@ -56,11 +63,12 @@ class COCOEvaluator:
 
     curve_ap_in_metrics = False  # AP-<class> is over IoU .5:.95; the PR titles give each curve's (IoU 0.5) own
 
-    def __init__(self, dataset: DatasetInfo, output_dir: str | None = None) -> None:
+    def __init__(self, dataset: DatasetInfo, output_dir: str | None = None, max_dets: int = COCO_MAX_DETS) -> None:
         if not dataset.ann_file:
             raise DataError(f"data set {dataset.name}: COCO evaluation needs the annotation json (ann_file)")
         self.dataset = dataset
         self.output_dir = output_dir
+        self.max_dets = max_dets
         self._coco_gt: COCO | None = None  # read once, on the first evaluate
         self.reset()
 
@@ -147,8 +155,8 @@ class COCOEvaluator:
             logger.warning("%s: %s holds no ground-truth annotations on the evaluated images: every metric is "
                            "undefined (-); a json without an 'annotations' list (as image_info_test-dev2017.json) "
                            "is written for its evaluation server instead", self.dataset.name, self.dataset.ann_file)
-        coco_eval = run_cocoeval(coco_gt, results, image_ids, categories)
-        metrics = {key: _percent(coco_eval.stats[i]) for i, key in enumerate(SUMMARY_KEYS)}
+        coco_eval = run_cocoeval(coco_gt, results, image_ids, categories, self.max_dets)
+        metrics = {key: _percent(coco_eval.stats[i]) for i, key in enumerate(summary_keys(self.max_dets))}
         metrics.update(self._per_class(coco_eval))
         return metrics
 
@@ -212,9 +220,12 @@ class COCOSubmissionWriter(COCOEvaluator):
 
 
 def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[Any],
-                 category_ids: Sequence[int] | None = None) -> COCOeval:
+                 category_ids: Sequence[int] | None = None, max_dets: int = COCO_MAX_DETS) -> COCOeval:
     """COCOeval(iouType="bbox") of `results` on `image_ids` and `category_ids` (None: all of
-    `coco_gt`'s, COCOeval's default), summarized; its printout is logged."""
+    `coco_gt`'s, COCOeval's default), with maxDets (1, 10, max_dets), summarized (`stats`); its
+    printout is logged. pycocotools' summarize() reads AP at 100 detections whatever maxDets
+    says (a -1, "not defined", for another): for max_dets other than 100 its twelve numbers are
+    read here from the same arrays at max_dets (Detectron2's COCOevalMaxDets does the same)."""
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         coco_dt = _load_results(coco_gt, results)
@@ -222,11 +233,39 @@ def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[Any],
         coco_eval.params.imgIds = list(image_ids)
         if category_ids is not None:
             coco_eval.params.catIds = sorted(category_ids)
+        coco_eval.params.maxDets = [1, 10, max_dets]
         coco_eval.evaluate()
         coco_eval.accumulate()
-        coco_eval.summarize()
-    logger.info("COCOeval:\n%s", output.getvalue())
+        if max_dets == COCO_MAX_DETS:
+            coco_eval.summarize()
+    if max_dets != COCO_MAX_DETS:
+        coco_eval.stats = _summary_stats(coco_eval)
+        output.write("\n".join(f"{key:>5} = {value:.3f}" for key, value in zip(summary_keys(max_dets),
+                                                                             coco_eval.stats)))
+    logger.info("COCOeval%s:\n%s", f" (maxDets 1, 10, {max_dets})" if max_dets != COCO_MAX_DETS else "",
+                output.getvalue())
     return coco_eval
+
+
+def _summary_stats(coco_eval: COCOeval) -> np.ndarray:
+    """COCOeval.summarize()'s twelve numbers (its order, -1 where not defined) at the last of
+    params.maxDets for AP, AP by size and AR by size, and at each of them for AR1 / AR10 / AR<n>."""
+    params = coco_eval.params
+    last = params.maxDets[-1]
+
+    def mean(ap: bool, iou: float | None = None, area: str = "all", max_dets: int = last) -> float:
+        a, m = params.areaRngLbl.index(area), params.maxDets.index(max_dets)
+        values = coco_eval.eval["precision" if ap else "recall"]  # (T, R, K, A, M) / (T, K, A, M)
+        if iou is not None:
+            values = values[np.where(np.isclose(params.iouThrs, iou))[0]]
+        values = values[..., a, m]
+        defined = values[values > -1]
+        return float(defined.mean()) if defined.size else -1.0
+
+    return np.array([mean(True), mean(True, 0.5), mean(True, 0.75), mean(True, area="small"),
+                     mean(True, area="medium"), mean(True, area="large"), mean(False, max_dets=params.maxDets[0]),
+                     mean(False, max_dets=params.maxDets[1]), mean(False), mean(False, area="small"),
+                     mean(False, area="medium"), mean(False, area="large")])
 
 
 def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:

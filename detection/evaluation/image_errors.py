@@ -29,7 +29,7 @@ from detection.evaluation.voc_metric import devkit_iou, to_devkit
 from detection.utils.files import USER_TEXT_ENCODING
 
 IOU_THRESH = 0.5  # a prediction matches a ground-truth box of its class from this IoU
-COCO_MAX_DETS = 100  # COCOeval's maxDets for AP: the first 100 predictions per image and class
+COCO_MAX_DETS = 100  # COCOeval's maxDets for AP: the first 100 predictions per image and class (test.coco_max_dets)
 
 
 def voc_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np.ndarray,
@@ -63,10 +63,11 @@ def voc_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np
 
 def coco_image_errors(gt_xywh: np.ndarray, gt_labels: np.ndarray, gt_crowd: np.ndarray,
                       detections: Mapping[str, np.ndarray], score_thresh: float,
-                      iou_thresh: float = IOU_THRESH) -> tuple[dict[int, int], dict[int, int]]:
+                      iou_thresh: float = IOU_THRESH, max_dets: int = COCO_MAX_DETS
+                      ) -> tuple[dict[int, int], dict[int, int]]:
     """Per class, one image's false positives and missed objects among the predictions scoring
-    >= score_thresh, by COCOeval's rule (module docstring); `gt_xywh`: the json's boxes as written,
-    `gt_crowd`: iscrowd. The predictions' XYWH as the results file writes them are
+    >= score_thresh, by COCOeval's rule (module docstring; its `max_dets` highest scoring of each
+    class); `gt_xywh`: the json's boxes as written, `gt_crowd`: iscrowd. The predictions' XYWH as the results file writes them are
     `detections["xywh"]` (read_detections), else made from their XYXY `boxes`."""
     boxes, scores, labels = _kept(detections, score_thresh, "xywh" if "xywh" in detections else "boxes")
     if "xywh" not in detections:
@@ -78,7 +79,7 @@ def coco_image_errors(gt_xywh: np.ndarray, gt_labels: np.ndarray, gt_crowd: np.n
         gt = np.flatnonzero(gt_labels == label)
         gt = gt[np.argsort(gt_crowd[gt], kind="stable")]  # non-crowd first, as COCOeval sorts them
         g_boxes, crowd = gt_boxes[gt].reshape(-1, 4), gt_crowd[gt]
-        mine = _by_score(scores, labels == label)[:COCO_MAX_DETS]
+        mine = _by_score(scores, labels == label)[:max_dets]
         iou = _coco_iou(boxes[mine].reshape(-1, 4), g_boxes, crowd)
         taken = np.zeros(len(g_boxes), bool)
         fp = 0

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from detection.data import DataError
-from detection.evaluation.coco import read_results_json
+from detection.evaluation.coco import COCO_MAX_DETS, read_results_json
 from detection.evaluation.image_errors import IOU_THRESH, coco_image_errors, read_coco_ground_truth, voc_image_errors
 from detection.evaluation.outputs import SECTION_FILE, recorded_test_sets, results_subfolder
 from detection.evaluation.voc_results import read_comp4_dir
@@ -88,11 +88,13 @@ def evaluated_with(config: Mapping[str, Any], precision: str | None = None) -> s
     # box refinement's own NMS replaces the head's (roi_heads' refined postprocess)
     nms_key = "test.box_refinement.nms_thresh" if get("test.box_refinement.enabled") else \
         "model.roi_heads.nms_thresh_test"
+    max_dets = get("test.coco_max_dets")  # None in a config saved before the key
     parts = [f"test size {get('input.min_size_test')} (longer side at most {get('input.max_size_test')})",
              # what AP counts: COCO's own figure is 100 an image and no score threshold
              f"scores over {get('model.roi_heads.score_thresh_test')}, at most "
              f"{get('model.roi_heads.detections_per_image')} detections an image after NMS at IoU "
-             f"{get(nms_key)}"]
+             f"{get(nms_key)}" + (f" (COCOeval counts {max_dets} per image and class)"
+                                  if max_dets not in (None, COCO_MAX_DETS) else "")]
     if get("test.aug.enabled"):
         parts.append(f"TTA at {get('test.aug.min_sizes')}{', mirrored too' if get('test.aug.flip') else ''}")
     if get("test.multi_scale.enabled"):
@@ -161,12 +163,13 @@ def read_detections(dataset: DatasetInfo, results: str) -> dict[Any, dict[str, n
 def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], detections: Mapping[Any, Mapping],
                      pr_curves_png: str | Path | None = None, crowd: Mapping[Any, tuple] | None = None,
                      score_thresh: float = SCORE_THRESH, gallery_size: int = GALLERY_SIZE,
-                     skipped: Collection[Any] = ()) -> TestSetSection:
+                     skipped: Collection[Any] = (), coco_max_dets: int = COCO_MAX_DETS) -> TestSetSection:
     """One test set's part of the report. `detections`: read_detections(); `crowd`: COCO
     crowd regions (detection.visualization.draw.read_crowd_regions), drawn in the galleries;
     `skipped`: the ids of images the metrics leave out (unreadable: outputs.read_skipped_images),
     left out of the counts and galleries too. The counts match predictions to ground truth as
-    the set's metric does (detection/evaluation/image_errors.py)."""
+    the set's metric does (detection/evaluation/image_errors.py; a COCO-type set's with COCOeval's
+    `coco_max_dets`, test.coco_max_dets)."""
     from detection.visualization.draw import IGNORED_TAGS, ground_truth_boxes
 
     names = list(dataset.class_names)
@@ -181,7 +184,7 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
         if coco_truth is not None:  # the json's boxes, as COCOeval scores them
             boxes, labels, ignored = coco_truth.get(record["image_id"], (np.zeros((0, 4)), np.zeros(0, np.int64),
                                                                          np.zeros(0, bool)))
-            fp, missed = coco_image_errors(boxes, labels, ignored, found, score_thresh)
+            fp, missed = coco_image_errors(boxes, labels, ignored, found, score_thresh, max_dets=coco_max_dets)
         else:
             boxes, labels, tags = ground_truth_boxes(record)  # VOC: as annotated, difficult tagged
             ignored = np.array([t in IGNORED_TAGS for t in tags], bool)  # "no area" is scored: a miss

@@ -22,11 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from detection.data import DataError
 from detection.evaluation.classes import label_map_for_test_set
-from detection.evaluation.coco import COCOEvaluator, COCOSubmissionWriter
+from detection.evaluation.coco import COCO_MAX_DETS, COCOEvaluator, COCOSubmissionWriter, summary_keys
 from detection.evaluation.inference import Evaluator, format_metrics_table, inference_on_dataset, save_metrics_json
 from detection.evaluation.outputs import (SKIPPED_FILE, read_skipped_images, results_for_test_set,
                                          results_subfolder, results_subfolders, write_skipped_images)
@@ -48,7 +49,8 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
                        num_workers: int = 0, results: str | None = None,
                        output_dir: str | Path | None = None, echo: Callable[[str], None] | None = None,
                        model_classes: Sequence[str] | None = None,
-                       between_batches: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
+                       between_batches: Callable[[], None] | None = None,
+                       coco_max_dets: int = COCO_MAX_DETS) -> dict[str, dict[str, float]]:
     """Each test set's metrics, by data set name, from `model` or from saved `results` (a
     results folder as this function writes it, a coco_results.json or a folder of comp4
     files). `echo` (e.g. print) receives each set's metrics table and where it was written.
@@ -57,7 +59,8 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
     order, or a subset of them, is scored by name (classes.label_map_for_test_set; a set that fits
     no way is refused). With no names known, label k is scored as the set's k-th class: a warning
     says so.
-    `between_batches`: called before each batch of the model's images (inference_on_dataset)."""
+    `between_batches`: called before each batch of the model's images (inference_on_dataset).
+    `coco_max_dets`: the detections per image and class COCOeval counts (test.coco_max_dets)."""
     if (model is None) == (results is None):
         raise ValueError("evaluate_test_sets: give a model or saved results, not both or neither")
     if model is not None and not model_classes:
@@ -78,7 +81,9 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
         if where is not None and comm.is_main_process():
             where.mkdir(parents=True, exist_ok=True)
         if results is not None:  # saved results are re-scored, not rewritten; a submission has only its files
-            evaluator = build_evaluator(dataset, None if dataset.has_annotations or where is None else str(where))
+            evaluator = build_evaluator(dataset, None if dataset.has_annotations or where is None else str(where),
+                                        coco_max_dets)
+            _say_crowded(dataset, None, coco_max_dets)
             path = results_for_test_set(results, folder, dataset.kind)
             evaluator.load_results(path)
             skipped = read_skipped_images(path)  # as the run that wrote them: without its unreadable images
@@ -87,10 +92,10 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
             _say_uncovered(dataset, evaluator, path)
             metrics = evaluator.evaluate()
         else:
-            evaluator = build_evaluator(dataset, str(where) if where is not None else None)
+            evaluator = build_evaluator(dataset, str(where) if where is not None else None, coco_max_dets)
             label_map = label_map_for_test_set(dataset.name, dataset.class_names, model_classes, len(model_classes)) \
                 if model_classes else None
-            _say_crowded(dataset, model)
+            _say_crowded(dataset, model, coco_max_dets)
             metrics = _run_model(model, dataset, evaluator, num_workers, label_map, between_batches)
         out[dataset.name] = metrics
         if comm.is_main_process():
@@ -98,35 +103,57 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
     return out
 
 
-def metric_names(dataset: DatasetInfo) -> list[str]:
+def metric_names(dataset: DatasetInfo, coco_max_dets: int = COCO_MAX_DETS) -> list[str]:
     """The keys an evaluation of `dataset` gives (a set's own, before flatten_metrics prefixes them)."""
-    from detection.evaluation.coco import SUMMARY_KEYS
-
     if dataset.kind == "coco":
-        return [*SUMMARY_KEYS, *(f"{key}-{name}" for key in ("AP", "AP50") for name in dataset.class_names)]
+        return [*summary_keys(coco_max_dets),
+                *(f"{key}-{name}" for key in ("AP", "AP50") for name in dataset.class_names)]
     return ["mAP", "AP", "AP50", "AP75", *(f"AP-{name}" for name in dataset.class_names)]
 
 
-_TOLD_CROWDED: set[tuple[str, int]] = set()  # once per process: training evaluates every eval_period
+_TOLD_CROWDED: set[tuple] = set()  # once per process and cap: training evaluates every eval_period
 
 
-def _say_crowded(dataset: DatasetInfo, model: torch.nn.Module) -> None:
-    """A warning when images of the set hold more objects than the model keeps detections
-    (model.roi_heads.detections_per_image, 100 by default): its recall and AP are capped there,
-    in silence (a many-class trial: AP 11.1 against 23.3 uncapped on images of 150-500 objects;
-    COCOeval's own maxDets of 100 counts per class, so it is the model's cap that bites)."""
-    heads = getattr(model, "roi_heads", None) or getattr(getattr(model, "model", None), "roi_heads", None)
-    cap = getattr(heads, "detections_per_image", None)
-    if not isinstance(cap, int) or not comm.is_main_process() or (dataset.name, cap) in _TOLD_CROWDED:
+def _say_crowded(dataset: DatasetInfo, model: torch.nn.Module | None, coco_max_dets: int = COCO_MAX_DETS) -> None:
+    """Warnings when images of the set hold more objects than can be found or counted, where
+    recall and AP are capped in silence: the model keeps model.roi_heads.detections_per_image
+    detections, from model.rpn.post_nms_topk_test proposals (the smaller of the two bites: a
+    many-class trial's AP 11.1 against 23.3 uncapped on images of 150-500 objects; a dense-scene
+    trial's 31.3 at 200 proposals against 37.4 at 1000); and a COCO-type set's COCOeval counts
+    `coco_max_dets` detections per image and class (perfect detections of 200 circles an image
+    scored AP 49.5). `model` None (saved results): the last only."""
+    if not comm.is_main_process():
         return
     counts = [len(record.get("boxes", ())) for record in dataset.records]
-    over = sum(count > cap for count in counts)
-    if over:
-        _TOLD_CROWDED.add((dataset.name, cap))
-        logger.warning("test set %s: %d of its %d images hold more objects than the model keeps detections "
-                       "(model.roi_heads.detections_per_image=%d; up to %d objects): recall and AP are capped there; "
-                       "raise it for such images (Detectron2's LVIS configs use 300)", dataset.name, over,
-                       len(counts), cap, max(counts))
+    inner = getattr(model, "model", None)  # test-time augmentation's wrapper
+    heads = getattr(model, "roi_heads", None) or getattr(inner, "roi_heads", None)
+    rpn = getattr(model, "rpn", None) or getattr(inner, "rpn", None)
+    caps = [(value, key) for value, key in (
+        (getattr(heads, "detections_per_image", None), "model.roi_heads.detections_per_image"),
+        (getattr(rpn, "post_nms_topk", {}).get(False) if isinstance(getattr(rpn, "post_nms_topk", None), dict)
+         else None, "model.rpn.post_nms_topk_test")) if isinstance(value, int)]
+    if caps and counts:
+        cap, key = min(caps)
+        over = sum(count > cap for count in counts)
+        if over and (dataset.name, key, cap) not in _TOLD_CROWDED:
+            _TOLD_CROWDED.add((dataset.name, key, cap))
+            what = "keeps detections" if key.endswith("detections_per_image") else \
+                "takes proposals (each image's detections come from them)"
+            logger.warning("test set %s: %d of its %d images hold more objects than the model %s (%s=%d; up to %d "
+                           "objects): recall and AP are capped there; raise it for such images (Detectron2's LVIS "
+                           "configs use 300 detections)", dataset.name, over, len(counts), what, key, cap, max(counts))
+    if dataset.kind != "coco" or not dataset.has_annotations:
+        return
+    most = [int(np.bincount(np.asarray(record.get("labels", ()), np.int64)).max(initial=0))
+            if len(record.get("labels", ())) else 0 for record in dataset.records]
+    over = sum(count > coco_max_dets for count in most)
+    if over and (dataset.name, "coco_max_dets", coco_max_dets) not in _TOLD_CROWDED:
+        _TOLD_CROWDED.add((dataset.name, "coco_max_dets", coco_max_dets))
+        logger.warning("test set %s: %d of its %d images hold more than %d objects of one class (up to %d), and "
+                       "COCOeval counts %d detections per image and class (test.coco_max_dets): AP and AR are capped "
+                       "there, even for perfect detections; raise test.coco_max_dets (Detectron2's COCOEvaluator "
+                       "max_dets_per_image) to score them all", dataset.name, over, len(most), coco_max_dets,
+                       max(most), coco_max_dets)
 
 
 def _say_uncovered(dataset: DatasetInfo, evaluator: Evaluator, path: str) -> None:
@@ -151,10 +178,13 @@ def flatten_metrics(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, flo
     return {f"{name}/{key}": value for name, metrics in per_set.items() for key, value in metrics.items()}
 
 
-def build_evaluator(dataset: DatasetInfo, output_dir: str | None = None) -> Evaluator:
+def build_evaluator(dataset: DatasetInfo, output_dir: str | None = None,
+                    coco_max_dets: int = COCO_MAX_DETS) -> Evaluator:
     """The evaluator for `dataset.kind`; results files go to `output_dir` (None: not written).
-    A data set without annotations gets its kind's submission writer (no metrics)."""
-    return evaluator_class(dataset)(dataset, output_dir)
+    A data set without annotations gets its kind's submission writer (no metrics). A COCO-type
+    set's COCOeval counts `coco_max_dets` detections per image and class (test.coco_max_dets)."""
+    cls = evaluator_class(dataset)
+    return cls(dataset, output_dir, coco_max_dets) if dataset.kind == "coco" else cls(dataset, output_dir)
 
 
 def evaluator_class(dataset: DatasetInfo) -> type:
