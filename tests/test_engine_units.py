@@ -216,8 +216,10 @@ def test_a_schedule_cut_short_is_warned_of_and_repeated_steps_are_refused():
     between = ["solver.checkpoint_period=5", "solver.keep_checkpoints=3", "test.eval_period=4"]
     assert schedule_warnings(load_config(None, between)) == [
         "test.eval_period 4 is not a multiple of solver.checkpoint_period 5: most evaluated iterations have no "
-        "checkpoint kept (solver.keep_checkpoints) to pick by its AP; make the one a multiple of the other"]
+        "checkpoint kept (solver.keep_checkpoints) to pick by its AP; make the one a multiple of the other, or "
+        "test.save_best=AP keeps the best evaluation's weights as model_best.pth"]
     assert schedule_warnings(load_config(None, [*between, "test.eval_period=10"])) == []
+    assert schedule_warnings(load_config(None, [*between, "test.save_best=AP"])) == []  # the best one is kept
     assert schedule_warnings(load_config(None, [*between, "solver.keep_checkpoints=0"])) == []  # none kept anyway
     with pytest.raises(ConfigError, match=r"solver\.steps.*increasing positive iterations"):
         load_config(None, ["solver.steps=[1537, 1537]"])
@@ -259,3 +261,24 @@ def test_the_test_sets_summary_counts_objects_per_class_and_images_without_any()
     dataset = DatasetInfo(name="mine", kind="coco", class_names=["cat", "dog", "owl"], records=records)
     assert summary_of_test_sets(load_config(None, []), [dataset]) == [
         "test set mine: 3 images, 3 classes (1 without objects), objects per class: cat 1, dog 3, owl 0"]
+
+
+def test_objects_resized_under_half_the_smallest_anchor_are_said():
+    """A dense-scene trial: 4000x3000 images shrunk to 640x480 made 8-20 px objects 1-2 px, AP 0 with
+    no word. The median object's side (square root of its area) as the model sees it, against half
+    the smallest anchor (an IoU under 0.25 with every anchor: below the RPN's background threshold)."""
+    from detection.data.dataset_info import DatasetInfo
+    from detection.engine.startup import small_objects_line
+
+    boxes = np.array([[0, 0, 10, 10], [100, 100, 110, 120], [200, 200, 240, 240]], np.float32)  # sides 10, 14.1, 40
+    record = {"image_id": 1, "file_name": "a.jpg", "height": 3000, "width": 4000, "boxes": boxes,
+              "labels": np.ones(3, np.int64)}
+    dataset = DatasetInfo(name="aerial", kind="coco", class_names=["car"], records=[record])
+    # 3000 -> 480 (0.16): the median 14.14 px becomes 2.26 px, under 16 / 2
+    assert small_objects_line(dataset, 480, 640, 16, "input.min_size_test") == (
+        "test set aerial: half its objects are under 2.3 px (the square root of their area) at input.min_size_test "
+        "480, under half the smallest anchor (model.anchors.sizes: 16): their IoU with every anchor is under the "
+        "RPN's background threshold, so few are proposed; raise input.min_size_test, train with smaller "
+        "model.anchors.sizes, or cut the images into tiles")
+    assert small_objects_line(dataset, 3000, 4000, 16, "input.min_size_test") is None  # 14.1 px: over 8
+    assert small_objects_line(dataset, 3000, 4000, 32, "input.min_size_test") is not None  # under 16

@@ -301,6 +301,29 @@ def test_visualize_says_when_images_reach_the_models_cap_of_detections(trained, 
     assert code == 0 and "cap of detections" not in out, out
 
 
+def test_eval_and_training_say_when_the_resize_makes_most_objects_too_small_for_the_anchors(trained, tmp_path,
+                                                                                            capsys, caplog):
+    from detection.engine.trainer import train
+    from tests.helpers import tiny_cfg
+
+    root, overrides = trained
+    code, out, err = run_main(TOOLS["eval.py"], ["--config", ROOT / "configs" / "base.yaml", "--weights",
+                                                 root / "out" / "model_final.pth", "--output-dir", tmp_path / "e",
+                                                 *overrides, "input.min_size_test=16"], capsys)
+    assert code == 0, err[-2000:]
+    assert "test set shapes_val: half its objects are under" in err and "at input.min_size_test 16, under half the " \
+        "smallest anchor (model.anchors.sizes: 16)" in err, err
+    code, out, err = run_main(TOOLS["eval.py"], ["--config", ROOT / "configs" / "base.yaml", "--weights",
+                                                 root / "out" / "model_final.pth", "--output-dir", tmp_path / "f",
+                                                 *overrides], capsys)
+    assert code == 0 and "half its objects" not in err  # at the size it was trained at
+    caplog.set_level("WARNING")
+    caplog.clear()
+    train(tiny_cfg(root / "data", tmp_path / "run", **{"solver.max_iter": 1, "input.min_size_train": [16]}))
+    assert "training set shapes_train: half its objects are under" in caplog.text
+    assert "test set shapes_val: half its objects" not in caplog.text  # tested at 64
+
+
 def test_visualize_stops_with_an_error_when_its_output_cannot_be_written(trained, tmp_path, capsys, monkeypatch):
     """A file-system trial: a read-only or full output folder was counted with the unreadable
     inputs, so skip_bad_images made it "wrote 0 images ... 25 detections drawn", exit 0."""

@@ -55,6 +55,7 @@ class is refused.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -71,6 +72,8 @@ if TYPE_CHECKING:  # annotations only: torch is imported after the arguments are
     from detection.data.dataset_info import DatasetInfo
     from detection.engine.loading import DetectorWeights
     from detection.evaluation.outputs import ResultsSource
+
+logger = logging.getLogger("eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,6 +176,14 @@ def _evaluate(cfg: Config, args: argparse.Namespace, out_root: Path, source: Res
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             check_images=not args.results, exif_orientation=cfg.input.exif_orientation)
     folders, model_classes = _checked_folders(cfg, datasets, model, weights, say)
+    if model is not None and is_main_process():  # objects the model sees too small to be proposed
+        from detection.engine.startup import small_objects_line
+
+        for dataset in datasets:
+            line = small_objects_line(dataset, cfg.input.min_size_test, cfg.input.max_size_test,
+                                      min(cfg.model.anchors.sizes), "input.min_size_test")
+            if line:
+                logger.warning("%s", line)
     claim_for_every_process(out_root, source, folders, overwrite=args.overwrite, echo=say)
     per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
                                  results=args.results, output_dir=out_root, echo=say, model_classes=model_classes,

@@ -219,6 +219,48 @@ def parameters_line(model: torch.nn.Module, freeze_at: int) -> str:
             f"{freeze_at}: {', '.join(frozen) or 'nothing'} frozen)")
 
 
+def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, smallest_anchor: int, size_key: str,
+                       what: str = "test") -> str | None:
+    """A warning when half a set's objects, at the size the model sees them (each image resized to
+    `min_size` / `max_size`), are under half the smallest anchor: their IoU with any anchor is then
+    under 0.25, below the RPN's background threshold (0.3), so each is matched only as its best
+    anchor's and few are proposed (a dense-scene trial: 4000x3000 images shrunk to 640x480 made
+    their 8-20 px objects 1-2 px, AP 0 with no word). The size of an object: the square root of
+    its area."""
+    from detection.modeling.resize import resized_shape
+
+    sides = []
+    for record in dataset.records:
+        boxes = np.asarray(record.get("boxes", ()), np.float64).reshape(-1, 4)
+        height, width = record.get("height") or 0, record.get("width") or 0
+        if not len(boxes) or not height or not width:
+            continue
+        new_h, new_w = resized_shape(height, width, min_size, max_size)
+        area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0) * (new_h / height) * (
+            new_w / width)
+        sides.append(np.sqrt(area))
+    if not sides:
+        return None
+    median = float(np.median(np.concatenate(sides)))
+    if median >= smallest_anchor / 2:
+        return None
+    return (f"{what} set {dataset.name}: half its objects are under {median:.1f} px (the square root of their area) "
+            f"at {size_key} {min_size}, under half the smallest anchor (model.anchors.sizes: {smallest_anchor}): "
+            "their IoU with every anchor is under the RPN's background threshold, so few are proposed; raise "
+            f"{size_key}, train with smaller model.anchors.sizes, or cut the images into tiles")
+
+
+def small_objects_warnings(cfg: Config, datasets: Sequence[DatasetInfo], test_sets: Sequence[DatasetInfo]
+                           ) -> list[str]:
+    """small_objects_line of each training set (at the largest input.min_size_train) and test set."""
+    smallest = min(cfg.model.anchors.sizes)
+    lines = [small_objects_line(d, max(cfg.input.min_size_train), cfg.input.max_size_train, smallest,
+                                "input.min_size_train", "training") for d in datasets]
+    lines += [small_objects_line(d, cfg.input.min_size_test, cfg.input.max_size_test, smallest, "input.min_size_test")
+              for d in test_sets if d.has_annotations]
+    return [line for line in lines if line]
+
+
 def schedule_warnings(cfg: Config) -> list[str]:
     """What in the lr schedule never happens within solver.max_iter (as Detectron2 warns of steps
     past MAX_ITER): easy to leave behind when a long config's max_iter is cut for a short run;
