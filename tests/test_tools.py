@@ -268,6 +268,17 @@ def test_visualize_results_draws_saved_detections_on_the_sets_images_without_a_m
                                                       "--output", tmp_path / "alone"], capsys)
     assert code == 0 and out.strip().endswith("wrote 1 images to " f"{tmp_path / 'alone'}: 2 detections drawn "
                                               "(score >= 0.2)"), (out, err)
+    # --no-labels: the boxes alone (dense scenes)
+    code, out, err = run_main(TOOLS["visualize.py"], [*args, "--limit", "1", "--no-labels", "--output",
+                                                      tmp_path / "bare"], capsys)
+    assert code == 0, err
+    drawing = cv2.cvtColor(cv2.imread(str(tmp_path / "bare" / f"00000_{Path(first['file_name']).stem}.jpg")),
+                           cv2.COLOR_BGR2RGB)
+    image = read_image(first["file_name"])
+    bare = draw_detections(image, [[10, 20, 40, 45]], [2], [0.9], dataset.class_names, labelled=False)
+    labelled = draw_detections(image, [[10, 20, 40, 45]], [2], [0.9], dataset.class_names)
+    label = (bare != labelled).any(axis=2)
+    assert np.abs(drawing.astype(int) - bare)[label].mean() < 0.3 * np.abs(drawing.astype(int) - labelled)[label].mean()
     # results of another set: refused, not drawn as if the model had found nothing
     (tmp_path / "other.json").write_text(json.dumps(results[2:]))
     code, out, err = run_main(TOOLS["visualize.py"], [*args[:3], tmp_path / "other.json", *overrides, "--output",

@@ -179,3 +179,19 @@ def test_the_highest_scoring_box_is_drawn_last():
         out = draw_detections(image, [box, box], [1, 3], scores, NAMES, score_thresh=0.5)
         assert tuple(out[80, 40]) == color_for_label(on_top)  # the shared left edge
         assert tuple(out[109, 80]) == color_for_label(on_top)  # and bottom edge
+
+
+def test_boxes_without_labels_change_only_the_box_outlines():
+    """visualize.py --no-labels (a dense-scene trial: 300 labels sized for a 3000 px image hid every
+    8-20 px object): the boxes in their class colours, nothing else drawn."""
+    image = _image()
+    boxes = [[40.0, 50.0, 100.0, 110.0], [10.0, 10.0, 30.0, 30.0]]
+    out = draw_detections(image, boxes, [2, 1], [0.9, 0.8], NAMES, score_thresh=0.5, labelled=False)
+    outline = np.zeros(image.shape[:2], bool)
+    for x1, y1, x2, y2 in ((40, 50, 99, 109), (10, 10, 29, 29)):  # the last pixels each box covers
+        outline[y1:y2 + 1, [x1, x2]] = outline[[y1, y2], x1:x2 + 1] = True
+    changed = (out != image).any(axis=2)
+    np.testing.assert_array_equal(changed, outline)
+    assert tuple(out[80, 40]) == color_for_label(2) and tuple(out[20, 10]) == color_for_label(1)
+    labelled = (draw_detections(image, boxes, [2, 1], [0.9, 0.8], NAMES, score_thresh=0.5) != image).any(axis=2)
+    assert (labelled & ~outline).sum() > 200  # the labels, which --no-labels leaves out

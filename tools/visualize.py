@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", metavar="PATH",
                         help="draw the detections eval.py saved (a results folder, a test set's folder, a "
                              "coco_results.json or a folder of comp4 files) on the data set's images: no model")
+    parser.add_argument("--no-labels", action="store_true",
+                        help="boxes only, in their class colours (dense scenes: hundreds of labels hide the boxes)")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
     parser.add_argument("--resume", action="store_true",
                         help="--input's images already listed in DIR/detections.jsonl (and drawn) by an earlier run "
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 def draw(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     if args.train_batches:
-        draw_training_batches(cfg, args.train_batches, args.output)
+        draw_training_batches(cfg, args.train_batches, args.output, labelled=not args.no_labels)
         return
     if args.input and is_video(args.input) and Path(args.input).expanduser().is_file():
         frames, drawn, video, listed = run_video(cfg, args)
@@ -504,7 +506,7 @@ class DetectionsFile:
             raise self._error(err, "write to") from None
 
 
-def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
+def draw_training_batches(cfg: Config, batches: int, output: str, labelled: bool = True) -> None:
     """The first `batches` training batches, each image with its target boxes, as
     DIR/NNNNN_STEM.jpg (NNNNN: the image's place in the training stream)."""
     from detection.data.loader import training_samples
@@ -518,7 +520,8 @@ def draw_training_batches(cfg: Config, batches: int, output: str) -> None:
     out = output_folder(output, list(one_per_folder.values()))
     count, boxes, written = 0, 0, set()
     for count, (_, image, target, record) in enumerate(training_samples(loader, batches), start=1):
-        canvas = draw_detections(image.permute(1, 2, 0).numpy(), target["boxes"], target["labels"], None, names, 0.0)
+        canvas = draw_detections(image.permute(1, 2, 0).numpy(), target["boxes"], target["labels"], None, names, 0.0,
+                                 labelled=labelled)
         path = out / output_name(count - 1, record["file_name"])
         write_drawing(path, canvas)  # WriteError naming it (a full disk: exit 75)
         boxes += len(target["boxes"])
@@ -595,11 +598,12 @@ def _draw_image(image, record: dict | None, crowd: dict, predict, names: tuple[l
     panels, kept = [], None
     if record is not None and (args.gt or args.compare):
         boxes, labels, tags = ground_truth_boxes(record, crowd.get(record["image_id"]))
-        panels.append(draw_detections(image, boxes, labels, None, names[0], 0.0, tags=tags))
+        panels.append(draw_detections(image, boxes, labels, None, names[0], 0.0, tags=tags,
+                                      labelled=not args.no_labels))
     if predict is not None:
         pred = predict(image, record)
         panels.append(draw_detections(image, pred["boxes"], pred["labels"], pred["scores"], names[1],
-                                      args.score_thresh))
+                                      args.score_thresh, labelled=not args.no_labels))
         keep = np.asarray(pred["scores"]) >= args.score_thresh  # draw_detections' own rule
         drawn.append(int(keep.sum()))
         kept = {key: np.asarray(pred[key])[keep] for key in ("boxes", "scores", "labels")}

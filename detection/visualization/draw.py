@@ -64,7 +64,7 @@ def _relative_luminance(rgb: Sequence[int]) -> float:
 
 def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any | None,
                     class_names: Sequence[str], score_thresh: float = 0.5,
-                    tags: Sequence[str] | None = None) -> np.ndarray:
+                    tags: Sequence[str] | None = None, labelled: bool = True) -> np.ndarray:
     """A copy of `image_rgb` (uint8[H,W,3]) with the boxes and their labels drawn.
 
     boxes: [N,4] XYXY 0-based pixels (tensor or array); labels: [N] in 1..K; scores: [N]
@@ -72,7 +72,8 @@ def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any 
     `score_thresh` are skipped; higher scores are drawn last, i.e. on top, and choose their
     label's place first (ground truth: in the given order). tags: [N] strings or None; a
     non-empty tag ends the box's label, and a box the metrics ignore (IGNORED_TAGS: "difficult",
-    "crowd") is drawn dashed.
+    "crowd") is drawn dashed. labelled False: boxes only, in their class colours (hundreds of
+    small objects: the labels, sized for the image, covered every box).
     """
     image = rgb_uint8(image_rgb, "draw_detections").copy()
     boxes = _as_array(boxes, np.float64).reshape(-1, 4)
@@ -95,6 +96,8 @@ def draw_detections(image_rgb: np.ndarray, boxes: Any, labels: Any, scores: Any 
     for i in order:  # all boxes first, so that no box line crosses a label
         draw = _dashed_rectangle if tags[i] in IGNORED_TAGS else cv2.rectangle
         draw(image, *corners[i], color_for_label(labels[i]), thickness)  # axis-aligned: crisp, no AA
+    if not labelled:
+        return image
     texts = {i: " ".join(t for t in (_class_name(int(labels[i]), class_names),
                                      None if scores is None else f"{scores[i]:.2f}", tags[i]) if t)
              for i in order}
