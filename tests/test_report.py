@@ -13,7 +13,7 @@ import pytest
 
 from detection.data.catalog import get_dataset
 from detection.data.shapes import generate_shapes
-from detection.evaluation.image_errors import coco_image_errors, voc_image_errors
+from detection.evaluation.image_errors import coco_image_errors, confusion_counts, voc_image_errors
 from detection.evaluation.voc_metric import devkit_iou, to_devkit
 from detection.evaluation.report import section_for_test_set, write_report
 
@@ -424,3 +424,50 @@ def test_a_voc_box_of_no_area_is_counted_as_its_metric_counts_it(tmp_path):
     dataset = DatasetInfo(name="voc", kind="voc", class_names=["cat"], records=[record])
     section = section_for_test_set(dataset, {}, {})
     assert section.per_class == [{"name": "cat", "ap": None, "gt": 2, "fp": 0, "missed": 2}]
+
+
+def test_confusion_counts_split_false_positives_by_the_object_they_are_on():
+    """MMDetection's confusion_matrix.py for this project's matching: found on the diagonal, a
+    detection of the wrong class on an object in that object's row, duplicates and background in
+    "no object", missed objects in the last column; a difficult or crowd object counts nowhere."""
+    cat1, dog, cat2, hard = [0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]
+    gt = np.array([cat1, dog, cat2, hard], np.float64)
+    gt_labels, ignored = np.array([1, 2, 1, 1]), np.array([False, False, False, True])
+    detections = {"boxes": np.array([cat1, dog, dog, cat1, [80, 80, 90, 90], hard, dog], np.float64),
+                  "scores": np.array([0.9, 0.8, 0.7, 0.6, 0.55, 0.95, 0.1]),
+                  "labels": np.array([1, 1, 2, 1, 1, 1, 2])}
+    expected = [[1, 0, 1],   # cat: found once, cat2 missed
+                [1, 1, 0],   # dog: found, and detected as a cat once
+                [2, 0, 0]]   # no object: a second cat on cat1, a cat on the background
+    for kind in ("voc", "coco"):
+        boxes = gt if kind == "voc" else np.concatenate([gt[:, :2], gt[:, 2:] - gt[:, :2]], axis=1)
+        counts = confusion_counts(kind, boxes, gt_labels, ignored, detections, 0.5, 2)
+        assert counts.tolist() == expected, kind
+        # as the false positives and missed objects of the report's table
+        errors = voc_image_errors if kind == "voc" else coco_image_errors
+        fp, missed = errors(boxes, gt_labels, ignored, detections, 0.5)
+        assert [counts[:, k].sum() - counts[k, k] for k in range(2)] == [fp.get(1, 0), fp.get(2, 0)]
+        assert counts[:2, 2].tolist() == [missed.get(1, 0), missed.get(2, 0)]
+
+
+def test_the_report_draws_the_confusion_table(tmp_path, shapes):
+    found = predictions(shapes)
+    second = found[shapes.records[1]["image_id"]]
+    truth = int(second["labels"][0])
+    second["labels"] = np.array([truth % 3 + 1, *second["labels"][1:]])  # its first object taken for another class
+    section = section_for_test_set(shapes, {"AP": 50.0}, found)
+    n = len(shapes.class_names)
+    names = shapes.class_names
+    assert section.most_confused() == [(names[truth - 1], names[truth % 3], 1)]
+    assert len(section.confusion) == n + 1 and all(len(row) == n + 1 for row in section.confusion)
+    assert [section.confusion[k][k] + section.confusion[k][n] for k in range(n)] == \
+        [c["gt"] for c in section.per_class]  # every object found or missed
+    html = write_report(tmp_path / "report.html", [section], source="x", command="c", config_text="").read_text()
+    assert "<h3>Confusion</h3>" in html and "<th>object \\ detected as</th>" in html
+    table = html[html.index('<table class="confusion">'):]
+    table = table[:table.index("</table>")]
+    rows = re.findall(r"<tr><th>([^<]*)</th>((?:<td>\d*</td>)*)</tr>", table)
+    assert [name for name, _ in rows] == [*names, "no object"]
+    assert [re.findall(r"<td>(\d*)</td>", cells) for _, cells in rows] == \
+        [[str(v) for v in row] for row in section.confusion[:n]] + [[str(v) for v in section.confusion[n][:n]] + [""]]
+    assert f"Most confused: {names[truth - 1]} detected as {names[truth % 3]} (1)" in html

@@ -34,9 +34,11 @@ COCO_MAX_DETS = 100  # COCOeval's maxDets for AP: the first 100 predictions per 
 
 def voc_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np.ndarray,
                      detections: Mapping[str, np.ndarray], score_thresh: float,
-                     iou_thresh: float = IOU_THRESH) -> tuple[dict[int, int], dict[int, int]]:
+                     iou_thresh: float = IOU_THRESH, false_positives: list[int] | None = None
+                     ) -> tuple[dict[int, int], dict[int, int]]:
     """Per class, one image's false positives and missed objects among the predictions scoring
-    >= score_thresh, by the VOC devkit's rule (module docstring); `gt_ignored`: difficult."""
+    >= score_thresh, by the VOC devkit's rule (module docstring); `gt_ignored`: difficult.
+    `false_positives`, a list: gets each false positive's index among those predictions."""
     boxes, scores, labels = _kept(detections, score_thresh)
     false_pos: dict[int, int] = {}
     missed: dict[int, int] = {}
@@ -47,15 +49,13 @@ def voc_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np
         iou = devkit_iou(to_devkit(boxes[mine]), to_devkit(g_boxes))  # the metric's own float operations
         used = np.zeros(len(g_boxes), bool)
         fp = 0
-        for row in iou:
+        for row, index in zip(iou, mine):
             best = int(np.argmax(row)) if row.size else -1
-            if best < 0 or row[best] < iou_thresh:
+            if best < 0 or row[best] < iou_thresh or (used[best] and not g_ignored[best]):
                 fp += 1
-            elif g_ignored[best]:
-                continue
-            elif used[best]:
-                fp += 1
-            else:
+                if false_positives is not None:
+                    false_positives.append(int(index))
+            elif not g_ignored[best]:
                 used[best] = True
         false_pos[label], missed[label] = fp, int((~used & ~g_ignored).sum())
     return false_pos, missed
@@ -63,12 +63,13 @@ def voc_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np
 
 def coco_image_errors(gt_xywh: np.ndarray, gt_labels: np.ndarray, gt_crowd: np.ndarray,
                       detections: Mapping[str, np.ndarray], score_thresh: float,
-                      iou_thresh: float = IOU_THRESH, max_dets: int = COCO_MAX_DETS
-                      ) -> tuple[dict[int, int], dict[int, int]]:
+                      iou_thresh: float = IOU_THRESH, max_dets: int = COCO_MAX_DETS,
+                      false_positives: list[int] | None = None) -> tuple[dict[int, int], dict[int, int]]:
     """Per class, one image's false positives and missed objects among the predictions scoring
     >= score_thresh, by COCOeval's rule (module docstring; its `max_dets` highest scoring of each
     class); `gt_xywh`: the json's boxes as written, `gt_crowd`: iscrowd. The predictions' XYWH as the results file writes them are
-    `detections["xywh"]` (read_detections), else made from their XYXY `boxes`."""
+    `detections["xywh"]` (read_detections), else made from their XYXY `boxes`. `false_positives`,
+    a list: gets each false positive's index among the predictions scoring >= score_thresh."""
     boxes, scores, labels = _kept(detections, score_thresh, "xywh" if "xywh" in detections else "boxes")
     if "xywh" not in detections:
         boxes = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
@@ -83,7 +84,7 @@ def coco_image_errors(gt_xywh: np.ndarray, gt_labels: np.ndarray, gt_crowd: np.n
         iou = _coco_iou(boxes[mine].reshape(-1, 4), g_boxes, crowd)
         taken = np.zeros(len(g_boxes), bool)
         fp = 0
-        for row in iou:
+        for row, index in zip(iou, mine):
             best, match = min(iou_thresh, 1 - 1e-10), -1
             for j in range(len(g_boxes)):
                 if taken[j] and not crowd[j]:
@@ -95,10 +96,58 @@ def coco_image_errors(gt_xywh: np.ndarray, gt_labels: np.ndarray, gt_crowd: np.n
                 best, match = row[j], j
             if match < 0:
                 fp += 1
+                if false_positives is not None:
+                    false_positives.append(int(index))
             else:
                 taken[match] = True
         false_pos[label], missed[label] = fp, int((~taken & ~crowd).sum())
     return false_pos, missed
+
+
+def confusion_counts(kind: str, gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np.ndarray,
+                     detections: Mapping[str, np.ndarray], score_thresh: float, num_classes: int,
+                     iou_thresh: float = IOU_THRESH, max_dets: int = COCO_MAX_DETS) -> np.ndarray:
+    """One image's (K+1, K+1) confusion counts, rows the objects' classes 1..K then "no object",
+    columns the predictions' classes 1..K then "missed", from the set's own matching (`kind`
+    "voc": voc_image_errors, "coco": coco_image_errors, their boxes): [g-1, g-1] class g's objects
+    found; [g-1, c-1] (g != c) false positives of class c on an object of class g (IoU >= iou_thresh
+    with it: the most overlapped object of another class, ignored ones left out); [K, c-1] class
+    c's other false positives (on no object of another class: background, or a second detection
+    of a found object); [g-1, K] class g's objects missed. A column's off-diagonal entries add to
+    its class's false positives, the last column is the missed objects (MMDetection's
+    confusion_matrix.py counts a prediction on several objects several times; here once)."""
+    fps: list[int] = []
+    if kind == "coco":
+        _, missed = coco_image_errors(gt_boxes, gt_labels, gt_ignored, detections, score_thresh, iou_thresh,
+                                      max_dets, false_positives=fps)
+        boxes, _, labels = _kept(detections, score_thresh, "xywh" if "xywh" in detections else "boxes")
+        if "xywh" not in detections:
+            boxes = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    else:
+        _, missed = voc_image_errors(gt_boxes, gt_labels, gt_ignored, detections, score_thresh, iou_thresh,
+                                     false_positives=fps)
+        boxes, _, labels = _kept(detections, score_thresh)
+    k = num_classes
+    counts = np.zeros((k + 1, k + 1), np.int64)
+    objects = ~gt_ignored
+    for label in set(gt_labels[objects].tolist()):
+        total = int((gt_labels[objects] == label).sum())
+        counts[label - 1, label - 1] = total - missed.get(label, 0)
+        counts[label - 1, k] = missed.get(label, 0)
+    for index in fps:
+        label = int(labels[index])
+        others = np.flatnonzero(objects & (gt_labels != label))
+        row = k
+        if len(others):
+            if kind == "coco":
+                iou = _coco_iou(boxes[index:index + 1], gt_boxes[others], np.zeros(len(others), bool))[0]
+            else:
+                iou = devkit_iou(to_devkit(boxes[index:index + 1]), to_devkit(gt_boxes[others]))[0]
+            best = int(np.argmax(iou))
+            if iou[best] >= iou_thresh:
+                row = int(gt_labels[others[best]]) - 1
+        counts[row, label - 1] += 1
+    return counts
 
 
 def read_coco_ground_truth(ann_file: str | Path, label_to_category_id: Mapping[int, int]

@@ -34,7 +34,7 @@ import numpy as np
 
 from detection.data import DataError
 from detection.evaluation.coco import COCO_MAX_DETS, read_results_json
-from detection.evaluation.image_errors import IOU_THRESH, coco_image_errors, read_coco_ground_truth, voc_image_errors
+from detection.evaluation.image_errors import IOU_THRESH, confusion_counts, read_coco_ground_truth
 from detection.evaluation.outputs import SECTION_FILE, recorded_test_sets, results_subfolder
 from detection.evaluation.voc_results import read_comp4_dir
 from detection.utils.files import atomic_write
@@ -72,6 +72,17 @@ class TestSetSection:
     skipped: int = 0  # images the metrics leave out (unreadable: dataloader.skip_bad_images)
     images_missing: int = 0  # gallery candidates whose file is not there (re-scored saved results)
     settings: str = ""  # the test-time settings that made the numbers (evaluated_with), under the heading
+    # image_errors.confusion_counts summed over the images: rows the objects' classes then "no object",
+    # columns the predictions' classes then "missed"; `confusion_names` the classes' names
+    confusion: list[list[int]] = field(default_factory=list)
+    confusion_names: list[str] = field(default_factory=list)
+
+    def most_confused(self, limit: int = 10) -> list[tuple[str, str, int]]:
+        """(object's class, detected as, count) of the largest class confusions, most first."""
+        n = len(self.confusion_names)
+        pairs = [(self.confusion_names[g], self.confusion_names[c], self.confusion[g][c])
+                 for g in range(n) for c in range(n) if g != c and self.confusion[g][c]]
+        return sorted(pairs, key=lambda p: -p[2])[:limit]
 
 
 def evaluated_with(config: Mapping[str, Any], precision: str | None = None) -> str:
@@ -173,29 +184,32 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
     from detection.visualization.draw import IGNORED_TAGS, ground_truth_boxes
 
     names = list(dataset.class_names)
-    totals = {k: {"gt": 0, "fp": 0, "missed": 0} for k in range(1, len(names) + 1)}
     scored = []  # (false positives, missed, record)
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
     records = [r for r in dataset.records if r["image_id"] not in skipped]
     coco_truth = read_coco_ground_truth(dataset.ann_file, dataset.label_to_category_id) \
         if dataset.kind == "coco" and dataset.ann_file else None
+    # labels past the set's classes (a model's own) get rows and columns "class k"
+    num = max([len(names), *(int(np.max(d["labels"])) for d in detections.values() if len(d["labels"]))])
+    confusion = np.zeros((num + 1, num + 1), np.int64)
+    objects = np.zeros(num + 1, np.int64)  # per label 1..num
     for record in records:
         found = detections.get(record["image_id"], empty)
         if coco_truth is not None:  # the json's boxes, as COCOeval scores them
             boxes, labels, ignored = coco_truth.get(record["image_id"], (np.zeros((0, 4)), np.zeros(0, np.int64),
                                                                          np.zeros(0, bool)))
-            fp, missed = coco_image_errors(boxes, labels, ignored, found, score_thresh, max_dets=coco_max_dets)
         else:
             boxes, labels, tags = ground_truth_boxes(record)  # VOC: as annotated, difficult tagged
             ignored = np.array([t in IGNORED_TAGS for t in tags], bool)  # "no area" is scored: a miss
-            fp, missed = voc_image_errors(boxes, labels, ignored, found, score_thresh)
-        for label in labels[~ignored].tolist():
-            totals.setdefault(label, {"gt": 0, "fp": 0, "missed": 0})["gt"] += 1
-        for label, count in fp.items():
-            totals.setdefault(label, {"gt": 0, "fp": 0, "missed": 0})["fp"] += count
-        for label, count in missed.items():
-            totals[label]["missed"] += count
-        scored.append((sum(fp.values()), sum(missed.values()), record))
+        counts = confusion_counts(dataset.kind if coco_truth is not None else "voc", boxes, labels, ignored, found,
+                                  score_thresh, num, max_dets=coco_max_dets)
+        confusion += counts
+        objects += np.bincount(labels[~ignored], minlength=num + 1)[: num + 1]
+        false_pos = int(counts[:, :num].sum() - np.trace(counts[:num, :num]))
+        scored.append((false_pos, int(counts[:num, num].sum()), record))
+    found_fp = confusion[:, :num].sum(axis=0) - np.diag(confusion[:num, :num])
+    totals = {k: {"gt": int(objects[k]), "fp": int(found_fp[k - 1]), "missed": int(confusion[k - 1, num])}
+              for k in range(1, num + 1) if k <= len(names) or objects[k] or found_fp[k - 1]}
     per_class = [{"name": names[k - 1] if 0 < k <= len(names) else f"class {k}",
                   "ap": _number(metrics.get(f"AP-{names[k - 1]}")) if 0 < k <= len(names) else None,
                   **({"ap50": _number(metrics.get(f"AP50-{names[k - 1]}")) if 0 < k <= len(names) else None}
@@ -203,7 +217,9 @@ def section_for_test_set(dataset: DatasetInfo, metrics: Mapping[str, float], det
                  for k in sorted(totals)]
     summary = {k: v for k, v in metrics.items() if not k.startswith(("AP-", "AP50-"))}
     section = TestSetSection(dataset.name, len(records), summary, per_class,
-                             skipped=len(dataset.records) - len(records))
+                             skipped=len(dataset.records) - len(records), confusion=confusion.tolist(),
+                             confusion_names=[names[k - 1] if k <= len(names) else f"class {k}"
+                                              for k in range(1, num + 1)])
     if pr_curves_png is not None and Path(pr_curves_png).is_file():
         section.pr_curves = base64.b64encode(Path(pr_curves_png).read_bytes()).decode()
     found = [Path(s[2]["file_name"]).is_file() for s in scored]  # re-scoring saved results needs no images
@@ -260,6 +276,9 @@ def training_curves_png(metrics_jsonl: str | Path) -> str | None:
         return base64.b64encode(out.read_bytes()).decode()
 
 
+CONFUSION_TABLE_CLASSES = 20  # the report draws the confusion table up to this many classes (else the pairs only)
+
+
 def render_report(sections: Sequence[TestSetSection], *, source: str, command: str, config_text: str,
                   training_curves: str | None = None, notes: Sequence[str] = (),
                   source_time: float | None = None) -> str:
@@ -270,6 +289,7 @@ def render_report(sections: Sequence[TestSetSection], *, source: str, command: s
     return env.from_string(TEMPLATE).render(
         sections=sections, source=source, notes=list(notes), runs=_runs(sections, command, config_text),
         training_curves=training_curves, score_thresh=SCORE_THRESH, iou_thresh=IOU_THRESH,
+        CONFUSION_TABLE_CLASSES=CONFUSION_TABLE_CLASSES,
         source_time=_local_time(source_time) if source_time is not None else None,
         created=_local_time(datetime.datetime.now().timestamp()))
 
@@ -395,6 +415,30 @@ at IoU 0.5; VOC-type: IoU 0.5).
 False positives and missed objects count the predictions scoring at least {{ score_thresh }},
 matched by score to ground truth of their class at IoU &ge; {{ iou_thresh }} as the set's metric matches
 them (COCO-type: COCOeval's rule, crowd regions neither; VOC-type: the devkit's, difficult objects neither).</p>
+{% if s.confusion %}
+<h3>Confusion</h3>
+{% set n = s.confusion_names | length %}
+{% if n <= CONFUSION_TABLE_CLASSES %}
+<table class="confusion">
+<thead><tr><th>object \\ detected as</th>{% for name in s.confusion_names %}<th>{{ name }}</th>{% endfor %}\
+<th>missed</th></tr></thead>
+<tbody>
+{% for row in s.confusion %}{% set g = loop.index0 %}
+<tr><th>{{ s.confusion_names[g] if g < n else "no object" }}</th>{% for v in row %}\
+<td>{{ "" if g == n and loop.index0 == n else v }}</td>{% endfor %}</tr>
+{% endfor %}
+</tbody>
+</table>
+{% endif %}
+{% set pairs = s.most_confused() %}
+{% if pairs %}<p>Most confused: {% for g, c, count in pairs %}{{ g }} detected as {{ c }} ({{ count }}){{ "; " if not loop.last }}\
+{% endfor %}</p>{% endif %}
+<p class="muted">Counts at score &ge; {{ score_thresh }}, matched as the false positives and missed objects above:
+rows the objects' classes, columns the classes they were detected as (the diagonal: found); a false positive on an
+object of another class (IoU &ge; {{ iou_thresh }}, the most overlapped) counts in that object's row, other false
+positives (background, or a second detection of a found object) in "no object"; the last column, objects missed.
+{% if n > CONFUSION_TABLE_CLASSES %}The table of {{ n }} classes is in report_section.json ("confusion").{% endif %}</p>
+{% endif %}
 {% if s.pr_curves %}
 <h3>Precision-recall curves</h3>
 <figure><img alt="precision-recall curves of {{ s.name }}" src="data:image/png;base64,{{ s.pr_curves }}"></figure>
