@@ -282,3 +282,40 @@ def test_objects_resized_under_half_the_smallest_anchor_are_said():
         "model.anchors.sizes, or cut the images into tiles")
     assert small_objects_line(dataset, 3000, 4000, 16, "input.min_size_test") is None  # 14.1 px: over 8
     assert small_objects_line(dataset, 3000, 4000, 32, "input.min_size_test") is not None  # under 16
+
+
+def test_a_restored_training_state_has_the_iteration_momentum_lr_and_random_state_of_the_saved_one():
+    """A mutation audit: a resume one iteration off, without the optimizer's momentum, or without
+    the random states was caught only by a slow training test (resume equals a straight run)."""
+    from torch import nn
+
+    from detection.config import load_config
+    from detection.engine.loop_checkpoints import training_checkpoint
+    from detection.engine.optim import build_lr_scheduler, build_optimizer
+    from detection.engine.train_state import TrainState, amp_scaler, restore_train_state
+
+    def state() -> TrainState:
+        model = nn.Linear(3, 2)
+        optimizer = build_optimizer(model, base_lr=0.1, momentum=0.9, weight_decay=1e-4)
+        return TrainState(model, optimizer, build_lr_scheduler(optimizer, warmup_iters=10, warmup_factor=0.1,
+                                                               steps=[5], gamma=0.1),
+                          amp_scaler(False, torch.device("cpu")))
+
+    torch.manual_seed(0)
+    saved = state()
+    for _ in range(7):
+        saved.model(torch.randn(4, 3)).sum().backward()
+        saved.optimizer.step()
+        saved.optimizer.zero_grad()
+        saved.scheduler.step()
+        saved.iteration += 1
+    checkpoint = training_checkpoint(saved, load_config(None, []), [get_rng_states()])
+    next_draw = torch.rand(3)
+    restored = state()
+    torch.manual_seed(123)
+    restore_train_state(restored, checkpoint)
+    assert restored.iteration == 7
+    assert torch.equal(torch.rand(3), next_draw)
+    for p, q in zip(saved.model.parameters(), restored.model.parameters()):
+        assert torch.equal(saved.optimizer.state[p]["momentum_buffer"], restored.optimizer.state[q]["momentum_buffer"])
+    assert [g["lr"] for g in restored.optimizer.param_groups] == [g["lr"] for g in saved.optimizer.param_groups]

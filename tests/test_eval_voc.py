@@ -67,6 +67,14 @@ def test_voc_ap_hand_computed():
     assert voc_ap(np.array(HAND_RECALL), np.array(HAND_PRECISION), use_07_metric=False) == pytest.approx(13 / 24)
 
 
+def test_area_ap_takes_the_precision_envelope():
+    """A mutation audit: the VOC2010+ area AP without its envelope (each precision raised to the
+    highest at any larger recall) passed, the hand example's being one already. 2 objects,
+    detections FP, TP, TP: recall 0, .5, 1 at precision 0, 1/2, 2/3; the envelope is 2/3 on
+    (0, 1]: AP 2/3 (7/12 without it)."""
+    assert voc_ap(np.array([0, 0.5, 1]), np.array([0, 0.5, 2 / 3]), use_07_metric=False) == pytest.approx(2 / 3)
+
+
 def test_11_point_thresholds_are_matlabs_where_recall_is_exactly_six_tenths():
     """VOCevaldet.m's `for t=0:0.1:1`: MATLAB computes the range's second half from its end, so
     its 0.6 is the double nearest 0.6 and a recall of exactly 3/5 reaches it; the Python port's

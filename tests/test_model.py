@@ -322,3 +322,16 @@ def test_the_models_input_mistakes_of_a_torchvision_user():
     assert not model.inference_only
     with pytest.raises(RuntimeError, match="an inference copy .* train the model it was made from"):
         fast.train()(list(IMAGES), TARGETS)
+
+
+def test_build_model_pools_at_the_anchor_stride_and_rescales_x_and_y_apart():
+    """A mutation audit: RoIs pooled at 1/32 (the C4 map is 1/16) and the x and y factors swapped
+    when detections go back to the input image were caught by slow tests only."""
+    from detection.config import load_config
+
+    model = build_model(load_config(None, ["model.backbone.depth=18", "model.backbone.weights=null"]))
+    assert model.roi_heads.spatial_scale == 1 / 16
+    found = [{"boxes": torch.tensor([[10.0, 10.0, 20.0, 20.0]]), "scores": torch.tensor([1.0]),
+              "labels": torch.tensor([1])}]
+    # resized to (50, 100) from (100, 100): y doubles back, x stays
+    assert rescale_detections(found, [(50, 100)], [(100, 100)])[0]["boxes"].tolist() == [[10.0, 20.0, 20.0, 40.0]]

@@ -1,4 +1,7 @@
 """RPN: head layout, losses, proposals."""
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
@@ -142,3 +145,40 @@ def test_first_nms_survivors_are_nms_of_all_boxes_cut_to_k(monkeypatch):
             assert sizes == [2 * k]  # spread-out boxes: the first 2k already give k survivors
         if spread == 4.0:  # crowded: the first 200 gave fewer than 100 survivors, so all 400
             assert sizes == [200, 400] and len(got) < k
+
+
+def _identical_anchors(**kwargs) -> RPN:
+    """One 1x1 cell with 4 anchors of the same 16 px box and zero deltas: 4 identical proposals."""
+    rpn = RPN(in_channels=4, anchor_generator=AnchorGenerator([16, 16, 16, 16], [1.0], offset=1.0), **kwargs)
+    torch.nn.init.zeros_(rpn.head.anchor_deltas.weight)
+    torch.nn.init.zeros_(rpn.head.anchor_deltas.bias)
+    return rpn
+
+
+def test_proposals_use_the_configured_nms_threshold_and_each_modes_pre_nms_topk():
+    """A mutation audit: NMS at a hard-coded 0.7 and the train/test pre-NMS top-k swapped passed
+    every test, the slow Detectron2 ones too (invisible at the defaults)."""
+    rpn = _identical_anchors(pre_nms_topk_train=3, pre_nms_topk_test=2, post_nms_topk_train=10,
+                             post_nms_topk_test=10, nms_thresh=1.0)
+    features = torch.randn(1, 4, 1, 1)
+
+    def count() -> int:
+        return len(rpn.select_proposals(rpn.anchor_generator(features), *rpn.head(features), [(32, 32)])[0])
+    with torch.no_grad():
+        rpn.eval()
+        assert count() == 2  # NMS at 1.0 keeps identical boxes: pre_nms_topk_test of them
+        rpn.train()
+        assert count() == 3
+        rpn.nms_thresh = 0.7
+        assert count() == 1
+
+
+def test_objectness_loss_is_divided_by_the_anchor_budget_even_with_fewer_anchors():
+    """Detectron2 divides by batch_size_per_image * images, not by the anchors sampled: they differ
+    on an image with fewer anchors than the budget (a mutation audit: caught by a slow test only).
+    4 foreground anchors at logit 0: 4 ln 2 / 256."""
+    rpn = _identical_anchors(batch_size_per_image=256).train()
+    torch.nn.init.zeros_(rpn.head.objectness_logits.weight)
+    torch.nn.init.zeros_(rpn.head.objectness_logits.bias)
+    _, losses = rpn(torch.randn(1, 4, 1, 1), [(32, 32)], [torch.tensor([[8.0, 8.0, 24.0, 24.0]])])
+    assert losses["loss_rpn_cls"].item() == pytest.approx(4 * math.log(2) / 256, rel=1e-6)

@@ -69,7 +69,7 @@ def _diverged(state: TrainState, kept: str) -> str | None:
             f"{kept}")
 
 
-def _training_checkpoint(state: TrainState, cfg: Config, rng: list) -> dict:
+def training_checkpoint(state: TrainState, cfg: Config, rng: list) -> dict:
     """Everything --resume needs (checkpoint.RESUME_KEYS), the config and the class names."""
     return {
         "model": state.model.state_dict(),
@@ -110,7 +110,7 @@ def _write_last(state: TrainState, cfg: Config, path: Path, rng: list, periodic:
     keep = cfg.solver.keep_checkpoints if periodic else 0
     target = path
     try:
-        ckpt = _training_checkpoint(state, cfg, rng)
+        ckpt = training_checkpoint(state, cfg, rng)
         for target in ([periodic_checkpoint_path(path.parent, state.iteration)] if keep else []) + [path]:
             save_checkpoint(ckpt, target)
     except OSError as err:
