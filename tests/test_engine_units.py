@@ -279,7 +279,7 @@ def test_objects_resized_under_half_the_smallest_anchor_are_said():
         "test set aerial: half its objects are under 2.3 px (the square root of their area) at input.min_size_test "
         "480, under half the smallest anchor (model.anchors.sizes: 16): their IoU with every anchor is under the "
         "RPN's background threshold, so few are proposed; raise input.min_size_test, train with smaller "
-        "model.anchors.sizes, or cut the images into tiles")
+        "model.anchors.sizes, or cut the images into tiles (test.tiles.size at test time)")
     assert small_objects_line(dataset, 3000, 4000, 16, "input.min_size_test") is None  # 14.1 px: over 8
     assert small_objects_line(dataset, 3000, 4000, 32, "input.min_size_test") is not None  # under 16
 

@@ -407,6 +407,10 @@ def _model(cfg: Config, weights_path: str, device: torch.device, explicit: list[
         aug = cfg.test.aug
         say(f"test-time augmentation (test.aug): sizes {aug.min_sizes}, max {aug.max_size}"
             f"{', each also mirrored' if aug.flip else ''}")
+    if cfg.test.tiles.size:
+        tiles = cfg.test.tiles
+        say(f"tiles (test.tiles): images over {tiles.size} px cut into {tiles.size} px tiles overlapping by "
+            f"{tiles.overlap:g}{', and the whole image' if tiles.full_image else ''}")
     return model, weights
 
 

@@ -619,8 +619,9 @@ class _ModelPredictions:
     shelf of 343 objects drew exactly 100, the lowest at 0.81, without a word)."""
 
     def __init__(self, model, score_thresh: float) -> None:
-        inner = getattr(model, "model", None)  # test-time augmentation's wrapper
-        heads = getattr(model, "roi_heads", None) or getattr(inner, "roi_heads", None)
+        from detection.modeling.tiles import inner_detector
+
+        heads = getattr(inner_detector(model), "roi_heads", None)  # inside tiles and test-time augmentation
         self.model, self.score_thresh = model, score_thresh
         self.cap = getattr(heads, "detections_per_image", None)
         self.capped = 0

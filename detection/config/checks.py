@@ -117,6 +117,8 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
          and cfg.test.multi_scale.sizes == sorted(set(cfg.test.multi_scale.sizes)),
          "increasing positive sizes, at least one"),
         ("test.multi_scale.max_size", cfg.test.multi_scale.max_size > 0, "positive"),
+        ("test.tiles.size", cfg.test.tiles.size >= 0, "0 (off) or a tile's side in pixels"),
+        ("test.tiles.overlap", 0 <= cfg.test.tiles.overlap < 1, "in [0, 1)"),
         ("log_period", cfg.log_period > 0, "positive"),
         ("seed", 0 <= cfg.seed < 2**32, "0..4294967295 (numpy's seeds)"),
         ("log.tensorboard", cfg.log.tensorboard in (True, False, "auto"), "true, false or auto"),

@@ -163,6 +163,13 @@ class MultiScaleConfig(_Section):
 
 
 @dataclass
+class TilesConfig(_Section):
+    size: int = 0
+    overlap: float = 0.25
+    full_image: bool = True
+
+
+@dataclass
 class TestConfig(_Section):
     eval_period: int = 0
     save_best: Union[str, None] = None
@@ -170,6 +177,7 @@ class TestConfig(_Section):
     aug: TestAugConfig = field(default_factory=TestAugConfig)
     box_refinement: BoxRefinementConfig = field(default_factory=BoxRefinementConfig)
     multi_scale: MultiScaleConfig = field(default_factory=MultiScaleConfig)
+    tiles: TilesConfig = field(default_factory=TilesConfig)
     amp: bool = False
 
 

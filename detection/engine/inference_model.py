@@ -49,7 +49,8 @@ MODEL_KEYS = ("model.num_classes", "model.input_format", "model.pixel_mean", "mo
 # (a run written before the key has none in its checkpoint: not compared).
 TEST_KEYS = ("input.min_size_test", "input.max_size_test", "input.resize_mode", "model.rpn.pre_nms_topk_test",
              "model.rpn.post_nms_topk_test", "model.roi_heads.score_thresh_test", "model.roi_heads.nms_thresh_test",
-             "model.roi_heads.detections_per_image", "test.amp", "input.exif_orientation")
+             "model.roi_heads.detections_per_image", "test.amp", "input.exif_orientation", "test.tiles.size",
+             "test.tiles.overlap", "test.tiles.full_image")
 _TOLD: set[str] = set()
 
 
@@ -145,9 +146,10 @@ def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
     """A built detector as the tools run it: on device, in eval mode, `test.amp` set, the
     fast copy with model.fast_path (`chunk_size` RoIs per res5 call; "auto": by the pooler
     resolution, detection.accel.CHUNK_BINS), wrapped for test-time
-    augmentation with test.aug.enabled. build_inference_model ends here; so does
+    augmentation with test.aug.enabled, and in tiles with test.tiles.size. build_inference_model ends here; so does
     tools/benchmark.py's evaluation timing, so it times what tools/eval.py runs."""
     from detection.modeling.precision import inference_amp
+    from detection.modeling.tiles import build_tiles
     from detection.modeling.tta import build_tta
 
     model = model.to(device).eval()
@@ -156,7 +158,7 @@ def prepare_for_inference(cfg: Config, model: nn.Module, device: torch.device,
         from detection.accel import optimize_for_inference
 
         model = optimize_for_inference(model, chunk_size=chunk_size, levers=accel_levers(cfg))
-    return build_tta(cfg, model)
+    return build_tiles(cfg, build_tta(cfg, model))
 
 
 def levers_without_fast_path(cfg: Config) -> str | None:

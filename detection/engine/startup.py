@@ -247,7 +247,8 @@ def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, small
     return (f"{what} set {dataset.name}: half its objects are under {median:.1f} px (the square root of their area) "
             f"at {size_key} {min_size}, under half the smallest anchor (model.anchors.sizes: {smallest_anchor}): "
             "their IoU with every anchor is under the RPN's background threshold, so few are proposed; raise "
-            f"{size_key}, train with smaller model.anchors.sizes, or cut the images into tiles")
+            f"{size_key}, train with smaller model.anchors.sizes, or cut the images into tiles"
+            + (" (test.tiles.size at test time)" if what == "test" else ""))
 
 
 def small_objects_warnings(cfg: Config, datasets: Sequence[DatasetInfo], test_sets: Sequence[DatasetInfo]

@@ -108,6 +108,9 @@ def evaluated_with(config: Mapping[str, Any], precision: str | None = None) -> s
                                   if max_dets not in (None, COCO_MAX_DETS) else "")]
     if get("test.aug.enabled"):
         parts.append(f"TTA at {get('test.aug.min_sizes')}{', mirrored too' if get('test.aug.flip') else ''}")
+    if get("test.tiles.size"):
+        parts.append(f"tiles of {get('test.tiles.size')} px overlapping by {get('test.tiles.overlap')}"
+                     + (" and the whole image" if get("test.tiles.full_image") else ""))
     if get("test.multi_scale.enabled"):
         parts.append(f"multi-scale features {get('test.multi_scale.sizes')}")
     if get("test.box_refinement.enabled"):

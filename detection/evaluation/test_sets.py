@@ -125,9 +125,10 @@ def _say_crowded(dataset: DatasetInfo, model: torch.nn.Module | None, coco_max_d
     if not comm.is_main_process():
         return
     counts = [len(record.get("boxes", ())) for record in dataset.records]
-    inner = getattr(model, "model", None)  # test-time augmentation's wrapper
-    heads = getattr(model, "roi_heads", None) or getattr(inner, "roi_heads", None)
-    rpn = getattr(model, "rpn", None) or getattr(inner, "rpn", None)
+    from detection.modeling.tiles import inner_detector
+
+    inner = inner_detector(model) if model is not None else None  # inside tiles and test-time augmentation
+    heads, rpn = getattr(inner, "roi_heads", None), getattr(inner, "rpn", None)
     caps = [(value, key) for value, key in (
         (getattr(heads, "detections_per_image", None), "model.roi_heads.detections_per_image"),
         (getattr(rpn, "post_nms_topk", {}).get(False) if isinstance(getattr(rpn, "post_nms_topk", None), dict)

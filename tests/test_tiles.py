@@ -1,0 +1,98 @@
+"""Tiled inference (test.tiles, SAHI's sliced prediction): where the tiles go, how their
+detections come back to the image, and that each object is found once, whole."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from detection.modeling.tiles import DetectorWithTiles, tile_starts, tile_windows
+
+
+def test_tiles_step_by_size_times_one_minus_overlap_and_the_last_ends_at_the_edge():
+    assert tile_starts(2000, 500, 0.25) == [0, 375, 750, 1125, 1500]
+    assert tile_starts(1000, 500, 0.25) == [0, 375, 500]
+    assert tile_starts(500, 500, 0.25) == [0] and tile_starts(300, 500, 0.25) == [0]
+    assert tile_windows(700, 300, 500, 0.5) == [(0, 0, 300, 500), (0, 200, 300, 700)]
+
+
+# objects in a 2000 x 1000 image: (x1, y1, x2, y2), label, score
+OBJECTS = [([100, 100, 160, 160], 1, 0.91),   # inside the first tile
+           ([480, 200, 540, 260], 2, 0.92),   # across the first tiles' border: whole in the second
+           ([860, 600, 920, 660], 1, 0.93),   # whole in two rows of tiles: found twice, kept once
+           ([1950, 10, 2000, 70], 2, 0.94),   # at the image's right edge: a tile's outer edge, kept
+           ([100, 300, 1900, 950], 3, 0.95)]  # larger than any tile: the whole image's pass only
+
+
+class SizeBlindOracle(nn.Module):
+    """Finds the objects inside what it is given (a tile knows where it is from its pixels: x and
+    y encoded in the channels) that are at least a twentieth of its width, as a detector resizing
+    its input would: the small ones in a tile, not in the whole image."""
+
+    def __init__(self):
+        super().__init__()
+        self.roi_heads = type("Heads", (), {"nms_thresh_test": 0.5, "detections_per_image": 100})()
+        self.class_names = ["a", "b", "c"]
+        self.calls = []
+
+    def forward(self, images):
+        out = []
+        for image in images:
+            code = image[:, 0, 0].long()
+            x0, y0 = int(code[0] + 256 * (code[2] // 16)), int(code[1] + 256 * (code[2] % 16))
+            h, w = image.shape[-2:]
+            self.calls.append((x0, y0, int(w), int(h)))
+            boxes, labels, scores = [], [], []
+            for (x1, y1, x2, y2), label, score in OBJECTS:
+                box = [max(x1, x0) - x0, max(y1, y0) - y0, min(x2, x0 + w) - x0, min(y2, y0 + h) - y0]
+                if box[2] > box[0] and box[3] > box[1] and (box[2] - box[0]) >= w / 20:
+                    boxes.append(box), labels.append(label), scores.append(score)
+            out.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                        "labels": torch.tensor(labels, dtype=torch.int64), "scores": torch.tensor(scores)})
+        return out
+
+
+def coded_image(height=1000, width=2000):
+    y, x = np.mgrid[0:height, 0:width]
+    return torch.from_numpy(np.stack([x % 256, y % 256, (x // 256) * 16 + y // 256]).astype(np.uint8))
+
+
+def test_each_object_is_found_once_whole_and_in_the_images_pixels():
+    oracle = SizeBlindOracle()
+    found = DetectorWithTiles(oracle, 500, 0.25, full_image=True).eval()([coded_image()])[0]
+    got = sorted(zip(found["scores"].tolist(), found["boxes"].tolist(), found["labels"].tolist()))
+    assert got == [(pytest.approx(score), [float(v) for v in box], label) for box, label, score in OBJECTS]
+    assert len(oracle.calls) == 5 * 3 + 1 and oracle.calls[-1] == (0, 0, 2000, 1000)  # 15 tiles, the whole image
+    # without the whole image's pass the object larger than a tile is not found (its cut pieces are dropped)
+    found = DetectorWithTiles(SizeBlindOracle(), 500, 0.25, full_image=False).eval()([coded_image()])[0]
+    assert sorted(found["scores"].tolist()) == pytest.approx([0.91, 0.92, 0.93, 0.94])
+    # an image no larger than a tile is run as it is
+    small = SizeBlindOracle()
+    DetectorWithTiles(small, 500, 0.25).eval()([coded_image(400, 500)])
+    assert small.calls == [(0, 0, 500, 400)]
+
+
+def test_tiles_run_with_a_trained_model_through_the_tools_model(tmp_path):
+    """build_inference_model wraps the detector when test.tiles.size is set: the Predictor, eval.py
+    and visualize.py take it. A tile as large as the image gives the detections without tiles."""
+    from detection.config import ConfigError, load_config
+    from detection.engine.inference_model import build_inference_model
+    from detection.modeling.model import build_model
+    from tests.helpers import tiny_overrides
+
+    overrides = tiny_overrides(tmp_path, tmp_path / "out", **{"model.roi_heads.score_thresh_test": 0.0})
+    torch.manual_seed(0)
+    weights = build_model(load_config(None, overrides)).state_dict()
+    image = torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)
+    plain, _ = build_inference_model(load_config(None, overrides), weights, torch.device("cpu"))
+    whole, _ = build_inference_model(load_config(None, [*overrides, "test.tiles.size=128"]), weights,
+                                     torch.device("cpu"))
+    tiled, _ = build_inference_model(load_config(None, [*overrides, "test.tiles.size=64"]), weights,
+                                     torch.device("cpu"))
+    assert isinstance(tiled, DetectorWithTiles) and tiled.class_names == plain.class_names
+    with torch.inference_mode():
+        expected, same, cut = plain([image])[0], whole([image])[0], tiled([image])[0]
+    assert torch.equal(expected["boxes"], same["boxes"]) and torch.equal(expected["scores"], same["scores"])
+    boxes = cut["boxes"]
+    assert len(boxes) and (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 128).all() and (boxes[:, 3] <= 96).all()
+    with pytest.raises(ConfigError, match=r"test.tiles.overlap: 1.0 is invalid, expected in \[0, 1\)"):
+        load_config(None, [*overrides, "test.tiles.size=64", "test.tiles.overlap=1"])
