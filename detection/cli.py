@@ -504,3 +504,24 @@ def _sigterm_as_interrupt():
         raise StoppedBySignal("stopped by SIGTERM")
 
     return signal.signal(signal.SIGTERM, stop)
+
+
+def dataset_entry(given: str, configured: list) -> Any:
+    """A tool's --dataset (visualize.py, make_tiles.py): a test or training set of the config named
+    so (the name training and eval.py print: its entry's `name`, or its type's, coco:<json stem> /
+    voc:<folder>_<split>), a YAML mapping, or the name as given (a known data set; the catalog says
+    what is wrong with it)."""
+    import yaml
+
+    from detection.config import ConfigError, yaml_load
+    from detection.data.catalog import entry_name
+
+    for entry in configured:
+        if entry_name(entry) == given:
+            return entry
+    if given.lstrip().startswith("{"):
+        try:
+            return yaml_load(given)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--dataset {given!r}: not a YAML mapping ({str(err).splitlines()[0]})") from None
+    return given

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from detection.modeling.tiles import DetectorWithTiles, tile_starts, tile_windows
+from detection.modeling.tiles import DetectorWithTiles
+from detection.utils.tiling import tile_starts, tile_windows
 
 
 def test_tiles_step_by_size_times_one_minus_overlap_and_the_last_ends_at_the_edge():
@@ -96,3 +97,49 @@ def test_tiles_run_with_a_trained_model_through_the_tools_model(tmp_path):
     assert len(boxes) and (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 128).all() and (boxes[:, 3] <= 96).all()
     with pytest.raises(ConfigError, match=r"test.tiles.overlap: 1.0 is invalid, expected in \[0, 1\)"):
         load_config(None, [*overrides, "test.tiles.size=64", "test.tiles.overlap=1"])
+
+
+def test_make_tiles_cuts_the_images_and_their_boxes_as_test_tiles_cuts_them(tmp_path, capsys):
+    """tools/make_tiles.py (SAHI's slice_coco): each tile an image of its own, its objects' boxes
+    clipped to it when at least --min-visible of each is inside, loadable as a COCO set."""
+    import json
+
+    import cv2
+
+    from detection.data.catalog import get_dataset
+    from tests.helpers import ROOT, load_tool, run_main, tiny_overrides
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    (tmp_path / "img").mkdir()
+    cv2.imwrite(str(tmp_path / "img" / "a.png"), pixels[:, :, ::-1])
+    objects = [(5, [10, 10, 20, 20]), (9, [45, 20, 20, 20]), (5, [80, 45, 20, 15])]  # (category, xywh)
+    (tmp_path / "a.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 60}],
+        "annotations": [{"id": n + 1, "image_id": 1, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+                        for n, (c, b) in enumerate(objects)],
+        "categories": [{"id": 5, "name": "car"}, {"id": 9, "name": "van"}]}))
+    entry = "{type: coco, ann_file: a.json, image_root: img}"
+    code, out, err = run_main(load_tool("make_tiles"), [
+        "--config", ROOT / "configs" / "base.yaml", *tiny_overrides(tmp_path, tmp_path / "out"),
+        "--dataset", entry, "--size", "50", "--overlap", "0.2", "--output", tmp_path / "tiles"], capsys)
+    assert code == 0, err
+    assert out.strip().endswith(f"wrote 6 tiles of 1 image of coco:a to {tmp_path / 'tiles' / 'images'} and "
+                                f"{tmp_path / 'tiles' / 'annotations.json'} (50 px, overlap 0.2; 3 objects)")
+    tiles = get_dataset({"type": "coco", "ann_file": str(tmp_path / "tiles" / "annotations.json"),
+                         "image_root": str(tmp_path / "tiles" / "images")}, str(tmp_path))
+    assert tiles.class_names == ["car", "van"]
+    got = {}
+    for record in tiles.records:  # tiles at x 0, 40, 50 and y 0, 10 (stride 40, the last at the edge)
+        name = record["file_name"].rsplit("/", 1)[-1]
+        x0, y0 = (int(part[1:]) for part in name[:-4].split("_")[1:])
+        tile = cv2.imread(record["file_name"])[:, :, ::-1]
+        np.testing.assert_array_equal(tile, pixels[y0:y0 + 50, x0:x0 + 50])  # PNG: the pixels as they were
+        got[(x0, y0)] = sorted(zip(record["labels"].tolist(), record["boxes"].tolist()))
+    assert sorted(got) == [(0, 0), (0, 10), (40, 0), (40, 10), (50, 0), (50, 10)]
+    assert got[(0, 0)] == [(1, [10.0, 10.0, 30.0, 30.0])]  # the van at x 45-65 has 5 of 20 px inside: left out
+    assert got[(0, 10)] == [(1, [10.0, 0.0, 30.0, 20.0])]
+    assert got[(40, 0)] == [(2, [5.0, 20.0, 25.0, 40.0])]  # whole; the car at x 80-100, y 45-60: 5 of 15 px
+    assert got[(40, 10)] == [(1, [40.0, 35.0, 50.0, 50.0]), (2, [5.0, 10.0, 25.0, 30.0])]  # the car: half inside
+    assert got[(50, 0)] == [(2, [0.0, 20.0, 15.0, 40.0])]  # 15 of 20 px of the van
+    assert got[(50, 10)] == [(1, [30.0, 35.0, 50.0, 50.0]), (2, [0.0, 10.0, 15.0, 30.0])]

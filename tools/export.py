@@ -96,7 +96,7 @@ def run(cfg, args: argparse.Namespace) -> int:
     cfg.model.fast_path, cfg.test.aug.enabled = False, False
     if cfg.test.tiles.size:
         print(f"exporting the detector without tiles (test.tiles.size {cfg.test.tiles.size}): the file runs on a whole "
-              "image; cut large images into tiles yourself (detection.modeling.tiles.tile_windows says where)")
+              "image; cut large images into tiles yourself (detection.utils.tiling.tile_windows says where)")
         cfg.test.tiles.size = 0
     model, _ = build_inference_model(cfg, args.weights, torch.device("cpu"), override_keys(args))
     if getattr(model, "amp", False):

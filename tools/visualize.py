@@ -66,7 +66,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from detection.cli import (add_config_args, config_from_args, override_keys, parse_command_line,
+from detection.cli import (add_config_args, config_from_args, dataset_entry, override_keys, parse_command_line,
                            resolve_config_beside_weights, run_tool)
 from detection.config import ConfigError
 from detection.data import DataError
@@ -690,7 +690,7 @@ def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
         if not args.dataset and not cfg.datasets.test:  # an IndexError
             raise ConfigError(f"{mode} draws the first of datasets.test, which is empty: "
                               "give --dataset NAME or datasets.test=[...]")
-        entry = _dataset_entry(args.dataset, [*cfg.datasets.test, *cfg.datasets.train]) if args.dataset \
+        entry = dataset_entry(args.dataset, [*cfg.datasets.test, *cfg.datasets.train]) if args.dataset \
             else cfg.datasets.test[0]
         skip = cfg.dataloader.skip_bad_images
         dataset = get_dataset(entry, cfg.datasets.root, skip_bad_images=skip, check_images=False,
@@ -714,26 +714,6 @@ def _inputs(cfg, args: argparse.Namespace, weights, files: list[Path] | None):
             if dataset.kind == "coco" and dataset.ann_file else {}
         return [(r["file_name"], r) for r in records], dataset.class_names, crowd, dataset
     return [(str(f), None) for f in files], class_names_to_draw(cfg, weights), {}, None
-
-
-def _dataset_entry(given: str, configured: list) -> Any:
-    """--dataset: a test or training set of the config named so (the name training and eval.py
-    print: its entry's `name`, or its type's, coco:<json stem> / voc:<folder>_<split>), a YAML
-    mapping, or the name as given (a known data set; the catalog says what is wrong with it)."""
-    import yaml
-
-    from detection.config import yaml_load
-    from detection.data.catalog import entry_name
-
-    for entry in configured:
-        if entry_name(entry) == given:
-            return entry
-    if given.lstrip().startswith("{"):
-        try:
-            return yaml_load(given)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--dataset {given!r}: not a YAML mapping ({str(err).splitlines()[0]})") from None
-    return given
 
 
 def class_names_to_draw(cfg: Config, weights: Any) -> list[str]:

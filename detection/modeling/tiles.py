@@ -23,26 +23,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from detection.utils.tiling import tile_windows
+
 if TYPE_CHECKING:
     from detection.config import Config
 
 EDGE_PIXELS = 2  # a box within this many pixels of a tile's inner edge was cut by it
-
-
-def tile_starts(length: int, size: int, overlap: float) -> list[int]:
-    """Where the tiles start along one side of `length` pixels: every size x (1 - overlap)
-    pixels (rounded), the last moved in to end at the edge; [0] when one tile covers it."""
-    if length <= size:
-        return [0]
-    stride = max(1, round(size * (1 - overlap)))
-    starts = list(range(0, length - size, stride))
-    return starts + [length - size]
-
-
-def tile_windows(height: int, width: int, size: int, overlap: float) -> list[tuple[int, int, int, int]]:
-    """The tiles of an image, as (x0, y0, x1, y1) pixel windows (x1, y1 exclusive), row by row."""
-    return [(x, y, min(x + size, width), min(y + size, height))
-            for y in tile_starts(height, size, overlap) for x in tile_starts(width, size, overlap)]
 
 
 def inner_detector(model: nn.Module) -> nn.Module:
