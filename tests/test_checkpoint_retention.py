@@ -147,8 +147,15 @@ def scripted_evaluation(monkeypatch, values: list):
     import detection.engine.trainer
 
     given = iter(values)
-    monkeypatch.setattr(detection.engine.trainer, "evaluate", lambda cfg, model, **kwargs: {"AP": next(given),
-                                                                                            "AP50": 0.0})
+    def evaluate(cfg, model, **kwargs):
+        value = next(given)
+        return {"AP": value, "AP50": value}  # the same value under either name
+    monkeypatch.setattr(detection.engine.trainer, "evaluate", evaluate)
+
+
+def record(checkpoint: dict) -> dict:
+    """model_best.pth's "best" without its "settings" (what the value was measured under)."""
+    return {key: checkpoint["best"][key] for key in ("metric", "value", "iteration")}
 
 
 BEST = {"test.eval_period": 1, "test.save_best": "AP", "solver.checkpoint_period": 1, "solver.max_iter": 4}
@@ -165,7 +172,7 @@ def test_save_best_keeps_the_weights_of_the_highest_evaluation_and_a_resume_goes
     scripted_evaluation(monkeypatch, [10.0, 30.0, 30.0, float("nan")])  # at iterations 1, 2, 3, 4
     train(tiny_cfg(data_root, out, **{**BEST, "solver.keep_checkpoints": 4}))
     best = load_checkpoint(out / "model_best.pth")
-    assert best["best"] == {"metric": "AP", "value": 30.0, "iteration": 2} and best["iteration"] == 2
+    assert record(best) == {"metric": "AP", "value": 30.0, "iteration": 2} and best["iteration"] == 2
     assert same_weights(best["model"], load_checkpoint(out / "model_0000002.pth")["model"])  # iteration 2's weights
     assert set(best) == {"model", "iteration", "config", "class_names", "best"}  # as model_final.pth: eval.py reads it
     assert "AP 30.00 at iteration 2, the best so far (was 10.00 at iteration 1)" in caplog.text
@@ -174,13 +181,13 @@ def test_save_best_keeps_the_weights_of_the_highest_evaluation_and_a_resume_goes
     shutil.copy(out / "model_0000003.pth", out / "last.pth")
     scripted_evaluation(monkeypatch, [20.0, 40.0])  # 4, 5 (metrics.jsonl has 3's)
     train(tiny_cfg(data_root, out, **{**BEST, "solver.max_iter": 5}), resume=True)
-    assert load_checkpoint(out / "model_best.pth")["best"] == {"metric": "AP", "value": 40.0, "iteration": 5}
+    assert record(load_checkpoint(out / "model_best.pth")) == {"metric": "AP", "value": 40.0, "iteration": 5}
     # a resume from before the best sets it aside with the rest of that history
     shutil.copy(out / "model_0000001.pth", out / "last.pth")
     scripted_evaluation(monkeypatch, [5.0])
     train(tiny_cfg(data_root, out, **{**BEST, "solver.max_iter": 2}), resume=True)
     assert load_checkpoint(out / "abandoned_after_0000001" / "model_best.pth")["best"]["iteration"] == 5
-    assert load_checkpoint(out / "model_best.pth")["best"] == {"metric": "AP", "value": 5.0, "iteration": 2}
+    assert record(load_checkpoint(out / "model_best.pth")) == {"metric": "AP", "value": 5.0, "iteration": 2}
 
 
 def test_save_best_names_a_metric_the_evaluations_give_before_training(data_root, tmp_path):
@@ -204,6 +211,13 @@ def test_save_best_names_a_metric_the_evaluations_give_before_training(data_root
         best_metric_key(cfg, two)
     cfg.test.save_best = "other/AP50"
     assert best_metric_key(cfg, two) == "other/AP50"
+    server = dataclasses.replace(sets[0], name="server", has_annotations=False)  # test-dev: files, no metric
+    cfg.test.save_best = "server/AP"
+    with pytest.raises(ConfigError, match=r"'server/AP': test set server has no annotations \(its evaluation"):
+        best_metric_key(cfg, [*sets, server])
+    cfg.test.save_best = "AP"
+    with pytest.raises(ConfigError, match="test set server has no annotations"):
+        best_metric_key(cfg, [server])
     cfg.test.eval_period = 0
     with pytest.raises(ConfigError, match="this run evaluates none: give test.eval_period > 0 and datasets.test"):
         best_metric_key(cfg, sets)
@@ -211,3 +225,39 @@ def test_save_best_names_a_metric_the_evaluations_give_before_training(data_root
     with pytest.raises(ConfigError, match="not a metric"):
         train(tiny_cfg(data_root, tmp_path / "bad", **{**BEST, "test.save_best": "APS"}))
     assert not (tmp_path / "bad" / "last.pth").exists()
+
+
+def test_save_best_keeps_an_earlier_best_of_another_metric_or_settings_and_says_when_it_finds_none(
+        data_root, tmp_path, monkeypatch, caplog):
+    """A review: a resume with another test.save_best metric overwrote model_best.pth at its first
+    evaluation (the best AP's weights lost), and a metric never defined (NaN) left no
+    model_best.pth without a word."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    scripted_evaluation(monkeypatch, [10.0, 30.0, 20.0, 5.0])
+    train(tiny_cfg(data_root, out, **BEST))
+    kept = load_checkpoint(out / "model_best.pth")["model"]
+    scripted_evaluation(monkeypatch, [1.0])
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.max_iter": 5, "test.save_best": "AP50"}), resume=True)
+    aside = load_checkpoint(out / "model_best_AP_0000002.pth")
+    assert aside["best"]["value"] == 30.0 and same_weights(aside["model"], kept)
+    assert "keeps the best AP, not test.save_best's AP50: moved to model_best_AP_0000002.pth" in caplog.text
+    assert load_checkpoint(out / "model_best.pth")["best"]["metric"] == "AP50"
+    # the same metric at another test size is not comparable either
+    scripted_evaluation(monkeypatch, [0.5])
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.max_iter": 6, "test.save_best": "AP50",
+                                      "input.min_size_test": 48}), resume=True)
+    assert "keeps the best AP50 under other test sets or test settings than this run's: moved to " \
+        "model_best_AP50_0000005.pth" in caplog.text
+    assert load_checkpoint(out / "model_best.pth")["best"]["value"] == 0.5
+    # never defined: said at the first evaluation and at the end
+    caplog.clear()
+    scripted_evaluation(monkeypatch, [float("nan")] * 4)
+    train(tiny_cfg(data_root, tmp_path / "nan", **BEST))
+    assert not (tmp_path / "nan" / "model_best.pth").exists()
+    said = [r.getMessage() for r in caplog.records if "test.save_best" in r.getMessage()]
+    assert said == ["test.save_best: AP is not defined at iteration 1 (no object of that class or size among the test "
+                    "images?): no model_best.pth from it",
+                    "test.save_best: AP was not defined at any evaluation of this run: no model_best.pth"]

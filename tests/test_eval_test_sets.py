@@ -221,8 +221,9 @@ def test_a_test_set_that_cannot_be_scored_stops_training_before_its_first_iterat
         build_test_datasets(cfg, ["circle", "square", "triangle"])
 
 
-def _dense_set(tmp_path):
-    """One 400x400 image with 150 circles (20 px, a grid) and 10 squares, as a COCO json."""
+def _dense_set(tmp_path, name):
+    """One 400x400 image with 150 circles (20 px, a grid) and 10 squares, as a COCO json: the set
+    `name` (each test its own: a set's crowd warning is said once per process)."""
     import cv2
     import numpy as np
 
@@ -234,7 +235,7 @@ def _dense_set(tmp_path):
     (tmp_path / "dense.json").write_text(json.dumps({
         "images": [{"id": 1, "file_name": "a.png", "width": 400, "height": 400}], "annotations": anns,
         "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]}))
-    entry = {"type": "coco", "name": "dense", "ann_file": "dense.json", "image_root": "dense"}
+    entry = {"type": "coco", "name": name, "ann_file": "dense.json", "image_root": "dense"}
     return get_datasets([entry], str(tmp_path)), anns
 
 
@@ -244,7 +245,7 @@ def test_crowded_images_are_scored_whole_with_coco_max_dets_and_the_cap_is_said(
     test.coco_max_dets raises it (Detectron2's COCOEvaluator max_dets_per_image)."""
     from detection.evaluation.report import read_detections, section_for_test_set
 
-    datasets, anns = _dense_set(tmp_path)
+    datasets, anns = _dense_set(tmp_path, "dense")
     results = [{"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"], "score": 1 - n * 1e-3}
                for n, a in enumerate(anns)]
     (tmp_path / "coco_results.json").write_text(json.dumps(results))
@@ -267,15 +268,15 @@ def test_crowded_images_are_scored_whole_with_coco_max_dets_and_the_cap_is_said(
 def test_fewer_proposals_than_objects_is_said_as_the_cap(tmp_path, caplog):
     """A dense-scene trial: detections_per_image raised to 400 silenced the warning while the RPN's
     200 proposals still capped recall (AP 31.3 against 37.4 at 1000 proposals): the smaller cap is said."""
-    datasets, _ = _dense_set(tmp_path)
+    datasets, _ = _dense_set(tmp_path, "dense_proposals")
     model = _Oracle(datasets[0].records, datasets[0].class_names)
     model.roi_heads = type("Heads", (), {"detections_per_image": 400})()
     model.rpn = type("RPN", (), {"post_nms_topk": {True: 2000, False: 120}})()
     with caplog.at_level("WARNING", logger="detection.evaluation.test_sets"):
         evaluate_test_sets(datasets, model=model, coco_max_dets=1000)
     said = [r.getMessage() for r in caplog.records if "more objects than" in r.getMessage()]
-    assert said == ["test set dense: 1 of its 1 images hold more objects than the model takes proposals (each "
+    assert said == ["test set dense_proposals: 1 of its 1 images hold more objects than the model takes proposals (each "
                     "image's detections come from them) (model.rpn.post_nms_topk_test=120; up to 160 objects): "
-                    "recall and AP are capped there; raise it for such images (Detectron2's LVIS configs use 300 "
-                    "detections)"]
+                    "recall and AP are capped there; raise it for such images (Detectron2 tests with 1000 "
+                    "proposals)"]
     assert "COCOeval counts" not in caplog.text  # 150 of one class under 1000

@@ -155,11 +155,13 @@ def _identical_anchors(**kwargs) -> RPN:
     return rpn
 
 
-def test_proposals_use_the_configured_nms_threshold_and_each_modes_pre_nms_topk():
+@pytest.mark.parametrize("sync_free", [False, True])  # the loop, and accel.sync_free_postprocess's masks
+def test_proposals_use_the_configured_nms_threshold_and_each_modes_pre_nms_topk(sync_free):
     """A mutation audit: NMS at a hard-coded 0.7 and the train/test pre-NMS top-k swapped passed
     every test, the slow Detectron2 ones too (invisible at the defaults)."""
     rpn = _identical_anchors(pre_nms_topk_train=3, pre_nms_topk_test=2, post_nms_topk_train=10,
                              post_nms_topk_test=10, nms_thresh=1.0)
+    rpn.sync_free = sync_free
     features = torch.randn(1, 4, 1, 1)
 
     def count() -> int:

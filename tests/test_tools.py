@@ -335,6 +335,31 @@ def test_eval_and_training_say_when_the_resize_makes_most_objects_too_small_for_
     assert "test set shapes_val: half its objects" not in caplog.text  # tested at 64
 
 
+def test_rescored_results_say_the_coco_max_dets_they_were_scored_at(trained, tmp_path, capsys):
+    """A review: results made at COCOeval's 100 and re-scored with test.coco_max_dets=300 were
+    headed with the saved config's 100 (and the reverse with 300): the heading says this scoring's."""
+    root, overrides = trained
+    base = ["--config", ROOT / "configs" / "base.yaml", *overrides]
+    code, _, err = run_main(TOOLS["eval.py"], [*base, "--weights", root / "out" / "model_final.pth", "--output-dir",
+                                               tmp_path / "a"], capsys)
+    assert code == 0, err
+    code, _, err = run_main(TOOLS["eval.py"], [*base, "--results", tmp_path / "a", "--output-dir", tmp_path / "b",
+                                               "test.coco_max_dets=300"], capsys)
+    assert code == 0, err
+    assert "AR300" in json.loads((tmp_path / "b" / "shapes_val" / "metrics.json").read_text())
+    section = json.loads((tmp_path / "b" / "shapes_val" / "report_section.json").read_text())
+    assert section["settings"].endswith("; COCOeval counting 300 detections per image and class (test.coco_max_dets)")
+    first = json.loads((tmp_path / "a" / "shapes_val" / "report_section.json").read_text())
+    assert "COCOeval counting" not in first["settings"]  # COCO's own 100: not said
+    # a folder of comp4 files given for a COCO-type set: which it holds and what to give
+    (tmp_path / "comp4").mkdir()
+    (tmp_path / "comp4" / "comp4_det_test_circle.txt").write_text("")
+    code, _, err = run_main(TOOLS["eval.py"], [*base, "--results", tmp_path / "comp4", "--output-dir",
+                                               tmp_path / "c"], capsys)
+    assert code == 2 and f"{tmp_path / 'comp4'}: a folder without coco_results.json (it holds VOC comp4 files), and " \
+        "the test set of folder 'shapes_val' is COCO-type" in err, err
+
+
 def test_visualize_stops_with_an_error_when_its_output_cannot_be_written(trained, tmp_path, capsys, monkeypatch):
     """A file-system trial: a read-only or full output folder was counted with the unreadable
     inputs, so skip_bad_images made it "wrote 0 images ... 25 detections drawn", exit 0."""

@@ -310,9 +310,12 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         made_in = _results_folder(args, out_root, folder)
         made_by = _made_by(made_in) if args.results else None
         section.command, section.config_text = made_by or (args.command, config_text)
-        section.settings = _settings(section.config_text, made_in) if made_by or not args.results else (
+        scored_at = cfg.test.coco_max_dets if dataset.kind == "coco" else None  # this command's scoring
+        section.settings = _settings(section.config_text, made_in, scored_at) if made_by or not args.results else (
             f"test settings not known: the results read from {made_in} have no {SECTION_FILE} of the evaluation "
-            "that made them (this command's config says nothing of how they were made)")
+            "that made them (this command's config says nothing of how they were made)" + (
+                f"; COCOeval counting {scored_at} detections per image and class (test.coco_max_dets)"
+                if scored_at not in (None, 100) else ""))
         save_section(section, out_root / folder)
     path, names = write_folder_report(out_root, source=source, command=args.command, config_text=config_text,
                                       metrics_jsonl=metrics_jsonl)
@@ -364,9 +367,10 @@ def _made_by(results_folder: Path) -> tuple[str, str] | None:
     return (data["command"], data["config_text"]) if data.get("command") else None
 
 
-def _settings(config_text: str, results_folder: Path) -> str:
+def _settings(config_text: str, results_folder: Path, scored_at: int | None = None) -> str:
     """The section's test-settings line: from the config that made the results, with the
-    precision inference ran in as its environment.json says (none: test.amp as asked)."""
+    precision inference ran in as its environment.json says (none: test.amp as asked), and the
+    COCOeval maxDets this command scored them at (`scored_at`)."""
     import json
 
     import yaml
@@ -381,7 +385,7 @@ def _settings(config_text: str, results_folder: Path) -> str:
         config = yaml.safe_load(config_text)
     except yaml.YAMLError:
         return ""
-    return evaluated_with(config, precision) if isinstance(config, dict) else ""
+    return evaluated_with(config, precision, scored_at) if isinstance(config, dict) else ""
 
 
 def checkpoint_iteration(weights: DetectorWeights) -> str:

@@ -4,6 +4,7 @@ model_final.pth, the save after a signal, and what a stopped run leaves to resum
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 from pathlib import Path
@@ -162,35 +163,75 @@ def best_metric_key(cfg: Config, test_sets: Sequence) -> str | None:
         raise ConfigError(f"test.save_best: {wanted!r} keeps the weights of the best evaluation during training, and "
                           "this run evaluates none: give test.eval_period > 0 and datasets.test")
     max_dets = cfg.test.coco_max_dets  # AR<max_dets>
+    scored = [d for d in test_sets if d.has_annotations]  # a set for an evaluation server gives no metric
     if len(test_sets) == 1:
-        keys = metric_names(test_sets[0], max_dets)
+        keys = metric_names(test_sets[0], max_dets) if scored else []
         wanted = wanted.removeprefix(f"{test_sets[0].name}/")
     else:
-        keys = [f"{d.name}/{key}" for d in test_sets for key in metric_names(d, max_dets)]
+        keys = [f"{d.name}/{key}" for d in scored for key in metric_names(d, max_dets)]
     if wanted in keys:
         return wanted
+    unscored = [d.name for d in test_sets if not d.has_annotations]
+    if unscored and (len(test_sets) == 1 or wanted.split("/", 1)[0] in unscored):
+        raise ConfigError(f"test.save_best: {cfg.test.save_best!r}: test set {unscored[0]} has no annotations (its "
+                          "evaluation writes files for its server and gives no metric)")
     close = [key for key in keys if key.endswith(f"/{wanted}")] or difflib.get_close_matches(wanted, keys, n=3)
     raise ConfigError(f"test.save_best: {cfg.test.save_best!r} is not a metric of this run's evaluations ("
                       + (f"closest: {', '.join(close)}" if close else f"they give {first_few(keys, 8)}")
                       + ("; with several test sets, <test set>/<metric>" if len(test_sets) > 1 else "") + ")")
 
 
-def read_best(out_dir: Path, key: str) -> dict | None:
+def best_settings(cfg: Config) -> dict:
+    """What a best value means depends on: the test sets and the settings they are evaluated
+    with (a value at another test size, maxDets or test set is not comparable)."""
+    tree = config_to_dict(cfg)
+    model = tree["model"]
+    return json.loads(json.dumps({
+        "datasets.test": tree["datasets"]["test"],
+        "test": {key: value for key, value in tree["test"].items() if key not in ("eval_period", "save_best")},
+        "input": {key: tree["input"][key] for key in ("min_size_test", "max_size_test", "resize_mode",
+                                                      "exif_orientation")},
+        "model": {"rpn": {key: model["rpn"][key] for key in ("pre_nms_topk_test", "post_nms_topk_test")},
+                  "roi_heads": {key: model["roi_heads"][key] for key in ("score_thresh_test", "nms_thresh_test",
+                                                                         "detections_per_image")}}}))
+
+
+def read_best(out_dir: Path, key: str, settings: dict) -> dict | None:
     """A resumed run's best evaluation so far, from its model_best.pth (the file is the record:
-    a later one of an abandoned history was moved aside); None when there is none, or when it was
-    kept by another metric (a warning: this run's next evaluation replaces it)."""
+    a later one of an abandoned history was moved aside); None when there is none. One kept by
+    another metric, or under other test settings (`settings`: best_settings), is not comparable:
+    it is moved to model_best_<its metric>_<its iteration>.pth, with a warning (a review: the
+    next evaluation overwrote it, and the weights of the best AP were lost)."""
     path = out_dir / BEST_FILE
     if not path.is_file():
         return None
     try:
         best = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("best")
-    except Exception:  # noqa: BLE001 - cut short or not a checkpoint: replaced, said
+    except Exception:  # noqa: BLE001 - cut short or not a checkpoint: moved aside, said
         best = None
-    if isinstance(best, dict) and best.get("metric") == key and isinstance(best.get("value"), float):
+    if not isinstance(best, dict) or not isinstance(best.get("value"), float):
+        why, name = "cannot be read as test.save_best's", "model_best_unreadable.pth"
+    elif best.get("metric") != key:
+        why = f"keeps the best {best.get('metric')}, not test.save_best's {key}"
+        name = f"model_best_{_file_safe(str(best.get('metric')))}_{best.get('iteration', 0):07d}.pth"
+    elif best.get("settings") != settings:
+        why = f"keeps the best {key} under other test sets or test settings than this run's"
+        name = f"model_best_{_file_safe(key)}_{best.get('iteration', 0):07d}.pth"
+    else:
         return best
-    held = f"keeps the best {best['metric']}" if isinstance(best, dict) and "metric" in best else "cannot be read"
-    logger.warning("%s %s, not test.save_best's %s: this run's next evaluation replaces it", path, held, key)
+    target = out_dir / name
+    for n in range(2, 1000):
+        if not target.exists():
+            break
+        target = out_dir / f"{Path(name).stem}_{n}.pth"
+    path.replace(target)
+    logger.warning("%s %s: moved to %s (not comparable); this run keeps its own best", path, why, target.name)
     return None
+
+
+def _file_safe(text: str) -> str:
+    """A metric's name as part of a file name ("shapes_val/AP50" -> "shapes_val_AP50")."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 def save_best(state: TrainState, cfg: Config, out_dir: Path, metrics: Mapping[str, float], key: str) -> None:
@@ -198,9 +239,13 @@ def save_best(state: TrainState, cfg: Config, out_dir: Path, metrics: Mapping[st
     without objects of a class); a failed write stops every rank, as last.pth's (a collective)."""
     problem = None
     value = metrics.get(key)
+    if du.is_main_process() and (value is None or not math.isfinite(value)) and not state.best_undefined_said:
+        state.best_undefined_said = True  # once a run: it may stay so at every evaluation
+        logger.warning("test.save_best: %s is not defined at iteration %d (no object of that class or size among "
+                       "the test images?): no model_best.pth from it", key, state.iteration)
     if du.is_main_process() and value is not None and math.isfinite(value) and (
             state.best is None or value > state.best["value"]):
-        best = {"metric": key, "value": float(value), "iteration": state.iteration}
+        best = {"metric": key, "value": float(value), "iteration": state.iteration, "settings": best_settings(cfg)}
         path = out_dir / BEST_FILE
         try:
             save_checkpoint({**_weights_checkpoint(state, cfg), "best": best}, path)

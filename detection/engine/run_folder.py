@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 # The files that make a folder "hold a run", and what --overwrite removes.
 RUN_FILES = ("last.pth", "model_final.pth", "metrics.jsonl")
 OVERWRITTEN = (*RUN_FILES, "model_best.pth", "config.yaml", "inference", "log.txt")
-OVERWRITTEN_PATTERNS = ("model_[0-9]*.pth", "events.out.tfevents.*", "config_resumed_*.yaml", "abandoned_after_*")
+OVERWRITTEN_PATTERNS = ("model_[0-9]*.pth", "model_best_*.pth", "events.out.tfevents.*", "config_resumed_*.yaml",
+                        "abandoned_after_*")
 LOCK_FILE = "train.lock"
 EVAL_LOCK_FILE = "eval.lock"  # tools/eval.py's, in its results folder
 

@@ -42,6 +42,7 @@ class TrainState:
     resumed_data: Optional[dict] = None
     # test.save_best's best evaluation so far ({"metric", "value", "iteration"}): model_best.pth holds it
     best: Optional[dict] = None
+    best_undefined_said: bool = False  # its metric was said to be undefined at an evaluation (once a run)
 
 
 def seed_everything(seed: int) -> None:

@@ -29,8 +29,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from detection.config import Config, ConfigError, checked_config
 from detection.engine import distributed as du
 from detection.engine.checkpoint import get_rng_states, load_resume_checkpoint, periodic_checkpoints, set_rng_states
-from detection.engine.loop_checkpoints import (best_metric_key, check_finite_weights, kept_after_divergence, read_best,
-                                               save_best, save_final, save_last, stop_gracefully, what_is_kept)
+from detection.engine.loop_checkpoints import (best_metric_key, best_settings, check_finite_weights,
+                                               kept_after_divergence, read_best, save_best, save_final, save_last,
+                                               stop_gracefully, what_is_kept)
 from detection.engine.errors import TrainingError, TrainingInterrupted, TrainingStopped
 from detection.engine.evaluate import evaluate
 from detection.engine.loading import load_initial_weights, read_detector_file
@@ -126,6 +127,8 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         raise ConfigError(f"solver.max_iter={cfg.solver.max_iter}: {last} is at iteration {state.iteration} and a "
                           f"run cannot go back; give solver.max_iter={state.iteration} to end it there (it writes "
                           "model_final.pth) or more to train on")
+    if cfg.test.save_best is not None and not (cfg.datasets.test and cfg.test.eval_period > 0):
+        best_metric_key(cfg, [])  # its ConfigError before anything is moved (the metric's name: once the sets are read)
     if (resuming or restart) and du.is_main_process():  # before a finished run's model_final.pth is looked for
         set_aside_later_checkpoints(out_dir, state.iteration)
     jump = schedule_jump(cfg, changes, state.iteration) if resuming else None
@@ -144,7 +147,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     test_sets = build_test_datasets(cfg, datasets[0].class_names)  # before anything is written, too
     best_key = best_metric_key(cfg, test_sets)  # test.save_best, checked against what the evaluations give
     if best_key and resuming and du.is_main_process():
-        state.best = read_best(out_dir, best_key)
+        state.best = read_best(out_dir, best_key, best_settings(cfg))
     start = (state.iteration, event_files(out_dir),
              [p for p in (out_dir / "config.yaml", out_dir / LOG_FILE) if not p.exists()])  # what this run creates
     if du.is_main_process():
@@ -295,6 +298,9 @@ def _finish(state: TrainState, cfg: Config, out_dir: Path) -> None:
     if state.best is not None:
         logger.info("the best %s, %.2f, was at iteration %d: %s holds those weights", state.best["metric"],
                     state.best["value"], state.best["iteration"], out_dir / "model_best.pth")
+    elif cfg.test.save_best is not None:
+        logger.warning("test.save_best: %s was not defined at any evaluation of this run: no model_best.pth",
+                       cfg.test.save_best)
 
 
 def _loop(run: _Run, tensorboard: bool = False) -> None:

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "coco_results.json"
 # COCOeval.stats in order (all 12); APs/APm/APl, ARs/ARm/ARl: small (< 32^2 px), medium, large (> 96^2 px)
-# objects (AR by size at 100 detections an image)
+# objects (AR by size at maxDets' last, 100 unless test.coco_max_dets: summary_keys)
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 COCO_MAX_DETS = 100  # COCOeval's maxDets' last: the detections per image and class AP and AR count
 
@@ -54,8 +54,9 @@ def summary_keys(max_dets: int = COCO_MAX_DETS) -> tuple[str, ...]:
 class COCOEvaluator:
     """Collects detections as COCO results and reports COCOeval's numbers in percent.
 
-    `evaluate()` returns summary_keys(max_dets) and "AP-<class>" (AP@[.50:.95], area all, `max_dets`
-    detections per image and class: COCO's 100 unless test.coco_max_dets raises it for crowded images). A number pycocotools cannot define (no ground truth of that class or
+    `evaluate()` returns summary_keys(max_dets), "AP-<class>" (AP@[.50:.95], area all, `max_dets`
+    detections per image and class: COCO's 100 unless test.coco_max_dets raises it for crowded images)
+    and "AP50-<class>" (the same at IoU .5). A number pycocotools cannot define (no ground truth of that class or
     size among the evaluated images: its -1) is nan. With no detections at all, every
     defined number is 0. After it, `pr_curves[class] = (recall thresholds, precision)`:
     COCOeval's interpolated precision at IoU 0.5 over its 101 recall points.

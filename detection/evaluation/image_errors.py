@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from detection.evaluation.coco import COCO_MAX_DETS  # COCOeval's maxDets: predictions per image and class
 from detection.evaluation.voc_metric import devkit_iou, to_devkit
 from detection.utils.files import USER_TEXT_ENCODING
 
 IOU_THRESH = 0.5  # a prediction matches a ground-truth box of its class from this IoU
-COCO_MAX_DETS = 100  # COCOeval's maxDets for AP: the first 100 predictions per image and class (test.coco_max_dets)
 
 
 def voc_image_errors(gt_boxes: np.ndarray, gt_labels: np.ndarray, gt_ignored: np.ndarray,

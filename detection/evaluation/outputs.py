@@ -74,6 +74,11 @@ def results_for_test_set(path: PathLike, folder: str, kind: str) -> str:
         resolved = resolved / folder
     if kind == "coco" and resolved.is_dir() and (resolved / RESULTS_FILE).is_file():
         resolved = resolved / RESULTS_FILE
+    elif kind == "coco" and resolved.is_dir():  # read as a file: "cannot read the results file (Is a directory)"
+        comp4 = any(resolved.rglob(COMP4_TEMPLATE.format("*")))
+        raise DataError(f"{path}: a folder without {RESULTS_FILE}" + (" (it holds VOC comp4 files)" if comp4 else "")
+                        + f", and the test set of folder {folder!r} is COCO-type: give its {RESULTS_FILE}, or the "
+                        "data set the results were made on (datasets.test, or visualize.py's --dataset)")
     return str(resolved)
 
 

@@ -85,11 +85,13 @@ class TestSetSection:
         return sorted(pairs, key=lambda p: -p[2])[:limit]
 
 
-def evaluated_with(config: Mapping[str, Any], precision: str | None = None) -> str:
+def evaluated_with(config: Mapping[str, Any], precision: str | None = None, scored_at: int | None = None) -> str:
     """The test-time settings of a config (a config file's mapping) in one line for a section's
     heading: two sets, or two runs into one folder, evaluated otherwise (TTA, Appendix B's
     extras, bfloat16) are told apart where their numbers are. `precision`: what inference ran in
-    (environment.json's), else test.amp as asked."""
+    (environment.json's), else test.amp as asked. `scored_at`: a COCO-type set's COCOeval maxDets,
+    said when not COCO's 100 (the scoring's own: re-scored results may be scored otherwise than
+    the config that made them)."""
     def get(dotted: str) -> Any:
         node: Any = config
         for part in dotted.split("."):
@@ -99,13 +101,11 @@ def evaluated_with(config: Mapping[str, Any], precision: str | None = None) -> s
     # box refinement's own NMS replaces the head's (roi_heads' refined postprocess)
     nms_key = "test.box_refinement.nms_thresh" if get("test.box_refinement.enabled") else \
         "model.roi_heads.nms_thresh_test"
-    max_dets = get("test.coco_max_dets")  # None in a config saved before the key
     parts = [f"test size {get('input.min_size_test')} (longer side at most {get('input.max_size_test')})",
              # what AP counts: COCO's own figure is 100 an image and no score threshold
              f"scores over {get('model.roi_heads.score_thresh_test')}, at most "
              f"{get('model.roi_heads.detections_per_image')} detections an image after NMS at IoU "
-             f"{get(nms_key)}" + (f" (COCOeval counts {max_dets} per image and class)"
-                                  if max_dets not in (None, COCO_MAX_DETS) else "")]
+             f"{get(nms_key)}"]
     if get("test.aug.enabled"):
         parts.append(f"TTA at {get('test.aug.min_sizes')}{', mirrored too' if get('test.aug.flip') else ''}")
     if get("test.tiles.size"):
@@ -118,6 +118,8 @@ def evaluated_with(config: Mapping[str, Any], precision: str | None = None) -> s
     if get("model.roi_heads.global_context"):
         parts.append("global context")
     parts.append(f"inference in {precision}" if precision else f"test.amp: {str(get('test.amp')).lower()}")
+    if scored_at is not None and scored_at != COCO_MAX_DETS:
+        parts.append(f"COCOeval counting {scored_at} detections per image and class (test.coco_max_dets)")
     return "; ".join(parts)
 
 

@@ -138,11 +138,12 @@ def _say_crowded(dataset: DatasetInfo, model: torch.nn.Module | None, coco_max_d
         over = sum(count > cap for count in counts)
         if over and (dataset.name, key, cap) not in _TOLD_CROWDED:
             _TOLD_CROWDED.add((dataset.name, key, cap))
-            what = "keeps detections" if key.endswith("detections_per_image") else \
-                "takes proposals (each image's detections come from them)"
+            what, usual = ("keeps detections", "Detectron2's LVIS configs use 300 detections") \
+                if key.endswith("detections_per_image") else \
+                ("takes proposals (each image's detections come from them)", "Detectron2 tests with 1000 proposals")
             logger.warning("test set %s: %d of its %d images hold more objects than the model %s (%s=%d; up to %d "
-                           "objects): recall and AP are capped there; raise it for such images (Detectron2's LVIS "
-                           "configs use 300 detections)", dataset.name, over, len(counts), what, key, cap, max(counts))
+                           "objects): recall and AP are capped there; raise it for such images (%s)", dataset.name,
+                           over, len(counts), what, key, cap, max(counts), usual)
     if dataset.kind != "coco" or not dataset.has_annotations:
         return
     most = [int(np.bincount(np.asarray(record.get("labels", ()), np.int64)).max(initial=0))
