@@ -424,9 +424,9 @@ def _spy_tags(monkeypatch) -> list:
     calls = []
     real = detection.visualization.draw.draw_detections
 
-    def spy(image, boxes, labels, scores, names, thresh=0.5, tags=None):
+    def spy(image, boxes, labels, scores, names, thresh=0.5, tags=None, **kwargs):
         calls.append((scores is None, list(tags or [])))
-        return real(image, boxes, labels, scores, names, thresh, tags=tags)
+        return real(image, boxes, labels, scores, names, thresh, tags=tags, **kwargs)
 
     monkeypatch.setattr(detection.visualization.draw, "draw_detections", spy)
     return calls

@@ -440,10 +440,10 @@ def test_visualize_says_how_many_detections_it_drew_and_above_which_score(data_r
     drawn = []
     real = detection.visualization.draw.draw_detections
 
-    def spy(image, boxes, labels, scores, names, thresh=0.5, tags=None):
+    def spy(image, boxes, labels, scores, names, thresh=0.5, tags=None, **kwargs):
         if scores is not None:
             drawn.append(int((torch.as_tensor(scores) >= thresh).sum()))
-        return real(image, boxes, labels, scores, names, thresh, tags=tags)
+        return real(image, boxes, labels, scores, names, thresh, tags=tags, **kwargs)
 
     monkeypatch.setattr(detection.visualization.draw, "draw_detections", spy)
     images = data_root / "shapes" / "val"
