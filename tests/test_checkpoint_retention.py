@@ -187,7 +187,8 @@ def test_save_best_keeps_the_weights_of_the_highest_evaluation_and_a_resume_goes
     scripted_evaluation(monkeypatch, [5.0])
     train(tiny_cfg(data_root, out, **{**BEST, "solver.max_iter": 2}), resume=True)
     assert load_checkpoint(out / "abandoned_after_0000001" / "model_best.pth")["best"]["iteration"] == 5
-    assert record(load_checkpoint(out / "model_best.pth")) == {"metric": "AP", "value": 5.0, "iteration": 2}
+    # the kept history's best (10 at iteration 1, metrics.jsonl) stays the best: 5 does not beat it
+    assert record(load_checkpoint(out / "model_best.pth")) == {"metric": "AP", "value": 10.0, "iteration": 1}
 
 
 def test_save_best_names_a_metric_the_evaluations_give_before_training(data_root, tmp_path):
@@ -218,6 +219,13 @@ def test_save_best_names_a_metric_the_evaluations_give_before_training(data_root
     cfg.test.save_best = "AP"
     with pytest.raises(ConfigError, match="test set server has no annotations"):
         best_metric_key(cfg, [server])
+    # a class the set has no object of: its AP is never defined (a trial's AP-square on circles)
+    circles = dataclasses.replace(sets[0], records=[{**r, "boxes": r["boxes"][r["labels"] != 2],
+                                                     "labels": r["labels"][r["labels"] != 2]} for r in sets[0].records])
+    cfg.test.save_best = "AP50-square"
+    with pytest.raises(ConfigError, match="test set shapes_val has no object of class square, so its AP50 is never "
+                                          "defined"):
+        best_metric_key(cfg, [circles])
     cfg.test.eval_period = 0
     with pytest.raises(ConfigError, match="this run evaluates none: give test.eval_period > 0 and datasets.test"):
         best_metric_key(cfg, sets)
@@ -261,3 +269,45 @@ def test_save_best_keeps_an_earlier_best_of_another_metric_or_settings_and_says_
     assert said == ["test.save_best: AP is not defined at iteration 1 (no object of that class or size among the test "
                     "images?): no model_best.pth from it",
                     "test.save_best: AP was not defined at any evaluation of this run: no model_best.pth"]
+
+
+def test_a_resume_from_before_the_best_goes_on_from_the_kept_historys_best(data_root, tmp_path, monkeypatch, caplog):
+    """A trial: after the README's way back to an earlier checkpoint (model_best.pth, of a later
+    iteration, set aside), the next evaluation of any value became "the best so far". The best of
+    metrics.jsonl up to the resumed iteration is the best so far, its weights written as
+    model_best.pth when a checkpoint of that iteration is here, else said."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    scripted_evaluation(monkeypatch, [30.0, 20.0, 40.0, 5.0])  # the best, 40, at iteration 3
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.keep_checkpoints": 4}))
+    shutil.copy(out / "model_0000002.pth", out / "last.pth")  # back to 2: its history's best is 30 at 1
+    scripted_evaluation(monkeypatch, [10.0, 25.0])  # at 3 and 4: neither beats 30
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.keep_checkpoints": 4}), resume=True)
+    best = load_checkpoint(out / "model_best.pth")
+    assert record(best) == {"metric": "AP", "value": 30.0, "iteration": 1} and best["iteration"] == 1
+    assert same_weights(best["model"], load_checkpoint(out / "model_0000001.pth")["model"])
+    assert "the best AP up to iteration 2, 30.00 at iteration 1 (metrics.jsonl): " in caplog.text
+    assert record(load_checkpoint(out / "abandoned_after_0000002" / "model_best.pth"))["value"] == 40.0
+    # at the resumed iteration itself: written from last.pth; its weights not kept anywhere: said
+    out = tmp_path / "run2"
+    scripted_evaluation(monkeypatch, [10.0, 30.0, 40.0, 5.0])
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.keep_checkpoints": 4}))
+    shutil.copy(out / "model_0000002.pth", out / "last.pth")
+    scripted_evaluation(monkeypatch, [1.0, 2.0])
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.keep_checkpoints": 4}), resume=True)
+    best = load_checkpoint(out / "model_best.pth")
+    assert record(best) == {"metric": "AP", "value": 30.0, "iteration": 2}
+    assert same_weights(best["model"], load_checkpoint(out / "model_0000002.pth")["model"])
+    out = tmp_path / "run3"
+    scripted_evaluation(monkeypatch, [30.0, 20.0, 40.0, 5.0])
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.keep_checkpoints": 4}))
+    shutil.copy(out / "model_0000002.pth", out / "last.pth")
+    (out / "model_0000001.pth").unlink()
+    scripted_evaluation(monkeypatch, [10.0, 35.0])
+    caplog.clear()
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.keep_checkpoints": 4}), resume=True)
+    assert "test.save_best: the best AP up to iteration 2, 30.00, was at iteration 1 (metrics.jsonl), whose weights " \
+        "are not kept here: model_best.pth is written when an evaluation beats it" in caplog.text
+    assert record(load_checkpoint(out / "model_best.pth")) == {"metric": "AP", "value": 35.0, "iteration": 4}

@@ -319,3 +319,17 @@ def test_a_restored_training_state_has_the_iteration_momentum_lr_and_random_stat
     for p, q in zip(saved.model.parameters(), restored.model.parameters()):
         assert torch.equal(saved.optimizer.state[p]["momentum_buffer"], restored.optimizer.state[q]["momentum_buffer"])
     assert [g["lr"] for g in restored.optimizer.param_groups] == [g["lr"] for g in saved.optimizer.param_groups]
+
+
+def test_the_small_objects_warning_names_the_longer_sides_cap_when_it_sets_the_scale():
+    """A trial: 3200x800 panoramas at 352 / 640 were told to raise input.min_size_test, which
+    changes nothing there: max_size_test caps their scale (0.2: 31 px circles became 6.2 px)."""
+    from detection.data.dataset_info import DatasetInfo
+    from detection.engine.startup import small_objects_line
+
+    record = {"image_id": 1, "file_name": "p.jpg", "height": 800, "width": 3200,
+              "boxes": np.array([[100, 100, 131, 131]], np.float32), "labels": np.ones(1, np.int64)}
+    line = small_objects_line(DatasetInfo(name="pano", kind="coco", class_names=["circle"], records=[record]),
+                              352, 640, 16, "input.min_size_test")
+    assert "half its objects are under 6.2 px (the square root of their area) at input.max_size_test 640, which " \
+        "caps most of these images' scale" in line and "; raise input.max_size_test," in line

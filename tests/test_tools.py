@@ -351,6 +351,11 @@ def test_rescored_results_say_the_coco_max_dets_they_were_scored_at(trained, tmp
     assert section["settings"].endswith("; COCOeval counting 300 detections per image and class (test.coco_max_dets)")
     first = json.loads((tmp_path / "a" / "shapes_val" / "report_section.json").read_text())
     assert "COCOeval counting" not in first["settings"]  # COCO's own 100: not said
+    # the folder of an eval.py --results keeps no copy of what it scored: visualize.py --results says which to give
+    code, _, err = run_main(TOOLS["visualize.py"], [*base, "--results", tmp_path / "b", "--output", tmp_path / "v"],
+                            capsys)
+    assert code == 2 and f"{tmp_path / 'b'}: the folder of an evaluation of saved results, which keeps no copy of " \
+        f"them: give the results it scored, {tmp_path / 'a'}" in err, err
     # a folder of comp4 files given for a COCO-type set: which it holds and what to give
     (tmp_path / "comp4").mkdir()
     (tmp_path / "comp4" / "comp4_det_test_circle.txt").write_text("")
@@ -979,6 +984,10 @@ def test_eval_fail_below_gates_on_metrics_json_after_writing_everything(trained,
     code, out, err = run_main(TOOLS["eval.py"], [*base, "--output-dir", tmp_path / "d", "--fail-below", "APx=1"],
                               capsys)
     assert code == 2 and "test set shapes_val has no metric 'APx'" in err
+    assert not (tmp_path / "d" / "shapes_val" / "metrics.json").exists()  # said before the work (a trial)
+    code, out, err = run_main(TOOLS["eval.py"], [*base, "--output-dir", tmp_path / "f", "--fail-below", "AR100=1",
+                                                 "test.coco_max_dets=300"], capsys)
+    assert code == 2 and "has no metric 'AR100' (its metrics: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR300" in err
     code, out, err = run_main(TOOLS["eval.py"], [*base, "--output-dir", tmp_path / "e", "--fail-below", "AP"],
                               capsys)
     assert code == 2 and "expected KEY=VALUE" in err

@@ -176,6 +176,11 @@ def _evaluate(cfg: Config, args: argparse.Namespace, out_root: Path, source: Res
     datasets = get_datasets(cfg.datasets.test, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             check_images=not args.results, exif_orientation=cfg.input.exif_orientation)
     folders, model_classes = _checked_folders(cfg, datasets, model, weights, say)
+    if args.targets:  # a --fail-below metric the sets will not give: said before the work, not after it
+        from detection.evaluation.test_sets import metric_names
+
+        _check_targets(args.targets, {d.name: dict.fromkeys([*metric_names(d, cfg.test.coco_max_dets), *(
+            ["use_07_metric"] if d.kind == "voc" else [])], 0.0) if d.has_annotations else {} for d in datasets})
     if model is not None and is_main_process():  # objects the model sees too small to be proposed
         from detection.engine.startup import small_objects_line
 
@@ -210,17 +215,13 @@ def _target(parser: argparse.ArgumentParser, given: str) -> tuple[str | None, st
     return test_set or None, metric, number
 
 
-def _targets_missed(targets: list[tuple[str | None, str, float]], per_set: dict[str, dict[str, float]]) -> int:
-    """EXIT_TARGET_MISSED when a --fail-below target is missed (each said on stderr), else 0. A
-    metric not defined (nan: no object of that size or class) misses it; one the set does not
-    have, or a set not evaluated, is an error of the command."""
-    import math
-
+def _check_targets(targets: list[tuple[str | None, str, float]], per_set: dict[str, dict[str, float]]) -> None:
+    """ConfigError for a --fail-below target naming a set not evaluated or a metric its set has not
+    (`per_set`: each set's metrics, or the keys its evaluation will give: checked before the work)."""
     from detection.config import ConfigError
     from detection.evaluation.inference import is_per_class_key
 
-    missed = []
-    for test_set, metric, value in targets:
+    for test_set, metric, _ in targets:
         if test_set is not None and test_set not in per_set:
             raise ConfigError(f"--fail-below {test_set}/{metric}: no test set {test_set!r} was evaluated "
                               f"({', '.join(per_set)})")
@@ -231,6 +232,20 @@ def _targets_missed(targets: list[tuple[str | None, str, float]], per_set: dict[
                 per_class = sorted({k.split("-", 1)[0] + "-<class>" for k in metrics if is_per_class_key(k)})
                 raise ConfigError(f"--fail-below {metric}: test set {name} has no metric {metric!r} (its metrics: "
                                   f"{', '.join([*(k for k in metrics if not is_per_class_key(k)), *per_class])})")
+
+
+def _targets_missed(targets: list[tuple[str | None, str, float]], per_set: dict[str, dict[str, float]]) -> int:
+    """EXIT_TARGET_MISSED when a --fail-below target is missed (each said on stderr), else 0. A
+    metric not defined (nan: no object of that size or class) misses it; one the set does not
+    have, or a set not evaluated, is an error of the command."""
+    import math
+
+    missed = []
+    _check_targets(targets, per_set)
+    for test_set, metric, value in targets:
+        for name, metrics in per_set.items():
+            if test_set not in (None, name) or not metrics:  # {}: no annotations, nothing scored
+                continue
             got = metrics[metric]
             if not got >= value:  # nan too
                 missed.append(f"{name} {metric} {'not defined' if math.isnan(got) else f'{got:.2f}'} < {value:g}")

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from detection.config import Config, ConfigError, config_to_dict
@@ -170,6 +171,7 @@ def best_metric_key(cfg: Config, test_sets: Sequence) -> str | None:
     else:
         keys = [f"{d.name}/{key}" for d in scored for key in metric_names(d, max_dets)]
     if wanted in keys:
+        _check_defined(wanted, test_sets)
         return wanted
     unscored = [d.name for d in test_sets if not d.has_annotations]
     if unscored and (len(test_sets) == 1 or wanted.split("/", 1)[0] in unscored):
@@ -179,6 +181,20 @@ def best_metric_key(cfg: Config, test_sets: Sequence) -> str | None:
     raise ConfigError(f"test.save_best: {cfg.test.save_best!r} is not a metric of this run's evaluations ("
                       + (f"closest: {', '.join(close)}" if close else f"they give {first_few(keys, 8)}")
                       + ("; with several test sets, <test set>/<metric>" if len(test_sets) > 1 else "") + ")")
+
+
+def _check_defined(key: str, test_sets: Sequence) -> None:
+    """ConfigError for AP-<class> / AP50-<class> of a test set without an object of that class: never
+    defined, so no model_best.pth would be written (a trial's AP-square on a set of circles)."""
+    dataset = test_sets[0] if len(test_sets) == 1 else next(d for d in test_sets if key.startswith(f"{d.name}/"))
+    metric = key if len(test_sets) == 1 else key[len(dataset.name) + 1:]
+    prefix = next((p for p in ("AP-", "AP50-") if metric.startswith(p)), None)
+    if prefix is None or metric[len(prefix):] not in dataset.class_names:
+        return
+    label = dataset.class_names.index(metric[len(prefix):]) + 1
+    if not any((np.asarray(r.get("labels", ())) == label).any() for r in dataset.records):
+        raise ConfigError(f"test.save_best: {key!r}: test set {dataset.name} has no object of class "
+                          f"{metric[len(prefix):]}, so its {prefix[:-1]} is never defined: name another metric")
 
 
 def best_settings(cfg: Config) -> dict:
@@ -227,6 +243,65 @@ def read_best(out_dir: Path, key: str, settings: dict) -> dict | None:
     path.replace(target)
     logger.warning("%s %s: moved to %s (not comparable); this run keeps its own best", path, why, target.name)
     return None
+
+
+BEST_SCOPE = ("datasets.test", "test.", "input.min_size_test", "input.max_size_test", "input.resize_mode",
+              "input.exif_orientation", "model.rpn.pre_nms_topk_test", "model.rpn.post_nms_topk_test",
+              "model.roi_heads.score_thresh_test", "model.roi_heads.nms_thresh_test",
+              "model.roi_heads.detections_per_image")  # best_settings' keys: a change makes values not comparable
+
+
+def restore_best(state: TrainState, cfg: Config, out_dir: Path, key: str, changed: Sequence[str] = ()) -> None:
+    """A resumed run's best so far (main process): its model_best.pth (read_best); without one (a
+    resume from before it set it aside, or test.save_best newly given), the best `key` of the
+    run's metrics.jsonl up to the resumed iteration (a trial: after the README's way back to
+    iteration 60, whose 81.93 was the kept history's best, 80.67 at 80 became "the best so far"),
+    its weights written as model_best.pth when a checkpoint of that iteration is here (last.pth, a
+    kept model_<iter>.pth), else a warning. Not when `changed` (the resume's changed keys) holds a
+    test setting: the history's values were measured otherwise."""
+    had_file = (out_dir / BEST_FILE).is_file()
+    state.best = read_best(out_dir, key, best_settings(cfg))
+    if state.best is not None or had_file:
+        return
+    if any(k.startswith(scope) and k not in ("test.eval_period", "test.save_best") for k in changed
+           for scope in BEST_SCOPE):
+        return
+    found = best_from_history(out_dir / "metrics.jsonl", key, state.iteration)
+    if found is None:
+        return
+    found["settings"] = best_settings(cfg)
+    state.best = found
+    periodic = periodic_checkpoint_path(out_dir, found["iteration"])
+    if found["iteration"] == state.iteration:
+        weights, source = _weights_checkpoint(state, cfg), out_dir / "last.pth"
+    elif periodic.is_file():
+        weights = {**_weights_checkpoint(state, cfg), "iteration": found["iteration"],
+                   "model": torch.load(periodic, map_location="cpu", weights_only=True)["model"]}
+        source = periodic
+    else:
+        logger.warning("test.save_best: the best %s up to iteration %d, %.2f, was at iteration %d (metrics.jsonl), whose "
+                       "weights are not kept here: model_best.pth is written when an evaluation beats it", key,
+                       state.iteration, found["value"], found["iteration"])
+        return
+    save_checkpoint({**weights, "best": found}, out_dir / BEST_FILE)
+    logger.info("test.save_best: the best %s up to iteration %d, %.2f at iteration %d (metrics.jsonl): %s written "
+                "from %s", key, state.iteration, found["value"], found["iteration"], out_dir / BEST_FILE, source.name)
+
+
+def best_from_history(metrics_jsonl: Path, key: str, up_to: int) -> dict | None:
+    """The highest finite `key` among metrics.jsonl's evaluations up to iteration `up_to` (the
+    first of equals, as save_best keeps it), as {"metric", "value", "iteration"}; None if none."""
+    from detection.utils.files import read_metrics_lines
+
+    if not metrics_jsonl.is_file():
+        return None
+    best = None
+    for _, record in read_metrics_lines(metrics_jsonl)[0]:
+        value = record.get(key)
+        if record["iteration"] <= up_to and isinstance(value, (int, float)) and math.isfinite(value) and (
+                best is None or value > best["value"]):
+            best = {"metric": key, "value": float(value), "iteration": int(record["iteration"])}
+    return best
 
 
 def _file_safe(text: str) -> str:

@@ -229,13 +229,14 @@ def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, small
     its area."""
     from detection.modeling.resize import resized_shape
 
-    sides = []
+    sides, capped = [], 0
     for record in dataset.records:
         boxes = np.asarray(record.get("boxes", ()), np.float64).reshape(-1, 4)
         height, width = record.get("height") or 0, record.get("width") or 0
         if not len(boxes) or not height or not width:
             continue
         new_h, new_w = resized_shape(height, width, min_size, max_size)
+        capped += min(new_h, new_w) < min_size  # the longer side's cap set the scale
         area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0) * (new_h / height) * (
             new_w / width)
         sides.append(np.sqrt(area))
@@ -244,10 +245,13 @@ def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, small
     median = float(np.median(np.concatenate(sides)))
     if median >= smallest_anchor / 2:
         return None
+    max_key = size_key.replace("min_size", "max_size")
+    capping = capped * 2 > len(sides)  # most images' scale set by the longer side's cap (a panorama's)
+    at = f"{max_key} {max_size}, which caps most of these images' scale" if capping else f"{size_key} {min_size}"
     return (f"{what} set {dataset.name}: half its objects are under {median:.1f} px (the square root of their area) "
-            f"at {size_key} {min_size}, under half the smallest anchor (model.anchors.sizes: {smallest_anchor}): "
+            f"at {at}, under half the smallest anchor (model.anchors.sizes: {smallest_anchor}): "
             "their IoU with every anchor is under the RPN's background threshold, so few are proposed; raise "
-            f"{size_key}, train with smaller model.anchors.sizes, or cut the images into tiles"
+            f"{max_key if capping else size_key}, train with smaller model.anchors.sizes, or cut the images into tiles"
             + (" (test.tiles.size at test time)" if what == "test" else ""))
 
 

@@ -29,9 +29,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from detection.config import Config, ConfigError, checked_config
 from detection.engine import distributed as du
 from detection.engine.checkpoint import get_rng_states, load_resume_checkpoint, periodic_checkpoints, set_rng_states
-from detection.engine.loop_checkpoints import (best_metric_key, best_settings, check_finite_weights,
-                                               kept_after_divergence, read_best, save_best, save_final, save_last,
-                                               stop_gracefully, what_is_kept)
+from detection.engine.loop_checkpoints import (best_metric_key, check_finite_weights, kept_after_divergence,
+                                               restore_best, save_best, save_final, save_last, stop_gracefully,
+                                               what_is_kept)
 from detection.engine.errors import TrainingError, TrainingInterrupted, TrainingStopped
 from detection.engine.evaluate import evaluate
 from detection.engine.loading import load_initial_weights, read_detector_file
@@ -147,7 +147,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
     test_sets = build_test_datasets(cfg, datasets[0].class_names)  # before anything is written, too
     best_key = best_metric_key(cfg, test_sets)  # test.save_best, checked against what the evaluations give
     if best_key and resuming and du.is_main_process():
-        state.best = read_best(out_dir, best_key, best_settings(cfg))
+        restore_best(state, cfg, out_dir, best_key, [change[0] for change in changes])
     start = (state.iteration, event_files(out_dir),
              [p for p in (out_dir / "config.yaml", out_dir / LOG_FILE) if not p.exists()])  # what this run creates
     if du.is_main_process():

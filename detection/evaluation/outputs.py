@@ -68,6 +68,13 @@ def results_for_test_set(path: PathLike, folder: str, kind: str) -> str:
     resolved = Path(path)
     if resolved.is_dir() and (resolved / SOURCE_FILE).is_file() and not _holds_results(resolved / folder):
         held = sorted(p.name for p in resolved.iterdir() if _holds_results(p))  # a results folder, not this set's
+        try:
+            recorded = read_source(resolved)
+        except OutputFolderError:
+            recorded = None
+        if recorded is not None and recorded.kind == "results" and not held:  # eval.py --results copies none
+            raise DataError(f"{path}: the folder of an evaluation of saved results, which keeps no copy of them: give "
+                            f"the results it scored, {recorded.path}")
         raise DataError(f"{path}: holds no results for the test set of folder {folder!r} (it holds: "
                         f"{', '.join(held) or 'none'}); give the datasets.test those results were made on")
     if resolved.is_dir() and (resolved / folder).is_dir():
