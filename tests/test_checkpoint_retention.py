@@ -311,3 +311,14 @@ def test_a_resume_from_before_the_best_goes_on_from_the_kept_historys_best(data_
     assert "test.save_best: the best AP up to iteration 2, 30.00, was at iteration 1 (metrics.jsonl), whose weights " \
         "are not kept here: model_best.pth is written when an evaluation beats it" in caplog.text
     assert record(load_checkpoint(out / "model_best.pth")) == {"metric": "AP", "value": 35.0, "iteration": 4}
+
+
+def test_a_model_best_without_recorded_settings_is_taken_as_comparable(tmp_path):
+    """A review: one written before the settings were recorded was moved aside as "other test
+    settings", and the next evaluation, however low, became the best."""
+    from detection.engine.loop_checkpoints import read_best
+
+    torch.save({"model": {}, "iteration": 1200, "best": {"metric": "AP", "value": 71.5, "iteration": 1200}},
+               tmp_path / "model_best.pth")
+    assert read_best(tmp_path, "AP", {"test": {}})["value"] == 71.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_best.pth"]

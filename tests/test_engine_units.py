@@ -282,6 +282,8 @@ def test_objects_resized_under_half_the_smallest_anchor_are_said():
         "model.anchors.sizes, or cut the images into tiles (test.tiles.size at test time)")
     assert small_objects_line(dataset, 3000, 4000, 16, "input.min_size_test") is None  # 14.1 px: over 8
     assert small_objects_line(dataset, 3000, 4000, 32, "input.min_size_test") is not None  # under 16
+    # run in tiles of 480 (test.tiles.size), each resized as an image: their objects keep their size
+    assert small_objects_line(dataset, 480, 640, 16, "input.min_size_test", tile=480) is None
 
 
 def test_a_restored_training_state_has_the_iteration_momentum_lr_and_random_state_of_the_saved_one():

@@ -131,8 +131,8 @@ def test_make_tiles_cuts_the_images_and_their_boxes_as_test_tiles_cuts_them(tmp_
     assert tiles.class_names == ["car", "van"]
     got = {}
     for record in tiles.records:  # tiles at x 0, 40, 50 and y 0, 10 (stride 40, the last at the edge)
-        name = record["file_name"].rsplit("/", 1)[-1]
-        x0, y0 = (int(part[1:]) for part in name[:-4].split("_")[1:])
+        name = record["file_name"].rsplit("/", 1)[-1]  # 000000_a_x<X>_y<Y>.png
+        x0, y0 = (int(part[1:]) for part in name[:-4].split("_")[2:])
         tile = cv2.imread(record["file_name"])[:, :, ::-1]
         np.testing.assert_array_equal(tile, pixels[y0:y0 + 50, x0:x0 + 50])  # PNG: the pixels as they were
         got[(x0, y0)] = sorted(zip(record["labels"].tolist(), record["boxes"].tolist()))
@@ -143,3 +143,53 @@ def test_make_tiles_cuts_the_images_and_their_boxes_as_test_tiles_cuts_them(tmp_
     assert got[(40, 10)] == [(1, [40.0, 35.0, 50.0, 50.0]), (2, [5.0, 10.0, 25.0, 30.0])]  # the car: half inside
     assert got[(50, 0)] == [(2, [0.0, 20.0, 15.0, 40.0])]  # 15 of 20 px of the van
     assert got[(50, 10)] == [(1, [30.0, 35.0, 50.0, 50.0]), (2, [0.0, 10.0, 15.0, 30.0])]
+
+
+def test_make_tiles_keeps_every_source_and_region_and_never_writes_over_the_data(tmp_path, capsys):
+    """A review: two sources named 001.png in two folders wrote one tile file (the second over the
+    first), a COCO crowd region was lost, and --output at the source's folder replaced its
+    annotations.json."""
+    import json
+
+    import cv2
+
+    from detection.data.catalog import get_dataset
+    from tests.helpers import ROOT, load_tool, run_main, tiny_overrides
+
+    for sub in ("a", "b"):
+        (tmp_path / "img" / sub).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "img" / sub / "001.png"), np.full((40, 40, 3), 9 if sub == "a" else 200, np.uint8))
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [0, 0, 40, 40], "area": 1600, "iscrowd": 1,
+             "segmentation": {"counts": [0, 1600], "size": [40, 40]}}]
+    (tmp_path / "annotations.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a/001.png", "width": 40, "height": 40},
+                   {"id": 2, "file_name": "b/001.png", "width": 40, "height": 40}],
+        "annotations": anns, "categories": [{"id": 1, "name": "car"}]}))
+    base = ["--config", ROOT / "configs" / "base.yaml", *tiny_overrides(tmp_path, tmp_path / "out"), "--dataset",
+            "{type: coco, ann_file: annotations.json, image_root: img}", "--size", "40"]
+    code, _, err = run_main(load_tool("make_tiles"), [*base, "--output", tmp_path / "tiles"], capsys)
+    assert code == 0, err
+    written = json.loads((tmp_path / "tiles" / "annotations.json").read_text())
+    assert [image["file_name"] for image in written["images"]] == ["000000_001_x0_y0.png", "000001_001_x0_y0.png"]
+    assert cv2.imread(str(tmp_path / "tiles" / "images" / "000001_001_x0_y0.png"))[0, 0, 0] == 200  # its own pixels
+    assert [(a["image_id"], a.get("iscrowd")) for a in written["annotations"]] == [(1, 0), (2, 1)]  # the crowd kept
+    code, _, err = run_main(load_tool("make_tiles"), [*base, "--output", tmp_path / "tiles"], capsys)
+    assert code == 2 and "already holds a tiled set" in err  # an earlier --size's tiles would stay among these
+    before = (tmp_path / "annotations.json").read_bytes()
+    code, _, err = run_main(load_tool("make_tiles"), [*base, "--output", tmp_path], capsys)
+    assert code == 2 and "holds the data set's own images or annotations.json" in err
+    assert (tmp_path / "annotations.json").read_bytes() == before
+    # VOC difficult objects: trained (objects) with dataloader.use_difficult, else iscrowd (neither trained nor scored)
+    from detection.data.dataset_info import DatasetInfo
+    from detection.data.tiling import write_tiled_dataset
+
+    record = {"image_id": "x", "file_name": str(tmp_path / "img" / "a" / "001.png"), "height": 40, "width": 40,
+              "boxes": np.array([[1, 1, 9, 9], [20, 20, 30, 30]], np.float32), "labels": np.array([1, 1]),
+              "difficult": np.array([False, True])}
+    voc = DatasetInfo(name="voc", kind="voc", class_names=["car"], records=[record])
+    for use_difficult, crowd in ((True, [0, 0]), (False, [0, 1])):
+        out = tmp_path / f"voc_{use_difficult}"
+        write_tiled_dataset(voc, out, 40, 0.25, 0.5, read=lambda path: np.zeros((40, 40, 3), np.uint8),
+                            write=lambda path, pixels: None, use_difficult=use_difficult)
+        assert [a["iscrowd"] for a in json.loads((out / "annotations.json").read_text())["annotations"]] == crowd

@@ -186,7 +186,7 @@ def _evaluate(cfg: Config, args: argparse.Namespace, out_root: Path, source: Res
 
         for dataset in datasets:
             line = small_objects_line(dataset, cfg.input.min_size_test, cfg.input.max_size_test,
-                                      min(cfg.model.anchors.sizes), "input.min_size_test")
+                                      min(cfg.model.anchors.sizes), "input.min_size_test", tile=cfg.test.tiles.size)
             if line:
                 logger.warning("%s", line)
     claim_for_every_process(out_root, source, folders, overwrite=args.overwrite, echo=say)
@@ -305,6 +305,7 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
         return
     from detection.config import dump_config
     from detection.evaluation.outputs import SECTION_FILE, read_skipped_images, results_for_test_set
+    from detection.evaluation.coco import COCO_MAX_DETS
     from detection.visualization.draw import read_crowd_regions
 
     config_text = dump_config(cfg)
@@ -330,7 +331,7 @@ def _write_report(cfg: Config, args: argparse.Namespace, datasets: list[DatasetI
             f"test settings not known: the results read from {made_in} have no {SECTION_FILE} of the evaluation "
             "that made them (this command's config says nothing of how they were made)" + (
                 f"; COCOeval counting {scored_at} detections per image and class (test.coco_max_dets)"
-                if scored_at not in (None, 100) else ""))
+                if scored_at not in (None, COCO_MAX_DETS) else ""))
         save_section(section, out_root / folder)
     path, names = write_folder_report(out_root, source=source, command=args.command, config_text=config_text,
                                       metrics_jsonl=metrics_jsonl)

@@ -10,12 +10,14 @@ these with test.tiles.size set to the same size.
 
 --dataset is a data set the config can read (a known name, the name of one of its datasets.train
 or datasets.test, or an entry as YAML, as visualize.py takes it); default: the first of
-datasets.train. OUTPUT gets images/<stem>_x<X>_y<Y>.<ext> (each tile, upright as training reads
-the image) and annotations.json (COCO: the set's category ids and names; each image also names its
-"source" image and the tile's "offset"). An object is kept in a tile when at least --min-visible
-(0.5) of its box is inside, clipped to it; VOC `difficult` objects become "iscrowd": 1 (neither
-trained nor scored). --skip-empty leaves out tiles without objects (dataloader.filter_empty drops
-them from training anyway; a test set keeps them).
+datasets.train. OUTPUT, a new or empty folder, gets images/<NNNNNN>_<stem>_x<X>_y<Y>.<ext> (each
+tile, upright as training reads the image; NNNNNN the image's place in the set) and
+annotations.json (COCO: the set's category ids and names; each image also names its "source" image
+and the tile's "offset"). An object is kept in a tile when at least --min-visible (0.5) of its box
+is inside, clipped to it; VOC `difficult` objects are objects when dataloader.use_difficult (the
+default), else "iscrowd": 1 (neither trained nor scored); a COCO source's crowd and `ignore`
+regions go to the tiles they overlap, as they were. --skip-empty leaves out tiles without
+objects (dataloader.filter_empty drops them from training anyway; a test set keeps them).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def cut(args: argparse.Namespace) -> None:
     from detection.data.tiling import write_tiled_dataset
     from detection.utils.files import OutputFolderError
     from detection.utils.progress import ProgressLines
-    from detection.visualization.draw import write_drawing
+    from detection.visualization.draw import read_crowd_regions, write_drawing
 
     cfg = config_from_args(args)
     configured = [*cfg.datasets.train, *cfg.datasets.test]
@@ -73,18 +75,27 @@ def cut(args: argparse.Namespace) -> None:
                           exif_orientation=cfg.input.exif_orientation)
     output = Path(args.output).expanduser()
     sources = {os.path.realpath(os.path.dirname(r["file_name"])) for r in dataset.records}
-    if os.path.realpath(output / "images") in sources:
-        raise OutputFolderError(f"--output {args.output}: its images/ folder is the data set's own: give another")
+    if os.path.realpath(output / "images") in sources or (
+            dataset.ann_file and os.path.realpath(output / "annotations.json") == os.path.realpath(dataset.ann_file)):
+        raise OutputFolderError(f"--output {args.output}: it holds the data set's own images or annotations.json, "
+                                "which the tiles' would replace: give another folder")
+    if (output / "annotations.json").exists() or any((output / "images").glob("*")):
+        raise OutputFolderError(f"--output {args.output}: already holds a tiled set (annotations.json, images/): give "
+                                "a new or empty folder (an earlier --size's tiles would stay among the new ones)")
+    regions = read_crowd_regions(dataset.ann_file, dataset.label_to_category_id) \
+        if dataset.kind == "coco" and dataset.ann_file else None
     progress = ProgressLines("make_tiles", len(dataset.records), say=lambda line: print(line, flush=True))
     counts = write_tiled_dataset(dataset, output, args.size, args.overlap, args.min_visible,
                                  read=lambda path: read_image(path, exif_orientation=cfg.input.exif_orientation),
-                                 write=write_drawing, skip_empty=args.skip_empty, progress=progress.step)
+                                 write=write_drawing, skip_empty=args.skip_empty, progress=progress.step,
+                                 use_difficult=cfg.dataloader.use_difficult, regions=regions)
     left_out = counts["objects_left_out"]
     images = f"{counts['images']} image{'' if counts['images'] == 1 else 's'}"
+    objects = f"{counts['objects']} object{'' if counts['objects'] == 1 else 's'}"
     print(f"wrote {counts['tiles']} tiles of {images} of {dataset.name} to {output / 'images'} and "
-          f"{output / 'annotations.json'} ({args.size} px, overlap {args.overlap:g}; {counts['objects']} objects"
-          + (f", {left_out} of them in no tile by at least {args.min_visible:g} of their box: larger than a tile, "
-             "left out (raise --size)" if left_out else "") + ")")
+          f"{output / 'annotations.json'} ({args.size} px, overlap {args.overlap:g}; {objects}"
+          + (f", {left_out} of them in no tile by at least {args.min_visible:g} of their box (larger than a tile's "
+             "overlap, or cut on every side: raise --size or --overlap), left out" if left_out else "") + ")")
 
 
 if __name__ == "__main__":

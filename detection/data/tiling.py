@@ -1,14 +1,18 @@
 """A data set cut into tiles for training (tools/make_tiles.py; SAHI's slice_coco): large images
 of small objects (aerial, microscopy) trained at input.min_size_train would shrink their objects
 with them; their tiles keep the objects at their size. The tiles are those test.tiles cuts at test
-time (detection.modeling.tiles.tile_windows), so training and inference see the same scale.
+time (detection.utils.tiling.tile_windows), so training and inference see the same scale.
 
-Each tile is a COCO image of its own: `<stem>_x<x0>_y<y0>.<ext>` (the source's extension for JPEG
-and PNG, else PNG), its objects' boxes clipped to it, an object kept when at least `min_visible`
-of its box's area is inside (a sliver of an object is neither taught as the object nor, being
-left out, as background more than a tile's border is), VOC `difficult` objects written with
-"iscrowd": 1 (not trained, not scored: what the metrics do with them); each image entry also
-names its source image and the tile's offset ("source", "offset": [x0, y0]).
+Each tile is a COCO image of its own: `<NNNNNN>_<stem>_x<x0>_y<y0>.<ext>` (NNNNNN the source's
+place in the data set: two sources of one name never share a tile's; the source's extension for
+JPEG and PNG, else PNG), its objects' boxes clipped to it, an object kept when at least
+`min_visible` of its box's area is inside (a sliver of an object is neither taught as the object
+nor, being left out, as background more than a tile's border is). VOC `difficult` objects are
+written as objects when `use_difficult` (training's dataloader.use_difficult), else with
+"iscrowd": 1 (neither trained nor scored, as the metrics treat them); a COCO source's regions that
+are not objects (`regions`: crowd, written "iscrowd": 1; `ignore`, written "ignore": 1) go to
+every tile they overlap, clipped. Each image entry also names its source image and the tile's
+offset ("source", "offset": [x0, y0]).
 """
 from __future__ import annotations
 
@@ -44,17 +48,20 @@ def tile_records(record: dict, windows: Sequence[tuple[int, int, int, int]], min
 
 def write_tiled_dataset(dataset: DatasetInfo, output: str | Path, size: int, overlap: float, min_visible: float,
                         read: Callable[[str], np.ndarray], write: Callable[[Path, np.ndarray], None],
-                        skip_empty: bool = False, progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
+                        skip_empty: bool = False, progress: Callable[[], None] = lambda: None,
+                        use_difficult: bool = True, regions: dict | None = None) -> dict[str, Any]:
     """Cut every image of `dataset` into tiles (read(path) -> RGB array as the data set reads it;
-    write(path, RGB array)), into OUTPUT/images/, with OUTPUT/annotations.json (COCO). -> counts:
-    {"images", "tiles", "objects", "objects_left_out"} (left out: under min_visible in every tile)."""
+    write(path, RGB array)), into OUTPUT/images/, with OUTPUT/annotations.json (COCO). `regions`:
+    image id -> (XYXY boxes, labels, tags "crowd" / "not trained") of a COCO source's regions that
+    are not objects (visualization.draw.read_crowd_regions). -> counts: {"images", "tiles",
+    "objects", "objects_left_out"} (left out: under min_visible in every tile)."""
     output = Path(output)
     (output / "images").mkdir(parents=True, exist_ok=True)
     category_of = dict(dataset.label_to_category_id) if dataset.label_to_category_id else \
         {k: k for k in range(1, len(dataset.class_names) + 1)}
     images, annotations = [], []
     counts = {"images": 0, "tiles": 0, "objects": 0, "objects_left_out": 0}
-    for record in dataset.records:
+    for index, record in enumerate(dataset.records):
         pixels = read(record["file_name"])
         height, width = pixels.shape[:2]
         windows = tile_windows(height, width, size, overlap)
@@ -68,23 +75,33 @@ def write_tiled_dataset(dataset: DatasetInfo, output: str | Path, size: int, ove
         for (x0, y0, x1, y1), boxes, labels, difficult in tiles:
             if skip_empty and not len(boxes):
                 continue
-            name = f"{source.stem}_x{x0}_y{y0}{ext}"
+            name = f"{index:06d}_{source.stem}_x{x0}_y{y0}{ext}"
             write(output / "images" / name, pixels[y0:y1, x0:x1])
             image_id = len(images) + 1
             images.append({"id": image_id, "file_name": name, "width": x1 - x0, "height": y1 - y0,
                            "source": str(source), "offset": [x0, y0]})
             for box, label, hard in zip(boxes.tolist(), labels.tolist(), difficult.tolist()):
-                w, h = box[2] - box[0], box[3] - box[1]
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                    "category_id": int(category_of[label]), "bbox": [round(v, 2) for v in
-                                                                                     (box[0], box[1], w, h)],
-                                    "area": round(w * h, 2), "iscrowd": int(bool(hard))})
+                annotations.append(_annotation(len(annotations) + 1, image_id, category_of[label], box,
+                                               {"iscrowd": int(bool(hard) and not use_difficult)}))
+            boxes, labels, tags = (regions or {}).get(record["image_id"], (np.zeros((0, 4)), [], []))
+            for box, label, tag in zip(np.asarray(boxes, np.float64).reshape(-1, 4), labels, tags):
+                clipped = [max(box[0], x0) - x0, max(box[1], y0) - y0, min(box[2], x1) - x0, min(box[3], y1) - y0]
+                if clipped[2] > clipped[0] and clipped[3] > clipped[1]:
+                    annotations.append(_annotation(len(annotations) + 1, image_id, category_of[int(label)], clipped,
+                                                   {"iscrowd": 1} if tag == "crowd" else {"iscrowd": 0, "ignore": 1}))
             counts["tiles"] += 1
         progress()
     categories = [{"id": int(category_of[k]), "name": name} for k, name in enumerate(dataset.class_names, start=1)]
     with atomic_write(output / "annotations.json") as f:
         f.write(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return counts
+
+
+def _annotation(ann_id: int, image_id: int, category_id: int, box: Sequence[float], flags: dict) -> dict:
+    """A COCO annotation of an XYXY box in a tile's pixels."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    return {"id": ann_id, "image_id": image_id, "category_id": int(category_id),
+            "bbox": [round(float(v), 2) for v in (box[0], box[1], w, h)], "area": round(float(w * h), 2), **flags}
 
 
 def _objects_in_some_tile(record: dict, windows: Sequence[tuple[int, int, int, int]], min_visible: float

@@ -230,7 +230,7 @@ def read_best(out_dir: Path, key: str, settings: dict) -> dict | None:
     elif best.get("metric") != key:
         why = f"keeps the best {best.get('metric')}, not test.save_best's {key}"
         name = f"model_best_{_file_safe(str(best.get('metric')))}_{best.get('iteration', 0):07d}.pth"
-    elif best.get("settings") != settings:
+    elif "settings" in best and best["settings"] != settings:  # none recorded (written before them): taken
         why = f"keeps the best {key} under other test sets or test settings than this run's"
         name = f"model_best_{_file_safe(key)}_{best.get('iteration', 0):07d}.pth"
     else:

@@ -220,13 +220,14 @@ def parameters_line(model: torch.nn.Module, freeze_at: int) -> str:
 
 
 def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, smallest_anchor: int, size_key: str,
-                       what: str = "test") -> str | None:
+                       what: str = "test", tile: int = 0) -> str | None:
     """A warning when half a set's objects, at the size the model sees them (each image resized to
     `min_size` / `max_size`), are under half the smallest anchor: their IoU with any anchor is then
     under 0.25, below the RPN's background threshold (0.3), so each is matched only as its best
     anchor's and few are proposed (a dense-scene trial: 4000x3000 images shrunk to 640x480 made
     their 8-20 px objects 1-2 px, AP 0 with no word). The size of an object: the square root of
-    its area."""
+    its area. `tile`: test.tiles.size (an image larger than it is run in tiles of that side, each
+    resized as an image)."""
     from detection.modeling.resize import resized_shape
 
     sides, capped = [], 0
@@ -235,6 +236,8 @@ def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, small
         height, width = record.get("height") or 0, record.get("width") or 0
         if not len(boxes) or not height or not width:
             continue
+        if tile and max(height, width) > tile:  # run as tiles: each tile is the image the model resizes
+            height, width = min(height, tile), min(width, tile)
         new_h, new_w = resized_shape(height, width, min_size, max_size)
         capped += min(new_h, new_w) < min_size  # the longer side's cap set the scale
         area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0) * (new_h / height) * (
@@ -248,11 +251,12 @@ def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, small
     max_key = size_key.replace("min_size", "max_size")
     capping = capped * 2 > len(sides)  # most images' scale set by the longer side's cap (a panorama's)
     at = f"{max_key} {max_size}, which caps most of these images' scale" if capping else f"{size_key} {min_size}"
+    at += f" in test.tiles.size {tile} px tiles" if tile else ""
     return (f"{what} set {dataset.name}: half its objects are under {median:.1f} px (the square root of their area) "
             f"at {at}, under half the smallest anchor (model.anchors.sizes: {smallest_anchor}): "
             "their IoU with every anchor is under the RPN's background threshold, so few are proposed; raise "
             f"{max_key if capping else size_key}, train with smaller model.anchors.sizes, or cut the images into tiles"
-            + (" (test.tiles.size at test time)" if what == "test" else ""))
+            + (" (test.tiles.size at test time)" if what == "test" and not tile else ""))
 
 
 def small_objects_warnings(cfg: Config, datasets: Sequence[DatasetInfo], test_sets: Sequence[DatasetInfo]
@@ -261,8 +265,8 @@ def small_objects_warnings(cfg: Config, datasets: Sequence[DatasetInfo], test_se
     smallest = min(cfg.model.anchors.sizes)
     lines = [small_objects_line(d, max(cfg.input.min_size_train), cfg.input.max_size_train, smallest,
                                 "input.min_size_train", "training") for d in datasets]
-    lines += [small_objects_line(d, cfg.input.min_size_test, cfg.input.max_size_test, smallest, "input.min_size_test")
-              for d in test_sets if d.has_annotations]
+    lines += [small_objects_line(d, cfg.input.min_size_test, cfg.input.max_size_test, smallest, "input.min_size_test",
+                                 tile=cfg.test.tiles.size) for d in test_sets if d.has_annotations]
     return [line for line in lines if line]
 
 
