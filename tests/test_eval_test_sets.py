@@ -275,8 +275,8 @@ def test_fewer_proposals_than_objects_is_said_as_the_cap(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="detection.evaluation.test_sets"):
         evaluate_test_sets(datasets, model=model, coco_max_dets=1000)
     said = [r.getMessage() for r in caplog.records if "more objects than" in r.getMessage()]
-    assert said == ["test set dense_proposals: 1 of its 1 images hold more objects than the model takes proposals (each "
-                    "image's detections come from them) (model.rpn.post_nms_topk_test=120; up to 160 objects): "
+    assert said == ["test set dense_proposals: 1 of its 1 images hold more objects than the model takes proposals "
+                    "(each image's detections come from them) (model.rpn.post_nms_topk_test=120; up to 160 objects): "
                     "recall and AP are capped there; raise it for such images (Detectron2 tests with 1000 "
                     "proposals)"]
     assert "COCOeval counts" not in caplog.text  # 150 of one class under 1000

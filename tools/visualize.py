@@ -664,8 +664,8 @@ def _saved_predictor(dataset, results: str):
     others = [image_id for image_id in saved if image_id not in ids]
     if saved and len(others) == len(saved):
         raise DataError(f"--results {path}: its detections are of {len(saved)} image{'s' * (len(saved) > 1)}, "
-                        f"none of data set {dataset.name}'s (ids {first_few([str(i) for i in others], 3)}): results of another test "
-                        "set? --dataset NAME names the set they were made on")
+                        f"none of data set {dataset.name}'s (ids {first_few([str(i) for i in others], 3)}): results of "
+                        "another test set? --dataset NAME names the set they were made on")
     held = sum(1 for image_id in saved if image_id in ids)
     print(f"--results {path}: detections of {held} of data set {dataset.name}'s {len(ids)} images"
           + (f"; {len(others)} image{' in the results is' if len(others) == 1 else 's in the results are'} not in "

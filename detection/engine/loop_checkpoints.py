@@ -279,8 +279,8 @@ def restore_best(state: TrainState, cfg: Config, out_dir: Path, key: str, change
                    "model": torch.load(periodic, map_location="cpu", weights_only=True)["model"]}
         source = periodic
     else:
-        logger.warning("test.save_best: the best %s up to iteration %d, %.2f, was at iteration %d (metrics.jsonl), whose "
-                       "weights are not kept here: model_best.pth is written when an evaluation beats it", key,
+        logger.warning("test.save_best: the best %s up to iteration %d, %.2f, was at iteration %d (metrics.jsonl), "
+                       "whose weights are not kept here: model_best.pth is written when an evaluation beats it", key,
                        state.iteration, found["value"], found["iteration"])
         return
     save_checkpoint({**weights, "best": found}, out_dir / BEST_FILE)

@@ -67,9 +67,10 @@ def coco_image_errors(gt_xywh: np.ndarray, gt_labels: np.ndarray, gt_crowd: np.n
                       false_positives: list[int] | None = None) -> tuple[dict[int, int], dict[int, int]]:
     """Per class, one image's false positives and missed objects among the predictions scoring
     >= score_thresh, by COCOeval's rule (module docstring; its `max_dets` highest scoring of each
-    class); `gt_xywh`: the json's boxes as written, `gt_crowd`: iscrowd. The predictions' XYWH as the results file writes them are
-    `detections["xywh"]` (read_detections), else made from their XYXY `boxes`. `false_positives`,
-    a list: gets each false positive's index among the predictions scoring >= score_thresh."""
+    class); `gt_xywh`: the json's boxes as written, `gt_crowd`: iscrowd. The predictions' XYWH as
+    the results file writes them are `detections["xywh"]` (read_detections), else made from their
+    XYXY `boxes`. `false_positives`, a list: gets each false positive's index among the predictions
+    scoring >= score_thresh."""
     boxes, scores, labels = _kept(detections, score_thresh, "xywh" if "xywh" in detections else "boxes")
     if "xywh" not in detections:
         boxes = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)

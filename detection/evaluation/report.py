@@ -415,8 +415,8 @@ TEMPLATE = """<!DOCTYPE html>
 {% endfor %}
 </tbody>
 </table>
-<p class="muted">AP: each class's AP-&lt;class&gt; of metrics.json (COCO-type sets: IoU 0.50:0.95, and AP50-&lt;class&gt;
-at IoU 0.5; VOC-type: IoU 0.5).
+<p class="muted">AP: each class's AP-&lt;class&gt; of metrics.json (COCO-type sets: IoU 0.50:0.95, and
+AP50-&lt;class&gt; at IoU 0.5; VOC-type: IoU 0.5).
 False positives and missed objects count the predictions scoring at least {{ score_thresh }},
 matched by score to ground truth of their class at IoU &ge; {{ iou_thresh }} as the set's metric matches
 them (COCO-type: COCOeval's rule, crowd regions neither; VOC-type: the devkit's, difficult objects neither).</p>
@@ -436,8 +436,8 @@ them (COCO-type: COCOeval's rule, crowd regions neither; VOC-type: the devkit's,
 </table>
 {% endif %}
 {% set pairs = s.most_confused() %}
-{% if pairs %}<p>Most confused: {% for g, c, count in pairs %}{{ g }} detected as {{ c }} ({{ count }}){{ "; " if not loop.last }}\
-{% endfor %}</p>{% endif %}
+{% if pairs %}<p>Most confused: {% for g, c, count in pairs %}{{ g }} detected as {{ c }} ({{ count }})\
+{{ "; " if not loop.last }}{% endfor %}</p>{% endif %}
 <p class="muted">Counts at score &ge; {{ score_thresh }}, matched as the false positives and missed objects above:
 rows the objects' classes, columns the classes they were detected as (the diagonal: found); a false positive on an
 object of another class (IoU &ge; {{ iou_thresh }}, the most overlapped) counts in that object's row, other false
