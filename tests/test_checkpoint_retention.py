@@ -311,6 +311,16 @@ def test_a_resume_from_before_the_best_goes_on_from_the_kept_historys_best(data_
     assert "test.save_best: the best AP up to iteration 2, 30.00, was at iteration 1 (metrics.jsonl), whose weights " \
         "are not kept here: model_best.pth is written when an evaluation beats it" in caplog.text
     assert record(load_checkpoint(out / "model_best.pth")) == {"metric": "AP", "value": 35.0, "iteration": 4}
+    # a resume at another test size: the history's values were measured otherwise, none is taken
+    out = tmp_path / "run4"
+    scripted_evaluation(monkeypatch, [30.0, 20.0, 40.0, 5.0])
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.keep_checkpoints": 4}))
+    shutil.copy(out / "model_0000002.pth", out / "last.pth")
+    scripted_evaluation(monkeypatch, [1.0, 2.0])
+    caplog.clear()
+    train(tiny_cfg(data_root, out, **{**BEST, "solver.keep_checkpoints": 4, "input.min_size_test": 48}), resume=True)
+    assert "(metrics.jsonl)" not in caplog.text
+    assert record(load_checkpoint(out / "model_best.pth")) == {"metric": "AP", "value": 2.0, "iteration": 4}
 
 
 def test_a_model_best_without_recorded_settings_is_taken_as_comparable(tmp_path):

@@ -193,3 +193,9 @@ def test_make_tiles_keeps_every_source_and_region_and_never_writes_over_the_data
         write_tiled_dataset(voc, out, 40, 0.25, 0.5, read=lambda path: np.zeros((40, 40, 3), np.uint8),
                             write=lambda path, pixels: None, use_difficult=use_difficult)
         assert [a["iscrowd"] for a in json.loads((out / "annotations.json").read_text())["annotations"]] == crowd
+    # an object a quarter inside each of four tiles (no overlap) is in none by half its box: counted left out
+    corner = DatasetInfo(name="corner", kind="voc", class_names=["car"], records=[
+        {**record, "boxes": np.array([[15, 15, 25, 25], [2, 2, 8, 8]], np.float32), "difficult": np.zeros(2, bool)}])
+    counts = write_tiled_dataset(corner, tmp_path / "corner", 20, 0.0, 0.5, read=lambda path: np.zeros((40, 40, 3),
+                                 np.uint8), write=lambda path, pixels: None)
+    assert counts == {"images": 1, "tiles": 4, "objects": 2, "objects_left_out": 1}

@@ -179,8 +179,8 @@ def _evaluate(cfg: Config, args: argparse.Namespace, out_root: Path, source: Res
     if args.targets:  # a --fail-below metric the sets will not give: said before the work, not after it
         from detection.evaluation.test_sets import metric_names
 
-        _check_targets(args.targets, {d.name: dict.fromkeys([*metric_names(d, cfg.test.coco_max_dets), *(
-            ["use_07_metric"] if d.kind == "voc" else [])], 0.0) if d.has_annotations else {} for d in datasets})
+        _check_targets(args.targets, {d.name: dict.fromkeys(metric_names(d, cfg.test.coco_max_dets), 0.0)
+                                      if d.has_annotations else {} for d in datasets})
     if model is not None and is_main_process():  # objects the model sees too small to be proposed
         from detection.engine.startup import small_objects_line
 

@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with a model: write only DIR/detections.jsonl, no drawings")
     parser.add_argument("--gt", action="store_true", help="draw a data set's annotations, no model")
     parser.add_argument("--compare", action="store_true", help="ground truth and predictions side by side")
-    parser.add_argument("--dataset", help="data set for --gt/--compare: a known name, the name of one of "
+    parser.add_argument("--dataset", help="data set for --gt/--compare/--results: a known name, the name of one of "
                         "datasets.test or datasets.train (as eval.py and training print it), or an entry as YAML "
                         "('{type: coco, ann_file: ..., image_root: ...}'); default: the first test set")
     parser.add_argument("--results", metavar="PATH",

@@ -28,9 +28,9 @@ from detection.utils.tiling import tile_windows
 
 
 def tile_records(record: dict, windows: Sequence[tuple[int, int, int, int]], min_visible: float
-                 ) -> list[tuple[tuple[int, int, int, int], np.ndarray, np.ndarray, np.ndarray]]:
-    """Per window (x0, y0, x1, y1): (window, boxes XYXY in the tile's pixels, labels, difficult)
-    of the record's objects at least `min_visible` of whose area is inside it."""
+                 ) -> list[tuple[tuple[int, int, int, int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per window (x0, y0, x1, y1): (window, boxes XYXY in the tile's pixels, labels, difficult,
+    kept: the record's objects' mask) of the objects at least `min_visible` of whose area is inside it."""
     boxes = np.asarray(record.get("boxes", ()), np.float64).reshape(-1, 4)
     labels = np.asarray(record.get("labels", ()), np.int64).reshape(-1)
     difficult = np.asarray(record.get("difficult", np.zeros(len(boxes), bool)), bool).reshape(-1)
@@ -42,7 +42,7 @@ def tile_records(record: dict, windows: Sequence[tuple[int, int, int, int]], min
                             boxes[:, 3].clip(y0, y1)], axis=1) if len(boxes) else boxes
         inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
         keep = (inside > 0) & (inside >= min_visible * np.maximum(area, 1e-12))
-        out.append((window, clipped[keep] - [x0, y0, x0, y0], labels[keep], difficult[keep]))
+        out.append((window, clipped[keep] - [x0, y0, x0, y0], labels[keep], difficult[keep], keep))
     return out
 
 
@@ -66,13 +66,13 @@ def write_tiled_dataset(dataset: DatasetInfo, output: str | Path, size: int, ove
         height, width = pixels.shape[:2]
         windows = tile_windows(height, width, size, overlap)
         tiles = tile_records(record, windows, min_visible)
-        seen = _objects_in_some_tile(record, windows, min_visible)
+        seen = np.logical_or.reduce([tile[4] for tile in tiles])  # each object kept by some tile
         counts["images"] += 1
         counts["objects"] += len(seen)
         counts["objects_left_out"] += int((~seen).sum())
         source = Path(record["file_name"])
         ext = source.suffix.lower() if source.suffix.lower() in (".jpg", ".jpeg", ".png") else ".png"
-        for (x0, y0, x1, y1), boxes, labels, difficult in tiles:
+        for (x0, y0, x1, y1), boxes, labels, difficult, _ in tiles:
             if skip_empty and not len(boxes):
                 continue
             name = f"{index:06d}_{source.stem}_x{x0}_y{y0}{ext}"
@@ -103,15 +103,3 @@ def _annotation(ann_id: int, image_id: int, category_id: int, box: Sequence[floa
     return {"id": ann_id, "image_id": image_id, "category_id": int(category_id),
             "bbox": [round(float(v), 2) for v in (box[0], box[1], w, h)], "area": round(float(w * h), 2), **flags}
 
-
-def _objects_in_some_tile(record: dict, windows: Sequence[tuple[int, int, int, int]], min_visible: float
-                          ) -> np.ndarray:
-    """Per object of the record, whether some window keeps it (tile_records' rule)."""
-    boxes = np.asarray(record.get("boxes", ()), np.float64).reshape(-1, 4)
-    kept = np.zeros(len(boxes), bool)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    for x0, y0, x1, y1 in windows:
-        inside = (np.minimum(boxes[:, 2], x1) - np.maximum(boxes[:, 0], x0)).clip(0) * \
-            (np.minimum(boxes[:, 3], y1) - np.maximum(boxes[:, 1], y0)).clip(0)
-        kept |= (inside > 0) & (inside >= min_visible * np.maximum(area, 1e-12))
-    return kept

@@ -18,6 +18,7 @@ from detection.engine import distributed as du
 from detection.engine.checkpoint import (gather_rng_states, non_finite_tensors, periodic_checkpoint_path,
                                          prune_checkpoints, save_checkpoint)
 from detection.engine.errors import TrainingError
+from detection.engine.inference_model import TEST_KEYS
 from detection.engine.signals import GracefulStop
 from detection.engine.train_state import TrainState
 from detection.utils.files import DISK_FULL
@@ -197,19 +198,29 @@ def _check_defined(key: str, test_sets: Sequence) -> None:
                           f"{metric[len(prefix):]}, so its {prefix[:-1]} is never defined: name another metric")
 
 
+# what a best value means depends on (a value at another test size, maxDets or test set is not
+# comparable): the test sets, the whole `test` section but its training-time keys, and the other
+# test-time settings a checkpoint's evaluation is compared by (inference_model.TEST_KEYS)
+BEST_KEYS = ("datasets.test", "test", *TEST_KEYS)
+NOT_BEST_KEYS = ("test.eval_period", "test.save_best")
+
+
 def best_settings(cfg: Config) -> dict:
-    """What a best value means depends on: the test sets and the settings they are evaluated
-    with (a value at another test size, maxDets or test set is not comparable)."""
+    """The config's values of BEST_KEYS (but NOT_BEST_KEYS), as JSON reads them back."""
     tree = config_to_dict(cfg)
-    model = tree["model"]
-    return json.loads(json.dumps({
-        "datasets.test": tree["datasets"]["test"],
-        "test": {key: value for key, value in tree["test"].items() if key not in ("eval_period", "save_best")},
-        "input": {key: tree["input"][key] for key in ("min_size_test", "max_size_test", "resize_mode",
-                                                      "exif_orientation")},
-        "model": {"rpn": {key: model["rpn"][key] for key in ("pre_nms_topk_test", "post_nms_topk_test")},
-                  "roi_heads": {key: model["roi_heads"][key] for key in ("score_thresh_test", "nms_thresh_test",
-                                                                         "detections_per_image")}}}))
+    out = {}
+    for key in BEST_KEYS:
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    out["test"] = {key: value for key, value in out["test"].items() if f"test.{key}" not in NOT_BEST_KEYS}
+    return json.loads(json.dumps(out))
+
+
+def _in_best_scope(key: str) -> bool:
+    """Whether a changed config key changes what a best value means (BEST_KEYS)."""
+    return key not in NOT_BEST_KEYS and any(key == k or key.startswith(f"{k}.") for k in BEST_KEYS)
 
 
 def read_best(out_dir: Path, key: str, settings: dict) -> dict | None:
@@ -245,12 +256,6 @@ def read_best(out_dir: Path, key: str, settings: dict) -> dict | None:
     return None
 
 
-BEST_SCOPE = ("datasets.test", "test.", "input.min_size_test", "input.max_size_test", "input.resize_mode",
-              "input.exif_orientation", "model.rpn.pre_nms_topk_test", "model.rpn.post_nms_topk_test",
-              "model.roi_heads.score_thresh_test", "model.roi_heads.nms_thresh_test",
-              "model.roi_heads.detections_per_image")  # best_settings' keys: a change makes values not comparable
-
-
 def restore_best(state: TrainState, cfg: Config, out_dir: Path, key: str, changed: Sequence[str] = ()) -> None:
     """A resumed run's best so far (main process): its model_best.pth (read_best); without one (a
     resume from before it set it aside, or test.save_best newly given), the best `key` of the
@@ -263,8 +268,7 @@ def restore_best(state: TrainState, cfg: Config, out_dir: Path, key: str, change
     state.best = read_best(out_dir, key, best_settings(cfg))
     if state.best is not None or had_file:
         return
-    if any(k.startswith(scope) and k not in ("test.eval_period", "test.save_best") for k in changed
-           for scope in BEST_SCOPE):
+    if any(_in_best_scope(k) for k in changed):
         return
     found = best_from_history(out_dir / "metrics.jsonl", key, state.iteration)
     if found is None:

@@ -108,7 +108,7 @@ def metric_names(dataset: DatasetInfo, coco_max_dets: int = COCO_MAX_DETS) -> li
     if dataset.kind == "coco":
         return [*summary_keys(coco_max_dets),
                 *(f"{key}-{name}" for key in ("AP", "AP50") for name in dataset.class_names)]
-    return ["mAP", "AP", "AP50", "AP75", *(f"AP-{name}" for name in dataset.class_names)]
+    return ["mAP", "AP", "AP50", "AP75", "use_07_metric", *(f"AP-{name}" for name in dataset.class_names)]
 
 
 _TOLD_CROWDED: set[tuple] = set()  # once per process and cap: training evaluates every eval_period
