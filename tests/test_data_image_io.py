@@ -165,3 +165,27 @@ def test_an_image_past_opencvs_pixel_limit_is_one_data_error(tmp_path):
     assert done.stdout.startswith(f"could not read image {tmp_path / 'big.png'}: pixels <= CV_IO_MAX_IMAGE_PIXELS")
     assert done.stdout.rstrip().endswith("(the image is larger than this process decodes: "
                                          "OPENCV_IO_MAX_IMAGE_PIXELS=1000)")  # a service's own cap, named
+
+
+def test_transparent_pixels_are_said_once(tmp_path, caplog):
+    """Alpha is dropped as Detectron2 drops it: a transparent pixel reads as the colour stored under
+    it (black here), not a viewer's background; that is said, once, naming the file and the share."""
+    bgra = np.zeros((10, 10, 4), np.uint8)
+    bgra[2:6, 2:6] = (255, 0, 0, 255)  # an opaque blue square on 84 transparent black pixels
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / name), bgra)
+    import detection.data.image_io as image_io
+    image_io.TRANSPARENCY_SAID.clear()  # once per process: a test before may have been told
+    with caplog.at_level("WARNING"):
+        img = read_image(str(tmp_path / "a.png"))
+        read_image(str(tmp_path / "b.png"))
+    np.testing.assert_array_equal(img[0, 0], [0, 0, 0])
+    np.testing.assert_array_equal(img[3, 3], [0, 0, 255])
+    told = [r.getMessage() for r in caplog.records if "transparent" in r.getMessage()]
+    assert len(told) == 1 and "a.png has transparent pixels (84% of it" in told[0], told
+    bgra[..., 3] = 255  # opaque everywhere: nothing said
+    cv2.imwrite(str(tmp_path / "opaque.png"), bgra)
+    image_io.TRANSPARENCY_SAID.clear()
+    caplog.clear()
+    read_image(str(tmp_path / "opaque.png"))
+    assert not [r for r in caplog.records if "transparent" in r.getMessage()]
