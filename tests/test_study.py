@@ -265,3 +265,14 @@ def test_no_train_study_records_the_scaled_schedule_it_used(tmp_path):
         {"max_iter": 40, "steps": [32, 38], "warmup_iters": 4, "base_lr": 0.01}
     assert {k: schedule["scaled_from"][k] for k in ("max_iter", "steps", "warmup_iters")} == \
         {"max_iter": 1000, "steps": [800, 950], "warmup_iters": 100}
+
+
+def test_the_schedule_note_says_no_warmup_when_max_iter_scaled_it_to_none():
+    """--max-iter 4 scales a 100-iteration warmup to 0: the note said 'a 0-iteration warmup from x0.01'."""
+    from detection.study.report import schedule_note
+    config = {"max_iter": 1000, "base_lr": 0.02, "warmup_iters": 100, "warmup_factor": 0.01,
+              "lr_schedule": "multistep", "gamma": 0.1, "steps": [800, 950]}
+    scaled = dict(config, max_iter=4, warmup_iters=0, steps=[3], scaled_from=config)
+    assert schedule_note(scaled) == ("Schedule: 4 iterations, lr 0.02 from the start (no warmup), x0.1 at [3] "
+                                     "(--max-iter scaled the config's 1000 iterations, lr 0.02 after a 100-iteration "
+                                     "warmup from x0.01, x0.1 at [800, 950]).")

@@ -73,8 +73,9 @@ def schedule_note(schedule: dict) -> str:
 def _schedule_text(s: dict) -> str:
     drops = ("cosine to 0" if s["lr_schedule"] != "multistep" else
              f"x{s['gamma']} at {s['steps']}" if s["steps"] else "no steps")
-    return (f"{s['max_iter']} iterations, lr {s['base_lr']} after a {s['warmup_iters']}-iteration warmup "
-            f"from x{s['warmup_factor']}, {drops}")
+    warmup = (f"after a {s['warmup_iters']}-iteration warmup from x{s['warmup_factor']}" if s["warmup_iters"]
+              else "from the start (no warmup)")
+    return f"{s['max_iter']} iterations, lr {s['base_lr']} {warmup}, {drops}"
 
 
 ROWS = (("loss_curve", "final_train_loss", "total training loss"),
