@@ -287,3 +287,17 @@ def test_workers_forked_after_opencv_ran_in_the_parent_do_not_hang(tmp_path):
         pytest.fail("the data-loader workers hung after OpenCV ran in the parent process")
     assert proc.returncode == 0, stderr
     assert stdout.strip() == "loaded"
+
+
+def test_a_set_of_crowd_regions_only_is_no_training_set_and_says_why(tmp_path):
+    """Crowd regions are not trained on: a set of them only has no training image, and the error
+    says why (a trial: 'every image is without boxes' while the json held a box on every image)."""
+    spec = make_set(tmp_path)
+    data = json.loads((tmp_path / "ann.json").read_text())
+    for ann in data["annotations"]:
+        ann["iscrowd"] = 1
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"no training images in .*every image is without boxes to train on \(COCO "
+                                        r"crowd regions, iscrowd: 1, and 'ignore': 1 annotations are not trained on"
+                                        r".*dataloader.filter_empty: false"):
+        train_loader(get_dataset(spec, str(tmp_path)))

@@ -197,7 +197,32 @@ def test_a_test_json_without_annotations_says_why_every_metric_is_undefined(data
     bare.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING, logger="detection.evaluation.coco"):
         metrics, _ = _evaluate(dataclasses.replace(dataset, ann_file=str(bare)), _noisy_outputs(dataset.records))
-    assert math.isnan(metrics["AP"]) and "no_annotations.json holds no ground-truth annotations" in caplog.text
+    assert math.isnan(metrics["AP"]) and "no_annotations.json holds no ground-truth objects" in caplog.text
+
+
+def test_a_test_json_of_crowd_regions_only_says_why_every_metric_is_undefined(dataset, tmp_path, caplog):
+    """COCOeval ignores crowd regions: a set of them only scores nothing; that was said for a json
+    without annotations but not for this one (an extreme-inputs trial: a table of '-', no word)."""
+    import dataclasses
+    import logging
+
+    data = json.loads(open(dataset.ann_file).read())
+    for ann in data["annotations"]:
+        ann["iscrowd"] = 1
+    crowd = tmp_path / "crowd_only.json"
+    crowd.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="detection.evaluation.coco"):
+        metrics, _ = _evaluate(dataclasses.replace(dataset, ann_file=str(crowd)), _noisy_outputs(dataset.records))
+    assert math.isnan(metrics["AP"])
+    count = len(data["annotations"])
+    assert f"crowd_only.json holds no ground-truth objects on the evaluated images but {count} crowd regions " \
+           "(iscrowd: 1)" in caplog.text
+    caplog.clear()
+    data["annotations"][0]["iscrowd"] = 0  # one object: scored, nothing said
+    crowd.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="detection.evaluation.coco"):
+        metrics, _ = _evaluate(dataclasses.replace(dataset, ann_file=str(crowd)), _noisy_outputs(dataset.records))
+    assert not math.isnan(metrics["AP"]) and "no ground-truth objects" not in caplog.text
 
 
 def test_only_processed_images_are_evaluated(dataset):

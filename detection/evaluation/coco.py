@@ -152,10 +152,15 @@ class COCOEvaluator:
         coco_gt = self._ground_truth()
         categories = sorted(self.dataset.label_to_category_id.values())  # all the json's unless keep_classes
         kept = set(categories)
-        if image_ids and not any(a["category_id"] in kept for i in image_ids for a in coco_gt.imgToAnns.get(i, ())):
-            logger.warning("%s: %s holds no ground-truth annotations on the evaluated images: every metric is "
+        scored = [a for i in image_ids for a in coco_gt.imgToAnns.get(i, ()) if a["category_id"] in kept]
+        if image_ids and not any(not a.get("iscrowd", 0) for a in scored):
+            # COCOeval scores a crowd region as an area to ignore, never as an object to find
+            crowd = (f" but {len(scored)} crowd region{'s' if len(scored) != 1 else ''} (iscrowd: 1), which "
+                     "COCOeval treats as areas whose detections count neither way, not as objects") if scored else ""
+            logger.warning("%s: %s holds no ground-truth objects on the evaluated images%s: every metric is "
                            "undefined (-); a json without an 'annotations' list (as image_info_test-dev2017.json) "
-                           "is written for its evaluation server instead", self.dataset.name, self.dataset.ann_file)
+                           "is written for its evaluation server instead", self.dataset.name, self.dataset.ann_file,
+                           crowd)
         coco_eval = run_cocoeval(coco_gt, results, image_ids, categories, self.max_dets)
         metrics = {key: _percent(coco_eval.stats[i]) for i, key in enumerate(summary_keys(self.max_dets))}
         metrics.update(self._per_class(coco_eval))
