@@ -301,7 +301,7 @@ def test_the_detector_warns_once_of_a_panorama_squashed_as_the_model_does(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         detector(np.full((40, 300, 3), 90, np.uint8))  # 34x256: not yet
-    told = (r"the image is 30x600: input.max_size_test 256 caps its longer side, so it is resized to 13x256, its "
+    told = (r"the image is 600x30 \(WxH\): input.max_size_test 256 caps its longer side, so it is resized to 256x13, its "
             r"shorter side 13 px where input.min_size_test asks 96")
     with pytest.warns(UserWarning, match="OnnxDetector: " + told) as caught:
         detector(strip)
@@ -312,7 +312,7 @@ def test_the_detector_warns_once_of_a_panorama_squashed_as_the_model_does(tmp_pa
     with pytest.warns(UserWarning, match="OnnxDetector: " + told) as caught:
         OnnxDetector(path).prepare(strip)
     assert [w.filename for w in caught] == [__file__]
-    with pytest.warns(UserWarning, match="FasterRCNN: image 0 is 30x600") as caught:
+    with pytest.warns(UserWarning, match=r"FasterRCNN: the batch's image 0 is 600x30 \(WxH\)") as caught:
         with torch.no_grad():
             model([torch.from_numpy(strip).permute(2, 0, 1)])
     assert [w.filename for w in caught] == [__file__]

@@ -256,8 +256,8 @@ def test_a_panorama_squashed_by_max_size_test_is_warned_about_once():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             model([torch.full((3, 60, 80), 90.0), torch.full((3, 40, 300), 90.0)])  # 96x128; 34x256: not yet
-        with pytest.warns(UserWarning, match=r"image 1 is 30x600: input.max_size_test 256 caps its longer side, so "
-                                             r"it is resized to 13x256, its shorter side 13 px where "
+        with pytest.warns(UserWarning, match=r"the batch's image 1 is 600x30 \(WxH\): input.max_size_test 256 caps "
+                                             r"its longer side, so it is resized to 256x13, its shorter side 13 px where "
                                              r"input.min_size_test asks 96: its objects come out 7x smaller") as caught:
             model([torch.full((3, 60, 80), 90.0), torch.full((3, 30, 600), 90.0)])
         assert [w.filename for w in caught] == [__file__]

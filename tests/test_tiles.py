@@ -199,3 +199,22 @@ def test_make_tiles_keeps_every_source_and_region_and_never_writes_over_the_data
     counts = write_tiled_dataset(corner, tmp_path / "corner", 20, 0.0, 0.5, read=lambda path: np.zeros((40, 40, 3),
                                  np.uint8), write=lambda path, pixels: None)
     assert counts == {"images": 1, "tiles": 4, "objects": 2, "objects_left_out": 1}
+
+
+def test_the_whole_image_pass_beside_tiles_is_not_warned_of_as_a_squashed_panorama():
+    """The model warns that a panorama squashed to a strip should be cut into tiles; under
+    test.tiles its whole-image pass was warned of too (a trial). The bare model after the tiled run
+    still warns."""
+    import warnings
+
+    from tests.helpers import make_model
+
+    model = make_model().eval()  # min_size_test 96, max_size_test 256
+    panorama = torch.full((3, 30, 600), 90, dtype=torch.uint8)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DetectorWithTiles(model, size=64, overlap=0.25, full_image=True)([panorama])  # 64x30 tiles: not squashed
+    assert model.told_squashed is False
+    with torch.inference_mode(), pytest.warns(UserWarning, match=r"the batch's image 0 is 600x30 \(WxH\).*"
+                                                                  r"cut it into tiles .*test.tiles"):
+        model([panorama])

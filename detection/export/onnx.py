@@ -191,7 +191,7 @@ class OnnxDetector:
                **{key: str(value) for key, value in given.items() if value is not None}}
         self.metadata = read_metadata(raw, name=str(path))
         self.class_names: list[str] | None = self.metadata.get("class_names")
-        self._told_squashed = False  # a panorama shrunk to a strip: said once, as the model says it
+        self.told_squashed = False  # a panorama shrunk to a strip: said once, as the model says it
 
     def __call__(self, image: Tensor | np.ndarray | str | Path | bytes, input_format: str = "RGB"
                  ) -> dict[str, Tensor]:
@@ -213,12 +213,12 @@ class OnnxDetector:
     def prepare(self, image: Tensor | np.ndarray, input_format: str = "RGB") -> dict[str, np.ndarray]:
         """The file's inputs for `image` (detection.export.preprocess.preprocess)."""
         image = rgb_uint8(_channels_last(image, "OnnxDetector"), "OnnxDetector")  # errors name the caller
-        if not self._told_squashed:
+        if not self.told_squashed:
             told = squashed(image.shape[:2], self.metadata["min_size_test"], self.metadata["max_size_test"])
             if told:
                 warnings.warn(f"OnnxDetector: the image is {told}", DetectionWarning,
                               stacklevel=stacklevel_outside(__file__))
-                self._told_squashed = True
+                self.told_squashed = True
         return preprocess(image, self.metadata, input_format)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, Tensor]:

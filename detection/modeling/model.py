@@ -140,7 +140,7 @@ class FasterRCNN(nn.Module):
         # image is far from the size training's pipeline gives it (None: not checked)
         self.train_sizes = train_sizes
         self._told_size = False
-        self._told_squashed = False  # an inference image shrunk far below min_size_test: said once
+        self.told_squashed = False  # an inference image shrunk far below min_size_test: said once
         self.amp = False  # test.amp: inference under autocast (detection/modeling/precision.py, set by the engine)
         self.inference_only = False  # detection.accel's inference copies: folded norms, no gradients
         self.class_names = list(class_names) if class_names is not None else None
@@ -245,12 +245,12 @@ class FasterRCNN(nn.Module):
         for i, img in enumerate(images):
             if resize:
                 size = resized_shape(int(img.shape[-2]), int(img.shape[-1]), min_size, max_size)
-                if not self._told_squashed and not torch.jit.is_tracing():  # said once per model
+                if not self.told_squashed and not torch.jit.is_tracing():  # said once per model
                     told = squashed(tuple(img.shape[-2:]), min_size, max_size)
                     if told:
-                        warnings.warn(f"FasterRCNN: image {i} is {told}", DetectionWarning,
+                        warnings.warn(f"FasterRCNN: the batch's image {i} is {told}", DetectionWarning,
                                       stacklevel=stacklevel_outside(__file__, torch.__file__))
-                        self._told_squashed = True
+                        self.told_squashed = True
                 if size != tuple(img.shape[-2:]):
                     img = resize_tensor(img, size, self.resize_mode)
             x = (img if img.device == self.device else host_to_device(img, self.device)).to(torch.float32)

@@ -72,12 +72,26 @@ class DetectorWithTiles(nn.Module):
             for window, det in zip(chunk, self.model(tiles)):
                 found.append(_whole_objects(det, window, height, width))
         if self.full_image:
-            found.append(self.model([image])[0])
+            found.append(self._whole_image(image))
         heads = inner_detector(self.model).roi_heads
         merged = {key: torch.cat([det[key] for det in found]) for key in ("boxes", "scores", "labels")}
         keep = batched_nms(merged["boxes"], merged["scores"], merged["labels"], heads.nms_thresh_test)
         keep = keep[:heads.detections_per_image]
         return {key: value[keep] for key, value in merged.items()}
+
+
+    def _whole_image(self, image: Tensor) -> dict[str, Tensor]:
+        """The whole image's pass beside its tiles, without the model's warning that a panorama is
+        squashed at its scale (which advises tiles: these are they; a trial found it said anyway)."""
+        inner = inner_detector(self.model)
+        told = getattr(inner, "told_squashed", None)
+        if told is not None:
+            inner.told_squashed = True
+        try:
+            return self.model([image])[0]
+        finally:
+            if told is not None:
+                inner.told_squashed = told
 
 
 def _whole_objects(det: dict[str, Tensor], window: tuple[int, int, int, int], height: int, width: int
