@@ -75,8 +75,8 @@ def test_tiny_coco_loads_to_exact_targets(tmp_path, caplog):
     assert warnings == [f"{ann_file}: in the boxes training learns from, clipped 2 "
                         "boxes that reach more than a pixel past their image (annotation ids 102, 104) and dropped 2 "
                         "boxes with no area in "
-                        "their image (annotation id 103 (image id 1): bbox [50.0, 50.0, 0.0, 10.0] has a width or "
-                        "height <= 0, annotation id 105 (image id 1): bbox [120.0, 10.0, 5.0, 5.0] lies outside the "
+                        "their image (annotation id 103 (image id 1): bbox [50, 50, 0, 10] has a width or "
+                        "height <= 0, annotation id 105 (image id 1): bbox [120, 10, 5, 5] lies outside the "
                         "100x80 image); the COCO evaluation (pycocotools) scores the json's boxes as written, and "
                         "--gt and the report draw those"]
     # what --gt and the report's galleries draw: the boxes as the json writes them, which COCOeval counts
@@ -289,3 +289,16 @@ def test_custom_coco_entry_with_relative_paths(tmp_path):
     info = get_dataset({"type": "coco", "ann_file": "ann.json", "image_root": "imgs", "name": "mine"}, str(tmp_path))
     assert info.name == "mine" and info.class_names == ["zebra", "apple", "mug"]
     assert info.records[0]["file_name"] == str(tmp_path / "imgs" / "a.png")
+
+
+def test_a_width_too_small_to_move_x_is_quoted_as_written_and_said_so(tmp_path, caplog):
+    """bbox [20, 20, 1e-300, 30]: x + w == x, a box of no area, dropped; the warning quoted it
+    as 'bbox [20.0, 20.0, 0.0, 30.0] has a width or height <= 0', not what the file says."""
+    annotations = [{"id": 1, "image_id": 1, "category_id": 42, "bbox": [20, 20, 1e-300, 30], "iscrowd": 0},
+                   {"id": 2, "image_id": 1, "category_id": 42, "bbox": [10, 20, 30, 40], "iscrowd": 0}]
+    ann_file, image_root = write_coco(tmp_path, annotations=annotations)
+    with caplog.at_level(logging.WARNING, logger="detection.data.coco"):
+        info = load_coco_json(ann_file, image_root)
+    assert len(info.records[0]["boxes"]) == 1
+    assert "annotation id 1 (image id 1): bbox [20, 20, 1e-300, 30] has a width or height too small to tell from 0 " \
+           "at its x or y" in caplog.text

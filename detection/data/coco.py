@@ -237,7 +237,7 @@ def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[i
     word), the annotations that repeat another's category and box, each named)."""
     img = coco.imgs[img_id]
     height, width = int(img["height"]), int(img["width"])  # whole numbers (check_coco_json)
-    boxes, labels, outside, ids, seen, repeats = [], [], [], [], {}, []
+    boxes, labels, outside, ids, written, seen, repeats = [], [], [], [], [], {}, []
     for ann in coco.imgToAnns.get(img_id, []):
         box, label, annotated = _parse_annotation(ann, width, height, cat_to_label, ann_file)
         if box is not None:
@@ -245,11 +245,12 @@ def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[i
             labels.append(label)
             outside.append(max(abs(a - b) for a, b in zip(box, annotated)) > 1.0)
             ids.append((ann.get("id"), annotated))
+            written.append(ann["bbox"])
             first = seen.setdefault((label, tuple(ann["bbox"])), ann.get("id"))
             if first != ann.get("id"):
                 repeats.append(f"id {ann.get('id')!r} repeats id {first!r} (image id {img_id!r})")
     keep = [i for i, b in enumerate(boxes) if b[2] > b[0] and b[3] > b[1]]
-    dropped = [f"annotation id {ids[i][0]!r} (image id {img_id!r}): {box_problem(ids[i][1], width, height)}"
+    dropped = [f"annotation id {ids[i][0]!r} (image id {img_id!r}): {box_problem(ids[i][1], width, height, written[i])}"
                for i in sorted(set(range(len(boxes))) - set(keep))]
     record = {
         "file_name": os.path.join(image_root, img["file_name"]),
@@ -268,11 +269,17 @@ def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[i
     return record, dropped, [repr(ids[i][0]) for i in keep if outside[i]], repeats
 
 
-def box_problem(box: list[float], width: int, height: int, shown: str = "") -> str:
+def box_problem(box: list[float], width: int, height: int, shown: str | list = "") -> str:
     """Why an XYXY box (0-based continuous, as annotated) has no area in its width x height image,
-    in words; `shown`: the box as its file writes it (default: [x, y, w, h], COCO's)."""
+    in words; `shown`: the box as its file writes it, text or a COCO json's [x, y, w, h] list
+    (default: [x, y, w, h] from `box`). A json's positive width too small to move its x (1e-300 at
+    x 20) has none either: said so, quoting the file (it said 'bbox [20.0, 20.0, 0.0, 30.0]')."""
     x1, y1, x2, y2 = box
-    shown = shown or f"bbox {[round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]}"
+    tiny = isinstance(shown, list) and all(isinstance(v, (int, float)) and v > 0 for v in shown[2:4])
+    shown = f"bbox {shown}" if isinstance(shown, list) else shown or \
+        f"bbox {[round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]}"
+    if tiny and (x2 <= x1 or y2 <= y1):
+        return f"{shown} has a width or height too small to tell from 0 at its x or y"
     if x2 <= x1 or y2 <= y1:
         return f"{shown} has a width or height <= 0"
     return f"{shown} lies outside the {width}x{height} image"
