@@ -15,7 +15,7 @@ from detection.engine.checkpoint import CheckpointError, load_checkpoint, load_r
 from detection.engine.trainer import TrainingError, train
 from tests.helpers import tiny_cfg
 
-pytestmark = pytest.mark.slow  # every test here trains (a few tiny iterations)
+# the tests that train (a few tiny iterations) are slow; those of the rules alone run in test-fast
 KEEP_TWO = {"solver.checkpoint_period": 1, "solver.keep_checkpoints": 2, "solver.max_iter": 4}
 
 
@@ -41,6 +41,7 @@ def straight(data_root, tmp_path_factory):
     return out, train(tiny_cfg(data_root, out, **KEEP_TWO))
 
 
+@pytest.mark.slow
 def test_keeps_exactly_the_last_n_as_full_training_checkpoints(straight):
     out, _ = straight
     assert periodic(out) == ["model_0000003.pth", "model_0000004.pth"]
@@ -52,6 +53,7 @@ def test_keeps_exactly_the_last_n_as_full_training_checkpoints(straight):
     assert same_weights(newest["model"], load_checkpoint(out / "last.pth")["model"])
 
 
+@pytest.mark.slow
 def test_a_damaged_last_pth_names_the_kept_checkpoint_to_resume_from(straight, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight[0], out)
@@ -62,6 +64,7 @@ def test_a_damaged_last_pth_names_the_kept_checkpoint_to_resume_from(straight, t
         load_resume_checkpoint(out / "last.pth")
 
 
+@pytest.mark.slow
 def test_zero_keeps_none(data_root, tmp_path):
     out = tmp_path / "run"
     train(tiny_cfg(data_root, out, **{"solver.checkpoint_period": 1, "solver.max_iter": 2}))
@@ -69,6 +72,7 @@ def test_zero_keeps_none(data_root, tmp_path):
                                                       "model_final.pth"]
 
 
+@pytest.mark.slow
 def test_a_failed_save_deletes_no_old_checkpoint_and_the_resume_goes_on(data_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save = loop_checkpoints.save_checkpoint
@@ -90,6 +94,7 @@ def test_a_failed_save_deletes_no_old_checkpoint_and_the_resume_goes_on(data_roo
     assert periodic(out) == ["model_0000003.pth", "model_0000004.pth"]  # the run's older ones pruned
 
 
+@pytest.mark.slow
 def test_resume_with_kept_checkpoints_equals_a_straight_run(data_root, tmp_path, straight):
     straight_out, straight_model = straight
     out = tmp_path / "resumed"
@@ -102,6 +107,7 @@ def test_resume_with_kept_checkpoints_equals_a_straight_run(data_root, tmp_path,
                         load_checkpoint(straight_out / "model_0000004.pth")["model"])
 
 
+@pytest.mark.slow
 def test_a_resume_from_an_earlier_checkpoint_sets_the_abandoned_history_aside(straight, data_root, tmp_path, caplog):
     """The README's way back (copy model_0000003.pth to last.pth) left the abandoned run's later
     model_0000004.pth and model_final.pth among the new run's (a long-run trial: four files kept of
@@ -126,6 +132,7 @@ def test_a_resume_from_an_earlier_checkpoint_sets_the_abandoned_history_aside(st
     assert "of this folder's run past it" not in caplog.text and sorted(p.name for p in out.glob("abandoned_after_*")) == [aside.name]
 
 
+@pytest.mark.slow
 def test_ending_a_run_at_an_earlier_checkpoint_writes_its_model_final(straight, data_root, tmp_path):
     """A review: `cp model_0000003.pth last.pth; --resume solver.max_iter=3` (what the "cannot go back"
     error advises) said the run was finished and left no model_final.pth: the abandoned run's (of
@@ -161,6 +168,7 @@ def record(checkpoint: dict) -> dict:
 BEST = {"test.eval_period": 1, "test.save_best": "AP", "solver.checkpoint_period": 1, "solver.max_iter": 4}
 
 
+@pytest.mark.slow
 def test_save_best_keeps_the_weights_of_the_highest_evaluation_and_a_resume_goes_on_from_it(
         data_root, tmp_path, monkeypatch, caplog):
     """MMDetection's save_best / Detectron2's BestCheckpointer: model_best.pth is written when an
@@ -235,6 +243,7 @@ def test_save_best_names_a_metric_the_evaluations_give_before_training(data_root
     assert not (tmp_path / "bad" / "last.pth").exists()
 
 
+@pytest.mark.slow
 def test_save_best_keeps_an_earlier_best_of_another_metric_or_settings_and_says_when_it_finds_none(
         data_root, tmp_path, monkeypatch, caplog):
     """A review: a resume with another test.save_best metric overwrote model_best.pth at its first
@@ -271,6 +280,7 @@ def test_save_best_keeps_an_earlier_best_of_another_metric_or_settings_and_says_
                     "test.save_best: AP was not defined at any evaluation of this run: no model_best.pth"]
 
 
+@pytest.mark.slow
 def test_a_resume_from_before_the_best_goes_on_from_the_kept_historys_best(data_root, tmp_path, monkeypatch, caplog):
     """A trial: after the README's way back to an earlier checkpoint (model_best.pth, of a later
     iteration, set aside), the next evaluation of any value became "the best so far". The best of
@@ -332,3 +342,20 @@ def test_a_model_best_without_recorded_settings_is_taken_as_comparable(tmp_path)
                tmp_path / "model_best.pth")
     assert read_best(tmp_path, "AP", {"test": {}})["value"] == 71.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_best.pth"]
+
+
+def test_best_from_history_takes_the_first_highest_finite_value_up_to_the_resumed_iteration(tmp_path):
+    """A resume rebuilds the best from metrics.jsonl: NaN, null, a line cut short and evaluations
+    after the resumed iteration are not it; of equal values the first, as save_best keeps it."""
+    from detection.engine.loop_checkpoints import best_from_history
+
+    lines = ['{"iteration": 20, "total_loss": 1.5}', '{"iteration": 100, "AP": 40.0}', '{"iteration": 200, "AP": NaN}',
+             '{"iteration": 300, "AP": 52.5}', '{"iteration": 400, "AP": null}', '{"iteration": 500, "AP": 52.5}',
+             '{"iteration": 600, "AP": 70.0}', '{"iteration": 700, "AP": 99', '']
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines))
+    assert best_from_history(path, "AP", 550) == {"metric": "AP", "value": 52.5, "iteration": 300}
+    assert best_from_history(path, "AP", 600)["iteration"] == 600
+    assert best_from_history(path, "AP", 250) == {"metric": "AP", "value": 40.0, "iteration": 100}
+    assert best_from_history(path, "AP", 99) is None and best_from_history(path, "AP50", 1000) is None
+    assert best_from_history(tmp_path / "none.jsonl", "AP", 1000) is None
