@@ -116,3 +116,22 @@ def test_concat_takes_a_sets_labels_by_name_when_it_lists_the_classes_in_another
     assert "b lists the classes of a in another order (y, z, x): its labels are taken by name" in caplog.text
     with pytest.raises(DataError, match="different classes"):
         concat_datasets([a, _info("c", ["y", "y", "x"], 1)])
+
+
+def test_concat_of_other_classes_says_how_to_make_them_one():
+    """A pseudo-label json listing a class no box has, or lacking one the teacher never found: the
+    error gave both class lists only, not the fix (keep_classes; the category added)."""
+    labelled = _info("labelled", ["circle", "square"], 2)
+    extra = _info("extra", ["circle", "square", "star"], 2)
+    extra.records[0]["labels"] = np.array([1, 2], np.int64)
+    with pytest.raises(DataError, match=r"extra has \['circle', 'square', 'star'\]; extra has star besides \(with no "
+                                        r"object\): give its entry keep_classes: \[circle, square\]$"):
+        concat_datasets([labelled, extra])
+    extra.records[1]["labels"] = np.array([3], np.int64)  # a star: kept_classes would drop it, said by keep_only
+    with pytest.raises(DataError, match=r"extra has star besides: give its entry keep_classes: \[circle, square\]$"):
+        concat_datasets([labelled, extra])
+    with pytest.raises(DataError, match=r"; labelled lacks star: add it to its categories \(a category with no object "
+                                        r"is fine"):
+        concat_datasets([extra, labelled])
+    with pytest.raises(DataError, match=r"; other has star besides \(with no object\); other lacks square: add it"):
+        concat_datasets([labelled, _info("other", ["circle", "star"], 1)])

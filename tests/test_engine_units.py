@@ -1,5 +1,6 @@
 """Solver schedule and atomic checkpoints (no model needed)."""
 import copy
+import os
 import random
 
 import numpy as np
@@ -335,3 +336,36 @@ def test_the_small_objects_warning_names_the_longer_sides_cap_when_it_sets_the_s
                               352, 640, 16, "input.min_size_test")
     assert "half its objects are under 6.2 px (the square root of their area) at input.max_size_test 640, which " \
         "caps most of these images' scale" in line and "; raise input.max_size_test," in line
+
+
+def test_images_shared_by_training_sets_or_with_a_test_set_are_said(tmp_path):
+    """A pseudo-labelling trial: a teacher's json over the labelled images, and the held-out set
+    listed as a training set, trained without a word. One set listed twice (to see it twice as
+    often) is not warned of; a test set is, whatever its listing."""
+    from detection.data import DatasetInfo
+    from detection.engine.startup import shared_images_warnings
+
+    def info(name, files, ann_file):
+        records = [{"file_name": str(tmp_path / "img" / f), "image_id": i, "height": 8, "width": 8,
+                    "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64),
+                    "difficult": np.zeros(0, bool)} for i, f in enumerate(files)]
+        return DatasetInfo(name=name, kind="coco", class_names=["x"], records=records,
+                           ann_file=str(tmp_path / ann_file))
+
+    labelled = info("labelled", ["a.jpg", "b.jpg", "c.jpg"], "labelled.json")
+    pseudo = info("pseudo", ["c.jpg", "d.jpg", "b.jpg"], "pseudo.json")
+    held_out = info("held_out", ["e.jpg", "a.jpg"], "held_out.json")
+    other = info("other", ["f.jpg"], "other.json")
+    assert shared_images_warnings([labelled, labelled, other], [info("t", ["g.jpg"], "t.json")]) == []
+    lines = shared_images_warnings([labelled, pseudo, labelled], [held_out])
+    img = tmp_path / "img"
+    assert lines == [
+        f"training sets labelled and pseudo share 2 image files ({img / 'b.jpg'}, {img / 'c.jpg'}): each trains with "
+        "both sets' boxes (a teacher's pseudo-labels over labelled images?); list one set twice to see it twice as "
+        "often",
+        f"test set held_out shares 1 of its 2 image files with training set labelled ({img / 'a.jpg'}): its metrics "
+        "are not of held-out images"]
+    relative = info("labelled", ["a.jpg"], "labelled.json")
+    # one file, spelt otherwise: relative, through a folder and back
+    relative.records[0]["file_name"] = os.path.relpath(tmp_path / "img" / "x" / ".." / "a.jpg")
+    assert len(shared_images_warnings([relative], [held_out])) == 1

@@ -272,3 +272,28 @@ def test_a_class_without_objects_is_named_when_num_classes_disagrees(data_root, 
     assert "1 of the 4 classes have no object to train on (shapes-xyz): the model learns never to find them" in lines
     cfg = tiny_cfg(data_root, tmp_path / "out")
     assert not [x for x in summary_lines(cfg, build_train_datasets(cfg), torch.device("cpu"), []) if "no object" in x]
+
+
+def test_a_training_set_of_reordered_classes_is_relabelled_and_said_once(data_root, tmp_path, caplog):
+    """Two COCO exports numbering the same classes otherwise: taken by name, said once (a trial saw
+    the line in the start summary and again before iteration 1: the loader concatenated again)."""
+    from detection.data.catalog import concat_datasets
+    from detection.engine.startup import build_train_data_loader, build_train_datasets
+
+    data = json.loads((data_root / "shapes" / "annotations" / "instances_train.json").read_text())
+    new_id = {c["id"]: 10 - c["id"] for c in data["categories"]}  # circle 1 -> 9: the order reversed
+    for item in data["categories"] + data["annotations"]:
+        key = "id" if "name" in item else "category_id"
+        item[key] = new_id[item[key]]
+    path = tmp_path / "reordered.json"
+    path.write_text(json.dumps(data))
+    entry = {"type": "coco", "ann_file": str(path), "image_root": str(data_root / "shapes" / "train"), "name": "re"}
+    cfg = tiny_cfg(data_root, tmp_path / "out", **{"datasets.train": ["shapes_train", entry]})
+    with caplog.at_level(logging.INFO, logger="detection.data.catalog"):
+        datasets = build_train_datasets(cfg)
+        build_train_data_loader(cfg, datasets)
+        concat_datasets(datasets)
+    assert caplog.text.count("re lists the classes of shapes_train in another order (triangle, square, circle)") == 1
+    first, again = datasets
+    assert again.class_names == first.class_names
+    assert [r["labels"].tolist() for r in again.records] == [r["labels"].tolist() for r in first.records]

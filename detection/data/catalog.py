@@ -247,6 +247,24 @@ def _listing_file(info: DatasetInfo) -> str:
 
 
 
+def image_paths(info: DatasetInfo) -> set[str]:
+    """The set's image files as absolute, normalised paths (a file reached through a link or copied
+    elsewhere is another path: not the same image here)."""
+    return {os.path.normpath(os.path.abspath(r["file_name"])) for r in info.records}
+
+
+def same_listing(a: DatasetInfo, b: DatasetInfo) -> bool:
+    """Whether two entries are the one data set (its json or split file) listed twice, as a
+    config lists a set twice to see it twice as often."""
+    return os.path.abspath(_listing_file(a)) == os.path.abspath(_listing_file(b)) and image_paths(a) == image_paths(b)
+
+
+def in_one_label_space(datasets: Sequence[DatasetInfo]) -> list[DatasetInfo]:
+    """The sets with the first one's labels: each other set as it is, or relabelled by name when
+    it lists the same classes in another order (said once); DataError when the classes differ."""
+    return [datasets[0], *(_labels_by_name(other, datasets[0]) for other in datasets[1:])]
+
+
 def _labels_by_name(other: DatasetInfo, first: DatasetInfo) -> DatasetInfo:
     """`other` in `first`'s label space: as it is when the classes are the same; with its labels
     renumbered by name when it lists the same classes in another order (two COCO exports that
@@ -256,12 +274,34 @@ def _labels_by_name(other: DatasetInfo, first: DatasetInfo) -> DatasetInfo:
     names, order = list(first.class_names), list(other.class_names)
     if sorted(order) != sorted(names) or len(set(order)) != len(order):
         raise DataError(f"cannot concatenate data sets with different classes: {first.name} has "
-                        f"{first.class_names}, {other.name} has {other.class_names}")
+                        f"{first.class_names}, {other.name} has {other.class_names}{_class_fix(other, first)}")
     table = np.array([0] + [names.index(name) + 1 for name in order], dtype=np.int64)  # its label -> first's
     logger.info("%s lists the classes of %s in another order (%s): its labels are taken by name", other.name,
                 first.name, ", ".join(order))
     return dataclasses.replace(other, class_names=list(names), records=[_relabelled(r, table) for r in other.records],
                                label_to_category_id=dict(first.label_to_category_id))
+
+
+def _class_fix(other: DatasetInfo, first: DatasetInfo) -> str:
+    """The concatenation error's last words: how to make `other` list `first`'s classes (a trial's
+    pseudo-label json listed a class no box had, another lacked one the teacher never found)."""
+    extra = [n for n in other.class_names if n not in first.class_names]
+    lacking = [n for n in first.class_names if n not in other.class_names]
+    counts = dict(zip(*np.unique(np.concatenate([np.asarray(r["labels"], np.int64) for r in other.records]
+                                                 or [np.zeros(0, np.int64)]), return_counts=True)))
+    found = {name: int(counts.get(label, 0)) for label, name in enumerate(other.class_names, start=1)}
+    words = []
+    if extra:
+        empty = [n for n in extra if not found[n]]
+        words.append(f"{other.name} has {', '.join(extra)} besides"
+                     + ((" (with no object)" if len(empty) == len(extra) else f" ({', '.join(empty)} with no object)")
+                        if empty else "")
+                     + (f": give its entry keep_classes: [{', '.join(first.class_names)}]" if not lacking else ""))
+    if lacking:
+        words.append(f"{other.name} lacks {', '.join(lacking)}: add {'it' if len(lacking) == 1 else 'them'} to its "
+                     "categories (a category with no object is fine: its images then teach that none is there, "
+                     "so do it only if none is)")
+    return "; " + "; ".join(words) if words else ""
 
 
 def _relabelled(record: dict, table: np.ndarray) -> dict:
@@ -318,7 +358,7 @@ def concat_datasets(datasets: Sequence[DatasetInfo]) -> DatasetInfo:
     if not datasets:
         raise DataError("no data sets given: datasets.train / datasets.test must list at least one entry")
     first = datasets[0]
-    datasets = [first, *(_labels_by_name(other, first) for other in datasets[1:])]
+    datasets = in_one_label_space(datasets)
     for dataset in datasets:
         if not dataset.has_annotations:
             raise DataError(f"cannot train on {dataset.name}: it has no annotations (a test set scored by an "

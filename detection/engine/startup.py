@@ -46,7 +46,7 @@ def check_initial_weights(cfg: Config) -> None:
 def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
     """The training sets, checked against each other, the model's classes and the number of
     processes: before anything is written, so a run that fails here leaves no folder."""
-    from detection.data.catalog import concat_datasets, get_datasets
+    from detection.data.catalog import concat_datasets, get_datasets, in_one_label_space
 
     world = du.get_world_size()
     if cfg.solver.ims_per_batch % world:
@@ -54,7 +54,8 @@ def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
                           f"{world} processes")
     datasets = get_datasets(cfg.datasets.train, cfg.datasets.root, skip_bad_images=cfg.dataloader.skip_bad_images,
                             exif_orientation=cfg.input.exif_orientation)
-    names = concat_datasets(datasets).class_names  # the same classes in every set, or a DataError
+    datasets = in_one_label_space(datasets)  # the same classes in every set (by name), or a DataError
+    names = concat_datasets(datasets).class_names
     which = (f"the training sets {', '.join(d.name for d in datasets)} have" if len(datasets) > 1
              else f"the training set {datasets[0].name} has")
     if cfg.model.num_classes != len(names):
@@ -268,6 +269,38 @@ def small_objects_warnings(cfg: Config, datasets: Sequence[DatasetInfo], test_se
     lines += [small_objects_line(d, cfg.input.min_size_test, cfg.input.max_size_test, smallest, "input.min_size_test",
                                  tile=cfg.test.tiles.size) for d in test_sets if d.has_annotations]
     return [line for line in lines if line]
+
+
+def shared_images_warnings(datasets: Sequence[DatasetInfo], test_sets: Sequence[DatasetInfo]) -> list[str]:
+    """Image files in two training sets (other than one set listed twice, to see it twice as
+    often), or in a training set and a test set: a pseudo-labelling trial trained the labelled
+    images again under a teacher's boxes, and a held-out set as a training set, without a word
+    (Detectron2 and MMDetection say nothing either). By path: a copy elsewhere is not found."""
+    from detection.data.catalog import image_paths, same_listing
+
+    distinct: list[DatasetInfo] = []  # a set listed twice is said of once
+    for d in datasets:
+        if not any(same_listing(d, seen) for seen in distinct):
+            distinct.append(d)
+    datasets, paths = distinct, [image_paths(d) for d in distinct]
+    lines = []
+    for i, a in enumerate(datasets):
+        for j in range(i + 1, len(datasets)):
+            shared = paths[i] & paths[j]
+            if shared:
+                lines.append(f"training sets {a.name} and {datasets[j].name} share {len(shared)} image "
+                             f"file{'s' if len(shared) != 1 else ''} ({first_few(sorted(shared), 2)}): each trains "
+                             "with both sets' boxes (a teacher's pseudo-labels over labelled images?); list one set "
+                             "twice to see it twice as often")
+    for test in test_sets:
+        tested = image_paths(test)
+        for d, p in zip(datasets, paths):
+            shared = tested & p
+            if shared:
+                lines.append(f"test set {test.name} shares {len(shared)} of its {len(tested)} image files with "
+                             f"training set {d.name} ({first_few(sorted(shared), 2)}): its metrics are not of "
+                             "held-out images")
+    return lines
 
 
 def schedule_warnings(cfg: Config) -> list[str]:

@@ -46,8 +46,8 @@ from detection.engine.run_log import LOG_FILE, RunLogFile, TimeWindow, lost_peer
 from detection.engine.signals import EvaluationStopped, GracefulStop, sigterm_before_the_loop
 from detection.engine.startup import (build_test_datasets, build_train_data_loader, build_train_datasets,
                                       check_initial_weights, event_files, final_line, note_stop, other_data_note,
-                                      parameters_line, schedule_warnings, small_objects_warnings, summary_lines,
-                                      training_data_id, undo_unstarted_run)
+                                      parameters_line, schedule_warnings, shared_images_warnings,
+                                      small_objects_warnings, summary_lines, training_data_id, undo_unstarted_run)
 from detection.engine.train_state import TrainState, build_train_state, restore_train_state, seed_everything
 from detection.modeling.precision import SLOW_BFLOAT16, amp_dtype, training_amp
 
@@ -154,7 +154,8 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         for line in [*summary_lines(cfg, datasets, device, test_sets),
                      parameters_line(state.model, cfg.model.backbone.freeze_at)]:
             logger.info("%s", line)
-        for line in [*schedule_warnings(cfg), *small_objects_warnings(cfg, datasets, test_sets)]:
+        for line in [*schedule_warnings(cfg), *small_objects_warnings(cfg, datasets, test_sets),
+                     *shared_images_warnings(datasets, test_sets)]:
             logger.warning("%s", line)
         world = du.get_world_size()
         if world > 1 and cfg.model.backbone.norm == "bn":  # a distributed trial: nothing said it
