@@ -135,3 +135,29 @@ def test_visualize_gt_of_a_set_without_annotations_says_there_is_none(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "--gt: data set coco_2017_test-dev has no annotations" in err, err
     assert not (tmp_path / "gt").exists() or not list((tmp_path / "gt").iterdir())
+
+
+def test_a_users_own_unlabelled_set_is_told_of_pseudo_labels_and_a_results_list_as_a_training_json_too(tmp_path):
+    """A pseudo-labelling trial: eval.py on a json of its own unlabelled images said only how to
+    upload to COCO's server, and that results list given as a training set said 'got a json list'."""
+    import shutil
+
+    make_test_dev(tmp_path)
+    own = tmp_path / "unlabelled.json"
+    shutil.copy(tmp_path / "coco" / "annotations" / "image_info_test-dev2017.json", own)
+    info = get_dataset({"type": "coco", "name": "unl", "ann_file": str(own),
+                        "image_root": str(tmp_path / "coco" / "test2017")}, str(tmp_path))
+    messages = []
+    evaluate_test_sets([info], model=FixedDetector(), output_dir=tmp_path / "out", echo=messages.append)
+    said = "\n".join(messages)
+    assert "for an evaluation server, rename it detections_<split>_<name>_results.json" in said
+    assert "to train on them (pseudo-labels), tools/pseudo_labels.py writes visualize.py --no-draw's list" in said
+    results = tmp_path / "out" / "unl" / "coco_results.json"
+    with pytest.raises(DataError, match=r"coco_results.json: expected a COCO json object .*, got a json list of "
+                                        r"detections \(a results file.*tools/pseudo_labels.py"):
+        get_dataset({"type": "coco", "name": "r", "ann_file": str(results),
+                     "image_root": str(tmp_path / "coco" / "test2017")}, str(tmp_path))
+    messages.clear()  # COCO's own test-dev: the server only
+    evaluate_test_sets([get_dataset("coco_2017_test-dev", str(tmp_path))], model=FixedDetector(),
+                       output_dir=tmp_path / "dev", echo=messages.append)
+    assert "pseudo" not in "\n".join(messages) and "for the evaluation server written to" in "\n".join(messages)

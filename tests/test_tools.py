@@ -636,6 +636,18 @@ def test_visualize_lists_the_detections_it_draws_in_a_jsonl_file_and_no_draw_wri
     again = [json.loads(line) for line in (tmp_path / "listed" / "detections.jsonl").read_text().splitlines()]
     assert [{**line, "drawing": None} if "drawing" in line else line for line in lines] == again
     assert f"listed the detections of {len(images) - 1} images in {tmp_path / 'listed' / 'detections.jsonl'}" in out
+    # the list as a training json (tools/pseudo_labels.py): the model's classes, every detection a box
+    source = json.loads((tmp_path / "listed" / "detections.source.json").read_text())
+    assert source["class_names"] == predictor.class_names
+    code, out, err = run_main(load_tool("pseudo_labels"), [tmp_path / "listed" / "detections.jsonl", "--output",
+                                                           tmp_path / "pseudo.json"], capsys)
+    assert code == 0, err[-2000:]
+    from detection.data.catalog import get_dataset
+    pseudo = get_dataset({"type": "coco", "name": "pseudo", "ann_file": str(tmp_path / "pseudo.json"),
+                          "image_root": str(photos)}, str(tmp_path), check_images=True)
+    assert [r["file_name"] for r in pseudo.records] == [line["image"] for line in again[1:]]
+    for record, line in zip(pseudo.records, again[1:]):
+        np.testing.assert_allclose(record["boxes"], [d["box"] for d in line["detections"]], atol=1e-4)
     # a file name that is not UTF-8 (an old archive's Latin-1 "café") stopped the run with a traceback
     latin = tmp_path / "latin"
     latin.mkdir()

@@ -279,6 +279,8 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     drawn, unreadable, unwritten = [], [], []  # detections each image shows; images not read; drawings not written
     written = set()  # the drawings' file names
     source = _list_source(cfg, args) if model is not None and not args.gt else None
+    if source is not None:  # what the labels mean (tools/pseudo_labels.py reads them; --resume compares none)
+        source["class_names"] = list(predicted_names or [])
     done = done_before(out, source, args) if args.resume else {}
     listed = DetectionsFile(out / DETECTIONS_FILE, predicted_names) if source is not None else None
     if source is not None:

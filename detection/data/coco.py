@@ -159,7 +159,10 @@ def check_coco_json(data: Any, ann_file: str) -> None:
     Extra fields are allowed (and ignored); box values are judged later (_parse_annotation)."""
     expect = "a COCO json object {\"images\": [...], \"annotations\": [...], \"categories\": [...]}"
     if not isinstance(data, dict):
-        raise DataError(f"{ann_file}: expected {expect}, got a json {type(data).__name__}")
+        results = isinstance(data, list) and data and isinstance(data[0], dict) and "score" in data[0]
+        raise DataError(f"{ann_file}: expected {expect}, got a json {type(data).__name__}"
+                        + (" of detections (a results file, as eval.py's coco_results.json): to train on a model's "
+                           "detections, tools/pseudo_labels.py writes them as a data set's json" if results else ""))
     for key in ("images", "categories"):
         if key not in data:
             raise DataError(f"{ann_file}: no {key!r} list; expected {expect}")

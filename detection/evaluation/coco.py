@@ -220,9 +220,13 @@ class COCOSubmissionWriter(COCOEvaluator):
         images, detections = getattr(self, "counts", (0, 0))
         stem = os.path.splitext(os.path.basename(self.dataset.ann_file or ""))[0]
         split = stem[len("image_info_"):] if stem.startswith("image_info_") else "<split>"
-        return (f"detections for the evaluation server written to {self.submission_file} ({detections} detections "
-                f"on {images} images): rename it detections_{split}_<name>_results.json (your method's name), zip "
-                "it and upload the zip")
+        own = split == "<split>"  # not a COCO server's image_info json: perhaps the user's own unlabelled images
+        return (f"detections {'' if own else 'for the evaluation server '}written to {self.submission_file} "
+                f"({detections} detections on {images} images): "
+                + ("for an evaluation server, " if own else "")
+                + f"rename it detections_{split}_<name>_results.json (your method's name), zip it and upload the zip"
+                + ("; to train on them (pseudo-labels), tools/pseudo_labels.py writes visualize.py --no-draw's list "
+                   "as a data set's json" if own else ""))
 
 
 def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[Any],

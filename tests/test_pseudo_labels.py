@@ -1,0 +1,98 @@
+"""tools/pseudo_labels.py: visualize.py's detections.jsonl as a COCO training json (a
+pseudo-labelling trial joined eval.py's results with an images json by hand)."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from detection.data import DataError
+from detection.data.catalog import concat_datasets, get_dataset
+from tests.helpers import load_tool, run_main
+
+TOOL = load_tool("pseudo_labels")
+pytestmark = pytest.mark.usefixtures("restore_logging")  # main() sets up logging: take it back after
+
+
+def unlabelled(tmp_path):
+    """Three images in unl/ (one in a sub-folder), their detections.jsonl as visualize.py writes it
+    (a fourth image not read), and its source record naming the model's classes."""
+    folder = tmp_path / "unl"
+    (folder / "sub").mkdir(parents=True)
+    for name, (h, w) in (("a.png", (40, 60)), ("b.png", (50, 30)), ("sub/c.png", (20, 20))):
+        cv2.imwrite(str(folder / name), np.full((h, w, 3), 128, np.uint8))
+    lines = [
+        {"image": str(folder / "a.png"), "drawing": None, "width": 60, "height": 40, "detections": [
+            {"label": 2, "class": "square", "score": 0.91, "box": [10.5, 5.0, 30.25, 25.0]},
+            {"label": 1, "class": "circle", "score": 0.62, "box": [0.0, 0.0, 12.0, 8.0]}]},
+        {"image": str(folder / "broken.png"), "error": "could not read image"},
+        {"image": str(folder / "b.png"), "drawing": None, "width": 30, "height": 50, "detections": [
+            {"label": 1, "class": "circle", "score": 0.4, "box": [1.0, 2.0, 3.0, 4.0]}]},
+        {"image": str(folder / "sub" / "c.png"), "drawing": None, "width": 20, "height": 20, "detections": []},
+    ]
+    out = tmp_path / "pl"
+    out.mkdir()
+    (out / "detections.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (out / "detections.source.json").write_text(json.dumps({"class_names": ["circle", "square", "triangle"]}))
+    return folder, out / "detections.jsonl"
+
+
+def test_detections_become_a_coco_json_the_reader_trains_on_beside_a_labelled_set(tmp_path, capsys):
+    folder, listing = unlabelled(tmp_path)
+    code, out, err = run_main(TOOL, [listing, "--output", tmp_path / "pseudo.json", "--score-thresh", "0.5"], capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "pseudo.json").read_text())
+    assert data["categories"] == [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"},
+                                  {"id": 3, "name": "triangle"}]  # every class, none detected too
+    assert data["images"] == [{"id": 1, "file_name": "a.png", "width": 60, "height": 40},
+                              {"id": 2, "file_name": "b.png", "width": 30, "height": 50},
+                              {"id": 3, "file_name": "sub/c.png", "width": 20, "height": 20}]
+    assert data["annotations"] == [  # the 0.4 circle is under --score-thresh
+        {"id": 1, "image_id": 1, "category_id": 2, "bbox": [10.5, 5.0, 19.75, 20.0], "area": 395.0, "iscrowd": 0,
+         "score": 0.91},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0.0, 0.0, 12.0, 8.0], "area": 96.0, "iscrowd": 0,
+         "score": 0.62}]
+    lines = out.strip().splitlines()
+    assert lines[0] == f"{tmp_path / 'pseudo.json'}: 3 images, 2 boxes at score >= 0.5 (circle 1, square 1, triangle 0)"
+    assert lines[1].startswith("note: 2 images have no detection at that score: training drops them")
+    assert lines[2] == f"note: 1 images of the list were not read and are left out ({folder / 'broken.png'})"
+    assert lines[3] == ("train on it beside your labelled set: datasets.train=[<your set>, {type: coco, name: pseudo, "
+                        f"ann_file: {tmp_path / 'pseudo.json'}, image_root: {folder}}}]")
+    # read back as training reads it (image sizes checked against the files), the boxes as detected
+    pseudo = get_dataset({"type": "coco", "name": "pseudo", "ann_file": str(tmp_path / "pseudo.json"),
+                          "image_root": str(folder)}, str(tmp_path), check_images=True)
+    np.testing.assert_array_equal(pseudo.records[0]["boxes"], [[10.5, 5.0, 30.25, 25.0], [0.0, 0.0, 12.0, 8.0]])
+    assert pseudo.records[0]["labels"].tolist() == [2, 1] and pseudo.class_names == ["circle", "square", "triangle"]
+    # beside a labelled set whose json numbers the classes otherwise: matched by name
+    labelled = {"images": [{"id": 7, "file_name": "b.png", "width": 30, "height": 50}],
+                "annotations": [{"id": 1, "image_id": 7, "category_id": 30, "bbox": [1, 1, 5, 5], "iscrowd": 0}],
+                "categories": [{"id": 10, "name": "triangle"}, {"id": 20, "name": "circle"},
+                               {"id": 30, "name": "square"}]}
+    (tmp_path / "labelled.json").write_text(json.dumps(labelled))
+    mine = get_dataset({"type": "coco", "name": "mine", "ann_file": str(tmp_path / "labelled.json"),
+                        "image_root": str(folder)}, str(tmp_path))
+    both = concat_datasets([mine, pseudo])
+    assert both.class_names == ["triangle", "circle", "square"]
+    assert both.records[1]["labels"].tolist() == [3, 2]  # square, circle in the labelled set's order
+    # a second run is not written over the first
+    code, _, err = run_main(TOOL, [listing, "--output", tmp_path / "pseudo.json"], capsys)
+    assert code != 0 and "pseudo.json exists: give another --output" in err
+
+
+def test_what_cannot_be_labelled_is_one_clear_error(tmp_path, capsys):
+    from detection.data.pseudo_labels import write_pseudo_labels
+
+    folder, listing = unlabelled(tmp_path)
+    with pytest.raises(DataError, match=r"a.png is not under the image root .*other: give --image-root a folder"):
+        write_pseudo_labels(listing, tmp_path / "x.json", 0.5, image_root=tmp_path / "other")
+    (listing.parent / "detections.source.json").write_text(json.dumps({"score_thresh": 0.5}))  # an older list's
+    with pytest.raises(DataError, match=r"detections.source.json: no class names of the model that made .* run "
+                                        r"visualize.py --no-draw again"):
+        write_pseudo_labels(listing, tmp_path / "x.json", 0.5)
+    listing.write_text('{"image": "a.png", "frame": 0, "time": 0.0, "width": 2, "height": 2, "detections": []}\n')
+    with pytest.raises(DataError, match=r"detections.jsonl, line 1: a video's frame"):
+        write_pseudo_labels(listing, tmp_path / "x.json", 0.5)
+    listing.write_text('{"image": "a.png", "width": 2, "hei')
+    with pytest.raises(DataError, match=r"detections.jsonl, line 1: not JSON"):
+        write_pseudo_labels(listing, tmp_path / "x.json", 0.5)
+    assert not (tmp_path / "x.json").exists()
