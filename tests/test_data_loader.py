@@ -298,6 +298,6 @@ def test_a_set_of_crowd_regions_only_is_no_training_set_and_says_why(tmp_path):
         ann["iscrowd"] = 1
     (tmp_path / "ann.json").write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"no training images in .*every image is without boxes to train on \(COCO "
-                                        r"crowd regions, iscrowd: 1, and 'ignore': 1 annotations are not trained on"
-                                        r".*dataloader.filter_empty: false"):
+                                        r"crowd regions, iscrowd: 1, are not trained on, as in Detectron2, nor "
+                                        r"'ignore': 1 annotations\).*dataloader.filter_empty: false"):
         train_loader(get_dataset(spec, str(tmp_path)))

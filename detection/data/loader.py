@@ -71,8 +71,9 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
     records = training_records(info.records, filter_empty=filter_empty, use_difficult=use_difficult)
     if not records:
         difficult_only = not use_difficult and training_records(info.records, filter_empty=True, use_difficult=True)
-        raise DataError(f"no training images in {info.name}: every image is without boxes to train on (COCO crowd "
-                        "regions, iscrowd: 1, and 'ignore': 1 annotations are not trained on, as in Detectron2)"
+        coco = (" (COCO crowd regions, iscrowd: 1, are not trained on, as in Detectron2, nor 'ignore': 1 annotations)"
+                if info.kind in ("coco", "mixed") else "")
+        raise DataError(f"no training images in {info.name}: every image is without boxes to train on{coco}"
                         + (" once its difficult objects are dropped (dataloader.use_difficult: false; true keeps "
                            "them, as Detectron2 does)" if difficult_only else "")
                         + " (set dataloader.filter_empty: false to train on them anyway)")

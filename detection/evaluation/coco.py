@@ -157,10 +157,10 @@ class COCOEvaluator:
             # COCOeval scores a crowd region as an area to ignore, never as an object to find
             crowd = (f" but {len(scored)} crowd region{'s' if len(scored) != 1 else ''} (iscrowd: 1), which "
                      "COCOeval treats as areas whose detections count neither way, not as objects") if scored else ""
+            server = "" if scored else ("; a json without an 'annotations' list (as image_info_test-dev2017.json) "
+                                        "is written for its evaluation server instead")
             logger.warning("%s: %s holds no ground-truth objects on the evaluated images%s: every metric is "
-                           "undefined (-); a json without an 'annotations' list (as image_info_test-dev2017.json) "
-                           "is written for its evaluation server instead", self.dataset.name, self.dataset.ann_file,
-                           crowd)
+                           "undefined (-)%s", self.dataset.name, self.dataset.ann_file, crowd, server)
         coco_eval = run_cocoeval(coco_gt, results, image_ids, categories, self.max_dets)
         metrics = {key: _percent(coco_eval.stats[i]) for i, key in enumerate(summary_keys(self.max_dets))}
         metrics.update(self._per_class(coco_eval))

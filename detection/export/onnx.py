@@ -214,7 +214,8 @@ class OnnxDetector:
         """The file's inputs for `image` (detection.export.preprocess.preprocess)."""
         image = rgb_uint8(_channels_last(image, "OnnxDetector"), "OnnxDetector")  # errors name the caller
         if not self.told_squashed:
-            told = squashed(image.shape[:2], self.metadata["min_size_test"], self.metadata["max_size_test"])
+            told = squashed(image.shape[:2], self.metadata["min_size_test"], self.metadata["max_size_test"],
+                            tiles=False)  # an exported model has no test.tiles
             if told:
                 warnings.warn(f"OnnxDetector: the image is {told}", DetectionWarning,
                               stacklevel=stacklevel_outside(__file__))

@@ -39,11 +39,12 @@ def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tupl
     return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
-def squashed(shape: tuple[int, int], min_size: int, max_size: int) -> str | None:
+def squashed(shape: tuple[int, int], min_size: int, max_size: int, tiles: bool = True) -> str | None:
     """What to tell about an image of `shape` (H, W) at test time when max_size caps its longer
     side so far that its shorter side ends under a quarter of min_size: a panorama (8000x300, WxH,
     at 600/1000: 1000x38) whose objects are then a few pixels high, and no detection says why
-    (Detectron2's and torchvision's detectors resize it the same way, in silence). None when not."""
+    (Detectron2's and torchvision's detectors resize it the same way, in silence). None when not.
+    `tiles`: whether test.tiles can do the cutting (not for an exported model)."""
     height, width = int(shape[0]), int(shape[1])
     size = resized_shape(height, width, min_size, max_size)
     if min(size) * SQUASHED_FACTOR >= min_size:
@@ -51,8 +52,8 @@ def squashed(shape: tuple[int, int], min_size: int, max_size: int) -> str | None
     return (f"{width}x{height} (WxH): input.max_size_test {max_size} caps its longer side, so it is resized to "
             f"{size[1]}x{size[0]}, its shorter side {min(size)} px where input.min_size_test asks {min_size}: its "
             f"objects come out {min_size / min(size):.0f}x smaller than at that scale and may not be detected; cut "
-            f"it into tiles whose longer side is at most {max_size / min_size:.3g}x their shorter side (test.tiles "
-            "does at inference), or raise input.max_size_test (said once)")
+            f"it into tiles whose longer side is at most {max_size / min_size:.3g}x their shorter side"
+            + (" (test.tiles does at inference)" if tiles else "") + ", or raise input.max_size_test (said once)")
 
 
 def resize_uint8(image: np.ndarray, size: tuple[int, int], mode: str = "default") -> np.ndarray:
