@@ -369,3 +369,15 @@ def test_images_shared_by_training_sets_or_with_a_test_set_are_said(tmp_path):
     # one file, spelt otherwise: relative, through a folder and back
     relative.records[0]["file_name"] = os.path.relpath(tmp_path / "img" / "x" / ".." / "a.jpg")
     assert len(shared_images_warnings([relative], [held_out])) == 1
+    # a link to a labelled image in the unlabelled folder, and a folder linked to the images (a review)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "unl").mkdir()
+    (tmp_path / "unl" / "linked.jpg").symlink_to(tmp_path / "img" / "a.jpg")
+    (tmp_path / "also").symlink_to(tmp_path / "img", target_is_directory=True)
+    linked = info("linked", ["../unl/linked.jpg", "../also/a.jpg"], "linked.json")
+    assert linked.records[0]["file_name"] == str(tmp_path / "img" / "../unl/linked.jpg")
+    lines = shared_images_warnings([linked], [held_out])
+    assert lines == [f"test set held_out shares 1 of its 2 image files with training set linked ({img / 'a.jpg'}): "
+                     "its metrics are not of held-out images"]
+    assert shared_images_warnings([labelled, linked], [])[0].startswith("training sets labelled and linked share 1 ")

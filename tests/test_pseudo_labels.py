@@ -1,6 +1,7 @@
 """tools/pseudo_labels.py: visualize.py's detections.jsonl as a COCO training json (a
 pseudo-labelling trial joined eval.py's results with an images json by hand)."""
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -33,7 +34,8 @@ def unlabelled(tmp_path):
     out = tmp_path / "pl"
     out.mkdir()
     (out / "detections.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (out / "detections.source.json").write_text(json.dumps({"class_names": ["circle", "square", "triangle"]}))
+    (out / "detections.source.json").write_text(json.dumps({"class_names": ["circle", "square", "triangle"],
+                                                            "score_thresh": 0.3, "cwd": str(tmp_path)}))
     return folder, out / "detections.jsonl"
 
 
@@ -56,8 +58,16 @@ def test_detections_become_a_coco_json_the_reader_trains_on_beside_a_labelled_se
     assert lines[0] == f"{tmp_path / 'pseudo.json'}: 3 images, 2 boxes at score >= 0.5 (circle 1, square 1, triangle 0)"
     assert lines[1].startswith("note: 2 images have no detection at that score: training drops them")
     assert lines[2] == f"note: 1 images of the list were not read and are left out ({folder / 'broken.png'})"
-    assert lines[3] == ("train on it beside your labelled set: datasets.train=[<your set>, {type: coco, name: pseudo, "
-                        f"ann_file: {tmp_path / 'pseudo.json'}, image_root: {folder}}}]")
+    assert lines[3].startswith("train on it beside your labelled set: datasets.train='[<your set>, {type: coco, ")
+    # the entry as printed is one shell word the config reads, its paths quoted (a ', ' in a path split it)
+    import shlex
+
+    from detection.config import load_config
+
+    word = shlex.split(lines[3].split(": ", 1)[1])[0]
+    entry = word.replace("<your set>, ", "")
+    assert load_config(None, [entry]).datasets.train == [
+        {"type": "coco", "name": "pseudo", "ann_file": str(tmp_path / "pseudo.json"), "image_root": str(folder)}]
     # read back as training reads it (image sizes checked against the files), the boxes as detected
     pseudo = get_dataset({"type": "coco", "name": "pseudo", "ann_file": str(tmp_path / "pseudo.json"),
                           "image_root": str(folder)}, str(tmp_path), check_images=True)
@@ -79,16 +89,47 @@ def test_detections_become_a_coco_json_the_reader_trains_on_beside_a_labelled_se
     assert code != 0 and "pseudo.json exists: give another --output" in err
 
 
+def test_relative_paths_start_where_visualize_ran_and_the_lists_threshold_is_the_least(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """visualize.py writes "image" as its --input gave it: read from another folder, the json named
+    a root that did not exist (a review). Below the list's own --score-thresh there is nothing more."""
+    folder, listing = unlabelled(tmp_path)
+    lines = [json.loads(line) for line in listing.read_text().splitlines()]
+    for line in lines:
+        line["image"] = str(Path(line["image"]).relative_to(tmp_path))  # "unl/a.png": visualize ran in tmp_path
+    listing.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.chdir(folder / "sub")
+    code, out, err = run_main(TOOL, [listing, "--output", tmp_path / "p.json", "--score-thresh", "0.1"], capsys)
+    assert code == 0, err
+    assert f"image_root: \"{folder}\"" in out and "boxes at score >= 0.3 (circle 2, square 1" in out
+    assert "note: the list holds detections at score >= 0.3 only (visualize.py's --score-thresh)" in out
+    assert [i["file_name"] for i in json.loads((tmp_path / "p.json").read_text())["images"]] == \
+        ["a.png", "b.png", "sub/c.png"]
+
+
 def test_what_cannot_be_labelled_is_one_clear_error(tmp_path, capsys):
     from detection.data.pseudo_labels import write_pseudo_labels
 
     folder, listing = unlabelled(tmp_path)
+    with pytest.raises(DataError, match=r"no detection at score >= 0.95 on its 3 images: nothing to train on"):
+        write_pseudo_labels(listing, tmp_path / "x.json", 0.95)
+    text = listing.read_text()
+    listing.write_text(text + text.splitlines()[0] + "\n")  # two lists joined
+    with pytest.raises(DataError, match=r"detections.jsonl, line 5: .*a.png is listed again \(line 1\)"):
+        write_pseudo_labels(listing, tmp_path / "x.json", 0.5)
+    listing.write_text(text)
+    (folder / "b.png").unlink()
+    with pytest.raises(DataError, match=r"1 of its 3 images are not there \(.*b.png\): moved or deleted"):
+        write_pseudo_labels(listing, tmp_path / "x.json", 0.5)
+    cv2.imwrite(str(folder / "b.png"), np.full((50, 30, 3), 128, np.uint8))
     with pytest.raises(DataError, match=r"a.png is not under the image root .*other: give --image-root a folder"):
         write_pseudo_labels(listing, tmp_path / "x.json", 0.5, image_root=tmp_path / "other")
+    source = (listing.parent / "detections.source.json").read_text()
     (listing.parent / "detections.source.json").write_text(json.dumps({"score_thresh": 0.5}))  # an older list's
     with pytest.raises(DataError, match=r"detections.source.json: no class names of the model that made .* run "
                                         r"visualize.py --no-draw again"):
         write_pseudo_labels(listing, tmp_path / "x.json", 0.5)
+    (listing.parent / "detections.source.json").write_text(source)
     listing.write_text('{"image": "a.png", "frame": 0, "time": 0.0, "width": 2, "height": 2, "detections": []}\n')
     with pytest.raises(DataError, match=r"detections.jsonl, line 1: a video's frame"):
         write_pseudo_labels(listing, tmp_path / "x.json", 0.5)

@@ -70,6 +70,7 @@ from detection.cli import (add_config_args, config_from_args, dataset_entry, ove
                            resolve_config_beside_weights, run_tool)
 from detection.config import ConfigError
 from detection.data import DataError
+from detection.data.pseudo_labels import SOURCE_FILE
 from detection.data.video import VIDEO_EXTS, is_video
 from detection.utils.files import OutputFolderError, WriteError, atomic_write
 from detection.utils.text import first_few
@@ -279,8 +280,9 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     drawn, unreadable, unwritten = [], [], []  # detections each image shows; images not read; drawings not written
     written = set()  # the drawings' file names
     source = _list_source(cfg, args) if model is not None and not args.gt else None
-    if source is not None:  # what the labels mean (tools/pseudo_labels.py reads them; --resume compares none)
-        source["class_names"] = list(predicted_names or [])
+    if source is not None:  # what the labels mean and where relative paths start (tools/pseudo_labels.py reads
+        # them; --resume compares neither)
+        source.update(class_names=list(predicted_names or []), cwd=os.getcwd())
     done = done_before(out, source, args) if args.resume else {}
     listed = DetectionsFile(out / DETECTIONS_FILE, predicted_names) if source is not None else None
     if source is not None:
@@ -340,7 +342,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     return len(written), sum(drawn), unreadable, (unwritten, write_errno)
 
 
-LIST_SOURCE_FILE = "detections.source.json"  # how DIR/detections.jsonl was made: what --resume compares
+LIST_SOURCE_FILE = SOURCE_FILE  # detections.source.json: how DIR/detections.jsonl was made (--resume compares it)
 
 
 def _list_source(cfg, args: argparse.Namespace) -> dict:

@@ -248,9 +248,19 @@ def _listing_file(info: DatasetInfo) -> str:
 
 
 def image_paths(info: DatasetInfo) -> set[str]:
-    """The set's image files as absolute, normalised paths (a file reached through a link or copied
-    elsewhere is another path: not the same image here)."""
-    return {os.path.normpath(os.path.abspath(r["file_name"])) for r in info.records}
+    """The set's image files as the files they are: links to a folder or to the file followed
+    (visualize.py's input takes each file once so too); a copy under another name is another file.
+    The folders are resolved once each, the files looked at only when they are links."""
+    folders: dict[str, str] = {}
+    out = set()
+    for record in info.records:
+        folder, name = os.path.split(os.path.abspath(record["file_name"]))
+        real = folders.get(folder)
+        if real is None:
+            real = folders[folder] = os.path.realpath(folder)
+        path = os.path.join(real, name)
+        out.add(os.path.realpath(path) if os.path.islink(path) else path)
+    return out
 
 
 def same_listing(a: DatasetInfo, b: DatasetInfo) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,19 @@ from detection.utils.text import first_few
 SOURCE_FILE = "detections.source.json"  # visualize.py's record of how detections.jsonl was made
 
 
-def read_detections(path: str | os.PathLike) -> tuple[list[dict], list[str], list[str]]:
-    """detections.jsonl -> (the lines of images read, in order; the images not read, by path;
-    the model's class names from the detections.source.json beside it). DataError naming the
-    file and the line when one is not such a line, or the class names cannot be known."""
+def read_detections(path: str | os.PathLike) -> tuple[list[dict], list[str], dict]:
+    """detections.jsonl -> (the lines of images read, in order, their "image" made absolute from
+    the folder visualize.py ran in; the images not read, by path; the detections.source.json
+    beside it, with the model's "class_names"). DataError naming the file and the line when one
+    is not such a line, an image is listed twice or is not there, or the classes cannot be known."""
     path = Path(path)
+    source = _source(path.parent / SOURCE_FILE, path)
+    ran_in = source.get("cwd") if isinstance(source.get("cwd"), str) else os.getcwd()  # an older list: here
     try:
         text = path.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as err:
         raise DataError(f"could not read {path}: {err.strerror or err}") from None
-    images, failed = [], []
+    images, failed, lines_of = [], [], {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -51,26 +55,39 @@ def read_detections(path: str | os.PathLike) -> tuple[list[dict], list[str], lis
         if "frame" in entry:
             raise DataError(f"{path}, line {number}: a video's frame: pseudo-labels need image files (save the "
                             "frames as images and run visualize.py on their folder)")
+        image = os.path.normpath(os.path.join(ran_in, str(entry["image"])))  # visualize.py's paths are as given
         if "error" in entry:
-            failed.append(str(entry["image"]))
+            failed.append(image)
             continue
         missing = [key for key in ("width", "height", "detections") if key not in entry]
         if missing:
             raise DataError(f"{path}, line {number}: no {', '.join(missing)} (a list from an older visualize.py? "
                             "run it again)")
-        images.append(entry)
-    return images, failed, _class_names(path.parent / SOURCE_FILE, path)
+        if image in lines_of:
+            raise DataError(f"{path}, line {number}: {image} is listed again (line {lines_of[image]}): two lists "
+                            "joined? run visualize.py once over every image")
+        lines_of[image] = number
+        images.append({**entry, "image": image})
+    gone = [entry["image"] for entry in images if not os.path.isfile(entry["image"])]
+    if gone:
+        raise DataError(f"{path}: {len(gone)} of its {len(images)} images are not there ({first_few(gone, 2)}): "
+                        "moved or deleted since visualize.py listed them"
+                        + ("" if "cwd" in source else f" (its paths are taken from this folder, {ran_in}: run "
+                                                      "this where visualize.py ran)"))
+    return images, failed, source
 
 
-def _class_names(source: Path, listing: Path) -> list[str]:
+def _source(source: Path, listing: Path) -> dict:
+    """detections.source.json, which must name the model's classes."""
     try:
-        names = json.loads(source.read_text(encoding="utf-8")).get("class_names")
-    except (OSError, ValueError, AttributeError):
-        names = None
+        record = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    names = record.get("class_names") if isinstance(record, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise DataError(f"{source}: no class names of the model that made {listing} (missing, or written by an "
                         "older visualize.py): run visualize.py --no-draw again to write them")
-    return names
+    return record
 
 
 def pseudo_label_json(detections: list[dict], class_names: list[str], image_root: str | os.PathLike,
@@ -80,7 +97,7 @@ def pseudo_label_json(detections: list[dict], class_names: list[str], image_root
     root = Path(os.path.abspath(image_root))
     images, annotations = [], []
     for image_id, entry in enumerate(detections, start=1):
-        path = Path(os.path.abspath(entry["image"]))
+        path = Path(entry["image"])
         try:
             name = path.relative_to(root).as_posix()
         except ValueError:
@@ -105,22 +122,29 @@ def pseudo_label_json(detections: list[dict], class_names: list[str], image_root
 
 def common_root(detections: list[dict]) -> str:
     """The deepest folder holding every image of the list (its images' common parent)."""
-    folders = [os.path.dirname(os.path.abspath(entry["image"])) for entry in detections]
-    if not folders:
-        raise DataError("the list holds no image that was read: nothing to label")
-    return os.path.commonpath(folders)
+    return os.path.commonpath([os.path.dirname(entry["image"]) for entry in detections])
 
 
 def write_pseudo_labels(detections_jsonl: str | os.PathLike, output: str | os.PathLike, score_thresh: float,
                         image_root: str | os.PathLike | None = None) -> dict[str, Any]:
     """read_detections -> pseudo_label_json -> `output` (whole or not at all); never over an
-    existing file. -> {"image_root", "images", "empty", "annotations", "per_class", "failed"}."""
+    existing file, never without a box. `score_thresh` below the list's own (visualize.py's
+    --score-thresh) is the list's. -> {"image_root", "images", "empty", "annotations",
+    "per_class", "failed", "score_thresh", "listed_at"}."""
     output = Path(output)
     if output.exists():
         raise DataError(f"{output} exists: give another --output (or remove it); a training json is not replaced")
-    entries, failed, names = read_detections(detections_jsonl)
+    entries, failed, source = read_detections(detections_jsonl)
+    if not entries:
+        raise DataError(f"{detections_jsonl}: holds no image that was read: nothing to label")
+    names = source["class_names"]
+    listed_at = source.get("score_thresh") if isinstance(source.get("score_thresh"), (int, float)) else None
+    score_thresh = max(score_thresh, listed_at or 0.0)
     root = str(image_root) if image_root is not None else common_root(entries)
     data = pseudo_label_json(entries, names, root, score_thresh)
+    if not data["annotations"]:
+        raise DataError(f"{detections_jsonl}: no detection at score >= {score_thresh:g} on its {len(entries)} images: "
+                        "nothing to train on (lower --score-thresh)")
     with atomic_write(output, encoding="utf-8") as f:
         json.dump(data, f)
     per_class = {name: 0 for name in names}
@@ -129,20 +153,25 @@ def write_pseudo_labels(detections_jsonl: str | os.PathLike, output: str | os.Pa
     labelled = {ann["image_id"] for ann in data["annotations"]}
     return {"image_root": os.path.abspath(root), "images": len(data["images"]),
             "empty": len(data["images"]) - len(labelled), "annotations": len(data["annotations"]),
-            "per_class": per_class, "failed": failed}
+            "per_class": per_class, "failed": failed, "score_thresh": score_thresh, "listed_at": listed_at}
 
 
-def summary(counts: dict[str, Any], output: str | os.PathLike, score_thresh: float) -> list[str]:
-    """What the tool prints: the counts, the images left out, and the config entry to train on it."""
+def summary(counts: dict[str, Any], output: str | os.PathLike, asked: float) -> list[str]:
+    """What the tool prints: the counts, the images left out, and the config entry to train on it
+    (quoted for a shell, its paths for YAML). `asked`: the --score-thresh given."""
     per_class = ", ".join(f"{name} {n}" for name, n in counts["per_class"].items())
-    lines = [f"{output}: {counts['images']} images, {counts['annotations']} boxes at score >= {score_thresh:g} "
-             f"({per_class})"]
+    lines = [f"{output}: {counts['images']} images, {counts['annotations']} boxes at score >= "
+             f"{counts['score_thresh']:g} ({per_class})"]
+    if counts["listed_at"] is not None and asked < counts["listed_at"]:
+        lines.append(f"note: the list holds detections at score >= {counts['listed_at']:g} only (visualize.py's "
+                     "--score-thresh): run it with a lower one for weaker boxes")
     if counts["empty"]:
         lines.append(f"note: {counts['empty']} images have no detection at that score: training drops them "
                      "(dataloader.filter_empty); with filter_empty: false they would teach that nothing is there")
     if counts["failed"]:
         lines.append(f"note: {len(counts['failed'])} images of the list were not read and are left out "
                      f"({first_few(counts['failed'], 3)})")
-    lines.append(f"train on it beside your labelled set: datasets.train=[<your set>, {{type: coco, name: pseudo, "
-                 f"ann_file: {os.path.abspath(output)}, image_root: {counts['image_root']}}}]")
+    entry = (f"[<your set>, {{type: coco, name: pseudo, ann_file: {json.dumps(os.path.abspath(output))}, "
+             f"image_root: {json.dumps(counts['image_root'])}}}]")
+    lines.append(f"train on it beside your labelled set: datasets.train={shlex.quote(entry)}")
     return lines

@@ -275,7 +275,7 @@ def shared_images_warnings(datasets: Sequence[DatasetInfo], test_sets: Sequence[
     """Image files in two training sets (other than one set listed twice, to see it twice as
     often), or in a training set and a test set: a pseudo-labelling trial trained the labelled
     images again under a teacher's boxes, and a held-out set as a training set, without a word
-    (Detectron2 and MMDetection say nothing either). By path: a copy elsewhere is not found."""
+    (Detectron2 and MMDetection say nothing either). Links are followed; a copy is another file."""
     from detection.data.catalog import image_paths, same_listing
 
     distinct: list[DatasetInfo] = []  # a set listed twice is said of once
