@@ -117,6 +117,19 @@ def test_start_iter_resumes_the_image_order(tmp_path):
     resumed = build_train_loader([info], transform=transform, images_per_batch=3, num_workers=0,
                                  aspect_ratio_grouping=True, filter_empty=True, seed=4, start_iter=5)
     assert order(resumed, 4) == order(train_loader(info, seed=4), 9)[5:]
+    # with repeat factor sampling (a class made rare) too: epochs of varying length, the same batches
+    data = json.loads(Path(info.ann_file).read_text())
+    data["categories"].append({"id": 2, "name": "rare"})
+    data["annotations"][4]["category_id"] = 2
+    Path(info.ann_file).write_text(json.dumps(data))
+    info = get_dataset({"type": "coco", "ann_file": "ann.json", "image_root": "img"}, str(tmp_path))
+
+    def repeated(start):
+        return build_train_loader([info], transform=transform, images_per_batch=3, num_workers=0,
+                                  aspect_ratio_grouping=True, filter_empty=True, seed=4, start_iter=start,
+                                  repeat_threshold=1.0)
+    assert order(repeated(5), 6) == order(repeated(0), 11)[5:]
+    assert order(repeated(0), 11) != order(train_loader(info, seed=4), 11)
 
 
 def test_start_iter_and_workers_give_the_same_augmented_batches(tmp_path):
@@ -301,3 +314,67 @@ def test_a_set_of_crowd_regions_only_is_no_training_set_and_says_why(tmp_path):
                                         r"crowd regions, iscrowd: 1, are not trained on, as in Detectron2, nor "
                                         r"'ignore': 1 annotations\).*dataloader.filter_empty: false"):
         train_loader(get_dataset(spec, str(tmp_path)))
+
+
+def test_repeat_factors_are_lvis_sqrt_of_threshold_over_the_share_of_images_of_the_rarest_class():
+    """Detectron2's repeat_factors_from_category_frequency: f(c) = images with c / images,
+    r(c) = max(1, sqrt(t / f(c))), an image's the largest of its classes'; 1 without objects."""
+    from detection.data.loader import repeat_factors
+
+    labels = [[1]] * 6 + [[1, 2]] + [[2, 2]] + [[3, 1]] + [[]]  # 10 images: class 1 in 8, 2 in 2, 3 in 1
+    records = [{"labels": np.array(x, np.int64)} for x in labels]
+    factors = repeat_factors(records, threshold=0.4)
+    r2, r3 = np.sqrt(0.4 / 0.2), np.sqrt(0.4 / 0.1)  # sqrt(2), 2; class 1: sqrt(0.5) < 1 -> 1
+    np.testing.assert_allclose(factors, [1] * 6 + [r2, r2, r3, 1], rtol=1e-12)
+    np.testing.assert_array_equal(repeat_factors(records, threshold=0.05), np.ones(10))  # every class common
+    assert repeat_factors(records, threshold=1.0)[8] == pytest.approx(np.sqrt(10))
+
+
+def test_repeat_factor_sampling_repeats_each_image_floor_or_ceil_of_its_factor_an_epoch():
+    """Stochastic rounding per epoch (Detectron2's): index 1 (factor 2.5) twice or three times an
+    epoch, 2.5 on average; the others once or three times; epoch after epoch in the stream; ranks
+    share each epoch's draw and split it."""
+    factors = [1.0, 2.5, 1.0, 3.0]
+    sampler = TrainingSampler(4, seed=5, factors=factors)
+    epochs = [sampler.epoch_indices(e).tolist() for e in range(400)]
+    for epoch in epochs:
+        assert epoch.count(0) == epoch.count(2) == 1 and epoch.count(3) == 3 and epoch.count(1) in (2, 3), epoch
+    assert 2.4 < np.mean([epoch.count(1) for epoch in epochs]) < 2.6  # 400 epochs: standard error 0.025
+    assert len({tuple(epoch) for epoch in epochs}) > 100  # shuffled, not one order
+    stream = iter(sampler)
+    assert [next(stream) for _ in range(sum(map(len, epochs[:5])))] == [i for epoch in epochs[:5] for i in epoch]
+    other = TrainingSampler(4, seed=6, factors=factors)
+    assert [other.epoch_indices(e).tolist() for e in range(5)] != epochs[:5]
+    # two ranks: together each epoch's draw, padded to an even length by wrapping around
+    halves = [iter(TrainingSampler(4, seed=5, factors=factors, rank=r, world_size=2)) for r in range(2)]
+    for epoch in epochs[:5]:
+        padded = epoch + epoch[:len(epoch) % 2]
+        shards = [[next(h) for _ in range(len(padded) // 2)] for h in halves]
+        assert shards == [padded[0::2], padded[1::2]]
+    with pytest.raises(ValueError, match="factors must be 4 values of at least 1"):
+        TrainingSampler(4, seed=0, factors=[1.0, 0.5, 1.0, 1.0])
+
+
+def test_the_loader_samples_by_repeat_factors_of_the_images_it_trains_on(tmp_path):
+    """dataloader.repeat_threshold > 0: the factors of the images training keeps (empty ones
+    dropped first); 0: the plain permutation, as before."""
+    from detection.data.loader import repeat_factors
+
+    spec = make_set(tmp_path, empty_ids=(8,))
+    data = json.loads((tmp_path / "ann.json").read_text())
+    data["categories"].append({"id": 2, "name": "rare"})
+    data["annotations"][2]["category_id"] = 2  # image 3 holds the one rare object
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    info = get_dataset(spec, str(tmp_path))
+    transform = build_transforms(min_sizes=[30], max_size=200, hflip_prob=0.5)
+    loader = build_train_loader([info], transform=transform, images_per_batch=2, num_workers=0,
+                                aspect_ratio_grouping=False, filter_empty=True, seed=0, repeat_threshold=0.5)
+    sampler = loader.batch_sampler.sampler
+    np.testing.assert_allclose(sampler.factors.numpy(), repeat_factors(info.records[:7], 0.5))
+    assert sampler.factors[2] == pytest.approx(np.sqrt(0.5 * 7)) and sampler.factors[0] == 1.0  # 6 of 7: common
+    seen = [image_id(img) for images, _ in take(loader, 100) for img in images]
+    assert sorted(set(seen)) == [1, 2, 3, 4, 5, 6, 7]  # image 8 has no box
+    assert seen.count(3) > 1.5 * np.mean([seen.count(i) for i in (1, 2, 4, 5, 6, 7)])  # 1.87x each epoch
+    plain = build_train_loader([info], transform=transform, images_per_batch=2, num_workers=0,
+                               aspect_ratio_grouping=False, filter_empty=True, seed=0)
+    assert plain.batch_sampler.sampler.factors is None

@@ -297,3 +297,25 @@ def test_a_training_set_of_reordered_classes_is_relabelled_and_said_once(data_ro
     first, again = datasets
     assert again.class_names == first.class_names
     assert [r["labels"].tolist() for r in again.records] == [r["labels"].tolist() for r in first.records]
+
+
+def test_repeat_factor_sampling_is_said_at_the_start_and_its_threshold_checked(data_root, tmp_path):
+    """dataloader.repeat_threshold: the start summary says how many images repeat, by how much at
+    most, and the epoch the schedule's epoch count is of; a threshold outside [0, 1] is refused."""
+    from detection.data.loader import repeat_factors, training_records
+    from detection.engine.startup import build_train_datasets, summary_lines
+
+    cfg = tiny_cfg(data_root, tmp_path / "out", **{"dataloader.repeat_threshold": 1.0, "solver.max_iter": 10})
+    datasets = build_train_datasets(cfg)
+    kept = training_records(datasets[0].records, filter_empty=True, use_difficult=True)
+    factors = repeat_factors(kept, 1.0)
+    assert (factors > 1).any()  # shapes_train's 4 images: some class is in fewer than all of them
+    lines = summary_lines(cfg, datasets, torch.device("cpu"), [])
+    assert (f"repeat factor sampling (dataloader.repeat_threshold 1): {int((factors > 1).sum())} of the {len(kept)} "
+            f"images repeated, up to {factors.max():.3g}x; an epoch about {factors.sum():.0f} images") in lines
+    assert any(line.endswith(f"10 iterations: {10 * 2 / factors.sum():.3g} epochs of the {len(kept)} training "
+                             "images (repeated as above)") for line in lines), lines
+    assert not [x for x in summary_lines(tiny_cfg(data_root, tmp_path / "out"), datasets, torch.device("cpu"), [])
+                if "repeat factor" in x]
+    with pytest.raises(ConfigError, match=r"dataloader.repeat_threshold: 2.0 is invalid, expected in \[0, 1\]"):
+        load_config(None, ["dataloader.repeat_threshold=2"])

@@ -119,6 +119,7 @@ class DataLoaderConfig(_Section):
     filter_empty: bool = True
     skip_bad_images: bool = False
     use_difficult: bool = True
+    repeat_threshold: float = 0.0
 
 
 @dataclass

@@ -55,7 +55,8 @@ def epoch_seed(seed: int, epoch: int, data_order: int = DATA_ORDER) -> int:
 
 def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, images_per_batch: int,
                        num_workers: int, aspect_ratio_grouping: bool, filter_empty: bool, seed: int,
-                       use_difficult: bool = True, start_iter: int = 0, data_order: int = DATA_ORDER) -> DataLoader:
+                       use_difficult: bool = True, start_iter: int = 0, data_order: int = DATA_ORDER,
+                       repeat_threshold: float = 0.0) -> DataLoader:
     """Infinite iterable of (images: list[uint8 Tensor[3,H,W]], targets: list[{"boxes", "labels"}]).
 
     images_per_batch is per process. use_difficult=False drops VOC difficult boxes;
@@ -64,6 +65,7 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
     every sample's augmentation is seeded from (seed, rank, batch number, position in batch),
     so a resumed run sees exactly the batches of an uninterrupted one, whatever num_workers.
     data_order: how each epoch's order follows from the seed (DATA_ORDER; a resumed run's own).
+    repeat_threshold > 0: repeat factor sampling (repeat_factors) over the images training keeps.
     """
     if images_per_batch < 1:
         raise DataError(f"images per batch must be >= 1, got {images_per_batch}")
@@ -79,7 +81,8 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
                         + " (set dataloader.filter_empty: false to train on them anyway)")
     rank, world_size = comm.get_rank(), comm.get_world_size()
     groups = [0 if r["width"] >= r["height"] else 1 for r in records]
-    sampler = TrainingSampler(len(records), seed=seed, rank=rank, world_size=world_size, data_order=data_order)
+    sampler = TrainingSampler(len(records), seed=seed, rank=rank, world_size=world_size, data_order=data_order,
+                              factors=repeat_factors(records, repeat_threshold) if repeat_threshold > 0 else None)
     base_seed = _process_seed(seed, rank)
     batch_sampler = GroupedBatchSampler(sampler, groups if aspect_ratio_grouping else [0] * len(groups),
                                         images_per_batch, start=start_iter, seed=base_seed)
@@ -218,6 +221,19 @@ def collate_lists(batch: list[tuple]) -> tuple[list, list]:
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
+def repeat_factors(records: Sequence[dict], threshold: float) -> np.ndarray:
+    """Repeat factor sampling (LVIS, Gupta et al. 2019; Detectron2's RepeatFactorTrainingSampler
+    with REPEAT_THRESHOLD, MMDetection's ClassBalancedDataset with oversample_thr): f(c), the share
+    of the images holding an object of class c; r(c) = max(1, sqrt(threshold / f(c))); an image's
+    factor the largest of its classes' (1 for an image without objects). -> float64[len(records)]."""
+    per_image = [np.unique(np.asarray(r["labels"], np.int64)) for r in records]
+    images_with = np.bincount(np.concatenate(per_image + [np.zeros(0, np.int64)]))
+    share = images_with / max(len(records), 1)
+    with np.errstate(divide="ignore"):
+        factor = np.maximum(1.0, np.sqrt(threshold / share))  # a class no image holds: inf, never taken
+    return np.array([factor[labels].max() if len(labels) else 1.0 for labels in per_image], np.float64)
+
+
 class TrainingSampler(Sampler[int]):
     """Endless indices: epoch e is randperm(size) from torch.Generator(epoch_seed(seed, e)), this
     rank's shard.
@@ -225,23 +241,40 @@ class TrainingSampler(Sampler[int]):
     Shards follow DistributedSampler: the permutation is padded by wrapping around to a
     multiple of world_size and rank r takes positions r, r + world_size, ... (the same indices as
     DistributedSampler's with seed epoch_seed(seed, 0); data_order 1: with seed).
+
+    With `factors` (repeat_factors), epoch e first draws each image's count from the same
+    generator, floor(r) plus one more with probability r - floor(r) (Detectron2's stochastic
+    rounding), then permutes the repeated indices: an epoch's length varies around sum(r); every
+    rank draws the same epoch and takes its shard.
     """
 
     def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 data_order: int = DATA_ORDER) -> None:
+                 data_order: int = DATA_ORDER, factors: Sequence[float] | None = None) -> None:
         self.size, self.seed, self.rank, self.world_size = size, int(seed), rank, world_size
         epoch_seed(self.seed, 0, data_order)  # a data_order it does not know: now, not at the first batch
         self.data_order = data_order
+        self.factors = None if factors is None else torch.as_tensor(np.asarray(factors, np.float64))
+        if self.factors is not None and (len(self.factors) != size or not bool((self.factors >= 1).all())):
+            raise ValueError(f"TrainingSampler: factors must be {size} values of at least 1")
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """Epoch `epoch`'s indices in order, every rank's (before sharding and padding)."""
+        gen = torch.Generator()
+        gen.manual_seed(epoch_seed(self.seed, epoch, self.data_order))
+        if self.factors is None:
+            return torch.randperm(self.size, generator=gen, device="cpu")
+        whole = torch.floor(self.factors)
+        counts = whole + (torch.rand(self.size, generator=gen, dtype=torch.float64) < self.factors - whole)
+        repeated = torch.repeat_interleave(torch.arange(self.size), counts.long())
+        return repeated[torch.randperm(len(repeated), generator=gen, device="cpu")]
 
     def __iter__(self) -> Iterator[int]:
         epoch = 0
-        per_rank = math.ceil(self.size / self.world_size)
         while True:
-            gen = torch.Generator()
-            gen.manual_seed(epoch_seed(self.seed, epoch, self.data_order))
-            perm = torch.randperm(self.size, generator=gen, device="cpu")
-            total = per_rank * self.world_size
-            perm = perm.repeat(math.ceil(total / self.size))[:total]  # pad by wrapping around
+            perm = self.epoch_indices(epoch)
+            length = len(perm)
+            total = math.ceil(length / self.world_size) * self.world_size
+            perm = perm.repeat(math.ceil(total / length))[:total]  # pad by wrapping around
             yield from perm[self.rank:total:self.world_size].tolist()
             epoch += 1
 

@@ -97,7 +97,8 @@ def build_train_data_loader(cfg: Config, datasets: list[DatasetInfo], start_iter
         datasets, transform=build_train_transform(cfg), images_per_batch=cfg.solver.ims_per_batch // world,
         num_workers=cfg.dataloader.num_workers, aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
         filter_empty=cfg.dataloader.filter_empty, seed=cfg.seed, use_difficult=cfg.dataloader.use_difficult,
-        start_iter=start_iter, data_order=DATA_ORDER if data_order is None else data_order)
+        start_iter=start_iter, data_order=DATA_ORDER if data_order is None else data_order,
+        repeat_threshold=cfg.dataloader.repeat_threshold)
 
 
 def training_data_id(datasets: Sequence[DatasetInfo]) -> dict:
@@ -172,14 +173,15 @@ def _test_objects(d: DatasetInfo) -> str:
 def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device,
                   test_sets: list[DatasetInfo]) -> list[str]:
     """What the run trains on, where, and how: printed at its start (and kept in log.txt)."""
-    from detection.data.loader import training_records
+    from detection.data.loader import repeat_factors, training_records
     from detection.utils.environment import command_line, environment, environment_line
 
-    lines, images, objects = [], 0, {}
+    lines, images, objects, trained = [], 0, {}, []
     for d in datasets:
         kept = training_records(d.records, filter_empty=cfg.dataloader.filter_empty,
                                 use_difficult=cfg.dataloader.use_difficult)
         images += len(kept)
+        trained += kept
         counts = np.bincount(np.concatenate([r["labels"] for r in kept] + [np.zeros(0, np.int64)]),
                              minlength=d.num_classes + 1)
         dropped = f" ({len(d.records) - len(kept)} without boxes dropped: dataloader.filter_empty)" \
@@ -193,12 +195,19 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
         lines.append(f"{len(absent)} of the {len(objects)} classes have no object to train on "
                      f"({first_few(absent, 5)}): the model learns never to find them")
     lines += summary_of_test_sets(cfg, test_sets)
+    epoch = images  # the images an epoch shows
+    if cfg.dataloader.repeat_threshold > 0 and trained:
+        factors = repeat_factors(trained, cfg.dataloader.repeat_threshold)
+        epoch = float(factors.sum())
+        lines.append(f"repeat factor sampling (dataloader.repeat_threshold {cfg.dataloader.repeat_threshold:g}): "
+                     f"{int((factors > 1).sum())} of the {len(trained)} images repeated, up to {factors.max():.3g}x; "
+                     f"an epoch about {epoch:.0f} images")
     s, world = cfg.solver, du.get_world_size()
     # torchvision's --batch-size is per GPU and its schedule in epochs: both said here (a trial)
     lines.append(f"batch: {s.ims_per_batch} images an iteration" + (f" ({s.ims_per_batch // world} per process)"
                  if world > 1 else "") + f", base_lr {s.base_lr:g}, {s.max_iter} iterations" +
-                 (f": {s.max_iter * s.ims_per_batch / images:.3g} epochs of the {images} training images"
-                  if images else ""))
+                 (f": {s.max_iter * s.ims_per_batch / epoch:.3g} epochs of the {images} training images"
+                  + (" (repeated as above)" if epoch != images else "") if images else ""))
     amp = str(amp_dtype(device)).removeprefix("torch.") if training_amp(cfg.solver.amp, device) else \
         "off (no bfloat16 instructions: float32)" if cfg.solver.amp else "off"
     lines.append(f"device: {device}, torch threads: {torch.get_num_threads()}, AMP: {amp}, "
