@@ -427,3 +427,18 @@ def test_sizes_swapped_as_mmdetection_writes_them_are_refused(overrides, key):
                                           r"min_size is the shorter side's size .*MMDetection's img_scale"):
         load_config(None, overrides)
     load_config(None, ["input.min_size_test=800", "input.max_size_test=800"])  # equal: a square cap, fine
+
+
+def test_the_other_toolkits_repeat_factor_sampling_keys_name_repeat_threshold():
+    """A long-tail trial: Detectron2's DATALOADER.SAMPLER_TRAIN (in every repeat-factor config) and
+    MMDetection's oversample_thr were unknown keys with no word of dataloader.repeat_threshold."""
+    with pytest.raises(ConfigError, match=r"Detectron2's DATALOADER.SAMPLER_TRAIN is dataloader.repeat_threshold above "
+                                          r"0 \(RepeatFactorTrainingSampler"):
+        load_config(None, ["dataloader.sampler_train=RepeatFactorTrainingSampler"])
+    with pytest.raises(ConfigError, match=r"Detectron2's DATALOADER.REPEAT_SQRT is not a setting \(the square root"):
+        load_config(None, ["dataloader.repeat_sqrt=false"])
+    for key in ("data.train.oversample_thr", "train_dataloader.dataset.oversample_thr", "oversample_thr"):
+        with pytest.raises(ConfigError, match=rf"MMDetection's {key} is dataloader.repeat_threshold "
+                                              r"\(ClassBalancedDataset repeats an image ceil\(r\) times"):
+            load_config(None, [f"{key}=0.001"])
+    assert load_config(None, ["dataloader.repeat_threshold=0.001"]).dataloader.repeat_threshold == 0.001

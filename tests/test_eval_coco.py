@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import math
 
 import numpy as np
@@ -162,6 +163,18 @@ def test_the_table_lists_a_class_named_with_a_slash_among_the_classes():
         table = format_metrics_table({f"{prefix}AP": 50.0, f"{prefix}AP-1/2 inch bolt": 10.0, f"{prefix}AP-nut": 20.0})
         summary, per_class = table.split("per-class AP")
         assert "bolt" not in summary and "1/2 inch bolt   10.00" in per_class and "nut" in per_class, table
+    assert "undefined" not in table
+
+
+def test_the_table_says_what_a_class_s_undefined_ap_means():
+    """A long-tail trial: a rare class absent from the test set showed '-' with no word why."""
+    import math
+
+    table = format_metrics_table({"AP": 40.0, "AP-circle": 50.0, "AP-tri_small": math.nan, "AP50-circle": 70.0,
+                                  "AP50-tri_small": math.nan})
+    assert re.search(r"tri_small +- +-", table), table
+    assert table.splitlines()[-1] == ("-: undefined, the set has no object of tri_small that the metric scores (crowd "
+                                      "regions and VOC difficult objects are not)")
 
 
 def test_a_json_without_iscrowd_or_area_is_scored_as_if_they_were_0_and_the_box_area(dataset, tmp_path, caplog):

@@ -317,5 +317,11 @@ def test_repeat_factor_sampling_is_said_at_the_start_and_its_threshold_checked(d
                              "images (repeated as above)") for line in lines), lines
     assert not [x for x in summary_lines(tiny_cfg(data_root, tmp_path / "out"), datasets, torch.device("cpu"), [])
                 if "repeat factor" in x]
+    # a threshold under every class's share (LVIS's 0.001 on a small set): nothing repeats, and why
+    holding = [sum(1 for r in kept if k in r["labels"]) for k in (1, 2, 3)]
+    low = tiny_cfg(data_root, tmp_path / "out", **{"dataloader.repeat_threshold": 0.001})
+    assert (f"repeat factor sampling (dataloader.repeat_threshold 0.001): no image repeated: the rarest class is in "
+            f"{min(holding)} of the {len(kept)} images ({min(holding) / len(kept):.2g} of them), not under the "
+            "threshold, a share of the images") in summary_lines(low, datasets, torch.device("cpu"), [])
     with pytest.raises(ConfigError, match=r"dataloader.repeat_threshold: 2.0 is invalid, expected in \[0, 1\]"):
         load_config(None, ["dataloader.repeat_threshold=2"])

@@ -303,6 +303,9 @@ DETECTRON2_NAMES = {
     "input.random_flip": "input.hflip_prob",
     "solver.clip_gradients.enabled": "solver.clip_grad_norm",
     "solver.clip_gradients.clip_value": "solver.clip_grad_norm",
+    "dataloader.sampler_train": "dataloader.repeat_threshold above 0 (RepeatFactorTrainingSampler, e.g. 0.001; it "
+                                "alone turns it on), or 0 (TrainingSampler, the default)",
+    "dataloader.repeat_sqrt": "not a setting (the square root is always taken, its default)",
 }
 
 
@@ -322,6 +325,9 @@ MMDET_NAMES = {
     "data.samples_per_gpu": "solver.ims_per_batch, the global batch over all processes (MMDetection's is per GPU)",
     "train_dataloader.batch_size": "solver.ims_per_batch, the global batch over all processes",
     "data.workers_per_gpu": "dataloader.num_workers", "data_root": "datasets.root", "work_dir": "output_dir",
+    **{key: "dataloader.repeat_threshold (ClassBalancedDataset repeats an image ceil(r) times every epoch; here r "
+       "times on average, rounded at random each epoch as Detectron2 does)"
+       for key in ("oversample_thr", "data.train.oversample_thr", "train_dataloader.dataset.oversample_thr")},
     "load_from": "model.weights", "resume_from": "tools/train_det.py --resume", "evaluation.interval":
     "test.eval_period, in iterations", "checkpoint_config.interval": "solver.checkpoint_period, in iterations",
     "log_config.interval": "log_period", "classes": "model.class_names (a COCO set's classes come from its json, "

@@ -229,8 +229,8 @@ def repeat_factors(records: Sequence[dict], threshold: float) -> np.ndarray:
     per_image = [np.unique(np.asarray(r["labels"], np.int64)) for r in records]
     images_with = np.bincount(np.concatenate(per_image + [np.zeros(0, np.int64)]))
     share = images_with / max(len(records), 1)
-    with np.errstate(divide="ignore"):
-        factor = np.maximum(1.0, np.sqrt(threshold / share))  # a class no image holds: inf, never taken
+    with np.errstate(divide="ignore", invalid="ignore"):  # a class no image holds: never taken
+        factor = np.maximum(1.0, np.sqrt(threshold / share))
     return np.array([factor[labels].max() if len(labels) else 1.0 for labels in per_image], np.float64)
 
 

@@ -197,11 +197,19 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
     lines += summary_of_test_sets(cfg, test_sets)
     epoch = images  # the images an epoch shows
     if cfg.dataloader.repeat_threshold > 0 and trained:
-        factors = repeat_factors(trained, cfg.dataloader.repeat_threshold)
+        threshold = cfg.dataloader.repeat_threshold
+        factors = repeat_factors(trained, threshold)
         epoch = float(factors.sum())
-        lines.append(f"repeat factor sampling (dataloader.repeat_threshold {cfg.dataloader.repeat_threshold:g}): "
-                     f"{int((factors > 1).sum())} of the {len(trained)} images repeated, up to {factors.max():.3g}x; "
+        line = f"repeat factor sampling (dataloader.repeat_threshold {threshold:g}): "
+        if (factors > 1).any():
+            line += (f"{int((factors > 1).sum())} of the {len(trained)} images repeated, up to {factors.max():.3g}x; "
                      f"an epoch about {epoch:.0f} images")
+        else:  # LVIS's 0.001 on a set of hundreds: no class is that rare (a long-tail trial)
+            holding = np.bincount(np.concatenate([np.unique(r["labels"]) for r in trained]))[1:]
+            rarest = int(holding[holding > 0].min())
+            line += (f"no image repeated: the rarest class is in {rarest} of the {len(trained)} images "
+                     f"({rarest / len(trained):.2g} of them), not under the threshold, a share of the images")
+        lines.append(line)
     s, world = cfg.solver, du.get_world_size()
     # torchvision's --batch-size is per GPU and its schedule in epochs: both said here (a trial)
     lines.append(f"batch: {s.ims_per_batch} images an iteration" + (f" ({s.ims_per_batch // world} per process)"

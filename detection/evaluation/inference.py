@@ -21,6 +21,7 @@ from tqdm import tqdm
 from detection.utils import comm
 from detection.utils.files import atomic_write
 from detection.utils.progress import ProgressLines
+from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,10 @@ def format_metrics_table(metrics: Mapping[str, float], per_class_columns: int = 
             cells = per_class[row:row + cols]
             lines.append(" | ".join(f"{name:<{width}}  {value:>6}" + (f"  {at_50.get(name, '-'):>6}" if at_50 else "")
                                     for name, value in cells))
+        undefined = [name for name, value in per_class if value == "-"]
+        if undefined:  # a long-tail trial: a rare class's "-" said nothing
+            lines.append(f"-: undefined, the set has no object of {first_few(undefined, 5)} that the metric scores "
+                         "(crowd regions and VOC difficult objects are not)")
     return "\n".join(lines)
 
 
