@@ -245,8 +245,6 @@ def _listing_file(info: DatasetInfo) -> str:
     return info.ann_file or info.name
 
 
-
-
 def image_paths(info: DatasetInfo) -> set[str]:
     """The set's image files as the files they are: links to a folder or to the file followed
     (visualize.py's input takes each file once so too); a copy under another name is another file.
