@@ -2,6 +2,7 @@
 holding a subset of the model's classes scored by name, and the smaller points: the closing
 line, a custom ann_file's not-found error, files' modes, no trace of a run that never ran an
 iteration, and a config file's typo blamed on the file."""
+import dataclasses
 import json
 import logging
 import os
@@ -323,5 +324,11 @@ def test_repeat_factor_sampling_is_said_at_the_start_and_its_threshold_checked(d
     assert (f"repeat factor sampling (dataloader.repeat_threshold 0.001): no image repeated: the rarest class is in "
             f"{min(holding)} of the {len(kept)} images ({min(holding) / len(kept):.2g} of them), not under the "
             "threshold, a share of the images") in summary_lines(low, datasets, torch.device("cpu"), [])
+    empty = [dataclasses.replace(datasets[0], records=[{**r, "boxes": r["boxes"][:0], "labels": r["labels"][:0]}
+                                                       for r in datasets[0].records])]
+    unfiltered = tiny_cfg(data_root, tmp_path / "out", **{"dataloader.repeat_threshold": 0.5,
+                                                           "dataloader.filter_empty": False})
+    assert "repeat factor sampling (dataloader.repeat_threshold 0.5): no image repeated: no image holds an object" \
+        in summary_lines(unfiltered, empty, torch.device("cpu"), [])
     with pytest.raises(ConfigError, match=r"dataloader.repeat_threshold: 2.0 is invalid, expected in \[0, 1\]"):
         load_config(None, ["dataloader.repeat_threshold=2"])

@@ -205,10 +205,12 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
             line += (f"{int((factors > 1).sum())} of the {len(trained)} images repeated, up to {factors.max():.3g}x; "
                      f"an epoch about {epoch:.0f} images")
         else:  # LVIS's 0.001 on a set of hundreds: no class is that rare (a long-tail trial)
-            holding = np.bincount(np.concatenate([np.unique(r["labels"]) for r in trained]))[1:]
-            rarest = int(holding[holding > 0].min())
+            holding = np.bincount(np.concatenate([np.unique(r["labels"]) for r in trained]
+                                                 + [np.zeros(0, np.int64)]))[1:]
+            rarest = int(holding[holding > 0].min()) if (holding > 0).any() else 0
             line += (f"no image repeated: the rarest class is in {rarest} of the {len(trained)} images "
-                     f"({rarest / len(trained):.2g} of them), not under the threshold, a share of the images")
+                     f"({rarest / len(trained):.2g} of them), not under the threshold, a share of the images"
+                     if rarest else "no image repeated: no image holds an object")
         lines.append(line)
     s, world = cfg.solver, du.get_world_size()
     # torchvision's --batch-size is per GPU and its schedule in epochs: both said here (a trial)
