@@ -79,7 +79,6 @@ class DetectorWithTiles(nn.Module):
         keep = keep[:heads.detections_per_image]
         return {key: value[keep] for key, value in merged.items()}
 
-
     def _whole_image(self, image: Tensor) -> dict[str, Tensor]:
         """The whole image's pass beside its tiles, without the model's warning that a panorama is
         squashed at its scale (which advises tiles: these are they; a trial found it said anyway)."""
