@@ -381,3 +381,40 @@ def test_images_shared_by_training_sets_or_with_a_test_set_are_said(tmp_path):
     assert lines == [f"test set held_out shares 1 of its 2 image files with training set linked ({img / 'a.jpg'}): "
                      "its metrics are not of held-out images"]
     assert shared_images_warnings([labelled, linked], [])[0].startswith("training sets labelled and linked share 1 ")
+
+
+def test_copies_with_the_same_bytes_count_as_shared_images(tmp_path):
+    """A split made by copying files: the test set's image saved under another name in the
+    training folder is the same image, found by its bytes. Files of the same size that differ
+    (past the first 4 KiB too), and files that cannot be read, are not."""
+    from detection.data import DatasetInfo
+    from detection.engine.startup import shared_images_warnings
+    from detection.utils.files import same_bytes
+
+    rng = np.random.default_rng(0)
+    big, small = rng.bytes(10000), rng.bytes(100)
+    files = {"train/a.jpg": big, "train/b.jpg": small, "train/c.jpg": big[:-1] + b"\0",
+             "test/x.jpg": big, "test/y.jpg": small[:-1] + bytes([small[-1] ^ 1]), "test/z.jpg": big[:-1] + b"\1"}
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    train = {str(tmp_path / "train" / n) for n in ("a.jpg", "b.jpg", "c.jpg", "gone.jpg")}
+    test = {str(tmp_path / "test" / n) for n in ("x.jpg", "y.jpg", "z.jpg", "gone.jpg")}
+    assert same_bytes(test, train) == {str(tmp_path / "test" / "x.jpg"): str(tmp_path / "train" / "a.jpg")}
+    assert same_bytes(train, train) == {}  # a file is not a copy of itself
+    assert same_bytes(test | train, train) == same_bytes(test, train)  # nor a file both have of another
+
+    def info(name, paths):
+        records = [{"file_name": p, "image_id": i, "height": 8, "width": 8, "boxes": np.zeros((0, 4), np.float32),
+                    "labels": np.zeros(0, np.int64), "difficult": np.zeros(0, bool)}
+                   for i, p in enumerate(sorted(paths))]
+        return DatasetInfo(name=name, kind="coco", class_names=["x"], records=records, ann_file=str(tmp_path / name))
+
+    x, a = tmp_path / "test" / "x.jpg", tmp_path / "train" / "a.jpg"
+    assert shared_images_warnings([info("train", train)], [info("test", test | {str(a)})]) == [
+        f"test set test shares 2 of its 5 image files with training set train ({a}; a copy with the same bytes under "
+        f"another name: {x} = {a}): its metrics are not of held-out images"]
+    assert shared_images_warnings([info("train", train), info("more", {str(x)})], []) == [
+        f"training sets train and more share 1 image file (a copy with the same bytes under another name: {a} = {x}): "
+        "each trains with both sets' boxes (a teacher's pseudo-labels over labelled images?); list one set twice to "
+        "see it twice as often"]

@@ -294,7 +294,9 @@ def shared_images_warnings(datasets: Sequence[DatasetInfo], test_sets: Sequence[
     """Image files in two training sets (other than one set listed twice, to see it twice as
     often), or in a training set and a test set: a pseudo-labelling trial trained the labelled
     images again under a teacher's boxes, and a held-out set as a training set, without a word
-    (Detectron2 and MMDetection say nothing either). Links are followed; a copy is another file."""
+    (Detectron2 and MMDetection say nothing either). Links are followed, and a copy with the same
+    bytes under another name or folder counts too (a split made by copying files); a copy saved
+    again (re-encoded) is another image."""
     from detection.data.catalog import image_paths, same_listing
 
     distinct: list[DatasetInfo] = []  # a set listed twice is said of once
@@ -305,21 +307,34 @@ def shared_images_warnings(datasets: Sequence[DatasetInfo], test_sets: Sequence[
     lines = []
     for i, a in enumerate(datasets):
         for j in range(i + 1, len(datasets)):
-            shared = paths[i] & paths[j]
-            if shared:
-                lines.append(f"training sets {a.name} and {datasets[j].name} share {len(shared)} image "
-                             f"file{'s' if len(shared) != 1 else ''} ({first_few(sorted(shared), 2)}): each trains "
-                             "with both sets' boxes (a teacher's pseudo-labels over labelled images?); list one set "
-                             "twice to see it twice as often")
+            count, named = _shared_files(paths[i], paths[j])
+            if count:
+                lines.append(f"training sets {a.name} and {datasets[j].name} share {count} image "
+                             f"file{'s' if count != 1 else ''} ({named}): each trains with both sets' boxes (a "
+                             "teacher's pseudo-labels over labelled images?); list one set twice to see it twice as "
+                             "often")
     for test in test_sets:
         tested = image_paths(test)
         for d, p in zip(datasets, paths):
-            shared = tested & p
-            if shared:
-                lines.append(f"test set {test.name} shares {len(shared)} of its {len(tested)} image files with "
-                             f"training set {d.name} ({first_few(sorted(shared), 2)}): its metrics are not of "
-                             "held-out images")
+            count, named = _shared_files(tested, p)
+            if count:
+                lines.append(f"test set {test.name} shares {count} of its {len(tested)} image files with training "
+                             f"set {d.name} ({named}): its metrics are not of held-out images")
     return lines
+
+
+def _shared_files(ours: set[str], theirs: set[str]) -> tuple[int, str]:
+    """How many files of `ours` `theirs` has too, the same file or a copy with the same bytes,
+    and the first few named (each copy with theirs)."""
+    from detection.utils.files import same_bytes
+
+    by_path, copies = ours & theirs, same_bytes(ours, theirs)
+    named = first_few(sorted(by_path), 2) if by_path else ""
+    if copies:
+        pairs = [f"{mine} = {copies[mine]}" for mine in sorted(copies)]
+        named += f"{'; ' if named else ''}{'a copy' if len(copies) == 1 else f'{len(copies)} copies'} with the " \
+                 f"same bytes under another name: {first_few(pairs, 2)}"
+    return len(by_path) + len(copies), named
 
 
 def schedule_warnings(cfg: Config) -> list[str]:
