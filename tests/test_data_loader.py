@@ -378,3 +378,10 @@ def test_the_loader_samples_by_repeat_factors_of_the_images_it_trains_on(tmp_pat
     plain = build_train_loader([info], transform=transform, images_per_batch=2, num_workers=0,
                                aspect_ratio_grouping=False, filter_empty=True, seed=0)
     assert plain.batch_sampler.sampler.factors is None
+    # a threshold under every class's share repeats nothing: the plain order, not a reshuffled one
+    # (a review: the start line said 'no image repeated' while the batches differed from a run at 0)
+    none_rare = build_train_loader([info], transform=transform, images_per_batch=2, num_workers=0,
+                                   aspect_ratio_grouping=False, filter_empty=True, seed=0, repeat_threshold=1e-3)
+    assert (repeat_factors(info.records[:7], 1e-3) == 1).all()
+    batches = [list(itertools.islice(iter(x.batch_sampler), 20)) for x in (none_rare, plain)]
+    assert batches[0] == batches[1]

@@ -81,8 +81,11 @@ def build_train_loader(datasets: Sequence[DatasetInfo], *, transform: Callable, 
                         + " (set dataloader.filter_empty: false to train on them anyway)")
     rank, world_size = comm.get_rank(), comm.get_world_size()
     groups = [0 if r["width"] >= r["height"] else 1 for r in records]
+    factors = repeat_factors(records, repeat_threshold) if repeat_threshold > 0 else None
+    if factors is not None and (factors == 1).all():  # nothing repeats: the plain order, as Detectron2's
+        factors = None  # RepeatFactorTrainingSampler is then TrainingSampler (the start line says so)
     sampler = TrainingSampler(len(records), seed=seed, rank=rank, world_size=world_size, data_order=data_order,
-                              factors=repeat_factors(records, repeat_threshold) if repeat_threshold > 0 else None)
+                              factors=factors)
     base_seed = _process_seed(seed, rank)
     batch_sampler = GroupedBatchSampler(sampler, groups if aspect_ratio_grouping else [0] * len(groups),
                                         images_per_batch, start=start_iter, seed=base_seed)
@@ -225,7 +228,9 @@ def repeat_factors(records: Sequence[dict], threshold: float) -> np.ndarray:
     """Repeat factor sampling (LVIS, Gupta et al. 2019; Detectron2's RepeatFactorTrainingSampler
     with REPEAT_THRESHOLD, MMDetection's ClassBalancedDataset with oversample_thr): f(c), the share
     of the images holding an object of class c; r(c) = max(1, sqrt(threshold / f(c))); an image's
-    factor the largest of its classes' (1 for an image without objects). -> float64[len(records)]."""
+    factor the largest of its classes' (1 for an image without objects). The records' labels are the
+    objects trained on: crowd and `ignore` regions are not counted (Detectron2 counts every
+    annotation, crowd ones included). -> float64[len(records)]."""
     per_image = [np.unique(np.asarray(r["labels"], np.int64)) for r in records]
     images_with = np.bincount(np.concatenate(per_image + [np.zeros(0, np.int64)]))
     share = images_with / max(len(records), 1)
