@@ -375,12 +375,13 @@ def test_images_shared_by_training_sets_or_with_a_test_set_are_said(tmp_path):
     (tmp_path / "unl").mkdir()
     (tmp_path / "unl" / "linked.jpg").symlink_to(tmp_path / "img" / "a.jpg")
     (tmp_path / "also").symlink_to(tmp_path / "img", target_is_directory=True)
-    linked = info("linked", ["../unl/linked.jpg", "../also/a.jpg"], "linked.json")
-    assert linked.records[0]["file_name"] == str(tmp_path / "img" / "../unl/linked.jpg")
-    lines = shared_images_warnings([linked], [held_out])
-    assert lines == [f"test set held_out shares 1 of its 2 image files with training set linked ({img / 'a.jpg'}): "
-                     "its metrics are not of held-out images"]
-    assert shared_images_warnings([labelled, linked], [])[0].startswith("training sets labelled and linked share 1 ")
+    for files in (["../unl/linked.jpg"], ["../also/a.jpg"]):  # each alone (a review: with both, one hid the other)
+        linked = info("linked", files, "linked.json")
+        assert linked.records[0]["file_name"] == str(tmp_path / "img" / files[0])
+        lines = shared_images_warnings([linked], [held_out])
+        assert lines == [f"test set held_out shares 1 of its 2 image files with training set linked "
+                         f"({img / 'a.jpg'}): its metrics are not of held-out images"]  # not as a copy: the file
+        assert shared_images_warnings([labelled, linked], [])[0].startswith("training sets labelled and linked share 1 ")
 
 
 def test_copies_with_the_same_bytes_count_as_shared_images(tmp_path):
