@@ -133,5 +133,7 @@ def test_concat_of_other_classes_says_how_to_make_them_one():
     with pytest.raises(DataError, match=r"; labelled lacks star: add it to its categories \(a category with no object "
                                         r"is fine"):
         concat_datasets([extra, labelled])
-    with pytest.raises(DataError, match=r"; other has star besides \(with no object\); other lacks square: add it"):
+    with pytest.raises(DataError, match=r"; other has star besides \(with no object\); other lacks square: add it"
+                                        r".*so do it only if none is\), then give its entry keep_classes: "
+                                        r"\[circle, square\]$"):  # both steps, in their order
         concat_datasets([labelled, _info("other", ["circle", "star"], 1)])

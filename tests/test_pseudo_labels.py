@@ -105,6 +105,9 @@ def test_relative_paths_start_where_visualize_ran_and_the_lists_threshold_is_the
     assert "note: the list holds detections at score >= 0.3 only (visualize.py's --score-thresh)" in out
     assert [i["file_name"] for i in json.loads((tmp_path / "p.json").read_text())["images"]] == \
         ["a.png", "b.png", "sub/c.png"]
+    # without --score-thresh the list's own is taken and not noted: nothing lower was asked for (a review)
+    code, out, err = run_main(TOOL, [listing, "--output", tmp_path / "q.json"], capsys)
+    assert code == 0 and "boxes at score >= 0.3 (circle 2, square 1" in out and "note: the list holds" not in out
 
 
 def test_what_cannot_be_labelled_is_one_clear_error(tmp_path, capsys):

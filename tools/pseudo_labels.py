@@ -5,8 +5,9 @@ confident detections become boxes a student trains on beside the labelled set).
     python tools/visualize.py --weights teacher/model_final.pth --input unlabelled/ --output pl/ --no-draw \\
         --score-thresh 0.5
     python tools/pseudo_labels.py pl/detections.jsonl --output pseudo.json --score-thresh 0.7
-    # then: datasets.train='[<your set>, {type: coco, name: pseudo, ann_file: pseudo.json,
-    #                                      image_root: unlabelled}]'
+    # then the entry it prints (absolute paths: relative ones are read under datasets.root):
+    # datasets.train='[<your set>, {type: coco, name: pseudo, ann_file: /abs/pseudo.json,
+    #                                image_root: /abs/unlabelled}]'
 
 DETECTIONS is visualize.py's detections.jsonl (with its detections.source.json beside it, which
 names the model's classes). OUTPUT, a new file, gets every class of the model as a category (they
@@ -29,12 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("detections", metavar="DETECTIONS", help="visualize.py's detections.jsonl")
     parser.add_argument("--output", required=True, metavar="JSON", help="the COCO json to write (a new file)")
-    parser.add_argument("--score-thresh", type=float, default=0.0,
+    parser.add_argument("--score-thresh", type=float,
                         help="keep the detections scoring at least this (default 0: all the list holds)")
     parser.add_argument("--image-root", metavar="DIR",
                         help="the folder the json's file names are relative to (default: the images' common folder)")
     args = parse_command_line(parser, argv)
-    if not 0 <= args.score_thresh <= 1:
+    if args.score_thresh is not None and not 0 <= args.score_thresh <= 1:
         parser.error(f"--score-thresh {args.score_thresh}: a score in [0, 1]")
     return args
 
@@ -47,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 def write(args: argparse.Namespace) -> None:
     from detection.data.pseudo_labels import summary, write_pseudo_labels
 
-    counts = write_pseudo_labels(args.detections, args.output, args.score_thresh, args.image_root)
-    for line in summary(counts, args.output, args.score_thresh):
+    asked = args.score_thresh
+    counts = write_pseudo_labels(args.detections, args.output, asked or 0.0, args.image_root)
+    for line in summary(counts, args.output, asked):
         print(line)
 
 

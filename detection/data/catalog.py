@@ -305,10 +305,11 @@ def _class_fix(other: DatasetInfo, first: DatasetInfo) -> str:
                      + ((" (with no object)" if len(empty) == len(extra) else f" ({', '.join(empty)} with no object)")
                         if empty else "")
                      + (f": give its entry keep_classes: [{', '.join(first.class_names)}]" if not lacking else ""))
-    if lacking:
+    if lacking:  # with extra classes too, both steps (a review: one step's advice, then the other's error)
         words.append(f"{other.name} lacks {', '.join(lacking)}: add {'it' if len(lacking) == 1 else 'them'} to its "
                      "categories (a category with no object is fine: its images then teach that none is there, "
-                     "so do it only if none is)")
+                     "so do it only if none is)"
+                     + (f", then give its entry keep_classes: [{', '.join(first.class_names)}]" if extra else ""))
     return "; " + "; ".join(words) if words else ""
 
 

@@ -156,13 +156,14 @@ def write_pseudo_labels(detections_jsonl: str | os.PathLike, output: str | os.Pa
             "per_class": per_class, "failed": failed, "score_thresh": score_thresh, "listed_at": listed_at}
 
 
-def summary(counts: dict[str, Any], output: str | os.PathLike, asked: float) -> list[str]:
+def summary(counts: dict[str, Any], output: str | os.PathLike, asked: float | None) -> list[str]:
     """What the tool prints: the counts, the images left out, and the config entry to train on it
-    (quoted for a shell, its paths for YAML). `asked`: the --score-thresh given."""
+    (quoted for a shell, its paths for YAML). `asked`: the --score-thresh given (None: none; the
+    list's own threshold is then not noted: nothing lower was asked for, a review)."""
     per_class = ", ".join(f"{name} {n}" for name, n in counts["per_class"].items())
     lines = [f"{output}: {counts['images']} images, {counts['annotations']} boxes at score >= "
              f"{counts['score_thresh']:g} ({per_class})"]
-    if counts["listed_at"] is not None and asked < counts["listed_at"]:
+    if counts["listed_at"] is not None and asked is not None and asked < counts["listed_at"]:
         lines.append(f"note: the list holds detections at score >= {counts['listed_at']:g} only (visualize.py's "
                      "--score-thresh): run it with a lower one for weaker boxes")
     if counts["empty"]:
