@@ -971,6 +971,32 @@ def test_visualize_resume_goes_on_from_a_killed_runs_list(trained, tmp_path, cap
     assert code == 2 and "--resume goes on with --input's images" in err
 
 
+def test_visualize_resume_from_another_folder_is_refused_when_the_list_is_relative(tmp_path, monkeypatch):
+    """--input photos/ in folder a, then --resume in folder b: the list's "photos/x.jpg" lines were
+    taken for b's photos/x.jpg, and pseudo_labels.py then labelled b's files with a's detections (a
+    review). An absolute list, or the folder it was begun in, goes on."""
+    from detection.utils.files import OutputFolderError
+
+    visualize = TOOLS["visualize.py"]
+    out, a, b = tmp_path / "vis", tmp_path / "a", tmp_path / "b"
+    for folder in (out, a, b):
+        folder.mkdir()
+    source = {"weights": {"path": "m.pth"}, "score_thresh": 0.5, "drawn": False, "settings": {}, "cwd": str(a)}
+    (out / "detections.source.json").write_text(json.dumps(source))
+    line = {"image": "photos/x.jpg", "detections": []}
+    (out / "detections.jsonl").write_text(json.dumps(line) + "\n")
+    args = SimpleNamespace(no_draw=True)
+    monkeypatch.chdir(a)
+    assert list(visualize.done_before(out, {**source}, args)) == ["photos/x.jpg"]
+    monkeypatch.chdir(b)
+    with pytest.raises(OutputFolderError, match=rf"--resume: .*detections.jsonl was begun in {a}, and its relative "
+                                                rf"image paths \(photos/x.jpg\) name other files from {b}: resume "
+                                                rf"it from {a}, or run without --resume"):
+        visualize.done_before(out, {**source, "cwd": str(b)}, args)
+    (out / "detections.jsonl").write_text(json.dumps({**line, "image": str(a / "photos/x.jpg")}) + "\n")
+    assert list(visualize.done_before(out, {**source, "cwd": str(b)}, args)) == [str(a / "photos/x.jpg")]
+
+
 @pytest.mark.slow
 def test_eval_fail_below_gates_on_metrics_json_after_writing_everything(trained, tmp_path, capsys):
     """An automation trial: no way to make eval.py fail a CI build below an AP (every team wrote its

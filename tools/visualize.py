@@ -44,8 +44,8 @@ order above, written as each is done (a killed run keeps the finished ones): {"i
 "error"} for an image not read or not drawn. --no-draw writes only that list and its
 detections.source.json (a batch of unlabelled images for another program); --resume goes on
 from a killed run's list (the images it holds without an error, and drawn, are not done again; a
-list made with other weights or settings, as DIR/detections.source.json records them, is
-refused). The model itself keeps model.roi_heads.score_thresh_test (0.05 in base.yaml) and
+list made with other weights or settings, as DIR/detections.source.json records them, or of
+relative paths from another folder, is refused). The model itself keeps model.roi_heads.score_thresh_test (0.05 in base.yaml) and
 detections_per_image (100): --score-thresh filters what it gives.
 
 In the ground truth, what the metrics ignore is drawn dashed and tagged: VOC `difficult`
@@ -281,7 +281,7 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     written = set()  # the drawings' file names
     source = _list_source(cfg, args) if model is not None and not args.gt else None
     if source is not None:  # what the labels mean and where relative paths start (tools/pseudo_labels.py reads
-        # them; --resume compares neither)
+        # them; --resume refuses another folder when the list's paths are relative)
         source.update(class_names=list(predicted_names or []), cwd=os.getcwd())
     done = done_before(out, source, args) if args.resume else {}
     listed = DetectionsFile(out / DETECTIONS_FILE, predicted_names) if source is not None else None
@@ -392,6 +392,12 @@ def done_before(out: Path, source: dict, args: argparse.Namespace) -> dict[str, 
         if isinstance(line, dict) and "error" not in line and "detections" in line and (
                 args.no_draw or (line.get("drawing") and (out / line["drawing"]).is_file())):
             done[line["image"]] = line
+    began = earlier.get("cwd")  # relative paths name other files from another folder (a review)
+    relative = [image for image in done if isinstance(image, str) and not os.path.isabs(image)]
+    if relative and began is not None and began != source.get("cwd"):
+        raise OutputFolderError(f"--resume: {list_path} was begun in {began}, and its relative image paths "
+                                f"({first_few(relative, 2)}) name other files from {os.getcwd()}: resume it from "
+                                f"{began}, or run without --resume to replace it")
     return done
 
 
