@@ -51,9 +51,9 @@ def test_detections_become_a_coco_json_the_reader_trains_on_beside_a_labelled_se
                               {"id": 3, "file_name": "sub/c.png", "width": 20, "height": 20}]
     assert data["annotations"] == [  # the 0.4 circle is under --score-thresh
         {"id": 1, "image_id": 1, "category_id": 2, "bbox": [10.5, 5.0, 19.75, 20.0], "area": 395.0, "iscrowd": 0,
-         "score": 0.91},
+         "segmentation": [], "score": 0.91},  # an empty segmentation: CVAT's importer warns of each one without
         {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0.0, 0.0, 12.0, 8.0], "area": 96.0, "iscrowd": 0,
-         "score": 0.62}]
+         "segmentation": [], "score": 0.62}]
     lines = out.strip().splitlines()
     assert lines[0] == f"{tmp_path / 'pseudo.json'}: 3 images, 2 boxes at score >= 0.5 (circle 1, square 1, triangle 0)"
     assert lines[1].startswith("note: 2 images have no detection at that score: training drops them")
@@ -140,3 +140,42 @@ def test_what_cannot_be_labelled_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(DataError, match=r"detections.jsonl, line 1: not JSON"):
         write_pseudo_labels(listing, tmp_path / "x.json", 0.5)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_stopped_list_a_changed_image_or_another_file_is_refused_and_widths_are_as_listed(tmp_path, capsys):
+    """A pre-annotation trial: a killed visualize.py run's list became a json of a third of the
+    images, and a file replaced since kept its old size, both without a word; the list's folder,
+    its detections.source.json or a COCO json given were misread; widths had float noise."""
+    from detection.data.pseudo_labels import pseudo_label_json, read_detections
+
+    folder, listing = unlabelled(tmp_path)
+    source_path = listing.parent / "detections.source.json"
+    source = json.loads(source_path.read_text())
+    images, failed, _ = read_detections(listing.parent)  # the folder visualize.py wrote: its list
+    assert [Path(e["image"]).name for e in images] == ["a.png", "b.png", "c.png"] and len(failed) == 1
+    for wrong in (source_path, tmp_path / "coco.json"):
+        if wrong.name == "coco.json":
+            wrong.write_text(json.dumps({"images": [], "annotations": [], "categories": []}, indent=1))
+        with pytest.raises(DataError, match=rf"{wrong}: one JSON document \(a COCO json\? detections.source.json\?\), "
+                                            r"not visualize.py's detections.jsonl \(a line per image\)"):
+            read_detections(wrong)
+    with pytest.raises(DataError, match=rf"{folder}: a folder without detections.jsonl: give the list visualize.py"):
+        read_detections(folder)  # the images' folder, given by mistake
+    source_path.write_text(json.dumps({**source, "images": 7, "finished": False}))
+    with pytest.raises(DataError, match=r"visualize.py stopped before the end of its list \(4 of its 7 images "
+                                        r"listed\): run the same visualize.py command with --resume to finish it"):
+        read_detections(listing)
+    source_path.write_text(json.dumps({**source, "images": 4, "finished": True}))
+    assert len(read_detections(listing)[0]) == 3
+    cv2.imwrite(str(folder / "b.png"), np.full((50, 31, 3), 128, np.uint8))  # replaced since it was listed
+    with pytest.raises(DataError, match=r"1 of its 3 images changed since visualize.py listed them \(.*b.png is "
+                                        r"31x50, listed 30x50\): its detections are of the old files"):
+        read_detections(listing)
+    (folder / "b.png").unlink()
+    with pytest.raises(DataError, match=r"not there .* --image-root only sets the folder the json's file names "
+                                        r"start from"):
+        read_detections(listing)
+    # a width as the list's two decimals give it (x2 - x1 was 30.199999999999996)
+    entry = {"image": str(folder / "a.png"), "width": 60, "height": 40,
+             "detections": [{"label": 1, "score": 0.9, "box": [60.71, 8.67, 90.91, 36.91]}]}
+    assert pseudo_label_json([entry], ["circle"], folder, 0.5)["annotations"][0]["bbox"] == [60.71, 8.67, 30.2, 28.24]

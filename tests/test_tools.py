@@ -639,6 +639,7 @@ def test_visualize_lists_the_detections_it_draws_in_a_jsonl_file_and_no_draw_wri
     # the list as a training json (tools/pseudo_labels.py): the model's classes, every detection a box
     source = json.loads((tmp_path / "listed" / "detections.source.json").read_text())
     assert source["class_names"] == predictor.class_names
+    assert source["finished"] is True and source["images"] == len(images)  # a whole list
     code, out, err = run_main(load_tool("pseudo_labels"), [tmp_path / "listed" / "detections.jsonl", "--output",
                                                            tmp_path / "pseudo.json"], capsys)
     assert code == 0, err[-2000:]
@@ -957,6 +958,29 @@ def test_visualize_resume_goes_on_from_a_killed_runs_list(trained, tmp_path, cap
     (photos / "a_first.jpg").unlink()
     code, out, err = run_main(TOOLS["visualize.py"], [*base], capsys)  # the three again, for what follows
     assert code == 0 and listed.read_text() == whole
+    # a stop midway (Ctrl-C; SIGTERM alike): the list says so, and pseudo_labels.py refuses it (a trial's
+    # killed run became a json of a third of the images, without a word); --resume finishes it
+    last = Path(json.loads(lines[2])["image"]).name
+
+    def stopped_at_the_last(path, *a, **k):
+        if Path(path).name == last:
+            raise KeyboardInterrupt
+        return real_draw(path, *a, **k)
+
+    monkeypatch.setattr(TOOLS["visualize.py"], "_draw", stopped_at_the_last)
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", tmp_path / "stopped"], capsys)
+    assert code == 130 and json.loads((tmp_path / "stopped" / "detections.source.json").read_text())["finished"] \
+        is False
+    code, out, err = run_main(load_tool("pseudo_labels"), [tmp_path / "stopped", "--output", tmp_path / "p.json"],
+                              capsys)
+    assert code == 2 and "visualize.py stopped before the end of its list (2 of its 3 images listed): run the same " \
+        "visualize.py command with --resume to finish it" in err, err
+    monkeypatch.setattr(TOOLS["visualize.py"], "_draw", real_draw)
+    code, out, err = run_main(TOOLS["visualize.py"], [*base, "--output", tmp_path / "stopped", "--resume"], capsys)
+    assert code == 0 and json.loads((tmp_path / "stopped" / "detections.source.json").read_text())["finished"]
+    code, out, err = run_main(load_tool("pseudo_labels"), [tmp_path / "stopped", "--output", tmp_path / "p.json"],
+                              capsys)  # the folder visualize.py wrote is taken for its list
+    assert code == 0 and len(json.loads((tmp_path / "p.json").read_text())["images"]) == 3, err
     # another threshold (or weights, or test settings): the list would mix two runs' detections
     code, out, err = run_main(TOOLS["visualize.py"], [*base, "--resume", "--score-thresh", "0.5"], capsys)
     assert code == 2 and f"--resume: {listed} was made with other score_thresh than this run's" in err

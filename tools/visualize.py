@@ -285,9 +285,8 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
         source.update(class_names=list(predicted_names or []), cwd=os.getcwd())
     done = done_before(out, source, args) if args.resume else {}
     listed = DetectionsFile(out / DETECTIONS_FILE, predicted_names) if source is not None else None
-    if source is not None:
-        with atomic_write(out / LIST_SOURCE_FILE, durable=False) as f:
-            f.write(json.dumps(source, indent=1) + "\n")
+    if source is not None:  # "finished" once every image is listed: pseudo_labels.py refuses a list a stop cut
+        _write_source(out, {**source, "images": len(items), "finished": False})  # short (a trial: no word)
     progress = ProgressLines("visualize", len(items), say=lambda line: print(line, flush=True))  # a line a minute
     resumed = 0  # images taken from the earlier run's list (--resume)
     write_errno = None  # why the last drawing not written was not (ENOSPC: exit 75, try again)
@@ -333,6 +332,8 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     finally:
         if listed is not None:
             listed.close()
+    if source is not None:
+        _write_source(out, {**source, "images": len(items), "finished": True})
     if not args.no_draw:
         note_earlier_drawings(out, args.output, written)
     if args.resume:
@@ -343,6 +344,11 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
 
 
 LIST_SOURCE_FILE = SOURCE_FILE  # detections.source.json: how DIR/detections.jsonl was made (--resume compares it)
+
+
+def _write_source(out: Path, source: dict) -> None:
+    with atomic_write(out / LIST_SOURCE_FILE, durable=False) as f:
+        f.write(json.dumps(source, indent=1) + "\n")
 
 
 def _list_source(cfg, args: argparse.Namespace) -> dict:

@@ -9,8 +9,10 @@ detections.source.json names the model's classes. The json written has every cla
 as a category (id = the model's label, so the classes match the labelled set's by name in any
 order), each image with its file name relative to `image_root` and its size as viewed (the reader
 checks it, EXIF orientation applied as training reads the file), and an annotation per detection
-at `score_thresh` or above: "bbox" [x, y, w, h], "area" w * h, "iscrowd" 0 and the detection's
-"score" (a field the reader ignores). Images without a detection are kept: training drops them
+at `score_thresh` or above: "bbox" [x, y, w, h], "area" w * h, "iscrowd" 0, "segmentation" []
+(CVAT's COCO importer warns of each annotation without one) and the detection's "score" (a field
+the reader ignores). A list a stop cut short (detections.source.json's "finished" false), or
+whose images are gone or changed size since, is refused. Images without a detection are kept: training drops them
 unless dataloader.filter_empty is false (then they teach background, which a teacher's misses
 make wrong).
 """
@@ -29,18 +31,25 @@ from detection.utils.text import first_few
 SOURCE_FILE = "detections.source.json"  # visualize.py's record of how detections.jsonl was made
 
 
-def read_detections(path: str | os.PathLike) -> tuple[list[dict], list[str], dict]:
-    """detections.jsonl -> (the lines of images read, in order, their "image" made absolute from
-    the folder visualize.py ran in; the images not read, by path; the detections.source.json
-    beside it, with the model's "class_names"). DataError naming the file and the line when one
-    is not such a line, an image is listed twice or is not there, or the classes cannot be known."""
+def read_detections(path: str | os.PathLike, *, check_sizes: bool = True) -> tuple[list[dict], list[str], dict]:
+    """detections.jsonl (or the folder visualize.py wrote it to) -> (the lines of images read, in
+    order, their "image" made absolute from the folder visualize.py ran in; the images not read, by
+    path; the detections.source.json beside it, with the model's "class_names"). DataError naming
+    the file and the line when one is not such a line, the list is a stopped run's, an image is
+    listed twice, is not there or is no longer the size listed (`check_sizes`: from the headers,
+    as viewed when the list was made so), or the classes cannot be known."""
     path = Path(path)
-    source = _source(path.parent / SOURCE_FILE, path)
-    ran_in = source.get("cwd") if isinstance(source.get("cwd"), str) else os.getcwd()  # an older list: here
+    if path.is_dir():  # the folder visualize.py --output wrote (a trial gave it)
+        if not (path / "detections.jsonl").is_file():
+            raise DataError(f"{path}: a folder without detections.jsonl: give the list visualize.py --no-draw wrote")
+        path = path / "detections.jsonl"
     try:
         text = path.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as err:
         raise DataError(f"could not read {path}: {err.strerror or err}") from None
+    _not_one_document(text, path)
+    source = _source(path.parent / SOURCE_FILE, path)
+    ran_in = source.get("cwd") if isinstance(source.get("cwd"), str) else os.getcwd()  # an older list: here
     images, failed, lines_of = [], [], {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -68,13 +77,53 @@ def read_detections(path: str | os.PathLike) -> tuple[list[dict], list[str], dic
                             "joined? run visualize.py once over every image")
         lines_of[image] = number
         images.append({**entry, "image": image})
+    if source.get("finished") is False:  # an older list says nothing
+        raise DataError(f"{path}: visualize.py stopped before the end of its list ({len(images) + len(failed)} of "
+                        f"its {source.get('images', '?')} images listed): run the same visualize.py command with "
+                        "--resume to finish it")
     gone = [entry["image"] for entry in images if not os.path.isfile(entry["image"])]
     if gone:
         raise DataError(f"{path}: {len(gone)} of its {len(images)} images are not there ({first_few(gone, 2)}): "
-                        "moved or deleted since visualize.py listed them"
+                        "moved or deleted since visualize.py listed them (its detections are of the files where "
+                        "they were: put them back, or run visualize.py on them where they are now; --image-root "
+                        "only sets the folder the json's file names start from)"
                         + ("" if "cwd" in source else f" (its paths are taken from this folder, {ran_in}: run "
                                                       "this where visualize.py ran)"))
+    if check_sizes:
+        _check_sizes(images, source, path)
     return images, failed, source
+
+
+def _not_one_document(text: str, path: Path) -> None:
+    """DataError for a file that is one JSON document other than a list's line (a COCO json,
+    detections.source.json): it was said as a line cut short by a kill, or as a line without
+    "image"."""
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        return  # lines (or a line cut short: said with its number)
+    if not (isinstance(whole, dict) and "image" in whole):  # a one-image list is one document too
+        raise DataError(f"{path}: one JSON document (a COCO json? {SOURCE_FILE}?), not visualize.py's "
+                        "detections.jsonl (a line per image): give the detections.jsonl that visualize.py --no-draw "
+                        "wrote")
+
+
+def _check_sizes(images: list[dict], source: dict, path: Path) -> None:
+    """The images' sizes now (headers, turned by their EXIF tag as the list was made) against the
+    list's: a file replaced after visualize.py listed it kept its old size in the json (a trial)."""
+    from detection.data.orientation import header_size
+
+    settings = source.get("settings") if isinstance(source.get("settings"), dict) else {}
+    turned = bool((settings.get("input") or {}).get("exif_orientation", True))
+    changed = []
+    for entry in images:
+        size = header_size(entry["image"], apply_tag=turned)
+        if size is not None and (size[1], size[0]) != (int(entry["width"]), int(entry["height"])):
+            changed.append(f"{entry['image']} is {size[1]}x{size[0]}, listed {entry['width']}x{entry['height']}")
+    if changed:
+        raise DataError(f"{path}: {len(changed)} of its {len(images)} images changed since visualize.py listed them "
+                        f"({first_few(changed, 2)}): its detections are of the old files; run visualize.py on them "
+                        "again")
 
 
 def _source(source: Path, listing: Path) -> dict:
@@ -113,9 +162,10 @@ def pseudo_label_json(detections: list[dict], class_names: list[str], image_root
                 raise DataError(f"image {path}: a detection of label {label}, but the model has {len(class_names)} "
                                 "classes")
             x1, y1, x2, y2 = (float(v) for v in det["box"])
-            w, h = x2 - x1, y2 - y1
+            w, h = round(x2 - x1, 4), round(y2 - y1, 4)  # 30.2, not 30.199999999999996 (the list's 2 decimals)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
-                                "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0, "score": float(det["score"])})
+                                "bbox": [x1, y1, w, h], "area": round(w * h, 4), "iscrowd": 0, "segmentation": [],
+                                "score": float(det["score"])})
     categories = [{"id": label, "name": name} for label, name in enumerate(class_names, start=1)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
