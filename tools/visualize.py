@@ -45,8 +45,9 @@ order above, written as each is done (a killed run keeps the finished ones): {"i
 detections.source.json (a batch of unlabelled images for another program); --resume goes on
 from a killed run's list (the images it holds without an error, and drawn, are not done again; a
 list made with other weights or settings, as DIR/detections.source.json records them, or of
-relative paths from another folder, is refused). The model itself keeps model.roi_heads.score_thresh_test (0.05 in base.yaml) and
-detections_per_image (100): --score-thresh filters what it gives.
+relative paths from another folder, is refused). The model itself keeps
+model.roi_heads.score_thresh_test (0.05 in base.yaml) and detections_per_image (100):
+--score-thresh filters what it gives.
 
 In the ground truth, what the metrics ignore is drawn dashed and tagged: VOC `difficult`
 objects ("difficult") and COCO crowd regions ("crowd"). Predictions are drawn with the model's

@@ -12,9 +12,9 @@ checks it, EXIF orientation applied as training reads the file), and an annotati
 at `score_thresh` or above: "bbox" [x, y, w, h], "area" w * h, "iscrowd" 0, "segmentation" []
 (CVAT's COCO importer warns of each annotation without one) and the detection's "score" (a field
 the reader ignores). A list a stop cut short (detections.source.json's "finished" false), or
-whose images are gone or changed size since, is refused. Images without a detection are kept: training drops them
-unless dataloader.filter_empty is false (then they teach background, which a teacher's misses
-make wrong).
+whose images are gone or changed size since, is refused. Images without a detection are kept:
+training drops them unless dataloader.filter_empty is false (then they teach background, which a
+teacher's misses make wrong).
 """
 from __future__ import annotations
 
@@ -31,13 +31,13 @@ from detection.utils.text import first_few
 SOURCE_FILE = "detections.source.json"  # visualize.py's record of how detections.jsonl was made
 
 
-def read_detections(path: str | os.PathLike, *, check_sizes: bool = True) -> tuple[list[dict], list[str], dict]:
+def read_detections(path: str | os.PathLike) -> tuple[list[dict], list[str], dict]:
     """detections.jsonl (or the folder visualize.py wrote it to) -> (the lines of images read, in
     order, their "image" made absolute from the folder visualize.py ran in; the images not read, by
     path; the detections.source.json beside it, with the model's "class_names"). DataError naming
     the file and the line when one is not such a line, the list is a stopped run's, an image is
-    listed twice, is not there or is no longer the size listed (`check_sizes`: from the headers,
-    as viewed when the list was made so), or the classes cannot be known."""
+    listed twice, is not there or is no longer the size listed (from the headers, as viewed when
+    the list was made so), or the classes cannot be known."""
     path = Path(path)
     if path.is_dir():  # the folder visualize.py --output wrote (a trial gave it)
         if not (path / "detections.jsonl").is_file():
@@ -89,8 +89,7 @@ def read_detections(path: str | os.PathLike, *, check_sizes: bool = True) -> tup
                         "only sets the folder the json's file names start from)"
                         + ("" if "cwd" in source else f" (its paths are taken from this folder, {ran_in}: run "
                                                       "this where visualize.py ran)"))
-    if check_sizes:
-        _check_sizes(images, source, path)
+    _check_sizes(images, source, path)
     return images, failed, source
 
 
