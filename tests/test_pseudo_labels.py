@@ -179,3 +179,27 @@ def test_a_stopped_list_a_changed_image_or_another_file_is_refused_and_widths_ar
     entry = {"image": str(folder / "a.png"), "width": 60, "height": 40,
              "detections": [{"label": 1, "score": 0.9, "box": [60.71, 8.67, 90.91, 36.91]}]}
     assert pseudo_label_json([entry], ["circle"], folder, 0.5)["annotations"][0]["bbox"] == [60.71, 8.67, 30.2, 28.24]
+
+
+def test_a_file_name_that_is_not_utf8_is_noted(tmp_path):
+    """An old archive's Latin-1 "café.png": the json keeps it as a lone surrogate, which training
+    here opens and CVAT or Label Studio match no file to (a pre-annotation trial): said."""
+    import os
+
+    from detection.data.pseudo_labels import summary, write_pseudo_labels
+
+    folder, listing = unlabelled(tmp_path)
+    latin = os.path.join(os.fsencode(folder), b"caf\xe9.png")
+    with open(latin, "wb") as f:  # (cv2.imwrite given such a name as str crashes the process)
+        f.write(cv2.imencode(".png", np.full((40, 60, 3), 128, np.uint8))[1].tobytes())
+    line = {"image": os.fsdecode(latin), "width": 60, "height": 40,
+            "detections": [{"label": 1, "score": 0.9, "box": [1.0, 2.0, 10.0, 12.0]}]}
+    with open(listing, "a", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(json.dumps(line) + "\n")
+    counts = write_pseudo_labels(listing, tmp_path / "p.json", 0.5)
+    assert counts["not_utf8"] == ["caf\udce9.png"]
+    assert "note: 1 file names are not UTF-8 (caf\ufffd.png): training here reads them, but CVAT, Label Studio " \
+        "and other programs match no file to them" in "\n".join(summary(counts, tmp_path / "p.json", None))
+    pseudo = get_dataset({"type": "coco", "name": "pseudo", "ann_file": str(tmp_path / "p.json"),
+                          "image_root": str(folder)}, str(tmp_path), check_images=True)
+    assert os.fsencode(pseudo.records[-1]["file_name"]) == latin  # training reads it

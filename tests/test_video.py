@@ -82,3 +82,20 @@ def test_an_odd_frame_size_is_padded_not_cut(tmp_path):
     assert back.shape == (162, 186, 3)
     assert back[80, 184].mean() > 200 and back[160, 90].mean() > 200  # kept
     assert back[80, 185].mean() < 40 and back[161, 90].mean() < 40  # the pixels added
+
+
+def test_a_name_that_is_not_utf8_is_one_error_not_a_crash(tmp_path):
+    """An old archive's Latin-1 "café.mp4": OpenCV given such a name crashes the whole process (a
+    segmentation fault, no message); here it is one error naming the file, read or written."""
+    import os
+
+    latin = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.mp4"))
+    with DrawnVideo(tmp_path / "clip.mp4", fps=4) as video:
+        video.write(_frames(1)[0])
+    os.rename(tmp_path / "clip.mp4", latin)
+    with pytest.raises(DataError, match=r"could not read video .*caf.*\.mp4: its name is not UTF-8, which OpenCV "
+                                        r"cannot open by name: rename it in UTF-8"):
+        VideoFrames(latin)
+    with pytest.raises(WriteError, match=r"could not write video .*: its name is not UTF-8"):
+        with DrawnVideo(latin.replace(".mp4", "_drawn.mp4"), fps=4) as video:
+            video.write(_frames(1)[0])

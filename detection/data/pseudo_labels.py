@@ -202,7 +202,19 @@ def write_pseudo_labels(detections_jsonl: str | os.PathLike, output: str | os.Pa
     labelled = {ann["image_id"] for ann in data["annotations"]}
     return {"image_root": os.path.abspath(root), "images": len(data["images"]),
             "empty": len(data["images"]) - len(labelled), "annotations": len(data["annotations"]),
-            "per_class": per_class, "failed": failed, "score_thresh": score_thresh, "listed_at": listed_at}
+            "per_class": per_class, "failed": failed, "score_thresh": score_thresh, "listed_at": listed_at,
+            "not_utf8": [i["file_name"] for i in data["images"] if not _is_utf8(i["file_name"])]}
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name read with surrogateescape was UTF-8 (an old archive's Latin-1 "café"
+    comes as a lone surrogate, which the json keeps as \\udce9: this toolkit's reader opens it,
+    CVAT and Label Studio match no file to it)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def summary(counts: dict[str, Any], output: str | os.PathLike, asked: float | None) -> list[str]:
@@ -221,6 +233,11 @@ def summary(counts: dict[str, Any], output: str | os.PathLike, asked: float | No
     if counts["failed"]:
         lines.append(f"note: {len(counts['failed'])} images of the list were not read and are left out "
                      f"({first_few(counts['failed'], 3)})")
+    if counts.get("not_utf8"):
+        shown = [name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for name in counts["not_utf8"]]
+        lines.append(f"note: {len(shown)} file names are not UTF-8 ({first_few(shown, 2)}): training here reads "
+                     "them, but CVAT, Label Studio and other programs match no file to them: rename them in UTF-8 "
+                     "for those")
     entry = (f"[<your set>, {{type: coco, name: pseudo, ann_file: {json.dumps(os.path.abspath(output))}, "
              f"image_root: {json.dumps(counts['image_root'])}}}]")
     lines.append(f"train on it beside your labelled set: datasets.train={shlex.quote(entry)}")

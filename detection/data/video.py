@@ -16,6 +16,7 @@ from typing import Union
 import numpy as np
 
 from detection.data import DataError
+from detection.utils.files import opencv_name_problem
 
 # what --input takes as a video (OpenCV's FFmpeg reads these containers)
 VIDEO_EXTS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv")
@@ -46,6 +47,9 @@ class VideoFrames:
         self.path, self.limit = str(path), limit
         if not os.path.isfile(self.path):
             raise DataError(f"video file not found: {self.path}")
+        problem = opencv_name_problem(self.path)
+        if problem:
+            raise DataError(f"could not read video {self.path}: {problem}")
         self.capture = cv2.VideoCapture(self.path)
         if not self.capture.isOpened():
             raise DataError(f"could not read video {self.path}: OpenCV (its FFmpeg) cannot open it: not a video, "

@@ -313,7 +313,10 @@ def _image_size(tree: ET.Element, xml_path: str, file_name: str, exif_orientatio
     header = header_size(file_name, apply_tag=exif_orientation)
     if header is not None:
         return header[0], header[1]
-    img = cv2.imread(file_name, cv2.IMREAD_UNCHANGED)  # a format PIL does not parse: no tag known either
+    try:  # a format PIL does not parse: no tag known either. Decoded from its bytes, not by name: OpenCV
+        img = cv2.imdecode(np.fromfile(file_name, dtype=np.uint8), cv2.IMREAD_UNCHANGED)  # crashes on some names
+    except (OSError, cv2.error):
+        img = None
     if img is None:
         raise _UnreadableXML(f"{xml_path} has no <size> and its image {file_name} cannot be read", xml_path)
     return int(img.shape[0]), int(img.shape[1])

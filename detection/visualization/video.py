@@ -12,7 +12,7 @@ from typing import Optional, Union
 import cv2
 import numpy as np
 
-from detection.utils.files import WriteError, unwritten_errno
+from detection.utils.files import WriteError, opencv_name_problem, unwritten_errno
 
 
 class DrawnVideo:
@@ -44,6 +44,9 @@ class DrawnVideo:
             # MPEG-4's 4:2:0 colour takes even sizes: OpenCV cut an odd one's last row and column in silence
             self.size = (width + width % 2, height + height % 2)
             self.padded = self.size != self.frame_size
+            problem = opencv_name_problem(self.partial)
+            if problem:
+                raise WriteError(f"could not write video {self.path}: {problem}")
             self.writer = cv2.VideoWriter(str(self.partial), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
             if not self.writer.isOpened():
                 raise WriteError(f"could not write video {self.path}: OpenCV cannot open it for writing (the folder "
