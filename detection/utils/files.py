@@ -296,7 +296,7 @@ def same_bytes(ours: set[str], theirs: set[str]) -> dict[str, str]:
 def opencv_name_problem(path: Union[str, os.PathLike]) -> str:
     """'' when OpenCV may be given `path` by name; else why not: a name that is not UTF-8 (an old
     archive's Latin-1 "café", which Python holds as a lone surrogate) crashes the process inside
-    cv2.imread, cv2.VideoCapture and cv2.VideoWriter (a segmentation fault, OpenCV 4.x and 5.x)."""
+    cv2.imread, cv2.VideoCapture and cv2.VideoWriter (a segmentation fault, seen with OpenCV 5.1)."""
     try:
         os.fspath(path).encode("utf-8")
     except UnicodeEncodeError:
