@@ -332,5 +332,6 @@ def test_repeat_factor_sampling_is_said_at_the_start_and_its_threshold_checked(d
                                                            "dataloader.filter_empty": False})
     assert "repeat factor sampling (dataloader.repeat_threshold 0.5): no image repeated: no image holds an object" \
         in summary_lines(unfiltered, empty, torch.device("cpu"), [])
-    with pytest.raises(ConfigError, match=r"dataloader.repeat_threshold: 2.0 is invalid, expected in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"dataloader.repeat_threshold: 2.0 is invalid, expected in \[0, 1\], a share "
+                                          r"of the training images, not a count"):
         load_config(None, ["dataloader.repeat_threshold=2"])

@@ -512,6 +512,30 @@ def test_a_resume_that_moves_the_learning_rate_at_once_says_so():
     assert schedule_jump(steps, [("solver.base_lr", 0.01, 0.02)], 40) is None  # says itself
 
 
+def test_a_resume_that_changes_the_repeat_threshold_says_what_that_does_and_one_process_says_it(
+        tmp_path, caplog, monkeypatch):
+    """A distributed trial: `--resume dataloader.repeat_threshold=0.1` on a run at 0.3 was said as
+    changed (by every process, twice under two), while the epoch in progress is drawn anew and the
+    start line's epochs are the new threshold's over the whole run, unsaid."""
+    import detection.engine.distributed as du
+    from detection.engine.run_config import data_order_change
+
+    assert data_order_change([("dataloader.repeat_threshold", 0.3, 0.1)], 40) == (
+        "--resume at iteration 40: dataloader.repeat_threshold changed (the run: 0.3, now: 0.1): the data order from "
+        "here is the new threshold's, its epochs drawn anew (images of the epoch in progress may be skipped or seen "
+        "again), and the start line's epochs count the whole run at the new threshold")
+    assert data_order_change([("solver.max_iter", 40, 50)], 40) is None
+    cfg = tiny_cfg(tmp_path / "data", tmp_path / "run")
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    changed = tiny_cfg(tmp_path / "data", tmp_path / "run", **{"solver.max_iter": 12})
+    for main, said in ((True, 1), (False, 0)):
+        monkeypatch.setattr(du, "is_main_process", lambda: main)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert len(check_resume_config(changed, tmp_path / "run", explicit=["solver.max_iter"])) == 1
+        assert len([r for r in caplog.records if "changed deliberately" in r.getMessage()]) == said
+
+
 @pytest.mark.slow  # trains 2 + 1 + 1 iterations
 def test_a_resume_on_other_training_images_says_so_and_on_moved_ones_does_not(data_root, tmp_path, caplog):
     """A long-run trial: `--resume datasets.root=<other data>` (the root is not compared: data

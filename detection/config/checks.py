@@ -107,7 +107,7 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("solver.keep_checkpoints", s.keep_checkpoints >= 0, "0 (none) or positive"),
         ("solver.clip_grad_norm", s.clip_grad_norm is None or s.clip_grad_norm > 0, "null or positive"),
         ("dataloader.repeat_threshold", 0 <= cfg.dataloader.repeat_threshold <= 1,
-         "in [0, 1] (0: off; LVIS's 0.001)"),
+         "in [0, 1], a share of the training images, not a count (0: off; LVIS's 0.001)"),
         ("test.eval_period", cfg.test.eval_period >= 0, "0 (off) or positive"),
         ("test.coco_max_dets", cfg.test.coco_max_dets > 10, "above 10 (COCOeval's maxDets are 1, 10 and this)"),
         ("test.aug.min_sizes", len(cfg.test.aug.min_sizes) > 0 and min(cfg.test.aug.min_sizes) > 0,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from detection.config import Config, ConfigError, config_to_dict, load_config, yaml_dump, yaml_load
+from detection.engine import distributed as du
 from detection.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -111,9 +112,23 @@ def check_resume_config(cfg: Config, out_dir: Path, explicit: Optional[Sequence[
                 f"--resume: the config given now differs from the run's {path} in {len(refused)} "
                 f"key{'s' if len(refused) > 1 else ''}: {_describe(refused)}. Resume with the run's config "
                 f"(--config {path}), or give each key on the command line (KEY=VALUE) to change it deliberately")
-    if changes:
+    if changes and du.is_main_process():  # said once, not by every process (a distributed trial)
         logger.warning("--resume: changed deliberately from the run's %s: %s", path, _describe(changes))
     return changes
+
+
+def data_order_change(changes: list[Change], iteration: int) -> Optional[str]:
+    """The warning for a resume that changed dataloader.repeat_threshold: the loader's position is
+    found in the new threshold's epochs, drawn anew, so the epoch in progress is not the one the
+    run was in; and the start line's epoch count is of the whole run at the new threshold (a
+    distributed trial read it as the run's). None when it did not change."""
+    for key, old, new in changes:
+        if key == "dataloader.repeat_threshold":
+            return (f"--resume at iteration {iteration}: dataloader.repeat_threshold changed (the run: {old:g}, now: "
+                    f"{new:g}): the data order from here is the new threshold's, its epochs drawn anew (images of "
+                    "the epoch in progress may be skipped or seen again), and the start line's epochs count the "
+                    "whole run at the new threshold")
+    return None
 
 
 _SCHEDULE = ("max_iter", "steps", "gamma", "lr_schedule", "warmup_iters", "warmup_factor")  # solver.*

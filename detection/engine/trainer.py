@@ -37,8 +37,8 @@ from detection.engine.evaluate import evaluate
 from detection.engine.loading import load_initial_weights, read_detector_file
 from detection.engine.inference_model import accel_levers, levers_without_fast_path
 from detection.engine.metrics import MetricsLog, peak_memory, reduce_losses, use_tensorboard
-from detection.engine.run_config import (check_resume_config, check_same_config_everywhere, record_resume_changes,
-                                        schedule_jump)
+from detection.engine.run_config import (check_resume_config, check_same_config_everywhere, data_order_change,
+                                         record_resume_changes, schedule_jump)
 from detection.engine.run_folder import (check_output_dir, evaluation_recorded, lock_for_every_process,
                                         prepare_output_dir, remove_partial_checkpoints, restarted_run,
                                         set_aside_later_checkpoints)
@@ -131,9 +131,10 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         best_metric_key(cfg, [])  # its ConfigError before anything is moved (the metric's name: once the sets are read)
     if (resuming or restart) and du.is_main_process():  # before a finished run's model_final.pth is looked for
         set_aside_later_checkpoints(out_dir, state.iteration)
-    jump = schedule_jump(cfg, changes, state.iteration) if resuming else None
-    if jump and du.is_main_process():
-        logger.warning("%s", jump)
+    for said in (schedule_jump(cfg, changes, state.iteration), data_order_change(changes, state.iteration)) \
+            if resuming else ():
+        if said and du.is_main_process():
+            logger.warning("%s", said)
     if resuming and _is_finished(cfg, state, out_dir, changes):
         if du.is_main_process():  # a save killed at the end (model_final.pth's) left its temporary file
             remove_partial_checkpoints(out_dir)
