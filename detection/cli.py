@@ -264,7 +264,8 @@ def resolve_config_beside_weights(parser: argparse.ArgumentParser, args: argpars
         parser.error(f"--config is required unless --weights has the {SAVED_CONFIG} of its training "
                      f"beside it{where}")
     args.config = str(saved)
-    print(f"config: {saved} (saved beside the checkpoint)")
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun (every process printed it)
+        print(f"config: {saved} (saved beside the checkpoint)")
 
 
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:

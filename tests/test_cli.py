@@ -550,3 +550,20 @@ def test_a_tool_without_any_stdout_still_runs(tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert done.read_text() == "ok"
+
+
+def test_the_config_beside_the_weights_is_said_once_under_torchrun(tmp_path, capsys, monkeypatch):
+    """`torchrun --nproc_per_node 2 tools/eval.py --weights run/model_final.pth` printed "config:
+    ... (saved beside the checkpoint)" once per process (a distributed trial)."""
+    import argparse
+
+    from detection.cli import resolve_config_beside_weights
+
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    (tmp_path / "config.yaml").write_text("{}\n")
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        args = argparse.Namespace(config=None, weights=str(tmp_path / "model_final.pth"))
+        resolve_config_beside_weights(argparse.ArgumentParser(), args)
+        assert args.config == str(tmp_path / "config.yaml")  # every process takes it
+        assert capsys.readouterr().out.count("(saved beside the checkpoint)") == lines
