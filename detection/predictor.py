@@ -38,6 +38,7 @@ that wants more threads must not be forked (multiprocessing's "spawn" builds its
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Sequence, Union
@@ -47,7 +48,7 @@ import torch
 from torch import Tensor
 
 from detection.config import Config, ConfigError, checked_config, load_config
-from detection.engine.distributed import select_device
+from detection.engine.distributed import DeviceError, select_device
 from detection.engine.loading import DetectorWeights
 from detection.engine.run_config import config_beside
 from detection.engine.inference_model import build_inference_model
@@ -57,14 +58,35 @@ ImageInput = Union[str, Path, bytes, np.ndarray]
 INPUT_FORMATS = ("RGB", "BGR")
 
 
+def _device(device: str | torch.device | None, cfg: Config) -> torch.device:
+    """The Predictor's device argument, checked (anything but "cpu" and "auto" was taken as CUDA's
+    first GPU: torch.device("cpu") and "mps" ran on the GPU, "cuda:1" on cuda:0; an API trial)."""
+    if device is None:
+        return select_device(cfg.device, cfg.tf32)
+    found = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", str(device))
+    if found is None or (found.group(2) is not None and found.group(1) != "cuda"):
+        raise ValueError(f"Predictor: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device of those, "
+                         f"got {device!r}")
+    chosen = select_device(found.group(1), cfg.tf32)
+    if found.group(2) is None:
+        return chosen
+    index, count = int(found.group(2)), torch.cuda.device_count()
+    if index >= count:
+        raise DeviceError(f"Predictor: device {str(device)!r}, but this machine has {count} GPU"
+                          f"{'s' if count != 1 else ''} (cuda:0 .. cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
 class Predictor:
     """A detector ready for single images: fast path and test-time augmentation as the config says."""
 
     def __init__(self, cfg: Config, weights: Union[str, Path, DetectorWeights, Mapping, torch.nn.Module, None] = None,
-                 device: str | None = None, explicit: Sequence[str] = (), input_format: str = "RGB") -> None:
-        """device: "auto", "cpu" or "cuda"; None takes the config's `device` (as Detectron2's
-        DefaultPredictor takes MODEL.DEVICE). explicit: config keys the caller set deliberately
-        (they may differ from the settings a checkpoint of this project was trained with).
+                 device: str | torch.device | None = None, explicit: Sequence[str] = (),
+                 input_format: str = "RGB") -> None:
+        """device: "auto", "cpu", "cuda", "cuda:N" or a torch.device of those; None takes the
+        config's `device` (as Detectron2's DefaultPredictor takes MODEL.DEVICE). explicit: config keys
+        the caller set deliberately (they may differ from the settings a checkpoint of this project
+        was trained with).
         input_format: the channel order of the arrays you pass, "RGB" or "BGR" (cv2.imread's).
         weights: a checkpoint's path (default: the config's model.weights), or weights in memory: a
         state dict, a checkpoint dict ({"model": ..., "class_names": [...]}) or a trained model."""
@@ -77,15 +99,15 @@ class Predictor:
         weights = weights if weights is not None else cfg.model.weights
         if weights is None:
             raise ValueError("Predictor: no weights: pass weights=PATH or set model.weights in the config")
-        self.device = select_device(device or cfg.device, cfg.tf32)
+        self.device = _device(device, cfg)
         self.model, self.weights = build_inference_model(cfg, weights, self.device, explicit)
         names = self.weights.class_names or cfg.model.class_names
         self.class_names = list(names) if names else [f"class {i}" for i in range(1, cfg.model.num_classes + 1)]
 
     @classmethod
     def from_config(cls, config_path: Union[str, Path, None], weights: Union[str, Path, None] = None,
-                    overrides: Sequence[str] = (), device: str | None = None, input_format: str = "RGB"
-                    ) -> "Predictor":
+                    overrides: Sequence[str] = (), device: str | torch.device | None = None,
+                    input_format: str = "RGB") -> "Predictor":
         """Load the YAML config (with `key=value` overrides, as on the command line) and the weights.
         config_path None: the config.yaml training saved beside `weights`, as the tools take it."""
         if config_path is None:

@@ -414,6 +414,19 @@ def test_a_config_changed_in_python_is_checked_as_a_files_values_are():
     assert (checked.output_dir, checked.datasets.root, checked.solver.steps) == ("/tmp/out", "data", [10, 20])
     assert type(checked.solver.max_iter) is int and checked.solver.base_lr == 0.5
     assert checked.datasets.train == [{"type": "coco", "ann_file": "a.json", "image_root": "imgs"}]
+    # numpy arrays as lists (numpy's own "can only convert an array of size 1" error; an API trial)
+    cfg.model.pixel_mean, cfg.input.min_size_train = np.array([127.5, 127.5, 127.5]), np.array([224, 256])
+    checked = detection.config.checked_config(cfg)
+    assert checked.model.pixel_mean == [127.5, 127.5, 127.5] and checked.input.min_size_train == [224, 256]
+    assert type(checked.input.min_size_train[0]) is int
+    # records made in Python given as a data set, as Detectron2's DatasetCatalog.register takes them
+    from detection.data import DatasetInfo
+
+    cfg.datasets.train = [DatasetInfo(name="mine", kind="coco", class_names=["a"], records=[])]
+    with pytest.raises(ConfigError, match=r"datasets.train\[0\] is a DatasetInfo, not a config entry: .* write "
+                                          r"records made in Python as a COCO json, or give the DatasetInfo to "
+                                          r"build_train_loader"):
+        detection.config.checked_config(cfg)
 
 
 @pytest.mark.parametrize("overrides, key", [

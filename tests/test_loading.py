@@ -113,7 +113,8 @@ def test_test_settings_other_than_the_runs_are_said_once(trained, caplog):
     assert told == [f"{path}: its run evaluated with input.min_size_test=600, model.roi_heads.score_thresh_test=0.05; "
                     "this config has input.min_size_test=352, model.roi_heads.score_thresh_test=0.2: valid numbers, "
                     "but not comparable with the run's own (its metrics.jsonl, eval.py with its config.yaml); give "
-                    "the run's config, or set the keys on the command line to say it is deliberate"]
+                    "the run's config, or set the keys on the command line to say it is deliberate (in Python: "
+                    "Predictor.from_config(..., overrides=[KEY=VALUE]), or Predictor(..., explicit=[KEY]))"]
     assert test_settings_note(other, weights, ["input.min_size_test", "model.roi_heads.score_thresh_test"]) is None
     assert test_settings_note(tiny_cfg(*run, "test.aug.enabled=true"), weights) is None
     assert test_settings_note(other, dataclasses.replace(weights, config=None)) is None
@@ -131,8 +132,18 @@ def test_model_settings_compare_by_value():
     weights = DetectorWeights("x.pth", "c4det", {}, config={"model": {"pixel_mean": [1, 2, 3.0000001],
                                                                       "anchors": {"sizes": [16, 32]}}})
     check_model_settings(tiny_cfg("model.pixel_mean=[1.0,2.0,3.0]"), weights)
-    with pytest.raises(CheckpointError, match=r"model.anchors.sizes=\[16, 32\] but the config has \[32, 64\]"):
+    with pytest.raises(CheckpointError, match=r"model.anchors.sizes=\[16, 32\] but the config has \[32, 64\]: use "
+                                              r".*deliberately \(in Python: Predictor.from_config\(\.\.\., overrides="
+                                              r"\['model.anchors.sizes=\.\.\.'\]\), or Predictor\(\.\.\., explicit="):
         check_model_settings(tiny_cfg("model.anchors.sizes=[32,64]", "model.pixel_mean=[1,2,3]"), weights)
+    # a key the weights' shapes hold: no deliberate change loads them (an API trial was told to try)
+    weights.config["model"]["num_classes"] = 3
+    with pytest.raises(CheckpointError, match=r"trained with model.num_classes=3 but the config has 5, and its "
+                                              r"weights' shapes are of the first: use the config it was trained "
+                                              r"with \(config.yaml beside it\); for other classes, train from these "
+                                              r"weights"):
+        check_model_settings(tiny_cfg("model.num_classes=5", "model.pixel_mean=[1,2,3]",
+                                      "model.anchors.sizes=[16,32]"), weights, ["model.num_classes"])
 
 
 def test_fine_tuning_from_our_detector_on_another_label_set(trained, caplog):
@@ -192,7 +203,8 @@ def test_evaluation_needs_the_class_count_of_the_checkpoint(trained):
     cfg = tiny_cfg("model.num_classes=4", "model.input_format=BGR", "model.pixel_std=[1,1,1]")
     with pytest.raises(CheckpointError, match="model.num_classes=3 but the config has 4"):
         build_inference_model(cfg, path, torch.device("cpu"))
-    with pytest.raises(CheckpointError, match="the file has 3 classes, model.num_classes is 4"):
+    with pytest.raises(CheckpointError, match="model.num_classes=3 but the config has 4, and its weights' shapes are "
+                                              "of the first"):  # given deliberately too: no change loads them
         build_inference_model(cfg, path, torch.device("cpu"), explicit=["model.num_classes"])
 
 

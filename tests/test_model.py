@@ -318,9 +318,16 @@ def test_the_models_input_mistakes_of_a_torchvision_user():
         model([IMAGES[0].permute(1, 2, 0)])
     with pytest.raises(ValueError, match=r"give torch.from_numpy\(a\).permute\(2, 0, 1\)"):
         model([IMAGES[0].permute(1, 2, 0).numpy()])
+    # a gray image and a mask (an API trial: torch's own error from deep inside, or no hint)
+    with pytest.raises(ValueError, match=r"got \[1, 96, 128\]: a gray image has one channel; give it three, "
+                                         r"img.expand\(3, H, W\)"):
+        model([IMAGES[0][:1]])
+    with pytest.raises(ValueError, match=r"image 0 is torch.bool: give RGB values 0..255 as uint8 or float"):
+        model([IMAGES[0] > 100])
     fast = optimize_for_inference(model)
     assert not model.inference_only
-    with pytest.raises(RuntimeError, match="an inference copy .* train the model it was made from"):
+    with pytest.raises(RuntimeError, match=r"an inference copy .* train the model it was made from \(this copy was "
+                                           r"put in train mode: its .eval\(\) runs it again\)"):
         fast.train()(list(IMAGES), TARGETS)
 
 

@@ -94,6 +94,15 @@ def test_the_device_is_the_configs_unless_the_argument_names_one(setup):
     else:
         with pytest.raises(DeviceError, match="device 'cuda' was asked for"):
             Predictor(on_cuda, weights)
+    # a torch.device, or another string: checked (anything but "cpu" and "auto" was CUDA's first GPU:
+    # torch.device("cpu") and "mps" ran on the GPU, "cuda:1" on cuda:0; an API trial)
+    assert Predictor(on_cuda, weights, device=torch.device("cpu")).device == torch.device("cpu")
+    for wrong in ("mps", "CPU", "gpu", "cpu:1", torch.device("meta")):
+        with pytest.raises(ValueError, match=r"Predictor: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a "
+                                             r"torch.device of those, got "):
+            Predictor(cfg, weights, device=wrong)
+    with pytest.raises(DeviceError):  # no CUDA here, or not that many GPUs
+        Predictor(cfg, weights, device=f"cuda:{torch.cuda.device_count()}")
 
 
 def test_the_predictor_hands_the_model_host_images_whatever_its_device(setup):

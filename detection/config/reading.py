@@ -392,17 +392,28 @@ def checked_config(cfg: Config, source: str = "the Config given") -> Config:
     wrong type was a TypeError deep inside, a negative lr torch's own error). What Python code
     writes for a value a file writes otherwise is taken as that value: a path (pathlib) as its
     string, a tuple as a list, a numpy number as the number (a review: they trained before)."""
+    for part in ("train", "test"):
+        for i, entry in enumerate(getattr(cfg.datasets, part, None) or []):
+            if dataclasses.is_dataclass(entry):  # Detectron2's DatasetCatalog.register reflex (an API trial)
+                raise ConfigError(f"{source}: datasets.{part}[{i}] is a {type(entry).__name__}, not a config entry: "
+                                  "a config names data sets (a known name, {type: coco, ann_file, image_root} or "
+                                  "{type: voc, root, ...}); write records made in Python as a COCO json, or give "
+                                  "the DatasetInfo to build_train_loader / evaluate(cfg, model, datasets=[...])")
     return config_from_dict(_as_written(dataclasses.asdict(cfg)), source)
 
 
 def _as_written(value: Any) -> Any:
-    """A Python value as YAML would give it: os.PathLike -> str, tuple -> list, numpy scalar -> its item."""
+    """A Python value as YAML would give it: os.PathLike -> str, tuple -> list, numpy scalar -> its
+    item, numpy array -> its list (`cfg.model.pixel_mean = np.array([...])` was numpy's own
+    "can only convert an array of size 1" error; an API trial)."""
     if isinstance(value, dict):
         return {key: _as_written(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_as_written(item) for item in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", 0) > 0 and hasattr(value, "tolist"):
+        return value.tolist()
     if type(value).__module__ == "numpy" and hasattr(value, "item"):
         return value.item()
     return value

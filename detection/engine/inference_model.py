@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 # The settings that make a trained model what it is (not test-time settings): a checkpoint
 # of this project saves its training config, and evaluating it with other values of these
 # runs and gives wrong numbers (e.g. RGB ImageNet normalisation on a BGR MSRA-trained model).
+SHAPE_KEYS = ("model.num_classes", "model.backbone.depth")  # MODEL_KEYS that the weights' shapes hold
 MODEL_KEYS = ("model.num_classes", "model.input_format", "model.pixel_mean", "model.pixel_std",
               "model.backbone.depth", "model.backbone.norm", "model.backbone.stride_in_1x1",
               "model.backbone.shortcut", "model.backbone.residual", "model.anchors.sizes",
@@ -67,7 +68,8 @@ def test_settings_note(cfg: Config, weights: DetectorWeights, explicit: Sequence
     return (f"{weights.path}: its run evaluated with {', '.join(f'{k}={s!r}' for k, s, _ in differ)}; this config has "
             f"{', '.join(f'{k}={o!r}' for k, _, o in differ)}: valid numbers, but not comparable with the run's own "
             "(its metrics.jsonl, eval.py with its config.yaml); give the run's config, or set the keys on the "
-            "command line to say it is deliberate")
+            "command line to say it is deliberate (in Python: Predictor.from_config(..., overrides=[KEY=VALUE]), "
+            "or Predictor(..., explicit=[KEY]))")
 
 
 def check_model_settings(cfg: Config, weights: DetectorWeights, explicit: Sequence[str] = ()) -> None:
@@ -77,11 +79,19 @@ def check_model_settings(cfg: Config, weights: DetectorWeights, explicit: Sequen
         return
     for key in MODEL_KEYS:
         saved, ours = _lookup(weights.config, key), _lookup(cfg, key)
-        if key in explicit or saved is None or _same(saved, ours):
+        if (key in explicit and key not in SHAPE_KEYS) or saved is None or _same(saved, ours):
             continue
+        if key in SHAPE_KEYS:  # its weights' shapes: no deliberate change loads them (an API trial was told to)
+            raise CheckpointError(f"{weights.path} was trained with {key}={saved!r} but the config has {ours!r}, and "
+                                  "its weights' shapes are of the first: use the config it was trained with "
+                                  "(config.yaml beside it)" + ("; for other classes, train from these weights "
+                                                               "(model.weights: its class layers start afresh)"
+                                                               if key == "model.num_classes" else ""))
         raise CheckpointError(f"{weights.path} was trained with {key}={saved!r} but the config has {ours!r}: "
                               f"use the config it was trained with (config.yaml beside it), or give "
-                              f"{key}=... on the command line to change it deliberately")
+                              f"{key}=... on the command line to change it deliberately (in Python: "
+                              f"Predictor.from_config(..., overrides=['{key}=...']), or Predictor(..., "
+                              f"explicit=['{key}']))")
 
 
 def _lookup(tree: Any, dotted: str) -> Any:

@@ -158,7 +158,13 @@ class FasterRCNN(nn.Module):
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Train mode: images as given (already resized) + targets -> the four losses.
         Eval mode: per image {"boxes", "scores", "labels"} in that input image's pixels.
-        `images`: a list of Tensor[3, H, W] (sizes may differ), or an (N, 3, H, W) batch."""
+        `images`: a list of Tensor[3, H, W] (sizes may differ), or an (N, 3, H, W) batch, in the
+        channel order model.input_format names (RGB by default) with values 0..255 (uint8 or float;
+        torchvision's detectors take 0..1). `targets` (train mode): per image {"boxes": float
+        Tensor[N, 4] XYXY in that image's pixels, "labels": int64 Tensor[N] in 1..num_classes (0
+        is the background)}. Out: "boxes" XYXY float in the input image's pixels, "scores",
+        "labels" 1..num_classes. Proposals inside (the RPN's, the heads') are in the resized,
+        unpadded image's pixels; the model resizes in eval mode, not in train mode (the loader does)."""
         if isinstance(images, Tensor) and images.dim() == 4:  # a batch, as torchvision's detectors take it
             images = list(images)
         _check_images(images)
@@ -166,7 +172,8 @@ class FasterRCNN(nn.Module):
             if self.inference_only:
                 raise RuntimeError("FasterRCNN: this is an inference copy (optimize_for_inference / "
                                    "prepare_for_inference: norms folded, no gradients), which cannot train: train "
-                                   "the model it was made from")
+                                   "the model it was made from (this copy was put in train mode: its .eval() runs "
+                                   "it again)")
             if targets is None:
                 raise TargetError("FasterRCNN: targets are required in training mode")
             validate_targets(targets, len(images), self.num_classes,
@@ -273,8 +280,12 @@ def _check_images(images: Sequence[Tensor]) -> None:
                 hint = (": an (H, W, 3) array or tensor is channels-last, give "
                         + ("torch.from_numpy(a).permute(2, 0, 1)" if not isinstance(img, Tensor)
                            else "img.permute(2, 0, 1)"))
+            elif (len(shape) == 3 and shape[0] == 1) or len(shape) == 2:  # a gray image (an API trial)
+                hint = ": a gray image has one channel; give it three, img.expand(3, H, W)"
             raise ValueError(f"FasterRCNN: image {i} must be a Tensor[3, H, W], got "
                              f"{shape or type(img).__name__}{hint}")
+        if img.dtype == torch.bool or img.is_complex():  # torch's own error came from deep inside (an API trial)
+            raise ValueError(f"FasterRCNN: image {i} is {img.dtype}: give RGB values 0..255 as uint8 or float")
     # torchvision's detectors take float 0..1; this one 0..255. Such an image runs and gives
     # wrong detections in silence, so say so (once per process: warnings' default filter). The
     # images' maxima are read in one go (a synchronisation on CUDA; one per image before).
