@@ -134,6 +134,29 @@ def test_an_exports_rounding_past_the_border_is_clipped_without_a_word(tmp_path,
     assert not [rec for rec in caplog.records if rec.levelno == logging.WARNING]
 
 
+def test_boxes_written_as_xyxy_are_asked_about(tmp_path, caplog):
+    """[x1, y1, x2, y2] written where COCO's bbox is [x, y, width, height] (an API trial's own json):
+    only "clipped 3 boxes" was said. Now the warning asks whether they are XYXY, and only then:
+    boxes really past the border of an XYWH json are not asked about."""
+    xyxy = [[10, 20, 30, 40], [5, 5, 60, 70], [50, 40, 95, 78], [60, 30, 90, 70], [40, 45, 80, 75]]  # in a 100x80
+    annotations = [{"id": i, "image_id": 1, "category_id": 42, "bbox": box, "iscrowd": 0}
+                   for i, box in enumerate(xyxy, start=1)]
+    ann_file, image_root = write_coco(tmp_path, annotations=annotations)
+    with caplog.at_level(logging.WARNING, logger="detection.data.coco"):
+        load_coco_json(ann_file, image_root)
+    assert "clipped 3 boxes that reach more than a pixel past their image" in caplog.text
+    assert "; 5 of its 5 boxes have a width and height above their x and y, as [x1, y1, x2, y2] boxes written " \
+        "where COCO's bbox is [x, y, width, height] would: are they XYXY?" in caplog.text
+    caplog.clear()
+    xywh = [[10, 20, 8, 9], [80, 60, 30, 30], [90, 70, 20, 20], [2, 3, 40, 50]]  # two past the border, as drawn
+    annotations = [{"id": i, "image_id": 1, "category_id": 42, "bbox": box, "iscrowd": 0}
+                   for i, box in enumerate(xywh, start=1)]
+    ann_file, image_root = write_coco(tmp_path, annotations=annotations)
+    with caplog.at_level(logging.WARNING, logger="detection.data.coco"):
+        load_coco_json(ann_file, image_root)
+    assert "clipped 2 boxes" in caplog.text and "XYXY" not in caplog.text
+
+
 def test_ignore_marked_annotations_leave_training_with_a_warning_since_cocoeval_scores_them(tmp_path, caplog):
     """"ignore": 1 without "iscrowd": 1 was dropped from training without a word, while COCOeval
     (it overwrites "ignore" from "iscrowd") counts the box as an object to find (a helper's trial:

@@ -59,7 +59,8 @@ def load_coco_json(ann_file: str, image_root: str, *, name: str | None = None,
                  f"{first_few(clipped, 3)})"] if clipped else []) + (
             [f"dropped {len(dropped)} boxes with no area in their image ({first_few(dropped, 3)})"] if dropped else [])
         logger.warning("%s: in the boxes training learns from, %s; the COCO evaluation (pycocotools) scores the "
-                       "json's boxes as written, and --gt and the report draw those", ann_file, " and ".join(what))
+                       "json's boxes as written, and --gt and the report draw those%s", ann_file, " and ".join(what),
+                       _xyxy_hint(coco, len(clipped) + len(dropped)))
     if repeats:
         logger.warning("%s: %d annotations repeat another of their image with the same category and box (%s): the "
                        "evaluation counts each copy as one more object to find, which no detection can match once "
@@ -270,6 +271,21 @@ def _image_record(coco: COCO, img_id: int, image_root: str, cat_to_label: dict[i
         record["annotated"] = {"boxes": np.array([a for _, a in ids], np.float64).reshape(-1, 4),
                                "labels": np.array(labels, np.int64), "difficult": np.zeros(len(boxes), np.bool_)}
     return record, dropped, [repr(ids[i][0]) for i in keep if outside[i]], repeats
+
+
+def _xyxy_hint(coco: COCO, past: int) -> str:
+    """'; ... are they XYXY?' when a json's boxes look like [x1, y1, x2, y2] written where COCO's bbox
+    is [x, y, width, height]: a quarter or more of them past their image (`past`: clipped or
+    dropped) and nearly all with a width and height above their x and y (an API trial's own json
+    said only 'clipped 30 boxes'). '' otherwise."""
+    boxes = [ann["bbox"] for ann in coco.dataset.get("annotations", []) if not ann.get("iscrowd")]
+    if not boxes or past < 0.25 * len(boxes):
+        return ""
+    above = sum(1 for x, y, w, h in boxes if w > x and h > y)
+    if above < 0.9 * len(boxes):
+        return ""
+    return (f"; {above} of its {len(boxes)} boxes have a width and height above their x and y, as [x1, y1, x2, y2] "
+            "boxes written where COCO's bbox is [x, y, width, height] would: are they XYXY?")
 
 
 def box_problem(box: list[float], width: int, height: int, shown: str | list = "") -> str:
