@@ -37,6 +37,7 @@ that wants more threads must not be forked (multiprocessing's "spawn" builds its
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -77,6 +78,12 @@ def _device(device: str | torch.device | None, cfg: Config) -> torch.device:
     return torch.device("cuda", index)
 
 
+def _current(device: torch.device) -> contextlib.AbstractContextManager:
+    """`device` as CUDA's current device inside (cuda:1: what the current stream, CUDA graphs'
+    capture and new allocations follow, not cuda:0); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class Predictor:
     """A detector ready for single images: fast path and test-time augmentation as the config says."""
 
@@ -100,7 +107,8 @@ class Predictor:
         if weights is None:
             raise ValueError("Predictor: no weights: pass weights=PATH or set model.weights in the config")
         self.device = _device(device, cfg)
-        self.model, self.weights = build_inference_model(cfg, weights, self.device, explicit)
+        with _current(self.device):
+            self.model, self.weights = build_inference_model(cfg, weights, self.device, explicit)
         names = self.weights.class_names or cfg.model.class_names
         self.class_names = list(names) if names else [f"class {i}" for i in range(1, cfg.model.num_classes + 1)]
 
@@ -133,7 +141,8 @@ class Predictor:
         # (H, W, 3) -> (3, H, W), in host memory: the model resizes a photo there and moves it to
         # its device at the size it runs at (a photo sent to the GPU first would come back to be resized)
         pixels = [torch.from_numpy(self._rgb(image)).permute(2, 0, 1) for image in images]
-        return [{key: value.cpu() for key, value in out.items()} for out in self.model(pixels)]
+        with _current(self.device):
+            return [{key: value.cpu() for key, value in out.items()} for out in self.model(pixels)]
 
     def _rgb(self, image: ImageInput) -> np.ndarray:
         rgb = to_rgb_uint8(image, exif_orientation=self.cfg.input.exif_orientation)

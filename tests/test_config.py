@@ -427,6 +427,9 @@ def test_a_config_changed_in_python_is_checked_as_a_files_values_are():
                                           r"records made in Python as a COCO json, or give the DatasetInfo to "
                                           r"build_train_loader"):
         detection.config.checked_config(cfg)
+    cfg.datasets.train = DatasetInfo(name="mine", kind="coco", class_names=["a"], records=[])  # not in a list
+    with pytest.raises(ConfigError, match=r"datasets.train\[0\] is a DatasetInfo, not a config entry"):
+        detection.config.checked_config(cfg)
 
 
 @pytest.mark.parametrize("overrides, key", [

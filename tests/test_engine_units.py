@@ -381,27 +381,34 @@ def test_images_shared_by_training_sets_or_with_a_test_set_are_said(tmp_path):
         lines = shared_images_warnings([linked], [held_out])
         assert lines == [f"test set held_out shares 1 of its 2 image files with training set linked "
                          f"({img / 'a.jpg'}): its metrics are not of held-out images"]  # not as a copy: the file
-        assert shared_images_warnings([labelled, linked], [])[0].startswith("training sets labelled and linked share 1 ")
+        assert shared_images_warnings([labelled, linked], [])[0].startswith(
+            "training sets labelled and linked share 1 ")
 
 
 def test_copies_with_the_same_bytes_count_as_shared_images(tmp_path):
     """A split made by copying files: the test set's image saved under another name in the
     training folder is the same image, found by its bytes. Files of the same size that differ
-    (past the first 4 KiB too), and files that cannot be read, are not."""
+    (where the start, middle and end read first agree too), empty files and files that cannot be
+    read, are not."""
     from detection.data import DatasetInfo
     from detection.engine.startup import shared_images_warnings
     from detection.utils.files import same_bytes
 
     rng = np.random.default_rng(0)
-    big, small = rng.bytes(10000), rng.bytes(100)
-    files = {"train/a.jpg": big, "train/b.jpg": small, "train/c.jpg": big[:-1] + b"\0",
-             "test/x.jpg": big, "test/y.jpg": small[:-1] + bytes([small[-1] ^ 1]), "test/z.jpg": big[:-1] + b"\1"}
+    big, small = rng.bytes(20000), rng.bytes(100)
+    middle = big[:6000] + bytes([big[6000] ^ 1]) + big[6001:]  # past the start, middle and end read first
+    files = {"train/a.jpg": big, "train/b.jpg": small, "train/c.jpg": middle, "train/empty.jpg": b"",
+             "test/x.jpg": big, "test/y.jpg": small[:-1] + bytes([small[-1] ^ 1]), "test/z.jpg": big[:-1] + b"\1",
+             "test/v.jpg": big[:7000] + bytes([big[7000] ^ 1]) + big[7001:], "test/empty.jpg": b""}
     for name, data in files.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(data)
-    train = {str(tmp_path / "train" / n) for n in ("a.jpg", "b.jpg", "c.jpg", "gone.jpg")}
-    test = {str(tmp_path / "test" / n) for n in ("x.jpg", "y.jpg", "z.jpg", "gone.jpg")}
+    train = {str(tmp_path / "train" / n) for n in ("a.jpg", "b.jpg", "c.jpg", "empty.jpg", "gone.jpg")}
+    test = {str(tmp_path / "test" / n) for n in ("x.jpg", "y.jpg", "z.jpg", "v.jpg", "empty.jpg", "gone.jpg")}
     assert same_bytes(test, train) == {str(tmp_path / "test" / "x.jpg"): str(tmp_path / "train" / "a.jpg")}
+    (tmp_path / "test" / "w.jpg").write_bytes(middle)  # c.jpg's bytes, which differ from a.jpg's in the gap
+    assert same_bytes({str(tmp_path / "test" / "w.jpg")}, train) == {str(tmp_path / "test" / "w.jpg"):
+                                                                     str(tmp_path / "train" / "c.jpg")}
     assert same_bytes(train, train) == {}  # a file is not a copy of itself
     assert same_bytes(test | train, train) == same_bytes(test, train)  # nor a file both have of another
 
@@ -413,9 +420,9 @@ def test_copies_with_the_same_bytes_count_as_shared_images(tmp_path):
 
     x, a = tmp_path / "test" / "x.jpg", tmp_path / "train" / "a.jpg"
     assert shared_images_warnings([info("train", train)], [info("test", test | {str(a)})]) == [
-        f"test set test shares 2 of its 5 image files with training set train ({a}; a copy with the same bytes under "
-        f"another name: {x} = {a}): its metrics are not of held-out images"]
+        f"test set test shares 2 of its 7 image files with training set train ({a}; a copy with the same bytes under "
+        f"another path: {x} = {a}): its metrics are not of held-out images"]
     assert shared_images_warnings([info("train", train), info("more", {str(x)})], []) == [
-        f"training sets train and more share 1 image file (a copy with the same bytes under another name: {a} = {x}): "
+        f"training sets train and more share 1 image file (a copy with the same bytes under another path: {a} = {x}): "
         "each trains with both sets' boxes (a teacher's pseudo-labels over labelled images?); list one set twice to "
         "see it twice as often"]

@@ -114,7 +114,7 @@ def test_test_settings_other_than_the_runs_are_said_once(trained, caplog):
                     "this config has input.min_size_test=352, model.roi_heads.score_thresh_test=0.2: valid numbers, "
                     "but not comparable with the run's own (its metrics.jsonl, eval.py with its config.yaml); give "
                     "the run's config, or set the keys on the command line to say it is deliberate (in Python: "
-                    "Predictor.from_config(..., overrides=[KEY=VALUE]), or Predictor(..., explicit=[KEY]))"]
+                    "Predictor.from_config(..., overrides=['KEY=VALUE']), or Predictor(..., explicit=['KEY']))"]
     assert test_settings_note(other, weights, ["input.min_size_test", "model.roi_heads.score_thresh_test"]) is None
     assert test_settings_note(tiny_cfg(*run, "test.aug.enabled=true"), weights) is None
     assert test_settings_note(other, dataclasses.replace(weights, config=None)) is None

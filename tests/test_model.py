@@ -320,9 +320,16 @@ def test_the_models_input_mistakes_of_a_torchvision_user():
         model([IMAGES[0].permute(1, 2, 0).numpy()])
     # a gray image and a mask (an API trial: torch's own error from deep inside, or no hint)
     with pytest.raises(ValueError, match=r"got \[1, 96, 128\]: a gray image has one channel; give it three, "
-                                         r"img.expand\(3, H, W\)"):
+                                         r"torch.as_tensor\(img\).expand\(3, H, W\)"):
         model([IMAGES[0][:1]])
-    with pytest.raises(ValueError, match=r"image 0 is torch.bool: give RGB values 0..255 as uint8 or float"):
+    gray = IMAGES[0][:1].numpy()
+    for given in (gray[0], gray.transpose(1, 2, 0)):  # (H, W) and (H, W, 1) arrays: the hints work on them
+        with pytest.raises(ValueError, match=r"torch.as_tensor\(img\)") as err:
+            model([given])
+        hint = "torch.as_tensor" + str(err.value).split("torch.as_tensor", 1)[1].replace("H, W", "96, 128")
+        assert eval(hint, {"torch": torch, "img": given}).shape == (3, 96, 128)
+    with pytest.raises(ValueError, match=r"image 0 is torch.bool: give values 0..255 \(as uint8 or float\) in the "
+                                         r"channel order model.input_format names"):
         model([IMAGES[0] > 100])
     fast = optimize_for_inference(model)
     assert not model.inference_only

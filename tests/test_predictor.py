@@ -103,6 +103,17 @@ def test_the_device_is_the_configs_unless_the_argument_names_one(setup):
             Predictor(cfg, weights, device=wrong)
     with pytest.raises(DeviceError):  # no CUDA here, or not that many GPUs
         Predictor(cfg, weights, device=f"cuda:{torch.cuda.device_count()}")
+    if not torch.cuda.is_available():  # a machine of one GPU, as far as the check sees (a review)
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # selecting CUDA sets them
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(torch.cuda, "is_available", lambda: True)
+                patch.setattr(torch.cuda, "device_count", lambda: 1)
+                with pytest.raises(DeviceError, match=r"Predictor: device 'cuda:1', but this machine has 1 GPU "
+                                                      r"\(cuda:0 \.\. cuda:0\)"):
+                    Predictor(cfg, weights, device="cuda:1")
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def test_the_predictor_hands_the_model_host_images_whatever_its_device(setup):

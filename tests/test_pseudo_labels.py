@@ -57,7 +57,8 @@ def test_detections_become_a_coco_json_the_reader_trains_on_beside_a_labelled_se
     lines = out.strip().splitlines()
     assert lines[0] == f"{tmp_path / 'pseudo.json'}: 3 images, 2 boxes at score >= 0.5 (circle 1, square 1, triangle 0)"
     assert lines[1].startswith("note: 2 images have no detection at that score: training drops them")
-    assert lines[2] == f"note: 1 images of the list were not read and are left out ({folder / 'broken.png'})"
+    assert lines[2] == f"note: 1 images of the list have an error line and are left out ({folder / 'broken.png'}): " \
+        "not read, or their drawing not written (its \"error\" says which)"
     assert lines[3].startswith("train on it beside your labelled set: datasets.train='[<your set>, {type: coco, ")
     # the entry as printed is one shell word the config reads, its paths quoted (a ', ' in a path split it)
     import shlex
@@ -171,6 +172,19 @@ def test_a_stopped_list_a_changed_image_or_another_file_is_refused_and_widths_ar
     with pytest.raises(DataError, match=r"1 of its 3 images changed since visualize.py listed them \(.*b.png is "
                                         r"31x50, listed 30x50\): its detections are of the old files"):
         read_detections(listing)
+    # a phone photo listed as viewed (60x40, stored 40x60): not "changed"; a list made with
+    # input.exif_orientation false lists it as stored, and is compared so (a review)
+    from tests.helpers import write_photo
+
+    write_photo(folder / "b.png", np.full((40, 60, 3), 128, np.uint8), 6)  # a JPEG under b.png's name
+    lines = [json.loads(line) for line in listing.read_text().splitlines()]
+    lines[2].update(width=60, height=40)
+    listing.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert len(read_detections(listing)[0]) == 3
+    source_path.write_text(json.dumps({**source, "settings": {"input": {"exif_orientation": False}}}))
+    with pytest.raises(DataError, match=r"b.png is 40x60, listed 60x40"):
+        read_detections(listing)
+    source_path.write_text(json.dumps(source))
     (folder / "b.png").unlink()
     with pytest.raises(DataError, match=r"not there .* --image-root only sets the folder the json's file names "
                                         r"start from"):

@@ -521,9 +521,10 @@ def test_a_resume_that_changes_the_repeat_threshold_says_what_that_does_and_one_
     from detection.engine.run_config import data_order_change
 
     assert data_order_change([("dataloader.repeat_threshold", 0.3, 0.1)], 40) == (
-        "--resume at iteration 40: dataloader.repeat_threshold changed (the run: 0.3, now: 0.1): the data order from "
-        "here is the new threshold's, its epochs drawn anew (images of the epoch in progress may be skipped or seen "
-        "again), and the start line's epochs count the whole run at the new threshold")
+        "--resume at iteration 40: dataloader.repeat_threshold changed (the run: 0.3, now: 0.1): from here the epochs "
+        "are drawn at the new threshold (the plain order where no image's factor is above 1), so images of the epoch "
+        "in progress may be skipped or seen again, and the start line's epochs count the whole run at the new "
+        "threshold")
     assert data_order_change([("solver.max_iter", 40, 50)], 40) is None
     cfg = tiny_cfg(tmp_path / "data", tmp_path / "run")
     save_config(cfg, tmp_path / "run" / "config.yaml")
@@ -558,3 +559,9 @@ def test_a_resume_on_other_training_images_says_so_and_on_moved_ones_does_not(da
     trainer.train(tiny_cfg(other, out, **{"solver.max_iter": 4, "solver.checkpoint_period": 4}), resume=True)
     assert f"--resume: the training images are not those {out / 'last.pth'} was trained on (6 images then, 7 " \
            "now): the run goes on, on today's data" in caplog.text
+    # the repeat threshold changed on the resume: training says what that does (a distributed trial)
+    caplog.clear()
+    trainer.train(tiny_cfg(other, out, **{"solver.max_iter": 5, "solver.checkpoint_period": 5,
+                                          "dataloader.repeat_threshold": 0.5}), resume=True)
+    assert "--resume at iteration 4: dataloader.repeat_threshold changed (the run: 0, now: 0.5): from here the " \
+           "epochs are drawn at the new threshold" in caplog.text

@@ -153,7 +153,6 @@ def test_make_tiles_keeps_every_source_and_region_and_never_writes_over_the_data
 
     import cv2
 
-    from detection.data.catalog import get_dataset
     from tests.helpers import ROOT, load_tool, run_main, tiny_overrides
 
     for sub in ("a", "b"):

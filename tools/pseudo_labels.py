@@ -9,10 +9,11 @@ confident detections become boxes a student trains on beside the labelled set).
     # datasets.train='[<your set>, {type: coco, name: pseudo, ann_file: /abs/pseudo.json,
     #                                image_root: /abs/unlabelled}]'
 
-DETECTIONS is visualize.py's detections.jsonl (with its detections.source.json beside it, which
-names the model's classes). OUTPUT, a new file, gets every class of the model as a category (they
-match the labelled set's by name), each image read (file names relative to --image-root, default
-the images' common folder; sizes as viewed) and a box per detection at --score-thresh or above
+DETECTIONS is visualize.py's detections.jsonl, or the folder that holds it (with its
+detections.source.json beside it, which names the model's classes). OUTPUT, a new file, gets
+every class of the model as a category (they match the labelled set's by name), each image read
+(file names relative to --image-root, default the images' common folder; sizes as viewed) and a
+box per detection at --score-thresh or above
 (default: every detection the list holds, which visualize.py's own --score-thresh chose), with its
 "score" (a field training ignores). Images without a box are kept; training drops them unless
 dataloader.filter_empty is false. Keep the unlabelled images apart from the labelled and test
@@ -28,7 +29,8 @@ from detection.cli import parse_command_line, run_tool
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("detections", metavar="DETECTIONS", help="visualize.py's detections.jsonl")
+    parser.add_argument("detections", metavar="DETECTIONS",
+                        help="visualize.py's detections.jsonl, or the --output folder that holds it")
     parser.add_argument("--output", required=True, metavar="JSON", help="the COCO json to write (a new file)")
     parser.add_argument("--score-thresh", type=float,
                         help="keep the detections scoring at least this (default 0: all the list holds)")

@@ -285,9 +285,11 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
         # them; --resume refuses another folder when the list's paths are relative)
         source.update(class_names=list(predicted_names or []), cwd=os.getcwd())
     done = done_before(out, source, args) if args.resume else {}
+    # "finished" once every image is listed: pseudo_labels.py refuses a list a stop cut short (a trial:
+    # no word); said before the old list is replaced, so that a failed write leaves no "finished" beside it
+    if source is not None:
+        _write_source(out, {**source, "images": len(items), "finished": False})
     listed = DetectionsFile(out / DETECTIONS_FILE, predicted_names) if source is not None else None
-    if source is not None:  # "finished" once every image is listed: pseudo_labels.py refuses a list a stop cut
-        _write_source(out, {**source, "images": len(items), "finished": False})  # short (a trial: no word)
     progress = ProgressLines("visualize", len(items), say=lambda line: print(line, flush=True))  # a line a minute
     resumed = 0  # images taken from the earlier run's list (--resume)
     write_errno = None  # why the last drawing not written was not (ENOSPC: exit 75, try again)

@@ -393,7 +393,8 @@ def checked_config(cfg: Config, source: str = "the Config given") -> Config:
     writes for a value a file writes otherwise is taken as that value: a path (pathlib) as its
     string, a tuple as a list, a numpy number as the number (a review: they trained before)."""
     for part in ("train", "test"):
-        for i, entry in enumerate(getattr(cfg.datasets, part, None) or []):
+        given = getattr(cfg.datasets, part, None) or []
+        for i, entry in enumerate(given if isinstance(given, (list, tuple)) else [given]):
             if dataclasses.is_dataclass(entry):  # Detectron2's DatasetCatalog.register reflex (an API trial)
                 raise ConfigError(f"{source}: datasets.{part}[{i}] is a {type(entry).__name__}, not a config entry: "
                                   "a config names data sets (a known name, {type: coco, ann_file, image_root} or "

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from detection.data import DataError
-from detection.utils.files import atomic_write
+from detection.utils.files import atomic_write, utf8_name
 from detection.utils.text import first_few
 
 SOURCE_FILE = "detections.source.json"  # visualize.py's record of how detections.jsonl was made
@@ -203,18 +203,8 @@ def write_pseudo_labels(detections_jsonl: str | os.PathLike, output: str | os.Pa
     return {"image_root": os.path.abspath(root), "images": len(data["images"]),
             "empty": len(data["images"]) - len(labelled), "annotations": len(data["annotations"]),
             "per_class": per_class, "failed": failed, "score_thresh": score_thresh, "listed_at": listed_at,
-            "not_utf8": [i["file_name"] for i in data["images"] if not _is_utf8(i["file_name"])]}
-
-
-def _is_utf8(name: str) -> bool:
-    """Whether a file name read with surrogateescape was UTF-8 (an old archive's Latin-1 "café"
-    comes as a lone surrogate, which the json keeps as \\udce9: this toolkit's reader opens it,
-    CVAT and Label Studio match no file to it)."""
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
+            # not UTF-8: kept as surrogate escapes, which training here reads and CVAT, Label Studio match to no file
+            "not_utf8": [i["file_name"] for i in data["images"] if not utf8_name(i["file_name"])]}
 
 
 def summary(counts: dict[str, Any], output: str | os.PathLike, asked: float | None) -> list[str]:
@@ -231,8 +221,9 @@ def summary(counts: dict[str, Any], output: str | os.PathLike, asked: float | No
         lines.append(f"note: {counts['empty']} images have no detection at that score: training drops them "
                      "(dataloader.filter_empty); with filter_empty: false they would teach that nothing is there")
     if counts["failed"]:
-        lines.append(f"note: {len(counts['failed'])} images of the list were not read and are left out "
-                     f"({first_few(counts['failed'], 3)})")
+        lines.append(f"note: {len(counts['failed'])} images of the list have an error line and are left out "
+                     f"({first_few(counts['failed'], 3)}): not read, or their drawing not written (its \"error\" "
+                     "says which)")
     if counts.get("not_utf8"):
         shown = [name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for name in counts["not_utf8"]]
         lines.append(f"note: {len(shown)} file names are not UTF-8 ({first_few(shown, 2)}): training here reads "

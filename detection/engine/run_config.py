@@ -125,9 +125,9 @@ def data_order_change(changes: list[Change], iteration: int) -> Optional[str]:
     for key, old, new in changes:
         if key == "dataloader.repeat_threshold":
             return (f"--resume at iteration {iteration}: dataloader.repeat_threshold changed (the run: {old:g}, now: "
-                    f"{new:g}): the data order from here is the new threshold's, its epochs drawn anew (images of "
-                    "the epoch in progress may be skipped or seen again), and the start line's epochs count the "
-                    "whole run at the new threshold")
+                    f"{new:g}): from here the epochs are drawn at the new threshold (the plain order where no "
+                    "image's factor is above 1), so images of the epoch in progress may be skipped or seen again, "
+                    "and the start line's epochs count the whole run at the new threshold")
     return None
 
 

@@ -333,7 +333,7 @@ def _shared_files(ours: set[str], theirs: set[str]) -> tuple[int, str]:
     if copies:
         pairs = [f"{mine} = {copies[mine]}" for mine in sorted(copies)]
         named += f"{'; ' if named else ''}{'a copy' if len(copies) == 1 else f'{len(copies)} copies'} with the " \
-                 f"same bytes under another name: {first_few(pairs, 2)}"
+                 f"same bytes under another path: {first_few(pairs, 2)}"
     return len(by_path) + len(copies), named
 
 

@@ -131,10 +131,10 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         best_metric_key(cfg, [])  # its ConfigError before anything is moved (the metric's name: once the sets are read)
     if (resuming or restart) and du.is_main_process():  # before a finished run's model_final.pth is looked for
         set_aside_later_checkpoints(out_dir, state.iteration)
-    for said in (schedule_jump(cfg, changes, state.iteration), data_order_change(changes, state.iteration)) \
-            if resuming else ():
-        if said and du.is_main_process():
-            logger.warning("%s", said)
+    if resuming and du.is_main_process():
+        for said in (schedule_jump(cfg, changes, state.iteration), data_order_change(changes, state.iteration)):
+            if said:
+                logger.warning("%s", said)
     if resuming and _is_finished(cfg, state, out_dir, changes):
         if du.is_main_process():  # a save killed at the end (model_final.pth's) left its temporary file
             remove_partial_checkpoints(out_dir)

@@ -281,11 +281,15 @@ def _check_images(images: Sequence[Tensor]) -> None:
                         + ("torch.from_numpy(a).permute(2, 0, 1)" if not isinstance(img, Tensor)
                            else "img.permute(2, 0, 1)"))
             elif (len(shape) == 3 and shape[0] == 1) or len(shape) == 2:  # a gray image (an API trial)
-                hint = ": a gray image has one channel; give it three, img.expand(3, H, W)"
+                hint = ": a gray image has one channel; give it three, torch.as_tensor(img).expand(3, H, W)"
+            elif len(shape) == 3 and shape[-1] == 1:  # (H, W, 1)
+                hint = (": a channels-last gray image; give it three channels, "
+                        "torch.as_tensor(img).permute(2, 0, 1).expand(3, H, W)")
             raise ValueError(f"FasterRCNN: image {i} must be a Tensor[3, H, W], got "
                              f"{shape or type(img).__name__}{hint}")
         if img.dtype == torch.bool or img.is_complex():  # torch's own error came from deep inside (an API trial)
-            raise ValueError(f"FasterRCNN: image {i} is {img.dtype}: give RGB values 0..255 as uint8 or float")
+            raise ValueError(f"FasterRCNN: image {i} is {img.dtype}: give values 0..255 (as uint8 or float) in the "
+                             "channel order model.input_format names")
     # torchvision's detectors take float 0..1; this one 0..255. Such an image runs and gives
     # wrong detections in silence, so say so (once per process: warnings' default filter). The
     # images' maxima are read in one go (a synchronisation on CUDA; one per image before).

@@ -236,69 +236,70 @@ def in_other_unicode_form(path: str, exists: Callable[[str], bool] = os.path.isf
     return None
 
 
-HEAD_BYTES = 4096  # read first when two files' sizes agree: enough to tell two photos apart
+SAMPLE_BYTES = 4096  # read at a file's start, middle and end when two files' sizes agree
 
 
 def same_bytes(ours: set[str], theirs: set[str]) -> dict[str, str]:
     """Each file of `ours` whose bytes a file of `theirs` under another path has too (a copy under
-    another name or in another folder) -> that file. Sizes first (one stat a file); a file's first
-    HEAD_BYTES, then its whole content, read only where a size, then a head, is in both; files that
-    cannot be read are left out (their readers say so). A copy saved again (re-encoded) differs."""
+    another name or in another folder, or a hard link) -> that file. Each step an index, so the
+    cost grows with the files, not with pairs of them (a set of one size, uncompressed images, has
+    every pair of a size): their sizes (one stat a file); where a size is in both sets, a digest
+    of SAMPLE_BYTES at the start, middle and end; where that is in both, a digest of the whole
+    file. Empty files and files that cannot be read are left out (their readers say so). A copy
+    saved again (re-encoded) differs."""
     import hashlib
 
     def size(path: str) -> int | None:
         try:
-            return os.stat(path).st_size
+            n = os.stat(path).st_size
         except OSError:
             return None
+        return n or None  # an empty file: no image, and every two of them "the same"
 
-    def digest(path: str, limit: int | None) -> bytes | None:
+    def digest(path: str, n: int, whole: bool) -> bytes | None:
         h = hashlib.blake2b(digest_size=16)
         try:
             with open(path, "rb") as f:
-                if limit is not None:
-                    h.update(f.read(limit))
-                else:
+                if whole:
                     for chunk in iter(lambda: f.read(1 << 20), b""):
                         h.update(chunk)
+                else:
+                    for start in sorted({0, max(0, n // 2 - SAMPLE_BYTES // 2), max(0, n - SAMPLE_BYTES)}):
+                        f.seek(start)
+                        h.update(f.read(SAMPLE_BYTES))
         except OSError:
             return None
         return h.digest()
 
-    by_size: dict[int, list[str]] = {}
-    for path in sorted(theirs):
-        n = size(path)
-        if n is not None:
-            by_size.setdefault(n, []).append(path)
-    sizes = {path: size(path) for path in sorted(ours - theirs)}  # the files both have are no copies
-    heads: dict[str, bytes | None] = {}
-    wholes: dict[str, bytes | None] = {}
-
-    def same(a: str, b: str, n: int) -> bool:
-        for cache, limit in ((heads, HEAD_BYTES), (wholes, None)):
-            for path in (a, b):
-                if path not in cache:
-                    cache[path] = digest(path, limit)
-            if cache[a] is None or cache[a] != cache[b]:
-                return False
-            if n <= HEAD_BYTES:  # the head was the whole file
-                return True
-        return True
-
-    out = {}
-    for path, n in sizes.items():
-        match = next((other for other in by_size.get(n, []) if same(path, other, n)), None) if n is not None else None
-        if match is not None:
-            out[path] = match
-    return out
+    sizes = {path: size(path) for path in sorted(theirs | ours)}
+    mine = [p for p in sorted(ours - theirs) if sizes[p] is not None]  # the files both have are no copies
+    others = [p for p in sorted(theirs) if sizes[p] is not None]
+    key: dict[str, Any] = dict(sizes)
+    for step in ("size", "sample", "whole"):  # each an index: a file's key looked up, not compared with each
+        if step != "size":
+            key = {p: (sizes[p], digest(p, sizes[p], whole=step == "whole")) for p in (*mine, *others)}
+        theirs_by_key: dict[Any, str] = {}
+        for p in others:  # the first listed (sorted) stands for its bytes; an unreadable file for none
+            if step == "size" or key[p][1] is not None:
+                theirs_by_key.setdefault(key[p], p)
+        mine = [p for p in mine if key[p] in theirs_by_key]
+        kept = {key[p] for p in mine}
+        others = [p for p in others if key[p] in kept]
+    return {p: theirs_by_key[key[p]] for p in mine}
 
 
-def opencv_name_problem(path: Union[str, os.PathLike]) -> str:
-    """'' when OpenCV may be given `path` by name; else why not: a name that is not UTF-8 (an old
-    archive's Latin-1 "café", which Python holds as a lone surrogate) crashes the process inside
-    cv2.imread, cv2.VideoCapture and cv2.VideoWriter (a segmentation fault, seen with OpenCV 5.1)."""
+def utf8_name(path: Union[str, os.PathLike]) -> bool:
+    """Whether a file name is UTF-8: one that is not (an old archive's Latin-1 "café") comes from
+    the file system as a lone surrogate, which Python opens and other programs cannot take."""
     try:
         os.fspath(path).encode("utf-8")
     except UnicodeEncodeError:
-        return "its name is not UTF-8, which OpenCV cannot open by name: rename it in UTF-8"
-    return ""
+        return False
+    return True
+
+
+def opencv_name_problem(path: Union[str, os.PathLike]) -> str:
+    """'' when OpenCV may be given `path` by name; else why not: a name that is not UTF-8 crashes
+    the process inside cv2.imread, cv2.VideoCapture and cv2.VideoWriter (a segmentation fault,
+    seen with OpenCV 5.1)."""
+    return "" if utf8_name(path) else "its name is not UTF-8, which OpenCV cannot open by name: rename it in UTF-8"
