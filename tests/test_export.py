@@ -301,8 +301,8 @@ def test_the_detector_warns_once_of_a_panorama_squashed_as_the_model_does(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         detector(np.full((40, 300, 3), 90, np.uint8))  # 34x256: not yet
-    told = (r"the image is 600x30 \(WxH\): input.max_size_test 256 caps its longer side, so it is resized to 256x13, its "
-            r"shorter side 13 px where input.min_size_test asks 96")
+    told = (r"the image is 600x30 \(WxH\): input.max_size_test 256 caps its longer side, so it is resized to "
+            r"256x13, its shorter side 13 px where input.min_size_test asks 96")
     with pytest.warns(UserWarning, match="OnnxDetector: " + told) as caught:
         detector(strip)
     assert [w.filename for w in caught] == [__file__]
