@@ -169,3 +169,15 @@ def test_tf32_set_puts_the_flags_back():
         assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def test_the_training_sampler_names_its_device():
+    """The sampler's tensors stay on the host whatever the default device: repeat factor
+    sampling's draws made theirs on it (a re-read: under a meta default, Tensor.item() failed)."""
+    from detection.data.loader import TrainingSampler
+
+    with UnnamedDeviceCheck() as check:
+        for factors in (None, [1.0, 1.5, 2.0, 1.0, 1.0]):
+            sampler = iter(TrainingSampler(5, seed=0, world_size=2, factors=factors))
+            [next(sampler) for _ in range(12)]
+    assert check.found == [], f"tensors made without naming their device: {check.found}"

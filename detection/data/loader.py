@@ -258,7 +258,7 @@ class TrainingSampler(Sampler[int]):
         self.size, self.seed, self.rank, self.world_size = size, int(seed), rank, world_size
         epoch_seed(self.seed, 0, data_order)  # a data_order it does not know: now, not at the first batch
         self.data_order = data_order
-        self.factors = None if factors is None else torch.as_tensor(np.asarray(factors, np.float64))
+        self.factors = None if factors is None else torch.as_tensor(np.asarray(factors, np.float64), device="cpu")
         if self.factors is not None and (len(self.factors) != size or not bool((self.factors >= 1).all())):
             raise ValueError(f"TrainingSampler: factors must be {size} values of at least 1")
 
@@ -269,8 +269,9 @@ class TrainingSampler(Sampler[int]):
         if self.factors is None:
             return torch.randperm(self.size, generator=gen, device="cpu")
         whole = torch.floor(self.factors)
-        counts = whole + (torch.rand(self.size, generator=gen, dtype=torch.float64) < self.factors - whole)
-        repeated = torch.repeat_interleave(torch.arange(self.size), counts.long())
+        drawn = torch.rand(self.size, generator=gen, dtype=torch.float64, device="cpu")
+        counts = whole + (drawn < self.factors - whole)
+        repeated = torch.repeat_interleave(torch.arange(self.size, device="cpu"), counts.long())
         return repeated[torch.randperm(len(repeated), generator=gen, device="cpu")]
 
     def __iter__(self) -> Iterator[int]:
