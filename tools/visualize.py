@@ -346,11 +346,9 @@ def run(cfg, args: argparse.Namespace) -> tuple[int, int, list[str], list[str]]:
     return len(written), sum(drawn), unreadable, (unwritten, write_errno)
 
 
-LIST_SOURCE_FILE = SOURCE_FILE  # detections.source.json: how DIR/detections.jsonl was made (--resume compares it)
-
-
 def _write_source(out: Path, source: dict) -> None:
-    with atomic_write(out / LIST_SOURCE_FILE, durable=False) as f:
+    """DIR/detections.source.json: how DIR/detections.jsonl was made (--resume compares it)."""
+    with atomic_write(out / SOURCE_FILE, durable=False) as f:
         f.write(json.dumps(source, indent=1) + "\n")
 
 
@@ -373,7 +371,7 @@ def done_before(out: Path, source: dict, args: argparse.Namespace) -> dict[str, 
     listed there without an error (and drawn, their drawing still there); those with errors are
     done again. OutputFolderError when that list was made with other weights or settings (the
     lines would mix two models' detections) or its record of them is missing."""
-    list_path, source_path = out / DETECTIONS_FILE, out / LIST_SOURCE_FILE
+    list_path, source_path = out / DETECTIONS_FILE, out / SOURCE_FILE
     if not list_path.is_file():
         print(f"note: --resume: {list_path} does not exist: every image is done")
         return {}

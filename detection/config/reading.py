@@ -391,7 +391,8 @@ def checked_config(cfg: Config, source: str = "the Config given") -> Config:
     values are: a copy, or the ConfigError naming the key (train() and the Predictor call it; a
     wrong type was a TypeError deep inside, a negative lr torch's own error). What Python code
     writes for a value a file writes otherwise is taken as that value: a path (pathlib) as its
-    string, a tuple as a list, a numpy number as the number (a review: they trained before)."""
+    string, a tuple as a list, a numpy number as the number, a numpy array as its list (a review:
+    they trained before); a DatasetInfo where a data set's entry belongs is a ConfigError."""
     for part in ("train", "test"):
         given = getattr(cfg.datasets, part, None) or []
         for i, entry in enumerate(given if isinstance(given, (list, tuple)) else [given]):

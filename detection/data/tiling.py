@@ -102,4 +102,3 @@ def _annotation(ann_id: int, image_id: int, category_id: int, box: Sequence[floa
     w, h = box[2] - box[0], box[3] - box[1]
     return {"id": ann_id, "image_id": image_id, "category_id": int(category_id),
             "bbox": [round(float(v), 2) for v in (box[0], box[1], w, h)], "area": round(float(w * h), 2), **flags}
-
