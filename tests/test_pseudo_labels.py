@@ -212,6 +212,10 @@ def test_a_file_name_that_is_not_utf8_is_noted(tmp_path):
         f.write(json.dumps(line) + "\n")
     counts = write_pseudo_labels(listing, tmp_path / "p.json", 0.5)
     assert counts["not_utf8"] == ["caf\udce9.png"]
+    assert summary({**counts, "images": 1, "annotations": 1, "empty": 1}, "p.json", None)[:2] == [
+        "p.json: 1 image, 1 box at score >= 0.5 (circle 2, square 1, triangle 0)",  # not "1 images, 1 boxes"
+        "note: 1 image has no detection at that score: training drops them (dataloader.filter_empty); with "
+        "filter_empty: false they would teach that nothing is there"]
     assert "note: 1 file names are not UTF-8 (caf\ufffd.png): training here reads them, but CVAT, Label Studio " \
         "and other programs match no file to them" in "\n".join(summary(counts, tmp_path / "p.json", None))
     pseudo = get_dataset({"type": "coco", "name": "pseudo", "ann_file": str(tmp_path / "p.json"),

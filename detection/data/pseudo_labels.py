@@ -212,14 +212,17 @@ def summary(counts: dict[str, Any], output: str | os.PathLike, asked: float | No
     (quoted for a shell, its paths for YAML). `asked`: the --score-thresh given (None: none; the
     list's own threshold is then not noted: nothing lower was asked for, a review)."""
     per_class = ", ".join(f"{name} {n}" for name, n in counts["per_class"].items())
-    lines = [f"{output}: {counts['images']} images, {counts['annotations']} boxes at score >= "
+    images, boxes = counts["images"], counts["annotations"]
+    lines = [f"{output}: {images} image{'s' * (images != 1)}, {boxes} box{'es' * (boxes != 1)} at score >= "
              f"{counts['score_thresh']:g} ({per_class})"]
     if counts["listed_at"] is not None and asked is not None and asked < counts["listed_at"]:
         lines.append(f"note: the list holds detections at score >= {counts['listed_at']:g} only (visualize.py's "
                      "--score-thresh): run it with a lower one for weaker boxes")
     if counts["empty"]:
-        lines.append(f"note: {counts['empty']} images have no detection at that score: training drops them "
-                     "(dataloader.filter_empty); with filter_empty: false they would teach that nothing is there")
+        empty = counts["empty"]
+        lines.append(f"note: {empty} image{'s have' if empty != 1 else ' has'} no detection at that score: training "
+                     "drops them (dataloader.filter_empty); with filter_empty: false they would teach that nothing "
+                     "is there")
     if counts["failed"]:
         lines.append(f"note: {len(counts['failed'])} images of the list have an error line and are left out "
                      f"({first_few(counts['failed'], 3)}): not read, or their drawing not written (its \"error\" "
