@@ -262,6 +262,10 @@ def test_the_test_sets_summary_counts_objects_per_class_and_images_without_any()
     dataset = DatasetInfo(name="mine", kind="coco", class_names=["cat", "dog", "owl"], records=records)
     assert summary_of_test_sets(load_config(None, []), [dataset]) == [
         "test set mine: 3 images, 3 classes (1 without objects), objects per class: cat 1, dog 3, owl 0"]
+    one = DatasetInfo(name="one", kind="coco", class_names=["cat"],
+                      records=[{"image_id": 0, "labels": np.array([1, 1], np.int64)}])
+    assert summary_of_test_sets(load_config(None, []), [one]) == [  # a first try's "1 images, 1 classes"
+        "test set one: 1 image, 1 class, objects per class: cat 2"]
 
 
 def test_objects_resized_under_half_the_smallest_anchor_are_said():

@@ -17,7 +17,7 @@ from detection.config import Config, ConfigError
 from detection.data.dataset_info import DatasetInfo
 from detection.engine import distributed as du
 from detection.modeling.precision import amp_dtype, training_amp
-from detection.utils.text import first_few
+from detection.utils.text import counted, first_few
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def summary_of_test_sets(cfg: Config, datasets: Sequence[DatasetInfo]) -> list[s
     period = f" (evaluated every {cfg.test.eval_period} iterations)" if cfg.test.eval_period else ""
     if not datasets:
         return ["test sets: none" + (": test.eval_period has nothing to evaluate" if period else "")]
-    lines = [f"test set {d.name}: {len(d.records)} images, {d.num_classes} classes"
+    lines = [f"test set {d.name}: {counted(len(d.records), 'image')}, {counted(d.num_classes, 'class', 'classes')}"
              + (_test_objects(d) if d.has_annotations else " (no annotations: files for its evaluation server)")
              for d in datasets]
     return lines + ([f"test sets evaluated every {cfg.test.eval_period} iterations"] if period else [])
@@ -186,7 +186,8 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
                              minlength=d.num_classes + 1)
         dropped = f" ({len(d.records) - len(kept)} without boxes dropped: dataloader.filter_empty)" \
             if cfg.dataloader.filter_empty else ""
-        lines.append(f"training set {d.name}: {len(kept)} images{dropped}, {d.num_classes} classes, objects "
+        lines.append(f"training set {d.name}: {counted(len(kept), 'image')}{dropped}, "
+                     f"{counted(d.num_classes, 'class', 'classes')}, objects "
                      "per class: " + ", ".join(f"{n} {c}" for n, c in zip(d.class_names, counts[1:])))
         for n, c in zip(d.class_names, counts[1:]):
             objects[n] = objects.get(n, 0) + int(c)
@@ -214,9 +215,9 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
         lines.append(line)
     s, world = cfg.solver, du.get_world_size()
     # torchvision's --batch-size is per GPU and its schedule in epochs: both said here (a trial)
-    lines.append(f"batch: {s.ims_per_batch} images an iteration" + (f" ({s.ims_per_batch // world} per process)"
+    lines.append(f"batch: {counted(s.ims_per_batch, 'image')} an iteration" + (f" ({s.ims_per_batch // world} per process)"
                  if world > 1 else "") + f", base_lr {s.base_lr:g}, {s.max_iter} iterations" +
-                 (f": {s.max_iter * s.ims_per_batch / epoch:.3g} epochs of the {images} training images"
+                 (f": {s.max_iter * s.ims_per_batch / epoch:.3g} epochs of the {counted(images, 'training image')}"
                   + (" (repeated as above)" if epoch != images else "") if images else ""))
     amp = str(amp_dtype(device)).removeprefix("torch.") if training_amp(cfg.solver.amp, device) else \
         "off (no bfloat16 instructions: float32)" if cfg.solver.amp else "off"

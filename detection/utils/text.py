@@ -13,6 +13,11 @@ def first_few(items: Sequence[str], limit: int) -> str:
     return ", ".join(str(item) for item in items[:limit]) + more
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 image", "2 images", "0 images": a count with its noun ("box" takes plural="boxes")."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 class DetectionWarning(UserWarning):
     """A warning of this toolkit about what a user gave or asked for (an image's range or size,
     weights' normalisation, a precision this CPU cannot run fast): Python shows it at the user's
