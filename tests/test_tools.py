@@ -267,7 +267,7 @@ def test_visualize_results_draws_saved_detections_on_the_sets_images_without_a_m
     # alone (no ground truth): the detections on the image, at the threshold asked
     code, out, err = run_main(TOOLS["visualize.py"], [*args, "--score-thresh", "0.2", "--limit", "1",
                                                       "--output", tmp_path / "alone"], capsys)
-    assert code == 0 and out.strip().endswith("wrote 1 images to " f"{tmp_path / 'alone'}: 2 detections drawn "
+    assert code == 0 and out.strip().endswith("wrote 1 image to " f"{tmp_path / 'alone'}: 2 detections drawn "
                                               "(score >= 0.2)"), (out, err)
     # --no-labels: the boxes alone (dense scenes)
     code, out, err = run_main(TOOLS["visualize.py"], [*args, "--limit", "1", "--no-labels", "--output",

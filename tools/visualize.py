@@ -74,7 +74,7 @@ from detection.data import DataError
 from detection.data.pseudo_labels import SOURCE_FILE
 from detection.data.video import VIDEO_EXTS, is_video
 from detection.utils.files import OutputFolderError, WriteError, atomic_write
-from detection.utils.text import first_few
+from detection.utils.text import counted, first_few
 
 if TYPE_CHECKING:
     from detection.config import Config
@@ -219,9 +219,9 @@ def draw(args: argparse.Namespace) -> None:
     count, drawn, unreadable, (unwritten, write_errno) = run(cfg, args)
     listed = Path(args.output) / DETECTIONS_FILE
     if args.no_draw:
-        wrote = f"listed the detections of {count} images in {listed}{drawn_text(drawn, args, cfg)}"
+        wrote = f"listed the detections of {counted(count, 'image')} in {listed}{drawn_text(drawn, args, cfg)}"
     else:
-        wrote = f"wrote {count} images to {args.output}{drawn_text(drawn, args, cfg)}" + (
+        wrote = f"wrote {counted(count, 'image')} to {args.output}{drawn_text(drawn, args, cfg)}" + (
             "" if args.gt or args.results else f"; their detections in {listed}")
     total = count + len(unreadable) + len(unwritten)
     if unwritten:  # the output's fault, not an input's: skip_bad_images does not make it exit 0 (a file-system trial)
@@ -544,7 +544,8 @@ def draw_training_batches(cfg: Config, batches: int, output: str, labelled: bool
         boxes += len(target["boxes"])
         written.add(path.name)
     note_earlier_drawings(out, output, written)
-    print(f"wrote {count} images to {output}: the first {batches} training batches of {cfg.solver.ims_per_batch} "
+    print(f"wrote {counted(count, 'image')} to {output}: the first {counted(batches, 'training batch', 'training batches')} "
+          f"of {cfg.solver.ims_per_batch} "
           f"(iterations 1..{batches} of a new one-process run, seed {cfg.seed}: input.min_size_train "
           f"{cfg.input.min_size_train}{' (range)' if cfg.input.min_size_train_sampling == 'range' else ''}, "
           f"max_size_train {cfg.input.max_size_train}, hflip_prob {cfg.input.hflip_prob:g}, jitter "
