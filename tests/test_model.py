@@ -338,6 +338,62 @@ def test_the_models_input_mistakes_of_a_torchvision_user():
         fast.train()(list(IMAGES), TARGETS)
 
 
+def test_inference_in_train_mode_is_refused_before_the_trunk_runs():
+    """An internals trial: Detectron2 users call model.inference() directly; in train mode it ran
+    the trunk (moving trainable BN's running statistics for good) before the RPN's "gt_boxes are
+    required", so the model's detections changed after a failed call."""
+    model = make_model().train()
+    calls = []
+    model.trunk.register_forward_hook(lambda *args: calls.append(1))
+    for call in (lambda: model.inference([IMAGES[0]]),
+                 lambda: model.detect(model.preprocess([IMAGES[0]], resize=True), [IMAGES[0]])):
+        with pytest.raises(RuntimeError, match=r"the model is in train mode .* call model.eval\(\) first"):
+            call()
+    assert calls == []
+    with torch.no_grad():
+        assert len(model.eval().inference([IMAGES[0]])) == 1 and calls == [1]
+
+
+def test_torchvision_and_detectron2_module_names_say_where_the_part_is_and_cannot_be_set():
+    """An internals trial: `model.rpn.score_thresh = 0.9` (torchvision's RPN has it) and
+    Detectron2's `min_box_size` made new attributes nothing read; `model.backbone` was a bare
+    AttributeError. Names of our own parts and torchvision's RoIHeads aliases keep working."""
+    import copy
+
+    model = make_model().eval()
+    with pytest.raises(AttributeError, match=r"RPN has no 'score_thresh' \(torchvision's or Detectron2's name\): "
+                                             r"no score threshold on proposals here"):
+        model.rpn.score_thresh = 0.9
+    with pytest.raises(AttributeError, match=r"RPN has no 'min_box_size' .*: min_size"):
+        model.rpn.min_box_size = 4.0
+    with pytest.raises(AttributeError, match=r"FasterRCNN has no 'backbone' .*: trunk"):
+        model.backbone
+    with pytest.raises(AttributeError, match=r"'box_predictor' .*: predictor \(cls_score: K\+1 logits, the "
+                                             r"background in column 0, not last as in Detectron2"):
+        model.roi_heads.box_predictor
+    with pytest.raises(AttributeError, match=r"'test_score_thresh' .*: score_thresh_test"):
+        model.roi_heads.test_score_thresh = 0.5
+    assert not hasattr(model, "transform") and not hasattr(model.rpn, "score_thresh")
+    with pytest.raises(AttributeError, match=r"^'FasterRCNN' object has no attribute 'backbones'$"):
+        model.backbones  # any other name: nn.Module's own error
+    model.roi_heads.score_thresh = 0.3  # torchvision's RoIHeads name: an alias of ours
+    model.rpn.min_size = 2.0
+    assert model.roi_heads.score_thresh_test == 0.3 and copy.deepcopy(model).rpn.min_size == 2.0
+
+
+def test_a_model_built_with_a_sampling_that_trains_wrong_is_refused():
+    """An internals trial: build_model of a config changed by attribute runs none of the config's
+    checks; a batch of 0 RoIs trained no head (losses 0), a positive fraction of 1.5 or -0.5 took
+    more RoIs than the batch."""
+    for kwargs, message in (({"roi_batch": 0}, r"Res5ROIHeads: batch_size_per_image must be an integer >= 1, got 0"),
+                            ({"positive_fraction": 1.5}, r"Res5ROIHeads: positive_fraction must be in \[0, 1\], "
+                                                         r"got 1.5"),
+                            ({"positive_fraction": -0.5}, r"positive_fraction must be in \[0, 1\], got -0.5")):
+        with pytest.raises(ValueError, match=message):
+            make_model(**kwargs)
+    make_model(roi_batch=np.int64(8), positive_fraction=1.0)
+
+
 def test_build_model_pools_at_the_anchor_stride_and_rescales_x_and_y_apart():
     """A mutation audit: RoIs pooled at 1/32 (the C4 map is 1/16) and the x and y factors swapped
     when detections go back to the input image were caught by slow tests only."""

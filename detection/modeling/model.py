@@ -22,7 +22,7 @@ from detection.modeling.refinement import BoxRefinement
 from detection.modeling.resize import RESIZE_MODES, resize_tensor, resized_shape, squashed
 from detection.modeling.roi_heads import Res5ROIHeads
 from detection.modeling.rpn import RPN, clip_boxes
-from detection.modeling.structures import ImageList, host_to_device
+from detection.modeling.structures import ImageList, OtherLibraryNames, host_to_device
 from detection.utils.text import PROJECT, DetectionWarning, stacklevel_outside
 
 if TYPE_CHECKING:  # annotations only: the model needs no config at run time
@@ -114,8 +114,15 @@ def _problems(boxes: Tensor, labels: Tensor, num_classes: int, size: tuple[int, 
 _NORMALISED_MIN_SIDE = 16
 
 
-class FasterRCNN(nn.Module):
+class FasterRCNN(OtherLibraryNames, nn.Module):
     """The C4 detector. `trunk` maps (N, 3, H, W) normalized images to the stride-16 map."""
+
+    OTHER_NAMES = {  # torchvision's FasterRCNN and Detectron2's GeneralizedRCNN name these otherwise
+        "backbone": "trunk (stem, res2..res4: the C4 map; res5 is roi_heads.res5)",
+        "transform": "none: the model resizes in eval mode itself (min_size_test, max_size_test), normalises "
+                     "with pixel_mean / pixel_std and pads to size_divisibility; preprocess() does all three",
+        "proposal_generator": "rpn",
+    }
 
     def __init__(self, *, trunk: nn.Module, rpn: RPN, roi_heads: Res5ROIHeads,
                  pixel_mean: Sequence[float], pixel_std: Sequence[float],
@@ -204,7 +211,11 @@ class FasterRCNN(nn.Module):
     def detect(self, batch: ImageList, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Detections in the frame of each preprocessed image of `batch`: trunk, RPN, RoI heads
         (`images`, the originals, are read by multi-scale testing only). Traceable for one image
-        (detection/export/onnx.py traces it)."""
+        (detection/export/onnx.py traces it). Eval mode only, as Detectron2's `inference`."""
+        if self.training:  # checked first: the trunk in train mode moves BN's running statistics for good
+            raise RuntimeError("FasterRCNN.inference / detect: the model is in train mode (its BatchNorm would "
+                               "update its running statistics, and the RPN asks for targets): call model.eval() "
+                               "first, as for any inference (calling the model in train mode gives the losses)")
         with autocast(self.amp, self.device):  # outputs of the RPN and box heads come back in float32
             with record_function("c4det.trunk"):
                 features = self.trunk(batch.tensor)

@@ -32,8 +32,8 @@ from detection.modeling.matcher import FOREGROUND, Matcher
 from detection.modeling.precision import float32
 from detection.modeling.refinement import BoxRefinement, box_voting
 from detection.modeling.rpn import clip_boxes
-from detection.modeling.sampling import subsample_batch
-from detection.modeling.structures import host_to_device
+from detection.modeling.sampling import check_sampling, subsample_batch
+from detection.modeling.structures import OtherLibraryNames, host_to_device
 
 POOLERS = ("roi_align", "roi_pool")
 
@@ -59,8 +59,18 @@ class BoxPredictor(nn.Module):
             return self.cls_score(x), self.bbox_pred(x)
 
 
-class Res5ROIHeads(nn.Module):
+class Res5ROIHeads(OtherLibraryNames, nn.Module):
     """Sample RoIs, pool them from the C4 map, run res5 + average pool, classify and regress."""
+
+    OTHER_NAMES = {  # torchvision's RoIHeads and Detectron2's Res5ROIHeads name these otherwise
+        "box_predictor": "predictor (cls_score: K+1 logits, the background in column 0, not last as in "
+                         "Detectron2; bbox_pred: 4K deltas)",
+        "box_head": "res5 (conv5_x, then the average pool)", "box_roi_pool": "pooler (its name), "
+        "pooler_resolution and spatial_scale", "proposal_matcher": "matcher",
+        "fg_bg_sampler": "batch_size_per_image and positive_fraction (detection.modeling.sampling)",
+        "test_score_thresh": "score_thresh_test", "test_nms_thresh": "nms_thresh_test",
+        "test_topk_per_image": "detections_per_image",
+    }
 
     def __init__(self, *, res5: nn.Module, res5_out_channels: int, num_classes: int,
                  pooler: str = "roi_align", pooler_resolution: int = 14,
@@ -74,6 +84,7 @@ class Res5ROIHeads(nn.Module):
         super().__init__()
         if pooler not in POOLERS:
             raise ValueError(f"Res5ROIHeads: pooler must be one of {', '.join(POOLERS)}, got {pooler!r}")
+        check_sampling("Res5ROIHeads", batch_size_per_image, positive_fraction)
         self.res5 = res5
         self.global_context = global_context
         self.box_refinement = box_refinement

@@ -22,7 +22,8 @@ from detection.modeling.anchors import AnchorGenerator
 from detection.modeling.box_coder import BoxCoder
 from detection.modeling.precision import float32
 from detection.modeling.matcher import Matcher
-from detection.modeling.sampling import subsample_batch
+from detection.modeling.sampling import check_sampling, subsample_batch
+from detection.modeling.structures import OtherLibraryNames
 
 
 class RPNHead(nn.Module):
@@ -55,8 +56,20 @@ class RPNHead(nn.Module):
         return logits.float(), deltas.float()  # float32 under autocast: decoding and losses
 
 
-class RPN(nn.Module):
+class RPN(OtherLibraryNames, nn.Module):
     """Anchors + head + training targets/losses + proposal selection."""
+
+    OTHER_NAMES = {  # torchvision's RegionProposalNetwork and Detectron2's RPN name these otherwise
+        "score_thresh": "no score threshold on proposals here (torchvision's default 0.0 keeps them all): "
+                        "pre_nms_topk, nms_thresh and post_nms_topk select them",
+        "_pre_nms_top_n": "pre_nms_topk, a dict {True: training, False: test}",
+        "_post_nms_top_n": "post_nms_topk, a dict {True: training, False: test}",
+        "min_box_size": "min_size (input pixels of the resized image)",
+        "rpn_head": "head", "proposal_matcher": "matcher (Matcher of iou_thresholds)",
+        "fg_bg_sampler": "batch_size_per_image and positive_fraction (detection.modeling.sampling)",
+        "anchor_boundary_thresh": "none: anchors crossing the image border are kept in training (README, "
+                                  "\"Not yet done\")",
+    }
 
     def __init__(self, *, in_channels: int, anchor_generator: AnchorGenerator,
                  iou_thresholds: Sequence[float] = (0.3, 0.7), batch_size_per_image: int = 256,
@@ -65,6 +78,7 @@ class RPN(nn.Module):
                  post_nms_topk_test: int = 300, nms_thresh: float = 0.7, min_size: float = 0.0,
                  smooth_l1_beta: float = 0.0) -> None:
         super().__init__()
+        check_sampling("RPN", batch_size_per_image, positive_fraction)
         self.anchor_generator = anchor_generator
         self.head = RPNHead(in_channels, anchor_generator.num_anchors)
         self.matcher = Matcher(iou_thresholds, allow_low_quality_matches=True)

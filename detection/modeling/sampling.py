@@ -1,6 +1,7 @@
 """Balanced positive / negative subsampling of labelled anchors or RoIs."""
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -47,6 +48,17 @@ def subsample_batch(labels: Sequence[Tensor], num_samples: int, positive_fractio
         pos = _pick(positive, num_pos, generator)
         samples.append((pos, _pick(negative, num_neg, generator)))
     return samples
+
+
+def check_sampling(owner: str, batch_size_per_image: int, positive_fraction: float) -> None:
+    """ValueError for a sampling that would train silently wrong (the config's checks are not run
+    for a model built by hand or from a config changed by attribute, build_model's: an internals
+    trial's 0 sampled nothing and trained no head, a fraction of 1.5 or -0.5 took more than asked)."""
+    if isinstance(batch_size_per_image, bool) or not isinstance(batch_size_per_image, numbers.Integral) \
+            or batch_size_per_image < 1:
+        raise ValueError(f"{owner}: batch_size_per_image must be an integer >= 1, got {batch_size_per_image!r}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError(f"{owner}: positive_fraction must be in [0, 1], got {positive_fraction!r}")
 
 
 def _pick(indices: Tensor, count: int, generator: torch.Generator | None) -> Tensor:

@@ -23,6 +23,33 @@ def host_to_device(data: Tensor, device: torch.device | str) -> Tensor:
     return data.pin_memory().to(device, non_blocking=True)
 
 
+class OtherLibraryNames:
+    """A module mixin (before nn.Module in the bases) for the attribute names torchvision's or
+    Detectron2's module of the same role has and this one names otherwise (`OTHER_NAMES`: name ->
+    where it is here): reading one says where to look, and setting one is refused, where
+    nn.Module made a new attribute that nothing reads (an internals trial: `model.rpn.score_thresh
+    = 0.9` changed nothing, without a word)."""
+
+    OTHER_NAMES: dict[str, str] = {}
+
+    def _other_name(self, name: str) -> str:
+        return (f"{type(self).__name__} has no {name!r} (torchvision's or Detectron2's name): "
+                f"{type(self).OTHER_NAMES[name]}")
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # nn.Module's: parameters, buffers, submodules
+        except AttributeError:
+            if name not in type(self).OTHER_NAMES:
+                raise
+        raise AttributeError(self._other_name(name))
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in type(self).OTHER_NAMES:
+            raise AttributeError(self._other_name(name))
+        super().__setattr__(name, value)
+
+
 @dataclass
 class ImageList:
     """A padded batch of images plus the size of each image before padding.
