@@ -8,7 +8,7 @@ import torch
 
 from detection.config import config_to_dict, load_config
 from detection.engine.checkpoint import CheckpointError, save_checkpoint
-from detection.engine.loading import DetectorWeights, load_initial_weights, read_detector_file
+from detection.engine.loading import DetectorWeights, load_detector_weights, load_initial_weights, read_detector_file
 from detection.engine.inference_model import build_inference_model, check_model_settings
 from detection.modeling.model import build_model
 
@@ -156,13 +156,59 @@ def test_fine_tuning_from_our_detector_on_another_label_set(trained, caplog):
     assert torch.equal(state["trunk.res4.1.conv2.weight"], source.state_dict()["trunk.res4.1.conv2.weight"])
     assert torch.equal(model.roi_heads.predictor.cls_score.weight, fresh)  # (6, C) left as initialised
     assert "3 classes, the config 5" in caplog.text
-    # a fine-tune whose other tensors do not fit either (another anchor count): the error names
+    # a fine-tune whose other tensors do not fit either (trainable BN's statistics): the error names
     # those, not the class count, which a fine-tune may change
     other = build_model(tiny_cfg("model.num_classes=5", "model.input_format=BGR", "model.pixel_std=[1,1,1]",
-                                 "model.anchors.aspect_ratios=[0.5,1.0,2.0,4.0]"))
-    with pytest.raises(CheckpointError, match="rpn.head") as err:
+                                 "model.backbone.norm=bn"))
+    with pytest.raises(CheckpointError, match="running_mean") as err:
         load_initial_weights(other, str(path), None)
     assert "classes" not in str(err.value)
+
+
+def test_a_new_run_takes_the_configs_anchors_and_starts_the_rpn_outputs_fresh_for_another_count(trained, caplog):
+    """A small-object trial: fine-tuning with smaller anchors (Detectron2's usual recipe on a zoo
+    model) was refused over the RPN head's shapes; Detectron2 skips those layers with a warning.
+    Evaluation stays strict and now says the anchors differ; the same count with other sizes is said."""
+    path, source = trained  # anchors [16, 32] x 3 aspect ratios: 6 per position
+    cfg = tiny_cfg("model.input_format=BGR", "model.pixel_std=[1,1,1]", "model.anchors.sizes=[4,8,16,32]")
+    model = build_model(cfg)
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("rpn.head.")}
+    with caplog.at_level("INFO"):
+        load_initial_weights(model, str(path), None)
+    state = model.state_dict()
+    for name in ("objectness_logits.weight", "objectness_logits.bias", "anchor_deltas.weight", "anchor_deltas.bias"):
+        assert torch.equal(state[f"rpn.head.{name}"], fresh[f"rpn.head.{name}"])  # (12, ...), as initialised
+    assert torch.equal(state["rpn.head.conv.weight"], source.state_dict()["rpn.head.conv.weight"])
+    assert torch.equal(state["trunk.res4.1.conv2.weight"], source.state_dict()["trunk.res4.1.conv2.weight"])
+    assert "its RPN was trained with 6 anchors per position, the config's model.anchors make 12: " \
+           "rpn.head.objectness_logits.weight, rpn.head.objectness_logits.bias, " in caplog.text
+    with pytest.raises(CheckpointError, match=r"its RPN was trained with 6 anchors per position, the config's "
+                                              r"model.anchors make 12 \(sizes x aspect_ratios\); a new run"):
+        load_detector_weights(build_model(cfg), read_detector_file(path))  # strict, as evaluation loads
+    # as many anchors, other sizes: kept, and said
+    caplog.clear()
+    model = build_model(tiny_cfg("model.input_format=BGR", "model.pixel_std=[1,1,1]", "model.anchors.sizes=[8,16]"))
+    with caplog.at_level("INFO"):
+        load_initial_weights(model, str(path), None)
+    assert torch.equal(model.state_dict()["rpn.head.anchor_deltas.weight"],
+                       source.state_dict()["rpn.head.anchor_deltas.weight"])
+    assert "its RPN was trained with other anchors (sizes [16, 32], aspect_ratios [0.5, 1.0, 2.0]) than the " \
+           "config's model.anchors, as many per position" in caplog.text
+    # an older zoo file stores its cell anchors (and no config): a new run takes the config's, and says so
+    from detection.modeling.anchors import generate_cell_anchors
+
+    zoo = dataclasses.replace(read_detector_file(path), config=None, extra={
+        "proposal_generator.anchor_generator.cell_anchors.0": generate_cell_anchors([16, 32], [0.5, 1.0, 2.0])})
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        load_initial_weights(model, str(path), None, zoo)
+    assert "its RPN was trained with other anchors than the config's model.anchors" in caplog.text
+    with pytest.raises(CheckpointError, match=r"cell_anchors.0 .* differs from the config's model.anchors"):
+        load_detector_weights(model, zoo)
+    caplog.clear()
+    with caplog.at_level("INFO"):  # the same anchors: nothing said
+        load_initial_weights(build_model(tiny_cfg("model.input_format=BGR", "model.pixel_std=[1,1,1]")), str(path), None)
+    assert "anchors" not in caplog.text
 
 
 @pytest.mark.parametrize("data_classes", [["cross", "disc", "box"], ["cat", "dog", "bird"], ["disc", "box", "cross"]])

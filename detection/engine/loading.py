@@ -12,8 +12,9 @@ No file can run code while it is read.
 
 Loading is strict. A tensor of the file with no place in the model, a model tensor the file
 lacks, or a shape that differs is an error listing them: silently dropped weights give a
-detector that runs and is wrong. The one exception is deliberate: fine-tuning on another
-label set (`allow_new_classes`) re-initialises the class-specific layers, and says so.
+detector that runs and is wrong. The exceptions are deliberate, in a new run only: fine-tuning
+on another label set (`allow_new_classes`) re-initialises the class-specific layers, and another
+count of anchors per position (`allow_new_anchors`) the RPN's output layers, and each says so.
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ OUR_PREFIXES = ("trunk.", "rpn.", "roi_heads.")
 # The layers whose shape follows the number of classes: re-initialised when fine-tuning on new labels.
 CLASS_SPECIFIC = ("roi_heads.predictor.cls_score.weight", "roi_heads.predictor.cls_score.bias",
                   "roi_heads.predictor.bbox_pred.weight", "roi_heads.predictor.bbox_pred.bias")
+# The RPN's output layers, whose shape follows the anchors per position (sizes x aspect_ratios):
+# re-initialised when a new run changes model.anchors' count (Detectron2's checkpointer skips them too).
+ANCHOR_SPECIFIC = ("rpn.head.objectness_logits.weight", "rpn.head.objectness_logits.bias",
+                   "rpn.head.anchor_deltas.weight", "rpn.head.anchor_deltas.bias")
 _ZIP_MAGIC = b"PK\x03\x04"
 # files given as weights by mistake, by their first bytes
 _NOT_WEIGHTS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
@@ -165,12 +170,14 @@ def _checked(weights: DetectorWeights) -> DetectorWeights:
 
 
 def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_new_classes: bool = False,
-                          fresh_classes: bool = False) -> list[str]:
+                          fresh_classes: bool = False, allow_new_anchors: bool = False) -> list[str]:
     """Load every tensor of `weights` into `model` (a FasterRCNN), or raise CheckpointError
     listing what does not fit. With allow_new_classes, a class count that differs from the
     model's (or, with fresh_classes, any other label set) leaves the class-specific layers at
-    their initial values; returns their names."""
-    _check_extra(model, weights)
+    their initial values; with allow_new_anchors (a new run), the model's anchors are taken
+    whatever the file's, and another count of them per position leaves the RPN's output layers
+    (ANCHOR_SPECIFIC) at their initial values. Returns the names of the layers left so."""
+    _check_extra(model, weights, anchors=not allow_new_anchors)
     own = model.state_dict()
     _check_global_context(own, weights)
     # BatchNorm's step counter (num_batches_tracked) is no weight: a BN-trained detector loads into frozen norms
@@ -182,6 +189,10 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
     if allow_new_classes and (fresh_classes or weights.num_classes != model.num_classes):
         skipped = [k for k in CLASS_SPECIFIC if k in own]
         mismatched = [k for k in mismatched if k not in skipped]
+    fresh_anchors = [k for k in ANCHOR_SPECIFIC if k in mismatched] if allow_new_anchors else []
+    if fresh_anchors:
+        fresh_anchors = [k for k in ANCHOR_SPECIFIC if k in own]
+        mismatched = [k for k in mismatched if k not in fresh_anchors]
     problems = _problems(unexpected, missing, mismatched, own, weights, classes_matter=not skipped) \
         + _bad_values(own, weights)
     if problems:
@@ -198,8 +209,9 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
     if weights.num_classes != model.num_classes and not skipped:
         raise CheckpointError(f"{weights.path}: a detector of {weights.num_classes} classes, but "
                               f"model.num_classes is {model.num_classes}")
-    model.load_state_dict({k: v for k, v in weights.state.items() if k not in skipped and k in own}, strict=False)
-    return skipped
+    model.load_state_dict({k: v for k, v in weights.state.items() if k not in skipped + fresh_anchors and k in own},
+                          strict=False)
+    return skipped + fresh_anchors
 
 
 def trained_with_global_context(path: str) -> bool | None:
@@ -242,6 +254,11 @@ def _problems(unexpected: list[str], missing: list[str], mismatched: list[str], 
         shapes = [f"{k} {tuple(weights.state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
                   for k in mismatched]
         problems.append(f"{len(mismatched)} shapes differ ({first_few(shapes, 4)})")
+    key = ANCHOR_SPECIFIC[1]  # the objectness bias: one value per anchor of a position
+    if key in mismatched:  # a small-object trial: the shapes alone did not say that the anchors differ
+        problems.append(f"its RPN was trained with {weights.state[key].numel()} anchors per position, the config's "
+                        f"model.anchors make {own[key].numel()} (sizes x aspect_ratios); a new run from these "
+                        "weights (model.weights) starts the RPN's output layers fresh instead")
     if problems and classes_matter and weights.num_classes != own["roi_heads.predictor.cls_score.weight"].shape[0] - 1:
         problems.append(f"the file has {weights.num_classes} classes, model.num_classes is "
                         f"{own['roi_heads.predictor.cls_score.weight'].shape[0] - 1}")
@@ -258,12 +275,14 @@ def _bad_values(own: dict, weights: DetectorWeights) -> list[str]:
     return [f"{len(integers)} tensors are integers where the model has floats ({first_few(integers, 6)})"]
 
 
-def _check_extra(model: nn.Module, weights: DetectorWeights) -> None:
-    """Detectron2's pixel mean/std and anchors, where the file has them, must be the config's."""
+def _check_extra(model: nn.Module, weights: DetectorWeights, anchors: bool = True) -> None:
+    """Detectron2's pixel mean/std and anchors, where the file has them, must be the config's
+    (the anchors not in a new run, `anchors` False: the config's are taken, as Detectron2 does)."""
     checks = {"pixel_mean": ("model.pixel_mean", model.pixel_mean),
-              "pixel_std": ("model.pixel_std", model.pixel_std),
-              "proposal_generator.anchor_generator.cell_anchors.0":
-                  ("model.anchors (sizes, aspect_ratios)", model.rpn.anchor_generator.cell_anchors)}
+              "pixel_std": ("model.pixel_std", model.pixel_std)}
+    if anchors:
+        checks["proposal_generator.anchor_generator.cell_anchors.0"] = (
+            "model.anchors (sizes, aspect_ratios)", model.rpn.anchor_generator.cell_anchors)
     for name, (key, ours) in checks.items():
         theirs = weights.extra.get(name)
         if theirs is None:
@@ -299,8 +318,11 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConf
         logger.info("%s was trained on the same classes in another order (%s): its class-specific layers are "
                     "reordered to the data's (%s)", path, ", ".join(theirs), ", ".join(ours))
         other_names = False
-    skipped = load_detector_weights(model, weights, allow_new_classes=True, fresh_classes=other_names)
+    skipped = load_detector_weights(model, weights, allow_new_classes=True, fresh_classes=other_names,
+                                    allow_new_anchors=True)
     logger.info("loaded the %s detector %s", weights.format, path)
+    _say_new_anchors(model, weights, [k for k in skipped if k in ANCHOR_SPECIFIC])
+    skipped = [k for k in skipped if k not in ANCHOR_SPECIFIC]
     if ours and not theirs and not skipped:  # a Detectron2 file: what its rows mean is not known here
         logger.info("%s names no classes: its class-specific rows are taken in order as the data's (%s)",
                     path, first_few(ours, 6))
@@ -310,6 +332,34 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConf
     elif skipped:
         logger.warning("%s has %d classes, the config %d: %s start from fresh initial values",
                        path, weights.num_classes, model.num_classes, ", ".join(skipped))
+
+
+def _say_new_anchors(model: nn.Module, weights: DetectorWeights, fresh: list[str]) -> None:
+    """A new run whose model.anchors differ from those the file's RPN was trained with (a
+    small-object trial: another count was refused, the same count with other sizes said
+    nothing): the RPN's output layers start fresh, or keep values trained for other anchors."""
+    from detection.modeling.anchors import generate_cell_anchors
+
+    ours = model.rpn.anchor_generator.cell_anchors.cpu()
+    if fresh:
+        logger.warning("%s: its RPN was trained with %d anchors per position, the config's model.anchors make %d: "
+                       "%s start from fresh initial values", weights.path,
+                       weights.state[ANCHOR_SPECIFIC[1]].numel(), ours.shape[0], ", ".join(fresh))
+        return
+    theirs = weights.extra.get("proposal_generator.anchor_generator.cell_anchors.0")
+    anchors = ((weights.config or {}).get("model") or {}).get("anchors") or {}
+    if theirs is None and anchors.get("sizes") and anchors.get("aspect_ratios"):
+        try:
+            theirs = generate_cell_anchors(anchors["sizes"], anchors["aspect_ratios"])
+        except (TypeError, ValueError):  # a saved config not of this project's shape: nothing to say
+            return
+    if theirs is None or (theirs.numel() == ours.numel()
+                          and torch.allclose(theirs.float().reshape(ours.shape), ours, rtol=1e-4, atol=1e-3)):
+        return
+    said = f" (sizes {anchors['sizes']}, aspect_ratios {anchors['aspect_ratios']})" if anchors else ""
+    logger.warning("%s: its RPN was trained with other anchors%s than the config's model.anchors, as many per "
+                   "position: each of its output channels starts from what it learnt for the file's anchor of "
+                   "that place in the order (sizes, then aspect ratios), as Detectron2 does", weights.path, said)
 
 
 def _reordered(weights: DetectorWeights, order: list[int]) -> DetectorWeights:
