@@ -206,6 +206,21 @@ def test_a_wrong_value_is_named_in_a_line_not_dumped(tmp_path):
         load_config(None, [f"model.class_names={'x' * 100000}"])  # a long string on the command line too
 
 
+def test_detectron2s_anchor_lists_per_feature_map_say_the_flat_list_to_write():
+    """A small-object trial: Detectron2's `SIZES: [[32, 64]]` said only "expected int, got [32, 64]";
+    and two equal aspect ratios made two identical anchors per position (equal sizes were refused)."""
+    with pytest.raises(ConfigError, match=r"model.anchors.sizes: expected a list of int, got \[\[32, 64\]\], "
+                                          r"Detectron2's list per feature map: the C4 detector has one map, write "
+                                          r"\[32, 64\]$"):
+        load_config(None, ["model.anchors.sizes=[[32, 64]]"])
+    with pytest.raises(ConfigError, match=r"write \[0.5, 1.0, 2.0\]$"):
+        load_config(None, ["model.anchors.aspect_ratios=[[0.5], [1.0, 2.0]]"])
+    with pytest.raises(ConfigError, match=r"model.anchors.aspect_ratios: \[1.0, 1.0\] is invalid, expected positive "
+                                          r"ratios, each once"):
+        load_config(None, ["model.anchors.aspect_ratios=[1.0, 1.0]"])
+    assert load_config(None, ["model.anchors.sizes=[32, 64]"]).model.anchors.sizes == [32, 64]
+
+
 def test_save_load_round_trip(tmp_path):
     cfg = load_config(ROOT / "configs" / "coco_r101.yaml", ["model.rpn.nms_thresh=0.65",
                       "datasets.test=[{type: coco, ann_file: a.json, image_root: imgs}]"])

@@ -182,13 +182,10 @@ def _evaluate(cfg: Config, args: argparse.Namespace, out_root: Path, source: Res
         _check_targets(args.targets, {d.name: dict.fromkeys(metric_names(d, cfg.test.coco_max_dets), 0.0)
                                       if d.has_annotations else {} for d in datasets})
     if model is not None and is_main_process():  # objects the model sees too small to be proposed
-        from detection.engine.startup import small_objects_line
+        from detection.engine.startup import small_objects_warnings
 
-        for dataset in datasets:
-            line = small_objects_line(dataset, cfg.input.min_size_test, cfg.input.max_size_test,
-                                      min(cfg.model.anchors.sizes), "input.min_size_test", tile=cfg.test.tiles.size)
-            if line:
-                logger.warning("%s", line)
+        for line in small_objects_warnings(cfg, [], datasets):
+            logger.warning("%s", line)
     claim_for_every_process(out_root, source, folders, overwrite=args.overwrite, echo=say)
     per_set = evaluate_test_sets(datasets, model=model, num_workers=cfg.dataloader.num_workers,
                                  results=args.results, output_dir=out_root, echo=say, model_classes=model_classes,

@@ -52,8 +52,8 @@ def _checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("model.backbone.freeze_at", 0 <= m.backbone.freeze_at <= 5, "0..5"),
         ("model.anchors.sizes", len(m.anchors.sizes) > 0 and min(m.anchors.sizes) > 0
          and len(set(m.anchors.sizes)) == len(m.anchors.sizes), "positive sizes, each once"),
-        ("model.anchors.aspect_ratios", len(m.anchors.aspect_ratios) > 0
-         and min(m.anchors.aspect_ratios) > 0, "positive ratios"),
+        ("model.anchors.aspect_ratios", len(m.anchors.aspect_ratios) > 0 and min(m.anchors.aspect_ratios) > 0
+         and len(set(m.anchors.aspect_ratios)) == len(m.anchors.aspect_ratios), "positive ratios, each once"),
         ("model.anchors.stride", m.anchors.stride == 16, "16 (the C4 map's stride)"),
         ("model.rpn.iou_thresholds", len(m.rpn.iou_thresholds) == 2 and 0 <= lo <= hi <= 1,
          "[low, high] with 0 <= low <= high <= 1"),

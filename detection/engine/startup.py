@@ -6,6 +6,7 @@ summary that names them, and what a run that stops before its first iteration ta
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -240,18 +241,24 @@ def parameters_line(model: torch.nn.Module, freeze_at: int) -> str:
             f"{freeze_at}: {', '.join(frozen) or 'nothing'} frozen)")
 
 
-def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, smallest_anchor: int, size_key: str,
-                       what: str = "test", tile: int = 0) -> str | None:
-    """A warning when half a set's objects, at the size the model sees them (each image resized to
-    `min_size` / `max_size`), are under half the smallest anchor: their IoU with any anchor is then
-    under 0.25, below the RPN's background threshold (0.3), so each is matched only as its best
-    anchor's and few are proposed (a dense-scene trial: 4000x3000 images shrunk to 640x480 made
-    their 8-20 px objects 1-2 px, AP 0 with no word). The size of an object: the square root of
+def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, anchor_sizes: Sequence[int],
+                       size_key: str, what: str = "test", tile: int = 0, *, max_key: str | None = None,
+                       aspect_ratios: Sequence[float] = (1.0,), stride: int = 16,
+                       background: float = 0.3) -> str | None:
+    """A warning when a set's objects, at the size the model sees them (each image resized to
+    `min_size` / `max_size`), are too small for the anchors. Either half of them are under half
+    the smallest anchor: their IoU with any anchor is then under 0.25, so each is matched only as
+    its best anchor's and few are proposed (a dense-scene trial: 4000x3000 images shrunk to
+    640x480 made their 8-20 px objects 1-2 px, AP 0 with no word). Or a tenth or more of them may
+    lie between the anchor centres (every `stride` pixels) with no anchor overlapping them at all
+    (an object and an anchor whose sides add up to less than the stride): the RPN then has no
+    target for them (a small-object trial: anchors of 4 px, as the first warning advised, left
+    58% of 6 px objects none, and nothing was said). The size of an object: the square root of
     its area. `tile`: test.tiles.size (an image larger than it is run in tiles of that side, each
     resized as an image)."""
     from detection.modeling.resize import resized_shape
 
-    sides, capped = [], 0
+    sides, shapes, capped = [], [], 0
     for record in dataset.records:
         boxes = np.asarray(record.get("boxes", ()), np.float64).reshape(-1, 4)
         height, width = record.get("height") or 0, record.get("width") or 0
@@ -261,33 +268,77 @@ def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, small
             height, width = min(height, tile), min(width, tile)
         new_h, new_w = resized_shape(height, width, min_size, max_size)
         capped += min(new_h, new_w) < min_size  # the longer side's cap set the scale
-        area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0) * (new_h / height) * (
-            new_w / width)
-        sides.append(np.sqrt(area))
+        w = (boxes[:, 2] - boxes[:, 0]).clip(0) * (new_w / width)
+        h = (boxes[:, 3] - boxes[:, 1]).clip(0) * (new_h / height)
+        sides.append(np.sqrt(w * h))
+        shapes.append(np.stack([w, h], 1))
     if not sides:
         return None
     median = float(np.median(np.concatenate(sides)))
-    if median >= smallest_anchor / 2:
-        return None
-    max_key = size_key.replace("min_size", "max_size")
+    smallest = min(anchor_sizes)
+    max_key = max_key or size_key.replace("min_size", "max_size")
     capping = capped * 2 > len(sides)  # most images' scale set by the longer side's cap (a panorama's)
     at = f"{max_key} {max_size}, which caps most of these images' scale" if capping else f"{size_key} {min_size}"
     at += f" in test.tiles.size {tile} px tiles" if tile else ""
-    return (f"{what} set {dataset.name}: half its objects are under {median:.1f} px (the square root of their area) "
-            f"at {at}, under half the smallest anchor (model.anchors.sizes: {smallest_anchor}): "
-            "their IoU with every anchor is under the RPN's background threshold, so few are proposed; raise "
-            f"{max_key if capping else size_key}, train with smaller model.anchors.sizes, or cut the images into tiles"
-            + (" (test.tiles.size at test time)" if what == "test" and not tile else ""))
+    raise_key = max_key if capping else size_key
+    tiles = " (test.tiles.size at test time)" if what == "test" and not tile else ""
+    if median < smallest / 2:
+        below = f", below the RPN's background threshold {background:g}" if background >= 0.25 else ""
+        smaller = f", train with smaller model.anchors.sizes (not under {stride}: model.anchors.stride)" \
+            if smallest > stride else ""
+        return (f"{what} set {dataset.name}: half its objects are under {median:.1f} px (the square root of their "
+                f"area) at {at}, under half the smallest anchor (model.anchors.sizes: {smallest}): their IoU with "
+                f"every anchor is under 0.25{below}, so few are proposed; raise {raise_key}{smaller}, or cut the "
+                f"images into tiles{tiles}")
+    share = _between_anchors(np.concatenate(shapes), anchor_sizes, aspect_ratios, stride)
+    if share < 0.1:
+        return None
+    tenth = float(np.percentile(np.concatenate(sides), 10))
+    return (f"{what} set {dataset.name}: about {share:.0%} of its objects, at {at}, lie between the anchor centres "
+            f"(every {stride} px) with no anchor overlapping them (model.anchors.sizes {list(anchor_sizes)}: an "
+            f"object and an anchor whose sides add up to under {stride} px can miss each other), so the RPN has "
+            f"no target for them and few are proposed; anchors of {math.floor(stride - tenth) + 1} px or more "
+            f"reach nine objects in ten anywhere (the tenth smallest part are under {tenth:.1f} px); or raise "
+            f"{raise_key}, or cut the images into tiles{tiles}")
+
+
+def _between_anchors(shapes: np.ndarray, sizes: Sequence[int], aspect_ratios: Sequence[float], stride: int
+                     ) -> float:
+    """The expected share of objects of these (width, height)s (N, 2), placed anywhere, that no
+    anchor overlaps (anchors of `sizes` x `aspect_ratios`, ratio = height / width, centred every
+    `stride` pixels). Anchor a overlaps an object whose centre is (dx, dy) from the nearest anchor
+    centre when |dx| < (w + w_a) / 2 and |dy| < (h + h_a) / 2: the places covered are a union of
+    rectangles centred there, whose area is summed in strips of x, each as high as the tallest
+    rectangle reaching past it."""
+    half = stride / 2
+    ratios = np.sqrt(np.asarray(aspect_ratios, np.float64))
+    anchor_w = (np.asarray(sizes, np.float64)[:, None] / ratios[None]).ravel()  # (A,)
+    anchor_h = (np.asarray(sizes, np.float64)[:, None] * ratios[None]).ravel()
+    reach_x = np.minimum((shapes[:, :1] + anchor_w[None]) / 2, half)  # (N, A)
+    reach_y = np.minimum((shapes[:, 1:] + anchor_h[None]) / 2, half)
+    order = np.argsort(reach_x, axis=1)
+    reach_x, reach_y = np.take_along_axis(reach_x, order, 1), np.take_along_axis(reach_y, order, 1)
+    strips = np.diff(reach_x, axis=1, prepend=0.0)  # x from the previous reach to this one
+    tallest = np.maximum.accumulate(reach_y[:, ::-1], axis=1)[:, ::-1]  # of the rectangles reaching past it
+    return float(1.0 - ((strips * tallest).sum(1) / half ** 2).mean())
 
 
 def small_objects_warnings(cfg: Config, datasets: Sequence[DatasetInfo], test_sets: Sequence[DatasetInfo]
                            ) -> list[str]:
-    """small_objects_line of each training set (at the largest input.min_size_train) and test set."""
-    smallest = min(cfg.model.anchors.sizes)
-    lines = [small_objects_line(d, max(cfg.input.min_size_train), cfg.input.max_size_train, smallest,
-                                "input.min_size_train", "training") for d in datasets]
-    lines += [small_objects_line(d, cfg.input.min_size_test, cfg.input.max_size_test, smallest, "input.min_size_test",
-                                 tile=cfg.test.tiles.size) for d in test_sets if d.has_annotations]
+    """small_objects_line of each training set (at the largest input.min_size_train) and test set
+    with annotations (at input.min_size_test, or with test.aug on at the largest of its sizes: the
+    objects' largest view); training and eval.py say them."""
+    a = cfg.model.anchors
+    anchors = dict(aspect_ratios=a.aspect_ratios, stride=a.stride, background=cfg.model.rpn.iou_thresholds[0])
+    lines = [small_objects_line(d, max(cfg.input.min_size_train), cfg.input.max_size_train, a.sizes,
+                                "input.min_size_train", "training", **anchors) for d in datasets]
+    if cfg.test.aug.enabled:  # TTA runs at its own sizes only (a small-object trial: input.min_size_test was checked)
+        sizes, keys = (max(cfg.test.aug.min_sizes), cfg.test.aug.max_size), ("test.aug.min_sizes' largest",
+                                                                             "test.aug.max_size")
+    else:
+        sizes, keys = (cfg.input.min_size_test, cfg.input.max_size_test), ("input.min_size_test", "input.max_size_test")
+    lines += [small_objects_line(d, *sizes, a.sizes, keys[0], tile=cfg.test.tiles.size, max_key=keys[1], **anchors)
+              for d in test_sets if d.has_annotations]
     return [line for line in lines if line]
 
 
