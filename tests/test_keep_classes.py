@@ -128,6 +128,54 @@ def test_a_results_file_of_every_class_is_scored_on_the_kept_ones(tmp_path):
         evaluate_results_file(kept, str(bad))
 
 
+def test_results_rescored_against_a_json_numbering_the_classes_otherwise_are_scored_by_name(tmp_path, caplog):
+    """A growing-data trial: week 2's results folder re-scored (eval.py --results) against week 3's
+    json, whose categories are numbered otherwise, scored circle's detections against square's
+    ground truth without a word. coco_categories.json beside coco_results.json names its ids."""
+    whole = get_dataset(_entry(tmp_path), str(tmp_path), check_images=False)
+    evaluator = build_evaluator(whole, str(tmp_path / "whole"))
+    evaluator.process(whole.records, _noisy_outputs(whole))
+    expected = evaluator.evaluate()
+    assert json.loads((tmp_path / "whole" / "coco_categories.json").read_text()) == {
+        "categories": [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}, {"id": 42, "name": "triangle"}]}
+    results = str(tmp_path / "whole" / "coco_results.json")
+    # the same objects, the categories renumbered: circle 7, square 3, triangle 5
+    new_ids = {3: 7, 7: 3, 42: 5}
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    coco = json.loads((tmp_path / "instances_tiny.json").read_text())
+    coco["categories"] = [{**c, "id": new_ids[c["id"]]} for c in coco["categories"]]
+    coco["annotations"] = [{**a, "category_id": new_ids[a["category_id"]]} for a in coco["annotations"]]
+    (moved / "instances_tiny.json").write_text(json.dumps(coco))
+    renumbered = get_dataset({"type": "coco", "ann_file": str(moved / "instances_tiny.json"),
+                              "image_root": str(tmp_path / "images"), "name": "renumbered"}, str(tmp_path),
+                             check_images=False)
+    with caplog.at_level("WARNING"):
+        metrics = evaluate_results_file(renumbered, results)
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected, nan_ok=True)  # per class too
+    assert "written for a json numbering the categories otherwise (circle 3 then, 7 now, square 7 then, 3 now, " \
+           "triangle 42 then, 5 now): scored by name" in caplog.text
+    found = read_detections(renumbered, results)  # the report's counts and visualize.py --results, alike
+    before = read_detections(whole, results)
+    assert renumbered.class_names == ["square", "triangle", "circle"]  # labels in ascending category id
+    for i in before:  # each detection the class it was
+        assert [renumbered.class_names[k - 1] for k in found[i]["labels"]] == \
+            [whole.class_names[k - 1] for k in before[i]["labels"]]
+    # without the file (another tool's results) the ids are taken as they are, as pycocotools does
+    (tmp_path / "whole" / "coco_categories.json").rename(tmp_path / "aside.json")
+    with pytest.raises(DataError, match=r"has category_id 42, which is not a category of data set renumbered"):
+        evaluate_results_file(renumbered, results)
+    # a class renamed since: its id now names another class, and its name none: refused
+    (tmp_path / "aside.json").rename(tmp_path / "whole" / "coco_categories.json")
+    coco["categories"] = [{**c, "name": {"circle": "disc"}.get(c["name"], c["name"])} for c in coco["categories"]]
+    (moved / "instances_tiny.json").write_text(json.dumps(coco))
+    renamed = get_dataset({"type": "coco", "ann_file": str(moved / "instances_tiny.json"),
+                           "image_root": str(tmp_path / "images"), "name": "renamed"}, str(tmp_path), check_images=False)
+    with pytest.raises(DataError, match=r"coco_results.json: written for classes of which circle is not in data set "
+                                        r"renamed, whose category ids now name 3 square, 5 triangle, 7 disc"):
+        evaluate_results_file(renamed, results)
+
+
 def test_a_name_not_among_the_sets_classes_names_the_field_and_the_closest(tmp_path):
     with pytest.raises(DataError, match=r"field keep_classes: 'triangel' is not one of its 3 classes \(did you mean "
                                         r"triangle\?\) \(circle, square, triangle; in .*instances_tiny.json\)"):

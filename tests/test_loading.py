@@ -37,6 +37,16 @@ def test_our_checkpoint_is_recognised_by_content(trained):
     assert weights.format == "c4det" and weights.num_classes == 3
     assert weights.class_names == ["disc", "box", "cross"] and weights.config["model"]["input_format"] == "BGR"
     assert weights.state.keys() == model.state_dict().keys()
+    # loaded as the README shows: the model knows what its labels mean (a growing-data trial: evaluate(cfg,
+    # model) scored by label number a test set listing the classes in another order)
+    fresh = build_model(tiny_cfg("model.input_format=BGR", "model.pixel_std=[1,1,1]"))
+    assert fresh.class_names is None
+    load_detector_weights(fresh, weights)
+    assert fresh.class_names == ["disc", "box", "cross"]
+    named = build_model(tiny_cfg("model.input_format=BGR", "model.pixel_std=[1,1,1]"))
+    named.class_names = ["a", "b", "c"]  # a caller's own names are theirs
+    load_detector_weights(named, weights)
+    assert named.class_names == ["a", "b", "c"]
 
 
 def test_a_checkpoint_in_torchs_format_before_1_6_is_read(trained, tmp_path):
@@ -163,6 +173,37 @@ def test_fine_tuning_from_our_detector_on_another_label_set(trained, caplog):
     with pytest.raises(CheckpointError, match="running_mean") as err:
         load_initial_weights(other, str(path), None)
     assert "classes" not in str(err.value)
+
+
+@pytest.mark.parametrize("data_classes", [["box", "disc", "cross", "owl"], ["disk", "box", "cross"]])
+def test_fine_tuning_keeps_the_rows_of_the_classes_the_file_names_too(trained, caplog, data_classes):
+    """A growing-data trial: a class added to a run's classes (or one renamed: a typo fixed) made
+    every class-specific row start fresh, the known classes' too; now the rows of each class the
+    file names are kept by name, the background's as well, and only the new ones start fresh."""
+    path, source = trained  # disc, box, cross
+    cfg = tiny_cfg("model.input_format=BGR", "model.pixel_std=[1,1,1]", f"model.num_classes={len(data_classes)}")
+    model = build_model(cfg)
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("roi_heads.predictor.")}
+    with caplog.at_level("INFO"):
+        load_initial_weights(model, str(path), None, class_names=data_classes)
+    old, new = source.roi_heads.predictor, model.roi_heads.predictor
+    trained_on = ["disc", "box", "cross"]
+    for layer in ("weight", "bias"):
+        assert torch.equal(getattr(new.cls_score, layer)[0], getattr(old.cls_score, layer)[0])  # the background
+        for k, name in enumerate(data_classes):
+            cls_row = getattr(new.cls_score, layer)[k + 1]
+            box_rows = getattr(new.bbox_pred, layer)[4 * k:4 * k + 4]
+            if name in trained_on:
+                j = trained_on.index(name)
+                assert torch.equal(cls_row, getattr(old.cls_score, layer)[j + 1])
+                assert torch.equal(box_rows, getattr(old.bbox_pred, layer)[4 * j:4 * j + 4])
+            else:
+                assert torch.equal(cls_row, fresh[f"roi_heads.predictor.cls_score.{layer}"][k + 1])
+                assert torch.equal(box_rows, fresh[f"roi_heads.predictor.bbox_pred.{layer}"][4 * k:4 * k + 4])
+    new_names = [n for n in data_classes if n not in trained_on]
+    assert f"was trained on disc, box, cross, the data has {', '.join(data_classes)}: the class-specific rows of " \
+           f"{', '.join(n for n in data_classes if n in trained_on)} are kept by name, those of " \
+           f"{', '.join(new_names)} start from fresh initial values (the background's is kept)" in caplog.text
 
 
 def test_a_new_run_takes_the_configs_anchors_and_starts_the_rpn_outputs_fresh_for_another_count(trained, caplog):

@@ -6,6 +6,7 @@ visualize.py saying what it drew."""
 from __future__ import annotations
 
 import json
+import re
 import logging
 from pathlib import Path
 
@@ -565,3 +566,25 @@ def test_a_resume_on_other_training_images_says_so_and_on_moved_ones_does_not(da
                                           "dataloader.repeat_threshold": 0.5}), resume=True)
     assert "--resume at iteration 4: dataloader.repeat_threshold changed (the run: 0, now: 0.5): from here the " \
            "epochs are drawn at the new threshold" in caplog.text
+    # a new export of the same images whose categories are numbered otherwise (square 1, circle 2): the
+    # classifier's rows would go on as the other class (a growing-data trial: every name swapped, unsaid)
+    ann = other / "shapes" / "annotations" / "instances_train.json"
+    coco = json.loads(ann.read_text())
+    swap = {1: 2, 2: 1, 3: 3}
+    coco["categories"] = [{**c, "id": swap[c["id"]]} for c in coco["categories"]]
+    coco["annotations"] = [{**a, "category_id": swap[a["category_id"]]} for a in coco["annotations"]]
+    ann.write_text(json.dumps(coco))
+    before = (out / "last.pth").read_bytes()
+    with pytest.raises(ConfigError, match=re.escape(
+            f"--resume: {out / 'last.pth'} was trained on circle, square, triangle (its classifier's rows, in that "
+            "order) but the training set shapes_train has square, circle, triangle: the same classes in another "
+            "order. A resume cannot change what the rows mean (each would go on training as another class); start "
+            f"a new run from its weights, which matches the classes by name (the same ones reordered, others start "
+            f"fresh): model.weights={out / 'last.pth'} and a new output_dir, without --resume")):
+        trainer.train(tiny_cfg(other, out, **{"solver.max_iter": 6}), resume=True)
+    assert (out / "last.pth").read_bytes() == before
+    # a class added: model.num_classes changed on a resume says the same way out
+    with pytest.raises(ConfigError, match=r"--resume: model.num_classes changed from 3 \(the run's .*config.yaml\) "
+                                          r"to 4: a resume cannot change the classes .* start a new run from its "
+                                          r"weights"):
+        trainer.train(tiny_cfg(other, out, **{"solver.max_iter": 6, "model.num_classes": 4}), resume=True)

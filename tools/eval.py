@@ -20,7 +20,8 @@ same for one test set or several:
     DIR/<test set>/          one folder per test set, named after the data set with every
                              character other than letters and digits (of any script) and ._-
                              replaced by "_" (shapes_val, voc_MyVOC_val for voc:MyVOC_val):
-        metrics.json, pr_curves.png, coco_results.json (COCO-type) or comp4_det_test_*.txt (VOC-type),
+        metrics.json, pr_curves.png, coco_results.json and coco_categories.json (COCO-type: its
+                             ids' names, so that --results scores by name) or comp4_det_test_*.txt (VOC-type),
         environment.json (the command, versions, processor, code, precision and checkpoint that made them)
     DIR/report.html          one self-contained page (the `report` extra: jinja2, matplotlib): per test
                              set the metrics and per-class tables, PR curves, the images with the most

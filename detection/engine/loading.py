@@ -211,6 +211,10 @@ def load_detector_weights(model: nn.Module, weights: DetectorWeights, *, allow_n
                               f"model.num_classes is {model.num_classes}")
     model.load_state_dict({k: v for k, v in weights.state.items() if k not in skipped + fresh_anchors and k in own},
                           strict=False)
+    if not allow_new_classes and weights.class_names and getattr(model, "class_names", None) is None:
+        # what its labels mean, as the tools' models have it (a growing-data trial: evaluate(cfg, model) after
+        # this call scored by label number a test set listing the classes in another order)
+        model.class_names = list(weights.class_names)
     return skipped + fresh_anchors
 
 
@@ -313,10 +317,18 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConf
         return
     theirs, ours = list(weights.class_names or []), list(class_names)
     other_names = bool(theirs and ours) and len(theirs) == len(ours) and theirs != ours
+    kept = [name for name in ours if name in theirs] if theirs and ours and theirs != ours else []
     if other_names and sorted(theirs) == sorted(ours):
         weights = _reordered(weights, [theirs.index(name) for name in ours])
         logger.info("%s was trained on the same classes in another order (%s): its class-specific layers are "
                     "reordered to the data's (%s)", path, ", ".join(theirs), ", ".join(ours))
+        other_names = False
+    elif kept and _fits_but_rows(model, weights):
+        weights = _merged(model, weights, ours)
+        logger.warning("%s was trained on %s, the data has %s: the class-specific rows of %s are kept by name, "
+                       "those of %s start from fresh initial values (the background's is kept)", path,
+                       first_few(theirs, 6), first_few(ours, 6), first_few(kept, 6),
+                       first_few([name for name in ours if name not in theirs], 6))
         other_names = False
     skipped = load_detector_weights(model, weights, allow_new_classes=True, fresh_classes=other_names,
                                     allow_new_anchors=True)
@@ -360,6 +372,34 @@ def _say_new_anchors(model: nn.Module, weights: DetectorWeights, fresh: list[str
     logger.warning("%s: its RPN was trained with other anchors%s than the config's model.anchors, as many per "
                    "position: each of its output channels starts from what it learnt for the file's anchor of "
                    "that place in the order (sizes, then aspect ratios), as Detectron2 does", weights.path, said)
+
+
+def _fits_but_rows(model: nn.Module, weights: DetectorWeights) -> bool:
+    """Whether the file's class-specific layers differ from the model's in their rows only (the
+    number of classes), so that rows can be copied between them."""
+    own = model.state_dict()
+    return all(key in own and key in weights.state and own[key].shape[1:] == weights.state[key].shape[1:]
+               for key in CLASS_SPECIFIC)
+
+
+def _merged(model: nn.Module, weights: DetectorWeights, names: list[str]) -> DetectorWeights:
+    """`weights` with class-specific layers of the model's shape for the classes `names`: each
+    class the file names too takes the file's rows (the background's first row as well), the
+    others the model's initial ones (a growing-data trial: a third class added to two dropped
+    the two known classes' rows; Detectron2 drops them all, its files naming no classes)."""
+    theirs, own, state = list(weights.class_names), model.state_dict(), dict(weights.state)
+    for key in CLASS_SPECIFIC:
+        rows = own[key].detach().to("cpu", copy=True)
+        file_rows = state[key]
+        if ".cls_score." in key:
+            rows[0] = file_rows[0]
+            pairs = [(k + 1, theirs.index(name) + 1, 1) for k, name in enumerate(names) if name in theirs]
+        else:
+            pairs = [(4 * k, 4 * theirs.index(name), 4) for k, name in enumerate(names) if name in theirs]
+        for at, source, count in pairs:
+            rows[at:at + count] = file_rows[source:source + count]
+        state[key] = rows
+    return dataclasses.replace(weights, state=state, class_names=list(names))
 
 
 def _reordered(weights: DetectorWeights, order: list[int]) -> DetectorWeights:

@@ -105,6 +105,13 @@ def check_resume_config(cfg: Config, out_dir: Path, explicit: Optional[Sequence[
                            "and data order; torchvision's --resume PATH is this); to go on from an older "
                            "model_NNNNNNN.pth, copy it to last.pth; to start from weights, a new run", key, given,
                            Path(out_dir) / "last.pth")
+    classes = [c for c in changes if c[0] == "model.num_classes"]
+    if classes:  # a growing-data trial: the shapes' error of last.pth followed, which said nothing of what to do
+        raise ConfigError(f"--resume: model.num_classes changed from {classes[0][1]} (the run's {path}) to "
+                          f"{classes[0][2]}: a resume cannot change the classes (its classifier has "
+                          f"{classes[0][1]}); start a new run from its weights, which keeps the classes' rows by name "
+                          f"and starts the new ones fresh: model.weights={Path(out_dir) / 'last.pth'} and a new "
+                          "output_dir, without --resume")
     if explicit is not None:
         refused = [c for c in changes if not _given(c[0], explicit)]
         if refused:

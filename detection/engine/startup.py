@@ -44,9 +44,11 @@ def check_initial_weights(cfg: Config) -> None:
                           "with trainable norms (model.backbone.norm=gn or bn, model.backbone.freeze_at=0)")
 
 
-def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
+def build_train_datasets(cfg: Config, resumed: tuple[Path, Sequence[str]] | None = None) -> list[DatasetInfo]:
     """The training sets, checked against each other, the model's classes and the number of
-    processes: before anything is written, so a run that fails here leaves no folder."""
+    processes: before anything is written, so a run that fails here leaves no folder.
+    `resumed`: the checkpoint a resume goes on from and its class names, which the data's must
+    equal, in order."""
     from detection.data.catalog import concat_datasets, get_datasets, in_one_label_space
 
     world = du.get_world_size()
@@ -59,6 +61,8 @@ def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
     names = concat_datasets(datasets).class_names
     which = (f"the training sets {', '.join(d.name for d in datasets)} have" if len(datasets) > 1
              else f"the training set {datasets[0].name} has")
+    if resumed and resumed[1] and list(resumed[1]) != list(names):
+        raise ConfigError(resumed_classes_problem(resumed[0], list(resumed[1]), list(names), which))
     if cfg.model.num_classes != len(names):
         raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but {which} {len(names)} classes "
                           f"({', '.join(names)}): set model.num_classes={len(names)}{_unused_classes(datasets, names)}")
@@ -69,6 +73,23 @@ def build_train_datasets(cfg: Config) -> list[DatasetInfo]:
         raise ConfigError(f"model.class_names is {list(cfg.model.class_names)} but {which} the classes "
                           f"{list(names)}{order}")
     return datasets
+
+
+def resumed_classes_problem(path: Path, trained: list[str], data: list[str], which: str) -> str:
+    """The error of a resume onto data whose classes are not the checkpoint's, in its order (a
+    growing-data trial: a new export listing the same classes in another order was resumed, and
+    each classifier row went on as another class, every name swapped, without a word)."""
+    if sorted(trained) == sorted(data):
+        what = "the same classes in another order"
+    else:
+        added, gone = [n for n in data if n not in trained], [n for n in trained if n not in data]
+        what = "other classes" + (f" (new: {first_few(added, 5)})" if added else "") + (
+            f" (gone: {first_few(gone, 5)})" if gone else "")
+    return (f"--resume: {path} was trained on {first_few(trained, 8)} (its classifier's rows, "
+            f"in that order) but {which} {first_few(data, 8)}: {what}. A resume cannot change what the rows mean "
+            f"(each would go on training as another class); start a new run from its weights, which matches the "
+            f"classes by name (the same ones reordered, others start fresh): model.weights={path} and a new "
+            f"output_dir, without --resume")
 
 
 def _unused_classes(datasets: list[DatasetInfo], names: list[str]) -> str:

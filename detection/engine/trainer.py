@@ -144,7 +144,7 @@ def _train(cfg: Config, device: torch.device, distributed: bool, *, resume: bool
         if run_log is not None:  # "resumed at", "nothing to train" (and a model_final.pth written) too
             run_log.open(out_dir / LOG_FILE)
         return state.model
-    datasets = datasets or build_train_datasets(cfg)
+    datasets = datasets or build_train_datasets(cfg, (last, state.class_names) if resuming else None)
     test_sets = build_test_datasets(cfg, datasets[0].class_names)  # before anything is written, too
     best_key = best_metric_key(cfg, test_sets)  # test.save_best, checked against what the evaluations give
     if best_key and resuming and du.is_main_process():

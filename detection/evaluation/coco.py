@@ -32,6 +32,7 @@ from detection.data.coco import open_coco
 from detection.evaluation.classes import classes_without_results
 from detection.evaluation.inference import compact_floats, order_by_dataset, to_numpy
 from detection.utils.files import USER_TEXT_ENCODING, atomic_write, utf16_hint
+from detection.utils.text import first_few
 
 if TYPE_CHECKING:
     from detection.data.dataset_info import DatasetInfo
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "coco_results.json"
+# beside it: the category id -> name of the data set it was written for, so that re-scoring it
+# against a json whose categories are numbered otherwise scores by name (a growing-data trial:
+# circle's detections were scored against square's ground truth, unsaid)
+CATEGORIES_FILE = "coco_categories.json"
 # COCOeval.stats in order (all 12); APs/APm/APl, ARs/ARm/ARl: small (< 32^2 px), medium, large (> 96^2 px)
 # objects (AR by size at maxDets' last, 100 unless test.coco_max_dets: summary_keys)
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -106,6 +111,7 @@ class COCOEvaluator:
         known = {r["image_id"] for r in self.dataset.records}
         categories = set(self.dataset.label_to_category_id.values())
         in_json = set(self._ground_truth().cats)  # all of the json's: keep_classes may leave some out
+        results = scored_by_name(results, path, self.dataset)
         left_out = 0
         for index, result in enumerate(results):
             if result["image_id"] not in known:
@@ -138,6 +144,9 @@ class COCOEvaluator:
         to_category = self.dataset.label_to_category_id
         results = [inst for p in predictions for inst in _instances(p, to_category)]
         if self.output_dir:  # written whole or not at all: a full disk leaves the old file
+            with atomic_write(os.path.join(self.output_dir, CATEGORIES_FILE)) as f:
+                json.dump({"categories": [{"id": to_category[label], "name": name} for label, name
+                                          in enumerate(self.dataset.class_names, 1)]}, f)
             with atomic_write(os.path.join(self.output_dir, RESULTS_FILE)) as f:
                 f.write(json.dumps(results))  # json.dumps uses the C encoder, json.dump never: 2.5x for 500k
         return results, sorted({p["image_id"] for p in predictions})
@@ -292,6 +301,45 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
                        "categories": copy.deepcopy(coco_gt.dataset.get("categories", []))}
     coco_dt.createIndex()
     return coco_dt
+
+
+def scored_by_name(results: list[dict], path: str, dataset: DatasetInfo, say: bool = True) -> list[dict]:
+    """`results` (read from `path`) with the category ids of `dataset` where the data set they were
+    written for (CATEGORIES_FILE beside them) numbered the same classes otherwise, said once
+    (`say`); as they are where there is no such file (results of another tool: ids are all a
+    results list has, as in pycocotools). DataError for a class of theirs whose id now names
+    another class of the set and whose name it no longer has (renamed: nothing to match it to)."""
+    then_path = os.path.join(os.path.dirname(path), CATEGORIES_FILE)
+    if not os.path.isfile(then_path):
+        return results
+    try:
+        with open(then_path, encoding="utf-8") as f:
+            then = {c["id"]: str(c["name"]) for c in json.load(f)["categories"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{then_path}: not the categories evaluation writes beside {RESULTS_FILE} ({err}); remove "
+                        "it to score the results by their category ids") from None
+    # the set's classes (keep_classes': those kept)
+    now = {c: dataset.class_names[label - 1] for label, c in dataset.label_to_category_id.items()}
+    by_name = {name: c for c, name in now.items()}
+    renumber, gone = {}, []
+    used = {r["category_id"] for r in results}
+    for c in (c for c in then if c in used):  # in the file's order: the classes' label order
+        if then[c] in by_name:
+            if by_name[then[c]] != c:
+                renumber[c] = by_name[then[c]]
+        elif c in now:  # the id now names another class, and theirs is not in the set
+            gone.append(then[c])
+    if gone:
+        raise DataError(f"{path}: written for classes of which {first_few(gone, 5)} "
+                        f"{'is' if len(gone) == 1 else 'are'} not in data set {dataset.name}, whose category ids "
+                        f"now name {first_few([f'{c} {n}' for c, n in sorted(now.items())], 8)} ({then_path} names "
+                        "theirs): score the model again (--weights), or give the data set they were written for")
+    if not renumber:
+        return results
+    if say:
+        logger.warning("%s: written for a json numbering the categories otherwise (%s): scored by name", path,
+                       first_few([f"{then[c]} {c} then, {new} now" for c, new in renumber.items()], 5))
+    return [{**r, "category_id": renumber.get(r["category_id"], r["category_id"])} for r in results]
 
 
 def read_results_json(path: str) -> list[dict]:

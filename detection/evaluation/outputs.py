@@ -5,6 +5,7 @@
     <results folder>/report.html             the page of every test set in the folder (evaluation/report.py)
     <results folder>/<test set folder>/       one per test set, also when there is only one:
         metrics.json, pr_curves.png, coco_results.json (COCO-type) | comp4_det_test_*.txt (VOC-type),
+        coco_categories.json                  (COCO-type) the names of coco_results.json's category ids
         report_section.json                   the set's part of report.html
         skipped_images.json                   the images left out as unreadable (dataloader.skip_bad_images),
                                               so that re-scoring the results leaves them out too
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Union
 
 from detection.data import DataError
-from detection.evaluation.coco import RESULTS_FILE
+from detection.evaluation.coco import CATEGORIES_FILE, RESULTS_FILE
 from detection.evaluation.voc_results import COMP4_TEMPLATE, SUBMISSION_FOLDER
 from detection.utils.files import DISK_FULL, OutputFolderError, WriteError, atomic_write
 
@@ -36,7 +37,8 @@ SECTION_FILE = "report_section.json"  # a test set's part of report.html (evalua
 SKIPPED_FILE = "skipped_images.json"  # the images a run's metrics leave out (unreadable, skipped)
 # Everything evaluation writes into a test set's folder: what --overwrite removes, and how a
 # folder written before source.json existed is recognised.
-RESULT_PATTERNS = ("metrics.json", "pr_curves.png", SECTION_FILE, SKIPPED_FILE, RESULTS_FILE, COMP4_TEMPLATE.format("*"),
+RESULT_PATTERNS = ("metrics.json", "pr_curves.png", SECTION_FILE, SKIPPED_FILE, RESULTS_FILE, CATEGORIES_FILE,
+                   COMP4_TEMPLATE.format("*"),
                    str(Path(SUBMISSION_FOLDER.format("*")) / COMP4_TEMPLATE.format("*")))
 _UNSAFE = re.compile(r"[^\w.-]+")  # letters of any script stay: 日本 and 中国 are two folders
 PathLike = Union[str, Path]

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from detection.data import DataError
-from detection.evaluation.coco import COCO_MAX_DETS, read_results_json
+from detection.evaluation.coco import COCO_MAX_DETS, read_results_json, scored_by_name
 from detection.evaluation.image_errors import IOU_THRESH, confusion_counts, read_coco_ground_truth
 from detection.evaluation.outputs import SECTION_FILE, recorded_test_sets, results_subfolder
 from detection.evaluation.voc_results import read_comp4_dir
@@ -162,7 +162,7 @@ def read_detections(dataset: DatasetInfo, results: str) -> dict[Any, dict[str, n
         return read_comp4_dir(results, dataset.class_names, [r["image_id"] for r in dataset.records])
     label_of = {int(c): int(label) for label, c in dataset.label_to_category_id.items()}
     rows: dict[Any, list] = {}
-    for r in read_results_json(results):
+    for r in scored_by_name(read_results_json(results), results, dataset, say=False):
         if int(r["category_id"]) not in label_of:  # a class the set's keep_classes leaves out: not scored
             continue
         x, y, w, h = (float(v) for v in r["bbox"])  # COCO's XYWH -> XYXY
