@@ -295,10 +295,17 @@ def test_test_set_with_other_class_names_is_refused(run_a, tmp_path, capsys):
     assert code == 2 and "['disc', 'box', 'cross']" in line and str(SHAPES) in line
 
 
-def test_class_check_without_saved_names_uses_the_config_then_the_count():
+def test_class_check_without_saved_names_uses_the_config_then_the_count(caplog):
     detectron2 = type("W", (), {"class_names": None, "path": "model_final_721ade.pkl"})()
     saved = type("W", (), {"class_names": SHAPES, "path": "ckpt.pth"})()
-    assert model_class_names(saved, ["a", "b", "c"]) == (SHAPES, "the checkpoint ckpt.pth was trained on")
+    with caplog.at_level("WARNING"):  # a growing-data trial: a typo fixed in model.class_names did nothing, unsaid
+        assert model_class_names(saved, ["a", "b", "c"]) == (SHAPES, "the checkpoint ckpt.pth was trained on")
+    assert f"model.class_names (a, b, c) is not used: the checkpoint ckpt.pth names the classes it was trained on " \
+           f"({', '.join(SHAPES)}), in its label order, and those are taken; to rename them" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        model_class_names(saved, list(SHAPES))
+    assert not caplog.text
     assert model_class_names(detectron2, ["a", "b", "c"]) == (["a", "b", "c"], "model.class_names is")
     assert model_class_names(detectron2, []) == (None, "")
     check_class_names("d", SHAPES, None, 3)  # names unknown: the count matches

@@ -10,10 +10,14 @@ the model does not have is refused. Visualisation draws predictions with the mod
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from detection.data import DataError
+from detection.utils.text import first_few
+
+logger = logging.getLogger(__name__)
 
 
 def model_class_names(weights: Any, config_names: Sequence[str] | None) -> tuple[list[str] | None, str]:
@@ -22,6 +26,11 @@ def model_class_names(weights: Any, config_names: Sequence[str] | None) -> tuple
     none), else the config's model.class_names when set, else (None, "")."""
     saved = getattr(weights, "class_names", None)
     if saved:
+        if config_names and list(config_names) != list(saved):  # a growing-data trial: a typo fixed there did nothing
+            logger.warning("model.class_names (%s) is not used: the checkpoint %s names the classes it was trained on "
+                           "(%s), in its label order, and those are taken; to rename them (a typo fixed), save a copy "
+                           "of the checkpoint with its \"class_names\" changed (README, \"Evaluation\")",
+                           first_few(list(config_names), 6), weights.path, first_few(list(saved), 6))
         return list(saved), f"the checkpoint {weights.path} was trained on"
     if config_names:
         return list(config_names), "model.class_names is"
