@@ -302,6 +302,16 @@ def test_weights_in_memory_are_taken_as_a_file_of_them(setup):
     with pytest.raises(TypeError, match="weights: a checkpoint's path, a state dict, a checkpoint dict or a model, "
                                         "got int"):
         Predictor(cfg, weights=3)
+    # settings set on the model (torchvision's way) are not the config's: said at the caller's line (an
+    # internals trial: 100 detections from 0.12 for a model set to 3 at 0.5, without a word)
+    model.roi_heads.score_thresh = 0.5
+    model.roi_heads.detections_per_img = 3
+    with pytest.warns(UserWarning, match=r"a model given as weights: its weights and class names are taken, its "
+                                         r"settings are the config's: model.roi_heads.score_thresh_test: 0.5 on the "
+                                         r"model, 0.0 in the config; model.roi_heads.detections_per_image: 3 on the "
+                                         r"model, 100 in the config; set them on the config") as caught:
+        assert_same(Predictor(cfg, weights=model)(image), from_file)
+    assert caught[0].filename == __file__
 
 
 def test_a_process_forked_after_the_predictor_was_built_runs_it(setup):

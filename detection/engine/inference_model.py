@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
@@ -22,6 +23,7 @@ from torch import nn
 
 from detection.engine.checkpoint import CheckpointError
 from detection.engine.loading import DetectorWeights, detector_weights, load_detector_weights, read_detector_file
+from detection.utils.text import PROJECT, DetectionWarning, stacklevel_outside
 
 if TYPE_CHECKING:
     from detection.accel import Levers
@@ -110,6 +112,40 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+# settings a model holds as attributes (torchvision's way to change them: model.roi_heads.score_thresh = 0.5),
+# by config key: a model given as weights is rebuilt from the config, and keeps only its weights and class names
+_MODEL_SETTINGS = {
+    "model.roi_heads.score_thresh_test": lambda m: m.roi_heads.score_thresh_test,
+    "model.roi_heads.nms_thresh_test": lambda m: m.roi_heads.nms_thresh_test,
+    "model.roi_heads.detections_per_image": lambda m: m.roi_heads.detections_per_image,
+    "model.rpn.pre_nms_topk_test": lambda m: m.rpn.pre_nms_topk[False],
+    "model.rpn.post_nms_topk_test": lambda m: m.rpn.post_nms_topk[False],
+    "model.rpn.nms_thresh": lambda m: m.rpn.nms_thresh,
+    "model.rpn.min_size": lambda m: m.rpn.min_size,
+    "input.min_size_test": lambda m: m.min_size_test,
+    "input.max_size_test": lambda m: m.max_size_test,
+}
+
+
+def _settings_not_taken(cfg: Config, model: nn.Module) -> list[str]:
+    """`model`'s settings (_MODEL_SETTINGS) that differ from `cfg`'s, as "key: X on the model, Y in
+    the config" (an internals trial: Predictor(cfg, weights=model) gave 100 detections from 0.12 of
+    a model set to 3 at 0.5, without a word)."""
+    from detection.modeling.model import FasterRCNN
+
+    if not isinstance(model, FasterRCNN):
+        return []
+    said = []
+    for key, get in _MODEL_SETTINGS.items():
+        section, *rest = key.split(".")
+        wanted = getattr(cfg, section)
+        for name in rest:
+            wanted = getattr(wanted, name)
+        if not _same(get(model), wanted):
+            said.append(f"{key}: {get(model)} on the model, {wanted} in the config")
+    return said
+
+
 def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights, Mapping, nn.Module],
                           device: torch.device, explicit: Sequence[str] = ()) -> tuple[nn.Module, DetectorWeights]:
     """The config's detector with `weights` loaded, on device, in eval mode: with
@@ -118,7 +154,8 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
     The config's model settings must be those the checkpoint was trained with, except the keys
     in `explicit` (given on the command line, so changed deliberately). `weights`: a checkpoint
     file's path, or one in memory (loading.detector_weights: a state dict, a checkpoint dict,
-    a model; your own training loop's model as it is)."""
+    a model: your own training loop's, its weights and class names; settings set on it as
+    attributes are not taken, and a warning names those that differ from the config's)."""
     from detection.modeling.model import build_model
 
     if not isinstance(weights, DetectorWeights):
@@ -126,6 +163,11 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
             read = read_detector_file(weights)
         elif isinstance(weights, (Mapping, nn.Module)):
             read = detector_weights(dict(weights) if isinstance(weights, Mapping) else weights)
+            unlike = _settings_not_taken(cfg, weights) if isinstance(weights, nn.Module) else []
+            if unlike:
+                warnings.warn(f"a model given as weights: its weights and class names are taken, its settings are "
+                              f"the config's: {'; '.join(unlike)}; set them on the config (cfg.model..., "
+                              f"cfg.input...) to run with them", DetectionWarning, stacklevel=stacklevel_outside(PROJECT))
         else:
             raise TypeError(f"weights: a checkpoint's path, a state dict, a checkpoint dict or a model, "
                             f"got {type(weights).__name__}")
