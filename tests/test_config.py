@@ -460,6 +460,14 @@ def test_sizes_swapped_as_mmdetection_writes_them_are_refused(overrides, key):
     load_config(None, ["input.min_size_test=800", "input.max_size_test=800"])  # equal: a square cap, fine
 
 
+def test_detectron2s_rpn_loss_weights_say_there_is_none():
+    """An internals trial: MODEL.RPN.LOSS_WEIGHT got "unknown key" and the section's list, where
+    ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT is mapped."""
+    with pytest.raises(ConfigError, match=r"Detectron2's MODEL.RPN.LOSS_WEIGHT is not a setting \(the RPN's two losses "
+                                          r"count 1.0 each, Detectron2's default\) here"):
+        load_config(None, ["MODEL.RPN.LOSS_WEIGHT=2.0"])
+
+
 def test_the_other_toolkits_repeat_factor_sampling_keys_name_repeat_threshold():
     """A long-tail trial: Detectron2's DATALOADER.SAMPLER_TRAIN (in every repeat-factor config) and
     MMDetection's oversample_thr were unknown keys with no word of dataloader.repeat_threshold."""

@@ -310,6 +310,8 @@ DETECTRON2_NAMES = {
     "dataloader.sampler_train": "dataloader.repeat_threshold above 0 (RepeatFactorTrainingSampler, e.g. 0.001; it "
                                 "alone turns it on), or 0 (TrainingSampler, the default)",
     "dataloader.repeat_sqrt": "not a setting (the square root is always taken, its default)",
+    "model.rpn.loss_weight": "not a setting (the RPN's two losses count 1.0 each, Detectron2's default)",
+    "model.rpn.bbox_reg_loss_weight": "not a setting (the RPN's box loss counts 1.0, Detectron2's default)",
 }
 
 
