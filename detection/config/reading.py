@@ -282,6 +282,10 @@ def _finite(value: float, key: str, source: str) -> float:
     return value
 
 
+# (an audit: named as solver.clip_grad_norm alone, as if that were Detectron2's clipping)
+_CLIP = ("not a setting (Detectron2 clips each gradient element, CLIP_TYPE value, or each parameter's gradient "
+         "norm, CLIP_TYPE norm); solver.clip_grad_norm clips the norm of all the gradients together (torch's "
+         "clip_grad_norm_ over the model)")
 # Detectron2's config keys (lower-cased, as --opts reads them) whose place differs here: an unknown
 # key error names this project's key instead of listing the section's
 DETECTRON2_NAMES = {
@@ -305,8 +309,9 @@ DETECTRON2_NAMES = {
     "model.proposal_generator.min_size": "model.rpn.min_size",
     "model.roi_box_head.bbox_reg_loss_weight": "model.roi_heads.box_loss_weight",
     "input.random_flip": "input.hflip_prob",
-    "solver.clip_gradients.enabled": "solver.clip_grad_norm",
-    "solver.clip_gradients.clip_value": "solver.clip_grad_norm",
+    "solver.clip_gradients.enabled": _CLIP,
+    "solver.clip_gradients.clip_value": _CLIP,
+    "solver.clip_gradients.clip_type": _CLIP,
     "dataloader.sampler_train": "dataloader.repeat_threshold above 0 (RepeatFactorTrainingSampler, e.g. 0.001; it "
                                 "alone turns it on), or 0 (TrainingSampler, the default)",
     "dataloader.repeat_sqrt": "not a setting (the square root is always taken, its default)",
