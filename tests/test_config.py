@@ -468,9 +468,10 @@ def test_detectron2s_rpn_loss_weights_say_there_is_none():
         load_config(None, ["MODEL.RPN.LOSS_WEIGHT=2.0"])
     # an audit: Detectron2's gradient clipping (each element, or each parameter's norm) was named as
     # solver.clip_grad_norm alone, which clips the norm of all the gradients together
-    with pytest.raises(ConfigError, match=r"Detectron2's SOLVER.CLIP_GRADIENTS.CLIP_VALUE is not a setting \(Detectron2 "
-                                          r"clips each gradient element, CLIP_TYPE value, or each parameter's gradient "
-                                          r"norm, CLIP_TYPE norm\); solver.clip_grad_norm clips the norm of all"):
+    with pytest.raises(ConfigError, match=r"Detectron2's SOLVER.CLIP_GRADIENTS.CLIP_VALUE is not a setting "
+                                          r"\(Detectron2 clips each gradient element, CLIP_TYPE value, or each "
+                                          r"parameter's gradient norm, CLIP_TYPE norm\); solver.clip_grad_norm clips "
+                                          r"the norm of all"):
         load_config(None, ["SOLVER.CLIP_GRADIENTS.CLIP_VALUE=1.0"])
 
 

@@ -1,6 +1,7 @@
 """The Predictor (detection/predictor.py) on a tiny random detector: arrays in either channel
 order with an explicit input_format (Detectron2's DefaultPredictor takes cv2.imread's BGR), and
 a list of images run as one padded batch."""
+import copy
 import re
 from pathlib import Path
 
@@ -306,12 +307,31 @@ def test_weights_in_memory_are_taken_as_a_file_of_them(setup):
     # internals trial: 100 detections from 0.12 for a model set to 3 at 0.5, without a word)
     model.roi_heads.score_thresh = 0.5
     model.roi_heads.detections_per_img = 3
-    with pytest.warns(UserWarning, match=r"a model given as weights: its weights and class names are taken, its "
-                                         r"settings are the config's: model.roi_heads.score_thresh_test: 0.5 on the "
-                                         r"model, 0.0 in the config; model.roi_heads.detections_per_image: 3 on the "
-                                         r"model, 100 in the config; set them on the config") as caught:
+    with pytest.warns(UserWarning, match=r"a model given as weights: its weights and class names are taken, and the "
+                                         r"config's settings, not those set on the model: "
+                                         r"model.roi_heads.score_thresh_test 0.5 \(the config's "
+                                         r"model.roi_heads.score_thresh_test: 0.0\); "
+                                         r"model.roi_heads.detections_per_image 3 \(the config's "
+                                         r"model.roi_heads.detections_per_image: 100\); set them on the "
+                                         r"config") as caught:
         assert_same(Predictor(cfg, weights=model)(image), from_file)
     assert caught[0].filename == __file__
+    # the config changed deliberately (Detectron2's habit), the model as built: nothing to say
+    import warnings
+
+    from detection.modeling.tta import DetectorWithTTA
+
+    built = build_model(cfg)
+    built.load_state_dict(checkpoint["model"])
+    changed = copy.deepcopy(cfg)
+    changed.model.roi_heads.score_thresh_test = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Predictor(changed, weights=built)
+        # a model inside the wrappers (DistributedDataParallel's .module, test-time augmentation's .model)
+        wrapped = torch.nn.Module()
+        wrapped.module = DetectorWithTTA(built, [64], 128)
+        assert_same(Predictor(cfg, weights=wrapped)(image), from_file)
 
 
 def test_a_process_forked_after_the_predictor_was_built_runs_it(setup):

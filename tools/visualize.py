@@ -544,8 +544,8 @@ def draw_training_batches(cfg: Config, batches: int, output: str, labelled: bool
         boxes += len(target["boxes"])
         written.add(path.name)
     note_earlier_drawings(out, output, written)
-    print(f"wrote {counted(count, 'image')} to {output}: the first {counted(batches, 'training batch', 'training batches')} "
-          f"of {cfg.solver.ims_per_batch} "
+    print(f"wrote {counted(count, 'image')} to {output}: the first "
+          f"{counted(batches, 'training batch', 'training batches')} of {cfg.solver.ims_per_batch} "
           f"(iterations 1..{batches} of a new one-process run, seed {cfg.seed}: input.min_size_train "
           f"{cfg.input.min_size_train}{' (range)' if cfg.input.min_size_train_sampling == 'range' else ''}, "
           f"max_size_train {cfg.input.max_size_train}, hflip_prob {cfg.input.hflip_prob:g}, jitter "

@@ -112,37 +112,38 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-# settings a model holds as attributes (torchvision's way to change them: model.roi_heads.score_thresh = 0.5),
-# by config key: a model given as weights is rebuilt from the config, and keeps only its weights and class names
-_MODEL_SETTINGS = {
-    "model.roi_heads.score_thresh_test": lambda m: m.roi_heads.score_thresh_test,
-    "model.roi_heads.nms_thresh_test": lambda m: m.roi_heads.nms_thresh_test,
-    "model.roi_heads.detections_per_image": lambda m: m.roi_heads.detections_per_image,
-    "model.rpn.pre_nms_topk_test": lambda m: m.rpn.pre_nms_topk[False],
-    "model.rpn.post_nms_topk_test": lambda m: m.rpn.post_nms_topk[False],
-    "model.rpn.nms_thresh": lambda m: m.rpn.nms_thresh,
-    "model.rpn.min_size": lambda m: m.rpn.min_size,
-    "input.min_size_test": lambda m: m.min_size_test,
-    "input.max_size_test": lambda m: m.max_size_test,
+# FasterRCNN.SETTINGS (attribute paths) -> their config keys
+_CONFIG_KEYS = {
+    "roi_heads.score_thresh_test": "model.roi_heads.score_thresh_test",
+    "roi_heads.nms_thresh_test": "model.roi_heads.nms_thresh_test",
+    "roi_heads.detections_per_image": "model.roi_heads.detections_per_image",
+    "rpn.pre_nms_topk[False]": "model.rpn.pre_nms_topk_test",
+    "rpn.post_nms_topk[False]": "model.rpn.post_nms_topk_test",
+    "rpn.nms_thresh": "model.rpn.nms_thresh",
+    "rpn.min_size": "model.rpn.min_size",
+    "min_size_test": "input.min_size_test",
+    "max_size_test": "input.max_size_test",
 }
 
 
 def _settings_not_taken(cfg: Config, model: nn.Module) -> list[str]:
-    """`model`'s settings (_MODEL_SETTINGS) that differ from `cfg`'s, as "key: X on the model, Y in
-    the config" (an internals trial: Predictor(cfg, weights=model) gave 100 detections from 0.12 of
-    a model set to 3 at 0.5, without a word)."""
+    """The settings set on `model` after it was built (FasterRCNN.SETTINGS: torchvision's way,
+    model.roi_heads.score_thresh = 0.5) that the config does not have: a model given as weights
+    is built again from the config, so they are lost (an internals trial: Predictor(cfg,
+    weights=model) gave 100 detections from 0.12 of a model set to 3 at 0.5, without a word)."""
     from detection.modeling.model import FasterRCNN
 
     if not isinstance(model, FasterRCNN):
         return []
     said = []
-    for key, get in _MODEL_SETTINGS.items():
+    for path, now in model.settings().items():
+        key = _CONFIG_KEYS[path]
         section, *rest = key.split(".")
         wanted = getattr(cfg, section)
         for name in rest:
             wanted = getattr(wanted, name)
-        if not _same(get(model), wanted):
-            said.append(f"{key}: {get(model)} on the model, {wanted} in the config")
+        if not _same(now, model.built_settings[path]) and not _same(now, wanted):
+            said.append(f"model.{path} {now} (the config's {key}: {wanted})")
     return said
 
 
@@ -157,17 +158,20 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
     a model: your own training loop's, its weights and class names; settings set on it as
     attributes are not taken, and a warning names those that differ from the config's)."""
     from detection.modeling.model import build_model
+    from detection.modeling.tiles import inner_detector
 
     if not isinstance(weights, DetectorWeights):
         if isinstance(weights, (str, Path)):
             read = read_detector_file(weights)
         elif isinstance(weights, (Mapping, nn.Module)):
+            if isinstance(weights, nn.Module):  # under DistributedDataParallel, or the TTA and tiles wrappers
+                weights = inner_detector(getattr(weights, "module", weights))
             read = detector_weights(dict(weights) if isinstance(weights, Mapping) else weights)
             unlike = _settings_not_taken(cfg, weights) if isinstance(weights, nn.Module) else []
             if unlike:
-                warnings.warn(f"a model given as weights: its weights and class names are taken, its settings are "
-                              f"the config's: {'; '.join(unlike)}; set them on the config (cfg.model..., "
-                              f"cfg.input...) to run with them", DetectionWarning, stacklevel=stacklevel_outside(PROJECT))
+                warnings.warn(f"a model given as weights: its weights and class names are taken, and the config's "
+                              f"settings, not those set on the model: {'; '.join(unlike)}; set them on the config "
+                              "to run with them", DetectionWarning, stacklevel=stacklevel_outside(PROJECT))
         else:
             raise TypeError(f"weights: a checkpoint's path, a state dict, a checkpoint dict or a model, "
                             f"got {type(weights).__name__}")

@@ -308,8 +308,10 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConf
     specific layers start fresh) or from backbone weights (torchvision `.pth`, MSRA `.pkl`,
     `torchvision:NAME`) for trunk and res5. `weights`: the detector, when already read.
     `class_names`: the training data's; a checkpoint that names its classes (this project's)
-    is matched to them by name: the same classes in another order are reordered, others
-    (as many, but named otherwise) start fresh, as another count does."""
+    is matched to them by name: the same classes in another order are reordered; where some
+    names are shared, their rows (and the background's) are kept and the others start fresh;
+    with none shared, every class-specific layer starts fresh, as for a file naming no classes
+    and another count. The config's anchors are taken (allow_new_anchors)."""
     if weights is None and not str(path).startswith("torchvision:"):
         weights = read_detector_file(path)
     if weights is None:
@@ -325,10 +327,11 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConf
         other_names = False
     elif kept and _fits_but_rows(model, weights):
         weights = _merged(model, weights, ours)
-        logger.warning("%s was trained on %s, the data has %s: the class-specific rows of %s are kept by name, "
-                       "those of %s start from fresh initial values (the background's is kept)", path,
-                       first_few(theirs, 6), first_few(ours, 6), first_few(kept, 6),
-                       first_few([name for name in ours if name not in theirs], 6))
+        new, dropped = [name for name in ours if name not in theirs], [name for name in theirs if name not in ours]
+        logger.warning("%s was trained on %s, the data has %s: the class-specific rows of %s are kept by name, and "
+                       "the background's%s%s", path, first_few(theirs, 6), first_few(ours, 6), first_few(kept, 6),
+                       f"; those of {first_few(new, 6)} start from fresh initial values" if new else "",
+                       f"; those of {first_few(dropped, 6)} are left out" if dropped else "")
         other_names = False
     skipped = load_detector_weights(model, weights, allow_new_classes=True, fresh_classes=other_names,
                                     allow_new_anchors=True)

@@ -6,7 +6,6 @@ summary that names them, and what a run that stops before its first iteration ta
 from __future__ import annotations
 
 import logging
-import math
 import shlex
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -237,7 +236,8 @@ def summary_lines(cfg: Config, datasets: list[DatasetInfo], device: torch.device
         lines.append(line)
     s, world = cfg.solver, du.get_world_size()
     # torchvision's --batch-size is per GPU and its schedule in epochs: both said here (a trial)
-    lines.append(f"batch: {counted(s.ims_per_batch, 'image')} an iteration" + (f" ({s.ims_per_batch // world} per process)"
+    lines.append(f"batch: {counted(s.ims_per_batch, 'image')} an iteration"
+                 + (f" ({s.ims_per_batch // world} per process)"
                  if world > 1 else "") + f", base_lr {s.base_lr:g}, {s.max_iter} iterations" +
                  (f": {s.max_iter * s.ims_per_batch / epoch:.3g} epochs of the {counted(images, 'training image')}"
                   + (" (repeated as above)" if epoch != images else "") if images else ""))
@@ -314,13 +314,17 @@ def small_objects_line(dataset: DatasetInfo, min_size: int, max_size: int, ancho
     share = _between_anchors(np.concatenate(shapes), anchor_sizes, aspect_ratios, stride)
     if share < 0.1:
         return None
-    tenth = float(np.percentile(np.concatenate(sides), 10))
+    objects = np.concatenate(shapes)
+    # the smallest anchor size (with these aspect ratios) under which fewer than a tenth are missed: one of
+    # the stride's size reaches every object with an area (a review: a size from the objects' square root of
+    # area was negative for 1 x 300 px ones, and too small for thin ones)
+    enough = next(size for size in range(1, stride + 1)
+                  if _between_anchors(objects, [size], aspect_ratios, stride) < 0.1)
     return (f"{what} set {dataset.name}: about {share:.0%} of its objects, at {at}, lie between the anchor centres "
             f"(every {stride} px) with no anchor overlapping them (model.anchors.sizes {list(anchor_sizes)}: an "
             f"object and an anchor whose sides add up to under {stride} px can miss each other), so the RPN has "
-            f"no target for them and few are proposed; anchors of {math.floor(stride - tenth) + 1} px or more "
-            f"reach nine objects in ten anywhere (the tenth smallest part are under {tenth:.1f} px); or raise "
-            f"{raise_key}, or cut the images into tiles{tiles}")
+            f"no target for them and few are proposed; anchors of {enough} px or more miss under a tenth of them; "
+            f"or raise {raise_key}, or cut the images into tiles{tiles}")
 
 
 def _between_anchors(shapes: np.ndarray, sizes: Sequence[int], aspect_ratios: Sequence[float], stride: int

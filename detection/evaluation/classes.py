@@ -18,6 +18,7 @@ from detection.data import DataError
 from detection.utils.text import first_few
 
 logger = logging.getLogger(__name__)
+_TOLD: set[tuple] = set()
 
 
 def model_class_names(weights: Any, config_names: Sequence[str] | None) -> tuple[list[str] | None, str]:
@@ -26,7 +27,9 @@ def model_class_names(weights: Any, config_names: Sequence[str] | None) -> tuple
     none), else the config's model.class_names when set, else (None, "")."""
     saved = getattr(weights, "class_names", None)
     if saved:
-        if config_names and list(config_names) != list(saved):  # a growing-data trial: a typo fixed there did nothing
+        told = (tuple(config_names or ()), tuple(saved), str(weights.path))
+        if config_names and list(config_names) != list(saved) and told not in _TOLD:  # a growing-data trial: a typo
+            _TOLD.add(told)  # fixed there did nothing, unsaid; once a process (ablate.py loads a model per row)
             logger.warning("model.class_names (%s) is not used: the checkpoint %s names the classes it was trained on "
                            "(%s), in its label order, and those are taken; to rename them (a typo fixed), save a copy "
                            "of the checkpoint with its \"class_names\" changed (README, \"Evaluation\")",

@@ -111,7 +111,8 @@ class COCOEvaluator:
         known = {r["image_id"] for r in self.dataset.records}
         categories = set(self.dataset.label_to_category_id.values())
         in_json = set(self._ground_truth().cats)  # all of the json's: keep_classes may leave some out
-        results = scored_by_name(results, path, self.dataset)
+        results = scored_by_name(results, path, self.dataset,
+                                 {c: str(cat.get("name")) for c, cat in self._ground_truth().cats.items()})
         left_out = 0
         for index, result in enumerate(results):
             if result["image_id"] not in known:
@@ -303,14 +304,17 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
     return coco_dt
 
 
-def scored_by_name(results: list[dict], path: str, dataset: DatasetInfo, say: bool = True) -> list[dict]:
-    """`results` (read from `path`) with the category ids of `dataset` where the data set they were
-    written for (CATEGORIES_FILE beside them) numbered the same classes otherwise, said once
-    (`say`); as they are where there is no such file (results of another tool: ids are all a
-    results list has, as in pycocotools). DataError for a class of theirs whose id now names
-    another class of the set and whose name it no longer has (renamed: nothing to match it to)."""
+def scored_by_name(results: list[dict], path: str, dataset: DatasetInfo, json_categories: dict | None = None,
+                   say: bool = True) -> list[dict]:
+    """`results` (read from `path`, a coco_results.json) with the category ids of `dataset`'s json
+    where the data set they were written for (CATEGORIES_FILE beside them) numbered the same
+    classes otherwise, said once (`say`); as they are where there is no such file (results of
+    another tool: ids are all a results list has, as in pycocotools). `json_categories`: every
+    category of the json, id -> name (keep_classes' left-out ones too; read from its file when
+    not given and needed). DataError for a class of theirs the json no longer names whose id
+    now names another class (renamed: nothing to match it to)."""
     then_path = os.path.join(os.path.dirname(path), CATEGORIES_FILE)
-    if not os.path.isfile(then_path):
+    if os.path.basename(path) != RESULTS_FILE or not os.path.isfile(then_path):
         return results
     try:
         with open(then_path, encoding="utf-8") as f:
@@ -318,28 +322,38 @@ def scored_by_name(results: list[dict], path: str, dataset: DatasetInfo, say: bo
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{then_path}: not the categories evaluation writes beside {RESULTS_FILE} ({err}); remove "
                         "it to score the results by their category ids") from None
-    # the set's classes (keep_classes': those kept)
-    now = {c: dataset.class_names[label - 1] for label, c in dataset.label_to_category_id.items()}
-    by_name = {name: c for c, name in now.items()}
-    renumber, gone = {}, []
     used = {r["category_id"] for r in results}
+    kept = {c: dataset.class_names[label - 1] for label, c in dataset.label_to_category_id.items()}
+    if all(kept.get(c) == then[c] for c in then if c in used):
+        return results  # the same numbering (the usual case): the json is not read again
+    if json_categories is None:
+        json_categories = _json_categories(dataset)
+    by_name = {name: c for c, name in json_categories.items()}
+    renumber, gone = {}, []
     for c in (c for c in then if c in used):  # in the file's order: the classes' label order
         if then[c] in by_name:
             if by_name[then[c]] != c:
                 renumber[c] = by_name[then[c]]
-        elif c in now:  # the id now names another class, and theirs is not in the set
+        elif c in json_categories:  # the id now names another class, and theirs is not in the json
             gone.append(then[c])
     if gone:
         raise DataError(f"{path}: written for classes of which {first_few(gone, 5)} "
-                        f"{'is' if len(gone) == 1 else 'are'} not in data set {dataset.name}, whose category ids "
-                        f"now name {first_few([f'{c} {n}' for c, n in sorted(now.items())], 8)} ({then_path} names "
-                        "theirs): score the model again (--weights), or give the data set they were written for")
+                        f"{'is' if len(gone) == 1 else 'are'} not in data set {dataset.name}'s json, whose category "
+                        f"ids now name {first_few([f'{c} {n}' for c, n in sorted(json_categories.items())], 8)} "
+                        f"({then_path} names theirs): score the model again (--weights), or give the data set they "
+                        "were written for")
     if not renumber:
         return results
     if say:
         logger.warning("%s: written for a json numbering the categories otherwise (%s): scored by name", path,
-                       first_few([f"{then[c]} {c} then, {new} now" for c, new in renumber.items()], 5))
+                       first_few([f"{then[c]} {c} -> {new}" for c, new in renumber.items()], 5))
     return [{**r, "category_id": renumber.get(r["category_id"], r["category_id"])} for r in results]
+
+
+def _json_categories(dataset: DatasetInfo) -> dict:
+    """Every category of a COCO data set's json, id -> name."""
+    with open(dataset.ann_file, encoding=USER_TEXT_ENCODING) as f:
+        return {c["id"]: str(c["name"]) for c in json.load(f).get("categories", [])}
 
 
 def read_results_json(path: str) -> list[dict]:

@@ -156,6 +156,25 @@ class FasterRCNN(OtherLibraryNames, nn.Module):
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1),
                              persistent=False)
+        self.built_settings = self.settings()  # as built: what was set on the model later differs from it
+
+    # the settings a caller may change on the model as attributes (torchvision's way:
+    # model.roi_heads.score_thresh = 0.5), by attribute path
+    SETTINGS = {
+        "roi_heads.score_thresh_test": lambda m: m.roi_heads.score_thresh_test,
+        "roi_heads.nms_thresh_test": lambda m: m.roi_heads.nms_thresh_test,
+        "roi_heads.detections_per_image": lambda m: m.roi_heads.detections_per_image,
+        "rpn.pre_nms_topk[False]": lambda m: m.rpn.pre_nms_topk[False],
+        "rpn.post_nms_topk[False]": lambda m: m.rpn.post_nms_topk[False],
+        "rpn.nms_thresh": lambda m: m.rpn.nms_thresh,
+        "rpn.min_size": lambda m: m.rpn.min_size,
+        "min_size_test": lambda m: m.min_size_test,
+        "max_size_test": lambda m: m.max_size_test,
+    }
+
+    def settings(self) -> dict[str, Any]:
+        """SETTINGS' values now."""
+        return {path: get(self) for path, get in self.SETTINGS.items()}
 
     @property
     def device(self) -> torch.device:
