@@ -297,8 +297,7 @@ def test_detectron2_amp_key_and_zero_pre_nms_proposals_are_named():
                                        # a review: these gave the section's keys, or a hint to a wrong place
                                        ("MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", "model.roi_heads.box_loss_weight"),
                                        ("MODEL.PROPOSAL_GENERATOR.MIN_SIZE", "model.rpn.min_size"),
-                                       ("INPUT.RANDOM_FLIP", "input.hflip_prob"),
-                                       ("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "solver.clip_grad_norm")])
+                                       ("INPUT.RANDOM_FLIP", "input.hflip_prob")])
 def test_a_detectron2_key_named_otherwise_here_is_named_in_the_error(key, ours):
     from detection.config import load_config
 
