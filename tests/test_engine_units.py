@@ -238,8 +238,9 @@ def test_accel_levers_with_the_fast_path_off_are_said_to_do_nothing():
 
 
 def test_gpu_peak_memory_is_each_lines_own_window(monkeypatch):
-    """Detectron2's max_mem is the peak since the previous line (it resets the counter); ours was
-    the peak since the start, so one evaluation's peak stayed in every later line."""
+    """Each line's max_mem_mb is the peak since the previous line (the counter reset after reading,
+    as Detectron2's TorchMemoryStats hook does); the peak since the start kept one evaluation's
+    peak in every later line."""
     from detection.engine import metrics
 
     calls = []

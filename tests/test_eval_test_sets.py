@@ -176,7 +176,7 @@ def test_a_models_own_class_names_score_a_set_numbering_its_categories_otherwise
     with caplog.at_level("WARNING", logger="detection.evaluation.test_sets"):
         unnamed = evaluate_test_sets(datasets, model=_Oracle(records, set_classes))  # labels in the set's order
     assert unnamed["shapes_val"]["AP"] == pytest.approx(100.0)
-    assert ("the model's class names are not known (no model_classes given, no class_names on the model): each test "
+    assert ("the model's class names are not known (the model has no class_names, nor were they given): each test "
             "set is scored by label number, label k as its k-th class (shapes_val: square, circle, triangle)"
             ) in caplog.text
 

@@ -373,6 +373,12 @@ def test_torchvision_and_detectron2_module_names_say_where_the_part_is_and_canno
         model.roi_heads.box_predictor
     with pytest.raises(AttributeError, match=r"'test_score_thresh' .*: score_thresh_test"):
         model.roi_heads.test_score_thresh = 0.5
+    # where Detectron2 keeps them, on the box predictor (a follow-up trial: accepted there, with no effect)
+    with pytest.raises(AttributeError, match=r"BoxPredictor has no 'test_score_thresh' .*: "
+                                             r"roi_heads.score_thresh_test"):
+        model.roi_heads.predictor.test_score_thresh = 0.5
+    with pytest.raises(AttributeError, match=r"RPN has no 'post_nms_top_n' .*: post_nms_topk, a dict"):
+        model.rpn.post_nms_top_n = 10
     assert not hasattr(model, "transform") and not hasattr(model.rpn, "score_thresh")
     with pytest.raises(AttributeError, match=r"^'FasterRCNN' object has no attribute 'backbones'$"):
         model.backbones  # any other name: nn.Module's own error

@@ -307,8 +307,9 @@ def test_weights_in_memory_are_taken_as_a_file_of_them(setup):
     # internals trial: 100 detections from 0.12 for a model set to 3 at 0.5, without a word)
     model.roi_heads.score_thresh = 0.5
     model.roi_heads.detections_per_img = 3
-    with pytest.warns(UserWarning, match=r"a model given as weights: its weights and class names are taken, and the "
-                                         r"config's settings, not those set on the model: "
+    with pytest.warns(UserWarning, match=r"the model given \(the Predictor's weights, evaluate\(\)'s model\): its "
+                                         r"weights and class names are taken, and the config's settings, not those "
+                                         r"set on the model: "
                                          r"model.roi_heads.score_thresh_test 0.5 \(the config's "
                                          r"model.roi_heads.score_thresh_test: 0.0\); "
                                          r"model.roi_heads.detections_per_image 3 \(the config's "
@@ -332,6 +333,18 @@ def test_weights_in_memory_are_taken_as_a_file_of_them(setup):
         wrapped = torch.nn.Module()
         wrapped.module = DetectorWithTTA(built, [64], 128)
         assert_same(Predictor(cfg, weights=wrapped)(image), from_file)
+    # a Predictor's own model with the fast path is an inference copy (norms folded): refused as such, where
+    # the error blamed the config (and evaluate() failed inside load_state_dict)
+    from detection.engine.evaluate import evaluate
+
+    fast = Predictor(cfg, weights=path)
+    assert fast.model.inference_only
+    for call in (lambda: Predictor(cfg, weights=fast.model), lambda: evaluate(cfg, fast.model, datasets=[])):
+        with pytest.raises(ValueError, match=r"an inference copy of a model \(a Predictor's .model, or "
+                                             r"optimize_for_inference's: its norms are folded into the convolutions"):
+            call()
+    with pytest.warns(UserWarning, match=r"evaluate\(\)'s model\): .* model.roi_heads.score_thresh_test 0.5"):
+        evaluate(cfg, model, datasets=[])
 
 
 def test_a_process_forked_after_the_predictor_was_built_runs_it(setup):

@@ -513,6 +513,46 @@ def test_a_resume_that_moves_the_learning_rate_at_once_says_so():
     assert schedule_jump(steps, [("solver.base_lr", 0.01, 0.02)], 40) is None  # says itself
 
 
+def test_a_resume_says_when_it_drops_damaged_metrics_lines_other_than_a_kills_last_one(tmp_path, caplog):
+    """A logs trial: lines edited or damaged in the middle of metrics.jsonl went on a resume without a
+    word; the last line cut short by a kill is the usual case and stays unsaid."""
+    from detection.engine.run_folder import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"iteration": i, "total_loss": 1.0}) for i in (5, 10, 15)]
+    path.write_text("\n".join([good[0], '{"iteration": "ten"}', "GARBAGE", good[1], good[2], '{"itera']) + "\n")
+    with caplog.at_level("WARNING"):
+        truncate_metrics(path, 10)
+    assert path.read_text() == good[0] + "\n" + good[1] + "\n"
+    assert f"{path}: 2 lines that are not a JSON object with an \"iteration\" dropped on this resume (and the last " \
+           "line, cut short by the kill)" in caplog.text
+    path.write_text("\n".join(good + ['{"itera']) + "\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        truncate_metrics(path, 15)
+    assert path.read_text() == "".join(line + "\n" for line in good) and not caplog.text
+
+
+def test_a_resume_that_changes_the_anchors_count_is_refused_and_other_anchors_are_said(tmp_path, caplog):
+    """A follow-up trial: `--resume model.anchors.sizes=[8,16]` on a run of 3 sizes failed on
+    last.pth's shapes, naming neither the anchors nor a way; other anchors of the same count
+    went on with the generic "changed deliberately" line only."""
+    cfg = tiny_cfg(tmp_path / "data", tmp_path / "run")  # anchors [16, 32, 64] x 3 ratios (tiny_overrides)
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    fewer = tiny_cfg(tmp_path / "data", tmp_path / "run", **{"model.anchors.sizes": [16]})
+    with pytest.raises(ConfigError, match=re.escape(
+            "--resume: model.anchors changed from 9 anchors per position")
+            + r" .* to 3: the RPN's output layers have one channel per anchor, so a resume cannot change their "
+              r"count; start a new run from its weights"):
+        check_resume_config(fewer, tmp_path / "run", explicit=["model.anchors.sizes"])
+    other = tiny_cfg(tmp_path / "data", tmp_path / "run", **{"model.anchors.sizes": [8, 16, 64]})
+    with caplog.at_level("WARNING"):
+        assert [c[0] for c in check_resume_config(other, tmp_path / "run", explicit=["model.anchors.sizes"])] == \
+            ["model.anchors.sizes"]
+    assert "--resume: model.anchors changed, as many per position: each of the RPN's output channels goes on" \
+        in caplog.text
+
+
 def test_a_resume_that_changes_the_repeat_threshold_says_what_that_does_and_one_process_says_it(
         tmp_path, caplog, monkeypatch):
     """A distributed trial: `--resume dataloader.repeat_threshold=0.1` on a run at 0.3 was said as

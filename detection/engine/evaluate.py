@@ -48,9 +48,12 @@ def evaluate(cfg: Config, model: nn.Module, output_dir: Optional[Path] = None,
 def as_the_tools_run_it(cfg: Config, model: nn.Module) -> nn.Module:
     """A training model's weights in the detector build_inference_model would give for its
     checkpoint (the training model, which may hold the fast path's training form, is not touched)."""
-    from detection.engine.inference_model import prepare_for_inference
+    from detection.engine.inference_model import (check_not_inference_copy, prepare_for_inference,
+                                                  warn_settings_not_taken)
     from detection.modeling.model import build_model
 
+    check_not_inference_copy(model)
+    warn_settings_not_taken(cfg, model)
     cfg = copy.deepcopy(cfg)
     cfg.model.backbone.weights = None  # the weights come from `model`
     device = next(model.parameters()).device

@@ -147,6 +147,28 @@ def _settings_not_taken(cfg: Config, model: nn.Module) -> list[str]:
     return said
 
 
+def warn_settings_not_taken(cfg: Config, model: nn.Module) -> None:
+    """The warning, at the caller's line, of settings set on `model` that a model rebuilt from
+    `cfg` (the Predictor's, evaluate()'s) does not have (_settings_not_taken)."""
+    unlike = _settings_not_taken(cfg, model)
+    if unlike:
+        warnings.warn(f"the model given (the Predictor's weights, evaluate()'s model): its weights and class names "
+                      f"are taken, and the config's "
+                      f"settings, not those set on the model: {'; '.join(unlike)}; set them on the config "
+                      "to run with them", DetectionWarning, stacklevel=stacklevel_outside(PROJECT))
+
+
+def check_not_inference_copy(model: nn.Module) -> None:
+    """ValueError for an inference copy (a Predictor's model with the fast path: norms folded into
+    the convolutions) given where a model's weights are read: its weights are not the detector's
+    (a follow-up trial: Predictor(cfg, predictor.model) blamed the config; evaluate() failed in
+    load_state_dict)."""
+    if getattr(model, "inference_only", False):
+        raise ValueError("an inference copy of a model (a Predictor's .model, or optimize_for_inference's: its norms "
+                         "are folded into the convolutions, so its weights are not the detector's) cannot be given "
+                         "as a model's weights: give the checkpoint, or the model it was made from")
+
+
 def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights, Mapping, nn.Module],
                           device: torch.device, explicit: Sequence[str] = ()) -> tuple[nn.Module, DetectorWeights]:
     """The config's detector with `weights` loaded, on device, in eval mode: with
@@ -166,12 +188,9 @@ def build_inference_model(cfg: Config, weights: Union[str, Path, DetectorWeights
         elif isinstance(weights, (Mapping, nn.Module)):
             if isinstance(weights, nn.Module):  # under DistributedDataParallel, or the TTA and tiles wrappers
                 weights = inner_detector(getattr(weights, "module", weights))
+                check_not_inference_copy(weights)
+                warn_settings_not_taken(cfg, weights)
             read = detector_weights(dict(weights) if isinstance(weights, Mapping) else weights)
-            unlike = _settings_not_taken(cfg, weights) if isinstance(weights, nn.Module) else []
-            if unlike:
-                warnings.warn(f"a model given as weights: its weights and class names are taken, and the config's "
-                              f"settings, not those set on the model: {'; '.join(unlike)}; set them on the config "
-                              "to run with them", DetectionWarning, stacklevel=stacklevel_outside(PROJECT))
         else:
             raise TypeError(f"weights: a checkpoint's path, a state dict, a checkpoint dict or a model, "
                             f"got {type(weights).__name__}")

@@ -32,9 +32,10 @@ def reduce_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak memory for a metrics.jsonl line: on a GPU the most CUDA allocations held since the
-    previous line (the peak counter is reset after reading, as Detectron2's metrics printer
-    does, so each line shows its own window: the evaluation's peak in the line after it); on
-    the CPU the process's resident set at its largest so far (it cannot be reset)."""
+    previous line (the peak counter is reset after reading, as Detectron2's TorchMemoryStats
+    hook does; its metrics printer's max_mem is the peak since the start), so each line shows
+    its own window: the evaluation's peak in the line after it; on the CPU the process's
+    resident set at its largest so far (it cannot be reset)."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)

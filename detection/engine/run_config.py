@@ -112,6 +112,19 @@ def check_resume_config(cfg: Config, out_dir: Path, explicit: Optional[Sequence[
                           f"{classes[0][1]}); start a new run from its weights, which keeps the classes' rows by name "
                           f"and starts the new ones fresh: model.weights={Path(out_dir) / 'last.pth'} and a new "
                           "output_dir, without --resume")
+    anchors = {c[0].removeprefix("model.anchors."): c for c in changes if c[0].startswith("model.anchors.")}
+    if anchors:  # a follow-up trial: another count failed on last.pth's shapes, naming neither anchors nor a way
+        def then_and_now(name: str) -> tuple:
+            return anchors[name][1:] if name in anchors else (getattr(cfg.model.anchors, name),) * 2
+
+        (sizes_then, sizes_now), (ratios_then, ratios_now) = then_and_now("sizes"), then_and_now("aspect_ratios")
+        before, after = len(sizes_then) * len(ratios_then), len(sizes_now) * len(ratios_now)
+        if before != after:
+            raise ConfigError(f"--resume: model.anchors changed from {before} anchors per position (the run's {path}) "
+                              f"to {after}: the RPN's output layers have one channel per anchor, so a resume cannot "
+                              f"change their count; start a new run from its weights, which starts those layers "
+                              f"fresh: model.weights={Path(out_dir) / 'last.pth'} and a new output_dir, without "
+                              "--resume")
     if explicit is not None:
         refused = [c for c in changes if not _given(c[0], explicit)]
         if refused:
@@ -121,6 +134,10 @@ def check_resume_config(cfg: Config, out_dir: Path, explicit: Optional[Sequence[
                 f"(--config {path}), or give each key on the command line (KEY=VALUE) to change it deliberately")
     if changes and du.is_main_process():  # said once, not by every process (a distributed trial)
         logger.warning("--resume: changed deliberately from the run's %s: %s", path, _describe(changes))
+        if anchors:
+            logger.warning("--resume: model.anchors changed, as many per position: each of the RPN's output channels "
+                           "goes on from what it learnt for the run's anchor of that place in the order (sizes, then "
+                           "aspect ratios)")
     return changes
 
 

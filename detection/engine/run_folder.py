@@ -335,7 +335,14 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     it are logged again by the resumed run, and a line cut short by a kill is dropped."""
     if not path.is_file():
         return
-    lines, _ = read_metrics_lines(path)
+    lines, skipped = read_metrics_lines(path)
+    raw = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    cut_short = 1 if raw and (not lines or lines[-1][0] != raw[-1]) else 0  # the last line, a kill's
+    if skipped > cut_short:  # a logs trial: lines edited or damaged elsewhere in the file went without a word
+        logger.warning("%s: %d line%s that %s not a JSON object with an \"iteration\" dropped on this resume%s",
+                       path, skipped - cut_short, "" if skipped - cut_short == 1 else "s",
+                       "is" if skipped - cut_short == 1 else "are",
+                       " (and the last line, cut short by the kill)" if cut_short else "")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line, record in lines if record["iteration"] <= iteration))
     tmp.replace(path)

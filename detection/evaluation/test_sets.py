@@ -68,8 +68,8 @@ def evaluate_test_sets(datasets: Sequence[DatasetInfo], *, model: torch.nn.Modul
         # another order was a wrong AP in silence (the tools pass the names they check)
         model_classes = getattr(model, "class_names", None) or None
         if model_classes is None:
-            logger.warning("the model's class names are not known (no model_classes given, no class_names on the "
-                           "model): each test set is scored by label number, label k as its k-th class (%s); "
+            logger.warning("the model's class names are not known (the model has no class_names, nor were they "
+                           "given): each test set is scored by label number, label k as its k-th class (%s); "
                            "give them (the checkpoint's class_names, or set model.class_names) to score by name",
                            "; ".join(f"{d.name}: {', '.join(d.class_names)}" for d in datasets))
     names = [d.name for d in datasets]

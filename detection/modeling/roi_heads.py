@@ -38,8 +38,15 @@ from detection.modeling.structures import OtherLibraryNames, host_to_device
 POOLERS = ("roi_align", "roi_pool")
 
 
-class BoxPredictor(nn.Module):
+class BoxPredictor(OtherLibraryNames, nn.Module):
     """(K+1)-way classifier and class-specific box regressor (4K outputs) on pooled vectors."""
+
+    OTHER_NAMES = {  # Detectron2's FastRCNNOutputLayers keeps the test settings; here the RoI heads do
+        "test_score_thresh": "roi_heads.score_thresh_test", "test_nms_thresh": "roi_heads.nms_thresh_test",
+        "test_topk_per_image": "roi_heads.detections_per_image", "box2box_transform": "roi_heads.box_coder",
+        "smooth_l1_beta": "roi_heads.smooth_l1_beta", "loss_weight": "roi_heads.box_loss_weight (the box loss's; "
+        "the classification loss counts 1.0)",
+    }
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()

@@ -65,7 +65,11 @@ class RPN(OtherLibraryNames, nn.Module):
         "_pre_nms_top_n": "pre_nms_topk, a dict {True: training, False: test}",
         "_post_nms_top_n": "post_nms_topk, a dict {True: training, False: test}",
         "min_box_size": "min_size (input pixels of the resized image)",
+        "pre_nms_top_n": "pre_nms_topk, a dict {True: training, False: test}",
+        "post_nms_top_n": "post_nms_topk, a dict {True: training, False: test}",
         "rpn_head": "head", "proposal_matcher": "matcher (Matcher of iou_thresholds)",
+        "anchor_matcher": "matcher (Matcher of iou_thresholds)", "box2box_transform": "box_coder",
+        "loss_weight": "none: the RPN's two losses count 1.0 each (Detectron2's default)",
         "fg_bg_sampler": "batch_size_per_image and positive_fraction (detection.modeling.sampling)",
         "anchor_boundary_thresh": "none: anchors crossing the image border are kept in training (README, "
                                   "\"Not yet done\")",
