@@ -121,8 +121,9 @@ def test_test_settings_other_than_the_runs_are_said_once(trained, caplog):
             build_inference_model(other, path, torch.device("cpu"))
     told = [r.getMessage() for r in caplog.records if "its run evaluated with" in r.getMessage()]
     assert told == [f"{path}: its run evaluated with input.min_size_test=600, model.roi_heads.score_thresh_test=0.05; "
-                    "this config has input.min_size_test=352, model.roi_heads.score_thresh_test=0.2: valid numbers, "
-                    "but not comparable with the run's own (its metrics.jsonl, eval.py with its config.yaml); give "
+                    "this config has input.min_size_test=352, model.roi_heads.score_thresh_test=0.2: detections and "
+                    "metrics as valid, but not those the run's own evaluation gave (its metrics.jsonl, eval.py with "
+                    "its config.yaml); give "
                     "the run's config, or set the keys on the command line to say it is deliberate (in Python: "
                     "Predictor.from_config(..., overrides=['KEY=VALUE']), or Predictor(..., explicit=['KEY']))"]
     assert test_settings_note(other, weights, ["input.min_size_test", "model.roi_heads.score_thresh_test"]) is None
