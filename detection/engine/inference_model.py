@@ -69,8 +69,9 @@ def test_settings_note(cfg: Config, weights: DetectorWeights, explicit: Sequence
         return None
     return (f"{weights.path}: its run evaluated with {', '.join(f'{k}={s!r}' for k, s, _ in differ)}; this config has "
             f"{', '.join(f'{k}={o!r}' for k, _, o in differ)}: detections and metrics as valid, but not those the "
-            "run's own evaluation gave (its metrics.jsonl, eval.py with its config.yaml); give the run's config, or set the keys on the "
-            "command line to say it is deliberate (in Python: Predictor.from_config(..., overrides=['KEY=VALUE']), "
+            "run's own evaluation gave (its metrics.jsonl, eval.py with its config.yaml); give the run's config, or "
+            "set the keys on the command line to say it is deliberate (in Python: Predictor.from_config(..., "
+            "overrides=['KEY=VALUE']), "
             "or Predictor(..., explicit=['KEY']))")
 
 
