@@ -318,6 +318,9 @@ def test_objects_that_can_lie_between_the_anchor_centres_are_said():
         "of 10 px or more miss under a tenth of them; or raise input.min_size_train, or cut the images into tiles")
     # ((6 + 10) / 16)^2 = 1: none missed; 9 px: (15 / 16)^2 = 0.88, 12% missed
     assert "about 61% of its objects" in small_objects_line(cells, 100, 1000, [4], "input.min_size_train")
+    many = DatasetInfo(name="many", kind="coco", class_names=["cell"], records=[  # a COCO-sized set: a sample of it
+        {**record, "boxes": np.array([[10, 10, 16, 16]] * 25000, np.float32)}])
+    assert "about 61% of its objects" in small_objects_line(many, 100, 1000, [4], "input.min_size_train")
     assert small_objects_line(cells, 100, 1000, [8, 16], "input.min_size_train") is None
     # thin objects (2 x 40 px): a 4 px anchor reaches them within 3 px in x, everywhere in y: 3 / 8 of the
     # places, 62% missed; (2 + 13) / 2 = 7.5 px of 8 misses 6% (a review: the square root of the area,

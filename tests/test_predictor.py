@@ -309,12 +309,9 @@ def test_weights_in_memory_are_taken_as_a_file_of_them(setup):
     model.roi_heads.detections_per_img = 3
     with pytest.warns(UserWarning, match=r"the model given \(the Predictor's weights, evaluate\(\)'s model\): its "
                                          r"weights and class names are taken, and the config's settings, not those "
-                                         r"set on the model: "
-                                         r"model.roi_heads.score_thresh_test 0.5 \(the config's "
-                                         r"model.roi_heads.score_thresh_test: 0.0\); "
-                                         r"model.roi_heads.detections_per_image 3 \(the config's "
-                                         r"model.roi_heads.detections_per_image: 100\); set them on the "
-                                         r"config") as caught:
+                                         r"set on the model: model.roi_heads.score_thresh_test 0.5 on the "
+                                         r"model, 0.0 in the config; model.roi_heads.detections_per_image 3 on the "
+                                         r"model, 100 in the config; set them on the config") as caught:
         assert_same(Predictor(cfg, weights=model)(image), from_file)
     assert caught[0].filename == __file__
     # the config changed deliberately (Detectron2's habit), the model as built: nothing to say

@@ -252,8 +252,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             value = [value]  # one data set: datasets.train=shapes_train, or one entry as a mapping
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key}: expected a list, got {shown(value)} (one item is written [item])")
-        flat = [v for inner in value for v in inner] if all(isinstance(v, list) for v in value) else []
-        if key.startswith("model.anchors.") and flat:  # Detectron2's ANCHOR_GENERATOR.SIZES [[32, 64, ...]]
+        flat = [v for inner in value for v in inner] if key.startswith("model.anchors.") \
+            and all(isinstance(v, list) for v in value) else []
+        if flat:  # Detectron2's ANCHOR_GENERATOR.SIZES [[32, 64, ...]]
             raise ConfigError(f"{source}: {key}: expected a list of {_type_name(item_tp)}, got {shown(value)}, "
                               f"Detectron2's list per feature map: the C4 detector has one map, write {shown(flat)}")
         return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]

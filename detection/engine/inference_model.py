@@ -113,20 +113,6 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-# FasterRCNN.SETTINGS (attribute paths) -> their config keys
-_CONFIG_KEYS = {
-    "roi_heads.score_thresh_test": "model.roi_heads.score_thresh_test",
-    "roi_heads.nms_thresh_test": "model.roi_heads.nms_thresh_test",
-    "roi_heads.detections_per_image": "model.roi_heads.detections_per_image",
-    "rpn.pre_nms_topk[False]": "model.rpn.pre_nms_topk_test",
-    "rpn.post_nms_topk[False]": "model.rpn.post_nms_topk_test",
-    "rpn.nms_thresh": "model.rpn.nms_thresh",
-    "rpn.min_size": "model.rpn.min_size",
-    "min_size_test": "input.min_size_test",
-    "max_size_test": "input.max_size_test",
-}
-
-
 def _settings_not_taken(cfg: Config, model: nn.Module) -> list[str]:
     """The settings set on `model` after it was built (FasterRCNN.SETTINGS: torchvision's way,
     model.roi_heads.score_thresh = 0.5) that the config does not have: a model given as weights
@@ -136,16 +122,8 @@ def _settings_not_taken(cfg: Config, model: nn.Module) -> list[str]:
 
     if not isinstance(model, FasterRCNN):
         return []
-    said = []
-    for path, now in model.settings().items():
-        key = _CONFIG_KEYS[path]
-        section, *rest = key.split(".")
-        wanted = getattr(cfg, section)
-        for name in rest:
-            wanted = getattr(wanted, name)
-        if not _same(now, model.built_settings[path]) and not _same(now, wanted):
-            said.append(f"model.{path} {now} (the config's {key}: {wanted})")
-    return said
+    return [f"{key} {now} on the model, {_lookup(cfg, key)} in the config" for key, now in model.settings().items()
+            if not _same(now, model.built_settings[key]) and not _same(now, _lookup(cfg, key))]
 
 
 def warn_settings_not_taken(cfg: Config, model: nn.Module) -> None:
@@ -154,9 +132,8 @@ def warn_settings_not_taken(cfg: Config, model: nn.Module) -> None:
     unlike = _settings_not_taken(cfg, model)
     if unlike:
         warnings.warn(f"the model given (the Predictor's weights, evaluate()'s model): its weights and class names "
-                      f"are taken, and the config's "
-                      f"settings, not those set on the model: {'; '.join(unlike)}; set them on the config "
-                      "to run with them", DetectionWarning, stacklevel=stacklevel_outside(PROJECT))
+                      f"are taken, and the config's settings, not those set on the model: {'; '.join(unlike)}; set "
+                      "them on the config to run with them", DetectionWarning, stacklevel=stacklevel_outside(PROJECT))
 
 
 def check_not_inference_copy(model: nn.Module) -> None:

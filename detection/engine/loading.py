@@ -320,18 +320,17 @@ def load_initial_weights(model: nn.Module, path: str, backbone_cfg: BackboneConf
     theirs, ours = list(weights.class_names or []), list(class_names)
     other_names = bool(theirs and ours) and len(theirs) == len(ours) and theirs != ours
     kept = [name for name in ours if name in theirs] if theirs and ours and theirs != ours else []
-    if other_names and sorted(theirs) == sorted(ours):
-        weights = _reordered(weights, [theirs.index(name) for name in ours])
-        logger.info("%s was trained on the same classes in another order (%s): its class-specific layers are "
-                    "reordered to the data's (%s)", path, ", ".join(theirs), ", ".join(ours))
-        other_names = False
-    elif kept and _fits_but_rows(model, weights):
+    if kept and _fits_but_rows(model, weights):
         weights = _merged(model, weights, ours)
         new, dropped = [name for name in ours if name not in theirs], [name for name in theirs if name not in ours]
-        logger.warning("%s was trained on %s, the data has %s: the class-specific rows of %s are kept by name, and "
-                       "the background's%s%s", path, first_few(theirs, 6), first_few(ours, 6), first_few(kept, 6),
-                       f"; those of {first_few(new, 6)} start from fresh initial values" if new else "",
-                       f"; those of {first_few(dropped, 6)} are left out" if dropped else "")
+        if not new and not dropped:
+            logger.info("%s was trained on the same classes in another order (%s): its class-specific layers are "
+                        "reordered to the data's (%s)", path, ", ".join(theirs), ", ".join(ours))
+        else:
+            logger.warning("%s was trained on %s, the data has %s: the class-specific rows of %s are kept by name, "
+                           "and the background's%s%s", path, first_few(theirs, 6), first_few(ours, 6),
+                           first_few(kept, 6), f"; those of {first_few(new, 6)} start from fresh initial values"
+                           if new else "", f"; those of {first_few(dropped, 6)} are left out" if dropped else "")
         other_names = False
     skipped = load_detector_weights(model, weights, allow_new_classes=True, fresh_classes=other_names,
                                     allow_new_anchors=True)
@@ -365,7 +364,8 @@ def _say_new_anchors(model: nn.Module, weights: DetectorWeights, fresh: list[str
     anchors = ((weights.config or {}).get("model") or {}).get("anchors") or {}
     if theirs is None and anchors.get("sizes") and anchors.get("aspect_ratios"):
         try:
-            theirs = generate_cell_anchors(anchors["sizes"], anchors["aspect_ratios"])
+            with torch.device("cpu"):  # beside `ours`, whatever the default device
+                theirs = generate_cell_anchors(anchors["sizes"], anchors["aspect_ratios"])
         except (TypeError, ValueError):  # a saved config not of this project's shape: nothing to say
             return
     if theirs is None or (theirs.numel() == ours.numel()
@@ -388,8 +388,9 @@ def _fits_but_rows(model: nn.Module, weights: DetectorWeights) -> bool:
 def _merged(model: nn.Module, weights: DetectorWeights, names: list[str]) -> DetectorWeights:
     """`weights` with class-specific layers of the model's shape for the classes `names`: each
     class the file names too takes the file's rows (the background's first row as well), the
-    others the model's initial ones (a growing-data trial: a third class added to two dropped
-    the two known classes' rows; Detectron2 drops them all, its files naming no classes)."""
+    others the model's initial ones: the same classes in another order are reordered, and a
+    class added keeps the known ones' rows (a growing-data trial: they were all dropped;
+    Detectron2 drops them all, its files naming no classes)."""
     theirs, own, state = list(weights.class_names), model.state_dict(), dict(weights.state)
     for key in CLASS_SPECIFIC:
         rows = own[key].detach().to("cpu", copy=True)
@@ -403,17 +404,6 @@ def _merged(model: nn.Module, weights: DetectorWeights, names: list[str]) -> Det
             rows[at:at + count] = file_rows[source:source + count]
         state[key] = rows
     return dataclasses.replace(weights, state=state, class_names=list(names))
-
-
-def _reordered(weights: DetectorWeights, order: list[int]) -> DetectorWeights:
-    """`weights` with class k's rows (0-based; background stays first) taken from class order[k]."""
-    cls_rows = torch.tensor([0] + [k + 1 for k in order], device="cpu")  # the file's tensors are read to the CPU
-    box_rows = torch.tensor([4 * k + i for k in order for i in range(4)], device="cpu")
-    state = dict(weights.state)
-    for key in CLASS_SPECIFIC:
-        if key in state:
-            state[key] = state[key][cls_rows if ".cls_score." in key else box_rows].clone()
-    return dataclasses.replace(weights, state=state, class_names=[weights.class_names[k] for k in order])
 
 
 def _load_backbone_into_detector(model: nn.Module, source: str, bb: BackboneConfig) -> None:

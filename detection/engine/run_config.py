@@ -112,19 +112,13 @@ def check_resume_config(cfg: Config, out_dir: Path, explicit: Optional[Sequence[
                           f"{classes[0][1]}); start a new run from its weights, which keeps the classes' rows by name "
                           f"and starts the new ones fresh: model.weights={Path(out_dir) / 'last.pth'} and a new "
                           "output_dir, without --resume")
-    anchors = {c[0].removeprefix("model.anchors."): c for c in changes if c[0].startswith("model.anchors.")}
-    if anchors:  # a follow-up trial: another count failed on last.pth's shapes, naming neither anchors nor a way
-        def then_and_now(name: str) -> tuple:
-            return anchors[name][1:] if name in anchors else (getattr(cfg.model.anchors, name),) * 2
-
-        (sizes_then, sizes_now), (ratios_then, ratios_now) = then_and_now("sizes"), then_and_now("aspect_ratios")
-        before, after = len(sizes_then) * len(ratios_then), len(sizes_now) * len(ratios_now)
-        if before != after:
-            raise ConfigError(f"--resume: model.anchors changed from {before} anchors per position (the run's {path}) "
-                              f"to {after}: the RPN's output layers have one channel per anchor, so a resume cannot "
-                              f"change their count; start a new run from its weights, which starts those layers "
-                              f"fresh: model.weights={Path(out_dir) / 'last.pth'} and a new output_dir, without "
-                              "--resume")
+    anchors = [c for c in changes if c[0].startswith("model.anchors.")]
+    before, after = (len(c.model.anchors.sizes) * len(c.model.anchors.aspect_ratios) for c in (saved, cfg))
+    if before != after:  # a follow-up trial: it failed on last.pth's shapes, naming neither anchors nor a way
+        raise ConfigError(f"--resume: model.anchors changed from {before} anchors per position (the run's {path}) to "
+                          f"{after}: the RPN's output layers have one channel per anchor, so a resume cannot change "
+                          f"their count; start a new run from its weights, which starts those layers fresh: "
+                          f"model.weights={Path(out_dir) / 'last.pth'} and a new output_dir, without --resume")
     if explicit is not None:
         refused = [c for c in changes if not _given(c[0], explicit)]
         if refused:

@@ -159,17 +159,17 @@ class FasterRCNN(OtherLibraryNames, nn.Module):
         self.built_settings = self.settings()  # as built: what was set on the model later differs from it
 
     # the settings a caller may change on the model as attributes (torchvision's way:
-    # model.roi_heads.score_thresh = 0.5), by attribute path
+    # model.roi_heads.score_thresh = 0.5), by the config key build_model sets them from
     SETTINGS = {
-        "roi_heads.score_thresh_test": lambda m: m.roi_heads.score_thresh_test,
-        "roi_heads.nms_thresh_test": lambda m: m.roi_heads.nms_thresh_test,
-        "roi_heads.detections_per_image": lambda m: m.roi_heads.detections_per_image,
-        "rpn.pre_nms_topk[False]": lambda m: m.rpn.pre_nms_topk[False],
-        "rpn.post_nms_topk[False]": lambda m: m.rpn.post_nms_topk[False],
-        "rpn.nms_thresh": lambda m: m.rpn.nms_thresh,
-        "rpn.min_size": lambda m: m.rpn.min_size,
-        "min_size_test": lambda m: m.min_size_test,
-        "max_size_test": lambda m: m.max_size_test,
+        "model.roi_heads.score_thresh_test": lambda m: m.roi_heads.score_thresh_test,
+        "model.roi_heads.nms_thresh_test": lambda m: m.roi_heads.nms_thresh_test,
+        "model.roi_heads.detections_per_image": lambda m: m.roi_heads.detections_per_image,
+        "model.rpn.pre_nms_topk_test": lambda m: m.rpn.pre_nms_topk[False],
+        "model.rpn.post_nms_topk_test": lambda m: m.rpn.post_nms_topk[False],
+        "model.rpn.nms_thresh": lambda m: m.rpn.nms_thresh,
+        "model.rpn.min_size": lambda m: m.rpn.min_size,
+        "input.min_size_test": lambda m: m.min_size_test,
+        "input.max_size_test": lambda m: m.max_size_test,
     }
 
     def settings(self) -> dict[str, Any]:
